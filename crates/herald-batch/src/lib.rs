@@ -1,0 +1,684 @@
+//! Batching for herald: when a group of messages for one destination is sent together.
+//!
+//! Two pieces, both pure logic (the clock is an argument, nothing sleeps):
+//!
+//! - [`BatchPolicy`], the decision: may this message join the batch, is the batch full, how long
+//!   may the oldest message wait. [`SizeOrLinger`] is the default (max messages, max bytes, linger).
+//! - [`Accumulator`], the per-destination queues the producer pipeline fills and drains. It also
+//!   enforces the pipeline's per-destination gates (batches in flight, "blocked until"), because
+//!   ordering depends on them and they are easiest to test here, without a runtime.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use herald_batch::{Accumulator, SizeOrLinger};
+//!
+//! let policy = SizeOrLinger::new(2, 1 << 20, Duration::from_millis(5));
+//! let mut acc: Accumulator<&str, u32> = Accumulator::new(policy, None);
+//! let t0 = Instant::now();
+//! acc.push_back(&"orders", 1, 100, t0);
+//! assert!(acc.pop_ready(t0, false).is_none(), "not full, linger not over");
+//! acc.push_back(&"orders", 2, 100, t0);
+//! let batch = acc.pop_ready(t0, false).expect("two messages fill the batch");
+//! assert_eq!(batch.items, vec![1, 2]);
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+/// A setting that cannot work; `field` names it (for example `batch.max_messages`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid setting `{field}`: {reason}")]
+pub struct InvalidSetting {
+    /// The setting, as the builder names it.
+    pub field: &'static str,
+    /// What is wrong with it and what would work.
+    pub reason: String,
+}
+
+/// The size of a batch being built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchStats {
+    /// Messages in the batch.
+    pub messages: usize,
+    /// Sum of the messages' sizes in bytes (payload, key and headers).
+    pub bytes: usize,
+}
+
+/// Decides how messages are grouped into batches.
+///
+/// Object safe, so a producer can hold any policy behind `Box<dyn BatchPolicy>`.
+///
+/// ```
+/// use std::time::Duration;
+/// use herald_batch::{BatchPolicy, BatchStats};
+///
+/// /// Sends every message on its own, at once.
+/// #[derive(Debug)]
+/// struct OneByOne;
+/// impl BatchPolicy for OneByOne {
+///     fn admits(&self, batch: BatchStats, _bytes: usize) -> bool { batch.messages == 0 }
+///     fn is_full(&self, batch: BatchStats) -> bool { batch.messages >= 1 }
+///     fn linger(&self) -> Duration { Duration::ZERO }
+/// }
+/// let policy: Box<dyn BatchPolicy> = Box::new(OneByOne);
+/// assert!(policy.is_full(BatchStats { messages: 1, bytes: 10 }));
+/// ```
+pub trait BatchPolicy: Send + Sync + fmt::Debug + 'static {
+    /// Whether a message of `message_bytes` may join a batch that already holds `batch`.
+    /// An empty batch must admit any message (a message larger than every batch is rejected
+    /// before it reaches the accumulator, by the producer's max message size).
+    fn admits(&self, batch: BatchStats, message_bytes: usize) -> bool;
+    /// Whether the batch should go now, whatever its age.
+    fn is_full(&self, batch: BatchStats) -> bool;
+    /// How long the oldest message of a batch may wait for company.
+    fn linger(&self) -> Duration;
+    /// Checked once when the producer is built. Default: nothing to check.
+    fn validate(&self) -> Result<(), InvalidSetting> {
+        Ok(())
+    }
+}
+
+const _: Option<&dyn BatchPolicy> = None;
+
+/// The default policy: a batch goes when it holds `max_messages` or `max_bytes`, or when its
+/// oldest message has waited `linger`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizeOrLinger {
+    max_messages: usize,
+    max_bytes: usize,
+    linger: Duration,
+}
+
+impl SizeOrLinger {
+    /// A policy with these limits; [`BatchPolicy::validate`] checks them when the producer is built.
+    pub fn new(max_messages: usize, max_bytes: usize, linger: Duration) -> Self {
+        Self {
+            max_messages,
+            max_bytes,
+            linger,
+        }
+    }
+    /// Most messages in one batch.
+    pub fn max_messages(&self) -> usize {
+        self.max_messages
+    }
+    /// Most bytes in one batch (a single larger message still goes, alone).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+}
+
+impl Default for SizeOrLinger {
+    /// 1 024 messages, 1 MiB, 5 ms: large enough to amortise a broker round trip, short enough
+    /// that a lone message is not kept waiting (the same linger as librdkafka's default).
+    fn default() -> Self {
+        Self::new(1024, 1 << 20, Duration::from_millis(5))
+    }
+}
+
+impl BatchPolicy for SizeOrLinger {
+    fn admits(&self, batch: BatchStats, message_bytes: usize) -> bool {
+        batch.messages == 0
+            || (batch.messages < self.max_messages
+                && batch.bytes.saturating_add(message_bytes) <= self.max_bytes)
+    }
+    fn is_full(&self, batch: BatchStats) -> bool {
+        batch.messages >= self.max_messages || batch.bytes >= self.max_bytes
+    }
+    fn linger(&self) -> Duration {
+        self.linger
+    }
+    fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.max_messages == 0 {
+            return Err(InvalidSetting {
+                field: "batch.max_messages",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.max_bytes == 0 {
+            return Err(InvalidSetting {
+                field: "batch.max_bytes",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A batch taken from the accumulator.
+#[derive(Debug)]
+pub struct Batch<D, T> {
+    /// Where every item of the batch goes.
+    pub destination: D,
+    /// The items, in queue order.
+    pub items: Vec<T>,
+    /// Sum of the items' sizes.
+    pub bytes: usize,
+}
+
+#[derive(Debug)]
+struct Queue<D, T> {
+    destination: D,
+    items: VecDeque<(T, usize)>,
+    bytes: usize,
+    /// When the oldest item that has not been part of a batch yet arrived: linger counts from here.
+    oldest: Option<Instant>,
+    /// Batches of this destination taken and not yet reported done.
+    in_flight: usize,
+    /// Reasons the destination may not send, besides in-flight: a count of holds
+    /// (for example retries of this destination that wait elsewhere).
+    holds: usize,
+    /// No batch before this instant (a backoff in strict ordering).
+    blocked_until: Option<Instant>,
+}
+
+impl<D, T> Queue<D, T> {
+    fn stats(&self) -> BatchStats {
+        BatchStats {
+            messages: self.items.len(),
+            bytes: self.bytes,
+        }
+    }
+}
+
+/// Per-destination queues of items waiting to be batched.
+///
+/// `D` is the destination, `T` the item. Items keep their order within a destination: batches are
+/// cut from the front of the queue, and [`Accumulator::push_front`] puts retried items back ahead
+/// of newer ones. Destinations are served round-robin.
+///
+/// Gates, per destination: at most `max_in_flight_per_destination` batches taken and not yet
+/// reported back with [`Accumulator::batch_done`]; none while [`Accumulator::hold`] is in force;
+/// none before [`Accumulator::block_until`].
+#[derive(Debug)]
+pub struct Accumulator<D, T> {
+    policy: Box<dyn BatchPolicy>,
+    max_in_flight_per_destination: Option<usize>,
+    queues: Vec<Queue<D, T>>,
+    index: HashMap<D, usize>,
+    /// Round-robin cursor for `pop_ready`.
+    cursor: usize,
+    /// The last destination pushed to, to skip hashing in the common one-destination case.
+    last: Option<usize>,
+    messages: usize,
+    bytes: usize,
+}
+
+impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
+    /// An empty accumulator. `max_in_flight_per_destination: Some(1)` is what strict per-key
+    /// ordering needs; `None` means no per-destination limit.
+    pub fn new(policy: impl BatchPolicy, max_in_flight_per_destination: Option<usize>) -> Self {
+        Self::with_boxed_policy(Box::new(policy), max_in_flight_per_destination)
+    }
+
+    /// As [`Accumulator::new`], with a policy already boxed.
+    pub fn with_boxed_policy(
+        policy: Box<dyn BatchPolicy>,
+        max_in_flight_per_destination: Option<usize>,
+    ) -> Self {
+        Self {
+            policy,
+            max_in_flight_per_destination,
+            queues: Vec::new(),
+            index: HashMap::new(),
+            cursor: 0,
+            last: None,
+            messages: 0,
+            bytes: 0,
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &dyn BatchPolicy {
+        &*self.policy
+    }
+
+    /// Items waiting, over all destinations.
+    pub fn len(&self) -> usize {
+        self.messages
+    }
+
+    /// Whether no item waits.
+    pub fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+
+    /// Bytes waiting, over all destinations.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn queue_index(&mut self, destination: &D) -> usize {
+        if let Some(i) = self.last {
+            if self.queues[i].destination == *destination {
+                return i;
+            }
+        }
+        let i = match self.index.get(destination) {
+            Some(&i) => i,
+            None => {
+                let i = self.queues.len();
+                self.queues.push(Queue {
+                    destination: destination.clone(),
+                    items: VecDeque::new(),
+                    bytes: 0,
+                    oldest: None,
+                    in_flight: 0,
+                    holds: 0,
+                    blocked_until: None,
+                });
+                self.index.insert(destination.clone(), i);
+                i
+            }
+        };
+        self.last = Some(i);
+        i
+    }
+
+    /// Appends an item of `bytes` to its destination's queue. Returns whether that queue now
+    /// deserves the dispatcher's attention: it was empty (a new linger deadline starts) or it
+    /// holds a full batch.
+    pub fn push_back(&mut self, destination: &D, item: T, bytes: usize, now: Instant) -> bool {
+        let i = self.queue_index(destination);
+        let q = &mut self.queues[i];
+        let was_empty = q.items.is_empty();
+        q.items.push_back((item, bytes));
+        q.bytes += bytes;
+        if q.oldest.is_none() {
+            q.oldest = Some(now);
+        }
+        self.messages += 1;
+        self.bytes += bytes;
+        was_empty || self.policy.is_full(q.stats())
+    }
+
+    /// Puts items back at the front of their destination's queue, keeping their order: they go
+    /// out before anything pushed after them. Used for retries under strict ordering. They count
+    /// as having lingered already.
+    pub fn push_front<I>(&mut self, destination: &D, items: I, now: Instant)
+    where
+        I: IntoIterator<Item = (T, usize)>,
+        I::IntoIter: DoubleEndedIterator,
+    {
+        let i = self.queue_index(destination);
+        let q = &mut self.queues[i];
+        for (item, bytes) in items.into_iter().rev() {
+            q.bytes += bytes;
+            self.messages += 1;
+            self.bytes += bytes;
+            q.items.push_front((item, bytes));
+        }
+        let linger = self.policy.linger();
+        q.oldest = Some(
+            now.checked_sub(linger)
+                .unwrap_or(now)
+                .min(q.oldest.unwrap_or(now)),
+        );
+    }
+
+    /// Keeps the destination from sending until `until` (a backoff). A later call replaces an
+    /// earlier one.
+    pub fn block_until(&mut self, destination: &D, until: Instant) {
+        let i = self.queue_index(destination);
+        self.queues[i].blocked_until = Some(until);
+    }
+
+    /// Adds a hold on the destination: no batch is taken while any hold is in force.
+    pub fn hold(&mut self, destination: &D) {
+        let i = self.queue_index(destination);
+        self.queues[i].holds += 1;
+    }
+
+    /// Releases one hold taken with [`Accumulator::hold`].
+    pub fn release(&mut self, destination: &D) {
+        let i = self.queue_index(destination);
+        let q = &mut self.queues[i];
+        q.holds = q.holds.saturating_sub(1);
+    }
+
+    /// Reports that a batch taken from this destination is finished, freeing its in-flight slot.
+    pub fn batch_done(&mut self, destination: &D) {
+        let i = self.queue_index(destination);
+        let q = &mut self.queues[i];
+        q.in_flight = q.in_flight.saturating_sub(1);
+    }
+
+    fn sendable(&self, q: &Queue<D, T>, now: Instant) -> bool {
+        q.holds == 0
+            && self
+                .max_in_flight_per_destination
+                .is_none_or(|max| q.in_flight < max)
+            && q.blocked_until.is_none_or(|t| t <= now)
+    }
+
+    fn due(&self, q: &Queue<D, T>, now: Instant, force: bool) -> bool {
+        !q.items.is_empty()
+            && (force
+                || self.policy.is_full(q.stats())
+                || q.oldest
+                    .is_some_and(|t| now.saturating_duration_since(t) >= self.policy.linger()))
+    }
+
+    /// Takes the next batch that may go at `now`: from a destination whose gates are open and
+    /// whose queue holds a full batch, or whose oldest item has lingered long enough, or any
+    /// item at all when `force` (a flush). `None` when no destination qualifies.
+    pub fn pop_ready(&mut self, now: Instant, force: bool) -> Option<Batch<D, T>> {
+        let n = self.queues.len();
+        for k in 0..n {
+            let i = (self.cursor + k) % n;
+            let q = &self.queues[i];
+            if self.sendable(q, now) && self.due(q, now, force) {
+                self.cursor = (i + 1) % n;
+                return Some(self.cut(i, now));
+            }
+        }
+        None
+    }
+
+    fn cut(&mut self, i: usize, now: Instant) -> Batch<D, T> {
+        let policy = &*self.policy;
+        let q = &mut self.queues[i];
+        let mut stats = BatchStats::default();
+        let mut items = Vec::with_capacity(q.items.len().min(1024));
+        while let Some((_, bytes)) = q.items.front() {
+            if !policy.admits(stats, *bytes) {
+                break;
+            }
+            let Some((item, bytes)) = q.items.pop_front() else {
+                break;
+            };
+            stats.messages += 1;
+            stats.bytes += bytes;
+            items.push(item);
+            if policy.is_full(stats) {
+                break;
+            }
+        }
+        q.bytes -= stats.bytes;
+        q.in_flight += 1;
+        q.blocked_until = None;
+        // What stays behind has waited since at least now; it may already be a full batch.
+        q.oldest = if q.items.is_empty() {
+            None
+        } else {
+            Some(q.oldest.map_or(now, |t| t.min(now)))
+        };
+        self.messages -= stats.messages;
+        self.bytes -= stats.bytes;
+        Batch {
+            destination: q.destination.clone(),
+            items,
+            bytes: stats.bytes,
+        }
+    }
+
+    /// The earliest instant at which [`Accumulator::pop_ready`] could return a batch that it
+    /// cannot return now, considering linger and "blocked until" (not holds or in-flight slots,
+    /// which change only through calls). `None` when nothing waits on time.
+    pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
+        let linger = self.policy.linger();
+        self.queues
+            .iter()
+            .filter(|q| !q.items.is_empty() && q.holds == 0)
+            .filter_map(|q| {
+                let linger_at = q.oldest.map(|t| t + linger);
+                let at = match (linger_at, q.blocked_until) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                }?;
+                (at > now).then_some(at)
+            })
+            .min()
+    }
+
+    /// Removes every item for which `remove` returns true (for example: past its deadline), from
+    /// all destinations, and returns them with their destinations. Order among the rest is kept.
+    pub fn remove_where(&mut self, mut remove: impl FnMut(&T) -> bool) -> Vec<(D, T)> {
+        let mut removed = Vec::new();
+        for q in &mut self.queues {
+            if !q.items.iter().any(|(item, _)| remove(item)) {
+                continue;
+            }
+            let mut kept = VecDeque::with_capacity(q.items.len());
+            for (item, bytes) in q.items.drain(..) {
+                if remove(&item) {
+                    q.bytes -= bytes;
+                    self.messages -= 1;
+                    self.bytes -= bytes;
+                    removed.push((q.destination.clone(), item));
+                } else {
+                    kept.push_back((item, bytes));
+                }
+            }
+            q.items = kept;
+            if q.items.is_empty() {
+                q.oldest = None;
+            }
+        }
+        removed
+    }
+
+    /// Every waiting item with its destination, destination by destination, in queue order.
+    pub fn iter(&self) -> impl Iterator<Item = (&D, &T)> + '_ {
+        self.queues
+            .iter()
+            .flat_map(|q| q.items.iter().map(move |(item, _)| (&q.destination, item)))
+    }
+
+    /// Takes every waiting item out, destination by destination, in queue order (for a close
+    /// that ran out of time).
+    pub fn drain_all(&mut self) -> Vec<(D, T)> {
+        self.remove_where(|_| true)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn policy(m: usize, b: usize) -> SizeOrLinger {
+        SizeOrLinger::new(m, b, Duration::from_millis(10))
+    }
+
+    #[test]
+    fn linger_releases_a_partial_batch() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(policy(10, 1000), None);
+        assert!(acc.push_back(&"a", 1, 10, t0), "first item starts a linger");
+        assert!(!acc.push_back(&"a", 2, 10, t0));
+        assert!(acc
+            .pop_ready(t0 + Duration::from_millis(9), false)
+            .is_none());
+        assert_eq!(acc.next_wakeup(t0), Some(t0 + Duration::from_millis(10)));
+        let b = acc
+            .pop_ready(t0 + Duration::from_millis(10), false)
+            .unwrap();
+        assert_eq!(b.items, vec![1, 2]);
+        assert_eq!(b.bytes, 20);
+        assert!(acc.is_empty());
+        assert_eq!(acc.bytes(), 0);
+    }
+
+    #[test]
+    fn force_releases_at_once() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(policy(10, 1000), None);
+        acc.push_back(&"a", 1, 10, t0);
+        assert!(acc.pop_ready(t0, false).is_none());
+        assert_eq!(acc.pop_ready(t0, true).unwrap().items, vec![1]);
+    }
+
+    #[test]
+    fn bytes_limit_cuts_batches_and_a_big_item_goes_alone() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(policy(100, 100), None);
+        acc.push_back(&"a", 1, 60, t0);
+        acc.push_back(&"a", 2, 60, t0);
+        acc.push_back(&"a", 3, 500, t0);
+        let b = acc.pop_ready(t0, false).unwrap();
+        assert_eq!(b.items, vec![1], "60 + 60 > 100");
+        acc.batch_done(&"a");
+        let late = t0 + Duration::from_secs(1);
+        assert_eq!(acc.pop_ready(late, false).unwrap().items, vec![2]);
+        assert_eq!(acc.pop_ready(late, false).unwrap().items, vec![3]);
+        assert!(acc.pop_ready(late, true).is_none());
+    }
+
+    #[test]
+    fn in_flight_limit_holds_and_blocks_per_destination() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(policy(1, 1000), Some(1));
+        for i in 0..3 {
+            acc.push_back(&"a", i, 1, t0);
+        }
+        acc.push_back(&"b", 10, 1, t0);
+        let first = acc.pop_ready(t0, false).unwrap();
+        assert_eq!(first.destination, "a");
+        let second = acc.pop_ready(t0, false).unwrap();
+        assert_eq!(second.destination, "b", "a has a batch in flight");
+        assert!(acc.pop_ready(t0, false).is_none());
+        acc.batch_done(&"a");
+        acc.hold(&"a");
+        assert!(acc.pop_ready(t0, false).is_none(), "held");
+        acc.release(&"a");
+        acc.block_until(&"a", t0 + Duration::from_millis(3));
+        assert!(acc.pop_ready(t0, false).is_none(), "blocked");
+        assert_eq!(acc.next_wakeup(t0), Some(t0 + Duration::from_millis(3)));
+        let third = acc.pop_ready(t0 + Duration::from_millis(3), false).unwrap();
+        assert_eq!(third.items, vec![1]);
+    }
+
+    #[test]
+    fn push_front_goes_first_in_order() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(policy(10, 1000), None);
+        acc.push_back(&"a", 3, 1, t0);
+        acc.push_front(&"a", vec![(1, 1), (2, 1)], t0);
+        let b = acc.pop_ready(t0, false).unwrap();
+        assert_eq!(
+            b.items,
+            vec![1, 2, 3],
+            "retried items have lingered already"
+        );
+    }
+
+    #[test]
+    fn remove_where_keeps_order_and_counts() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(policy(10, 1000), None);
+        for i in 0..6 {
+            acc.push_back(&(i % 2), i, 2, t0);
+        }
+        let removed = acc.remove_where(|i| *i >= 3);
+        let mut ids: Vec<_> = removed.iter().map(|(_, i)| *i).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![3, 4, 5]);
+        assert_eq!(acc.len(), 3);
+        assert_eq!(acc.bytes(), 6);
+        let mut rest = Vec::new();
+        while let Some(b) = acc.pop_ready(t0, true) {
+            rest.extend(b.items);
+        }
+        rest.sort_unstable();
+        assert_eq!(rest, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn invalid_settings_name_the_field() {
+        let e = SizeOrLinger::new(0, 10, Duration::ZERO)
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.field, "batch.max_messages");
+        let e = SizeOrLinger::new(1, 0, Duration::ZERO)
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.field, "batch.max_bytes");
+        assert!(e.to_string().contains("batch.max_bytes"));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push { dest: u8, bytes: usize },
+        Pop { advance_ms: u64, force: bool },
+        Done { dest: u8 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u8..3, 1usize..300).prop_map(|(dest, bytes)| Op::Push { dest, bytes }),
+            2 => (0u64..20, any::<bool>()).prop_map(|(advance_ms, force)| Op::Pop { advance_ms, force }),
+            1 => (0u8..3).prop_map(|dest| Op::Done { dest }),
+        ]
+    }
+
+    proptest! {
+        /// Batches never exceed their limits (but for a lone oversized item), nothing is lost or
+        /// duplicated, order per destination holds, and the in-flight gate is respected.
+        #[test]
+        fn batches_respect_limits_and_order(
+            max_messages in 1usize..8,
+            max_bytes in 1usize..1000,
+            in_flight in prop::option::of(1usize..3),
+            ops in prop::collection::vec(op(), 1..200),
+        ) {
+            let p = SizeOrLinger::new(max_messages, max_bytes, Duration::from_millis(5));
+            let mut acc = Accumulator::new(p, in_flight);
+            let mut now = Instant::now();
+            let mut next_id = 0u32;
+            let mut popped: Vec<(u8, u32)> = Vec::new();
+            let mut flying = [0usize; 3];
+            let sizes: &mut HashMap<u32, usize> = &mut HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Push { dest, bytes } => {
+                        acc.push_back(&dest, next_id, bytes, now);
+                        sizes.insert(next_id, bytes);
+                        next_id += 1;
+                    }
+                    Op::Pop { advance_ms, force } => {
+                        now += Duration::from_millis(advance_ms);
+                        if let Some(b) = acc.pop_ready(now, force) {
+                            let n = b.items.len();
+                            prop_assert!(n >= 1);
+                            prop_assert!(n <= max_messages);
+                            let total: usize = b.items.iter().map(|i| sizes[i]).sum();
+                            prop_assert_eq!(total, b.bytes);
+                            prop_assert!(total <= max_bytes || n == 1, "{} bytes in {} items", total, n);
+                            let d = b.destination;
+                            flying[d as usize] += 1;
+                            if let Some(max) = in_flight {
+                                prop_assert!(flying[d as usize] <= max);
+                            }
+                            popped.extend(b.items.into_iter().map(|i| (d, i)));
+                        }
+                    }
+                    Op::Done { dest } => {
+                        if flying[dest as usize] > 0 {
+                            flying[dest as usize] -= 1;
+                            acc.batch_done(&dest);
+                        }
+                    }
+                }
+            }
+            for d in 0..3u8 { for _ in 0..flying[d as usize] { acc.batch_done(&d); } }
+            while let Some(b) = acc.pop_ready(now, true) {
+                let d = b.destination;
+                popped.extend(b.items.into_iter().map(|i| (d, i)));
+                acc.batch_done(&d);
+            }
+            prop_assert!(acc.is_empty());
+            prop_assert_eq!(acc.bytes(), 0);
+            prop_assert_eq!(popped.len() as u32, next_id, "every item comes out once");
+            for d in 0..3u8 {
+                let ids: Vec<u32> = popped.iter().filter(|(x, _)| *x == d).map(|(_, i)| *i).collect();
+                prop_assert!(ids.windows(2).all(|w| w[0] < w[1]), "order within destination {}", d);
+            }
+        }
+    }
+}

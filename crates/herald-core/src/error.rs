@@ -1,0 +1,326 @@
+//! Errors: what a transport reports, what a caller gets back, what a builder refuses.
+
+use std::borrow::Cow;
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use herald_retry::ErrorClass;
+
+use crate::message::Message;
+
+/// A failure reported by a transport for one message (or for a whole batch, repeated per message).
+///
+/// It always carries a class: [`ErrorClass::Transient`] when retrying can help (connection lost,
+/// leader moving, timeout, flow control, nack) and [`ErrorClass::Permanent`] when it cannot (too
+/// large, unknown or unauthorized destination, unroutable). Adapters own the mapping from their
+/// client's error codes and put the client's code in [`TransportError::code`].
+///
+/// Cheap to clone: the source is shared, so one connection error can stand for a whole batch.
+#[derive(Clone)]
+pub struct TransportError {
+    class: ErrorClass,
+    code: Option<Cow<'static, str>>,
+    message: Cow<'static, str>,
+    source: Option<Arc<dyn StdError + Send + Sync>>,
+}
+
+impl TransportError {
+    /// An error worth retrying.
+    pub fn transient(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorClass::Transient, message)
+    }
+    /// An error retrying cannot fix.
+    pub fn permanent(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorClass::Permanent, message)
+    }
+    /// An error of the given class.
+    pub fn new(class: ErrorClass, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            class,
+            code: None,
+            message: message.into(),
+            source: None,
+        }
+    }
+    /// Attaches the client's own error code (for example `MSG_SIZE_TOO_LARGE`).
+    #[must_use]
+    pub fn with_code(mut self, code: impl Into<Cow<'static, str>>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+    /// Attaches the underlying error.
+    #[must_use]
+    pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+    /// Transient or permanent.
+    pub fn class(&self) -> ErrorClass {
+        self.class
+    }
+    /// The client's error code, if the adapter gave one.
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+    /// What happened, in words.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} transport error", self.class)?;
+        if let Some(code) = &self.code {
+            write!(f, " [{code}]")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl fmt::Debug for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransportError")
+            .field("class", &self.class)
+            .field("code", &self.code)
+            .field("message", &self.message)
+            .field("source", &self.source.as_ref().map(|s| s.to_string()))
+            .finish()
+    }
+}
+
+impl StdError for TransportError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn StdError + 'static))
+    }
+}
+
+/// Why herald gave up on a message.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum FailureReason {
+    /// The transport reported a permanent error: retrying cannot help.
+    Rejected(TransportError),
+    /// The retry policy allowed no more attempts.
+    RetriesExhausted(TransportError),
+    /// The delivery timeout passed (retries included), with the last error if an attempt failed.
+    DeliveryTimeout {
+        /// The configured delivery timeout.
+        timeout: Duration,
+        /// The last attempt's error, if there was an attempt.
+        last: Option<TransportError>,
+    },
+    /// The message is larger than the producer's maximum message size.
+    TooLarge {
+        /// The message's size (payload, key and headers).
+        size: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// `try_send` found the buffer full.
+    BufferFull,
+    /// The producer was closed before the message could be delivered.
+    Closed,
+}
+
+impl FailureReason {
+    /// The class of the failure: permanent for a rejected or oversized message, transient for
+    /// everything that could succeed later (exhausted retries, timeout, full buffer, close).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Rejected(e) => e.class(),
+            Self::TooLarge { .. } => ErrorClass::Permanent,
+            Self::RetriesExhausted(_)
+            | Self::DeliveryTimeout { .. }
+            | Self::BufferFull
+            | Self::Closed => ErrorClass::Transient,
+        }
+    }
+    /// A short stable label, used as the `reason` metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Rejected(_) => "rejected",
+            Self::RetriesExhausted(_) => "retries_exhausted",
+            Self::DeliveryTimeout { .. } => "delivery_timeout",
+            Self::TooLarge { .. } => "too_large",
+            Self::BufferFull => "buffer_full",
+            Self::Closed => "closed",
+        }
+    }
+    /// The last transport error behind the failure, if any.
+    pub fn transport_error(&self) -> Option<&TransportError> {
+        match self {
+            Self::Rejected(e) | Self::RetriesExhausted(e) => Some(e),
+            Self::DeliveryTimeout { last, .. } => last.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Rejected(e) => write!(f, "rejected by the transport: {e}"),
+            Self::RetriesExhausted(e) => write!(f, "retries exhausted; last error: {e}"),
+            Self::DeliveryTimeout {
+                timeout,
+                last: Some(e),
+            } => write!(f, "delivery timeout of {timeout:?} passed; last error: {e}"),
+            Self::DeliveryTimeout {
+                timeout,
+                last: None,
+            } => write!(
+                f,
+                "delivery timeout of {timeout:?} passed before the message could be sent"
+            ),
+            Self::TooLarge { size, max } => write!(
+                f,
+                "message of {size} bytes is larger than the producer's max_message_bytes ({max})"
+            ),
+            Self::BufferFull => {
+                f.write_str("the producer's buffer is full (try_send does not wait)")
+            }
+            Self::Closed => f.write_str("the producer was closed before the message was delivered"),
+        }
+    }
+}
+
+/// A message herald could not deliver, handed back with why.
+///
+/// Nothing is lost without a record: every message accepted by a producer ends either as a
+/// [`crate::Delivery`] or as a `SendError` holding the message itself.
+#[derive(Debug, Clone)]
+pub struct SendError {
+    message: Message,
+    reason: FailureReason,
+    attempts: u32,
+}
+
+impl SendError {
+    pub(crate) fn new(message: Message, reason: FailureReason, attempts: u32) -> Self {
+        Self {
+            message,
+            reason,
+            attempts,
+        }
+    }
+    /// Why it failed.
+    pub fn reason(&self) -> &FailureReason {
+        &self.reason
+    }
+    /// Transient (could succeed later, for example on another producer) or permanent.
+    pub fn class(&self) -> ErrorClass {
+        self.reason.class()
+    }
+    /// How many times the message was handed to the transport.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+    /// The message, by reference.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+    /// The message, to send again or store elsewhere.
+    pub fn into_message(self) -> Message {
+        self.message
+    }
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "message to `{}` not delivered ({}, {} attempt{}): {}",
+            self.message.destination(),
+            self.class(),
+            self.attempts,
+            if self.attempts == 1 { "" } else { "s" },
+            self.reason
+        )
+    }
+}
+
+impl StdError for SendError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.reason
+            .transport_error()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+/// A producer that cannot be built, with the setting to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A setting that cannot work.
+    #[error("invalid setting `{field}`: {reason}")]
+    Invalid {
+        /// The setting, as the builder names it (for example `buffer.max_messages`).
+        field: &'static str,
+        /// What is wrong and what would work.
+        reason: String,
+    },
+    /// `build()` was called outside a Tokio runtime; the producer spawns its dispatcher there.
+    #[error("Producer::build() must be called from within a Tokio runtime (it spawns its dispatcher task)")]
+    NoRuntime,
+}
+
+impl From<herald_retry::InvalidSetting> for BuildError {
+    fn from(e: herald_retry::InvalidSetting) -> Self {
+        Self::Invalid {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<herald_batch::InvalidSetting> for BuildError {
+    fn from(e: herald_batch::InvalidSetting) -> Self {
+        Self::Invalid {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_say_what_happened() {
+        let e = TransportError::permanent("message too large for topic")
+            .with_code("MSG_SIZE_TOO_LARGE");
+        assert_eq!(
+            e.to_string(),
+            "permanent transport error [MSG_SIZE_TOO_LARGE]: message too large for topic"
+        );
+        let s = SendError::new(Message::new("orders", "x"), FailureReason::Rejected(e), 1);
+        assert_eq!(s.class(), ErrorClass::Permanent);
+        let text = s.to_string();
+        assert!(
+            text.contains("`orders`") && text.contains("1 attempt)"),
+            "{text}"
+        );
+        assert!(StdError::source(&s).is_some());
+        assert_eq!(s.into_message().payload().as_ref(), b"x");
+    }
+
+    #[test]
+    fn reasons_have_classes() {
+        let t = TransportError::transient("down");
+        assert_eq!(
+            FailureReason::RetriesExhausted(t).class(),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            FailureReason::TooLarge { size: 2, max: 1 }.class(),
+            ErrorClass::Permanent
+        );
+        assert_eq!(FailureReason::Closed.class(), ErrorClass::Transient);
+    }
+}

@@ -1,0 +1,31 @@
+//! herald-core: the vocabulary of herald and its producer pipeline. No broker code lives here.
+//!
+//! - [`Message`], [`Destination`], [`Header`]: what an application sends.
+//! - [`Transport`]: the one seam every broker adapter implements (async, object safe, one
+//!   outcome per message of a batch), with [`TransportError`] and its [`ErrorClass`].
+//! - [`Producer`]: batching (a [`herald_batch::BatchPolicy`]), retries (a
+//!   [`herald_retry::RetryPolicy`] with a retry budget and a circuit breaker), per-key ordering,
+//!   backpressure through a bounded buffer, a delivery timeout, and every message's fate reported:
+//!   a [`Delivery`], or a [`SendError`] that hands the message back.
+//! - [`metrics`]: the names of every metric the pipeline emits through the `metrics` facade.
+//!
+//! Most users depend on the `herald` facade crate, which re-exports all of this.
+
+mod error;
+mod message;
+pub mod metrics;
+mod producer;
+mod transport;
+
+pub use error::{BuildError, ErrorClass, FailureReason, SendError, TransportError};
+pub use message::{Destination, Header, Message};
+pub use producer::{
+    BulkReceipt, BulkReport, CloseReport, DeadLetterHook, Delivery, DeliveryFuture, OrderingMode,
+    Producer, ProducerBuilder, ProducerStats, Totals,
+};
+pub use transport::{Ack, BatchOutcome, Transport};
+
+/// Re-exported so that adapters implement [`Transport`] with the same macro version.
+pub use async_trait::async_trait;
+/// Re-exported: payloads and keys are [`bytes::Bytes`].
+pub use bytes::Bytes;

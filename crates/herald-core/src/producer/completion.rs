@@ -1,0 +1,244 @@
+//! How a message's fate reaches whoever is waiting for it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, Notify};
+
+use crate::error::SendError;
+use crate::transport::Ack;
+
+/// A message the broker acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// What the broker said (partition, offset) where it says anything.
+    pub ack: Ack,
+    /// Attempts it took (1 when no retry was needed).
+    pub attempts: u32,
+    /// From acceptance by the producer to acknowledgement.
+    pub latency: Duration,
+}
+
+pub(crate) type Outcome = Result<Delivery, SendError>;
+
+/// Where failures go when their caller no longer listens (a dropped [`DeliveryFuture`] or
+/// [`BulkReceipt`]): the dead-letter hook if one is set, else a list that
+/// [`crate::Producer::close`] returns. Never dropped on the floor.
+pub(crate) struct Unclaimed {
+    hook: Option<DeadLetterHook>,
+    list: Mutex<Vec<SendError>>,
+    count: AtomicU64,
+}
+
+/// A function called with every failed message whose caller stopped listening.
+pub type DeadLetterHook = Arc<dyn Fn(SendError) + Send + Sync>;
+
+impl Unclaimed {
+    pub(crate) fn new(hook: Option<DeadLetterHook>) -> Self {
+        Self {
+            hook,
+            list: Mutex::new(Vec::new()),
+            count: AtomicU64::new(0),
+        }
+    }
+    pub(crate) fn put(&self, e: SendError) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        match &self.hook {
+            Some(hook) => hook(e),
+            None => self
+                .list
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(e),
+        }
+    }
+    pub(crate) fn take(&self) -> Vec<SendError> {
+        std::mem::take(&mut *self.list.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// The shared state of one [`crate::Producer::send_all`] call.
+pub(crate) struct Group {
+    /// Messages not yet ended, plus one while the call is still submitting.
+    remaining: AtomicUsize,
+    delivered: AtomicU64,
+    failures: Mutex<Vec<SendError>>,
+    receipt_alive: AtomicBool,
+    done: Notify,
+    unclaimed: Arc<Unclaimed>,
+}
+
+impl Group {
+    pub(crate) fn new(unclaimed: Arc<Unclaimed>) -> Arc<Self> {
+        Arc::new(Self {
+            remaining: AtomicUsize::new(1),
+            delivered: AtomicU64::new(0),
+            failures: Mutex::new(Vec::new()),
+            receipt_alive: AtomicBool::new(true),
+            done: Notify::new(),
+            unclaimed,
+        })
+    }
+    /// Counts `n` more messages that will end through this group.
+    pub(crate) fn add(&self, n: usize) {
+        self.remaining.fetch_add(n, Ordering::Relaxed);
+    }
+    /// Records a failure that never entered the buffer.
+    pub(crate) fn fail_now(&self, e: SendError) {
+        self.add(1);
+        self.end(Err(e));
+    }
+    fn end(&self, outcome: Outcome) {
+        match outcome {
+            Ok(_) => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if self.receipt_alive.load(Ordering::Acquire) {
+                    self.failures
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(e);
+                } else {
+                    self.unclaimed.put(e);
+                }
+            }
+        }
+        self.end_one();
+    }
+    /// Ends the submission guard (or one message).
+    pub(crate) fn end_one(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+}
+
+/// Who hears about one message.
+pub(crate) enum Completion {
+    One(oneshot::Sender<Outcome>),
+    Group(Arc<Group>),
+}
+
+impl Completion {
+    pub(crate) fn complete(self, outcome: Outcome, unclaimed: &Unclaimed) {
+        match self {
+            Completion::One(tx) => {
+                if let Err(Err(e)) = tx.send(outcome) {
+                    unclaimed.put(e);
+                }
+            }
+            Completion::Group(g) => g.end(outcome),
+        }
+    }
+}
+
+/// Resolves when the broker has acknowledged the message, or herald has given up on it.
+///
+/// Dropping it does not cancel the message: it is still delivered, and if it fails, its
+/// [`SendError`] goes to the producer's dead-letter hook or to [`crate::Producer::close`]'s report.
+#[must_use = "the message is sent either way; await this to learn its fate"]
+#[derive(Debug)]
+pub struct DeliveryFuture {
+    pub(crate) rx: oneshot::Receiver<Outcome>,
+}
+
+impl Future for DeliveryFuture {
+    type Output = Result<Delivery, SendError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Ready(Ok(outcome)) => Poll::Ready(outcome),
+            // Every pending entry is completed by a drop guard (see pipeline.rs), so the sender
+            // cannot vanish unanswered; if it ever did, pending forever would hide it, so say so.
+            Poll::Ready(Err(_)) => {
+                panic!("herald: a delivery was dropped unanswered (a bug: please report it)")
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// What happened to the messages of one [`crate::Producer::send_all`] call.
+#[derive(Debug, Default)]
+pub struct BulkReport {
+    /// Messages the broker acknowledged.
+    pub delivered: u64,
+    /// Messages herald gave up on, each handed back with its error.
+    pub failed: Vec<SendError>,
+}
+
+impl BulkReport {
+    /// Whether every message was delivered.
+    pub fn all_delivered(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+/// The fate of a [`crate::Producer::send_all`] call's messages, as one future: one completion
+/// for many messages, so sending in bulk costs no future per message.
+///
+/// Dropping it does not cancel anything; later failures go to the dead-letter hook or to
+/// [`crate::Producer::close`]'s report.
+#[must_use = "the messages are sent either way; await wait() to learn their fate"]
+pub struct BulkReceipt {
+    pub(crate) group: Arc<Group>,
+}
+
+impl BulkReceipt {
+    /// Messages of the call not yet delivered or failed.
+    pub fn pending(&self) -> usize {
+        self.group.remaining.load(Ordering::Acquire)
+    }
+
+    /// Waits until every message of the call is delivered or failed.
+    pub async fn wait(self) -> BulkReport {
+        loop {
+            let notified = self.group.done.notified();
+            if self.group.remaining.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            notified.await;
+        }
+        BulkReport {
+            delivered: self.group.delivered.load(Ordering::Acquire),
+            failed: std::mem::take(
+                &mut *self
+                    .group
+                    .failures
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner),
+            ),
+        }
+    }
+}
+
+impl std::fmt::Debug for BulkReceipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BulkReceipt")
+            .field("pending", &self.pending())
+            .finish()
+    }
+}
+
+impl Drop for BulkReceipt {
+    fn drop(&mut self) {
+        self.group.receipt_alive.store(false, Ordering::Release);
+        let left = std::mem::take(
+            &mut *self
+                .group
+                .failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for e in left {
+            self.group.unclaimed.put(e);
+        }
+    }
+}

@@ -1,0 +1,687 @@
+//! The producer's moving parts: the shared state behind one mutex, the dispatcher task, and the
+//! processing of a batch's outcomes.
+//!
+//! Invariants (see docs/architecture.md):
+//! - Every accepted message is in exactly one place: the accumulator, the parked retries, or an
+//!   in-flight batch; and it leaves through exactly one `Completion::complete`. Drop guards on the
+//!   state and on in-flight batches complete whatever is left with `Closed`, so even a runtime
+//!   shutting down cannot drop a message silently.
+//! - `buffered_*` counts messages from acceptance to completion; it is what backpressure bounds.
+//! - The mutex is never held across an `.await`, and completions run after it is released.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use herald_batch::Accumulator;
+use herald_retry::{
+    CircuitBreaker, CircuitState, ErrorClass, GiveUpReason, RetryBudget, RetryContext,
+    RetryDecision, RetryPolicy,
+};
+use tokio::sync::Notify;
+
+use super::completion::{Completion, Delivery, Outcome, Unclaimed};
+use super::OrderingMode;
+use crate::error::{FailureReason, SendError, TransportError};
+use crate::message::{Destination, Message};
+use crate::metrics::Metrics;
+use crate::transport::{BatchOutcome, Transport};
+
+/// The pipeline's clock: Tokio's, so that tests on a paused runtime run backoffs and timeouts in
+/// virtual time. Outside such tests it is `std::time::Instant::now()`.
+pub(crate) fn clock_now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Settings fixed at build time.
+pub(crate) struct Config {
+    pub(crate) max_buffered_messages: usize,
+    pub(crate) max_buffered_bytes: usize,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) max_in_flight: usize,
+    pub(crate) delivery_timeout: Duration,
+    pub(crate) ordering: OrderingMode,
+    pub(crate) retry: Arc<dyn RetryPolicy>,
+}
+
+/// Bookkeeping for one message besides the message itself.
+pub(crate) struct Meta {
+    pub(crate) done: Completion,
+    pub(crate) accepted_at: Instant,
+    pub(crate) deadline: Instant,
+    pub(crate) size: usize,
+    pub(crate) attempts: u32,
+    pub(crate) previous_delay: Option<Duration>,
+    pub(crate) last_error: Option<TransportError>,
+}
+
+pub(crate) type Entry = (Message, Meta);
+
+/// Retries waiting for their backoff (and for retry budget).
+struct Parked {
+    ready_at: Instant,
+    seq: u64,
+    destination: Destination,
+    entries: Vec<Entry>,
+    /// Budget tokens already taken for this group; it goes back to the queue when it has one per
+    /// entry, whole, so that strict ordering never splits it.
+    credit: usize,
+}
+
+impl PartialEq for Parked {
+    fn eq(&self, other: &Self) -> bool {
+        (self.ready_at, self.seq) == (other.ready_at, other.seq)
+    }
+}
+impl Eq for Parked {}
+impl PartialOrd for Parked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Parked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.ready_at, self.seq).cmp(&(other.ready_at, other.seq))
+    }
+}
+
+/// Running totals, readable through `Producer::stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Messages accepted into the buffer.
+    pub accepted: u64,
+    /// Messages acknowledged by the broker.
+    pub delivered: u64,
+    /// Messages handed back with an error (after acceptance or before it).
+    pub failed: u64,
+    /// Message retries scheduled.
+    pub retries: u64,
+    /// Batches handed to the transport.
+    pub batches: u64,
+}
+
+pub(crate) struct State {
+    pub(crate) acc: Accumulator<Destination, Entry>,
+    parked: BinaryHeap<Reverse<Parked>>,
+    parked_seq: u64,
+    pub(crate) buffered_messages: usize,
+    pub(crate) buffered_bytes: usize,
+    pub(crate) in_flight: usize,
+    /// No new messages; drain what is there.
+    pub(crate) closing: bool,
+    /// `flush` calls waiting: linger is skipped while any is.
+    pub(crate) flushers: usize,
+    budget: RetryBudget,
+    pub(crate) breaker: CircuitBreaker,
+    rng: fastrand::Rng,
+    /// No queued or parked entry expires before this (it may be early, never late).
+    next_expiry: Option<Instant>,
+    pub(crate) totals: Totals,
+    pub(crate) dispatcher_exited: bool,
+}
+
+/// Whatever is still queued or parked when the state goes away (a runtime shutting down with the
+/// dispatcher in it) ends as `Closed`, handed back to its caller.
+impl Drop for State {
+    fn drop(&mut self) {
+        let left: Vec<Entry> = self
+            .acc
+            .drain_all()
+            .into_iter()
+            .map(|(_, e)| e)
+            .chain(self.parked.drain().flat_map(|Reverse(p)| p.entries))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        // No unclaimed sink reachable from here: receivers still get their error; a group
+        // records it itself.
+        let sink = Unclaimed::new(None);
+        for (msg, meta) in left {
+            let attempts = meta.attempts;
+            meta.done.complete(
+                Err(SendError::new(msg, FailureReason::Closed, attempts)),
+                &sink,
+            );
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    /// Wakes the dispatcher: a new linger deadline, a full batch, a flush, a close, a freed slot.
+    pub(crate) wake: Notify,
+    /// Wakes senders waiting for buffer space.
+    pub(crate) space: Notify,
+    /// Wakes `flush`/`close` when the buffer becomes empty.
+    pub(crate) idle: Notify,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) config: Config,
+    pub(crate) metrics: Metrics,
+    pub(crate) unclaimed: Arc<Unclaimed>,
+}
+
+/// A message that could not be accepted, with its completion, to be retried or answered.
+pub(crate) struct Refused {
+    pub(crate) msg: Message,
+    pub(crate) done: Completion,
+    pub(crate) reason: FailureReason,
+}
+
+/// Completions to run once the lock is released.
+#[derive(Default)]
+pub(crate) struct Finished {
+    items: Vec<(Completion, Outcome)>,
+    freed: bool,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        config: Config,
+        acc: Accumulator<Destination, Entry>,
+        budget: RetryBudget,
+        breaker: CircuitBreaker,
+        transport: Arc<dyn Transport>,
+        unclaimed: Arc<Unclaimed>,
+    ) -> Self {
+        let metrics = Metrics::new(transport.name());
+        Self {
+            state: Mutex::new(State {
+                acc,
+                parked: BinaryHeap::new(),
+                parked_seq: 0,
+                buffered_messages: 0,
+                buffered_bytes: 0,
+                in_flight: 0,
+                closing: false,
+                flushers: 0,
+                budget,
+                breaker,
+                rng: fastrand::Rng::new(),
+                next_expiry: None,
+                totals: Totals::default(),
+                dispatcher_exited: false,
+            }),
+            wake: Notify::new(),
+            space: Notify::new(),
+            idle: Notify::new(),
+            transport,
+            config,
+            metrics,
+            unclaimed,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Accepts one message into the buffer, or refuses it (full, too large, closed). Returns
+    /// whether the dispatcher needs waking.
+    pub(crate) fn push(
+        &self,
+        st: &mut State,
+        msg: Message,
+        done: Completion,
+        now: Instant,
+    ) -> Result<bool, Refused> {
+        let size = msg.size();
+        let refuse = |msg, done, reason| Err(Refused { msg, done, reason });
+        if st.closing {
+            return refuse(msg, done, FailureReason::Closed);
+        }
+        if size > self.config.max_message_bytes {
+            return refuse(
+                msg,
+                done,
+                FailureReason::TooLarge {
+                    size,
+                    max: self.config.max_message_bytes,
+                },
+            );
+        }
+        if st.buffered_messages >= self.config.max_buffered_messages
+            || st.buffered_bytes + size > self.config.max_buffered_bytes
+        {
+            return refuse(msg, done, FailureReason::BufferFull);
+        }
+        st.buffered_messages += 1;
+        st.buffered_bytes += size;
+        st.totals.accepted += 1;
+        let deadline = now + self.config.delivery_timeout;
+        if st.next_expiry.is_none() {
+            st.next_expiry = Some(deadline);
+        }
+        let destination = msg.destination().clone();
+        let meta = Meta {
+            done,
+            accepted_at: now,
+            deadline,
+            size,
+            attempts: 0,
+            previous_delay: None,
+            last_error: None,
+        };
+        Ok(st.acc.push_back(&destination, (msg, meta), size, now))
+    }
+
+    /// Counts a refusal in totals and metrics.
+    pub(crate) fn count_refused(&self, reason: &FailureReason) {
+        self.lock().totals.failed += 1;
+        self.metrics.failed(reason, 1);
+    }
+
+    /// Ends `entry` with `outcome`: frees its buffer space, counts it, queues its completion.
+    fn finish(
+        &self,
+        st: &mut State,
+        fin: &mut Finished,
+        entry: Entry,
+        outcome: Result<crate::Ack, FailureReason>,
+        now: Instant,
+    ) {
+        let (msg, meta) = entry;
+        st.buffered_messages -= 1;
+        st.buffered_bytes -= meta.size;
+        fin.freed = true;
+        let result = match outcome {
+            Ok(ack) => {
+                st.totals.delivered += 1;
+                let latency = now.saturating_duration_since(meta.accepted_at);
+                self.metrics.latency.record(latency.as_secs_f64());
+                Ok(Delivery {
+                    ack,
+                    attempts: meta.attempts,
+                    latency,
+                })
+            }
+            Err(reason) => {
+                st.totals.failed += 1;
+                self.metrics.failed(&reason, 1);
+                Err(SendError::new(msg, reason, meta.attempts))
+            }
+        };
+        fin.items.push((meta.done, result));
+    }
+
+    /// Runs completions and wakes whoever waits for space or for an empty buffer.
+    pub(crate) fn complete(&self, fin: Finished) {
+        let mut delivered = 0u64;
+        for (done, outcome) in fin.items {
+            delivered += u64::from(outcome.is_ok());
+            if let (Completion::One(tx), Err(_)) = (&done, &outcome) {
+                if tx.is_closed() {
+                    self.metrics.unclaimed.increment(1);
+                }
+            }
+            done.complete(outcome, &self.unclaimed);
+        }
+        self.metrics.delivered.increment(delivered);
+        if fin.freed {
+            self.space.notify_waiters();
+            self.idle.notify_waiters();
+        }
+    }
+
+    fn deadline_reason(&self, meta: &mut Meta) -> FailureReason {
+        FailureReason::DeliveryTimeout {
+            timeout: self.config.delivery_timeout,
+            last: meta.last_error.take(),
+        }
+    }
+
+    /// Fails every queued or parked entry past its deadline; recomputes `next_expiry`.
+    fn expire(&self, st: &mut State, fin: &mut Finished, now: Instant) {
+        if st.next_expiry.is_none_or(|t| t > now) {
+            return;
+        }
+        let expired = st.acc.remove_where(|(_, meta)| meta.deadline <= now);
+        for (_, (msg, mut meta)) in expired {
+            let reason = self.deadline_reason(&mut meta);
+            self.finish(st, fin, (msg, meta), Err(reason), now);
+        }
+        let mut parked = std::mem::take(&mut st.parked).into_vec();
+        for Reverse(p) in &mut parked {
+            let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut p.entries)
+                .into_iter()
+                .partition(|(_, m)| m.deadline <= now);
+            p.entries = kept;
+            for (msg, mut meta) in gone {
+                let reason = self.deadline_reason(&mut meta);
+                self.finish(st, fin, (msg, meta), Err(reason), now);
+            }
+        }
+        for Reverse(p) in parked {
+            if p.entries.is_empty() {
+                if self.config.ordering == OrderingMode::Strict {
+                    st.acc.release(&p.destination);
+                }
+            } else {
+                st.parked.push(Reverse(p));
+            }
+        }
+        // The oldest remaining deadline: queues are in acceptance order but for retries, so scan.
+        let queued = st.acc.iter().map(|(_, (_, m))| m.deadline);
+        let parked = st
+            .parked
+            .iter()
+            .flat_map(|Reverse(p)| p.entries.iter().map(|(_, m)| m.deadline));
+        st.next_expiry = queued.chain(parked).min();
+    }
+
+    /// Fails everything queued or parked with `Closed` (a close whose deadline passed). Batches in
+    /// flight are left to land.
+    pub(crate) fn abandon(&self, st: &mut State, fin: &mut Finished) {
+        let now = clock_now();
+        for (_, entry) in st.acc.drain_all() {
+            self.finish(st, fin, entry, Err(FailureReason::Closed), now);
+        }
+        for Reverse(p) in std::mem::take(&mut st.parked) {
+            if self.config.ordering == OrderingMode::Strict {
+                st.acc.release(&p.destination);
+            }
+            for entry in p.entries {
+                self.finish(st, fin, entry, Err(FailureReason::Closed), now);
+            }
+        }
+    }
+
+    /// Moves parked retries whose backoff is over back into the queues, as budget allows.
+    fn unpark(&self, st: &mut State, now: Instant) {
+        while st.parked.peek().is_some_and(|Reverse(p)| p.ready_at <= now) {
+            let Some(Reverse(mut p)) = st.parked.pop() else {
+                break;
+            };
+            while p.credit < p.entries.len() && st.budget.try_withdraw(now) {
+                p.credit += 1;
+            }
+            if p.credit < p.entries.len() {
+                self.metrics.budget_denied.increment(1);
+                // One floor token's time, so that waiting groups look again as tokens appear.
+                let per_token = match st.budget.min_per_sec() {
+                    0 => Duration::from_millis(100),
+                    n => Duration::from_secs(1) / n,
+                };
+                p.ready_at = now + per_token.max(Duration::from_millis(1));
+                st.parked.push(Reverse(p));
+                break;
+            }
+            let n = p.entries.len() as u64;
+            st.totals.retries += n;
+            self.metrics.retries.increment(n);
+            let for_expiry = p.entries.iter().map(|(_, m)| m.deadline).min();
+            st.next_expiry = match (st.next_expiry, for_expiry) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let entries = p.entries.into_iter().map(|e| {
+                let size = e.1.size;
+                (e, size)
+            });
+            match self.config.ordering {
+                OrderingMode::Strict => {
+                    st.acc
+                        .push_front(&p.destination, entries.collect::<Vec<_>>(), now);
+                    st.acc.release(&p.destination);
+                }
+                OrderingMode::Relaxed => {
+                    for (e, size) in entries {
+                        st.acc.push_back(&p.destination, e, size, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One turn of the dispatcher: expire, unpark, take every batch that may go. Returns the
+    /// batches to send and when to look again.
+    fn plan(
+        &self,
+        st: &mut State,
+        fin: &mut Finished,
+        now: Instant,
+    ) -> (Vec<Flight>, Option<Instant>) {
+        self.expire(st, fin, now);
+        self.unpark(st, now);
+        let force = st.flushers > 0 || st.closing;
+        let mut flights = Vec::new();
+        while st.in_flight < self.config.max_in_flight {
+            if st.breaker.state() == CircuitState::Open
+                && st.breaker.retry_at().is_some_and(|t| t > now)
+            {
+                break;
+            }
+            let Some(batch) = st.acc.pop_ready(now, force) else {
+                break;
+            };
+            if !st.breaker.allow(now) {
+                // Half-open with its probes out: put the batch back where it was.
+                let items = batch.items.into_iter().map(|e| {
+                    let size = e.1.size;
+                    (e, size)
+                });
+                st.acc
+                    .push_front(&batch.destination, items.collect::<Vec<_>>(), now);
+                st.acc.batch_done(&batch.destination);
+                break;
+            }
+            let mut messages = Vec::with_capacity(batch.items.len());
+            let mut metas = Vec::with_capacity(batch.items.len());
+            let mut first_attempts = 0u64;
+            for (msg, mut meta) in batch.items {
+                if meta.deadline <= now {
+                    let reason = self.deadline_reason(&mut meta);
+                    self.finish(st, fin, (msg, meta), Err(reason), now);
+                    continue;
+                }
+                first_attempts += u64::from(meta.attempts == 0);
+                meta.attempts += 1;
+                messages.push(msg);
+                metas.push(meta);
+            }
+            if messages.is_empty() {
+                st.acc.batch_done(&batch.destination);
+                continue;
+            }
+            st.budget.deposit(first_attempts, now);
+            st.in_flight += 1;
+            st.totals.batches += 1;
+            self.metrics.batches.increment(1);
+            self.metrics.batch_messages.record(messages.len() as f64);
+            self.metrics.batch_bytes.record(batch.bytes as f64);
+            flights.push(Flight {
+                destination: batch.destination,
+                messages,
+                metas,
+            });
+        }
+        self.metrics.inflight.set(st.in_flight as f64);
+        self.metrics
+            .buffer_messages
+            .set(st.buffered_messages as f64);
+        self.metrics.buffer_bytes.set(st.buffered_bytes as f64);
+        self.metrics.circuit.set(st.breaker.state().as_gauge());
+
+        let mut wake_at = st.acc.next_wakeup(now);
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+            }
+        };
+        consider(st.parked.peek().map(|Reverse(p)| p.ready_at));
+        if !st.acc.is_empty() || !st.parked.is_empty() {
+            consider(st.next_expiry);
+            if st.breaker.state() == CircuitState::Open {
+                consider(st.breaker.retry_at());
+            }
+        }
+        (flights, wake_at)
+    }
+
+    /// Handles the outcome of one batch: deliveries, permanent failures, retries.
+    fn land(&self, flight: &mut Flight, outcomes: BatchOutcome, fin: &mut Finished) {
+        let now = clock_now();
+        let mut st = self.lock();
+        st.in_flight -= 1;
+        st.acc.batch_done(&flight.destination);
+        let messages = std::mem::take(&mut flight.messages);
+        let metas = std::mem::take(&mut flight.metas);
+        let n = messages.len();
+        let mut outcomes = outcomes.into_iter();
+        let mut any_ok = false;
+        let mut all_transient = true;
+        let mut retry: Vec<Entry> = Vec::new();
+        let mut retry_after = Duration::ZERO;
+        let missing = || {
+            TransportError::transient(format!(
+                "transport returned fewer outcomes than the {n} messages of the batch"
+            ))
+        };
+        for (msg, mut meta) in messages.into_iter().zip(metas) {
+            let outcome = outcomes.next().unwrap_or_else(|| Err(missing()));
+            let error = match outcome {
+                Ok(ack) => {
+                    any_ok = true;
+                    all_transient = false;
+                    self.finish(&mut st, fin, (msg, meta), Ok(ack), now);
+                    continue;
+                }
+                Err(e) => e,
+            };
+            all_transient &= error.class() == ErrorClass::Transient;
+            let ctx = RetryContext {
+                attempts: meta.attempts,
+                class: error.class(),
+                time_left: meta.deadline.saturating_duration_since(now),
+                previous_delay: meta.previous_delay,
+            };
+            let decision = self.config.retry.decide(&ctx, &mut st.rng);
+            let reason = match decision {
+                RetryDecision::Retry { after } => {
+                    meta.previous_delay = Some(after);
+                    meta.last_error = Some(error);
+                    retry_after = retry_after.max(after);
+                    retry.push((msg, meta));
+                    continue;
+                }
+                RetryDecision::GiveUp(GiveUpReason::Permanent) => FailureReason::Rejected(error),
+                RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted) => {
+                    FailureReason::RetriesExhausted(error)
+                }
+                RetryDecision::GiveUp(GiveUpReason::DeadlineTooClose) => {
+                    meta.last_error = Some(error);
+                    self.deadline_reason(&mut meta)
+                }
+            };
+            self.finish(&mut st, fin, (msg, meta), Err(reason), now);
+        }
+        if any_ok || !all_transient {
+            st.breaker.on_success(now);
+        } else {
+            st.breaker.on_failure(now);
+        }
+        if !retry.is_empty() {
+            if self.config.ordering == OrderingMode::Strict {
+                st.acc.hold(&flight.destination);
+            }
+            st.parked_seq += 1;
+            let seq = st.parked_seq;
+            st.parked.push(Reverse(Parked {
+                ready_at: now + retry_after,
+                seq,
+                destination: flight.destination.clone(),
+                entries: retry,
+                credit: 0,
+            }));
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+}
+
+/// A batch being sent. If it is dropped before its outcome lands (the runtime shut down while
+/// the transport was sending), its messages end as `Closed`, handed back.
+pub(crate) struct Flight {
+    destination: Destination,
+    messages: Vec<Message>,
+    metas: Vec<Meta>,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let sink = Unclaimed::new(None);
+        for (msg, meta) in std::mem::take(&mut self.messages)
+            .into_iter()
+            .zip(std::mem::take(&mut self.metas))
+        {
+            let attempts = meta.attempts;
+            meta.done.complete(
+                Err(SendError::new(msg, FailureReason::Closed, attempts)),
+                &sink,
+            );
+        }
+    }
+}
+
+async fn send_flight(shared: Arc<Shared>, mut flight: Flight) {
+    // An attempt may not outlive the latest deadline in the batch: a transport that hangs must
+    // not keep messages past their delivery timeout.
+    let latest = flight.metas.iter().map(|m| m.deadline).max();
+    let budget = latest.map_or(Duration::ZERO, |d| d.saturating_duration_since(clock_now()));
+    let send = shared
+        .transport
+        .send_batch(&flight.destination, &flight.messages);
+    let outcomes = match tokio::time::timeout(budget, send).await {
+        Ok(outcomes) => outcomes,
+        Err(_) => {
+            let e = TransportError::transient(format!(
+                "the transport did not answer within {budget:?}, the time left before the delivery timeout"
+            ))
+            .with_code("herald_attempt_timeout");
+            vec![Err(e); flight.messages.len()]
+        }
+    };
+    let mut fin = Finished::default();
+    shared.land(&mut flight, outcomes, &mut fin);
+    shared.complete(fin);
+}
+
+/// The dispatcher: turns queued messages into batches and hands them to the transport, within
+/// the in-flight limit and the circuit breaker; runs until the producer is closed or dropped
+/// and everything accepted has ended.
+pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
+    loop {
+        let now = clock_now();
+        let mut fin = Finished::default();
+        let (flights, wake_at, exit) = {
+            let mut st = shared.lock();
+            let (flights, wake_at) = shared.plan(&mut st, &mut fin, now);
+            let exit = st.closing && st.buffered_messages == 0 && st.in_flight == 0;
+            if exit {
+                st.dispatcher_exited = true;
+            }
+            (flights, wake_at, exit)
+        };
+        shared.complete(fin);
+        for flight in flights {
+            tokio::spawn(send_flight(shared.clone(), flight));
+        }
+        if exit {
+            shared.transport.close().await;
+            shared.idle.notify_waiters();
+            return;
+        }
+        let notified = shared.wake.notified();
+        match wake_at {
+            Some(at) => {
+                let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(at));
+                tokio::select! {
+                    () = notified => {}
+                    () = sleep => {}
+                }
+            }
+            None => notified.await,
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The one seam every broker implements.
+
+use async_trait::async_trait;
+
+use crate::error::TransportError;
+use crate::message::{Destination, Message};
+
+/// What a broker told us about one delivered message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ack {
+    /// The partition it landed in, for brokers that partition (Kafka).
+    pub partition: Option<i32>,
+    /// Its offset in that partition, or a broker sequence number where the broker gives one.
+    pub offset: Option<i64>,
+}
+
+/// One outcome per message of a batch, in the batch's order.
+pub type BatchOutcome = Vec<Result<Ack, TransportError>>;
+
+/// Sends batches of messages to a broker. The producer pipeline owns batching, retries, ordering
+/// and backpressure; a transport only sends and classifies.
+///
+/// # Contract
+///
+/// - [`Transport::send_batch`] returns exactly one outcome per message, in order. An `Ok` means
+///   the broker acknowledged the message durably (Kafka `acks=all`, an AMQP publisher confirm).
+/// - Every error carries a class (see [`TransportError`]): the pipeline retries transient errors
+///   and hands permanent ones back at once.
+/// - Order: messages of one call that share a key reach the broker in slice order, and if one of
+///   them fails, the later ones with that key must not be delivered ahead of its retry (fail them
+///   too, as transient). With this, the pipeline keeps per-key order across retries.
+/// - A transport does not retry on its own beyond what its client library does internally; each
+///   adapter documents that part.
+/// - It may be called concurrently for different batches (up to the producer's max in-flight).
+///
+/// The trait is object safe: the producer holds it as `Arc<dyn Transport>`.
+///
+/// # Example
+///
+/// ```
+/// use async_trait::async_trait;
+/// use herald_core::{Ack, BatchOutcome, Destination, Message, Transport, TransportError};
+///
+/// /// Accepts everything except empty payloads.
+/// struct Picky;
+///
+/// #[async_trait]
+/// impl Transport for Picky {
+///     fn name(&self) -> &'static str { "picky" }
+///     async fn send_batch(&self, _to: &Destination, batch: &[Message]) -> BatchOutcome {
+///         batch.iter().map(|m| if m.payload().is_empty() {
+///             Err(TransportError::permanent("empty payload"))
+///         } else {
+///             Ok(Ack::default())
+///         }).collect()
+///     }
+/// }
+/// ```
+#[async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// A short, stable, low-cardinality name (`kafka`, `amqp`, `memory`): the `transport` label of
+    /// every metric.
+    fn name(&self) -> &'static str;
+
+    /// Sends `batch`, every message of which goes to `destination`, and reports one outcome per
+    /// message in order.
+    async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome;
+
+    /// Called once when the producer closes, after the last batch: release connections, flush
+    /// client-side queues. Default: nothing to do.
+    async fn close(&self) {}
+}
+
+const _: Option<&dyn Transport> = None;

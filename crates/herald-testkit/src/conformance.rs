@@ -1,0 +1,356 @@
+//! The adapter conformance suite: what every transport must do inside a herald producer.
+//!
+//! An adapter's tests implement [`Harness`] (how to get a transport, a fresh destination, a
+//! message the broker rejects, and how to read back what arrived) and call [`run`]. Each check
+//! panics with its name and what went wrong.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_core::{
+    async_trait, Destination, ErrorClass, FailureReason, Message, Producer, ProducerBuilder,
+    Transport,
+};
+
+/// What the suite needs from an adapter's test environment.
+#[async_trait]
+pub trait Harness: Send + Sync {
+    /// The transport under test.
+    type Transport: Transport;
+
+    /// A new transport, connected to the test broker.
+    async fn transport(&self) -> Self::Transport;
+
+    /// A destination that exists and holds nothing yet; `hint` is unique per check and may be
+    /// used in its name.
+    async fn destination(&self, hint: &str) -> Destination;
+
+    /// A message the broker rejects permanently (too large, unroutable), or `None` if the
+    /// broker has no such case; the check is then skipped.
+    fn poison(&self, destination: &Destination) -> Option<Message>;
+
+    /// The messages that arrived at `destination`, in the order the broker stores them per key,
+    /// once at least `expected` are there (or a deadline of the harness's choosing passes).
+    /// `None` if the harness cannot read back; the suite then checks outcomes only.
+    async fn read_back(&self, destination: &Destination, expected: usize) -> Option<Vec<Message>>;
+
+    /// Makes the next `calls` batch sends fail transiently, if the harness can inject faults.
+    /// Returns false if it cannot; the fault check is then skipped.
+    async fn inject_transient_failures(&self, calls: usize) -> bool;
+
+    /// Extra settings the adapter needs on the producer (timeouts, say). Default: none.
+    fn configure(&self, builder: ProducerBuilder) -> ProducerBuilder {
+        builder
+    }
+}
+
+/// Runs every check, in order. Panics on the first failure, naming the check.
+pub async fn run<H: Harness>(h: &H) {
+    check("delivers_every_message", delivers_every_message(h)).await;
+    check("keeps_per_key_order", keeps_per_key_order(h)).await;
+    check("large_batches", large_batches(h)).await;
+    check(
+        "permanent_error_hands_message_back",
+        permanent_error_hands_message_back(h),
+    )
+    .await;
+    check(
+        "oversized_message_fails_alone",
+        oversized_message_fails_alone(h),
+    )
+    .await;
+    check("flush_waits_for_everything", flush_waits_for_everything(h)).await;
+    check("close_drains_then_refuses", close_drains_then_refuses(h)).await;
+    check("rides_out_transient_faults", rides_out_transient_faults(h)).await;
+}
+
+async fn check(name: &str, f: impl Future<Output = ()>) {
+    eprintln!("conformance: {name}");
+    f.await;
+}
+
+async fn producer<H: Harness>(
+    h: &H,
+    extra: impl FnOnce(ProducerBuilder) -> ProducerBuilder,
+) -> Producer {
+    let builder = Producer::builder(h.transport().await)
+        .retry(
+            herald_retry::ExponentialRetry::new(herald_retry::Backoff::new(
+                Duration::from_millis(5),
+                Duration::from_millis(200),
+            ))
+            .unlimited_attempts(),
+        )
+        .delivery_timeout(Duration::from_secs(60));
+    extra(h.configure(builder))
+        .build()
+        .expect("conformance: the producer must build")
+}
+
+fn keyed(dest: &Destination, n: usize, keys: usize, tag: &str) -> Vec<Message> {
+    (0..n)
+        .map(|i| {
+            Message::new(dest.clone(), format!("{tag}-{i}"))
+                .with_key(format!("key-{}", i % keys))
+                .with_header("seq", i.to_string())
+        })
+        .collect()
+}
+
+/// Each payload once, and per key in sending order.
+fn assert_arrived(check: &str, sent: &[Message], got: &[Message]) {
+    let mut count: HashMap<&Bytes, usize> = HashMap::new();
+    for m in got {
+        *count.entry(m.payload()).or_default() += 1;
+    }
+    for m in sent {
+        let c = count.get(m.payload()).copied().unwrap_or(0);
+        assert!(
+            c >= 1,
+            "{check}: payload {:?} never arrived",
+            String::from_utf8_lossy(m.payload())
+        );
+    }
+    let position: HashMap<&Bytes, usize> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.payload(), i))
+        .collect();
+    let mut last: HashMap<Option<&Bytes>, usize> = HashMap::new();
+    for m in got {
+        let Some(&pos) = position.get(m.payload()) else {
+            continue;
+        };
+        if let Some(prev) = last.insert(m.key(), pos) {
+            assert!(
+                prev <= pos,
+                "{check}: per-key order broken: message #{pos} arrived after #{prev} for key {:?}",
+                m.key().map(|k| String::from_utf8_lossy(k).into_owned())
+            );
+        }
+    }
+}
+
+async fn delivers_every_message<H: Harness>(h: &H) {
+    let dest = h.destination("every").await;
+    let p = producer(h, |b| b).await;
+    let msgs = keyed(&dest, 2_000, 10, "every");
+    let report = p.send_all(msgs.clone()).await.wait().await;
+    assert!(
+        report.failed.is_empty(),
+        "delivers_every_message: {:?}",
+        report.failed.first()
+    );
+    assert_eq!(
+        report.delivered, 2_000,
+        "delivers_every_message: delivered count"
+    );
+    if let Some(got) = h.read_back(&dest, msgs.len()).await {
+        assert_arrived("delivers_every_message", &msgs, &got);
+    }
+    let close = p.close(Duration::from_secs(30)).await;
+    assert!(close.drained, "delivers_every_message: close did not drain");
+    assert_eq!(close.totals.delivered, 2_000);
+}
+
+async fn keeps_per_key_order<H: Harness>(h: &H) {
+    let dest = h.destination("order").await;
+    let p = producer(h, |b| b.max_in_flight(4)).await;
+    let msgs = keyed(&dest, 600, 3, "order");
+    let mut futures = Vec::new();
+    for m in msgs.clone() {
+        futures.push(p.enqueue(m).await.expect("keeps_per_key_order: enqueue"));
+    }
+    let mut last_offset: HashMap<Option<Bytes>, (usize, Option<i64>)> = HashMap::new();
+    for (i, f) in futures.into_iter().enumerate() {
+        let d = f.await.expect("keeps_per_key_order: delivery");
+        let key = msgs[i].key().cloned();
+        if let (Some((_, Some(prev))), Some(off)) = (last_offset.get(&key), d.ack.offset) {
+            if d.ack.partition.is_some() {
+                assert!(
+                    *prev < off,
+                    "keeps_per_key_order: offsets go backwards for one key"
+                );
+            }
+        }
+        last_offset.insert(key, (i, d.ack.offset));
+    }
+    if let Some(got) = h.read_back(&dest, msgs.len()).await {
+        assert_arrived("keeps_per_key_order", &msgs, &got);
+    }
+    p.close(Duration::from_secs(30)).await;
+}
+
+async fn large_batches<H: Harness>(h: &H) {
+    let dest = h.destination("large").await;
+    let p = producer(h, |b| {
+        b.batching(herald_batch::SizeOrLinger::new(
+            10_000,
+            8 << 20,
+            Duration::from_millis(20),
+        ))
+    })
+    .await;
+    let msgs: Vec<Message> = (0..20_000)
+        .map(|i| Message::new(dest.clone(), format!("large-{i}")))
+        .collect();
+    let report = p.send_all(msgs.clone()).await.wait().await;
+    assert!(
+        report.failed.is_empty(),
+        "large_batches: {:?}",
+        report.failed.first()
+    );
+    assert_eq!(report.delivered, 20_000, "large_batches");
+    if let Some(got) = h.read_back(&dest, msgs.len()).await {
+        assert_arrived("large_batches", &msgs, &got);
+    }
+    p.close(Duration::from_secs(30)).await;
+}
+
+async fn permanent_error_hands_message_back<H: Harness>(h: &H) {
+    let dest = h.destination("poison").await;
+    let Some(poison) = h.poison(&dest) else {
+        eprintln!("conformance: permanent_error_hands_message_back skipped: no poison message");
+        return;
+    };
+    let p = producer(h, |b| b).await;
+    let mut msgs = keyed(&dest, 10, 10, "around-poison");
+    msgs.insert(5, poison.clone());
+    let report = p.send_all(msgs).await.wait().await;
+    assert_eq!(
+        report.delivered, 10,
+        "permanent_error_hands_message_back: the others go through"
+    );
+    assert_eq!(
+        report.failed.len(),
+        1,
+        "permanent_error_hands_message_back: one failure"
+    );
+    let e = &report.failed[0];
+    assert_eq!(
+        e.class(),
+        ErrorClass::Permanent,
+        "permanent_error_hands_message_back: {e}"
+    );
+    assert_eq!(
+        e.attempts(),
+        1,
+        "permanent_error_hands_message_back: no retry of a permanent error"
+    );
+    assert_eq!(
+        e.message().payload(),
+        poison.payload(),
+        "the message itself comes back"
+    );
+    p.close(Duration::from_secs(30)).await;
+}
+
+async fn oversized_message_fails_alone<H: Harness>(h: &H) {
+    let dest = h.destination("oversized").await;
+    let p = producer(h, |b| b.max_message_bytes(1_000)).await;
+    let big = Message::new(dest.clone(), vec![b'x'; 1_001]);
+    let e = p
+        .send(big)
+        .await
+        .expect_err("oversized_message_fails_alone: must fail");
+    assert!(
+        matches!(
+            e.reason(),
+            FailureReason::TooLarge {
+                size: 1_001,
+                max: 1_000
+            }
+        ),
+        "oversized_message_fails_alone: {e}"
+    );
+    assert_eq!(e.class(), ErrorClass::Permanent);
+    assert_eq!(e.message().payload().len(), 1_001);
+    p.send(Message::new(dest.clone(), "small"))
+        .await
+        .expect("oversized_message_fails_alone: a normal message still goes");
+    p.close(Duration::from_secs(30)).await;
+}
+
+async fn flush_waits_for_everything<H: Harness>(h: &H) {
+    let dest = h.destination("flush").await;
+    // A long linger: only the flush can make these go soon.
+    let p = producer(h, |b| {
+        b.batching(herald_batch::SizeOrLinger::new(
+            100_000,
+            64 << 20,
+            Duration::from_secs(30),
+        ))
+    })
+    .await;
+    let receipt = p.send_all(keyed(&dest, 300, 4, "flush")).await;
+    tokio::time::timeout(Duration::from_secs(20), p.flush())
+        .await
+        .expect("flush_waits_for_everything: flush must not wait for the 30 s linger");
+    assert_eq!(
+        receipt.pending(),
+        0,
+        "flush_waits_for_everything: all ended after flush"
+    );
+    let report = receipt.wait().await;
+    assert_eq!(report.delivered, 300);
+    assert_eq!(p.stats().buffered_messages, 0);
+    p.close(Duration::from_secs(30)).await;
+}
+
+async fn close_drains_then_refuses<H: Harness>(h: &H) {
+    let dest = h.destination("close").await;
+    let p = producer(h, |b| {
+        b.batching(herald_batch::SizeOrLinger::new(
+            100_000,
+            64 << 20,
+            Duration::from_secs(30),
+        ))
+    })
+    .await;
+    let receipt = p.send_all(keyed(&dest, 500, 5, "close")).await;
+    let report = p.close(Duration::from_secs(30)).await;
+    assert!(
+        report.drained,
+        "close_drains_then_refuses: close must deliver what was accepted"
+    );
+    assert_eq!(report.totals.delivered, 500);
+    assert_eq!(receipt.wait().await.delivered, 500);
+    let late = Message::new(dest.clone(), "after-close");
+    let e = p
+        .send(late)
+        .await
+        .expect_err("close_drains_then_refuses: send after close must fail");
+    assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
+    assert_eq!(e.message().payload().as_ref(), b"after-close");
+}
+
+async fn rides_out_transient_faults<H: Harness>(h: &H) {
+    let dest = h.destination("faults").await;
+    let p = producer(h, |b| b).await;
+    if !h.inject_transient_failures(3).await {
+        eprintln!(
+            "conformance: rides_out_transient_faults skipped: the harness cannot inject faults"
+        );
+        p.close(Duration::from_secs(5)).await;
+        return;
+    }
+    let msgs = keyed(&dest, 200, 4, "faults");
+    let report = p.send_all(msgs.clone()).await.wait().await;
+    assert!(
+        report.failed.is_empty(),
+        "rides_out_transient_faults: {:?}",
+        report.failed.first()
+    );
+    assert_eq!(report.delivered, 200);
+    let stats = p.stats();
+    assert!(
+        stats.totals.retries >= 1,
+        "rides_out_transient_faults: expected retries, got none"
+    );
+    if let Some(got) = h.read_back(&dest, msgs.len()).await {
+        assert_arrived("rides_out_transient_faults", &msgs, &got);
+    }
+    p.close(Duration::from_secs(30)).await;
+}

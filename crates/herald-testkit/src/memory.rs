@@ -1,0 +1,246 @@
+//! An in-memory transport that records what it receives and fails when told to.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_core::{
+    async_trait, Ack, BatchOutcome, Destination, ErrorClass, Message, Transport, TransportError,
+};
+
+/// What one call of `send_batch` does, in a script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallFault {
+    /// Accept every message (but those matched by a reject rule).
+    Pass,
+    /// Fail every message of the call with an error of this class (a lost connection, say).
+    FailAll(ErrorClass),
+    /// Fail the messages at these positions of the batch (transient), and, to honour the
+    /// transport ordering contract, every later message of the batch that shares a key with one
+    /// of them; accept the rest.
+    FailSome(Vec<usize>),
+    /// Wait this long, then behave as `Pass`.
+    Delay(Duration),
+}
+
+type RejectRule = Arc<dyn Fn(&Message) -> Option<TransportError> + Send + Sync>;
+
+struct Inner {
+    record: bool,
+    log: Mutex<Vec<Message>>,
+    script: Mutex<VecDeque<CallFault>>,
+    reject: Mutex<Option<RejectRule>>,
+    latency: Mutex<Duration>,
+    calls: AtomicU64,
+    attempts: AtomicU64,
+    delivered: AtomicU64,
+    closed: AtomicU64,
+}
+
+/// An in-memory [`Transport`]: accepts messages, keeps them in arrival order (or only counts
+/// them), and can be scripted to fail.
+///
+/// Clones share state: keep one to inspect what the producer sent.
+///
+/// ```
+/// use herald_core::{ErrorClass, Message, Producer};
+/// use herald_testkit::{CallFault, MemoryTransport};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let transport = MemoryTransport::new();
+/// transport.script([CallFault::FailAll(ErrorClass::Transient)]);
+/// let producer = Producer::builder(transport.clone()).build().unwrap();
+/// let delivery = producer.send(Message::new("t", "hi")).await.unwrap();
+/// assert_eq!(delivery.attempts, 2, "the first call failed, the retry went through");
+/// assert_eq!(transport.received().len(), 1);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct MemoryTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MemoryTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTransport")
+            .field("record", &self.inner.record)
+            .field("calls", &self.calls())
+            .field("delivered", &self.delivered())
+            .finish()
+    }
+}
+
+impl Default for MemoryTransport {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryTransport {
+    /// A transport that records every accepted message.
+    pub fn new() -> Self {
+        Self::with_recording(true)
+    }
+
+    /// A transport that only counts (for benchmarks: no memory grows with the run).
+    pub fn counting() -> Self {
+        Self::with_recording(false)
+    }
+
+    fn with_recording(record: bool) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                record,
+                log: Mutex::new(Vec::new()),
+                script: Mutex::new(VecDeque::new()),
+                reject: Mutex::new(None),
+                latency: Mutex::new(Duration::ZERO),
+                calls: AtomicU64::new(0),
+                attempts: AtomicU64::new(0),
+                delivered: AtomicU64::new(0),
+                closed: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Appends to the script: each call of `send_batch` takes the next entry; once the script is
+    /// used up, calls pass.
+    pub fn script(&self, faults: impl IntoIterator<Item = CallFault>) {
+        lock(&self.inner.script).extend(faults);
+    }
+
+    /// Rejects permanently every message whose payload starts with `prefix`, with a
+    /// `POISON` error code.
+    pub fn reject_payload_prefix(&self, prefix: impl Into<Bytes>) {
+        let prefix = prefix.into();
+        self.reject_with(move |m| {
+            m.payload().starts_with(&prefix).then(|| {
+                TransportError::permanent("message rejected by the memory transport")
+                    .with_code("POISON")
+            })
+        });
+    }
+
+    /// Rejects messages with the error the rule returns for them.
+    pub fn reject_with(
+        &self,
+        rule: impl Fn(&Message) -> Option<TransportError> + Send + Sync + 'static,
+    ) {
+        *lock(&self.inner.reject) = Some(Arc::new(rule));
+    }
+
+    /// Every call waits this long before answering.
+    pub fn set_latency(&self, latency: Duration) {
+        *lock(&self.inner.latency) = latency;
+    }
+
+    /// Messages accepted so far, in arrival order (empty for a counting transport).
+    pub fn received(&self) -> Vec<Message> {
+        lock(&self.inner.log).clone()
+    }
+
+    /// Calls of `send_batch` so far.
+    pub fn calls(&self) -> u64 {
+        self.inner.calls.load(Ordering::Acquire)
+    }
+
+    /// Messages handed to `send_batch` so far, retries included.
+    pub fn attempts(&self) -> u64 {
+        self.inner.attempts.load(Ordering::Acquire)
+    }
+
+    /// Messages accepted so far.
+    pub fn delivered(&self) -> u64 {
+        self.inner.delivered.load(Ordering::Acquire)
+    }
+
+    /// Times `close` was called.
+    pub fn closes(&self) -> u64 {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[async_trait]
+impl Transport for MemoryTransport {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn send_batch(&self, _destination: &Destination, batch: &[Message]) -> BatchOutcome {
+        let inner = &self.inner;
+        inner.calls.fetch_add(1, Ordering::AcqRel);
+        inner
+            .attempts
+            .fetch_add(batch.len() as u64, Ordering::AcqRel);
+        let fault = lock(&inner.script).pop_front().unwrap_or(CallFault::Pass);
+        let latency = *lock(&inner.latency);
+        let wait = match &fault {
+            CallFault::Delay(d) => latency + *d,
+            _ => latency,
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        if let CallFault::FailAll(class) = fault {
+            let e = TransportError::new(class, "scripted failure of the whole call")
+                .with_code("SCRIPTED");
+            return vec![Err(e); batch.len()];
+        }
+        let fail: HashSet<usize> = match &fault {
+            CallFault::FailSome(idx) => idx.iter().copied().collect(),
+            _ => HashSet::new(),
+        };
+        let reject = lock(&inner.reject).clone();
+        let mut poisoned_keys: HashSet<Option<Bytes>> = HashSet::new();
+        let mut out = Vec::with_capacity(batch.len());
+        let mut accepted = Vec::new();
+        for (i, m) in batch.iter().enumerate() {
+            let key = m.key().cloned();
+            if fail.contains(&i) || (key.is_some() && poisoned_keys.contains(&key)) {
+                let why = if fail.contains(&i) {
+                    "scripted failure of this message"
+                } else {
+                    "an earlier message with the same key failed in this batch"
+                };
+                poisoned_keys.insert(key);
+                out.push(Err(TransportError::transient(why).with_code("SCRIPTED")));
+                continue;
+            }
+            if let Some(e) = reject.as_ref().and_then(|r| r(m)) {
+                out.push(Err(e));
+                continue;
+            }
+            out.push(Ok(Ack {
+                partition: Some(0),
+                offset: None,
+            }));
+            if inner.record {
+                accepted.push(m.clone());
+            }
+        }
+        let n = out.iter().filter(|o| o.is_ok()).count() as u64;
+        if inner.record {
+            let mut log = lock(&inner.log);
+            let base = log.len() as i64;
+            log.extend(accepted);
+            let mut next = base;
+            for o in out.iter_mut().flatten() {
+                o.offset = Some(next);
+                next += 1;
+            }
+        }
+        inner.delivered.fetch_add(n, Ordering::AcqRel);
+        out
+    }
+
+    async fn close(&self) {
+        self.inner.closed.fetch_add(1, Ordering::AcqRel);
+    }
+}
