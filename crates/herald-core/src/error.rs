@@ -193,8 +193,13 @@ impl fmt::Display for FailureReason {
 ///
 /// Nothing is lost without a record: every message accepted by a producer ends either as a
 /// [`crate::Delivery`] or as a `SendError` holding the message itself.
+///
+/// Boxed inside, so that `Result<Delivery, SendError>` stays small on the path where all goes well.
 #[derive(Debug, Clone)]
-pub struct SendError {
+pub struct SendError(Box<SendErrorInner>);
+
+#[derive(Debug, Clone)]
+struct SendErrorInner {
     message: Message,
     reason: FailureReason,
     attempts: u32,
@@ -202,31 +207,31 @@ pub struct SendError {
 
 impl SendError {
     pub(crate) fn new(message: Message, reason: FailureReason, attempts: u32) -> Self {
-        Self {
+        Self(Box::new(SendErrorInner {
             message,
             reason,
             attempts,
-        }
+        }))
     }
     /// Why it failed.
     pub fn reason(&self) -> &FailureReason {
-        &self.reason
+        &self.0.reason
     }
     /// Transient (could succeed later, for example on another producer) or permanent.
     pub fn class(&self) -> ErrorClass {
-        self.reason.class()
+        self.0.reason.class()
     }
     /// How many times the message was handed to the transport.
     pub fn attempts(&self) -> u32 {
-        self.attempts
+        self.0.attempts
     }
     /// The message, by reference.
     pub fn message(&self) -> &Message {
-        &self.message
+        &self.0.message
     }
     /// The message, to send again or store elsewhere.
     pub fn into_message(self) -> Message {
-        self.message
+        self.0.message
     }
 }
 
@@ -235,18 +240,19 @@ impl fmt::Display for SendError {
         write!(
             f,
             "message to `{}` not delivered ({}, {} attempt{}): {}",
-            self.message.destination(),
+            self.0.message.destination(),
             self.class(),
-            self.attempts,
-            if self.attempts == 1 { "" } else { "s" },
-            self.reason
+            self.0.attempts,
+            if self.0.attempts == 1 { "" } else { "s" },
+            self.0.reason
         )
     }
 }
 
 impl StdError for SendError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.reason
+        self.0
+            .reason
             .transport_error()
             .map(|e| e as &(dyn StdError + 'static))
     }

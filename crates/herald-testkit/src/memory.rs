@@ -230,10 +230,8 @@ impl Transport for MemoryTransport {
             let mut log = lock(&inner.log);
             let base = log.len() as i64;
             log.extend(accepted);
-            let mut next = base;
-            for o in out.iter_mut().flatten() {
-                o.offset = Some(next);
-                next += 1;
+            for (offset, ack) in (base..).zip(out.iter_mut().flatten()) {
+                ack.offset = Some(offset);
             }
         }
         inner.delivered.fetch_add(n, Ordering::AcqRel);

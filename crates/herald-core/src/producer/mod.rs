@@ -424,6 +424,7 @@ impl Producer {
         }
     }
 
+    #[allow(clippy::result_large_err)] // see `Refused`
     fn push_one(&self, msg: Message, done: Completion) -> Result<(), Refused> {
         let shared = self.shared();
         let wake = {

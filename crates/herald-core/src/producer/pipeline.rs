@@ -163,6 +163,8 @@ pub(crate) struct Shared {
 }
 
 /// A message that could not be accepted, with its completion, to be retried or answered.
+/// Returned by value (not boxed) on purpose: a full buffer in `send_all` meets it once per wait,
+/// and it goes straight back into the next try.
 pub(crate) struct Refused {
     pub(crate) msg: Message,
     pub(crate) done: Completion,
@@ -219,6 +221,7 @@ impl Shared {
 
     /// Accepts one message into the buffer, or refuses it (full, too large, closed). Returns
     /// whether the dispatcher needs waking.
+    #[allow(clippy::result_large_err)] // see `Refused`
     pub(crate) fn push(
         &self,
         st: &mut State,
@@ -227,6 +230,7 @@ impl Shared {
         now: Instant,
     ) -> Result<bool, Refused> {
         let size = msg.size();
+        #[allow(clippy::result_large_err)] // see `Refused`
         let refuse = |msg, done, reason| Err(Refused { msg, done, reason });
         if st.closing {
             return refuse(msg, done, FailureReason::Closed);

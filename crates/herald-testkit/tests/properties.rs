@@ -1,0 +1,234 @@
+//! Property tests of the whole pipeline on the in-memory transport, under arbitrary fault
+//! scripts, in Tokio's paused (virtual) time so that backoffs and timeouts cost nothing.
+//!
+//! Properties:
+//! - every message ends exactly once: delivered (and then stored once by the transport) or
+//!   handed back in an error, never both, never neither;
+//! - a message the transport rejects permanently is never retried and never stored;
+//! - under strict ordering, per key, stored messages are in sending order;
+//! - the producer's totals agree with what happened, and the buffer is empty at the end.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use herald_core::{Destination, ErrorClass, FailureReason, Message, OrderingMode, Producer};
+use herald_retry::{Backoff, ExponentialRetry};
+use herald_testkit::{CallFault, MemoryTransport};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+struct Case {
+    messages: Vec<(Option<u8>, bool)>, // (key, poison)
+    script: Vec<CallFault>,
+    ordering: OrderingMode,
+    batch_max: usize,
+    in_flight: usize,
+    buffer: usize,
+    max_attempts: Option<u32>,
+    timeout_ms: u64,
+    bulk: bool,
+}
+
+fn fault() -> impl Strategy<Value = CallFault> {
+    prop_oneof![
+        3 => Just(CallFault::Pass),
+        3 => Just(CallFault::FailAll(ErrorClass::Transient)),
+        1 => Just(CallFault::FailAll(ErrorClass::Permanent)),
+        3 => prop::collection::vec(0usize..20, 1..4).prop_map(CallFault::FailSome),
+        1 => (1u64..300).prop_map(|ms| CallFault::Delay(Duration::from_millis(ms))),
+    ]
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        prop::collection::vec(
+            (prop::option::of(0u8..4), prop::bool::weighted(0.05)),
+            1..150,
+        ),
+        prop::collection::vec(fault(), 0..30),
+        prop_oneof![Just(OrderingMode::Strict), Just(OrderingMode::Relaxed)],
+        1usize..40,
+        1usize..4,
+        1usize..60,
+        prop::option::of(1u32..6),
+        prop_oneof![Just(200u64), Just(2_000), Just(60_000)],
+        any::<bool>(),
+    )
+        .prop_map(
+            |(
+                messages,
+                script,
+                ordering,
+                batch_max,
+                in_flight,
+                buffer,
+                max_attempts,
+                timeout_ms,
+                bulk,
+            )| Case {
+                messages,
+                script,
+                ordering,
+                batch_max,
+                in_flight,
+                buffer,
+                max_attempts,
+                timeout_ms,
+                bulk,
+            },
+        )
+}
+
+struct Ran {
+    delivered: Vec<String>,
+    failed: Vec<(String, ErrorClass, FailureReason, u32)>,
+    stored: Vec<Message>,
+    totals: herald_core::Totals,
+    buffered_after: usize,
+}
+
+fn run(case: &Case) -> Ran {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let transport = MemoryTransport::new();
+        transport.reject_payload_prefix("poison");
+        transport.script(case.script.clone());
+        let mut retry = ExponentialRetry::new(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(500),
+        ));
+        retry = match case.max_attempts {
+            Some(n) => retry.max_attempts(n),
+            None => retry.unlimited_attempts(),
+        };
+        let producer = Producer::builder(transport.clone())
+            .batching(herald_batch::SizeOrLinger::new(
+                case.batch_max,
+                1 << 20,
+                Duration::from_millis(3),
+            ))
+            .retry(retry)
+            .ordering(case.ordering)
+            .max_in_flight(case.in_flight)
+            .buffer(case.buffer, 1 << 20)
+            .delivery_timeout(Duration::from_millis(case.timeout_ms))
+            .build()
+            .expect("valid settings");
+        let dest = Destination::new("prop");
+        let msgs: Vec<Message> = case
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, (key, poison))| {
+                let payload = if *poison {
+                    format!("poison-{i}")
+                } else {
+                    format!("m-{i}")
+                };
+                let m = Message::new(dest.clone(), payload);
+                match key {
+                    Some(k) => m.with_key(vec![*k]),
+                    None => m,
+                }
+            })
+            .collect();
+        let mut delivered = Vec::new();
+        let mut failed = Vec::new();
+        let mut record_failure = |e: herald_core::SendError| {
+            let payload = String::from_utf8_lossy(e.message().payload()).into_owned();
+            failed.push((payload, e.class(), e.reason().clone(), e.attempts()));
+        };
+        if case.bulk {
+            let report = producer.send_all(msgs.clone()).await.wait().await;
+            for e in report.failed {
+                record_failure(e);
+            }
+            // Delivered ones are known by elimination; checked against the transport below.
+            let failed_payloads: Vec<&String> = failed.iter().map(|f| &f.0).collect();
+            delivered = msgs
+                .iter()
+                .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+                .filter(|p| !failed_payloads.contains(&p))
+                .collect();
+            assert_eq!(
+                report.delivered as usize,
+                delivered.len(),
+                "bulk counts add up"
+            );
+        } else {
+            let mut futures = Vec::new();
+            for m in msgs.clone() {
+                futures.push((
+                    m.payload().clone(),
+                    producer.enqueue(m).await.expect("enqueue"),
+                ));
+            }
+            for (payload, f) in futures {
+                match f.await {
+                    Ok(_) => delivered.push(String::from_utf8_lossy(&payload).into_owned()),
+                    Err(e) => record_failure(e),
+                }
+            }
+        }
+        let close = producer.close(Duration::from_secs(600)).await;
+        assert!(close.drained);
+        assert!(close.unclaimed.is_empty());
+        Ran {
+            delivered,
+            failed,
+            stored: transport.received(),
+            totals: close.totals,
+            buffered_after: producer.stats().buffered_messages,
+        }
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 192, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_message_ends_exactly_once_in_order(case in case()) {
+        let ran = run(&case);
+        let n = case.messages.len();
+        prop_assert_eq!(ran.delivered.len() + ran.failed.len(), n, "each message ends once");
+
+        let mut stored_count: HashMap<String, usize> = HashMap::new();
+        for m in &ran.stored {
+            *stored_count.entry(String::from_utf8_lossy(m.payload()).into_owned()).or_default() += 1;
+        }
+        for p in &ran.delivered {
+            prop_assert_eq!(stored_count.get(p).copied(), Some(1), "delivered {} is stored once", p);
+        }
+        for (p, class, reason, attempts) in &ran.failed {
+            prop_assert!(!stored_count.contains_key(p), "failed {} was stored anyway", p);
+            if matches!(reason, FailureReason::Rejected(_)) {
+                prop_assert_eq!(*class, ErrorClass::Permanent, "rejected means permanent");
+            }
+            if let Some(max) = case.max_attempts {
+                prop_assert!(*attempts <= max, "{} attempts > max {}", attempts, max);
+            }
+        }
+        prop_assert_eq!(ran.stored.len(), ran.delivered.len(), "nothing stored but the delivered");
+
+        if case.ordering == OrderingMode::Strict {
+            let mut last: HashMap<Vec<u8>, usize> = HashMap::new();
+            for m in &ran.stored {
+                let Some(key) = m.key() else { continue };
+                let seq: usize = String::from_utf8_lossy(m.payload())
+                    .rsplit('-').next().and_then(|s| s.parse().ok()).expect("seq");
+                if let Some(prev) = last.insert(key.to_vec(), seq) {
+                    prop_assert!(prev < seq, "key {:?}: #{} stored after #{}", key, seq, prev);
+                }
+            }
+        }
+
+        prop_assert_eq!(ran.totals.accepted as usize, n);
+        prop_assert_eq!(ran.totals.delivered as usize, ran.delivered.len());
+        prop_assert_eq!(ran.totals.failed as usize, ran.failed.len());
+        prop_assert_eq!(ran.buffered_after, 0);
+    }
+}
