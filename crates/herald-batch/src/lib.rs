@@ -149,6 +149,11 @@ impl BatchPolicy for SizeOrLinger {
     }
 }
 
+/// A destination's queue in one [`Accumulator`], found with [`Accumulator::slot`]. Valid for the
+/// accumulator that gave it (queues are never removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot(usize);
+
 /// A batch taken from the accumulator.
 #[derive(Debug)]
 pub struct Batch<D, T> {
@@ -283,8 +288,19 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
     /// deserves the dispatcher's attention: it was empty (a new linger deadline starts) or it
     /// holds a full batch.
     pub fn push_back(&mut self, destination: &D, item: T, bytes: usize, now: Instant) -> bool {
-        let i = self.queue_index(destination);
-        let q = &mut self.queues[i];
+        let slot = self.slot(destination);
+        self.push_back_at(slot, item, bytes, now)
+    }
+
+    /// The queue of `destination`, created if new. With [`Accumulator::push_back_at`], lets a
+    /// caller whose item holds its own destination push it without cloning the destination.
+    pub fn slot(&mut self, destination: &D) -> Slot {
+        Slot(self.queue_index(destination))
+    }
+
+    /// As [`Accumulator::push_back`], into a queue found with [`Accumulator::slot`].
+    pub fn push_back_at(&mut self, slot: Slot, item: T, bytes: usize, now: Instant) -> bool {
+        let q = &mut self.queues[slot.0];
         let was_empty = q.items.is_empty();
         q.items.push_back((item, bytes));
         q.bytes += bytes;
@@ -425,7 +441,12 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
             .iter()
             .filter(|q| !q.items.is_empty() && q.holds == 0)
             .filter_map(|q| {
-                let linger_at = q.oldest.map(|t| t + linger);
+                // A full batch waits on nothing but its gates.
+                let linger_at = if self.policy.is_full(q.stats()) {
+                    None
+                } else {
+                    q.oldest.map(|t| t + linger)
+                };
                 let at = match (linger_at, q.blocked_until) {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     (a, b) => a.or(b),

@@ -113,6 +113,14 @@ impl Group {
         }
         self.end_one();
     }
+    /// Ends `n` messages at once, all delivered.
+    pub(crate) fn delivered(&self, n: u64) {
+        self.delivered.fetch_add(n, Ordering::Relaxed);
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        if self.remaining.fetch_sub(n, Ordering::AcqRel) == n {
+            self.done.notify_one();
+        }
+    }
     /// Ends the submission guard (or one message).
     pub(crate) fn end_one(&self) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {

@@ -3,6 +3,7 @@
 mod completion;
 mod pipeline;
 
+use std::collections::VecDeque;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -454,12 +455,11 @@ impl Producer {
         let shared = self.shared();
         let group = Group::new(shared.unclaimed.clone());
         let mut iter = msgs.into_iter();
-        let mut chunk: Vec<Message> = Vec::with_capacity(CHUNK);
+        let mut chunk: VecDeque<Message> = VecDeque::with_capacity(CHUNK);
         let mut pending: Option<Message> = None;
         loop {
             if pending.is_none() && chunk.is_empty() {
                 chunk.extend(iter.by_ref().take(CHUNK));
-                chunk.reverse();
                 if chunk.is_empty() {
                     break;
                 }
@@ -473,8 +473,7 @@ impl Producer {
                 let mut st = shared.lock();
                 let now = clock_now();
                 let mut full = false;
-                while let Some(msg) = pending.take().or_else(|| chunk.pop()) {
-                    group.add(1);
+                while let Some(msg) = pending.take().or_else(|| chunk.pop_front()) {
                     match shared.push(&mut st, msg, Completion::Group(group.clone()), now) {
                         Ok(w) => {
                             accepted += 1;
@@ -485,17 +484,15 @@ impl Producer {
                             reason: FailureReason::BufferFull,
                             ..
                         }) => {
-                            group.end_one();
                             pending = Some(msg);
                             full = true;
                             break;
                         }
-                        Err(Refused { msg, reason, .. }) => {
-                            group.end_one();
-                            refused.push((msg, reason));
-                        }
+                        Err(Refused { msg, reason, .. }) => refused.push((msg, reason)),
                     }
                 }
+                // Counted before the lock is released: no accepted message can end before this.
+                group.add(accepted);
                 full
             };
             shared.metrics.accepted.increment(accepted as u64);

@@ -21,7 +21,7 @@ use herald_retry::{
 };
 use tokio::sync::Notify;
 
-use super::completion::{Completion, Delivery, Outcome, Unclaimed};
+use super::completion::{Completion, Delivery, Group, Outcome, Unclaimed};
 use super::OrderingMode;
 use crate::error::{FailureReason, SendError, TransportError};
 use crate::message::{Destination, Message};
@@ -46,14 +46,16 @@ pub(crate) struct Config {
 }
 
 /// Bookkeeping for one message besides the message itself.
+///
+/// Kept small (it is moved several times per message on the hot path): the acceptance time is
+/// derived from the deadline, and the last error, needed only after a failure, is boxed.
 pub(crate) struct Meta {
     pub(crate) done: Completion,
-    pub(crate) accepted_at: Instant,
     pub(crate) deadline: Instant,
     pub(crate) size: usize,
     pub(crate) attempts: u32,
     pub(crate) previous_delay: Option<Duration>,
-    pub(crate) last_error: Option<TransportError>,
+    pub(crate) last_error: Option<Box<TransportError>>,
 }
 
 pub(crate) type Entry = (Message, Meta);
@@ -175,7 +177,13 @@ pub(crate) struct Refused {
 #[derive(Default)]
 pub(crate) struct Finished {
     items: Vec<(Completion, Outcome)>,
+    /// Deliveries of `send_all` messages, as runs of one group: counted, not answered one by one.
+    group_delivered: Vec<(Arc<Group>, u64)>,
+    delivered: u64,
     freed: bool,
+    /// The last (deadline, latency) computed: messages accepted together share their deadline,
+    /// so a batch needs few clock subtractions.
+    latency: Option<(Instant, Duration)>,
 }
 
 impl Shared {
@@ -257,17 +265,16 @@ impl Shared {
         if st.next_expiry.is_none() {
             st.next_expiry = Some(deadline);
         }
-        let destination = msg.destination().clone();
+        let slot = st.acc.slot(msg.destination());
         let meta = Meta {
             done,
-            accepted_at: now,
             deadline,
             size,
             attempts: 0,
             previous_delay: None,
             last_error: None,
         };
-        Ok(st.acc.push_back(&destination, (msg, meta), size, now))
+        Ok(st.acc.push_back_at(slot, (msg, meta), size, now))
     }
 
     /// Counts a refusal in totals and metrics.
@@ -289,31 +296,50 @@ impl Shared {
         st.buffered_messages -= 1;
         st.buffered_bytes -= meta.size;
         fin.freed = true;
-        let result = match outcome {
+        match outcome {
             Ok(ack) => {
                 st.totals.delivered += 1;
-                let latency = now.saturating_duration_since(meta.accepted_at);
+                fin.delivered += 1;
+                let latency = match fin.latency {
+                    Some((deadline, latency)) if deadline == meta.deadline => latency,
+                    _ => {
+                        let accepted_at = meta.deadline - self.config.delivery_timeout;
+                        let latency = now.saturating_duration_since(accepted_at);
+                        fin.latency = Some((meta.deadline, latency));
+                        latency
+                    }
+                };
                 self.metrics.latency.record(latency.as_secs_f64());
-                Ok(Delivery {
-                    ack,
-                    attempts: meta.attempts,
-                    latency,
-                })
+                match meta.done {
+                    Completion::Group(g) => match fin.group_delivered.last_mut() {
+                        Some((last, n)) if Arc::ptr_eq(last, &g) => *n += 1,
+                        _ => fin.group_delivered.push((g, 1)),
+                    },
+                    done => fin.items.push((
+                        done,
+                        Ok(Delivery {
+                            ack,
+                            attempts: meta.attempts,
+                            latency,
+                        }),
+                    )),
+                }
             }
             Err(reason) => {
                 st.totals.failed += 1;
                 self.metrics.failed(&reason, 1);
-                Err(SendError::new(msg, reason, meta.attempts))
+                let e = SendError::new(msg, reason, meta.attempts);
+                fin.items.push((meta.done, Err(e)));
             }
-        };
-        fin.items.push((meta.done, result));
+        }
     }
 
     /// Runs completions and wakes whoever waits for space or for an empty buffer.
     pub(crate) fn complete(&self, fin: Finished) {
-        let mut delivered = 0u64;
+        for (group, n) in fin.group_delivered {
+            group.delivered(n);
+        }
         for (done, outcome) in fin.items {
-            delivered += u64::from(outcome.is_ok());
             if let (Completion::One(tx), Err(_)) = (&done, &outcome) {
                 if tx.is_closed() {
                     self.metrics.unclaimed.increment(1);
@@ -321,7 +347,7 @@ impl Shared {
             }
             done.complete(outcome, &self.unclaimed);
         }
-        self.metrics.delivered.increment(delivered);
+        self.metrics.delivered.increment(fin.delivered);
         if fin.freed {
             self.space.notify_waiters();
             self.idle.notify_waiters();
@@ -331,7 +357,7 @@ impl Shared {
     fn deadline_reason(&self, meta: &mut Meta) -> FailureReason {
         FailureReason::DeliveryTimeout {
             timeout: self.config.delivery_timeout,
-            last: meta.last_error.take(),
+            last: meta.last_error.take().map(|e| *e),
         }
     }
 
@@ -564,7 +590,7 @@ impl Shared {
             let reason = match decision {
                 RetryDecision::Retry { after } => {
                     meta.previous_delay = Some(after);
-                    meta.last_error = Some(error);
+                    meta.last_error = Some(Box::new(error));
                     retry_after = retry_after.max(after);
                     retry.push((msg, meta));
                     continue;
@@ -574,7 +600,7 @@ impl Shared {
                     FailureReason::RetriesExhausted(error)
                 }
                 RetryDecision::GiveUp(GiveUpReason::DeadlineTooClose) => {
-                    meta.last_error = Some(error);
+                    meta.last_error = Some(Box::new(error));
                     self.deadline_reason(&mut meta)
                 }
             };

@@ -1,0 +1,130 @@
+//! The pipeline's metrics match what happened, checked with metrics-util's debugging recorder.
+//! Its own test binary: it installs the process-wide recorder.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use herald_core::{metrics as names, ErrorClass, Message, Producer};
+use herald_retry::{Backoff, ExponentialRetry};
+use herald_testkit::{CallFault, MemoryTransport};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::MetricKind;
+
+#[tokio::test(start_paused = true)]
+async fn metrics_count_sent_failed_and_retried_messages() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only recorder of this test binary");
+
+    let t = MemoryTransport::new();
+    t.reject_payload_prefix("poison");
+    t.script([
+        CallFault::FailAll(ErrorClass::Transient),
+        CallFault::FailSome(vec![0, 1]),
+    ]);
+    let p = Producer::builder(t.clone())
+        .retry(ExponentialRetry::new(Backoff::new(
+            Duration::from_millis(5),
+            Duration::from_millis(50),
+        )))
+        .batching(herald_batch::SizeOrLinger::new(
+            50,
+            1 << 20,
+            Duration::from_millis(2),
+        ))
+        .max_message_bytes(100)
+        .build()
+        .expect("build");
+    let msgs = (0..100).map(|i| {
+        if i % 25 == 7 {
+            Message::new("t", format!("poison-{i}"))
+        } else {
+            Message::new("t", format!("m-{i}"))
+        }
+    });
+    let mut msgs: Vec<Message> = msgs.collect();
+    msgs.push(Message::new("t", vec![b'x'; 101]));
+    let report = p.send_all(msgs).await.wait().await;
+    assert_eq!(report.delivered, 96);
+    assert_eq!(report.failed.len(), 5);
+    let totals = p.stats().totals;
+    assert!(
+        totals.retries >= 52,
+        "a whole batch of 50 failed, then 2 messages: {}",
+        totals.retries
+    );
+    p.close(Duration::from_secs(5)).await;
+
+    let mut counters: HashMap<(String, Vec<(String, String)>), u64> = HashMap::new();
+    let mut histograms: HashMap<String, usize> = HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let (kind, key) = key.into_parts();
+        let labels: Vec<(String, String)> = key
+            .labels()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        assert!(
+            labels
+                .iter()
+                .any(|(k, v)| k == "transport" && v == "memory"),
+            "{key:?} lacks the transport label"
+        );
+        match (kind, value) {
+            (MetricKind::Counter, DebugValue::Counter(n)) => {
+                counters.insert((key.name().to_owned(), labels), n);
+            }
+            (MetricKind::Histogram, DebugValue::Histogram(v)) => {
+                *histograms.entry(key.name().to_owned()).or_default() += v.len();
+            }
+            _ => {}
+        }
+    }
+    let counter = |name: &str, extra: &[(&str, &str)]| {
+        let mut labels = vec![("transport".to_owned(), "memory".to_owned())];
+        labels.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        counters
+            .get(&(name.to_owned(), labels.clone()))
+            .copied()
+            .unwrap_or_else(|| {
+                panic!(
+                    "no counter {name} {labels:?}; have {:?}",
+                    counters.keys().collect::<Vec<_>>()
+                )
+            })
+    };
+    assert_eq!(
+        counter(names::MESSAGES_ACCEPTED, &[]),
+        100,
+        "the oversized one is refused, not accepted"
+    );
+    assert_eq!(counter(names::MESSAGES_DELIVERED, &[]), 96);
+    assert_eq!(
+        counter(
+            names::MESSAGES_FAILED,
+            &[("class", "permanent"), ("reason", "rejected")]
+        ),
+        4
+    );
+    assert_eq!(
+        counter(
+            names::MESSAGES_FAILED,
+            &[("class", "permanent"), ("reason", "too_large")]
+        ),
+        1
+    );
+    assert_eq!(counter(names::RETRIES, &[]), totals.retries);
+    assert_eq!(counter(names::BATCHES, &[]), totals.batches);
+    assert_eq!(
+        histograms[names::SEND_LATENCY],
+        96,
+        "one latency sample per delivered message"
+    );
+    assert_eq!(histograms[names::BATCH_MESSAGES] as u64, totals.batches);
+    assert_eq!(t.delivered(), 96);
+}

@@ -1,0 +1,497 @@
+//! The producer's behaviour, scenario by scenario, on the in-memory transport. Time is Tokio's
+//! paused clock: backoffs, lingers and timeouts pass in virtual time, exactly.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herald_batch::SizeOrLinger;
+use herald_core::{
+    BuildError, Destination, ErrorClass, FailureReason, Message, OrderingMode, Producer, SendError,
+};
+use herald_retry::{
+    Backoff, CircuitBreakerConfig, CircuitState, ExponentialRetry, RetryBudgetConfig,
+};
+use herald_testkit::{CallFault, MemoryTransport};
+use tokio::time::Instant;
+
+fn msg(i: usize) -> Message {
+    Message::new("t", format!("m-{i}"))
+}
+
+fn fast_retry() -> ExponentialRetry {
+    ExponentialRetry::new(Backoff::new(
+        Duration::from_millis(10),
+        Duration::from_millis(100),
+    ))
+}
+
+/// Waits, in virtual time, until `cond` holds; panics after `limit`.
+async fn eventually(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn invalid_field(r: Result<Producer, BuildError>) -> &'static str {
+    match r {
+        Err(BuildError::Invalid { field, .. }) => field,
+        other => panic!("expected an invalid setting, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn build_rejects_settings_that_cannot_work_naming_the_field() {
+    let t = MemoryTransport::new;
+    assert_eq!(
+        invalid_field(Producer::builder(t()).buffer(0, 1024).build()),
+        "buffer.max_messages"
+    );
+    assert_eq!(
+        invalid_field(Producer::builder(t()).buffer(10, 0).build()),
+        "buffer.max_bytes"
+    );
+    assert_eq!(
+        invalid_field(
+            Producer::builder(t())
+                .buffer(10, 100)
+                .max_message_bytes(101)
+                .build()
+        ),
+        "max_message_bytes"
+    );
+    assert_eq!(
+        invalid_field(Producer::builder(t()).max_in_flight(0).build()),
+        "max_in_flight"
+    );
+    assert_eq!(
+        invalid_field(
+            Producer::builder(t())
+                .delivery_timeout(Duration::ZERO)
+                .build()
+        ),
+        "delivery_timeout"
+    );
+    assert_eq!(
+        invalid_field(
+            Producer::builder(t())
+                .batching(SizeOrLinger::new(10, 1000, Duration::from_secs(5)))
+                .delivery_timeout(Duration::from_secs(5))
+                .build()
+        ),
+        "batch.linger"
+    );
+    assert_eq!(
+        invalid_field(
+            Producer::builder(t())
+                .batching(SizeOrLinger::new(0, 1000, Duration::ZERO))
+                .build()
+        ),
+        "batch.max_messages"
+    );
+    assert_eq!(
+        invalid_field(
+            Producer::builder(t())
+                .retry(fast_retry().max_attempts(0))
+                .build()
+        ),
+        "retry.max_attempts"
+    );
+    assert_eq!(
+        invalid_field(
+            Producer::builder(t())
+                .retry_budget(RetryBudgetConfig {
+                    ratio: -1.0,
+                    min_per_sec: 1
+                })
+                .build()
+        ),
+        "retry.budget.ratio"
+    );
+    let e = Producer::builder(t())
+        .buffer(0, 1)
+        .build()
+        .expect_err("invalid");
+    assert!(e.to_string().contains("buffer.max_messages"), "{e}");
+}
+
+#[test]
+fn build_outside_a_runtime_says_so() {
+    let e = Producer::builder(MemoryTransport::new())
+        .build()
+        .expect_err("no runtime");
+    assert_eq!(e, BuildError::NoRuntime);
+    assert!(e.to_string().contains("Tokio runtime"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn try_send_hands_the_message_back_when_the_buffer_is_full() {
+    let t = MemoryTransport::new();
+    t.set_latency(Duration::from_secs(1));
+    let p = Producer::builder(t.clone())
+        .buffer(2, 1 << 20)
+        .build()
+        .expect("build");
+    let a = p.try_send(msg(0)).expect("room for 1");
+    let b = p.try_send(msg(1)).expect("room for 2");
+    let e = p.try_send(msg(2)).expect_err("full");
+    assert!(matches!(e.reason(), FailureReason::BufferFull), "{e}");
+    assert_eq!(e.class(), ErrorClass::Transient);
+    assert_eq!(e.message().payload().as_ref(), b"m-2");
+    a.await.expect("delivered");
+    b.await.expect("delivered");
+    p.try_send(msg(3))
+        .expect("room again once delivered")
+        .await
+        .expect("delivered");
+    assert_eq!(p.stats().totals.failed, 1, "the refusal is counted");
+}
+
+#[tokio::test(start_paused = true)]
+async fn send_waits_for_space_and_keeps_order() {
+    let t = MemoryTransport::new();
+    t.set_latency(Duration::from_millis(50));
+    let p = Producer::builder(t.clone())
+        .buffer(3, 1 << 20)
+        .batching(SizeOrLinger::new(3, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let sender = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            let mut futures = Vec::new();
+            for i in 0..10 {
+                futures.push(p.enqueue(msg(i).with_key("k")).await.expect("enqueue"));
+            }
+            futures
+        })
+    };
+    // The buffer holds 3: the sender must be waiting while the first batch is in flight.
+    eventually(
+        Duration::from_secs(1),
+        "the first batch to be in flight",
+        || p.stats().in_flight_batches == 1,
+    )
+    .await;
+    assert_eq!(p.stats().buffered_messages, 3);
+    assert!(!sender.is_finished(), "enqueue must wait for space");
+    for f in sender.await.expect("sender") {
+        f.await.expect("delivered");
+    }
+    let order: Vec<_> = t.received().iter().map(|m| m.payload().clone()).collect();
+    let expected: Vec<_> = (0..10).map(|i| msg(i).payload().clone()).collect();
+    assert_eq!(order, expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_permanent_error_after_a_transient_one_is_not_retried_again() {
+    let t = MemoryTransport::new();
+    t.reject_payload_prefix("poison");
+    t.script([CallFault::FailAll(ErrorClass::Transient)]);
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .build()
+        .expect("build");
+    let e = p
+        .send(Message::new("t", "poison"))
+        .await
+        .expect_err("rejected");
+    assert!(matches!(e.reason(), FailureReason::Rejected(_)), "{e}");
+    assert_eq!(e.class(), ErrorClass::Permanent);
+    assert_eq!(e.attempts(), 2);
+    assert_eq!(t.attempts(), 2, "no attempt after the permanent error");
+    assert_eq!(
+        e.reason().transport_error().and_then(|t| t.code()),
+        Some("POISON")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_stop_at_max_attempts_with_the_last_error() {
+    let t = MemoryTransport::new();
+    t.script(std::iter::repeat_n(
+        CallFault::FailAll(ErrorClass::Transient),
+        10,
+    ));
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry().max_attempts(3))
+        .build()
+        .expect("build");
+    let e = p.send(msg(0)).await.expect_err("exhausted");
+    assert!(
+        matches!(e.reason(), FailureReason::RetriesExhausted(_)),
+        "{e}"
+    );
+    assert_eq!(e.attempts(), 3);
+    assert_eq!(t.attempts(), 3);
+    assert_eq!(p.stats().totals.retries, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn delivery_timeout_bounds_the_whole_life_of_a_message() {
+    let t = MemoryTransport::new();
+    t.script(std::iter::repeat_n(
+        CallFault::FailAll(ErrorClass::Transient),
+        10_000,
+    ));
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry().unlimited_attempts())
+        .circuit_breaker(CircuitBreakerConfig::disabled())
+        .delivery_timeout(Duration::from_secs(2))
+        .build()
+        .expect("build");
+    let start = Instant::now();
+    let e = p.send(msg(0)).await.expect_err("times out");
+    let took = start.elapsed();
+    match e.reason() {
+        FailureReason::DeliveryTimeout {
+            timeout,
+            last: Some(last),
+        } => {
+            assert_eq!(*timeout, Duration::from_secs(2));
+            assert_eq!(last.code(), Some("SCRIPTED"));
+        }
+        other => panic!("expected a delivery timeout with the last error, got {other}"),
+    }
+    assert!(took <= Duration::from_secs(2), "gave up after {took:?}");
+    assert!(
+        e.attempts() > 5,
+        "kept retrying until the deadline: {}",
+        e.attempts()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_transport_cannot_hold_a_message_past_its_deadline() {
+    let t = MemoryTransport::new();
+    t.set_latency(Duration::from_secs(3600));
+    let p = Producer::builder(t.clone())
+        .delivery_timeout(Duration::from_secs(5))
+        .build()
+        .expect("build");
+    let start = Instant::now();
+    let e = p.send(msg(0)).await.expect_err("times out");
+    assert!(
+        matches!(e.reason(), FailureReason::DeliveryTimeout { .. }),
+        "{e}"
+    );
+    assert!(
+        start.elapsed() <= Duration::from_secs(6),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_circuit_opens_during_an_outage_and_messages_wait_then_go() {
+    let t = MemoryTransport::new();
+    t.script(std::iter::repeat_n(
+        CallFault::FailAll(ErrorClass::Transient),
+        3,
+    ));
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .circuit_breaker(CircuitBreakerConfig {
+            failure_threshold: 3,
+            open_for: Duration::from_secs(10),
+            half_open_probes: 1,
+            enabled: true,
+        })
+        .build()
+        .expect("build");
+    let f = p.enqueue(msg(0)).await.expect("enqueue");
+    eventually(Duration::from_secs(5), "the circuit to open", || {
+        p.stats().circuit == CircuitState::Open
+    })
+    .await;
+    let opened = Instant::now();
+    assert_eq!(t.calls(), 3);
+    let d = f
+        .await
+        .expect("delivered once the circuit lets a probe through");
+    assert!(
+        opened.elapsed() >= Duration::from_secs(9),
+        "no call while open: {:?}",
+        opened.elapsed()
+    );
+    assert_eq!(d.attempts, 4);
+    assert_eq!(p.stats().circuit, CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_budget_limits_the_retry_rate_without_dropping() {
+    let t = MemoryTransport::new();
+    t.script([CallFault::FailAll(ErrorClass::Transient)]);
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .retry_budget(RetryBudgetConfig {
+            ratio: 0.0,
+            min_per_sec: 2,
+        })
+        .batching(SizeOrLinger::new(100, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let start = Instant::now();
+    let report = p.send_all((0..10).map(msg)).await.wait().await;
+    assert_eq!(
+        report.delivered,
+        10,
+        "deferred, not dropped: {:?}",
+        report.failed.first()
+    );
+    // The floor bucket starts full (2 tokens) and refills 2 per second: 10 retries need >= 4 s.
+    assert!(
+        start.elapsed() >= Duration::from_secs(4),
+        "budget not enforced: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(p.stats().totals.retries, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn oversized_messages_fail_alone_in_bulk() {
+    let t = MemoryTransport::new();
+    let p = Producer::builder(t.clone())
+        .max_message_bytes(10)
+        .build()
+        .expect("build");
+    let msgs = vec![msg(0), Message::new("t", vec![0u8; 11]), msg(2)];
+    let report = p.send_all(msgs).await.wait().await;
+    assert_eq!(report.delivered, 2);
+    assert_eq!(report.failed.len(), 1);
+    assert!(matches!(
+        report.failed[0].reason(),
+        FailureReason::TooLarge { size: 11, max: 10 }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_nobody_listens_for_go_to_the_dead_letter_hook() {
+    let t = MemoryTransport::new();
+    t.reject_payload_prefix("poison");
+    let seen: Arc<Mutex<Vec<SendError>>> = Arc::default();
+    let sink = seen.clone();
+    let p = Producer::builder(t.clone())
+        .dead_letter(move |e| sink.lock().expect("lock").push(e))
+        .build()
+        .expect("build");
+    drop(p.try_send(Message::new("t", "poison-1")).expect("accepted"));
+    drop(
+        p.send_all(vec![Message::new("t", "poison-2"), msg(3)])
+            .await,
+    );
+    p.flush().await;
+    let mut payloads: Vec<_> = seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|e| e.message().payload().clone())
+        .collect();
+    payloads.sort();
+    assert_eq!(payloads, vec!["poison-1", "poison-2"]);
+    assert_eq!(p.stats().unclaimed, 2);
+    assert_eq!(t.delivered(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_hook_close_returns_unclaimed_failures() {
+    let t = MemoryTransport::new();
+    t.reject_payload_prefix("poison");
+    let p = Producer::builder(t.clone()).build().expect("build");
+    drop(p.try_send(Message::new("t", "poison")).expect("accepted"));
+    let report = p.close(Duration::from_secs(5)).await;
+    assert!(report.drained);
+    assert_eq!(report.unclaimed.len(), 1);
+    assert_eq!(report.unclaimed[0].message().payload().as_ref(), b"poison");
+    assert_eq!(t.closes(), 1, "close closes the transport");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_producer_still_delivers_what_was_accepted() {
+    let t = MemoryTransport::new();
+    let p = Producer::builder(t.clone())
+        .batching(SizeOrLinger::new(1000, 1 << 20, Duration::from_secs(30)))
+        .build()
+        .expect("build");
+    let receipt = p.send_all((0..100).map(msg)).await;
+    drop(p);
+    let report = receipt.wait().await;
+    assert_eq!(report.delivered, 100);
+    eventually(Duration::from_secs(1), "the transport to be closed", || {
+        t.closes() == 1
+    })
+    .await;
+    assert_eq!(t.received().len(), 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_past_its_deadline_hands_back_what_is_left() {
+    let t = MemoryTransport::new();
+    t.set_latency(Duration::from_secs(60));
+    let p = Producer::builder(t.clone())
+        .batching(SizeOrLinger::new(5, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let receipt = p.send_all((0..20).map(msg)).await;
+    let report = p.close(Duration::from_secs(1)).await;
+    assert!(!report.drained);
+    assert_eq!(
+        report.in_flight, 5,
+        "one batch of 5 in flight (strict: one per destination)"
+    );
+    let ended = receipt.wait().await;
+    assert_eq!(ended.delivered, 5, "the batch in flight still lands");
+    assert_eq!(ended.failed.len(), 15);
+    assert!(ended
+        .failed
+        .iter()
+        .all(|e| matches!(e.reason(), FailureReason::Closed)));
+    let e = p.send(msg(99)).await.expect_err("closed");
+    assert!(matches!(e.reason(), FailureReason::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn relaxed_ordering_sends_batches_of_one_destination_concurrently() {
+    let t = MemoryTransport::new();
+    t.set_latency(Duration::from_millis(100));
+    let p = Producer::builder(t.clone())
+        .ordering(OrderingMode::Relaxed)
+        .max_in_flight(4)
+        .batching(SizeOrLinger::new(10, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let receipt = p.send_all((0..40).map(msg)).await;
+    eventually(Duration::from_secs(1), "four batches in flight", || {
+        p.stats().in_flight_batches == 4
+    })
+    .await;
+    assert_eq!(receipt.wait().await.delivered, 40);
+}
+
+#[tokio::test(start_paused = true)]
+async fn destinations_are_batched_separately() {
+    let t = MemoryTransport::new();
+    let p = Producer::builder(t.clone()).build().expect("build");
+    let a = Destination::new("a");
+    let b = Destination::new("b");
+    let msgs = (0..50).map(|i| {
+        Message::new(
+            if i % 2 == 0 { a.clone() } else { b.clone() },
+            format!("{i}"),
+        )
+    });
+    assert_eq!(p.send_all(msgs).await.wait().await.delivered, 50);
+    assert!(t.calls() >= 2);
+    // Every call carried one destination only: the log per destination is in sending order.
+    for (d, parity) in [(&a, 0), (&b, 1)] {
+        let got: Vec<usize> = t
+            .received()
+            .iter()
+            .filter(|m| m.destination() == d)
+            .map(|m| String::from_utf8_lossy(m.payload()).parse().expect("n"))
+            .collect();
+        let want: Vec<usize> = (0..50).filter(|i| i % 2 == parity).collect();
+        assert_eq!(got, want);
+    }
+}

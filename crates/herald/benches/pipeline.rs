@@ -1,0 +1,223 @@
+//! Pipeline overhead: herald over the in-memory (counting) transport, against a bare Tokio
+//! channel moving the same messages, in the same run. Run through `cargo xtask bench pipeline`,
+//! or directly: `cargo bench -p herald --bench pipeline -- [--messages N] [--json FILE]`.
+//!
+//! Each figure is the median of several rounds; messages are built before the clock starts
+//! (100-byte payloads, no key), so every variant moves exactly the same values.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use herald::testkit::MemoryTransport;
+use herald::{Destination, Message, OrderingMode, Producer};
+
+const ROUNDS: usize = 5;
+static PAYLOAD: [u8; 100] = [b'x'; 100];
+
+struct Figure {
+    name: &'static str,
+    what: &'static str,
+    runtime: &'static str,
+    secs: f64,
+}
+
+fn messages(n: usize) -> Vec<Message> {
+    let dest = Destination::new("bench");
+    (0..n)
+        .map(|_| Message::new(dest.clone(), Bytes::from_static(&PAYLOAD)))
+        .collect()
+}
+
+fn runtime(multi: bool) -> tokio::runtime::Runtime {
+    let mut b = if multi {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all().build().expect("runtime")
+}
+
+/// Median seconds over `ROUNDS` of `f`, which gets fresh messages and returns its own timing.
+fn median(n: usize, mut f: impl FnMut(Vec<Message>) -> Duration) -> f64 {
+    let mut secs: Vec<f64> = (0..ROUNDS).map(|_| f(messages(n)).as_secs_f64()).collect();
+    secs.sort_by(f64::total_cmp);
+    secs[ROUNDS / 2]
+}
+
+/// The baseline: one task sends every message into a bounded channel, another receives and
+/// drops them. What any pipeline costs at the very least: a hand-off between tasks.
+fn channel(n: usize, multi: bool) -> f64 {
+    let rt = runtime(multi);
+    median(n, |msgs| {
+        rt.block_on(async move {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Message>(100_000);
+            let start = Instant::now();
+            let consumer = tokio::spawn(async move {
+                let mut count = 0usize;
+                while let Some(m) = rx.recv().await {
+                    count += m.payload().len() / 100;
+                }
+                count
+            });
+            for m in msgs {
+                tx.send(m).await.expect("receiver alive");
+            }
+            drop(tx);
+            assert_eq!(consumer.await.expect("consumer"), n);
+            start.elapsed()
+        })
+    })
+}
+
+fn producer(ordering: OrderingMode) -> (Producer, MemoryTransport) {
+    let transport = MemoryTransport::counting();
+    let producer = Producer::builder(transport.clone())
+        .ordering(ordering)
+        .build()
+        .expect("default settings build");
+    (producer, transport)
+}
+
+/// herald's bulk path: `send_all`, one receipt for all, waited until every message is acked.
+fn herald_send_all(n: usize, multi: bool, ordering: OrderingMode) -> f64 {
+    let rt = runtime(multi);
+    median(n, |msgs| {
+        rt.block_on(async move {
+            let (p, t) = producer(ordering);
+            let start = Instant::now();
+            let report = p.send_all(msgs).await.wait().await;
+            let took = start.elapsed();
+            assert_eq!(report.delivered as usize, n);
+            assert_eq!(t.delivered() as usize, n);
+            p.close(Duration::from_secs(10)).await;
+            took
+        })
+    })
+}
+
+fn herald_send_all_once(n: usize) {
+    runtime(false).block_on(async move {
+        let (p, _t) = producer(OrderingMode::Strict);
+        let report = p.send_all(messages(n)).await.wait().await;
+        assert_eq!(report.delivered as usize, n);
+    });
+}
+
+/// herald's per-message path: `enqueue` gives a future per message; all awaited at the end.
+fn herald_enqueue(n: usize, multi: bool) -> f64 {
+    let rt = runtime(multi);
+    median(n, |msgs| {
+        rt.block_on(async move {
+            let (p, _t) = producer(OrderingMode::Strict);
+            let start = Instant::now();
+            let mut futures = Vec::with_capacity(n);
+            for m in msgs {
+                futures.push(p.enqueue(m).await.expect("accepted"));
+            }
+            for f in futures {
+                f.await.expect("delivered");
+            }
+            let took = start.elapsed();
+            p.close(Duration::from_secs(10)).await;
+            took
+        })
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let n: usize = arg("--messages")
+        .map(|s| s.parse().expect("--messages takes a number"))
+        .unwrap_or(2_000_000);
+
+    if let Some(only) = arg("--only") {
+        // For profilers: one variant, one round, no report.
+        match only.as_str() {
+            "herald_send_all" => herald_send_all_once(n),
+            "channel" => drop(channel(n, false)),
+            other => panic!("--only takes herald_send_all or channel, not {other}"),
+        }
+        return;
+    }
+    let mut figures = vec![
+        Figure {
+            name: "channel",
+            what: "bare tokio mpsc channel, one task to another (baseline)",
+            runtime: "current_thread",
+            secs: channel(n, false),
+        },
+        Figure {
+            name: "herald_send_all",
+            what: "herald send_all, strict ordering, in-memory transport",
+            runtime: "current_thread",
+            secs: herald_send_all(n, false, OrderingMode::Strict),
+        },
+        Figure {
+            name: "herald_send_all_relaxed",
+            what: "herald send_all, relaxed ordering",
+            runtime: "current_thread",
+            secs: herald_send_all(n, false, OrderingMode::Relaxed),
+        },
+        Figure {
+            name: "herald_enqueue",
+            what: "herald enqueue, one future per message",
+            runtime: "current_thread",
+            secs: herald_enqueue(n, false),
+        },
+    ];
+    figures.push(Figure {
+        name: "channel_mt",
+        what: "bare tokio mpsc channel (baseline)",
+        runtime: "multi_thread(2)",
+        secs: channel(n, true),
+    });
+    figures.push(Figure {
+        name: "herald_send_all_mt",
+        what: "herald send_all, strict ordering",
+        runtime: "multi_thread(2)",
+        secs: herald_send_all(n, true, OrderingMode::Strict),
+    });
+
+    let base_st = figures[0].secs;
+    let base_mt = figures[4].secs;
+    println!("pipeline benchmark: {n} messages of 100 bytes, median of {ROUNDS} rounds");
+    println!(
+        "{:<26} {:<16} {:>12} {:>9} {:>16}",
+        "variant", "runtime", "msgs/s", "ns/msg", "vs channel"
+    );
+    let mut json = Vec::new();
+    for f in &figures {
+        let base = if f.runtime == "current_thread" {
+            base_st
+        } else {
+            base_mt
+        };
+        let rate = n as f64 / f.secs;
+        let ns = f.secs * 1e9 / n as f64;
+        let ratio = rate / (n as f64 / base);
+        println!(
+            "{:<26} {:<16} {:>12.0} {:>9.1} {:>15.2}x",
+            f.name, f.runtime, rate, ns, ratio
+        );
+        json.push(format!(
+            "{{\"name\":\"{}\",\"what\":\"{}\",\"runtime\":\"{}\",\"msgs_per_sec\":{:.0},\"ns_per_msg\":{:.1},\"ratio_vs_channel\":{:.3}}}",
+            f.name, f.what, f.runtime, rate, ns, ratio
+        ));
+    }
+    if let Some(path) = arg("--json") {
+        let body = format!(
+            "{{\"messages\":{n},\"payload_bytes\":100,\"rounds\":{ROUNDS},\"figures\":[{}]}}\n",
+            json.join(",")
+        );
+        std::fs::write(&path, body).expect("write --json file");
+        println!("wrote {path}");
+    }
+}

@@ -1,0 +1,62 @@
+//! # herald
+//!
+//! Produce messages to brokers reliably and fast. herald batches messages, sends them
+//! asynchronously, retries transient failures with exponential backoff, jitter and a retry
+//! budget, holds per-key order, applies backpressure through a bounded buffer, and reports each
+//! message's fate: acknowledged by the broker, or handed back to you with a classified error.
+//!
+//! ```
+//! use std::time::Duration;
+//! use herald::{Destination, Message, Producer};
+//! use herald::batch::SizeOrLinger;
+//! use herald::retry::{Backoff, ExponentialRetry};
+//! use herald::testkit::MemoryTransport;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let producer = Producer::builder(MemoryTransport::new())
+//!     .batching(SizeOrLinger::new(1024, 1 << 20, Duration::from_millis(5)))
+//!     .retry(ExponentialRetry::new(Backoff::new(Duration::from_millis(100), Duration::from_secs(10))))
+//!     .delivery_timeout(Duration::from_secs(120))
+//!     .build()?;
+//!
+//! let orders = Destination::new("orders");
+//! match producer.send(Message::new(orders, "order #1").with_key("customer-7")).await {
+//!     Ok(delivery) => println!("acknowledged after {} attempt(s)", delivery.attempts),
+//!     Err(e) => eprintln!("{e}; the message is handed back: {:?}", e.into_message()),
+//! }
+//! producer.close(Duration::from_secs(10)).await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Crate feature flags
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `testkit` | [`testkit`]: the in-memory transport with scripted faults and the adapter conformance suite |
+//! | `kafka` | reserved for the Kafka transport (herald-kafka); enables nothing yet |
+//! | `amqp` | reserved for the RabbitMQ transport (herald-amqp); enables nothing yet |
+//! | `telemetry` | reserved for the Prometheus exporter and health (herald-telemetry); enables nothing yet |
+//! | `full` | all of the above |
+//!
+//! Metric names live in [`metrics`]; they are emitted through the `metrics` facade and cost a
+//! no-op call when no recorder is installed.
+
+pub use herald_core::*;
+
+/// Batching policies and the accumulator ([`herald_batch`]).
+pub mod batch {
+    pub use herald_batch::*;
+}
+
+/// Backoff, retry policies, retry budget and circuit breaker ([`herald_retry`]).
+pub mod retry {
+    pub use herald_retry::*;
+}
+
+/// The in-memory transport and the adapter conformance suite ([`herald_testkit`]).
+#[cfg(feature = "testkit")]
+pub mod testkit {
+    pub use herald_testkit::*;
+}
