@@ -1,0 +1,169 @@
+//! herald's project chores, one entry point: `cargo xtask <command>`.
+//!
+//! - `ci`: what CI runs: format check, clippy with warnings as errors, every test of the
+//!   workspace (unit, property, conformance, doc tests), and the docs with warnings as errors.
+//! - `bench [pipeline]`: runs the benchmarks and rewrites their section of docs/benchmarks.md.
+//!
+//! Broker integration tests (`it`) arrive with the first broker adapter.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = project_root();
+    std::env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("bench") => bench(&root, &args[1..]),
+        Some("help") | Some("--help") | None => {
+            println!("{}", HELP);
+            Ok(())
+        }
+        Some(other) => bail!("unknown command `{other}`\n\n{HELP}"),
+    }
+}
+
+const HELP: &str = "cargo xtask <command>
+
+commands:
+  ci                 fmt check, clippy -D warnings, all workspace tests, docs -D warnings
+  bench [pipeline]   run benchmarks, rewrite docs/benchmarks.md (default: all)";
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("\n==> {what}: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("could not start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    run("format check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(
+        "clippy",
+        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+    )?;
+    run("tests", cargo().args(["test", "--workspace"]))?;
+    run(
+        "docs",
+        cargo()
+            .args(["doc", "--workspace", "--no-deps"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )?;
+    eprintln!("\nxtask ci: all checks passed");
+    Ok(())
+}
+
+fn bench(root: &Path, args: &[String]) -> Result<()> {
+    let which = args.first().map(String::as_str).unwrap_or("all");
+    match which {
+        "pipeline" | "all" => bench_pipeline(root),
+        other => bail!("unknown benchmark `{other}`: pipeline"),
+    }
+}
+
+fn bench_pipeline(root: &Path) -> Result<()> {
+    let out = root.join("target/bench/pipeline.json");
+    std::fs::create_dir_all(out.parent().context("target/bench")?)?;
+    let messages = std::env::var("HERALD_BENCH_MESSAGES").unwrap_or_else(|_| "2000000".into());
+    run(
+        "pipeline benchmark",
+        cargo().args([
+            "bench",
+            "-p",
+            "herald",
+            "--bench",
+            "pipeline",
+            "--",
+            "--messages",
+            &messages,
+            "--json",
+            out.to_str().context("utf-8 path")?,
+        ]),
+    )?;
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let mut table = String::new();
+    table.push_str(&format!(
+        "Run: `cargo xtask bench pipeline` on {}. {} messages of {} bytes, median of {} rounds.\n\n",
+        machine(),
+        json["messages"],
+        json["payload_bytes"],
+        json["rounds"]
+    ));
+    table.push_str("| variant | runtime | msgs/s | ns/msg | vs channel (same runtime) |\n|---|---|---:|---:|---:|\n");
+    for f in json["figures"].as_array().context("figures")? {
+        table.push_str(&format!(
+            "| {} ({}) | {} | {} | {:.1} | {:.2}× |\n",
+            f["name"].as_str().unwrap_or("?"),
+            f["what"].as_str().unwrap_or("?"),
+            f["runtime"].as_str().unwrap_or("?"),
+            thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
+            f["ns_per_msg"].as_f64().unwrap_or(0.0),
+            f["ratio_vs_channel"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    replace_section(&root.join("docs/benchmarks.md"), "pipeline", &table)?;
+    eprintln!("docs/benchmarks.md: pipeline section updated");
+    Ok(())
+}
+
+/// Rewrites the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
+fn replace_section(path: &Path, name: &str, body: &str) -> Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let (Some(b), Some(e)) = (text.find(&begin), text.find(&end)) else {
+        bail!("{} has no {begin} … {end} section", path.display());
+    };
+    let new = format!("{}{begin}\n{body}{}", &text[..b], &text[e..]);
+    std::fs::write(path, new)?;
+    Ok(())
+}
+
+fn thousands(x: f64) -> String {
+    let s = format!("{:.0}", x);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// What the figures were measured on: CPU model, cores, date.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let date = Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("{cpu}, {cores} cores, {date}")
+}
