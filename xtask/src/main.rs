@@ -45,7 +45,9 @@ fn cargo() -> Command {
 
 fn run(what: &str, cmd: &mut Command) -> Result<()> {
     eprintln!("\n==> {what}: {cmd:?}");
-    let status = cmd.status().with_context(|| format!("could not start {what}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {what}"))?;
     if !status.success() {
         bail!("{what} failed ({status})");
     }
@@ -53,10 +55,20 @@ fn run(what: &str, cmd: &mut Command) -> Result<()> {
 }
 
 fn ci() -> Result<()> {
-    run("format check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(
+        "format check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
     run(
         "clippy",
-        cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
     )?;
     run("tests", cargo().args(["test", "--workspace"]))?;
     run(

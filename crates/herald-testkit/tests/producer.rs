@@ -495,3 +495,239 @@ async fn destinations_are_batched_separately() {
         assert_eq!(got, want);
     }
 }
+
+/// Panics on its first call, then behaves.
+struct PanicsOnce {
+    inner: MemoryTransport,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[herald_core::async_trait]
+impl herald_core::Transport for PanicsOnce {
+    fn name(&self) -> &'static str {
+        "panics-once"
+    }
+    async fn send_batch(&self, d: &Destination, batch: &[Message]) -> herald_core::BatchOutcome {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            panic!("a bug in a transport");
+        }
+        self.inner.send_batch(d, batch).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_transport_frees_its_slot_and_the_messages_are_retried() {
+    let inner = MemoryTransport::new();
+    let p = Producer::builder(PanicsOnce {
+        inner: inner.clone(),
+        calls: 0.into(),
+    })
+    .retry(fast_retry())
+    .build()
+    .expect("build");
+    let report = p
+        .send_all((0..10).map(|i| msg(i).with_key("k")))
+        .await
+        .wait()
+        .await;
+    assert_eq!(report.delivered, 10, "{:?}", report.failed.first());
+    assert_eq!(p.stats().in_flight_batches, 0);
+    let order: Vec<_> = inner
+        .received()
+        .iter()
+        .map(|m| m.payload().clone())
+        .collect();
+    assert_eq!(
+        order,
+        (0..10)
+            .map(|i| msg(i).payload().clone())
+            .collect::<Vec<_>>()
+    );
+    let close = p.close(Duration::from_secs(5)).await;
+    assert!(close.drained, "the slot was freed, so close can drain");
+}
+
+#[tokio::test(start_paused = true)]
+async fn parked_retries_without_budget_still_end_at_their_deadline() {
+    let t = MemoryTransport::new();
+    t.script([CallFault::FailAll(ErrorClass::Transient)]);
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .retry_budget(RetryBudgetConfig {
+            ratio: 0.0,
+            min_per_sec: 0,
+        })
+        .delivery_timeout(Duration::from_secs(2))
+        .build()
+        .expect("build");
+    let start = Instant::now();
+    let e = p
+        .send(msg(0))
+        .await
+        .expect_err("no budget, no retry: times out");
+    assert!(
+        matches!(
+            e.reason(),
+            FailureReason::DeliveryTimeout { last: Some(_), .. }
+        ),
+        "{e}"
+    );
+    assert!(
+        start.elapsed() <= Duration::from_secs(2),
+        "ended late: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(t.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_send_all_still_reports_failures_of_what_it_had_accepted() {
+    let t = MemoryTransport::new();
+    t.reject_payload_prefix("poison");
+    t.set_latency(Duration::from_secs(1));
+    let seen: Arc<Mutex<Vec<SendError>>> = Arc::default();
+    let sink = seen.clone();
+    let p = Producer::builder(t.clone())
+        .buffer(2, 1 << 20)
+        .dead_letter(move |e| sink.lock().expect("lock").push(e))
+        .build()
+        .expect("build");
+    let msgs = vec![
+        Message::new("t", "poison-a"),
+        Message::new("t", "poison-b"),
+        msg(2),
+        msg(3),
+    ];
+    let cancelled = tokio::time::timeout(Duration::from_millis(100), p.send_all(msgs)).await;
+    assert!(
+        cancelled.is_err(),
+        "send_all must still be waiting for space"
+    );
+    p.flush().await;
+    let got: Vec<_> = seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|e| e.message().payload().clone())
+        .collect();
+    assert_eq!(got, vec!["poison-a", "poison-b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn huge_timeouts_are_refused_or_mean_no_deadline() {
+    assert_eq!(
+        invalid_field(
+            Producer::builder(MemoryTransport::new())
+                .delivery_timeout(Duration::MAX)
+                .build()
+        ),
+        "delivery_timeout"
+    );
+    let p = Producer::builder(MemoryTransport::new())
+        .build()
+        .expect("build");
+    p.send(msg(0)).await.expect("delivered");
+    let close = p.close(Duration::MAX).await;
+    assert!(close.drained);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_attempt_is_cut_at_the_earliest_deadline_of_its_batch() {
+    let t = MemoryTransport::new();
+    t.script([
+        CallFault::FailAll(ErrorClass::Transient),
+        CallFault::Delay(Duration::from_secs(3600)),
+    ]);
+    let backoff = Backoff::new(Duration::from_millis(1600), Duration::from_millis(1600))
+        .with_jitter(herald_retry::Jitter::None);
+    let p = Producer::builder(t.clone())
+        .retry(ExponentialRetry::new(backoff))
+        .delivery_timeout(Duration::from_secs(2))
+        .build()
+        .expect("build");
+    let start = Instant::now();
+    let a = p.enqueue(msg(0).with_key("k")).await.expect("enqueue a");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // b waits behind a's retry (strict order), then goes out in one batch with it at 1.6 s.
+    let b = p.enqueue(msg(1).with_key("k")).await.expect("enqueue b");
+    let e = a.await.expect_err("a times out");
+    assert!(
+        matches!(e.reason(), FailureReason::DeliveryTimeout { .. }),
+        "{e}"
+    );
+    assert!(
+        start.elapsed() <= Duration::from_millis(2010),
+        "a outlived its deadline: {:?}",
+        start.elapsed()
+    );
+    let e = b.await.expect_err("b cannot make it either");
+    assert!(
+        matches!(e.reason(), FailureReason::DeliveryTimeout { .. }),
+        "{e}"
+    );
+    assert!(
+        start.elapsed() <= Duration::from_millis(3510),
+        "b outlived its deadline: {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_close_runs_out_of_time_nothing_is_retried() {
+    let t = MemoryTransport::new();
+    t.set_latency(Duration::from_secs(60));
+    t.script([CallFault::FailAll(ErrorClass::Transient)]);
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .build()
+        .expect("build");
+    let f = p.enqueue(msg(0)).await.expect("enqueue");
+    let report = p.close(Duration::from_secs(1)).await;
+    assert!(!report.drained);
+    assert_eq!(report.in_flight, 1);
+    let e = f
+        .await
+        .expect_err("the in-flight batch fails after the deadline");
+    assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
+    assert_eq!(t.calls(), 1, "no retry after an abandoned close");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_parked_after_an_expiry_sweep_still_ends_at_its_deadline() {
+    // z (destination a) is parked without budget and expires at 2.5 s; the sweep then sees
+    // nothing else queued or parked, because x (destination b) is in flight until 2.7 s. x then
+    // fails and parks: its deadline (3.4 s) must still be watched.
+    let t = MemoryTransport::new();
+    t.set_latency(Duration::from_millis(1800));
+    t.script([
+        CallFault::FailAll(ErrorClass::Transient),
+        CallFault::FailAll(ErrorClass::Transient),
+    ]);
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .retry_budget(RetryBudgetConfig {
+            ratio: 0.0,
+            min_per_sec: 0,
+        })
+        .delivery_timeout(Duration::from_millis(2500))
+        .build()
+        .expect("build");
+    let start = Instant::now();
+    let z = p.enqueue(Message::new("a", "z")).await.expect("enqueue z");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let x = p.enqueue(Message::new("b", "x")).await.expect("enqueue x");
+    let e = tokio::time::timeout(Duration::from_secs(60), x)
+        .await
+        .expect("x must end, not hang parked")
+        .expect_err("x times out");
+    assert!(
+        matches!(e.reason(), FailureReason::DeliveryTimeout { .. }),
+        "{e}"
+    );
+    assert!(
+        start.elapsed() <= Duration::from_millis(3410),
+        "x ended late: {:?}",
+        start.elapsed()
+    );
+    assert!(z.await.is_err());
+}

@@ -23,7 +23,10 @@
 //! let orders = Destination::new("orders");
 //! match producer.send(Message::new(orders, "order #1").with_key("customer-7")).await {
 //!     Ok(delivery) => println!("acknowledged after {} attempt(s)", delivery.attempts),
-//!     Err(e) => eprintln!("{e}; the message is handed back: {:?}", e.into_message()),
+//!     Err(e) => {
+//!         eprintln!("{e}");
+//!         let _handed_back: Message = e.into_message();
+//!     }
 //! }
 //! producer.close(Duration::from_secs(10)).await;
 //! # Ok(())
@@ -34,7 +37,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `testkit` | [`testkit`]: the in-memory transport with scripted faults and the adapter conformance suite |
+//! | `testkit` | the `testkit` module: the in-memory transport with scripted faults and the adapter conformance suite |
 //! | `kafka` | reserved for the Kafka transport (herald-kafka); enables nothing yet |
 //! | `amqp` | reserved for the RabbitMQ transport (herald-amqp); enables nothing yet |
 //! | `telemetry` | reserved for the Prometheus exporter and health (herald-telemetry); enables nothing yet |

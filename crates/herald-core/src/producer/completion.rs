@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,21 +32,24 @@ pub(crate) struct Unclaimed {
     hook: Option<DeadLetterHook>,
     list: Mutex<Vec<SendError>>,
     count: AtomicU64,
+    metric: metrics::Counter,
 }
 
 /// A function called with every failed message whose caller stopped listening.
 pub type DeadLetterHook = Arc<dyn Fn(SendError) + Send + Sync>;
 
 impl Unclaimed {
-    pub(crate) fn new(hook: Option<DeadLetterHook>) -> Self {
+    pub(crate) fn new(hook: Option<DeadLetterHook>, metric: metrics::Counter) -> Self {
         Self {
             hook,
             list: Mutex::new(Vec::new()),
             count: AtomicU64::new(0),
+            metric,
         }
     }
     pub(crate) fn put(&self, e: SendError) {
         self.count.fetch_add(1, Ordering::Relaxed);
+        self.metric.increment(1);
         match &self.hook {
             Some(hook) => hook(e),
             None => self
@@ -69,8 +72,10 @@ pub(crate) struct Group {
     /// Messages not yet ended, plus one while the call is still submitting.
     remaining: AtomicUsize,
     delivered: AtomicU64,
-    failures: Mutex<Vec<SendError>>,
-    receipt_alive: AtomicBool,
+    /// Failures for the receipt; `None` once the receipt is gone, and then failures go to the
+    /// unclaimed sink. One mutex for both, so a failure landing while the receipt is dropped
+    /// goes to exactly one of the two places.
+    failures: Mutex<Option<Vec<SendError>>>,
     done: Notify,
     unclaimed: Arc<Unclaimed>,
 }
@@ -80,8 +85,7 @@ impl Group {
         Arc::new(Self {
             remaining: AtomicUsize::new(1),
             delivered: AtomicU64::new(0),
-            failures: Mutex::new(Vec::new()),
-            receipt_alive: AtomicBool::new(true),
+            failures: Mutex::new(Some(Vec::new())),
             done: Notify::new(),
             unclaimed,
         })
@@ -101,12 +105,17 @@ impl Group {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
-                if self.receipt_alive.load(Ordering::Acquire) {
-                    self.failures
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(e);
-                } else {
+                let orphan = {
+                    let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+                    match failures.as_mut() {
+                        Some(list) => {
+                            list.push(e);
+                            None
+                        }
+                        None => Some(e),
+                    }
+                };
+                if let Some(e) = orphan {
                     self.unclaimed.put(e);
                 }
             }
@@ -214,15 +223,17 @@ impl BulkReceipt {
             }
             notified.await;
         }
+        let failed = self
+            .group
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default();
         BulkReport {
             delivered: self.group.delivered.load(Ordering::Acquire),
-            failed: std::mem::take(
-                &mut *self
-                    .group
-                    .failures
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner),
-            ),
+            failed,
         }
     }
 }
@@ -237,14 +248,13 @@ impl std::fmt::Debug for BulkReceipt {
 
 impl Drop for BulkReceipt {
     fn drop(&mut self) {
-        self.group.receipt_alive.store(false, Ordering::Release);
-        let left = std::mem::take(
-            &mut *self
-                .group
-                .failures
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        let left = self
+            .group
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_default();
         for e in left {
             self.group.unclaimed.put(e);
         }

@@ -5,6 +5,7 @@ mod pipeline;
 
 use std::collections::VecDeque;
 use std::pin::pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ pub use pipeline::Totals;
 use crate::error::{BuildError, FailureReason, SendError};
 use crate::message::Message;
 use crate::transport::Transport;
-use completion::{Completion, Group, Unclaimed};
+use completion::{Completion, Group};
 use pipeline::{clock_now, Config, Refused, Shared};
 
 /// How strictly the producer keeps order.
@@ -58,10 +59,14 @@ pub struct ProducerStats {
 /// What [`Producer::close`] could and could not do.
 #[derive(Debug, Default)]
 pub struct CloseReport {
-    /// Whether everything accepted ended (delivered or failed) before the deadline.
+    /// Whether everything accepted ended on its own (delivered, or failed for its own reason)
+    /// before the deadline. False if the deadline passed and leftovers were failed with
+    /// [`FailureReason::Closed`].
     pub drained: bool,
-    /// Messages still being sent by the transport when the deadline passed; each still ends
-    /// through its own future, receipt or the dead-letter hook.
+    /// Messages the transport was still sending when the deadline passed. Each still ends through
+    /// its own future or receipt (a transient failure is no longer retried: it ends as
+    /// [`FailureReason::Closed`]); if nobody listens, through the dead-letter hook, or in the
+    /// `unclaimed` list of a later `close` call, which returns at once.
     pub in_flight: usize,
     /// Failed messages nobody was listening for (their future or receipt was dropped and no
     /// dead-letter hook is set), each with its error. This is where fire-and-forget sends end.
@@ -112,10 +117,7 @@ impl ProducerBuilder {
             transport,
             batching: Box::new(SizeOrLinger::default()),
             retry: Arc::new(ExponentialRetry::default()),
-            budget: RetryBudgetConfig {
-                ratio: 0.2,
-                min_per_sec: 1000,
-            },
+            budget: RetryBudgetConfig::default(),
             breaker: CircuitBreakerConfig::default(),
             max_buffered_messages: 100_000,
             max_buffered_bytes: 64 << 20,
@@ -237,6 +239,12 @@ impl ProducerBuilder {
         if self.delivery_timeout.is_zero() {
             return invalid("delivery_timeout", "must be more than zero");
         }
+        if self.delivery_timeout > MAX_DELIVERY_TIMEOUT {
+            return invalid(
+                "delivery_timeout",
+                "must be at most 365 days (a message is kept in memory until then)",
+            );
+        }
         self.batching.validate()?;
         if self.batching.linger() >= self.delivery_timeout {
             return Err(BuildError::Invalid {
@@ -272,14 +280,13 @@ impl ProducerBuilder {
             ordering: self.ordering,
             retry: self.retry,
         };
-        let unclaimed = Arc::new(Unclaimed::new(self.dead_letter));
         let shared = Arc::new(Shared::new(
             config,
             acc,
             self.budget.build(clock_now()),
             self.breaker.build(),
             self.transport,
-            unclaimed,
+            self.dead_letter,
         ));
         let dispatcher = runtime.spawn(pipeline::run_dispatcher(shared.clone()));
         Ok(Producer {
@@ -366,6 +373,10 @@ impl std::fmt::Debug for Producer {
 /// enough that the dispatcher is never kept waiting long.
 const CHUNK: usize = 1024;
 
+/// The longest delivery timeout accepted: long enough for any outage, short enough that
+/// deadlines never overflow the clock.
+const MAX_DELIVERY_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl Producer {
     /// Starts building a producer over `transport`.
     pub fn builder(transport: impl Transport) -> ProducerBuilder {
@@ -430,7 +441,9 @@ impl Producer {
         let shared = self.shared();
         let wake = {
             let mut st = shared.lock();
-            shared.push(&mut st, msg, done, clock_now())?
+            let wake = shared.push(&mut st, msg, done, clock_now())?;
+            shared.unsettled.fetch_add(1, Ordering::Relaxed);
+            wake
         };
         shared.metrics.accepted.increment(1);
         if wake {
@@ -453,7 +466,12 @@ impl Producer {
         I: IntoIterator<Item = Message>,
     {
         let shared = self.shared();
-        let group = Group::new(shared.unclaimed.clone());
+        // Made first: if this call is cancelled midway, dropping the receipt sends later
+        // failures of the messages already accepted to the unclaimed sink.
+        let receipt = BulkReceipt {
+            group: Group::new(shared.unclaimed.clone()),
+        };
+        let group = &receipt.group;
         let mut iter = msgs.into_iter();
         let mut chunk: VecDeque<Message> = VecDeque::with_capacity(CHUNK);
         let mut pending: Option<Message> = None;
@@ -493,6 +511,7 @@ impl Producer {
                 }
                 // Counted before the lock is released: no accepted message can end before this.
                 group.add(accepted);
+                shared.unsettled.fetch_add(accepted, Ordering::Relaxed);
                 full
             };
             shared.metrics.accepted.increment(accepted as u64);
@@ -508,7 +527,7 @@ impl Producer {
             }
         }
         group.end_one();
-        BulkReceipt { group }
+        receipt
     }
 
     /// Waits until the buffer is empty: everything accepted (including what other tasks send
@@ -527,13 +546,15 @@ impl Producer {
         self.wait_idle(None).await;
     }
 
-    /// Waits until nothing is buffered or `deadline` passes; true if the buffer emptied.
+    /// Waits until every accepted message has ended and its caller been told, or `deadline`
+    /// passes; true if everything ended.
     async fn wait_idle(&self, deadline: Option<Instant>) -> bool {
         let shared = self.shared();
+        let settled = || shared.unsettled.load(Ordering::Acquire) == 0;
         loop {
             let mut idle = pin!(shared.idle.notified());
             idle.as_mut().enable();
-            if shared.lock().buffered_messages == 0 {
+            if settled() {
                 return true;
             }
             match deadline {
@@ -542,7 +563,7 @@ impl Producer {
                     let timeout = tokio::time::sleep_until(tokio::time::Instant::from_std(d));
                     tokio::select! {
                         () = idle => {}
-                        () = timeout => return shared.lock().buffered_messages == 0,
+                        () = timeout => return settled(),
                     }
                 }
             }
@@ -555,10 +576,11 @@ impl Producer {
     /// last batch in flight has landed, and reports. Every clone of this producer is closed.
     pub async fn close(&self, timeout: Duration) -> CloseReport {
         let shared = self.shared();
-        let deadline = clock_now() + timeout;
+        // A timeout too large to add to the clock means no deadline.
+        let deadline = clock_now().checked_add(timeout);
         shared.lock().closing = true;
         shared.wake.notify_one();
-        let mut drained = self.wait_idle(Some(deadline)).await;
+        let drained = self.wait_idle(deadline).await;
         let mut in_flight = 0;
         if !drained {
             let mut fin = pipeline::Finished::default();
@@ -569,9 +591,8 @@ impl Producer {
             }
             shared.complete(fin);
             shared.wake.notify_one();
-            drained = in_flight == 0;
         }
-        if drained {
+        if in_flight == 0 {
             // Let the dispatcher close the transport, within what is left of the deadline.
             let task = self
                 .handle
@@ -580,7 +601,8 @@ impl Producer {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take();
             if let Some(task) = task {
-                let left = deadline.saturating_duration_since(clock_now());
+                let left =
+                    deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(clock_now()));
                 let _closed_in_time = tokio::time::timeout(left, task).await.is_ok();
             }
         }

@@ -11,6 +11,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ use herald_retry::{
 };
 use tokio::sync::Notify;
 
-use super::completion::{Completion, Delivery, Group, Outcome, Unclaimed};
+use super::completion::{Completion, DeadLetterHook, Delivery, Group, Outcome, Unclaimed};
 use super::OrderingMode;
 use crate::error::{FailureReason, SendError, TransportError};
 use crate::message::{Destination, Message};
@@ -69,6 +70,8 @@ struct Parked {
     /// Budget tokens already taken for this group; it goes back to the queue when it has one per
     /// entry, whole, so that strict ordering never splits it.
     credit: usize,
+    /// Whether the budget has held this group back already (counted once, in messages).
+    denied: bool,
 }
 
 impl PartialEq for Parked {
@@ -121,6 +124,10 @@ pub(crate) struct State {
     next_expiry: Option<Instant>,
     pub(crate) totals: Totals,
     pub(crate) dispatcher_exited: bool,
+    /// A close ran out of time: failures end as `Closed` instead of being retried.
+    pub(crate) abandoned: bool,
+    /// Where leftovers go when the state itself is dropped.
+    unclaimed: Arc<Unclaimed>,
 }
 
 /// Whatever is still queued or parked when the state goes away (a runtime shutting down with the
@@ -137,14 +144,11 @@ impl Drop for State {
         if left.is_empty() {
             return;
         }
-        // No unclaimed sink reachable from here: receivers still get their error; a group
-        // records it itself.
-        let sink = Unclaimed::new(None);
         for (msg, meta) in left {
             let attempts = meta.attempts;
             meta.done.complete(
                 Err(SendError::new(msg, FailureReason::Closed, attempts)),
-                &sink,
+                &self.unclaimed,
             );
         }
     }
@@ -156,8 +160,12 @@ pub(crate) struct Shared {
     pub(crate) wake: Notify,
     /// Wakes senders waiting for buffer space.
     pub(crate) space: Notify,
-    /// Wakes `flush`/`close` when the buffer becomes empty.
+    /// Wakes `flush`/`close` when the last accepted message has ended.
     pub(crate) idle: Notify,
+    /// Messages accepted whose completion has not run yet. Unlike `State::buffered_messages`
+    /// (freed under the lock, for backpressure), this drops only after the completion ran, so
+    /// `flush` and `close` return when every caller has really been told.
+    pub(crate) unsettled: AtomicUsize,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
@@ -180,7 +188,8 @@ pub(crate) struct Finished {
     /// Deliveries of `send_all` messages, as runs of one group: counted, not answered one by one.
     group_delivered: Vec<(Arc<Group>, u64)>,
     delivered: u64,
-    freed: bool,
+    /// Entries ended into this `Finished`.
+    settled: usize,
     /// The last (deadline, latency) computed: messages accepted together share their deadline,
     /// so a batch needs few clock subtractions.
     latency: Option<(Instant, Duration)>,
@@ -193,9 +202,10 @@ impl Shared {
         budget: RetryBudget,
         breaker: CircuitBreaker,
         transport: Arc<dyn Transport>,
-        unclaimed: Arc<Unclaimed>,
+        dead_letter: Option<DeadLetterHook>,
     ) -> Self {
         let metrics = Metrics::new(transport.name());
+        let unclaimed = Arc::new(Unclaimed::new(dead_letter, metrics.unclaimed.clone()));
         Self {
             state: Mutex::new(State {
                 acc,
@@ -212,10 +222,13 @@ impl Shared {
                 next_expiry: None,
                 totals: Totals::default(),
                 dispatcher_exited: false,
+                abandoned: false,
+                unclaimed: unclaimed.clone(),
             }),
             wake: Notify::new(),
             space: Notify::new(),
             idle: Notify::new(),
+            unsettled: AtomicUsize::new(0),
             transport,
             config,
             metrics,
@@ -228,7 +241,8 @@ impl Shared {
     }
 
     /// Accepts one message into the buffer, or refuses it (full, too large, closed). Returns
-    /// whether the dispatcher needs waking.
+    /// whether the dispatcher needs waking. The caller adds accepted messages to `unsettled`
+    /// before it releases the lock (per message or per chunk), so no completion can run first.
     #[allow(clippy::result_large_err)] // see `Refused`
     pub(crate) fn push(
         &self,
@@ -295,7 +309,7 @@ impl Shared {
         let (msg, meta) = entry;
         st.buffered_messages -= 1;
         st.buffered_bytes -= meta.size;
-        fin.freed = true;
+        fin.settled += 1;
         match outcome {
             Ok(ack) => {
                 st.totals.delivered += 1;
@@ -340,17 +354,14 @@ impl Shared {
             group.delivered(n);
         }
         for (done, outcome) in fin.items {
-            if let (Completion::One(tx), Err(_)) = (&done, &outcome) {
-                if tx.is_closed() {
-                    self.metrics.unclaimed.increment(1);
-                }
-            }
             done.complete(outcome, &self.unclaimed);
         }
         self.metrics.delivered.increment(fin.delivered);
-        if fin.freed {
+        if fin.settled > 0 {
             self.space.notify_waiters();
-            self.idle.notify_waiters();
+            if self.unsettled.fetch_sub(fin.settled, Ordering::AcqRel) == fin.settled {
+                self.idle.notify_waiters();
+            }
         }
     }
 
@@ -403,6 +414,7 @@ impl Shared {
     /// Fails everything queued or parked with `Closed` (a close whose deadline passed). Batches in
     /// flight are left to land.
     pub(crate) fn abandon(&self, st: &mut State, fin: &mut Finished) {
+        st.abandoned = true;
         let now = clock_now();
         for (_, entry) in st.acc.drain_all() {
             self.finish(st, fin, entry, Err(FailureReason::Closed), now);
@@ -427,13 +439,18 @@ impl Shared {
                 p.credit += 1;
             }
             if p.credit < p.entries.len() {
-                self.metrics.budget_denied.increment(1);
-                // One floor token's time, so that waiting groups look again as tokens appear.
-                let per_token = match st.budget.min_per_sec() {
+                let missing = p.entries.len() - p.credit;
+                if !p.denied {
+                    p.denied = true;
+                    self.metrics.budget_denied.increment(missing as u64);
+                }
+                // Look again when the floor alone would have refilled what is missing (traffic
+                // may refill it sooner), at most every 100 ms and at least every 1 ms.
+                let wait = match st.budget.min_per_sec() {
                     0 => Duration::from_millis(100),
-                    n => Duration::from_secs(1) / n,
+                    n => Duration::from_secs_f64(missing as f64 / f64::from(n)),
                 };
-                p.ready_at = now + per_token.max(Duration::from_millis(1));
+                p.ready_at = now + wait.clamp(Duration::from_millis(1), Duration::from_millis(100));
                 st.parked.push(Reverse(p));
                 break;
             }
@@ -586,8 +603,14 @@ impl Shared {
                 time_left: meta.deadline.saturating_duration_since(now),
                 previous_delay: meta.previous_delay,
             };
-            let decision = self.config.retry.decide(&ctx, &mut st.rng);
+            let decision = if st.abandoned {
+                // A close ran out of time: nothing more is retried.
+                RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted)
+            } else {
+                self.config.retry.decide(&ctx, &mut st.rng)
+            };
             let reason = match decision {
+                RetryDecision::GiveUp(_) if st.abandoned => FailureReason::Closed,
                 RetryDecision::Retry { after } => {
                     meta.previous_delay = Some(after);
                     meta.last_error = Some(Box::new(error));
@@ -615,6 +638,11 @@ impl Shared {
             if self.config.ordering == OrderingMode::Strict {
                 st.acc.hold(&flight.destination);
             }
+            let earliest = retry.iter().map(|(_, m)| m.deadline).min();
+            st.next_expiry = match (st.next_expiry, earliest) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             st.parked_seq += 1;
             let seq = st.parked_seq;
             st.parked.push(Reverse(Parked {
@@ -623,6 +651,7 @@ impl Shared {
                 destination: flight.destination.clone(),
                 entries: retry,
                 credit: 0,
+                denied: false,
             }));
         }
         drop(st);
@@ -630,51 +659,71 @@ impl Shared {
     }
 }
 
-/// A batch being sent. If it is dropped before its outcome lands (the runtime shut down while
-/// the transport was sending), its messages end as `Closed`, handed back.
+/// A batch being sent.
 pub(crate) struct Flight {
     destination: Destination,
     messages: Vec<Message>,
     metas: Vec<Meta>,
 }
 
-impl Drop for Flight {
+/// Owns a batch while the transport sends it. Dropped before the outcome lands (the transport
+/// panicked, or the runtime shut down in the middle of the send), it lands the batch as a
+/// transient failure: the in-flight slot is freed and the messages are retried, or, when the
+/// producer itself is going away, end as `Closed` through the state's drop guard.
+struct Sending {
+    shared: Arc<Shared>,
+    flight: Flight,
+    landed: bool,
+}
+
+impl Sending {
+    fn land(&mut self, outcomes: BatchOutcome) {
+        // Set first: should landing itself panic (in a user's retry policy), it is not repeated.
+        self.landed = true;
+        let mut fin = Finished::default();
+        self.shared.land(&mut self.flight, outcomes, &mut fin);
+        self.shared.complete(fin);
+    }
+}
+
+impl Drop for Sending {
     fn drop(&mut self) {
-        let sink = Unclaimed::new(None);
-        for (msg, meta) in std::mem::take(&mut self.messages)
-            .into_iter()
-            .zip(std::mem::take(&mut self.metas))
-        {
-            let attempts = meta.attempts;
-            meta.done.complete(
-                Err(SendError::new(msg, FailureReason::Closed, attempts)),
-                &sink,
-            );
+        if !self.landed {
+            let e = TransportError::transient(
+                "the transport's send was aborted: it panicked, or its task was cancelled",
+            )
+            .with_code("herald_send_aborted");
+            let n = self.flight.messages.len();
+            self.land(vec![Err(e); n]);
         }
     }
 }
 
-async fn send_flight(shared: Arc<Shared>, mut flight: Flight) {
-    // An attempt may not outlive the latest deadline in the batch: a transport that hangs must
-    // not keep messages past their delivery timeout.
-    let latest = flight.metas.iter().map(|m| m.deadline).max();
-    let budget = latest.map_or(Duration::ZERO, |d| d.saturating_duration_since(clock_now()));
-    let send = shared
+async fn send_flight(shared: Arc<Shared>, flight: Flight) {
+    let mut sending = Sending {
+        shared,
+        flight,
+        landed: false,
+    };
+    // An attempt may not outlive the earliest deadline in the batch: a transport that hangs must
+    // not keep any message past its delivery timeout. Messages with time left are retried.
+    let earliest = sending.flight.metas.iter().map(|m| m.deadline).min();
+    let budget = earliest.map_or(Duration::ZERO, |d| d.saturating_duration_since(clock_now()));
+    let send = sending
+        .shared
         .transport
-        .send_batch(&flight.destination, &flight.messages);
+        .send_batch(&sending.flight.destination, &sending.flight.messages);
     let outcomes = match tokio::time::timeout(budget, send).await {
         Ok(outcomes) => outcomes,
         Err(_) => {
             let e = TransportError::transient(format!(
-                "the transport did not answer within {budget:?}, the time left before the delivery timeout"
+                "the transport did not answer within {budget:?}, the time left before the batch's first delivery deadline"
             ))
             .with_code("herald_attempt_timeout");
-            vec![Err(e); flight.messages.len()]
+            vec![Err(e); sending.flight.messages.len()]
         }
     };
-    let mut fin = Finished::default();
-    shared.land(&mut flight, outcomes, &mut fin);
-    shared.complete(fin);
+    sending.land(outcomes);
 }
 
 /// The dispatcher: turns queued messages into batches and hands them to the transport, within
