@@ -4,12 +4,16 @@
 //!   workspace (unit, property, conformance, doc tests), and the docs with warnings as errors.
 //! - `bench [pipeline]`: runs the benchmarks and rewrites their section of docs/benchmarks.md.
 //!
-//! Broker integration tests (`it`) arrive with the first broker adapter.
+//! - `it [kafka|amqp]`: broker integration tests, with brokers found or started (see `it.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+
+mod amqp;
+mod it;
+mod kafka;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -18,6 +22,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench(&root, &args[1..]),
+        Some("it") => it::it(&args[1..]),
         Some("help") | Some("--help") | None => {
             println!("{}", HELP);
             Ok(())
@@ -30,7 +35,8 @@ const HELP: &str = "cargo xtask <command>
 
 commands:
   ci                 fmt check, clippy -D warnings, all workspace tests, docs -D warnings
-  bench [pipeline]   run benchmarks, rewrite docs/benchmarks.md (default: all)";
+  it [BROKER...]     integration tests against real brokers, provisioned and torn down
+  bench [NAME]       run benchmarks (pipeline, kafka, amqp; default all), rewrite docs/benchmarks.md";
 
 fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -84,8 +90,15 @@ fn ci() -> Result<()> {
 fn bench(root: &Path, args: &[String]) -> Result<()> {
     let which = args.first().map(String::as_str).unwrap_or("all");
     match which {
-        "pipeline" | "all" => bench_pipeline(root),
-        other => bail!("unknown benchmark `{other}`: pipeline"),
+        "pipeline" => bench_pipeline(root),
+        "kafka" => kafka::bench(root),
+        "amqp" => amqp::bench(root),
+        "all" => {
+            bench_pipeline(root)?;
+            kafka::bench(root)?;
+            amqp::bench(root)
+        }
+        other => bail!("unknown benchmark `{other}`: pipeline, kafka, amqp"),
     }
 }
 

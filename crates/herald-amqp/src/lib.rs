@@ -1,0 +1,1 @@
+//! herald's amqp transport (in progress).

@@ -1,0 +1,1 @@
+//! herald's kafka transport (in progress).

@@ -1,0 +1,105 @@
+//! `cargo xtask it`: broker integration tests. For each broker: find or start one, run its
+//! adapter's integration tests against it, and always stop what was started, also when the
+//! tests fail.
+//!
+//! Integration tests live in each adapter crate as `tests/it.rs`, every test marked
+//! `#[ignore = "needs a broker: cargo xtask it"]`, so that `cargo test --workspace` stays
+//! hermetic. They read the broker's address from the environment (`HERALD_KAFKA_BOOTSTRAP`,
+//! `HERALD_AMQP_URL`); a broker given that way by the user is used as it is.
+
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+use crate::{cargo, run};
+
+/// A broker ready for tests: the environment the tests need, and what to undo afterwards.
+pub(crate) struct Broker {
+    pub(crate) env: Vec<(&'static str, String)>,
+    /// Runs on drop: stops what provisioning started. `None` when the broker was already there.
+    pub(crate) stop: Option<Box<dyn FnOnce()>>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+    }
+}
+
+/// One broker and the adapter tested against it.
+struct Target {
+    name: &'static str,
+    package: &'static str,
+    provision: fn() -> Result<Broker>,
+}
+
+const TARGETS: &[Target] = &[
+    Target {
+        name: "kafka",
+        package: "herald-kafka",
+        provision: crate::kafka::provision,
+    },
+    Target {
+        name: "amqp",
+        package: "herald-amqp",
+        provision: crate::amqp::provision,
+    },
+];
+
+pub(crate) fn it(args: &[String]) -> Result<()> {
+    let wanted: Vec<&str> = if args.is_empty() {
+        TARGETS.iter().map(|t| t.name).collect()
+    } else {
+        args.iter().map(String::as_str).collect()
+    };
+    for name in &wanted {
+        let Some(target) = TARGETS.iter().find(|t| t.name == *name) else {
+            let known: Vec<&str> = TARGETS.iter().map(|t| t.name).collect();
+            bail!("unknown broker `{name}`; known: {known:?}");
+        };
+        eprintln!("\n==> it {}: provisioning a broker", target.name);
+        let broker = (target.provision)()?;
+        let mut cmd = cargo();
+        cmd.args([
+            "test",
+            "-p",
+            target.package,
+            "--test",
+            "it",
+            "--",
+            "--ignored",
+            "--test-threads=1",
+        ]);
+        for (k, v) in &broker.env {
+            cmd.env(k, v);
+        }
+        let result = run(&format!("it {}", target.name), &mut cmd);
+        drop(broker);
+        result?;
+    }
+    if wanted.is_empty() {
+        eprintln!("xtask it: no broker adapters yet");
+    }
+    Ok(())
+}
+
+/// Whether something accepts TCP connections on `addr` within a second.
+#[allow(dead_code)]
+pub(crate) fn port_open(addr: &str) -> bool {
+    use std::net::{TcpStream, ToSocketAddrs};
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok())
+}
+
+/// Whether a Docker engine answers (the client alone is not enough).
+#[allow(dead_code)]
+pub(crate) fn docker_engine() -> bool {
+    Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
