@@ -1,1 +1,50 @@
-//! herald's kafka transport (in progress).
+//! herald's Kafka transport, on rdkafka (librdkafka).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use herald_core::{Message, Producer};
+//! use herald_kafka::{KafkaConfig, KafkaTransport};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let transport = KafkaTransport::new(KafkaConfig::new("127.0.0.1:9092"))?;
+//! let producer = Producer::builder(transport)
+//!     .batching(herald_kafka::recommended_batching())
+//!     .delivery_timeout(Duration::from_secs(120)) // = KafkaConfig's message_timeout
+//!     .build()?;
+//! producer.send(Message::new("orders", "created").with_key("customer-7")).await?;
+//! producer.close(Duration::from_secs(30)).await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - Delivered means acknowledged with `acks=all`, idempotence on.
+//! - Keyed messages are partitioned with murmur2, like the Java client.
+//! - librdkafka's error codes map to herald's classes in one table (`error.rs`).
+//! - [`KafkaTransport`] documents which retries librdkafka does and which herald does.
+//!
+//! # Crate feature flags
+//!
+//! - `ssl`: build librdkafka with TLS (needs OpenSSL headers).
+//! - `baseline`: the raw-rdkafka baselines `cargo xtask bench kafka` measures herald against.
+
+mod config;
+mod error;
+pub mod metrics;
+pub mod mock;
+mod transport;
+
+#[cfg(feature = "baseline")]
+pub mod baseline;
+
+use std::time::Duration;
+
+pub use config::{Compression, KafkaConfig, Partitioner};
+pub use error::KafkaConfigError;
+pub use transport::KafkaTransport;
+
+/// The batching policy herald-kafka recommends: large batches (20 000 messages or 16 MiB) so
+/// that, with one batch in flight per topic under strict ordering, librdkafka always has a full
+/// batch to pipeline into produce requests; 5 ms linger for a lone message.
+pub fn recommended_batching() -> herald_batch::SizeOrLinger {
+    herald_batch::SizeOrLinger::new(20_000, 16 << 20, Duration::from_millis(5))
+}

@@ -9,6 +9,7 @@
 
 pub mod conformance;
 mod memory;
+pub mod proxy;
 
 pub use memory::{CallFault, MemoryTransport};
 
@@ -66,11 +67,11 @@ impl conformance::Harness for MemoryHarness {
         )
     }
 
-    async fn inject_transient_failures(&self, calls: usize) -> bool {
+    async fn inject_transient_failures(&self, calls: usize) -> conformance::Injected {
         self.transport.script(std::iter::repeat_n(
             CallFault::FailAll(ErrorClass::Transient),
             calls,
         ));
-        true
+        conformance::Injected::IntoTransport
     }
 }

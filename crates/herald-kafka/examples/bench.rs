@@ -1,0 +1,115 @@
+//! herald on Kafka against raw rdkafka at its best and the naive pattern, same broker, one run.
+//! Run by `cargo xtask bench kafka`; directly:
+//! `cargo run --release -p herald-kafka --features baseline --example bench -- [--bootstrap H:P]
+//! [--messages N] [--naive N] [--json FILE]`. Without `--bootstrap`, on librdkafka's mock cluster.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use herald_core::{Destination, Message, Producer};
+use herald_kafka::baseline::{self, Run};
+use herald_kafka::mock::MockKafka;
+use herald_kafka::{KafkaConfig, KafkaTransport};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+async fn herald(bootstrap: &str, topic: &str, n: u64, size: usize) -> Run {
+    let transport = KafkaTransport::new(KafkaConfig::new(bootstrap)).expect("transport");
+    let producer = Producer::builder(transport)
+        .batching(herald_kafka::recommended_batching())
+        .buffer(200_000, 512 << 20)
+        .build()
+        .expect("producer");
+    let dest = Destination::new(topic);
+    let payload = Bytes::from(vec![b'x'; size]);
+    let keys: Vec<Bytes> = (0..64).map(|k| Bytes::from(format!("key-{k}"))).collect();
+    let msgs: Vec<Message> = (0..n)
+        .map(|i| {
+            Message::new(dest.clone(), payload.clone()).with_key(keys[(i % 64) as usize].clone())
+        })
+        .collect();
+    let start = Instant::now();
+    let report = producer.send_all(msgs).await.wait().await;
+    let elapsed = start.elapsed();
+    producer.close(Duration::from_secs(30)).await;
+    Run {
+        delivered: report.delivered,
+        failed: report.failed.len() as u64,
+        elapsed,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let n: u64 = arg(&args, "--messages").map_or(1_000_000, |s| s.parse().expect("--messages N"));
+    let naive_n: u64 = arg(&args, "--naive").map_or(300, |s| s.parse().expect("--naive N"));
+    let mock = if arg(&args, "--bootstrap").is_none() {
+        Some(MockKafka::start(1).expect("mock"))
+    } else {
+        None
+    };
+    let bootstrap = arg(&args, "--bootstrap").unwrap_or_else(|| {
+        mock.as_ref()
+            .map(|m| m.bootstrap_servers().to_owned())
+            .unwrap_or_default()
+    });
+    let broker = if mock.is_some() {
+        "librdkafka mock cluster (1 broker)"
+    } else {
+        "the broker at --bootstrap"
+    };
+    let mut rows = Vec::new();
+    for size in [100usize, 1024] {
+        let count = if size >= 1024 { n * 3 / 10 } else { n };
+        let mut topics = Vec::new();
+        for kind in ["raw", "herald", "naive"] {
+            let topic = format!("bench-{kind}-{size}-{}", std::process::id());
+            match &mock {
+                Some(m) => m.create_topic(&topic, 3).expect("topic"),
+                None => baseline::create_topic(&bootstrap, &topic, 3)
+                    .await
+                    .expect("topic"),
+            }
+            topics.push(topic);
+        }
+        let raw = {
+            let (b, t) = (bootstrap.clone(), topics[0].clone());
+            tokio::task::spawn_blocking(move || baseline::raw_threaded(&b, &t, count, size))
+                .await
+                .expect("join")
+                .expect("raw run")
+        };
+        let her = herald(&bootstrap, &topics[1], count, size).await;
+        let naive = baseline::naive_await_each(&bootstrap, &topics[2], naive_n, size)
+            .await
+            .expect("naive run");
+        for (name, run) in [("raw", &raw), ("herald", &her), ("naive", &naive)] {
+            assert_eq!(run.failed, 0, "{name} lost messages");
+        }
+        println!(
+            "{size:>5} B  raw {:>9.0}/s  herald {:>9.0}/s ({:.2}x raw)  naive {:>7.0}/s (herald {:.0}x naive)",
+            raw.msgs_per_sec(), her.msgs_per_sec(), her.msgs_per_sec() / raw.msgs_per_sec(),
+            naive.msgs_per_sec(), her.msgs_per_sec() / naive.msgs_per_sec()
+        );
+        rows.push(format!(
+            "{{\"size\":{size},\"messages\":{count},\"naive_messages\":{naive_n},\"raw_best_msgs_per_sec\":{:.0},\"herald_msgs_per_sec\":{:.0},\"naive_msgs_per_sec\":{:.1}}}",
+            raw.msgs_per_sec(), her.msgs_per_sec(), naive.msgs_per_sec()
+        ));
+    }
+    if let Some(path) = arg(&args, "--json") {
+        std::fs::write(
+            &path,
+            format!(
+                "{{\"broker\":\"{broker}\",\"rows\":[{}]}}\n",
+                rows.join(",")
+            ),
+        )
+        .expect("write json");
+    }
+}

@@ -1,0 +1,148 @@
+//! The raw-rdkafka baselines herald is measured against (`cargo xtask bench kafka`). They live
+//! here because rdkafka's types never leave this crate.
+//!
+//! Both use the same librdkafka settings as [`crate::KafkaTransport`] (acks=all, idempotence,
+//! LZ4, murmur2_random, `linger.ms` 1, `batch.num.messages` 10 000).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer as _, ProducerContext,
+    ThreadedProducer,
+};
+use rdkafka::ClientConfig;
+
+/// What one run did.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    /// Messages acknowledged.
+    pub delivered: u64,
+    /// Messages that failed.
+    pub failed: u64,
+    /// Wall time from the first send to the last acknowledgement.
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// Acknowledged messages per second.
+    pub fn msgs_per_sec(&self) -> f64 {
+        self.delivered as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+fn config(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("compression.type", "lz4")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "1")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("message.timeout.ms", "120000");
+    c
+}
+
+#[derive(Default)]
+struct Counting {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct CountingContext(Arc<Counting>);
+
+impl ClientContext for CountingContext {}
+
+impl ProducerContext for CountingContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => self.0.delivered.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.0.failed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// rdkafka at its best: a `ThreadedProducer` with a delivery callback that counts, sending
+/// `n` keyed messages of `size` bytes without waiting, then flushing.
+pub fn raw_threaded(bootstrap: &str, topic: &str, n: u64, size: usize) -> Result<Run, KafkaError> {
+    let counts = Arc::new(Counting::default());
+    let producer: ThreadedProducer<CountingContext> =
+        config(bootstrap).create_with_context(CountingContext(counts.clone()))?;
+    let payload = vec![b'x'; size];
+    let keys: Vec<String> = (0..64).map(|k| format!("key-{k}")).collect();
+    let start = Instant::now();
+    for i in 0..n {
+        let mut record = BaseRecord::to(topic)
+            .payload(&payload[..])
+            .key(keys[(i % 64) as usize].as_bytes());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120))?;
+    Ok(Run {
+        delivered: counts.delivered.load(Ordering::Relaxed),
+        failed: counts.failed.load(Ordering::Relaxed),
+        elapsed: start.elapsed(),
+    })
+}
+
+/// The naive pattern: a `FutureProducer`, awaiting each send before the next.
+pub async fn naive_await_each(
+    bootstrap: &str,
+    topic: &str,
+    n: u64,
+    size: usize,
+) -> Result<Run, KafkaError> {
+    let producer: FutureProducer = config(bootstrap).create()?;
+    let payload = vec![b'x'; size];
+    let (mut delivered, mut failed) = (0, 0);
+    let start = Instant::now();
+    for i in 0..n {
+        let key = format!("key-{}", i % 64);
+        let record = FutureRecord::to(topic).payload(&payload[..]).key(&key);
+        match producer.send(record, Duration::from_secs(30)).await {
+            Ok(_) => delivered += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    Ok(Run {
+        delivered,
+        failed,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Creates `topic` with `partitions` partitions (replication 1) through the admin API, for
+/// brokers that do not auto-create topics (Tansu). An existing topic is fine.
+pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,389 @@
+//! Settings of the Kafka transport, and the librdkafka configuration they become.
+
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+use crate::error::KafkaConfigError;
+
+/// Compression of produce requests (librdkafka's `compression.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// None.
+    None,
+    /// gzip (zlib, built in).
+    Gzip,
+    /// Snappy (built into librdkafka).
+    Snappy,
+    /// LZ4 (built into librdkafka): fast, a good default for most payloads.
+    #[default]
+    Lz4,
+}
+
+impl Compression {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Gzip => "gzip",
+            Self::Snappy => "snappy",
+            Self::Lz4 => "lz4",
+        }
+    }
+}
+
+/// How a keyed message picks its partition (librdkafka's `partitioner`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Partitioner {
+    /// murmur2 of the key, as the Java client does, so a key lands on the same partition
+    /// whichever client produced it; messages without a key go to a random partition.
+    #[default]
+    Murmur2Random,
+    /// librdkafka's own default: CRC32 of the key (not the Java client's partitions).
+    ConsistentRandom,
+    /// FNV-1a of the key, as Sarama (Go) does.
+    Fnv1aRandom,
+}
+
+impl Partitioner {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Murmur2Random => "murmur2_random",
+            Self::ConsistentRandom => "consistent_random",
+            Self::Fnv1aRandom => "fnv1a_random",
+        }
+    }
+}
+
+/// Properties herald sets itself, with the setting to use instead. Given through
+/// [`KafkaConfig::property`], they are refused at build.
+const MANAGED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "KafkaConfig::new"),
+    ("metadata.broker.list", "KafkaConfig::new"),
+    ("client.id", "KafkaConfig::client_id"),
+    ("acks", "herald always uses acks=all: a message is delivered only when every in-sync replica has it"),
+    ("request.required.acks", "herald always uses acks=all"),
+    ("enable.idempotence", "KafkaConfig::idempotence"),
+    ("compression.type", "KafkaConfig::compression"),
+    ("compression.codec", "KafkaConfig::compression"),
+    ("linger.ms", "KafkaConfig::linger"),
+    ("queue.buffering.max.ms", "KafkaConfig::linger"),
+    ("batch.num.messages", "KafkaConfig::batch_num_messages"),
+    ("message.timeout.ms", "KafkaConfig::message_timeout"),
+    ("delivery.timeout.ms", "KafkaConfig::message_timeout"),
+    ("partitioner", "KafkaConfig::partitioner"),
+    ("statistics.interval.ms", "KafkaConfig::statistics_interval"),
+    ("delivery.report.only.error", "herald needs a delivery report for every message"),
+    ("dr_msg_cb", "herald installs its own delivery callback"),
+    ("queue.buffering.max.messages", "KafkaConfig::queue_max_messages"),
+];
+
+/// Settings of a [`crate::KafkaTransport`].
+///
+/// Safe defaults, set explicitly: `acks=all`, idempotence on, LZ4 compression, the
+/// `murmur2_random` partitioner, `message.timeout.ms` of 120 s (herald's default delivery
+/// timeout; keep the two equal, see [`KafkaConfig::message_timeout`]).
+///
+/// How herald's batching and librdkafka's divide the work: herald's batch (its `BatchPolicy`) is
+/// the unit of completion and ordering: it is handed to librdkafka at once and its outcomes are
+/// awaited together. librdkafka then cuts it into produce requests per partition of at most
+/// `batch.num.messages` ([`KafkaConfig::batch_num_messages`]) and waits at most `linger.ms`
+/// ([`KafkaConfig::linger`], default 1 ms: herald already lingered) for a request to fill.
+/// Use [`crate::recommended_batching`] for herald's side.
+///
+/// Security options (SASL, SSL) are librdkafka properties passed through
+/// [`KafkaConfig::property`]; values of properties whose name mentions a password, secret or
+/// key never appear in `Debug` output or errors. SSL needs this crate's `ssl` feature.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    bootstrap_servers: String,
+    client_id: String,
+    idempotence: bool,
+    compression: Compression,
+    partitioner: Partitioner,
+    linger: Duration,
+    batch_num_messages: usize,
+    message_timeout: Duration,
+    statistics_interval: Option<Duration>,
+    queue_max_messages: usize,
+    properties: Vec<(String, String)>,
+}
+
+impl KafkaConfig {
+    /// Settings for the cluster at `bootstrap_servers` (`host:port[,host:port...]`).
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            client_id: "herald".into(),
+            idempotence: true,
+            compression: Compression::default(),
+            partitioner: Partitioner::default(),
+            linger: Duration::from_millis(1),
+            batch_num_messages: 10_000,
+            message_timeout: Duration::from_secs(120),
+            statistics_interval: Some(Duration::from_secs(5)),
+            queue_max_messages: 1_000_000,
+            properties: Vec::new(),
+        }
+    }
+
+    /// The client id brokers see (`client.id`). Default `herald`.
+    #[must_use]
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = id.into();
+        self
+    }
+
+    /// Idempotent production (`enable.idempotence`). Default on: librdkafka's own retries then
+    /// never duplicate or reorder a message within a partition.
+    #[must_use]
+    pub fn idempotence(mut self, on: bool) -> Self {
+        self.idempotence = on;
+        self
+    }
+
+    /// Compression of produce requests. Default LZ4.
+    #[must_use]
+    pub fn compression(mut self, c: Compression) -> Self {
+        self.compression = c;
+        self
+    }
+
+    /// Partitioner for keyed messages. Default [`Partitioner::Murmur2Random`].
+    #[must_use]
+    pub fn partitioner(mut self, p: Partitioner) -> Self {
+        self.partitioner = p;
+        self
+    }
+
+    /// librdkafka's own linger (`linger.ms`), on top of herald's. Default 1 ms.
+    #[must_use]
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Most messages in one produce request per partition (`batch.num.messages`). Default 10 000.
+    #[must_use]
+    pub fn batch_num_messages(mut self, n: usize) -> Self {
+        self.batch_num_messages = n;
+        self
+    }
+
+    /// How long librdkafka keeps trying one message (`message.timeout.ms`), its own retries
+    /// included. Keep it equal to the producer's delivery timeout (default 120 s for both): a
+    /// shorter one makes librdkafka give up early and herald retry, a longer one lets herald's
+    /// attempt timeout cut librdkafka's retries short.
+    #[must_use]
+    pub fn message_timeout(mut self, timeout: Duration) -> Self {
+        self.message_timeout = timeout;
+        self
+    }
+
+    /// How often librdkafka reports statistics, which feed herald's metrics (round-trip time,
+    /// queue depth, librdkafka's retries). Default 5 s; `None` turns them off.
+    #[must_use]
+    pub fn statistics_interval(mut self, every: Option<Duration>) -> Self {
+        self.statistics_interval = every;
+        self
+    }
+
+    /// Most messages librdkafka queues (`queue.buffering.max.messages`). Default 1 000 000;
+    /// beyond it sending waits for room (never loses the message).
+    #[must_use]
+    pub fn queue_max_messages(mut self, n: usize) -> Self {
+        self.queue_max_messages = n;
+        self
+    }
+
+    /// Any other librdkafka property, passed through (security: `security.protocol`,
+    /// `sasl.mechanisms`, `sasl.username`, `sasl.password`, `ssl.ca.location`, ...). Properties
+    /// herald sets itself are refused at build, naming the setting to use instead.
+    #[must_use]
+    pub fn property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.push((key.into(), value.into()));
+        self
+    }
+
+    /// The bootstrap servers, as given.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+
+    /// The configured message timeout.
+    pub fn configured_message_timeout(&self) -> Duration {
+        self.message_timeout
+    }
+
+    fn invalid(field: &str, reason: impl Into<String>) -> KafkaConfigError {
+        KafkaConfigError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Checks the settings and builds the librdkafka configuration.
+    pub(crate) fn client_config(&self) -> Result<ClientConfig, KafkaConfigError> {
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(Self::invalid(
+                "bootstrap_servers",
+                "is empty: give host:port[,host:port...]",
+            ));
+        }
+        for server in self.bootstrap_servers.split(',') {
+            let server = server.trim();
+            let ok = server
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(Self::invalid(
+                    "bootstrap_servers",
+                    format!("`{server}` is not host:port"),
+                ));
+            }
+        }
+        if self.batch_num_messages == 0 {
+            return Err(Self::invalid("batch_num_messages", "must be at least 1"));
+        }
+        if self.message_timeout.is_zero() {
+            return Err(Self::invalid("message_timeout", "must be more than zero"));
+        }
+        if self.queue_max_messages == 0 {
+            return Err(Self::invalid("queue_max_messages", "must be at least 1"));
+        }
+        for (key, _) in &self.properties {
+            if let Some((_, instead)) = MANAGED.iter().find(|(k, _)| k == key) {
+                return Err(KafkaConfigError::Conflict {
+                    key: key.clone(),
+                    reason: format!("herald sets it; use {instead}"),
+                });
+            }
+        }
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", &self.client_id)
+            .set("acks", "all")
+            .set("enable.idempotence", self.idempotence.to_string())
+            .set("compression.type", self.compression.as_str())
+            .set("partitioner", self.partitioner.as_str())
+            .set("linger.ms", self.linger.as_millis().to_string())
+            .set("batch.num.messages", self.batch_num_messages.to_string())
+            .set(
+                "message.timeout.ms",
+                self.message_timeout.as_millis().to_string(),
+            )
+            .set(
+                "queue.buffering.max.messages",
+                self.queue_max_messages.to_string(),
+            )
+            .set(
+                "statistics.interval.ms",
+                self.statistics_interval
+                    .map_or(0, |d| d.as_millis())
+                    .to_string(),
+            );
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        Ok(c)
+    }
+}
+
+/// Whether a property's value must be kept out of logs and `Debug`.
+pub(crate) fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "jaas", "key", "token", "credential"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let props: Vec<(String, &str)> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    if is_secret(k) {
+                        "<redacted>"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("client_id", &self.client_id)
+            .field("idempotence", &self.idempotence)
+            .field("compression", &self.compression)
+            .field("partitioner", &self.partitioner)
+            .field("linger", &self.linger)
+            .field("batch_num_messages", &self.batch_num_messages)
+            .field("message_timeout", &self.message_timeout)
+            .field("statistics_interval", &self.statistics_interval)
+            .field("queue_max_messages", &self.queue_max_messages)
+            .field("properties", &props)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_safe_and_explicit() {
+        let c = KafkaConfig::new("127.0.0.1:9092")
+            .client_config()
+            .expect("valid");
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("partitioner"), Some("murmur2_random"));
+        assert_eq!(c.get("compression.type"), Some("lz4"));
+        assert_eq!(c.get("message.timeout.ms"), Some("120000"));
+    }
+
+    #[test]
+    fn managed_properties_are_refused_naming_the_setting() {
+        let e = KafkaConfig::new("h:1")
+            .property("acks", "1")
+            .client_config()
+            .expect_err("conflict");
+        assert!(
+            matches!(&e, KafkaConfigError::Conflict { key, .. } if key == "acks"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("acks=all"), "{e}");
+        let e = KafkaConfig::new("h:1")
+            .property("linger.ms", "50")
+            .client_config()
+            .expect_err("conflict");
+        assert!(e.to_string().contains("KafkaConfig::linger"), "{e}");
+    }
+
+    #[test]
+    fn bad_bootstrap_servers_are_named() {
+        let e = KafkaConfig::new("localhost")
+            .client_config()
+            .expect_err("no port");
+        assert!(
+            e.to_string().contains("`localhost` is not host:port"),
+            "{e}"
+        );
+        assert!(KafkaConfig::new(" ").client_config().is_err());
+        assert!(KafkaConfig::new("a:1, b:2").client_config().is_ok());
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let c = KafkaConfig::new("h:1")
+            .property("sasl.password", "hunter2")
+            .property("ssl.key.password", "s3cret")
+            .property("sasl.username", "alice");
+        let s = format!("{c:?}");
+        assert!(!s.contains("hunter2") && !s.contains("s3cret"), "{s}");
+        assert!(s.contains("alice"), "{s}");
+    }
+}

@@ -1,0 +1,60 @@
+//! Metrics the Kafka transport adds to herald's, from librdkafka's statistics
+//! (`statistics.interval.ms`) and its own events. Same rules as `herald_core::metrics`:
+//! Prometheus names, low-cardinality labels only.
+
+use metrics::{counter, gauge, Counter, Gauge};
+use rdkafka::statistics::Statistics;
+
+/// Messages waiting in librdkafka's queue or in flight to brokers. Gauge.
+pub const QUEUE_MESSAGES: &str = "herald_kafka_queue_messages";
+/// Slowest broker's average round-trip time over the last statistics window. Gauge, seconds.
+pub const BROKER_RTT: &str = "herald_kafka_broker_rtt_seconds";
+/// Produce requests librdkafka retried itself, over all brokers. Counter.
+pub const CLIENT_RETRIES: &str = "herald_kafka_client_retries_total";
+/// Times a send met a full librdkafka queue and waited. Counter.
+pub const QUEUE_FULL: &str = "herald_kafka_queue_full_total";
+/// Producers rebuilt after a fatal error. Counter.
+pub const REBUILDS: &str = "herald_kafka_producer_rebuilds_total";
+
+/// Every metric name above.
+pub const ALL: &[&str] = &[
+    QUEUE_MESSAGES,
+    BROKER_RTT,
+    CLIENT_RETRIES,
+    QUEUE_FULL,
+    REBUILDS,
+];
+
+pub(crate) struct KafkaMetrics {
+    queue: Gauge,
+    rtt: Gauge,
+    retries: Counter,
+    pub(crate) queue_full: Counter,
+    pub(crate) rebuilds: Counter,
+}
+
+impl KafkaMetrics {
+    pub(crate) fn new() -> Self {
+        let l = [("transport", "kafka")];
+        Self {
+            queue: gauge!(QUEUE_MESSAGES, &l),
+            rtt: gauge!(BROKER_RTT, &l),
+            retries: counter!(CLIENT_RETRIES, &l),
+            queue_full: counter!(QUEUE_FULL, &l),
+            rebuilds: counter!(REBUILDS, &l),
+        }
+    }
+
+    pub(crate) fn record(&self, s: &Statistics) {
+        self.queue.set(s.msg_cnt as f64);
+        let rtt_us = s
+            .brokers
+            .values()
+            .filter_map(|b| b.rtt.as_ref().map(|w| w.avg))
+            .max()
+            .unwrap_or(0);
+        self.rtt.set(rtt_us as f64 / 1e6);
+        self.retries
+            .absolute(s.brokers.values().map(|b| b.txretries).sum());
+    }
+}

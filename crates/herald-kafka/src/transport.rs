@@ -1,0 +1,352 @@
+//! `KafkaTransport`: herald's `Transport` on an rdkafka `ThreadedProducer`.
+//!
+//! A batch is handed to librdkafka message by message without waiting (`send` never blocks),
+//! each with a delivery opaque naming its batch and position; librdkafka's delivery callback,
+//! on its polling thread, fills that position; the batch's future resolves when every
+//! position is filled. No future per message, no await per message.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use herald_core::{
+    async_trait, Ack, BatchOutcome, Destination, Message, Transport, TransportError,
+};
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientConfig;
+use tokio::sync::Notify;
+
+use crate::config::KafkaConfig;
+use crate::error::{transport_error, KafkaConfigError};
+use crate::metrics::KafkaMetrics;
+
+/// One batch's outcomes, filled by delivery callbacks.
+struct BatchState {
+    outcomes: Vec<OnceLock<Result<Ack, TransportError>>>,
+    remaining: AtomicUsize,
+    done: Notify,
+}
+
+impl BatchState {
+    fn new(n: usize) -> Self {
+        Self {
+            outcomes: (0..n).map(|_| OnceLock::new()).collect(),
+            remaining: AtomicUsize::new(n),
+            done: Notify::new(),
+        }
+    }
+
+    fn set(&self, index: usize, outcome: Result<Ack, TransportError>) {
+        if self.outcomes[index].set(outcome).is_ok()
+            && self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            self.done.notify_one();
+        }
+    }
+
+    async fn wait(&self) {
+        loop {
+            let done = self.done.notified();
+            if self.remaining.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+/// The delivery opaque of one message: its batch and position.
+struct Slot {
+    batch: Arc<BatchState>,
+    index: usize,
+}
+
+/// State the librdkafka callbacks share with the transport.
+struct Shared {
+    /// Senders waiting for room in librdkafka's queue.
+    waiting: AtomicUsize,
+    space: Notify,
+    metrics: KafkaMetrics,
+}
+
+/// The producer context: delivery reports and statistics.
+struct Context {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        self.shared.metrics.record(&statistics);
+    }
+}
+
+impl ProducerContext for Context {
+    type DeliveryOpaque = Box<Slot>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, slot: Box<Slot>) {
+        let outcome = match result {
+            Ok(m) => Ok(Ack {
+                partition: Some(m.partition()),
+                offset: Some(m.offset()),
+            }),
+            Err((e, _)) => Err(transport_error(e)),
+        };
+        slot.batch.set(slot.index, outcome);
+        if self.shared.waiting.load(Ordering::Acquire) > 0 {
+            self.shared.space.notify_waiters();
+        }
+    }
+}
+
+type Client = ThreadedProducer<Context>;
+
+struct Inner {
+    config: KafkaConfig,
+    client_config: ClientConfig,
+    shared: Arc<Shared>,
+    /// The current producer; replaced after a fatal error.
+    producer: RwLock<Arc<Client>>,
+    /// Bumped at each replacement, so that concurrent batches replace it once.
+    generation: AtomicU64,
+}
+
+/// Sends herald batches to Kafka through librdkafka.
+///
+/// What librdkafka does itself: with idempotence on (the default), it retries a failed produce
+/// request within `message.timeout.ms`, keeping order and without duplicates inside a partition.
+/// What herald does: everything librdkafka reports as failed comes back to herald's pipeline,
+/// which retries transient failures (a broker restart, say) with its own backoff, budget and
+/// delivery timeout, and hands permanent ones back. See docs/guarantees.md.
+///
+/// A fatal error (librdkafka's idempotence state broken) rebuilds the producer; the messages
+/// that failed with it are transient, so herald retries them on the new producer.
+#[derive(Clone)]
+pub struct KafkaTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport")
+            .field("config", &self.inner.config)
+            .field("generation", &self.inner.generation.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl KafkaTransport {
+    /// Checks the settings and creates the librdkafka producer. No connection is made yet: an
+    /// unreachable cluster shows when messages are sent (transient errors until the delivery
+    /// timeout).
+    pub fn new(config: KafkaConfig) -> Result<Self, KafkaConfigError> {
+        let client_config = config.client_config()?;
+        let shared = Arc::new(Shared {
+            waiting: AtomicUsize::new(0),
+            space: Notify::new(),
+            metrics: KafkaMetrics::new(),
+        });
+        let producer = Arc::new(create(&client_config, &shared)?);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                client_config,
+                shared,
+                producer: RwLock::new(producer),
+                generation: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The settings it was built with.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.config
+    }
+
+    /// How many times the producer was rebuilt after a fatal error.
+    pub fn rebuilds(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    fn producer(&self) -> (Arc<Client>, u64) {
+        let p = self
+            .inner
+            .producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        (p, self.inner.generation.load(Ordering::Acquire))
+    }
+
+    /// Replaces a producer that hit a fatal error, once per generation.
+    fn rebuild(&self, seen_generation: u64) {
+        let mut slot = self
+            .inner
+            .producer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.inner.generation.load(Ordering::Acquire) != seen_generation {
+            return;
+        }
+        if let Ok(fresh) = create(&self.inner.client_config, &self.inner.shared) {
+            *slot = Arc::new(fresh);
+            self.inner.generation.fetch_add(1, Ordering::AcqRel);
+            self.inner.shared.metrics.rebuilds.increment(1);
+        }
+    }
+
+    async fn wait_for_room(&self) {
+        let shared = &self.inner.shared;
+        shared.waiting.fetch_add(1, Ordering::AcqRel);
+        let room = shared.space.notified();
+        // Delivery reports free room and wake us; the timeout covers a report that came
+        // between the failed send and this wait.
+        let _woken = tokio::time::timeout(Duration::from_millis(5), room).await;
+        shared.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn create(config: &ClientConfig, shared: &Arc<Shared>) -> Result<Client, KafkaConfigError> {
+    config
+        .create_with_context(Context {
+            shared: shared.clone(),
+        })
+        .map_err(KafkaConfigError::Client)
+}
+
+/// Kafka's rules for topic names, checked before librdkafka sees one.
+pub(crate) fn check_topic(name: &str) -> Result<(), TransportError> {
+    let bad = |why: &str| {
+        Err(
+            TransportError::permanent(format!("invalid Kafka topic name `{name}`: {why}"))
+                .with_code("INVALID_TOPIC_NAME"),
+        )
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name == "." || name == ".." {
+        return bad("`.` and `..` are not allowed");
+    }
+    if name.len() > 249 {
+        return bad("longer than 249 characters");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return bad(&format!(
+            "`{c}` is not allowed (only ASCII letters, digits, `.`, `_`, `-`)"
+        ));
+    }
+    Ok(())
+}
+
+fn headers(m: &Message) -> Option<OwnedHeaders> {
+    if m.headers().is_empty() {
+        return None;
+    }
+    let mut h = OwnedHeaders::new_with_capacity(m.headers().len());
+    for header in m.headers() {
+        h = h.insert(Header {
+            key: &header.name,
+            value: Some(header.value.as_ref()),
+        });
+    }
+    Some(h)
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
+        let topic = destination.as_str();
+        if let Err(e) = check_topic(topic) {
+            return vec![Err(e); batch.len()];
+        }
+        let state = Arc::new(BatchState::new(batch.len()));
+        let (producer, generation) = self.producer();
+        for (index, m) in batch.iter().enumerate() {
+            let slot = Box::new(Slot {
+                batch: state.clone(),
+                index,
+            });
+            let mut record: BaseRecord<'_, [u8], [u8], Box<Slot>> =
+                BaseRecord::with_opaque_to(topic, slot).payload(m.payload().as_ref());
+            if let Some(key) = m.key() {
+                record = record.key(key.as_ref());
+            }
+            if let Some(h) = headers(m) {
+                record = record.headers(h);
+            }
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    // librdkafka's queue is full: backpressure, wait for room (the pipeline's
+                    // attempt timeout bounds the wait), never drop.
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        self.inner.shared.metrics.queue_full.increment(1);
+                        self.wait_for_room().await;
+                    }
+                    Err((e, _record)) => {
+                        state.set(index, Err(transport_error(&e)));
+                        break;
+                    }
+                }
+            }
+        }
+        state.wait().await;
+        if producer.client().fatal_error().is_some() {
+            self.rebuild(generation);
+        }
+        // Callbacks may still hold their slot for a moment after filling it: copy out.
+        state
+            .outcomes
+            .iter()
+            .map(|o| {
+                o.get().cloned().unwrap_or_else(|| {
+                    Err(TransportError::transient(
+                        "no delivery report for this message",
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    async fn close(&self) {
+        // Everything handed to librdkafka has been reported on by now (the pipeline awaits
+        // every batch), so this flush is quick; it runs off the async threads all the same.
+        let (producer, _) = self.producer();
+        let _flushed =
+            tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        assert!(check_topic("orders.v1_EU-west").is_ok());
+        let e = check_topic("bad topic").expect_err("space");
+        assert!(
+            e.to_string()
+                .contains("invalid Kafka topic name `bad topic`"),
+            "{e}"
+        );
+        assert_eq!(e.class(), herald_core::ErrorClass::Permanent);
+        assert!(check_topic("").is_err());
+        assert!(check_topic("..").is_err());
+        assert!(check_topic(&"x".repeat(250)).is_err());
+    }
+}

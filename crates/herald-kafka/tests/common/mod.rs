@@ -1,0 +1,160 @@
+//! Helpers shared by the mock-cluster tests and the real-broker tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use herald_core::{Destination, Message};
+use herald_kafka::{KafkaConfig, KafkaTransport};
+use herald_testkit::conformance::{Harness, Injected};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// Everything in `topic`, partition by partition (each in offset order), once at least
+/// `expected` messages are there or `limit` has passed.
+pub fn read_back(bootstrap: &str, topic: &str, expected: usize, limit: Duration) -> Vec<Message> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("herald-test-{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    let deadline = Instant::now() + limit;
+    let partitions = loop {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+        if let Ok(md) = md {
+            if let Some(t) = md.topics().first() {
+                if !t.partitions().is_empty() {
+                    break t.partitions().len() as i32;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no metadata for topic {topic}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("offset");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut by_partition: HashMap<i32, Vec<(i64, Message)>> = HashMap::new();
+    let mut count = 0;
+    let dest = Destination::new(topic);
+    while count < expected && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let mut msg = Message::new(dest.clone(), m.payload().unwrap_or_default().to_vec());
+                if let Some(k) = m.key() {
+                    msg = msg.with_key(k.to_vec());
+                }
+                if let Some(h) = m.headers() {
+                    for i in 0..h.count() {
+                        let hh = h.get(i);
+                        msg = msg.with_header(hh.key, hh.value.unwrap_or_default().to_vec());
+                    }
+                }
+                by_partition
+                    .entry(m.partition())
+                    .or_default()
+                    .push((m.offset(), msg));
+                count += 1;
+            }
+            Some(Err(e)) => panic!("consumer error: {e}"),
+            None => {}
+        }
+    }
+    let mut parts: Vec<_> = by_partition.into_iter().collect();
+    parts.sort_by_key(|(p, _)| *p);
+    parts
+        .into_iter()
+        .flat_map(|(_, mut v)| {
+            v.sort_by_key(|(o, _)| *o);
+            v.into_iter().map(|(_, m)| m)
+        })
+        .collect()
+}
+
+/// The conformance harness for a Kafka cluster: a mock one or a real one.
+pub struct KafkaHarness {
+    pub bootstrap: String,
+    pub create_topic: Box<dyn Fn(&str) + Send + Sync>,
+    pub inject: Box<dyn Fn(usize) -> Injected + Send + Sync>,
+    pub prefix: String,
+}
+
+#[herald_core::async_trait]
+impl Harness for KafkaHarness {
+    type Transport = KafkaTransport;
+
+    async fn transport(&self) -> KafkaTransport {
+        KafkaTransport::new(
+            KafkaConfig::new(self.bootstrap.clone()).message_timeout(Duration::from_secs(60)),
+        )
+        .expect("transport")
+    }
+
+    async fn destination(&self, hint: &str) -> Destination {
+        let name = format!("{}-{hint}", self.prefix);
+        (self.create_topic)(&name);
+        Destination::new(name)
+    }
+
+    fn poison(&self, destination: &Destination) -> Option<Message> {
+        // Over librdkafka's message.max.bytes (1 000 000), under herald's default 1 MiB.
+        Some(Message::new(destination.clone(), vec![b'p'; 1_000_100]))
+    }
+
+    async fn read_back(&self, destination: &Destination, expected: usize) -> Option<Vec<Message>> {
+        let bootstrap = self.bootstrap.clone();
+        let topic = destination.to_string();
+        Some(
+            tokio::task::spawn_blocking(move || {
+                read_back(&bootstrap, &topic, expected, Duration::from_secs(60))
+            })
+            .await
+            .expect("read back"),
+        )
+    }
+
+    async fn inject_transient_failures(&self, calls: usize) -> Injected {
+        (self.inject)(calls)
+    }
+}
+
+/// Checks every sent payload arrived exactly once, and per key in sending order.
+pub fn assert_exactly_once_in_order(sent: &[Message], got: &[Message]) {
+    let mut seen: HashMap<&[u8], usize> = HashMap::new();
+    for m in got {
+        *seen.entry(m.payload().as_ref()).or_default() += 1;
+    }
+    for m in sent {
+        let n = seen.get(m.payload().as_ref()).copied().unwrap_or(0);
+        assert_eq!(
+            n,
+            1,
+            "payload {:?} arrived {n} times",
+            String::from_utf8_lossy(m.payload())
+        );
+    }
+    assert_eq!(got.len(), sent.len(), "nothing else arrived");
+    let position: HashMap<&[u8], usize> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.payload().as_ref(), i))
+        .collect();
+    let mut last: HashMap<Vec<u8>, usize> = HashMap::new();
+    for m in got {
+        let key = m.key().map(|k| k.to_vec()).unwrap_or_default();
+        let pos = position[m.payload().as_ref()];
+        if let Some(prev) = last.insert(key.clone(), pos) {
+            assert!(
+                prev < pos,
+                "key {:?}: #{pos} arrived after #{prev}",
+                String::from_utf8_lossy(&key)
+            );
+        }
+    }
+}

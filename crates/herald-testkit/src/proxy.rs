@@ -1,0 +1,182 @@
+//! A small TCP fault proxy for broker tests: listens on `127.0.0.1:0`, forwards every connection
+//! to a target, and on demand cuts all open connections and refuses new ones for a while.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use std::time::Duration;
+//! use herald_testkit::proxy::FaultProxy;
+//! let proxy = FaultProxy::start("127.0.0.1:5672").await?;
+//! let url = format!("amqp://guest:guest@{}/%2F", proxy.addr());
+//! // ... connect a client to `url`, then, in the middle of a run:
+//! proxy.cut_for(Duration::from_secs(1));
+//! # Ok(())
+//! # }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+#[derive(Debug)]
+struct State {
+    /// Bumped on every cut: connections opened before a cut end when they see it.
+    generation: watch::Sender<u64>,
+    /// New connections are refused (accepted and closed at once) until then.
+    refuse_until: Mutex<Option<Instant>>,
+    accepted: AtomicU64,
+    cuts: AtomicU64,
+}
+
+/// A TCP proxy that can cut connections. Stops (and closes everything) when dropped.
+#[derive(Debug)]
+pub struct FaultProxy {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy on `127.0.0.1:0` forwarding to `target` (`host:port`).
+    pub async fn start(target: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            generation: watch::channel(0).0,
+            refuse_until: Mutex::new(None),
+            accepted: AtomicU64::new(0),
+            cuts: AtomicU64::new(0),
+        });
+        let target = target.to_owned();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let refusing = st
+                    .refuse_until
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .is_some_and(|t| Instant::now() < t);
+                if refusing {
+                    drop(client);
+                    continue;
+                }
+                st.accepted.fetch_add(1, Ordering::Relaxed);
+                let mut cut = st.generation.subscribe();
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let _nodelay = (client.set_nodelay(true), server.set_nodelay(true));
+                    let (mut client, mut server) = (client, server);
+                    tokio::select! {
+                        _copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _changed = cut.changed() => {}
+                    }
+                    // Dropping both ends closes them: the client sees its connection end.
+                });
+            }
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes every open connection now and refuses new ones for `refuse` (zero: accept again at
+    /// once).
+    pub fn cut_for(&self, refuse: Duration) {
+        *self
+            .state
+            .refuse_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + refuse);
+        self.state.cuts.fetch_add(1, Ordering::Relaxed);
+        self.state.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Connections accepted and forwarded so far.
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Cuts made so far.
+    pub fn cuts(&self) -> u64 {
+        self.state.cuts.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        // Ends the forwarding tasks too.
+        self.state.generation.send_modify(|g| *g += 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn forwards_then_cuts_then_refuses_then_accepts() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let echo_addr = echo.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let proxy = FaultProxy::start(&echo_addr.to_string())
+            .await
+            .expect("proxy");
+        let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
+        c.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).await.expect("echo");
+        assert_eq!(&buf, b"ping");
+
+        proxy.cut_for(Duration::from_millis(300));
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+            .await
+            .expect("the cut closes the connection");
+        assert!(n.map_or(true, |n| n == 0));
+
+        // Refused while the cut lasts: the proxy closes the new connection at once.
+        let mut r = TcpStream::connect(proxy.addr()).await.expect("tcp accept");
+        let mut one = [0u8; 1];
+        let got = tokio::time::timeout(Duration::from_secs(5), r.read(&mut one))
+            .await
+            .expect("closed at once");
+        assert!(got.map_or(true, |n| n == 0));
+
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let mut c = TcpStream::connect(proxy.addr())
+            .await
+            .expect("connect again");
+        c.write_all(b"pong").await.expect("write");
+        c.read_exact(&mut buf).await.expect("echo");
+        assert_eq!(&buf, b"pong");
+        assert_eq!(proxy.cuts(), 1);
+        assert_eq!(proxy.accepted(), 2);
+    }
+}
