@@ -23,7 +23,8 @@ pub const MESSAGES_FAILED: &str = "herald_messages_failed_total";
 pub const MESSAGES_UNCLAIMED: &str = "herald_messages_unclaimed_total";
 /// Message retries scheduled (one per message per retry). Counter.
 pub const RETRIES: &str = "herald_retries_total";
-/// Times the retry budget held a retry back. Counter.
+/// Retry groups (the retried messages of one batch) the retry budget held back, each counted
+/// once. Counter.
 pub const RETRY_BUDGET_DENIED: &str = "herald_retry_budget_denied_total";
 /// Batches handed to the transport. Counter.
 pub const BATCHES: &str = "herald_batches_total";

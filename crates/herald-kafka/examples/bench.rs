@@ -72,7 +72,7 @@ async fn main() {
             let topic = format!("bench-{kind}-{size}-{}", std::process::id());
             match &mock {
                 Some(m) => m.create_topic(&topic, 3).expect("topic"),
-                None => baseline::create_topic(&bootstrap, &topic, 3)
+                None => herald_kafka::admin::create_topic(&bootstrap, &topic, 3, 1)
                     .await
                     .expect("topic"),
             }

@@ -49,6 +49,23 @@ pub(crate) fn class_of(code: RDKafkaErrorCode) -> ErrorClass {
     }
 }
 
+/// Whether this error means the producer's idempotence state is no good any more, so that
+/// retrying on the same producer would fail again: a fatal error, or a broker that does not know
+/// the producer (a broker restarted without its producer state answers "unknown broker error"
+/// to every produce request of the old producer id). The transport then builds a new producer.
+pub(crate) fn needs_new_producer(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::Fatal
+            | C::Unknown
+            | C::UnknownProducerId
+            | C::OutOfOrderSequenceNumber
+            | C::InvalidProducerEpoch
+            | C::InvalidProducerIdMapping
+    )
+}
+
 /// A herald error from a librdkafka error, with the client's code.
 pub(crate) fn transport_error(e: &KafkaError) -> TransportError {
     match e.rdkafka_error_code() {
@@ -122,6 +139,26 @@ mod tests {
             C::NetworkException,
         ] {
             assert_eq!(class_of(code), ErrorClass::Transient, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn producer_state_errors_ask_for_a_new_producer() {
+        for code in [
+            C::Fatal,
+            C::Unknown,
+            C::UnknownProducerId,
+            C::OutOfOrderSequenceNumber,
+        ] {
+            assert!(needs_new_producer(code), "{code:?}");
+            assert_eq!(class_of(code), ErrorClass::Transient, "{code:?} is retried");
+        }
+        for code in [
+            C::LeaderNotAvailable,
+            C::MessageTimedOut,
+            C::MessageSizeTooLarge,
+        ] {
+            assert!(!needs_new_producer(code), "{code:?}");
         }
     }
 

@@ -27,6 +27,7 @@
 //! - `ssl`: build librdkafka with TLS (needs OpenSSL headers).
 //! - `baseline`: the raw-rdkafka baselines `cargo xtask bench kafka` measures herald against.
 
+pub mod admin;
 mod config;
 mod error;
 pub mod metrics;

@@ -5,7 +5,7 @@
 //! on its polling thread, fills that position; the batch's future resolves when every
 //! position is filled. No future per message, no await per message.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use rdkafka::ClientConfig;
 use tokio::sync::Notify;
 
 use crate::config::KafkaConfig;
-use crate::error::{transport_error, KafkaConfigError};
+use crate::error::{needs_new_producer, transport_error, KafkaConfigError};
 use crate::metrics::KafkaMetrics;
 
 /// One batch's outcomes, filled by delivery callbacks.
@@ -31,6 +31,8 @@ struct BatchState {
     outcomes: Vec<OnceLock<Result<Ack, TransportError>>>,
     remaining: AtomicUsize,
     done: Notify,
+    /// A delivery failed in a way that calls for a new producer (see `needs_new_producer`).
+    producer_broken: AtomicBool,
 }
 
 impl BatchState {
@@ -39,6 +41,7 @@ impl BatchState {
             outcomes: (0..n).map(|_| OnceLock::new()).collect(),
             remaining: AtomicUsize::new(n),
             done: Notify::new(),
+            producer_broken: AtomicBool::new(false),
         }
     }
 
@@ -95,7 +98,12 @@ impl ProducerContext for Context {
                 partition: Some(m.partition()),
                 offset: Some(m.offset()),
             }),
-            Err((e, _)) => Err(transport_error(e)),
+            Err((e, _)) => {
+                if e.rdkafka_error_code().is_some_and(needs_new_producer) {
+                    slot.batch.producer_broken.store(true, Ordering::Release);
+                }
+                Err(transport_error(e))
+            }
         };
         slot.batch.set(slot.index, outcome);
         if self.shared.waiting.load(Ordering::Acquire) > 0 {
@@ -124,8 +132,10 @@ struct Inner {
 /// which retries transient failures (a broker restart, say) with its own backoff, budget and
 /// delivery timeout, and hands permanent ones back. See docs/guarantees.md.
 ///
-/// A fatal error (librdkafka's idempotence state broken) rebuilds the producer; the messages
-/// that failed with it are transient, so herald retries them on the new producer.
+/// A fatal error, or a broker that no longer knows the producer (after a restart that lost its
+/// producer state, every produce of the old producer id fails with "unknown broker error"),
+/// rebuilds the producer; the messages that failed are transient, so herald retries them on the
+/// new producer, which gets a new producer id.
 #[derive(Clone)]
 pub struct KafkaTransport {
     inner: Arc<Inner>,
@@ -305,7 +315,10 @@ impl Transport for KafkaTransport {
             }
         }
         state.wait().await;
-        if producer.client().fatal_error().is_some() {
+        if state.producer_broken.load(Ordering::Acquire)
+            || producer.client().fatal_error().is_some()
+        {
+            // The failed messages are transient: herald retries them on the new producer.
             self.rebuild(generation);
         }
         // Callbacks may still hold their slot for a moment after filling it: copy out.

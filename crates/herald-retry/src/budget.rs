@@ -46,14 +46,14 @@ pub struct RetryBudgetConfig {
 }
 
 impl Default for RetryBudgetConfig {
-    /// 20 % of first attempts plus 1 000 retries per second. herald's producer counts in
-    /// messages, not requests: one failed batch of a thousand messages needs a thousand tokens,
-    /// so the floor is sized for a few batches a second (tower's 10/s floor counts requests).
-    /// Enough for ordinary hiccups, far from multiplying load during an outage.
+    /// 20 % of first attempts plus 10 retries per second, as in `tower::retry::budget`. herald's
+    /// producer counts requests: a batch sent deposits, the retry of a failed batch's messages
+    /// (sent again together) withdraws one token. Enough for ordinary hiccups, far from
+    /// multiplying load during an outage.
     fn default() -> Self {
         RetryBudgetConfig {
             ratio: 0.2,
-            min_per_sec: 1000,
+            min_per_sec: 10,
         }
     }
 }
@@ -357,11 +357,11 @@ mod tests {
     fn config_defaults_and_build() {
         let c = RetryBudgetConfig::default();
         assert_eq!(c.ratio, 0.2);
-        assert_eq!(c.min_per_sec, 1000);
+        assert_eq!(c.min_per_sec, 10);
         assert_eq!(c.validate(), Ok(()));
         let b = c.build(Instant::now());
         assert_eq!(b.ratio(), 0.2);
-        assert_eq!(b.min_per_sec(), 1000);
+        assert_eq!(b.min_per_sec(), 10);
         assert!(!b.is_unlimited());
     }
 

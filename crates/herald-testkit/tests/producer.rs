@@ -321,15 +321,21 @@ async fn the_circuit_opens_during_an_outage_and_messages_wait_then_go() {
 
 #[tokio::test(start_paused = true)]
 async fn the_retry_budget_limits_the_retry_rate_without_dropping() {
+    // Ten batches of one message each fail once: ten retry requests, one token each.
     let t = MemoryTransport::new();
-    t.script([CallFault::FailAll(ErrorClass::Transient)]);
+    t.script(std::iter::repeat_n(
+        CallFault::FailAll(ErrorClass::Transient),
+        10,
+    ));
     let p = Producer::builder(t.clone())
         .retry(fast_retry())
         .retry_budget(RetryBudgetConfig {
             ratio: 0.0,
             min_per_sec: 2,
         })
-        .batching(SizeOrLinger::new(100, 1 << 20, Duration::from_millis(1)))
+        .ordering(OrderingMode::Relaxed)
+        .max_in_flight(10)
+        .batching(SizeOrLinger::new(1, 1 << 20, Duration::from_millis(1)))
         .build()
         .expect("build");
     let start = Instant::now();
@@ -347,6 +353,7 @@ async fn the_retry_budget_limits_the_retry_rate_without_dropping() {
         start.elapsed()
     );
     assert_eq!(p.stats().totals.retries, 10);
+    assert_eq!(t.calls(), 20, "each message sent twice, no more");
 }
 
 #[tokio::test(start_paused = true)]

@@ -144,9 +144,11 @@ impl ProducerBuilder {
         self
     }
 
-    /// The retry budget, counted in messages: retries may be at most `ratio` of first attempts,
-    /// plus `min_per_sec`. A retry held back by the budget waits (within its delivery timeout)
-    /// instead of failing. Default: 0.2 and 1 000/s.
+    /// The retry budget, counted in requests: each batch sent deposits `ratio` of a token, each
+    /// retry of a failed batch's messages (sent again together) takes one, and `min_per_sec`
+    /// tokens come per second regardless. A retry held back by the budget waits (within its
+    /// delivery timeout) instead of failing. Default: [`RetryBudgetConfig::default`] (0.2 and
+    /// 10/s, as tower's).
     #[must_use]
     pub fn retry_budget(mut self, budget: RetryBudgetConfig) -> Self {
         self.budget = budget;

@@ -61,16 +61,15 @@ pub(crate) struct Meta {
 
 pub(crate) type Entry = (Message, Meta);
 
-/// Retries waiting for their backoff (and for retry budget).
+/// The retries of one batch, waiting for their backoff and then for one retry-budget token:
+/// the group goes back to the queue whole (strict ordering never splits it), as one retry
+/// request.
 struct Parked {
     ready_at: Instant,
     seq: u64,
     destination: Destination,
     entries: Vec<Entry>,
-    /// Budget tokens already taken for this group; it goes back to the queue when it has one per
-    /// entry, whole, so that strict ordering never splits it.
-    credit: usize,
-    /// Whether the budget has held this group back already (counted once, in messages).
+    /// Whether the budget has held this group back already (counted once).
     denied: bool,
 }
 
@@ -435,20 +434,16 @@ impl Shared {
             let Some(Reverse(mut p)) = st.parked.pop() else {
                 break;
             };
-            while p.credit < p.entries.len() && st.budget.try_withdraw(now) {
-                p.credit += 1;
-            }
-            if p.credit < p.entries.len() {
-                let missing = p.entries.len() - p.credit;
+            if !st.budget.try_withdraw(now) {
                 if !p.denied {
                     p.denied = true;
-                    self.metrics.budget_denied.increment(missing as u64);
+                    self.metrics.budget_denied.increment(1);
                 }
-                // Look again when the floor alone would have refilled what is missing (traffic
-                // may refill it sooner), at most every 100 ms and at least every 1 ms.
+                // Look again when the floor alone would have refilled a token (traffic may
+                // refill it sooner), at most every 100 ms and at least every 1 ms.
                 let wait = match st.budget.min_per_sec() {
                     0 => Duration::from_millis(100),
-                    n => Duration::from_secs_f64(missing as f64 / f64::from(n)),
+                    n => Duration::from_secs(1) / n,
                 };
                 p.ready_at = now + wait.clamp(Duration::from_millis(1), Duration::from_millis(100));
                 st.parked.push(Reverse(p));
@@ -531,7 +526,8 @@ impl Shared {
                 st.acc.batch_done(&batch.destination);
                 continue;
             }
-            st.budget.deposit(first_attempts, now);
+            // One token's worth per batch carrying first attempts: the budget counts requests.
+            st.budget.deposit(u64::from(first_attempts > 0), now);
             st.in_flight += 1;
             st.totals.batches += 1;
             self.metrics.batches.increment(1);
@@ -650,7 +646,6 @@ impl Shared {
                 seq,
                 destination: flight.destination.clone(),
                 entries: retry,
-                credit: 0,
                 denied: false,
             }));
         }

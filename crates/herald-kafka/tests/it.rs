@@ -1,0 +1,266 @@
+//! The Kafka transport against a real Kafka-protocol broker. Run by `cargo xtask it`, which
+//! provides `HERALD_KAFKA_BOOTSTRAP` (and `HERALD_TANSU_BIN` for the restart test).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_exactly_once_in_order, read_back, KafkaHarness};
+use herald_core::{Destination, Message, Producer};
+use herald_kafka::{admin, KafkaConfig, KafkaTransport};
+use herald_retry::{Backoff, ExponentialRetry};
+use herald_testkit::conformance::{self, Injected};
+
+fn bootstrap() -> String {
+    std::env::var("HERALD_KAFKA_BOOTSTRAP")
+        .expect("HERALD_KAFKA_BOOTSTRAP is not set: run these tests with `cargo xtask it kafka`")
+}
+
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+async fn topic(bootstrap: &str, name: &str, partitions: i32) -> String {
+    let name = unique(name);
+    admin::create_topic(bootstrap, &name, partitions, 1)
+        .await
+        .expect("create topic");
+    name
+}
+
+fn keyed(topic: &str, range: std::ops::Range<usize>, keys: usize) -> Vec<Message> {
+    let d = Destination::new(topic);
+    range
+        .map(|i| Message::new(d.clone(), format!("m-{i}")).with_key(format!("k{}", i % keys)))
+        .collect()
+}
+
+async fn read(bootstrap: &str, topic: &str, expected: usize) -> Vec<Message> {
+    let (b, t) = (bootstrap.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || read_back(&b, &t, expected, Duration::from_secs(120)))
+        .await
+        .expect("read back")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn conformance_suite_on_a_real_broker() {
+    let b = bootstrap();
+    let creator = b.clone();
+    let harness = KafkaHarness {
+        bootstrap: b,
+        create_topic: Box::new(move |name| {
+            let creator = creator.clone();
+            let name = name.to_owned();
+            tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current()
+                    .block_on(admin::create_topic(&creator, &name, 3, 1))
+                    .expect("create topic");
+            });
+        }),
+        inject: Box::new(|_| Injected::Nothing),
+        prefix: unique("conformance"),
+    };
+    conformance::run(&harness).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn a_hundred_thousand_keyed_messages_arrive_once_in_order() {
+    let b = bootstrap();
+    let t = topic(&b, "hundred-k", 3).await;
+    let transport = KafkaTransport::new(KafkaConfig::new(b.clone())).expect("transport");
+    let producer = Producer::builder(transport)
+        .batching(herald_kafka::recommended_batching())
+        .build()
+        .expect("producer");
+    let msgs = keyed(&t, 0..100_000, 50);
+    let report = producer.send_all(msgs.clone()).await.wait().await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed.first());
+    assert_eq!(report.delivered, 100_000);
+    producer.close(Duration::from_secs(30)).await;
+    assert_exactly_once_in_order(&msgs, &read(&b, &t, msgs.len()).await);
+}
+
+/// A Tansu broker of the test's own, on SQLite storage so that its log survives a restart.
+struct OwnTansu {
+    bin: String,
+    port: u16,
+    db: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnTansu {
+    fn start(bin: String) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let db = std::env::temp_dir().join(format!("herald-tansu-{port}.db"));
+        let _fresh = std::fs::remove_file(&db);
+        let mut t = Self {
+            bin,
+            port,
+            db,
+            child: None,
+        };
+        t.up();
+        t
+    }
+
+    fn db_name(&self) -> String {
+        self.db
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn up(&mut self) {
+        let url = format!("tcp://{}", self.addr());
+        let child = Command::new(&self.bin)
+            .arg("broker")
+            .env("LISTENER_URL", &url)
+            .env("ADVERTISED_LISTENER_URL", &url)
+            // Tansu reads the SQLite path relative to its working directory.
+            .env("STORAGE_ENGINE", format!("sqlite://{}", self.db_name()))
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(self.addr()).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not start on {}",
+                self.addr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the broker as an operator would (SIGTERM), and waits for it to exit.
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let stopped = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !stopped {
+                let _killed = c.kill();
+            }
+            let _reaped = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnTansu {
+    fn drop(&mut self) {
+        self.down();
+        let _removed = std::fs::remove_file(&self.db);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn a_broker_restart_in_the_middle_of_a_run_loses_nothing() {
+    let Ok(bin) = std::env::var("HERALD_TANSU_BIN") else {
+        panic!("HERALD_TANSU_BIN is not set: this test restarts a Tansu broker of its own (cargo xtask it sets it)");
+    };
+    let mut broker = OwnTansu::start(bin);
+    let b = broker.addr();
+    let t = topic(&b, "restart", 3).await;
+    let transport =
+        KafkaTransport::new(KafkaConfig::new(b.clone()).message_timeout(Duration::from_secs(2)))
+            .expect("transport");
+    let producer = Producer::builder(transport)
+        .batching(herald_kafka::recommended_batching())
+        .retry(ExponentialRetry::new(Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+        )))
+        .delivery_timeout(Duration::from_secs(180))
+        .build()
+        .expect("producer");
+    let msgs = keyed(&t, 0..60_000, 20);
+    let receipt = producer.send_all(msgs.clone()).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while producer.stats().totals.delivered < 15_000 {
+        assert!(Instant::now() < deadline, "no progress before the restart");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = producer.stats().totals.delivered;
+    // Down for longer than librdkafka's message.timeout.ms (2 s): librdkafka gives the pending
+    // messages up and herald has to retry them. Back up once herald is retrying.
+    broker.down();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while producer.stats().totals.retries == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "herald never retried during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.up();
+    let report = receipt.wait().await;
+    assert!(
+        report.failed.is_empty(),
+        "{} failed, first: {:?}",
+        report.failed.len(),
+        report.failed.first()
+    );
+    assert_eq!(report.delivered, 60_000);
+    assert!(
+        before < 60_000,
+        "the restart happened in the middle of the run"
+    );
+    let stats = producer.stats();
+    producer.close(Duration::from_secs(30)).await;
+    let got = read(&b, &t, msgs.len()).await;
+    let stored: std::collections::HashSet<&[u8]> =
+        got.iter().map(|m| m.payload().as_ref()).collect();
+    let lost: Vec<_> = msgs
+        .iter()
+        .filter(|m| !stored.contains(m.payload().as_ref()))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} messages lost, first {:?}",
+        lost.len(),
+        lost.first()
+    );
+    // Per key, the first copy of each message is in sending order (duplicates may follow).
+    let mut seen = std::collections::HashSet::new();
+    let mut last: std::collections::HashMap<Vec<u8>, usize> = std::collections::HashMap::new();
+    for m in &got {
+        if !seen.insert(m.payload().clone()) {
+            continue;
+        }
+        let seq: usize = String::from_utf8_lossy(&m.payload()[2..])
+            .parse()
+            .expect("m-N");
+        let key = m.key().map(|k| k.to_vec()).unwrap_or_default();
+        if let Some(prev) = last.insert(key.clone(), seq) {
+            assert!(
+                prev < seq,
+                "key {:?}: m-{seq} stored before m-{prev}",
+                String::from_utf8_lossy(&key)
+            );
+        }
+    }
+    eprintln!(
+        "restart: {before} delivered before it, {} retries by herald, {} stored for 60 000 sent ({} duplicates)",
+        stats.totals.retries,
+        got.len(),
+        got.len() - 60_000
+    );
+}
