@@ -1,17 +1,313 @@
-//! Provisioning and benchmarks for the amqp adapter (in progress).
+//! Provisioning and benchmarks for the amqp adapter.
+//!
+//! A broker for the tests, first that works:
+//! 1. `$HERALD_AMQP_URL`, used as it is;
+//! 2. the machine's RabbitMQ on 127.0.0.1:5672 (guest/guest), used as it is, never reconfigured;
+//! 3. a RabbitMQ node of our own from Debian's `rabbitmq-server` (installed when missing) on
+//!    free ports, with its own folders and config file, stopped and removed afterwards;
+//! 4. Docker's `rabbitmq:3` image where an engine answers, removed afterwards.
+//!
+//! `HERALD_AMQP_PROVISION=local` (or `docker`) forces choice 3 (or 4).
 
-use std::path::Path;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-use crate::it::Broker;
+use crate::it::{docker_engine, port_open, Broker};
 
-/// Finds or starts a broker for the integration tests.
+const SHARED: &str = "127.0.0.1:5672";
+const SHARED_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Finds or starts a broker for the integration tests. `HERALD_AMQP_PROVISION=local` or
+/// `=docker` skips the earlier choices (to test those paths on a machine that has a broker).
 pub(crate) fn provision() -> Result<Broker> {
-    bail!("the amqp adapter's integration tests are not written yet")
+    match std::env::var("HERALD_AMQP_PROVISION").as_deref() {
+        Ok("local") => {
+            if !ensure_rabbitmq_server() {
+                bail!(
+                    "HERALD_AMQP_PROVISION=local: no rabbitmq-server and it could not be installed"
+                );
+            }
+            return start_local_node();
+        }
+        Ok("docker") => return start_docker(),
+        _ => {}
+    }
+    if let Ok(url) = std::env::var("HERALD_AMQP_URL") {
+        eprintln!("amqp: using HERALD_AMQP_URL");
+        return Ok(given(url));
+    }
+    if port_open(SHARED) && amqp_ready(SHARED) {
+        eprintln!("amqp: using the machine's RabbitMQ on {SHARED}");
+        return Ok(given(SHARED_URL.to_owned()));
+    }
+    if ensure_rabbitmq_server() {
+        if port_open(SHARED) && amqp_ready(SHARED) {
+            // Installing the package started the machine's own service.
+            eprintln!("amqp: using the RabbitMQ service the package started on {SHARED}");
+            return Ok(given(SHARED_URL.to_owned()));
+        }
+        match start_local_node() {
+            Ok(b) => return Ok(b),
+            Err(e) => eprintln!("amqp: could not start a local rabbitmq-server node: {e:#}"),
+        }
+    }
+    if docker_engine() {
+        return start_docker();
+    }
+    bail!(
+        "no RabbitMQ for the amqp tests: set HERALD_AMQP_URL, run one on {SHARED}, install \
+         Debian's rabbitmq-server, or start a Docker engine"
+    )
 }
 
-/// `cargo xtask bench amqp`.
-pub(crate) fn bench(_root: &Path) -> Result<()> {
-    bail!("the amqp benchmark is not written yet")
+fn given(url: String) -> Broker {
+    Broker {
+        env: vec![("HERALD_AMQP_URL", url)],
+        stop: None,
+    }
+}
+
+/// Whether an AMQP broker answers the protocol header on `addr` (a bound port alone can be a
+/// node still booting).
+fn amqp_ready(addr: &str) -> bool {
+    let Ok(sock) = addr.parse() else {
+        return false;
+    };
+    let Ok(mut s) = TcpStream::connect_timeout(&sock, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _timeout = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut first = [0u8; 1];
+    // A method frame (type 1: connection.start) answers the AMQP 0-9-1 header.
+    s.write_all(b"AMQP\x00\x00\x09\x01").is_ok()
+        && s.read_exact(&mut first).is_ok()
+        && first[0] == 1
+}
+
+fn wait_ready(addr: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if amqp_ready(addr) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    false
+}
+
+fn has_rabbitmq_server() -> bool {
+    Path::new("/usr/sbin/rabbitmq-server").exists()
+        || Command::new("sh")
+            .args(["-c", "command -v rabbitmq-server"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
+/// True when `rabbitmq-server` is there, installing Debian's package if it is missing.
+fn ensure_rabbitmq_server() -> bool {
+    if has_rabbitmq_server() {
+        return true;
+    }
+    if !Path::new("/usr/bin/apt-get").exists() {
+        return false;
+    }
+    eprintln!("amqp: installing Debian's rabbitmq-server");
+    let quiet = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let _updated = quiet(&["update", "-q"]);
+    quiet(&["install", "-y", "-q", "rabbitmq-server"]) && has_rabbitmq_server()
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A node of our own: own name, ports, folders and config file (the machine's config may pin
+/// the listener to 5672). Stopped and removed when the tests end.
+fn start_local_node() -> Result<Broker> {
+    let port = free_port()?;
+    let dist = free_port()?;
+    let name = format!("herald-xtask-{}", std::process::id());
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(dir.join("mnesia"))?;
+    std::fs::create_dir_all(dir.join("log"))?;
+    std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
+    std::fs::write(
+        dir.join("rabbitmq.conf"),
+        format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+    )?;
+    let chowned = Command::new("chown")
+        .args(["-R", "rabbitmq:rabbitmq"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !chowned {
+        bail!("could not give {} to the rabbitmq user", dir.display());
+    }
+    let d = |p: &str| dir.join(p).to_string_lossy().into_owned();
+    let env: Vec<(String, String)> = vec![
+        ("RABBITMQ_NODENAME".into(), name.clone()),
+        ("RABBITMQ_NODE_PORT".into(), port.to_string()),
+        ("RABBITMQ_NODE_IP_ADDRESS".into(), "127.0.0.1".into()),
+        ("RABBITMQ_DIST_PORT".into(), dist.to_string()),
+        ("RABBITMQ_MNESIA_BASE".into(), d("mnesia")),
+        ("RABBITMQ_LOG_BASE".into(), d("log")),
+        ("RABBITMQ_PID_FILE".into(), d("node.pid")),
+        ("RABBITMQ_ENABLED_PLUGINS_FILE".into(), d("enabled_plugins")),
+        ("RABBITMQ_CONFIG_FILE".into(), d("rabbitmq.conf")),
+    ];
+    let stop = {
+        let (name, env, dir) = (name.clone(), env.clone(), dir.clone());
+        move || stop_local_node(&name, &env, &dir)
+    };
+    eprintln!("amqp: starting a rabbitmq-server node of our own ({name}) on 127.0.0.1:{port}");
+    let started = Command::new("rabbitmq-server")
+        .arg("-detached")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .status()
+        .context("run rabbitmq-server -detached")?;
+    let addr = format!("127.0.0.1:{port}");
+    if !started.success() || !wait_ready(&addr, Duration::from_secs(90)) {
+        stop();
+        bail!("the node did not answer AMQP on {addr} within 90 s");
+    }
+    Ok(Broker {
+        env: vec![(
+            "HERALD_AMQP_URL",
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        )],
+        stop: Some(Box::new(stop)),
+    })
+}
+
+fn stop_local_node(name: &str, env: &[(String, String)], dir: &PathBuf) {
+    let stopped = Command::new("rabbitmqctl")
+        .args(["-n", name, "stop"])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !stopped {
+        eprintln!("amqp: warning: `rabbitmqctl -n {name} stop` failed; the node may still run");
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        eprintln!("amqp: warning: could not remove {}: {e}", dir.display());
+    }
+}
+
+fn start_docker() -> Result<Broker> {
+    let port = free_port()?;
+    let name = format!("herald-amqp-it-{}", std::process::id());
+    eprintln!("amqp: starting Docker's rabbitmq:3 as {name} on 127.0.0.1:{port}");
+    crate::run(
+        "docker run rabbitmq",
+        Command::new("docker").args([
+            "run",
+            "-d",
+            "--rm",
+            "--name",
+            &name,
+            "-p",
+            &format!("127.0.0.1:{port}:5672"),
+            "rabbitmq:3",
+        ]),
+    )?;
+    let stop = {
+        let name = name.clone();
+        move || {
+            let removed = Command::new("docker")
+                .args(["rm", "-f", &name])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !removed {
+                eprintln!("amqp: warning: could not remove container {name}");
+            }
+        }
+    };
+    let addr = format!("127.0.0.1:{port}");
+    if !wait_ready(&addr, Duration::from_secs(120)) {
+        stop();
+        bail!("the rabbitmq container did not answer AMQP on {addr} within 120 s");
+    }
+    Ok(Broker {
+        env: vec![(
+            "HERALD_AMQP_URL",
+            format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        )],
+        stop: Some(Box::new(stop)),
+    })
+}
+
+/// `cargo xtask bench amqp`: herald vs raw lapin (streaming confirms, same channels and
+/// window) vs the naive pattern (await each confirm), persistent 100 B and 1 KiB messages to a
+/// durable queue, in one run; rewrites the amqp section of docs/benchmarks.md.
+pub(crate) fn bench(root: &Path) -> Result<()> {
+    let broker = provision()?;
+    let out = root.join("target/bench/amqp.json");
+    std::fs::create_dir_all(out.parent().context("target/bench")?)?;
+    let messages = std::env::var("HERALD_BENCH_AMQP_MESSAGES").unwrap_or_else(|_| "100000".into());
+    let mut cmd = crate::cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "herald-amqp",
+        "--features",
+        "baseline",
+        "--bin",
+        "amqp-baseline",
+        "--",
+        "--messages",
+        &messages,
+        "--json",
+        out.to_str().context("utf-8 path")?,
+    ]);
+    for (k, v) in &broker.env {
+        cmd.env(k, v);
+    }
+    let result = crate::run("amqp benchmark", &mut cmd);
+    drop(broker);
+    result?;
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let mut table = format!(
+        "Run: `cargo xtask bench amqp` on {}, broker on the same machine ({}). {} persistent \
+         messages per run to a fresh durable classic queue; {} channels × {} unconfirmed.\n\n",
+        crate::machine(),
+        json["broker"].as_str().unwrap_or("?"),
+        json["messages"],
+        json["channels"],
+        json["window"],
+    );
+    table.push_str(
+        "One run each, on a machine shared with the broker and other builds: expect ±15 % between \
+         runs. herald's messages carry 64 keys (spread over the channels) and its `message_id` and \
+         key header; the raw runs send bare payloads.\n\n",
+    );
+    table.push_str(
+        "| payload | variant | msgs/s | vs raw best | vs naive |\n|---|---|---:|---:|---:|\n",
+    );
+    for f in json["figures"].as_array().context("figures")? {
+        table.push_str(&format!(
+            "| {} B | {} | {} | {:.2}× | {:.1}× |\n",
+            f["payload_bytes"],
+            f["what"].as_str().unwrap_or("?"),
+            crate::thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
+            f["vs_raw"].as_f64().unwrap_or(0.0),
+            f["vs_naive"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    crate::replace_section(&root.join("docs/benchmarks.md"), "amqp", &table)?;
+    eprintln!("docs/benchmarks.md: amqp section updated\n\n{table}");
+    Ok(())
 }

@@ -86,7 +86,6 @@ pub(crate) fn it(args: &[String]) -> Result<()> {
 }
 
 /// Whether something accepts TCP connections on `addr` within a second.
-#[allow(dead_code)]
 pub(crate) fn port_open(addr: &str) -> bool {
     use std::net::{TcpStream, ToSocketAddrs};
     addr.to_socket_addrs()
@@ -96,7 +95,6 @@ pub(crate) fn port_open(addr: &str) -> bool {
 }
 
 /// Whether a Docker engine answers (the client alone is not enough).
-#[allow(dead_code)]
 pub(crate) fn docker_engine() -> bool {
     Command::new("docker")
         .args(["info", "--format", "{{.ServerVersion}}"])

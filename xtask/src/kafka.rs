@@ -1,17 +1,207 @@
-//! Provisioning and benchmarks for the kafka adapter (in progress).
+//! Kafka for `cargo xtask it` and `cargo xtask bench kafka`.
+//!
+//! Where a broker comes from, in order: `HERALD_KAFKA_BOOTSTRAP` as given; Docker's
+//! `apache/kafka` (tests/docker-compose.yml) where a Docker engine answers; otherwise Tansu, a
+//! Kafka-protocol broker, installed once with `cargo install` and started on a free port with
+//! in-memory storage. Tests that restart a broker start their own Tansu (`HERALD_TANSU_BIN`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-use crate::it::Broker;
+use crate::it::{docker_engine, port_open, Broker};
+
+const TANSU_VERSION: &str = "0.6.0";
 
 /// Finds or starts a broker for the integration tests.
 pub(crate) fn provision() -> Result<Broker> {
-    bail!("the kafka adapter's integration tests are not written yet")
+    let tansu = tansu_bin().ok();
+    let mut env = Vec::new();
+    if let Some(bin) = &tansu {
+        env.push(("HERALD_TANSU_BIN", bin.display().to_string()));
+    }
+    if let Ok(bootstrap) = std::env::var("HERALD_KAFKA_BOOTSTRAP") {
+        eprintln!("kafka: using HERALD_KAFKA_BOOTSTRAP={bootstrap}");
+        env.push(("HERALD_KAFKA_BOOTSTRAP", bootstrap));
+        return Ok(Broker { env, stop: None });
+    }
+    if docker_engine() {
+        let compose = crate::project_root().join("tests/docker-compose.yml");
+        let compose = compose.to_str().context("utf-8 path")?.to_owned();
+        crate::run(
+            "docker compose up kafka",
+            Command::new("docker").args(["compose", "-f", &compose, "up", "-d", "--wait", "kafka"]),
+        )?;
+        env.push(("HERALD_KAFKA_BOOTSTRAP", "127.0.0.1:9092".into()));
+        let stop = move || {
+            let stopped = Command::new("docker")
+                .args(["compose", "-f", &compose, "rm", "-sf", "kafka"])
+                .status();
+            if !stopped.as_ref().is_ok_and(|s| s.success()) {
+                eprintln!("kafka: could not remove the kafka container: {stopped:?}");
+            }
+        };
+        return Ok(Broker {
+            env,
+            stop: Some(Box::new(stop)),
+        });
+    }
+    let bin = match tansu {
+        Some(bin) => bin,
+        None => install_tansu()?,
+    };
+    let port = free_port()?;
+    let mut child = start_tansu(&bin, port, "memory://tansu/")?;
+    let addr = format!("127.0.0.1:{port}");
+    if let Err(e) = wait_for(&addr, Duration::from_secs(60)) {
+        stop_child(&mut child);
+        return Err(e);
+    }
+    eprintln!("kafka: Tansu {TANSU_VERSION} on {addr} (memory storage)");
+    env.push(("HERALD_KAFKA_BOOTSTRAP", addr));
+    env.push(("HERALD_TANSU_BIN", bin.display().to_string()));
+    let stop = move || stop_child(&mut child);
+    Ok(Broker {
+        env,
+        stop: Some(Box::new(stop)),
+    })
 }
 
-/// `cargo xtask bench kafka`.
-pub(crate) fn bench(_root: &Path) -> Result<()> {
-    bail!("the kafka benchmark is not written yet")
+fn stop_child(child: &mut Child) {
+    if let Err(e) = child.kill().and_then(|()| child.wait().map(drop)) {
+        eprintln!("kafka: could not stop Tansu (pid {}): {e}", child.id());
+    }
+}
+
+/// `tansu` at the wanted version, on PATH or in cargo's bin folder.
+fn tansu_bin() -> Result<PathBuf> {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("bin/tansu"));
+    for candidate in cargo_bin.into_iter().chain([PathBuf::from("tansu")]) {
+        let out = Command::new(&candidate).arg("--version").output();
+        if let Ok(out) = out {
+            if String::from_utf8_lossy(&out.stdout).contains(TANSU_VERSION) {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!("tansu {TANSU_VERSION} is not installed")
+}
+
+fn install_tansu() -> Result<PathBuf> {
+    eprintln!("kafka: installing Tansu {TANSU_VERSION} (once; about 7 minutes on 2 cores)");
+    crate::run(
+        "cargo install tansu",
+        crate::cargo().args([
+            "install",
+            "tansu",
+            "--version",
+            TANSU_VERSION,
+            "--features",
+            "dynostore,libsql",
+            "--locked",
+        ]),
+    )?;
+    tansu_bin()
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Starts `tansu broker` on `port` with `storage`; its output goes to target/it/tansu-PORT.log.
+fn start_tansu(bin: &Path, port: u16, storage: &str) -> Result<Child> {
+    let logs = crate::project_root().join("target/it");
+    std::fs::create_dir_all(&logs)?;
+    let log = std::fs::File::create(logs.join(format!("tansu-{port}.log")))?;
+    let url = format!("tcp://127.0.0.1:{port}");
+    Command::new(bin)
+        .arg("broker")
+        .env("LISTENER_URL", &url)
+        .env("ADVERTISED_LISTENER_URL", &url)
+        .env("STORAGE_ENGINE", storage)
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("could not start {}", bin.display()))
+}
+
+fn wait_for(addr: &str, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !port_open(addr) {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr} after {limit:?}: see target/it/tansu-*.log");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench kafka`: herald, raw rdkafka at its best and the naive pattern on one
+/// broker in one run; rewrites the Kafka section of docs/benchmarks.md.
+pub(crate) fn bench(root: &Path) -> Result<()> {
+    let broker = provision()?;
+    let bootstrap = broker
+        .env
+        .iter()
+        .find(|(k, _)| *k == "HERALD_KAFKA_BOOTSTRAP")
+        .map(|(_, v)| v.clone())
+        .context("no bootstrap")?;
+    let out = root.join("target/bench/kafka.json");
+    std::fs::create_dir_all(out.parent().context("target/bench")?)?;
+    let messages =
+        std::env::var("HERALD_BENCH_KAFKA_MESSAGES").unwrap_or_else(|_| "1000000".into());
+    crate::run(
+        "kafka benchmark",
+        crate::cargo().args([
+            "run",
+            "--release",
+            "-p",
+            "herald-kafka",
+            "--features",
+            "baseline",
+            "--example",
+            "bench",
+            "--",
+            "--bootstrap",
+            &bootstrap,
+            "--messages",
+            &messages,
+            "--naive",
+            "300",
+            "--json",
+            out.to_str().context("utf-8 path")?,
+        ]),
+    )?;
+    drop(broker);
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let mut body = format!(
+        "Run: `cargo xtask bench kafka` on {}, against {} (Tansu `memory://` when no other broker is given).\n\n",
+        crate::machine(),
+        bootstrap
+    );
+    body.push_str("| message | messages | raw rdkafka best (msgs/s) | herald (msgs/s) | naive (msgs/s) | herald / raw | herald / naive |\n|---|---:|---:|---:|---:|---:|---:|\n");
+    for r in json["rows"].as_array().context("rows")? {
+        let raw = r["raw_best_msgs_per_sec"].as_f64().unwrap_or(0.0);
+        let her = r["herald_msgs_per_sec"].as_f64().unwrap_or(0.0);
+        let naive = r["naive_msgs_per_sec"].as_f64().unwrap_or(0.0);
+        body.push_str(&format!(
+            "| {} B | {} | {} | {} | {:.0} | {:.2}× | {:.0}× |\n",
+            r["size"],
+            r["messages"],
+            crate::thousands(raw),
+            crate::thousands(her),
+            naive,
+            her / raw,
+            her / naive
+        ));
+    }
+    crate::replace_section(&root.join("docs/benchmarks.md"), "kafka", &body)?;
+    eprintln!("docs/benchmarks.md: kafka section updated");
+    Ok(())
 }

@@ -38,7 +38,7 @@
 //! | feature | what it adds |
 //! |---|---|
 //! | `testkit` | the `testkit` module: the in-memory transport with scripted faults and the adapter conformance suite |
-//! | `kafka` | reserved for the Kafka transport (herald-kafka); enables nothing yet |
+//! | `kafka` | the `kafka` module: the Kafka transport (herald-kafka, on rdkafka; builds librdkafka) |
 //! | `amqp` | reserved for the RabbitMQ transport (herald-amqp); enables nothing yet |
 //! | `telemetry` | reserved for the Prometheus exporter and health (herald-telemetry); enables nothing yet |
 //! | `full` | all of the above |
@@ -56,6 +56,12 @@ pub mod batch {
 /// Backoff, retry policies, retry budget and circuit breaker ([`herald_retry`]).
 pub mod retry {
     pub use herald_retry::*;
+}
+
+/// The Kafka transport ([`herald_kafka`]): `herald::kafka::{KafkaConfig, KafkaTransport}`.
+#[cfg(feature = "kafka")]
+pub mod kafka {
+    pub use herald_kafka::*;
 }
 
 /// The in-memory transport and the adapter conformance suite ([`herald_testkit`]).
