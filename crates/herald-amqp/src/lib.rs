@@ -1,1 +1,42 @@
-//! herald's amqp transport (in progress).
+//! herald-amqp: a herald [`Transport`](herald_core::Transport) for RabbitMQ and other AMQP 0-9-1
+//! brokers, on [lapin](https://docs.rs/lapin).
+//!
+//! - [`AmqpConfig`]: an `amqp://` / `amqps://` URL plus typed options (channels, confirm
+//!   window, persistence, mandatory, timeouts, TLS CA, topology to declare).
+//! - [`AmqpTransport`]: publisher confirms always on, streamed over several channels; unroutable
+//!   messages come back as permanent `NO_ROUTE` errors; reconnects after a loss; waits while
+//!   the broker blocks the connection.
+//! - [`queue`] and [`exchange`]: how a herald [`Destination`](herald_core::Destination) names
+//!   an AMQP target (`"queue"` or `"exchange/routing-key"`).
+//!
+//! - [`metrics`]: the names of the metrics it adds (connection blocked, connected, reconnects,
+//!   returned and nacked messages).
+//!
+//! lapin's types never appear in this crate's API.
+//!
+//! ```no_run
+//! use herald_amqp::{AmqpConfig, AmqpTransport};
+//! use herald_core::{Message, Producer};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let transport = AmqpTransport::new(AmqpConfig::from_url("amqp://guest:guest@127.0.0.1:5672/%2F")?)?;
+//! transport.connect().await?; // optional: surfaces a wrong URL or credentials now
+//! let producer = Producer::builder(transport).build()?;
+//! producer.send(Message::new(herald_amqp::queue("orders"), "created #42").with_key("customer-7")).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Crate feature flags
+//!
+//! - `baseline`: builds the `amqp-baseline` binary, raw lapin publishing at its best and at its
+//!   most naive, that `cargo xtask bench amqp` compares herald with.
+
+mod config;
+mod error;
+pub mod metrics;
+mod transport;
+
+pub use config::{AmqpConfig, Declare, ExchangeKind};
+pub use error::ConfigError;
+pub use transport::{exchange, queue, AmqpTransport};

@@ -1,0 +1,107 @@
+//! Metrics the AMQP transport adds to herald's. Same rules as `herald_core::metrics`: Prometheus
+//! names, one label (`transport="amqp"`), never a queue, exchange or key.
+
+use metrics::{counter, gauge, Counter, Gauge};
+
+/// 1 while the broker blocks the connection (`connection.blocked`: a memory or disk alarm),
+/// else 0. Gauge.
+pub const CONNECTION_BLOCKED: &str = "herald_amqp_connection_blocked";
+/// 1 while a connection to the broker is up, else 0. Gauge.
+pub const CONNECTED: &str = "herald_amqp_connected";
+/// Connections opened, the first one included. Counter.
+pub const CONNECTIONS_OPENED: &str = "herald_amqp_connections_opened_total";
+/// Failed connection attempts. Counter.
+pub const CONNECT_FAILURES: &str = "herald_amqp_connect_failures_total";
+/// Times the broker sent `connection.blocked`. Counter.
+pub const BLOCKED_EVENTS: &str = "herald_amqp_blocked_total";
+/// Messages the broker returned as unroutable (`basic.return`). Counter.
+pub const RETURNED: &str = "herald_amqp_returned_total";
+/// Messages the broker nacked (`basic.nack`). Counter.
+pub const NACKED: &str = "herald_amqp_nacked_total";
+
+/// Every metric name above.
+pub const ALL: &[&str] = &[
+    CONNECTION_BLOCKED,
+    CONNECTED,
+    CONNECTIONS_OPENED,
+    CONNECT_FAILURES,
+    BLOCKED_EVENTS,
+    RETURNED,
+    NACKED,
+];
+
+/// The handles, registered once per transport.
+#[derive(Clone)]
+pub(crate) struct AmqpMetrics {
+    pub(crate) blocked: Gauge,
+    pub(crate) connected: Gauge,
+    pub(crate) opened: Counter,
+    pub(crate) connect_failures: Counter,
+    pub(crate) blocked_events: Counter,
+    pub(crate) returned: Counter,
+    pub(crate) nacked: Counter,
+}
+
+impl AmqpMetrics {
+    pub(crate) fn new() -> Self {
+        let l = [("transport", "amqp")];
+        Self {
+            blocked: gauge!(CONNECTION_BLOCKED, &l),
+            connected: gauge!(CONNECTED, &l),
+            opened: counter!(CONNECTIONS_OPENED, &l),
+            connect_failures: counter!(CONNECT_FAILURES, &l),
+            blocked_events: counter!(BLOCKED_EVENTS, &l),
+            returned: counter!(RETURNED, &l),
+            nacked: counter!(NACKED, &l),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        for name in ALL {
+            assert!(name.starts_with("herald_amqp_"), "{name}");
+        }
+        for counter in [
+            CONNECTIONS_OPENED,
+            CONNECT_FAILURES,
+            BLOCKED_EVENTS,
+            RETURNED,
+            NACKED,
+        ] {
+            assert!(counter.ends_with("_total"), "{counter}");
+        }
+    }
+
+    #[test]
+    fn handles_reach_the_recorder() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let m = metrics::with_local_recorder(&recorder, AmqpMetrics::new);
+        m.blocked.set(1.0);
+        m.returned.increment(2);
+        let snap = snapshotter.snapshot().into_vec();
+        let value = |name: &str| {
+            snap.iter()
+                .find(|(k, ..)| k.key().name() == name)
+                .map(|(k, _, _, v)| {
+                    assert!(k
+                        .key()
+                        .labels()
+                        .any(|l| l.key() == "transport" && l.value() == "amqp"));
+                    match v {
+                        DebugValue::Gauge(g) => g.into_inner(),
+                        DebugValue::Counter(c) => *c as f64,
+                        DebugValue::Histogram(_) => f64::NAN,
+                    }
+                })
+        };
+        assert_eq!(value(CONNECTION_BLOCKED), Some(1.0));
+        assert_eq!(value(RETURNED), Some(2.0));
+    }
+}

@@ -1,0 +1,917 @@
+//! Integration tests against a real RabbitMQ: `cargo xtask it amqp` (which sets
+//! `HERALD_AMQP_URL`). Each test uses its own uniquely named queues and deletes them; queues are
+//! also declared with `x-expires`, so a failed test leaves nothing behind for long.
+//!
+//! Tests that restart a broker or raise a memory alarm start their own RabbitMQ node (see
+//! [`OwnNode`]): the shared broker is never stopped or reconfigured.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use herald_amqp::{AmqpConfig, AmqpTransport};
+use herald_core::{async_trait, Destination, ErrorClass, Message, Producer, ProducerBuilder};
+use herald_testkit::conformance::{self, Harness, Injected};
+use herald_testkit::proxy::FaultProxy;
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use tokio::time::Instant;
+
+fn url() -> String {
+    std::env::var("HERALD_AMQP_URL")
+        .expect("HERALD_AMQP_URL is not set: run these tests with `cargo xtask it amqp`")
+}
+
+fn uniq(hint: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() % 1_000_000_000);
+    format!(
+        "herald-it-{hint}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A raw lapin connection for declaring, reading and deleting test queues.
+struct Admin {
+    conn: Connection,
+    queues: Mutex<Vec<String>>,
+}
+
+impl Admin {
+    async fn connect(url: &str) -> Self {
+        let conn = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .expect("admin connection to the test broker");
+        Self {
+            conn,
+            queues: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A new durable queue that expires 10 minutes after its last use.
+    async fn queue(&self, hint: &str) -> String {
+        let name = uniq(hint);
+        let ch = self.conn.create_channel().await.expect("channel");
+        let mut args = FieldTable::default();
+        args.insert("x-expires".into(), AMQPValue::LongUInt(600_000));
+        ch.queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare test queue");
+        ch.close(200, "OK".into()).await.expect("close channel");
+        self.queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(name.clone());
+        name
+    }
+
+    /// Reads the queue until `expected` messages arrived or `within` passed, then a little more
+    /// (so that duplicates show), converting each back into a herald message.
+    async fn read(&self, queue: &str, expected: usize, within: Duration) -> Vec<Message> {
+        let ch = self.conn.create_channel().await.expect("channel");
+        ch.basic_qos(1000, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                uniq("reader").as_str().into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let mut got = Vec::with_capacity(expected);
+        let deadline = Instant::now() + within;
+        loop {
+            let until = if got.len() >= expected {
+                // Enough: a short grace period only, to catch duplicates in flight.
+                Instant::now() + Duration::from_millis(200)
+            } else {
+                deadline
+            };
+            match tokio::time::timeout_at(until, consumer.next()).await {
+                Ok(Some(Ok(d))) => got.push(to_message(queue, &d)),
+                Ok(Some(Err(e))) => panic!("reading {queue}: {e}"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        ch.close(200, "OK".into()).await.expect("close channel");
+        got
+    }
+
+    async fn cleanup(&self) {
+        let queues = std::mem::take(
+            &mut *self
+                .queues
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let ch = self.conn.create_channel().await.expect("channel");
+        for q in queues {
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .expect("delete test queue");
+        }
+        ch.close(200, "OK".into()).await.expect("close channel");
+    }
+}
+
+/// The herald message a delivery stands for: key from `x-herald-key`, the other headers as sent.
+fn to_message(queue: &str, d: &lapin::message::Delivery) -> Message {
+    let mut m = Message::new(queue, d.data.clone());
+    if let Some(headers) = d.properties.headers() {
+        for (k, v) in headers.inner() {
+            let bytes = match v {
+                AMQPValue::LongString(s) => s.as_bytes().to_vec(),
+                other => format!("{other:?}").into_bytes(),
+            };
+            if k.as_str() == "x-herald-key" {
+                m = m.with_key(bytes);
+            } else {
+                m = m.with_header(k.as_str(), bytes);
+            }
+        }
+    }
+    m
+}
+
+fn quick_retries(b: ProducerBuilder) -> ProducerBuilder {
+    b.retry(
+        herald_retry::ExponentialRetry::new(herald_retry::Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(500),
+        ))
+        .unlimited_attempts(),
+    )
+}
+
+/// The conformance harness: transports connect through a fault proxy, so that faults are real
+/// connection cuts.
+struct AmqpHarness {
+    admin: Admin,
+    proxy: FaultProxy,
+    proxied_url: String,
+}
+
+impl AmqpHarness {
+    async fn new() -> Self {
+        let url = url();
+        AmqpConfig::from_url(&url).expect("HERALD_AMQP_URL parses");
+        let target = authority(&url);
+        let proxy = FaultProxy::start(&target).await.expect("fault proxy");
+        let proxied_url = url.replacen(&target, &proxy.addr().to_string(), 1);
+        Self {
+            admin: Admin::connect(&url).await,
+            proxy,
+            proxied_url,
+        }
+    }
+}
+
+/// `host:port` of an amqp URL (with the default port filled in).
+fn authority(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let auth = rest.split(['/', '?']).next().unwrap_or(rest);
+    let hostport = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
+    if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5672")
+    }
+}
+
+#[async_trait]
+impl Harness for AmqpHarness {
+    type Transport = AmqpTransport;
+
+    async fn transport(&self) -> AmqpTransport {
+        let config = AmqpConfig::from_url(&self.proxied_url)
+            .expect("url")
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500));
+        AmqpTransport::new(config).expect("transport")
+    }
+
+    async fn destination(&self, hint: &str) -> Destination {
+        herald_amqp::queue(&self.admin.queue(hint).await)
+    }
+
+    fn poison(&self, _destination: &Destination) -> Option<Message> {
+        // Unroutable: amq.direct always exists and nothing is bound to this key.
+        Some(Message::new(
+            herald_amqp::exchange("amq.direct", &uniq("nobody-bound")),
+            "poison: unroutable",
+        ))
+    }
+
+    async fn read_back(&self, destination: &Destination, expected: usize) -> Option<Vec<Message>> {
+        Some(
+            self.admin
+                .read(destination.as_str(), expected, Duration::from_secs(60))
+                .await,
+        )
+    }
+
+    async fn inject_transient_failures(&self, _calls: usize) -> Injected {
+        // Every open connection is cut, and reconnecting fails for 300 ms.
+        self.proxy.cut_for(Duration::from_millis(300));
+        Injected::IntoTransport
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn conformance_suite() {
+    let h = AmqpHarness::new().await;
+    conformance::run(&h).await;
+    h.admin.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn hundred_thousand_messages_read_back_exactly_in_order() {
+    const N: usize = 100_000;
+    let admin = Admin::connect(&url()).await;
+    let q = admin.queue("100k").await;
+    let dest = herald_amqp::queue(&q);
+    let transport = AmqpTransport::new(AmqpConfig::from_url(&url()).expect("url")).expect("t");
+    let p = Producer::builder(transport).build().expect("producer");
+    let sent: Vec<Message> = (0..N)
+        .map(|i| {
+            Message::new(
+                dest.clone(),
+                format!("payload-{i:06}-{}", "x".repeat(i % 50)),
+            )
+            .with_key(format!("key-{}", i % 16))
+            .with_header("seq", i.to_string())
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let report = p.send_all(sent.clone()).await.wait().await;
+    let took = started.elapsed();
+    assert!(report.failed.is_empty(), "{:?}", report.failed.first());
+    assert_eq!(report.delivered, N as u64);
+    eprintln!(
+        "100k: delivered in {took:?} ({:.0} msg/s)",
+        N as f64 / took.as_secs_f64()
+    );
+    let got = admin.read(&q, N, Duration::from_secs(120)).await;
+    assert_eq!(got.len(), N, "exactly N messages, no duplicates, none lost");
+    // Per key, exactly as sent and in order.
+    let mut by_key: HashMap<Vec<u8>, Vec<&Message>> = HashMap::new();
+    for m in &got {
+        by_key
+            .entry(m.key().expect("key header").to_vec())
+            .or_default()
+            .push(m);
+    }
+    let mut sent_by_key: HashMap<Vec<u8>, Vec<&Message>> = HashMap::new();
+    for m in &sent {
+        sent_by_key
+            .entry(m.key().expect("key").to_vec())
+            .or_default()
+            .push(m);
+    }
+    for (k, want) in &sent_by_key {
+        let have = by_key.get(k).expect("every key arrived");
+        assert_eq!(have.len(), want.len());
+        for (h, w) in have.iter().zip(want) {
+            assert_eq!(h.payload(), w.payload(), "payload, in order");
+            assert_eq!(h.headers(), w.headers(), "headers as sent");
+        }
+    }
+    p.close(Duration::from_secs(30)).await;
+    admin.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn unroutable_message_is_handed_back() {
+    let transport = AmqpTransport::new(AmqpConfig::from_url(&url()).expect("url")).expect("t");
+    let p = Producer::builder(transport).build().expect("producer");
+    let dest = herald_amqp::exchange("amq.direct", &uniq("unbound"));
+    let e = p
+        .send(Message::new(dest, "nobody wants me"))
+        .await
+        .expect_err("unroutable must fail");
+    assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    assert_eq!(e.attempts(), 1, "not retried");
+    let te = e.reason().transport_error().expect("a transport error");
+    assert_eq!(te.code(), Some("NO_ROUTE"), "{te}");
+    assert_eq!(e.message().payload().as_ref(), b"nobody wants me");
+    p.close(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn missing_exchange_is_permanent_and_the_transport_recovers() {
+    let admin = Admin::connect(&url()).await;
+    let q = admin.queue("after-missing").await;
+    let transport = AmqpTransport::new(AmqpConfig::from_url(&url()).expect("url")).expect("t");
+    let p = Producer::builder(transport).build().expect("producer");
+    let missing = uniq("no-such-exchange");
+    let msgs: Vec<Message> = (0..50)
+        .map(|i| {
+            Message::new(herald_amqp::exchange(&missing, "k"), format!("m{i}"))
+                .with_key(format!("k{i}"))
+        })
+        .collect();
+    let report = p.send_all(msgs).await.wait().await;
+    assert_eq!(report.delivered, 0);
+    assert_eq!(report.failed.len(), 50);
+    for e in &report.failed {
+        assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+        let te = e.reason().transport_error().expect("transport error");
+        assert_eq!(te.code(), Some("NOT_FOUND"), "{te}");
+        assert!(te.message().contains(&missing), "names the exchange: {te}");
+    }
+    // The channels closed by the broker are reopened.
+    p.send(Message::new(herald_amqp::queue(&q), "still works"))
+        .await
+        .expect("a good destination still works");
+    p.close(Duration::from_secs(10)).await;
+    admin.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn bad_connections_are_classified() {
+    let good = url();
+    let target = authority(&good);
+    // Wrong credentials: permanent.
+    let wrong =
+        AmqpConfig::from_url(&format!("amqp://guest:wrong-password@{target}/%2F")).expect("url");
+    let e = AmqpTransport::new(wrong)
+        .expect("t")
+        .connect()
+        .await
+        .expect_err("wrong password");
+    assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    assert!(!e.to_string().contains("wrong-password"), "{e}");
+    // Missing vhost: permanent.
+    let vhost =
+        AmqpConfig::from_url(&format!("amqp://guest:guest@{target}/no-such-vhost")).expect("url");
+    let e = AmqpTransport::new(vhost)
+        .expect("t")
+        .connect()
+        .await
+        .expect_err("missing vhost");
+    assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    // Unreachable: transient.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let down =
+        AmqpConfig::from_url(&format!("amqp://guest:guest@127.0.0.1:{port}/%2F")).expect("url");
+    let e = AmqpTransport::new(down)
+        .expect("t")
+        .connect()
+        .await
+        .expect_err("unreachable");
+    assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+    assert_eq!(e.code(), Some("UNREACHABLE"), "{e}");
+}
+
+/// Sends `n` keyed messages while `fault` runs, then checks that every message was delivered
+/// and arrived (at least once), in order per key counting first arrivals.
+async fn run_through_fault<F, Fut>(
+    what: &str,
+    admin: &Admin,
+    n: usize,
+    transport: AmqpTransport,
+    fault: F,
+) where
+    F: FnOnce(Producer) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let q = admin.queue("fault").await;
+    let dest = herald_amqp::queue(&q);
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(120))
+        .build()
+        .expect("producer");
+    let sent: Vec<Message> = (0..n)
+        .map(|i| Message::new(dest.clone(), format!("f-{i}")).with_key(format!("k{}", i % 8)))
+        .collect();
+    let receipt = p.send_all(sent.clone()).await;
+    fault(p.clone()).await;
+    let report = tokio::time::timeout(Duration::from_secs(180), receipt.wait())
+        .await
+        .expect("the run ends");
+    assert!(report.failed.is_empty(), "{:?}", report.failed.first());
+    assert_eq!(report.delivered, n as u64);
+    let got = admin.read(&q, n, Duration::from_secs(60)).await;
+    let mut seen = std::collections::HashSet::new();
+    let mut last: HashMap<Vec<u8>, usize> = HashMap::new();
+    for m in &got {
+        let s = String::from_utf8_lossy(m.payload()).into_owned();
+        let i: usize = s.trim_start_matches("f-").parse().expect("payload");
+        if seen.insert(i) {
+            let k = m.key().expect("key").to_vec();
+            if let Some(prev) = last.insert(k, i) {
+                assert!(prev < i, "per-key order: #{i} first arrived after #{prev}");
+            }
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        n,
+        "nothing lost ({} arrivals with duplicates)",
+        got.len()
+    );
+    eprintln!(
+        "{what}: {n} delivered, {} arrivals ({} duplicates), retries {}",
+        got.len(),
+        got.len() - n,
+        p.stats().totals.retries
+    );
+    p.close(Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn connection_cut_mid_run_loses_nothing() {
+    let url = url();
+    let admin = Admin::connect(&url).await;
+    let target = authority(&url);
+    let proxy = FaultProxy::start(&target).await.expect("proxy");
+    let proxied = url.replacen(&target, &proxy.addr().to_string(), 1);
+    let transport = AmqpTransport::new(
+        AmqpConfig::from_url(&proxied)
+            .expect("url")
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500)),
+    )
+    .expect("t");
+    let probe = transport.clone();
+    let health = &probe;
+    // Borrowed: the proxy must outlive the fault (dropping it closes its port).
+    let proxy = &proxy;
+    run_through_fault(
+        "connection cut",
+        &admin,
+        30_000,
+        transport,
+        |p| async move {
+            // Cut once some messages went through, twice.
+            for _ in 0..2 {
+                wait_for(Duration::from_secs(30), "some deliveries", || {
+                    p.stats().totals.delivered >= 2_000
+                })
+                .await;
+                proxy.cut_for(Duration::from_millis(500));
+                wait_for(Duration::from_secs(5), "health to show the loss", || {
+                    !health.is_connected()
+                })
+                .await;
+                let before = p.stats().totals.delivered;
+                wait_for(Duration::from_secs(60), "delivery to resume", || {
+                    p.stats().totals.delivered > before + 1_000 || p.stats().buffered_messages == 0
+                })
+                .await;
+            }
+            assert!(proxy.cuts() == 2 && proxy.accepted() >= 2, "reconnected");
+            assert!(health.is_connected(), "health shows the connection back");
+        },
+    )
+    .await;
+    admin.cleanup().await;
+}
+
+async fn wait_for(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A RabbitMQ node of our own, on free ports, stopped and removed on drop. The shared broker is
+/// never touched.
+struct OwnNode {
+    name: String,
+    port: u16,
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl OwnNode {
+    /// Starts one, or `None` (the test is then skipped with a note) if this machine has no
+    /// `rabbitmq-server`.
+    async fn start() -> Option<Self> {
+        Self::start_with(|_| String::new()).await
+    }
+
+    /// As [`OwnNode::start`], with extra `rabbitmq.conf` lines made from the node's folder
+    /// (where files the config names can be put first).
+    async fn start_with(extra: impl FnOnce(&std::path::Path) -> String) -> Option<Self> {
+        if Command::new("rabbitmq-server")
+            .arg("--help")
+            .output()
+            .is_err()
+            && !std::path::Path::new("/usr/sbin/rabbitmq-server").exists()
+        {
+            eprintln!("skipped: no rabbitmq-server on this machine to start a node of our own");
+            return None;
+        }
+        let port = free_port();
+        let dist = free_port();
+        let name = format!("herald-it-{}-{port}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(dir.join("mnesia")).expect("mkdir");
+        std::fs::create_dir_all(dir.join("log")).expect("mkdir");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
+        // Our own config file: the machine's may pin the listener to the shared broker's port.
+        let extra = extra(&dir);
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n{extra}"),
+        )
+        .expect("config file");
+        let ok = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "chown of {} to rabbitmq", dir.display());
+        let d = |p: &str| dir.join(p).to_string_lossy().into_owned();
+        let env = vec![
+            ("RABBITMQ_NODENAME".into(), name.clone()),
+            ("RABBITMQ_NODE_PORT".into(), port.to_string()),
+            ("RABBITMQ_NODE_IP_ADDRESS".into(), "127.0.0.1".into()),
+            ("RABBITMQ_DIST_PORT".into(), dist.to_string()),
+            ("RABBITMQ_MNESIA_BASE".into(), d("mnesia")),
+            ("RABBITMQ_LOG_BASE".into(), d("log")),
+            ("RABBITMQ_PID_FILE".into(), d("node.pid")),
+            ("RABBITMQ_ENABLED_PLUGINS_FILE".into(), d("enabled_plugins")),
+            ("RABBITMQ_CONFIG_FILE".into(), d("rabbitmq.conf")),
+        ];
+        let node = Self {
+            name,
+            port,
+            dir,
+            env,
+        };
+        node.boot().await;
+        Some(node)
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2F", self.port)
+    }
+
+    async fn boot(&self) {
+        let status = Command::new("rabbitmq-server")
+            .arg("-detached")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .status()
+            .expect("start rabbitmq-server");
+        assert!(status.success(), "rabbitmq-server -detached: {status}");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(c) = Connection::connect(&self.url(), ConnectionProperties::default()).await {
+                let _closed = c.close(200, "OK".into()).await;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "own node {} did not accept AMQP within 90 s (logs in {})",
+                self.name,
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> bool {
+        Command::new("rabbitmqctl")
+            .args(["-n", &self.name])
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    async fn restart(&self) {
+        assert!(self.ctl(&["stop"]), "rabbitmqctl stop of own node");
+        let port = self.port;
+        wait_for(
+            Duration::from_secs(30),
+            "the stopped node to free its port",
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        )
+        .await;
+        self.boot().await;
+    }
+}
+
+impl Drop for OwnNode {
+    fn drop(&mut self) {
+        let _stopped = self.ctl(&["stop"]);
+        let _removed = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn broker_restart_mid_run_loses_nothing() {
+    let Some(node) = OwnNode::start().await else {
+        return;
+    };
+    let url = node.url();
+    let admin_url = url.clone();
+    let transport = AmqpTransport::new(
+        AmqpConfig::from_url(&url)
+            .expect("url")
+            .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1)),
+    )
+    .expect("t");
+    let admin = Admin::connect(&admin_url).await;
+    let q = admin.queue("restart").await;
+    let dest = herald_amqp::queue(&q);
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(120))
+        .build()
+        .expect("producer");
+    const N: usize = 30_000;
+    let receipt = p
+        .send_all(
+            (0..N).map(|i| {
+                Message::new(dest.clone(), format!("r-{i}")).with_key(format!("k{}", i % 8))
+            }),
+        )
+        .await;
+    wait_for(Duration::from_secs(60), "some deliveries", || {
+        p.stats().totals.delivered >= 3_000
+    })
+    .await;
+    let at_restart = p.stats().totals.delivered;
+    drop(admin);
+    node.restart().await;
+    let report = tokio::time::timeout(Duration::from_secs(180), receipt.wait())
+        .await
+        .expect("the run ends");
+    assert!(report.failed.is_empty(), "{:?}", report.failed.first());
+    assert_eq!(report.delivered, N as u64);
+    assert!(at_restart < N as u64, "the restart happened mid-run");
+    let admin = Admin::connect(&admin_url).await;
+    let got = admin.read(&q, N, Duration::from_secs(60)).await;
+    let distinct: std::collections::HashSet<&[u8]> =
+        got.iter().map(|m| m.payload().as_ref()).collect();
+    assert_eq!(
+        distinct.len(),
+        N,
+        "nothing lost across the restart ({} arrivals)",
+        got.len()
+    );
+    eprintln!(
+        "restart: {at_restart} delivered before, {} arrivals for {N}, retries {}",
+        got.len(),
+        p.stats().totals.retries
+    );
+    p.close(Duration::from_secs(30)).await;
+    admin
+        .queues
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(q);
+    admin.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn memory_alarm_blocks_then_resumes_with_nothing_lost() {
+    let Some(node) = OwnNode::start().await else {
+        return;
+    };
+    let url = node.url();
+    let admin = Admin::connect(&url).await;
+    let q = admin.queue("alarm").await;
+    let dest = herald_amqp::queue(&q);
+    let transport = AmqpTransport::new(
+        AmqpConfig::from_url(&url)
+            .expect("url")
+            .blocked_timeout(Duration::from_secs(2)),
+    )
+    .expect("t");
+    let probe = transport.clone();
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(120))
+        .build()
+        .expect("producer");
+    p.send(Message::new(dest.clone(), "before"))
+        .await
+        .expect("before the alarm");
+    assert!(
+        node.ctl(&["set_vm_memory_high_watermark", "0"]),
+        "raise the alarm"
+    );
+    let receipt = p
+        .send_all((0..2_000).map(|i| Message::new(dest.clone(), format!("a-{i}"))))
+        .await;
+    wait_for(Duration::from_secs(30), "connection.blocked", || {
+        probe.is_blocked()
+    })
+    .await;
+    assert!(receipt.pending() > 0, "nothing is confirmed while blocked");
+    let delivered_while_blocked = p.stats().totals.delivered;
+    assert!(
+        node.ctl(&["set_vm_memory_high_watermark", "0.4"]),
+        "clear the alarm"
+    );
+    let report = tokio::time::timeout(Duration::from_secs(120), receipt.wait())
+        .await
+        .expect("resumes");
+    assert!(report.failed.is_empty(), "{:?}", report.failed.first());
+    assert_eq!(report.delivered, 2_000);
+    assert!(!probe.is_blocked(), "unblocked");
+    let got = admin.read(&q, 2_001, Duration::from_secs(60)).await;
+    let distinct: std::collections::HashSet<&[u8]> =
+        got.iter().map(|m| m.payload().as_ref()).collect();
+    assert_eq!(distinct.len(), 2_001, "nothing lost");
+    eprintln!("alarm: {delivered_while_blocked} delivered while blocked (the one before)");
+    p.close(Duration::from_secs(30)).await;
+    admin.cleanup().await;
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and a server certificate for 127.0.0.1 / localhost signed by it, in `dir`.
+fn make_certs(dir: &std::path::Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=herald-test-ca",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("ext file");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.pem",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn oversized_message_fails_alone_and_tls_works_with_a_custom_ca() {
+    let tls_port = free_port();
+    let Some(node) = OwnNode::start_with(|dir| {
+        make_certs(dir);
+        let f = |n: &str| dir.join(n).to_string_lossy().into_owned();
+        format!(
+            "max_message_size = 4096\n\
+             listeners.ssl.default = 127.0.0.1:{tls_port}\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_none\n\
+             ssl_options.fail_if_no_peer_cert = false\n",
+            f("ca.pem"),
+            f("server.pem"),
+            f("server.key")
+        )
+    })
+    .await
+    else {
+        return;
+    };
+    let admin = Admin::connect(&node.url()).await;
+    let q = admin.queue("limits").await;
+    let dest = herald_amqp::queue(&q);
+
+    // Over plain AMQP: one oversized message among others fails alone, permanently.
+    let transport = AmqpTransport::new(AmqpConfig::from_url(&node.url()).expect("url")).expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(60))
+        .build()
+        .expect("producer");
+    let mut msgs: Vec<Message> = (0..40)
+        .map(|i| Message::new(dest.clone(), format!("ok-{i}")).with_key(format!("k{}", i % 2)))
+        .collect();
+    msgs.insert(
+        20,
+        Message::new(dest.clone(), vec![b'x'; 10_000]).with_key("k0"),
+    );
+    let report = p.send_all(msgs).await.wait().await;
+    assert_eq!(
+        report.delivered,
+        40,
+        "the others go through: {:?}",
+        report.failed.first()
+    );
+    assert_eq!(report.failed.len(), 1);
+    let e = &report.failed[0];
+    assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    assert_eq!(
+        e.message().payload().len(),
+        10_000,
+        "the oversized message comes back"
+    );
+    let te = e.reason().transport_error().expect("transport error");
+    assert_eq!(te.code(), Some("PRECONDITION_FAILED"), "{te}");
+    p.close(Duration::from_secs(10)).await;
+
+    // Over TLS: refused without the test's CA (proof that the certificate is checked) …
+    let tls_url = format!("amqps://guest:guest@localhost:{tls_port}/%2F");
+    let untrusted = AmqpTransport::new(AmqpConfig::from_url(&tls_url).expect("url")).expect("t");
+    untrusted
+        .connect()
+        .await
+        .expect_err("a server certificate from an unknown CA must be refused");
+    // … and accepted with it.
+    let ca = std::fs::read_to_string(node.dir.join("ca.pem")).expect("ca");
+    let tls =
+        AmqpTransport::new(AmqpConfig::from_url(&tls_url).expect("url").tls_ca_pem(ca)).expect("t");
+    let p = Producer::builder(tls).build().expect("producer");
+    p.send(Message::new(dest.clone(), "over tls"))
+        .await
+        .expect("TLS with a custom CA");
+    p.close(Duration::from_secs(10)).await;
+    let got = admin.read(&q, 41, Duration::from_secs(30)).await;
+    assert!(got.iter().any(|m| m.payload().as_ref() == b"over tls"));
+    admin.cleanup().await;
+}
