@@ -1,7 +1,8 @@
 //! herald's project chores, one entry point: `cargo xtask <command>`.
 //!
 //! - `ci`: what CI runs: format check, clippy with warnings as errors, every test of the
-//!   workspace (unit, property, conformance, doc tests), and the docs with warnings as errors.
+//!   workspace (unit, property, conformance, mock-cluster, doc tests), the docs with warnings
+//!   as errors, then `it` (every broker).
 //! - `bench [pipeline]`: runs the benchmarks and rewrites their section of docs/benchmarks.md.
 //!
 //! - `it [kafka|amqp]`: broker integration tests, with brokers found or started (see `it.rs`).
@@ -34,7 +35,7 @@ fn main() -> Result<()> {
 const HELP: &str = "cargo xtask <command>
 
 commands:
-  ci                 fmt check, clippy -D warnings, all workspace tests, docs -D warnings
+  ci                 fmt check, clippy -D warnings, all workspace tests, docs -D warnings, it
   it [BROKER...]     integration tests against real brokers, provisioned and torn down
   bench [NAME]       run benchmarks (pipeline, kafka, amqp; default all), rewrite docs/benchmarks.md";
 
@@ -71,6 +72,9 @@ fn ci() -> Result<()> {
             "clippy",
             "--workspace",
             "--all-targets",
+            // The benchmark baselines and every facade part, not only the defaults.
+            "--features",
+            "herald-kafka/baseline,herald-amqp/baseline,herald/full",
             "--",
             "-D",
             "warnings",
@@ -83,6 +87,8 @@ fn ci() -> Result<()> {
             .args(["doc", "--workspace", "--no-deps"])
             .env("RUSTDOCFLAGS", "-D warnings"),
     )?;
+    // Real brokers last: found or started, tested, and stopped again.
+    it::it(&[])?;
     eprintln!("\nxtask ci: all checks passed");
     Ok(())
 }

@@ -39,7 +39,7 @@
 //! |---|---|
 //! | `testkit` | the `testkit` module: the in-memory transport with scripted faults and the adapter conformance suite |
 //! | `kafka` | the `kafka` module: the Kafka transport (herald-kafka, on rdkafka; builds librdkafka) |
-//! | `amqp` | reserved for the RabbitMQ transport (herald-amqp); enables nothing yet |
+//! | `amqp` | the `amqp` module: the RabbitMQ / AMQP 0-9-1 transport (herald-amqp, on lapin) |
 //! | `telemetry` | reserved for the Prometheus exporter and health (herald-telemetry); enables nothing yet |
 //! | `full` | all of the above |
 //!
@@ -62,6 +62,12 @@ pub mod retry {
 #[cfg(feature = "kafka")]
 pub mod kafka {
     pub use herald_kafka::*;
+}
+
+/// The RabbitMQ transport ([`herald_amqp`]): `herald::amqp::{AmqpConfig, AmqpTransport}`.
+#[cfg(feature = "amqp")]
+pub mod amqp {
+    pub use herald_amqp::*;
 }
 
 /// The in-memory transport and the adapter conformance suite ([`herald_testkit`]).
