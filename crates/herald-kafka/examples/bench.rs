@@ -20,8 +20,15 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 async fn herald(bootstrap: &str, topic: &str, n: u64, size: usize) -> Run {
     let transport = KafkaTransport::new(KafkaConfig::new(bootstrap)).expect("transport");
+    // Experiments: HERALD_BENCH_ORDERING=relaxed, HERALD_BENCH_BATCH=<messages per batch>.
+    let relaxed = std::env::var("HERALD_BENCH_ORDERING").is_ok_and(|o| o == "relaxed");
+    let batching = match std::env::var("HERALD_BENCH_BATCH").ok().and_then(|b| b.parse().ok()) {
+        Some(m) => herald_batch::SizeOrLinger::new(m, 256 << 20, Duration::from_millis(5)),
+        None => herald_kafka::recommended_batching(),
+    };
     let producer = Producer::builder(transport)
-        .batching(herald_kafka::recommended_batching())
+        .ordering(if relaxed { herald_core::OrderingMode::Relaxed } else { herald_core::OrderingMode::Strict })
+        .batching(batching)
         .buffer(200_000, 512 << 20)
         .build()
         .expect("producer");
