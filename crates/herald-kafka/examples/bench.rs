@@ -22,12 +22,19 @@ async fn herald(bootstrap: &str, topic: &str, n: u64, size: usize) -> Run {
     let transport = KafkaTransport::new(KafkaConfig::new(bootstrap)).expect("transport");
     // Experiments: HERALD_BENCH_ORDERING=relaxed, HERALD_BENCH_BATCH=<messages per batch>.
     let relaxed = std::env::var("HERALD_BENCH_ORDERING").is_ok_and(|o| o == "relaxed");
-    let batching = match std::env::var("HERALD_BENCH_BATCH").ok().and_then(|b| b.parse().ok()) {
+    let batching = match std::env::var("HERALD_BENCH_BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok())
+    {
         Some(m) => herald_batch::SizeOrLinger::new(m, 256 << 20, Duration::from_millis(5)),
         None => herald_kafka::recommended_batching(),
     };
     let producer = Producer::builder(transport)
-        .ordering(if relaxed { herald_core::OrderingMode::Relaxed } else { herald_core::OrderingMode::Strict })
+        .ordering(if relaxed {
+            herald_core::OrderingMode::Relaxed
+        } else {
+            herald_core::OrderingMode::Strict
+        })
         .batching(batching)
         .buffer(200_000, 512 << 20)
         .build()
@@ -54,6 +61,25 @@ async fn herald(bootstrap: &str, topic: &str, n: u64, size: usize) -> Run {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // For profilers: `--only raw|herald` runs one variant once at 100 B, and reports nothing.
+    if let Some(only) = arg(&args, "--only") {
+        let n: u64 = arg(&args, "--messages").map_or(100_000, |s| s.parse().expect("N"));
+        let mock = MockKafka::start(1).expect("mock");
+        mock.create_topic("only", 3).expect("topic");
+        let b = mock.bootstrap_servers().to_owned();
+        let run = match only.as_str() {
+            "raw" => {
+                tokio::task::spawn_blocking(move || baseline::raw_threaded(&b, "only", n, 100))
+                    .await
+                    .expect("join")
+                    .expect("raw")
+            }
+            "herald" => herald(&b, "only", n, 100).await,
+            other => panic!("--only takes raw or herald, not {other}"),
+        };
+        assert_eq!(run.delivered, n);
+        return;
+    }
     let n: u64 = arg(&args, "--messages").map_or(1_000_000, |s| s.parse().expect("--messages N"));
     let naive_n: u64 = arg(&args, "--naive").map_or(300, |s| s.parse().expect("--naive N"));
     let mock = if arg(&args, "--bootstrap").is_none() {
