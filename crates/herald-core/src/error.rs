@@ -50,6 +50,13 @@ impl TransportError {
         self.code = Some(code.into());
         self
     }
+    /// Adds what else is known, after the message (for example the last connection error
+    /// behind a timeout).
+    #[must_use]
+    pub fn with_context(mut self, context: impl AsRef<str>) -> Self {
+        self.message = format!("{} ({})", self.message, context.as_ref()).into();
+        self
+    }
     /// Attaches the underlying error.
     #[must_use]
     pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {

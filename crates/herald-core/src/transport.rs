@@ -69,6 +69,14 @@ pub trait Transport: Send + Sync + 'static {
     /// Called once when the producer closes, after the last batch: release connections, flush
     /// client-side queues. Default: nothing to do.
     async fn close(&self) {}
+
+    /// What the transport knows about why sending is failing right now, if anything: the last
+    /// connection error, say ("127.0.0.1:9092: Connection refused"). herald adds it to the error
+    /// of an attempt it cuts off at its deadline, so that a delivery timeout says more than
+    /// "timed out". Must be quick and never contain secrets. Default: nothing.
+    fn diagnosis(&self) -> Option<String> {
+        None
+    }
 }
 
 const _: Option<&dyn Transport> = None;

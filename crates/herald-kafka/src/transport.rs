@@ -76,6 +76,40 @@ struct Shared {
     waiting: AtomicUsize,
     space: Notify,
     metrics: KafkaMetrics,
+    /// The last client-level error librdkafka reported, to explain messages that time out (a
+    /// timeout alone does not say which servers failed): connection errors, which name the
+    /// broker, are kept apart from the rest ("all brokers down") so that they are not lost.
+    last_client_error: std::sync::Mutex<ClientErrors>,
+    /// Whether `last_client_error` is newer than the last successful delivery.
+    client_errors: AtomicBool,
+}
+
+impl Shared {
+    fn diagnosis(&self) -> Option<String> {
+        if !self.client_errors.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.last_client_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .describe()
+    }
+}
+
+#[derive(Default)]
+struct ClientErrors {
+    connection: Option<String>,
+    other: Option<String>,
+}
+
+impl ClientErrors {
+    fn describe(&self) -> Option<String> {
+        match (&self.connection, &self.other) {
+            (Some(c), _) => Some(format!("last connection error: {c}")),
+            (None, Some(o)) => Some(format!("last client error: {o}")),
+            (None, None) => None,
+        }
+    }
 }
 
 /// The producer context: delivery reports and statistics.
@@ -86,6 +120,28 @@ struct Context {
 impl ClientContext for Context {
     fn stats(&self, statistics: Statistics) {
         self.shared.metrics.record(&statistics);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka's reasons name brokers by host:port and never carry credentials.
+        let text = if reason.is_empty() {
+            error.to_string()
+        } else {
+            format!("{error}: {reason}")
+        };
+        let mut errors = self
+            .shared
+            .last_client_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        use RDKafkaErrorCode as C;
+        match error.rdkafka_error_code() {
+            Some(C::BrokerTransportFailure | C::Resolve | C::Authentication | C::SSL) => {
+                errors.connection = Some(text);
+            }
+            _ => errors.other = Some(text),
+        }
+        self.shared.client_errors.store(true, Ordering::Relaxed);
     }
 }
 
@@ -99,12 +155,23 @@ impl ProducerContext for Context {
                 offset: Some(m.offset()),
             }),
             Err((e, _)) => {
-                if e.rdkafka_error_code().is_some_and(needs_new_producer) {
+                let code = e.rdkafka_error_code();
+                if code.is_some_and(needs_new_producer) {
                     slot.batch.producer_broken.store(true, Ordering::Release);
                 }
-                Err(transport_error(e))
+                let mut error = transport_error(e);
+                if code == Some(RDKafkaErrorCode::MessageTimedOut) {
+                    if let Some(diagnosis) = self.shared.diagnosis() {
+                        error = error.with_context(diagnosis);
+                    }
+                }
+                Err(error)
             }
         };
+        if outcome.is_ok() && self.shared.client_errors.load(Ordering::Relaxed) {
+            // A broker answered: earlier connection errors no longer explain anything.
+            self.shared.client_errors.store(false, Ordering::Relaxed);
+        }
         slot.batch.set(slot.index, outcome);
         if self.shared.waiting.load(Ordering::Acquire) > 0 {
             self.shared.space.notify_waiters();
@@ -160,6 +227,8 @@ impl KafkaTransport {
             waiting: AtomicUsize::new(0),
             space: Notify::new(),
             metrics: KafkaMetrics::new(),
+            last_client_error: std::sync::Mutex::new(ClientErrors::default()),
+            client_errors: AtomicBool::new(false),
         });
         let producer = Arc::new(create(&client_config, &shared)?);
         Ok(Self {
@@ -333,6 +402,10 @@ impl Transport for KafkaTransport {
                 })
             })
             .collect()
+    }
+
+    fn diagnosis(&self) -> Option<String> {
+        self.inner.shared.diagnosis()
     }
 
     async fn close(&self) {

@@ -211,4 +211,8 @@ async fn unreachable_servers_end_in_a_transient_error_after_the_delivery_timeout
         "{e}"
     );
     assert_eq!(e.message().payload().as_ref(), b"x");
+    assert!(
+        e.to_string().contains("127.0.0.1:9"),
+        "the error names the server it could not reach: {e}"
+    );
 }

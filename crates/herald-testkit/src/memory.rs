@@ -33,6 +33,7 @@ struct Inner {
     script: Mutex<VecDeque<CallFault>>,
     reject: Mutex<Option<RejectRule>>,
     latency: Mutex<Duration>,
+    diagnosis: Mutex<Option<String>>,
     calls: AtomicU64,
     attempts: AtomicU64,
     delivered: AtomicU64,
@@ -98,6 +99,7 @@ impl MemoryTransport {
                 script: Mutex::new(VecDeque::new()),
                 reject: Mutex::new(None),
                 latency: Mutex::new(Duration::ZERO),
+                diagnosis: Mutex::new(None),
                 calls: AtomicU64::new(0),
                 attempts: AtomicU64::new(0),
                 delivered: AtomicU64::new(0),
@@ -135,6 +137,11 @@ impl MemoryTransport {
     /// Every call waits this long before answering.
     pub fn set_latency(&self, latency: Duration) {
         *lock(&self.inner.latency) = latency;
+    }
+
+    /// What [`Transport::diagnosis`] answers from now on.
+    pub fn set_diagnosis(&self, diagnosis: Option<&str>) {
+        *lock(&self.inner.diagnosis) = diagnosis.map(str::to_owned);
     }
 
     /// Messages accepted so far, in arrival order (empty for a counting transport).
@@ -240,5 +247,9 @@ impl Transport for MemoryTransport {
 
     async fn close(&self) {
         self.inner.closed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn diagnosis(&self) -> Option<String> {
+        lock(&self.inner.diagnosis).clone()
     }
 }

@@ -738,3 +738,45 @@ async fn a_retry_parked_after_an_expiry_sweep_still_ends_at_its_deadline() {
     );
     assert!(z.await.is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cut_off_attempt_carries_the_transport_diagnosis_and_keeps_the_real_last_error() {
+    let t = MemoryTransport::new();
+    t.set_diagnosis(Some("broker-1:9092: connection refused"));
+    // First attempt: a real transport error. Second: hangs until herald cuts it off.
+    t.script([
+        CallFault::FailAll(ErrorClass::Transient),
+        CallFault::Delay(Duration::from_secs(3600)),
+    ]);
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .delivery_timeout(Duration::from_secs(2))
+        .build()
+        .expect("build");
+    let e = p.send(msg(0)).await.expect_err("times out");
+    match e.reason() {
+        FailureReason::DeliveryTimeout {
+            last: Some(last), ..
+        } => {
+            assert_eq!(
+                last.code(),
+                Some("SCRIPTED"),
+                "the transport's own error, not the cut-off: {last}"
+            );
+        }
+        other => panic!("expected a delivery timeout, got {other}"),
+    }
+    // A hung first attempt: the cut-off is all there is, with the diagnosis in it.
+    let t = MemoryTransport::new();
+    t.set_diagnosis(Some("broker-1:9092: connection refused"));
+    t.set_latency(Duration::from_secs(3600));
+    let p = Producer::builder(t.clone())
+        .delivery_timeout(Duration::from_secs(2))
+        .build()
+        .expect("build");
+    let e = p.send(msg(0)).await.expect_err("times out");
+    assert!(
+        e.to_string().contains("broker-1:9092: connection refused"),
+        "{e}"
+    );
+}

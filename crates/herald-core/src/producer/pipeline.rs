@@ -35,6 +35,9 @@ pub(crate) fn clock_now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// The code of the error herald gives the messages of an attempt it cut off at their deadline.
+pub(crate) const ATTEMPT_TIMEOUT: &str = "herald_attempt_timeout";
+
 /// Settings fixed at build time.
 pub(crate) struct Config {
     pub(crate) max_buffered_messages: usize,
@@ -605,11 +608,18 @@ impl Shared {
             } else {
                 self.config.retry.decide(&ctx, &mut st.rng)
             };
+            // herald's own cut-off of a hung attempt says less than the transport's own last
+            // error, if there was one: keep that as the error a delivery timeout reports.
+            let remember = |meta: &mut Meta, error: TransportError| {
+                if error.code() != Some(ATTEMPT_TIMEOUT) || meta.last_error.is_none() {
+                    meta.last_error = Some(Box::new(error));
+                }
+            };
             let reason = match decision {
                 RetryDecision::GiveUp(_) if st.abandoned => FailureReason::Closed,
                 RetryDecision::Retry { after } => {
                     meta.previous_delay = Some(after);
-                    meta.last_error = Some(Box::new(error));
+                    remember(&mut meta, error);
                     retry_after = retry_after.max(after);
                     retry.push((msg, meta));
                     continue;
@@ -619,7 +629,7 @@ impl Shared {
                     FailureReason::RetriesExhausted(error)
                 }
                 RetryDecision::GiveUp(GiveUpReason::DeadlineTooClose) => {
-                    meta.last_error = Some(Box::new(error));
+                    remember(&mut meta, error);
                     self.deadline_reason(&mut meta)
                 }
             };
@@ -711,10 +721,13 @@ async fn send_flight(shared: Arc<Shared>, flight: Flight) {
     let outcomes = match tokio::time::timeout(budget, send).await {
         Ok(outcomes) => outcomes,
         Err(_) => {
-            let e = TransportError::transient(format!(
+            let mut e = TransportError::transient(format!(
                 "the transport did not answer within {budget:?}, the time left before the batch's first delivery deadline"
             ))
-            .with_code("herald_attempt_timeout");
+            .with_code(ATTEMPT_TIMEOUT);
+            if let Some(diagnosis) = sending.shared.transport.diagnosis() {
+                e = e.with_context(diagnosis);
+            }
             vec![Err(e); sending.flight.messages.len()]
         }
     };
