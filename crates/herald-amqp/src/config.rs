@@ -48,17 +48,36 @@ impl Url {
             "amqps" => true,
             other => return Err(bad("scheme", format!("`{other}` is not `amqp` or `amqps`"))),
         };
-        let (rest, query) = match rest.split_once('?') {
+        // The userinfo ends at the LAST `@` of the URL: a password may hold an unencoded `/`, `?`
+        // or `@` (base64 passwords often do), so the URL must not be split on `/` or `?` before
+        // the userinfo is found. If what precedes that `@` has a user name with a `/` or `?` in
+        // it, the `@` belongs to the vhost or query instead, and only an `@` before the first
+        // `/` or `?` can end the userinfo.
+        let (userinfo, after) = match rest.rfind('@') {
+            Some(at)
+                if !rest[..at]
+                    .split(':')
+                    .next()
+                    .unwrap_or("")
+                    .contains(['/', '?']) =>
+            {
+                (Some(&rest[..at]), &rest[at + 1..])
+            }
+            _ => {
+                let end = rest.find(['/', '?']).unwrap_or(rest.len());
+                match rest[..end].rfind('@') {
+                    Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+                    None => (None, rest),
+                }
+            }
+        };
+        let (after, query) = match after.split_once('?') {
             Some((r, q)) => (r, Some(q)),
-            None => (rest, None),
+            None => (after, None),
         };
-        let (authority, path) = match rest.split_once('/') {
+        let (hostport, path) = match after.split_once('/') {
             Some((a, p)) => (a, Some(p)),
-            None => (rest, None),
-        };
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
+            None => (after, None),
         };
         let (username, password) = match userinfo {
             None => ("guest".to_owned(), "guest".to_owned()),
@@ -80,7 +99,12 @@ impl Url {
             let port = match after.strip_prefix(':') {
                 Some(p) => parse_port(p)?,
                 None if after.is_empty() => default_port,
-                None => return Err(bad("port", format!("unexpected `{after}` after the host"))),
+                None => {
+                    return Err(bad(
+                        "port",
+                        "has unexpected text after the IPv6 address (expected `:port`)".into(),
+                    ))
+                }
             };
             (h.to_owned(), port)
         } else {
@@ -97,7 +121,7 @@ impl Url {
             Some(p) if p.contains('/') => {
                 return Err(bad(
                     "vhost",
-                    format!("`{p}` holds a `/`: percent-encode it (the vhost `/` is `%2F`)"),
+                    "holds a `/`: percent-encode it (the vhost `/` is `%2F`)".into(),
                 ))
             }
             Some(p) => decode(p).map_err(|r| bad("vhost", r))?,
@@ -118,7 +142,7 @@ impl Url {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let num = |what: &'static str| -> Result<u64, ConfigError> {
                 v.parse::<u64>()
-                    .map_err(|_| bad(what, format!("`{v}` is not a number")))
+                    .map_err(|_| bad(what, "is not a number".into()))
             };
             match k {
                 "heartbeat" => {
@@ -143,12 +167,10 @@ impl Url {
                             bad("query frame_max", "must fit in 32 bits".into())
                         })?)
                 }
-                other => {
+                _ => {
                     return Err(bad(
                         "query",
-                        format!(
-                            "unknown parameter `{other}` (known: heartbeat, connection_timeout, channel_max, frame_max)"
-                        ),
+                        "has an unknown parameter (known: heartbeat, connection_timeout, channel_max, frame_max)".into(),
                     ))
                 }
             }
@@ -211,7 +233,7 @@ impl fmt::Debug for Url {
 fn parse_port(p: &str) -> Result<u16, ConfigError> {
     p.parse::<u16>().map_err(|_| ConfigError::Url {
         part: "port",
-        reason: format!("`{p}` is not a port number (1-65535)"),
+        reason: "is not a port number (1-65535)".into(),
     })
 }
 
@@ -247,6 +269,9 @@ fn encode_vhost(v: &str) -> String {
     }
     out
 }
+
+/// The longest timeout or backoff accepted (longer ones could overflow `Instant + Duration`).
+const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// How a [`Declare::Exchange`] routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,6 +356,9 @@ impl AmqpConfig {
     /// `amqp://user:pass@host:5672/%2F` is the vhost `/`; no path means `/` too). Query
     /// parameters: `heartbeat` (s), `connection_timeout` (ms), `channel_max`, `frame_max`.
     ///
+    /// The user information ends at the URL's last `@`, so a password may hold an unencoded `/`,
+    /// `?` or `@` (an `@` in the vhost must then be encoded as `%40`).
+    ///
     /// A malformed URL is an error naming the part (`scheme`, `user`, `password`, `host`, `port`,
     /// `vhost`, `query …`); the password itself never appears in it.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
@@ -385,8 +413,11 @@ impl AmqpConfig {
         self
     }
 
-    /// How long to wait for one publisher confirm before reporting the message as a transient
-    /// failure (it is then retried: a possible duplicate). Default: 30 s.
+    /// How long one batch may take, from its first publish to its last publisher confirm: one
+    /// deadline for the whole batch, not one per message. Messages not confirmed by then are
+    /// transient failures, code `CONFIRM_TIMEOUT` (retried: possible duplicates); publishes that
+    /// could not even be written by then (a connection blocked mid-batch) fail as
+    /// `CONNECTION_BLOCKED`. At most 24 hours. Default: 30 s.
     #[must_use]
     pub fn confirm_timeout(mut self, t: Duration) -> Self {
         self.confirm_timeout = t;
@@ -395,14 +426,15 @@ impl AmqpConfig {
 
     /// How long a batch waits while the broker has blocked the connection (`connection.blocked`,
     /// a memory or disk alarm) before it fails transiently and goes back to herald's retry
-    /// queue. Default: 30 s.
+    /// queue. At most 24 hours. Default: 30 s.
     #[must_use]
     pub fn blocked_timeout(mut self, t: Duration) -> Self {
         self.blocked_timeout = t;
         self
     }
 
-    /// Limit for one connection attempt (TCP, TLS, AMQP handshake). Default: 10 s.
+    /// Limit for one connection attempt (TCP, TLS, AMQP handshake, topology declaration). At
+    /// most 24 hours. Default: 10 s.
     #[must_use]
     pub fn connect_timeout(mut self, t: Duration) -> Self {
         self.connect_timeout = t;
@@ -410,7 +442,7 @@ impl AmqpConfig {
     }
 
     /// Backoff between reconnection attempts after a failed one: from `min`, doubling, up to
-    /// `max`. Default: 100 ms to 5 s.
+    /// `max` (at most 24 hours). Default: 100 ms to 5 s.
     #[must_use]
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.reconnect_min = min;
@@ -479,6 +511,17 @@ impl AmqpConfig {
         }
         if self.connect_timeout.is_zero() {
             return invalid("connect_timeout", "must be more than zero");
+        }
+        // `Instant + Duration` panics on overflow: keep every timer to something sane.
+        for (field, d) in [
+            ("confirm_timeout", self.confirm_timeout),
+            ("blocked_timeout", self.blocked_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("reconnect_backoff", self.reconnect_max),
+        ] {
+            if d > MAX_DURATION {
+                return invalid(field, "must be at most 24 hours");
+            }
         }
         if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
             return invalid(
@@ -578,6 +621,54 @@ mod tests {
     }
 
     #[test]
+    fn a_password_with_slash_or_question_mark_parses_and_never_shows() {
+        let u = Url::parse("amqp://app:hunter2/x@h/").expect("valid");
+        assert_eq!(
+            (u.username.as_str(), u.password.0.as_str(), u.host.as_str()),
+            ("app", "hunter2/x", "h")
+        );
+        assert_eq!((u.port, u.vhost.as_str()), (5672, ""));
+        let u = Url::parse("amqp://app:5672/x@rabbit").expect("valid");
+        assert_eq!(
+            (u.password.0.as_str(), u.host.as_str(), u.vhost.as_str()),
+            ("5672/x", "rabbit", "/")
+        );
+        let u = Url::parse("amqps://app:a+b/c==?d@rabbit:5999/%2Fprod?heartbeat=5").expect("valid");
+        assert_eq!(
+            (u.password.0.as_str(), u.host.as_str(), u.port),
+            ("a+b/c==?d", "rabbit", 5999)
+        );
+        assert_eq!((u.vhost.as_str(), u.heartbeat), ("/prod", Some(5)));
+        // An `@` in the vhost, without userinfo, stays in the vhost.
+        let u = Url::parse("amqp://h/x@y").expect("valid");
+        assert_eq!((u.host.as_str(), u.vhost.as_str()), ("h", "x@y"));
+        for (url, secret) in [
+            ("amqp://app:hunter2/x@h/", "hunter2"),
+            ("amqp://app:5672/x@rabbit", "5672/x"),
+            ("amqp://app:se?cret@h/", "se?cret"),
+        ] {
+            let c = AmqpConfig::from_url(url).expect("valid");
+            for text in [format!("{c:?}"), c.redacted_url(), format!("{}", c.url)] {
+                assert!(!text.contains(secret), "{text}");
+            }
+        }
+        // Malformed next to such a password: the error names the part, never the password.
+        for url in [
+            "amqp://app:hunter2/x@h:port/",
+            "amqp://app:hunter2?x@h:99999/",
+            "amqp://app:hunter2/x@h/a/b",
+            "amqp://app:hunter2?x@h/?nope=1",
+            "amqp://app:hunter2?x@h/?heartbeat=zz",
+            "amqp://app:hunter2/x@[::1]x/",
+            "amqp://app:hunter2/x@/",
+        ] {
+            let e = Url::parse(url).expect_err(url);
+            assert!(!e.to_string().contains("hunter2"), "{url}: {e}");
+            assert!(!format!("{e:?}").contains("hunter2"), "{url}: {e:?}");
+        }
+    }
+
+    #[test]
     fn settings_are_checked() {
         let c = AmqpConfig::from_url("amqp://h").expect("valid");
         assert!(c.clone().validate().is_ok());
@@ -585,6 +676,14 @@ mod tests {
             (c.clone().channels(0), "channels"),
             (c.clone().window(0), "window"),
             (c.clone().confirm_timeout(Duration::ZERO), "confirm_timeout"),
+            (c.clone().confirm_timeout(Duration::MAX), "confirm_timeout"),
+            (c.clone().blocked_timeout(Duration::MAX), "blocked_timeout"),
+            (c.clone().connect_timeout(Duration::MAX), "connect_timeout"),
+            (
+                c.clone()
+                    .reconnect_backoff(Duration::from_secs(1), Duration::MAX),
+                "reconnect_backoff",
+            ),
             (
                 c.clone()
                     .reconnect_backoff(Duration::from_secs(2), Duration::from_secs(1)),

@@ -162,7 +162,12 @@ struct Inner {
 ///   destination.
 /// - **Unroutable** (mandatory, no queue bound): permanent error, code `NO_ROUTE`. **Nack**:
 ///   transient, code `NACK`. A missing exchange (404) or refused access (403): permanent, for
-///   every message of the batch, naming the exchange.
+///   every message of the batch, naming the exchange; a batch that shares the channel the broker
+///   closed for another destination's 404/403 fails transiently (`CHANNEL_CLOSED`) instead.
+/// - **Deadline**: a batch's publishes and confirms share one deadline,
+///   [`AmqpConfig::confirm_timeout`] from the start of publishing.
+/// - **Topology**: a declaration that fails is transient (`DECLARE_FAILED`): the connection is
+///   closed and the next batch tries again.
 /// - **Recovery**: a lost connection fails what was unconfirmed as transient (herald retries
 ///   it, so it may arrive twice); the next batch reconnects, with backoff after failed attempts,
 ///   and declares the configured topology again. Channels closed by the broker are reopened.
@@ -229,17 +234,33 @@ impl AmqpTransport {
     }
 
     async fn live(&self) -> Result<Arc<Live>, TransportError> {
-        let mut link = self.inner.link.lock().await;
-        if let Some(live) = &link.live {
-            if live.connection.status().connected() {
-                return Ok(live.clone());
+        let mut waited = false;
+        let mut link = loop {
+            let mut link = self.inner.link.lock().await;
+            if let Some(live) = &link.live {
+                if live.connection.status().connected() {
+                    return Ok(live.clone());
+                }
+                self.set_connected(false);
+                link.live = None;
             }
-            self.set_connected(false);
-            link.live = None;
-        }
-        if let Some(at) = link.next_attempt {
-            tokio::time::sleep_until(at).await;
-        }
+            match link.next_attempt {
+                // Wait out the backoff without holding the lock (other calls wait alongside,
+                // not behind), then look again: another call may have connected meanwhile.
+                Some(at) if at > Instant::now() => {
+                    if waited {
+                        return Err(TransportError::transient(
+                            "reconnecting to the broker: the last attempt failed and the next one is not due yet; retried",
+                        )
+                        .with_code("RECONNECTING"));
+                    }
+                    drop(link);
+                    tokio::time::sleep_until(at).await;
+                    waited = true;
+                }
+                _ => break link,
+            }
+        };
         let config = &self.inner.config;
         let attempt = tokio::time::timeout(config.connect_timeout, self.open()).await;
         let result = match attempt {
@@ -325,8 +346,21 @@ impl AmqpTransport {
             connection,
             events,
         };
+        // `live` owns the event task from here: dropped (on an error below, or when the connect
+        // timeout drops this future), it aborts the task, and lapin closes the connection once
+        // its last handle is gone.
         if !config.topology.is_empty() {
-            declare(&live.connection, &config.topology).await?;
+            if let Err(e) = declare(&live.connection, &config.topology).await {
+                // Best effort: the declaration error is what the caller needs to see.
+                if let Err(closing) = live
+                    .connection
+                    .close(200, "herald: declaring the topology failed".into())
+                    .await
+                {
+                    let _ignored = closing;
+                }
+                return Err(e);
+            }
         }
         Ok(Arc::new(live))
     }
@@ -397,7 +431,8 @@ impl AmqpTransport {
     }
 
     /// Publishes the messages `idxs` of `batch` on channel `slot`, streaming: at most `window`
-    /// unconfirmed at a time. Returns the outcome of each, by index.
+    /// unconfirmed at a time, everything (channel open, publishes, confirms) bounded by the
+    /// batch's `deadline`. Returns the outcome of each, by index.
     async fn publish_group(
         &self,
         live: &Live,
@@ -405,11 +440,16 @@ impl AmqpTransport {
         route: &Route,
         batch: &[Message],
         idxs: Vec<usize>,
+        deadline: Instant,
     ) -> Vec<(usize, Result<Ack, TransportError>)> {
         let target = route.describe();
-        let channel = match self.channel(live, slot).await {
-            Ok(c) => c,
-            Err(e) => return idxs.into_iter().map(|i| (i, Err(e.clone()))).collect(),
+        let channel = match tokio::time::timeout_at(deadline, self.channel(live, slot)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return idxs.into_iter().map(|i| (i, Err(e.clone()))).collect(),
+            Err(_) => {
+                let e = self.stalled(&target, "opening a channel");
+                return idxs.into_iter().map(|i| (i, Err(e.clone()))).collect();
+            }
         };
         let config = &self.inner.config;
         let options = BasicPublishOptions {
@@ -428,48 +468,81 @@ impl AmqpTransport {
             }
             while pending.len() >= config.window {
                 if let Some((j, confirm)) = pending.pop_front() {
-                    out.push((j, self.settle(confirm, &target).await));
+                    out.push((j, self.settle(confirm, route, &target, deadline).await));
                 }
             }
             let msg = &batch[i];
-            match channel
-                .basic_publish(
-                    exchange.clone(),
-                    routing_key.clone(),
-                    options,
-                    msg.payload(),
-                    self.properties(msg),
-                )
-                .await
-            {
-                Ok(confirm) => pending.push_back((i, confirm)),
-                Err(e) => {
-                    let e = classify(&e, &target);
+            let publish = channel.basic_publish(
+                exchange.clone(),
+                routing_key.clone(),
+                options,
+                msg.payload(),
+                self.properties(msg),
+            );
+            // lapin stops writing while the broker blocks the connection: bounded too.
+            match tokio::time::timeout_at(deadline, publish).await {
+                Ok(Ok(confirm)) => pending.push_back((i, confirm)),
+                Ok(Err(e)) => {
+                    let e = classify_on_channel(&e, route, &target);
+                    out.push((i, Err(e.clone())));
+                    broken = Some(e);
+                }
+                Err(_) => {
+                    let e = self.stalled(&target, "publishing");
                     out.push((i, Err(e.clone())));
                     broken = Some(e);
                 }
             }
         }
         for (j, confirm) in pending {
-            out.push((j, self.settle(confirm, &target).await));
+            out.push((j, self.settle(confirm, route, &target, deadline).await));
         }
         out
+    }
+
+    /// The batch deadline passed while a publish (or a channel open) could not go out.
+    fn stalled(&self, target: &str, what: &str) -> TransportError {
+        let timeout = self.inner.config.confirm_timeout;
+        if self.is_blocked() {
+            TransportError::transient(format!(
+                "the broker blocked the connection (connection.blocked: a memory or disk alarm) while {what} to {target}, for longer than the batch's {timeout:?}; retried"
+            ))
+            .with_code("CONNECTION_BLOCKED")
+        } else {
+            TransportError::transient(format!(
+                "{what} to {target} did not complete within the batch's {timeout:?}; retried"
+            ))
+            .with_code("TIMEOUT")
+        }
     }
 
     async fn settle(
         &self,
         confirm: lapin::PublisherConfirm,
+        route: &Route,
         target: &str,
+        deadline: Instant,
     ) -> Result<Ack, TransportError> {
         let timeout = self.inner.config.confirm_timeout;
-        match tokio::time::timeout(timeout, confirm).await {
+        match tokio::time::timeout_at(deadline, confirm).await {
             Err(_) => Err(TransportError::transient(format!(
-                "no publisher confirm from the broker within {timeout:?} for a message to {target}; it is retried (possibly a duplicate)"
+                "no publisher confirm from the broker within {timeout:?} of the batch's start for a message to {target}; it is retried (possibly a duplicate)"
             ))
             .with_code("CONFIRM_TIMEOUT")),
-            Ok(Err(e)) => Err(classify(&e, target)),
-            Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Ok(Ack::default()),
-            Ok(Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)))) => {
+            Ok(Err(e)) => Err(classify_on_channel(&e, route, target)),
+            Ok(Ok(confirmation)) => self.confirmation(confirmation, target),
+        }
+    }
+
+    /// The outcome of one publisher confirm.
+    fn confirmation(
+        &self,
+        confirmation: Confirmation,
+        target: &str,
+    ) -> Result<Ack, TransportError> {
+        match confirmation {
+            Confirmation::Ack(None) => Ok(Ack::default()),
+            Confirmation::Ack(Some(returned)) => {
                 self.inner.metrics.returned.increment(1);
                 let info = reply_code(returned.reply_code);
                 Err(TransportError::new(
@@ -481,20 +554,72 @@ impl AmqpTransport {
                 )
                 .with_code(info.name))
             }
-            Ok(Ok(Confirmation::Nack(None))) => Err({
+            Confirmation::Nack(returned) => {
                 self.inner.metrics.nacked.increment(1);
-                TransportError::transient(format!(
-                "the broker nacked a message to {target} (basic.nack: it could not take it now); it is retried"
+                let why = returned.map_or(String::new(), |r| {
+                    format!(" (returned: {} {})", r.reply_code, r.reply_text)
+                });
+                Err(TransportError::transient(format!(
+                    "the broker nacked a message to {target} (basic.nack: it could not take it now){why}; it is retried"
+                ))
+                .with_code("NACK"))
+            }
+            Confirmation::NotRequested => Err(TransportError::transient(format!(
+                "no publisher confirm for a message to {target}: confirms were not enabled on its channel; it is retried"
             ))
-            .with_code("NACK")
-            }),
+            .with_code("NOT_CONFIRMED")),
         }
     }
 }
 
+/// Classifies an error from a publish or a confirm on a channel that other batches share. A
+/// channel closed for a missing exchange (404) or refused access (403) fails every pending
+/// confirm on it, whichever batch caused it: that is permanent for this call only when the
+/// broker's reason names this call's own exchange; otherwise another batch closed the channel,
+/// and this call's messages are retried (transient `CHANNEL_CLOSED`).
+pub(crate) fn classify_on_channel(e: &lapin::Error, route: &Route, target: &str) -> TransportError {
+    let err = classify(e, target);
+    if err.class() != ErrorClass::Permanent
+        || !matches!(err.code(), Some("NOT_FOUND" | "ACCESS_REFUSED"))
+    {
+        return err;
+    }
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return err;
+    };
+    let reason = amqp.get_message().as_str();
+    let name = if route.exchange.is_empty() {
+        "amq.default"
+    } else {
+        route.exchange.as_str()
+    };
+    if reason.contains(&format!("exchange '{name}'")) {
+        return err;
+    }
+    TransportError::transient(format!(
+        "the channel was closed by another batch's error ({} {reason}) while publishing to {target}; retried",
+        amqp.get_id()
+    ))
+    .with_code("CHANNEL_CLOSED")
+    .with_source(e.clone())
+}
+
 /// Declares the topology on a short-lived channel.
 async fn declare(connection: &Connection, topology: &[Declare]) -> Result<(), TransportError> {
-    let fail = |what: String| move |e: lapin::Error| classify(&e, &what);
+    // Transient: a declaration can fail for a while (a node down, a queue being deleted,
+    // permissions being granted); every batch fails until it succeeds, so keep retrying.
+    let fail = |what: String| {
+        move |e: lapin::Error| {
+            let c = classify(&e, &what);
+            TransportError::transient(format!(
+                "declaring the configured topology failed: {} (code {}); herald retries, fix the declaration or the broker if this persists",
+                c.message(),
+                c.code().unwrap_or("-")
+            ))
+            .with_code("DECLARE_FAILED")
+            .with_source(e)
+        }
+    };
     let ch = connection
         .create_channel()
         .await
@@ -659,6 +784,8 @@ impl Transport for AmqpTransport {
         if let Err(e) = self.wait_unblocked().await {
             return fail_all(e);
         }
+        // One deadline for the whole batch: publishes and confirms share it.
+        let deadline = Instant::now() + self.inner.config.confirm_timeout;
         let channels = self.inner.config.channels;
         let mut groups: Vec<Vec<usize>> = vec![Vec::new(); channels];
         for (i, m) in batch.iter().enumerate() {
@@ -668,7 +795,7 @@ impl Transport for AmqpTransport {
             .into_iter()
             .enumerate()
             .filter(|(_, g)| !g.is_empty())
-            .map(|(slot, idxs)| self.publish_group(&live, slot, &route, batch, idxs));
+            .map(|(slot, idxs)| self.publish_group(&live, slot, &route, batch, idxs, deadline));
         let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
         for group in join_all(sends).await {
             for (i, o) in group {
@@ -768,6 +895,297 @@ mod tests {
             (e.class(), e.code()),
             (ErrorClass::Permanent, Some("INVALID_DESTINATION"))
         );
+    }
+
+    fn closed_by(kind: lapin::protocol::AMQPSoftError, text: &str) -> lapin::Error {
+        lapin::Error::from(lapin::ErrorKind::ProtocolError(
+            lapin::protocol::AMQPError::new(
+                lapin::protocol::AMQPErrorKind::Soft(kind),
+                text.into(),
+            ),
+        ))
+    }
+
+    #[test]
+    fn a_channel_closed_by_another_batch_is_transient() {
+        use lapin::protocol::AMQPSoftError::{ACCESSREFUSED, NOTFOUND};
+        let mine = Route::parse(&exchange("orders", "k")).expect("valid");
+        let queue_route = Route::parse(&queue("q")).expect("valid");
+        let missing = closed_by(NOTFOUND, "NOT_FOUND - no exchange 'nope' in vhost '/'");
+        let refused = closed_by(
+            ACCESSREFUSED,
+            "ACCESS_REFUSED - write access to exchange 'secret' in vhost '/' refused for user 'u'",
+        );
+        for (e, route) in [
+            (&missing, &mine),
+            (&missing, &queue_route),
+            (&refused, &mine),
+            (&refused, &queue_route),
+        ] {
+            let c = classify_on_channel(e, route, &route.describe());
+            assert_eq!(
+                (c.class(), c.code()),
+                (ErrorClass::Transient, Some("CHANNEL_CLOSED")),
+                "{c}"
+            );
+        }
+        // This call's own exchange: permanent, for the whole batch.
+        let own = closed_by(NOTFOUND, "NOT_FOUND - no exchange 'orders' in vhost '/'");
+        let c = classify_on_channel(&own, &mine, &mine.describe());
+        assert_eq!(
+            (c.class(), c.code()),
+            (ErrorClass::Permanent, Some("NOT_FOUND"))
+        );
+        let own = closed_by(
+            ACCESSREFUSED,
+            "ACCESS_REFUSED - write access to exchange 'amq.default' in vhost '/' refused for user 'u'",
+        );
+        let c = classify_on_channel(&own, &queue_route, &queue_route.describe());
+        assert_eq!(
+            (c.class(), c.code()),
+            (ErrorClass::Permanent, Some("ACCESS_REFUSED"))
+        );
+        // And that batch's outcome does not spread to a batch of another destination.
+        let batch = keyed(&["a", "b"]);
+        let out = finish(
+            &batch,
+            vec![
+                Err(classify_on_channel(&missing, &mine, "x")),
+                Ok(Ack::default()),
+            ],
+        );
+        assert_eq!(
+            out[0].as_ref().err().map(TransportError::class),
+            Some(ErrorClass::Transient)
+        );
+        assert!(out[1].is_ok());
+    }
+
+    #[tokio::test]
+    async fn confirmations_not_requested_or_nacked_are_transient() {
+        let url = format!("amqp://127.0.0.1:{}/%2F", closed_port());
+        let t = AmqpTransport::new(AmqpConfig::from_url(&url).expect("url")).expect("transport");
+        let e = t
+            .confirmation(Confirmation::NotRequested, "queue \"q\"")
+            .expect_err("not confirmed is not delivered");
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::Transient, Some("NOT_CONFIRMED"))
+        );
+        let returned = lapin::message::BasicReturnMessage {
+            delivery: lapin::message::Delivery::mock(1, "".into(), "q".into(), false, vec![]),
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+        };
+        let e = t
+            .confirmation(Confirmation::Nack(Some(returned)), "queue \"q\"")
+            .expect_err("nacked");
+        assert_eq!((e.class(), e.code()), (ErrorClass::Transient, Some("NACK")));
+        let e = t
+            .confirmation(Confirmation::Nack(None), "queue \"q\"")
+            .expect_err("nacked");
+        assert_eq!((e.class(), e.code()), (ErrorClass::Transient, Some("NACK")));
+        assert!(t.confirmation(Confirmation::Ack(None), "q").is_ok());
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_wait_out_the_backoff_side_by_side() {
+        let url = format!("amqp://127.0.0.1:{}/%2F", closed_port());
+        let t = AmqpTransport::new(
+            AmqpConfig::from_url(&url)
+                .expect("url")
+                .reconnect_backoff(Duration::from_millis(300), Duration::from_millis(300)),
+        )
+        .expect("transport");
+        assert!(t.connect().await.is_err());
+        // Four calls during the backoff: they wait together (about one backoff), not one
+        // behind the other, and fail transiently.
+        let started = std::time::Instant::now();
+        let results = join_all((0..4).map(|_| t.connect())).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+        for r in results {
+            assert_eq!(r.expect_err("down").class(), ErrorClass::Transient);
+        }
+    }
+
+    /// What the fake broker does once a channel is in confirm mode.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Fake {
+        /// Takes publishes, never confirms them.
+        Silent,
+        /// Blocks the connection (`connection.blocked`) right after `confirm.select-ok`.
+        Blocks,
+    }
+
+    fn method(class: u16, method: u16, args: &[u8]) -> Vec<u8> {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&class.to_be_bytes());
+        payload.extend_from_slice(&method.to_be_bytes());
+        payload.extend_from_slice(args);
+        payload
+    }
+
+    fn frame(channel: u16, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![1u8];
+        f.extend_from_slice(&channel.to_be_bytes());
+        f.extend_from_slice(&u32::try_from(payload.len()).expect("small").to_be_bytes());
+        f.extend_from_slice(payload);
+        f.push(0xCE);
+        f
+    }
+
+    fn long_str(s: &[u8]) -> Vec<u8> {
+        let mut v = u32::try_from(s.len())
+            .expect("small")
+            .to_be_bytes()
+            .to_vec();
+        v.extend_from_slice(s);
+        v
+    }
+
+    /// A minimal AMQP 0-9-1 server on 127.0.0.1 (handshake, channels, confirm mode) that never
+    /// confirms a publish. Returns its port.
+    async fn fake_broker(mode: Fake) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut header = [0u8; 8];
+                    if sock.read_exact(&mut header).await.is_err() {
+                        return;
+                    }
+                    // connection.start: 0-9, server properties (capabilities), PLAIN, en_US.
+                    let mut caps = Vec::new();
+                    for name in [&b"publisher_confirms"[..], b"connection.blocked"] {
+                        caps.push(u8::try_from(name.len()).expect("short"));
+                        caps.extend_from_slice(name);
+                        caps.extend_from_slice(b"t\x01");
+                    }
+                    let mut props = vec![12u8];
+                    props.extend_from_slice(b"capabilities");
+                    props.push(b'F');
+                    props.extend_from_slice(&long_str(&caps));
+                    let mut args = vec![0u8, 9];
+                    args.extend_from_slice(&long_str(&props));
+                    args.extend_from_slice(&long_str(b"PLAIN"));
+                    args.extend_from_slice(&long_str(b"en_US"));
+                    let mut out = frame(0, &method(10, 10, &args));
+                    loop {
+                        if !out.is_empty() {
+                            if sock.write_all(&out).await.is_err() {
+                                return;
+                            }
+                            out.clear();
+                        }
+                        let mut head = [0u8; 7];
+                        if sock.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let channel = u16::from_be_bytes([head[1], head[2]]);
+                        let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]);
+                        let mut body = vec![0u8; size as usize + 1];
+                        if sock.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        if head[0] != 1 || body.len() < 5 {
+                            continue; // content header, body, heartbeat
+                        }
+                        let ids = (
+                            u16::from_be_bytes([body[0], body[1]]),
+                            u16::from_be_bytes([body[2], body[3]]),
+                        );
+                        match ids {
+                            // start-ok → tune: channel-max, frame-max, heartbeat 0.
+                            (10, 11) => {
+                                let mut a = 2047u16.to_be_bytes().to_vec();
+                                a.extend_from_slice(&131_072u32.to_be_bytes());
+                                a.extend_from_slice(&0u16.to_be_bytes());
+                                out = frame(0, &method(10, 30, &a));
+                            }
+                            (10, 40) => out = frame(0, &method(10, 41, &[0])),
+                            (10, 50) => out = frame(0, &method(10, 51, &[])),
+                            (20, 10) => out = frame(channel, &method(20, 11, &[0, 0, 0, 0])),
+                            (20, 40) => out = frame(channel, &method(20, 41, &[])),
+                            (85, 10) => {
+                                out = frame(channel, &method(85, 11, &[]));
+                                if mode == Fake::Blocks {
+                                    let mut reason = vec![13u8];
+                                    reason.extend_from_slice(b"low on memory");
+                                    out.extend(frame(0, &method(10, 60, &reason)));
+                                }
+                            }
+                            _ => {} // tune-ok, basic.publish: no answer
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn missing_confirms_time_out_once_per_batch_not_once_per_message() {
+        let port = fake_broker(Fake::Silent).await;
+        let t = AmqpTransport::new(
+            AmqpConfig::from_url(&format!("amqp://127.0.0.1:{port}/%2F"))
+                .expect("url")
+                .channels(1)
+                .confirm_timeout(Duration::from_millis(400)),
+        )
+        .expect("transport");
+        t.connect()
+            .await
+            .expect("the fake broker takes the handshake");
+        let batch: Vec<Message> = (0..10)
+            .map(|i| Message::new("q", format!("m{i}")))
+            .collect();
+        let started = std::time::Instant::now();
+        let out = t.send_batch(&Destination::new("q"), &batch).await;
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        for o in &out {
+            let e = o.as_ref().expect_err("never confirmed");
+            assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+            assert!(
+                matches!(e.code(), Some("CONFIRM_TIMEOUT" | "ORDER_HOLD")),
+                "{e}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_publish_stuck_behind_a_blocked_connection_is_bounded() {
+        let port = fake_broker(Fake::Blocks).await;
+        let t = AmqpTransport::new(
+            AmqpConfig::from_url(&format!("amqp://127.0.0.1:{port}/%2F"))
+                .expect("url")
+                .channels(1)
+                .confirm_timeout(Duration::from_millis(500))
+                .blocked_timeout(Duration::from_millis(500)),
+        )
+        .expect("transport");
+        t.connect()
+            .await
+            .expect("the fake broker takes the handshake");
+        let batch: Vec<Message> = (0..5).map(|i| Message::new("q", format!("m{i}"))).collect();
+        let out = tokio::time::timeout(
+            Duration::from_secs(5),
+            t.send_batch(&Destination::new("q"), &batch),
+        )
+        .await
+        .expect("a blocked connection must not hold a batch forever");
+        for o in &out {
+            let e = o.as_ref().expect_err("not confirmed");
+            assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        }
     }
 
     #[test]

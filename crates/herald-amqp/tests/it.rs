@@ -355,6 +355,70 @@ async fn missing_exchange_is_permanent_and_the_transport_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a broker: cargo xtask it"]
+async fn a_bad_destination_does_not_fail_another_batch_on_the_same_channel() {
+    use herald_core::Transport;
+    let admin = Admin::connect(&url()).await;
+    let q = admin.queue("shared-channel").await;
+    // One channel: both batches share it, and the broker closes it for the missing exchange.
+    let t = AmqpTransport::new(AmqpConfig::from_url(&url()).expect("url").channels(1)).expect("t");
+    t.connect().await.expect("connect");
+    let missing = uniq("no-such-exchange");
+    let bad_dest = herald_amqp::exchange(&missing, "k");
+    let good_dest = herald_amqp::queue(&q);
+    for round in 0..5 {
+        let good: Vec<Message> = (0..300)
+            .map(|i| Message::new(good_dest.clone(), format!("r{round}-m{i}")))
+            .collect();
+        let bad = vec![Message::new(bad_dest.clone(), "x")];
+        let (g, b) = tokio::join!(
+            t.send_batch(&good_dest, &good),
+            t.send_batch(&bad_dest, &bad)
+        );
+        let be = b[0].as_ref().expect_err("missing exchange");
+        if be.class() == ErrorClass::Permanent {
+            assert_eq!(be.code(), Some("NOT_FOUND"), "{be}");
+        }
+        for o in &g {
+            if let Err(e) = o {
+                assert_eq!(
+                    e.class(),
+                    ErrorClass::Transient,
+                    "another batch's missing exchange must not fail this one for good: {e}"
+                );
+            }
+        }
+    }
+    t.close().await;
+    admin.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn a_failed_declaration_is_transient() {
+    let admin = Admin::connect(&url()).await;
+    // A classic queue exists; declaring it as a quorum queue is refused (406).
+    let q = admin.queue("declared-classic").await;
+    let t = AmqpTransport::new(AmqpConfig::from_url(&url()).expect("url").declare(
+        herald_amqp::Declare::Queue {
+            name: q.clone(),
+            quorum: true,
+        },
+    ))
+    .expect("t");
+    for _ in 0..2 {
+        let e = t.connect().await.expect_err("mismatched declaration");
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::Transient, Some("DECLARE_FAILED")),
+            "{e}"
+        );
+        assert!(!t.is_connected() && !t.is_blocked());
+    }
+    admin.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
 async fn bad_connections_are_classified() {
     let good = url();
     let target = authority(&good);
