@@ -51,7 +51,7 @@ fn cargo() -> Command {
 }
 
 fn run(what: &str, cmd: &mut Command) -> Result<()> {
-    eprintln!("\n==> {what}: {cmd:?}");
+    eprintln!("\n==> {what}: {}", shown(cmd));
     let status = cmd
         .status()
         .with_context(|| format!("could not start {what}"))?;
@@ -153,6 +153,21 @@ fn bench_pipeline(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A command as it may appear in a log: program and arguments, and the names of the environment
+/// variables it sets but never their values (`HERALD_AMQP_URL` can hold a password).
+fn shown(cmd: &Command) -> String {
+    let mut s = String::new();
+    for (key, _) in cmd.get_envs() {
+        s.push_str(&format!("{}=<set> ", key.to_string_lossy()));
+    }
+    s.push_str(&cmd.get_program().to_string_lossy());
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
 /// Rewrites the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
 fn replace_section(path: &Path, name: &str, body: &str) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
@@ -197,4 +212,20 @@ fn machine() -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     format!("{cpu}, {cores} cores, {date}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn logged_commands_never_show_environment_values() {
+        let mut cmd = std::process::Command::new("cargo");
+        cmd.arg("test")
+            .env("HERALD_AMQP_URL", "amqp://app:s3cret@rabbit/%2f");
+        let line = super::shown(&cmd);
+        assert!(!line.contains("s3cret"), "{line}");
+        assert!(
+            line.contains("HERALD_AMQP_URL=<set>") && line.ends_with("cargo test"),
+            "{line}"
+        );
+    }
 }
