@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use herald_core::{
-    async_trait, Ack, BatchOutcome, Destination, Message, Transport, TransportError,
+    async_trait, Ack, BatchOutcome, Destination, ErrorClass, Message, Transport, TransportError,
 };
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -353,7 +353,23 @@ impl Transport for KafkaTransport {
         }
         let state = Arc::new(BatchState::new(batch.len()));
         let (producer, generation) = self.producer();
+        // Keys whose message failed at once with a transient error: later messages with the
+        // same key in this call are not handed over, so none goes ahead of that retry (the
+        // transport contract). Empty, and never consulted, unless something failed.
+        let mut held_keys: Vec<&[u8]> = Vec::new();
         for (index, m) in batch.iter().enumerate() {
+            if let (false, Some(key)) = (held_keys.is_empty(), m.key()) {
+                if held_keys.contains(&key.as_ref()) {
+                    state.set(
+                        index,
+                        Err(TransportError::transient(
+                            "an earlier message with the same key failed in this batch",
+                        )
+                        .with_code("KEY_HELD")),
+                    );
+                    continue;
+                }
+            }
             let slot = Box::new(Slot {
                 batch: state.clone(),
                 index,
@@ -377,7 +393,11 @@ impl Transport for KafkaTransport {
                         self.wait_for_room().await;
                     }
                     Err((e, _record)) => {
-                        state.set(index, Err(transport_error(&e)));
+                        let error = transport_error(&e);
+                        if let (ErrorClass::Transient, Some(key)) = (error.class(), m.key()) {
+                            held_keys.push(key.as_ref());
+                        }
+                        state.set(index, Err(error));
                         break;
                     }
                 }
