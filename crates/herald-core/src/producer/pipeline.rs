@@ -125,7 +125,6 @@ pub(crate) struct State {
     /// No queued or parked entry expires before this (it may be early, never late).
     next_expiry: Option<Instant>,
     pub(crate) totals: Totals,
-    pub(crate) dispatcher_exited: bool,
     /// A close ran out of time: failures end as `Closed` instead of being retried.
     pub(crate) abandoned: bool,
     /// Where leftovers go when the state itself is dropped.
@@ -223,7 +222,6 @@ impl Shared {
                 rng: fastrand::Rng::new(),
                 next_expiry: None,
                 totals: Totals::default(),
-                dispatcher_exited: false,
                 abandoned: false,
                 unclaimed: unclaimed.clone(),
             }),
@@ -374,28 +372,30 @@ impl Shared {
         }
     }
 
+    /// Ends an entry whose delivery deadline has passed.
+    fn time_out(&self, st: &mut State, fin: &mut Finished, entry: Entry, now: Instant) {
+        let (msg, mut meta) = entry;
+        let reason = self.deadline_reason(&mut meta);
+        self.finish(st, fin, (msg, meta), Err(reason), now);
+    }
+
     /// Fails every queued or parked entry past its deadline; recomputes `next_expiry`.
     fn expire(&self, st: &mut State, fin: &mut Finished, now: Instant) {
         if st.next_expiry.is_none_or(|t| t > now) {
             return;
         }
         let expired = st.acc.remove_where(|(_, meta)| meta.deadline <= now);
-        for (_, (msg, mut meta)) in expired {
-            let reason = self.deadline_reason(&mut meta);
-            self.finish(st, fin, (msg, meta), Err(reason), now);
+        for (_, entry) in expired {
+            self.time_out(st, fin, entry, now);
         }
-        let mut parked = std::mem::take(&mut st.parked).into_vec();
-        for Reverse(p) in &mut parked {
+        for Reverse(mut p) in std::mem::take(&mut st.parked).into_vec() {
             let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut p.entries)
                 .into_iter()
                 .partition(|(_, m)| m.deadline <= now);
             p.entries = kept;
-            for (msg, mut meta) in gone {
-                let reason = self.deadline_reason(&mut meta);
-                self.finish(st, fin, (msg, meta), Err(reason), now);
+            for entry in gone {
+                self.time_out(st, fin, entry, now);
             }
-        }
-        for Reverse(p) in parked {
             if p.entries.is_empty() {
                 if self.config.ordering == OrderingMode::Strict {
                     st.acc.release(&p.destination);
@@ -516,8 +516,7 @@ impl Shared {
             let mut first_attempts = 0u64;
             for (msg, mut meta) in batch.items {
                 if meta.deadline <= now {
-                    let reason = self.deadline_reason(&mut meta);
-                    self.finish(st, fin, (msg, meta), Err(reason), now);
+                    self.time_out(st, fin, (msg, meta), now);
                     continue;
                 }
                 first_attempts += u64::from(meta.attempts == 0);
@@ -745,9 +744,6 @@ pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
             let mut st = shared.lock();
             let (flights, wake_at) = shared.plan(&mut st, &mut fin, now);
             let exit = st.closing && st.buffered_messages == 0 && st.in_flight == 0;
-            if exit {
-                st.dispatcher_exited = true;
-            }
             (flights, wake_at, exit)
         };
         shared.complete(fin);
@@ -756,7 +752,6 @@ pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
         }
         if exit {
             shared.transport.close().await;
-            shared.idle.notify_waiters();
             return;
         }
         let notified = shared.wake.notified();
