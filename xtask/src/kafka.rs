@@ -50,7 +50,11 @@ pub(crate) fn provision() -> Result<Broker> {
     }
     let bin = match tansu {
         Some(bin) => bin,
-        None => install_tansu()?,
+        None => {
+            let bin = install_tansu()?;
+            env.push(("HERALD_TANSU_BIN", bin.display().to_string()));
+            bin
+        }
     };
     let port = free_port()?;
     let mut child = start_tansu(&bin, port, "memory://tansu/")?;
@@ -61,7 +65,6 @@ pub(crate) fn provision() -> Result<Broker> {
     }
     eprintln!("kafka: Tansu {TANSU_VERSION} on {addr} (memory storage)");
     env.push(("HERALD_KAFKA_BOOTSTRAP", addr));
-    env.push(("HERALD_TANSU_BIN", bin.display().to_string()));
     let stop = move || stop_child(&mut child);
     Ok(Broker {
         env,
