@@ -7,17 +7,22 @@
 //!   [`herald_retry::RetryPolicy`] with a retry budget and a circuit breaker), per-key ordering,
 //!   backpressure through a bounded buffer, a delivery timeout, and every message's fate reported:
 //!   a [`Delivery`], or a [`SendError`] that hands the message back.
+//! - [`Health`]: how a producer is doing (healthy, degraded, unhealthy, and why), on demand and
+//!   as a watch channel, from its circuit breaker, buffer, error rate and the transport's own
+//!   [`TransportHealth`].
 //! - [`metrics`]: the names of every metric the pipeline emits through the `metrics` facade.
 //!
 //! Most users depend on the `herald` facade crate, which re-exports all of this.
 
 mod error;
+mod health;
 mod message;
 pub mod metrics;
 mod producer;
 mod transport;
 
 pub use error::{BuildError, ErrorClass, FailureReason, SendError, TransportError};
+pub use health::{Health, HealthIssue, HealthPolicy, HealthStatus, TransportHealth};
 pub use message::{Destination, Header, Message};
 pub use producer::{
     BulkReceipt, BulkReport, CloseReport, DeadLetterHook, Delivery, DeliveryFuture, OrderingMode,

@@ -3,10 +3,11 @@
 //!
 //! Emitted through the [`metrics`] facade: with no recorder installed each update is a call into
 //! a no-op, and the handles below are registered once per producer, not per message. Labels are
-//! low-cardinality only: `transport` (the transport's name), and for failures `class` and
-//! `reason`. Never a key, a payload or a destination.
+//! low-cardinality only: `transport` (the transport's name), `producer` (the producer's name,
+//! only when one is given with `ProducerBuilder::name`), and for failures `class` and `reason`.
+//! Never a key, a payload or a destination.
 
-use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Label};
 
 use crate::error::FailureReason;
 
@@ -38,10 +39,19 @@ pub const SEND_LATENCY: &str = "herald_send_latency_seconds";
 pub const BUFFER_MESSAGES: &str = "herald_buffer_messages";
 /// Bytes of those messages. Gauge.
 pub const BUFFER_BYTES: &str = "herald_buffer_bytes";
+/// The buffer's limit in messages (`ProducerBuilder::buffer`), set once: with
+/// `herald_buffer_messages`, how full the buffer is. Gauge.
+pub const BUFFER_MAX_MESSAGES: &str = "herald_buffer_max_messages";
+/// The buffer's limit in bytes, set once. Gauge.
+pub const BUFFER_MAX_BYTES: &str = "herald_buffer_max_bytes";
 /// Batches being sent by the transport now. Gauge.
 pub const INFLIGHT_BATCHES: &str = "herald_inflight_batches";
 /// Circuit breaker state: 0 closed, 1 half-open, 2 open. Gauge.
 pub const CIRCUIT_STATE: &str = "herald_circuit_state";
+/// The producer's health: 0 healthy, 1 degraded, 2 unhealthy (see [`crate::Health`]). Gauge.
+pub const HEALTH_STATUS: &str = "herald_health_status";
+/// 1 while the transport reports a usable broker connection, 0 while it reports none. Gauge.
+pub const TRANSPORT_UP: &str = "herald_transport_up";
 
 /// Every metric name above, for catalogues and drift checks.
 pub const ALL: &[&str] = &[
@@ -57,13 +67,18 @@ pub const ALL: &[&str] = &[
     SEND_LATENCY,
     BUFFER_MESSAGES,
     BUFFER_BYTES,
+    BUFFER_MAX_MESSAGES,
+    BUFFER_MAX_BYTES,
     INFLIGHT_BATCHES,
     CIRCUIT_STATE,
+    HEALTH_STATUS,
+    TRANSPORT_UP,
 ];
 
 /// Handles registered once per producer.
 pub(crate) struct Metrics {
-    transport: &'static str,
+    /// `transport`, and `producer` when the producer has a name.
+    labels: Vec<Label>,
     pub(crate) accepted: Counter,
     pub(crate) delivered: Counter,
     pub(crate) retries: Counter,
@@ -77,37 +92,66 @@ pub(crate) struct Metrics {
     pub(crate) buffer_bytes: Gauge,
     pub(crate) inflight: Gauge,
     pub(crate) circuit: Gauge,
+    pub(crate) health: Gauge,
+    pub(crate) transport_up: Gauge,
 }
 
 impl Metrics {
-    pub(crate) fn new(transport: &'static str) -> Self {
-        let l = [("transport", transport)];
+    /// Registers the producer's handles. The failure series are registered at zero, so that
+    /// `rate()` and `increase()` see a producer's first failure (a counter that appears with
+    /// its first increment has no earlier sample to compare with).
+    pub(crate) fn new(
+        transport: &'static str,
+        producer: Option<&str>,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Self {
+        let mut labels = vec![Label::new("transport", transport)];
+        if let Some(name) = producer {
+            labels.push(Label::new("producer", name.to_owned()));
+        }
+        let l = || labels.clone();
+        for (class, reason) in [
+            ("permanent", "rejected"),
+            ("transient", "rejected"),
+            ("transient", "retries_exhausted"),
+            ("transient", "delivery_timeout"),
+            ("permanent", "too_large"),
+            ("transient", "buffer_full"),
+            ("transient", "closed"),
+        ] {
+            let mut with = l();
+            with.push(Label::new("class", class));
+            with.push(Label::new("reason", reason));
+            counter!(MESSAGES_FAILED, with).increment(0);
+        }
+        gauge!(BUFFER_MAX_MESSAGES, l()).set(max_messages as f64);
+        gauge!(BUFFER_MAX_BYTES, l()).set(max_bytes as f64);
         Self {
-            transport,
-            accepted: counter!(MESSAGES_ACCEPTED, &l),
-            delivered: counter!(MESSAGES_DELIVERED, &l),
-            retries: counter!(RETRIES, &l),
-            budget_denied: counter!(RETRY_BUDGET_DENIED, &l),
-            unclaimed: counter!(MESSAGES_UNCLAIMED, &l),
-            batches: counter!(BATCHES, &l),
-            batch_messages: histogram!(BATCH_MESSAGES, &l),
-            batch_bytes: histogram!(BATCH_BYTES, &l),
-            latency: histogram!(SEND_LATENCY, &l),
-            buffer_messages: gauge!(BUFFER_MESSAGES, &l),
-            buffer_bytes: gauge!(BUFFER_BYTES, &l),
-            inflight: gauge!(INFLIGHT_BATCHES, &l),
-            circuit: gauge!(CIRCUIT_STATE, &l),
+            accepted: counter!(MESSAGES_ACCEPTED, l()),
+            delivered: counter!(MESSAGES_DELIVERED, l()),
+            retries: counter!(RETRIES, l()),
+            budget_denied: counter!(RETRY_BUDGET_DENIED, l()),
+            unclaimed: counter!(MESSAGES_UNCLAIMED, l()),
+            batches: counter!(BATCHES, l()),
+            batch_messages: histogram!(BATCH_MESSAGES, l()),
+            batch_bytes: histogram!(BATCH_BYTES, l()),
+            latency: histogram!(SEND_LATENCY, l()),
+            buffer_messages: gauge!(BUFFER_MESSAGES, l()),
+            buffer_bytes: gauge!(BUFFER_BYTES, l()),
+            inflight: gauge!(INFLIGHT_BATCHES, l()),
+            circuit: gauge!(CIRCUIT_STATE, l()),
+            health: gauge!(HEALTH_STATUS, l()),
+            transport_up: gauge!(TRANSPORT_UP, l()),
+            labels,
         }
     }
 
     /// Failures are rare, so their handle is looked up when one happens.
     pub(crate) fn failed(&self, reason: &FailureReason, n: u64) {
-        counter!(
-            MESSAGES_FAILED,
-            "transport" => self.transport,
-            "class" => reason.class().as_str(),
-            "reason" => reason.label()
-        )
-        .increment(n);
+        let mut labels = self.labels.clone();
+        labels.push(Label::new("class", reason.class().as_str()));
+        labels.push(Label::new("reason", reason.label()));
+        counter!(MESSAGES_FAILED, labels).increment(n);
     }
 }

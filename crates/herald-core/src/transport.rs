@@ -3,6 +3,7 @@
 use async_trait::async_trait;
 
 use crate::error::TransportError;
+use crate::health::TransportHealth;
 use crate::message::{Destination, Message};
 
 /// What a broker told us about one delivered message.
@@ -76,6 +77,14 @@ pub trait Transport: Send + Sync + 'static {
     /// "timed out". Must be quick and never contain secrets. Default: nothing.
     fn diagnosis(&self) -> Option<String> {
         None
+    }
+
+    /// What the transport knows about its broker connection now: up, blocked by the broker, or
+    /// down (and why). The producer's health ([`crate::Producer::health`]) and the
+    /// `herald_transport_up` gauge read it about once a second. Must be quick and never contain
+    /// secrets. Default: [`TransportHealth::Up`] (nothing known against it).
+    fn health(&self) -> TransportHealth {
+        TransportHealth::Up
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use herald_core::{
     async_trait, Ack, BatchOutcome, Destination, ErrorClass, Message, Transport, TransportError,
+    TransportHealth,
 };
 
 /// What one call of `send_batch` does, in a script.
@@ -34,6 +35,7 @@ struct Inner {
     reject: Mutex<Option<RejectRule>>,
     latency: Mutex<Duration>,
     diagnosis: Mutex<Option<String>>,
+    health: Mutex<TransportHealth>,
     calls: AtomicU64,
     attempts: AtomicU64,
     delivered: AtomicU64,
@@ -100,6 +102,7 @@ impl MemoryTransport {
                 reject: Mutex::new(None),
                 latency: Mutex::new(Duration::ZERO),
                 diagnosis: Mutex::new(None),
+                health: Mutex::new(TransportHealth::Up),
                 calls: AtomicU64::new(0),
                 attempts: AtomicU64::new(0),
                 delivered: AtomicU64::new(0),
@@ -142,6 +145,12 @@ impl MemoryTransport {
     /// What [`Transport::diagnosis`] answers from now on.
     pub fn set_diagnosis(&self, diagnosis: Option<&str>) {
         *lock(&self.inner.diagnosis) = diagnosis.map(str::to_owned);
+    }
+
+    /// What [`Transport::health`] answers from now on (as a real adapter would when its
+    /// connection drops or the broker blocks it).
+    pub fn set_health(&self, health: TransportHealth) {
+        *lock(&self.inner.health) = health;
     }
 
     /// Messages accepted so far, in arrival order (empty for a counting transport).
@@ -251,5 +260,9 @@ impl Transport for MemoryTransport {
 
     fn diagnosis(&self) -> Option<String> {
         lock(&self.inner.diagnosis).clone()
+    }
+
+    fn health(&self) -> TransportHealth {
+        lock(&self.inner.health).clone()
     }
 }

@@ -48,6 +48,14 @@ async fn build_rejects_settings_that_cannot_work_naming_the_field() {
         invalid_field(Producer::builder(t()).buffer(0, 1024).build()),
         "buffer.max_messages"
     );
+    for bad in ["", "has space", "order/7", &"x".repeat(65)] {
+        assert_eq!(
+            invalid_field(Producer::builder(t()).name(bad).build()),
+            "name"
+        );
+    }
+    let named = Producer::builder(t()).name("orders-1.eu_west").build();
+    assert_eq!(named.expect("a fine name").name(), Some("orders-1.eu_west"));
     assert_eq!(
         invalid_field(Producer::builder(t()).buffer(10, 0).build()),
         "buffer.max_bytes"

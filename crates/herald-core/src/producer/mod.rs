@@ -20,6 +20,7 @@ pub use completion::{BulkReceipt, BulkReport, DeadLetterHook, Delivery, Delivery
 pub use pipeline::Totals;
 
 use crate::error::{BuildError, FailureReason, SendError};
+use crate::health::{Health, HealthPolicy};
 use crate::message::Message;
 use crate::transport::Transport;
 use completion::{Completion, Group};
@@ -90,6 +91,8 @@ pub struct ProducerBuilder {
     delivery_timeout: Duration,
     ordering: OrderingMode,
     dead_letter: Option<DeadLetterHook>,
+    health: HealthPolicy,
+    name: Option<String>,
 }
 
 impl std::fmt::Debug for ProducerBuilder {
@@ -107,6 +110,8 @@ impl std::fmt::Debug for ProducerBuilder {
             .field("delivery_timeout", &self.delivery_timeout)
             .field("ordering", &self.ordering)
             .field("dead_letter", &self.dead_letter.is_some())
+            .field("health", &self.health)
+            .field("name", &self.name)
             .finish()
     }
 }
@@ -126,6 +131,8 @@ impl ProducerBuilder {
             delivery_timeout: Duration::from_secs(120),
             ordering: OrderingMode::Strict,
             dead_letter: None,
+            health: HealthPolicy::default(),
+            name: None,
         }
     }
 
@@ -210,6 +217,22 @@ impl ProducerBuilder {
         self
     }
 
+    /// Names the producer: every metric it emits carries the label `producer` with this name,
+    /// so that several producers on one transport in one process keep separate series. Up to
+    /// 64 ASCII letters, digits, `_`, `-` or `.`; a name per producer, never per message.
+    /// Default: no name and no `producer` label.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// When the producer counts as degraded or unhealthy, and how often health is evaluated.
+    /// Default: [`HealthPolicy::default`].
+    pub fn health(mut self, policy: HealthPolicy) -> Self {
+        self.health = policy;
+        self
+    }
+
     fn validate(&self) -> Result<(), BuildError> {
         let invalid = |field, reason: &str| {
             Err(BuildError::Invalid {
@@ -261,6 +284,21 @@ impl ProducerBuilder {
         self.retry.validate()?;
         self.budget.validate()?;
         self.breaker.validate()?;
+        if let Some(name) = &self.name {
+            let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+            if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
+                return Err(BuildError::Invalid {
+                    field: "name",
+                    reason: format!(
+                        "{name:?}: use 1 to 64 ASCII letters, digits, `_`, `-` or `.` (it becomes a metric label)"
+                    ),
+                });
+            }
+        }
+        self.health.check().map_err(|reason| BuildError::Invalid {
+            field: "health",
+            reason,
+        })?;
         Ok(())
     }
 
@@ -281,6 +319,8 @@ impl ProducerBuilder {
             delivery_timeout: self.delivery_timeout,
             ordering: self.ordering,
             retry: self.retry,
+            health: self.health,
+            name: self.name,
         };
         let shared = Arc::new(Shared::new(
             config,
@@ -291,6 +331,11 @@ impl ProducerBuilder {
             self.dead_letter,
         ));
         let dispatcher = runtime.spawn(pipeline::run_dispatcher(shared.clone()));
+        runtime.spawn(pipeline::run_health(
+            Arc::downgrade(&shared),
+            shared.health.kick.clone(),
+            self.health.interval,
+        ));
         Ok(Producer {
             handle: Arc::new(Handle {
                 shared,
@@ -311,6 +356,7 @@ impl Drop for Handle {
     fn drop(&mut self) {
         self.shared.lock().closing = true;
         self.shared.wake.notify_one();
+        self.shared.health.kick.notify_one();
     }
 }
 
@@ -582,6 +628,7 @@ impl Producer {
         let deadline = clock_now().checked_add(timeout);
         shared.lock().closing = true;
         shared.wake.notify_one();
+        shared.health.kick.notify_one();
         let drained = self.wait_idle(deadline).await;
         let mut in_flight = 0;
         if !drained {
@@ -629,6 +676,27 @@ impl Producer {
             totals: st.totals,
             unclaimed: shared.unclaimed.count(),
         }
+    }
+
+    /// The producer's health now, evaluated on the spot: [`HealthStatus`](crate::HealthStatus)
+    /// and its issues (circuit open, broker connection down or blocked, buffer above its
+    /// high-water mark, error rate, closed). Also published to [`Producer::health_watch`].
+    pub fn health(&self) -> Health {
+        self.shared().evaluate_health(clock_now())
+    }
+
+    /// A watch channel of the producer's health, evaluated every [`HealthPolicy::interval`] and
+    /// at once when the circuit breaker changes state or the producer closes. Receivers are
+    /// woken when the status or the set of issues changes (not when a count inside an issue
+    /// does); the value is always the latest evaluation. After the producer has closed, it holds
+    /// its last health (unhealthy: closed).
+    pub fn health_watch(&self) -> tokio::sync::watch::Receiver<Health> {
+        self.shared().health.tx.subscribe()
+    }
+
+    /// The name given with [`ProducerBuilder::name`], if any.
+    pub fn name(&self) -> Option<&str> {
+        self.shared().config.name.as_deref()
     }
 
     /// The transport's name.

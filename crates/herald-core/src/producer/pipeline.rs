@@ -11,8 +11,8 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use herald_batch::Accumulator;
@@ -20,11 +20,14 @@ use herald_retry::{
     CircuitBreaker, CircuitState, ErrorClass, GiveUpReason, RetryBudget, RetryContext,
     RetryDecision, RetryPolicy,
 };
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use super::completion::{Completion, DeadLetterHook, Delivery, Group, Outcome, Unclaimed};
 use super::OrderingMode;
 use crate::error::{FailureReason, SendError, TransportError};
+use crate::health::{
+    ErrorWindow, Health, HealthIssue, HealthPolicy, HealthStatus, TransportHealth,
+};
 use crate::message::{Destination, Message};
 use crate::metrics::Metrics;
 use crate::transport::{BatchOutcome, Transport};
@@ -47,6 +50,9 @@ pub(crate) struct Config {
     pub(crate) delivery_timeout: Duration,
     pub(crate) ordering: OrderingMode,
     pub(crate) retry: Arc<dyn RetryPolicy>,
+    pub(crate) health: HealthPolicy,
+    /// The `producer` metric label, if set.
+    pub(crate) name: Option<String>,
 }
 
 /// Bookkeeping for one message besides the message itself.
@@ -127,6 +133,13 @@ pub(crate) struct State {
     pub(crate) totals: Totals,
     /// A close ran out of time: failures end as `Closed` instead of being retried.
     pub(crate) abandoned: bool,
+    /// The circuit state health last saw, to tell the health task at once when it changes.
+    circuit_seen: CircuitState,
+    /// Numbers health evaluations in the order they read this state.
+    health_ticket: u64,
+    /// Of `totals.failed`, the messages refused before acceptance (full buffer, too large,
+    /// closed): backpressure and caller mistakes, left out of the health error rate.
+    refused: u64,
     /// Where leftovers go when the state itself is dropped.
     unclaimed: Arc<Unclaimed>,
 }
@@ -171,6 +184,19 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
     pub(crate) unclaimed: Arc<Unclaimed>,
+    pub(crate) health: HealthMonitor,
+    /// The dispatcher has finished: everything accepted has ended and the transport is closed.
+    pub(crate) stopped: AtomicBool,
+}
+
+/// Health as last evaluated, published to subscribers.
+pub(crate) struct HealthMonitor {
+    window: Mutex<ErrorWindow>,
+    pub(crate) tx: watch::Sender<Health>,
+    /// Wakes the health task early: the circuit changed state, or the producer is closing.
+    pub(crate) kick: Arc<Notify>,
+    /// The ticket of the evaluation last published (see `Shared::evaluate_health`).
+    published: AtomicU64,
 }
 
 /// A message that could not be accepted, with its completion, to be retried or answered.
@@ -205,7 +231,12 @@ impl Shared {
         transport: Arc<dyn Transport>,
         dead_letter: Option<DeadLetterHook>,
     ) -> Self {
-        let metrics = Metrics::new(transport.name());
+        let metrics = Metrics::new(
+            transport.name(),
+            config.name.as_deref(),
+            config.max_buffered_messages,
+            config.max_buffered_bytes,
+        );
         let unclaimed = Arc::new(Unclaimed::new(dead_letter, metrics.unclaimed.clone()));
         Self {
             state: Mutex::new(State {
@@ -223,6 +254,9 @@ impl Shared {
                 next_expiry: None,
                 totals: Totals::default(),
                 abandoned: false,
+                circuit_seen: CircuitState::Closed,
+                health_ticket: 0,
+                refused: 0,
                 unclaimed: unclaimed.clone(),
             }),
             wake: Notify::new(),
@@ -233,6 +267,13 @@ impl Shared {
             config,
             metrics,
             unclaimed,
+            health: HealthMonitor {
+                window: Mutex::new(ErrorWindow::starting(clock_now())),
+                tx: watch::Sender::new(Health::default()),
+                kick: Arc::new(Notify::new()),
+                published: AtomicU64::new(0),
+            },
+            stopped: AtomicBool::new(false),
         }
     }
 
@@ -291,9 +332,129 @@ impl Shared {
         Ok(st.acc.push_back_at(slot, (msg, meta), size, now))
     }
 
+    /// Evaluates the producer's health now, sets its gauges and publishes it. Subscribers are
+    /// woken only when the status or the set of issues changes, not when a count in one does.
+    ///
+    /// Each evaluation takes a ticket with its snapshot of the state; one that read the state
+    /// earlier than the last published never publishes (a stale "healthy" read before a close
+    /// must not overwrite the final "closed").
+    pub(crate) fn evaluate_health(&self, now: Instant) -> Health {
+        let (ticket, circuit, retry_at, messages, bytes, totals, refused, closing) = {
+            let mut st = self.lock();
+            st.health_ticket += 1;
+            (
+                st.health_ticket,
+                st.breaker.state(),
+                st.breaker.retry_at(),
+                st.buffered_messages,
+                st.buffered_bytes,
+                st.totals,
+                st.refused,
+                st.closing,
+            )
+        };
+        let policy = &self.config.health;
+        let mut issues = Vec::new();
+        if closing {
+            issues.push(HealthIssue::Closed);
+        }
+        match circuit {
+            // Open past its `open_for`: nothing is held back any more, the next batch probes.
+            // The breaker moves to half-open only when a batch asks, which an idle producer
+            // never does: reporting it open (unhealthy) would last forever.
+            CircuitState::Open if retry_at.is_some_and(|t| t <= now) => {
+                issues.push(HealthIssue::CircuitHalfOpen);
+            }
+            CircuitState::Open => issues.push(HealthIssue::CircuitOpen),
+            CircuitState::HalfOpen => issues.push(HealthIssue::CircuitHalfOpen),
+            CircuitState::Closed => {}
+        }
+        let transport = self.transport.health();
+        let up = !matches!(transport, TransportHealth::Down(_));
+        match transport {
+            TransportHealth::Down(why) => issues.push(HealthIssue::TransportDown(why)),
+            TransportHealth::Blocked(why) => issues.push(HealthIssue::BrokerBlocked(why)),
+            TransportHealth::Up => {}
+        }
+        let (max_messages, max_bytes) = (
+            self.config.max_buffered_messages,
+            self.config.max_buffered_bytes,
+        );
+        let high = |used: usize, max: usize| used as f64 > policy.buffer_high_water * max as f64;
+        if high(messages, max_messages) || high(bytes, max_bytes) {
+            issues.push(HealthIssue::BufferHighWater {
+                messages,
+                max_messages,
+                bytes,
+                max_bytes,
+            });
+        }
+        let (failed, ended) = self
+            .health
+            .window
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observe(
+                now,
+                totals.delivered,
+                totals.failed - refused,
+                policy.error_window,
+            );
+        if ended > 0 && ended >= policy.min_messages {
+            let rate = failed as f64 / ended as f64;
+            let status = if rate >= policy.unhealthy_error_rate {
+                HealthStatus::Unhealthy
+            } else if rate >= policy.degraded_error_rate {
+                HealthStatus::Degraded
+            } else {
+                HealthStatus::Healthy
+            };
+            if status != HealthStatus::Healthy {
+                issues.push(HealthIssue::ErrorRate {
+                    failed,
+                    ended,
+                    window: policy.error_window,
+                    status,
+                });
+            }
+        }
+        let health = Health::from_issues(issues);
+        self.health.tx.send_if_modified(|seen| {
+            // Under the channel's lock: tickets are compared and published one at a time.
+            if ticket < self.health.published.load(Ordering::Relaxed) {
+                return false;
+            }
+            self.health.published.store(ticket, Ordering::Relaxed);
+            self.metrics.health.set(health.status.as_gauge());
+            self.metrics.transport_up.set(if up { 1.0 } else { 0.0 });
+            let changed = seen.status != health.status
+                || seen.issues.len() != health.issues.len()
+                || seen
+                    .issues
+                    .iter()
+                    .zip(&health.issues)
+                    .any(|(a, b)| a.code() != b.code());
+            *seen = health.clone();
+            changed
+        });
+        health
+    }
+
+    /// Tells the health task when the circuit breaker changed state since it last looked.
+    fn note_circuit(&self, st: &mut State) {
+        let now = st.breaker.state();
+        if now != st.circuit_seen {
+            st.circuit_seen = now;
+            self.health.kick.notify_one();
+        }
+    }
+
     /// Counts a refusal in totals and metrics.
     pub(crate) fn count_refused(&self, reason: &FailureReason) {
-        self.lock().totals.failed += 1;
+        let mut st = self.lock();
+        st.totals.failed += 1;
+        st.refused += 1;
+        drop(st);
         self.metrics.failed(reason, 1);
     }
 
@@ -547,6 +708,7 @@ impl Shared {
             .set(st.buffered_messages as f64);
         self.metrics.buffer_bytes.set(st.buffered_bytes as f64);
         self.metrics.circuit.set(st.breaker.state().as_gauge());
+        self.note_circuit(st);
 
         let mut wake_at = st.acc.next_wakeup(now);
         let mut consider = |t: Option<Instant>| {
@@ -639,6 +801,7 @@ impl Shared {
         } else {
             st.breaker.on_failure(now);
         }
+        self.note_circuit(&mut st);
         if !retry.is_empty() {
             if self.config.ordering == OrderingMode::Strict {
                 st.acc.hold(&flight.destination);
@@ -752,6 +915,11 @@ pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
         }
         if exit {
             shared.transport.close().await;
+            shared.stopped.store(true, Ordering::Release);
+            // The last word (closed) is published here: when the producer was dropped, the
+            // health task may find the pipeline gone before it evaluates again.
+            shared.evaluate_health(clock_now());
+            shared.health.kick.notify_one();
             return;
         }
         let notified = shared.wake.notified();
@@ -764,6 +932,28 @@ pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
                 }
             }
             None => notified.await,
+        }
+    }
+}
+
+/// Evaluates and publishes the producer's health every `interval`, and at once when kicked;
+/// evaluates a last time (closed) and ends when the dispatcher has finished. Holds the pipeline
+/// only while evaluating, so it never keeps a dropped producer alive.
+pub(crate) async fn run_health(shared: Weak<Shared>, kick: Arc<Notify>, interval: Duration) {
+    loop {
+        let notified = kick.notified();
+        {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            shared.evaluate_health(clock_now());
+            if shared.stopped.load(Ordering::Acquire) {
+                return;
+            }
+        }
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep(interval) => {}
         }
     }
 }
