@@ -1,17 +1,23 @@
 //! Topic administration for brokers that do not auto-create topics (Tansu, or Kafka with
-//! `auto.create.topics.enable=false`, the safe setting).
+//! `auto.create.topics.enable=false`, the safe setting), and reading a topic back whole, for
+//! tests and tools that check what was produced.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
+use herald_core::{Destination, Message};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::ClientConfig;
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-/// Why a topic could not be created.
+/// Why a topic could not be created or read.
 #[derive(Debug, thiserror::Error)]
-#[error("could not create topic `{topic}`: {reason}")]
+#[error("could not {action} topic `{topic}`: {reason}")]
 pub struct AdminError {
+    action: &'static str,
     topic: String,
     reason: String,
 }
@@ -25,6 +31,7 @@ pub async fn create_topic(
     replication: i32,
 ) -> Result<(), AdminError> {
     let fail = |reason: String| AdminError {
+        action: "create",
         topic: topic.to_owned(),
         reason,
     };
@@ -50,4 +57,81 @@ pub async fn create_topic(
         }
     }
     Ok(())
+}
+
+/// Reads `topic` from the beginning until `expected` messages are there or `limit` has passed,
+/// and returns them partition by partition, each partition in offset order, with their keys
+/// and headers. Blocking: call it from a thread that may block (`spawn_blocking` in async code).
+pub fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    limit: Duration,
+) -> Result<Vec<Message>, AdminError> {
+    let fail = |reason: String| AdminError {
+        action: "read",
+        topic: topic.to_owned(),
+        reason,
+    };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("herald-read-{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .map_err(|e| fail(e.to_string()))?;
+    let deadline = Instant::now() + limit;
+    let partitions = loop {
+        if let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            if let Some(t) = md.topics().first() {
+                if !t.partitions().is_empty() {
+                    break t.partitions().len() as i32;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(fail(format!("no metadata within {limit:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    consumer.assign(&tpl).map_err(|e| fail(e.to_string()))?;
+    let dest = Destination::new(topic);
+    let mut by_partition: BTreeMap<i32, Vec<(i64, Message)>> = BTreeMap::new();
+    let mut count = 0;
+    while count < expected && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let mut msg = Message::new(dest.clone(), m.payload().unwrap_or_default().to_vec());
+                if let Some(k) = m.key() {
+                    msg = msg.with_key(k.to_vec());
+                }
+                if let Some(h) = m.headers() {
+                    for i in 0..h.count() {
+                        let header = h.get(i);
+                        msg =
+                            msg.with_header(header.key, header.value.unwrap_or_default().to_vec());
+                    }
+                }
+                by_partition
+                    .entry(m.partition())
+                    .or_default()
+                    .push((m.offset(), msg));
+                count += 1;
+            }
+            Some(Err(e)) => return Err(fail(e.to_string())),
+            None => {}
+        }
+    }
+    Ok(by_partition
+        .into_values()
+        .flat_map(|mut v| {
+            v.sort_by_key(|(offset, _)| *offset);
+            v.into_iter().map(|(_, m)| m)
+        })
+        .collect())
 }

@@ -5,12 +5,14 @@
 //! on its polling thread, fills that position; the batch's future resolves when every
 //! position is filled. No future per message, no await per message.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use herald_core::{
     async_trait, Ack, BatchOutcome, Destination, ErrorClass, Message, Transport, TransportError,
+    TransportHealth,
 };
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -46,9 +48,13 @@ impl BatchState {
     }
 
     fn set(&self, index: usize, outcome: Result<Ack, TransportError>) {
-        if self.outcomes[index].set(outcome).is_ok()
-            && self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
-        {
+        // Out of range only for a report that outlived its batch and found its id reused (ids
+        // wrap after 2^32 batches, 2^16 on 32-bit targets): dropped, never a panic in a
+        // librdkafka callback.
+        let Some(slot) = self.outcomes.get(index) else {
+            return;
+        };
+        if slot.set(outcome).is_ok() && self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.done.notify_one();
         }
     }
@@ -64,10 +70,78 @@ impl BatchState {
     }
 }
 
-/// The delivery opaque of one message: its batch and position.
-struct Slot {
-    batch: Arc<BatchState>,
-    index: usize,
+/// Bits of a delivery opaque that hold a message's position in its part of a batch; the rest
+/// hold the part's id.
+const INDEX_BITS: u32 = usize::BITS / 2;
+/// Messages per part: a batch longer than this registers one id per part.
+const PART: usize = 1 << INDEX_BITS;
+
+/// Batches waiting for delivery reports, by id. A message's delivery opaque is a plain `usize`
+/// (part id and position), so handing a message to librdkafka allocates nothing; the delivery
+/// callback finds the batch here. A report for a batch no longer registered (its send was
+/// cancelled at the attempt deadline) finds nothing and is dropped, as nobody waits for it.
+#[derive(Default)]
+struct InFlight {
+    /// Part id -> (batch, position of the part's first message).
+    parts: std::sync::Mutex<HashMap<usize, (Arc<BatchState>, usize)>>,
+    next_id: AtomicUsize,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, (Arc<BatchState>, usize)>> {
+        self.parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers `state` (one id per `PART` messages); unregistered when the guard drops.
+    fn register(&self, state: &Arc<BatchState>, len: usize) -> Registered<'_> {
+        let id_limit = 1usize << (usize::BITS - INDEX_BITS);
+        let mut parts = self.lock();
+        let ids = (0..len.div_ceil(PART).max(1))
+            .map(|part| loop {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed) % id_limit;
+                if let std::collections::hash_map::Entry::Vacant(v) = parts.entry(id) {
+                    v.insert((state.clone(), part * PART));
+                    break id;
+                }
+            })
+            .collect();
+        Registered {
+            in_flight: self,
+            ids,
+        }
+    }
+
+    /// Runs `f` with the batch and position an opaque names, if the batch is still registered.
+    fn with(&self, opaque: usize, f: impl FnOnce(&BatchState, usize)) {
+        let (id, offset) = (opaque >> INDEX_BITS, opaque & (PART - 1));
+        if let Some((batch, base)) = self.lock().get(&id) {
+            f(batch, base + offset);
+        }
+    }
+}
+
+/// A batch's registration in `InFlight`, removed on drop (also when the send is cancelled).
+struct Registered<'a> {
+    in_flight: &'a InFlight,
+    ids: Vec<usize>,
+}
+
+impl Registered<'_> {
+    /// The delivery opaque of the message at `index` of the batch.
+    fn opaque(&self, index: usize) -> usize {
+        (self.ids[index / PART] << INDEX_BITS) | (index % PART)
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut parts = self.in_flight.lock();
+        for id in &self.ids {
+            parts.remove(id);
+        }
+    }
 }
 
 /// State the librdkafka callbacks share with the transport.
@@ -82,6 +156,10 @@ struct Shared {
     last_client_error: std::sync::Mutex<ClientErrors>,
     /// Whether `last_client_error` is newer than the last successful delivery.
     client_errors: AtomicBool,
+    /// librdkafka said all brokers are down, and no broker has answered since.
+    all_down: AtomicBool,
+    /// Batches waiting for their delivery reports.
+    in_flight: InFlight,
 }
 
 impl Shared {
@@ -120,6 +198,13 @@ struct Context {
 impl ClientContext for Context {
     fn stats(&self, statistics: Statistics) {
         self.shared.metrics.record(&statistics);
+        if statistics
+            .brokers
+            .values()
+            .any(|b| b.source != "internal" && b.state == "UP")
+        {
+            self.shared.all_down.store(false, Ordering::Relaxed);
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -135,6 +220,9 @@ impl ClientContext for Context {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         use RDKafkaErrorCode as C;
+        if error.rdkafka_error_code() == Some(C::AllBrokersDown) {
+            self.shared.all_down.store(true, Ordering::Relaxed);
+        }
         match error.rdkafka_error_code() {
             Some(C::BrokerTransportFailure | C::Resolve | C::Authentication | C::SSL) => {
                 errors.connection = Some(text);
@@ -146,9 +234,10 @@ impl ClientContext for Context {
 }
 
 impl ProducerContext for Context {
-    type DeliveryOpaque = Box<Slot>;
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, slot: Box<Slot>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let mut broken = false;
         let outcome = match result {
             Ok(m) => Ok(Ack {
                 partition: Some(m.partition()),
@@ -156,9 +245,7 @@ impl ProducerContext for Context {
             }),
             Err((e, _)) => {
                 let code = e.rdkafka_error_code();
-                if code.is_some_and(needs_new_producer) {
-                    slot.batch.producer_broken.store(true, Ordering::Release);
-                }
+                broken = code.is_some_and(needs_new_producer);
                 let mut error = transport_error(e);
                 if code == Some(RDKafkaErrorCode::MessageTimedOut) {
                     if let Some(diagnosis) = self.shared.diagnosis() {
@@ -171,8 +258,14 @@ impl ProducerContext for Context {
         if outcome.is_ok() && self.shared.client_errors.load(Ordering::Relaxed) {
             // A broker answered: earlier connection errors no longer explain anything.
             self.shared.client_errors.store(false, Ordering::Relaxed);
+            self.shared.all_down.store(false, Ordering::Relaxed);
         }
-        slot.batch.set(slot.index, outcome);
+        self.shared.in_flight.with(opaque, |batch, index| {
+            if broken {
+                batch.producer_broken.store(true, Ordering::Release);
+            }
+            batch.set(index, outcome);
+        });
         if self.shared.waiting.load(Ordering::Acquire) > 0 {
             self.shared.space.notify_waiters();
         }
@@ -229,6 +322,8 @@ impl KafkaTransport {
             metrics: KafkaMetrics::new(),
             last_client_error: std::sync::Mutex::new(ClientErrors::default()),
             client_errors: AtomicBool::new(false),
+            all_down: AtomicBool::new(false),
+            in_flight: InFlight::default(),
         });
         let producer = Arc::new(create(&client_config, &shared)?);
         Ok(Self {
@@ -352,6 +447,7 @@ impl Transport for KafkaTransport {
             return vec![Err(e); batch.len()];
         }
         let state = Arc::new(BatchState::new(batch.len()));
+        let registered = self.inner.shared.in_flight.register(&state, batch.len());
         let (producer, generation) = self.producer();
         // Keys whose message failed at once with a transient error: later messages with the
         // same key in this call are not handed over, so none goes ahead of that retry (the
@@ -370,12 +466,9 @@ impl Transport for KafkaTransport {
                     continue;
                 }
             }
-            let slot = Box::new(Slot {
-                batch: state.clone(),
-                index,
-            });
-            let mut record: BaseRecord<'_, [u8], [u8], Box<Slot>> =
-                BaseRecord::with_opaque_to(topic, slot).payload(m.payload().as_ref());
+            let mut record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(topic, registered.opaque(index))
+                    .payload(m.payload().as_ref());
             if let Some(key) = m.key() {
                 record = record.key(key.as_ref());
             }
@@ -404,28 +497,53 @@ impl Transport for KafkaTransport {
             }
         }
         state.wait().await;
+        drop(registered);
         if state.producer_broken.load(Ordering::Acquire)
             || producer.client().fatal_error().is_some()
         {
             // The failed messages are transient: herald retries them on the new producer.
             self.rebuild(generation);
         }
-        // Callbacks may still hold their slot for a moment after filling it: copy out.
-        state
-            .outcomes
-            .iter()
-            .map(|o| {
-                o.get().cloned().unwrap_or_else(|| {
-                    Err(TransportError::transient(
-                        "no delivery report for this message",
-                    ))
-                })
-            })
-            .collect()
+        // Unregistered, so no callback can reach the outcomes any more: move them out.
+        let missing = || {
+            Err(TransportError::transient(
+                "no delivery report for this message",
+            ))
+        };
+        match Arc::try_unwrap(state) {
+            Ok(state) => state
+                .outcomes
+                .into_iter()
+                .map(|o| o.into_inner().unwrap_or_else(missing))
+                .collect(),
+            Err(shared) => shared
+                .outcomes
+                .iter()
+                .map(|o| o.get().cloned().unwrap_or_else(missing))
+                .collect(),
+        }
     }
 
     fn diagnosis(&self) -> Option<String> {
         self.inner.shared.diagnosis()
+    }
+
+    /// Down from librdkafka's "all brokers down" until a broker answers again (a delivery, or
+    /// a broker in state UP in the statistics), with the last connection error as the reason.
+    fn health(&self) -> TransportHealth {
+        let shared = &self.inner.shared;
+        if !shared.all_down.load(Ordering::Relaxed) {
+            return TransportHealth::Up;
+        }
+        let why = shared
+            .last_client_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .describe();
+        TransportHealth::Down(format!(
+            "all brokers down ({})",
+            why.unwrap_or_else(|| "no error reported".into())
+        ))
     }
 
     async fn close(&self) {
@@ -440,6 +558,38 @@ impl Transport for KafkaTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_opaques_find_their_batch_and_position_until_unregistered() {
+        let in_flight = InFlight::default();
+        let a = Arc::new(BatchState::new(3));
+        let b = Arc::new(BatchState::new(2));
+        let ra = in_flight.register(&a, 3);
+        // An id still in use is skipped, even after the counter wraps onto it.
+        in_flight.next_id.store(ra.ids[0], Ordering::Relaxed);
+        let rb = in_flight.register(&b, 2);
+        assert_ne!(ra.ids, rb.ids);
+        let ok = || Ok(Ack::default());
+        for (registered, index) in [(&ra, 2), (&rb, 1), (&ra, 0)] {
+            in_flight.with(registered.opaque(index), |batch, i| {
+                assert_eq!(i, index);
+                batch.set(i, ok());
+            });
+        }
+        assert!(a.outcomes[0].get().is_some() && a.outcomes[2].get().is_some());
+        assert!(a.outcomes[1].get().is_none());
+        assert!(b.outcomes[1].get().is_some() && b.outcomes[0].get().is_none());
+        // Once unregistered, a late report reaches nothing.
+        let late = ra.opaque(1);
+        drop(ra);
+        in_flight.with(late, |_, _| {
+            panic!("a report reached an unregistered batch")
+        });
+        assert!(a.outcomes[1].get().is_none());
+        assert_eq!(in_flight.lock().len(), 1);
+        drop(rb);
+        assert!(in_flight.lock().is_empty());
+    }
 
     #[test]
     fn topic_names_follow_kafka_rules() {

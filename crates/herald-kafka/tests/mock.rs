@@ -7,11 +7,34 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{assert_exactly_once_in_order, read_back, KafkaHarness};
-use herald_core::{Destination, ErrorClass, FailureReason, Message, Producer};
+use herald_core::{
+    Destination, ErrorClass, FailureReason, HealthIssue, HealthStatus, Message, Producer,
+};
 use herald_kafka::mock::{MockKafka, ProduceFault};
 use herald_kafka::{KafkaConfig, KafkaTransport};
 use herald_retry::{Backoff, ExponentialRetry};
 use herald_testkit::conformance::{self, Injected};
+
+/// Waits until the producer's health satisfies `cond`; panics after `limit` with what it is.
+async fn health_becomes(
+    producer: &Producer,
+    limit: Duration,
+    what: &str,
+    cond: impl Fn(&herald_core::Health) -> bool,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let h = producer.health();
+        if cond(&h) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health never became {what}: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 fn keyed(topic: &str, n: usize, keys: usize) -> Vec<Message> {
     let d = Destination::new(topic);
@@ -105,6 +128,13 @@ async fn a_broker_down_for_a_while_then_up_loses_nothing() {
     let receipt = producer.send_all(second.clone()).await;
     // Down long enough that librdkafka times messages out and herald has to retry them.
     tokio::time::sleep(Duration::from_secs(4)).await;
+    health_becomes(&producer, Duration::from_secs(10), "transport down", |h| {
+        h.status == HealthStatus::Unhealthy
+            && h.issues
+                .iter()
+                .any(|i| matches!(i, HealthIssue::TransportDown(_)))
+    })
+    .await;
     assert!(
         receipt.pending() > 0,
         "nothing can be delivered while the only broker is down"
@@ -113,6 +143,10 @@ async fn a_broker_down_for_a_while_then_up_loses_nothing() {
     let report = receipt.wait().await;
     assert!(report.failed.is_empty(), "{:?}", report.failed.first());
     assert_eq!(report.delivered, 2_000);
+    health_becomes(&producer, Duration::from_secs(10), "healthy again", |h| {
+        h.status == HealthStatus::Healthy
+    })
+    .await;
     let stats = producer.stats();
     assert!(
         stats.totals.retries > 0,
@@ -215,4 +249,15 @@ async fn unreachable_servers_end_in_a_transient_error_after_the_delivery_timeout
         e.to_string().contains("127.0.0.1:9"),
         "the error names the server it could not reach: {e}"
     );
+    health_becomes(
+        &producer,
+        Duration::from_secs(5),
+        "down, naming the server",
+        |h| {
+            h.issues.iter().any(
+                |i| matches!(i, HealthIssue::TransportDown(why) if why.contains("127.0.0.1:9")),
+            )
+        },
+    )
+    .await;
 }

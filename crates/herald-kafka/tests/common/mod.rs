@@ -2,79 +2,16 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use herald_core::{Destination, Message};
 use herald_kafka::{KafkaConfig, KafkaTransport};
 use herald_testkit::conformance::{Harness, Injected};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message as _};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 /// Everything in `topic`, partition by partition (each in offset order), once at least
 /// `expected` messages are there or `limit` has passed.
 pub fn read_back(bootstrap: &str, topic: &str, expected: usize, limit: Duration) -> Vec<Message> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("herald-test-{topic}"))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("consumer");
-    let deadline = Instant::now() + limit;
-    let partitions = loop {
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
-        if let Ok(md) = md {
-            if let Some(t) = md.topics().first() {
-                if !t.partitions().is_empty() {
-                    break t.partitions().len() as i32;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "no metadata for topic {topic}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("offset");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut by_partition: HashMap<i32, Vec<(i64, Message)>> = HashMap::new();
-    let mut count = 0;
-    let dest = Destination::new(topic);
-    while count < expected && Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let mut msg = Message::new(dest.clone(), m.payload().unwrap_or_default().to_vec());
-                if let Some(k) = m.key() {
-                    msg = msg.with_key(k.to_vec());
-                }
-                if let Some(h) = m.headers() {
-                    for i in 0..h.count() {
-                        let hh = h.get(i);
-                        msg = msg.with_header(hh.key, hh.value.unwrap_or_default().to_vec());
-                    }
-                }
-                by_partition
-                    .entry(m.partition())
-                    .or_default()
-                    .push((m.offset(), msg));
-                count += 1;
-            }
-            Some(Err(e)) => panic!("consumer error: {e}"),
-            None => {}
-        }
-    }
-    let mut parts: Vec<_> = by_partition.into_iter().collect();
-    parts.sort_by_key(|(p, _)| *p);
-    parts
-        .into_iter()
-        .flat_map(|(_, mut v)| {
-            v.sort_by_key(|(o, _)| *o);
-            v.into_iter().map(|(_, m)| m)
-        })
-        .collect()
+    herald_kafka::admin::read_topic(bootstrap, topic, expected, limit).expect("read the topic back")
 }
 
 /// The conformance harness for a Kafka cluster: a mock one or a real one.
