@@ -84,9 +84,9 @@ impl Url {
             Some(u) => {
                 let (user, pass) = u.split_once(':').unwrap_or((u, ""));
                 (
-                    decode(user).map_err(|r| bad("user", r))?,
+                    percent_decode(user).map_err(|r| bad("user", r))?,
                     // The reason names the bad escape only, which is not the password.
-                    decode(pass)
+                    percent_decode(pass)
                         .map_err(|_| bad("password", "contains an invalid %-escape".into()))?,
                 )
             }
@@ -124,7 +124,7 @@ impl Url {
                     "holds a `/`: percent-encode it (the vhost `/` is `%2F`)".into(),
                 ))
             }
-            Some(p) => decode(p).map_err(|r| bad("vhost", r))?,
+            Some(p) => percent_decode(p).map_err(|r| bad("vhost", r))?,
         };
         let mut parsed = Self {
             tls,
@@ -219,7 +219,7 @@ impl fmt::Display for Url {
             "{scheme}://{}:***@{host}:{}/{}",
             self.username,
             self.port,
-            encode_vhost(&self.vhost)
+            percent_encode(&self.vhost)
         )
     }
 }
@@ -237,7 +237,10 @@ fn parse_port(p: &str) -> Result<u16, ConfigError> {
     })
 }
 
-fn decode(s: &str) -> Result<String, String> {
+/// Decodes `%XX` escapes in one part of an AMQP URL (user, password, vhost, a query value).
+/// The error says what is wrong ("holds an invalid %-escape", "is not UTF-8 once decoded"),
+/// never the input, which may be a password.
+pub fn percent_decode(s: &str) -> Result<String, String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -258,7 +261,9 @@ fn decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "is not UTF-8 once decoded".to_owned())
 }
 
-fn encode_vhost(v: &str) -> String {
+/// Escapes everything but ASCII letters, digits and `-_.~`, for one part of an AMQP URL (`/`
+/// becomes `%2F`).
+pub fn percent_encode(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for b in v.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

@@ -29,14 +29,18 @@
 //!
 //! # Crate feature flags
 //!
-//! - `baseline`: builds the `amqp-baseline` binary, raw lapin publishing at its best and at its
-//!   most naive, that `cargo xtask bench amqp` compares herald with.
+//! - `baseline`: the [`baseline`] module, raw lapin publishing at its best and at its most
+//!   naive, and the `amqp-baseline` binary on it, that `cargo xtask bench amqp` and
+//!   `herald bench --baseline` compare herald with.
 
 mod config;
 mod error;
 pub mod metrics;
 mod transport;
 
-pub use config::{AmqpConfig, Declare, ExchangeKind};
+#[cfg(feature = "baseline")]
+pub mod baseline;
+
+pub use config::{percent_decode, percent_encode, AmqpConfig, Declare, ExchangeKind};
 pub use error::ConfigError;
 pub use transport::{exchange, queue, AmqpTransport};

@@ -10,7 +10,7 @@ use futures_util::future::join_all;
 use futures_util::StreamExt;
 use herald_core::{
     async_trait, Ack, BatchOutcome, Bytes, Destination, ErrorClass, Message, Transport,
-    TransportError,
+    TransportError, TransportHealth,
 };
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
@@ -120,6 +120,9 @@ struct Flow {
     blocked: AtomicBool,
     /// Up; set false by the event task as soon as lapin reports a connection error.
     connected: AtomicBool,
+    /// Why the last connection attempt failed; cleared when one opens. What
+    /// [`Transport::health`] reports as down.
+    down: std::sync::Mutex<Option<String>>,
     changed: Notify,
 }
 
@@ -228,6 +231,15 @@ impl AmqpTransport {
         &self.inner.config
     }
 
+    fn set_down(&self, why: Option<String>) {
+        *self
+            .inner
+            .flow
+            .down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+    }
+
     fn set_connected(&self, up: bool) {
         self.inner.flow.connected.store(up, Ordering::Release);
         self.inner.metrics.connected.set(if up { 1.0 } else { 0.0 });
@@ -278,10 +290,12 @@ impl AmqpTransport {
                 link.live = Some(live.clone());
                 self.inner.metrics.opened.increment(1);
                 self.set_connected(true);
+                self.set_down(None);
                 Ok(live)
             }
             Err(e) => {
                 self.inner.metrics.connect_failures.increment(1);
+                self.set_down(Some(format!("cannot connect: {e}")));
                 link.failures = link.failures.saturating_add(1);
                 let exp = link.failures.min(16) - 1;
                 let delay = config
@@ -332,6 +346,9 @@ impl AmqpTransport {
                     }
                     // A soft error is one channel closing (reopened on next use); anything
                     // else ends the connection.
+                    // Not reported as down here: the next send reconnects, and only a failed
+                    // attempt says the broker is unreachable (this task may also belong to a
+                    // connection already replaced).
                     Event::Error(e) if !e.is_amqp_soft_error() => {
                         flow.connected.store(false, Ordering::Release);
                         metrics.connected.set(0.0);
@@ -769,6 +786,27 @@ pub(crate) fn finish(
 impl Transport for AmqpTransport {
     fn name(&self) -> &'static str {
         "amqp"
+    }
+
+    /// Down once a connection attempt failed, until one opens again (connections open on
+    /// demand: before the first attempt, and after a loss until the next send tries, nothing
+    /// is known against the broker, and `herald_amqp_connected` shows the loss); blocked while
+    /// the broker blocks publishing.
+    fn health(&self) -> TransportHealth {
+        let down = self
+            .inner
+            .flow
+            .down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match down {
+            Some(why) => TransportHealth::Down(why),
+            None if self.is_blocked() => TransportHealth::Blocked(
+                "connection.blocked: a memory or disk alarm on the broker; publishing waits".into(),
+            ),
+            None => TransportHealth::Up,
+        }
     }
 
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {

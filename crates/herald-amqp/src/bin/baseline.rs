@@ -5,17 +5,11 @@
 //!
 //! Usage: `HERALD_AMQP_URL=amqp://… amqp-baseline [--messages N] [--json FILE]`
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
+use herald_amqp::baseline::{delete_queue, fresh_queue, raw_naive, raw_streaming};
 use herald_amqp::{AmqpConfig, AmqpTransport};
 use herald_core::{Message, OrderingMode, Producer};
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 const CHANNELS: usize = 8;
 const WINDOW: usize = 512;
@@ -30,113 +24,20 @@ struct Figure {
     rate: f64,
 }
 
-async fn fresh_queue(conn: &Connection, tag: &str) -> Res<String> {
-    let name = format!("herald-bench-{tag}-{}", std::process::id());
-    let ch = conn.create_channel().await?;
-    ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-        .await?;
-    ch.queue_declare(
-        name.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    ch.close(200, "OK".into()).await?;
-    Ok(name)
+/// Raw lapin at its best, into a fresh queue deleted afterwards.
+async fn raw_best(config: &AmqpConfig, payload: usize, n: usize) -> Res<f64> {
+    let queue = fresh_queue(config, "raw").await?;
+    let run = raw_streaming(config, "", &queue, payload, n, CHANNELS, WINDOW).await?;
+    delete_queue(config, &queue).await?;
+    Ok(run.msgs_per_sec())
 }
 
-async fn delete_queue(conn: &Connection, name: &str) -> Res<()> {
-    let ch = conn.create_channel().await?;
-    ch.queue_delete(name.into(), QueueDeleteOptions::default())
-        .await?;
-    ch.close(200, "OK".into()).await?;
-    Ok(())
-}
-
-fn props() -> BasicProperties {
-    BasicProperties::default().with_delivery_mode(2)
-}
-
-fn acked(c: &Confirmation) -> Res<()> {
-    match c {
-        Confirmation::Ack(None) => Ok(()),
-        other => Err(format!("not confirmed: {other:?}").into()),
-    }
-}
-
-/// One channel's share, streaming: at most `window` unconfirmed, confirms awaited as they come.
-async fn stream_on(ch: Channel, queue: String, payload: Vec<u8>, n: usize) -> Res<()> {
-    let opts = BasicPublishOptions {
-        mandatory: true,
-        immediate: false,
-    };
-    let mut pending = VecDeque::with_capacity(WINDOW);
-    for _ in 0..n {
-        if pending.len() >= WINDOW {
-            if let Some(c) = pending.pop_front() {
-                let c: lapin::PublisherConfirm = c;
-                acked(&c.await?)?;
-            }
-        }
-        pending.push_back(
-            ch.basic_publish("".into(), queue.as_str().into(), opts, &payload, props())
-                .await?,
-        );
-    }
-    for c in pending {
-        acked(&c.await?)?;
-    }
-    Ok(())
-}
-
-async fn raw_streaming(url: &str, payload: usize, n: usize) -> Res<f64> {
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let queue = fresh_queue(&conn, "raw").await?;
-    let mut channels = Vec::new();
-    for _ in 0..CHANNELS {
-        let ch = conn.create_channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        channels.push(ch);
-    }
-    let start = Instant::now();
-    let shares = channels.into_iter().enumerate().map(|(i, ch)| {
-        let share = n / CHANNELS + usize::from(i < n % CHANNELS);
-        tokio::spawn(stream_on(ch, queue.clone(), vec![b'x'; payload], share))
-    });
-    for r in join_all(shares).await {
-        r??;
-    }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
-    delete_queue(&conn, &queue).await?;
-    conn.close(200, "OK".into()).await?;
-    Ok(rate)
-}
-
-async fn raw_naive(url: &str, payload: usize, n: usize) -> Res<f64> {
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let queue = fresh_queue(&conn, "naive").await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let body = vec![b'x'; payload];
-    let opts = BasicPublishOptions {
-        mandatory: true,
-        immediate: false,
-    };
-    let start = Instant::now();
-    for _ in 0..n {
-        let c = ch
-            .basic_publish("".into(), queue.as_str().into(), opts, &body, props())
-            .await?
-            .await?;
-        acked(&c)?;
-    }
-    let rate = n as f64 / start.elapsed().as_secs_f64();
-    delete_queue(&conn, &queue).await?;
-    conn.close(200, "OK".into()).await?;
-    Ok(rate)
+/// The naive pattern, into a fresh queue deleted afterwards.
+async fn naive(config: &AmqpConfig, payload: usize, n: usize) -> Res<f64> {
+    let queue = fresh_queue(config, "naive").await?;
+    let run = raw_naive(config, "", &queue, payload, n).await?;
+    delete_queue(config, &queue).await?;
+    Ok(run.msgs_per_sec())
 }
 
 async fn herald(
@@ -146,8 +47,8 @@ async fn herald(
     batch: usize,
     ordering: OrderingMode,
 ) -> Res<f64> {
-    let admin = Connection::connect(url, ConnectionProperties::default()).await?;
-    let queue = fresh_queue(&admin, "herald").await?;
+    let config = AmqpConfig::from_url(url)?;
+    let queue = fresh_queue(&config, "herald").await?;
     let transport =
         AmqpTransport::new(AmqpConfig::from_url(url)?.channels(CHANNELS).window(WINDOW))?;
     transport.connect().await?;
@@ -176,18 +77,18 @@ async fn herald(
         .into());
     }
     producer.close(Duration::from_secs(30)).await;
-    delete_queue(&admin, &queue).await?;
-    admin.close(200, "OK".into()).await?;
+    delete_queue(&config, &queue).await?;
     Ok(rate)
 }
 
 async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
+    let config = AmqpConfig::from_url(url)?;
     let mut figures = Vec::new();
     let naive_n = (n / 20).clamp(1_000, 10_000);
     for payload in [100usize, 1024] {
         // Warm-up: the first run on a fresh node is slower.
-        raw_streaming(url, payload, n / 10).await?;
-        let raw = raw_streaming(url, payload, n).await?;
+        raw_best(&config, payload, n / 10).await?;
+        let raw = raw_best(&config, payload, n).await?;
         eprintln!("{payload} B raw streaming: {raw:.0} msg/s");
         figures.push(Figure {
             payload,
@@ -197,7 +98,7 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
             ),
             rate: raw,
         });
-        let naive = raw_naive(url, payload, naive_n).await?;
+        let naive = naive(&config, payload, naive_n).await?;
         eprintln!("{payload} B raw naive: {naive:.0} msg/s");
         figures.push(Figure {
             payload,

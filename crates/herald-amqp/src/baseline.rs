@@ -1,0 +1,230 @@
+//! The raw-lapin baselines herald is measured against (`cargo xtask bench amqp`, `herald bench
+//! --baseline`). They live here because lapin's types never leave this crate.
+//!
+//! Both publish persistent (`delivery_mode` 2), mandatory messages with publisher confirms, like
+//! [`crate::AmqpTransport`]: [`raw_streaming`] at its best (several channels, a window of
+//! unconfirmed messages each, confirms awaited as they come), [`raw_naive`] the common pattern
+//! (one channel, each confirm awaited before the next publish).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+
+use crate::AmqpConfig;
+
+/// What one run did.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    /// Messages confirmed by the broker.
+    pub delivered: u64,
+    /// Wall time from the first publish to the last confirm.
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// Confirmed messages per second.
+    pub fn msgs_per_sec(&self) -> f64 {
+        self.delivered as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Why a baseline run stopped: a connection, channel or publish error, or a message the broker
+/// did not confirm. Runs stop at the first error; the broker's address is never in it with a
+/// password.
+#[derive(Debug, thiserror::Error)]
+#[error("AMQP baseline: {0}")]
+pub struct BaselineError(String);
+
+impl From<lapin::Error> for BaselineError {
+    fn from(e: lapin::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+async fn connect(config: &AmqpConfig) -> Result<Connection, BaselineError> {
+    Connection::connect_uri(config.url.to_lapin(), ConnectionProperties::default())
+        .await
+        .map_err(|e| BaselineError(format!("connecting to {}: {e}", config.redacted_url())))
+}
+
+async fn close(conn: Connection) -> Result<(), BaselineError> {
+    // A channel that is still closing on its own (a dropped handle) can make this fail with
+    // "invalid channel state: Closing"; the work is done by then and the socket goes with
+    // `conn`, so that is not an error of the run.
+    match conn.close(200, "OK".into()).await {
+        Err(e) if !matches!(e.kind(), lapin::ErrorKind::InvalidChannelState(..)) => {
+            Err(step("closing the connection")(e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Names the step that failed.
+fn step(what: &'static str) -> impl Fn(lapin::Error) -> BaselineError {
+    move |e| BaselineError(format!("{what}: {e}"))
+}
+
+/// Deletes and declares the durable queue `herald-bench-{tag}-{pid}`, and returns its name.
+pub async fn fresh_queue(config: &AmqpConfig, tag: &str) -> Result<String, BaselineError> {
+    let conn = connect(config).await?;
+    let name = format!("herald-bench-{tag}-{}", std::process::id());
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(step("opening a channel"))?;
+    ch.queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .map_err(step("deleting the queue"))?;
+    ch.queue_declare(
+        name.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(step("declaring the queue"))?;
+    close(conn).await?;
+    Ok(name)
+}
+
+/// Deletes the queue `name`.
+pub async fn delete_queue(config: &AmqpConfig, name: &str) -> Result<(), BaselineError> {
+    let conn = connect(config).await?;
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(step("opening a channel"))?;
+    ch.queue_delete(name.into(), QueueDeleteOptions::default())
+        .await
+        .map_err(step("deleting the queue"))?;
+    close(conn).await
+}
+
+fn props() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+const OPTS: BasicPublishOptions = BasicPublishOptions {
+    mandatory: true,
+    immediate: false,
+};
+
+fn acked(c: &Confirmation) -> Result<(), BaselineError> {
+    match c {
+        Confirmation::Ack(None) => Ok(()),
+        other => Err(BaselineError(format!("not confirmed: {other:?}"))),
+    }
+}
+
+/// One channel's share, streaming: at most `window` unconfirmed, confirms awaited as they come.
+async fn stream_on(
+    ch: Channel,
+    exchange: String,
+    routing_key: String,
+    payload: Vec<u8>,
+    n: usize,
+    window: usize,
+) -> Result<(), BaselineError> {
+    let mut pending = VecDeque::with_capacity(window);
+    for _ in 0..n {
+        if pending.len() >= window {
+            if let Some(c) = pending.pop_front() {
+                let c: lapin::PublisherConfirm = c;
+                acked(&c.await?)?;
+            }
+        }
+        pending.push_back(
+            ch.basic_publish(
+                exchange.as_str().into(),
+                routing_key.as_str().into(),
+                OPTS,
+                &payload,
+                props(),
+            )
+            .await?,
+        );
+    }
+    for c in pending {
+        acked(&c.await?)?;
+    }
+    Ok(())
+}
+
+/// Raw lapin at its best: `n` messages of `payload` bytes to `exchange` (`""`: the default
+/// exchange) with `routing_key`, spread over `channels` channels with at most `window`
+/// unconfirmed messages each.
+pub async fn raw_streaming(
+    config: &AmqpConfig,
+    exchange: &str,
+    routing_key: &str,
+    payload: usize,
+    n: usize,
+    channels: usize,
+    window: usize,
+) -> Result<Run, BaselineError> {
+    let (channels, window) = (channels.max(1), window.max(1));
+    let conn = connect(config).await?;
+    let mut chans = Vec::new();
+    for _ in 0..channels {
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        chans.push(ch);
+    }
+    let start = Instant::now();
+    let shares = chans.into_iter().enumerate().map(|(i, ch)| {
+        let share = n / channels + usize::from(i < n % channels);
+        tokio::spawn(stream_on(
+            ch,
+            exchange.to_owned(),
+            routing_key.to_owned(),
+            vec![b'x'; payload],
+            share,
+            window,
+        ))
+    });
+    for r in join_all(shares).await {
+        r.map_err(|e| BaselineError(format!("publishing task: {e}")))??;
+    }
+    let elapsed = start.elapsed();
+    close(conn).await?;
+    Ok(Run {
+        delivered: n as u64,
+        elapsed,
+    })
+}
+
+/// The naive pattern: one channel, each publish's confirm awaited before the next.
+pub async fn raw_naive(
+    config: &AmqpConfig,
+    exchange: &str,
+    routing_key: &str,
+    payload: usize,
+    n: usize,
+) -> Result<Run, BaselineError> {
+    let conn = connect(config).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let body = vec![b'x'; payload];
+    let start = Instant::now();
+    for _ in 0..n {
+        let c = ch
+            .basic_publish(exchange.into(), routing_key.into(), OPTS, &body, props())
+            .await?
+            .await?;
+        acked(&c)?;
+    }
+    let elapsed = start.elapsed();
+    close(conn).await?;
+    Ok(Run {
+        delivered: n as u64,
+        elapsed,
+    })
+}
