@@ -82,10 +82,24 @@ fn producer(ordering: OrderingMode) -> (Producer, MemoryTransport) {
 
 /// herald's bulk path: `send_all`, one receipt for all, waited until every message is acked.
 fn herald_send_all(n: usize, multi: bool, ordering: OrderingMode) -> f64 {
+    herald_send_all_with(n, multi, ordering, None)
+}
+
+/// `herald_send_all`, with the producer built while `recorder` is the thread's metrics
+/// recorder (so its handles record there), if one is given.
+fn herald_send_all_with(
+    n: usize,
+    multi: bool,
+    ordering: OrderingMode,
+    recorder: Option<&dyn metrics::Recorder>,
+) -> f64 {
     let rt = runtime(multi);
     median(n, |msgs| {
         rt.block_on(async move {
-            let (p, t) = producer(ordering);
+            let (p, t) = match recorder {
+                Some(r) => metrics::with_local_recorder(r, || producer(ordering)),
+                None => producer(ordering),
+            };
             let start = Instant::now();
             let report = p.send_all(msgs).await.wait().await;
             let took = start.elapsed();
@@ -95,6 +109,23 @@ fn herald_send_all(n: usize, multi: bool, ordering: OrderingMode) -> f64 {
             took
         })
     })
+}
+
+/// As `herald_send_all` (strict, one thread), with herald-telemetry's Prometheus recorder
+/// recording every metric: the cost of telemetry.
+fn herald_send_all_prometheus(n: usize) -> f64 {
+    let (recorder, telemetry) = herald::telemetry::Prometheus::new()
+        .build()
+        .expect("herald's buckets are valid");
+    let secs = herald_send_all_with(n, false, OrderingMode::Strict, Some(&recorder));
+    // The recorder really recorded: every round's deliveries are in the latency histogram.
+    let rendered = telemetry.render();
+    let count = rendered
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_send_latency_seconds_count{transport=\"memory\"} "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(count, Some((n * ROUNDS) as f64), "{rendered}");
+    secs
 }
 
 fn herald_send_all_once(n: usize) {
@@ -167,6 +198,12 @@ fn main() {
             secs: herald_send_all(n, false, OrderingMode::Relaxed),
         },
         Figure {
+            name: "herald_send_all_prometheus",
+            what: "herald send_all, strict ordering, Prometheus recorder installed",
+            runtime: "current_thread",
+            secs: herald_send_all_prometheus(n),
+        },
+        Figure {
             name: "herald_enqueue",
             what: "herald enqueue, one future per message",
             runtime: "current_thread",
@@ -187,7 +224,8 @@ fn main() {
     });
 
     let base_st = figures[0].secs;
-    let base_mt = figures[4].secs;
+    let base_mt = figures[5].secs;
+    let telemetry_ratio = figures[1].secs / figures[3].secs;
     println!("pipeline benchmark: {n} messages of 100 bytes, median of {ROUNDS} rounds");
     println!(
         "{:<26} {:<16} {:>12} {:>9} {:>16}",
@@ -212,9 +250,12 @@ fn main() {
             f.name, f.what, f.runtime, rate, ns, ratio
         ));
     }
+    println!(
+        "telemetry: send_all with the Prometheus recorder runs at {telemetry_ratio:.2}x the rate without one"
+    );
     if let Some(path) = arg("--json") {
         let body = format!(
-            "{{\"messages\":{n},\"payload_bytes\":100,\"rounds\":{ROUNDS},\"figures\":[{}]}}\n",
+            "{{\"messages\":{n},\"payload_bytes\":100,\"rounds\":{ROUNDS},\"telemetry_ratio\":{telemetry_ratio:.3},\"figures\":[{}]}}\n",
             json.join(",")
         );
         std::fs::write(&path, body).expect("write --json file");

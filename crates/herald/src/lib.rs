@@ -40,7 +40,7 @@
 //! | `testkit` | the `testkit` module: the in-memory transport with scripted faults and the adapter conformance suite |
 //! | `kafka` | the `kafka` module: the Kafka transport (herald-kafka, on rdkafka; builds librdkafka) |
 //! | `amqp` | the `amqp` module: the RabbitMQ / AMQP 0-9-1 transport (herald-amqp, on lapin) |
-//! | `telemetry` | reserved for the Prometheus exporter and health (herald-telemetry); enables nothing yet |
+//! | `telemetry` | the `telemetry` module: the Prometheus recorder, `/metrics` and `/health` over HTTP (herald-telemetry) |
 //! | `full` | all of the above |
 //!
 //! Metric names live in [`metrics`]; they are emitted through the `metrics` facade and cost a
@@ -74,4 +74,11 @@ pub mod amqp {
 #[cfg(feature = "testkit")]
 pub mod testkit {
     pub use herald_testkit::*;
+}
+
+/// Prometheus metrics and health over HTTP ([`herald_telemetry`]):
+/// `herald::telemetry::prometheus("127.0.0.1:9464")`.
+#[cfg(feature = "telemetry")]
+pub mod telemetry {
+    pub use herald_telemetry::*;
 }

@@ -1,0 +1,390 @@
+//! herald-telemetry: Prometheus metrics and health for herald producers.
+//!
+//! herald's crates emit their metrics through the [`metrics`] facade (the catalogue:
+//! `docs/operations/metrics.md`). This crate installs a Prometheus recorder for them, with
+//! histogram buckets chosen for herald's histograms, and serves two endpoints:
+//!
+//! - `GET /metrics`: the Prometheus text exposition format.
+//! - `GET /health`: a JSON body with each watched producer's health (healthy / degraded /
+//!   unhealthy, and why) and an HTTP status load balancers understand: 200 while every producer
+//!   is healthy or degraded, 503 when one is unhealthy.
+//!
+//! ```no_run
+//! use herald_core::Producer;
+//! # async fn run(producer: Producer) -> Result<(), Box<dyn std::error::Error>> {
+//! // Installs the process-wide recorder and serves /metrics and /health on 127.0.0.1:9464.
+//! let (telemetry, server) = herald_telemetry::prometheus("127.0.0.1:9464").await?;
+//! telemetry.watch("orders", &producer);
+//! println!("scrape http://{}/metrics", server.local_addr());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Users who already run an HTTP server install the recorder without one and render on demand:
+//!
+//! ```no_run
+//! # fn run() -> Result<(), herald_telemetry::TelemetryError> {
+//! let telemetry = herald_telemetry::Prometheus::new().install()?;
+//! let body: String = telemetry.render(); // serve this at your own /metrics
+//! let health = telemetry.health();       // and this (health.to_json(), health.http_status())
+//! # Ok(())
+//! # }
+//! ```
+
+mod http;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use herald_core::{metrics as core_metrics, Health, HealthStatus, Producer};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use tokio::sync::watch;
+
+pub use http::Server;
+
+/// Buckets of `herald_send_latency_seconds`: from half a millisecond to the default delivery
+/// timeout, so that p50 on a healthy broker and p99 during an outage both fall inside.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
+/// Buckets of `herald_batch_messages`.
+pub const BATCH_MESSAGES_BUCKETS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0, 20000.0, 50000.0,
+];
+/// Buckets of `herald_batch_bytes`: 1 KiB to 16 MiB by fours.
+pub const BATCH_BYTES_BUCKETS: &[f64] = &[
+    1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+];
+
+/// What went wrong setting telemetry up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TelemetryError {
+    /// The listen address is not `HOST:PORT` with an IP host.
+    #[error("invalid telemetry listen address `{input}`: {reason} (expected IP:PORT, for example 127.0.0.1:9464)")]
+    InvalidAddress {
+        /// What was given.
+        input: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The listen address could not be bound (taken, or not an address of this machine).
+    #[error("cannot listen for telemetry on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The operating system's reason ("Address already in use").
+        #[source]
+        source: std::io::Error,
+    },
+    /// A metrics recorder is already installed in this process.
+    #[error("a metrics recorder is already installed in this process (the `metrics` crate allows one): install herald's once, or use Prometheus::build and compose it with yours")]
+    AlreadyInstalled,
+    /// Bucket bounds that cannot make a histogram.
+    #[error("invalid histogram buckets for `{metric}`: {reason}")]
+    InvalidBuckets {
+        /// The metric.
+        metric: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Builds herald's Prometheus recorder.
+#[derive(Debug, Clone)]
+pub struct Prometheus {
+    buckets: Vec<(String, Vec<f64>)>,
+    labels: Vec<(String, String)>,
+    upkeep: Duration,
+}
+
+impl Default for Prometheus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Prometheus {
+    /// herald's buckets ([`LATENCY_BUCKETS`] for `herald_send_latency_seconds` and any other
+    /// histogram, [`BATCH_MESSAGES_BUCKETS`], [`BATCH_BYTES_BUCKETS`]); histograms, not
+    /// summaries, so that quantiles aggregate across instances.
+    pub fn new() -> Self {
+        Self {
+            buckets: vec![
+                (
+                    core_metrics::SEND_LATENCY.to_owned(),
+                    LATENCY_BUCKETS.to_vec(),
+                ),
+                (
+                    core_metrics::BATCH_MESSAGES.to_owned(),
+                    BATCH_MESSAGES_BUCKETS.to_vec(),
+                ),
+                (
+                    core_metrics::BATCH_BYTES.to_owned(),
+                    BATCH_BYTES_BUCKETS.to_vec(),
+                ),
+            ],
+            labels: Vec::new(),
+            upkeep: Duration::from_secs(5),
+        }
+    }
+
+    /// Other bucket bounds for one histogram (by its full name). Bounds must be finite and
+    /// strictly increasing.
+    pub fn buckets(mut self, metric: &str, bounds: &[f64]) -> Result<Self, TelemetryError> {
+        let invalid = |reason: &str| TelemetryError::InvalidBuckets {
+            metric: metric.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if bounds.is_empty() {
+            return Err(invalid("no bounds"));
+        }
+        if bounds.iter().any(|b| !b.is_finite()) {
+            return Err(invalid("bounds must be finite (+Inf is always added)"));
+        }
+        if bounds.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(invalid("bounds must be strictly increasing"));
+        }
+        self.buckets.retain(|(m, _)| m != metric);
+        self.buckets.push((metric.to_owned(), bounds.to_vec()));
+        Ok(self)
+    }
+
+    /// A label added to every metric (`instance_role="billing"`, say). Keep it low-cardinality
+    /// and free of secrets.
+    pub fn global_label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+
+    fn builder(&self) -> Result<PrometheusBuilder, TelemetryError> {
+        let mut b = PrometheusBuilder::new()
+            .set_buckets(LATENCY_BUCKETS)
+            .map_err(|e| TelemetryError::InvalidBuckets {
+                metric: "(default)".into(),
+                reason: e.to_string(),
+            })?;
+        for (metric, bounds) in &self.buckets {
+            b = b
+                .set_buckets_for_metric(Matcher::Full(metric.clone()), bounds)
+                .map_err(|e| TelemetryError::InvalidBuckets {
+                    metric: metric.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        for (k, v) in &self.labels {
+            b = b.add_global_label(k, v);
+        }
+        Ok(b)
+    }
+
+    /// Builds the recorder without installing it, for users who compose recorders or install
+    /// one per test (`metrics::with_local_recorder`). The returned [`Telemetry`] renders what
+    /// that recorder records.
+    pub fn build(self) -> Result<(PrometheusRecorder, Telemetry), TelemetryError> {
+        let recorder = self.builder()?.build_recorder();
+        let telemetry = Telemetry::new(recorder.handle(), self.upkeep, false);
+        Ok((recorder, telemetry))
+    }
+
+    /// Builds the recorder and installs it as the process-wide `metrics` recorder. Fails with
+    /// [`TelemetryError::AlreadyInstalled`] if this process has one already.
+    pub fn install(self) -> Result<Telemetry, TelemetryError> {
+        let recorder = self.builder()?.build_recorder();
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).map_err(|_| TelemetryError::AlreadyInstalled)?;
+        Ok(Telemetry::new(handle, self.upkeep, true))
+    }
+}
+
+/// Installs herald's Prometheus recorder process-wide and serves `/metrics` and `/health` on
+/// `addr` (`IP:PORT`; `127.0.0.1:0` picks a free port). Call from within a Tokio runtime.
+///
+/// Errors: a malformed or taken address, or a recorder already installed, each named. The
+/// address is checked and bound before the recorder is installed, so a bad address leaves the
+/// process without a recorder and the call can be retried.
+pub async fn prometheus(addr: &str) -> Result<(Telemetry, Server), TelemetryError> {
+    let listener = http::bind(addr).await?;
+    let telemetry = Prometheus::new().install()?;
+    let server = http::serve(listener, telemetry.clone())?;
+    Ok((telemetry, server))
+}
+
+struct Watched {
+    name: String,
+    transport: &'static str,
+    health: watch::Receiver<Health>,
+}
+
+struct Inner {
+    handle: PrometheusHandle,
+    watched: Mutex<Vec<Watched>>,
+}
+
+/// Renders metrics and reports the health of watched producers. Cheap to clone.
+#[derive(Clone)]
+pub struct Telemetry {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.lock().iter().map(|w| w.name.clone()).collect();
+        f.debug_struct("Telemetry")
+            .field("watched", &names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    /// `forever`: the recorder is process-wide, so its upkeep runs as long as the process;
+    /// otherwise as long as a clone of this `Telemetry` lives.
+    fn new(handle: PrometheusHandle, upkeep: Duration, forever: bool) -> Self {
+        let upkeep_handle = handle.clone();
+        let inner = Arc::new(Inner {
+            handle,
+            watched: Mutex::new(Vec::new()),
+        });
+        let alive = Arc::downgrade(&inner);
+        // The recorder needs its histograms drained now and then, whether or not anyone
+        // scrapes; a thread, so that no runtime is required. Should the thread fail to start,
+        // rendering drains them too.
+        let _detached = std::thread::Builder::new()
+            .name("herald-telemetry-upkeep".into())
+            .spawn(move || {
+                while forever || alive.strong_count() > 0 {
+                    upkeep_handle.run_upkeep();
+                    std::thread::sleep(upkeep);
+                }
+            });
+        Self { inner }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Watched>> {
+        self.inner
+            .watched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Everything recorded, in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        self.inner.handle.render()
+    }
+
+    /// Adds `producer` to the health report under `name` (replacing a producer watched under
+    /// that name). Holds only its health channel, not the producer: a producer that is dropped
+    /// leaves the report once its pipeline has finished.
+    pub fn watch(&self, name: impl Into<String>, producer: &Producer) {
+        let name = name.into();
+        let mut watched = self.lock();
+        watched.retain(|w| w.name != name);
+        watched.push(Watched {
+            name,
+            transport: producer.transport_name(),
+            health: producer.health_watch(),
+        });
+    }
+
+    /// Removes the producer watched under `name`; whether there was one.
+    pub fn unwatch(&self, name: &str) -> bool {
+        let mut watched = self.lock();
+        let before = watched.len();
+        watched.retain(|w| w.name != name);
+        watched.len() != before
+    }
+
+    /// The health of every watched producer, as last published (at most one
+    /// [`herald_core::HealthPolicy::interval`] old), and the worst of them.
+    pub fn health(&self) -> HealthReport {
+        let mut watched = self.lock();
+        // A producer whose pipeline has finished and whose handles are gone has left.
+        watched.retain(|w| w.health.has_changed().is_ok());
+        let producers: Vec<ProducerHealth> = watched
+            .iter()
+            .map(|w| ProducerHealth {
+                name: w.name.clone(),
+                transport: w.transport,
+                health: w.health.borrow().clone(),
+            })
+            .collect();
+        let status = producers
+            .iter()
+            .map(|p| p.health.status)
+            .max()
+            .unwrap_or_default();
+        HealthReport { status, producers }
+    }
+
+    /// Serves `/metrics` and `/health` on `addr` (`IP:PORT`) until the returned [`Server`] is
+    /// shut down or dropped. For users who installed the recorder themselves; see
+    /// [`prometheus`].
+    pub async fn serve(&self, addr: &str) -> Result<Server, TelemetryError> {
+        let listener = http::bind(addr).await?;
+        http::serve(listener, self.clone())
+    }
+}
+
+/// One watched producer's health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProducerHealth {
+    /// The name it was watched under.
+    pub name: String,
+    /// Its transport (`kafka`, `amqp`, ...).
+    pub transport: &'static str,
+    /// Its health.
+    pub health: Health,
+}
+
+/// The health of every watched producer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthReport {
+    /// The worst status among the producers; healthy when none is watched.
+    pub status: HealthStatus,
+    /// Each producer's health.
+    pub producers: Vec<ProducerHealth>,
+}
+
+impl HealthReport {
+    /// 200 while no producer is unhealthy (degraded still takes traffic), 503 otherwise.
+    pub fn http_status(&self) -> u16 {
+        match self.status {
+            HealthStatus::Healthy | HealthStatus::Degraded => 200,
+            HealthStatus::Unhealthy => 503,
+        }
+    }
+
+    /// The JSON body of `/health`:
+    /// `{"status":"degraded","producers":[{"name":"orders","transport":"kafka","status":"degraded","issues":[{"code":"buffer_high_water","status":"degraded","detail":"..."}]}]}`.
+    pub fn to_json(&self) -> String {
+        let producers: Vec<serde_json::Value> = self
+            .producers
+            .iter()
+            .map(|p| {
+                let issues: Vec<serde_json::Value> = p
+                    .health
+                    .issues
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "code": i.code(),
+                            "status": i.status().as_str(),
+                            "detail": i.to_string(),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": p.name,
+                    "transport": p.transport,
+                    "status": p.health.status.as_str(),
+                    "issues": issues,
+                })
+            })
+            .collect();
+        serde_json::json!({ "status": self.status.as_str(), "producers": producers }).to_string()
+    }
+}
