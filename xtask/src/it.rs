@@ -28,23 +28,49 @@ impl Drop for Broker {
     }
 }
 
-/// One broker and the adapter tested against it.
+/// A broker (or several) and the tests run against it.
 struct Target {
     name: &'static str,
     package: &'static str,
+    /// The test target (`tests/NAME.rs`) whose ignored tests need the broker.
+    test: &'static str,
     provision: fn() -> Result<Broker>,
+}
+
+/// Kafka and RabbitMQ together, for the CLI's tests; both stopped afterwards.
+fn provision_all() -> Result<Broker> {
+    let mut kafka = crate::kafka::provision()?;
+    let mut amqp = crate::amqp::provision()?;
+    let mut env = std::mem::take(&mut kafka.env);
+    env.append(&mut amqp.env);
+    let stops: Vec<Box<dyn FnOnce()>> = [kafka.stop.take(), amqp.stop.take()]
+        .into_iter()
+        .flatten()
+        .collect();
+    Ok(Broker {
+        env,
+        stop: Some(Box::new(move || stops.into_iter().for_each(|stop| stop()))),
+    })
 }
 
 const TARGETS: &[Target] = &[
     Target {
         name: "kafka",
         package: "herald-kafka",
+        test: "it",
         provision: crate::kafka::provision,
     },
     Target {
         name: "amqp",
         package: "herald-amqp",
+        test: "it",
         provision: crate::amqp::provision,
+    },
+    Target {
+        name: "cli",
+        package: "herald-cli",
+        test: "real_brokers",
+        provision: provision_all,
     },
 ];
 
@@ -67,7 +93,7 @@ pub(crate) fn it(args: &[String]) -> Result<()> {
             "-p",
             target.package,
             "--test",
-            "it",
+            target.test,
             "--",
             "--ignored",
             "--test-threads=1",

@@ -1,0 +1,284 @@
+//! `herald bench`: herald's throughput and latency on a broker, and with `--baseline` the raw
+//! client at its best and the naive pattern in the same run.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use herald::kafka::mock::MockKafka;
+use herald::{Bytes, Destination, Message};
+use serde_json::{json, Map, Value};
+
+use crate::engine::{Collector, Engine, Tally};
+use crate::report::{self, Exit, ReportFormat};
+use crate::settings::Tuning;
+use crate::target::{AmqpRoute, KafkaTarget, Target};
+
+/// `herald bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// Destination (as for `produce`); without it, librdkafka's in-process mock cluster. Real
+    /// messages are written there: use a scratch topic or queue.
+    #[arg(long, value_name = "URL")]
+    pub(crate) to: Option<String>,
+    /// Messages herald (and the raw client) send.
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
+    pub(crate) messages: u64,
+    /// Payload size in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 100)]
+    pub(crate) size: usize,
+    /// Also run the raw client at its best and the naive pattern (await each send).
+    #[arg(long)]
+    pub(crate) baseline: bool,
+    /// Messages of the naive run, which manages hundreds per second on a real broker.
+    #[arg(long, value_name = "N", default_value_t = 2_000)]
+    pub(crate) naive_messages: u64,
+    /// text, or json: the summary, then one JSON object on the last line of stdout.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+    pub(crate) report: ReportFormat,
+    #[command(flatten)]
+    pub(crate) tuning: Tuning,
+}
+
+const KEYS: u64 = 64;
+/// AMQP raw baseline: channels and unconfirmed messages per channel (herald-amqp's defaults).
+const AMQP_CHANNELS: usize = 8;
+const AMQP_WINDOW: usize = 512;
+
+struct Measured {
+    tally: Tally,
+    elapsed: Duration,
+}
+
+async fn herald_run(args: &BenchArgs, target: &Target) -> anyhow::Result<Measured> {
+    let session = args.tuning.build(target)?;
+    let engine = Engine::start(
+        session.producer.clone(),
+        args.tuning.buffer_messages,
+        Collector::new(session.destination.clone()),
+    );
+    let payload = Bytes::from(vec![b'x'; args.size]);
+    let keys: Vec<Bytes> = (0..KEYS).map(|k| Bytes::from(format!("key-{k}"))).collect();
+    let dest: Destination = session.destination.clone();
+    let started = Instant::now();
+    for i in 0..args.messages {
+        let msg =
+            Message::new(dest.clone(), payload.clone()).with_key(keys[(i % KEYS) as usize].clone());
+        engine.send(i + 1, msg).await?;
+    }
+    let (collector, _) = engine.finish(Duration::from_secs(30)).await?;
+    Ok(Measured {
+        tally: collector.tally,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Raw best and naive rates, and what each was.
+struct Baselines {
+    raw: f64,
+    raw_what: String,
+    naive: f64,
+    naive_what: String,
+}
+
+async fn kafka_baselines(
+    args: &BenchArgs,
+    bootstrap: &str,
+    raw_topic: &str,
+    naive_topic: &str,
+) -> anyhow::Result<Baselines> {
+    use herald_kafka::baseline as kb;
+    let (b, t, n, size) = (
+        bootstrap.to_owned(),
+        raw_topic.to_owned(),
+        args.messages,
+        args.size,
+    );
+    let raw = tokio::task::spawn_blocking(move || kb::raw_threaded(&b, &t, n, size))
+        .await
+        .context("the raw baseline task failed")?
+        .context("raw rdkafka baseline")?;
+    anyhow::ensure!(
+        raw.failed == 0,
+        "the raw baseline lost {} messages",
+        raw.failed
+    );
+    let naive = kb::naive_await_each(bootstrap, naive_topic, args.naive_messages, args.size)
+        .await
+        .context("naive rdkafka baseline")?;
+    anyhow::ensure!(
+        naive.failed == 0,
+        "the naive baseline lost {} messages",
+        naive.failed
+    );
+    Ok(Baselines {
+        raw: raw.msgs_per_sec(),
+        raw_what: format!(
+            "rdkafka ThreadedProducer, no per-message wait, {} messages",
+            report::count(n)
+        ),
+        naive: naive.msgs_per_sec(),
+        naive_what: format!(
+            "rdkafka FutureProducer awaiting each send, {} messages (--naive-messages)",
+            report::count(args.naive_messages)
+        ),
+    })
+}
+
+async fn amqp_baselines(
+    args: &BenchArgs,
+    target: &crate::target::AmqpTarget,
+) -> anyhow::Result<Baselines> {
+    use herald_amqp::baseline as ab;
+    let (exchange, routing_key) = match &target.route {
+        AmqpRoute::Queue { name, .. } => (String::new(), name.clone()),
+        AmqpRoute::Exchange {
+            exchange,
+            routing_key,
+        } => (exchange.clone(), routing_key.clone()),
+    };
+    let config = target.config();
+    let n = usize::try_from(args.messages).unwrap_or(usize::MAX);
+    let raw = ab::raw_streaming(
+        &config,
+        &exchange,
+        &routing_key,
+        args.size,
+        n,
+        AMQP_CHANNELS,
+        AMQP_WINDOW,
+    )
+    .await
+    .context("raw lapin baseline")?;
+    let naive_n = usize::try_from(args.naive_messages).unwrap_or(usize::MAX);
+    let naive = ab::raw_naive(&config, &exchange, &routing_key, args.size, naive_n)
+        .await
+        .context("naive lapin baseline")?;
+    Ok(Baselines {
+        raw: raw.msgs_per_sec(),
+        raw_what: format!(
+            "lapin, streaming confirms over {AMQP_CHANNELS} channels × {AMQP_WINDOW}, {} messages",
+            report::count(args.messages)
+        ),
+        naive: naive.msgs_per_sec(),
+        naive_what: format!(
+            "lapin awaiting each confirm, {} messages (--naive-messages)",
+            report::count(args.naive_messages)
+        ),
+    })
+}
+
+/// Runs the benchmark.
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
+    let mut _mock = None;
+    let (target, broker) = match &args.to {
+        Some(url) => {
+            let target = Target::parse(url)?;
+            let broker = target.describe();
+            (target, broker)
+        }
+        None => {
+            let mock = MockKafka::start(1).context("starting the mock cluster")?;
+            let bootstrap = mock.bootstrap_servers().to_owned();
+            for topic in ["herald-bench", "herald-bench-raw", "herald-bench-naive"] {
+                mock.create_topic(topic, 3)
+                    .context("creating a topic on the mock cluster")?;
+            }
+            _mock = Some(mock);
+            let target = Target::Kafka(KafkaTarget {
+                bootstrap,
+                topic: "herald-bench".into(),
+                client_id: None,
+                compression: None,
+            });
+            (
+                target,
+                "librdkafka's in-process mock cluster (1 broker, 3 partitions)".to_owned(),
+            )
+        }
+    };
+    if let (Target::Kafka(k), Some(_)) = (&target, &args.to) {
+        // Brokers that do not create topics on first use (Tansu, or auto-create off).
+        herald::kafka::admin::create_topic(&k.bootstrap, &k.topic, 3, 1)
+            .await
+            .context(
+                "creating the topic (3 partitions, replication factor 1) if it does not exist",
+            )?;
+    }
+    out!(
+        "herald bench: {} messages of {} B, {KEYS} keys, to {broker}",
+        report::count(args.messages),
+        args.size
+    );
+    let herald = herald_run(&args, &target).await?;
+    let rate = report::rate(herald.tally.delivered, herald.elapsed);
+    let t = &herald.tally;
+    out!(
+        "  herald     {:>12} msg/s  p50 {}  p99 {}  (acceptance to acknowledgement; {} delivered, {} failed, {})",
+        report::count(rate as u64),
+        t.latency.quantile(0.5).map_or("-".into(), report::duration),
+        t.latency.quantile(0.99).map_or("-".into(), report::duration),
+        report::count(t.delivered),
+        report::count(t.failed),
+        report::duration(herald.elapsed),
+    );
+    for e in &t.examples {
+        out!("    e.g. {e}");
+    }
+    let baselines = if args.baseline {
+        let b = match &target {
+            Target::Kafka(k) if args.to.is_none() => {
+                kafka_baselines(
+                    &args,
+                    &k.bootstrap,
+                    "herald-bench-raw",
+                    "herald-bench-naive",
+                )
+                .await?
+            }
+            Target::Kafka(k) => kafka_baselines(&args, &k.bootstrap, &k.topic, &k.topic).await?,
+            Target::Amqp(a) => amqp_baselines(&args, a).await?,
+        };
+        out!(
+            "  raw best   {:>12} msg/s  ({})  herald / raw = {:.2}x",
+            report::count(b.raw as u64),
+            b.raw_what,
+            rate / b.raw
+        );
+        out!(
+            "  naive      {:>12} msg/s  ({})  herald / naive = {:.0}x",
+            report::count(b.naive as u64),
+            b.naive_what,
+            rate / b.naive
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let ok = t.delivered == args.messages;
+    if args.report == ReportFormat::Json {
+        let mut obj = Map::new();
+        obj.insert("command".into(), json!("bench"));
+        obj.insert("broker".into(), json!(broker));
+        obj.insert("messages".into(), json!(args.messages));
+        obj.insert("size".into(), json!(args.size));
+        obj.insert("sent".into(), json!(t.delivered));
+        obj.insert("failed".into(), json!(t.failed));
+        obj.insert(
+            "elapsed_s".into(),
+            report::num(herald.elapsed.as_secs_f64()),
+        );
+        obj.insert("herald_msgs_per_sec".into(), report::num(rate));
+        obj.insert("p50_ms".into(), report::ms(t.latency.quantile(0.5)));
+        obj.insert("p99_ms".into(), report::ms(t.latency.quantile(0.99)));
+        obj.insert("max_ms".into(), report::ms(t.latency.max()));
+        if let Some(b) = &baselines {
+            obj.insert("raw_best_msgs_per_sec".into(), report::num(b.raw));
+            obj.insert("naive_msgs_per_sec".into(), report::num(b.naive));
+            obj.insert("naive_messages".into(), json!(args.naive_messages));
+            obj.insert("herald_vs_raw".into(), report::num(rate / b.raw));
+            obj.insert("herald_vs_naive".into(), report::num(rate / b.naive));
+        }
+        out!("{}", Value::Object(obj));
+    }
+    Ok(if ok { Exit::Ok } else { Exit::Failed })
+}

@@ -1,0 +1,255 @@
+//! The dead-letter file: one JSON object per line for every message that was not acknowledged
+//! and every input line that was not a message.
+//!
+//! Bytes are written as a JSON string when they are UTF-8 (`payload`, `key`, `input`), else
+//! as standard base64 under the same name with `_base64` appended. A record of a failed
+//! message is valid `--format jsonl` input: the file can be sent again as it is.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use herald::{Destination, SendError};
+use serde_json::{json, Map, Value};
+
+use crate::base64;
+
+/// `error_class` of a line that was not a message.
+pub(crate) const INPUT_CLASS: &str = "input";
+
+fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => obj.insert(field.to_owned(), Value::String(s.to_owned())),
+        Err(_) => obj.insert(
+            format!("{field}_base64"),
+            Value::String(base64::encode(bytes)),
+        ),
+    };
+}
+
+/// The record of a message herald gave up on. `line` is its input line, when known.
+pub(crate) fn failed_record(line: Option<u64>, e: &SendError) -> Value {
+    let msg = e.message();
+    let mut obj = Map::new();
+    obj.insert("line".into(), json!(line));
+    obj.insert("destination".into(), json!(msg.destination().as_str()));
+    put_bytes(&mut obj, "payload", msg.payload());
+    match msg.key() {
+        Some(k) => put_bytes(&mut obj, "key", k),
+        None => {
+            obj.insert("key".into(), Value::Null);
+        }
+    }
+    let mut headers = Map::new();
+    let mut headers_b64 = Map::new();
+    for h in msg.headers() {
+        match std::str::from_utf8(&h.value) {
+            Ok(v) => headers.insert(h.name.clone(), json!(v)),
+            Err(_) => headers_b64.insert(h.name.clone(), json!(base64::encode(&h.value))),
+        };
+    }
+    obj.insert("headers".into(), Value::Object(headers));
+    if !headers_b64.is_empty() {
+        obj.insert("headers_base64".into(), Value::Object(headers_b64));
+    }
+    obj.insert("error".into(), json!(e.to_string()));
+    obj.insert("error_class".into(), json!(e.class().as_str()));
+    obj.insert("reason".into(), json!(e.reason().label()));
+    obj.insert("attempts".into(), json!(e.attempts()));
+    Value::Object(obj)
+}
+
+/// The record of an input line that is not a message: the line as read (`input`), and why.
+pub(crate) fn malformed_record(line: u64, dest: &Destination, raw: &[u8], error: &str) -> Value {
+    let mut obj = Map::new();
+    obj.insert("line".into(), json!(line));
+    obj.insert("destination".into(), json!(dest.as_str()));
+    put_bytes(&mut obj, "input", raw);
+    obj.insert("error".into(), json!(error));
+    obj.insert("error_class".into(), json!(INPUT_CLASS));
+    obj.insert("reason".into(), json!("malformed"));
+    obj.insert("attempts".into(), json!(0));
+    Value::Object(obj)
+}
+
+/// Appends records to the dead-letter file, creating it with the first one: no failure, no
+/// file. If the file cannot be written, the records go to stderr instead (nothing is lost) and
+/// the error is kept for the exit status. Each record is written as it comes, unbuffered: a
+/// record is either in the file or on stderr, even if a write fails or the process is ended.
+#[derive(Debug)]
+pub(crate) struct DeadLetter {
+    path: PathBuf,
+    file: Option<File>,
+    written: u64,
+    error: Option<String>,
+}
+
+impl DeadLetter {
+    pub(crate) fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            file: None,
+            written: 0,
+            error: None,
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records written (to the file or, after an error, to stderr).
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Why the file could not be written, if it could not.
+    pub(crate) fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    pub(crate) fn write(&mut self, record: &Value) {
+        self.written += 1;
+        if self.error.is_none() {
+            if self.file.is_none() {
+                match OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)
+                {
+                    Ok(f) => self.file = Some(f),
+                    Err(e) => self.fail(format!("cannot open {}: {e}", self.path.display())),
+                }
+            }
+            if let Some(file) = &mut self.file {
+                if let Err(e) = file.write_all(format!("{record}\n").as_bytes()) {
+                    self.fail(format!("cannot write {}: {e}", self.path.display()));
+                } else {
+                    return;
+                }
+            }
+        }
+        eprintln!("dead-letter: {record}");
+    }
+
+    fn fail(&mut self, error: String) {
+        eprintln!(
+            "error: {error}; dead-letter records go to stderr instead, each line prefixed with `dead-letter: `"
+        );
+        self.file = None;
+        self.error = Some(error);
+    }
+
+    /// Closes the file.
+    pub(crate) fn finish(&mut self) {
+        self.file = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Null;
+
+    #[herald::async_trait]
+    impl herald::Transport for Null {
+        fn name(&self) -> &'static str {
+            "null"
+        }
+        async fn send_batch(
+            &self,
+            _: &Destination,
+            batch: &[herald::Message],
+        ) -> herald::BatchOutcome {
+            batch.iter().map(|_| Ok(herald::Ack::default())).collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_record_format() {
+        let producer = herald::Producer::builder(Null)
+            .max_message_bytes(8)
+            .build()
+            .expect("producer");
+        let msg = herald::Message::new("orders", "payload too long")
+            .with_key("k1")
+            .with_header("trace", "abc");
+        let e = producer.try_send(msg).expect_err("too large");
+        let r = failed_record(Some(3), &e);
+        assert_eq!(r["line"], json!(3));
+        assert_eq!(r["destination"], json!("orders"));
+        assert_eq!(r["payload"], json!("payload too long"));
+        assert_eq!(r["key"], json!("k1"));
+        assert_eq!(r["headers"], json!({"trace": "abc"}));
+        assert_eq!(r["error_class"], json!("permanent"));
+        assert_eq!(r["reason"], json!("too_large"));
+        assert_eq!(r["attempts"], json!(0));
+        assert!(
+            r["error"]
+                .as_str()
+                .is_some_and(|s| s.contains("larger than")),
+            "{r}"
+        );
+        let bin = herald::Message::new("orders", vec![0xffu8; 20]);
+        let e = producer.try_send(bin).expect_err("too large");
+        let r = failed_record(None, &e);
+        assert_eq!(r["line"], Value::Null);
+        assert_eq!(r["key"], Value::Null);
+        assert_eq!(r["payload_base64"], json!(base64::encode(&[0xff; 20])));
+        assert!(r.get("payload").is_none());
+        // What was written can be read back as input, to send again.
+        let again =
+            crate::input::parse_jsonl(&Destination::new("orders"), r.to_string().as_bytes())
+                .expect("replayable");
+        assert_eq!(again.payload().as_ref(), &[0xff; 20][..]);
+        producer.close(std::time::Duration::from_secs(1)).await;
+    }
+
+    #[test]
+    fn malformed_record_format() {
+        let r = malformed_record(
+            7,
+            &Destination::new("t"),
+            b"{bad",
+            "line 7: is not valid JSON",
+        );
+        assert_eq!(
+            r,
+            json!({"line": 7, "destination": "t", "input": "{bad", "error": "line 7: is not valid JSON",
+                   "error_class": "input", "reason": "malformed", "attempts": 0})
+        );
+        let r = malformed_record(1, &Destination::new("t"), b"\xff", "line 1: is not UTF-8");
+        assert_eq!(r["input_base64"], json!("/w=="));
+        assert!(r.get("input").is_none());
+    }
+
+    #[test]
+    fn writes_only_when_something_failed_and_appends() {
+        let dir = std::env::temp_dir().join(format!("herald-cli-dl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("dl.jsonl");
+        let _absent = std::fs::remove_file(&path);
+        let mut dl = DeadLetter::new(&path);
+        dl.finish();
+        assert!(!path.exists(), "no failure, no file");
+        dl.write(&json!({"a": 1}));
+        dl.finish();
+        let mut dl = DeadLetter::new(&path);
+        dl.write(&json!({"b": 2}));
+        dl.finish();
+        assert_eq!(dl.written(), 1);
+        assert!(dl.error().is_none());
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, "{\"a\":1}\n{\"b\":2}\n");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn an_unwritable_file_is_reported() {
+        let mut dl = DeadLetter::new("/nonexistent-dir-herald/dl.jsonl");
+        dl.write(&json!({"a": 1}));
+        assert_eq!(dl.written(), 1);
+        assert!(dl.error().is_some_and(|e| e.contains("cannot open")));
+    }
+}

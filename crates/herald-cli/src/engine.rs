@@ -1,0 +1,366 @@
+//! Sending a stream of messages through a producer with a bounded window, and collecting every
+//! message's fate in input order: the loop shared by `produce`, `demo` and `bench`.
+//!
+//! The feeder calls [`Engine::send`] per message: `Producer::enqueue` waits for buffer space
+//! (backpressure), and the message's `DeliveryFuture` goes into a bounded channel to the
+//! collector task, which awaits them in order. Memory stays bounded whatever the input's size:
+//! the producer's buffer, the window, and a fixed-size latency histogram.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use herald::{Delivery, DeliveryFuture, Destination, Message, Producer, SendError};
+use indicatif::ProgressBar;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::dead_letter::{failed_record, malformed_record, DeadLetter};
+
+/// A latency histogram in microseconds with 32 sub-buckets per power of two (at most ~3 %
+/// error), in fixed memory.
+#[derive(Debug, Clone)]
+pub(crate) struct Histogram {
+    counts: Vec<u64>,
+    total: u64,
+    max: u64,
+}
+
+const SUB: u64 = 32;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; (SUB + 60 * SUB) as usize],
+            total: 0,
+            max: 0,
+        }
+    }
+}
+
+impl Histogram {
+    fn index(v: u64) -> usize {
+        if v < SUB {
+            return v as usize;
+        }
+        let e = 63 - u64::from(v.leading_zeros()); // >= 5
+        let mantissa = v >> (e - 5); // 32..=63
+        (SUB + (e - 5) * SUB + (mantissa - SUB)) as usize
+    }
+
+    /// The largest value that falls in bucket `i`.
+    fn upper(i: usize) -> u64 {
+        let i = i as u64;
+        if i < SUB {
+            return i;
+        }
+        let e = (i - SUB) / SUB + 5;
+        let mantissa = (i - SUB) % SUB + SUB;
+        let upper = (u128::from(mantissa + 1) << (e - 5)) - 1;
+        u64::try_from(upper).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn record(&mut self, d: Duration) {
+        let v = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = Self::index(v).min(self.counts.len() - 1);
+        self.counts[i] += 1;
+        self.total += 1;
+        self.max = self.max.max(v);
+    }
+
+    #[cfg(test)]
+    fn count(&self) -> u64 {
+        self.total
+    }
+
+    /// The value at quantile `q` (0..=1), or `None` when empty.
+    pub(crate) fn quantile(&self, q: f64) -> Option<Duration> {
+        if self.total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Duration::from_micros(Self::upper(i).min(self.max)));
+            }
+        }
+        Some(Duration::from_micros(self.max))
+    }
+
+    pub(crate) fn max(&self) -> Option<Duration> {
+        (self.total > 0).then(|| Duration::from_micros(self.max))
+    }
+}
+
+/// Checks per-key order from acknowledgements: for each key, the offsets the broker gave must
+/// increase in sending order (a key always lands in the same partition).
+#[derive(Debug)]
+pub(crate) struct OrderCheck {
+    /// Key of the message on input line `n`: `key-{(n - 1) % keys}`.
+    keys: u64,
+    last: Vec<Option<(i32, i64)>>,
+    pub(crate) checked: u64,
+    pub(crate) violations: u64,
+}
+
+impl OrderCheck {
+    pub(crate) fn new(keys: u64) -> Self {
+        Self {
+            keys: keys.max(1),
+            last: vec![None; keys.max(1) as usize],
+            checked: 0,
+            violations: 0,
+        }
+    }
+
+    fn observe(&mut self, line: u64, d: &Delivery) {
+        let (Some(p), Some(o)) = (d.ack.partition, d.ack.offset) else {
+            return;
+        };
+        let slot = &mut self.last[((line - 1) % self.keys) as usize];
+        if let Some((lp, lo)) = *slot {
+            self.checked += 1;
+            if lp != p || lo >= o {
+                self.violations += 1;
+            }
+        }
+        *slot = Some((p, o));
+    }
+}
+
+/// What happened to the messages, counted as their fates arrive.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    /// Acknowledged by the broker.
+    pub(crate) delivered: u64,
+    /// Given up on (each in the dead-letter file when there is one).
+    pub(crate) failed: u64,
+    /// Input lines that were not messages.
+    pub(crate) malformed: u64,
+    /// Acknowledged messages that took more than one attempt.
+    pub(crate) retried: u64,
+    /// From acceptance to acknowledgement, of acknowledged messages.
+    pub(crate) latency: Histogram,
+    /// The last few failures, to show.
+    pub(crate) examples: Vec<String>,
+}
+
+/// Where fates go.
+#[derive(Debug)]
+pub(crate) struct Collector {
+    pub(crate) tally: Tally,
+    pub(crate) dead_letter: Option<DeadLetter>,
+    pub(crate) order: Option<OrderCheck>,
+    pub(crate) progress: Option<ProgressBar>,
+    pub(crate) destination: Destination,
+}
+
+impl Collector {
+    pub(crate) fn new(destination: Destination) -> Self {
+        Self {
+            tally: Tally::default(),
+            dead_letter: None,
+            order: None,
+            progress: None,
+            destination,
+        }
+    }
+
+    fn delivered(&mut self, line: u64, d: &Delivery) {
+        let t = &mut self.tally;
+        t.delivered += 1;
+        if d.attempts > 1 {
+            t.retried += 1;
+        }
+        t.latency.record(d.latency);
+        if let Some(o) = &mut self.order {
+            o.observe(line, d);
+        }
+        if let Some(p) = &self.progress {
+            p.inc(1);
+        }
+    }
+
+    fn example(&mut self, text: String) {
+        if self.tally.examples.len() < 3 {
+            self.tally.examples.push(text);
+        }
+    }
+
+    /// A message herald gave up on (or, `line` `None`, one returned by `close`).
+    pub(crate) fn failed(&mut self, line: Option<u64>, e: &SendError) {
+        self.tally.failed += 1;
+        let at = line.map_or_else(String::new, |l| format!("line {l}: "));
+        self.example(format!("{at}{e}"));
+        if let Some(dl) = &mut self.dead_letter {
+            dl.write(&failed_record(line, e));
+        }
+        if let Some(p) = &self.progress {
+            p.inc(1);
+        }
+    }
+
+    pub(crate) fn malformed(&mut self, line: u64, raw: &[u8], error: &str) {
+        self.tally.malformed += 1;
+        self.example(error.to_owned());
+        if let Some(dl) = &mut self.dead_letter {
+            dl.write(&malformed_record(line, &self.destination, raw, error));
+        }
+    }
+}
+
+enum Pending {
+    Sent(u64, DeliveryFuture),
+    Refused(u64, SendError),
+    Malformed(u64, Vec<u8>, String),
+}
+
+/// A producer with its collector task.
+pub(crate) struct Engine {
+    producer: Producer,
+    tx: mpsc::Sender<Pending>,
+    collector: JoinHandle<Collector>,
+}
+
+impl Engine {
+    /// Starts the collector; at most `window` messages wait for their fate beyond those in the
+    /// producer's buffer.
+    pub(crate) fn start(producer: Producer, window: usize, mut collector: Collector) -> Self {
+        // A channel holds at most `Semaphore::MAX_PERMITS`; a larger window is as good as that.
+        let window = window.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        let (tx, mut rx) = mpsc::channel::<Pending>(window);
+        let collector = tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                match p {
+                    Pending::Sent(line, fut) => match fut.await {
+                        Ok(d) => collector.delivered(line, &d),
+                        Err(e) => collector.failed(Some(line), &e),
+                    },
+                    Pending::Refused(line, e) => collector.failed(Some(line), &e),
+                    Pending::Malformed(line, raw, error) => {
+                        collector.malformed(line, &raw, &error);
+                    }
+                }
+            }
+            collector
+        });
+        Self {
+            producer,
+            tx,
+            collector,
+        }
+    }
+
+    async fn push(&self, p: Pending) -> anyhow::Result<()> {
+        self.tx
+            .send(p)
+            .await
+            .map_err(|_| anyhow!("internal error: the collector task ended early"))
+    }
+
+    /// Sends `msg` (input line `line`), waiting for buffer space.
+    pub(crate) async fn send(&self, line: u64, msg: Message) -> anyhow::Result<()> {
+        let p = match self.producer.enqueue(msg).await {
+            Ok(fut) => Pending::Sent(line, fut),
+            Err(e) => Pending::Refused(line, e),
+        };
+        self.push(p).await
+    }
+
+    /// Records an input line that is not a message, in its place in the input order.
+    pub(crate) async fn malformed(
+        &self,
+        line: u64,
+        raw: Vec<u8>,
+        error: String,
+    ) -> anyhow::Result<()> {
+        self.push(Pending::Malformed(line, raw, error)).await
+    }
+
+    /// Waits for every fate, closes the producer (anything it still returns is recorded as
+    /// failed) and hands back the collector.
+    pub(crate) async fn finish(
+        self,
+        close_timeout: Duration,
+    ) -> anyhow::Result<(Collector, Producer)> {
+        let Self {
+            producer,
+            tx,
+            collector,
+        } = self;
+        drop(tx);
+        let mut collector = collector.await.context("the collector task failed")?;
+        let close = producer.close(close_timeout).await;
+        for e in &close.unclaimed {
+            collector.failed(None, e);
+        }
+        Ok((collector, producer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_are_within_three_percent() {
+        let mut h = Histogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for us in 1..=10_000u64 {
+            h.record(Duration::from_micros(us));
+        }
+        assert_eq!(h.count(), 10_000);
+        for (q, exact) in [(0.5, 5_000.0), (0.99, 9_900.0), (0.001, 10.0)] {
+            let got = h.quantile(q).expect("some").as_micros() as f64;
+            assert!(
+                (got - exact).abs() / exact <= 0.03,
+                "q{q}: {got} vs {exact}"
+            );
+        }
+        assert_eq!(h.quantile(1.0), Some(Duration::from_micros(10_000)));
+        assert_eq!(h.max(), Some(Duration::from_micros(10_000)));
+        // Bucket bounds are consistent: every value falls in a bucket whose upper bound holds it.
+        for v in [
+            0u64,
+            31,
+            32,
+            33,
+            63,
+            64,
+            65,
+            1 << 20,
+            (1 << 40) + 12345,
+            u64::MAX >> 4,
+        ] {
+            let i = Histogram::index(v);
+            assert!(Histogram::upper(i) >= v, "{v}");
+            if i > 0 {
+                assert!(Histogram::upper(i - 1) < v, "{v}");
+            }
+        }
+        let mut big = Histogram::default();
+        big.record(Duration::MAX);
+        assert!(big.quantile(0.5).is_some());
+    }
+
+    #[test]
+    fn order_check_counts_violations() {
+        let d = |p, o| Delivery {
+            ack: herald::Ack {
+                partition: Some(p),
+                offset: Some(o),
+            },
+            attempts: 1,
+            latency: Duration::ZERO,
+        };
+        let mut c = OrderCheck::new(2);
+        // lines 1, 3, 5 are key 0; lines 2, 4 key 1.
+        c.observe(1, &d(0, 10));
+        c.observe(2, &d(1, 5));
+        c.observe(3, &d(0, 11));
+        c.observe(4, &d(1, 4));
+        c.observe(5, &d(1, 12));
+        assert_eq!((c.checked, c.violations), (3, 2));
+    }
+}

@@ -1,0 +1,354 @@
+//! Reading `herald produce`'s input: one message per line, plain (`--format lines`) or a JSON
+//! object (`--format jsonl`).
+
+use std::io::BufRead;
+
+use herald::{Bytes, Destination, Message};
+use serde_json::Value;
+
+use crate::base64;
+
+/// How input lines become messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Format {
+    /// Each line is one payload, sent as its bytes, without a key.
+    Lines,
+    /// Each line is a JSON object: `payload` (string), optional `key` (string) and `headers`
+    /// (object of strings).
+    Jsonl,
+}
+
+/// One line of input, numbered from 1.
+#[derive(Debug)]
+pub(crate) enum Item {
+    /// A message to send.
+    Message { line: u64, msg: Message },
+    /// A line that is not a message: its raw bytes and why.
+    Malformed {
+        line: u64,
+        raw: Vec<u8>,
+        error: String,
+    },
+}
+
+/// Fields of a dead-letter record, which `--format jsonl` accepts and ignores so that a
+/// dead-letter file can be sent again as it is.
+const DEAD_LETTER_FIELDS: &[&str] = &[
+    "line",
+    "destination",
+    "error",
+    "error_class",
+    "reason",
+    "attempts",
+];
+
+/// Parses one `--format jsonl` line into a message to `dest`. The error says what is wrong
+/// (the caller adds the line number).
+pub(crate) fn parse_jsonl(dest: &Destination, raw: &[u8]) -> Result<Message, String> {
+    let text = std::str::from_utf8(raw).map_err(|_| "is not UTF-8".to_owned())?;
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("is not valid JSON: {e}"))?;
+    let Value::Object(obj) = value else {
+        return Err(format!(
+            "is a JSON {}, not an object with a `payload`",
+            kind(&value)
+        ));
+    };
+    let string = |field: &str, v: &Value| -> Result<String, String> {
+        match v {
+            Value::String(s) => Ok(s.clone()),
+            other => Err(format!("`{field}` must be a string, not {}", kind(other))),
+        }
+    };
+    let b64 = |field: &str, v: &Value| -> Result<Vec<u8>, String> {
+        base64::decode(&string(field, v)?).map_err(|e| format!("`{field}` {e}"))
+    };
+    let payload: Bytes = match (obj.get("payload"), obj.get("payload_base64")) {
+        (Some(_), Some(_)) => return Err("has both `payload` and `payload_base64`".into()),
+        (Some(p), None) => string("payload", p)?.into(),
+        (None, Some(p)) => b64("payload_base64", p)?.into(),
+        (None, None) => return Err("has no `payload` (a string)".into()),
+    };
+    let key: Option<Bytes> = match (obj.get("key"), obj.get("key_base64")) {
+        (Some(_), Some(_)) => return Err("has both `key` and `key_base64`".into()),
+        (Some(Value::Null), None) | (None, Some(Value::Null)) | (None, None) => None,
+        (Some(k), None) => Some(string("key", k)?.into()),
+        (None, Some(k)) => Some(b64("key_base64", k)?.into()),
+    };
+    let mut msg = Message::new(dest.clone(), payload);
+    if let Some(key) = key {
+        msg = msg.with_key(key);
+    }
+    match obj.get("headers") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(headers)) => {
+            for (name, value) in headers {
+                let value = string(&format!("headers.{name}"), value)?;
+                msg = msg.with_header(name.clone(), value);
+            }
+        }
+        Some(other) => {
+            return Err(format!(
+                "`headers` must be an object of strings, not {}",
+                kind(other)
+            ))
+        }
+    }
+    if let Some(unknown) = obj.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "payload" | "payload_base64" | "key" | "key_base64" | "headers"
+        ) && !DEAD_LETTER_FIELDS.contains(&k.as_str())
+    }) {
+        return Err(format!(
+            "has an unknown field `{unknown}` (known: payload, key, headers)"
+        ));
+    }
+    Ok(msg)
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Reads `input` line by line and hands the items over in chunks: a chunk goes as soon as it is
+/// full or no more input is buffered (so that a slow producer of lines is not kept waiting).
+/// Returns the number of lines read, or the read error.
+///
+/// `lines`: every line is a payload (an empty line is an empty payload); `jsonl`: blank lines
+/// are skipped. A trailing `\n` or `\r\n` is not part of the line.
+pub(crate) fn read<R: std::io::Read>(
+    mut input: std::io::BufReader<R>,
+    format: Format,
+    dest: &Destination,
+    mut emit: impl FnMut(Vec<Item>) -> bool,
+) -> std::io::Result<u64> {
+    const CHUNK: usize = 512;
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut line_no = 0u64;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if input.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        line_no += 1;
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+        }
+        let item = match format {
+            Format::Lines => Item::Message {
+                line: line_no,
+                msg: Message::new(dest.clone(), Bytes::copy_from_slice(&buf)),
+            },
+            Format::Jsonl if buf.iter().all(u8::is_ascii_whitespace) => continue,
+            Format::Jsonl => match parse_jsonl(dest, &buf) {
+                Ok(msg) => Item::Message { line: line_no, msg },
+                Err(e) => Item::Malformed {
+                    line: line_no,
+                    raw: buf.clone(),
+                    error: format!("line {line_no}: {e}"),
+                },
+            },
+        };
+        chunk.push(item);
+        // A chunk goes out when full, or when no whole line is buffered (the next read may
+        // wait): never wait for more input while holding messages (stdin may be a slow pipe, or
+        // a terminal), nor lose them to a read error.
+        if chunk.len() >= CHUNK || !input.buffer().contains(&b'\n') {
+            if !emit(std::mem::take(&mut chunk)) {
+                return Ok(line_no);
+            }
+            chunk.reserve(CHUNK);
+        }
+    }
+    if !chunk.is_empty() {
+        emit(chunk);
+    }
+    Ok(line_no)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Message, String> {
+        parse_jsonl(&Destination::new("t"), s.as_bytes())
+    }
+
+    #[test]
+    fn a_good_line() {
+        let m = parse(r#"{"payload":"héllo","key":"k1","headers":{"trace":"abc","n":"1"}}"#)
+            .expect("valid");
+        assert_eq!(m.payload().as_ref(), "héllo".as_bytes());
+        assert_eq!(m.key().map(|k| k.as_ref()), Some(&b"k1"[..]));
+        let mut headers: Vec<(&str, &[u8])> = m
+            .headers()
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_ref()))
+            .collect();
+        headers.sort();
+        assert_eq!(headers, vec![("n", &b"1"[..]), ("trace", &b"abc"[..])]);
+        let m = parse(r#"{"payload":"","key":null,"headers":null}"#).expect("valid");
+        assert!(m.payload().is_empty() && m.key().is_none() && m.headers().is_empty());
+        let m = parse(r#"{"payload_base64":"AP8=","key_base64":"aw=="}"#).expect("valid");
+        assert_eq!(m.payload().as_ref(), &[0u8, 255][..]);
+        assert_eq!(m.key().map(|k| k.as_ref()), Some(&b"k"[..]));
+    }
+
+    #[test]
+    fn a_dead_letter_record_is_valid_input() {
+        let m = parse(
+            r#"{"line":3,"destination":"t","payload":"p","key":"k","headers":{},"error":"x","error_class":"transient","reason":"delivery_timeout","attempts":2}"#,
+        )
+        .expect("valid");
+        assert_eq!(m.payload().as_ref(), b"p");
+    }
+
+    #[test]
+    fn bad_lines_say_what_is_wrong() {
+        for (line, expected) in [
+            (r#"{"payload": "x""#, "is not valid JSON"),
+            ("not json", "is not valid JSON"),
+            (r#"["payload"]"#, "is a JSON an array"),
+            (r#"{"key":"k"}"#, "has no `payload`"),
+            (
+                r#"{"payload":5}"#,
+                "`payload` must be a string, not a number",
+            ),
+            (r#"{"payload":"x","key":7}"#, "`key` must be a string"),
+            (
+                r#"{"payload":"x","headers":{"a":1}}"#,
+                "`headers.a` must be a string, not a number",
+            ),
+            (
+                r#"{"payload":"x","headers":["a"]}"#,
+                "`headers` must be an object",
+            ),
+            (r#"{"payload":"x","header":{}}"#, "unknown field `header`"),
+            (r#"{"payload":"x","payload_base64":"eA=="}"#, "both"),
+            (r#"{"payload_base64":"!!"}"#, "`payload_base64`"),
+        ] {
+            let e = parse(line).expect_err(line);
+            assert!(e.contains(expected), "{line}: {e}");
+        }
+        let e = parse_jsonl(&Destination::new("t"), b"{\"payload\":\"\xff\"}").expect_err("utf8");
+        assert!(e.contains("not UTF-8"), "{e}");
+    }
+
+    fn read_all(input: &[u8], format: Format) -> Vec<Item> {
+        let mut items = Vec::new();
+        let n = read(
+            std::io::BufReader::new(input),
+            format,
+            &Destination::new("t"),
+            |chunk| {
+                items.extend(chunk);
+                true
+            },
+        )
+        .expect("read");
+        assert!(n >= items.len() as u64);
+        items
+    }
+
+    #[test]
+    fn lines_keep_bytes_and_number_lines() {
+        let items = read_all(b"a\r\n\nb\xff\nlast", Format::Lines);
+        let got: Vec<(u64, Vec<u8>)> = items
+            .iter()
+            .map(|i| match i {
+                Item::Message { line, msg } => (*line, msg.payload().to_vec()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, b"a".to_vec()),
+                (2, b"".to_vec()),
+                (3, b"b\xff".to_vec()),
+                (4, b"last".to_vec())
+            ]
+        );
+    }
+
+    /// Hands out `parts` one read at a time, then fails; records how many items had been
+    /// emitted when each read began.
+    struct Script {
+        parts: std::collections::VecDeque<&'static [u8]>,
+        emitted: std::rc::Rc<std::cell::Cell<usize>>,
+        seen: Vec<usize>,
+    }
+
+    impl std::io::Read for Script {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.seen.push(self.emitted.get());
+            match self.parts.pop_front() {
+                Some(p) => {
+                    buf[..p.len()].copy_from_slice(p);
+                    Ok(p.len())
+                }
+                None => Err(std::io::Error::other("the disk went away")),
+            }
+        }
+    }
+
+    #[test]
+    fn whole_lines_go_out_before_a_read_that_may_wait_or_fail() {
+        let emitted = std::rc::Rc::new(std::cell::Cell::new(0));
+        let mut script = Script {
+            parts: [&b"a\nb\nc"[..], b"d\ne"].into(),
+            emitted: emitted.clone(),
+            seen: Vec::new(),
+        };
+        let mut items = Vec::new();
+        let result = read(
+            std::io::BufReader::new(&mut script),
+            Format::Lines,
+            &Destination::new("t"),
+            |chunk| {
+                emitted.set(emitted.get() + chunk.len());
+                items.extend(chunk);
+                true
+            },
+        );
+        assert!(result.is_err());
+        // `a` and `b` were out before the read that completed `cd`; `cd` before the failing one.
+        assert_eq!(script.seen, vec![0, 2, 3]);
+        let lines: Vec<u64> = items
+            .iter()
+            .map(|i| match i {
+                Item::Message { line, .. } => *line,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(lines, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn jsonl_skips_blank_lines_and_numbers_malformed_ones() {
+        let input = b"{\"payload\":\"a\"}\n\n  \n{\"payload\":\nbad\n{\"payload\":\"b\"}\n";
+        let items = read_all(input, Format::Jsonl);
+        assert_eq!(items.len(), 4);
+        assert!(matches!(&items[0], Item::Message { line: 1, .. }));
+        match &items[1] {
+            Item::Malformed { line, raw, error } => {
+                assert_eq!((*line, raw.as_slice()), (4, &b"{\"payload\":"[..]));
+                assert!(error.starts_with("line 4: is not valid JSON"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&items[2], Item::Malformed { line: 5, .. }));
+        assert!(matches!(&items[3], Item::Message { line: 6, .. }));
+    }
+}

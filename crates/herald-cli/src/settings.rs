@@ -1,0 +1,211 @@
+//! Transport and retry settings as flags, and the one place where a producer is built from a
+//! destination and those flags.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use herald::amqp::AmqpTransport;
+use herald::batch::SizeOrLinger;
+use herald::kafka::{KafkaConfig, KafkaTransport};
+use herald::retry::{Backoff, ExponentialRetry};
+use herald::{Destination, OrderingMode, Producer, ProducerBuilder};
+
+use crate::target::Target;
+
+/// `--ordering`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Ordering {
+    /// Per-key order kept, retries included (one batch in flight per destination).
+    Strict,
+    /// Batches go out concurrently and retries rejoin the back: faster under faults, no order.
+    Relaxed,
+}
+
+/// Producer settings shared by `produce` and `bench`. Defaults are herald's, except batching,
+/// which follows the transport (Kafka: `herald_kafka::recommended_batching()`).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Tuning {
+    /// Most messages per batch [default: Kafka 20000, AMQP 1024].
+    #[arg(long, value_name = "N", help_heading = "Producer")]
+    pub(crate) batch_max_messages: Option<usize>,
+    /// Most bytes per batch [default: Kafka 16 MiB, AMQP 1 MiB].
+    #[arg(long, value_name = "BYTES", help_heading = "Producer")]
+    pub(crate) batch_max_bytes: Option<usize>,
+    /// How long a batch waits to fill.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 5,
+        help_heading = "Producer"
+    )]
+    pub(crate) linger_ms: u64,
+    /// The whole life of a message, retries included; after it, the message fails (for Kafka
+    /// also librdkafka's message.timeout.ms).
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 120_000,
+        help_heading = "Producer"
+    )]
+    pub(crate) delivery_timeout_ms: u64,
+    /// Most attempts per message [default: unlimited within the delivery timeout].
+    #[arg(long, value_name = "N", help_heading = "Producer")]
+    pub(crate) max_attempts: Option<u32>,
+    /// First retry backoff (doubling, with full jitter).
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 100,
+        help_heading = "Producer"
+    )]
+    pub(crate) retry_backoff_ms: u64,
+    /// Largest retry backoff.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 10_000,
+        help_heading = "Producer"
+    )]
+    pub(crate) retry_backoff_max_ms: u64,
+    /// Per-key order (strict) or throughput under faults (relaxed).
+    #[arg(long, value_enum, default_value_t = Ordering::Strict, help_heading = "Producer")]
+    pub(crate) ordering: Ordering,
+    /// Most messages buffered (accepted and not yet acknowledged); reading input waits beyond.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 100_000,
+        help_heading = "Producer"
+    )]
+    pub(crate) buffer_messages: usize,
+    /// Most bytes buffered.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20, help_heading = "Producer")]
+    pub(crate) buffer_bytes: usize,
+    /// Largest message (payload, key and headers); a larger one fails at once.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20, help_heading = "Producer")]
+    pub(crate) max_message_bytes: usize,
+    /// Most batches in flight at once.
+    #[arg(long, value_name = "N", default_value_t = 8, help_heading = "Producer")]
+    pub(crate) max_in_flight: usize,
+    /// A librdkafka property (repeatable), e.g. security.protocol=SASL_PLAINTEXT. Properties
+    /// herald sets itself are refused, naming the flag to use; secret values are never printed.
+    #[arg(
+        long = "kafka-property",
+        value_name = "KEY=VALUE",
+        help_heading = "Kafka"
+    )]
+    pub(crate) kafka_properties: Vec<String>,
+}
+
+/// A producer and where it sends.
+pub(crate) struct Session {
+    pub(crate) producer: Producer,
+    pub(crate) destination: Destination,
+}
+
+impl Tuning {
+    fn delivery_timeout(&self) -> Duration {
+        Duration::from_millis(self.delivery_timeout_ms)
+    }
+
+    /// herald's settings, on any transport's builder.
+    fn apply(&self, builder: ProducerBuilder, default_batch: (usize, usize)) -> ProducerBuilder {
+        let mut retry = ExponentialRetry::new(Backoff::new(
+            Duration::from_millis(self.retry_backoff_ms),
+            Duration::from_millis(self.retry_backoff_max_ms),
+        ));
+        if let Some(n) = self.max_attempts {
+            retry = retry.max_attempts(n);
+        }
+        builder
+            .batching(SizeOrLinger::new(
+                self.batch_max_messages.unwrap_or(default_batch.0),
+                self.batch_max_bytes.unwrap_or(default_batch.1),
+                Duration::from_millis(self.linger_ms),
+            ))
+            .retry(retry)
+            .ordering(match self.ordering {
+                Ordering::Strict => OrderingMode::Strict,
+                Ordering::Relaxed => OrderingMode::Relaxed,
+            })
+            .buffer(self.buffer_messages, self.buffer_bytes)
+            .max_message_bytes(self.max_message_bytes)
+            .max_in_flight(self.max_in_flight)
+            .delivery_timeout(self.delivery_timeout())
+    }
+
+    /// The librdkafka settings for `bootstrap`.
+    pub(crate) fn kafka_config(
+        &self,
+        bootstrap: &str,
+        target: Option<&crate::target::KafkaTarget>,
+    ) -> anyhow::Result<KafkaConfig> {
+        let mut config = KafkaConfig::new(bootstrap).message_timeout(self.delivery_timeout());
+        if let Some(t) = target {
+            if let Some(id) = &t.client_id {
+                config = config.client_id(id.clone());
+            }
+            if let Some(c) = t.compression {
+                config = config.compression(c);
+            }
+        }
+        for prop in &self.kafka_properties {
+            let Some((k, v)) = prop.split_once('=') else {
+                // Only the name part (up to the first character a property name does not hold,
+                // such as a `:` or ` ` typed instead of `=`): a value may be a secret.
+                bail!(
+                    "--kafka-property `{}` is not KEY=VALUE",
+                    prop.chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                        .take(40)
+                        .collect::<String>()
+                );
+            };
+            config = config.property(k.trim(), v);
+        }
+        Ok(config)
+    }
+
+    /// Builds the producer for `target`. This is the one place a producer is made from flags:
+    /// telemetry (a metrics recorder) is installed before it is called.
+    pub(crate) fn build(&self, target: &Target) -> anyhow::Result<Session> {
+        match target {
+            Target::Kafka(k) => {
+                let config = self.kafka_config(&k.bootstrap, Some(k))?;
+                let transport =
+                    KafkaTransport::new(config).context("the Kafka settings are invalid")?;
+                let (messages, bytes) = {
+                    let b = herald::kafka::recommended_batching();
+                    (b.max_messages(), b.max_bytes())
+                };
+                let producer = self
+                    .apply(Producer::builder(transport), (messages, bytes))
+                    .build()
+                    .context("the producer settings are invalid")?;
+                Ok(Session {
+                    producer,
+                    destination: Destination::new(k.topic.as_str()),
+                })
+            }
+            Target::Amqp(a) => {
+                if !self.kafka_properties.is_empty() {
+                    bail!("--kafka-property only applies to kafka:// destinations");
+                }
+                let transport =
+                    AmqpTransport::new(a.config()).context("the AMQP settings are invalid")?;
+                let d = SizeOrLinger::default();
+                let producer = self
+                    .apply(
+                        Producer::builder(transport),
+                        (d.max_messages(), d.max_bytes()),
+                    )
+                    .build()
+                    .context("the producer settings are invalid")?;
+                Ok(Session {
+                    producer,
+                    destination: a.destination(),
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,604 @@
+//! Destination URLs: `kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?...]` and
+//! `amqp[s]://USER:PASS@HOST:PORT/VHOST?queue=NAME` or `...?exchange=EX&routing_key=RK`.
+//!
+//! A password never appears in an error or in `Debug`/`Display` output: AMQP URLs are parsed by
+//! `herald_amqp::AmqpConfig::from_url`, which redacts it, and errors here never echo the URL.
+
+use std::fmt;
+
+use herald::amqp::{percent_decode as decode, percent_encode as encode, AmqpConfig, Declare};
+use herald::kafka::Compression;
+
+/// Where `herald produce` and `herald bench` send, parsed from `--to`.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    /// A Kafka topic.
+    Kafka(KafkaTarget),
+    /// An AMQP queue or exchange.
+    Amqp(Box<AmqpTarget>),
+}
+
+/// `kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?client_id=ID&compression=none|gzip|snappy|lz4]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KafkaTarget {
+    pub(crate) bootstrap: String,
+    pub(crate) topic: String,
+    pub(crate) client_id: Option<String>,
+    pub(crate) compression: Option<Compression>,
+}
+
+/// An AMQP broker and where to publish on it.
+#[derive(Debug, Clone)]
+pub(crate) struct AmqpTarget {
+    /// The broker (the URL without herald's own query parameters); its `Debug` redacts the
+    /// password.
+    pub(crate) config: AmqpConfig,
+    pub(crate) route: AmqpRoute,
+}
+
+/// Where on the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AmqpRoute {
+    /// Through the default exchange into this queue; declared durable first unless `declare`
+    /// is false (`quorum`: as a quorum queue).
+    Queue {
+        name: String,
+        declare: bool,
+        quorum: bool,
+    },
+    /// To this exchange, which must exist, with this routing key.
+    Exchange {
+        exchange: String,
+        routing_key: String,
+    },
+}
+
+/// A destination URL that cannot work: which part, and why. Never holds the password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UrlError {
+    pub(crate) part: &'static str,
+    pub(crate) reason: String,
+}
+
+impl fmt::Display for UrlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid --to URL: the {} {}", self.part, self.reason)
+    }
+}
+
+impl std::error::Error for UrlError {}
+
+fn bad(part: &'static str, reason: impl Into<String>) -> UrlError {
+    UrlError {
+        part,
+        reason: reason.into(),
+    }
+}
+
+const FORMS: &str =
+    "expected kafka://HOST:PORT/TOPIC, amqp://USER:PASS@HOST:PORT/VHOST?queue=NAME \
+     or amqp://...?exchange=EX&routing_key=RK (amqps:// for TLS)";
+
+impl Target {
+    /// Parses a destination URL.
+    pub(crate) fn parse(url: &str) -> Result<Self, UrlError> {
+        let Some((scheme, _)) = url.split_once("://") else {
+            return Err(bad("scheme", format!("is missing; {FORMS}")));
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "kafka" => parse_kafka(&url[scheme.len() + 3..]).map(Self::Kafka),
+            "amqp" | "amqps" => parse_amqp(url).map(|a| Self::Amqp(Box::new(a))),
+            // The scheme is before `://`, so it cannot hold the password.
+            other => Err(bad(
+                "scheme",
+                format!("`{other}` is not kafka, amqp or amqps; {FORMS}"),
+            )),
+        }
+    }
+
+    /// The destination, safe to print (no password).
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Kafka(k) => format!("kafka://{}/{}", k.bootstrap, k.topic),
+            Self::Amqp(a) => match &a.route {
+                AmqpRoute::Queue { name, .. } => {
+                    format!("{}?queue={}", a.config.redacted_url(), encode(name))
+                }
+                AmqpRoute::Exchange {
+                    exchange,
+                    routing_key,
+                } => format!(
+                    "{}?exchange={}&routing_key={}",
+                    a.config.redacted_url(),
+                    encode(exchange),
+                    encode(routing_key)
+                ),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl AmqpTarget {
+    /// The herald destination for the route.
+    pub(crate) fn destination(&self) -> herald::Destination {
+        match &self.route {
+            AmqpRoute::Queue { name, .. } => herald::amqp::queue(name),
+            AmqpRoute::Exchange {
+                exchange,
+                routing_key,
+            } => herald::amqp::exchange(exchange, routing_key),
+        }
+    }
+
+    /// The broker settings, with the queue declaration when the route asks for one.
+    pub(crate) fn config(&self) -> AmqpConfig {
+        match &self.route {
+            AmqpRoute::Queue {
+                name,
+                declare: true,
+                quorum,
+            } => self.config.clone().declare(Declare::Queue {
+                name: name.clone(),
+                quorum: *quorum,
+            }),
+            _ => self.config.clone(),
+        }
+    }
+}
+
+fn parse_kafka(rest: &str) -> Result<KafkaTarget, UrlError> {
+    let (before, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let (hosts, topic) = before.split_once('/').ok_or_else(|| {
+        bad(
+            "topic",
+            "is missing: kafka://HOST:PORT[,HOST:PORT...]/TOPIC",
+        )
+    })?;
+    // Everything before the topic: a password may hold a `/`, so `hosts` may be only its start.
+    if before
+        .rsplit_once('/')
+        .is_some_and(|(b, _)| b.contains('@'))
+    {
+        return Err(bad(
+            "host",
+            "holds user information, which kafka:// URLs do not take: give SASL settings with \
+             --kafka-property (sasl.username=..., sasl.password=...)",
+        ));
+    }
+    if hosts.trim().is_empty() {
+        return Err(bad("host", "is missing: kafka://HOST:PORT/TOPIC"));
+    }
+    for server in hosts.split(',') {
+        let ok = server.rsplit_once(':').is_some_and(|(h, p)| {
+            !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) && !h.contains(['/', ' '])
+        });
+        if !ok {
+            return Err(bad(
+                "host",
+                format!("`{server}` is not HOST:PORT (a port number is required)"),
+            ));
+        }
+    }
+    if topic.is_empty() {
+        return Err(bad(
+            "topic",
+            "is missing: kafka://HOST:PORT[,HOST:PORT...]/TOPIC",
+        ));
+    }
+    if topic.len() > 249 || topic == "." || topic == ".." {
+        return Err(bad(
+            "topic",
+            "is not a valid Kafka topic name (at most 249 characters, not `.` or `..`)",
+        ));
+    }
+    if let Some(c) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(bad(
+            "topic",
+            format!("`{topic}` holds `{c}`: Kafka topic names use only letters, digits, `.`, `_` and `-`"),
+        ));
+    }
+    let mut target = KafkaTarget {
+        bootstrap: hosts.to_owned(),
+        topic: topic.to_owned(),
+        client_id: None,
+        compression: None,
+    };
+    for (k, v) in pairs(query)? {
+        match k.as_str() {
+            "client_id" if !v.is_empty() => target.client_id = Some(v),
+            "compression" => {
+                target.compression = Some(match v.as_str() {
+                    "none" => Compression::None,
+                    "gzip" => Compression::Gzip,
+                    "snappy" => Compression::Snappy,
+                    "lz4" => Compression::Lz4,
+                    _ => {
+                        return Err(bad(
+                            "query compression",
+                            format!("`{v}` is not none, gzip, snappy or lz4"),
+                        ))
+                    }
+                })
+            }
+            "client_id" => return Err(bad("query client_id", "is empty")),
+            other => {
+                return Err(bad(
+                    "query",
+                    format!("parameter `{other}` is unknown (kafka:// takes client_id and compression; other librdkafka properties go in --kafka-property)"),
+                ))
+            }
+        }
+    }
+    Ok(target)
+}
+
+/// The query's `key=value` pairs, percent-decoded.
+fn pairs(query: Option<&str>) -> Result<Vec<(String, String)>, UrlError> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let k = decode(k).map_err(|r| bad("query", r))?;
+            let v = decode(v).map_err(|r| bad("query", format!("value of `{k}` {r}")))?;
+            Ok((k, v))
+        })
+        .collect()
+}
+
+/// Where the query of an AMQP URL starts: the first `?` after the user information, which
+/// ends at the URL's last `@` (a password may hold `?`, `/` or `@`), exactly as
+/// `AmqpConfig::from_url` reads it.
+fn split_amqp_query(url: &str) -> (&str, Option<&str>) {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[after_scheme..];
+    let userinfo_end = match rest.rfind('@') {
+        Some(at)
+            if !rest[..at]
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .contains(['/', '?']) =>
+        {
+            Some(at)
+        }
+        _ => {
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            rest[..end].rfind('@')
+        }
+    };
+    let from = after_scheme + userinfo_end.map_or(0, |at| at + 1);
+    match url[from..].find('?') {
+        Some(q) => (&url[..from + q], Some(&url[from + q + 1..])),
+        None => (url, None),
+    }
+}
+
+fn parse_amqp(url: &str) -> Result<AmqpTarget, UrlError> {
+    let (base, query) = split_amqp_query(url);
+    let mut queue = None;
+    let mut exchange = None;
+    let mut routing_key = None;
+    let mut declare = true;
+    let mut quorum = false;
+    let mut passed = Vec::new();
+    for (k, v) in pairs(query)? {
+        match k.as_str() {
+            "queue" => queue = Some(v),
+            "exchange" => exchange = Some(v),
+            "routing_key" => routing_key = Some(v),
+            "declare" => {
+                declare = match v.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad("query declare", "must be true or false")),
+                }
+            }
+            "queue_type" => {
+                quorum = match v.as_str() {
+                    "classic" => false,
+                    "quorum" => true,
+                    _ => return Err(bad("query queue_type", "must be classic or quorum")),
+                }
+            }
+            "heartbeat" | "connection_timeout" | "channel_max" | "frame_max" => {
+                passed.push(format!("{k}={v}"));
+            }
+            other => return Err(bad(
+                "query",
+                format!("parameter `{other}` is unknown (known: queue, exchange, routing_key, declare, queue_type, heartbeat, connection_timeout, channel_max, frame_max)"),
+            )),
+        }
+    }
+    let rebuilt = if passed.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", passed.join("&"))
+    };
+    // The error names the part of the URL; it never holds the password.
+    let config =
+        AmqpConfig::from_url(&rebuilt).map_err(|e| bad("AMQP URL", format!("is invalid: {e}")))?;
+    let name_ok = |part: &'static str, n: &str| {
+        if n.len() > 255 {
+            Err(bad(part, "is longer than 255 bytes"))
+        } else {
+            Ok(())
+        }
+    };
+    let route = match (queue, exchange) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "query",
+                "names both a queue and an exchange: give ?queue=NAME or ?exchange=EX&routing_key=RK",
+            ))
+        }
+        (None, None) => {
+            return Err(bad(
+                "query",
+                "names no destination: add ?queue=NAME (the default exchange into that queue) or ?exchange=EX&routing_key=RK",
+            ))
+        }
+        (Some(name), None) => {
+            if name.is_empty() {
+                return Err(bad("query queue", "is empty"));
+            }
+            if routing_key.is_some() {
+                return Err(bad(
+                    "query routing_key",
+                    "only goes with exchange= (a queue is reached by its name)",
+                ));
+            }
+            name_ok("query queue", &name)?;
+            AmqpRoute::Queue {
+                name,
+                declare,
+                quorum,
+            }
+        }
+        (None, Some(exchange)) => {
+            if exchange.is_empty() {
+                return Err(bad(
+                    "query exchange",
+                    "is empty: to publish through the default exchange, use ?queue=NAME",
+                ));
+            }
+            if quorum || !declare {
+                return Err(bad(
+                    "query",
+                    "declare and queue_type only go with queue= (herald does not declare exchanges)",
+                ));
+            }
+            let routing_key = routing_key.unwrap_or_default();
+            name_ok("query exchange", &exchange)?;
+            name_ok("query routing_key", &routing_key)?;
+            AmqpRoute::Exchange {
+                exchange,
+                routing_key,
+            }
+        }
+    };
+    Ok(AmqpTarget { config, route })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(url: &str) -> KafkaTarget {
+        match Target::parse(url) {
+            Ok(Target::Kafka(k)) => k,
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+
+    fn amqp(url: &str) -> AmqpTarget {
+        match Target::parse(url) {
+            Ok(Target::Amqp(a)) => *a,
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+
+    fn part(url: &str) -> &'static str {
+        match Target::parse(url) {
+            Err(e) => e.part,
+            Ok(t) => panic!("{url}: expected an error, got {t:?}"),
+        }
+    }
+
+    #[test]
+    fn kafka_urls() {
+        let k = kafka("kafka://127.0.0.1:9092/orders");
+        assert_eq!(
+            (k.bootstrap.as_str(), k.topic.as_str()),
+            ("127.0.0.1:9092", "orders")
+        );
+        assert_eq!((k.client_id, k.compression), (None, None));
+        let k = kafka("KAFKA://a:1,b:2,c:3/my.topic_1-x?client_id=cli&compression=gzip");
+        assert_eq!(k.bootstrap, "a:1,b:2,c:3");
+        assert_eq!(k.topic, "my.topic_1-x");
+        assert_eq!(k.client_id.as_deref(), Some("cli"));
+        assert_eq!(k.compression, Some(Compression::Gzip));
+        assert_eq!(
+            Target::parse("kafka://a:1/t").map(|t| t.describe()),
+            Ok("kafka://a:1/t".to_owned())
+        );
+    }
+
+    #[test]
+    fn kafka_errors_are_named() {
+        assert_eq!(part("kafka://h:9092"), "topic");
+        assert_eq!(part("kafka://h:9092/"), "topic");
+        assert_eq!(part("kafka:///t"), "host");
+        assert_eq!(part("kafka://h/t"), "host");
+        assert_eq!(part("kafka://h:0/t"), "host");
+        assert_eq!(part("kafka://h:1,g/t"), "host");
+        assert_eq!(part("kafka://u:p@h:1/t"), "host");
+        assert_eq!(part("kafka://u:p/w@h:1/t"), "host");
+        let e = Target::parse("kafka://u:s3cr/et@h:1/t").expect_err("user information");
+        assert!(!e.to_string().contains("s3cr"), "{e}");
+        assert_eq!(part("kafka://h:1/a b"), "topic");
+        assert_eq!(part("kafka://h:1/a/b"), "topic");
+        assert_eq!(part("kafka://h:1/.."), "topic");
+        assert_eq!(part("kafka://h:1/t?acks=1"), "query");
+        assert_eq!(
+            part("kafka://h:1/t?compression=brotli"),
+            "query compression"
+        );
+        let e = Target::parse("kafka://h:9092").expect_err("no topic");
+        assert!(e.to_string().contains("topic is missing"), "{e}");
+    }
+
+    #[test]
+    fn scheme_errors_are_named() {
+        assert_eq!(part("http://h:1/t"), "scheme");
+        assert_eq!(part("h:1/t"), "scheme");
+        let e = Target::parse("nats://h:1/t").expect_err("scheme");
+        assert!(
+            e.to_string().contains("`nats` is not kafka, amqp or amqps"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn amqp_queue_urls() {
+        let a = amqp("amqp://guest:guest@127.0.0.1:5672/%2f?queue=orders");
+        assert_eq!(
+            a.route,
+            AmqpRoute::Queue {
+                name: "orders".into(),
+                declare: true,
+                quorum: false
+            }
+        );
+        assert_eq!(a.destination().as_str(), "orders");
+        assert_eq!(
+            a.config.redacted_url(),
+            "amqp://guest:***@127.0.0.1:5672/%2F"
+        );
+        assert_eq!(a.config().redacted_url(), a.config.redacted_url());
+        assert!(format!("{:?}", a.config()).contains("Queue"));
+        let a = amqp("amqps://u:p@h:5671/prod%2fv?queue=a%20b&queue_type=quorum&heartbeat=10");
+        assert_eq!(
+            a.route,
+            AmqpRoute::Queue {
+                name: "a b".into(),
+                declare: true,
+                quorum: true
+            }
+        );
+        assert_eq!(a.config.redacted_url(), "amqps://u:***@h:5671/prod%2Fv");
+        let a = amqp("amqp://h/?queue=q&declare=false");
+        assert!(matches!(a.route, AmqpRoute::Queue { declare: false, .. }));
+        assert!(!format!("{:?}", a.config()).contains("Queue"));
+    }
+
+    #[test]
+    fn amqp_exchange_urls() {
+        let a = amqp("amqp://u:p@h:5672/%2F?exchange=events&routing_key=order.created");
+        assert_eq!(
+            a.route,
+            AmqpRoute::Exchange {
+                exchange: "events".into(),
+                routing_key: "order.created".into()
+            }
+        );
+        assert_eq!(a.destination().as_str(), "events/order.created");
+        let a = amqp("amqp://u:p@h/%2F?exchange=fan");
+        assert_eq!(a.destination().as_str(), "fan/");
+        assert_eq!(
+            Target::Amqp(Box::new(amqp(
+                "amqp://u:p@h/%2F?exchange=e&routing_key=r k"
+            )))
+            .describe(),
+            "amqp://u:***@h:5672/%2F?exchange=e&routing_key=r%20k"
+        );
+    }
+
+    #[test]
+    fn amqp_errors_are_named() {
+        assert_eq!(part("amqp://u:p@h/%2f"), "query");
+        assert_eq!(part("amqp://u:p@h/%2f?queue=a&exchange=b"), "query");
+        assert_eq!(part("amqp://u:p@h/%2f?queue="), "query queue");
+        assert_eq!(part("amqp://u:p@h/%2f?exchange="), "query exchange");
+        assert_eq!(
+            part("amqp://u:p@h/%2f?queue=a&routing_key=b"),
+            "query routing_key"
+        );
+        assert_eq!(part("amqp://u:p@h/%2f?queue=a&nope=1"), "query");
+        assert_eq!(
+            part("amqp://u:p@h/%2f?queue=a&declare=maybe"),
+            "query declare"
+        );
+        assert_eq!(
+            part("amqp://u:p@h/%2f?exchange=e&queue_type=quorum"),
+            "query"
+        );
+        assert_eq!(part("amqp://u:p@h:notaport/%2f?queue=a"), "AMQP URL");
+        assert_eq!(part("amqp://u:p@h/a/b?queue=a"), "AMQP URL");
+        assert_eq!(part("amqp://u:p@h/%2f?queue=%zz"), "query");
+        let e = Target::parse("amqp://u:p@h:x/?queue=a").expect_err("port");
+        assert!(e.to_string().contains("port"), "{e}");
+    }
+
+    #[test]
+    fn the_password_never_shows() {
+        let secret = "hunter2-s3cret";
+        for url in [
+            format!("amqp://app:{secret}@h:5672/%2F?queue=q"),
+            format!("amqps://app:{secret}@h/%2F?exchange=e&routing_key=k"),
+        ] {
+            let t = Target::parse(&url).expect("valid");
+            for text in [format!("{t:?}"), t.to_string(), t.describe()] {
+                assert!(!text.contains(secret), "{text}");
+            }
+        }
+        // A password holding `?`, `/` and `@`: the query is found after the user information.
+        let t = amqp("amqp://app:se?cr/et@x@h:5672/%2F?queue=q");
+        assert_eq!(t.config.redacted_url(), "amqp://app:***@h:5672/%2F");
+        assert!(matches!(t.route, AmqpRoute::Queue { ref name, .. } if name == "q"));
+        // Errors next to the password never echo it.
+        for url in [
+            format!("amqp://app:{secret}@h:port/%2F?queue=q"),
+            format!("amqp://app:{secret}@h/%2F"),
+            format!("amqp://app:{secret}@h/%2F?queue=a&exchange=b"),
+            format!("amqp://app:{secret}@h/a/b?queue=q"),
+            format!("amqp://app:{secret}%zz@h/?queue=q"),
+            format!("amqp://app:{secret}@h/?queue=q&nope=1"),
+            format!("amqp://app:{secret}@h/?queue=q&heartbeat=x"),
+        ] {
+            let e = Target::parse(&url).expect_err(&url);
+            assert!(!e.to_string().contains(secret), "{url}: {e}");
+            assert!(!format!("{e:?}").contains(secret), "{url}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn amqp_query_split_matches_the_amqp_parser() {
+        assert_eq!(
+            split_amqp_query("amqp://h/v?a=1"),
+            ("amqp://h/v", Some("a=1"))
+        );
+        assert_eq!(split_amqp_query("amqp://h/v"), ("amqp://h/v", None));
+        assert_eq!(
+            split_amqp_query("amqp://u:p?x@h/v?a=1"),
+            ("amqp://u:p?x@h/v", Some("a=1"))
+        );
+        assert_eq!(
+            split_amqp_query("amqp://h/x@y?a=1"),
+            ("amqp://h/x@y", Some("a=1"))
+        );
+    }
+}

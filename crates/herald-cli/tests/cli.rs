@@ -1,0 +1,629 @@
+//! The `herald` binary end to end, hermetic: librdkafka's mock cluster runs in this test process
+//! and the binary reaches it over TCP (its bootstrap address is a kafka:// URL).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    assert_same_messages, dead_letters, finish, herald, jsonl_input, read_back, spawn, Run, Scratch,
+};
+use herald::kafka::mock::MockKafka;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn mock_with(topic: &str) -> MockKafka {
+    let mock = MockKafka::start(1).expect("mock cluster");
+    mock.create_topic(topic, 3).expect("topic");
+    mock
+}
+
+#[test]
+fn demo_succeeds_and_prints_a_summary() {
+    let dir = Scratch::new("demo");
+    let run = herald(
+        &[
+            "demo",
+            "--messages",
+            "5000",
+            "--outage-ms",
+            "300",
+            "--report",
+            "json",
+        ],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    for part in [
+        "delivered",
+        "failed",
+        "retried",
+        "per-key order",
+        "throughput",
+        "latency",
+    ] {
+        assert!(run.stdout.contains(part), "no `{part}` in {}", run.stdout);
+    }
+    let report = run.report();
+    assert_eq!(report["sent"], 5000, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["order_violations"], 0, "{report}");
+    assert!(report["p99_ms"].as_f64().is_some(), "{report}");
+}
+
+#[test]
+fn produce_lines_to_kafka_delivers_every_line() {
+    let mock = mock_with("lines");
+    let dir = Scratch::new("lines");
+    let sent: Vec<(Option<String>, String)> =
+        (0..500).map(|i| (None, format!("line {i}"))).collect();
+    let text: String = sent.iter().map(|(_, p)| format!("{p}\n")).collect();
+    let input = dir.path("in.txt");
+    std::fs::write(&input, text).expect("input");
+    let url = format!("kafka://{}/lines", mock.bootstrap_servers());
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            &url,
+            "--input",
+            input.to_str().expect("utf-8"),
+            "--report",
+            "json",
+        ],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report = run.report();
+    assert_eq!(report["sent"], 500, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["malformed"], 0, "{report}");
+    for field in ["retries", "elapsed_s", "msgs_per_sec"] {
+        assert!(report[field].is_number(), "{field}: {report}");
+    }
+    assert!(
+        !dir.path("herald-dead-letter.jsonl").exists(),
+        "no failure, no dead-letter file"
+    );
+    let got = read_back(
+        mock.bootstrap_servers(),
+        "lines",
+        500,
+        Duration::from_secs(30),
+    );
+    assert!(got.iter().all(|r| r.key.is_none()));
+    assert_same_messages(&sent, &got);
+}
+
+#[test]
+fn produce_jsonl_from_stdin_keeps_keys_headers_and_order() {
+    let mock = mock_with("jsonl");
+    let dir = Scratch::new("jsonl");
+    let (text, sent) = jsonl_input(2_000, "jsonl");
+    let url = format!("kafka://{}/jsonl", mock.bootstrap_servers());
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            &url,
+            "--format",
+            "jsonl",
+            "--report",
+            "json",
+            "--batch-max-messages",
+            "100",
+        ],
+        Some(text.as_bytes()),
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.report()["sent"], 2_000);
+    let got = read_back(
+        mock.bootstrap_servers(),
+        "jsonl",
+        2_000,
+        Duration::from_secs(30),
+    );
+    assert_same_messages(&sent, &got);
+    for r in &got {
+        let seq = r
+            .headers
+            .iter()
+            .find(|(k, _)| k == "seq")
+            .expect("seq header");
+        let i: usize = String::from_utf8_lossy(&seq.1).parse().expect("number");
+        assert_eq!(r.key.as_deref(), Some(format!("k{}", i % 8).as_bytes()));
+        assert_eq!(r.payload, sent[i].1.as_bytes());
+    }
+}
+
+#[test]
+fn a_malformed_line_is_dead_lettered_and_the_rest_sent() {
+    let mock = mock_with("malformed");
+    let dir = Scratch::new("malformed");
+    let (text, sent) = jsonl_input(10, "m");
+    let mut lines: Vec<&str> = text.lines().collect();
+    let bad = r#"{"payload": 42, "key": "k3"}"#;
+    lines[3] = bad; // line 4
+    let input = lines.join("\n") + "\n";
+    let sent: Vec<_> = sent
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3)
+        .map(|(_, s)| s)
+        .collect();
+    let url = format!("kafka://{}/malformed", mock.bootstrap_servers());
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            &url,
+            "--format",
+            "jsonl",
+            "--report",
+            "json",
+            "--dead-letter",
+            "dl.jsonl",
+        ],
+        Some(input.as_bytes()),
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let report = run.report();
+    assert_eq!(report["sent"], 9, "{report}");
+    assert_eq!(report["malformed"], 1, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["dead_letter_file"], "dl.jsonl", "{report}");
+    let records = dead_letters(&dir.path("dl.jsonl"));
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(r["line"], 4, "{r}");
+    assert_eq!(r["input"], bad, "{r}");
+    assert_eq!(r["error_class"], "input", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("line 4") && e.contains("`payload` must be a string")),
+        "{r}"
+    );
+    let got = read_back(
+        mock.bootstrap_servers(),
+        "malformed",
+        9,
+        Duration::from_secs(30),
+    );
+    assert_same_messages(&sent, &got);
+}
+
+#[test]
+fn an_unreachable_broker_dead_letters_every_message() {
+    let dir = Scratch::new("unreachable");
+    let (text, sent) = jsonl_input(20, "u");
+    let started = std::time::Instant::now();
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--format",
+            "jsonl",
+            "--report",
+            "json",
+            "--delivery-timeout-ms",
+            "1500",
+            "--retry-backoff-ms",
+            "50",
+            "--retry-backoff-max-ms",
+            "200",
+        ],
+        Some(text.as_bytes()),
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    let report = run.report();
+    assert_eq!(report["sent"], 0, "{report}");
+    assert_eq!(report["failed"], 20, "{report}");
+    let records = dead_letters(&dir.path("herald-dead-letter.jsonl"));
+    assert_eq!(records.len(), 20, "{records:?}");
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["line"], i as u64 + 1, "{r}");
+        assert_eq!(r["payload"], sent[i].1.as_str(), "{r}");
+        assert_eq!(r["key"], sent[i].0.as_deref().unwrap_or_default(), "{r}");
+        assert_eq!(r["headers"]["seq"], i.to_string(), "{r}");
+        assert_eq!(r["error_class"], "transient", "{r}");
+        assert!(r["attempts"].as_u64().is_some_and(|a| a >= 1), "{r}");
+        assert!(r["error"].as_str().is_some_and(|e| !e.is_empty()), "{r}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_and_name_the_problem() {
+    let dir = Scratch::new("usage");
+    for (args, expected) in [
+        (
+            vec!["produce", "--to", "http://h:1/t"],
+            "`http` is not kafka, amqp or amqps",
+        ),
+        (
+            vec!["produce", "--to", "kafka://h:9092"],
+            "topic is missing",
+        ),
+        (
+            vec!["produce", "--to", "amqp://u:p@h/%2f"],
+            "names no destination",
+        ),
+        (
+            vec![
+                "produce",
+                "--to",
+                "kafka://h:1/t",
+                "--input",
+                "no-such-file.txt",
+            ],
+            "cannot read input file `no-such-file.txt`",
+        ),
+        (
+            vec!["produce", "--to", "kafka://h:1/t", "--max-in-flight", "0"],
+            "max_in_flight",
+        ),
+        (
+            vec![
+                "produce",
+                "--to",
+                "kafka://h:1/t",
+                "--kafka-property",
+                "acks=1",
+            ],
+            "acks",
+        ),
+        (
+            vec!["produce", "--to", "kafka://h:1/t", "--format", "xml"],
+            "xml",
+        ),
+        (vec!["produce"], "--to"),
+    ] {
+        let run = herald(&args, None, &dir.0, LIMIT);
+        assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
+        assert!(run.stderr.contains(expected), "{args:?}: {}", run.stderr);
+    }
+    // The password is never printed, whatever is wrong.
+    for url in [
+        "amqp://app:hunter2secret@h:port/%2f?queue=q",
+        "amqp://app:hunter2secret@h/%2f",
+        "amqp://app:hunter2secret@h/%2f?queue=q&bogus=1",
+    ] {
+        let run = herald(&["produce", "--to", url], None, &dir.0, LIMIT);
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(!run.stderr.contains("hunter2secret"), "{}", run.stderr);
+        assert!(!run.stdout.contains("hunter2secret"), "{}", run.stdout);
+    }
+}
+
+#[test]
+fn bench_on_the_mock_cluster_reports_herald_raw_and_naive() {
+    let dir = Scratch::new("bench");
+    let run = herald(
+        &[
+            "bench",
+            "--messages",
+            "5000",
+            "--baseline",
+            "--naive-messages",
+            "50",
+            "--report",
+            "json",
+        ],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report = run.report();
+    for field in [
+        "herald_msgs_per_sec",
+        "p50_ms",
+        "p99_ms",
+        "raw_best_msgs_per_sec",
+        "naive_msgs_per_sec",
+    ] {
+        assert!(
+            report[field].as_f64().is_some_and(|x| x > 0.0),
+            "{field}: {report}"
+        );
+    }
+    assert_eq!(report["sent"], 5000, "{report}");
+    assert!(
+        run.stdout.contains("50 messages (--naive-messages)"),
+        "{}",
+        run.stdout
+    );
+}
+
+/// One HTTP GET over a plain socket: (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to --metrics-addr");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").expect("request");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("head and body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (status, body.to_owned())
+}
+
+#[test]
+fn produce_serves_metrics_and_health_while_it_runs() {
+    use std::io::{BufRead as _, Write as _};
+    let (_mock, _dir, mut child, mut stdin) =
+        produce_from_open_stdin("observed", &["--metrics-addr", "127.0.0.1:0"]);
+    // stderr names the address; read it on a thread so that a silent binary cannot hang us.
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _sent = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("herald never said where it serves metrics");
+        if let Some(rest) = line.strip_prefix("serving http://") {
+            break rest.split('/').next().expect("host:port").to_owned();
+        }
+    };
+    // Input arrives while stdin stays open: the command is still running when scraped.
+    for i in 0..100 {
+        writeln!(stdin, "observed {i}").expect("write stdin");
+    }
+    stdin.flush().expect("flush");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = http_get(&addr, "/metrics");
+        assert_eq!(status, 200);
+        if body
+            .lines()
+            .any(|l| l == "herald_messages_delivered_total{transport=\"kafka\"} 100")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "100 deliveries never showed in /metrics:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = http_get(&addr, "/health");
+    assert_eq!(status, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(health["producers"][0]["name"], "produce", "{health}");
+    assert_eq!(health["producers"][0]["transport"], "kafka", "{health}");
+    drop(stdin);
+    let run = finish(child, LIMIT);
+    assert_eq!(run.code, Some(0), "{run:?}");
+}
+
+/// `herald produce` to a fresh topic `topic` of a mock cluster, reporting JSON, with `extra`
+/// flags, reading a stdin the test keeps open and writes to.
+fn produce_from_open_stdin(
+    topic: &str,
+    extra: &[&str],
+) -> (
+    MockKafka,
+    Scratch,
+    std::process::Child,
+    std::process::ChildStdin,
+) {
+    let mock = mock_with(topic);
+    let dir = Scratch::new(topic);
+    let url = format!("kafka://{}/{topic}", mock.bootstrap_servers());
+    let mut args = vec![
+        "produce",
+        "--to",
+        &url,
+        "--report",
+        "json",
+        "--linger-ms",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = spawn(&args, &dir.0);
+    let stdin = child.stdin.take().expect("stdin");
+    (mock, dir, child, stdin)
+}
+
+fn last_line_json(stdout: &str) -> serde_json::Value {
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn complete_lines_are_sent_while_a_partial_line_waits() {
+    use std::io::Write as _;
+    let (mock, _dir, child, mut stdin) = produce_from_open_stdin("partial", &[]);
+    // Two whole lines and the start of a third, in one write: the pipe stays open.
+    stdin.write_all(b"one\ntwo\nthr").expect("write stdin");
+    stdin.flush().expect("flush");
+    let got = read_back(
+        mock.bootstrap_servers(),
+        "partial",
+        2,
+        Duration::from_secs(15),
+    );
+    let early = got.len();
+    stdin.write_all(b"ee\n").expect("write stdin");
+    drop(stdin);
+    let Run {
+        code,
+        stdout,
+        stderr,
+    } = finish(child, LIMIT);
+    assert_eq!(
+        early, 2,
+        "the two whole lines were held back while the third was incomplete"
+    );
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert_eq!(last_line_json(&stdout)["sent"], 3, "{stdout}");
+}
+
+#[test]
+fn ctrl_c_with_stdin_still_open_ends_with_130() {
+    use std::io::Write as _;
+    let (mock, _dir, child, mut stdin) = produce_from_open_stdin("interrupt", &[]);
+    for i in 0..10 {
+        writeln!(stdin, "before ctrl-c {i}").expect("write stdin");
+    }
+    stdin.flush().expect("flush");
+    let got = read_back(
+        mock.bootstrap_servers(),
+        "interrupt",
+        10,
+        Duration::from_secs(30),
+    );
+    assert_eq!(got.len(), 10);
+    // Ctrl-C while the writer keeps stdin open (a terminal, or a program that outlives it).
+    let killed = std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill -INT");
+    assert!(killed.success());
+    let Run {
+        code,
+        stdout,
+        stderr,
+    } = finish(child, Duration::from_secs(30));
+    drop(stdin);
+    assert_eq!(code, Some(130), "{stdout}\n{stderr}");
+    let report = last_line_json(&stdout);
+    assert_eq!(report["sent"], 10, "{report}");
+    assert_eq!(report["interrupted"], true, "{report}");
+    assert_eq!(report["exit_code"], 130, "{report}");
+}
+
+#[test]
+fn an_unwritable_dead_letter_file_sends_every_record_to_stderr() {
+    let dir = Scratch::new("dl-full");
+    // Malformed lines only: nothing reaches the (unreachable) broker.
+    let input: String = (0..5).map(|i| format!("not json {i}\n")).collect();
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--format",
+            "jsonl",
+            "--report",
+            "json",
+            // Opens fine; every write fails (no space left on the device).
+            "--dead-letter",
+            "/dev/full",
+        ],
+        Some(input.as_bytes()),
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(3), "{run:?}");
+    let records: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("dead-letter: "))
+        .collect();
+    assert_eq!(records.len(), 5, "{}", run.stderr);
+    for (i, r) in records.iter().enumerate() {
+        let r: serde_json::Value = serde_json::from_str(r).expect("JSON record");
+        assert_eq!(r["line"], i as u64 + 1, "{r}");
+    }
+    let report = run.report();
+    assert_eq!(report["malformed"], 5, "{report}");
+    assert_eq!(report["dead_lettered"], 5, "{report}");
+    assert_eq!(report["exit_code"], 3, "{report}");
+}
+
+#[test]
+fn secrets_in_bad_kafka_settings_are_never_printed() {
+    let dir = Scratch::new("kafka-secret");
+    for args in [
+        // `:` instead of `=`.
+        vec![
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--kafka-property",
+            "sasl.password:hunter2secret",
+        ],
+        // User information in a kafka:// URL, with a password holding a `/`.
+        vec![
+            "produce",
+            "--to",
+            "kafka://app:hunter2/secret@127.0.0.1:9/t",
+        ],
+    ] {
+        let run = herald(&args, None, &dir.0, LIMIT);
+        assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
+        assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+        assert!(!run.stdout.contains("hunter2"), "{}", run.stdout);
+    }
+}
+
+#[test]
+fn huge_numbers_in_flags_do_not_panic() {
+    let dir = Scratch::new("huge");
+    // Nothing to send: a buffer of any size works.
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--buffer-messages",
+            "18446744073709551615",
+            "--report",
+            "json",
+        ],
+        Some(b""),
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.report()["sent"], 0);
+    let run = herald(
+        &["demo", "--keys", "100000000000000", "--messages", "10"],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("--keys"), "{}", run.stderr);
+}
+
+#[test]
+fn a_reader_that_closes_stdout_early_does_not_make_herald_panic() {
+    let dir = Scratch::new("closed-stdout");
+    let mut child = spawn(&["demo", "--messages", "2000", "--outage-ms", "0"], &dir.0);
+    // As `herald demo | head -0`: nobody reads the summary.
+    drop(child.stdout.take());
+    let run = finish(child, LIMIT);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+}

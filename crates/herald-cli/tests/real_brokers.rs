@@ -1,0 +1,372 @@
+//! The `herald` binary against real brokers: run deliberately by `cargo xtask it`, which sets
+//! `HERALD_KAFKA_BOOTSTRAP` (host:port) and `HERALD_AMQP_URL` (amqp://user:pass@host:port/vhost):
+//!
+//! ```sh
+//! HERALD_KAFKA_BOOTSTRAP=127.0.0.1:9092 HERALD_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f \
+//!   cargo test -p herald-cli --test real_brokers -- --ignored --test-threads=1
+//! ```
+//!
+//! Each test uses its own topic or queue (Kafka topics are created first: Tansu does not create
+//! them on first use; AMQP queues are deleted afterwards).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{assert_same_messages, dead_letters, herald, jsonl_input, read_back, Read, Scratch};
+use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+
+const LIMIT: Duration = Duration::from_secs(180);
+
+fn kafka_bootstrap() -> String {
+    std::env::var("HERALD_KAFKA_BOOTSTRAP").expect(
+        "HERALD_KAFKA_BOOTSTRAP is not set: run these tests with `cargo xtask it` (or set it to a broker's host:port)",
+    )
+}
+
+fn amqp_url() -> String {
+    std::env::var("HERALD_AMQP_URL").expect(
+        "HERALD_AMQP_URL is not set: run these tests with `cargo xtask it` (or set it to amqp://user:pass@host:port/vhost)",
+    )
+}
+
+fn unique(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("herald-cli-{tag}-{}-{nanos}", std::process::id())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn kafka_topic(tag: &str) -> (String, String) {
+    let bootstrap = kafka_bootstrap();
+    let topic = unique(tag);
+    runtime()
+        .block_on(herald::kafka::admin::create_topic(&bootstrap, &topic, 3, 1))
+        .expect("create topic");
+    (bootstrap, topic)
+}
+
+#[test]
+#[ignore = "needs a Kafka broker: cargo xtask it"]
+fn kafka_produce_jsonl_reads_back_the_same() {
+    let (bootstrap, topic) = kafka_topic("jsonl");
+    let dir = Scratch::new("real-kafka");
+    let (text, sent) = jsonl_input(5_000, "real");
+    let url = format!("kafka://{bootstrap}/{topic}");
+    let run = herald(
+        &[
+            "produce", "--to", &url, "--format", "jsonl", "--report", "json",
+        ],
+        Some(text.as_bytes()),
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report = run.report();
+    assert_eq!(report["sent"], 5_000, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    let got = read_back(&bootstrap, &topic, 5_000, Duration::from_secs(60));
+    assert_same_messages(&sent, &got);
+    for r in &got {
+        assert!(r.headers.iter().any(|(k, _)| k == "seq"), "{r:?}");
+    }
+}
+
+#[test]
+#[ignore = "needs a Kafka broker: cargo xtask it"]
+fn kafka_produce_lines_and_a_malformed_jsonl_line() {
+    let (bootstrap, topic) = kafka_topic("malformed");
+    let dir = Scratch::new("real-kafka-malformed");
+    let url = format!("kafka://{bootstrap}/{topic}");
+    // Lines first.
+    let lines: Vec<(Option<String>, String)> =
+        (0..100).map(|i| (None, format!("plain {i}"))).collect();
+    let text: String = lines.iter().map(|(_, p)| format!("{p}\n")).collect();
+    let run = herald(
+        &["produce", "--to", &url, "--report", "json"],
+        Some(text.as_bytes()),
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.report()["sent"], 100);
+    // Then JSONL with line 2 broken.
+    let (text, sent) = jsonl_input(5, "m");
+    let mut input: Vec<&str> = text.lines().collect();
+    input[1] = "{not json";
+    let input = input.join("\n");
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            &url,
+            "--format",
+            "jsonl",
+            "--report",
+            "json",
+            "--dead-letter",
+            "dl.jsonl",
+        ],
+        Some(input.as_bytes()),
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let report = run.report();
+    assert_eq!(
+        (report["sent"].as_u64(), report["malformed"].as_u64()),
+        (Some(4), Some(1)),
+        "{report}"
+    );
+    let records = dead_letters(&dir.path("dl.jsonl"));
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["line"], 2);
+    assert_eq!(records[0]["input"], "{not json");
+    let mut expected = lines;
+    expected.extend(
+        sent.into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 1)
+            .map(|(_, s)| s),
+    );
+    let got = read_back(&bootstrap, &topic, expected.len(), Duration::from_secs(60));
+    assert_same_messages(&expected, &got);
+}
+
+#[test]
+#[ignore = "run with the real-broker tests: cargo xtask it"]
+fn kafka_unreachable_broker_dead_letters_everything() {
+    let dir = Scratch::new("real-kafka-down");
+    let (text, _) = jsonl_input(10, "down");
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--format",
+            "jsonl",
+            "--report",
+            "json",
+            "--delivery-timeout-ms",
+            "1500",
+        ],
+        Some(text.as_bytes()),
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.report()["failed"], 10);
+    assert_eq!(
+        dead_letters(&dir.path("herald-dead-letter.jsonl")).len(),
+        10
+    );
+}
+
+/// Reads up to `expected` messages from `queue` with basic.get (acknowledging them), waiting at
+/// most `within` for them to arrive.
+async fn amqp_read(conn: &Connection, queue: &str, expected: usize, within: Duration) -> Vec<Read> {
+    let ch = conn.create_channel().await.expect("channel");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + within;
+    while got.len() < expected && Instant::now() < deadline {
+        match ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            Some(m) => {
+                let d = &m.delivery;
+                let mut key = None;
+                let mut headers = Vec::new();
+                if let Some(h) = d.properties.headers() {
+                    for (k, v) in h.inner() {
+                        let bytes = match v {
+                            AMQPValue::LongString(s) => s.as_bytes().to_vec(),
+                            other => format!("{other:?}").into_bytes(),
+                        };
+                        if k.as_str() == "x-herald-key" {
+                            key = Some(bytes);
+                        } else {
+                            headers.push((k.as_str().to_owned(), bytes));
+                        }
+                    }
+                }
+                got.push(Read {
+                    key,
+                    payload: d.data.clone(),
+                    headers,
+                });
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    ch.close(200, "OK".into()).await.expect("close");
+    got
+}
+
+async fn delete_queue(conn: &Connection, queue: &str) {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .expect("delete queue");
+    ch.close(200, "OK".into()).await.expect("close");
+}
+
+fn with_query(url: &str, query: &str) -> String {
+    format!("{url}?{query}")
+}
+
+#[test]
+#[ignore = "needs RabbitMQ: cargo xtask it"]
+fn amqp_produce_to_a_queue_reads_back_the_same() {
+    let url = amqp_url();
+    let rt = runtime();
+    let conn = rt
+        .block_on(Connection::connect(&url, ConnectionProperties::default()))
+        .expect("connect");
+    let queue = unique("q");
+    let dir = Scratch::new("real-amqp");
+    let (text, sent) = jsonl_input(3_000, "amqp");
+    let to = with_query(&url, &format!("queue={queue}"));
+    let run = herald(
+        &[
+            "produce", "--to", &to, "--format", "jsonl", "--report", "json",
+        ],
+        Some(text.as_bytes()),
+        &dir.0,
+        LIMIT,
+    );
+    let got = rt.block_on(amqp_read(&conn, &queue, 3_000, Duration::from_secs(30)));
+    rt.block_on(delete_queue(&conn, &queue));
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report = run.report();
+    assert_eq!(report["sent"], 3_000, "{report}");
+    assert!(
+        !report["destination"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("guest:guest"),
+        "the password is not printed: {report}"
+    );
+    assert_same_messages(&sent, &got);
+}
+
+#[test]
+#[ignore = "needs RabbitMQ: cargo xtask it"]
+fn amqp_produce_to_an_exchange_with_a_malformed_line() {
+    let url = amqp_url();
+    let rt = runtime();
+    let conn = rt
+        .block_on(Connection::connect(&url, ConnectionProperties::default()))
+        .expect("connect");
+    let queue = unique("bound");
+    rt.block_on(async {
+        let ch = conn.create_channel().await.expect("channel");
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+        ch.queue_bind(
+            queue.as_str().into(),
+            "amq.direct".into(),
+            queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        ch.close(200, "OK".into()).await.expect("close");
+    });
+    let dir = Scratch::new("real-amqp-exchange");
+    let (text, sent) = jsonl_input(50, "x");
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[9] = r#"{"payload": "x", "headers": {"n": 1}}"#;
+    let input = lines.join("\n");
+    let to = with_query(&url, &format!("exchange=amq.direct&routing_key={queue}"));
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            &to,
+            "--format",
+            "jsonl",
+            "--report",
+            "json",
+            "--dead-letter",
+            "dl.jsonl",
+        ],
+        Some(input.as_bytes()),
+        &dir.0,
+        LIMIT,
+    );
+    let got = rt.block_on(amqp_read(&conn, &queue, 49, Duration::from_secs(30)));
+    rt.block_on(delete_queue(&conn, &queue));
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let report = run.report();
+    assert_eq!(
+        (report["sent"].as_u64(), report["malformed"].as_u64()),
+        (Some(49), Some(1)),
+        "{report}"
+    );
+    let records = dead_letters(&dir.path("dl.jsonl"));
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["line"], 10);
+    let expected: Vec<_> = sent
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 9)
+        .map(|(_, s)| s)
+        .collect();
+    assert_same_messages(&expected, &got);
+}
+
+#[test]
+#[ignore = "run with the real-broker tests: cargo xtask it"]
+fn amqp_unreachable_broker_dead_letters_everything() {
+    let dir = Scratch::new("real-amqp-down");
+    let (text, sent) = jsonl_input(10, "down");
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            "amqp://guest:s3cretpw@127.0.0.1:9/%2f?queue=nowhere",
+            "--format",
+            "jsonl",
+            "--report",
+            "json",
+            "--delivery-timeout-ms",
+            "2000",
+        ],
+        Some(text.as_bytes()),
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(run.report()["failed"], 10);
+    assert!(
+        !run.stdout.contains("s3cretpw") && !run.stderr.contains("s3cretpw"),
+        "{run:?}"
+    );
+    let records = dead_letters(&dir.path("herald-dead-letter.jsonl"));
+    assert_eq!(records.len(), 10);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["payload"], sent[i].1.as_str(), "{r}");
+        assert!(!r.to_string().contains("s3cretpw"), "{r}");
+    }
+}
