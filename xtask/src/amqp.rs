@@ -101,11 +101,7 @@ fn wait_ready(addr: &str, within: Duration) -> bool {
 }
 
 fn has_rabbitmq_server() -> bool {
-    Path::new("/usr/sbin/rabbitmq-server").exists()
-        || Command::new("sh")
-            .args(["-c", "command -v rabbitmq-server"])
-            .output()
-            .is_ok_and(|o| o.status.success())
+    Path::new("/usr/sbin/rabbitmq-server").exists() || crate::on_path("rabbitmq-server")
 }
 
 /// True when `rabbitmq-server` is there, installing Debian's package if it is missing.
@@ -117,15 +113,8 @@ fn ensure_rabbitmq_server() -> bool {
         return false;
     }
     eprintln!("amqp: installing Debian's rabbitmq-server");
-    let quiet = |args: &[&str]| {
-        Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let _updated = quiet(&["update", "-q"]);
-    quiet(&["install", "-y", "-q", "rabbitmq-server"]) && has_rabbitmq_server()
+    let _updated = crate::apt_get(&["update", "-q"], None);
+    crate::apt_get(&["install", "-y", "-q", "rabbitmq-server"], None) && has_rabbitmq_server()
 }
 
 fn free_port() -> Result<u16> {

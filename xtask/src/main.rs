@@ -1,11 +1,14 @@
 //! herald's project chores, one entry point: `cargo xtask <command>`.
 //!
 //! - `ci`: what CI runs: format check, clippy with warnings as errors, every test of the
-//!   workspace (unit, property, conformance, mock-cluster, doc tests), the docs with warnings
-//!   as errors, then `it` (every broker).
+//!   workspace (unit, property, conformance, mock-cluster, doc tests), the alert rules' promtool
+//!   tests, the docs with warnings as errors, then `it` (every broker).
+//! - `rules`: `promtool check rules` and `promtool test rules` on docs/operations (see
+//!   `rules.rs`).
 //! - `bench [pipeline]`: runs the benchmarks and rewrites their section of docs/benchmarks.md.
 //!
-//! - `it [kafka|amqp]`: broker integration tests, with brokers found or started (see `it.rs`).
+//! - `it [kafka|amqp|cli]`: integration tests against real brokers, found or started (see
+//!   `it.rs`): each adapter's `tests/it.rs`, and the `herald` command's `tests/real_brokers.rs`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,8 +16,10 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 mod amqp;
+mod chart;
 mod it;
 mod kafka;
+mod rules;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -24,6 +29,7 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("bench") => bench(&root, &args[1..]),
         Some("it") => it::it(&args[1..]),
+        Some("rules") => rules::test(&root),
         Some("help") | Some("--help") | None => {
             println!("{}", HELP);
             Ok(())
@@ -35,15 +41,35 @@ fn main() -> Result<()> {
 const HELP: &str = "cargo xtask <command>
 
 commands:
-  ci                 fmt check, clippy -D warnings, all workspace tests, docs -D warnings, it
-  it [BROKER...]     integration tests against real brokers, provisioned and torn down
-  bench [NAME]       run benchmarks (pipeline, kafka, amqp; default all), rewrite docs/benchmarks.md";
+  ci                 fmt check, clippy -D warnings, all workspace tests, rules, docs -D warnings, it
+  rules              promtool check and unit tests of docs/operations/alerts.yml
+  it [TARGET...]     integration tests against real brokers (kafka, amqp, cli), provisioned and torn down
+  bench [NAME]       run benchmarks (pipeline, kafka, amqp; default all), rewrite docs/benchmarks.md
+                     and docs/benchmarks-throughput.svg (`summary`: only those, from the last runs)";
 
 fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives one level below the workspace root")
         .to_path_buf()
+}
+
+/// Whether `program` is on the PATH.
+pub(crate) fn on_path(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `apt-get ARGS` without questions, in `dir` if given; whether it succeeded.
+pub(crate) fn apt_get(args: &[&str], dir: Option<&Path>) -> bool {
+    let mut cmd = Command::new("apt-get");
+    cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
+    cmd.status().is_ok_and(|s| s.success())
 }
 
 fn cargo() -> Command {
@@ -81,6 +107,7 @@ fn ci() -> Result<()> {
         ]),
     )?;
     run("tests", cargo().args(["test", "--workspace"]))?;
+    rules::test(&project_root())?;
     run(
         "docs",
         cargo()
@@ -96,16 +123,132 @@ fn ci() -> Result<()> {
 fn bench(root: &Path, args: &[String]) -> Result<()> {
     let which = args.first().map(String::as_str).unwrap_or("all");
     match which {
-        "pipeline" => bench_pipeline(root),
-        "kafka" => kafka::bench(root),
-        "amqp" => amqp::bench(root),
+        "pipeline" => bench_pipeline(root)?,
+        "kafka" => kafka::bench(root)?,
+        "amqp" => amqp::bench(root)?,
         "all" => {
             bench_pipeline(root)?;
             kafka::bench(root)?;
-            amqp::bench(root)
+            amqp::bench(root)?;
         }
-        other => bail!("unknown benchmark `{other}`: pipeline, kafka, amqp"),
+        "summary" => {}
+        other => bail!("unknown benchmark `{other}`: pipeline, kafka, amqp, summary"),
     }
+    // The summary reads whatever runs are in target/bench, this one included.
+    bench_summary(root)
+}
+
+/// One broker and message size: herald against the raw client at its best and the naive pattern.
+struct Row {
+    broker: &'static str,
+    size: u64,
+    herald: f64,
+    raw: f64,
+    naive: f64,
+}
+
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// The rows of the last Kafka and RabbitMQ runs (target/bench/*.json), where there are some.
+fn broker_rows(root: &Path) -> Vec<Row> {
+    let mut rows = Vec::new();
+    if let Some(k) = read_json(&root.join("target/bench/kafka.json")) {
+        for r in k["rows"].as_array().into_iter().flatten() {
+            rows.push(Row {
+                broker: "Kafka",
+                size: r["size"].as_u64().unwrap_or(0),
+                herald: r["herald_msgs_per_sec"].as_f64().unwrap_or(0.0),
+                raw: r["raw_best_msgs_per_sec"].as_f64().unwrap_or(0.0),
+                naive: r["naive_msgs_per_sec"].as_f64().unwrap_or(0.0),
+            });
+        }
+    }
+    if let Some(a) = read_json(&root.join("target/bench/amqp.json")) {
+        let figures = a["figures"].as_array().cloned().unwrap_or_default();
+        let mut sizes: Vec<u64> = figures
+            .iter()
+            .filter_map(|f| f["payload_bytes"].as_u64())
+            .collect();
+        sizes.dedup();
+        for size in sizes {
+            let rate = |name: &str| {
+                figures
+                    .iter()
+                    .find(|f| f["payload_bytes"].as_u64() == Some(size) && f["name"] == name)
+                    .and_then(|f| f["msgs_per_sec"].as_f64())
+                    .unwrap_or(0.0)
+            };
+            rows.push(Row {
+                broker: "RabbitMQ",
+                size,
+                herald: rate("herald_default"),
+                raw: rate("raw_streaming"),
+                naive: rate("raw_naive"),
+            });
+        }
+    }
+    rows
+}
+
+/// The summary table and the throughput chart, from the last runs of every benchmark.
+fn bench_summary(root: &Path) -> Result<()> {
+    let rows = broker_rows(root);
+    let mut body = format!(
+        "From the runs below (`cargo xtask bench`, {}). Chart: [benchmarks-throughput.svg](benchmarks-throughput.svg) (log scale).\n\n",
+        machine()
+    );
+    body.push_str("| broker | message | herald (msgs/s) | raw client at its best (msgs/s) | naive: await each send (msgs/s) | herald / raw | herald / naive |\n|---|---:|---:|---:|---:|---:|---:|\n");
+    for r in &rows {
+        body.push_str(&format!(
+            "| {} | {} B | {} | {} | {} | {:.2}× | {:.0}× |\n",
+            r.broker,
+            r.size,
+            thousands(r.herald),
+            thousands(r.raw),
+            thousands(r.naive),
+            r.herald / r.raw,
+            r.herald / r.naive
+        ));
+    }
+    if let Some(p) = read_json(&root.join("target/bench/pipeline.json")) {
+        let figure = |name: &str| {
+            p["figures"]
+                .as_array()
+                .and_then(|f| f.iter().find(|f| f["name"] == name))
+                .and_then(|f| f["msgs_per_sec"].as_f64())
+                .unwrap_or(0.0)
+        };
+        let (herald, channel) = (figure("herald_send_all"), figure("channel"));
+        body.push_str(&format!(
+            "| pipeline alone (in-memory transport) | 100 B | {} | {} (bare tokio channel) | | {:.2}× | |\n",
+            thousands(herald),
+            thousands(channel),
+            herald / channel
+        ));
+    }
+    replace_section(&root.join("docs/benchmarks.md"), "summary", &body)?;
+    let groups: Vec<chart::Group> = rows
+        .iter()
+        .map(|r| chart::Group {
+            label: format!("{} {} B", r.broker, r.size),
+            values: vec![r.herald, r.raw, r.naive],
+        })
+        .collect();
+    let svg = chart::bars(
+        "Throughput by broker and message size (msgs/s, log scale)",
+        "messages per second",
+        &[
+            "herald",
+            "raw client at its best",
+            "naive (await each send)",
+        ],
+        &groups,
+    );
+    std::fs::write(root.join("docs/benchmarks-throughput.svg"), svg)?;
+    eprintln!("docs/benchmarks.md: summary updated; docs/benchmarks-throughput.svg written");
+    Ok(())
 }
 
 fn bench_pipeline(root: &Path) -> Result<()> {
@@ -146,6 +289,11 @@ fn bench_pipeline(root: &Path) -> Result<()> {
             thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
             f["ns_per_msg"].as_f64().unwrap_or(0.0),
             f["ratio_vs_channel"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    if let Some(ratio) = json["telemetry_ratio"].as_f64() {
+        table.push_str(&format!(
+            "\nTelemetry overhead: `herald_send_all` with herald-telemetry's Prometheus recorder recording every metric runs at {ratio:.2}× the rate of `herald_send_all` with no recorder (same run).\n"
         ));
     }
     replace_section(&root.join("docs/benchmarks.md"), "pipeline", &table)?;
