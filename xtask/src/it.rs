@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Result};
 
-use crate::{cargo, run};
+use crate::{cargo, run_within};
 
 /// A broker ready for tests: the environment the tests need, and what to undo afterwards.
 pub(crate) struct Broker {
@@ -101,7 +101,7 @@ pub(crate) fn it(args: &[String]) -> Result<()> {
         for (k, v) in &broker.env {
             cmd.env(k, v);
         }
-        let result = run(&format!("it {}", target.name), &mut cmd);
+        let result = run_within(&format!("it {}", target.name), &mut cmd, time_limit()?);
         drop(broker);
         result?;
     }
@@ -109,6 +109,18 @@ pub(crate) fn it(args: &[String]) -> Result<()> {
         eprintln!("xtask it: no broker adapters yet");
     }
     Ok(())
+}
+
+/// How long one target's tests may run, build included: `HERALD_IT_TIMEOUT_SECS`, default 15
+/// minutes (they take about two, or seven with a cold build of the test binaries).
+fn time_limit() -> Result<std::time::Duration> {
+    match std::env::var("HERALD_IT_TIMEOUT_SECS") {
+        Ok(v) => match v.parse::<u64>() {
+            Ok(secs) if secs > 0 => Ok(std::time::Duration::from_secs(secs)),
+            _ => bail!("HERALD_IT_TIMEOUT_SECS must be a number of seconds above 0, got {v:?}"),
+        },
+        Err(_) => Ok(std::time::Duration::from_secs(15 * 60)),
+    }
 }
 
 /// Whether something accepts TCP connections on `addr` within a second.

@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -85,6 +86,82 @@ fn run(what: &str, cmd: &mut Command) -> Result<()> {
         bail!("{what} failed ({status})");
     }
     Ok(())
+}
+
+/// As [`run`], but a command still running after `limit` is killed with everything it
+/// started (cargo, the test binary, the brokers the tests spawned) and counts as failed: a hung
+/// test must end the run with a clear error, not hold CI until its own time limit.
+fn run_within(what: &str, cmd: &mut Command, limit: Duration) -> Result<()> {
+    eprintln!(
+        "\n==> {what} (time limit {} s): {}",
+        limit.as_secs(),
+        shown(cmd)
+    );
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("could not start {what}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("{what} failed ({status})");
+            }
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let mut pids = descendants(child.id());
+            pids.push(child.id());
+            for pid in &pids {
+                // Already gone is fine: the kill is only to end what still runs.
+                let _gone = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+            let _reaped = child.wait();
+            bail!(
+                "{what} was still running after {} s and was killed (the test printed last \
+                 above without a result is the one that hung; raise the limit with \
+                 HERALD_IT_TIMEOUT_SECS if the machine is just slow)",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every process below `pid` (children, their children, ...), from /proc; empty where there is
+/// no /proc. Daemons that left the tree (a detached broker) are not included.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses, so split after
+        // the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent_of.push((child, ppid));
+        }
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for &(child, ppid) in &parent_of {
+            if ppid == p && !found.contains(&child) {
+                found.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    found
 }
 
 fn ci() -> Result<()> {
@@ -364,6 +441,37 @@ fn machine() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_command_past_its_time_limit_is_killed_with_its_children() {
+        let pid_file = std::env::temp_dir().join(format!("xtask-watchdog-{}", std::process::id()));
+        let start = Instant::now();
+        // A shell with a child of its own, as cargo runs the test binary.
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("sleep 30 & echo $! > {}; wait", pid_file.display()));
+        let err = super::run_within("sleepy", &mut cmd, Duration::from_secs(1))
+            .expect_err("past its limit");
+        assert!(err.to_string().contains("still running after 1 s"), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
+        );
+        let pid = std::fs::read_to_string(&pid_file).expect("the shell wrote its child's pid");
+        let _removed = std::fs::remove_file(&pid_file);
+        // Gone, or a zombie waiting for init to reap it: not running.
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()));
+        let running = stat.is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        });
+        assert!(!running, "the child {} outlived the watchdog", pid.trim());
+        let mut ok = std::process::Command::new("true");
+        super::run_within("quick", &mut ok, Duration::from_secs(20)).expect("within its limit");
+    }
+
     #[test]
     fn logged_commands_never_show_environment_values() {
         let mut cmd = std::process::Command::new("cargo");

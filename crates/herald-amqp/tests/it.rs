@@ -49,9 +49,13 @@ struct Admin {
 
 impl Admin {
     async fn connect(url: &str) -> Self {
-        let conn = Connection::connect(url, ConnectionProperties::default())
-            .await
-            .expect("admin connection to the test broker");
+        let conn = tokio::time::timeout(
+            Duration::from_secs(30),
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+        .await
+        .expect("admin connection to the test broker within 30 s")
+        .expect("admin connection to the test broker");
         Self {
             conn,
             queues: Mutex::new(Vec::new()),
@@ -659,8 +663,15 @@ impl OwnNode {
         assert!(status.success(), "rabbitmq-server -detached: {status}");
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            if let Ok(c) = Connection::connect(&self.url(), ConnectionProperties::default()).await {
-                let _closed = c.close(200, "OK".into()).await;
+            // Each attempt bounded: a node still booting may accept TCP and not answer yet.
+            let url = self.url();
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(5),
+                Connection::connect(&url, ConnectionProperties::default()),
+            );
+            if let Ok(Ok(c)) = attempt.await {
+                let _closed =
+                    tokio::time::timeout(Duration::from_secs(5), c.close(200, "OK".into())).await;
                 return;
             }
             assert!(
@@ -673,13 +684,25 @@ impl OwnNode {
         }
     }
 
+    /// `rabbitmqctl -n NODE ARGS`, given at most 60 s (its own `--timeout`).
     fn ctl(&self, args: &[&str]) -> bool {
         Command::new("rabbitmqctl")
-            .args(["-n", &self.name])
+            .args(["-n", &self.name, "--timeout", "60"])
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .is_ok_and(|o| o.status.success())
+    }
+
+    /// Kills the node's VM if it still runs (its pid file names it): the last resort when
+    /// `rabbitmqctl stop` did not stop it.
+    fn kill(&self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("node.pid")) {
+            let _gone = Command::new("kill")
+                .args(["-KILL", pid.trim()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 
     async fn restart(&self) {
@@ -697,7 +720,9 @@ impl OwnNode {
 
 impl Drop for OwnNode {
     fn drop(&mut self) {
-        let _stopped = self.ctl(&["stop"]);
+        if !self.ctl(&["stop"]) {
+            self.kill();
+        }
         let _removed = std::fs::remove_dir_all(&self.dir);
     }
 }
