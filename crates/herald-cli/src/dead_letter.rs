@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use herald::{Destination, SendError};
+use herald::{Destination, Message, SendError};
 use serde_json::{json, Map, Value};
 
 use crate::base64;
@@ -29,7 +29,37 @@ fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
 
 /// The record of a message herald gave up on. `line` is its input line, when known.
 pub(crate) fn failed_record(line: Option<u64>, e: &SendError) -> Value {
-    let msg = e.message();
+    message_record(
+        line,
+        e.message(),
+        &e.to_string(),
+        e.class().as_str(),
+        e.reason().label(),
+        json!(e.attempts()),
+    )
+}
+
+/// The record of a message whose fate was not waited for (reason `interrupted`): it may still
+/// reach the broker.
+pub(crate) fn unacknowledged_record(line: u64, msg: &Message, error: &str) -> Value {
+    message_record(
+        Some(line),
+        msg,
+        &format!("line {line}: {error}"),
+        "transient",
+        "interrupted",
+        Value::Null,
+    )
+}
+
+fn message_record(
+    line: Option<u64>,
+    msg: &Message,
+    error: &str,
+    class: &str,
+    reason: &str,
+    attempts: Value,
+) -> Value {
     let mut obj = Map::new();
     obj.insert("line".into(), json!(line));
     obj.insert("destination".into(), json!(msg.destination().as_str()));
@@ -52,10 +82,10 @@ pub(crate) fn failed_record(line: Option<u64>, e: &SendError) -> Value {
     if !headers_b64.is_empty() {
         obj.insert("headers_base64".into(), Value::Object(headers_b64));
     }
-    obj.insert("error".into(), json!(e.to_string()));
-    obj.insert("error_class".into(), json!(e.class().as_str()));
-    obj.insert("reason".into(), json!(e.reason().label()));
-    obj.insert("attempts".into(), json!(e.attempts()));
+    obj.insert("error".into(), json!(error));
+    obj.insert("error_class".into(), json!(class));
+    obj.insert("reason".into(), json!(reason));
+    obj.insert("attempts".into(), attempts);
     Value::Object(obj)
 }
 
@@ -70,6 +100,28 @@ pub(crate) fn malformed_record(line: u64, dest: &Destination, raw: &[u8], error:
     obj.insert("reason".into(), json!("malformed"));
     obj.insert("attempts".into(), json!(0));
     Value::Object(obj)
+}
+
+/// Opens `path` for appending records. A file whose last line was cut short (a write that
+/// failed half-way, a full disk) gets its newline first, so that the next record starts a line
+/// of its own and stays readable.
+fn open_for_records(path: &Path) -> std::io::Result<File> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        file.seek(SeekFrom::Start(len - 1))?;
+        file.read_exact(&mut last)?;
+        if last[0] != b'\n' {
+            file.write_all(b"\n")?;
+        }
+    }
+    Ok(file)
 }
 
 /// Appends records to the dead-letter file, creating it with the first one: no failure, no
@@ -112,11 +164,7 @@ impl DeadLetter {
         self.written += 1;
         if self.error.is_none() {
             if self.file.is_none() {
-                match OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)
-                {
+                match open_for_records(&self.path) {
                     Ok(f) => self.file = Some(f),
                     Err(e) => self.fail(format!("cannot open {}: {e}", self.path.display())),
                 }
@@ -129,11 +177,14 @@ impl DeadLetter {
                 }
             }
         }
-        eprintln!("dead-letter: {record}");
+        // Not eprintln!: a closed stderr must not panic the run (records still count, and the
+        // exit status says the file could not be written).
+        let _stderr_gone = writeln!(std::io::stderr(), "dead-letter: {record}");
     }
 
     fn fail(&mut self, error: String) {
-        eprintln!(
+        let _stderr_gone = writeln!(
+            std::io::stderr(),
             "error: {error}; dead-letter records go to stderr instead, each line prefixed with `dead-letter: `"
         );
         self.file = None;
@@ -243,6 +294,35 @@ mod tests {
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text, "{\"a\":1}\n{\"b\":2}\n");
         std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn a_record_never_continues_a_line_cut_short() {
+        let dir = std::env::temp_dir().join(format!("herald-cli-dl-cut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("dl.jsonl");
+        // A record whose write failed half-way, in an earlier run.
+        std::fs::write(&path, "{\"a\":1}\n{\"b\":").expect("write");
+        let mut dl = DeadLetter::new(&path);
+        dl.write(&json!({"c": 3}));
+        dl.finish();
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text, "{\"a\":1}\n{\"b\":\n{\"c\":3}\n");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
+    fn an_unacknowledged_record_is_valid_input_with_its_reason() {
+        let msg = Message::new("orders", "p").with_key("k");
+        let r = unacknowledged_record(9, &msg, "not acknowledged");
+        assert_eq!(r["line"], json!(9));
+        assert_eq!(r["payload"], json!("p"));
+        assert_eq!(r["key"], json!("k"));
+        assert_eq!(r["reason"], json!("interrupted"));
+        assert_eq!(r["error"], json!("line 9: not acknowledged"));
+        let back = crate::input::parse_jsonl(&Destination::new("orders"), r.to_string().as_bytes())
+            .expect("a record can be sent again");
+        assert_eq!(back.payload().as_ref(), b"p");
     }
 
     #[test]

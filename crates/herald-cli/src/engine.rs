@@ -14,7 +14,7 @@ use indicatif::ProgressBar;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::dead_letter::{failed_record, malformed_record, DeadLetter};
+use crate::dead_letter::{failed_record, malformed_record, unacknowledged_record, DeadLetter};
 
 /// A latency histogram in microseconds with 32 sub-buckets per power of two (at most ~3 %
 /// error), in fixed memory.
@@ -144,7 +144,13 @@ pub(crate) struct Tally {
     pub(crate) latency: Histogram,
     /// The last few failures, to show.
     pub(crate) examples: Vec<String>,
+    /// Of `failed`, messages still unacknowledged when the wait was cut off after an
+    /// interrupt (they may yet reach the broker).
+    pub(crate) cut_off: u64,
 }
+
+/// Why a message cut off after an interrupt is in the dead-letter file.
+pub(crate) const UNACKNOWLEDGED: &str = "not acknowledged when herald was interrupted and its grace period ended: it was in flight and may still reach the broker";
 
 /// Where fates go.
 #[derive(Debug)]
@@ -201,6 +207,21 @@ impl Collector {
         }
     }
 
+    /// A message whose fate was not waited for (the run was interrupted and its grace period
+    /// is over): recorded as failed, with its copy.
+    fn unacknowledged(&mut self, line: u64, msg: Option<&Message>) {
+        self.tally.failed += 1;
+        self.tally.cut_off += 1;
+        let error = format!("line {line}: {UNACKNOWLEDGED}");
+        self.example(error.clone());
+        if let (Some(dl), Some(msg)) = (&mut self.dead_letter, msg) {
+            dl.write(&unacknowledged_record(line, msg, UNACKNOWLEDGED));
+        }
+        if let Some(p) = &self.progress {
+            p.inc(1);
+        }
+    }
+
     pub(crate) fn malformed(&mut self, line: u64, raw: &[u8], error: &str) {
         self.tally.malformed += 1;
         self.example(error.to_owned());
@@ -211,7 +232,8 @@ impl Collector {
 }
 
 enum Pending {
-    Sent(u64, DeliveryFuture),
+    /// A message accepted by the producer, and a copy of it when the engine keeps copies.
+    Sent(u64, DeliveryFuture, Option<Message>),
     Refused(u64, SendError),
     Malformed(u64, Vec<u8>, String),
 }
@@ -221,6 +243,9 @@ pub(crate) struct Engine {
     producer: Producer,
     tx: mpsc::Sender<Pending>,
     collector: JoinHandle<Collector>,
+    /// Keep a copy of each message until its fate is known, to record it if the wait is cut off.
+    copies: bool,
+    cut_off: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Engine {
@@ -230,13 +255,23 @@ impl Engine {
         // A channel holds at most `Semaphore::MAX_PERMITS`; a larger window is as good as that.
         let window = window.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         let (tx, mut rx) = mpsc::channel::<Pending>(window);
+        let cut_off = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
+        let mut cut = cut_off.subscribe();
         let collector = tokio::spawn(async move {
             while let Some(p) = rx.recv().await {
                 match p {
-                    Pending::Sent(line, fut) => match fut.await {
-                        Ok(d) => collector.delivered(line, &d),
-                        Err(e) => collector.failed(Some(line), &e),
-                    },
+                    Pending::Sent(line, fut, copy) => {
+                        let waited = tokio::select! {
+                            biased;
+                            outcome = fut => Some(outcome),
+                            _ = cut.wait_for(|c| *c) => None,
+                        };
+                        match waited {
+                            Some(Ok(d)) => collector.delivered(line, &d),
+                            Some(Err(e)) => collector.failed(Some(line), &e),
+                            None => collector.unacknowledged(line, copy.as_ref()),
+                        }
+                    }
                     Pending::Refused(line, e) => collector.failed(Some(line), &e),
                     Pending::Malformed(line, raw, error) => {
                         collector.malformed(line, &raw, &error);
@@ -249,7 +284,22 @@ impl Engine {
             producer,
             tx,
             collector,
+            copies: false,
+            cut_off,
         }
+    }
+
+    /// Keeps a copy of every message until its fate is known (cheap: payloads are shared), so
+    /// that [`CutOff::now`] can record what it stops waiting for.
+    pub(crate) fn keep_copies(mut self) -> Self {
+        self.copies = true;
+        self
+    }
+
+    /// Stops the wait for fates, from another task: every message not yet acknowledged is
+    /// recorded as failed at once (with its copy, see [`Engine::keep_copies`]).
+    pub(crate) fn cut_off(&self) -> CutOff {
+        CutOff(self.cut_off.clone())
     }
 
     async fn push(&self, p: Pending) -> anyhow::Result<()> {
@@ -261,8 +311,9 @@ impl Engine {
 
     /// Sends `msg` (input line `line`), waiting for buffer space.
     pub(crate) async fn send(&self, line: u64, msg: Message) -> anyhow::Result<()> {
+        let copy = self.copies.then(|| msg.clone());
         let p = match self.producer.enqueue(msg).await {
-            Ok(fut) => Pending::Sent(line, fut),
+            Ok(fut) => Pending::Sent(line, fut, copy),
             Err(e) => Pending::Refused(line, e),
         };
         self.push(p).await
@@ -288,14 +339,32 @@ impl Engine {
             producer,
             tx,
             collector,
+            ..
         } = self;
         drop(tx);
         let mut collector = collector.await.context("the collector task failed")?;
-        let close = producer.close(close_timeout).await;
-        for e in &close.unclaimed {
-            collector.failed(None, e);
+        if collector.tally.cut_off > 0 {
+            // The messages not waited for are recorded already; those of them that fail later
+            // would come back as unclaimed: not twice. Nothing else is unclaimed (every other
+            // future was awaited), and what is in flight is not waited for.
+            let _late = producer.close(Duration::ZERO).await;
+        } else {
+            let close = producer.close(close_timeout).await;
+            for e in &close.unclaimed {
+                collector.failed(None, e);
+            }
         }
         Ok((collector, producer))
+    }
+}
+
+/// Cuts the engine's wait for fates short ([`Engine::cut_off`]).
+#[derive(Clone)]
+pub(crate) struct CutOff(std::sync::Arc<tokio::sync::watch::Sender<bool>>);
+
+impl CutOff {
+    pub(crate) fn now(&self) {
+        self.0.send_replace(true);
     }
 }
 

@@ -117,25 +117,71 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// Bytes of an over-long line kept in its dead-letter record, to recognise it by.
+pub(crate) const KEPT_OF_LONG_LINE: usize = 1024;
+
+/// The longest line read whole: longer ones cannot hold a message of `max_message_bytes`
+/// (in `jsonl`, JSON escapes take at most six bytes per payload byte), so only their start is
+/// kept. Memory stays bounded whatever the input holds, even a file without newlines.
+pub(crate) fn line_limit(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_mul(6).saturating_add(64 << 10)
+}
+
+/// Reads one line through its `\n` (or to the end of input) into `buf`, keeping at most
+/// `limit + 2` bytes of it (room for `\r\n`). Returns the bytes the line took in the input
+/// (0 at the end of input).
+fn read_line<R: BufRead>(input: &mut R, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<u64> {
+    let keep = limit.saturating_add(2);
+    let mut taken = 0u64;
+    loop {
+        let available = match input.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            return Ok(taken);
+        }
+        let (part, ends) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..=i], true),
+            None => (available, false),
+        };
+        let room = keep.saturating_sub(buf.len()).min(part.len());
+        buf.extend_from_slice(&part[..room]);
+        let n = part.len();
+        input.consume(n);
+        taken += n as u64;
+        if ends {
+            return Ok(taken);
+        }
+    }
+}
+
 /// Reads `input` line by line and hands the items over in chunks: a chunk goes as soon as it is
-/// full or no more input is buffered (so that a slow producer of lines is not kept waiting).
-/// Returns the number of lines read, or the read error.
+/// full (512 lines or 1 MiB) or no more input is buffered (so that a slow producer of lines is
+/// not kept waiting, and no line read waits for the next one). Returns the number of lines
+/// read, or the read error.
 ///
 /// `lines`: every line is a payload (an empty line is an empty payload); `jsonl`: blank lines
-/// are skipped. A trailing `\n` or `\r\n` is not part of the line.
+/// are skipped. A trailing `\n` or `\r\n` is not part of the line. A line longer than `limit`
+/// bytes is malformed, and only its first [`KEPT_OF_LONG_LINE`] bytes are kept.
 pub(crate) fn read<R: std::io::Read>(
     mut input: std::io::BufReader<R>,
     format: Format,
     dest: &Destination,
+    limit: usize,
     mut emit: impl FnMut(Vec<Item>) -> bool,
 ) -> std::io::Result<u64> {
     const CHUNK: usize = 512;
+    const CHUNK_BYTES: usize = 1 << 20;
     let mut chunk = Vec::with_capacity(CHUNK);
+    let mut chunk_bytes = 0usize;
     let mut line_no = 0u64;
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        if input.read_until(b'\n', &mut buf)? == 0 {
+        let taken = read_line(&mut input, &mut buf, limit)?;
+        if taken == 0 {
             break;
         }
         line_no += 1;
@@ -145,29 +191,46 @@ pub(crate) fn read<R: std::io::Read>(
                 buf.pop();
             }
         }
-        let item = match format {
-            Format::Lines => Item::Message {
+        let item = if buf.len() > limit {
+            buf.truncate(KEPT_OF_LONG_LINE);
+            Some(Item::Malformed {
                 line: line_no,
-                msg: Message::new(dest.clone(), Bytes::copy_from_slice(&buf)),
-            },
-            Format::Jsonl if buf.iter().all(u8::is_ascii_whitespace) => continue,
-            Format::Jsonl => match parse_jsonl(dest, &buf) {
-                Ok(msg) => Item::Message { line: line_no, msg },
-                Err(e) => Item::Malformed {
+                raw: buf.clone(),
+                error: format!(
+                    "line {line_no}: is {taken} bytes long, more than a line holding a message of --max-message-bytes can be ({limit}): not sent, and only its first {KEPT_OF_LONG_LINE} bytes are kept here"
+                ),
+            })
+        } else {
+            match format {
+                Format::Lines => Some(Item::Message {
                     line: line_no,
-                    raw: buf.clone(),
-                    error: format!("line {line_no}: {e}"),
-                },
-            },
+                    msg: Message::new(dest.clone(), Bytes::copy_from_slice(&buf)),
+                }),
+                Format::Jsonl if buf.iter().all(u8::is_ascii_whitespace) => None,
+                Format::Jsonl => Some(match parse_jsonl(dest, &buf) {
+                    Ok(msg) => Item::Message { line: line_no, msg },
+                    Err(e) => Item::Malformed {
+                        line: line_no,
+                        raw: buf.clone(),
+                        error: format!("line {line_no}: {e}"),
+                    },
+                }),
+            }
         };
-        chunk.push(item);
+        if let Some(item) = item {
+            chunk_bytes += buf.len();
+            chunk.push(item);
+        }
         // A chunk goes out when full, or when no whole line is buffered (the next read may
         // wait): never wait for more input while holding messages (stdin may be a slow pipe, or
-        // a terminal), nor lose them to a read error.
-        if chunk.len() >= CHUNK || !input.buffer().contains(&b'\n') {
+        // a terminal), nor lose them to a read error. Skipped blank lines count too: a blank
+        // line must not hold back the messages before it.
+        let full = chunk.len() >= CHUNK || chunk_bytes >= CHUNK_BYTES;
+        if !chunk.is_empty() && (full || !input.buffer().contains(&b'\n')) {
             if !emit(std::mem::take(&mut chunk)) {
                 return Ok(line_no);
             }
+            chunk_bytes = 0;
             chunk.reserve(CHUNK);
         }
     }
@@ -246,11 +309,16 @@ mod tests {
     }
 
     fn read_all(input: &[u8], format: Format) -> Vec<Item> {
+        read_all_within(input, format, line_limit(1 << 20))
+    }
+
+    fn read_all_within(input: &[u8], format: Format, limit: usize) -> Vec<Item> {
         let mut items = Vec::new();
         let n = read(
             std::io::BufReader::new(input),
             format,
             &Destination::new("t"),
+            limit,
             |chunk| {
                 items.extend(chunk);
                 true
@@ -316,6 +384,7 @@ mod tests {
             std::io::BufReader::new(&mut script),
             Format::Lines,
             &Destination::new("t"),
+            usize::MAX,
             |chunk| {
                 emitted.set(emitted.get() + chunk.len());
                 items.extend(chunk);
@@ -350,5 +419,54 @@ mod tests {
         }
         assert!(matches!(&items[2], Item::Malformed { line: 5, .. }));
         assert!(matches!(&items[3], Item::Message { line: 6, .. }));
+    }
+
+    #[test]
+    fn a_blank_line_does_not_hold_back_the_messages_before_it() {
+        let emitted = std::rc::Rc::new(std::cell::Cell::new(0));
+        let mut script = Script {
+            parts: [&b"{\"payload\":\"a\"}\n\n"[..]].into(),
+            emitted: emitted.clone(),
+            seen: Vec::new(),
+        };
+        let result = read(
+            std::io::BufReader::new(&mut script),
+            Format::Jsonl,
+            &Destination::new("t"),
+            usize::MAX,
+            |chunk| {
+                emitted.set(emitted.get() + chunk.len());
+                true
+            },
+        );
+        assert!(result.is_err());
+        // `a` went out before the read that may wait (stdin kept open) or fail.
+        assert_eq!(script.seen, vec![0, 1]);
+    }
+
+    #[test]
+    fn an_over_long_line_is_malformed_and_only_its_start_is_kept() {
+        let mut input = b"short\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 5000));
+        input.extend(b"\r\nnext\n");
+        // Exactly at the limit is still a line.
+        input.extend(std::iter::repeat_n(b'y', 2000));
+        input.push(b'\n');
+        let items = read_all_within(&input, Format::Lines, 2000);
+        assert_eq!(items.len(), 4);
+        assert!(matches!(&items[0], Item::Message { line: 1, .. }));
+        match &items[1] {
+            Item::Malformed { line, raw, error } => {
+                assert_eq!(*line, 2);
+                assert_eq!(raw.len(), KEPT_OF_LONG_LINE);
+                assert!(raw.iter().all(|&b| b == b'x'));
+                assert!(error.contains("is 5002 bytes long"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(&items[2], Item::Message { line: 3, msg } if msg.payload().as_ref() == b"next")
+        );
+        assert!(matches!(&items[3], Item::Message { line: 4, msg } if msg.payload().len() == 2000));
     }
 }

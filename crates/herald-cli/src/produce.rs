@@ -1,7 +1,7 @@
 //! `herald produce`: a file or stdin, one message per line, to a Kafka topic or an AMQP queue
 //! or exchange; every message that is not acknowledged goes to the dead-letter file.
 
-use std::io::{BufReader, IsTerminal, Read};
+use std::io::{BufReader, IsTerminal, Read, Write as _};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -68,6 +68,71 @@ fn hand_over(
     tx.blocking_send(chunk).is_ok() && !interrupted.load(Ordering::SeqCst)
 }
 
+/// Which signal stopped the run: the next Ctrl-C, SIGTERM or SIGHUP. A signal whose handler
+/// cannot be installed never arrives (the process then ends as the operating system decides).
+async fn stop_signal() -> &'static str {
+    let ctrl_c = async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => "interrupted (Ctrl-C)",
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let on = |kind: SignalKind, name: &'static str| async move {
+            match signal(kind) {
+                Ok(mut s) => {
+                    s.recv().await;
+                    name
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            name = ctrl_c => name,
+            name = on(SignalKind::terminate(), "terminated (SIGTERM)") => name,
+            name = on(SignalKind::hangup(), "hung up (SIGHUP)") => name,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        ctrl_c.await
+    }
+}
+
+/// Refuses a dead-letter file that is the input itself: records would be appended to the file
+/// being read (sending a dead-letter file again without `--dead-letter`), so reading might
+/// never end and what was delivered would be read again.
+fn refuse_same_file(input: Option<&PathBuf>, dead_letter: &std::path::Path) -> anyhow::Result<()> {
+    let Some(input) = input.filter(|p| p.as_os_str() != "-") else {
+        return Ok(());
+    };
+    let same = match (std::fs::metadata(input), std::fs::metadata(dead_letter)) {
+        (Ok(a), Ok(b)) => same_file(&a, &b),
+        // No dead-letter file yet: it cannot be the input, which exists.
+        _ => false,
+    };
+    if same {
+        bail!(
+            "--dead-letter `{}` is the input file: records of what fails would be appended to the file being read; name another dead-letter file (e.g. --dead-letter retry.jsonl)",
+            dead_letter.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
+    false
+}
+
 fn open_input(path: Option<&PathBuf>) -> anyhow::Result<(String, Input)> {
     let stdin = || BufReader::with_capacity(256 << 10, Box::new(std::io::stdin()) as Box<_>);
     match path {
@@ -90,6 +155,7 @@ fn open_input(path: Option<&PathBuf>) -> anyhow::Result<(String, Input)> {
 pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
     let target = Target::parse(&args.to)?;
     let (input_name, reader) = open_input(args.input.as_ref())?;
+    refuse_same_file(args.input.as_ref(), &args.dead_letter)?;
     // The recorder goes in before the producer is built: the producer registers its metrics then.
     let telemetry = match &args.metrics_addr {
         Some(addr) => {
@@ -124,28 +190,36 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
         session.producer.clone(),
         args.tuning.buffer_messages,
         collector,
-    );
+    )
+    .keep_copies();
 
-    // Ctrl-C: stop reading, give what was accepted a few seconds, record the rest as failed.
+    // Ctrl-C (or SIGTERM, SIGHUP): stop reading, give what was accepted a few seconds, then
+    // record everything not acknowledged as failed.
     let interrupted = Arc::new(AtomicBool::new(false));
     let stop_reading = Arc::new(tokio::sync::Notify::new());
     let watcher = {
         let interrupted = interrupted.clone();
         let stop_reading = stop_reading.clone();
         let producer = session.producer.clone();
+        let cut_off = engine.cut_off();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                interrupted.store(true, Ordering::SeqCst);
-                stop_reading.notify_one();
-                eprintln!(
-                    "\ninterrupted: reading stops; what was accepted has {INTERRUPT_GRACE:?} to be delivered, the rest goes to the dead-letter file (Ctrl-C again to quit at once)"
-                );
-                let closing = producer.close(INTERRUPT_GRACE);
-                tokio::select! {
-                    _ = closing => {}
-                    _ = tokio::signal::ctrl_c() => std::process::exit(i32::from(Exit::Interrupted.code())),
-                }
+            let signal = stop_signal().await;
+            interrupted.store(true, Ordering::SeqCst);
+            stop_reading.notify_one();
+            let _stderr_gone = writeln!(
+                std::io::stderr(),
+                "\n{signal}: reading stops; what was accepted has {INTERRUPT_GRACE:?} to be delivered, the rest goes to the dead-letter file (again to quit at once, without recording what is in flight)"
+            );
+            let closing = producer.close(INTERRUPT_GRACE);
+            tokio::select! {
+                _ = closing => {}
+                _ = stop_signal() => std::process::exit(i32::from(Exit::Interrupted.code())),
             }
+            // Batches still in flight are not waited for: their messages are recorded as
+            // not acknowledged (they may still arrive).
+            cut_off.now();
+            stop_signal().await;
+            std::process::exit(i32::from(Exit::Interrupted.code()));
         })
     };
 
@@ -154,10 +228,11 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
         let interrupted = interrupted.clone();
         let destination = destination.clone();
         let format = args.format;
+        let limit = input::line_limit(args.tuning.max_message_bytes);
         std::thread::Builder::new()
             .name("herald-input".into())
             .spawn(move || {
-                input::read(reader, format, &destination, |chunk| {
+                input::read(reader, format, &destination, limit, |chunk| {
                     hand_over(&tx, &interrupted, chunk)
                 })
             })
@@ -242,7 +317,7 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
         errors: [read_error, dl_error].into_iter().flatten().collect(),
         exit,
     };
-    print!("{}", summary.text());
+    out!("{}", summary.text().trim_end());
     if args.report == ReportFormat::Json {
         out!("{}", summary.json());
     }
@@ -318,6 +393,12 @@ impl Summary<'_> {
         if self.interrupted {
             s += "  interrupted: lines after the last one recorded were not read\n";
         }
+        if t.cut_off > 0 {
+            s += &format!(
+                "  {} of the failed were still in flight when the grace period ended: they may yet reach the broker (reason `interrupted`)\n",
+                report::count(t.cut_off)
+            );
+        }
         for e in &self.errors {
             s += &format!("  error: {e}\n");
         }
@@ -347,6 +428,7 @@ impl Summary<'_> {
                 None
             },
             "interrupted": self.interrupted,
+            "in_flight_at_exit": t.cut_off,
             "errors": self.errors,
             "exit_code": self.exit.code(),
         })

@@ -627,3 +627,147 @@ fn a_reader_that_closes_stdout_early_does_not_make_herald_panic() {
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
 }
+
+#[test]
+fn produce_with_a_closed_stdout_does_not_panic() {
+    let mock = mock_with("closed-stdout-produce");
+    let dir = Scratch::new("closed-stdout-produce");
+    let url = format!("kafka://{}/closed-stdout-produce", mock.bootstrap_servers());
+    let mut child = spawn(&["produce", "--to", &url, "--report", "json"], &dir.0);
+    // As `herald produce ... | head -0`: nobody reads the summary.
+    drop(child.stdout.take());
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::io::Write::write_all(&mut stdin, b"one\ntwo\n").expect("write stdin");
+    drop(stdin);
+    let run = finish(child, LIMIT);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert_eq!(
+        read_back(mock.bootstrap_servers(), "closed-stdout-produce", 2, LIMIT).len(),
+        2
+    );
+}
+
+#[test]
+fn a_dead_letter_file_that_is_the_input_is_refused() {
+    let dir = Scratch::new("replay-same-file");
+    let records = dir.path("dl.jsonl");
+    std::fs::write(&records, "{\"payload\":\"p\",\"line\":1}\n").expect("write");
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--format",
+            "jsonl",
+            "--input",
+            "dl.jsonl",
+            "--dead-letter",
+            "./dl.jsonl",
+        ],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("is the input file"), "{}", run.stderr);
+    assert_eq!(
+        std::fs::read_to_string(&records).expect("read"),
+        "{\"payload\":\"p\",\"line\":1}\n",
+        "the input is left as it was"
+    );
+}
+
+#[test]
+fn sigterm_with_messages_in_flight_records_every_one_and_ends_soon() {
+    use std::io::Write as _;
+    let dir = Scratch::new("sigterm");
+    // An unreachable broker: every message stays in flight until its delivery timeout (120 s).
+    let mut child = spawn(
+        &[
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--report",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &dir.0,
+    );
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _sent = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("herald never said where it serves metrics");
+        if let Some(rest) = line.strip_prefix("serving http://") {
+            break rest.split('/').next().expect("host:port").to_owned();
+        }
+    };
+    let mut stdin = child.stdin.take().expect("stdin");
+    for i in 0..20 {
+        writeln!(stdin, "in flight {i}").expect("write stdin");
+    }
+    stdin.flush().expect("flush");
+    // Every line accepted by the producer (stdin stays open, as from a terminal).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = http_get(&addr, "/metrics");
+        if body
+            .lines()
+            .any(|l| l == "herald_messages_accepted_total{transport=\"kafka\"} 20")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "20 messages never accepted:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let signalled = std::time::Instant::now();
+    let killed = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill -TERM");
+    assert!(killed.success());
+    let run = finish(child, Duration::from_secs(60));
+    drop(stdin);
+    let took = signalled.elapsed();
+    assert_eq!(run.code, Some(130), "{run:?}");
+    // 5 s of grace and a moment to close: not the 120 s delivery timeout.
+    assert!(took < Duration::from_secs(30), "took {took:?} to stop");
+    let report = last_line_json(&run.stdout);
+    assert_eq!(report["sent"], 0, "{report}");
+    assert_eq!(report["failed"], 20, "{report}");
+    let records = dead_letters(&dir.path("herald-dead-letter.jsonl"));
+    let lines: Vec<u64> = records
+        .iter()
+        .map(|r| r["line"].as_u64().expect("line"))
+        .collect();
+    assert_eq!(lines, (1..=20).collect::<Vec<u64>>(), "{records:?}");
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["payload"], format!("in flight {i}"), "{r}");
+        assert!(
+            r["reason"] == "interrupted" || r["reason"] == "closed",
+            "{r}"
+        );
+    }
+    let interrupted = records
+        .iter()
+        .filter(|r| r["reason"] == "interrupted")
+        .count();
+    assert!(interrupted > 0, "none was in flight: {records:?}");
+    assert_eq!(report["in_flight_at_exit"], interrupted, "{report}");
+}
