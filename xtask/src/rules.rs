@@ -1,6 +1,7 @@
 //! The Prometheus alert rules in docs/operations: checked and unit-tested with `promtool`.
 //!
-//! promtool comes from `HERALD_PROMTOOL`, the `PATH`, or a copy cached in `target/tools`. When
+//! promtool comes from `HERALD_PROMTOOL`, the `PATH` (a 2.x: the tests are written for its range
+//! windows), or a copy cached in `target/tools`. When
 //! there is none, it is taken out of Debian's `prometheus` package without installing the
 //! package (`apt-get download` and `dpkg-deb -x`), so no Prometheus server is set up or started
 //! on the machine.
@@ -12,12 +13,32 @@ use anyhow::{bail, Context, Result};
 
 use crate::{apt_get, on_path, run};
 
+/// `2.42.0` from `promtool, version 2.42.0 (branch: ...)`.
+fn promtool_version(promtool: &Path) -> Option<String> {
+    let out = Command::new(promtool).arg("--version").output().ok()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    text.split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .map(str::to_owned)
+}
+
 fn promtool(root: &Path) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("HERALD_PROMTOOL") {
         return Ok(PathBuf::from(p));
     }
     if on_path("promtool") {
-        return Ok(PathBuf::from("promtool"));
+        let version = promtool_version(Path::new("promtool"));
+        if version.as_deref().is_some_and(|v| v.starts_with("2.")) {
+            return Ok(PathBuf::from("promtool"));
+        }
+        // Prometheus 3 evaluates range windows left-open, which moves the expected values of
+        // tests written on window edges: the tests pin 2.x (Debian's, below).
+        eprintln!(
+            "rules: promtool on PATH is {} (the tests expect 2.x); using Debian's",
+            version.as_deref().unwrap_or("of unknown version")
+        );
     }
     let cached = root.join("target/tools/promtool");
     if cached.exists() {

@@ -16,6 +16,10 @@ const MAX_REQUEST: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client has to take its response.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections answered at once; more are closed as soon as they are accepted, so that many
+/// idle or slow clients cannot take the process's file descriptors (which the broker
+/// connections need) or its memory (one rendered body each).
+const MAX_CONNECTIONS: usize = 32;
 
 pub(crate) async fn bind(addr: &str) -> Result<TcpListener, TelemetryError> {
     let parsed: SocketAddr = addr.trim().parse().map_err(|e: std::net::AddrParseError| {
@@ -39,6 +43,7 @@ pub(crate) fn serve(listener: TcpListener, telemetry: Telemetry) -> Result<Serve
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let task = tokio::spawn(async move {
         loop {
             // A failed accept (out of file descriptors, say) is retried after a pause rather
@@ -47,9 +52,15 @@ pub(crate) fn serve(listener: TcpListener, telemetry: Telemetry) -> Result<Serve
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Busy: closed unanswered; a scraper retries at its next interval.
+                drop(stream);
+                continue;
+            };
             let telemetry = telemetry.clone();
             tokio::spawn(async move {
                 let _answered = answer(stream, &telemetry).await;
+                drop(slot);
             });
         }
     });
@@ -134,12 +145,23 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// Where the request head ends: at the first blank line, `\r\n\r\n` or (from lenient clients)
+/// `\n\n`.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n");
+    let lf = buf.windows(2).position(|w| w == b"\n\n");
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 async fn answer(mut stream: TcpStream, telemetry: &Telemetry) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let head = tokio::time::timeout(READ_TIMEOUT, async {
         let mut chunk = [0u8; 1024];
         loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if let Some(end) = head_end(&buf) {
                 return Ok::<_, std::io::Error>(Some(end));
             }
             if buf.len() >= MAX_REQUEST {
@@ -221,6 +243,53 @@ mod tests {
         let e = bind(&addr).await.expect_err("taken");
         assert!(matches!(e, TelemetryError::Bind { .. }), "{e}");
         assert!(e.to_string().contains(&addr), "{e}");
+    }
+
+    #[test]
+    fn request_heads_end_at_the_first_blank_line() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Some(23));
+        assert_eq!(head_end(b"GET / HTTP/1.0\n\n"), Some(14));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+    }
+
+    #[tokio::test]
+    async fn more_clients_than_slots_are_turned_away_and_the_server_still_answers() {
+        let (_recorder, telemetry) = crate::Prometheus::new().build().expect("recorder");
+        let listener = bind("127.0.0.1:0").await.expect("bind");
+        let server = serve(listener, telemetry).expect("serve");
+        let addr = server.local_addr();
+        // Clients that connect and say nothing hold every slot (each for READ_TIMEOUT).
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        // One more is closed at once, unanswered: it reads the end of the stream.
+        let mut extra = TcpStream::connect(addr).await.expect("connect");
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(READ_TIMEOUT / 2, extra.read_to_end(&mut got)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "a connection past the limit was kept: {closed:?}"
+        );
+        // Slots come back when the idle clients go.
+        drop(idle);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            c.write_all(b"GET /health HTTP/1.0\n\n")
+                .await
+                .expect("write");
+            let mut reply = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(2), c.read_to_string(&mut reply));
+            if matches!(read.await, Ok(Ok(_))) && reply.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no answer once the idle clients left: {reply:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     #[tokio::test]

@@ -222,7 +222,16 @@ struct Watched {
 
 struct Inner {
     handle: PrometheusHandle,
-    watched: Mutex<Vec<Watched>>,
+    watched: Mutex<Watching>,
+}
+
+#[derive(Default)]
+struct Watching {
+    producers: Vec<Watched>,
+    /// A watched producer went away (closed and dropped) and none has been watched since: a
+    /// process shutting down. `/health` stays unhealthy rather than turn healthy with nobody
+    /// left to send.
+    gone: bool,
 }
 
 /// Renders metrics and reports the health of watched producers. Cheap to clone.
@@ -233,7 +242,12 @@ pub struct Telemetry {
 
 impl std::fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<String> = self.lock().iter().map(|w| w.name.clone()).collect();
+        let names: Vec<String> = self
+            .lock()
+            .producers
+            .iter()
+            .map(|w| w.name.clone())
+            .collect();
         f.debug_struct("Telemetry")
             .field("watched", &names)
             .finish_non_exhaustive()
@@ -247,7 +261,7 @@ impl Telemetry {
         let upkeep_handle = handle.clone();
         let inner = Arc::new(Inner {
             handle,
-            watched: Mutex::new(Vec::new()),
+            watched: Mutex::new(Watching::default()),
         });
         let alive = Arc::downgrade(&inner);
         // The recorder needs its histograms drained now and then, whether or not anyone
@@ -264,7 +278,7 @@ impl Telemetry {
         Self { inner }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Watched>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Watching> {
         self.inner
             .watched
             .lock()
@@ -278,10 +292,13 @@ impl Telemetry {
 
     /// Adds `producer` to the health report under `name` (replacing a producer watched under
     /// that name). Holds only its health channel, not the producer: a producer that is dropped
-    /// leaves the report once its pipeline has finished.
+    /// leaves the report once its pipeline has finished (when the last one has left that way,
+    /// the report stays unhealthy: see [`Telemetry::health`]).
     pub fn watch(&self, name: impl Into<String>, producer: &Producer) {
         let name = name.into();
-        let mut watched = self.lock();
+        let mut watching = self.lock();
+        watching.gone = false;
+        let watched = &mut watching.producers;
         watched.retain(|w| w.name != name);
         watched.push(Watched {
             name,
@@ -290,21 +307,32 @@ impl Telemetry {
         });
     }
 
-    /// Removes the producer watched under `name`; whether there was one.
+    /// Removes the producer watched under `name`; whether there was one. Unlike a producer
+    /// that goes away on its own, one removed here leaves no trace in the report.
     pub fn unwatch(&self, name: &str) -> bool {
-        let mut watched = self.lock();
-        let before = watched.len();
-        watched.retain(|w| w.name != name);
-        watched.len() != before
+        let mut watching = self.lock();
+        let before = watching.producers.len();
+        watching.producers.retain(|w| w.name != name);
+        watching.producers.len() != before
     }
 
     /// The health of every watched producer, as last published (at most one
-    /// [`herald_core::HealthPolicy::interval`] old), and the worst of them.
+    /// [`herald_core::HealthPolicy::interval`] old), and the worst of them. A producer that
+    /// closed and was dropped leaves the report; once every watched producer has left that
+    /// way (a process shutting down), the report is unhealthy with no producers, so that a load
+    /// balancer keeps traffic away, until another producer is watched.
     pub fn health(&self) -> HealthReport {
-        let mut watched = self.lock();
+        let mut watching = self.lock();
         // A producer whose pipeline has finished and whose handles are gone has left.
-        watched.retain(|w| w.health.has_changed().is_ok());
-        let producers: Vec<ProducerHealth> = watched
+        let before = watching.producers.len();
+        watching
+            .producers
+            .retain(|w| w.health.has_changed().is_ok());
+        if watching.producers.len() < before && watching.producers.is_empty() {
+            watching.gone = true;
+        }
+        let producers: Vec<ProducerHealth> = watching
+            .producers
             .iter()
             .map(|w| ProducerHealth {
                 name: w.name.clone(),
@@ -312,12 +340,20 @@ impl Telemetry {
                 health: w.health.borrow().clone(),
             })
             .collect();
-        let status = producers
-            .iter()
-            .map(|p| p.health.status)
-            .max()
-            .unwrap_or_default();
-        HealthReport { status, producers }
+        let (status, detail) = if producers.is_empty() && watching.gone {
+            (
+                HealthStatus::Unhealthy,
+                Some("every watched producer has closed and gone".to_owned()),
+            )
+        } else {
+            let worst = producers.iter().map(|p| p.health.status).max();
+            (worst.unwrap_or_default(), None)
+        };
+        HealthReport {
+            status,
+            producers,
+            detail,
+        }
     }
 
     /// Serves `/metrics` and `/health` on `addr` (`IP:PORT`) until the returned [`Server`] is
@@ -343,10 +379,13 @@ pub struct ProducerHealth {
 /// The health of every watched producer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthReport {
-    /// The worst status among the producers; healthy when none is watched.
+    /// The worst status among the producers; healthy when none is watched, unhealthy when every
+    /// watched producer has gone.
     pub status: HealthStatus,
     /// Each producer's health.
     pub producers: Vec<ProducerHealth>,
+    /// Why the status is what it is when no producer explains it (all have gone).
+    pub detail: Option<String>,
 }
 
 impl HealthReport {
@@ -385,6 +424,11 @@ impl HealthReport {
                 })
             })
             .collect();
-        serde_json::json!({ "status": self.status.as_str(), "producers": producers }).to_string()
+        let mut body =
+            serde_json::json!({ "status": self.status.as_str(), "producers": producers });
+        if let Some(detail) = &self.detail {
+            body["detail"] = serde_json::Value::from(detail.as_str());
+        }
+        body.to_string()
     }
 }

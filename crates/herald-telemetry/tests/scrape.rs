@@ -19,6 +19,12 @@ struct Reply {
 }
 
 async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> Reply {
+    tokio::time::timeout(Duration::from_secs(30), request_now(addr, method, path))
+        .await
+        .unwrap_or_else(|_| panic!("no answer to {method} {path} within 30 s"))
+}
+
+async fn request_now(addr: std::net::SocketAddr, method: &str, path: &str) -> Reply {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
         .await
@@ -252,6 +258,16 @@ async fn a_running_producer_is_scraped_and_its_health_served() {
         96.0
     );
 
+    // A producer closed on purpose is no operational problem: its health gauge, which outlives
+    // it in the recorder, reads healthy again (its watchers were told "closed").
+    assert_eq!(
+        get(
+            &s,
+            "herald_health_status{producer=\"billing\",transport=\"memory\"}"
+        ),
+        0.0
+    );
+
     // Health: healthy, then down when the transport says so, with 503.
     let reply = request(addr, "GET", "/health").await;
     assert_eq!(reply.status, 200, "{}", reply.body);
@@ -306,7 +322,15 @@ async fn a_running_producer_is_scraped_and_its_health_served() {
         assert!(Instant::now() < deadline, "still reported: {h:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(request(addr, "GET", "/health").await.status, 200);
+    // The last one gone: a process shutting down stays unhealthy, so traffic stays away.
+    let reply = request(addr, "GET", "/health").await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    let body: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON");
+    assert_eq!(body["producers"], serde_json::json!([]));
+    assert!(
+        body["detail"].as_str().is_some_and(|d| d.contains("gone")),
+        "{body}"
+    );
 
     server.shutdown();
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -189,11 +189,19 @@ async fn the_error_rate_over_the_window_degrades_then_fails_health() {
             status: HealthStatus::Degraded
         }]
     );
+    // The health task publishes once per interval (the clock is paused: a sleep past it lets
+    // the task run first, no guessing).
+    let next_evaluation = || tokio::time::sleep(Duration::from_millis(1500));
+    next_evaluation().await;
     // A count changing inside the same issue does not wake subscribers; the value is current.
     rx.mark_unchanged();
     send(1, 0).await;
-    let h = p.health();
-    assert!(!rx.has_changed().expect("open"), "woken for a count: {h}");
+    next_evaluation().await;
+    assert!(
+        !rx.has_changed().expect("open"),
+        "woken for a count: {}",
+        *rx.borrow()
+    );
     assert!(matches!(
         rx.borrow().issues[0],
         HealthIssue::ErrorRate { failed: 11, .. }
@@ -201,6 +209,7 @@ async fn the_error_rate_over_the_window_degrades_then_fails_health() {
     // Mostly failures: unhealthy.
     send(200, 0).await;
     assert_eq!(p.health().status, HealthStatus::Unhealthy);
+    next_evaluation().await;
     assert!(
         rx.has_changed().expect("open"),
         "a status change wakes subscribers"
@@ -380,13 +389,31 @@ async fn an_idle_producer_is_not_unhealthy_forever_once_the_circuit_may_probe() 
     );
     assert_eq!(p.stats().buffered_messages, 0);
     // Nothing is held back any more, and after `open_for` the next batch may probe: not
-    // unhealthy (which would drain the traffic that would close the circuit).
+    // unhealthy (which would drain the traffic that would close the circuit), nor degraded
+    // while nothing waits (which would page someone about a producer with nothing to send).
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let h = wait_for(&mut rx, Duration::from_secs(2), "not unhealthy", |h| {
-        h.status != HealthStatus::Unhealthy
+    let h = wait_for(&mut rx, Duration::from_secs(2), "healthy", |h| {
+        h.status == HealthStatus::Healthy
     })
     .await;
-    assert_eq!(codes(&h), ["circuit_half_open"]);
+    assert!(h.issues.is_empty(), "{h}");
+    assert_eq!(
+        p.stats().circuit,
+        herald_retry::CircuitState::Open,
+        "the breaker itself waits for a batch"
+    );
+    // A message waiting with the breaker open past `open_for`: the next batch probes.
+    t.set_latency(Duration::from_secs(30));
+    let waiting = p
+        .enqueue(Message::new("t", "probe"))
+        .await
+        .expect("accepted");
+    assert_eq!(
+        codes(&p.health()),
+        ["circuit_half_open"],
+        "a probe is under way"
+    );
+    drop(waiting);
     p.close(Duration::from_secs(1)).await;
 }
 

@@ -680,9 +680,11 @@ impl Producer {
 
     /// The producer's health now, evaluated on the spot: [`HealthStatus`](crate::HealthStatus)
     /// and its issues (circuit open, broker connection down or blocked, buffer above its
-    /// high-water mark, error rate, closed). Also published to [`Producer::health_watch`].
+    /// high-water mark, error rate, closed). [`Producer::health_watch`] gets the same verdict
+    /// at its next evaluation (this call does not publish, so it is safe while a `borrow()` of
+    /// that channel is held).
     pub fn health(&self) -> Health {
-        self.shared().evaluate_health(clock_now())
+        self.shared().evaluate_health(clock_now(), false)
     }
 
     /// A watch channel of the producer's health, evaluated every [`HealthPolicy::interval`] and

@@ -338,7 +338,11 @@ impl Shared {
     /// Each evaluation takes a ticket with its snapshot of the state; one that read the state
     /// earlier than the last published never publishes (a stale "healthy" read before a close
     /// must not overwrite the final "closed").
-    pub(crate) fn evaluate_health(&self, now: Instant) -> Health {
+    ///
+    /// `publish`: false for an evaluation on demand ([`crate::Producer::health`]), which
+    /// neither takes the watch channel's lock (a caller may hold a `borrow()` of it) nor moves
+    /// the gauges; the health task and the dispatcher's last word publish.
+    pub(crate) fn evaluate_health(&self, now: Instant, publish: bool) -> Health {
         let (ticket, circuit, retry_at, messages, bytes, totals, refused, closing) = {
             let mut st = self.lock();
             st.health_ticket += 1;
@@ -358,13 +362,13 @@ impl Shared {
         if closing {
             issues.push(HealthIssue::Closed);
         }
+        let open_past = circuit == CircuitState::Open && retry_at.is_some_and(|t| t <= now);
+        let circuit = effective_circuit(circuit, retry_at, now);
         match circuit {
-            // Open past its `open_for`: nothing is held back any more, the next batch probes.
-            // The breaker moves to half-open only when a batch asks, which an idle producer
-            // never does: reporting it open (unhealthy) would last forever.
-            CircuitState::Open if retry_at.is_some_and(|t| t <= now) => {
-                issues.push(HealthIssue::CircuitHalfOpen);
-            }
+            // Open past its `open_for` (see `effective_circuit`): with messages waiting, the next
+            // batch probes; with none, nothing is held back and nothing is known against the
+            // broker, so an idle producer is not kept degraded until it sends again.
+            CircuitState::HalfOpen if open_past && messages == 0 => {}
             CircuitState::Open => issues.push(HealthIssue::CircuitOpen),
             CircuitState::HalfOpen => issues.push(HealthIssue::CircuitHalfOpen),
             CircuitState::Closed => {}
@@ -419,14 +423,31 @@ impl Shared {
             }
         }
         let health = Health::from_issues(issues);
+        if !publish {
+            return health;
+        }
+        let stopped = self.stopped.load(Ordering::Acquire);
         self.health.tx.send_if_modified(|seen| {
             // Under the channel's lock: tickets are compared and published one at a time.
             if ticket < self.health.published.load(Ordering::Relaxed) {
                 return false;
             }
             self.health.published.store(ticket, Ordering::Relaxed);
-            self.metrics.health.set(health.status.as_gauge());
-            self.metrics.transport_up.set(if up { 1.0 } else { 0.0 });
+            // A producer that has finished closing reports "closed" to its watchers, but the
+            // gauge goes back to 0: its series outlives it in the recorder, and an alert on a
+            // producer closed on purpose would fire for the rest of the process's life.
+            let gauge = if stopped {
+                0.0
+            } else {
+                health.status.as_gauge()
+            };
+            self.metrics.health.set(gauge);
+            self.metrics
+                .transport_up
+                .set(if up || stopped { 1.0 } else { 0.0 });
+            self.metrics
+                .circuit
+                .set(if stopped { 0.0 } else { circuit.as_gauge() });
             let changed = seen.status != health.status
                 || seen.issues.len() != health.issues.len()
                 || seen
@@ -707,7 +728,9 @@ impl Shared {
             .buffer_messages
             .set(st.buffered_messages as f64);
         self.metrics.buffer_bytes.set(st.buffered_bytes as f64);
-        self.metrics.circuit.set(st.breaker.state().as_gauge());
+        self.metrics
+            .circuit
+            .set(effective_circuit(st.breaker.state(), st.breaker.retry_at(), now).as_gauge());
         self.note_circuit(st);
 
         let mut wake_at = st.acc.next_wakeup(now);
@@ -918,7 +941,7 @@ pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
             shared.stopped.store(true, Ordering::Release);
             // The last word (closed) is published here: when the producer was dropped, the
             // health task may find the pipeline gone before it evaluates again.
-            shared.evaluate_health(clock_now());
+            shared.evaluate_health(clock_now(), true);
             shared.health.kick.notify_one();
             return;
         }
@@ -946,7 +969,7 @@ pub(crate) async fn run_health(shared: Weak<Shared>, kick: Arc<Notify>, interval
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            shared.evaluate_health(clock_now());
+            shared.evaluate_health(clock_now(), true);
             if shared.stopped.load(Ordering::Acquire) {
                 return;
             }
@@ -955,5 +978,14 @@ pub(crate) async fn run_health(shared: Weak<Shared>, kick: Arc<Notify>, interval
             () = notified => {}
             () = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+/// The breaker's state as operators should see it: open past its `open_for` is half-open (the
+/// next batch probes), though the breaker itself moves there only when a batch asks.
+fn effective_circuit(state: CircuitState, retry_at: Option<Instant>, now: Instant) -> CircuitState {
+    match state {
+        CircuitState::Open if retry_at.is_some_and(|t| t <= now) => CircuitState::HalfOpen,
+        other => other,
     }
 }
