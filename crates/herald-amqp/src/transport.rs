@@ -123,6 +123,10 @@ struct Flow {
     /// Why the last connection attempt failed; cleared when one opens. What
     /// [`Transport::health`] reports as down.
     down: std::sync::Mutex<Option<String>>,
+    /// A background reconnection attempt is under way (see `AmqpTransport::probe`).
+    probing: AtomicBool,
+    /// `Transport::close` ran, and no batch has been sent since: no background reconnection.
+    closed: AtomicBool,
     changed: Notify,
 }
 
@@ -238,6 +242,27 @@ impl AmqpTransport {
             .down
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+    }
+
+    /// While down, tries to reconnect in the background (one attempt at a time, on the usual
+    /// reconnect backoff): connections open on demand, so without it a producer that gets no
+    /// traffic because it reports itself down (a load balancer drained it) would never find
+    /// the broker back. Needs a Tokio runtime; without one, the next send reconnects.
+    fn probe(&self) {
+        let flow = &self.inner.flow;
+        if flow.closed.load(Ordering::Acquire) || flow.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            flow.probing.store(false, Ordering::Release);
+            return;
+        };
+        let transport = self.clone();
+        runtime.spawn(async move {
+            // Success clears `down`; a failure records why and pushes the next attempt back.
+            let _outcome = transport.connect().await;
+            transport.inner.flow.probing.store(false, Ordering::Release);
+        });
     }
 
     fn set_connected(&self, up: bool) {
@@ -788,10 +813,11 @@ impl Transport for AmqpTransport {
         "amqp"
     }
 
-    /// Down once a connection attempt failed, until one opens again (connections open on
-    /// demand: before the first attempt, and after a loss until the next send tries, nothing
-    /// is known against the broker, and `herald_amqp_connected` shows the loss); blocked while
-    /// the broker blocks publishing.
+    /// Down once a connection attempt failed, until one opens again: while down, the transport
+    /// retries in the background on its reconnect backoff, so the verdict clears without
+    /// traffic. (Connections open on demand: before the first attempt, and after a loss until
+    /// the next send tries, nothing is known against the broker, and `herald_amqp_connected`
+    /// shows the loss.) Blocked while the broker blocks publishing.
     fn health(&self) -> TransportHealth {
         let down = self
             .inner
@@ -801,7 +827,10 @@ impl Transport for AmqpTransport {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         match down {
-            Some(why) => TransportHealth::Down(why),
+            Some(why) => {
+                self.probe();
+                TransportHealth::Down(why)
+            }
             None if self.is_blocked() => TransportHealth::Blocked(
                 "connection.blocked: a memory or disk alarm on the broker; publishing waits".into(),
             ),
@@ -810,6 +839,7 @@ impl Transport for AmqpTransport {
     }
 
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
+        self.inner.flow.closed.store(false, Ordering::Release);
         let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
         let route = match Route::parse(destination) {
             Ok(r) => r,
@@ -857,6 +887,7 @@ impl Transport for AmqpTransport {
     }
 
     async fn close(&self) {
+        self.inner.flow.closed.store(true, Ordering::Release);
         let live = self.inner.link.lock().await.live.take();
         if let Some(live) = live {
             if live.connection.status().connected() {

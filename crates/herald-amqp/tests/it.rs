@@ -1004,3 +1004,46 @@ async fn oversized_message_fails_alone_and_tls_works_with_a_custom_ca() {
     assert!(got.iter().any(|m| m.payload().as_ref() == b"over tls"));
     admin.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn down_clears_without_traffic_once_the_broker_is_back() {
+    use herald_core::{Transport as _, TransportHealth};
+    let url = url();
+    let target = authority(&url);
+    let proxy = FaultProxy::start(&target).await.expect("proxy");
+    let proxied = url.replacen(&target, &proxy.addr().to_string(), 1);
+    let transport = AmqpTransport::new(
+        AmqpConfig::from_url(&proxied)
+            .expect("url")
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500)),
+    )
+    .expect("t");
+    // The broker unreachable for 3 s: the first attempt fails and health says so.
+    proxy.cut_for(Duration::from_secs(3));
+    transport
+        .connect()
+        .await
+        .expect_err("refused while the proxy refuses");
+    assert!(
+        matches!(transport.health(), TransportHealth::Down(_)),
+        "{:?}",
+        transport.health()
+    );
+    // Nothing is sent from here on: health alone (as the producer's health task reads it,
+    // about once a second) must find the broker back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if transport.health() == TransportHealth::Up {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {:?} long after the broker came back",
+            transport.health()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(transport.is_connected());
+    transport.close().await;
+}

@@ -2,6 +2,8 @@
 //! (`statistics.interval.ms`) and its own events. Same rules as `herald_core::metrics`:
 //! Prometheus names, low-cardinality labels only.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use metrics::{counter, gauge, Counter, Gauge};
 use rdkafka::statistics::Statistics;
 
@@ -29,6 +31,10 @@ pub(crate) struct KafkaMetrics {
     queue: Gauge,
     rtt: Gauge,
     retries: Counter,
+    /// librdkafka's own retry total at the last statistics report: the counter grows by the
+    /// difference, so that a rebuilt producer (whose total starts again at 0) and several
+    /// transports in one process add up instead of hiding one another.
+    retries_seen: AtomicU64,
     pub(crate) queue_full: Counter,
     pub(crate) rebuilds: Counter,
 }
@@ -40,6 +46,7 @@ impl KafkaMetrics {
             queue: gauge!(QUEUE_MESSAGES, &l),
             rtt: gauge!(BROKER_RTT, &l),
             retries: counter!(CLIENT_RETRIES, &l),
+            retries_seen: AtomicU64::new(0),
             queue_full: counter!(QUEUE_FULL, &l),
             rebuilds: counter!(REBUILDS, &l),
         }
@@ -54,7 +61,32 @@ impl KafkaMetrics {
             .max()
             .unwrap_or(0);
         self.rtt.set(rtt_us as f64 / 1e6);
-        self.retries
-            .absolute(s.brokers.values().map(|b| b.txretries).sum());
+        let total = s.brokers.values().map(|b| b.txretries).sum();
+        self.retries.increment(self.retries_since_last(total));
+    }
+
+    /// How much librdkafka's retry total grew since the last report; a total below the last
+    /// one is a new producer's, counted from 0.
+    fn retries_since_last(&self, total: u64) -> u64 {
+        let last = self.retries_seen.swap(total, Ordering::Relaxed);
+        if total >= last {
+            total - last
+        } else {
+            total
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn client_retries_add_up_across_a_rebuilt_producer() {
+        let m = super::KafkaMetrics::new();
+        // 5, then 8 (3 more), then a rebuilt producer reports 2 and 3.
+        let deltas: Vec<u64> = [5, 8, 2, 3]
+            .into_iter()
+            .map(|t| m.retries_since_last(t))
+            .collect();
+        assert_eq!(deltas, vec![5, 3, 2, 1]);
     }
 }
