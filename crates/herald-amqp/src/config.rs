@@ -231,10 +231,13 @@ impl fmt::Debug for Url {
 }
 
 fn parse_port(p: &str) -> Result<u16, ConfigError> {
-    p.parse::<u16>().map_err(|_| ConfigError::Url {
-        part: "port",
-        reason: "is not a port number (1-65535)".into(),
-    })
+    match p.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(ConfigError::Url {
+            part: "port",
+            reason: "is not a port number (1-65535)".into(),
+        }),
+    }
 }
 
 /// Decodes `%XX` escapes in one part of an AMQP URL (user, password, vhost, a query value).
@@ -595,6 +598,7 @@ mod tests {
         assert_eq!(part("rabbit:5672"), "scheme");
         assert_eq!(part("amqp://u:p@h:notaport/"), "port");
         assert_eq!(part("amqp://u:p@h:70000/"), "port");
+        assert_eq!(part("amqp://u:p@h:0/"), "port");
         assert_eq!(part("amqp://u:p@:5672/"), "host");
         assert_eq!(part("amqp://u:p@h/a/b"), "vhost");
         assert_eq!(part("amqp://u:p@h/%zz"), "vhost");

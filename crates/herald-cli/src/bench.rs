@@ -82,18 +82,21 @@ struct Baselines {
 
 async fn kafka_baselines(
     args: &BenchArgs,
+    target: Option<&crate::target::KafkaTarget>,
     bootstrap: &str,
     raw_topic: &str,
     naive_topic: &str,
 ) -> anyhow::Result<Baselines> {
     use herald_kafka::baseline as kb;
-    let (b, t, n, size) = (
+    let extra = args.tuning.kafka_client_properties(target)?;
+    let (b, e, t, n, size) = (
         bootstrap.to_owned(),
+        extra.clone(),
         raw_topic.to_owned(),
         args.messages,
         args.size,
     );
-    let raw = tokio::task::spawn_blocking(move || kb::raw_threaded(&b, &t, n, size))
+    let raw = tokio::task::spawn_blocking(move || kb::raw_threaded_with(&b, &e, &t, n, size))
         .await
         .context("the raw baseline task failed")?
         .context("raw rdkafka baseline")?;
@@ -102,9 +105,15 @@ async fn kafka_baselines(
         "the raw baseline lost {} messages",
         raw.failed
     );
-    let naive = kb::naive_await_each(bootstrap, naive_topic, args.naive_messages, args.size)
-        .await
-        .context("naive rdkafka baseline")?;
+    let naive = kb::naive_await_each_with(
+        bootstrap,
+        &extra,
+        naive_topic,
+        args.naive_messages,
+        args.size,
+    )
+    .await
+    .context("naive rdkafka baseline")?;
     anyhow::ensure!(
         naive.failed == 0,
         "the naive baseline lost {} messages",
@@ -169,6 +178,11 @@ async fn amqp_baselines(
 
 /// Runs the benchmark.
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
+    crate::settings::check_size(
+        args.size,
+        args.tuning.max_message_bytes,
+        "--max-message-bytes",
+    )?;
     let mut _mock = None;
     let (target, broker) = match &args.to {
         Some(url) => {
@@ -198,7 +212,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
     };
     if let (Target::Kafka(k), Some(_)) = (&target, &args.to) {
         // Brokers that do not create topics on first use (Tansu, or auto-create off).
-        herald::kafka::admin::create_topic(&k.bootstrap, &k.topic, 3, 1)
+        let extra = args.tuning.kafka_client_properties(Some(k))?;
+        herald::kafka::admin::create_topic_with(&k.bootstrap, &extra, &k.topic, 3, 1)
             .await
             .context(
                 "creating the topic (3 partitions, replication factor 1) if it does not exist",
@@ -229,13 +244,16 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
             Target::Kafka(k) if args.to.is_none() => {
                 kafka_baselines(
                     &args,
+                    Some(k),
                     &k.bootstrap,
                     "herald-bench-raw",
                     "herald-bench-naive",
                 )
                 .await?
             }
-            Target::Kafka(k) => kafka_baselines(&args, &k.bootstrap, &k.topic, &k.topic).await?,
+            Target::Kafka(k) => {
+                kafka_baselines(&args, Some(k), &k.bootstrap, &k.topic, &k.topic).await?
+            }
             Target::Amqp(a) => amqp_baselines(&args, a).await?,
         };
         out!(

@@ -52,6 +52,7 @@ const FAULTS: [ProduceFault; 6] = [
 
 /// Runs the demo.
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<Exit> {
+    crate::settings::check_size(args.size, 1 << 20, "the demo's 1 MiB message limit")?;
     let n = args.messages;
     let keys = args.keys.max(1);
     let cluster = Arc::new(MockKafka::start(3).context("starting the mock cluster")?);

@@ -97,6 +97,21 @@ pub(crate) struct Tuning {
     pub(crate) kafka_properties: Vec<String>,
 }
 
+/// Room a benchmark or demo message needs besides its payload (its key), under the limit.
+const KEY_ROOM: usize = 64;
+
+/// Checks `--size` against the largest message (`limit`, named by `what`) before any memory is
+/// allocated for payloads: a usage error, not a panic or a run where every message fails.
+pub(crate) fn check_size(size: usize, limit: usize, what: &str) -> anyhow::Result<()> {
+    if size.saturating_add(KEY_ROOM) > limit {
+        anyhow::bail!(
+            "--size {size} is too large: a message (payload and its key) must fit under {what} ({limit} bytes), so at most {} bytes of payload",
+            limit.saturating_sub(KEY_ROOM)
+        );
+    }
+    Ok(())
+}
+
 /// A producer and where it sends.
 pub(crate) struct Session {
     pub(crate) producer: Producer,
@@ -132,6 +147,32 @@ impl Tuning {
             .max_message_bytes(self.max_message_bytes)
             .max_in_flight(self.max_in_flight)
             .delivery_timeout(self.delivery_timeout())
+    }
+
+    /// The librdkafka properties a raw client needs to match herald's on this target: the
+    /// URL's `client_id` and `compression`, and every `--kafka-property`, for the raw baselines
+    /// and topic creation of `bench`.
+    pub(crate) fn kafka_client_properties(
+        &self,
+        target: Option<&crate::target::KafkaTarget>,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        // Parsed (and refused, naming only the key) as for herald's own config.
+        self.kafka_config("unused:1", target)?;
+        let mut props = Vec::new();
+        if let Some(t) = target {
+            if let Some(id) = &t.client_id {
+                props.push(("client.id".to_owned(), id.clone()));
+            }
+            if let Some(c) = t.compression {
+                props.push(("compression.type".to_owned(), c.as_str().to_owned()));
+            }
+        }
+        for prop in &self.kafka_properties {
+            if let Some((k, v)) = prop.split_once('=') {
+                props.push((k.trim().to_owned(), v.to_owned()));
+            }
+        }
+        Ok(props)
     }
 
     /// The librdkafka settings for `bootstrap`.
@@ -207,5 +248,52 @@ impl Tuning {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Args {
+        #[command(flatten)]
+        tuning: super::Tuning,
+    }
+
+    #[test]
+    fn raw_clients_get_the_urls_and_the_flags_kafka_settings() {
+        let args = Args::parse_from([
+            "t",
+            "--kafka-property",
+            "security.protocol=SASL_SSL",
+            "--kafka-property",
+            "sasl.password=a=b",
+        ]);
+        let target =
+            match crate::target::Target::parse("kafka://h:1/t?client_id=me&compression=gzip") {
+                Ok(crate::target::Target::Kafka(k)) => k,
+                other => panic!("{other:?}"),
+            };
+        let props = args
+            .tuning
+            .kafka_client_properties(Some(&target))
+            .expect("valid");
+        let props: Vec<(&str, &str)> = props
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            props,
+            [
+                ("client.id", "me"),
+                ("compression.type", "gzip"),
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.password", "a=b"),
+            ]
+        );
+        assert!(super::check_size(100, 1 << 20, "x").is_ok());
+        let e = super::check_size(usize::MAX, 1 << 20, "--max-message-bytes").expect_err("huge");
+        assert!(e.to_string().contains("--size"), "{e}");
     }
 }

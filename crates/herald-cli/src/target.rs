@@ -163,11 +163,10 @@ fn parse_kafka(rest: &str) -> Result<KafkaTarget, UrlError> {
             "is missing: kafka://HOST:PORT[,HOST:PORT...]/TOPIC",
         )
     })?;
-    // Everything before the topic: a password may hold a `/`, so `hosts` may be only its start.
-    if before
-        .rsplit_once('/')
-        .is_some_and(|(b, _)| b.contains('@'))
-    {
+    // User information anywhere (a password may hold `/` or `?`, so `hosts` may be only its
+    // start): refused before any part is echoed in an error. An `@` in a query value is
+    // written `%40`.
+    if rest.contains('@') {
         return Err(bad(
             "host",
             "holds user information, which kafka:// URLs do not take: give SASL settings with \
@@ -435,6 +434,21 @@ mod tests {
             Target::parse("kafka://a:1/t").map(|t| t.describe()),
             Ok("kafka://a:1/t".to_owned())
         );
+    }
+
+    #[test]
+    fn a_kafka_url_with_a_password_never_echoes_it() {
+        for url in [
+            "kafka://app:hun/ter?2@broker:9092/t",
+            "kafka://app:s3cret@broker:9092/t",
+            "kafka://app:se/cr?et@broker:9092/t?client_id=x",
+        ] {
+            let e = Target::parse(url).expect_err(url).to_string();
+            assert!(e.contains("user information"), "{url}: {e}");
+            for part in ["hun", "ter", "s3cret", "se/cr", "cr?et"] {
+                assert!(!e.contains(part), "{url}: {e}");
+            }
+        }
     }
 
     #[test]

@@ -615,6 +615,27 @@ fn huge_numbers_in_flags_do_not_panic() {
     );
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("--keys"), "{}", run.stderr);
+    for command in ["demo", "bench"] {
+        let run = herald(
+            &[
+                command,
+                "--size",
+                "18446744073709551615",
+                "--messages",
+                "10",
+            ],
+            None,
+            &dir.0,
+            LIMIT,
+        );
+        assert_eq!(run.code, Some(2), "{command}: {run:?}");
+        assert!(run.stderr.contains("--size"), "{command}: {}", run.stderr);
+        assert!(
+            !run.stderr.contains("panicked"),
+            "{command}: {}",
+            run.stderr
+        );
+    }
 }
 
 #[test]

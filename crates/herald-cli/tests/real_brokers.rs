@@ -223,7 +223,15 @@ async fn delete_queue(conn: &Connection, queue: &str) {
 }
 
 fn with_query(url: &str, query: &str) -> String {
-    format!("{url}?{query}")
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{query}")
+}
+
+/// Runs `f` on `rt`, failing the test after 90 s: a broker that accepts connections and never
+/// answers must fail the test, not hang the run.
+fn within<F: std::future::Future>(rt: &tokio::runtime::Runtime, what: &str, f: F) -> F::Output {
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(90), f).await })
+        .unwrap_or_else(|_| panic!("{what}: no answer from the broker within 90 s"))
 }
 
 #[test]
@@ -232,7 +240,14 @@ fn amqp_produce_to_a_queue_reads_back_the_same() {
     let url = amqp_url();
     let rt = runtime();
     let conn = rt
-        .block_on(Connection::connect(&url, ConnectionProperties::default()))
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(90),
+                Connection::connect(&url, ConnectionProperties::default()),
+            )
+            .await
+        })
+        .expect("connecting to RabbitMQ within 90 s")
         .expect("connect");
     let queue = unique("q");
     let dir = Scratch::new("real-amqp");
@@ -246,8 +261,12 @@ fn amqp_produce_to_a_queue_reads_back_the_same() {
         &dir.0,
         LIMIT,
     );
-    let got = rt.block_on(amqp_read(&conn, &queue, 3_000, Duration::from_secs(30)));
-    rt.block_on(delete_queue(&conn, &queue));
+    let got = within(
+        &rt,
+        "reading the queue back",
+        amqp_read(&conn, &queue, 3_000, Duration::from_secs(30)),
+    );
+    within(&rt, "deleting the queue", delete_queue(&conn, &queue));
     assert_eq!(run.code, Some(0), "{run:?}");
     let report = run.report();
     assert_eq!(report["sent"], 3_000, "{report}");
@@ -267,7 +286,14 @@ fn amqp_produce_to_an_exchange_with_a_malformed_line() {
     let url = amqp_url();
     let rt = runtime();
     let conn = rt
-        .block_on(Connection::connect(&url, ConnectionProperties::default()))
+        .block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(90),
+                Connection::connect(&url, ConnectionProperties::default()),
+            )
+            .await
+        })
+        .expect("connecting to RabbitMQ within 90 s")
         .expect("connect");
     let queue = unique("bound");
     rt.block_on(async {
@@ -315,8 +341,12 @@ fn amqp_produce_to_an_exchange_with_a_malformed_line() {
         &dir.0,
         LIMIT,
     );
-    let got = rt.block_on(amqp_read(&conn, &queue, 49, Duration::from_secs(30)));
-    rt.block_on(delete_queue(&conn, &queue));
+    let got = within(
+        &rt,
+        "reading the queue back",
+        amqp_read(&conn, &queue, 49, Duration::from_secs(30)),
+    );
+    within(&rt, "deleting the queue", delete_queue(&conn, &queue));
     assert_eq!(run.code, Some(1), "{run:?}");
     let report = run.report();
     assert_eq!(

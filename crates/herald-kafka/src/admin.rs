@@ -30,15 +30,32 @@ pub async fn create_topic(
     partitions: i32,
     replication: i32,
 ) -> Result<(), AdminError> {
+    create_topic_with(bootstrap, &[], topic, partitions, replication).await
+}
+
+/// [`create_topic`] with extra librdkafka properties (security settings, say). Properties an
+/// admin client does not take (producer settings) are left out.
+pub async fn create_topic_with(
+    bootstrap: &str,
+    extra: &[(String, String)],
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+) -> Result<(), AdminError> {
     let fail = |reason: String| AdminError {
         action: "create",
         topic: topic.to_owned(),
         reason,
     };
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .map_err(|e| fail(e.to_string()))?;
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    for (k, v) in extra {
+        if is_connection_property(k) {
+            config.set(k, v);
+        }
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        config.create().map_err(|e| fail(e.to_string()))?;
     let results = admin
         .create_topics(
             &[NewTopic::new(
@@ -57,6 +74,23 @@ pub async fn create_topic(
         }
     }
     Ok(())
+}
+
+/// Whether a client of any kind takes property `k`: how to reach and authenticate to the
+/// brokers, not how to produce.
+fn is_connection_property(k: &str) -> bool {
+    [
+        "security.",
+        "sasl.",
+        "ssl.",
+        "ssl_",
+        "client.",
+        "socket.",
+        "broker.",
+        "metadata.",
+    ]
+    .iter()
+    .any(|p| k.starts_with(p))
 }
 
 /// Reads `topic` from the beginning until `expected` messages are there or `limit` has passed,

@@ -34,7 +34,9 @@ impl Run {
     }
 }
 
-fn config(bootstrap: &str) -> ClientConfig {
+/// herald's settings, then `extra` (the caller's connection, security or compression
+/// properties) on top, so that raw and herald run with the same client settings.
+fn config(bootstrap: &str, extra: &[(String, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
         .set("acks", "all")
@@ -44,6 +46,9 @@ fn config(bootstrap: &str) -> ClientConfig {
         .set("linger.ms", "1")
         .set("queue.buffering.max.messages", "1000000")
         .set("message.timeout.ms", "120000");
+    for (k, v) in extra {
+        c.set(k, v);
+    }
     c
 }
 
@@ -71,9 +76,21 @@ impl ProducerContext for CountingContext {
 /// `n` keyed messages of `size` bytes without waiting, then flushing. Timed from a connected
 /// producer: one message is sent and flushed first (connection, metadata, producer id).
 pub fn raw_threaded(bootstrap: &str, topic: &str, n: u64, size: usize) -> Result<Run, KafkaError> {
+    raw_threaded_with(bootstrap, &[], topic, n, size)
+}
+
+/// [`raw_threaded`] with extra librdkafka properties (security settings, say) on top of
+/// herald's.
+pub fn raw_threaded_with(
+    bootstrap: &str,
+    extra: &[(String, String)],
+    topic: &str,
+    n: u64,
+    size: usize,
+) -> Result<Run, KafkaError> {
     let counts = Arc::new(Counting::default());
     let producer: ThreadedProducer<CountingContext> =
-        config(bootstrap).create_with_context(CountingContext(counts.clone()))?;
+        config(bootstrap, extra).create_with_context(CountingContext(counts.clone()))?;
     let payload = vec![b'x'; size];
     let keys: Vec<String> = (0..64).map(|k| format!("key-{k}")).collect();
     producer
@@ -113,7 +130,18 @@ pub async fn naive_await_each(
     n: u64,
     size: usize,
 ) -> Result<Run, KafkaError> {
-    let producer: FutureProducer = config(bootstrap).create()?;
+    naive_await_each_with(bootstrap, &[], topic, n, size).await
+}
+
+/// [`naive_await_each`] with extra librdkafka properties on top of herald's.
+pub async fn naive_await_each_with(
+    bootstrap: &str,
+    extra: &[(String, String)],
+    topic: &str,
+    n: u64,
+    size: usize,
+) -> Result<Run, KafkaError> {
+    let producer: FutureProducer = config(bootstrap, extra).create()?;
     let payload = vec![b'x'; size];
     let (mut delivered, mut failed) = (0, 0);
     let warm_up = FutureRecord::to(topic).payload(&payload[..]).key("warm-up");

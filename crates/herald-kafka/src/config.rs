@@ -22,7 +22,8 @@ pub enum Compression {
 }
 
 impl Compression {
-    fn as_str(self) -> &'static str {
+    /// librdkafka's name for it (`compression.type`).
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::None => "none",
             Self::Gzip => "gzip",
