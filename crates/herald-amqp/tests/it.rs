@@ -193,6 +193,21 @@ impl AmqpHarness {
     }
 }
 
+/// A fault proxy in front of the broker at `url`, and a transport through it that reconnects
+/// quickly (50 ms to 500 ms).
+async fn through_proxy(url: &str) -> (FaultProxy, AmqpTransport) {
+    let target = authority(url);
+    let proxy = FaultProxy::start(&target).await.expect("proxy");
+    let proxied = url.replacen(&target, &proxy.addr().to_string(), 1);
+    let transport = AmqpTransport::new(
+        AmqpConfig::from_url(&proxied)
+            .expect("url")
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500)),
+    )
+    .expect("t");
+    (proxy, transport)
+}
+
 /// `host:port` of an amqp URL (with the default port filled in).
 fn authority(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -521,15 +536,7 @@ async fn run_through_fault<F, Fut>(
 async fn connection_cut_mid_run_loses_nothing() {
     let url = url();
     let admin = Admin::connect(&url).await;
-    let target = authority(&url);
-    let proxy = FaultProxy::start(&target).await.expect("proxy");
-    let proxied = url.replacen(&target, &proxy.addr().to_string(), 1);
-    let transport = AmqpTransport::new(
-        AmqpConfig::from_url(&proxied)
-            .expect("url")
-            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500)),
-    )
-    .expect("t");
+    let (proxy, transport) = through_proxy(&url).await;
     let probe = transport.clone();
     let health = &probe;
     // Borrowed: the proxy must outlive the fault (dropping it closes its port).
@@ -1010,15 +1017,7 @@ async fn oversized_message_fails_alone_and_tls_works_with_a_custom_ca() {
 async fn down_clears_without_traffic_once_the_broker_is_back() {
     use herald_core::{Transport as _, TransportHealth};
     let url = url();
-    let target = authority(&url);
-    let proxy = FaultProxy::start(&target).await.expect("proxy");
-    let proxied = url.replacen(&target, &proxy.addr().to_string(), 1);
-    let transport = AmqpTransport::new(
-        AmqpConfig::from_url(&proxied)
-            .expect("url")
-            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500)),
-    )
-    .expect("t");
+    let (proxy, transport) = through_proxy(&url).await;
     // The broker unreachable for 3 s: the first attempt fails and health says so.
     proxy.cut_for(Duration::from_secs(3));
     transport

@@ -239,16 +239,12 @@ fn within<F: std::future::Future>(rt: &tokio::runtime::Runtime, what: &str, f: F
 fn amqp_produce_to_a_queue_reads_back_the_same() {
     let url = amqp_url();
     let rt = runtime();
-    let conn = rt
-        .block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(90),
-                Connection::connect(&url, ConnectionProperties::default()),
-            )
-            .await
-        })
-        .expect("connecting to RabbitMQ within 90 s")
-        .expect("connect");
+    let conn = within(
+        &rt,
+        "connecting to RabbitMQ",
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .expect("connect");
     let queue = unique("q");
     let dir = Scratch::new("real-amqp");
     let (text, sent) = jsonl_input(3_000, "amqp");
@@ -285,16 +281,12 @@ fn amqp_produce_to_a_queue_reads_back_the_same() {
 fn amqp_produce_to_an_exchange_with_a_malformed_line() {
     let url = amqp_url();
     let rt = runtime();
-    let conn = rt
-        .block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(90),
-                Connection::connect(&url, ConnectionProperties::default()),
-            )
-            .await
-        })
-        .expect("connecting to RabbitMQ within 90 s")
-        .expect("connect");
+    let conn = within(
+        &rt,
+        "connecting to RabbitMQ",
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .expect("connect");
     let queue = unique("bound");
     rt.block_on(async {
         let ch = conn.create_channel().await.expect("channel");

@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use herald_core::{ErrorClass, Message, Producer, TransportHealth};
-use herald_retry::{Backoff, ExponentialRetry};
+use herald_core::{Message, Producer, TransportHealth};
 use herald_telemetry::{Prometheus, TelemetryError};
-use herald_testkit::{CallFault, MemoryTransport};
+use herald_testkit::scenario::ScriptedFaults;
+use herald_testkit::MemoryTransport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -123,41 +123,23 @@ async fn a_running_producer_is_scraped_and_its_health_served() {
 
     // A run with scripted faults: a whole batch fails once (transient), then two messages of the
     // next; four poison messages are rejected (permanent); one is too large to accept.
-    let t = MemoryTransport::new();
-    t.reject_payload_prefix("poison");
-    t.script([
-        CallFault::FailAll(ErrorClass::Transient),
-        CallFault::FailSome(vec![0, 1]),
-    ]);
-    let p = Producer::builder(t.clone())
-        .retry(ExponentialRetry::new(Backoff::new(
-            Duration::from_millis(5),
-            Duration::from_millis(50),
-        )))
-        .batching(herald_batch::SizeOrLinger::new(
-            50,
-            1 << 20,
-            Duration::from_millis(2),
-        ))
-        .max_message_bytes(100)
-        .build()
-        .expect("build");
+    let (run, builder) = ScriptedFaults::new();
+    let t = run.transport.clone();
+    let p = builder.build().expect("build");
     telemetry.watch("orders", &p);
-    let mut msgs: Vec<Message> = (0..100)
-        .map(|i| {
-            if i % 25 == 7 {
-                Message::new("t", format!("poison-{i}"))
-            } else {
-                Message::new("t", format!("m-{i}"))
-            }
-        })
-        .collect();
-    msgs.push(Message::new("t", vec![b'x'; 101]));
+    let msgs = run.messages;
     let report = p.send_all(msgs).await.wait().await;
-    assert_eq!(report.delivered, 96);
-    assert_eq!(report.failed.len(), 5);
+    assert_eq!(report.delivered, ScriptedFaults::DELIVERED);
+    assert_eq!(
+        report.failed.len() as u64,
+        ScriptedFaults::REJECTED + ScriptedFaults::TOO_LARGE
+    );
     let totals = p.stats().totals;
-    assert!(totals.retries >= 52, "{}", totals.retries);
+    assert!(
+        totals.retries >= ScriptedFaults::MIN_RETRIES,
+        "{}",
+        totals.retries
+    );
 
     let reply = request(addr, "GET", "/metrics").await;
     assert_eq!(reply.status, 200);

@@ -6,10 +6,13 @@
 //! - [`conformance`]: the suite every transport must pass inside a producer. An adapter
 //!   implements [`conformance::Harness`] and calls [`conformance::run`];
 //!   [`MemoryHarness`] is that harness for the in-memory transport.
+//! - [`scenario`]: runs with known outcomes ([`scenario::ScriptedFaults`]), for checking what a
+//!   producer reports against what happened.
 
 pub mod conformance;
 mod memory;
 pub mod proxy;
+pub mod scenario;
 
 pub use memory::{CallFault, MemoryTransport};
 

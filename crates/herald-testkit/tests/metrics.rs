@@ -4,9 +4,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use herald_core::{metrics as names, ErrorClass, Message, Producer};
-use herald_retry::{Backoff, ExponentialRetry};
-use herald_testkit::{CallFault, MemoryTransport};
+use herald_core::metrics as names;
+use herald_testkit::scenario::ScriptedFaults;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::MetricKind;
 
@@ -18,40 +17,19 @@ async fn metrics_count_sent_failed_and_retried_messages() {
         .install()
         .expect("the only recorder of this test binary");
 
-    let t = MemoryTransport::new();
-    t.reject_payload_prefix("poison");
-    t.script([
-        CallFault::FailAll(ErrorClass::Transient),
-        CallFault::FailSome(vec![0, 1]),
-    ]);
-    let p = Producer::builder(t.clone())
-        .retry(ExponentialRetry::new(Backoff::new(
-            Duration::from_millis(5),
-            Duration::from_millis(50),
-        )))
-        .batching(herald_batch::SizeOrLinger::new(
-            50,
-            1 << 20,
-            Duration::from_millis(2),
-        ))
-        .max_message_bytes(100)
-        .build()
-        .expect("build");
-    let msgs = (0..100).map(|i| {
-        if i % 25 == 7 {
-            Message::new("t", format!("poison-{i}"))
-        } else {
-            Message::new("t", format!("m-{i}"))
-        }
-    });
-    let mut msgs: Vec<Message> = msgs.collect();
-    msgs.push(Message::new("t", vec![b'x'; 101]));
+    let (run, builder) = ScriptedFaults::new();
+    let p = builder.build().expect("build");
+    let t = run.transport.clone();
+    let msgs = run.messages;
     let report = p.send_all(msgs).await.wait().await;
-    assert_eq!(report.delivered, 96);
-    assert_eq!(report.failed.len(), 5);
+    assert_eq!(report.delivered, ScriptedFaults::DELIVERED);
+    assert_eq!(
+        report.failed.len() as u64,
+        ScriptedFaults::REJECTED + ScriptedFaults::TOO_LARGE
+    );
     let totals = p.stats().totals;
     assert!(
-        totals.retries >= 52,
+        totals.retries >= ScriptedFaults::MIN_RETRIES,
         "a whole batch of 50 failed, then 2 messages: {}",
         totals.retries
     );

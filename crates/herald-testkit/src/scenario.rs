@@ -1,0 +1,71 @@
+//! Runs with known outcomes, for tests that check what a producer reported (metrics, exports)
+//! against what happened.
+
+use std::time::Duration;
+
+use herald_core::{ErrorClass, Message, Producer, ProducerBuilder};
+use herald_retry::{Backoff, ExponentialRetry};
+
+use crate::{CallFault, MemoryTransport};
+
+/// A run with scripted faults and known numbers: 101 messages to destination `t`, in batches of
+/// 50; the first call fails whole (transient) and the second fails its first two messages
+/// (transient), so at least 52 retries; 4 `poison-*` payloads are rejected (permanent); one
+/// message is too large to accept.
+#[derive(Debug)]
+pub struct ScriptedFaults {
+    /// The transport, scripted.
+    pub transport: MemoryTransport,
+    /// The messages to `send_all`.
+    pub messages: Vec<Message>,
+}
+
+impl ScriptedFaults {
+    /// Messages the run delivers.
+    pub const DELIVERED: u64 = 96;
+    /// Messages rejected by the transport (permanent).
+    pub const REJECTED: u64 = 4;
+    /// Messages refused as too large before acceptance.
+    pub const TOO_LARGE: u64 = 1;
+    /// The fewest retries the run makes: the whole first batch, then two messages.
+    pub const MIN_RETRIES: u64 = 52;
+
+    /// The transport and messages, and a builder for a producer on that transport (fast
+    /// retries, batches of 50, a 100-byte message limit): add telemetry or a name, then build.
+    pub fn new() -> (Self, ProducerBuilder) {
+        let transport = MemoryTransport::new();
+        transport.reject_payload_prefix("poison");
+        transport.script([
+            CallFault::FailAll(ErrorClass::Transient),
+            CallFault::FailSome(vec![0, 1]),
+        ]);
+        let builder = Producer::builder(transport.clone())
+            .retry(ExponentialRetry::new(Backoff::new(
+                Duration::from_millis(5),
+                Duration::from_millis(50),
+            )))
+            .batching(herald_batch::SizeOrLinger::new(
+                50,
+                1 << 20,
+                Duration::from_millis(2),
+            ))
+            .max_message_bytes(100);
+        let mut messages: Vec<Message> = (0..100)
+            .map(|i| {
+                if i % 25 == 7 {
+                    Message::new("t", format!("poison-{i}"))
+                } else {
+                    Message::new("t", format!("m-{i}"))
+                }
+            })
+            .collect();
+        messages.push(Message::new("t", vec![b'x'; 101]));
+        (
+            Self {
+                transport,
+                messages,
+            },
+            builder,
+        )
+    }
+}
