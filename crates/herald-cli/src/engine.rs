@@ -261,10 +261,17 @@ impl Engine {
             while let Some(p) = rx.recv().await {
                 match p {
                     Pending::Sent(line, fut, copy) => {
+                        // Cut off only by `CutOff::now`: a sender gone (the engine dropped)
+                        // means never, not now.
+                        let cut_now = async {
+                            if cut.wait_for(|c| *c).await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        };
                         let waited = tokio::select! {
                             biased;
                             outcome = fut => Some(outcome),
-                            _ = cut.wait_for(|c| *c) => None,
+                            () = cut_now => None,
                         };
                         match waited {
                             Some(Ok(d)) => collector.delivered(line, &d),
