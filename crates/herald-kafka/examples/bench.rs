@@ -7,6 +7,8 @@
 //! Every variant is timed from a connected producer (one message acknowledged first), and raw
 //! and herald alternate for `--rounds` rounds (default 5), each reported as its median: on a
 //! two-core machine shared with the broker, single runs of the same variant vary by up to 2x.
+//! `HERALD_BENCH_RAW_PROPS=k=v,...` gives the raw baseline other librdkafka settings (to check
+//! it is at its best); experiments on herald: `HERALD_BENCH_ORDERING`, `HERALD_BENCH_BATCH`.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,17 @@ use herald_kafka::{KafkaConfig, KafkaTransport};
 fn median(mut runs: Vec<Run>) -> Run {
     runs.sort_by(|a, b| a.msgs_per_sec().total_cmp(&b.msgs_per_sec()));
     runs[runs.len() / 2]
+}
+
+/// Extra librdkafka properties for the raw baseline only, from `HERALD_BENCH_RAW_PROPS`
+/// (`k=v,k=v`): to check that the raw client is at its best (`linger.ms=5`, say).
+fn raw_props() -> Vec<(String, String)> {
+    std::env::var("HERALD_BENCH_RAW_PROPS")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -102,12 +115,12 @@ async fn main() {
             }
         };
         let run = match only.as_str() {
-            "raw" => {
-                tokio::task::spawn_blocking(move || baseline::raw_threaded(&b, &topic, n, 100))
-                    .await
-                    .expect("join")
-                    .expect("raw")
-            }
+            "raw" => tokio::task::spawn_blocking(move || {
+                baseline::raw_threaded_with(&b, &raw_props(), &topic, n, 100)
+            })
+            .await
+            .expect("join")
+            .expect("raw"),
             "herald" => herald(&b, &topic, n, 100).await,
             other => panic!("--only takes raw or herald, not {other}"),
         };
@@ -152,10 +165,12 @@ async fn main() {
         for round in 0..rounds.max(1) {
             let raw = {
                 let (b, t) = (bootstrap.clone(), topics[0].clone());
-                tokio::task::spawn_blocking(move || baseline::raw_threaded(&b, &t, count, size))
-                    .await
-                    .expect("join")
-                    .expect("raw run")
+                tokio::task::spawn_blocking(move || {
+                    baseline::raw_threaded_with(&b, &raw_props(), &t, count, size)
+                })
+                .await
+                .expect("join")
+                .expect("raw run")
             };
             let her = herald(&bootstrap, &topics[1], count, size).await;
             eprintln!(
