@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    assert_same_messages, dead_letters, finish, herald, jsonl_input, read_back, spawn, Run, Scratch,
+    assert_same_messages, dead_letters, finish, herald, jsonl_input, produce_jsonl, read_back,
+    spawn, Run, Scratch,
 };
 use herald::kafka::mock::MockKafka;
 
@@ -105,19 +106,10 @@ fn produce_jsonl_from_stdin_keeps_keys_headers_and_order() {
     let dir = Scratch::new("jsonl");
     let (text, sent) = jsonl_input(2_000, "jsonl");
     let url = format!("kafka://{}/jsonl", mock.bootstrap_servers());
-    let run = herald(
-        &[
-            "produce",
-            "--to",
-            &url,
-            "--format",
-            "jsonl",
-            "--report",
-            "json",
-            "--batch-max-messages",
-            "100",
-        ],
-        Some(text.as_bytes()),
+    let run = produce_jsonl(
+        &url,
+        &["--batch-max-messages", "100"],
+        text.as_bytes(),
         &dir.0,
         LIMIT,
     );
@@ -158,19 +150,10 @@ fn a_malformed_line_is_dead_lettered_and_the_rest_sent() {
         .map(|(_, s)| s)
         .collect();
     let url = format!("kafka://{}/malformed", mock.bootstrap_servers());
-    let run = herald(
-        &[
-            "produce",
-            "--to",
-            &url,
-            "--format",
-            "jsonl",
-            "--report",
-            "json",
-            "--dead-letter",
-            "dl.jsonl",
-        ],
-        Some(input.as_bytes()),
+    let run = produce_jsonl(
+        &url,
+        &["--dead-letter", "dl.jsonl"],
+        input.as_bytes(),
         &dir.0,
         LIMIT,
     );
@@ -206,15 +189,9 @@ fn an_unreachable_broker_dead_letters_every_message() {
     let dir = Scratch::new("unreachable");
     let (text, sent) = jsonl_input(20, "u");
     let started = std::time::Instant::now();
-    let run = herald(
+    let run = produce_jsonl(
+        "kafka://127.0.0.1:9/t",
         &[
-            "produce",
-            "--to",
-            "kafka://127.0.0.1:9/t",
-            "--format",
-            "jsonl",
-            "--report",
-            "json",
             "--delivery-timeout-ms",
             "1500",
             "--retry-backoff-ms",
@@ -222,7 +199,7 @@ fn an_unreachable_broker_dead_letters_every_message() {
             "--retry-backoff-max-ms",
             "200",
         ],
-        Some(text.as_bytes()),
+        text.as_bytes(),
         &dir.0,
         LIMIT,
     );
@@ -527,20 +504,14 @@ fn an_unwritable_dead_letter_file_sends_every_record_to_stderr() {
     let dir = Scratch::new("dl-full");
     // Malformed lines only: nothing reaches the (unreachable) broker.
     let input: String = (0..5).map(|i| format!("not json {i}\n")).collect();
-    let run = herald(
+    let run = produce_jsonl(
+        "kafka://127.0.0.1:9/t",
         &[
-            "produce",
-            "--to",
-            "kafka://127.0.0.1:9/t",
-            "--format",
-            "jsonl",
-            "--report",
-            "json",
             // Opens fine; every write fails (no space left on the device).
             "--dead-letter",
             "/dev/full",
         ],
-        Some(input.as_bytes()),
+        input.as_bytes(),
         &dir.0,
         LIMIT,
     );

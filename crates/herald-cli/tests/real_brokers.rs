@@ -13,7 +13,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{assert_same_messages, dead_letters, herald, jsonl_input, read_back, Read, Scratch};
+use common::{
+    assert_same_messages, dead_letters, herald, jsonl_input, produce_jsonl, read_back, Read,
+    Scratch,
+};
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
@@ -63,14 +66,7 @@ fn kafka_produce_jsonl_reads_back_the_same() {
     let dir = Scratch::new("real-kafka");
     let (text, sent) = jsonl_input(5_000, "real");
     let url = format!("kafka://{bootstrap}/{topic}");
-    let run = herald(
-        &[
-            "produce", "--to", &url, "--format", "jsonl", "--report", "json",
-        ],
-        Some(text.as_bytes()),
-        &dir.0,
-        LIMIT,
-    );
+    let run = produce_jsonl(&url, &[], text.as_bytes(), &dir.0, LIMIT);
     assert_eq!(run.code, Some(0), "{run:?}");
     let report = run.report();
     assert_eq!(report["sent"], 5_000, "{report}");
@@ -105,19 +101,10 @@ fn kafka_produce_lines_and_a_malformed_jsonl_line() {
     let mut input: Vec<&str> = text.lines().collect();
     input[1] = "{not json";
     let input = input.join("\n");
-    let run = herald(
-        &[
-            "produce",
-            "--to",
-            &url,
-            "--format",
-            "jsonl",
-            "--report",
-            "json",
-            "--dead-letter",
-            "dl.jsonl",
-        ],
-        Some(input.as_bytes()),
+    let run = produce_jsonl(
+        &url,
+        &["--dead-letter", "dl.jsonl"],
+        input.as_bytes(),
         &dir.0,
         LIMIT,
     );
@@ -148,19 +135,10 @@ fn kafka_produce_lines_and_a_malformed_jsonl_line() {
 fn kafka_unreachable_broker_dead_letters_everything() {
     let dir = Scratch::new("real-kafka-down");
     let (text, _) = jsonl_input(10, "down");
-    let run = herald(
-        &[
-            "produce",
-            "--to",
-            "kafka://127.0.0.1:9/t",
-            "--format",
-            "jsonl",
-            "--report",
-            "json",
-            "--delivery-timeout-ms",
-            "1500",
-        ],
-        Some(text.as_bytes()),
+    let run = produce_jsonl(
+        "kafka://127.0.0.1:9/t",
+        &["--delivery-timeout-ms", "1500"],
+        text.as_bytes(),
         &dir.0,
         LIMIT,
     );
@@ -249,14 +227,7 @@ fn amqp_produce_to_a_queue_reads_back_the_same() {
     let dir = Scratch::new("real-amqp");
     let (text, sent) = jsonl_input(3_000, "amqp");
     let to = with_query(&url, &format!("queue={queue}"));
-    let run = herald(
-        &[
-            "produce", "--to", &to, "--format", "jsonl", "--report", "json",
-        ],
-        Some(text.as_bytes()),
-        &dir.0,
-        LIMIT,
-    );
+    let run = produce_jsonl(&to, &[], text.as_bytes(), &dir.0, LIMIT);
     let got = within(
         &rt,
         "reading the queue back",
@@ -317,19 +288,10 @@ fn amqp_produce_to_an_exchange_with_a_malformed_line() {
     lines[9] = r#"{"payload": "x", "headers": {"n": 1}}"#;
     let input = lines.join("\n");
     let to = with_query(&url, &format!("exchange=amq.direct&routing_key={queue}"));
-    let run = herald(
-        &[
-            "produce",
-            "--to",
-            &to,
-            "--format",
-            "jsonl",
-            "--report",
-            "json",
-            "--dead-letter",
-            "dl.jsonl",
-        ],
-        Some(input.as_bytes()),
+    let run = produce_jsonl(
+        &to,
+        &["--dead-letter", "dl.jsonl"],
+        input.as_bytes(),
         &dir.0,
         LIMIT,
     );
@@ -363,19 +325,10 @@ fn amqp_produce_to_an_exchange_with_a_malformed_line() {
 fn amqp_unreachable_broker_dead_letters_everything() {
     let dir = Scratch::new("real-amqp-down");
     let (text, sent) = jsonl_input(10, "down");
-    let run = herald(
-        &[
-            "produce",
-            "--to",
-            "amqp://guest:s3cretpw@127.0.0.1:9/%2f?queue=nowhere",
-            "--format",
-            "jsonl",
-            "--report",
-            "json",
-            "--delivery-timeout-ms",
-            "2000",
-        ],
-        Some(text.as_bytes()),
+    let run = produce_jsonl(
+        "amqp://guest:s3cretpw@127.0.0.1:9/%2f?queue=nowhere",
+        &["--delivery-timeout-ms", "2000"],
+        text.as_bytes(),
         &dir.0,
         LIMIT,
     );

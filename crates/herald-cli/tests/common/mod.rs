@@ -192,3 +192,13 @@ pub fn jsonl_input(n: usize, tag: &str) -> (String, Vec<(Option<String>, String)
     }
     (text, sent)
 }
+
+/// `herald produce --to URL --format jsonl --report json EXTRA...` with `input` on stdin, in
+/// `cwd`, waited for at most `limit`.
+pub fn produce_jsonl(url: &str, extra: &[&str], input: &[u8], cwd: &Path, limit: Duration) -> Run {
+    let mut args = vec![
+        "produce", "--to", url, "--format", "jsonl", "--report", "json",
+    ];
+    args.extend_from_slice(extra);
+    herald(&args, Some(input), cwd, limit)
+}
