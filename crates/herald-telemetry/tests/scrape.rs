@@ -123,23 +123,12 @@ async fn a_running_producer_is_scraped_and_its_health_served() {
 
     // A run with scripted faults: a whole batch fails once (transient), then two messages of the
     // next; four poison messages are rejected (permanent); one is too large to accept.
-    let (run, builder) = ScriptedFaults::new();
-    let t = run.transport.clone();
+    let (scenario, builder) = ScriptedFaults::new();
+    let t = scenario.transport.clone();
     let p = builder.build().expect("build");
     telemetry.watch("orders", &p);
-    let msgs = run.messages;
-    let report = p.send_all(msgs).await.wait().await;
-    assert_eq!(report.delivered, ScriptedFaults::DELIVERED);
-    assert_eq!(
-        report.failed.len() as u64,
-        ScriptedFaults::REJECTED + ScriptedFaults::TOO_LARGE
-    );
+    scenario.run(&p).await;
     let totals = p.stats().totals;
-    assert!(
-        totals.retries >= ScriptedFaults::MIN_RETRIES,
-        "{}",
-        totals.retries
-    );
 
     let reply = request(addr, "GET", "/metrics").await;
     assert_eq!(reply.status, 200);

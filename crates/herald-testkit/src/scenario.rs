@@ -68,4 +68,22 @@ impl ScriptedFaults {
             builder,
         )
     }
+
+    /// Sends the messages through `producer` (built from [`ScriptedFaults::new`]'s builder),
+    /// waits for every outcome and checks the run's known numbers: what the metrics must then
+    /// show. Panics naming the number that differs.
+    pub async fn run(self, producer: &Producer) {
+        let report = producer.send_all(self.messages).await.wait().await;
+        assert_eq!(report.delivered, Self::DELIVERED, "delivered");
+        assert_eq!(
+            report.failed.len() as u64,
+            Self::REJECTED + Self::TOO_LARGE,
+            "failed"
+        );
+        let retries = producer.stats().totals.retries;
+        assert!(
+            retries >= Self::MIN_RETRIES,
+            "a whole batch of 50 failed, then 2 messages: {retries} retries"
+        );
+    }
 }
