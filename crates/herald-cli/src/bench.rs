@@ -96,7 +96,7 @@ async fn kafka_baselines(
         args.messages,
         args.size,
     );
-    let raw = tokio::task::spawn_blocking(move || kb::raw_threaded_with(&b, &e, &t, n, size))
+    let raw = tokio::task::spawn_blocking(move || kb::raw_threaded(&b, &e, &t, n, size))
         .await
         .context("the raw baseline task failed")?
         .context("raw rdkafka baseline")?;
@@ -105,7 +105,7 @@ async fn kafka_baselines(
         "the raw baseline lost {} messages",
         raw.failed
     );
-    let naive = kb::naive_await_each_with(
+    let naive = kb::naive_await_each(
         bootstrap,
         &extra,
         naive_topic,

@@ -116,7 +116,7 @@ async fn main() {
         };
         let run = match only.as_str() {
             "raw" => tokio::task::spawn_blocking(move || {
-                baseline::raw_threaded_with(&b, &raw_props(), &topic, n, 100)
+                baseline::raw_threaded(&b, &raw_props(), &topic, n, 100)
             })
             .await
             .expect("join")
@@ -166,7 +166,7 @@ async fn main() {
             let raw = {
                 let (b, t) = (bootstrap.clone(), topics[0].clone());
                 tokio::task::spawn_blocking(move || {
-                    baseline::raw_threaded_with(&b, &raw_props(), &t, count, size)
+                    baseline::raw_threaded(&b, &raw_props(), &t, count, size)
                 })
                 .await
                 .expect("join")
@@ -183,7 +183,7 @@ async fn main() {
             heralds.push(her);
         }
         let (raw, her) = (median(raws), median(heralds));
-        let naive = baseline::naive_await_each(&bootstrap, &topics[2], naive_n, size)
+        let naive = baseline::naive_await_each(&bootstrap, &[], &topics[2], naive_n, size)
             .await
             .expect("naive run");
         for (name, run) in [("raw", &raw), ("herald", &her), ("naive", &naive)] {

@@ -75,13 +75,8 @@ impl ProducerContext for CountingContext {
 /// rdkafka at its best: a `ThreadedProducer` with a delivery callback that counts, sending
 /// `n` keyed messages of `size` bytes without waiting, then flushing. Timed from a connected
 /// producer: one message is sent and flushed first (connection, metadata, producer id).
-pub fn raw_threaded(bootstrap: &str, topic: &str, n: u64, size: usize) -> Result<Run, KafkaError> {
-    raw_threaded_with(bootstrap, &[], topic, n, size)
-}
-
-/// [`raw_threaded`] with extra librdkafka properties (security settings, say) on top of
-/// herald's.
-pub fn raw_threaded_with(
+/// `extra`: librdkafka properties on top of herald's (security settings, say; empty for none).
+pub fn raw_threaded(
     bootstrap: &str,
     extra: &[(String, String)],
     topic: &str,
@@ -123,18 +118,8 @@ pub fn raw_threaded_with(
 }
 
 /// The naive pattern: a `FutureProducer`, awaiting each send before the next. Timed from a
-/// connected producer, as `raw_threaded`.
+/// connected producer, as `raw_threaded`. `extra` as there.
 pub async fn naive_await_each(
-    bootstrap: &str,
-    topic: &str,
-    n: u64,
-    size: usize,
-) -> Result<Run, KafkaError> {
-    naive_await_each_with(bootstrap, &[], topic, n, size).await
-}
-
-/// [`naive_await_each`] with extra librdkafka properties on top of herald's.
-pub async fn naive_await_each_with(
     bootstrap: &str,
     extra: &[(String, String)],
     topic: &str,
