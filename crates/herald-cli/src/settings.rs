@@ -156,8 +156,6 @@ impl Tuning {
         &self,
         target: Option<&crate::target::KafkaTarget>,
     ) -> anyhow::Result<Vec<(String, String)>> {
-        // Parsed (and refused, naming only the key) as for herald's own config.
-        self.kafka_config("unused:1", target)?;
         let mut props = Vec::new();
         if let Some(t) = target {
             if let Some(id) = &t.client_id {
@@ -167,12 +165,29 @@ impl Tuning {
                 props.push(("compression.type".to_owned(), c.as_str().to_owned()));
             }
         }
-        for prop in &self.kafka_properties {
-            if let Some((k, v)) = prop.split_once('=') {
-                props.push((k.trim().to_owned(), v.to_owned()));
-            }
+        for (k, v) in self.kafka_property_pairs()? {
+            props.push((k.to_owned(), v.to_owned()));
         }
         Ok(props)
+    }
+
+    /// `--kafka-property` values as (key, value). One that is not KEY=VALUE is an error naming
+    /// only its name part (up to the first character a property name does not hold, such as a
+    /// `:` or ` ` typed instead of `=`): a value may be a secret.
+    fn kafka_property_pairs(&self) -> anyhow::Result<Vec<(&str, &str)>> {
+        self.kafka_properties
+            .iter()
+            .map(|prop| match prop.split_once('=') {
+                Some((k, v)) => Ok((k.trim(), v)),
+                None => bail!(
+                    "--kafka-property `{}` is not KEY=VALUE",
+                    prop.chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                        .take(40)
+                        .collect::<String>()
+                ),
+            })
+            .collect()
     }
 
     /// The librdkafka settings for `bootstrap`.
@@ -190,19 +205,8 @@ impl Tuning {
                 config = config.compression(c);
             }
         }
-        for prop in &self.kafka_properties {
-            let Some((k, v)) = prop.split_once('=') else {
-                // Only the name part (up to the first character a property name does not hold,
-                // such as a `:` or ` ` typed instead of `=`): a value may be a secret.
-                bail!(
-                    "--kafka-property `{}` is not KEY=VALUE",
-                    prop.chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-                        .take(40)
-                        .collect::<String>()
-                );
-            };
-            config = config.property(k.trim(), v);
+        for (k, v) in self.kafka_property_pairs()? {
+            config = config.property(k, v);
         }
         Ok(config)
     }
