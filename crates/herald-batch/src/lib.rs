@@ -29,15 +29,9 @@ use std::fmt;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-/// A setting that cannot work; `field` names it (for example `batch.max_messages`).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid setting `{field}`: {reason}")]
-pub struct InvalidSetting {
-    /// The setting, as the builder names it.
-    pub field: &'static str,
-    /// What is wrong with it and what would work.
-    pub reason: String,
-}
+/// A setting that cannot work; `field` names it (for example `batch.max_messages`). One type
+/// for every policy crate: it is herald-retry's, where the shared vocabulary lives.
+pub use herald_retry::InvalidSetting;
 
 /// The size of a batch being built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

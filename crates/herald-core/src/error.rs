@@ -291,15 +291,6 @@ impl From<herald_retry::InvalidSetting> for BuildError {
     }
 }
 
-impl From<herald_batch::InvalidSetting> for BuildError {
-    fn from(e: herald_batch::InvalidSetting) -> Self {
-        Self::Invalid {
-            field: e.field,
-            reason: e.reason,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,9 +24,11 @@ mod transport;
 pub use error::{BuildError, ErrorClass, FailureReason, SendError, TransportError};
 pub use health::{Health, HealthIssue, HealthPolicy, HealthStatus, TransportHealth};
 pub use message::{Destination, Header, Message};
+#[allow(deprecated)]
+pub use producer::DeadLetterHook;
 pub use producer::{
-    BulkReceipt, BulkReport, CloseReport, DeadLetterHook, Delivery, DeliveryFuture, OrderingMode,
-    Producer, ProducerBuilder, ProducerStats, Totals,
+    BulkReceipt, BulkReport, CloseReport, Delivery, DeliveryFuture, OrderingMode, Producer,
+    ProducerBuilder, ProducerStats, Totals, UnclaimedHook,
 };
 pub use transport::{Ack, BatchOutcome, Transport};
 

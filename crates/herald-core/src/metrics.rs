@@ -19,7 +19,7 @@ pub const MESSAGES_DELIVERED: &str = "herald_messages_delivered_total";
 /// (rejected, retries_exhausted, delivery_timeout, too_large, buffer_full, closed). Counter.
 /// `too_large`, `buffer_full` and `closed` can happen before acceptance; the others after.
 pub const MESSAGES_FAILED: &str = "herald_messages_failed_total";
-/// Failed messages whose caller had stopped listening (handed to the dead-letter hook or kept
+/// Failed messages whose caller had stopped listening (handed to the unclaimed hook or kept
 /// for `close`). Counter.
 pub const MESSAGES_UNCLAIMED: &str = "herald_messages_unclaimed_total";
 /// Message retries scheduled (one per message per retry). Counter.

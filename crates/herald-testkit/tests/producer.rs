@@ -382,13 +382,13 @@ async fn oversized_messages_fail_alone_in_bulk() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn failures_nobody_listens_for_go_to_the_dead_letter_hook() {
+async fn failures_nobody_listens_for_go_to_the_unclaimed_hook() {
     let t = MemoryTransport::new();
     t.reject_payload_prefix("poison");
     let seen: Arc<Mutex<Vec<SendError>>> = Arc::default();
     let sink = seen.clone();
     let p = Producer::builder(t.clone())
-        .dead_letter(move |e| sink.lock().expect("lock").push(e))
+        .on_unclaimed(move |e| sink.lock().expect("lock").push(e))
         .build()
         .expect("build");
     drop(p.try_send(Message::new("t", "poison-1")).expect("accepted"));
@@ -604,7 +604,7 @@ async fn a_cancelled_send_all_still_reports_failures_of_what_it_had_accepted() {
     let sink = seen.clone();
     let p = Producer::builder(t.clone())
         .buffer(2, 1 << 20)
-        .dead_letter(move |e| sink.lock().expect("lock").push(e))
+        .on_unclaimed(move |e| sink.lock().expect("lock").push(e))
         .build()
         .expect("build");
     let msgs = vec![

@@ -48,9 +48,11 @@
 
 pub use herald_core::*;
 
-/// Batching policies and the accumulator ([`herald_batch`]).
+/// Batching policies ([`herald_batch`]): the [`BatchPolicy`](batch::BatchPolicy) trait and its
+/// default, [`SizeOrLinger`](batch::SizeOrLinger). The accumulator behind them is the
+/// pipeline's own and stays inside.
 pub mod batch {
-    pub use herald_batch::*;
+    pub use herald_batch::{BatchPolicy, BatchStats, InvalidSetting, SizeOrLinger};
 }
 
 /// Backoff, retry policies, retry budget and circuit breaker ([`herald_retry`]).

@@ -26,20 +26,27 @@ pub struct Delivery {
 pub(crate) type Outcome = Result<Delivery, SendError>;
 
 /// Where failures go when their caller no longer listens (a dropped [`DeliveryFuture`] or
-/// [`BulkReceipt`]): the dead-letter hook if one is set, else a list that
+/// [`BulkReceipt`]): the unclaimed hook if one is set, else a list that
 /// [`crate::Producer::close`] returns. Never dropped on the floor.
 pub(crate) struct Unclaimed {
-    hook: Option<DeadLetterHook>,
+    hook: Option<UnclaimedHook>,
     list: Mutex<Vec<SendError>>,
     count: AtomicU64,
     metric: metrics::Counter,
 }
 
-/// A function called with every failed message whose caller stopped listening.
-pub type DeadLetterHook = Arc<dyn Fn(SendError) + Send + Sync>;
+/// A function called with every failed message whose caller stopped listening (see
+/// [`crate::ProducerBuilder::on_unclaimed`]).
+pub type UnclaimedHook = Arc<dyn Fn(SendError) + Send + Sync>;
+
+/// The old name of [`UnclaimedHook`].
+#[deprecated(
+    note = "renamed `UnclaimedHook`: \"dead letter\" names the herald command's file of every failure"
+)]
+pub type DeadLetterHook = UnclaimedHook;
 
 impl Unclaimed {
-    pub(crate) fn new(hook: Option<DeadLetterHook>, metric: metrics::Counter) -> Self {
+    pub(crate) fn new(hook: Option<UnclaimedHook>, metric: metrics::Counter) -> Self {
         Self {
             hook,
             list: Mutex::new(Vec::new()),
@@ -160,7 +167,7 @@ impl Completion {
 /// Resolves when the broker has acknowledged the message, or herald has given up on it.
 ///
 /// Dropping it does not cancel the message: it is still delivered, and if it fails, its
-/// [`SendError`] goes to the producer's dead-letter hook or to [`crate::Producer::close`]'s report.
+/// [`SendError`] goes to the producer's unclaimed hook or to [`crate::Producer::close`]'s report.
 #[must_use = "the message is sent either way; await this to learn its fate"]
 #[derive(Debug)]
 pub struct DeliveryFuture {
@@ -201,7 +208,7 @@ impl BulkReport {
 /// The fate of a [`crate::Producer::send_all`] call's messages, as one future: one completion
 /// for many messages, so sending in bulk costs no future per message.
 ///
-/// Dropping it does not cancel anything; later failures go to the dead-letter hook or to
+/// Dropping it does not cancel anything; later failures go to the unclaimed hook or to
 /// [`crate::Producer::close`]'s report.
 #[must_use = "the messages are sent either way; await wait() to learn their fate"]
 pub struct BulkReceipt {

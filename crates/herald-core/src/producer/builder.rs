@@ -1,0 +1,298 @@
+//! [`ProducerBuilder`]: every setting with its default, checked at `build`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use herald_batch::{Accumulator, BatchPolicy, SizeOrLinger};
+use herald_retry::{CircuitBreakerConfig, ExponentialRetry, RetryBudgetConfig, RetryPolicy};
+
+use super::completion::UnclaimedHook;
+use super::order::OrderingMode;
+use super::state::{clock_now, Config, Shared};
+use super::{dispatch, health, Handle, Producer};
+use crate::error::{BuildError, SendError};
+use crate::health::HealthPolicy;
+use crate::transport::Transport;
+
+/// Builds a [`Producer`]. Every setting has a default; [`ProducerBuilder::build`] checks them
+/// all and names the first that cannot work.
+pub struct ProducerBuilder {
+    transport: Arc<dyn Transport>,
+    batching: Box<dyn BatchPolicy>,
+    retry: Arc<dyn RetryPolicy>,
+    budget: RetryBudgetConfig,
+    breaker: CircuitBreakerConfig,
+    max_buffered_messages: usize,
+    max_buffered_bytes: usize,
+    max_message_bytes: usize,
+    max_in_flight: usize,
+    delivery_timeout: Duration,
+    ordering: OrderingMode,
+    on_unclaimed: Option<UnclaimedHook>,
+    health: HealthPolicy,
+    name: Option<String>,
+}
+
+impl std::fmt::Debug for ProducerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProducerBuilder")
+            .field("transport", &self.transport.name())
+            .field("batching", &self.batching)
+            .field("retry", &self.retry)
+            .field("budget", &self.budget)
+            .field("breaker", &self.breaker)
+            .field("max_buffered_messages", &self.max_buffered_messages)
+            .field("max_buffered_bytes", &self.max_buffered_bytes)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("ordering", &self.ordering)
+            .field("on_unclaimed", &self.on_unclaimed.is_some())
+            .field("health", &self.health)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl ProducerBuilder {
+    pub(super) fn new(transport: Arc<dyn Transport>) -> Self {
+        Self {
+            transport,
+            batching: Box::new(SizeOrLinger::default()),
+            retry: Arc::new(ExponentialRetry::default()),
+            budget: RetryBudgetConfig::default(),
+            breaker: CircuitBreakerConfig::default(),
+            max_buffered_messages: 100_000,
+            max_buffered_bytes: 64 << 20,
+            max_message_bytes: 1 << 20,
+            max_in_flight: 8,
+            delivery_timeout: Duration::from_secs(120),
+            ordering: OrderingMode::Strict,
+            on_unclaimed: None,
+            health: HealthPolicy::default(),
+            name: None,
+        }
+    }
+
+    /// The batching policy. Default: [`SizeOrLinger::default`] (1 024 messages, 1 MiB, 5 ms).
+    #[must_use]
+    pub fn batching(mut self, policy: impl BatchPolicy) -> Self {
+        self.batching = Box::new(policy);
+        self
+    }
+
+    /// The retry policy. Default: [`ExponentialRetry::default`] (100 ms doubling to 10 s, full
+    /// jitter, attempts bounded only by the delivery timeout).
+    #[must_use]
+    pub fn retry(mut self, policy: impl RetryPolicy) -> Self {
+        self.retry = Arc::new(policy);
+        self
+    }
+
+    /// The retry budget, counted in requests: each batch sent deposits `ratio` of a token, each
+    /// retry of a failed batch's messages (sent again together) takes one, and `min_per_sec`
+    /// tokens come per second regardless. A retry held back by the budget waits (within its
+    /// delivery timeout) instead of failing. Default: [`RetryBudgetConfig::default`] (0.2 and
+    /// 10/s, as tower's).
+    #[must_use]
+    pub fn retry_budget(mut self, budget: RetryBudgetConfig) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// The circuit breaker consulted before each batch. Default: [`CircuitBreakerConfig::default`].
+    #[must_use]
+    pub fn circuit_breaker(mut self, breaker: CircuitBreakerConfig) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// Buffer limits: messages and bytes accepted and not yet ended. When either is reached,
+    /// `send` waits and `try_send` hands the message back. Default: 100 000 messages, 64 MiB.
+    #[must_use]
+    pub fn buffer(mut self, max_messages: usize, max_bytes: usize) -> Self {
+        self.max_buffered_messages = max_messages;
+        self.max_buffered_bytes = max_bytes;
+        self
+    }
+
+    /// The largest message accepted (payload, key and headers); a larger one fails its own send
+    /// with a permanent error at once. Default: 1 MiB.
+    #[must_use]
+    pub fn max_message_bytes(mut self, max: usize) -> Self {
+        self.max_message_bytes = max;
+        self
+    }
+
+    /// Most batches the transport sends at once. Default: 8.
+    #[must_use]
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = max;
+        self
+    }
+
+    /// The whole life of a message, from acceptance to acknowledgement, retries included (like
+    /// Kafka's `delivery.timeout.ms`). Default: 120 s.
+    #[must_use]
+    pub fn delivery_timeout(mut self, timeout: Duration) -> Self {
+        self.delivery_timeout = timeout;
+        self
+    }
+
+    /// Ordering mode. Default: [`OrderingMode::Strict`].
+    #[must_use]
+    pub fn ordering(mut self, ordering: OrderingMode) -> Self {
+        self.ordering = ordering;
+        self
+    }
+
+    /// Called with every failed message whose caller stopped listening (a dropped future or
+    /// receipt): an *unclaimed* failure, for example to write it to a store of its own. Without
+    /// a hook, such messages are kept and returned by [`Producer::close`] in
+    /// [`CloseReport::unclaimed`](super::CloseReport::unclaimed). Runs on the producer's tasks:
+    /// keep it quick.
+    #[must_use]
+    pub fn on_unclaimed(mut self, hook: impl Fn(SendError) + Send + Sync + 'static) -> Self {
+        self.on_unclaimed = Some(Arc::new(hook));
+        self
+    }
+
+    /// The old name of [`ProducerBuilder::on_unclaimed`].
+    #[deprecated(
+        note = "renamed `on_unclaimed`: \"dead letter\" names the herald command's file of every failure"
+    )]
+    #[must_use]
+    pub fn dead_letter(self, hook: impl Fn(SendError) + Send + Sync + 'static) -> Self {
+        self.on_unclaimed(hook)
+    }
+
+    /// Names the producer: every metric it emits carries the label `producer` with this name,
+    /// so that several producers on one transport in one process keep separate series. Up to
+    /// 64 ASCII letters, digits, `_`, `-` or `.`; a name per producer, never per message.
+    /// Default: no name and no `producer` label.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// When the producer counts as degraded or unhealthy, and how often health is evaluated.
+    /// Default: [`HealthPolicy::default`].
+    pub fn health(mut self, policy: HealthPolicy) -> Self {
+        self.health = policy;
+        self
+    }
+
+    fn validate(&self) -> Result<(), BuildError> {
+        let invalid = |field, reason: &str| {
+            Err(BuildError::Invalid {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if self.max_buffered_messages == 0 {
+            return invalid("buffer.max_messages", "must be at least 1");
+        }
+        if self.max_buffered_bytes == 0 {
+            return invalid("buffer.max_bytes", "must be at least 1");
+        }
+        if self.max_message_bytes == 0 {
+            return invalid("max_message_bytes", "must be at least 1");
+        }
+        if self.max_message_bytes > self.max_buffered_bytes {
+            return Err(BuildError::Invalid {
+                field: "max_message_bytes",
+                reason: format!(
+                    "{} is larger than buffer.max_bytes ({}): such a message could never be buffered",
+                    self.max_message_bytes, self.max_buffered_bytes
+                ),
+            });
+        }
+        if self.max_in_flight == 0 {
+            return invalid("max_in_flight", "must be at least 1");
+        }
+        if self.delivery_timeout.is_zero() {
+            return invalid("delivery_timeout", "must be more than zero");
+        }
+        if self.delivery_timeout > MAX_DELIVERY_TIMEOUT {
+            return invalid(
+                "delivery_timeout",
+                "must be at most 365 days (a message is kept in memory until then)",
+            );
+        }
+        self.batching.validate()?;
+        if self.batching.linger() >= self.delivery_timeout {
+            return Err(BuildError::Invalid {
+                field: "batch.linger",
+                reason: format!(
+                    "{:?} is not shorter than delivery_timeout ({:?}): messages would expire while lingering",
+                    self.batching.linger(),
+                    self.delivery_timeout
+                ),
+            });
+        }
+        self.retry.validate()?;
+        self.budget.validate()?;
+        self.breaker.validate()?;
+        if let Some(name) = &self.name {
+            let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+            if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
+                return Err(BuildError::Invalid {
+                    field: "name",
+                    reason: format!(
+                        "{name:?}: use 1 to 64 ASCII letters, digits, `_`, `-` or `.` (it becomes a metric label)"
+                    ),
+                });
+            }
+        }
+        self.health.check().map_err(|reason| BuildError::Invalid {
+            field: "health",
+            reason,
+        })?;
+        Ok(())
+    }
+
+    /// Checks every setting and starts the producer's dispatcher on the current Tokio runtime.
+    pub fn build(self) -> Result<Producer, BuildError> {
+        self.validate()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
+        let acc = Accumulator::with_boxed_policy(
+            self.batching,
+            self.ordering.in_flight_per_destination(),
+        );
+        let config = Config {
+            max_buffered_messages: self.max_buffered_messages,
+            max_buffered_bytes: self.max_buffered_bytes,
+            max_message_bytes: self.max_message_bytes,
+            max_in_flight: self.max_in_flight,
+            delivery_timeout: self.delivery_timeout,
+            ordering: self.ordering,
+            retry: self.retry,
+            health: self.health,
+            name: self.name,
+        };
+        let shared = Arc::new(Shared::new(
+            config,
+            acc,
+            self.budget.build(clock_now()),
+            self.breaker.build(),
+            self.transport,
+            self.on_unclaimed,
+        ));
+        let dispatcher = runtime.spawn(dispatch::run_dispatcher(shared.clone()));
+        runtime.spawn(health::run_health(
+            Arc::downgrade(&shared),
+            shared.health.kick.clone(),
+            self.health.interval,
+        ));
+        Ok(Producer {
+            handle: Arc::new(Handle {
+                shared,
+                dispatcher: Mutex::new(Some(dispatcher)),
+            }),
+        })
+    }
+}
+
+/// The longest delivery timeout accepted: long enough for any outage, short enough that
+/// deadlines never overflow the clock.
+const MAX_DELIVERY_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);

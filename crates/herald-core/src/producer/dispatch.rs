@@ -1,0 +1,415 @@
+//! The dispatcher: turns queued messages into batches within the in-flight limit and the
+//! circuit breaker, sends them, and lands each batch's outcomes: deliveries, failures and
+//! retries (parked for their backoff and a retry-budget token, then queued again). Where
+//! strict ordering asks for more than that, it asks [`OrderingMode`] (see `order.rs`).
+
+use std::cmp::Reverse;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_retry::{CircuitState, ErrorClass, GiveUpReason, RetryContext, RetryDecision};
+
+use super::health::effective_circuit;
+use super::state::{clock_now, Entry, Finished, Meta, Parked, Shared, State};
+use crate::error::{FailureReason, TransportError};
+use crate::message::{Destination, Message};
+use crate::transport::BatchOutcome;
+
+/// The code of the error herald gives the messages of an attempt it cut off at their deadline.
+pub(crate) const ATTEMPT_TIMEOUT: &str = "herald_attempt_timeout";
+
+impl Shared {
+    /// Fails every queued or parked entry past its deadline; recomputes `next_expiry`.
+    fn expire(&self, st: &mut State, fin: &mut Finished, now: Instant) {
+        if st.next_expiry.is_none_or(|t| t > now) {
+            return;
+        }
+        let expired = st.acc.remove_where(|(_, meta)| meta.deadline <= now);
+        for (_, entry) in expired {
+            self.time_out(st, fin, entry, now);
+        }
+        for Reverse(mut p) in std::mem::take(&mut st.parked).into_vec() {
+            let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut p.entries)
+                .into_iter()
+                .partition(|(_, m)| m.deadline <= now);
+            p.entries = kept;
+            for entry in gone {
+                self.time_out(st, fin, entry, now);
+            }
+            if p.entries.is_empty() {
+                self.config
+                    .ordering
+                    .retries_ended(&mut st.acc, &p.destination);
+            } else {
+                st.parked.push(Reverse(p));
+            }
+        }
+        // The oldest remaining deadline: queues are in acceptance order but for retries, so scan.
+        let queued = st.acc.iter().map(|(_, (_, m))| m.deadline);
+        let parked = st
+            .parked
+            .iter()
+            .flat_map(|Reverse(p)| p.entries.iter().map(|(_, m)| m.deadline));
+        st.next_expiry = queued.chain(parked).min();
+    }
+
+    /// A close ran out of time: fails everything queued or parked with `Closed` (each handed
+    /// back to its caller), and from now on ends transient failures of the batches still in
+    /// flight as `Closed` too. Returns how many messages those batches hold.
+    pub(crate) fn abandon_queued(&self) -> usize {
+        let mut fin = Finished::default();
+        let in_flight = {
+            let mut st = self.lock();
+            self.abandon(&mut st, &mut fin);
+            st.buffered_messages
+        };
+        self.complete(fin);
+        self.wake.notify_one();
+        in_flight
+    }
+
+    /// Fails everything queued or parked with `Closed` (a close whose deadline passed). Batches in
+    /// flight are left to land.
+    fn abandon(&self, st: &mut State, fin: &mut Finished) {
+        st.abandoned = true;
+        let now = clock_now();
+        for (_, entry) in st.acc.drain_all() {
+            self.finish(st, fin, entry, Err(FailureReason::Closed), now);
+        }
+        for Reverse(p) in std::mem::take(&mut st.parked) {
+            self.config
+                .ordering
+                .retries_ended(&mut st.acc, &p.destination);
+            for entry in p.entries {
+                self.finish(st, fin, entry, Err(FailureReason::Closed), now);
+            }
+        }
+    }
+
+    /// Moves parked retries whose backoff is over back into the queues, as budget allows.
+    fn unpark(&self, st: &mut State, now: Instant) {
+        while st.parked.peek().is_some_and(|Reverse(p)| p.ready_at <= now) {
+            let Some(Reverse(mut p)) = st.parked.pop() else {
+                break;
+            };
+            if !st.budget.try_withdraw(now) {
+                if !p.denied {
+                    p.denied = true;
+                    self.metrics.budget_denied.increment(1);
+                }
+                // Look again when the floor alone would have refilled a token (traffic may
+                // refill it sooner), at most every 100 ms and at least every 1 ms.
+                let wait = match st.budget.min_per_sec() {
+                    0 => Duration::from_millis(100),
+                    n => Duration::from_secs(1) / n,
+                };
+                p.ready_at = now + wait.clamp(Duration::from_millis(1), Duration::from_millis(100));
+                st.parked.push(Reverse(p));
+                break;
+            }
+            let n = p.entries.len() as u64;
+            st.totals.retries += n;
+            self.metrics.retries.increment(n);
+            let for_expiry = p.entries.iter().map(|(_, m)| m.deadline).min();
+            st.expires_by(for_expiry);
+            self.config
+                .ordering
+                .requeue(&mut st.acc, &p.destination, p.entries, now);
+        }
+    }
+
+    /// One turn of the dispatcher: expire, unpark, take every batch that may go. Returns the
+    /// batches to send and when to look again.
+    fn plan(
+        &self,
+        st: &mut State,
+        fin: &mut Finished,
+        now: Instant,
+    ) -> (Vec<Flight>, Option<Instant>) {
+        self.expire(st, fin, now);
+        self.unpark(st, now);
+        let force = st.flushers > 0 || st.closing;
+        let mut flights = Vec::new();
+        while st.in_flight < self.config.max_in_flight {
+            if st.breaker.state() == CircuitState::Open
+                && st.breaker.retry_at().is_some_and(|t| t > now)
+            {
+                break;
+            }
+            let Some(batch) = st.acc.pop_ready(now, force) else {
+                break;
+            };
+            if !st.breaker.allow(now) {
+                // Half-open with its probes out: put the batch back where it was.
+                let items = batch.items.into_iter().map(|e| {
+                    let size = e.1.size;
+                    (e, size)
+                });
+                st.acc
+                    .push_front(&batch.destination, items.collect::<Vec<_>>(), now);
+                st.acc.batch_done(&batch.destination);
+                break;
+            }
+            let mut messages = Vec::with_capacity(batch.items.len());
+            let mut metas = Vec::with_capacity(batch.items.len());
+            let mut first_attempts = 0u64;
+            for (msg, mut meta) in batch.items {
+                if meta.deadline <= now {
+                    self.time_out(st, fin, (msg, meta), now);
+                    continue;
+                }
+                first_attempts += u64::from(meta.attempts == 0);
+                meta.attempts += 1;
+                messages.push(msg);
+                metas.push(meta);
+            }
+            if messages.is_empty() {
+                st.acc.batch_done(&batch.destination);
+                continue;
+            }
+            // One token's worth per batch carrying first attempts: the budget counts requests.
+            st.budget.deposit(u64::from(first_attempts > 0), now);
+            st.in_flight += 1;
+            st.totals.batches += 1;
+            self.metrics.batches.increment(1);
+            self.metrics.batch_messages.record(messages.len() as f64);
+            self.metrics.batch_bytes.record(batch.bytes as f64);
+            flights.push(Flight {
+                destination: batch.destination,
+                messages,
+                metas,
+            });
+        }
+        self.metrics.inflight.set(st.in_flight as f64);
+        self.metrics
+            .buffer_messages
+            .set(st.buffered_messages as f64);
+        self.metrics.buffer_bytes.set(st.buffered_bytes as f64);
+        self.metrics
+            .circuit
+            .set(effective_circuit(st.breaker.state(), st.breaker.retry_at(), now).as_gauge());
+        self.note_circuit(st);
+
+        let mut wake_at = st.acc.next_wakeup(now);
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+            }
+        };
+        consider(st.parked.peek().map(|Reverse(p)| p.ready_at));
+        if !st.acc.is_empty() || !st.parked.is_empty() {
+            consider(st.next_expiry);
+            if st.breaker.state() == CircuitState::Open {
+                consider(st.breaker.retry_at());
+            }
+        }
+        (flights, wake_at)
+    }
+
+    /// Handles the outcome of one batch: deliveries, permanent failures, retries.
+    fn land(&self, flight: &mut Flight, outcomes: BatchOutcome, fin: &mut Finished) {
+        let now = clock_now();
+        let mut st = self.lock();
+        st.in_flight -= 1;
+        st.acc.batch_done(&flight.destination);
+        let messages = std::mem::take(&mut flight.messages);
+        let metas = std::mem::take(&mut flight.metas);
+        let n = messages.len();
+        let mut outcomes = outcomes.into_iter();
+        let mut any_ok = false;
+        let mut all_transient = true;
+        let mut retry: Vec<Entry> = Vec::new();
+        let mut retry_after = Duration::ZERO;
+        let missing = || {
+            TransportError::transient(format!(
+                "transport returned fewer outcomes than the {n} messages of the batch"
+            ))
+        };
+        for (msg, mut meta) in messages.into_iter().zip(metas) {
+            let outcome = outcomes.next().unwrap_or_else(|| Err(missing()));
+            let error = match outcome {
+                Ok(ack) => {
+                    any_ok = true;
+                    all_transient = false;
+                    self.finish(&mut st, fin, (msg, meta), Ok(ack), now);
+                    continue;
+                }
+                Err(e) => e,
+            };
+            all_transient &= error.class() == ErrorClass::Transient;
+            let ctx = RetryContext {
+                attempts: meta.attempts,
+                class: error.class(),
+                time_left: meta.deadline.saturating_duration_since(now),
+                previous_delay: meta.previous_delay,
+            };
+            let decision = if st.abandoned {
+                // A close ran out of time: nothing more is retried.
+                RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted)
+            } else {
+                self.config.retry.decide(&ctx, &mut st.rng)
+            };
+            // herald's own cut-off of a hung attempt says less than the transport's own last
+            // error, if there was one: keep that as the error a delivery timeout reports.
+            let remember = |meta: &mut Meta, error: TransportError| {
+                if error.code() != Some(ATTEMPT_TIMEOUT) || meta.last_error.is_none() {
+                    meta.last_error = Some(Box::new(error));
+                }
+            };
+            let reason = match decision {
+                RetryDecision::GiveUp(_) if st.abandoned => FailureReason::Closed,
+                RetryDecision::Retry { after } => {
+                    meta.previous_delay = Some(after);
+                    remember(&mut meta, error);
+                    retry_after = retry_after.max(after);
+                    retry.push((msg, meta));
+                    continue;
+                }
+                RetryDecision::GiveUp(GiveUpReason::Permanent) => FailureReason::Rejected(error),
+                RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted) => {
+                    FailureReason::RetriesExhausted(error)
+                }
+                RetryDecision::GiveUp(GiveUpReason::DeadlineTooClose) => {
+                    remember(&mut meta, error);
+                    self.deadline_reason(&mut meta)
+                }
+            };
+            self.finish(&mut st, fin, (msg, meta), Err(reason), now);
+        }
+        if any_ok || !all_transient {
+            st.breaker.on_success(now);
+        } else {
+            st.breaker.on_failure(now);
+        }
+        self.note_circuit(&mut st);
+        if !retry.is_empty() {
+            self.config
+                .ordering
+                .retries_parked(&mut st.acc, &flight.destination);
+            let earliest = retry.iter().map(|(_, m)| m.deadline).min();
+            st.expires_by(earliest);
+            st.parked_seq += 1;
+            let seq = st.parked_seq;
+            st.parked.push(Reverse(Parked {
+                ready_at: now + retry_after,
+                seq,
+                destination: flight.destination.clone(),
+                entries: retry,
+                denied: false,
+            }));
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+}
+
+/// A batch being sent.
+pub(crate) struct Flight {
+    destination: Destination,
+    messages: Vec<Message>,
+    metas: Vec<Meta>,
+}
+
+/// Owns a batch while the transport sends it. Dropped before the outcome lands (the transport
+/// panicked, or the runtime shut down in the middle of the send), it lands the batch as a
+/// transient failure: the in-flight slot is freed and the messages are retried, or, when the
+/// producer itself is going away, end as `Closed` through the state's drop guard.
+struct Sending {
+    shared: Arc<Shared>,
+    flight: Flight,
+    landed: bool,
+}
+
+impl Sending {
+    fn land(&mut self, outcomes: BatchOutcome) {
+        // Set first: should landing itself panic (in a user's retry policy), it is not repeated.
+        self.landed = true;
+        let mut fin = Finished::default();
+        self.shared.land(&mut self.flight, outcomes, &mut fin);
+        self.shared.complete(fin);
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if !self.landed {
+            let e = TransportError::transient(
+                "the transport's send was aborted: it panicked, or its task was cancelled",
+            )
+            .with_code("herald_send_aborted");
+            let n = self.flight.messages.len();
+            self.land(vec![Err(e); n]);
+        }
+    }
+}
+
+async fn send_flight(shared: Arc<Shared>, flight: Flight) {
+    let mut sending = Sending {
+        shared,
+        flight,
+        landed: false,
+    };
+    // An attempt may not outlive the earliest deadline in the batch: a transport that hangs must
+    // not keep any message past its delivery timeout. Messages with time left are retried.
+    let earliest = sending.flight.metas.iter().map(|m| m.deadline).min();
+    let budget = earliest.map_or(Duration::ZERO, |d| d.saturating_duration_since(clock_now()));
+    let send = sending
+        .shared
+        .transport
+        .send_batch(&sending.flight.destination, &sending.flight.messages);
+    let outcomes = match tokio::time::timeout(budget, send).await {
+        Ok(outcomes) => outcomes,
+        Err(_) => {
+            let mut e = TransportError::transient(format!(
+                "the transport did not answer within {budget:?}, the time left before the batch's first delivery deadline"
+            ))
+            .with_code(ATTEMPT_TIMEOUT);
+            if let Some(diagnosis) = sending.shared.transport.diagnosis() {
+                e = e.with_context(diagnosis);
+            }
+            vec![Err(e); sending.flight.messages.len()]
+        }
+    };
+    sending.land(outcomes);
+}
+
+/// The dispatcher: turns queued messages into batches and hands them to the transport, within
+/// the in-flight limit and the circuit breaker; runs until the producer is closed or dropped
+/// and everything accepted has ended.
+pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
+    loop {
+        let now = clock_now();
+        let mut fin = Finished::default();
+        let (flights, wake_at, exit) = {
+            let mut st = shared.lock();
+            let (flights, wake_at) = shared.plan(&mut st, &mut fin, now);
+            let exit = st.closing && st.buffered_messages == 0 && st.in_flight == 0;
+            (flights, wake_at, exit)
+        };
+        shared.complete(fin);
+        for flight in flights {
+            tokio::spawn(send_flight(shared.clone(), flight));
+        }
+        if exit {
+            shared.transport.close().await;
+            shared.stopped.store(true, Ordering::Release);
+            // The last word (closed) is published here: when the producer was dropped, the
+            // health task may find the pipeline gone before it evaluates again.
+            shared.evaluate_health(clock_now(), true);
+            shared.health.kick.notify_one();
+            return;
+        }
+        let notified = shared.wake.notified();
+        match wake_at {
+            Some(at) => {
+                let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(at));
+                tokio::select! {
+                    () = notified => {}
+                    () = sleep => {}
+                }
+            }
+            None => notified.await,
+        }
+    }
+}

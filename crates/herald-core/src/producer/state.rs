@@ -1,0 +1,481 @@
+//! The pipeline's state: one mutex around the buffer, the parked retries and the totals, and
+//! the two doors every message passes: acceptance ([`Shared::admit`]) and its end
+//! ([`Shared::finish`], then [`Shared::complete`] once the lock is released).
+//!
+//! Invariants (docs/architecture.md names them):
+//! - Every accepted message is in exactly one place: the accumulator, the parked retries, or an
+//!   in-flight batch; and it leaves through exactly one `Completion::complete`. Drop guards on the
+//!   state and on in-flight batches complete whatever is left with `Closed`, so even a runtime
+//!   shutting down cannot drop a message silently.
+//! - `buffered_*` counts messages from acceptance to completion; it is what backpressure bounds.
+//! - `unsettled` counts an accepted message before the lock that accepted it is released, and
+//!   stops counting it only after its completion ran: `flush` and `close` rely on it.
+//! - The mutex is never held across an `.await`, and completions run after it is released.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use herald_batch::Accumulator;
+use herald_retry::{CircuitBreaker, CircuitState, RetryBudget, RetryPolicy};
+use tokio::sync::Notify;
+
+use super::completion::{Completion, Delivery, Group, Outcome, Unclaimed, UnclaimedHook};
+use super::health::HealthMonitor;
+use super::order::OrderingMode;
+use crate::error::{FailureReason, SendError, TransportError};
+use crate::health::HealthPolicy;
+use crate::message::{Destination, Message};
+use crate::metrics::Metrics;
+use crate::transport::Transport;
+
+/// The pipeline's clock: Tokio's, so that tests on a paused runtime run backoffs and timeouts in
+/// virtual time. Outside such tests it is `std::time::Instant::now()`.
+pub(crate) fn clock_now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Settings fixed at build time.
+pub(crate) struct Config {
+    pub(crate) max_buffered_messages: usize,
+    pub(crate) max_buffered_bytes: usize,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) max_in_flight: usize,
+    pub(crate) delivery_timeout: Duration,
+    pub(crate) ordering: OrderingMode,
+    pub(crate) retry: Arc<dyn RetryPolicy>,
+    pub(crate) health: HealthPolicy,
+    /// The `producer` metric label, if set.
+    pub(crate) name: Option<String>,
+}
+
+/// Bookkeeping for one message besides the message itself.
+///
+/// Kept small (it is moved several times per message on the hot path): the acceptance time is
+/// derived from the deadline, and the last error, needed only after a failure, is boxed.
+pub(crate) struct Meta {
+    pub(crate) done: Completion,
+    pub(crate) deadline: Instant,
+    pub(crate) size: usize,
+    pub(crate) attempts: u32,
+    pub(crate) previous_delay: Option<Duration>,
+    pub(crate) last_error: Option<Box<TransportError>>,
+}
+
+pub(crate) type Entry = (Message, Meta);
+
+/// The retries of one batch, waiting for their backoff and then for one retry-budget token:
+/// the group goes back to the queue whole (strict ordering never splits it), as one retry
+/// request.
+pub(crate) struct Parked {
+    pub(crate) ready_at: Instant,
+    pub(crate) seq: u64,
+    pub(crate) destination: Destination,
+    pub(crate) entries: Vec<Entry>,
+    /// Whether the budget has held this group back already (counted once).
+    pub(crate) denied: bool,
+}
+
+impl PartialEq for Parked {
+    fn eq(&self, other: &Self) -> bool {
+        (self.ready_at, self.seq) == (other.ready_at, other.seq)
+    }
+}
+impl Eq for Parked {}
+impl PartialOrd for Parked {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Parked {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.ready_at, self.seq).cmp(&(other.ready_at, other.seq))
+    }
+}
+
+/// Running totals, readable through `Producer::stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Messages accepted into the buffer.
+    pub accepted: u64,
+    /// Messages acknowledged by the broker.
+    pub delivered: u64,
+    /// Messages handed back with an error (after acceptance or before it).
+    pub failed: u64,
+    /// Message retries scheduled.
+    pub retries: u64,
+    /// Batches handed to the transport.
+    pub batches: u64,
+}
+
+pub(crate) struct State {
+    pub(crate) acc: Accumulator<Destination, Entry>,
+    pub(crate) parked: BinaryHeap<Reverse<Parked>>,
+    pub(crate) parked_seq: u64,
+    pub(crate) buffered_messages: usize,
+    pub(crate) buffered_bytes: usize,
+    pub(crate) in_flight: usize,
+    /// No new messages; drain what is there.
+    pub(crate) closing: bool,
+    /// `flush` calls waiting: linger is skipped while any is.
+    pub(crate) flushers: usize,
+    pub(crate) budget: RetryBudget,
+    pub(crate) breaker: CircuitBreaker,
+    pub(crate) rng: fastrand::Rng,
+    /// No queued or parked entry expires before this (it may be early, never late).
+    pub(crate) next_expiry: Option<Instant>,
+    pub(crate) totals: Totals,
+    /// A close ran out of time: failures end as `Closed` instead of being retried.
+    pub(crate) abandoned: bool,
+    /// The circuit state health last saw, to tell the health task at once when it changes.
+    pub(crate) circuit_seen: CircuitState,
+    /// Numbers health evaluations in the order they read this state.
+    pub(crate) health_ticket: u64,
+    /// Of `totals.failed`, the messages refused before acceptance (full buffer, too large,
+    /// closed): backpressure and caller mistakes, left out of the health error rate.
+    pub(crate) refused: u64,
+    /// Where leftovers go when the state itself is dropped.
+    unclaimed: Arc<Unclaimed>,
+}
+
+impl State {
+    /// Brings the next expiry check forward to `deadline` if that is earlier.
+    pub(crate) fn expires_by(&mut self, deadline: Option<Instant>) {
+        self.next_expiry = match (self.next_expiry, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// Whatever is still queued or parked when the state goes away (a runtime shutting down with the
+/// dispatcher in it) ends as `Closed`, handed back to its caller.
+impl Drop for State {
+    fn drop(&mut self) {
+        let left: Vec<Entry> = self
+            .acc
+            .drain_all()
+            .into_iter()
+            .map(|(_, e)| e)
+            .chain(self.parked.drain().flat_map(|Reverse(p)| p.entries))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        for (msg, meta) in left {
+            let attempts = meta.attempts;
+            meta.done.complete(
+                Err(SendError::new(msg, FailureReason::Closed, attempts)),
+                &self.unclaimed,
+            );
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    /// Wakes the dispatcher: a new linger deadline, a full batch, a flush, a close, a freed slot.
+    pub(crate) wake: Notify,
+    /// Wakes senders waiting for buffer space.
+    pub(crate) space: Notify,
+    /// Wakes `flush`/`close` when the last accepted message has ended.
+    pub(crate) idle: Notify,
+    /// Messages accepted whose completion has not run yet. Unlike `State::buffered_messages`
+    /// (freed under the lock, for backpressure), this drops only after the completion ran, so
+    /// `flush` and `close` return when every caller has really been told.
+    pub(crate) unsettled: AtomicUsize,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) config: Config,
+    pub(crate) metrics: Metrics,
+    pub(crate) unclaimed: Arc<Unclaimed>,
+    pub(crate) health: HealthMonitor,
+    /// The dispatcher has finished: everything accepted has ended and the transport is closed.
+    pub(crate) stopped: AtomicBool,
+}
+
+/// A message that could not be accepted, with its completion, to be retried or answered.
+/// Returned by value (not boxed) on purpose: a full buffer in `send_all` meets it once per wait,
+/// and it goes straight back into the next try.
+pub(crate) struct Refused {
+    pub(crate) msg: Message,
+    pub(crate) done: Completion,
+    pub(crate) reason: FailureReason,
+}
+
+/// What [`Shared::admit`] did with the messages it was given.
+pub(crate) struct Admission {
+    /// Messages accepted.
+    pub(crate) accepted: usize,
+    /// The message that found the buffer full: admission stopped there. It may try again once
+    /// space frees (`Shared::space`).
+    pub(crate) full: Option<Refused>,
+    /// Messages refused for good (too large, or the producer is closing), in input order.
+    pub(crate) refused: Vec<Refused>,
+}
+
+/// Completions to run once the lock is released.
+#[derive(Default)]
+pub(crate) struct Finished {
+    items: Vec<(Completion, Outcome)>,
+    /// Deliveries of `send_all` messages, as runs of one group: counted, not answered one by one.
+    group_delivered: Vec<(Arc<Group>, u64)>,
+    delivered: u64,
+    /// Entries ended into this `Finished`.
+    settled: usize,
+    /// The last (deadline, latency) computed: messages accepted together share their deadline,
+    /// so a batch needs few clock subtractions.
+    latency: Option<(Instant, Duration)>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        config: Config,
+        acc: Accumulator<Destination, Entry>,
+        budget: RetryBudget,
+        breaker: CircuitBreaker,
+        transport: Arc<dyn Transport>,
+        on_unclaimed: Option<UnclaimedHook>,
+    ) -> Self {
+        let metrics = Metrics::new(
+            transport.name(),
+            config.name.as_deref(),
+            config.max_buffered_messages,
+            config.max_buffered_bytes,
+        );
+        let unclaimed = Arc::new(Unclaimed::new(on_unclaimed, metrics.unclaimed.clone()));
+        Self {
+            state: Mutex::new(State {
+                acc,
+                parked: BinaryHeap::new(),
+                parked_seq: 0,
+                buffered_messages: 0,
+                buffered_bytes: 0,
+                in_flight: 0,
+                closing: false,
+                flushers: 0,
+                budget,
+                breaker,
+                rng: fastrand::Rng::new(),
+                next_expiry: None,
+                totals: Totals::default(),
+                abandoned: false,
+                circuit_seen: CircuitState::Closed,
+                health_ticket: 0,
+                refused: 0,
+                unclaimed: unclaimed.clone(),
+            }),
+            wake: Notify::new(),
+            space: Notify::new(),
+            idle: Notify::new(),
+            unsettled: AtomicUsize::new(0),
+            transport,
+            config,
+            metrics,
+            unclaimed,
+            health: HealthMonitor::new(),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stops accepting messages: the dispatcher drains what was accepted, then closes the
+    /// transport; health turns to closed at once.
+    pub(crate) fn start_closing(&self) {
+        self.lock().closing = true;
+        self.wake.notify_one();
+        self.health.kick.notify_one();
+    }
+
+    /// The accept protocol, the one door into the pipeline: takes `msgs` in order under one
+    /// hold of the lock until one finds the buffer full (handed back in
+    /// [`Admission::full`], and nothing after it is taken from `msgs`), refusing those that are
+    /// too large or come after a close ([`Admission::refused`], not yet counted: the caller
+    /// answers and counts them). `counted` runs with the number accepted while the lock is
+    /// still held, and `unsettled` grows by it there too: no accepted message can end, and no
+    /// `flush` can return, before they are counted. Wakes the dispatcher if a batch became
+    /// ready or a linger deadline was set.
+    pub(crate) fn admit(
+        &self,
+        msgs: impl Iterator<Item = (Message, Completion)>,
+        counted: impl FnOnce(usize),
+    ) -> Admission {
+        let mut admission = Admission {
+            accepted: 0,
+            full: None,
+            refused: Vec::new(),
+        };
+        let mut wake = false;
+        {
+            let mut st = self.lock();
+            let now = clock_now();
+            for (msg, done) in msgs {
+                match self.push(&mut st, msg, done, now) {
+                    Ok(w) => {
+                        admission.accepted += 1;
+                        wake |= w;
+                    }
+                    Err(refused) if matches!(refused.reason, FailureReason::BufferFull) => {
+                        admission.full = Some(refused);
+                        break;
+                    }
+                    Err(refused) => admission.refused.push(refused),
+                }
+            }
+            counted(admission.accepted);
+            self.unsettled
+                .fetch_add(admission.accepted, Ordering::Relaxed);
+        }
+        self.metrics.accepted.increment(admission.accepted as u64);
+        if wake {
+            self.wake.notify_one();
+        }
+        admission
+    }
+
+    /// Accepts one message into the buffer, or refuses it (full, too large, closed). Returns
+    /// whether the dispatcher needs waking. Only [`Shared::admit`] calls it: it keeps the
+    /// protocol around it.
+    #[allow(clippy::result_large_err)] // see `Refused`
+    fn push(
+        &self,
+        st: &mut State,
+        msg: Message,
+        done: Completion,
+        now: Instant,
+    ) -> Result<bool, Refused> {
+        let size = msg.size();
+        #[allow(clippy::result_large_err)] // see `Refused`
+        let refuse = |msg, done, reason| Err(Refused { msg, done, reason });
+        if st.closing {
+            return refuse(msg, done, FailureReason::Closed);
+        }
+        if size > self.config.max_message_bytes {
+            return refuse(
+                msg,
+                done,
+                FailureReason::TooLarge {
+                    size,
+                    max: self.config.max_message_bytes,
+                },
+            );
+        }
+        if st.buffered_messages >= self.config.max_buffered_messages
+            || st.buffered_bytes + size > self.config.max_buffered_bytes
+        {
+            return refuse(msg, done, FailureReason::BufferFull);
+        }
+        st.buffered_messages += 1;
+        st.buffered_bytes += size;
+        st.totals.accepted += 1;
+        let deadline = now + self.config.delivery_timeout;
+        if st.next_expiry.is_none() {
+            st.next_expiry = Some(deadline);
+        }
+        let slot = st.acc.slot(msg.destination());
+        let meta = Meta {
+            done,
+            deadline,
+            size,
+            attempts: 0,
+            previous_delay: None,
+            last_error: None,
+        };
+        Ok(st.acc.push_back_at(slot, (msg, meta), size, now))
+    }
+
+    /// Counts a refusal in totals and metrics.
+    pub(crate) fn count_refused(&self, reason: &FailureReason) {
+        let mut st = self.lock();
+        st.totals.failed += 1;
+        st.refused += 1;
+        drop(st);
+        self.metrics.failed(reason, 1);
+    }
+
+    /// Ends `entry` with `outcome`: frees its buffer space, counts it, queues its completion.
+    pub(crate) fn finish(
+        &self,
+        st: &mut State,
+        fin: &mut Finished,
+        entry: Entry,
+        outcome: Result<crate::Ack, FailureReason>,
+        now: Instant,
+    ) {
+        let (msg, meta) = entry;
+        st.buffered_messages -= 1;
+        st.buffered_bytes -= meta.size;
+        fin.settled += 1;
+        match outcome {
+            Ok(ack) => {
+                st.totals.delivered += 1;
+                fin.delivered += 1;
+                let latency = match fin.latency {
+                    Some((deadline, latency)) if deadline == meta.deadline => latency,
+                    _ => {
+                        let accepted_at = meta.deadline - self.config.delivery_timeout;
+                        let latency = now.saturating_duration_since(accepted_at);
+                        fin.latency = Some((meta.deadline, latency));
+                        latency
+                    }
+                };
+                self.metrics.latency.record(latency.as_secs_f64());
+                match meta.done {
+                    Completion::Group(g) => match fin.group_delivered.last_mut() {
+                        Some((last, n)) if Arc::ptr_eq(last, &g) => *n += 1,
+                        _ => fin.group_delivered.push((g, 1)),
+                    },
+                    done => fin.items.push((
+                        done,
+                        Ok(Delivery {
+                            ack,
+                            attempts: meta.attempts,
+                            latency,
+                        }),
+                    )),
+                }
+            }
+            Err(reason) => {
+                st.totals.failed += 1;
+                self.metrics.failed(&reason, 1);
+                let e = SendError::new(msg, reason, meta.attempts);
+                fin.items.push((meta.done, Err(e)));
+            }
+        }
+    }
+
+    /// Runs completions and wakes whoever waits for space or for an empty buffer.
+    pub(crate) fn complete(&self, fin: Finished) {
+        for (group, n) in fin.group_delivered {
+            group.delivered(n);
+        }
+        for (done, outcome) in fin.items {
+            done.complete(outcome, &self.unclaimed);
+        }
+        self.metrics.delivered.increment(fin.delivered);
+        if fin.settled > 0 {
+            self.space.notify_waiters();
+            if self.unsettled.fetch_sub(fin.settled, Ordering::AcqRel) == fin.settled {
+                self.idle.notify_waiters();
+            }
+        }
+    }
+
+    pub(crate) fn deadline_reason(&self, meta: &mut Meta) -> FailureReason {
+        FailureReason::DeliveryTimeout {
+            timeout: self.config.delivery_timeout,
+            last: meta.last_error.take().map(|e| *e),
+        }
+    }
+
+    /// Ends an entry whose delivery deadline has passed.
+    pub(crate) fn time_out(&self, st: &mut State, fin: &mut Finished, entry: Entry, now: Instant) {
+        let (msg, mut meta) = entry;
+        let reason = self.deadline_reason(&mut meta);
+        self.finish(st, fin, (msg, meta), Err(reason), now);
+    }
+}
