@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::it::{docker_engine, port_open, Broker};
+use crate::broker::{docker_engine, free_port, port_open, Broker};
+use crate::process::{apt_get, cargo, on_path, run};
+use crate::report::{machine, replace_section, thousands};
 
 const SHARED: &str = "127.0.0.1:5672";
 const SHARED_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -101,7 +103,7 @@ fn wait_ready(addr: &str, within: Duration) -> bool {
 }
 
 fn has_rabbitmq_server() -> bool {
-    Path::new("/usr/sbin/rabbitmq-server").exists() || crate::on_path("rabbitmq-server")
+    Path::new("/usr/sbin/rabbitmq-server").exists() || on_path("rabbitmq-server")
 }
 
 /// True when `rabbitmq-server` is there, installing Debian's package if it is missing.
@@ -113,14 +115,8 @@ fn ensure_rabbitmq_server() -> bool {
         return false;
     }
     eprintln!("amqp: installing Debian's rabbitmq-server");
-    let _updated = crate::apt_get(&["update", "-q"], None);
-    crate::apt_get(&["install", "-y", "-q", "rabbitmq-server"], None) && has_rabbitmq_server()
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    let _updated = apt_get(&["update", "-q"], None);
+    apt_get(&["install", "-y", "-q", "rabbitmq-server"], None) && has_rabbitmq_server()
 }
 
 /// A node of our own: own name, ports, folders and config file (the machine's config may pin
@@ -199,7 +195,7 @@ fn start_docker() -> Result<Broker> {
     let port = free_port()?;
     let name = format!("herald-amqp-it-{}", std::process::id());
     eprintln!("amqp: starting Docker's rabbitmq:3 as {name} on 127.0.0.1:{port}");
-    crate::run(
+    run(
         "docker run rabbitmq",
         Command::new("docker").args([
             "run",
@@ -246,7 +242,7 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
     let out = root.join("target/bench/amqp.json");
     std::fs::create_dir_all(out.parent().context("target/bench")?)?;
     let messages = std::env::var("HERALD_BENCH_AMQP_MESSAGES").unwrap_or_else(|_| "100000".into());
-    let mut cmd = crate::cargo();
+    let mut cmd = cargo();
     cmd.args([
         "run",
         "--release",
@@ -265,14 +261,14 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
     for (k, v) in &broker.env {
         cmd.env(k, v);
     }
-    let result = crate::run("amqp benchmark", &mut cmd);
+    let result = run("amqp benchmark", &mut cmd);
     drop(broker);
     result?;
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
     let mut table = format!(
         "Run: `cargo xtask bench amqp` on {}, broker on the same machine ({}). {} persistent \
          messages per run to a fresh durable classic queue; {} channels × {} unconfirmed.\n\n",
-        crate::machine(),
+        machine(),
         json["broker"].as_str().unwrap_or("?"),
         json["messages"],
         json["channels"],
@@ -291,12 +287,12 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
             "| {} B | {} | {} | {:.2}× | {:.1}× |\n",
             f["payload_bytes"],
             f["what"].as_str().unwrap_or("?"),
-            crate::thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
+            thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
             f["vs_raw"].as_f64().unwrap_or(0.0),
             f["vs_naive"].as_f64().unwrap_or(0.0),
         ));
     }
-    crate::replace_section(&root.join("docs/benchmarks.md"), "amqp", &table)?;
+    replace_section(&root.join("docs/benchmarks.md"), "amqp", &table)?;
     eprintln!("docs/benchmarks.md: amqp section updated\n\n{table}");
     Ok(())
 }

@@ -7,29 +7,26 @@
 //! hermetic. They read the broker's address from the environment (`HERALD_KAFKA_BOOTSTRAP`,
 //! `HERALD_AMQP_URL`); a broker given that way by the user is used as it is.
 
-use std::process::Command;
-
 use anyhow::{bail, Result};
+use clap::ValueEnum;
 
-use crate::{cargo, run_within};
+use crate::broker::Broker;
+use crate::process::{cargo, run_within};
+use crate::{amqp, kafka};
 
-/// A broker ready for tests: the environment the tests need, and what to undo afterwards.
-pub(crate) struct Broker {
-    pub(crate) env: Vec<(&'static str, String)>,
-    /// Runs on drop: stops what provisioning started. `None` when the broker was already there.
-    pub(crate) stop: Option<Box<dyn FnOnce()>>,
+/// A set of tests that need real brokers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Target {
+    /// herald-kafka's tests/it.rs, against Kafka
+    Kafka,
+    /// herald-amqp's tests/it.rs, against RabbitMQ
+    Amqp,
+    /// herald-cli's tests/real_brokers.rs, against Kafka and RabbitMQ
+    Cli,
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop();
-        }
-    }
-}
-
-/// A broker (or several) and the tests run against it.
-struct Target {
+/// A target's tests and how to get their brokers.
+struct Suite {
     name: &'static str,
     package: &'static str,
     /// The test target (`tests/NAME.rs`) whose ignored tests need the broker.
@@ -37,10 +34,35 @@ struct Target {
     provision: fn() -> Result<Broker>,
 }
 
+impl Target {
+    fn suite(self) -> Suite {
+        match self {
+            Target::Kafka => Suite {
+                name: "kafka",
+                package: "herald-kafka",
+                test: "it",
+                provision: kafka::provision,
+            },
+            Target::Amqp => Suite {
+                name: "amqp",
+                package: "herald-amqp",
+                test: "it",
+                provision: amqp::provision,
+            },
+            Target::Cli => Suite {
+                name: "cli",
+                package: "herald-cli",
+                test: "real_brokers",
+                provision: provision_all,
+            },
+        }
+    }
+}
+
 /// Kafka and RabbitMQ together, for the CLI's tests; both stopped afterwards.
 fn provision_all() -> Result<Broker> {
-    let mut kafka = crate::kafka::provision()?;
-    let mut amqp = crate::amqp::provision()?;
+    let mut kafka = kafka::provision()?;
+    let mut amqp = amqp::provision()?;
     let mut env = std::mem::take(&mut kafka.env);
     env.append(&mut amqp.env);
     let stops: Vec<Box<dyn FnOnce()>> = [kafka.stop.take(), amqp.stop.take()]
@@ -53,38 +75,14 @@ fn provision_all() -> Result<Broker> {
     })
 }
 
-const TARGETS: &[Target] = &[
-    Target {
-        name: "kafka",
-        package: "herald-kafka",
-        test: "it",
-        provision: crate::kafka::provision,
-    },
-    Target {
-        name: "amqp",
-        package: "herald-amqp",
-        test: "it",
-        provision: crate::amqp::provision,
-    },
-    Target {
-        name: "cli",
-        package: "herald-cli",
-        test: "real_brokers",
-        provision: provision_all,
-    },
-];
-
-pub(crate) fn it(args: &[String]) -> Result<()> {
-    let wanted: Vec<&str> = if args.is_empty() {
-        TARGETS.iter().map(|t| t.name).collect()
+/// Runs the tests of `targets`, in that order; of every target when `targets` is empty.
+pub(crate) fn it(targets: &[Target]) -> Result<()> {
+    let wanted = if targets.is_empty() {
+        Target::value_variants()
     } else {
-        args.iter().map(String::as_str).collect()
+        targets
     };
-    for name in &wanted {
-        let Some(target) = TARGETS.iter().find(|t| t.name == *name) else {
-            let known: Vec<&str> = TARGETS.iter().map(|t| t.name).collect();
-            bail!("unknown broker `{name}`; known: {known:?}");
-        };
+    for target in wanted.iter().map(|t| t.suite()) {
         eprintln!("\n==> it {}: provisioning a broker", target.name);
         let broker = (target.provision)()?;
         let mut cmd = cargo();
@@ -105,9 +103,6 @@ pub(crate) fn it(args: &[String]) -> Result<()> {
         drop(broker);
         result?;
     }
-    if wanted.is_empty() {
-        eprintln!("xtask it: no broker adapters yet");
-    }
     Ok(())
 }
 
@@ -123,19 +118,17 @@ fn time_limit() -> Result<std::time::Duration> {
     }
 }
 
-/// Whether something accepts TCP connections on `addr` within a second.
-pub(crate) fn port_open(addr: &str) -> bool {
-    use std::net::{TcpStream, ToSocketAddrs};
-    addr.to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|a| TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok())
-}
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum;
 
-/// Whether a Docker engine answers (the client alone is not enough).
-pub(crate) fn docker_engine() -> bool {
-    Command::new("docker")
-        .args(["info", "--format", "{{.ServerVersion}}"])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    use super::Target;
+
+    #[test]
+    fn every_target_is_logged_under_its_command_line_name() {
+        for target in Target::value_variants() {
+            let value = target.to_possible_value().expect("no target is skipped");
+            assert_eq!(target.suite().name, value.get_name());
+        }
+    }
 }

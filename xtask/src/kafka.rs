@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::it::{docker_engine, port_open, Broker};
+use crate::broker::{docker_engine, free_port, port_open, Broker};
+use crate::process::{cargo, project_root, run};
+use crate::report::{machine, replace_section, thousands};
 
 const TANSU_VERSION: &str = "0.6.0";
 
@@ -28,9 +30,9 @@ pub(crate) fn provision() -> Result<Broker> {
         return Ok(Broker { env, stop: None });
     }
     if docker_engine() {
-        let compose = crate::project_root().join("tests/docker-compose.yml");
+        let compose = project_root().join("tests/docker-compose.yml");
         let compose = compose.to_str().context("utf-8 path")?.to_owned();
-        crate::run(
+        run(
             "docker compose up kafka",
             Command::new("docker").args(["compose", "-f", &compose, "up", "-d", "--wait", "kafka"]),
         )?;
@@ -97,9 +99,9 @@ fn tansu_bin() -> Result<PathBuf> {
 
 fn install_tansu() -> Result<PathBuf> {
     eprintln!("kafka: installing Tansu {TANSU_VERSION} (once; about 7 minutes on 2 cores)");
-    crate::run(
+    run(
         "cargo install tansu",
-        crate::cargo().args([
+        cargo().args([
             "install",
             "tansu",
             "--version",
@@ -112,14 +114,9 @@ fn install_tansu() -> Result<PathBuf> {
     tansu_bin()
 }
 
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
 /// Starts `tansu broker` on `port` with `storage`; its output goes to target/it/tansu-PORT.log.
 fn start_tansu(bin: &Path, port: u16, storage: &str) -> Result<Child> {
-    let logs = crate::project_root().join("target/it");
+    let logs = project_root().join("target/it");
     std::fs::create_dir_all(&logs)?;
     let log = std::fs::File::create(logs.join(format!("tansu-{port}.log")))?;
     let url = format!("tcp://127.0.0.1:{port}");
@@ -159,9 +156,9 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
     std::fs::create_dir_all(out.parent().context("target/bench")?)?;
     let messages =
         std::env::var("HERALD_BENCH_KAFKA_MESSAGES").unwrap_or_else(|_| "1000000".into());
-    crate::run(
+    run(
         "kafka benchmark",
-        crate::cargo().args([
+        cargo().args([
             "run",
             "--release",
             "-p",
@@ -185,7 +182,7 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
     let mut body = format!(
         "Run: `cargo xtask bench kafka` on {}, against {} (Tansu `memory://` when no other broker is given).\n\n",
-        crate::machine(),
+        machine(),
         bootstrap
     );
     body.push_str("| message | messages | raw rdkafka best (msgs/s) | herald (msgs/s) | naive (msgs/s) | herald / raw | herald / naive |\n|---|---:|---:|---:|---:|---:|---:|\n");
@@ -197,14 +194,14 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
             "| {} B | {} | {} | {} | {:.0} | {:.2}× | {:.0}× |\n",
             r["size"],
             r["messages"],
-            crate::thousands(raw),
-            crate::thousands(her),
+            thousands(raw),
+            thousands(her),
             naive,
             her / raw,
             her / naive
         ));
     }
-    crate::replace_section(&root.join("docs/benchmarks.md"), "kafka", &body)?;
+    replace_section(&root.join("docs/benchmarks.md"), "kafka", &body)?;
     eprintln!("docs/benchmarks.md: kafka section updated");
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{apt_get, on_path, run};
+use crate::process::{apt_get, on_path, run};
 
 /// `2.42.0` from `promtool, version 2.42.0 (branch: ...)`.
 fn promtool_version(promtool: &Path) -> Option<String> {

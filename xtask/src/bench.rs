@@ -1,0 +1,206 @@
+//! `cargo xtask bench`: runs the benchmarks (the pipeline here, the brokers' in `kafka.rs` and
+//! `amqp.rs`), rewrites their sections of docs/benchmarks.md, then the summary table and
+//! docs/benchmarks-throughput.svg (drawn by `chart.rs`) from the last runs in target/bench.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::process::{cargo, run};
+use crate::report::{machine, replace_section, thousands};
+use crate::{amqp, chart, kafka};
+
+/// Which benchmarks to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Which {
+    /// herald's pipeline alone, on an in-memory transport, against a bare tokio channel
+    Pipeline,
+    /// herald against raw rdkafka at its best and the naive pattern, on one Kafka broker
+    Kafka,
+    /// herald against raw lapin at its best and the naive pattern, on one RabbitMQ broker
+    Amqp,
+    /// pipeline, kafka and amqp, in that order
+    All,
+    /// none: only the summary table and the chart, from the last runs
+    Summary,
+}
+
+/// Runs `which` benchmarks, then rewrites the summary and the chart from the last runs.
+pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
+    match which {
+        Which::Pipeline => bench_pipeline(root)?,
+        Which::Kafka => kafka::bench(root)?,
+        Which::Amqp => amqp::bench(root)?,
+        Which::All => {
+            bench_pipeline(root)?;
+            kafka::bench(root)?;
+            amqp::bench(root)?;
+        }
+        Which::Summary => {}
+    }
+    // The summary reads whatever runs are in target/bench, this one included.
+    bench_summary(root)
+}
+
+/// One broker and message size: herald against the raw client at its best and the naive pattern.
+struct Row {
+    broker: &'static str,
+    size: u64,
+    herald: f64,
+    raw: f64,
+    naive: f64,
+}
+
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// The rows of the last Kafka and RabbitMQ runs (target/bench/*.json), where there are some.
+fn broker_rows(root: &Path) -> Vec<Row> {
+    let mut rows = Vec::new();
+    if let Some(k) = read_json(&root.join("target/bench/kafka.json")) {
+        for r in k["rows"].as_array().into_iter().flatten() {
+            rows.push(Row {
+                broker: "Kafka",
+                size: r["size"].as_u64().unwrap_or(0),
+                herald: r["herald_msgs_per_sec"].as_f64().unwrap_or(0.0),
+                raw: r["raw_best_msgs_per_sec"].as_f64().unwrap_or(0.0),
+                naive: r["naive_msgs_per_sec"].as_f64().unwrap_or(0.0),
+            });
+        }
+    }
+    if let Some(a) = read_json(&root.join("target/bench/amqp.json")) {
+        let figures = a["figures"].as_array().cloned().unwrap_or_default();
+        let mut sizes: Vec<u64> = figures
+            .iter()
+            .filter_map(|f| f["payload_bytes"].as_u64())
+            .collect();
+        sizes.dedup();
+        for size in sizes {
+            let rate = |name: &str| {
+                figures
+                    .iter()
+                    .find(|f| f["payload_bytes"].as_u64() == Some(size) && f["name"] == name)
+                    .and_then(|f| f["msgs_per_sec"].as_f64())
+                    .unwrap_or(0.0)
+            };
+            rows.push(Row {
+                broker: "RabbitMQ",
+                size,
+                herald: rate("herald_default"),
+                raw: rate("raw_streaming"),
+                naive: rate("raw_naive"),
+            });
+        }
+    }
+    rows
+}
+
+/// The summary table and the throughput chart, from the last runs of every benchmark.
+fn bench_summary(root: &Path) -> Result<()> {
+    let rows = broker_rows(root);
+    let mut body = format!(
+        "From the runs below (`cargo xtask bench`, {}). Chart: [benchmarks-throughput.svg](benchmarks-throughput.svg) (log scale).\n\n",
+        machine()
+    );
+    body.push_str("| broker | message | herald (msgs/s) | raw client at its best (msgs/s) | naive: await each send (msgs/s) | herald / raw | herald / naive |\n|---|---:|---:|---:|---:|---:|---:|\n");
+    for r in &rows {
+        body.push_str(&format!(
+            "| {} | {} B | {} | {} | {} | {:.2}× | {:.0}× |\n",
+            r.broker,
+            r.size,
+            thousands(r.herald),
+            thousands(r.raw),
+            thousands(r.naive),
+            r.herald / r.raw,
+            r.herald / r.naive
+        ));
+    }
+    if let Some(p) = read_json(&root.join("target/bench/pipeline.json")) {
+        let figure = |name: &str| {
+            p["figures"]
+                .as_array()
+                .and_then(|f| f.iter().find(|f| f["name"] == name))
+                .and_then(|f| f["msgs_per_sec"].as_f64())
+                .unwrap_or(0.0)
+        };
+        let (herald, channel) = (figure("herald_send_all"), figure("channel"));
+        body.push_str(&format!(
+            "| pipeline alone (in-memory transport) | 100 B | {} | {} (bare tokio channel) | | {:.2}× | |\n",
+            thousands(herald),
+            thousands(channel),
+            herald / channel
+        ));
+    }
+    replace_section(&root.join("docs/benchmarks.md"), "summary", &body)?;
+    let groups: Vec<chart::Group> = rows
+        .iter()
+        .map(|r| chart::Group {
+            label: format!("{} {} B", r.broker, r.size),
+            values: vec![r.herald, r.raw, r.naive],
+        })
+        .collect();
+    let svg = chart::bars(
+        "Throughput by broker and message size (msgs/s, log scale)",
+        "messages per second",
+        &[
+            "herald",
+            "raw client at its best",
+            "naive (await each send)",
+        ],
+        &groups,
+    );
+    std::fs::write(root.join("docs/benchmarks-throughput.svg"), svg)?;
+    eprintln!("docs/benchmarks.md: summary updated; docs/benchmarks-throughput.svg written");
+    Ok(())
+}
+
+fn bench_pipeline(root: &Path) -> Result<()> {
+    let out = root.join("target/bench/pipeline.json");
+    std::fs::create_dir_all(out.parent().context("target/bench")?)?;
+    let messages = std::env::var("HERALD_BENCH_MESSAGES").unwrap_or_else(|_| "2000000".into());
+    run(
+        "pipeline benchmark",
+        cargo().args([
+            "bench",
+            "-p",
+            "herald",
+            "--bench",
+            "pipeline",
+            "--",
+            "--messages",
+            &messages,
+            "--json",
+            out.to_str().context("utf-8 path")?,
+        ]),
+    )?;
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let mut table = String::new();
+    table.push_str(&format!(
+        "Run: `cargo xtask bench pipeline` on {}. {} messages of {} bytes, median of {} rounds.\n\n",
+        machine(),
+        json["messages"],
+        json["payload_bytes"],
+        json["rounds"]
+    ));
+    table.push_str("| variant | runtime | msgs/s | ns/msg | vs channel (same runtime) |\n|---|---|---:|---:|---:|\n");
+    for f in json["figures"].as_array().context("figures")? {
+        table.push_str(&format!(
+            "| {} ({}) | {} | {} | {:.1} | {:.2}× |\n",
+            f["name"].as_str().unwrap_or("?"),
+            f["what"].as_str().unwrap_or("?"),
+            f["runtime"].as_str().unwrap_or("?"),
+            thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
+            f["ns_per_msg"].as_f64().unwrap_or(0.0),
+            f["ratio_vs_channel"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    if let Some(ratio) = json["telemetry_ratio"].as_f64() {
+        table.push_str(&format!(
+            "\nTelemetry overhead: `herald_send_all` with herald-telemetry's Prometheus recorder recording every metric runs at {ratio:.2}× the rate of `herald_send_all` with no recorder (same run).\n"
+        ));
+    }
+    replace_section(&root.join("docs/benchmarks.md"), "pipeline", &table)?;
+    eprintln!("docs/benchmarks.md: pipeline section updated");
+    Ok(())
+}

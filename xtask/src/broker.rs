@@ -1,0 +1,44 @@
+//! What the broker modules (`kafka.rs`, `amqp.rs`) share: the [`Broker`] they hand to `it` and
+//! to the benchmarks, and probes of the machine (open ports, a Docker engine, a free port).
+
+use std::process::Command;
+
+use anyhow::Result;
+
+/// A broker ready for tests: the environment the tests need, and what to undo afterwards.
+pub(crate) struct Broker {
+    pub(crate) env: Vec<(&'static str, String)>,
+    /// Runs on drop: stops what provisioning started. `None` when the broker was already there.
+    pub(crate) stop: Option<Box<dyn FnOnce()>>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+    }
+}
+
+/// Whether something accepts TCP connections on `addr` within a second.
+pub(crate) fn port_open(addr: &str) -> bool {
+    use std::net::{TcpStream, ToSocketAddrs};
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok())
+}
+
+/// Whether a Docker engine answers (the client alone is not enough).
+pub(crate) fn docker_engine() -> bool {
+    Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on right now.
+pub(crate) fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
