@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
-use crate::error::KafkaConfigError;
+use crate::error::ConfigError;
 
 /// Compression of produce requests (librdkafka's `compression.type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -216,15 +216,15 @@ impl KafkaConfig {
         self.message_timeout
     }
 
-    fn invalid(field: &str, reason: impl Into<String>) -> KafkaConfigError {
-        KafkaConfigError::Invalid {
+    fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
             field: field.into(),
             reason: reason.into(),
         }
     }
 
     /// Checks the settings and builds the librdkafka configuration.
-    pub(crate) fn client_config(&self) -> Result<ClientConfig, KafkaConfigError> {
+    pub(crate) fn client_config(&self) -> Result<ClientConfig, ConfigError> {
         if self.bootstrap_servers.trim().is_empty() {
             return Err(Self::invalid(
                 "bootstrap_servers",
@@ -254,7 +254,7 @@ impl KafkaConfig {
         }
         for (key, _) in &self.properties {
             if let Some((_, instead)) = MANAGED.iter().find(|(k, _)| k == key) {
-                return Err(KafkaConfigError::Conflict {
+                return Err(ConfigError::Conflict {
                     key: key.clone(),
                     reason: format!("herald sets it; use {instead}"),
                 });
@@ -353,7 +353,7 @@ mod tests {
             .client_config()
             .expect_err("conflict");
         assert!(
-            matches!(&e, KafkaConfigError::Conflict { key, .. } if key == "acks"),
+            matches!(&e, ConfigError::Conflict { key, .. } if key == "acks"),
             "{e}"
         );
         assert!(e.to_string().contains("acks=all"), "{e}");

@@ -1,4 +1,5 @@
-//! From librdkafka's error codes to herald's error classes.
+//! Why a transport could not be built ([`ConfigError`]), and the table from librdkafka's error
+//! codes to herald's error classes.
 //!
 //! The rule: **transient** when the same message could succeed later without anybody changing
 //! anything (a broker restarting, a leader moving, a timeout, a full local queue, a lost
@@ -78,10 +79,11 @@ pub(crate) fn transport_error(e: &KafkaError) -> TransportError {
     }
 }
 
-/// Why a [`crate::KafkaTransport`] could not be built.
+/// Why a [`crate::KafkaTransport`] could not be built. Named like every herald adapter's
+/// (`herald_amqp::ConfigError`); [`KafkaConfigError`] is its old name.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum KafkaConfigError {
+pub enum ConfigError {
     /// A setting that cannot work.
     #[error("invalid Kafka setting `{field}`: {reason}")]
     Invalid {
@@ -103,6 +105,9 @@ pub enum KafkaConfigError {
     #[error("librdkafka refused the configuration: {0}")]
     Client(#[source] KafkaError),
 }
+
+/// The old name of [`ConfigError`], kept so that code written against it still compiles.
+pub type KafkaConfigError = ConfigError;
 
 #[cfg(test)]
 mod tests {

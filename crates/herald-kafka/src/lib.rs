@@ -20,6 +20,8 @@
 //! - Delivered means acknowledged with `acks=all`, idempotence on.
 //! - Keyed messages are partitioned with murmur2, like the Java client.
 //! - librdkafka's error codes map to herald's classes in one table (`error.rs`).
+//! - Topic names are checked against Kafka's rules before librdkafka sees them
+//!   ([`validate_topic_name`]).
 //! - [`KafkaTransport`] documents which retries librdkafka does and which herald does.
 //!
 //! # Crate feature flags
@@ -29,9 +31,12 @@
 
 pub mod admin;
 mod config;
+mod connection;
+mod destination;
 mod error;
 pub mod metrics;
 pub mod mock;
+mod publish;
 mod transport;
 
 #[cfg(feature = "baseline")]
@@ -40,7 +45,8 @@ pub mod baseline;
 use std::time::Duration;
 
 pub use config::{Compression, KafkaConfig, Partitioner};
-pub use error::KafkaConfigError;
+pub use destination::{validate_topic_name, TopicNameError};
+pub use error::{ConfigError, KafkaConfigError};
 pub use transport::KafkaTransport;
 
 /// The batching policy herald-kafka recommends: large batches (20 000 messages or 16 MiB) so

@@ -1,0 +1,306 @@
+//! The send path of [`crate::KafkaTransport`].
+//!
+//! A batch is handed to librdkafka message by message without waiting (`send` never blocks),
+//! each with a delivery opaque naming its batch and position; librdkafka's delivery callback,
+//! on its polling thread, fills that position; the batch's future resolves when every
+//! position is filled. No future per message, no await per message.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use herald_core::{Ack, BatchOutcome, Destination, ErrorClass, Message, TransportError};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer as _};
+use tokio::sync::Notify;
+
+use crate::connection::Connection;
+use crate::destination;
+use crate::error::transport_error;
+
+/// One batch's outcomes, filled by delivery callbacks.
+pub(crate) struct BatchState {
+    outcomes: Vec<OnceLock<Result<Ack, TransportError>>>,
+    remaining: AtomicUsize,
+    done: Notify,
+    /// A delivery failed in a way that calls for a new producer (see `needs_new_producer`).
+    pub(crate) producer_broken: AtomicBool,
+}
+
+impl BatchState {
+    fn new(n: usize) -> Self {
+        Self {
+            outcomes: (0..n).map(|_| OnceLock::new()).collect(),
+            remaining: AtomicUsize::new(n),
+            done: Notify::new(),
+            producer_broken: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn set(&self, index: usize, outcome: Result<Ack, TransportError>) {
+        // Out of range only for a report that outlived its batch and found its id reused (ids
+        // wrap after 2^32 batches, 2^16 on 32-bit targets): dropped, never a panic in a
+        // librdkafka callback.
+        let Some(slot) = self.outcomes.get(index) else {
+            return;
+        };
+        if slot.set(outcome).is_ok() && self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+
+    async fn wait(&self) {
+        loop {
+            let done = self.done.notified();
+            if self.remaining.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    /// The outcomes, once no callback can reach them any more (the batch is unregistered).
+    fn into_outcomes(self: Arc<Self>) -> BatchOutcome {
+        let missing = || {
+            Err(TransportError::transient(
+                "no delivery report for this message",
+            ))
+        };
+        match Arc::try_unwrap(self) {
+            Ok(state) => state
+                .outcomes
+                .into_iter()
+                .map(|o| o.into_inner().unwrap_or_else(missing))
+                .collect(),
+            Err(shared) => shared
+                .outcomes
+                .iter()
+                .map(|o| o.get().cloned().unwrap_or_else(missing))
+                .collect(),
+        }
+    }
+}
+
+/// Bits of a delivery opaque that hold a message's position in its part of a batch; the rest
+/// hold the part's id.
+const INDEX_BITS: u32 = usize::BITS / 2;
+/// Messages per part: a batch longer than this registers one id per part.
+const PART: usize = 1 << INDEX_BITS;
+
+/// Batches waiting for delivery reports, by id. A message's delivery opaque is a plain `usize`
+/// (part id and position), so handing a message to librdkafka allocates nothing; the delivery
+/// callback finds the batch here. A report for a batch no longer registered (its send was
+/// cancelled at the attempt deadline) finds nothing and is dropped, as nobody waits for it.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    /// Part id -> (batch, position of the part's first message).
+    parts: std::sync::Mutex<HashMap<usize, (Arc<BatchState>, usize)>>,
+    next_id: AtomicUsize,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, (Arc<BatchState>, usize)>> {
+        self.parts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers `state` (one id per `PART` messages); unregistered when the guard drops.
+    fn register(&self, state: &Arc<BatchState>, len: usize) -> Registered<'_> {
+        let id_limit = 1usize << (usize::BITS - INDEX_BITS);
+        let mut parts = self.lock();
+        let ids = (0..len.div_ceil(PART).max(1))
+            .map(|part| loop {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed) % id_limit;
+                if let std::collections::hash_map::Entry::Vacant(v) = parts.entry(id) {
+                    v.insert((state.clone(), part * PART));
+                    break id;
+                }
+            })
+            .collect();
+        Registered {
+            in_flight: self,
+            ids,
+        }
+    }
+
+    /// Runs `f` with the batch and position an opaque names, if the batch is still registered.
+    pub(crate) fn with(&self, opaque: usize, f: impl FnOnce(&BatchState, usize)) {
+        let (id, offset) = (opaque >> INDEX_BITS, opaque & (PART - 1));
+        if let Some((batch, base)) = self.lock().get(&id) {
+            f(batch, base + offset);
+        }
+    }
+}
+
+/// A batch's registration in `InFlight`, removed on drop (also when the send is cancelled).
+struct Registered<'a> {
+    in_flight: &'a InFlight,
+    ids: Vec<usize>,
+}
+
+impl Registered<'_> {
+    /// The delivery opaque of the message at `index` of the batch.
+    fn opaque(&self, index: usize) -> usize {
+        (self.ids[index / PART] << INDEX_BITS) | (index % PART)
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut parts = self.in_flight.lock();
+        for id in &self.ids {
+            parts.remove(id);
+        }
+    }
+}
+
+/// Room in librdkafka's queue: senders that found it full wait here for a delivery report.
+#[derive(Default)]
+pub(crate) struct Room {
+    /// Senders waiting for room in librdkafka's queue.
+    waiting: AtomicUsize,
+    space: Notify,
+}
+
+impl Room {
+    async fn wait(&self) {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let room = self.space.notified();
+        // Delivery reports free room and wake us; the timeout covers a report that came
+        // between the failed send and this wait.
+        let _woken = tokio::time::timeout(Duration::from_millis(5), room).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// A delivery report freed a place in the queue.
+    pub(crate) fn freed(&self) {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.space.notify_waiters();
+        }
+    }
+}
+
+fn headers(m: &Message) -> Option<OwnedHeaders> {
+    if m.headers().is_empty() {
+        return None;
+    }
+    let mut h = OwnedHeaders::new_with_capacity(m.headers().len());
+    for header in m.headers() {
+        h = h.insert(Header {
+            key: &header.name,
+            value: Some(header.value.as_ref()),
+        });
+    }
+    Some(h)
+}
+
+/// Sends `batch` to `destination` on the connection's current producer and waits for every
+/// message's delivery report.
+pub(crate) async fn send_batch(
+    connection: &Connection,
+    destination: &Destination,
+    batch: &[Message],
+) -> BatchOutcome {
+    let topic = match destination::topic(destination) {
+        Ok(topic) => topic,
+        Err(e) => return vec![Err(e); batch.len()],
+    };
+    let shared = connection.shared();
+    let state = Arc::new(BatchState::new(batch.len()));
+    let registered = shared.in_flight.register(&state, batch.len());
+    let (producer, generation) = connection.producer();
+    // Keys whose message failed at once with a transient error: later messages with the
+    // same key in this call are not handed over, so none goes ahead of that retry (the
+    // transport contract). Empty, and never consulted, unless something failed.
+    let mut held_keys: Vec<&[u8]> = Vec::new();
+    for (index, m) in batch.iter().enumerate() {
+        if let (false, Some(key)) = (held_keys.is_empty(), m.key()) {
+            if held_keys.contains(&key.as_ref()) {
+                state.set(
+                    index,
+                    Err(TransportError::transient(
+                        "an earlier message with the same key failed in this batch",
+                    )
+                    .with_code("KEY_HELD")),
+                );
+                continue;
+            }
+        }
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(topic, registered.opaque(index))
+                .payload(m.payload().as_ref());
+        if let Some(key) = m.key() {
+            record = record.key(key.as_ref());
+        }
+        if let Some(h) = headers(m) {
+            record = record.headers(h);
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                // librdkafka's queue is full: backpressure, wait for room (the pipeline's
+                // attempt timeout bounds the wait), never drop.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    shared.metrics.queue_full.increment(1);
+                    shared.room.wait().await;
+                }
+                Err((e, _record)) => {
+                    let error = transport_error(&e);
+                    if let (ErrorClass::Transient, Some(key)) = (error.class(), m.key()) {
+                        held_keys.push(key.as_ref());
+                    }
+                    state.set(index, Err(error));
+                    break;
+                }
+            }
+        }
+    }
+    state.wait().await;
+    drop(registered);
+    if state.producer_broken.load(Ordering::Acquire) || producer.client().fatal_error().is_some() {
+        // The failed messages are transient: herald retries them on the new producer.
+        connection.rebuild(generation);
+    }
+    state.into_outcomes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_opaques_find_their_batch_and_position_until_unregistered() {
+        let in_flight = InFlight::default();
+        let a = Arc::new(BatchState::new(3));
+        let b = Arc::new(BatchState::new(2));
+        let ra = in_flight.register(&a, 3);
+        // An id still in use is skipped, even after the counter wraps onto it.
+        in_flight.next_id.store(ra.ids[0], Ordering::Relaxed);
+        let rb = in_flight.register(&b, 2);
+        assert_ne!(ra.ids, rb.ids);
+        let ok = || Ok(Ack::default());
+        for (registered, index) in [(&ra, 2), (&rb, 1), (&ra, 0)] {
+            in_flight.with(registered.opaque(index), |batch, i| {
+                assert_eq!(i, index);
+                batch.set(i, ok());
+            });
+        }
+        assert!(a.outcomes[0].get().is_some() && a.outcomes[2].get().is_some());
+        assert!(a.outcomes[1].get().is_none());
+        assert!(b.outcomes[1].get().is_some() && b.outcomes[0].get().is_none());
+        // Once unregistered, a late report reaches nothing.
+        let late = ra.opaque(1);
+        drop(ra);
+        in_flight.with(late, |_, _| {
+            panic!("a report reached an unregistered batch")
+        });
+        assert!(a.outcomes[1].get().is_none());
+        assert_eq!(in_flight.lock().len(), 1);
+        drop(rb);
+        assert!(in_flight.lock().is_empty());
+    }
+}
