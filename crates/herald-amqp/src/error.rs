@@ -1,9 +1,11 @@
-//! Errors: the AMQP reply-code → class table (unit-tested), lapin errors classified, and the
-//! configuration error.
+//! Errors: the AMQP reply-code → class table (unit-tested), lapin errors classified (on a
+//! shared channel too), and the configuration error.
 
 use herald_core::{ErrorClass, TransportError};
 use lapin::protocol::AMQPErrorKind;
 use lapin::ErrorKind;
+
+use crate::destination::Route;
 
 /// A transport that cannot be built, with the setting to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -154,6 +156,38 @@ pub(crate) fn classify_connect(e: &lapin::Error, url: &str) -> TransportError {
     }
 }
 
+/// Classifies an error from a publish or a confirm on a channel that other batches share. A
+/// channel closed for a missing exchange (404) or refused access (403) fails every pending
+/// confirm on it, whichever batch caused it: that is permanent for this call only when the
+/// broker's reason names this call's own exchange; otherwise another batch closed the channel,
+/// and this call's messages are retried (transient `CHANNEL_CLOSED`).
+pub(crate) fn classify_on_channel(e: &lapin::Error, route: &Route, target: &str) -> TransportError {
+    let err = classify(e, target);
+    if err.class() != ErrorClass::Permanent
+        || !matches!(err.code(), Some("NOT_FOUND" | "ACCESS_REFUSED"))
+    {
+        return err;
+    }
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else {
+        return err;
+    };
+    let reason = amqp.get_message().as_str();
+    let name = if route.exchange.is_empty() {
+        "amq.default"
+    } else {
+        route.exchange.as_str()
+    };
+    if reason.contains(&format!("exchange '{name}'")) {
+        return err;
+    }
+    TransportError::transient(format!(
+        "the channel was closed by another batch's error ({} {reason}) while publishing to {target}; retried",
+        amqp.get_id()
+    ))
+    .with_code("CHANNEL_CLOSED")
+    .with_source(e.clone())
+}
+
 /// RabbitMQ's text for an oversized message: `... message size 2000 is larger than configured
 /// max size 1000`. Returns the maximum, so that only the messages above it are failed.
 pub(crate) fn max_size_from_text(text: &str) -> Option<usize> {
@@ -165,6 +199,9 @@ pub(crate) fn max_size_from_text(text: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::destination::{exchange, queue};
+    use crate::publish::finish;
+    use herald_core::{Ack, Message};
 
     #[test]
     fn the_code_table() {
@@ -262,5 +299,72 @@ mod tests {
             max_size_from_text("PRECONDITION_FAILED - inequivalent arg"),
             None
         );
+    }
+
+    fn closed_by(kind: lapin::protocol::AMQPSoftError, text: &str) -> lapin::Error {
+        lapin::Error::from(lapin::ErrorKind::ProtocolError(
+            lapin::protocol::AMQPError::new(
+                lapin::protocol::AMQPErrorKind::Soft(kind),
+                text.into(),
+            ),
+        ))
+    }
+
+    #[test]
+    fn a_channel_closed_by_another_batch_is_transient() {
+        use lapin::protocol::AMQPSoftError::{ACCESSREFUSED, NOTFOUND};
+        let mine = Route::parse(&exchange("orders", "k")).expect("valid");
+        let queue_route = Route::parse(&queue("q")).expect("valid");
+        let missing = closed_by(NOTFOUND, "NOT_FOUND - no exchange 'nope' in vhost '/'");
+        let refused = closed_by(
+            ACCESSREFUSED,
+            "ACCESS_REFUSED - write access to exchange 'secret' in vhost '/' refused for user 'u'",
+        );
+        for (e, route) in [
+            (&missing, &mine),
+            (&missing, &queue_route),
+            (&refused, &mine),
+            (&refused, &queue_route),
+        ] {
+            let c = classify_on_channel(e, route, &route.describe());
+            assert_eq!(
+                (c.class(), c.code()),
+                (ErrorClass::Transient, Some("CHANNEL_CLOSED")),
+                "{c}"
+            );
+        }
+        // This call's own exchange: permanent, for the whole batch.
+        let own = closed_by(NOTFOUND, "NOT_FOUND - no exchange 'orders' in vhost '/'");
+        let c = classify_on_channel(&own, &mine, &mine.describe());
+        assert_eq!(
+            (c.class(), c.code()),
+            (ErrorClass::Permanent, Some("NOT_FOUND"))
+        );
+        let own = closed_by(
+            ACCESSREFUSED,
+            "ACCESS_REFUSED - write access to exchange 'amq.default' in vhost '/' refused for user 'u'",
+        );
+        let c = classify_on_channel(&own, &queue_route, &queue_route.describe());
+        assert_eq!(
+            (c.class(), c.code()),
+            (ErrorClass::Permanent, Some("ACCESS_REFUSED"))
+        );
+        // And that batch's outcome does not spread to a batch of another destination.
+        let batch = vec![
+            Message::new("q", "m0").with_key("a"),
+            Message::new("q", "m1").with_key("b"),
+        ];
+        let out = finish(
+            &batch,
+            vec![
+                Err(classify_on_channel(&missing, &mine, "x")),
+                Ok(Ack::default()),
+            ],
+        );
+        assert_eq!(
+            out[0].as_ref().err().map(TransportError::class),
+            Some(ErrorClass::Transient)
+        );
+        assert!(out[1].is_ok());
     }
 }

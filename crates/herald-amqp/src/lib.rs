@@ -7,7 +7,10 @@
 //!   messages come back as permanent `NO_ROUTE` errors; reconnects after a loss; waits while
 //!   the broker blocks the connection.
 //! - [`queue`] and [`exchange`]: how a herald [`Destination`](herald_core::Destination) names
-//!   an AMQP target (`"queue"` or `"exchange/routing-key"`).
+//!   an AMQP target (`"queue"` or `"exchange/routing-key"`); [`name_fits`]: AMQP's length
+//!   limit on those names.
+//! - [`split_query`], [`percent_decode`], [`percent_encode`]: the URL rules, for programs that
+//!   take an AMQP URL with parameters of their own (the `herald` CLI's `--to`).
 //!
 //! - [`metrics`]: the names of the metrics it adds (connection blocked, connected, reconnects,
 //!   returned and nacked messages).
@@ -34,13 +37,21 @@
 //!   `herald bench --baseline` compare herald with.
 
 mod config;
+mod connection;
+mod destination;
 mod error;
 pub mod metrics;
+mod publish;
+mod topology;
 mod transport;
+mod url;
 
 #[cfg(feature = "baseline")]
 pub mod baseline;
 
-pub use config::{percent_decode, percent_encode, AmqpConfig, Declare, ExchangeKind};
+pub use config::AmqpConfig;
+pub use destination::{exchange, name_fits, queue, MAX_NAME_BYTES};
 pub use error::ConfigError;
-pub use transport::{exchange, queue, AmqpTransport};
+pub use topology::{Declare, ExchangeKind};
+pub use transport::AmqpTransport;
+pub use url::{percent_decode, percent_encode, split_query, QUERY_PARAMETERS};

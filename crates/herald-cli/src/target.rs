@@ -1,13 +1,17 @@
 //! Destination URLs: `kafka://HOST:PORT[,HOST:PORT...]/TOPIC[?...]` and
 //! `amqp[s]://USER:PASS@HOST:PORT/VHOST?queue=NAME` or `...?exchange=EX&routing_key=RK`.
 //!
-//! A password never appears in an error or in `Debug`/`Display` output: AMQP URLs are parsed by
-//! `herald_amqp::AmqpConfig::from_url`, which redacts it, and errors here never echo the URL.
+//! A password never appears in an error or in `Debug`/`Display` output: AMQP URLs are split and
+//! parsed by herald-amqp (`split_query`, `AmqpConfig::from_url`), which redacts it, and errors
+//! here never echo the URL.
 
 use std::fmt;
 
-use herald::amqp::{percent_decode as decode, percent_encode as encode, AmqpConfig, Declare};
-use herald::kafka::Compression;
+use herald::amqp::{
+    name_fits, percent_decode as decode, percent_encode as encode, split_query, AmqpConfig,
+    Declare, MAX_NAME_BYTES, QUERY_PARAMETERS,
+};
+use herald::kafka::{validate_topic_name, Compression, TopicNameError};
 
 /// Where `herald produce` and `herald bench` send, parsed from `--to`.
 #[derive(Debug, Clone)]
@@ -187,27 +191,26 @@ fn parse_kafka(rest: &str) -> Result<KafkaTarget, UrlError> {
             ));
         }
     }
-    if topic.is_empty() {
-        return Err(bad(
+    // herald-kafka's rule, the one every Kafka destination is checked with; the wording here
+    // speaks of the URL.
+    validate_topic_name(topic).map_err(|why| {
+        bad(
             "topic",
-            "is missing: kafka://HOST:PORT[,HOST:PORT...]/TOPIC",
-        ));
-    }
-    if topic.len() > 249 || topic == "." || topic == ".." {
-        return Err(bad(
-            "topic",
-            "is not a valid Kafka topic name (at most 249 characters, not `.` or `..`)",
-        ));
-    }
-    if let Some(c) = topic
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(bad(
-            "topic",
-            format!("`{topic}` holds `{c}`: Kafka topic names use only letters, digits, `.`, `_` and `-`"),
-        ));
-    }
+            match why {
+                TopicNameError::Empty => {
+                    "is missing: kafka://HOST:PORT[,HOST:PORT...]/TOPIC".to_owned()
+                }
+                TopicNameError::Dots | TopicNameError::TooLong => {
+                    "is not a valid Kafka topic name (at most 249 characters, not `.` or `..`)"
+                        .to_owned()
+                }
+                TopicNameError::Char(c) => format!(
+                    "`{topic}` holds `{c}`: Kafka topic names use only letters, digits, `.`, `_` and `-`"
+                ),
+                other => format!("`{topic}` is not a valid Kafka topic name: {other}"),
+            },
+        )
+    })?;
     let mut target = KafkaTarget {
         bootstrap: hosts.to_owned(),
         topic: topic.to_owned(),
@@ -258,36 +261,9 @@ fn pairs(query: Option<&str>) -> Result<Vec<(String, String)>, UrlError> {
         .collect()
 }
 
-/// Where the query of an AMQP URL starts: the first `?` after the user information, which
-/// ends at the URL's last `@` (a password may hold `?`, `/` or `@`), exactly as
-/// `AmqpConfig::from_url` reads it.
-fn split_amqp_query(url: &str) -> (&str, Option<&str>) {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    let rest = &url[after_scheme..];
-    let userinfo_end = match rest.rfind('@') {
-        Some(at)
-            if !rest[..at]
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .contains(['/', '?']) =>
-        {
-            Some(at)
-        }
-        _ => {
-            let end = rest.find(['/', '?']).unwrap_or(rest.len());
-            rest[..end].rfind('@')
-        }
-    };
-    let from = after_scheme + userinfo_end.map_or(0, |at| at + 1);
-    match url[from..].find('?') {
-        Some(q) => (&url[..from + q], Some(&url[from + q + 1..])),
-        None => (url, None),
-    }
-}
-
 fn parse_amqp(url: &str) -> Result<AmqpTarget, UrlError> {
-    let (base, query) = split_amqp_query(url);
+    // herald's own parameters are taken out here; the rest goes back to `AmqpConfig::from_url`.
+    let (base, query) = split_query(url);
     let mut queue = None;
     let mut exchange = None;
     let mut routing_key = None;
@@ -313,12 +289,15 @@ fn parse_amqp(url: &str) -> Result<AmqpTarget, UrlError> {
                     _ => return Err(bad("query queue_type", "must be classic or quorum")),
                 }
             }
-            "heartbeat" | "connection_timeout" | "channel_max" | "frame_max" => {
+            known if QUERY_PARAMETERS.contains(&known) => {
                 passed.push(format!("{k}={v}"));
             }
             other => return Err(bad(
                 "query",
-                format!("parameter `{other}` is unknown (known: queue, exchange, routing_key, declare, queue_type, heartbeat, connection_timeout, channel_max, frame_max)"),
+                format!(
+                    "parameter `{other}` is unknown (known: queue, exchange, routing_key, declare, queue_type, {})",
+                    QUERY_PARAMETERS.join(", ")
+                ),
             )),
         }
     }
@@ -331,10 +310,10 @@ fn parse_amqp(url: &str) -> Result<AmqpTarget, UrlError> {
     let config =
         AmqpConfig::from_url(&rebuilt).map_err(|e| bad("AMQP URL", format!("is invalid: {e}")))?;
     let name_ok = |part: &'static str, n: &str| {
-        if n.len() > 255 {
-            Err(bad(part, "is longer than 255 bytes"))
-        } else {
+        if name_fits(n) {
             Ok(())
+        } else {
+            Err(bad(part, format!("is longer than {MAX_NAME_BYTES} bytes")))
         }
     };
     let route = match (queue, exchange) {
@@ -597,22 +576,5 @@ mod tests {
             assert!(!e.to_string().contains(secret), "{url}: {e}");
             assert!(!format!("{e:?}").contains(secret), "{url}: {e:?}");
         }
-    }
-
-    #[test]
-    fn amqp_query_split_matches_the_amqp_parser() {
-        assert_eq!(
-            split_amqp_query("amqp://h/v?a=1"),
-            ("amqp://h/v", Some("a=1"))
-        );
-        assert_eq!(split_amqp_query("amqp://h/v"), ("amqp://h/v", None));
-        assert_eq!(
-            split_amqp_query("amqp://u:p?x@h/v?a=1"),
-            ("amqp://u:p?x@h/v", Some("a=1"))
-        );
-        assert_eq!(
-            split_amqp_query("amqp://h/x@y?a=1"),
-            ("amqp://h/x@y", Some("a=1"))
-        );
     }
 }

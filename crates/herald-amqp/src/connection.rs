@@ -1,0 +1,404 @@
+//! Connections: one connection and its publishing channels, opened on demand and again after a
+//! loss (with backoff between failed attempts), the broker's flow control, and the health
+//! verdict they add up to.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use herald_core::{TransportError, TransportHealth};
+use herald_retry::{Backoff, Jitter};
+use lapin::options::ConfirmSelectOptions;
+use lapin::tcp::OwnedTLSConfig;
+use lapin::{Channel, Connection, ConnectionProperties, Event};
+use tokio::sync::{Mutex, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::AmqpConfig;
+use crate::error::{classify, classify_connect};
+use crate::metrics::AmqpMetrics;
+use crate::topology::declare;
+
+/// Flow control state, shared with the task that listens to connection events.
+#[derive(Debug, Default)]
+struct Flow {
+    blocked: AtomicBool,
+    /// Up; set false by the event task as soon as lapin reports a connection error.
+    connected: AtomicBool,
+    /// Why the last connection attempt failed; cleared when one opens. What
+    /// [`Transport::health`](herald_core::Transport::health) reports as down.
+    down: std::sync::Mutex<Option<String>>,
+    /// A background reconnection attempt is under way (see `Inner::probe`).
+    probing: AtomicBool,
+    /// `Transport::close` ran, and no batch has been sent since: no background reconnection.
+    closed: AtomicBool,
+    changed: Notify,
+}
+
+/// One live connection and its publishing channels (opened on first use, reopened after a
+/// channel error).
+pub(crate) struct Live {
+    connection: Connection,
+    channels: Vec<Mutex<Option<Channel>>>,
+    events: JoinHandle<()>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.events.abort();
+    }
+}
+
+impl Live {
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// The publishing channel `slot`, in confirm mode: the open one, or a new one.
+    pub(crate) async fn channel(&self, slot: usize) -> Result<Channel, TransportError> {
+        let mut ch = self.channels[slot].lock().await;
+        if let Some(c) = ch.as_ref() {
+            if c.status().connected() {
+                return Ok(c.clone());
+            }
+        }
+        let opened = async {
+            let c = self.connection.create_channel().await?;
+            c.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, lapin::Error>(c)
+        }
+        .await
+        .map_err(|e| classify(&e, "a new channel"))?;
+        *ch = Some(opened.clone());
+        Ok(opened)
+    }
+}
+
+#[derive(Default)]
+struct Link {
+    live: Option<Arc<Live>>,
+    failures: u32,
+    next_attempt: Option<Instant>,
+}
+
+/// What every clone of an [`AmqpTransport`](crate::AmqpTransport) shares: the settings, the
+/// connection, the flow control state and the metrics.
+pub(crate) struct Inner {
+    pub(crate) config: AmqpConfig,
+    link: Mutex<Link>,
+    flow: Arc<Flow>,
+    pub(crate) metrics: AmqpMetrics,
+    reconnect: Backoff,
+}
+
+/// The wait after the `failures`-th failed connection attempt in a row.
+fn reconnect_delay(backoff: &Backoff, failures: u32) -> Duration {
+    // The doubling stops at the 16th failure (2^15 times the minimum, when the maximum is
+    // higher still), as it always has; `Jitter::None` never draws from the generator.
+    backoff.delay(failures.min(16), None, &mut fastrand::Rng::with_seed(0))
+}
+
+impl Inner {
+    /// The shared state for checked settings; nothing connects yet.
+    pub(crate) fn new(config: AmqpConfig) -> Self {
+        // No jitter: `AmqpConfig::reconnect_backoff` promises `min`, doubling, up to `max`.
+        let reconnect =
+            Backoff::new(config.reconnect_min, config.reconnect_max).with_jitter(Jitter::None);
+        Self {
+            config,
+            link: Mutex::new(Link::default()),
+            flow: Arc::new(Flow::default()),
+            metrics: AmqpMetrics::new(),
+            reconnect,
+        }
+    }
+
+    /// A batch is on its way: reconnecting in the background is allowed again after a close.
+    pub(crate) fn in_use(&self) {
+        self.flow.closed.store(false, Ordering::Release);
+    }
+
+    pub(crate) fn is_blocked(&self) -> bool {
+        self.flow.blocked.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.flow.connected.load(Ordering::Acquire)
+    }
+
+    /// Connects unless connected; see [`AmqpTransport::connect`](crate::AmqpTransport::connect).
+    pub(crate) async fn connect(&self) -> Result<(), TransportError> {
+        self.live().await.map(|_| ())
+    }
+
+    fn set_down(&self, why: Option<String>) {
+        *self
+            .flow
+            .down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+    }
+
+    /// While down, tries to reconnect in the background (one attempt at a time, on the usual
+    /// reconnect backoff): connections open on demand, so without it a producer that gets no
+    /// traffic because it reports itself down (a load balancer drained it) would never find
+    /// the broker back. Needs a Tokio runtime; without one, the next send reconnects.
+    fn probe(self: &Arc<Self>) {
+        let flow = &self.flow;
+        if flow.closed.load(Ordering::Acquire) || flow.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            flow.probing.store(false, Ordering::Release);
+            return;
+        };
+        let inner = Arc::clone(self);
+        runtime.spawn(async move {
+            // Success clears `down`; a failure records why and pushes the next attempt back.
+            let _outcome = inner.connect().await;
+            inner.flow.probing.store(false, Ordering::Release);
+        });
+    }
+
+    pub(crate) fn set_connected(&self, up: bool) {
+        self.flow.connected.store(up, Ordering::Release);
+        self.metrics.connected.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// The live connection, opened (or reopened) if there is none, after waiting out the
+    /// backoff of a failed attempt.
+    pub(crate) async fn live(&self) -> Result<Arc<Live>, TransportError> {
+        let mut waited = false;
+        let mut link = loop {
+            let mut link = self.link.lock().await;
+            if let Some(live) = &link.live {
+                if live.is_connected() {
+                    return Ok(live.clone());
+                }
+                self.set_connected(false);
+                link.live = None;
+            }
+            match link.next_attempt {
+                // Wait out the backoff without holding the lock (other calls wait alongside,
+                // not behind), then look again: another call may have connected meanwhile.
+                Some(at) if at > Instant::now() => {
+                    if waited {
+                        return Err(TransportError::transient(
+                            "reconnecting to the broker: the last attempt failed and the next one is not due yet; retried",
+                        )
+                        .with_code("RECONNECTING"));
+                    }
+                    drop(link);
+                    tokio::time::sleep_until(at).await;
+                    waited = true;
+                }
+                _ => break link,
+            }
+        };
+        let config = &self.config;
+        let attempt = tokio::time::timeout(config.connect_timeout, self.open()).await;
+        let result = match attempt {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::transient(format!(
+                "connecting to {} took longer than {:?}; is the broker reachable?",
+                config.url, config.connect_timeout
+            ))
+            .with_code("CONNECT_TIMEOUT")),
+        };
+        match result {
+            Ok(live) => {
+                link.failures = 0;
+                link.next_attempt = None;
+                link.live = Some(live.clone());
+                self.metrics.opened.increment(1);
+                self.set_connected(true);
+                self.set_down(None);
+                Ok(live)
+            }
+            Err(e) => {
+                self.metrics.connect_failures.increment(1);
+                self.set_down(Some(format!("cannot connect: {e}")));
+                link.failures = link.failures.saturating_add(1);
+                let delay = reconnect_delay(&self.reconnect, link.failures);
+                link.next_attempt = Some(Instant::now() + delay);
+                Err(e)
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Arc<Live>, TransportError> {
+        let config = &self.config;
+        let url = config.url.to_string();
+        let props = ConnectionProperties::default()
+            .with_connection_name(config.connection_name.clone().into());
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: config.tls_ca_pem.clone(),
+        };
+        let runtime = lapin::runtime::default_runtime()
+            .map_err(|e| TransportError::permanent(format!("no async runtime for lapin: {e}")))?;
+        let connection =
+            Connection::connect_uri_with_config(config.url.to_lapin(), props, tls, runtime)
+                .await
+                .map_err(|e| classify_connect(&e, &url))?;
+        // Listen before anything else can happen: blocked/unblocked arrive as events.
+        let mut events = connection.events_listener();
+        let flow = self.flow.clone();
+        let metrics = self.metrics.clone();
+        metrics.blocked.set(0.0);
+        flow.blocked.store(false, Ordering::Release);
+        flow.changed.notify_waiters();
+        let events = tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    Event::ConnectionBlocked(_reason) => {
+                        metrics.blocked.set(1.0);
+                        metrics.blocked_events.increment(1);
+                        flow.blocked.store(true, Ordering::Release);
+                        flow.changed.notify_waiters();
+                    }
+                    Event::ConnectionUnblocked => {
+                        metrics.blocked.set(0.0);
+                        flow.blocked.store(false, Ordering::Release);
+                        flow.changed.notify_waiters();
+                    }
+                    // A soft error is one channel closing (reopened on next use); anything
+                    // else ends the connection.
+                    // Not reported as down here: the next send reconnects, and only a failed
+                    // attempt says the broker is unreachable (this task may also belong to a
+                    // connection already replaced).
+                    Event::Error(e) if !e.is_amqp_soft_error() => {
+                        flow.connected.store(false, Ordering::Release);
+                        metrics.connected.set(0.0);
+                        flow.changed.notify_waiters();
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let live = Live {
+            channels: (0..config.channels).map(|_| Mutex::new(None)).collect(),
+            connection,
+            events,
+        };
+        // `live` owns the event task from here: dropped (on an error below, or when the connect
+        // timeout drops this future), it aborts the task, and lapin closes the connection once
+        // its last handle is gone.
+        if !config.topology.is_empty() {
+            if let Err(e) = declare(&live.connection, &config.topology).await {
+                // Best effort: the declaration error is what the caller needs to see.
+                if let Err(closing) = live
+                    .connection
+                    .close(200, "herald: declaring the topology failed".into())
+                    .await
+                {
+                    let _ignored = closing;
+                }
+                return Err(e);
+            }
+        }
+        Ok(Arc::new(live))
+    }
+
+    /// Waits while the broker blocks the connection, up to the blocked timeout.
+    pub(crate) async fn wait_unblocked(&self) -> Result<(), TransportError> {
+        let flow = &self.flow;
+        let deadline = Instant::now() + self.config.blocked_timeout;
+        loop {
+            let changed = flow.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !flow.blocked.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(TransportError::transient(format!(
+                    "the broker has blocked publishing (connection.blocked: a memory or disk alarm) for more than {:?}; messages wait in herald's buffer and are retried",
+                    self.config.blocked_timeout
+                ))
+                .with_code("CONNECTION_BLOCKED"));
+            }
+        }
+    }
+
+    /// What [`Transport::health`](herald_core::Transport::health) reports (documented there);
+    /// while down, it starts a background reconnection attempt.
+    pub(crate) fn health(self: &Arc<Self>) -> TransportHealth {
+        let down = self
+            .flow
+            .down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match down {
+            Some(why) => {
+                self.probe();
+                TransportHealth::Down(why)
+            }
+            None if self.is_blocked() => TransportHealth::Blocked(
+                "connection.blocked: a memory or disk alarm on the broker; publishing waits".into(),
+            ),
+            None => TransportHealth::Up,
+        }
+    }
+
+    /// Closes the connection, if one is up, and stops background reconnection until the next
+    /// batch.
+    pub(crate) async fn close(&self) {
+        self.flow.closed.store(true, Ordering::Release);
+        let live = self.link.lock().await.live.take();
+        if let Some(live) = live {
+            if live.is_connected() {
+                // Closing is best effort: every message already has its outcome.
+                if let Err(e) = live
+                    .connection
+                    .close(200, "herald producer closed".into())
+                    .await
+                {
+                    let _ignored = e;
+                }
+            }
+        }
+        self.set_connected(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The schedule as it was written before it went through `herald_retry::Backoff`.
+    fn hand_rolled(min: Duration, max: Duration, failures: u32) -> Duration {
+        let exp = failures.min(16) - 1;
+        min.saturating_mul(1 << exp).min(max)
+    }
+
+    #[test]
+    fn the_reconnect_backoff_doubles_from_min_to_max_without_jitter() {
+        let ms = Duration::from_millis;
+        let day = Duration::from_secs(24 * 60 * 60);
+        for (min, max) in [
+            (ms(100), Duration::from_secs(5)),
+            (ms(200), Duration::from_secs(1)),
+            (ms(300), ms(300)),
+            (Duration::from_nanos(1), day),
+            (ms(1), day),
+            (Duration::from_nanos(123_456_789), day),
+            (day, day),
+        ] {
+            let backoff = Backoff::new(min, max).with_jitter(Jitter::None);
+            for failures in (1..=40).chain([u32::MAX]) {
+                assert_eq!(
+                    reconnect_delay(&backoff, failures),
+                    hand_rolled(min, max, failures),
+                    "{min:?}..{max:?} after {failures} failures"
+                );
+            }
+        }
+        let default = Backoff::new(ms(100), Duration::from_secs(5)).with_jitter(Jitter::None);
+        let delays: Vec<_> = (1..=8).map(|n| reconnect_delay(&default, n)).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000].map(ms));
+    }
+}

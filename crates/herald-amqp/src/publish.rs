@@ -1,0 +1,485 @@
+//! Publishing: a batch streamed over the channels with publisher confirms, one deadline for the
+//! whole batch, and the outcome of every message (confirm, return, nack, per-key order).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+
+use futures_util::future::join_all;
+use herald_core::{Ack, BatchOutcome, Bytes, Destination, ErrorClass, Message, TransportError};
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Confirmation};
+use tokio::time::Instant;
+
+use crate::config::AmqpConfig;
+use crate::connection::{Inner, Live};
+use crate::destination::Route;
+use crate::error::{classify_on_channel, max_size_from_text, reply_code};
+use crate::metrics::AmqpMetrics;
+
+/// Sends one batch to `destination`: what
+/// [`Transport::send_batch`](herald_core::Transport::send_batch) does.
+pub(crate) async fn send_batch(
+    inner: &Inner,
+    destination: &Destination,
+    batch: &[Message],
+) -> BatchOutcome {
+    inner.in_use();
+    let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
+    let route = match Route::parse(destination) {
+        Ok(r) => r,
+        Err(e) => return fail_all(e),
+    };
+    let live = match inner.live().await {
+        Ok(l) => l,
+        Err(e) => return fail_all(e),
+    };
+    if let Err(e) = inner.wait_unblocked().await {
+        return fail_all(e);
+    }
+    // One deadline for the whole batch: publishes and confirms share it.
+    let deadline = Instant::now() + inner.config.confirm_timeout;
+    let channels = inner.config.channels;
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); channels];
+    for (i, m) in batch.iter().enumerate() {
+        groups[slot_for(m.key(), destination, channels)].push(i);
+    }
+    let sends = groups
+        .into_iter()
+        .enumerate()
+        .filter(|(_, g)| !g.is_empty())
+        .map(|(slot, idxs)| publish_group(inner, &live, slot, &route, batch, idxs, deadline));
+    let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
+    for group in join_all(sends).await {
+        for (i, o) in group {
+            outcomes[i] = Some(o);
+        }
+    }
+    let outcomes = outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Err(TransportError::transient(
+                    "internal: message not published; retried",
+                ))
+            })
+        })
+        .collect();
+    if !live.is_connected() {
+        inner.set_connected(false);
+    }
+    finish(batch, outcomes)
+}
+
+/// A stable id for a message: the `message-id` header when it has one, else a 128-bit FNV-1a
+/// hash of destination, key, payload and headers (the same message retried gets the same id;
+/// two identical messages share one, so give your own id when that matters).
+fn message_id(msg: &Message, header: Option<&str>) -> String {
+    if let Some(name) = header {
+        if let Some(h) = msg.headers().iter().find(|h| h.name == name) {
+            return String::from_utf8_lossy(&h.value).into_owned();
+        }
+    }
+    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013B;
+    let mut h = OFFSET;
+    let mut feed = |bytes: &[u8]| {
+        // Length first, so that field boundaries count.
+        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            h ^= u128::from(*b);
+            h = h.wrapping_mul(PRIME);
+        }
+    };
+    feed(msg.destination().as_str().as_bytes());
+    feed(msg.key().map_or(&b"\xff-none"[..], |k| k.as_ref()));
+    feed(msg.payload());
+    for hd in msg.headers() {
+        feed(hd.name.as_bytes());
+        feed(&hd.value);
+    }
+    format!("{h:032x}")
+}
+
+fn properties(config: &AmqpConfig, msg: &Message) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for h in msg.headers() {
+        headers.insert(
+            ShortString::from(h.name.as_str()),
+            AMQPValue::LongString(LongString::from(h.value.to_vec())),
+        );
+    }
+    if let (Some(name), Some(key)) = (&config.key_header, msg.key()) {
+        headers.insert(
+            ShortString::from(name.as_str()),
+            AMQPValue::LongString(LongString::from(key.to_vec())),
+        );
+    }
+    let mut props = BasicProperties::default()
+        .with_message_id(message_id(msg, config.message_id_header.as_deref()).into());
+    if config.persistent {
+        props = props.with_delivery_mode(2);
+    }
+    if !headers.inner().is_empty() {
+        props = props.with_headers(headers);
+    }
+    props
+}
+
+/// Publishes the messages `idxs` of `batch` on channel `slot`, streaming: at most `window`
+/// unconfirmed at a time, everything (channel open, publishes, confirms) bounded by the
+/// batch's `deadline`. Returns the outcome of each, by index.
+async fn publish_group(
+    inner: &Inner,
+    live: &Live,
+    slot: usize,
+    route: &Route,
+    batch: &[Message],
+    idxs: Vec<usize>,
+    deadline: Instant,
+) -> Vec<(usize, Result<Ack, TransportError>)> {
+    let target = route.describe();
+    let channel = match tokio::time::timeout_at(deadline, live.channel(slot)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return idxs.into_iter().map(|i| (i, Err(e.clone()))).collect(),
+        Err(_) => {
+            let e = stalled(inner, &target, "opening a channel");
+            return idxs.into_iter().map(|i| (i, Err(e.clone()))).collect();
+        }
+    };
+    let config = &inner.config;
+    let options = BasicPublishOptions {
+        mandatory: config.mandatory,
+        immediate: false,
+    };
+    let exchange = ShortString::from(route.exchange.as_str());
+    let routing_key = ShortString::from(route.routing_key.as_str());
+    let mut out = Vec::with_capacity(idxs.len());
+    let mut pending = VecDeque::with_capacity(config.window.min(idxs.len()));
+    let mut broken: Option<TransportError> = None;
+    for i in idxs {
+        if let Some(e) = &broken {
+            out.push((i, Err(e.clone())));
+            continue;
+        }
+        while pending.len() >= config.window {
+            if let Some((j, confirm)) = pending.pop_front() {
+                out.push((j, settle(inner, confirm, route, &target, deadline).await));
+            }
+        }
+        let msg = &batch[i];
+        let publish = channel.basic_publish(
+            exchange.clone(),
+            routing_key.clone(),
+            options,
+            msg.payload(),
+            properties(config, msg),
+        );
+        // lapin stops writing while the broker blocks the connection: bounded too.
+        match tokio::time::timeout_at(deadline, publish).await {
+            Ok(Ok(confirm)) => pending.push_back((i, confirm)),
+            Ok(Err(e)) => {
+                let e = classify_on_channel(&e, route, &target);
+                out.push((i, Err(e.clone())));
+                broken = Some(e);
+            }
+            Err(_) => {
+                let e = stalled(inner, &target, "publishing");
+                out.push((i, Err(e.clone())));
+                broken = Some(e);
+            }
+        }
+    }
+    for (j, confirm) in pending {
+        out.push((j, settle(inner, confirm, route, &target, deadline).await));
+    }
+    out
+}
+
+/// The batch deadline passed while a publish (or a channel open) could not go out.
+fn stalled(inner: &Inner, target: &str, what: &str) -> TransportError {
+    let timeout = inner.config.confirm_timeout;
+    if inner.is_blocked() {
+        TransportError::transient(format!(
+            "the broker blocked the connection (connection.blocked: a memory or disk alarm) while {what} to {target}, for longer than the batch's {timeout:?}; retried"
+        ))
+        .with_code("CONNECTION_BLOCKED")
+    } else {
+        TransportError::transient(format!(
+            "{what} to {target} did not complete within the batch's {timeout:?}; retried"
+        ))
+        .with_code("TIMEOUT")
+    }
+}
+
+async fn settle(
+    inner: &Inner,
+    confirm: lapin::PublisherConfirm,
+    route: &Route,
+    target: &str,
+    deadline: Instant,
+) -> Result<Ack, TransportError> {
+    let timeout = inner.config.confirm_timeout;
+    match tokio::time::timeout_at(deadline, confirm).await {
+        Err(_) => Err(TransportError::transient(format!(
+            "no publisher confirm from the broker within {timeout:?} of the batch's start for a message to {target}; it is retried (possibly a duplicate)"
+        ))
+        .with_code("CONFIRM_TIMEOUT")),
+        Ok(Err(e)) => Err(classify_on_channel(&e, route, target)),
+        Ok(Ok(c)) => confirmation(&inner.metrics, c, target),
+    }
+}
+
+/// The outcome of one publisher confirm.
+fn confirmation(
+    metrics: &AmqpMetrics,
+    confirmation: Confirmation,
+    target: &str,
+) -> Result<Ack, TransportError> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(Ack::default()),
+        Confirmation::Ack(Some(returned)) => {
+            metrics.returned.increment(1);
+            let info = reply_code(returned.reply_code);
+            Err(TransportError::new(
+                info.class,
+                format!(
+                    "unroutable: the broker returned the message sent to {target}: {} {}; {}",
+                    returned.reply_code, returned.reply_text, info.advice
+                ),
+            )
+            .with_code(info.name))
+        }
+        Confirmation::Nack(returned) => {
+            metrics.nacked.increment(1);
+            let why = returned.map_or(String::new(), |r| {
+                format!(" (returned: {} {})", r.reply_code, r.reply_text)
+            });
+            Err(TransportError::transient(format!(
+                "the broker nacked a message to {target} (basic.nack: it could not take it now){why}; it is retried"
+            ))
+            .with_code("NACK"))
+        }
+        Confirmation::NotRequested => Err(TransportError::transient(format!(
+            "no publisher confirm for a message to {target}: confirms were not enabled on its channel; it is retried"
+        ))
+        .with_code("NOT_CONFIRMED")),
+    }
+}
+
+fn slot_for(key: Option<&Bytes>, destination: &Destination, channels: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match key {
+        Some(k) => k.hash(&mut h),
+        None => destination.hash(&mut h),
+    }
+    (h.finish() % channels as u64) as usize
+}
+
+/// Enforces the per-key order rule of the `Transport` contract on a finished batch, and makes a
+/// whole-destination error (missing exchange, refused access) the outcome of every failed
+/// message, and attributes an oversized-message refusal to the oversized messages only.
+pub(crate) fn finish(
+    batch: &[Message],
+    mut outcomes: Vec<Result<Ack, TransportError>>,
+) -> BatchOutcome {
+    // A destination-wide permanent error explains every other failure of the batch.
+    let whole = outcomes.iter().find_map(|o| match o {
+        Err(e)
+            if e.class() == ErrorClass::Permanent
+                && e.code()
+                    .is_some_and(|c| c == "NOT_FOUND" || c == "ACCESS_REFUSED") =>
+        {
+            Some(e.clone())
+        }
+        _ => None,
+    });
+    if let Some(whole) = whole {
+        for o in &mut outcomes {
+            if o.is_err() {
+                *o = Err(whole.clone());
+            }
+        }
+    }
+    // A channel closed for an oversized message fails every message that was in flight on it:
+    // only those above the limit are permanent; the others are retried.
+    for (m, o) in batch.iter().zip(outcomes.iter_mut()) {
+        let Err(e) = o else { continue };
+        if e.code() == Some("PRECONDITION_FAILED") {
+            if let Some(max) = max_size_from_text(e.message()) {
+                if m.payload().len() <= max {
+                    *o = Err(TransportError::transient(format!(
+                        "the channel was closed by another message's error ({}); retried",
+                        e.message()
+                    ))
+                    .with_code("CHANNEL_CLOSED"));
+                }
+            }
+        }
+    }
+    // Per key: after a transient failure, later messages of that key must not get ahead of its
+    // retry, so they fail too (transient), even if the broker confirmed them.
+    if outcomes
+        .iter()
+        .any(|o| matches!(o, Err(e) if e.class() == ErrorClass::Transient))
+    {
+        let mut held: HashMap<Option<&Bytes>, TransportError> = HashMap::new();
+        for (m, o) in batch.iter().zip(outcomes.iter_mut()) {
+            if let Some(first) = held.get(&m.key()) {
+                if o.is_ok() {
+                    *o = Err(TransportError::transient(format!(
+                        "held back: an earlier message with the same key failed ({}); sent again after it to keep per-key order",
+                        first.message()
+                    ))
+                    .with_code("ORDER_HOLD"));
+                }
+            } else if let Err(e) = o {
+                if e.class() == ErrorClass::Transient {
+                    held.insert(m.key(), e.clone());
+                }
+            }
+        }
+    }
+    outcomes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirmations_not_requested_or_nacked_are_transient() {
+        let metrics = AmqpMetrics::new();
+        let e = confirmation(&metrics, Confirmation::NotRequested, "queue \"q\"")
+            .expect_err("not confirmed is not delivered");
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::Transient, Some("NOT_CONFIRMED"))
+        );
+        let returned = lapin::message::BasicReturnMessage {
+            delivery: lapin::message::Delivery::mock(1, "".into(), "q".into(), false, vec![]),
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+        };
+        let e = confirmation(&metrics, Confirmation::Nack(Some(returned)), "queue \"q\"")
+            .expect_err("nacked");
+        assert_eq!((e.class(), e.code()), (ErrorClass::Transient, Some("NACK")));
+        let e =
+            confirmation(&metrics, Confirmation::Nack(None), "queue \"q\"").expect_err("nacked");
+        assert_eq!((e.class(), e.code()), (ErrorClass::Transient, Some("NACK")));
+        assert!(confirmation(&metrics, Confirmation::Ack(None), "q").is_ok());
+    }
+
+    #[test]
+    fn message_ids_are_stable_and_overridable() {
+        let m = Message::new("q", "payload").with_key("k");
+        let id = message_id(&m, Some("message-id"));
+        assert_eq!(id.len(), 32);
+        assert_eq!(
+            id,
+            message_id(&m.clone(), Some("message-id")),
+            "a retry gets the same id"
+        );
+        assert_ne!(
+            id,
+            message_id(&Message::new("q", "payload"), None),
+            "the key counts"
+        );
+        assert_ne!(
+            id,
+            message_id(&Message::new("q", "payloae").with_key("k"), None)
+        );
+        let given = m.with_header("message-id", "order-42");
+        assert_eq!(message_id(&given, Some("message-id")), "order-42");
+    }
+
+    #[test]
+    fn same_key_same_channel() {
+        let d = Destination::new("q");
+        let k = Bytes::from_static(b"customer-7");
+        assert_eq!(slot_for(Some(&k), &d, 8), slot_for(Some(&k), &d, 8));
+        assert_eq!(slot_for(None, &d, 8), slot_for(None, &d, 8));
+        let used: std::collections::HashSet<usize> = (0..64)
+            .map(|i| slot_for(Some(&Bytes::from(format!("k{i}"))), &d, 8))
+            .collect();
+        assert!(used.len() > 4, "keys spread over channels: {used:?}");
+    }
+
+    fn keyed(keys: &[&'static str]) -> Vec<Message> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| Message::new("q", format!("m{i}")).with_key(*k))
+            .collect()
+    }
+
+    #[test]
+    fn a_transient_failure_holds_back_later_messages_of_its_key() {
+        let batch = keyed(&["a", "b", "a", "b", "a"]);
+        let outcomes = vec![
+            Ok(Ack::default()),
+            Ok(Ack::default()),
+            Err(TransportError::transient("nack").with_code("NACK")),
+            Ok(Ack::default()),
+            Ok(Ack::default()),
+        ];
+        let out = finish(&batch, outcomes);
+        assert!(out[0].is_ok() && out[1].is_ok() && out[3].is_ok());
+        assert_eq!(out[2].as_ref().err().and_then(|e| e.code()), Some("NACK"));
+        let held = out[4].as_ref().expect_err("held back");
+        assert_eq!(
+            (held.class(), held.code()),
+            (ErrorClass::Transient, Some("ORDER_HOLD"))
+        );
+    }
+
+    #[test]
+    fn a_permanent_failure_does_not_hold_back_others() {
+        let batch = keyed(&["a", "a", "a"]);
+        let outcomes = vec![
+            Ok(Ack::default()),
+            Err(TransportError::permanent("unroutable").with_code("NO_ROUTE")),
+            Ok(Ack::default()),
+        ];
+        let out = finish(&batch, outcomes);
+        assert!(out[0].is_ok() && out[2].is_ok());
+        assert_eq!(
+            out[1].as_ref().err().map(TransportError::class),
+            Some(ErrorClass::Permanent)
+        );
+    }
+
+    #[test]
+    fn a_missing_exchange_fails_the_whole_batch_permanently() {
+        let batch = keyed(&["a", "b", "c"]);
+        let outcomes = vec![
+            Err(TransportError::permanent("no exchange \"x\"").with_code("NOT_FOUND")),
+            Err(TransportError::transient("closed").with_code("CHANNEL_CLOSED")),
+            Err(TransportError::transient("closed").with_code("CHANNEL_CLOSED")),
+        ];
+        for o in finish(&batch, outcomes) {
+            let e = o.expect_err("failed");
+            assert_eq!(
+                (e.class(), e.code()),
+                (ErrorClass::Permanent, Some("NOT_FOUND"))
+            );
+        }
+    }
+
+    #[test]
+    fn an_oversized_message_fails_alone() {
+        let batch = vec![
+            Message::new("q", vec![0u8; 10]).with_key("a"),
+            Message::new("q", vec![0u8; 2000]).with_key("b"),
+        ];
+        let text = "broker closed the channel: 406 PRECONDITION_FAILED - message size 2000 is larger than configured max size 1000";
+        let err = TransportError::permanent(text).with_code("PRECONDITION_FAILED");
+        let out = finish(&batch, vec![Err(err.clone()), Err(err)]);
+        assert_eq!(
+            out[0].as_ref().err().map(TransportError::class),
+            Some(ErrorClass::Transient)
+        );
+        assert_eq!(
+            out[1].as_ref().err().map(TransportError::class),
+            Some(ErrorClass::Permanent)
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! The transport against brokers that are not real, with the public API only: a port nothing
+//! listens on, and a fake AMQP server that never confirms or blocks the connection. Hermetic:
+//! part of `cargo test --workspace` (the real-broker tests are in `it.rs`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::closed_port;
+use common::fake_broker::{fake_broker, Fake};
+use futures_util::future::join_all;
+use herald_amqp::{AmqpConfig, AmqpTransport};
+use herald_core::{Destination, ErrorClass, Message, Transport};
+
+#[tokio::test]
+async fn an_unreachable_broker_fails_the_batch_transiently_and_backs_off() {
+    let url = format!("amqp://app:hunter2-secret@127.0.0.1:{}/%2F", closed_port());
+    let t = AmqpTransport::new(
+        AmqpConfig::from_url(&url)
+            .expect("url")
+            .reconnect_backoff(Duration::from_millis(200), Duration::from_secs(1)),
+    )
+    .expect("transport");
+    assert!(!format!("{t:?}").contains("hunter2"), "{t:?}");
+    let batch = vec![Message::new("q", "a"), Message::new("q", "b")];
+    let out = t.send_batch(&Destination::new("q"), &batch).await;
+    assert_eq!(out.len(), 2);
+    for o in &out {
+        let e = o.as_ref().expect_err("no broker");
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::Transient, Some("UNREACHABLE"))
+        );
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(e.to_string().contains("app:***@127.0.0.1"), "{e}");
+    }
+    // The next attempt waits out the backoff instead of hammering the broker.
+    let started = std::time::Instant::now();
+    let out = t.send_batch(&Destination::new("q"), &batch).await;
+    assert!(out.iter().all(Result::is_err));
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!t.is_connected() && !t.is_blocked());
+}
+
+#[tokio::test]
+async fn an_invalid_destination_fails_permanently_without_connecting() {
+    let url = format!("amqp://127.0.0.1:{}/%2F", closed_port());
+    let t = AmqpTransport::new(AmqpConfig::from_url(&url).expect("url")).expect("transport");
+    let out = t
+        .send_batch(&Destination::new(""), &[Message::new("", "x")])
+        .await;
+    let e = out[0].as_ref().expect_err("invalid");
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, Some("INVALID_DESTINATION"))
+    );
+}
+
+#[tokio::test]
+async fn concurrent_calls_wait_out_the_backoff_side_by_side() {
+    let url = format!("amqp://127.0.0.1:{}/%2F", closed_port());
+    let t = AmqpTransport::new(
+        AmqpConfig::from_url(&url)
+            .expect("url")
+            .reconnect_backoff(Duration::from_millis(300), Duration::from_millis(300)),
+    )
+    .expect("transport");
+    assert!(t.connect().await.is_err());
+    // Four calls during the backoff: they wait together (about one backoff), not one
+    // behind the other, and fail transiently.
+    let started = std::time::Instant::now();
+    let results = join_all((0..4).map(|_| t.connect())).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    for r in results {
+        assert_eq!(r.expect_err("down").class(), ErrorClass::Transient);
+    }
+}
+
+#[tokio::test]
+async fn missing_confirms_time_out_once_per_batch_not_once_per_message() {
+    let port = fake_broker(Fake::Silent).await;
+    let t = AmqpTransport::new(
+        AmqpConfig::from_url(&format!("amqp://127.0.0.1:{port}/%2F"))
+            .expect("url")
+            .channels(1)
+            .confirm_timeout(Duration::from_millis(400)),
+    )
+    .expect("transport");
+    t.connect()
+        .await
+        .expect("the fake broker takes the handshake");
+    let batch: Vec<Message> = (0..10)
+        .map(|i| Message::new("q", format!("m{i}")))
+        .collect();
+    let started = std::time::Instant::now();
+    let out = t.send_batch(&Destination::new("q"), &batch).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    for o in &out {
+        let e = o.as_ref().expect_err("never confirmed");
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        assert!(
+            matches!(e.code(), Some("CONFIRM_TIMEOUT" | "ORDER_HOLD")),
+            "{e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_publish_stuck_behind_a_blocked_connection_is_bounded() {
+    let port = fake_broker(Fake::Blocks).await;
+    let t = AmqpTransport::new(
+        AmqpConfig::from_url(&format!("amqp://127.0.0.1:{port}/%2F"))
+            .expect("url")
+            .channels(1)
+            .confirm_timeout(Duration::from_millis(500))
+            .blocked_timeout(Duration::from_millis(500)),
+    )
+    .expect("transport");
+    t.connect()
+        .await
+        .expect("the fake broker takes the handshake");
+    let batch: Vec<Message> = (0..5).map(|i| Message::new("q", format!("m{i}"))).collect();
+    let out = tokio::time::timeout(
+        Duration::from_secs(5),
+        t.send_batch(&Destination::new("q"), &batch),
+    )
+    .await
+    .expect("a blocked connection must not hold a batch forever");
+    for o in &out {
+        let e = o.as_ref().expect_err("not confirmed");
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+    }
+}
