@@ -16,6 +16,7 @@
 
 mod error;
 mod health;
+mod key_hold;
 mod message;
 pub mod metrics;
 mod producer;
@@ -23,7 +24,8 @@ mod transport;
 
 pub use error::{BuildError, ErrorClass, FailureReason, SendError, TransportError};
 pub use health::{Health, HealthIssue, HealthPolicy, HealthStatus, TransportHealth};
-pub use message::{Destination, Header, Message};
+pub use key_hold::{KeyHold, KEY_HELD};
+pub use message::{Destination, Header, InvalidMessageId, Message, MessageId};
 #[allow(deprecated)]
 pub use producer::DeadLetterHook;
 pub use producer::{

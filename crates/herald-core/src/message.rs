@@ -71,13 +71,96 @@ pub struct Header {
 ///     .with_header("trace-id", "abc123");
 /// assert_eq!(msg.size(), "created #42".len() + "customer-7".len() + "trace-id".len() + 6);
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
+///
+/// Every message gets a [`MessageId`] when a producer accepts it (unless it was given one with
+/// [`Message::with_id`]); the id stays with it through retries and when it is handed back in a
+/// `SendError`, so sending a failed message again keeps its id. Equality and hashing compare
+/// content (destination, key, payload, headers), not the id.
+#[derive(Clone)]
 pub struct Message {
     destination: Destination,
     key: Option<Bytes>,
     payload: Bytes,
     headers: Vec<Header>,
+    id: Option<MessageId>,
 }
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.destination == other.destination
+            && self.key == other.key
+            && self.payload == other.payload
+            && self.headers == other.headers
+    }
+}
+
+impl Eq for Message {}
+
+impl std::hash::Hash for Message {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.destination.hash(state);
+        self.key.hash(state);
+        self.payload.hash(state);
+        self.headers.hash(state);
+    }
+}
+
+/// A message's identity: 128 bits in the UUIDv7 layout (48 bits of Unix time in milliseconds,
+/// then random bits), so ids sort roughly by acceptance time and never repeat in practice.
+///
+/// Assigned when a producer accepts the message, kept across retries, and sent to the broker
+/// (AMQP `message_id`, a Kafka header) so that consumers can drop the duplicates that
+/// at-least-once delivery allows. `Display` is the usual 36-character UUID text.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(u128);
+
+impl MessageId {
+    /// An id from its 128 bits (for example one read back from a broker).
+    pub const fn from_u128(bits: u128) -> Self {
+        Self(bits)
+    }
+    /// Its 128 bits.
+    pub const fn as_u128(self) -> u128 {
+        self.0
+    }
+    /// Its 16 bytes, big-endian (the UUID byte order).
+    pub const fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+    /// An id for a message accepted at `unix_millis`, with `random` as its other bits.
+    pub(crate) fn v7(unix_millis: u64, random: u128) -> Self {
+        let mut bytes = [0u8; 10];
+        bytes.copy_from_slice(&random.to_be_bytes()[..10]);
+        let uuid = uuid::Builder::from_unix_timestamp_millis(unix_millis, &bytes).into_uuid();
+        Self(uuid.as_u128())
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&uuid::Uuid::from_u128(self.0).hyphenated(), f)
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+impl std::str::FromStr for MessageId {
+    type Err = InvalidMessageId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        uuid::Uuid::try_parse(s)
+            .map(|u| Self(u.as_u128()))
+            .map_err(|_| InvalidMessageId)
+    }
+}
+
+/// Text that is not a message id (a UUID, 32 hex digits with or without hyphens).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a message id: expected a UUID such as 0190b6d2-7c4e-7a51-8f3e-2b9d4c1a6e70")]
+pub struct InvalidMessageId;
 
 impl Message {
     /// A message with a payload and no key.
@@ -87,7 +170,23 @@ impl Message {
             key: None,
             payload: payload.into(),
             headers: Vec::new(),
+            id: None,
         }
+    }
+    /// Gives the message its id now, instead of at acceptance: to send it again under the id
+    /// it had (read from a dead-letter record, say), so that consumers see one message.
+    #[must_use]
+    pub fn with_id(mut self, id: MessageId) -> Self {
+        self.id = Some(id);
+        self
+    }
+    /// Its id: set by [`Message::with_id`] or when a producer accepted it; `None` before. Inside
+    /// a transport's `send_batch` every message has one.
+    pub fn id(&self) -> Option<MessageId> {
+        self.id
+    }
+    pub(crate) fn id_or_insert_with(&mut self, make: impl FnOnce() -> MessageId) -> MessageId {
+        *self.id.get_or_insert_with(make)
     }
     /// Sets the key.
     #[must_use]
@@ -144,6 +243,7 @@ impl fmt::Debug for Message {
             .field("key_len", &self.key.as_ref().map(Bytes::len))
             .field("payload_len", &self.payload.len())
             .field("headers", &self.headers.len())
+            .field("id", &self.id)
             .finish()
     }
 }
@@ -151,6 +251,30 @@ impl fmt::Debug for Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_uuid_v7_in_time_order_and_round_trip_as_text() {
+        let early = MessageId::v7(1_700_000_000_000, u128::MAX);
+        let late = MessageId::v7(1_700_000_000_001, 0);
+        assert!(early < late, "time-ordered");
+        let text = early.to_string();
+        assert_eq!(text.len(), 36);
+        assert_eq!(&text[14..15], "7", "version 7: {text}");
+        assert_eq!(text.parse::<MessageId>(), Ok(early));
+        assert_eq!("not-an-id".parse::<MessageId>(), Err(InvalidMessageId));
+        assert_eq!(MessageId::from_u128(early.as_u128()), early);
+        assert_eq!(early.to_bytes(), early.as_u128().to_be_bytes());
+    }
+
+    #[test]
+    fn equality_is_by_content_and_the_id_stays_once_given() {
+        let id = MessageId::v7(1, 2);
+        let plain = Message::new("t", "p").with_key("k");
+        let mut with = plain.clone().with_id(id);
+        assert_eq!(plain, with);
+        assert_eq!(with.id_or_insert_with(|| MessageId::v7(9, 9)), id);
+        assert_eq!(with.id(), Some(id));
+    }
 
     #[test]
     fn debug_hides_payload_and_key() {

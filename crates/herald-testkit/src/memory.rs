@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_core::{
-    async_trait, Ack, BatchOutcome, Destination, ErrorClass, Message, Transport, TransportError,
-    TransportHealth,
+    async_trait, Ack, BatchOutcome, Destination, ErrorClass, KeyHold, Message, Transport,
+    TransportError, TransportHealth,
 };
 
 /// What one call of `send_batch` does, in a script.
@@ -22,6 +22,12 @@ pub enum CallFault {
     /// transport ordering contract, every later message of the batch that shares a key with one
     /// of them; accept the rest.
     FailSome(Vec<usize>),
+    /// Store the messages at these positions but report them failed (transient), as when an
+    /// acknowledgement is lost after the broker wrote the message; accept the rest, later
+    /// messages of the same keys included. Nothing is held back here: this is the transport
+    /// that learns of a failure after the fact (an asynchronous delivery report, a confirm that
+    /// never came), and the pipeline's per-key hold ([`herald_core::KeyHold`]) keeps order.
+    StoreThenFail(Vec<usize>),
     /// Wait this long, then behave as `Pass`.
     Delay(Duration),
 }
@@ -168,7 +174,8 @@ impl MemoryTransport {
         self.inner.attempts.load(Ordering::Acquire)
     }
 
-    /// Messages accepted so far.
+    /// Messages stored so far (those of [`CallFault::StoreThenFail`] included, though reported
+    /// failed).
     pub fn delivered(&self) -> u64 {
         self.inner.delivered.load(Ordering::Acquire)
     }
@@ -213,24 +220,42 @@ impl Transport for MemoryTransport {
             CallFault::FailSome(idx) => idx.iter().copied().collect(),
             _ => HashSet::new(),
         };
+        let lost_ack: HashSet<usize> = match &fault {
+            CallFault::StoreThenFail(idx) => idx.iter().copied().collect(),
+            _ => HashSet::new(),
+        };
         let reject = lock(&inner.reject).clone();
-        let mut poisoned_keys: HashSet<Option<Bytes>> = HashSet::new();
+        // herald's one per-key rule: after a scripted failure, later messages of its key are
+        // not stored.
+        let mut hold = KeyHold::default();
         let mut out = Vec::with_capacity(batch.len());
         let mut accepted = Vec::new();
+        let mut lost = 0u64;
         for (i, m) in batch.iter().enumerate() {
-            let key = m.key().cloned();
-            if fail.contains(&i) || (key.is_some() && poisoned_keys.contains(&key)) {
-                let why = if fail.contains(&i) {
-                    "scripted failure of this message"
-                } else {
-                    "an earlier message with the same key failed in this batch"
-                };
-                poisoned_keys.insert(key);
-                out.push(Err(TransportError::transient(why).with_code("SCRIPTED")));
+            if let Some(held) = hold.check(m) {
+                out.push(Err(held));
+                continue;
+            }
+            if fail.contains(&i) {
+                let e = TransportError::transient("scripted failure of this message")
+                    .with_code("SCRIPTED");
+                hold.failed(m, &e);
+                out.push(Err(e));
                 continue;
             }
             if let Some(e) = reject.as_ref().and_then(|r| r(m)) {
                 out.push(Err(e));
+                continue;
+            }
+            if lost_ack.contains(&i) {
+                lost += 1;
+                if inner.record {
+                    lock(&inner.log).push(m.clone());
+                }
+                out.push(Err(TransportError::transient(
+                    "scripted: stored, but the acknowledgement was lost",
+                )
+                .with_code("SCRIPTED_LOST_ACK")));
                 continue;
             }
             out.push(Ok(Ack {
@@ -250,7 +275,7 @@ impl Transport for MemoryTransport {
                 ack.offset = Some(offset);
             }
         }
-        inner.delivered.fetch_add(n, Ordering::AcqRel);
+        inner.delivered.fetch_add(n + lost, Ordering::AcqRel);
         out
     }
 

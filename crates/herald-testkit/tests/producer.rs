@@ -788,3 +788,85 @@ async fn a_cut_off_attempt_carries_the_transport_diagnosis_and_keeps_the_real_la
         "{e}"
     );
 }
+
+/// A transport that learns of a failure after the fact (a lost acknowledgement, an asynchronous
+/// delivery report) has already let later messages of the key through: the pipeline sends them
+/// again behind the retry, so the broker's last copies are in order and the outcomes are true.
+#[tokio::test(start_paused = true)]
+async fn a_message_stored_after_a_failure_of_its_key_is_sent_again_behind_the_retry() {
+    let t = MemoryTransport::new();
+    t.script([CallFault::StoreThenFail(vec![0])]);
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .batching(SizeOrLinger::new(4, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let keyed = [
+        msg(0).with_key("a"),
+        msg(1).with_key("b"),
+        msg(2).with_key("a"),
+        msg(3).with_key("a"),
+    ];
+    let mut futures = Vec::new();
+    for m in keyed {
+        futures.push(p.enqueue(m).await.expect("enqueue"));
+    }
+    let mut attempts = Vec::new();
+    for f in futures {
+        attempts.push(f.await.expect("delivered").attempts);
+    }
+    // a-0 failed (though stored); a-2 and a-3 were stored after it, so they go again.
+    assert_eq!(attempts, [2, 1, 2, 2]);
+    let log: Vec<String> = t
+        .received()
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+        .collect();
+    let last_of = |payload: &str| log.iter().rposition(|p| p == payload).expect("stored");
+    assert!(
+        last_of("m-0") < last_of("m-2") && last_of("m-2") < last_of("m-3"),
+        "key a's last copies out of order: {log:?}"
+    );
+    assert_eq!(p.stats().totals.retries, 3);
+}
+
+/// Under relaxed ordering there is no order to keep: what the broker took stays delivered.
+#[tokio::test(start_paused = true)]
+async fn relaxed_ordering_keeps_deliveries_after_a_failure_of_their_key() {
+    let t = MemoryTransport::new();
+    t.script([CallFault::StoreThenFail(vec![0])]);
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .ordering(OrderingMode::Relaxed)
+        .batching(SizeOrLinger::new(2, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let first = p.enqueue(msg(0).with_key("a")).await.expect("enqueue");
+    let second = p.enqueue(msg(1).with_key("a")).await.expect("enqueue");
+    assert_eq!(first.await.expect("delivered").attempts, 2);
+    assert_eq!(second.await.expect("delivered").attempts, 1);
+}
+
+/// Every accepted message gets an id, and keeps it through its retries.
+#[tokio::test(start_paused = true)]
+async fn accepted_messages_get_ids_that_survive_retries() {
+    let t = MemoryTransport::new();
+    t.script([CallFault::StoreThenFail(vec![0, 1, 2])]);
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .batching(SizeOrLinger::new(3, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let given = herald_core::MessageId::from_u128(42);
+    let receipt = p.send_all([msg(0), msg(1), msg(2).with_id(given)]).await;
+    assert!(receipt.wait().await.all_delivered());
+    let ids: Vec<_> = t
+        .received()
+        .iter()
+        .map(|m| m.id().expect("every message sent has an id"))
+        .collect();
+    assert_eq!(ids.len(), 6, "each stored twice: the first acknowledgement was lost");
+    assert_eq!(ids[..3], ids[3..], "a retry carries the id of the first attempt");
+    assert_ne!(ids[0], ids[1], "ids are unique");
+    assert_eq!(ids[2], given, "a given id is kept");
+}

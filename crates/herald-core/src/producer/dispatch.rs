@@ -216,18 +216,21 @@ impl Shared {
         let messages = std::mem::take(&mut flight.messages);
         let metas = std::mem::take(&mut flight.metas);
         let n = messages.len();
-        let mut outcomes = outcomes.into_iter();
-        let mut any_ok = false;
-        let mut all_transient = true;
+        let mut outcomes = outcomes;
+        outcomes.truncate(n);
+        outcomes.resize_with(n, || {
+            Err(TransportError::transient(format!(
+                "transport returned fewer outcomes than the {n} messages of the batch"
+            )))
+        });
+        // The broker answered: a message it took counts for the breaker even if the key rule
+        // below sends it again.
+        let mut any_ok = outcomes.iter().any(Result::is_ok);
+        self.config.ordering.hold_keys(&messages, &mut outcomes);
+        let mut all_transient = !any_ok;
         let mut retry: Vec<Entry> = Vec::new();
         let mut retry_after = Duration::ZERO;
-        let missing = || {
-            TransportError::transient(format!(
-                "transport returned fewer outcomes than the {n} messages of the batch"
-            ))
-        };
-        for (msg, mut meta) in messages.into_iter().zip(metas) {
-            let outcome = outcomes.next().unwrap_or_else(|| Err(missing()));
+        for ((msg, mut meta), outcome) in messages.into_iter().zip(metas).zip(outcomes) {
             let error = match outcome {
                 Ok(ack) => {
                     any_ok = true;

@@ -367,7 +367,7 @@ impl Producer {
         self.shared().evaluate_health(clock_now(), false)
     }
 
-    /// A watch channel of the producer's health, evaluated every [`HealthPolicy::interval`] and
+    /// A watch channel of the producer's health, evaluated every [`HealthPolicy::interval`](crate::HealthPolicy::interval) and
     /// at once when the circuit breaker changes state or the producer closes. Receivers are
     /// woken when the status or the set of issues changes (not when a count inside an issue
     /// does); the value is always the latest evaluation. After the producer has closed, it holds

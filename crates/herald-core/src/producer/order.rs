@@ -10,6 +10,10 @@
 //!   the hold is released when they end without being queued again (expired or abandoned:
 //!   [`OrderingMode::retries_ended`]).
 //!
+//! Within a batch, the per-key hold ([`crate::KeyHold`]) keeps a message delivered after a
+//! transient failure of its key from staying ahead of that message's retry
+//! ([`OrderingMode::hold_keys`]).
+//!
 //! Relaxed ordering takes none of them: batches of a destination go out concurrently and
 //! retries rejoin the back of the queue.
 
@@ -18,7 +22,10 @@ use std::time::Instant;
 use herald_batch::Accumulator;
 
 use super::state::Entry;
-use crate::message::Destination;
+use crate::error::TransportError;
+use crate::key_hold::KeyHold;
+use crate::message::{Destination, Message};
+use crate::transport::Ack;
 
 /// How strictly the producer keeps order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,6 +81,16 @@ impl OrderingMode {
                     acc.push_back(destination, e, size, now);
                 }
             }
+        }
+    }
+
+    /// The per-key hold ([`KeyHold::apply`]) on a batch's outcomes: under strict ordering, a
+    /// message delivered after a transient failure of its key in the same batch is sent again
+    /// behind that message's retry. Relaxed ordering promises no order, so it keeps the
+    /// delivery.
+    pub(crate) fn hold_keys(self, batch: &[Message], outcomes: &mut [Result<Ack, TransportError>]) {
+        if self == OrderingMode::Strict {
+            KeyHold::apply(batch, outcomes);
         }
     }
 

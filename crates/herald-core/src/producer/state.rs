@@ -27,7 +27,7 @@ use super::health::HealthMonitor;
 use super::order::OrderingMode;
 use crate::error::{FailureReason, SendError, TransportError};
 use crate::health::HealthPolicy;
-use crate::message::{Destination, Message};
+use crate::message::{Destination, Message, MessageId};
 use crate::metrics::Metrics;
 use crate::transport::Transport;
 
@@ -138,6 +138,36 @@ pub(crate) struct State {
     pub(crate) refused: u64,
     /// Where leftovers go when the state itself is dropped.
     unclaimed: Arc<Unclaimed>,
+    /// Gives accepted messages their ids.
+    pub(crate) ids: IdClock,
+}
+
+/// The time part of message ids: Unix milliseconds, read once at build and then derived from
+/// the pipeline's clock (no system call per message; ids follow a paused test clock too).
+pub(crate) struct IdClock {
+    unix_millis_at_start: u64,
+    start: Instant,
+}
+
+impl IdClock {
+    fn new(now: Instant) -> Self {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Self {
+            unix_millis_at_start: u64::try_from(unix.as_millis()).unwrap_or(u64::MAX),
+            start: now,
+        }
+    }
+
+    pub(crate) fn next(&self, now: Instant, rng: &mut fastrand::Rng) -> MessageId {
+        let since = u64::try_from(now.saturating_duration_since(self.start).as_millis())
+            .unwrap_or(u64::MAX);
+        MessageId::v7(
+            self.unix_millis_at_start.saturating_add(since),
+            rng.u128(..),
+        )
+    }
 }
 
 impl State {
@@ -265,6 +295,7 @@ impl Shared {
                 health_ticket: 0,
                 refused: 0,
                 unclaimed: unclaimed.clone(),
+                ids: IdClock::new(clock_now()),
             }),
             wake: Notify::new(),
             space: Notify::new(),
@@ -369,6 +400,9 @@ impl Shared {
         {
             return refuse(msg, done, FailureReason::BufferFull);
         }
+        let mut msg = msg;
+        let (ids, rng) = (&st.ids, &mut st.rng);
+        msg.id_or_insert_with(|| ids.next(now, rng));
         st.buffered_messages += 1;
         st.buffered_bytes += size;
         st.totals.accepted += 1;
