@@ -132,19 +132,35 @@ pub enum FailureReason {
     BufferFull,
     /// The producer was closed before the message could be delivered.
     Closed,
+    /// The `send_all` call that held the message was cancelled (its future dropped) after
+    /// taking the message from its iterator and before the producer accepted it: the message
+    /// was never sent. Messages the call had not taken yet stay in the iterator.
+    Cancelled,
+    /// Code the producer runs on the message's behalf (a retry policy) panicked; the producer
+    /// goes on, and this message is handed back. `site` names the code, `message` is the
+    /// panic's message.
+    Panicked {
+        /// What panicked: `retry_policy`.
+        site: &'static str,
+        /// The panic's message, if it had one.
+        message: String,
+    },
 }
 
 impl FailureReason {
-    /// The class of the failure: permanent for a rejected or oversized message, transient for
-    /// everything that could succeed later (exhausted retries, timeout, full buffer, close).
+    /// The class of the failure: permanent for a rejected or oversized message and for a panic
+    /// in user code, transient for everything that could succeed later (exhausted retries,
+    /// timeout, full buffer, close, a cancelled `send_all`).
     pub fn class(&self) -> ErrorClass {
         match self {
             Self::Rejected(e) => e.class(),
             Self::TooLarge { .. } => ErrorClass::Permanent,
+            Self::Panicked { .. } => ErrorClass::Permanent,
             Self::RetriesExhausted(_)
             | Self::DeliveryTimeout { .. }
             | Self::BufferFull
-            | Self::Closed => ErrorClass::Transient,
+            | Self::Closed
+            | Self::Cancelled => ErrorClass::Transient,
         }
     }
     /// A short stable label, used as the `reason` metric label.
@@ -156,6 +172,8 @@ impl FailureReason {
             Self::TooLarge { .. } => "too_large",
             Self::BufferFull => "buffer_full",
             Self::Closed => "closed",
+            Self::Cancelled => "cancelled",
+            Self::Panicked { .. } => "panicked",
         }
     }
     /// The last transport error behind the failure, if any.
@@ -192,6 +210,12 @@ impl fmt::Display for FailureReason {
                 f.write_str("the producer's buffer is full (try_send does not wait)")
             }
             Self::Closed => f.write_str("the producer was closed before the message was delivered"),
+            Self::Cancelled => f.write_str(
+                "the send_all call was cancelled before the producer accepted this message; it was not sent",
+            ),
+            Self::Panicked { site, message } => {
+                write!(f, "the producer's {site} panicked on this message: {message}")
+            }
         }
     }
 }

@@ -16,8 +16,9 @@ pub const MESSAGES_ACCEPTED: &str = "herald_messages_accepted_total";
 /// Messages the broker acknowledged. Counter.
 pub const MESSAGES_DELIVERED: &str = "herald_messages_delivered_total";
 /// Messages handed back to the caller, by `class` (transient/permanent) and `reason`
-/// (rejected, retries_exhausted, delivery_timeout, too_large, buffer_full, closed). Counter.
-/// `too_large`, `buffer_full` and `closed` can happen before acceptance; the others after.
+/// (rejected, retries_exhausted, delivery_timeout, too_large, buffer_full, closed, cancelled,
+/// panicked). Counter. `too_large`, `buffer_full`, `closed` and `cancelled` can happen before
+/// acceptance; the others after.
 pub const MESSAGES_FAILED: &str = "herald_messages_failed_total";
 /// Failed messages whose caller had stopped listening (handed to the unclaimed hook or kept
 /// for `close`). Counter.
@@ -52,12 +53,16 @@ pub const CIRCUIT_STATE: &str = "herald_circuit_state";
 pub const HEALTH_STATUS: &str = "herald_health_status";
 /// 1 while the transport reports a usable broker connection, 0 while it reports none. Gauge.
 pub const TRANSPORT_UP: &str = "herald_transport_up";
+/// Panics in user code the producer runs (a retry or batch policy, the unclaimed hook), by
+/// `site` (`retry_policy`, `batch_policy`, `unclaimed_hook`), each contained. Counter.
+pub const USER_CODE_PANICS: &str = "herald_user_code_panics_total";
 
 /// Every metric name above, for catalogues and drift checks.
 pub const ALL: &[&str] = &[
     MESSAGES_ACCEPTED,
     MESSAGES_DELIVERED,
     MESSAGES_FAILED,
+    USER_CODE_PANICS,
     MESSAGES_UNCLAIMED,
     RETRIES,
     RETRY_BUDGET_DENIED,
@@ -119,6 +124,8 @@ impl Metrics {
             ("permanent", "too_large"),
             ("transient", "buffer_full"),
             ("transient", "closed"),
+            ("transient", "cancelled"),
+            ("permanent", "panicked"),
         ] {
             let mut with = l();
             with.push(Label::new("class", class));
@@ -145,6 +152,13 @@ impl Metrics {
             transport_up: gauge!(TRANSPORT_UP, l()),
             labels,
         }
+    }
+
+    /// The counter of panics in user code contained at `site`.
+    pub(crate) fn panic_counter(&self, site: &'static str) -> Counter {
+        let mut labels = self.labels.clone();
+        labels.push(Label::new("site", site));
+        counter!(USER_CODE_PANICS, labels)
     }
 
     /// Failures are rare, so their handle is looked up when one happens.

@@ -623,9 +623,19 @@ async fn a_cancelled_send_all_still_reports_failures_of_what_it_had_accepted() {
         .lock()
         .expect("lock")
         .iter()
-        .map(|e| e.message().payload().clone())
+        .map(|e| (e.message().payload().clone(), e.reason().label()))
         .collect();
-    assert_eq!(got, vec!["poison-a", "poison-b"]);
+    // The two it had taken but not handed over come back at once, as cancelled; the two it
+    // had accepted fail later, as rejected.
+    assert_eq!(
+        got,
+        vec![
+            ("m-2".into(), "cancelled"),
+            ("m-3".into(), "cancelled"),
+            ("poison-a".into(), "rejected"),
+            ("poison-b".into(), "rejected")
+        ]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -865,8 +875,160 @@ async fn accepted_messages_get_ids_that_survive_retries() {
         .iter()
         .map(|m| m.id().expect("every message sent has an id"))
         .collect();
-    assert_eq!(ids.len(), 6, "each stored twice: the first acknowledgement was lost");
-    assert_eq!(ids[..3], ids[3..], "a retry carries the id of the first attempt");
+    assert_eq!(
+        ids.len(),
+        6,
+        "each stored twice: the first acknowledgement was lost"
+    );
+    assert_eq!(
+        ids[..3],
+        ids[3..],
+        "a retry carries the id of the first attempt"
+    );
     assert_ne!(ids[0], ids[1], "ids are unique");
     assert_eq!(ids[2], given, "a given id is kept");
+}
+
+/// A future dropped after its fate arrived but before anyone polled it (a `select!` that lost):
+/// the failure inside, and the message in it, must not vanish with it.
+#[tokio::test(start_paused = true)]
+async fn a_failure_whose_future_is_dropped_unpolled_goes_to_the_unclaimed_list() {
+    let t = MemoryTransport::new();
+    t.reject_payload_prefix("bad");
+    let p = Producer::builder(t.clone())
+        .batching(SizeOrLinger::new(1, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let fate = p
+        .enqueue(Message::new("t", "bad-1"))
+        .await
+        .expect("accepted");
+    eventually(Duration::from_secs(1), "the failure to land", || {
+        p.stats().totals.failed == 1
+    })
+    .await;
+    drop(fate);
+    assert_eq!(p.stats().unclaimed, 1);
+    let report = p.close(Duration::from_secs(1)).await;
+    assert_eq!(report.unclaimed.len(), 1);
+    assert_eq!(report.unclaimed[0].message().payload().as_ref(), b"bad-1");
+}
+
+/// `send_all` cancelled while it waits for space: what it had accepted still ends normally,
+/// and what it had taken from the iterator but not handed over comes back as `Cancelled`.
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_send_all_hands_back_what_it_took_and_did_not_send() {
+    let t = MemoryTransport::new();
+    t.set_latency(Duration::from_secs(10));
+    let p = Producer::builder(t.clone())
+        .buffer(2, 1 << 20)
+        .batching(SizeOrLinger::new(2, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let mut msgs = (0..10).map(msg).chain((10..15).map(msg));
+    let call = p.send_all(msgs.by_ref().take(10));
+    let cut = tokio::time::timeout(Duration::from_secs(1), call).await;
+    assert!(
+        cut.is_err(),
+        "the call waits for space while the first batch is in flight"
+    );
+    assert_eq!(
+        msgs.count(),
+        5,
+        "messages beyond the call's chunk stay in the iterator"
+    );
+    let report = p.close(Duration::from_secs(60)).await;
+    assert!(report.drained);
+    assert_eq!(t.received().len(), 2, "the two accepted were delivered");
+    let cancelled: Vec<_> = report
+        .unclaimed
+        .iter()
+        .map(|e| {
+            assert!(matches!(e.reason(), FailureReason::Cancelled), "{e}");
+            String::from_utf8_lossy(e.message().payload()).into_owned()
+        })
+        .collect();
+    let expected: Vec<_> = (2..10).map(|i| format!("m-{i}")).collect();
+    assert_eq!(cancelled, expected, "taken, not sent, handed back in order");
+    assert_eq!(report.totals.failed, 8);
+}
+
+#[derive(Debug)]
+struct PanickingRetry;
+impl herald_retry::RetryPolicy for PanickingRetry {
+    fn decide(
+        &self,
+        _: &herald_retry::RetryContext,
+        _: &mut fastrand::Rng,
+    ) -> herald_retry::RetryDecision {
+        panic!("retry policy bug")
+    }
+}
+
+/// A retry policy that panics ends the message it was asked about, naming the panic; the
+/// producer goes on.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_retry_policy_fails_its_message_and_the_producer_goes_on() {
+    let t = MemoryTransport::new();
+    t.script([CallFault::FailAll(ErrorClass::Transient)]);
+    let p = Producer::builder(t.clone())
+        .retry(PanickingRetry)
+        .batching(SizeOrLinger::new(1, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let e = p.send(msg(0)).await.expect_err("the policy panicked");
+    match e.reason() {
+        FailureReason::Panicked { site, message } => {
+            assert_eq!(*site, "retry_policy");
+            assert!(message.contains("retry policy bug"), "{message}");
+        }
+        other => panic!("expected Panicked, got {other:?}"),
+    }
+    assert_eq!(e.class(), ErrorClass::Permanent);
+    assert_eq!(p.send(msg(1)).await.expect("delivered").attempts, 1);
+}
+
+#[derive(Debug)]
+struct PanickingBatches;
+impl herald_batch::BatchPolicy for PanickingBatches {
+    fn admits(&self, _: herald_batch::BatchStats, _: usize) -> bool {
+        panic!("batch policy bug")
+    }
+    fn is_full(&self, _: herald_batch::BatchStats) -> bool {
+        false
+    }
+    fn linger(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+}
+
+/// A batch policy that panics is no longer asked: messages go one per batch, all delivered.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_batch_policy_does_not_stop_the_producer() {
+    let t = MemoryTransport::new();
+    let p = Producer::builder(t.clone())
+        .batching(PanickingBatches)
+        .build()
+        .expect("build");
+    let all = async { p.send_all((0..5).map(msg)).await.wait().await };
+    let report = tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("the producer must not stop on a panicking batch policy");
+    assert_eq!(report.delivered, 5);
+    assert_eq!(t.received().len(), 5);
+}
+
+/// An unclaimed hook that panics loses nothing: the failure is kept for `close`.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_unclaimed_hook_keeps_the_failure_for_close() {
+    let t = MemoryTransport::new();
+    t.reject_payload_prefix("bad");
+    let p = Producer::builder(t.clone())
+        .on_unclaimed(|_| panic!("hook bug"))
+        .build()
+        .expect("build");
+    drop(p.send_all([Message::new("t", "bad-1")]).await);
+    let report = p.close(Duration::from_secs(5)).await;
+    assert_eq!(report.unclaimed.len(), 1);
+    assert_eq!(p.stats().unclaimed, 1);
 }

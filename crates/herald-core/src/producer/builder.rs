@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use herald_batch::{Accumulator, BatchPolicy, SizeOrLinger};
+use herald_batch::{BatchPolicy, SizeOrLinger};
 use herald_retry::{CircuitBreakerConfig, ExponentialRetry, RetryBudgetConfig, RetryPolicy};
 
 use super::completion::UnclaimedHook;
@@ -255,10 +255,6 @@ impl ProducerBuilder {
     pub fn build(self) -> Result<Producer, BuildError> {
         self.validate()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
-        let acc = Accumulator::with_boxed_policy(
-            self.batching,
-            self.ordering.in_flight_per_destination(),
-        );
         let config = Config {
             max_buffered_messages: self.max_buffered_messages,
             max_buffered_bytes: self.max_buffered_bytes,
@@ -272,7 +268,7 @@ impl ProducerBuilder {
         };
         let shared = Arc::new(Shared::new(
             config,
-            acc,
+            self.batching,
             self.budget.build(clock_now()),
             self.breaker.build(),
             self.transport,

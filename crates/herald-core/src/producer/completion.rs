@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
 
+use super::contain::contain;
 use crate::error::SendError;
 use crate::transport::Ack;
 
@@ -33,6 +34,7 @@ pub(crate) struct Unclaimed {
     list: Mutex<Vec<SendError>>,
     count: AtomicU64,
     metric: metrics::Counter,
+    hook_panics: metrics::Counter,
 }
 
 /// A function called with every failed message whose caller stopped listening (see
@@ -46,31 +48,63 @@ pub type UnclaimedHook = Arc<dyn Fn(SendError) + Send + Sync>;
 pub type DeadLetterHook = UnclaimedHook;
 
 impl Unclaimed {
-    pub(crate) fn new(hook: Option<UnclaimedHook>, metric: metrics::Counter) -> Self {
+    pub(crate) fn new(
+        hook: Option<UnclaimedHook>,
+        metric: metrics::Counter,
+        hook_panics: metrics::Counter,
+    ) -> Self {
         Self {
             hook,
             list: Mutex::new(Vec::new()),
             count: AtomicU64::new(0),
             metric,
+            hook_panics,
         }
     }
     pub(crate) fn put(&self, e: SendError) {
         self.count.fetch_add(1, Ordering::Relaxed);
         self.metric.increment(1);
-        match &self.hook {
-            Some(hook) => hook(e),
-            None => self
-                .list
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(e),
-        }
+        let e = match &self.hook {
+            // The hook gets a copy (a failure path: cheap enough), so that if it panics the
+            // failure is kept for `close` instead of lost with the unwind.
+            Some(hook) => match contain(|| hook(e.clone())) {
+                Ok(()) => return,
+                Err(_) => {
+                    self.hook_panics.increment(1);
+                    e
+                }
+            },
+            None => e,
+        };
+        self.list
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(e);
     }
     pub(crate) fn take(&self) -> Vec<SendError> {
         std::mem::take(&mut *self.list.lock().unwrap_or_else(PoisonError::into_inner))
     }
     pub(crate) fn count(&self) -> u64 {
         self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// The last place an unclaimed failure can be lost: the producer went away (dropped, its runtime
+/// stopped) without a `close` to hand the list back. The failures were counted
+/// (`herald_messages_unclaimed_total`); this says so in the log too, once, with how many.
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        let left = self
+            .list
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        if left > 0 {
+            tracing::warn!(
+                unclaimed = left,
+                "herald producer dropped without close(): failed messages nobody claimed are lost"
+            );
+        }
     }
 }
 
@@ -169,9 +203,34 @@ impl Completion {
 /// Dropping it does not cancel the message: it is still delivered, and if it fails, its
 /// [`SendError`] goes to the producer's unclaimed hook or to [`crate::Producer::close`]'s report.
 #[must_use = "the message is sent either way; await this to learn its fate"]
-#[derive(Debug)]
 pub struct DeliveryFuture {
-    pub(crate) rx: oneshot::Receiver<Outcome>,
+    rx: oneshot::Receiver<Outcome>,
+    unclaimed: Arc<Unclaimed>,
+}
+
+impl DeliveryFuture {
+    pub(crate) fn new(rx: oneshot::Receiver<Outcome>, unclaimed: Arc<Unclaimed>) -> Self {
+        Self { rx, unclaimed }
+    }
+}
+
+impl std::fmt::Debug for DeliveryFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryFuture").finish_non_exhaustive()
+    }
+}
+
+/// Dropped unpolled after its fate arrived (a `select!` that lost, a dropped
+/// `FuturesUnordered`), a failure would vanish with it: it goes to the unclaimed sink instead.
+/// Closing first settles the race with a fate arriving now: after `close`, the producer's send
+/// fails and the producer itself diverts the failure; before it, `try_recv` finds the value.
+impl Drop for DeliveryFuture {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Ok(Err(e)) = self.rx.try_recv() {
+            self.unclaimed.put(e);
+        }
+    }
 }
 
 impl Future for DeliveryFuture {
@@ -265,5 +324,64 @@ impl Drop for BulkReceipt {
         for e in left {
             self.group.unclaimed.put(e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata, Subscriber};
+
+    use super::*;
+    use crate::error::FailureReason;
+    use crate::message::Message;
+
+    /// Counts warnings; just enough of a subscriber to see that one was written.
+    #[derive(Default)]
+    struct Warnings(Arc<AtomicUsize>);
+    impl Subscriber for Warnings {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    fn unclaimed() -> Unclaimed {
+        Unclaimed::new(None, metrics::Counter::noop(), metrics::Counter::noop())
+    }
+
+    #[test]
+    fn unclaimed_failures_dropped_with_the_producer_are_logged() {
+        let warnings = Arc::new(AtomicUsize::new(0));
+        let subscriber = Warnings(warnings.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            drop(unclaimed());
+            assert_eq!(
+                warnings.load(Ordering::Relaxed),
+                0,
+                "nothing lost, nothing said"
+            );
+            let list = unclaimed();
+            list.put(SendError::new(
+                Message::new("t", "m"),
+                FailureReason::Closed,
+                1,
+            ));
+            drop(list);
+        });
+        assert_eq!(warnings.load(Ordering::Relaxed), 1);
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use herald_retry::{CircuitState, ErrorClass, GiveUpReason, RetryContext, RetryDecision};
 
+use super::contain::contain;
 use super::health::effective_circuit;
 use super::state::{clock_now, Entry, Finished, Meta, Parked, Shared, State};
 use crate::error::{FailureReason, TransportError};
@@ -251,7 +252,20 @@ impl Shared {
                 // A close ran out of time: nothing more is retried.
                 RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted)
             } else {
-                self.config.retry.decide(&ctx, &mut st.rng)
+                let (policy, rng) = (&self.config.retry, &mut st.rng);
+                match contain(|| policy.decide(&ctx, rng)) {
+                    Ok(decision) => decision,
+                    Err(message) => {
+                        // The user's policy panicked: this message ends, the producer goes on.
+                        self.metrics.panic_counter("retry_policy").increment(1);
+                        let reason = FailureReason::Panicked {
+                            site: "retry_policy",
+                            message,
+                        };
+                        self.finish(&mut st, fin, (msg, meta), Err(reason), now);
+                        continue;
+                    }
+                }
             };
             // herald's own cut-off of a hung attempt says less than the transport's own last
             // error, if there was one: keep that as the error a delivery timeout reports.
@@ -347,12 +361,22 @@ impl Drop for Sending {
     }
 }
 
-async fn send_flight(shared: Arc<Shared>, flight: Flight) {
-    let mut sending = Sending {
-        shared,
-        flight,
-        landed: false,
-    };
+impl Sending {
+    /// Takes charge of `flight` at once, before any task runs it: a runtime that shuts down
+    /// drops tasks spawned during its shutdown without polling them, and the guard must exist
+    /// by then.
+    fn new(shared: Arc<Shared>, flight: Flight) -> Self {
+        Self {
+            shared,
+            flight,
+            landed: false,
+        }
+    }
+}
+
+/// Sends one batch and lands its outcomes. Its argument, the guard, lives in the future from
+/// the moment it is created: dropped unpolled, the future still lands the batch.
+async fn send_flight(mut sending: Sending) {
     // An attempt may not outlive the earliest deadline in the batch: a transport that hangs must
     // not keep any message past its delivery timeout. Messages with time left are retried.
     let earliest = sending.flight.metas.iter().map(|m| m.deadline).min();
@@ -392,7 +416,7 @@ pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
         };
         shared.complete(fin);
         for flight in flights {
-            tokio::spawn(send_flight(shared.clone(), flight));
+            tokio::spawn(send_flight(Sending::new(shared.clone(), flight)));
         }
         if exit {
             shared.transport.close().await;
@@ -414,5 +438,63 @@ pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
             }
             None => notified.await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{async_trait, Ack, Destination, Message, Producer, Transport};
+
+    struct Accepts;
+    #[async_trait]
+    impl Transport for Accepts {
+        fn name(&self) -> &'static str {
+            "accepts"
+        }
+        async fn send_batch(&self, _: &Destination, batch: &[Message]) -> BatchOutcome {
+            batch.iter().map(|_| Ok(Ack::default())).collect()
+        }
+    }
+
+    /// A task the runtime drops before its first poll (one spawned while the runtime shuts
+    /// down) must still land its batch: here the flight's future is made and dropped unpolled.
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_flight_dropped_before_its_first_poll_still_lands_its_batch() {
+        let linger = Duration::from_secs(3600);
+        let producer = Producer::builder(Accepts)
+            .batching(herald_batch::SizeOrLinger::new(100, 1 << 20, linger))
+            .delivery_timeout(linger * 2)
+            .build()
+            .expect("build");
+        let fate = producer.try_send(Message::new("t", "m")).expect("accepted");
+        let shared = producer.handle.shared.clone();
+        let flight = {
+            let mut st = shared.lock();
+            let (destination, (msg, mut meta)) =
+                st.acc.drain_all().pop().expect("the message is queued");
+            meta.attempts += 1;
+            st.in_flight += 1;
+            Flight {
+                destination,
+                messages: vec![msg],
+                metas: vec![meta],
+            }
+        };
+        drop(send_flight(Sending::new(shared.clone(), flight)));
+        {
+            let st = shared.lock();
+            assert_eq!(st.in_flight, 0, "the in-flight slot is freed");
+            assert_eq!(
+                st.parked.len(),
+                1,
+                "the batch landed as a transient failure, to retry"
+            );
+        }
+        // And the message goes out on its retry.
+        producer.flush().await;
+        assert_eq!(fate.await.expect("delivered").attempts, 2);
     }
 }

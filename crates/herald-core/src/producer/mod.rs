@@ -13,6 +13,7 @@
 
 mod builder;
 mod completion;
+mod contain;
 mod dispatch;
 mod health;
 mod order;
@@ -148,6 +149,27 @@ impl std::fmt::Debug for Producer {
     }
 }
 
+/// Messages a `send_all` call has taken from its iterator and not yet handed to the
+/// producer: the one that found the buffer full, then the rest of the chunk, in input order.
+/// Dropped with messages left (the call was cancelled), it fails each as `Cancelled`.
+struct Taken<'a> {
+    shared: &'a Shared,
+    group: &'a Group,
+    pending: Option<Message>,
+    chunk: VecDeque<Message>,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        let left = self.pending.take().into_iter().chain(self.chunk.drain(..));
+        for msg in left {
+            self.shared.count_refused(&FailureReason::Cancelled);
+            self.group
+                .fail_now(SendError::new(msg, FailureReason::Cancelled, 0));
+        }
+    }
+}
+
 /// Messages pulled from a `send_all` iterator per lock hold: enough to amortise the lock, few
 /// enough that the dispatcher is never kept waiting long.
 const CHUNK: usize = 1024;
@@ -185,7 +207,7 @@ impl Producer {
             let mut space = pin!(self.shared().space.notified());
             space.as_mut().enable();
             match self.push_one(msg, done) {
-                Ok(()) => return Ok(DeliveryFuture { rx }),
+                Ok(()) => return Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone())),
                 Err(Refused {
                     msg: m,
                     done: d,
@@ -206,7 +228,7 @@ impl Producer {
     pub fn try_send(&self, msg: Message) -> Result<DeliveryFuture, SendError> {
         let (tx, rx) = oneshot::channel();
         match self.push_one(msg, Completion::One(tx)) {
-            Ok(()) => Ok(DeliveryFuture { rx }),
+            Ok(()) => Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone())),
             Err(refused) => Err(self.refused(refused)),
         }
     }
@@ -229,6 +251,15 @@ impl Producer {
     /// buffer space as needed, in input order, and returns once every message is accepted or
     /// refused; the [`BulkReceipt`] then resolves when all have ended. Refused messages (too large,
     /// producer closed) appear in the report's failures with the rest.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping this future before it returns (a timeout, a `select!`) loses nothing. The call
+    /// takes messages from `msgs` up to 1 024 at a time; of those it has taken, every one is
+    /// either accepted (and ends as usual, its failure if any going to the unclaimed hook or
+    /// [`Producer::close`]'s report, as with a dropped receipt) or handed back there as failed
+    /// with [`FailureReason::Cancelled`]: it was not sent. Messages not taken yet stay in the
+    /// iterator: pass `iter.by_ref()` to keep them and send them later.
     pub async fn send_all<I>(&self, msgs: I) -> BulkReceipt
     where
         I: IntoIterator<Item = Message>,
@@ -241,17 +272,24 @@ impl Producer {
         };
         let group = &receipt.group;
         let mut iter = msgs.into_iter();
-        let mut chunk: VecDeque<Message> = VecDeque::with_capacity(CHUNK);
-        let mut pending: Option<Message> = None;
+        // Dropped before the receipt: on cancellation what it still holds fails as `Cancelled`
+        // into the group, and from there, the receipt being dropped too, to the unclaimed sink.
+        let mut taken = Taken {
+            shared,
+            group,
+            pending: None,
+            chunk: VecDeque::with_capacity(CHUNK),
+        };
         loop {
-            if pending.is_none() && chunk.is_empty() {
-                chunk.extend(iter.by_ref().take(CHUNK));
-                if chunk.is_empty() {
+            if taken.pending.is_none() && taken.chunk.is_empty() {
+                taken.chunk.extend(iter.by_ref().take(CHUNK));
+                if taken.chunk.is_empty() {
                     break;
                 }
             }
             let mut space = pin!(shared.space.notified());
             space.as_mut().enable();
+            let Taken { pending, chunk, .. } = &mut taken;
             let next = std::iter::from_fn(|| pending.take().or_else(|| chunk.pop_front()));
             let admission = shared.admit(
                 next.map(|msg| (msg, Completion::Group(group.clone()))),
@@ -262,10 +300,11 @@ impl Producer {
                 group.fail_now(SendError::new(msg, reason, 0));
             }
             if let Some(full) = admission.full {
-                pending = Some(full.msg);
+                taken.pending = Some(full.msg);
                 space.await;
             }
         }
+        drop(taken);
         group.end_one();
         receipt
     }

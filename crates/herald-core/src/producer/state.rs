@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use herald_batch::Accumulator;
+use herald_batch::{Accumulator, BatchPolicy};
+
+use super::contain::ContainedPolicy;
 use herald_retry::{CircuitBreaker, CircuitState, RetryBudget, RetryPolicy};
 use tokio::sync::Notify;
 
@@ -262,7 +264,7 @@ pub(crate) struct Finished {
 impl Shared {
     pub(crate) fn new(
         config: Config,
-        acc: Accumulator<Destination, Entry>,
+        batching: Box<dyn BatchPolicy>,
         budget: RetryBudget,
         breaker: CircuitBreaker,
         transport: Arc<dyn Transport>,
@@ -274,7 +276,14 @@ impl Shared {
             config.max_buffered_messages,
             config.max_buffered_bytes,
         );
-        let unclaimed = Arc::new(Unclaimed::new(on_unclaimed, metrics.unclaimed.clone()));
+        let unclaimed = Arc::new(Unclaimed::new(
+            on_unclaimed,
+            metrics.unclaimed.clone(),
+            metrics.panic_counter("unclaimed_hook"),
+        ));
+        let batch_panics = metrics.panic_counter("batch_policy");
+        let batching = ContainedPolicy::new(batching, Box::new(move || batch_panics.increment(1)));
+        let acc = Accumulator::new(batching, config.ordering.in_flight_per_destination());
         Self {
             state: Mutex::new(State {
                 acc,
