@@ -40,6 +40,7 @@ pub struct AmqpConfig {
     pub(crate) key_header: Option<String>,
     pub(crate) message_id_header: Option<String>,
     pub(crate) connection_name: String,
+    pub(crate) metrics_name: Option<String>,
     pub(crate) topology: Vec<Declare>,
 }
 
@@ -48,8 +49,11 @@ impl AmqpConfig {
     /// `amqp://user:pass@host:5672/%2F` is the vhost `/`; no path means `/` too). Query
     /// parameters: `heartbeat` (s), `connection_timeout` (ms), `channel_max`, `frame_max`.
     ///
-    /// The user information ends at the URL's last `@`, so a password may hold an unencoded `/`,
-    /// `?` or `@` (an `@` in the vhost must then be encoded as `%40`).
+    /// A password may hold an unencoded `/`, `?` or `@`; an `@` in the vhost or a query value
+    /// must be written `%40`. A URL with more than one `@` that could end the user information
+    /// and start the host (`amqp://u:p@rabbit/%2f?x=billing@eu`: host `rabbit`, or host `eu`
+    /// with the password `p@rabbit/%2f?x=billing`?) is refused as ambiguous (part
+    /// `user information`), never guessed.
     ///
     /// A malformed URL is an error naming the part (`scheme`, `user`, `password`, `host`, `port`,
     /// `vhost`, `query …`); the password itself never appears in it.
@@ -69,6 +73,7 @@ impl AmqpConfig {
             key_header: Some("x-herald-key".into()),
             message_id_header: Some("message-id".into()),
             connection_name: "herald".into(),
+            metrics_name: None,
             topology: Vec::new(),
         })
     }
@@ -90,7 +95,13 @@ impl AmqpConfig {
         self
     }
 
-    /// `delivery_mode = 2` (written to disk by durable queues). Default: true.
+    /// `delivery_mode = 2`: a durable queue writes the message to disk before the broker
+    /// confirms it. Default: true.
+    ///
+    /// **`false` weakens what delivered means**: the message is then transient, the broker
+    /// confirms it once it is in memory (before any disk write, even on a durable queue), and a
+    /// broker restart or crash loses it although herald reported it delivered. Only for
+    /// messages that may be lost.
     #[must_use]
     pub fn persistent(mut self, on: bool) -> Self {
         self.persistent = on;
@@ -99,6 +110,11 @@ impl AmqpConfig {
 
     /// `mandatory`: a message no queue takes comes back as a permanent `NO_ROUTE` error instead
     /// of vanishing. Default: true.
+    ///
+    /// **`false` weakens what delivered means**: the broker then drops a message that no queue
+    /// takes (a missing binding, a wrong routing key, a queue not declared yet) and confirms
+    /// it, so herald reports it delivered although nobody will ever read it. Only for
+    /// destinations where an unrouted message is meant to be dropped.
     #[must_use]
     pub fn mandatory(mut self, on: bool) -> Self {
         self.mandatory = on;
@@ -173,6 +189,19 @@ impl AmqpConfig {
         self
     }
 
+    /// Names the transport in its metrics: every `herald_amqp_*` metric carries the label
+    /// `producer` with this name (besides `transport="amqp"`), so that several transports in
+    /// one process keep separate series. Give it the name of the producer that uses the
+    /// transport ([`ProducerBuilder::name`](herald_core::ProducerBuilder::name)): the same
+    /// label key and value then join herald's and the adapter's series. Up to 64 ASCII letters,
+    /// digits, `_`, `-` or `.` (checked by [`AmqpTransport::new`](crate::AmqpTransport::new)).
+    /// Default: no name and no `producer` label.
+    #[must_use]
+    pub fn metrics_name(mut self, name: impl Into<String>) -> Self {
+        self.metrics_name = Some(name.into());
+        self
+    }
+
     /// Topology to declare at connect and after every reconnect.
     #[must_use]
     pub fn declare(mut self, item: Declare) -> Self {
@@ -221,6 +250,15 @@ impl AmqpConfig {
                 "min must be more than zero and at most max",
             );
         }
+        if let Some(name) = &self.metrics_name {
+            let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+            if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
+                return invalid(
+                    "metrics_name",
+                    &format!("{name:?}: use 1 to 64 ASCII letters, digits, `_`, `-` or `.` (it becomes a metric label)"),
+                );
+            }
+        }
         if self.url.tls
             && self
                 .tls_ca_pem
@@ -241,6 +279,7 @@ mod tests {
     fn settings_are_checked() {
         let c = AmqpConfig::from_url("amqp://h").expect("valid");
         assert!(c.clone().validate().is_ok());
+        assert!(c.clone().metrics_name("billing-eu.1").validate().is_ok());
         for (bad, field) in [
             (c.clone().channels(0), "channels"),
             (c.clone().window(0), "window"),
@@ -258,6 +297,9 @@ mod tests {
                     .reconnect_backoff(Duration::from_secs(2), Duration::from_secs(1)),
                 "reconnect_backoff",
             ),
+            (c.clone().metrics_name(""), "metrics_name"),
+            (c.clone().metrics_name("a b"), "metrics_name"),
+            (c.clone().metrics_name("x".repeat(65)), "metrics_name"),
         ] {
             match bad.validate() {
                 Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),

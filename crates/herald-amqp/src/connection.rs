@@ -106,11 +106,12 @@ impl Inner {
         // No jitter: `AmqpConfig::reconnect_backoff` promises `min`, doubling, up to `max`.
         let reconnect =
             Backoff::new(config.reconnect_min, config.reconnect_max).with_jitter(Jitter::None);
+        let metrics = AmqpMetrics::new(config.metrics_name.as_deref());
         Self {
             config,
             link: Mutex::new(Link::default()),
             flow: Arc::new(Flow::default()),
-            metrics: AmqpMetrics::new(),
+            metrics,
             reconnect,
         }
     }

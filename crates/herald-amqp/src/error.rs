@@ -11,8 +11,9 @@ use crate::destination::Route;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The broker URL is malformed; `part` names which part (`scheme`, `user`, `password`,
-    /// `host`, `port`, `vhost`, `query …`). The password never appears in `reason`.
+    /// The broker URL is malformed; `part` names which part (`scheme`, `user information`,
+    /// `user`, `password`, `host`, `port`, `vhost`, `query …`). The password never appears in
+    /// `reason`.
     #[error("invalid AMQP URL: the {part} {reason}; expected amqp[s]://user:password@host:port/vhost (vhost percent-encoded, `/` is %2F)")]
     Url {
         /// The part of the URL that is wrong.

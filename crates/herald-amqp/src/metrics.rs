@@ -1,7 +1,10 @@
 //! Metrics the AMQP transport adds to herald's. Same rules as `herald_core::metrics`: Prometheus
-//! names, one label (`transport="amqp"`), never a queue, exchange or key.
+//! names, low-cardinality labels only: `transport="amqp"`, and `producer` when the transport
+//! is given a name with [`AmqpConfig::metrics_name`](crate::AmqpConfig::metrics_name) (the
+//! same label key, and the name to give is the producer's, as `ProducerBuilder::name`); never a
+//! queue, exchange or key.
 
-use metrics::{counter, gauge, Counter, Gauge};
+use metrics::{counter, gauge, Counter, Gauge, Label};
 
 /// 1 while the broker blocks the connection (`connection.blocked`: a memory or disk alarm),
 /// else 0. Gauge.
@@ -43,16 +46,21 @@ pub(crate) struct AmqpMetrics {
 }
 
 impl AmqpMetrics {
-    pub(crate) fn new() -> Self {
-        let l = [("transport", "amqp")];
+    /// The handles of a transport, labelled `producer` with `name` when it has one.
+    pub(crate) fn new(name: Option<&str>) -> Self {
+        let mut labels = vec![Label::new("transport", "amqp")];
+        if let Some(name) = name {
+            labels.push(Label::new("producer", name.to_owned()));
+        }
+        let l = || labels.clone();
         Self {
-            blocked: gauge!(CONNECTION_BLOCKED, &l),
-            connected: gauge!(CONNECTED, &l),
-            opened: counter!(CONNECTIONS_OPENED, &l),
-            connect_failures: counter!(CONNECT_FAILURES, &l),
-            blocked_events: counter!(BLOCKED_EVENTS, &l),
-            returned: counter!(RETURNED, &l),
-            nacked: counter!(NACKED, &l),
+            blocked: gauge!(CONNECTION_BLOCKED, l()),
+            connected: gauge!(CONNECTED, l()),
+            opened: counter!(CONNECTIONS_OPENED, l()),
+            connect_failures: counter!(CONNECT_FAILURES, l()),
+            blocked_events: counter!(BLOCKED_EVENTS, l()),
+            returned: counter!(RETURNED, l()),
+            nacked: counter!(NACKED, l()),
         }
     }
 }
@@ -82,7 +90,7 @@ mod tests {
     fn handles_reach_the_recorder() {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
-        let m = metrics::with_local_recorder(&recorder, AmqpMetrics::new);
+        let m = metrics::with_local_recorder(&recorder, || AmqpMetrics::new(None));
         m.blocked.set(1.0);
         m.returned.increment(2);
         let snap = snapshotter.snapshot().into_vec();
@@ -103,5 +111,56 @@ mod tests {
         };
         assert_eq!(value(CONNECTION_BLOCKED), Some(1.0));
         assert_eq!(value(RETURNED), Some(2.0));
+    }
+
+    #[test]
+    fn two_named_transports_keep_separate_series() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let (billing, audit) = metrics::with_local_recorder(&recorder, || {
+            (
+                AmqpMetrics::new(Some("billing")),
+                AmqpMetrics::new(Some("audit")),
+            )
+        });
+        billing.returned.increment(2);
+        audit.returned.increment(5);
+        billing.connected.set(1.0);
+        audit.connected.set(0.0);
+        let snap = snapshotter.snapshot().into_vec();
+        let value = |name: &str, producer: &str| {
+            let found: Vec<f64> = snap
+                .iter()
+                .filter(|(k, ..)| {
+                    k.key().name() == name
+                        && k.key()
+                            .labels()
+                            .any(|l| l.key() == "producer" && l.value() == producer)
+                        && k.key()
+                            .labels()
+                            .any(|l| l.key() == "transport" && l.value() == "amqp")
+                })
+                .map(|(.., v)| match v {
+                    DebugValue::Gauge(g) => g.into_inner(),
+                    DebugValue::Counter(c) => *c as f64,
+                    DebugValue::Histogram(_) => f64::NAN,
+                })
+                .collect();
+            assert_eq!(
+                found.len(),
+                1,
+                "one {name} series for {producer}: {found:?}"
+            );
+            found[0]
+        };
+        assert_eq!(value(RETURNED, "billing"), 2.0);
+        assert_eq!(value(RETURNED, "audit"), 5.0);
+        assert_eq!(value(CONNECTED, "billing"), 1.0);
+        assert_eq!(value(CONNECTED, "audit"), 0.0);
+        // Every metric of each: all carry the label, none is shared.
+        for name in ALL {
+            value(name, "billing");
+            value(name, "audit");
+        }
     }
 }

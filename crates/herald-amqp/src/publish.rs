@@ -1,7 +1,7 @@
 //! Publishing: a batch streamed over the channels with publisher confirms, one deadline for the
 //! whole batch, and the outcome of every message (confirm, return, nack, per-key order).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 
 use futures_util::future::join_all;
@@ -71,33 +71,18 @@ pub(crate) async fn send_batch(
     finish(batch, outcomes)
 }
 
-/// A stable id for a message: the `message-id` header when it has one, else a 128-bit FNV-1a
-/// hash of destination, key, payload and headers (the same message retried gets the same id;
-/// two identical messages share one, so give your own id when that matters).
-fn message_id(msg: &Message, header: Option<&str>) -> String {
+/// The AMQP `message_id` of a message: the value of its `header` when it has one (an id of the
+/// user's own), else its herald [`MessageId`](herald_core::MessageId) as UUID text, given when
+/// the producer accepted it and kept across retries, so that a retry carries the id of the
+/// first attempt and two messages with the same content carry two ids. A message without
+/// either (a transport driven without a producer) gets no `message_id`.
+fn message_id(msg: &Message, header: Option<&str>) -> Option<String> {
     if let Some(name) = header {
         if let Some(h) = msg.headers().iter().find(|h| h.name == name) {
-            return String::from_utf8_lossy(&h.value).into_owned();
+            return Some(String::from_utf8_lossy(&h.value).into_owned());
         }
     }
-    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
-    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013B;
-    let mut h = OFFSET;
-    let mut feed = |bytes: &[u8]| {
-        // Length first, so that field boundaries count.
-        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
-            h ^= u128::from(*b);
-            h = h.wrapping_mul(PRIME);
-        }
-    };
-    feed(msg.destination().as_str().as_bytes());
-    feed(msg.key().map_or(&b"\xff-none"[..], |k| k.as_ref()));
-    feed(msg.payload());
-    for hd in msg.headers() {
-        feed(hd.name.as_bytes());
-        feed(&hd.value);
-    }
-    format!("{h:032x}")
+    msg.id().map(|id| id.to_string())
 }
 
 fn properties(config: &AmqpConfig, msg: &Message) -> BasicProperties {
@@ -114,8 +99,10 @@ fn properties(config: &AmqpConfig, msg: &Message) -> BasicProperties {
             AMQPValue::LongString(LongString::from(key.to_vec())),
         );
     }
-    let mut props = BasicProperties::default()
-        .with_message_id(message_id(msg, config.message_id_header.as_deref()).into());
+    let mut props = BasicProperties::default();
+    if let Some(id) = message_id(msg, config.message_id_header.as_deref()) {
+        props = props.with_message_id(id.into());
+    }
     if config.persistent {
         props = props.with_delivery_mode(2);
     }
@@ -275,9 +262,13 @@ fn slot_for(key: Option<&Bytes>, destination: &Destination, channels: usize) -> 
     (h.finish() % channels as u64) as usize
 }
 
-/// Enforces the per-key order rule of the `Transport` contract on a finished batch, and makes a
-/// whole-destination error (missing exchange, refused access) the outcome of every failed
-/// message, and attributes an oversized-message refusal to the oversized messages only.
+/// The batch-level rules of AMQP on a finished batch: a whole-destination error (missing
+/// exchange, refused access) becomes the outcome of every failed message, and an oversized-
+/// message refusal is attributed to the oversized messages only.
+///
+/// Per-key order is not enforced here: the pipeline applies
+/// [`KeyHold`](herald_core::KeyHold) to every batch's outcomes under strict ordering (and
+/// relaxed ordering promises no order), so confirmed messages are reported as confirmed.
 pub(crate) fn finish(
     batch: &[Message],
     mut outcomes: Vec<Result<Ack, TransportError>>,
@@ -316,29 +307,6 @@ pub(crate) fn finish(
             }
         }
     }
-    // Per key: after a transient failure, later messages of that key must not get ahead of its
-    // retry, so they fail too (transient), even if the broker confirmed them.
-    if outcomes
-        .iter()
-        .any(|o| matches!(o, Err(e) if e.class() == ErrorClass::Transient))
-    {
-        let mut held: HashMap<Option<&Bytes>, TransportError> = HashMap::new();
-        for (m, o) in batch.iter().zip(outcomes.iter_mut()) {
-            if let Some(first) = held.get(&m.key()) {
-                if o.is_ok() {
-                    *o = Err(TransportError::transient(format!(
-                        "held back: an earlier message with the same key failed ({}); sent again after it to keep per-key order",
-                        first.message()
-                    ))
-                    .with_code("ORDER_HOLD"));
-                }
-            } else if let Err(e) = o {
-                if e.class() == ErrorClass::Transient {
-                    held.insert(m.key(), e.clone());
-                }
-            }
-        }
-    }
     outcomes
 }
 
@@ -348,7 +316,7 @@ mod tests {
 
     #[test]
     fn confirmations_not_requested_or_nacked_are_transient() {
-        let metrics = AmqpMetrics::new();
+        let metrics = AmqpMetrics::new(None);
         let e = confirmation(&metrics, Confirmation::NotRequested, "queue \"q\"")
             .expect_err("not confirmed is not delivered");
         assert_eq!(
@@ -369,27 +337,39 @@ mod tests {
         assert!(confirmation(&metrics, Confirmation::Ack(None), "q").is_ok());
     }
 
+    /// The AMQP `message_id` a message is published with.
+    fn sent_id(config: &AmqpConfig, m: &Message) -> Option<String> {
+        properties(config, m)
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+    }
+
     #[test]
-    fn message_ids_are_stable_and_overridable() {
-        let m = Message::new("q", "payload").with_key("k");
-        let id = message_id(&m, Some("message-id"));
-        assert_eq!(id.len(), 32);
-        assert_eq!(
-            id,
-            message_id(&m.clone(), Some("message-id")),
-            "a retry gets the same id"
-        );
+    fn the_message_id_is_the_message_s_own_id_not_a_hash_of_its_content() {
+        let config = AmqpConfig::from_url("amqp://h").expect("url");
+        // Two identical lines (`herald produce --format lines`: no key, no headers) are two
+        // messages: a consumer deduplicating on `message_id` must keep both.
+        let a = Message::new("q", "same line").with_id(herald_core::MessageId::from_u128(1));
+        let b = Message::new("q", "same line").with_id(herald_core::MessageId::from_u128(2));
         assert_ne!(
-            id,
-            message_id(&Message::new("q", "payload"), None),
-            "the key counts"
+            sent_id(&config, &a),
+            sent_id(&config, &b),
+            "identical content, two ids"
         );
-        assert_ne!(
-            id,
-            message_id(&Message::new("q", "payloae").with_key("k"), None)
-        );
-        let given = m.with_header("message-id", "order-42");
-        assert_eq!(message_id(&given, Some("message-id")), "order-42");
+        let a_id = a.id().expect("given").to_string();
+        assert_eq!(a_id.len(), 36, "UUID text");
+        assert_eq!(sent_id(&config, &a).as_deref(), Some(a_id.as_str()));
+        // A retry sends the same message (its id kept): the same `message_id`.
+        assert_eq!(sent_id(&config, &a.clone()), sent_id(&config, &a));
+        // A header named by `message_id_header` still wins.
+        let given = a.clone().with_header("message-id", "order-42");
+        assert_eq!(sent_id(&config, &given).as_deref(), Some("order-42"));
+        let ignored = config.clone().message_id_header(None);
+        assert_eq!(sent_id(&ignored, &given).as_deref(), Some(a_id.as_str()));
+        // Neither (a transport driven without a producer): no `message_id` rather than a
+        // made-up one that a retry would not keep.
+        assert_eq!(sent_id(&config, &Message::new("q", "same line")), None);
     }
 
     #[test]
@@ -412,7 +392,9 @@ mod tests {
     }
 
     #[test]
-    fn a_transient_failure_holds_back_later_messages_of_its_key() {
+    fn confirmed_messages_stay_confirmed_the_pipeline_holds_keys() {
+        // The per-key hold is the pipeline's (`herald_core::KeyHold`, under strict ordering):
+        // the transport reports what the broker said, a confirm after a failure of its key too.
         let batch = keyed(&["a", "b", "a", "b", "a"]);
         let outcomes = vec![
             Ok(Ack::default()),
@@ -424,10 +406,14 @@ mod tests {
         let out = finish(&batch, outcomes);
         assert!(out[0].is_ok() && out[1].is_ok() && out[3].is_ok());
         assert_eq!(out[2].as_ref().err().and_then(|e| e.code()), Some("NACK"));
-        let held = out[4].as_ref().expect_err("held back");
+        assert!(out[4].is_ok(), "confirmed: {:?}", out[4]);
+        // What the pipeline then makes of it: the later `a` held, with core's code.
+        let mut held = out;
+        assert_eq!(herald_core::KeyHold::apply(&batch, &mut held), 1);
+        let e = held[4].as_ref().expect_err("held by the pipeline's rule");
         assert_eq!(
-            (held.class(), held.code()),
-            (ErrorClass::Transient, Some("ORDER_HOLD"))
+            (e.class(), e.code()),
+            (ErrorClass::Transient, Some(herald_core::KEY_HELD))
         );
     }
 

@@ -111,3 +111,64 @@ impl Transport for AmqpTransport {
         self.inner.close().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn two_named_transports_keep_separate_metric_series() {
+        // Nothing listens there: every connection attempt fails, and is counted.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let transport = |name: Option<&str>| {
+            let mut config = AmqpConfig::from_url(&format!("amqp://127.0.0.1:{port}/%2F"))
+                .expect("url")
+                .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(1));
+            if let Some(name) = name {
+                config = config.metrics_name(name);
+            }
+            metrics::with_local_recorder(&recorder, || AmqpTransport::new(config))
+                .expect("transport")
+        };
+        let billing = transport(Some("billing"));
+        let audit = transport(Some("audit"));
+        let unnamed = transport(None);
+        for _ in 0..2 {
+            billing.connect().await.expect_err("nothing listens");
+        }
+        audit.connect().await.expect_err("nothing listens");
+        unnamed.connect().await.expect_err("nothing listens");
+        let snap = snapshotter.snapshot().into_vec();
+        let failures = |producer: Option<&str>| -> Vec<u64> {
+            snap.iter()
+                .filter(|(k, ..)| {
+                    let key = k.key();
+                    key.name() == crate::metrics::CONNECT_FAILURES
+                        && key
+                            .labels()
+                            .any(|l| l.key() == "transport" && l.value() == "amqp")
+                        && key
+                            .labels()
+                            .find(|l| l.key() == "producer")
+                            .map(|l| l.value())
+                            == producer
+                })
+                .map(|(.., v)| match v {
+                    DebugValue::Counter(c) => *c,
+                    other => panic!("a counter: {other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(failures(Some("billing")), [2], "billing's own series");
+        assert_eq!(failures(Some("audit")), [1], "audit's own series");
+        assert_eq!(failures(None), [1], "no name, no `producer` label");
+    }
+}

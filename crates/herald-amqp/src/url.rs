@@ -17,35 +17,45 @@ pub const QUERY_PARAMETERS: &[&str] = &[
     "frame_max",
 ];
 
+/// The user information of a URL could end at more than one `@`.
+#[derive(Debug)]
+struct Ambiguous;
+
 /// Where the user information of `rest` (a URL after its `scheme://`) ends: the index of the
 /// `@` that closes it, if it has one.
-fn userinfo_end(rest: &str) -> Option<usize> {
-    // The userinfo ends at the LAST `@` of the URL: a password may hold an unencoded `/`, `?`
-    // or `@` (base64 passwords often do), so the URL must not be split on `/` or `?` before
-    // the userinfo is found. If what precedes that `@` has a user name with a `/` or `?` in
-    // it, the `@` belongs to the vhost or query instead, and only an `@` before the first
-    // `/` or `?` can end the userinfo.
-    match rest.rfind('@') {
-        Some(at)
-            if !rest[..at]
-                .split(':')
-                .next()
-                .unwrap_or("")
-                .contains(['/', '?']) =>
-        {
-            Some(at)
+///
+/// A password may hold an unencoded `/`, `?` or `@` (base64 passwords often do), so the URL is
+/// not split on `/` or `?` before the user information is found. Instead, an `@` can end the
+/// user information when what precedes it starts with a user name (the text before the first
+/// `:`) free of `/` and `?`, and what follows it, up to the next `/`, `?` or the end, could be
+/// a host (it holds no `@`). Exactly one such `@`: it ends the user information. None: there
+/// is none. More than one: the URL reads two ways, for example
+/// `amqp://u:p@rabbit/%2f?queue=billing@eu` is the host `rabbit` or, with the password
+/// `p@rabbit/%2f?queue=billing`, the host `eu`; it is refused rather than guessed, since a
+/// wrong guess sends part of the URL as a password to another host.
+fn userinfo_end(rest: &str) -> Result<Option<usize>, Ambiguous> {
+    let mut end = None;
+    for (at, _) in rest.match_indices('@') {
+        let user = rest[..at].split(':').next().unwrap_or("");
+        let after = &rest[at + 1..];
+        let host = &after[..after.find(['/', '?']).unwrap_or(after.len())];
+        if user.contains(['/', '?']) || host.contains('@') {
+            continue;
         }
-        _ => {
-            let end = rest.find(['/', '?']).unwrap_or(rest.len());
-            rest[..end].rfind('@')
+        if end.replace(at).is_some() {
+            return Err(Ambiguous);
         }
     }
+    Ok(end)
 }
 
 /// Splits an AMQP URL where its query starts: what comes before the `?`, and the query after
 /// it. The `?` is found exactly as [`AmqpConfig::from_url`](crate::AmqpConfig::from_url) finds
-/// it, after the user information (which ends at the URL's last `@`: a password may hold an
-/// unencoded `?`, `/` or `@`).
+/// it, after the user information (a password may hold an unencoded `?`, `/` or `@`).
+///
+/// A URL whose user information is ambiguous (an unencoded `@` in the vhost or a query value,
+/// next to user information) is returned whole, with no query: `from_url` refuses it, saying
+/// to write that `@` as `%40`.
 ///
 /// For programs that put parameters of their own in the URL's query: split, take theirs out,
 /// and give the base with the [`QUERY_PARAMETERS`] left to `from_url`.
@@ -59,7 +69,10 @@ fn userinfo_end(rest: &str) -> Option<usize> {
 /// ```
 pub fn split_query(url: &str) -> (&str, Option<&str>) {
     let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    let from = after_scheme + userinfo_end(&url[after_scheme..]).map_or(0, |at| at + 1);
+    let Ok(end) = userinfo_end(&url[after_scheme..]) else {
+        return (url, None);
+    };
+    let from = after_scheme + end.map_or(0, |at| at + 1);
     match url[from..].find('?') {
         Some(q) => (&url[..from + q], Some(&url[from + q + 1..])),
         None => (url, None),
@@ -108,8 +121,12 @@ impl Url {
             other => return Err(bad("scheme", format!("`{other}` is not `amqp` or `amqps`"))),
         };
         let (userinfo, after) = match userinfo_end(rest) {
-            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
-            None => (None, rest),
+            Ok(Some(at)) => (Some(&rest[..at]), &rest[at + 1..]),
+            Ok(None) => (None, rest),
+            Err(Ambiguous) => return Err(bad(
+                "user information",
+                "is ambiguous: more than one `@` could end it and start the host (an `@` in the vhost or a query value, or in the password before a `/` or `?`); write every `@` but the one before the host as `%40`".into(),
+            )),
         };
         let (after, query) = match after.split_once('?') {
             Some((r, q)) => (r, Some(q)),
@@ -468,6 +485,69 @@ mod tests {
             assert_eq!(split_query(url).1, Some("heartbeat=7"), "{url}");
             assert_eq!(Url::parse(url).expect(url).heartbeat, Some(7), "{url}");
         }
+    }
+
+    #[test]
+    fn an_unencoded_at_after_the_host_is_refused_not_read_as_part_of_the_password() {
+        // Each could be read two ways: the user information ending at the first `@` (host
+        // `rabbit`) or at the last one (a password running into the vhost or query, sent in
+        // clear to the host `eu`). Refused, naming the problem, never echoing the password.
+        for url in [
+            "amqp://app:hunter2@rabbit/%2f?queue=billing@eu",
+            "amqp://app:hunter2@rabbit:5672/%2F?heartbeat=10&routing_key=a@eu",
+            "amqp://app:hunter2@rabbit/billing@eu",
+            "amqp://app:hunter2@rabbit?queue=billing@eu",
+            "amqps://app:hunter2@[::1]:5671/v?queue=a@eu",
+            "amqp://app:hun@ter2@rabbit/%2f?queue=billing@eu",
+            "amqp://app:hunter2@@rabbit/billing@eu",
+        ] {
+            let e = Url::parse(url).expect_err(url);
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::Url {
+                        part: "user information",
+                        ..
+                    }
+                ),
+                "{url}: {e:?}"
+            );
+            let text = format!("{e} {e:?}");
+            assert!(text.contains("%40"), "{url}: says how to write it: {text}");
+            for secret in ["hunter2", "ter2", "billing"] {
+                assert!(!text.contains(secret), "{url}: {text}");
+            }
+            // The herald CLI's path: split, then parse the base. Same refusal.
+            let (base, query) = split_query(url);
+            assert_eq!((base, query), (url, None), "{url}: not split");
+            assert!(AmqpConfig::from_url(base).is_err(), "{url}");
+        }
+        // Written as `%40`, each is what it meant.
+        let u = Url::parse("amqp://app:hunter2@rabbit/billing%40eu").expect("valid");
+        assert_eq!(
+            (u.host.as_str(), u.vhost.as_str()),
+            ("rabbit", "billing@eu")
+        );
+        assert_eq!(u.password.0, "hunter2");
+        let (base, query) = split_query("amqp://app:hun%40ter2@rabbit/%2f?queue=billing%40eu");
+        assert_eq!(query, Some("queue=billing%40eu"));
+        let u = Url::parse(base).expect("valid");
+        assert_eq!(
+            (u.host.as_str(), u.password.0.as_str()),
+            ("rabbit", "hun@ter2")
+        );
+        // Unambiguous `@`s are still read as before: in the password only (the earlier `@`s
+        // are followed by no host), or in the vhost of a URL without user information.
+        let u = Url::parse("amqp://app:p@ss@rabbit/v").expect("valid");
+        assert_eq!((u.password.0.as_str(), u.host.as_str()), ("p@ss", "rabbit"));
+        let u = Url::parse("amqp://app:se?cr/et@x@h:5672/%2F?heartbeat=3").expect("valid");
+        assert_eq!(
+            (u.password.0.as_str(), u.host.as_str()),
+            ("se?cr/et@x", "h")
+        );
+        assert_eq!(u.heartbeat, Some(3));
+        let u = Url::parse("amqp://h/x@y@z").expect("valid");
+        assert_eq!((u.host.as_str(), u.vhost.as_str()), ("h", "x@y@z"));
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! also declared with `x-expires`, so a failed test leaves nothing behind for long.
 //!
 //! Tests that restart a broker or raise a memory alarm start their own RabbitMQ node (see
-//! [`OwnNode`]): the shared broker is never stopped or reconfigured.
+//! [`OwnNode`]): the shared broker is never stopped or reconfigured. They need
+//! `rabbitmq-server` (and the TLS test `openssl`) on this machine: without it they fail, saying
+//! what is missing, unless `HERALD_IT_ALLOW_SKIP=1`, when they print
+//! `SKIPPED: <test>: <why>` on stdout (shown with `-- --show-output`) and pass.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -89,6 +92,20 @@ impl Admin {
     /// Reads the queue until `expected` messages arrived or `within` passed, then a little more
     /// (so that duplicates show), converting each back into a herald message.
     async fn read(&self, queue: &str, expected: usize, within: Duration) -> Vec<Message> {
+        self.read_raw(queue, expected, within)
+            .await
+            .iter()
+            .map(|d| to_message(queue, d))
+            .collect()
+    }
+
+    /// As [`Admin::read`], the deliveries as they came.
+    async fn read_raw(
+        &self,
+        queue: &str,
+        expected: usize,
+        within: Duration,
+    ) -> Vec<lapin::message::Delivery> {
         let ch = self.conn.create_channel().await.expect("channel");
         ch.basic_qos(1000, BasicQosOptions::default())
             .await
@@ -115,7 +132,7 @@ impl Admin {
                 deadline
             };
             match tokio::time::timeout_at(until, consumer.next()).await {
-                Ok(Some(Ok(d))) => got.push(to_message(queue, &d)),
+                Ok(Some(Ok(d))) => got.push(d),
                 Ok(Some(Err(e))) => panic!("reading {queue}: {e}"),
                 Ok(None) | Err(_) => break,
             }
@@ -141,9 +158,13 @@ impl Admin {
     }
 }
 
-/// The herald message a delivery stands for: key from `x-herald-key`, the other headers as sent.
+/// The herald message a delivery stands for: key from `x-herald-key`, the other headers as sent,
+/// and the id from `message_id` when that is a herald id (UUID text).
 fn to_message(queue: &str, d: &lapin::message::Delivery) -> Message {
     let mut m = Message::new(queue, d.data.clone());
+    if let Some(id) = sent_id(d).and_then(|id| id.parse().ok()) {
+        m = m.with_id(id);
+    }
     if let Some(headers) = d.properties.headers() {
         for (k, v) in headers.inner() {
             let bytes = match v {
@@ -158,6 +179,14 @@ fn to_message(queue: &str, d: &lapin::message::Delivery) -> Message {
         }
     }
     m
+}
+
+/// The `message_id` property of a delivery.
+fn sent_id(d: &lapin::message::Delivery) -> Option<String> {
+    d.properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
 }
 
 fn quick_retries(b: ProducerBuilder) -> ProducerBuilder {
@@ -343,6 +372,49 @@ async fn unroutable_message_is_handed_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a broker: cargo xtask it"]
+async fn identical_messages_arrive_with_their_own_message_ids() {
+    let admin = Admin::connect(&url()).await;
+    let q = admin.queue("ids").await;
+    let dest = herald_amqp::queue(&q);
+    let transport = AmqpTransport::new(AmqpConfig::from_url(&url()).expect("url")).expect("t");
+    let p = Producer::builder(transport).build().expect("producer");
+    // What `herald produce --format lines` sends for three identical lines: no key, no header.
+    let report = p
+        .send_all((0..3).map(|_| Message::new(dest.clone(), "same line")))
+        .await
+        .wait()
+        .await;
+    assert_eq!(report.delivered, 3, "{:?}", report.failed.first());
+    // An id of the caller's own, in the `message-id` header, is sent as it is.
+    p.send(Message::new(dest.clone(), "mine").with_header("message-id", "order-42"))
+        .await
+        .expect("sent");
+    p.close(Duration::from_secs(10)).await;
+    let got = admin.read_raw(&q, 4, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 4);
+    let ids: Vec<String> = got
+        .iter()
+        .filter(|d| d.data == b"same line")
+        .map(|d| sent_id(d).expect("every message has a message_id"))
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "identical content, distinct ids: {ids:?}"
+    );
+    for id in &ids {
+        id.parse::<herald_core::MessageId>()
+            .unwrap_or_else(|_| panic!("a herald id, as UUID text: {id}"));
+    }
+    let mine = got.iter().find(|d| d.data == b"mine").expect("arrived");
+    assert_eq!(sent_id(mine).as_deref(), Some("order-42"));
+    admin.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
 async fn missing_exchange_is_permanent_and_the_transport_recovers() {
     let admin = Admin::connect(&url()).await;
     let q = admin.queue("after-missing").await;
@@ -506,9 +578,26 @@ async fn run_through_fault<F, Fut>(
     let got = admin.read(&q, n, Duration::from_secs(60)).await;
     let mut seen = std::collections::HashSet::new();
     let mut last: HashMap<Vec<u8>, usize> = HashMap::new();
+    // A duplicate is a retry of a message the broker had stored: it carries the first
+    // attempt's id. Distinct messages carry distinct ids.
+    let mut ids: HashMap<usize, herald_core::MessageId> = HashMap::new();
+    let mut owners: HashMap<herald_core::MessageId, usize> = HashMap::new();
+    let mut retried_checked = 0;
     for m in &got {
         let s = String::from_utf8_lossy(m.payload()).into_owned();
         let i: usize = s.trim_start_matches("f-").parse().expect("payload");
+        let id = m.id().expect("a herald id as message_id");
+        match ids.insert(i, id) {
+            Some(first) => {
+                assert_eq!(first, id, "#{i} arrived again under another id");
+                retried_checked += 1;
+            }
+            None => {
+                if let Some(other) = owners.insert(id, i) {
+                    panic!("#{i} and #{other} share the id {id}");
+                }
+            }
+        }
         if seen.insert(i) {
             let k = m.key().expect("key").to_vec();
             if let Some(prev) = last.insert(k, i) {
@@ -523,7 +612,7 @@ async fn run_through_fault<F, Fut>(
         got.len()
     );
     eprintln!(
-        "{what}: {n} delivered, {} arrivals ({} duplicates), retries {}",
+        "{what}: {n} delivered, {} arrivals ({} duplicates, {retried_checked} checked to keep their id), retries {}",
         got.len(),
         got.len() - n,
         p.stats().totals.retries
@@ -596,23 +685,47 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// `test` cannot run here (`why`): it fails, saying so, unless `HERALD_IT_ALLOW_SKIP=1`
+/// allows skipping, when it prints `SKIPPED: <test>: <why>` and the caller returns. Never a
+/// silent pass: a test that did not run must not look like one that did.
+fn cannot_run(test: &str, why: &str) {
+    if std::env::var("HERALD_IT_ALLOW_SKIP").as_deref() == Ok("1") {
+        println!("SKIPPED: {test}: {why}");
+    } else {
+        panic!(
+            "{test} cannot run: {why}. Install what is missing (Debian: `apt-get install \
+             rabbitmq-server openssl`), or set HERALD_IT_ALLOW_SKIP=1 to skip this test, \
+             reported as `SKIPPED: {test}: ...`"
+        );
+    }
+}
+
+/// Whether `program` is installed here: on the `PATH`, or at `also`. Looked up, not run
+/// (`rabbitmq-server` with an unknown argument may start a node).
+fn on_this_machine(program: &str, also: &str) -> bool {
+    std::path::Path::new(also).is_file()
+        || std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
 impl OwnNode {
-    /// Starts one, or `None` (the test is then skipped with a note) if this machine has no
-    /// `rabbitmq-server`.
-    async fn start() -> Option<Self> {
-        Self::start_with(|_| String::new()).await
+    /// Starts one for `test`, or `None` if this machine has no `rabbitmq-server` and
+    /// `HERALD_IT_ALLOW_SKIP=1` (see [`cannot_run`]; without it, the test fails).
+    async fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, |_| String::new()).await
     }
 
     /// As [`OwnNode::start`], with extra `rabbitmq.conf` lines made from the node's folder
     /// (where files the config names can be put first).
-    async fn start_with(extra: impl FnOnce(&std::path::Path) -> String) -> Option<Self> {
-        if Command::new("rabbitmq-server")
-            .arg("--help")
-            .output()
-            .is_err()
-            && !std::path::Path::new("/usr/sbin/rabbitmq-server").exists()
-        {
-            eprintln!("skipped: no rabbitmq-server on this machine to start a node of our own");
+    async fn start_with(
+        test: &str,
+        extra: impl FnOnce(&std::path::Path) -> String,
+    ) -> Option<Self> {
+        if !on_this_machine("rabbitmq-server", "/usr/sbin/rabbitmq-server") {
+            cannot_run(
+                test,
+                "no rabbitmq-server on this machine to start a RabbitMQ node of its own (the shared broker is never restarted or reconfigured)",
+            );
             return None;
         }
         let port = free_port();
@@ -737,7 +850,7 @@ impl Drop for OwnNode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a broker: cargo xtask it"]
 async fn broker_restart_mid_run_loses_nothing() {
-    let Some(node) = OwnNode::start().await else {
+    let Some(node) = OwnNode::start("broker_restart_mid_run_loses_nothing").await else {
         return;
     };
     let url = node.url();
@@ -803,7 +916,8 @@ async fn broker_restart_mid_run_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a broker: cargo xtask it"]
 async fn memory_alarm_blocks_then_resumes_with_nothing_lost() {
-    let Some(node) = OwnNode::start().await else {
+    let Some(node) = OwnNode::start("memory_alarm_blocks_then_resumes_with_nothing_lost").await
+    else {
         return;
     };
     let url = node.url();
@@ -934,8 +1048,16 @@ fn make_certs(dir: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a broker: cargo xtask it"]
 async fn oversized_message_fails_alone_and_tls_works_with_a_custom_ca() {
+    const TEST: &str = "oversized_message_fails_alone_and_tls_works_with_a_custom_ca";
+    if !on_this_machine("openssl", "/usr/bin/openssl") {
+        cannot_run(
+            TEST,
+            "no openssl on this machine to make the TLS certificates",
+        );
+        return;
+    }
     let tls_port = free_port();
-    let Some(node) = OwnNode::start_with(|dir| {
+    let Some(node) = OwnNode::start_with(TEST, |dir| {
         make_certs(dir);
         let f = |n: &str| dir.join(n).to_string_lossy().into_owned();
         format!(
