@@ -66,17 +66,19 @@ async fn concurrent_calls_wait_out_the_backoff_side_by_side() {
     let t = AmqpTransport::new(
         AmqpConfig::from_url(&url)
             .expect("url")
-            .reconnect_backoff(Duration::from_millis(300), Duration::from_millis(300)),
+            .reconnect_backoff(BACKOFF, BACKOFF),
     )
     .expect("transport");
     assert!(t.connect().await.is_err());
     // Four calls during the backoff: they wait together (about one backoff), not one
-    // behind the other, and fail transiently.
+    // behind the other (four backoffs), and fail transiently. The bound sits halfway, so
+    // a slow, shared machine has a whole backoff and a half of slack.
+    const BACKOFF: Duration = Duration::from_secs(1);
     let started = std::time::Instant::now();
     let results = join_all((0..4).map(|_| t.connect())).await;
     assert!(
-        started.elapsed() < Duration::from_millis(900),
-        "{:?}",
+        started.elapsed() < BACKOFF * 5 / 2,
+        "four calls took {:?}: they waited one after the other",
         started.elapsed()
     );
     for r in results {

@@ -282,8 +282,8 @@ async fn a_dropped_producer_says_closed_last_too() {
     assert_eq!(codes(&rx.borrow()), ["closed"], "{}", *rx.borrow());
 }
 
-/// A transport whose first `health` call, once armed, waits until released: an on-demand
-/// evaluation held up in the middle.
+/// A transport whose first `health` call, once armed, waits until released: an evaluation held
+/// up in the middle, after it read the producer's state.
 struct SlowHealth {
     inner: MemoryTransport,
     armed: std::sync::atomic::AtomicBool,
@@ -316,6 +316,9 @@ impl herald_core::Transport for SlowHealth {
     }
 }
 
+/// The health task's evaluation reads the producer open, is held up, and finishes only after the
+/// producer has closed and published "closed": its stale "healthy" must not be published over
+/// "closed" (the evaluation tickets).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_evaluation_that_started_before_close_does_not_overwrite_closed() {
     let (entered_tx, entered_rx) = std::sync::mpsc::channel();
@@ -326,40 +329,36 @@ async fn an_evaluation_that_started_before_close_does_not_overwrite_closed() {
         entered: std::sync::Mutex::new(Some(entered_tx)),
         release: std::sync::Mutex::new(Some(release_rx)),
     });
-    let p = Producer::builder_shared(t.clone()).build().expect("build");
-    let rx = p.health_watch();
+    let p = Producer::builder_shared(t.clone())
+        .health(HealthPolicy {
+            interval: Duration::from_millis(20),
+            ..HealthPolicy::default()
+        })
+        .build()
+        .expect("build");
+    let mut rx = p.health_watch();
     p.send(Message::new("t", "m")).await.expect("delivered");
-    // An on-demand evaluation (a user's readiness probe, say) reads the producer open, then is
-    // held up inside the transport's health.
+    // The health task's next periodic evaluation takes its ticket, reads "open", and is held.
     t.armed.store(true, std::sync::atomic::Ordering::SeqCst);
-    let probe = {
-        let p = p.clone();
-        std::thread::spawn(move || p.health())
-    };
-    entered_rx.recv().expect("the probe is evaluating");
-    // Meanwhile the producer closes; its health task publishes "closed" (or waits its turn).
-    let closing = {
-        let p = p.clone();
-        tokio::spawn(async move { p.close(Duration::from_secs(5)).await })
-    };
-    // Released from a plain thread: runtime workers may be waiting for the probe's turn.
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(200));
-        release_tx.send(()).expect("release");
-    });
-    let _probed = tokio::task::spawn_blocking(move || probe.join().expect("probe"))
+    tokio::task::spawn_blocking(move || entered_rx.recv().expect("the health task evaluates"))
         .await
         .expect("join");
-    closing.await.expect("closed");
+    // Meanwhile the producer closes: the dispatcher's last word publishes "closed".
+    p.close(Duration::from_secs(5)).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        rx.wait_for(|h| codes(h) == ["closed"]).await.is_ok()
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "closed was published");
+    // Now the held evaluation finishes, with what it read before the close.
+    release_tx.send(()).expect("release");
     drop(p);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while rx.has_changed().is_ok() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pipeline still running"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The pipeline (and its watch sender) goes once the health task has finished.
+    let gone = tokio::time::timeout(Duration::from_secs(10), async {
+        while rx.changed().await.is_ok() {}
+    })
+    .await;
+    assert!(gone.is_ok(), "the health task finished");
     assert_eq!(codes(&rx.borrow()), ["closed"], "{}", *rx.borrow());
 }
 

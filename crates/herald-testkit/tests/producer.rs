@@ -1032,3 +1032,40 @@ async fn a_panicking_unclaimed_hook_keeps_the_failure_for_close() {
     assert_eq!(report.unclaimed.len(), 1);
     assert_eq!(p.stats().unclaimed, 1);
 }
+
+/// A sender waiting for buffer space when the producer closes is refused at once (`Closed`),
+/// not kept waiting for space a stalled broker may never free.
+#[tokio::test(start_paused = true)]
+async fn close_wakes_senders_waiting_for_space() {
+    let t = MemoryTransport::new();
+    t.set_latency(Duration::from_secs(3600));
+    let p = Producer::builder(t.clone())
+        .buffer(1, 1 << 20)
+        .delivery_timeout(Duration::from_secs(7200))
+        .build()
+        .expect("build");
+    let _first = p.enqueue(msg(0)).await.expect("accepted");
+    let waiting = {
+        let p = p.clone();
+        tokio::spawn(async move { p.enqueue(msg(1)).await.map(|_| ()) })
+    };
+    eventually(Duration::from_secs(1), "the batch to be in flight", || {
+        p.stats().in_flight_batches == 1
+    })
+    .await;
+    assert!(!waiting.is_finished(), "the second enqueue waits for space");
+    let closing = {
+        let p = p.clone();
+        tokio::spawn(async move { p.close(Duration::from_secs(1)).await })
+    };
+    let refused = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("refused well before the broker answers")
+        .expect("join")
+        .expect_err("closed");
+    assert!(
+        matches!(refused.reason(), FailureReason::Closed),
+        "{refused}"
+    );
+    drop(closing);
+}

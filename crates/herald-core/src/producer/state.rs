@@ -329,6 +329,9 @@ impl Shared {
         self.lock().closing = true;
         self.wake.notify_one();
         self.health.kick.notify_one();
+        // Senders waiting for space try again, and are refused as `Closed` at once instead of
+        // waiting for space that a stalled broker may never free.
+        self.space.notify_waiters();
     }
 
     /// The accept protocol, the one door into the pipeline: takes `msgs` in order under one
