@@ -1,7 +1,7 @@
 //! Reading `herald produce`'s input: one message per line, plain (`--format lines`) or a JSON
-//! object (`--format jsonl`).
+//! object (`--format jsonl`), from a source whose reading a signal can stop ([`Stoppable`]).
 
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 use herald::{Bytes, Destination, Message};
 use serde_json::Value;
@@ -128,11 +128,15 @@ pub(crate) fn line_limit(max_message_bytes: usize) -> usize {
 }
 
 /// Reads one line through its `\n` (or to the end of input) into `buf`, keeping at most
-/// `limit + 2` bytes of it (room for `\r\n`). Returns the bytes the line took in the input
-/// (0 at the end of input).
-fn read_line<R: BufRead>(input: &mut R, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<u64> {
+/// `limit + 2` bytes of it (room for `\r\n`). `taken` counts the bytes the line took from the
+/// input (0 at the end of input), also when a read fails part-way.
+fn read_line<R: BufRead>(
+    input: &mut R,
+    buf: &mut Vec<u8>,
+    limit: usize,
+    taken: &mut u64,
+) -> std::io::Result<()> {
     let keep = limit.saturating_add(2);
-    let mut taken = 0u64;
     loop {
         let available = match input.fill_buf() {
             Ok(b) => b,
@@ -140,7 +144,7 @@ fn read_line<R: BufRead>(input: &mut R, buf: &mut Vec<u8>, limit: usize) -> std:
             Err(e) => return Err(e),
         };
         if available.is_empty() {
-            return Ok(taken);
+            return Ok(());
         }
         let (part, ends) = match available.iter().position(|&b| b == b'\n') {
             Some(i) => (&available[..=i], true),
@@ -150,9 +154,9 @@ fn read_line<R: BufRead>(input: &mut R, buf: &mut Vec<u8>, limit: usize) -> std:
         buf.extend_from_slice(&part[..room]);
         let n = part.len();
         input.consume(n);
-        taken += n as u64;
+        *taken += n as u64;
         if ends {
-            return Ok(taken);
+            return Ok(());
         }
     }
 }
@@ -161,6 +165,9 @@ fn read_line<R: BufRead>(input: &mut R, buf: &mut Vec<u8>, limit: usize) -> std:
 /// full (512 lines or 1 MiB) or no more input is buffered (so that a slow producer of lines is
 /// not kept waiting, and no line read waits for the next one). Returns the number of lines
 /// read, or the read error.
+///
+/// When the source stops ([`Stoppable`]), the lines already taken from it are still handed
+/// over, and so is the start of the line it was in (malformed: the rest of it was not read).
 ///
 /// `lines`: every line is a payload (an empty line is an empty payload); `jsonl`: blank lines
 /// are skipped. A trailing `\n` or `\r\n` is not part of the line. A line longer than `limit`
@@ -180,11 +187,33 @@ pub(crate) fn read<R: std::io::Read>(
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let taken = read_line(&mut input, &mut buf, limit)?;
+        let mut taken = 0;
+        let stopped = match read_line(&mut input, &mut buf, limit, &mut taken) {
+            Ok(()) => false,
+            Err(e) if is_stop(&e) => true,
+            Err(e) => return Err(e),
+        };
         if taken == 0 {
             break;
         }
         line_no += 1;
+        if stopped {
+            // Taken from the input, so recorded: nothing read is lost.
+            let kept = if buf.len() > limit {
+                buf.truncate(KEPT_OF_LONG_LINE);
+                format!(" (only its first {KEPT_OF_LONG_LINE} bytes are kept here)")
+            } else {
+                String::new()
+            };
+            chunk.push(Item::Malformed {
+                line: line_no,
+                raw: buf.clone(),
+                error: format!(
+                    "line {line_no}: herald was interrupted after reading its first {taken} bytes: the rest of the line was not read, and it was not sent{kept}"
+                ),
+            });
+            break;
+        }
         if buf.last() == Some(&b'\n') {
             buf.pop();
             if buf.last() == Some(&b'\r') {
@@ -240,8 +269,179 @@ pub(crate) fn read<R: std::io::Read>(
     Ok(line_no)
 }
 
+/// What a read of a [`Stoppable`] source returns once reading is stopped.
+#[derive(Debug)]
+struct Stopped;
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reading the input was stopped")
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+fn is_stop(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Stopped>())
+}
+
+/// Waits until `stop` holds true; for ever if it can no longer change.
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The input, read so that reading can stop (at a signal) without taking anything it does not
+/// hand over: once `stop` holds true no read begins (a read fails with [`Stopped`]), and a
+/// pipe's wait for input ends then, having taken nothing. What was read before stays in the
+/// reader's buffer, to be handed over ([`read`]).
+///
+/// A read of a terminal or a socket cannot be ended while it waits ([`Stoppable::may_block`]);
+/// a regular file's read never waits for long.
+pub(crate) struct Stoppable {
+    source: Source,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+enum Source {
+    /// A pipe or FIFO, read through the runtime's reactor so that a wait for input can end.
+    #[cfg(unix)]
+    Pipe {
+        /// Always `Some` until dropped (it is put back in blocking mode then).
+        pipe: Option<tokio::net::unix::pipe::Receiver>,
+        runtime: tokio::runtime::Handle,
+    },
+    /// Read directly.
+    Direct {
+        read: Box<dyn Read + Send>,
+        may_block: bool,
+    },
+}
+
+impl Stoppable {
+    /// Standard input. Within the runtime.
+    pub(crate) fn stdin(stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsFd as _;
+            // Its own descriptor (of the same open input), to read through the reactor if it
+            // is a pipe.
+            match std::io::stdin().as_fd().try_clone_to_owned() {
+                Ok(fd) => Self::file(std::fs::File::from(fd), stop),
+                // No stdin (`<&-`): it reads as empty, as the standard library reads it.
+                Err(_) => Ok(Self::direct(std::io::stdin(), false, stop)),
+            }
+        }
+        #[cfg(not(unix))]
+        Ok(Self::direct(std::io::stdin(), true, stop))
+    }
+
+    /// An opened input file (a FIFO is a pipe). Within the runtime.
+    pub(crate) fn file(
+        file: std::fs::File,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> std::io::Result<Self> {
+        let kind = file.metadata()?.file_type();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileTypeExt as _;
+            if kind.is_fifo() {
+                // To read directly should the pipe not register with the reactor.
+                let direct = file.try_clone()?;
+                return Ok(match tokio::net::unix::pipe::Receiver::from_file(file) {
+                    Ok(pipe) => Self {
+                        source: Source::Pipe {
+                            pipe: Some(pipe),
+                            runtime: tokio::runtime::Handle::current(),
+                        },
+                        stop,
+                    },
+                    Err(_) => Self::direct(direct, true, stop),
+                });
+            }
+            if kind.is_block_device() {
+                return Ok(Self::direct(file, false, stop));
+            }
+        }
+        // A regular file's read never waits for long; a terminal's or socket's may.
+        Ok(Self::direct(file, !kind.is_file(), stop))
+    }
+
+    fn direct(
+        read: impl Read + Send + 'static,
+        may_block: bool,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            source: Source::Direct {
+                read: Box::new(read),
+                may_block,
+            },
+            stop,
+        }
+    }
+
+    /// Whether a read may wait for ever, a stop notwithstanding (a terminal, a socket, a
+    /// device): the reading thread may then never end.
+    pub(crate) fn may_block(&self) -> bool {
+        match &self.source {
+            #[cfg(unix)]
+            Source::Pipe { .. } => false,
+            Source::Direct { may_block, .. } => *may_block,
+        }
+    }
+}
+
+impl Read for Stoppable {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Self { source, stop } = self;
+        if *stop.borrow() {
+            return Err(std::io::Error::other(Stopped));
+        }
+        match source {
+            #[cfg(unix)]
+            Source::Pipe {
+                pipe: Some(pipe),
+                runtime,
+            } => runtime.block_on(async {
+                loop {
+                    tokio::select! {
+                        // A stop wins over input that is ready: nothing is taken after it.
+                        biased;
+                        () = stopped(stop) => return Err(std::io::Error::other(Stopped)),
+                        ready = pipe.readable() => ready?,
+                    }
+                    match pipe.try_read(buf) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        done => return done,
+                    }
+                }
+            }),
+            #[cfg(unix)]
+            Source::Pipe { pipe: None, .. } => Ok(0),
+            Source::Direct { read, .. } => read.read(buf),
+        }
+    }
+}
+
+impl Drop for Stoppable {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Source::Pipe { pipe, .. } = &mut self.source {
+            // Non-blocking mode belongs to the open pipe, which others may read after herald
+            // (`{ herald produce ...; cat; } < fifo`): put it back as it was.
+            if let Some(pipe) = pipe.take() {
+                let _blocking_again = pipe.into_blocking_fd();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn parse(s: &str) -> Result<Message, String> {
@@ -468,5 +668,113 @@ mod tests {
             matches!(&items[2], Item::Message { line: 3, msg } if msg.payload().as_ref() == b"next")
         );
         assert!(matches!(&items[3], Item::Message { line: 4, msg } if msg.payload().len() == 2000));
+    }
+
+    /// Hands out `parts` one read at a time, counting the reads.
+    struct Parts {
+        parts: std::collections::VecDeque<&'static [u8]>,
+        reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl std::io::Read for Parts {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let p = self.parts.pop_front().unwrap_or_default();
+            buf[..p.len()].copy_from_slice(p);
+            Ok(p.len())
+        }
+    }
+
+    #[test]
+    fn a_stop_hands_over_what_was_read_and_the_start_of_the_line() {
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let parts = Parts {
+            parts: [&b"a\nb\npar"[..], b"tial\nc\n"].into(),
+            reads: reads.clone(),
+        };
+        let mut items = Vec::new();
+        let result = read(
+            std::io::BufReader::new(Stoppable::direct(parts, false, stop_rx)),
+            Format::Lines,
+            &Destination::new("t"),
+            usize::MAX,
+            |chunk| {
+                items.extend(chunk);
+                // The signal comes once `a` and `b` are handed over.
+                stop.send_replace(true);
+                true
+            },
+        );
+        assert_eq!(result.expect("stopped, not failed"), 3);
+        // `tial\nc\n` was never taken from the input.
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let got: Vec<(u64, Vec<u8>, Option<String>)> = items
+            .into_iter()
+            .map(|i| match i {
+                Item::Message { line, msg } => (line, msg.payload().to_vec(), None),
+                Item::Malformed { line, raw, error } => (line, raw, Some(error)),
+            })
+            .collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!((got[0].0, got[0].1.as_slice()), (1, &b"a"[..]));
+        assert_eq!((got[1].0, got[1].1.as_slice()), (2, &b"b"[..]));
+        assert_eq!((got[2].0, got[2].1.as_slice()), (3, &b"par"[..]));
+        let error = got[2].2.as_deref().unwrap_or_default();
+        assert!(
+            error.starts_with("line 3: herald was interrupted after reading its first 3 bytes"),
+            "{error}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_stop_ends_a_wait_for_a_pipe_and_takes_nothing_after_it() {
+        use std::io::{Read as _, Write as _};
+        let (tx, rx) = tokio::net::unix::pipe::pipe().expect("pipe");
+        let mut tx = std::fs::File::from(tx.into_blocking_fd().expect("fd"));
+        let rx = std::fs::File::from(rx.into_blocking_fd().expect("fd"));
+        // The same pipe, to see afterwards what was left in it.
+        let mut left = rx.try_clone().expect("dup");
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let source = Stoppable::file(rx, stop_rx).expect("pipe");
+        assert!(!source.may_block());
+        let (items_tx, items) = std::sync::mpsc::channel();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let n = read(
+                std::io::BufReader::new(source),
+                Format::Lines,
+                &Destination::new("t"),
+                usize::MAX,
+                |chunk| items_tx.send(chunk).is_ok(),
+            );
+            let _sent = done_tx.send(n);
+        });
+        tx.write_all(b"one\ntw").expect("write");
+        let first = items
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the whole line is handed over");
+        assert!(
+            matches!(&first[..], [Item::Message { line: 1, .. }]),
+            "{first:?}"
+        );
+        // The reader now waits for the rest of `two`, which never comes before the signal.
+        stop.send_replace(true);
+        let n = done
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reader ended at the stop");
+        assert_eq!(n.expect("stopped, not failed"), 2);
+        let rest: Vec<Item> = items.try_iter().flatten().collect();
+        assert!(
+            matches!(&rest[..], [Item::Malformed { line: 2, raw, .. }] if raw == b"tw"),
+            "{rest:?}"
+        );
+        // Written after the stop, it stays in the pipe for whoever reads it next.
+        tx.write_all(b"o\nthree\n").expect("write");
+        drop(tx);
+        let mut after = Vec::new();
+        left.read_to_end(&mut after).expect("read what is left");
+        assert_eq!(after, b"o\nthree\n");
     }
 }

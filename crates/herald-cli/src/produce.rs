@@ -1,7 +1,7 @@
 //! `herald produce`: a file or stdin, one message per line, to a Kafka topic or an AMQP queue
 //! or exchange; every message that is not acknowledged goes to the dead-letter file.
 
-use std::io::{BufReader, IsTerminal, Read, Write as _};
+use std::io::{BufReader, IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,21 +52,11 @@ pub(crate) struct ProduceArgs {
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// After Ctrl-C, how long what was accepted may still be delivered.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
-/// After Ctrl-C, how long the input thread may take to hand over what it read: it holds no
-/// messages while it waits for input (which may never come), so a quiet moment ends reading.
+/// After Ctrl-C, when the input is a terminal or a socket, how long the input thread may take
+/// to hand over what it read: its read cannot be stopped while it waits for input (which may
+/// never come), and it holds no messages then, so a quiet moment ends reading. (A pipe's or a
+/// file's reading stops at the signal: everything it read is handed over, then it ends.)
 const READER_QUIET: Duration = Duration::from_millis(500);
-
-type Input = BufReader<Box<dyn Read + Send>>;
-
-/// Hands a chunk the input thread read to the sending loop; false once reading should stop.
-/// A chunk read before an interrupt is still handed over, to be sent or recorded, never dropped.
-fn hand_over(
-    tx: &tokio::sync::mpsc::Sender<Vec<Item>>,
-    interrupted: &AtomicBool,
-    chunk: Vec<Item>,
-) -> bool {
-    tx.blocking_send(chunk).is_ok() && !interrupted.load(Ordering::SeqCst)
-}
 
 /// Which signal stopped the run: the next Ctrl-C, SIGTERM or SIGHUP. A signal whose handler
 /// cannot be installed never arrives (the process then ends as the operating system decides).
@@ -133,28 +123,55 @@ fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
     false
 }
 
-fn open_input(path: Option<&PathBuf>) -> anyhow::Result<(String, Input)> {
-    let stdin = || BufReader::with_capacity(256 << 10, Box::new(std::io::stdin()) as Box<_>);
+fn open_input(
+    path: Option<&PathBuf>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(String, input::Stoppable)> {
     match path {
-        None => Ok(("stdin".into(), stdin())),
-        Some(p) if p.as_os_str() == "-" => Ok(("stdin".into(), stdin())),
-        Some(p) => {
+        Some(p) if p.as_os_str() != "-" => {
             let name = p.display().to_string();
             let file = std::fs::File::open(p)
                 .with_context(|| format!("cannot read input file `{name}`"))?;
             if file.metadata().is_ok_and(|m| m.is_dir()) {
                 bail!("cannot read input file `{name}`: it is a directory");
             }
-            Ok((name, BufReader::with_capacity(256 << 10, Box::new(file))))
+            let input = input::Stoppable::file(file, stop)
+                .with_context(|| format!("cannot read input file `{name}`"))?;
+            Ok((name, input))
+        }
+        _ => Ok((
+            "stdin".into(),
+            input::Stoppable::stdin(stop).context("cannot read stdin")?,
+        )),
+    }
+}
+
+/// Hands `items` to the engine, in order; `last_line` follows the last line number handed.
+async fn feed(engine: &Engine, items: Vec<Item>, last_line: &mut u64) -> anyhow::Result<()> {
+    for item in items {
+        match item {
+            // After an interrupt the producer is closed: each message comes back at once
+            // and is recorded with its line.
+            Item::Message { line, msg } => {
+                *last_line = line;
+                engine.send(line, msg).await?;
+            }
+            Item::Malformed { line, raw, error } => {
+                *last_line = line;
+                engine.malformed(line, raw, error).await?;
+            }
         }
     }
+    Ok(())
 }
 
 /// Runs `herald produce`. An `Err` is a usage or configuration error found before anything was
 /// sent (exit status 2).
 pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
     let target = Target::parse(&args.to)?;
-    let (input_name, reader) = open_input(args.input.as_ref())?;
+    // Set at the first signal: reading the input stops.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (input_name, reader) = open_input(args.input.as_ref(), stop_rx)?;
     refuse_same_file(args.input.as_ref(), &args.dead_letter)?;
     // The recorder goes in before the producer is built: the producer registers its metrics then.
     let telemetry = match &args.metrics_addr {
@@ -205,6 +222,7 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
         tokio::spawn(async move {
             let signal = stop_signal().await;
             interrupted.store(true, Ordering::SeqCst);
+            stop_tx.send_replace(true);
             stop_reading.notify_one();
             let _stderr_gone = writeln!(
                 std::io::stderr(),
@@ -224,61 +242,72 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
     };
 
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Item>>(8);
+    // A terminal's or socket's read cannot be stopped: its thread may never end.
+    let reader_may_block = reader.may_block();
     let reader_thread = {
-        let interrupted = interrupted.clone();
         let destination = destination.clone();
         let format = args.format;
         let limit = input::line_limit(args.tuning.max_message_bytes);
         std::thread::Builder::new()
             .name("herald-input".into())
             .spawn(move || {
+                let reader = BufReader::with_capacity(256 << 10, reader);
                 input::read(reader, format, &destination, limit, |chunk| {
-                    hand_over(&tx, &interrupted, chunk)
+                    tx.blocking_send(chunk).is_ok()
                 })
             })
             .context("cannot start the input thread")?
     };
 
     let started = Instant::now();
+    let mut last_line = 0;
+    // Whether the input thread ended (it closed the channel): every line it read was handed over.
+    let mut reader_ended = true;
     loop {
-        let items = if interrupted.load(Ordering::SeqCst) {
-            // The input thread may be blocked reading stdin (a terminal, or a pipe whose writer
-            // lives on): take what it hands over, but do not wait for its end.
+        let items = if !reader_may_block {
+            // After a signal the input thread stops reading, hands over what it read, and ends.
+            rx.recv().await
+        } else if interrupted.load(Ordering::SeqCst) {
+            // The input thread may be blocked reading stdin (a terminal, or a socket whose
+            // writer lives on): take what it hands over, but do not wait for its end.
             match tokio::time::timeout(READER_QUIET, rx.recv()).await {
-                Ok(Some(items)) => items,
-                Ok(None) | Err(_) => break,
+                Ok(items) => items,
+                Err(_) => {
+                    reader_ended = false;
+                    break;
+                }
             }
         } else {
             tokio::select! {
-                items = rx.recv() => match items {
-                    Some(items) => items,
-                    None => break,
-                },
+                items = rx.recv() => items,
                 () = stop_reading.notified() => continue,
             }
         };
-        for item in items {
-            match item {
-                // After an interrupt the producer is closed: each message comes back at once
-                // and is recorded with its line.
-                Item::Message { line, msg } => engine.send(line, msg).await?,
-                Item::Malformed { line, raw, error } => engine.malformed(line, raw, error).await?,
-            }
+        let Some(items) = items else { break };
+        feed(&engine, items, &mut last_line).await?;
+    }
+    if !reader_ended {
+        // What was handed over meanwhile is still taken; nothing more can be.
+        rx.close();
+        while let Ok(items) = rx.try_recv() {
+            feed(&engine, items, &mut last_line).await?;
         }
     }
     let (mut collector, producer) = engine.finish(CLOSE_TIMEOUT).await?;
     let elapsed = started.elapsed();
     watcher.abort();
     let was_interrupted = interrupted.load(Ordering::SeqCst);
-    // After an interrupt the reader may be blocked on stdin: do not wait for it.
-    let read_result = if was_interrupted {
-        None
-    } else {
-        Some(
-            reader_thread
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the input thread panicked"))),
-        )
+    // A reader blocked on a terminal or socket is not waited for.
+    let read_result = reader_ended.then(|| {
+        reader_thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the input thread panicked")))
+    });
+    // Lines read, blank ones skipped in `jsonl` included; as far as handed over when the input
+    // thread was not waited for, or failed.
+    let lines_read = match &read_result {
+        Some(Ok(n)) => *n,
+        _ => last_line,
     };
     if let Some(bar) = collector.progress.take() {
         bar.finish_and_clear();
@@ -309,6 +338,7 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
     let summary = Summary {
         destination: target.describe(),
         input: input_name,
+        read: lines_read,
         tally: t,
         retries,
         elapsed,
@@ -327,6 +357,8 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
 struct Summary<'a> {
     destination: String,
     input: String,
+    /// Input lines read.
+    read: u64,
     tally: &'a Tally,
     retries: u64,
     elapsed: Duration,
@@ -391,7 +423,10 @@ impl Summary<'_> {
             }
         }
         if self.interrupted {
-            s += "  interrupted: lines after the last one recorded were not read\n";
+            s += &format!(
+                "  interrupted: {} lines were read; the input after them was not\n",
+                report::count(self.read)
+            );
         }
         if t.cut_off > 0 {
             s += &format!(
@@ -411,6 +446,7 @@ impl Summary<'_> {
             "command": "produce",
             "destination": self.destination,
             "input": self.input,
+            "read": self.read,
             "sent": t.delivered,
             "failed": t.failed,
             "malformed": t.malformed,
@@ -440,30 +476,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_chunk_read_before_an_interrupt_is_handed_over() {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Item>>(8);
-        let interrupted = AtomicBool::new(false);
-        let chunk = |line| {
-            vec![Item::Message {
-                line,
-                msg: herald::Message::new("t", "p"),
-            }]
-        };
-        assert!(hand_over(&tx, &interrupted, chunk(1)));
-        interrupted.store(true, Ordering::SeqCst);
-        // Reading stops, and the lines already read still reach the sending loop.
-        assert!(!hand_over(&tx, &interrupted, chunk(2)));
-        let lines: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
-            .flatten()
-            .map(|i| match i {
-                Item::Message { line, .. } => line,
-                Item::Malformed { line, .. } => line,
-            })
-            .collect();
-        assert_eq!(lines, vec![1, 2]);
-    }
-
-    #[test]
     fn report_json_has_the_contract_fields() {
         let mut tally = Tally {
             delivered: 998,
@@ -478,6 +490,7 @@ mod tests {
         let s = Summary {
             destination: "kafka://h:1/t".into(),
             input: "stdin".into(),
+            read: 1000,
             tally: &tally,
             retries: 3,
             elapsed: Duration::from_secs(2),
@@ -487,6 +500,7 @@ mod tests {
             exit: Exit::Failed,
         };
         let j = s.json();
+        assert_eq!(j["read"], json!(1000));
         assert_eq!(j["sent"], json!(998));
         assert_eq!(j["failed"], json!(1));
         assert_eq!(j["malformed"], json!(1));

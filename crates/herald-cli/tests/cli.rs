@@ -763,3 +763,206 @@ fn sigterm_with_messages_in_flight_records_every_one_and_ends_soon() {
     assert!(interrupted > 0, "none was in flight: {records:?}");
     assert_eq!(report["in_flight_at_exit"], interrupted, "{report}");
 }
+
+/// Where a running `herald ... --metrics-addr 127.0.0.1:0` serves (it says so on stderr, read
+/// on a thread so that a silent binary cannot hang the test).
+fn served_at(child: &mut std::process::Child) -> String {
+    use std::io::BufRead as _;
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _sent = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("herald never said where it serves metrics");
+        if let Some(rest) = line.strip_prefix("serving http://") {
+            return rest.split('/').next().expect("host:port").to_owned();
+        }
+    }
+}
+
+/// After a signal, every line herald took from its input is accounted for: sent, or in the
+/// dead-letter file; what it did not take is still in the pipe.
+#[cfg(unix)]
+#[test]
+fn after_a_signal_every_line_taken_from_a_pipe_is_sent_or_recorded() {
+    use std::io::{Read as _, Write as _};
+    let mock = mock_with("signal-pipe");
+    let dir = Scratch::new("signal-pipe");
+    // A FIFO rather than an anonymous pipe: what herald leaves in it can be read afterwards.
+    let fifo = dir.path("input.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    // Opening one end of a FIFO waits for the other.
+    let opening = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::File::open(fifo))
+    };
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&fifo)
+        .expect("open the FIFO to write");
+    let stdin = opening
+        .join()
+        .expect("opening thread")
+        .expect("open the FIFO to read");
+    let url = format!("kafka://{}/signal-pipe", mock.bootstrap_servers());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "produce",
+            "--to",
+            &url,
+            "--report",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .current_dir(&dir.0)
+        .stdin(stdin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start herald");
+    // `line N` lines, N from 1, faster than herald takes them, until herald is gone (a broken
+    // pipe): when the signal comes, herald has read more than it has handed on.
+    let writing = std::thread::spawn(move || {
+        let mut writer = writer;
+        let mut written = Vec::new();
+        let mut batch = Vec::new();
+        let mut at = 0;
+        let mut next = 1u64;
+        loop {
+            if at == batch.len() {
+                batch.clear();
+                at = 0;
+                for _ in 0..1000 {
+                    writeln!(batch, "line {next}").expect("format");
+                    next += 1;
+                }
+            }
+            match writer.write(&batch[at..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    written.extend_from_slice(&batch[at..at + n]);
+                    at += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        (writer, written)
+    });
+    let addr = served_at(&mut child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = http_get(&addr, "/metrics");
+        let accepted = body
+            .lines()
+            .find_map(|l| l.strip_prefix("herald_messages_accepted_total{transport=\"kafka\"} "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        if accepted >= 2000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "2000 messages never accepted:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill -TERM");
+    assert!(killed.success());
+    let run = finish(child, Duration::from_secs(60));
+    assert_eq!(run.code, Some(130), "{run:?}");
+    let (writer, written) = writing.join().expect("writer thread");
+    // What herald left in the FIFO (kept while the writer holds it open).
+    let mut left = Vec::new();
+    let mut rest = std::fs::File::open(&fifo).expect("open the FIFO to read what is left");
+    drop(writer);
+    rest.read_to_end(&mut left).expect("read what is left");
+    let taken = written.len() - left.len();
+    assert_eq!(
+        &written[taken..],
+        &left[..],
+        "the FIFO lost or changed bytes"
+    );
+    let taken = &written[..taken];
+    let whole = taken.iter().filter(|&&b| b == b'\n').count() as u64;
+    let partial = &taken[taken.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)..];
+    let read = whole + u64::from(!partial.is_empty());
+    let report = last_line_json(&run.stdout);
+    let records = dead_letters(&dir.path("herald-dead-letter.jsonl"));
+    let sent = report["sent"].as_u64().expect("sent");
+    assert_eq!(
+        sent + records.len() as u64,
+        read,
+        "herald took {whole} whole lines and {} bytes of the next from the pipe, but sent {sent} and recorded {}: {report}",
+        partial.len(),
+        records.len()
+    );
+    // Each line exactly once: delivered, or recorded with its line number.
+    let line_of = |payload: &str| -> u64 {
+        payload
+            .strip_prefix("line ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not a line of the input: {payload:?}"))
+    };
+    let delivered = read_back(
+        mock.bootstrap_servers(),
+        "signal-pipe",
+        sent as usize,
+        Duration::from_secs(30),
+    );
+    assert_eq!(delivered.len() as u64, sent);
+    let mut lines: Vec<u64> = delivered
+        .iter()
+        .map(|r| line_of(&String::from_utf8_lossy(&r.payload)))
+        .collect();
+    for r in &records {
+        let line = r["line"].as_u64().expect("line");
+        if line <= whole {
+            assert_eq!(r["payload"], format!("line {line}"), "{r}");
+            assert!(
+                r["reason"] == "closed" || r["reason"] == "interrupted",
+                "{r}"
+            );
+        } else {
+            // The line herald was reading when the signal came: what it took of it.
+            assert_eq!(r["input"], String::from_utf8_lossy(partial).as_ref(), "{r}");
+            assert_eq!(r["reason"], "malformed", "{r}");
+            assert!(
+                r["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("interrupted")),
+                "{r}"
+            );
+        }
+        lines.push(line);
+    }
+    lines.sort_unstable();
+    assert!(
+        lines.iter().copied().eq(1..=read),
+        "lines sent or recorded are not each line read once"
+    );
+    assert_eq!(report["read"], read, "{report}");
+    assert_eq!(report["dead_lettered"], records.len(), "{report}");
+    assert_eq!(
+        report["failed"].as_u64().unwrap_or(0) + report["malformed"].as_u64().unwrap_or(0),
+        records.len() as u64,
+        "{report}"
+    );
+}
