@@ -109,7 +109,8 @@ impl std::hash::Hash for Message {
 /// then random bits), so ids sort roughly by acceptance time and never repeat in practice.
 ///
 /// Assigned when a producer accepts the message, kept across retries, and sent to the broker
-/// (AMQP `message_id`, a Kafka header) so that consumers can drop the duplicates that
+/// (AMQP `message_id`; a Kafka header when `KafkaConfig::message_id_header` is set) so that
+/// consumers can drop the duplicates that
 /// at-least-once delivery allows. `Display` is the usual 36-character UUID text.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageId(u128);

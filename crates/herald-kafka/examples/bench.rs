@@ -8,7 +8,8 @@
 //! and herald alternate for `--rounds` rounds (default 5), each reported as its median: on a
 //! two-core machine shared with the broker, single runs of the same variant vary by up to 2x.
 //! `HERALD_BENCH_RAW_PROPS=k=v,...` gives the raw baseline other librdkafka settings (to check
-//! it is at its best); experiments on herald: `HERALD_BENCH_ORDERING`, `HERALD_BENCH_BATCH`.
+//! it is at its best); experiments on herald: `HERALD_BENCH_ORDERING`, `HERALD_BENCH_BATCH`,
+//! `HERALD_BENCH_ID_HEADER=off` (no message id header, to measure what it costs).
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,11 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 async fn herald(bootstrap: &str, topic: &str, n: u64, size: usize) -> Run {
-    let transport = KafkaTransport::new(KafkaConfig::new(bootstrap)).expect("transport");
+    let mut config = KafkaConfig::new(bootstrap);
+    if std::env::var("HERALD_BENCH_ID_HEADER").is_ok_and(|v| v == "off") {
+        config = config.message_id_header(None);
+    }
+    let transport = KafkaTransport::new(config).expect("transport");
     // Experiments: HERALD_BENCH_ORDERING=relaxed, HERALD_BENCH_BATCH=<messages per batch>.
     let relaxed = std::env::var("HERALD_BENCH_ORDERING").is_ok_and(|o| o == "relaxed");
     let batching = match std::env::var("HERALD_BENCH_BATCH")

@@ -102,6 +102,33 @@ pub fn read_topic(
     expected: usize,
     limit: Duration,
 ) -> Result<Vec<Message>, AdminError> {
+    read(bootstrap, topic, Until::Count(expected), limit)
+}
+
+/// Reads everything `topic` holds now: each partition from the beginning up to its high
+/// watermark (the offset the next message stored will get), taken when the read starts. For
+/// checks that something is *not* there: it ends when the end is reached, not after waiting
+/// for messages that may never come. Fails if the end is not reached within `limit`. Blocking,
+/// like [`read_topic`].
+pub fn read_topic_to_end(
+    bootstrap: &str,
+    topic: &str,
+    limit: Duration,
+) -> Result<Vec<Message>, AdminError> {
+    read(bootstrap, topic, Until::End, limit)
+}
+
+enum Until {
+    Count(usize),
+    End,
+}
+
+fn read(
+    bootstrap: &str,
+    topic: &str,
+    until: Until,
+    limit: Duration,
+) -> Result<Vec<Message>, AdminError> {
     let fail = |reason: String| AdminError {
         action: "read",
         topic: topic.to_owned(),
@@ -134,10 +161,39 @@ pub fn read_topic(
             .map_err(|e| fail(e.to_string()))?;
     }
     consumer.assign(&tpl).map_err(|e| fail(e.to_string()))?;
+    // For `Until::End`: the offset each partition must be read up to.
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    if let Until::End = until {
+        for p in 0..partitions {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, left.max(Duration::from_millis(1)))
+                .map_err(|e| fail(format!("watermarks of partition {p}: {e}")))?;
+            ends.insert(p, high);
+        }
+    }
     let dest = Destination::new(topic);
     let mut by_partition: BTreeMap<i32, Vec<(i64, Message)>> = BTreeMap::new();
     let mut count = 0;
-    while count < expected && Instant::now() < deadline {
+    let done = |count: usize, by_partition: &BTreeMap<i32, Vec<(i64, Message)>>| match until {
+        Until::Count(expected) => count >= expected,
+        Until::End => ends.iter().all(|(p, end)| {
+            *end == 0
+                || by_partition
+                    .get(p)
+                    .and_then(|v| v.iter().map(|(o, _)| *o).max())
+                    .is_some_and(|last| last + 1 >= *end)
+        }),
+    };
+    while !done(count, &by_partition) {
+        if Instant::now() >= deadline {
+            return match until {
+                Until::Count(_) => Ok(in_order(by_partition)),
+                Until::End => Err(fail(format!(
+                    "did not reach the end of every partition within {limit:?}"
+                ))),
+            };
+        }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 let mut msg = Message::new(dest.clone(), m.payload().unwrap_or_default().to_vec());
@@ -161,11 +217,15 @@ pub fn read_topic(
             None => {}
         }
     }
-    Ok(by_partition
+    Ok(in_order(by_partition))
+}
+
+fn in_order(by_partition: BTreeMap<i32, Vec<(i64, Message)>>) -> Vec<Message> {
+    by_partition
         .into_values()
         .flat_map(|mut v| {
             v.sort_by_key(|(offset, _)| *offset);
             v.into_iter().map(|(_, m)| m)
         })
-        .collect())
+        .collect()
 }

@@ -137,7 +137,7 @@ impl ProducerContext for Context {
             if broken {
                 batch.producer_broken.store(true, Ordering::Release);
             }
-            batch.set(index, outcome);
+            batch.report(index, outcome);
         });
         self.shared.room.freed();
     }
@@ -149,6 +149,8 @@ pub(crate) type Client = ThreadedProducer<Context>;
 /// The current producer, what its callbacks share, and what it takes to build a new one.
 pub(crate) struct Connection {
     client_config: ClientConfig,
+    /// The header that carries message ids, if any ([`KafkaConfig::message_id_header`]).
+    pub(crate) id_header: Option<String>,
     shared: Arc<Shared>,
     /// The current producer; replaced after a fatal error.
     producer: RwLock<Arc<Client>>,
@@ -162,7 +164,7 @@ impl Connection {
         let client_config = config.client_config()?;
         let shared = Arc::new(Shared {
             room: Room::default(),
-            metrics: KafkaMetrics::new(),
+            metrics: KafkaMetrics::new(config.metrics_label()),
             last_client_error: std::sync::Mutex::new(ClientErrors::default()),
             client_errors: AtomicBool::new(false),
             all_down: AtomicBool::new(false),
@@ -171,6 +173,7 @@ impl Connection {
         let producer = Arc::new(create(&client_config, &shared)?);
         Ok(Self {
             client_config,
+            id_header: config.id_header().map(str::to_owned),
             shared,
             producer: RwLock::new(producer),
             generation: AtomicU64::new(0),
@@ -244,5 +247,5 @@ fn create(config: &ClientConfig, shared: &Arc<Shared>) -> Result<Client, ConfigE
         .create_with_context(Context {
             shared: shared.clone(),
         })
-        .map_err(ConfigError::Client)
+        .map_err(|e| ConfigError::Client(crate::config::redact_client_error(e)))
 }

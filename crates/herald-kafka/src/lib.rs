@@ -23,6 +23,10 @@
 //! - Topic names are checked against Kafka's rules before librdkafka sees them
 //!   ([`validate_topic_name`]).
 //! - [`KafkaTransport`] documents which retries librdkafka does and which herald does.
+//! - An attempt herald cuts off at its deadline is purged from librdkafka's queue, so that what
+//!   herald reports failed is not sent later (docs/guarantees.md, Kafka, for what remains).
+//! - Message ids as a header for consumers that deduplicate:
+//!   [`KafkaConfig::message_id_header`] (off by default; it costs throughput on small messages).
 //!
 //! # Crate feature flags
 //!
@@ -44,7 +48,7 @@ pub mod baseline;
 
 use std::time::Duration;
 
-pub use config::{Compression, KafkaConfig, Partitioner};
+pub use config::{Compression, KafkaConfig, Partitioner, MESSAGE_ID_HEADER};
 pub use destination::{validate_topic_name, TopicNameError};
 pub use error::{ConfigError, KafkaConfigError};
 pub use transport::KafkaTransport;

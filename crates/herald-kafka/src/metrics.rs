@@ -1,10 +1,13 @@
 //! Metrics the Kafka transport adds to herald's, from librdkafka's statistics
 //! (`statistics.interval.ms`) and its own events. Same rules as `herald_core::metrics`:
-//! Prometheus names, low-cardinality labels only.
+//! Prometheus names, low-cardinality labels only: `transport="kafka"`, and `producer` when the
+//! transport is given a name with [`KafkaConfig::metrics_name`](crate::KafkaConfig::metrics_name)
+//! (the same label key as herald's own metrics; give it the producer's name, as
+//! `ProducerBuilder::name`); never a topic or a key.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use metrics::{counter, gauge, Counter, Gauge};
+use metrics::{counter, gauge, Counter, Gauge, Label};
 use rdkafka::statistics::Statistics;
 
 /// Messages waiting in librdkafka's queue or in flight to brokers. Gauge.
@@ -40,15 +43,20 @@ pub(crate) struct KafkaMetrics {
 }
 
 impl KafkaMetrics {
-    pub(crate) fn new() -> Self {
-        let l = [("transport", "kafka")];
+    /// The handles of a transport, labelled `producer` with `name` when it has one.
+    pub(crate) fn new(name: Option<&str>) -> Self {
+        let mut labels = vec![Label::new("transport", "kafka")];
+        if let Some(name) = name {
+            labels.push(Label::new("producer", name.to_owned()));
+        }
+        let l = || labels.clone();
         Self {
-            queue: gauge!(QUEUE_MESSAGES, &l),
-            rtt: gauge!(BROKER_RTT, &l),
-            retries: counter!(CLIENT_RETRIES, &l),
+            queue: gauge!(QUEUE_MESSAGES, l()),
+            rtt: gauge!(BROKER_RTT, l()),
+            retries: counter!(CLIENT_RETRIES, l()),
             retries_seen: AtomicU64::new(0),
-            queue_full: counter!(QUEUE_FULL, &l),
-            rebuilds: counter!(REBUILDS, &l),
+            queue_full: counter!(QUEUE_FULL, l()),
+            rebuilds: counter!(REBUILDS, l()),
         }
     }
 
@@ -81,7 +89,7 @@ impl KafkaMetrics {
 mod tests {
     #[test]
     fn client_retries_add_up_across_a_rebuilt_producer() {
-        let m = super::KafkaMetrics::new();
+        let m = super::KafkaMetrics::new(None);
         // 5, then 8 (3 more), then a rebuilt producer reports 2 and 3.
         let deltas: Vec<u64> = [5, 8, 2, 3]
             .into_iter()

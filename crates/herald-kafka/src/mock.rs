@@ -27,6 +27,14 @@ pub enum ProduceFault {
     Transport,
     /// `MESSAGE_TOO_LARGE`: the broker refuses the batch (permanent).
     MessageTooLarge,
+    /// `NETWORK_EXCEPTION`: an error librdkafka does not retry itself (it fails the messages of
+    /// that request at once, not stored) but herald classifies transient and retries: the way
+    /// to make a delivery report fail while later messages of the same partition go through.
+    NetworkException,
+    /// `OUT_OF_ORDER_SEQUENCE_NUMBER`: the broker and the idempotent producer disagree on the
+    /// sequence; for the first request in flight librdkafka raises a fatal error, and the
+    /// transport builds a new producer.
+    OutOfOrderSequenceNumber,
 }
 
 impl ProduceFault {
@@ -39,6 +47,8 @@ impl ProduceFault {
             Self::RequestTimedOut => E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
             Self::Transport => E::RD_KAFKA_RESP_ERR__TRANSPORT,
             Self::MessageTooLarge => E::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE,
+            Self::NetworkException => E::RD_KAFKA_RESP_ERR_NETWORK_EXCEPTION,
+            Self::OutOfOrderSequenceNumber => E::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
         }
     }
 }

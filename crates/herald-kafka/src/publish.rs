@@ -4,19 +4,24 @@
 //! each with a delivery opaque naming its batch and position; librdkafka's delivery callback,
 //! on its polling thread, fills that position; the batch's future resolves when every
 //! position is filled. No future per message, no await per message.
+//!
+//! A send that is dropped before its batch has every report (herald cut the attempt off at the
+//! batch's first delivery deadline, or the runtime stopped) purges librdkafka's queue, so that
+//! librdkafka does not send later what herald has already reported failed or retries (see
+//! [`Abandon`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use herald_core::{Ack, BatchOutcome, Destination, ErrorClass, Message, TransportError};
+use herald_core::{Ack, BatchOutcome, Destination, KeyHold, Message, MessageId, TransportError};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer as _};
+use rdkafka::producer::{BaseRecord, Producer as _, PurgeConfig};
 use tokio::sync::Notify;
 
-use crate::connection::Connection;
+use crate::connection::{Client, Connection};
 use crate::destination;
 use crate::error::transport_error;
 
@@ -24,6 +29,8 @@ use crate::error::transport_error;
 pub(crate) struct BatchState {
     outcomes: Vec<OnceLock<Result<Ack, TransportError>>>,
     remaining: AtomicUsize,
+    /// Delivery reports received (each for a message handed to librdkafka).
+    reports: AtomicUsize,
     done: Notify,
     /// A delivery failed in a way that calls for a new producer (see `needs_new_producer`).
     pub(crate) producer_broken: AtomicBool,
@@ -34,6 +41,7 @@ impl BatchState {
         Self {
             outcomes: (0..n).map(|_| OnceLock::new()).collect(),
             remaining: AtomicUsize::new(n),
+            reports: AtomicUsize::new(0),
             done: Notify::new(),
             producer_broken: AtomicBool::new(false),
         }
@@ -49,6 +57,12 @@ impl BatchState {
         if slot.set(outcome).is_ok() && self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.done.notify_one();
         }
+    }
+
+    /// librdkafka's delivery report for the message at `index`.
+    pub(crate) fn report(&self, index: usize, outcome: Result<Ack, TransportError>) {
+        self.reports.fetch_add(1, Ordering::AcqRel);
+        self.set(index, outcome);
     }
 
     async fn wait(&self) {
@@ -183,18 +197,80 @@ impl Room {
     }
 }
 
-fn headers(m: &Message) -> Option<OwnedHeaders> {
-    if m.headers().is_empty() {
+/// A message id as its 36-character UUID text (`MessageId`'s `Display`), written without
+/// allocating: this runs once per message.
+fn id_text(id: MessageId) -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [b'-'; 36];
+    let mut at = 0;
+    for (i, byte) in id.to_bytes().into_iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1; // the hyphen already there
+        }
+        text[at] = HEX[usize::from(byte >> 4)];
+        text[at + 1] = HEX[usize::from(byte & 0x0f)];
+        at += 2;
+    }
+    text
+}
+
+/// The Kafka headers of `m`: its own, then its id under `id_header`, unless it already has a
+/// header of that name (the user's own id stays the only one).
+fn headers(m: &Message, id_header: Option<&str>) -> Option<OwnedHeaders> {
+    let id = match (id_header, m.id()) {
+        (Some(name), Some(id)) if !m.headers().iter().any(|h| h.name == name) => {
+            Some((name, id_text(id)))
+        }
+        _ => None,
+    };
+    if m.headers().is_empty() && id.is_none() {
         return None;
     }
-    let mut h = OwnedHeaders::new_with_capacity(m.headers().len());
+    let mut h = OwnedHeaders::new_with_capacity(m.headers().len() + usize::from(id.is_some()));
     for header in m.headers() {
         h = h.insert(Header {
             key: &header.name,
             value: Some(header.value.as_ref()),
         });
     }
+    if let Some((name, text)) = &id {
+        h = h.insert(Header {
+            key: name,
+            value: Some(&text[..]),
+        });
+    }
     Some(h)
+}
+
+/// What a send does if it is dropped before its batch has every report: herald cut the attempt
+/// off at the batch's first delivery deadline (the pipeline then reports those messages failed,
+/// or retries them), or the runtime stopped. librdkafka would otherwise go on sending them until
+/// its own `message.timeout.ms`, which starts again at every attempt: a message reported failed
+/// would be stored later anyway (and twice if the user sends it again), a retried one twice.
+///
+/// So it purges librdkafka's queue (`rd_kafka_purge` with `RD_KAFKA_PURGE_F_QUEUE`, blocking,
+/// so that it is done before the pipeline lands the attempt): every message not yet sent to a
+/// broker is dropped by librdkafka, never sent, and reported `PurgeQueue` to a batch nobody
+/// waits for. librdkafka's queue is one for the whole producer, so messages of other batches
+/// still queued are purged too: they fail as transient (`PurgeQueue`, not stored) and herald
+/// retries them, a resend, never a loss. Messages already in a produce request
+/// to a broker are left alone: purging them would make librdkafka forget the answer the other
+/// batches still wait for, and the broker may have stored them already. Those are the limit of
+/// what a transport can do on its own (docs/guarantees.md, Kafka).
+struct Abandon<'a> {
+    producer: &'a Client,
+    state: &'a BatchState,
+    /// Messages handed to librdkafka.
+    handed: usize,
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        // Some message handed over has no report yet: librdkafka still holds it.
+        if self.state.reports.load(Ordering::Acquire) < self.handed {
+            self.producer.purge(PurgeConfig::default().queue());
+        }
+    }
 }
 
 /// Sends `batch` to `destination` on the connection's current producer and waits for every
@@ -209,25 +285,24 @@ pub(crate) async fn send_batch(
         Err(e) => return vec![Err(e); batch.len()],
     };
     let shared = connection.shared();
+    let id_header = connection.id_header.as_deref();
     let state = Arc::new(BatchState::new(batch.len()));
     let registered = shared.in_flight.register(&state, batch.len());
     let (producer, generation) = connection.producer();
-    // Keys whose message failed at once with a transient error: later messages with the
-    // same key in this call are not handed over, so none goes ahead of that retry (the
-    // transport contract). Empty, and never consulted, unless something failed.
-    let mut held_keys: Vec<&[u8]> = Vec::new();
+    let mut abandon = Abandon {
+        producer: &producer,
+        state: &state,
+        handed: 0,
+    };
+    // herald's per-key hold, before sending: a message whose key had a transient failure at
+    // once (librdkafka refused it when handed over) is not handed over, so that it does not go
+    // ahead of that message's retry. Failures reported later, by delivery reports, are held by the
+    // pipeline itself (`KeyHold::apply` on the batch's outcomes).
+    let mut hold = KeyHold::default();
     for (index, m) in batch.iter().enumerate() {
-        if let (false, Some(key)) = (held_keys.is_empty(), m.key()) {
-            if held_keys.contains(&key.as_ref()) {
-                state.set(
-                    index,
-                    Err(TransportError::transient(
-                        "an earlier message with the same key failed in this batch",
-                    )
-                    .with_code("KEY_HELD")),
-                );
-                continue;
-            }
+        if let Some(held) = hold.check(m) {
+            state.set(index, Err(held));
+            continue;
         }
         let mut record: BaseRecord<'_, [u8], [u8], usize> =
             BaseRecord::with_opaque_to(topic, registered.opaque(index))
@@ -235,12 +310,15 @@ pub(crate) async fn send_batch(
         if let Some(key) = m.key() {
             record = record.key(key.as_ref());
         }
-        if let Some(h) = headers(m) {
+        if let Some(h) = headers(m, id_header) {
             record = record.headers(h);
         }
         loop {
             match producer.send(record) {
-                Ok(()) => break,
+                Ok(()) => {
+                    abandon.handed += 1;
+                    break;
+                }
                 // librdkafka's queue is full: backpressure, wait for room (the pipeline's
                 // attempt timeout bounds the wait), never drop.
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -250,9 +328,7 @@ pub(crate) async fn send_batch(
                 }
                 Err((e, _record)) => {
                     let error = transport_error(&e);
-                    if let (ErrorClass::Transient, Some(key)) = (error.class(), m.key()) {
-                        held_keys.push(key.as_ref());
-                    }
+                    hold.failed(m, &error);
                     state.set(index, Err(error));
                     break;
                 }
@@ -260,6 +336,7 @@ pub(crate) async fn send_batch(
         }
     }
     state.wait().await;
+    drop(abandon); // every message has its report: nothing to purge
     drop(registered);
     if state.producer_broken.load(Ordering::Acquire) || producer.client().fatal_error().is_some() {
         // The failed messages are transient: herald retries them on the new producer.
@@ -271,6 +348,35 @@ pub(crate) async fn send_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_go_out_as_their_uuid_text() {
+        for bits in [0, 1, u128::MAX, 0x0190_b6d2_7c4e_7a51_8f3e_2b9d_4c1a_6e70] {
+            let id = MessageId::from_u128(bits);
+            assert_eq!(&id_text(id)[..], id.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn the_id_header_follows_the_message_s_own_headers_unless_it_has_one() {
+        use rdkafka::message::Headers as _;
+        let id = MessageId::from_u128(7);
+        let m = Message::new("t", "p")
+            .with_header("trace", "t1")
+            .with_id(id);
+        let h = headers(&m, Some("herald-message-id")).expect("two headers");
+        assert_eq!(h.count(), 2);
+        assert_eq!(h.get(1).key, "herald-message-id");
+        assert_eq!(h.get(1).value, Some(id.to_string().as_bytes()));
+        // Its own header of that name stays the only one.
+        let own = m.clone().with_header("herald-message-id", "mine");
+        let h = headers(&own, Some("herald-message-id")).expect("its headers");
+        assert_eq!(h.count(), 2);
+        assert_eq!(h.get(1).value, Some(&b"mine"[..]));
+        // No header name, or no id (a transport driven without a producer): no id header.
+        assert!(headers(&Message::new("t", "p").with_id(id), None).is_none());
+        assert!(headers(&Message::new("t", "p"), Some("herald-message-id")).is_none());
+    }
 
     #[test]
     fn delivery_opaques_find_their_batch_and_position_until_unregistered() {

@@ -17,7 +17,9 @@ use crate::publish;
 /// request within `message.timeout.ms`, keeping order and without duplicates inside a partition.
 /// What herald does: everything librdkafka reports as failed comes back to herald's pipeline,
 /// which retries transient failures (a broker restart, say) with its own backoff, budget and
-/// delivery timeout, and hands permanent ones back. See docs/guarantees.md.
+/// delivery timeout, and hands permanent ones back. An attempt herald cuts off at its deadline
+/// (the send is dropped) purges librdkafka's queue, so that librdkafka does not send later what
+/// herald has reported failed or retries. See docs/guarantees.md.
 ///
 /// A fatal error, or a broker that no longer knows the producer (after a restart that lost its
 /// producer state, every produce of the old producer id fails with "unknown broker error"),

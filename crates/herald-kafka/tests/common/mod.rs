@@ -95,3 +95,42 @@ pub fn assert_exactly_once_in_order(sent: &[Message], got: &[Message]) {
         }
     }
 }
+
+/// Checks the at-least-once guarantee on what a topic holds: every sent payload is there,
+/// nothing else is, and per key the *last* copy of each message comes after the last copies of
+/// the messages sent before it with that key. A duplicate may sit before an earlier message (a
+/// later message the broker took while an earlier one failed is sent again behind its retry:
+/// herald's per-key hold), but what a consumer ends with is in sending order. Returns how many
+/// duplicates there were.
+pub fn assert_all_stored_last_copies_in_order(sent: &[Message], got: &[Message]) -> usize {
+    let position: HashMap<&[u8], usize> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.payload().as_ref(), i))
+        .collect();
+    let mut last: HashMap<usize, usize> = HashMap::new();
+    for (at, m) in got.iter().enumerate() {
+        let Some(&i) = position.get(m.payload().as_ref()) else {
+            panic!(
+                "{:?} was stored but never sent",
+                String::from_utf8_lossy(m.payload())
+            );
+        };
+        last.insert(i, at);
+    }
+    let mut previous: HashMap<Vec<u8>, (usize, usize)> = HashMap::new();
+    for (i, m) in sent.iter().enumerate() {
+        let Some(&at) = last.get(&i) else {
+            panic!("lost {:?}", String::from_utf8_lossy(m.payload()));
+        };
+        let key = m.key().map(|k| k.to_vec()).unwrap_or_default();
+        if let Some((before, before_at)) = previous.insert(key.clone(), (i, at)) {
+            assert!(
+                before_at < at,
+                "key {:?}: the last copy of #{i} is stored before the last copy of #{before}",
+                String::from_utf8_lossy(&key)
+            );
+        }
+    }
+    got.len() - sent.len()
+}
