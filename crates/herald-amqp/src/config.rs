@@ -251,12 +251,8 @@ impl AmqpConfig {
             );
         }
         if let Some(name) = &self.metrics_name {
-            let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
-            if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
-                return invalid(
-                    "metrics_name",
-                    &format!("{name:?}: use 1 to 64 ASCII letters, digits, `_`, `-` or `.` (it becomes a metric label)"),
-                );
+            if let Err(reason) = herald_core::metrics::check_producer_label(name) {
+                return invalid("metrics_name", &reason);
             }
         }
         if self.url.tls

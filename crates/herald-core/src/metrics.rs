@@ -57,6 +57,19 @@ pub const TRANSPORT_UP: &str = "herald_transport_up";
 /// `site` (`retry_policy`, `batch_policy`, `unclaimed_hook`), each contained. Counter.
 pub const USER_CODE_PANICS: &str = "herald_user_code_panics_total";
 
+/// The rule for a `producer` label value, one for every crate that takes one
+/// (`ProducerBuilder::name`, the adapters' `metrics_name`): 1 to 64 ASCII letters, digits, `_`,
+/// `-` or `.`. `Err` says what is wrong, naming the value.
+pub fn check_producer_label(name: &str) -> Result<(), String> {
+    let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
+        return Err(format!(
+            "{name:?}: use 1 to 64 ASCII letters, digits, `_`, `-` or `.` (it becomes a metric label)"
+        ));
+    }
+    Ok(())
+}
+
 /// Every metric name above, for catalogues and drift checks.
 pub const ALL: &[&str] = &[
     MESSAGES_ACCEPTED,

@@ -312,16 +312,8 @@ impl KafkaConfig {
             }
         }
         if let Some(name) = &self.metrics_name {
-            let ok = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-            if !ok {
-                return Err(Self::invalid(
-                    "metrics_name",
-                    "must be 1 to 64 ASCII letters, digits, `_`, `-` or `.` (it becomes a metric label)",
-                ));
+            if let Err(reason) = herald_core::metrics::check_producer_label(name) {
+                return Err(Self::invalid("metrics_name", reason));
             }
         }
         for (key, _) in &self.properties {

@@ -234,15 +234,10 @@ impl ProducerBuilder {
         self.budget.validate()?;
         self.breaker.validate()?;
         if let Some(name) = &self.name {
-            let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
-            if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
-                return Err(BuildError::Invalid {
-                    field: "name",
-                    reason: format!(
-                        "{name:?}: use 1 to 64 ASCII letters, digits, `_`, `-` or `.` (it becomes a metric label)"
-                    ),
-                });
-            }
+            crate::metrics::check_producer_label(name).map_err(|reason| BuildError::Invalid {
+                field: "name",
+                reason,
+            })?;
         }
         self.health.check().map_err(|reason| BuildError::Invalid {
             field: "health",
