@@ -327,6 +327,72 @@ async fn the_circuit_opens_during_an_outage_and_messages_wait_then_go() {
     assert_eq!(p.stats().circuit, CircuitState::Closed);
 }
 
+/// The circuit opens while another destination's batch is still out (slow), and the only
+/// messages left wait behind that batch (strict order). Once `open_for` has passed there is
+/// nothing the dispatcher can do until the slow batch lands: it must sleep, not spin on a wake-up
+/// time that is already past. In paused time a spinning dispatcher keeps the runtime busy, so
+/// virtual time never reaches the slow batch's answer and the producer hangs: the test runs the
+/// case on its own thread and fails if it has not ended within a real-time deadline.
+#[test]
+fn an_open_circuit_past_its_time_with_nothing_to_send_does_not_spin() {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        let report = rt.block_on(async {
+            let t = MemoryTransport::new();
+            // First call: the batch for "slow" answers after a second. Second call: the batch
+            // for "down" fails, which opens the circuit (threshold 1) for 10 ms.
+            t.script([
+                CallFault::Delay(Duration::from_secs(1)),
+                CallFault::FailAll(ErrorClass::Transient),
+            ]);
+            let p = Producer::builder(t.clone())
+                .retry(fast_retry().max_attempts(1))
+                .circuit_breaker(CircuitBreakerConfig {
+                    failure_threshold: 1,
+                    open_for: Duration::from_millis(10),
+                    half_open_probes: 1,
+                    enabled: true,
+                })
+                .max_in_flight(2)
+                .batching(SizeOrLinger::new(1, 1 << 20, Duration::from_millis(1)))
+                .build()
+                .expect("build");
+            let first = p
+                .enqueue(Message::new("slow", "s-0"))
+                .await
+                .expect("enqueue");
+            eventually(Duration::from_secs(5), "the slow batch to go out", || {
+                t.calls() == 1
+            })
+            .await;
+            let down = p
+                .enqueue(Message::new("down", "d-0"))
+                .await
+                .expect("enqueue");
+            let second = p
+                .enqueue(Message::new("slow", "s-1"))
+                .await
+                .expect("enqueue");
+            let down = down.await;
+            (first.await.is_ok(), down.is_err(), second.await.is_ok())
+        });
+        done_tx.send(report).ok();
+    });
+    let report = done_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the producer ends its work instead of spinning on a past wake-up time");
+    assert_eq!(
+        report,
+        (true, true, true),
+        "(slow #0 delivered, down failed, slow #1 delivered)"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_retry_budget_limits_the_retry_rate_without_dropping() {
     // Ten batches of one message each fail once: ten retry requests, one token each.

@@ -89,7 +89,9 @@ impl Shared {
     }
 
     /// Moves parked retries whose backoff is over back into the queues, as budget allows.
-    fn unpark(&self, st: &mut State, now: Instant) {
+    /// When the budget runs dry, the retries still due stay parked and the time to look again
+    /// is returned.
+    fn unpark(&self, st: &mut State, now: Instant) -> Option<Instant> {
         while st.parked.peek().is_some_and(|Reverse(p)| p.ready_at <= now) {
             let Some(Reverse(mut p)) = st.parked.pop() else {
                 break;
@@ -106,8 +108,9 @@ impl Shared {
                     n => Duration::from_secs(1) / n,
                 };
                 p.ready_at = now + wait.clamp(Duration::from_millis(1), Duration::from_millis(100));
+                let again = p.ready_at;
                 st.parked.push(Reverse(p));
-                break;
+                return Some(again);
             }
             let n = p.entries.len() as u64;
             st.totals.retries += n;
@@ -118,6 +121,7 @@ impl Shared {
                 .ordering
                 .requeue(&mut st.acc, &p.destination, p.entries, now);
         }
+        None
     }
 
     /// One turn of the dispatcher: expire, unpark, take every batch that may go. Returns the
@@ -129,7 +133,7 @@ impl Shared {
         now: Instant,
     ) -> (Vec<Flight>, Option<Instant>) {
         self.expire(st, fin, now);
-        self.unpark(st, now);
+        let budget_again = self.unpark(st, now);
         let force = st.flushers > 0 || st.closing;
         let mut flights = Vec::new();
         while st.in_flight < self.config.max_in_flight {
@@ -192,13 +196,20 @@ impl Shared {
             .set(effective_circuit(st.breaker.state(), st.breaker.retry_at(), now).as_gauge());
         self.note_circuit(st);
 
+        // Only future times: everything due at `now` has just been acted on, and what is due
+        // but still gated (an open circuit whose time has come, with every ready batch waiting
+        // behind one in flight) is released by a notification (a landing, an acceptance), not
+        // by time. Waking at a past time would spin the dispatcher at full CPU until then, and
+        // in paused time it would stop the clock for good.
         let mut wake_at = st.acc.next_wakeup(now);
         let mut consider = |t: Option<Instant>| {
-            if let Some(t) = t {
+            if let Some(t) = t.filter(|t| *t > now) {
                 wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
             }
         };
+        // Retries still due after `unpark` wait for the budget, not for their own time.
         consider(st.parked.peek().map(|Reverse(p)| p.ready_at));
+        consider(budget_again);
         if !st.acc.is_empty() || !st.parked.is_empty() {
             consider(st.next_expiry);
             if st.breaker.state() == CircuitState::Open {
