@@ -67,6 +67,35 @@ pub trait Transport: Send + Sync + 'static {
     /// message in order.
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome;
 
+    /// Sends `batch` as [`Transport::send_batch`] does, knowing that the attempt's time ends at
+    /// `deadline` (the earliest delivery deadline in the batch, on Tokio's clock: sleep with
+    /// `tokio::time::sleep_until(deadline.into())`).
+    ///
+    /// At `deadline` a transport that can tell what has not left the process yet should stop it
+    /// there and fail it (it was never stored: a true failure), and then wait for the broker's
+    /// answer about what has left, for at most [`Transport::settle_time`]: that answer, delivered
+    /// or not, is the outcome, and it is true. herald drops the call at `deadline` plus the
+    /// settle time and fails what is left unanswered as cut off.
+    ///
+    /// Default: [`Transport::send_batch`], which herald cuts off at `deadline` (settle time zero).
+    async fn send_batch_until(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        deadline: std::time::Instant,
+    ) -> BatchOutcome {
+        let _ = deadline;
+        self.send_batch(destination, batch).await
+    }
+
+    /// How long past an attempt's deadline herald waits for [`Transport::send_batch_until`] to
+    /// report messages already handed to the broker, so that a message the broker stored is not
+    /// reported failed because its answer came late. A message may thus end up to this long after
+    /// its delivery timeout. Default: zero (the call is cut off at the deadline).
+    fn settle_time(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// Called once when the producer closes, after the last batch: release connections, flush
     /// client-side queues. Default: nothing to do.
     async fn close(&self) {}

@@ -109,6 +109,7 @@ pub struct KafkaConfig {
     linger: Duration,
     batch_num_messages: usize,
     message_timeout: Duration,
+    settle_time: Option<Duration>,
     statistics_interval: Option<Duration>,
     queue_max_messages: usize,
     message_id_header: Option<String>,
@@ -131,6 +132,7 @@ impl KafkaConfig {
             linger: Duration::from_millis(1),
             batch_num_messages: 10_000,
             message_timeout: Duration::from_secs(120),
+            settle_time: None,
             statistics_interval: Some(Duration::from_secs(5)),
             queue_max_messages: 1_000_000,
             message_id_header: None,
@@ -190,6 +192,36 @@ impl KafkaConfig {
     pub fn message_timeout(mut self, timeout: Duration) -> Self {
         self.message_timeout = timeout;
         self
+    }
+
+    /// How long past an attempt's deadline herald waits for the broker's answer about messages
+    /// already in a produce request (see `Transport::settle_time` in herald-core). At the
+    /// deadline herald purges what librdkafka has not sent yet (it fails: never stored); what a
+    /// broker already has is reported as the broker answers, so that a message the broker stored
+    /// is not reported failed. A message can thus end this long after its delivery timeout.
+    ///
+    /// Default: librdkafka's `request.timeout.ms` (30 s unless set with
+    /// [`KafkaConfig::property`]) plus one second, the time within which librdkafka gets an answer
+    /// to a produce request or gives up on it. Shorter is allowed: a message still unanswered when
+    /// it ends is reported failed as cut off (`herald_attempt_timeout`) and may have been stored.
+    #[must_use]
+    pub fn settle_time(mut self, settle: Duration) -> Self {
+        self.settle_time = Some(settle);
+        self
+    }
+
+    /// The settle time in force: the one set, or the default (see [`KafkaConfig::settle_time`]).
+    pub fn configured_settle_time(&self) -> Duration {
+        self.settle_time.unwrap_or_else(|| {
+            let request_timeout = self
+                .properties
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "request.timeout.ms")
+                .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+                .map_or(Duration::from_secs(30), Duration::from_millis);
+            request_timeout + Duration::from_secs(1)
+        })
     }
 
     /// How often librdkafka reports statistics, which feed herald's metrics (round-trip time,
@@ -481,6 +513,7 @@ impl fmt::Debug for KafkaConfig {
             .field("linger", &self.linger)
             .field("batch_num_messages", &self.batch_num_messages)
             .field("message_timeout", &self.message_timeout)
+            .field("settle_time", &self.configured_settle_time())
             .field("statistics_interval", &self.statistics_interval)
             .field("queue_max_messages", &self.queue_max_messages)
             .field("message_id_header", &self.message_id_header)
@@ -493,6 +526,16 @@ impl fmt::Debug for KafkaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_settle_time_follows_the_request_timeout_unless_set() {
+        let c = KafkaConfig::new("k:9092");
+        assert_eq!(c.configured_settle_time(), Duration::from_secs(31));
+        let c = c.property("request.timeout.ms", "5000");
+        assert_eq!(c.configured_settle_time(), Duration::from_secs(6));
+        let c = c.settle_time(Duration::from_secs(2));
+        assert_eq!(c.configured_settle_time(), Duration::from_secs(2));
+    }
 
     #[test]
     fn defaults_are_safe_and_explicit() {

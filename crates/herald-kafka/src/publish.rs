@@ -5,15 +5,17 @@
 //! on its polling thread, fills that position; the batch's future resolves when every
 //! position is filled. No future per message, no await per message.
 //!
-//! A send that is dropped before its batch has every report (herald cut the attempt off at the
-//! batch's first delivery deadline, or the runtime stopped) purges librdkafka's queue, so that
-//! librdkafka does not send later what herald has already reported failed or retries (see
-//! [`Abandon`]).
+//! At the attempt's deadline (the batch's first delivery deadline) the send purges librdkafka's
+//! queue: what has not left for a broker is never sent and fails, truly not stored. What is
+//! already in a produce request is waited for, up to the transport's settle time, so that its
+//! outcome is the broker's answer (see [`crate::KafkaConfig::settle_time`]). A send that is
+//! dropped before its batch has every report (herald cut it off after the settle time too, or the
+//! runtime stopped) purges the queue again on its way out (see [`Abandon`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use herald_core::{Ack, BatchOutcome, Destination, KeyHold, Message, MessageId, TransportError};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -242,6 +244,15 @@ fn headers(m: &Message, id_header: Option<&str>) -> Option<OwnedHeaders> {
     Some(h)
 }
 
+/// A message herald did not hand to librdkafka before the attempt's deadline (the queue was full
+/// until then): not sent, so not stored.
+fn not_sent_by_deadline() -> TransportError {
+    TransportError::transient(
+        "not handed to librdkafka before the attempt's deadline: its queue was full",
+    )
+    .with_code("QUEUE_FULL")
+}
+
 /// What a send does if it is dropped before its batch has every report: herald cut the attempt
 /// off at the batch's first delivery deadline (the pipeline then reports those messages failed,
 /// or retries them), or the runtime stopped. librdkafka would otherwise go on sending them until
@@ -274,11 +285,13 @@ impl Drop for Abandon<'_> {
 }
 
 /// Sends `batch` to `destination` on the connection's current producer and waits for every
-/// message's delivery report.
+/// message's delivery report. At `deadline` (if any), what librdkafka has not sent yet is purged
+/// and fails; the reports of what it has sent are still waited for.
 pub(crate) async fn send_batch(
     connection: &Connection,
     destination: &Destination,
     batch: &[Message],
+    deadline: Option<Instant>,
 ) -> BatchOutcome {
     let topic = match destination::topic(destination) {
         Ok(topic) => topic,
@@ -299,7 +312,19 @@ pub(crate) async fn send_batch(
     // ahead of that message's retry. Failures reported later, by delivery reports, are held by the
     // pipeline itself (`KeyHold::apply` on the batch's outcomes).
     let mut hold = KeyHold::default();
+    let at_deadline = async {
+        match deadline {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(at_deadline);
+    let mut past_deadline = false;
     for (index, m) in batch.iter().enumerate() {
+        if past_deadline {
+            state.set(index, Err(not_sent_by_deadline()));
+            continue;
+        }
         if let Some(held) = hold.check(m) {
             state.set(index, Err(held));
             continue;
@@ -324,7 +349,14 @@ pub(crate) async fn send_batch(
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     record = back;
                     shared.metrics.queue_full.increment(1);
-                    shared.room.wait().await;
+                    tokio::select! {
+                        () = shared.room.wait() => {}
+                        () = &mut at_deadline => {
+                            past_deadline = true;
+                            state.set(index, Err(not_sent_by_deadline()));
+                            break;
+                        }
+                    }
                 }
                 Err((e, _record)) => {
                     let error = transport_error(&e);
@@ -334,6 +366,17 @@ pub(crate) async fn send_batch(
                 }
             }
         }
+    }
+    if !past_deadline {
+        tokio::select! {
+            () = state.wait() => {}
+            () = &mut at_deadline => past_deadline = true,
+        }
+    }
+    if past_deadline && state.reports.load(Ordering::Acquire) < abandon.handed {
+        // What librdkafka has not sent yet is dropped and reported `PurgeQueue` (not stored);
+        // what is with a broker gets its answer, which herald waits for (settle time).
+        producer.purge(PurgeConfig::default().queue());
     }
     state.wait().await;
     drop(abandon); // every message has its report: nothing to purge

@@ -73,7 +73,20 @@ impl Transport for KafkaTransport {
     }
 
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
-        publish::send_batch(&self.inner.connection, destination, batch).await
+        publish::send_batch(&self.inner.connection, destination, batch, None).await
+    }
+
+    async fn send_batch_until(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        deadline: std::time::Instant,
+    ) -> BatchOutcome {
+        publish::send_batch(&self.inner.connection, destination, batch, Some(deadline)).await
+    }
+
+    fn settle_time(&self) -> std::time::Duration {
+        self.inner.config.configured_settle_time()
     }
 
     fn diagnosis(&self) -> Option<String> {

@@ -40,6 +40,7 @@ struct Inner {
     script: Mutex<VecDeque<CallFault>>,
     reject: Mutex<Option<RejectRule>>,
     latency: Mutex<Duration>,
+    settle: Mutex<Duration>,
     diagnosis: Mutex<Option<String>>,
     health: Mutex<TransportHealth>,
     calls: AtomicU64,
@@ -107,6 +108,7 @@ impl MemoryTransport {
                 script: Mutex::new(VecDeque::new()),
                 reject: Mutex::new(None),
                 latency: Mutex::new(Duration::ZERO),
+                settle: Mutex::new(Duration::ZERO),
                 diagnosis: Mutex::new(None),
                 health: Mutex::new(TransportHealth::Up),
                 calls: AtomicU64::new(0),
@@ -146,6 +148,12 @@ impl MemoryTransport {
     /// Every call waits this long before answering.
     pub fn set_latency(&self, latency: Duration) {
         *lock(&self.inner.latency) = latency;
+    }
+
+    /// What [`Transport::settle_time`] answers from now on: how long past an attempt's deadline
+    /// the producer waits for this transport's answer (default zero: cut off at the deadline).
+    pub fn set_settle_time(&self, settle: Duration) {
+        *lock(&self.inner.settle) = settle;
     }
 
     /// What [`Transport::diagnosis`] answers from now on.
@@ -194,6 +202,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Transport for MemoryTransport {
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    fn settle_time(&self) -> Duration {
+        *lock(&self.inner.settle)
     }
 
     async fn send_batch(&self, _destination: &Destination, batch: &[Message]) -> BatchOutcome {

@@ -496,9 +496,17 @@ async fn dropping_the_producer_still_delivers_what_was_accepted() {
         .build()
         .expect("build");
     let receipt = p.send_all((0..100).map(msg)).await;
+    // Virtual time is exact: a drop that waited out the 30 s linger would show here (under the
+    // paused clock the wait itself costs nothing, so only the clock can tell).
+    let dropped = Instant::now();
     drop(p);
     let report = receipt.wait().await;
     assert_eq!(report.delivered, 100);
+    assert!(
+        dropped.elapsed() < Duration::from_secs(1),
+        "a dropped producer sends at once, without waiting out its linger: {:?}",
+        dropped.elapsed()
+    );
     eventually(Duration::from_secs(1), "the transport to be closed", || {
         t.closes() == 1
     })
@@ -821,6 +829,48 @@ async fn a_retry_parked_after_an_expiry_sweep_still_ends_at_its_deadline() {
         start.elapsed()
     );
     assert!(z.await.is_err());
+}
+
+/// A transport with a settle time is not cut off at the deadline: its answer about what it
+/// had already handed to the broker is the outcome (here: stored, so delivered, not a failure
+/// that was stored anyway). Past the settle time it is cut off as before.
+#[tokio::test(start_paused = true)]
+async fn a_late_answer_within_the_settle_time_is_the_outcome() {
+    for (settle, delivered) in [
+        (Duration::from_secs(5), true),
+        (Duration::from_secs(1), false),
+    ] {
+        let t = MemoryTransport::new();
+        t.set_latency(Duration::from_secs(3));
+        t.set_settle_time(settle);
+        let p = Producer::builder(t.clone())
+            .delivery_timeout(Duration::from_secs(1))
+            .build()
+            .expect("build");
+        let start = Instant::now();
+        let outcome = p.send(Message::new("a", "late")).await;
+        if delivered {
+            assert!(outcome.is_ok(), "settle {settle:?}: {outcome:?}");
+            let took = start.elapsed();
+            assert!(
+                took >= Duration::from_secs(3) && took < Duration::from_millis(3100),
+                "ends with the answer (3 s latency, 5 ms linger): {took:?}"
+            );
+        } else {
+            let e = outcome.expect_err("cut off after the settle time");
+            assert!(
+                matches!(e.reason(), FailureReason::DeliveryTimeout { .. }),
+                "{e}"
+            );
+            assert!(e.to_string().contains("settle"), "{e}");
+            let took = start.elapsed();
+            assert!(
+                took >= Duration::from_secs(2) && took < Duration::from_millis(2100),
+                "deadline plus settle time: {took:?}"
+            );
+        }
+        p.close(Duration::from_secs(10)).await;
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -389,21 +389,34 @@ impl Sending {
 /// the moment it is created: dropped unpolled, the future still lands the batch.
 async fn send_flight(mut sending: Sending) {
     // An attempt may not outlive the earliest deadline in the batch: a transport that hangs must
-    // not keep any message past its delivery timeout. Messages with time left are retried.
+    // not keep any message past its delivery timeout. Messages with time left are retried. A
+    // transport with a settle time gets that much longer to report what it had already handed to
+    // the broker at the deadline (the truth, rather than a failure that may have been stored).
+    let now = clock_now();
     let earliest = sending.flight.metas.iter().map(|m| m.deadline).min();
-    let budget = earliest.map_or(Duration::ZERO, |d| d.saturating_duration_since(clock_now()));
-    let send = sending
-        .shared
-        .transport
-        .send_batch(&sending.flight.destination, &sending.flight.messages);
-    let outcomes = match tokio::time::timeout(budget, send).await {
+    let deadline = earliest.unwrap_or(now);
+    let budget = deadline.saturating_duration_since(now);
+    let transport = &sending.shared.transport;
+    let settle = transport.settle_time();
+    let send = transport.send_batch_until(
+        &sending.flight.destination,
+        &sending.flight.messages,
+        deadline,
+    );
+    let outcomes = match tokio::time::timeout(budget.saturating_add(settle), send).await {
         Ok(outcomes) => outcomes,
         Err(_) => {
-            let mut e = TransportError::transient(format!(
-                "the transport did not answer within {budget:?}, the time left before the batch's first delivery deadline"
-            ))
+            let mut e = TransportError::transient(if settle.is_zero() {
+                format!(
+                    "the transport did not answer within {budget:?}, the time left before the batch's first delivery deadline"
+                )
+            } else {
+                format!(
+                    "the transport did not answer within {budget:?}, the time left before the batch's first delivery deadline, and the {settle:?} it may take past it to settle"
+                )
+            })
             .with_code(ATTEMPT_TIMEOUT);
-            if let Some(diagnosis) = sending.shared.transport.diagnosis() {
+            if let Some(diagnosis) = transport.diagnosis() {
                 e = e.with_context(diagnosis);
             }
             vec![Err(e); sending.flight.messages.len()]
