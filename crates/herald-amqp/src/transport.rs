@@ -59,6 +59,7 @@ impl AmqpTransport {
     /// A transport with these settings. It connects on first use (or on [`Self::connect`]).
     pub fn new(config: AmqpConfig) -> Result<Self, ConfigError> {
         config.validate()?;
+        warn_weak_delivery(&config);
         Ok(Self {
             inner: Arc::new(Inner::new(config)),
         })
@@ -109,6 +110,25 @@ impl Transport for AmqpTransport {
 
     async fn close(&self) {
         self.inner.close().await;
+    }
+}
+
+/// Warns once, at start, about settings that make "delivered" mean less than users think (the
+/// setters' docs say the same).
+fn warn_weak_delivery(config: &AmqpConfig) {
+    if !config.mandatory {
+        tracing::warn!(
+            setting = "mandatory",
+            value = false,
+            "unroutable messages are dropped by the broker and reported delivered"
+        );
+    }
+    if !config.persistent {
+        tracing::warn!(
+            setting = "persistent",
+            value = false,
+            "messages are confirmed before any disk write: a broker restart loses messages reported delivered"
+        );
     }
 }
 
@@ -170,5 +190,39 @@ mod tests {
         assert_eq!(failures(Some("billing")), [2], "billing's own series");
         assert_eq!(failures(Some("audit")), [1], "audit's own series");
         assert_eq!(failures(None), [1], "no name, no `producer` label");
+    }
+
+    fn logged_while(f: impl FnOnce()) -> String {
+        let logs = herald_testkit::LogCapture::start();
+        f();
+        logs.text()
+    }
+
+    #[test]
+    fn settings_that_weaken_delivered_are_warned_about_once_at_start() {
+        let url = "amqp://guest:secret-pw@127.0.0.1:5672/%2F";
+        let quiet = logged_while(|| {
+            AmqpTransport::new(AmqpConfig::from_url(url).expect("url")).expect("transport");
+        });
+        assert_eq!(quiet, "", "the defaults warn about nothing");
+        let warned = logged_while(|| {
+            AmqpTransport::new(
+                AmqpConfig::from_url(url)
+                    .expect("url")
+                    .mandatory(false)
+                    .persistent(false),
+            )
+            .expect("transport");
+        });
+        assert_eq!(warned.lines().count(), 2, "{warned}");
+        assert!(
+            warned.contains("setting=\"mandatory\"") && warned.contains("reported delivered"),
+            "{warned}"
+        );
+        assert!(
+            warned.contains("setting=\"persistent\"") && warned.contains("disk write"),
+            "{warned}"
+        );
+        assert!(!warned.contains("secret-pw"), "{warned}");
     }
 }

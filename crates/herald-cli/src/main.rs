@@ -54,6 +54,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // What herald's libraries log, on stderr, warnings and errors only: a setting that weakens
+    // what "delivered" means, failures nobody claimed. Plain text, one event per line.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -11,7 +11,7 @@ use herald::amqp::{
     name_fits, percent_decode as decode, percent_encode as encode, split_query, AmqpConfig,
     Declare, MAX_NAME_BYTES, QUERY_PARAMETERS,
 };
-use herald::kafka::{validate_topic_name, Compression, TopicNameError};
+use herald::kafka::{validate_bootstrap_servers, validate_topic_name, Compression, TopicNameError};
 
 /// Where `herald produce` and `herald bench` send, parsed from `--to`.
 #[derive(Debug, Clone)]
@@ -180,17 +180,8 @@ fn parse_kafka(rest: &str) -> Result<KafkaTarget, UrlError> {
     if hosts.trim().is_empty() {
         return Err(bad("host", "is missing: kafka://HOST:PORT/TOPIC"));
     }
-    for server in hosts.split(',') {
-        let ok = server.rsplit_once(':').is_some_and(|(h, p)| {
-            !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0) && !h.contains(['/', ' '])
-        });
-        if !ok {
-            return Err(bad(
-                "host",
-                format!("`{server}` is not HOST:PORT (a port number is required)"),
-            ));
-        }
-    }
+    // herald-kafka's rule for bootstrap lists, the one `KafkaConfig` checks with.
+    validate_bootstrap_servers(hosts).map_err(|why| bad("host", why))?;
     // herald-kafka's rule, the one every Kafka destination is checked with; the wording here
     // speaks of the URL.
     validate_topic_name(topic).map_err(|why| {

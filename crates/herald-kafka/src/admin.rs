@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use herald_core::{Destination, Message};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
@@ -74,6 +74,43 @@ pub async fn create_topic_with(
         }
     }
     Ok(())
+}
+
+/// The topic's `min.insync.replicas`, as the cluster says (`DescribeConfigs`); `None` if the
+/// answer does not carry it. `config` is the producer's client configuration (how to reach
+/// and authenticate to the brokers).
+pub(crate) async fn min_insync_replicas(
+    config: &ClientConfig,
+    topic: &str,
+) -> Result<Option<i64>, AdminError> {
+    let fail = |reason: String| AdminError {
+        action: "describe",
+        topic: topic.to_owned(),
+        reason,
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        config.create().map_err(|e| fail(e.to_string()))?;
+    let results = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    for r in results {
+        let resource = r.map_err(|code| fail(code.to_string()))?;
+        if let Some(entry) = resource.get("min.insync.replicas") {
+            return Ok(entry.value.as_deref().and_then(|v| v.trim().parse().ok()));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `min.insync.replicas` makes `acks=all` weaker than users think: with 1 (Kafka's
+/// default), a leader whose followers fell behind acknowledges alone, and the message is lost
+/// with that broker. 2 or more (with a replication factor of 3) is the durable setting.
+pub(crate) fn weak_min_insync_replicas(n: i64) -> bool {
+    n < 2
 }
 
 /// Whether a client of any kind takes property `k`: how to reach and authenticate to the

@@ -120,6 +120,37 @@ pub struct KafkaConfig {
 /// The header name herald suggests for message ids (see [`KafkaConfig::message_id_header`]).
 pub const MESSAGE_ID_HEADER: &str = "herald-message-id";
 
+/// Checks a bootstrap list (`host:port[,host:port...]`): not empty, and every server a host
+/// (no `/` or space) with a port from 1 to 65535. Spaces around a server are allowed. The error
+/// names the server that is wrong. [`KafkaConfig`] and the `herald` command's `kafka://` URLs
+/// both check with it.
+///
+/// ```
+/// use herald_kafka::validate_bootstrap_servers;
+/// assert!(validate_bootstrap_servers("a:9092, b:9093").is_ok());
+/// assert!(validate_bootstrap_servers("a:0").unwrap_err().contains("`a:0`"));
+/// assert!(validate_bootstrap_servers(" ").is_err());
+/// ```
+pub fn validate_bootstrap_servers(servers: &str) -> Result<(), String> {
+    if servers.trim().is_empty() {
+        return Err("is empty: give host:port[,host:port...]".to_owned());
+    }
+    for server in servers.split(',') {
+        let server = server.trim();
+        let ok = server.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && !host.contains(['/', ' '])
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !ok {
+            return Err(format!(
+                "`{server}` is not host:port (a port number from 1 to 65535 is required)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl KafkaConfig {
     /// Settings for the cluster at `bootstrap_servers` (`host:port[,host:port...]`).
     pub fn new(bootstrap_servers: impl Into<String>) -> Self {
@@ -308,24 +339,8 @@ impl KafkaConfig {
 
     /// Checks the settings and builds the librdkafka configuration.
     pub(crate) fn client_config(&self) -> Result<ClientConfig, ConfigError> {
-        if self.bootstrap_servers.trim().is_empty() {
-            return Err(Self::invalid(
-                "bootstrap_servers",
-                "is empty: give host:port[,host:port...]",
-            ));
-        }
-        for server in self.bootstrap_servers.split(',') {
-            let server = server.trim();
-            let ok = server
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !ok {
-                return Err(Self::invalid(
-                    "bootstrap_servers",
-                    format!("`{server}` is not host:port"),
-                ));
-            }
-        }
+        validate_bootstrap_servers(&self.bootstrap_servers)
+            .map_err(|why| Self::invalid("bootstrap_servers", why))?;
         if self.batch_num_messages == 0 {
             return Err(Self::invalid("batch_num_messages", "must be at least 1"));
         }

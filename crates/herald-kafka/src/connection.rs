@@ -156,6 +156,8 @@ pub(crate) struct Connection {
     producer: RwLock<Arc<Client>>,
     /// Bumped at each replacement, so that concurrent batches replace it once.
     generation: AtomicU64,
+    /// Topics whose durability settings have been asked about (once each).
+    checked_topics: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Connection {
@@ -177,7 +179,38 @@ impl Connection {
             shared,
             producer: RwLock::new(producer),
             generation: AtomicU64::new(0),
+            checked_topics: std::sync::Mutex::default(),
         })
+    }
+
+    /// The first time `topic` is sent to, asks the cluster in the background what its
+    /// `min.insync.replicas` is, and warns if that makes "delivered" mean less than users think
+    /// (see [`crate::admin::weak_min_insync_replicas`]). A broker that does not tell is let be.
+    pub(crate) fn check_durability_once(&self, topic: &str) {
+        let first = self
+            .checked_topics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(topic.to_owned());
+        if !first {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let config = self.client_config.clone();
+        let topic = topic.to_owned();
+        runtime.spawn(async move {
+            match crate::admin::min_insync_replicas(&config, &topic).await {
+                Ok(Some(n)) if crate::admin::weak_min_insync_replicas(n) => tracing::warn!(
+                    topic = %topic,
+                    min_insync_replicas = n,
+                    "acks=all waits for {n} in-sync replica: a message reported delivered may be on one broker only, and lost with it"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(topic = %topic, error = %e, "the cluster did not tell the topic's min.insync.replicas"),
+            }
+        });
     }
 
     pub(crate) fn shared(&self) -> &Shared {

@@ -48,7 +48,9 @@ pub mod baseline;
 
 use std::time::Duration;
 
-pub use config::{Compression, KafkaConfig, Partitioner, MESSAGE_ID_HEADER};
+pub use config::{
+    validate_bootstrap_servers, Compression, KafkaConfig, Partitioner, MESSAGE_ID_HEADER,
+};
 pub use destination::{validate_topic_name, TopicNameError};
 pub use error::{ConfigError, KafkaConfigError};
 pub use transport::KafkaTransport;

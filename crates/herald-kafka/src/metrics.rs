@@ -14,7 +14,9 @@ use rdkafka::statistics::Statistics;
 pub const QUEUE_MESSAGES: &str = "herald_kafka_queue_messages";
 /// Slowest broker's average round-trip time over the last statistics window. Gauge, seconds.
 pub const BROKER_RTT: &str = "herald_kafka_broker_rtt_seconds";
-/// Produce requests librdkafka retried itself, over all brokers. Counter.
+/// Produce requests librdkafka sent to a broker again (its `txretries`, summed over brokers).
+/// Messages it put back in its queue when a connection went down, to send in a new request, are
+/// not counted here (they show in [`QUEUE_MESSAGES`]): a broker outage may read 0. Counter.
 pub const CLIENT_RETRIES: &str = "herald_kafka_client_retries_total";
 /// Times a send met a full librdkafka queue and waited. Counter.
 pub const QUEUE_FULL: &str = "herald_kafka_queue_full_total";

@@ -297,6 +297,7 @@ pub(crate) async fn send_batch(
         Ok(topic) => topic,
         Err(e) => return vec![Err(e); batch.len()],
     };
+    connection.check_durability_once(topic);
     let shared = connection.shared();
     let id_header = connection.id_header.as_deref();
     let state = Arc::new(BatchState::new(batch.len()));

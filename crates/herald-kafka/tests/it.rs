@@ -245,3 +245,45 @@ async fn a_broker_restart_in_the_middle_of_a_run_loses_nothing() {
         got.len(),
     );
 }
+
+/// Issue 11, finding 10: the cluster tells a topic's `min.insync.replicas`; with 1 (Kafka's
+/// default, and what a single broker has) herald warns once, naming the topic, at the first
+/// send to it.
+#[tokio::test]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn a_topic_with_one_in_sync_replica_is_warned_about_once() {
+    let bootstrap = bootstrap();
+    let topic = format!("durability-{}", std::process::id());
+    admin::create_topic(&bootstrap, &topic, 1, 1)
+        .await
+        .expect("topic");
+    let logs = herald_testkit::LogCapture::start();
+    let producer = Producer::builder(
+        KafkaTransport::new(KafkaConfig::new(bootstrap.clone())).expect("transport"),
+    )
+    .build()
+    .expect("producer");
+    for i in 0..3 {
+        producer
+            .send(Message::new(topic.as_str(), format!("m-{i}")))
+            .await
+            .expect("delivered");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !logs.text().contains("min_insync_replicas") {
+        assert!(
+            Instant::now() < deadline,
+            "no warning about min.insync.replicas within 20 s; logged: {:?}",
+            logs.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    producer.close(Duration::from_secs(10)).await;
+    let text = logs.text();
+    assert_eq!(
+        text.matches("min_insync_replicas").count(),
+        1,
+        "once: {text}"
+    );
+    assert!(text.contains(&topic), "{text}");
+}

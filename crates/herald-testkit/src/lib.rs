@@ -6,14 +6,17 @@
 //! - [`conformance`]: the suite every transport must pass inside a producer. An adapter
 //!   implements [`conformance::Harness`] and calls [`conformance::run`];
 //!   [`MemoryHarness`] is that harness for the in-memory transport.
+//! - [`LogCapture`]: what herald logged on this thread, for tests of warnings.
 //! - [`scenario`]: runs with known outcomes ([`scenario::ScriptedFaults`]), for checking what a
 //!   producer reports against what happened.
 
 pub mod conformance;
+mod logs;
 mod memory;
 pub mod proxy;
 pub mod scenario;
 
+pub use logs::LogCapture;
 pub use memory::{CallFault, MemoryTransport};
 
 use herald_core::{async_trait, Destination, ErrorClass, Message};

@@ -1,0 +1,69 @@
+//! What herald logged, for tests that check a warning (or that a secret is not in it).
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tracing::subscriber::DefaultGuard;
+
+/// Records every event at `warn` or above logged on this thread while it lives, as the
+/// command prints them (plain text, one event per line, with fields as `name=value`). On a
+/// current-thread runtime that includes the tasks it spawns.
+///
+/// ```
+/// let logs = herald_testkit::LogCapture::start();
+/// tracing::warn!(setting = "mandatory", "weak");
+/// assert!(logs.text().contains("setting=\"mandatory\""));
+/// ```
+pub struct LogCapture {
+    sink: Sink,
+    _guard: DefaultGuard,
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    /// Starts recording on this thread.
+    pub fn start() -> Self {
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .finish();
+        Self {
+            sink,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    /// Everything recorded so far.
+    pub fn text(&self) -> String {
+        let bytes = self
+            .sink
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl std::fmt::Debug for LogCapture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogCapture").finish_non_exhaustive()
+    }
+}
