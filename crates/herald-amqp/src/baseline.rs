@@ -48,9 +48,12 @@ impl From<lapin::Error> for BaselineError {
 }
 
 async fn connect(config: &AmqpConfig) -> Result<Connection, BaselineError> {
-    Connection::connect_uri(config.url.to_lapin(), ConnectionProperties::default())
-        .await
-        .map_err(|e| BaselineError(format!("connecting to {}: {e}", config.redacted_url())))
+    Connection::connect_uri(
+        config.url.to_lapin(&config.url.endpoints[0]),
+        ConnectionProperties::default(),
+    )
+    .await
+    .map_err(|e| BaselineError(format!("connecting to {}: {e}", config.redacted_url())))
 }
 
 async fn close(conn: Connection) -> Result<(), BaselineError> {

@@ -42,6 +42,7 @@ pub struct AmqpConfig {
     pub(crate) connection_name: String,
     pub(crate) metrics_name: Option<String>,
     pub(crate) topology: Vec<Declare>,
+    pub(crate) shuffle_addresses: bool,
 }
 
 impl AmqpConfig {
@@ -75,7 +76,60 @@ impl AmqpConfig {
             connection_name: "herald".into(),
             metrics_name: None,
             topology: Vec::new(),
+            shuffle_addresses: false,
         })
+    }
+
+    /// Replaces the brokers to connect to with `addresses` (`host[:port]` each, an IPv6 address
+    /// in brackets; the port defaults to 5672, 5671 for `amqps`), keeping the URL's
+    /// credentials, vhost and options. The same as listing them in the URL:
+    /// `amqp://user:pass@host1:5672,host2:5672,host3:5672/vhost`.
+    ///
+    /// The transport connects to the first address that answers, trying them in order (or
+    /// shuffled, see [`AmqpConfig::shuffle_addresses`]), each attempt bounded by the connect
+    /// timeout; when the connection is lost (or its confirms stop coming within the confirm
+    /// timeout) it goes on to the next address, and declares its topology again there. A
+    /// RabbitMQ cluster takes connections on every node; use quorum queues
+    /// (`Declare::Queue { quorum: true, .. }`), which live on several nodes, for messages to
+    /// survive a node.
+    ///
+    /// An empty list, a bad entry (named by its position) or an address given twice is an
+    /// error.
+    ///
+    /// ```
+    /// use herald_amqp::AmqpConfig;
+    /// let config = AmqpConfig::from_url("amqp://app:s3cret@rabbit-1/%2F")?
+    ///     .addresses(["rabbit-1:5672", "rabbit-2:5672", "rabbit-3:5672"])?;
+    /// assert!(config.redacted_url().contains("rabbit-1:5672,rabbit-2:5672,rabbit-3:5672"));
+    /// assert!(AmqpConfig::from_url("amqp://h")?.addresses(["a", "a:5672"]).is_err());
+    /// # Ok::<(), herald_amqp::ConfigError>(())
+    /// ```
+    pub fn addresses<S: AsRef<str>>(
+        mut self,
+        addresses: impl IntoIterator<Item = S>,
+    ) -> Result<Self, ConfigError> {
+        let list: Vec<String> = addresses
+            .into_iter()
+            .map(|a| a.as_ref().to_owned())
+            .collect();
+        if list.is_empty() {
+            return Err(ConfigError::Url {
+                part: "host",
+                reason: "the address list is empty".into(),
+            });
+        }
+        let default_port = if self.url.tls { 5671 } else { 5672 };
+        self.url.endpoints = crate::url::parse_endpoints(&list.join(","), default_port)?;
+        Ok(self)
+    }
+
+    /// Tries the addresses in a random order (chosen once, when the transport is made) instead
+    /// of the order given, so that many producers with the same list spread over the nodes.
+    /// Default: false (the first address is preferred).
+    #[must_use]
+    pub fn shuffle_addresses(mut self, on: bool) -> Self {
+        self.shuffle_addresses = on;
+        self
     }
 
     /// Channels per connection, each with its own confirm window. A message's key picks its

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use herald_core::{TransportError, TransportHealth};
+use herald_core::{ErrorClass, TransportError, TransportHealth};
 use herald_retry::{Backoff, Jitter};
 use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::OwnedTLSConfig;
@@ -20,6 +20,7 @@ use crate::config::AmqpConfig;
 use crate::error::{classify, classify_connect};
 use crate::metrics::AmqpMetrics;
 use crate::topology::declare;
+use crate::url::Endpoint;
 
 /// Flow control state, shared with the task that listens to connection events.
 #[derive(Debug, Default)]
@@ -79,8 +80,15 @@ impl Live {
 #[derive(Default)]
 struct Link {
     live: Option<Arc<Live>>,
+    /// The address (index in `Inner::endpoints`) of `live`.
+    current: usize,
+    /// Where the next round of connection attempts starts: the first address at start, the
+    /// one after the address of a connection that was lost.
+    next: usize,
     failures: u32,
     next_attempt: Option<Instant>,
+    /// A connection was up before: a new one on another address is a failover.
+    live_before: bool,
 }
 
 /// What every clone of an [`AmqpTransport`](crate::AmqpTransport) shares: the settings, the
@@ -91,6 +99,31 @@ pub(crate) struct Inner {
     flow: Arc<Flow>,
     pub(crate) metrics: AmqpMetrics,
     reconnect: Backoff,
+    /// The brokers to try, in the order rounds go through them (the URL's order, or shuffled
+    /// once at start, see `AmqpConfig::shuffle_addresses`).
+    endpoints: Vec<Endpoint>,
+    /// The address of the connection up now, as `host:port`.
+    node: std::sync::Mutex<Option<String>>,
+}
+
+/// The error of a round in which no address answered: the only one, or each address's.
+fn round_error(mut errors: Vec<TransportError>) -> TransportError {
+    if errors.len() == 1 {
+        return errors.remove(0);
+    }
+    // Permanent only if every address refused for good (wrong credentials everywhere); one
+    // unreachable node makes the round transient.
+    let class = if errors.iter().all(|e| e.class() == ErrorClass::Permanent) {
+        ErrorClass::Permanent
+    } else {
+        ErrorClass::Transient
+    };
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    TransportError::new(
+        class,
+        format!("no address of the list answered: {}", text.join("; ")),
+    )
+    .with_code("NO_ADDRESS")
 }
 
 /// The wait after the `failures`-th failed connection attempt in a row.
@@ -107,12 +140,18 @@ impl Inner {
         let reconnect =
             Backoff::new(config.reconnect_min, config.reconnect_max).with_jitter(Jitter::None);
         let metrics = AmqpMetrics::new(config.metrics_name.as_deref());
+        let mut endpoints = config.url.endpoints.clone();
+        if config.shuffle_addresses {
+            fastrand::shuffle(&mut endpoints);
+        }
         Self {
             config,
             link: Mutex::new(Link::default()),
             flow: Arc::new(Flow::default()),
             metrics,
             reconnect,
+            endpoints,
+            node: std::sync::Mutex::new(None),
         }
     }
 
@@ -178,8 +217,7 @@ impl Inner {
                 if live.is_connected() {
                     return Ok(live.clone());
                 }
-                self.set_connected(false);
-                link.live = None;
+                self.lost(&mut link);
             }
             match link.next_attempt {
                 // Wait out the backoff without holding the lock (other calls wait alongside,
@@ -198,28 +236,53 @@ impl Inner {
                 _ => break link,
             }
         };
+        // One round: every address once, from `next` on, each bounded by the connect timeout;
+        // the first that answers is the connection. A round that finds none is one failure
+        // for the reconnect backoff.
         let config = &self.config;
-        let attempt = tokio::time::timeout(config.connect_timeout, self.open()).await;
-        let result = match attempt {
-            Ok(r) => r,
-            Err(_) => Err(TransportError::transient(format!(
-                "connecting to {} took longer than {:?}; is the broker reachable?",
-                config.url, config.connect_timeout
-            ))
-            .with_code("CONNECT_TIMEOUT")),
-        };
-        match result {
-            Ok(live) => {
+        let n = self.endpoints.len();
+        let mut errors = Vec::with_capacity(n);
+        let mut opened = None;
+        for k in 0..n {
+            let index = (link.next + k) % n;
+            let endpoint = &self.endpoints[index];
+            let attempt = tokio::time::timeout(config.connect_timeout, self.open(endpoint)).await;
+            match attempt {
+                Ok(Ok(live)) => {
+                    opened = Some((index, live));
+                    break;
+                }
+                Ok(Err(e)) => errors.push(e),
+                Err(_) => errors.push(
+                    TransportError::transient(format!(
+                        "connecting to {} took longer than {:?}; is the broker reachable?",
+                        self.redacted(endpoint),
+                        config.connect_timeout
+                    ))
+                    .with_code("CONNECT_TIMEOUT"),
+                ),
+            }
+            self.metrics.connect_failures.increment(1);
+        }
+        match opened {
+            Some((index, live)) => {
+                if link.live_before && index != link.current {
+                    self.metrics.failovers.increment(1);
+                }
+                link.live_before = true;
+                link.current = index;
+                link.next = index;
                 link.failures = 0;
                 link.next_attempt = None;
                 link.live = Some(live.clone());
                 self.metrics.opened.increment(1);
+                self.set_node(Some(index));
                 self.set_connected(true);
                 self.set_down(None);
                 Ok(live)
             }
-            Err(e) => {
-                self.metrics.connect_failures.increment(1);
+            None => {
+                let e = round_error(errors);
                 self.set_down(Some(format!("cannot connect: {e}")));
                 link.failures = link.failures.saturating_add(1);
                 let delay = reconnect_delay(&self.reconnect, link.failures);
@@ -229,9 +292,68 @@ impl Inner {
         }
     }
 
-    async fn open(&self) -> Result<Arc<Live>, TransportError> {
+    /// The connection of `link` is gone: the next round starts at the address after its own.
+    fn lost(&self, link: &mut Link) {
+        link.live = None;
+        link.next = (link.current + 1) % self.endpoints.len();
+        self.set_node(None);
+        self.set_connected(false);
+    }
+
+    /// Gives up on `live` if it is still the connection in use (its confirms stopped coming:
+    /// a half-open TCP connection, a node that hangs), so that the next send tries the next
+    /// address. The connection is closed in the background.
+    pub(crate) async fn abandon(&self, live: &Arc<Live>) {
+        let mut link = self.link.lock().await;
+        let current = link.live.as_ref().is_some_and(|l| Arc::ptr_eq(l, live));
+        if !current {
+            return;
+        }
+        self.lost(&mut link);
+        drop(link);
+        self.metrics.abandoned.increment(1);
+        let live = Arc::clone(live);
+        tokio::spawn(async move {
+            // Best effort: the broker may never answer the close.
+            let closing = live
+                .connection
+                .close(320, "herald: no confirms within the confirm timeout".into());
+            let _ignored = tokio::time::timeout(Duration::from_secs(1), closing).await;
+        });
+    }
+
+    /// `amqp://user:***@host:port/vhost` for one address.
+    fn redacted(&self, endpoint: &Endpoint) -> String {
+        let mut one = self.config.url.clone();
+        one.endpoints = vec![endpoint.clone()];
+        one.to_string()
+    }
+
+    /// Records the address in use (none: down), in [`Inner::connected_node`] and in the
+    /// `herald_amqp_node_connected` gauge, one series per address of the list.
+    fn set_node(&self, index: Option<usize>) {
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            let up = if Some(i) == index { 1.0 } else { 0.0 };
+            self.metrics.node(&endpoint.to_string()).set(up);
+        }
+        *self
+            .node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            index.map(|i| self.endpoints[i].to_string());
+    }
+
+    /// The address of the connection up now, `host:port`.
+    pub(crate) fn connected_node(&self) -> Option<String> {
+        self.node
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    async fn open(&self, endpoint: &Endpoint) -> Result<Arc<Live>, TransportError> {
         let config = &self.config;
-        let url = config.url.to_string();
+        let url = self.redacted(endpoint);
         let props = ConnectionProperties::default()
             .with_connection_name(config.connection_name.clone().into());
         let tls = OwnedTLSConfig {
@@ -241,7 +363,7 @@ impl Inner {
         let runtime = lapin::runtime::default_runtime()
             .map_err(|e| TransportError::permanent(format!("no async runtime for lapin: {e}")))?;
         let connection =
-            Connection::connect_uri_with_config(config.url.to_lapin(), props, tls, runtime)
+            Connection::connect_uri_with_config(config.url.to_lapin(endpoint), props, tls, runtime)
                 .await
                 .map_err(|e| classify_connect(&e, &url))?;
         // Listen before anything else can happen: blocked/unblocked arrive as events.

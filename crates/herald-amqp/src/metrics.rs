@@ -21,6 +21,15 @@ pub const BLOCKED_EVENTS: &str = "herald_amqp_blocked_total";
 pub const RETURNED: &str = "herald_amqp_returned_total";
 /// Messages the broker nacked (`basic.nack`). Counter.
 pub const NACKED: &str = "herald_amqp_nacked_total";
+/// 1 for the address of the list the connection is up on, 0 for the others; label `node`
+/// (`host:port`, one series per address given, so bounded by the configuration). Gauge.
+pub const NODE_CONNECTED: &str = "herald_amqp_node_connected";
+/// Connections opened on another address than the one before (a node lost, the next one
+/// taken). Counter.
+pub const FAILOVERS: &str = "herald_amqp_failovers_total";
+/// Connections given up because their confirms stopped coming within the confirm timeout (a
+/// half-open connection, a hung node). Counter.
+pub const ABANDONED: &str = "herald_amqp_connections_abandoned_total";
 
 /// Every metric name above.
 pub const ALL: &[&str] = &[
@@ -31,6 +40,9 @@ pub const ALL: &[&str] = &[
     BLOCKED_EVENTS,
     RETURNED,
     NACKED,
+    NODE_CONNECTED,
+    FAILOVERS,
+    ABANDONED,
 ];
 
 /// The handles, registered once per transport.
@@ -43,6 +55,9 @@ pub(crate) struct AmqpMetrics {
     pub(crate) blocked_events: Counter,
     pub(crate) returned: Counter,
     pub(crate) nacked: Counter,
+    pub(crate) failovers: Counter,
+    pub(crate) abandoned: Counter,
+    labels: Vec<Label>,
 }
 
 impl AmqpMetrics {
@@ -61,7 +76,17 @@ impl AmqpMetrics {
             blocked_events: counter!(BLOCKED_EVENTS, l()),
             returned: counter!(RETURNED, l()),
             nacked: counter!(NACKED, l()),
+            failovers: counter!(FAILOVERS, l()),
+            abandoned: counter!(ABANDONED, l()),
+            labels,
         }
+    }
+
+    /// The `herald_amqp_node_connected` series of one address.
+    pub(crate) fn node(&self, address: &str) -> Gauge {
+        let mut labels = self.labels.clone();
+        labels.push(Label::new("node", address.to_owned()));
+        gauge!(NODE_CONNECTED, labels)
     }
 }
 
@@ -81,6 +106,8 @@ mod tests {
             BLOCKED_EVENTS,
             RETURNED,
             NACKED,
+            FAILOVERS,
+            ABANDONED,
         ] {
             assert!(counter.ends_with("_total"), "{counter}");
         }
@@ -118,10 +145,14 @@ mod tests {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let (billing, audit) = metrics::with_local_recorder(&recorder, || {
-            (
+            let both = (
                 AmqpMetrics::new(Some("billing")),
                 AmqpMetrics::new(Some("audit")),
-            )
+            );
+            // The node series appear when a connection opens on an address.
+            both.0.node("rabbit-1:5672").set(1.0);
+            both.1.node("rabbit-1:5672").set(0.0);
+            both
         });
         billing.returned.increment(2);
         audit.returned.increment(5);
@@ -157,6 +188,8 @@ mod tests {
         assert_eq!(value(RETURNED, "audit"), 5.0);
         assert_eq!(value(CONNECTED, "billing"), 1.0);
         assert_eq!(value(CONNECTED, "audit"), 0.0);
+        assert_eq!(value(NODE_CONNECTED, "billing"), 1.0);
+        assert_eq!(value(NODE_CONNECTED, "audit"), 0.0);
         // Every metric of each: all carry the label, none is shared.
         for name in ALL {
             value(name, "billing");

@@ -55,7 +55,7 @@ pub(crate) async fn send_batch(
             outcomes[i] = Some(o);
         }
     }
-    let outcomes = outcomes
+    let outcomes: BatchOutcome = outcomes
         .into_iter()
         .map(|o| {
             o.unwrap_or_else(|| {
@@ -67,8 +67,21 @@ pub(crate) async fn send_batch(
         .collect();
     if !live.is_connected() {
         inner.set_connected(false);
+    } else if confirms_stopped(&outcomes) {
+        // The connection looks up but the broker stopped confirming (a half-open TCP
+        // connection, a node that hangs): give it up, so that the retry goes to the next
+        // address instead of waiting on this one again.
+        inner.abandon(&live).await;
     }
     finish(batch, outcomes)
+}
+
+/// Whether some message of the batch got no confirm within the confirm timeout while the broker
+/// did not block the connection (a blocked connection is the broker's flow control, not a hang).
+fn confirms_stopped(outcomes: &[Result<Ack, TransportError>]) -> bool {
+    outcomes
+        .iter()
+        .any(|o| matches!(o, Err(e) if matches!(e.code(), Some("CONFIRM_TIMEOUT" | "TIMEOUT"))))
 }
 
 /// The AMQP `message_id` of a message: the value of its `header` when it has one (an id of the

@@ -78,6 +78,13 @@ impl AmqpTransport {
         self.inner.is_blocked()
     }
 
+    /// The address (`host:port`) of the connection up now, among those of the URL or
+    /// [`AmqpConfig::addresses`]; `None` while down. Also the `herald_amqp_node_connected`
+    /// gauge.
+    pub fn connected_node(&self) -> Option<String> {
+        self.inner.connected_node()
+    }
+
     /// Whether a connection to the broker is up right now.
     pub fn is_connected(&self) -> bool {
         self.inner.is_connected()

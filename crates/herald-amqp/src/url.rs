@@ -95,8 +95,8 @@ pub(crate) struct Url {
     pub(crate) tls: bool,
     pub(crate) username: String,
     pub(crate) password: Secret,
-    pub(crate) host: String,
-    pub(crate) port: u16,
+    /// The brokers to try, in the order given (at least one, no two alike).
+    pub(crate) endpoints: Vec<Endpoint>,
     pub(crate) vhost: String,
     pub(crate) heartbeat: Option<u16>,
     pub(crate) connection_timeout_ms: Option<u64>,
@@ -149,30 +149,7 @@ impl Url {
             }
         };
         let default_port = if tls { 5671 } else { 5672 };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (h, after) = v6
-                .split_once(']')
-                .ok_or_else(|| bad("host", "an IPv6 address misses its `]`".into()))?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => parse_port(p)?,
-                None if after.is_empty() => default_port,
-                None => {
-                    return Err(bad(
-                        "port",
-                        "has unexpected text after the IPv6 address (expected `:port`)".into(),
-                    ))
-                }
-            };
-            (h.to_owned(), port)
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_owned(), parse_port(p)?),
-                None => (hostport.to_owned(), default_port),
-            }
-        };
-        if host.is_empty() {
-            return Err(bad("host", "is empty".into()));
-        }
+        let endpoints = parse_endpoints(hostport, default_port)?;
         let vhost = match path {
             None => "/".to_owned(),
             Some(p) if p.contains('/') => {
@@ -187,8 +164,7 @@ impl Url {
             tls,
             username,
             password: Secret(password),
-            host,
-            port,
+            endpoints,
             vhost,
             heartbeat: None,
             connection_timeout_ms: None,
@@ -235,7 +211,20 @@ impl Url {
         Ok(parsed)
     }
 
-    pub(crate) fn to_lapin(&self) -> AMQPUri {
+    /// The first broker of the list (the only one, most often).
+    #[cfg(test)]
+    pub(crate) fn host(&self) -> &str {
+        &self.endpoints[0].host
+    }
+
+    /// The first broker's port.
+    #[cfg(test)]
+    pub(crate) fn port(&self) -> u16 {
+        self.endpoints[0].port
+    }
+
+    /// The URI lapin connects to for the broker `endpoint` of the list.
+    pub(crate) fn to_lapin(&self, endpoint: &Endpoint) -> AMQPUri {
         AMQPUri {
             scheme: if self.tls {
                 AMQPScheme::AMQPS
@@ -247,8 +236,8 @@ impl Url {
                     username: self.username.clone(),
                     password: self.password.0.clone(),
                 },
-                host: self.host.clone(),
-                port: self.port,
+                host: endpoint.host.clone(),
+                port: endpoint.port,
             },
             vhost: self.vhost.clone(),
             query: AMQPQueryString {
@@ -262,23 +251,96 @@ impl Url {
     }
 }
 
-/// `amqp://user:***@host:port/vhost`: safe to log.
+/// `amqp://user:***@host:port[,host:port...]/vhost`: safe to log.
 impl fmt::Display for Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "amqps" } else { "amqp" };
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
+        let hosts: Vec<String> = self.endpoints.iter().map(Endpoint::to_string).collect();
         write!(
             f,
-            "{scheme}://{}:***@{host}:{}/{}",
+            "{scheme}://{}:***@{}/{}",
             self.username,
-            self.port,
+            hosts.join(","),
             percent_encode(&self.vhost)
         )
     }
+}
+
+/// One broker of an address list.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Endpoint {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+}
+
+/// `host:port`, with an IPv6 address in brackets.
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Parses `host[:port][,host[:port]...]` (an IPv6 address in brackets). An entry that is wrong
+/// is named by its position and text (user information is split off before, so no password
+/// can be in it); an address given twice is refused.
+pub(crate) fn parse_endpoints(list: &str, default_port: u16) -> Result<Vec<Endpoint>, ConfigError> {
+    let entries: Vec<&str> = list.split(',').collect();
+    let many = entries.len() > 1;
+    let mut endpoints: Vec<Endpoint> = Vec::with_capacity(entries.len());
+    for (n, entry) in entries.iter().enumerate() {
+        let named = |e: ConfigError| match e {
+            ConfigError::Url { part, reason } if many => ConfigError::Url {
+                part,
+                reason: format!("{reason}, in address {} of the list (`{entry}`)", n + 1),
+            },
+            other => other,
+        };
+        let endpoint = parse_endpoint(entry.trim(), default_port).map_err(named)?;
+        if endpoints.contains(&endpoint) {
+            return Err(ConfigError::Url {
+                part: "host",
+                reason: format!("lists `{endpoint}` twice"),
+            });
+        }
+        endpoints.push(endpoint);
+    }
+    Ok(endpoints)
+}
+
+fn parse_endpoint(hostport: &str, default_port: u16) -> Result<Endpoint, ConfigError> {
+    let bad = |part: &'static str, reason: &str| ConfigError::Url {
+        part,
+        reason: reason.to_owned(),
+    };
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| bad("host", "an IPv6 address misses its `]`"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => parse_port(p)?,
+            None if after.is_empty() => default_port,
+            None => {
+                return Err(bad(
+                    "port",
+                    "has unexpected text after the IPv6 address (expected `:port`)",
+                ))
+            }
+        };
+        (h.to_owned(), port)
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), parse_port(p)?),
+            None => (hostport.to_owned(), default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("host", "is empty"));
+    }
+    Ok(Endpoint { host, port })
 }
 
 impl fmt::Debug for Url {
@@ -354,12 +416,12 @@ mod tests {
         assert!(u.tls);
         assert_eq!(u.username, "app@x");
         assert_eq!(u.password.0, "p:ss");
-        assert_eq!(u.host, "rabbit.example");
-        assert_eq!(u.port, 5999);
+        assert_eq!(u.host(), "rabbit.example");
+        assert_eq!(u.port(), 5999);
         assert_eq!(u.vhost, "/prod");
         assert_eq!(u.heartbeat, Some(10));
         assert_eq!(u.connection_timeout_ms, Some(2500));
-        let l = u.to_lapin();
+        let l = u.to_lapin(&u.endpoints[0]);
         assert_eq!(l.scheme, AMQPScheme::AMQPS);
         assert_eq!(l.authority.userinfo.password, "p:ss");
         assert_eq!(l.vhost, "/prod");
@@ -369,14 +431,14 @@ mod tests {
     fn defaults() {
         let u = Url::parse("amqp://localhost").expect("valid");
         assert_eq!(
-            (u.port, u.vhost.as_str(), u.username.as_str()),
+            (u.port(), u.vhost.as_str(), u.username.as_str()),
             (5672, "/", "guest")
         );
-        assert_eq!(Url::parse("amqps://h").expect("valid").port, 5671);
+        assert_eq!(Url::parse("amqps://h").expect("valid").port(), 5671);
         assert_eq!(Url::parse("amqp://h/%2f").expect("valid").vhost, "/");
         assert_eq!(Url::parse("amqp://h/").expect("valid").vhost, "");
         let v6 = Url::parse("amqp://u:p@[::1]:5673/v").expect("valid");
-        assert_eq!((v6.host.as_str(), v6.port), ("::1", 5673));
+        assert_eq!((v6.host(), v6.port()), ("::1", 5673));
     }
 
     #[test]
@@ -420,24 +482,24 @@ mod tests {
     fn a_password_with_slash_or_question_mark_parses_and_never_shows() {
         let u = Url::parse("amqp://app:hunter2/x@h/").expect("valid");
         assert_eq!(
-            (u.username.as_str(), u.password.0.as_str(), u.host.as_str()),
+            (u.username.as_str(), u.password.0.as_str(), u.host()),
             ("app", "hunter2/x", "h")
         );
-        assert_eq!((u.port, u.vhost.as_str()), (5672, ""));
+        assert_eq!((u.port(), u.vhost.as_str()), (5672, ""));
         let u = Url::parse("amqp://app:5672/x@rabbit").expect("valid");
         assert_eq!(
-            (u.password.0.as_str(), u.host.as_str(), u.vhost.as_str()),
+            (u.password.0.as_str(), u.host(), u.vhost.as_str()),
             ("5672/x", "rabbit", "/")
         );
         let u = Url::parse("amqps://app:a+b/c==?d@rabbit:5999/%2Fprod?heartbeat=5").expect("valid");
         assert_eq!(
-            (u.password.0.as_str(), u.host.as_str(), u.port),
+            (u.password.0.as_str(), u.host(), u.port()),
             ("a+b/c==?d", "rabbit", 5999)
         );
         assert_eq!((u.vhost.as_str(), u.heartbeat), ("/prod", Some(5)));
         // An `@` in the vhost, without userinfo, stays in the vhost.
         let u = Url::parse("amqp://h/x@y").expect("valid");
-        assert_eq!((u.host.as_str(), u.vhost.as_str()), ("h", "x@y"));
+        assert_eq!((u.host(), u.vhost.as_str()), ("h", "x@y"));
         for (url, secret) in [
             ("amqp://app:hunter2/x@h/", "hunter2"),
             ("amqp://app:5672/x@rabbit", "5672/x"),
@@ -524,30 +586,21 @@ mod tests {
         }
         // Written as `%40`, each is what it meant.
         let u = Url::parse("amqp://app:hunter2@rabbit/billing%40eu").expect("valid");
-        assert_eq!(
-            (u.host.as_str(), u.vhost.as_str()),
-            ("rabbit", "billing@eu")
-        );
+        assert_eq!((u.host(), u.vhost.as_str()), ("rabbit", "billing@eu"));
         assert_eq!(u.password.0, "hunter2");
         let (base, query) = split_query("amqp://app:hun%40ter2@rabbit/%2f?queue=billing%40eu");
         assert_eq!(query, Some("queue=billing%40eu"));
         let u = Url::parse(base).expect("valid");
-        assert_eq!(
-            (u.host.as_str(), u.password.0.as_str()),
-            ("rabbit", "hun@ter2")
-        );
+        assert_eq!((u.host(), u.password.0.as_str()), ("rabbit", "hun@ter2"));
         // Unambiguous `@`s are still read as before: in the password only (the earlier `@`s
         // are followed by no host), or in the vhost of a URL without user information.
         let u = Url::parse("amqp://app:p@ss@rabbit/v").expect("valid");
-        assert_eq!((u.password.0.as_str(), u.host.as_str()), ("p@ss", "rabbit"));
+        assert_eq!((u.password.0.as_str(), u.host()), ("p@ss", "rabbit"));
         let u = Url::parse("amqp://app:se?cr/et@x@h:5672/%2F?heartbeat=3").expect("valid");
-        assert_eq!(
-            (u.password.0.as_str(), u.host.as_str()),
-            ("se?cr/et@x", "h")
-        );
+        assert_eq!((u.password.0.as_str(), u.host()), ("se?cr/et@x", "h"));
         assert_eq!(u.heartbeat, Some(3));
         let u = Url::parse("amqp://h/x@y@z").expect("valid");
-        assert_eq!((u.host.as_str(), u.vhost.as_str()), ("h", "x@y@z"));
+        assert_eq!((u.host(), u.vhost.as_str()), ("h", "x@y@z"));
     }
 
     #[test]
@@ -557,5 +610,47 @@ mod tests {
         }
         let e = Url::parse("amqp://h/?nope=1").expect_err("unknown");
         assert!(e.to_string().contains(&QUERY_PARAMETERS.join(", ")), "{e}");
+    }
+
+    #[test]
+    fn address_lists_are_read_in_order_and_shown_without_the_password() {
+        let u = Url::parse("amqp://app:s3cret@h1:5673, h2 ,[::1]:5674/%2Fprod?heartbeat=5")
+            .expect("valid list");
+        let listed: Vec<(&str, u16)> = u
+            .endpoints
+            .iter()
+            .map(|e| (e.host.as_str(), e.port))
+            .collect();
+        assert_eq!(listed, [("h1", 5673), ("h2", 5672), ("::1", 5674)]);
+        assert_eq!(
+            u.to_string(),
+            "amqp://app:***@h1:5673,h2:5672,[::1]:5674/%2Fprod"
+        );
+        assert_eq!(u.to_lapin(&u.endpoints[1]).authority.host, "h2");
+        assert_eq!(u.heartbeat, Some(5));
+    }
+
+    #[test]
+    fn a_bad_entry_of_a_list_is_named_and_duplicates_are_refused() {
+        let reason = |url: &str| match Url::parse(url) {
+            Err(ConfigError::Url { part, reason }) => format!("{part}: {reason}"),
+            other => panic!("{url}: expected an error, got {other:?}"),
+        };
+        let r = reason("amqp://u:pw-secret@h1:5672,h2:notaport/");
+        assert!(
+            r.starts_with("port:") && r.contains("address 2 of the list (`h2:notaport`)"),
+            "{r}"
+        );
+        assert!(!r.contains("pw-secret"), "{r}");
+        let r = reason("amqp://u:pw-secret@h1,,h3/");
+        assert!(r.starts_with("host:") && r.contains("address 2"), "{r}");
+        let r = reason("amqp://u:pw-secret@h1:5672,h1/");
+        assert!(r.contains("lists `h1:5672` twice"), "{r}");
+        assert!(!r.contains("pw-secret"), "{r}");
+        // One address: the error reads as before, with no list position.
+        assert_eq!(
+            reason("amqp://h:0/"),
+            "port: is not a port number (1-65535)"
+        );
     }
 }

@@ -141,3 +141,68 @@ async fn a_publish_stuck_behind_a_blocked_connection_is_bounded() {
         assert_eq!(e.class(), ErrorClass::Transient, "{e}");
     }
 }
+
+/// Issue 13: an address list. The first address is dead: the transport goes on to the next one
+/// within the same attempt and says which node it uses.
+#[tokio::test]
+async fn a_dead_first_address_is_skipped_for_the_next_one() {
+    let good = fake_broker(Fake::Confirms).await;
+    let dead = closed_port();
+    let url = format!("amqp://app:hunter2-secret@127.0.0.1:{dead},127.0.0.1:{good}/%2F");
+    let t = AmqpTransport::new(AmqpConfig::from_url(&url).expect("url")).expect("transport");
+    let batch: Vec<Message> = (0..5).map(|i| Message::new("q", format!("m{i}"))).collect();
+    let out = t.send_batch(&Destination::new("q"), &batch).await;
+    for o in &out {
+        assert!(o.is_ok(), "{o:?}");
+    }
+    assert_eq!(t.connected_node(), Some(format!("127.0.0.1:{good}")));
+}
+
+/// Issue 13: a node that takes publishes but never confirms them (a hung node, a half-open
+/// connection) is given up after the confirm timeout, and the retry goes to the next address.
+#[tokio::test]
+async fn confirms_that_stop_coming_move_the_transport_to_the_next_address() {
+    let silent = fake_broker(Fake::Silent).await;
+    let good = fake_broker(Fake::Confirms).await;
+    let t = AmqpTransport::new(
+        AmqpConfig::from_url("amqp://127.0.0.1/%2F")
+            .expect("url")
+            .addresses([format!("127.0.0.1:{silent}"), format!("127.0.0.1:{good}")])
+            .expect("addresses")
+            .confirm_timeout(Duration::from_millis(300)),
+    )
+    .expect("transport");
+    let batch: Vec<Message> = (0..5).map(|i| Message::new("q", format!("m{i}"))).collect();
+    let out = t.send_batch(&Destination::new("q"), &batch).await;
+    assert!(
+        out.iter().all(|o| o
+            .as_ref()
+            .is_err_and(|e| e.code() == Some("CONFIRM_TIMEOUT"))),
+        "{out:?}"
+    );
+    assert_eq!(t.connected_node(), None, "the silent node was given up");
+    let out = t.send_batch(&Destination::new("q"), &batch).await;
+    for o in &out {
+        assert!(o.is_ok(), "{o:?}");
+    }
+    assert_eq!(t.connected_node(), Some(format!("127.0.0.1:{good}")));
+}
+
+/// Every address dead: one error that names each, transient, without the password.
+#[tokio::test]
+async fn a_list_with_no_live_address_fails_naming_each() {
+    let (a, b) = (closed_port(), closed_port());
+    let url = format!("amqp://app:hunter2-secret@127.0.0.1:{a},127.0.0.1:{b}/%2F");
+    let t = AmqpTransport::new(AmqpConfig::from_url(&url).expect("url")).expect("transport");
+    let e = t.connect().await.expect_err("nothing listens");
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Transient, Some("NO_ADDRESS"))
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("127.0.0.1:{a}")) && text.contains(&format!("127.0.0.1:{b}")),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+}

@@ -247,6 +247,47 @@ fn amqp_produce_to_a_queue_reads_back_the_same() {
     assert_same_messages(&sent, &got);
 }
 
+/// Issue 13: an address list whose first node is dead: every message goes through the next one,
+/// and the report names the list without the password.
+#[test]
+#[ignore = "needs RabbitMQ: cargo xtask it"]
+fn amqp_produce_through_an_address_list_whose_first_node_is_dead() {
+    let url = amqp_url();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let (userinfo, hosts) = url.split_once('@').expect("the URL has user information");
+    let listed = format!("{userinfo}@127.0.0.1:{dead},{hosts}");
+    let rt = runtime();
+    let conn = within(
+        &rt,
+        "connecting to RabbitMQ",
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .expect("connect");
+    let queue = unique("list");
+    let dir = Scratch::new("real-amqp-list");
+    let (text, sent) = jsonl_input(500, "list");
+    let to = with_query(&listed, &format!("queue={queue}"));
+    let run = produce_jsonl(&to, &[], text.as_bytes(), &dir.0, LIMIT);
+    let got = within(
+        &rt,
+        "reading the queue back",
+        amqp_read(&conn, &queue, 500, Duration::from_secs(30)),
+    );
+    within(&rt, "deleting the queue", delete_queue(&conn, &queue));
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report = run.report();
+    assert_eq!(report["sent"], 500, "{report}");
+    let destination = report["destination"].as_str().unwrap_or_default();
+    assert!(
+        destination.contains(&format!("127.0.0.1:{dead},")) && !destination.contains("guest:guest"),
+        "{report}"
+    );
+    assert_same_messages(&sent, &got);
+}
+
 #[test]
 #[ignore = "needs RabbitMQ: cargo xtask it"]
 fn amqp_produce_to_an_exchange_with_a_malformed_line() {

@@ -1,5 +1,6 @@
 //! A hand-written AMQP 0-9-1 server that misbehaves on purpose, for what a real broker will not
-//! do on demand: never confirm, or block the connection as soon as publishing starts.
+//! do on demand: never confirm, or block the connection as soon as publishing starts (or,
+//! to stand beside those in an address list, confirm everything).
 
 /// What the fake broker does once a channel is in confirm mode.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -8,6 +9,8 @@ pub(crate) enum Fake {
     Silent,
     /// Blocks the connection (`connection.blocked`) right after `confirm.select-ok`.
     Blocks,
+    /// Confirms every publish (`basic.ack`), as a healthy broker does.
+    Confirms,
 }
 
 fn method(class: u16, method: u16, args: &[u8]) -> Vec<u8> {
@@ -36,8 +39,8 @@ fn long_str(s: &[u8]) -> Vec<u8> {
     v
 }
 
-/// A minimal AMQP 0-9-1 server on 127.0.0.1 (handshake, channels, confirm mode) that never
-/// confirms a publish. Returns its port.
+/// A minimal AMQP 0-9-1 server on 127.0.0.1 (handshake, channels, confirm mode) that behaves
+/// as `mode` says. Returns its port.
 pub(crate) async fn fake_broker(mode: Fake) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -67,6 +70,9 @@ pub(crate) async fn fake_broker(mode: Fake) -> u16 {
                 args.extend_from_slice(&long_str(b"PLAIN"));
                 args.extend_from_slice(&long_str(b"en_US"));
                 let mut out = frame(0, &method(10, 10, &args));
+                // Publishes seen per channel: the delivery tag of the next confirm.
+                let mut published: std::collections::HashMap<u16, u64> =
+                    std::collections::HashMap::new();
                 loop {
                     if !out.is_empty() {
                         if sock.write_all(&out).await.is_err() {
@@ -110,6 +116,13 @@ pub(crate) async fn fake_broker(mode: Fake) -> u16 {
                                 reason.extend_from_slice(b"low on memory");
                                 out.extend(frame(0, &method(10, 60, &reason)));
                             }
+                        }
+                        (60, 40) if mode == Fake::Confirms => {
+                            let tag = published.entry(channel).or_default();
+                            *tag += 1;
+                            let mut a = tag.to_be_bytes().to_vec();
+                            a.push(0); // not multiple
+                            out = frame(channel, &method(60, 80, &a));
                         }
                         _ => {} // tune-ok, basic.publish: no answer
                     }
