@@ -9,7 +9,7 @@ use herald_core::{Destination, Message};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -250,6 +250,11 @@ fn read(
                     .push((m.offset(), msg));
                 count += 1;
             }
+            // A connection to one broker failing (a broker taken down by a test) is not the
+            // end of the read: the others still serve, and the limit bounds the wait.
+            Some(Err(KafkaError::MessageConsumption(
+                RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown,
+            ))) => {}
             Some(Err(e)) => return Err(fail(e.to_string())),
             None => {}
         }

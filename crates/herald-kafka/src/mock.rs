@@ -61,7 +61,8 @@ pub struct MockError(String);
 type Reply = mpsc::Sender<Result<(), String>>;
 
 enum Command {
-    CreateTopic(String, i32, Reply),
+    CreateTopic(String, i32, i32, Reply),
+    SetLeader(String, i32, Option<i32>, Reply),
     ProduceFaults(Vec<ProduceFault>, Reply),
     BrokerDown(i32, Reply),
     BrokerUp(i32, Reply),
@@ -106,8 +107,11 @@ impl MockKafka {
                 // Runs until every sender is gone (the handle dropped).
                 for command in rx {
                     let (result, reply) = match command {
-                        Command::CreateTopic(name, partitions, reply) => {
-                            (cluster.create_topic(&name, partitions, 1), reply)
+                        Command::CreateTopic(name, partitions, replication, reply) => {
+                            (cluster.create_topic(&name, partitions, replication), reply)
+                        }
+                        Command::SetLeader(topic, partition, broker, reply) => {
+                            (cluster.partition_leader(&topic, partition, broker), reply)
                         }
                         Command::ProduceFaults(faults, reply) => {
                             let codes: Vec<RDKafkaRespErr> =
@@ -169,7 +173,30 @@ impl MockKafka {
     /// Creates a topic with `partitions` partitions (the mock does not auto-create them
     /// reliably: create what a test uses).
     pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), MockError> {
-        self.ask(|r| Command::CreateTopic(name.to_owned(), partitions, r))
+        self.ask(|r| Command::CreateTopic(name.to_owned(), partitions, 1, r))
+    }
+
+    /// Creates a topic whose partitions are replicated on `replication` brokers.
+    pub fn create_replicated_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        replication: i32,
+    ) -> Result<(), MockError> {
+        self.ask(|r| Command::CreateTopic(name.to_owned(), partitions, replication, r))
+    }
+
+    /// Makes broker `broker` the leader of `partition` of `topic` (`None`: no leader), as a
+    /// cluster's controller does when the leader dies. The mock does not elect leaders by
+    /// itself: [`MockKafka::broker_down`] alone leaves the partition led by a broker that is
+    /// down.
+    pub fn set_leader(
+        &self,
+        topic: &str,
+        partition: i32,
+        broker: Option<i32>,
+    ) -> Result<(), MockError> {
+        self.ask(|r| Command::SetLeader(topic.to_owned(), partition, broker, r))
     }
 
     /// Makes the next produce requests (one per fault, in order, on whichever broker gets

@@ -741,3 +741,50 @@ async fn every_message_carries_its_id_in_a_header() {
     assert_eq!(got.len(), 1);
     assert!(got[0].headers().is_empty(), "{:?}", got[0].headers());
 }
+
+/// Issue 13, item 4: the leader of a partition dies for good in the middle of a run, and the
+/// controller moves leadership to another replica (the mock does the second half on command).
+/// librdkafka finds the new leader by itself; herald must lose nothing and keep per-key order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_leader_lost_for_good_loses_nothing_and_keeps_order() {
+    let cluster = MockKafka::start(3).expect("mock cluster");
+    cluster
+        .create_replicated_topic("leader-loss", 2, 3)
+        .expect("topic");
+    cluster
+        .set_leader("leader-loss", 0, Some(1))
+        .expect("leader");
+    cluster
+        .set_leader("leader-loss", 1, Some(2))
+        .expect("leader");
+    let producer = Producer::builder(
+        KafkaTransport::new(KafkaConfig::new(cluster.bootstrap_servers())).expect("transport"),
+    )
+    .build()
+    .expect("producer");
+    let sent = keyed("leader-loss", 20_000, 16);
+    let receipt = producer.send_all(sent.clone()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while producer.stats().totals.delivered < 5_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no progress before the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let killed = std::time::Instant::now();
+    let delivered_at_kill = producer.stats().totals.delivered;
+    cluster.broker_down(1).expect("down");
+    cluster
+        .set_leader("leader-loss", 0, Some(3))
+        .expect("new leader");
+    let report = receipt.wait().await;
+    println!(
+        "leader of partition 0 lost after {delivered_at_kill} deliveries; the run ended {:?} later",
+        killed.elapsed()
+    );
+    assert_eq!(report.delivered, 20_000, "{:?}", report.failed.first());
+    producer.close(Duration::from_secs(20)).await;
+    let got = read(&cluster, "leader-loss", 20_000).await;
+    assert_exactly_once_in_order(&sent, &got);
+}
