@@ -426,6 +426,7 @@ mod tests {
             ack: herald::Ack {
                 partition: Some(p),
                 offset: Some(o),
+                route: None,
             },
             attempts: 1,
             latency: Duration::ZERO,

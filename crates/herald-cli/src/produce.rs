@@ -25,6 +25,11 @@ pub(crate) struct ProduceArgs {
     /// or amqp[s]://...?exchange=EX&routing_key=RK.
     #[arg(long, value_name = "URL")]
     pub(crate) to: String,
+    /// A destination that takes over while the ones before it are down (their circuit open
+    /// after 3 failed batches in a row), and gives traffic back once they answer again.
+    /// Repeatable, tried in order; any kafka:// or amqp:// URL.
+    #[arg(long = "fallback", value_name = "URL")]
+    pub(crate) fallbacks: Vec<String>,
     /// Read messages from FILE; stdin when absent or `-`.
     #[arg(long, value_name = "FILE")]
     pub(crate) input: Option<PathBuf>,
@@ -187,7 +192,12 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
         }
         None => None,
     };
-    let session = args.tuning.build(&target)?;
+    let fallbacks = args
+        .fallbacks
+        .iter()
+        .map(|url| Target::parse(url))
+        .collect::<Result<Vec<_>, _>>()?;
+    let session = args.tuning.build_with_fallbacks(&target, &fallbacks)?;
     if let Some((telemetry, _)) = &telemetry {
         telemetry.watch("produce", &session.producer);
     }

@@ -8,9 +8,9 @@ use herald::amqp::AmqpTransport;
 use herald::batch::SizeOrLinger;
 use herald::kafka::{KafkaConfig, KafkaTransport};
 use herald::retry::{Backoff, ExponentialRetry};
-use herald::{Destination, OrderingMode, Producer, ProducerBuilder};
+use herald::{Destination, Fallback, OrderingMode, Producer, ProducerBuilder};
 
-use crate::target::Target;
+use crate::target::{AmqpTarget, KafkaTarget, Target};
 
 /// `--ordering`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -214,45 +214,84 @@ impl Tuning {
     /// Builds the producer for `target`. This is the one place a producer is made from flags:
     /// telemetry (a metrics recorder) is installed before it is called.
     pub(crate) fn build(&self, target: &Target) -> anyhow::Result<Session> {
-        match target {
-            Target::Kafka(k) => {
-                let config = self.kafka_config(&k.bootstrap, Some(k))?;
-                let transport =
-                    KafkaTransport::new(config).context("the Kafka settings are invalid")?;
-                let (messages, bytes) = {
-                    let b = herald::kafka::recommended_batching();
-                    (b.max_messages(), b.max_bytes())
-                };
-                let producer = self
-                    .apply(Producer::builder(transport), (messages, bytes))
-                    .build()
-                    .context("the producer settings are invalid")?;
-                Ok(Session {
-                    producer,
-                    destination: Destination::new(k.topic.as_str()),
-                })
-            }
-            Target::Amqp(a) => {
-                if !self.kafka_properties.is_empty() {
-                    bail!("--kafka-property only applies to kafka:// destinations");
-                }
-                let transport =
-                    AmqpTransport::new(a.config()).context("the AMQP settings are invalid")?;
-                let d = SizeOrLinger::default();
-                let producer = self
-                    .apply(
-                        Producer::builder(transport),
-                        (d.max_messages(), d.max_bytes()),
-                    )
-                    .build()
-                    .context("the producer settings are invalid")?;
-                Ok(Session {
-                    producer,
-                    destination: a.destination(),
-                })
-            }
-        }
+        self.build_with_fallbacks(target, &[])
     }
+
+    /// Builds the producer for `target`, with `fallbacks` (`--fallback`, in order) taking over
+    /// while the routes before them are down: one `Fallback` transport over all of them, each
+    /// route sending to its own URL's destination. Batching follows the primary's broker.
+    pub(crate) fn build_with_fallbacks(
+        &self,
+        target: &Target,
+        fallbacks: &[Target],
+    ) -> anyhow::Result<Session> {
+        if !self.kafka_properties.is_empty()
+            && std::iter::once(target)
+                .chain(fallbacks)
+                .all(|t| matches!(t, Target::Amqp(_)))
+        {
+            bail!("--kafka-property only applies to kafka:// destinations");
+        }
+        let batching = match target {
+            Target::Kafka(_) => {
+                let b = herald::kafka::recommended_batching();
+                (b.max_messages(), b.max_bytes())
+            }
+            Target::Amqp(_) => {
+                let d = SizeOrLinger::default();
+                (d.max_messages(), d.max_bytes())
+            }
+        };
+        let destination = target.destination();
+        let builder = if fallbacks.is_empty() {
+            match target {
+                Target::Kafka(k) => Producer::builder(self.kafka_transport(k)?),
+                Target::Amqp(a) => Producer::builder(amqp_transport(a)?),
+            }
+        } else {
+            let mut seen = vec![target.describe()];
+            let mut routes = self.route(None, "primary", target)?;
+            for (n, fallback) in fallbacks.iter().enumerate() {
+                let described = fallback.describe();
+                if seen.contains(&described) {
+                    bail!("--fallback {described} is the same destination as one before it");
+                }
+                seen.push(described);
+                let name = format!("fallback-{}", n + 1);
+                routes = self.route(Some(routes), &name, fallback)?;
+            }
+            Producer::builder(routes)
+        };
+        let producer = self
+            .apply(builder, batching)
+            .build()
+            .context("the producer settings are invalid")?;
+        Ok(Session {
+            producer,
+            destination,
+        })
+    }
+
+    fn kafka_transport(&self, k: &KafkaTarget) -> anyhow::Result<KafkaTransport> {
+        let config = self.kafka_config(&k.bootstrap, Some(k))?;
+        KafkaTransport::new(config).context("the Kafka settings are invalid")
+    }
+
+    /// `to` as the next route of a fallback (the first when `so_far` is `None`), sending to
+    /// its own destination.
+    fn route(&self, so_far: Option<Fallback>, name: &str, to: &Target) -> anyhow::Result<Fallback> {
+        let added = match (so_far, to) {
+            (None, Target::Kafka(k)) => Fallback::new(name, self.kafka_transport(k)?),
+            (None, Target::Amqp(a)) => Fallback::new(name, amqp_transport(a)?),
+            (Some(f), Target::Kafka(k)) => f.or(name, self.kafka_transport(k)?),
+            (Some(f), Target::Amqp(a)) => f.or(name, amqp_transport(a)?),
+        }?;
+        Ok(added.with_destination(to.destination()))
+    }
+}
+
+fn amqp_transport(a: &AmqpTarget) -> anyhow::Result<AmqpTransport> {
+    AmqpTransport::new(a.config()).context("the AMQP settings are invalid")
 }
 
 #[cfg(test)]

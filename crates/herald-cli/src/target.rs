@@ -122,6 +122,16 @@ impl Target {
     }
 }
 
+impl Target {
+    /// The herald destination its messages go to.
+    pub(crate) fn destination(&self) -> herald::Destination {
+        match self {
+            Self::Kafka(k) => herald::Destination::new(k.topic.as_str()),
+            Self::Amqp(a) => a.destination(),
+        }
+    }
+}
+
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.describe())

@@ -100,6 +100,36 @@ fn produce_lines_to_kafka_delivers_every_line() {
     assert_same_messages(&sent, &got);
 }
 
+/// Issue 13: `--fallback`. The primary (a RabbitMQ node that does not exist) never answers;
+/// every line lands in the fallback's Kafka topic, nothing lost.
+#[test]
+fn a_fallback_takes_everything_while_the_primary_is_down() {
+    let mock = mock_with("dr");
+    let dir = Scratch::new("fallback");
+    let (text, sent) = jsonl_input(300, "dr");
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let primary = format!("amqp://guest:guest@127.0.0.1:{dead}/%2f?queue=orders");
+    let fallback = format!("kafka://{}/dr", mock.bootstrap_servers());
+    let run = produce_jsonl(
+        &primary,
+        &["--fallback", &fallback],
+        text.as_bytes(),
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.report()["sent"], 300, "{}", run.report());
+    let got = read_back(mock.bootstrap_servers(), "dr", 300, Duration::from_secs(30));
+    assert_same_messages(&sent, &got);
+    // The same destination twice is refused, naming it.
+    let again = produce_jsonl(&fallback, &["--fallback", &fallback], b"", &dir.0, LIMIT);
+    assert_eq!(again.code, Some(2), "{again:?}");
+    assert!(again.stderr.contains("same destination"), "{again:?}");
+}
+
 #[test]
 fn produce_jsonl_from_stdin_keeps_keys_headers_and_order() {
     let mock = mock_with("jsonl");

@@ -15,6 +15,7 @@
 //! Most users depend on the `herald` facade crate, which re-exports all of this.
 
 mod error;
+mod fallback;
 mod health;
 mod key_hold;
 mod message;
@@ -23,6 +24,7 @@ mod producer;
 mod transport;
 
 pub use error::{BuildError, ErrorClass, FailureReason, SendError, TransportError};
+pub use fallback::{Fallback, NO_ROUTE_OPEN};
 pub use health::{Health, HealthIssue, HealthPolicy, HealthStatus, TransportHealth};
 pub use key_hold::{KeyHold, KEY_HELD};
 pub use message::{Destination, Header, InvalidMessageId, Message, MessageId};

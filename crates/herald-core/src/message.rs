@@ -204,6 +204,12 @@ impl Message {
         });
         self
     }
+    /// Sends it somewhere else, keeping everything else (its id included).
+    #[must_use]
+    pub fn with_destination(mut self, destination: impl Into<Destination>) -> Self {
+        self.destination = destination.into();
+        self
+    }
     /// Where it goes.
     pub fn destination(&self) -> &Destination {
         &self.destination

@@ -56,6 +56,9 @@ pub const TRANSPORT_UP: &str = "herald_transport_up";
 /// Panics in user code the producer runs (a retry or batch policy, the unclaimed hook), by
 /// `site` (`retry_policy`, `batch_policy`, `unclaimed_hook`), each contained. Counter.
 pub const USER_CODE_PANICS: &str = "herald_user_code_panics_total";
+/// Batches each route of a [`Fallback`](crate::Fallback) took; label `route` (the names given
+/// to the fallback's routes). Counter.
+pub const FALLBACK_BATCHES: &str = "herald_fallback_batches_total";
 
 /// The rule for a `producer` label value, one for every crate that takes one
 /// (`ProducerBuilder::name`, the adapters' `metrics_name`): 1 to 64 ASCII letters, digits, `_`,
@@ -91,6 +94,7 @@ pub const ALL: &[&str] = &[
     CIRCUIT_STATE,
     HEALTH_STATUS,
     TRANSPORT_UP,
+    FALLBACK_BATCHES,
 ];
 
 /// Handles registered once per producer.

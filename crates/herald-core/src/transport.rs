@@ -13,6 +13,9 @@ pub struct Ack {
     pub partition: Option<i32>,
     /// Its offset in that partition, or a broker sequence number where the broker gives one.
     pub offset: Option<i64>,
+    /// Which route of a [`Fallback`](crate::Fallback) took it: 0 the primary, 1 the first
+    /// fallback, and so on. `None` from a transport used on its own.
+    pub route: Option<u8>,
 }
 
 /// One outcome per message of a batch, in the batch's order.

@@ -115,6 +115,7 @@ impl ProducerContext for Context {
             Ok(m) => Ok(Ack {
                 partition: Some(m.partition()),
                 offset: Some(m.offset()),
+                route: None,
             }),
             Err((e, _)) => {
                 let code = e.rdkafka_error_code();

@@ -208,7 +208,7 @@ impl Transport for MemoryTransport {
         *lock(&self.inner.settle)
     }
 
-    async fn send_batch(&self, _destination: &Destination, batch: &[Message]) -> BatchOutcome {
+    async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
         let inner = &self.inner;
         inner.calls.fetch_add(1, Ordering::AcqRel);
         inner
@@ -262,7 +262,7 @@ impl Transport for MemoryTransport {
             if lost_ack.contains(&i) {
                 lost += 1;
                 if inner.record {
-                    lock(&inner.log).push(m.clone());
+                    lock(&inner.log).push(m.clone().with_destination(destination.clone()));
                 }
                 out.push(Err(TransportError::transient(
                     "scripted: stored, but the acknowledgement was lost",
@@ -273,9 +273,11 @@ impl Transport for MemoryTransport {
             out.push(Ok(Ack {
                 partition: Some(0),
                 offset: None,
+                route: None,
             }));
             if inner.record {
-                accepted.push(m.clone());
+                // Stored where the call said, as a broker does.
+                accepted.push(m.clone().with_destination(destination.clone()));
             }
         }
         let n = out.iter().filter(|o| o.is_ok()).count() as u64;

@@ -41,7 +41,8 @@ use crate::health::Health;
 use crate::message::Message;
 use crate::transport::Transport;
 use completion::{Completion, Group};
-use state::{clock_now, Refused, Shared};
+pub(crate) use state::clock_now;
+use state::{Refused, Shared};
 
 /// What is happening inside a producer right now.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,0 +1,156 @@
+//! `Fallback`: a primary transport and the ones that take over while it is down, inside a
+//! producer, on the in-memory transport, in paused time.
+
+use std::time::Duration;
+
+use herald_core::{ErrorClass, FailureReason, Fallback, Message, Producer};
+use herald_retry::{Backoff, CircuitBreakerConfig, CircuitState, ExponentialRetry};
+use herald_testkit::{CallFault, MemoryTransport};
+
+fn down_for(calls: usize) -> MemoryTransport {
+    let t = MemoryTransport::new();
+    t.script(std::iter::repeat_n(
+        CallFault::FailAll(ErrorClass::Transient),
+        calls,
+    ));
+    t
+}
+
+fn breaker() -> CircuitBreakerConfig {
+    CircuitBreakerConfig {
+        failure_threshold: 2,
+        open_for: Duration::from_secs(1),
+        half_open_probes: 1,
+        enabled: true,
+    }
+}
+
+fn producer(fallback: Fallback) -> Producer {
+    Producer::builder(fallback)
+        .retry(ExponentialRetry::new(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(100),
+        )))
+        // The producer's own breaker stays out of the way: the fallback's decides.
+        .circuit_breaker(CircuitBreakerConfig::disabled())
+        .batching(herald_batch::SizeOrLinger::new(
+            10,
+            1 << 20,
+            Duration::from_millis(1),
+        ))
+        .build()
+        .expect("build")
+}
+
+fn msgs(range: std::ops::Range<usize>) -> Vec<Message> {
+    range.map(|i| Message::new("t", format!("m-{i}"))).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_primary_down_from_the_start_sends_everything_to_the_fallback() {
+    let primary = down_for(10_000);
+    let secondary = MemoryTransport::new();
+    let f = Fallback::new("primary", primary.clone())
+        .and_then(|f| f.or("secondary", secondary.clone()))
+        .expect("names")
+        .circuit_breaker(breaker());
+    let p = producer(f);
+    let mut futures = Vec::new();
+    for m in msgs(0..100) {
+        futures.push(p.enqueue(m).await.expect("enqueue"));
+    }
+    for f in futures {
+        let d = f.await.expect("delivered by the fallback");
+        assert_eq!(d.ack.route, Some(1));
+    }
+    assert!(primary.received().is_empty());
+    assert_eq!(secondary.received().len(), 100);
+    // The primary was tried until its circuit opened: 2 failed batches, then probes only.
+    assert!(primary.calls() >= 2, "{}", primary.calls());
+}
+
+#[tokio::test(start_paused = true)]
+async fn traffic_returns_to_the_primary_once_a_probe_succeeds() {
+    // Down for its first 2 calls, then back.
+    let primary = down_for(2);
+    let secondary = MemoryTransport::new();
+    let f = Fallback::new("primary", primary.clone())
+        .and_then(|f| f.or("secondary", secondary.clone()))
+        .expect("names")
+        .circuit_breaker(breaker());
+    let p = producer(f);
+    let first = p.send_all(msgs(0..50)).await.wait().await;
+    assert_eq!(first.delivered, 50);
+    assert_eq!(
+        secondary.received().len(),
+        50,
+        "the primary's circuit was open"
+    );
+    // Past open_for, the next batch probes the primary, which is back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = p.send(Message::new("t", "probe")).await.expect("delivered");
+    assert_eq!(d.ack.route, Some(0), "back on the primary");
+    let rest = p.send_all(msgs(50..100)).await.wait().await;
+    assert_eq!(rest.delivered, 50);
+    assert_eq!(primary.received().len(), 51);
+    assert_eq!(secondary.received().len(), 50);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_every_route_down_messages_end_by_their_delivery_timeout() {
+    let (a, b) = (down_for(10_000), down_for(10_000));
+    let f = Fallback::new("a", a.clone())
+        .and_then(|f| f.or("b", b.clone()))
+        .expect("names")
+        .circuit_breaker(breaker());
+    let p = Producer::builder(f)
+        .retry(ExponentialRetry::new(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(100),
+        )))
+        .circuit_breaker(CircuitBreakerConfig::disabled())
+        .delivery_timeout(Duration::from_secs(5))
+        .build()
+        .expect("build");
+    let report = p.send_all(msgs(0..20)).await.wait().await;
+    assert_eq!(report.delivered, 0);
+    assert_eq!(report.failed.len(), 20);
+    for e in &report.failed {
+        assert!(
+            matches!(e.reason(), FailureReason::DeliveryTimeout { .. }),
+            "{e}"
+        );
+    }
+    assert!(a.received().is_empty() && b.received().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_with_its_own_destination_gets_every_batch_there() {
+    let primary = down_for(10_000);
+    let secondary = MemoryTransport::new();
+    let f = Fallback::new("kafka", primary)
+        .and_then(|f| f.or("amqp", secondary.clone()))
+        .expect("names")
+        .with_destination("orders-dr")
+        .circuit_breaker(breaker());
+    let report = producer(f).send_all(msgs(0..30)).await.wait().await;
+    assert_eq!(report.delivered, 30);
+    let got = secondary.received();
+    assert_eq!(got.len(), 30);
+    assert!(got.iter().all(|m| m.destination().as_str() == "orders-dr"));
+}
+
+#[test]
+fn route_names_are_checked() {
+    let dup = Fallback::new("x", MemoryTransport::new())
+        .and_then(|f| f.or("x", MemoryTransport::new()))
+        .expect_err("a name used twice");
+    assert!(dup.to_string().contains("used twice"), "{dup}");
+    let bad = Fallback::new("has space", MemoryTransport::new()).expect_err("bad label");
+    assert!(bad.to_string().contains("fallback.route"), "{bad}");
+    let f = Fallback::new("a", MemoryTransport::new())
+        .and_then(|f| f.or("b", MemoryTransport::new()))
+        .expect("names");
+    assert_eq!(f.routes(), ["a", "b"]);
+    assert_eq!(f.route_state(0), Some(CircuitState::Closed));
+}
