@@ -2,10 +2,12 @@
 //! adapter's integration tests against it, and always stop what was started, also when the
 //! tests fail.
 //!
-//! Integration tests live in each adapter crate as `tests/it.rs`, every test marked
-//! `#[ignore = "needs a broker: cargo xtask it"]`, so that `cargo test --workspace` stays
-//! hermetic. They read the broker's address from the environment (`HERALD_KAFKA_BOOTSTRAP`,
-//! `HERALD_AMQP_URL`); a broker given that way by the user is used as it is.
+//! Integration tests live in each adapter crate as `tests/it.rs` (herald-amqp also has
+//! `tests/cluster.rs`, on a RabbitMQ cluster its tests start themselves), every test marked
+//! `#[ignore = "needs a broker: cargo xtask it"]` or similar, so that `cargo test --workspace`
+//! stays hermetic. They read the broker's address from the environment
+//! (`HERALD_KAFKA_BOOTSTRAP`, `HERALD_AMQP_URL`); a broker given that way by the user is used as
+//! it is.
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
@@ -19,7 +21,7 @@ use crate::{amqp, kafka};
 pub(crate) enum Target {
     /// herald-kafka's tests/it.rs, against Kafka
     Kafka,
-    /// herald-amqp's tests/it.rs, against RabbitMQ
+    /// herald-amqp's tests/it.rs and tests/cluster.rs, against RabbitMQ
     Amqp,
     /// herald-cli's tests/real_brokers.rs, against Kafka and RabbitMQ
     Cli,
@@ -29,8 +31,8 @@ pub(crate) enum Target {
 struct Suite {
     name: &'static str,
     package: &'static str,
-    /// The test target (`tests/NAME.rs`) whose ignored tests need the broker.
-    test: &'static str,
+    /// The test targets (`tests/NAME.rs`) whose ignored tests need the broker.
+    tests: &'static [&'static str],
     provision: fn() -> Result<Broker>,
 }
 
@@ -40,19 +42,19 @@ impl Target {
             Target::Kafka => Suite {
                 name: "kafka",
                 package: "herald-kafka",
-                test: "it",
+                tests: &["it"],
                 provision: kafka::provision,
             },
             Target::Amqp => Suite {
                 name: "amqp",
                 package: "herald-amqp",
-                test: "it",
+                tests: &["it", "cluster"],
                 provision: amqp::provision,
             },
             Target::Cli => Suite {
                 name: "cli",
                 package: "herald-cli",
-                test: "real_brokers",
+                tests: &["real_brokers"],
                 provision: provision_all,
             },
         }
@@ -86,16 +88,11 @@ pub(crate) fn it(targets: &[Target]) -> Result<()> {
         eprintln!("\n==> it {}: provisioning a broker", target.name);
         let broker = (target.provision)()?;
         let mut cmd = cargo();
-        cmd.args([
-            "test",
-            "-p",
-            target.package,
-            "--test",
-            target.test,
-            "--",
-            "--ignored",
-            "--test-threads=1",
-        ]);
+        cmd.args(["test", "-p", target.package]);
+        for test in target.tests {
+            cmd.args(["--test", test]);
+        }
+        cmd.args(["--", "--ignored", "--test-threads=1"]);
         for (k, v) in &broker.env {
             cmd.env(k, v);
         }
@@ -107,7 +104,7 @@ pub(crate) fn it(targets: &[Target]) -> Result<()> {
 }
 
 /// How long one target's tests may run, build included: `HERALD_IT_TIMEOUT_SECS`, default 15
-/// minutes (they take about two, or seven with a cold build of the test binaries).
+/// minutes (they take two to three, or seven with a cold build of the test binaries).
 fn time_limit() -> Result<std::time::Duration> {
     match std::env::var("HERALD_IT_TIMEOUT_SECS") {
         Ok(v) => match v.parse::<u64>() {

@@ -3,13 +3,14 @@
 //! also declared with `x-expires`, so a failed test leaves nothing behind for long.
 //!
 //! Tests that restart a broker or raise a memory alarm start their own RabbitMQ node (see
-//! [`OwnNode`]): the shared broker is never stopped or reconfigured. They need
-//! `rabbitmq-server` (and the TLS test `openssl`) on this machine: without it they fail, saying
-//! what is missing, unless `HERALD_IT_ALLOW_SKIP=1`, when they print
+//! [`OwnNode`], in `common/node.rs`): the shared broker is never stopped or reconfigured. They
+//! need `rabbitmq-server` (and the TLS test `openssl`) on this machine: without it they fail,
+//! saying what is missing, unless `HERALD_IT_ALLOW_SKIP=1`, when they print
 //! `SKIPPED: <test>: <why>` on stdout (shown with `-- --show-output`) and pass.
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -26,6 +27,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use tokio::time::Instant;
+
+use common::node::{cannot_run, free_port, on_this_machine, OwnNode};
+use common::wait_for;
 
 fn url() -> String {
     std::env::var("HERALD_AMQP_URL")
@@ -659,192 +663,6 @@ async fn connection_cut_mid_run_loses_nothing() {
     )
     .await;
     admin.cleanup().await;
-}
-
-async fn wait_for(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A RabbitMQ node of our own, on free ports, stopped and removed on drop. The shared broker is
-/// never touched.
-struct OwnNode {
-    name: String,
-    port: u16,
-    dir: PathBuf,
-    env: Vec<(String, String)>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// `test` cannot run here (`why`): it fails, saying so, unless `HERALD_IT_ALLOW_SKIP=1`
-/// allows skipping, when it prints `SKIPPED: <test>: <why>` and the caller returns. Never a
-/// silent pass: a test that did not run must not look like one that did.
-fn cannot_run(test: &str, why: &str) {
-    if std::env::var("HERALD_IT_ALLOW_SKIP").as_deref() == Ok("1") {
-        println!("SKIPPED: {test}: {why}");
-    } else {
-        panic!(
-            "{test} cannot run: {why}. Install what is missing (Debian: `apt-get install \
-             rabbitmq-server openssl`), or set HERALD_IT_ALLOW_SKIP=1 to skip this test, \
-             reported as `SKIPPED: {test}: ...`"
-        );
-    }
-}
-
-/// Whether `program` is installed here: on the `PATH`, or at `also`. Looked up, not run
-/// (`rabbitmq-server` with an unknown argument may start a node).
-fn on_this_machine(program: &str, also: &str) -> bool {
-    std::path::Path::new(also).is_file()
-        || std::env::var_os("PATH")
-            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-}
-
-impl OwnNode {
-    /// Starts one for `test`, or `None` if this machine has no `rabbitmq-server` and
-    /// `HERALD_IT_ALLOW_SKIP=1` (see [`cannot_run`]; without it, the test fails).
-    async fn start(test: &str) -> Option<Self> {
-        Self::start_with(test, |_| String::new()).await
-    }
-
-    /// As [`OwnNode::start`], with extra `rabbitmq.conf` lines made from the node's folder
-    /// (where files the config names can be put first).
-    async fn start_with(
-        test: &str,
-        extra: impl FnOnce(&std::path::Path) -> String,
-    ) -> Option<Self> {
-        if !on_this_machine("rabbitmq-server", "/usr/sbin/rabbitmq-server") {
-            cannot_run(
-                test,
-                "no rabbitmq-server on this machine to start a RabbitMQ node of its own (the shared broker is never restarted or reconfigured)",
-            );
-            return None;
-        }
-        let port = free_port();
-        let dist = free_port();
-        let name = format!("herald-it-{}-{port}", std::process::id());
-        let dir = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(dir.join("mnesia")).expect("mkdir");
-        std::fs::create_dir_all(dir.join("log")).expect("mkdir");
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
-        // Our own config file: the machine's may pin the listener to the shared broker's port.
-        let extra = extra(&dir);
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n{extra}"),
-        )
-        .expect("config file");
-        let ok = Command::new("chown")
-            .args(["-R", "rabbitmq:rabbitmq"])
-            .arg(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "chown of {} to rabbitmq", dir.display());
-        let d = |p: &str| dir.join(p).to_string_lossy().into_owned();
-        let env = vec![
-            ("RABBITMQ_NODENAME".into(), name.clone()),
-            ("RABBITMQ_NODE_PORT".into(), port.to_string()),
-            ("RABBITMQ_NODE_IP_ADDRESS".into(), "127.0.0.1".into()),
-            ("RABBITMQ_DIST_PORT".into(), dist.to_string()),
-            ("RABBITMQ_MNESIA_BASE".into(), d("mnesia")),
-            ("RABBITMQ_LOG_BASE".into(), d("log")),
-            ("RABBITMQ_PID_FILE".into(), d("node.pid")),
-            ("RABBITMQ_ENABLED_PLUGINS_FILE".into(), d("enabled_plugins")),
-            ("RABBITMQ_CONFIG_FILE".into(), d("rabbitmq.conf")),
-        ];
-        let node = Self {
-            name,
-            port,
-            dir,
-            env,
-        };
-        node.boot().await;
-        Some(node)
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2F", self.port)
-    }
-
-    async fn boot(&self) {
-        let status = Command::new("rabbitmq-server")
-            .arg("-detached")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .status()
-            .expect("start rabbitmq-server");
-        assert!(status.success(), "rabbitmq-server -detached: {status}");
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            // Each attempt bounded: a node still booting may accept TCP and not answer yet.
-            let url = self.url();
-            let attempt = tokio::time::timeout(
-                Duration::from_secs(5),
-                Connection::connect(&url, ConnectionProperties::default()),
-            );
-            if let Ok(Ok(c)) = attempt.await {
-                let _closed =
-                    tokio::time::timeout(Duration::from_secs(5), c.close(200, "OK".into())).await;
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "own node {} did not accept AMQP within 90 s (logs in {})",
-                self.name,
-                self.dir.display()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// `rabbitmqctl -n NODE ARGS`, given at most 60 s (its own `--timeout`).
-    fn ctl(&self, args: &[&str]) -> bool {
-        Command::new("rabbitmqctl")
-            .args(["-n", &self.name, "--timeout", "60"])
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }
-
-    /// Kills the node's VM if it still runs (its pid file names it): the last resort when
-    /// `rabbitmqctl stop` did not stop it.
-    fn kill(&self) {
-        if let Ok(pid) = std::fs::read_to_string(self.dir.join("node.pid")) {
-            let _gone = Command::new("kill")
-                .args(["-KILL", pid.trim()])
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
-
-    async fn restart(&self) {
-        assert!(self.ctl(&["stop"]), "rabbitmqctl stop of own node");
-        let port = self.port;
-        wait_for(
-            Duration::from_secs(30),
-            "the stopped node to free its port",
-            || std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-        )
-        .await;
-        self.boot().await;
-    }
-}
-
-impl Drop for OwnNode {
-    fn drop(&mut self) {
-        if !self.ctl(&["stop"]) {
-            self.kill();
-        }
-        let _removed = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
