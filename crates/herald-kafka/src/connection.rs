@@ -208,8 +208,16 @@ impl Connection {
                     min_insync_replicas = n,
                     "acks=all waits for {n} in-sync replica: a message reported delivered may be on one broker only, and lost with it"
                 ),
-                Ok(_) => {}
-                Err(e) => tracing::debug!(topic = %topic, error = %e, "the cluster did not tell the topic's min.insync.replicas"),
+                Ok(Some(_)) => {}
+                Ok(None) => tracing::debug!(
+                    topic = %topic,
+                    "min_insync_replicas not checked: the cluster's DescribeConfigs answer does not carry it"
+                ),
+                Err(e) => tracing::debug!(
+                    topic = %topic,
+                    error = %e,
+                    "min_insync_replicas not checked: the cluster did not answer DescribeConfigs"
+                ),
             }
         });
     }

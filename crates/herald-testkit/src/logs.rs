@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::subscriber::DefaultGuard;
 
-/// Records every event at `warn` or above logged on this thread while it lives, as the
+/// Records every event at `warn` or above (or the level given) logged on this thread while it lives, as the
 /// command prints them (plain text, one event per line, with fields as `name=value`). On a
 /// current-thread runtime that includes the tasks it spawns.
 ///
@@ -35,13 +35,18 @@ impl std::io::Write for Sink {
 }
 
 impl LogCapture {
-    /// Starts recording on this thread.
+    /// Starts recording on this thread, `warn` and above.
     pub fn start() -> Self {
+        Self::start_at(tracing::Level::WARN)
+    }
+
+    /// Starts recording on this thread, `level` and above.
+    pub fn start_at(level: tracing::Level) -> Self {
         let sink = Sink::default();
         let writer = sink.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
-            .with_max_level(tracing::Level::WARN)
+            .with_max_level(level)
             .with_ansi(false)
             .finish();
         Self {
