@@ -107,6 +107,10 @@ impl Transport for AmqpTransport {
     /// traffic. (Connections open on demand: before the first attempt, and after a loss until
     /// the next send tries, nothing is known against the broker, and `herald_amqp_connected`
     /// shows the loss.) Blocked while the broker blocks publishing.
+    fn endpoint(&self) -> Option<String> {
+        self.inner.connected_node()
+    }
+
     fn health(&self) -> TransportHealth {
         self.inner.health()
     }

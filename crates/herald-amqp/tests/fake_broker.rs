@@ -156,6 +156,8 @@ async fn a_dead_first_address_is_skipped_for_the_next_one() {
         assert!(o.is_ok(), "{o:?}");
     }
     assert_eq!(t.connected_node(), Some(format!("127.0.0.1:{good}")));
+    // What the producer's health shows as its endpoint.
+    assert_eq!(t.endpoint(), Some(format!("127.0.0.1:{good}")));
 }
 
 /// Issue 13: a node that takes publishes but never confirms them (a hung node, a half-open

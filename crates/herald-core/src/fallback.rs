@@ -83,6 +83,8 @@ struct Route {
 pub struct Fallback {
     routes: Vec<Route>,
     breaker: CircuitBreakerConfig,
+    /// The route that took the last batch.
+    last: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Fallback {
@@ -102,6 +104,7 @@ impl Fallback {
                 failure_threshold: 3,
                 ..CircuitBreakerConfig::default()
             },
+            last: std::sync::atomic::AtomicUsize::new(0),
         }
         .or(name, transport)
     }
@@ -227,6 +230,7 @@ impl Fallback {
             }
         }
         route.batches.increment(1);
+        self.last.store(index, std::sync::atomic::Ordering::Relaxed);
         let tag = u8::try_from(index).unwrap_or(u8::MAX);
         for ack in outcomes.iter_mut().flatten() {
             ack.route = Some(tag);
@@ -288,6 +292,18 @@ impl Transport for Fallback {
             .filter_map(|r| r.transport.diagnosis().map(|d| format!("{}: {d}", r.name)))
             .collect();
         (!parts.is_empty()).then(|| parts.join("; "))
+    }
+
+    /// The route that took the last batch, and where it sends: `primary` or
+    /// `fallback-1: rabbit-2:5672`.
+    fn endpoint(&self) -> Option<String> {
+        let route = self
+            .routes
+            .get(self.last.load(std::sync::atomic::Ordering::Relaxed))?;
+        Some(match route.transport.endpoint() {
+            Some(e) => format!("{}: {e}", route.name),
+            None => route.name.clone(),
+        })
     }
 
     /// Up while some route is up; blocked or down (naming each route) when none is.

@@ -178,6 +178,9 @@ pub struct Health {
     pub status: HealthStatus,
     /// Everything wrong now, worst first.
     pub issues: Vec<HealthIssue>,
+    /// Where the producer sends now, as its transport says ([`crate::Transport::endpoint`]):
+    /// the broker node in use, for example.
+    pub endpoint: Option<String>,
 }
 
 impl Health {
@@ -189,7 +192,11 @@ impl Health {
             .map(HealthIssue::status)
             .max()
             .unwrap_or_default();
-        Self { status, issues }
+        Self {
+            status,
+            issues,
+            endpoint: None,
+        }
     }
 }
 

@@ -118,6 +118,14 @@ pub trait Transport: Send + Sync + 'static {
     fn health(&self) -> TransportHealth {
         TransportHealth::Up
     }
+
+    /// Where the transport sends now, safe to show (never a secret): the broker node of the
+    /// connection in use (`rabbit-2:5672`), or, for a [`Fallback`](crate::Fallback), the route
+    /// that took the last batch. Part of the producer's health ([`crate::Health::endpoint`]).
+    /// Must be quick. Default: nothing said.
+    fn endpoint(&self) -> Option<String> {
+        None
+    }
 }
 
 const _: Option<&dyn Transport> = None;

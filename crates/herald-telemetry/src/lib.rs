@@ -398,7 +398,8 @@ impl HealthReport {
     }
 
     /// The JSON body of `/health`:
-    /// `{"status":"degraded","producers":[{"name":"orders","transport":"kafka","status":"degraded","issues":[{"code":"buffer_high_water","status":"degraded","detail":"..."}]}]}`.
+    /// `{"status":"degraded","producers":[{"name":"orders","transport":"kafka","status":"degraded","issues":[{"code":"buffer_high_water","status":"degraded","detail":"..."}]}]}`,
+    /// with `"endpoint":"rabbit-2:5672"` in a producer whose transport says where it sends.
     pub fn to_json(&self) -> String {
         let producers: Vec<serde_json::Value> = self
             .producers
@@ -416,12 +417,16 @@ impl HealthReport {
                         })
                     })
                     .collect();
-                serde_json::json!({
+                let mut producer = serde_json::json!({
                     "name": p.name,
                     "transport": p.transport,
                     "status": p.health.status.as_str(),
                     "issues": issues,
-                })
+                });
+                if let Some(endpoint) = &p.health.endpoint {
+                    producer["endpoint"] = serde_json::Value::from(endpoint.as_str());
+                }
+                producer
             })
             .collect();
         let mut body =
@@ -430,5 +435,31 @@ impl HealthReport {
             body["detail"] = serde_json::Value::from(detail.as_str());
         }
         body.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_json_names_the_endpoint_when_the_transport_says_it() {
+        let mut health = Health::from_issues(vec![]);
+        let report = |health: Health| HealthReport {
+            status: health.status,
+            producers: vec![ProducerHealth {
+                name: "orders".into(),
+                transport: "amqp",
+                health,
+            }],
+            detail: None,
+        };
+        let silent: serde_json::Value =
+            serde_json::from_str(&report(health.clone()).to_json()).expect("JSON");
+        assert!(silent["producers"][0].get("endpoint").is_none(), "{silent}");
+        health.endpoint = Some("rabbit-2:5672".into());
+        let told: serde_json::Value =
+            serde_json::from_str(&report(health).to_json()).expect("JSON");
+        assert_eq!(told["producers"][0]["endpoint"], "rabbit-2:5672", "{told}");
     }
 }

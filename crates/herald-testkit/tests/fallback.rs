@@ -65,6 +65,8 @@ async fn a_primary_down_from_the_start_sends_everything_to_the_fallback() {
     }
     assert!(primary.received().is_empty());
     assert_eq!(secondary.received().len(), 100);
+    // The producer's health names the route in use.
+    assert_eq!(p.health().endpoint.as_deref(), Some("secondary"));
     // The primary was tried until its circuit opened: 2 failed batches, then probes only.
     assert!(primary.calls() >= 2, "{}", primary.calls());
 }

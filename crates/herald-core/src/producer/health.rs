@@ -123,7 +123,8 @@ impl Shared {
                 });
             }
         }
-        let health = Health::from_issues(issues);
+        let mut health = Health::from_issues(issues);
+        health.endpoint = self.transport.endpoint();
         if !publish {
             return health;
         }
