@@ -270,6 +270,7 @@ fn parse_amqp(url: &str) -> Result<AmqpTarget, UrlError> {
     let mut routing_key = None;
     let mut declare = true;
     let mut quorum = false;
+    let mut shuffle = false;
     let mut passed = Vec::new();
     for (k, v) in pairs(query)? {
         match k.as_str() {
@@ -281,6 +282,13 @@ fn parse_amqp(url: &str) -> Result<AmqpTarget, UrlError> {
                     "true" => true,
                     "false" => false,
                     _ => return Err(bad("query declare", "must be true or false")),
+                }
+            }
+            "shuffle_addresses" => {
+                shuffle = match v.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => return Err(bad("query shuffle_addresses", "must be true or false")),
                 }
             }
             "queue_type" => {
@@ -296,7 +304,7 @@ fn parse_amqp(url: &str) -> Result<AmqpTarget, UrlError> {
             other => return Err(bad(
                 "query",
                 format!(
-                    "parameter `{other}` is unknown (known: queue, exchange, routing_key, declare, queue_type, {})",
+                    "parameter `{other}` is unknown (known: queue, exchange, routing_key, declare, queue_type, shuffle_addresses, {})",
                     QUERY_PARAMETERS.join(", ")
                 ),
             )),
@@ -308,8 +316,9 @@ fn parse_amqp(url: &str) -> Result<AmqpTarget, UrlError> {
         format!("{base}?{}", passed.join("&"))
     };
     // The error names the part of the URL; it never holds the password.
-    let config =
-        AmqpConfig::from_url(&rebuilt).map_err(|e| bad("AMQP URL", format!("is invalid: {e}")))?;
+    let config = AmqpConfig::from_url(&rebuilt)
+        .map_err(|e| bad("AMQP URL", format!("is invalid: {e}")))?
+        .shuffle_addresses(shuffle);
     let name_ok = |part: &'static str, n: &str| {
         if name_fits(n) {
             Ok(())
@@ -577,5 +586,18 @@ mod tests {
             assert!(!e.to_string().contains(secret), "{url}: {e}");
             assert!(!format!("{e:?}").contains(secret), "{url}: {e:?}");
         }
+    }
+
+    #[test]
+    fn address_lists_and_their_order_option_reach_the_amqp_settings() {
+        let a = amqp("amqp://u:p@h1:5672,h2:5673/%2f?queue=q&shuffle_addresses=true");
+        let shown = a.config().redacted_url();
+        assert!(shown.contains("h1:5672,h2:5673"), "{shown}");
+        assert!(format!("{:?}", a.config()).contains("shuffle_addresses: true"));
+        let e = Target::parse("amqp://u:p@h1,h1/%2f?queue=q").expect_err("a node twice");
+        assert!(e.to_string().contains("twice"), "{e}");
+        let e =
+            Target::parse("amqp://h/%2f?queue=q&shuffle_addresses=maybe").expect_err("bad value");
+        assert!(e.to_string().contains("shuffle_addresses"), "{e}");
     }
 }
