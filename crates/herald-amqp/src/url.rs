@@ -361,40 +361,36 @@ fn parse_port(p: &str) -> Result<u16, ConfigError> {
 
 /// Decodes `%XX` escapes in one part of an AMQP URL (user, password, vhost, a query value).
 /// The error says what is wrong ("holds an invalid %-escape", "is not UTF-8 once decoded"),
-/// never the input, which may be a password.
+/// never the input, which may be a password. A `%` not followed by two hex digits is refused
+/// (the `percent-encoding` crate would pass it through as text).
 pub fn percent_decode(s: &str) -> Result<String, String> {
     let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
+    let malformed = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !bytes
                 .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| "holds an invalid %-escape".to_owned())?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if malformed {
+        return Err("holds an invalid %-escape".to_owned());
     }
-    String::from_utf8(out).map_err(|_| "is not UTF-8 once decoded".to_owned())
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| "is not UTF-8 once decoded".to_owned())
 }
+
+/// Everything but ASCII letters, digits and `-_.~` (RFC 3986's unreserved characters).
+const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 /// Escapes everything but ASCII letters, digits and `-_.~`, for one part of an AMQP URL (`/`
 /// becomes `%2F`).
 pub fn percent_encode(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(v, ESCAPED).to_string()
 }
 
 #[cfg(test)]
@@ -652,5 +648,19 @@ mod tests {
             reason("amqp://h:0/"),
             "port: is not a port number (1-65535)"
         );
+    }
+
+    #[test]
+    fn escapes_are_two_hex_digits_or_refused() {
+        assert_eq!(percent_decode("a%2Fb%2f%40").as_deref(), Ok("a/b/@"));
+        // `u8::from_str_radix` took a sign: "%+1" used to decode as byte 1.
+        for bad in ["%+1", "%-1", "%1", "%", "%zz", "a%2"] {
+            assert!(percent_decode(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            percent_decode("%FF"),
+            Err("is not UTF-8 once decoded".to_owned())
+        );
+        assert_eq!(percent_encode("a/b c~é"), "a%2Fb%20c~%C3%A9");
     }
 }
