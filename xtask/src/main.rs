@@ -99,6 +99,19 @@ fn ci() -> Result<()> {
         ]),
     )?;
     run("tests", cargo().args(["test", "--workspace"]))?;
+    // Needs root (it mounts a small tmpfs to fill): ignored in a plain `cargo test`.
+    run(
+        "spool on a full disk",
+        cargo().args([
+            "test",
+            "-p",
+            "herald-spool",
+            "--test",
+            "disk_full",
+            "--",
+            "--ignored",
+        ]),
+    )?;
     rules::test(&project_root())?;
     run(
         "docs",

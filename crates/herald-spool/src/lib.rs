@@ -1,0 +1,129 @@
+//! herald-spool: an on-disk spool for accepted messages, so that a crash does not lose them.
+//!
+//! A [`Spool`] keeps messages in a directory of segment files: [`append`](Spool::append)
+//! (or [`append_all`](Spool::append_all), or [`submit`](Spool::submit) and await) stores a
+//! message and returns its [`SpoolId`] once it is durable as the [`SyncPolicy`] says; a
+//! [`Cursor`] reads pending records back in append order; [`settle`](Spool::settle) marks a
+//! record done, in any order. [`Spool::open`] recovers what a crash left and reports it in a
+//! [`Recovery`]; [`inspect`] and [`check`] read (and repair) a spool from outside.
+//!
+//! ```
+//! use herald_core::{Message, MessageId};
+//! use herald_spool::{Spool, SpoolConfig};
+//! # let dir = std::env::temp_dir().join(format!("herald-spool-doc-{}", std::process::id()));
+//! # let _fresh = std::fs::remove_dir_all(&dir);
+//! let (spool, recovery) = Spool::open(SpoolConfig::new(&dir))?;
+//! assert_eq!(recovery.pending_messages, 0);
+//! let id = spool.append(&Message::new("orders", "created #42").with_id(MessageId::from_u128(1)))?;
+//! let mut cursor = spool.cursor();
+//! let batch = cursor.read_batch(100, 1 << 20)?;
+//! assert_eq!(batch[0].id, id);
+//! assert_eq!(batch[0].message.payload().as_ref(), b"created #42");
+//! spool.settle(id)?;
+//! assert_eq!(spool.stats().pending_messages, 0);
+//! # drop(spool);
+//! # std::fs::remove_dir_all(&dir).expect("cleanup");
+//! # Ok::<(), herald_spool::SpoolError>(())
+//! ```
+//!
+//! # How the producer is meant to use it
+//!
+//! Nothing in herald uses the spool yet; this is the intended wiring (issue 12):
+//!
+//! 1. At start, `Spool::open`. The recovered records are read with
+//!    `spool.cursor().until(recovery.first_new_id())` and fed to the pipeline in batches
+//!    sized by its free buffer room, before (or alongside) new sends.
+//! 2. At acceptance, `spool.submit(&messages)` and await the ticket: the message is accepted
+//!    only once it is durable. [`SpoolError::Full`] (and a full disk, see
+//!    [`SpoolError::is_full`]) is backpressure: wait for settlements, or refuse.
+//! 3. The pipeline carries each message's `SpoolId`. A producer whose memory buffer is
+//!    smaller than the spool reads new records back with one unbounded cursor instead of
+//!    keeping them in memory.
+//! 4. When a message's fate is final (delivered, or failed and handed back to the
+//!    application), `settle_all` its id: settled records are never read again, and segment
+//!    files go once all their records are settled.
+//!
+//! # Directory layout
+//!
+//! - `lock`: locked exclusively while a `Spool` has the directory (released by the kernel
+//!   when the process ends, however it ends); holds the holder's pid.
+//! - `NNNNNNNNNNNNNNNNNNNN.seg`: segment files, named by their first sequence number (20
+//!   digits). Records are appended to the newest; a new one starts when a record would take
+//!   it past `segment_bytes`, and at every open.
+//! - `settled.log`: the settle log, runs of settled sequence numbers (format in
+//!   `settle_log.rs`); rewritten at open and whenever it doubles.
+//!
+//! # Record format
+//!
+//! Each record is a 32-byte header then the message:
+//!
+//! ```text
+//! magic "HSPL" | version u8 = 1 | flags u8 | reserved u16 = 0 | body length u32 |
+//! CRC-32 u32 | sequence number u64 | append time (Unix ms) u64 |
+//! body: [message id, 16 bytes] destination, [key], headers, payload (u32-length-prefixed)
+//! ```
+//!
+//! Integers are little-endian; the CRC covers the whole record but itself. The framing is
+//! written by hand rather than with a serialization crate: it is the on-disk format, so it
+//! must not change with a dependency's version; it is small (one function each way); and
+//! after a crash it must be readable record by record, with every record verified on its own
+//! and a reader able to find the next record after damage (by the length, else by scanning
+//! for the magic and a valid checksum). A record of a newer version is refused with
+//! [`SpoolError::UnsupportedVersion`], never cut away as damage.
+//!
+//! # Durability
+//!
+//! - [`SyncPolicy::Group`] (default): an append returns after an fsync that covers it.
+//!   Appends go to one writer thread; every append buffered while it writes and fsyncs the
+//!   previous round becomes the next round: one write and one fsync for all of them (group
+//!   commit). `append_all` is one write.
+//! - [`SyncPolicy::Interval`]: returns after the write; fsync every interval.
+//! - [`SyncPolicy::Os`]: never fsyncs.
+//!
+//! Settlements are appended to the settle log as they are made (so a process crash loses
+//! none) and fsynced when `settle_sync_every` of them are waiting (by the settle that
+//! reaches that number, before it returns) or `settle_sync_interval` after the first of them:
+//! after a power loss at most `settle_sync_every - 1` settled records come back as pending
+//! ([`SpoolStats::unsynced_settlements`] says how many would now). Coming back means being
+//! delivered again: at-least-once, never lost.
+//!
+//! When the disk is full, an append fails with an I/O error ([`SpoolError::is_full`]) and
+//! its partial write is cut off again, so the spool goes on once there is room; a settle
+//! that cannot be logged for lack of room deletes the segments it empties instead (the
+//! deletion is the settlement) and logs the rest in the room that made. A failed fsync
+//! breaks the spool ([`SpoolError::Broken`]): after one, what reached the disk is unknown,
+//! so it refuses appends until reopened, and the reopen's recovery reads what is there.
+//!
+//! A record lost with a torn tail (its append never returned, or with `Interval` and `Os`,
+//! was not yet synced) may see its id given again after the reopen: ids only ever increase
+//! among records that exist.
+//!
+//! # Recovery
+//!
+//! `open` verifies every record, reading one segment at a time and one record at a time. A
+//! damaged stretch followed by a valid record is skipped and reported (segment, offset,
+//! bytes); one with no valid record after it is a torn write and is cut off. Sequence
+//! numbers never repeat, even when every segment was deleted or a torn tail lost records
+//! whose settlement survived.
+//!
+//! # Memory
+//!
+//! Per record in a live segment, 4 bytes (its length, 0 once settled); a cursor holds one
+//! batch; appends wait in memory only until the writer thread takes them.
+
+mod config;
+mod cursor;
+mod error;
+mod index;
+mod lock;
+mod record;
+mod recover;
+mod scan;
+mod settle_log;
+mod spool;
+
+pub use config::{SpoolConfig, SyncPolicy};
+pub use cursor::Cursor;
+pub use error::SpoolError;
+pub use recover::{check, inspect, CorruptRecord, Damage, Inspection, Recovery, TornTail};
+pub use spool::{AppendTicket, Spool, SpoolId, SpoolStats, SpooledMessage};

@@ -1,0 +1,135 @@
+//! A full disk (a 256 KiB tmpfs mounted for the test; root only): appends fail with a clear
+//! error that says the disk is full, nothing accepted before is lost, a failed write leaves no
+//! torn record behind, settling still works and makes room, and appends go on.
+//!
+//! It needs root, so it is ignored in a plain `cargo test`; `cargo xtask ci` runs it. Without
+//! the right to mount, it fails unless HERALD_IT_ALLOW_SKIP=1 (the convention of herald's tests
+//! that need something from the machine).
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{ids, read_all, records_in, segments, TempDir};
+use herald_core::Message;
+use herald_spool::{Spool, SpoolConfig, SpoolError, SpoolId};
+
+/// A small tmpfs, unmounted on drop.
+struct SmallDisk {
+    mount: PathBuf,
+    _tmp: TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Result<Self, String> {
+        let tmp = TempDir::new("disk-full");
+        let mount = tmp.path().join("mnt");
+        std::fs::create_dir_all(&mount).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&mount)
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(Self { mount, _tmp: tmp })
+    }
+    fn path(&self) -> &Path {
+        &self.mount
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _best_effort = Command::new("umount").arg(&self.mount).status();
+    }
+}
+
+#[test]
+#[ignore = "mounts a tmpfs (root): cargo xtask ci runs it"]
+fn a_full_disk_refuses_appends_loses_nothing_and_settling_makes_room() {
+    let disk = match SmallDisk::mount("256k") {
+        Ok(d) => d,
+        Err(why) if std::env::var("HERALD_IT_ALLOW_SKIP").as_deref() == Ok("1") => {
+            eprintln!("skipped: cannot mount a tmpfs ({why})");
+            return;
+        }
+        Err(why) => panic!("cannot mount a small tmpfs ({why}); HERALD_IT_ALLOW_SKIP=1 skips"),
+    };
+    let dir = disk.path().join("spool");
+    let config = || {
+        SpoolConfig::new(&dir)
+            .segment_bytes(16 * 1024)
+            .max_bytes(64 * 1024 * 1024)
+    };
+    let m = |i: usize| Message::new("d", format!("{i:04}").repeat(25));
+    let (spool, _) = Spool::open(config()).expect("opens");
+    let mut acked: Vec<SpoolId> = Vec::new();
+    let err = loop {
+        match spool.append_all(&[m(acked.len()), m(acked.len() + 1)]) {
+            Ok(ids) => acked.extend(ids),
+            Err(e) => break e,
+        }
+        assert!(acked.len() < 5000, "a 256 KiB disk never filled");
+    };
+    assert!(err.is_full(), "{err}");
+    assert!(matches!(err, SpoolError::Io { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("No space left") && text.contains(".seg"),
+        "{text}"
+    );
+    // Still refused, not broken: a failed write is undone.
+    assert!(spool.append(&m(0)).expect_err("still full").is_full());
+    assert_eq!(ids(&read_all(&spool)), acked, "nothing accepted is lost");
+
+    // Take the last free bytes too, so that the settle log cannot grow either.
+    let mut filler = std::fs::File::create(disk.path().join("filler")).expect("filler");
+    while filler.write_all(&[0u8; 512]).is_ok() {}
+    drop(filler);
+
+    // Settle the first five segments whole, and every other record of the next eight (a
+    // frame of hundreds of runs, more than the settle log's last page holds): the whole
+    // segments are settled by deleting them, and the rest is logged in the room made.
+    let files = segments(&dir);
+    assert!(files.len() >= 14, "{} segments", files.len());
+    let ids_in = |f: &PathBuf| -> Vec<SpoolId> {
+        records_in(f)
+            .iter()
+            .map(|r| SpoolId::from_u64(r.2))
+            .collect()
+    };
+    let whole: Vec<SpoolId> = files[..5].iter().flat_map(ids_in).collect();
+    let halves: Vec<SpoolId> = files[5..13]
+        .iter()
+        .flat_map(ids_in)
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0)
+        .map(|(_, id)| id)
+        .collect();
+    let done: Vec<SpoolId> = whole.iter().chain(&halves).copied().collect();
+    spool.settle_all(&done).expect("settles on a full disk");
+    assert!(
+        files[..5].iter().all(|f| !f.exists()),
+        "whole segments deleted"
+    );
+    let after = spool.append_all(&[m(1), m(2)]).expect("room again");
+    drop(spool);
+
+    let (spool, recovery) = Spool::open(config()).expect("reopens");
+    assert!(
+        recovery.damage.is_empty(),
+        "no torn record: {:?}",
+        recovery.damage
+    );
+    let want: Vec<SpoolId> = acked
+        .iter()
+        .filter(|id| !done.contains(id))
+        .chain(&after)
+        .copied()
+        .collect();
+    assert_eq!(ids(&read_all(&spool)), want);
+}
