@@ -75,6 +75,20 @@ impl Live {
         *ch = Some(opened.clone());
         Ok(opened)
     }
+
+    /// Gives up channel `slot` if it still holds `channel`, so that the next publish on the
+    /// slot opens a new one. lapin closes the channel when its last clone (a batch still
+    /// publishing on it) is dropped.
+    ///
+    /// Used after a nack: RabbitMQ 3.10 keeps nacking every publish of a channel that first
+    /// published to a quorum queue while a dead node was still its recorded leader, however
+    /// long the queue has had a new leader; a new channel publishes fine.
+    pub(crate) async fn retire(&self, slot: usize, channel: &Channel) {
+        let mut ch = self.channels[slot].lock().await;
+        if ch.as_ref().is_some_and(|c| c.id() == channel.id()) {
+            *ch = None;
+        }
+    }
 }
 
 #[derive(Default)]

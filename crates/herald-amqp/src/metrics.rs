@@ -30,6 +30,9 @@ pub const FAILOVERS: &str = "herald_amqp_failovers_total";
 /// Connections given up because their confirms stopped coming within the confirm timeout (a
 /// half-open connection, a hung node). Counter.
 pub const ABANDONED: &str = "herald_amqp_connections_abandoned_total";
+/// Channels given up after the broker nacked a publish on them, so that the retry goes out on
+/// a new channel. Counter.
+pub const CHANNELS_RETIRED: &str = "herald_amqp_channels_retired_total";
 
 /// Every metric name above.
 pub const ALL: &[&str] = &[
@@ -43,6 +46,7 @@ pub const ALL: &[&str] = &[
     NODE_CONNECTED,
     FAILOVERS,
     ABANDONED,
+    CHANNELS_RETIRED,
 ];
 
 /// The handles, registered once per transport.
@@ -57,6 +61,7 @@ pub(crate) struct AmqpMetrics {
     pub(crate) nacked: Counter,
     pub(crate) failovers: Counter,
     pub(crate) abandoned: Counter,
+    pub(crate) channels_retired: Counter,
     labels: Vec<Label>,
 }
 
@@ -78,6 +83,7 @@ impl AmqpMetrics {
             nacked: counter!(NACKED, l()),
             failovers: counter!(FAILOVERS, l()),
             abandoned: counter!(ABANDONED, l()),
+            channels_retired: counter!(CHANNELS_RETIRED, l()),
             labels,
         }
     }
@@ -108,6 +114,7 @@ mod tests {
             NACKED,
             FAILOVERS,
             ABANDONED,
+            CHANNELS_RETIRED,
         ] {
             assert!(counter.ends_with("_total"), "{counter}");
         }

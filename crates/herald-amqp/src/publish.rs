@@ -192,6 +192,15 @@ async fn publish_group(
     for (j, confirm) in pending {
         out.push((j, settle(inner, confirm, route, &target, deadline).await));
     }
+    if out
+        .iter()
+        .any(|(_, o)| matches!(o, Err(e) if e.code() == Some("NACK")))
+    {
+        // A nacked message is retried: on a new channel, not on one the broker may go on
+        // nacking (see `Live::retire`).
+        live.retire(slot, &channel).await;
+        inner.metrics.channels_retired.increment(1);
+    }
     out
 }
 

@@ -208,3 +208,28 @@ async fn a_list_with_no_live_address_fails_naming_each() {
     );
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+/// Issue 13: RabbitMQ 3.10 keeps nacking every publish of a channel that first published to a
+/// quorum queue while its recorded leader was a dead node. A nack gives the channel up, so that
+/// the retry goes out on a new channel instead of being nacked again until it runs out of time.
+#[tokio::test]
+async fn a_nack_gives_the_channel_up_and_the_retry_goes_out_on_a_new_one() {
+    let port = fake_broker(Fake::NacksFirstChannel).await;
+    let t = AmqpTransport::new(
+        AmqpConfig::from_url(&format!("amqp://127.0.0.1:{port}/%2F"))
+            .expect("url")
+            .channels(1),
+    )
+    .expect("transport");
+    let batch: Vec<Message> = (0..5).map(|i| Message::new("q", format!("m{i}"))).collect();
+    let first = t.send_batch(&Destination::new("q"), &batch).await;
+    for o in &first {
+        let e = o.as_ref().expect_err("the first channel nacks");
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        assert_eq!(e.code(), Some("NACK"), "{e}");
+    }
+    let retry = t.send_batch(&Destination::new("q"), &batch).await;
+    for o in &retry {
+        assert!(o.is_ok(), "the retry went out on the nacking channel again: {o:?}");
+    }
+}

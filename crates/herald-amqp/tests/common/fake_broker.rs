@@ -11,6 +11,10 @@ pub(crate) enum Fake {
     Blocks,
     /// Confirms every publish (`basic.ack`), as a healthy broker does.
     Confirms,
+    /// Nacks every publish (`basic.nack`) on the first channel a connection opens, confirms on
+    /// the others: what RabbitMQ 3.10 does to a channel that first published to a quorum queue
+    /// whose recorded leader was a dead node.
+    NacksFirstChannel,
 }
 
 fn method(class: u16, method: u16, args: &[u8]) -> Vec<u8> {
@@ -73,6 +77,7 @@ pub(crate) async fn fake_broker(mode: Fake) -> u16 {
                 // Publishes seen per channel: the delivery tag of the next confirm.
                 let mut published: std::collections::HashMap<u16, u64> =
                     std::collections::HashMap::new();
+                let mut first_channel: Option<u16> = None;
                 loop {
                     if !out.is_empty() {
                         if sock.write_all(&out).await.is_err() {
@@ -107,7 +112,10 @@ pub(crate) async fn fake_broker(mode: Fake) -> u16 {
                         }
                         (10, 40) => out = frame(0, &method(10, 41, &[0])),
                         (10, 50) => out = frame(0, &method(10, 51, &[])),
-                        (20, 10) => out = frame(channel, &method(20, 11, &[0, 0, 0, 0])),
+                        (20, 10) => {
+                            first_channel.get_or_insert(channel);
+                            out = frame(channel, &method(20, 11, &[0, 0, 0, 0]));
+                        }
                         (20, 40) => out = frame(channel, &method(20, 41, &[])),
                         (85, 10) => {
                             out = frame(channel, &method(85, 11, &[]));
@@ -117,12 +125,17 @@ pub(crate) async fn fake_broker(mode: Fake) -> u16 {
                                 out.extend(frame(0, &method(10, 60, &reason)));
                             }
                         }
-                        (60, 40) if mode == Fake::Confirms => {
+                        (60, 40) if matches!(mode, Fake::Confirms | Fake::NacksFirstChannel) => {
                             let tag = published.entry(channel).or_default();
                             *tag += 1;
                             let mut a = tag.to_be_bytes().to_vec();
-                            a.push(0); // not multiple
-                            out = frame(channel, &method(60, 80, &a));
+                            if mode == Fake::NacksFirstChannel && first_channel == Some(channel) {
+                                a.push(0); // not multiple, not requeue
+                                out = frame(channel, &method(60, 120, &a));
+                            } else {
+                                a.push(0); // not multiple
+                                out = frame(channel, &method(60, 80, &a));
+                            }
                         }
                         _ => {} // tune-ok, basic.publish: no answer
                     }
