@@ -278,8 +278,14 @@ fn check_read_back(got: &Consumed, sent: usize) -> usize {
         .map(|i| format!("k{}-{}", i % KEYS, i / KEYS).into_bytes())
         .collect();
     let missing = expected.difference(&got.payloads).count();
-    assert_eq!(missing, 0, "{missing} of the {sent} delivered messages were not read back");
-    assert_eq!(got.payloads, expected, "exactly the messages sent, nothing else");
+    assert_eq!(
+        missing, 0,
+        "{missing} of the {sent} delivered messages were not read back"
+    );
+    assert_eq!(
+        got.payloads, expected,
+        "exactly the messages sent, nothing else"
+    );
     let mut seen = HashSet::with_capacity(sent);
     let mut last = vec![None::<usize>; KEYS];
     for payload in &got.arrivals {
@@ -333,13 +339,19 @@ async fn time_switch(
             }
             Some(_) => break,
         }
-        assert!(Instant::now() < deadline, "no connection to another node within {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no connection to another node within {within:?}"
+        );
         tokio::time::sleep(poll).await;
     }
     let connected_ms = start.elapsed().as_millis();
     let before = producer.stats().totals.delivered;
     while producer.stats().totals.delivered == before {
-        assert!(Instant::now() < deadline, "no delivery through the next node within {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no delivery through the next node within {within:?}"
+        );
         tokio::time::sleep(poll).await;
     }
     Switch {
@@ -391,7 +403,10 @@ async fn herald_fails_over_when_its_node_is_killed(cluster: &mut RabbitCluster) 
         switch.delivered_ms,
         N as f64 / took.as_secs_f64()
     );
-    cluster.start_node(victim).await.expect("the killed node back");
+    cluster
+        .start_node(victim)
+        .await
+        .expect("the killed node back");
 }
 
 /// Issue 13 (b): every node stopped and started again, one after the other, while herald
@@ -454,7 +469,12 @@ async fn herald_rides_a_rolling_restart(cluster: &mut RabbitCluster) {
             failed.push(e);
         }
     }
-    assert!(failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} failed, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
     let retries = p.stats().totals.retries;
     p.close(Duration::from_secs(30)).await;
     let got = consume_all(&cluster.url(0), &queue, sent, Duration::from_secs(120)).await;

@@ -230,6 +230,9 @@ async fn a_nack_gives_the_channel_up_and_the_retry_goes_out_on_a_new_one() {
     }
     let retry = t.send_batch(&Destination::new("q"), &batch).await;
     for o in &retry {
-        assert!(o.is_ok(), "the retry went out on the nacking channel again: {o:?}");
+        assert!(
+            o.is_ok(),
+            "the retry went out on the nacking channel again: {o:?}"
+        );
     }
 }

@@ -326,6 +326,28 @@ impl Engine {
         self.push(p).await
     }
 
+    /// Sends messages (input line, message) in order, waiting for buffer space: one
+    /// `Producer::enqueue_many`, so that with a spool they are stored with one write.
+    pub(crate) async fn send_many(&self, msgs: Vec<(u64, Message)>) -> anyhow::Result<()> {
+        let mut lines = Vec::with_capacity(msgs.len());
+        let mut copies = Vec::with_capacity(msgs.len());
+        let mut batch = Vec::with_capacity(msgs.len());
+        for (line, msg) in msgs {
+            lines.push(line);
+            copies.push(self.copies.then(|| msg.clone()));
+            batch.push(msg);
+        }
+        let answers = self.producer.enqueue_many(batch).await;
+        for ((line, copy), answer) in lines.into_iter().zip(copies).zip(answers) {
+            let p = match answer {
+                Ok(fut) => Pending::Sent(line, fut, copy),
+                Err(e) => Pending::Refused(line, e),
+            };
+            self.push(p).await?;
+        }
+        Ok(())
+    }
+
     /// Records an input line that is not a message, in its place in the input order.
     pub(crate) async fn malformed(
         &self,

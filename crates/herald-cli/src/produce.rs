@@ -48,6 +48,11 @@ pub(crate) struct ProduceArgs {
     /// while the command runs (e.g. 127.0.0.1:9464; port 0 picks a free one, printed on stderr).
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) metrics_addr: Option<String>,
+    /// Keep every accepted message in the spool directory DIR until it is delivered or
+    /// recorded as failed, so that a crash or `kill -9` loses nothing accepted; what an
+    /// earlier run left in DIR is sent first. One process at a time per DIR.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) spool: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) tuning: Tuning,
 }
@@ -152,20 +157,30 @@ fn open_input(
 }
 
 /// Hands `items` to the engine, in order; `last_line` follows the last line number handed.
+///
+/// Runs of messages go to the producer together (with a spool: one write and one fsync for
+/// the run instead of one per message).
 async fn feed(engine: &Engine, items: Vec<Item>, last_line: &mut u64) -> anyhow::Result<()> {
+    let mut run = Vec::new();
     for item in items {
         match item {
             // After an interrupt the producer is closed: each message comes back at once
             // and is recorded with its line.
             Item::Message { line, msg } => {
                 *last_line = line;
-                engine.send(line, msg).await?;
+                run.push((line, msg));
             }
             Item::Malformed { line, raw, error } => {
                 *last_line = line;
+                if !run.is_empty() {
+                    engine.send_many(std::mem::take(&mut run)).await?;
+                }
                 engine.malformed(line, raw, error).await?;
             }
         }
+    }
+    if !run.is_empty() {
+        engine.send_many(run).await?;
     }
     Ok(())
 }
@@ -197,7 +212,9 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
         .iter()
         .map(|url| Target::parse(url))
         .collect::<Result<Vec<_>, _>>()?;
-    let session = args.tuning.build_with_fallbacks(&target, &fallbacks)?;
+    let session = args
+        .tuning
+        .build_with_fallbacks(&target, &fallbacks, args.spool.as_deref())?;
     if let Some((telemetry, _)) = &telemetry {
         telemetry.watch("produce", &session.producer);
     }

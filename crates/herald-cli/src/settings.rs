@@ -8,6 +8,7 @@ use herald::amqp::AmqpTransport;
 use herald::batch::SizeOrLinger;
 use herald::kafka::{KafkaConfig, KafkaTransport};
 use herald::retry::{Backoff, ExponentialRetry};
+use herald::spool::{ProducerBuilderExt as _, SpoolConfig};
 use herald::{Destination, Fallback, OrderingMode, Producer, ProducerBuilder};
 
 use crate::target::{AmqpTarget, KafkaTarget, Target};
@@ -214,16 +215,19 @@ impl Tuning {
     /// Builds the producer for `target`. This is the one place a producer is made from flags:
     /// telemetry (a metrics recorder) is installed before it is called.
     pub(crate) fn build(&self, target: &Target) -> anyhow::Result<Session> {
-        self.build_with_fallbacks(target, &[])
+        self.build_with_fallbacks(target, &[], None)
     }
 
     /// Builds the producer for `target`, with `fallbacks` (`--fallback`, in order) taking over
     /// while the routes before them are down: one `Fallback` transport over all of them, each
     /// route sending to its own URL's destination. Batching follows the primary's broker.
+    /// With `spool`, every accepted message is kept in that directory until it ends, and what
+    /// an earlier run left there is sent first.
     pub(crate) fn build_with_fallbacks(
         &self,
         target: &Target,
         fallbacks: &[Target],
+        spool: Option<&std::path::Path>,
     ) -> anyhow::Result<Session> {
         if !self.kafka_properties.is_empty()
             && std::iter::once(target)
@@ -262,8 +266,13 @@ impl Tuning {
             }
             Producer::builder(routes)
         };
-        let producer = self
-            .apply(builder, batching)
+        let mut builder = self.apply(builder, batching);
+        if let Some(dir) = spool {
+            builder = builder
+                .spool(SpoolConfig::new(dir))
+                .with_context(|| format!("--spool {}", dir.display()))?;
+        }
+        let producer = builder
             .build()
             .context("the producer settings are invalid")?;
         Ok(Session {

@@ -386,3 +386,238 @@ fn amqp_unreachable_broker_dead_letters_everything() {
         assert!(!r.to_string().contains("s3cretpw"), "{r}");
     }
 }
+
+/// Waits (at most `within`) until the spool in `dir` holds `n` pending messages, read from
+/// outside while the producing process holds it.
+fn wait_spooled(dir: &std::path::Path, n: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let pending = herald::spool::inspect(dir).map_or(0, |i| i.stats.pending_messages);
+        if pending >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spool holds {pending} of {n} messages after {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 12: `herald produce --spool` accepts messages while RabbitMQ is unreachable and is
+/// killed with SIGKILL; the next run on the same spool, with no input of its own and the broker
+/// reachable, delivers every one of them, in per-key order, each once.
+#[test]
+#[ignore = "needs RabbitMQ: cargo xtask it"]
+fn amqp_spool_survives_kill_9_while_the_broker_is_unreachable() {
+    const N: usize = 5_000;
+    let url = amqp_url();
+    let rt = runtime();
+    let conn = within(
+        &rt,
+        "connecting to RabbitMQ",
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .expect("connect");
+    let queue = unique("spool");
+    let dir = Scratch::new("real-amqp-spool");
+    let spool = dir.path("spool");
+    let spool_arg = spool.to_string_lossy().into_owned();
+    let (text, sent) = jsonl_input(N, "spool");
+    let input = dir.path("input.jsonl");
+    std::fs::write(&input, &text).expect("input file");
+    let input_arg = input.to_string_lossy().into_owned();
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let (userinfo, _) = url.split_once('@').expect("the URL has user information");
+    let unreachable = format!("{userinfo}@127.0.0.1:{dead}/%2f?queue={queue}");
+    let mut child = common::spawn(
+        &[
+            "produce",
+            "--to",
+            &unreachable,
+            "--spool",
+            &spool_arg,
+            "--input",
+            &input_arg,
+            "--format",
+            "jsonl",
+        ],
+        &dir.0,
+    );
+    wait_spooled(&spool, N as u64, Duration::from_secs(60));
+    child.kill().expect("SIGKILL");
+    let killed = child.wait().expect("reaped");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&killed),
+        Some(9),
+        "killed by SIGKILL, not ended on its own: {killed:?}"
+    );
+
+    let empty = dir.path("empty.jsonl");
+    std::fs::write(&empty, "").expect("empty input");
+    let to = with_query(&url, &format!("queue={queue}"));
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            &to,
+            "--spool",
+            &spool_arg,
+            "--input",
+            &empty.to_string_lossy(),
+            "--format",
+            "jsonl",
+            "--report",
+            "json",
+        ],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    let got = within(
+        &rt,
+        "reading the queue back",
+        amqp_read(&conn, &queue, N, Duration::from_secs(60)),
+    );
+    within(&rt, "deleting the queue", delete_queue(&conn, &queue));
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_same_messages(&sent, &got);
+    let left = herald::spool::inspect(&spool).expect("inspect");
+    assert_eq!(
+        left.stats.pending_messages, 0,
+        "the spool is empty: {left:?}"
+    );
+}
+
+/// Issue 12: `herald produce --spool` killed with SIGKILL at several points while it delivers to
+/// a live RabbitMQ; after each kill the next run, with no input, sends what was left. What
+/// arrives is, per key, the input's order of first copies, with no message missing before the
+/// last one that arrived (every accepted message comes before any that was not read yet).
+#[test]
+#[ignore = "needs RabbitMQ: cargo xtask it"]
+fn amqp_spool_survives_kill_9_mid_delivery() {
+    const N: usize = 20_000;
+    let url = amqp_url();
+    let rt = runtime();
+    let conn = within(
+        &rt,
+        "connecting to RabbitMQ",
+        Connection::connect(&url, ConnectionProperties::default()),
+    )
+    .expect("connect");
+    let queue = unique("spool-live");
+    let dir = Scratch::new("real-amqp-spool-live");
+    let spool = dir.path("spool");
+    let spool_arg = spool.to_string_lossy().into_owned();
+    let (text, sent) = jsonl_input(N, "live");
+    let input = dir.path("input.jsonl");
+    std::fs::write(&input, &text).expect("input file");
+    let to = with_query(&url, &format!("queue={queue}"));
+    let empty = dir.path("empty.jsonl");
+    std::fs::write(&empty, "").expect("empty input");
+    let mut kills = 0;
+    // Killed once something is spooled, at three points of the run: early, later, later still.
+    for (round, wait) in [(0, 400), (1, 30), (2, 120)]
+        .into_iter()
+        .map(|(r, ms)| (r, Duration::from_millis(ms)))
+    {
+        let source = if round == 0 { &input } else { &empty };
+        let mut child = common::spawn(
+            &[
+                "produce",
+                "--to",
+                &to,
+                "--spool",
+                &spool_arg,
+                "--input",
+                &source.to_string_lossy(),
+                "--format",
+                "jsonl",
+            ],
+            &dir.0,
+        );
+        if round == 0 {
+            wait_spooled(&spool, 1, Duration::from_secs(60));
+        }
+        std::thread::sleep(wait);
+        if child.try_wait().expect("status").is_none() {
+            child.kill().expect("SIGKILL");
+            kills += 1;
+        }
+        let _reaped = child.wait();
+    }
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            &to,
+            "--spool",
+            &spool_arg,
+            "--input",
+            &empty.to_string_lossy(),
+            "--format",
+            "jsonl",
+            "--report",
+            "json",
+        ],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let got = within(
+        &rt,
+        "reading the queue back",
+        amqp_read(&conn, &queue, N * 2, Duration::from_secs(5)),
+    );
+    within(&rt, "deleting the queue", delete_queue(&conn, &queue));
+    assert!(kills > 0, "no run was killed: the test proved nothing");
+    let position: std::collections::HashMap<&[u8], usize> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| (p.as_bytes(), i))
+        .collect();
+    let mut first = std::collections::HashSet::new();
+    let mut last_of_key: std::collections::HashMap<Option<Vec<u8>>, usize> =
+        std::collections::HashMap::new();
+    for r in &got {
+        let i = *position.get(r.payload.as_slice()).unwrap_or_else(|| {
+            panic!(
+                "a message never sent: {:?}",
+                String::from_utf8_lossy(&r.payload)
+            )
+        });
+        if !first.insert(i) {
+            continue;
+        }
+        if let Some(prev) = last_of_key.insert(r.key.clone(), i) {
+            assert!(
+                prev < i,
+                "key {:?}: first copy of #{i} after #{prev}",
+                r.key
+            );
+        }
+    }
+    let highest = first.iter().max().copied().expect("something arrived");
+    let missing: Vec<usize> = (0..=highest).filter(|i| !first.contains(i)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} messages before #{highest} never arrived, e.g. #{:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let left = herald::spool::inspect(&spool).expect("inspect");
+    assert_eq!(
+        left.stats.pending_messages, 0,
+        "the spool is empty: {left:?}"
+    );
+    eprintln!(
+        "spool kill -9: {kills} kills; {} of {N} messages accepted and delivered ({} arrivals, {} duplicates)",
+        first.len(),
+        got.len(),
+        got.len() - first.len()
+    );
+}

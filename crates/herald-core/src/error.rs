@@ -145,6 +145,10 @@ pub enum FailureReason {
         /// The panic's message, if it had one.
         message: String,
     },
+    /// The producer's [`Store`](crate::Store) could not take the message: full (`try_send`
+    /// does not wait for room) or failing (an unwritable directory, a full disk, a failed
+    /// fsync). The message was not accepted.
+    Store(crate::StoreError),
 }
 
 impl FailureReason {
@@ -160,7 +164,8 @@ impl FailureReason {
             | Self::DeliveryTimeout { .. }
             | Self::BufferFull
             | Self::Closed
-            | Self::Cancelled => ErrorClass::Transient,
+            | Self::Cancelled
+            | Self::Store(_) => ErrorClass::Transient,
         }
     }
     /// A short stable label, used as the `reason` metric label.
@@ -174,6 +179,8 @@ impl FailureReason {
             Self::Closed => "closed",
             Self::Cancelled => "cancelled",
             Self::Panicked { .. } => "panicked",
+            Self::Store(e) if e.is_full() => "store_full",
+            Self::Store(_) => "store_failed",
         }
     }
     /// The last transport error behind the failure, if any.
@@ -216,6 +223,11 @@ impl fmt::Display for FailureReason {
             Self::Panicked { site, message } => {
                 write!(f, "the producer's {site} panicked on this message: {message}")
             }
+            Self::Store(e) if e.is_full() => write!(
+                f,
+                "the producer's store is full (try_send does not wait for room): {e}"
+            ),
+            Self::Store(e) => write!(f, "the producer's store could not take the message: {e}"),
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - [`Health`]: how a producer is doing (healthy, degraded, unhealthy, and why), on demand and
 //!   as a watch channel, from its circuit breaker, buffer, error rate and the transport's own
 //!   [`TransportHealth`].
+//! - [`Store`]: durable storage between acceptance and sending (herald-spool's on-disk spool),
+//!   so that a crash loses nothing accepted.
 //! - [`metrics`]: the names of every metric the pipeline emits through the `metrics` facade.
 //!
 //! Most users depend on the `herald` facade crate, which re-exports all of this.
@@ -21,6 +23,7 @@ mod key_hold;
 mod message;
 pub mod metrics;
 mod producer;
+mod store;
 mod transport;
 
 pub use error::{BuildError, ErrorClass, FailureReason, SendError, TransportError};
@@ -34,6 +37,7 @@ pub use producer::{
     BulkReceipt, BulkReport, CloseReport, Delivery, DeliveryFuture, OrderingMode, Producer,
     ProducerBuilder, ProducerStats, Totals, UnclaimedHook,
 };
+pub use store::{Durable, Store, StoreError, StoreToken, Submitted};
 pub use transport::{Ack, BatchOutcome, Transport};
 
 /// Re-exported so that adapters implement [`Transport`] with the same macro version.

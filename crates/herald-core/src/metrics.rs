@@ -17,8 +17,8 @@ pub const MESSAGES_ACCEPTED: &str = "herald_messages_accepted_total";
 pub const MESSAGES_DELIVERED: &str = "herald_messages_delivered_total";
 /// Messages handed back to the caller, by `class` (transient/permanent) and `reason`
 /// (rejected, retries_exhausted, delivery_timeout, too_large, buffer_full, closed, cancelled,
-/// panicked). Counter. `too_large`, `buffer_full`, `closed` and `cancelled` can happen before
-/// acceptance; the others after.
+/// panicked, store_full, store_failed). Counter. `too_large`, `buffer_full`, `closed`,
+/// `cancelled` and the `store_` ones can happen before acceptance; the others after.
 pub const MESSAGES_FAILED: &str = "herald_messages_failed_total";
 /// Failed messages whose caller had stopped listening (handed to the unclaimed hook or kept
 /// for `close`). Counter.
@@ -143,6 +143,8 @@ impl Metrics {
             ("transient", "closed"),
             ("transient", "cancelled"),
             ("permanent", "panicked"),
+            ("transient", "store_full"),
+            ("transient", "store_failed"),
         ] {
             let mut with = l();
             with.push(Label::new("class", class));

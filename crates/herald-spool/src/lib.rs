@@ -26,9 +26,11 @@
 //! # Ok::<(), herald_spool::SpoolError>(())
 //! ```
 //!
-//! # How the producer is meant to use it
+//! # How the producer uses it
 //!
-//! Nothing in herald uses the spool yet; this is the intended wiring (issue 12):
+//! [`SpoolStore`] is the spool as a producer's `herald_core::Store`:
+//! `ProducerBuilder::store(SpoolStore::open(config)?.0)`. The wiring, and what is still to come
+//! (issue 12):
 //!
 //! 1. At start, `Spool::open`. The recovered records are read with
 //!    `spool.cursor().until(recovery.first_new_id())` and fed to the pipeline in batches
@@ -121,9 +123,11 @@ mod recover;
 mod scan;
 mod settle_log;
 mod spool;
+mod store;
 
 pub use config::{SpoolConfig, SyncPolicy};
 pub use cursor::Cursor;
 pub use error::SpoolError;
 pub use recover::{check, inspect, CorruptRecord, Damage, Inspection, Recovery, TornTail};
 pub use spool::{AppendTicket, Spool, SpoolId, SpoolStats, SpooledMessage};
+pub use store::{ProducerBuilderExt, SpoolStore};

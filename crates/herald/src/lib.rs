@@ -41,6 +41,7 @@
 //! | `kafka` | the `kafka` module: the Kafka transport (herald-kafka, on rdkafka; builds librdkafka) |
 //! | `amqp` | the `amqp` module: the RabbitMQ / AMQP 0-9-1 transport (herald-amqp, on lapin) |
 //! | `telemetry` | the `telemetry` module: the Prometheus recorder, `/metrics` and `/health` over HTTP (herald-telemetry) |
+//! | `spool` | the `spool` module: the on-disk spool, so that accepted messages survive a crash (`builder.spool(SpoolConfig::new(dir))?`, herald-spool) |
 //! | `full` | all of the above |
 //!
 //! Metric names live in [`metrics`]; they are emitted through the `metrics` facade and cost a
@@ -70,6 +71,14 @@ pub mod kafka {
 #[cfg(feature = "amqp")]
 pub mod amqp {
     pub use herald_amqp::*;
+}
+
+/// The on-disk spool ([`herald_spool`]): with `use herald::spool::ProducerBuilderExt`,
+/// `Producer::builder(t).spool(SpoolConfig::new(dir))?.build()?` keeps every accepted message
+/// on disk until its fate is final.
+#[cfg(feature = "spool")]
+pub mod spool {
+    pub use herald_spool::*;
 }
 
 /// The in-memory transport and the adapter conformance suite ([`herald_testkit`]).

@@ -8,10 +8,12 @@ use herald_retry::{CircuitBreakerConfig, ExponentialRetry, RetryBudgetConfig, Re
 
 use super::completion::UnclaimedHook;
 use super::order::OrderingMode;
+use super::stage::{self, Stage};
 use super::state::{clock_now, Config, Shared};
 use super::{dispatch, health, Handle, Producer};
 use crate::error::{BuildError, SendError};
 use crate::health::HealthPolicy;
+use crate::store::Store;
 use crate::transport::Transport;
 
 /// Builds a [`Producer`]. Every setting has a default; [`ProducerBuilder::build`] checks them
@@ -31,6 +33,7 @@ pub struct ProducerBuilder {
     on_unclaimed: Option<UnclaimedHook>,
     health: HealthPolicy,
     name: Option<String>,
+    store: Option<Arc<dyn Store>>,
 }
 
 impl std::fmt::Debug for ProducerBuilder {
@@ -50,6 +53,7 @@ impl std::fmt::Debug for ProducerBuilder {
             .field("on_unclaimed", &self.on_unclaimed.is_some())
             .field("health", &self.health)
             .field("name", &self.name)
+            .field("store", &self.store.as_ref().map(|s| s.describe()))
             .finish()
     }
 }
@@ -71,6 +75,7 @@ impl ProducerBuilder {
             on_unclaimed: None,
             health: HealthPolicy::default(),
             name: None,
+            store: None,
         }
     }
 
@@ -154,6 +159,31 @@ impl ProducerBuilder {
     #[must_use]
     pub fn on_unclaimed(mut self, hook: impl Fn(SendError) + Send + Sync + 'static) -> Self {
         self.on_unclaimed = Some(Arc::new(hook));
+        self
+    }
+
+    /// Keeps every accepted message in `store` (herald-spool's on-disk spool) until its fate is
+    /// final, so that a crash, a kill or a deploy loses nothing accepted. Default: none, every
+    /// accepted message lives in memory only.
+    ///
+    /// With a store:
+    /// - A message is *accepted* once the store has it durably (as its sync policy says):
+    ///   [`Producer::send`], [`Producer::enqueue`] and [`Producer::send_all`] return after
+    ///   that. [`Producer::try_send`] returns once the store has taken the message; if making
+    ///   it durable then fails, its future ends with [`FailureReason::Store`](crate::FailureReason::Store).
+    /// - It leaves the store once delivered, or failed and handed back. A message failed as
+    ///   [`Closed`](crate::FailureReason::Closed) (a close that ran out of time) is handed back
+    ///   and also kept: the next producer on the store sends it again.
+    /// - What an earlier producer left in the store is sent first, before anything new, in the
+    ///   order it was accepted; its failures go to the unclaimed hook (or
+    ///   [`Producer::close`]'s report).
+    /// - A full store is backpressure: `send` waits for room, `try_send` hands the message
+    ///   back with [`FailureReason::Store`](crate::FailureReason::Store).
+    /// - Stored messages wait in memory too while the buffer is full (so memory is bounded by
+    ///   the store's size, not by the buffer's).
+    #[must_use]
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
         self
     }
 
@@ -261,6 +291,13 @@ impl ProducerBuilder {
             health: self.health,
             name: self.name,
         };
+        let (stage, admissions) = match self.store {
+            Some(store) => {
+                let (stage, rx) = Stage::new(store.clone());
+                (Some(stage), Some((store, rx)))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(Shared::new(
             config,
             self.batching,
@@ -268,8 +305,13 @@ impl ProducerBuilder {
             self.breaker.build(),
             self.transport,
             self.on_unclaimed,
+            stage,
         ));
         let dispatcher = runtime.spawn(dispatch::run_dispatcher(shared.clone()));
+        if let Some((store, rx)) = admissions {
+            stage::hold_for_recovery(&shared);
+            runtime.spawn(stage::run_admitter(shared.clone(), store, rx));
+        }
         runtime.spawn(health::run_health(
             Arc::downgrade(&shared),
             shared.health.kick.clone(),

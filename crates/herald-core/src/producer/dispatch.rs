@@ -435,7 +435,11 @@ pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
         let (flights, wake_at, exit) = {
             let mut st = shared.lock();
             let (flights, wake_at) = shared.plan(&mut st, &mut fin, now);
-            let exit = st.closing && st.buffered_messages == 0 && st.in_flight == 0;
+            let exit = st.closing
+                && st.buffered_messages == 0
+                && st.in_flight == 0
+                && st.staged == 0
+                && !st.recovering;
             (flights, wake_at, exit)
         };
         shared.complete(fin);

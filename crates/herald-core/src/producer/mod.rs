@@ -17,6 +17,7 @@ mod contain;
 mod dispatch;
 mod health;
 mod order;
+mod stage;
 mod state;
 
 use std::collections::VecDeque;
@@ -39,8 +40,10 @@ pub use state::Totals;
 use crate::error::{FailureReason, SendError};
 use crate::health::Health;
 use crate::message::Message;
+use crate::store::StoreError;
 use crate::transport::Transport;
 use completion::{Completion, Group};
+use stage::{NotStored, Stage};
 pub(crate) use state::clock_now;
 use state::{Refused, Shared};
 
@@ -201,6 +204,9 @@ impl Producer {
     ///
     /// Cancelling this call while it waits for space drops the message, which was never accepted.
     pub async fn enqueue(&self, msg: Message) -> Result<DeliveryFuture, SendError> {
+        if let Some(stage) = &self.shared().stage {
+            return self.enqueue_stored(stage, msg).await;
+        }
         let (tx, rx) = oneshot::channel();
         let mut msg = msg;
         let mut done = Completion::One(tx);
@@ -213,6 +219,7 @@ impl Producer {
                     msg: m,
                     done: d,
                     reason: FailureReason::BufferFull,
+                    ..
                 }) => {
                     msg = m;
                     done = d;
@@ -223,11 +230,77 @@ impl Producer {
         }
     }
 
+    /// [`Producer::enqueue`] for several messages, in order, with one future each. With a
+    /// [store](ProducerBuilder::store) they are stored with one write (and one fsync), which
+    /// is why this exists: enqueuing them one by one would wait for one fsync each. Without a
+    /// store it is `enqueue` in a loop. Returns once every message is accepted or refused.
+    pub async fn enqueue_many(&self, msgs: Vec<Message>) -> Vec<Result<DeliveryFuture, SendError>> {
+        let Some(stage) = &self.shared().stage else {
+            let mut out = Vec::with_capacity(msgs.len());
+            for msg in msgs {
+                out.push(self.enqueue(msg).await);
+            }
+            return out;
+        };
+        let mut out: Vec<Option<Result<DeliveryFuture, SendError>>> =
+            Vec::with_capacity(msgs.len());
+        let mut entries = Vec::with_capacity(msgs.len());
+        // Where each stored message's answer goes, its receiver, and a copy to hand back if
+        // the admitter is gone (cheap: payloads are shared).
+        let mut waiting = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            match self.check_size(msg) {
+                Ok(msg) => {
+                    let (tx, rx) = oneshot::channel();
+                    waiting.push((out.len(), rx, msg.clone()));
+                    entries.push((msg, Completion::One(tx)));
+                    out.push(None);
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        if !entries.is_empty() {
+            let (durable_tx, durable_rx) = oneshot::channel();
+            match self.submit_waiting(stage, entries, Some(durable_tx)).await {
+                Err(not) => {
+                    for ((at, _, _), (msg, _)) in waiting.iter().zip(not.entries) {
+                        self.shared().count_refused(&not.reason);
+                        out[*at] = Some(Err(SendError::new(msg, not.reason.clone(), 0)));
+                    }
+                }
+                Ok(()) => {
+                    let durable = matches!(durable_rx.await, Ok(Ok(())));
+                    for (at, rx, msg) in waiting {
+                        out[at] = Some(if durable {
+                            Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone()))
+                        } else {
+                            // The admitter answered each with the store's error.
+                            Err(match rx.await {
+                                Ok(Err(e)) => e,
+                                _ => SendError::new(msg, FailureReason::Closed, 0),
+                            })
+                        });
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|o| o.expect("every message answered"))
+            .collect()
+    }
+
     /// Puts one message into the buffer without waiting. A full buffer, a closed producer or an
     /// oversized message hands it back at once ([`FailureReason::BufferFull`],
     /// [`FailureReason::Closed`], [`FailureReason::TooLarge`]).
     pub fn try_send(&self, msg: Message) -> Result<DeliveryFuture, SendError> {
         let (tx, rx) = oneshot::channel();
+        if let Some(stage) = &self.shared().stage {
+            let msg = self.check_size(msg)?;
+            return match stage.submit(self.shared(), vec![(msg, Completion::One(tx))], None) {
+                Ok(()) => Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone())),
+                Err(not) => Err(self.not_stored(not)),
+            };
+        }
         match self.push_one(msg, Completion::One(tx)) {
             Ok(()) => Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone())),
             Err(refused) => Err(self.refused(refused)),
@@ -236,7 +309,9 @@ impl Producer {
 
     #[allow(clippy::result_large_err)] // see `Refused`
     fn push_one(&self, msg: Message, done: Completion) -> Result<(), Refused> {
-        let mut admission = self.shared().admit(std::iter::once((msg, done)), |_| {});
+        let mut admission = self
+            .shared()
+            .admit(std::iter::once((msg, done, None)), false, |_| {});
         match admission.full.or_else(|| admission.refused.pop()) {
             None => Ok(()),
             Some(refused) => Err(refused),
@@ -265,6 +340,9 @@ impl Producer {
     where
         I: IntoIterator<Item = Message>,
     {
+        if let Some(stage) = &self.shared().stage {
+            return self.send_all_stored(stage, msgs).await;
+        }
         let shared = self.shared();
         // Made first: if this call is cancelled midway, dropping the receipt sends later
         // failures of the messages already accepted to the unclaimed sink.
@@ -293,7 +371,8 @@ impl Producer {
             let Taken { pending, chunk, .. } = &mut taken;
             let next = std::iter::from_fn(|| pending.take().or_else(|| chunk.pop_front()));
             let admission = shared.admit(
-                next.map(|msg| (msg, Completion::Group(group.clone()))),
+                next.map(|msg| (msg, Completion::Group(group.clone()), None)),
+                false,
                 |accepted| group.add(accepted),
             );
             for Refused { msg, reason, .. } in admission.refused {
@@ -306,6 +385,153 @@ impl Producer {
             }
         }
         drop(taken);
+        group.end_one();
+        receipt
+    }
+
+    /// `enqueue` with a store: accepted once the store has the message durably.
+    async fn enqueue_stored(
+        &self,
+        stage: &Stage,
+        msg: Message,
+    ) -> Result<DeliveryFuture, SendError> {
+        let msg = self.check_size(msg)?;
+        let (tx, rx) = oneshot::channel();
+        let (durable_tx, durable_rx) = oneshot::channel();
+        let kept = msg.clone();
+        self.submit_waiting(stage, vec![(msg, Completion::One(tx))], Some(durable_tx))
+            .await
+            .map_err(|not| self.not_stored(not))?;
+        match durable_rx.await {
+            Ok(Ok(())) => Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone())),
+            // The admitter answered the message with the store's error.
+            _ => Err(match rx.await {
+                Ok(Err(e)) => e,
+                // The admitter is gone (a runtime shutting down): the message may be stored,
+                // and the next producer on the store would send it.
+                _ => SendError::new(kept, FailureReason::Closed, 0),
+            }),
+        }
+    }
+
+    /// Submits to the store, waiting for room while it is full and something accepted can
+    /// still end and free some. Refuses at once when the producer is closed or the store
+    /// fails, or is full with nothing left to free room.
+    #[allow(clippy::result_large_err)] // handed straight back to the caller
+    async fn submit_waiting(
+        &self,
+        stage: &Stage,
+        entries: Vec<(Message, Completion)>,
+        durable: Option<oneshot::Sender<Result<(), StoreError>>>,
+    ) -> Result<(), NotStored> {
+        /// The messages while this call waits for room: if it is cancelled then, each is
+        /// handed back as `Cancelled` (to its caller's sink, the unclaimed hook if nobody
+        /// listens), never dropped.
+        struct Waiting<'a>(&'a Shared, Vec<(Message, Completion)>);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                for (msg, done) in self.1.drain(..) {
+                    self.0.count_refused(&FailureReason::Cancelled);
+                    let e = SendError::new(msg, FailureReason::Cancelled, 0);
+                    done.complete(Err(e), &self.0.unclaimed);
+                }
+            }
+        }
+        let shared = self.shared();
+        let mut durable = durable;
+        let mut waiting = Waiting(shared, entries);
+        loop {
+            let mut space = pin!(shared.space.notified());
+            space.as_mut().enable();
+            match stage.submit(shared, std::mem::take(&mut waiting.1), durable) {
+                Ok(()) => return Ok(()),
+                Err(not)
+                    if matches!(&not.reason, FailureReason::Store(e) if e.is_full())
+                        && shared.unsettled.load(Ordering::Acquire) > 0
+                        || matches!(not.reason, FailureReason::BufferFull) =>
+                {
+                    waiting.1 = not.entries;
+                    durable = not.durable;
+                    space.await;
+                }
+                Err(not) => return Err(not),
+            }
+        }
+    }
+
+    /// Refuses a message larger than the producer takes, before it is stored.
+    #[allow(clippy::result_large_err)] // handed straight back to the caller
+    fn check_size(&self, msg: Message) -> Result<Message, SendError> {
+        let (size, max) = (msg.size(), self.shared().config.max_message_bytes);
+        if size > max {
+            let reason = FailureReason::TooLarge { size, max };
+            self.shared().count_refused(&reason);
+            return Err(SendError::new(msg, reason, 0));
+        }
+        Ok(msg)
+    }
+
+    /// The message of a one-message submission the store did not take, handed back.
+    fn not_stored(&self, not: NotStored) -> SendError {
+        self.shared().count_refused(&not.reason);
+        let msg = not
+            .entries
+            .into_iter()
+            .next()
+            .map(|(m, _)| m)
+            .expect("one message");
+        SendError::new(msg, not.reason, 0)
+    }
+
+    /// `send_all` with a store: each chunk of up to 1 024 messages is one store write; returns
+    /// once every chunk is durable (or refused).
+    async fn send_all_stored<I>(&self, stage: &Stage, msgs: I) -> BulkReceipt
+    where
+        I: IntoIterator<Item = Message>,
+    {
+        let shared = self.shared();
+        let receipt = BulkReceipt {
+            group: Group::new(shared.unclaimed.clone()),
+        };
+        let group = &receipt.group;
+        let mut last = None;
+        let mut iter = msgs.into_iter();
+        loop {
+            let mut chunk = Vec::with_capacity(CHUNK);
+            let mut took = 0;
+            for msg in iter.by_ref().take(CHUNK) {
+                took += 1;
+                match self.check_size(msg) {
+                    Ok(msg) => chunk.push((msg, Completion::Group(group.clone()))),
+                    Err(e) => group.fail_now(e),
+                }
+            }
+            if took == 0 {
+                break;
+            }
+            if chunk.is_empty() {
+                continue;
+            }
+            // Counted before the admitter can end any of them.
+            group.add(chunk.len());
+            let (tx, rx) = oneshot::channel();
+            match self.submit_waiting(stage, chunk, Some(tx)).await {
+                Ok(()) => last = Some(rx),
+                Err(not) => {
+                    for (msg, done) in not.entries {
+                        shared.count_refused(&not.reason);
+                        done.complete(
+                            Err(SendError::new(msg, not.reason.clone(), 0)),
+                            &shared.unclaimed,
+                        );
+                    }
+                }
+            }
+        }
+        // The admitter takes submissions in order: once the last is durable, all are.
+        if let Some(rx) = last {
+            let _durable = rx.await;
+        }
         group.end_one();
         receipt
     }

@@ -31,6 +31,7 @@ use crate::error::{FailureReason, SendError, TransportError};
 use crate::health::HealthPolicy;
 use crate::message::{Destination, Message, MessageId};
 use crate::metrics::Metrics;
+use crate::store::{Store, StoreToken};
 use crate::transport::Transport;
 
 /// The pipeline's clock: Tokio's, so that tests on a paused runtime run backoffs and timeouts in
@@ -64,6 +65,9 @@ pub(crate) struct Meta {
     pub(crate) attempts: u32,
     pub(crate) previous_delay: Option<Duration>,
     pub(crate) last_error: Option<Box<TransportError>>,
+    /// Its token in the producer's [`Store`], if it has one: settled once the message ends
+    /// (unless it ends as `Closed`: then it stays stored for the next producer).
+    pub(crate) stored: Option<StoreToken>,
 }
 
 pub(crate) type Entry = (Message, Meta);
@@ -142,6 +146,11 @@ pub(crate) struct State {
     unclaimed: Arc<Unclaimed>,
     /// Gives accepted messages their ids.
     pub(crate) ids: IdClock,
+    /// Messages stored (with a [`Store`]) and not yet admitted into the buffer or ended: the
+    /// dispatcher does not stop while there are any.
+    pub(crate) staged: usize,
+    /// The admitter is still sending what the store held from an earlier run.
+    pub(crate) recovering: bool,
 }
 
 /// The time part of message ids: Unix milliseconds, read once at build and then derived from
@@ -225,6 +234,10 @@ pub(crate) struct Shared {
     pub(crate) health: HealthMonitor,
     /// The dispatcher has finished: everything accepted has ended and the transport is closed.
     pub(crate) stopped: AtomicBool,
+    /// Where accepted messages are kept until they end, if the producer has a store.
+    pub(crate) store: Option<Arc<dyn Store>>,
+    /// The way in through that store.
+    pub(crate) stage: Option<super::stage::Stage>,
 }
 
 /// A message that could not be accepted, with its completion, to be retried or answered.
@@ -234,6 +247,7 @@ pub(crate) struct Refused {
     pub(crate) msg: Message,
     pub(crate) done: Completion,
     pub(crate) reason: FailureReason,
+    pub(crate) stored: Option<StoreToken>,
 }
 
 /// What [`Shared::admit`] did with the messages it was given.
@@ -259,6 +273,8 @@ pub(crate) struct Finished {
     /// The last (deadline, latency) computed: messages accepted together share their deadline,
     /// so a batch needs few clock subtractions.
     latency: Option<(Instant, Duration)>,
+    /// Store tokens of the entries that ended for good: settled after the completions ran.
+    stored: Vec<StoreToken>,
 }
 
 impl Shared {
@@ -269,6 +285,7 @@ impl Shared {
         breaker: CircuitBreaker,
         transport: Arc<dyn Transport>,
         on_unclaimed: Option<UnclaimedHook>,
+        stage: Option<super::stage::Stage>,
     ) -> Self {
         let metrics = Metrics::new(
             transport.name(),
@@ -305,6 +322,8 @@ impl Shared {
                 refused: 0,
                 unclaimed: unclaimed.clone(),
                 ids: IdClock::new(clock_now()),
+                staged: 0,
+                recovering: false,
             }),
             wake: Notify::new(),
             space: Notify::new(),
@@ -316,6 +335,8 @@ impl Shared {
             unclaimed,
             health: HealthMonitor::new(),
             stopped: AtomicBool::new(false),
+            store: stage.as_ref().map(super::stage::Stage::store),
+            stage,
         }
     }
 
@@ -327,6 +348,9 @@ impl Shared {
     /// transport; health turns to closed at once.
     pub(crate) fn start_closing(&self) {
         self.lock().closing = true;
+        if let Some(stage) = &self.stage {
+            stage.close();
+        }
         self.wake.notify_one();
         self.health.kick.notify_one();
         // Senders waiting for space try again, and are refused as `Closed` at once instead of
@@ -342,9 +366,14 @@ impl Shared {
     /// still held, and `unsettled` grows by it there too: no accepted message can end, and no
     /// `flush` can return, before they are counted. Wakes the dispatcher if a batch became
     /// ready or a linger deadline was set.
+    ///
+    /// With `staged`, the messages come from the producer's store: they were accepted (and
+    /// counted in `unsettled` and `State::staged`) when stored, so a close does not refuse
+    /// them (only one that gave up waiting does), and `State::staged` drops by each one taken.
     pub(crate) fn admit(
         &self,
-        msgs: impl Iterator<Item = (Message, Completion)>,
+        msgs: impl Iterator<Item = (Message, Completion, Option<StoreToken>)>,
+        staged: bool,
         counted: impl FnOnce(usize),
     ) -> Admission {
         let mut admission = Admission {
@@ -356,8 +385,8 @@ impl Shared {
         {
             let mut st = self.lock();
             let now = clock_now();
-            for (msg, done) in msgs {
-                match self.push(&mut st, msg, done, now) {
+            for (msg, done, stored) in msgs {
+                match self.push(&mut st, msg, done, stored, staged, now) {
                     Ok(w) => {
                         admission.accepted += 1;
                         wake |= w;
@@ -370,10 +399,19 @@ impl Shared {
                 }
             }
             counted(admission.accepted);
-            self.unsettled
-                .fetch_add(admission.accepted, Ordering::Relaxed);
+            if staged {
+                st.staged -= admission.accepted + admission.refused.len();
+                // The dispatcher may be waiting for the last staged message to stop.
+                wake |= st.staged == 0 && st.closing;
+            } else {
+                self.unsettled
+                    .fetch_add(admission.accepted, Ordering::Relaxed);
+            }
         }
-        self.metrics.accepted.increment(admission.accepted as u64);
+        if !staged {
+            // Staged messages were counted when stored.
+            self.metrics.accepted.increment(admission.accepted as u64);
+        }
         if wake {
             self.wake.notify_one();
         }
@@ -389,12 +427,21 @@ impl Shared {
         st: &mut State,
         msg: Message,
         done: Completion,
+        stored: Option<StoreToken>,
+        staged: bool,
         now: Instant,
     ) -> Result<bool, Refused> {
         let size = msg.size();
         #[allow(clippy::result_large_err)] // see `Refused`
-        let refuse = |msg, done, reason| Err(Refused { msg, done, reason });
-        if st.closing {
+        let refuse = |msg, done, reason| {
+            Err(Refused {
+                msg,
+                done,
+                reason,
+                stored,
+            })
+        };
+        if (st.closing && !staged) || st.abandoned {
             return refuse(msg, done, FailureReason::Closed);
         }
         if size > self.config.max_message_bytes {
@@ -430,6 +477,7 @@ impl Shared {
             attempts: 0,
             previous_delay: None,
             last_error: None,
+            stored,
         };
         Ok(st.acc.push_back_at(slot, (msg, meta), size, now))
     }
@@ -456,6 +504,12 @@ impl Shared {
         st.buffered_messages -= 1;
         st.buffered_bytes -= meta.size;
         fin.settled += 1;
+        if let Some(token) = meta.stored {
+            // A message closed unsent stays stored: the next producer on the store sends it.
+            if !matches!(outcome, Err(FailureReason::Closed)) {
+                fin.stored.push(token);
+            }
+        }
         match outcome {
             Ok(ack) => {
                 st.totals.delivered += 1;
@@ -501,6 +555,10 @@ impl Shared {
         }
         for (done, outcome) in fin.items {
             done.complete(outcome, &self.unclaimed);
+        }
+        // After the completions: a message leaves the store once its fate is handed over.
+        if let (Some(store), false) = (&self.store, fin.stored.is_empty()) {
+            store.settle(&fin.stored);
         }
         self.metrics.delivered.increment(fin.delivered);
         if fin.settled > 0 {
