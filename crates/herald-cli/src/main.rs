@@ -22,6 +22,7 @@ mod input;
 mod produce;
 mod report;
 mod settings;
+mod spool;
 mod target;
 
 use std::process::ExitCode;
@@ -50,6 +51,9 @@ enum Command {
     /// herald's throughput and latency on a broker (the mock cluster without --to); with
     /// --baseline, the raw client at its best and the naive pattern in the same run.
     Bench(bench::BenchArgs),
+    /// What a spool (`herald produce --spool DIR`) holds, and whether it is sound: `status`,
+    /// `check [--repair]`. Sends nothing.
+    Spool(spool::SpoolArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
             Command::Produce(args) => produce::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Spool(args) => spool::run(args),
         }
     });
     // Transports may hold background threads (librdkafka): do not wait for them beyond a moment.

@@ -996,3 +996,104 @@ fn after_a_signal_every_line_taken_from_a_pipe_is_sent_or_recorded() {
         "{report}"
     );
 }
+
+/// Issue 12: `herald spool status` reads a spool another process (here, this test) has open,
+/// without its lock; `herald spool check` finds a damaged record and names where it is;
+/// `--repair` cuts a torn tail; a missing spool is a usage error naming it.
+#[test]
+fn spool_status_and_check_report_what_a_spool_holds() {
+    use herald::spool::{Spool, SpoolConfig};
+    use herald::Message;
+    let dir = Scratch::new("spool-cmd");
+    let spool_dir = dir.path("spool");
+    let arg = spool_dir.to_string_lossy().into_owned();
+    let (spool, _) = Spool::open(SpoolConfig::new(&spool_dir)).expect("spool");
+    let ids = spool
+        .append_all(
+            &(0..10)
+                .map(|i| Message::new("t", format!("message {i}")))
+                .collect::<Vec<_>>(),
+        )
+        .expect("append");
+    spool.settle_all(&ids[..3]).expect("settle");
+
+    let run = herald(
+        &["spool", "status", &arg, "--report", "json"],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report = run.report();
+    assert_eq!(report["pending_messages"], 7, "{report}");
+    assert_eq!(report["segments"], 1, "{report}");
+    assert!(
+        report["pending_bytes"].as_u64().unwrap_or(0) > 7 * 9,
+        "{report}"
+    );
+    assert!(report["oldest_age_s"].as_f64().is_some(), "{report}");
+    assert_eq!(report["lock_pid"], std::process::id(), "{report}");
+    drop(spool);
+
+    // One byte of the fifth record's payload flipped: that record is damaged, the rest is not.
+    let segment = std::fs::read_dir(&spool_dir)
+        .expect("spool dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&segment).expect("segment");
+    let at = bytes
+        .windows(9)
+        .position(|w| w == b"message 4")
+        .expect("the fifth record");
+    bytes[at] ^= 0xFF;
+    // And half a record at the end: a torn write.
+    let tail = bytes[..40].to_vec();
+    bytes.extend_from_slice(&tail);
+    std::fs::write(&segment, &bytes).expect("damage");
+
+    let run = herald(&["spool", "check", &arg], None, &dir.0, LIMIT);
+    assert_eq!(run.code, Some(1), "damage found: {run:?}");
+    assert!(
+        run.stdout.contains("damaged record")
+            && run.stdout.contains(&segment.to_string_lossy().into_owned()),
+        "names the segment: {run:?}"
+    );
+    assert!(run.stdout.contains("torn tail"), "{run:?}");
+    let run = herald(
+        &["spool", "check", &arg, "--repair", "--report", "json"],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    let report = run.report();
+    assert_eq!(report["repaired"], true, "{report}");
+    assert_eq!(report["corrupt_records"], 1, "{report}");
+    assert_eq!(
+        report["pending_messages"], 6,
+        "the damaged one is not pending: {report}"
+    );
+    let run = herald(
+        &["spool", "check", &arg, "--report", "json"],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(
+        run.report()["torn_bytes"],
+        0,
+        "the torn tail was cut: {run:?}"
+    );
+
+    let missing = dir.path("no-such-spool");
+    let run = herald(
+        &["spool", "status", &missing.to_string_lossy()],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("no-such-spool"), "{run:?}");
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 pub use herald_retry::ErrorClass;
 
 use crate::message::Message;
+use crate::store::{Store, StoreToken};
 
 /// A failure reported by a transport for one message (or for a whole batch, repeated per message).
 ///
@@ -238,6 +239,11 @@ impl fmt::Display for FailureReason {
 /// [`crate::Delivery`] or as a `SendError` holding the message itself.
 ///
 /// Boxed inside, so that `Result<Delivery, SendError>` stays small on the path where all goes well.
+///
+/// With a [store](crate::ProducerBuilder::store), the message leaves the store when the
+/// `SendError` (and every clone of it) is dropped, or its message taken with
+/// [`SendError::into_message`]: handling it (writing it elsewhere, say) before letting it go
+/// means a crash meanwhile sends it again rather than losing it.
 #[derive(Debug, Clone)]
 pub struct SendError(Box<SendErrorInner>);
 
@@ -246,6 +252,25 @@ struct SendErrorInner {
     message: Message,
     reason: FailureReason,
     attempts: u32,
+    settle: Option<Arc<SettleOnDrop>>,
+}
+
+/// Settles a stored message when the last [`SendError`] holding it goes.
+struct SettleOnDrop {
+    store: Arc<dyn Store>,
+    token: StoreToken,
+}
+
+impl Drop for SettleOnDrop {
+    fn drop(&mut self) {
+        self.store.settle(&[self.token]);
+    }
+}
+
+impl fmt::Debug for SettleOnDrop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("stored")
+    }
 }
 
 impl SendError {
@@ -254,7 +279,13 @@ impl SendError {
             message,
             reason,
             attempts,
+            settle: None,
         }))
+    }
+    /// This error settles `token` in `store` when it (and every clone) is dropped.
+    pub(crate) fn settling(mut self, store: Arc<dyn Store>, token: StoreToken) -> Self {
+        self.0.settle = Some(Arc::new(SettleOnDrop { store, token }));
+        self
     }
     /// Why it failed.
     pub fn reason(&self) -> &FailureReason {
@@ -274,7 +305,8 @@ impl SendError {
     }
     /// The message, to send again or store elsewhere.
     pub fn into_message(self) -> Message {
-        self.0.message
+        let inner = *self.0;
+        inner.message
     }
 }
 

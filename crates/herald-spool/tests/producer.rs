@@ -224,3 +224,33 @@ async fn stored_messages_waiting_for_the_pipeline_are_bounded() {
     drop(p);
     std::fs::remove_dir_all(&d).expect("cleanup");
 }
+
+/// A failed message leaves the spool when its `SendError` is dropped, not before: a caller that
+/// writes it elsewhere first (the command's dead-letter file) loses nothing to a crash between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_message_stays_stored_until_its_error_is_dropped() {
+    use herald_spool::ProducerBuilderExt as _;
+    let d = dir("failed");
+    let t = MemoryTransport::new();
+    t.reject_payload_prefix("bad");
+    let p = Producer::builder(t)
+        .spool(SpoolConfig::new(&d))
+        .expect("spool")
+        .build()
+        .expect("producer");
+    p.send(Message::new("t", "good")).await.expect("delivered");
+    let e = p
+        .send(Message::new("t", "bad one"))
+        .await
+        .expect_err("rejected");
+    assert!(matches!(e.reason(), FailureReason::Rejected(_)), "{e}");
+    let pending = || inspect(&d).expect("inspect").stats.pending_messages;
+    assert_eq!(pending(), 1, "held while the error is held");
+    let copy = e.clone();
+    drop(e);
+    assert_eq!(pending(), 1, "held while a clone is held");
+    assert_eq!(copy.into_message().payload().as_ref(), b"bad one");
+    assert_eq!(pending(), 0, "settled once handed over");
+    drop(p);
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}

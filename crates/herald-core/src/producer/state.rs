@@ -273,7 +273,7 @@ pub(crate) struct Finished {
     /// The last (deadline, latency) computed: messages accepted together share their deadline,
     /// so a batch needs few clock subtractions.
     latency: Option<(Instant, Duration)>,
-    /// Store tokens of the entries that ended for good: settled after the completions ran.
+    /// Store tokens of the entries delivered: settled after the completions ran.
     stored: Vec<StoreToken>,
 }
 
@@ -504,12 +504,17 @@ impl Shared {
         st.buffered_messages -= 1;
         st.buffered_bytes -= meta.size;
         fin.settled += 1;
-        if let Some(token) = meta.stored {
-            // A message closed unsent stays stored: the next producer on the store sends it.
-            if !matches!(outcome, Err(FailureReason::Closed)) {
+        // A delivered message leaves the store once its caller is told; a failed one once its
+        // `SendError` is dropped (handed over: written elsewhere, say); one closed unsent
+        // stays stored for the next producer on the store.
+        let settle_with_error = match (&self.store, meta.stored, &outcome) {
+            (_, Some(token), Ok(_)) => {
                 fin.stored.push(token);
+                None
             }
-        }
+            (_, _, Err(FailureReason::Closed)) | (None, _, _) | (_, None, _) => None,
+            (Some(store), Some(token), Err(_)) => Some((store.clone(), token)),
+        };
         match outcome {
             Ok(ack) => {
                 st.totals.delivered += 1;
@@ -542,7 +547,10 @@ impl Shared {
             Err(reason) => {
                 st.totals.failed += 1;
                 self.metrics.failed(&reason, 1);
-                let e = SendError::new(msg, reason, meta.attempts);
+                let mut e = SendError::new(msg, reason, meta.attempts);
+                if let Some((store, token)) = settle_with_error {
+                    e = e.settling(store, token);
+                }
                 fin.items.push((meta.done, Err(e)));
             }
         }
