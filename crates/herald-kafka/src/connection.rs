@@ -121,7 +121,12 @@ impl ProducerContext for Context {
                 let code = e.rdkafka_error_code();
                 broken = code.is_some_and(needs_new_producer);
                 let mut error = transport_error(e);
-                if code == Some(RDKafkaErrorCode::MessageTimedOut) {
+                // Timed out, or purged at the attempt's deadline without having left: why
+                // nothing could be sent is what the connection errors say.
+                if matches!(
+                    code,
+                    Some(RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::PurgeQueue)
+                ) {
                     if let Some(diagnosis) = self.shared.diagnosis() {
                         error = error.with_context(diagnosis);
                     }
