@@ -19,6 +19,7 @@ mod dead_letter;
 mod demo;
 mod engine;
 mod input;
+mod log;
 mod produce;
 mod report;
 mod settings;
@@ -35,7 +36,14 @@ use crate::report::Exit;
 /// per-key order, backpressure, and a record of every message that was not acknowledged.
 #[derive(Debug, Parser)]
 #[command(name = "herald", version)]
+#[command(
+    after_help = "Logs go to stderr: warnings and errors by default, more with -v, errors \
+only with -q. RUST_LOG, when set, takes precedence over -v and -q (e.g. RUST_LOG=herald=debug; \
+a malformed RUST_LOG is a usage error)."
+)]
 struct Cli {
+    #[command(flatten)]
+    log: log::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,12 +66,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // What herald's libraries log, on stderr, warnings and errors only: a setting that weakens
-    // what "delivered" means, failures nobody claimed. Plain text, one event per line.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::WARN)
-        .init();
+    // What herald's libraries log, on stderr; by default warnings and errors only: a setting
+    // that weakens what "delivered" means, failures nobody claimed. Text or JSON lines.
+    if let Err(e) = log::init(&cli.log) {
+        eprintln!("error: {e}");
+        return ExitCode::from(Exit::Usage.code());
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -44,7 +44,8 @@ pub(crate) struct ProduceArgs {
     /// text, or json: the summary, then one JSON object on the last line of stdout.
     #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
     pub(crate) report: ReportFormat,
-    /// Serve Prometheus metrics at /metrics and the producer's health at /health on HOST:PORT
+    /// Serve Prometheus metrics at /metrics and the producer's health at /health (and the
+    /// probes /health/live and /health/ready) on HOST:PORT
     /// while the command runs (e.g. 127.0.0.1:9464; port 0 picks a free one, printed on stderr).
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) metrics_addr: Option<String>,
@@ -200,7 +201,7 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
                 .await
                 .context("--metrics-addr")?;
             eprintln!(
-                "serving http://{0}/metrics and http://{0}/health",
+                "serving http://{0}/metrics and http://{0}/health (probes: /health/live, /health/ready)",
                 server.local_addr()
             );
             Some((telemetry, server))

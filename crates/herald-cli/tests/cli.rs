@@ -1097,3 +1097,280 @@ fn spool_status_and_check_report_what_a_spool_holds() {
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("no-such-spool"), "{run:?}");
 }
+
+/// Issue 14: the command's own logs (`-v`, `-q`, `--log-format`, `RUST_LOG`), on stderr.
+mod logs {
+    use std::io::{Read as _, Write as _};
+    use std::net::TcpListener;
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::sync::{Arc, Mutex};
+
+    use super::{finish, mock_with, Run, Scratch, LIMIT};
+
+    /// `herald args...` in `cwd` with `stdin` as its input and `RUST_LOG` as given (removed when
+    /// `None`, whatever the environment of the tests holds).
+    fn herald_env(args: &[&str], stdin: &[u8], rust_log: Option<&str>, cwd: &Path) -> Run {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_herald"));
+        command
+            .args(args)
+            .current_dir(cwd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        match rust_log {
+            Some(v) => command.env("RUST_LOG", v),
+            None => command.env_remove("RUST_LOG"),
+        };
+        let mut child = command.spawn().expect("start herald");
+        let mut pipe = child.stdin.take().expect("stdin");
+        let input = stdin.to_vec();
+        std::thread::spawn(move || {
+            let _written = pipe.write_all(&input);
+        });
+        finish(child, LIMIT)
+    }
+
+    /// A spool in `dir` holding 7 messages to `t`, one of them damaged (a flipped byte) and
+    /// half a record after the last (a torn write): opening it for `herald produce --spool`
+    /// logs herald-spool's warning "the spool was damaged".
+    fn damaged_spool(dir: &Path) -> String {
+        use herald::spool::{Spool, SpoolConfig};
+        let (spool, _) = Spool::open(SpoolConfig::new(dir)).expect("spool");
+        let ids = spool
+            .append_all(
+                &(0..10)
+                    .map(|i| herald::Message::new("t", format!("message {i}")))
+                    .collect::<Vec<_>>(),
+            )
+            .expect("append");
+        spool.settle_all(&ids[..3]).expect("settle");
+        drop(spool);
+        let segment = std::fs::read_dir(dir)
+            .expect("spool dir")
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "seg"))
+            .expect("a segment");
+        let mut bytes = std::fs::read(&segment).expect("segment");
+        let at = bytes
+            .windows(9)
+            .position(|w| w == b"message 4")
+            .expect("the fifth record");
+        bytes[at] ^= 0xFF;
+        let tail = bytes[..40].to_vec();
+        bytes.extend_from_slice(&tail);
+        std::fs::write(&segment, &bytes).expect("damage");
+        dir.to_string_lossy().into_owned()
+    }
+
+    /// The stderr lines that hold `needle`.
+    fn lines_with<'a>(run: &'a Run, needle: &str) -> Vec<&'a str> {
+        run.stderr.lines().filter(|l| l.contains(needle)).collect()
+    }
+
+    #[test]
+    fn json_logs_are_one_object_per_line_and_quiet_keeps_only_errors() {
+        let mock = mock_with("t");
+        let dir = Scratch::new("log-format");
+        let url = format!("kafka://{}/t", mock.bootstrap_servers());
+        let produce = |flags: &[&str], rust_log: Option<&str>, tag: &str| {
+            let spool = damaged_spool(&dir.path(tag));
+            let mut args = flags.to_vec();
+            args.extend(["produce", "--to", &url, "--spool", &spool]);
+            let run = herald_env(&args, b"", rust_log, &dir.0);
+            assert_eq!(run.code, Some(0), "{flags:?}: {run:?}");
+            run
+        };
+        const WARNING: &str = "the spool was damaged";
+
+        // Text by default: the warning is there, on one line, with its level.
+        let run = produce(&[], None, "text");
+        let warned = lines_with(&run, WARNING);
+        assert_eq!(warned.len(), 1, "{run:?}");
+        assert!(warned[0].contains("WARN"), "{run:?}");
+
+        // JSON: every log line is an object with its level, target and fields.
+        let run = produce(&["--log-format", "json"], None, "json");
+        let warned = lines_with(&run, WARNING);
+        assert_eq!(warned.len(), 1, "{run:?}");
+        let event: serde_json::Value = serde_json::from_str(warned[0])
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", warned[0]));
+        assert_eq!(event["level"], "WARN", "{event}");
+        assert!(
+            event["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("herald_spool")),
+            "{event}"
+        );
+        assert!(
+            event["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(WARNING)),
+            "{event}"
+        );
+        assert_eq!(event["fields"]["corrupt_records"], 1, "{event}");
+        for line in run.stderr.lines().filter(|l| l.starts_with('{')) {
+            let event: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+            assert!(
+                event["level"].is_string() && event["target"].is_string(),
+                "{line}"
+            );
+        }
+
+        // -q (before or after the subcommand): errors only, the warning is gone.
+        let run = produce(&["-q"], None, "quiet");
+        assert!(lines_with(&run, WARNING).is_empty(), "{run:?}");
+        let spool = damaged_spool(&dir.path("quiet-after"));
+        let run = herald_env(
+            &["produce", "--to", &url, "--spool", &spool, "--quiet"],
+            b"",
+            None,
+            &dir.0,
+        );
+        assert_eq!(run.code, Some(0), "{run:?}");
+        assert!(lines_with(&run, WARNING).is_empty(), "{run:?}");
+
+        // RUST_LOG takes precedence over -q.
+        let run = produce(&["-q"], Some("warn"), "rust-log");
+        assert_eq!(lines_with(&run, WARNING).len(), 1, "{run:?}");
+    }
+
+    #[test]
+    fn bad_log_settings_exit_2_and_name_the_problem() {
+        let dir = Scratch::new("log-usage");
+        // `demo` would run, and succeed, if the bad setting were let through.
+        let demo = ["demo", "--messages", "10"];
+        let run = herald_env(&demo, b"", Some("herald=notalevel"), &dir.0);
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(
+            run.stderr.contains("RUST_LOG") && run.stderr.contains("herald=notalevel"),
+            "{run:?}"
+        );
+        assert!(run.stdout.is_empty(), "nothing ran: {run:?}");
+        for args in [
+            vec!["--log-format", "xml", "demo"],
+            vec!["demo", "--log-format", "xml"],
+        ] {
+            let run = herald_env(&args, b"", None, &dir.0);
+            assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
+            assert!(
+                run.stderr.contains("--log-format") && run.stderr.contains("xml"),
+                "{args:?}: {run:?}"
+            );
+        }
+        let run = herald_env(&["-q", "-v", "demo"], b"", None, &dir.0);
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(run.stderr.contains("--quiet"), "{run:?}");
+    }
+
+    /// Every form a password may take in a log line: as given, percent-encoded, and as the
+    /// bytes of a SASL PLAIN response (`\0user\0password`) printed as a list of numbers (the
+    /// way lapin's trace events print a frame).
+    fn secret_forms(password: &str) -> Vec<String> {
+        let bytes: Vec<String> = password.bytes().map(|b| b.to_string()).collect();
+        vec![
+            password.to_owned(),
+            password.replace('2', "%32"),
+            bytes.join(", "),
+            bytes.join(","),
+        ]
+    }
+
+    /// An AMQP server that gets as far as the login: it answers the protocol header with
+    /// `connection.start` (PLAIN), records what the client sends back (`connection.start-ok`,
+    /// which carries the password) and hangs up. The client retries until its delivery
+    /// timeout.
+    fn login_catcher() -> (u16, Arc<Mutex<Vec<u8>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = seen.clone();
+        std::thread::spawn(move || {
+            let mut start = vec![0, 10, 0, 10, 0, 9];
+            start.extend_from_slice(&0u32.to_be_bytes()); // no server properties
+            for s in ["PLAIN", "en_US"] {
+                start.extend_from_slice(&(s.len() as u32).to_be_bytes());
+                start.extend_from_slice(s.as_bytes());
+            }
+            let mut frame = vec![1, 0, 0];
+            frame.extend_from_slice(&(start.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&start);
+            frame.push(0xCE);
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _timeout = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let mut header = [0u8; 8];
+                if stream.read_exact(&mut header).is_err() || stream.write_all(&frame).is_err() {
+                    continue;
+                }
+                let mut buf = [0u8; 4096];
+                if let Ok(n) = stream.read(&mut buf) {
+                    record
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .extend_from_slice(&buf[..n]);
+                }
+            }
+        });
+        (port, seen)
+    }
+
+    #[test]
+    fn no_password_in_any_log_line_at_the_most_verbose() {
+        const PASSWORD: &str = "hunter2secret";
+        let (port, seen) = login_catcher();
+        let dir = Scratch::new("log-secret");
+        let url = format!("amqp://app:{PASSWORD}@127.0.0.1:{port}/%2f?queue=orders");
+        for format in ["text", "json"] {
+            let run = herald_env(
+                &[
+                    "-vvv",
+                    "--log-format",
+                    format,
+                    "produce",
+                    "--to",
+                    &url,
+                    "--delivery-timeout-ms",
+                    "1500",
+                    "--retry-backoff-ms",
+                    "50",
+                    "--retry-backoff-max-ms",
+                    "200",
+                ],
+                b"one\ntwo\n",
+                None,
+                &dir.0,
+            );
+            assert_eq!(run.code, Some(1), "{format}: {run:?}");
+            // Something was logged (so the check below looks at log lines), and the client got
+            // as far as sending the password.
+            assert!(
+                run.stderr
+                    .lines()
+                    .any(|l| l.contains("DEBUG") || l.contains("TRACE")),
+                "{format}: nothing logged at -vvv: {run:?}"
+            );
+            let sent = seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            assert!(
+                sent.windows(PASSWORD.len())
+                    .any(|w| w == PASSWORD.as_bytes()),
+                "the login with the password never reached the server: {}",
+                String::from_utf8_lossy(&sent)
+            );
+            for secret in secret_forms(PASSWORD) {
+                for (i, line) in run.stderr.lines().enumerate() {
+                    assert!(
+                        !line.contains(&secret),
+                        "{format}: stderr line {i} holds the password as `{secret}`: {line}"
+                    );
+                }
+                assert!(!run.stdout.contains(&secret), "{format}: {}", run.stdout);
+            }
+        }
+    }
+}

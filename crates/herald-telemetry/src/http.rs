@@ -1,31 +1,50 @@
-//! A small HTTP/1.1 server for two read-only endpoints. Every response closes its connection;
-//! requests are bounded in size and time, and connections in number: when every slot is taken,
-//! the oldest connection still waiting for its request head makes room for the new one, so that
-//! idle or slow clients cannot keep `/health` and `/metrics` from anyone else.
+//! The HTTP/1.1 server of `/metrics` and the health endpoints, on hyper. Every response closes
+//! its connection. Requests are bounded in size (hyper answers 431 to a longer head) and time (a
+//! head must arrive within hyper's header read timeout; a response must be taken within the
+//! write timeout), and connections in number.
+//!
+//! The connection limit must not let idle clients starve the probes: a kubelet or a load
+//! balancer that finds every slot held by clients that connected and said nothing would see a
+//! healthy process as dead. So the limit closes rather than refuses: when every slot is taken,
+//! the oldest connection still waiting for its request head (idle, or sending it slowly; nothing
+//! is lost but a request not yet made) makes room for the new one, and only when every slot is
+//! being answered does the oldest of those go. A probe sends its request at once and takes a
+//! small answer: it can only be pushed out by `max_connections` newer connections arriving
+//! while it is answered. (A reserved share for probes would still let idle clients fill that
+//! share; a shorter idle timeout alone would leave probes waiting for it.)
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::{Telemetry, TelemetryError};
 
-/// The longest request head read.
+/// The longest request head read (hyper's smallest buffer); a longer one is answered 431.
 const MAX_REQUEST: usize = 8 * 1024;
 
 /// How long and how many.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
-    /// How long a client has to send its request head.
+    /// How long a client has to send its request head (hyper's header read timeout, from the
+    /// moment the connection is accepted).
     pub(crate) head_timeout: Duration,
-    /// How long a client has to take its response.
+    /// How long a client has to take its response, from the moment its request is read.
     pub(crate) write_timeout: Duration,
     /// Connections held at once: many idle or slow clients cannot take the process's file
     /// descriptors (which the broker connections need) or its memory (one rendered body each).
+    /// When all are held, a new connection closes an idle one (see the module's documentation).
     pub(crate) max_connections: usize,
 }
 
@@ -185,7 +204,8 @@ pub(crate) fn serve_with(
     })
 }
 
-/// The running `/metrics` and `/health` server. Stops when shut down or dropped.
+/// The running server of `/metrics`, `/health`, `/health/live` and `/health/ready`. Stops
+/// when shut down or dropped.
 #[derive(Debug)]
 pub struct Server {
     local_addr: SocketAddr,
@@ -220,155 +240,110 @@ impl Drop for Server {
     }
 }
 
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: String,
-    extra: &'static str,
+type Body = Full<Bytes>;
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }
 
-fn route(method: &str, path: &str, telemetry: &Telemetry) -> Response {
-    let path = path.split('?').next().unwrap_or(path);
-    let text = |status, body: &str| Response {
-        status,
-        content_type: "text/plain; charset=utf-8",
-        body: body.to_owned(),
-        extra: "",
+/// A health answer: JSON, never cached, 200 or 503.
+fn health(ok: bool, body: String) -> Response<Body> {
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    if method != "GET" && method != "HEAD" {
-        return Response {
-            extra: "Allow: GET, HEAD\r\n",
-            ..text(405, "only GET and HEAD\n")
-        };
+    let mut response = respond(status, "application/json", body);
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The answer to `request` (hyper leaves the body out for `HEAD`, and answers malformed
+/// requests itself).
+fn route<B>(request: &Request<B>, telemetry: &Telemetry) -> Response<Body> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "only GET and HEAD\n".into(),
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
     }
-    match path {
-        "/metrics" => Response {
-            status: 200,
-            content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: telemetry.render(),
-            extra: "",
-        },
+    match request.uri().path() {
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            telemetry.render(),
+        ),
         "/health" => {
             let report = telemetry.health();
-            Response {
-                status: report.http_status(),
-                content_type: "application/json",
-                body: report.to_json(),
-                extra: "Cache-Control: no-store\r\n",
-            }
+            health(report.is_ready(), report.to_json())
         }
-        _ => text(404, "not found: try /metrics or /health\n"),
+        // The same verdict under the name Kubernetes' readiness probe asks for.
+        "/health/ready" => {
+            let report = telemetry.health();
+            health(report.is_ready(), report.to_json())
+        }
+        "/health/live" => {
+            let report = telemetry.health();
+            health(report.is_live(), report.liveness_json())
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "not found: try /metrics, /health, /health/live or /health/ready\n".into(),
+        ),
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "",
-    }
-}
-
-/// Where the request head ends: at the first blank line, `\r\n\r\n` or (from lenient clients)
-/// `\n\n`.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n");
-    let lf = buf.windows(2).position(|w| w == b"\n\n");
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-/// Reads a request head into `buf`: where it ends, or `None` when it is longer than
-/// [`MAX_REQUEST`] (`buf` then holds that much, and no more is read).
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Option<usize>> {
-    let mut chunk = [0u8; 1024];
-    loop {
-        if let Some(end) = head_end(buf) {
-            return Ok(Some(end));
-        }
-        let room = MAX_REQUEST.saturating_sub(buf.len()).min(chunk.len());
-        if room == 0 {
-            return Ok(None);
-        }
-        let n = stream.read(&mut chunk[..room]).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// Reads one request and answers it; `answering` is called once the request head is read.
+/// Serves one connection (one request: responses close it); `answering` is called once its
+/// request head is read. Ends with `TimedOut` when the response is not taken within the write
+/// timeout, with hyper's error when the head is late, too long or malformed.
 async fn answer(
-    mut stream: TcpStream,
+    stream: TcpStream,
     telemetry: &Telemetry,
     limits: &Limits,
-    answering: impl FnOnce(),
+    answering: impl Fn(),
 ) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let head = tokio::time::timeout(limits.head_timeout, read_head(&mut stream, &mut buf))
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    answering();
-    let (response, head_only) = match head {
-        None => (
-            Response {
-                status: 431,
-                content_type: "text/plain; charset=utf-8",
-                body: format!("request head longer than {MAX_REQUEST} bytes\n"),
-                extra: "",
-            },
-            false,
-        ),
-        Some(end) => {
-            let line = String::from_utf8_lossy(&buf[..end]);
-            let mut parts = line.lines().next().unwrap_or("").split_whitespace();
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(method), Some(path), Some(version)) if version.starts_with("HTTP/1.") => {
-                    (route(method, path, telemetry), method == "HEAD")
-                }
-                _ => (
-                    Response {
-                        status: 400,
-                        content_type: "text/plain; charset=utf-8",
-                        body: "malformed request line\n".into(),
-                        extra: "",
-                    },
-                    false,
-                ),
-            }
-        }
+    let answered = Notify::new();
+    let service = hyper::service::service_fn(|request: Request<Incoming>| {
+        answering();
+        answered.notify_one();
+        std::future::ready(Ok::<_, Infallible>(route(&request, telemetry)))
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_buf_size(MAX_REQUEST)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    // hyper has no write timeout: a client that does not take its response (a full receive
+    // window) must not hold the task and its socket forever.
+    let write_deadline = async {
+        answered.notified().await;
+        tokio::time::sleep(limits.write_timeout).await;
     };
-    let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
-        response.status,
-        reason(response.status),
-        response.content_type,
-        response.body.len(),
-        response.extra,
-    );
-    // A client that does not take its response (a full receive window) must not hold the
-    // task and its socket forever.
-    tokio::time::timeout(limits.write_timeout, async {
-        stream.write_all(head.as_bytes()).await?;
-        if !head_only {
-            stream.write_all(response.body.as_bytes()).await?;
-        }
-        stream.shutdown().await
-    })
-    .await
-    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    tokio::select! {
+        served = connection => served.map_err(std::io::Error::other),
+        () = write_deadline => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Far above every timeout the tests set: only a server that never answers reaches it.
     const DEADLINE: Duration = Duration::from_secs(5);
@@ -446,26 +421,64 @@ mod tests {
         assert!(e.to_string().contains(&addr), "{e}");
     }
 
-    #[test]
-    fn request_heads_end_at_the_first_blank_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Some(23));
-        assert_eq!(head_end(b"GET / HTTP/1.0\n\n"), Some(14));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+    #[tokio::test]
+    async fn malformed_requests_are_answered_400_and_every_answer_closes() {
+        let (server, _recorder) = server(Limits::DEFAULT).await;
+        let addr = server.local_addr();
+        for request in [
+            &b"GARBAGE\r\n\r\n"[..],
+            b"GET /health HTTP/9.9\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nBad Header\r\n\r\n",
+        ] {
+            let reply = exchange(addr, request).await;
+            assert!(
+                reply.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+                "{reply:?}"
+            );
+        }
+        // A client asking to keep the connection open gets its answer, and the connection
+        // closes after it (`exchange` reads to the end).
+        let reply = exchange(
+            addr,
+            b"GET /health/live HTTP/1.1\r\nHost: t\r\nConnection: keep-alive\r\n\r\n",
+        )
+        .await;
+        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply:?}");
+        assert!(reply.contains("connection: close\r\n"), "{reply:?}");
+        assert!(reply.ends_with("{\"live\":true}"), "{reply:?}");
+        // HEAD: the head of GET's answer, no body.
+        let reply = exchange(addr, b"HEAD /health/ready HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply:?}");
+        assert!(reply.ends_with("\r\n\r\n"), "{reply:?}");
     }
 
     #[tokio::test]
     async fn idle_connections_do_not_keep_health_dark() {
-        // The limits in production: idle clients would hold each slot for 5 s.
-        let (server, _recorder) = server(Limits::DEFAULT).await;
+        // The connection limit in production; idle clients would hold each slot for longer than
+        // the test runs, so that only the limit's policy can make room.
+        let limits = Limits {
+            head_timeout: Duration::from_secs(600),
+            ..Limits::DEFAULT
+        };
+        let (server, _recorder) = server(limits).await;
         let addr = server.local_addr();
         // More clients that connect and say nothing than there are slots.
         let mut idle = Vec::new();
         for _ in 0..Limits::DEFAULT.max_connections + 8 {
             idle.push(TcpStream::connect(addr).await.expect("connect"));
         }
-        // A probe is answered at once, not after the idle clients time out.
-        let reply = exchange(addr, b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n").await;
-        assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply:?}");
+        // Probes are answered at once, not after the idle clients time out.
+        for path in ["/health", "/health/live", "/health/ready"] {
+            let reply = exchange(
+                addr,
+                format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes(),
+            )
+            .await;
+            assert!(
+                reply.starts_with("HTTP/1.1 200 OK\r\n"),
+                "{path}: {reply:?}"
+            );
+        }
         // The oldest idle client made room: it was closed, unanswered.
         assert_eq!(read_reply(&mut idle[0]).await, "");
         let (held, _) = server.held();

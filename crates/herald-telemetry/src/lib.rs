@@ -2,17 +2,27 @@
 //!
 //! herald's crates emit their metrics through the [`metrics`] facade (the catalogue:
 //! `docs/operations/metrics.md`). This crate installs a Prometheus recorder for them, with
-//! histogram buckets chosen for herald's histograms, and serves two endpoints:
+//! histogram buckets chosen for herald's histograms, and serves (HTTP/1.1, `GET` and `HEAD`):
 //!
 //! - `GET /metrics`: the Prometheus text exposition format.
 //! - `GET /health`: a JSON body with each watched producer's health (healthy / degraded /
 //!   unhealthy, and why) and an HTTP status load balancers understand: 200 while every producer
 //!   is healthy or degraded, 503 when one is unhealthy.
+//! - `GET /health/ready`: the readiness probe. The same body and status as `/health`: 503 while
+//!   a producer cannot deliver now (broker connection down, circuit open, closed).
+//! - `GET /health/live`: the liveness probe. 200 while every watched producer's pipeline runs,
+//!   a broker outage included; 503 only when a producer is closing or closed, or every watched
+//!   producer has gone ([`HealthReport::is_live`]). Restarting a process because its broker is
+//!   down would throw away what it buffered and not bring the broker back.
+//!
+//! `docs/operations/README.md` (section "Probes") says which Kubernetes probe to wire to which
+//! endpoint.
 //!
 //! ```no_run
 //! use herald_core::Producer;
 //! # async fn run(producer: Producer) -> Result<(), Box<dyn std::error::Error>> {
-//! // Installs the process-wide recorder and serves /metrics and /health on 127.0.0.1:9464.
+//! // Installs the process-wide recorder and serves /metrics, /health, /health/live and
+//! // /health/ready on 127.0.0.1:9464.
 //! let (telemetry, server) = herald_telemetry::prometheus("127.0.0.1:9464").await?;
 //! telemetry.watch("orders", &producer);
 //! println!("scrape http://{}/metrics", server.local_addr());
@@ -26,7 +36,8 @@
 //! # fn run() -> Result<(), herald_telemetry::TelemetryError> {
 //! let telemetry = herald_telemetry::Prometheus::new().install()?;
 //! let body: String = telemetry.render(); // serve this at your own /metrics
-//! let health = telemetry.health();       // and this (health.to_json(), health.http_status())
+//! let health = telemetry.health();       // and this (health.to_json(), health.http_status(),
+//!                                        // health.is_live(), health.is_ready())
 //! # Ok(())
 //! # }
 //! ```
@@ -37,7 +48,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use herald_core::{metrics as core_metrics, Health, HealthStatus, Producer};
+use herald_core::{metrics as core_metrics, Health, HealthIssue, HealthStatus, Producer};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
@@ -201,8 +212,8 @@ impl Prometheus {
     }
 }
 
-/// Installs herald's Prometheus recorder process-wide and serves `/metrics` and `/health` on
-/// `addr` (`IP:PORT`; `127.0.0.1:0` picks a free port). Call from within a Tokio runtime.
+/// Installs herald's Prometheus recorder process-wide and serves `/metrics`, `/health`,
+/// `/health/live` and `/health/ready` on `addr` (`IP:PORT`; `127.0.0.1:0` picks a free port). Call from within a Tokio runtime.
 ///
 /// Errors: a malformed or taken address, or a recorder already installed, each named. The
 /// address is checked and bound before the recorder is installed, so a bad address leaves the
@@ -356,7 +367,7 @@ impl Telemetry {
         }
     }
 
-    /// Serves `/metrics` and `/health` on `addr` (`IP:PORT`) until the returned [`Server`] is
+    /// Serves `/metrics`, `/health`, `/health/live` and `/health/ready` on `addr` (`IP:PORT`) until the returned [`Server`] is
     /// shut down or dropped. For users who installed the recorder themselves; see
     /// [`prometheus`].
     pub async fn serve(&self, addr: &str) -> Result<Server, TelemetryError> {
@@ -391,10 +402,59 @@ pub struct HealthReport {
 impl HealthReport {
     /// 200 while no producer is unhealthy (degraded still takes traffic), 503 otherwise.
     pub fn http_status(&self) -> u16 {
-        match self.status {
-            HealthStatus::Healthy | HealthStatus::Degraded => 200,
-            HealthStatus::Unhealthy => 503,
+        if self.is_ready() {
+            200
+        } else {
+            503
         }
+    }
+
+    /// Whether the watched producers can deliver now: no producer is unhealthy (degraded ones
+    /// still deliver). What a readiness probe asks (`/health/ready`, the same verdict as
+    /// [`HealthReport::http_status`]): false during a broker outage, so that traffic goes to
+    /// instances that can send, and true again once the broker is back.
+    pub fn is_ready(&self) -> bool {
+        self.status != HealthStatus::Unhealthy
+    }
+
+    /// Whether the watched producers' pipelines still run. What a liveness probe asks
+    /// (`/health/live`): false only when a producer is closing or closed (its
+    /// [`HealthIssue::Closed`]), or every watched producer has closed and gone. A broker outage,
+    /// an open circuit, a full buffer or a high error rate leave it true: restarting the process
+    /// would throw away the messages it buffered and would not bring the broker back.
+    ///
+    /// A producer's health tells "closed", not whether its tasks still run: a pipeline whose
+    /// tasks ended some other way (its runtime shut down) keeps its last health.
+    pub fn is_live(&self) -> bool {
+        let gone = self.producers.is_empty() && self.status == HealthStatus::Unhealthy;
+        !gone && self.closed().next().is_none()
+    }
+
+    /// The producers whose health says closed.
+    fn closed(&self) -> impl Iterator<Item = &ProducerHealth> {
+        self.producers.iter().filter(|p| {
+            p.health
+                .issues
+                .iter()
+                .any(|i| matches!(i, HealthIssue::Closed))
+        })
+    }
+
+    /// The JSON body of `/health/live`: `{"live":true}`, or `{"live":false,"detail":"..."}`
+    /// naming the closed producers (or saying that every one has gone).
+    pub fn liveness_json(&self) -> String {
+        if self.is_live() {
+            return serde_json::json!({ "live": true }).to_string();
+        }
+        let closed: Vec<&str> = self.closed().map(|p| p.name.as_str()).collect();
+        let detail = if closed.is_empty() {
+            self.detail
+                .clone()
+                .unwrap_or_else(|| "every watched producer has closed and gone".to_owned())
+        } else {
+            format!("producer closing or closed: {}", closed.join(", "))
+        };
+        serde_json::json!({ "live": false, "detail": detail }).to_string()
     }
 
     /// The JSON body of `/health`:
