@@ -88,6 +88,16 @@ pub enum HealthIssue {
         /// The buffer's limit in bytes.
         max_bytes: usize,
     },
+    /// The producer's [store](crate::Store) (the spool) is filling up: once full, senders wait
+    /// (or `try_send` fails). Degraded.
+    StoreHighWater {
+        /// Messages stored and not yet ended.
+        pending_messages: u64,
+        /// Bytes the store takes.
+        used_bytes: u64,
+        /// Its size limit.
+        max_bytes: u64,
+    },
     /// Too many accepted messages failed over the recent window: degraded at
     /// [`HealthPolicy::degraded_error_rate`], unhealthy at [`HealthPolicy::unhealthy_error_rate`].
     /// Messages refused before acceptance (a full buffer under `try_send`, too large, closed)
@@ -115,13 +125,14 @@ impl HealthIssue {
             }
             HealthIssue::CircuitHalfOpen
             | HealthIssue::BrokerBlocked(_)
-            | HealthIssue::BufferHighWater { .. } => HealthStatus::Degraded,
+            | HealthIssue::BufferHighWater { .. }
+            | HealthIssue::StoreHighWater { .. } => HealthStatus::Degraded,
             HealthIssue::ErrorRate { status, .. } => *status,
         }
     }
 
     /// A stable, machine-readable name: `circuit_open`, `circuit_half_open`, `transport_down`,
-    /// `broker_blocked`, `buffer_high_water`, `error_rate`, `closed`.
+    /// `broker_blocked`, `buffer_high_water`, `store_high_water`, `error_rate`, `closed`.
     pub fn code(&self) -> &'static str {
         match self {
             HealthIssue::CircuitOpen => "circuit_open",
@@ -129,6 +140,7 @@ impl HealthIssue {
             HealthIssue::TransportDown(_) => "transport_down",
             HealthIssue::BrokerBlocked(_) => "broker_blocked",
             HealthIssue::BufferHighWater { .. } => "buffer_high_water",
+            HealthIssue::StoreHighWater { .. } => "store_high_water",
             HealthIssue::ErrorRate { .. } => "error_rate",
             HealthIssue::Closed => "closed",
         }
@@ -154,6 +166,14 @@ impl fmt::Display for HealthIssue {
             } => write!(
                 f,
                 "buffer above its high-water mark: {messages} of {max_messages} messages, {bytes} of {max_bytes} bytes"
+            ),
+            HealthIssue::StoreHighWater {
+                pending_messages,
+                used_bytes,
+                max_bytes,
+            } => write!(
+                f,
+                "store (spool) above its high-water mark: {used_bytes} of {max_bytes} bytes, {pending_messages} messages pending"
             ),
             HealthIssue::ErrorRate {
                 failed,
@@ -215,8 +235,8 @@ impl fmt::Display for Health {
 /// [`crate::ProducerBuilder::health`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HealthPolicy {
-    /// Degraded when the buffer holds more than this share of its message or byte limit.
-    /// Default 0.8.
+    /// Degraded when the buffer holds more than this share of its message or byte limit, or
+    /// the producer's store (the spool) more than this share of its size limit. Default 0.8.
     pub buffer_high_water: f64,
     /// Degraded when at least this share of the messages that ended in the window failed.
     /// Default 0.05.

@@ -37,7 +37,7 @@ pub use producer::{
     BulkReceipt, BulkReport, CloseReport, Delivery, DeliveryFuture, OrderingMode, Producer,
     ProducerBuilder, ProducerStats, Totals, UnclaimedHook,
 };
-pub use store::{Durable, Store, StoreError, StoreToken, Submitted};
+pub use store::{Durable, Store, StoreError, StoreToken, StoreUsage, Submitted};
 pub use transport::{Ack, BatchOutcome, Transport};
 
 /// Re-exported so that adapters implement [`Transport`] with the same macro version.

@@ -103,4 +103,35 @@ pub trait Store: Send + Sync + 'static {
 
     /// What the store is, for errors and logs (a directory, say). No secrets.
     fn describe(&self) -> String;
+
+    /// How full the store is, asked at every health evaluation (an implementation may refresh
+    /// its own metrics there). `None`: it does not say. Above the health policy's
+    /// `buffer_high_water` share of `max_bytes`, the producer is degraded
+    /// ([`HealthIssue::StoreHighWater`](crate::HealthIssue::StoreHighWater)).
+    fn usage(&self) -> Option<StoreUsage> {
+        None
+    }
+}
+
+/// How full a [`Store`] is (see [`Store::usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreUsage {
+    /// Messages stored and not settled.
+    pub pending_messages: u64,
+    /// Bytes the store takes (what its size limit bounds).
+    pub used_bytes: u64,
+    /// Its size limit.
+    pub max_bytes: u64,
+}
+
+impl StoreUsage {
+    /// A usage report.
+    pub fn new(pending_messages: u64, used_bytes: u64, max_bytes: u64) -> Self {
+        Self {
+            pending_messages,
+            used_bytes,
+            max_bytes,
+        }
+    }
 }

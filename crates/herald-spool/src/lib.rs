@@ -118,6 +118,7 @@ mod cursor;
 mod error;
 mod index;
 mod lock;
+pub mod metrics;
 mod record;
 mod recover;
 mod scan;

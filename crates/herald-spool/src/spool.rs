@@ -506,7 +506,9 @@ impl Shared {
     }
 
     fn note_fsync(&self, start: Instant) {
-        let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let took = start.elapsed();
+        crate::metrics::fsync_took(took.as_secs_f64());
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
         self.fsync_nanos.fetch_add(nanos, Ordering::Relaxed);
     }

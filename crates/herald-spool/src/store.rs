@@ -4,7 +4,9 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use herald_core::{Message, ProducerBuilder, Store, StoreError, StoreToken, Submitted};
+use herald_core::{Message, ProducerBuilder, Store, StoreError, StoreToken, StoreUsage, Submitted};
+
+use crate::metrics::SpoolMetrics;
 
 use crate::{Cursor, Recovery, Spool, SpoolConfig, SpoolError, SpoolId};
 
@@ -18,6 +20,8 @@ pub struct SpoolStore {
     /// Reads what the spool held at open, until it has all been read.
     recovering: Mutex<Option<Cursor>>,
     describe: String,
+    max_bytes: u64,
+    metrics: SpoolMetrics,
 }
 
 impl std::fmt::Debug for SpoolStore {
@@ -32,6 +36,7 @@ impl SpoolStore {
     /// Opens the spool (see [`Spool::open`]): what it recovered is what the producer sends
     /// first.
     pub fn open(config: SpoolConfig) -> Result<(Self, Recovery), SpoolError> {
+        let max_bytes = config.max_bytes;
         let (spool, recovery) = Spool::open(config)?;
         let cursor = spool.cursor().until(recovery.first_new_id());
         let describe = format!("spool {}", spool.dir().display());
@@ -40,6 +45,8 @@ impl SpoolStore {
                 spool: Arc::new(spool),
                 recovering: Mutex::new(Some(cursor)),
                 describe,
+                max_bytes,
+                metrics: SpoolMetrics::new(max_bytes),
             },
             recovery,
         ))
@@ -105,6 +112,16 @@ impl Store for SpoolStore {
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+
+    fn usage(&self) -> Option<StoreUsage> {
+        let stats = self.spool.stats();
+        self.metrics.observe(&stats);
+        Some(StoreUsage::new(
+            stats.pending_messages,
+            stats.disk_bytes,
+            self.max_bytes,
+        ))
     }
 }
 

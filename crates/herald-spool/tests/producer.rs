@@ -254,3 +254,42 @@ async fn a_failed_message_stays_stored_until_its_error_is_dropped() {
     drop(p);
     std::fs::remove_dir_all(&d).expect("cleanup");
 }
+
+/// A spool above the health policy's high-water share of its size limit makes the producer
+/// degraded, saying so; the issue clears once it drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_spool_degrades_health() {
+    use herald_core::HealthStatus;
+    use herald_spool::ProducerBuilderExt as _;
+    let d = dir("high-water");
+    let t = MemoryTransport::new();
+    t.script(std::iter::repeat_n(
+        CallFault::FailAll(ErrorClass::Transient),
+        200,
+    ));
+    let p = Producer::builder(t)
+        .spool(SpoolConfig::new(&d).segment_bytes(4096).max_bytes(16384))
+        .expect("spool")
+        .build()
+        .expect("producer");
+    let issue = |h: &herald_core::Health| h.issues.iter().any(|i| i.code() == "store_high_water");
+    let mut futures = Vec::new();
+    while !issue(&p.health()) {
+        match p.try_send(Message::new("t", vec![b'x'; 300])) {
+            Ok(f) => futures.push(f),
+            Err(e) => panic!("full before the high-water mark was reported: {e}"),
+        }
+    }
+    assert_eq!(p.health().status, HealthStatus::Degraded, "{}", p.health());
+    // The broker comes back: the spool drains, the issue goes.
+    for f in futures {
+        f.await.expect("delivered");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while issue(&p.health()) {
+        assert!(std::time::Instant::now() < deadline, "{}", p.health());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(p);
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}

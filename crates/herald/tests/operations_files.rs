@@ -21,6 +21,7 @@ fn emitted() -> BTreeSet<&'static str> {
         .iter()
         .chain(herald::kafka::metrics::ALL)
         .chain(herald::amqp::metrics::ALL)
+        .chain(herald::spool::metrics::ALL)
         .copied()
         .collect()
 }

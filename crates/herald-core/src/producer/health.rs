@@ -94,6 +94,17 @@ impl Shared {
                 max_bytes,
             });
         }
+        if let Some(usage) = self.store.as_ref().and_then(|s| s.usage()) {
+            if usage.max_bytes > 0
+                && usage.used_bytes as f64 > policy.buffer_high_water * usage.max_bytes as f64
+            {
+                issues.push(HealthIssue::StoreHighWater {
+                    pending_messages: usage.pending_messages,
+                    used_bytes: usage.used_bytes,
+                    max_bytes: usage.max_bytes,
+                });
+            }
+        }
         let (failed, ended) = self
             .health
             .window
