@@ -14,7 +14,7 @@ use clap::ValueEnum;
 
 use crate::broker::Broker;
 use crate::process::{cargo, run_within};
-use crate::{amqp, kafka};
+use crate::{amqp, kafka, nats};
 
 /// A set of tests that need real brokers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -23,7 +23,9 @@ pub(crate) enum Target {
     Kafka,
     /// herald-amqp's tests/it.rs and tests/cluster.rs, against RabbitMQ
     Amqp,
-    /// herald-cli's tests/real_brokers.rs, against Kafka and RabbitMQ
+    /// herald-nats's tests/it.rs, against NATS with JetStream
+    Nats,
+    /// herald-cli's tests/real_brokers.rs, against Kafka, RabbitMQ and NATS
     Cli,
 }
 
@@ -51,6 +53,12 @@ impl Target {
                 tests: &["it", "cluster"],
                 provision: amqp::provision,
             },
+            Target::Nats => Suite {
+                name: "nats",
+                package: "herald-nats",
+                tests: &["it"],
+                provision: nats::provision,
+            },
             Target::Cli => Suite {
                 name: "cli",
                 package: "herald-cli",
@@ -61,13 +69,15 @@ impl Target {
     }
 }
 
-/// Kafka and RabbitMQ together, for the CLI's tests; both stopped afterwards.
+/// Kafka, RabbitMQ and NATS together, for the CLI's tests; all stopped afterwards.
 fn provision_all() -> Result<Broker> {
     let mut kafka = kafka::provision()?;
     let mut amqp = amqp::provision()?;
+    let mut nats = nats::provision()?;
     let mut env = std::mem::take(&mut kafka.env);
     env.append(&mut amqp.env);
-    let stops: Vec<Box<dyn FnOnce()>> = [kafka.stop.take(), amqp.stop.take()]
+    env.append(&mut nats.env);
+    let stops: Vec<Box<dyn FnOnce()>> = [kafka.stop.take(), amqp.stop.take(), nats.stop.take()]
         .into_iter()
         .flatten()
         .collect();

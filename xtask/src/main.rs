@@ -15,6 +15,7 @@ mod broker;
 mod chart;
 mod it;
 mod kafka;
+mod nats;
 mod process;
 mod report;
 mod rules;
@@ -92,7 +93,7 @@ fn ci() -> Result<()> {
             "--all-targets",
             // The benchmark baselines and every facade part, not only the defaults.
             "--features",
-            "herald-kafka/baseline,herald-amqp/baseline,herald/full",
+            "herald-kafka/baseline,herald-amqp/baseline,herald-nats/baseline,herald/full",
             "--",
             "-D",
             "warnings",

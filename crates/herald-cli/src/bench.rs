@@ -133,6 +133,39 @@ async fn kafka_baselines(
     })
 }
 
+/// PubAcks in flight for the raw NATS baseline: the transport's default window.
+const NATS_WINDOW: usize = 4096;
+
+/// The raw async-nats baselines on `config`'s subject: streaming publishes with up to
+/// `NATS_WINDOW` PubAcks outstanding, and the naive await-each pattern.
+async fn nats_baselines(
+    args: &BenchArgs,
+    config: &herald::nats::NatsConfig,
+) -> anyhow::Result<Baselines> {
+    use herald_nats::baseline as nb;
+    let subject = config.subject().unwrap_or_default().to_owned();
+    let n = usize::try_from(args.messages).unwrap_or(usize::MAX);
+    let raw = nb::raw_streaming(config, &subject, args.size, n, NATS_WINDOW)
+        .await
+        .context("raw async-nats baseline")?;
+    let naive_n = usize::try_from(args.naive_messages).unwrap_or(usize::MAX);
+    let naive = nb::raw_naive(config, &subject, args.size, naive_n)
+        .await
+        .context("naive async-nats baseline")?;
+    Ok(Baselines {
+        raw: raw.msgs_per_sec(),
+        raw_what: format!(
+            "async-nats, {NATS_WINDOW} PubAcks in flight, {} messages",
+            report::count(args.messages)
+        ),
+        naive: naive.msgs_per_sec(),
+        naive_what: format!(
+            "async-nats awaiting each PubAck, {} messages (--naive-messages)",
+            report::count(args.naive_messages)
+        ),
+    })
+}
+
 async fn amqp_baselines(
     args: &BenchArgs,
     target: &crate::target::AmqpTarget,
@@ -255,6 +288,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
                 kafka_baselines(&args, Some(k), &k.bootstrap, &k.topic, &k.topic).await?
             }
             Target::Amqp(a) => amqp_baselines(&args, a).await?,
+            Target::Nats(n) => nats_baselines(&args, n).await?,
         };
         out!(
             "  raw best   {:>12} msg/s  ({})  herald / raw = {:.2}x",

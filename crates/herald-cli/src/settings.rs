@@ -232,7 +232,7 @@ impl Tuning {
         if !self.kafka_properties.is_empty()
             && std::iter::once(target)
                 .chain(fallbacks)
-                .all(|t| matches!(t, Target::Amqp(_)))
+                .all(|t| matches!(t, Target::Amqp(_) | Target::Nats(_)))
         {
             bail!("--kafka-property only applies to kafka:// destinations");
         }
@@ -241,7 +241,7 @@ impl Tuning {
                 let b = herald::kafka::recommended_batching();
                 (b.max_messages(), b.max_bytes())
             }
-            Target::Amqp(_) => {
+            Target::Amqp(_) | Target::Nats(_) => {
                 let d = SizeOrLinger::default();
                 (d.max_messages(), d.max_bytes())
             }
@@ -251,6 +251,7 @@ impl Tuning {
             match target {
                 Target::Kafka(k) => Producer::builder(self.kafka_transport(k)?),
                 Target::Amqp(a) => Producer::builder(amqp_transport(a)?),
+                Target::Nats(n) => Producer::builder(nats_transport(n)?),
             }
         } else {
             let mut seen = vec![target.describe()];
@@ -294,6 +295,8 @@ impl Tuning {
             (None, Target::Amqp(a)) => Fallback::new(name, amqp_transport(a)?),
             (Some(f), Target::Kafka(k)) => f.or(name, self.kafka_transport(k)?),
             (Some(f), Target::Amqp(a)) => f.or(name, amqp_transport(a)?),
+            (None, Target::Nats(n)) => Fallback::new(name, nats_transport(n)?),
+            (Some(f), Target::Nats(n)) => f.or(name, nats_transport(n)?),
         }?;
         Ok(added.with_destination(to.destination()))
     }
@@ -301,6 +304,10 @@ impl Tuning {
 
 fn amqp_transport(a: &AmqpTarget) -> anyhow::Result<AmqpTransport> {
     AmqpTransport::new(a.config()).context("the AMQP settings are invalid")
+}
+
+fn nats_transport(n: &herald::nats::NatsConfig) -> anyhow::Result<herald::nats::NatsTransport> {
+    herald::nats::NatsTransport::new(n.clone()).context("the NATS settings are invalid")
 }
 
 #[cfg(test)]

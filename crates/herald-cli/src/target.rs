@@ -18,6 +18,8 @@ use herald::kafka::{validate_bootstrap_servers, validate_topic_name, Compression
 pub(crate) enum Target {
     /// A Kafka topic.
     Kafka(KafkaTarget),
+    /// A NATS JetStream subject (`nats://` or `tls://`), parsed by herald-nats.
+    Nats(Box<herald::nats::NatsConfig>),
     /// An AMQP queue or exchange.
     Amqp(Box<AmqpTarget>),
 }
@@ -81,7 +83,8 @@ fn bad(part: &'static str, reason: impl Into<String>) -> UrlError {
 
 const FORMS: &str =
     "expected kafka://HOST:PORT/TOPIC, amqp://USER:PASS@HOST:PORT/VHOST?queue=NAME \
-     or amqp://...?exchange=EX&routing_key=RK (amqps:// for TLS)";
+     or amqp://...?exchange=EX&routing_key=RK (amqps:// for TLS), or \
+     nats://HOST:PORT/SUBJECT[?stream=NAME] (tls:// for TLS)";
 
 impl Target {
     /// Parses a destination URL.
@@ -92,10 +95,11 @@ impl Target {
         match scheme.to_ascii_lowercase().as_str() {
             "kafka" => parse_kafka(&url[scheme.len() + 3..]).map(Self::Kafka),
             "amqp" | "amqps" => parse_amqp(url).map(|a| Self::Amqp(Box::new(a))),
+            "nats" | "tls" => parse_nats(url).map(|n| Self::Nats(Box::new(n))),
             // The scheme is before `://`, so it cannot hold the password.
             other => Err(bad(
                 "scheme",
-                format!("`{other}` is not kafka, amqp or amqps; {FORMS}"),
+                format!("`{other}` is not kafka, amqp, amqps, nats or tls; {FORMS}"),
             )),
         }
     }
@@ -104,6 +108,7 @@ impl Target {
     pub(crate) fn describe(&self) -> String {
         match self {
             Self::Kafka(k) => format!("kafka://{}/{}", k.bootstrap, k.topic),
+            Self::Nats(n) => n.redacted_url(),
             Self::Amqp(a) => match &a.route {
                 AmqpRoute::Queue { name, .. } => {
                     format!("{}?queue={}", a.config.redacted_url(), encode(name))
@@ -128,6 +133,9 @@ impl Target {
         match self {
             Self::Kafka(k) => herald::Destination::new(k.topic.as_str()),
             Self::Amqp(a) => a.destination(),
+            Self::Nats(n) => n
+                .destination()
+                .unwrap_or_else(|| herald::Destination::new("")),
         }
     }
 }
@@ -164,6 +172,22 @@ impl AmqpTarget {
             _ => self.config.clone(),
         }
     }
+}
+
+/// `nats://` and `tls://` URLs: herald-nats's own parser, which names the bad part and never
+/// echoes a password or token.
+fn parse_nats(url: &str) -> Result<herald::nats::NatsConfig, UrlError> {
+    let config = herald::nats::NatsConfig::from_url(url).map_err(|e| match e {
+        herald::nats::ConfigError::Url { part, reason } => bad(part, reason),
+        other => bad("url", other.to_string()),
+    })?;
+    if config.subject().is_none() {
+        return Err(bad(
+            "subject",
+            "is missing: nats://HOST:PORT/SUBJECT[?stream=NAME]",
+        ));
+    }
+    Ok(config)
 }
 
 fn parse_kafka(rest: &str) -> Result<KafkaTarget, UrlError> {

@@ -621,3 +621,48 @@ fn amqp_spool_survives_kill_9_mid_delivery() {
         got.len() - first.len()
     );
 }
+
+fn nats_url() -> String {
+    std::env::var("HERALD_NATS_URL").expect(
+        "HERALD_NATS_URL is not set: run these tests with `cargo xtask it` (or set it to nats://host:port)",
+    )
+}
+
+/// Issue 16: `herald produce` to a NATS JetStream subject: every message acknowledged and in
+/// the stream, each once.
+#[test]
+#[ignore = "needs NATS with JetStream: cargo xtask it"]
+fn nats_produce_to_a_stream_stores_every_message_once() {
+    let url = nats_url();
+    let rt = runtime();
+    let config =
+        herald::nats::NatsConfig::from_url(&format!("{url}/herald.cli.probe")).expect("url");
+    let scratch = within(
+        &rt,
+        "creating the stream",
+        herald_nats::baseline::fresh_stream(&config, "cli"),
+    )
+    .expect("stream");
+    let dir = Scratch::new("real-nats");
+    let (text, _sent) = jsonl_input(3_000, "nats");
+    let to = format!("{url}/{}", scratch.subject);
+    let run = produce_jsonl(&to, &[], text.as_bytes(), &dir.0, LIMIT);
+    let stored = within(
+        &rt,
+        "reading the stream's state",
+        herald_nats::baseline::stream_messages(&config, &scratch.stream),
+    );
+    within(
+        &rt,
+        "deleting the stream",
+        herald_nats::baseline::delete_stream(&config, &scratch.stream),
+    )
+    .expect("delete the stream");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.report()["sent"], 3_000, "{run:?}");
+    assert_eq!(
+        stored.expect("stream state"),
+        3_000,
+        "each message stored once"
+    );
+}

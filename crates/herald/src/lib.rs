@@ -40,6 +40,7 @@
 //! | `testkit` | the `testkit` module: the in-memory transport with scripted faults and the adapter conformance suite |
 //! | `kafka` | the `kafka` module: the Kafka transport (herald-kafka, on rdkafka; builds librdkafka) |
 //! | `amqp` | the `amqp` module: the RabbitMQ / AMQP 0-9-1 transport (herald-amqp, on lapin) |
+//! | `nats` | the `nats` module: the NATS JetStream transport (herald-nats, on async-nats) |
 //! | `telemetry` | the `telemetry` module: the Prometheus recorder, `/metrics` and `/health` over HTTP (herald-telemetry) |
 //! | `spool` | the `spool` module: the on-disk spool, so that accepted messages survive a crash (`builder.spool(SpoolConfig::new(dir))?`, herald-spool) |
 //! | `full` | all of the above |
@@ -71,6 +72,12 @@ pub mod kafka {
 #[cfg(feature = "amqp")]
 pub mod amqp {
     pub use herald_amqp::*;
+}
+
+/// The NATS JetStream transport ([`herald_nats`]): `herald::nats::{NatsConfig, NatsTransport}`.
+#[cfg(feature = "nats")]
+pub mod nats {
+    pub use herald_nats::*;
 }
 
 /// The on-disk spool ([`herald_spool`]): with `use herald::spool::ProducerBuilderExt`,

@@ -22,6 +22,7 @@ fn emitted() -> BTreeSet<&'static str> {
         .chain(herald::kafka::metrics::ALL)
         .chain(herald::amqp::metrics::ALL)
         .chain(herald::spool::metrics::ALL)
+        .chain(herald::nats::metrics::ALL)
         .copied()
         .collect()
 }

@@ -1,0 +1,186 @@
+//! The raw-async-nats baselines herald is measured against (`herald bench --baseline`, the
+//! `nats-baseline` binary). They live here because async-nats's types never leave this crate.
+//!
+//! Both publish to JetStream and count a message only once its PubAck came, like
+//! [`crate::NatsTransport`]: [`raw_streaming`] at its best (one connection, publishing on
+//! without waiting, up to a window of PubAcks outstanding, awaited as they come), [`raw_naive`]
+//! the common pattern (each PubAck awaited before the next publish).
+
+use std::collections::VecDeque;
+use std::future::IntoFuture;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use async_nats::{Client, ConnectOptions};
+
+use crate::NatsConfig;
+
+/// What one run did.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    /// Messages JetStream acknowledged.
+    pub delivered: u64,
+    /// Wall time from the first publish to the last PubAck.
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// Acknowledged messages per second.
+    pub fn msgs_per_sec(&self) -> f64 {
+        self.delivered as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Why a baseline run stopped: a connection or publish error, or a message JetStream did not
+/// acknowledge. Runs stop at the first error; the server's address is never in it with a
+/// password.
+#[derive(Debug, thiserror::Error)]
+#[error("NATS baseline: {0}")]
+pub struct BaselineError(String);
+
+/// Names the step that failed.
+fn step<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> BaselineError {
+    move |e| BaselineError(format!("{what}: {e}"))
+}
+
+/// A stream made for one run, and the subject it captures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scratch {
+    /// The stream's name.
+    pub stream: String,
+    /// The subject to publish to.
+    pub subject: String,
+}
+
+/// A client on the first server of `config`, with its credentials and TLS settings.
+async fn connect(config: &NatsConfig) -> Result<Client, BaselineError> {
+    let credentials = config.url.credentials.clone();
+    let mut options = ConnectOptions::with_auth_callback(move |_nonce| {
+        std::future::ready(Ok(credentials.to_auth()))
+    })
+    .connection_timeout(config.connect_timeout)
+    .require_tls(config.url.tls);
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    let server = config.url.endpoints[0].server_addr(config.url.tls);
+    options
+        .connect(server.as_str())
+        .await
+        .map_err(|e| BaselineError(format!("connecting to {}: {e}", config.redacted_url())))
+}
+
+/// A JetStream context whose own in-flight limit never holds a window back.
+fn context(client: Client, config: &NatsConfig) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(config.ack_timeout)
+        .max_ack_inflight(1 << 30)
+        .build(client)
+}
+
+/// Deletes and creates the file-backed stream `HERALD_BENCH_{tag}_{pid}` capturing the subject
+/// `herald.bench.{tag}.{pid}`.
+pub async fn fresh_stream(config: &NatsConfig, tag: &str) -> Result<Scratch, BaselineError> {
+    let js = context(connect(config).await?, config);
+    let pid = std::process::id();
+    let scratch = Scratch {
+        stream: format!("HERALD_BENCH_{}_{pid}", tag.to_ascii_uppercase()),
+        subject: format!("herald.bench.{tag}.{pid}"),
+    };
+    // Not there yet is fine.
+    let _deleted = js.delete_stream(&scratch.stream).await;
+    js.create_stream(stream::Config {
+        name: scratch.stream.clone(),
+        subjects: vec![scratch.subject.clone()],
+        storage: stream::StorageType::File,
+        ..stream::Config::default()
+    })
+    .await
+    .map_err(step("creating the stream"))?;
+    Ok(scratch)
+}
+
+/// How many messages the stream `name` holds.
+pub async fn stream_messages(config: &NatsConfig, name: &str) -> Result<u64, BaselineError> {
+    let js = context(connect(config).await?, config);
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .map_err(step("looking the stream up"))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(step("reading the stream's state"))?;
+    Ok(info.state.messages)
+}
+
+/// Deletes the stream `name`.
+pub async fn delete_stream(config: &NatsConfig, name: &str) -> Result<(), BaselineError> {
+    let js = context(connect(config).await?, config);
+    js.delete_stream(name)
+        .await
+        .map_err(step("deleting the stream"))?;
+    Ok(())
+}
+
+/// Raw async-nats at its best: `n` messages of `payload` bytes to `subject` on one
+/// connection, published without waiting, with at most `window` PubAcks outstanding, awaited
+/// as they come.
+pub async fn raw_streaming(
+    config: &NatsConfig,
+    subject: &str,
+    payload: usize,
+    n: usize,
+    window: usize,
+) -> Result<Run, BaselineError> {
+    let window = window.max(1);
+    let js = context(connect(config).await?, config);
+    let body = herald_core::Bytes::from(vec![b'x'; payload]);
+    let subject = subject.to_owned();
+    let start = Instant::now();
+    let mut pending = VecDeque::with_capacity(window.min(n));
+    for _ in 0..n {
+        if pending.len() >= window {
+            if let Some(ack) = pending.pop_front() {
+                let ack: jetstream::context::PublishAckFuture = ack;
+                ack.await.map_err(step("PubAck"))?;
+            }
+        }
+        let ack = js
+            .publish(subject.clone(), body.clone())
+            .await
+            .map_err(step("publishing"))?;
+        pending.push_back(ack);
+    }
+    for ack in pending {
+        ack.into_future().await.map_err(step("PubAck"))?;
+    }
+    Ok(Run {
+        delivered: n as u64,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// The naive pattern: each publish's PubAck awaited before the next publish.
+pub async fn raw_naive(
+    config: &NatsConfig,
+    subject: &str,
+    payload: usize,
+    n: usize,
+) -> Result<Run, BaselineError> {
+    let js = context(connect(config).await?, config);
+    let body = herald_core::Bytes::from(vec![b'x'; payload]);
+    let subject = subject.to_owned();
+    let start = Instant::now();
+    for _ in 0..n {
+        js.publish(subject.clone(), body.clone())
+            .await
+            .map_err(step("publishing"))?
+            .await
+            .map_err(step("PubAck"))?;
+    }
+    Ok(Run {
+        delivered: n as u64,
+        elapsed: start.elapsed(),
+    })
+}

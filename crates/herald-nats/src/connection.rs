@@ -1,0 +1,603 @@
+//! Connections: one async-nats client per connection, opened on demand and replaced (never
+//! resumed) after a loss, with backoff between failed attempts; the stream declarations made on
+//! each; the server's permission violations; and the health verdict they add up to.
+//!
+//! Why a client never resumes its connection: async-nats, left to reconnect by itself, writes
+//! on the new connection what was still queued in the client when the old one died, while what
+//! had already gone into the old socket is lost with it. A key's later message would then be
+//! stored, and its earlier one retried after it: per-key order broken, and JetStream's
+//! duplicate window cannot mend it (it keeps the first copy). So each client gets exactly one
+//! connection: after a loss its handshake refuses to resume (the auth callback answers no), the
+//! client gives up and drops what it had queued (those messages fail as `CONNECTION_LOST` and
+//! herald retries them in order), and the transport opens a new client, as herald-amqp opens a
+//! new connection. Losses are thus suffixes of what was sent, and retries keep per-key order.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream;
+use async_nats::{AuthError, Client, ConnectOptions, Event, ServerError};
+use herald_core::{ErrorClass, TransportError, TransportHealth};
+use herald_retry::{Backoff, Jitter};
+use tokio::sync::futures::Notified;
+use tokio::sync::{Mutex, Notify};
+use tokio::time::Instant;
+
+use crate::config::NatsConfig;
+use crate::error::{classify_connect, permission_violation, Denial};
+use crate::metrics::NatsMetrics;
+use crate::topology::declare;
+use crate::url::Endpoint;
+
+/// The most permission violations a connection remembers (each names a subject).
+const MAX_DENIALS: usize = 64;
+
+/// The transport's view of its connection, shared with the event callbacks.
+#[derive(Debug, Default)]
+struct Flow {
+    /// Up; set false by the event callback as soon as the current client reports a loss.
+    connected: AtomicBool,
+    /// Why the last connection attempt failed; cleared when one opens. What
+    /// [`Transport::health`](herald_core::Transport::health) reports as down.
+    down: StdMutex<Option<String>>,
+    /// A background reconnection attempt is under way (see `Inner::probe`).
+    probing: AtomicBool,
+    /// `Transport::close` ran, and no batch has been sent since: no background reconnection.
+    closed: AtomicBool,
+    /// A connection was up at some point: "not connected" then means lost, not "not yet".
+    ever_up: AtomicBool,
+}
+
+/// What one client's event callback and its handshake share with the transport.
+#[derive(Debug, Default)]
+struct LiveState {
+    /// The first handshake is done: any later one (a reconnect) is refused.
+    established: AtomicBool,
+    /// The server or the network closed the connection.
+    lost: AtomicBool,
+    /// This is the transport's current connection: the events of a replaced one change nothing
+    /// of the transport's state.
+    current: AtomicBool,
+    /// Permission violations the server reported on this connection.
+    denials: StdMutex<Vec<Denial>>,
+    /// Wakes batches waiting for PubAcks when a violation or a loss comes.
+    changed: Notify,
+}
+
+/// One live connection: its client and JetStream context.
+pub(crate) struct Live {
+    pub(crate) client: Client,
+    pub(crate) js: jetstream::Context,
+    state: Arc<LiveState>,
+    /// Which server of the list.
+    index: usize,
+    /// A publish found no stream for a subject a declaration captures: declare again before
+    /// the next batch.
+    pub(crate) redeclare: AtomicBool,
+}
+
+impl Live {
+    pub(crate) fn is_connected(&self) -> bool {
+        !self.state.lost.load(Ordering::Acquire)
+            && self.client.connection_state() == State::Connected
+    }
+
+    /// A permission violation the server reported on this connection that concerns publishing
+    /// to `subject`: the publish itself denied, or the reply inbox (so no PubAck can come).
+    pub(crate) fn denial(&self, subject: &str) -> Option<Denial> {
+        let denials = self
+            .state
+            .denials
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        denials
+            .iter()
+            .find(|d| match d {
+                Denial::Publish(s) => s == subject,
+                Denial::Subscribe(s) => s.starts_with("_INBOX"),
+            })
+            .cloned()
+    }
+
+    /// Completes when a permission violation or a loss is reported on this connection (create
+    /// it, then check, then await, so that nothing is missed in between).
+    pub(crate) fn changed(&self) -> Notified<'_> {
+        self.state.changed.notified()
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // The client closes once its last handle is gone; its events no longer count.
+        self.state.current.store(false, Ordering::Release);
+    }
+}
+
+#[derive(Default)]
+struct Link {
+    live: Option<Arc<Live>>,
+    /// The server (index in `Inner::endpoints`) of `live`.
+    current: usize,
+    /// Where the next round of connection attempts starts: the first server at start, the one
+    /// after the server of a connection that was lost.
+    next: usize,
+    failures: u32,
+    next_attempt: Option<Instant>,
+    /// A connection was up before: a new one on another server is a failover.
+    live_before: bool,
+}
+
+/// What every clone of a [`NatsTransport`](crate::NatsTransport) shares: the settings, the
+/// connection, the health state and the metrics.
+pub(crate) struct Inner {
+    pub(crate) config: NatsConfig,
+    link: Mutex<Link>,
+    flow: Arc<Flow>,
+    pub(crate) metrics: NatsMetrics,
+    reconnect: Backoff,
+    /// The servers to try, in the order rounds go through them (the URL's order, or shuffled
+    /// once at start).
+    endpoints: Vec<Endpoint>,
+    /// The server of the connection up now, as `host:port`.
+    node: StdMutex<Option<String>>,
+}
+
+/// The error of a round in which no server answered: the only one, or each server's.
+fn round_error(mut errors: Vec<TransportError>) -> TransportError {
+    if errors.len() == 1 {
+        return errors.remove(0);
+    }
+    // Permanent only if every server refused for good (wrong credentials everywhere); one
+    // unreachable server makes the round transient.
+    let class = if errors.iter().all(|e| e.class() == ErrorClass::Permanent) {
+        ErrorClass::Permanent
+    } else {
+        ErrorClass::Transient
+    };
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    TransportError::new(
+        class,
+        format!("no server of the list answered: {}", text.join("; ")),
+    )
+    .with_code("NO_SERVER")
+}
+
+/// The wait after the `failures`-th failed round in a row.
+fn reconnect_delay(backoff: &Backoff, failures: u32) -> Duration {
+    // `Jitter::None` never draws from the generator.
+    backoff.delay(failures.min(16), None, &mut fastrand::Rng::with_seed(0))
+}
+
+impl Inner {
+    /// The shared state for checked settings; nothing connects yet.
+    pub(crate) fn new(config: NatsConfig) -> Self {
+        // No jitter: `NatsConfig::reconnect_backoff` promises `min`, doubling, up to `max`.
+        let reconnect =
+            Backoff::new(config.reconnect_min, config.reconnect_max).with_jitter(Jitter::None);
+        let metrics = NatsMetrics::new(config.metrics_name.as_deref());
+        let mut endpoints = config.url.endpoints.clone();
+        if config.shuffle_addresses {
+            fastrand::shuffle(&mut endpoints);
+        }
+        Self {
+            config,
+            link: Mutex::new(Link::default()),
+            flow: Arc::new(Flow::default()),
+            metrics,
+            reconnect,
+            endpoints,
+            node: StdMutex::new(None),
+        }
+    }
+
+    /// A batch is on its way: reconnecting in the background is allowed again after a close.
+    pub(crate) fn in_use(&self) {
+        self.flow.closed.store(false, Ordering::Release);
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.flow.connected.load(Ordering::Acquire)
+    }
+
+    /// Connects unless connected; see [`NatsTransport::connect`](crate::NatsTransport::connect).
+    pub(crate) async fn connect(&self) -> Result<(), TransportError> {
+        self.live().await.map(|_| ())
+    }
+
+    fn set_down(&self, why: Option<String>) {
+        *self
+            .flow
+            .down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = why;
+    }
+
+    fn down(&self) -> Option<String> {
+        self.flow
+            .down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// While down, tries to reconnect in the background (one attempt at a time, on the usual
+    /// reconnect backoff): connections open on demand, so without it a producer that gets no
+    /// traffic because it reports itself down would never find the server back. Needs a Tokio
+    /// runtime; without one, the next send reconnects.
+    fn probe(self: &Arc<Self>) {
+        let flow = &self.flow;
+        if flow.closed.load(Ordering::Acquire) || flow.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            flow.probing.store(false, Ordering::Release);
+            return;
+        };
+        let inner = Arc::clone(self);
+        runtime.spawn(async move {
+            // Success clears `down`; a failure records why and pushes the next attempt back.
+            let _outcome = inner.connect().await;
+            inner.flow.probing.store(false, Ordering::Release);
+        });
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.flow.connected.store(up, Ordering::Release);
+        if up {
+            self.flow.ever_up.store(true, Ordering::Release);
+        }
+        self.metrics.connected.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// The live connection, opened (or replaced) if there is none, after waiting out the
+    /// backoff of a failed attempt.
+    pub(crate) async fn live(&self) -> Result<Arc<Live>, TransportError> {
+        let mut waited = false;
+        let mut link = loop {
+            let mut link = self.link.lock().await;
+            if let Some(live) = &link.live {
+                if live.is_connected() {
+                    return Ok(live.clone());
+                }
+                self.lost(&mut link);
+            }
+            match link.next_attempt {
+                // Wait out the backoff without holding the lock (other calls wait alongside,
+                // not behind), then look again: another call may have connected meanwhile.
+                Some(at) if at > Instant::now() => {
+                    if waited {
+                        return Err(TransportError::transient(
+                            "reconnecting to NATS: the last attempt failed and the next one is not due yet; retried",
+                        )
+                        .with_code("RECONNECTING"));
+                    }
+                    drop(link);
+                    tokio::time::sleep_until(at).await;
+                    waited = true;
+                }
+                _ => break link,
+            }
+        };
+        // One round: every server once, from `next` on, each bounded by the connect timeout;
+        // the first that answers is the connection. A round that finds none is one failure for
+        // the reconnect backoff.
+        let n = self.endpoints.len();
+        let mut errors = Vec::with_capacity(n);
+        let mut opened = None;
+        for k in 0..n {
+            let index = (link.next + k) % n;
+            let endpoint = &self.endpoints[index];
+            let timeout = self.config.connect_timeout;
+            match tokio::time::timeout(timeout, self.open(index)).await {
+                Ok(Ok(live)) => {
+                    opened = Some((index, live));
+                    break;
+                }
+                Ok(Err(e)) => errors.push(e),
+                Err(_) => errors.push(
+                    TransportError::transient(format!(
+                        "connecting to {} took longer than {timeout:?}; is the server reachable?",
+                        endpoint.server_addr(self.config.url.tls)
+                    ))
+                    .with_code("CONNECT_TIMEOUT"),
+                ),
+            }
+            self.metrics.connect_failures.increment(1);
+        }
+        match opened {
+            Some((index, live)) => {
+                if link.live_before && index != link.current {
+                    self.metrics.failovers.increment(1);
+                }
+                link.live_before = true;
+                link.current = index;
+                link.next = index;
+                link.failures = 0;
+                link.next_attempt = None;
+                live.state.current.store(true, Ordering::Release);
+                link.live = Some(live.clone());
+                self.metrics.opened.increment(1);
+                self.set_node(Some(index));
+                self.set_connected(true);
+                self.set_down(None);
+                Ok(live)
+            }
+            None => {
+                let e = round_error(errors);
+                self.set_down(Some(format!("cannot connect: {e}")));
+                link.failures = link.failures.saturating_add(1);
+                let delay = reconnect_delay(&self.reconnect, link.failures);
+                link.next_attempt = Some(Instant::now() + delay);
+                Err(e)
+            }
+        }
+    }
+
+    /// The connection of `link` is gone: the next round starts at the server after its own.
+    fn lost(&self, link: &mut Link) {
+        if let Some(live) = link.live.take() {
+            live.state.current.store(false, Ordering::Release);
+        }
+        link.next = (link.current + 1) % self.endpoints.len();
+        self.set_node(None);
+        self.set_connected(false);
+    }
+
+    /// Gives up on `live` if it is still the connection in use (its PubAcks stopped coming:
+    /// a half-open TCP connection, a hung server), so that the next send opens a new one. The
+    /// client closes once the batches still holding it are done.
+    pub(crate) async fn abandon(&self, live: &Arc<Live>) {
+        let mut link = self.link.lock().await;
+        if link.live.as_ref().is_some_and(|l| Arc::ptr_eq(l, live)) {
+            self.lost(&mut link);
+            self.metrics.abandoned.increment(1);
+        }
+    }
+
+    /// Records the server in use (none: down), in [`Inner::connected_node`] and in the
+    /// `herald_nats_node_connected` gauge, one series per server of the list.
+    fn set_node(&self, index: Option<usize>) {
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            let up = if Some(i) == index { 1.0 } else { 0.0 };
+            self.metrics.node(&endpoint.to_string()).set(up);
+        }
+        *self.node.lock().unwrap_or_else(PoisonError::into_inner) =
+            index.map(|i| self.endpoints[i].to_string());
+    }
+
+    /// The server of the connection up now, `host:port`.
+    pub(crate) fn connected_node(&self) -> Option<String> {
+        self.node
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Opens a client with one connection to the server `index` and declares the topology on
+    /// it.
+    async fn open(&self, index: usize) -> Result<Arc<Live>, TransportError> {
+        let config = &self.config;
+        let endpoint = &self.endpoints[index];
+        let server = endpoint.server_addr(config.url.tls);
+        let state = Arc::new(LiveState::default());
+        let credentials = config.url.credentials.clone();
+        let handshake = state.clone();
+        let mut options = ConnectOptions::with_auth_callback(move |_nonce| {
+            let auth = if handshake.established.load(Ordering::Acquire) {
+                Err(AuthError::new(
+                    "herald: a lost connection is replaced by a new client, never resumed",
+                ))
+            } else {
+                Ok(credentials.to_auth())
+            };
+            std::future::ready(auth)
+        })
+        .name(&config.connection_name)
+        .connection_timeout(config.connect_timeout)
+        .request_timeout(Some(config.connect_timeout))
+        // One server, one attempt after a loss (refused by the auth callback), then the client
+        // gives up: see the module's docs.
+        .ignore_discovered_servers()
+        .max_reconnects(1)
+        .reconnect_delay_callback(|_| Duration::ZERO)
+        .require_tls(config.url.tls)
+        .event_callback({
+            let state = state.clone();
+            let flow = self.flow.clone();
+            let metrics = self.metrics.clone();
+            move |event| {
+                on_event(&state, &flow, &metrics, event);
+                std::future::ready(())
+            }
+        });
+        if let Some(ca) = &config.tls_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        let client = options
+            .connect(server.as_str())
+            .await
+            .map_err(|e| classify_connect(&e, &server))?;
+        state.established.store(true, Ordering::Release);
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            // The batch's window bounds what is pending; the context's own limit would make
+            // concurrent batches wait on each other.
+            .max_ack_inflight(1 << 30)
+            .build(client.clone());
+        let live = Live {
+            client,
+            js,
+            state,
+            index,
+            redeclare: AtomicBool::new(false),
+        };
+        // Dropped on an error below (or when the connect timeout drops this future), `live`
+        // takes the client with it: the connection closes.
+        if !config.topology.is_empty() {
+            declare(&live.js, &config.topology, config.connect_timeout).await?;
+        }
+        Ok(Arc::new(live))
+    }
+
+    /// Declares the topology again on `live` if a publish asked for it (see
+    /// [`Live::redeclare`]).
+    pub(crate) async fn redeclare(&self, live: &Live) -> Result<(), TransportError> {
+        if live.redeclare.swap(false, Ordering::AcqRel) {
+            if let Err(e) =
+                declare(&live.js, &self.config.topology, self.config.connect_timeout).await
+            {
+                live.redeclare.store(true, Ordering::Release);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The server `live` is connected to, `nats://host:port`, for messages.
+    pub(crate) fn server_of(&self, live: &Live) -> String {
+        self.endpoints[live.index].server_addr(self.config.url.tls)
+    }
+
+    /// What [`Transport::health`](herald_core::Transport::health) reports (documented there);
+    /// while down, it starts a background reconnection attempt.
+    pub(crate) fn health(self: &Arc<Self>) -> TransportHealth {
+        match self.down() {
+            Some(why) => {
+                self.probe();
+                TransportHealth::Down(why)
+            }
+            None => TransportHealth::Up,
+        }
+    }
+
+    /// What [`Transport::diagnosis`](herald_core::Transport::diagnosis) reports: why the last
+    /// connection attempt failed, or that the connection was lost.
+    pub(crate) fn diagnosis(&self) -> Option<String> {
+        self.down().or_else(|| {
+            (self.flow.ever_up.load(Ordering::Acquire) && !self.is_connected()).then(|| {
+                "the connection to NATS was lost; the next send opens a new one".to_owned()
+            })
+        })
+    }
+
+    /// Closes the connection, if one is up, and stops background reconnection until the next
+    /// batch.
+    pub(crate) async fn close(&self) {
+        self.flow.closed.store(true, Ordering::Release);
+        let live = self.link.lock().await.live.take();
+        if let Some(live) = live {
+            live.state.current.store(false, Ordering::Release);
+            if live.is_connected() {
+                // Best effort: every message already has its outcome.
+                let _flushed =
+                    tokio::time::timeout(Duration::from_secs(1), live.client.flush()).await;
+            }
+        }
+        self.set_node(None);
+        self.set_connected(false);
+    }
+}
+
+/// One event of a client: losses and permission violations.
+fn on_event(state: &LiveState, flow: &Flow, metrics: &NatsMetrics, event: Event) {
+    match event {
+        Event::Disconnected | Event::Closed => {
+            if !state.lost.swap(true, Ordering::AcqRel) {
+                metrics.lost.increment(1);
+                // Not reported as down here: the next send reconnects, and only a failed
+                // attempt says the server is unreachable.
+                if state.current.load(Ordering::Acquire) {
+                    flow.connected.store(false, Ordering::Release);
+                    metrics.connected.set(0.0);
+                }
+            }
+            state.changed.notify_waiters();
+        }
+        Event::ServerError(e) => {
+            metrics.server_errors.increment(1);
+            tracing::warn!(error = %e, "the NATS server reported an error on the connection");
+            if let ServerError::Other(text) = &e {
+                if let Some(denial) = permission_violation(text) {
+                    let mut denials = state.denials.lock().unwrap_or_else(PoisonError::into_inner);
+                    if !denials.contains(&denial) {
+                        if denials.len() >= MAX_DENIALS {
+                            denials.remove(0);
+                        }
+                        denials.push(denial);
+                    }
+                    drop(denials);
+                    state.changed.notify_waiters();
+                }
+            }
+        }
+        Event::LameDuckMode => {
+            tracing::info!("the NATS server is shutting down (lame duck mode); herald reconnects elsewhere once it closes the connection");
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reconnect_backoff_doubles_from_min_to_max_without_jitter() {
+        let ms = Duration::from_millis;
+        let b = Backoff::new(ms(100), Duration::from_secs(5)).with_jitter(Jitter::None);
+        let delays: Vec<_> = (1..=8).map(|n| reconnect_delay(&b, n)).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000].map(ms));
+        assert_eq!(reconnect_delay(&b, u32::MAX), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_round_is_permanent_only_if_every_server_refused_for_good() {
+        let p = || TransportError::permanent("refused").with_code("AUTHORIZATION_VIOLATION");
+        let t = || TransportError::transient("down").with_code("UNREACHABLE");
+        assert_eq!(
+            round_error(vec![p()]).code(),
+            Some("AUTHORIZATION_VIOLATION")
+        );
+        let e = round_error(vec![p(), t()]);
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::Transient, Some("NO_SERVER"))
+        );
+        assert_eq!(round_error(vec![p(), p()]).class(), ErrorClass::Permanent);
+    }
+
+    #[test]
+    fn events_mark_losses_and_denials() {
+        let state = LiveState::default();
+        state.current.store(true, Ordering::Release);
+        let flow = Flow::default();
+        flow.connected.store(true, Ordering::Release);
+        let metrics = NatsMetrics::new(None);
+        on_event(
+            &state,
+            &flow,
+            &metrics,
+            Event::ServerError(ServerError::Other(
+                "Permissions Violation for Publish to \"secret.x\"".into(),
+            )),
+        );
+        assert_eq!(
+            *state.denials.lock().expect("lock"),
+            vec![Denial::Publish("secret.x".into())]
+        );
+        assert!(
+            flow.connected.load(Ordering::Acquire),
+            "a denial is no loss"
+        );
+        on_event(&state, &flow, &metrics, Event::Disconnected);
+        assert!(state.lost.load(Ordering::Acquire));
+        assert!(!flow.connected.load(Ordering::Acquire));
+        // A replaced connection's loss does not touch the transport's state.
+        let old = LiveState::default();
+        flow.connected.store(true, Ordering::Release);
+        on_event(&old, &flow, &metrics, Event::Closed);
+        assert!(flow.connected.load(Ordering::Acquire));
+    }
+}

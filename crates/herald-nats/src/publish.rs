@@ -1,0 +1,379 @@
+//! Publishing: a batch published to its subject without waiting per message (up to a window of
+//! unacknowledged messages), its PubAcks awaited within one deadline for the whole batch, and
+//! the outcome of every message, in order: PubAck, JetStream's refusal, a permission
+//! violation, a lost connection, per-key order.
+
+use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::str::FromStr;
+
+use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::message::PublishMessage as Publish;
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use futures_util::FutureExt;
+use herald_core::{Ack, BatchOutcome, Destination, KeyHold, Message, TransportError};
+use tokio::time::Instant;
+
+use crate::config::NatsConfig;
+use crate::connection::{Inner, Live};
+use crate::destination;
+use crate::error::{classify_publish, denied};
+
+/// A PubAck on its way.
+type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+
+/// The header JetStream deduplicates by, as text.
+const MSG_ID: &str = "Nats-Msg-Id";
+
+/// What one batch's publishing shares.
+struct Batch<'a> {
+    inner: &'a Inner,
+    live: &'a Live,
+    subject: &'a str,
+    /// This transport declared a stream capturing the subject.
+    declared: bool,
+    deadline: Instant,
+}
+
+/// Sends one batch to `destination`: what
+/// [`Transport::send_batch`](herald_core::Transport::send_batch) does.
+pub(crate) async fn send_batch(
+    inner: &Inner,
+    destination: &Destination,
+    batch: &[Message],
+) -> BatchOutcome {
+    inner.in_use();
+    let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
+    let subject = match destination::parse(destination) {
+        Ok(s) => s,
+        Err(e) => return fail_all(e),
+    };
+    let live = match inner.live().await {
+        Ok(l) => l,
+        Err(e) => return fail_all(e),
+    };
+    if let Err(e) = inner.redeclare(&live).await {
+        return fail_all(e);
+    }
+    let b = Batch {
+        inner,
+        live: &live,
+        subject: &subject,
+        declared: inner.config.topology.iter().any(|d| d.captures(&subject)),
+        // One deadline for the whole batch: publishes and PubAcks share it.
+        deadline: Instant::now() + inner.config.ack_timeout,
+    };
+    let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
+    let mut pending: VecDeque<(usize, AckFuture)> =
+        VecDeque::with_capacity(inner.config.window.min(batch.len()));
+    let mut hold = KeyHold::default();
+    // Once the connection is gone (or the batch's time is up), nothing more is published.
+    let mut broken: Option<TransportError> = None;
+    for (i, msg) in batch.iter().enumerate() {
+        if let Some(e) = &broken {
+            outcomes[i] = Some(Err(e.clone()));
+            continue;
+        }
+        while pending.len() >= inner.config.window {
+            if let Some((j, ack)) = pending.pop_front() {
+                let outcome = b.settle(ack).await;
+                if let Err(e) = &outcome {
+                    hold.failed(&batch[j], e);
+                }
+                outcomes[j] = Some(outcome);
+            }
+        }
+        // Not even sent behind a transient failure of its key (the pipeline retries it after).
+        if let Some(held) = hold.check(msg) {
+            outcomes[i] = Some(Err(held));
+            continue;
+        }
+        let publish = match message(&inner.config, msg) {
+            Ok(p) => p,
+            Err(e) => {
+                outcomes[i] = Some(Err(e));
+                continue;
+            }
+        };
+        if !live.is_connected() {
+            let e = b.lost();
+            outcomes[i] = Some(Err(e.clone()));
+            broken = Some(e);
+            continue;
+        }
+        let sent =
+            tokio::time::timeout_at(b.deadline, live.js.send_publish(subject.clone(), publish))
+                .await;
+        match sent {
+            Ok(Ok(ack)) => pending.push_back((i, ack.into_future())),
+            Ok(Err(e)) => {
+                let e = b.error(&e);
+                hold.failed(msg, &e);
+                if matches!(e.code(), Some("CONNECTION_LOST" | "CLIENT_ERROR")) {
+                    broken = Some(e.clone());
+                }
+                outcomes[i] = Some(Err(e));
+            }
+            Err(_) => {
+                let e = b.timeout("publishing");
+                outcomes[i] = Some(Err(e.clone()));
+                broken = Some(e);
+            }
+        }
+    }
+    for (j, ack) in pending {
+        outcomes[j] = Some(b.settle(ack).await);
+    }
+    let mut outcomes: BatchOutcome = outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Err(TransportError::transient(
+                    "internal: message not published; retried",
+                ))
+            })
+        })
+        .collect();
+    if live.is_connected()
+        && outcomes
+            .iter()
+            .any(|o| matches!(o, Err(e) if e.code() == Some("TIMEOUT")))
+    {
+        // The connection looks up but PubAcks stopped coming (a half-open TCP connection, a
+        // hung server): give it up, so that the retry goes out on a new one.
+        inner.abandon(&live).await;
+    }
+    // A later message of a key whose earlier one failed transiently must not count as
+    // delivered ahead of its retry: it is retried behind it (JetStream drops the copy it holds
+    // by its Nats-Msg-Id).
+    KeyHold::apply(batch, &mut outcomes);
+    outcomes
+}
+
+impl Batch<'_> {
+    /// Waits for one PubAck, until the batch's deadline, a permission violation on the subject,
+    /// or the loss of the connection (after which no PubAck can come).
+    async fn settle(&self, mut ack: AckFuture) -> Result<Ack, TransportError> {
+        loop {
+            let changed = self.live.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(d) = self.live.denial(self.subject) {
+                return Err(denied(&d, self.subject));
+            }
+            if !self.live.is_connected() {
+                // An answer read before the loss is in its channel already.
+                return match (&mut ack).now_or_never() {
+                    Some(r) => self.outcome(r),
+                    None => Err(self.lost()),
+                };
+            }
+            tokio::select! {
+                biased;
+                r = &mut ack => return self.outcome(r),
+                () = &mut changed => {}
+                () = tokio::time::sleep_until(self.deadline) => {
+                    return Err(self.timeout("waiting for its PubAck"));
+                }
+            }
+        }
+    }
+
+    fn outcome(&self, r: Result<PublishAck, PublishError>) -> Result<Ack, TransportError> {
+        match r {
+            Ok(ack) => {
+                if ack.duplicate {
+                    self.inner.metrics.duplicates.increment(1);
+                }
+                Ok(Ack {
+                    offset: i64::try_from(ack.sequence).ok(),
+                    ..Ack::default()
+                })
+            }
+            Err(e) => Err(self.error(&e)),
+        }
+    }
+
+    /// Classifies a publish or PubAck error, asking for the declarations again after a missing
+    /// stream this transport declares.
+    fn error(&self, e: &PublishError) -> TransportError {
+        let err = classify_publish(e, self.subject, self.declared);
+        if err.code() == Some("NO_STREAM") && self.declared {
+            self.live
+                .redeclare
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        if err.code() == Some("CLIENT_ERROR") && !self.live.is_connected() {
+            return self.lost();
+        }
+        err
+    }
+
+    fn lost(&self) -> TransportError {
+        TransportError::transient(format!(
+            "the connection to {} was lost before the PubAck for a message to \"{}\" came; herald reconnects and retries (a duplicate is dropped by its Nats-Msg-Id)",
+            self.inner.server_of(self.live),
+            self.subject
+        ))
+        .with_code("CONNECTION_LOST")
+    }
+
+    fn timeout(&self, what: &str) -> TransportError {
+        TransportError::transient(format!(
+            "{what} to \"{}\" did not complete within the batch's ack timeout of {:?}; retried (a duplicate is dropped by its Nats-Msg-Id)",
+            self.subject, self.inner.config.ack_timeout
+        ))
+        .with_code("TIMEOUT")
+    }
+}
+
+/// A header name or value NATS cannot carry: the message can never be sent as it is.
+fn invalid(what: &str, why: &str) -> TransportError {
+    TransportError::permanent(format!(
+        "the message cannot be sent to NATS: its {what} {why} (NATS headers are text lines)"
+    ))
+    .with_code("INVALID_HEADER")
+}
+
+/// A header value as NATS text: UTF-8 without CR or LF.
+fn text_value(bytes: &[u8], what: &str) -> Result<HeaderValue, TransportError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| invalid(what, "is not UTF-8"))?;
+    HeaderValue::from_str(text).map_err(|_| invalid(what, "holds a line break"))
+}
+
+/// What is published for `msg`: its payload and [`headers`].
+fn message(config: &NatsConfig, msg: &Message) -> Result<Publish, TransportError> {
+    let mut publish = Publish::build().payload(msg.payload().clone());
+    if let Some(headers) = headers(config, msg)? {
+        publish = publish.headers(headers);
+    }
+    Ok(publish)
+}
+
+/// The NATS headers of `msg`: its own headers, its key in the key header, and its herald id as
+/// `Nats-Msg-Id` (unless it carries a `Nats-Msg-Id` header of its own, which is sent as it is),
+/// so that JetStream drops a retried copy it already holds. `None`: no header at all.
+fn headers(config: &NatsConfig, msg: &Message) -> Result<Option<HeaderMap>, TransportError> {
+    let mut headers = HeaderMap::new();
+    let mut own_id = false;
+    for h in msg.headers() {
+        let name = HeaderName::from_str(&h.name)
+            .ok()
+            .filter(|_| !h.name.is_empty())
+            .ok_or_else(|| {
+                invalid(
+                    "header name",
+                    "is empty or holds a `:`, whitespace or a non-ASCII character",
+                )
+            })?;
+        // JetStream reads the header by its exact name.
+        own_id |= h.name == MSG_ID;
+        headers.append(name, text_value(&h.value, "header value")?);
+    }
+    if let (Some(name), Some(key)) = (&config.key_header, msg.key()) {
+        let name = HeaderName::from_str(name)
+            .map_err(|_| invalid("key header name", "is not a header name"))?;
+        headers.insert(name, text_value(key, "key")?);
+    }
+    if !own_id {
+        if let Some(id) = msg.id() {
+            let id =
+                HeaderValue::from_str(&id.to_string()).map_err(|_| invalid("id", "is not text"))?;
+            headers.insert(NATS_MESSAGE_ID, id);
+        }
+    }
+    Ok((!headers.is_empty()).then_some(headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_core::{ErrorClass, MessageId};
+
+    fn config() -> NatsConfig {
+        NatsConfig::from_url("nats://h/orders").expect("url")
+    }
+
+    /// The headers `msg` is published with, as (name, value) text pairs, sorted.
+    fn sent_headers(config: &NatsConfig, msg: &Message) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(h) = headers(config, msg).expect("publishable") {
+            for (name, values) in h.iter() {
+                for v in values {
+                    out.push((name.to_string(), v.to_string()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn the_msg_id_is_the_message_s_own_id() {
+        let c = config();
+        let id = MessageId::from_u128(0x0190_b6d2_7c4e_7a51_8f3e_2b9d_4c1a_6e70);
+        let m = Message::new("orders", "p").with_id(id);
+        assert_eq!(
+            sent_headers(&c, &m),
+            [(
+                MSG_ID.to_owned(),
+                "0190b6d2-7c4e-7a51-8f3e-2b9d4c1a6e70".to_owned()
+            )]
+        );
+        // A retry carries the same id: JetStream drops it if it holds the first copy.
+        assert_eq!(sent_headers(&c, &m.clone()), sent_headers(&c, &m));
+        // A Nats-Msg-Id of the caller's own is sent as it is.
+        let own = m.clone().with_header("Nats-Msg-Id", "order-42");
+        assert_eq!(
+            sent_headers(&c, &own),
+            [(MSG_ID.to_owned(), "order-42".to_owned())]
+        );
+        // Without an id (a transport driven without a producer): no header, rather than one a
+        // retry would not repeat.
+        assert!(sent_headers(&c, &Message::new("orders", "p")).is_empty());
+    }
+
+    #[test]
+    fn headers_and_the_key_travel_as_nats_headers() {
+        let c = config();
+        let m = Message::new("orders", "p")
+            .with_key("customer-7")
+            .with_header("trace-id", "abc")
+            .with_header("trace-id", "def");
+        assert_eq!(
+            sent_headers(&c, &m),
+            [
+                ("trace-id".to_owned(), "abc".to_owned()),
+                ("trace-id".to_owned(), "def".to_owned()),
+                ("x-herald-key".to_owned(), "customer-7".to_owned()),
+            ]
+        );
+        let no_key = c.clone().key_header(None);
+        assert_eq!(sent_headers(&no_key, &m).len(), 2);
+        let renamed = c.key_header(Some("Partition-Key".into()));
+        assert!(sent_headers(&renamed, &m).contains(&("Partition-Key".into(), "customer-7".into())));
+    }
+
+    #[test]
+    fn what_nats_headers_cannot_carry_is_permanent() {
+        let c = config();
+        for m in [
+            Message::new("orders", "p").with_key(vec![0xff, 0xfe]),
+            Message::new("orders", "p").with_key("a\r\nb"),
+            Message::new("orders", "p").with_header("bad name", "v"),
+            Message::new("orders", "p").with_header("a:b", "v"),
+            Message::new("orders", "p").with_header("", "v"),
+            Message::new("orders", "p").with_header("n", "line\nbreak"),
+        ] {
+            let e = headers(&c, &m).expect_err("not publishable");
+            assert_eq!(
+                (e.class(), e.code()),
+                (ErrorClass::Permanent, Some("INVALID_HEADER")),
+                "{e}"
+            );
+        }
+    }
+}
