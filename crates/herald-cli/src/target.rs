@@ -492,11 +492,22 @@ mod tests {
     fn scheme_errors_are_named() {
         assert_eq!(part("http://h:1/t"), "scheme");
         assert_eq!(part("h:1/t"), "scheme");
-        let e = Target::parse("nats://h:1/t").expect_err("scheme");
+        let e = Target::parse("mqtt://h:1/t").expect_err("scheme");
         assert!(
-            e.to_string().contains("`nats` is not kafka, amqp or amqps"),
+            e.to_string()
+                .contains("`mqtt` is not kafka, amqp, amqps, nats or tls"),
             "{e}"
         );
+        // A NATS URL is one now, and its subject is required.
+        assert!(matches!(
+            Target::parse("nats://h:4222/orders.eu"),
+            Ok(Target::Nats(_))
+        ));
+        assert_eq!(part("nats://h:4222"), "subject");
+        assert!(!Target::parse("nats://app:hunter2@h:4222/s")
+            .expect("nats")
+            .describe()
+            .contains("hunter2"));
     }
 
     #[test]

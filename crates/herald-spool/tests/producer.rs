@@ -262,11 +262,10 @@ async fn a_nearly_full_spool_degrades_health() {
     use herald_core::HealthStatus;
     use herald_spool::ProducerBuilderExt as _;
     let d = dir("high-water");
+    // The first call takes 2 s: nothing is delivered meanwhile (strict order keeps one batch
+    // in flight), so the spool fills; then everything goes through.
     let t = MemoryTransport::new();
-    t.script(std::iter::repeat_n(
-        CallFault::FailAll(ErrorClass::Transient),
-        200,
-    ));
+    t.script([CallFault::Delay(Duration::from_secs(2))]);
     let p = Producer::builder(t)
         .spool(SpoolConfig::new(&d).segment_bytes(4096).max_bytes(16384))
         .expect("spool")

@@ -275,8 +275,12 @@ async fn admit_all(shared: &Shared, entries: Vec<(Message, Completion, StoreToke
         if let Some(stage) = &shared.stage {
             stage.bytes.fetch_sub(taken, Ordering::AcqRel);
         }
-        // Submitters may be waiting for the stage to have room.
-        shared.space.notify_waiters();
+        if admission.accepted > 0 || !admission.refused.is_empty() {
+            // Submitters may be waiting for the stage to have room. (Only when some left it:
+            // this wakes the `space` future above too, and a wake-up for nothing, with the
+            // buffer full, would spin.)
+            shared.space.notify_waiters();
+        }
         let refused = admission.refused;
         if !refused.is_empty() {
             let mut tokens = Vec::new();
