@@ -8,6 +8,10 @@
 //! stays hermetic. They read the broker's address from the environment
 //! (`HERALD_KAFKA_BOOTSTRAP`, `HERALD_AMQP_URL`); a broker given that way by the user is used as
 //! it is.
+//!
+//! The facade's examples for that broker (`crates/herald/examples/kafka.rs`, `rabbitmq.rs`) then
+//! run once against it, with the same environment: an example that exits non-zero (a message
+//! not delivered) fails the run.
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
@@ -35,6 +39,8 @@ struct Suite {
     package: &'static str,
     /// The test targets (`tests/NAME.rs`) whose ignored tests need the broker.
     tests: &'static [&'static str],
+    /// The facade's examples to run against the broker: (example, the feature it requires).
+    examples: &'static [(&'static str, &'static str)],
     provision: fn() -> Result<Broker>,
 }
 
@@ -45,24 +51,28 @@ impl Target {
                 name: "kafka",
                 package: "herald-kafka",
                 tests: &["it"],
+                examples: &[("kafka", "kafka")],
                 provision: kafka::provision,
             },
             Target::Amqp => Suite {
                 name: "amqp",
                 package: "herald-amqp",
                 tests: &["it", "cluster"],
+                examples: &[("rabbitmq", "amqp")],
                 provision: amqp::provision,
             },
             Target::Nats => Suite {
                 name: "nats",
                 package: "herald-nats",
                 tests: &["it"],
+                examples: &[],
                 provision: nats::provision,
             },
             Target::Cli => Suite {
                 name: "cli",
                 package: "herald-cli",
                 tests: &["real_brokers"],
+                examples: &[],
                 provision: provision_all,
             },
         }
@@ -106,11 +116,39 @@ pub(crate) fn it(targets: &[Target]) -> Result<()> {
         for (k, v) in &broker.env {
             cmd.env(k, v);
         }
-        let result = run_within(&format!("it {}", target.name), &mut cmd, time_limit()?);
+        let mut result = run_within(&format!("it {}", target.name), &mut cmd, time_limit()?);
+        for (example, feature) in target.examples {
+            if result.is_err() {
+                break;
+            }
+            result = run_within(
+                &format!("it {}: example {example}", target.name),
+                &mut example_command(example, feature, &broker),
+                time_limit()?,
+            );
+        }
         drop(broker);
         result?;
     }
     Ok(())
+}
+
+/// `cargo run -p herald --example EXAMPLE --features FEATURE` with the broker's environment.
+fn example_command(example: &str, feature: &str, broker: &Broker) -> std::process::Command {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "-p",
+        "herald",
+        "--example",
+        example,
+        "--features",
+        feature,
+    ]);
+    for (k, v) in &broker.env {
+        cmd.env(k, v);
+    }
+    cmd
 }
 
 /// How long one target's tests may run, build included: `HERALD_IT_TIMEOUT_SECS`, default 15
@@ -130,6 +168,25 @@ mod tests {
     use clap::ValueEnum;
 
     use super::Target;
+
+    #[test]
+    fn the_broker_examples_run_with_the_features_they_require() {
+        let herald = std::fs::read_to_string(
+            crate::process::project_root().join("crates/herald/Cargo.toml"),
+        )
+        .expect("crates/herald/Cargo.toml");
+        for target in Target::value_variants() {
+            for (example, feature) in target.suite().examples {
+                let entry = format!(
+                    "[[example]]\nname = \"{example}\"\nrequired-features = [\"{feature}\"]"
+                );
+                assert!(
+                    herald.contains(&entry),
+                    "crates/herald/Cargo.toml has no `{entry}`"
+                );
+            }
+        }
+    }
 
     #[test]
     fn every_target_is_logged_under_its_command_line_name() {

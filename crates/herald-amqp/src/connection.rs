@@ -1,6 +1,13 @@
 //! Connections: one connection and its publishing channels, opened on demand and again after a
 //! loss (with backoff between failed attempts), the broker's flow control, and the health
 //! verdict they add up to.
+//!
+//! Logged (target `herald_amqp::connection`, fields `transport="amqp"`, `producer` when the
+//! transport has a [`metrics_name`](crate::AmqpConfig::metrics_name), `node` as `host:port`,
+//! `url` with the password masked): connected and reconnected (info), failover to another
+//! node, the first failed round of connection attempts, a connection lost, confirms that
+//! stopped, the broker blocking publishing (warn); later failed rounds, a closed connection
+//! (debug).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -140,6 +147,9 @@ fn round_error(mut errors: Vec<TransportError>) -> TransportError {
     .with_code("NO_ADDRESS")
 }
 
+/// The `transport` field of every event this crate logs.
+const TRANSPORT: &str = "amqp";
+
 /// The wait after the `failures`-th failed connection attempt in a row.
 fn reconnect_delay(backoff: &Backoff, failures: u32) -> Duration {
     // The doubling stops at the 16th failure (2^15 times the minimum, when the maximum is
@@ -180,6 +190,11 @@ impl Inner {
 
     pub(crate) fn is_connected(&self) -> bool {
         self.flow.connected.load(Ordering::Acquire)
+    }
+
+    /// The `producer` field of the events logged: the transport's metrics name, if any.
+    fn producer(&self) -> Option<&str> {
+        self.config.metrics_name.as_deref()
     }
 
     /// Connects unless connected; see [`AmqpTransport::connect`](crate::AmqpTransport::connect).
@@ -280,8 +295,38 @@ impl Inner {
         }
         match opened {
             Some((index, live)) => {
+                let node = &self.endpoints[index];
+                let url = self.redacted(node);
+                let failed_rounds = link.failures;
                 if link.live_before && index != link.current {
                     self.metrics.failovers.increment(1);
+                    tracing::warn!(
+                        transport = TRANSPORT,
+                        producer = self.producer(),
+                        node = %node,
+                        from = %self.endpoints[link.current],
+                        url = %url,
+                        failed_rounds,
+                        "failed over to another broker node"
+                    );
+                } else if link.live_before {
+                    tracing::info!(
+                        transport = TRANSPORT,
+                        producer = self.producer(),
+                        node = %node,
+                        url = %url,
+                        failed_rounds,
+                        "reconnected to the broker"
+                    );
+                } else {
+                    tracing::info!(
+                        transport = TRANSPORT,
+                        producer = self.producer(),
+                        node = %node,
+                        url = %url,
+                        failed_rounds,
+                        "connected to the broker"
+                    );
                 }
                 link.live_before = true;
                 link.current = index;
@@ -301,6 +346,30 @@ impl Inner {
                 link.failures = link.failures.saturating_add(1);
                 let delay = reconnect_delay(&self.reconnect, link.failures);
                 link.next_attempt = Some(Instant::now() + delay);
+                let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+                // The first failed round says so; the ones after it, at the backoff's pace, are
+                // detail (health reports the connection down meanwhile).
+                if link.failures == 1 {
+                    tracing::warn!(
+                        transport = TRANSPORT,
+                        producer = self.producer(),
+                        url = %self.config.redacted_url(),
+                        error = %e,
+                        failed_rounds = link.failures,
+                        retry_in_ms,
+                        "cannot connect to the broker (each address tried once); reconnecting with backoff"
+                    );
+                } else {
+                    tracing::debug!(
+                        transport = TRANSPORT,
+                        producer = self.producer(),
+                        url = %self.config.redacted_url(),
+                        error = %e,
+                        failed_rounds = link.failures,
+                        retry_in_ms,
+                        "still cannot connect to the broker; reconnecting with backoff"
+                    );
+                }
                 Err(e)
             }
         }
@@ -310,6 +379,13 @@ impl Inner {
     fn lost(&self, link: &mut Link) {
         link.live = None;
         link.next = (link.current + 1) % self.endpoints.len();
+        tracing::debug!(
+            transport = TRANSPORT,
+            producer = self.producer(),
+            node = %self.endpoints[link.current],
+            next = %self.endpoints[link.next],
+            "connection gone: the next attempt starts at the next address"
+        );
         self.set_node(None);
         self.set_connected(false);
     }
@@ -323,9 +399,17 @@ impl Inner {
         if !current {
             return;
         }
+        let node = self.endpoints[link.current].to_string();
         self.lost(&mut link);
         drop(link);
         self.metrics.abandoned.increment(1);
+        tracing::warn!(
+            transport = TRANSPORT,
+            producer = self.producer(),
+            node = %node,
+            confirm_timeout_ms = u64::try_from(self.config.confirm_timeout.as_millis()).unwrap_or(u64::MAX),
+            "the broker stopped confirming: connection given up, the retry goes to the next address"
+        );
         let live = Arc::clone(live);
         tokio::spawn(async move {
             // Best effort: the broker may never answer the close.
@@ -384,19 +468,34 @@ impl Inner {
         let mut events = connection.events_listener();
         let flow = self.flow.clone();
         let metrics = self.metrics.clone();
+        let node = endpoint.to_string();
+        let producer = self.config.metrics_name.clone();
         metrics.blocked.set(0.0);
         flow.blocked.store(false, Ordering::Release);
         flow.changed.notify_waiters();
         let events = tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 match event {
-                    Event::ConnectionBlocked(_reason) => {
+                    Event::ConnectionBlocked(reason) => {
+                        tracing::warn!(
+                            transport = TRANSPORT,
+                            producer = producer.as_deref(),
+                            node = %node,
+                            reason = %reason,
+                            "the broker blocked publishing (connection.blocked: a memory or disk alarm); messages wait in herald's buffer"
+                        );
                         metrics.blocked.set(1.0);
                         metrics.blocked_events.increment(1);
                         flow.blocked.store(true, Ordering::Release);
                         flow.changed.notify_waiters();
                     }
                     Event::ConnectionUnblocked => {
+                        tracing::info!(
+                            transport = TRANSPORT,
+                            producer = producer.as_deref(),
+                            node = %node,
+                            "the broker unblocked publishing"
+                        );
                         metrics.blocked.set(0.0);
                         flow.blocked.store(false, Ordering::Release);
                         flow.changed.notify_waiters();
@@ -407,10 +506,24 @@ impl Inner {
                     // attempt says the broker is unreachable (this task may also belong to a
                     // connection already replaced).
                     Event::Error(e) if !e.is_amqp_soft_error() => {
+                        tracing::warn!(
+                            transport = TRANSPORT,
+                            producer = producer.as_deref(),
+                            node = %node,
+                            error = %e,
+                            "connection to the broker lost; the next send reconnects"
+                        );
                         flow.connected.store(false, Ordering::Release);
                         metrics.connected.set(0.0);
                         flow.changed.notify_waiters();
                     }
+                    Event::Error(e) => tracing::debug!(
+                        transport = TRANSPORT,
+                        producer = producer.as_deref(),
+                        node = %node,
+                        error = %e,
+                        "a channel closed on an error; the next publish on it opens a new one"
+                    ),
                     _ => {}
                 }
             }
@@ -485,8 +598,17 @@ impl Inner {
     /// batch.
     pub(crate) async fn close(&self) {
         self.flow.closed.store(true, Ordering::Release);
-        let live = self.link.lock().await.live.take();
+        let (live, node) = {
+            let mut link = self.link.lock().await;
+            (link.live.take(), self.endpoints[link.current].to_string())
+        };
         if let Some(live) = live {
+            tracing::debug!(
+                transport = TRANSPORT,
+                producer = self.producer(),
+                node = %node,
+                "closing the connection"
+            );
             if live.is_connected() {
                 // Closing is best effort: every message already has its outcome.
                 if let Err(e) = live
@@ -505,6 +627,48 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A port on 127.0.0.1 that nothing listens on.
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }
+
+    #[tokio::test]
+    async fn a_failed_round_warns_once_with_the_url_masked_and_later_rounds_are_detail() {
+        let logs = herald_testkit::LogCapture::start_at(tracing::Level::DEBUG);
+        let url = format!("amqp://app:hunter2secret@127.0.0.1:{}/%2F", closed_port());
+        let config = AmqpConfig::from_url(&url)
+            .expect("url")
+            .metrics_name("orders-eu")
+            .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(1));
+        let inner = Inner::new(config);
+        // Each call waits out the backoff of the round before it, then makes a round of its own.
+        for _ in 0..3 {
+            inner.connect().await.expect_err("nothing listens");
+        }
+        let text = logs.text();
+        assert!(!text.contains("hunter2secret"), "{text}");
+        let warned: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(" WARN ") && l.contains("cannot connect"))
+            .collect();
+        assert_eq!(warned.len(), 1, "{text}");
+        for field in [
+            "transport=\"amqp\"",
+            "producer=\"orders-eu\"",
+            "url=amqp://app:***@127.0.0.1:",
+            "failed_rounds=1",
+            "retry_in_ms=1",
+        ] {
+            assert!(warned[0].contains(field), "no {field} in: {}", warned[0]);
+        }
+        let later = text
+            .lines()
+            .filter(|l| l.contains(" DEBUG ") && l.contains("still cannot connect"))
+            .count();
+        assert_eq!(later, 2, "{text}");
+    }
 
     /// The schedule as it was written before it went through `herald_retry::Backoff`.
     fn hand_rolled(min: Duration, max: Duration, failures: u32) -> Duration {

@@ -198,6 +198,12 @@ async fn publish_group(
     {
         // A nacked message is retried: on a new channel, not on one the broker may go on
         // nacking (see `Live::retire`).
+        tracing::debug!(
+            transport = "amqp",
+            target = %target,
+            channel = slot,
+            "the broker nacked a publish: the channel is replaced for the retry"
+        );
         live.retire(slot, &channel).await;
         inner.metrics.channels_retired.increment(1);
     }

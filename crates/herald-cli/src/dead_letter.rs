@@ -183,6 +183,12 @@ impl DeadLetter {
     }
 
     fn fail(&mut self, error: String) {
+        tracing::error!(
+            path = %self.path.display(),
+            error = %error,
+            records = self.written,
+            "the dead-letter file cannot be written: its records go to stderr"
+        );
         let _stderr_gone = writeln!(
             std::io::stderr(),
             "error: {error}; dead-letter records go to stderr instead, each line prefixed with `dead-letter: `"
@@ -191,8 +197,15 @@ impl DeadLetter {
         self.error = Some(error);
     }
 
-    /// Closes the file.
+    /// Closes the file. One line in the log for the run, not one per record.
     pub(crate) fn finish(&mut self) {
+        if self.file.is_some() {
+            tracing::info!(
+                path = %self.path.display(),
+                records = self.written,
+                "dead-letter records written"
+            );
+        }
         self.file = None;
     }
 }

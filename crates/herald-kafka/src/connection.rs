@@ -1,6 +1,13 @@
 //! The librdkafka producer behind a [`crate::KafkaTransport`]: building it with herald's
 //! context, the context's callbacks (delivery reports, statistics, client errors), replacing
 //! the producer after a fatal error, and the health and diagnosis those callbacks feed.
+//!
+//! Logged (target `herald_kafka::connection`, fields `transport="kafka"`, `producer` when the
+//! transport has a [`metrics_name`](crate::KafkaConfig::metrics_name)): all brokers down and
+//! a producer rebuilt (warn), a broker answering again (info), each client error librdkafka
+//! reports (debug: it repeats them per broker and per reconnection). librdkafka's error texts
+//! name brokers by `host:port`; no property of the client configuration (SASL settings
+//! included) is ever logged.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -34,9 +41,27 @@ pub(crate) struct Shared {
     all_down: AtomicBool,
     /// Batches waiting for their delivery reports.
     pub(crate) in_flight: InFlight,
+    /// The `producer` field of the events logged: the transport's metrics name, if any.
+    name: Option<String>,
 }
 
+/// The `transport` field of every event this crate logs.
+const TRANSPORT: &str = "kafka";
+
 impl Shared {
+    /// A broker answered (a delivery, or a broker UP in the statistics): if all were down,
+    /// they no longer are, and the log says so once.
+    fn broker_answered(&self, how: &'static str) {
+        if self.all_down.swap(false, Ordering::Relaxed) {
+            tracing::info!(
+                transport = TRANSPORT,
+                producer = self.name.as_deref(),
+                seen_in = how,
+                "a Kafka broker answers again"
+            );
+        }
+    }
+
     fn diagnosis(&self) -> Option<String> {
         if !self.client_errors.load(Ordering::Relaxed) {
             return None;
@@ -80,7 +105,7 @@ impl ClientContext for Context {
             .values()
             .any(|b| b.source != "internal" && b.state == "UP")
         {
-            self.shared.all_down.store(false, Ordering::Relaxed);
+            self.shared.broker_answered("statistics");
         }
     }
 
@@ -93,8 +118,22 @@ impl ClientContext for Context {
         };
         let mut errors = self.shared.client_errors();
         use RDKafkaErrorCode as C;
-        if error.rdkafka_error_code() == Some(C::AllBrokersDown) {
-            self.shared.all_down.store(true, Ordering::Relaxed);
+        let code = error.rdkafka_error_code();
+        tracing::debug!(
+            transport = TRANSPORT,
+            producer = self.shared.name.as_deref(),
+            code = ?code,
+            error = %text,
+            "client error reported by librdkafka"
+        );
+        if code == Some(C::AllBrokersDown) && !self.shared.all_down.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                transport = TRANSPORT,
+                producer = self.shared.name.as_deref(),
+                error = %text,
+                last_connection_error = errors.connection.as_deref(),
+                "all Kafka brokers are down: messages wait and are retried until a broker answers or their delivery timeout passes"
+            );
         }
         match error.rdkafka_error_code() {
             Some(C::BrokerTransportFailure | C::Resolve | C::Authentication | C::SSL) => {
@@ -137,7 +176,7 @@ impl ProducerContext for Context {
         if outcome.is_ok() && self.shared.client_errors.load(Ordering::Relaxed) {
             // A broker answered: earlier connection errors no longer explain anything.
             self.shared.client_errors.store(false, Ordering::Relaxed);
-            self.shared.all_down.store(false, Ordering::Relaxed);
+            self.shared.broker_answered("delivery");
         }
         self.shared.in_flight.with(opaque, |batch, index| {
             if broken {
@@ -177,6 +216,7 @@ impl Connection {
             client_errors: AtomicBool::new(false),
             all_down: AtomicBool::new(false),
             in_flight: InFlight::default(),
+            name: config.metrics_label().map(str::to_owned),
         });
         let producer = Arc::new(create(&client_config, &shared)?);
         Ok(Self {
@@ -255,10 +295,32 @@ impl Connection {
         if self.generation.load(Ordering::Acquire) != seen_generation {
             return;
         }
-        if let Ok(fresh) = create(&self.client_config, &self.shared) {
-            *slot = Arc::new(fresh);
-            self.generation.fetch_add(1, Ordering::AcqRel);
-            self.shared.metrics.rebuilds.increment(1);
+        // Why: librdkafka's fatal error, if it raised one; else a delivery report said the
+        // broker no longer knows this producer.
+        let reason = slot.client().fatal_error().map_or_else(
+            || "a delivery report said the broker no longer knows this producer".to_owned(),
+            |(code, text)| format!("fatal error {code:?}: {text}"),
+        );
+        match create(&self.client_config, &self.shared) {
+            Ok(fresh) => {
+                *slot = Arc::new(fresh);
+                let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                self.shared.metrics.rebuilds.increment(1);
+                tracing::warn!(
+                    transport = TRANSPORT,
+                    producer = self.shared.name.as_deref(),
+                    generation,
+                    reason = %reason,
+                    "Kafka producer rebuilt: the old one could not send any more; its failed messages are retried on the new one"
+                );
+            }
+            Err(e) => tracing::error!(
+                transport = TRANSPORT,
+                producer = self.shared.name.as_deref(),
+                reason = %reason,
+                error = %e,
+                "the Kafka producer could not send any more and a new one could not be created; the next failing batch tries again"
+            ),
         }
     }
 
@@ -295,4 +357,69 @@ fn create(config: &ClientConfig, shared: &Arc<Shared>) -> Result<Client, ConfigE
             shared: shared.clone(),
         })
         .map_err(|e| ConfigError::Client(crate::config::redact_client_error(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(name: Option<&str>) -> Context {
+        Context {
+            shared: Arc::new(Shared {
+                room: Room::default(),
+                metrics: KafkaMetrics::new(name),
+                last_client_error: std::sync::Mutex::new(ClientErrors::default()),
+                client_errors: AtomicBool::new(false),
+                all_down: AtomicBool::new(false),
+                in_flight: InFlight::default(),
+                name: name.map(str::to_owned),
+            }),
+        }
+    }
+
+    #[test]
+    fn all_brokers_down_warns_once_and_a_broker_back_is_info() {
+        let logs = herald_testkit::LogCapture::start_at(tracing::Level::INFO);
+        let ctx = context(Some("orders-eu"));
+        let refused = KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure);
+        ctx.error(
+            refused.clone(),
+            "127.0.0.1:9092/bootstrap: Connect to ipv4#127.0.0.1:9092 failed: Connection refused",
+        );
+        assert_eq!(logs.text(), "", "one broker's error is detail (debug)");
+        let down = KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        for _ in 0..3 {
+            ctx.error(down.clone(), "1/1 brokers are down");
+            ctx.error(
+                refused.clone(),
+                "127.0.0.1:9092/bootstrap: Connection refused",
+            );
+        }
+        let text = logs.text();
+        let warned: Vec<&str> = text.lines().filter(|l| l.contains(" WARN ")).collect();
+        assert_eq!(warned.len(), 1, "once per outage, not per report: {text}");
+        for field in [
+            "transport=\"kafka\"",
+            "producer=\"orders-eu\"",
+            "all Kafka brokers are down",
+            "Connection refused",
+        ] {
+            assert!(warned[0].contains(field), "no {field} in: {}", warned[0]);
+        }
+        assert!(ctx.shared.all_down.load(Ordering::Relaxed));
+
+        ctx.shared.broker_answered("delivery");
+        ctx.shared.broker_answered("statistics");
+        let text = logs.text();
+        let back: Vec<&str> = text.lines().filter(|l| l.contains(" INFO ")).collect();
+        assert_eq!(back.len(), 1, "{text}");
+        assert!(back[0].contains("answers again"), "{}", back[0]);
+
+        // A second outage is a second warning.
+        ctx.error(down, "1/1 brokers are down");
+        assert_eq!(
+            logs.text().lines().filter(|l| l.contains(" WARN ")).count(),
+            2
+        );
+    }
 }

@@ -377,6 +377,12 @@ pub(crate) async fn send_batch(
     if past_deadline && state.reports.load(Ordering::Acquire) < abandon.handed {
         // What librdkafka has not sent yet is dropped and reported `PurgeQueue` (not stored);
         // what is with a broker gets its answer, which herald waits for (settle time).
+        tracing::debug!(
+            transport = "kafka",
+            topic = %topic,
+            messages = batch.len(),
+            "the attempt's deadline passed: what librdkafka had not sent yet is purged"
+        );
         producer.purge(PurgeConfig::default().queue());
     }
     state.wait().await;

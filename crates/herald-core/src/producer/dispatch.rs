@@ -2,6 +2,10 @@
 //! circuit breaker, sends them, and lands each batch's outcomes: deliveries, failures and
 //! retries (parked for their backoff and a retry-budget token, then queued again). Where
 //! strict ordering asks for more than that, it asks [`OrderingMode`] (see `order.rs`).
+//!
+//! It also says what an operator needs to hear (see [`Spoken`]): the retry budget running dry,
+//! and delivery timeouts summed up, at most one line per [`SAY_EVERY`] each, never one per
+//! message or per batch.
 
 use std::cmp::Reverse;
 use std::sync::atomic::Ordering;
@@ -20,15 +24,121 @@ use crate::transport::BatchOutcome;
 /// The code of the error herald gives the messages of an attempt it cut off at their deadline.
 pub(crate) const ATTEMPT_TIMEOUT: &str = "herald_attempt_timeout";
 
+/// The least time between two log lines of one kind (delivery timeouts, retry budget exhausted)
+/// from one producer: what happens meanwhile is counted and said in the next line.
+pub(crate) const SAY_EVERY: Duration = Duration::from_secs(10);
+
+/// Destinations a delivery-timeout line names; more are shown as `...`.
+const NAMED_DESTINATIONS: usize = 5;
+
+/// At most one line per interval. Hand-written rather than taken from a crate (`governor`,
+/// ...): it is one comparison of two instants under a lock the caller already holds, it must
+/// read the pipeline's clock (Tokio's, which tests pause) rather than its own, and what it holds
+/// back is not dropped but counted by the caller and said in the next line, which a limiter
+/// crate does not do; a dependency for that would weigh on every user of herald-core.
+#[derive(Debug, Default)]
+pub(crate) struct RateLimit {
+    last: Option<Instant>,
+}
+
+impl RateLimit {
+    /// Whether a line may go out at `now`; if so, the next may go out `every` later.
+    fn allow(&mut self, now: Instant, every: Duration) -> bool {
+        if self.next(every).is_some_and(|at| at > now) {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+
+    /// When the next line may go out (`None`: at once).
+    fn next(&self, every: Duration) -> Option<Instant> {
+        self.last.and_then(|t| t.checked_add(every))
+    }
+}
+
+/// Messages ended by their delivery timeout and not yet logged: how many, where to (the first
+/// few destinations named), and the last transport error one of them had.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    count: u64,
+    destinations: Vec<Destination>,
+    /// Some went to destinations beyond those named.
+    more_destinations: bool,
+    last_error: Option<String>,
+}
+
+impl Tally {
+    /// Counts one message to `destination` that timed out with `last_error` (cheap: the error
+    /// is rendered once per tally, not per message).
+    fn note(&mut self, destination: &Destination, last_error: Option<&TransportError>) {
+        self.count += 1;
+        if self.destinations.last() != Some(destination) {
+            self.add_destination(destination);
+        }
+        if self.last_error.is_none() {
+            self.last_error = last_error.map(ToString::to_string);
+        }
+    }
+
+    fn add_destination(&mut self, destination: &Destination) {
+        if self.destinations.contains(destination) {
+            return;
+        }
+        if self.destinations.len() < NAMED_DESTINATIONS {
+            self.destinations.push(destination.clone());
+        } else {
+            self.more_destinations = true;
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.count += other.count;
+        for d in &other.destinations {
+            self.add_destination(d);
+        }
+        self.more_destinations |= other.more_destinations;
+        if other.last_error.is_some() {
+            self.last_error = other.last_error;
+        }
+    }
+
+    /// `orders, payments`, or `a, b, c, d, e, ...` beyond the names kept.
+    fn names(&self) -> String {
+        let mut names: Vec<&str> = self.destinations.iter().map(Destination::as_str).collect();
+        if self.more_destinations {
+            names.push("...");
+        }
+        names.join(", ")
+    }
+}
+
+/// What the producer's log has said lately, so that it speaks on changes and at a bounded rate.
+/// Locked, briefly, under the state's lock and never the other way round.
+#[derive(Debug, Default)]
+pub(crate) struct Spoken {
+    /// Delivery timeouts not logged yet.
+    timeouts: Tally,
+    timeouts_limit: RateLimit,
+    /// The budget held a retry group back, and none has gone since.
+    budget_dry: bool,
+    /// The last dry spell was logged: its end will be too.
+    budget_said: bool,
+    /// Dry spells that began since the last line about them.
+    budget_spells: u64,
+    budget_limit: RateLimit,
+}
+
 impl Shared {
-    /// Fails every queued or parked entry past its deadline; recomputes `next_expiry`.
-    fn expire(&self, st: &mut State, fin: &mut Finished, now: Instant) {
+    /// Fails every queued or parked entry past its deadline, counted in `tally`; recomputes
+    /// `next_expiry`.
+    fn expire(&self, st: &mut State, fin: &mut Finished, tally: &mut Tally, now: Instant) {
         if st.next_expiry.is_none_or(|t| t > now) {
             return;
         }
         let expired = st.acc.remove_where(|(_, meta)| meta.deadline <= now);
-        for (_, entry) in expired {
-            self.time_out(st, fin, entry, now);
+        for (destination, entry) in expired {
+            self.expire_one(st, fin, tally, &destination, entry, now);
         }
         for Reverse(mut p) in std::mem::take(&mut st.parked).into_vec() {
             let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut p.entries)
@@ -36,7 +146,7 @@ impl Shared {
                 .partition(|(_, m)| m.deadline <= now);
             p.entries = kept;
             for entry in gone {
-                self.time_out(st, fin, entry, now);
+                self.expire_one(st, fin, tally, &p.destination, entry, now);
             }
             if p.entries.is_empty() {
                 self.config
@@ -53,6 +163,97 @@ impl Shared {
             .iter()
             .flat_map(|Reverse(p)| p.entries.iter().map(|(_, m)| m.deadline));
         st.next_expiry = queued.chain(parked).min();
+    }
+
+    /// Ends `entry`, to `destination`, by its delivery timeout, counted in `tally`.
+    fn expire_one(
+        &self,
+        st: &mut State,
+        fin: &mut Finished,
+        tally: &mut Tally,
+        destination: &Destination,
+        entry: Entry,
+        now: Instant,
+    ) {
+        tally.note(destination, entry.1.last_error.as_deref());
+        self.time_out(st, fin, entry, now);
+    }
+
+    fn spoken(&self) -> std::sync::MutexGuard<'_, Spoken> {
+        self.health
+            .spoken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds `tally` to the delivery timeouts not logged yet, and logs them all in one line if
+    /// the last such line is [`SAY_EVERY`] old (or `now_or_never`: the producer is stopping).
+    /// Returns when to try again while some are left unsaid.
+    fn say_timeouts(&self, tally: Tally, now: Instant, now_or_never: bool) -> Option<Instant> {
+        let mut spoken = self.spoken();
+        if tally.count > 0 {
+            spoken.timeouts.merge(tally);
+        }
+        if spoken.timeouts.count == 0 {
+            return None;
+        }
+        if !now_or_never && !spoken.timeouts_limit.allow(now, SAY_EVERY) {
+            return spoken.timeouts_limit.next(SAY_EVERY);
+        }
+        let t = std::mem::take(&mut spoken.timeouts);
+        tracing::warn!(
+            producer = self.config.name.as_deref(),
+            transport = self.transport.name(),
+            count = t.count,
+            destinations = t.names().as_str(),
+            delivery_timeout_ms =
+                u64::try_from(self.config.delivery_timeout.as_millis()).unwrap_or(u64::MAX),
+            last_error = t.last_error.as_deref(),
+            "messages failed: not delivered within the delivery timeout"
+        );
+        None
+    }
+
+    /// The retry budget held back the retries of `parked`: logged when a dry spell begins, at
+    /// most once per [`SAY_EVERY`] (with the spells that began unsaid meanwhile).
+    fn budget_denied(&self, st: &State, parked: &Parked, now: Instant) {
+        let mut spoken = self.spoken();
+        if spoken.budget_dry {
+            return;
+        }
+        spoken.budget_dry = true;
+        spoken.budget_spells += 1;
+        if !spoken.budget_limit.allow(now, SAY_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            producer = self.config.name.as_deref(),
+            transport = self.transport.name(),
+            destination = parked.destination.as_str(),
+            held_back = parked.entries.len(),
+            dry_spells = spoken.budget_spells,
+            budget_ratio = st.budget.ratio(),
+            budget_min_per_sec = st.budget.min_per_sec(),
+            "retry budget exhausted: retries wait for a token (the broker is failing more than the budget allows retrying)"
+        );
+        spoken.budget_spells = 0;
+        spoken.budget_said = true;
+    }
+
+    /// The retry budget let a retry group go: a dry spell, if there was one, is over.
+    fn budget_granted(&self) {
+        let mut spoken = self.spoken();
+        if !spoken.budget_dry {
+            return;
+        }
+        spoken.budget_dry = false;
+        if std::mem::take(&mut spoken.budget_said) {
+            tracing::info!(
+                producer = self.config.name.as_deref(),
+                transport = self.transport.name(),
+                "retry budget available again: held-back retries go out"
+            );
+        }
     }
 
     /// A close ran out of time: fails everything queued or parked with `Closed` (each handed
@@ -101,6 +302,7 @@ impl Shared {
                     p.denied = true;
                     self.metrics.budget_denied.increment(1);
                 }
+                self.budget_denied(st, &p, now);
                 // Look again when the floor alone would have refilled a token (traffic may
                 // refill it sooner), at most every 100 ms and at least every 1 ms.
                 let wait = match st.budget.min_per_sec() {
@@ -112,6 +314,7 @@ impl Shared {
                 st.parked.push(Reverse(p));
                 return Some(again);
             }
+            self.budget_granted();
             let n = p.entries.len() as u64;
             st.totals.retries += n;
             self.metrics.retries.increment(n);
@@ -132,7 +335,8 @@ impl Shared {
         fin: &mut Finished,
         now: Instant,
     ) -> (Vec<Flight>, Option<Instant>) {
-        self.expire(st, fin, now);
+        let mut timed_out = Tally::default();
+        self.expire(st, fin, &mut timed_out, now);
         let budget_again = self.unpark(st, now);
         let force = st.flushers > 0 || st.closing;
         let mut flights = Vec::new();
@@ -161,7 +365,14 @@ impl Shared {
             let mut first_attempts = 0u64;
             for (msg, mut meta) in batch.items {
                 if meta.deadline <= now {
-                    self.time_out(st, fin, (msg, meta), now);
+                    self.expire_one(
+                        st,
+                        fin,
+                        &mut timed_out,
+                        &batch.destination,
+                        (msg, meta),
+                        now,
+                    );
                     continue;
                 }
                 first_attempts += u64::from(meta.attempts == 0);
@@ -195,6 +406,7 @@ impl Shared {
             .circuit
             .set(effective_circuit(st.breaker.state(), st.breaker.retry_at(), now).as_gauge());
         self.note_circuit(st);
+        let say_again = self.say_timeouts(timed_out, now, false);
 
         // Only future times: everything due at `now` has just been acted on, and what is due
         // but still gated (an open circuit whose time has come, with every ready batch waiting
@@ -210,6 +422,8 @@ impl Shared {
         // Retries still due after `unpark` wait for the budget, not for their own time.
         consider(st.parked.peek().map(|Reverse(p)| p.ready_at));
         consider(budget_again);
+        // Delivery timeouts held back by the log's rate limit are said when it allows.
+        consider(say_again);
         if !st.acc.is_empty() || !st.parked.is_empty() {
             consider(st.next_expiry);
             if st.breaker.state() == CircuitState::Open {
@@ -242,6 +456,7 @@ impl Shared {
         let mut all_transient = !any_ok;
         let mut retry: Vec<Entry> = Vec::new();
         let mut retry_after = Duration::ZERO;
+        let mut timed_out = Tally::default();
         for ((msg, mut meta), outcome) in messages.into_iter().zip(metas).zip(outcomes) {
             let error = match outcome {
                 Ok(ack) => {
@@ -300,6 +515,7 @@ impl Shared {
                 }
                 RetryDecision::GiveUp(GiveUpReason::DeadlineTooClose) => {
                     remember(&mut meta, error);
+                    timed_out.note(&flight.destination, meta.last_error.as_deref());
                     self.deadline_reason(&mut meta)
                 }
             };
@@ -311,6 +527,8 @@ impl Shared {
             st.breaker.on_failure(now);
         }
         self.note_circuit(&mut st);
+        // What the rate limit holds back, the dispatcher says later (woken below).
+        let _later = self.say_timeouts(timed_out, now, false);
         if !retry.is_empty() {
             self.config
                 .ordering
@@ -447,7 +665,14 @@ pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
             tokio::spawn(send_flight(Sending::new(shared.clone(), flight)));
         }
         if exit {
+            // The last delivery timeouts are said now, whatever the rate limit.
+            let _none = shared.say_timeouts(Tally::default(), clock_now(), true);
             shared.transport.close().await;
+            tracing::debug!(
+                producer = shared.config.name.as_deref(),
+                transport = shared.transport.name(),
+                "producer stopped: everything accepted has ended and the transport is closed"
+            );
             shared.stopped.store(true, Ordering::Release);
             // The last word (closed) is published here: when the producer was dropped, the
             // health task may find the pipeline gone before it evaluates again.

@@ -1,5 +1,6 @@
 //! The producer's health: evaluated from the pipeline's state and the transport's, published
-//! on a watch channel and as gauges by a task of its own.
+//! on a watch channel and as gauges by a task of its own. Circuit breaker transitions are
+//! logged here too, where they are noticed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 use herald_retry::CircuitState;
 use tokio::sync::{watch, Notify};
 
+use super::dispatch::Spoken;
 use super::state::{clock_now, Shared, State};
 use crate::health::{ErrorWindow, Health, HealthIssue, HealthStatus, TransportHealth};
 
@@ -19,6 +21,10 @@ pub(crate) struct HealthMonitor {
     pub(crate) kick: Arc<Notify>,
     /// The ticket of the evaluation last published (see `Shared::evaluate_health`).
     published: AtomicU64,
+    /// What the log has said lately (delivery timeouts, retry budget), for the dispatcher to
+    /// speak on changes and at a bounded rate: kept beside health, which watches the same
+    /// signals.
+    pub(crate) spoken: Mutex<Spoken>,
 }
 
 impl HealthMonitor {
@@ -28,6 +34,7 @@ impl HealthMonitor {
             tx: watch::Sender::new(Health::default()),
             kick: Arc::new(Notify::new()),
             published: AtomicU64::new(0),
+            spoken: Mutex::new(Spoken::default()),
         }
     }
 }
@@ -174,12 +181,59 @@ impl Shared {
         health
     }
 
-    /// Tells the health task when the circuit breaker changed state since it last looked.
+    /// Tells the health task when the circuit breaker changed state since it last looked, and
+    /// logs the transition: the dispatcher calls this after every change it makes to the
+    /// breaker, so each transition is logged once, never per batch.
     pub(crate) fn note_circuit(&self, st: &mut State) {
         let now = st.breaker.state();
         if now != st.circuit_seen {
-            st.circuit_seen = now;
+            let was = std::mem::replace(&mut st.circuit_seen, now);
             self.health.kick.notify_one();
+            self.log_circuit(was, now, st);
+        }
+    }
+
+    /// One line per circuit breaker transition: opening is actionable (warn), probing and
+    /// closing are not (info).
+    fn log_circuit(&self, was: CircuitState, now: CircuitState, st: &State) {
+        let producer = self.config.name.as_deref();
+        let transport = self.transport.name();
+        let config = st.breaker.config();
+        let open_for_ms = u64::try_from(config.open_for.as_millis()).unwrap_or(u64::MAX);
+        match (was, now) {
+            (CircuitState::HalfOpen, CircuitState::Open) => tracing::warn!(
+                producer,
+                transport,
+                circuit = %now,
+                from = %was,
+                open_for_ms,
+                "circuit breaker open again: the probe failed; nothing is sent until open_for has passed"
+            ),
+            (_, CircuitState::Open) => tracing::warn!(
+                producer,
+                transport,
+                circuit = %now,
+                from = %was,
+                failure_threshold = config.failure_threshold,
+                open_for_ms,
+                buffered = st.buffered_messages,
+                "circuit breaker open: batches kept failing; nothing is sent until open_for has passed, messages wait in the buffer"
+            ),
+            (_, CircuitState::HalfOpen) => tracing::info!(
+                producer,
+                transport,
+                circuit = %now,
+                from = %was,
+                probes = config.half_open_probes,
+                "circuit breaker half-open: probing the broker"
+            ),
+            (_, CircuitState::Closed) => tracing::info!(
+                producer,
+                transport,
+                circuit = %now,
+                from = %was,
+                "circuit breaker closed: the broker answers again"
+            ),
         }
     }
 }
