@@ -192,6 +192,24 @@ async fn amqp_read(conn: &Connection, queue: &str, expected: usize, within: Dura
     got
 }
 
+/// How many messages `queue` holds (a passive declare).
+async fn queue_length(conn: &Connection, queue: &str) -> usize {
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the queue exists");
+    ch.close(200, "OK".into()).await.expect("close");
+    q.message_count() as usize
+}
+
 async fn delete_queue(conn: &Connection, queue: &str) {
     let ch = conn.create_channel().await.expect("channel");
     ch.queue_delete(queue.into(), QueueDeleteOptions::default())
@@ -568,12 +586,16 @@ fn amqp_spool_survives_kill_9_mid_delivery() {
         LIMIT,
     );
     assert_eq!(run.code, Some(0), "{run:?}");
+    // Everything the queue holds (duplicates included), however long reading it takes: a read
+    // cut off by time would miss the copies the later runs sent, at the queue's end.
+    let held = within(&rt, "counting the queue", queue_length(&conn, &queue));
     let got = within(
         &rt,
         "reading the queue back",
-        amqp_read(&conn, &queue, N * 2, Duration::from_secs(5)),
+        amqp_read(&conn, &queue, held, Duration::from_secs(60)),
     );
     within(&rt, "deleting the queue", delete_queue(&conn, &queue));
+    assert_eq!(got.len(), held, "every message the queue held was read");
     assert!(kills > 0, "no run was killed: the test proved nothing");
     let position: std::collections::HashMap<&[u8], usize> = sent
         .iter()
