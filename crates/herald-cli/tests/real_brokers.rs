@@ -223,6 +223,22 @@ fn with_query(url: &str, query: &str) -> String {
     format!("{url}{sep}{query}")
 }
 
+/// A connection to RabbitMQ at `url`, for reading queues back and cleaning up.
+fn rabbit(rt: &tokio::runtime::Runtime, url: &str) -> Connection {
+    within(
+        rt,
+        "connecting to RabbitMQ",
+        Connection::connect(url, ConnectionProperties::default()),
+    )
+    .expect("connect")
+}
+
+/// A port on 127.0.0.1 that nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
 /// Runs `f` on `rt`, failing the test after 90 s: a broker that accepts connections and never
 /// answers must fail the test, not hang the run.
 fn within<F: std::future::Future>(rt: &tokio::runtime::Runtime, what: &str, f: F) -> F::Output {
@@ -235,12 +251,7 @@ fn within<F: std::future::Future>(rt: &tokio::runtime::Runtime, what: &str, f: F
 fn amqp_produce_to_a_queue_reads_back_the_same() {
     let url = amqp_url();
     let rt = runtime();
-    let conn = within(
-        &rt,
-        "connecting to RabbitMQ",
-        Connection::connect(&url, ConnectionProperties::default()),
-    )
-    .expect("connect");
+    let conn = rabbit(&rt, &url);
     let queue = unique("q");
     let dir = Scratch::new("real-amqp");
     let (text, sent) = jsonl_input(3_000, "amqp");
@@ -271,19 +282,11 @@ fn amqp_produce_to_a_queue_reads_back_the_same() {
 #[ignore = "needs RabbitMQ: cargo xtask it"]
 fn amqp_produce_through_an_address_list_whose_first_node_is_dead() {
     let url = amqp_url();
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let dead = closed_port();
     let (userinfo, hosts) = url.split_once('@').expect("the URL has user information");
     let listed = format!("{userinfo}@127.0.0.1:{dead},{hosts}");
     let rt = runtime();
-    let conn = within(
-        &rt,
-        "connecting to RabbitMQ",
-        Connection::connect(&url, ConnectionProperties::default()),
-    )
-    .expect("connect");
+    let conn = rabbit(&rt, &url);
     let queue = unique("list");
     let dir = Scratch::new("real-amqp-list");
     let (text, sent) = jsonl_input(500, "list");
@@ -311,12 +314,7 @@ fn amqp_produce_through_an_address_list_whose_first_node_is_dead() {
 fn amqp_produce_to_an_exchange_with_a_malformed_line() {
     let url = amqp_url();
     let rt = runtime();
-    let conn = within(
-        &rt,
-        "connecting to RabbitMQ",
-        Connection::connect(&url, ConnectionProperties::default()),
-    )
-    .expect("connect");
+    let conn = rabbit(&rt, &url);
     let queue = unique("bound");
     rt.block_on(async {
         let ch = conn.create_channel().await.expect("channel");
@@ -431,12 +429,7 @@ fn amqp_spool_survives_kill_9_while_the_broker_is_unreachable() {
     const N: usize = 5_000;
     let url = amqp_url();
     let rt = runtime();
-    let conn = within(
-        &rt,
-        "connecting to RabbitMQ",
-        Connection::connect(&url, ConnectionProperties::default()),
-    )
-    .expect("connect");
+    let conn = rabbit(&rt, &url);
     let queue = unique("spool");
     let dir = Scratch::new("real-amqp-spool");
     let spool = dir.path("spool");
@@ -445,10 +438,7 @@ fn amqp_spool_survives_kill_9_while_the_broker_is_unreachable() {
     let input = dir.path("input.jsonl");
     std::fs::write(&input, &text).expect("input file");
     let input_arg = input.to_string_lossy().into_owned();
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    let dead = closed_port();
     let (userinfo, _) = url.split_once('@').expect("the URL has user information");
     let unreachable = format!("{userinfo}@127.0.0.1:{dead}/%2f?queue={queue}");
     let mut child = common::spawn(
@@ -520,12 +510,7 @@ fn amqp_spool_survives_kill_9_mid_delivery() {
     const N: usize = 20_000;
     let url = amqp_url();
     let rt = runtime();
-    let conn = within(
-        &rt,
-        "connecting to RabbitMQ",
-        Connection::connect(&url, ConnectionProperties::default()),
-    )
-    .expect("connect");
+    let conn = rabbit(&rt, &url);
     let queue = unique("spool-live");
     let dir = Scratch::new("real-amqp-spool-live");
     let spool = dir.path("spool");
