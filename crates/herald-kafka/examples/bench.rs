@@ -9,7 +9,8 @@
 //! two-core machine shared with the broker, single runs of the same variant vary by up to 2x.
 //! `HERALD_BENCH_RAW_PROPS=k=v,...` gives the raw baseline other librdkafka settings (to check
 //! it is at its best); experiments on herald: `HERALD_BENCH_ORDERING`, `HERALD_BENCH_BATCH`,
-//! `HERALD_BENCH_ID_HEADER=off` (no message id header, to measure what it costs).
+//! `HERALD_BENCH_ID_HEADER=on` (every message's id in the `herald-message-id` header, off by
+//! default: run with and without it to measure what it costs).
 
 use std::time::{Duration, Instant};
 
@@ -45,8 +46,8 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 async fn herald(bootstrap: &str, topic: &str, n: u64, size: usize) -> Run {
     let mut config = KafkaConfig::new(bootstrap);
-    if std::env::var("HERALD_BENCH_ID_HEADER").is_ok_and(|v| v == "off") {
-        config = config.message_id_header(None);
+    if std::env::var("HERALD_BENCH_ID_HEADER").is_ok_and(|v| v == "on") {
+        config = config.message_id_header(Some(herald_kafka::MESSAGE_ID_HEADER.into()));
     }
     let transport = KafkaTransport::new(config).expect("transport");
     // Experiments: HERALD_BENCH_ORDERING=relaxed, HERALD_BENCH_BATCH=<messages per batch>.

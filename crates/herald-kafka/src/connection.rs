@@ -247,23 +247,10 @@ impl Connection {
         let config = self.client_config.clone();
         let topic = topic.to_owned();
         runtime.spawn(async move {
-            match crate::admin::min_insync_replicas(&config, &topic).await {
-                Ok(Some(n)) if crate::admin::weak_min_insync_replicas(n) => tracing::warn!(
-                    topic = %topic,
-                    min_insync_replicas = n,
-                    "acks=all waits for {n} in-sync replica: a message reported delivered may be on one broker only, and lost with it"
-                ),
-                Ok(Some(_)) => {}
-                Ok(None) => tracing::debug!(
-                    topic = %topic,
-                    "min_insync_replicas not checked: the cluster's DescribeConfigs answer does not carry it"
-                ),
-                Err(e) => tracing::debug!(
-                    topic = %topic,
-                    error = %e,
-                    "min_insync_replicas not checked: the cluster did not answer DescribeConfigs"
-                ),
-            }
+            say_durability(
+                &topic,
+                crate::admin::min_insync_replicas(&config, &topic).await,
+            );
         });
     }
 
@@ -359,6 +346,28 @@ fn create(config: &ClientConfig, shared: &Arc<Shared>) -> Result<Client, ConfigE
         .map_err(|e| ConfigError::Client(crate::config::redact_client_error(e)))
 }
 
+/// Says what the cluster told of `topic`'s `min.insync.replicas`: a warning when a message
+/// reported delivered may be on one broker only, a debug line when it could not be learnt.
+fn say_durability(topic: &str, answer: Result<Option<i64>, crate::admin::AdminError>) {
+    match answer {
+        Ok(Some(n)) if crate::admin::weak_min_insync_replicas(n) => tracing::warn!(
+            topic = %topic,
+            min_insync_replicas = n,
+            "acks=all waits for {n} in-sync replica: a message reported delivered may be on one broker only, and lost with it"
+        ),
+        Ok(Some(_)) => {}
+        Ok(None) => tracing::debug!(
+            topic = %topic,
+            "min_insync_replicas not checked: the cluster's DescribeConfigs answer does not carry it"
+        ),
+        Err(e) => tracing::debug!(
+            topic = %topic,
+            error = %e,
+            "min_insync_replicas not checked: the cluster did not answer DescribeConfigs"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +384,32 @@ mod tests {
                 name: name.map(str::to_owned),
             }),
         }
+    }
+
+    #[test]
+    fn one_in_sync_replica_is_warned_about_and_two_are_not() {
+        let logs = herald_testkit::LogCapture::start_at(tracing::Level::DEBUG);
+        say_durability("orders", Ok(Some(2)));
+        assert_eq!(
+            logs.text(),
+            "",
+            "two in-sync replicas are durable: nothing to say"
+        );
+        say_durability("orders", Ok(None));
+        let debug = logs.text();
+        assert!(
+            debug.contains("DEBUG") && !debug.contains("WARN"),
+            "an unknown setting is detail, not a warning: {debug}"
+        );
+
+        let logs = herald_testkit::LogCapture::start_at(tracing::Level::WARN);
+        say_durability("orders", Ok(Some(1)));
+        let text = logs.text();
+        assert_eq!(text.matches("WARN").count(), 1, "{text}");
+        assert!(
+            text.contains("topic=orders") && text.contains("min_insync_replicas=1"),
+            "the warning names the topic and the setting: {text}"
+        );
     }
 
     #[test]
