@@ -6,8 +6,8 @@
 //! `tests/cluster.rs`, on a RabbitMQ cluster its tests start themselves), every test marked
 //! `#[ignore = "needs a broker: cargo xtask it"]` or similar, so that `cargo test --workspace`
 //! stays hermetic. They read the broker's address from the environment
-//! (`HERALD_KAFKA_BOOTSTRAP`, `HERALD_AMQP_URL`); a broker given that way by the user is used as
-//! it is.
+//! (`HERALD_KAFKA_BOOTSTRAP`, `HERALD_AMQP_URL`, `HERALD_NATS_URL`); a broker given that way by
+//! the user is used as it is.
 //!
 //! The facade's examples for that broker (`crates/herald/examples/kafka.rs`, `rabbitmq.rs`) then
 //! run once against it, with the same environment: an example that exits non-zero (a message

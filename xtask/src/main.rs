@@ -2,7 +2,7 @@
 //!
 //! Run `cargo xtask --help` for the commands and `cargo xtask help <command>` for one of them:
 //! they are declared once, on `Cli` below, and their help is its doc comments. `it.rs` runs the
-//! tests against real brokers that `kafka.rs` and `amqp.rs` provide; `bench.rs` the benchmarks;
+//! tests against real brokers that `kafka.rs`, `amqp.rs` and `nats.rs` provide; `bench.rs` the benchmarks;
 //! `rules.rs` the alert rules' tests; `process.rs`, `broker.rs` and `report.rs` hold what they
 //! share.
 
@@ -32,8 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// What CI runs: fmt check, clippy -D warnings, all workspace tests, rules, docs -D warnings,
-    /// it
+    /// What CI runs: fmt check, clippy -D warnings, all workspace tests, the spool's full-disk
+    /// test (needs root), rules, docs -D warnings, it
     Ci,
     /// promtool check and unit tests of docs/operations/alerts.yml
     ///
@@ -43,8 +43,8 @@ enum Cmd {
     /// Integration tests against real brokers, provisioned and torn down
     ///
     /// For each target: find or start its brokers, run its ignored tests, and always stop what
-    /// was started. A broker given by HERALD_KAFKA_BOOTSTRAP or HERALD_AMQP_URL is used as it
-    /// is; HERALD_AMQP_PROVISION=local or =docker forces how RabbitMQ is started. Each target's
+    /// was started. A broker given by HERALD_KAFKA_BOOTSTRAP, HERALD_AMQP_URL or HERALD_NATS_URL
+    /// is used as it is; HERALD_AMQP_PROVISION=local or =docker forces how RabbitMQ is started. Each target's
     /// tests, build included, are killed after HERALD_IT_TIMEOUT_SECS (default 900).
     It {
         /// Which tests to run, in the order given [default: all]

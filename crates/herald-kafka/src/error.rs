@@ -80,7 +80,7 @@ pub(crate) fn transport_error(e: &KafkaError) -> TransportError {
 }
 
 /// Why a [`crate::KafkaTransport`] could not be built. Named like every herald adapter's
-/// (`herald_amqp::ConfigError`); [`KafkaConfigError`] is its old name.
+/// (`herald_amqp::ConfigError`).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
@@ -105,9 +105,6 @@ pub enum ConfigError {
     #[error("librdkafka refused the configuration: {0}")]
     Client(#[source] KafkaError),
 }
-
-/// The old name of [`ConfigError`], kept so that code written against it still compiles.
-pub type KafkaConfigError = ConfigError;
 
 #[cfg(test)]
 mod tests {

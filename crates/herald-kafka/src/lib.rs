@@ -52,7 +52,7 @@ pub use config::{
     validate_bootstrap_servers, Compression, KafkaConfig, Partitioner, MESSAGE_ID_HEADER,
 };
 pub use destination::{validate_topic_name, TopicNameError};
-pub use error::{ConfigError, KafkaConfigError};
+pub use error::ConfigError;
 pub use transport::KafkaTransport;
 
 /// The batching policy herald-kafka recommends: large batches (20 000 messages or 16 MiB) so

@@ -127,7 +127,7 @@ pub(crate) async fn send_batch(
     for (j, ack) in pending {
         outcomes[j] = Some(b.settle(ack).await);
     }
-    let mut outcomes: BatchOutcome = outcomes
+    let outcomes: BatchOutcome = outcomes
         .into_iter()
         .map(|o| {
             o.unwrap_or_else(|| {
@@ -146,10 +146,9 @@ pub(crate) async fn send_batch(
         // hung server): give it up, so that the retry goes out on a new one.
         inner.abandon(&live).await;
     }
-    // A later message of a key whose earlier one failed transiently must not count as
-    // delivered ahead of its retry: it is retried behind it (JetStream drops the copy it holds
-    // by its Nats-Msg-Id).
-    KeyHold::apply(batch, &mut outcomes);
+    // A later message of a key delivered after its earlier one failed transiently is held by
+    // the pipeline (`KeyHold::apply`, under strict ordering): sent again behind the retry, and
+    // JetStream drops the copy it already holds by its Nats-Msg-Id.
     outcomes
 }
 

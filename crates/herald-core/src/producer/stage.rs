@@ -129,13 +129,7 @@ impl Stage {
         };
         let n = entries.len();
         self.bytes.fetch_add(bytes, Ordering::AcqRel);
-        {
-            let mut st = shared.lock();
-            st.staged += n;
-            st.totals.accepted += n as u64;
-        }
-        shared.unsettled.fetch_add(n, Ordering::Relaxed);
-        shared.metrics.accepted.increment(n as u64);
+        shared.accept_stored(n);
         let entries = entries
             .into_iter()
             .zip(submitted.tokens)
@@ -230,13 +224,7 @@ async fn recover(shared: &Arc<Shared>, store: &Arc<dyn Store>) {
             let bytes: usize = batch.iter().map(|(_, m)| m.size()).sum();
             stage.bytes.fetch_add(bytes, Ordering::AcqRel);
         }
-        {
-            let mut st = shared.lock();
-            st.staged += n;
-            st.totals.accepted += n as u64;
-        }
-        shared.unsettled.fetch_add(n, Ordering::Relaxed);
-        shared.metrics.accepted.increment(n as u64);
+        shared.accept_stored(n);
         group.add(n);
         let entries = batch
             .into_iter()

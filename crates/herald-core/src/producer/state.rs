@@ -358,6 +358,20 @@ impl Shared {
         self.space.notify_waiters();
     }
 
+    /// The store's half of the accept protocol: `n` messages are in the producer's store, so
+    /// they are accepted now (counted in `unsettled`, under the lock, in the totals and in the
+    /// metric) and staged until the admitter hands them to [`admit`](Self::admit) with
+    /// `staged`, which takes them into the buffer without counting them again.
+    pub(crate) fn accept_stored(&self, n: usize) {
+        {
+            let mut st = self.lock();
+            st.staged += n;
+            st.totals.accepted += n as u64;
+            self.unsettled.fetch_add(n, Ordering::Relaxed);
+        }
+        self.metrics.accepted.increment(n as u64);
+    }
+
     /// The accept protocol, the one door into the pipeline: takes `msgs` in order under one
     /// hold of the lock until one finds the buffer full (handed back in
     /// [`Admission::full`], and nothing after it is taken from `msgs`), refusing those that are
