@@ -119,7 +119,8 @@ impl AmqpConfig {
             });
         }
         let default_port = if self.url.tls { 5671 } else { 5672 };
-        self.url.endpoints = crate::url::parse_endpoints(&list.join(","), default_port)?;
+        self.url.endpoints =
+            herald_core::url::parse_endpoints(&list.join(","), default_port, "address")?;
         Ok(self)
     }
 

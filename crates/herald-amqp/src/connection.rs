@@ -27,7 +27,7 @@ use crate::config::AmqpConfig;
 use crate::error::{classify, classify_connect};
 use crate::metrics::AmqpMetrics;
 use crate::topology::declare;
-use crate::url::Endpoint;
+use herald_core::url::Endpoint;
 
 /// Flow control state, shared with the task that listens to connection events.
 #[derive(Debug, Default)]

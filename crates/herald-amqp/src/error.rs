@@ -197,6 +197,15 @@ pub(crate) fn max_size_from_text(text: &str) -> Option<usize> {
     digits.parse().ok()
 }
 
+impl From<herald_core::url::UrlError> for ConfigError {
+    fn from(e: herald_core::url::UrlError) -> Self {
+        Self::Url {
+            part: e.part,
+            reason: e.reason,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use herald_core::url::{self, Endpoint, Secret};
+pub use herald_core::url::{percent_decode, percent_encode};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 
 use crate::error::ConfigError;
@@ -17,40 +19,8 @@ pub const QUERY_PARAMETERS: &[&str] = &[
     "frame_max",
 ];
 
-/// The user information of a URL could end at more than one `@`.
-#[derive(Debug)]
-struct Ambiguous;
-
-/// Where the user information of `rest` (a URL after its `scheme://`) ends: the index of the
-/// `@` that closes it, if it has one.
-///
-/// A password may hold an unencoded `/`, `?` or `@` (base64 passwords often do), so the URL is
-/// not split on `/` or `?` before the user information is found. Instead, an `@` can end the
-/// user information when what precedes it starts with a user name (the text before the first
-/// `:`) free of `/` and `?`, and what follows it, up to the next `/`, `?` or the end, could be
-/// a host (it holds no `@`). Exactly one such `@`: it ends the user information. None: there
-/// is none. More than one: the URL reads two ways, for example
-/// `amqp://u:p@rabbit/%2f?queue=billing@eu` is the host `rabbit` or, with the password
-/// `p@rabbit/%2f?queue=billing`, the host `eu`; it is refused rather than guessed, since a
-/// wrong guess sends part of the URL as a password to another host.
-fn userinfo_end(rest: &str) -> Result<Option<usize>, Ambiguous> {
-    let mut end = None;
-    for (at, _) in rest.match_indices('@') {
-        let user = rest[..at].split(':').next().unwrap_or("");
-        let after = &rest[at + 1..];
-        let host = &after[..after.find(['/', '?']).unwrap_or(after.len())];
-        if user.contains(['/', '?']) || host.contains('@') {
-            continue;
-        }
-        if end.replace(at).is_some() {
-            return Err(Ambiguous);
-        }
-    }
-    Ok(end)
-}
-
 /// Splits an AMQP URL where its query starts: what comes before the `?`, and the query after
-/// it. The `?` is found exactly as [`AmqpConfig::from_url`](crate::AmqpConfig::from_url) finds
+/// it, the `?` found exactly as [`AmqpConfig::from_url`](crate::AmqpConfig::from_url) finds
 /// it, after the user information (a password may hold an unencoded `?`, `/` or `@`).
 ///
 /// A URL whose user information is ambiguous (an unencoded `@` in the vhost or a query value,
@@ -68,25 +38,7 @@ fn userinfo_end(rest: &str) -> Result<Option<usize>, Ambiguous> {
 /// assert_eq!(herald_amqp::split_query("amqp://rabbit/%2F"), ("amqp://rabbit/%2F", None));
 /// ```
 pub fn split_query(url: &str) -> (&str, Option<&str>) {
-    let after_scheme = url.find("://").map_or(0, |i| i + 3);
-    let Ok(end) = userinfo_end(&url[after_scheme..]) else {
-        return (url, None);
-    };
-    let from = after_scheme + end.map_or(0, |at| at + 1);
-    match url[from..].find('?') {
-        Some(q) => (&url[..from + q], Some(&url[from + q + 1..])),
-        None => (url, None),
-    }
-}
-
-/// A password: never printed, not in `Debug`, not in `Display`, not in errors.
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) struct Secret(String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
+    herald_core::url::split_query(url)
 }
 
 /// The broker address, parsed from a URL. The password is kept out of `Debug` and `Display`.
@@ -109,47 +61,22 @@ impl Url {
     /// password and vhost. The error names the part that is wrong, never the password itself.
     pub(crate) fn parse(url: &str) -> Result<Self, ConfigError> {
         let bad = |part: &'static str, reason: String| ConfigError::Url { part, reason };
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            bad(
-                "scheme",
-                "expected `amqp://` or `amqps://` at the start".into(),
-            )
-        })?;
-        let tls = match scheme.to_ascii_lowercase().as_str() {
+        let parts = url::split(url, "`amqp://` or `amqps://`")?;
+        let tls = match parts.scheme.to_ascii_lowercase().as_str() {
             "amqp" => false,
             "amqps" => true,
             other => return Err(bad("scheme", format!("`{other}` is not `amqp` or `amqps`"))),
         };
-        let (userinfo, after) = match userinfo_end(rest) {
-            Ok(Some(at)) => (Some(&rest[..at]), &rest[at + 1..]),
-            Ok(None) => (None, rest),
-            Err(Ambiguous) => return Err(bad(
-                "user information",
-                "is ambiguous: more than one `@` could end it and start the host (an `@` in the vhost or a query value, or in the password before a `/` or `?`); write every `@` but the one before the host as `%40`".into(),
-            )),
-        };
-        let (after, query) = match after.split_once('?') {
-            Some((r, q)) => (r, Some(q)),
-            None => (after, None),
-        };
-        let (hostport, path) = match after.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (after, None),
-        };
-        let (username, password) = match userinfo {
-            None => ("guest".to_owned(), "guest".to_owned()),
+        let (username, password) = match parts.userinfo {
+            None => ("guest".to_owned(), Secret::new("guest")),
             Some(u) => {
-                let (user, pass) = u.split_once(':').unwrap_or((u, ""));
-                (
-                    percent_decode(user).map_err(|r| bad("user", r))?,
-                    // The reason names the bad escape only, which is not the password.
-                    percent_decode(pass)
-                        .map_err(|_| bad("password", "contains an invalid %-escape".into()))?,
-                )
+                let (user, password) = url::credentials(u)?;
+                (user, password.unwrap_or_else(|| Secret::new("")))
             }
         };
+        let (hostport, path, query) = (parts.hosts, parts.path, parts.query);
         let default_port = if tls { 5671 } else { 5672 };
-        let endpoints = parse_endpoints(hostport, default_port)?;
+        let endpoints = url::parse_endpoints(hostport, default_port, "address")?;
         let vhost = match path {
             None => "/".to_owned(),
             Some(p) if p.contains('/') => {
@@ -158,12 +85,12 @@ impl Url {
                     "holds a `/`: percent-encode it (the vhost `/` is `%2F`)".into(),
                 ))
             }
-            Some(p) => percent_decode(p).map_err(|r| bad("vhost", r))?,
+            Some(p) => url::percent_decode(p).map_err(|r| bad("vhost", r))?,
         };
         let mut parsed = Self {
             tls,
             username,
-            password: Secret(password),
+            password,
             endpoints,
             vhost,
             heartbeat: None,
@@ -171,13 +98,12 @@ impl Url {
             channel_max: None,
             frame_max: None,
         };
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        for (k, v) in url::query_pairs(query)? {
             let num = |what: &'static str| -> Result<u64, ConfigError> {
                 v.parse::<u64>()
                     .map_err(|_| bad(what, "is not a number".into()))
             };
-            match k {
+            match k.as_str() {
                 "heartbeat" => {
                     parsed.heartbeat = Some(
                         u16::try_from(num("query heartbeat")?)
@@ -234,7 +160,7 @@ impl Url {
             authority: AMQPAuthority {
                 userinfo: AMQPUserInfo {
                     username: self.username.clone(),
-                    password: self.password.0.clone(),
+                    password: self.password.expose().to_owned(),
                 },
                 host: endpoint.host.clone(),
                 port: endpoint.port,
@@ -266,131 +192,10 @@ impl fmt::Display for Url {
     }
 }
 
-/// One broker of an address list.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct Endpoint {
-    pub(crate) host: String,
-    pub(crate) port: u16,
-}
-
-/// `host:port`, with an IPv6 address in brackets.
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-/// Parses `host[:port][,host[:port]...]` (an IPv6 address in brackets). An entry that is wrong
-/// is named by its position and text (user information is split off before, so no password
-/// can be in it); an address given twice is refused.
-pub(crate) fn parse_endpoints(list: &str, default_port: u16) -> Result<Vec<Endpoint>, ConfigError> {
-    let entries: Vec<&str> = list.split(',').collect();
-    let many = entries.len() > 1;
-    let mut endpoints: Vec<Endpoint> = Vec::with_capacity(entries.len());
-    for (n, entry) in entries.iter().enumerate() {
-        let named = |e: ConfigError| match e {
-            ConfigError::Url { part, reason } if many => ConfigError::Url {
-                part,
-                reason: format!("{reason}, in address {} of the list (`{entry}`)", n + 1),
-            },
-            other => other,
-        };
-        let endpoint = parse_endpoint(entry.trim(), default_port).map_err(named)?;
-        if endpoints.contains(&endpoint) {
-            return Err(ConfigError::Url {
-                part: "host",
-                reason: format!("lists `{endpoint}` twice"),
-            });
-        }
-        endpoints.push(endpoint);
-    }
-    Ok(endpoints)
-}
-
-fn parse_endpoint(hostport: &str, default_port: u16) -> Result<Endpoint, ConfigError> {
-    let bad = |part: &'static str, reason: &str| ConfigError::Url {
-        part,
-        reason: reason.to_owned(),
-    };
-    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| bad("host", "an IPv6 address misses its `]`"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => parse_port(p)?,
-            None if after.is_empty() => default_port,
-            None => {
-                return Err(bad(
-                    "port",
-                    "has unexpected text after the IPv6 address (expected `:port`)",
-                ))
-            }
-        };
-        (h.to_owned(), port)
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), parse_port(p)?),
-            None => (hostport.to_owned(), default_port),
-        }
-    };
-    if host.is_empty() {
-        return Err(bad("host", "is empty"));
-    }
-    Ok(Endpoint { host, port })
-}
-
 impl fmt::Debug for Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "\"{self}\"")
     }
-}
-
-fn parse_port(p: &str) -> Result<u16, ConfigError> {
-    match p.parse::<u16>() {
-        Ok(port) if port > 0 => Ok(port),
-        _ => Err(ConfigError::Url {
-            part: "port",
-            reason: "is not a port number (1-65535)".into(),
-        }),
-    }
-}
-
-/// Decodes `%XX` escapes in one part of an AMQP URL (user, password, vhost, a query value).
-/// The error says what is wrong ("holds an invalid %-escape", "is not UTF-8 once decoded"),
-/// never the input, which may be a password. A `%` not followed by two hex digits is refused
-/// (the `percent-encoding` crate would pass it through as text).
-pub fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let malformed = bytes.iter().enumerate().any(|(i, &b)| {
-        b == b'%'
-            && !bytes
-                .get(i + 1..i + 3)
-                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
-    });
-    if malformed {
-        return Err("holds an invalid %-escape".to_owned());
-    }
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8()
-        .map(std::borrow::Cow::into_owned)
-        .map_err(|_| "is not UTF-8 once decoded".to_owned())
-}
-
-/// Everything but ASCII letters, digits and `-_.~` (RFC 3986's unreserved characters).
-const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
-
-/// Escapes everything but ASCII letters, digits and `-_.~`, for one part of an AMQP URL (`/`
-/// becomes `%2F`).
-pub fn percent_encode(v: &str) -> String {
-    percent_encoding::utf8_percent_encode(v, ESCAPED).to_string()
 }
 
 #[cfg(test)]
@@ -411,7 +216,7 @@ mod tests {
             .expect("valid");
         assert!(u.tls);
         assert_eq!(u.username, "app@x");
-        assert_eq!(u.password.0, "p:ss");
+        assert_eq!(u.password.expose(), "p:ss");
         assert_eq!(u.host(), "rabbit.example");
         assert_eq!(u.port(), 5999);
         assert_eq!(u.vhost, "/prod");
@@ -478,18 +283,18 @@ mod tests {
     fn a_password_with_slash_or_question_mark_parses_and_never_shows() {
         let u = Url::parse("amqp://app:hunter2/x@h/").expect("valid");
         assert_eq!(
-            (u.username.as_str(), u.password.0.as_str(), u.host()),
+            (u.username.as_str(), u.password.expose(), u.host()),
             ("app", "hunter2/x", "h")
         );
         assert_eq!((u.port(), u.vhost.as_str()), (5672, ""));
         let u = Url::parse("amqp://app:5672/x@rabbit").expect("valid");
         assert_eq!(
-            (u.password.0.as_str(), u.host(), u.vhost.as_str()),
+            (u.password.expose(), u.host(), u.vhost.as_str()),
             ("5672/x", "rabbit", "/")
         );
         let u = Url::parse("amqps://app:a+b/c==?d@rabbit:5999/%2Fprod?heartbeat=5").expect("valid");
         assert_eq!(
-            (u.password.0.as_str(), u.host(), u.port()),
+            (u.password.expose(), u.host(), u.port()),
             ("a+b/c==?d", "rabbit", 5999)
         );
         assert_eq!((u.vhost.as_str(), u.heartbeat), ("/prod", Some(5)));
@@ -583,17 +388,17 @@ mod tests {
         // Written as `%40`, each is what it meant.
         let u = Url::parse("amqp://app:hunter2@rabbit/billing%40eu").expect("valid");
         assert_eq!((u.host(), u.vhost.as_str()), ("rabbit", "billing@eu"));
-        assert_eq!(u.password.0, "hunter2");
+        assert_eq!(u.password.expose(), "hunter2");
         let (base, query) = split_query("amqp://app:hun%40ter2@rabbit/%2f?queue=billing%40eu");
         assert_eq!(query, Some("queue=billing%40eu"));
         let u = Url::parse(base).expect("valid");
-        assert_eq!((u.host(), u.password.0.as_str()), ("rabbit", "hun@ter2"));
+        assert_eq!((u.host(), u.password.expose()), ("rabbit", "hun@ter2"));
         // Unambiguous `@`s are still read as before: in the password only (the earlier `@`s
         // are followed by no host), or in the vhost of a URL without user information.
         let u = Url::parse("amqp://app:p@ss@rabbit/v").expect("valid");
-        assert_eq!((u.password.0.as_str(), u.host()), ("p@ss", "rabbit"));
+        assert_eq!((u.password.expose(), u.host()), ("p@ss", "rabbit"));
         let u = Url::parse("amqp://app:se?cr/et@x@h:5672/%2F?heartbeat=3").expect("valid");
-        assert_eq!((u.password.0.as_str(), u.host()), ("se?cr/et@x", "h"));
+        assert_eq!((u.password.expose(), u.host()), ("se?cr/et@x", "h"));
         assert_eq!(u.heartbeat, Some(3));
         let u = Url::parse("amqp://h/x@y@z").expect("valid");
         assert_eq!((u.host(), u.vhost.as_str()), ("h", "x@y@z"));

@@ -8,8 +8,8 @@
 use std::fmt;
 
 use herald::amqp::{
-    name_fits, percent_decode as decode, percent_encode as encode, split_query, AmqpConfig,
-    Declare, MAX_NAME_BYTES, QUERY_PARAMETERS,
+    name_fits, percent_encode as encode, split_query, AmqpConfig, Declare, MAX_NAME_BYTES,
+    QUERY_PARAMETERS,
 };
 use herald::kafka::{validate_bootstrap_servers, validate_topic_name, Compression, TopicNameError};
 
@@ -271,19 +271,9 @@ fn parse_kafka(rest: &str) -> Result<KafkaTarget, UrlError> {
     Ok(target)
 }
 
-/// The query's `key=value` pairs, percent-decoded.
+/// The query's `key=value` pairs, percent-decoded (herald's one rule for every broker URL).
 fn pairs(query: Option<&str>) -> Result<Vec<(String, String)>, UrlError> {
-    query
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            let k = decode(k).map_err(|r| bad("query", r))?;
-            let v = decode(v).map_err(|r| bad("query", format!("value of `{k}` {r}")))?;
-            Ok((k, v))
-        })
-        .collect()
+    herald::url::query_pairs(query).map_err(|e| bad(e.part, e.reason))
 }
 
 fn parse_amqp(url: &str) -> Result<AmqpTarget, UrlError> {

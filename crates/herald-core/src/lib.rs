@@ -25,6 +25,7 @@ pub mod metrics;
 mod producer;
 mod store;
 mod transport;
+pub mod url;
 
 pub use error::{BuildError, ErrorClass, FailureReason, SendError, TransportError};
 pub use fallback::{Fallback, NO_ROUTE_OPEN};

@@ -63,7 +63,7 @@ async fn connect(config: &NatsConfig) -> Result<Client, BaselineError> {
     if let Some(ca) = &config.tls_ca_file {
         options = options.add_root_certificates(ca.clone());
     }
-    let server = config.url.endpoints[0].server_addr(config.url.tls);
+    let server = crate::url::server_addr(&config.url.endpoints[0], config.url.tls);
     options
         .connect(server.as_str())
         .await

@@ -106,7 +106,8 @@ impl NatsConfig {
                 reason: "list is empty".into(),
             });
         }
-        self.url.endpoints = crate::url::parse_endpoints(&list.join(","))?;
+        self.url.endpoints =
+            herald_core::url::parse_endpoints(&list.join(","), crate::url::DEFAULT_PORT, "server")?;
         Ok(self)
     }
 

@@ -29,7 +29,7 @@ use crate::config::NatsConfig;
 use crate::error::{classify_connect, permission_violation, Denial};
 use crate::metrics::NatsMetrics;
 use crate::topology::declare;
-use crate::url::Endpoint;
+use herald_core::url::Endpoint;
 
 /// The most permission violations a connection remembers (each names a subject).
 const MAX_DENIALS: usize = 64;
@@ -299,7 +299,7 @@ impl Inner {
                 Err(_) => errors.push(
                     TransportError::transient(format!(
                         "connecting to {} took longer than {timeout:?}; is the server reachable?",
-                        endpoint.server_addr(self.config.url.tls)
+                        crate::url::server_addr(endpoint, self.config.url.tls)
                     ))
                     .with_code("CONNECT_TIMEOUT"),
                 ),
@@ -380,7 +380,7 @@ impl Inner {
     async fn open(&self, index: usize) -> Result<Arc<Live>, TransportError> {
         let config = &self.config;
         let endpoint = &self.endpoints[index];
-        let server = endpoint.server_addr(config.url.tls);
+        let server = crate::url::server_addr(endpoint, config.url.tls);
         let state = Arc::new(LiveState::default());
         let credentials = config.url.credentials.clone();
         let handshake = state.clone();
@@ -457,7 +457,7 @@ impl Inner {
 
     /// The server `live` is connected to, `nats://host:port`, for messages.
     pub(crate) fn server_of(&self, live: &Live) -> String {
-        self.endpoints[live.index].server_addr(self.config.url.tls)
+        crate::url::server_addr(&self.endpoints[live.index], self.config.url.tls)
     }
 
     /// What [`Transport::health`](herald_core::Transport::health) reports (documented there);

@@ -273,6 +273,15 @@ pub(crate) fn denied(denial: &Denial, subject: &str) -> TransportError {
     TransportError::permanent(text).with_code("PERMISSION_DENIED")
 }
 
+impl From<herald_core::url::UrlError> for ConfigError {
+    fn from(e: herald_core::url::UrlError) -> Self {
+        Self::Url {
+            part: e.part,
+            reason: e.reason,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

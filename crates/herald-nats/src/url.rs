@@ -10,6 +10,8 @@
 
 use std::fmt;
 
+use herald_core::url::{self, percent_encode, Endpoint, Secret};
+
 use crate::destination::{validate_stream_name, validate_subject};
 use crate::error::ConfigError;
 
@@ -19,41 +21,6 @@ pub const QUERY_PARAMETERS: &[&str] = &["stream"];
 
 /// The port of a server given without one.
 pub const DEFAULT_PORT: u16 = 4222;
-
-/// The user information of a URL could end at more than one `@`.
-#[derive(Debug)]
-struct Ambiguous;
-
-/// Where the user information of `rest` (a URL after its `scheme://`) ends: the index of the
-/// `@` that closes it, if it has one. An `@` can end it when what precedes it starts with a
-/// user name free of `/` and `?` and what follows it, up to the next `/`, `?` or the end, holds
-/// no `@` (could be a host list). More than one such `@` is ambiguous (herald-amqp's rule: a
-/// wrong guess would send part of the URL as a password to another host).
-fn userinfo_end(rest: &str) -> Result<Option<usize>, Ambiguous> {
-    let mut end = None;
-    for (at, _) in rest.match_indices('@') {
-        let user = rest[..at].split(':').next().unwrap_or("");
-        let after = &rest[at + 1..];
-        let host = &after[..after.find(['/', '?']).unwrap_or(after.len())];
-        if user.contains(['/', '?']) || host.contains('@') {
-            continue;
-        }
-        if end.replace(at).is_some() {
-            return Err(Ambiguous);
-        }
-    }
-    Ok(end)
-}
-
-/// A password or token: never printed, not in `Debug`, not in `Display`, not in errors.
-#[derive(Clone, PartialEq, Eq)]
-pub(crate) struct Secret(pub(crate) String);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
 
 /// How the client authenticates.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,38 +41,18 @@ impl Credentials {
             Self::None => {}
             Self::UserPassword { user, password } => {
                 auth.username = Some(user.clone());
-                auth.password = Some(password.0.clone());
+                auth.password = Some(password.expose().to_owned());
             }
-            Self::Token(token) => auth.token = Some(token.0.clone()),
+            Self::Token(token) => auth.token = Some(token.expose().to_owned()),
         }
         auth
     }
 }
 
-/// One server of the list.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub(crate) struct Endpoint {
-    pub(crate) host: String,
-    pub(crate) port: u16,
-}
-
-/// `host:port`, with an IPv6 address in brackets.
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl Endpoint {
-    /// The address async-nats connects to: `nats://host:port` or `tls://host:port`, without
-    /// credentials (those go through the auth callback).
-    pub(crate) fn server_addr(&self, tls: bool) -> String {
-        format!("{}://{self}", if tls { "tls" } else { "nats" })
-    }
+/// The address async-nats connects to for `endpoint`: `nats://host:port` or `tls://host:port`,
+/// without credentials (those go through the auth callback).
+pub(crate) fn server_addr(endpoint: &Endpoint, tls: bool) -> String {
+    format!("{}://{endpoint}", if tls { "tls" } else { "nats" })
 }
 
 /// The servers and where to publish, parsed from a URL. The secret is kept out of `Debug` and
@@ -127,80 +74,55 @@ impl Url {
     /// The error names the part that is wrong, never the password or token.
     pub(crate) fn parse(url: &str) -> Result<Self, ConfigError> {
         let bad = |part: &'static str, reason: String| ConfigError::Url { part, reason };
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            bad(
-                "scheme",
-                "is missing: expected `nats://` or `tls://` at the start".into(),
-            )
-        })?;
-        let tls = match scheme.to_ascii_lowercase().as_str() {
+        let parts = url::split(url, "`nats://` or `tls://`")?;
+        let tls = match parts.scheme.to_ascii_lowercase().as_str() {
             "nats" => false,
             "tls" => true,
             other => return Err(bad("scheme", format!("`{other}` is not `nats` or `tls`"))),
         };
-        let (userinfo, after) = match userinfo_end(rest) {
-            Ok(Some(at)) => (Some(&rest[..at]), &rest[at + 1..]),
-            Ok(None) => (None, rest),
-            Err(Ambiguous) => return Err(bad(
-                "user information",
-                "is ambiguous: more than one `@` could end it and start the host list (an `@` in the subject or a query value, or in the password before a `/` or `?`); write every `@` but the one before the hosts as `%40`".into(),
-            )),
-        };
-        let (after, query) = match after.split_once('?') {
-            Some((r, q)) => (r, Some(q)),
-            None => (after, None),
-        };
-        let (hostlist, path) = match after.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (after, None),
-        };
+        let (userinfo, hostlist, path, query) =
+            (parts.userinfo, parts.hosts, parts.path, parts.query);
         let credentials = match userinfo {
             None => Credentials::None,
-            Some(u) => match u.split_once(':') {
-                Some((user, pass)) => {
-                    let user = percent_decode(user).map_err(|r| bad("user", r))?;
-                    if user.is_empty() {
-                        return Err(bad(
-                            "user",
-                            "is empty (a token goes alone: nats://TOKEN@host)".into(),
-                        ));
-                    }
-                    // The reason names the bad escape only, which is not the password.
-                    let password = percent_decode(pass)
-                        .map_err(|_| bad("password", "contains an invalid %-escape".into()))?;
-                    Credentials::UserPassword {
-                        user,
-                        password: Secret(password),
-                    }
+            // A user information without `:` is a token, as in every NATS client.
+            Some(token) if !token.contains(':') => {
+                let token = url::percent_decode(token)
+                    .map_err(|_| bad("token", "contains an invalid %-escape".into()))?;
+                if token.is_empty() {
+                    return Err(bad("token", "is empty".into()));
                 }
-                None => {
-                    let token = percent_decode(u)
-                        .map_err(|_| bad("token", "contains an invalid %-escape".into()))?;
-                    if token.is_empty() {
-                        return Err(bad("token", "is empty".into()));
-                    }
-                    Credentials::Token(Secret(token))
+                Credentials::Token(Secret::new(token))
+            }
+            Some(u) => {
+                let (user, password) = url::credentials(u)?;
+                if user.is_empty() {
+                    return Err(bad(
+                        "user",
+                        "is empty (a token goes alone: nats://TOKEN@host)".into(),
+                    ));
                 }
-            },
+                Credentials::UserPassword {
+                    user,
+                    password: password.unwrap_or_else(|| Secret::new("")),
+                }
+            }
         };
-        let endpoints = parse_endpoints(hostlist)?;
+        let endpoints = url::parse_endpoints(hostlist, DEFAULT_PORT, "server")?;
         let subject = match path {
             None | Some("") => None,
             Some(p) => {
-                let s = percent_decode(p).map_err(|r| bad("subject", r))?;
+                let s = url::percent_decode(p).map_err(|r| bad("subject", r))?;
                 validate_subject(&s).map_err(|r| bad("subject", r))?;
                 Some(s)
             }
         };
         let mut stream = None;
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            match k {
+        for (k, name) in url::query_pairs(query)? {
+            match k.as_str() {
                 "stream" => {
                     if stream.is_some() {
                         return Err(bad("query stream", "is given twice".into()));
                     }
-                    let name = percent_decode(v).map_err(|r| bad("query stream", r))?;
                     validate_stream_name(&name).map_err(|r| bad("query stream", r))?;
                     stream = Some(name);
                 }
@@ -259,108 +181,6 @@ impl fmt::Debug for Url {
     }
 }
 
-/// Parses `host[:port][,host[:port]...]` (an IPv6 address in brackets, the port 4222 by
-/// default). An entry that is wrong is named by its position and text (the user information is
-/// split off before, so no secret can be in it); a server given twice is refused.
-pub(crate) fn parse_endpoints(list: &str) -> Result<Vec<Endpoint>, ConfigError> {
-    let entries: Vec<&str> = list.split(',').collect();
-    let many = entries.len() > 1;
-    let mut endpoints: Vec<Endpoint> = Vec::with_capacity(entries.len());
-    for (n, entry) in entries.iter().enumerate() {
-        let named = |e: ConfigError| match e {
-            ConfigError::Url { part, reason } if many => ConfigError::Url {
-                part,
-                reason: format!("{reason}, in server {} of the list (`{entry}`)", n + 1),
-            },
-            other => other,
-        };
-        let endpoint = parse_endpoint(entry.trim()).map_err(named)?;
-        if endpoints.contains(&endpoint) {
-            return Err(ConfigError::Url {
-                part: "host",
-                reason: format!("lists `{endpoint}` twice"),
-            });
-        }
-        endpoints.push(endpoint);
-    }
-    Ok(endpoints)
-}
-
-fn parse_endpoint(hostport: &str) -> Result<Endpoint, ConfigError> {
-    let bad = |part: &'static str, reason: &str| ConfigError::Url {
-        part,
-        reason: reason.to_owned(),
-    };
-    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| bad("host", "an IPv6 address misses its `]`"))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => parse_port(p)?,
-            None if after.is_empty() => DEFAULT_PORT,
-            None => {
-                return Err(bad(
-                    "port",
-                    "has unexpected text after the IPv6 address (expected `:port`)",
-                ))
-            }
-        };
-        (h.to_owned(), port)
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), parse_port(p)?),
-            None => (hostport.to_owned(), DEFAULT_PORT),
-        }
-    };
-    if host.is_empty() {
-        return Err(bad("host", "is empty"));
-    }
-    if host.contains(|c: char| c.is_whitespace() || matches!(c, '/' | '?' | '#' | '@' | '[')) {
-        return Err(bad("host", "holds a character a host name cannot hold"));
-    }
-    Ok(Endpoint { host, port })
-}
-
-fn parse_port(p: &str) -> Result<u16, ConfigError> {
-    match p.parse::<u16>() {
-        Ok(port) if port > 0 => Ok(port),
-        _ => Err(ConfigError::Url {
-            part: "port",
-            reason: "is not a port number (1-65535)".into(),
-        }),
-    }
-}
-
-/// Decodes `%XX` escapes in one part of the URL. The error says what is wrong, never the input
-/// (which may be a password). A `%` not followed by two hex digits is refused.
-fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let malformed = bytes.iter().enumerate().any(|(i, &b)| {
-        b == b'%'
-            && !bytes
-                .get(i + 1..i + 3)
-                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
-    });
-    if malformed {
-        return Err("holds an invalid %-escape".to_owned());
-    }
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8()
-        .map(std::borrow::Cow::into_owned)
-        .map_err(|_| "is not UTF-8 once decoded".to_owned())
-}
-
-/// Everything but ASCII letters, digits and `-_.~` (RFC 3986's unreserved characters).
-const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
-
-fn percent_encode(v: &str) -> String {
-    percent_encoding::utf8_percent_encode(v, ESCAPED).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,7 +202,7 @@ mod tests {
             u.credentials,
             Credentials::UserPassword {
                 user: "app@x".into(),
-                password: Secret("p:ss".into())
+                password: Secret::new("p:ss")
             }
         );
         let listed: Vec<(&str, u16)> = u
@@ -393,7 +213,7 @@ mod tests {
         assert_eq!(listed, [("h1", 5222), ("h2", 4222), ("::1", 4223)]);
         assert_eq!(u.subject.as_deref(), Some("orders.eu"));
         assert_eq!(u.stream.as_deref(), Some("ORDERS"));
-        assert_eq!(u.endpoints[2].server_addr(false), "nats://[::1]:4223");
+        assert_eq!(server_addr(&u.endpoints[2], false), "nats://[::1]:4223");
         let auth = u.credentials.to_auth();
         assert_eq!(
             (auth.username.as_deref(), auth.password.as_deref()),
@@ -412,9 +232,9 @@ mod tests {
         assert!(u.tls);
         assert_eq!(
             u.credentials,
-            Credentials::Token(Secret("s3cr3t-token".into()))
+            Credentials::Token(Secret::new("s3cr3t-token"))
         );
-        assert_eq!(u.endpoints[0].server_addr(true), "tls://h:4443");
+        assert_eq!(server_addr(&u.endpoints[0], true), "tls://h:4443");
         assert_eq!(
             u.credentials.to_auth().token.as_deref(),
             Some("s3cr3t-token")
@@ -489,7 +309,7 @@ mod tests {
             u.credentials,
             Credentials::UserPassword {
                 user: "app".into(),
-                password: Secret("a+b/c==?d".into())
+                password: Secret::new("a+b/c==?d")
             }
         );
         assert_eq!(
@@ -544,11 +364,6 @@ mod tests {
         ] {
             let u = Url::parse(url).expect(url);
             assert_eq!(u.to_string(), url);
-        }
-        assert_eq!(percent_encode("a/b c"), "a%2Fb%20c");
-        assert_eq!(percent_decode("%41%2f").as_deref(), Ok("A/"));
-        for bad in ["%+1", "%1", "%", "%zz"] {
-            assert!(percent_decode(bad).is_err(), "{bad}");
         }
     }
 }
