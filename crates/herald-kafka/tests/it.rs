@@ -1,5 +1,6 @@
 //! The Kafka transport against a real Kafka-protocol broker. Run by `cargo xtask it`, which
-//! provides `HERALD_KAFKA_BOOTSTRAP` (and `HERALD_TANSU_BIN` for the restart test).
+//! provides `HERALD_KAFKA_BOOTSTRAP` (and `HERALD_TANSU_BIN` for the tests that run Tansu
+//! brokers of their own: a restart, a failover).
 
 mod common;
 
@@ -88,6 +89,13 @@ async fn a_hundred_thousand_keyed_messages_arrive_once_in_order() {
     assert_exactly_once_in_order(&msgs, &read(&b, &t, msgs.len()).await);
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
 /// A Tansu broker of the test's own, on SQLite storage so that its log survives a restart.
 struct OwnTansu {
     bin: String,
@@ -98,10 +106,7 @@ struct OwnTansu {
 
 impl OwnTansu {
     fn start(bin: String) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = free_port();
         let db = std::env::temp_dir().join(format!("herald-tansu-{port}.db"));
         let _fresh = std::fs::remove_file(&db);
         let mut t = Self {
@@ -112,6 +117,38 @@ impl OwnTansu {
         };
         t.up();
         t
+    }
+
+    /// A second broker of the same cluster: its own port, the same SQLite file (Tansu's
+    /// brokers keep no state of their own; each is the leader of every partition).
+    fn sharing(other: &Self) -> Self {
+        let mut t = Self {
+            bin: other.bin.clone(),
+            port: free_port(),
+            db: other.db.clone(),
+            child: None,
+        };
+        t.up();
+        t
+    }
+
+    /// Whether a client holds a connection to this broker now (an established TCP connection
+    /// to its port, read from /proc/net/tcp: no other process talks to a test's own broker).
+    fn in_use(&self) -> bool {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+        let port = format!("{:04X}", self.port);
+        table.lines().skip(1).any(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() > 3 && cols[3] == "01" && cols[2].ends_with(&format!(":{port}"))
+        })
+    }
+
+    /// Kills the broker (SIGKILL) for good, as a crashed node.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _killed = c.kill();
+            let _reaped = c.wait();
+        }
     }
 
     fn db_name(&self) -> String {
@@ -241,6 +278,88 @@ async fn a_broker_restart_in_the_middle_of_a_run_loses_nothing() {
     let duplicates = assert_all_stored_last_copies_in_order(&msgs, &got);
     eprintln!(
         "restart: {before} delivered before it, {} retries by herald, {} stored for 60 000 sent ({duplicates} duplicates)",
+        stats.totals.retries,
+        got.len(),
+    );
+}
+
+/// Two Tansu brokers over one store (a shared SQLite file): the broker the producer uses is
+/// killed for good in the middle of a run. librdkafka finds the other through the bootstrap
+/// list (Tansu has no replication: every broker answers for every partition over the shared
+/// storage), herald retries what the dead one never answered: nothing lost, per key the last
+/// copies in order. Prints the failover time (kill to the next delivery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn a_broker_of_two_killed_for_good_in_the_middle_of_a_run_loses_nothing() {
+    let Ok(bin) = std::env::var("HERALD_TANSU_BIN") else {
+        panic!("HERALD_TANSU_BIN is not set: this test runs two Tansu brokers of its own (cargo xtask it sets it)");
+    };
+    let first = OwnTansu::start(bin);
+    let second = OwnTansu::sharing(&first);
+    let mut brokers = [first, second];
+    let list = format!("{},{}", brokers[0].addr(), brokers[1].addr());
+    let t = topic(&brokers[0].addr(), "failover", 3).await;
+    let transport =
+        KafkaTransport::new(KafkaConfig::new(list).message_timeout(Duration::from_secs(2)))
+            .expect("transport");
+    let producer = Producer::builder(transport)
+        .batching(herald_kafka::recommended_batching())
+        .retry(ExponentialRetry::new(Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+        )))
+        .delivery_timeout(Duration::from_secs(180))
+        .build()
+        .expect("producer");
+    let msgs = keyed(&t, 0..60_000, 20);
+    let receipt = producer.send_all(msgs.clone()).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while producer.stats().totals.delivered < 15_000 {
+        assert!(Instant::now() < deadline, "no progress before the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The broker in use dies; if the client holds connections to both, the first one.
+    let dead = usize::from(!brokers[0].in_use() && brokers[1].in_use());
+    let survivor = brokers[1 - dead].addr();
+    let before = producer.stats().totals.delivered;
+    let killed = Instant::now();
+    brokers[dead].kill();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while producer.stats().totals.delivered <= before + 100 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing delivered through the surviving broker"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let failover = killed.elapsed();
+    let report = receipt.wait().await;
+    assert!(
+        report.failed.is_empty(),
+        "{} failed, first: {:?}",
+        report.failed.len(),
+        report.failed.first()
+    );
+    assert_eq!(report.delivered, 60_000);
+    assert!(
+        before < 60_000,
+        "the kill happened in the middle of the run"
+    );
+    let stats = producer.stats();
+    producer.close(Duration::from_secs(30)).await;
+    let got = {
+        let t = t.clone();
+        tokio::task::spawn_blocking(move || {
+            admin::read_topic_to_end(&survivor, &t, Duration::from_secs(120))
+                .expect("read to the end")
+        })
+        .await
+        .expect("read back")
+    };
+    let duplicates = assert_all_stored_last_copies_in_order(&msgs, &got);
+    eprintln!(
+        "failover: broker {} of 2 killed after {before} delivered; next deliveries {failover:?} later; {} retries by herald, {} stored for 60 000 sent ({duplicates} duplicates)",
+        dead + 1,
         stats.totals.retries,
         got.len(),
     );
