@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use herald_core::{ErrorClass, TransportError, TransportHealth};
-use herald_retry::{Backoff, Jitter};
+use herald_core::rotation::{Dialer, Opened, Rotation, Wording};
+use herald_core::{TransportError, TransportHealth};
 use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Channel, Connection, ConnectionProperties, Event};
@@ -98,83 +98,46 @@ impl Live {
     }
 }
 
-#[derive(Default)]
-struct Link {
-    live: Option<Arc<Live>>,
-    /// The address (index in `Inner::endpoints`) of `live`.
-    current: usize,
-    /// Where the next round of connection attempts starts: the first address at start, the
-    /// one after the address of a connection that was lost.
-    next: usize,
-    failures: u32,
-    next_attempt: Option<Instant>,
-    /// A connection was up before: a new one on another address is a failover.
-    live_before: bool,
-}
-
 /// What every clone of an [`AmqpTransport`](crate::AmqpTransport) shares: the settings, the
 /// connection, the flow control state and the metrics.
 pub(crate) struct Inner {
     pub(crate) config: AmqpConfig,
-    link: Mutex<Link>,
+    /// The connection and the brokers to try, in the order rounds go through them (the URL's
+    /// order, or shuffled once at start, see `AmqpConfig::shuffle_addresses`).
+    rotation: Rotation<Arc<Live>>,
     flow: Arc<Flow>,
     pub(crate) metrics: AmqpMetrics,
-    reconnect: Backoff,
-    /// The brokers to try, in the order rounds go through them (the URL's order, or shuffled
-    /// once at start, see `AmqpConfig::shuffle_addresses`).
-    endpoints: Vec<Endpoint>,
     /// The address of the connection up now, as `host:port`.
     node: std::sync::Mutex<Option<String>>,
-}
-
-/// The error of a round in which no address answered: the only one, or each address's.
-fn round_error(mut errors: Vec<TransportError>) -> TransportError {
-    if errors.len() == 1 {
-        return errors.remove(0);
-    }
-    // Permanent only if every address refused for good (wrong credentials everywhere); one
-    // unreachable node makes the round transient.
-    let class = if errors.iter().all(|e| e.class() == ErrorClass::Permanent) {
-        ErrorClass::Permanent
-    } else {
-        ErrorClass::Transient
-    };
-    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-    TransportError::new(
-        class,
-        format!("no address of the list answered: {}", text.join("; ")),
-    )
-    .with_code("NO_ADDRESS")
 }
 
 /// The `transport` field of every event this crate logs.
 const TRANSPORT: &str = "amqp";
 
-/// The wait after the `failures`-th failed connection attempt in a row.
-fn reconnect_delay(backoff: &Backoff, failures: u32) -> Duration {
-    // The doubling stops at the 16th failure (2^15 times the minimum, when the maximum is
-    // higher still), as it always has; `Jitter::None` never draws from the generator.
-    backoff.delay(failures.min(16), None, &mut fastrand::Rng::with_seed(0))
-}
-
 impl Inner {
     /// The shared state for checked settings; nothing connects yet.
     pub(crate) fn new(config: AmqpConfig) -> Self {
-        // No jitter: `AmqpConfig::reconnect_backoff` promises `min`, doubling, up to `max`.
-        let reconnect =
-            Backoff::new(config.reconnect_min, config.reconnect_max).with_jitter(Jitter::None);
         let metrics = AmqpMetrics::new(config.metrics_name.as_deref());
         let mut endpoints = config.url.endpoints.clone();
         if config.shuffle_addresses {
             fastrand::shuffle(&mut endpoints);
         }
+        // No jitter: `AmqpConfig::reconnect_backoff` promises `min`, doubling, up to `max`.
+        let rotation = Rotation::new(
+            endpoints,
+            (config.reconnect_min, config.reconnect_max),
+            config.connect_timeout,
+            Wording {
+                peer: "the broker",
+                entry: "address",
+                no_entry_code: "NO_ADDRESS",
+            },
+        );
         Self {
             config,
-            link: Mutex::new(Link::default()),
+            rotation,
             flow: Arc::new(Flow::default()),
             metrics,
-            reconnect,
-            endpoints,
             node: std::sync::Mutex::new(None),
         }
     }
@@ -237,171 +200,19 @@ impl Inner {
     }
 
     /// The live connection, opened (or reopened) if there is none, after waiting out the
-    /// backoff of a failed attempt.
+    /// backoff of a failed round (`herald_core::rotation`).
     pub(crate) async fn live(&self) -> Result<Arc<Live>, TransportError> {
-        let mut waited = false;
-        let mut link = loop {
-            let mut link = self.link.lock().await;
-            if let Some(live) = &link.live {
-                if live.is_connected() {
-                    return Ok(live.clone());
-                }
-                self.lost(&mut link);
-            }
-            match link.next_attempt {
-                // Wait out the backoff without holding the lock (other calls wait alongside,
-                // not behind), then look again: another call may have connected meanwhile.
-                Some(at) if at > Instant::now() => {
-                    if waited {
-                        return Err(TransportError::transient(
-                            "reconnecting to the broker: the last attempt failed and the next one is not due yet; retried",
-                        )
-                        .with_code("RECONNECTING"));
-                    }
-                    drop(link);
-                    tokio::time::sleep_until(at).await;
-                    waited = true;
-                }
-                _ => break link,
-            }
-        };
-        // One round: every address once, from `next` on, each bounded by the connect timeout;
-        // the first that answers is the connection. A round that finds none is one failure
-        // for the reconnect backoff.
-        let config = &self.config;
-        let n = self.endpoints.len();
-        let mut errors = Vec::with_capacity(n);
-        let mut opened = None;
-        for k in 0..n {
-            let index = (link.next + k) % n;
-            let endpoint = &self.endpoints[index];
-            let attempt = tokio::time::timeout(config.connect_timeout, self.open(endpoint)).await;
-            match attempt {
-                Ok(Ok(live)) => {
-                    opened = Some((index, live));
-                    break;
-                }
-                Ok(Err(e)) => errors.push(e),
-                Err(_) => errors.push(
-                    TransportError::transient(format!(
-                        "connecting to {} took longer than {:?}; is the broker reachable?",
-                        self.redacted(endpoint),
-                        config.connect_timeout
-                    ))
-                    .with_code("CONNECT_TIMEOUT"),
-                ),
-            }
-            self.metrics.connect_failures.increment(1);
-        }
-        match opened {
-            Some((index, live)) => {
-                let node = &self.endpoints[index];
-                let url = self.redacted(node);
-                let failed_rounds = link.failures;
-                if link.live_before && index != link.current {
-                    self.metrics.failovers.increment(1);
-                    tracing::warn!(
-                        transport = TRANSPORT,
-                        producer = self.producer(),
-                        node = %node,
-                        from = %self.endpoints[link.current],
-                        url = %url,
-                        failed_rounds,
-                        "failed over to another broker node"
-                    );
-                } else if link.live_before {
-                    tracing::info!(
-                        transport = TRANSPORT,
-                        producer = self.producer(),
-                        node = %node,
-                        url = %url,
-                        failed_rounds,
-                        "reconnected to the broker"
-                    );
-                } else {
-                    tracing::info!(
-                        transport = TRANSPORT,
-                        producer = self.producer(),
-                        node = %node,
-                        url = %url,
-                        failed_rounds,
-                        "connected to the broker"
-                    );
-                }
-                link.live_before = true;
-                link.current = index;
-                link.next = index;
-                link.failures = 0;
-                link.next_attempt = None;
-                link.live = Some(live.clone());
-                self.metrics.opened.increment(1);
-                self.set_node(Some(index));
-                self.set_connected(true);
-                self.set_down(None);
-                Ok(live)
-            }
-            None => {
-                let e = round_error(errors);
-                self.set_down(Some(format!("cannot connect: {e}")));
-                link.failures = link.failures.saturating_add(1);
-                let delay = reconnect_delay(&self.reconnect, link.failures);
-                link.next_attempt = Some(Instant::now() + delay);
-                let retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-                // The first failed round says so; the ones after it, at the backoff's pace, are
-                // detail (health reports the connection down meanwhile).
-                if link.failures == 1 {
-                    tracing::warn!(
-                        transport = TRANSPORT,
-                        producer = self.producer(),
-                        url = %self.config.redacted_url(),
-                        error = %e,
-                        failed_rounds = link.failures,
-                        retry_in_ms,
-                        "cannot connect to the broker (each address tried once); reconnecting with backoff"
-                    );
-                } else {
-                    tracing::debug!(
-                        transport = TRANSPORT,
-                        producer = self.producer(),
-                        url = %self.config.redacted_url(),
-                        error = %e,
-                        failed_rounds = link.failures,
-                        retry_in_ms,
-                        "still cannot connect to the broker; reconnecting with backoff"
-                    );
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// The connection of `link` is gone: the next round starts at the address after its own.
-    fn lost(&self, link: &mut Link) {
-        link.live = None;
-        link.next = (link.current + 1) % self.endpoints.len();
-        tracing::debug!(
-            transport = TRANSPORT,
-            producer = self.producer(),
-            node = %self.endpoints[link.current],
-            next = %self.endpoints[link.next],
-            "connection gone: the next attempt starts at the next address"
-        );
-        self.set_node(None);
-        self.set_connected(false);
+        self.rotation.live(self).await
     }
 
     /// Gives up on `live` if it is still the connection in use (its confirms stopped coming:
     /// a half-open TCP connection, a node that hangs), so that the next send tries the next
     /// address. The connection is closed in the background.
     pub(crate) async fn abandon(&self, live: &Arc<Live>) {
-        let mut link = self.link.lock().await;
-        let current = link.live.as_ref().is_some_and(|l| Arc::ptr_eq(l, live));
-        if !current {
+        let Some((_, index)) = self.rotation.abandon(|l| Arc::ptr_eq(l, live), self).await else {
             return;
-        }
-        let node = self.endpoints[link.current].to_string();
-        self.lost(&mut link);
-        drop(link);
+        };
+        let node = self.rotation.endpoints()[index].to_string();
         self.metrics.abandoned.increment(1);
         tracing::warn!(
             transport = TRANSPORT,
@@ -430,7 +241,7 @@ impl Inner {
     /// Records the address in use (none: down), in [`Inner::connected_node`] and in the
     /// `herald_amqp_node_connected` gauge, one series per address of the list.
     fn set_node(&self, index: Option<usize>) {
-        for (i, endpoint) in self.endpoints.iter().enumerate() {
+        for (i, endpoint) in self.rotation.endpoints().iter().enumerate() {
             let up = if Some(i) == index { 1.0 } else { 0.0 };
             self.metrics.node(&endpoint.to_string()).set(up);
         }
@@ -438,7 +249,7 @@ impl Inner {
             .node
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            index.map(|i| self.endpoints[i].to_string());
+            index.map(|i| self.rotation.endpoints()[i].to_string());
     }
 
     /// The address of the connection up now, `host:port`.
@@ -449,8 +260,9 @@ impl Inner {
             .clone()
     }
 
-    async fn open(&self, endpoint: &Endpoint) -> Result<Arc<Live>, TransportError> {
+    async fn dial(&self, index: usize) -> Result<Arc<Live>, TransportError> {
         let config = &self.config;
+        let endpoint = &self.rotation.endpoints()[index];
         let url = self.redacted(endpoint);
         let props = ConnectionProperties::default()
             .with_connection_name(config.connection_name.clone().into());
@@ -598,11 +410,8 @@ impl Inner {
     /// batch.
     pub(crate) async fn close(&self) {
         self.flow.closed.store(true, Ordering::Release);
-        let (live, node) = {
-            let mut link = self.link.lock().await;
-            (link.live.take(), self.endpoints[link.current].to_string())
-        };
-        if let Some(live) = live {
+        if let Some((live, index)) = self.rotation.take().await {
+            let node = &self.rotation.endpoints()[index];
             tracing::debug!(
                 transport = TRANSPORT,
                 producer = self.producer(),
@@ -624,9 +433,111 @@ impl Inner {
     }
 }
 
+/// The rotation's view of the transport: how a connection opens, and what is logged, counted
+/// and recorded as connections come and go.
+impl Dialer<Arc<Live>> for Inner {
+    fn is_up(&self, live: &Arc<Live>) -> bool {
+        live.is_connected()
+    }
+
+    async fn open(&self, index: usize) -> Result<Arc<Live>, TransportError> {
+        self.dial(index).await
+    }
+
+    fn describe(&self, index: usize) -> String {
+        self.redacted(&self.rotation.endpoints()[index])
+    }
+
+    fn attempt_failed(&self, _index: usize) {
+        self.metrics.connect_failures.increment(1);
+    }
+
+    fn opened(&self, index: usize, _live: &Arc<Live>, how: Opened, failed_rounds: u32) {
+        let endpoints = self.rotation.endpoints();
+        let node = &endpoints[index];
+        let url = self.redacted(node);
+        match how {
+            Opened::FailedOver { from } => {
+                self.metrics.failovers.increment(1);
+                tracing::warn!(
+                    transport = TRANSPORT,
+                    producer = self.producer(),
+                    node = %node,
+                    from = %endpoints[from],
+                    url = %url,
+                    failed_rounds,
+                    "failed over to another broker node"
+                );
+            }
+            Opened::Reconnected => tracing::info!(
+                transport = TRANSPORT,
+                producer = self.producer(),
+                node = %node,
+                url = %url,
+                failed_rounds,
+                "reconnected to the broker"
+            ),
+            Opened::First => tracing::info!(
+                transport = TRANSPORT,
+                producer = self.producer(),
+                node = %node,
+                url = %url,
+                failed_rounds,
+                "connected to the broker"
+            ),
+        }
+        self.metrics.opened.increment(1);
+        self.set_node(Some(index));
+        self.set_connected(true);
+        self.set_down(None);
+    }
+
+    fn round_failed(&self, error: &TransportError, failed_rounds: u32, retry_in: Duration) {
+        self.set_down(Some(format!("cannot connect: {error}")));
+        let retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX);
+        // The first failed round says so; the ones after it, at the backoff's pace, are
+        // detail (health reports the connection down meanwhile).
+        if failed_rounds == 1 {
+            tracing::warn!(
+                transport = TRANSPORT,
+                producer = self.producer(),
+                url = %self.config.redacted_url(),
+                error = %error,
+                failed_rounds,
+                retry_in_ms,
+                "cannot connect to the broker (each address tried once); reconnecting with backoff"
+            );
+        } else {
+            tracing::debug!(
+                transport = TRANSPORT,
+                producer = self.producer(),
+                url = %self.config.redacted_url(),
+                error = %error,
+                failed_rounds,
+                retry_in_ms,
+                "still cannot connect to the broker; reconnecting with backoff"
+            );
+        }
+    }
+
+    fn lost(&self, index: usize, _live: &Arc<Live>, next: usize) {
+        let endpoints = self.rotation.endpoints();
+        tracing::debug!(
+            transport = TRANSPORT,
+            producer = self.producer(),
+            node = %endpoints[index],
+            next = %endpoints[next],
+            "connection gone: the next attempt starts at the next address"
+        );
+        self.set_node(None);
+        self.set_connected(false);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use herald_retry::{Backoff, Jitter};
 
     /// A port on 127.0.0.1 that nothing listens on.
     fn closed_port() -> u16 {
@@ -692,14 +603,16 @@ mod tests {
             let backoff = Backoff::new(min, max).with_jitter(Jitter::None);
             for failures in (1..=40).chain([u32::MAX]) {
                 assert_eq!(
-                    reconnect_delay(&backoff, failures),
+                    herald_core::rotation::round_delay(&backoff, failures),
                     hand_rolled(min, max, failures),
                     "{min:?}..{max:?} after {failures} failures"
                 );
             }
         }
         let default = Backoff::new(ms(100), Duration::from_secs(5)).with_jitter(Jitter::None);
-        let delays: Vec<_> = (1..=8).map(|n| reconnect_delay(&default, n)).collect();
+        let delays: Vec<_> = (1..=8)
+            .map(|n| herald_core::rotation::round_delay(&default, n))
+            .collect();
         assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000].map(ms));
     }
 }

@@ -23,6 +23,7 @@ mod key_hold;
 mod message;
 pub mod metrics;
 mod producer;
+pub mod rotation;
 mod store;
 mod transport;
 pub mod url;

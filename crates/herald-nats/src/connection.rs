@@ -19,17 +19,15 @@ use std::time::Duration;
 use async_nats::connection::State;
 use async_nats::jetstream;
 use async_nats::{AuthError, Client, ConnectOptions, Event, ServerError};
-use herald_core::{ErrorClass, TransportError, TransportHealth};
-use herald_retry::{Backoff, Jitter};
+use herald_core::rotation::{Dialer, Opened, Rotation, Wording};
+use herald_core::{TransportError, TransportHealth};
 use tokio::sync::futures::Notified;
-use tokio::sync::{Mutex, Notify};
-use tokio::time::Instant;
+use tokio::sync::Notify;
 
 use crate::config::NatsConfig;
 use crate::error::{classify_connect, permission_violation, Denial};
 use crate::metrics::NatsMetrics;
 use crate::topology::declare;
-use herald_core::url::Endpoint;
 
 /// The most permission violations a connection remembers (each names a subject).
 const MAX_DENIALS: usize = 64;
@@ -115,79 +113,43 @@ impl Drop for Live {
     }
 }
 
-#[derive(Default)]
-struct Link {
-    live: Option<Arc<Live>>,
-    /// The server (index in `Inner::endpoints`) of `live`.
-    current: usize,
-    /// Where the next round of connection attempts starts: the first server at start, the one
-    /// after the server of a connection that was lost.
-    next: usize,
-    failures: u32,
-    next_attempt: Option<Instant>,
-    /// A connection was up before: a new one on another server is a failover.
-    live_before: bool,
-}
-
 /// What every clone of a [`NatsTransport`](crate::NatsTransport) shares: the settings, the
 /// connection, the health state and the metrics.
 pub(crate) struct Inner {
     pub(crate) config: NatsConfig,
-    link: Mutex<Link>,
     flow: Arc<Flow>,
     pub(crate) metrics: NatsMetrics,
-    reconnect: Backoff,
-    /// The servers to try, in the order rounds go through them (the URL's order, or shuffled
-    /// once at start).
-    endpoints: Vec<Endpoint>,
+    /// The connection and the servers to try, in the order rounds go through them (the URL's
+    /// order, or shuffled once at start).
+    rotation: Rotation<Arc<Live>>,
     /// The server of the connection up now, as `host:port`.
     node: StdMutex<Option<String>>,
-}
-
-/// The error of a round in which no server answered: the only one, or each server's.
-fn round_error(mut errors: Vec<TransportError>) -> TransportError {
-    if errors.len() == 1 {
-        return errors.remove(0);
-    }
-    // Permanent only if every server refused for good (wrong credentials everywhere); one
-    // unreachable server makes the round transient.
-    let class = if errors.iter().all(|e| e.class() == ErrorClass::Permanent) {
-        ErrorClass::Permanent
-    } else {
-        ErrorClass::Transient
-    };
-    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-    TransportError::new(
-        class,
-        format!("no server of the list answered: {}", text.join("; ")),
-    )
-    .with_code("NO_SERVER")
-}
-
-/// The wait after the `failures`-th failed round in a row.
-fn reconnect_delay(backoff: &Backoff, failures: u32) -> Duration {
-    // `Jitter::None` never draws from the generator.
-    backoff.delay(failures.min(16), None, &mut fastrand::Rng::with_seed(0))
 }
 
 impl Inner {
     /// The shared state for checked settings; nothing connects yet.
     pub(crate) fn new(config: NatsConfig) -> Self {
-        // No jitter: `NatsConfig::reconnect_backoff` promises `min`, doubling, up to `max`.
-        let reconnect =
-            Backoff::new(config.reconnect_min, config.reconnect_max).with_jitter(Jitter::None);
         let metrics = NatsMetrics::new(config.metrics_name.as_deref());
         let mut endpoints = config.url.endpoints.clone();
         if config.shuffle_addresses {
             fastrand::shuffle(&mut endpoints);
         }
+        // No jitter: `NatsConfig::reconnect_backoff` promises `min`, doubling, up to `max`.
+        let rotation = Rotation::new(
+            endpoints,
+            (config.reconnect_min, config.reconnect_max),
+            config.connect_timeout,
+            Wording {
+                peer: "NATS",
+                entry: "server",
+                no_entry_code: "NO_SERVER",
+            },
+        );
         Self {
             config,
-            link: Mutex::new(Link::default()),
             flow: Arc::new(Flow::default()),
             metrics,
-            reconnect,
-            endpoints,
+            rotation,
             node: StdMutex::new(None),
         }
     }
@@ -252,106 +214,21 @@ impl Inner {
     }
 
     /// The live connection, opened (or replaced) if there is none, after waiting out the
-    /// backoff of a failed attempt.
+    /// backoff of a failed round (`herald_core::rotation`).
     pub(crate) async fn live(&self) -> Result<Arc<Live>, TransportError> {
-        let mut waited = false;
-        let mut link = loop {
-            let mut link = self.link.lock().await;
-            if let Some(live) = &link.live {
-                if live.is_connected() {
-                    return Ok(live.clone());
-                }
-                self.lost(&mut link);
-            }
-            match link.next_attempt {
-                // Wait out the backoff without holding the lock (other calls wait alongside,
-                // not behind), then look again: another call may have connected meanwhile.
-                Some(at) if at > Instant::now() => {
-                    if waited {
-                        return Err(TransportError::transient(
-                            "reconnecting to NATS: the last attempt failed and the next one is not due yet; retried",
-                        )
-                        .with_code("RECONNECTING"));
-                    }
-                    drop(link);
-                    tokio::time::sleep_until(at).await;
-                    waited = true;
-                }
-                _ => break link,
-            }
-        };
-        // One round: every server once, from `next` on, each bounded by the connect timeout;
-        // the first that answers is the connection. A round that finds none is one failure for
-        // the reconnect backoff.
-        let n = self.endpoints.len();
-        let mut errors = Vec::with_capacity(n);
-        let mut opened = None;
-        for k in 0..n {
-            let index = (link.next + k) % n;
-            let endpoint = &self.endpoints[index];
-            let timeout = self.config.connect_timeout;
-            match tokio::time::timeout(timeout, self.open(index)).await {
-                Ok(Ok(live)) => {
-                    opened = Some((index, live));
-                    break;
-                }
-                Ok(Err(e)) => errors.push(e),
-                Err(_) => errors.push(
-                    TransportError::transient(format!(
-                        "connecting to {} took longer than {timeout:?}; is the server reachable?",
-                        crate::url::server_addr(endpoint, self.config.url.tls)
-                    ))
-                    .with_code("CONNECT_TIMEOUT"),
-                ),
-            }
-            self.metrics.connect_failures.increment(1);
-        }
-        match opened {
-            Some((index, live)) => {
-                if link.live_before && index != link.current {
-                    self.metrics.failovers.increment(1);
-                }
-                link.live_before = true;
-                link.current = index;
-                link.next = index;
-                link.failures = 0;
-                link.next_attempt = None;
-                live.state.current.store(true, Ordering::Release);
-                link.live = Some(live.clone());
-                self.metrics.opened.increment(1);
-                self.set_node(Some(index));
-                self.set_connected(true);
-                self.set_down(None);
-                Ok(live)
-            }
-            None => {
-                let e = round_error(errors);
-                self.set_down(Some(format!("cannot connect: {e}")));
-                link.failures = link.failures.saturating_add(1);
-                let delay = reconnect_delay(&self.reconnect, link.failures);
-                link.next_attempt = Some(Instant::now() + delay);
-                Err(e)
-            }
-        }
-    }
-
-    /// The connection of `link` is gone: the next round starts at the server after its own.
-    fn lost(&self, link: &mut Link) {
-        if let Some(live) = link.live.take() {
-            live.state.current.store(false, Ordering::Release);
-        }
-        link.next = (link.current + 1) % self.endpoints.len();
-        self.set_node(None);
-        self.set_connected(false);
+        self.rotation.live(self).await
     }
 
     /// Gives up on `live` if it is still the connection in use (its PubAcks stopped coming:
     /// a half-open TCP connection, a hung server), so that the next send opens a new one. The
     /// client closes once the batches still holding it are done.
     pub(crate) async fn abandon(&self, live: &Arc<Live>) {
-        let mut link = self.link.lock().await;
-        if link.live.as_ref().is_some_and(|l| Arc::ptr_eq(l, live)) {
-            self.lost(&mut link);
+        if self
+            .rotation
+            .abandon(|l| Arc::ptr_eq(l, live), self)
+            .await
+            .is_some()
+        {
             self.metrics.abandoned.increment(1);
         }
     }
@@ -359,12 +236,12 @@ impl Inner {
     /// Records the server in use (none: down), in [`Inner::connected_node`] and in the
     /// `herald_nats_node_connected` gauge, one series per server of the list.
     fn set_node(&self, index: Option<usize>) {
-        for (i, endpoint) in self.endpoints.iter().enumerate() {
+        for (i, endpoint) in self.rotation.endpoints().iter().enumerate() {
             let up = if Some(i) == index { 1.0 } else { 0.0 };
             self.metrics.node(&endpoint.to_string()).set(up);
         }
         *self.node.lock().unwrap_or_else(PoisonError::into_inner) =
-            index.map(|i| self.endpoints[i].to_string());
+            index.map(|i| self.rotation.endpoints()[i].to_string());
     }
 
     /// The server of the connection up now, `host:port`.
@@ -377,9 +254,9 @@ impl Inner {
 
     /// Opens a client with one connection to the server `index` and declares the topology on
     /// it.
-    async fn open(&self, index: usize) -> Result<Arc<Live>, TransportError> {
+    async fn dial(&self, index: usize) -> Result<Arc<Live>, TransportError> {
         let config = &self.config;
-        let endpoint = &self.endpoints[index];
+        let endpoint = &self.rotation.endpoints()[index];
         let server = crate::url::server_addr(endpoint, config.url.tls);
         let state = Arc::new(LiveState::default());
         let credentials = config.url.credentials.clone();
@@ -457,7 +334,7 @@ impl Inner {
 
     /// The server `live` is connected to, `nats://host:port`, for messages.
     pub(crate) fn server_of(&self, live: &Live) -> String {
-        crate::url::server_addr(&self.endpoints[live.index], self.config.url.tls)
+        crate::url::server_addr(&self.rotation.endpoints()[live.index], self.config.url.tls)
     }
 
     /// What [`Transport::health`](herald_core::Transport::health) reports (documented there);
@@ -486,8 +363,7 @@ impl Inner {
     /// batch.
     pub(crate) async fn close(&self) {
         self.flow.closed.store(true, Ordering::Release);
-        let live = self.link.lock().await.live.take();
-        if let Some(live) = live {
+        if let Some((live, _)) = self.rotation.take().await {
             live.state.current.store(false, Ordering::Release);
             if live.is_connected() {
                 // Best effort: every message already has its outcome.
@@ -539,34 +415,50 @@ fn on_event(state: &LiveState, flow: &Flow, metrics: &NatsMetrics, event: Event)
     }
 }
 
+/// The rotation's view of the transport: how a connection opens, and what is counted and
+/// recorded as connections come and go.
+impl Dialer<Arc<Live>> for Inner {
+    fn is_up(&self, live: &Arc<Live>) -> bool {
+        live.is_connected()
+    }
+
+    async fn open(&self, index: usize) -> Result<Arc<Live>, TransportError> {
+        self.dial(index).await
+    }
+
+    fn describe(&self, index: usize) -> String {
+        crate::url::server_addr(&self.rotation.endpoints()[index], self.config.url.tls)
+    }
+
+    fn attempt_failed(&self, _index: usize) {
+        self.metrics.connect_failures.increment(1);
+    }
+
+    fn opened(&self, index: usize, live: &Arc<Live>, how: Opened, _failed_rounds: u32) {
+        if matches!(how, Opened::FailedOver { .. }) {
+            self.metrics.failovers.increment(1);
+        }
+        live.state.current.store(true, Ordering::Release);
+        self.metrics.opened.increment(1);
+        self.set_node(Some(index));
+        self.set_connected(true);
+        self.set_down(None);
+    }
+
+    fn round_failed(&self, error: &TransportError, _failed_rounds: u32, _retry_in: Duration) {
+        self.set_down(Some(format!("cannot connect: {error}")));
+    }
+
+    fn lost(&self, _index: usize, live: &Arc<Live>, _next: usize) {
+        live.state.current.store(false, Ordering::Release);
+        self.set_node(None);
+        self.set_connected(false);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_reconnect_backoff_doubles_from_min_to_max_without_jitter() {
-        let ms = Duration::from_millis;
-        let b = Backoff::new(ms(100), Duration::from_secs(5)).with_jitter(Jitter::None);
-        let delays: Vec<_> = (1..=8).map(|n| reconnect_delay(&b, n)).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000].map(ms));
-        assert_eq!(reconnect_delay(&b, u32::MAX), Duration::from_secs(5));
-    }
-
-    #[test]
-    fn a_round_is_permanent_only_if_every_server_refused_for_good() {
-        let p = || TransportError::permanent("refused").with_code("AUTHORIZATION_VIOLATION");
-        let t = || TransportError::transient("down").with_code("UNREACHABLE");
-        assert_eq!(
-            round_error(vec![p()]).code(),
-            Some("AUTHORIZATION_VIOLATION")
-        );
-        let e = round_error(vec![p(), t()]);
-        assert_eq!(
-            (e.class(), e.code()),
-            (ErrorClass::Transient, Some("NO_SERVER"))
-        );
-        assert_eq!(round_error(vec![p(), p()]).class(), ErrorClass::Permanent);
-    }
 
     #[test]
     fn events_mark_losses_and_denials() {

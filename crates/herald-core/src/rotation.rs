@@ -1,0 +1,469 @@
+//! One connection at a time to one server of a list: opened on demand, given up when lost, and
+//! opened again in rounds (every server once, from the one after the lost one), with the
+//! reconnect backoff between rounds that found none. The rule every adapter with a server list
+//! keeps; what is logged and counted on the way stays the adapter's ([`Dialer`]).
+
+use std::future::Future;
+use std::time::Duration;
+
+use herald_retry::{Backoff, Jitter};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::url::Endpoint;
+use crate::{ErrorClass, TransportError};
+
+/// How a connection came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// The first connection of this transport.
+    First,
+    /// Again to the server of the connection before.
+    Reconnected,
+    /// To another server than the connection before, the server `from` of the list.
+    FailedOver {
+        /// The index of the server of the connection before.
+        from: usize,
+    },
+}
+
+/// What an adapter gives a [`Rotation`]: how to open a connection to one server, whether one
+/// is still up, and what to log and count as connections come and go.
+pub trait Dialer<L>: Sync {
+    /// Whether `live` is still up (a lost one is replaced on the next call).
+    fn is_up(&self, live: &L) -> bool;
+    /// Opens a connection to the server `index` of the list. The rotation bounds it by its
+    /// connect timeout.
+    fn open(&self, index: usize) -> impl Future<Output = Result<L, TransportError>> + Send;
+    /// The server `index` as the errors name it (a redacted URL, `host:port`).
+    fn describe(&self, index: usize) -> String;
+    /// One attempt on the server `index` failed (each is counted).
+    fn attempt_failed(&self, index: usize);
+    /// A connection to the server `index` is up, after `failed_rounds` rounds that found none.
+    fn opened(&self, index: usize, live: &L, how: Opened, failed_rounds: u32);
+    /// A round found no server: `error` says why; the next round is due in `retry_in`.
+    fn round_failed(&self, error: &TransportError, failed_rounds: u32, retry_in: Duration);
+    /// The connection `live` to the server `index` is gone (lost or given up); the next round
+    /// starts at the server `next`.
+    fn lost(&self, index: usize, live: &L, next: usize);
+}
+
+/// The words of the errors a rotation returns: `peer` ("the broker", "NATS"), `entry`
+/// ("address", "server") and the code of a round in which none answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Wording {
+    /// What is connected to, as in "reconnecting to {peer}".
+    pub peer: &'static str,
+    /// What one entry of the list is, as in "no {entry} of the list answered".
+    pub entry: &'static str,
+    /// The code of that error (`NO_ADDRESS`, `NO_SERVER`).
+    pub no_entry_code: &'static str,
+}
+
+struct Link<L> {
+    live: Option<L>,
+    /// The server (index in the list) of `live`, or of the last connection.
+    current: usize,
+    /// Where the next round starts: the first server at start, the one after the server of a
+    /// connection that was lost.
+    next: usize,
+    failures: u32,
+    next_attempt: Option<Instant>,
+    /// A connection was up before: a new one on another server is a failover.
+    live_before: bool,
+}
+
+/// The wait after the `failures`-th failed round in a row: `backoff`'s delay, the doubling
+/// stopped at the 16th failure (2^15 times the minimum, when the maximum is higher still).
+/// Without jitter (what a rotation uses) it never draws from the generator.
+pub fn round_delay(backoff: &Backoff, failures: u32) -> Duration {
+    backoff.delay(failures.min(16), None, &mut fastrand::Rng::with_seed(0))
+}
+
+/// One connection at a time over a list of servers; see the module docs.
+pub struct Rotation<L> {
+    link: Mutex<Link<L>>,
+    endpoints: Vec<Endpoint>,
+    backoff: Backoff,
+    connect_timeout: Duration,
+    wording: Wording,
+}
+
+impl<L: Clone> Rotation<L> {
+    /// Over `endpoints` (at least one), in the order given; rounds that find no server are
+    /// spaced by `min` doubling up to `max` (no jitter); each attempt is bounded by
+    /// `connect_timeout`.
+    pub fn new(
+        endpoints: Vec<Endpoint>,
+        (min, max): (Duration, Duration),
+        connect_timeout: Duration,
+        wording: Wording,
+    ) -> Self {
+        assert!(!endpoints.is_empty(), "a rotation needs a server");
+        Self {
+            link: Mutex::new(Link {
+                live: None,
+                current: 0,
+                next: 0,
+                failures: 0,
+                next_attempt: None,
+                live_before: false,
+            }),
+            endpoints,
+            backoff: Backoff::new(min, max).with_jitter(Jitter::None),
+            connect_timeout,
+            wording,
+        }
+    }
+
+    /// The servers, in the order rounds go through them.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// The live connection, opened (or replaced) if there is none, after waiting out the
+    /// backoff of a failed round. A call that waited and still finds the next round not due
+    /// (another call's round failed meanwhile) returns a transient `RECONNECTING` error.
+    pub async fn live(&self, dialer: &impl Dialer<L>) -> Result<L, TransportError> {
+        let mut waited = false;
+        let mut link = loop {
+            let mut link = self.link.lock().await;
+            if let Some(live) = &link.live {
+                if dialer.is_up(live) {
+                    return Ok(live.clone());
+                }
+                self.lose(&mut link, dialer);
+            }
+            match link.next_attempt {
+                // Wait out the backoff without holding the lock (other calls wait alongside,
+                // not behind), then look again: another call may have connected meanwhile.
+                Some(at) if at > Instant::now() => {
+                    if waited {
+                        return Err(TransportError::transient(format!(
+                            "reconnecting to {}: the last attempt failed and the next one is not due yet; retried",
+                            self.wording.peer
+                        ))
+                        .with_code("RECONNECTING"));
+                    }
+                    drop(link);
+                    tokio::time::sleep_until(at).await;
+                    waited = true;
+                }
+                _ => break link,
+            }
+        };
+        // One round: every server once, from `next` on; the first that answers is the
+        // connection. A round that finds none is one failure for the backoff.
+        let n = self.endpoints.len();
+        let mut errors = Vec::with_capacity(n);
+        for k in 0..n {
+            let index = (link.next + k) % n;
+            let error = match tokio::time::timeout(self.connect_timeout, dialer.open(index)).await {
+                Ok(Ok(live)) => {
+                    let how = match (link.live_before, index == link.current) {
+                        (false, _) => Opened::First,
+                        (true, true) => Opened::Reconnected,
+                        (true, false) => Opened::FailedOver { from: link.current },
+                    };
+                    dialer.opened(index, &live, how, link.failures);
+                    link.live_before = true;
+                    link.current = index;
+                    link.next = index;
+                    link.failures = 0;
+                    link.next_attempt = None;
+                    link.live = Some(live.clone());
+                    return Ok(live);
+                }
+                Ok(Err(e)) => e,
+                Err(_) => TransportError::transient(format!(
+                    "connecting to {} took longer than {:?}; is {} reachable?",
+                    dialer.describe(index),
+                    self.connect_timeout,
+                    self.wording.peer
+                ))
+                .with_code("CONNECT_TIMEOUT"),
+            };
+            dialer.attempt_failed(index);
+            errors.push(error);
+        }
+        let e = self.round_error(errors);
+        link.failures = link.failures.saturating_add(1);
+        let delay = round_delay(&self.backoff, link.failures);
+        link.next_attempt = Some(Instant::now() + delay);
+        dialer.round_failed(&e, link.failures, delay);
+        Err(e)
+    }
+
+    /// Gives up on the connection `is_it` picks if it is still the one in use (its
+    /// acknowledgements stopped coming: a half-open TCP connection, a hung server), so that
+    /// the next call opens a new one from the next server on. Returns the connection given up
+    /// and its server, for the adapter to close.
+    pub async fn abandon(
+        &self,
+        is_it: impl Fn(&L) -> bool,
+        dialer: &impl Dialer<L>,
+    ) -> Option<(L, usize)> {
+        let mut link = self.link.lock().await;
+        let live = link.live.clone().filter(|l| is_it(l))?;
+        let index = link.current;
+        self.lose(&mut link, dialer);
+        Some((live, index))
+    }
+
+    /// Takes the connection out (a close): the next call opens a new one, from the same
+    /// server on. Returns it and its server.
+    pub async fn take(&self) -> Option<(L, usize)> {
+        let mut link = self.link.lock().await;
+        let index = link.current;
+        link.live.take().map(|l| (l, index))
+    }
+
+    fn lose(&self, link: &mut Link<L>, dialer: &impl Dialer<L>) {
+        if let Some(live) = link.live.take() {
+            link.next = (link.current + 1) % self.endpoints.len();
+            dialer.lost(link.current, &live, link.next);
+        }
+    }
+
+    /// The error of a round in which no server answered: the only one, or each server's,
+    /// permanent only if every server refused for good (wrong credentials everywhere).
+    fn round_error(&self, mut errors: Vec<TransportError>) -> TransportError {
+        if errors.len() == 1 {
+            return errors.remove(0);
+        }
+        let class = if errors.iter().all(|e| e.class() == ErrorClass::Permanent) {
+            ErrorClass::Permanent
+        } else {
+            ErrorClass::Transient
+        };
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        TransportError::new(
+            class,
+            format!(
+                "no {} of the list answered: {}",
+                self.wording.entry,
+                text.join("; ")
+            ),
+        )
+        .with_code(self.wording.no_entry_code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex as StdMutex};
+
+    /// Servers that answer or not as the test says; records what the rotation reports.
+    #[derive(Default)]
+    struct Fake {
+        up: StdMutex<Vec<bool>>,
+        events: StdMutex<Vec<String>>,
+    }
+
+    #[derive(Clone, Debug)]
+    struct Conn {
+        index: usize,
+        alive: Arc<AtomicBool>,
+    }
+
+    impl Dialer<Conn> for Fake {
+        fn is_up(&self, live: &Conn) -> bool {
+            live.alive.load(Ordering::Acquire)
+        }
+        async fn open(&self, index: usize) -> Result<Conn, TransportError> {
+            if self.up.lock().unwrap_or_else(|e| e.into_inner())[index] {
+                Ok(Conn {
+                    index,
+                    alive: Arc::new(AtomicBool::new(true)),
+                })
+            } else {
+                Err(TransportError::transient(format!("s{index} refused")))
+            }
+        }
+        fn describe(&self, index: usize) -> String {
+            format!("s{index}")
+        }
+        fn attempt_failed(&self, index: usize) {
+            self.say(format!("failed s{index}"));
+        }
+        fn opened(&self, index: usize, _: &Conn, how: Opened, failed_rounds: u32) {
+            self.say(format!("opened s{index} {how:?} after {failed_rounds}"));
+        }
+        fn round_failed(&self, _: &TransportError, failed_rounds: u32, retry_in: Duration) {
+            self.say(format!(
+                "round {failed_rounds} failed, next in {retry_in:?}"
+            ));
+        }
+        fn lost(&self, index: usize, _: &Conn, next: usize) {
+            self.say(format!("lost s{index}, next s{next}"));
+        }
+    }
+
+    impl Fake {
+        fn say(&self, e: String) {
+            self.events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(e);
+        }
+        fn set_up(&self, up: &[bool]) {
+            *self.up.lock().unwrap_or_else(|e| e.into_inner()) = up.to_vec();
+        }
+        fn events(&self) -> Vec<String> {
+            std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
+        }
+    }
+
+    fn rotation(n: usize) -> Rotation<Conn> {
+        let endpoints = (0..n)
+            .map(|i| Endpoint {
+                host: format!("s{i}"),
+                port: 1,
+            })
+            .collect();
+        Rotation::new(
+            endpoints,
+            (Duration::from_secs(1), Duration::from_secs(4)),
+            Duration::from_secs(5),
+            Wording {
+                peer: "the test server",
+                entry: "server",
+                no_entry_code: "NO_SERVER",
+            },
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_connection_fails_over_to_the_next_server_and_rounds_back_off() {
+        let fake = Fake::default();
+        fake.set_up(&[true, true, false]);
+        let r = rotation(3);
+        let first = r.live(&fake).await.expect("s0 answers");
+        assert_eq!(first.index, 0);
+        assert_eq!(fake.events(), ["opened s0 First after 0"]);
+        let again = r.live(&fake).await.expect("still up");
+        assert!(
+            Arc::ptr_eq(&first.alive, &again.alive),
+            "the same connection"
+        );
+
+        first.alive.store(false, Ordering::Release);
+        let second = r.live(&fake).await.expect("s1 answers");
+        assert_eq!(second.index, 1);
+        assert_eq!(
+            fake.events(),
+            [
+                "lost s0, next s1",
+                "opened s1 FailedOver { from: 0 } after 0"
+            ]
+        );
+
+        // Everything down: one round, every server once from s2 on, then the backoff.
+        fake.set_up(&[false, false, false]);
+        second.alive.store(false, Ordering::Release);
+        let e = r.live(&fake).await.expect_err("none answers");
+        assert_eq!(e.code(), Some("NO_SERVER"));
+        assert_eq!(e.class(), ErrorClass::Transient);
+        assert_eq!(
+            fake.events(),
+            [
+                "lost s1, next s2",
+                "failed s2",
+                "failed s0",
+                "failed s1",
+                "round 1 failed, next in 1s"
+            ]
+        );
+        // The next call waits out the backoff (paused clock: exactly 1 s), then tries again.
+        let t0 = Instant::now();
+        fake.set_up(&[false, true, false]);
+        let back = r.live(&fake).await.expect("s1 answers again");
+        assert_eq!(t0.elapsed(), Duration::from_secs(1));
+        assert_eq!(back.index, 1);
+        assert_eq!(
+            fake.events(),
+            ["failed s2", "failed s0", "opened s1 Reconnected after 1"]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rounds_back_off_doubling_up_to_the_maximum_without_jitter() {
+        let fake = Fake::default();
+        fake.set_up(&[false]);
+        let r = rotation(1);
+        for _ in 0..5 {
+            let _e = r.live(&fake).await.expect_err("down");
+        }
+        let waits: Vec<String> = fake
+            .events()
+            .into_iter()
+            .filter(|e| e.starts_with("round"))
+            .collect();
+        assert_eq!(
+            waits,
+            [
+                "round 1 failed, next in 1s",
+                "round 2 failed, next in 2s",
+                "round 3 failed, next in 4s",
+                "round 4 failed, next in 4s",
+                "round 5 failed, next in 4s"
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_connection_is_replaced_from_the_next_server() {
+        let fake = Fake::default();
+        fake.set_up(&[true, true]);
+        let r = rotation(2);
+        let first = r.live(&fake).await.expect("s0");
+        let stale = first.clone();
+        let other = Conn {
+            index: 9,
+            alive: Arc::new(AtomicBool::new(true)),
+        };
+        assert!(
+            r.abandon(|l| Arc::ptr_eq(&l.alive, &other.alive), &fake)
+                .await
+                .is_none(),
+            "not the connection in use: nothing given up"
+        );
+        let (gone, index) = r
+            .abandon(|l| Arc::ptr_eq(&l.alive, &stale.alive), &fake)
+            .await
+            .expect("given up");
+        assert_eq!((gone.index, index), (0, 0));
+        assert_eq!(r.live(&fake).await.expect("s1").index, 1);
+        let (_, index) = r.take().await.expect("closed");
+        assert_eq!(index, 1);
+        assert!(r.take().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn servers_that_all_refuse_for_good_make_a_permanent_round() {
+        struct Refusing;
+        impl Dialer<Conn> for Refusing {
+            fn is_up(&self, _: &Conn) -> bool {
+                true
+            }
+            async fn open(&self, index: usize) -> Result<Conn, TransportError> {
+                Err(TransportError::permanent(format!("s{index}: bad password")))
+            }
+            fn describe(&self, index: usize) -> String {
+                format!("s{index}")
+            }
+            fn attempt_failed(&self, _: usize) {}
+            fn opened(&self, _: usize, _: &Conn, _: Opened, _: u32) {}
+            fn round_failed(&self, _: &TransportError, _: u32, _: Duration) {}
+            fn lost(&self, _: usize, _: &Conn, _: usize) {}
+        }
+        let e = rotation(2).live(&Refusing).await.expect_err("refused");
+        assert_eq!(e.class(), ErrorClass::Permanent);
+        assert!(
+            e.to_string().contains("no server of the list answered"),
+            "{e}"
+        );
+    }
+}
