@@ -27,8 +27,8 @@ use herald_testkit::proxy::FaultProxy;
 use tokio::time::Instant;
 
 fn url() -> String {
-    // The default is acceptable here only: these tests are ignored unless asked for.
-    std::env::var("HERALD_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+    std::env::var("HERALD_NATS_URL")
+        .expect("HERALD_NATS_URL is not set: run these tests with `cargo xtask it nats`")
 }
 
 /// `host:port` of a nats URL (the default port filled in).
