@@ -1,5 +1,8 @@
 //! A small TCP fault proxy for broker tests: listens on `127.0.0.1:0`, forwards every connection
-//! to a target, and on demand cuts all open connections and refuses new ones for a while.
+//! to a target, and on demand cuts all open connections and refuses new ones for a while. With
+//! [`FaultProxy::start_with_latency`] it also delays every byte by a fixed time each way, as a
+//! network between zones would, without limiting throughput (this machine has no kernel
+//! traffic shaping).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -44,6 +47,14 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Starts a proxy on `127.0.0.1:0` forwarding to `target` (`host:port`).
     pub async fn start(target: &str) -> std::io::Result<Self> {
+        Self::start_with_latency(target, Duration::ZERO).await
+    }
+
+    /// Like [`start`](Self::start), and every byte reaches the other side `one_way` after the
+    /// proxy read it, in both directions (a round trip of twice `one_way`). Reading never
+    /// waits for the delayed writes, so the delay adds latency, not a cap on throughput: what
+    /// is in flight is held in memory, as on a long network path.
+    pub async fn start_with_latency(target: &str, one_way: Duration) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
@@ -76,10 +87,25 @@ impl FaultProxy {
                         return;
                     };
                     let _nodelay = (client.set_nodelay(true), server.set_nodelay(true));
-                    let (mut client, mut server) = (client, server);
-                    tokio::select! {
-                        _copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _changed = cut.changed() => {}
+                    if one_way.is_zero() {
+                        let (mut client, mut server) = (client, server);
+                        tokio::select! {
+                            _copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _changed = cut.changed() => {}
+                        }
+                    } else {
+                        let (client_read, client_write) = client.into_split();
+                        let (server_read, server_write) = server.into_split();
+                        let both = async {
+                            tokio::join!(
+                                delayed_copy(client_read, server_write, one_way),
+                                delayed_copy(server_read, client_write, one_way),
+                            )
+                        };
+                        tokio::select! {
+                            _copied = both => {}
+                            _changed = cut.changed() => {}
+                        }
                     }
                     // Dropping both ends closes them: the client sees its connection end.
                 });
@@ -114,6 +140,40 @@ impl FaultProxy {
     pub fn cuts(&self) -> u64 {
         self.state.cuts.load(Ordering::Relaxed)
     }
+}
+
+/// One direction of a delayed connection: what is read at `t` is written at `t + delay`, in
+/// order. The reader hands chunks over without waiting for the writer; at the end of the input
+/// the writer delivers what is still held, then closes its side.
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0
+                || tx
+                    .send((Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _closed = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
 }
 
 impl Drop for FaultProxy {
@@ -178,5 +238,59 @@ mod tests {
         assert_eq!(&buf, b"pong");
         assert_eq!(proxy.cuts(), 1);
         assert_eq!(proxy.accepted(), 2);
+    }
+
+    async fn echo_server() -> SocketAddr {
+        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = echo.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// A round trip takes at least twice the one-way delay; bytes written back to back are
+    /// delayed side by side, not one after another, and arrive whole and in order.
+    #[tokio::test]
+    async fn latency_delays_each_way_without_limiting_what_is_in_flight() {
+        let one_way = Duration::from_millis(40);
+        let proxy = FaultProxy::start_with_latency(&echo_server().await.to_string(), one_way)
+            .await
+            .expect("proxy");
+        let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
+        c.set_nodelay(true).expect("nodelay");
+        let t0 = Instant::now();
+        c.write_all(b"ping").await.expect("write");
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).await.expect("echo");
+        assert_eq!(&buf, b"ping");
+        assert!(t0.elapsed() >= 2 * one_way, "{:?}", t0.elapsed());
+
+        // 25 writes without waiting: a proxy that delayed them one after another would take
+        // 25 round trips (2 s); delayed side by side they take about one (the bound is half of
+        // the serial time, far from both).
+        let sent: Vec<u8> = (0..25u8).flat_map(|i| [i; 100]).collect();
+        let t0 = Instant::now();
+        for chunk in sent.chunks(100) {
+            c.write_all(chunk).await.expect("write");
+            tokio::task::yield_now().await;
+        }
+        let mut got = vec![0u8; sent.len()];
+        c.read_exact(&mut got).await.expect("echo");
+        assert_eq!(got, sent, "whole and in order");
+        let took = t0.elapsed();
+        assert!(
+            took >= 2 * one_way && took < 25 * one_way,
+            "{took:?}: not one round trip's worth"
+        );
     }
 }
