@@ -3,7 +3,9 @@
 //! naive pattern (await each confirm), and with herald over the same settings, and writes the
 //! figures as JSON.
 //!
-//! Usage: `HERALD_AMQP_URL=amqp://… amqp-baseline [--messages N] [--json FILE]`
+//! Usage: `HERALD_AMQP_URL=amqp://… amqp-baseline [--messages N] [--rtt-ms MS] [--json FILE]`.
+//! With `--rtt-ms`, every variant goes through herald-testkit's fault proxy adding that round
+//! trip (half each way) between client and broker, as a network between zones would.
 
 use std::time::{Duration, Instant};
 
@@ -154,7 +156,23 @@ fn main() -> Res<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let figures = rt.block_on(run(&url, n))?;
+    let rtt_ms: u64 = arg("--rtt-ms").map_or(Ok(0), |s| s.parse())?;
+    let (figures, _proxy) = rt.block_on(async {
+        // Through a proxy that delays each way by half the round trip: same path for every variant.
+        let (url, proxy) = if rtt_ms == 0 {
+            (url.clone(), None)
+        } else {
+            let parts = herald_core::url::split(&url, "`amqp://`")?;
+            let proxy = herald_testkit::proxy::FaultProxy::start_with_latency(
+                parts.hosts,
+                Duration::from_micros(rtt_ms * 500),
+            )
+            .await?;
+            let proxied = url.replacen(parts.hosts, &proxy.addr().to_string(), 1);
+            (proxied, Some(proxy))
+        };
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((run(&url, n).await?, proxy))
+    })?;
     let broker = AmqpConfig::from_url(&url)?.redacted_url();
     let mut json = Vec::new();
     for f in &figures {
@@ -180,6 +198,7 @@ fn main() -> Res<()> {
         "messages": n,
         "channels": CHANNELS,
         "window": WINDOW,
+        "rtt_ms": rtt_ms,
         "figures": json,
     });
     match arg("--json") {
