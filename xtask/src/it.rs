@@ -6,8 +6,8 @@
 //! `tests/cluster.rs`, on a RabbitMQ cluster its tests start themselves), every test marked
 //! `#[ignore = "needs a broker: cargo xtask it"]` or similar, so that `cargo test --workspace`
 //! stays hermetic. They read the broker's address from the environment
-//! (`HERALD_KAFKA_BOOTSTRAP`, `HERALD_AMQP_URL`, `HERALD_NATS_URL`); a broker given that way by
-//! the user is used as it is.
+//! (`HERALD_KAFKA_BOOTSTRAP`, `HERALD_AMQP_URL`, `HERALD_NATS_URL`, `HERALD_REDIS_URL`,
+//! `HERALD_MQTT_URL`); a broker given that way by the user is used as it is.
 //!
 //! The facade's examples for that broker (`crates/herald/examples/kafka.rs`, `rabbitmq.rs`) then
 //! run once against it, with the same environment: an example that exits non-zero (a message
@@ -18,7 +18,7 @@ use clap::ValueEnum;
 
 use crate::broker::Broker;
 use crate::process::{cargo, run_within};
-use crate::{amqp, kafka, nats};
+use crate::{amqp, kafka, mqtt, nats, redis};
 
 /// A set of tests that need real brokers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -29,7 +29,11 @@ pub(crate) enum Target {
     Amqp,
     /// herald-nats's tests/it.rs, against NATS with JetStream
     Nats,
-    /// herald-cli's tests/real_brokers.rs, against Kafka, RabbitMQ and NATS
+    /// herald-redis's tests/it.rs, against Redis
+    Redis,
+    /// herald-mqtt's tests/it.rs, against an MQTT broker (Mosquitto)
+    Mqtt,
+    /// herald-cli's tests/real_brokers.rs, against Kafka, RabbitMQ, NATS, Redis and MQTT
     Cli,
 }
 
@@ -68,6 +72,20 @@ impl Target {
                 examples: &[],
                 provision: nats::provision,
             },
+            Target::Redis => Suite {
+                name: "redis",
+                package: "herald-redis",
+                tests: &["it"],
+                examples: &[],
+                provision: redis::provision,
+            },
+            Target::Mqtt => Suite {
+                name: "mqtt",
+                package: "herald-mqtt",
+                tests: &["it"],
+                examples: &[],
+                provision: mqtt::provision,
+            },
             Target::Cli => Suite {
                 name: "cli",
                 package: "herald-cli",
@@ -79,18 +97,28 @@ impl Target {
     }
 }
 
-/// Kafka, RabbitMQ and NATS together, for the CLI's tests; all stopped afterwards.
+/// Kafka, RabbitMQ, NATS, Redis and MQTT together, for the CLI's tests; all stopped afterwards.
 fn provision_all() -> Result<Broker> {
     let mut kafka = kafka::provision()?;
     let mut amqp = amqp::provision()?;
     let mut nats = nats::provision()?;
+    let mut redis = redis::provision()?;
+    let mut mqtt = mqtt::provision()?;
     let mut env = std::mem::take(&mut kafka.env);
     env.append(&mut amqp.env);
     env.append(&mut nats.env);
-    let stops: Vec<Box<dyn FnOnce()>> = [kafka.stop.take(), amqp.stop.take(), nats.stop.take()]
-        .into_iter()
-        .flatten()
-        .collect();
+    env.append(&mut redis.env);
+    env.append(&mut mqtt.env);
+    let stops: Vec<Box<dyn FnOnce()>> = [
+        kafka.stop.take(),
+        amqp.stop.take(),
+        nats.stop.take(),
+        redis.stop.take(),
+        mqtt.stop.take(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     Ok(Broker {
         env,
         stop: Some(Box::new(move || stops.into_iter().for_each(|stop| stop()))),

@@ -15,8 +15,10 @@ mod broker;
 mod chart;
 mod it;
 mod kafka;
+mod mqtt;
 mod nats;
 mod process;
+mod redis;
 mod report;
 mod rules;
 
@@ -56,7 +58,7 @@ enum Cmd {
     /// Each benchmark rewrites its section of docs/benchmarks.md; then the summary table and
     /// the chart are redrawn from the last runs in target/bench. Message counts:
     /// HERALD_BENCH_MESSAGES (pipeline), HERALD_BENCH_KAFKA_MESSAGES,
-    /// HERALD_BENCH_AMQP_MESSAGES.
+    /// HERALD_BENCH_AMQP_MESSAGES, HERALD_BENCH_REDIS_MESSAGES.
     Bench {
         /// Which benchmarks to run
         #[arg(value_enum, value_name = "NAME", default_value_t = bench::Which::All)]
@@ -93,7 +95,7 @@ fn ci() -> Result<()> {
             "--all-targets",
             // The benchmark baselines and every facade part, not only the defaults.
             "--features",
-            "herald-kafka/baseline,herald-amqp/baseline,herald-nats/baseline,herald/full",
+            "herald-kafka/baseline,herald-amqp/baseline,herald-nats/baseline,herald-redis/baseline,herald-mqtt/baseline,herald/full",
             "--",
             "-D",
             "warnings",

@@ -166,6 +166,75 @@ async fn nats_baselines(
     })
 }
 
+/// `XADD`s per pipeline, and pipelines in flight, for the raw Redis baseline: herald's default
+/// batch, several at once on one multiplexed connection.
+const REDIS_PIPELINE: usize = 1024;
+const REDIS_IN_FLIGHT: usize = 8;
+
+/// The raw redis-rs baselines on `config`'s stream: pipelined `XADD`s (`REDIS_PIPELINE` a round
+/// trip, `REDIS_IN_FLIGHT` pipelines outstanding), and the naive await-each pattern.
+async fn redis_baselines(
+    args: &BenchArgs,
+    config: &herald::redis::RedisConfig,
+) -> anyhow::Result<Baselines> {
+    use herald_redis::baseline as rb;
+    let key = config.stream().unwrap_or_default().to_owned();
+    let n = usize::try_from(args.messages).unwrap_or(usize::MAX);
+    let raw = rb::raw_pipelined(config, &key, args.size, n, REDIS_PIPELINE, REDIS_IN_FLIGHT)
+        .await
+        .context("raw redis-rs baseline")?;
+    let naive_n = usize::try_from(args.naive_messages).unwrap_or(usize::MAX);
+    let naive = rb::raw_naive(config, &key, args.size, naive_n)
+        .await
+        .context("naive redis-rs baseline")?;
+    Ok(Baselines {
+        raw: raw.msgs_per_sec(),
+        raw_what: format!(
+            "redis-rs, pipelines of {REDIS_PIPELINE} XADDs, {REDIS_IN_FLIGHT} in flight, {} messages",
+            report::count(args.messages)
+        ),
+        naive: naive.msgs_per_sec(),
+        naive_what: format!(
+            "redis-rs awaiting each XADD, {} messages (--naive-messages)",
+            report::count(args.naive_messages)
+        ),
+    })
+}
+
+/// Publishes in flight for the raw MQTT baseline: the transport's default window (the broker's
+/// Receive Maximum bounds what is on the wire, for both).
+const MQTT_WINDOW: usize = 4096;
+
+/// The raw rumqttc baselines on `config`'s topic: every publish handed to the event loop with
+/// up to `MQTT_WINDOW` unacknowledged, and the naive await-each pattern.
+async fn mqtt_baselines(
+    args: &BenchArgs,
+    config: &herald::mqtt::MqttConfig,
+) -> anyhow::Result<Baselines> {
+    use herald_mqtt::baseline as mb;
+    let topic = config.topic().unwrap_or_default().to_owned();
+    let n = usize::try_from(args.messages).unwrap_or(usize::MAX);
+    let raw = mb::raw_streaming(config, &topic, args.size, n, MQTT_WINDOW)
+        .await
+        .context("raw rumqttc baseline")?;
+    let naive_n = usize::try_from(args.naive_messages).unwrap_or(usize::MAX);
+    let naive = mb::raw_naive(config, &topic, args.size, naive_n)
+        .await
+        .context("naive rumqttc baseline")?;
+    Ok(Baselines {
+        raw: raw.msgs_per_sec(),
+        raw_what: format!(
+            "rumqttc, {MQTT_WINDOW} publishes in flight, {} messages",
+            report::count(args.messages)
+        ),
+        naive: naive.msgs_per_sec(),
+        naive_what: format!(
+            "rumqttc awaiting each acknowledgement, {} messages (--naive-messages)",
+            report::count(args.naive_messages)
+        ),
+    })
+}
+
 async fn amqp_baselines(
     args: &BenchArgs,
     target: &crate::target::AmqpTarget,
@@ -289,6 +358,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
             }
             Target::Amqp(a) => amqp_baselines(&args, a).await?,
             Target::Nats(n) => nats_baselines(&args, n).await?,
+            Target::Redis(r) => redis_baselines(&args, r).await?,
+            Target::Mqtt(m) => mqtt_baselines(&args, m).await?,
         };
         out!(
             "  raw best   {:>12} msg/s  ({})  herald / raw = {:.2}x",

@@ -230,9 +230,12 @@ impl Tuning {
         spool: Option<&std::path::Path>,
     ) -> anyhow::Result<Session> {
         if !self.kafka_properties.is_empty()
-            && std::iter::once(target)
-                .chain(fallbacks)
-                .all(|t| matches!(t, Target::Amqp(_) | Target::Nats(_)))
+            && std::iter::once(target).chain(fallbacks).all(|t| {
+                matches!(
+                    t,
+                    Target::Amqp(_) | Target::Nats(_) | Target::Redis(_) | Target::Mqtt(_)
+                )
+            })
         {
             bail!("--kafka-property only applies to kafka:// destinations");
         }
@@ -241,7 +244,7 @@ impl Tuning {
                 let b = herald::kafka::recommended_batching();
                 (b.max_messages(), b.max_bytes())
             }
-            Target::Amqp(_) | Target::Nats(_) => {
+            Target::Amqp(_) | Target::Nats(_) | Target::Redis(_) | Target::Mqtt(_) => {
                 let d = SizeOrLinger::default();
                 (d.max_messages(), d.max_bytes())
             }
@@ -252,6 +255,8 @@ impl Tuning {
                 Target::Kafka(k) => Producer::builder(self.kafka_transport(k)?),
                 Target::Amqp(a) => Producer::builder(amqp_transport(a)?),
                 Target::Nats(n) => Producer::builder(nats_transport(n)?),
+                Target::Redis(r) => Producer::builder(redis_transport(r)?),
+                Target::Mqtt(m) => Producer::builder(mqtt_transport(m)?),
             }
         } else {
             let mut seen = vec![target.describe()];
@@ -297,6 +302,10 @@ impl Tuning {
             (Some(f), Target::Amqp(a)) => f.or(name, amqp_transport(a)?),
             (None, Target::Nats(n)) => Fallback::new(name, nats_transport(n)?),
             (Some(f), Target::Nats(n)) => f.or(name, nats_transport(n)?),
+            (None, Target::Redis(r)) => Fallback::new(name, redis_transport(r)?),
+            (Some(f), Target::Redis(r)) => f.or(name, redis_transport(r)?),
+            (None, Target::Mqtt(m)) => Fallback::new(name, mqtt_transport(m)?),
+            (Some(f), Target::Mqtt(m)) => f.or(name, mqtt_transport(m)?),
         }?;
         Ok(added.with_destination(to.destination()))
     }
@@ -308,6 +317,16 @@ fn amqp_transport(a: &AmqpTarget) -> anyhow::Result<AmqpTransport> {
 
 fn nats_transport(n: &herald::nats::NatsConfig) -> anyhow::Result<herald::nats::NatsTransport> {
     herald::nats::NatsTransport::new(n.clone()).context("the NATS settings are invalid")
+}
+
+fn redis_transport(
+    r: &herald::redis::RedisConfig,
+) -> anyhow::Result<herald::redis::RedisTransport> {
+    herald::redis::RedisTransport::new(r.clone()).context("the Redis settings are invalid")
+}
+
+fn mqtt_transport(m: &herald::mqtt::MqttConfig) -> anyhow::Result<herald::mqtt::MqttTransport> {
+    herald::mqtt::MqttTransport::new(m.clone()).context("the MQTT settings are invalid")
 }
 
 #[cfg(test)]

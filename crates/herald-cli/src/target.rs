@@ -20,6 +20,10 @@ pub(crate) enum Target {
     Kafka(KafkaTarget),
     /// A NATS JetStream subject (`nats://` or `tls://`), parsed by herald-nats.
     Nats(Box<herald::nats::NatsConfig>),
+    /// A Redis stream key (`redis://` or `rediss://`), parsed by herald-redis.
+    Redis(Box<herald::redis::RedisConfig>),
+    /// An MQTT topic (`mqtt://` or `mqtts://`), parsed by herald-mqtt.
+    Mqtt(Box<herald::mqtt::MqttConfig>),
     /// An AMQP queue or exchange.
     Amqp(Box<AmqpTarget>),
 }
@@ -84,7 +88,9 @@ fn bad(part: &'static str, reason: impl Into<String>) -> UrlError {
 const FORMS: &str =
     "expected kafka://HOST:PORT/TOPIC, amqp://USER:PASS@HOST:PORT/VHOST?queue=NAME \
      or amqp://...?exchange=EX&routing_key=RK (amqps:// for TLS), or \
-     nats://HOST:PORT/SUBJECT[?stream=NAME] (tls:// for TLS)";
+     nats://HOST:PORT/SUBJECT[?stream=NAME] (tls:// for TLS), or \
+     redis://HOST:PORT[/DB]/STREAMKEY[?maxlen=N] (rediss:// for TLS), or \
+     mqtt://HOST:PORT/TOPIC[?qos=1|2][&version=5|3] (mqtts:// for TLS)";
 
 impl Target {
     /// Parses a destination URL.
@@ -96,10 +102,12 @@ impl Target {
             "kafka" => parse_kafka(&url[scheme.len() + 3..]).map(Self::Kafka),
             "amqp" | "amqps" => parse_amqp(url).map(|a| Self::Amqp(Box::new(a))),
             "nats" | "tls" => parse_nats(url).map(|n| Self::Nats(Box::new(n))),
+            "redis" | "rediss" => parse_redis(url).map(|r| Self::Redis(Box::new(r))),
+            "mqtt" | "mqtts" => parse_mqtt(url).map(|m| Self::Mqtt(Box::new(m))),
             // The scheme is before `://`, so it cannot hold the password.
             other => Err(bad(
                 "scheme",
-                format!("`{other}` is not kafka, amqp, amqps, nats or tls; {FORMS}"),
+                format!("`{other}` is not kafka, amqp, amqps, nats, tls, redis, rediss, mqtt or mqtts; {FORMS}"),
             )),
         }
     }
@@ -109,6 +117,8 @@ impl Target {
         match self {
             Self::Kafka(k) => format!("kafka://{}/{}", k.bootstrap, k.topic),
             Self::Nats(n) => n.redacted_url(),
+            Self::Redis(r) => r.redacted_url(),
+            Self::Mqtt(m) => m.redacted_url(),
             Self::Amqp(a) => match &a.route {
                 AmqpRoute::Queue { name, .. } => {
                     format!("{}?queue={}", a.config.redacted_url(), encode(name))
@@ -134,6 +144,12 @@ impl Target {
             Self::Kafka(k) => herald::Destination::new(k.topic.as_str()),
             Self::Amqp(a) => a.destination(),
             Self::Nats(n) => n
+                .destination()
+                .unwrap_or_else(|| herald::Destination::new("")),
+            Self::Redis(r) => r
+                .destination()
+                .unwrap_or_else(|| herald::Destination::new("")),
+            Self::Mqtt(m) => m
                 .destination()
                 .unwrap_or_else(|| herald::Destination::new("")),
         }
@@ -185,6 +201,38 @@ fn parse_nats(url: &str) -> Result<herald::nats::NatsConfig, UrlError> {
         return Err(bad(
             "subject",
             "is missing: nats://HOST:PORT/SUBJECT[?stream=NAME]",
+        ));
+    }
+    Ok(config)
+}
+
+/// `redis://` and `rediss://` URLs: herald-redis's own parser, which names the bad part and
+/// never echoes a password.
+fn parse_redis(url: &str) -> Result<herald::redis::RedisConfig, UrlError> {
+    let config = herald::redis::RedisConfig::from_url(url).map_err(|e| match e {
+        herald::redis::ConfigError::Url { part, reason } => bad(part, reason),
+        other => bad("url", other.to_string()),
+    })?;
+    if config.stream().is_none() {
+        return Err(bad(
+            "stream key",
+            "is missing: redis://HOST:PORT[/DB]/STREAMKEY[?maxlen=N]",
+        ));
+    }
+    Ok(config)
+}
+
+/// `mqtt://` and `mqtts://` URLs: herald-mqtt's own parser (everything after the first `/` of
+/// the path is the topic), which names the bad part and never echoes a password.
+fn parse_mqtt(url: &str) -> Result<herald::mqtt::MqttConfig, UrlError> {
+    let config = herald::mqtt::MqttConfig::from_url(url).map_err(|e| match e {
+        herald::mqtt::ConfigError::Url { part, reason } => bad(part, reason),
+        other => bad("url", other.to_string()),
+    })?;
+    if config.topic().is_none() {
+        return Err(bad(
+            "topic",
+            "is missing: mqtt://HOST:PORT/TOPIC[?qos=1|2][&version=5|3]",
         ));
     }
     Ok(config)
@@ -482,12 +530,28 @@ mod tests {
     fn scheme_errors_are_named() {
         assert_eq!(part("http://h:1/t"), "scheme");
         assert_eq!(part("h:1/t"), "scheme");
-        let e = Target::parse("mqtt://h:1/t").expect_err("scheme");
+        let e = Target::parse("zmq://h:1/t").expect_err("scheme");
         assert!(
-            e.to_string()
-                .contains("`mqtt` is not kafka, amqp, amqps, nats or tls"),
+            e.to_string().contains(
+                "`zmq` is not kafka, amqp, amqps, nats, tls, redis, rediss, mqtt or mqtts"
+            ),
             "{e}"
         );
+        // An MQTT URL: everything after the first `/` is the topic, which is required.
+        match Target::parse("mqtt://app:hunter2@h:1883/plant/line-3/temperature?qos=2") {
+            Ok(Target::Mqtt(m)) => {
+                assert_eq!(m.topic(), Some("plant/line-3/temperature"));
+                assert_eq!(
+                    Target::Mqtt(m.clone()).destination().as_str(),
+                    "plant/line-3/temperature"
+                );
+                assert!(!Target::Mqtt(m).describe().contains("hunter2"));
+            }
+            other => panic!("an MQTT target: {other:?}"),
+        }
+        assert_eq!(part("mqtt://h:1883"), "topic");
+        assert_eq!(part("mqtts://h/plant/+/x"), "topic");
+        assert_eq!(part("mqtt://h/t?qos=0"), "query qos");
         // A NATS URL is one now, and its subject is required.
         assert!(matches!(
             Target::parse("nats://h:4222/orders.eu"),
@@ -498,6 +562,21 @@ mod tests {
             .expect("nats")
             .describe()
             .contains("hunter2"));
+        // A Redis URL: a database before the stream key, which is required.
+        match Target::parse("redis://app:hunter2@h:6379/2/orders:eu?maxlen=1000") {
+            Ok(Target::Redis(r)) => {
+                assert_eq!((r.stream(), r.database()), (Some("orders:eu"), 2));
+                assert_eq!(Target::Redis(r.clone()).destination().as_str(), "orders:eu");
+                assert_eq!(
+                    Target::Redis(r).describe(),
+                    "redis://app:***@h:6379/2/orders:eu?maxlen=1000"
+                );
+            }
+            other => panic!("a Redis target: {other:?}"),
+        }
+        assert_eq!(part("redis://h:6379"), "stream key");
+        assert_eq!(part("rediss://h/2/"), "stream key");
+        assert_eq!(part("redis://h/s?maxlen=0"), "query maxlen");
     }
 
     #[test]

@@ -261,7 +261,7 @@ fn usage_errors_exit_2_and_name_the_problem() {
     for (args, expected) in [
         (
             vec!["produce", "--to", "http://h:1/t"],
-            "`http` is not kafka, amqp, amqps, nats or tls",
+            "`http` is not kafka, amqp, amqps, nats, tls, redis, rediss, mqtt or mqtts",
         ),
         (
             vec!["produce", "--to", "kafka://h:9092"],

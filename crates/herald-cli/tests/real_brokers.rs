@@ -673,3 +673,78 @@ fn nats_produce_to_a_stream_stores_every_message_once() {
         "each message stored once"
     );
 }
+
+fn redis_url() -> String {
+    std::env::var("HERALD_REDIS_URL").expect(
+        "HERALD_REDIS_URL is not set: run these tests with `cargo xtask it` (or set it to redis://host:port)",
+    )
+}
+
+/// Issue 16: `herald produce` to a Redis stream (approximately trimmed): every message
+/// acknowledged and in the stream, each once.
+#[test]
+#[ignore = "needs Redis: cargo xtask it"]
+fn redis_produce_to_a_stream_appends_every_message_once() {
+    let url = redis_url();
+    let rt = runtime();
+    let config = herald::redis::RedisConfig::from_url(&url).expect("url");
+    let key = within(
+        &rt,
+        "a fresh stream key",
+        herald_redis::baseline::fresh_stream(&config, &unique("cli")),
+    )
+    .expect("stream key");
+    let dir = Scratch::new("real-redis");
+    let (text, _sent) = jsonl_input(3_000, "redis");
+    let to = format!("{}/{key}?maxlen=1000000", url.trim_end_matches('/'));
+    let run = produce_jsonl(&to, &[], text.as_bytes(), &dir.0, LIMIT);
+    let stored = within(
+        &rt,
+        "reading the stream's length",
+        herald_redis::baseline::stream_len(&config, &key),
+    );
+    within(
+        &rt,
+        "deleting the stream",
+        herald_redis::baseline::delete_stream(&config, &key),
+    )
+    .expect("delete the stream");
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.report()["sent"], 3_000, "{run:?}");
+    assert_eq!(stored.expect("XLEN"), 3_000, "each message appended once");
+}
+
+fn mqtt_url() -> String {
+    std::env::var("HERALD_MQTT_URL").expect(
+        "HERALD_MQTT_URL is not set: run these tests with `cargo xtask it` (or set it to mqtt://host:port)",
+    )
+}
+
+/// Issue 16: `herald produce` to an MQTT topic with slashes: every message acknowledged and
+/// received, each once, by a subscriber that was there first.
+#[test]
+#[ignore = "needs an MQTT broker: cargo xtask it"]
+fn mqtt_produce_to_a_topic_delivers_every_message_once() {
+    let url = mqtt_url();
+    let rt = runtime();
+    let topic = format!("herald/cli/{}/readings", unique("mqtt"));
+    let to = format!("{}/{topic}", url.trim_end_matches('/'));
+    let config = herald::mqtt::MqttConfig::from_url(&to).expect("url");
+    let listener = within(
+        &rt,
+        "subscribing",
+        herald_mqtt::baseline::Listener::start(&config, &topic),
+    )
+    .expect("subscriber");
+    let dir = Scratch::new("real-mqtt");
+    let (text, _sent) = jsonl_input(3_000, "mqtt");
+    let run = produce_jsonl(&to, &[], text.as_bytes(), &dir.0, LIMIT);
+    let received = within(
+        &rt,
+        "reading back",
+        listener.wait_for(3_000, Duration::from_secs(60)),
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.report()["sent"], 3_000, "{run:?}");
+    assert_eq!(received, 3_000, "each message received once");
+}

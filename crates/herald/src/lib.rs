@@ -41,6 +41,8 @@
 //! | `kafka` | the `kafka` module: the Kafka transport (herald-kafka, on rdkafka; builds librdkafka) |
 //! | `amqp` | the `amqp` module: the RabbitMQ / AMQP 0-9-1 transport (herald-amqp, on lapin) |
 //! | `nats` | the `nats` module: the NATS JetStream transport (herald-nats, on async-nats) |
+//! | `redis` | the `redis` module: the Redis Streams transport (herald-redis, on redis-rs) |
+//! | `mqtt` | the `mqtt` module: the MQTT transport, MQTT 5 and 3.1.1 (herald-mqtt, on rumqttc) |
 //! | `telemetry` | the `telemetry` module: the Prometheus recorder, `/metrics` and `/health` over HTTP (herald-telemetry) |
 //! | `spool` | the `spool` module: the on-disk spool, so that accepted messages survive a crash (`builder.spool(SpoolConfig::new(dir))?`, herald-spool) |
 //! | `full` | all of the above |
@@ -78,6 +80,18 @@ pub mod amqp {
 #[cfg(feature = "nats")]
 pub mod nats {
     pub use herald_nats::*;
+}
+
+/// The Redis Streams transport ([`herald_redis`]): `herald::redis::{RedisConfig, RedisTransport}`.
+#[cfg(feature = "redis")]
+pub mod redis {
+    pub use herald_redis::*;
+}
+
+/// The MQTT transport ([`herald_mqtt`]): `herald::mqtt::{MqttConfig, MqttTransport}`.
+#[cfg(feature = "mqtt")]
+pub mod mqtt {
+    pub use herald_mqtt::*;
 }
 
 /// The on-disk spool ([`herald_spool`]): with `use herald::spool::ProducerBuilderExt`,

@@ -26,6 +26,8 @@ fn the_metrics_page_and_the_code_name_the_same_metrics() {
         .chain(herald::amqp::metrics::ALL)
         .chain(herald::spool::metrics::ALL)
         .chain(herald::nats::metrics::ALL)
+        .chain(herald::redis::metrics::ALL)
+        .chain(herald::mqtt::metrics::ALL)
         .copied()
         .collect();
     let missing: Vec<_> = emitted.difference(&documented).collect();

@@ -23,6 +23,8 @@ fn emitted() -> BTreeSet<&'static str> {
         .chain(herald::amqp::metrics::ALL)
         .chain(herald::spool::metrics::ALL)
         .chain(herald::nats::metrics::ALL)
+        .chain(herald::redis::metrics::ALL)
+        .chain(herald::mqtt::metrics::ALL)
         .copied()
         .collect()
 }

@@ -1,0 +1,334 @@
+//! The raw-rumqttc baselines herald is measured against (`herald bench --baseline`). They live
+//! here because rumqttc's types never leave this crate.
+//!
+//! Both publish over MQTT 5 (or 3.1.1, as the config says) with the config's QoS, and count a
+//! message only once its acknowledgement (PUBACK, or PUBCOMP for QoS 2) came, like
+//! [`crate::MqttTransport`]: [`raw_streaming`] at its best (one connection, every publish
+//! handed to the event loop without waiting, up to `window` in flight, as many as the broker's
+//! Receive Maximum allows on the wire), [`raw_naive`] the common pattern (each publish's
+//! acknowledgement awaited before the next publish).
+
+use std::time::{Duration, Instant};
+
+use rumqttc::v5;
+
+use crate::config::{Qos, Version};
+use crate::MqttConfig;
+
+/// What one run did.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    /// Messages the broker acknowledged.
+    pub delivered: u64,
+    /// Wall time from the first publish to the last acknowledgement.
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// Acknowledged messages per second.
+    pub fn msgs_per_sec(&self) -> f64 {
+        self.delivered as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Why a baseline run stopped: a connection error or a refused publish. The broker's address is
+/// never in it with a password.
+#[derive(Debug, thiserror::Error)]
+#[error("MQTT baseline: {0}")]
+pub struct BaselineError(String);
+
+/// One raw client of either version.
+enum Raw {
+    V5(v5::AsyncClient, Box<v5::EventLoop>),
+    V3(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
+}
+
+/// What one poll of the event loop said.
+enum Step {
+    /// A final acknowledgement (PUBACK / PUBCOMP), with success or not.
+    Acked(bool),
+    Other,
+}
+
+impl Raw {
+    async fn connect(config: &MqttConfig, window: usize) -> Result<Self, BaselineError> {
+        if config.url.tls {
+            return Err(BaselineError(
+                "the baseline speaks plain mqtt:// only".into(),
+            ));
+        }
+        let id = format!("herald-bl-{:08x}", fastrand::u32(..));
+        let inflight = u16::try_from(window.max(1)).unwrap_or(u16::MAX);
+        let cap = window.clamp(1, 4096);
+        let credentials = config.url.credentials();
+        let mut raw = match config.version() {
+            Version::V5 => {
+                let mut o = v5::MqttOptions::new(
+                    id,
+                    config.url.endpoint.host.clone(),
+                    config.url.endpoint.port,
+                );
+                o.set_keep_alive(Duration::from_secs(30))
+                    .set_outgoing_inflight_upper_limit(inflight)
+                    .set_request_channel_capacity(cap);
+                if let Some((u, p)) = credentials {
+                    o.set_credentials(u, p);
+                }
+                let (c, e) = v5::AsyncClient::new(o, cap);
+                Raw::V5(c, Box::new(e))
+            }
+            Version::V311 => {
+                let mut o = rumqttc::MqttOptions::new(
+                    id,
+                    config.url.endpoint.host.clone(),
+                    config.url.endpoint.port,
+                );
+                o.set_keep_alive(Duration::from_secs(30))
+                    .set_inflight(inflight)
+                    .set_request_channel_capacity(cap)
+                    .set_max_packet_size(64 * 1024, config.max_packet_size as usize);
+                if let Some((u, p)) = credentials {
+                    o.set_credentials(u, p);
+                }
+                let (c, e) = rumqttc::AsyncClient::new(o, cap);
+                Raw::V3(c, Box::new(e))
+            }
+        };
+        // Up before the clock starts: the CONNACK.
+        loop {
+            let connected = match &mut raw {
+                Raw::V5(_, e) => matches!(
+                    e.poll().await.map_err(|e| fail("connecting", &e))?,
+                    v5::Event::Incoming(v5::Incoming::ConnAck(_))
+                ),
+                Raw::V3(_, e) => matches!(
+                    e.poll().await.map_err(|e| fail("connecting", &e))?,
+                    rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))
+                ),
+            };
+            if connected {
+                return Ok(raw);
+            }
+        }
+    }
+
+    async fn step(&mut self, qos2: bool) -> Result<Step, BaselineError> {
+        use rumqttc::v5::mqttbytes::v5::{PubAckReason, PubCompReason};
+        Ok(match self {
+            Raw::V5(_, e) => match e.poll().await.map_err(|e| fail("publishing", &e))? {
+                v5::Event::Incoming(v5::Incoming::PubAck(a)) if !qos2 => Step::Acked(matches!(
+                    a.reason,
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                )),
+                v5::Event::Incoming(v5::Incoming::PubComp(c)) if qos2 => {
+                    Step::Acked(c.reason == PubCompReason::Success)
+                }
+                _ => Step::Other,
+            },
+            Raw::V3(_, e) => match e.poll().await.map_err(|e| fail("publishing", &e))? {
+                rumqttc::Event::Incoming(rumqttc::Incoming::PubAck(_)) if !qos2 => {
+                    Step::Acked(true)
+                }
+                rumqttc::Event::Incoming(rumqttc::Incoming::PubComp(_)) if qos2 => {
+                    Step::Acked(true)
+                }
+                _ => Step::Other,
+            },
+        })
+    }
+
+    /// A handle that publishes `n` messages of `body` to `topic` through the client's channel.
+    fn publisher(
+        &self,
+        topic: String,
+        body: herald_core::Bytes,
+        n: usize,
+        qos2: bool,
+    ) -> tokio::task::JoinHandle<Result<(), BaselineError>> {
+        match self {
+            Raw::V5(c, _) => {
+                let c = c.clone();
+                let qos = if qos2 {
+                    v5::mqttbytes::QoS::ExactlyOnce
+                } else {
+                    v5::mqttbytes::QoS::AtLeastOnce
+                };
+                tokio::spawn(async move {
+                    for _ in 0..n {
+                        c.publish(topic.clone(), qos, false, body.clone())
+                            .await
+                            .map_err(|e| fail("handing a publish to the client", &e))?;
+                    }
+                    Ok(())
+                })
+            }
+            Raw::V3(c, _) => {
+                let c = c.clone();
+                let qos = if qos2 {
+                    rumqttc::QoS::ExactlyOnce
+                } else {
+                    rumqttc::QoS::AtLeastOnce
+                };
+                tokio::spawn(async move {
+                    for _ in 0..n {
+                        c.publish(topic.clone(), qos, false, body.clone())
+                            .await
+                            .map_err(|e| fail("handing a publish to the client", &e))?;
+                    }
+                    Ok(())
+                })
+            }
+        }
+    }
+}
+
+fn fail(what: &str, e: &dyn std::fmt::Display) -> BaselineError {
+    BaselineError(format!("{what}: {e}"))
+}
+
+/// Raw rumqttc at its best: `n` messages of `payload` bytes to `topic` on one connection, all
+/// handed to the event loop by a task of their own while this one polls it, with up to
+/// `window` unacknowledged.
+pub async fn raw_streaming(
+    config: &MqttConfig,
+    topic: &str,
+    payload: usize,
+    n: usize,
+    window: usize,
+) -> Result<Run, BaselineError> {
+    let qos2 = config.qos() == Qos::ExactlyOnce;
+    let mut raw = Raw::connect(config, window).await?;
+    let body = herald_core::Bytes::from(vec![b'x'; payload]);
+    let start = Instant::now();
+    let publisher = raw.publisher(topic.to_owned(), body, n, qos2);
+    let mut acked = 0;
+    while acked < n {
+        if let Step::Acked(ok) = raw.step(qos2).await? {
+            if !ok {
+                return Err(BaselineError("the broker refused a publish".into()));
+            }
+            acked += 1;
+        }
+    }
+    let elapsed = start.elapsed();
+    publisher
+        .await
+        .map_err(|e| fail("the publishing task", &e))??;
+    Ok(Run {
+        delivered: n as u64,
+        elapsed,
+    })
+}
+
+/// The naive pattern: each publish's acknowledgement awaited before the next publish.
+pub async fn raw_naive(
+    config: &MqttConfig,
+    topic: &str,
+    payload: usize,
+    n: usize,
+) -> Result<Run, BaselineError> {
+    let qos2 = config.qos() == Qos::ExactlyOnce;
+    let mut raw = Raw::connect(config, 1).await?;
+    let body = herald_core::Bytes::from(vec![b'x'; payload]);
+    let start = Instant::now();
+    for _ in 0..n {
+        raw.publisher(topic.to_owned(), body.clone(), 1, qos2)
+            .await
+            .map_err(|e| fail("the publishing task", &e))??;
+        loop {
+            if let Step::Acked(ok) = raw.step(qos2).await? {
+                if !ok {
+                    return Err(BaselineError("the broker refused a publish".into()));
+                }
+                break;
+            }
+        }
+    }
+    Ok(Run {
+        delivered: n as u64,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// A subscriber counting what arrives on one topic: for benchmarks and tests that check what a
+/// run delivered (MQTT keeps no log to count afterwards, so it subscribes before the run).
+pub struct Listener {
+    received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Listener {
+    /// Connects (MQTT 5, clean session), subscribes to `topic` at QoS 1 and returns once the
+    /// broker granted the subscription (its SUBACK came).
+    pub async fn start(config: &MqttConfig, topic: &str) -> Result<Self, BaselineError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let id = format!("herald-ls-{:08x}", fastrand::u32(..));
+        let mut o = v5::MqttOptions::new(
+            id,
+            config.url.endpoint.host.clone(),
+            config.url.endpoint.port,
+        );
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_receive_maximum(Some(u16::MAX))
+            .set_max_packet_size(Some(crate::config::MQTT_MAX_PACKET));
+        if let Some((u, p)) = config.url.credentials() {
+            o.set_credentials(u, p);
+        }
+        let (client, mut events) = v5::AsyncClient::new(o, 16);
+        client
+            .subscribe(topic, v5::mqttbytes::QoS::AtLeastOnce)
+            .await
+            .map_err(|e| fail("subscribing", &e))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let event = tokio::time::timeout_at(deadline, events.poll())
+                .await
+                .map_err(|_| BaselineError("no SUBACK within 30 s".into()))?
+                .map_err(|e| fail("subscribing", &e))?;
+            if let v5::Event::Incoming(v5::Incoming::SubAck(_)) = event {
+                break;
+            }
+        }
+        let received = std::sync::Arc::new(AtomicU64::new(0));
+        let counter = received.clone();
+        let topic = topic.as_bytes().to_vec();
+        let task = tokio::spawn(async move {
+            // The client handle lives as long as the task: dropping it would end the loop.
+            let _client = client;
+            loop {
+                match events.poll().await {
+                    Ok(v5::Event::Incoming(v5::Incoming::Publish(p)))
+                        if p.topic[..] == topic[..] =>
+                    {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Ok(Self { received, task })
+    }
+
+    /// How many messages arrived so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` messages arrived or `within` passed, then a little more so that extra
+    /// copies show; returns how many arrived.
+    pub async fn wait_for(&self, n: u64, within: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.received() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.received()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

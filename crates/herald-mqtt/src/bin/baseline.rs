@@ -1,0 +1,153 @@
+//! `mqtt-baseline`: publishes to fresh topics with raw rumqttc at its best (every publish handed
+//! to the event loop, as many in flight as the broker allows), with the naive pattern (await
+//! each PUBACK), and with herald over the same settings, and writes the figures as JSON.
+//!
+//! Usage: `HERALD_MQTT_URL=mqtt://… mqtt-baseline [--messages N] [--json FILE]`
+
+use std::time::{Duration, Instant};
+
+use herald_core::{Message, OrderingMode, Producer};
+use herald_mqtt::baseline::{raw_naive, raw_streaming};
+use herald_mqtt::{MqttConfig, MqttTransport};
+
+/// Publishes in flight in the raw run: herald-mqtt's default window.
+const WINDOW: usize = 4096;
+const KEYS: usize = 64;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+struct Figure {
+    payload: usize,
+    name: &'static str,
+    what: String,
+    rate: f64,
+}
+
+/// A topic of its own for each run: `herald/bench/{tag}/{pid}`.
+fn topic(tag: &str) -> String {
+    format!("herald/bench/{tag}/{}", std::process::id())
+}
+
+async fn herald(config: &MqttConfig, payload: usize, n: usize, ordering: OrderingMode) -> Res<f64> {
+    let transport = MqttTransport::new(config.clone().window(WINDOW))?;
+    transport.connect().await?;
+    let producer = Producer::builder(transport).ordering(ordering).build()?;
+    let dest = herald_mqtt::topic(&topic("herald"));
+    let body = herald_core::Bytes::from(vec![b'x'; payload]);
+    let msgs: Vec<Message> = (0..n)
+        .map(|i| Message::new(dest.clone(), body.clone()).with_key(format!("key-{}", i % KEYS)))
+        .collect();
+    let start = Instant::now();
+    let report = producer.send_all(msgs).await.wait().await;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    if !report.failed.is_empty() || report.delivered != n as u64 {
+        return Err(format!(
+            "herald delivered {} of {n}: {:?}",
+            report.delivered,
+            report.failed.first()
+        )
+        .into());
+    }
+    producer.close(Duration::from_secs(30)).await;
+    Ok(rate)
+}
+
+async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
+    let config = MqttConfig::from_url(url)?;
+    let mut figures = Vec::new();
+    let naive_n = (n / 20).clamp(1_000, 10_000);
+    for payload in [100usize, 1024] {
+        // Warm-up.
+        raw_streaming(&config, &topic("warm"), payload, n / 10, WINDOW).await?;
+        let raw = raw_streaming(&config, &topic("raw"), payload, n, WINDOW)
+            .await?
+            .msgs_per_sec();
+        eprintln!("{payload} B raw streaming: {raw:.0} msg/s");
+        figures.push(Figure {
+            payload,
+            name: "raw_streaming",
+            what: format!(
+                "raw rumqttc, QoS 1, every publish handed over, up to {WINDOW} unacknowledged (raw best)"
+            ),
+            rate: raw,
+        });
+        let naive = raw_naive(&config, &topic("naive"), payload, naive_n)
+            .await?
+            .msgs_per_sec();
+        eprintln!("{payload} B raw naive: {naive:.0} msg/s");
+        figures.push(Figure {
+            payload,
+            name: "raw_naive",
+            what: format!("raw rumqttc, await each PUBACK ({naive_n} messages)"),
+            rate: naive,
+        });
+        for (name, what, ordering) in [
+            (
+                "herald_default",
+                "herald send_all, default batching (1 024 / 5 ms), strict order, 64 keys, key and id as user properties",
+                OrderingMode::Strict,
+            ),
+            (
+                "herald_relaxed",
+                "herald send_all, default batching, relaxed order (8 batches in flight)",
+                OrderingMode::Relaxed,
+            ),
+        ] {
+            let rate = herald(&config, payload, n, ordering).await?;
+            eprintln!("{payload} B {name}: {rate:.0} msg/s");
+            figures.push(Figure {
+                payload,
+                name,
+                what: what.into(),
+                rate,
+            });
+        }
+    }
+    Ok(figures)
+}
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let n: usize = arg("--messages").map_or(Ok(100_000), |s| s.parse())?;
+    let url = std::env::var("HERALD_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let figures = rt.block_on(run(&url, n))?;
+    let server = MqttConfig::from_url(&url)?.redacted_url();
+    let mut json = Vec::new();
+    for f in &figures {
+        let rate_of = |name: &str| {
+            figures
+                .iter()
+                .find(|g| g.payload == f.payload && g.name == name)
+                .map_or(f64::NAN, |g| g.rate)
+        };
+        json.push(serde_json::json!({
+            "payload_bytes": f.payload,
+            "name": f.name,
+            "what": f.what,
+            "msgs_per_sec": f.rate,
+            "vs_raw": f.rate / rate_of("raw_streaming"),
+            "vs_naive": f.rate / rate_of("raw_naive"),
+        }));
+    }
+    let doc = serde_json::json!({
+        "broker": server,
+        "messages": n,
+        "window": WINDOW,
+        "figures": json,
+    });
+    match arg("--json") {
+        Some(path) => std::fs::write(path, serde_json::to_string_pretty(&doc)?)?,
+        None => println!("{}", serde_json::to_string_pretty(&doc)?),
+    }
+    Ok(())
+}

@@ -1,0 +1,854 @@
+//! Connections: one rumqttc client and event loop per connection, opened on demand with a clean
+//! session and replaced (never resumed) after a loss, with backoff between failed attempts (a
+//! `herald_core::rotation::Rotation` over the URL's one broker); the task that drives the event loop and matches every acknowledgement to its message by packet
+//! id; and the health verdict they add up to.
+//!
+//! Why a connection is never resumed: rumqttc, polled again after a loss, reconnects and
+//! resends what was in flight (with a persistent session) or drops it (with a clean one), and
+//! then goes on with what was queued behind it; in both cases the messages that had already
+//! failed for herald and are being retried would arrive after later messages of their key:
+//! per-key order broken. So each event loop gets exactly one connection: after a loss it is
+//! dropped with everything it held (those messages fail as transient `CONNECTION_LOST`, and
+//! herald retries them in order), and the next batch opens a new client with a new client id
+//! and a clean session (MQTT 5 Clean Start with no session expiry; MQTT 3.1.1 Clean Session).
+//! The broker discards the old session: it redelivers nothing of it, and what it had already
+//! accepted before the loss is published again by herald's retry: a duplicate, never a loss or
+//! a reordering.
+//!
+//! How outcomes find their messages: rumqttc takes publishes through a channel, in order, and
+//! its event loop reports each one's packet id as it writes it (`Outgoing::Publish(pkid)`, or
+//! `Outgoing::AwaitAck(pkid)` when it must wait for that id to be acknowledged first). Each
+//! message's answer slot is queued before its publish enters the channel (under the
+//! connection's send lock), so the n-th id reported is the n-th slot queued; the slot then waits
+//! under its packet id for the PUBACK (QoS 1) or the PUBREC and PUBCOMP (QoS 2).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use herald_core::rotation::{Dialer, Opened, Rotation, Wording};
+use herald_core::{Bytes, TransportError, TransportHealth};
+use rumqttc::v5;
+use tokio::sync::{oneshot, Mutex};
+use tokio::time::Instant;
+
+use crate::config::{MqttConfig, Qos, Version};
+use crate::error::{
+    ack_code, comp_code, puback_code, pubcomp_code, pubrec_code, CodeInfo, Failure,
+};
+use crate::metrics::MqttMetrics;
+
+/// The answer to one publish.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// Acknowledged (PUBACK, or PUBCOMP for QoS 2).
+    Acked,
+    /// The broker answered with a failure reason code, in this packet.
+    Refused(CodeInfo, &'static str),
+    /// The connection ended before the answer came.
+    Lost,
+}
+
+type Slot = oneshot::Sender<Answer>;
+
+/// The answer slots of one connection's messages.
+#[derive(Default)]
+struct Book {
+    /// Handed to the client, no packet id yet: in publish order.
+    queued: VecDeque<Slot>,
+    /// Written with this packet id, waiting for the broker's answer.
+    inflight: HashMap<u16, Slot>,
+    /// Given a packet id still in flight: written once that id is acknowledged.
+    collided: Option<(u16, Slot)>,
+    /// The connection is over: every slot was answered `Lost`, no new one is taken.
+    closed: bool,
+}
+
+/// The transport's view of its connection, shared with the connection tasks.
+#[derive(Debug, Default)]
+struct Flow {
+    connected: AtomicBool,
+    /// Why the last connection attempt failed; cleared when one opens.
+    down: StdMutex<Option<String>>,
+    probing: AtomicBool,
+    closed: AtomicBool,
+    ever_up: AtomicBool,
+}
+
+/// What one connection's task shares with the transport.
+#[derive(Default)]
+struct LiveState {
+    /// The connection is over (lost, abandoned or closed).
+    lost: AtomicBool,
+    /// This is the transport's current connection.
+    current: AtomicBool,
+    /// `Transport::close` is ending it: its end is no loss.
+    closing: AtomicBool,
+    /// Why it ended, when the broker or the network ended it.
+    failure: StdMutex<Option<TransportError>>,
+    book: StdMutex<Book>,
+}
+
+impl LiveState {
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The client wrote a publish with `pkid`.
+    fn written(&self, pkid: u16) {
+        let mut book = self.book();
+        if let Some((p, _)) = &book.collided {
+            if *p == pkid {
+                if let Some((p, slot)) = book.collided.take() {
+                    book.inflight.insert(p, slot);
+                }
+                return;
+            }
+        }
+        if let Some(slot) = book.queued.pop_front() {
+            book.inflight.insert(pkid, slot);
+        }
+    }
+
+    /// The client holds a publish back until `pkid` is acknowledged.
+    fn collided(&self, pkid: u16) {
+        let mut book = self.book();
+        if let Some(slot) = book.queued.pop_front() {
+            book.collided = Some((pkid, slot));
+        }
+    }
+
+    fn answer(&self, pkid: u16, answer: Answer) {
+        if let Some(slot) = self.book().inflight.remove(&pkid) {
+            // The batch may have stopped waiting: nothing to tell then.
+            let _gone = slot.send(answer);
+        }
+    }
+
+    /// Every publish handed over is written and some still wait for their answer: the client
+    /// has nothing to send while the broker still has answers to give.
+    fn waiting(&self) -> bool {
+        let book = self.book();
+        book.queued.is_empty() && book.collided.is_none() && !book.inflight.is_empty()
+    }
+
+    /// Ends the connection: every slot is answered `Lost`, no new one is taken.
+    fn end(&self, failure: Option<TransportError>) {
+        if let Some(f) = failure {
+            let mut slot = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
+            if slot.is_none() {
+                *slot = Some(f);
+            }
+        }
+        self.lost.store(true, Ordering::Release);
+        let mut book = self.book();
+        book.closed = true;
+        let mut slots: Vec<Slot> = book.queued.drain(..).collect();
+        slots.extend(book.inflight.drain().map(|(_, s)| s));
+        slots.extend(book.collided.take().map(|(_, s)| s));
+        drop(book);
+        for s in slots {
+            let _gone = s.send(Answer::Lost);
+        }
+    }
+}
+
+/// The client of one connection.
+enum Client {
+    V5(v5::AsyncClient),
+    V3(rumqttc::AsyncClient),
+}
+
+/// One live connection.
+pub(crate) struct Live {
+    client: Client,
+    state: Arc<LiveState>,
+    /// Held by a batch while it hands its messages to the client: slots and publishes enter
+    /// in the same order.
+    pub(crate) send: Mutex<()>,
+    /// The largest PUBLISH packet this connection may send: the smaller of the broker's
+    /// Maximum Packet Size (MQTT 5 CONNACK) and the configured one.
+    pub(crate) max_packet: u32,
+    pub(crate) qos: Qos,
+    pub(crate) version: Version,
+    /// `host:port`, for messages.
+    pub(crate) server: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Ends a connection whose publish was dropped half-way (the batch's future was dropped
+/// while the client's channel was full): its slot may have no publish behind it, so the
+/// packet ids reported later could be matched to the wrong messages.
+struct Unfinished<'a>(Option<&'a Live>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(live) = self.0 {
+            live.shut(None);
+        }
+    }
+}
+
+impl Live {
+    pub(crate) fn is_connected(&self) -> bool {
+        !self.state.lost.load(Ordering::Acquire)
+    }
+
+    /// Why the connection ended, if the broker or the network ended it.
+    pub(crate) fn failure(&self) -> Option<TransportError> {
+        self.state
+            .failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Ends the connection now: its task stops and drops the client's event loop (closing
+    /// the socket), and every message still waiting gets `Lost`.
+    fn shut(&self, failure: Option<TransportError>) {
+        self.task.abort();
+        self.state.end(failure);
+    }
+
+    /// Hands one publish to the client (the caller holds [`Live::send`]); the answer comes on
+    /// the returned receiver. `None`: the connection is over.
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        properties: Vec<(String, String)>,
+    ) -> Option<oneshot::Receiver<Answer>> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut book = self.state.book();
+            if book.closed {
+                return None;
+            }
+            book.queued.push_back(tx);
+        }
+        let mut unfinished = Unfinished(Some(self));
+        let sent = match &self.client {
+            Client::V5(c) => {
+                let qos = match self.qos {
+                    Qos::AtLeastOnce => v5::mqttbytes::QoS::AtLeastOnce,
+                    Qos::ExactlyOnce => v5::mqttbytes::QoS::ExactlyOnce,
+                };
+                if properties.is_empty() {
+                    c.publish(topic, qos, false, payload).await
+                } else {
+                    let props = v5::mqttbytes::v5::PublishProperties {
+                        user_properties: properties,
+                        ..Default::default()
+                    };
+                    c.publish_with_properties(topic, qos, false, payload, props)
+                        .await
+                }
+                .is_ok()
+            }
+            Client::V3(c) => {
+                let qos = match self.qos {
+                    Qos::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
+                    Qos::ExactlyOnce => rumqttc::QoS::ExactlyOnce,
+                };
+                c.publish(topic, qos, false, payload).await.is_ok()
+            }
+        };
+        if sent {
+            unfinished.0 = None;
+            Some(rx)
+        } else {
+            // The event loop is gone (its task ended): the connection is over.
+            None
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.current.store(false, Ordering::Release);
+        self.state.end(None);
+    }
+}
+
+/// What every clone of an [`MqttTransport`](crate::MqttTransport) shares.
+pub(crate) struct Inner {
+    pub(crate) config: MqttConfig,
+    /// The connection, over a list of one broker: the URL's.
+    rotation: Rotation<Arc<Live>>,
+    flow: Arc<Flow>,
+    pub(crate) metrics: MqttMetrics,
+    tls: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
+}
+
+/// A new client id: the prefix, `-`, and random hex digits, 23 characters in all (the length
+/// every broker accepts).
+fn client_id(prefix: &str) -> String {
+    let digits = 22usize.saturating_sub(prefix.len()).clamp(4, 16);
+    let hex = format!("{:016x}", fastrand::u64(..));
+    format!("{prefix}-{}", &hex[..digits])
+}
+
+impl Inner {
+    pub(crate) fn new(config: MqttConfig) -> Self {
+        let metrics = MqttMetrics::new(config.metrics_name.as_deref());
+        // No jitter: the reconnect backoff is `min`, doubling, up to `max`.
+        let rotation = Rotation::new(
+            vec![config.url.endpoint.clone()],
+            (config.reconnect_min, config.reconnect_max),
+            config.connect_timeout,
+            Wording {
+                peer: "the MQTT broker",
+                entry: "broker",
+                no_entry_code: "NO_BROKER",
+            },
+        );
+        Self {
+            config,
+            rotation,
+            flow: Arc::new(Flow::default()),
+            metrics,
+            tls: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn in_use(&self) {
+        self.flow.closed.store(false, Ordering::Release);
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.flow.connected.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn connect(&self) -> Result<(), TransportError> {
+        self.live().await.map(|_| ())
+    }
+
+    fn set_down(&self, why: Option<String>) {
+        *self
+            .flow
+            .down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = why;
+    }
+
+    fn down(&self) -> Option<String> {
+        self.flow
+            .down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.flow.connected.store(up, Ordering::Release);
+        if up {
+            self.flow.ever_up.store(true, Ordering::Release);
+        }
+        self.metrics.connected.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// While down, tries to reconnect in the background (one attempt at a time, on the
+    /// reconnect backoff), so that the verdict clears without traffic.
+    fn probe(self: &Arc<Self>) {
+        let flow = &self.flow;
+        if flow.closed.load(Ordering::Acquire) || flow.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            flow.probing.store(false, Ordering::Release);
+            return;
+        };
+        let inner = Arc::clone(self);
+        runtime.spawn(async move {
+            // Success clears `down` (the connection stays for the next batch); a failure
+            // records why and pushes the next attempt back.
+            let _outcome = inner.connect().await;
+            inner.flow.probing.store(false, Ordering::Release);
+        });
+    }
+
+    /// The live connection, opened (or replaced) if there is none, after waiting out the
+    /// backoff of a failed attempt (`herald_core::rotation`).
+    pub(crate) async fn live(&self) -> Result<Arc<Live>, TransportError> {
+        self.rotation.live(self).await
+    }
+
+    /// Gives up on `live` if it is still the connection in use (its acknowledgements stopped
+    /// coming), so that the next send opens a new one.
+    pub(crate) async fn abandon(&self, live: &Arc<Live>) {
+        if self
+            .rotation
+            .abandon(|l| Arc::ptr_eq(l, live), self)
+            .await
+            .is_some()
+        {
+            self.metrics.abandoned.increment(1);
+        }
+        live.shut(None);
+    }
+
+    /// The rustls configuration for `mqtts://`: the system's roots and the configured CA
+    /// file, on ring. Built once.
+    fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, TransportError> {
+        self.tls
+            .get_or_init(|| build_tls(self.config.tls_ca_file.as_deref()))
+            .clone()
+            .map_err(|e| TransportError::permanent(e).with_code("TLS_ERROR"))
+    }
+
+    /// Opens one connection: CONNECT, its CONNACK, and the task that drives the event loop.
+    async fn dial(&self) -> Result<Arc<Live>, TransportError> {
+        let c = &self.config;
+        let server = c.url.server();
+        let v3 = c.version() == Version::V311;
+        let id = client_id(&c.client_id_prefix);
+        let cap = c.window.clamp(1, 4096);
+        let inflight = u16::try_from(c.window).unwrap_or(u16::MAX);
+        let connect_secs = c.connect_timeout.as_secs().max(1);
+        let tls = if c.url.tls {
+            Some(self.tls_config()?)
+        } else {
+            None
+        };
+        let state = Arc::new(LiveState::default());
+        // No Nagle: a PUBLISH is a few bytes, and holding it back until the previous segment
+        // is acknowledged stalls the pipeline (rumqttc leaves Nagle on by default).
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_connection_timeout(connect_secs);
+        network.set_tcp_nodelay(true);
+        let (client, max_packet, task) = if v3 {
+            let mut o =
+                rumqttc::MqttOptions::new(id, c.url.endpoint.host.clone(), c.url.endpoint.port);
+            o.set_keep_alive(c.keep_alive)
+                .set_clean_session(true)
+                .set_inflight(inflight)
+                .set_request_channel_capacity(cap)
+                .set_max_packet_size(64 * 1024, c.max_packet_size as usize);
+            if let Some((user, pass)) = c.url.credentials() {
+                o.set_credentials(user, pass);
+            }
+            if let Some(tls) = tls {
+                o.set_transport(rumqttc::Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(tls),
+                ));
+            }
+            let (client, mut events) = rumqttc::AsyncClient::new(o, cap);
+            events.set_network_options(network);
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => break,
+                    Ok(_) => {}
+                    Err(e) => return Err(Failure::from_v3(&e).connect_error(&server, true)),
+                }
+            }
+            let task = tokio::spawn(drive_v3(
+                events,
+                state.clone(),
+                self.flow.clone(),
+                self.metrics.clone(),
+                server.clone(),
+            ));
+            (Client::V3(client), c.max_packet_size, task)
+        } else {
+            let mut o = v5::MqttOptions::new(id, c.url.endpoint.host.clone(), c.url.endpoint.port);
+            o.set_keep_alive(c.keep_alive)
+                .set_clean_start(true)
+                .set_outgoing_inflight_upper_limit(inflight)
+                .set_request_channel_capacity(cap)
+                .set_network_options(network);
+            if let Some((user, pass)) = c.url.credentials() {
+                o.set_credentials(user, pass);
+            }
+            if let Some(tls) = tls {
+                o.set_transport(rumqttc::Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(tls),
+                ));
+            }
+            let (client, mut events) = v5::AsyncClient::new(o, cap);
+            let connack = loop {
+                match events.poll().await {
+                    Ok(v5::Event::Incoming(v5::Incoming::ConnAck(ack))) => break ack,
+                    Ok(_) => {}
+                    Err(e) => return Err(Failure::from_v5(&e).connect_error(&server, false)),
+                }
+            };
+            let broker_max = connack
+                .properties
+                .as_ref()
+                .and_then(|p| p.max_packet_size)
+                .unwrap_or(u32::MAX);
+            let task = tokio::spawn(drive_v5(
+                events,
+                state.clone(),
+                self.flow.clone(),
+                self.metrics.clone(),
+                server.clone(),
+            ));
+            (Client::V5(client), broker_max.min(c.max_packet_size), task)
+        };
+        Ok(Arc::new(Live {
+            client,
+            state,
+            send: Mutex::new(()),
+            max_packet,
+            qos: c.url.qos,
+            version: c.version(),
+            server,
+            task,
+        }))
+    }
+
+    pub(crate) fn health(self: &Arc<Self>) -> TransportHealth {
+        match self.down() {
+            Some(why) => {
+                self.probe();
+                TransportHealth::Down(why)
+            }
+            None => TransportHealth::Up,
+        }
+    }
+
+    pub(crate) fn diagnosis(&self) -> Option<String> {
+        self.down().or_else(|| {
+            (self.flow.ever_up.load(Ordering::Acquire) && !self.is_connected()).then(|| {
+                "the connection to the MQTT broker was lost; the next send opens a new one"
+                    .to_owned()
+            })
+        })
+    }
+
+    /// The broker of the connection up now, `host:port`.
+    pub(crate) fn endpoint(&self) -> Option<String> {
+        self.is_connected().then(|| self.config.url.server())
+    }
+
+    /// Disconnects, if connected, and stops background reconnection until the next batch.
+    pub(crate) async fn close(&self) {
+        self.flow.closed.store(true, Ordering::Release);
+        if let Some((live, _)) = self.rotation.take().await {
+            live.state.current.store(false, Ordering::Release);
+            live.state.closing.store(true, Ordering::Release);
+            if live.is_connected() {
+                // Best effort: every message already has its outcome. The DISCONNECT is
+                // written by the event loop's task, which is given a moment for it.
+                let _sent = match &live.client {
+                    Client::V5(c) => c.try_disconnect().is_ok(),
+                    Client::V3(c) => c.try_disconnect().is_ok(),
+                };
+                let deadline = Instant::now() + Duration::from_millis(500);
+                while !live.task.is_finished() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            live.shut(None);
+        }
+        self.set_connected(false);
+    }
+}
+
+/// The rotation's view of the transport: how a connection opens, and what is counted and
+/// recorded as it comes and goes. One broker: a round is one attempt.
+impl Dialer<Arc<Live>> for Inner {
+    fn is_up(&self, live: &Arc<Live>) -> bool {
+        live.is_connected()
+    }
+
+    async fn open(&self, _index: usize) -> Result<Arc<Live>, TransportError> {
+        self.dial().await
+    }
+
+    fn describe(&self, _index: usize) -> String {
+        self.config.url.server()
+    }
+
+    fn attempt_failed(&self, _index: usize) {
+        self.metrics.connect_failures.increment(1);
+    }
+
+    fn opened(&self, _index: usize, live: &Arc<Live>, _how: Opened, _failed_rounds: u32) {
+        live.state.current.store(true, Ordering::Release);
+        self.metrics.opened.increment(1);
+        self.set_connected(true);
+        self.set_down(None);
+    }
+
+    fn round_failed(&self, error: &TransportError, _failed_rounds: u32, _retry_in: Duration) {
+        self.set_down(Some(format!("cannot connect: {error}")));
+    }
+
+    fn lost(&self, _index: usize, live: &Arc<Live>, _next: usize) {
+        live.state.current.store(false, Ordering::Release);
+        self.set_connected(false);
+    }
+}
+
+/// Records the loss of a connection (its task's end) in the transport's state.
+fn lost(state: &LiveState, flow: &Flow, metrics: &MqttMetrics, failure: TransportError) {
+    if state.closing.load(Ordering::Acquire) {
+        state.end(None);
+        return;
+    }
+    tracing::warn!(error = %failure, "the connection to the MQTT broker ended");
+    metrics.lost.increment(1);
+    if state.current.load(Ordering::Acquire) {
+        flow.connected.store(false, Ordering::Release);
+        metrics.connected.set(0.0);
+    }
+    state.end(Some(failure));
+}
+
+/// Drives an MQTT 5 event loop until its connection ends.
+///
+/// While the client has nothing left to send and answers are still due, each answer is followed
+/// by a PINGREQ (one at a time): brokers that keep Nagle's algorithm on (Mosquitto's default)
+/// hold their next PUBACKs until the client's TCP acknowledgement, which the client's kernel
+/// delays (up to 40 ms) when it has no data to send; the PINGREQ carries that acknowledgement
+/// at once, so that the end of a batch is not held back.
+///
+/// rumqttc reads every packet the socket holds at once and hands them out one poll at a time:
+/// when the read that brought acknowledgements also found the connection closed (a broker that
+/// answers and hangs up, as Mosquitto 2.0 does after refusing a publish), the poll fails with
+/// those acknowledgements still queued in its state. They are read out before the connection
+/// counts as lost, so that no acknowledged message is reported lost.
+async fn drive_v5(
+    mut events: v5::EventLoop,
+    state: Arc<LiveState>,
+    flow: Arc<Flow>,
+    metrics: MqttMetrics,
+    server: String,
+) {
+    loop {
+        match events.poll().await {
+            Ok(event) => {
+                let answer = matches!(
+                    event,
+                    v5::Event::Incoming(
+                        v5::Incoming::PubAck(_)
+                            | v5::Incoming::PubRec(_)
+                            | v5::Incoming::PubComp(_)
+                    )
+                );
+                on_v5(&state, &metrics, event);
+                if answer
+                    && state.waiting()
+                    && !events.state.await_pingresp
+                    && events.state.collision.is_none()
+                    && events.pending.is_empty()
+                {
+                    events.pending.push_back(v5::Request::PingReq);
+                }
+            }
+            Err(e) => {
+                for event in events.state.events.drain(..) {
+                    on_v5(&state, &metrics, event);
+                }
+                let failure = Failure::from_v5(&e).lost_error(&server);
+                lost(&state, &flow, &metrics, failure);
+                return;
+            }
+        }
+    }
+}
+
+/// One event of an MQTT 5 event loop.
+fn on_v5(state: &LiveState, metrics: &MqttMetrics, event: v5::Event) {
+    use v5::{Event, Incoming};
+    match event {
+        Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => state.written(pkid),
+        Event::Outgoing(rumqttc::Outgoing::AwaitAck(pkid)) => state.collided(pkid),
+        Event::Incoming(Incoming::PubAck(ack)) => {
+            let code = puback_code(ack.reason);
+            state.answer(ack.pkid, settle(code, ack_code(code), "PUBACK", metrics));
+        }
+        Event::Incoming(Incoming::PubRec(rec)) => {
+            let code = pubrec_code(rec.reason);
+            match ack_code(code) {
+                Some(info) => {
+                    metrics.refused.increment(1);
+                    state.answer(rec.pkid, Answer::Refused(info, "PUBREC"));
+                }
+                None if code == 0x10 => metrics.no_subscribers.increment(1),
+                None => {}
+            }
+        }
+        Event::Incoming(Incoming::PubComp(comp)) => {
+            let code = pubcomp_code(comp.reason);
+            state.answer(comp.pkid, settle(code, comp_code(code), "PUBCOMP", metrics));
+        }
+        _ => {}
+    }
+}
+
+/// Drives an MQTT 3.1.1 event loop until its connection ends (acknowledgements still queued
+/// when it fails are read out first, as for MQTT 5).
+async fn drive_v3(
+    mut events: rumqttc::EventLoop,
+    state: Arc<LiveState>,
+    flow: Arc<Flow>,
+    metrics: MqttMetrics,
+    server: String,
+) {
+    loop {
+        match events.poll().await {
+            Ok(event) => {
+                let answer = matches!(
+                    event,
+                    rumqttc::Event::Incoming(
+                        rumqttc::Incoming::PubAck(_)
+                            | rumqttc::Incoming::PubRec(_)
+                            | rumqttc::Incoming::PubComp(_)
+                    )
+                );
+                on_v3(&state, event);
+                if answer
+                    && state.waiting()
+                    && !events.state.await_pingresp
+                    && events.state.collision.is_none()
+                    && events.pending.is_empty()
+                {
+                    events
+                        .pending
+                        .push_back(rumqttc::Request::PingReq(rumqttc::PingReq));
+                }
+            }
+            Err(e) => {
+                for event in events.state.events.drain(..) {
+                    on_v3(&state, event);
+                }
+                let failure = Failure::from_v3(&e).lost_error(&server);
+                lost(&state, &flow, &metrics, failure);
+                return;
+            }
+        }
+    }
+}
+
+/// One event of an MQTT 3.1.1 event loop.
+fn on_v3(state: &LiveState, event: rumqttc::Event) {
+    use rumqttc::{Event, Incoming, Outgoing};
+    match event {
+        Event::Outgoing(Outgoing::Publish(pkid)) => state.written(pkid),
+        Event::Outgoing(Outgoing::AwaitAck(pkid)) => state.collided(pkid),
+        // MQTT 3.1.1 acknowledgements carry no reason: they are all successes.
+        Event::Incoming(Incoming::PubAck(ack)) => state.answer(ack.pkid, Answer::Acked),
+        Event::Incoming(Incoming::PubComp(comp)) => state.answer(comp.pkid, Answer::Acked),
+        _ => {}
+    }
+}
+
+/// The answer of a final acknowledgement with reason `code` (`info`: its failure, if it is
+/// one), counted.
+fn settle(code: u8, info: Option<CodeInfo>, packet: &'static str, m: &MqttMetrics) -> Answer {
+    match info {
+        Some(info) => {
+            m.refused.increment(1);
+            Answer::Refused(info, packet)
+        }
+        None => {
+            if code == 0x10 {
+                m.no_subscribers.increment(1);
+            }
+            Answer::Acked
+        }
+    }
+}
+
+/// Reads the CA certificates of `ca` (PEM) and the system's roots into a rustls client
+/// configuration on ring.
+fn build_tls(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system certificate rustls cannot use is skipped, as browsers do.
+        let _skipped = roots.add(cert);
+    }
+    if let Some(path) = ca {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in certs {
+            let cert =
+                cert.map_err(|e| format!("the CA file {} is not PEM: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("a certificate of {} is unusable: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!(
+                "the CA file {} holds no certificate",
+                path.display()
+            ));
+        }
+    }
+    if roots.is_empty() {
+        return Err("no CA certificate to trust: the system has none; give one with MqttConfig::tls_ca_file".into());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_are_23_characters_and_new_each_time() {
+        for prefix in ["herald", "a", "sixteen-chars-xx"] {
+            let id = client_id(prefix);
+            assert!(id.starts_with(&format!("{prefix}-")), "{id}");
+            assert!(id.len() <= 23, "{id}");
+        }
+        assert_ne!(client_id("herald"), client_id("herald"));
+    }
+
+    fn answered(rx: &mut oneshot::Receiver<Answer>) -> Option<String> {
+        rx.try_recv().ok().map(|a| format!("{a:?}"))
+    }
+
+    #[test]
+    fn answers_find_their_messages_by_packet_id_in_write_order() {
+        let state = LiveState::default();
+        let mut rx: Vec<_> = (0..4)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel();
+                state.book().queued.push_back(tx);
+                rx
+            })
+            .collect();
+        state.written(7);
+        state.written(8);
+        // The third waits for id 7 to be acknowledged, then goes out under it.
+        state.collided(7);
+        state.answer(8, Answer::Acked);
+        assert_eq!(answered(&mut rx[1]).as_deref(), Some("Acked"));
+        assert_eq!(answered(&mut rx[0]), None);
+        state.answer(7, Answer::Acked);
+        state.written(7);
+        assert_eq!(answered(&mut rx[0]).as_deref(), Some("Acked"));
+        assert_eq!(
+            answered(&mut rx[2]),
+            None,
+            "the collided one is in flight now"
+        );
+        state.written(9);
+        state.answer(
+            7,
+            Answer::Refused(ack_code(0x87).expect("failure"), "PUBACK"),
+        );
+        assert!(answered(&mut rx[2]).is_some_and(|a| a.contains("NOT_AUTHORIZED")));
+        // The end of the connection answers everything still waiting.
+        state.end(None);
+        assert_eq!(answered(&mut rx[3]).as_deref(), Some("Lost"));
+        assert!(state.book().closed);
+    }
+}

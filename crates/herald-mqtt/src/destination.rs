@@ -1,0 +1,95 @@
+//! Destinations: a herald [`Destination`] is the MQTT topic a message is published to; and
+//! MQTT's rules for a topic one publishes to, as public functions the command reuses.
+
+use herald_core::{Destination, TransportError};
+
+/// The longest topic MQTT can carry, in bytes of UTF-8 (a two-byte length prefix).
+pub const MAX_TOPIC_BYTES: usize = 65_535;
+
+/// A destination that is the topic `name` (`plant/line-3/temperature`). MQTT brokers keep no
+/// store per topic: a message is handed to the subscribers matching its topic when it
+/// arrives (and kept for those with persistent sessions), so a topic needs no declaration.
+pub fn topic(name: &str) -> Destination {
+    Destination::new(name)
+}
+
+/// Whether one can publish to `topic`: not empty, at most [`MAX_TOPIC_BYTES`] bytes, no NUL
+/// character, and no wildcard (`+` or `#`: those select topics in a subscription, they are
+/// not one). Slashes are level separators; empty levels (`a//b`, `/a`) are allowed, as MQTT
+/// allows them. `Err` says what is wrong, as a phrase that follows "the topic" (`is empty`).
+///
+/// ```
+/// use herald_mqtt::validate_topic;
+/// assert!(validate_topic("plant/line-3/temperature").is_ok());
+/// assert!(validate_topic("plant/+/temperature").is_err());
+/// assert!(validate_topic("plant/#").is_err());
+/// assert!(validate_topic("").is_err());
+/// ```
+pub fn validate_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("is empty".into());
+    }
+    if topic.len() > MAX_TOPIC_BYTES {
+        return Err(format!("is longer than {MAX_TOPIC_BYTES} bytes"));
+    }
+    if topic.contains('\0') {
+        return Err("holds a NUL character".into());
+    }
+    if let Some(w) = topic.chars().find(|c| matches!(c, '+' | '#')) {
+        return Err(format!(
+            "holds the wildcard `{w}`: messages are published to one concrete topic"
+        ));
+    }
+    Ok(())
+}
+
+/// The topic of a destination, or a permanent `INVALID_DESTINATION` error saying why it is
+/// not one.
+pub(crate) fn parse(d: &Destination) -> Result<String, TransportError> {
+    validate_topic(d.as_str()).map_err(|reason| {
+        TransportError::permanent(format!(
+            "destination `{d}` is not an MQTT topic one can publish to: it {reason}"
+        ))
+        .with_code("INVALID_DESTINATION")
+    })?;
+    Ok(d.as_str().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_core::ErrorClass;
+
+    #[test]
+    fn topics_to_publish_to() {
+        for good in [
+            "orders",
+            "plant/line-3/temperature",
+            "/leading",
+            "a//b",
+            "café/été",
+            "$app/x",
+        ] {
+            assert!(validate_topic(good).is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("", "is empty"),
+            ("a/+/b", "wildcard `+`"),
+            ("a/#", "wildcard `#`"),
+            ("a+b", "wildcard `+`"),
+            ("a\0b", "NUL"),
+        ] {
+            let e = validate_topic(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        assert!(validate_topic(&"x".repeat(MAX_TOPIC_BYTES)).is_ok());
+        assert!(validate_topic(&"x".repeat(MAX_TOPIC_BYTES + 1)).is_err());
+        let e = parse(&Destination::new("a/#")).expect_err("wildcard");
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::Permanent, Some("INVALID_DESTINATION"))
+        );
+        assert!(e.message().contains("`a/#`"), "{e}");
+        assert_eq!(parse(&topic("a/b")).ok().as_deref(), Some("a/b"));
+    }
+}

@@ -1,0 +1,410 @@
+//! Publishing: a batch handed to the client without waiting per message (up to a window of
+//! unanswered messages), its acknowledgements awaited within one deadline for the whole batch,
+//! and the outcome of every message, in order: PUBACK / PUBCOMP, the broker's refusal, a lost
+//! connection, per-key order. Also what a message becomes on the wire: user properties
+//! (MQTT 5), what MQTT 3.1.1 cannot carry, and the packet size checked before sending.
+
+use std::collections::VecDeque;
+
+use herald_core::{Ack, BatchOutcome, Destination, KeyHold, Message, TransportError};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::config::{MqttConfig, Version};
+use crate::connection::{Answer, Inner, Live};
+use crate::destination;
+use crate::error::refused;
+
+/// What one batch's publishing shares.
+struct Batch<'a> {
+    inner: &'a Inner,
+    live: &'a Live,
+    topic: &'a str,
+    deadline: Instant,
+}
+
+/// Sends one batch to `destination`: what
+/// [`Transport::send_batch`](herald_core::Transport::send_batch) does.
+pub(crate) async fn send_batch(
+    inner: &Inner,
+    destination: &Destination,
+    batch: &[Message],
+) -> BatchOutcome {
+    inner.in_use();
+    let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
+    let topic = match destination::parse(destination) {
+        Ok(t) => t,
+        Err(e) => return fail_all(e),
+    };
+    let live = match inner.live().await {
+        Ok(l) => l,
+        Err(e) => return fail_all(e),
+    };
+    let b = Batch {
+        inner,
+        live: &live,
+        topic: &topic,
+        // One deadline for the whole batch: publishes and acknowledgements share it.
+        deadline: Instant::now() + inner.config.ack_timeout,
+    };
+    let window = inner.config.window;
+    let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
+    let mut pending: VecDeque<(usize, oneshot::Receiver<Answer>)> =
+        VecDeque::with_capacity(window.min(batch.len()));
+    let mut hold = KeyHold::default();
+    // Once the connection is gone (or the batch's time is up), nothing more is published.
+    let mut broken: Option<TransportError> = None;
+    // Slots and publishes enter the client in the same order: one batch at a time.
+    let send_lock = tokio::time::timeout_at(b.deadline, live.send.lock()).await;
+    if send_lock.is_err() {
+        return fail_all(b.timeout("waiting for the connection"));
+    }
+    for (i, msg) in batch.iter().enumerate() {
+        if let Some(e) = &broken {
+            outcomes[i] = Some(Err(e.clone()));
+            continue;
+        }
+        while pending.len() >= window {
+            if let Some((j, rx)) = pending.pop_front() {
+                let outcome = b.settle(rx).await;
+                if let Err(e) = &outcome {
+                    hold.failed(&batch[j], e);
+                }
+                outcomes[j] = Some(outcome);
+            }
+        }
+        // Not even sent behind a transient failure of its key (the pipeline retries it after).
+        if let Some(held) = hold.check(msg) {
+            outcomes[i] = Some(Err(held));
+            continue;
+        }
+        let properties = match properties(&inner.config, live.version, msg) {
+            Ok(p) => p,
+            Err(e) => {
+                outcomes[i] = Some(Err(e));
+                continue;
+            }
+        };
+        let size = packet_size(live.version, &topic, &properties, msg.payload().len());
+        if size > live.max_packet as usize {
+            outcomes[i] = Some(Err(b.too_large(size)));
+            continue;
+        }
+        if !live.is_connected() {
+            let e = b.lost();
+            outcomes[i] = Some(Err(e.clone()));
+            broken = Some(e);
+            continue;
+        }
+        let sent = tokio::time::timeout_at(
+            b.deadline,
+            live.publish(&topic, msg.payload().clone(), properties),
+        )
+        .await;
+        match sent {
+            Ok(Some(rx)) => pending.push_back((i, rx)),
+            Ok(None) => {
+                let e = b.lost();
+                outcomes[i] = Some(Err(e.clone()));
+                broken = Some(e);
+            }
+            Err(_) => {
+                let e = b.timeout("handing the message to the client");
+                outcomes[i] = Some(Err(e.clone()));
+                broken = Some(e);
+            }
+        }
+    }
+    drop(send_lock);
+    for (j, rx) in pending {
+        outcomes[j] = Some(b.settle(rx).await);
+    }
+    let mut outcomes: BatchOutcome = outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Err(TransportError::transient(
+                    "internal: message not published; retried",
+                ))
+            })
+        })
+        .collect();
+    if live.is_connected()
+        && outcomes
+            .iter()
+            .any(|o| matches!(o, Err(e) if e.code() == Some("TIMEOUT")))
+    {
+        // The connection looks up but acknowledgements stopped coming (a half-open TCP
+        // connection, a hung broker): give it up, so that the retry goes out on a new one.
+        inner.abandon(&live).await;
+    }
+    // A later message of a key whose earlier one failed transiently must not count as
+    // delivered ahead of its retry: it is retried behind it (a duplicate, never a reordering).
+    KeyHold::apply(batch, &mut outcomes);
+    outcomes
+}
+
+impl Batch<'_> {
+    /// Waits for one answer, until the batch's deadline.
+    async fn settle(&self, rx: oneshot::Receiver<Answer>) -> Result<Ack, TransportError> {
+        match tokio::time::timeout_at(self.deadline, rx).await {
+            Ok(Ok(Answer::Acked)) => Ok(Ack::default()),
+            Ok(Ok(Answer::Refused(info, packet))) => Err(refused(&info, self.topic, packet)),
+            Ok(Ok(Answer::Lost) | Err(_)) => Err(self.lost()),
+            Err(_) => Err(self.timeout("waiting for its acknowledgement")),
+        }
+    }
+
+    fn lost(&self) -> TransportError {
+        self.live.failure().unwrap_or_else(|| {
+            TransportError::transient(format!(
+                "the connection to {} ended before the acknowledgement of a message to \"{}\" came; herald reconnects with a new session and retries (a duplicate is possible)",
+                self.live.server, self.topic
+            ))
+            .with_code("CONNECTION_LOST")
+        })
+    }
+
+    fn timeout(&self, what: &str) -> TransportError {
+        TransportError::transient(format!(
+            "{what} to \"{}\" did not complete within the batch's ack timeout of {:?}; retried on a new connection (a duplicate is possible)",
+            self.topic, self.inner.config.ack_timeout
+        ))
+        .with_code("TIMEOUT")
+    }
+
+    fn too_large(&self, size: usize) -> TransportError {
+        TransportError::permanent(format!(
+            "a message to \"{}\" makes a PUBLISH packet of {size} bytes, above the maximum of {} bytes (the smaller of the broker's Maximum Packet Size and MqttConfig::max_packet_size); not sent",
+            self.topic, self.live.max_packet
+        ))
+        .with_code("PACKET_TOO_LARGE")
+    }
+}
+
+/// A key, id or header MQTT cannot carry: the message can never be sent as it is.
+fn invalid(code: &'static str, text: String) -> TransportError {
+    TransportError::permanent(text).with_code(code)
+}
+
+/// A value as MQTT text: UTF-8 without NUL (MQTT's UTF-8 strings may not hold U+0000).
+fn text(bytes: &[u8], what: &str) -> Result<String, TransportError> {
+    let t = std::str::from_utf8(bytes).map_err(|_| {
+        invalid(
+            "INVALID_HEADER",
+            format!("the message cannot be sent over MQTT: its {what} is not UTF-8 (MQTT 5 user properties are text)"),
+        )
+    })?;
+    if t.contains('\0') {
+        return Err(invalid(
+            "INVALID_HEADER",
+            format!("the message cannot be sent over MQTT: its {what} holds a NUL character"),
+        ));
+    }
+    Ok(t.to_owned())
+}
+
+/// The MQTT 5 user properties of `msg`: its headers, in order, then its key in the key
+/// property and its herald id in the id property (when those are configured). With MQTT
+/// 3.1.1, which has no properties, a message with headers (or a key, while a key property is
+/// configured) is refused: sending it without them would lose what the caller gave.
+fn properties(
+    config: &MqttConfig,
+    version: Version,
+    msg: &Message,
+) -> Result<Vec<(String, String)>, TransportError> {
+    if version == Version::V311 {
+        let what = if !msg.headers().is_empty() {
+            Some("headers")
+        } else if msg.key().is_some() && config.key_property.is_some() {
+            Some("a key")
+        } else {
+            None
+        };
+        return match what {
+            None => Ok(Vec::new()),
+            Some(what) => Err(invalid(
+                "UNSUPPORTED_BY_MQTT3",
+                format!("the message has {what}, which MQTT 3.1.1 cannot carry (a message is a topic and a payload): use MQTT 5 (drop ?version=3), or send it without them (for keys: MqttConfig::key_property(None) keeps the key for herald's ordering only)"),
+            )),
+        };
+    }
+    let reserved = |name: &str| {
+        config.key_property.as_deref() == Some(name) || config.id_property.as_deref() == Some(name)
+    };
+    let mut props = Vec::with_capacity(msg.headers().len() + 2);
+    for h in msg.headers() {
+        if h.name.is_empty() || h.name.contains('\0') {
+            return Err(invalid(
+                "INVALID_HEADER",
+                "the message cannot be sent over MQTT: a header name is empty or holds a NUL character".into(),
+            ));
+        }
+        if reserved(&h.name) {
+            return Err(invalid(
+                "INVALID_HEADER",
+                format!("the message cannot be sent over MQTT: its header `{}` has the name of the user property that carries herald's key or id (MqttConfig::key_property, id_property)", h.name),
+            ));
+        }
+        props.push((h.name.clone(), text(&h.value, "header value")?));
+    }
+    if let (Some(name), Some(key)) = (&config.key_property, msg.key()) {
+        props.push((name.clone(), text(key, "key")?));
+    }
+    if let (Some(name), Some(id)) = (&config.id_property, msg.id()) {
+        props.push((name.clone(), id.to_string()));
+    }
+    Ok(props)
+}
+
+/// The bytes of MQTT's variable-length integer for `n`.
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+/// The size of the PUBLISH packet (QoS 1 or 2) for this topic, properties and payload.
+fn packet_size(
+    version: Version,
+    topic: &str,
+    properties: &[(String, String)],
+    payload: usize,
+) -> usize {
+    // Topic (length-prefixed), packet id, payload.
+    let mut len = 2 + topic.len() + 2 + payload;
+    if version == Version::V5 {
+        let props: usize = properties
+            .iter()
+            .map(|(k, v)| 1 + 2 + k.len() + 2 + v.len())
+            .sum();
+        len += varint_len(props) + props;
+    }
+    1 + varint_len(len) + len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_core::{ErrorClass, MessageId};
+
+    fn config() -> MqttConfig {
+        MqttConfig::from_url("mqtt://h/plant/x").expect("url")
+    }
+
+    #[test]
+    fn key_id_and_headers_travel_as_user_properties() {
+        let c = config();
+        let id = MessageId::from_u128(0x0190_b6d2_7c4e_7a51_8f3e_2b9d_4c1a_6e70);
+        let m = Message::new("plant/x", "p")
+            .with_id(id)
+            .with_key("sensor-7")
+            .with_header("trace-id", "abc")
+            .with_header("trace-id", "def");
+        assert_eq!(
+            properties(&c, Version::V5, &m).expect("sendable"),
+            [
+                ("trace-id".to_owned(), "abc".to_owned()),
+                ("trace-id".to_owned(), "def".to_owned()),
+                ("x-herald-key".to_owned(), "sensor-7".to_owned()),
+                (
+                    "x-herald-id".to_owned(),
+                    "0190b6d2-7c4e-7a51-8f3e-2b9d4c1a6e70".to_owned()
+                ),
+            ]
+        );
+        let bare = c.clone().key_property(None).id_property(None);
+        assert_eq!(properties(&bare, Version::V5, &m).expect("ok").len(), 2);
+        assert!(properties(&c, Version::V5, &Message::new("t", "p"))
+            .expect("ok")
+            .is_empty());
+    }
+
+    #[test]
+    fn what_mqtt_5_cannot_carry_is_permanent() {
+        let c = config();
+        for m in [
+            Message::new("t", "p").with_key(vec![0xff, 0xfe]),
+            Message::new("t", "p").with_key("a\0b"),
+            Message::new("t", "p").with_header("", "v"),
+            Message::new("t", "p").with_header("n", vec![0xc3]),
+            Message::new("t", "p").with_header("x-herald-key", "v"),
+            Message::new("t", "p").with_header("x-herald-id", "v"),
+        ] {
+            let e = properties(&c, Version::V5, &m).expect_err("not sendable");
+            assert_eq!(
+                (e.class(), e.code()),
+                (ErrorClass::Permanent, Some("INVALID_HEADER")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn mqtt_3_refuses_headers_and_keys_it_cannot_carry() {
+        let c = config();
+        for m in [
+            Message::new("t", "p").with_header("a", "b"),
+            Message::new("t", "p").with_key("k"),
+        ] {
+            let e = properties(&c, Version::V311, &m).expect_err("refused");
+            assert_eq!(
+                (e.class(), e.code()),
+                (ErrorClass::Permanent, Some("UNSUPPORTED_BY_MQTT3")),
+                "{e}"
+            );
+            assert!(e.message().contains("MQTT 3.1.1"), "{e}");
+        }
+        // Plain payloads go; a key kept for ordering only goes when no property carries it.
+        let plain = Message::new("t", "p").with_id(MessageId::from_u128(1));
+        assert!(properties(&c, Version::V311, &plain)
+            .expect("ok")
+            .is_empty());
+        let keyed = Message::new("t", "p").with_key("k");
+        assert!(properties(&c.key_property(None), Version::V311, &keyed)
+            .expect("ok")
+            .is_empty());
+    }
+
+    #[test]
+    fn packet_sizes_are_rumqttc_s() {
+        use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+        for (topic, props, payload) in [
+            ("t", vec![], 0usize),
+            (
+                "plant/line-3/temperature",
+                vec![("k".to_owned(), "v".to_owned())],
+                100,
+            ),
+            ("x", vec![("a".repeat(300), "b".repeat(70))], 20_000),
+            ("y", vec![], 3_000_000),
+        ] {
+            let mut p = Publish::new(
+                topic,
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                vec![b'x'; payload],
+                Some(PublishProperties {
+                    user_properties: props.clone(),
+                    ..Default::default()
+                }),
+            );
+            p.pkid = 1;
+            assert_eq!(
+                packet_size(Version::V5, topic, &props, payload),
+                p.size(),
+                "{topic}"
+            );
+            let mut p3 =
+                rumqttc::Publish::new(topic, rumqttc::QoS::AtLeastOnce, vec![b'x'; payload]);
+            p3.pkid = 1;
+            assert_eq!(
+                packet_size(Version::V311, topic, &[], payload),
+                p3.size(),
+                "{topic}"
+            );
+        }
+    }
+}

@@ -1,0 +1,950 @@
+//! Integration tests against a real MQTT broker (Mosquitto 2): `cargo xtask it mqtt`, or
+//! `HERALD_MQTT_URL=mqtt://127.0.0.1:1883 cargo test -p herald-mqtt --test it -- --ignored
+//! --test-threads=1`. Each test publishes to topics of its own (`herald/it/<test>/<unique>`)
+//! and reads them back with a second client subscribed before anything is published.
+//!
+//! The server-restart test starts a `mosquitto` of its own (see [`OwnBroker`]) on a free port
+//! with its own persistence folder, and stops it at the end: the shared broker is never
+//! stopped or reconfigured. Without `mosquitto` on this machine that test fails, saying so,
+//! unless `HERALD_IT_ALLOW_SKIP=1`, when it prints `SKIPPED: <test>: <why>` and passes.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use herald_core::{
+    async_trait, Destination, ErrorClass, FailureReason, Message, MessageId, Producer,
+    ProducerBuilder,
+};
+use herald_mqtt::{MqttConfig, MqttTransport, Qos};
+use herald_testkit::conformance::{self, Harness, Injected};
+use herald_testkit::proxy::FaultProxy;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio::time::Instant;
+
+/// The broker under test: `HERALD_MQTT_URL`, which `cargo xtask it mqtt` sets.
+fn url() -> String {
+    match std::env::var("HERALD_MQTT_URL") {
+        Ok(u) if !u.is_empty() => u.trim_end_matches('/').to_owned(),
+        _ => panic!(
+            "HERALD_MQTT_URL is not set: these tests need an MQTT broker (run `cargo xtask it mqtt`, or set HERALD_MQTT_URL=mqtt://127.0.0.1:1883)"
+        ),
+    }
+}
+
+/// `host:port` of an mqtt URL (the default port filled in).
+fn authority(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let auth = rest.split(['/', '?']).next().unwrap_or(rest);
+    let hostport = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
+    if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:1883")
+    }
+}
+
+fn uniq() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() % 1_000_000_000);
+    format!(
+        "{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Waits until `cond` holds, checking every 20 ms; panics, naming `what`, after `within`.
+async fn wait_for(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn quick_retries(b: ProducerBuilder) -> ProducerBuilder {
+    b.retry(
+        herald_retry::ExponentialRetry::new(herald_retry::Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(500),
+        ))
+        .unlimited_attempts(),
+    )
+}
+
+/// A URL of `base` (the broker) for `topic`, with `query`.
+fn topic_url(base: &str, topic: &str, query: &str) -> String {
+    let base = base.split(['?']).next().unwrap_or(base);
+    let rest = base.split_once("://").map_or(base, |(_, r)| r);
+    let authority_end = rest
+        .find('/')
+        .map_or(base.len(), |i| base.len() - rest.len() + i);
+    format!("{}/{topic}{query}", &base[..authority_end])
+}
+
+/// The herald message a received PUBLISH stands for: key from `x-herald-key`, id from
+/// `x-herald-id`, the other user properties as headers.
+fn to_message(p: &Publish) -> Message {
+    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+    let mut out = Message::new(topic, p.payload.clone());
+    if let Some(props) = &p.properties {
+        for (name, value) in &props.user_properties {
+            match name.as_str() {
+                "x-herald-key" => out = out.with_key(value.clone()),
+                "x-herald-id" => {
+                    if let Ok(id) = value.parse::<MessageId>() {
+                        out = out.with_id(id);
+                    }
+                }
+                _ => out = out.with_header(name.clone(), value.clone()),
+            }
+        }
+    }
+    out
+}
+
+/// A subscriber reading test topics back: an MQTT 5 client subscribed (QoS 1) before anything
+/// is published, collecting what arrives per topic. With `session`, it keeps a persistent
+/// session (fixed client id, Clean Start off, a session expiry), so that the broker keeps what
+/// arrives while it reconnects; it reconnects by itself after a loss.
+struct Reader {
+    client: AsyncClient,
+    got: Arc<Mutex<HashMap<String, Vec<Message>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reader {
+    async fn connect(url: &str, session: Option<&str>) -> Self {
+        let (host, port) = authority(url)
+            .rsplit_once(':')
+            .map(|(h, p)| (h.to_owned(), p.parse().expect("port")))
+            .expect("host:port");
+        let id = session.map_or_else(|| format!("it-r-{}", &uniq()), str::to_owned);
+        let mut o = MqttOptions::new(id, host, port);
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_receive_maximum(Some(65_535))
+            .set_max_packet_size(Some(64 << 20))
+            .set_request_channel_capacity(64);
+        if session.is_some() {
+            o.set_clean_start(false)
+                .set_session_expiry_interval(Some(3600));
+        }
+        let (client, mut events) = AsyncClient::new(o, 64);
+        // Up before anything else: the first CONNACK.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::time::timeout_at(deadline, events.poll())
+                .await
+                .expect("the reader connects within 30 s")
+            {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => break,
+                Ok(_) => {}
+                Err(e) => panic!("the reader cannot connect to {url}: {e}"),
+            }
+        }
+        let got: Arc<Mutex<HashMap<String, Vec<Message>>>> = Arc::default();
+        let task = tokio::spawn(Self::run(events, got.clone()));
+        Self { client, got, task }
+    }
+
+    async fn run(mut events: EventLoop, got: Arc<Mutex<HashMap<String, Vec<Message>>>>) {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let m = to_message(&p);
+                    got.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .entry(m.destination().as_str().to_owned())
+                        .or_default()
+                        .push(m);
+                }
+                Ok(_) => {}
+                // Polling again reconnects (the restart test's broker comes back).
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Subscribes to `topic` (QoS 1) and waits for the SUBACK to have come: a probe message
+    /// published to the topic comes back.
+    async fn subscribe(&self, topic: &str) {
+        self.client
+            .subscribe(topic, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        let probe = format!("{topic}/probe");
+        self.client
+            .subscribe(&probe, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe probe");
+        // MQTT orders the SUBACKs with the publishes on one connection: once a probe sent
+        // after both subscriptions comes back, the first subscription is in place too.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.client
+                .publish(&probe, QoS::AtLeastOnce, false, "probe")
+                .await
+                .expect("probe");
+            let start = Instant::now();
+            while Instant::now() < start + Duration::from_millis(500) {
+                if self.count(&probe) > 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the subscription to {topic} took over 10 s"
+            );
+        }
+    }
+
+    fn count(&self, topic: &str) -> usize {
+        self.got
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(topic)
+            .map_or(0, Vec::len)
+    }
+
+    /// What arrived on `topic` once `expected` messages are there (or `within` passed), and
+    /// then a little more (so that extra copies show).
+    async fn read(&self, topic: &str, expected: usize, within: Duration) -> Vec<Message> {
+        let deadline = Instant::now() + within;
+        while self.count(topic) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.got
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(topic)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Per key, the positions (in `sent`) of the first copy of each message that arrived, in
+/// arrival order; asserts they increase, and that every message arrived.
+fn assert_complete_in_key_order(what: &str, sent: &[Message], got: &[Message]) {
+    let position: HashMap<&[u8], usize> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.payload().as_ref(), i))
+        .collect();
+    let mut seen = HashSet::new();
+    let mut last: HashMap<Vec<u8>, usize> = HashMap::new();
+    for m in got {
+        let Some(&i) = position.get(m.payload().as_ref()) else {
+            panic!("{what}: a message that was never sent arrived");
+        };
+        if seen.insert(i) {
+            let key = m.key().expect("every message has a key").to_vec();
+            assert_eq!(
+                Some(&key[..]),
+                sent[i].key().map(|k| k.as_ref()),
+                "{what}: key as sent"
+            );
+            if let Some(prev) = last.insert(key, i) {
+                assert!(
+                    prev < i,
+                    "{what}: per-key order: #{i} first arrived after #{prev}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        sent.len(),
+        "{what}: nothing lost ({} arrivals)",
+        got.len()
+    );
+}
+
+/// The conformance harness: transports connect through a fault proxy, so that faults are real
+/// connection cuts; each destination is a topic of its own, read back by one subscriber.
+struct MqttHarness {
+    reader: Reader,
+    proxy: FaultProxy,
+    proxied_url: String,
+}
+
+impl MqttHarness {
+    async fn new() -> Self {
+        let url = url();
+        let target = authority(&url);
+        let proxy = FaultProxy::start(&target).await.expect("fault proxy");
+        let proxied_url = url.replacen(&target, &proxy.addr().to_string(), 1);
+        Self {
+            reader: Reader::connect(&url, None).await,
+            proxy,
+            proxied_url,
+        }
+    }
+}
+
+#[async_trait]
+impl Harness for MqttHarness {
+    type Transport = MqttTransport;
+
+    async fn transport(&self) -> MqttTransport {
+        MqttTransport::new(
+            MqttConfig::from_url(&self.proxied_url)
+                .expect("url")
+                .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500)),
+        )
+        .expect("transport")
+    }
+
+    async fn destination(&self, hint: &str) -> Destination {
+        let topic = format!("herald/it/conformance/{hint}/{}", uniq());
+        self.reader.subscribe(&topic).await;
+        herald_mqtt::topic(&topic)
+    }
+
+    fn poison(&self, destination: &Destination) -> Option<Message> {
+        // A key MQTT 5 user properties cannot carry (not UTF-8): refused for good.
+        Some(
+            Message::new(destination.clone(), format!("poison for {destination}"))
+                .with_key(vec![0xff, 0xfe]),
+        )
+    }
+
+    async fn read_back(&self, destination: &Destination, expected: usize) -> Option<Vec<Message>> {
+        Some(
+            self.reader
+                .read(destination.as_str(), expected, Duration::from_secs(60))
+                .await,
+        )
+    }
+
+    async fn inject_transient_failures(&self, _calls: usize) -> Injected {
+        // Every open connection is cut, and reconnecting fails for 300 ms.
+        self.proxy.cut_for(Duration::from_millis(300));
+        Injected::IntoTransport
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn conformance_suite() {
+    let h = MqttHarness::new().await;
+    conformance::run(&h).await;
+}
+
+/// Sends `sent` through a producer on `config` and reads `topic` back.
+async fn round_trip(
+    config: MqttConfig,
+    reader: &Reader,
+    topic: &str,
+    sent: &[Message],
+) -> Vec<Message> {
+    let p = Producer::builder(MqttTransport::new(config).expect("transport"))
+        .build()
+        .expect("producer");
+    let report = p.send_all(sent.to_vec()).await.wait().await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed.first());
+    assert_eq!(report.delivered, sent.len() as u64);
+    p.close(Duration::from_secs(30)).await;
+    reader
+        .read(topic, sent.len(), Duration::from_secs(60))
+        .await
+}
+
+fn assert_exactly_in_order(got: &[Message], sent: &[Message]) {
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "exactly N messages, none lost, no duplicates"
+    );
+    for (g, s) in got.iter().zip(sent) {
+        assert_eq!(g.payload(), s.payload(), "payload, in order");
+        assert_eq!(g.key(), s.key(), "key as the x-herald-key property");
+        assert_eq!(g.headers(), s.headers(), "headers as user properties");
+        assert!(g.id().is_some(), "a herald id as the x-herald-id property");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn ten_thousand_keyed_messages_read_back_in_order_with_key_id_and_headers() {
+    const N: usize = 10_000;
+    let url = url();
+    let reader = Reader::connect(&url, None).await;
+    let topic = format!("herald/it/10k/{}", uniq());
+    reader.subscribe(&topic).await;
+    let dest = herald_mqtt::topic(&topic);
+    let sent: Vec<Message> = (0..N)
+        .map(|i| {
+            Message::new(
+                dest.clone(),
+                format!("payload-{i:05}-{}", "x".repeat(i % 50)),
+            )
+            .with_key(format!("key-{}", i % 16))
+            .with_header("seq", i.to_string())
+        })
+        .collect();
+    let got = round_trip(
+        MqttConfig::from_url(&url).expect("url"),
+        &reader,
+        &topic,
+        &sent,
+    )
+    .await;
+    // One publisher, one topic, one connection: MQTT keeps the publish order.
+    assert_exactly_in_order(&got, &sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn qos_2_acknowledges_by_pubcomp() {
+    const N: usize = 2_000;
+    let url = url();
+    let reader = Reader::connect(&url, None).await;
+    let topic = format!("herald/it/qos2/{}", uniq());
+    reader.subscribe(&topic).await;
+    let dest = herald_mqtt::topic(&topic);
+    let sent: Vec<Message> = (0..N)
+        .map(|i| Message::new(dest.clone(), format!("q2-{i}")).with_key(format!("k{}", i % 4)))
+        .collect();
+    let config = MqttConfig::from_url(&topic_url(&url, &topic, "?qos=2")).expect("url");
+    assert_eq!(config.qos(), Qos::ExactlyOnce);
+    let got = round_trip(config, &reader, &topic, &sent).await;
+    assert_exactly_in_order(&got, &sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn mqtt_3_1_1_sends_payloads_and_refuses_what_it_cannot_carry() {
+    let url = url();
+    let reader = Reader::connect(&url, None).await;
+    let topic = format!("herald/it/v3/{}", uniq());
+    reader.subscribe(&topic).await;
+    let dest = herald_mqtt::topic(&topic);
+    let config = MqttConfig::from_url(&topic_url(&url, &topic, "?version=3")).expect("url");
+    let p = Producer::builder(MqttTransport::new(config).expect("transport"))
+        .build()
+        .expect("producer");
+    let plain: Vec<Message> = (0..500)
+        .map(|i| Message::new(dest.clone(), format!("v3-{i}")))
+        .collect();
+    let report = p.send_all(plain.clone()).await.wait().await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed.first());
+    for refused in [
+        Message::new(dest.clone(), "with a key").with_key("k"),
+        Message::new(dest.clone(), "with a header").with_header("h", "v"),
+    ] {
+        let e = p.send(refused).await.expect_err("refused");
+        assert_eq!((e.class(), e.attempts()), (ErrorClass::Permanent, 1), "{e}");
+        let te = e.reason().transport_error().expect("a transport error");
+        assert_eq!(te.code(), Some("UNSUPPORTED_BY_MQTT3"), "{te}");
+    }
+    p.close(Duration::from_secs(30)).await;
+    let got = reader
+        .read(&topic, plain.len(), Duration::from_secs(60))
+        .await;
+    let payloads: Vec<_> = got.iter().map(|m| m.payload().clone()).collect();
+    let want: Vec<_> = plain.iter().map(|m| m.payload().clone()).collect();
+    assert_eq!(payloads, want, "every payload, in order, and nothing else");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn connection_cut_mid_run_loses_nothing_and_keeps_per_key_order() {
+    const N: usize = 20_000;
+    let url = url();
+    let reader = Reader::connect(&url, None).await;
+    let topic = format!("herald/it/cut/{}", uniq());
+    reader.subscribe(&topic).await;
+    let target = authority(&url);
+    let proxy = FaultProxy::start(&target).await.expect("proxy");
+    let transport = MqttTransport::new(
+        MqttConfig::from_url(&url.replacen(&target, &proxy.addr().to_string(), 1))
+            .expect("url")
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500)),
+    )
+    .expect("t");
+    let probe = transport.clone();
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(120))
+        .build()
+        .expect("producer");
+    let dest = herald_mqtt::topic(&topic);
+    let sent: Vec<Message> = (0..N)
+        .map(|i| Message::new(dest.clone(), format!("f-{i}")).with_key(format!("k{}", i % 8)))
+        .collect();
+    let receipt = p.send_all(sent.clone()).await;
+    for round in 0..2u64 {
+        wait_for(Duration::from_secs(60), "some deliveries", || {
+            p.stats().totals.delivered >= 2_000 * (round + 1)
+        })
+        .await;
+        proxy.cut_for(Duration::from_millis(500));
+        wait_for(
+            Duration::from_secs(5),
+            "the transport to see the loss",
+            || !probe.is_connected(),
+        )
+        .await;
+        let before = p.stats().totals.delivered;
+        wait_for(Duration::from_secs(60), "delivery to resume", || {
+            p.stats().totals.delivered > before + 1_000 || p.stats().buffered_messages == 0
+        })
+        .await;
+    }
+    let report = tokio::time::timeout(Duration::from_secs(180), receipt.wait())
+        .await
+        .expect("the run ends");
+    assert!(report.failed.is_empty(), "{:?}", report.failed.first());
+    assert_eq!(report.delivered, N as u64);
+    assert_eq!(proxy.cuts(), 2);
+    assert!(proxy.accepted() >= 3, "a new connection after each cut");
+    let retries = p.stats().totals.retries;
+    assert!(
+        retries > 0,
+        "the cuts failed messages in flight, which were retried"
+    );
+    p.close(Duration::from_secs(30)).await;
+    let got = reader.read(&topic, N, Duration::from_secs(60)).await;
+    assert_complete_in_key_order("connection cut", &sent, &got);
+    eprintln!(
+        "connection cut: {N} delivered, {} received ({} duplicates), {retries} retries",
+        got.len(),
+        got.len() - N
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn an_unreachable_broker_hands_every_message_back_by_the_delivery_timeout() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let transport = MqttTransport::new(
+        MqttConfig::from_url(&format!("mqtt://127.0.0.1:{port}/plant/x"))
+            .expect("url")
+            .reconnect_backoff(Duration::from_millis(10), Duration::from_millis(100)),
+    )
+    .expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(2))
+        .build()
+        .expect("producer");
+    let started = Instant::now();
+    let report = p
+        .send_all((0..200).map(|i| {
+            Message::new(herald_mqtt::topic("plant/x"), format!("u-{i}"))
+                .with_key(format!("k{}", i % 4))
+        }))
+        .await
+        .wait()
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "by the delivery timeout"
+    );
+    assert_eq!(report.delivered, 0);
+    assert_eq!(report.failed.len(), 200, "every message handed back");
+    for e in &report.failed {
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        assert!(
+            matches!(e.reason(), FailureReason::DeliveryTimeout { .. }),
+            "by the delivery timeout: {e}"
+        );
+    }
+    let last = report.failed[0]
+        .reason()
+        .transport_error()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(last.contains(&port.to_string()), "says where: {last}");
+    p.close(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn oversized_messages_are_permanent_at_once_and_the_others_go() {
+    let url = url();
+    let reader = Reader::connect(&url, None).await;
+    let topic = format!("herald/it/oversize/{}", uniq());
+    reader.subscribe(&topic).await;
+    let transport = MqttTransport::new(
+        MqttConfig::from_url(&url)
+            .expect("url")
+            .max_packet_size(4096),
+    )
+    .expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .max_message_bytes(8 << 20)
+        .delivery_timeout(Duration::from_secs(60))
+        .build()
+        .expect("producer");
+    let dest = herald_mqtt::topic(&topic);
+    let mut msgs: Vec<Message> = (0..20)
+        .map(|i| Message::new(dest.clone(), format!("ok-{i}")).with_key(format!("k{}", i % 2)))
+        .collect();
+    msgs.insert(
+        10,
+        Message::new(dest.clone(), vec![b'x'; 10_000]).with_key("k0"),
+    );
+    let started = Instant::now();
+    let report = p.send_all(msgs).await.wait().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "at once, not by a timeout"
+    );
+    assert_eq!(
+        report.delivered,
+        20,
+        "the others go through: {:?}",
+        report.failed.first()
+    );
+    assert_eq!(report.failed.len(), 1);
+    let e = &report.failed[0];
+    assert_eq!((e.class(), e.attempts()), (ErrorClass::Permanent, 1), "{e}");
+    assert_eq!(
+        e.message().payload().len(),
+        10_000,
+        "the message comes back"
+    );
+    let te = e.reason().transport_error().expect("a transport error");
+    assert_eq!(te.code(), Some("PACKET_TOO_LARGE"), "{te}");
+    p.close(Duration::from_secs(10)).await;
+    let got = reader.read(&topic, 20, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 20, "the oversized one was never sent");
+}
+
+// ---- a mosquitto of the test's own ---------------------------------------------------------
+
+/// Says why a test cannot run here: fails, unless `HERALD_IT_ALLOW_SKIP=1`.
+fn cannot_run(test: &str, why: &str) {
+    if std::env::var("HERALD_IT_ALLOW_SKIP").as_deref() == Ok("1") {
+        println!("SKIPPED: {test}: {why}");
+    } else {
+        panic!("{test}: {why} (set HERALD_IT_ALLOW_SKIP=1 to skip instead)");
+    }
+}
+
+fn mosquitto_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A mosquitto of a test's own: its own port and persistence folder (`extra` lines added to
+/// its configuration), stopped (and its folder removed) on drop.
+struct OwnBroker {
+    binary: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnBroker {
+    async fn start(test: &str, extra: &str) -> Option<Self> {
+        let Some(binary) = mosquitto_binary() else {
+            cannot_run(
+                test,
+                "no mosquitto on this machine (apt-get install mosquitto)",
+            );
+            return None;
+        };
+        let dir = std::env::temp_dir().join(format!("herald-mqtt-it-{}", uniq()));
+        std::fs::create_dir_all(&dir).expect("broker folder");
+        // Started as root, mosquitto drops to its own user, which must write its
+        // persistence file here.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
+                .expect("broker folder permissions");
+        }
+        let port = free_port();
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nlog_type all\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nlog_dest stderr\n{extra}\n",
+            dir.display()
+        );
+        std::fs::write(dir.join("mosquitto.conf"), conf).expect("config file");
+        let mut broker = Self {
+            binary,
+            dir,
+            port,
+            child: None,
+        };
+        broker.run().await;
+        Some(broker)
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs the broker and waits until it takes connections.
+    async fn run(&mut self) {
+        let log = std::fs::File::create(self.dir.join("broker.log")).expect("log file");
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                let log = std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+                panic!("mosquitto exited ({status}): {log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not start within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the broker with SIGTERM (it saves its persistence file, sessions included) and
+    /// waits for it to exit; SIGKILL after 10 s.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _sent = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _killed = child.kill();
+            let _status = child.wait();
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.stop();
+        self.run().await;
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.stop();
+        let _removed = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn broker_restart_mid_run_loses_nothing_and_keeps_per_key_order() {
+    const TEST: &str = "broker_restart_mid_run_loses_nothing_and_keeps_per_key_order";
+    const N: usize = 20_000;
+    let Some(mut broker) = OwnBroker::start(TEST, "").await else {
+        return;
+    };
+    let url = broker.url();
+    // A persistent session: what arrives while the reader reconnects is kept for it.
+    let reader = Reader::connect(&url, Some(&format!("it-restart-{}", std::process::id()))).await;
+    let topic = format!("herald/it/restart/{}", uniq());
+    reader.subscribe(&topic).await;
+    let transport = MqttTransport::new(
+        MqttConfig::from_url(&url)
+            .expect("url")
+            .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1)),
+    )
+    .expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(120))
+        .build()
+        .expect("producer");
+    let dest = herald_mqtt::topic(&topic);
+    let sent: Vec<Message> = (0..N)
+        .map(|i| Message::new(dest.clone(), format!("r-{i}")).with_key(format!("k{}", i % 8)))
+        .collect();
+    let receipt = p.send_all(sent.clone()).await;
+    wait_for(Duration::from_secs(60), "some deliveries", || {
+        p.stats().totals.delivered >= 3_000
+    })
+    .await;
+    let at_restart = p.stats().totals.delivered;
+    broker.restart().await;
+    let report = tokio::time::timeout(Duration::from_secs(180), receipt.wait())
+        .await
+        .expect("the run ends");
+    assert!(report.failed.is_empty(), "{:?}", report.failed.first());
+    assert_eq!(report.delivered, N as u64);
+    assert!(at_restart < N as u64, "the restart happened mid-run");
+    let retries = p.stats().totals.retries;
+    p.close(Duration::from_secs(30)).await;
+    let got = reader.read(&topic, N, Duration::from_secs(60)).await;
+    assert_complete_in_key_order("restart", &sent, &got);
+    eprintln!(
+        "restart: {at_restart} delivered before, {} received ({} duplicates), {retries} retries",
+        got.len(),
+        got.len() - N
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn the_broker_s_maximum_packet_size_is_read_from_connack() {
+    const TEST: &str = "the_broker_s_maximum_packet_size_is_read_from_connack";
+    let Some(broker) = OwnBroker::start(TEST, "max_packet_size 2048").await else {
+        return;
+    };
+    let transport =
+        MqttTransport::new(MqttConfig::from_url(&broker.url()).expect("url")).expect("t");
+    let p = Producer::builder(transport)
+        .max_message_bytes(8 << 20)
+        .build()
+        .expect("producer");
+    let dest = herald_mqtt::topic("herald/it/maxpacket");
+    p.send(Message::new(dest.clone(), vec![b'x'; 1000]))
+        .await
+        .expect("below the broker's maximum");
+    let e = p
+        .send(Message::new(dest.clone(), vec![b'x'; 4000]))
+        .await
+        .expect_err("above the broker's maximum");
+    assert_eq!((e.class(), e.attempts()), (ErrorClass::Permanent, 1), "{e}");
+    let te = e.reason().transport_error().expect("a transport error");
+    assert_eq!(te.code(), Some("PACKET_TOO_LARGE"), "{te}");
+    assert!(
+        te.message().contains("2048"),
+        "names the broker's maximum: {te}"
+    );
+    p.send(Message::new(dest, "after"))
+        .await
+        .expect("the connection is still fine");
+    p.close(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn credentials_and_permissions_are_classified() {
+    const TEST: &str = "credentials_and_permissions_are_classified";
+    let Some(passwd) = mosquitto_binary()
+        .and_then(|b| b.parent().map(|d| d.join("../bin/mosquitto_passwd")))
+        .filter(|p| p.is_file())
+        .or_else(|| {
+            let p = PathBuf::from("/usr/bin/mosquitto_passwd");
+            p.is_file().then_some(p)
+        })
+    else {
+        cannot_run(TEST, "no mosquitto_passwd on this machine");
+        return;
+    };
+    // The password and ACL files, in a folder of the test's own.
+    let dir = std::env::temp_dir().join(format!("herald-mqtt-it-auth-{}", uniq()));
+    std::fs::create_dir_all(&dir).expect("folder");
+    let pw = dir.join("passwd");
+    let status = Command::new(&passwd)
+        .arg("-c")
+        .arg("-b")
+        .arg(&pw)
+        .args(["app", "s3cret-pw"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("mosquitto_passwd");
+    assert!(status.success(), "mosquitto_passwd failed");
+    let acl = dir.join("acl");
+    std::fs::write(&acl, "user app\ntopic write herald/it/allowed/#\n").expect("acl file");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in [&dir, &pw, &acl] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o777)).expect("mode");
+        }
+    }
+    let extra = format!(
+        "allow_anonymous false\npassword_file {}\nacl_file {}",
+        pw.display(),
+        acl.display()
+    );
+    let Some(broker) = OwnBroker::start(TEST, &extra).await else {
+        return;
+    };
+    let port = broker.port;
+    let refused = |url: String| async move {
+        let t = MqttTransport::new(MqttConfig::from_url(&url).expect("url")).expect("t");
+        t.connect().await.expect_err("refused")
+    };
+    // Mosquitto answers a wrong password with "not authorized" (MQTT 5 0x87, 3.1.1 code 5),
+    // other brokers with "bad user name or password" (0x86, 4): permanent either way.
+    for url in [
+        format!("mqtt://app:wrong@127.0.0.1:{port}"),
+        format!("mqtt://127.0.0.1:{port}"),
+        format!("mqtt://app:wrong@127.0.0.1:{port}/t?version=3"),
+    ] {
+        let e = refused(url).await;
+        assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+        assert!(
+            matches!(e.code(), Some("BAD_CREDENTIALS" | "NOT_AUTHORIZED")),
+            "{e}"
+        );
+        assert!(
+            !e.to_string().contains("wrong"),
+            "no password in errors: {e}"
+        );
+    }
+    // Good credentials: an allowed topic goes, a denied one is refused by its PUBACK.
+    let t = MqttTransport::new(
+        MqttConfig::from_url(&format!("mqtt://app:s3cret-pw@127.0.0.1:{port}")).expect("url"),
+    )
+    .expect("t");
+    // Mosquitto 2.0 closes the connection after refusing a publish (PUBACK 0x87, then a
+    // hang-up): the refusal must still be read, and the next message go on a new connection.
+    let p = Producer::builder(t).build().expect("producer");
+    p.send(Message::new(
+        herald_mqtt::topic("herald/it/allowed/x"),
+        "ok",
+    ))
+    .await
+    .expect("allowed");
+    let e = p
+        .send(Message::new(herald_mqtt::topic("herald/it/denied/x"), "no"))
+        .await
+        .expect_err("denied");
+    assert_eq!((e.class(), e.attempts()), (ErrorClass::Permanent, 1), "{e}");
+    let te = e.reason().transport_error().expect("a transport error");
+    assert_eq!(te.code(), Some("NOT_AUTHORIZED"), "{te}");
+    assert!(te.message().contains("0x87"), "{te}");
+    p.send(Message::new(
+        herald_mqtt::topic("herald/it/allowed/y"),
+        "after",
+    ))
+    .await
+    .expect("the next message goes, on a new connection");
+    p.close(Duration::from_secs(10)).await;
+    drop(broker);
+    let _removed = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,187 @@
+//! `redis-baseline`: appends to fresh streams with raw redis-rs at its best (pipelined `XADD`s,
+//! several pipelines in flight), with the naive pattern (await each `XADD`), and with herald
+//! over the same settings, and writes the figures as JSON.
+//!
+//! Usage: `HERALD_REDIS_URL=redis://… redis-baseline [--messages N] [--json FILE]`
+
+use std::time::{Duration, Instant};
+
+use herald_core::{Message, OrderingMode, Producer};
+use herald_redis::baseline::{delete_stream, fresh_stream, raw_naive, raw_pipelined};
+use herald_redis::{RedisConfig, RedisTransport};
+
+/// `XADD`s per pipeline in the raw run: herald's default batch.
+const PIPELINE: usize = 1024;
+/// Pipelines in flight in the raw run.
+const IN_FLIGHT: usize = 8;
+const KEYS: usize = 64;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+struct Figure {
+    payload: usize,
+    name: &'static str,
+    what: String,
+    rate: f64,
+}
+
+/// Raw redis-rs at its best, into a fresh stream deleted afterwards.
+async fn raw_best(config: &RedisConfig, payload: usize, n: usize) -> Res<f64> {
+    let key = fresh_stream(config, "raw").await?;
+    let run = raw_pipelined(config, &key, payload, n, PIPELINE, IN_FLIGHT).await?;
+    delete_stream(config, &key).await?;
+    Ok(run.msgs_per_sec())
+}
+
+/// The naive pattern, into a fresh stream deleted afterwards.
+async fn naive(config: &RedisConfig, payload: usize, n: usize) -> Res<f64> {
+    let key = fresh_stream(config, "naive").await?;
+    let run = raw_naive(config, &key, payload, n).await?;
+    delete_stream(config, &key).await?;
+    Ok(run.msgs_per_sec())
+}
+
+async fn herald(
+    url: &str,
+    payload: usize,
+    n: usize,
+    batch: usize,
+    ordering: OrderingMode,
+) -> Res<f64> {
+    let config = RedisConfig::from_url(url)?;
+    let key = fresh_stream(&config, "herald").await?;
+    let transport = RedisTransport::new(RedisConfig::from_url(url)?)?;
+    transport.connect().await?;
+    let producer = Producer::builder(transport)
+        .batching(herald_batch::SizeOrLinger::new(
+            batch,
+            64 << 20,
+            Duration::from_millis(5),
+        ))
+        .ordering(ordering)
+        .build()?;
+    let dest = herald_redis::stream(&key);
+    let body = herald_core::Bytes::from(vec![b'x'; payload]);
+    let msgs: Vec<Message> = (0..n)
+        .map(|i| Message::new(dest.clone(), body.clone()).with_key(format!("key-{}", i % KEYS)))
+        .collect();
+    let start = Instant::now();
+    let report = producer.send_all(msgs).await.wait().await;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    if !report.failed.is_empty() || report.delivered != n as u64 {
+        return Err(format!(
+            "herald delivered {} of {n}: {:?}",
+            report.delivered,
+            report.failed.first()
+        )
+        .into());
+    }
+    producer.close(Duration::from_secs(30)).await;
+    delete_stream(&config, &key).await?;
+    Ok(rate)
+}
+
+async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
+    let config = RedisConfig::from_url(url)?;
+    let mut figures = Vec::new();
+    let naive_n = (n / 20).clamp(1_000, 10_000);
+    for payload in [100usize, 1024] {
+        // Warm-up: the first run on a fresh server is slower.
+        raw_best(&config, payload, n / 10).await?;
+        let raw = raw_best(&config, payload, n).await?;
+        eprintln!("{payload} B raw pipelined: {raw:.0} msg/s");
+        figures.push(Figure {
+            payload,
+            name: "raw_streaming",
+            what: format!(
+                "raw redis-rs, pipelines of {PIPELINE} XADDs, {IN_FLIGHT} in flight (raw best)"
+            ),
+            rate: raw,
+        });
+        let naive = naive(&config, payload, naive_n).await?;
+        eprintln!("{payload} B raw naive: {naive:.0} msg/s");
+        figures.push(Figure {
+            payload,
+            name: "raw_naive",
+            what: format!("raw redis-rs, await each XADD ({naive_n} messages)"),
+            rate: naive,
+        });
+        for (name, what, batch, ordering) in [
+            (
+                "herald_default",
+                "herald send_all, default batching (1 024 / 5 ms), strict order, 64 keys",
+                1024,
+                OrderingMode::Strict,
+            ),
+            (
+                "herald_batch_4096",
+                "herald send_all, batches of 4 096, strict order, 64 keys",
+                4096,
+                OrderingMode::Strict,
+            ),
+            (
+                "herald_relaxed",
+                "herald send_all, default batching, relaxed order (8 batches in flight)",
+                1024,
+                OrderingMode::Relaxed,
+            ),
+        ] {
+            let rate = herald(url, payload, n, batch, ordering).await?;
+            eprintln!("{payload} B {name}: {rate:.0} msg/s");
+            figures.push(Figure {
+                payload,
+                name,
+                what: what.into(),
+                rate,
+            });
+        }
+    }
+    Ok(figures)
+}
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let n: usize = arg("--messages").map_or(Ok(100_000), |s| s.parse())?;
+    let url = std::env::var("HERALD_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let figures = rt.block_on(run(&url, n))?;
+    let server = RedisConfig::from_url(&url)?.redacted_url();
+    let mut json = Vec::new();
+    for f in &figures {
+        let rate_of = |name: &str| {
+            figures
+                .iter()
+                .find(|g| g.payload == f.payload && g.name == name)
+                .map_or(f64::NAN, |g| g.rate)
+        };
+        json.push(serde_json::json!({
+            "payload_bytes": f.payload,
+            "name": f.name,
+            "what": f.what,
+            "msgs_per_sec": f.rate,
+            "vs_raw": f.rate / rate_of("raw_streaming"),
+            "vs_naive": f.rate / rate_of("raw_naive"),
+        }));
+    }
+    let doc = serde_json::json!({
+        "broker": server,
+        "messages": n,
+        "pipeline": PIPELINE,
+        "in_flight": IN_FLIGHT,
+        "figures": json,
+    });
+    match arg("--json") {
+        Some(path) => std::fs::write(path, serde_json::to_string_pretty(&doc)?)?,
+        None => println!("{}", serde_json::to_string_pretty(&doc)?),
+    }
+    Ok(())
+}

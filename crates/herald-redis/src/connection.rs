@@ -1,0 +1,379 @@
+//! Connections: one multiplexed redis-rs connection at a time, opened on demand, replaced
+//! (never resumed) after a loss, with backoff between failed attempts (a
+//! `herald_core::rotation::Rotation` over the URL's one server); and the health verdict they
+//! add up to.
+//!
+//! Why a connection is replaced, not resumed, and why that keeps per-key order: Redis executes
+//! the commands of one connection in the order they arrive, and a batch is one pipeline on one
+//! connection. When the connection breaks, what Redis appended is a prefix of what was sent;
+//! the transport fails the whole batch as transient (it cannot tell which replies were lost),
+//! and herald retries it, in order, on a new connection. First copies thus stay in per-key
+//! order; the prefix Redis had appended is appended again (at-least-once: Redis Streams have
+//! no idempotent producer, see the guarantees). redis-rs's `ConnectionManager`, which
+//! reconnects underneath its callers, is not used: the transport wants to know each loss, count
+//! it and report it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex as StdMutex, PoisonError};
+use std::time::Duration;
+
+use herald_core::rotation::{Dialer, Opened, Rotation, Wording};
+use herald_core::{TransportError, TransportHealth};
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo,
+};
+
+use crate::config::RedisConfig;
+use crate::error::{classify_connect, ConfigError};
+use crate::metrics::RedisMetrics;
+
+/// The transport's view of its connection.
+#[derive(Debug, Default)]
+struct Flow {
+    /// Up; set false as soon as a batch finds the connection broken.
+    connected: AtomicBool,
+    /// Why the last connection attempt failed; cleared when one opens. What
+    /// [`Transport::health`](herald_core::Transport::health) reports as down.
+    down: StdMutex<Option<String>>,
+    /// A background reconnection attempt is under way (see `Inner::probe`).
+    probing: AtomicBool,
+    /// `Transport::close` ran, and no batch has been sent since: no background reconnection.
+    closed: AtomicBool,
+    /// A connection was up at some point: "not connected" then means lost, not "not yet".
+    ever_up: AtomicBool,
+}
+
+/// One live connection.
+pub(crate) struct Live {
+    pub(crate) conn: MultiplexedConnection,
+    /// A batch found it broken (or gave up on it): no batch uses it any more.
+    lost: AtomicBool,
+}
+
+impl Live {
+    pub(crate) fn is_connected(&self) -> bool {
+        !self.lost.load(Ordering::Acquire)
+    }
+}
+
+/// What every clone of a [`RedisTransport`](crate::RedisTransport) shares: the settings, the
+/// client, the connection, the health state and the metrics.
+pub(crate) struct Inner {
+    pub(crate) config: RedisConfig,
+    client: Client,
+    /// The connection, over a list of one server: the URL's.
+    rotation: Rotation<Arc<Live>>,
+    flow: Flow,
+    pub(crate) metrics: RedisMetrics,
+    /// `redis://host:port` (no credentials), for messages.
+    pub(crate) server: String,
+}
+
+/// The redis-rs client for `config`: address, TLS (the system's roots, or the CA file), user,
+/// password and database. Nothing connects yet.
+pub(crate) fn client(config: &RedisConfig) -> Result<Client, ConfigError> {
+    let url = &config.url;
+    let addr = if url.tls {
+        ConnectionAddr::TcpTls {
+            host: url.endpoint.host.clone(),
+            port: url.endpoint.port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(url.endpoint.host.clone(), url.endpoint.port)
+    };
+    let mut redis = RedisConnectionInfo::default().set_db(i64::from(url.db.unwrap_or(0)));
+    if let Some(user) = &url.user {
+        redis = redis.set_username(user);
+    }
+    if let Some(password) = &url.password {
+        redis = redis.set_password(password.expose());
+    }
+    let invalid = |field: &'static str, reason: String| ConfigError::Invalid { field, reason };
+    let info = addr
+        .into_connection_info()
+        .map_err(|e| invalid("url", e.to_string()))?
+        .set_redis_settings(redis);
+    match &config.tls_ca_file {
+        None => Client::open(info).map_err(|e| invalid("url", e.to_string())),
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                invalid(
+                    "tls_ca_file",
+                    format!("cannot be read ({}): {e}", path.display()),
+                )
+            })?;
+            Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )
+            .map_err(|e| invalid("tls_ca_file", e.to_string()))
+        }
+    }
+}
+
+impl Inner {
+    /// The shared state for checked settings; nothing connects yet.
+    pub(crate) fn new(config: RedisConfig) -> Result<Self, ConfigError> {
+        let metrics = RedisMetrics::new(config.metrics_name.as_deref());
+        // No jitter: `RedisConfig::reconnect_backoff` promises `min`, doubling, up to `max`.
+        let rotation = Rotation::new(
+            vec![config.url.endpoint.clone()],
+            (config.reconnect_min, config.reconnect_max),
+            config.connect_timeout,
+            Wording {
+                peer: "the server",
+                entry: "server",
+                no_entry_code: "NO_SERVER",
+            },
+        );
+        Ok(Self {
+            client: client(&config)?,
+            server: config.url.server(),
+            config,
+            rotation,
+            flow: Flow::default(),
+            metrics,
+        })
+    }
+
+    /// A batch is on its way: reconnecting in the background is allowed again after a close.
+    pub(crate) fn in_use(&self) {
+        self.flow.closed.store(false, Ordering::Release);
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.flow.connected.load(Ordering::Acquire)
+    }
+
+    /// Connects unless connected; see [`RedisTransport::connect`](crate::RedisTransport::connect).
+    pub(crate) async fn connect(&self) -> Result<(), TransportError> {
+        self.live().await.map(|_| ())
+    }
+
+    fn set_down(&self, why: Option<String>) {
+        *self
+            .flow
+            .down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = why;
+    }
+
+    fn down(&self) -> Option<String> {
+        self.flow
+            .down
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_connected(&self, up: bool) {
+        self.flow.connected.store(up, Ordering::Release);
+        if up {
+            self.flow.ever_up.store(true, Ordering::Release);
+        }
+        self.metrics.connected.set(if up { 1.0 } else { 0.0 });
+    }
+
+    /// While down, tries to reconnect in the background (one attempt at a time, on the usual
+    /// reconnect backoff): connections open on demand, so without it a producer that gets no
+    /// traffic because it reports itself down would never find the server back. Needs a Tokio
+    /// runtime; without one, the next send reconnects.
+    fn probe(self: &Arc<Self>) {
+        let flow = &self.flow;
+        if flow.closed.load(Ordering::Acquire) || flow.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            flow.probing.store(false, Ordering::Release);
+            return;
+        };
+        let inner = Arc::clone(self);
+        runtime.spawn(async move {
+            // Success clears `down`; a failure records why and pushes the next attempt back.
+            let _outcome = inner.connect().await;
+            inner.flow.probing.store(false, Ordering::Release);
+        });
+    }
+
+    /// The live connection, opened (or replaced) if there is none, after waiting out the
+    /// backoff of a failed attempt (`herald_core::rotation`).
+    pub(crate) async fn live(&self) -> Result<Arc<Live>, TransportError> {
+        self.rotation.live(self).await
+    }
+
+    /// Opens a multiplexed connection to the server.
+    async fn dial(&self) -> Result<Arc<Live>, TransportError> {
+        let options = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.config.connect_timeout))
+            // One deadline per batch, the transport's own (`ack_timeout`).
+            .set_response_timeout(None);
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&options)
+            .await
+            .map_err(|e| classify_connect(&e, &self.server))?;
+        Ok(Arc::new(Live {
+            conn,
+            lost: AtomicBool::new(false),
+        }))
+    }
+
+    /// A batch found `live` broken: it is never used again, and the next batch opens a new
+    /// connection. Counted once per connection.
+    pub(crate) async fn lost(&self, live: &Arc<Live>) {
+        self.give_up(live, false).await;
+    }
+
+    /// Gives up on `live` (its replies stopped coming within the ack timeout: a half-open TCP
+    /// connection, a hung server), so that the next send opens a new one. The connection
+    /// closes once the batches still holding it are done.
+    pub(crate) async fn abandon(&self, live: &Arc<Live>) {
+        self.give_up(live, true).await;
+    }
+
+    async fn give_up(&self, live: &Arc<Live>, abandoned: bool) {
+        if live.lost.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if abandoned {
+            self.metrics.abandoned.increment(1);
+            tracing::warn!(
+                transport = "redis",
+                producer = self.producer(),
+                server = %self.server,
+                ack_timeout_ms = u64::try_from(self.config.ack_timeout.as_millis()).unwrap_or(u64::MAX),
+                "the Redis server stopped answering: connection given up, the next batch opens a new one"
+            );
+        } else {
+            self.metrics.lost.increment(1);
+            tracing::warn!(
+                transport = "redis",
+                producer = self.producer(),
+                server = %self.server,
+                "the connection to the Redis server was lost; the next batch opens a new one"
+            );
+        }
+        // Taken out if it is still the connection in use (`Dialer::lost` marks it down).
+        let _given_up = self.rotation.abandon(|l| Arc::ptr_eq(l, live), self).await;
+    }
+
+    /// What [`Transport::health`](herald_core::Transport::health) reports (documented there);
+    /// while down, it starts a background reconnection attempt.
+    pub(crate) fn health(self: &Arc<Self>) -> TransportHealth {
+        match self.down() {
+            Some(why) => {
+                self.probe();
+                TransportHealth::Down(why)
+            }
+            None => TransportHealth::Up,
+        }
+    }
+
+    /// What [`Transport::diagnosis`](herald_core::Transport::diagnosis) reports: why the last
+    /// connection attempt failed, or that the connection was lost.
+    pub(crate) fn diagnosis(&self) -> Option<String> {
+        self.down().or_else(|| {
+            (self.flow.ever_up.load(Ordering::Acquire) && !self.is_connected()).then(|| {
+                format!(
+                    "the connection to {} was lost; the next send opens a new one",
+                    self.server
+                )
+            })
+        })
+    }
+
+    /// The transport's metrics name, for log events.
+    fn producer(&self) -> Option<&str> {
+        self.config.metrics_name.as_deref()
+    }
+
+    /// `host:port` of the server while a connection is up.
+    pub(crate) fn endpoint(&self) -> Option<String> {
+        self.is_connected()
+            .then(|| self.config.url.endpoint.to_string())
+    }
+
+    /// Closes the connection, if one is up, and stops background reconnection until the next
+    /// batch. Every message already has its outcome: dropping the connection closes it.
+    pub(crate) async fn close(&self) {
+        self.flow.closed.store(true, Ordering::Release);
+        if let Some((live, _)) = self.rotation.take().await {
+            live.lost.store(true, Ordering::Release);
+        }
+        self.set_connected(false);
+    }
+}
+
+/// The rotation's view of the transport: how the connection opens, and what is logged, counted
+/// and recorded as it comes and goes. One server: a round is one attempt.
+impl Dialer<Arc<Live>> for Inner {
+    fn is_up(&self, live: &Arc<Live>) -> bool {
+        live.is_connected()
+    }
+
+    async fn open(&self, _index: usize) -> Result<Arc<Live>, TransportError> {
+        self.dial().await
+    }
+
+    fn describe(&self, _index: usize) -> String {
+        self.server.clone()
+    }
+
+    fn attempt_failed(&self, _index: usize) {
+        self.metrics.connect_failures.increment(1);
+    }
+
+    fn opened(&self, _index: usize, _live: &Arc<Live>, _how: Opened, failed_attempts: u32) {
+        let message = if self.flow.ever_up.load(Ordering::Acquire) {
+            "reconnected to the Redis server"
+        } else {
+            "connected to the Redis server"
+        };
+        tracing::info!(
+            transport = "redis",
+            producer = self.producer(),
+            server = %self.server,
+            failed_attempts,
+            "{message}"
+        );
+        self.metrics.opened.increment(1);
+        self.set_connected(true);
+        self.set_down(None);
+    }
+
+    fn round_failed(&self, error: &TransportError, _failed_attempts: u32, _retry_in: Duration) {
+        tracing::warn!(
+            transport = "redis",
+            producer = self.producer(),
+            error = %error,
+            "cannot connect to the Redis server; retried on the reconnect backoff"
+        );
+        self.set_down(Some(error.to_string()));
+    }
+
+    fn lost(&self, _index: usize, _live: &Arc<Live>, _next: usize) {
+        self.set_connected(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_ca_file_is_a_setting_error() {
+        let config = RedisConfig::from_url("rediss://h/s")
+            .expect("url")
+            .tls_ca_file("/nonexistent/ca.pem");
+        match client(&config) {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "tls_ca_file"),
+            other => panic!("{:?}", other.err()),
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! Publishing: a batch sent as one pipeline of `XADD`s (one round trip for the whole batch,
+//! plus `WAIT` when asked for), and the outcome of every message, in order: the entry id Redis
+//! replied with, Redis's refusal, a lost connection, per-key order.
+//!
+//! # The stream entry
+//!
+//! Each message becomes one entry with these fields, in this order:
+//!
+//! | field | value |
+//! | --- | --- |
+//! | `payload` | the payload, as it is (binary-safe) |
+//! | `key` | the message key, when it has one |
+//! | `id` | the herald message id (UUID text), when it has one: the same on every retry, so a reader can drop the second copy a retry appended |
+//! | `h:NAME` | one field per header, its name prefixed with `h:` (a header `trace-id` is the field `h:trace-id`; repeated headers repeat the field) |
+//!
+//! The `h:` prefix keeps header names apart from `payload`, `key` and `id`, whatever the
+//! headers are called: a header named `payload` is the field `h:payload`.
+
+use herald_core::{Ack, BatchOutcome, Destination, KeyHold, Message, TransportError};
+use redis::{Cmd, Pipeline, Value};
+
+use crate::config::RedisConfig;
+use crate::connection::Inner;
+use crate::destination;
+use crate::error::{breaks_connection, classify, reply};
+
+/// The entry field holding the payload.
+pub const FIELD_PAYLOAD: &str = "payload";
+/// The entry field holding the message key (absent without one).
+pub const FIELD_KEY: &str = "key";
+/// The entry field holding the herald message id, as UUID text (absent without one).
+pub const FIELD_ID: &str = "id";
+/// What every header's field name starts with: `h:` then the header name.
+pub const HEADER_PREFIX: &str = "h:";
+
+/// The length of a herald id as text (a hyphenated UUID).
+const ID_TEXT_LEN: usize = 36;
+
+/// The size of `msg`'s entry, every field name and value counted: what
+/// [`RedisConfig::max_message_bytes`] bounds.
+pub(crate) fn entry_size(msg: &Message) -> usize {
+    let mut size = FIELD_PAYLOAD.len() + msg.payload().len();
+    if let Some(key) = msg.key() {
+        size += FIELD_KEY.len() + key.len();
+    }
+    if msg.id().is_some() {
+        size += FIELD_ID.len() + ID_TEXT_LEN;
+    }
+    for h in msg.headers() {
+        size += HEADER_PREFIX.len() + h.name.len() + h.value.len();
+    }
+    size
+}
+
+/// `XADD stream [MAXLEN ~ n] * payload P [key K] [id ID] [h:NAME V]...` for `msg`.
+pub(crate) fn xadd(stream: &str, maxlen: Option<u64>, msg: &Message) -> Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream);
+    if let Some(n) = maxlen {
+        cmd.arg("MAXLEN").arg("~").arg(n);
+    }
+    cmd.arg("*").arg(FIELD_PAYLOAD).arg(msg.payload().as_ref());
+    if let Some(key) = msg.key() {
+        cmd.arg(FIELD_KEY).arg(key.as_ref());
+    }
+    if let Some(id) = msg.id() {
+        cmd.arg(FIELD_ID).arg(id.to_string());
+    }
+    for h in msg.headers() {
+        let mut name = Vec::with_capacity(HEADER_PREFIX.len() + h.name.len());
+        name.extend_from_slice(HEADER_PREFIX.as_bytes());
+        name.extend_from_slice(h.name.as_bytes());
+        cmd.arg(name).arg(h.value.as_ref());
+    }
+    cmd
+}
+
+/// The `Ack::offset` of an entry id `MS-SEQ`: `MS * 1_000_000 + SEQ`, which orders as the ids
+/// do; `None` for an id that does not fit (a sequence of a million or more within one
+/// millisecond, or a time past the year 2262). [`entry_id`] turns it back.
+///
+/// ```
+/// assert_eq!(herald_redis::entry_offset("1700000000123-7"), Some(1_700_000_000_123_000_007));
+/// assert_eq!(herald_redis::entry_id(1_700_000_000_123_000_007), "1700000000123-7");
+/// ```
+pub fn entry_offset(id: &str) -> Option<i64> {
+    let (ms, seq) = id.split_once('-')?;
+    let ms: i64 = ms.parse().ok()?;
+    let seq: i64 = seq.parse().ok()?;
+    if !(0..1_000_000).contains(&seq) || ms < 0 {
+        return None;
+    }
+    ms.checked_mul(1_000_000)?.checked_add(seq)
+}
+
+/// The entry id (`MS-SEQ`) an [`entry_offset`] stands for.
+pub fn entry_id(offset: i64) -> String {
+    format!("{}-{}", offset / 1_000_000, offset % 1_000_000)
+}
+
+/// A message whose entry is larger than the transport sends.
+fn too_large(size: usize, config: &RedisConfig) -> TransportError {
+    TransportError::permanent(format!(
+        "the message's stream entry is {size} bytes, more than the {} bytes allowed (RedisConfig::max_message_bytes); not sent",
+        config.max_message_bytes
+    ))
+    .with_code("PAYLOAD_TOO_LARGE")
+}
+
+/// Sends one batch to `destination`: what
+/// [`Transport::send_batch`](herald_core::Transport::send_batch) does.
+pub(crate) async fn send_batch(
+    inner: &Inner,
+    destination: &Destination,
+    batch: &[Message],
+) -> BatchOutcome {
+    inner.in_use();
+    let stream = match destination::parse(destination) {
+        Ok(s) => s,
+        Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
+    };
+    let config = &inner.config;
+    let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    let mut sent = Vec::with_capacity(batch.len());
+    for (i, msg) in batch.iter().enumerate() {
+        let size = entry_size(msg);
+        if size > config.max_message_bytes {
+            outcomes[i] = Some(Err(too_large(size, config)));
+            continue;
+        }
+        pipe.add_command(xadd(stream, config.maxlen, msg));
+        sent.push(i);
+    }
+    if !sent.is_empty() {
+        if let Some((replicas, timeout)) = config.wait {
+            let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+            pipe.add_command(redis::cmd("WAIT").arg(replicas).arg(ms).clone());
+        }
+        match round_trip(inner, &pipe, sent.len()).await {
+            Ok(replies) => settle(inner, stream, &sent, replies, &mut outcomes),
+            Err(e) => {
+                for &i in &sent {
+                    outcomes[i] = Some(Err(e.clone()));
+                }
+            }
+        }
+    }
+    let mut outcomes: BatchOutcome = outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Err(TransportError::transient(
+                    "internal: message not sent; retried",
+                ))
+            })
+        })
+        .collect();
+    // A later message of a key whose earlier one failed transiently must not count as
+    // delivered ahead of its retry: it is retried behind it (a second copy in the stream).
+    KeyHold::apply(batch, &mut outcomes);
+    outcomes
+}
+
+/// Writes the pipeline on the live connection (opened if need be) and reads every reply,
+/// within the batch's deadline: the ack timeout, plus `WAIT`'s own timeout.
+async fn round_trip(
+    inner: &Inner,
+    pipe: &Pipeline,
+    xadds: usize,
+) -> Result<Vec<Value>, TransportError> {
+    let live = inner.live().await?;
+    let config = &inner.config;
+    let budget = config.ack_timeout + config.wait.map_or(std::time::Duration::ZERO, |(_, t)| t);
+    let mut conn = live.conn.clone();
+    match tokio::time::timeout(budget, pipe.query_async::<Vec<Value>>(&mut conn)).await {
+        Ok(Ok(replies)) => {
+            let expected = xadds + usize::from(config.wait.is_some());
+            if replies.len() == expected {
+                Ok(replies)
+            } else {
+                inner.lost(&live).await;
+                Err(TransportError::transient(format!(
+                    "{} sent {} replies to a pipeline of {expected} commands; the connection is replaced and the batch retried",
+                    inner.server,
+                    replies.len()
+                ))
+                .with_code("PROTOCOL_ERROR"))
+            }
+        }
+        Ok(Err(e)) => {
+            if breaks_connection(&e) {
+                inner.lost(&live).await;
+            }
+            Err(classify(&e, &inner.server))
+        }
+        Err(_) => {
+            // The connection looks up but the replies stopped coming (a half-open TCP
+            // connection, a hung server): give it up, so that the retry goes out on a new one.
+            inner.abandon(&live).await;
+            Err(TransportError::transient(format!(
+                "{} did not answer a batch of {xadds} XADDs within the ack timeout of {budget:?}; retried on a new connection (Redis may have appended some: a retry can add a second copy)",
+                inner.server
+            ))
+            .with_code("TIMEOUT"))
+        }
+    }
+}
+
+/// The outcome of each sent message from its reply, and `WAIT`'s verdict on them all.
+fn settle(
+    inner: &Inner,
+    stream: &str,
+    sent: &[usize],
+    replies: Vec<Value>,
+    outcomes: &mut [Option<Result<Ack, TransportError>>],
+) {
+    let mut replies = replies.into_iter();
+    for &i in sent {
+        let outcome = match replies.next() {
+            Some(Value::BulkString(id)) => Ok(ack(&String::from_utf8_lossy(&id))),
+            Some(Value::SimpleString(id)) => Ok(ack(&id)),
+            Some(Value::ServerError(e)) => {
+                inner.metrics.server_errors.increment(1);
+                Err(reply(e.code(), e.details().unwrap_or(""), stream))
+            }
+            other => Err(TransportError::transient(format!(
+                "{} answered an XADD with {other:?}, not an entry id; retried",
+                inner.server
+            ))
+            .with_code("PROTOCOL_ERROR")),
+        };
+        outcomes[i] = Some(outcome);
+    }
+    let Some((wanted, timeout)) = inner.config.wait else {
+        return;
+    };
+    let refusal = match replies.next() {
+        Some(Value::Int(n)) if n >= i64::from(wanted) => return,
+        Some(Value::Int(n)) => {
+            inner.metrics.wait_short.increment(1);
+            TransportError::transient(format!(
+                "WAIT {wanted}: only {n} replica(s) acknowledged the batch within {timeout:?}; the primary holds the messages, retried (a second copy may follow)"
+            ))
+            .with_code("REPLICAS_NOT_REACHED")
+        }
+        Some(Value::ServerError(e)) => {
+            inner.metrics.server_errors.increment(1);
+            reply(e.code(), e.details().unwrap_or(""), stream)
+        }
+        other => TransportError::transient(format!(
+            "{} answered WAIT with {other:?}; retried",
+            inner.server
+        ))
+        .with_code("PROTOCOL_ERROR"),
+    };
+    for &i in sent {
+        if matches!(outcomes[i], Some(Ok(_))) {
+            outcomes[i] = Some(Err(refusal.clone()));
+        }
+    }
+}
+
+/// The ack of an entry id.
+fn ack(id: &str) -> Ack {
+    Ack {
+        offset: entry_offset(id),
+        ..Ack::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_core::MessageId;
+
+    /// The arguments of a command, as text.
+    fn args(cmd: &Cmd) -> Vec<String> {
+        cmd.args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => "<other>".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_entry_holds_payload_key_id_and_prefixed_headers() {
+        let id = MessageId::from_u128(0x0190_b6d2_7c4e_7a51_8f3e_2b9d_4c1a_6e70);
+        let m = Message::new("orders", "p")
+            .with_id(id)
+            .with_key("customer-7")
+            .with_header("payload", "not the payload")
+            .with_header("trace-id", "abc")
+            .with_header("trace-id", "def");
+        assert_eq!(
+            args(&xadd("orders", Some(1000), &m)),
+            [
+                "XADD",
+                "orders",
+                "MAXLEN",
+                "~",
+                "1000",
+                "*",
+                "payload",
+                "p",
+                "key",
+                "customer-7",
+                "id",
+                "0190b6d2-7c4e-7a51-8f3e-2b9d4c1a6e70",
+                "h:payload",
+                "not the payload",
+                "h:trace-id",
+                "abc",
+                "h:trace-id",
+                "def",
+            ]
+        );
+        assert_eq!(
+            args(&xadd("s", None, &Message::new("s", vec![0u8, 255]))),
+            ["XADD", "s", "*", "payload", "\0\u{fffd}"]
+        );
+        assert_eq!(
+            entry_size(&m),
+            "payload".len()
+                + 1
+                + "key".len()
+                + 10
+                + "id".len()
+                + 36
+                + ("h:payload".len() + 15)
+                + 2 * ("h:trace-id".len() + 3)
+        );
+    }
+
+    #[test]
+    fn entry_ids_map_to_ordered_offsets() {
+        assert_eq!(entry_offset("0-1"), Some(1));
+        assert_eq!(
+            entry_offset("1700000000123-0"),
+            Some(1_700_000_000_123_000_000)
+        );
+        assert!(entry_offset("1-999999") < entry_offset("2-0"));
+        for bad in [
+            "",
+            "12",
+            "a-1",
+            "1-b",
+            "1-1000000",
+            "-1-0",
+            "99999999999999999-0",
+        ] {
+            assert_eq!(entry_offset(bad), None, "{bad}");
+        }
+        for id in ["0-1", "1700000000123-42"] {
+            assert_eq!(entry_id(entry_offset(id).expect("fits")), id);
+        }
+    }
+}
