@@ -119,7 +119,7 @@ pub(crate) async fn send_batch(
     for (j, rx) in pending {
         outcomes[j] = Some(b.settle(rx).await);
     }
-    let mut outcomes: BatchOutcome = outcomes
+    let outcomes: BatchOutcome = outcomes
         .into_iter()
         .map(|o| {
             o.unwrap_or_else(|| {
@@ -138,9 +138,8 @@ pub(crate) async fn send_batch(
         // connection, a hung broker): give it up, so that the retry goes out on a new one.
         inner.abandon(&live).await;
     }
-    // A later message of a key whose earlier one failed transiently must not count as
-    // delivered ahead of its retry: it is retried behind it (a duplicate, never a reordering).
-    KeyHold::apply(batch, &mut outcomes);
+    // A later message of a key delivered after its earlier one failed transiently is held by
+    // the pipeline (`KeyHold::apply`, under strict ordering): sent again behind the retry.
     outcomes
 }
 

@@ -16,7 +16,7 @@
 //! The `h:` prefix keeps header names apart from `payload`, `key` and `id`, whatever the
 //! headers are called: a header named `payload` is the field `h:payload`.
 
-use herald_core::{Ack, BatchOutcome, Destination, KeyHold, Message, TransportError};
+use herald_core::{Ack, BatchOutcome, Destination, Message, TransportError};
 use redis::{Cmd, Pipeline, Value};
 
 use crate::config::RedisConfig;
@@ -147,7 +147,7 @@ pub(crate) async fn send_batch(
             }
         }
     }
-    let mut outcomes: BatchOutcome = outcomes
+    let outcomes: BatchOutcome = outcomes
         .into_iter()
         .map(|o| {
             o.unwrap_or_else(|| {
@@ -157,9 +157,8 @@ pub(crate) async fn send_batch(
             })
         })
         .collect();
-    // A later message of a key whose earlier one failed transiently must not count as
-    // delivered ahead of its retry: it is retried behind it (a second copy in the stream).
-    KeyHold::apply(batch, &mut outcomes);
+    // A later message of a key delivered after its earlier one failed transiently is held by
+    // the pipeline (`KeyHold::apply`, under strict ordering): sent again behind the retry.
     outcomes
 }
 
