@@ -1055,81 +1055,6 @@ async fn credentials_and_permissions_are_classified() {
     drop(server);
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, and a certificate for localhost / 127.0.0.1 signed by it, in `dir`.
-fn make_certs(dir: &std::path::Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-subj",
-            "/CN=herald-test-ca",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("ext file");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            "server.pem",
-            "-extfile",
-            "san.ext",
-        ],
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: cargo xtask it"]
 async fn tls_with_a_custom_ca_works_and_an_unknown_ca_is_refused() {
@@ -1140,7 +1065,7 @@ async fn tls_with_a_custom_ca_works_and_an_unknown_ca_is_refused() {
     }
     let certs = std::env::temp_dir().join(format!("herald-nats-it-certs-{}", uniq()));
     std::fs::create_dir_all(&certs).expect("cert folder");
-    make_certs(&certs);
+    herald_testkit::tls::make_test_certs(&certs);
     let f = |n: &str| certs.join(n).to_string_lossy().into_owned();
     let config = format!(
         "listen: 127.0.0.1:{{port}}\n\

@@ -15,6 +15,7 @@ mod logs;
 mod memory;
 pub mod proxy;
 pub mod scenario;
+pub mod tls;
 
 pub use logs::LogCapture;
 pub use memory::{CallFault, MemoryTransport};
