@@ -186,6 +186,11 @@ impl Fallback {
 
     fn all_open(&self, n: usize) -> BatchOutcome {
         let names = self.routes();
+        tracing::debug!(
+            transport = "fallback",
+            routes = %names.join(", "),
+            "every route has its circuit open: the batch fails transiently and is retried"
+        );
         let e = TransportError::transient(format!(
             "every route of the fallback ({}) has its circuit open after repeated failures; retried",
             names.join(", ")
@@ -220,17 +225,50 @@ impl Fallback {
                 o.as_ref()
                     .is_err_and(|e| e.class() == ErrorClass::Transient)
             });
-        {
+        let (before, after) = {
             let now = clock_now();
             let mut breaker = route.breaker.lock().unwrap_or_else(PoisonError::into_inner);
+            let before = breaker.state();
             if failed {
                 breaker.on_failure(now);
             } else {
                 breaker.on_success(now);
             }
+            (before, breaker.state())
+        };
+        match after {
+            CircuitState::Open if before != CircuitState::Open => tracing::warn!(
+                transport = "fallback",
+                route = %route.name,
+                "the route's circuit opened after repeated failures: batches go to the next route until a probe gets through"
+            ),
+            CircuitState::Closed if before != CircuitState::Closed => tracing::info!(
+                transport = "fallback",
+                route = %route.name,
+                "the route's circuit closed: it takes batches again"
+            ),
+            _ => {}
         }
         route.batches.increment(1);
-        self.last.store(index, std::sync::atomic::Ordering::Relaxed);
+        let previous = self.last.swap(index, std::sync::atomic::Ordering::Relaxed);
+        if previous != index {
+            let from = &self.routes[previous].name;
+            if index > previous {
+                tracing::warn!(
+                    transport = "fallback",
+                    from = %from,
+                    to = %route.name,
+                    "traffic moved to a later route: the routes before it have their circuits open"
+                );
+            } else {
+                tracing::info!(
+                    transport = "fallback",
+                    from = %from,
+                    to = %route.name,
+                    "traffic back on an earlier route"
+                );
+            }
+        }
         let tag = u8::try_from(index).unwrap_or(u8::MAX);
         for ack in outcomes.iter_mut().flatten() {
             ack.route = Some(tag);

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use herald_batch::SizeOrLinger;
-use herald_core::{ErrorClass, FailureReason, Message, Producer};
+use herald_core::{ErrorClass, FailureReason, Fallback, Message, Producer};
 use herald_retry::{Backoff, CircuitBreakerConfig, ExponentialRetry, Jitter, RetryBudgetConfig};
 use herald_testkit::{CallFault, LogCapture, MemoryTransport};
 use tokio::time::Instant;
@@ -328,4 +328,54 @@ async fn a_budget_that_never_refills_warns_once_while_its_retries_wait_out_their
         "{}",
         logs.text()
     );
+}
+
+/// A `Fallback` says when a route's circuit opens and traffic moves to the next route (warn),
+/// and when the route is back and traffic returns (info): one line each.
+#[tokio::test(start_paused = true)]
+async fn a_fallback_says_when_traffic_moves_and_when_it_comes_back() {
+    let logs = LogCapture::start_at(Level::INFO);
+    let primary = MemoryTransport::new();
+    primary.script([
+        CallFault::FailAll(ErrorClass::Transient),
+        CallFault::FailAll(ErrorClass::Transient),
+    ]);
+    let f = Fallback::new("primary", primary.clone())
+        .and_then(|f| f.or("secondary", MemoryTransport::new()))
+        .expect("names")
+        .circuit_breaker(CircuitBreakerConfig {
+            failure_threshold: 2,
+            open_for: Duration::from_secs(1),
+            half_open_probes: 1,
+            enabled: true,
+        });
+    let p = Producer::builder(f)
+        .retry(steady_retry())
+        .circuit_breaker(CircuitBreakerConfig::disabled())
+        .batching(SizeOrLinger::new(10, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let first = p
+        .send_all((0..20).map(|i| Message::new("t", format!("m-{i}"))))
+        .await
+        .wait()
+        .await;
+    assert_eq!(first.delivered, 20);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = p.send(Message::new("t", "probe")).await.expect("delivered");
+    assert_eq!(d.ack.route, Some(0), "back on the primary");
+    let said = lines_with(&logs, "transport=\"fallback\"");
+    let expect = [
+        ("WARN", "route=primary", "circuit opened"),
+        ("WARN", "to=secondary", "traffic moved to a later route"),
+        ("INFO", "route=primary", "circuit closed"),
+        ("INFO", "to=primary", "traffic back on an earlier route"),
+    ];
+    assert_eq!(said.len(), expect.len(), "{said:#?}");
+    for (line, (level, field, what)) in said.iter().zip(expect) {
+        assert!(
+            line.contains(level) && line.contains(field) && line.contains(what),
+            "expected {level} {field} {what}, got: {line}"
+        );
+    }
 }
