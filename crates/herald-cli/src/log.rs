@@ -32,15 +32,18 @@ pub(crate) struct LogArgs {
 /// The directives `-v`/`-q` stand for. Other libraries stay one step below herald's crates and
 /// never reach trace: the broker clients' trace events carry wire frames, which hold the
 /// credentials sent at login and the messages' payloads. (RUST_LOG can still ask for them.)
+/// lapin logs every message the broker returns (unroutable) at warn, the whole message with
+/// its payload and headers, once per message: herald reports those itself (a permanent
+/// `NO_ROUTE` failure, `herald_amqp_returned_total`), so that target is kept to errors.
 fn directives(args: &LogArgs) -> &'static str {
     if args.quiet {
         return "error";
     }
     match args.verbose {
-        0 => "warn",
-        1 => "warn,herald=info",
-        2 => "info,herald=debug",
-        _ => "debug,herald=trace",
+        0 => "warn,lapin::returned_messages=error",
+        1 => "warn,herald=info,lapin::returned_messages=error",
+        2 => "info,herald=debug,lapin::returned_messages=error",
+        _ => "debug,herald=trace,lapin::returned_messages=error",
     }
 }
 
@@ -137,6 +140,23 @@ mod tests {
                 "{v}"
             );
             assert_eq!(through(&flags(v, false), Level::DEBUG), (true, true), "{v}");
+        }
+    }
+
+    /// lapin's per-message warning for a returned message (payload and headers included) is
+    /// kept out at every verbosity; lapin's other warnings are not.
+    #[test]
+    fn lapin_s_returned_message_warnings_never_print_a_payload() {
+        for v in [0, 1, 2, 3, 200] {
+            let subscriber =
+                tracing_subscriber::registry().with(filter(&flags(v, false), None).expect("valid"));
+            let (returned, other) = tracing::subscriber::with_default(subscriber, || {
+                (
+                    tracing::enabled!(target: "lapin::returned_messages", Level::WARN),
+                    tracing::enabled!(target: "lapin::io_loop", Level::WARN),
+                )
+            });
+            assert_eq!((returned, other), (false, true), "-v x {v}");
         }
     }
 
