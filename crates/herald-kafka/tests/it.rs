@@ -13,6 +13,7 @@ use common::{
 use herald_core::{Destination, Message, Producer};
 use herald_kafka::{admin, KafkaConfig, KafkaTransport};
 use herald_retry::{Backoff, ExponentialRetry};
+use herald_testkit::checks::free_port;
 use herald_testkit::conformance::{self, Injected};
 
 fn bootstrap() -> String {
@@ -87,13 +88,6 @@ async fn a_hundred_thousand_keyed_messages_arrive_once_in_order() {
     assert_eq!(report.delivered, 100_000);
     producer.close(Duration::from_secs(30)).await;
     assert_exactly_once_in_order(&msgs, &read(&b, &t, msgs.len()).await);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 /// A Tansu broker of the test's own, on SQLite storage so that its log survives a restart.

@@ -20,6 +20,7 @@ use herald_core::{
     ProducerBuilder, Transport, TransportHealth,
 };
 use herald_redis::{RedisConfig, RedisTransport};
+use herald_testkit::checks::{assert_complete_in_key_order, free_port, wait_for};
 use herald_testkit::conformance::{self, Harness, Injected};
 use herald_testkit::proxy::FaultProxy;
 use redis::aio::MultiplexedConnection;
@@ -61,15 +62,6 @@ fn uniq() -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// Waits until `cond` holds, checking every 20 ms; panics, naming `what`, after `within`.
-async fn wait_for(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn quick_retries(b: ProducerBuilder) -> ProducerBuilder {
@@ -232,43 +224,6 @@ fn first_copies(got: Vec<Message>) -> (Vec<Message>, usize) {
         .collect();
     let dropped = total - firsts.len();
     (firsts, dropped)
-}
-
-/// Per key, the positions (in `sent`) of the first copy of each message that arrived, in
-/// arrival order; asserts they increase, and that every message arrived.
-fn assert_complete_in_key_order(what: &str, sent: &[Message], got: &[Message]) {
-    let position: HashMap<&[u8], usize> = sent
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.payload().as_ref(), i))
-        .collect();
-    let mut seen = HashSet::new();
-    let mut last: HashMap<Vec<u8>, usize> = HashMap::new();
-    for m in got {
-        let Some(&i) = position.get(m.payload().as_ref()) else {
-            panic!("{what}: a message that was never sent arrived");
-        };
-        if seen.insert(i) {
-            let key = m.key().expect("every message has a key").to_vec();
-            assert_eq!(
-                Some(&key[..]),
-                sent[i].key().map(|k| k.as_ref()),
-                "{what}: key as sent"
-            );
-            if let Some(prev) = last.insert(key, i) {
-                assert!(
-                    prev < i,
-                    "{what}: per-key order: #{i} first arrived after #{prev}"
-                );
-            }
-        }
-    }
-    assert_eq!(
-        seen.len(),
-        sent.len(),
-        "{what}: nothing lost ({} arrivals)",
-        got.len()
-    );
 }
 
 /// The conformance harness: transports connect through a fault proxy, so that faults are real
@@ -773,13 +728,6 @@ fn redis_server_binary() -> PathBuf {
         .map(|d| d.join("redis-server"))
         .find(|p| p.is_file())
         .expect("these tests start their own redis-server: none on this machine (apt-get install redis-server)")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A redis-server of a test's own: its own port and folder, the AOF on (`appendonly yes`,

@@ -9,23 +9,9 @@ pub(crate) mod cluster;
 pub(crate) mod fake_broker;
 pub(crate) mod node;
 
-use std::time::Duration;
-
-use tokio::time::Instant;
+pub(crate) use herald_testkit::checks::wait_for;
 
 /// No broker needed: a port on this machine that nothing listens on.
 pub(crate) fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-/// Waits until `cond` holds, checking every 20 ms; panics, naming `what`, after `within`.
-pub(crate) async fn wait_for(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    herald_testkit::checks::free_port()
 }
