@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use herald_core::rotation::{Dialer, Opened, Rotation, Wording};
-use herald_core::{TransportError, TransportHealth};
+use herald_core::{TransportError, TransportHealth, Turns};
 use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Channel, Connection, ConnectionProperties, Event};
@@ -109,6 +109,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: AmqpMetrics,
     /// The address of the connection up now, as `host:port`.
     node: std::sync::Mutex<Option<String>>,
+    /// Each destination's turn to publish: calls publish in the order herald started them.
+    pub(crate) turns: Turns,
 }
 
 /// The `transport` field of every event this crate logs.
@@ -138,6 +140,7 @@ impl Inner {
             rotation,
             flow: Arc::new(Flow::default()),
             metrics,
+            turns: Turns::default(),
             node: std::sync::Mutex::new(None),
         }
     }

@@ -24,6 +24,10 @@ pub(crate) async fn send_batch(
     destination: &Destination,
     batch: &[Message],
 ) -> BatchOutcome {
+    // The destination's turn first, before any other await: calls of one destination hand their
+    // messages to the channels in the order herald started them (see
+    // `Transport::keeps_order_across_calls`), and wait for their confirms side by side.
+    let turn = inner.turns.take(destination).await;
     inner.in_use();
     let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
     let route = match Route::parse(destination) {
@@ -49,8 +53,13 @@ pub(crate) async fn send_batch(
         .enumerate()
         .filter(|(_, g)| !g.is_empty())
         .map(|(slot, idxs)| publish_group(inner, &live, slot, &route, batch, idxs, deadline));
+    let published = join_all(sends).await;
+    drop(turn);
+    let settles = published
+        .into_iter()
+        .map(|group| settle_group(inner, &live, &route, group, deadline));
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
-    for group in join_all(sends).await {
+    for group in join_all(settles).await {
         for (i, o) in group {
             outcomes[i] = Some(o);
         }
@@ -125,9 +134,19 @@ fn properties(config: &AmqpConfig, msg: &Message) -> BasicProperties {
     props
 }
 
+/// What [`publish_group`] leaves to [`settle_group`]: the outcomes known, and the confirms still
+/// to come, on the channel it published on.
+struct Published {
+    slot: usize,
+    channel: Option<lapin::Channel>,
+    out: Vec<(usize, Result<Ack, TransportError>)>,
+    pending: VecDeque<(usize, lapin::PublisherConfirm)>,
+}
+
 /// Publishes the messages `idxs` of `batch` on channel `slot`, streaming: at most `window`
 /// unconfirmed at a time, everything (channel open, publishes, confirms) bounded by the
-/// batch's `deadline`. Returns the outcome of each, by index.
+/// batch's `deadline`. Returns when every message is published (or failed): the confirms of
+/// the last window are left to [`settle_group`].
 async fn publish_group(
     inner: &Inner,
     live: &Live,
@@ -136,15 +155,18 @@ async fn publish_group(
     batch: &[Message],
     idxs: Vec<usize>,
     deadline: Instant,
-) -> Vec<(usize, Result<Ack, TransportError>)> {
+) -> Published {
     let target = route.describe();
+    let failed = |e: TransportError| Published {
+        slot,
+        channel: None,
+        out: idxs.iter().map(|&i| (i, Err(e.clone()))).collect(),
+        pending: VecDeque::new(),
+    };
     let channel = match tokio::time::timeout_at(deadline, live.channel(slot)).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return idxs.into_iter().map(|i| (i, Err(e.clone()))).collect(),
-        Err(_) => {
-            let e = stalled(inner, &target, "opening a channel");
-            return idxs.into_iter().map(|i| (i, Err(e.clone()))).collect();
-        }
+        Ok(Err(e)) => return failed(e),
+        Err(_) => return failed(stalled(inner, &target, "opening a channel")),
     };
     let config = &inner.config;
     let options = BasicPublishOptions {
@@ -189,6 +211,34 @@ async fn publish_group(
             }
         }
     }
+    Published {
+        slot,
+        channel: Some(channel),
+        out,
+        pending,
+    }
+}
+
+/// Waits for the confirms [`publish_group`] left, within the batch's `deadline`, and gives the
+/// channel up if the broker nacked a message on it. Returns the outcome of each message, by
+/// index.
+async fn settle_group(
+    inner: &Inner,
+    live: &Live,
+    route: &Route,
+    published: Published,
+    deadline: Instant,
+) -> Vec<(usize, Result<Ack, TransportError>)> {
+    let Published {
+        slot,
+        channel,
+        mut out,
+        pending,
+    } = published;
+    let Some(channel) = channel else {
+        return out;
+    };
+    let target = route.describe();
     for (j, confirm) in pending {
         out.push((j, settle(inner, confirm, route, &target, deadline).await));
     }

@@ -115,6 +115,13 @@ impl Transport for AmqpTransport {
         self.inner.health()
     }
 
+    /// A call takes its destination's turn before anything else and publishes all its messages
+    /// before the next call of the destination publishes any; one channel keeps order, and a
+    /// key always goes through the same channel. The confirms are awaited after the turn.
+    fn keeps_order_across_calls(&self) -> bool {
+        true
+    }
+
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
         publish::send_batch(&self.inner, destination, batch).await
     }

@@ -301,12 +301,27 @@ async fn conformance_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a broker: cargo xtask it"]
 async fn hundred_thousand_messages_read_back_exactly_in_order() {
+    read_back_exactly_in_order(1).await;
+}
+
+/// The same with four batches of the queue in flight: calls publish in turn, so the queue
+/// holds every message once, per key as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn pipelined_hundred_thousand_messages_read_back_exactly_in_order() {
+    read_back_exactly_in_order(4).await;
+}
+
+async fn read_back_exactly_in_order(depth: usize) {
     const N: usize = 100_000;
     let admin = Admin::connect(&url()).await;
     let q = admin.queue("100k").await;
     let dest = herald_amqp::queue(&q);
     let transport = AmqpTransport::new(AmqpConfig::from_url(&url()).expect("url")).expect("t");
-    let p = Producer::builder(transport).build().expect("producer");
+    let p = Producer::builder(transport)
+        .pipeline_depth(depth)
+        .build()
+        .expect("producer");
     let sent: Vec<Message> = (0..N)
         .map(|i| {
             Message::new(
@@ -323,7 +338,7 @@ async fn hundred_thousand_messages_read_back_exactly_in_order() {
     assert!(report.failed.is_empty(), "{:?}", report.failed.first());
     assert_eq!(report.delivered, N as u64);
     eprintln!(
-        "100k: delivered in {took:?} ({:.0} msg/s)",
+        "100k, pipeline depth {depth}: delivered in {took:?} ({:.0} msg/s)",
         N as f64 / took.as_secs_f64()
     );
     let got = admin.read(&q, N, Duration::from_secs(120)).await;

@@ -33,13 +33,14 @@ pub const KEY_HELD: &str = "herald_key_held";
 /// assert_eq!(held.code(), Some(herald_core::KEY_HELD));
 /// ```
 #[derive(Debug, Default)]
-pub struct KeyHold<'a> {
+pub struct KeyHold {
     /// Keys held, each with the error that held it. A batch rarely has more than a few
-    /// failures, so a list beats a hash set; it stays empty (no allocation) without one.
-    held: Vec<(Option<&'a Bytes>, TransportError)>,
+    /// failures, so a list beats a hash set; it stays empty (no allocation) without one. A key
+    /// is kept as a `Bytes` clone: a reference count, not a copy.
+    held: Vec<(Option<Bytes>, TransportError)>,
 }
 
-impl<'a> KeyHold<'a> {
+impl KeyHold {
     /// The error `msg` must end with if its key is held, or `None` if it may be sent.
     pub fn check(&self, msg: &Message) -> Option<TransportError> {
         if self.held.is_empty() {
@@ -48,15 +49,20 @@ impl<'a> KeyHold<'a> {
         let key = msg.key();
         self.held
             .iter()
-            .find(|(held, _)| *held == key)
+            .find(|(held, _)| held.as_ref() == key)
             .map(|(_, first)| held_error(first))
     }
 
     /// Records that `msg` failed with `error`: a transient failure holds its key.
-    pub fn failed(&mut self, msg: &'a Message, error: &TransportError) {
+    pub fn failed(&mut self, msg: &Message, error: &TransportError) {
         if error.class() == ErrorClass::Transient && self.check(msg).is_none() {
-            self.held.push((msg.key(), error.clone()));
+            self.held.push((msg.key().cloned(), error.clone()));
         }
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
     }
 
     /// Applies the rule to a batch's outcomes, in batch order: every `Ok` after a transient
@@ -64,15 +70,25 @@ impl<'a> KeyHold<'a> {
     /// which is then stored again after the retry: a duplicate, never a reordering); a later
     /// failure of its own is kept. `outcomes` pairs with
     /// `batch` by position. Returns how many outcomes it changed.
-    pub fn apply(batch: &'a [Message], outcomes: &mut [Result<Ack, TransportError>]) -> usize {
+    pub fn apply(batch: &[Message], outcomes: &mut [Result<Ack, TransportError>]) -> usize {
+        KeyHold::default().carry(batch, outcomes)
+    }
+
+    /// As [`KeyHold::apply`], carrying on from the keys already held (by the earlier batches of
+    /// a destination still out, when several are in flight), and keeping the keys this batch
+    /// holds for the batches after it.
+    pub(crate) fn carry(
+        &mut self,
+        batch: &[Message],
+        outcomes: &mut [Result<Ack, TransportError>],
+    ) -> usize {
         let transient = |o: &Result<Ack, TransportError>| matches!(o, Err(e) if e.class() == ErrorClass::Transient);
-        if !outcomes.iter().any(transient) {
+        if self.held.is_empty() && !outcomes.iter().any(transient) {
             return 0;
         }
-        let mut hold = KeyHold::default();
         let mut changed = 0;
         for (msg, outcome) in batch.iter().zip(outcomes.iter_mut()) {
-            if let Some(held) = hold.check(msg) {
+            if let Some(held) = self.check(msg) {
                 // A failure of its own stays: a permanent one is final, a transient one is
                 // retried anyway and says more than "held".
                 if outcome.is_ok() {
@@ -80,7 +96,7 @@ impl<'a> KeyHold<'a> {
                     changed += 1;
                 }
             } else if let Err(e) = outcome {
-                hold.failed(msg, e);
+                self.failed(msg, e);
             }
         }
         changed

@@ -1,6 +1,10 @@
 //! The one seam every broker implements.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
 use async_trait::async_trait;
+use tokio::sync::OwnedMutexGuard;
 
 use crate::error::TransportError;
 use crate::health::TransportHealth;
@@ -36,6 +40,9 @@ pub type BatchOutcome = Vec<Result<Ack, TransportError>>;
 /// - A transport does not retry on its own beyond what its client library does internally; each
 ///   adapter documents that part.
 /// - It may be called concurrently for different batches (up to the producer's max in-flight).
+/// - Across calls, a transport promises no order unless it says it keeps it
+///   ([`Transport::keeps_order_across_calls`]): then strict ordering sends several batches of one
+///   destination at once instead of one after another.
 ///
 /// The trait is object safe: the producer holds it as `Arc<dyn Transport>`.
 ///
@@ -99,6 +106,26 @@ pub trait Transport: Send + Sync + 'static {
         std::time::Duration::ZERO
     }
 
+    /// Whether this transport keeps order across calls, so that strict ordering may keep several
+    /// batches of one destination in flight (up to
+    /// [`ProducerBuilder::pipeline_depth`](crate::ProducerBuilder::pipeline_depth)) instead of
+    /// waiting for each batch's acknowledgements before sending the next.
+    ///
+    /// herald starts the calls of one destination one at a time: it polls a call for the first
+    /// time only after the first poll of the call before it has returned. A transport that
+    /// answers `true` promises that, for one destination, the messages of a call reach the
+    /// broker ahead of those of every call started after it: by the end of its first poll, a
+    /// call has taken its place (handed its messages to a client queue that keeps order, or
+    /// queued for a turn that is served first come, first served, such as a
+    /// `tokio::sync::Mutex` locked before any other `.await`). Failures need no care: the
+    /// pipeline applies the per-key hold across the batches in flight, and lands them in the
+    /// order they were sent.
+    ///
+    /// Default: `false` (one batch per destination at a time under strict ordering).
+    fn keeps_order_across_calls(&self) -> bool {
+        false
+    }
+
     /// Called once when the producer closes, after the last batch: release connections, flush
     /// client-side queues. Default: nothing to do.
     async fn close(&self) {}
@@ -129,3 +156,38 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 const _: Option<&dyn Transport> = None;
+
+/// Turns per destination, served first come, first served: what a transport that keeps order
+/// across calls ([`Transport::keeps_order_across_calls`]) takes at the start of each call, before
+/// any other `.await`, and holds while it hands the call's messages to its client. herald starts
+/// a destination's calls one after another, so their turns come in that order, and the messages
+/// of a call reach the client before those of the calls after it; the broker's answers are then
+/// awaited without the turn, so the calls' round trips overlap.
+///
+/// ```
+/// # async fn demo() {
+/// use herald_core::{Destination, Turns};
+/// let turns = Turns::default();
+/// let orders = Destination::new("orders");
+/// let turn = turns.take(&orders).await;
+/// // ... hand the batch over ...
+/// drop(turn);
+/// // ... wait for the broker's answers ...
+/// # }
+/// ```
+#[derive(Debug, Default)]
+pub struct Turns {
+    queues: Mutex<HashMap<Destination, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Turns {
+    /// Waits for `destination`'s turn: after every call that asked for it before (at its first
+    /// poll). The turn ends when the guard is dropped.
+    pub async fn take(&self, destination: &Destination) -> OwnedMutexGuard<()> {
+        let queue = {
+            let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
+            queues.entry(destination.clone()).or_default().clone()
+        };
+        queue.lock_owned().await
+    }
+}

@@ -179,6 +179,12 @@ impl KafkaConfig {
         self
     }
 
+    /// Whether production is idempotent: librdkafka then keeps each partition's order across
+    /// its requests in flight and its own retries.
+    pub(crate) fn is_idempotent(&self) -> bool {
+        self.idempotence
+    }
+
     /// Idempotent production (`enable.idempotence`). Default on: librdkafka's own retries then
     /// never duplicate or reorder a message within a partition.
     #[must_use]

@@ -30,6 +30,9 @@ use crate::publish::{InFlight, Room};
 pub(crate) struct Shared {
     /// Room in librdkafka's queue, for senders that found it full.
     pub(crate) room: Room,
+    /// Each topic's turn to hand messages to librdkafka: calls do it in the order herald
+    /// started them.
+    pub(crate) turns: herald_core::Turns,
     pub(crate) metrics: KafkaMetrics,
     /// The last client-level error librdkafka reported, to explain messages that time out (a
     /// timeout alone does not say which servers failed): connection errors, which name the
@@ -217,6 +220,7 @@ impl Connection {
             all_down: AtomicBool::new(false),
             in_flight: InFlight::default(),
             name: config.metrics_label().map(str::to_owned),
+            turns: herald_core::Turns::default(),
         });
         let producer = Arc::new(create(&client_config, &shared)?);
         Ok(Self {
@@ -382,6 +386,7 @@ mod tests {
                 all_down: AtomicBool::new(false),
                 in_flight: InFlight::default(),
                 name: name.map(str::to_owned),
+                turns: herald_core::Turns::default(),
             }),
         }
     }

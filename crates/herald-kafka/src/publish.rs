@@ -293,12 +293,16 @@ pub(crate) async fn send_batch(
     batch: &[Message],
     deadline: Option<Instant>,
 ) -> BatchOutcome {
+    // The destination's turn first, before any other await: calls of one topic hand their
+    // messages to librdkafka in the order herald started them (see
+    // `Transport::keeps_order_across_calls`); the delivery reports are awaited after it.
+    let shared = connection.shared();
+    let turn = shared.turns.take(destination).await;
     let topic = match destination::topic(destination) {
         Ok(topic) => topic,
         Err(e) => return vec![Err(e); batch.len()],
     };
     connection.check_durability_once(topic);
-    let shared = connection.shared();
     let id_header = connection.id_header.as_deref();
     let state = Arc::new(BatchState::new(batch.len()));
     let registered = shared.in_flight.register(&state, batch.len());
@@ -368,6 +372,7 @@ pub(crate) async fn send_batch(
             }
         }
     }
+    drop(turn);
     if !past_deadline {
         tokio::select! {
             () = state.wait() => {}

@@ -85,6 +85,13 @@ impl Transport for KafkaTransport {
         publish::send_batch(&self.inner.connection, destination, batch, Some(deadline)).await
     }
 
+    /// With idempotence (the default): a call hands its messages to librdkafka in its topic's
+    /// turn, and librdkafka's idempotent producer keeps each partition's order across its
+    /// requests in flight and its retries. Without it, one batch per topic at a time.
+    fn keeps_order_across_calls(&self) -> bool {
+        self.inner.config.is_idempotent()
+    }
+
     fn settle_time(&self) -> std::time::Duration {
         self.inner.config.configured_settle_time()
     }

@@ -1,7 +1,7 @@
 //! An in-memory transport that records what it receives and fails when told to.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -30,6 +30,24 @@ pub enum CallFault {
     StoreThenFail(Vec<usize>),
     /// Wait this long, then behave as `Pass`.
     Delay(Duration),
+    /// Wait this long, then behave as the inner fault (an answer that comes late: with
+    /// [`MemoryTransport::keep_order_across_calls`], the calls after it store their messages
+    /// before its failures are known).
+    Slow(Duration, Box<CallFault>),
+}
+
+impl CallFault {
+    /// How long the call waits, and what it then does.
+    fn unwrap_delay(self) -> (Duration, CallFault) {
+        match self {
+            CallFault::Delay(d) => (d, CallFault::Pass),
+            CallFault::Slow(d, inner) => {
+                let (more, fault) = inner.unwrap_delay();
+                (d + more, fault)
+            }
+            other => (Duration::ZERO, other),
+        }
+    }
 }
 
 type RejectRule = Arc<dyn Fn(&Message) -> Option<TransportError> + Send + Sync>;
@@ -47,6 +65,9 @@ struct Inner {
     attempts: AtomicU64,
     delivered: AtomicU64,
     closed: AtomicU64,
+    /// Stores (or refuses) a call's messages at its first poll, and only then waits out its
+    /// latency: order across calls is kept (see `Transport::keeps_order_across_calls`).
+    ordered: AtomicBool,
 }
 
 /// An in-memory [`Transport`]: accepts messages, keeps them in arrival order (or only counts
@@ -115,6 +136,7 @@ impl MemoryTransport {
                 attempts: AtomicU64::new(0),
                 delivered: AtomicU64::new(0),
                 closed: AtomicU64::new(0),
+                ordered: AtomicBool::new(false),
             }),
         }
     }
@@ -167,6 +189,16 @@ impl MemoryTransport {
         *lock(&self.inner.health) = health;
     }
 
+    /// Keeps order across calls, as a broker client that queues each call's messages at once
+    /// and waits for the broker's answer afterwards: a call stores (or refuses) its messages at
+    /// its first poll, and its latency and scripted delay come after that, before it answers.
+    /// Strict ordering then keeps several batches of a destination in flight (the pipeline
+    /// depth). Off by default: a call waits first and stores when its wait is over, so calls
+    /// with different delays store out of order.
+    pub fn keep_order_across_calls(&self, on: bool) {
+        self.inner.ordered.store(on, Ordering::Release);
+    }
+
     /// Messages accepted so far, in arrival order (empty for a counting transport).
     pub fn received(&self) -> Vec<Message> {
         lock(&self.inner.log).clone()
@@ -198,41 +230,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-#[async_trait]
-impl Transport for MemoryTransport {
-    fn name(&self) -> &'static str {
-        "memory"
-    }
-
-    fn settle_time(&self) -> Duration {
-        *lock(&self.inner.settle)
-    }
-
-    async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
+impl MemoryTransport {
+    /// What a call does with its messages once its fault is known: stores them, or refuses them,
+    /// and says so.
+    fn answer(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        fault: &CallFault,
+    ) -> BatchOutcome {
         let inner = &self.inner;
-        inner.calls.fetch_add(1, Ordering::AcqRel);
-        inner
-            .attempts
-            .fetch_add(batch.len() as u64, Ordering::AcqRel);
-        let fault = lock(&inner.script).pop_front().unwrap_or(CallFault::Pass);
-        let latency = *lock(&inner.latency);
-        let wait = match &fault {
-            CallFault::Delay(d) => latency + *d,
-            _ => latency,
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
         if let CallFault::FailAll(class) = fault {
+            let class = *class;
             let e = TransportError::new(class, "scripted failure of the whole call")
                 .with_code("SCRIPTED");
             return vec![Err(e); batch.len()];
         }
-        let fail: HashSet<usize> = match &fault {
+        let fail: HashSet<usize> = match fault {
             CallFault::FailSome(idx) => idx.iter().copied().collect(),
             _ => HashSet::new(),
         };
-        let lost_ack: HashSet<usize> = match &fault {
+        let lost_ack: HashSet<usize> = match fault {
             CallFault::StoreThenFail(idx) => idx.iter().copied().collect(),
             _ => HashSet::new(),
         };
@@ -291,6 +309,45 @@ impl Transport for MemoryTransport {
         }
         inner.delivered.fetch_add(n + lost, Ordering::AcqRel);
         out
+    }
+}
+
+#[async_trait]
+impl Transport for MemoryTransport {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn settle_time(&self) -> Duration {
+        *lock(&self.inner.settle)
+    }
+
+    fn keeps_order_across_calls(&self) -> bool {
+        self.inner.ordered.load(Ordering::Acquire)
+    }
+
+    async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
+        let inner = &self.inner;
+        inner.calls.fetch_add(1, Ordering::AcqRel);
+        inner
+            .attempts
+            .fetch_add(batch.len() as u64, Ordering::AcqRel);
+        let (delay, fault) = lock(&inner.script)
+            .pop_front()
+            .unwrap_or(CallFault::Pass)
+            .unwrap_delay();
+        let wait = *lock(&inner.latency) + delay;
+        if inner.ordered.load(Ordering::Acquire) {
+            let out = self.answer(destination, batch, &fault);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            return out;
+        }
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        self.answer(destination, batch, &fault)
     }
 
     async fn close(&self) {

@@ -1185,3 +1185,103 @@ async fn close_wakes_senders_waiting_for_space() {
     );
     drop(closing);
 }
+
+/// Strict ordering with a transport that keeps order across calls: up to `pipeline_depth`
+/// batches of one destination go out at once; a transport that does not say so gets one.
+#[tokio::test(start_paused = true)]
+async fn strict_order_pipelines_batches_only_where_the_transport_keeps_order_across_calls() {
+    for (ordered, expected) in [(true, 4), (false, 1)] {
+        let t = MemoryTransport::new();
+        t.keep_order_across_calls(ordered);
+        t.set_latency(Duration::from_secs(3600));
+        let p = Producer::builder(t.clone())
+            .batching(SizeOrLinger::new(1, 1 << 20, Duration::from_millis(1)))
+            .pipeline_depth(4)
+            .delivery_timeout(Duration::from_secs(7200))
+            .build()
+            .expect("build");
+        for i in 0..8 {
+            let _receipt = p.enqueue(msg(i).with_key("k")).await.expect("accepted");
+        }
+        eventually(Duration::from_secs(10), "the first batch sent", || {
+            t.calls() >= 1
+        })
+        .await;
+        // Every call answers in an hour: whatever was going to start has started after 10 s.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            t.calls(),
+            expected,
+            "batches in flight (ordered: {ordered})"
+        );
+    }
+}
+
+/// Several batches of one key in flight, the first failing late: the later ones, stored
+/// meanwhile, are sent again behind its retry, and their answers (which came first) are acted
+/// on after the first batch's.
+#[tokio::test(start_paused = true)]
+async fn a_late_failure_holds_the_later_batches_of_its_key_already_stored() {
+    let t = MemoryTransport::new();
+    t.keep_order_across_calls(true);
+    t.script([CallFault::Slow(
+        Duration::from_millis(100),
+        Box::new(CallFault::FailSome(vec![0])),
+    )]);
+    let p = Producer::builder(t.clone())
+        .batching(SizeOrLinger::new(1, 1 << 20, Duration::from_millis(1)))
+        .retry(fast_retry())
+        .pipeline_depth(4)
+        .build()
+        .expect("build");
+    let mut fates = Vec::new();
+    for i in 0..3 {
+        fates.push(p.enqueue(msg(i).with_key("k")).await.expect("accepted"));
+    }
+    let mut attempts = Vec::new();
+    for f in fates {
+        attempts.push(f.await.expect("delivered").attempts);
+    }
+    let stored: Vec<String> = t
+        .received()
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+        .collect();
+    assert_eq!(
+        stored,
+        ["m-1", "m-2", "m-0", "m-1", "m-2"],
+        "the later messages stored ahead of the failed one are stored again after it"
+    );
+    assert_eq!(attempts, [2, 2, 2]);
+}
+
+/// The calls of a destination start in the order their batches were cut, even on a runtime
+/// with several workers (whose schedulers may run the task spawned last first): a transport that
+/// keeps order across calls then stores every message of a key in sending order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_calls_start_in_sending_order_on_a_multi_threaded_runtime() {
+    let t = MemoryTransport::new();
+    t.keep_order_across_calls(true);
+    t.set_latency(Duration::from_micros(200));
+    let p = Producer::builder(t.clone())
+        .batching(SizeOrLinger::new(1, 1 << 20, Duration::from_millis(1)))
+        .pipeline_depth(8)
+        .max_in_flight(8)
+        .build()
+        .expect("build");
+    let n = 3_000;
+    let report = p
+        .send_all((0..n).map(|i| msg(i).with_key("k")))
+        .await
+        .wait()
+        .await;
+    assert_eq!(report.delivered, n as u64);
+    let stored: Vec<String> = t
+        .received()
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("m-{i}")).collect();
+    let first_out_of_order = stored.iter().zip(&expected).position(|(a, b)| a != b);
+    assert_eq!(first_out_of_order, None, "stored in sending order");
+}

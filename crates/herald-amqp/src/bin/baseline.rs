@@ -48,6 +48,7 @@ async fn herald(
     n: usize,
     batch: usize,
     ordering: OrderingMode,
+    depth: usize,
 ) -> Res<f64> {
     let config = AmqpConfig::from_url(url)?;
     let queue = fresh_queue(&config, "herald").await?;
@@ -61,6 +62,7 @@ async fn herald(
             Duration::from_millis(5),
         ))
         .ordering(ordering)
+        .pipeline_depth(depth)
         .build()?;
     let dest = herald_amqp::queue(&queue);
     let body = herald_core::Bytes::from(vec![b'x'; payload]);
@@ -108,27 +110,44 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
             what: format!("raw lapin, await each confirm ({naive_n} messages)"),
             rate: naive,
         });
-        for (name, what, batch, ordering) in [
+        for (name, what, batch, ordering, depth) in [
             (
                 "herald_default",
-                "herald send_all, default batching (1 024 / 5 ms), strict order, 64 keys",
+                "herald send_all, default batching (1 024 / 5 ms), strict order (one batch in flight), 64 keys",
                 1024,
                 OrderingMode::Strict,
+                1,
+            ),
+            (
+                "herald_depth_4",
+                "herald send_all, default batching, strict order, 4 batches in flight",
+                1024,
+                OrderingMode::Strict,
+                4,
+            ),
+            (
+                "herald_depth_8",
+                "herald send_all, default batching, strict order, 8 batches in flight",
+                1024,
+                OrderingMode::Strict,
+                8,
             ),
             (
                 "herald_batch_4096",
                 "herald send_all, batches of 4 096, strict order, 64 keys",
                 4096,
                 OrderingMode::Strict,
+                1,
             ),
             (
                 "herald_relaxed",
                 "herald send_all, default batching, relaxed order (8 batches in flight)",
                 1024,
                 OrderingMode::Relaxed,
+                4,
             ),
         ] {
-            let rate = herald(url, payload, n, batch, ordering).await?;
+            let rate = herald(url, payload, n, batch, ordering, depth).await?;
             eprintln!("{payload} B {name}: {rate:.0} msg/s");
             figures.push(Figure {
                 payload,

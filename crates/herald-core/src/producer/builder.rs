@@ -28,6 +28,7 @@ pub struct ProducerBuilder {
     max_buffered_bytes: usize,
     max_message_bytes: usize,
     max_in_flight: usize,
+    pipeline_depth: usize,
     delivery_timeout: Duration,
     ordering: OrderingMode,
     on_unclaimed: Option<UnclaimedHook>,
@@ -48,6 +49,7 @@ impl std::fmt::Debug for ProducerBuilder {
             .field("max_buffered_bytes", &self.max_buffered_bytes)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("max_in_flight", &self.max_in_flight)
+            .field("pipeline_depth", &self.pipeline_depth)
             .field("delivery_timeout", &self.delivery_timeout)
             .field("ordering", &self.ordering)
             .field("on_unclaimed", &self.on_unclaimed.is_some())
@@ -70,6 +72,7 @@ impl ProducerBuilder {
             max_buffered_bytes: 64 << 20,
             max_message_bytes: 1 << 20,
             max_in_flight: 8,
+            pipeline_depth: DEFAULT_PIPELINE_DEPTH,
             delivery_timeout: Duration::from_secs(120),
             ordering: OrderingMode::Strict,
             on_unclaimed: None,
@@ -133,6 +136,22 @@ impl ProducerBuilder {
     #[must_use]
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.max_in_flight = max;
+        self
+    }
+
+    /// Under strict ordering, the most batches of one destination in flight at once, where the
+    /// transport keeps order across calls ([`Transport::keeps_order_across_calls`]: herald-kafka
+    /// with idempotence, herald-amqp); other transports send one batch per destination at a
+    /// time whatever this says. Deeper pipelines hide the network's round trip: with one batch
+    /// in flight, each batch waits for the acknowledgements of the one before. Per-key order
+    /// is kept at every depth for the last copies; above 1, a message taken by the broker after
+    /// a transient failure of its key in an earlier batch (a lost connection) arrives once
+    /// before that message's retry and once after it (docs/guarantees.md, Ordering). Also
+    /// capped by [`max_in_flight`](Self::max_in_flight). Default: 1, until herald-amqp keeps
+    /// first copies in order across a lost connection too.
+    #[must_use]
+    pub fn pipeline_depth(mut self, depth: usize) -> Self {
+        self.pipeline_depth = depth;
         self
     }
 
@@ -240,6 +259,9 @@ impl ProducerBuilder {
         if self.max_in_flight == 0 {
             return invalid("max_in_flight", "must be at least 1");
         }
+        if self.pipeline_depth == 0 {
+            return invalid("pipeline_depth", "must be at least 1");
+        }
         if self.delivery_timeout.is_zero() {
             return invalid("delivery_timeout", "must be more than zero");
         }
@@ -285,6 +307,11 @@ impl ProducerBuilder {
             max_buffered_bytes: self.max_buffered_bytes,
             max_message_bytes: self.max_message_bytes,
             max_in_flight: self.max_in_flight,
+            pipeline_depth: if self.transport.keeps_order_across_calls() {
+                self.pipeline_depth
+            } else {
+                1
+            },
             delivery_timeout: self.delivery_timeout,
             ordering: self.ordering,
             retry: self.retry,
@@ -325,6 +352,10 @@ impl ProducerBuilder {
         })
     }
 }
+
+/// Batches of one destination in flight under strict ordering, by default (where the transport
+/// keeps order across calls).
+pub(crate) const DEFAULT_PIPELINE_DEPTH: usize = 1;
 
 /// The longest delivery timeout accepted: long enough for any outage, short enough that
 /// deadlines never overflow the clock.

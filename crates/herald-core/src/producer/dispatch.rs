@@ -8,6 +8,8 @@
 //! message or per batch.
 
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +18,7 @@ use herald_retry::{CircuitState, ErrorClass, GiveUpReason, RetryContext, RetryDe
 
 use super::contain::contain;
 use super::health::effective_circuit;
+use super::order::{Landed, Turn};
 use super::state::{clock_now, Entry, Finished, Meta, Parked, Shared, State};
 use crate::error::{FailureReason, TransportError};
 use crate::message::{Destination, Message};
@@ -151,7 +154,7 @@ impl Shared {
             if p.entries.is_empty() {
                 self.config
                     .ordering
-                    .retries_ended(&mut st.acc, &p.destination);
+                    .retries_ended(&mut st.acc, &mut st.lanes, &p.destination);
             } else {
                 st.parked.push(Reverse(p));
             }
@@ -282,7 +285,7 @@ impl Shared {
         for Reverse(p) in std::mem::take(&mut st.parked) {
             self.config
                 .ordering
-                .retries_ended(&mut st.acc, &p.destination);
+                .retries_ended(&mut st.acc, &mut st.lanes, &p.destination);
             for entry in p.entries {
                 self.finish(st, fin, entry, Err(FailureReason::Closed), now);
             }
@@ -291,12 +294,19 @@ impl Shared {
 
     /// Moves parked retries whose backoff is over back into the queues, as budget allows.
     /// When the budget runs dry, the retries still due stay parked and the time to look again
-    /// is returned.
+    /// is returned. Under strict ordering, retries whose destination still has batches out that
+    /// were sent before them stay parked until those land (a landing wakes the dispatcher).
     fn unpark(&self, st: &mut State, now: Instant) -> Option<Instant> {
+        let mut waiting_for_lane = Vec::new();
+        let mut again = None;
         while st.parked.peek().is_some_and(|Reverse(p)| p.ready_at <= now) {
             let Some(Reverse(mut p)) = st.parked.pop() else {
                 break;
             };
+            if !self.config.ordering.may_requeue(&st.lanes, &p.destination) {
+                waiting_for_lane.push(p);
+                continue;
+            }
             if !st.budget.try_withdraw(now) {
                 if !p.denied {
                     p.denied = true;
@@ -310,9 +320,9 @@ impl Shared {
                     n => Duration::from_secs(1) / n,
                 };
                 p.ready_at = now + wait.clamp(Duration::from_millis(1), Duration::from_millis(100));
-                let again = p.ready_at;
+                again = Some(p.ready_at);
                 st.parked.push(Reverse(p));
-                return Some(again);
+                break;
             }
             self.budget_granted();
             let n = p.entries.len() as u64;
@@ -320,11 +330,18 @@ impl Shared {
             self.metrics.retries.increment(n);
             let for_expiry = p.entries.iter().map(|(_, m)| m.deadline).min();
             st.expires_by(for_expiry);
-            self.config
-                .ordering
-                .requeue(&mut st.acc, &p.destination, p.entries, now);
+            self.config.ordering.requeue(
+                &mut st.acc,
+                &mut st.lanes,
+                &p.destination,
+                p.entries,
+                now,
+            );
         }
-        None
+        for p in waiting_for_lane {
+            st.parked.push(Reverse(p));
+        }
+        again
     }
 
     /// One turn of the dispatcher: expire, unpark, take every batch that may go. Returns the
@@ -391,10 +408,15 @@ impl Shared {
             self.metrics.batches.increment(1);
             self.metrics.batch_messages.record(messages.len() as f64);
             self.metrics.batch_bytes.record(batch.bytes as f64);
+            let turn = self
+                .config
+                .ordering
+                .start(&mut st.lanes, &batch.destination);
             flights.push(Flight {
                 destination: batch.destination,
                 messages,
                 metas,
+                turn,
             });
         }
         self.metrics.inflight.set(st.in_flight as f64);
@@ -433,14 +455,35 @@ impl Shared {
         (flights, wake_at)
     }
 
-    /// Handles the outcome of one batch: deliveries, permanent failures, retries.
-    fn land(&self, flight: &mut Flight, outcomes: BatchOutcome, fin: &mut Finished) {
+    /// Handles the outcome of one batch, and of the batches of its lane answered ahead of it:
+    /// under strict ordering, a destination's batches are acted on in the order they were sent.
+    fn land(&self, flight: Flight, outcomes: BatchOutcome, fin: &mut Finished) {
         let now = clock_now();
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let destination = flight.destination.clone();
+        let seq = flight.turn.seq;
+        let ready = self.config.ordering.landed(
+            &mut st.lanes,
+            &destination,
+            seq,
+            Landed { flight, outcomes },
+        );
+        for landed in ready {
+            self.land_one(st, landed, fin, now);
+        }
+        self.config.ordering.settle(&mut st.lanes, &destination);
+        drop(guard);
+        self.wake.notify_one();
+    }
+
+    /// Handles the outcome of one batch: deliveries, permanent failures, retries.
+    fn land_one(&self, st: &mut State, landed: Landed<Flight>, fin: &mut Finished, now: Instant) {
+        let Landed { flight, outcomes } = landed;
         st.in_flight -= 1;
         st.acc.batch_done(&flight.destination);
-        let messages = std::mem::take(&mut flight.messages);
-        let metas = std::mem::take(&mut flight.metas);
+        let messages = flight.messages;
+        let metas = flight.metas;
         let n = messages.len();
         let mut outcomes = outcomes;
         outcomes.truncate(n);
@@ -452,7 +495,12 @@ impl Shared {
         // The broker answered: a message it took counts for the breaker even if the key rule
         // below sends it again.
         let mut any_ok = outcomes.iter().any(Result::is_ok);
-        self.config.ordering.hold_keys(&messages, &mut outcomes);
+        self.config.ordering.hold_keys(
+            &mut st.lanes,
+            &flight.destination,
+            &messages,
+            &mut outcomes,
+        );
         let mut all_transient = !any_ok;
         let mut retry: Vec<Entry> = Vec::new();
         let mut retry_after = Duration::ZERO;
@@ -462,7 +510,7 @@ impl Shared {
                 Ok(ack) => {
                     any_ok = true;
                     all_transient = false;
-                    self.finish(&mut st, fin, (msg, meta), Ok(ack), now);
+                    self.finish(st, fin, (msg, meta), Ok(ack), now);
                     continue;
                 }
                 Err(e) => e,
@@ -488,7 +536,7 @@ impl Shared {
                             site: "retry_policy",
                             message,
                         };
-                        self.finish(&mut st, fin, (msg, meta), Err(reason), now);
+                        self.finish(st, fin, (msg, meta), Err(reason), now);
                         continue;
                     }
                 }
@@ -519,35 +567,75 @@ impl Shared {
                     self.deadline_reason(&mut meta)
                 }
             };
-            self.finish(&mut st, fin, (msg, meta), Err(reason), now);
+            self.finish(st, fin, (msg, meta), Err(reason), now);
         }
         if any_ok || !all_transient {
             st.breaker.on_success(now);
         } else {
             st.breaker.on_failure(now);
         }
-        self.note_circuit(&mut st);
+        self.note_circuit(st);
         // What the rate limit holds back, the dispatcher says later (woken below).
         let _later = self.say_timeouts(timed_out, now, false);
         if !retry.is_empty() {
-            self.config
-                .ordering
-                .retries_parked(&mut st.acc, &flight.destination);
             let earliest = retry.iter().map(|(_, m)| m.deadline).min();
             st.expires_by(earliest);
-            st.parked_seq += 1;
-            let seq = st.parked_seq;
-            st.parked.push(Reverse(Parked {
-                ready_at: now + retry_after,
+            let ready_at = now + retry_after;
+            let State {
+                acc, lanes, parked, ..
+            } = st;
+            let join = |entries| join_parked(parked, &flight.destination, entries, ready_at);
+            let new_group = self
+                .config
+                .ordering
+                .park(acc, lanes, &flight.destination, retry, join);
+            if let Some(entries) = new_group {
+                st.parked_seq += 1;
+                let seq = st.parked_seq;
+                st.parked.push(Reverse(Parked {
+                    ready_at,
+                    seq,
+                    destination: flight.destination.clone(),
+                    entries,
+                    denied: false,
+                }));
+            }
+        }
+    }
+}
+
+/// Adds `entries`, behind, to the parked group of `destination` (strict ordering: the retries of
+/// a batch that was in flight beside the one whose retries are parked), which then waits until
+/// `ready_at` if that is later. Without such a group (which the lane says cannot happen), they
+/// form one.
+fn join_parked(
+    parked: &mut BinaryHeap<Reverse<Parked>>,
+    destination: &Destination,
+    entries: Vec<Entry>,
+    ready_at: Instant,
+) {
+    let mut groups = std::mem::take(parked).into_vec();
+    match groups
+        .iter_mut()
+        .find(|Reverse(p)| &p.destination == destination)
+    {
+        Some(Reverse(p)) => {
+            p.entries.extend(entries);
+            p.ready_at = p.ready_at.max(ready_at);
+        }
+        None => {
+            debug_assert!(false, "the lane of {destination} has no parked group");
+            let seq = groups.iter().map(|Reverse(p)| p.seq).max().unwrap_or(0) + 1;
+            groups.push(Reverse(Parked {
+                ready_at,
                 seq,
-                destination: flight.destination.clone(),
-                entries: retry,
+                destination: destination.clone(),
+                entries,
                 denied: false,
             }));
         }
-        drop(st);
-        self.wake.notify_one();
     }
+    *parked = BinaryHeap::from(groups);
 }
 
 /// A batch being sent.
@@ -555,6 +643,8 @@ pub(crate) struct Flight {
     destination: Destination,
     messages: Vec<Message>,
     metas: Vec<Meta>,
+    /// Its place in its destination's lane (strict ordering).
+    turn: Turn,
 }
 
 /// Owns a batch while the transport sends it. Dropped before the outcome lands (the transport
@@ -563,30 +653,14 @@ pub(crate) struct Flight {
 /// producer itself is going away, end as `Closed` through the state's drop guard.
 struct Sending {
     shared: Arc<Shared>,
-    flight: Flight,
-    landed: bool,
+    /// The batch, until it lands.
+    flight: Option<Flight>,
 }
 
-impl Sending {
-    fn land(&mut self, outcomes: BatchOutcome) {
-        // Set first: should landing itself panic (in a user's retry policy), it is not repeated.
-        self.landed = true;
-        let mut fin = Finished::default();
-        self.shared.land(&mut self.flight, outcomes, &mut fin);
-        self.shared.complete(fin);
-    }
-}
-
-impl Drop for Sending {
-    fn drop(&mut self) {
-        if !self.landed {
-            let e = TransportError::transient(
-                "the transport's send was aborted: it panicked, or its task was cancelled",
-            )
-            .with_code("herald_send_aborted");
-            let n = self.flight.messages.len();
-            self.land(vec![Err(e); n]);
-        }
+impl Flight {
+    /// Its messages with their bookkeeping.
+    pub(crate) fn into_entries(self) -> impl Iterator<Item = Entry> {
+        self.messages.into_iter().zip(self.metas)
     }
 }
 
@@ -597,8 +671,37 @@ impl Sending {
     fn new(shared: Arc<Shared>, flight: Flight) -> Self {
         Self {
             shared,
-            flight,
-            landed: false,
+            flight: Some(flight),
+        }
+    }
+
+    fn flight(&self) -> &Flight {
+        self.flight
+            .as_ref()
+            .expect("a batch is in the guard until it lands")
+    }
+
+    fn land(&mut self, outcomes: BatchOutcome) {
+        // Taken first: should landing itself panic (in a user's retry policy), it is not
+        // repeated.
+        let Some(flight) = self.flight.take() else {
+            return;
+        };
+        let mut fin = Finished::default();
+        self.shared.land(flight, outcomes, &mut fin);
+        self.shared.complete(fin);
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if let Some(flight) = &self.flight {
+            let e = TransportError::transient(
+                "the transport's send was aborted: it panicked, or its task was cancelled",
+            )
+            .with_code("herald_send_aborted");
+            let n = flight.messages.len();
+            self.land(vec![Err(e); n]);
         }
     }
 }
@@ -606,25 +709,48 @@ impl Sending {
 /// Sends one batch and lands its outcomes. Its argument, the guard, lives in the future from
 /// the moment it is created: dropped unpolled, the future still lands the batch.
 async fn send_flight(mut sending: Sending) {
+    // Under strict ordering, a destination's calls start one after another (see
+    // `Transport::keeps_order_across_calls`): this one after the first poll of the one before.
+    let (after, started) = match sending.flight.as_mut() {
+        Some(f) => (f.turn.after.take(), f.turn.started.take()),
+        None => (None, None),
+    };
+    if let Some(after) = after {
+        // Fired, or dropped with a call that will never start: either way, our turn.
+        let _either_way: Result<(), _> = after.await;
+    }
     // An attempt may not outlive the earliest deadline in the batch: a transport that hangs must
     // not keep any message past its delivery timeout. Messages with time left are retried. A
     // transport with a settle time gets that much longer to report what it had already handed to
     // the broker at the deadline (the truth, rather than a failure that may have been stored).
-    let now = clock_now();
-    let earliest = sending.flight.metas.iter().map(|m| m.deadline).min();
-    let deadline = earliest.unwrap_or(now);
-    let budget = deadline.saturating_duration_since(now);
-    let transport = &sending.shared.transport;
-    let settle = transport.settle_time();
-    let send = transport.send_batch_until(
-        &sending.flight.destination,
-        &sending.flight.messages,
-        deadline,
-    );
-    let outcomes = match tokio::time::timeout(budget.saturating_add(settle), send).await {
-        Ok(outcomes) => outcomes,
-        Err(_) => {
-            let mut e = TransportError::transient(if settle.is_zero() {
+    let outcomes = {
+        let now = clock_now();
+        let flight = sending.flight();
+        let earliest = flight.metas.iter().map(|m| m.deadline).min();
+        let deadline = earliest.unwrap_or(now);
+        let budget = deadline.saturating_duration_since(now);
+        let n = flight.messages.len();
+        let transport = &sending.shared.transport;
+        let settle = transport.settle_time();
+        let mut send = std::pin::pin!(transport.send_batch_until(
+            &flight.destination,
+            &flight.messages,
+            deadline
+        ));
+        let mut started = started;
+        let send = std::future::poll_fn(|cx| {
+            let polled = send.as_mut().poll(cx);
+            if let Some(started) = started.take() {
+                // The next call of the lane may start now.
+                // Nobody waits when no call follows yet: nothing to tell.
+                let _unheard: Result<(), ()> = started.send(());
+            }
+            polled
+        });
+        match tokio::time::timeout(budget.saturating_add(settle), send).await {
+            Ok(outcomes) => outcomes,
+            Err(_) => {
+                let mut e = TransportError::transient(if settle.is_zero() {
                 format!(
                     "the transport did not answer within {budget:?}, the time left before the batch's first delivery deadline"
                 )
@@ -634,10 +760,11 @@ async fn send_flight(mut sending: Sending) {
                 )
             })
             .with_code(ATTEMPT_TIMEOUT);
-            if let Some(diagnosis) = transport.diagnosis() {
-                e = e.with_context(diagnosis);
+                if let Some(diagnosis) = transport.diagnosis() {
+                    e = e.with_context(diagnosis);
+                }
+                vec![Err(e); n]
             }
-            vec![Err(e); sending.flight.messages.len()]
         }
     };
     sending.land(outcomes);
@@ -699,7 +826,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{async_trait, Ack, Destination, Message, Producer, Transport};
+    use crate::{async_trait, Ack, Destination, Message, OrderingMode, Producer, Transport};
 
     struct Accepts;
     #[async_trait]
@@ -730,10 +857,12 @@ mod tests {
                 st.acc.drain_all().pop().expect("the message is queued");
             meta.attempts += 1;
             st.in_flight += 1;
+            let turn = OrderingMode::Strict.start(&mut st.lanes, &destination);
             Flight {
                 destination,
                 messages: vec![msg],
                 metas: vec![meta],
+                turn,
             }
         };
         drop(send_flight(Sending::new(shared.clone(), flight)));

@@ -1,25 +1,34 @@
 //! The ordering rule, in one place: what strict ordering asks of the accumulator, and where.
 //!
 //! Strict ordering keeps the messages of one destination and key in acceptance order, retries
-//! included. It takes three gates, each applied here and nowhere else:
-//! - **one batch in flight per destination** ([`OrderingMode::in_flight_per_destination`], given
-//!   to the accumulator when the producer is built);
+//! included. It takes these gates, each applied here and nowhere else:
+//! - **batches in flight per destination**: one, or up to the pipeline depth where the transport
+//!   keeps order across calls ([`OrderingMode::in_flight_per_destination`], given to the
+//!   accumulator when the producer is built). The batches of a destination form a [`Lane`]:
+//!   they are started one after another ([`OrderingMode::start`]) and landed in the order they
+//!   were sent ([`OrderingMode::landed`]), whatever order their answers come in;
 //! - **a destination with retries waiting is held**: nothing of it goes out until they are
-//!   queued again ([`OrderingMode::retries_parked`], when a batch lands with retries);
-//! - **retries go back in front, whole, and release the hold** ([`OrderingMode::requeue`]), or
-//!   the hold is released when they end without being queued again (expired or abandoned:
+//!   queued again ([`OrderingMode::park`], when a batch lands with retries; the retries of
+//!   later batches already in flight join the same group, behind);
+//! - **retries go back in front, whole, and release the hold** ([`OrderingMode::requeue`]) once
+//!   every batch sent before them has landed ([`OrderingMode::may_requeue`]), or the hold is
+//!   released when they end without being queued again (expired or abandoned:
 //!   [`OrderingMode::retries_ended`]).
 //!
-//! Within a batch, the per-key hold ([`crate::KeyHold`]) keeps a message delivered after a
-//! transient failure of its key from staying ahead of that message's retry
-//! ([`OrderingMode::hold_keys`]).
+//! The per-key hold ([`crate::KeyHold`]) keeps a message delivered after a transient failure of
+//! its key from staying ahead of that message's retry ([`OrderingMode::hold_keys`]): within a
+//! batch, and across the batches of a lane, for as long as the lane has batches out or retries
+//! parked.
 //!
 //! Relaxed ordering takes none of them: batches of a destination go out concurrently and
 //! retries rejoin the back of the queue.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use herald_batch::Accumulator;
+
+use tokio::sync::oneshot;
 
 use super::state::Entry;
 use crate::error::TransportError;
@@ -31,8 +40,9 @@ use crate::transport::Ack;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OrderingMode {
     /// Messages with the same destination and key reach the broker in the order they were
-    /// accepted, retries included. Per destination, one batch is in flight at a time and a
-    /// retried message goes out before anything accepted after it.
+    /// accepted, retries included. Per destination, one batch is in flight at a time (several,
+    /// up to the pipeline depth, where the transport keeps order across calls) and a retried
+    /// message goes out before anything accepted after it.
     #[default]
     Strict,
     /// Batches of one destination go out concurrently (up to the producer's max in-flight) and
@@ -43,26 +53,175 @@ pub enum OrderingMode {
 
 type Queue = Accumulator<Destination, Entry>;
 
+/// A batch's outcomes, landed but not yet acted on.
+pub(crate) struct Landed<F> {
+    pub(crate) flight: F,
+    pub(crate) outcomes: Vec<Result<Ack, TransportError>>,
+}
+
+/// One destination's batches under strict ordering, from the first sent to the last landed:
+/// their sequence, the answers that came ahead of an earlier batch's, and the keys held by
+/// transient failures while any of them, or their retries, are out.
+pub(crate) struct Lane<F> {
+    /// The sequence number of the next batch sent.
+    next_seq: u64,
+    /// The sequence number of the next batch to land.
+    next_land: u64,
+    /// Batches answered ahead of an earlier one, waiting for it, by sequence number.
+    early: BTreeMap<u64, Landed<F>>,
+    /// Keys failed transiently since the lane was last idle, each with its error.
+    hold: KeyHold,
+    /// The first poll of the batch sent last: the next batch's call starts after it.
+    started: Option<oneshot::Receiver<()>>,
+    /// A group of this destination's retries is parked.
+    parked: bool,
+}
+
+impl<F> Default for Lane<F> {
+    fn default() -> Self {
+        Self {
+            next_seq: 0,
+            next_land: 0,
+            early: BTreeMap::new(),
+            hold: KeyHold::default(),
+            started: None,
+            parked: false,
+        }
+    }
+}
+
+impl<F> Lane<F> {
+    /// Nothing sent and not landed, nothing parked: the lane may be forgotten.
+    fn idle(&self) -> bool {
+        self.next_land == self.next_seq && !self.parked
+    }
+}
+
+/// Every destination's lane (strict ordering only; empty under relaxed).
+pub(crate) type Lanes<F> = HashMap<Destination, Lane<F>>;
+
+/// Where a batch stands in its lane: its place, the start it waits for, the start it gives.
+pub(crate) struct Turn {
+    pub(crate) seq: u64,
+    /// Fired by the first poll of the batch sent before this one (or dropped with it).
+    pub(crate) after: Option<oneshot::Receiver<()>>,
+    /// Fired by this batch's first poll.
+    pub(crate) started: Option<oneshot::Sender<()>>,
+}
+
 impl OrderingMode {
-    /// The accumulator's limit of batches in flight per destination.
-    pub(crate) fn in_flight_per_destination(self) -> Option<usize> {
+    /// The accumulator's limit of batches in flight per destination: `depth` under strict
+    /// ordering (1 unless the transport keeps order across calls), none under relaxed.
+    pub(crate) fn in_flight_per_destination(self, depth: usize) -> Option<usize> {
         match self {
-            OrderingMode::Strict => Some(1),
+            OrderingMode::Strict => Some(depth.max(1)),
             OrderingMode::Relaxed => None,
         }
     }
 
-    /// A batch of `destination` landed with messages to retry, now parked for their backoff.
-    pub(crate) fn retries_parked(self, acc: &mut Queue, destination: &Destination) {
-        if self == OrderingMode::Strict {
-            acc.hold(destination);
+    /// A batch of `destination` is about to be sent: its turn in the lane.
+    pub(crate) fn start<F>(self, lanes: &mut Lanes<F>, destination: &Destination) -> Turn {
+        if self == OrderingMode::Relaxed {
+            return Turn {
+                seq: 0,
+                after: None,
+                started: None,
+            };
+        }
+        let lane = lane(lanes, destination);
+        let seq = lane.next_seq;
+        lane.next_seq += 1;
+        let (tx, rx) = oneshot::channel();
+        Turn {
+            seq,
+            after: lane.started.replace(rx),
+            started: Some(tx),
         }
     }
 
-    /// Parked retries of `destination` go back into its queue.
-    pub(crate) fn requeue(
+    /// The batch `seq` of `destination` was answered: the batches to act on now, in the order
+    /// they were sent (none while an earlier batch of the lane is still out).
+    pub(crate) fn landed<F>(
+        self,
+        lanes: &mut Lanes<F>,
+        destination: &Destination,
+        seq: u64,
+        landed: Landed<F>,
+    ) -> Vec<Landed<F>> {
+        if self == OrderingMode::Relaxed {
+            return vec![landed];
+        }
+        let lane = lane(lanes, destination);
+        if seq != lane.next_land {
+            lane.early.insert(seq, landed);
+            return Vec::new();
+        }
+        let mut ready = vec![landed];
+        lane.next_land += 1;
+        while let Some(next) = lane.early.remove(&lane.next_land) {
+            ready.push(next);
+            lane.next_land += 1;
+        }
+        ready
+    }
+
+    /// The per-key hold ([`KeyHold`]) on a batch's outcomes, landed in sending order: under
+    /// strict ordering, a message delivered after a transient failure of its key (in this batch,
+    /// or in an earlier batch of the lane still out or with retries parked) is sent again
+    /// behind that message's retry. Relaxed ordering promises no order, so it keeps the
+    /// delivery.
+    pub(crate) fn hold_keys<F>(
+        self,
+        lanes: &mut Lanes<F>,
+        destination: &Destination,
+        batch: &[Message],
+        outcomes: &mut [Result<Ack, TransportError>],
+    ) {
+        if self == OrderingMode::Strict {
+            lane(lanes, destination).hold.carry(batch, outcomes);
+        }
+    }
+
+    /// A batch of `destination` landed with `entries` to retry after `ready_at`. Returns them
+    /// when they are to be parked as a new group (the destination is then held under strict
+    /// ordering); `None` when they joined, behind, the destination's group already parked
+    /// (`join` does that).
+    pub(crate) fn park<F>(
         self,
         acc: &mut Queue,
+        lanes: &mut Lanes<F>,
+        destination: &Destination,
+        entries: Vec<Entry>,
+        join: impl FnOnce(Vec<Entry>),
+    ) -> Option<Vec<Entry>> {
+        if self == OrderingMode::Relaxed {
+            return Some(entries);
+        }
+        let lane = lane(lanes, destination);
+        if lane.parked {
+            join(entries);
+            return None;
+        }
+        lane.parked = true;
+        acc.hold(destination);
+        Some(entries)
+    }
+
+    /// Whether the parked retries of `destination` may go back into its queue: under strict
+    /// ordering, only once every batch sent before them has landed (a later batch's retries
+    /// join them until then).
+    pub(crate) fn may_requeue<F>(self, lanes: &Lanes<F>, destination: &Destination) -> bool {
+        self == OrderingMode::Relaxed
+            || lanes
+                .get(destination)
+                .is_none_or(|l| l.next_land == l.next_seq)
+    }
+
+    /// Parked retries of `destination` go back into its queue.
+    pub(crate) fn requeue<F>(
+        self,
+        acc: &mut Queue,
+        lanes: &mut Lanes<F>,
         destination: &Destination,
         entries: Vec<Entry>,
         now: Instant,
@@ -74,7 +233,7 @@ impl OrderingMode {
         match self {
             OrderingMode::Strict => {
                 acc.push_front(destination, sized.collect::<Vec<_>>(), now);
-                acc.release(destination);
+                self.retries_ended(acc, lanes, destination);
             }
             OrderingMode::Relaxed => {
                 for (e, size) in sized {
@@ -84,21 +243,44 @@ impl OrderingMode {
         }
     }
 
-    /// The per-key hold ([`KeyHold::apply`]) on a batch's outcomes: under strict ordering, a
-    /// message delivered after a transient failure of its key in the same batch is sent again
-    /// behind that message's retry. Relaxed ordering promises no order, so it keeps the
-    /// delivery.
-    pub(crate) fn hold_keys(self, batch: &[Message], outcomes: &mut [Result<Ack, TransportError>]) {
+    /// Parked retries of `destination` left the parked set (queued again, expired, or
+    /// abandoned by a close): the destination's hold is released.
+    pub(crate) fn retries_ended<F>(
+        self,
+        acc: &mut Queue,
+        lanes: &mut Lanes<F>,
+        destination: &Destination,
+    ) {
         if self == OrderingMode::Strict {
-            KeyHold::apply(batch, outcomes);
+            acc.release(destination);
+            lane(lanes, destination).parked = false;
+            self.settle(lanes, destination);
         }
     }
 
-    /// Parked retries of `destination` ended without going back into its queue (their
-    /// deadline passed, or a close abandoned them).
-    pub(crate) fn retries_ended(self, acc: &mut Queue, destination: &Destination) {
-        if self == OrderingMode::Strict {
-            acc.release(destination);
+    /// After a landing or the end of parked retries: a lane with nothing out and nothing parked
+    /// holds no key any more and is forgotten.
+    pub(crate) fn settle<F>(self, lanes: &mut Lanes<F>, destination: &Destination) {
+        if lanes.get(destination).is_some_and(Lane::idle) {
+            lanes.remove(destination);
         }
     }
+}
+
+fn lane<'a, F>(lanes: &'a mut Lanes<F>, destination: &Destination) -> &'a mut Lane<F> {
+    if !lanes.contains_key(destination) {
+        lanes.insert(destination.clone(), Lane::default());
+    }
+    lanes
+        .get_mut(destination)
+        .expect("the lane was just made if it was missing")
+}
+
+/// What is left in the lanes when the pipeline's state goes away: the batches answered ahead of
+/// an earlier one.
+pub(crate) fn drain_early<F>(lanes: &mut Lanes<F>) -> Vec<Landed<F>> {
+    lanes
+        .drain()
+        .flat_map(|(_, lane)| lane.early.into_values())
+        .collect()
 }

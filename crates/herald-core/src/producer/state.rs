@@ -25,8 +25,9 @@ use herald_retry::{CircuitBreaker, CircuitState, RetryBudget, RetryPolicy};
 use tokio::sync::Notify;
 
 use super::completion::{Completion, Delivery, Group, Outcome, Unclaimed, UnclaimedHook};
+use super::dispatch::Flight;
 use super::health::HealthMonitor;
-use super::order::OrderingMode;
+use super::order::{drain_early, Lanes, OrderingMode};
 use crate::error::{FailureReason, SendError, TransportError};
 use crate::health::HealthPolicy;
 use crate::message::{Destination, Message, MessageId};
@@ -46,6 +47,9 @@ pub(crate) struct Config {
     pub(crate) max_buffered_bytes: usize,
     pub(crate) max_message_bytes: usize,
     pub(crate) max_in_flight: usize,
+    /// Batches of one destination in flight at once under strict ordering: the configured
+    /// pipeline depth where the transport keeps order across calls, else 1.
+    pub(crate) pipeline_depth: usize,
     pub(crate) delivery_timeout: Duration,
     pub(crate) ordering: OrderingMode,
     pub(crate) retry: Arc<dyn RetryPolicy>,
@@ -120,6 +124,8 @@ pub(crate) struct State {
     pub(crate) acc: Accumulator<Destination, Entry>,
     pub(crate) parked: BinaryHeap<Reverse<Parked>>,
     pub(crate) parked_seq: u64,
+    /// Strict ordering's lanes: each destination's batches out, in sending order.
+    pub(crate) lanes: Lanes<Flight>,
     pub(crate) buffered_messages: usize,
     pub(crate) buffered_bytes: usize,
     pub(crate) in_flight: usize,
@@ -201,6 +207,11 @@ impl Drop for State {
             .into_iter()
             .map(|(_, e)| e)
             .chain(self.parked.drain().flat_map(|Reverse(p)| p.entries))
+            .chain(
+                drain_early(&mut self.lanes)
+                    .into_iter()
+                    .flat_map(|landed| landed.flight.into_entries()),
+            )
             .collect();
         if left.is_empty() {
             return;
@@ -300,12 +311,18 @@ impl Shared {
         ));
         let batch_panics = metrics.panic_counter("batch_policy");
         let batching = ContainedPolicy::new(batching, Box::new(move || batch_panics.increment(1)));
-        let acc = Accumulator::new(batching, config.ordering.in_flight_per_destination());
+        let acc = Accumulator::new(
+            batching,
+            config
+                .ordering
+                .in_flight_per_destination(config.pipeline_depth),
+        );
         Self {
             state: Mutex::new(State {
                 acc,
                 parked: BinaryHeap::new(),
                 parked_seq: 0,
+                lanes: Lanes::default(),
                 buffered_messages: 0,
                 buffered_bytes: 0,
                 in_flight: 0,
