@@ -48,6 +48,10 @@ struct Flow {
 /// One live connection and its publishing channels (opened on first use, reopened after a
 /// channel error).
 pub(crate) struct Live {
+    /// Told apart from every other connection this process opened (see `Turn::enter`).
+    generation: u64,
+    /// Publishing channels given up or found closed and replaced on this connection.
+    replaced: std::sync::atomic::AtomicU64,
     connection: Connection,
     channels: Vec<Mutex<Option<Channel>>>,
     events: JoinHandle<()>,
@@ -59,7 +63,18 @@ impl Drop for Live {
     }
 }
 
+/// Connections opened by this process, for their generations.
+static OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Live {
+    /// What a batch publishes through now, as a number that changes whenever the connection or
+    /// one of its channels is replaced (see `Turn::enter`): messages published through a new
+    /// channel may reach the queue ahead of those still unconfirmed on the old one.
+    pub(crate) fn path(&self) -> u64 {
+        let replaced = self.replaced.load(std::sync::atomic::Ordering::Acquire);
+        (self.generation << 32) | (replaced & 0xffff_ffff)
+    }
+
     pub(crate) fn is_connected(&self) -> bool {
         self.connection.status().connected()
     }
@@ -71,6 +86,8 @@ impl Live {
             if c.status().connected() {
                 return Ok(c.clone());
             }
+            self.replaced
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
         let opened = async {
             let c = self.connection.create_channel().await?;
@@ -94,6 +111,8 @@ impl Live {
         let mut ch = self.channels[slot].lock().await;
         if ch.as_ref().is_some_and(|c| c.id() == channel.id()) {
             *ch = None;
+            self.replaced
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
 }
@@ -344,6 +363,8 @@ impl Inner {
             }
         });
         let live = Live {
+            generation: OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            replaced: std::sync::atomic::AtomicU64::new(0),
             channels: (0..config.channels).map(|_| Mutex::new(None)).collect(),
             connection,
             events,

@@ -5,7 +5,9 @@ use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 
 use futures_util::future::join_all;
-use herald_core::{Ack, BatchOutcome, Bytes, Destination, ErrorClass, Message, TransportError};
+use herald_core::{
+    Ack, BatchOutcome, Bytes, Destination, ErrorClass, Message, TransportError, Turn,
+};
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Confirmation};
@@ -27,7 +29,19 @@ pub(crate) async fn send_batch(
     // The destination's turn first, before any other await: calls of one destination hand their
     // messages to the channels in the order herald started them (see
     // `Transport::keeps_order_across_calls`), and wait for their confirms side by side.
-    let turn = inner.turns.take(destination).await;
+    let mut turn = inner.turns.take(destination).await;
+    let outcomes = send_in_turn(inner, &mut turn, destination, batch).await;
+    turn.finish(batch, &outcomes);
+    outcomes
+}
+
+/// [`send_batch`] in the destination's turn.
+async fn send_in_turn(
+    inner: &Inner,
+    turn: &mut Turn,
+    destination: &Destination,
+    batch: &[Message],
+) -> BatchOutcome {
     inner.in_use();
     let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
     let route = match Route::parse(destination) {
@@ -41,11 +55,20 @@ pub(crate) async fn send_batch(
     if let Err(e) = inner.wait_unblocked().await {
         return fail_all(e);
     }
+    // After a reconnect or a channel replaced, the keys that failed in the calls before (on the
+    // lost connection or the given-up channel) are not sent on the new one ahead of their
+    // retries.
+    let hold = turn.enter(live.path()).await;
+    let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     // One deadline for the whole batch: publishes and confirms share it.
     let deadline = Instant::now() + inner.config.confirm_timeout;
     let channels = inner.config.channels;
     let mut groups: Vec<Vec<usize>> = vec![Vec::new(); channels];
     for (i, m) in batch.iter().enumerate() {
+        if let Some(held) = hold.check(m) {
+            outcomes[i] = Some(Err(held));
+            continue;
+        }
         groups[slot_for(m.key(), destination, channels)].push(i);
     }
     let sends = groups
@@ -54,11 +77,10 @@ pub(crate) async fn send_batch(
         .filter(|(_, g)| !g.is_empty())
         .map(|(slot, idxs)| publish_group(inner, &live, slot, &route, batch, idxs, deadline));
     let published = join_all(sends).await;
-    drop(turn);
+    turn.handed_over();
     let settles = published
         .into_iter()
         .map(|group| settle_group(inner, &live, &route, group, deadline));
-    let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     for group in join_all(settles).await {
         for (i, o) in group {
             outcomes[i] = Some(o);

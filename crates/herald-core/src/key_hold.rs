@@ -32,8 +32,10 @@ pub const KEY_HELD: &str = "herald_key_held";
 /// let held = hold.check(&batch[1]).expect("same key, after a transient failure");
 /// assert_eq!(held.code(), Some(herald_core::KEY_HELD));
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct KeyHold {
+    /// Every key is held, with this error (an earlier call whose outcome is unknown).
+    all: Option<TransportError>,
     /// Keys held, each with the error that held it. A batch rarely has more than a few
     /// failures, so a list beats a hash set; it stays empty (no allocation) without one. A key
     /// is kept as a `Bytes` clone: a reference count, not a copy.
@@ -43,6 +45,9 @@ pub struct KeyHold {
 impl KeyHold {
     /// The error `msg` must end with if its key is held, or `None` if it may be sent.
     pub fn check(&self, msg: &Message) -> Option<TransportError> {
+        if let Some(all) = &self.all {
+            return Some(held_error(all));
+        }
         if self.held.is_empty() {
             return None;
         }
@@ -62,7 +67,12 @@ impl KeyHold {
 
     /// Whether no key is held.
     pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
+        self.held.is_empty() && self.all.is_none()
+    }
+
+    /// Holds every key from now on, with `error` as the reason.
+    pub(crate) fn hold_all(&mut self, error: TransportError) {
+        self.all.get_or_insert(error);
     }
 
     /// Applies the rule to a batch's outcomes, in batch order: every `Ok` after a transient
@@ -83,7 +93,7 @@ impl KeyHold {
         outcomes: &mut [Result<Ack, TransportError>],
     ) -> usize {
         let transient = |o: &Result<Ack, TransportError>| matches!(o, Err(e) if e.class() == ErrorClass::Transient);
-        if self.held.is_empty() && !outcomes.iter().any(transient) {
+        if self.is_empty() && !outcomes.iter().any(transient) {
             return 0;
         }
         let mut changed = 0;

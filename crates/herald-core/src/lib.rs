@@ -40,7 +40,7 @@ pub use producer::{
     ProducerBuilder, ProducerStats, Totals, UnclaimedHook,
 };
 pub use store::{Durable, Store, StoreError, StoreToken, StoreUsage, Submitted};
-pub use transport::{Ack, BatchOutcome, Transport, Turns};
+pub use transport::{Ack, BatchOutcome, Transport, Turn, Turns};
 
 /// Re-exported so that adapters implement [`Transport`] with the same macro version.
 pub use async_trait::async_trait;

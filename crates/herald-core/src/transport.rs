@@ -1,6 +1,6 @@
 //! The one seam every broker implements.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -8,6 +8,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::error::TransportError;
 use crate::health::TransportHealth;
+use crate::key_hold::KeyHold;
 use crate::message::{Destination, Message};
 
 /// What a broker told us about one delivered message.
@@ -117,9 +118,11 @@ pub trait Transport: Send + Sync + 'static {
     /// broker ahead of those of every call started after it: by the end of its first poll, a
     /// call has taken its place (handed its messages to a client queue that keeps order, or
     /// queued for a turn that is served first come, first served, such as a
-    /// `tokio::sync::Mutex` locked before any other `.await`). Failures need no care: the
-    /// pipeline applies the per-key hold across the batches in flight, and lands them in the
-    /// order they were sent.
+    /// `tokio::sync::Mutex` locked before any other `.await`): [`Turns`] does that, and more.
+    /// The pipeline lands the batches in the order they were sent and applies the per-key hold
+    /// across them, so the last copies of a key's messages stay in order whatever the transport
+    /// does after a failure; a transport that also takes [`Turns`] keeps the first copies in
+    /// order across a lost connection.
     ///
     /// Default: `false` (one batch per destination at a time under strict ordering).
     fn keeps_order_across_calls(&self) -> bool {
@@ -157,37 +160,303 @@ pub trait Transport: Send + Sync + 'static {
 
 const _: Option<&dyn Transport> = None;
 
+tokio::task_local! {
+    /// The order epoch of the call being made: set by the pipeline around each call under
+    /// strict ordering (`None` under relaxed ordering; unset when a transport is called
+    /// directly).
+    static ORDER_EPOCH: Option<u64>;
+}
+
+/// Runs `call` in `epoch` (see [`Turns`]).
+pub(crate) fn in_order_epoch<F: std::future::Future>(
+    epoch: Option<u64>,
+    call: F,
+) -> impl std::future::Future<Output = F::Output> {
+    ORDER_EPOCH.scope(epoch, call)
+}
+
 /// Turns per destination, served first come, first served: what a transport that keeps order
 /// across calls ([`Transport::keeps_order_across_calls`]) takes at the start of each call, before
-/// any other `.await`, and holds while it hands the call's messages to its client. herald starts
-/// a destination's calls one after another, so their turns come in that order, and the messages
-/// of a call reach the client before those of the calls after it; the broker's answers are then
-/// awaited without the turn, so the calls' round trips overlap.
+/// any other `.await`. herald starts a destination's calls one after another, so their turns come
+/// in that order.
+///
+/// A call in its turn:
+/// 1. [`Turn::enter`] with the *path* it is about to hand its messages over on (a generation
+///    number that changes whenever the connection, or a channel of it, is replaced): if the calls
+///    before it handed theirs over on another path (one was lost and replaced between them) and
+///    have not finished,
+///    it waits until they have, so that a message of a key cannot reach the broker through the
+///    new connection while an earlier message of that key, sent through the old one, is still in
+///    doubt. It gets back a [`KeyHold`] of the keys that failed transiently in the earlier calls:
+///    messages it holds are failed as held, not sent (they are retried behind the failed ones);
+/// 2. hands the call's messages over, then [`Turn::handed_over`]: the next call's turn begins,
+///    and the broker's answers are awaited side by side;
+/// 3. [`Turn::finish`] with the outcomes, so that its transient failures hold their keys for the
+///    calls after it. A turn dropped unfinished (a call cut off) holds every key.
+///
+/// The keys held are forgotten when the pipeline has put the failed messages back in front of
+/// the queue (the calls then come in a new *order epoch*). With this, the first copies of a key's
+/// messages reach the broker in order, and not only the last copies (which the pipeline's
+/// per-key hold keeps in order anyway). Turns take effect only in calls the producer makes
+/// under strict ordering: under relaxed ordering, or for a transport called directly, a turn
+/// neither waits nor holds.
 ///
 /// ```
 /// # async fn demo() {
-/// use herald_core::{Destination, Turns};
+/// use herald_core::{Destination, Message, Turns};
 /// let turns = Turns::default();
 /// let orders = Destination::new("orders");
-/// let turn = turns.take(&orders).await;
+/// let batch = [Message::new(orders.clone(), "a").with_key("k")];
+/// let mut turn = turns.take(&orders).await;
+/// let hold = turn.enter(1).await; // connection generation 1
+/// assert!(hold.check(&batch[0]).is_none());
 /// // ... hand the batch over ...
-/// drop(turn);
+/// turn.handed_over();
 /// // ... wait for the broker's answers ...
+/// let outcomes = vec![Ok(herald_core::Ack::default())];
+/// turn.finish(&batch, &outcomes);
 /// # }
 /// ```
 #[derive(Debug, Default)]
 pub struct Turns {
-    queues: Mutex<HashMap<Destination, Arc<tokio::sync::Mutex<()>>>>,
+    lanes: Mutex<HashMap<Destination, Arc<TurnLane>>>,
+}
+
+#[derive(Debug, Default)]
+struct TurnLane {
+    /// The order in which calls hand their messages over.
+    queue: Arc<tokio::sync::Mutex<()>>,
+    state: Mutex<TurnState>,
+    /// A call finished.
+    finished: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct TurnState {
+    next_ticket: u64,
+    /// Calls that took a turn and have not finished, by ticket.
+    open: BTreeSet<u64>,
+    /// The path the last call handed its messages over on.
+    path: Option<u64>,
+    /// Keys failed transiently in calls of the order epoch `hold_epoch`.
+    hold: KeyHold,
+    hold_epoch: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Turns {
     /// Waits for `destination`'s turn: after every call that asked for it before (at its first
-    /// poll). The turn ends when the guard is dropped.
-    pub async fn take(&self, destination: &Destination) -> OwnedMutexGuard<()> {
-        let queue = {
-            let mut queues = self.queues.lock().unwrap_or_else(PoisonError::into_inner);
-            queues.entry(destination.clone()).or_default().clone()
+    /// poll). The next call's turn begins at [`Turn::handed_over`], or when the turn is dropped.
+    pub async fn take(&self, destination: &Destination) -> Turn {
+        let Some(epoch) = ORDER_EPOCH.try_with(|e| *e).ok().flatten() else {
+            return Turn {
+                held: None,
+                finished: false,
+            };
         };
-        queue.lock_owned().await
+        let lane = lock(&self.lanes)
+            .entry(destination.clone())
+            .or_default()
+            .clone();
+        let order = lane.queue.clone().lock_owned().await;
+        let ticket = {
+            let mut st = lock(&lane.state);
+            let ticket = st.next_ticket;
+            st.next_ticket += 1;
+            st.open.insert(ticket);
+            if epoch > st.hold_epoch {
+                // The failed messages of the epoch before are back in front of the queue.
+                st.hold = KeyHold::default();
+                st.hold_epoch = epoch;
+            }
+            ticket
+        };
+        Turn {
+            held: Some(Held {
+                lane,
+                ticket,
+                epoch,
+                order: Some(order),
+            }),
+            finished: false,
+        }
+    }
+}
+
+/// One call's turn: see [`Turns`].
+#[derive(Debug)]
+pub struct Turn {
+    /// `None`: a turn that neither waits nor holds (relaxed ordering, or no producer).
+    held: Option<Held>,
+    finished: bool,
+}
+
+#[derive(Debug)]
+struct Held {
+    lane: Arc<TurnLane>,
+    ticket: u64,
+    epoch: u64,
+    order: Option<OwnedMutexGuard<()>>,
+}
+
+impl Turn {
+    /// The call is about to hand its messages over on `path` (a generation number that changes
+    /// whenever the connection or a channel of it is replaced). Waits, if the calls before it
+    /// used another path, until they have finished; returns the keys it must not send.
+    pub async fn enter(&mut self, path: u64) -> KeyHold {
+        let Some(h) = &self.held else {
+            return KeyHold::default();
+        };
+        let changed = {
+            let mut st = lock(&h.lane.state);
+            let changed = st.path.is_some_and(|c| c != path);
+            st.path = Some(path);
+            changed
+        };
+        if changed {
+            loop {
+                let finished = h.lane.finished.notified();
+                if !lock(&h.lane.state).open.iter().any(|t| *t < h.ticket) {
+                    break;
+                }
+                finished.await;
+            }
+        }
+        lock(&h.lane.state).hold.clone()
+    }
+
+    /// The call has handed its messages over: the next call's turn begins.
+    pub fn handed_over(&mut self) {
+        if let Some(h) = &mut self.held {
+            h.order = None;
+        }
+    }
+
+    /// The call's outcomes, paired with `batch` by position: its transient failures hold their
+    /// keys for the calls after it.
+    pub fn finish(mut self, batch: &[Message], outcomes: &[Result<Ack, TransportError>]) {
+        self.finished = true;
+        let Some(h) = &self.held else {
+            return;
+        };
+        let mut st = lock(&h.lane.state);
+        if h.epoch == st.hold_epoch {
+            for (m, o) in batch.iter().zip(outcomes) {
+                if let Err(e) = o {
+                    st.hold.failed(m, e);
+                }
+            }
+        }
+        h.close(&mut st);
+    }
+}
+
+impl Held {
+    fn close(&self, st: &mut TurnState) {
+        st.open.remove(&self.ticket);
+        self.lane.finished.notify_waiters();
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let Some(h) = &self.held else {
+            return;
+        };
+        let mut st = lock(&h.lane.state);
+        if h.epoch == st.hold_epoch {
+            // Cut off: what it handed over is in doubt, whatever its keys.
+            st.hold.hold_all(TransportError::transient(
+                "an earlier call of this destination was cut off before its answers came",
+            ));
+        }
+        h.close(&mut st);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keyed(key: &str) -> Message {
+        Message::new("t", "p").with_key(key.to_owned())
+    }
+
+    fn failed() -> Vec<Result<Ack, TransportError>> {
+        vec![Err(TransportError::transient("connection lost"))]
+    }
+
+    #[tokio::test]
+    async fn outside_strict_order_a_turn_neither_waits_nor_holds() {
+        let turns = Turns::default();
+        let d = Destination::new("t");
+        let mut a = turns.take(&d).await;
+        assert!(a.enter(1).await.is_empty());
+        a.finish(&[keyed("k")], &failed());
+        let mut b = turns.take(&d).await;
+        assert!(b.enter(2).await.is_empty(), "nothing held without an epoch");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn after_a_reconnect_a_call_waits_for_the_ones_before_and_holds_their_failed_keys() {
+        let turns = Arc::new(Turns::default());
+        let d = Destination::new("t");
+        let mut a = in_order_epoch(Some(1), turns.take(&d)).await;
+        assert!(a.enter(1).await.is_empty());
+        a.handed_over();
+        let (t, dest) = (turns.clone(), d.clone());
+        let b = tokio::spawn(in_order_epoch(Some(1), async move {
+            let mut b = t.take(&dest).await;
+            let hold = b.enter(2).await; // a new connection
+            (b, hold)
+        }));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !b.is_finished(),
+            "waits while the call on the old connection is out"
+        );
+        a.finish(&[keyed("k")], &failed());
+        let (b, hold) = b.await.expect("b");
+        assert!(hold.check(&keyed("k")).is_some(), "the failed key is held");
+        assert!(hold.check(&keyed("other")).is_none(), "other keys go");
+        b.finish(&[], &[]);
+    }
+
+    #[tokio::test]
+    async fn a_new_order_epoch_forgets_the_keys_held() {
+        let turns = Turns::default();
+        let d = Destination::new("t");
+        let mut a = in_order_epoch(Some(1), turns.take(&d)).await;
+        a.enter(1).await;
+        a.finish(&[keyed("k")], &failed());
+        let mut same = in_order_epoch(Some(1), turns.take(&d)).await;
+        assert!(same.enter(1).await.check(&keyed("k")).is_some());
+        same.finish(&[], &[]);
+        let mut next = in_order_epoch(Some(2), turns.take(&d)).await;
+        assert!(
+            next.enter(1).await.is_empty(),
+            "retries back in front: nothing held"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_cut_off_holds_every_key() {
+        let turns = Turns::default();
+        let d = Destination::new("t");
+        let mut a = in_order_epoch(Some(1), turns.take(&d)).await;
+        a.enter(1).await;
+        drop(a);
+        let mut b = in_order_epoch(Some(1), turns.take(&d)).await;
+        let hold = b.enter(1).await;
+        assert!(hold.check(&keyed("any")).is_some());
+        assert!(hold.check(&Message::new("t", "keyless")).is_some());
     }
 }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use herald_core::{Ack, BatchOutcome, Destination, KeyHold, Message, MessageId, TransportError};
+use herald_core::{Ack, BatchOutcome, Destination, Message, MessageId, TransportError, Turn};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer as _, PurgeConfig};
@@ -296,8 +296,21 @@ pub(crate) async fn send_batch(
     // The destination's turn first, before any other await: calls of one topic hand their
     // messages to librdkafka in the order herald started them (see
     // `Transport::keeps_order_across_calls`); the delivery reports are awaited after it.
+    let mut turn = connection.shared().turns.take(destination).await;
+    let outcomes = send_in_turn(connection, &mut turn, destination, batch, deadline).await;
+    turn.finish(batch, &outcomes);
+    outcomes
+}
+
+/// [`send_batch`] in the topic's turn.
+async fn send_in_turn(
+    connection: &Connection,
+    turn: &mut Turn,
+    destination: &Destination,
+    batch: &[Message],
+    deadline: Option<Instant>,
+) -> BatchOutcome {
     let shared = connection.shared();
-    let turn = shared.turns.take(destination).await;
     let topic = match destination::topic(destination) {
         Ok(topic) => topic,
         Err(e) => return vec![Err(e); batch.len()],
@@ -313,10 +326,11 @@ pub(crate) async fn send_batch(
         handed: 0,
     };
     // herald's per-key hold, before sending: a message whose key had a transient failure at
-    // once (librdkafka refused it when handed over) is not handed over, so that it does not go
-    // ahead of that message's retry. Failures reported later, by delivery reports, are held by the
-    // pipeline itself (`KeyHold::apply` on the batch's outcomes).
-    let mut hold = KeyHold::default();
+    // once (librdkafka refused it when handed over), or in an earlier call on a producer since
+    // replaced, is not handed over, so that it does not go ahead of that message's retry.
+    // Failures reported later, by delivery reports, are held by the pipeline itself
+    // (`KeyHold::apply` on the batch's outcomes).
+    let mut hold = turn.enter(generation).await;
     let at_deadline = async {
         match deadline {
             Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -372,7 +386,7 @@ pub(crate) async fn send_batch(
             }
         }
     }
-    drop(turn);
+    turn.handed_over();
     if !past_deadline {
         tokio::select! {
             () = state.wait() => {}

@@ -1285,3 +1285,38 @@ async fn pipelined_calls_start_in_sending_order_on_a_multi_threaded_runtime() {
     let first_out_of_order = stored.iter().zip(&expected).position(|(a, b)| a != b);
     assert_eq!(first_out_of_order, None, "stored in sending order");
 }
+
+/// Batches in flight together fail together when a connection is lost: under a pipeline they
+/// count as one failure for the circuit breaker, as one batch at a time would, so the circuit
+/// does not open sooner because of the depth.
+#[tokio::test(start_paused = true)]
+async fn batches_in_flight_together_count_once_against_the_circuit_breaker() {
+    let t = MemoryTransport::new();
+    t.keep_order_across_calls(true);
+    t.set_latency(Duration::from_millis(100));
+    t.script(vec![CallFault::FailAll(ErrorClass::Transient); 4]);
+    let p = Producer::builder(t.clone())
+        .batching(SizeOrLinger::new(1, 1 << 20, Duration::from_millis(1)))
+        .retry(fast_retry())
+        .pipeline_depth(4)
+        .circuit_breaker(CircuitBreakerConfig {
+            failure_threshold: 2,
+            open_for: Duration::from_secs(60),
+            ..CircuitBreakerConfig::default()
+        })
+        .build()
+        .expect("build");
+    let mut fates = Vec::new();
+    for i in 0..4 {
+        fates.push(p.enqueue(msg(i).with_key("k")).await.expect("accepted"));
+    }
+    let started = Instant::now();
+    for f in fates {
+        assert_eq!(f.await.expect("delivered").attempts, 2);
+    }
+    assert_eq!(p.stats().circuit, CircuitState::Closed);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the retries did not wait for an open circuit"
+    );
+}

@@ -144,11 +144,10 @@ impl ProducerBuilder {
     /// with idempotence, herald-amqp); other transports send one batch per destination at a
     /// time whatever this says. Deeper pipelines hide the network's round trip: with one batch
     /// in flight, each batch waits for the acknowledgements of the one before. Per-key order
-    /// is kept at every depth for the last copies; above 1, a message taken by the broker after
-    /// a transient failure of its key in an earlier batch (a lost connection) arrives once
-    /// before that message's retry and once after it (docs/guarantees.md, Ordering). Also
-    /// capped by [`max_in_flight`](Self::max_in_flight). Default: 1, until herald-amqp keeps
-    /// first copies in order across a lost connection too.
+    /// is kept at every depth (docs/guarantees.md, Ordering); a transient failure costs up to
+    /// `depth - 1` batches' worth of resent messages of its key. Also capped by
+    /// [`max_in_flight`](Self::max_in_flight). Default: 4 (librdkafka keeps up to 5 requests
+    /// in flight per connection for the same reason).
     #[must_use]
     pub fn pipeline_depth(mut self, depth: usize) -> Self {
         self.pipeline_depth = depth;
@@ -355,7 +354,7 @@ impl ProducerBuilder {
 
 /// Batches of one destination in flight under strict ordering, by default (where the transport
 /// keeps order across calls).
-pub(crate) const DEFAULT_PIPELINE_DEPTH: usize = 1;
+pub(crate) const DEFAULT_PIPELINE_DEPTH: usize = 4;
 
 /// The longest delivery timeout accepted: long enough for any outage, short enough that
 /// deadlines never overflow the clock.

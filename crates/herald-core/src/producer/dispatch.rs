@@ -571,7 +571,11 @@ impl Shared {
         }
         if any_ok || !all_transient {
             st.breaker.on_success(now);
-        } else {
+        } else if self.config.ordering.counts_as_failure(
+            &mut st.lanes,
+            &flight.destination,
+            flight.turn.seq,
+        ) {
             st.breaker.on_failure(now);
         }
         self.note_circuit(st);
@@ -738,6 +742,7 @@ async fn send_flight(mut sending: Sending) {
             deadline
         ));
         let mut started = started;
+        let epoch = flight.turn.epoch;
         let send = std::future::poll_fn(|cx| {
             let polled = send.as_mut().poll(cx);
             if let Some(started) = started.take() {
@@ -747,6 +752,8 @@ async fn send_flight(mut sending: Sending) {
             }
             polled
         });
+        // The call runs in its lane's order epoch, which `Turns` reads.
+        let send = crate::transport::in_order_epoch(epoch, send);
         match tokio::time::timeout(budget.saturating_add(settle), send).await {
             Ok(outcomes) => outcomes,
             Err(_) => {

@@ -75,10 +75,17 @@ pub(crate) struct Lane<F> {
     started: Option<oneshot::Receiver<()>>,
     /// A group of this destination's retries is parked.
     parked: bool,
+    /// Batches sent before this sequence number were in flight when a failure of the lane was
+    /// counted against the circuit breaker: they fail of the same cause and do not count again.
+    failure_shadow: Option<u64>,
+    /// The lane's order epoch, given to each call (see [`crate::Turns`]): a new one, never used
+    /// before by any lane, each time the lane's retries go back into the queue or end, so that
+    /// a transport forgets the keys that failed before.
+    epoch: u64,
 }
 
-impl<F> Default for Lane<F> {
-    fn default() -> Self {
+impl<F> Lane<F> {
+    fn new(epoch: u64) -> Self {
         Self {
             next_seq: 0,
             next_land: 0,
@@ -86,11 +93,11 @@ impl<F> Default for Lane<F> {
             hold: KeyHold::default(),
             started: None,
             parked: false,
+            failure_shadow: None,
+            epoch,
         }
     }
-}
 
-impl<F> Lane<F> {
     /// Nothing sent and not landed, nothing parked: the lane may be forgotten.
     fn idle(&self) -> bool {
         self.next_land == self.next_seq && !self.parked
@@ -98,11 +105,34 @@ impl<F> Lane<F> {
 }
 
 /// Every destination's lane (strict ordering only; empty under relaxed).
-pub(crate) type Lanes<F> = HashMap<Destination, Lane<F>>;
+pub(crate) struct Lanes<F> {
+    map: HashMap<Destination, Lane<F>>,
+    /// The next order epoch: epochs are never reused, across lanes and their re-creations.
+    next_epoch: u64,
+}
+
+impl<F> Default for Lanes<F> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            next_epoch: 1,
+        }
+    }
+}
+
+impl<F> Lanes<F> {
+    fn epoch(&mut self) -> u64 {
+        let e = self.next_epoch;
+        self.next_epoch += 1;
+        e
+    }
+}
 
 /// Where a batch stands in its lane: its place, the start it waits for, the start it gives.
 pub(crate) struct Turn {
     pub(crate) seq: u64,
+    /// The lane's order epoch under strict ordering (see [`crate::Turns`]); `None` under relaxed.
+    pub(crate) epoch: Option<u64>,
     /// Fired by the first poll of the batch sent before this one (or dropped with it).
     pub(crate) after: Option<oneshot::Receiver<()>>,
     /// Fired by this batch's first poll.
@@ -124,6 +154,7 @@ impl OrderingMode {
         if self == OrderingMode::Relaxed {
             return Turn {
                 seq: 0,
+                epoch: None,
                 after: None,
                 started: None,
             };
@@ -134,6 +165,7 @@ impl OrderingMode {
         let (tx, rx) = oneshot::channel();
         Turn {
             seq,
+            epoch: Some(lane.epoch),
             after: lane.started.replace(rx),
             started: Some(tx),
         }
@@ -182,6 +214,28 @@ impl OrderingMode {
         }
     }
 
+    /// Whether a batch of `destination`, sent as `seq`, that failed whole (every message
+    /// transiently) counts against the circuit breaker. Under strict ordering, the batches of a
+    /// lane that were in flight when an earlier one's failure was counted fail of the same cause
+    /// (a lost connection fails them all): only that first one counts, so that the pipeline
+    /// depth does not open the circuit sooner than one batch at a time would.
+    pub(crate) fn counts_as_failure<F>(
+        self,
+        lanes: &mut Lanes<F>,
+        destination: &Destination,
+        seq: u64,
+    ) -> bool {
+        if self == OrderingMode::Relaxed {
+            return true;
+        }
+        let lane = lane(lanes, destination);
+        if lane.failure_shadow.is_some_and(|until| seq < until) {
+            return false;
+        }
+        lane.failure_shadow = Some(lane.next_seq);
+        true
+    }
+
     /// A batch of `destination` landed with `entries` to retry after `ready_at`. Returns them
     /// when they are to be parked as a new group (the destination is then held under strict
     /// ordering); `None` when they joined, behind, the destination's group already parked
@@ -213,6 +267,7 @@ impl OrderingMode {
     pub(crate) fn may_requeue<F>(self, lanes: &Lanes<F>, destination: &Destination) -> bool {
         self == OrderingMode::Relaxed
             || lanes
+                .map
                 .get(destination)
                 .is_none_or(|l| l.next_land == l.next_seq)
     }
@@ -253,7 +308,10 @@ impl OrderingMode {
     ) {
         if self == OrderingMode::Strict {
             acc.release(destination);
-            lane(lanes, destination).parked = false;
+            let epoch = lanes.epoch();
+            let lane = lane(lanes, destination);
+            lane.parked = false;
+            lane.epoch = epoch;
             self.settle(lanes, destination);
         }
     }
@@ -261,17 +319,19 @@ impl OrderingMode {
     /// After a landing or the end of parked retries: a lane with nothing out and nothing parked
     /// holds no key any more and is forgotten.
     pub(crate) fn settle<F>(self, lanes: &mut Lanes<F>, destination: &Destination) {
-        if lanes.get(destination).is_some_and(Lane::idle) {
-            lanes.remove(destination);
+        if lanes.map.get(destination).is_some_and(Lane::idle) {
+            lanes.map.remove(destination);
         }
     }
 }
 
 fn lane<'a, F>(lanes: &'a mut Lanes<F>, destination: &Destination) -> &'a mut Lane<F> {
-    if !lanes.contains_key(destination) {
-        lanes.insert(destination.clone(), Lane::default());
+    if !lanes.map.contains_key(destination) {
+        let epoch = lanes.epoch();
+        lanes.map.insert(destination.clone(), Lane::new(epoch));
     }
     lanes
+        .map
         .get_mut(destination)
         .expect("the lane was just made if it was missing")
 }
@@ -280,6 +340,7 @@ fn lane<'a, F>(lanes: &'a mut Lanes<F>, destination: &Destination) -> &'a mut La
 /// an earlier one.
 pub(crate) fn drain_early<F>(lanes: &mut Lanes<F>) -> Vec<Landed<F>> {
     lanes
+        .map
         .drain()
         .flat_map(|(_, lane)| lane.early.into_values())
         .collect()
