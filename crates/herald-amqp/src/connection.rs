@@ -63,9 +63,6 @@ impl Drop for Live {
     }
 }
 
-/// Connections opened by this process, for their generations.
-static OPENED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 impl Live {
     /// What a batch publishes through now, as a number that changes whenever the connection or
     /// one of its channels is replaced (see `Turn::enter`): messages published through a new
@@ -363,7 +360,7 @@ impl Inner {
             }
         });
         let live = Live {
-            generation: OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            generation: Turns::fresh_path(),
             replaced: std::sync::atomic::AtomicU64::new(0),
             channels: (0..config.channels).map(|_| Mutex::new(None)).collect(),
             connection,

@@ -247,7 +247,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Paths given out by [`Turns::fresh_path`].
+static PATHS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl Turns {
+    /// A path number no other call returns in this process: give each new connection one, and
+    /// pass it (combined with anything else that, replaced, changes the path) to
+    /// [`Turn::enter`].
+    pub fn fresh_path() -> u64 {
+        PATHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits for `destination`'s turn: after every call that asked for it before (at its first
     /// poll). The next call's turn begins at [`Turn::handed_over`], or when the turn is dropped.
     pub async fn take(&self, destination: &Destination) -> Turn {

@@ -162,6 +162,8 @@ enum Client {
 
 /// One live connection.
 pub(crate) struct Live {
+    /// This connection's path number (see `herald_core::Turn::enter`).
+    pub(crate) path: u64,
     client: Client,
     state: Arc<LiveState>,
     /// Held by a batch while it hands its messages to the client: slots and publishes enter
@@ -279,6 +281,8 @@ pub(crate) struct Inner {
     rotation: Rotation<Arc<Live>>,
     flow: Arc<Flow>,
     pub(crate) metrics: MqttMetrics,
+    /// Each destination's turn to publish: calls publish in the order herald started them.
+    pub(crate) turns: herald_core::Turns,
     tls: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
 }
 
@@ -309,6 +313,7 @@ impl Inner {
             rotation,
             flow: Arc::new(Flow::default()),
             metrics,
+            turns: herald_core::Turns::default(),
             tls: OnceLock::new(),
         }
     }
@@ -489,6 +494,7 @@ impl Inner {
             (Client::V5(client), broker_max.min(c.max_packet_size), task)
         };
         Ok(Arc::new(Live {
+            path: herald_core::Turns::fresh_path(),
             client,
             state,
             send: Mutex::new(()),

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use herald_core::{Ack, BatchOutcome, Destination, KeyHold, Message, TransportError};
+use herald_core::{Ack, BatchOutcome, Destination, Message, TransportError, Turn};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -27,6 +27,22 @@ struct Batch<'a> {
 /// [`Transport::send_batch`](herald_core::Transport::send_batch) does.
 pub(crate) async fn send_batch(
     inner: &Inner,
+    destination: &Destination,
+    batch: &[Message],
+) -> BatchOutcome {
+    // The destination's turn first, before any other await: calls of one topic publish in the
+    // order herald started them (see `Transport::keeps_order_across_calls`), and wait for their
+    // acknowledgements side by side.
+    let mut turn = inner.turns.take(destination).await;
+    let outcomes = send_in_turn(inner, &mut turn, destination, batch).await;
+    turn.finish(batch, &outcomes);
+    outcomes
+}
+
+/// [`send_batch`] in the topic's turn.
+async fn send_in_turn(
+    inner: &Inner,
+    turn: &mut Turn,
     destination: &Destination,
     batch: &[Message],
 ) -> BatchOutcome {
@@ -51,7 +67,8 @@ pub(crate) async fn send_batch(
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     let mut pending: VecDeque<(usize, oneshot::Receiver<Answer>)> =
         VecDeque::with_capacity(window.min(batch.len()));
-    let mut hold = KeyHold::default();
+    // Not sent: keys that failed in the calls before, if this call is on a new connection.
+    let mut hold = turn.enter(live.path).await;
     // Once the connection is gone (or the batch's time is up), nothing more is published.
     let mut broken: Option<TransportError> = None;
     // Slots and publishes enter the client in the same order: one batch at a time.
@@ -116,6 +133,7 @@ pub(crate) async fn send_batch(
         }
     }
     drop(send_lock);
+    turn.handed_over();
     for (j, rx) in pending {
         outcomes[j] = Some(b.settle(rx).await);
     }

@@ -90,6 +90,13 @@ impl Transport for MqttTransport {
         "mqtt"
     }
 
+    /// A call publishes in its topic's turn on the one connection, and the broker keeps a
+    /// connection's QoS 1 and 2 publishes of a topic in order; acknowledgements are awaited
+    /// after the turn.
+    fn keeps_order_across_calls(&self) -> bool {
+        true
+    }
+
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
         publish::send_batch(&self.inner, destination, batch).await
     }

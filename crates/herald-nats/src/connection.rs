@@ -66,6 +66,8 @@ struct LiveState {
 
 /// One live connection: its client and JetStream context.
 pub(crate) struct Live {
+    /// This connection's path number (see `herald_core::Turn::enter`).
+    pub(crate) path: u64,
     pub(crate) client: Client,
     pub(crate) js: jetstream::Context,
     state: Arc<LiveState>,
@@ -119,6 +121,8 @@ pub(crate) struct Inner {
     pub(crate) config: NatsConfig,
     flow: Arc<Flow>,
     pub(crate) metrics: NatsMetrics,
+    /// Each destination's turn to publish: calls publish in the order herald started them.
+    pub(crate) turns: herald_core::Turns,
     /// The connection and the servers to try, in the order rounds go through them (the URL's
     /// order, or shuffled once at start).
     rotation: Rotation<Arc<Live>>,
@@ -149,6 +153,7 @@ impl Inner {
             config,
             flow: Arc::new(Flow::default()),
             metrics,
+            turns: herald_core::Turns::default(),
             rotation,
             node: StdMutex::new(None),
         }
@@ -304,6 +309,7 @@ impl Inner {
             .max_ack_inflight(1 << 30)
             .build(client.clone());
         let live = Live {
+            path: herald_core::Turns::fresh_path(),
             client,
             js,
             state,

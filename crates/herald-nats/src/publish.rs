@@ -14,7 +14,7 @@ use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use futures_util::FutureExt;
-use herald_core::{Ack, BatchOutcome, Destination, KeyHold, Message, TransportError};
+use herald_core::{Ack, BatchOutcome, Destination, Message, TransportError, Turn};
 use tokio::time::Instant;
 
 use crate::config::NatsConfig;
@@ -45,6 +45,22 @@ pub(crate) async fn send_batch(
     destination: &Destination,
     batch: &[Message],
 ) -> BatchOutcome {
+    // The destination's turn first, before any other await: calls of one subject publish in
+    // the order herald started them (see `Transport::keeps_order_across_calls`), and wait for
+    // their PubAcks side by side.
+    let mut turn = inner.turns.take(destination).await;
+    let outcomes = send_in_turn(inner, &mut turn, destination, batch).await;
+    turn.finish(batch, &outcomes);
+    outcomes
+}
+
+/// [`send_batch`] in the subject's turn.
+async fn send_in_turn(
+    inner: &Inner,
+    turn: &mut Turn,
+    destination: &Destination,
+    batch: &[Message],
+) -> BatchOutcome {
     inner.in_use();
     let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
     let subject = match destination::parse(destination) {
@@ -69,7 +85,8 @@ pub(crate) async fn send_batch(
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     let mut pending: VecDeque<(usize, AckFuture)> =
         VecDeque::with_capacity(inner.config.window.min(batch.len()));
-    let mut hold = KeyHold::default();
+    // Not sent: keys that failed in the calls before, if this call is on a new connection.
+    let mut hold = turn.enter(live.path).await;
     // Once the connection is gone (or the batch's time is up), nothing more is published.
     let mut broken: Option<TransportError> = None;
     for (i, msg) in batch.iter().enumerate() {
@@ -124,6 +141,7 @@ pub(crate) async fn send_batch(
             }
         }
     }
+    turn.handed_over();
     for (j, ack) in pending {
         outcomes[j] = Some(b.settle(ack).await);
     }

@@ -96,6 +96,12 @@ impl Transport for NatsTransport {
         "nats"
     }
 
+    /// A call publishes in its subject's turn on the one connection, which the server reads in
+    /// order; PubAcks are awaited after the turn.
+    fn keeps_order_across_calls(&self) -> bool {
+        true
+    }
+
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
         publish::send_batch(&self.inner, destination, batch).await
     }
