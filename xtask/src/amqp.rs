@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::broker::{docker_engine, free_port, port_open, Broker};
-use crate::process::{apt_get, cargo, on_path, run};
-use crate::report::{machine, replace_section, thousands};
+use crate::process::{apt_get, on_path, run};
 
 const SHARED: &str = "127.0.0.1:5672";
 const SHARED_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -238,61 +237,26 @@ fn start_docker() -> Result<Broker> {
 /// window) vs the naive pattern (await each confirm), persistent 100 B and 1 KiB messages to a
 /// durable queue, in one run; rewrites the amqp section of docs/benchmarks.md.
 pub(crate) fn bench(root: &Path) -> Result<()> {
-    let broker = provision()?;
-    let out = root.join("target/bench/amqp.json");
-    std::fs::create_dir_all(out.parent().context("target/bench")?)?;
-    let messages = std::env::var("HERALD_BENCH_AMQP_MESSAGES").unwrap_or_else(|_| "100000".into());
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "-p",
-        "herald-amqp",
-        "--features",
-        "baseline",
-        "--bin",
-        "amqp-baseline",
-        "--",
-        "--messages",
-        &messages,
-        "--json",
-        out.to_str().context("utf-8 path")?,
-    ]);
-    for (k, v) in &broker.env {
-        cmd.env(k, v);
+    crate::report::Baseline {
+        name: "amqp",
+        package: "herald-amqp",
+        messages: ("HERALD_BENCH_AMQP_MESSAGES", "100000"),
+        intro,
     }
-    let result = run("amqp benchmark", &mut cmd);
-    drop(broker);
-    result?;
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
-    let mut table = format!(
-        "Run: `cargo xtask bench amqp` on {}, broker on the same machine ({}). {} persistent \
-         messages per run to a fresh durable classic queue; {} channels × {} unconfirmed.\n\n",
-        machine(),
+    .run(root, provision()?)
+}
+
+/// The opening of the `amqp` section of docs/benchmarks.md for one run of `amqp-baseline`.
+fn intro(json: &serde_json::Value, machine: &str) -> String {
+    format!(
+        "Run: `cargo xtask bench amqp` on {machine}, broker on the same machine ({}). {} persistent \
+         messages per run to a fresh durable classic queue; {} channels × {} unconfirmed.\n\n\
+         One run each, on a machine shared with the broker and other builds: expect ±15 % between \
+         runs. herald's messages carry 64 keys (spread over the channels) and its `message_id` and \
+         key header; the raw runs send bare payloads.\n\n",
         json["broker"].as_str().unwrap_or("?"),
         json["messages"],
         json["channels"],
         json["window"],
-    );
-    table.push_str(
-        "One run each, on a machine shared with the broker and other builds: expect ±15 % between \
-         runs. herald's messages carry 64 keys (spread over the channels) and its `message_id` and \
-         key header; the raw runs send bare payloads.\n\n",
-    );
-    table.push_str(
-        "| payload | variant | msgs/s | vs raw best | vs naive |\n|---|---|---:|---:|---:|\n",
-    );
-    for f in json["figures"].as_array().context("figures")? {
-        table.push_str(&format!(
-            "| {} B | {} | {} | {:.2}× | {:.1}× |\n",
-            f["payload_bytes"],
-            f["what"].as_str().unwrap_or("?"),
-            thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
-            f["vs_raw"].as_f64().unwrap_or(0.0),
-            f["vs_naive"].as_f64().unwrap_or(0.0),
-        ));
-    }
-    replace_section(&root.join("docs/benchmarks.md"), "amqp", &table)?;
-    eprintln!("docs/benchmarks.md: amqp section updated\n\n{table}");
-    Ok(())
+    )
 }

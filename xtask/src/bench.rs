@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: runs the benchmarks (the pipeline here, the brokers' in `kafka.rs`,
-//! `amqp.rs`, `redis.rs` and `mqtt.rs`), rewrites their sections of docs/benchmarks.md, then the summary table and
+//! `amqp.rs`, `nats.rs`, `redis.rs` and `mqtt.rs`), rewrites their sections of docs/benchmarks.md, then the summary table and
 //! docs/benchmarks-throughput.svg (drawn by `chart.rs`) from the last runs in target/bench.
 
 use std::path::Path;
@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 use crate::process::{cargo, run};
 use crate::report::{machine, replace_section, thousands};
-use crate::{amqp, chart, kafka, mqtt, redis};
+use crate::{amqp, chart, kafka, mqtt, nats, redis};
 
 /// Which benchmarks to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -19,13 +19,16 @@ pub(crate) enum Which {
     Kafka,
     /// herald against raw lapin at its best and the naive pattern, on one RabbitMQ broker
     Amqp,
+    /// herald against raw async-nats at its best (PubAcks awaited as they come) and the naive
+    /// pattern, on one JetStream server
+    Nats,
     /// herald against raw redis-rs at its best (pipelined XADD) and the naive pattern, on one
     /// Redis server
     Redis,
     /// herald against raw rumqttc at its best (many publishes in flight) and the naive
     /// pattern, on one MQTT broker
     Mqtt,
-    /// pipeline, kafka, amqp, redis and mqtt, in that order
+    /// pipeline, kafka, amqp, nats, redis and mqtt, in that order
     All,
     /// none: only the summary table and the chart, from the last runs
     Summary,
@@ -37,12 +40,14 @@ pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
         Which::Pipeline => bench_pipeline(root)?,
         Which::Kafka => kafka::bench(root)?,
         Which::Amqp => amqp::bench(root)?,
+        Which::Nats => nats::bench(root)?,
         Which::Redis => redis::bench(root)?,
         Which::Mqtt => mqtt::bench(root)?,
         Which::All => {
             bench_pipeline(root)?;
             kafka::bench(root)?;
             amqp::bench(root)?;
+            nats::bench(root)?;
             redis::bench(root)?;
             mqtt::bench(root)?;
         }
@@ -79,81 +84,46 @@ fn broker_rows(root: &Path) -> Vec<Row> {
             });
         }
     }
-    if let Some(a) = read_json(&root.join("target/bench/amqp.json")) {
-        let figures = a["figures"].as_array().cloned().unwrap_or_default();
-        let mut sizes: Vec<u64> = figures
-            .iter()
-            .filter_map(|f| f["payload_bytes"].as_u64())
-            .collect();
-        sizes.dedup();
-        for size in sizes {
-            let rate = |name: &str| {
-                figures
-                    .iter()
-                    .find(|f| f["payload_bytes"].as_u64() == Some(size) && f["name"] == name)
-                    .and_then(|f| f["msgs_per_sec"].as_f64())
-                    .unwrap_or(0.0)
-            };
-            rows.push(Row {
-                broker: "RabbitMQ",
-                size,
-                herald: rate("herald_default"),
-                raw: rate("raw_streaming"),
-                naive: rate("raw_naive"),
-            });
-        }
-    }
-    // redis-baseline writes the same figures as amqp-baseline.
-    if let Some(r) = read_json(&root.join("target/bench/redis.json")) {
-        let figures = r["figures"].as_array().cloned().unwrap_or_default();
-        let rate = |size: u64, name: &str| {
-            figures
-                .iter()
-                .find(|f| f["payload_bytes"].as_u64() == Some(size) && f["name"] == name)
-                .and_then(|f| f["msgs_per_sec"].as_f64())
-                .unwrap_or(0.0)
-        };
-        let mut sizes: Vec<u64> = figures
-            .iter()
-            .filter_map(|f| f["payload_bytes"].as_u64())
-            .collect();
-        sizes.dedup();
-        for size in sizes {
-            rows.push(Row {
-                broker: "Redis",
-                size,
-                herald: rate(size, "herald_default"),
-                raw: rate(size, "raw_streaming"),
-                naive: rate(size, "raw_naive"),
-            });
-        }
-    }
-    // mqtt-baseline writes the same figures as amqp-baseline.
-    if let Some(m) = read_json(&root.join("target/bench/mqtt.json")) {
-        let figures = m["figures"].as_array().cloned().unwrap_or_default();
-        let rate = |size: u64, name: &str| {
-            figures
-                .iter()
-                .find(|f| f["payload_bytes"].as_u64() == Some(size) && f["name"] == name)
-                .and_then(|f| f["msgs_per_sec"].as_f64())
-                .unwrap_or(0.0)
-        };
-        let mut sizes: Vec<u64> = figures
-            .iter()
-            .filter_map(|f| f["payload_bytes"].as_u64())
-            .collect();
-        sizes.dedup();
-        for size in sizes {
-            rows.push(Row {
-                broker: "MQTT",
-                size,
-                herald: rate(size, "herald_default"),
-                raw: rate(size, "raw_streaming"),
-                naive: rate(size, "raw_naive"),
-            });
+    // The *-baseline binaries all write the same figures.
+    for (name, broker) in [
+        ("amqp", "RabbitMQ"),
+        ("nats", "NATS"),
+        ("redis", "Redis"),
+        ("mqtt", "MQTT"),
+    ] {
+        if let Some(json) = read_json(&root.join(format!("target/bench/{name}.json"))) {
+            rows.extend(baseline_rows(&json, broker));
         }
     }
     rows
+}
+
+/// The rows of one `*-baseline` run: per payload size, herald's default settings against the
+/// raw client at its best and the naive pattern.
+fn baseline_rows(json: &serde_json::Value, broker: &'static str) -> Vec<Row> {
+    let figures = json["figures"].as_array().cloned().unwrap_or_default();
+    let rate = |size: u64, name: &str| {
+        figures
+            .iter()
+            .find(|f| f["payload_bytes"].as_u64() == Some(size) && f["name"] == name)
+            .and_then(|f| f["msgs_per_sec"].as_f64())
+            .unwrap_or(0.0)
+    };
+    let mut sizes: Vec<u64> = figures
+        .iter()
+        .filter_map(|f| f["payload_bytes"].as_u64())
+        .collect();
+    sizes.dedup();
+    sizes
+        .into_iter()
+        .map(|size| Row {
+            broker,
+            size,
+            herald: rate(size, "herald_default"),
+            raw: rate(size, "raw_streaming"),
+            naive: rate(size, "raw_naive"),
+        })
+        .collect()
 }
 
 /// The summary table and the throughput chart, from the last runs of every benchmark.

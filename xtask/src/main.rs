@@ -165,6 +165,9 @@ mod tests {
             ("pipeline", bench::Which::Pipeline),
             ("kafka", bench::Which::Kafka),
             ("amqp", bench::Which::Amqp),
+            ("nats", bench::Which::Nats),
+            ("redis", bench::Which::Redis),
+            ("mqtt", bench::Which::Mqtt),
             ("all", bench::Which::All),
             ("summary", bench::Which::Summary),
         ] {

@@ -107,65 +107,25 @@ fn start_own() -> Result<Broker> {
 /// `cargo xtask bench mqtt`: `mqtt-baseline` against the broker, its figures written to
 /// `target/bench/mqtt.json` and the `mqtt` section of docs/benchmarks.md.
 pub(crate) fn bench(root: &std::path::Path) -> Result<()> {
-    let broker = provision()?;
-    let out = root.join("target/bench/mqtt.json");
-    std::fs::create_dir_all(out.parent().context("target/bench")?)?;
-    let messages = std::env::var("HERALD_BENCH_MQTT_MESSAGES").unwrap_or_else(|_| "100000".into());
-    let mut cmd = crate::process::cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "-p",
-        "herald-mqtt",
-        "--features",
-        "baseline",
-        "--bin",
-        "mqtt-baseline",
-        "--",
-        "--messages",
-        &messages,
-        "--json",
-        out.to_str().context("utf-8 path")?,
-    ]);
-    for (k, v) in &broker.env {
-        cmd.env(k, v);
+    crate::report::Baseline {
+        name: "mqtt",
+        package: "herald-mqtt",
+        messages: ("HERALD_BENCH_MQTT_MESSAGES", "100000"),
+        intro,
     }
-    let result = crate::process::run("mqtt benchmark", &mut cmd);
-    drop(broker);
-    result?;
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
-    let table = table(&json, &crate::report::machine())?;
-    crate::report::replace_section(&root.join("docs/benchmarks.md"), "mqtt", &table)?;
-    eprintln!("docs/benchmarks.md: mqtt section updated\n\n{table}");
-    Ok(())
+    .run(root, provision()?)
 }
 
-/// The `mqtt` section of docs/benchmarks.md for one run of `mqtt-baseline`.
-fn table(json: &serde_json::Value, machine: &str) -> Result<String> {
-    let mut table = format!(
+/// The opening of the `mqtt` section of docs/benchmarks.md for one run of `mqtt-baseline`.
+fn intro(json: &serde_json::Value, machine: &str) -> String {
+    format!(
         "Run: `cargo xtask bench mqtt` on {machine}, broker on the same machine ({}). {} \
-         messages per run, QoS 1, MQTT 5, each run to a topic of its own with no subscriber.\n\n",
-        json["broker"].as_str().unwrap_or("?"),
-        json["messages"],
-    );
-    table.push_str(
-        "One run each, on a machine shared with the broker and other builds: expect ±15 % \
+         messages per run, QoS 1, MQTT 5, each run to a topic of its own with no subscriber.\n\n\
+         One run each, on a machine shared with the broker and other builds: expect ±15 % \
          between runs. herald sends the key and the id as user properties, the raw runs send \
          the payload only. Mosquitto keeps its default `set_tcp_nodelay false` (see \
          docs/guarantees.md, MQTT, on Nagle).\n\n",
-    );
-    table.push_str(
-        "| payload | variant | msgs/s | vs raw best | vs naive |\n|---|---|---:|---:|---:|\n",
-    );
-    for f in json["figures"].as_array().context("figures")? {
-        table.push_str(&format!(
-            "| {} B | {} | {} | {:.2}× | {:.1}× |\n",
-            f["payload_bytes"],
-            f["what"].as_str().unwrap_or("?"),
-            crate::report::thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
-            f["vs_raw"].as_f64().unwrap_or(0.0),
-            f["vs_naive"].as_f64().unwrap_or(0.0),
-        ));
-    }
-    Ok(table)
+        json["broker"].as_str().unwrap_or("?"),
+        json["messages"],
+    )
 }

@@ -84,3 +84,30 @@ fn start_own() -> Result<Broker> {
         })),
     })
 }
+
+/// `cargo xtask bench nats`: `nats-baseline` against the JetStream server [`provision`] finds,
+/// its figures in `target/bench/nats.json` and the `nats` section of docs/benchmarks.md.
+pub(crate) fn bench(root: &std::path::Path) -> Result<()> {
+    crate::report::Baseline {
+        name: "nats",
+        package: "herald-nats",
+        messages: ("HERALD_BENCH_NATS_MESSAGES", "100000"),
+        intro,
+    }
+    .run(root, provision()?)
+}
+
+/// The opening of the `nats` section of docs/benchmarks.md for one run of `nats-baseline`.
+fn intro(json: &serde_json::Value, machine: &str) -> String {
+    format!(
+        "Run: `cargo xtask bench nats` on {machine}, server on the same machine ({}). {} \
+         messages per run to a fresh file-backed JetStream stream, PubAcks awaited as they come \
+         (raw: a window of {} outstanding).\n\n\
+         One run each, on a machine shared with the server and other builds: expect ±15 % \
+         between runs. herald sends the key and the id (`Nats-Msg-Id`) as headers, the raw runs \
+         send the payload only.\n\n",
+        json["broker"].as_str().unwrap_or("?"),
+        json["messages"],
+        json["window"],
+    )
+}

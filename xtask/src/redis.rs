@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::broker::{free_port, Broker};
-use crate::process::{cargo, run};
-use crate::report::{machine, replace_section, thousands};
 
 const SHARED: &str = "127.0.0.1:6379";
 
@@ -93,67 +91,27 @@ fn start_own() -> Result<Broker> {
 /// herald in three settings, 100 B and 1 KiB) against the Redis that [`provision`] finds,
 /// its figures in target/bench/redis.json and the `redis` section of docs/benchmarks.md.
 pub(crate) fn bench(root: &Path) -> Result<()> {
-    let broker = provision()?;
-    let out = root.join("target/bench/redis.json");
-    std::fs::create_dir_all(out.parent().context("target/bench")?)?;
-    let messages = std::env::var("HERALD_BENCH_REDIS_MESSAGES").unwrap_or_else(|_| "200000".into());
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "-p",
-        "herald-redis",
-        "--features",
-        "baseline",
-        "--bin",
-        "redis-baseline",
-        "--",
-        "--messages",
-        &messages,
-        "--json",
-        out.to_str().context("utf-8 path")?,
-    ]);
-    for (k, v) in &broker.env {
-        cmd.env(k, v);
+    crate::report::Baseline {
+        name: "redis",
+        package: "herald-redis",
+        messages: ("HERALD_BENCH_REDIS_MESSAGES", "200000"),
+        intro,
     }
-    let result = run("redis benchmark", &mut cmd);
-    drop(broker);
-    result?;
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
-    let table = table(&json, &machine())?;
-    replace_section(&root.join("docs/benchmarks.md"), "redis", &table)?;
-    eprintln!("docs/benchmarks.md: redis section updated\n\n{table}");
-    Ok(())
+    .run(root, provision()?)
 }
 
-/// The `redis` section of docs/benchmarks.md for one run of `redis-baseline`.
-fn table(json: &serde_json::Value, machine: &str) -> Result<String> {
-    let mut table = format!(
+/// The opening of the `redis` section of docs/benchmarks.md for one run of `redis-baseline`.
+fn intro(json: &serde_json::Value, machine: &str) -> String {
+    format!(
         "Run: `cargo xtask bench redis` on {machine}, server on the same machine ({}). {} \
          messages per run to a fresh stream; the raw run sends pipelines of {} `XADD`s, {} in \
-         flight on one multiplexed connection.\n\n",
+         flight on one multiplexed connection.\n\n\
+         One run each, on a machine shared with the server and other builds: expect ±15 % \
+         between runs. Both write the same entries: `payload`, `key` (64 keys) and `id` (the \
+         herald id; the raw run makes one per message).\n\n",
         json["broker"].as_str().unwrap_or("?"),
         json["messages"],
         json["pipeline"],
         json["in_flight"],
-    );
-    table.push_str(
-        "One run each, on a machine shared with the server and other builds: expect ±15 % \
-         between runs. Both write the same entries: `payload`, `key` (64 keys) and `id` (the \
-         herald id; the raw run makes one per message).\n\n",
-    );
-    table.push_str(
-        "| payload | variant | msgs/s | vs raw best | vs naive |\n|---|---|---:|---:|---:|\n",
-    );
-    for f in json["figures"].as_array().context("figures")? {
-        table.push_str(&format!(
-            "| {} B | {} | {} | {:.2}× | {:.1}× |\n",
-            f["payload_bytes"],
-            f["what"].as_str().unwrap_or("?"),
-            thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
-            f["vs_raw"].as_f64().unwrap_or(0.0),
-            f["vs_naive"].as_f64().unwrap_or(0.0),
-        ));
-    }
-    Ok(table)
+    )
 }

@@ -52,3 +52,80 @@ pub(crate) fn machine() -> String {
         .unwrap_or_default();
     format!("{cpu}, {cores} cores, {date}")
 }
+
+/// One run of a broker's `*-baseline` binary (herald-amqp, -nats, -redis, -mqtt: they all write
+/// the same JSON, a list of figures per payload size and variant).
+pub(crate) struct Baseline<'a> {
+    /// The benchmark's name: `target/bench/{name}.json`, the `{name}` section of
+    /// docs/benchmarks.md, `cargo xtask bench {name}`.
+    pub(crate) name: &'a str,
+    /// The crate whose `{name}-baseline` binary (feature `baseline`) runs it.
+    pub(crate) package: &'a str,
+    /// Messages per run: the environment variable that overrides it, and the default.
+    pub(crate) messages: (&'a str, &'a str),
+    /// The section's opening: what was run, where, and what to expect of the figures.
+    pub(crate) intro: fn(&serde_json::Value, &str) -> String,
+}
+
+impl Baseline<'_> {
+    /// Runs the binary against `broker` (stopped afterwards, whatever happens), writes its
+    /// figures to target/bench and its section of docs/benchmarks.md.
+    pub(crate) fn run(&self, root: &Path, broker: crate::broker::Broker) -> Result<()> {
+        use anyhow::Context;
+        let out = root.join(format!("target/bench/{}.json", self.name));
+        std::fs::create_dir_all(out.parent().context("target/bench")?)?;
+        let (var, default) = self.messages;
+        let messages = std::env::var(var).unwrap_or_else(|_| default.into());
+        let bin = format!("{}-baseline", self.name);
+        let mut cmd = crate::process::cargo();
+        cmd.args([
+            "run",
+            "--release",
+            "-p",
+            self.package,
+            "--features",
+            "baseline",
+            "--bin",
+            &bin,
+            "--",
+            "--messages",
+            &messages,
+            "--json",
+            out.to_str().context("utf-8 path")?,
+        ]);
+        for (k, v) in &broker.env {
+            cmd.env(k, v);
+        }
+        let result = crate::process::run(&format!("{} benchmark", self.name), &mut cmd);
+        drop(broker);
+        result?;
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+        let mut table = (self.intro)(&json, &machine());
+        table.push_str(&figures_table(&json)?);
+        replace_section(&root.join("docs/benchmarks.md"), self.name, &table)?;
+        eprintln!(
+            "docs/benchmarks.md: {} section updated\n\n{table}",
+            self.name
+        );
+        Ok(())
+    }
+}
+
+/// The figures of a `*-baseline` run as a table: payload, variant, rate, against raw and naive.
+pub(crate) fn figures_table(json: &serde_json::Value) -> Result<String> {
+    use anyhow::Context;
+    let mut table = String::from(
+        "| payload | variant | msgs/s | vs raw best | vs naive |\n|---|---|---:|---:|---:|\n",
+    );
+    for f in json["figures"].as_array().context("figures")? {
+        table.push_str(&format!(
+            "| {} B | {} | {} | {:.2}× | {:.1}× |\n",
+            f["payload_bytes"],
+            f["what"].as_str().unwrap_or("?"),
+            thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
+            f["vs_raw"].as_f64().unwrap_or(0.0),
+            f["vs_naive"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    Ok(table)
+}

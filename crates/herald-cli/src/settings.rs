@@ -88,6 +88,11 @@ pub(crate) struct Tuning {
     /// Most batches in flight at once.
     #[arg(long, value_name = "N", default_value_t = 8, help_heading = "Producer")]
     pub(crate) max_in_flight: usize,
+    /// Under strict ordering, most batches of one destination in flight at once, where the
+    /// broker's client keeps order across them (Kafka with idempotence, RabbitMQ, NATS, MQTT;
+    /// Redis sends one at a time). 1: each batch waits for the one before.
+    #[arg(long, value_name = "N", default_value_t = 4, help_heading = "Producer")]
+    pub(crate) pipeline_depth: usize,
     /// A librdkafka property (repeatable), e.g. security.protocol=SASL_PLAINTEXT. Properties
     /// herald sets itself are refused, naming the flag to use; secret values are never printed.
     #[arg(
@@ -147,6 +152,7 @@ impl Tuning {
             .buffer(self.buffer_messages, self.buffer_bytes)
             .max_message_bytes(self.max_message_bytes)
             .max_in_flight(self.max_in_flight)
+            .pipeline_depth(self.pipeline_depth)
             .delivery_timeout(self.delivery_timeout())
     }
 

@@ -113,17 +113,17 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
         for (name, what, batch, ordering, depth) in [
             (
                 "herald_default",
-                "herald send_all, default batching (1 024 / 5 ms), strict order (one batch in flight), 64 keys",
-                1024,
-                OrderingMode::Strict,
-                1,
-            ),
-            (
-                "herald_depth_4",
-                "herald send_all, default batching, strict order, 4 batches in flight",
+                "herald send_all, default batching (1 024 / 5 ms), strict order (pipeline depth 4), 64 keys",
                 1024,
                 OrderingMode::Strict,
                 4,
+            ),
+            (
+                "herald_depth_1",
+                "herald send_all, default batching, strict order, one batch in flight (stop and wait)",
+                1024,
+                OrderingMode::Strict,
+                1,
             ),
             (
                 "herald_depth_8",
@@ -134,10 +134,10 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
             ),
             (
                 "herald_batch_4096",
-                "herald send_all, batches of 4 096, strict order, 64 keys",
+                "herald send_all, batches of 4 096, strict order (depth 4), 64 keys",
                 4096,
                 OrderingMode::Strict,
-                1,
+                4,
             ),
             (
                 "herald_relaxed",
