@@ -441,8 +441,15 @@ impl Shared {
                 wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
             }
         };
-        // Retries still due after `unpark` wait for the budget, not for their own time.
-        consider(st.parked.peek().map(|Reverse(p)| p.ready_at));
+        // Retries still due after `unpark` wait for the budget or for their lane's batches to
+        // land, not for their own time: the earliest future one counts.
+        consider(
+            st.parked
+                .iter()
+                .map(|Reverse(p)| p.ready_at)
+                .filter(|t| *t > now)
+                .min(),
+        );
         consider(budget_again);
         // Delivery timeouts held back by the log's rate limit are said when it allows.
         consider(say_again);

@@ -299,7 +299,10 @@ impl OrderingMode {
     }
 
     /// Parked retries of `destination` left the parked set (queued again, expired, or
-    /// abandoned by a close): the destination's hold is released.
+    /// abandoned by a close): the destination's hold is released. With nothing of the lane out
+    /// any more, a new order epoch begins: transports forget the keys that failed before. While
+    /// batches sent before are still out (the retries expired meanwhile), the epoch stays, so
+    /// that what those batches fail keeps holding its keys.
     pub(crate) fn retries_ended<F>(
         self,
         acc: &mut Queue,
@@ -311,7 +314,9 @@ impl OrderingMode {
             let epoch = lanes.epoch();
             let lane = lane(lanes, destination);
             lane.parked = false;
-            lane.epoch = epoch;
+            if lane.next_land == lane.next_seq {
+                lane.epoch = epoch;
+            }
             self.settle(lanes, destination);
         }
     }
