@@ -65,6 +65,9 @@ pub(crate) struct Baseline<'a> {
     pub(crate) messages: (&'a str, &'a str),
     /// The section's opening: what was run, where, and what to expect of the figures.
     pub(crate) intro: fn(&serde_json::Value, &str) -> String,
+    /// Round trips (ms) to run again at, through the testkit's delaying proxy (`--rtt-ms`), into
+    /// the `{name}-rtt` section, with this many messages per run; empty: none.
+    pub(crate) rtts: (&'a [u64], &'a str),
 }
 
 impl Baseline<'_> {
@@ -76,6 +79,66 @@ impl Baseline<'_> {
         std::fs::create_dir_all(out.parent().context("target/bench")?)?;
         let (var, default) = self.messages;
         let messages = std::env::var(var).unwrap_or_else(|_| default.into());
+        let result = self.run_binary(&broker, &messages, None, &out);
+        let mut rtt_runs = Vec::new();
+        if result.is_ok() {
+            for &rtt in self.rtts.0 {
+                let out = root.join(format!("target/bench/{}-rtt-{rtt}.json", self.name));
+                let run = self.run_binary(&broker, self.rtts.1, Some(rtt), &out);
+                rtt_runs.push((rtt, run.map(|()| out)));
+            }
+        }
+        drop(broker);
+        result?;
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+        let mut table = (self.intro)(&json, &machine());
+        table.push_str(&figures_table(&json)?);
+        replace_section(&root.join("docs/benchmarks.md"), self.name, &table)?;
+        eprintln!(
+            "docs/benchmarks.md: {} section updated\n\n{table}",
+            self.name
+        );
+        if rtt_runs.is_empty() {
+            return Ok(());
+        }
+        let mut rtt_table = format!(
+            "Run: `cargo xtask bench {}` on {}: the same variants again, {} messages each, every \
+             variant through herald-testkit's `FaultProxy::start_with_latency` (half the round \
+             trip each way, throughput not limited). One run each: expect ±15 %.\n\n",
+            self.name,
+            machine(),
+            self.rtts.1
+        );
+        rtt_table.push_str(
+            "| round trip | payload | variant | msgs/s | vs raw best |\n|---:|---|---|---:|---:|\n",
+        );
+        for (rtt, run) in rtt_runs {
+            let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run?)?)?;
+            for f in json["figures"].as_array().context("figures")? {
+                rtt_table.push_str(&format!(
+                    "| {rtt} ms | {} B | {} | {} | {:.2}× |\n",
+                    f["payload_bytes"],
+                    f["what"].as_str().unwrap_or("?"),
+                    thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
+                    f["vs_raw"].as_f64().unwrap_or(0.0),
+                ));
+            }
+        }
+        let section = format!("{}-rtt", self.name);
+        replace_section(&root.join("docs/benchmarks.md"), &section, &rtt_table)?;
+        eprintln!("docs/benchmarks.md: {section} section updated\n\n{rtt_table}");
+        Ok(())
+    }
+
+    /// One run of the binary against `broker`, through a proxy adding `rtt` ms if given.
+    fn run_binary(
+        &self,
+        broker: &crate::broker::Broker,
+        messages: &str,
+        rtt: Option<u64>,
+        out: &Path,
+    ) -> Result<()> {
+        use anyhow::Context;
         let bin = format!("{}-baseline", self.name);
         let mut cmd = crate::process::cargo();
         cmd.args([
@@ -89,25 +152,21 @@ impl Baseline<'_> {
             &bin,
             "--",
             "--messages",
-            &messages,
+            messages,
             "--json",
             out.to_str().context("utf-8 path")?,
         ]);
+        let what = match rtt {
+            Some(ms) => {
+                cmd.args(["--rtt-ms", &ms.to_string()]);
+                format!("{} benchmark at {ms} ms round trip", self.name)
+            }
+            None => format!("{} benchmark", self.name),
+        };
         for (k, v) in &broker.env {
             cmd.env(k, v);
         }
-        let result = crate::process::run(&format!("{} benchmark", self.name), &mut cmd);
-        drop(broker);
-        result?;
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
-        let mut table = (self.intro)(&json, &machine());
-        table.push_str(&figures_table(&json)?);
-        replace_section(&root.join("docs/benchmarks.md"), self.name, &table)?;
-        eprintln!(
-            "docs/benchmarks.md: {} section updated\n\n{table}",
-            self.name
-        );
-        Ok(())
+        crate::process::run(&what, &mut cmd)
     }
 }
 
