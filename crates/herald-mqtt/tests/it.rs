@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_core::{
     async_trait, Destination, ErrorClass, FailureReason, Message, MessageId, Producer,
-    ProducerBuilder,
+    ProducerBuilder, Transport,
 };
 use herald_mqtt::{MqttConfig, MqttTransport, Qos};
 use herald_testkit::checks::{assert_complete_in_key_order, free_port, wait_for};
@@ -895,4 +895,55 @@ async fn credentials_and_permissions_are_classified() {
     p.close(Duration::from_secs(10)).await;
     drop(broker);
     let _removed = std::fs::remove_dir_all(&dir);
+}
+
+/// `mqtts://` against a mosquitto of the test's own with a TLS listener and a certificate from a
+/// CA of the test's own: refused (permanently, `TLS_ERROR`) without that CA, delivered with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: cargo xtask it mqtt"]
+async fn mqtts_with_a_custom_ca_works_and_an_unknown_ca_is_refused() {
+    const TEST: &str = "mqtts_with_a_custom_ca_works_and_an_unknown_ca_is_refused";
+    let certs = std::env::temp_dir().join(format!("herald-mqtt-it-certs-{}", uniq()));
+    std::fs::create_dir_all(&certs).expect("cert folder");
+    herald_testkit::tls::make_test_certs(&certs);
+    {
+        // mosquitto drops to its own user, which must read the certificate and its key.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&certs, std::fs::Permissions::from_mode(0o755)).expect("mode");
+        for f in ["ca.pem", "server.pem", "server.key"] {
+            std::fs::set_permissions(certs.join(f), std::fs::Permissions::from_mode(0o644))
+                .expect("mode");
+        }
+    }
+    let tls_port = free_port();
+    let extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}",
+        certs.join("ca.pem").display(),
+        certs.join("server.pem").display(),
+        certs.join("server.key").display(),
+    );
+    let Some(_broker) = OwnBroker::start(TEST, &extra).await else {
+        return;
+    };
+    let url = format!("mqtts://localhost:{tls_port}/herald/it/tls");
+    // Without the test's CA: refused, permanently (proof that the certificate is checked).
+    let untrusted = MqttTransport::new(MqttConfig::from_url(&url).expect("url")).expect("t");
+    let e = untrusted.connect().await.expect_err("an unknown CA");
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, Some("TLS_ERROR")),
+        "{e}"
+    );
+    // With it: connects, and the broker acknowledges a message.
+    let config = MqttConfig::from_url(&url)
+        .expect("url")
+        .tls_ca_file(certs.join("ca.pem"));
+    let dest = Destination::new("herald/it/tls");
+    let t = MqttTransport::new(config).expect("t");
+    let out = t
+        .send_batch(&dest, &[Message::new(dest.clone(), "over tls")])
+        .await;
+    assert!(out[0].is_ok(), "{:?}", out[0]);
+    t.close().await;
+    let _removed = std::fs::remove_dir_all(&certs);
 }
