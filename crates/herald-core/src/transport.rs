@@ -160,16 +160,24 @@ pub trait Transport: Send + Sync + 'static {
 
 const _: Option<&dyn Transport> = None;
 
+/// Where a call stands in its producer's strict order (see [`Turns`]): which producer's pipeline
+/// (two producers sharing one transport keep apart) and which order epoch of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OrderEpoch {
+    pub(crate) pipeline: u64,
+    pub(crate) epoch: u64,
+}
+
 tokio::task_local! {
     /// The order epoch of the call being made: set by the pipeline around each call under
     /// strict ordering (`None` under relaxed ordering; unset when a transport is called
     /// directly).
-    static ORDER_EPOCH: Option<u64>;
+    static ORDER_EPOCH: Option<OrderEpoch>;
 }
 
 /// Runs `call` in `epoch` (see [`Turns`]).
 pub(crate) fn in_order_epoch<F: std::future::Future>(
-    epoch: Option<u64>,
+    epoch: Option<OrderEpoch>,
     call: F,
 ) -> impl std::future::Future<Output = F::Output> {
     ORDER_EPOCH.scope(epoch, call)
@@ -219,7 +227,8 @@ pub(crate) fn in_order_epoch<F: std::future::Future>(
 /// ```
 #[derive(Debug, Default)]
 pub struct Turns {
-    lanes: Mutex<HashMap<Destination, Arc<TurnLane>>>,
+    /// By producer pipeline and destination.
+    lanes: Mutex<HashMap<(u64, Destination), Arc<TurnLane>>>,
 }
 
 #[derive(Debug, Default)]
@@ -261,14 +270,15 @@ impl Turns {
     /// Waits for `destination`'s turn: after every call that asked for it before (at its first
     /// poll). The next call's turn begins at [`Turn::handed_over`], or when the turn is dropped.
     pub async fn take(&self, destination: &Destination) -> Turn {
-        let Some(epoch) = ORDER_EPOCH.try_with(|e| *e).ok().flatten() else {
+        let Some(OrderEpoch { pipeline, epoch }) = ORDER_EPOCH.try_with(|e| *e).ok().flatten()
+        else {
             return Turn {
                 held: None,
                 finished: false,
             };
         };
         let lane = lock(&self.lanes)
-            .entry(destination.clone())
+            .entry((pipeline, destination.clone()))
             .or_default()
             .clone();
         let order = lane.queue.clone().lock_owned().await;
@@ -398,6 +408,14 @@ mod tests {
         Message::new("t", "p").with_key(key.to_owned())
     }
 
+    /// Epoch `n` of pipeline 1.
+    fn ep(n: u64) -> Option<OrderEpoch> {
+        Some(OrderEpoch {
+            pipeline: 1,
+            epoch: n,
+        })
+    }
+
     fn failed() -> Vec<Result<Ack, TransportError>> {
         vec![Err(TransportError::transient("connection lost"))]
     }
@@ -417,11 +435,11 @@ mod tests {
     async fn after_a_reconnect_a_call_waits_for_the_ones_before_and_holds_their_failed_keys() {
         let turns = Arc::new(Turns::default());
         let d = Destination::new("t");
-        let mut a = in_order_epoch(Some(1), turns.take(&d)).await;
+        let mut a = in_order_epoch(ep(1), turns.take(&d)).await;
         assert!(a.enter(1).await.is_empty());
         a.handed_over();
         let (t, dest) = (turns.clone(), d.clone());
-        let b = tokio::spawn(in_order_epoch(Some(1), async move {
+        let b = tokio::spawn(in_order_epoch(ep(1), async move {
             let mut b = t.take(&dest).await;
             let hold = b.enter(2).await; // a new connection
             (b, hold)
@@ -444,13 +462,13 @@ mod tests {
     async fn a_new_order_epoch_forgets_the_keys_held() {
         let turns = Turns::default();
         let d = Destination::new("t");
-        let mut a = in_order_epoch(Some(1), turns.take(&d)).await;
+        let mut a = in_order_epoch(ep(1), turns.take(&d)).await;
         a.enter(1).await;
         a.finish(&[keyed("k")], &failed());
-        let mut same = in_order_epoch(Some(1), turns.take(&d)).await;
+        let mut same = in_order_epoch(ep(1), turns.take(&d)).await;
         assert!(same.enter(1).await.check(&keyed("k")).is_some());
         same.finish(&[], &[]);
-        let mut next = in_order_epoch(Some(2), turns.take(&d)).await;
+        let mut next = in_order_epoch(ep(2), turns.take(&d)).await;
         assert!(
             next.enter(1).await.is_empty(),
             "retries back in front: nothing held"
@@ -461,12 +479,30 @@ mod tests {
     async fn a_call_cut_off_holds_every_key() {
         let turns = Turns::default();
         let d = Destination::new("t");
-        let mut a = in_order_epoch(Some(1), turns.take(&d)).await;
+        let mut a = in_order_epoch(ep(1), turns.take(&d)).await;
         a.enter(1).await;
         drop(a);
-        let mut b = in_order_epoch(Some(1), turns.take(&d)).await;
+        let mut b = in_order_epoch(ep(1), turns.take(&d)).await;
         let hold = b.enter(1).await;
         assert!(hold.check(&keyed("any")).is_some());
         assert!(hold.check(&Message::new("t", "keyless")).is_some());
+    }
+
+    #[tokio::test]
+    async fn two_producers_sharing_a_transport_keep_their_turns_apart() {
+        let turns = Turns::default();
+        let d = Destination::new("t");
+        let mut a = in_order_epoch(ep(1), turns.take(&d)).await;
+        a.enter(1).await;
+        a.finish(&[keyed("k")], &failed());
+        let other = Some(OrderEpoch {
+            pipeline: 2,
+            epoch: 1,
+        });
+        let mut b = in_order_epoch(other, turns.take(&d)).await;
+        assert!(
+            b.enter(1).await.is_empty(),
+            "another producer's failures hold nothing here"
+        );
     }
 }

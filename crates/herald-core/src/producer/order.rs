@@ -34,7 +34,7 @@ use super::state::Entry;
 use crate::error::TransportError;
 use crate::key_hold::KeyHold;
 use crate::message::{Destination, Message};
-use crate::transport::Ack;
+use crate::transport::{Ack, OrderEpoch};
 
 /// How strictly the producer keeps order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,8 +104,13 @@ impl<F> Lane<F> {
     }
 }
 
+/// Pipelines made in this process, for their ids (see [`crate::Turns`]).
+static PIPELINES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Every destination's lane (strict ordering only; empty under relaxed).
 pub(crate) struct Lanes<F> {
+    /// This pipeline's id: a transport shared by two producers keeps their turns apart.
+    pipeline: u64,
     map: HashMap<Destination, Lane<F>>,
     /// The next order epoch: epochs are never reused, across lanes and their re-creations.
     next_epoch: u64,
@@ -114,6 +119,7 @@ pub(crate) struct Lanes<F> {
 impl<F> Default for Lanes<F> {
     fn default() -> Self {
         Self {
+            pipeline: PIPELINES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             map: HashMap::new(),
             next_epoch: 1,
         }
@@ -132,7 +138,7 @@ impl<F> Lanes<F> {
 pub(crate) struct Turn {
     pub(crate) seq: u64,
     /// The lane's order epoch under strict ordering (see [`crate::Turns`]); `None` under relaxed.
-    pub(crate) epoch: Option<u64>,
+    pub(crate) epoch: Option<OrderEpoch>,
     /// Fired by the first poll of the batch sent before this one (or dropped with it).
     pub(crate) after: Option<oneshot::Receiver<()>>,
     /// Fired by this batch's first poll.
@@ -159,13 +165,17 @@ impl OrderingMode {
                 started: None,
             };
         }
+        let pipeline = lanes.pipeline;
         let lane = lane(lanes, destination);
         let seq = lane.next_seq;
         lane.next_seq += 1;
         let (tx, rx) = oneshot::channel();
         Turn {
             seq,
-            epoch: Some(lane.epoch),
+            epoch: Some(OrderEpoch {
+                pipeline,
+                epoch: lane.epoch,
+            }),
             after: lane.started.replace(rx),
             started: Some(tx),
         }
