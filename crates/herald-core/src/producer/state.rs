@@ -4,9 +4,11 @@
 //!
 //! Invariants (docs/architecture.md names them):
 //! - Every accepted message is in exactly one place: the accumulator, the parked retries, or an
-//!   in-flight batch; and it leaves through exactly one `Completion::complete`. Drop guards on the
-//!   state and on in-flight batches complete whatever is left with `Closed`, so even a runtime
-//!   shutting down cannot drop a message silently.
+//!   in-flight batch (one answered ahead of an earlier batch of its lane included: it waits in
+//!   the lane, still counted in flight); and it leaves through exactly one
+//!   `Completion::complete`. Drop guards on the state and on in-flight batches complete
+//!   whatever is left with `Closed`, so even a runtime shutting down cannot drop a message
+//!   silently.
 //! - `buffered_*` counts messages from acceptance to completion; it is what backpressure bounds.
 //! - `unsettled` counts an accepted message before the lock that accepted it is released, and
 //!   stops counting it only after its completion ran: `flush` and `close` rely on it.
