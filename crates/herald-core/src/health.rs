@@ -114,15 +114,20 @@ pub enum HealthIssue {
     },
     /// The producer is closing or closed. Unhealthy.
     Closed,
+    /// The producer's dispatcher task ended although the producer was not closed (its runtime
+    /// shut down or dropped the task, or a fault in herald panicked it): nothing is sent any
+    /// more. Unhealthy, and not live: a liveness probe should restart the process.
+    PipelineStopped,
 }
 
 impl HealthIssue {
     /// How bad this issue alone is.
     pub fn status(&self) -> HealthStatus {
         match self {
-            HealthIssue::CircuitOpen | HealthIssue::TransportDown(_) | HealthIssue::Closed => {
-                HealthStatus::Unhealthy
-            }
+            HealthIssue::CircuitOpen
+            | HealthIssue::TransportDown(_)
+            | HealthIssue::Closed
+            | HealthIssue::PipelineStopped => HealthStatus::Unhealthy,
             HealthIssue::CircuitHalfOpen
             | HealthIssue::BrokerBlocked(_)
             | HealthIssue::BufferHighWater { .. }
@@ -132,7 +137,8 @@ impl HealthIssue {
     }
 
     /// A stable, machine-readable name: `circuit_open`, `circuit_half_open`, `transport_down`,
-    /// `broker_blocked`, `buffer_high_water`, `store_high_water`, `error_rate`, `closed`.
+    /// `broker_blocked`, `buffer_high_water`, `store_high_water`, `error_rate`, `closed`,
+    /// `pipeline_stopped`.
     pub fn code(&self) -> &'static str {
         match self {
             HealthIssue::CircuitOpen => "circuit_open",
@@ -143,6 +149,7 @@ impl HealthIssue {
             HealthIssue::StoreHighWater { .. } => "store_high_water",
             HealthIssue::ErrorRate { .. } => "error_rate",
             HealthIssue::Closed => "closed",
+            HealthIssue::PipelineStopped => "pipeline_stopped",
         }
     }
 }
@@ -187,6 +194,9 @@ impl fmt::Display for HealthIssue {
                 100.0 * *failed as f64 / (*ended).max(1) as f64
             ),
             HealthIssue::Closed => f.write_str("producer closing or closed"),
+            HealthIssue::PipelineStopped => f.write_str(
+                "the producer's dispatcher task ended without a close: nothing is sent any more",
+            ),
         }
     }
 }

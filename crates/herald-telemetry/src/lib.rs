@@ -419,24 +419,27 @@ impl HealthReport {
 
     /// Whether the watched producers' pipelines still run. What a liveness probe asks
     /// (`/health/live`): false only when a producer is closing or closed (its
-    /// [`HealthIssue::Closed`]), or every watched producer has closed and gone. A broker outage,
-    /// an open circuit, a full buffer or a high error rate leave it true: restarting the process
-    /// would throw away the messages it buffered and would not bring the broker back.
+    /// [`HealthIssue::Closed`]), its dispatcher task ended without a close
+    /// ([`HealthIssue::PipelineStopped`]: dropped by its runtime, or panicked), or every watched
+    /// producer has closed and gone. A broker outage, an open circuit, a full buffer or a high
+    /// error rate leave it true: restarting the process would throw away the messages it
+    /// buffered and would not bring the broker back.
     ///
-    /// A producer's health tells "closed", not whether its tasks still run: a pipeline whose
-    /// tasks ended some other way (its runtime shut down) keeps its last health.
+    /// A producer whose health task is gone too (its whole runtime shut down) keeps its last
+    /// health: run the telemetry on the same runtime as the producers, so that it goes with
+    /// them.
     pub fn is_live(&self) -> bool {
         let gone = self.producers.is_empty() && self.status == HealthStatus::Unhealthy;
         !gone && self.closed().next().is_none()
     }
 
-    /// The producers whose health says closed.
+    /// The producers whose health says closed, or stopped without a close.
     fn closed(&self) -> impl Iterator<Item = &ProducerHealth> {
         self.producers.iter().filter(|p| {
             p.health
                 .issues
                 .iter()
-                .any(|i| matches!(i, HealthIssue::Closed))
+                .any(|i| matches!(i, HealthIssue::Closed | HealthIssue::PipelineStopped))
         })
     }
 
@@ -452,7 +455,7 @@ impl HealthReport {
                 .clone()
                 .unwrap_or_else(|| "every watched producer has closed and gone".to_owned())
         } else {
-            format!("producer closing or closed: {}", closed.join(", "))
+            format!("producer closing, closed or stopped: {}", closed.join(", "))
         };
         serde_json::json!({ "live": false, "detail": detail }).to_string()
     }
@@ -521,5 +524,34 @@ mod tests {
         let told: serde_json::Value =
             serde_json::from_str(&report(health).to_json()).expect("JSON");
         assert_eq!(told["producers"][0]["endpoint"], "rabbit-2:5672", "{told}");
+    }
+
+    #[test]
+    fn a_stopped_pipeline_is_not_live_and_says_which() {
+        let report = |issues: Vec<HealthIssue>| {
+            let health = Health::from_issues(issues);
+            HealthReport {
+                status: health.status,
+                producers: vec![ProducerHealth {
+                    name: "orders".into(),
+                    transport: "kafka",
+                    health,
+                }],
+                detail: None,
+            }
+        };
+        let outage = report(vec![HealthIssue::TransportDown("refused".into())]);
+        assert!(outage.is_live(), "a broker outage stays live");
+        let stopped = report(vec![HealthIssue::PipelineStopped]);
+        assert!(!stopped.is_live());
+        assert!(!stopped.is_ready());
+        let body: serde_json::Value = serde_json::from_str(&stopped.liveness_json()).expect("JSON");
+        assert_eq!(body["live"], false);
+        assert!(
+            body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("orders")),
+            "{body}"
+        );
     }
 }

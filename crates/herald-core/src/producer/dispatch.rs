@@ -784,10 +784,52 @@ async fn send_flight(mut sending: Sending) {
     sending.land(outcomes);
 }
 
+/// Lives as long as the dispatcher runs: dropped before the producer stopped normally (the task
+/// was dropped by its runtime, or a fault panicked it), it says so to the health task.
+struct Running(Arc<Shared>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        self.0.dispatcher_gone.store(true, Ordering::Release);
+        self.0.health.kick.notify_one();
+        // A runtime shutting down at the end of a program drops it too: worth an error only
+        // when messages were still waiting.
+        let pending = self.0.unsettled.load(Ordering::Acquire);
+        if pending > 0 {
+            tracing::error!(
+                producer = self.0.config.name.as_deref(),
+                transport = self.0.transport.name(),
+                pending,
+                "the producer's dispatcher task ended without a close: nothing is sent any more"
+            );
+        } else {
+            tracing::debug!(
+                producer = self.0.config.name.as_deref(),
+                transport = self.0.transport.name(),
+                "the producer's dispatcher task ended without a close, nothing pending"
+            );
+        }
+    }
+}
+
 /// The dispatcher: turns queued messages into batches and hands them to the transport, within
 /// the in-flight limit and the circuit breaker; runs until the producer is closed or dropped
 /// and everything accepted has ended.
-pub(crate) async fn run_dispatcher(shared: Arc<Shared>) {
+///
+/// The guard that reports a dispatcher gone without a close exists before the task is first
+/// polled: a runtime may drop a task it never ran.
+pub(crate) fn run_dispatcher(shared: Arc<Shared>) -> impl Future<Output = ()> {
+    let running = Running(shared.clone());
+    async move {
+        let _running = running;
+        dispatch(shared).await;
+    }
+}
+
+async fn dispatch(shared: Arc<Shared>) {
     loop {
         let now = clock_now();
         let mut fin = Finished::default();
@@ -892,5 +934,38 @@ mod tests {
         // And the message goes out on its retry.
         producer.flush().await;
         assert_eq!(fate.await.expect("delivered").attempts, 2);
+    }
+
+    /// A dispatcher task that ends without a close (here: aborted, as a runtime dropping it
+    /// would) makes the producer unhealthy and says why; a closed one does not.
+    #[tokio::test]
+    async fn a_dispatcher_gone_without_a_close_shows_in_health() {
+        let producer = Producer::builder(Accepts).build().expect("build");
+        assert!(!producer
+            .health()
+            .issues
+            .contains(&crate::HealthIssue::PipelineStopped));
+        let task = producer
+            .handle
+            .dispatcher
+            .lock()
+            .expect("lock")
+            .take()
+            .expect("the dispatcher's handle");
+        task.abort();
+        let _aborted = task.await;
+        let health = producer.health();
+        assert!(
+            health.issues.contains(&crate::HealthIssue::PipelineStopped),
+            "{health:?}"
+        );
+        assert_eq!(health.status, crate::HealthStatus::Unhealthy);
+
+        let closed = Producer::builder(Accepts).build().expect("build");
+        closed.close(Duration::from_secs(5)).await;
+        assert!(!closed
+            .health()
+            .issues
+            .contains(&crate::HealthIssue::PipelineStopped));
     }
 }

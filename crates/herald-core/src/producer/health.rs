@@ -70,6 +70,9 @@ impl Shared {
         if closing {
             issues.push(HealthIssue::Closed);
         }
+        if self.dispatcher_gone.load(Ordering::Acquire) {
+            issues.push(HealthIssue::PipelineStopped);
+        }
         let open_past = circuit == CircuitState::Open && retry_at.is_some_and(|t| t <= now);
         let circuit = effective_circuit(circuit, retry_at, now);
         match circuit {

@@ -247,6 +247,9 @@ pub(crate) struct Shared {
     pub(crate) health: HealthMonitor,
     /// The dispatcher has finished: everything accepted has ended and the transport is closed.
     pub(crate) stopped: AtomicBool,
+    /// The dispatcher task ended without stopping normally (dropped by its runtime, or
+    /// panicked): health says so, and liveness fails.
+    pub(crate) dispatcher_gone: AtomicBool,
     /// Where accepted messages are kept until they end, if the producer has a store.
     pub(crate) store: Option<Arc<dyn Store>>,
     /// The way in through that store.
@@ -354,6 +357,7 @@ impl Shared {
             unclaimed,
             health: HealthMonitor::new(),
             stopped: AtomicBool::new(false),
+            dispatcher_gone: AtomicBool::new(false),
             store: stage.as_ref().map(super::stage::Stage::store),
             stage,
         }
