@@ -10,6 +10,7 @@
 //! - [`scenario`]: runs with known outcomes ([`scenario::ScriptedFaults`]), for checking what a
 //!   producer reports against what happened.
 
+pub mod baseline;
 pub mod checks;
 pub mod conformance;
 mod logs;

@@ -12,19 +12,13 @@ use std::time::{Duration, Instant};
 use herald_amqp::baseline::{delete_queue, fresh_queue, raw_naive, raw_streaming};
 use herald_amqp::{AmqpConfig, AmqpTransport};
 use herald_core::{Message, OrderingMode, Producer};
+use herald_testkit::baseline::{write_report, Args, Figure};
 
 const CHANNELS: usize = 8;
 const WINDOW: usize = 512;
 const KEYS: usize = 64;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
-struct Figure {
-    payload: usize,
-    name: &'static str,
-    what: String,
-    rate: f64,
-}
 
 /// Raw lapin at its best, into a fresh queue deleted afterwards.
 async fn raw_best(config: &AmqpConfig, payload: usize, n: usize) -> Res<f64> {
@@ -161,21 +155,15 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
 }
 
 fn main() -> Res<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let n: usize = arg("--messages").map_or(Ok(100_000), |s| s.parse())?;
+    let args = Args::from_env();
+    let n: usize = args.number("--messages", 100_000)?;
     let url = std::env::var("HERALD_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let rtt_ms: u64 = arg("--rtt-ms").map_or(Ok(0), |s| s.parse())?;
+    let rtt_ms: u64 = args.number("--rtt-ms", 0)?;
     let (figures, _proxy) = rt.block_on(async {
         // Through a proxy that delays each way by half the round trip: same path for every variant.
         let (url, proxy) = if rtt_ms == 0 {
@@ -193,36 +181,13 @@ fn main() -> Res<()> {
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>((run(&url, n).await?, proxy))
     })?;
     let broker = AmqpConfig::from_url(&url)?.redacted_url();
-    let mut json = Vec::new();
-    for f in &figures {
-        let raw = figures
-            .iter()
-            .find(|g| g.payload == f.payload && g.name == "raw_streaming")
-            .map_or(f64::NAN, |g| g.rate);
-        let naive = figures
-            .iter()
-            .find(|g| g.payload == f.payload && g.name == "raw_naive")
-            .map_or(f64::NAN, |g| g.rate);
-        json.push(serde_json::json!({
-            "payload_bytes": f.payload,
-            "name": f.name,
-            "what": f.what,
-            "msgs_per_sec": f.rate,
-            "vs_raw": f.rate / raw,
-            "vs_naive": f.rate / naive,
-        }));
-    }
     let doc = serde_json::json!({
         "broker": broker,
         "messages": n,
         "channels": CHANNELS,
         "window": WINDOW,
         "rtt_ms": rtt_ms,
-        "figures": json,
     });
-    match arg("--json") {
-        Some(path) => std::fs::write(path, serde_json::to_string_pretty(&doc)?)?,
-        None => println!("{}", serde_json::to_string_pretty(&doc)?),
-    }
+    write_report(&args, doc, &figures)?;
     Ok(())
 }

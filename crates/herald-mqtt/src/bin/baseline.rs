@@ -9,19 +9,13 @@ use std::time::{Duration, Instant};
 use herald_core::{Message, OrderingMode, Producer};
 use herald_mqtt::baseline::{raw_naive, raw_streaming};
 use herald_mqtt::{MqttConfig, MqttTransport};
+use herald_testkit::baseline::{write_report, Args, Figure};
 
 /// Publishes in flight in the raw run: herald-mqtt's default window.
 const WINDOW: usize = 4096;
 const KEYS: usize = 64;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
-struct Figure {
-    payload: usize,
-    name: &'static str,
-    what: String,
-    rate: f64,
-}
 
 /// A topic of its own for each run: `herald/bench/{tag}/{pid}`.
 fn topic(tag: &str) -> String {
@@ -107,14 +101,8 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
 }
 
 fn main() -> Res<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let n: usize = arg("--messages").map_or(Ok(100_000), |s| s.parse())?;
+    let args = Args::from_env();
+    let n: usize = args.number("--messages", 100_000)?;
     let url = std::env::var("HERALD_MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -122,32 +110,11 @@ fn main() -> Res<()> {
         .build()?;
     let figures = rt.block_on(run(&url, n))?;
     let server = MqttConfig::from_url(&url)?.redacted_url();
-    let mut json = Vec::new();
-    for f in &figures {
-        let rate_of = |name: &str| {
-            figures
-                .iter()
-                .find(|g| g.payload == f.payload && g.name == name)
-                .map_or(f64::NAN, |g| g.rate)
-        };
-        json.push(serde_json::json!({
-            "payload_bytes": f.payload,
-            "name": f.name,
-            "what": f.what,
-            "msgs_per_sec": f.rate,
-            "vs_raw": f.rate / rate_of("raw_streaming"),
-            "vs_naive": f.rate / rate_of("raw_naive"),
-        }));
-    }
     let doc = serde_json::json!({
         "broker": server,
         "messages": n,
         "window": WINDOW,
-        "figures": json,
     });
-    match arg("--json") {
-        Some(path) => std::fs::write(path, serde_json::to_string_pretty(&doc)?)?,
-        None => println!("{}", serde_json::to_string_pretty(&doc)?),
-    }
+    write_report(&args, doc, &figures)?;
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use herald_core::{Message, OrderingMode, Producer};
 use herald_redis::baseline::{delete_stream, fresh_stream, raw_naive, raw_pipelined};
 use herald_redis::{RedisConfig, RedisTransport};
+use herald_testkit::baseline::{write_report, Args, Figure};
 
 /// `XADD`s per pipeline in the raw run: herald's default batch.
 const PIPELINE: usize = 1024;
@@ -17,13 +18,6 @@ const IN_FLIGHT: usize = 8;
 const KEYS: usize = 64;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
-struct Figure {
-    payload: usize,
-    name: &'static str,
-    what: String,
-    rate: f64,
-}
 
 /// Raw redis-rs at its best, into a fresh stream deleted afterwards.
 async fn raw_best(config: &RedisConfig, payload: usize, n: usize) -> Res<f64> {
@@ -140,14 +134,8 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
 }
 
 fn main() -> Res<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let n: usize = arg("--messages").map_or(Ok(100_000), |s| s.parse())?;
+    let args = Args::from_env();
+    let n: usize = args.number("--messages", 100_000)?;
     let url = std::env::var("HERALD_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -155,33 +143,12 @@ fn main() -> Res<()> {
         .build()?;
     let figures = rt.block_on(run(&url, n))?;
     let server = RedisConfig::from_url(&url)?.redacted_url();
-    let mut json = Vec::new();
-    for f in &figures {
-        let rate_of = |name: &str| {
-            figures
-                .iter()
-                .find(|g| g.payload == f.payload && g.name == name)
-                .map_or(f64::NAN, |g| g.rate)
-        };
-        json.push(serde_json::json!({
-            "payload_bytes": f.payload,
-            "name": f.name,
-            "what": f.what,
-            "msgs_per_sec": f.rate,
-            "vs_raw": f.rate / rate_of("raw_streaming"),
-            "vs_naive": f.rate / rate_of("raw_naive"),
-        }));
-    }
     let doc = serde_json::json!({
         "broker": server,
         "messages": n,
         "pipeline": PIPELINE,
         "in_flight": IN_FLIGHT,
-        "figures": json,
     });
-    match arg("--json") {
-        Some(path) => std::fs::write(path, serde_json::to_string_pretty(&doc)?)?,
-        None => println!("{}", serde_json::to_string_pretty(&doc)?),
-    }
+    write_report(&args, doc, &figures)?;
     Ok(())
 }
