@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::error::ConfigError;
 use crate::topology::Declare;
+use crate::url::Route;
 use crate::url::Url;
 
 /// The longest timeout or backoff accepted (longer ones could overflow `Instant + Duration`).
@@ -48,7 +49,23 @@ pub struct AmqpConfig {
 impl AmqpConfig {
     /// Settings for the broker at `url` (`amqp://` or `amqps://`, vhost percent-encoded:
     /// `amqp://user:pass@host:5672/%2F` is the vhost `/`; no path means `/` too). Query
-    /// parameters: `heartbeat` (s), `connection_timeout` (ms), `channel_max`, `frame_max`.
+    /// parameters: `heartbeat` (s), `connection_timeout` (ms), `channel_max`, `frame_max`,
+    /// `shuffle_addresses` (see [`AmqpConfig::shuffle_addresses`]), and optionally where to
+    /// publish ([`AmqpConfig::route`]): `queue=NAME` (declared durable at connect unless
+    /// `declare=false`; `queue_type=quorum` for a quorum queue) or
+    /// `exchange=EX&routing_key=RK` (the exchange must exist).
+    ///
+    /// ```
+    /// use herald_amqp::{AmqpConfig, Route};
+    /// let config = AmqpConfig::from_url("amqp://app:s3cret@rabbit/%2F?queue=orders&queue_type=quorum")?;
+    /// assert_eq!(
+    ///     config.route(),
+    ///     Some(&Route::Queue { name: "orders".into(), declare: true, quorum: true })
+    /// );
+    /// assert_eq!(config.route().map(Route::destination), Some(herald_amqp::queue("orders")));
+    /// assert_eq!(config.redacted_url(), "amqp://app:***@rabbit:5672/%2F?queue=orders");
+    /// # Ok::<(), herald_amqp::ConfigError>(())
+    /// ```
     ///
     /// A password may hold an unencoded `/`, `?` or `@`; an `@` in the vhost or a query value
     /// must be written `%40`. A URL with more than one `@` that could end the user information
@@ -59,8 +76,22 @@ impl AmqpConfig {
     /// A malformed URL is an error naming the part (`scheme`, `user`, `password`, `host`, `port`,
     /// `vhost`, `query …`); the password itself never appears in it.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        let url = Url::parse(url)?;
+        let mut topology = Vec::new();
+        if let Some(Route::Queue {
+            name,
+            declare: true,
+            quorum,
+        }) = &url.route
+        {
+            topology.push(Declare::Queue {
+                name: name.clone(),
+                quorum: *quorum,
+            });
+        }
         Ok(Self {
-            url: Url::parse(url)?,
+            shuffle_addresses: url.shuffle_addresses,
+            url,
             channels: 8,
             window: 512,
             persistent: true,
@@ -75,8 +106,7 @@ impl AmqpConfig {
             message_id_header: Some("message-id".into()),
             connection_name: "herald".into(),
             metrics_name: None,
-            topology: Vec::new(),
-            shuffle_addresses: false,
+            topology,
         })
     }
 
@@ -264,7 +294,12 @@ impl AmqpConfig {
         self
     }
 
-    /// The broker address with the password masked, safe to log.
+    /// Where the URL said to publish (`?queue=...` or `?exchange=...`), if it said.
+    pub fn route(&self) -> Option<&Route> {
+        self.url.route.as_ref()
+    }
+
+    /// The broker address (and the URL's route, if any) with the password masked, safe to log.
     pub fn redacted_url(&self) -> String {
         self.url.to_string()
     }

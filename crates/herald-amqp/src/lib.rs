@@ -54,4 +54,4 @@ pub use destination::{exchange, name_fits, queue, MAX_NAME_BYTES};
 pub use error::ConfigError;
 pub use topology::{Declare, ExchangeKind};
 pub use transport::AmqpTransport;
-pub use url::{percent_decode, percent_encode, split_query, QUERY_PARAMETERS};
+pub use url::{percent_decode, percent_encode, split_query, Route, QUERY_PARAMETERS};

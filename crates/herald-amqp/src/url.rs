@@ -9,15 +9,158 @@ use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserIn
 
 use crate::error::ConfigError;
 
-/// The query parameters an AMQP URL takes: `heartbeat` (s), `connection_timeout` (ms),
-/// `channel_max`, `frame_max`. A program that adds parameters of its own to the URL keeps
+/// The query parameters an AMQP URL takes: the connection's `heartbeat` (s),
+/// `connection_timeout` (ms), `channel_max`, `frame_max` and `shuffle_addresses`
+/// (`true`/`false`), and where to publish ([`Route`]): `queue`, `declare`, `queue_type`, or
+/// `exchange` and `routing_key`. A program that adds parameters of its own to the URL keeps
 /// these for [`AmqpConfig::from_url`](crate::AmqpConfig::from_url) (see [`split_query`]).
 pub const QUERY_PARAMETERS: &[&str] = &[
     "heartbeat",
     "connection_timeout",
     "channel_max",
     "frame_max",
+    "shuffle_addresses",
+    "queue",
+    "declare",
+    "queue_type",
+    "exchange",
+    "routing_key",
 ];
+
+/// Where a URL says to publish, for programs that take the broker and the destination in one
+/// URL (the `herald` command): `?queue=NAME[&declare=false][&queue_type=quorum]` or
+/// `?exchange=EX[&routing_key=RK]`. See [`AmqpConfig::route`](crate::AmqpConfig::route).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Through the default exchange into this queue, declared durable when the transport
+    /// connects unless `declare` is false (`quorum`: as a quorum queue).
+    Queue {
+        /// The queue.
+        name: String,
+        /// Declare it (`declare=true`, the default) or expect it to exist (`declare=false`).
+        declare: bool,
+        /// `queue_type=quorum` (else classic).
+        quorum: bool,
+    },
+    /// To this exchange, which must exist, with this routing key (empty by default).
+    Exchange {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+    },
+}
+
+impl Route {
+    /// The herald destination its messages go to.
+    pub fn destination(&self) -> herald_core::Destination {
+        match self {
+            Self::Queue { name, .. } => crate::queue(name),
+            Self::Exchange {
+                exchange,
+                routing_key,
+            } => crate::exchange(exchange, routing_key),
+        }
+    }
+
+    /// The route as a URL query (`queue=...` or `exchange=...&routing_key=...`).
+    fn query(&self) -> String {
+        match self {
+            Self::Queue { name, .. } => format!("queue={}", percent_encode(name)),
+            Self::Exchange {
+                exchange,
+                routing_key,
+            } => format!(
+                "exchange={}&routing_key={}",
+                percent_encode(exchange),
+                percent_encode(routing_key)
+            ),
+        }
+    }
+}
+
+/// The route parameters of a query, before they are checked together.
+#[derive(Default)]
+struct RouteParams {
+    queue: Option<String>,
+    exchange: Option<String>,
+    routing_key: Option<String>,
+    declare: Option<bool>,
+    quorum: Option<bool>,
+}
+
+impl RouteParams {
+    /// The route they name, if any; an error names the parameter that does not fit.
+    fn route(self) -> Result<Option<Route>, ConfigError> {
+        let bad = |part: &'static str, reason: &str| ConfigError::Url {
+            part,
+            reason: reason.to_owned(),
+        };
+        let fits = |part: &'static str, name: &str| {
+            if crate::name_fits(name) {
+                Ok(())
+            } else {
+                Err(ConfigError::Url {
+                    part,
+                    reason: format!("is longer than {} bytes", crate::MAX_NAME_BYTES),
+                })
+            }
+        };
+        match (self.queue, self.exchange) {
+            (Some(_), Some(_)) => Err(bad(
+                "query",
+                "names both a queue and an exchange: give ?queue=NAME or ?exchange=EX&routing_key=RK",
+            )),
+            (None, None) => {
+                if self.routing_key.is_some() || self.declare.is_some() || self.quorum.is_some() {
+                    return Err(bad(
+                        "query",
+                        "names no destination for its routing_key, declare or queue_type: add ?queue=NAME or ?exchange=EX",
+                    ));
+                }
+                Ok(None)
+            }
+            (Some(name), None) => {
+                if name.is_empty() {
+                    return Err(bad("query queue", "is empty"));
+                }
+                if self.routing_key.is_some() {
+                    return Err(bad(
+                        "query routing_key",
+                        "only goes with exchange= (a queue is reached by its name)",
+                    ));
+                }
+                fits("query queue", &name)?;
+                Ok(Some(Route::Queue {
+                    name,
+                    declare: self.declare.unwrap_or(true),
+                    quorum: self.quorum.unwrap_or(false),
+                }))
+            }
+            (None, Some(exchange)) => {
+                if exchange.is_empty() {
+                    return Err(bad(
+                        "query exchange",
+                        "is empty: to publish through the default exchange, use ?queue=NAME",
+                    ));
+                }
+                if self.declare.is_some() || self.quorum.is_some() {
+                    return Err(bad(
+                        "query",
+                        "declare and queue_type only go with queue= (herald does not declare exchanges)",
+                    ));
+                }
+                let routing_key = self.routing_key.unwrap_or_default();
+                fits("query exchange", &exchange)?;
+                fits("query routing_key", &routing_key)?;
+                Ok(Some(Route::Exchange {
+                    exchange,
+                    routing_key,
+                }))
+            }
+        }
+    }
+}
 
 /// Splits an AMQP URL where its query starts: what comes before the `?`, and the query after
 /// it, the `?` found exactly as [`AmqpConfig::from_url`](crate::AmqpConfig::from_url) finds
@@ -54,6 +197,10 @@ pub(crate) struct Url {
     pub(crate) connection_timeout_ms: Option<u64>,
     pub(crate) channel_max: Option<u16>,
     pub(crate) frame_max: Option<u32>,
+    /// `shuffle_addresses=true`.
+    pub(crate) shuffle_addresses: bool,
+    /// Where the query says to publish, if it says.
+    pub(crate) route: Option<Route>,
 }
 
 impl Url {
@@ -97,6 +244,14 @@ impl Url {
             connection_timeout_ms: None,
             channel_max: None,
             frame_max: None,
+            shuffle_addresses: false,
+            route: None,
+        };
+        let mut route = RouteParams::default();
+        let flag = |part: &'static str, v: &str| match v {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(bad(part, "must be true or false".into())),
         };
         for (k, v) in url::query_pairs(query)? {
             let num = |what: &'static str| -> Result<u64, ConfigError> {
@@ -114,26 +269,45 @@ impl Url {
                     parsed.connection_timeout_ms = Some(num("query connection_timeout")?)
                 }
                 "channel_max" => {
-                    parsed.channel_max = Some(
-                        u16::try_from(num("query channel_max")?).map_err(|_| {
+                    parsed.channel_max =
+                        Some(u16::try_from(num("query channel_max")?).map_err(|_| {
                             bad("query channel_max", "must be at most 65535".into())
-                        })?,
-                    )
-                }
-                "frame_max" => {
-                    parsed.frame_max =
-                        Some(u32::try_from(num("query frame_max")?).map_err(|_| {
-                            bad("query frame_max", "must fit in 32 bits".into())
                         })?)
                 }
-                _ => {
+                "frame_max" => {
+                    parsed.frame_max = Some(
+                        u32::try_from(num("query frame_max")?)
+                            .map_err(|_| bad("query frame_max", "must fit in 32 bits".into()))?,
+                    )
+                }
+                "shuffle_addresses" => {
+                    parsed.shuffle_addresses = flag("query shuffle_addresses", &v)?;
+                }
+                "declare" => route.declare = Some(flag("query declare", &v)?),
+                "queue_type" => {
+                    route.quorum = Some(match v.as_str() {
+                        "classic" => false,
+                        "quorum" => true,
+                        _ => {
+                            return Err(bad("query queue_type", "must be classic or quorum".into()))
+                        }
+                    })
+                }
+                "queue" => route.queue = Some(v),
+                "exchange" => route.exchange = Some(v),
+                "routing_key" => route.routing_key = Some(v),
+                other => {
                     return Err(bad(
                         "query",
-                        "has an unknown parameter (known: heartbeat, connection_timeout, channel_max, frame_max)".into(),
+                        format!(
+                            "parameter `{other}` is unknown (known: {})",
+                            QUERY_PARAMETERS.join(", ")
+                        ),
                     ))
                 }
             }
         }
+        parsed.route = route.route()?;
         Ok(parsed)
     }
 
@@ -188,7 +362,11 @@ impl fmt::Display for Url {
             self.username,
             hosts.join(","),
             percent_encode(&self.vhost)
-        )
+        )?;
+        match &self.route {
+            Some(route) => write!(f, "?{}", route.query()),
+            None => Ok(()),
+        }
     }
 }
 
@@ -407,10 +585,77 @@ mod tests {
     #[test]
     fn every_query_parameter_is_known_to_the_parser() {
         for name in QUERY_PARAMETERS {
-            assert!(Url::parse(&format!("amqp://h/?{name}=1")).is_ok(), "{name}");
+            let value = match *name {
+                "shuffle_addresses" | "declare" => "true",
+                "queue_type" => "quorum",
+                _ => "1",
+            };
+            // The route's own rules want a queue beside declare / queue_type, an exchange
+            // beside routing_key.
+            let with = match *name {
+                "declare" | "queue_type" => "&queue=q",
+                "routing_key" => "&exchange=e",
+                _ => "",
+            };
+            let url = format!("amqp://h/?{name}={value}{with}");
+            assert!(Url::parse(&url).is_ok(), "{url}: {:?}", Url::parse(&url));
         }
         let e = Url::parse("amqp://h/?nope=1").expect_err("unknown");
         assert!(e.to_string().contains(&QUERY_PARAMETERS.join(", ")), "{e}");
+    }
+
+    #[test]
+    fn the_route_is_read_from_the_query_and_checked_as_a_whole() {
+        let u =
+            Url::parse("amqp://h/%2f?queue=a%20b&queue_type=quorum&declare=false").expect("valid");
+        assert_eq!(
+            u.route,
+            Some(Route::Queue {
+                name: "a b".into(),
+                declare: false,
+                quorum: true
+            })
+        );
+        assert_eq!(u.to_string(), "amqp://guest:***@h:5672/%2F?queue=a%20b");
+        let u = Url::parse("amqp://h/%2f?exchange=ev&routing_key=order.created").expect("valid");
+        assert_eq!(
+            u.route.as_ref().map(Route::destination),
+            Some(crate::exchange("ev", "order.created"))
+        );
+        assert_eq!(
+            Url::parse("amqp://h/?exchange=fan").expect("valid").route,
+            Some(Route::Exchange {
+                exchange: "fan".into(),
+                routing_key: String::new()
+            })
+        );
+        assert_eq!(Url::parse("amqp://h/%2f").expect("valid").route, None);
+        for (url, named) in [
+            ("amqp://h/%2f?queue=a&exchange=b", "query"),
+            ("amqp://h/%2f?queue=", "query queue"),
+            ("amqp://h/%2f?exchange=", "query exchange"),
+            ("amqp://h/%2f?queue=a&routing_key=b", "query routing_key"),
+            ("amqp://h/%2f?queue=a&declare=maybe", "query declare"),
+            ("amqp://h/%2f?queue=a&queue_type=stream", "query queue_type"),
+            ("amqp://h/%2f?exchange=e&queue_type=quorum", "query"),
+            ("amqp://h/%2f?routing_key=k", "query"),
+            (
+                "amqp://h/%2f?queue=a&shuffle_addresses=yes",
+                "query shuffle_addresses",
+            ),
+            ("amqp://h/%2f?queue=a&nope=1", "query"),
+        ] {
+            assert_eq!(part(url), named, "{url}");
+        }
+        let long = "q".repeat(256);
+        assert_eq!(part(&format!("amqp://h/?queue={long}")), "query queue");
+        let e = Url::parse("amqp://h/?queue=a&nope=1").expect_err("unknown");
+        assert!(e.to_string().contains("`nope`"), "{e}");
+        assert!(
+            Url::parse("amqp://h/?shuffle_addresses=true")
+                .expect("valid")
+                .shuffle_addresses
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use crate::engine::{Collector, Engine, Tally};
 use crate::report::{self, Exit, ReportFormat};
 use crate::settings::Tuning;
-use crate::target::{AmqpRoute, KafkaTarget, Target};
+use crate::target::{KafkaTarget, Target};
 
 /// `herald bench`.
 #[derive(Debug, clap::Args)]
@@ -237,20 +237,20 @@ async fn mqtt_baselines(
 
 async fn amqp_baselines(
     args: &BenchArgs,
-    target: &crate::target::AmqpTarget,
+    config: &herald_amqp::AmqpConfig,
 ) -> anyhow::Result<Baselines> {
     use herald_amqp::baseline as ab;
-    let (exchange, routing_key) = match &target.route {
-        AmqpRoute::Queue { name, .. } => (String::new(), name.clone()),
-        AmqpRoute::Exchange {
+    let (exchange, routing_key) = match config.route() {
+        Some(herald_amqp::Route::Exchange {
             exchange,
             routing_key,
-        } => (exchange.clone(), routing_key.clone()),
+        }) => (exchange.clone(), routing_key.clone()),
+        Some(herald_amqp::Route::Queue { name, .. }) => (String::new(), name.clone()),
+        None => anyhow::bail!("the AMQP URL names no queue or exchange"),
     };
-    let config = target.config();
     let n = usize::try_from(args.messages).unwrap_or(usize::MAX);
     let raw = ab::raw_streaming(
-        &config,
+        config,
         &exchange,
         &routing_key,
         args.size,
@@ -261,7 +261,7 @@ async fn amqp_baselines(
     .await
     .context("raw lapin baseline")?;
     let naive_n = usize::try_from(args.naive_messages).unwrap_or(usize::MAX);
-    let naive = ab::raw_naive(&config, &exchange, &routing_key, args.size, naive_n)
+    let naive = ab::raw_naive(config, &exchange, &routing_key, args.size, naive_n)
         .await
         .context("naive lapin baseline")?;
     Ok(Baselines {

@@ -11,7 +11,7 @@ use herald::retry::{Backoff, ExponentialRetry};
 use herald::spool::{ProducerBuilderExt as _, SpoolConfig};
 use herald::{Destination, Fallback, OrderingMode, Producer, ProducerBuilder};
 
-use crate::target::{AmqpTarget, KafkaTarget, Target};
+use crate::target::{KafkaTarget, Target};
 
 /// `--ordering`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -317,8 +317,8 @@ impl Tuning {
     }
 }
 
-fn amqp_transport(a: &AmqpTarget) -> anyhow::Result<AmqpTransport> {
-    AmqpTransport::new(a.config()).context("the AMQP settings are invalid")
+fn amqp_transport(a: &herald::amqp::AmqpConfig) -> anyhow::Result<AmqpTransport> {
+    AmqpTransport::new(a.clone()).context("the AMQP settings are invalid")
 }
 
 fn nats_transport(n: &herald::nats::NatsConfig) -> anyhow::Result<herald::nats::NatsTransport> {
