@@ -9,9 +9,10 @@
 //! (`HERALD_KAFKA_BOOTSTRAP`, `HERALD_AMQP_URL`, `HERALD_NATS_URL`, `HERALD_REDIS_URL`,
 //! `HERALD_MQTT_URL`); a broker given that way by the user is used as it is.
 //!
-//! The facade's examples for that broker (`crates/herald/examples/kafka.rs`, `rabbitmq.rs`) then
-//! run once against it, with the same environment: an example that exits non-zero (a message
-//! not delivered) fails the run.
+//! The facade's tests that need that broker (`crates/herald/tests/otel.rs`: the trace header
+//! read back from Kafka and RabbitMQ) and its examples for it (`crates/herald/examples/kafka.rs`,
+//! `rabbitmq.rs`) then run against it, with the same environment: an example that exits
+//! non-zero (a message not delivered) fails the run.
 
 use anyhow::{bail, Result};
 use clap::ValueEnum;
@@ -45,6 +46,8 @@ struct Suite {
     tests: &'static [&'static str],
     /// The facade's examples to run against the broker: (example, the feature it requires).
     examples: &'static [(&'static str, &'static str)],
+    /// The facade's ignored tests that need this broker: (test target, test name filter).
+    facade_tests: &'static [(&'static str, &'static str)],
     provision: fn() -> Result<Broker>,
 }
 
@@ -56,6 +59,7 @@ impl Target {
                 package: "herald-kafka",
                 tests: &["it"],
                 examples: &[("kafka", "kafka")],
+                facade_tests: &[("otel", "kafka_")],
                 provision: kafka::provision,
             },
             Target::Amqp => Suite {
@@ -63,6 +67,7 @@ impl Target {
                 package: "herald-amqp",
                 tests: &["it", "cluster"],
                 examples: &[("rabbitmq", "amqp")],
+                facade_tests: &[("otel", "rabbitmq_")],
                 provision: amqp::provision,
             },
             Target::Nats => Suite {
@@ -70,6 +75,7 @@ impl Target {
                 package: "herald-nats",
                 tests: &["it"],
                 examples: &[],
+                facade_tests: &[],
                 provision: nats::provision,
             },
             Target::Redis => Suite {
@@ -77,6 +83,7 @@ impl Target {
                 package: "herald-redis",
                 tests: &["it"],
                 examples: &[],
+                facade_tests: &[],
                 provision: redis::provision,
             },
             Target::Mqtt => Suite {
@@ -84,6 +91,7 @@ impl Target {
                 package: "herald-mqtt",
                 tests: &["it"],
                 examples: &[],
+                facade_tests: &[],
                 provision: mqtt::provision,
             },
             Target::Cli => Suite {
@@ -91,6 +99,7 @@ impl Target {
                 package: "herald-cli",
                 tests: &["real_brokers"],
                 examples: &[],
+                facade_tests: &[],
                 provision: provision_all,
             },
         }
@@ -145,6 +154,20 @@ pub(crate) fn it(targets: &[Target]) -> Result<()> {
             cmd.env(k, v);
         }
         let mut result = run_within(&format!("it {}", target.name), &mut cmd, time_limit()?);
+        for (test, filter) in target.facade_tests {
+            if result.is_err() {
+                break;
+            }
+            let mut cmd = cargo();
+            cmd.args(["test", "-p", "herald", "--test", test, "--", "--ignored"])
+                .args(["--test-threads=1", filter])
+                .envs(broker.env.iter().map(|(k, v)| (k, v)));
+            result = run_within(
+                &format!("it {}: herald --test {test} {filter}", target.name),
+                &mut cmd,
+                time_limit()?,
+            );
+        }
         for (example, feature) in target.examples {
             if result.is_err() {
                 break;

@@ -258,6 +258,7 @@ fn an_unreachable_broker_dead_letters_every_message() {
 #[test]
 fn usage_errors_exit_2_and_name_the_problem() {
     let dir = Scratch::new("usage");
+    std::fs::write(dir.0.join("not-a-certificate.pem"), "hello\n").expect("write");
     for (args, expected) in [
         (
             vec!["produce", "--to", "http://h:1/t"],
@@ -300,6 +301,43 @@ fn usage_errors_exit_2_and_name_the_problem() {
             "xml",
         ),
         (vec!["produce"], "--to"),
+        // TLS files that do not exist or do not parse: named by their property.
+        (
+            vec![
+                "produce",
+                "--to",
+                "kafka://h:1/t",
+                "--kafka-property",
+                "security.protocol=SSL",
+                "--kafka-property",
+                "ssl.ca.location=no-such-ca.pem",
+            ],
+            "ssl.ca.location",
+        ),
+        (
+            vec![
+                "produce",
+                "--to",
+                "kafka://h:1/t",
+                "--kafka-property",
+                "security.protocol=SSL",
+                "--kafka-property",
+                "ssl.ca.location=not-a-certificate.pem",
+            ],
+            "ssl.ca.location",
+        ),
+        (
+            vec![
+                "produce",
+                "--to",
+                "kafka://h:1/t",
+                "--kafka-property",
+                "security.protocol=SASL_SSL",
+                "--kafka-property",
+                "sasl.mechanisms=NOPE",
+            ],
+            "Unsupported SASL mechanism: NOPE",
+        ),
     ] {
         let run = herald(&args, None, &dir.0, LIMIT);
         assert_eq!(run.code, Some(2), "{args:?}: {run:?}");

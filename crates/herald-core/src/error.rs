@@ -274,7 +274,8 @@ impl fmt::Debug for SettleOnDrop {
 }
 
 impl SendError {
-    pub(crate) fn new(message: Message, reason: FailureReason, attempts: u32) -> Self {
+    pub(crate) fn new(mut message: Message, reason: FailureReason, attempts: u32) -> Self {
+        crate::trace::failed(&mut message, &reason, attempts);
         Self(Box::new(SendErrorInner {
             message,
             reason,

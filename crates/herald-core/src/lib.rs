@@ -25,6 +25,7 @@ pub mod metrics;
 mod producer;
 pub mod rotation;
 mod store;
+mod trace;
 mod transport;
 pub mod url;
 

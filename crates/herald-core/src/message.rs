@@ -76,13 +76,32 @@ pub struct Header {
 /// [`Message::with_id`]); the id stays with it through retries and when it is handed back in a
 /// `SendError`, so sending a failed message again keeps its id. Equality and hashing compare
 /// content (destination, key, payload, headers), not the id.
-#[derive(Clone)]
 pub struct Message {
     destination: Destination,
     key: Option<Bytes>,
     payload: Bytes,
-    headers: Vec<Header>,
+    pub(crate) headers: Vec<Header>,
     id: Option<MessageId>,
+    /// Its producer span from acceptance to its fate (feature `otel`, see `crate::trace`).
+    #[cfg(feature = "otel")]
+    pub(crate) span: Option<tracing::Span>,
+}
+
+/// A copy is the same message without its producer span (feature `otel`): the span ends with
+/// the fate of the one the producer accepted, not when the last copy (one a test transport
+/// kept, say) is dropped.
+impl Clone for Message {
+    fn clone(&self) -> Self {
+        Self {
+            destination: self.destination.clone(),
+            key: self.key.clone(),
+            payload: self.payload.clone(),
+            headers: self.headers.clone(),
+            id: self.id,
+            #[cfg(feature = "otel")]
+            span: None,
+        }
+    }
 }
 
 impl PartialEq for Message {
@@ -172,6 +191,8 @@ impl Message {
             payload: payload.into(),
             headers: Vec::new(),
             id: None,
+            #[cfg(feature = "otel")]
+            span: None,
         }
     }
     /// Gives the message its id now, instead of at acceptance: to send it again under the id

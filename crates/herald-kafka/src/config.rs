@@ -97,8 +97,23 @@ const MANAGED: &[(&str, &str)] = &[
 /// [`KafkaConfig::property`]. `Debug` output and errors show the value of a property only when
 /// it is on a list of properties known to be harmless (tuning, `security.protocol`,
 /// `sasl.mechanisms`, certificate locations, ...); every other value, whatever its name,
-/// shows as `***` (`sasl.username` too, as librdkafka does). SSL needs this crate's `ssl`
-/// feature.
+/// shows as `***` (`sasl.username` too, as librdkafka does). SSL and the SASL mechanisms
+/// need this crate's `ssl` (or `ssl-system`) feature; without it librdkafka refuses
+/// `security.protocol=SSL` or `SASL_SSL` when the transport is made.
+///
+/// ```no_run
+/// # fn main() -> Result<(), herald_kafka::ConfigError> {
+/// use herald_kafka::KafkaConfig;
+/// // A managed cluster: TLS with the provider's CA, SASL SCRAM-SHA-512.
+/// let config = KafkaConfig::new("broker-1.example.com:9093")
+///     .property("security.protocol", "SASL_SSL")
+///     .property("ssl.ca.location", "/etc/herald/ca.pem")
+///     .property("sasl.mechanisms", "SCRAM-SHA-512")
+///     .property("sasl.username", "herald")
+///     .property("sasl.password", std::env::var("KAFKA_PASSWORD").unwrap_or_default());
+/// let transport = herald_kafka::KafkaTransport::new(config)?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct KafkaConfig {
     bootstrap_servers: String,

@@ -101,9 +101,11 @@ pub enum ConfigError {
         reason: String,
     },
     /// librdkafka refused the configuration (an unknown property, a bad value, or a feature
-    /// missing from this build such as SSL without the `ssl` feature).
+    /// missing from this build such as SSL without the `ssl` feature, or a TLS file that
+    /// does not exist or does not parse, named by its property). librdkafka's words are in
+    /// the message itself, not repeated as a source (an error chain would print them twice).
     #[error("librdkafka refused the configuration: {0}")]
-    Client(#[source] KafkaError),
+    Client(KafkaError),
 }
 
 #[cfg(test)]

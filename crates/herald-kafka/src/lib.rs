@@ -30,7 +30,9 @@
 //!
 //! # Crate feature flags
 //!
-//! - `ssl`: build librdkafka with TLS (needs OpenSSL headers).
+//! - `ssl`: TLS and SASL (PLAIN, SCRAM-SHA-256/512): librdkafka with OpenSSL built from source
+//!   and linked in (a C compiler, make and perl; no OpenSSL headers, no cmake).
+//! - `ssl-system`: the same against the system's OpenSSL (its headers installed).
 //! - `baseline`: the raw-rdkafka baselines `cargo xtask bench kafka` measures herald against.
 
 pub mod admin;

@@ -39,13 +39,15 @@
 //! |---|---|
 //! | `testkit` | the `testkit` module: the in-memory transport with scripted faults and the adapter conformance suite |
 //! | `kafka` | the `kafka` module: the Kafka transport (herald-kafka, on rdkafka; builds librdkafka) |
+//! | `kafka-tls` | Kafka with TLS and SASL (PLAIN, SCRAM): OpenSSL built from source into librdkafka (a C compiler, make and perl; no OpenSSL headers); `kafka-tls-system` links the system's OpenSSL instead |
 //! | `amqp` | the `amqp` module: the RabbitMQ / AMQP 0-9-1 transport (herald-amqp, on lapin) |
 //! | `nats` | the `nats` module: the NATS JetStream transport (herald-nats, on async-nats) |
 //! | `redis` | the `redis` module: the Redis Streams transport (herald-redis, on redis-rs) |
 //! | `mqtt` | the `mqtt` module: the MQTT transport, MQTT 5 and 3.1.1 (herald-mqtt, on rumqttc) |
 //! | `telemetry` | the `telemetry` module: the Prometheus recorder, `/metrics` and `/health` over HTTP (herald-telemetry) |
 //! | `spool` | the `spool` module: the on-disk spool, so that accepted messages survive a crash (`builder.spool(SpoolConfig::new(dir))?`, herald-spool) |
-//! | `full` | all of the above |
+//! | `otel` | trace context: a `send {destination}` producer span per message (OpenTelemetry's messaging conventions) through the application's `tracing-opentelemetry` layer, and its W3C `traceparent` in the message's headers (docs/operations/README.md, Traces) |
+//! | `full` | all of the above (`kafka-tls`, not `kafka-tls-system`) |
 //!
 //! Metric names live in [`metrics`]; they are emitted through the `metrics` facade and cost a
 //! no-op call when no recorder is installed.

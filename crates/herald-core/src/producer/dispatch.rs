@@ -741,6 +741,7 @@ async fn send_flight(mut sending: Sending) {
         let deadline = earliest.unwrap_or(now);
         let budget = deadline.saturating_duration_since(now);
         let n = flight.messages.len();
+        crate::trace::sending(&flight.messages);
         let transport = &sending.shared.transport;
         let settle = transport.settle_time();
         let mut send = std::pin::pin!(transport.send_batch_until(

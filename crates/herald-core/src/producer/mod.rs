@@ -204,6 +204,7 @@ impl Producer {
     ///
     /// Cancelling this call while it waits for space drops the message, which was never accepted.
     pub async fn enqueue(&self, msg: Message) -> Result<DeliveryFuture, SendError> {
+        let msg = self.traced(msg);
         if let Some(stage) = &self.shared().stage {
             return self.enqueue_stored(stage, msg).await;
         }
@@ -249,7 +250,7 @@ impl Producer {
         // the admitter is gone (cheap: payloads are shared).
         let mut waiting = Vec::with_capacity(msgs.len());
         for msg in msgs {
-            match self.check_size(msg) {
+            match self.check_size(self.traced(msg)) {
                 Ok(msg) => {
                     let (tx, rx) = oneshot::channel();
                     waiting.push((out.len(), rx, msg.clone()));
@@ -293,6 +294,7 @@ impl Producer {
     /// oversized message hands it back at once ([`FailureReason::BufferFull`],
     /// [`FailureReason::Closed`], [`FailureReason::TooLarge`]).
     pub fn try_send(&self, msg: Message) -> Result<DeliveryFuture, SendError> {
+        let msg = self.traced(msg);
         let (tx, rx) = oneshot::channel();
         if let Some(stage) = &self.shared().stage {
             let msg = self.check_size(msg)?;
@@ -318,6 +320,11 @@ impl Producer {
         }
     }
 
+    /// The message with its producer span started (feature `otel`; see `crate::trace`).
+    fn traced(&self, msg: Message) -> Message {
+        crate::trace::accepting(msg, self.shared().transport.name())
+    }
+
     fn refused(&self, refused: Refused) -> SendError {
         self.shared().count_refused(&refused.reason);
         SendError::new(refused.msg, refused.reason, 0)
@@ -340,6 +347,10 @@ impl Producer {
     where
         I: IntoIterator<Item = Message>,
     {
+        let transport = self.shared().transport.name();
+        let msgs = msgs
+            .into_iter()
+            .map(move |msg| crate::trace::accepting(msg, transport));
         if let Some(stage) = &self.shared().stage {
             return self.send_all_stored(stage, msgs).await;
         }

@@ -554,6 +554,9 @@ impl Shared {
         };
         match outcome {
             Ok(ack) => {
+                let mut msg = msg;
+                crate::trace::delivered(&mut msg, &ack, meta.attempts);
+                drop(msg);
                 st.totals.delivered += 1;
                 fin.delivered += 1;
                 let latency = match fin.latency {
