@@ -101,6 +101,12 @@ fn ci() -> Result<()> {
             "warnings",
         ]),
     )?;
+    // Every workspace build unifies herald-core's optional `otel` in (the facade's tests turn it
+    // on): check the crate alone too, with its defaults.
+    run(
+        "herald-core without optional features",
+        cargo().args(["check", "-p", "herald-core", "--all-targets"]),
+    )?;
     run("tests", cargo().args(["test", "--workspace"]))?;
     // Needs root (it mounts a small tmpfs to fill): ignored in a plain `cargo test`.
     run(
