@@ -138,6 +138,10 @@ pub(crate) struct Tally {
     pub(crate) failed: u64,
     /// Input lines that were not messages.
     pub(crate) malformed: u64,
+    /// Not delivered but still in the spool, which the next run sends first: the run was
+    /// interrupted (or its close timed out) before they were delivered. Never dead-lettered,
+    /// which would send them twice.
+    pub(crate) kept: u64,
     /// Acknowledged messages that took more than one attempt.
     pub(crate) retried: u64,
     /// From acceptance to acknowledgement, of acknowledged messages.
@@ -160,6 +164,11 @@ pub(crate) struct Collector {
     pub(crate) order: Option<OrderCheck>,
     pub(crate) progress: Option<ProgressBar>,
     pub(crate) destination: Destination,
+    /// The producer keeps every accepted message in a spool until its fate is handed over:
+    /// what it did not deliver stays there for the next run.
+    pub(crate) spool: bool,
+    /// Some fates were not waited for (the run was interrupted and its grace period ended).
+    stopped_waiting: bool,
 }
 
 impl Collector {
@@ -170,6 +179,8 @@ impl Collector {
             order: None,
             progress: None,
             destination,
+            spool: false,
+            stopped_waiting: false,
         }
     }
 
@@ -196,6 +207,10 @@ impl Collector {
 
     /// A message herald gave up on (or, `line` `None`, one returned by `close`).
     pub(crate) fn failed(&mut self, line: Option<u64>, e: &SendError) {
+        if e.is_kept_in_store() {
+            self.kept();
+            return;
+        }
         self.tally.failed += 1;
         let at = line.map_or_else(String::new, |l| format!("line {l}: "));
         self.example(format!("{at}{e}"));
@@ -210,6 +225,12 @@ impl Collector {
     /// A message whose fate was not waited for (the run was interrupted and its grace period
     /// is over): recorded as failed, with its copy.
     fn unacknowledged(&mut self, line: u64, msg: Option<&Message>) {
+        self.stopped_waiting = true;
+        if self.spool {
+            // Not settled: the spool still holds it.
+            self.kept();
+            return;
+        }
         self.tally.failed += 1;
         self.tally.cut_off += 1;
         let error = format!("line {line}: {UNACKNOWLEDGED}");
@@ -217,6 +238,14 @@ impl Collector {
         if let (Some(dl), Some(msg)) = (&mut self.dead_letter, msg) {
             dl.write(&unacknowledged_record(line, msg, UNACKNOWLEDGED));
         }
+        if let Some(p) = &self.progress {
+            p.inc(1);
+        }
+    }
+
+    /// A message left in the spool for the next run.
+    fn kept(&mut self) {
+        self.tally.kept += 1;
         if let Some(p) = &self.progress {
             p.inc(1);
         }
@@ -372,7 +401,7 @@ impl Engine {
         } = self;
         drop(tx);
         let mut collector = collector.await.context("the collector task failed")?;
-        if collector.tally.cut_off > 0 {
+        if collector.stopped_waiting {
             // The messages not waited for are recorded already; those of them that fail later
             // would come back as unclaimed: not twice. Nothing else is unclaimed (every other
             // future was awaited), and what is in flight is not waited for.

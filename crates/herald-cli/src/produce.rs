@@ -223,6 +223,7 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
 
     let mut collector = Collector::new(destination.clone());
     collector.dead_letter = Some(DeadLetter::new(&args.dead_letter));
+    collector.spool = args.spool.is_some();
     if std::io::stderr().is_terminal() {
         let bar = ProgressBar::new_spinner().with_style(
             ProgressStyle::with_template("{spinner} {pos} messages done ({per_sec}) {elapsed}")
@@ -358,7 +359,7 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
         Exit::Io
     } else if was_interrupted {
         Exit::Interrupted
-    } else if t.failed > 0 || t.malformed > 0 {
+    } else if t.failed > 0 || t.malformed > 0 || t.kept > 0 {
         Exit::Failed
     } else {
         Exit::Ok
@@ -456,6 +457,12 @@ impl Summary<'_> {
                 report::count(self.read)
             );
         }
+        if t.kept > 0 {
+            s += &format!(
+                "  kept       {:>10}  not delivered yet, still in the spool: the next run with --spool sends them first\n",
+                report::count(t.kept)
+            );
+        }
         if t.cut_off > 0 {
             s += &format!(
                 "  {} of the failed were still in flight when the grace period ended: they may yet reach the broker (reason `interrupted`)\n",
@@ -493,6 +500,7 @@ impl Summary<'_> {
             },
             "interrupted": self.interrupted,
             "in_flight_at_exit": t.cut_off,
+            "kept_in_spool": t.kept,
             "errors": self.errors,
             "exit_code": self.exit.code(),
         })

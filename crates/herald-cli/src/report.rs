@@ -18,13 +18,15 @@ pub(crate) enum ReportFormat {
 pub(crate) enum Exit {
     /// Every message was acknowledged.
     Ok = 0,
-    /// Some messages failed or input lines were malformed: all are in the dead-letter file.
+    /// Some messages failed or input lines were malformed: all are in the dead-letter file
+    /// (messages a spool kept for the next run excepted).
     Failed = 1,
     /// A usage or configuration error: nothing was sent.
     Usage = 2,
     /// Input could not be read to its end, or the dead-letter file could not be written.
     Io = 3,
-    /// Interrupted (Ctrl-C): what was read and not acknowledged is in the dead-letter file.
+    /// Interrupted (Ctrl-C): what was read and not acknowledged is in the dead-letter file (with
+    /// a spool: still in the spool, for the next run).
     Interrupted = 130,
 }
 

@@ -426,6 +426,31 @@ fn wait_spooled(dir: &std::path::Path, n: u64, within: Duration) {
 #[test]
 #[ignore = "needs RabbitMQ: cargo xtask it"]
 fn amqp_spool_survives_kill_9_while_the_broker_is_unreachable() {
+    spool_kept_while_the_broker_is_unreachable(Stop::Kill);
+}
+
+/// Issue 12: an interrupted `herald produce --spool` (SIGINT) with RabbitMQ unreachable leaves
+/// what it accepted in the spool and dead-letters none of it (a dead-letter record too would
+/// send it twice); the next run delivers all of it, once.
+#[test]
+#[ignore = "run with the real-broker tests: cargo xtask it"]
+fn amqp_spool_keeps_what_an_interrupted_run_did_not_deliver() {
+    spool_kept_while_the_broker_is_unreachable(Stop::Interrupt);
+}
+
+/// How the first run of [`spool_kept_while_the_broker_is_unreachable`] ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGKILL, as a crash.
+    Kill,
+    /// SIGINT, as Ctrl-C: the run ends on its own, after its grace period.
+    Interrupt,
+}
+
+/// A first `herald produce --spool` accepts 5 000 keyed messages with RabbitMQ unreachable and
+/// is stopped by `stop`; a second run, with the broker reachable and no input, delivers every
+/// one of them, once, in per-key order, and leaves the spool empty.
+fn spool_kept_while_the_broker_is_unreachable(stop: Stop) {
     const N: usize = 5_000;
     let url = amqp_url();
     let rt = runtime();
@@ -452,17 +477,40 @@ fn amqp_spool_survives_kill_9_while_the_broker_is_unreachable() {
             &input_arg,
             "--format",
             "jsonl",
+            "--report",
+            "json",
         ],
         &dir.0,
     );
     wait_spooled(&spool, N as u64, Duration::from_secs(60));
-    child.kill().expect("SIGKILL");
-    let killed = child.wait().expect("reaped");
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&killed),
-        Some(9),
-        "killed by SIGKILL, not ended on its own: {killed:?}"
-    );
+    match stop {
+        Stop::Kill => {
+            child.kill().expect("SIGKILL");
+            let killed = child.wait().expect("reaped");
+            assert_eq!(
+                std::os::unix::process::ExitStatusExt::signal(&killed),
+                Some(9),
+                "killed by SIGKILL, not ended on its own: {killed:?}"
+            );
+        }
+        Stop::Interrupt => {
+            let sent = std::process::Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .expect("kill -INT");
+            assert!(sent.success());
+            let run = common::finish(child, LIMIT);
+            assert_eq!(run.code, Some(130), "{run:?}");
+            let report = run.report();
+            assert_eq!(report["kept_in_spool"], N, "{report}");
+            assert_eq!(report["failed"], 0, "{report}");
+            assert_eq!(report["dead_lettered"], 0, "{report}");
+            assert!(
+                dead_letters(&dir.path("herald-dead-letter.jsonl")).is_empty(),
+                "kept messages were dead-lettered too"
+            );
+        }
+    }
 
     let empty = dir.path("empty.jsonl");
     std::fs::write(&empty, "").expect("empty input");

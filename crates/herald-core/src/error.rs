@@ -253,6 +253,8 @@ struct SendErrorInner {
     reason: FailureReason,
     attempts: u32,
     settle: Option<Arc<SettleOnDrop>>,
+    /// Closed unsent and still in the producer's store (see [`SendError::is_kept_in_store`]).
+    kept: bool,
 }
 
 /// Settles a stored message when the last [`SendError`] holding it goes.
@@ -281,7 +283,21 @@ impl SendError {
             reason,
             attempts,
             settle: None,
+            kept: false,
         }))
+    }
+    /// Marks a message that ended as [`FailureReason::Closed`] but stays in the store.
+    pub(crate) fn kept(mut self) -> Self {
+        self.0.kept = true;
+        self
+    }
+    /// Whether the message is still in the producer's [store](crate::Store) (a spool): it
+    /// ended unsent as [`FailureReason::Closed`] (the producer closed, or its close timed out,
+    /// before it was delivered) and the next producer opened on the same store sends it,
+    /// before anything new. Handing it on elsewhere too (a dead-letter file) would send it
+    /// twice; the `herald` command counts such messages as kept, not failed.
+    pub fn is_kept_in_store(&self) -> bool {
+        self.0.kept
     }
     /// This error settles `token` in `store` when it (and every clone) is dropped.
     pub(crate) fn settling(mut self, store: Arc<dyn Store>, token: StoreToken) -> Self {

@@ -122,7 +122,12 @@ async fn closed_unsent_messages_stay_in_the_spool() {
     for f in later {
         let e = f.await.expect_err("closed unsent");
         assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
+        assert!(e.is_kept_in_store(), "kept for the next producer: {e}");
     }
+    // A message refused after the close was never stored: not kept.
+    let refused = p.try_send(keyed(99)).expect_err("closed");
+    assert!(matches!(refused.reason(), FailureReason::Closed));
+    assert!(!refused.is_kept_in_store());
     drop(p);
     let (store, recovery) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool again");
     assert_eq!(

@@ -275,10 +275,11 @@ async fn admit_all(shared: &Shared, entries: Vec<(Message, Completion, StoreToke
             let mut ended = Vec::with_capacity(refused.len());
             for r in refused {
                 // A message closed unsent stays stored for the next producer.
-                if !matches!(r.reason, FailureReason::Closed) {
+                let kept = matches!(r.reason, FailureReason::Closed) && r.stored.is_some();
+                if !kept {
                     tokens.extend(r.stored);
                 }
-                ended.push((r.msg, r.done, r.reason));
+                ended.push((r.msg, r.done, r.reason, kept));
             }
             end_unadmitted(shared, ended);
             if let (Some(store), false) = (&shared.store, tokens.is_empty()) {
@@ -312,19 +313,20 @@ fn fail_unstored(shared: &Shared, entries: Vec<(Message, Completion, StoreToken)
     }
     let ended = entries
         .into_iter()
-        .map(|(msg, done, _)| (msg, done, FailureReason::Store(e.clone())))
+        .map(|(msg, done, _)| (msg, done, FailureReason::Store(e.clone()), false))
         .collect();
     end_unadmitted(shared, ended);
     shared.wake.notify_one();
 }
 
-/// Ends staged messages that never entered the buffer: counted as refused, answered, and no
-/// longer counted in `unsettled`.
-fn end_unadmitted(shared: &Shared, ended: Vec<(Message, Completion, FailureReason)>) {
+/// Ends staged messages that never entered the buffer: counted as refused, answered (marked
+/// kept when they stay in the store), and no longer counted in `unsettled`.
+fn end_unadmitted(shared: &Shared, ended: Vec<(Message, Completion, FailureReason, bool)>) {
     let n = ended.len();
-    for (msg, done, reason) in ended {
+    for (msg, done, reason, kept) in ended {
         shared.count_refused(&reason);
-        done.complete(Err(SendError::new(msg, reason, 0)), &shared.unclaimed);
+        let e = SendError::new(msg, reason, 0);
+        done.complete(Err(if kept { e.kept() } else { e }), &shared.unclaimed);
     }
     shared.space.notify_waiters();
     if shared.unsettled.fetch_sub(n, Ordering::AcqRel) == n {

@@ -219,11 +219,10 @@ impl Drop for State {
             return;
         }
         for (msg, meta) in left {
-            let attempts = meta.attempts;
-            meta.done.complete(
-                Err(SendError::new(msg, FailureReason::Closed, attempts)),
-                &self.unclaimed,
-            );
+            let e = SendError::new(msg, FailureReason::Closed, meta.attempts);
+            // A stored message stays in the store for the next producer.
+            let e = if meta.stored.is_some() { e.kept() } else { e };
+            meta.done.complete(Err(e), &self.unclaimed);
         }
     }
 }
@@ -587,9 +586,15 @@ impl Shared {
             Err(reason) => {
                 st.totals.failed += 1;
                 self.metrics.failed(&reason, 1);
+                let kept = self.store.is_some()
+                    && meta.stored.is_some()
+                    && matches!(reason, FailureReason::Closed);
                 let mut e = SendError::new(msg, reason, meta.attempts);
                 if let Some((store, token)) = settle_with_error {
                     e = e.settling(store, token);
+                }
+                if kept {
+                    e = e.kept();
                 }
                 fin.items.push((meta.done, Err(e)));
             }
