@@ -73,9 +73,10 @@ impl SpoolConfig {
         self.sync = policy;
         self
     }
-    /// The most settlements that may be written but not yet fsynced (default 1024, at least
-    /// 1): the settle that reaches it syncs the settle log before returning. After a power
-    /// loss, at most `n - 1` settled records come back as unsettled (and are delivered again).
+    /// How many settlements may be written but not yet fsynced (default 1024, at least 1):
+    /// the settle that reaches it has the writer thread sync the settle log at once (it does
+    /// not wait for that itself). After a power loss, about `n` settled records come back as
+    /// unsettled (a few more if settlements arrive during that fsync) and are delivered again.
     /// Ignored with [`SyncPolicy::Os`], which never fsyncs.
     #[must_use]
     pub fn settle_sync_every(mut self, n: u64) -> Self {

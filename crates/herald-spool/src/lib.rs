@@ -83,11 +83,12 @@
 //! - [`SyncPolicy::Os`]: never fsyncs.
 //!
 //! Settlements are appended to the settle log as they are made (so a process crash loses
-//! none) and fsynced when `settle_sync_every` of them are waiting (by the settle that
-//! reaches that number, before it returns) or `settle_sync_interval` after the first of them:
-//! after a power loss at most `settle_sync_every - 1` settled records come back as pending
-//! ([`SpoolStats::unsynced_settlements`] says how many would now). Coming back means being
-//! delivered again: at-least-once, never lost.
+//! none) and fsynced when `settle_sync_every` of them are waiting (by the writer thread, at
+//! once: the thread that settles, a producer's runtime thread, never waits for an fsync) or
+//! `settle_sync_interval` after the first of them: after a power loss about
+//! `settle_sync_every` settled records come back as pending (a few more if settlements
+//! arrive while that fsync runs; [`SpoolStats::unsynced_settlements`] says how many would
+//! now). Coming back means being delivered again: at-least-once, never lost.
 //!
 //! When the disk is full, an append fails with an I/O error ([`SpoolError::is_full`]) and
 //! its partial write is cut off again, so the spool goes on once there is room; a settle

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
@@ -78,7 +78,7 @@ pub struct SpoolStats {
     /// Damaged records found (at open, and by cursors since).
     pub corrupt_records: u64,
     /// Settlements written but not yet fsynced: at most this many settled records would come
-    /// back after a power loss now (below `settle_sync_every`, except with
+    /// back after a power loss now (about `settle_sync_every` at most, except with
     /// [`SyncPolicy::Os`], which never fsyncs).
     pub unsynced_settlements: u64,
     /// The id the next append gets.
@@ -109,6 +109,9 @@ pub(crate) struct Shared {
     settle: Mutex<SettleLog>,
     /// Since when settlements have been waiting for an fsync (a leaf lock).
     settle_due: Mutex<Option<Instant>>,
+    /// `settle_sync_every` settlements are waiting: the writer thread syncs the settle log
+    /// at once. Set under `inner`, so that the writer cannot miss it.
+    settle_urgent: AtomicBool,
     fsyncs: AtomicU64,
     fsync_nanos: AtomicU64,
     /// Damaged records known, by `(segment, offset)`, so that each counts once.
@@ -283,6 +286,7 @@ impl Spool {
             readable: Condvar::new(),
             settle: Mutex::new(opened.settle_log),
             settle_due: Mutex::new(None),
+            settle_urgent: AtomicBool::new(false),
             fsyncs: AtomicU64::new(opened.fsyncs),
             fsync_nanos: AtomicU64::new(0),
             corrupt: Mutex::new(known_corrupt),
@@ -589,11 +593,14 @@ impl Shared {
                 }
             }
         }
+        if fsyncs && log.unsynced >= self.config.settle_sync_every {
+            // The writer thread syncs the settle log now: the thread that settles (a
+            // producer's runtime thread) never waits for an fsync.
+            let _inner = lock(&self.inner);
+            self.settle_urgent.store(true, Ordering::Release);
+        }
         // The writer may need to schedule the settle log's fsync.
         self.wake_writer.notify_one();
-        if fsyncs && log.unsynced >= self.config.settle_sync_every {
-            self.sync_settle_log(&mut log)?;
-        }
         self.reap(&mut log)
     }
 
@@ -808,6 +815,9 @@ impl Writer {
             if inner.shutdown {
                 return Job::Stop;
             }
+            if shared.settle_urgent.load(Ordering::Acquire) {
+                return Job::Tick;
+            }
             let mut deadline = None::<Instant>;
             if let (SyncPolicy::Interval(every), Some(since)) =
                 (shared.config.sync, self.unsynced_since)
@@ -848,8 +858,10 @@ impl Writer {
                 }
             }
         }
+        let urgent = shared.settle_urgent.swap(false, Ordering::AcqRel);
         let due = *lock(&shared.settle_due);
-        if due.is_some_and(|since| since.elapsed() >= shared.config.settle_sync_interval) {
+        if urgent || due.is_some_and(|since| since.elapsed() >= shared.config.settle_sync_interval)
+        {
             let mut log = lock(&shared.settle);
             if log.unsynced == 0 {
                 *lock(&shared.settle_due) = None;
