@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: runs the benchmarks (the pipeline here, the brokers' in `kafka.rs`,
-//! `amqp.rs`, `nats.rs`, `redis.rs` and `mqtt.rs`), rewrites their sections of docs/benchmarks.md, then the summary table and
+//! `amqp.rs`, `nats.rs`, `redis.rs` and `mqtt.rs`, the spool's in `spool.rs`), rewrites their sections of docs/benchmarks.md, then the summary table and
 //! docs/benchmarks-throughput.svg (drawn by `chart.rs`) from the last runs in target/bench.
 
 use std::path::Path;
@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 
 use crate::process::{cargo, run};
 use crate::report::{machine, replace_section, thousands};
-use crate::{amqp, chart, kafka, mqtt, nats, redis};
+use crate::{amqp, chart, kafka, mqtt, nats, redis, spool};
 
 /// Which benchmarks to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -28,7 +28,10 @@ pub(crate) enum Which {
     /// herald against raw rumqttc at its best (many publishes in flight) and the naive
     /// pattern, on one MQTT broker
     Mqtt,
-    /// pipeline, kafka, amqp, nats, redis and mqtt, in that order
+    /// herald with the spool against herald without it, to one Kafka broker and to the
+    /// in-memory transport, and the memory a million spooled messages cost
+    Spool,
+    /// pipeline, kafka, amqp, nats, redis, mqtt and spool, in that order
     All,
     /// none: only the summary table and the chart, from the last runs
     Summary,
@@ -43,6 +46,7 @@ pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
         Which::Nats => nats::bench(root)?,
         Which::Redis => redis::bench(root)?,
         Which::Mqtt => mqtt::bench(root)?,
+        Which::Spool => spool::bench(root)?,
         Which::All => {
             bench_pipeline(root)?;
             kafka::bench(root)?;
@@ -50,10 +54,15 @@ pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
             nats::bench(root)?;
             redis::bench(root)?;
             mqtt::bench(root)?;
+            spool::bench(root)?;
         }
         Which::Summary => {}
     }
-    // The summary reads whatever runs are in target/bench, this one included.
+    // The summary reads whatever runs are in target/bench, this one included. The spool's
+    // runs are not in it: after `bench spool` alone it is left as it is.
+    if which == Which::Spool {
+        return Ok(());
+    }
     bench_summary(root)
 }
 

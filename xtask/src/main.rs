@@ -21,6 +21,7 @@ mod process;
 mod redis;
 mod report;
 mod rules;
+mod spool;
 
 use process::{cargo, project_root, run};
 

@@ -1,0 +1,96 @@
+//! `cargo xtask bench spool`: herald with the spool against herald without it, on one Kafka
+//! broker (100 B and 1 KiB, each sync policy, interleaved rounds), then on the in-memory
+//! transport (the spool's own cost), and the memory a spool of a million waiting messages
+//! costs while a producer sends them. Rewrites the `spool` section of docs/benchmarks.md.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::kafka::provision;
+use crate::process::{cargo, run};
+use crate::report::{machine, replace_section, thousands};
+
+/// Runs the spool benchmarks and writes their section.
+pub(crate) fn bench(root: &Path) -> Result<()> {
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let messages = std::env::var("HERALD_BENCH_SPOOL_MESSAGES").unwrap_or_else(|_| "200000".into());
+    let broker = provision()?;
+    let bootstrap = broker
+        .env
+        .iter()
+        .find(|(k, _)| *k == "HERALD_KAFKA_BOOTSTRAP")
+        .map(|(_, v)| v.clone())
+        .context("no bootstrap")?;
+    let kafka_json = out.join("spool-kafka.json");
+    example(&messages, &["--kafka", &bootstrap], &kafka_json)?;
+    drop(broker);
+    let memory_json = out.join("spool-memory.json");
+    example(&messages, &["--recover", "1000000"], &memory_json)?;
+
+    let read = |p: &Path| -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
+    };
+    let (kafka, memory) = (read(&kafka_json)?, read(&memory_json)?);
+    let mut body = format!(
+        "Run: `cargo xtask bench spool` on {}: {} messages per run, `send_all`, {} rounds with the modes interleaved (each round starting with another mode; on Kafka a new topic per run); median (min-max), and the ratio to no spool taken within each round. Kafka: Tansu at {bootstrap} (`memory://`).\n\n",
+        machine(),
+        kafka["messages"],
+        kafka["rounds"]
+    );
+    for (title, json) in [
+        ("Kafka", &kafka),
+        ("in-memory transport (the spool's own cost)", &memory),
+    ] {
+        body.push_str(&format!("{title}:\n\n| message | mode | msgs/s | spread | / no spool |\n|---|---|---:|---:|---:|\n"));
+        for r in json["rows"].as_array().context("rows")? {
+            let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+            body.push_str(&format!(
+                "| {} B | {} | {} | {}-{} | {:.2}× ({:.2}-{:.2}) |\n",
+                r["size"],
+                r["mode"].as_str().unwrap_or(""),
+                thousands(f("msgs_per_sec")),
+                thousands(f("min")),
+                thousands(f("max")),
+                f("ratio"),
+                f("ratio_min"),
+                f("ratio_max"),
+            ));
+        }
+        body.push('\n');
+    }
+    let rec = &memory["recovery"];
+    let mib = |k: &str| rec[k].as_f64().unwrap_or(0.0) / f64::from(1 << 20);
+    body.push_str(&format!(
+        "Memory: {} messages of 100 B left in a spool (as by a crash during an outage), sent by a producer opened on it to the in-memory transport at {} msgs/s: resident memory {:.0} MiB before, {:.0} MiB at most while sending (+{:.0} MiB; the spool is read in batches, never whole).\n",
+        rec["messages"],
+        thousands(rec["msgs_per_sec"].as_f64().unwrap_or(0.0)),
+        mib("rss_before_bytes"),
+        mib("rss_peak_bytes"),
+        mib("rss_peak_bytes") - mib("rss_before_bytes"),
+    ));
+    replace_section(&root.join("docs/benchmarks.md"), "spool", &body)?;
+    eprintln!("docs/benchmarks.md: spool section updated");
+    Ok(())
+}
+
+/// `cargo run --release -p herald-spool --example producer -- --messages N ARGS --json OUT`.
+fn example(messages: &str, args: &[&str], json: &Path) -> Result<()> {
+    run(
+        "spool benchmark",
+        cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "herald-spool",
+                "--example",
+                "producer",
+                "--",
+            ])
+            .args(["--messages", messages])
+            .args(args)
+            .args(["--json", json.to_str().context("utf-8 path")?]),
+    )
+}
