@@ -28,11 +28,26 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
     drop(broker);
     let memory_json = out.join("spool-memory.json");
     example(&messages, &["--recover", "1000000"], &memory_json)?;
+    let stores_json = out.join("spool-stores.json");
+    run(
+        "storage candidates",
+        cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "herald-spool",
+                "--example",
+                "stores",
+                "--",
+            ])
+            .args(["--json", stores_json.to_str().context("utf-8 path")?]),
+    )?;
 
     let read = |p: &Path| -> Result<serde_json::Value> {
         Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
     };
-    let (kafka, memory) = (read(&kafka_json)?, read(&memory_json)?);
+    let (kafka, memory, stores) = (read(&kafka_json)?, read(&memory_json)?, read(&stores_json)?);
     let mut body = format!(
         "Run: `cargo xtask bench spool` on {}: {} messages per run, `send_all`, {} rounds with the modes interleaved (each round starting with another mode; on Kafka a new topic per run); median (min-max), and the ratio to no spool taken within each round. Kafka: Tansu at {bootstrap} (`memory://`).\n\n",
         machine(),
@@ -69,6 +84,28 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
         mib("rss_before_bytes"),
         mib("rss_peak_bytes"),
         mib("rss_peak_bytes") - mib("rss_before_bytes"),
+    ));
+    body.push_str("\nStorage candidates (`crates/herald-spool/examples/stores.rs`): group-commit appends per second, each append returning once fsynced, median of 3 runs with the candidates alternating; redb given the same group commit by a writer thread (one transaction, one fsync, per group).\n\n| message | appenders | spool (segment log) | redb | spool / redb |\n|---|---:|---:|---:|---:|\n");
+    for r in stores["appends"].as_array().context("appends")? {
+        let (s, d) = (
+            r["spool"].as_f64().unwrap_or(0.0),
+            r["redb"].as_f64().unwrap_or(0.0),
+        );
+        body.push_str(&format!(
+            "| {} B | {} | {} | {} | {:.2}× |\n",
+            r["size"],
+            r["appenders"],
+            thousands(s),
+            thousands(d),
+            s / d
+        ));
+    }
+    let rec = &stores["recovery"];
+    body.push_str(&format!(
+        "\nRecovery: reopening {} records of 100 B and reading them all back in order, as messages: spool {:.3} s, redb {:.3} s.\n",
+        rec["records"],
+        rec["spool_s"].as_f64().unwrap_or(0.0),
+        rec["redb_s"].as_f64().unwrap_or(0.0),
     ));
     replace_section(&root.join("docs/benchmarks.md"), "spool", &body)?;
     eprintln!("docs/benchmarks.md: spool section updated");
