@@ -549,38 +549,74 @@ fn spool_kept_while_the_broker_is_unreachable(stop: Stop) {
 }
 
 /// Issue 12: `herald produce --spool` killed with SIGKILL at several points while it delivers to
-/// a live RabbitMQ; after each kill the next run, with no input, sends what was left. What
-/// arrives is, per key, the input's order of first copies, with no message missing before the
-/// last one that arrived (every accepted message comes before any that was not read yet).
+/// a live RabbitMQ; see [`spool_survives_kill_9_mid_delivery`].
 #[test]
 #[ignore = "needs RabbitMQ: cargo xtask it"]
 fn amqp_spool_survives_kill_9_mid_delivery() {
-    const N: usize = 20_000;
     let url = amqp_url();
     let rt = runtime();
     let conn = rabbit(&rt, &url);
     let queue = unique("spool-live");
-    let dir = Scratch::new("real-amqp-spool-live");
+    let to = with_query(&url, &format!("queue={queue}"));
+    spool_survives_kill_9_mid_delivery("amqp", &to, &|| {
+        // Everything the queue holds (duplicates included), however long reading it takes: a
+        // read cut off by time would miss the copies the later runs sent, at the queue's end.
+        let held = within(&rt, "counting the queue", queue_length(&conn, &queue));
+        let got = within(
+            &rt,
+            "reading the queue back",
+            amqp_read(&conn, &queue, held, Duration::from_secs(60)),
+        );
+        within(&rt, "deleting the queue", delete_queue(&conn, &queue));
+        assert_eq!(got.len(), held, "every message the queue held was read");
+        got
+    });
+}
+
+/// Issue 12: the same against Kafka, read back to the end of the topic.
+#[test]
+#[ignore = "needs a Kafka broker: cargo xtask it"]
+fn kafka_spool_survives_kill_9_mid_delivery() {
+    let (bootstrap, topic) = kafka_topic("spool-live");
+    let to = format!("kafka://{bootstrap}/{topic}");
+    spool_survives_kill_9_mid_delivery("kafka", &to, &|| {
+        herald::kafka::admin::read_topic_to_end(&bootstrap, &topic, Duration::from_secs(120))
+            .expect("read the topic to its end")
+            .into_iter()
+            .map(|m| Read {
+                key: m.key().map(|k| k.to_vec()),
+                payload: m.payload().to_vec(),
+                headers: Vec::new(),
+            })
+            .collect()
+    });
+}
+
+/// `herald produce --spool --to TO` killed with SIGKILL at three points while it delivers
+/// 20 000 keyed messages (once 2 000, 8 000 and 14 000 have left the spool, delivered, as far
+/// as the runs get); after each kill the next run, with no input, sends what was left.
+/// What `read_all` then finds is, per key, the input's order of first copies, with no message
+/// missing before the last one that arrived (every accepted message comes before any that was
+/// not read yet), and the spool is empty.
+fn spool_survives_kill_9_mid_delivery(tag: &str, to: &str, read_all: &dyn Fn() -> Vec<Read>) {
+    const N: usize = 20_000;
+    let dir = Scratch::new(&format!("real-{tag}-spool-live"));
     let spool = dir.path("spool");
     let spool_arg = spool.to_string_lossy().into_owned();
     let (text, sent) = jsonl_input(N, "live");
     let input = dir.path("input.jsonl");
     std::fs::write(&input, &text).expect("input file");
-    let to = with_query(&url, &format!("queue={queue}"));
     let empty = dir.path("empty.jsonl");
     std::fs::write(&empty, "").expect("empty input");
     let mut kills = 0;
-    // Killed once something is spooled, at three points of the run: early, later, later still.
-    for (round, wait) in [(0, 400), (1, 30), (2, 120)]
-        .into_iter()
-        .map(|(r, ms)| (r, Duration::from_millis(ms)))
-    {
+    // Killed in the middle of delivering: once this many have left the spool (delivered).
+    for (round, gone) in [(0, 2_000), (1, 8_000), (2, 14_000)] {
         let source = if round == 0 { &input } else { &empty };
         let mut child = common::spawn(
             &[
                 "produce",
                 "--to",
-                &to,
+                to,
                 "--spool",
                 &spool_arg,
                 "--input",
@@ -590,13 +626,21 @@ fn amqp_spool_survives_kill_9_mid_delivery() {
             ],
             &dir.0,
         );
-        if round == 0 {
-            wait_spooled(&spool, 1, Duration::from_secs(60));
-        }
-        std::thread::sleep(wait);
-        if child.try_wait().expect("status").is_none() {
-            child.kill().expect("SIGKILL");
-            kills += 1;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().expect("status").is_none() {
+            // Appended (ids are never reused) less pending: what has left the spool.
+            let left = herald::spool::inspect(&spool)
+                .map_or(0, |i| i.stats.next_id.as_u64() - i.stats.pending_messages);
+            if left >= gone {
+                child.kill().expect("SIGKILL");
+                kills += 1;
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: {left} of {gone} left the spool after a minute"
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
         let _reaped = child.wait();
     }
@@ -604,7 +648,7 @@ fn amqp_spool_survives_kill_9_mid_delivery() {
         &[
             "produce",
             "--to",
-            &to,
+            to,
             "--spool",
             &spool_arg,
             "--input",
@@ -619,16 +663,7 @@ fn amqp_spool_survives_kill_9_mid_delivery() {
         LIMIT,
     );
     assert_eq!(run.code, Some(0), "{run:?}");
-    // Everything the queue holds (duplicates included), however long reading it takes: a read
-    // cut off by time would miss the copies the later runs sent, at the queue's end.
-    let held = within(&rt, "counting the queue", queue_length(&conn, &queue));
-    let got = within(
-        &rt,
-        "reading the queue back",
-        amqp_read(&conn, &queue, held, Duration::from_secs(60)),
-    );
-    within(&rt, "deleting the queue", delete_queue(&conn, &queue));
-    assert_eq!(got.len(), held, "every message the queue held was read");
+    let got = read_all();
     assert!(kills > 0, "no run was killed: the test proved nothing");
     let position: std::collections::HashMap<&[u8], usize> = sent
         .iter()
@@ -670,7 +705,7 @@ fn amqp_spool_survives_kill_9_mid_delivery() {
         "the spool is empty: {left:?}"
     );
     eprintln!(
-        "spool kill -9: {kills} kills; {} of {N} messages accepted and delivered ({} arrivals, {} duplicates)",
+        "{tag} spool kill -9: {kills} kills; {} of {N} messages accepted and delivered ({} arrivals, {} duplicates)",
         first.len(),
         got.len(),
         got.len() - first.len()

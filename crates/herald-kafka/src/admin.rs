@@ -198,31 +198,47 @@ fn read(
             .map_err(|e| fail(e.to_string()))?;
     }
     consumer.assign(&tpl).map_err(|e| fail(e.to_string()))?;
-    // For `Until::End`: the offset each partition must be read up to.
-    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    // For `Until::End`: each partition's (low, high) watermarks, what it must be read up to.
+    let mut ends: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
     if let Until::End = until {
         for p in 0..partitions {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (_, high) = consumer
+            let watermarks = consumer
                 .fetch_watermarks(topic, p, left.max(Duration::from_millis(1)))
                 .map_err(|e| fail(format!("watermarks of partition {p}: {e}")))?;
-            ends.insert(p, high);
+            ends.insert(p, watermarks);
         }
     }
     let dest = Destination::new(topic);
-    let mut by_partition: BTreeMap<i32, Vec<(i64, Message)>> = BTreeMap::new();
+    // Each partition's records by offset: a record served twice counts once.
+    let mut by_partition: BTreeMap<i32, BTreeMap<i64, Message>> = BTreeMap::new();
     let mut count = 0;
-    let done = |count: usize, by_partition: &BTreeMap<i32, Vec<(i64, Message)>>| match until {
-        Until::Count(expected) => count >= expected,
-        Until::End => ends.iter().all(|(p, end)| {
-            *end == 0
-                || by_partition
-                    .get(p)
-                    .and_then(|v| v.iter().map(|(o, _)| *o).max())
-                    .is_some_and(|last| last + 1 >= *end)
-        }),
+    // Since when polls have brought nothing.
+    let mut quiet_since: Option<Instant> = None;
+    // The end: every partition read up to its high watermark (as many records as its
+    // watermarks span, or its last offset, where offsets have gaps), and then 1 s in which
+    // nothing more came. Tansu 0.6 serves a partition's records out of offset order after
+    // pipelined produce requests: reading 20 000 records, the last offset alone ended the read
+    // at 19 060, so a quiet second is asked for as well.
+    let done = |count: usize,
+                quiet_since: Option<Instant>,
+                by_partition: &BTreeMap<i32, BTreeMap<i64, Message>>| {
+        match until {
+            Until::Count(expected) => count >= expected,
+            Until::End => {
+                quiet_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(1))
+                    && ends.iter().all(|(p, &(low, high))| {
+                        let read = by_partition.get(p);
+                        let n = read.map_or(0, BTreeMap::len);
+                        let last = read.and_then(|r| r.keys().next_back().copied());
+                        high <= low
+                            || i64::try_from(n).is_ok_and(|n| n >= high - low)
+                            || last.is_some_and(|last| last + 1 >= high)
+                    })
+            }
+        }
     };
-    while !done(count, &by_partition) {
+    while !done(count, quiet_since, &by_partition) {
         if Instant::now() >= deadline {
             return match until {
                 Until::Count(_) => Ok(in_order(by_partition)),
@@ -244,11 +260,13 @@ fn read(
                             msg.with_header(header.key, header.value.unwrap_or_default().to_vec());
                     }
                 }
-                by_partition
+                let fresh = by_partition
                     .entry(m.partition())
                     .or_default()
-                    .push((m.offset(), msg));
-                count += 1;
+                    .insert(m.offset(), msg)
+                    .is_none();
+                count += usize::from(fresh);
+                quiet_since = None;
             }
             // A connection to one broker failing (a broker taken down by a test) is not the
             // end of the read: the others still serve, and the limit bounds the wait.
@@ -256,18 +274,17 @@ fn read(
                 RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown,
             ))) => {}
             Some(Err(e)) => return Err(fail(e.to_string())),
-            None => {}
+            None => {
+                quiet_since.get_or_insert_with(Instant::now);
+            }
         }
     }
     Ok(in_order(by_partition))
 }
 
-fn in_order(by_partition: BTreeMap<i32, Vec<(i64, Message)>>) -> Vec<Message> {
+fn in_order(by_partition: BTreeMap<i32, BTreeMap<i64, Message>>) -> Vec<Message> {
     by_partition
         .into_values()
-        .flat_map(|mut v| {
-            v.sort_by_key(|(offset, _)| *offset);
-            v.into_iter().map(|(_, m)| m)
-        })
+        .flat_map(BTreeMap::into_values)
         .collect()
 }
