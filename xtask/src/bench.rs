@@ -17,6 +17,8 @@ pub(crate) enum Which {
     Pipeline,
     /// herald against raw rdkafka at its best and the naive pattern, on one Kafka broker
     Kafka,
+    /// only the Kafka runs at 2 and 10 ms of round trip (`kafka` runs them too)
+    KafkaRtt,
     /// herald against raw lapin at its best and the naive pattern, on one RabbitMQ broker
     Amqp,
     /// herald against raw async-nats at its best (PubAcks awaited as they come) and the naive
@@ -42,6 +44,7 @@ pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
     match which {
         Which::Pipeline => bench_pipeline(root)?,
         Which::Kafka => kafka::bench(root)?,
+        Which::KafkaRtt => kafka::bench_rtt(root)?,
         Which::Amqp => amqp::bench(root)?,
         Which::Nats => nats::bench(root)?,
         Which::Redis => redis::bench(root)?,
@@ -59,8 +62,8 @@ pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
         Which::Summary => {}
     }
     // The summary reads whatever runs are in target/bench, this one included. The spool's
-    // runs are not in it: after `bench spool` alone it is left as it is.
-    if which == Which::Spool {
+    // and the round-trip runs are not in it: after those alone it is left as it is.
+    if matches!(which, Which::Spool | Which::KafkaRtt) {
         return Ok(());
     }
     bench_summary(root)

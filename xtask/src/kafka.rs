@@ -116,6 +116,11 @@ fn install_tansu() -> Result<PathBuf> {
 
 /// Starts `tansu broker` on `port` with `storage`; its output goes to target/it/tansu-PORT.log.
 fn start_tansu(bin: &Path, port: u16, storage: &str) -> Result<Child> {
+    start_tansu_advertising(bin, port, port, storage)
+}
+
+/// As `start_tansu`, telling clients to connect to `advertised` (a proxy's port) instead.
+fn start_tansu_advertising(bin: &Path, port: u16, advertised: u16, storage: &str) -> Result<Child> {
     let logs = project_root().join("target/it");
     std::fs::create_dir_all(&logs)?;
     let log = std::fs::File::create(logs.join(format!("tansu-{port}.log")))?;
@@ -123,7 +128,10 @@ fn start_tansu(bin: &Path, port: u16, storage: &str) -> Result<Child> {
     Command::new(bin)
         .arg("broker")
         .env("LISTENER_URL", &url)
-        .env("ADVERTISED_LISTENER_URL", &url)
+        .env(
+            "ADVERTISED_LISTENER_URL",
+            format!("tcp://127.0.0.1:{advertised}"),
+        )
         .env("STORAGE_ENGINE", storage)
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
@@ -203,5 +211,79 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
     }
     replace_section(&root.join("docs/benchmarks.md"), "kafka", &body)?;
     eprintln!("docs/benchmarks.md: kafka section updated");
+    bench_rtt(root)
+}
+
+/// Round trips of a network between zones, for `bench_rtt`, and the messages per run.
+const RTTS: &[u64] = &[2, 10];
+const RTT_MESSAGES: &str = "200000";
+
+/// The Kafka benchmark again at 2 and 10 ms of round trip: for each, a Tansu of its own that
+/// advertises the address of the benchmark's delaying proxy (so that every connection, the
+/// one to the partition leader included, takes the round trip), 3 rounds. Needs Tansu; with
+/// a broker given by `HERALD_KAFKA_BOOTSTRAP` or Docker's, says so and skips.
+pub(crate) fn bench_rtt(root: &Path) -> Result<()> {
+    let Ok(bin) = tansu_bin() else {
+        eprintln!("kafka: no Tansu here, so no round-trip runs (they need a broker that advertises the proxy's address)");
+        return Ok(());
+    };
+    let mut rows = Vec::new();
+    for &rtt in RTTS {
+        let (port, proxy) = (free_port()?, free_port()?);
+        let mut child = start_tansu_advertising(&bin, port, proxy, "memory://tansu/")?;
+        let out = root.join(format!("target/bench/kafka-rtt-{rtt}.json"));
+        let result =
+            wait_for(&format!("127.0.0.1:{port}"), Duration::from_secs(60)).and_then(|()| {
+                run(
+                    &format!("kafka benchmark at {rtt} ms round trip"),
+                    cargo()
+                        .args([
+                            "run",
+                            "--release",
+                            "-p",
+                            "herald-kafka",
+                            "--features",
+                            "baseline",
+                        ])
+                        .args(["--example", "bench", "--"])
+                        .args(["--bootstrap", &format!("127.0.0.1:{port}")])
+                        .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
+                        .args(["--rtt-ms", &rtt.to_string()])
+                        .args([
+                            "--messages",
+                            RTT_MESSAGES,
+                            "--rounds",
+                            "3",
+                            "--naive",
+                            "100",
+                        ])
+                        .args(["--json", out.to_str().context("utf-8 path")?]),
+                )
+            });
+        stop_child(&mut child);
+        result?;
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+        for r in json["rows"].as_array().context("rows")? {
+            let raw = r["raw_best_msgs_per_sec"].as_f64().unwrap_or(0.0);
+            let her = r["herald_msgs_per_sec"].as_f64().unwrap_or(0.0);
+            let naive = r["naive_msgs_per_sec"].as_f64().unwrap_or(0.0);
+            rows.push(format!(
+                "| {rtt} ms | {} B | {} | {} | {} | {naive:.0} | {:.2}× |\n",
+                r["size"],
+                r["messages"],
+                thousands(raw),
+                thousands(her),
+                her / raw
+            ));
+        }
+    }
+    let mut body = format!(
+        "Run: `cargo xtask bench kafka` on {}: every variant through herald-testkit's delaying proxy (half the round trip each way, throughput not limited), Tansu `memory://` advertising the proxy's address; median of 3 rounds, raw and herald alternating; naive 100 messages.\n\n",
+        machine()
+    );
+    body.push_str("| round trip | message | messages | raw rdkafka best (msgs/s) | herald (msgs/s) | naive (msgs/s) | herald / raw |\n|---:|---|---:|---:|---:|---:|---:|\n");
+    body.extend(rows);
+    replace_section(&root.join("docs/benchmarks.md"), "kafka-rtt", &body)?;
+    eprintln!("docs/benchmarks.md: kafka-rtt section updated");
     Ok(())
 }

@@ -55,7 +55,14 @@ impl FaultProxy {
     /// waits for the delayed writes, so the delay adds latency, not a cap on throughput: what
     /// is in flight is held in memory, as on a long network path.
     pub async fn start_with_latency(target: &str, one_way: Duration) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0", target, one_way).await
+    }
+
+    /// Like [`start_with_latency`](Self::start_with_latency), listening on `listen`: for a
+    /// broker that must be told the proxy's address before the proxy starts (Tansu
+    /// advertises the address it is given, and clients then connect there).
+    pub async fn start_on(listen: &str, target: &str, one_way: Duration) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             generation: watch::channel(0).0,
