@@ -402,10 +402,20 @@ impl Engine {
         drop(tx);
         let mut collector = collector.await.context("the collector task failed")?;
         if collector.stopped_waiting {
-            // The messages not waited for are recorded already; those of them that fail later
-            // would come back as unclaimed: not twice. Nothing else is unclaimed (every other
-            // future was awaited), and what is in flight is not waited for.
-            let _late = producer.close(Duration::ZERO).await;
+            // The messages not waited for are recorded already (dead-lettered with their copy,
+            // or, with a spool, counted as kept); those of them that fail later would come back
+            // as unclaimed: not twice. Nothing else is unclaimed (every other future was
+            // awaited), and what is in flight is not waited for.
+            let late = producer.close(Duration::ZERO).await;
+            if collector.spool {
+                // With a spool they were counted as kept. One that failed for a reason of its
+                // own since (rejected, say) has left the spool with its error: recorded now,
+                // before that error is dropped, instead of lost.
+                for e in late.unclaimed.iter().filter(|e| !e.is_kept_in_store()) {
+                    collector.tally.kept = collector.tally.kept.saturating_sub(1);
+                    collector.failed(None, e);
+                }
+            }
         } else {
             let close = producer.close(close_timeout).await;
             for e in &close.unclaimed {
