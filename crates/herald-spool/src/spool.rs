@@ -791,6 +791,10 @@ impl Writer {
                     self.in_flight = Some(Arc::clone(&round));
                     self.write_round(chunks, &round, sync);
                     self.in_flight = None;
+                    // Under a steady stream of appends there is always a round to write:
+                    // the settle log's fsync (urgent or due) and the interval's are not
+                    // left waiting for a pause.
+                    self.tick();
                 }
                 Job::Tick => self.tick(),
                 Job::Stop => return self.finish(),

@@ -245,6 +245,47 @@ fn unsynced_settlements_stay_below_settle_sync_every_and_the_interval_syncs_the_
     });
 }
 
+/// Once `settle_sync_every` settlements wait, the writer thread syncs the settle log, also
+/// while four appenders keep it writing (the settling thread no longer syncs it itself).
+#[test]
+fn settlements_are_synced_while_appends_never_pause() {
+    let tmp = TempDir::new("settle-busy");
+    let (spool, _) = open(
+        SpoolConfig::new(tmp.spool())
+            .sync(SyncPolicy::Interval(Duration::from_secs(3600)))
+            .settle_sync_every(4)
+            .settle_sync_interval(Duration::from_secs(3600))
+            .max_bytes(1 << 30),
+    );
+    let spool = Arc::new(spool);
+    let ids = spool
+        .append_all(&(0..40).map(message).collect::<Vec<_>>())
+        .expect("append");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Four appenders: while the writer writes one round, the next one fills.
+    let appenders: Vec<_> = (0..4)
+        .map(|_| {
+            let (spool, stop) = (Arc::clone(&spool), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let batch: Vec<Message> = (0..64).map(message).collect();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    spool.append_all(&batch).expect("append");
+                }
+            })
+        })
+        .collect();
+    for id in ids {
+        spool.settle(id).expect("settle");
+        eventually("the settle log synced below settle_sync_every", || {
+            spool.stats().unsynced_settlements < 4
+        });
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for a in appenders {
+        a.join().expect("appender");
+    }
+}
+
 #[test]
 fn full_names_the_limit_appends_nothing_and_settling_a_whole_segment_frees_room() {
     let tmp = TempDir::new("full");
