@@ -12,6 +12,17 @@ pub(crate) struct Broker {
     pub(crate) stop: Option<Box<dyn FnOnce()>>,
 }
 
+impl Broker {
+    /// The value provisioning set for `name` (`HERALD_KAFKA_BOOTSTRAP`, say).
+    pub(crate) fn var(&self, name: &str) -> anyhow::Result<String> {
+        self.env
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| anyhow::anyhow!("the broker's provisioning set no {name}"))
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {

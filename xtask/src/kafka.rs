@@ -154,28 +154,14 @@ fn wait_for(addr: &str, limit: Duration) -> Result<()> {
 /// broker in one run; rewrites the Kafka section of docs/benchmarks.md.
 pub(crate) fn bench(root: &Path) -> Result<()> {
     let broker = provision()?;
-    let bootstrap = broker
-        .env
-        .iter()
-        .find(|(k, _)| *k == "HERALD_KAFKA_BOOTSTRAP")
-        .map(|(_, v)| v.clone())
-        .context("no bootstrap")?;
+    let bootstrap = broker.var("HERALD_KAFKA_BOOTSTRAP")?;
     let out = root.join("target/bench/kafka.json");
     std::fs::create_dir_all(out.parent().context("target/bench")?)?;
     let messages =
         std::env::var("HERALD_BENCH_KAFKA_MESSAGES").unwrap_or_else(|_| "1000000".into());
     run(
         "kafka benchmark",
-        cargo().args([
-            "run",
-            "--release",
-            "-p",
-            "herald-kafka",
-            "--features",
-            "baseline",
-            "--example",
-            "bench",
-            "--",
+        bench_example().args([
             "--bootstrap",
             &bootstrap,
             "--messages",
@@ -214,6 +200,22 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
     bench_rtt(root)
 }
 
+/// `cargo run --release -p herald-kafka --features baseline --example bench --`, its
+/// arguments to follow.
+fn bench_example() -> Command {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "herald-kafka",
+        "--features",
+        "baseline",
+    ])
+    .args(["--example", "bench", "--"]);
+    cmd
+}
+
 /// Round trips of a network between zones, for `bench_rtt`, and the messages per run.
 const RTTS: &[u64] = &[2, 10];
 const RTT_MESSAGES: &str = "200000";
@@ -236,16 +238,7 @@ pub(crate) fn bench_rtt(root: &Path) -> Result<()> {
             wait_for(&format!("127.0.0.1:{port}"), Duration::from_secs(60)).and_then(|()| {
                 run(
                     &format!("kafka benchmark at {rtt} ms round trip"),
-                    cargo()
-                        .args([
-                            "run",
-                            "--release",
-                            "-p",
-                            "herald-kafka",
-                            "--features",
-                            "baseline",
-                        ])
-                        .args(["--example", "bench", "--"])
+                    bench_example()
                         .args(["--bootstrap", &format!("127.0.0.1:{port}")])
                         .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
                         .args(["--rtt-ms", &rtt.to_string()])

@@ -17,32 +17,16 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let messages = std::env::var("HERALD_BENCH_SPOOL_MESSAGES").unwrap_or_else(|_| "200000".into());
     let broker = provision()?;
-    let bootstrap = broker
-        .env
-        .iter()
-        .find(|(k, _)| *k == "HERALD_KAFKA_BOOTSTRAP")
-        .map(|(_, v)| v.clone())
-        .context("no bootstrap")?;
+    let bootstrap = broker.var("HERALD_KAFKA_BOOTSTRAP")?;
     let kafka_json = out.join("spool-kafka.json");
-    example(&messages, &["--kafka", &bootstrap], &kafka_json)?;
+    let with_kafka = ["--messages", &messages, "--kafka", &bootstrap];
+    example("producer", &with_kafka, &kafka_json)?;
     drop(broker);
     let memory_json = out.join("spool-memory.json");
-    example(&messages, &["--recover", "1000000"], &memory_json)?;
+    let recovering = ["--messages", &messages, "--recover", "1000000"];
+    example("producer", &recovering, &memory_json)?;
     let stores_json = out.join("spool-stores.json");
-    run(
-        "storage candidates",
-        cargo()
-            .args([
-                "run",
-                "--release",
-                "-p",
-                "herald-spool",
-                "--example",
-                "stores",
-                "--",
-            ])
-            .args(["--json", stores_json.to_str().context("utf-8 path")?]),
-    )?;
+    example("stores", &[], &stores_json)?;
 
     let read = |p: &Path| -> Result<serde_json::Value> {
         Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
@@ -112,10 +96,10 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `cargo run --release -p herald-spool --example producer -- --messages N ARGS --json OUT`.
-fn example(messages: &str, args: &[&str], json: &Path) -> Result<()> {
+/// `cargo run --release -p herald-spool --example NAME -- ARGS --json OUT`.
+fn example(name: &str, args: &[&str], json: &Path) -> Result<()> {
     run(
-        "spool benchmark",
+        &format!("spool benchmark: {name}"),
         cargo()
             .args([
                 "run",
@@ -123,10 +107,9 @@ fn example(messages: &str, args: &[&str], json: &Path) -> Result<()> {
                 "-p",
                 "herald-spool",
                 "--example",
-                "producer",
+                name,
                 "--",
             ])
-            .args(["--messages", messages])
             .args(args)
             .args(["--json", json.to_str().context("utf-8 path")?]),
     )
