@@ -261,8 +261,9 @@ impl Collector {
 }
 
 enum Pending {
-    /// A message accepted by the producer, and a copy of it when the engine keeps copies.
-    Sent(u64, DeliveryFuture, Option<Message>),
+    /// A message accepted by the producer, and a copy of it when the engine keeps copies
+    /// (boxed: without copies, as with a spool, a waiting message takes a few words).
+    Sent(u64, DeliveryFuture, Option<Box<Message>>),
     Refused(u64, SendError),
     Malformed(u64, Vec<u8>, String),
 }
@@ -305,7 +306,7 @@ impl Engine {
                         match waited {
                             Some(Ok(d)) => collector.delivered(line, &d),
                             Some(Err(e)) => collector.failed(Some(line), &e),
-                            None => collector.unacknowledged(line, copy.as_ref()),
+                            None => collector.unacknowledged(line, copy.as_deref()),
                         }
                     }
                     Pending::Refused(line, e) => collector.failed(Some(line), &e),
@@ -347,7 +348,7 @@ impl Engine {
 
     /// Sends `msg` (input line `line`), waiting for buffer space.
     pub(crate) async fn send(&self, line: u64, msg: Message) -> anyhow::Result<()> {
-        let copy = self.copies.then(|| msg.clone());
+        let copy = self.copies.then(|| Box::new(msg.clone()));
         let p = match self.producer.enqueue(msg).await {
             Ok(fut) => Pending::Sent(line, fut, copy),
             Err(e) => Pending::Refused(line, e),
@@ -363,7 +364,7 @@ impl Engine {
         let mut batch = Vec::with_capacity(msgs.len());
         for (line, msg) in msgs {
             lines.push(line);
-            copies.push(self.copies.then(|| msg.clone()));
+            copies.push(self.copies.then(|| Box::new(msg.clone())));
             batch.push(msg);
         }
         let answers = self.producer.enqueue_many(batch).await;

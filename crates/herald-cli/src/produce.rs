@@ -51,7 +51,9 @@ pub(crate) struct ProduceArgs {
     pub(crate) metrics_addr: Option<String>,
     /// Keep every accepted message in the spool directory DIR until it is delivered or
     /// recorded as failed, so that a crash or `kill -9` loses nothing accepted; what an
-    /// earlier run left in DIR is sent first. One process at a time per DIR.
+    /// earlier run left in DIR is sent first. One process at a time per DIR. With a spool,
+    /// reading the input is bounded by the spool's size, not by --buffer-messages: while the
+    /// broker is away, the input goes on into the spool until it is full.
     #[arg(long, value_name = "DIR")]
     pub(crate) spool: Option<PathBuf>,
     #[command(flatten)]
@@ -232,12 +234,19 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
         bar.enable_steady_tick(Duration::from_millis(200));
         collector.progress = Some(bar);
     }
-    let engine = Engine::start(
-        session.producer.clone(),
-        args.tuning.buffer_messages,
-        collector,
-    )
-    .keep_copies();
+    // Without a spool, at most a buffer's worth waits for its fate beyond the buffer, each
+    // with a copy to dead-letter if the wait is cut off. With one, the spool bounds what
+    // waits (its messages wait there, not in memory; what is cut off stays in it): no copies.
+    let engine = if args.spool.is_some() {
+        Engine::start(session.producer.clone(), usize::MAX, collector)
+    } else {
+        Engine::start(
+            session.producer.clone(),
+            args.tuning.buffer_messages,
+            collector,
+        )
+        .keep_copies()
+    };
 
     // Ctrl-C (or SIGTERM, SIGHUP): stop reading, give what was accepted a few seconds, then
     // record everything not acknowledged as failed.

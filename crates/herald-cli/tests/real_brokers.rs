@@ -449,7 +449,8 @@ enum Stop {
 
 /// A first `herald produce --spool` accepts 5 000 keyed messages with RabbitMQ unreachable and
 /// is stopped by `stop`; a second run, with the broker reachable and no input, delivers every
-/// one of them, once, in per-key order, and leaves the spool empty.
+/// one of them, once, in per-key order, and leaves the spool empty. The first run's buffer is
+/// 100 messages: with a spool, reading the input is bounded by the spool, not the buffer.
 fn spool_kept_while_the_broker_is_unreachable(stop: Stop) {
     const N: usize = 5_000;
     let url = amqp_url();
@@ -473,6 +474,8 @@ fn spool_kept_while_the_broker_is_unreachable(stop: Stop) {
             &unreachable,
             "--spool",
             &spool_arg,
+            "--buffer-messages",
+            "100",
             "--input",
             &input_arg,
             "--format",

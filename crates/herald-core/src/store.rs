@@ -101,6 +101,32 @@ pub trait Store: Send + Sync + 'static {
     /// have been read. May block on I/O: the producer calls it on a blocking thread.
     fn recover(&self, max: usize) -> Result<Vec<(StoreToken, Message)>, StoreError>;
 
+    /// Whether the store reads back what it took ([`Store::read_from`]). A store that does
+    /// lets the producer keep only a buffer's worth of accepted messages in memory and leave
+    /// the rest in the store until the pipeline has room: `send` then waits only for the store
+    /// to be full, not for the memory buffer. Default: no (every accepted message waits in
+    /// memory, at most a buffer's worth beyond the buffer).
+    fn reads_back(&self) -> bool {
+        false
+    }
+
+    /// Up to `max` of the messages this run [submitted](Store::submit) and did not settle,
+    /// with tokens at or after `first`, in token order, once durable. Called (on a blocking
+    /// thread) only when [`Store::reads_back`], with `first` never going down. A token whose
+    /// message the store cannot give back (a damaged record) is skipped: the producer hands
+    /// that message back as failed. Empty when nothing from `first` on is readable yet.
+    fn read_from(
+        &self,
+        first: StoreToken,
+        max: usize,
+    ) -> Result<Vec<(StoreToken, Message)>, StoreError> {
+        let _unused = (first, max);
+        Err(StoreError::failed(format!(
+            "{} does not read messages back",
+            self.describe()
+        )))
+    }
+
     /// What the store is, for errors and logs (a directory, say). No secrets.
     fn describe(&self) -> String;
 

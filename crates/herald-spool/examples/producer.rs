@@ -10,9 +10,11 @@
 //! - `--recover N`: N messages of 100 B left in a spool (as by a crash during an outage), then
 //!   a producer opened on it sends them all; the process's resident memory is sampled
 //!   meanwhile: what N waiting messages cost in memory.
+//! - `--outage N`: N messages of 100 B given to `send_all` while the broker stalls (they wait
+//!   in the spool), then delivered; resident memory sampled meanwhile.
 //!
 //! `cargo run --release -p herald-spool --example producer -- [--messages N] [--dir DIR]
-//! [--kafka BOOTSTRAP] [--recover N] [--json PATH]` (default 300 000 messages; DIR: a folder
+//! [--kafka BOOTSTRAP] [--recover N] [--outage N] [--json PATH]` (default 300 000 messages; DIR: a folder
 //! in the system's temporary directory, removed afterwards). Not a test: it asserts nothing.
 //! Figures go to stdout as a table, and to PATH as JSON.
 
@@ -42,6 +44,10 @@ struct Args {
     /// Also measure memory while this many messages left in a spool are sent.
     #[arg(long)]
     recover: Option<usize>,
+    /// Also measure memory while this many messages are accepted with the broker stalled
+    /// (they wait in the spool) and then delivered.
+    #[arg(long)]
+    outage: Option<usize>,
     /// Write the figures here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -145,6 +151,31 @@ fn recover(rt: &tokio::runtime::Runtime, dir: &Path, n: usize) -> (u64, u64, f64
         }
         spool.close().expect("close");
     }
+    let transport = MemoryTransport::counting();
+    let mut took = Duration::ZERO;
+    let (before, peak) = sampling_rss(|| {
+        let start = Instant::now();
+        rt.block_on(async {
+            let p = Producer::builder(transport.clone())
+                .spool(SpoolConfig::new(dir).max_bytes(8 << 30))
+                .expect("spool")
+                .build()
+                .expect("producer");
+            p.flush().await;
+            p.close(Duration::from_secs(60)).await;
+        });
+        took = start.elapsed();
+    });
+    assert_eq!(
+        transport.delivered(),
+        n as u64,
+        "every recovered message sent"
+    );
+    (before, peak, n as f64 / took.as_secs_f64())
+}
+
+/// Samples the process's resident memory every 5 ms while `work` runs: (RSS before, peak).
+fn sampling_rss(work: impl FnOnce()) -> (u64, u64) {
     let before = rss();
     let peak = Arc::new(AtomicU64::new(before));
     let done = Arc::new(AtomicBool::new(false));
@@ -157,30 +188,46 @@ fn recover(rt: &tokio::runtime::Runtime, dir: &Path, n: usize) -> (u64, u64, f64
             }
         })
     };
+    work();
+    done.store(true, Ordering::Relaxed);
+    sampler.join().expect("sampler");
+    (before, peak.load(Ordering::Relaxed))
+}
+
+/// `n` messages of 100 B given to `send_all` (buffer: the default 100 000) while the broker
+/// stalls: accepted into the spool, they wait there; then it comes back and they are
+/// delivered. (RSS before, peak RSS until all were accepted, peak RSS until all were
+/// delivered, msg/s accepted.)
+fn outage(rt: &tokio::runtime::Runtime, dir: &Path, n: usize) -> (u64, u64, u64, f64) {
+    let _fresh = std::fs::remove_dir_all(dir);
     let transport = MemoryTransport::counting();
-    let start = Instant::now();
-    rt.block_on(async {
-        let p = Producer::builder(transport.clone())
+    transport.hold();
+    let p = rt.block_on(async {
+        Producer::builder(transport.clone())
             .spool(SpoolConfig::new(dir).max_bytes(8 << 30))
             .expect("spool")
             .build()
-            .expect("producer");
-        p.flush().await;
-        p.close(Duration::from_secs(60)).await;
+            .expect("producer")
     });
-    let took = start.elapsed();
-    done.store(true, Ordering::Relaxed);
-    sampler.join().expect("sampler");
-    assert_eq!(
-        transport.delivered(),
-        n as u64,
-        "every recovered message sent"
-    );
-    (
-        before,
-        peak.load(Ordering::Relaxed),
-        n as f64 / took.as_secs_f64(),
-    )
+    let payload = vec![b'x'; 100];
+    let mut receipt = None;
+    let mut took = Duration::ZERO;
+    let (before, accepting) = sampling_rss(|| {
+        let start = Instant::now();
+        receipt =
+            Some(rt.block_on(p.send_all((0..n).map(|i| {
+                Message::new("outage", payload.clone()).with_key(format!("k{}", i % 64))
+            }))));
+        took = start.elapsed();
+    });
+    assert_eq!(transport.delivered(), 0, "the broker stalled");
+    let (_, delivering) = sampling_rss(|| {
+        transport.release();
+        let report = rt.block_on(receipt.take().expect("sent").wait());
+        assert_eq!(report.delivered, n as u64, "{:?}", report.failed.first());
+        rt.block_on(p.close(Duration::from_secs(60)));
+    });
+    (before, accepting, delivering, n as f64 / took.as_secs_f64())
 }
 
 fn main() {
@@ -212,7 +259,8 @@ fn main() {
     println!("| payload | mode | msg/s | spread | ratio (min-max) |");
     println!("| --- | --- | ---: | ---: | ---: |");
     let mut rows = Vec::new();
-    for size in [100, 1024] {
+    // `--rounds 0`: only the memory runs.
+    for size in [100, 1024].into_iter().filter(|_| args.rounds > 0) {
         let mut rates = vec![Vec::new(); modes.len()];
         let mut ratios = vec![Vec::new(); modes.len()];
         for round in 0..args.rounds {
@@ -273,6 +321,25 @@ fn main() {
             "rss_peak_bytes": peak,
         })
     });
+    let outage = args.outage.map(|m| {
+        let (before, accepting, delivering, rate) = outage(&rt, &base, m);
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        println!(
+            "\n{m} messages of 100 B accepted ({rate:.0} msg/s) while the broker stalled, then delivered: resident memory {:.0} MiB before, {:.0} MiB at most while they were accepted (+{:.0} MiB), {:.0} MiB at most while they were delivered (+{:.0} MiB)",
+            mib(before),
+            mib(accepting),
+            mib(accepting.saturating_sub(before)),
+            mib(delivering),
+            mib(delivering.saturating_sub(before)),
+        );
+        json!({
+            "messages": m,
+            "accepted_per_sec": rate,
+            "rss_before_bytes": before,
+            "rss_peak_accepting_bytes": accepting,
+            "rss_peak_delivering_bytes": delivering,
+        })
+    });
     if let Some(path) = &args.json {
         let out = json!({
             "messages": n,
@@ -280,6 +347,7 @@ fn main() {
             "to": to,
             "rows": rows,
             "recovery": recovery,
+            "outage": outage,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out).expect("json"))
             .expect("write json");

@@ -38,6 +38,8 @@ pub struct Cursor {
     /// The next record's sequence number is at least this.
     min_seq: u64,
     scanner: Option<Scanner>,
+    /// Records before this id are not read ([`Cursor::skip_to`]).
+    from: u64,
     /// Records from this id on are not read.
     until: u64,
     finished: bool,
@@ -60,6 +62,7 @@ impl Cursor {
             offset: 0,
             min_seq: first,
             scanner: None,
+            from: 0,
             until: u64::MAX,
             finished: false,
         }
@@ -70,6 +73,25 @@ impl Cursor {
     pub fn until(mut self, end: SpoolId) -> Self {
         self.until = end.as_u64();
         self
+    }
+
+    /// Reads no record before `id` from now on: moves straight to the segment that holds it
+    /// (segments before it are not read at all) and skips the records before it there.
+    /// Never moves back.
+    pub fn skip_to(&mut self, id: SpoolId) {
+        let id = id.as_u64();
+        if id <= self.from {
+            return;
+        }
+        self.from = id;
+        let holder = lock(&self.shared.inner)
+            .segments
+            .range(..=id)
+            .next_back()
+            .map(|(&k, _)| k);
+        if let Some(segment) = holder.filter(|&k| k > self.segment) {
+            self.move_to(segment);
+        }
     }
 
     /// Every record before this id has been read or skipped.
@@ -205,6 +227,9 @@ impl Cursor {
                     if header.seq >= self.until {
                         self.finished = true;
                         break;
+                    }
+                    if header.seq < self.from {
+                        continue;
                     }
                     let pending = lock(&self.shared.inner)
                         .segments

@@ -29,8 +29,7 @@
 //! # How the producer uses it
 //!
 //! [`SpoolStore`] is the spool as a producer's `herald_core::Store`:
-//! `ProducerBuilder::store(SpoolStore::open(config)?.0)`. The wiring, and what is still to come
-//! (issue 12):
+//! `ProducerBuilder::store(SpoolStore::open(config)?.0)`. The wiring:
 //!
 //! 1. At start, `Spool::open`. The recovered records are read with
 //!    `spool.cursor().until(recovery.first_new_id())` and fed to the pipeline in batches
@@ -38,8 +37,9 @@
 //! 2. At acceptance, `spool.submit(&messages)` and await the ticket: the message is accepted
 //!    only once it is durable. [`SpoolError::Full`] (and a full disk, see
 //!    [`SpoolError::is_full`]) is backpressure: wait for settlements, or refuse.
-//! 3. The pipeline carries each message's `SpoolId`. A producer whose memory buffer is
-//!    smaller than the spool reads new records back with one unbounded cursor instead of
+//! 3. The pipeline carries each message's `SpoolId`. Beyond a buffer's worth waiting in
+//!    memory, the producer drops the bodies of durable messages and reads them back (by id,
+//!    in order) with one cursor that only moves forward ([`Cursor::skip_to`]), instead of
 //!    keeping them in memory.
 //! 4. When a message's fate is final (delivered, or failed and handed back to the
 //!    application), `settle_all` its id: settled records are never read again, and segment

@@ -13,12 +13,17 @@ use crate::{Cursor, Recovery, Spool, SpoolConfig, SpoolError, SpoolId};
 /// Bytes of recovered records read per [`Store::recover`] call at most (besides the count).
 const RECOVER_BYTES: u64 = 16 << 20;
 
+/// How long a [`Store::read_from`] that finds nothing readable waits for the spool's writer.
+const READ_BACK_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// A [`Spool`] a producer keeps its accepted messages in (see
 /// `herald_core::ProducerBuilder::store`).
 pub struct SpoolStore {
     spool: Arc<Spool>,
     /// Reads what the spool held at open, until it has all been read.
     recovering: Mutex<Option<Cursor>>,
+    /// Reads back what this run spilled ([`Store::read_from`]); made at the first read.
+    live: Mutex<Option<Cursor>>,
     describe: String,
     max_bytes: u64,
     metrics: SpoolMetrics,
@@ -44,6 +49,7 @@ impl SpoolStore {
             Self {
                 spool: Arc::new(spool),
                 recovering: Mutex::new(Some(cursor)),
+                live: Mutex::new(None),
                 describe,
                 max_bytes,
                 metrics: SpoolMetrics::new(max_bytes),
@@ -103,6 +109,32 @@ impl Store for SpoolStore {
         if batch.is_empty() {
             // All read: the cursor goes (a cursor keeps the spool's directory open).
             *recovering = None;
+        }
+        Ok(batch
+            .into_iter()
+            .map(|r| (r.id.as_u64(), r.message))
+            .collect())
+    }
+
+    fn reads_back(&self) -> bool {
+        true
+    }
+
+    fn read_from(
+        &self,
+        first: StoreToken,
+        max: usize,
+    ) -> Result<Vec<(StoreToken, Message)>, StoreError> {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let cursor = live.get_or_insert_with(|| self.spool.cursor());
+        cursor.skip_to(SpoolId::from_u64(first));
+        let mut batch = cursor
+            .read_batch(max, RECOVER_BYTES)
+            .map_err(|e| store_error(&e))?;
+        if batch.is_empty() && cursor.wait(READ_BACK_WAIT) {
+            batch = cursor
+                .read_batch(max, RECOVER_BYTES)
+                .map_err(|e| store_error(&e))?;
         }
         Ok(batch
             .into_iter()

@@ -1,9 +1,10 @@
 //! The spool under a producer (`ProducerBuilder::store(SpoolStore)`): what is accepted survives
 //! the producer's end, a crash included, and is sent first, in order, by the next one.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use herald_core::{ErrorClass, FailureReason, Message, Producer};
+use herald_core::{Bytes, ErrorClass, FailureReason, Message, Producer};
 use herald_spool::{inspect, SpoolConfig, SpoolStore};
 use herald_testkit::{CallFault, MemoryTransport};
 
@@ -194,38 +195,174 @@ async fn a_full_spool_refuses_try_send_with_a_reason() {
     std::fs::remove_dir_all(&d).expect("cleanup");
 }
 
-/// Stored messages wait in memory for the pipeline too: at most a buffer's worth. Beyond the
-/// buffer and that, `try_send` says the buffer is full (and `send` would wait): memory stays
-/// bounded whatever the spool's size.
+/// Message bodies alive now (made by [`counted`]): what the producer holds in memory.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// A payload that counts itself in [`LIVE`] while any copy of it lives.
+struct CountedPayload(Vec<u8>);
+
+impl AsRef<[u8]> for CountedPayload {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for CountedPayload {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn counted(i: usize) -> Message {
+    LIVE.fetch_add(1, Ordering::AcqRel);
+    let payload = CountedPayload(format!("m-{i}").into_bytes());
+    Message::new("t", Bytes::from_owner(payload)).with_key(format!("k{}", i % 4))
+}
+
+/// With the broker stalled, what is accepted beyond a buffer's worth waits in the spool, not
+/// in memory: `try_send` and `send_all` go on being accepted (bounded by the spool's size, not
+/// the buffer), the producer drops their bodies once durable, and reads them back when the
+/// broker is back; every message is delivered once, each key's in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stored_messages_waiting_for_the_pipeline_are_bounded() {
+async fn beyond_a_buffers_worth_accepted_messages_wait_in_the_spool_not_in_memory() {
     use herald_spool::ProducerBuilderExt as _;
-    let d = dir("bounded");
-    let p = Producer::builder(down())
-        .buffer(100, 1 << 20)
+    const N: usize = 10_000;
+    const BUFFER: usize = 100;
+    let d = dir("spilled");
+    let t = MemoryTransport::new();
+    t.hold();
+    let p = Producer::builder(t.clone())
+        .buffer(BUFFER, 1 << 20)
         .spool(SpoolConfig::new(&d))
         .expect("spool")
         .build()
         .expect("producer");
-    let mut accepted = 0;
-    let refused = loop {
-        match p.try_send(keyed(accepted)) {
-            Ok(f) => {
-                std::mem::forget(f);
-                accepted += 1;
-                assert!(accepted <= 1_000, "no bound on what waits in memory");
-            }
-            Err(e) => break e,
+    let mut futures = Vec::with_capacity(N);
+    for i in 0..N {
+        match p.try_send(counted(i)) {
+            Ok(f) => futures.push(f),
+            Err(e) => panic!("message {i} refused with a buffer of {BUFFER}: {e}"),
         }
-    };
-    assert!(
-        matches!(refused.reason(), FailureReason::BufferFull),
-        "{refused}"
+    }
+    let receipt =
+        tokio::time::timeout(Duration::from_secs(60), p.send_all((N..2 * N).map(counted)))
+            .await
+            .expect("send_all waits for the spool, not for the stalled broker");
+    assert_eq!(t.delivered(), 0, "the broker is still held");
+    // Bodies go once durable: memory comes down to the buffer and a buffer's worth staged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let live = LIVE.load(Ordering::Acquire);
+        if live <= 3 * BUFFER {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{live} message bodies still in memory with {} accepted",
+            2 * N
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        inspect(&d).expect("inspect").stats.pending_messages,
+        2 * N as u64,
+        "all in the spool"
     );
-    assert!(
-        (100..=200).contains(&accepted),
-        "the buffer (100) and at most as many stored behind it: {accepted}"
-    );
+    t.release();
+    for (i, f) in futures.into_iter().enumerate() {
+        f.await
+            .unwrap_or_else(|e| panic!("message {i} not delivered: {e}"));
+    }
+    let bulk = receipt.wait().await;
+    assert_eq!(bulk.delivered, N as u64, "{bulk:?}");
+    let report = p.close(Duration::from_secs(10)).await;
+    assert!(report.drained && report.unclaimed.is_empty(), "{report:?}");
+    let got = payloads(&t.received());
+    assert_eq!(got.len(), 2 * N, "each message once");
+    for key in 0..4 {
+        let of_key: Vec<&String> = got
+            .iter()
+            .filter(|m| m[2..].parse::<usize>().expect("m-i") % 4 == key)
+            .collect();
+        let expected: Vec<String> = (0..2 * N)
+            .filter(|i| i % 4 == key)
+            .map(|i| format!("m-{i}"))
+            .collect();
+        assert!(
+            of_key.iter().copied().eq(expected.iter()),
+            "key k{key} out of order or incomplete"
+        );
+    }
+    drop(p);
+    assert_eq!(inspect(&d).expect("inspect").stats.pending_messages, 0);
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}
+
+/// A spilled message whose record is damaged on disk before it is read back is handed back as
+/// failed (the store's error, an empty payload: its body is what was lost); every other
+/// message is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spilled_message_damaged_on_disk_is_handed_back_and_the_rest_delivered() {
+    use herald_spool::ProducerBuilderExt as _;
+    use std::io::{Seek as _, SeekFrom, Write as _};
+    const N: usize = 300;
+    let d = dir("spilled-damaged");
+    let t = MemoryTransport::new();
+    t.hold();
+    let p = Producer::builder(t.clone())
+        .buffer(10, 1 << 20)
+        .spool(SpoolConfig::new(&d))
+        .expect("spool")
+        .build()
+        .expect("producer");
+    let body = |i: usize| format!("spilled-{i:06}-payload");
+    let mut futures = Vec::new();
+    for i in 0..N {
+        futures.push(
+            p.enqueue(Message::new("t", body(i)))
+                .await
+                .expect("accepted"),
+        );
+    }
+    // Accepted means durable: flip a byte of message 250's payload in its segment file.
+    let target = body(250).into_bytes();
+    let mut damaged = false;
+    for entry in std::fs::read_dir(&d).expect("spool dir") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|e| e != "seg") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).expect("segment");
+        if let Some(at) = bytes.windows(target.len()).position(|w| w == target) {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .expect("open segment");
+            f.seek(SeekFrom::Start((at + 3) as u64)).expect("seek");
+            f.write_all(b"X").expect("write");
+            f.sync_all().expect("sync");
+            damaged = true;
+        }
+    }
+    assert!(damaged, "message 250 found on disk");
+    t.release();
+    for (i, f) in futures.into_iter().enumerate() {
+        match f.await {
+            Ok(_) => assert_ne!(i, 250, "the damaged message cannot have been delivered"),
+            Err(e) => {
+                assert_eq!(i, 250, "only the damaged message fails: {e}");
+                assert!(matches!(e.reason(), FailureReason::Store(_)), "{e}");
+                assert!(
+                    e.to_string().contains("could not give the message back"),
+                    "{e}"
+                );
+                assert!(e.message().payload().is_empty());
+            }
+        }
+    }
+    let got = payloads(&t.received());
+    let expected: Vec<String> = (0..N).filter(|&i| i != 250).map(body).collect();
+    assert_eq!(got, expected);
     drop(p);
     std::fs::remove_dir_all(&d).expect("cleanup");
 }

@@ -105,6 +105,33 @@ fn a_cursor_follows_appends_skips_settled_records_and_respects_its_limits() {
 }
 
 #[test]
+fn skip_to_reads_from_an_id_on_across_segments_and_never_moves_back() {
+    let tmp = TempDir::new("skip");
+    let (spool, _) = open(SpoolConfig::new(tmp.spool()).segment_bytes(300));
+    let given = spool
+        .append_all(&(0..30).map(message).collect::<Vec<_>>())
+        .expect("append");
+    assert!(segments(&tmp.spool()).len() > 3, "several segments");
+    let mut cursor = spool.cursor();
+    cursor.skip_to(given[17]);
+    assert_eq!(
+        ids(&cursor.read_batch(2, u64::MAX).expect("read")),
+        given[17..19]
+    );
+    cursor.skip_to(given[5]);
+    assert_eq!(
+        ids(&cursor.read_batch(2, u64::MAX).expect("read")),
+        given[19..21],
+        "never back"
+    );
+    cursor.skip_to(given[25]);
+    assert_eq!(
+        ids(&cursor.read_batch(100, u64::MAX).expect("read")),
+        given[25..]
+    );
+}
+
+#[test]
 fn a_segment_goes_once_all_its_records_are_settled_in_any_order_but_the_active_one_stays() {
     let tmp = TempDir::new("delete");
     let (spool, _) = open(SpoolConfig::new(tmp.spool()).segment_bytes(250));

@@ -68,6 +68,8 @@ struct Inner {
     /// Stores (or refuses) a call's messages at its first poll, and only then waits out its
     /// latency: order across calls is kept (see `Transport::keeps_order_across_calls`).
     ordered: AtomicBool,
+    /// Open unless [`MemoryTransport::hold`]: calls wait at their start while it is shut.
+    gate: tokio::sync::watch::Sender<bool>,
 }
 
 /// An in-memory [`Transport`]: accepts messages, keeps them in arrival order (or only counts
@@ -137,8 +139,20 @@ impl MemoryTransport {
                 delivered: AtomicU64::new(0),
                 closed: AtomicU64::new(0),
                 ordered: AtomicBool::new(false),
+                gate: tokio::sync::watch::Sender::new(true),
             }),
         }
+    }
+
+    /// Makes every call wait, from its start, until [`release`](Self::release): a broker
+    /// that stalls for as long as a test needs, with nothing lost.
+    pub fn hold(&self) {
+        self.inner.gate.send_replace(false);
+    }
+
+    /// Lets held calls (and later ones) go on.
+    pub fn release(&self) {
+        self.inner.gate.send_replace(true);
     }
 
     /// Appends to the script: each call of `send_batch` takes the next entry; once the script is
@@ -329,6 +343,9 @@ impl Transport for MemoryTransport {
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
         let inner = &self.inner;
         inner.calls.fetch_add(1, Ordering::AcqRel);
+        // The sender lives in `inner`: never closed while this call runs.
+        let mut gate = inner.gate.subscribe();
+        let _open = gate.wait_for(|open| *open).await.map(|_| ());
         inner
             .attempts
             .fetch_add(batch.len() as u64, Ordering::AcqRel);

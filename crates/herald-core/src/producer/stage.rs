@@ -9,10 +9,20 @@
 //!   submitted; [`Shared::admit`] with `staged` takes them over.
 //! - A store that fails to make messages durable fails them with
 //!   [`FailureReason::Store`]: they were never accepted.
+//! - Memory holds at most a buffer's worth of staged messages. Beyond that, with a store that
+//!   [reads back](Store::reads_back), messages are *spilled*: once durable, their bodies are
+//!   dropped and only their tokens and completions wait (for a `send_all` chunk, one
+//!   completion for the chunk); the admitter reads the bodies back from the store when their
+//!   turn comes. A store that does not read back makes submitters wait for room instead.
+//! - Two tasks: the confirmer awaits each submission's durability in order (answering the
+//!   submitters, dropping spilled bodies), never waiting for the buffer; the admitter moves
+//!   confirmed messages into the buffer as room frees.
 
+use std::collections::VecDeque;
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -22,12 +32,147 @@ use crate::error::{FailureReason, SendError};
 use crate::message::{Message, MessageId};
 use crate::store::{Durable, Store, StoreError, StoreToken};
 
-/// Stored messages on their way to the admitter.
+/// Stored messages on their way to the confirmer.
 pub(crate) struct Pending {
     durable: Durable,
-    entries: Vec<(Message, Completion, StoreToken)>,
+    entries: Entries,
     /// Told whether the messages became durable (an `enqueue` waits for it).
     accepted: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// The messages of one submission.
+enum Entries {
+    /// Kept in memory until the pipeline takes them.
+    Held(Vec<(Message, Completion, StoreToken)>),
+    /// To be left in the store: their bodies are dropped once durable (not before: a store
+    /// that fails hands them back).
+    Spilling(Vec<(Message, Completion, StoreToken)>),
+}
+
+/// Messages left in the store: what it takes to read them back and answer for them.
+struct Spilled {
+    tokens: Tokens,
+    dones: Dones,
+    /// Their producer spans (feature `otel`), kept so that each ends with its message's fate;
+    /// `None` when none has one.
+    #[cfg(feature = "otel")]
+    spans: Option<std::vec::IntoIter<Option<tracing::Span>>>,
+}
+
+impl Spilled {
+    /// Drops the bodies of durable messages, keeping what answers for them.
+    fn new(entries: Vec<(Message, Completion, StoreToken)>) -> Self {
+        #[cfg(feature = "otel")]
+        let mut spans = Vec::with_capacity(entries.len());
+        let (tokens, dones): (Vec<StoreToken>, Vec<Completion>) = entries
+            .into_iter()
+            .map(|(msg, done, token)| {
+                #[cfg(feature = "otel")]
+                spans.push({
+                    let mut msg = msg;
+                    msg.span.take()
+                });
+                #[cfg(not(feature = "otel"))]
+                drop(msg);
+                (token, done)
+            })
+            .unzip();
+        Self {
+            tokens: Tokens::new(tokens),
+            dones: Dones::new(dones),
+            #[cfg(feature = "otel")]
+            spans: spans.iter().any(Option::is_some).then(|| spans.into_iter()),
+        }
+    }
+
+    /// The next message's completion, and its span back on `msg`.
+    fn next_done(&mut self, msg: &mut Message) -> Completion {
+        #[cfg(feature = "otel")]
+        if let Some(spans) = &mut self.spans {
+            msg.span = spans.next().flatten();
+        }
+        let _msg = msg;
+        self.dones.next().expect("a completion per token")
+    }
+}
+
+/// Tokens of spilled messages: a run when consecutive (a store's usual way), else each.
+enum Tokens {
+    Run { first: StoreToken, len: usize },
+    Each(Vec<StoreToken>),
+}
+
+impl Tokens {
+    fn new(tokens: Vec<StoreToken>) -> Self {
+        match tokens.first() {
+            Some(&first)
+                if tokens
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &t)| Some(t) == first.checked_add(i as u64)) =>
+            {
+                Tokens::Run {
+                    first,
+                    len: tokens.len(),
+                }
+            }
+            _ => Tokens::Each(tokens),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Tokens::Run { len, .. } => *len,
+            Tokens::Each(t) => t.len(),
+        }
+    }
+
+    fn get(&self, i: usize) -> StoreToken {
+        match self {
+            Tokens::Run { first, .. } => first + i as u64,
+            Tokens::Each(t) => t[i],
+        }
+    }
+}
+
+/// Completions of spilled messages: one group for all (a `send_all` chunk), else each.
+enum Dones {
+    Group(Arc<Group>, usize),
+    Each(std::vec::IntoIter<Completion>),
+}
+
+impl Dones {
+    fn new(dones: Vec<Completion>) -> Self {
+        if let Some(Completion::Group(first)) = dones.first() {
+            let shared = dones
+                .iter()
+                .all(|d| matches!(d, Completion::Group(g) if Arc::ptr_eq(g, first)));
+            if shared {
+                return Dones::Group(first.clone(), dones.len());
+            }
+        }
+        Dones::Each(dones.into_iter())
+    }
+}
+
+impl Iterator for Dones {
+    type Item = Completion;
+    fn next(&mut self) -> Option<Completion> {
+        match self {
+            Dones::Group(_, 0) => None,
+            Dones::Group(g, n) => {
+                *n -= 1;
+                Some(Completion::Group(g.clone()))
+            }
+            Dones::Each(each) => each.next(),
+        }
+    }
+}
+
+/// Confirmed submissions on their way to the admitter.
+enum Ready {
+    Held(Vec<(Message, Completion, StoreToken)>),
+    Spilled(Spilled),
 }
 
 /// The store and the queue to the admitter.
@@ -36,9 +181,14 @@ pub(crate) struct Stage {
     /// `None` once the producer closes: nothing more is submitted, and the admitter ends when
     /// it has taken what is queued.
     queue: Mutex<Option<mpsc::UnboundedSender<Pending>>>,
-    /// Bytes of the messages stored and not yet taken by the admitter: with
-    /// `State::staged`, what bounds the memory they hold.
+    /// Bytes of the messages stored, held in memory and not yet taken by the admitter: with
+    /// the count held (`State::staged` less `spilled`), what bounds the memory they hold.
     bytes: AtomicUsize,
+    /// Messages spilled (left in the store) and not yet read back. While any are, every new
+    /// submission is spilled too: the store's order is the admitter's.
+    spilled: AtomicUsize,
+    /// Whether the store reads back ([`Store::reads_back`]): whether messages may spill.
+    reads_back: bool,
 }
 
 /// Why [`Stage::submit`] did not take messages: handed back with them (and with the sender
@@ -55,9 +205,11 @@ impl Stage {
         let (tx, rx) = mpsc::unbounded_channel();
         (
             Self {
+                reads_back: store.reads_back(),
                 store,
                 queue: Mutex::new(Some(tx)),
                 bytes: AtomicUsize::new(0),
+                spilled: AtomicUsize::new(0),
             },
             rx,
         )
@@ -78,7 +230,9 @@ impl Stage {
 
     /// Stores `entries` (ids given first) and queues them for the admitter; `accepted` is told
     /// when they are durable. Refuses them all, handing them back, when the producer is closed
-    /// or the store cannot take them ([`StoreError::is_full`]: the caller may wait for room).
+    /// or the store cannot take them ([`StoreError::is_full`]: the caller may wait for room),
+    /// or when memory holds a buffer's worth of stored messages and the store does not read
+    /// back ([`FailureReason::BufferFull`]: likewise).
     #[allow(clippy::result_large_err)] // handed straight back to the caller
     pub(crate) fn submit(
         &self,
@@ -102,14 +256,18 @@ impl Stage {
             });
         };
         // Stored messages wait in memory until the admitter takes them: at most a buffer's
-        // worth (the submissions are serialised by `queue`, and the admitter only lowers it).
+        // worth (the submissions are serialised by `queue`, and the admitter only lowers it);
+        // beyond that they are spilled, or refused when the store cannot read them back.
         let staged = shared.lock().staged;
+        let spilled = self.spilled.load(Ordering::Acquire);
+        let held = staged.saturating_sub(spilled);
         let bytes: usize = entries.iter().map(|(m, _)| m.size()).sum();
-        let staged_bytes = self.bytes.load(Ordering::Acquire);
-        if staged > 0
-            && (staged + entries.len() > shared.config.max_buffered_messages
-                || staged_bytes + bytes > shared.config.max_buffered_bytes)
-        {
+        let held_bytes = self.bytes.load(Ordering::Acquire);
+        let over = held > 0
+            && (held + entries.len() > shared.config.max_buffered_messages
+                || held_bytes + bytes > shared.config.max_buffered_bytes);
+        let spill = self.reads_back && (over || spilled > 0);
+        if over && !spill {
             return Err(NotStored {
                 entries,
                 reason: FailureReason::BufferFull,
@@ -127,14 +285,24 @@ impl Stage {
                 })
             }
         };
+        drop(messages);
         let n = entries.len();
-        self.bytes.fetch_add(bytes, Ordering::AcqRel);
         shared.accept_stored(n);
+        if spill {
+            self.spilled.fetch_add(n, Ordering::AcqRel);
+        } else {
+            self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        }
         let entries = entries
             .into_iter()
             .zip(submitted.tokens)
             .map(|((msg, done), token)| (msg, done, token))
             .collect();
+        let entries = if spill {
+            Entries::Spilling(entries)
+        } else {
+            Entries::Held(entries)
+        };
         // The receiver lives as long as `shared` (the admitter holds it): a send cannot fail
         // while this stage's sender is in place.
         let _queued = tx.send(Pending {
@@ -165,24 +333,184 @@ fn recovery_done(shared: &Shared) {
 }
 
 /// The admitter: first what the store recovered, then every submission in order, each once
-/// durable, into the buffer as room frees. Ends when the stage is closed and its queue empty.
+/// durable (the confirmer's part), into the buffer as room frees. Ends when the stage is
+/// closed and its queue empty.
 pub(crate) async fn run_admitter(
     shared: Arc<Shared>,
     store: Arc<dyn Store>,
-    mut queue: mpsc::UnboundedReceiver<Pending>,
+    queue: mpsc::UnboundedReceiver<Pending>,
 ) {
+    let (ready_tx, mut ready) = mpsc::unbounded_channel();
+    tokio::spawn(run_confirmer(shared.clone(), queue, ready_tx));
     recover(&shared, &store).await;
     recovery_done(&shared);
+    let mut ahead = VecDeque::new();
+    while let Some(confirmed) = ready.recv().await {
+        match confirmed {
+            Ready::Held(entries) => admit_all(&shared, entries).await,
+            Ready::Spilled(spilled) => {
+                admit_spilled(&shared, &store, &mut ahead, spilled).await;
+            }
+        }
+    }
+}
+
+/// The confirmer: waits for each submission to be durable, in order, and tells its
+/// submitter; drops the bodies of spilled messages then; passes the submission on to the
+/// admitter, or fails it if the store could not make it durable. It never waits for the
+/// buffer: a sender is answered as soon as its message is durable, however long the
+/// pipeline is stalled.
+async fn run_confirmer(
+    shared: Arc<Shared>,
+    mut queue: mpsc::UnboundedReceiver<Pending>,
+    ready: mpsc::UnboundedSender<Ready>,
+) {
     while let Some(pending) = queue.recv().await {
         let result = pending.durable.await;
         if let Some(tx) = pending.accepted {
             let _told = tx.send(result.clone());
         }
-        match result {
-            Ok(()) => admit_all(&shared, pending.entries).await,
-            Err(e) => fail_unstored(&shared, pending.entries, &e),
-        }
+        let confirmed = match (result, pending.entries) {
+            (Ok(()), Entries::Held(entries)) => Ready::Held(entries),
+            (Ok(()), Entries::Spilling(entries)) => Ready::Spilled(Spilled::new(entries)),
+            (Err(e), entries) => {
+                fail_unstored(&shared, entries, &e);
+                continue;
+            }
+        };
+        // The admitter lives as long as this sender (it ends when this task does).
+        let _queued = ready.send(confirmed);
     }
+}
+
+/// Reads spilled messages back from the store, a batch at a time (`ahead` keeps what a read
+/// returned beyond this submission's messages), and admits them in order. A message the
+/// store cannot give back is handed back as failed.
+async fn admit_spilled(
+    shared: &Arc<Shared>,
+    store: &Arc<dyn Store>,
+    ahead: &mut VecDeque<(StoreToken, Message)>,
+    spilled: Spilled,
+) {
+    const READ: usize = 1024;
+    let mut spilled = spilled;
+    let count = spilled.tokens.len();
+    let mut next = 0;
+    while next < count {
+        if ahead.is_empty() {
+            let want = (count - next).min(READ);
+            match read_back(store, spilled.tokens.get(next), want).await {
+                Ok(batch) => ahead.extend(batch),
+                Err(e) => {
+                    // What is left of this submission cannot be read: handed back, and left
+                    // in the store (the next producer on it tries again).
+                    let lost = (next..count).map(|_| unreadable(&mut spilled, e.clone()));
+                    fail_unreadable(shared, store, lost.collect());
+                    return;
+                }
+            }
+        }
+        let mut entries = Vec::new();
+        let mut lost = Vec::new();
+        let mut bytes = 0;
+        while next < count {
+            let Some(&(token, _)) = ahead.front() else {
+                break;
+            };
+            let wanted = spilled.tokens.get(next);
+            if token < wanted {
+                // Not one of the spilled (held in memory): not needed.
+                ahead.pop_front();
+                continue;
+            }
+            next += 1;
+            if token > wanted {
+                let e = StoreError::failed(format!(
+                    "{} could not give the message back (a damaged record)",
+                    store.describe()
+                ));
+                lost.push(unreadable(&mut spilled, e));
+                continue;
+            }
+            let (token, mut msg) = ahead.pop_front().expect("looked at");
+            bytes += msg.size();
+            let done = spilled.next_done(&mut msg);
+            entries.push((msg, done, token));
+        }
+        if let Some(stage) = &shared.stage {
+            stage
+                .spilled
+                .fetch_sub(entries.len() + lost.len(), Ordering::AcqRel);
+            stage.bytes.fetch_add(bytes, Ordering::AcqRel);
+        }
+        if !lost.is_empty() {
+            fail_unreadable(shared, store, lost);
+        }
+        admit_all(shared, entries).await;
+    }
+}
+
+/// Up to `max` stored messages from `first` on, waiting (a while) for the store to have any:
+/// spilled messages are durable, so it has, unless it lost them. An error when it cannot
+/// read, or gives nothing for long.
+async fn read_back(
+    store: &Arc<dyn Store>,
+    first: StoreToken,
+    max: usize,
+) -> Result<Vec<(StoreToken, Message)>, StoreError> {
+    const TRIES: u32 = 50;
+    let mut last = None;
+    for attempt in 0..TRIES {
+        let reader = store.clone();
+        match tokio::task::spawn_blocking(move || reader.read_from(first, max)).await {
+            Ok(Ok(batch)) if !batch.is_empty() => return Ok(batch),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => last = Some(e),
+            Err(e) => last = Some(StoreError::failed(format!("reading back failed: {e}"))),
+        }
+        tokio::time::sleep(Duration::from_millis(20) * attempt.min(10)).await;
+    }
+    Err(last.unwrap_or_else(|| {
+        StoreError::failed(format!(
+            "{} gave nothing back from token {first} on (a damaged record?)",
+            store.describe()
+        ))
+    }))
+}
+
+/// The next spilled message, which the store could not give back: an empty message (its body
+/// is what could not be read), its completion and why.
+fn unreadable(spilled: &mut Spilled, e: StoreError) -> (Message, Completion, StoreError) {
+    let mut msg = Message::new("", bytes::Bytes::new());
+    let done = spilled.next_done(&mut msg);
+    (msg, done, e)
+}
+
+/// Hands back spilled messages the store could not give back, failed with the store's error.
+/// Not settled: the store keeps what it has of them, and reports any damage itself.
+fn fail_unreadable(
+    shared: &Shared,
+    store: &Arc<dyn Store>,
+    lost: Vec<(Message, Completion, StoreError)>,
+) {
+    if let Some(stage) = &shared.stage {
+        stage.spilled.fetch_sub(lost.len(), Ordering::AcqRel);
+    }
+    tracing::error!(
+        store = %store.describe(),
+        messages = lost.len(),
+        "messages accepted into the store could not be read back from it: handed back as failed"
+    );
+    {
+        let mut st = shared.lock();
+        st.staged -= lost.len();
+    }
+    let ended = lost
+        .into_iter()
+        .map(|(msg, done, e)| (msg, done, FailureReason::Store(e), false))
+        .collect();
+    end_unadmitted(shared, ended);
+    shared.wake.notify_one();
 }
 
 /// Sends what an earlier run left in the store, before anything new. Failures go to the
@@ -301,11 +629,19 @@ async fn admit_all(shared: &Shared, entries: Vec<(Message, Completion, StoreToke
 }
 
 /// Fails messages the store could not make durable: they were never accepted.
-fn fail_unstored(shared: &Shared, entries: Vec<(Message, Completion, StoreToken)>, e: &StoreError) {
-    if let Some(stage) = &shared.stage {
-        let bytes: usize = entries.iter().map(|(m, _, _)| m.size()).sum();
-        stage.bytes.fetch_sub(bytes, Ordering::AcqRel);
-    }
+fn fail_unstored(shared: &Shared, entries: Entries, e: &StoreError) {
+    let entries = match (entries, &shared.stage) {
+        (Entries::Held(entries), Some(stage)) => {
+            let bytes: usize = entries.iter().map(|(m, _, _)| m.size()).sum();
+            stage.bytes.fetch_sub(bytes, Ordering::AcqRel);
+            entries
+        }
+        (Entries::Spilling(entries), Some(stage)) => {
+            stage.spilled.fetch_sub(entries.len(), Ordering::AcqRel);
+            entries
+        }
+        (Entries::Held(entries) | Entries::Spilling(entries), None) => entries,
+    };
     {
         let mut st = shared.lock();
         st.staged -= entries.len();
