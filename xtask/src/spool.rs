@@ -23,7 +23,16 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
     example("producer", &with_kafka, &kafka_json)?;
     drop(broker);
     let memory_json = out.join("spool-memory.json");
-    let recovering = ["--messages", &messages, "--recover", "1000000"];
+    let recovering = [
+        "--messages",
+        &messages,
+        "--recover",
+        "1000000",
+        "--outage",
+        "250000",
+        "--outage",
+        "2000000",
+    ];
     example("producer", &recovering, &memory_json)?;
     let stores_json = out.join("spool-stores.json");
     example("stores", &[], &stores_json)?;
@@ -69,6 +78,19 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
         mib("rss_peak_bytes"),
         mib("rss_peak_bytes") - mib("rss_before_bytes"),
     ));
+    for o in memory["outage"].as_array().context("outage")? {
+        let mib = |k: &str| o[k].as_f64().unwrap_or(0.0) / f64::from(1 << 20);
+        body.push_str(&format!(
+            "\nMemory during an outage: {} messages of 100 B given to `send_all` (buffer: the default 100 000) while the broker stalled, accepted at {} msgs/s, then delivered: resident memory {:.0} MiB before, {:.0} MiB at most while they were accepted (+{:.0} MiB), {:.0} MiB at most until they were delivered (+{:.0} MiB).\n",
+            o["messages"],
+            thousands(o["accepted_per_sec"].as_f64().unwrap_or(0.0)),
+            mib("rss_before_bytes"),
+            mib("rss_peak_accepting_bytes"),
+            mib("rss_peak_accepting_bytes") - mib("rss_before_bytes"),
+            mib("rss_peak_delivering_bytes"),
+            mib("rss_peak_delivering_bytes") - mib("rss_before_bytes"),
+        ));
+    }
     body.push_str("\nStorage candidates (`crates/herald-spool/examples/stores.rs`): group-commit appends per second, each append returning once fsynced, median of 3 runs with the candidates alternating; redb given the same group commit by a writer thread (one transaction, one fsync, per group).\n\n| message | appenders | spool (segment log) | redb | spool / redb |\n|---|---:|---:|---:|---:|\n");
     for r in stores["appends"].as_array().context("appends")? {
         let (s, d) = (

@@ -45,9 +45,9 @@ struct Args {
     #[arg(long)]
     recover: Option<usize>,
     /// Also measure memory while this many messages are accepted with the broker stalled
-    /// (they wait in the spool) and then delivered.
+    /// (they wait in the spool) and then delivered; repeat for several sizes.
     #[arg(long)]
-    outage: Option<usize>,
+    outage: Vec<usize>,
     /// Write the figures here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -321,7 +321,7 @@ fn main() {
             "rss_peak_bytes": peak,
         })
     });
-    let outage = args.outage.map(|m| {
+    let outage: Vec<_> = args.outage.iter().map(|&m| {
         let (before, accepting, delivering, rate) = outage(&rt, &base, m);
         let mib = |b: u64| b as f64 / f64::from(1 << 20);
         println!(
@@ -339,7 +339,7 @@ fn main() {
             "rss_peak_accepting_bytes": accepting,
             "rss_peak_delivering_bytes": delivering,
         })
-    });
+    }).collect();
     if let Some(path) = &args.json {
         let out = json!({
             "messages": n,
