@@ -5,11 +5,18 @@
 //! (backpressure), and the message's `DeliveryFuture` goes into a bounded channel to the
 //! collector task, which awaits them in order. Memory stays bounded whatever the input's size:
 //! the producer's buffer, the window, and a fixed-size latency histogram.
+//!
+//! With a spool ([`Engine::start_spooled`]) there is no window: the spool bounds what waits,
+//! and fates come through a sink (`Producer::enqueue_tagged`, tagged with the input line), in
+//! the order they happen, so that a waiting message costs no memory of its own.
 
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use herald::{Delivery, DeliveryFuture, Destination, Message, Producer, SendError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use herald::{Delivery, DeliveryFuture, Destination, FateSink, Message, Producer, SendError};
 use indicatif::ProgressBar;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -169,6 +176,8 @@ pub(crate) struct Collector {
     pub(crate) spool: bool,
     /// Some fates were not waited for (the run was interrupted and its grace period ended).
     stopped_waiting: bool,
+    /// Fates that came through a spooled engine's sink.
+    seen: u64,
 }
 
 impl Collector {
@@ -181,6 +190,7 @@ impl Collector {
             destination,
             spool: false,
             stopped_waiting: false,
+            seen: 0,
         }
     }
 
@@ -262,20 +272,31 @@ impl Collector {
 
 enum Pending {
     /// A message accepted by the producer, and a copy of it when the engine keeps copies
-    /// (boxed: without copies, as with a spool, a waiting message takes a few words).
+    /// (boxed: a slot without one takes a few words).
     Sent(u64, DeliveryFuture, Option<Box<Message>>),
     Refused(u64, SendError),
     Malformed(u64, Vec<u8>, String),
 }
 
+/// A fate reported through the sink of a spooled engine: (input line, outcome).
+type Fate = (u64, Result<Delivery, SendError>);
+
 /// A producer with its collector task.
 pub(crate) struct Engine {
     producer: Producer,
     tx: mpsc::Sender<Pending>,
-    collector: JoinHandle<Collector>,
+    collector: JoinHandle<(Collector, Option<mpsc::UnboundedReceiver<Fate>>)>,
     /// Keep a copy of each message until its fate is known, to record it if the wait is cut off.
     copies: bool,
     cut_off: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    /// With a spool: where fates go, and how many messages were accepted.
+    spooled: Option<Spooled>,
+}
+
+/// The sink side of a spooled engine.
+struct Spooled {
+    sink: Arc<dyn FateSink>,
+    accepted: Arc<AtomicU64>,
 }
 
 impl Engine {
@@ -315,7 +336,7 @@ impl Engine {
                     }
                 }
             }
-            collector
+            (collector, None)
         });
         Self {
             producer,
@@ -323,6 +344,74 @@ impl Engine {
             collector,
             copies: false,
             cut_off,
+            spooled: None,
+        }
+    }
+
+    /// Starts the collector for a producer with a spool: no window (the spool bounds what
+    /// waits, and `send_many` waits while it is full), no copies (what is cut off stays in the
+    /// spool), and fates through a sink as they happen, so that a waiting message costs no
+    /// memory here. The collector ends once every accepted message's fate is in and the
+    /// engine is finished (the sink's last clone gone), or at a cut-off.
+    pub(crate) fn start_spooled(producer: Producer, mut collector: Collector) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Pending>(1024);
+        let (fates_tx, mut fates) = mpsc::unbounded_channel::<Fate>();
+        let sink: Arc<dyn FateSink> = Arc::new(move |line, outcome| {
+            // The collector gone (cut off): what comes late is read by `finish`.
+            let _sent = fates_tx.send((line, outcome));
+        });
+        let accepted = Arc::new(AtomicU64::new(0));
+        let cut_off = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
+        let mut cut = cut_off.subscribe();
+        let collector = tokio::spawn(async move {
+            // Fates seen, and whether the wait for the rest was cut off.
+            let mut seen = 0u64;
+            let mut cut_now = false;
+            let mut control_open = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    fate = fates.recv(), if !cut_now => match fate {
+                        Some((line, outcome)) => {
+                            seen += 1;
+                            match outcome {
+                                Ok(d) => collector.delivered(line, &d),
+                                Err(e) => collector.failed(Some(line), &e),
+                            }
+                        }
+                        // Every accepted message's fate is in, and the engine is finished.
+                        None => break,
+                    },
+                    p = rx.recv(), if control_open => match p {
+                        Some(Pending::Refused(line, e)) => collector.failed(Some(line), &e),
+                        Some(Pending::Malformed(line, raw, error)) => {
+                            collector.malformed(line, &raw, &error);
+                        }
+                        Some(Pending::Sent(line, ..)) => {
+                            unreachable!("line {line}: a spooled engine takes no futures")
+                        }
+                        None if cut_now => break,
+                        None => control_open = false,
+                    },
+                    // What has no fate yet stays in the spool: `finish` counts it.
+                    Ok(()) = async { cut.wait_for(|c| *c).await.map(|_| ()) }, if !cut_now => {
+                        cut_now = true;
+                        if !control_open {
+                            break;
+                        }
+                    }
+                }
+            }
+            collector.seen = seen;
+            (collector, cut_now.then_some(fates))
+        });
+        Self {
+            producer,
+            tx,
+            collector,
+            copies: false,
+            cut_off,
+            spooled: Some(Spooled { sink, accepted }),
         }
     }
 
@@ -348,6 +437,9 @@ impl Engine {
 
     /// Sends `msg` (input line `line`), waiting for buffer space.
     pub(crate) async fn send(&self, line: u64, msg: Message) -> anyhow::Result<()> {
+        if self.spooled.is_some() {
+            return self.send_many(vec![(line, msg)]).await;
+        }
         let copy = self.copies.then(|| Box::new(msg.clone()));
         let p = match self.producer.enqueue(msg).await {
             Ok(fut) => Pending::Sent(line, fut, copy),
@@ -359,6 +451,17 @@ impl Engine {
     /// Sends messages (input line, message) in order, waiting for buffer space: one
     /// `Producer::enqueue_many`, so that with a spool they are stored with one write.
     pub(crate) async fn send_many(&self, msgs: Vec<(u64, Message)>) -> anyhow::Result<()> {
+        if let Some(spooled) = &self.spooled {
+            let n = msgs.len() as u64;
+            let refused = self.producer.enqueue_tagged(msgs, &spooled.sink).await;
+            spooled
+                .accepted
+                .fetch_add(n - refused.len() as u64, Ordering::AcqRel);
+            for (line, e) in refused {
+                self.push(Pending::Refused(line, e)).await?;
+            }
+            return Ok(());
+        }
         let mut lines = Vec::with_capacity(msgs.len());
         let mut copies = Vec::with_capacity(msgs.len());
         let mut batch = Vec::with_capacity(msgs.len());
@@ -398,10 +501,35 @@ impl Engine {
             producer,
             tx,
             collector,
+            spooled,
             ..
         } = self;
         drop(tx);
-        let mut collector = collector.await.context("the collector task failed")?;
+        // The collector of a spooled engine ends once the sink's last clone is gone.
+        let accepted = spooled.map(|s| s.accepted.load(Ordering::Acquire));
+        let (mut collector, late) = collector.await.context("the collector task failed")?;
+        if let (Some(accepted), Some(mut late)) = (accepted, late) {
+            // Cut off: what has no fate yet stays in the spool. Fates that arrive meanwhile
+            // are read once the producer is closed: one that failed for its own reason
+            // (rejected, say) left the spool with its error, and is recorded, not kept.
+            for _ in collector.seen..accepted {
+                collector.stopped_waiting = true;
+                collector.kept();
+            }
+            let late_unclaimed = producer.close(Duration::ZERO).await;
+            while let Ok((line, outcome)) = late.try_recv() {
+                if let Err(e) = outcome {
+                    if !e.is_kept_in_store() {
+                        collector.tally.kept = collector.tally.kept.saturating_sub(1);
+                        collector.failed(Some(line), &e);
+                    }
+                }
+            }
+            for e in &late_unclaimed.unclaimed {
+                collector.failed(None, e);
+            }
+            return Ok((collector, producer));
+        }
         if collector.stopped_waiting {
             // The messages not waited for are recorded already (dead-lettered with their copy,
             // or, with a spool, counted as kept); those of them that fail later would come back

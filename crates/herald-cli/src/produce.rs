@@ -236,9 +236,10 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
     }
     // Without a spool, at most a buffer's worth waits for its fate beyond the buffer, each
     // with a copy to dead-letter if the wait is cut off. With one, the spool bounds what
-    // waits (its messages wait there, not in memory; what is cut off stays in it): no copies.
+    // waits (its messages wait there, not in memory; what is cut off stays in it): no copies,
+    // and no future per message.
     let engine = if args.spool.is_some() {
-        Engine::start(session.producer.clone(), usize::MAX, collector)
+        Engine::start_spooled(session.producer.clone(), collector)
     } else {
         Engine::start(
             session.producer.clone(),

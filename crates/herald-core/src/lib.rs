@@ -37,8 +37,8 @@ pub use message::{Destination, Header, InvalidMessageId, Message, MessageId};
 #[allow(deprecated)]
 pub use producer::DeadLetterHook;
 pub use producer::{
-    BulkReceipt, BulkReport, CloseReport, Delivery, DeliveryFuture, OrderingMode, Producer,
-    ProducerBuilder, ProducerStats, Totals, UnclaimedHook,
+    BulkReceipt, BulkReport, CloseReport, Delivery, DeliveryFuture, FateSink, OrderingMode,
+    Producer, ProducerBuilder, ProducerStats, Totals, UnclaimedHook,
 };
 pub use store::{Durable, Store, StoreError, StoreToken, StoreUsage, Submitted};
 pub use transport::{Ack, BatchOutcome, Transport, Turn, Turns};

@@ -298,6 +298,65 @@ async fn beyond_a_buffers_worth_accepted_messages_wait_in_the_spool_not_in_memor
     std::fs::remove_dir_all(&d).expect("cleanup");
 }
 
+/// `enqueue_tagged` through a spool with the broker stalled: accepted beyond a buffer's worth
+/// like the rest (their bodies dropped once durable), and every fate reaches the sink once,
+/// with its tag, once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagged_messages_spill_and_every_fate_reaches_the_sink_once() {
+    use herald_core::{Delivery, FateSink, SendError};
+    use herald_spool::ProducerBuilderExt as _;
+    use std::sync::{Arc, Mutex};
+    const N: u64 = 5_000;
+    let d = dir("tagged");
+    let t = MemoryTransport::new();
+    t.hold();
+    let p = Producer::builder(t.clone())
+        .buffer(100, 1 << 20)
+        .spool(SpoolConfig::new(&d))
+        .expect("spool")
+        .build()
+        .expect("producer");
+    let fates: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let sink: Arc<dyn FateSink> = {
+        let fates = fates.clone();
+        Arc::new(move |tag: u64, outcome: Result<Delivery, SendError>| {
+            outcome.expect("delivered");
+            fates.lock().expect("fates").push(tag);
+        })
+    };
+    for chunk in (0..N).collect::<Vec<_>>().chunks(500) {
+        let msgs = chunk
+            .iter()
+            .map(|&i| (1_000 + i, Message::new("t", format!("m-{i}"))))
+            .collect();
+        let refused = tokio::time::timeout(Duration::from_secs(60), p.enqueue_tagged(msgs, &sink))
+            .await
+            .expect("accepted into the spool, not waiting for the stalled broker");
+        assert!(refused.is_empty(), "{refused:?}");
+    }
+    assert_eq!(
+        inspect(&d).expect("inspect").stats.pending_messages,
+        N,
+        "all in the spool"
+    );
+    t.release();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while fates.lock().expect("fates").len() < N as usize {
+        assert!(std::time::Instant::now() < deadline, "fates missing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = p.close(Duration::from_secs(10)).await;
+    assert!(report.drained && report.unclaimed.is_empty(), "{report:?}");
+    let got = fates.lock().expect("fates").clone();
+    assert_eq!(
+        got,
+        (1_000..1_000 + N).collect::<Vec<_>>(),
+        "each tag once, in order (no key: one lane)"
+    );
+    drop(p);
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}
+
 /// A spilled message whose record is damaged on disk before it is read back is handed back as
 /// failed (the store's error, an empty payload: its body is what was lost); every other
 /// message is delivered.

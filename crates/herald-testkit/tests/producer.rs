@@ -1320,3 +1320,60 @@ async fn batches_in_flight_together_count_once_against_the_circuit_breaker() {
         "the retries did not wait for an open circuit"
     );
 }
+
+/// `enqueue_tagged` without a store: each accepted message's fate reaches the sink once, with
+/// its tag (a rejection included); a message refused at the door comes back from the call
+/// with its tag and never reaches the sink; a panicking sink does not lose a failure.
+#[tokio::test(start_paused = true)]
+async fn enqueue_tagged_reports_each_fate_once_with_its_tag() {
+    let t = MemoryTransport::new();
+    t.reject_payload_prefix("bad");
+    let p = Producer::builder(t.clone())
+        .max_message_bytes(1024)
+        .build()
+        .expect("producer");
+    let fates: Arc<Mutex<Vec<(u64, Result<(), String>)>>> = Arc::default();
+    let sink: Arc<dyn herald_core::FateSink> = {
+        let fates = fates.clone();
+        Arc::new(
+            move |tag: u64, outcome: Result<herald_core::Delivery, SendError>| {
+                if tag == 99 {
+                    panic!("a sink that panics");
+                }
+                let outcome = outcome.map(|_| ()).map_err(|e| e.to_string());
+                fates.lock().expect("fates").push((tag, outcome));
+            },
+        )
+    };
+    let mut msgs: Vec<(u64, Message)> = (0..10u64).map(|i| (i, msg(i as usize))).collect();
+    msgs.push((10, Message::new("t", "bad one")));
+    msgs.push((11, Message::new("t", vec![b'x'; 2048])));
+    msgs.push((99, Message::new("t", "bad for the panicking sink")));
+    let refused = p.enqueue_tagged(msgs, &sink).await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, 11);
+    assert!(matches!(
+        refused[0].1.reason(),
+        FailureReason::TooLarge { .. }
+    ));
+    eventually(Duration::from_secs(10), "every fate", || {
+        fates.lock().expect("fates").len() == 11
+    })
+    .await;
+    let mut got = fates.lock().expect("fates").clone();
+    got.sort_by_key(|(tag, _)| *tag);
+    let tags: Vec<u64> = got.iter().map(|(tag, _)| *tag).collect();
+    assert_eq!(tags, (0..=10).collect::<Vec<_>>(), "each once");
+    assert!(got[..10].iter().all(|(_, o)| o.is_ok()), "{got:?}");
+    assert!(got[10].1.is_err(), "the rejected one: {got:?}");
+    let report = p.close(Duration::from_secs(10)).await;
+    assert_eq!(
+        report.unclaimed.len(),
+        1,
+        "the failure the sink panicked on is kept: {report:?}"
+    );
+    assert_eq!(
+        report.unclaimed[0].message().payload().as_ref(),
+        b"bad for the panicking sink"
+    );
+}

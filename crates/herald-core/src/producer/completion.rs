@@ -183,6 +183,8 @@ impl Group {
 pub(crate) enum Completion {
     One(oneshot::Sender<Outcome>),
     Group(Arc<Group>),
+    /// [`crate::Producer::enqueue_tagged`]: the sink, and the caller's tag for the message.
+    Tagged(Arc<dyn FateSink>, u64),
 }
 
 impl Completion {
@@ -194,7 +196,40 @@ impl Completion {
                 }
             }
             Completion::Group(g) => g.end(outcome),
+            Completion::Tagged(sink, tag) => match outcome {
+                Ok(d) => {
+                    // A panicking sink loses only the news of a delivery.
+                    let _contained = contain(|| sink.fate(tag, Ok(d)));
+                }
+                Err(e) => {
+                    // A failure the sink could not take (it panicked) is kept for `close`.
+                    if contain(|| sink.fate(tag, Err(e.clone()))).is_err() {
+                        unclaimed.put(e);
+                    }
+                }
+            },
         }
+    }
+}
+
+/// Where [`crate::Producer::enqueue_tagged`] reports each message's fate: once per message,
+/// with the tag the caller gave it, from one of the producer's tasks (keep it short: count, or
+/// send it on to a channel). A closure `Fn(u64, Result<Delivery, SendError>)` is one.
+///
+/// A sink instead of a future per message holds no memory per waiting message: with a
+/// [store](crate::ProducerBuilder::store), millions can wait in it during an outage at the
+/// cost of a few bytes each, or none for consecutive tags.
+pub trait FateSink: Send + Sync + 'static {
+    /// The fate of the message tagged `tag`: delivered, or handed back with why not.
+    fn fate(&self, tag: u64, outcome: Result<Delivery, SendError>);
+}
+
+impl<F> FateSink for F
+where
+    F: Fn(u64, Result<Delivery, SendError>) + Send + Sync + 'static,
+{
+    fn fate(&self, tag: u64, outcome: Result<Delivery, SendError>) {
+        self(tag, outcome);
     }
 }
 

@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 pub use builder::ProducerBuilder;
 #[allow(deprecated)]
 pub use completion::DeadLetterHook;
-pub use completion::{BulkReceipt, BulkReport, Delivery, DeliveryFuture, UnclaimedHook};
+pub use completion::{BulkReceipt, BulkReport, Delivery, DeliveryFuture, FateSink, UnclaimedHook};
 pub use order::OrderingMode;
 pub use state::Totals;
 
@@ -209,13 +209,20 @@ impl Producer {
             return self.enqueue_stored(stage, msg).await;
         }
         let (tx, rx) = oneshot::channel();
+        self.push_waiting(msg, Completion::One(tx)).await?;
+        Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone()))
+    }
+
+    /// Puts one message into the buffer (no store), waiting for space.
+    #[allow(clippy::result_large_err)] // handed straight back to the caller
+    async fn push_waiting(&self, msg: Message, done: Completion) -> Result<(), SendError> {
         let mut msg = msg;
-        let mut done = Completion::One(tx);
+        let mut done = done;
         loop {
             let mut space = pin!(self.shared().space.notified());
             space.as_mut().enable();
             match self.push_one(msg, done) {
-                Ok(()) => return Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone())),
+                Ok(()) => return Ok(()),
                 Err(Refused {
                     msg: m,
                     done: d,
@@ -288,6 +295,61 @@ impl Producer {
         out.into_iter()
             .map(|o| o.expect("every message answered"))
             .collect()
+    }
+
+    /// [`Producer::enqueue_many`] with the fates going to `sink` instead of a future each:
+    /// every accepted message's fate reaches `sink` once, with the tag it is given here.
+    /// Returns, once every message is accepted or refused, the refused ones with their tags
+    /// (too large, producer closed, a store that cannot take them): `sink` hears nothing of
+    /// those. A message a store takes but fails to make durable reaches `sink` as failed
+    /// ([`FailureReason::Store`]).
+    ///
+    /// For long streams through a [store](ProducerBuilder::store): a waiting message then
+    /// costs no future, and a run of consecutive tags waiting in the store costs next to
+    /// nothing, so memory stays flat however many wait (the `herald` command uses it with
+    /// `--spool`). Messages given in one call are stored with one write, as with
+    /// `enqueue_many`.
+    pub async fn enqueue_tagged(
+        &self,
+        msgs: Vec<(u64, Message)>,
+        sink: &Arc<dyn FateSink>,
+    ) -> Vec<(u64, SendError)> {
+        let mut refused = Vec::new();
+        let Some(stage) = &self.shared().stage else {
+            for (tag, msg) in msgs {
+                let done = Completion::Tagged(sink.clone(), tag);
+                if let Err(e) = self.push_waiting(self.traced(msg), done).await {
+                    refused.push((tag, e));
+                }
+            }
+            return refused;
+        };
+        let mut entries = Vec::with_capacity(msgs.len());
+        let mut tags = Vec::with_capacity(msgs.len());
+        for (tag, msg) in msgs {
+            match self.check_size(self.traced(msg)) {
+                Ok(msg) => {
+                    entries.push((msg, Completion::Tagged(sink.clone(), tag)));
+                    tags.push(tag);
+                }
+                Err(e) => refused.push((tag, e)),
+            }
+        }
+        if entries.is_empty() {
+            return refused;
+        }
+        let (durable_tx, durable_rx) = oneshot::channel();
+        match self.submit_waiting(stage, entries, Some(durable_tx)).await {
+            Err(not) => {
+                for (tag, (msg, _)) in tags.into_iter().zip(not.entries) {
+                    self.shared().count_refused(&not.reason);
+                    refused.push((tag, SendError::new(msg, not.reason.clone(), 0)));
+                }
+            }
+            // Durable or not, each message's fate goes to the sink (a store's failure too).
+            Ok(()) => drop(durable_rx.await),
+        }
+        refused
     }
 
     /// Puts one message into the buffer without waiting. A full buffer, a closed producer or an

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::completion::{BulkReceipt, Completion, Group};
+use super::completion::{BulkReceipt, Completion, FateSink, Group};
 use super::state::Shared;
 use crate::error::{FailureReason, SendError};
 use crate::message::{Message, MessageId};
@@ -135,23 +135,42 @@ impl Tokens {
     }
 }
 
-/// Completions of spilled messages: one group for all (a `send_all` chunk), else each.
+/// Completions of spilled messages: one group for all (a `send_all` chunk), one sink with
+/// consecutive tags (`enqueue_tagged`), else each.
 enum Dones {
     Group(Arc<Group>, usize),
+    Tagged {
+        sink: Arc<dyn FateSink>,
+        next: u64,
+        left: usize,
+    },
     Each(std::vec::IntoIter<Completion>),
 }
 
 impl Dones {
     fn new(dones: Vec<Completion>) -> Self {
-        if let Some(Completion::Group(first)) = dones.first() {
-            let shared = dones
-                .iter()
-                .all(|d| matches!(d, Completion::Group(g) if Arc::ptr_eq(g, first)));
-            if shared {
-                return Dones::Group(first.clone(), dones.len());
+        match dones.first() {
+            Some(Completion::Group(first))
+                if dones
+                    .iter()
+                    .all(|d| matches!(d, Completion::Group(g) if Arc::ptr_eq(g, first))) =>
+            {
+                Dones::Group(first.clone(), dones.len())
             }
+            Some(Completion::Tagged(first, tag))
+                if dones.iter().enumerate().all(|(i, d)| {
+                    matches!(d, Completion::Tagged(s, t)
+                        if Arc::ptr_eq(s, first) && Some(*t) == tag.checked_add(i as u64))
+                }) =>
+            {
+                Dones::Tagged {
+                    sink: first.clone(),
+                    next: *tag,
+                    left: dones.len(),
+                }
+            }
+            _ => Dones::Each(dones.into_iter()),
         }
-        Dones::Each(dones.into_iter())
     }
 }
 
@@ -159,10 +178,15 @@ impl Iterator for Dones {
     type Item = Completion;
     fn next(&mut self) -> Option<Completion> {
         match self {
-            Dones::Group(_, 0) => None,
+            Dones::Group(_, 0) | Dones::Tagged { left: 0, .. } => None,
             Dones::Group(g, n) => {
                 *n -= 1;
                 Some(Completion::Group(g.clone()))
+            }
+            Dones::Tagged { sink, next, left } => {
+                *left -= 1;
+                *next += 1;
+                Some(Completion::Tagged(sink.clone(), *next - 1))
             }
             Dones::Each(each) => each.next(),
         }
