@@ -1332,7 +1332,8 @@ async fn enqueue_tagged_reports_each_fate_once_with_its_tag() {
         .max_message_bytes(1024)
         .build()
         .expect("producer");
-    let fates: Arc<Mutex<Vec<(u64, Result<(), String>)>>> = Arc::default();
+    type Fates = Vec<(u64, Result<(), String>)>;
+    let fates: Arc<Mutex<Fates>> = Arc::default();
     let sink: Arc<dyn herald_core::FateSink> = {
         let fates = fates.clone();
         Arc::new(
