@@ -47,6 +47,8 @@ struct Flow {
 /// One live connection.
 pub(crate) struct Live {
     pub(crate) conn: MultiplexedConnection,
+    /// This connection's path number (see `herald_core::Turn::enter`).
+    pub(crate) path: u64,
     /// A batch found it broken (or gave up on it): no batch uses it any more.
     lost: AtomicBool,
 }
@@ -68,6 +70,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: RedisMetrics,
     /// `redis://host:port` (no credentials), for messages.
     pub(crate) server: String,
+    /// The order in which calls of one stream hand their pipelines to the connection.
+    pub(crate) turns: herald_core::Turns,
 }
 
 /// The redis-rs client for `config`: address, TLS (the system's roots, or the CA file), user,
@@ -139,6 +143,7 @@ impl Inner {
             rotation,
             flow: Flow::default(),
             metrics,
+            turns: herald_core::Turns::default(),
         })
     }
 
@@ -220,6 +225,7 @@ impl Inner {
             .map_err(|e| classify_connect(&e, &self.server))?;
         Ok(Arc::new(Live {
             conn,
+            path: herald_core::Turns::fresh_path(),
             lost: AtomicBool::new(false),
         }))
     }

@@ -16,7 +16,11 @@
 //! The `h:` prefix keeps header names apart from `payload`, `key` and `id`, whatever the
 //! headers are called: a header named `payload` is the field `h:payload`.
 
-use herald_core::{Ack, BatchOutcome, Destination, Message, TransportError};
+use std::future::Future as _;
+use std::pin::pin;
+use std::task::Poll;
+
+use herald_core::{Ack, BatchOutcome, Destination, Message, TransportError, Turn};
 use redis::{Cmd, Pipeline, Value};
 
 use crate::config::RedisConfig;
@@ -114,17 +118,45 @@ pub(crate) async fn send_batch(
     destination: &Destination,
     batch: &[Message],
 ) -> BatchOutcome {
+    // The stream's turn first, before any other await: calls of one stream hand their
+    // pipelines over in the order herald started them (see
+    // `Transport::keeps_order_across_calls`), and wait for their replies side by side.
+    let mut turn = inner.turns.take(destination).await;
+    let outcomes = send_in_turn(inner, &mut turn, destination, batch).await;
+    turn.finish(batch, &outcomes);
+    outcomes
+}
+
+/// [`send_batch`] in the stream's turn.
+async fn send_in_turn(
+    inner: &Inner,
+    turn: &mut Turn,
+    destination: &Destination,
+    batch: &[Message],
+) -> BatchOutcome {
     inner.in_use();
+    let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
     let stream = match destination::parse(destination) {
         Ok(s) => s,
-        Err(e) => return batch.iter().map(|_| Err(e.clone())).collect(),
+        Err(e) => return fail_all(e),
     };
+    let live = match inner.live().await {
+        Ok(l) => l,
+        Err(e) => return fail_all(e),
+    };
+    // Not sent: keys that failed in the calls before, if this call is on a new connection.
+    let hold = turn.enter(live.path).await;
     let config = &inner.config;
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     let mut sent = Vec::with_capacity(batch.len());
     for (i, msg) in batch.iter().enumerate() {
+        // Not even sent behind a transient failure of its key (the pipeline retries it after).
+        if let Some(held) = hold.check(msg) {
+            outcomes[i] = Some(Err(held));
+            continue;
+        }
         let size = entry_size(msg);
         if size > config.max_message_bytes {
             outcomes[i] = Some(Err(too_large(size, config)));
@@ -133,12 +165,14 @@ pub(crate) async fn send_batch(
         pipe.add_command(xadd(stream, config.maxlen, msg));
         sent.push(i);
     }
-    if !sent.is_empty() {
+    if sent.is_empty() {
+        turn.handed_over();
+    } else {
         if let Some((replicas, timeout)) = config.wait {
             let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
             pipe.add_command(redis::cmd("WAIT").arg(replicas).arg(ms).clone());
         }
-        match round_trip(inner, &pipe, sent.len()).await {
+        match round_trip(inner, &live, turn, &pipe, sent.len()).await {
             Ok(replies) => settle(inner, stream, &sent, replies, &mut outcomes),
             Err(e) => {
                 for &i in &sent {
@@ -147,7 +181,7 @@ pub(crate) async fn send_batch(
             }
         }
     }
-    let outcomes: BatchOutcome = outcomes
+    outcomes
         .into_iter()
         .map(|o| {
             o.unwrap_or_else(|| {
@@ -156,30 +190,51 @@ pub(crate) async fn send_batch(
                 ))
             })
         })
-        .collect();
-    // A later message of a key delivered after its earlier one failed transiently is held by
-    // the pipeline (`KeyHold::apply`, under strict ordering): sent again behind the retry.
-    outcomes
+        .collect()
 }
 
-/// Writes the pipeline on the live connection (opened if need be) and reads every reply,
-/// within the batch's deadline: the ack timeout, plus `WAIT`'s own timeout.
+/// Hands the pipeline to the live connection, then lets the next call of the stream take its
+/// turn, and reads every reply within the batch's deadline: the ack timeout, plus `WAIT`'s
+/// own timeout.
+///
+/// The hand-over is the query's first poll. redis-rs's multiplexed connection queues a
+/// pipeline for its writer on a channel in that poll, or, when the channel is full, takes its
+/// place among the senders waiting for room, first come first served: either way the
+/// pipeline's place in the connection's write order is fixed by then, and Redis answers in
+/// that order. (The real-server order tests with batches in flight check this against the
+/// redis-rs in use.)
 async fn round_trip(
     inner: &Inner,
+    live: &std::sync::Arc<crate::connection::Live>,
+    turn: &mut Turn,
     pipe: &Pipeline,
     xadds: usize,
 ) -> Result<Vec<Value>, TransportError> {
-    let live = inner.live().await?;
     let config = &inner.config;
     let budget = config.ack_timeout + config.wait.map_or(std::time::Duration::ZERO, |(_, t)| t);
     let mut conn = live.conn.clone();
-    match tokio::time::timeout(budget, pipe.query_async::<Vec<Value>>(&mut conn)).await {
+    let mut query = pin!(tokio::time::timeout(
+        budget,
+        pipe.query_async::<Vec<Value>>(&mut conn)
+    ));
+    let mut first = None;
+    std::future::poll_fn(|cx| {
+        first = Some(query.as_mut().poll(cx));
+        Poll::Ready(())
+    })
+    .await;
+    turn.handed_over();
+    let answer = match first {
+        Some(Poll::Ready(answer)) => answer,
+        _ => query.await,
+    };
+    match answer {
         Ok(Ok(replies)) => {
             let expected = xadds + usize::from(config.wait.is_some());
             if replies.len() == expected {
                 Ok(replies)
             } else {
-                inner.lost(&live).await;
+                inner.lost(live).await;
                 Err(TransportError::transient(format!(
                     "{} sent {} replies to a pipeline of {expected} commands; the connection is replaced and the batch retried",
                     inner.server,
@@ -190,14 +245,14 @@ async fn round_trip(
         }
         Ok(Err(e)) => {
             if breaks_connection(&e) {
-                inner.lost(&live).await;
+                inner.lost(live).await;
             }
             Err(classify(&e, &inner.server))
         }
         Err(_) => {
             // The connection looks up but the replies stopped coming (a half-open TCP
             // connection, a hung server): give it up, so that the retry goes out on a new one.
-            inner.abandon(&live).await;
+            inner.abandon(live).await;
             Err(TransportError::transient(format!(
                 "{} did not answer a batch of {xadds} XADDs within the ack timeout of {budget:?}; retried on a new connection (Redis may have appended some: a retry can add a second copy)",
                 inner.server

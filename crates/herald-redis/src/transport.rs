@@ -89,6 +89,13 @@ impl Transport for RedisTransport {
         "redis"
     }
 
+    /// A call hands its pipeline to the one multiplexed connection in its stream's turn;
+    /// the connection writes pipelines in the order it is handed them and Redis answers in
+    /// order. Replies are awaited after the turn.
+    fn keeps_order_across_calls(&self) -> bool {
+        true
+    }
+
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
         publish::send_batch(&self.inner, destination, batch).await
     }
