@@ -10,12 +10,11 @@
 //! and fates come through a sink (`Producer::enqueue_tagged`, tagged with the input line), in
 //! the order they happen, so that a waiting message costs no memory of its own.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-
 use herald::{Delivery, DeliveryFuture, Destination, FateSink, Message, Producer, SendError};
 use indicatif::ProgressBar;
 use tokio::sync::mpsc;

@@ -426,6 +426,91 @@ async fn a_spilled_message_damaged_on_disk_is_handed_back_and_the_rest_delivered
     std::fs::remove_dir_all(&d).expect("cleanup");
 }
 
+/// A spool whose reads back fail: what a disk error while reading would do.
+struct FailingReads(SpoolStore);
+
+impl herald_core::Store for FailingReads {
+    fn submit(
+        &self,
+        messages: &[Message],
+    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
+        self.0.submit(messages)
+    }
+    fn settle(&self, tokens: &[herald_core::StoreToken]) {
+        self.0.settle(tokens);
+    }
+    fn recover(
+        &self,
+        max: usize,
+    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
+        self.0.recover(max)
+    }
+    fn reads_back(&self) -> bool {
+        true
+    }
+    fn read_from(
+        &self,
+        _first: herald_core::StoreToken,
+        _max: usize,
+    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
+        Err(herald_core::StoreError::failed(
+            "injected: the disk refused the read",
+        ))
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+/// Spilled messages the store cannot read back are handed back failed with the store's error
+/// and marked kept: they stay in the spool, and the next producer on it sends them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spilled_messages_that_cannot_be_read_back_are_handed_back_kept_and_sent_next_time() {
+    const N: usize = 100;
+    let d = dir("unreadable");
+    let t = MemoryTransport::new();
+    t.hold();
+    let (store, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
+    let p = Producer::builder(t.clone())
+        .buffer(10, 1 << 20)
+        .store(FailingReads(store))
+        .build()
+        .expect("producer");
+    let mut futures = Vec::new();
+    for i in 0..N {
+        futures.push(p.enqueue(keyed(i)).await.expect("accepted"));
+    }
+    t.release();
+    let mut kept = 0;
+    for f in futures {
+        if let Err(e) = f.await {
+            assert!(matches!(e.reason(), FailureReason::Store(_)), "{e}");
+            assert!(e.to_string().contains("injected"), "{e}");
+            assert!(e.is_kept_in_store(), "kept for the next producer: {e}");
+            kept += 1;
+        }
+    }
+    assert!(kept > N / 2, "most were spilled: {kept}");
+    let report = p.close(Duration::from_secs(10)).await;
+    assert!(report.unclaimed.is_empty(), "{report:?}");
+    drop(p);
+    let (store, recovery) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool again");
+    assert_eq!(
+        recovery.pending_messages, kept as u64,
+        "the unreadable ones stay"
+    );
+    let t = MemoryTransport::new();
+    let p = Producer::builder(t.clone())
+        .store(store)
+        .build()
+        .expect("producer");
+    let report = p.close(Duration::from_secs(10)).await;
+    assert!(report.drained, "{report:?}");
+    assert_eq!(t.received().len(), kept, "sent by the next producer");
+    drop(p);
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}
+
 /// A failed message leaves the spool when its `SendError` is dropped, not before: a caller that
 /// writes it elsewhere first (the command's dead-letter file) loses nothing to a crash between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

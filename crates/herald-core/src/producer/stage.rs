@@ -368,12 +368,12 @@ pub(crate) async fn run_admitter(
     tokio::spawn(run_confirmer(shared.clone(), queue, ready_tx));
     recover(&shared, &store).await;
     recovery_done(&shared);
-    let mut ahead = VecDeque::new();
+    let mut reading = ReadBack::default();
     while let Some(confirmed) = ready.recv().await {
         match confirmed {
             Ready::Held(entries) => admit_all(&shared, entries).await,
             Ready::Spilled(spilled) => {
-                admit_spilled(&shared, &store, &mut ahead, spilled).await;
+                admit_spilled(&shared, &store, &mut reading, spilled).await;
             }
         }
     }
@@ -407,28 +407,43 @@ async fn run_confirmer(
     }
 }
 
-/// Reads spilled messages back from the store, a batch at a time (`ahead` keeps what a read
-/// returned beyond this submission's messages), and admits them in order. A message the
-/// store cannot give back is handed back as failed.
+/// The admitter's reading back of spilled messages.
+#[derive(Default)]
+struct ReadBack {
+    /// What a read returned beyond the submission that asked for it.
+    ahead: VecDeque<(StoreToken, Message)>,
+    /// The last read failed: the next is tried once, not waited for, so that a store that
+    /// cannot read fails the spilled submissions behind it at once, not each after a wait.
+    failing: bool,
+}
+
+/// Reads spilled messages back from the store, a batch at a time, and admits them in order.
+/// A message the store cannot give back is handed back as failed.
 async fn admit_spilled(
     shared: &Arc<Shared>,
     store: &Arc<dyn Store>,
-    ahead: &mut VecDeque<(StoreToken, Message)>,
+    reading: &mut ReadBack,
     spilled: Spilled,
 ) {
     const READ: usize = 1024;
+    let ahead = &mut reading.ahead;
     let mut spilled = spilled;
     let count = spilled.tokens.len();
     let mut next = 0;
     while next < count {
         if ahead.is_empty() {
             let want = (count - next).min(READ);
-            match read_back(store, spilled.tokens.get(next), want).await {
-                Ok(batch) => ahead.extend(batch),
+            let tries = if reading.failing { 1 } else { READ_TRIES };
+            match read_back(store, spilled.tokens.get(next), want, tries).await {
+                Ok(batch) => {
+                    reading.failing = false;
+                    ahead.extend(batch);
+                }
                 Err(e) => {
-                    // What is left of this submission cannot be read: handed back, and left
-                    // in the store (the next producer on it tries again).
-                    let lost = (next..count).map(|_| unreadable(&mut spilled, e.clone()));
+                    reading.failing = true;
+                    // What is left of this submission cannot be read now: handed back, and
+                    // kept in the store (the next producer on it tries again).
+                    let lost = (next..count).map(|_| unreadable(&mut spilled, e.clone(), true));
                     fail_unreadable(shared, store, lost.collect());
                     return;
                 }
@@ -453,7 +468,8 @@ async fn admit_spilled(
                     "{} could not give the message back (a damaged record)",
                     store.describe()
                 ));
-                lost.push(unreadable(&mut spilled, e));
+                // Its record is gone (the store skipped it as damaged): not kept.
+                lost.push(unreadable(&mut spilled, e, false));
                 continue;
             }
             let (token, mut msg) = ahead.pop_front().expect("looked at");
@@ -462,9 +478,8 @@ async fn admit_spilled(
             entries.push((msg, done, token));
         }
         if let Some(stage) = &shared.stage {
-            stage
-                .spilled
-                .fetch_sub(entries.len() + lost.len(), Ordering::AcqRel);
+            // (`fail_unreadable` counts the lost ones out.)
+            stage.spilled.fetch_sub(entries.len(), Ordering::AcqRel);
             stage.bytes.fetch_add(bytes, Ordering::AcqRel);
         }
         if !lost.is_empty() {
@@ -474,17 +489,20 @@ async fn admit_spilled(
     }
 }
 
-/// Up to `max` stored messages from `first` on, waiting (a while) for the store to have any:
-/// spilled messages are durable, so it has, unless it lost them. An error when it cannot
-/// read, or gives nothing for long.
+/// Reads back tried before a spilled submission is given up on: about 9 s of waiting.
+const READ_TRIES: u32 = 50;
+
+/// Up to `max` stored messages from `first` on, waiting (up to `tries` reads) for the store
+/// to have any: spilled messages are durable, so it has, unless it lost them. An error when
+/// it cannot read, or gives nothing for long.
 async fn read_back(
     store: &Arc<dyn Store>,
     first: StoreToken,
     max: usize,
+    tries: u32,
 ) -> Result<Vec<(StoreToken, Message)>, StoreError> {
-    const TRIES: u32 = 50;
     let mut last = None;
-    for attempt in 0..TRIES {
+    for attempt in 0..tries {
         let reader = store.clone();
         match tokio::task::spawn_blocking(move || reader.read_from(first, max)).await {
             Ok(Ok(batch)) if !batch.is_empty() => return Ok(batch),
@@ -492,7 +510,9 @@ async fn read_back(
             Ok(Err(e)) => last = Some(e),
             Err(e) => last = Some(StoreError::failed(format!("reading back failed: {e}"))),
         }
-        tokio::time::sleep(Duration::from_millis(20) * attempt.min(10)).await;
+        if attempt + 1 < tries {
+            tokio::time::sleep(Duration::from_millis(20) * attempt.min(10)).await;
+        }
     }
     Err(last.unwrap_or_else(|| {
         StoreError::failed(format!(
@@ -504,19 +524,22 @@ async fn read_back(
 
 /// The next spilled message, which the store could not give back: an empty message (its body
 /// is what could not be read), its completion and why.
-fn unreadable(spilled: &mut Spilled, e: StoreError) -> (Message, Completion, StoreError) {
+/// `kept`: the store still holds it (a read that failed), and the next producer on it sends
+/// it; else its record is lost.
+fn unreadable(spilled: &mut Spilled, e: StoreError, kept: bool) -> Unreadable {
     let mut msg = Message::new("", bytes::Bytes::new());
     let done = spilled.next_done(&mut msg);
-    (msg, done, e)
+    (msg, done, e, kept)
 }
 
-/// Hands back spilled messages the store could not give back, failed with the store's error.
-/// Not settled: the store keeps what it has of them, and reports any damage itself.
-fn fail_unreadable(
-    shared: &Shared,
-    store: &Arc<dyn Store>,
-    lost: Vec<(Message, Completion, StoreError)>,
-) {
+/// A spilled message the store could not give back: an empty message, its completion, why,
+/// and whether the store still holds it.
+type Unreadable = (Message, Completion, StoreError, bool);
+
+/// Hands back spilled messages the store could not give back, failed with the store's error
+/// (marked kept where the store still holds them). Not settled: the store keeps what it has
+/// of them, and reports any damage itself.
+fn fail_unreadable(shared: &Shared, store: &Arc<dyn Store>, lost: Vec<Unreadable>) {
     if let Some(stage) = &shared.stage {
         stage.spilled.fetch_sub(lost.len(), Ordering::AcqRel);
     }
@@ -531,7 +554,7 @@ fn fail_unreadable(
     }
     let ended = lost
         .into_iter()
-        .map(|(msg, done, e)| (msg, done, FailureReason::Store(e), false))
+        .map(|(msg, done, e, kept)| (msg, done, FailureReason::Store(e), kept))
         .collect();
     end_unadmitted(shared, ended);
     shared.wake.notify_one();
