@@ -29,10 +29,12 @@ pub(crate) async fn send_batch(
     // The destination's turn first, before any other await: calls of one destination hand their
     // messages to the channels in the order herald started them (see
     // `Transport::keeps_order_across_calls`), and wait for their confirms side by side.
-    let mut turn = inner.turns.take(destination).await;
-    let outcomes = send_in_turn(inner, &mut turn, destination, batch).await;
-    turn.finish(batch, &outcomes);
-    outcomes
+    inner
+        .turns
+        .run(destination, batch, async |turn| {
+            send_in_turn(inner, turn, destination, batch).await
+        })
+        .await
 }
 
 /// [`send_batch`] in the destination's turn.

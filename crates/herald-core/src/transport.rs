@@ -267,6 +267,24 @@ impl Turns {
         PATHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// A transport's `send_batch` in `destination`'s turn: takes the turn (before any other
+    /// await), runs `send` in it, and finishes the turn with the outcomes `send` returns
+    /// ([`Turn::finish`]), so that no call can forget to.
+    pub async fn run<F>(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        send: F,
+    ) -> BatchOutcome
+    where
+        F: AsyncFnOnce(&mut Turn) -> BatchOutcome,
+    {
+        let mut turn = self.take(destination).await;
+        let outcomes = send(&mut turn).await;
+        turn.finish(batch, &outcomes);
+        outcomes
+    }
+
     /// Waits for `destination`'s turn: after every call that asked for it before (at its first
     /// poll). The next call's turn begins at [`Turn::handed_over`], or when the turn is dropped.
     pub async fn take(&self, destination: &Destination) -> Turn {

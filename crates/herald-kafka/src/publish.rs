@@ -296,10 +296,13 @@ pub(crate) async fn send_batch(
     // The destination's turn first, before any other await: calls of one topic hand their
     // messages to librdkafka in the order herald started them (see
     // `Transport::keeps_order_across_calls`); the delivery reports are awaited after it.
-    let mut turn = connection.shared().turns.take(destination).await;
-    let outcomes = send_in_turn(connection, &mut turn, destination, batch, deadline).await;
-    turn.finish(batch, &outcomes);
-    outcomes
+    connection
+        .shared()
+        .turns
+        .run(destination, batch, async |turn| {
+            send_in_turn(connection, turn, destination, batch, deadline).await
+        })
+        .await
 }
 
 /// [`send_batch`] in the topic's turn.

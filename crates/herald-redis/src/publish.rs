@@ -121,10 +121,12 @@ pub(crate) async fn send_batch(
     // The stream's turn first, before any other await: calls of one stream hand their
     // pipelines over in the order herald started them (see
     // `Transport::keeps_order_across_calls`), and wait for their replies side by side.
-    let mut turn = inner.turns.take(destination).await;
-    let outcomes = send_in_turn(inner, &mut turn, destination, batch).await;
-    turn.finish(batch, &outcomes);
-    outcomes
+    inner
+        .turns
+        .run(destination, batch, async |turn| {
+            send_in_turn(inner, turn, destination, batch).await
+        })
+        .await
 }
 
 /// [`send_batch`] in the stream's turn.
