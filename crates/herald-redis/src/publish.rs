@@ -142,47 +142,64 @@ async fn send_in_turn(
         Ok(s) => s,
         Err(e) => return fail_all(e),
     };
-    let live = match inner.live().await {
-        Ok(l) => l,
-        Err(e) => return fail_all(e),
-    };
-    // Not sent: keys that failed in the calls before, if this call is on a new connection.
-    let hold = turn.enter(live.path).await;
     let config = &inner.config;
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    let mut sent = Vec::with_capacity(batch.len());
+    // Too large: refused before anything connects.
     for (i, msg) in batch.iter().enumerate() {
-        // Not even sent behind a transient failure of its key (the pipeline retries it after).
-        if let Some(held) = hold.check(msg) {
-            outcomes[i] = Some(Err(held));
-            continue;
-        }
         let size = entry_size(msg);
         if size > config.max_message_bytes {
             outcomes[i] = Some(Err(too_large(size, config)));
-            continue;
         }
-        pipe.add_command(xadd(stream, config.maxlen, msg));
-        sent.push(i);
     }
-    if sent.is_empty() {
-        turn.handed_over();
-    } else {
-        if let Some((replicas, timeout)) = config.wait {
-            let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-            pipe.add_command(redis::cmd("WAIT").arg(replicas).arg(ms).clone());
-        }
-        match round_trip(inner, &live, turn, &pipe, sent.len()).await {
-            Ok(replies) => settle(inner, stream, &sent, replies, &mut outcomes),
+    let mut sent = Vec::with_capacity(batch.len());
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    if outcomes.iter().any(Option::is_none) {
+        let live = match inner.live().await {
+            Ok(l) => l,
             Err(e) => {
-                for &i in &sent {
-                    outcomes[i] = Some(Err(e.clone()));
+                for o in outcomes.iter_mut().filter(|o| o.is_none()) {
+                    *o = Some(Err(e.clone()));
+                }
+                return finished(outcomes);
+            }
+        };
+        // Not sent: keys that failed in the calls before, if this call is on a new connection.
+        let hold = turn.enter(live.path).await;
+        for (i, msg) in batch.iter().enumerate() {
+            if outcomes[i].is_some() {
+                continue;
+            }
+            // Not even sent behind a transient failure of its key (the pipeline retries it
+            // after).
+            if let Some(held) = hold.check(msg) {
+                outcomes[i] = Some(Err(held));
+                continue;
+            }
+            pipe.add_command(xadd(stream, config.maxlen, msg));
+            sent.push(i);
+        }
+        if !sent.is_empty() {
+            if let Some((replicas, timeout)) = config.wait {
+                let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                pipe.add_command(redis::cmd("WAIT").arg(replicas).arg(ms).clone());
+            }
+            match round_trip(inner, &live, turn, &pipe, sent.len()).await {
+                Ok(replies) => settle(inner, stream, &sent, replies, &mut outcomes),
+                Err(e) => {
+                    for &i in &sent {
+                        outcomes[i] = Some(Err(e.clone()));
+                    }
                 }
             }
         }
     }
+    turn.handed_over();
+    finished(outcomes)
+}
+
+/// Every message's outcome (none is left without one).
+fn finished(outcomes: Vec<Option<Result<Ack, TransportError>>>) -> BatchOutcome {
     outcomes
         .into_iter()
         .map(|o| {
