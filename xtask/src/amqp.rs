@@ -242,7 +242,7 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
         package: "herald-amqp",
         messages: ("HERALD_BENCH_AMQP_MESSAGES", "100000"),
         intro,
-        rtts: (&[2, 10], "50000"),
+        rtts: (crate::report::ROUND_TRIPS_MS, "50000"),
     }
     .run(root, provision()?)
 }

@@ -71,7 +71,7 @@ pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
 
 /// One broker and message size: herald against the raw client at its best and the naive pattern.
 struct Row {
-    broker: &'static str,
+    broker: String,
     size: u64,
     herald: f64,
     raw: f64,
@@ -82,28 +82,47 @@ fn read_json(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
-/// The rows of the last Kafka and RabbitMQ runs (target/bench/*.json), where there are some.
+/// The rows of the last runs of every broker (target/bench/*.json), where there are some: each
+/// broker on localhost, then (Kafka, RabbitMQ) through the proxy at each round trip.
 fn broker_rows(root: &Path) -> Vec<Row> {
+    let bench = root.join("target/bench");
     let mut rows = Vec::new();
-    if let Some(k) = read_json(&root.join("target/bench/kafka.json")) {
-        for r in k["rows"].as_array().into_iter().flatten() {
-            rows.push(Row {
-                broker: "Kafka",
+    let kafka_rows = |json: &serde_json::Value, broker: &str| -> Vec<Row> {
+        json["rows"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| Row {
+                broker: broker.to_owned(),
                 size: r["size"].as_u64().unwrap_or(0),
                 herald: r["herald_msgs_per_sec"].as_f64().unwrap_or(0.0),
                 raw: r["raw_best_msgs_per_sec"].as_f64().unwrap_or(0.0),
                 naive: r["naive_msgs_per_sec"].as_f64().unwrap_or(0.0),
-            });
+            })
+            .collect()
+    };
+    if let Some(k) = read_json(&bench.join("kafka.json")) {
+        rows.extend(kafka_rows(&k, "Kafka"));
+    }
+    for &rtt in crate::report::ROUND_TRIPS_MS {
+        if let Some(k) = read_json(&bench.join(format!("kafka-rtt-{rtt}.json"))) {
+            rows.extend(kafka_rows(&k, &format!("Kafka, {rtt} ms round trip")));
         }
     }
     // The *-baseline binaries all write the same figures.
-    for (name, broker) in [
-        ("amqp", "RabbitMQ"),
-        ("nats", "NATS"),
-        ("redis", "Redis"),
-        ("mqtt", "MQTT"),
-    ] {
-        if let Some(json) = read_json(&root.join(format!("target/bench/{name}.json"))) {
+    if let Some(json) = read_json(&bench.join("amqp.json")) {
+        rows.extend(baseline_rows(&json, "RabbitMQ"));
+    }
+    for &rtt in crate::report::ROUND_TRIPS_MS {
+        if let Some(json) = read_json(&bench.join(format!("amqp-rtt-{rtt}.json"))) {
+            rows.extend(baseline_rows(
+                &json,
+                &format!("RabbitMQ, {rtt} ms round trip"),
+            ));
+        }
+    }
+    for (name, broker) in [("nats", "NATS"), ("redis", "Redis"), ("mqtt", "MQTT")] {
+        if let Some(json) = read_json(&bench.join(format!("{name}.json"))) {
             rows.extend(baseline_rows(&json, broker));
         }
     }
@@ -112,7 +131,7 @@ fn broker_rows(root: &Path) -> Vec<Row> {
 
 /// The rows of one `*-baseline` run: per payload size, herald's default settings against the
 /// raw client at its best and the naive pattern.
-fn baseline_rows(json: &serde_json::Value, broker: &'static str) -> Vec<Row> {
+fn baseline_rows(json: &serde_json::Value, broker: &str) -> Vec<Row> {
     let figures = json["figures"].as_array().cloned().unwrap_or_default();
     let rate = |size: u64, name: &str| {
         figures
@@ -129,7 +148,7 @@ fn baseline_rows(json: &serde_json::Value, broker: &'static str) -> Vec<Row> {
     sizes
         .into_iter()
         .map(|size| Row {
-            broker,
+            broker: broker.to_owned(),
             size,
             herald: rate(size, "herald_default"),
             raw: rate(size, "raw_streaming"),
@@ -142,7 +161,7 @@ fn baseline_rows(json: &serde_json::Value, broker: &'static str) -> Vec<Row> {
 fn bench_summary(root: &Path) -> Result<()> {
     let rows = broker_rows(root);
     let mut body = format!(
-        "From the runs below (`cargo xtask bench`, {}). Chart: [benchmarks-throughput.svg](benchmarks-throughput.svg) (log scale).\n\n",
+        "From the runs below (`cargo xtask bench`, {}). Chart: [benchmarks-throughput.svg](benchmarks-throughput.svg) (log scale). Rows with a round trip went through the testkit's delaying proxy, herald and the raw client alike (Kafka: a Tansu of its own advertising the proxy's address; RabbitMQ: the proxy in front of the node); the others on localhost.\n\n",
         machine()
     );
     body.push_str("| broker | message | herald (msgs/s) | raw client at its best (msgs/s) | naive: await each send (msgs/s) | herald / raw | herald / naive |\n|---|---:|---:|---:|---:|---:|---:|\n");
@@ -178,7 +197,12 @@ fn bench_summary(root: &Path) -> Result<()> {
     let groups: Vec<chart::Group> = rows
         .iter()
         .map(|r| chart::Group {
-            label: format!("{} {} B", r.broker, r.size),
+            // Two lines: "Kafka, 2 ms round trip" is drawn "Kafka +2 ms" over "100 B".
+            label: format!(
+                "{}\n{} B",
+                r.broker.replace(", ", " +").replace(" round trip", ""),
+                r.size
+            ),
             values: vec![r.herald, r.raw, r.naive],
         })
         .collect();

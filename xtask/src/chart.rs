@@ -18,7 +18,7 @@ fn escape(s: &str) -> String {
 
 /// Renders `groups` (each with one value per name in `series`) as an SVG document.
 pub(crate) fn bars(title: &str, unit: &str, series: &[&str], groups: &[Group]) -> String {
-    let (left, right, top, bottom) = (80.0, 20.0, 50.0, 70.0);
+    let (left, right, top, bottom) = (80.0, 20.0, 50.0, 84.0);
     let bar_w = 26.0;
     let gap = 30.0;
     let group_w = bar_w * series.len() as f64 + gap;
@@ -82,12 +82,20 @@ pub(crate) fn bars(title: &str, unit: &str, series: &[&str], groups: &[Group]) -
                 escape(series.get(si).copied().unwrap_or("?"))
             ));
         }
+        // A label's lines (split at '\n') stacked under the group.
+        let cx = x0 + bar_w * series.len() as f64 / 2.0;
         s.push_str(&format!(
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            x0 + bar_w * series.len() as f64 / 2.0,
+            r#"<text x="{cx:.1}" y="{:.1}" text-anchor="middle">"#,
             top + plot_h + 18.0,
-            escape(&g.label)
         ));
+        for (li, line) in g.label.split('\n').enumerate() {
+            let dy = if li == 0 { 0.0 } else { 14.0 };
+            s.push_str(&format!(
+                r#"<tspan x="{cx:.1}" dy="{dy:.1}">{}</tspan>"#,
+                escape(line)
+            ));
+        }
+        s.push_str("</text>");
     }
     // Legend.
     let mut lx = left;

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::broker::{docker_engine, free_port, port_open, Broker};
 use crate::process::{cargo, project_root, run};
-use crate::report::{machine, replace_section, thousands};
+use crate::report::{machine, replace_section, thousands, ROUND_TRIPS_MS};
 
 const TANSU_VERSION: &str = "0.6.0";
 
@@ -216,8 +216,7 @@ fn bench_example() -> Command {
     cmd
 }
 
-/// Round trips of a network between zones, for `bench_rtt`, and the messages per run.
-const RTTS: &[u64] = &[2, 10];
+/// Messages per run of `bench_rtt` (at each of `ROUND_TRIPS_MS`).
 const RTT_MESSAGES: &str = "200000";
 
 /// The Kafka benchmark again at 2 and 10 ms of round trip: for each, a Tansu of its own that
@@ -230,7 +229,7 @@ pub(crate) fn bench_rtt(root: &Path) -> Result<()> {
         return Ok(());
     };
     let mut rows = Vec::new();
-    for &rtt in RTTS {
+    for &rtt in ROUND_TRIPS_MS {
         let (port, proxy) = (free_port()?, free_port()?);
         let mut child = start_tansu_advertising(&bin, port, proxy, "memory://tansu/")?;
         let out = root.join(format!("target/bench/kafka-rtt-{rtt}.json"));

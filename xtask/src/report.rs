@@ -6,6 +6,10 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+/// The round trips (ms) the Kafka and RabbitMQ benchmarks add through the delaying proxy,
+/// after their runs on localhost; the summary and the chart show them too.
+pub(crate) const ROUND_TRIPS_MS: &[u64] = &[2, 10];
+
 /// Rewrites the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
 pub(crate) fn replace_section(path: &Path, name: &str, body: &str) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
