@@ -151,9 +151,6 @@ async fn send_in_turn(
             outcomes[i] = Some(Err(too_large(size, config)));
         }
     }
-    let mut sent = Vec::with_capacity(batch.len());
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
     if outcomes.iter().any(Option::is_none) {
         let live = match inner.live().await {
             Ok(l) => l,
@@ -166,6 +163,9 @@ async fn send_in_turn(
         };
         // Not sent: keys that failed in the calls before, if this call is on a new connection.
         let hold = turn.enter(live.path).await;
+        let mut sent = Vec::with_capacity(batch.len());
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for (i, msg) in batch.iter().enumerate() {
             if outcomes[i].is_some() {
                 continue;
