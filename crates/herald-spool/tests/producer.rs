@@ -195,6 +195,22 @@ async fn a_full_spool_refuses_try_send_with_a_reason() {
     std::fs::remove_dir_all(&d).expect("cleanup");
 }
 
+/// A broker that stalls until `release`, and a producer on a fresh spool `name` with a buffer
+/// of `buffer` messages: what the spilling tests start from.
+fn stalled(name: &str, buffer: usize) -> (std::path::PathBuf, MemoryTransport, Producer) {
+    use herald_spool::ProducerBuilderExt as _;
+    let d = dir(name);
+    let t = MemoryTransport::new();
+    t.hold();
+    let p = Producer::builder(t.clone())
+        .buffer(buffer, 1 << 20)
+        .spool(SpoolConfig::new(&d))
+        .expect("spool")
+        .build()
+        .expect("producer");
+    (d, t, p)
+}
+
 /// Message bodies alive now (made by [`counted`]): what the producer holds in memory.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
@@ -225,18 +241,9 @@ fn counted(i: usize) -> Message {
 /// broker is back; every message is delivered once, each key's in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_a_buffers_worth_accepted_messages_wait_in_the_spool_not_in_memory() {
-    use herald_spool::ProducerBuilderExt as _;
     const N: usize = 10_000;
     const BUFFER: usize = 100;
-    let d = dir("spilled");
-    let t = MemoryTransport::new();
-    t.hold();
-    let p = Producer::builder(t.clone())
-        .buffer(BUFFER, 1 << 20)
-        .spool(SpoolConfig::new(&d))
-        .expect("spool")
-        .build()
-        .expect("producer");
+    let (d, t, p) = stalled("spilled", BUFFER);
     let mut futures = Vec::with_capacity(N);
     for i in 0..N {
         match p.try_send(counted(i)) {
@@ -304,18 +311,9 @@ async fn beyond_a_buffers_worth_accepted_messages_wait_in_the_spool_not_in_memor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tagged_messages_spill_and_every_fate_reaches_the_sink_once() {
     use herald_core::{Delivery, FateSink, SendError};
-    use herald_spool::ProducerBuilderExt as _;
     use std::sync::{Arc, Mutex};
     const N: u64 = 5_000;
-    let d = dir("tagged");
-    let t = MemoryTransport::new();
-    t.hold();
-    let p = Producer::builder(t.clone())
-        .buffer(100, 1 << 20)
-        .spool(SpoolConfig::new(&d))
-        .expect("spool")
-        .build()
-        .expect("producer");
+    let (d, t, p) = stalled("tagged", 100);
     let fates: Arc<Mutex<Vec<u64>>> = Arc::default();
     let sink: Arc<dyn FateSink> = {
         let fates = fates.clone();
@@ -362,18 +360,9 @@ async fn tagged_messages_spill_and_every_fate_reaches_the_sink_once() {
 /// message is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spilled_message_damaged_on_disk_is_handed_back_and_the_rest_delivered() {
-    use herald_spool::ProducerBuilderExt as _;
     use std::io::{Seek as _, SeekFrom, Write as _};
     const N: usize = 300;
-    let d = dir("spilled-damaged");
-    let t = MemoryTransport::new();
-    t.hold();
-    let p = Producer::builder(t.clone())
-        .buffer(10, 1 << 20)
-        .spool(SpoolConfig::new(&d))
-        .expect("spool")
-        .build()
-        .expect("producer");
+    let (d, t, p) = stalled("spilled-damaged", 10);
     let body = |i: usize| format!("spilled-{i:06}-payload");
     let mut futures = Vec::new();
     for i in 0..N {
