@@ -130,11 +130,17 @@ async fn closed_unsent_messages_stay_in_the_spool() {
     assert!(matches!(refused.reason(), FailureReason::Closed));
     assert!(!refused.is_kept_in_store());
     drop(p);
-    let (store, recovery) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool again");
-    assert_eq!(
-        recovery.pending_messages, 10,
-        "the ten unsent, not the ten delivered"
-    );
+    let (pending, sent) = sent_by_the_next_producer(&d).await;
+    assert_eq!(pending, 10, "the ten unsent, not the ten delivered");
+    let expected: Vec<String> = (10..20).map(|i| format!("m-{i}")).collect();
+    assert_eq!(payloads(&sent), expected);
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}
+
+/// A new producer on the spool in `d`, to a fresh in-memory transport, closed once it has
+/// sent everything: how many messages the spool held at open, and what it sent.
+async fn sent_by_the_next_producer(d: &std::path::Path) -> (u64, Vec<Message>) {
+    let (store, recovery) = SpoolStore::open(SpoolConfig::new(d)).expect("spool again");
     let t = MemoryTransport::new();
     let p = Producer::builder(t.clone())
         .store(store)
@@ -142,10 +148,7 @@ async fn closed_unsent_messages_stay_in_the_spool() {
         .expect("producer");
     let report = p.close(Duration::from_secs(10)).await;
     assert!(report.drained, "{report:?}");
-    let expected: Vec<String> = (10..20).map(|i| format!("m-{i}")).collect();
-    assert_eq!(payloads(&t.received()), expected);
-    drop(p);
-    std::fs::remove_dir_all(&d).expect("cleanup");
+    (recovery.pending_messages, t.received())
 }
 
 async fn futures_unordered(
@@ -483,20 +486,9 @@ async fn spilled_messages_that_cannot_be_read_back_are_handed_back_kept_and_sent
     let report = p.close(Duration::from_secs(10)).await;
     assert!(report.unclaimed.is_empty(), "{report:?}");
     drop(p);
-    let (store, recovery) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool again");
-    assert_eq!(
-        recovery.pending_messages, kept as u64,
-        "the unreadable ones stay"
-    );
-    let t = MemoryTransport::new();
-    let p = Producer::builder(t.clone())
-        .store(store)
-        .build()
-        .expect("producer");
-    let report = p.close(Duration::from_secs(10)).await;
-    assert!(report.drained, "{report:?}");
-    assert_eq!(t.received().len(), kept, "sent by the next producer");
-    drop(p);
+    let (pending, sent) = sent_by_the_next_producer(&d).await;
+    assert_eq!(pending, kept as u64, "the unreadable ones stay");
+    assert_eq!(sent.len(), kept, "sent by the next producer");
     std::fs::remove_dir_all(&d).expect("cleanup");
 }
 
