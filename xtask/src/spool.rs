@@ -68,27 +68,28 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
         }
         body.push('\n');
     }
+    // A figure of a memory run, in MiB.
+    let mib =
+        |run: &serde_json::Value, k: &str| run[k].as_f64().unwrap_or(0.0) / f64::from(1 << 20);
     let rec = &memory["recovery"];
-    let mib = |k: &str| rec[k].as_f64().unwrap_or(0.0) / f64::from(1 << 20);
     body.push_str(&format!(
         "Memory: {} messages of 100 B left in a spool (as by a crash during an outage), sent by a producer opened on it to the in-memory transport at {} msgs/s: resident memory {:.0} MiB before, {:.0} MiB at most while sending (+{:.0} MiB; the spool is read in batches, never whole).\n",
         rec["messages"],
         thousands(rec["msgs_per_sec"].as_f64().unwrap_or(0.0)),
-        mib("rss_before_bytes"),
-        mib("rss_peak_bytes"),
-        mib("rss_peak_bytes") - mib("rss_before_bytes"),
+        mib(rec, "rss_before_bytes"),
+        mib(rec, "rss_peak_bytes"),
+        mib(rec, "rss_peak_bytes") - mib(rec, "rss_before_bytes"),
     ));
     for o in memory["outage"].as_array().context("outage")? {
-        let mib = |k: &str| o[k].as_f64().unwrap_or(0.0) / f64::from(1 << 20);
         body.push_str(&format!(
             "\nMemory during an outage: {} messages of 100 B given to `send_all` (buffer: the default 100 000) while the broker stalled, accepted at {} msgs/s, then delivered: resident memory {:.0} MiB before, {:.0} MiB at most while they were accepted (+{:.0} MiB), {:.0} MiB at most until they were delivered (+{:.0} MiB).\n",
             o["messages"],
             thousands(o["accepted_per_sec"].as_f64().unwrap_or(0.0)),
-            mib("rss_before_bytes"),
-            mib("rss_peak_accepting_bytes"),
-            mib("rss_peak_accepting_bytes") - mib("rss_before_bytes"),
-            mib("rss_peak_delivering_bytes"),
-            mib("rss_peak_delivering_bytes") - mib("rss_before_bytes"),
+            mib(o, "rss_before_bytes"),
+            mib(o, "rss_peak_accepting_bytes"),
+            mib(o, "rss_peak_accepting_bytes") - mib(o, "rss_before_bytes"),
+            mib(o, "rss_peak_delivering_bytes"),
+            mib(o, "rss_peak_delivering_bytes") - mib(o, "rss_before_bytes"),
         ));
     }
     body.push_str("\nStorage candidates (`crates/herald-spool/examples/stores.rs`): group-commit appends per second, each append returning once fsynced, median of 3 runs with the candidates alternating; redb given the same group commit by a writer thread (one transaction, one fsync, per group).\n\n| message | appenders | spool (segment log) | redb | spool / redb |\n|---|---:|---:|---:|---:|\n");
