@@ -85,13 +85,13 @@ impl Spilled {
         }
     }
 
-    /// The next message's completion, and its span back on `msg`.
+    /// The next message's completion, and its span back on `msg` (feature `otel`).
+    #[cfg_attr(not(feature = "otel"), allow(unused_variables))]
     fn next_done(&mut self, msg: &mut Message) -> Completion {
         #[cfg(feature = "otel")]
         if let Some(spans) = &mut self.spans {
             msg.span = spans.next().flatten();
         }
-        let _msg = msg;
         self.dones.next().expect("a completion per token")
     }
 }
