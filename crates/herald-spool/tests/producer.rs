@@ -17,6 +17,29 @@ fn dir(name: &str) -> std::path::PathBuf {
     d
 }
 
+/// Opens the spool in `d` again once the producer that had it is gone: a dropped producer's
+/// tasks, and the spool's writer, finish on their own, and the directory lock is released
+/// when they have (waited for, at most 10 s).
+fn reopen(d: &std::path::Path) -> (SpoolStore, herald_spool::Recovery) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match SpoolStore::open(SpoolConfig::new(d)) {
+            Ok(opened) => return opened,
+            Err(e @ herald_spool::SpoolError::Locked { .. }) => {
+                assert!(std::time::Instant::now() < deadline, "still held: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("reopening {}: {e}", d.display()),
+        }
+    }
+}
+
+/// Removes a test's spool once the producer that had it is gone (see [`reopen`]).
+fn cleanup(d: &std::path::Path) {
+    drop(reopen(d));
+    std::fs::remove_dir_all(d).expect("cleanup");
+}
+
 fn keyed(i: usize) -> Message {
     Message::new("t", format!("m-{i}")).with_key(format!("k{}", i % 4))
 }
@@ -96,7 +119,7 @@ fn what_a_crashed_producer_accepted_is_sent_first_by_the_next() {
     });
     let left = inspect(&d).expect("inspect").stats.pending_messages;
     assert_eq!(left, 0, "everything delivered is settled");
-    std::fs::remove_dir_all(&d).expect("cleanup");
+    cleanup(&d);
 }
 
 /// A close that runs out of time hands unsent messages back as `Closed` and keeps them in the
@@ -134,13 +157,13 @@ async fn closed_unsent_messages_stay_in_the_spool() {
     assert_eq!(pending, 10, "the ten unsent, not the ten delivered");
     let expected: Vec<String> = (10..20).map(|i| format!("m-{i}")).collect();
     assert_eq!(payloads(&sent), expected);
-    std::fs::remove_dir_all(&d).expect("cleanup");
+    cleanup(&d);
 }
 
 /// A new producer on the spool in `d`, to a fresh in-memory transport, closed once it has
 /// sent everything: how many messages the spool held at open, and what it sent.
 async fn sent_by_the_next_producer(d: &std::path::Path) -> (u64, Vec<Message>) {
-    let (store, recovery) = SpoolStore::open(SpoolConfig::new(d)).expect("spool again");
+    let (store, recovery) = reopen(d);
     let t = MemoryTransport::new();
     let p = Producer::builder(t.clone())
         .store(store)
@@ -194,8 +217,11 @@ async fn a_full_spool_refuses_try_send_with_a_reason() {
         200,
         "the message handed back"
     );
+    // Closed, not only dropped: with the broker down, a dropped producer's tasks would go on
+    // retrying (and holding the spool) until the delivery timeout.
+    let _report = p.close(Duration::from_millis(100)).await;
     drop(p);
-    std::fs::remove_dir_all(&d).expect("cleanup");
+    cleanup(&d);
 }
 
 /// A broker that stalls until `release`, and a producer on a fresh spool `name` with a buffer
@@ -305,7 +331,7 @@ async fn beyond_a_buffers_worth_accepted_messages_wait_in_the_spool_not_in_memor
     }
     drop(p);
     assert_eq!(inspect(&d).expect("inspect").stats.pending_messages, 0);
-    std::fs::remove_dir_all(&d).expect("cleanup");
+    cleanup(&d);
 }
 
 /// `enqueue_tagged` through a spool with the broker stalled: accepted beyond a buffer's worth
@@ -355,7 +381,7 @@ async fn tagged_messages_spill_and_every_fate_reaches_the_sink_once() {
         "each tag once, in order (no key: one lane)"
     );
     drop(p);
-    std::fs::remove_dir_all(&d).expect("cleanup");
+    cleanup(&d);
 }
 
 /// A spilled message whose record is damaged on disk before it is read back is handed back as
@@ -415,7 +441,7 @@ async fn a_spilled_message_damaged_on_disk_is_handed_back_and_the_rest_delivered
     let expected: Vec<String> = (0..N).filter(|&i| i != 250).map(body).collect();
     assert_eq!(got, expected);
     drop(p);
-    std::fs::remove_dir_all(&d).expect("cleanup");
+    cleanup(&d);
 }
 
 /// A spool whose reads back fail: what a disk error while reading would do.
@@ -489,7 +515,7 @@ async fn spilled_messages_that_cannot_be_read_back_are_handed_back_kept_and_sent
     let (pending, sent) = sent_by_the_next_producer(&d).await;
     assert_eq!(pending, kept as u64, "the unreadable ones stay");
     assert_eq!(sent.len(), kept, "sent by the next producer");
-    std::fs::remove_dir_all(&d).expect("cleanup");
+    cleanup(&d);
 }
 
 /// A failed message leaves the spool when its `SendError` is dropped, not before: a caller that
@@ -519,7 +545,7 @@ async fn a_failed_message_stays_stored_until_its_error_is_dropped() {
     assert_eq!(copy.into_message().payload().as_ref(), b"bad one");
     assert_eq!(pending(), 0, "settled once handed over");
     drop(p);
-    std::fs::remove_dir_all(&d).expect("cleanup");
+    cleanup(&d);
 }
 
 /// A spool above the health policy's high-water share of its size limit makes the producer
@@ -557,5 +583,5 @@ async fn a_nearly_full_spool_degrades_health() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(p);
-    std::fs::remove_dir_all(&d).expect("cleanup");
+    cleanup(&d);
 }
