@@ -261,3 +261,22 @@ fn intro(json: &serde_json::Value, machine: &str) -> String {
         json["window"],
     )
 }
+
+/// Deletes the queue `name` on the broker at `url` (`amqp-baseline --delete-queue`).
+pub(crate) fn delete_queue(url: &str, name: &str) -> Result<()> {
+    run(
+        &format!("delete the queue {name}"),
+        crate::process::cargo()
+            .args([
+                "run",
+                "--release",
+                "-q",
+                "-p",
+                "herald-amqp",
+                "--features",
+                "baseline",
+            ])
+            .args(["--bin", "amqp-baseline", "--", "--delete-queue", name])
+            .env("HERALD_AMQP_URL", url),
+    )
+}

@@ -15,6 +15,7 @@ mod broker;
 mod chart;
 mod it;
 mod kafka;
+mod latency;
 mod mqtt;
 mod nats;
 mod process;

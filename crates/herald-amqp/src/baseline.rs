@@ -231,3 +231,76 @@ pub async fn raw_naive(
         elapsed,
     })
 }
+
+/// Raw lapin one message at a time, at the caller's pace: each publish's confirm is its own
+/// future, the publishes spread over several channels in turn. The baseline of `herald bench
+/// --rate`, where a fixed schedule, not the client, sets the pace.
+pub struct OneByOne {
+    conn: Connection,
+    channels: Vec<Channel>,
+    exchange: String,
+    routing_key: String,
+    payload: Vec<u8>,
+    next: usize,
+}
+
+impl OneByOne {
+    /// A connection with `channels` confirming channels; one message is published and
+    /// confirmed on each first.
+    pub async fn connect(
+        config: &AmqpConfig,
+        exchange: &str,
+        routing_key: &str,
+        payload: usize,
+        channels: usize,
+    ) -> Result<Self, BaselineError> {
+        let conn = connect(config).await?;
+        let mut chans = Vec::new();
+        let body = vec![b'x'; payload];
+        for _ in 0..channels.max(1) {
+            let ch = conn.create_channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default()).await?;
+            let c = ch
+                .basic_publish(exchange.into(), routing_key.into(), OPTS, &body, props())
+                .await?
+                .await?;
+            acked(&c)?;
+            chans.push(ch);
+        }
+        Ok(Self {
+            conn,
+            channels: chans,
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            payload: body,
+            next: 0,
+        })
+    }
+
+    /// Publishes one message on the next channel; the future it returns ends with its confirm
+    /// (`true`) or anything else (`false`: a nack, a return, an error).
+    pub async fn publish(&mut self) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let ch = &self.channels[self.next % self.channels.len()];
+        self.next = self.next.wrapping_add(1);
+        let confirm = ch
+            .basic_publish(
+                self.exchange.as_str().into(),
+                self.routing_key.as_str().into(),
+                OPTS,
+                &self.payload,
+                props(),
+            )
+            .await;
+        async move {
+            match confirm {
+                Ok(c) => matches!(c.await, Ok(c) if acked(&c).is_ok()),
+                Err(_) => false,
+            }
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) -> Result<(), BaselineError> {
+        close(self.conn).await
+    }
+}

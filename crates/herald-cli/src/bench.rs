@@ -4,11 +4,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures_util::future::BoxFuture;
 use herald::kafka::mock::MockKafka;
 use herald::{Bytes, Destination, Message};
 use serde_json::{json, Map, Value};
 
 use crate::engine::{Collector, Engine, Tally};
+use crate::open_loop;
 use crate::report::{self, Exit, ReportFormat};
 use crate::settings::Tuning;
 use crate::target::{KafkaTarget, Target};
@@ -32,6 +34,12 @@ pub(crate) struct BenchArgs {
     /// Messages of the naive run, which manages hundreds per second on a real broker.
     #[arg(long, value_name = "N", default_value_t = 2_000)]
     pub(crate) naive_messages: u64,
+    /// Open loop: send at this many messages a second on a fixed schedule, whatever the
+    /// acknowledgements do, and report latency (p50, p99, p99.9) from each message's due time
+    /// to its acknowledgement instead of throughput. With --baseline, the raw client on the same
+    /// schedule (Kafka and RabbitMQ).
+    #[arg(long, value_name = "MSGS_PER_SEC")]
+    pub(crate) rate: Option<f64>,
     /// text, or json: the summary, then one JSON object on the last line of stdout.
     #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
     pub(crate) report: ReportFormat,
@@ -49,8 +57,21 @@ struct Measured {
     elapsed: Duration,
 }
 
+/// Sends one message through `session` and waits for its acknowledgement: the connection,
+/// metadata (and on Kafka the producer id) are in place before the clock starts, as for the raw
+/// clients, which do the same.
+async fn warm_up(session: &crate::settings::Session, payload: &Bytes) -> anyhow::Result<()> {
+    session
+        .producer
+        .send(Message::new(session.destination.clone(), payload.clone()).with_key("warm-up"))
+        .await
+        .context("the first message (warm-up) failed")?;
+    Ok(())
+}
+
 async fn herald_run(args: &BenchArgs, target: &Target) -> anyhow::Result<Measured> {
     let session = args.tuning.build(target)?;
+    warm_up(&session, &Bytes::from(vec![b'x'; args.size])).await?;
     let engine = Engine::start(
         session.producer.clone(),
         args.tuning.buffer_messages,
@@ -235,19 +256,25 @@ async fn mqtt_baselines(
     })
 }
 
-async fn amqp_baselines(
-    args: &BenchArgs,
-    config: &herald_amqp::AmqpConfig,
-) -> anyhow::Result<Baselines> {
-    use herald_amqp::baseline as ab;
-    let (exchange, routing_key) = match config.route() {
+/// Where the raw AMQP baselines publish: the URL's exchange and routing key, or its queue
+/// through the default exchange.
+fn amqp_route(config: &herald_amqp::AmqpConfig) -> anyhow::Result<(String, String)> {
+    Ok(match config.route() {
         Some(herald_amqp::Route::Exchange {
             exchange,
             routing_key,
         }) => (exchange.clone(), routing_key.clone()),
         Some(herald_amqp::Route::Queue { name, .. }) => (String::new(), name.clone()),
         None => anyhow::bail!("the AMQP URL names no queue or exchange"),
-    };
+    })
+}
+
+async fn amqp_baselines(
+    args: &BenchArgs,
+    config: &herald_amqp::AmqpConfig,
+) -> anyhow::Result<Baselines> {
+    use herald_amqp::baseline as ab;
+    let (exchange, routing_key) = amqp_route(config)?;
     let n = usize::try_from(args.messages).unwrap_or(usize::MAX);
     let raw = ab::raw_streaming(
         config,
@@ -321,11 +348,15 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
                 "creating the topic (3 partitions, replication factor 1) if it does not exist",
             )?;
     }
+    if let Some(rate) = args.rate {
+        return open_loop_bench(&args, &target, rate, &broker).await;
+    }
     out!(
         "herald bench: {} messages of {} B, {KEYS} keys, to {broker}",
         report::count(args.messages),
         args.size
     );
+    out!("  timed from a connected producer: herald and the raw client each send one message and wait for its acknowledgement before the clock starts");
     let herald = herald_run(&args, &target).await?;
     let rate = report::rate(herald.tally.delivered, herald.elapsed);
     let t = &herald.tally;
@@ -404,4 +435,194 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
         out!("{}", Value::Object(obj));
     }
     Ok(if ok { Exit::Ok } else { Exit::Failed })
+}
+
+/// herald's per-message path (`Producer::enqueue`), for the open loop.
+struct HeraldSender {
+    producer: herald::Producer,
+    dest: Destination,
+    payload: Bytes,
+    keys: Vec<Bytes>,
+}
+
+impl open_loop::Sender for HeraldSender {
+    async fn send(&mut self, i: u64) -> BoxFuture<'static, bool> {
+        let msg = Message::new(self.dest.clone(), self.payload.clone())
+            .with_key(self.keys[(i % KEYS) as usize].clone());
+        match self.producer.enqueue(msg).await {
+            Ok(delivery) => Box::pin(async move { delivery.await.is_ok() }),
+            Err(_) => Box::pin(async { false }),
+        }
+    }
+}
+
+struct KafkaOneByOne(herald_kafka::baseline::OneByOne);
+
+impl open_loop::Sender for KafkaOneByOne {
+    async fn send(&mut self, i: u64) -> BoxFuture<'static, bool> {
+        Box::pin(self.0.send(i))
+    }
+}
+
+struct AmqpOneByOne(herald_amqp::baseline::OneByOne);
+
+impl open_loop::Sender for AmqpOneByOne {
+    async fn send(&mut self, _: u64) -> BoxFuture<'static, bool> {
+        Box::pin(self.0.publish().await)
+    }
+}
+
+/// One open-loop result as a line: its percentiles, then `detail`.
+fn paced_line(name: &str, p: &open_loop::Paced, detail: &str) {
+    let q = |q: f64| p.quantile(q).map_or("-".into(), report::duration);
+    out!(
+        "  {name:<9}  p50 {}  p99 {}  p99.9 {}  max {}  ({detail})",
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        q(1.0)
+    );
+}
+
+/// Signed difference in milliseconds, `+0.42 ms`.
+fn ms_diff(a: Option<Duration>, b: Option<Duration>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) => format!("{:+.2} ms", (a.as_secs_f64() - b.as_secs_f64()) * 1e3),
+        _ => "-".into(),
+    }
+}
+
+/// `herald bench --rate`: herald (and with `--baseline` the raw client) sending `args.messages`
+/// on a fixed schedule of `rate` messages a second, latency from due time to acknowledgement.
+async fn open_loop_bench(
+    args: &BenchArgs,
+    target: &Target,
+    rate: f64,
+    broker: &str,
+) -> anyhow::Result<Exit> {
+    anyhow::ensure!(
+        rate.is_finite() && rate > 0.0,
+        "--rate must be a positive number of messages per second, not {rate}"
+    );
+    anyhow::ensure!(
+        !args.baseline || matches!(target, Target::Kafka(_) | Target::Amqp(_)),
+        "--rate with --baseline has a raw client for Kafka and RabbitMQ only; without --baseline, --rate measures herald on {broker}"
+    );
+    out!(
+        "herald bench: open loop, {} messages of {} B at {} msg/s ({}), {KEYS} keys, to {broker}",
+        report::count(args.messages),
+        args.size,
+        report::count(rate as u64),
+        report::duration(Duration::from_secs_f64(args.messages as f64 / rate)),
+    );
+    out!("  latency from each message's due time on the schedule to its acknowledgement; every client connected first (one message acknowledged)");
+    let session = args.tuning.build(target)?;
+    let payload = Bytes::from(vec![b'x'; args.size]);
+    warm_up(&session, &payload).await?;
+    let sender = HeraldSender {
+        producer: session.producer.clone(),
+        dest: session.destination.clone(),
+        payload,
+        keys: (0..KEYS).map(|k| Bytes::from(format!("key-{k}"))).collect(),
+    };
+    let (herald, _) = open_loop::run(sender, rate, args.messages).await?;
+    session.producer.close(Duration::from_secs(30)).await;
+    let achieved = |p: &open_loop::Paced| {
+        format!(
+            "{} delivered, {} failed, {} msg/s, at most {} behind the schedule",
+            report::count(p.delivered()),
+            report::count(p.failed),
+            report::count(report::rate(p.delivered() + p.failed, p.elapsed) as u64),
+            report::duration(p.behind)
+        )
+    };
+    paced_line("herald", &herald, &achieved(&herald));
+    let raw = if args.baseline {
+        let (raw, what) = match target {
+            Target::Kafka(k) => {
+                let extra = args.tuning.kafka_client_properties(Some(k))?;
+                let topic = if args.to.is_none() {
+                    "herald-bench-raw"
+                } else {
+                    &k.topic
+                };
+                let one = herald_kafka::baseline::OneByOne::connect(
+                    &k.bootstrap,
+                    &extra,
+                    topic,
+                    args.size,
+                )
+                .await
+                .context("raw rdkafka baseline")?;
+                let (raw, _) = open_loop::run(KafkaOneByOne(one), rate, args.messages).await?;
+                (
+                    raw,
+                    "rdkafka FutureProducer, a delivery future per message".to_owned(),
+                )
+            }
+            Target::Amqp(a) => {
+                let (exchange, routing_key) = amqp_route(a)?;
+                let one = herald_amqp::baseline::OneByOne::connect(
+                    a,
+                    &exchange,
+                    &routing_key,
+                    args.size,
+                    AMQP_CHANNELS,
+                )
+                .await
+                .context("raw lapin baseline")?;
+                let (raw, one) = open_loop::run(AmqpOneByOne(one), rate, args.messages).await?;
+                one.0.close().await.context("raw lapin baseline")?;
+                (
+                    raw,
+                    format!("lapin, confirms awaited as they come, publishes over {AMQP_CHANNELS} channels"),
+                )
+            }
+            _ => unreachable!("checked above"),
+        };
+        anyhow::ensure!(
+            raw.failed == 0,
+            "the raw baseline lost {} messages",
+            raw.failed
+        );
+        paced_line("raw", &raw, &format!("{what}; {}", achieved(&raw)));
+        let q = |p: &open_loop::Paced, q: f64| p.quantile(q);
+        out!(
+            "  herald - raw: p50 {}, p99 {}, p99.9 {}",
+            ms_diff(q(&herald, 0.5), q(&raw, 0.5)),
+            ms_diff(q(&herald, 0.99), q(&raw, 0.99)),
+            ms_diff(q(&herald, 0.999), q(&raw, 0.999)),
+        );
+        Some(raw)
+    } else {
+        None
+    };
+    if args.report == ReportFormat::Json {
+        let mut obj = Map::new();
+        obj.insert("command".into(), json!("bench"));
+        obj.insert("mode".into(), json!("open_loop"));
+        obj.insert("broker".into(), json!(broker));
+        obj.insert("rate".into(), report::num(rate));
+        obj.insert("messages".into(), json!(args.messages));
+        obj.insert("size".into(), json!(args.size));
+        let mut put = |prefix: &str, p: &open_loop::Paced| {
+            obj.insert(format!("{prefix}sent"), json!(p.delivered()));
+            obj.insert(format!("{prefix}failed"), json!(p.failed));
+            obj.insert(format!("{prefix}p50_ms"), report::ms(p.quantile(0.5)));
+            obj.insert(format!("{prefix}p99_ms"), report::ms(p.quantile(0.99)));
+            obj.insert(format!("{prefix}p999_ms"), report::ms(p.quantile(0.999)));
+            obj.insert(format!("{prefix}max_ms"), report::ms(p.quantile(1.0)));
+            obj.insert(format!("{prefix}behind_ms"), report::ms(Some(p.behind)));
+        };
+        put("", &herald);
+        if let Some(raw) = &raw {
+            put("raw_", raw);
+        }
+        out!("{}", Value::Object(obj));
+    }
+    Ok(if herald.delivered() == args.messages {
+        Exit::Ok
+    } else {
+        Exit::Failed
+    })
 }

@@ -20,6 +20,7 @@ mod demo;
 mod engine;
 mod input;
 mod log;
+mod open_loop;
 mod produce;
 mod report;
 mod settings;

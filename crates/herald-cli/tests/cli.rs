@@ -396,6 +396,74 @@ fn bench_on_the_mock_cluster_reports_herald_raw_and_naive() {
     );
 }
 
+#[test]
+fn bench_with_a_rate_reports_latency_percentiles_for_herald_and_raw_on_one_schedule() {
+    let dir = Scratch::new("bench-rate");
+    // 2 000 messages at 4 000/s: half a second on a schedule, for each of herald and raw.
+    let run = herald(
+        &[
+            "bench",
+            "--rate",
+            "4000",
+            "--messages",
+            "2000",
+            "--baseline",
+            "--report",
+            "json",
+        ],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report = run.report();
+    assert_eq!(report["mode"], "open_loop", "{report}");
+    for prefix in ["", "raw_"] {
+        assert_eq!(report[format!("{prefix}sent")], 2000, "{report}");
+        assert_eq!(report[format!("{prefix}failed")], 0, "{report}");
+        let q = |name: &str| {
+            report[format!("{prefix}{name}")]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no {prefix}{name}: {report}"))
+        };
+        assert!(q("p50_ms") > 0.0, "{report}");
+        assert!(q("p50_ms") <= q("p99_ms"), "{report}");
+        assert!(q("p99_ms") <= q("p999_ms"), "{report}");
+        assert!(q("p999_ms") <= q("max_ms"), "{report}");
+    }
+    assert!(run.stdout.contains("herald - raw: p50"), "{}", run.stdout);
+}
+
+#[test]
+fn bench_refuses_a_rate_it_cannot_keep_and_a_raw_open_loop_it_does_not_have() {
+    let dir = Scratch::new("bench-rate-usage");
+    for (args, expected) in [
+        (
+            &["bench", "--rate", "0"][..],
+            "--rate must be a positive number",
+        ),
+        (
+            &["bench", "--rate=-5"][..],
+            "--rate must be a positive number",
+        ),
+        (
+            &[
+                "bench",
+                "--rate",
+                "1000",
+                "--baseline",
+                "--to",
+                "redis://127.0.0.1:1/stream",
+            ][..],
+            "raw client for Kafka and RabbitMQ only",
+        ),
+    ] {
+        let run = herald(args, None, &dir.0, LIMIT);
+        assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
+        assert!(run.stderr.contains(expected), "{args:?}: {}", run.stderr);
+    }
+}
+
 /// One HTTP GET over a plain socket: (status, body).
 fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read as _, Write as _};

@@ -149,3 +149,55 @@ pub async fn naive_await_each(
         elapsed: start.elapsed(),
     })
 }
+
+/// Raw rdkafka one message at a time, at the caller's pace: each message its own delivery
+/// future (`FutureProducer::send_result`, which never waits), with herald's settings. The
+/// baseline of `herald bench --rate`, where a fixed schedule, not the client, sets the pace.
+pub struct OneByOne {
+    producer: FutureProducer,
+    topic: String,
+    payload: Vec<u8>,
+    keys: Vec<String>,
+}
+
+impl OneByOne {
+    /// A connected producer: one message is sent and acknowledged first (connection, metadata,
+    /// producer id), as for the other baselines. `extra` as for [`raw_threaded`].
+    pub async fn connect(
+        bootstrap: &str,
+        extra: &[(String, String)],
+        topic: &str,
+        size: usize,
+    ) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = config(bootstrap, extra).create()?;
+        let payload = vec![b'x'; size];
+        producer
+            .send(
+                FutureRecord::to(topic).payload(&payload[..]).key("warm-up"),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+        Ok(Self {
+            producer,
+            topic: topic.to_owned(),
+            payload,
+            keys: (0..64).map(|k| format!("key-{k}")).collect(),
+        })
+    }
+
+    /// Hands message `i` (key `key-{i % 64}`) to librdkafka; the future ends with its
+    /// acknowledgement (`true`) or failure (`false`, a full queue included).
+    pub fn send(&self, i: u64) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let record = FutureRecord::to(&self.topic)
+            .payload(&self.payload[..])
+            .key(self.keys[(i % 64) as usize].as_str());
+        let delivery = self.producer.send_result(record).map_err(|(e, _)| e);
+        async move {
+            match delivery {
+                Ok(d) => matches!(d.await, Ok(Ok(_))),
+                Err(_) => false,
+            }
+        }
+    }
+}

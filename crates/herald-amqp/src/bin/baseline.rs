@@ -3,7 +3,9 @@
 //! naive pattern (await each confirm), and with herald over the same settings, and writes the
 //! figures as JSON.
 //!
-//! Usage: `HERALD_AMQP_URL=amqp://… amqp-baseline [--messages N] [--rtt-ms MS] [--json FILE]`.
+//! Usage: `HERALD_AMQP_URL=amqp://… amqp-baseline [--messages N] [--rtt-ms MS] [--json FILE]`;
+//! `amqp-baseline --delete-queue NAME` deletes a queue a benchmark left (`cargo xtask bench
+//! latency` runs the `herald` command into queues of its own) and does nothing else.
 //! With `--rtt-ms`, every variant goes through herald-testkit's fault proxy adding that round
 //! trip (half each way) between client and broker, as a network between zones would.
 
@@ -163,6 +165,11 @@ fn main() -> Res<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if let Some(queue) = args.value("--delete-queue") {
+        let config = AmqpConfig::from_url(&url)?;
+        rt.block_on(delete_queue(&config, queue))?;
+        return Ok(());
+    }
     let rtt_ms: u64 = args.number("--rtt-ms", 0)?;
     let (figures, _proxy) = rt.block_on(async {
         // Through a proxy that delays each way by half the round trip: same path for every variant.
