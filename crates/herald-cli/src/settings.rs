@@ -32,11 +32,12 @@ pub(crate) struct Tuning {
     /// Most bytes per batch [default: Kafka 16 MiB, AMQP 1 MiB].
     #[arg(long, value_name = "BYTES", help_heading = "Producer")]
     pub(crate) batch_max_bytes: Option<usize>,
-    /// How long a batch waits to fill.
+    /// How long a batch may wait to fill. 0: it goes as soon as its destination may send, and
+    /// what arrives while batches are in flight gathers into the next one.
     #[arg(
         long,
         value_name = "MS",
-        default_value_t = 5,
+        default_value_t = 0,
         help_heading = "Producer"
     )]
     pub(crate) linger_ms: u64,

@@ -58,8 +58,11 @@ pub use error::ConfigError;
 pub use transport::KafkaTransport;
 
 /// The batching policy herald-kafka recommends: large batches (20 000 messages or 16 MiB) so
-/// that, with one batch in flight per topic under strict ordering, librdkafka always has a full
-/// batch to pipeline into produce requests; 5 ms linger for a lone message.
+/// that librdkafka always has a full batch to pipeline into produce requests under load, and
+/// no linger of herald's own: librdkafka lingers already (`linger.ms`, 1 ms by default here),
+/// and what arrives while a topic's batches are in flight gathers into the next one. Against
+/// a 5 ms linger, measured through the `herald` command on Tansu: p50 at a steady 10 000
+/// msgs/s 2.7 ms instead of 5.3, and 1 M messages handed over at once 1.29 × faster.
 pub fn recommended_batching() -> herald_batch::SizeOrLinger {
-    herald_batch::SizeOrLinger::new(20_000, 16 << 20, Duration::from_millis(5))
+    herald_batch::SizeOrLinger::new(20_000, 16 << 20, Duration::ZERO)
 }

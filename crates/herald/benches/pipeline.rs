@@ -73,10 +73,19 @@ fn channel(n: usize, multi: bool) -> f64 {
 
 fn producer(ordering: OrderingMode) -> (Producer, MemoryTransport) {
     let transport = MemoryTransport::counting();
-    let producer = Producer::builder(transport.clone())
-        .ordering(ordering)
-        .build()
-        .expect("default settings build");
+    let mut builder = Producer::builder(transport.clone()).ordering(ordering);
+    // Experiment: `HERALD_BENCH_LINGER_MS=N` runs the default batch sizes with another linger.
+    if let Some(ms) = std::env::var("HERALD_BENCH_LINGER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        builder = builder.batching(herald::batch::SizeOrLinger::new(
+            1024,
+            1 << 20,
+            Duration::from_millis(ms),
+        ));
+    }
+    let producer = builder.build().expect("default settings build");
     (producer, transport)
 }
 

@@ -82,7 +82,7 @@ impl ProducerBuilder {
         }
     }
 
-    /// The batching policy. Default: [`SizeOrLinger::default`] (1 024 messages, 1 MiB, 5 ms).
+    /// The batching policy. Default: [`SizeOrLinger::default`] (1 024 messages, 1 MiB, no linger).
     #[must_use]
     pub fn batching(mut self, policy: impl BatchPolicy) -> Self {
         self.batching = Box::new(policy);

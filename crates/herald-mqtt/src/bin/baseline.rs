@@ -78,7 +78,7 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
         for (name, what, ordering) in [
             (
                 "herald_default",
-                "herald send_all, default batching (1 024 / 5 ms), strict order, 64 keys, key and id as user properties",
+                "herald send_all, default batching (up to 1 024, no linger), strict order, 64 keys, key and id as user properties",
                 OrderingMode::Strict,
             ),
             (

@@ -48,7 +48,7 @@ async fn herald(
         .batching(herald_batch::SizeOrLinger::new(
             batch,
             64 << 20,
-            Duration::from_millis(5),
+            Duration::ZERO,
         ))
         .ordering(ordering)
         .build()?;
@@ -101,7 +101,7 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
         for (name, what, batch, ordering) in [
             (
                 "herald_default",
-                "herald send_all, default batching (1 024 / 5 ms), strict order, 64 keys",
+                "herald send_all, default batching (up to 1 024, no linger), strict order, 64 keys",
                 1024,
                 OrderingMode::Strict,
             ),
