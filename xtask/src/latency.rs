@@ -75,6 +75,26 @@ fn round(herald: &Path, to: &str, rate: u64) -> Result<(Quantiles, Quantiles)> {
     Ok((quantiles(&json, "")?, quantiles(&json, "raw_")?))
 }
 
+/// `ROUNDS` rounds of `one` (given the round's number) at `rate` on `broker`.
+fn rounds(
+    broker: &'static str,
+    rate: u64,
+    mut one: impl FnMut(usize) -> Result<(Quantiles, Quantiles)>,
+) -> Result<Row> {
+    let mut row = Row {
+        broker,
+        rate,
+        herald: Vec::new(),
+        raw: Vec::new(),
+    };
+    for r in 0..ROUNDS {
+        let (h, raw) = one(r)?;
+        row.herald.push(h);
+        row.raw.push(raw);
+    }
+    Ok(row)
+}
+
 /// The median of the rounds' figure `i`, and the range: `1.23 (1.10–1.40)`.
 fn median_range(rounds: &[Quantiles], i: usize) -> (f64, String) {
     let mut v: Vec<f64> = rounds.iter().map(|q| q[i]).collect();
@@ -96,19 +116,13 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
         let broker = kafka::provision()?;
         let bootstrap = broker.var("HERALD_KAFKA_BOOTSTRAP")?;
         for &rate in KAFKA_RATES {
-            let mut row = Row {
-                broker: "Kafka",
-                rate,
-                herald: Vec::new(),
-                raw: Vec::new(),
-            };
-            for r in 0..ROUNDS {
-                let to = format!("kafka://{bootstrap}/latency-{rate}-{r}-{pid}");
-                let (h, raw) = round(&herald, &to, rate)?;
-                row.herald.push(h);
-                row.raw.push(raw);
-            }
-            rows.push(row);
+            rows.push(rounds("Kafka", rate, |r| {
+                round(
+                    &herald,
+                    &format!("kafka://{bootstrap}/latency-{rate}-{r}-{pid}"),
+                    rate,
+                )
+            })?);
         }
     }
     {
@@ -116,23 +130,14 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
         let url = broker.var("HERALD_AMQP_URL")?;
         let sep = if url.contains('?') { '&' } else { '?' };
         for &rate in AMQP_RATES {
-            let mut row = Row {
-                broker: "RabbitMQ",
-                rate,
-                herald: Vec::new(),
-                raw: Vec::new(),
-            };
-            for r in 0..ROUNDS {
+            rows.push(rounds("RabbitMQ", rate, |r| {
                 // A queue of its own per round, deleted after it: a long queue would slow the
                 // broker down round after round.
                 let queue = format!("herald-latency-{rate}-{r}-{pid}");
                 let result = round(&herald, &format!("{url}{sep}queue={queue}"), rate);
                 amqp::delete_queue(&url, &queue)?;
-                let (h, raw) = result?;
-                row.herald.push(h);
-                row.raw.push(raw);
-            }
-            rows.push(row);
+                result
+            })?);
         }
     }
     let mut body = format!(
