@@ -48,6 +48,8 @@ pub(crate) struct BenchArgs {
 }
 
 const KEYS: u64 = 64;
+/// Messages handed to the engine at a time in the throughput run.
+const RUN: usize = 1024;
 /// AMQP raw baseline: channels and unconfirmed messages per channel (herald-amqp's defaults).
 const AMQP_CHANNELS: usize = 8;
 const AMQP_WINDOW: usize = 512;
@@ -81,11 +83,17 @@ async fn herald_run(args: &BenchArgs, target: &Target) -> anyhow::Result<Measure
     let keys: Vec<Bytes> = (0..KEYS).map(|k| Bytes::from(format!("key-{k}"))).collect();
     let dest: Destination = session.destination.clone();
     let started = Instant::now();
+    // In runs, as `herald produce` hands over what it read: one `enqueue_many` each.
+    let mut run = Vec::with_capacity(RUN);
     for i in 0..args.messages {
         let msg =
             Message::new(dest.clone(), payload.clone()).with_key(keys[(i % KEYS) as usize].clone());
-        engine.send(i + 1, msg).await?;
+        run.push((i + 1, msg));
+        if run.len() == RUN {
+            engine.send_many(std::mem::take(&mut run)).await?;
+        }
     }
+    engine.send_many(run).await?;
     let (collector, _) = engine.finish(Duration::from_secs(30)).await?;
     Ok(Measured {
         tally: collector.tally,

@@ -1378,3 +1378,65 @@ async fn enqueue_tagged_reports_each_fate_once_with_its_tag() {
         b"bad for the panicking sink"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn enqueue_many_accepts_in_order_waits_for_room_and_answers_each_in_its_place() {
+    // A buffer of 10 and 25 messages, the 8th too large: the call takes what fits, waits for
+    // the broker to free room, and returns one answer per message in input order.
+    let t = MemoryTransport::new();
+    let producer = Producer::builder(t.clone())
+        .buffer(10, 1 << 20)
+        .max_message_bytes(1_000)
+        .build()
+        .expect("producer");
+    t.hold();
+    let msgs: Vec<Message> = (0..25)
+        .map(|i| {
+            if i == 7 {
+                Message::new("t", vec![b'x'; 2_000])
+            } else {
+                msg(i)
+            }
+        })
+        .collect();
+    let call = tokio::spawn({
+        let producer = producer.clone();
+        async move { producer.enqueue_many(msgs).await }
+    });
+    // With the broker held, the buffer fills at 10 and the call waits for room.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!call.is_finished(), "25 messages do not fit a buffer of 10");
+    t.release();
+    let answers = call.await.expect("join");
+    assert_eq!(answers.len(), 25);
+    let mut futures = Vec::new();
+    for (i, a) in answers.into_iter().enumerate() {
+        match a {
+            Err(e) => {
+                assert_eq!(i, 7, "only the large message is refused: {e}");
+                assert!(matches!(e.reason(), FailureReason::TooLarge { .. }), "{e}");
+            }
+            Ok(f) => futures.push((i, f)),
+        }
+    }
+    assert_eq!(futures.len(), 24);
+    for (i, f) in futures {
+        let d = f.await.unwrap_or_else(|e| panic!("message {i}: {e}"));
+        assert_eq!(d.attempts, 1, "message {i}");
+    }
+    // Delivered in input order (one key-less destination, strict ordering).
+    let got: Vec<_> = t.received().iter().map(|m| m.payload().clone()).collect();
+    let want: Vec<_> = (0..25)
+        .filter(|&i| i != 7)
+        .map(|i| bytes::Bytes::from(format!("m-{i}")))
+        .collect();
+    assert_eq!(got, want);
+    // After a close, every message comes back refused, each in its place.
+    producer.close(Duration::from_secs(1)).await;
+    let answers = producer.enqueue_many((0..3).map(msg).collect()).await;
+    assert_eq!(answers.len(), 3);
+    for a in answers {
+        let e = a.expect_err("closed");
+        assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
+    }
+}

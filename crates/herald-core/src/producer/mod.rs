@@ -241,14 +241,16 @@ impl Producer {
     /// [`Producer::enqueue`] for several messages, in order, with one future each. With a
     /// [store](ProducerBuilder::store) they are stored with one write (and one fsync), which
     /// is why this exists: enqueuing them one by one would wait for one fsync each. Without a
-    /// store it is `enqueue` in a loop. Returns once every message is accepted or refused.
+    /// store they are accepted as many at a time as the buffer has room for (one lock, one
+    /// wake-up of the dispatcher), the rest waiting for room in order. Returns once every
+    /// message is accepted or refused.
+    ///
+    /// Cancelling this call while it waits for space drops the messages not accepted yet, as
+    /// with `enqueue`; the fates of those already accepted go to the unclaimed hook or
+    /// [`Producer::close`]'s report, as with dropped futures.
     pub async fn enqueue_many(&self, msgs: Vec<Message>) -> Vec<Result<DeliveryFuture, SendError>> {
         let Some(stage) = &self.shared().stage else {
-            let mut out = Vec::with_capacity(msgs.len());
-            for msg in msgs {
-                out.push(self.enqueue(msg).await);
-            }
-            return out;
+            return self.enqueue_many_unstored(msgs).await;
         };
         let mut out: Vec<Option<Result<DeliveryFuture, SendError>>> =
             Vec::with_capacity(msgs.len());
@@ -294,6 +296,69 @@ impl Producer {
         }
         out.into_iter()
             .map(|o| o.expect("every message answered"))
+            .collect()
+    }
+
+    /// `enqueue_many` without a store: admitted in runs under one lock, waiting for room.
+    async fn enqueue_many_unstored(
+        &self,
+        msgs: Vec<Message>,
+    ) -> Vec<Result<DeliveryFuture, SendError>> {
+        let shared = self.shared();
+        let mut out: Vec<Option<Result<DeliveryFuture, SendError>>> =
+            Vec::with_capacity(msgs.len());
+        let mut answers = Vec::with_capacity(msgs.len());
+        // Position, message and completion of each message still to admit, in order.
+        let mut todo = VecDeque::with_capacity(msgs.len());
+        for msg in msgs {
+            // Too large is answered here, so that `admit` refuses only when closed (all of
+            // what it is given) and stops only when full: positions follow from its counts.
+            match self.check_size(self.traced(msg)) {
+                Ok(msg) => {
+                    let (tx, rx) = oneshot::channel();
+                    todo.push_back((out.len(), msg, Completion::One(tx)));
+                    answers.push(Some(rx));
+                    out.push(None);
+                }
+                Err(e) => {
+                    answers.push(None);
+                    out.push(Some(Err(e)));
+                }
+            }
+        }
+        while !todo.is_empty() {
+            let mut space = pin!(shared.space.notified());
+            space.as_mut().enable();
+            let mut given = Vec::new();
+            let admission = shared.admit(
+                std::iter::from_fn(|| {
+                    todo.pop_front().map(|(at, msg, done)| {
+                        given.push(at);
+                        (msg, done, None)
+                    })
+                }),
+                false,
+                |_| {},
+            );
+            debug_assert!(admission.accepted == 0 || admission.refused.is_empty());
+            let mut given = given.into_iter();
+            for at in given.by_ref().take(admission.accepted) {
+                if let Some(rx) = answers[at].take() {
+                    out[at] = Some(Ok(DeliveryFuture::new(rx, shared.unclaimed.clone())));
+                }
+            }
+            for refused in admission.refused {
+                if let Some(at) = given.next() {
+                    out[at] = Some(Err(self.refused(refused)));
+                }
+            }
+            if let (Some(full), Some(at)) = (admission.full, given.next()) {
+                todo.push_front((at, full.msg, full.done));
+                space.await;
+            }
+        }
+        out.into_iter()
+            .map(|o| o.expect("every message is accepted or refused"))
             .collect()
     }
 
