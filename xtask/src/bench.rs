@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: runs the benchmarks (the pipeline here, the brokers' in `kafka.rs`,
-//! `amqp.rs`, `nats.rs`, `redis.rs` and `mqtt.rs`, the spool's in `spool.rs`, latency under a
-//! steady load in `latency.rs`), rewrites their sections of docs/benchmarks.md, then the summary table and
+//! `amqp.rs`, `nats.rs`, `redis.rs` and `mqtt.rs`, the spool's in `spool.rs`, the `herald`
+//! command's throughput and latency under a steady load in `command.rs`), rewrites their sections of docs/benchmarks.md, then the summary table and
 //! docs/benchmarks-throughput.svg (drawn by `chart.rs`) from the last runs in target/bench.
 
 use std::path::Path;
@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::process::{cargo, run};
 use crate::report::{machine, replace_section, thousands};
-use crate::{amqp, chart, kafka, latency, mqtt, nats, redis, spool};
+use crate::{amqp, chart, command, kafka, mqtt, nats, redis, spool};
 
 /// Which benchmarks to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -34,10 +34,13 @@ pub(crate) enum Which {
     /// herald with the spool against herald without it, to one Kafka broker and to the
     /// in-memory transport, and the memory a million spooled messages cost
     Spool,
+    /// the `herald` command's throughput as a user runs it (`herald bench --baseline`), Kafka
+    /// and RabbitMQ, 100 B and 1 KiB, three rounds
+    Command,
     /// latency under a steady load: the `herald` command in open loop (`herald bench --rate`)
     /// against the raw client on the same schedule, Kafka and RabbitMQ, two rates each
     Latency,
-    /// pipeline, kafka, amqp, nats, redis, mqtt, spool and latency, in that order
+    /// pipeline, kafka, amqp, nats, redis, mqtt, spool, command and latency, in that order
     All,
     /// none: only the summary table and the chart, from the last runs
     Summary,
@@ -54,7 +57,8 @@ pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
         Which::Redis => redis::bench(root)?,
         Which::Mqtt => mqtt::bench(root)?,
         Which::Spool => spool::bench(root)?,
-        Which::Latency => latency::bench(root)?,
+        Which::Command => command::bench_throughput(root)?,
+        Which::Latency => command::bench_latency(root)?,
         Which::All => {
             bench_pipeline(root)?;
             kafka::bench(root)?;
@@ -63,13 +67,18 @@ pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
             redis::bench(root)?;
             mqtt::bench(root)?;
             spool::bench(root)?;
-            latency::bench(root)?;
+            command::bench_throughput(root)?;
+            command::bench_latency(root)?;
         }
         Which::Summary => {}
     }
     // The summary reads whatever runs are in target/bench, this one included. The spool's,
-    // the round-trip and the latency runs are not in it: after those alone it is left as it is.
-    if matches!(which, Which::Spool | Which::KafkaRtt | Which::Latency) {
+    // the round-trip, the command's and the latency runs are not in it: after those alone it
+    // is left as it is.
+    if matches!(
+        which,
+        Which::Spool | Which::KafkaRtt | Which::Command | Which::Latency
+    ) {
         return Ok(());
     }
     bench_summary(root)
