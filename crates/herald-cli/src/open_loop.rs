@@ -86,21 +86,28 @@ pub(crate) async fn run<S: Sender>(sender: S, rate: f64, n: u64) -> anyhow::Resu
             // Every message due by now, in one go.
             let elapsed = now.saturating_duration_since(start).as_secs_f64();
             let end = ((elapsed * rate).floor() as u64 + 1).clamp(i + 1, n);
-            handle.block_on(async {
+            let collecting = handle.block_on(async {
                 for k in i..end {
                     let ack = sender.send(k).await;
-                    // The collector outlives the pacer unless it failed; then so does the run.
                     if tx.send((k, ack)).is_err() {
-                        return;
+                        return false;
                     }
                 }
+                true
             });
+            // The collector outlives the pacer unless the run was dropped (or failed): then
+            // sending stops too.
+            if !collecting {
+                break;
+            }
             i = end;
         }
         (behind, sender)
     });
     let mut inflight = FuturesUnordered::new();
-    let mut latencies = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    // Every acknowledged message's time is kept (16 bytes each); reserved up front only for
+    // runs of ordinary length.
+    let mut latencies = Vec::with_capacity(usize::try_from(n).unwrap_or(0).min(1 << 22));
     let (mut failed, mut last) = (0u64, start);
     let mut open = true;
     loop {
