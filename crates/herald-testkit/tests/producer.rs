@@ -1440,3 +1440,22 @@ async fn enqueue_many_accepts_in_order_waits_for_room_and_answers_each_in_its_pl
         assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn enqueue_many_takes_a_long_run_in_chunks_and_keeps_its_order() {
+    // More than one chunk (1 024) in one call, the buffer large enough for all.
+    let t = MemoryTransport::new();
+    let producer = Producer::builder(t.clone()).build().expect("producer");
+    let answers = producer.enqueue_many((0..3_000).map(msg).collect()).await;
+    assert_eq!(answers.len(), 3_000);
+    for (i, a) in answers.into_iter().enumerate() {
+        a.unwrap_or_else(|e| panic!("message {i}: {e}"))
+            .await
+            .unwrap_or_else(|e| panic!("message {i}: {e}"));
+    }
+    let got: Vec<_> = t.received().iter().map(|m| m.payload().clone()).collect();
+    let want: Vec<_> = (0..3_000)
+        .map(|i| bytes::Bytes::from(format!("m-{i}")))
+        .collect();
+    assert_eq!(got, want);
+}

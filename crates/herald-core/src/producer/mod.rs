@@ -329,9 +329,13 @@ impl Producer {
         while !todo.is_empty() {
             let mut space = pin!(shared.space.notified());
             space.as_mut().enable();
-            let mut given = Vec::new();
+            // At most a chunk under one lock, as `send_all`: landing batches needs it too.
+            let mut given = Vec::with_capacity(CHUNK.min(todo.len()));
             let admission = shared.admit(
                 std::iter::from_fn(|| {
+                    if given.len() == CHUNK {
+                        return None;
+                    }
                     todo.pop_front().map(|(at, msg, done)| {
                         given.push(at);
                         (msg, done, None)
