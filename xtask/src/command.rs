@@ -141,16 +141,17 @@ fn rounds<T>(
     Ok(out)
 }
 
-/// The median of `v` and the range: `(median, "1.23 (1.10–1.40)")`, with `digits` decimals.
-fn median_range(mut v: Vec<f64>, digits: usize) -> (f64, String) {
+/// The median of `v` and the range, each written by `show`: `(median, "1.23 (1.10–1.40)")`.
+fn median_range(mut v: Vec<f64>, show: impl Fn(f64) -> String) -> (f64, String) {
     v.sort_by(f64::total_cmp);
     let median = v[v.len() / 2];
-    let text = format!(
-        "{median:.digits$} ({:.digits$}–{:.digits$})",
-        v[0],
-        v[v.len() - 1]
-    );
+    let text = format!("{} ({}–{})", show(median), show(v[0]), show(v[v.len() - 1]));
     (median, text)
+}
+
+/// Two decimals.
+fn two(x: f64) -> String {
+    format!("{x:.2}")
 }
 
 /// `cargo xtask bench command`.
@@ -182,21 +183,12 @@ pub(crate) fn bench_throughput(root: &Path) -> Result<()> {
     );
     body.push_str("| broker | message | herald (msgs/s) | raw client at its best (msgs/s) | herald / raw |\n|---|---:|---:|---:|---:|\n");
     for (broker, size, got) in runs {
-        let (h, _) = median_range(got.iter().map(|g| g.0).collect(), 0);
-        let (r, _) = median_range(got.iter().map(|g| g.1).collect(), 0);
-        let (_, ratio) = median_range(got.iter().map(|g| g.0 / g.1).collect(), 2);
-        let spread = |v: Vec<f64>| {
-            let mut v = v;
-            v.sort_by(f64::total_cmp);
-            format!("{}–{}", thousands(v[0]), thousands(v[v.len() - 1]))
-        };
+        let (_, herald) = median_range(got.iter().map(|g| g.0).collect(), thousands);
+        let (_, raw) = median_range(got.iter().map(|g| g.1).collect(), thousands);
+        let (_, ratio) = median_range(got.iter().map(|g| g.0 / g.1).collect(), two);
         body.push_str(&format!(
-            "| {} | {size} B | {} ({}) | {} ({}) | {ratio}× |\n",
+            "| {} | {size} B | {herald} | {raw} | {ratio}× |\n",
             broker.name(),
-            thousands(h),
-            spread(got.iter().map(|g| g.0).collect()),
-            thousands(r),
-            spread(got.iter().map(|g| g.1).collect()),
         ));
     }
     replace_section(&root.join("docs/benchmarks.md"), "command", &body)?;
@@ -253,7 +245,7 @@ pub(crate) fn bench_latency(root: &Path) -> Result<()> {
                 got.iter()
                     .map(|g| if side == 0 { g.0[i] } else { g.1[i] })
                     .collect(),
-                2,
+                two,
             )
         };
         let (h50, h50s) = figure(0, 0);
@@ -283,4 +275,18 @@ pub(crate) fn bench_latency(root: &Path) -> Result<()> {
     replace_section(&root.join("docs/benchmarks.md"), "latency", &body)?;
     eprintln!("docs/benchmarks.md: latency section updated");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_range_writes_the_median_then_the_range() {
+        let (m, text) = median_range(vec![1_022_977.0, 930_747.0, 945_494.0], thousands);
+        assert_eq!(m, 945_494.0);
+        assert_eq!(text, "945 494 (930 747–1 022 977)");
+        let (_, text) = median_range(vec![0.66, 0.59, 0.631], two);
+        assert_eq!(text, "0.63 (0.59–0.66)");
+    }
 }

@@ -48,6 +48,11 @@ pub(crate) struct BenchArgs {
 }
 
 const KEYS: u64 = 64;
+/// The benchmark's keys, `key-0` to `key-63`: message `i` has key `i % KEYS`.
+fn keys() -> Vec<Bytes> {
+    (0..KEYS).map(|k| Bytes::from(format!("key-{k}"))).collect()
+}
+
 /// Messages handed to the engine at a time in the throughput run.
 const RUN: usize = 1024;
 /// AMQP raw baseline: channels and unconfirmed messages per channel (herald-amqp's defaults).
@@ -80,7 +85,7 @@ async fn herald_run(args: &BenchArgs, target: &Target) -> anyhow::Result<Measure
         Collector::new(session.destination.clone()),
     );
     let payload = Bytes::from(vec![b'x'; args.size]);
-    let keys: Vec<Bytes> = (0..KEYS).map(|k| Bytes::from(format!("key-{k}"))).collect();
+    let keys = keys();
     let dest: Destination = session.destination.clone();
     let started = Instant::now();
     // In runs, as `herald produce` hands over what it read: one `enqueue_many` each.
@@ -508,10 +513,7 @@ async fn open_loop_bench(
     rate: f64,
     broker: &str,
 ) -> anyhow::Result<Exit> {
-    anyhow::ensure!(
-        rate.is_finite() && rate > 0.0,
-        "--rate must be a positive number of messages per second, not {rate}"
-    );
+    open_loop::check_rate(rate)?;
     anyhow::ensure!(
         !args.baseline || matches!(target, Target::Kafka(_) | Target::Amqp(_)),
         "--rate with --baseline has a raw client for Kafka and RabbitMQ only; without --baseline, --rate measures herald on {broker}"
@@ -531,7 +533,7 @@ async fn open_loop_bench(
         producer: session.producer.clone(),
         dest: session.destination.clone(),
         payload,
-        keys: (0..KEYS).map(|k| Bytes::from(format!("key-{k}"))).collect(),
+        keys: keys(),
     };
     let (herald, _) = open_loop::run(sender, rate, args.messages).await?;
     session.producer.close(Duration::from_secs(30)).await;

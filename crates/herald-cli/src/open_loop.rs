@@ -59,14 +59,20 @@ fn due(start: Instant, rate: f64, i: u64) -> Instant {
     start + Duration::from_secs_f64(i as f64 / rate)
 }
 
-/// Sends `n` messages through `sender` at `rate` messages a second and times each from its
-/// due time to its acknowledgement, and gives `sender` back (to be closed). Runs the pacer on a
-/// blocking thread of the current runtime.
-pub(crate) async fn run<S: Sender>(sender: S, rate: f64, n: u64) -> anyhow::Result<(Paced, S)> {
+/// `--rate`: a positive, finite number of messages a second.
+pub(crate) fn check_rate(rate: f64) -> anyhow::Result<()> {
     anyhow::ensure!(
         rate.is_finite() && rate > 0.0,
         "--rate must be a positive number of messages per second, not {rate}"
     );
+    Ok(())
+}
+
+/// Sends `n` messages through `sender` at `rate` messages a second and times each from its
+/// due time to its acknowledgement, and gives `sender` back (to be closed). Runs the pacer on a
+/// blocking thread of the current runtime.
+pub(crate) async fn run<S: Sender>(sender: S, rate: f64, n: u64) -> anyhow::Result<(Paced, S)> {
+    check_rate(rate)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, BoxFuture<'static, bool>)>();
     let handle = tokio::runtime::Handle::current();
     // A moment from now, so that the first messages are not already late when the thread starts.

@@ -79,9 +79,10 @@ fn producer(ordering: OrderingMode) -> (Producer, MemoryTransport) {
         .ok()
         .and_then(|v| v.parse().ok())
     {
+        let default = herald::batch::SizeOrLinger::default();
         builder = builder.batching(herald::batch::SizeOrLinger::new(
-            1024,
-            1 << 20,
+            default.max_messages(),
+            default.max_bytes(),
             Duration::from_millis(ms),
         ));
     }

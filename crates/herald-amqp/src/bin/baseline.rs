@@ -5,7 +5,8 @@
 //!
 //! Usage: `HERALD_AMQP_URL=amqp://… amqp-baseline [--messages N] [--rtt-ms MS] [--json FILE]`;
 //! `amqp-baseline --delete-queue NAME` deletes a queue a benchmark left (`cargo xtask bench
-//! latency` runs the `herald` command into queues of its own) and does nothing else.
+//! command` and `latency` run the `herald` command into queues of their own) and does nothing
+//! else.
 //! With `--rtt-ms`, every variant goes through herald-testkit's fault proxy adding that round
 //! trip (half each way) between client and broker, as a network between zones would.
 
