@@ -1379,6 +1379,84 @@ async fn enqueue_tagged_reports_each_fate_once_with_its_tag() {
     );
 }
 
+/// `enqueue_tagged` without a store admits as much as the buffer has room for and waits for
+/// the rest in order (the command's path): 25 messages through a buffer of 10 with the broker
+/// held, the 8th too large; after a close, every message comes back with its tag.
+#[tokio::test(start_paused = true)]
+async fn enqueue_tagged_waits_for_room_in_order_and_hands_back_refusals_with_their_tags() {
+    let t = MemoryTransport::new();
+    let producer = Producer::builder(t.clone())
+        .buffer(10, 1 << 20)
+        .max_message_bytes(1_000)
+        .build()
+        .expect("producer");
+    t.hold();
+    let fates: Arc<Mutex<Vec<(u64, bool)>>> = Arc::default();
+    let sink: Arc<dyn herald_core::FateSink> = {
+        let fates = fates.clone();
+        Arc::new(
+            move |tag: u64, outcome: Result<herald_core::Delivery, SendError>| {
+                fates.lock().expect("fates").push((tag, outcome.is_ok()));
+            },
+        )
+    };
+    let msgs: Vec<(u64, Message)> = (0..25u64)
+        .map(|i| {
+            let m = if i == 7 {
+                Message::new("t", vec![b'x'; 2_000])
+            } else {
+                msg(i as usize)
+            };
+            (100 + i, m)
+        })
+        .collect();
+    let call = tokio::spawn({
+        let (producer, sink) = (producer.clone(), sink.clone());
+        async move { producer.enqueue_tagged(msgs, &sink).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!call.is_finished(), "25 messages do not fit a buffer of 10");
+    t.release();
+    let refused = call.await.expect("join");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, 107);
+    assert!(matches!(
+        refused[0].1.reason(),
+        FailureReason::TooLarge { .. }
+    ));
+    eventually(Duration::from_secs(10), "every fate", || {
+        fates.lock().expect("fates").len() == 24
+    })
+    .await;
+    let mut got = fates.lock().expect("fates").clone();
+    got.sort_unstable();
+    let want: Vec<(u64, bool)> = (100..125)
+        .filter(|&t| t != 107)
+        .map(|t| (t, true))
+        .collect();
+    assert_eq!(got, want, "each delivered once, with its tag");
+    let sent: Vec<_> = t.received().iter().map(|m| m.payload().clone()).collect();
+    let in_order: Vec<_> = (0..25)
+        .filter(|&i| i != 7)
+        .map(|i| bytes::Bytes::from(format!("m-{i}")))
+        .collect();
+    assert_eq!(sent, in_order);
+    producer.close(Duration::from_secs(1)).await;
+    let refused = producer
+        .enqueue_tagged((0..3u64).map(|i| (i, msg(i as usize))).collect(), &sink)
+        .await;
+    let tags: Vec<u64> = refused.iter().map(|(tag, _)| *tag).collect();
+    assert_eq!(tags, [0, 1, 2]);
+    assert!(refused
+        .iter()
+        .all(|(_, e)| matches!(e.reason(), FailureReason::Closed)));
+    assert_eq!(
+        fates.lock().expect("fates").len(),
+        24,
+        "the sink heard nothing more"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn enqueue_many_accepts_in_order_waits_for_room_and_answers_each_in_its_place() {
     // A buffer of 10 and 25 messages, the 8th too large: the call takes what fits, waits for

@@ -216,8 +216,19 @@ impl Producer {
     /// Puts one message into the buffer (no store), waiting for space.
     #[allow(clippy::result_large_err)] // handed straight back to the caller
     async fn push_waiting(&self, msg: Message, done: Completion) -> Result<(), SendError> {
-        let mut msg = msg;
-        let mut done = done;
+        // Tried first without registering for room (two locks of the waiters' list a message,
+        // for nothing while the buffer has room); when full, registered before trying again,
+        // so that room freed in between is not missed.
+        let (mut msg, mut done) = match self.push_one(msg, done) {
+            Ok(()) => return Ok(()),
+            Err(Refused {
+                msg,
+                done,
+                reason: FailureReason::BufferFull,
+                ..
+            }) => (msg, done),
+            Err(refused) => return Err(self.refused(refused)),
+        };
         loop {
             let mut space = pin!(self.shared().space.notified());
             space.as_mut().enable();
@@ -304,15 +315,13 @@ impl Producer {
         &self,
         msgs: Vec<Message>,
     ) -> Vec<Result<DeliveryFuture, SendError>> {
-        let shared = self.shared();
+        let unclaimed = &self.shared().unclaimed;
         let mut out: Vec<Option<Result<DeliveryFuture, SendError>>> =
             Vec::with_capacity(msgs.len());
         let mut answers = Vec::with_capacity(msgs.len());
         // Position, message and completion of each message still to admit, in order.
         let mut todo = VecDeque::with_capacity(msgs.len());
         for msg in msgs {
-            // Too large is answered here, so that `admit` refuses only when closed (all of
-            // what it is given) and stops only when full: positions follow from its counts.
             match self.check_size(self.traced(msg)) {
                 Ok(msg) => {
                     let (tx, rx) = oneshot::channel();
@@ -326,18 +335,43 @@ impl Producer {
                 }
             }
         }
+        self.admit_in_runs(todo, |at, answer| {
+            out[at] = Some(match answer {
+                Ok(()) => match answers[at].take() {
+                    Some(rx) => Ok(DeliveryFuture::new(rx, unclaimed.clone())),
+                    None => unreachable!("position {at} is answered once"),
+                },
+                Err(e) => Err(e),
+            });
+        })
+        .await;
+        out.into_iter()
+            .map(|o| o.expect("every message is accepted or refused"))
+            .collect()
+    }
+
+    /// Admits `todo` into the buffer (no store) in order, at most [`CHUNK`] under one lock (as
+    /// `send_all`: landing batches needs the lock too), waiting for room, and tells `answer`
+    /// each message's tag with whether it was accepted or why not (the producer is closed).
+    /// Messages too large must be answered before: `admit` then refuses only when closed (all
+    /// of what it is given) and stops only when full, so that tags follow from its counts.
+    async fn admit_in_runs<T>(
+        &self,
+        mut todo: VecDeque<(T, Message, Completion)>,
+        mut answer: impl FnMut(T, Result<(), SendError>),
+    ) {
+        let shared = self.shared();
         while !todo.is_empty() {
             let mut space = pin!(shared.space.notified());
             space.as_mut().enable();
-            // At most a chunk under one lock, as `send_all`: landing batches needs it too.
-            let mut given = Vec::with_capacity(CHUNK.min(todo.len()));
+            let mut given = VecDeque::with_capacity(CHUNK.min(todo.len()));
             let admission = shared.admit(
                 std::iter::from_fn(|| {
                     if given.len() == CHUNK {
                         return None;
                     }
-                    todo.pop_front().map(|(at, msg, done)| {
-                        given.push(at);
+                    todo.pop_front().map(|(tag, msg, done)| {
+                        given.push_back(tag);
                         (msg, done, None)
                     })
                 }),
@@ -345,25 +379,19 @@ impl Producer {
                 |_| {},
             );
             debug_assert!(admission.accepted == 0 || admission.refused.is_empty());
-            let mut given = given.into_iter();
-            for at in given.by_ref().take(admission.accepted) {
-                if let Some(rx) = answers[at].take() {
-                    out[at] = Some(Ok(DeliveryFuture::new(rx, shared.unclaimed.clone())));
-                }
+            for tag in given.drain(..admission.accepted) {
+                answer(tag, Ok(()));
             }
             for refused in admission.refused {
-                if let Some(at) = given.next() {
-                    out[at] = Some(Err(self.refused(refused)));
+                if let Some(tag) = given.pop_front() {
+                    answer(tag, Err(self.refused(refused)));
                 }
             }
-            if let (Some(full), Some(at)) = (admission.full, given.next()) {
-                todo.push_front((at, full.msg, full.done));
+            if let (Some(full), Some(tag)) = (admission.full, given.pop_front()) {
+                todo.push_front((tag, full.msg, full.done));
                 space.await;
             }
         }
-        out.into_iter()
-            .map(|o| o.expect("every message is accepted or refused"))
-            .collect()
     }
 
     /// [`Producer::enqueue_many`] with the fates going to `sink` instead of a future each:
@@ -373,40 +401,44 @@ impl Producer {
     /// those. A message a store takes but fails to make durable reaches `sink` as failed
     /// ([`FailureReason::Store`]).
     ///
-    /// For long streams through a [store](ProducerBuilder::store): a waiting message then
-    /// costs no future, and a run of consecutive tags waiting in the store costs next to
-    /// nothing, so memory stays flat however many wait (the `herald` command uses it with
-    /// `--spool`). Messages given in one call are stored with one write, as with
-    /// `enqueue_many`.
+    /// The fastest way in for a stream that needs each message's fate: no future (and no
+    /// allocation) per message, and without a store, as many admitted under one lock as the
+    /// buffer has room for (the `herald` command sends everything through it). Fates reach
+    /// `sink` in the order they happen, not in the order given: per key, a message's fate may
+    /// come after a later one's, when their batches land on different threads at once.
+    ///
+    /// For long streams through a [store](ProducerBuilder::store): a run of consecutive tags
+    /// waiting in the store costs next to nothing, so memory stays flat however many wait.
+    /// Messages given in one call are stored with one write, as with `enqueue_many`.
     pub async fn enqueue_tagged(
         &self,
         msgs: Vec<(u64, Message)>,
         sink: &Arc<dyn FateSink>,
     ) -> Vec<(u64, SendError)> {
         let mut refused = Vec::new();
-        let Some(stage) = &self.shared().stage else {
-            for (tag, msg) in msgs {
-                let done = Completion::Tagged(sink.clone(), tag);
-                if let Err(e) = self.push_waiting(self.traced(msg), done).await {
-                    refused.push((tag, e));
-                }
-            }
-            return refused;
-        };
-        let mut entries = Vec::with_capacity(msgs.len());
-        let mut tags = Vec::with_capacity(msgs.len());
+        let mut todo = VecDeque::with_capacity(msgs.len());
         for (tag, msg) in msgs {
             match self.check_size(self.traced(msg)) {
-                Ok(msg) => {
-                    entries.push((msg, Completion::Tagged(sink.clone(), tag)));
-                    tags.push(tag);
-                }
+                Ok(msg) => todo.push_back((tag, msg, Completion::Tagged(sink.clone(), tag))),
                 Err(e) => refused.push((tag, e)),
             }
         }
-        if entries.is_empty() {
+        let Some(stage) = &self.shared().stage else {
+            self.admit_in_runs(todo, |tag, answer| {
+                if let Err(e) = answer {
+                    refused.push((tag, e));
+                }
+            })
+            .await;
+            return refused;
+        };
+        if todo.is_empty() {
             return refused;
         }
+        let (tags, entries): (Vec<u64>, Vec<_>) = todo
+            .into_iter()
+            .map(|(tag, msg, done)| (tag, (msg, done)))
+            .unzip();
         let (durable_tx, durable_rx) = oneshot::channel();
         match self.submit_waiting(stage, entries, Some(durable_tx)).await {
             Err(not) => {
