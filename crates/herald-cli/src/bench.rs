@@ -81,21 +81,22 @@ async fn herald_run(args: &BenchArgs, target: &Target) -> anyhow::Result<Measure
     warm_up(&session, &Bytes::from(vec![b'x'; args.size])).await?;
     let engine = Engine::start(
         session.producer.clone(),
-        args.tuning.buffer_messages,
         Collector::new(session.destination.clone()),
     );
     let payload = Bytes::from(vec![b'x'; args.size]);
     let keys = keys();
     let dest: Destination = session.destination.clone();
     let started = Instant::now();
-    // In runs, as `herald produce` hands over what it read: one `enqueue_many` each.
+    // In runs, as `herald produce` hands over what it read: one `enqueue_tagged` each.
     let mut run = Vec::with_capacity(RUN);
     for i in 0..args.messages {
         let msg =
             Message::new(dest.clone(), payload.clone()).with_key(keys[(i % KEYS) as usize].clone());
         run.push((i + 1, msg));
         if run.len() == RUN {
-            engine.send_many(std::mem::take(&mut run)).await?;
+            engine
+                .send_many(std::mem::replace(&mut run, Vec::with_capacity(RUN)))
+                .await?;
         }
     }
     engine.send_many(run).await?;

@@ -100,7 +100,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<Exit> {
     let destination = Destination::new(TOPIC);
     let mut collector = Collector::new(destination.clone());
     collector.order = Some(OrderCheck::new(keys));
-    let engine = Engine::start(producer.clone(), 100_000, collector);
+    let engine = Engine::start(producer.clone(), collector);
     let key_names: Vec<Bytes> = (0..keys).map(|k| Bytes::from(format!("key-{k}"))).collect();
     let started = Instant::now();
     // The outage starts once a third of the messages are acknowledged (or the stream ended).
@@ -141,9 +141,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<Exit> {
     }
     let t = &collector.tally;
     let totals = producer.stats().totals;
-    let order = collector.order.as_ref();
-    let violations = order.map_or(0, |o| o.violations);
-    let checked = order.map_or(0, |o| o.checked);
+    let (checked, violations) = collector.order.as_ref().map_or((0, 0), OrderCheck::verdict);
 
     out!();
     out!("  delivered      {:>10}", report::count(t.delivered));

@@ -1,22 +1,23 @@
-//! Sending a stream of messages through a producer with a bounded window, and collecting every
-//! message's fate in input order: the loop shared by `produce`, `demo` and `bench`.
+//! Sending a stream of messages through a producer and collecting every message's fate: the
+//! loop shared by `produce`, `demo` and `bench`.
 //!
-//! The feeder calls [`Engine::send`] per message: `Producer::enqueue` waits for buffer space
-//! (backpressure), and the message's `DeliveryFuture` goes into a bounded channel to the
-//! collector task, which awaits them in order. Memory stays bounded whatever the input's size:
-//! the producer's buffer, the window, and a fixed-size latency histogram.
-//!
-//! With a spool ([`Engine::start_spooled`]) there is no window: the spool bounds what waits,
-//! and fates come through a sink (`Producer::enqueue_tagged`, tagged with the input line), in
-//! the order they happen, so that a waiting message costs no memory of its own.
+//! The feeder hands messages over in runs ([`Engine::send_many`]): one
+//! `Producer::enqueue_tagged` each, tagged with the input line, which waits for buffer space
+//! (backpressure) and admits a run under one lock. Fates come through a sink to the collector
+//! task in the order they happen: no future per message, and nothing waits behind a slow
+//! message ahead of it. Memory stays bounded whatever the input's size: the producer's buffer
+//! (or its spool), the copies of what it holds when a run may be cut off, and a fixed-size
+//! latency histogram.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use herald::{Delivery, DeliveryFuture, Destination, FateSink, Message, Producer, SendError};
+use herald::{Delivery, Destination, FateSink, Message, Producer, SendError};
 use indicatif::ProgressBar;
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -100,38 +101,49 @@ impl Histogram {
 }
 
 /// Checks per-key order from acknowledgements: for each key, the offsets the broker gave must
-/// increase in sending order (a key always lands in the same partition).
+/// increase with the input line (a key always lands in the same partition). Fates come in the
+/// order they happen, which for one key may differ from the input's (two batches landing at
+/// once): each acknowledgement is kept, and compared in input order at the end.
 #[derive(Debug)]
 pub(crate) struct OrderCheck {
     /// Key of the message on input line `n`: `key-{(n - 1) % keys}`.
     keys: u64,
-    last: Vec<Option<(i32, i64)>>,
-    pub(crate) checked: u64,
-    pub(crate) violations: u64,
+    /// (input line, partition, offset) of every acknowledgement that had both.
+    acks: Vec<(u64, i32, i64)>,
 }
 
 impl OrderCheck {
     pub(crate) fn new(keys: u64) -> Self {
         Self {
             keys: keys.max(1),
-            last: vec![None; keys.max(1) as usize],
-            checked: 0,
-            violations: 0,
+            acks: Vec::new(),
         }
     }
 
     fn observe(&mut self, line: u64, d: &Delivery) {
-        let (Some(p), Some(o)) = (d.ack.partition, d.ack.offset) else {
-            return;
-        };
-        let slot = &mut self.last[((line - 1) % self.keys) as usize];
-        if let Some((lp, lo)) = *slot {
-            self.checked += 1;
-            if lp != p || lo >= o {
-                self.violations += 1;
-            }
+        if let (Some(p), Some(o)) = (d.ack.partition, d.ack.offset) {
+            self.acks.push((line, p, o));
         }
-        *slot = Some((p, o));
+    }
+
+    /// Consecutive same-key acknowledgements compared, and how many were out of order
+    /// (another partition, or an offset not above the one before).
+    pub(crate) fn verdict(&self) -> (u64, u64) {
+        let mut acks = self.acks.clone();
+        acks.sort_unstable_by_key(|(line, ..)| *line);
+        let mut last = vec![None; usize::try_from(self.keys).unwrap_or(usize::MAX)];
+        let (mut checked, mut violations) = (0, 0);
+        for (line, p, o) in acks {
+            let slot = &mut last[((line - 1) % self.keys) as usize];
+            if let Some((lp, lo)) = *slot {
+                checked += 1;
+                if lp != p || lo >= o {
+                    violations += 1;
+                }
+            }
+            *slot = Some((p, o));
+        }
+        (checked, violations)
     }
 }
 
@@ -173,10 +185,11 @@ pub(crate) struct Collector {
     /// The producer keeps every accepted message in a spool until its fate is handed over:
     /// what it did not deliver stays there for the next run.
     pub(crate) spool: bool,
-    /// Some fates were not waited for (the run was interrupted and its grace period ended).
-    stopped_waiting: bool,
-    /// Fates that came through a spooled engine's sink.
+    /// Fates that came through the engine's sink before it finished or was cut off.
     seen: u64,
+    /// Dead-letter records held back until every line before theirs has ended, so that the
+    /// file is in input order (see [`Engine::start`]); `None`: written as they come.
+    held: Option<BTreeMap<u64, Value>>,
 }
 
 impl Collector {
@@ -188,8 +201,36 @@ impl Collector {
             progress: None,
             destination,
             spool: false,
-            stopped_waiting: false,
             seen: 0,
+            held: None,
+        }
+    }
+
+    /// Writes `record`, of input line `line`, to the dead-letter file: at once, or once every
+    /// line before it has ended.
+    fn record(&mut self, line: Option<u64>, record: impl FnOnce() -> Value) {
+        let Some(dl) = &mut self.dead_letter else {
+            return;
+        };
+        match (&mut self.held, line) {
+            (Some(held), Some(line)) => {
+                held.insert(line, record());
+            }
+            _ => dl.write(&record()),
+        }
+    }
+
+    /// Writes the records held back of the lines before `outstanding`, the first line whose
+    /// fate is not known yet (`None`: every line handed over has ended).
+    fn release(&mut self, outstanding: Option<u64>) {
+        let (Some(held), Some(dl)) = (&mut self.held, &mut self.dead_letter) else {
+            return;
+        };
+        while let Some(entry) = held.first_entry() {
+            if outstanding.is_some_and(|o| *entry.key() >= o) {
+                break;
+            }
+            dl.write(&entry.remove());
         }
     }
 
@@ -208,6 +249,13 @@ impl Collector {
         }
     }
 
+    fn fate(&mut self, line: u64, outcome: Result<Delivery, SendError>) {
+        match outcome {
+            Ok(d) => self.delivered(line, &d),
+            Err(e) => self.failed(Some(line), &e),
+        }
+    }
+
     fn example(&mut self, text: String) {
         if self.tally.examples.len() < 3 {
             self.tally.examples.push(text);
@@ -223,29 +271,24 @@ impl Collector {
         self.tally.failed += 1;
         let at = line.map_or_else(String::new, |l| format!("line {l}: "));
         self.example(format!("{at}{e}"));
-        if let Some(dl) = &mut self.dead_letter {
-            dl.write(&failed_record(line, e));
-        }
+        self.record(line, || failed_record(line, e));
         if let Some(p) = &self.progress {
             p.inc(1);
         }
     }
 
     /// A message whose fate was not waited for (the run was interrupted and its grace period
-    /// is over): recorded as failed, with its copy.
+    /// is over; no spool): recorded as failed, with its copy when there is one.
     fn unacknowledged(&mut self, line: u64, msg: Option<&Message>) {
-        self.stopped_waiting = true;
-        if self.spool {
-            // Not settled: the spool still holds it.
-            self.kept();
-            return;
-        }
         self.tally.failed += 1;
         self.tally.cut_off += 1;
-        let error = format!("line {line}: {UNACKNOWLEDGED}");
-        self.example(error.clone());
-        if let (Some(dl), Some(msg)) = (&mut self.dead_letter, msg) {
-            dl.write(&unacknowledged_record(line, msg, UNACKNOWLEDGED));
+        if let Some(msg) = msg {
+            self.example(format!("line {line}: {UNACKNOWLEDGED}"));
+            self.record(Some(line), || {
+                unacknowledged_record(line, msg, UNACKNOWLEDGED)
+            });
+        } else {
+            self.example(UNACKNOWLEDGED.to_owned());
         }
         if let Some(p) = &self.progress {
             p.inc(1);
@@ -263,142 +306,127 @@ impl Collector {
     pub(crate) fn malformed(&mut self, line: u64, raw: &[u8], error: &str) {
         self.tally.malformed += 1;
         self.example(error.to_owned());
-        if let Some(dl) = &mut self.dead_letter {
-            dl.write(&malformed_record(line, &self.destination, raw, error));
+        let destination = &self.destination;
+        let record = || malformed_record(line, destination, raw, error);
+        match (&mut self.held, &mut self.dead_letter) {
+            (Some(held), Some(_)) => {
+                held.insert(line, record());
+            }
+            (None, Some(dl)) => dl.write(&record()),
+            (_, None) => {}
         }
     }
 }
 
-enum Pending {
-    /// A message accepted by the producer, and a copy of it when the engine keeps copies
-    /// (boxed: a slot without one takes a few words).
-    Sent(u64, DeliveryFuture, Option<Box<Message>>),
+/// What the feeder tells the collector besides fates.
+enum Control {
     Refused(u64, SendError),
     Malformed(u64, Vec<u8>, String),
 }
 
-/// A fate reported through the sink of a spooled engine: (input line, outcome).
+/// A fate reported through the engine's sink: (input line, outcome).
 type Fate = (u64, Result<Delivery, SendError>);
+
+/// Fates the collector takes from its channel at a time.
+const FATES_AT_ONCE: usize = 1024;
+
+/// The lines handed over whose fates (or records) the collector has not taken yet, each with a
+/// copy of its message (`None` for a malformed line), kept when the dead-letter file is written
+/// in input order (see [`Engine::start`]).
+type Outstanding = Arc<Mutex<BTreeMap<u64, Option<Message>>>>;
+
+fn lock(outstanding: &Outstanding) -> std::sync::MutexGuard<'_, BTreeMap<u64, Option<Message>>> {
+    outstanding.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// A producer with its collector task.
 pub(crate) struct Engine {
     producer: Producer,
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Control>,
     collector: JoinHandle<(Collector, Option<mpsc::UnboundedReceiver<Fate>>)>,
-    /// Keep a copy of each message until its fate is known, to record it if the wait is cut off.
-    copies: bool,
-    cut_off: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
-    /// With a spool: where fates go, and how many messages were accepted.
-    spooled: Option<Spooled>,
-}
-
-/// The sink side of a spooled engine.
-struct Spooled {
+    /// Where fates go: to the collector, in the order they happen.
     sink: Arc<dyn FateSink>,
-    accepted: Arc<AtomicU64>,
+    /// Messages the producer accepted.
+    accepted: AtomicU64,
+    /// The producer keeps what it accepts in a spool (see [`Collector::spool`]).
+    spool: bool,
+    /// `Some` when the dead-letter file is written in input order.
+    outstanding: Option<Outstanding>,
+    cut_off: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Engine {
-    /// Starts the collector; at most `window` messages wait for their fate beyond those in the
-    /// producer's buffer.
-    pub(crate) fn start(producer: Producer, window: usize, mut collector: Collector) -> Self {
-        // A channel holds at most `Semaphore::MAX_PERMITS`; a larger window is as good as that.
-        let window = window.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
-        let (tx, mut rx) = mpsc::channel::<Pending>(window);
-        let cut_off = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
-        let mut cut = cut_off.subscribe();
-        let collector = tokio::spawn(async move {
-            while let Some(p) = rx.recv().await {
-                match p {
-                    Pending::Sent(line, fut, copy) => {
-                        // Cut off only by `CutOff::now`: a sender gone (the engine dropped)
-                        // means never, not now.
-                        let cut_now = async {
-                            if cut.wait_for(|c| *c).await.is_err() {
-                                std::future::pending::<()>().await;
-                            }
-                        };
-                        let waited = tokio::select! {
-                            biased;
-                            outcome = fut => Some(outcome),
-                            () = cut_now => None,
-                        };
-                        match waited {
-                            Some(Ok(d)) => collector.delivered(line, &d),
-                            Some(Err(e)) => collector.failed(Some(line), &e),
-                            None => collector.unacknowledged(line, copy.as_deref()),
-                        }
-                    }
-                    Pending::Refused(line, e) => collector.failed(Some(line), &e),
-                    Pending::Malformed(line, raw, error) => {
-                        collector.malformed(line, &raw, &error);
-                    }
-                }
-            }
-            (collector, None)
-        });
-        Self {
-            producer,
-            tx,
-            collector,
-            copies: false,
-            cut_off,
-            spooled: None,
-        }
-    }
-
-    /// Starts the collector for a producer with a spool: no window (the spool bounds what
-    /// waits, and `send_many` waits while it is full), no copies (what is cut off stays in the
-    /// spool), and fates through a sink as they happen, so that a waiting message costs no
-    /// memory here. The collector ends once every accepted message's fate is in and the
-    /// engine is finished (the sink's last clone gone), or at a cut-off.
-    pub(crate) fn start_spooled(producer: Producer, mut collector: Collector) -> Self {
-        let (tx, mut rx) = mpsc::channel::<Pending>(1024);
+    /// Starts the collector. Every message goes through `Producer::enqueue_tagged`, tagged
+    /// with its input line: no future per message, and fates come through a sink as they
+    /// happen, so that nothing waits here behind a message ahead of it. What waits is bounded
+    /// by the producer: its buffer, or with a spool (`collector.spool`), the spool. The
+    /// collector ends once every accepted message's fate is in and the engine is finished
+    /// (the sink's last clone gone), or at a cut-off.
+    ///
+    /// The dead-letter file, if the collector has one, is written in input order without a
+    /// spool (a record waits until every line before it has ended, and a copy of each message
+    /// the producer holds is kept, to record it if the wait is cut off: cheap, payloads are
+    /// shared); with a spool, in the order messages end (what is cut off stays in the spool).
+    pub(crate) fn start(producer: Producer, mut collector: Collector) -> Self {
+        let (tx, mut rx) = mpsc::channel::<Control>(1024);
         let (fates_tx, mut fates) = mpsc::unbounded_channel::<Fate>();
         let sink: Arc<dyn FateSink> = Arc::new(move |line, outcome| {
             // The collector gone (cut off): what comes late is read by `finish`.
             let _sent = fates_tx.send((line, outcome));
         });
-        let accepted = Arc::new(AtomicU64::new(0));
+        let spool = collector.spool;
+        let outstanding = (!spool && collector.dead_letter.is_some()).then(Outstanding::default);
+        if outstanding.is_some() {
+            collector.held = Some(BTreeMap::new());
+        }
         let cut_off = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
         let mut cut = cut_off.subscribe();
+        let tracked = outstanding.clone();
         let collector = tokio::spawn(async move {
             // Fates seen, and whether the wait for the rest was cut off.
             let mut seen = 0u64;
             let mut cut_now = false;
-            let mut control_open = true;
-            loop {
+            let (mut fates_open, mut control_open) = (true, true);
+            let mut got = Vec::with_capacity(FATES_AT_ONCE);
+            // Lines ended in this turn of the loop (tracked: the file is in input order).
+            let mut ended = Vec::new();
+            while (fates_open && !cut_now) || control_open {
                 tokio::select! {
                     biased;
-                    fate = fates.recv(), if !cut_now => match fate {
-                        Some((line, outcome)) => {
-                            seen += 1;
-                            match outcome {
-                                Ok(d) => collector.delivered(line, &d),
-                                Err(e) => collector.failed(Some(line), &e),
+                    n = fates.recv_many(&mut got, FATES_AT_ONCE), if fates_open && !cut_now => {
+                        // None left: every accepted message's fate is in, and the engine is
+                        // finished.
+                        fates_open = n > 0;
+                        seen += n as u64;
+                        for (line, outcome) in got.drain(..) {
+                            if tracked.is_some() {
+                                ended.push(line);
                             }
+                            collector.fate(line, outcome);
                         }
-                        // Every accepted message's fate is in, and the engine is finished.
-                        None => break,
                     },
-                    p = rx.recv(), if control_open => match p {
-                        Some(Pending::Refused(line, e)) => collector.failed(Some(line), &e),
-                        Some(Pending::Malformed(line, raw, error)) => {
+                    c = rx.recv(), if control_open => match c {
+                        Some(Control::Refused(line, e)) => {
+                            ended.push(line);
+                            collector.failed(Some(line), &e);
+                        }
+                        Some(Control::Malformed(line, raw, error)) => {
+                            ended.push(line);
                             collector.malformed(line, &raw, &error);
                         }
-                        Some(Pending::Sent(line, ..)) => {
-                            unreachable!("line {line}: a spooled engine takes no futures")
-                        }
-                        None if cut_now => break,
                         None => control_open = false,
                     },
-                    // What has no fate yet stays in the spool: `finish` counts it.
+                    // What has no fate yet is for `finish` to record.
                     Ok(()) = async { cut.wait_for(|c| *c).await.map(|_| ()) }, if !cut_now => {
                         cut_now = true;
-                        if !control_open {
-                            break;
-                        }
                     }
+                }
+                if !ended.is_empty() {
+                    if let Some(tracked) = &tracked {
+                        let first = forget(tracked, ended.iter().copied());
+                        collector.release(first);
+                    }
+                    ended.clear();
                 }
             }
             collector.seen = seen;
@@ -408,86 +436,62 @@ impl Engine {
             producer,
             tx,
             collector,
-            copies: false,
+            sink,
+            accepted: AtomicU64::new(0),
+            spool,
+            outstanding,
             cut_off,
-            spooled: Some(Spooled { sink, accepted }),
         }
     }
 
-    /// Keeps a copy of every message until its fate is known (cheap: payloads are shared), so
-    /// that [`CutOff::now`] can record what it stops waiting for.
-    pub(crate) fn keep_copies(mut self) -> Self {
-        self.copies = true;
-        self
-    }
-
-    /// Stops the wait for fates, from another task: every message not yet acknowledged is
-    /// recorded as failed at once (with its copy, see [`Engine::keep_copies`]).
+    /// Lets another task stop the wait for fates: every message not acknowledged by then is
+    /// recorded as failed at once (with its copy, in the dead-letter file), or with a spool,
+    /// counted as kept there for the next run.
     pub(crate) fn cut_off(&self) -> CutOff {
         CutOff(self.cut_off.clone())
     }
 
-    async fn push(&self, p: Pending) -> anyhow::Result<()> {
+    async fn push(&self, c: Control) -> anyhow::Result<()> {
         self.tx
-            .send(p)
+            .send(c)
             .await
             .map_err(|_| anyhow!("internal error: the collector task ended early"))
     }
 
     /// Sends `msg` (input line `line`), waiting for buffer space.
     pub(crate) async fn send(&self, line: u64, msg: Message) -> anyhow::Result<()> {
-        if self.spooled.is_some() {
-            return self.send_many(vec![(line, msg)]).await;
-        }
-        let copy = self.copies.then(|| Box::new(msg.clone()));
-        let p = match self.producer.enqueue(msg).await {
-            Ok(fut) => Pending::Sent(line, fut, copy),
-            Err(e) => Pending::Refused(line, e),
-        };
-        self.push(p).await
+        self.send_many(vec![(line, msg)]).await
     }
 
     /// Sends messages (input line, message) in order, waiting for buffer space: one
-    /// `Producer::enqueue_many`, so that with a spool they are stored with one write.
+    /// `Producer::enqueue_tagged`, so that they are admitted many under one lock, or with a
+    /// spool, stored with one write.
     pub(crate) async fn send_many(&self, msgs: Vec<(u64, Message)>) -> anyhow::Result<()> {
-        if let Some(spooled) = &self.spooled {
-            let n = msgs.len() as u64;
-            let refused = self.producer.enqueue_tagged(msgs, &spooled.sink).await;
-            spooled
-                .accepted
-                .fetch_add(n - refused.len() as u64, Ordering::AcqRel);
-            for (line, e) in refused {
-                self.push(Pending::Refused(line, e)).await?;
-            }
-            return Ok(());
+        let n = msgs.len() as u64;
+        if let Some(outstanding) = &self.outstanding {
+            // Before the producer has them: a fate may come at once.
+            lock(outstanding).extend(msgs.iter().map(|(line, msg)| (*line, Some(msg.clone()))));
         }
-        let mut lines = Vec::with_capacity(msgs.len());
-        let mut copies = Vec::with_capacity(msgs.len());
-        let mut batch = Vec::with_capacity(msgs.len());
-        for (line, msg) in msgs {
-            lines.push(line);
-            copies.push(self.copies.then(|| Box::new(msg.clone())));
-            batch.push(msg);
-        }
-        let answers = self.producer.enqueue_many(batch).await;
-        for ((line, copy), answer) in lines.into_iter().zip(copies).zip(answers) {
-            let p = match answer {
-                Ok(fut) => Pending::Sent(line, fut, copy),
-                Err(e) => Pending::Refused(line, e),
-            };
-            self.push(p).await?;
+        let refused = self.producer.enqueue_tagged(msgs, &self.sink).await;
+        self.accepted
+            .fetch_add(n - refused.len() as u64, Ordering::AcqRel);
+        for (line, e) in refused {
+            self.push(Control::Refused(line, e)).await?;
         }
         Ok(())
     }
 
-    /// Records an input line that is not a message, in its place in the input order.
+    /// Records an input line that is not a message.
     pub(crate) async fn malformed(
         &self,
         line: u64,
         raw: Vec<u8>,
         error: String,
     ) -> anyhow::Result<()> {
-        self.push(Pending::Malformed(line, raw, error)).await
+        if let Some(outstanding) = &self.outstanding {
+            lock(outstanding).insert(line, None);
+        }
+        self.push(Control::Malformed(line, raw, error)).await
     }
 
     /// Waits for every fate, closes the producer (anything it still returns is recorded as
@@ -500,58 +504,84 @@ impl Engine {
             producer,
             tx,
             collector,
-            spooled,
+            sink,
+            accepted,
+            spool,
+            outstanding,
             ..
         } = self;
-        drop(tx);
-        // The collector of a spooled engine ends once the sink's last clone is gone.
-        let accepted = spooled.map(|s| s.accepted.load(Ordering::Acquire));
+        // The collector ends once the sink's last clone is gone: ours, then those of the
+        // messages the producer still holds, as their fates come.
+        drop((tx, sink));
+        let accepted = accepted.into_inner();
         let (mut collector, late) = collector.await.context("the collector task failed")?;
-        if let (Some(accepted), Some(mut late)) = (accepted, late) {
-            // Cut off: what has no fate yet stays in the spool. Fates that arrive meanwhile
-            // are read once the producer is closed: one that failed for its own reason
-            // (rejected, say) left the spool with its error, and is recorded, not kept.
-            for _ in collector.seen..accepted {
-                collector.stopped_waiting = true;
-                collector.kept();
+        let Some(mut late) = late else {
+            let close = producer.close(close_timeout).await;
+            collector.release(None);
+            for e in &close.unclaimed {
+                collector.failed(None, e);
             }
-            let late_unclaimed = producer.close(Duration::ZERO).await;
-            while let Ok((line, outcome)) = late.try_recv() {
+            return Ok((collector, producer));
+        };
+        // Cut off: closed at once, and what ended meanwhile is read from `late`.
+        let unclaimed = producer.close(Duration::ZERO).await.unclaimed;
+        let mut late_fates = Vec::new();
+        while let Ok(fate) = late.try_recv() {
+            late_fates.push(fate);
+        }
+        if spool {
+            // What has no fate stays in the spool. One that failed for its own reason
+            // (rejected, say) left the spool with its error, and is recorded, not kept.
+            let mut kept = accepted.saturating_sub(collector.seen);
+            for (line, outcome) in late_fates {
                 if let Err(e) = outcome {
                     if !e.is_kept_in_store() {
-                        collector.tally.kept = collector.tally.kept.saturating_sub(1);
+                        kept = kept.saturating_sub(1);
                         collector.failed(Some(line), &e);
                     }
                 }
             }
-            for e in &late_unclaimed.unclaimed {
-                collector.failed(None, e);
-            }
-            return Ok((collector, producer));
-        }
-        if collector.stopped_waiting {
-            // The messages not waited for are recorded already (dead-lettered with their copy,
-            // or, with a spool, counted as kept); those of them that fail later would come back
-            // as unclaimed: not twice. Nothing else is unclaimed (every other future was
-            // awaited), and what is in flight is not waited for.
-            let late = producer.close(Duration::ZERO).await;
-            if collector.spool {
-                // With a spool they were counted as kept. One that failed for a reason of its
-                // own since (rejected, say) has left the spool with its error: recorded now,
-                // before that error is dropped, instead of lost.
-                for e in late.unclaimed.iter().filter(|e| !e.is_kept_in_store()) {
-                    collector.tally.kept = collector.tally.kept.saturating_sub(1);
-                    collector.failed(None, e);
-                }
+            for _ in 0..kept {
+                collector.kept();
             }
         } else {
-            let close = producer.close(close_timeout).await;
-            for e in &close.unclaimed {
-                collector.failed(None, e);
+            // What ended meanwhile is recorded as it ended; the rest, still in flight, as not
+            // acknowledged, with its copy.
+            if let Some(outstanding) = &outstanding {
+                forget(outstanding, late_fates.iter().map(|(line, _)| *line));
             }
+            let left = accepted.saturating_sub(collector.seen + late_fates.len() as u64);
+            for (line, outcome) in late_fates {
+                collector.fate(line, outcome);
+            }
+            let copies = outstanding.map(|o| std::mem::take(&mut *lock(&o)));
+            let mut copied = 0;
+            for (line, msg) in copies.into_iter().flatten() {
+                if let Some(msg) = msg {
+                    copied += 1;
+                    collector.unacknowledged(line, Some(&msg));
+                }
+            }
+            // Without a dead-letter file no copies are kept: counted all the same.
+            for _ in copied..left {
+                collector.unacknowledged(0, None);
+            }
+        }
+        collector.release(None);
+        for e in &unclaimed {
+            collector.failed(None, e);
         }
         Ok((collector, producer))
     }
+}
+
+/// Forgets the lines of `ended`: their fates are in. Returns the first line still outstanding.
+fn forget(outstanding: &Outstanding, ended: impl Iterator<Item = u64>) -> Option<u64> {
+    let mut outstanding = lock(outstanding);
+    for line in ended {
+        outstanding.remove(&line);
+    }
+    outstanding.first_key_value().map(|(line, _)| *line)
 }
 
 /// Cuts the engine's wait for fates short ([`Engine::cut_off`]).
@@ -609,6 +639,78 @@ mod tests {
         assert!(big.quantile(0.5).is_some());
     }
 
+    /// Rejects every message: those with the payload `slow` only once the gate opens.
+    struct Gated(Arc<tokio::sync::Notify>);
+
+    #[herald::async_trait]
+    impl herald::Transport for Gated {
+        fn name(&self) -> &'static str {
+            "gated"
+        }
+        async fn send_batch(&self, _: &Destination, batch: &[Message]) -> herald::BatchOutcome {
+            if batch.iter().any(|m| m.payload().as_ref() == b"slow") {
+                self.0.notified().await;
+            }
+            batch
+                .iter()
+                .map(|_| Err(herald::TransportError::permanent("rejected")))
+                .collect()
+        }
+    }
+
+    /// Fates come as messages end (line 1 last here), yet the dead-letter file is in input
+    /// order, a malformed line handed over after them included.
+    #[tokio::test]
+    async fn the_dead_letter_file_is_in_input_order_whatever_order_fates_come_in() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let producer = Producer::builder(Gated(gate.clone()))
+            .ordering(herald::OrderingMode::Relaxed)
+            .batching(herald::batch::SizeOrLinger::new(1, 1 << 20, Duration::ZERO))
+            .build()
+            .expect("producer");
+        let path =
+            std::env::temp_dir().join(format!("herald-engine-order-{}.jsonl", std::process::id()));
+        let _gone = std::fs::remove_file(&path);
+        let mut collector = Collector::new(Destination::new("t"));
+        collector.dead_letter = Some(DeadLetter::new(&path));
+        let engine = Engine::start(producer.clone(), collector);
+        let msgs = ["slow", "fast", "fast"]
+            .into_iter()
+            .zip(1u64..)
+            .map(|(payload, line)| (line, Message::new("t", payload)))
+            .collect();
+        engine.send_many(msgs).await.expect("sent");
+        engine
+            .malformed(4, b"{".to_vec(), "line 4: not JSON".into())
+            .await
+            .expect("recorded");
+        // Lines 2 and 3 end first (on this one-thread runtime their fates are handed over by
+        // the time the producer counts them).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while producer.stats().totals.failed < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "lines 2 and 3 never failed"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        gate.notify_one();
+        let (mut collector, _) = engine.finish(Duration::from_secs(5)).await.expect("finish");
+        let mut dl = collector.dead_letter.take().expect("dead letter");
+        dl.finish();
+        assert_eq!((collector.tally.failed, collector.tally.malformed), (3, 1));
+        let text = std::fs::read_to_string(&path).expect("dead-letter file");
+        let _gone = std::fs::remove_file(&path);
+        let lines: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).expect("JSON");
+                v["line"].as_u64().expect("line")
+            })
+            .collect();
+        assert_eq!(lines, [1, 2, 3, 4], "{text}");
+    }
+
     #[test]
     fn order_check_counts_violations() {
         let d = |p, o| Delivery {
@@ -621,12 +723,17 @@ mod tests {
             latency: Duration::ZERO,
         };
         let mut c = OrderCheck::new(2);
-        // lines 1, 3, 5 are key 0; lines 2, 4 key 1.
+        // lines 1, 3, 5 are key 0; lines 2, 4 key 1. Line 3's fate comes before line 1's:
+        // in order all the same.
+        c.observe(3, &d(0, 11));
         c.observe(1, &d(0, 10));
         c.observe(2, &d(1, 5));
-        c.observe(3, &d(0, 11));
         c.observe(4, &d(1, 4));
         c.observe(5, &d(1, 12));
-        assert_eq!((c.checked, c.violations), (3, 2));
+        assert_eq!(c.verdict(), (3, 2));
+        let mut swapped = OrderCheck::new(1);
+        swapped.observe(1, &d(0, 2));
+        swapped.observe(2, &d(0, 1));
+        assert_eq!(swapped.verdict(), (1, 1));
     }
 }

@@ -234,20 +234,10 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
         bar.enable_steady_tick(Duration::from_millis(200));
         collector.progress = Some(bar);
     }
-    // Without a spool, at most a buffer's worth waits for its fate beyond the buffer, each
-    // with a copy to dead-letter if the wait is cut off. With one, the spool bounds what
-    // waits (its messages wait there, not in memory; what is cut off stays in it): no copies,
-    // and no future per message.
-    let engine = if args.spool.is_some() {
-        Engine::start_spooled(session.producer.clone(), collector)
-    } else {
-        Engine::start(
-            session.producer.clone(),
-            args.tuning.buffer_messages,
-            collector,
-        )
-        .keep_copies()
-    };
+    // Without a spool, a copy of each message the producer holds, to dead-letter if the wait
+    // is cut off (see `Engine::cut_off`). With one, the spool bounds what waits (its messages
+    // wait there, not in memory; what is cut off stays in it): no copies.
+    let engine = Engine::start(session.producer.clone(), collector);
 
     // Ctrl-C (or SIGTERM, SIGHUP): stop reading, give what was accepted a few seconds, then
     // record everything not acknowledged as failed.
