@@ -480,6 +480,22 @@ impl open_loop::Sender for KafkaOneByOne {
 
 struct AmqpOneByOne(herald_amqp::baseline::OneByOne);
 
+struct NatsOneByOne(herald_nats::baseline::OneByOne);
+
+impl open_loop::Sender for NatsOneByOne {
+    async fn send(&mut self, _: u64) -> BoxFuture<'static, bool> {
+        Box::pin(self.0.publish().await)
+    }
+}
+
+struct RedisOneByOne(herald_redis::baseline::OneByOne);
+
+impl open_loop::Sender for RedisOneByOne {
+    async fn send(&mut self, i: u64) -> BoxFuture<'static, bool> {
+        Box::pin(self.0.send(i))
+    }
+}
+
 impl open_loop::Sender for AmqpOneByOne {
     async fn send(&mut self, _: u64) -> BoxFuture<'static, bool> {
         Box::pin(self.0.publish().await)
@@ -516,8 +532,8 @@ async fn open_loop_bench(
 ) -> anyhow::Result<Exit> {
     open_loop::check_rate(rate)?;
     anyhow::ensure!(
-        !args.baseline || matches!(target, Target::Kafka(_) | Target::Amqp(_)),
-        "--rate with --baseline has a raw client for Kafka and RabbitMQ only; without --baseline, --rate measures herald on {broker}"
+        !args.baseline || !matches!(target, Target::Mqtt(_)),
+        "--rate with --baseline has a raw client for Kafka, RabbitMQ, NATS and Redis, not MQTT; without --baseline, --rate measures herald on {broker}"
     );
     out!(
         "herald bench: open loop, {} messages of {} B at {} msg/s ({}), {KEYS} keys, to {broker}",
@@ -587,6 +603,28 @@ async fn open_loop_bench(
                 (
                     raw,
                     format!("lapin, confirms awaited as they come, publishes over {AMQP_CHANNELS} channels"),
+                )
+            }
+            Target::Nats(c) => {
+                let subject = c.subject().unwrap_or_default();
+                let one = herald_nats::baseline::OneByOne::connect(c, subject, args.size)
+                    .await
+                    .context("raw async-nats baseline")?;
+                let (raw, _) = open_loop::run(NatsOneByOne(one), rate, args.messages).await?;
+                (
+                    raw,
+                    "async-nats, each PubAck awaited as it comes".to_owned(),
+                )
+            }
+            Target::Redis(c) => {
+                let key = c.stream().unwrap_or_default();
+                let one = herald_redis::baseline::OneByOne::connect(c, key, args.size)
+                    .await
+                    .context("raw redis-rs baseline")?;
+                let (raw, _) = open_loop::run(RedisOneByOne(one), rate, args.messages).await?;
+                (
+                    raw,
+                    "redis-rs, one XADD per message on a multiplexed connection".to_owned(),
                 )
             }
             _ => unreachable!("checked above"),

@@ -453,9 +453,9 @@ fn bench_refuses_a_rate_it_cannot_keep_and_a_raw_open_loop_it_does_not_have() {
                 "1000",
                 "--baseline",
                 "--to",
-                "redis://127.0.0.1:1/stream",
+                "mqtt://127.0.0.1:1/topic",
             ][..],
-            "raw client for Kafka and RabbitMQ only",
+            "raw client for Kafka, RabbitMQ, NATS and Redis, not MQTT",
         ),
     ] {
         let run = herald(args, None, &dir.0, LIMIT);

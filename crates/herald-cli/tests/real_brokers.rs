@@ -760,6 +760,73 @@ fn nats_produce_to_a_stream_stores_every_message_once() {
     );
 }
 
+/// `herald bench --rate R --baseline` to `to`: herald and the raw client each deliver every
+/// message on the schedule, with their percentiles in order.
+fn open_loop_with_baseline(to: &str, tag: &str) {
+    let dir = Scratch::new(tag);
+    let run = herald(
+        &[
+            "bench",
+            "--to",
+            to,
+            "--rate",
+            "2000",
+            "--messages",
+            "1000",
+            "--baseline",
+            "--report",
+            "json",
+        ],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report = run.report();
+    for prefix in ["", "raw_"] {
+        assert_eq!(report[format!("{prefix}sent")], 1000, "{report}");
+        assert_eq!(report[format!("{prefix}failed")], 0, "{report}");
+        let q = |name: &str| {
+            report[format!("{prefix}{name}")]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no {prefix}{name}: {report}"))
+        };
+        assert!(q("p50_ms") > 0.0, "{report}");
+        assert!(q("p50_ms") <= q("p99_ms"), "{report}");
+        assert!(q("p99_ms") <= q("max_ms"), "{report}");
+    }
+}
+
+/// `herald bench --rate --baseline` on NATS: the raw client's messages are in the stream too
+/// (herald's and the raw client's, each with its warm-up message).
+#[test]
+#[ignore = "needs NATS with JetStream: cargo xtask it"]
+fn nats_open_loop_bench_runs_herald_and_the_raw_client() {
+    let url = nats_url();
+    let rt = runtime();
+    let config =
+        herald::nats::NatsConfig::from_url(&format!("{url}/herald.cli.probe")).expect("url");
+    let scratch = within(
+        &rt,
+        "creating the stream",
+        herald_nats::baseline::fresh_stream(&config, "rate"),
+    )
+    .expect("stream");
+    open_loop_with_baseline(&format!("{url}/{}", scratch.subject), "real-nats-rate");
+    let stored = within(
+        &rt,
+        "reading the stream's state",
+        herald_nats::baseline::stream_messages(&config, &scratch.stream),
+    );
+    within(
+        &rt,
+        "deleting the stream",
+        herald_nats::baseline::delete_stream(&config, &scratch.stream),
+    )
+    .expect("delete the stream");
+    assert_eq!(stored.expect("stream state"), 2 * 1_001);
+}
+
 fn redis_url() -> String {
     std::env::var("HERALD_REDIS_URL").expect(
         "HERALD_REDIS_URL is not set: run these tests with `cargo xtask it` (or set it to redis://host:port)",
@@ -798,6 +865,37 @@ fn redis_produce_to_a_stream_appends_every_message_once() {
     assert_eq!(run.code, Some(0), "{run:?}");
     assert_eq!(run.report()["sent"], 3_000, "{run:?}");
     assert_eq!(stored.expect("XLEN"), 3_000, "each message appended once");
+}
+
+/// `herald bench --rate --baseline` on Redis: the raw client's entries are in the stream too.
+#[test]
+#[ignore = "needs Redis: cargo xtask it"]
+fn redis_open_loop_bench_runs_herald_and_the_raw_client() {
+    let url = redis_url();
+    let rt = runtime();
+    let config = herald::redis::RedisConfig::from_url(&url).expect("url");
+    let key = within(
+        &rt,
+        "a fresh stream key",
+        herald_redis::baseline::fresh_stream(&config, &unique("rate")),
+    )
+    .expect("stream key");
+    open_loop_with_baseline(
+        &format!("{}/{key}", url.trim_end_matches('/')),
+        "real-redis-rate",
+    );
+    let stored = within(
+        &rt,
+        "reading the stream's length",
+        herald_redis::baseline::stream_len(&config, &key),
+    );
+    within(
+        &rt,
+        "deleting the stream",
+        herald_redis::baseline::delete_stream(&config, &key),
+    )
+    .expect("delete the stream");
+    assert_eq!(stored.expect("XLEN"), 2 * 1_001);
 }
 
 fn mqtt_url() -> String {

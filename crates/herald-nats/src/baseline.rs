@@ -184,3 +184,50 @@ pub async fn raw_naive(
         elapsed: start.elapsed(),
     })
 }
+
+/// The raw client one message at a time, for open-loop runs (`herald bench --rate
+/// --baseline`): each message published as it is due, its PubAck awaited on its own while the
+/// next ones go out.
+pub struct OneByOne {
+    js: jetstream::Context,
+    subject: String,
+    body: herald_core::Bytes,
+}
+
+impl OneByOne {
+    /// A connected client: one message is published and acknowledged first, as for the other
+    /// baselines.
+    pub async fn connect(
+        config: &NatsConfig,
+        subject: &str,
+        payload: usize,
+    ) -> Result<Self, BaselineError> {
+        let js = context(connect(config).await?, config);
+        let body = herald_core::Bytes::from(vec![b'x'; payload]);
+        js.publish(subject.to_owned(), body.clone())
+            .await
+            .map_err(step("publishing"))?
+            .await
+            .map_err(step("PubAck"))?;
+        Ok(Self {
+            js,
+            subject: subject.to_owned(),
+            body,
+        })
+    }
+
+    /// Publishes one message; the future ends with its PubAck (`true`) or failure (`false`).
+    pub async fn publish(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let ack = self
+            .js
+            .publish(self.subject.clone(), self.body.clone())
+            .await
+            .ok();
+        async move {
+            match ack {
+                Some(ack) => ack.into_future().await.is_ok(),
+                None => false,
+            }
+        }
+    }
+}

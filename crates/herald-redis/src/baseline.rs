@@ -198,3 +198,46 @@ pub async fn raw_naive(
         elapsed: start.elapsed(),
     })
 }
+
+/// The raw client one message at a time, for open-loop runs (`herald bench --rate
+/// --baseline`): each `XADD` sent as it is due on one multiplexed connection (which writes
+/// concurrent commands out together), its reply awaited on its own.
+pub struct OneByOne {
+    conn: MultiplexedConnection,
+    key: String,
+    body: Vec<u8>,
+}
+
+impl OneByOne {
+    /// A connected client: one entry is appended first, as for the other baselines.
+    pub async fn connect(
+        config: &RedisConfig,
+        key: &str,
+        payload: usize,
+    ) -> Result<Self, BaselineError> {
+        let mut conn = connect(config).await?;
+        let body = vec![b'x'; payload];
+        xadd(key, &body, 0)
+            .query_async::<Value>(&mut conn)
+            .await
+            .map_err(step("XADD"))?;
+        Ok(Self {
+            conn,
+            key: key.to_owned(),
+            body,
+        })
+    }
+
+    /// Appends the `i`-th message (sent at once, from a task of its own); the future ends with
+    /// its entry id (`true`) or an error (`false`). Call it within a Tokio runtime.
+    pub fn send(&self, i: u64) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let cmd = xadd(
+            &self.key,
+            &self.body,
+            usize::try_from(i).unwrap_or(usize::MAX),
+        );
+        let mut conn = self.conn.clone();
+        let reply = tokio::spawn(async move { cmd.query_async::<Value>(&mut conn).await });
+        async move { matches!(reply.await, Ok(Ok(_))) }
+    }
+}
