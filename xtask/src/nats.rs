@@ -105,8 +105,8 @@ fn intro(json: &serde_json::Value, machine: &str) -> String {
          messages per run to a fresh file-backed JetStream stream, PubAcks awaited as they come \
          (raw: a window of {} outstanding).\n\n\
          One run each, on a machine shared with the server and other builds: expect ±15 % \
-         between runs. herald sends the key and the id (`Nats-Msg-Id`) as headers, the raw runs \
-         send the payload only.\n\n",
+         between runs. Every variant sends the key and an id (`Nats-Msg-Id`, which JetStream \
+         indexes for its duplicate window) as headers, as herald does.\n\n",
         json["broker"].as_str().unwrap_or("?"),
         json["messages"],
         json["window"],

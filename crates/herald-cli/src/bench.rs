@@ -483,8 +483,8 @@ struct AmqpOneByOne(herald_amqp::baseline::OneByOne);
 struct NatsOneByOne(herald_nats::baseline::OneByOne);
 
 impl open_loop::Sender for NatsOneByOne {
-    async fn send(&mut self, _: u64) -> BoxFuture<'static, bool> {
-        Box::pin(self.0.publish().await)
+    async fn send(&mut self, i: u64) -> BoxFuture<'static, bool> {
+        Box::pin(self.0.publish(i).await)
     }
 }
 

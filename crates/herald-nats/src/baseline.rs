@@ -5,13 +5,19 @@
 //! [`crate::NatsTransport`]: [`raw_streaming`] at its best (one connection, publishing on
 //! without waiting, up to a window of PubAcks outstanding, awaited as they come), [`raw_naive`]
 //! the common pattern (each PubAck awaited before the next publish).
+//!
+//! Every message carries the headers herald sends for the benchmark's messages: its key in
+//! `x-herald-key` (one of 64, as `herald bench` sends) and a `Nats-Msg-Id` of 36 characters of
+//! UUID text, made per message, which JetStream indexes for its duplicate window: the
+//! comparison measures herald, not a lighter message.
 
 use std::collections::VecDeque;
 use std::future::IntoFuture;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
-use async_nats::{Client, ConnectOptions};
+use async_nats::{Client, ConnectOptions, HeaderMap};
 
 use crate::NatsConfig;
 
@@ -41,6 +47,36 @@ pub struct BaselineError(String);
 /// Names the step that failed.
 fn step<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> BaselineError {
     move |e| BaselineError(format!("{what}: {e}"))
+}
+
+/// Keys of the benchmark's messages, as `herald bench` sends them.
+const KEYS: usize = 64;
+
+/// Runs in this process so far: each run's ids are its own, so that JetStream's duplicate
+/// window never drops a later run's message as a copy of an earlier one's.
+static RUNS: AtomicU32 = AtomicU32::new(0);
+
+/// A number for a new run.
+fn next_run() -> u32 {
+    RUNS.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The headers herald sends with the `n`-th message of a benchmark: its key and its id (unique
+/// to the process, the run and the message).
+fn headers(run: u32, n: usize) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("x-herald-key", format!("key-{}", n % KEYS).as_str());
+    h.insert(
+        "Nats-Msg-Id",
+        format!(
+            "{:08x}-{:04x}-7000-8000-{:012x}",
+            std::process::id(),
+            run & 0xffff,
+            n
+        )
+        .as_str(),
+    );
+    h
 }
 
 /// A stream made for one run, and the subject it captures.
@@ -135,11 +171,12 @@ pub async fn raw_streaming(
 ) -> Result<Run, BaselineError> {
     let window = window.max(1);
     let js = context(connect(config).await?, config);
+    let run = next_run();
     let body = herald_core::Bytes::from(vec![b'x'; payload]);
     let subject = subject.to_owned();
     let start = Instant::now();
     let mut pending = VecDeque::with_capacity(window.min(n));
-    for _ in 0..n {
+    for i in 0..n {
         if pending.len() >= window {
             if let Some(ack) = pending.pop_front() {
                 let ack: jetstream::context::PublishAckFuture = ack;
@@ -147,7 +184,7 @@ pub async fn raw_streaming(
             }
         }
         let ack = js
-            .publish(subject.clone(), body.clone())
+            .publish_with_headers(subject.clone(), headers(run, i), body.clone())
             .await
             .map_err(step("publishing"))?;
         pending.push_back(ack);
@@ -169,11 +206,12 @@ pub async fn raw_naive(
     n: usize,
 ) -> Result<Run, BaselineError> {
     let js = context(connect(config).await?, config);
+    let run = next_run();
     let body = herald_core::Bytes::from(vec![b'x'; payload]);
     let subject = subject.to_owned();
     let start = Instant::now();
-    for _ in 0..n {
-        js.publish(subject.clone(), body.clone())
+    for i in 0..n {
+        js.publish_with_headers(subject.clone(), headers(run, i), body.clone())
             .await
             .map_err(step("publishing"))?
             .await
@@ -192,6 +230,7 @@ pub struct OneByOne {
     js: jetstream::Context,
     subject: String,
     body: herald_core::Bytes,
+    run: u32,
 }
 
 impl OneByOne {
@@ -203,8 +242,9 @@ impl OneByOne {
         payload: usize,
     ) -> Result<Self, BaselineError> {
         let js = context(connect(config).await?, config);
+        let run = next_run();
         let body = herald_core::Bytes::from(vec![b'x'; payload]);
-        js.publish(subject.to_owned(), body.clone())
+        js.publish_with_headers(subject.to_owned(), headers(run, usize::MAX), body.clone())
             .await
             .map_err(step("publishing"))?
             .await
@@ -213,14 +253,24 @@ impl OneByOne {
             js,
             subject: subject.to_owned(),
             body,
+            run,
         })
     }
 
-    /// Publishes one message; the future ends with its PubAck (`true`) or failure (`false`).
-    pub async fn publish(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+    /// Publishes the `i`-th message; the future ends with its PubAck (`true`) or failure
+    /// (`false`).
+    pub async fn publish(
+        &self,
+        i: u64,
+    ) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let n = usize::try_from(i).unwrap_or(usize::MAX);
         let ack = self
             .js
-            .publish(self.subject.clone(), self.body.clone())
+            .publish_with_headers(
+                self.subject.clone(),
+                headers(self.run, n),
+                self.body.clone(),
+            )
             .await
             .ok();
         async move {
