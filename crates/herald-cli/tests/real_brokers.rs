@@ -14,8 +14,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_same_messages, dead_letters, herald, jsonl_input, produce_jsonl, read_back, Read,
-    Scratch,
+    assert_paced, assert_same_messages, dead_letters, herald, jsonl_input, produce_jsonl,
+    read_back, Read, Scratch,
 };
 use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -721,11 +721,20 @@ fn nats_url() -> String {
     )
 }
 
-/// Issue 16: `herald produce` to a NATS JetStream subject: every message acknowledged and in
-/// the stream, each once.
-#[test]
-#[ignore = "needs NATS with JetStream: cargo xtask it"]
-fn nats_produce_to_a_stream_stores_every_message_once() {
+/// `herald bench --rate R --baseline` to `to`: herald and the raw client each deliver every
+/// message on the schedule, with their percentiles in order.
+fn open_loop_with_baseline(to: &str, tag: &str) {
+    let dir = Scratch::new(tag);
+    let args = ["bench", "--to", to, "--rate", "2000", "--messages", "1000"];
+    let more = ["--baseline", "--report", "json"];
+    let run = herald(&[&args[..], &more[..]].concat(), None, &dir.0, LIMIT);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_paced(&run.report(), 1000);
+}
+
+/// Runs `body` with the URL of a fresh NATS stream's subject, and returns how many messages
+/// the stream held after it (the stream is deleted).
+fn in_a_nats_stream(tag: &str, body: impl FnOnce(&str)) -> u64 {
     let url = nats_url();
     let rt = runtime();
     let config =
@@ -733,13 +742,10 @@ fn nats_produce_to_a_stream_stores_every_message_once() {
     let scratch = within(
         &rt,
         "creating the stream",
-        herald_nats::baseline::fresh_stream(&config, "cli"),
+        herald_nats::baseline::fresh_stream(&config, tag),
     )
     .expect("stream");
-    let dir = Scratch::new("real-nats");
-    let (text, _sent) = jsonl_input(3_000, "nats");
-    let to = format!("{url}/{}", scratch.subject);
-    let run = produce_jsonl(&to, &[], text.as_bytes(), &dir.0, LIMIT);
+    body(&format!("{url}/{}", scratch.subject));
     let stored = within(
         &rt,
         "reading the stream's state",
@@ -751,50 +757,24 @@ fn nats_produce_to_a_stream_stores_every_message_once() {
         herald_nats::baseline::delete_stream(&config, &scratch.stream),
     )
     .expect("delete the stream");
-    assert_eq!(run.code, Some(0), "{run:?}");
-    assert_eq!(run.report()["sent"], 3_000, "{run:?}");
-    assert_eq!(
-        stored.expect("stream state"),
-        3_000,
-        "each message stored once"
-    );
+    stored.expect("stream state")
 }
 
-/// `herald bench --rate R --baseline` to `to`: herald and the raw client each deliver every
-/// message on the schedule, with their percentiles in order.
-fn open_loop_with_baseline(to: &str, tag: &str) {
-    let dir = Scratch::new(tag);
-    let run = herald(
-        &[
-            "bench",
-            "--to",
-            to,
-            "--rate",
-            "2000",
-            "--messages",
-            "1000",
-            "--baseline",
-            "--report",
-            "json",
-        ],
-        None,
-        &dir.0,
-        LIMIT,
-    );
+/// Issue 16: `herald produce` to a NATS JetStream subject: every message acknowledged and in
+/// the stream, each once.
+#[test]
+#[ignore = "needs NATS with JetStream: cargo xtask it"]
+fn nats_produce_to_a_stream_stores_every_message_once() {
+    let dir = Scratch::new("real-nats");
+    let (text, _sent) = jsonl_input(3_000, "nats");
+    let mut run = None;
+    let stored = in_a_nats_stream("cli", |to| {
+        run = Some(produce_jsonl(to, &[], text.as_bytes(), &dir.0, LIMIT));
+    });
+    let run = run.expect("ran");
     assert_eq!(run.code, Some(0), "{run:?}");
-    let report = run.report();
-    for prefix in ["", "raw_"] {
-        assert_eq!(report[format!("{prefix}sent")], 1000, "{report}");
-        assert_eq!(report[format!("{prefix}failed")], 0, "{report}");
-        let q = |name: &str| {
-            report[format!("{prefix}{name}")]
-                .as_f64()
-                .unwrap_or_else(|| panic!("no {prefix}{name}: {report}"))
-        };
-        assert!(q("p50_ms") > 0.0, "{report}");
-        assert!(q("p50_ms") <= q("p99_ms"), "{report}");
-        assert!(q("p99_ms") <= q("max_ms"), "{report}");
-    }
+    assert_eq!(run.report()["sent"], 3_000, "{run:?}");
+    assert_eq!(stored, 3_000, "each message stored once");
 }
 
 /// `herald bench --rate --baseline` on NATS: the raw client's messages are in the stream too
@@ -802,29 +782,8 @@ fn open_loop_with_baseline(to: &str, tag: &str) {
 #[test]
 #[ignore = "needs NATS with JetStream: cargo xtask it"]
 fn nats_open_loop_bench_runs_herald_and_the_raw_client() {
-    let url = nats_url();
-    let rt = runtime();
-    let config =
-        herald::nats::NatsConfig::from_url(&format!("{url}/herald.cli.probe")).expect("url");
-    let scratch = within(
-        &rt,
-        "creating the stream",
-        herald_nats::baseline::fresh_stream(&config, "rate"),
-    )
-    .expect("stream");
-    open_loop_with_baseline(&format!("{url}/{}", scratch.subject), "real-nats-rate");
-    let stored = within(
-        &rt,
-        "reading the stream's state",
-        herald_nats::baseline::stream_messages(&config, &scratch.stream),
-    );
-    within(
-        &rt,
-        "deleting the stream",
-        herald_nats::baseline::delete_stream(&config, &scratch.stream),
-    )
-    .expect("delete the stream");
-    assert_eq!(stored.expect("stream state"), 2 * 1_001);
+    let stored = in_a_nats_stream("rate", |to| open_loop_with_baseline(to, "real-nats-rate"));
+    assert_eq!(stored, 2 * 1_001);
 }
 
 fn redis_url() -> String {
@@ -833,24 +792,19 @@ fn redis_url() -> String {
     )
 }
 
-/// Issue 16: `herald produce` to a Redis stream (approximately trimmed): every message
-/// acknowledged and in the stream, each once.
-#[test]
-#[ignore = "needs Redis: cargo xtask it"]
-fn redis_produce_to_a_stream_appends_every_message_once() {
+/// Runs `body` with the URL of a fresh Redis stream key, and returns how many entries the
+/// stream held after it (the key is deleted).
+fn in_a_redis_stream(tag: &str, body: impl FnOnce(&str)) -> u64 {
     let url = redis_url();
     let rt = runtime();
     let config = herald::redis::RedisConfig::from_url(&url).expect("url");
     let key = within(
         &rt,
         "a fresh stream key",
-        herald_redis::baseline::fresh_stream(&config, &unique("cli")),
+        herald_redis::baseline::fresh_stream(&config, &unique(tag)),
     )
     .expect("stream key");
-    let dir = Scratch::new("real-redis");
-    let (text, _sent) = jsonl_input(3_000, "redis");
-    let to = format!("{}/{key}?maxlen=1000000", url.trim_end_matches('/'));
-    let run = produce_jsonl(&to, &[], text.as_bytes(), &dir.0, LIMIT);
+    body(&format!("{}/{key}", url.trim_end_matches('/')));
     let stored = within(
         &rt,
         "reading the stream's length",
@@ -862,40 +816,33 @@ fn redis_produce_to_a_stream_appends_every_message_once() {
         herald_redis::baseline::delete_stream(&config, &key),
     )
     .expect("delete the stream");
+    stored.expect("XLEN")
+}
+
+/// Issue 16: `herald produce` to a Redis stream (approximately trimmed): every message
+/// acknowledged and in the stream, each once.
+#[test]
+#[ignore = "needs Redis: cargo xtask it"]
+fn redis_produce_to_a_stream_appends_every_message_once() {
+    let dir = Scratch::new("real-redis");
+    let (text, _sent) = jsonl_input(3_000, "redis");
+    let mut run = None;
+    let stored = in_a_redis_stream("cli", |to| {
+        let to = format!("{to}?maxlen=1000000");
+        run = Some(produce_jsonl(&to, &[], text.as_bytes(), &dir.0, LIMIT));
+    });
+    let run = run.expect("ran");
     assert_eq!(run.code, Some(0), "{run:?}");
     assert_eq!(run.report()["sent"], 3_000, "{run:?}");
-    assert_eq!(stored.expect("XLEN"), 3_000, "each message appended once");
+    assert_eq!(stored, 3_000, "each message appended once");
 }
 
 /// `herald bench --rate --baseline` on Redis: the raw client's entries are in the stream too.
 #[test]
 #[ignore = "needs Redis: cargo xtask it"]
 fn redis_open_loop_bench_runs_herald_and_the_raw_client() {
-    let url = redis_url();
-    let rt = runtime();
-    let config = herald::redis::RedisConfig::from_url(&url).expect("url");
-    let key = within(
-        &rt,
-        "a fresh stream key",
-        herald_redis::baseline::fresh_stream(&config, &unique("rate")),
-    )
-    .expect("stream key");
-    open_loop_with_baseline(
-        &format!("{}/{key}", url.trim_end_matches('/')),
-        "real-redis-rate",
-    );
-    let stored = within(
-        &rt,
-        "reading the stream's length",
-        herald_redis::baseline::stream_len(&config, &key),
-    );
-    within(
-        &rt,
-        "deleting the stream",
-        herald_redis::baseline::delete_stream(&config, &key),
-    )
-    .expect("delete the stream");
-    assert_eq!(stored.expect("XLEN"), 2 * 1_001);
+    let stored = in_a_redis_stream("rate", |to| open_loop_with_baseline(to, "real-redis-rate"));
+    assert_eq!(stored, 2 * 1_001);
 }
 
 fn mqtt_url() -> String {

@@ -202,3 +202,23 @@ pub fn produce_jsonl(url: &str, extra: &[&str], input: &[u8], cwd: &Path, limit:
     args.extend_from_slice(extra);
     herald(&args, Some(input), cwd, limit)
 }
+
+/// Checks an open-loop `herald bench --rate ... --baseline --report json` report: for herald
+/// and the raw client (`raw_`), `sent` messages delivered, none failed, and the percentiles in
+/// order.
+pub fn assert_paced(report: &Value, sent: u64) {
+    assert_eq!(report["mode"], "open_loop", "{report}");
+    for prefix in ["", "raw_"] {
+        assert_eq!(report[format!("{prefix}sent")], sent, "{report}");
+        assert_eq!(report[format!("{prefix}failed")], 0, "{report}");
+        let q = |name: &str| {
+            report[format!("{prefix}{name}")]
+                .as_f64()
+                .unwrap_or_else(|| panic!("no {prefix}{name}: {report}"))
+        };
+        assert!(q("p50_ms") > 0.0, "{report}");
+        assert!(q("p50_ms") <= q("p99_ms"), "{report}");
+        assert!(q("p99_ms") <= q("p999_ms"), "{report}");
+        assert!(q("p999_ms") <= q("max_ms"), "{report}");
+    }
+}
