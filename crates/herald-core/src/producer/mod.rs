@@ -410,6 +410,10 @@ impl Producer {
     /// For long streams through a [store](ProducerBuilder::store): a run of consecutive tags
     /// waiting in the store costs next to nothing, so memory stays flat however many wait.
     /// Messages given in one call are stored with one write, as with `enqueue_many`.
+    ///
+    /// Cancelling this call while it waits for room drops the messages not accepted yet (they
+    /// were never accepted, and `sink` hears nothing of them), as with `enqueue_many`; those
+    /// already accepted reach `sink` as usual.
     pub async fn enqueue_tagged(
         &self,
         msgs: Vec<(u64, Message)>,
