@@ -215,6 +215,7 @@ impl Collector {
         match (&mut self.held, line) {
             (Some(held), Some(line)) => {
                 held.insert(line, record());
+                hold_at_most(held, dl);
             }
             _ => dl.write(&record()),
         }
@@ -309,11 +310,26 @@ impl Collector {
         let destination = &self.destination;
         let record = || malformed_record(line, destination, raw, error);
         match (&mut self.held, &mut self.dead_letter) {
-            (Some(held), Some(_)) => {
+            (Some(held), Some(dl)) => {
                 held.insert(line, record());
+                hold_at_most(held, dl);
             }
             (None, Some(dl)) => dl.write(&record()),
             (_, None) => {}
+        }
+    }
+}
+
+/// Dead-letter records held back at most, waiting for a line before theirs to end: beyond
+/// it the earliest are written (memory stays bounded when one message takes its whole delivery
+/// timeout while many after it fail; the file is then in input order but for those).
+const HELD_AT_MOST: usize = 65_536;
+
+/// Writes the earliest of `held` while it holds more than [`HELD_AT_MOST`].
+fn hold_at_most(held: &mut BTreeMap<u64, Value>, dl: &mut DeadLetter) {
+    while held.len() > HELD_AT_MOST {
+        if let Some((_, record)) = held.pop_first() {
+            dl.write(&record);
         }
     }
 }
@@ -709,6 +725,25 @@ mod tests {
             })
             .collect();
         assert_eq!(lines, [1, 2, 3, 4], "{text}");
+    }
+
+    /// Records waiting for an earlier line are bounded: beyond the bound the earliest go out.
+    #[test]
+    fn at_most_so_many_records_wait() {
+        let path =
+            std::env::temp_dir().join(format!("herald-engine-held-{}.jsonl", std::process::id()));
+        let _gone = std::fs::remove_file(&path);
+        let mut dl = DeadLetter::new(&path);
+        let mut held: BTreeMap<u64, Value> = (0..HELD_AT_MOST as u64 + 2)
+            .map(|line| (line, serde_json::json!({ "line": line })))
+            .collect();
+        hold_at_most(&mut held, &mut dl);
+        dl.finish();
+        assert_eq!(held.len(), HELD_AT_MOST);
+        assert_eq!(held.first_key_value().map(|(k, _)| *k), Some(2));
+        let text = std::fs::read_to_string(&path).expect("dead-letter file");
+        let _gone = std::fs::remove_file(&path);
+        assert_eq!(text, "{\"line\":0}\n{\"line\":1}\n");
     }
 
     #[test]
