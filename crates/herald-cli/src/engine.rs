@@ -727,6 +727,59 @@ mod tests {
         assert_eq!(lines, [1, 2, 3, 4], "{text}");
     }
 
+    /// Acknowledges everything at once.
+    struct Accepting;
+
+    #[herald::async_trait]
+    impl herald::Transport for Accepting {
+        fn name(&self) -> &'static str {
+            "accepting"
+        }
+        async fn send_batch(&self, _: &Destination, batch: &[Message]) -> herald::BatchOutcome {
+            batch.iter().map(|_| Ok(herald::Ack::default())).collect()
+        }
+    }
+
+    /// What the feeder says last (a malformed line) is recorded even when every fate is in
+    /// before the collector reads it, with a spool and without: the collector reads what the
+    /// feeder told it to the end, not only until the last fate.
+    #[tokio::test]
+    async fn a_line_handed_over_after_the_last_fate_is_still_recorded() {
+        for spool in [false, true] {
+            let dir = std::env::temp_dir()
+                .join(format!("herald-engine-last-{}-{spool}", std::process::id()));
+            let _gone = std::fs::remove_dir_all(&dir);
+            let mut builder = Producer::builder(Accepting);
+            if spool {
+                use herald::spool::ProducerBuilderExt as _;
+                builder = builder
+                    .spool(herald::spool::SpoolConfig::new(&dir))
+                    .expect("spool");
+            }
+            let producer = builder.build().expect("producer");
+            let mut collector = Collector::new(Destination::new("t"));
+            collector.spool = spool;
+            let engine = Engine::start(producer.clone(), collector);
+            engine
+                .send_many(vec![(1, Message::new("t", "m"))])
+                .await
+                .expect("sent");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while producer.stats().totals.delivered < 1 {
+                assert!(std::time::Instant::now() < deadline, "never delivered");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            engine
+                .malformed(2, b"{".to_vec(), "line 2: not JSON".into())
+                .await
+                .expect("recorded");
+            let (collector, _) = engine.finish(Duration::from_secs(5)).await.expect("finish");
+            let t = &collector.tally;
+            assert_eq!((t.delivered, t.malformed), (1, 1), "spool: {spool}");
+            let _gone = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     /// Records waiting for an earlier line are bounded: beyond the bound the earliest go out.
     #[test]
     fn at_most_so_many_records_wait() {
