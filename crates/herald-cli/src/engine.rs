@@ -307,16 +307,11 @@ impl Collector {
     pub(crate) fn malformed(&mut self, line: u64, raw: &[u8], error: &str) {
         self.tally.malformed += 1;
         self.example(error.to_owned());
-        let destination = &self.destination;
-        let record = || malformed_record(line, destination, raw, error);
-        match (&mut self.held, &mut self.dead_letter) {
-            (Some(held), Some(dl)) => {
-                held.insert(line, record());
-                hold_at_most(held, dl);
-            }
-            (None, Some(dl)) => dl.write(&record()),
-            (_, None) => {}
-        }
+        // A clone (cheap, and malformed lines are rare): the record is made under `&mut self`.
+        let destination = self.destination.clone();
+        self.record(Some(line), || {
+            malformed_record(line, &destination, raw, error)
+        });
     }
 }
 
