@@ -164,13 +164,21 @@ mod tests {
         );
         let pid = std::fs::read_to_string(&pid_file).expect("the shell wrote its child's pid");
         let _removed = std::fs::remove_file(&pid_file);
-        // Gone, or a zombie waiting for init to reap it: not running.
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()));
-        let running = stat.is_ok_and(|s| {
-            s.rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        });
-        assert!(!running, "the child {} outlived the watchdog", pid.trim());
+        // Gone, or a zombie waiting for init to reap it: not running. A SIGKILL takes effect
+        // when the kernel next schedules the process, so give it a moment (a deadline, not a
+        // guess: the loop ends as soon as it is down).
+        let running = || {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()));
+            stat.is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!running(), "the child {} outlived the watchdog", pid.trim());
         let mut ok = std::process::Command::new("true");
         super::run_within("quick", &mut ok, Duration::from_secs(20)).expect("within its limit");
     }
