@@ -252,8 +252,7 @@ fn intro(json: &serde_json::Value, machine: &str) -> String {
     format!(
         "Run: `cargo xtask bench amqp` on {machine}, broker on the same machine ({}). {} persistent \
          messages per run to a fresh durable classic queue; {} channels × {} unconfirmed.\n\n\
-         One run each, on a machine shared with the broker and other builds: expect ±15 % between \
-         runs. herald's messages carry 64 keys (spread over the channels) and its `message_id` and \
+         herald's messages carry 64 keys (spread over the channels) and its `message_id` and \
          key header; the raw runs send bare payloads.\n\n",
         json["broker"].as_str().unwrap_or("?"),
         json["messages"],

@@ -85,12 +85,17 @@ pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
 }
 
 /// One broker and message size: herald against the raw client at its best and the naive pattern.
+#[derive(Debug, Clone, PartialEq)]
 struct Row {
     broker: String,
     size: u64,
     herald: f64,
     raw: f64,
     naive: f64,
+    /// herald / raw as the table shows it: `0.97×` or, over rounds, `0.97× (0.93×–1.01×)`.
+    ratio: String,
+    /// herald / naive.
+    vs_naive: f64,
 }
 
 fn read_json(path: &Path) -> Option<serde_json::Value> {
@@ -107,12 +112,18 @@ fn broker_rows(root: &Path) -> Vec<Row> {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|r| Row {
-                broker: broker.to_owned(),
-                size: r["size"].as_u64().unwrap_or(0),
-                herald: r["herald_msgs_per_sec"].as_f64().unwrap_or(0.0),
-                raw: r["raw_best_msgs_per_sec"].as_f64().unwrap_or(0.0),
-                naive: r["naive_msgs_per_sec"].as_f64().unwrap_or(0.0),
+            .map(|r| {
+                let herald = r["herald_msgs_per_sec"].as_f64().unwrap_or(0.0);
+                let raw = r["raw_best_msgs_per_sec"].as_f64().unwrap_or(0.0);
+                Row {
+                    broker: broker.to_owned(),
+                    size: r["size"].as_u64().unwrap_or(0),
+                    herald,
+                    raw,
+                    naive: r["naive_msgs_per_sec"].as_f64().unwrap_or(0.0),
+                    ratio: crate::report::times(herald / raw),
+                    vs_naive: herald / r["naive_msgs_per_sec"].as_f64().unwrap_or(0.0),
+                }
             })
             .collect()
     };
@@ -148,13 +159,14 @@ fn broker_rows(root: &Path) -> Vec<Row> {
 /// raw client at its best and the naive pattern.
 fn baseline_rows(json: &serde_json::Value, broker: &str) -> Vec<Row> {
     let figures = json["figures"].as_array().cloned().unwrap_or_default();
-    let rate = |size: u64, name: &str| {
+    let figure = |size: u64, name: &str| {
         figures
             .iter()
             .find(|f| f["payload_bytes"].as_u64() == Some(size) && f["name"] == name)
-            .and_then(|f| f["msgs_per_sec"].as_f64())
-            .unwrap_or(0.0)
+            .cloned()
+            .unwrap_or_default()
     };
+    let rate = |size: u64, name: &str| figure(size, name)["msgs_per_sec"].as_f64().unwrap_or(0.0);
     let mut sizes: Vec<u64> = figures
         .iter()
         .filter_map(|f| f["payload_bytes"].as_u64())
@@ -168,29 +180,94 @@ fn baseline_rows(json: &serde_json::Value, broker: &str) -> Vec<Row> {
             herald: rate(size, "herald_default"),
             raw: rate(size, "raw_streaming"),
             naive: rate(size, "raw_naive"),
+            ratio: crate::report::with_range(
+                &figure(size, "herald_default"),
+                "vs_raw",
+                crate::report::times,
+            ),
+            vs_naive: figure(size, "herald_default")["vs_naive"]
+                .as_f64()
+                .unwrap_or(0.0),
         })
         .collect()
 }
 
-/// The summary table and the throughput chart, from the last runs of every benchmark.
+/// The broker rows of the summary, in the order the table shows them.
+fn summary_order() -> Vec<String> {
+    let mut order = Vec::new();
+    for broker in ["Kafka", "RabbitMQ"] {
+        order.push(broker.to_owned());
+        for rtt in crate::report::ROUND_TRIPS_MS {
+            order.push(format!("{broker}, {rtt} ms round trip"));
+        }
+    }
+    order.extend(["NATS", "Redis", "MQTT"].map(String::from));
+    order
+}
+
+/// One row of the summary table.
+fn row_line(r: &Row) -> String {
+    format!(
+        "| {} | {} B | {} | {} | {} | {} | {:.0}× |\n",
+        r.broker,
+        r.size,
+        thousands(r.herald),
+        thousands(r.raw),
+        thousands(r.naive),
+        r.ratio,
+        r.vs_naive
+    )
+}
+
+/// A row of the summary table as [`row_line`] wrote it.
+fn parse_row(line: &str) -> Option<Row> {
+    let cells: Vec<&str> = line
+        .trim()
+        .trim_matches('|')
+        .split('|')
+        .map(str::trim)
+        .collect();
+    let [broker, size, herald, raw, naive, ratio, vs_naive] = cells[..] else {
+        return None;
+    };
+    let number = |s: &str| s.replace(' ', "").trim_end_matches('×').parse::<f64>().ok();
+    Some(Row {
+        broker: broker.to_owned(),
+        size: size.trim_end_matches(" B").parse().ok()?,
+        herald: number(herald)?,
+        raw: number(raw)?,
+        naive: number(naive)?,
+        ratio: ratio.to_owned(),
+        vs_naive: number(vs_naive)?,
+    })
+}
+
+/// The summary table and the throughput chart: each broker's rows from its last run in
+/// target/bench, or, for a broker not run since, the rows the summary already shows (so that
+/// `cargo xtask bench nats` updates the NATS rows and keeps the others).
 fn bench_summary(root: &Path) -> Result<()> {
-    let rows = broker_rows(root);
+    let doc = root.join("docs/benchmarks.md");
+    let before = crate::report::section(&doc, "summary")?;
+    let fresh = broker_rows(root);
+    let kept: Vec<Row> = before.lines().filter_map(parse_row).collect();
+    let mut rows = Vec::new();
+    for broker in summary_order() {
+        let of = |r: &&Row| r.broker == broker;
+        let new: Vec<&Row> = fresh.iter().filter(of).collect();
+        let pick = if new.is_empty() {
+            kept.iter().filter(of).collect()
+        } else {
+            new
+        };
+        rows.extend(pick.into_iter().cloned());
+    }
     let mut body = format!(
-        "From the runs below (`cargo xtask bench`, {}). Chart: [benchmarks-throughput.svg](benchmarks-throughput.svg) (log scale). Rows with a round trip went through the testkit's delaying proxy, herald and the raw client alike (Kafka: a Tansu of its own advertising the proxy's address; RabbitMQ: the proxy in front of the node); the others on localhost.\n\n",
+        "Each row from the last run of its section below (`cargo xtask bench`, or one section alone; each section gives its machine and date); summary written on {}. Chart: [benchmarks-throughput.svg](benchmarks-throughput.svg) (log scale). Rows with a round trip went through the testkit's delaying proxy, herald and the raw client alike (Kafka: a Tansu of its own advertising the proxy's address; RabbitMQ: the proxy in front of the node); the others on localhost.\n\n",
         machine()
     );
     body.push_str("| broker | message | herald (msgs/s) | raw client at its best (msgs/s) | naive: await each send (msgs/s) | herald / raw | herald / naive |\n|---|---:|---:|---:|---:|---:|---:|\n");
     for r in &rows {
-        body.push_str(&format!(
-            "| {} | {} B | {} | {} | {} | {:.2}× | {:.0}× |\n",
-            r.broker,
-            r.size,
-            thousands(r.herald),
-            thousands(r.raw),
-            thousands(r.naive),
-            r.herald / r.raw,
-            r.herald / r.naive
-        ));
+        body.push_str(&row_line(r));
     }
     if let Some(p) = read_json(&root.join("target/bench/pipeline.json")) {
         let figure = |name: &str| {
@@ -207,6 +284,9 @@ fn bench_summary(root: &Path) -> Result<()> {
             thousands(channel),
             herald / channel
         ));
+    } else if let Some(line) = before.lines().find(|l| l.starts_with("| pipeline alone")) {
+        body.push_str(line);
+        body.push('\n');
     }
     replace_section(&root.join("docs/benchmarks.md"), "summary", &body)?;
     let groups: Vec<chart::Group> = rows
@@ -284,4 +364,33 @@ fn bench_pipeline(root: &Path) -> Result<()> {
     replace_section(&root.join("docs/benchmarks.md"), "pipeline", &table)?;
     eprintln!("docs/benchmarks.md: pipeline section updated");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_row_reads_back_as_written() {
+        let row = Row {
+            broker: "Kafka, 2 ms round trip".into(),
+            size: 1024,
+            herald: 260_535.0,
+            raw: 271_367.0,
+            naive: 162.0,
+            ratio: "0.96× (0.91×–1.02×)".into(),
+            vs_naive: 1610.0,
+        };
+        let line = row_line(&row);
+        assert_eq!(
+            line,
+            "| Kafka, 2 ms round trip | 1024 B | 260 535 | 271 367 | 162 | 0.96× (0.91×–1.02×) | 1610× |\n"
+        );
+        assert_eq!(parse_row(&line), Some(row));
+        assert_eq!(parse_row("|---|---:|"), None);
+        assert_eq!(
+            parse_row("| pipeline alone (in-memory transport) | 100 B | 2 017 141 | 5 675 016 (bare tokio channel) | | 0.36× | |"),
+            None
+        );
+    }
 }

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::process::{cargo, run};
-use crate::report::{machine, replace_section, thousands};
+use crate::report::{machine, median_range, replace_section, thousands, two};
 use crate::{amqp, kafka};
 
 /// Seconds of sending per latency run (`HERALD_BENCH_LATENCY_SECONDS` to change).
@@ -141,19 +141,6 @@ fn rounds<T>(
     Ok(out)
 }
 
-/// The median of `v` and the range, each written by `show`: `(median, "1.23 (1.10–1.40)")`.
-fn median_range(mut v: Vec<f64>, show: impl Fn(f64) -> String) -> (f64, String) {
-    v.sort_by(f64::total_cmp);
-    let median = v[v.len() / 2];
-    let text = format!("{} ({}–{})", show(median), show(v[0]), show(v[v.len() - 1]));
-    (median, text)
-}
-
-/// Two decimals.
-fn two(x: f64) -> String {
-    format!("{x:.2}")
-}
-
 /// `cargo xtask bench command`.
 pub(crate) fn bench_throughput(root: &Path) -> Result<()> {
     let herald = herald(root)?;
@@ -275,18 +262,4 @@ pub(crate) fn bench_latency(root: &Path) -> Result<()> {
     replace_section(&root.join("docs/benchmarks.md"), "latency", &body)?;
     eprintln!("docs/benchmarks.md: latency section updated");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_range_writes_the_median_then_the_range() {
-        let (m, text) = median_range(vec![1_022_977.0, 930_747.0, 945_494.0], thousands);
-        assert_eq!(m, 945_494.0);
-        assert_eq!(text, "945 494 (930 747–1 022 977)");
-        let (_, text) = median_range(vec![0.66, 0.59, 0.631], two);
-        assert_eq!(text, "0.63 (0.59–0.66)");
-    }
 }

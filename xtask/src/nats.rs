@@ -104,8 +104,7 @@ fn intro(json: &serde_json::Value, machine: &str) -> String {
         "Run: `cargo xtask bench nats` on {machine}, server on the same machine ({}). {} \
          messages per run to a fresh file-backed JetStream stream, PubAcks awaited as they come \
          (raw: a window of {} outstanding).\n\n\
-         One run each, on a machine shared with the server and other builds: expect ±15 % \
-         between runs. Every variant sends the key and an id (`Nats-Msg-Id`, which JetStream \
+         Every variant sends the key and an id (`Nats-Msg-Id`, which JetStream \
          indexes for its duplicate window) as headers, as herald does.\n\n",
         json["broker"].as_str().unwrap_or("?"),
         json["messages"],

@@ -107,8 +107,7 @@ fn intro(json: &serde_json::Value, machine: &str) -> String {
         "Run: `cargo xtask bench redis` on {machine}, server on the same machine ({}). {} \
          messages per run to a fresh stream; the raw run sends pipelines of {} `XADD`s, {} in \
          flight on one multiplexed connection.\n\n\
-         One run each, on a machine shared with the server and other builds: expect ±15 % \
-         between runs. Both write the same entries: `payload`, `key` (64 keys) and `id` (the \
+         Both write the same entries: `payload`, `key` (64 keys) and `id` (the \
          herald id; the raw run makes one per message).\n\n",
         json["broker"].as_str().unwrap_or("?"),
         json["messages"],

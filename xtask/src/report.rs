@@ -10,6 +10,17 @@ use anyhow::{bail, Context, Result};
 /// after their runs on localhost; the summary and the chart show them too.
 pub(crate) const ROUND_TRIPS_MS: &[u64] = &[2, 10];
 
+/// The text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
+pub(crate) fn section(path: &Path, name: &str) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    match (text.find(&begin), text.find(&end)) {
+        (Some(b), Some(e)) if b + begin.len() <= e => Ok(text[b + begin.len()..e].to_owned()),
+        _ => bail!("{} has no {begin} … {end} section", path.display()),
+    }
+}
+
 /// Rewrites the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
 pub(crate) fn replace_section(path: &Path, name: &str, body: &str) -> Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
@@ -34,6 +45,111 @@ pub(crate) fn thousands(x: f64) -> String {
         out.push(c);
     }
     out
+}
+
+/// The median of `v` (of an even count: the mean of the middle two) and the range, each
+/// written by `show`: `(median, "1.23 (1.10–1.40)")`.
+pub(crate) fn median_range(mut v: Vec<f64>, show: impl Fn(f64) -> String) -> (f64, String) {
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    };
+    let text = format!("{} ({}–{})", show(median), show(v[0]), show(v[v.len() - 1]));
+    (median, text)
+}
+
+/// Two decimals.
+pub(crate) fn two(x: f64) -> String {
+    format!("{x:.2}")
+}
+
+/// A ratio: two decimals and `×`.
+pub(crate) fn times(x: f64) -> String {
+    format!("{x:.2}×")
+}
+
+/// Rounds of each `*-baseline` run on localhost: `HERALD_BENCH_ROUNDS`, default 3. Every
+/// round runs the raw client, the naive pattern and herald's variants one after the other, so
+/// rounds alternate herald and raw.
+fn rounds() -> usize {
+    std::env::var("HERALD_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1)
+}
+
+/// One JSON of figures from the rounds of a `*-baseline` run: each figure's `msgs_per_sec` is
+/// the median of its rounds (`msgs_per_sec_range`: the slowest and the fastest), and `vs_raw`
+/// and `vs_naive` the medians of the ratios taken within each round (`vs_raw_range`).
+pub(crate) fn merge_rounds(runs: &[serde_json::Value]) -> Result<serde_json::Value> {
+    use serde_json::json;
+    let first = runs.first().context("no rounds")?;
+    let rate = |run: &serde_json::Value, payload: &serde_json::Value, name: &str| {
+        run["figures"].as_array().and_then(|f| {
+            f.iter()
+                .find(|f| &f["payload_bytes"] == payload && f["name"] == name)
+                .and_then(|f| f["msgs_per_sec"].as_f64())
+        })
+    };
+    let spread = |v: Vec<f64>| -> (f64, serde_json::Value) {
+        let (median, _) = median_range(v.clone(), two);
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (median, json!([lo, hi]))
+    };
+    let mut figures = Vec::new();
+    for f in first["figures"].as_array().context("figures")? {
+        let (payload, name) = (&f["payload_bytes"], f["name"].as_str().unwrap_or_default());
+        // Every round's figure of `name` (over its `base`'s, if given).
+        let per_round = |base: Option<&str>| -> Result<Vec<f64>> {
+            runs.iter()
+                .map(|r| {
+                    let x = rate(r, payload, name).with_context(|| {
+                        format!("{name} at {payload} B is missing from a round")
+                    })?;
+                    let Some(base) = base else { return Ok(x) };
+                    let b = rate(r, payload, base).with_context(|| {
+                        format!("{base} at {payload} B is missing from a round")
+                    })?;
+                    Ok(x / b)
+                })
+                .collect()
+        };
+        let (rate, rate_range) = spread(per_round(None)?);
+        let (vs_raw, vs_raw_range) = spread(per_round(Some("raw_streaming"))?);
+        let (vs_naive, _) = spread(per_round(Some("raw_naive"))?);
+        figures.push(json!({
+            "payload_bytes": payload,
+            "name": name,
+            "what": f["what"],
+            "msgs_per_sec": rate,
+            "msgs_per_sec_range": rate_range,
+            "vs_raw": vs_raw,
+            "vs_raw_range": vs_raw_range,
+            "vs_naive": vs_naive,
+        }));
+    }
+    let mut doc = first.clone();
+    doc["rounds"] = json!(runs.len());
+    doc["figures"] = serde_json::Value::Array(figures);
+    Ok(doc)
+}
+
+/// `x` with its range from `f[range]`, if it has one: `945 494 (930 747–1 022 977)`.
+pub(crate) fn with_range(f: &serde_json::Value, value: &str, show: fn(f64) -> String) -> String {
+    let x = show(f[value].as_f64().unwrap_or(0.0));
+    match f[format!("{value}_range")].as_array().map(Vec::as_slice) {
+        Some([lo, hi]) => format!(
+            "{x} ({}–{})",
+            show(lo.as_f64().unwrap_or(0.0)),
+            show(hi.as_f64().unwrap_or(0.0))
+        ),
+        _ => x,
+    }
 }
 
 /// What the figures were measured on: CPU model, cores, date.
@@ -83,7 +199,28 @@ impl Baseline<'_> {
         std::fs::create_dir_all(out.parent().context("target/bench")?)?;
         let (var, default) = self.messages;
         let messages = std::env::var(var).unwrap_or_else(|_| default.into());
-        let result = self.run_binary(&broker, &messages, None, &out);
+        let mut runs = Vec::new();
+        let mut result = Ok(());
+        for round in 0..rounds() {
+            let one = out.with_file_name(format!("{}-round-{round}.json", self.name));
+            match self
+                .run_binary(&broker, &messages, None, &one)
+                .and_then(|()| Ok(serde_json::from_str(&std::fs::read_to_string(&one)?)?))
+            {
+                Ok(json) => runs.push(json),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        let result = result.and_then(|()| {
+            let merged = merge_rounds(&runs)?;
+            Ok(std::fs::write(
+                &out,
+                serde_json::to_string_pretty(&merged)?,
+            )?)
+        });
         let mut rtt_runs = Vec::new();
         if result.is_ok() {
             for &rtt in self.rtts.0 {
@@ -96,6 +233,13 @@ impl Baseline<'_> {
         result?;
         let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
         let mut table = (self.intro)(&json, &machine());
+        table.push_str(&format!(
+            "Median of {} rounds, the slowest and the fastest in brackets; each round runs every \
+             variant in turn (raw, naive, herald's), so herald and raw alternate, and a ratio is \
+             taken within its round. The machine is shared with the broker: single runs vary by \
+             ±15 %.\n\n",
+            json["rounds"]
+        ));
         table.push_str(&figures_table(&json)?);
         replace_section(&root.join("docs/benchmarks.md"), self.name, &table)?;
         eprintln!(
@@ -182,13 +326,72 @@ pub(crate) fn figures_table(json: &serde_json::Value) -> Result<String> {
     );
     for f in json["figures"].as_array().context("figures")? {
         table.push_str(&format!(
-            "| {} B | {} | {} | {:.2}× | {:.1}× |\n",
+            "| {} B | {} | {} | {} | {:.1}× |\n",
             f["payload_bytes"],
             f["what"].as_str().unwrap_or("?"),
-            thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
-            f["vs_raw"].as_f64().unwrap_or(0.0),
+            with_range(f, "msgs_per_sec", thousands),
+            with_range(f, "vs_raw", times),
             f["vs_naive"].as_f64().unwrap_or(0.0),
         ));
     }
     Ok(table)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn median_range_writes_the_median_then_the_range() {
+        let (m, text) = median_range(vec![1_022_977.0, 930_747.0, 945_494.0], thousands);
+        assert_eq!(m, 945_494.0);
+        assert_eq!(text, "945 494 (930 747–1 022 977)");
+        let (_, text) = median_range(vec![0.66, 0.59, 0.631], two);
+        assert_eq!(text, "0.63 (0.59–0.66)");
+        let (m, _) = median_range(vec![4.0, 1.0, 2.0, 10.0], two);
+        assert_eq!(m, 3.0, "the mean of the middle two");
+    }
+
+    /// One round of a `*-baseline` binary: raw, naive and herald at 100 B.
+    fn round(raw: f64, naive: f64, herald: f64) -> serde_json::Value {
+        let f = |name: &str, rate: f64| json!({"payload_bytes": 100, "name": name, "what": name, "msgs_per_sec": rate});
+        json!({"broker": "b", "figures": [
+            f("raw_streaming", raw), f("raw_naive", naive), f("herald_default", herald)
+        ]})
+    }
+
+    #[test]
+    fn rounds_merge_into_medians_and_ratios_taken_within_each_round() {
+        // herald beats raw in the rounds where raw is slow: the ratio of the medians (1.0)
+        // is not the median of the ratios.
+        let runs = [
+            round(100.0, 10.0, 90.0),
+            round(80.0, 10.0, 100.0),
+            round(120.0, 8.0, 110.0),
+        ];
+        let doc = merge_rounds(&runs).expect("merge");
+        assert_eq!(doc["rounds"], 3);
+        assert_eq!(doc["broker"], "b");
+        let herald = &doc["figures"][2];
+        assert_eq!(herald["name"], "herald_default");
+        assert_eq!(herald["msgs_per_sec"], 100.0);
+        assert_eq!(herald["msgs_per_sec_range"], json!([90.0, 110.0]));
+        assert_eq!(herald["vs_raw"], 0.9166666666666666);
+        assert_eq!(herald["vs_raw_range"], json!([0.9, 1.25]));
+        assert_eq!(herald["vs_naive"], 10.0);
+        assert_eq!(with_range(herald, "vs_raw", times), "0.92× (0.90×–1.25×)");
+        assert_eq!(
+            with_range(herald, "msgs_per_sec", thousands),
+            "100 (90–110)"
+        );
+        let mut short = round(1.0, 1.0, 1.0);
+        short["figures"].as_array_mut().expect("figures").pop();
+        let err = merge_rounds(&[runs[0].clone(), short]).expect_err("missing figure");
+        assert!(err.to_string().contains("herald_default at 100 B"), "{err}");
+        let mut no_raw = round(1.0, 1.0, 1.0);
+        no_raw["figures"].as_array_mut().expect("figures").remove(0);
+        let err = merge_rounds(&[no_raw.clone(), no_raw]).expect_err("missing raw");
+        assert!(err.to_string().contains("raw_streaming at 100 B"), "{err}");
+    }
 }
