@@ -123,8 +123,9 @@ fn intro(json: &serde_json::Value, machine: &str) -> String {
         "Run: `cargo xtask bench mqtt` on {machine}, broker on the same machine ({}). {} \
          messages per run, QoS 1, MQTT 5, each run to a topic of its own with no subscriber.\n\n\
          Every variant sends the key and an id as user properties, as herald \
-         does, and sets `TCP_NODELAY` on its connection, as herald does. Mosquitto keeps its \
-         default `set_tcp_nodelay false` (see docs/guarantees.md, MQTT, on Nagle).\n\n",
+         does; every client sets `TCP_NODELAY` and polls its event loop on a task of its own, as \
+         herald does. Mosquitto keeps its default `set_tcp_nodelay false` (see \
+         docs/guarantees.md, MQTT, on Nagle).\n\n",
         json["broker"].as_str().unwrap_or("?"),
         json["messages"],
     )

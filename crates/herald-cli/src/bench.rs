@@ -37,7 +37,7 @@ pub(crate) struct BenchArgs {
     /// Open loop: send at this many messages a second on a fixed schedule, whatever the
     /// acknowledgements do, and report latency (p50, p99, p99.9) from each message's due time
     /// to its acknowledgement instead of throughput. With --baseline, the raw client on the same
-    /// schedule (Kafka and RabbitMQ).
+    /// schedule.
     #[arg(long, value_name = "MSGS_PER_SEC")]
     pub(crate) rate: Option<f64>,
     /// text, or json: the summary, then one JSON object on the last line of stdout.
@@ -496,6 +496,14 @@ impl open_loop::Sender for RedisOneByOne {
     }
 }
 
+struct MqttOneByOne(herald_mqtt::baseline::OneByOne);
+
+impl open_loop::Sender for MqttOneByOne {
+    async fn send(&mut self, i: u64) -> BoxFuture<'static, bool> {
+        Box::pin(self.0.publish(i).await)
+    }
+}
+
 impl open_loop::Sender for AmqpOneByOne {
     async fn send(&mut self, _: u64) -> BoxFuture<'static, bool> {
         Box::pin(self.0.publish().await)
@@ -531,10 +539,6 @@ async fn open_loop_bench(
     broker: &str,
 ) -> anyhow::Result<Exit> {
     open_loop::check_rate(rate)?;
-    anyhow::ensure!(
-        !args.baseline || !matches!(target, Target::Mqtt(_)),
-        "--rate with --baseline has a raw client for Kafka, RabbitMQ, NATS and Redis, not MQTT; without --baseline, --rate measures herald on {broker}"
-    );
     out!(
         "herald bench: open loop, {} messages of {} B at {} msg/s ({}), {KEYS} keys, to {broker}",
         report::count(args.messages),
@@ -627,7 +631,18 @@ async fn open_loop_bench(
                     "redis-rs, one XADD per message on a multiplexed connection".to_owned(),
                 )
             }
-            _ => unreachable!("checked above"),
+            Target::Mqtt(c) => {
+                let topic = c.topic().unwrap_or_default();
+                let one = herald_mqtt::baseline::OneByOne::connect(c, topic, args.size)
+                    .await
+                    .context("raw rumqttc baseline")?;
+                let (raw, _) = open_loop::run(MqttOneByOne(one), rate, args.messages).await?;
+                (
+                    raw,
+                    "rumqttc, each acknowledgement matched to its publish by packet id as it comes"
+                        .to_owned(),
+                )
+            }
         };
         anyhow::ensure!(
             raw.failed == 0,

@@ -879,3 +879,32 @@ fn mqtt_produce_to_a_topic_delivers_every_message_once() {
     assert_eq!(run.report()["sent"], 3_000, "{run:?}");
     assert_eq!(received, 3_000, "each message received once");
 }
+
+/// `herald bench --rate --baseline` on MQTT: the raw client's messages arrive too, each once,
+/// at a subscriber that was there first.
+#[test]
+#[ignore = "needs an MQTT broker: cargo xtask it"]
+fn mqtt_open_loop_bench_runs_herald_and_the_raw_client() {
+    let url = mqtt_url();
+    let rt = runtime();
+    let topic = format!("herald/cli/{}/paced", unique("mqtt-rate"));
+    let to = format!("{}/{topic}", url.trim_end_matches('/'));
+    let config = herald::mqtt::MqttConfig::from_url(&to).expect("url");
+    let listener = within(
+        &rt,
+        "subscribing",
+        herald_mqtt::baseline::Listener::start(&config, &topic),
+    )
+    .expect("subscriber");
+    open_loop_with_baseline(&to, "real-mqtt-rate");
+    let received = within(
+        &rt,
+        "reading back",
+        listener.wait_for(2 * 1_001, Duration::from_secs(60)),
+    );
+    assert_eq!(
+        received,
+        2 * 1_001,
+        "herald's and the raw client's, each once"
+    );
+}

@@ -76,9 +76,10 @@ struct Flow {
     ever_up: AtomicBool,
 }
 
-/// What one connection's task shares with the transport.
+/// What one connection's task shares with the transport (and, in the baseline, the raw
+/// open-loop client: the same matching of answers to publishes by packet id).
 #[derive(Default)]
-struct LiveState {
+pub(crate) struct LiveState {
     /// The connection is over (lost, abandoned or closed).
     lost: AtomicBool,
     /// This is the transport's current connection.
@@ -93,6 +94,18 @@ struct LiveState {
 impl LiveState {
     fn book(&self) -> std::sync::MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues the answer slot of the next publish to be handed to the client (slots and
+    /// publishes must enter in the same order); `None` once the connection is over.
+    pub(crate) fn slot(&self) -> Option<oneshot::Receiver<Answer>> {
+        let (tx, rx) = oneshot::channel();
+        let mut book = self.book();
+        if book.closed {
+            return None;
+        }
+        book.queued.push_back(tx);
+        Some(rx)
     }
 
     /// The client wrote a publish with `pkid`.
@@ -126,6 +139,14 @@ impl LiveState {
         }
     }
 
+    /// Why the connection ended, if the broker or the network ended it.
+    pub(crate) fn failure(&self) -> Option<TransportError> {
+        self.failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Every publish handed over is written and some still wait for their answer: the client
     /// has nothing to send while the broker still has answers to give.
     fn waiting(&self) -> bool {
@@ -134,7 +155,7 @@ impl LiveState {
     }
 
     /// Ends the connection: every slot is answered `Lost`, no new one is taken.
-    fn end(&self, failure: Option<TransportError>) {
+    pub(crate) fn end(&self, failure: Option<TransportError>) {
         if let Some(f) = failure {
             let mut slot = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
             if slot.is_none() {
@@ -199,11 +220,7 @@ impl Live {
 
     /// Why the connection ended, if the broker or the network ended it.
     pub(crate) fn failure(&self) -> Option<TransportError> {
-        self.state
-            .failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.state.failure()
     }
 
     /// Ends the connection now: its task stops and drops the client's event loop (closing
@@ -221,14 +238,7 @@ impl Live {
         payload: Bytes,
         properties: Vec<(String, String)>,
     ) -> Option<oneshot::Receiver<Answer>> {
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut book = self.state.book();
-            if book.closed {
-                return None;
-            }
-            book.queued.push_back(tx);
-        }
+        let rx = self.state.slot()?;
         let mut unfinished = Unfinished(Some(self));
         let sent = match &self.client {
             Client::V5(c) => {
@@ -659,7 +669,7 @@ async fn drive_v5(
 }
 
 /// One event of an MQTT 5 event loop.
-fn on_v5(state: &LiveState, metrics: &MqttMetrics, event: v5::Event) {
+pub(crate) fn on_v5(state: &LiveState, metrics: &MqttMetrics, event: v5::Event) {
     use v5::{Event, Incoming};
     match event {
         Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => state.written(pkid),
@@ -732,7 +742,7 @@ async fn drive_v3(
 }
 
 /// One event of an MQTT 3.1.1 event loop.
-fn on_v3(state: &LiveState, event: rumqttc::Event) {
+pub(crate) fn on_v3(state: &LiveState, event: rumqttc::Event) {
     use rumqttc::{Event, Incoming, Outgoing};
     match event {
         Event::Outgoing(Outgoing::Publish(pkid)) => state.written(pkid),

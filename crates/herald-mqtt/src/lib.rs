@@ -35,7 +35,8 @@
 //! # Crate feature flags
 //!
 //! - `baseline`: the `baseline` module, raw rumqttc publishing at its best and at its most
-//!   naive, and the `mqtt-baseline` binary on it, that `herald bench --baseline` (and
+//!   naive, and one message at a time on a schedule (`herald bench --rate --baseline`), and
+//!   the `mqtt-baseline` binary on it, that `herald bench --baseline` (and
 //!   `cargo xtask bench mqtt`) compare herald with.
 
 mod config;
