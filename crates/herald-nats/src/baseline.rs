@@ -175,23 +175,30 @@ pub async fn raw_streaming(
     let body = herald_core::Bytes::from(vec![b'x'; payload]);
     let subject = subject.to_owned();
     let start = Instant::now();
-    let mut pending = VecDeque::with_capacity(window.min(n));
-    for i in 0..n {
-        if pending.len() >= window {
-            if let Some(ack) = pending.pop_front() {
-                let ack: jetstream::context::PublishAckFuture = ack;
-                ack.await.map_err(step("PubAck"))?;
+    // On a task of its own, as an application runs it: a worker thread, where the client's
+    // connection task wakes it, not the runtime's `block_on` thread.
+    tokio::spawn(async move {
+        let mut pending = VecDeque::with_capacity(window.min(n));
+        for i in 0..n {
+            if pending.len() >= window {
+                if let Some(ack) = pending.pop_front() {
+                    let ack: jetstream::context::PublishAckFuture = ack;
+                    ack.await.map_err(step("PubAck"))?;
+                }
             }
+            let ack = js
+                .publish_with_headers(subject.clone(), headers(run, i), body.clone())
+                .await
+                .map_err(step("publishing"))?;
+            pending.push_back(ack);
         }
-        let ack = js
-            .publish_with_headers(subject.clone(), headers(run, i), body.clone())
-            .await
-            .map_err(step("publishing"))?;
-        pending.push_back(ack);
-    }
-    for ack in pending {
-        ack.into_future().await.map_err(step("PubAck"))?;
-    }
+        for ack in pending {
+            ack.into_future().await.map_err(step("PubAck"))?;
+        }
+        Ok::<_, BaselineError>(())
+    })
+    .await
+    .map_err(step("the publishing task"))??;
     Ok(Run {
         delivered: n as u64,
         elapsed: start.elapsed(),
