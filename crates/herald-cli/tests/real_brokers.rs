@@ -851,14 +851,13 @@ fn mqtt_url() -> String {
     )
 }
 
-/// Issue 16: `herald produce` to an MQTT topic with slashes: every message acknowledged and
-/// received, each once, by a subscriber that was there first.
-#[test]
-#[ignore = "needs an MQTT broker: cargo xtask it"]
-fn mqtt_produce_to_a_topic_delivers_every_message_once() {
+/// Runs `body` with the URL of a fresh MQTT topic (`herald/cli/{unique}/{leaf}`) that a
+/// subscriber listens on from before `body` starts, and returns how many messages it received
+/// (waiting up to 60 s for `expected`, then a little more so that extra copies show).
+fn on_an_mqtt_topic(leaf: &str, expected: u64, body: impl FnOnce(&str)) -> u64 {
     let url = mqtt_url();
     let rt = runtime();
-    let topic = format!("herald/cli/{}/readings", unique("mqtt"));
+    let topic = format!("herald/cli/{}/{leaf}", unique("mqtt"));
     let to = format!("{}/{topic}", url.trim_end_matches('/'));
     let config = herald::mqtt::MqttConfig::from_url(&to).expect("url");
     let listener = within(
@@ -867,16 +866,26 @@ fn mqtt_produce_to_a_topic_delivers_every_message_once() {
         herald_mqtt::baseline::Listener::start(&config, &topic),
     )
     .expect("subscriber");
-    let dir = Scratch::new("real-mqtt");
-    let (text, _sent) = jsonl_input(3_000, "mqtt");
-    let run = produce_jsonl(&to, &[], text.as_bytes(), &dir.0, LIMIT);
-    let received = within(
+    body(&to);
+    within(
         &rt,
         "reading back",
-        listener.wait_for(3_000, Duration::from_secs(60)),
-    );
-    assert_eq!(run.code, Some(0), "{run:?}");
-    assert_eq!(run.report()["sent"], 3_000, "{run:?}");
+        listener.wait_for(expected, Duration::from_secs(60)),
+    )
+}
+
+/// Issue 16: `herald produce` to an MQTT topic with slashes: every message acknowledged and
+/// received, each once, by a subscriber that was there first.
+#[test]
+#[ignore = "needs an MQTT broker: cargo xtask it"]
+fn mqtt_produce_to_a_topic_delivers_every_message_once() {
+    let received = on_an_mqtt_topic("readings", 3_000, |to| {
+        let dir = Scratch::new("real-mqtt");
+        let (text, _sent) = jsonl_input(3_000, "mqtt");
+        let run = produce_jsonl(to, &[], text.as_bytes(), &dir.0, LIMIT);
+        assert_eq!(run.code, Some(0), "{run:?}");
+        assert_eq!(run.report()["sent"], 3_000, "{run:?}");
+    });
     assert_eq!(received, 3_000, "each message received once");
 }
 
@@ -885,23 +894,9 @@ fn mqtt_produce_to_a_topic_delivers_every_message_once() {
 #[test]
 #[ignore = "needs an MQTT broker: cargo xtask it"]
 fn mqtt_open_loop_bench_runs_herald_and_the_raw_client() {
-    let url = mqtt_url();
-    let rt = runtime();
-    let topic = format!("herald/cli/{}/paced", unique("mqtt-rate"));
-    let to = format!("{}/{topic}", url.trim_end_matches('/'));
-    let config = herald::mqtt::MqttConfig::from_url(&to).expect("url");
-    let listener = within(
-        &rt,
-        "subscribing",
-        herald_mqtt::baseline::Listener::start(&config, &topic),
-    )
-    .expect("subscriber");
-    open_loop_with_baseline(&to, "real-mqtt-rate");
-    let received = within(
-        &rt,
-        "reading back",
-        listener.wait_for(2 * 1_001, Duration::from_secs(60)),
-    );
+    let received = on_an_mqtt_topic("paced", 2 * 1_001, |to| {
+        open_loop_with_baseline(to, "real-mqtt-rate");
+    });
     assert_eq!(
         received,
         2 * 1_001,
