@@ -615,13 +615,59 @@ fn lost(state: &LiveState, flow: &Flow, metrics: &MqttMetrics, failure: Transpor
     state.end(Some(failure));
 }
 
-/// Drives an MQTT 5 event loop until its connection ends.
+/// What an event of the event loop was, for [`Nudge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// A publish written to the socket.
+    Written,
+    /// A broker's answer to a publish (PUBACK, PUBREC, PUBCOMP).
+    Answer,
+    /// A PINGRESP.
+    PingResp,
+    Other,
+}
+
+/// When a PINGREQ follows an event: brokers that keep Nagle's algorithm on (Mosquitto's
+/// default) hold a small packet back while an earlier one of theirs is not acknowledged, and
+/// the client's kernel delays that acknowledgement (up to 40 ms) when the client has no data
+/// to send. A PINGREQ is data: it carries the acknowledgement at once.
 ///
-/// While the client has nothing left to send and answers are still due, each answer is followed
-/// by a PINGREQ (one at a time): brokers that keep Nagle's algorithm on (Mosquitto's default)
-/// hold their next PUBACKs until the client's TCP acknowledgement, which the client's kernel
-/// delays (up to 40 ms) when it has no data to send; the PINGREQ carries that acknowledgement
-/// at once, so that the end of a batch is not held back.
+/// So while answers are due and the client has nothing else to send (`quiet`: no PINGRESP
+/// awaited, no packet id collision, nothing pending), a PINGREQ follows each answer (the
+/// broker holds the next ones behind it), and a PINGRESP that comes after a publish was written
+/// since the last PINGREQ: the broker sent that PINGRESP when the publish acknowledged its
+/// last answer, and now holds the publish's answer behind it. (Measured with `strace` at 100
+/// one-message batches a second before this: each PUBACK came with the client's next write,
+/// 4-10 ms late.) A PINGRESP with nothing written since the PINGREQ follows nothing, so that a
+/// slow broker is not pinged once per round trip while it works.
+#[derive(Debug, Default)]
+struct Nudge {
+    /// A publish was written since the last PINGREQ.
+    written: bool,
+}
+
+impl Nudge {
+    /// Whether a PINGREQ follows an event of kind `seen`.
+    fn ping(&mut self, seen: Seen, waiting: bool, quiet: bool) -> bool {
+        let due = match seen {
+            Seen::Written => {
+                self.written = true;
+                false
+            }
+            Seen::Answer => true,
+            Seen::PingResp => self.written,
+            Seen::Other => false,
+        };
+        let ping = due && waiting && quiet;
+        if ping {
+            self.written = false;
+        }
+        ping
+    }
+}
+
+/// Drives an MQTT 5 event loop until its connection ends, following events with a PINGREQ as
+/// [`Nudge`] says.
 ///
 /// rumqttc reads every packet the socket holds at once and hands them out one poll at a time:
 /// when the read that brought acknowledgements also found the connection closed (a broker that
@@ -635,24 +681,25 @@ async fn drive_v5(
     metrics: MqttMetrics,
     server: String,
 ) {
+    let mut nudge = Nudge::default();
     loop {
         match events.poll().await {
             Ok(event) => {
-                let answer = matches!(
-                    event,
+                let seen = match &event {
+                    v5::Event::Outgoing(rumqttc::Outgoing::Publish(_)) => Seen::Written,
                     v5::Event::Incoming(
                         v5::Incoming::PubAck(_)
-                            | v5::Incoming::PubRec(_)
-                            | v5::Incoming::PubComp(_)
-                    )
-                );
+                        | v5::Incoming::PubRec(_)
+                        | v5::Incoming::PubComp(_),
+                    ) => Seen::Answer,
+                    v5::Event::Incoming(v5::Incoming::PingResp(_)) => Seen::PingResp,
+                    _ => Seen::Other,
+                };
                 on_v5(&state, &metrics, event);
-                if answer
-                    && state.waiting()
-                    && !events.state.await_pingresp
+                let quiet = !events.state.await_pingresp
                     && events.state.collision.is_none()
-                    && events.pending.is_empty()
-                {
+                    && events.pending.is_empty();
+                if nudge.ping(seen, state.waiting(), quiet) {
                     events.pending.push_back(v5::Request::PingReq);
                 }
             }
@@ -698,7 +745,7 @@ pub(crate) fn on_v5(state: &LiveState, metrics: &MqttMetrics, event: v5::Event) 
 }
 
 /// Drives an MQTT 3.1.1 event loop until its connection ends (acknowledgements still queued
-/// when it fails are read out first, as for MQTT 5).
+/// when it fails are read out first, and PINGREQs follow events, as for MQTT 5).
 async fn drive_v3(
     mut events: rumqttc::EventLoop,
     state: Arc<LiveState>,
@@ -706,24 +753,25 @@ async fn drive_v3(
     metrics: MqttMetrics,
     server: String,
 ) {
+    let mut nudge = Nudge::default();
     loop {
         match events.poll().await {
             Ok(event) => {
-                let answer = matches!(
-                    event,
+                let seen = match &event {
+                    rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(_)) => Seen::Written,
                     rumqttc::Event::Incoming(
                         rumqttc::Incoming::PubAck(_)
-                            | rumqttc::Incoming::PubRec(_)
-                            | rumqttc::Incoming::PubComp(_)
-                    )
-                );
+                        | rumqttc::Incoming::PubRec(_)
+                        | rumqttc::Incoming::PubComp(_),
+                    ) => Seen::Answer,
+                    rumqttc::Event::Incoming(rumqttc::Incoming::PingResp) => Seen::PingResp,
+                    _ => Seen::Other,
+                };
                 on_v3(&state, event);
-                if answer
-                    && state.waiting()
-                    && !events.state.await_pingresp
+                let quiet = !events.state.await_pingresp
                     && events.state.collision.is_none()
-                    && events.pending.is_empty()
-                {
+                    && events.pending.is_empty();
+                if nudge.ping(seen, state.waiting(), quiet) {
                     events
                         .pending
                         .push_back(rumqttc::Request::PingReq(rumqttc::PingReq));
@@ -825,6 +873,30 @@ mod tests {
             assert!(id.len() <= 23, "{id}");
         }
         assert_ne!(client_id("herald"), client_id("herald"));
+    }
+
+    #[test]
+    fn a_pingreq_follows_answers_and_a_pingresp_that_holds_a_new_publish_back() {
+        let (waiting, quiet) = (true, true);
+        let mut n = Nudge::default();
+        // An answer while others are due: ping (the broker holds the next ones).
+        assert!(n.ping(Seen::Answer, waiting, quiet));
+        // Its PINGRESP with nothing written since: no ping (no ping per round trip).
+        assert!(!n.ping(Seen::PingResp, waiting, quiet));
+        // A publish written, then a PINGRESP: the publish's answer is held behind it: ping.
+        assert!(!n.ping(Seen::Written, waiting, quiet));
+        assert!(n.ping(Seen::PingResp, waiting, quiet));
+        // ... once: the next PINGRESP follows nothing new.
+        assert!(!n.ping(Seen::PingResp, waiting, quiet));
+        // Nothing due, or the client has something to send, or a PINGRESP is awaited: no ping,
+        // and a write stays remembered until one goes out.
+        assert!(!n.ping(Seen::Answer, false, quiet));
+        assert!(!n.ping(Seen::Answer, waiting, false));
+        assert!(!n.ping(Seen::Written, waiting, quiet));
+        assert!(!n.ping(Seen::PingResp, false, quiet));
+        assert!(!n.ping(Seen::PingResp, waiting, false));
+        assert!(n.ping(Seen::PingResp, waiting, quiet));
+        assert!(!n.ping(Seen::Other, waiting, quiet));
     }
 
     fn answered(rx: &mut oneshot::Receiver<Answer>) -> Option<String> {
