@@ -249,8 +249,8 @@ fn fail(what: &str, e: &dyn std::fmt::Display) -> BaselineError {
 }
 
 /// Raw rumqttc at its best: `n` messages of `payload` bytes to `topic` on one connection, all
-/// handed to the event loop by a task of their own while this one polls it, with up to
-/// `window` unacknowledged.
+/// handed to the client by a task of their own while another polls the event loop and counts
+/// the acknowledgements, with up to `window` unacknowledged.
 pub async fn raw_streaming(
     config: &MqttConfig,
     topic: &str,
