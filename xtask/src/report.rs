@@ -10,26 +10,34 @@ use anyhow::{bail, Context, Result};
 /// after their runs on localhost; the summary and the chart show them too.
 pub(crate) const ROUND_TRIPS_MS: &[u64] = &[2, 10];
 
-/// The text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
-pub(crate) fn section(path: &Path, name: &str) -> Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    let begin = format!("<!-- {name}:begin -->");
-    let end = format!("<!-- {name}:end -->");
-    match (text.find(&begin), text.find(&end)) {
-        (Some(b), Some(e)) if b + begin.len() <= e => Ok(text[b + begin.len()..e].to_owned()),
-        _ => bail!("{} has no {begin} … {end} section", path.display()),
-    }
-}
-
-/// Rewrites the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
-pub(crate) fn replace_section(path: &Path, name: &str, body: &str) -> Result<()> {
+/// The text of `path` and where its section NAME lies: the end of `<!-- NAME:begin -->` and
+/// the start of `<!-- NAME:end -->`.
+fn locate(path: &Path, name: &str) -> Result<(String, usize, usize)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let begin = format!("<!-- {name}:begin -->");
     let end = format!("<!-- {name}:end -->");
     let (Some(b), Some(e)) = (text.find(&begin), text.find(&end)) else {
         bail!("{} has no {begin} … {end} section", path.display());
     };
-    let new = format!("{}{begin}\n{body}{}", &text[..b], &text[e..]);
+    Ok((text, b + begin.len(), e))
+}
+
+/// The text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
+pub(crate) fn section(path: &Path, name: &str) -> Result<String> {
+    let (text, start, end) = locate(path, name)?;
+    if start > end {
+        bail!(
+            "{}: the {name} section ends before it begins",
+            path.display()
+        );
+    }
+    Ok(text[start..end].to_owned())
+}
+
+/// Rewrites the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
+pub(crate) fn replace_section(path: &Path, name: &str, body: &str) -> Result<()> {
+    let (text, start, end) = locate(path, name)?;
+    let new = format!("{}\n{body}{}", &text[..start], &text[end..]);
     std::fs::write(path, new)?;
     Ok(())
 }
@@ -49,7 +57,17 @@ pub(crate) fn thousands(x: f64) -> String {
 
 /// The median of `v` (of an even count: the mean of the middle two) and the range, each
 /// written by `show`: `(median, "1.23 (1.10–1.40)")`.
-pub(crate) fn median_range(mut v: Vec<f64>, show: impl Fn(f64) -> String) -> (f64, String) {
+pub(crate) fn median_range(v: Vec<f64>, show: impl Fn(f64) -> String) -> (f64, String) {
+    let (median, lo, hi) = median_min_max(v);
+    (
+        median,
+        format!("{} ({}–{})", show(median), show(lo), show(hi)),
+    )
+}
+
+/// The median of `v` (of an even count: the mean of the middle two), its smallest and its
+/// largest.
+fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
     let median = if v.len().is_multiple_of(2) {
@@ -57,8 +75,7 @@ pub(crate) fn median_range(mut v: Vec<f64>, show: impl Fn(f64) -> String) -> (f6
     } else {
         v[mid]
     };
-    let text = format!("{} ({}–{})", show(median), show(v[0]), show(v[v.len() - 1]));
-    (median, text)
+    (median, v[0], v[v.len() - 1])
 }
 
 /// Two decimals.
@@ -96,9 +113,7 @@ pub(crate) fn merge_rounds(runs: &[serde_json::Value]) -> Result<serde_json::Val
         })
     };
     let spread = |v: Vec<f64>| -> (f64, serde_json::Value) {
-        let (median, _) = median_range(v.clone(), two);
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let (median, lo, hi) = median_min_max(v);
         (median, json!([lo, hi]))
     };
     let mut figures = Vec::new();
