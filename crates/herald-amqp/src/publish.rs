@@ -6,7 +6,7 @@ use std::hash::{Hash, Hasher};
 
 use futures_util::future::join_all;
 use herald_core::{
-    Ack, BatchOutcome, Bytes, Destination, ErrorClass, Message, TransportError, Turn,
+    Ack, BatchOutcome, Bytes, Destination, EarlyAcks, ErrorClass, Message, TransportError, Turn,
 };
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -25,6 +25,7 @@ pub(crate) async fn send_batch(
     inner: &Inner,
     destination: &Destination,
     batch: &[Message],
+    early: Option<&EarlyAcks>,
 ) -> BatchOutcome {
     // The destination's turn first, before any other await: calls of one destination hand their
     // messages to the channels in the order herald started them (see
@@ -32,7 +33,7 @@ pub(crate) async fn send_batch(
     inner
         .turns
         .run(destination, batch, async |turn| {
-            send_in_turn(inner, turn, destination, batch).await
+            send_in_turn(inner, turn, destination, batch, early).await
         })
         .await
 }
@@ -43,6 +44,7 @@ async fn send_in_turn(
     turn: &mut Turn,
     destination: &Destination,
     batch: &[Message],
+    early: Option<&EarlyAcks>,
 ) -> BatchOutcome {
     inner.in_use();
     let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
@@ -77,12 +79,26 @@ async fn send_in_turn(
         .into_iter()
         .enumerate()
         .filter(|(_, g)| !g.is_empty())
-        .map(|(slot, idxs)| publish_group(inner, &live, slot, &route, batch, idxs, deadline));
+        .map(|(slot, idxs)| {
+            let group = Group {
+                slot,
+                route: &route,
+                deadline,
+                early,
+            };
+            publish_group(inner, &live, group, batch, idxs)
+        });
     let published = join_all(sends).await;
     turn.handed_over();
-    let settles = published
-        .into_iter()
-        .map(|group| settle_group(inner, &live, &route, group, deadline));
+    let settles = published.into_iter().map(|published| {
+        let group = Group {
+            slot: published.slot,
+            route: &route,
+            deadline,
+            early,
+        };
+        settle_group(inner, &live, group, published)
+    });
     for group in join_all(settles).await {
         for (i, o) in group {
             outcomes[i] = Some(o);
@@ -174,12 +190,16 @@ struct Published {
 async fn publish_group(
     inner: &Inner,
     live: &Live,
-    slot: usize,
-    route: &Route,
+    group: Group<'_>,
     batch: &[Message],
     idxs: Vec<usize>,
-    deadline: Instant,
 ) -> Published {
+    let Group {
+        slot,
+        route,
+        deadline,
+        early,
+    } = group;
     let target = route.describe();
     let failed = |e: TransportError| Published {
         slot,
@@ -209,7 +229,8 @@ async fn publish_group(
         }
         while pending.len() >= config.window {
             if let Some((j, confirm)) = pending.pop_front() {
-                out.push((j, settle(inner, confirm, route, &target, deadline).await));
+                let outcome = settle(inner, confirm, route, &target, deadline).await;
+                out.push((j, told(early, j, outcome)));
             }
         }
         let msg = &batch[i];
@@ -249,22 +270,28 @@ async fn publish_group(
 async fn settle_group(
     inner: &Inner,
     live: &Live,
-    route: &Route,
+    group: Group<'_>,
     published: Published,
-    deadline: Instant,
 ) -> Vec<(usize, Result<Ack, TransportError>)> {
-    let Published {
+    let Group {
         slot,
+        route,
+        deadline,
+        early,
+    } = group;
+    let Published {
         channel,
         mut out,
         pending,
+        ..
     } = published;
     let Some(channel) = channel else {
         return out;
     };
     let target = route.describe();
     for (j, confirm) in pending {
-        out.push((j, settle(inner, confirm, route, &target, deadline).await));
+        let outcome = settle(inner, confirm, route, &target, deadline).await;
+        out.push((j, told(early, j, outcome)));
     }
     if out
         .iter()
@@ -282,6 +309,30 @@ async fn settle_group(
         inner.metrics.channels_retired.increment(1);
     }
     out
+}
+
+/// What one channel's share of a batch publishes with.
+#[derive(Clone, Copy)]
+struct Group<'a> {
+    /// The channel.
+    slot: usize,
+    route: &'a Route,
+    /// The batch's deadline: publishes and confirms share it.
+    deadline: Instant,
+    /// Where a confirm is told as it comes.
+    early: Option<&'a EarlyAcks>,
+}
+
+/// `outcome`, the message at `index`'s, told early if the broker confirmed it.
+fn told(
+    early: Option<&EarlyAcks>,
+    index: usize,
+    outcome: Result<Ack, TransportError>,
+) -> Result<Ack, TransportError> {
+    if let (Some(early), Ok(ack)) = (early, &outcome) {
+        early.ack(index, *ack);
+    }
+    outcome
 }
 
 /// The batch deadline passed while a publish (or a channel open) could not go out.

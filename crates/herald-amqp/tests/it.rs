@@ -267,6 +267,10 @@ impl Harness for AmqpHarness {
         herald_amqp::queue(&self.admin.queue(hint).await)
     }
 
+    fn answers_early(&self) -> bool {
+        true
+    }
+
     fn poison(&self, _destination: &Destination) -> Option<Message> {
         // Unroutable: amq.direct always exists and nothing is bound to this key.
         Some(Message::new(

@@ -41,7 +41,7 @@ pub use producer::{
     Producer, ProducerBuilder, ProducerStats, Totals, UnclaimedHook,
 };
 pub use store::{Durable, Store, StoreError, StoreToken, StoreUsage, Submitted};
-pub use transport::{Ack, BatchOutcome, Transport, Turn, Turns};
+pub use transport::{Ack, BatchOutcome, EarlyAcks, Transport, Turn, Turns};
 
 /// Re-exported so that adapters implement [`Transport`] with the same macro version.
 pub use async_trait::async_trait;

@@ -99,6 +99,33 @@ pub trait Transport: Send + Sync + 'static {
         self.send_batch(destination, batch).await
     }
 
+    /// Sends `batch` as [`Transport::send_batch_until`] does, and tells `early` of each message
+    /// the broker acknowledges as soon as it does ([`EarlyAcks::ack`], with the message's index
+    /// in `batch`), before the call returns: herald answers that message's caller then, instead
+    /// of when the whole batch has its answers. A batch's slowest acknowledgement then no longer
+    /// sets the latency of all its messages.
+    ///
+    /// herald always calls this method; the default ignores `early` and calls
+    /// [`Transport::send_batch_until`], so a transport that does not override it answers as a
+    /// whole batch, as before. A transport that wraps others and passes them other slices than
+    /// `batch` (a fallback, a splitter) must not hand them `early` as it is: its indices would
+    /// name other messages.
+    ///
+    /// An early acknowledgement is final: the call's outcome for that index should be the same
+    /// `Ok`. If it says otherwise (herald cut the call off at its deadline, say), the message
+    /// stays delivered: under strict ordering herald may send it again to keep its key's last
+    /// copies in order, but its caller is not answered twice.
+    async fn send_batch_answering(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        deadline: std::time::Instant,
+        early: EarlyAcks,
+    ) -> BatchOutcome {
+        let _ = early;
+        self.send_batch_until(destination, batch, deadline).await
+    }
+
     /// How long past an attempt's deadline herald waits for [`Transport::send_batch_until`] to
     /// report messages already handed to the broker, so that a message the broker stored is not
     /// reported failed because its answer came late. A message may thus end up to this long after
@@ -159,6 +186,69 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 const _: Option<&dyn Transport> = None;
+
+/// Where a transport reports single messages of a call acknowledged before the call returns
+/// (see [`Transport::send_batch_answering`]). Cheap to clone and to call from any thread (a
+/// client library's callback thread, say): an acknowledgement is queued and the call's task is
+/// woken, once for however many come before it runs; herald answers the callers there.
+///
+/// ```
+/// use herald_core::{Ack, EarlyAcks};
+/// let early = EarlyAcks::default();
+/// early.ack(0, Ack::default()); // message 0 of the batch is stored
+/// ```
+#[derive(Clone, Default)]
+pub struct EarlyAcks {
+    inner: Arc<Mutex<Early>>,
+}
+
+#[derive(Default)]
+struct Early {
+    /// Acknowledgements not yet taken by the call's task: (index in the batch, ack).
+    acks: Vec<(usize, Ack)>,
+    /// The call's task, to wake when the first acknowledgement since it last looked comes.
+    waker: Option<std::task::Waker>,
+}
+
+impl std::fmt::Debug for EarlyAcks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EarlyAcks").finish_non_exhaustive()
+    }
+}
+
+impl EarlyAcks {
+    /// The broker acknowledged the message at `index` of the call's batch. An index out of the
+    /// batch, or one acknowledged before, is ignored.
+    pub fn ack(&self, index: usize, ack: Ack) {
+        let waker = {
+            let mut early = lock(&self.inner);
+            early.acks.push((index, ack));
+            early.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// The acknowledgements given and not yet taken by herald, in the order they came: for
+    /// tests of a transport that calls it directly (inside a producer, herald takes them as
+    /// they come).
+    pub fn pending(&self) -> Vec<(usize, Ack)> {
+        lock(&self.inner).acks.clone()
+    }
+
+    /// The acknowledgements queued since the last call, into `into` (emptied first); the task
+    /// of `waker` is woken by the next one.
+    pub(crate) fn take(&self, waker: &std::task::Waker, into: &mut Vec<(usize, Ack)>) {
+        into.clear();
+        let mut early = lock(&self.inner);
+        std::mem::swap(&mut early.acks, into);
+        match &mut early.waker {
+            Some(w) if w.will_wake(waker) => {}
+            slot => *slot = Some(waker.clone()),
+        }
+    }
+}
 
 /// Where a call stands in its producer's strict order (see [`Turns`]): which producer's pipeline
 /// (two producers sharing one transport keep apart) and which order epoch of it.

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use herald_core::{Ack, BatchOutcome, Destination, Message, MessageId, TransportError, Turn};
+use herald_core::{
+    Ack, BatchOutcome, Destination, EarlyAcks, Message, MessageId, TransportError, Turn,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer as _, PurgeConfig};
@@ -36,11 +38,14 @@ pub(crate) struct BatchState {
     done: Notify,
     /// A delivery failed in a way that calls for a new producer (see `needs_new_producer`).
     pub(crate) producer_broken: AtomicBool,
+    /// Where a delivery is told at once, before the batch has every report.
+    early: Option<EarlyAcks>,
 }
 
 impl BatchState {
-    fn new(n: usize) -> Self {
+    fn new(n: usize, early: Option<EarlyAcks>) -> Self {
         Self {
+            early,
             outcomes: (0..n).map(|_| OnceLock::new()).collect(),
             remaining: AtomicUsize::new(n),
             reports: AtomicUsize::new(0),
@@ -64,6 +69,9 @@ impl BatchState {
     /// librdkafka's delivery report for the message at `index`.
     pub(crate) fn report(&self, index: usize, outcome: Result<Ack, TransportError>) {
         self.reports.fetch_add(1, Ordering::AcqRel);
+        if let (Some(early), Ok(ack)) = (&self.early, &outcome) {
+            early.ack(index, *ack);
+        }
         self.set(index, outcome);
     }
 
@@ -292,6 +300,7 @@ pub(crate) async fn send_batch(
     destination: &Destination,
     batch: &[Message],
     deadline: Option<Instant>,
+    early: Option<EarlyAcks>,
 ) -> BatchOutcome {
     // The destination's turn first, before any other await: calls of one topic hand their
     // messages to librdkafka in the order herald started them (see
@@ -300,7 +309,7 @@ pub(crate) async fn send_batch(
         .shared()
         .turns
         .run(destination, batch, async |turn| {
-            send_in_turn(connection, turn, destination, batch, deadline).await
+            send_in_turn(connection, turn, destination, batch, deadline, early).await
         })
         .await
 }
@@ -312,6 +321,7 @@ async fn send_in_turn(
     destination: &Destination,
     batch: &[Message],
     deadline: Option<Instant>,
+    early: Option<EarlyAcks>,
 ) -> BatchOutcome {
     let shared = connection.shared();
     let topic = match destination::topic(destination) {
@@ -320,7 +330,7 @@ async fn send_in_turn(
     };
     connection.check_durability_once(topic);
     let id_header = connection.id_header.as_deref();
-    let state = Arc::new(BatchState::new(batch.len()));
+    let state = Arc::new(BatchState::new(batch.len(), early));
     let registered = shared.in_flight.register(&state, batch.len());
     let (producer, generation) = connection.producer();
     let mut abandon = Abandon {
@@ -453,8 +463,8 @@ mod tests {
     #[test]
     fn delivery_opaques_find_their_batch_and_position_until_unregistered() {
         let in_flight = InFlight::default();
-        let a = Arc::new(BatchState::new(3));
-        let b = Arc::new(BatchState::new(2));
+        let a = Arc::new(BatchState::new(3, None));
+        let b = Arc::new(BatchState::new(2, None));
         let ra = in_flight.register(&a, 3);
         // An id still in use is skipped, even after the counter wraps onto it.
         in_flight.next_id.store(ra.ids[0], Ordering::Relaxed);

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use herald_core::{async_trait, BatchOutcome, Destination, Message, Transport, TransportHealth};
+use herald_core::{
+    async_trait, BatchOutcome, Destination, EarlyAcks, Message, Transport, TransportHealth,
+};
 
 use crate::config::KafkaConfig;
 use crate::connection::Connection;
@@ -73,7 +75,7 @@ impl Transport for KafkaTransport {
     }
 
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
-        publish::send_batch(&self.inner.connection, destination, batch, None).await
+        publish::send_batch(&self.inner.connection, destination, batch, None, None).await
     }
 
     async fn send_batch_until(
@@ -82,7 +84,27 @@ impl Transport for KafkaTransport {
         batch: &[Message],
         deadline: std::time::Instant,
     ) -> BatchOutcome {
-        publish::send_batch(&self.inner.connection, destination, batch, Some(deadline)).await
+        publish::send_batch(
+            &self.inner.connection,
+            destination,
+            batch,
+            Some(deadline),
+            None,
+        )
+        .await
+    }
+
+    /// Each message is answered when its own delivery report comes, not when its batch's last
+    /// one does.
+    async fn send_batch_answering(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        deadline: std::time::Instant,
+        early: EarlyAcks,
+    ) -> BatchOutcome {
+        let connection = &self.inner.connection;
+        publish::send_batch(connection, destination, batch, Some(deadline), Some(early)).await
     }
 
     /// With idempotence (the default): a call hands its messages to librdkafka in its topic's

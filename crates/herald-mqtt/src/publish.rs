@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use herald_core::{Ack, BatchOutcome, Destination, Message, TransportError, Turn};
+use herald_core::{Ack, BatchOutcome, Destination, EarlyAcks, Message, TransportError, Turn};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -21,6 +21,8 @@ struct Batch<'a> {
     live: &'a Live,
     topic: &'a str,
     deadline: Instant,
+    /// Where an acknowledgement is told as it comes.
+    early: Option<EarlyAcks>,
 }
 
 /// Sends one batch to `destination`: what
@@ -29,6 +31,7 @@ pub(crate) async fn send_batch(
     inner: &Inner,
     destination: &Destination,
     batch: &[Message],
+    early: Option<EarlyAcks>,
 ) -> BatchOutcome {
     // The destination's turn first, before any other await: calls of one topic publish in the
     // order herald started them (see `Transport::keeps_order_across_calls`), and wait for their
@@ -36,7 +39,7 @@ pub(crate) async fn send_batch(
     inner
         .turns
         .run(destination, batch, async |turn| {
-            send_in_turn(inner, turn, destination, batch).await
+            send_in_turn(inner, turn, destination, batch, early).await
         })
         .await
 }
@@ -47,6 +50,7 @@ async fn send_in_turn(
     turn: &mut Turn,
     destination: &Destination,
     batch: &[Message],
+    early: Option<EarlyAcks>,
 ) -> BatchOutcome {
     inner.in_use();
     let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
@@ -64,6 +68,7 @@ async fn send_in_turn(
         topic: &topic,
         // One deadline for the whole batch: publishes and acknowledgements share it.
         deadline: Instant::now() + inner.config.ack_timeout,
+        early,
     };
     let window = inner.config.window;
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
@@ -85,7 +90,7 @@ async fn send_in_turn(
         }
         while pending.len() >= window {
             if let Some((j, rx)) = pending.pop_front() {
-                let outcome = b.settle(rx).await;
+                let outcome = b.settle(j, rx).await;
                 if let Err(e) = &outcome {
                     hold.failed(&batch[j], e);
                 }
@@ -137,7 +142,7 @@ async fn send_in_turn(
     drop(send_lock);
     turn.handed_over();
     for (j, rx) in pending {
-        outcomes[j] = Some(b.settle(rx).await);
+        outcomes[j] = Some(b.settle(j, rx).await);
     }
     let outcomes: BatchOutcome = outcomes
         .into_iter()
@@ -164,10 +169,20 @@ async fn send_in_turn(
 }
 
 impl Batch<'_> {
-    /// Waits for one answer, until the batch's deadline.
-    async fn settle(&self, rx: oneshot::Receiver<Answer>) -> Result<Ack, TransportError> {
+    /// Waits for the answer of the message at `index`, until the batch's deadline; an
+    /// acknowledgement is told early at once.
+    async fn settle(
+        &self,
+        index: usize,
+        rx: oneshot::Receiver<Answer>,
+    ) -> Result<Ack, TransportError> {
         match tokio::time::timeout_at(self.deadline, rx).await {
-            Ok(Ok(Answer::Acked)) => Ok(Ack::default()),
+            Ok(Ok(Answer::Acked)) => {
+                if let Some(early) = &self.early {
+                    early.ack(index, Ack::default());
+                }
+                Ok(Ack::default())
+            }
             Ok(Ok(Answer::Refused(info, packet))) => Err(refused(&info, self.topic, packet)),
             Ok(Ok(Answer::Lost) | Err(_)) => Err(self.lost()),
             Err(_) => Err(self.timeout("waiting for its acknowledgement")),

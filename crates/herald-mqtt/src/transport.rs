@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use herald_core::{
-    async_trait, BatchOutcome, Destination, Message, Transport, TransportError, TransportHealth,
+    async_trait, BatchOutcome, Destination, EarlyAcks, Message, Transport, TransportError,
+    TransportHealth,
 };
 
 use crate::config::MqttConfig;
@@ -98,7 +99,19 @@ impl Transport for MqttTransport {
     }
 
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
-        publish::send_batch(&self.inner, destination, batch).await
+        publish::send_batch(&self.inner, destination, batch, None).await
+    }
+
+    /// Each message is answered when its own PUBACK (QoS 1) or PUBCOMP (QoS 2) comes, not when
+    /// the batch's last one does.
+    async fn send_batch_answering(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        _deadline: std::time::Instant,
+        early: EarlyAcks,
+    ) -> BatchOutcome {
+        publish::send_batch(&self.inner, destination, batch, Some(early)).await
     }
 
     async fn close(&self) {

@@ -271,6 +271,10 @@ impl Harness for MqttHarness {
         herald_mqtt::topic(&topic)
     }
 
+    fn answers_early(&self) -> bool {
+        true
+    }
+
     fn poison(&self, destination: &Destination) -> Option<Message> {
         // A key MQTT 5 user properties cannot carry (not UTF-8): refused for good.
         Some(

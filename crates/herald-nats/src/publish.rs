@@ -14,7 +14,7 @@ use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use futures_util::FutureExt;
-use herald_core::{Ack, BatchOutcome, Destination, Message, TransportError, Turn};
+use herald_core::{Ack, BatchOutcome, Destination, EarlyAcks, Message, TransportError, Turn};
 use tokio::time::Instant;
 
 use crate::config::NatsConfig;
@@ -36,6 +36,8 @@ struct Batch<'a> {
     /// This transport declared a stream capturing the subject.
     declared: bool,
     deadline: Instant,
+    /// Where a PubAck is told as it comes.
+    early: Option<EarlyAcks>,
 }
 
 /// Sends one batch to `destination`: what
@@ -44,6 +46,7 @@ pub(crate) async fn send_batch(
     inner: &Inner,
     destination: &Destination,
     batch: &[Message],
+    early: Option<EarlyAcks>,
 ) -> BatchOutcome {
     // The destination's turn first, before any other await: calls of one subject publish in
     // the order herald started them (see `Transport::keeps_order_across_calls`), and wait for
@@ -51,7 +54,7 @@ pub(crate) async fn send_batch(
     inner
         .turns
         .run(destination, batch, async |turn| {
-            send_in_turn(inner, turn, destination, batch).await
+            send_in_turn(inner, turn, destination, batch, early).await
         })
         .await
 }
@@ -62,6 +65,7 @@ async fn send_in_turn(
     turn: &mut Turn,
     destination: &Destination,
     batch: &[Message],
+    early: Option<EarlyAcks>,
 ) -> BatchOutcome {
     inner.in_use();
     let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
@@ -83,6 +87,7 @@ async fn send_in_turn(
         declared: inner.config.topology.iter().any(|d| d.captures(&subject)),
         // One deadline for the whole batch: publishes and PubAcks share it.
         deadline: Instant::now() + inner.config.ack_timeout,
+        early,
     };
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     let mut pending: VecDeque<(usize, AckFuture)> =
@@ -98,7 +103,7 @@ async fn send_in_turn(
         }
         while pending.len() >= inner.config.window {
             if let Some((j, ack)) = pending.pop_front() {
-                let outcome = b.settle(ack).await;
+                let outcome = b.settle(j, ack).await;
                 if let Err(e) = &outcome {
                     hold.failed(&batch[j], e);
                 }
@@ -145,7 +150,7 @@ async fn send_in_turn(
     }
     turn.handed_over();
     for (j, ack) in pending {
-        outcomes[j] = Some(b.settle(ack).await);
+        outcomes[j] = Some(b.settle(j, ack).await);
     }
     let outcomes: BatchOutcome = outcomes
         .into_iter()
@@ -174,8 +179,17 @@ async fn send_in_turn(
 
 impl Batch<'_> {
     /// Waits for one PubAck, until the batch's deadline, a permission violation on the subject,
-    /// or the loss of the connection (after which no PubAck can come).
-    async fn settle(&self, mut ack: AckFuture) -> Result<Ack, TransportError> {
+    /// or the loss of the connection (after which no PubAck can come). A PubAck is told early
+    /// at once (`index` is the message's place in the batch).
+    async fn settle(&self, index: usize, ack: AckFuture) -> Result<Ack, TransportError> {
+        let outcome = self.wait(ack).await;
+        if let (Some(early), Ok(ack)) = (&self.early, &outcome) {
+            early.ack(index, *ack);
+        }
+        outcome
+    }
+
+    async fn wait(&self, mut ack: AckFuture) -> Result<Ack, TransportError> {
         loop {
             let changed = self.live.changed();
             tokio::pin!(changed);

@@ -268,6 +268,10 @@ impl Harness for NatsHarness {
         herald_nats::subject(&subject)
     }
 
+    fn answers_early(&self) -> bool {
+        true
+    }
+
     fn poison(&self, destination: &Destination) -> Option<Message> {
         // No stream captures it: JetStream has no responder, a permanent NO_STREAM.
         Some(Message::new(

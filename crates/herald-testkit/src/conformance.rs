@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_core::{
-    async_trait, Destination, ErrorClass, FailureReason, Message, Producer, ProducerBuilder,
-    Transport,
+    async_trait, Destination, EarlyAcks, ErrorClass, FailureReason, Message, Producer,
+    ProducerBuilder, Transport,
 };
 
 /// What the suite needs from an adapter's test environment.
@@ -41,6 +41,14 @@ pub trait Harness: Send + Sync {
     /// to herald, that herald retried.
     async fn inject_transient_failures(&self, calls: usize) -> Injected;
 
+    /// Whether the transport answers each acknowledged message early
+    /// ([`Transport::send_batch_answering`]): the suite then checks that it does, for every
+    /// message it delivers. Default: `false` (only checked: what it answers early agrees with
+    /// the batch's outcomes).
+    fn answers_early(&self) -> bool {
+        false
+    }
+
     /// Extra settings the adapter needs on the producer (timeouts, say). Default: none.
     fn configure(&self, builder: ProducerBuilder) -> ProducerBuilder {
         builder
@@ -64,6 +72,11 @@ pub async fn run<H: Harness>(h: &H) {
     check("delivers_every_message", delivers_every_message(h)).await;
     check("keeps_per_key_order", keeps_per_key_order(h)).await;
     check("large_batches", large_batches(h)).await;
+    check(
+        "early_answers_agree_with_outcomes",
+        early_answers_agree_with_outcomes(h),
+    )
+    .await;
     check(
         "permanent_error_hands_message_back",
         permanent_error_hands_message_back(h),
@@ -100,6 +113,55 @@ async fn producer<H: Harness>(
     extra(h.configure(builder))
         .build()
         .expect("conformance: the producer must build")
+}
+
+/// A transport's early answers ([`Transport::send_batch_answering`]) name messages of the batch,
+/// each once, with the acknowledgement its outcome gives; a transport that answers early does so
+/// for every message it delivers.
+async fn early_answers_agree_with_outcomes<H: Harness>(h: &H) {
+    let check = "early_answers_agree_with_outcomes";
+    let transport = h.transport().await;
+    let dest = h.destination("early").await;
+    let batch = keyed(&dest, 50, 5, "early");
+    let early = EarlyAcks::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let outcomes = transport
+        .send_batch_answering(&dest, &batch, deadline, early.clone())
+        .await;
+    assert_eq!(
+        outcomes.len(),
+        batch.len(),
+        "{check}: one outcome per message"
+    );
+    let answered = early.pending();
+    let mut seen = vec![false; batch.len()];
+    for (index, ack) in &answered {
+        assert!(
+            *index < batch.len(),
+            "{check}: index {index} is not in the batch"
+        );
+        assert!(!seen[*index], "{check}: message {index} answered twice");
+        seen[*index] = true;
+        assert_eq!(
+            outcomes[*index].as_ref().ok(),
+            Some(ack),
+            "{check}: message {index} was answered early with another outcome"
+        );
+    }
+    if h.answers_early() {
+        for (index, outcome) in outcomes.iter().enumerate() {
+            assert!(
+                outcome.is_err() || seen[index],
+                "{check}: message {index} was delivered but not answered early"
+            );
+        }
+        assert!(
+            !answered.is_empty(),
+            "{check}: nothing delivered: {:?}",
+            outcomes.first()
+        );
+    }
+    transport.close().await;
 }
 
 fn keyed(dest: &Destination, n: usize, keys: usize, tag: &str) -> Vec<Message> {

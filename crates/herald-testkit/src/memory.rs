@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_core::{
-    async_trait, Ack, BatchOutcome, Destination, ErrorClass, KeyHold, Message, Transport,
-    TransportError, TransportHealth,
+    async_trait, Ack, BatchOutcome, Destination, EarlyAcks, ErrorClass, KeyHold, Message,
+    Transport, TransportError, TransportHealth,
 };
 
 /// What one call of `send_batch` does, in a script.
@@ -68,6 +68,9 @@ struct Inner {
     /// Stores (or refuses) a call's messages at its first poll, and only then waits out its
     /// latency: order across calls is kept (see `Transport::keeps_order_across_calls`).
     ordered: AtomicBool,
+    /// Answers each message it stores early ([`Transport::send_batch_answering`]), before its
+    /// latency and scripted delay.
+    early: AtomicBool,
     /// Open unless [`MemoryTransport::hold`]: calls wait at their start while it is shut.
     gate: tokio::sync::watch::Sender<bool>,
 }
@@ -139,6 +142,7 @@ impl MemoryTransport {
                 delivered: AtomicU64::new(0),
                 closed: AtomicU64::new(0),
                 ordered: AtomicBool::new(false),
+                early: AtomicBool::new(false),
                 gate: tokio::sync::watch::Sender::new(true),
             }),
         }
@@ -211,6 +215,14 @@ impl MemoryTransport {
     /// with different delays store out of order.
     pub fn keep_order_across_calls(&self, on: bool) {
         self.inner.ordered.store(on, Ordering::Release);
+    }
+
+    /// Answers early ([`Transport::send_batch_answering`]): a call stores (or refuses) its
+    /// messages at once, acknowledges each stored one early, and then waits out its latency
+    /// and scripted delay before it returns; a call cut off meanwhile has stored them all the
+    /// same. Off by default: answers come with the call's outcome.
+    pub fn answer_early(&self, on: bool) {
+        self.inner.early.store(on, Ordering::Release);
     }
 
     /// Messages accepted so far, in arrival order (empty for a counting transport).
@@ -341,6 +353,41 @@ impl Transport for MemoryTransport {
     }
 
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
+        self.send(destination, batch, None).await
+    }
+
+    async fn send_batch_answering(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        _deadline: std::time::Instant,
+        early: EarlyAcks,
+    ) -> BatchOutcome {
+        let early = self.inner.early.load(Ordering::Acquire).then_some(early);
+        self.send(destination, batch, early).await
+    }
+
+    async fn close(&self) {
+        self.inner.closed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn diagnosis(&self) -> Option<String> {
+        lock(&self.inner.diagnosis).clone()
+    }
+
+    fn health(&self) -> TransportHealth {
+        lock(&self.inner.health).clone()
+    }
+}
+
+impl MemoryTransport {
+    /// A call: with `early`, its stored messages are answered at once, before its wait.
+    async fn send(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        early: Option<EarlyAcks>,
+    ) -> BatchOutcome {
         let inner = &self.inner;
         inner.calls.fetch_add(1, Ordering::AcqRel);
         // The sender lives in `inner`: never closed while this call runs.
@@ -354,8 +401,15 @@ impl Transport for MemoryTransport {
             .unwrap_or(CallFault::Pass)
             .unwrap_delay();
         let wait = *lock(&inner.latency) + delay;
-        if inner.ordered.load(Ordering::Acquire) {
+        if inner.ordered.load(Ordering::Acquire) || early.is_some() {
             let out = self.answer(destination, batch, &fault);
+            if let Some(early) = &early {
+                for (index, outcome) in out.iter().enumerate() {
+                    if let Ok(ack) = outcome {
+                        early.ack(index, *ack);
+                    }
+                }
+            }
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
@@ -365,17 +419,5 @@ impl Transport for MemoryTransport {
             tokio::time::sleep(wait).await;
         }
         self.answer(destination, batch, &fault)
-    }
-
-    async fn close(&self) {
-        self.inner.closed.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn diagnosis(&self) -> Option<String> {
-        lock(&self.inner.diagnosis).clone()
-    }
-
-    fn health(&self) -> TransportHealth {
-        lock(&self.inner.health).clone()
     }
 }

@@ -12,7 +12,8 @@
 //!   delivered messages are in sending order, lost acknowledgements included, and with several
 //!   batches of the destination in flight (`pipeline_depth`, a transport that keeps order across
 //!   calls and stores a call's messages before its delay: its answers come late and out of
-//!   order);
+//!   order), and with a transport that answers each stored message early, before its call
+//!   returns (and may be cut off after);
 //! - the producer's totals agree with what happened, and the buffer is empty at the end.
 
 use std::collections::HashMap;
@@ -37,6 +38,8 @@ struct Case {
     /// `Some(depth)`: the transport keeps order across calls, and strict ordering keeps up to
     /// `depth` batches of the destination in flight.
     pipelined: Option<usize>,
+    /// The transport answers each message it stores early, before its call returns.
+    early: bool,
 }
 
 fn fault() -> impl Strategy<Value = CallFault> {
@@ -67,7 +70,7 @@ fn case() -> impl Strategy<Value = Case> {
         prop::option::of(1u32..6),
         prop_oneof![Just(200u64), Just(2_000), Just(60_000)],
         any::<bool>(),
-        prop::option::of(1usize..6),
+        (prop::option::of(1usize..6), any::<bool>()),
     )
         .prop_map(
             |(
@@ -80,7 +83,7 @@ fn case() -> impl Strategy<Value = Case> {
                 max_attempts,
                 timeout_ms,
                 bulk,
-                pipelined,
+                (pipelined, early),
             )| Case {
                 messages,
                 script,
@@ -92,6 +95,7 @@ fn case() -> impl Strategy<Value = Case> {
                 timeout_ms,
                 bulk,
                 pipelined,
+                early,
             },
         )
 }
@@ -129,6 +133,7 @@ async fn run_case(case: &Case) -> Ran {
         transport.reject_payload_prefix("poison");
         transport.script(case.script.clone());
         transport.keep_order_across_calls(case.pipelined.is_some());
+        transport.answer_early(case.early);
         let mut retry = ExponentialRetry::new(Backoff::new(
             Duration::from_millis(10),
             Duration::from_millis(500),
@@ -232,10 +237,12 @@ proptest! {
         // With several batches in flight, a message stored after a transient failure of its key
         // in an earlier batch is sent again behind that message's retry (stored twice, or
         // stored and then failed); and a call that stores before its delay may be cut off at
-        // its deadline after it stored. Both are lost acknowledgements, in effect.
+        // its deadline after it stored. Both are lost acknowledgements, in effect. So is a
+        // call that answered early and was then cut off: under strict ordering its answered
+        // messages are sent again (still answered once).
         let lossy = case.script.iter().any(|f| {
             matches!(f, CallFault::StoreThenFail(_))
-                || (case.pipelined.is_some() && *f != CallFault::Pass)
+                || ((case.pipelined.is_some() || case.early) && *f != CallFault::Pass)
         });
         let mut stored_count: HashMap<String, usize> = HashMap::new();
         for m in &ran.stored {

@@ -185,6 +185,10 @@ pub(crate) enum Completion {
     Group(Arc<Group>),
     /// [`crate::Producer::enqueue_tagged`]: the sink, and the caller's tag for the message.
     Tagged(Arc<dyn FateSink>, u64),
+    /// Told already: the transport acknowledged the message before its batch returned (see
+    /// [`crate::Transport::send_batch_answering`]). It may still be in flight, or sent again for
+    /// its key's order, but its fate was given and stays delivered.
+    Answered,
 }
 
 impl Completion {
@@ -196,6 +200,7 @@ impl Completion {
                 }
             }
             Completion::Group(g) => g.end(outcome),
+            Completion::Answered => {}
             Completion::Tagged(sink, tag) => match outcome {
                 Ok(d) => {
                     // A panicking sink loses only the news of a delivery.

@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 
 use herald_retry::{CircuitState, ErrorClass, GiveUpReason, RetryContext, RetryDecision};
 
+use super::completion::Completion;
 use super::contain::contain;
 use super::health::effective_circuit;
-use super::order::{Landed, Turn};
+use super::order::{AnswerGate, GateSays, Landed, Turn};
 use super::state::{clock_now, Entry, Finished, Meta, Parked, Shared, State};
 use crate::error::{FailureReason, TransportError};
 use crate::message::{Destination, Message};
-use crate::transport::BatchOutcome;
+use crate::transport::{Ack, BatchOutcome, EarlyAcks};
 
 /// The code of the error herald gives the messages of an attempt it cut off at their deadline.
 pub(crate) const ATTEMPT_TIMEOUT: &str = "herald_attempt_timeout";
@@ -178,7 +179,9 @@ impl Shared {
         entry: Entry,
         now: Instant,
     ) {
-        tally.note(destination, entry.1.last_error.as_deref());
+        if !matches!(entry.1.done, Completion::Answered) {
+            tally.note(destination, entry.1.last_error.as_deref());
+        }
         self.time_out(st, fin, entry, now);
     }
 
@@ -476,9 +479,13 @@ impl Shared {
             seq,
             Landed { flight, outcomes },
         );
+        let seqs: Vec<u64> = ready.iter().map(|l| l.flight.turn.seq).collect();
         for landed in ready {
             self.land_one(st, landed, fin, now);
         }
+        self.config
+            .ordering
+            .cleared(&mut st.lanes, &destination, seqs);
         self.config.ordering.settle(&mut st.lanes, &destination);
         drop(guard);
         self.wake.notify_one();
@@ -499,6 +506,15 @@ impl Shared {
                 "transport returned fewer outcomes than the {n} messages of the batch"
             )))
         });
+        // Answered early: delivered, whatever the batch's outcome says since (herald cut the
+        // call off at its deadline, say). Never sent again: strict ordering answered it only
+        // when no earlier message of its key could still fail (see `AnswerGate`), so the key
+        // rule below has nothing to hold it for.
+        for (meta, outcome) in metas.iter().zip(outcomes.iter_mut()) {
+            if outcome.is_err() && matches!(meta.done, Completion::Answered) {
+                *outcome = Ok(Ack::default());
+            }
+        }
         // The broker answered: a message it took counts for the breaker even if the key rule
         // below sends it again.
         let mut any_ok = outcomes.iter().any(Result::is_ok);
@@ -513,6 +529,7 @@ impl Shared {
         let mut retry_after = Duration::ZERO;
         let mut timed_out = Tally::default();
         for ((msg, mut meta), outcome) in messages.into_iter().zip(metas).zip(outcomes) {
+            let answered = matches!(meta.done, Completion::Answered);
             let error = match outcome {
                 Ok(ack) => {
                     any_ok = true;
@@ -522,6 +539,13 @@ impl Shared {
                 }
                 Err(e) => e,
             };
+            // The gate of early answers keeps the key rule from holding an answered message;
+            // should it ever, the message is sent again for its key's order (and stays
+            // delivered).
+            debug_assert!(
+                !answered,
+                "the key rule held a message answered early: {error}"
+            );
             all_transient &= error.class() == ErrorClass::Transient;
             let ctx = RetryContext {
                 attempts: meta.attempts,
@@ -556,6 +580,11 @@ impl Shared {
                 }
             };
             let reason = match decision {
+                RetryDecision::GiveUp(_) if answered => {
+                    // Delivered all the same (acknowledged early).
+                    self.finish(st, fin, (msg, meta), Ok(Ack::default()), now);
+                    continue;
+                }
                 RetryDecision::GiveUp(_) if st.abandoned => FailureReason::Closed,
                 RetryDecision::Retry { after } => {
                     meta.previous_delay = Some(after);
@@ -686,12 +715,6 @@ impl Sending {
         }
     }
 
-    fn flight(&self) -> &Flight {
-        self.flight
-            .as_ref()
-            .expect("a batch is in the guard until it lands")
-    }
-
     fn land(&mut self, outcomes: BatchOutcome) {
         // Taken first: should landing itself panic (in a user's retry policy), it is not
         // repeated.
@@ -736,21 +759,32 @@ async fn send_flight(mut sending: Sending) {
     // the broker at the deadline (the truth, rather than a failure that may have been stored).
     let outcomes = {
         let now = clock_now();
-        let flight = sending.flight();
-        let earliest = flight.metas.iter().map(|m| m.deadline).min();
+        let Sending { shared, flight } = &mut sending;
+        let Some(flight) = flight.as_mut() else {
+            return;
+        };
+        let Flight {
+            destination,
+            messages,
+            metas,
+            turn,
+        } = flight;
+        let earliest = metas.iter().map(|m| m.deadline).min();
         let deadline = earliest.unwrap_or(now);
         let budget = deadline.saturating_duration_since(now);
-        let n = flight.messages.len();
-        crate::trace::sending(&flight.messages);
-        let transport = &sending.shared.transport;
+        let n = messages.len();
+        crate::trace::sending(messages);
+        let transport = &shared.transport;
         let settle = transport.settle_time();
-        let mut send = std::pin::pin!(transport.send_batch_until(
-            &flight.destination,
-            &flight.messages,
-            deadline
+        let mut answering = Answering::new(turn.gate.clone().map(|g| (g, turn.seq)));
+        let mut send = std::pin::pin!(transport.send_batch_answering(
+            destination,
+            messages,
+            deadline,
+            answering.early.clone()
         ));
         let mut started = started;
-        let epoch = flight.turn.epoch;
+        let epoch = turn.epoch;
         let send = std::future::poll_fn(|cx| {
             let polled = send.as_mut().poll(cx);
             if let Some(started) = started.take() {
@@ -758,6 +792,9 @@ async fn send_flight(mut sending: Sending) {
                 // Nobody waits when no call follows yet: nothing to tell.
                 let _unheard: Result<(), ()> = started.send(());
             }
+            // Messages the broker acknowledged already: their callers are told now, not when
+            // the batch's slowest answer comes.
+            answering.answer(shared, cx.waker(), messages, metas);
             polled
         });
         // The call runs in its lane's order epoch, which `Turns` reads.
@@ -778,11 +815,129 @@ async fn send_flight(mut sending: Sending) {
                 if let Some(diagnosis) = transport.diagnosis() {
                     e = e.with_context(diagnosis);
                 }
+                // Acknowledgements that came with the cut-off are true all the same.
+                answering.answer(shared, std::task::Waker::noop(), messages, metas);
                 vec![Err(e); n]
             }
         }
     };
     sending.land(outcomes);
+}
+
+/// Distinct keys of a batch still waiting for an earlier answer past which [`Answering::scan`]
+/// stops looking (what it has not reached is answered on a later scan, or when the batch lands).
+const KEYS_WAITING_SCANNED: usize = 32;
+
+/// A batch's early acknowledgements (see [`crate::Transport::send_batch_answering`]), answered
+/// as its ordering allows: all at once under relaxed ordering; under strict ordering when the
+/// lane's [`AnswerGate`] is open for the batch, and each only after every earlier message of
+/// its key in the batch.
+struct Answering {
+    early: EarlyAcks,
+    /// Taken from `early` (kept for its allocation).
+    taken: Vec<(usize, Ack)>,
+    /// Strict ordering: the lane's gate and the batch's place in the lane.
+    gate: Option<(Arc<AnswerGate>, u64)>,
+    /// Strict ordering: acknowledgements not answered yet, by index (allocated on the first).
+    acked: Vec<Option<Ack>>,
+    /// How many `acked` holds.
+    waiting: usize,
+    /// Every message before this index is answered.
+    first_open: usize,
+    /// The gate was told that every message is answered.
+    told: bool,
+}
+
+impl Answering {
+    fn new(gate: Option<(Arc<AnswerGate>, u64)>) -> Self {
+        Self {
+            early: EarlyAcks::default(),
+            taken: Vec::new(),
+            gate,
+            acked: Vec::new(),
+            waiting: 0,
+            first_open: 0,
+            told: false,
+        }
+    }
+
+    /// Answers what may be answered of what the transport acknowledged so far; `waker` is
+    /// woken by the next acknowledgement, or by the gate opening.
+    fn answer(
+        &mut self,
+        shared: &Shared,
+        waker: &std::task::Waker,
+        messages: &[Message],
+        metas: &mut [Meta],
+    ) {
+        self.early.take(waker, &mut self.taken);
+        let Some((gate, seq)) = &self.gate else {
+            if !self.taken.is_empty() {
+                let now = clock_now();
+                for (index, ack) in self.taken.drain(..) {
+                    if let Some(meta) = metas.get_mut(index) {
+                        shared.answer_early(meta, ack, now);
+                    }
+                }
+            }
+            return;
+        };
+        for (index, ack) in self.taken.drain(..) {
+            if index >= metas.len() || matches!(metas[index].done, Completion::Answered) {
+                continue;
+            }
+            if self.acked.is_empty() {
+                self.acked = vec![None; metas.len()];
+            }
+            if self.acked[index].replace(ack).is_none() {
+                self.waiting += 1;
+            }
+        }
+        if self.waiting > 0 && gate.ask(*seq, waker) == GateSays::Open {
+            self.scan(shared, messages, metas);
+        }
+    }
+
+    /// Answers, in batch order, each acknowledged message with no earlier message of its key
+    /// left unanswered; tells the gate when the whole batch is answered.
+    fn scan(&mut self, shared: &Shared, messages: &[Message], metas: &mut [Meta]) {
+        let now = clock_now();
+        let mut keys_waiting: Vec<Option<&bytes::Bytes>> = Vec::new();
+        for j in self.first_open..messages.len() {
+            if matches!(metas[j].done, Completion::Answered) {
+                if keys_waiting.is_empty() && self.first_open == j {
+                    self.first_open = j + 1;
+                }
+                continue;
+            }
+            let key = messages[j].key();
+            let free = !keys_waiting.contains(&key);
+            match self.acked[j].take() {
+                Some(ack) if free => {
+                    shared.answer_early(&mut metas[j], ack, now);
+                    self.waiting -= 1;
+                    if keys_waiting.is_empty() && self.first_open == j {
+                        self.first_open = j + 1;
+                    }
+                }
+                back => {
+                    self.acked[j] = back;
+                    if free {
+                        if keys_waiting.len() == KEYS_WAITING_SCANNED {
+                            break;
+                        }
+                        keys_waiting.push(key);
+                    }
+                }
+            }
+        }
+        if self.first_open == messages.len() && !self.told {
+            self.told = true;
+            if let Some((gate, seq)) = &self.gate {
+                gate.clear(*seq, false);
+            }
+        }
+    }
 }
 
 /// Lives as long as the dispatcher runs: dropped before the producer stopped normally (the task
@@ -883,7 +1038,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{async_trait, Ack, Destination, Message, OrderingMode, Producer, Transport};
+    use crate::{async_trait, Destination, Message, OrderingMode, Producer, Transport};
 
     struct Accepts;
     #[async_trait]
@@ -893,6 +1048,295 @@ mod tests {
         }
         async fn send_batch(&self, _: &Destination, batch: &[Message]) -> BatchOutcome {
             batch.iter().map(|_| Ok(Ack::default())).collect()
+        }
+    }
+
+    /// Whether `f` has its output now (polled once, nothing waited for).
+    fn ready_now<F: Future + Unpin>(f: &mut F) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        std::pin::Pin::new(f).poll(&mut cx).is_ready()
+    }
+
+    /// One call of [`Early`]'s script.
+    #[derive(Default)]
+    struct Call {
+        /// Indices acknowledged early, in this order, before the call waits for its gate.
+        early: Vec<usize>,
+        /// Indices failed transiently.
+        fail: Vec<usize>,
+        /// The call never returns once it has acknowledged early.
+        hang: bool,
+    }
+
+    /// A transport that acknowledges messages early as its script says, then holds each call
+    /// until its gate opens (`gates[n]` for call `n`); calls past the script pass at once.
+    struct Early {
+        script: Vec<Call>,
+        gates: Vec<tokio::sync::Notify>,
+        /// A call has given its early acknowledgements.
+        acked: tokio::sync::Notify,
+        ordered: bool,
+        calls: std::sync::Mutex<Vec<Vec<bytes::Bytes>>>,
+    }
+
+    impl Early {
+        fn new(script: Vec<Call>) -> std::sync::Arc<Self> {
+            std::sync::Arc::new(Self {
+                gates: script.iter().map(|_| tokio::sync::Notify::new()).collect(),
+                script,
+                acked: tokio::sync::Notify::new(),
+                ordered: false,
+                calls: std::sync::Mutex::new(Vec::new()),
+            })
+        }
+        fn calls(&self) -> Vec<Vec<bytes::Bytes>> {
+            self.calls.lock().expect("calls").clone()
+        }
+    }
+
+    fn early_ack() -> Ack {
+        Ack {
+            offset: Some(7),
+            ..Ack::default()
+        }
+    }
+
+    #[async_trait]
+    impl Transport for std::sync::Arc<Early> {
+        fn name(&self) -> &'static str {
+            "early"
+        }
+        fn keeps_order_across_calls(&self) -> bool {
+            self.ordered
+        }
+        async fn send_batch(&self, _: &Destination, batch: &[Message]) -> BatchOutcome {
+            batch.iter().map(|_| Ok(Ack::default())).collect()
+        }
+        async fn send_batch_answering(
+            &self,
+            _: &Destination,
+            batch: &[Message],
+            _deadline: std::time::Instant,
+            early: EarlyAcks,
+        ) -> BatchOutcome {
+            let n = {
+                let mut calls = self.calls.lock().expect("calls");
+                calls.push(batch.iter().map(|m| m.payload().clone()).collect());
+                calls.len() - 1
+            };
+            let Some(call) = self.script.get(n) else {
+                return batch.iter().map(|_| Ok(Ack::default())).collect();
+            };
+            for &i in &call.early {
+                early.ack(i, early_ack());
+            }
+            self.acked.notify_one();
+            if call.hang {
+                std::future::pending::<()>().await;
+            }
+            self.gates[n].notified().await;
+            (0..batch.len())
+                .map(|i| {
+                    if call.fail.contains(&i) {
+                        Err(TransportError::transient("connection lost"))
+                    } else if call.early.contains(&i) {
+                        Ok(early_ack())
+                    } else {
+                        Ok(Ack::default())
+                    }
+                })
+                .collect()
+        }
+    }
+
+    fn batches_of(n: usize) -> herald_batch::SizeOrLinger {
+        herald_batch::SizeOrLinger::new(n, 1 << 20, Duration::from_secs(5))
+    }
+
+    /// A message the transport acknowledges early is answered then, while its batch is still
+    /// out; the rest of the batch when it returns; each counted once.
+    #[tokio::test]
+    async fn an_early_acknowledgement_answers_its_message_before_the_batch_returns() {
+        for ordering in [OrderingMode::Strict, OrderingMode::Relaxed] {
+            let transport = Early::new(vec![Call {
+                early: vec![0],
+                ..Call::default()
+            }]);
+            let producer = Producer::builder(transport.clone())
+                .batching(batches_of(2))
+                .ordering(ordering)
+                .build()
+                .expect("build");
+            let first = producer.try_send(Message::new("t", "a")).expect("accepted");
+            let mut second = producer.try_send(Message::new("t", "b")).expect("accepted");
+            let delivered = tokio::time::timeout(Duration::from_secs(10), first)
+                .await
+                .expect("answered while the batch is out")
+                .expect("delivered");
+            assert_eq!(delivered.ack.offset, Some(7), "{ordering:?}");
+            assert_eq!(delivered.attempts, 1);
+            assert!(
+                !ready_now(&mut second),
+                "{ordering:?}: the other message waits for the batch"
+            );
+            assert_eq!(
+                producer.stats().in_flight_batches,
+                1,
+                "the batch is still out"
+            );
+            transport.gates[0].notify_one();
+            second.await.expect("delivered when the batch returns");
+            producer.flush().await;
+            let totals = producer.stats().totals;
+            assert_eq!((totals.delivered, totals.failed), (2, 0), "{ordering:?}");
+            assert_eq!(transport.calls().len(), 1, "nothing sent again");
+        }
+    }
+
+    /// Strict ordering: a message acknowledged early behind an earlier message of its key that
+    /// has no answer yet is not answered early (that one may fail, and it would then have to be
+    /// sent again behind its retry); messages of other keys are. When the earlier one fails,
+    /// it is sent again behind the retry and answered once, then.
+    #[tokio::test]
+    async fn an_early_acknowledgement_waits_behind_an_unanswered_message_of_its_key() {
+        let transport = Early::new(vec![Call {
+            early: vec![1, 2],
+            fail: vec![0],
+            ..Call::default()
+        }]);
+        let producer = Producer::builder(transport.clone())
+            .batching(batches_of(3))
+            .retry(herald_retry::ExponentialRetry::new(
+                herald_retry::Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
+            ))
+            .build()
+            .expect("build");
+        let a = producer
+            .try_send(Message::new("t", "a").with_key("k"))
+            .expect("accepted");
+        let mut b = producer
+            .try_send(Message::new("t", "b").with_key("k"))
+            .expect("accepted");
+        let c = producer
+            .try_send(Message::new("t", "c").with_key("j"))
+            .expect("accepted");
+        // b's acknowledgement came before c's: by the time c is answered, b's was seen too.
+        let c = tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .expect("c, of another key, answered while the batch is out")
+            .expect("delivered");
+        assert_eq!((c.attempts, c.ack.offset), (1, Some(7)));
+        assert!(!ready_now(&mut b), "b waits behind a, of its key");
+        transport.gates[0].notify_one();
+        let a = a.await.expect("a delivered on its retry");
+        let b = b.await.expect("b delivered");
+        assert_eq!((a.attempts, b.attempts), (2, 2), "b sent again behind a");
+        let [pa, pb, pc] = ["a", "b", "c"].map(bytes::Bytes::from);
+        assert_eq!(
+            transport.calls(),
+            vec![vec![pa.clone(), pb.clone(), pc], vec![pa, pb]]
+        );
+        producer.flush().await;
+        let totals = producer.stats().totals;
+        assert_eq!(
+            (totals.delivered, totals.failed),
+            (3, 0),
+            "each counted once"
+        );
+    }
+
+    /// Strict ordering with batches pipelined: a later batch's early acknowledgements wait until
+    /// every batch before it is clear (landed, or answered whole), then go before the batch
+    /// returns.
+    #[tokio::test]
+    async fn a_later_batch_answers_early_only_once_the_batches_before_it_are_clear() {
+        let mut transport = Early::new(vec![
+            Call::default(),
+            Call {
+                early: vec![0],
+                ..Call::default()
+            },
+        ]);
+        std::sync::Arc::get_mut(&mut transport)
+            .expect("not shared yet")
+            .ordered = true;
+        let producer = Producer::builder(transport.clone())
+            .batching(batches_of(1))
+            .pipeline_depth(2)
+            .build()
+            .expect("build");
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut fates = Vec::new();
+        for p in ["a", "b"] {
+            let fate = producer.try_send(Message::new("t", p)).expect("accepted");
+            let order = order.clone();
+            fates.push(tokio::spawn(async move {
+                let d = fate.await.expect("delivered");
+                order.lock().expect("order").push(p);
+                d
+            }));
+        }
+        // Both calls out; b's acknowledged early, a's not answered at all yet.
+        transport.acked.notified().await;
+        transport.acked.notified().await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            order.lock().expect("order").is_empty(),
+            "b waits for a's batch"
+        );
+        transport.gates[0].notify_one();
+        let b = fates.pop().expect("b");
+        let b = tokio::time::timeout(Duration::from_secs(10), b)
+            .await
+            .expect("b answered while its batch is still out")
+            .expect("b's task");
+        assert_eq!(b.ack.offset, Some(7), "answered early");
+        assert_eq!(*order.lock().expect("order"), ["a", "b"]);
+        assert_eq!(
+            producer.stats().in_flight_batches,
+            1,
+            "b's batch is still out"
+        );
+        transport.gates[1].notify_one();
+        producer.flush().await;
+        assert_eq!(producer.stats().totals.delivered, 2);
+    }
+
+    /// Relaxed ordering: a message acknowledged early stays delivered when herald cuts its
+    /// batch off at the deadline, and is not sent again; the other message of the batch times
+    /// out.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_acknowledged_early_stays_delivered_when_its_batch_is_cut_off() {
+        for ordering in [OrderingMode::Strict, OrderingMode::Relaxed] {
+            let transport = Early::new(vec![Call {
+                early: vec![0],
+                hang: true,
+                ..Call::default()
+            }]);
+            let producer = Producer::builder(transport.clone())
+                .batching(batches_of(2))
+                .ordering(ordering)
+                .delivery_timeout(Duration::from_secs(30))
+                .build()
+                .expect("build");
+            let first = producer.try_send(Message::new("t", "a")).expect("accepted");
+            let second = producer.try_send(Message::new("t", "b")).expect("accepted");
+            assert_eq!(first.await.expect("delivered").ack.offset, Some(7));
+            let e = second.await.expect_err("never acknowledged");
+            assert!(
+                matches!(e.reason(), crate::FailureReason::DeliveryTimeout { .. }),
+                "{e}"
+            );
+            producer.flush().await;
+            let totals = producer.stats().totals;
+            assert_eq!((totals.delivered, totals.failed), (1, 1), "{ordering:?}");
+            assert_eq!(
+                transport.calls().len(),
+                1,
+                "the delivered message is not sent again"
+            );
         }
     }
 

@@ -23,7 +23,9 @@
 //! Relaxed ordering takes none of them: batches of a destination go out concurrently and
 //! retries rejoin the back of the queue.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Waker;
 use std::time::Instant;
 
 use herald_batch::Accumulator;
@@ -82,6 +84,8 @@ pub(crate) struct Lane<F> {
     /// before by any lane, each time the lane's retries go back into the queue or end, so that
     /// a transport forgets the keys that failed before.
     epoch: u64,
+    /// Which of the lane's batches may answer their messages early.
+    gate: Arc<AnswerGate>,
 }
 
 impl<F> Lane<F> {
@@ -95,6 +99,7 @@ impl<F> Lane<F> {
             parked: false,
             failure_shadow: None,
             epoch,
+            gate: Arc::default(),
         }
     }
 
@@ -143,6 +148,99 @@ pub(crate) struct Turn {
     pub(crate) after: Option<oneshot::Receiver<()>>,
     /// Fired by this batch's first poll.
     pub(crate) started: Option<oneshot::Sender<()>>,
+    /// Strict ordering's say on which early acknowledgements may be answered (`None` under
+    /// relaxed ordering: all of them).
+    pub(crate) gate: Option<Arc<AnswerGate>>,
+}
+
+/// Strict ordering's rule for answering a message before its batch lands (an early
+/// acknowledgement, see [`crate::Transport::send_batch_answering`]): an answer is final, so a
+/// message is answered early only when herald can never have to send it again for its key's
+/// order, that is, when no earlier message of its key can still fail:
+/// - every earlier batch of the lane is *clear*: it landed, or every message of it was answered
+///   early ([`AnswerGate::clear`]);
+/// - the lane holds no key and has no retries parked (else the gate is shut for the lane's life,
+///   which ends when it goes idle);
+/// - every earlier message of its batch with its key was answered early (the batch's own
+///   scan, in `dispatch.rs`).
+///
+/// Messages the gate holds back are answered when it opens, or when their batch lands.
+#[derive(Default)]
+pub(crate) struct AnswerGate {
+    state: Mutex<GateState>,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// Every batch below this sequence number is clear.
+    clear_below: u64,
+    /// Batches clear above `clear_below`, answered early ahead of an earlier one.
+    cleared: BTreeSet<u64>,
+    /// A key is held or retries are parked: no early answer until the lane is idle.
+    shut: bool,
+    /// Batches waiting for the gate to open.
+    waiters: Vec<Waker>,
+}
+
+/// What the gate says to a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GateSays {
+    /// Answer what may be answered.
+    Open,
+    /// Not yet: the batch's task is woken when that changes.
+    Wait,
+    /// Not before the batch lands.
+    Shut,
+}
+
+impl AnswerGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether batch `seq` may answer early now; if it must wait, `waker` is woken when that
+    /// may have changed.
+    pub(crate) fn ask(&self, seq: u64, waker: &Waker) -> GateSays {
+        let mut st = self.lock();
+        if st.shut {
+            return GateSays::Shut;
+        }
+        if st.clear_below >= seq {
+            return GateSays::Open;
+        }
+        if !st.waiters.iter().any(|w| w.will_wake(waker)) {
+            st.waiters.push(waker.clone());
+        }
+        GateSays::Wait
+    }
+
+    /// Batch `seq` is clear (every message answered early, or the batch landed); with `shut`,
+    /// the lane now holds a key or has retries parked.
+    pub(crate) fn clear(&self, seq: u64, shut: bool) {
+        let waiters = {
+            let mut st = self.lock();
+            let before = (st.clear_below, st.shut);
+            st.shut |= shut;
+            if seq >= st.clear_below {
+                st.cleared.insert(seq);
+            }
+            loop {
+                let next = st.clear_below;
+                if !st.cleared.remove(&next) {
+                    break;
+                }
+                st.clear_below += 1;
+            }
+            if (st.clear_below, st.shut) == before {
+                Vec::new()
+            } else {
+                std::mem::take(&mut st.waiters)
+            }
+        };
+        for w in waiters {
+            w.wake();
+        }
+    }
 }
 
 impl OrderingMode {
@@ -163,6 +261,7 @@ impl OrderingMode {
                 epoch: None,
                 after: None,
                 started: None,
+                gate: None,
             };
         }
         let pipeline = lanes.pipeline;
@@ -178,6 +277,28 @@ impl OrderingMode {
             }),
             after: lane.started.replace(rx),
             started: Some(tx),
+            gate: Some(lane.gate.clone()),
+        }
+    }
+
+    /// The batches `seqs` of `destination` were acted on (after [`OrderingMode::hold_keys`] and
+    /// parking): they are clear for the gate of early answers, which shuts if the lane now
+    /// holds a key or has retries parked.
+    pub(crate) fn cleared<F>(
+        self,
+        lanes: &mut Lanes<F>,
+        destination: &Destination,
+        seqs: impl IntoIterator<Item = u64>,
+    ) {
+        if self == OrderingMode::Relaxed {
+            return;
+        }
+        let Some(lane) = lanes.map.get(destination) else {
+            return;
+        };
+        let shut = !lane.hold.is_empty() || lane.parked;
+        for seq in seqs {
+            lane.gate.clear(seq, shut);
         }
     }
 

@@ -540,6 +540,18 @@ impl Shared {
         st.buffered_messages -= 1;
         st.buffered_bytes -= meta.size;
         fin.settled += 1;
+        if matches!(meta.done, Completion::Answered) {
+            // Its caller heard it delivered when the broker acknowledged it (early); what came
+            // after, a resend for its key's order say, does not change that. Counted now, as
+            // every message is when it leaves the pipeline.
+            let ack = outcome.as_ref().ok().copied().unwrap_or_default();
+            let mut msg = msg;
+            crate::trace::delivered(&mut msg, &ack, meta.attempts);
+            st.totals.delivered += 1;
+            fin.delivered += 1;
+            fin.stored.extend(meta.stored);
+            return;
+        }
         // A delivered message leaves the store once its caller is told; a failed one once its
         // `SendError` is dropped (handed over: written elsewhere, say); one closed unsent
         // stays stored for the next producer on the store.
@@ -620,6 +632,26 @@ impl Shared {
                 self.idle.notify_waiters();
             }
         }
+    }
+
+    /// Tells the caller of an entry in flight that the broker acknowledged it, before its batch
+    /// lands (see [`crate::Transport::send_batch_answering`]): its completion runs now and
+    /// becomes [`Completion::Answered`], and [`Shared::finish`] only counts it when it lands.
+    /// Runs outside the lock. A second acknowledgement of the entry is ignored.
+    pub(crate) fn answer_early(&self, meta: &mut Meta, ack: crate::Ack, now: Instant) {
+        let done = std::mem::replace(&mut meta.done, Completion::Answered);
+        if matches!(done, Completion::Answered) {
+            return;
+        }
+        let accepted_at = meta.deadline - self.config.delivery_timeout;
+        let latency = now.saturating_duration_since(accepted_at);
+        self.metrics.latency.record(latency.as_secs_f64());
+        let delivery = Delivery {
+            ack,
+            attempts: meta.attempts,
+            latency,
+        };
+        done.complete(Ok(delivery), &self.unclaimed);
     }
 
     pub(crate) fn deadline_reason(&self, meta: &mut Meta) -> FailureReason {

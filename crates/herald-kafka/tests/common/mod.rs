@@ -39,6 +39,10 @@ impl Harness for KafkaHarness {
         Destination::new(name)
     }
 
+    fn answers_early(&self) -> bool {
+        true
+    }
+
     fn poison(&self, destination: &Destination) -> Option<Message> {
         // Over librdkafka's message.max.bytes (1 000 000), under herald's default 1 MiB.
         Some(Message::new(destination.clone(), vec![b'p'; 1_000_100]))
