@@ -1,5 +1,5 @@
 //! The `herald` command as a user runs it, herald and the raw client in the same run, three
-//! rounds each, medians with their range; Kafka (Tansu) and RabbitMQ:
+//! rounds each, medians with their range; Kafka (Tansu) and RabbitMQ (and MQTT for latency):
 //! - `cargo xtask bench command`: throughput, `herald bench --baseline` (the `command`
 //!   section of docs/benchmarks.md);
 //! - `cargo xtask bench latency`: latency under a steady load, `herald bench --rate R
@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::process::{cargo, run};
 use crate::report::{machine, median_range, replace_section, thousands, two};
-use crate::{amqp, kafka};
+use crate::{amqp, kafka, mqtt};
 
 /// Seconds of sending per latency run (`HERALD_BENCH_LATENCY_SECONDS` to change).
 const SECONDS: u64 = 5;
@@ -24,6 +24,7 @@ const ROUNDS: usize = 3;
 enum Broker {
     Kafka,
     RabbitMQ,
+    Mqtt,
 }
 
 impl Broker {
@@ -31,18 +32,21 @@ impl Broker {
         match self {
             Broker::Kafka => "Kafka",
             Broker::RabbitMQ => "RabbitMQ",
+            Broker::Mqtt => "MQTT",
         }
     }
 }
 
 /// Latency: rates (msgs/s). Kafka takes 100 000 with room to spare on this machine;
 /// RabbitMQ's raw best is about 20 000 persistent messages a second here, so 10 000 is half
-/// its capacity.
+/// its capacity; Mosquitto's QoS 1 is about 100 000, so 5 000 is well inside it.
 const RATES: &[(Broker, u64)] = &[
     (Broker::Kafka, 10_000),
     (Broker::Kafka, 100_000),
     (Broker::RabbitMQ, 1_000),
     (Broker::RabbitMQ, 10_000),
+    (Broker::Mqtt, 1_000),
+    (Broker::Mqtt, 5_000),
 ];
 
 /// Throughput: message sizes, and messages per run.
@@ -57,7 +61,7 @@ fn messages(broker: Broker, size: u64) -> u64 {
     match (broker, size) {
         (Broker::Kafka, s) if s >= 1024 => 300_000,
         (Broker::Kafka, _) => 1_000_000,
-        (Broker::RabbitMQ, _) => 100_000,
+        (Broker::RabbitMQ | Broker::Mqtt, _) => 100_000,
     }
 }
 
@@ -134,6 +138,17 @@ fn rounds<T>(
                 let result = one(&format!("{url}{sep}queue={queue}"), b, p);
                 amqp::delete_queue(&url, &queue)?;
                 got.push(result?);
+            }
+            out.push((b, p, got));
+        }
+    }
+    if plan.iter().any(|(b, _)| *b == Broker::Mqtt) {
+        let broker = mqtt::provision()?;
+        let url = broker.var("HERALD_MQTT_URL")?;
+        for &(b, p) in plan.iter().filter(|(b, _)| *b == Broker::Mqtt) {
+            let mut got = Vec::new();
+            for r in 0..ROUNDS {
+                got.push(one(&format!("{url}/herald/{tag}-{p}-{r}-{pid}"), b, p)?);
             }
             out.push((b, p, got));
         }
@@ -221,7 +236,7 @@ pub(crate) fn bench_latency(root: &Path) -> Result<()> {
         Ok((quantiles(&json, "")?, quantiles(&json, "raw_")?))
     })?;
     let mut body = format!(
-        "Run: `cargo xtask bench latency` on {}: `herald bench --rate R --messages {SECONDS}×R --size 100 --baseline` (the command, open loop), {ROUNDS} rounds of herald then the raw client, each figure the median of the rounds with their range in brackets, in ms. Kafka: Tansu `memory://` on the same machine; RabbitMQ: the machine's node, persistent messages to a durable queue.\n\n",
+        "Run: `cargo xtask bench latency` on {}: `herald bench --rate R --messages {SECONDS}×R --size 100 --baseline` (the command, open loop), {ROUNDS} rounds of herald then the raw client, each figure the median of the rounds with their range in brackets, in ms. Kafka: Tansu `memory://` on the same machine; RabbitMQ: the machine's node, persistent messages to a durable queue; MQTT: the machine's Mosquitto, QoS 1.\n\n",
         machine()
     );
     body.push_str("| broker | rate (msgs/s) | herald p50 | raw p50 | herald p99 | raw p99 | herald p99.9 | raw p99.9 | herald p99 − raw p99 | within 1 ms or 10 %? |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");

@@ -156,6 +156,16 @@ pub trait Transport: Send + Sync + 'static {
         false
     }
 
+    /// The pipeline depth ([`ProducerBuilder::pipeline_depth`](crate::ProducerBuilder::pipeline_depth))
+    /// this transport works best at, used when the producer does not set one; the default
+    /// in-flight limit rises to it. For a client that batches and pipelines on its own
+    /// (librdkafka), herald's batches are small parts of its requests, and a shallow pipeline
+    /// makes messages wait for a slot that the client does not need. Default: `None` (herald's
+    /// default, 4).
+    fn suggested_pipeline_depth(&self) -> Option<usize> {
+        None
+    }
+
     /// Called once when the producer closes, after the last batch: release connections, flush
     /// client-side queues. Default: nothing to do.
     async fn close(&self) {}
