@@ -238,8 +238,8 @@ proptest! {
         // in an earlier batch is sent again behind that message's retry (stored twice, or
         // stored and then failed); and a call that stores before its delay may be cut off at
         // its deadline after it stored. Both are lost acknowledgements, in effect. So is a
-        // call that answered early and was then cut off: under strict ordering its answered
-        // messages are sent again (still answered once).
+        // call that acknowledged early and was then cut off: what strict ordering had not
+        // answered yet (an earlier message of its key could still fail) is sent again.
         let lossy = case.script.iter().any(|f| {
             matches!(f, CallFault::StoreThenFail(_))
                 || ((case.pipelined.is_some() || case.early) && *f != CallFault::Pass)

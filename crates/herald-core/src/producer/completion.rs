@@ -186,8 +186,8 @@ pub(crate) enum Completion {
     /// [`crate::Producer::enqueue_tagged`]: the sink, and the caller's tag for the message.
     Tagged(Arc<dyn FateSink>, u64),
     /// Told already: the transport acknowledged the message before its batch returned (see
-    /// [`crate::Transport::send_batch_answering`]). It may still be in flight, or sent again for
-    /// its key's order, but its fate was given and stays delivered.
+    /// [`crate::Transport::send_batch_answering`]). Its batch may still be in flight, but its
+    /// fate was given: it stays delivered and is not sent again.
     Answered,
 }
 
