@@ -542,8 +542,8 @@ impl Shared {
         fin.settled += 1;
         if matches!(meta.done, Completion::Answered) {
             // Its caller heard it delivered when the broker acknowledged it (early); what came
-            // after, a resend for its key's order say, does not change that. Counted now, as
-            // every message is when it leaves the pipeline.
+            // after (its batch cut off at the deadline, say) does not change that, and it is
+            // not sent again. Counted now, as every message is when it leaves the pipeline.
             let ack = outcome.as_ref().ok().copied().unwrap_or_default();
             let mut msg = msg;
             crate::trace::delivered(&mut msg, &ack, meta.attempts);
