@@ -64,8 +64,12 @@ async fn send_in_turn(
     // retries.
     let hold = turn.enter(live.path()).await;
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
-    // One deadline for the whole batch: publishes and confirms share it.
-    let deadline = Instant::now() + inner.config.confirm_timeout;
+    let publishing = Publishing {
+        route: &route,
+        // One deadline for the whole batch: publishes and confirms share it.
+        deadline: Instant::now() + inner.config.confirm_timeout,
+        early,
+    };
     let channels = inner.config.channels;
     let mut groups: Vec<Vec<usize>> = vec![Vec::new(); channels];
     for (i, m) in batch.iter().enumerate() {
@@ -79,26 +83,12 @@ async fn send_in_turn(
         .into_iter()
         .enumerate()
         .filter(|(_, g)| !g.is_empty())
-        .map(|(slot, idxs)| {
-            let group = Group {
-                slot,
-                route: &route,
-                deadline,
-                early,
-            };
-            publish_group(inner, &live, group, batch, idxs)
-        });
+        .map(|(slot, idxs)| publish_group(inner, &live, slot, publishing, batch, idxs));
     let published = join_all(sends).await;
     turn.handed_over();
-    let settles = published.into_iter().map(|published| {
-        let group = Group {
-            slot: published.slot,
-            route: &route,
-            deadline,
-            early,
-        };
-        settle_group(inner, &live, group, published)
-    });
+    let settles = published
+        .into_iter()
+        .map(|published| settle_group(inner, &live, publishing, published));
     for group in join_all(settles).await {
         for (i, o) in group {
             outcomes[i] = Some(o);
@@ -190,16 +180,16 @@ struct Published {
 async fn publish_group(
     inner: &Inner,
     live: &Live,
-    group: Group<'_>,
+    slot: usize,
+    publishing: Publishing<'_>,
     batch: &[Message],
     idxs: Vec<usize>,
 ) -> Published {
-    let Group {
-        slot,
+    let Publishing {
         route,
         deadline,
         early,
-    } = group;
+    } = publishing;
     let target = route.describe();
     let failed = |e: TransportError| Published {
         slot,
@@ -270,20 +260,19 @@ async fn publish_group(
 async fn settle_group(
     inner: &Inner,
     live: &Live,
-    group: Group<'_>,
+    publishing: Publishing<'_>,
     published: Published,
 ) -> Vec<(usize, Result<Ack, TransportError>)> {
-    let Group {
-        slot,
+    let Publishing {
         route,
         deadline,
         early,
-    } = group;
+    } = publishing;
     let Published {
+        slot,
         channel,
         mut out,
         pending,
-        ..
     } = published;
     let Some(channel) = channel else {
         return out;
@@ -311,11 +300,9 @@ async fn settle_group(
     out
 }
 
-/// What one channel's share of a batch publishes with.
+/// What every channel's share of a batch publishes with.
 #[derive(Clone, Copy)]
-struct Group<'a> {
-    /// The channel.
-    slot: usize,
+struct Publishing<'a> {
     route: &'a Route,
     /// The batch's deadline: publishes and confirms share it.
     deadline: Instant,
