@@ -86,14 +86,15 @@ pub(crate) struct Tuning {
     /// Largest message (payload, key and headers); a larger one fails at once.
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 20, help_heading = "Producer")]
     pub(crate) max_message_bytes: usize,
-    /// Most batches in flight at once.
-    #[arg(long, value_name = "N", default_value_t = 8, help_heading = "Producer")]
-    pub(crate) max_in_flight: usize,
+    /// Most batches in flight at once [default: 8, or the pipeline depth if deeper].
+    #[arg(long, value_name = "N", help_heading = "Producer")]
+    pub(crate) max_in_flight: Option<usize>,
     /// Under strict ordering, most batches of one destination in flight at once, where the
     /// broker's client keeps order across them (Kafka with idempotence, RabbitMQ, NATS, MQTT;
-    /// Redis sends one at a time). 1: each batch waits for the one before.
-    #[arg(long, value_name = "N", default_value_t = 4, help_heading = "Producer")]
-    pub(crate) pipeline_depth: usize,
+    /// Redis sends one at a time). 1: each batch waits for the one before [default: Kafka 16,
+    /// others 4].
+    #[arg(long, value_name = "N", help_heading = "Producer")]
+    pub(crate) pipeline_depth: Option<usize>,
     /// A librdkafka property (repeatable), e.g. security.protocol=SASL_PLAINTEXT. Properties
     /// herald sets itself are refused, naming the flag to use; secret values are never printed.
     #[arg(
@@ -139,7 +140,7 @@ impl Tuning {
         if let Some(n) = self.max_attempts {
             retry = retry.max_attempts(n);
         }
-        builder
+        let mut builder = builder
             .batching(SizeOrLinger::new(
                 self.batch_max_messages.unwrap_or(default_batch.0),
                 self.batch_max_bytes.unwrap_or(default_batch.1),
@@ -151,10 +152,15 @@ impl Tuning {
                 Ordering::Relaxed => OrderingMode::Relaxed,
             })
             .buffer(self.buffer_messages, self.buffer_bytes)
-            .max_message_bytes(self.max_message_bytes)
-            .max_in_flight(self.max_in_flight)
-            .pipeline_depth(self.pipeline_depth)
-            .delivery_timeout(self.delivery_timeout())
+            .max_message_bytes(self.max_message_bytes);
+        // Unset: the producer's defaults, which follow the transport's suggested depth.
+        if let Some(n) = self.max_in_flight {
+            builder = builder.max_in_flight(n);
+        }
+        if let Some(n) = self.pipeline_depth {
+            builder = builder.pipeline_depth(n);
+        }
+        builder.delivery_timeout(self.delivery_timeout())
     }
 
     /// The librdkafka properties a raw client needs to match herald's on this target: the

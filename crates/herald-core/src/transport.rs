@@ -112,10 +112,9 @@ pub trait Transport: Send + Sync + 'static {
     /// name other messages.
     ///
     /// An early acknowledgement is final: the call's outcome for that index should be the same
-    /// `Ok`. If it says otherwise (herald cut the call off at its deadline, say), a message
-    /// herald answered stays delivered and is not sent again. Under strict ordering herald
-    /// answers an acknowledgement at once only when no earlier message of its key can still
-    /// fail; the others are answered when that is so, or when the call returns.
+    /// `Ok`. If it says otherwise (herald cut the call off at its deadline, say), the message
+    /// stays delivered: under strict ordering herald may send it again to keep its key's last
+    /// copies in order, but its caller is not answered twice.
     async fn send_batch_answering(
         &self,
         destination: &Destination,
@@ -155,6 +154,16 @@ pub trait Transport: Send + Sync + 'static {
     /// Default: `false` (one batch per destination at a time under strict ordering).
     fn keeps_order_across_calls(&self) -> bool {
         false
+    }
+
+    /// The pipeline depth ([`ProducerBuilder::pipeline_depth`](crate::ProducerBuilder::pipeline_depth))
+    /// this transport works best at, used when the producer does not set one; the default
+    /// in-flight limit rises to it. For a client that batches and pipelines on its own
+    /// (librdkafka), herald's batches are small parts of its requests, and a shallow pipeline
+    /// makes messages wait for a slot that the client does not need. Default: `None` (herald's
+    /// default, 4).
+    fn suggested_pipeline_depth(&self) -> Option<usize> {
+        None
     }
 
     /// Called once when the producer closes, after the last batch: release connections, flush

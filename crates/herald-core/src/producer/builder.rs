@@ -27,8 +27,10 @@ pub struct ProducerBuilder {
     max_buffered_messages: usize,
     max_buffered_bytes: usize,
     max_message_bytes: usize,
-    max_in_flight: usize,
-    pipeline_depth: usize,
+    /// `None`: the default ([`DEFAULT_MAX_IN_FLIGHT`], or the pipeline depth if deeper).
+    max_in_flight: Option<usize>,
+    /// `None`: the transport's suggestion, else [`DEFAULT_PIPELINE_DEPTH`].
+    pipeline_depth: Option<usize>,
     delivery_timeout: Duration,
     ordering: OrderingMode,
     on_unclaimed: Option<UnclaimedHook>,
@@ -48,8 +50,8 @@ impl std::fmt::Debug for ProducerBuilder {
             .field("max_buffered_messages", &self.max_buffered_messages)
             .field("max_buffered_bytes", &self.max_buffered_bytes)
             .field("max_message_bytes", &self.max_message_bytes)
-            .field("max_in_flight", &self.max_in_flight)
-            .field("pipeline_depth", &self.pipeline_depth)
+            .field("max_in_flight", &self.in_flight_in_effect())
+            .field("pipeline_depth", &self.depth_in_effect())
             .field("delivery_timeout", &self.delivery_timeout)
             .field("ordering", &self.ordering)
             .field("on_unclaimed", &self.on_unclaimed.is_some())
@@ -71,8 +73,8 @@ impl ProducerBuilder {
             max_buffered_messages: 100_000,
             max_buffered_bytes: 64 << 20,
             max_message_bytes: 1 << 20,
-            max_in_flight: 8,
-            pipeline_depth: DEFAULT_PIPELINE_DEPTH,
+            max_in_flight: None,
+            pipeline_depth: None,
             delivery_timeout: Duration::from_secs(120),
             ordering: OrderingMode::Strict,
             on_unclaimed: None,
@@ -132,10 +134,11 @@ impl ProducerBuilder {
         self
     }
 
-    /// Most batches the transport sends at once. Default: 8.
+    /// Most batches the transport sends at once. Default: 8, or the pipeline depth if that is
+    /// deeper.
     #[must_use]
     pub fn max_in_flight(mut self, max: usize) -> Self {
-        self.max_in_flight = max;
+        self.max_in_flight = Some(max);
         self
     }
 
@@ -146,12 +149,25 @@ impl ProducerBuilder {
     /// in flight, each batch waits for the acknowledgements of the one before. Per-key order
     /// is kept at every depth (docs/guarantees.md, Ordering); a transient failure costs up to
     /// `depth - 1` batches' worth of resent messages of its key. Also capped by
-    /// [`max_in_flight`](Self::max_in_flight). Default: 4 (librdkafka keeps up to 5 requests
-    /// in flight per connection for the same reason).
+    /// [`max_in_flight`](Self::max_in_flight). Default: the transport's own
+    /// ([`Transport::suggested_pipeline_depth`]: herald-kafka 16), else 4.
     #[must_use]
     pub fn pipeline_depth(mut self, depth: usize) -> Self {
-        self.pipeline_depth = depth;
+        self.pipeline_depth = Some(depth);
         self
+    }
+
+    /// The pipeline depth in effect: set, or the transport's suggestion, or the default.
+    fn depth_in_effect(&self) -> usize {
+        self.pipeline_depth
+            .or_else(|| self.transport.suggested_pipeline_depth())
+            .unwrap_or(DEFAULT_PIPELINE_DEPTH)
+    }
+
+    /// The in-flight limit in effect: set, or the default, raised to a deeper pipeline.
+    fn in_flight_in_effect(&self) -> usize {
+        self.max_in_flight
+            .unwrap_or_else(|| DEFAULT_MAX_IN_FLIGHT.max(self.depth_in_effect()))
     }
 
     /// The whole life of a message, from acceptance to acknowledgement, retries included (like
@@ -255,10 +271,10 @@ impl ProducerBuilder {
                 ),
             });
         }
-        if self.max_in_flight == 0 {
+        if self.in_flight_in_effect() == 0 {
             return invalid("max_in_flight", "must be at least 1");
         }
-        if self.pipeline_depth == 0 {
+        if self.depth_in_effect() == 0 {
             return invalid("pipeline_depth", "must be at least 1");
         }
         if self.delivery_timeout.is_zero() {
@@ -305,9 +321,9 @@ impl ProducerBuilder {
             max_buffered_messages: self.max_buffered_messages,
             max_buffered_bytes: self.max_buffered_bytes,
             max_message_bytes: self.max_message_bytes,
-            max_in_flight: self.max_in_flight,
+            max_in_flight: self.in_flight_in_effect(),
             pipeline_depth: if self.transport.keeps_order_across_calls() {
-                self.pipeline_depth
+                self.depth_in_effect()
             } else {
                 1
             },
@@ -356,6 +372,65 @@ impl ProducerBuilder {
 /// keeps order across calls).
 pub(crate) const DEFAULT_PIPELINE_DEPTH: usize = 4;
 
+/// Batches in flight at once, by default (raised to the pipeline depth if that is deeper).
+const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+
 /// The longest delivery timeout accepted: long enough for any outage, short enough that
 /// deadlines never overflow the clock.
 const MAX_DELIVERY_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{async_trait, Ack, BatchOutcome, Destination, Message, Producer};
+
+    /// Keeps order across calls and suggests a pipeline depth.
+    struct Suggests(Option<usize>);
+
+    #[async_trait]
+    impl Transport for Suggests {
+        fn name(&self) -> &'static str {
+            "suggests"
+        }
+        async fn send_batch(&self, _: &Destination, batch: &[Message]) -> BatchOutcome {
+            batch.iter().map(|_| Ok(Ack::default())).collect()
+        }
+        fn keeps_order_across_calls(&self) -> bool {
+            true
+        }
+        fn suggested_pipeline_depth(&self) -> Option<usize> {
+            self.0
+        }
+    }
+
+    /// (pipeline depth, max in flight) of a built producer.
+    fn limits(builder: ProducerBuilder) -> (usize, usize) {
+        let producer = builder.build().expect("build");
+        let config = &producer.handle.shared.config;
+        (config.pipeline_depth, config.max_in_flight)
+    }
+
+    #[tokio::test]
+    async fn the_transport_suggests_the_pipeline_depth_and_what_is_set_wins() {
+        assert_eq!(
+            limits(Producer::builder(Suggests(None))),
+            (4, 8),
+            "herald's defaults"
+        );
+        assert_eq!(
+            limits(Producer::builder(Suggests(Some(16)))),
+            (16, 16),
+            "the suggestion, with room in flight for it"
+        );
+        assert_eq!(
+            limits(Producer::builder(Suggests(Some(16))).pipeline_depth(2)),
+            (2, 8),
+            "a depth set wins"
+        );
+        assert_eq!(
+            limits(Producer::builder(Suggests(Some(16))).max_in_flight(4)),
+            (16, 4),
+            "an in-flight limit set wins (and caps the depth)"
+        );
+    }
+}
