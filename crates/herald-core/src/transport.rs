@@ -112,9 +112,10 @@ pub trait Transport: Send + Sync + 'static {
     /// name other messages.
     ///
     /// An early acknowledgement is final: the call's outcome for that index should be the same
-    /// `Ok`. If it says otherwise (herald cut the call off at its deadline, say), the message
-    /// stays delivered: under strict ordering herald may send it again to keep its key's last
-    /// copies in order, but its caller is not answered twice.
+    /// `Ok`. If it says otherwise (herald cut the call off at its deadline, say), a message
+    /// herald answered stays delivered and is not sent again. Under strict ordering herald
+    /// answers an acknowledgement at once only when no earlier message of its key can still
+    /// fail; the others are answered when that is so, or when the call returns.
     async fn send_batch_answering(
         &self,
         destination: &Destination,

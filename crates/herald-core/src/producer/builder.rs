@@ -164,10 +164,17 @@ impl ProducerBuilder {
             .unwrap_or(DEFAULT_PIPELINE_DEPTH)
     }
 
-    /// The in-flight limit in effect: set, or the default, raised to a deeper pipeline.
+    /// The in-flight limit in effect: set, or the default, raised to a deeper pipeline (only
+    /// where the transport pipelines at all: one that does not keep order across calls sends
+    /// one batch per destination at a time).
     fn in_flight_in_effect(&self) -> usize {
-        self.max_in_flight
-            .unwrap_or_else(|| DEFAULT_MAX_IN_FLIGHT.max(self.depth_in_effect()))
+        self.max_in_flight.unwrap_or_else(|| {
+            if self.transport.keeps_order_across_calls() {
+                DEFAULT_MAX_IN_FLIGHT.max(self.depth_in_effect())
+            } else {
+                DEFAULT_MAX_IN_FLIGHT
+            }
+        })
     }
 
     /// The whole life of a message, from acceptance to acknowledgement, retries included (like
@@ -384,8 +391,12 @@ mod tests {
     use super::*;
     use crate::{async_trait, Ack, BatchOutcome, Destination, Message, Producer};
 
-    /// Keeps order across calls and suggests a pipeline depth.
-    struct Suggests(Option<usize>);
+    /// Suggests a pipeline depth; keeps order across calls unless said otherwise.
+    struct Suggests(Option<usize>, bool);
+
+    fn suggests(depth: Option<usize>) -> Suggests {
+        Suggests(depth, true)
+    }
 
     #[async_trait]
     impl Transport for Suggests {
@@ -396,7 +407,7 @@ mod tests {
             batch.iter().map(|_| Ok(Ack::default())).collect()
         }
         fn keeps_order_across_calls(&self) -> bool {
-            true
+            self.1
         }
         fn suggested_pipeline_depth(&self) -> Option<usize> {
             self.0
@@ -413,24 +424,29 @@ mod tests {
     #[tokio::test]
     async fn the_transport_suggests_the_pipeline_depth_and_what_is_set_wins() {
         assert_eq!(
-            limits(Producer::builder(Suggests(None))),
+            limits(Producer::builder(suggests(None))),
             (4, 8),
             "herald's defaults"
         );
         assert_eq!(
-            limits(Producer::builder(Suggests(Some(16)))),
+            limits(Producer::builder(suggests(Some(16)))),
             (16, 16),
             "the suggestion, with room in flight for it"
         );
         assert_eq!(
-            limits(Producer::builder(Suggests(Some(16))).pipeline_depth(2)),
+            limits(Producer::builder(suggests(Some(16))).pipeline_depth(2)),
             (2, 8),
             "a depth set wins"
         );
         assert_eq!(
-            limits(Producer::builder(Suggests(Some(16))).max_in_flight(4)),
+            limits(Producer::builder(suggests(Some(16))).max_in_flight(4)),
             (16, 4),
             "an in-flight limit set wins (and caps the depth)"
+        );
+        assert_eq!(
+            limits(Producer::builder(Suggests(Some(16), false))),
+            (1, 8),
+            "no pipeline where the transport does not keep order across calls, so no more room"
         );
     }
 }
