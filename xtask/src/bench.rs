@@ -47,7 +47,13 @@ pub(crate) enum Which {
 }
 
 /// Runs `which` benchmarks, then rewrites the summary and the chart from the last runs.
-pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
+pub(crate) fn bench(root: &Path, which: Which, pinned: bool) -> Result<()> {
+    if pinned {
+        if !matches!(which, Which::Command | Which::Latency) {
+            anyhow::bail!("--pin applies to `command` and `latency` only (the runs of the herald command against a broker)");
+        }
+        crate::pin::check()?;
+    }
     match which {
         Which::Pipeline => bench_pipeline(root)?,
         Which::Kafka => kafka::bench(root)?,
@@ -57,8 +63,8 @@ pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
         Which::Redis => redis::bench(root)?,
         Which::Mqtt => mqtt::bench(root)?,
         Which::Spool => spool::bench(root)?,
-        Which::Command => command::bench_throughput(root)?,
-        Which::Latency => command::bench_latency(root)?,
+        Which::Command => command::bench_throughput(root, pinned)?,
+        Which::Latency => command::bench_latency(root, pinned)?,
         Which::All => {
             bench_pipeline(root)?;
             kafka::bench(root)?;
@@ -67,8 +73,8 @@ pub(crate) fn bench(root: &Path, which: Which) -> Result<()> {
             redis::bench(root)?;
             mqtt::bench(root)?;
             spool::bench(root)?;
-            command::bench_throughput(root)?;
-            command::bench_latency(root)?;
+            command::bench_throughput(root, false)?;
+            command::bench_latency(root, false)?;
         }
         Which::Summary => {}
     }

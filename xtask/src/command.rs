@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::process::{cargo, run};
 use crate::report::{machine, median_range, replace_section, thousands, two};
-use crate::{amqp, kafka, mqtt};
+use crate::{amqp, kafka, mqtt, pin};
 
 /// Seconds of sending per latency run (`HERALD_BENCH_LATENCY_SECONDS` to change).
 const SECONDS: u64 = 5;
@@ -76,8 +76,15 @@ fn herald(root: &Path) -> Result<PathBuf> {
 
 /// Runs `herald bench --to TO --baseline --report json ARGS` and returns its JSON report; an
 /// error if it failed or any message of herald or the raw client failed.
-fn bench_json(herald: &Path, to: &str, args: &[String]) -> Result<Value> {
-    let out = Command::new(herald)
+fn bench_json(herald: &Path, to: &str, args: &[String], pinned: bool) -> Result<Value> {
+    let mut command = if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", &pin::CLIENT_CPU.to_string()]).arg(herald);
+        c
+    } else {
+        Command::new(herald)
+    };
+    let out = command
         .args(["bench", "--to", to, "--baseline", "--report", "json"])
         .args(args)
         .output()
@@ -104,17 +111,28 @@ fn bench_json(herald: &Path, to: &str, args: &[String]) -> Result<Value> {
 
 /// For each (broker, parameter) of `plan`, `ROUNDS` rounds of `one(to, broker, parameter)`,
 /// each to a topic or queue of its own (`{tag}-{parameter}-{round}-{pid}`; queues deleted after
-/// their round: a long queue would slow the broker down round after round).
+/// their round: a long queue would slow the broker down round after round). With `pinned`,
+/// each broker runs on its CPU for its rounds (see `pin`).
 fn rounds<T>(
     plan: &[(Broker, u64)],
     tag: &str,
+    pinned: bool,
     mut one: impl FnMut(&str, Broker, u64) -> Result<T>,
 ) -> Result<Vec<(Broker, u64, Vec<T>)>> {
+    let pin_broker = |address: &str| -> Result<Option<pin::Pinned>> {
+        if pinned {
+            Ok(Some(pin::broker(pin::port_of(address)?)?))
+        } else {
+            Ok(None)
+        }
+    };
     let pid = std::process::id();
     let mut out = Vec::new();
     if plan.iter().any(|(b, _)| *b == Broker::Kafka) {
         let broker = kafka::provision()?;
         let bootstrap = broker.var("HERALD_KAFKA_BOOTSTRAP")?;
+        // Dropped (affinity restored) before the broker is (stopped, if provisioning started it).
+        let _pinned = pin_broker(bootstrap.split(',').next().unwrap_or(&bootstrap))?;
         for &(b, p) in plan.iter().filter(|(b, _)| *b == Broker::Kafka) {
             let mut got = Vec::new();
             for r in 0..ROUNDS {
@@ -131,6 +149,7 @@ fn rounds<T>(
         let broker = amqp::provision()?;
         let url = broker.var("HERALD_AMQP_URL")?;
         let sep = if url.contains('?') { '&' } else { '?' };
+        let _pinned = pin_broker(&url)?;
         for &(b, p) in plan.iter().filter(|(b, _)| *b == Broker::RabbitMQ) {
             let mut got = Vec::new();
             for r in 0..ROUNDS {
@@ -145,6 +164,7 @@ fn rounds<T>(
     if plan.iter().any(|(b, _)| *b == Broker::Mqtt) {
         let broker = mqtt::provision()?;
         let url = broker.var("HERALD_MQTT_URL")?;
+        let _pinned = pin_broker(&url)?;
         for &(b, p) in plan.iter().filter(|(b, _)| *b == Broker::Mqtt) {
             let mut got = Vec::new();
             for r in 0..ROUNDS {
@@ -157,9 +177,9 @@ fn rounds<T>(
 }
 
 /// `cargo xtask bench command`.
-pub(crate) fn bench_throughput(root: &Path) -> Result<()> {
+pub(crate) fn bench_throughput(root: &Path, pinned: bool) -> Result<()> {
     let herald = herald(root)?;
-    let runs = rounds(SIZES, "command", |to, broker, size| {
+    let runs = rounds(SIZES, "command", pinned, |to, broker, size| {
         let json = bench_json(
             &herald,
             to,
@@ -171,6 +191,7 @@ pub(crate) fn bench_throughput(root: &Path) -> Result<()> {
                 "--naive-messages".into(),
                 "100".into(),
             ],
+            pinned,
         )?;
         let rate = |name: &str| {
             json[name]
@@ -180,8 +201,10 @@ pub(crate) fn bench_throughput(root: &Path) -> Result<()> {
         Ok((rate("herald_msgs_per_sec")?, rate("raw_best_msgs_per_sec")?))
     })?;
     let mut body = format!(
-        "Run: `cargo xtask bench command` on {}: `herald bench --to URL --messages N --size S --baseline` (the release command as a user runs it: herald's default settings, messages handed over as `herald produce` hands over what it reads; then the raw client at its best), {ROUNDS} rounds, each a topic or queue of its own. Both timed from a connected client (one message acknowledged first). Figures: median of the rounds (range in brackets); the ratio is taken within each round. Kafka: Tansu `memory://` on the same machine, 1 000 000 messages of 100 B, 300 000 of 1 KiB; RabbitMQ: the machine's node, 100 000 persistent messages to a durable queue.\n\n",
-        machine()
+        "Run: `cargo xtask bench command{}` on {}: `herald bench --to URL --messages N --size S --baseline` (the release command as a user runs it: herald's default settings, messages handed over as `herald produce` hands over what it reads; then the raw client at its best), {ROUNDS} rounds, each a topic or queue of its own. Both timed from a connected client (one message acknowledged first). Figures: median of the rounds (range in brackets); the ratio is taken within each round. Kafka: Tansu `memory://` on the same machine, 1 000 000 messages of 100 B, 300 000 of 1 KiB; RabbitMQ: the machine's node, 100 000 persistent messages to a durable queue.{}\n\n",
+        pin_flag(pinned),
+        machine(),
+        pin_sentence(pinned),
     );
     body.push_str("| broker | message | herald (msgs/s) | raw client at its best (msgs/s) | herald / raw |\n|---|---:|---:|---:|---:|\n");
     for (broker, size, got) in runs {
@@ -198,6 +221,27 @@ pub(crate) fn bench_throughput(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The flag as the run line shows it.
+fn pin_flag(pinned: bool) -> &'static str {
+    if pinned {
+        " --pin"
+    } else {
+        ""
+    }
+}
+
+/// What the run line says of pinning.
+fn pin_sentence(pinned: bool) -> String {
+    if pinned {
+        format!(
+            " Pinned: the broker on CPU 0, the command (herald and the raw client alike) on CPU {}; each side has one core, so the figures are lower and steadier than unpinned ones, another regime.",
+            pin::CLIENT_CPU
+        )
+    } else {
+        String::new()
+    }
+}
+
 /// One round's figures (ms) for herald or raw: p50, p99, p99.9.
 type Quantiles = [f64; 3];
 
@@ -211,13 +255,13 @@ fn quantiles(json: &Value, prefix: &str) -> Result<Quantiles> {
 }
 
 /// `cargo xtask bench latency`.
-pub(crate) fn bench_latency(root: &Path) -> Result<()> {
+pub(crate) fn bench_latency(root: &Path, pinned: bool) -> Result<()> {
     let herald = herald(root)?;
     let seconds: u64 = std::env::var("HERALD_BENCH_LATENCY_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(SECONDS);
-    let runs = rounds(RATES, "latency", |to, _, rate| {
+    let runs = rounds(RATES, "latency", pinned, |to, _, rate| {
         let json = bench_json(
             &herald,
             to,
@@ -229,6 +273,7 @@ pub(crate) fn bench_latency(root: &Path) -> Result<()> {
                 "--size".into(),
                 "100".into(),
             ],
+            pinned,
         )?;
         if json["raw_failed"].as_u64() != Some(0) {
             bail!("the raw client lost messages: {json}");
@@ -236,8 +281,10 @@ pub(crate) fn bench_latency(root: &Path) -> Result<()> {
         Ok((quantiles(&json, "")?, quantiles(&json, "raw_")?))
     })?;
     let mut body = format!(
-        "Run: `cargo xtask bench latency` on {}: `herald bench --rate R --messages {SECONDS}×R --size 100 --baseline` (the command, open loop), {ROUNDS} rounds of herald then the raw client, each figure the median of the rounds with their range in brackets, in ms. Kafka: Tansu `memory://` on the same machine; RabbitMQ: the machine's node, persistent messages to a durable queue; MQTT: the machine's Mosquitto, QoS 1.\n\n",
-        machine()
+        "Run: `cargo xtask bench latency{}` on {}: `herald bench --rate R --messages {SECONDS}×R --size 100 --baseline` (the command, open loop), {ROUNDS} rounds of herald then the raw client, each figure the median of the rounds with their range in brackets, in ms. Kafka: Tansu `memory://` on the same machine; RabbitMQ: the machine's node, persistent messages to a durable queue; MQTT: the machine's Mosquitto, QoS 1.{}\n\n",
+        pin_flag(pinned),
+        machine(),
+        pin_sentence(pinned),
     );
     body.push_str("| broker | rate (msgs/s) | herald p50 | raw p50 | herald p99 | raw p99 | herald p99.9 | raw p99.9 | herald p99 − raw p99 | within 1 ms or 10 %? |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     let mut json_rows = Vec::new();

@@ -18,6 +18,7 @@ mod it;
 mod kafka;
 mod mqtt;
 mod nats;
+mod pin;
 mod process;
 mod redis;
 mod report;
@@ -65,6 +66,10 @@ enum Cmd {
         /// Which benchmarks to run
         #[arg(value_enum, value_name = "NAME", default_value_t = bench::Which::All)]
         which: bench::Which,
+        /// `command` and `latency`: the broker on CPU 0 and the herald command on CPU 1
+        /// (taskset; a broker the machine runs as a service gets its affinity back after)
+        #[arg(long)]
+        pin: bool,
     },
 }
 
@@ -76,7 +81,7 @@ fn main() -> Result<()> {
         Some(Cmd::Ci) => ci(),
         Some(Cmd::Rules) => rules::test(&root),
         Some(Cmd::It { targets }) => it::it(&targets),
-        Some(Cmd::Bench { which }) => bench::bench(&root, which),
+        Some(Cmd::Bench { which, pin }) => bench::bench(&root, which, pin),
         None => {
             Cli::command().print_help()?;
             Ok(())
@@ -166,7 +171,15 @@ mod tests {
         assert!(matches!(
             parse(&["bench"]),
             Ok(Some(Cmd::Bench {
-                which: bench::Which::All
+                which: bench::Which::All,
+                pin: false
+            }))
+        ));
+        assert!(matches!(
+            parse(&["bench", "command", "--pin"]),
+            Ok(Some(Cmd::Bench {
+                which: bench::Which::Command,
+                pin: true
             }))
         ));
         for (name, which) in [
@@ -180,7 +193,7 @@ mod tests {
             ("summary", bench::Which::Summary),
         ] {
             assert!(
-                matches!(parse(&["bench", name]), Ok(Some(Cmd::Bench { which: w })) if w == which),
+                matches!(parse(&["bench", name]), Ok(Some(Cmd::Bench { which: w, pin: false })) if w == which),
                 "bench {name}"
             );
         }
