@@ -115,9 +115,10 @@ impl Transport for KafkaTransport {
     }
 
     /// 16: librdkafka batches and pipelines on its own, so each of herald's batches is a small
-    /// part of its requests; with 4, messages at a steady 10 000 msgs/s waited for a slot
-    /// (p50 2.5-3.0 ms against 1.5-1.9 at 16, the raw client 1.2-1.4; throughput the same:
-    /// docs/benchmarks.md, Latency).
+    /// part of its requests; with 4, messages at a steady 10 000 msgs/s wait for a slot (p50
+    /// 2.6 ms against 1.6 at 16, the raw client 1.2; p99 within 1 ms of raw's only at 16). The
+    /// price: at 100 000 msgs/s the p99 is 2-3 ms above raw's at 16, at or below it at 4.
+    /// Throughput is the same (docs/benchmarks.md, "Latency under a steady load").
     fn suggested_pipeline_depth(&self) -> Option<usize> {
         Some(16)
     }
