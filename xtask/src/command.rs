@@ -234,7 +234,8 @@ fn pin_flag(pinned: bool) -> &'static str {
 fn pin_sentence(pinned: bool) -> String {
     if pinned {
         format!(
-            " Pinned: the broker on CPU 0, the command (herald and the raw client alike) on CPU {}; each side has one core, so the figures are lower and steadier than unpinned ones, another regime.",
+            " Pinned: the broker on CPU {}, the command (herald and the raw client alike) on CPU {}; each side has one core, so the figures are lower than unpinned ones (and not always steadier), another regime.",
+            pin::BROKER_CPU,
             pin::CLIENT_CPU
         )
     } else {

@@ -3,8 +3,8 @@
 //! run varies less. The broker is found by the port it listens on (`ss -ltnp`), whoever
 //! started it: a broker this machine runs as a service (RabbitMQ, Mosquitto) is pinned too, and
 //! its affinity restored when its rounds end (also after a failed round). Each side then has
-//! one core where an unpinned run shares two: the figures are lower and steadier, another
-//! regime than the one users run in (docs/benchmarks.md says which a section comes from).
+//! one core where an unpinned run shares two: the figures are lower (and on some machines
+//! steadier, not on all: docs/benchmarks.md), another regime than the one users run in (docs/benchmarks.md says which a section comes from).
 //!
 //! Why a hand-written lookup: no crate maps a listening port to its process portably, and `ss`
 //! already does; what is parsed here is one `pid=N` field of its output.
@@ -14,7 +14,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// The CPU the broker runs on; the command gets [`CLIENT_CPU`].
-const BROKER_CPU: u32 = 0;
+pub(crate) const BROKER_CPU: u32 = 0;
 /// The CPU the `herald` command runs on.
 pub(crate) const CLIENT_CPU: u32 = 1;
 
@@ -125,7 +125,13 @@ pub(crate) fn port_of(address: &str) -> Result<u16> {
             "mqtt" => Some(1883),
             _ => None,
         })
-        .with_context(|| format!("no port in {}", url.host_str().unwrap_or(address)))
+        // Never the address itself as the fallback: it may carry credentials.
+        .with_context(|| {
+            format!(
+                "no port in the broker address (host {})",
+                url.host_str().unwrap_or("none")
+            )
+        })
 }
 
 #[cfg(test)]
