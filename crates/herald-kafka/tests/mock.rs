@@ -404,10 +404,15 @@ async fn a_message_in_flight_at_the_deadline_is_not_reported_failed_if_stored() 
         .delivery_timeout(Duration::from_secs(1))
         .build()
         .expect("producer");
-    producer
-        .send(Message::new("in-flight", "warm-up"))
-        .await
-        .expect("connected");
+    // Connected, with a producer id: on a busy machine that can take longer than the 1 s
+    // delivery timeout, so a warm-up that times out is sent again, until a deadline.
+    let connected_by = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = producer.send(Message::new("in-flight", "warm-up")).await {
+        assert!(
+            std::time::Instant::now() < connected_by,
+            "never connected: {e}"
+        );
+    }
     cluster
         .round_trip_time(1, Duration::from_secs(3))
         .expect("slow broker");
