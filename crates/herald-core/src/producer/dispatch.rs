@@ -366,12 +366,32 @@ impl Shared {
             {
                 break;
             }
-            let Some(batch) = st.acc.pop_ready(now, force) else {
+            let split = |capacity| Split {
+                now,
+                messages: Vec::with_capacity(capacity),
+                metas: Vec::with_capacity(capacity),
+                expired: Vec::new(),
+            };
+            let Some(batch) = st.acc.pop_ready_into(now, force, split) else {
                 break;
             };
+            let Split {
+                messages,
+                mut metas,
+                expired,
+                ..
+            } = batch.items;
+            for entry in expired {
+                self.expire_one(st, fin, &mut timed_out, &batch.destination, entry, now);
+            }
+            if messages.is_empty() {
+                st.acc.batch_done(&batch.destination);
+                continue;
+            }
             if !st.breaker.allow(now) {
-                // Half-open with its probes out: put the batch back where it was.
-                let items = batch.items.into_iter().map(|e| {
+                // Half-open with its probes out: put the batch back where it was (but what
+                // has expired meanwhile).
+                let items = messages.into_iter().zip(metas).map(|e| {
                     let size = e.1.size;
                     (e, size)
                 });
@@ -380,29 +400,10 @@ impl Shared {
                 st.acc.batch_done(&batch.destination);
                 break;
             }
-            let mut messages = Vec::with_capacity(batch.items.len());
-            let mut metas = Vec::with_capacity(batch.items.len());
             let mut first_attempts = 0u64;
-            for (msg, mut meta) in batch.items {
-                if meta.deadline <= now {
-                    self.expire_one(
-                        st,
-                        fin,
-                        &mut timed_out,
-                        &batch.destination,
-                        (msg, meta),
-                        now,
-                    );
-                    continue;
-                }
+            for meta in &mut metas {
                 first_attempts += u64::from(meta.attempts == 0);
                 meta.attempts += 1;
-                messages.push(msg);
-                metas.push(meta);
-            }
-            if messages.is_empty() {
-                st.acc.batch_done(&batch.destination);
-                continue;
             }
             // One token's worth per batch carrying first attempts: the budget counts requests.
             st.budget.deposit(u64::from(first_attempts > 0), now);
@@ -676,6 +677,29 @@ fn join_parked(
         }
     }
     *parked = BinaryHeap::from(groups);
+}
+
+/// A batch's entries as they leave the queue ([`herald_batch::Accumulator::pop_ready_into`]):
+/// the messages, for the transport, apart from their bookkeeping, and those whose delivery
+/// deadline has passed set aside. Each entry is moved once on its way out.
+struct Split {
+    now: Instant,
+    messages: Vec<Message>,
+    metas: Vec<Meta>,
+    expired: Vec<Entry>,
+}
+
+impl Extend<Entry> for Split {
+    fn extend<I: IntoIterator<Item = Entry>>(&mut self, entries: I) {
+        for (msg, meta) in entries {
+            if meta.deadline <= self.now {
+                self.expired.push((msg, meta));
+            } else {
+                self.messages.push(msg);
+                self.metas.push(meta);
+            }
+        }
+    }
 }
 
 /// A batch being sent.
