@@ -1537,3 +1537,50 @@ async fn enqueue_many_takes_a_long_run_in_chunks_and_keeps_its_order() {
         .collect();
     assert_eq!(got, want);
 }
+
+/// On a one-thread runtime nothing but the sending task runs until it yields, and admission
+/// never waits while the buffer has room: a task sending in a loop must give way now and then,
+/// or the dispatcher sends nothing until the whole buffer (here room for all 20 000) is full.
+/// Checked the moment the sending returns, before anything else awaits: some batches are out
+/// and acknowledged already, by every way in that a loop uses.
+#[tokio::test(flavor = "current_thread")]
+async fn a_task_sending_in_a_loop_lets_the_dispatcher_send_meanwhile() {
+    const N: usize = 20_000;
+    let producer = |t: &MemoryTransport| Producer::builder(t.clone()).build().expect("build");
+
+    let t = MemoryTransport::counting();
+    let p = producer(&t);
+    let receipt = p.send_all((0..N).map(msg)).await;
+    assert!(
+        t.delivered() > 0,
+        "send_all: nothing sent before it returned"
+    );
+    assert_eq!(receipt.wait().await.delivered as usize, N);
+
+    let t = MemoryTransport::counting();
+    let p = producer(&t);
+    let mut futures = Vec::with_capacity(N);
+    for i in 0..N {
+        futures.push(p.enqueue(msg(i)).await.expect("room for all"));
+    }
+    assert!(t.delivered() > 0, "enqueue: nothing sent during the loop");
+    for f in futures {
+        f.await.expect("delivered");
+    }
+
+    let t = MemoryTransport::counting();
+    let p = producer(&t);
+    let sink: Arc<dyn herald_core::FateSink> = Arc::new(|_tag, _fate| {});
+    for run in 0..(N / 1000) {
+        let msgs = (run * 1000..(run + 1) * 1000)
+            .map(|i| (i as u64, msg(i)))
+            .collect();
+        assert!(p.enqueue_tagged(msgs, &sink).await.is_empty());
+    }
+    assert!(
+        t.delivered() > 0,
+        "enqueue_tagged: nothing sent during the loop"
+    );
+    p.flush().await;
+    assert_eq!(t.delivered() as usize, N);
+}

@@ -140,14 +140,6 @@ fn herald_send_all_prometheus(n: usize) -> f64 {
     secs
 }
 
-fn herald_send_all_once(n: usize) {
-    runtime(false).block_on(async move {
-        let (p, _t) = producer(OrderingMode::Strict);
-        let report = p.send_all(messages(n)).await.wait().await;
-        assert_eq!(report.delivered as usize, n);
-    });
-}
-
 /// herald's per-message path: `enqueue` gives a future per message; all awaited at the end.
 fn herald_enqueue(n: usize, multi: bool) -> f64 {
     let rt = runtime(multi);
@@ -218,12 +210,18 @@ fn main() {
         .unwrap_or(2_000_000);
 
     if let Some(only) = arg("--only") {
-        // For profilers: one variant, one round, no report.
-        match only.as_str() {
-            "herald_send_all" => herald_send_all_once(n),
-            "channel" => drop(channel(n, false)),
-            other => panic!("--only takes herald_send_all or channel, not {other}"),
-        }
+        // For profilers: one variant (its rounds, as in the full run), no report.
+        let _secs = match only.as_str() {
+            "channel" => channel(n, false),
+            "herald_send_all" => herald_send_all(n, false, OrderingMode::Strict),
+            "herald_send_all_relaxed" => herald_send_all(n, false, OrderingMode::Relaxed),
+            "herald_enqueue" => herald_enqueue(n, false),
+            "herald_enqueue_tagged" => herald_enqueue_tagged(n),
+            other => panic!(
+                "--only takes channel, herald_send_all, herald_send_all_relaxed, \
+                 herald_enqueue or herald_enqueue_tagged, not {other}"
+            ),
+        };
         return;
     }
     let mut figures = vec![
