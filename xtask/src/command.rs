@@ -176,43 +176,212 @@ fn rounds<T>(
     Ok(out)
 }
 
+/// One throughput round: `herald bench --baseline` of `messages` of `size` bytes to `to`;
+/// herald's and the raw client's rates (msgs/s).
+fn throughput_round(
+    herald: &Path,
+    to: &str,
+    messages: u64,
+    size: u64,
+    pinned: bool,
+) -> Result<(f64, f64)> {
+    let json = bench_json(
+        herald,
+        to,
+        &[
+            "--messages".into(),
+            messages.to_string(),
+            "--size".into(),
+            size.to_string(),
+            "--naive-messages".into(),
+            "100".into(),
+        ],
+        pinned,
+    )?;
+    let rate = |name: &str| {
+        json[name]
+            .as_f64()
+            .with_context(|| format!("no {name} in {json}"))
+    };
+    Ok((rate("herald_msgs_per_sec")?, rate("raw_best_msgs_per_sec")?))
+}
+
+/// Messages per throughput round through the delaying proxy (as the library's round-trip
+/// runs: the raw clients need longer there, RabbitMQ's most).
+fn rtt_messages(broker: Broker) -> u64 {
+    match broker {
+        Broker::Kafka => 200_000,
+        Broker::RabbitMQ | Broker::Mqtt => 50_000,
+    }
+}
+
+/// The testkit's delaying proxy as a process of its own (its `delay_proxy` example): the
+/// command and its raw baseline connect through it. Killed when dropped.
+struct Proxy(std::process::Child);
+
+impl Proxy {
+    fn start(bin: &Path, port: u16, target: &str, rtt_ms: u64) -> Result<Self> {
+        let child = Command::new(bin)
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(target)
+            .arg((rtt_ms / 2).to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting the delaying proxy")?;
+        let proxy = Proxy(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !crate::broker::port_open(&format!("127.0.0.1:{port}")) {
+            if std::time::Instant::now() > deadline {
+                bail!("the delaying proxy does not listen on 127.0.0.1:{port} after 10 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Ok(proxy)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _gone = self.0.kill().and_then(|()| self.0.wait());
+    }
+}
+
+/// Throughput rounds through the delaying proxy at `rtt_ms` of round trip, for every size of
+/// `SIZES`: Kafka on a Tansu of its own advertising the proxy's address (so that every
+/// connection, the partition leader's too, takes the round trip; skipped, and said, without
+/// Tansu), RabbitMQ through the proxy in front of its node.
+fn rtt_rounds(herald: &Path, proxy_bin: &Path, rtt_ms: u64) -> Result<Vec<Row>> {
+    let pid = std::process::id();
+    let mut rows = Vec::new();
+    match kafka::tansu_bin() {
+        Err(_) => eprintln!("command: no Tansu here, so no Kafka rows at {rtt_ms} ms (they need a broker that advertises the proxy's address)"),
+        Ok(bin) => {
+            let (port, proxy_port) = (crate::broker::free_port()?, crate::broker::free_port()?);
+            let mut tansu = kafka::start_tansu_advertising(&bin, port, proxy_port, "memory://tansu/")?;
+            let result = (|| -> Result<()> {
+                kafka::wait_for(&format!("127.0.0.1:{port}"), std::time::Duration::from_secs(60))?;
+                let _proxy = Proxy::start(proxy_bin, proxy_port, &format!("127.0.0.1:{port}"), rtt_ms)?;
+                for &(b, size) in SIZES.iter().filter(|(b, _)| *b == Broker::Kafka) {
+                    let mut got = Vec::new();
+                    for r in 0..ROUNDS {
+                        let to = format!("kafka://127.0.0.1:{proxy_port}/command-rtt{rtt_ms}-{size}-{r}-{pid}");
+                        got.push(throughput_round(herald, &to, rtt_messages(b), size, false)?);
+                    }
+                    rows.push(Row { broker: b, rtt_ms, size, got });
+                }
+                Ok(())
+            })();
+            kafka::stop_child(&mut tansu);
+            result?;
+        }
+    }
+    let broker = amqp::provision()?;
+    let direct = broker.var("HERALD_AMQP_URL")?;
+    let mut url = url::Url::parse(&direct).context("HERALD_AMQP_URL")?;
+    let target = format!(
+        "{}:{}",
+        url.host_str().context("HERALD_AMQP_URL has no host")?,
+        url.port().unwrap_or(5672)
+    );
+    let proxy_port = crate::broker::free_port()?;
+    let _proxy = Proxy::start(proxy_bin, proxy_port, &target, rtt_ms)?;
+    url.set_port(Some(proxy_port))
+        .map_err(|()| anyhow::anyhow!("HERALD_AMQP_URL cannot take a port"))?;
+    let sep = if url.as_str().contains('?') { '&' } else { '?' };
+    for &(b, size) in SIZES.iter().filter(|(b, _)| *b == Broker::RabbitMQ) {
+        let mut got = Vec::new();
+        for r in 0..ROUNDS {
+            let queue = format!("herald-command-rtt{rtt_ms}-{size}-{r}-{pid}");
+            let result = throughput_round(
+                herald,
+                &format!("{url}{sep}queue={queue}"),
+                rtt_messages(b),
+                size,
+                false,
+            );
+            amqp::delete_queue(&direct, &queue)?;
+            got.push(result?);
+        }
+        rows.push(Row {
+            broker: b,
+            rtt_ms,
+            size,
+            got,
+        });
+    }
+    Ok(rows)
+}
+
+/// One line of the command's throughput table: its rounds' (herald, raw) rates.
+struct Row {
+    broker: Broker,
+    /// 0: on localhost, no proxy.
+    rtt_ms: u64,
+    size: u64,
+    got: Vec<(f64, f64)>,
+}
+
 /// `cargo xtask bench command`.
 pub(crate) fn bench_throughput(root: &Path, pinned: bool) -> Result<()> {
     let herald = herald(root)?;
     let runs = rounds(SIZES, "command", pinned, |to, broker, size| {
-        let json = bench_json(
-            &herald,
-            to,
-            &[
-                "--messages".into(),
-                messages(broker, size).to_string(),
-                "--size".into(),
-                size.to_string(),
-                "--naive-messages".into(),
-                "100".into(),
-            ],
-            pinned,
-        )?;
-        let rate = |name: &str| {
-            json[name]
-                .as_f64()
-                .with_context(|| format!("no {name} in {json}"))
-        };
-        Ok((rate("herald_msgs_per_sec")?, rate("raw_best_msgs_per_sec")?))
+        throughput_round(&herald, to, messages(broker, size), size, pinned)
     })?;
+    let mut rows: Vec<Row> = runs
+        .into_iter()
+        .map(|(broker, size, got)| Row {
+            broker,
+            rtt_ms: 0,
+            size,
+            got,
+        })
+        .collect();
+    if !pinned {
+        run(
+            "build the delaying proxy",
+            cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "herald-testkit",
+                "--example",
+                "delay_proxy",
+            ]),
+        )?;
+        let proxy_bin = root.join("target/release/examples/delay_proxy");
+        for &rtt in crate::report::ROUND_TRIPS_MS {
+            rows.extend(rtt_rounds(&herald, &proxy_bin, rtt)?);
+        }
+    }
     let mut body = format!(
         "Run: `cargo xtask bench command{}` on {}: `herald bench --to URL --messages N --size S --baseline` (the release command as a user runs it: herald's default settings, messages handed over as `herald produce` hands over what it reads; then the raw client at its best), {ROUNDS} rounds, each a topic or queue of its own. Both timed from a connected client (one message acknowledged first). Figures: median of the rounds (range in brackets); the ratio is taken within each round. Kafka: Tansu `memory://` on the same machine, 1 000 000 messages of 100 B, 300 000 of 1 KiB; RabbitMQ: the machine's node, 100 000 persistent messages to a durable queue.{}\n\n",
         pin_flag(pinned),
         machine(),
-        pin_sentence(pinned),
+        if pinned {
+            format!("{} No round-trip rows in a pinned run (the proxy would need a core too).", pin_sentence(pinned))
+        } else {
+            format!(" Round-trip rows: herald and the raw client alike through the testkit's delaying proxy (`delay_proxy`, half the round trip each way, throughput not limited), {} messages per round to Kafka (a Tansu `memory://` of its own advertising the proxy's address), {} to RabbitMQ (the proxy in front of the node).", thousands(rtt_messages(Broker::Kafka) as f64), thousands(rtt_messages(Broker::RabbitMQ) as f64))
+        },
     );
-    body.push_str("| broker | message | herald (msgs/s) | raw client at its best (msgs/s) | herald / raw |\n|---|---:|---:|---:|---:|\n");
-    for (broker, size, got) in runs {
+    body.push_str("| broker | round trip | message | herald (msgs/s) | raw client at its best (msgs/s) | herald / raw |\n|---|---:|---:|---:|---:|---:|\n");
+    rows.sort_by_key(|r| (r.broker != Broker::Kafka, r.rtt_ms, r.size));
+    for Row {
+        broker,
+        rtt_ms,
+        size,
+        got,
+    } in rows
+    {
         let (_, herald) = median_range(got.iter().map(|g| g.0).collect(), thousands);
         let (_, raw) = median_range(got.iter().map(|g| g.1).collect(), thousands);
         let (_, ratio) = median_range(got.iter().map(|g| g.0 / g.1).collect(), two);
+        let rtt = if rtt_ms == 0 {
+            "localhost".to_owned()
+        } else {
+            format!("{rtt_ms} ms")
+        };
         body.push_str(&format!(
-            "| {} | {size} B | {herald} | {raw} | {ratio}× |\n",
+            "| {} | {rtt} | {size} B | {herald} | {raw} | {ratio}× |\n",
             broker.name(),
         ));
     }

@@ -74,14 +74,14 @@ pub(crate) fn provision() -> Result<Broker> {
     })
 }
 
-fn stop_child(child: &mut Child) {
+pub(crate) fn stop_child(child: &mut Child) {
     if let Err(e) = child.kill().and_then(|()| child.wait().map(drop)) {
         eprintln!("kafka: could not stop Tansu (pid {}): {e}", child.id());
     }
 }
 
 /// `tansu` at the wanted version, on PATH or in cargo's bin folder.
-fn tansu_bin() -> Result<PathBuf> {
+pub(crate) fn tansu_bin() -> Result<PathBuf> {
     let cargo_bin = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
@@ -120,7 +120,12 @@ fn start_tansu(bin: &Path, port: u16, storage: &str) -> Result<Child> {
 }
 
 /// As `start_tansu`, telling clients to connect to `advertised` (a proxy's port) instead.
-fn start_tansu_advertising(bin: &Path, port: u16, advertised: u16, storage: &str) -> Result<Child> {
+pub(crate) fn start_tansu_advertising(
+    bin: &Path,
+    port: u16,
+    advertised: u16,
+    storage: &str,
+) -> Result<Child> {
     let logs = project_root().join("target/it");
     std::fs::create_dir_all(&logs)?;
     let log = std::fs::File::create(logs.join(format!("tansu-{port}.log")))?;
@@ -139,7 +144,7 @@ fn start_tansu_advertising(bin: &Path, port: u16, advertised: u16, storage: &str
         .with_context(|| format!("could not start {}", bin.display()))
 }
 
-fn wait_for(addr: &str, limit: Duration) -> Result<()> {
+pub(crate) fn wait_for(addr: &str, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     while !port_open(addr) {
         if Instant::now() > deadline {
