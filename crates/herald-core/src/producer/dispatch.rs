@@ -529,82 +529,96 @@ impl Shared {
         let mut retry: Vec<Entry> = Vec::new();
         let mut retry_after = Duration::ZERO;
         let mut timed_out = Tally::default();
-        for ((msg, mut meta), outcome) in messages.into_iter().zip(metas).zip(outcomes) {
-            let answered = matches!(meta.done, Completion::Answered);
-            let error = match outcome {
-                Ok(ack) => {
-                    any_ok = true;
-                    all_transient = false;
-                    self.finish(st, fin, (msg, meta), Ok(ack), now);
-                    continue;
+        if outcomes.iter().all(Result::is_ok) {
+            // The common case, every message delivered: each ends where it lies, and the
+            // batch is dropped whole (no entry moved out of it one by one).
+            let (mut messages, mut metas) = (messages, metas);
+            let entries = messages.iter_mut().zip(&mut metas);
+            for ((msg, meta), outcome) in entries.zip(outcomes) {
+                if let Ok(ack) = outcome {
+                    self.deliver(st, fin, msg, meta, ack, now);
                 }
-                Err(e) => e,
-            };
-            // The gate of early answers keeps the key rule from holding an answered message;
-            // should it ever, the message is sent again for its key's order (and stays
-            // delivered).
-            debug_assert!(
-                !answered,
-                "the key rule held a message answered early: {error}"
-            );
-            all_transient &= error.class() == ErrorClass::Transient;
-            let ctx = RetryContext {
-                attempts: meta.attempts,
-                class: error.class(),
-                time_left: meta.deadline.saturating_duration_since(now),
-                previous_delay: meta.previous_delay,
-            };
-            let decision = if st.abandoned {
-                // A close ran out of time: nothing more is retried.
-                RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted)
-            } else {
-                let (policy, rng) = (&self.config.retry, &mut st.rng);
-                match contain(|| policy.decide(&ctx, rng)) {
-                    Ok(decision) => decision,
-                    Err(message) => {
-                        // The user's policy panicked: this message ends, the producer goes on.
-                        self.metrics.panic_counter("retry_policy").increment(1);
-                        let reason = FailureReason::Panicked {
-                            site: "retry_policy",
-                            message,
-                        };
-                        self.finish(st, fin, (msg, meta), Err(reason), now);
+            }
+        } else {
+            for ((msg, mut meta), outcome) in messages.into_iter().zip(metas).zip(outcomes) {
+                let answered = matches!(meta.done, Completion::Answered);
+                let error = match outcome {
+                    Ok(ack) => {
+                        any_ok = true;
+                        all_transient = false;
+                        self.finish(st, fin, (msg, meta), Ok(ack), now);
                         continue;
                     }
-                }
-            };
-            // herald's own cut-off of a hung attempt says less than the transport's own last
-            // error, if there was one: keep that as the error a delivery timeout reports.
-            let remember = |meta: &mut Meta, error: TransportError| {
-                if error.code() != Some(ATTEMPT_TIMEOUT) || meta.last_error.is_none() {
-                    meta.last_error = Some(Box::new(error));
-                }
-            };
-            let reason = match decision {
-                RetryDecision::GiveUp(_) if answered => {
-                    // Delivered all the same (acknowledged early).
-                    self.finish(st, fin, (msg, meta), Ok(Ack::default()), now);
-                    continue;
-                }
-                RetryDecision::GiveUp(_) if st.abandoned => FailureReason::Closed,
-                RetryDecision::Retry { after } => {
-                    meta.previous_delay = Some(after);
-                    remember(&mut meta, error);
-                    retry_after = retry_after.max(after);
-                    retry.push((msg, meta));
-                    continue;
-                }
-                RetryDecision::GiveUp(GiveUpReason::Permanent) => FailureReason::Rejected(error),
-                RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted) => {
-                    FailureReason::RetriesExhausted(error)
-                }
-                RetryDecision::GiveUp(GiveUpReason::DeadlineTooClose) => {
-                    remember(&mut meta, error);
-                    timed_out.note(&flight.destination, meta.last_error.as_deref());
-                    self.deadline_reason(&mut meta)
-                }
-            };
-            self.finish(st, fin, (msg, meta), Err(reason), now);
+                    Err(e) => e,
+                };
+                // The gate of early answers keeps the key rule from holding an answered message;
+                // should it ever, the message is sent again for its key's order (and stays
+                // delivered).
+                debug_assert!(
+                    !answered,
+                    "the key rule held a message answered early: {error}"
+                );
+                all_transient &= error.class() == ErrorClass::Transient;
+                let ctx = RetryContext {
+                    attempts: meta.attempts,
+                    class: error.class(),
+                    time_left: meta.deadline.saturating_duration_since(now),
+                    previous_delay: meta.previous_delay,
+                };
+                let decision = if st.abandoned {
+                    // A close ran out of time: nothing more is retried.
+                    RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted)
+                } else {
+                    let (policy, rng) = (&self.config.retry, &mut st.rng);
+                    match contain(|| policy.decide(&ctx, rng)) {
+                        Ok(decision) => decision,
+                        Err(message) => {
+                            // The user's policy panicked: this message ends, the producer goes on.
+                            self.metrics.panic_counter("retry_policy").increment(1);
+                            let reason = FailureReason::Panicked {
+                                site: "retry_policy",
+                                message,
+                            };
+                            self.finish(st, fin, (msg, meta), Err(reason), now);
+                            continue;
+                        }
+                    }
+                };
+                // herald's own cut-off of a hung attempt says less than the transport's own last
+                // error, if there was one: keep that as the error a delivery timeout reports.
+                let remember = |meta: &mut Meta, error: TransportError| {
+                    if error.code() != Some(ATTEMPT_TIMEOUT) || meta.last_error.is_none() {
+                        meta.last_error = Some(Box::new(error));
+                    }
+                };
+                let reason = match decision {
+                    RetryDecision::GiveUp(_) if answered => {
+                        // Delivered all the same (acknowledged early).
+                        self.finish(st, fin, (msg, meta), Ok(Ack::default()), now);
+                        continue;
+                    }
+                    RetryDecision::GiveUp(_) if st.abandoned => FailureReason::Closed,
+                    RetryDecision::Retry { after } => {
+                        meta.previous_delay = Some(after);
+                        remember(&mut meta, error);
+                        retry_after = retry_after.max(after);
+                        retry.push((msg, meta));
+                        continue;
+                    }
+                    RetryDecision::GiveUp(GiveUpReason::Permanent) => {
+                        FailureReason::Rejected(error)
+                    }
+                    RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted) => {
+                        FailureReason::RetriesExhausted(error)
+                    }
+                    RetryDecision::GiveUp(GiveUpReason::DeadlineTooClose) => {
+                        remember(&mut meta, error);
+                        timed_out.note(&flight.destination, meta.last_error.as_deref());
+                        self.deadline_reason(&mut meta)
+                    }
+                };
+                self.finish(st, fin, (msg, meta), Err(reason), now);
+            }
         }
         if any_ok || !all_transient {
             st.breaker.on_success(now);

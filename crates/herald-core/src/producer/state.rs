@@ -536,80 +536,85 @@ impl Shared {
         outcome: Result<crate::Ack, FailureReason>,
         now: Instant,
     ) {
-        let (msg, meta) = entry;
+        let (mut msg, mut meta) = entry;
+        let reason = match outcome {
+            Ok(ack) => return self.deliver(st, fin, &mut msg, &mut meta, ack, now),
+            // Its caller heard it delivered when the broker acknowledged it (early); what came
+            // after (its batch cut off at the deadline, say) does not change that, and it is
+            // not sent again.
+            Err(_) if matches!(meta.done, Completion::Answered) => {
+                return self.deliver(st, fin, &mut msg, &mut meta, crate::Ack::default(), now)
+            }
+            Err(reason) => reason,
+        };
         st.buffered_messages -= 1;
         st.buffered_bytes -= meta.size;
         fin.settled += 1;
-        if matches!(meta.done, Completion::Answered) {
-            // Its caller heard it delivered when the broker acknowledged it (early); what came
-            // after (its batch cut off at the deadline, say) does not change that, and it is
-            // not sent again. Counted now, as every message is when it leaves the pipeline.
-            let ack = outcome.as_ref().ok().copied().unwrap_or_default();
-            let mut msg = msg;
-            crate::trace::delivered(&mut msg, &ack, meta.attempts);
-            st.totals.delivered += 1;
-            fin.delivered += 1;
-            fin.stored.extend(meta.stored);
+        st.totals.failed += 1;
+        self.metrics.failed(&reason, 1);
+        // A failed message leaves the store once its `SendError` is dropped (handed over:
+        // written elsewhere, say); one closed unsent stays stored for the next producer on the
+        // store.
+        let closed = matches!(reason, FailureReason::Closed);
+        let kept = self.store.is_some() && meta.stored.is_some() && closed;
+        let mut e = SendError::new(msg, reason, meta.attempts);
+        if let (Some(store), Some(token), false) = (&self.store, meta.stored, closed) {
+            e = e.settling(store.clone(), token);
+        }
+        if kept {
+            e = e.kept();
+        }
+        fin.items.push((meta.done, Err(e)));
+    }
+
+    /// Ends a delivered entry where it lies: counts it, records its latency, queues its
+    /// completion (taken out of `meta`, which is left answered). Its message and bookkeeping
+    /// stay where they are, to be dropped with their batch: the common end of every message,
+    /// done without moving the entry. One answered early is only counted (its caller was told).
+    pub(crate) fn deliver(
+        &self,
+        st: &mut State,
+        fin: &mut Finished,
+        msg: &mut Message,
+        meta: &mut Meta,
+        ack: crate::Ack,
+        now: Instant,
+    ) {
+        st.buffered_messages -= 1;
+        st.buffered_bytes -= meta.size;
+        fin.settled += 1;
+        crate::trace::delivered(msg, &ack, meta.attempts);
+        st.totals.delivered += 1;
+        fin.delivered += 1;
+        // A delivered message leaves the store once its caller is told.
+        fin.stored.extend(meta.stored.take());
+        let done = std::mem::replace(&mut meta.done, Completion::Answered);
+        if matches!(done, Completion::Answered) {
             return;
         }
-        // A delivered message leaves the store once its caller is told; a failed one once its
-        // `SendError` is dropped (handed over: written elsewhere, say); one closed unsent
-        // stays stored for the next producer on the store.
-        let settle_with_error = match (&self.store, meta.stored, &outcome) {
-            (_, Some(token), Ok(_)) => {
-                fin.stored.push(token);
-                None
+        let latency = match fin.latency {
+            Some((deadline, latency)) if deadline == meta.deadline => latency,
+            _ => {
+                let accepted_at = meta.deadline - self.config.delivery_timeout;
+                let latency = now.saturating_duration_since(accepted_at);
+                fin.latency = Some((meta.deadline, latency));
+                latency
             }
-            (_, _, Err(FailureReason::Closed)) | (None, _, _) | (_, None, _) => None,
-            (Some(store), Some(token), Err(_)) => Some((store.clone(), token)),
         };
-        match outcome {
-            Ok(ack) => {
-                let mut msg = msg;
-                crate::trace::delivered(&mut msg, &ack, meta.attempts);
-                drop(msg);
-                st.totals.delivered += 1;
-                fin.delivered += 1;
-                let latency = match fin.latency {
-                    Some((deadline, latency)) if deadline == meta.deadline => latency,
-                    _ => {
-                        let accepted_at = meta.deadline - self.config.delivery_timeout;
-                        let latency = now.saturating_duration_since(accepted_at);
-                        fin.latency = Some((meta.deadline, latency));
-                        latency
-                    }
-                };
-                self.metrics.latency.record(latency.as_secs_f64());
-                match meta.done {
-                    Completion::Group(g) => match fin.group_delivered.last_mut() {
-                        Some((last, n)) if Arc::ptr_eq(last, &g) => *n += 1,
-                        _ => fin.group_delivered.push((g, 1)),
-                    },
-                    done => fin.items.push((
-                        done,
-                        Ok(Delivery {
-                            ack,
-                            attempts: meta.attempts,
-                            latency,
-                        }),
-                    )),
-                }
-            }
-            Err(reason) => {
-                st.totals.failed += 1;
-                self.metrics.failed(&reason, 1);
-                let kept = self.store.is_some()
-                    && meta.stored.is_some()
-                    && matches!(reason, FailureReason::Closed);
-                let mut e = SendError::new(msg, reason, meta.attempts);
-                if let Some((store, token)) = settle_with_error {
-                    e = e.settling(store, token);
-                }
-                if kept {
-                    e = e.kept();
-                }
-                fin.items.push((meta.done, Err(e)));
-            }
+        self.metrics.latency.record(latency.as_secs_f64());
+        match done {
+            Completion::Group(g) => match fin.group_delivered.last_mut() {
+                Some((last, n)) if Arc::ptr_eq(last, &g) => *n += 1,
+                _ => fin.group_delivered.push((g, 1)),
+            },
+            done => fin.items.push((
+                done,
+                Ok(Delivery {
+                    ack,
+                    attempts: meta.attempts,
+                    latency,
+                }),
+            )),
         }
     }
 
