@@ -404,8 +404,8 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
     }
 
     /// As [`Accumulator::pop_ready`], handing the batch's items, in queue order, to a
-    /// collection made by `make` (given how many items the batch holds at most, up to 1 024)
-    /// rather than to a `Vec`. For a caller that splits or sorts the items as they come out:
+    /// collection made by `make` (given how many items the batch holds) rather than to a
+    /// `Vec`. For a caller that splits or sorts the items as they come out:
     /// each item is moved once instead of twice.
     pub fn pop_ready_into<C: Extend<T>>(
         &mut self,
@@ -434,21 +434,22 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
         let policy = &*self.policy;
         let q = &mut self.queues[i];
         let mut stats = BatchStats::default();
-        let mut items = make(q.items.len().min(1024));
-        while let Some((_, bytes)) = q.items.front() {
+        // The policy first, over the queue as it stands; then the batch's items handed over
+        // in one go (each moved once, into a collection made to their number).
+        let mut take = 0;
+        for (_, bytes) in &q.items {
             if !policy.admits(stats, *bytes) {
                 break;
             }
-            let Some((item, bytes)) = q.items.pop_front() else {
-                break;
-            };
             stats.messages += 1;
             stats.bytes += bytes;
-            items.extend(Some(item));
+            take += 1;
             if policy.is_full(stats) {
                 break;
             }
         }
+        let mut items = make(take);
+        items.extend(q.items.drain(..take).map(|(item, _)| item));
         q.bytes -= stats.bytes;
         q.in_flight += 1;
         q.blocked_until = None;
@@ -596,7 +597,7 @@ mod tests {
         let cut = acc.pop_ready_into(t0, false, make).expect("a full batch");
         assert_eq!(cut.destination, "a");
         assert_eq!((cut.messages, cut.bytes), (4, 40));
-        assert_eq!(cut.items.capacity, 6, "told the queue's length");
+        assert_eq!(cut.items.capacity, 4, "made to the batch's number of items");
         assert_eq!((cut.items.even, cut.items.odd), (vec![0, 2], vec![1, 3]));
         assert_eq!((acc.len(), acc.bytes()), (2, 20));
         // What is left is cut the same way as by `pop_ready`.
