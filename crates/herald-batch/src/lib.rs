@@ -311,6 +311,7 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
     }
 
     /// As [`Accumulator::push_back`], into a queue found with [`Accumulator::slot`].
+    #[inline]
     pub fn push_back_at(&mut self, slot: Slot, item: T, bytes: usize, now: Instant) -> bool {
         let q = &mut self.queues[slot.0];
         let was_empty = q.items.is_empty();

@@ -458,6 +458,7 @@ impl Shared {
     /// whether the dispatcher needs waking. Only [`Shared::admit`] calls it: it keeps the
     /// protocol around it.
     #[allow(clippy::result_large_err)] // see `Refused`
+    #[inline(always)]
     fn push(
         &self,
         st: &mut State,
