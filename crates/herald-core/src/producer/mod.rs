@@ -209,7 +209,8 @@ impl Producer {
     /// Puts one message into the buffer, waiting for space if needed, and returns a future of its
     /// fate. Messages enqueued one after another from a task keep that order (per key).
     ///
-    /// Cancelling this call while it waits for space drops the message, which was never accepted.
+    /// Cancelling this call while it waits (for space, or for its turn when the task has used
+    /// up Tokio's cooperative budget) drops the message, which was never accepted.
     pub async fn enqueue(&self, msg: Message) -> Result<DeliveryFuture, SendError> {
         let msg = self.traced(msg);
         if let Some(stage) = &self.shared().stage {
@@ -267,9 +268,10 @@ impl Producer {
     /// wake-up of the dispatcher), the rest waiting for room in order. Returns once every
     /// message is accepted or refused.
     ///
-    /// Cancelling this call while it waits for space drops the messages not accepted yet, as
-    /// with `enqueue`; the fates of those already accepted go to the unclaimed hook or
-    /// [`Producer::close`]'s report, as with dropped futures.
+    /// Cancelling this call while it waits (for space, or giving way between runs of 1 024)
+    /// drops the messages not accepted yet, as with `enqueue`; the fates of those already
+    /// accepted go to the unclaimed hook or [`Producer::close`]'s report, as with dropped
+    /// futures.
     pub async fn enqueue_many(&self, msgs: Vec<Message>) -> Vec<Result<DeliveryFuture, SendError>> {
         let Some(stage) = &self.shared().stage else {
             return self.enqueue_many_unstored(msgs).await;
@@ -424,9 +426,9 @@ impl Producer {
     /// waiting in the store costs next to nothing, so memory stays flat however many wait.
     /// Messages given in one call are stored with one write, as with `enqueue_many`.
     ///
-    /// Cancelling this call while it waits for room drops the messages not accepted yet (they
-    /// were never accepted, and `sink` hears nothing of them), as with `enqueue_many`; those
-    /// already accepted reach `sink` as usual.
+    /// Cancelling this call while it waits (for room, or giving way between runs of 1 024)
+    /// drops the messages not accepted yet (they were never accepted, and `sink` hears
+    /// nothing of them), as with `enqueue_many`; those already accepted reach `sink` as usual.
     pub async fn enqueue_tagged(
         &self,
         msgs: Vec<(u64, Message)>,
