@@ -40,6 +40,19 @@ pub(crate) fn port_open(addr: &str) -> bool {
         .is_some_and(|a| TcpStream::connect_timeout(&a, std::time::Duration::from_secs(1)).is_ok())
 }
 
+/// Waits until something accepts TCP connections on `addr`; after `limit`, an error that ends
+/// with `hint` (where to look).
+pub(crate) fn wait_listening(addr: &str, limit: std::time::Duration, hint: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    while !port_open(addr) {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("nothing listens on {addr} after {limit:?}{hint}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Whether a Docker engine answers (the client alone is not enough).
 pub(crate) fn docker_engine() -> bool {
     Command::new("docker")

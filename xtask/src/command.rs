@@ -229,13 +229,11 @@ impl Proxy {
             .spawn()
             .context("starting the delaying proxy")?;
         let proxy = Proxy(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !crate::broker::port_open(&format!("127.0.0.1:{port}")) {
-            if std::time::Instant::now() > deadline {
-                bail!("the delaying proxy does not listen on 127.0.0.1:{port} after 10 s");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        crate::broker::wait_listening(
+            &format!("127.0.0.1:{port}"),
+            std::time::Duration::from_secs(10),
+            " (the delaying proxy)",
+        )?;
         Ok(proxy)
     }
 }
@@ -261,14 +259,10 @@ fn rtt_rounds(herald: &Path, proxy_bin: &Path, rtt_ms: u64) -> Result<Vec<Row>> 
             let result = (|| -> Result<()> {
                 kafka::wait_for(&format!("127.0.0.1:{port}"), std::time::Duration::from_secs(60))?;
                 let _proxy = Proxy::start(proxy_bin, proxy_port, &format!("127.0.0.1:{port}"), rtt_ms)?;
-                for &(b, size) in SIZES.iter().filter(|(b, _)| *b == Broker::Kafka) {
-                    let mut got = Vec::new();
-                    for r in 0..ROUNDS {
-                        let to = format!("kafka://127.0.0.1:{proxy_port}/command-rtt{rtt_ms}-{size}-{r}-{pid}");
-                        got.push(throughput_round(herald, &to, rtt_messages(b), size, false)?);
-                    }
-                    rows.push(Row { broker: b, rtt_ms, size, got });
-                }
+                rows.extend(sized_rows(Broker::Kafka, rtt_ms, |size, r| {
+                    let to = format!("kafka://127.0.0.1:{proxy_port}/command-rtt{rtt_ms}-{size}-{r}-{pid}");
+                    throughput_round(herald, &to, rtt_messages(Broker::Kafka), size, false)
+                })?);
                 Ok(())
             })();
             kafka::stop_child(&mut tansu);
@@ -288,22 +282,29 @@ fn rtt_rounds(herald: &Path, proxy_bin: &Path, rtt_ms: u64) -> Result<Vec<Row>> 
     url.set_port(Some(proxy_port))
         .map_err(|()| anyhow::anyhow!("HERALD_AMQP_URL cannot take a port"))?;
     let sep = if url.as_str().contains('?') { '&' } else { '?' };
-    for &(b, size) in SIZES.iter().filter(|(b, _)| *b == Broker::RabbitMQ) {
-        let mut got = Vec::new();
-        for r in 0..ROUNDS {
-            let queue = format!("herald-command-rtt{rtt_ms}-{size}-{r}-{pid}");
-            let result = throughput_round(
-                herald,
-                &format!("{url}{sep}queue={queue}"),
-                rtt_messages(b),
-                size,
-                false,
-            );
-            amqp::delete_queue(&direct, &queue)?;
-            got.push(result?);
-        }
+    rows.extend(sized_rows(Broker::RabbitMQ, rtt_ms, |size, r| {
+        let queue = format!("herald-command-rtt{rtt_ms}-{size}-{r}-{pid}");
+        let to = format!("{url}{sep}queue={queue}");
+        let result = throughput_round(herald, &to, rtt_messages(Broker::RabbitMQ), size, false);
+        amqp::delete_queue(&direct, &queue)?;
+        result
+    })?);
+    Ok(rows)
+}
+
+/// For each size of `SIZES` for `broker`, `ROUNDS` rounds of `round(size, round)`: one row each.
+fn sized_rows(
+    broker: Broker,
+    rtt_ms: u64,
+    mut round: impl FnMut(u64, usize) -> Result<(f64, f64)>,
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for &(_, size) in SIZES.iter().filter(|(b, _)| *b == broker) {
+        let got = (0..ROUNDS)
+            .map(|r| round(size, r))
+            .collect::<Result<Vec<_>>>()?;
         rows.push(Row {
-            broker: b,
+            broker,
             rtt_ms,
             size,
             got,

@@ -7,11 +7,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::broker::{docker_engine, free_port, port_open, Broker};
+use crate::broker::{docker_engine, free_port, Broker};
 use crate::process::{cargo, project_root, run};
 use crate::report::{machine, replace_section, thousands, ROUND_TRIPS_MS};
 
@@ -144,15 +144,9 @@ pub(crate) fn start_tansu_advertising(
         .with_context(|| format!("could not start {}", bin.display()))
 }
 
+/// Waits until the Tansu started on `addr` listens.
 pub(crate) fn wait_for(addr: &str, limit: Duration) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    while !port_open(addr) {
-        if Instant::now() > deadline {
-            bail!("nothing listens on {addr} after {limit:?}: see target/it/tansu-*.log");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
+    crate::broker::wait_listening(addr, limit, ": see target/it/tansu-*.log")
 }
 
 /// `cargo xtask bench kafka`: herald, raw rdkafka at its best and the naive pattern on one
