@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_core::{
@@ -30,80 +30,115 @@ use crate::destination;
 use crate::error::transport_error;
 
 /// One batch's outcomes, filled by delivery callbacks.
+///
+/// A report takes one lock (`outcomes`): the slot, the count of what is missing and the count of
+/// reports are one piece of state, so the polling thread pays one uncontended lock per message
+/// rather than an atomic for each (this runs once per message, on the thread that also frees
+/// librdkafka's messages).
 pub(crate) struct BatchState {
-    outcomes: Vec<OnceLock<Result<Ack, TransportError>>>,
-    remaining: AtomicUsize,
-    /// Delivery reports received (each for a message handed to librdkafka).
-    reports: AtomicUsize,
+    outcomes: std::sync::Mutex<Outcomes>,
     done: Notify,
     /// A delivery failed in a way that calls for a new producer (see `needs_new_producer`).
     pub(crate) producer_broken: AtomicBool,
     /// Where a delivery is told at once, before the batch has every report.
     early: Option<EarlyAcks>,
+    /// Registered in [`InFlight`]: a report may reach it through the polling thread's cache
+    /// only while it is (see [`InFlight::with`]).
+    open: AtomicBool,
+}
+
+struct Outcomes {
+    slots: Vec<Option<Result<Ack, TransportError>>>,
+    /// Slots still empty.
+    remaining: usize,
+    /// Delivery reports received (each for a message handed to librdkafka).
+    reports: usize,
 }
 
 impl BatchState {
     fn new(n: usize, early: Option<EarlyAcks>) -> Self {
+        let mut slots = Vec::with_capacity(n);
+        slots.resize_with(n, || None);
         Self {
             early,
-            outcomes: (0..n).map(|_| OnceLock::new()).collect(),
-            remaining: AtomicUsize::new(n),
-            reports: AtomicUsize::new(0),
+            outcomes: std::sync::Mutex::new(Outcomes {
+                slots,
+                remaining: n,
+                reports: 0,
+            }),
             done: Notify::new(),
             producer_broken: AtomicBool::new(false),
+            open: AtomicBool::new(true),
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outcomes> {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The outcome of the message at `index`, set by herald itself (it was never handed to
+    /// librdkafka).
     pub(crate) fn set(&self, index: usize, outcome: Result<Ack, TransportError>) {
-        // Out of range only for a report that outlived its batch and found its id reused (ids
-        // wrap after 2^32 batches, 2^16 on 32-bit targets): dropped, never a panic in a
-        // librdkafka callback.
-        let Some(slot) = self.outcomes.get(index) else {
-            return;
-        };
-        if slot.set(outcome).is_ok() && self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.done.notify_one();
-        }
+        self.fill(index, outcome, false);
     }
 
     /// librdkafka's delivery report for the message at `index`.
     pub(crate) fn report(&self, index: usize, outcome: Result<Ack, TransportError>) {
-        self.reports.fetch_add(1, Ordering::AcqRel);
         if let (Some(early), Ok(ack)) = (&self.early, &outcome) {
             early.ack(index, *ack);
         }
-        self.set(index, outcome);
+        self.fill(index, outcome, true);
+    }
+
+    fn fill(&self, index: usize, outcome: Result<Ack, TransportError>, report: bool) {
+        let last = {
+            let mut o = self.lock();
+            o.reports += usize::from(report);
+            // Out of range, or set before, only for a report that outlived its batch and found
+            // its id reused (ids wrap after 2^32 batches, 2^16 on 32-bit targets): dropped,
+            // never a panic in a librdkafka callback.
+            match o.slots.get_mut(index) {
+                Some(slot @ None) => *slot = Some(outcome),
+                _ => return,
+            }
+            o.remaining -= 1;
+            o.remaining == 0
+        };
+        if last {
+            self.done.notify_one();
+        }
+    }
+
+    /// Delivery reports received so far.
+    fn reports(&self) -> usize {
+        self.lock().reports
     }
 
     async fn wait(&self) {
         loop {
             let done = self.done.notified();
-            if self.remaining.load(Ordering::Acquire) == 0 {
+            if self.lock().remaining == 0 {
                 return;
             }
             done.await;
         }
     }
 
-    /// The outcomes, once no callback can reach them any more (the batch is unregistered).
-    fn into_outcomes(self: Arc<Self>) -> BatchOutcome {
-        let missing = || {
-            Err(TransportError::transient(
-                "no delivery report for this message",
-            ))
-        };
-        match Arc::try_unwrap(self) {
-            Ok(state) => state
-                .outcomes
-                .into_iter()
-                .map(|o| o.into_inner().unwrap_or_else(missing))
-                .collect(),
-            Err(shared) => shared
-                .outcomes
-                .iter()
-                .map(|o| o.get().cloned().unwrap_or_else(missing))
-                .collect(),
-        }
+    /// The outcomes, once no report is waited for any more (a report that comes later finds no
+    /// slot and is dropped).
+    fn take_outcomes(&self) -> BatchOutcome {
+        std::mem::take(&mut self.lock().slots)
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    Err(TransportError::transient(
+                        "no delivery report for this message",
+                    ))
+                })
+            })
+            .collect()
     }
 }
 
@@ -151,12 +186,50 @@ impl InFlight {
     }
 
     /// Runs `f` with the batch and position an opaque names, if the batch is still registered.
+    ///
+    /// Reports come in runs of one batch, so the batch the last report on this thread found is
+    /// kept (`LAST`) and used again without taking the lock while it is still registered: its
+    /// `open` flag is cleared before its registration is removed, and an id is only given again
+    /// once its batch is removed, so a kept batch that is still open is the one its id names.
+    /// A report that races with the removal may still reach the batch; its send has every
+    /// report it waits for by then (or was dropped), so nothing reads what it sets.
     pub(crate) fn with(&self, opaque: usize, f: impl FnOnce(&BatchState, usize)) {
         let (id, offset) = (opaque >> INDEX_BITS, opaque & (PART - 1));
-        if let Some((batch, base)) = self.lock().get(&id) {
-            f(batch, base + offset);
-        }
+        let owner = std::ptr::from_ref(self) as usize;
+        LAST.with_borrow_mut(|last| {
+            if let Some(kept) = last {
+                if kept.owner == owner && kept.id == id && kept.batch.open.load(Ordering::Acquire) {
+                    f(&kept.batch, kept.base + offset);
+                    return;
+                }
+            }
+            *last = None;
+            let found = self.lock().get(&id).cloned();
+            if let Some((batch, base)) = found {
+                f(&batch, base + offset);
+                *last = Some(Kept {
+                    owner,
+                    id,
+                    batch,
+                    base,
+                });
+            }
+        });
     }
+}
+
+/// The batch the last delivery report on a thread found (see [`InFlight::with`]).
+struct Kept {
+    /// The `InFlight` it is registered in (its address; any batch kept from an `InFlight`
+    /// since dropped is closed).
+    owner: usize,
+    id: usize,
+    batch: Arc<BatchState>,
+    base: usize,
+}
+
+thread_local! {
+    static LAST: std::cell::RefCell<Option<Kept>> = const { std::cell::RefCell::new(None) };
 }
 
 /// A batch's registration in `InFlight`, removed on drop (also when the send is cancelled).
@@ -176,7 +249,9 @@ impl Drop for Registered<'_> {
     fn drop(&mut self) {
         let mut parts = self.in_flight.lock();
         for id in &self.ids {
-            parts.remove(id);
+            if let Some((batch, _)) = parts.remove(id) {
+                batch.open.store(false, Ordering::Release);
+            }
         }
     }
 }
@@ -286,7 +361,7 @@ struct Abandon<'a> {
 impl Drop for Abandon<'_> {
     fn drop(&mut self) {
         // Some message handed over has no report yet: librdkafka still holds it.
-        if self.state.reports.load(Ordering::Acquire) < self.handed {
+        if self.state.reports() < self.handed {
             self.producer.purge(PurgeConfig::default().queue());
         }
     }
@@ -406,7 +481,7 @@ async fn send_in_turn(
             () = &mut at_deadline => past_deadline = true,
         }
     }
-    if past_deadline && state.reports.load(Ordering::Acquire) < abandon.handed {
+    if past_deadline && state.reports() < abandon.handed {
         // What librdkafka has not sent yet is dropped and reported `PurgeQueue` (not stored);
         // what is with a broker gets its answer, which herald waits for (settle time).
         tracing::debug!(
@@ -424,7 +499,7 @@ async fn send_in_turn(
         // The failed messages are transient: herald retries them on the new producer.
         connection.rebuild(generation);
     }
-    state.into_outcomes()
+    state.take_outcomes()
 }
 
 #[cfg(test)]
@@ -471,23 +546,37 @@ mod tests {
         let rb = in_flight.register(&b, 2);
         assert_ne!(ra.ids, rb.ids);
         let ok = || Ok(Ack::default());
+        let filled =
+            |s: &BatchState| -> Vec<bool> { s.lock().slots.iter().map(Option::is_some).collect() };
+        // Runs of one batch and changes between batches: found through the thread's kept
+        // batch and through the registry alike.
         for (registered, index) in [(&ra, 2), (&rb, 1), (&ra, 0)] {
             in_flight.with(registered.opaque(index), |batch, i| {
                 assert_eq!(i, index);
-                batch.set(i, ok());
+                batch.report(i, ok());
             });
         }
-        assert!(a.outcomes[0].get().is_some() && a.outcomes[2].get().is_some());
-        assert!(a.outcomes[1].get().is_none());
-        assert!(b.outcomes[1].get().is_some() && b.outcomes[0].get().is_none());
-        // Once unregistered, a late report reaches nothing.
+        assert_eq!(filled(&a), [true, false, true]);
+        assert_eq!(filled(&b), [false, true]);
+        assert_eq!(a.reports(), 2);
+        // Once unregistered, a late report reaches nothing, though `a` was the last found.
         let late = ra.opaque(1);
+        let reused = ra.ids[0];
         drop(ra);
         in_flight.with(late, |_, _| {
             panic!("a report reached an unregistered batch")
         });
-        assert!(a.outcomes[1].get().is_none());
+        assert_eq!(filled(&a), [true, false, true]);
         assert_eq!(in_flight.lock().len(), 1);
+        // Its id given again: a report naming it reaches the new batch, never the old one.
+        let c = Arc::new(BatchState::new(2, None));
+        in_flight.next_id.store(reused, Ordering::Relaxed);
+        let rc = in_flight.register(&c, 2);
+        assert_eq!(rc.ids, [reused]);
+        in_flight.with(late, |batch, i| batch.report(i, ok()));
+        assert_eq!(filled(&c), [false, true]);
+        assert_eq!(filled(&a), [true, false, true]);
+        drop(rc);
         drop(rb);
         assert!(in_flight.lock().is_empty());
     }
