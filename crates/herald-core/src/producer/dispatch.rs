@@ -878,6 +878,11 @@ struct Answering {
     gate: Option<(Arc<AnswerGate>, u64)>,
     /// Strict ordering: acknowledgements not answered yet, by index (allocated on the first).
     acked: Vec<Option<Ack>>,
+    /// Strict ordering: each message's [`key_print`], made with `acked`.
+    prints: Vec<u64>,
+    /// Scratch of [`Answering::scan`] (kept for its allocation): the keys waiting for an
+    /// earlier answer, each as (print, index of a message with that key).
+    keys_waiting: Vec<(u64, usize)>,
     /// How many `acked` holds.
     waiting: usize,
     /// Every message before this index is answered.
@@ -893,6 +898,8 @@ impl Answering {
             taken: Vec::new(),
             gate,
             acked: Vec::new(),
+            prints: Vec::new(),
+            keys_waiting: Vec::new(),
             waiting: 0,
             first_open: 0,
             told: false,
@@ -926,6 +933,7 @@ impl Answering {
             }
             if self.acked.is_empty() {
                 self.acked = vec![None; metas.len()];
+                self.prints = messages.iter().map(|m| key_print(m.key())).collect();
             }
             if self.acked[index].replace(ack).is_none() {
                 self.waiting += 1;
@@ -940,31 +948,39 @@ impl Answering {
     /// left unanswered; tells the gate when the whole batch is answered.
     fn scan(&mut self, shared: &Shared, messages: &[Message], metas: &mut [Meta]) {
         let now = clock_now();
-        let mut keys_waiting: Vec<Option<&bytes::Bytes>> = Vec::new();
+        self.keys_waiting.clear();
         for j in self.first_open..messages.len() {
             if matches!(metas[j].done, Completion::Answered) {
-                if keys_waiting.is_empty() && self.first_open == j {
+                if self.keys_waiting.is_empty() && self.first_open == j {
                     self.first_open = j + 1;
                 }
                 continue;
             }
-            let key = messages[j].key();
-            let free = !keys_waiting.contains(&key);
+            if self.waiting == 0 {
+                // Nothing acknowledged is left to answer: what follows is unacknowledged.
+                break;
+            }
+            let (key, print) = (messages[j].key(), self.prints[j]);
+            // Prints first: the bytes of two keys are compared only when theirs are equal.
+            let free = !self
+                .keys_waiting
+                .iter()
+                .any(|&(p, i)| p == print && messages[i].key() == key);
             match self.acked[j].take() {
                 Some(ack) if free => {
                     shared.answer_early(&mut metas[j], ack, now);
                     self.waiting -= 1;
-                    if keys_waiting.is_empty() && self.first_open == j {
+                    if self.keys_waiting.is_empty() && self.first_open == j {
                         self.first_open = j + 1;
                     }
                 }
                 back => {
                     self.acked[j] = back;
                     if free {
-                        if keys_waiting.len() == KEYS_WAITING_SCANNED {
+                        if self.keys_waiting.len() == KEYS_WAITING_SCANNED {
                             break;
                         }
-                        keys_waiting.push(key);
+                        self.keys_waiting.push((print, j));
                     }
                 }
             }
@@ -976,6 +992,18 @@ impl Answering {
             }
         }
     }
+}
+
+/// A fingerprint of a message key: equal keys have equal prints, so two keys with different
+/// prints are different without a comparison of their bytes (the strict-order scan of early
+/// answers compares each message's key with up to [`KEYS_WAITING_SCANNED`] others).
+fn key_print(key: Option<&bytes::Bytes>) -> u64 {
+    use std::hash::BuildHasher as _;
+    // No key is a key of its own (one key for every keyless message), apart from every print
+    // of bytes (those are odd).
+    key.map_or(0, |k| {
+        foldhash::fast::FixedState::default().hash_one(&k[..]) | 1
+    })
 }
 
 /// Lives as long as the dispatcher runs: dropped before the producer stopped normally (the task

@@ -503,6 +503,7 @@ impl Producer {
     }
 
     /// The message with its producer span started (feature `otel`; see `crate::trace`).
+    #[inline(always)] // once per message: a call would copy the message in and out
     fn traced(&self, msg: Message) -> Message {
         crate::trace::accepting(msg, self.shared().transport.name())
     }
@@ -656,6 +657,7 @@ impl Producer {
 
     /// Refuses a message larger than the producer takes, before it is stored.
     #[allow(clippy::result_large_err)] // handed straight back to the caller
+    #[inline(always)] // as `traced`
     fn check_size(&self, msg: Message) -> Result<Message, SendError> {
         let (size, max) = (msg.size(), self.shared().config.max_message_bytes);
         if size > max {
