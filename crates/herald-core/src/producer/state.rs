@@ -166,6 +166,9 @@ pub(crate) struct State {
 pub(crate) struct IdClock {
     unix_millis_at_start: u64,
     start: Instant,
+    /// The last `now` asked about, with its Unix milliseconds: the messages of one admission
+    /// share one `now`, so the conversion runs once per admission, not per message.
+    last: (Instant, u64),
 }
 
 impl IdClock {
@@ -173,19 +176,21 @@ impl IdClock {
         let unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
+        let unix_millis_at_start = u64::try_from(unix.as_millis()).unwrap_or(u64::MAX);
         Self {
-            unix_millis_at_start: u64::try_from(unix.as_millis()).unwrap_or(u64::MAX),
+            unix_millis_at_start,
             start: now,
+            last: (now, unix_millis_at_start),
         }
     }
 
-    pub(crate) fn next(&self, now: Instant, rng: &mut fastrand::Rng) -> MessageId {
-        let since = u64::try_from(now.saturating_duration_since(self.start).as_millis())
-            .unwrap_or(u64::MAX);
-        MessageId::v7(
-            self.unix_millis_at_start.saturating_add(since),
-            rng.u128(..),
-        )
+    pub(crate) fn next(&mut self, now: Instant, rng: &mut fastrand::Rng) -> MessageId {
+        if now != self.last.0 {
+            let since = u64::try_from(now.saturating_duration_since(self.start).as_millis())
+                .unwrap_or(u64::MAX);
+            self.last = (now, self.unix_millis_at_start.saturating_add(since));
+        }
+        MessageId::v7(self.last.1, rng.u128(..))
     }
 }
 
@@ -497,7 +502,7 @@ impl Shared {
             return refuse(msg, done, FailureReason::BufferFull);
         }
         let mut msg = msg;
-        let (ids, rng) = (&st.ids, &mut st.rng);
+        let (ids, rng) = (&mut st.ids, &mut st.rng);
         msg.id_or_insert_with(|| ids.next(now, rng));
         st.buffered_messages += 1;
         st.buffered_bytes += size;
@@ -672,5 +677,29 @@ impl Shared {
         let (msg, mut meta) = entry;
         let reason = self.deadline_reason(&mut meta);
         self.finish(st, fin, (msg, meta), Err(reason), now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Unix milliseconds of a v7 id: its top 48 bits.
+    fn millis(id: MessageId) -> u64 {
+        u64::try_from(id.as_u128() >> 80).expect("48 bits")
+    }
+
+    #[test]
+    fn ids_carry_the_milliseconds_of_the_now_they_were_made_at() {
+        let start = Instant::now();
+        let mut clock = IdClock::new(start);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let at_start = millis(clock.next(start, &mut rng));
+        let again = clock.next(start, &mut rng);
+        assert_eq!(millis(again), at_start, "one `now`, one millisecond");
+        let later = start + Duration::from_millis(1_500);
+        assert_eq!(millis(clock.next(later, &mut rng)), at_start + 1_500);
+        assert_eq!(millis(clock.next(start, &mut rng)), at_start, "asked again");
+        assert_ne!(again, clock.next(start, &mut rng), "ids stay unique");
     }
 }
