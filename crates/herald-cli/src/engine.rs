@@ -338,8 +338,22 @@ enum Control {
 /// A fate reported through the engine's sink: (input line, outcome).
 type Fate = (u64, Result<Delivery, SendError>);
 
-/// Fates the collector takes from its channel at a time.
-const FATES_AT_ONCE: usize = 1024;
+/// Runs of fates the collector takes from its channel at a time.
+const FATES_AT_ONCE: usize = 64;
+
+/// The engine's sink: fates go to the collector, those that ended together in one piece.
+struct ToCollector(mpsc::UnboundedSender<Vec<Fate>>);
+
+impl FateSink for ToCollector {
+    fn fate(&self, line: u64, outcome: Result<Delivery, SendError>) {
+        // The collector gone (cut off): what comes late is read by `finish`.
+        let _sent = self.0.send(vec![(line, outcome)]);
+    }
+
+    fn fates(&self, fates: &mut dyn Iterator<Item = Fate>) {
+        let _sent = self.0.send(fates.collect());
+    }
+}
 
 /// The lines handed over whose fates (or records) the collector has not taken yet, each with a
 /// copy of its message (`None` for a malformed line), kept when the dead-letter file is written
@@ -354,7 +368,7 @@ fn lock(outstanding: &Outstanding) -> std::sync::MutexGuard<'_, BTreeMap<u64, Op
 pub(crate) struct Engine {
     producer: Producer,
     tx: mpsc::Sender<Control>,
-    collector: JoinHandle<(Collector, Option<mpsc::UnboundedReceiver<Fate>>)>,
+    collector: JoinHandle<(Collector, Option<mpsc::UnboundedReceiver<Vec<Fate>>>)>,
     /// Where fates go: to the collector, in the order they happen.
     sink: Arc<dyn FateSink>,
     /// Messages the producer accepted.
@@ -380,11 +394,8 @@ impl Engine {
     /// shared); with a spool, in the order messages end (what is cut off stays in the spool).
     pub(crate) fn start(producer: Producer, mut collector: Collector) -> Self {
         let (tx, mut rx) = mpsc::channel::<Control>(1024);
-        let (fates_tx, mut fates) = mpsc::unbounded_channel::<Fate>();
-        let sink: Arc<dyn FateSink> = Arc::new(move |line, outcome| {
-            // The collector gone (cut off): what comes late is read by `finish`.
-            let _sent = fates_tx.send((line, outcome));
-        });
+        let (fates_tx, mut fates) = mpsc::unbounded_channel::<Vec<Fate>>();
+        let sink: Arc<dyn FateSink> = Arc::new(ToCollector(fates_tx));
         let spool = collector.spool;
         let outstanding = (!spool && collector.dead_letter.is_some()).then(Outstanding::default);
         if outstanding.is_some() {
@@ -408,8 +419,8 @@ impl Engine {
                         // None left: every accepted message's fate is in, and the engine is
                         // finished.
                         fates_open = n > 0;
-                        seen += n as u64;
-                        for (line, outcome) in got.drain(..) {
+                        for (line, outcome) in got.drain(..).flatten() {
+                            seen += 1;
                             if tracked.is_some() {
                                 ended.push(line);
                             }
@@ -537,8 +548,8 @@ impl Engine {
         // Cut off: closed at once, and what ended meanwhile is read from `late`.
         let unclaimed = producer.close(Duration::ZERO).await.unclaimed;
         let mut late_fates = Vec::new();
-        while let Ok(fate) = late.try_recv() {
-            late_fates.push(fate);
+        while let Ok(fates) = late.try_recv() {
+            late_fates.extend(fates);
         }
         if spool {
             // What has no fate stays in the spool. One that failed for its own reason

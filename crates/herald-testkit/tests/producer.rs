@@ -1379,6 +1379,135 @@ async fn enqueue_tagged_reports_each_fate_once_with_its_tag() {
     );
 }
 
+/// A sink that takes fates in runs (`FateSink::fates`) as its `behaviour` says, recording each
+/// (tag, delivered, taken by `fates` or by `fate`) and the size of each `fates` call.
+struct RunSink {
+    behaviour: RunBehaviour,
+    seen: Mutex<Vec<(u64, bool, &'static str)>>,
+    calls: Mutex<Vec<usize>>,
+}
+
+#[derive(Clone, Copy)]
+enum RunBehaviour {
+    /// Takes every fate, and panics on tag 11 (in `fates` and in `fate`).
+    PanicsOnEleven,
+    /// Takes only the first fate of each call.
+    TakesOne,
+}
+
+impl RunSink {
+    fn new(behaviour: RunBehaviour) -> Arc<Self> {
+        Arc::new(Self {
+            behaviour,
+            seen: Mutex::default(),
+            calls: Mutex::default(),
+        })
+    }
+
+    fn take(
+        &self,
+        tag: u64,
+        outcome: &Result<herald_core::Delivery, SendError>,
+        via: &'static str,
+    ) {
+        if tag == 11 && matches!(self.behaviour, RunBehaviour::PanicsOnEleven) {
+            panic!("a sink that panics on 11");
+        }
+        self.seen
+            .lock()
+            .expect("seen")
+            .push((tag, outcome.is_ok(), via));
+    }
+}
+
+impl herald_core::FateSink for RunSink {
+    fn fate(&self, tag: u64, outcome: Result<herald_core::Delivery, SendError>) {
+        self.take(tag, &outcome, "fate");
+    }
+
+    fn fates(
+        &self,
+        fates: &mut dyn Iterator<Item = (u64, Result<herald_core::Delivery, SendError>)>,
+    ) {
+        let (n, _) = fates.size_hint();
+        self.calls.lock().expect("calls").push(n);
+        match self.behaviour {
+            RunBehaviour::PanicsOnEleven => {
+                for (tag, outcome) in fates {
+                    self.take(tag, &outcome, "fates");
+                }
+            }
+            RunBehaviour::TakesOne => {
+                if let Some((tag, outcome)) = fates.next() {
+                    self.take(tag, &outcome, "fates");
+                }
+            }
+        }
+    }
+}
+
+/// Sends tags 0 to 12 (10 a rejected message, 11 a rejected one the panicking sink dies on) in
+/// one batch through `sink`, and returns what `close` kept.
+async fn run_through(sink: Arc<RunSink>) -> Vec<SendError> {
+    let t = MemoryTransport::new();
+    t.reject_payload_prefix("bad");
+    let p = Producer::builder(t.clone())
+        .batching(SizeOrLinger::new(100, 1 << 20, Duration::from_millis(5)))
+        .build()
+        .expect("producer");
+    let mut msgs: Vec<(u64, Message)> = (0..10u64).map(|i| (i, msg(i as usize))).collect();
+    msgs.push((10, Message::new("t", "bad one")));
+    msgs.push((11, Message::new("t", "bad for the panicking sink")));
+    msgs.push((12, msg(12)));
+    let as_sink: Arc<dyn herald_core::FateSink> = sink.clone();
+    assert!(p.enqueue_tagged(msgs, &as_sink).await.is_empty());
+    p.flush().await;
+    p.close(Duration::from_secs(10)).await.unclaimed
+}
+
+/// Fates that end together reach a sink in one `fates` call; a sink that panics in it loses
+/// nothing but the news it panicked on (that failure is kept for `close`): it is asked again
+/// with the fates after it.
+#[tokio::test(start_paused = true)]
+async fn a_batch_s_fates_reach_the_sink_in_one_call_and_a_panic_in_it_loses_no_failure() {
+    let sink = RunSink::new(RunBehaviour::PanicsOnEleven);
+    let unclaimed = run_through(sink.clone()).await;
+    assert_eq!(unclaimed.len(), 1, "{unclaimed:?}");
+    assert_eq!(
+        unclaimed[0].message().payload().as_ref(),
+        b"bad for the panicking sink"
+    );
+    let mut seen = sink.seen.lock().expect("seen").clone();
+    seen.sort_by_key(|(tag, ..)| *tag);
+    let tags: Vec<u64> = seen.iter().map(|(tag, ..)| *tag).collect();
+    let mut expected: Vec<u64> = (0..=10).collect();
+    expected.push(12);
+    assert_eq!(
+        tags, expected,
+        "each once but the one it panicked on: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|(tag, ok, _)| *ok == (*tag != 10)),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|(.., via)| *via == "fates"), "{seen:?}");
+    let calls = sink.calls.lock().expect("calls").clone();
+    assert!(calls.iter().any(|&n| n > 1), "no run of fates: {calls:?}");
+}
+
+/// A sink that leaves fates untaken in `fates` gets them through `fate`, each once.
+#[tokio::test(start_paused = true)]
+async fn fates_a_sink_leaves_untaken_come_one_by_one() {
+    let sink = RunSink::new(RunBehaviour::TakesOne);
+    let unclaimed = run_through(sink.clone()).await;
+    assert!(unclaimed.is_empty(), "{unclaimed:?}");
+    let seen = sink.seen.lock().expect("seen").clone();
+    let mut tags: Vec<u64> = seen.iter().map(|(tag, ..)| *tag).collect();
+    tags.sort_unstable();
+    assert_eq!(tags, (0..=12).collect::<Vec<_>>(), "each once: {seen:?}");
+    assert!(seen.iter().any(|(.., via)| *via == "fate"), "{seen:?}");
+}
+
 /// `enqueue_tagged` without a store admits as much as the buffer has room for and waits for
 /// the rest in order (the command's path): 25 messages through a buffer of 10 with the broker
 /// held, the 8th too large; after a close, every message comes back with its tag.

@@ -191,6 +191,96 @@ pub(crate) enum Completion {
     Answered,
 }
 
+/// Fates of tagged messages that end together, gathered per sink and handed over with one
+/// [`FateSink::fates`] call per run of one sink, in the order the messages ended. Other
+/// completions run at once. [`TaggedRun::flush`] hands over the last run (dropped unflushed,
+/// it hands it over then).
+pub(crate) struct TaggedRun<'a> {
+    unclaimed: &'a Unclaimed,
+    sink: Option<Arc<dyn FateSink>>,
+    fates: Vec<(u64, Outcome)>,
+}
+
+impl<'a> TaggedRun<'a> {
+    pub(crate) fn new(unclaimed: &'a Unclaimed) -> Self {
+        Self {
+            unclaimed,
+            sink: None,
+            fates: Vec::new(),
+        }
+    }
+
+    /// Completes `done` with `outcome`: a tagged fate joins the run of its sink.
+    pub(crate) fn complete(&mut self, done: Completion, outcome: Outcome) {
+        let Completion::Tagged(sink, tag) = done else {
+            done.complete(outcome, self.unclaimed);
+            return;
+        };
+        if !self.sink.as_ref().is_some_and(|s| Arc::ptr_eq(s, &sink)) {
+            self.flush();
+            self.sink = Some(sink);
+        }
+        self.fates.push((tag, outcome));
+    }
+
+    /// Hands the run gathered so far to its sink.
+    pub(crate) fn flush(&mut self) {
+        let Some(sink) = self.sink.take() else {
+            return;
+        };
+        let mut handing = Handing {
+            fates: self.fates.drain(..),
+            last_failure: None,
+        };
+        // A panicking sink loses only the news of a delivery: the failure it panicked on is
+        // kept for `close`, and it is asked again with the rest (one that panicked before
+        // taking anything gets the rest one by one, below).
+        loop {
+            let left = handing.fates.len();
+            if contain(|| sink.fates(&mut handing)).is_ok() {
+                break;
+            }
+            if let Some(e) = handing.last_failure.take() {
+                self.unclaimed.put(e);
+            }
+            if handing.fates.len() == 0 || handing.fates.len() == left {
+                break;
+            }
+        }
+        // What a sink left untaken, one by one.
+        for (tag, outcome) in handing.fates {
+            Completion::Tagged(sink.clone(), tag).complete(outcome, self.unclaimed);
+        }
+    }
+}
+
+/// Yields a run's fates to its sink, keeping a copy of the failure it yielded last: the one a
+/// panicking sink may not have taken.
+struct Handing<'a> {
+    fates: std::vec::Drain<'a, (u64, Outcome)>,
+    last_failure: Option<SendError>,
+}
+
+impl Iterator for Handing<'_> {
+    type Item = (u64, Outcome);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let fate = self.fates.next()?;
+        self.last_failure = fate.1.as_ref().err().cloned();
+        Some(fate)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.fates.size_hint()
+    }
+}
+
+impl Drop for TaggedRun<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 impl Completion {
     pub(crate) fn complete(self, outcome: Outcome, unclaimed: &Unclaimed) {
         match self {
@@ -227,6 +317,20 @@ impl Completion {
 pub trait FateSink: Send + Sync + 'static {
     /// The fate of the message tagged `tag`: delivered, or handed back with why not.
     fn fate(&self, tag: u64, outcome: Result<Delivery, SendError>);
+
+    /// The fates of several messages that ended together (the acknowledged messages of a batch,
+    /// say), in the order they ended. By default each goes through [`FateSink::fate`]; a sink
+    /// that sends fates on (to a channel) can send them in one piece here instead of paying for
+    /// each. Take every fate from `fates`: any left are handed to `fate` one by one.
+    ///
+    /// A panic is contained as one of `fate` is: the failure taken last is kept for
+    /// [`crate::Producer::close`]'s report, and the fates not taken yet are handed over in
+    /// another call.
+    fn fates(&self, fates: &mut dyn Iterator<Item = (u64, Result<Delivery, SendError>)>) {
+        for (tag, outcome) in fates {
+            self.fate(tag, outcome);
+        }
+    }
 }
 
 impl<F> FateSink for F

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use herald_retry::{CircuitState, ErrorClass, GiveUpReason, RetryContext, RetryDecision};
 
-use super::completion::Completion;
+use super::completion::{Completion, TaggedRun};
 use super::contain::contain;
 use super::health::effective_circuit;
 use super::order::{AnswerGate, GateSays, Landed, Turn};
-use super::state::{clock_now, Entry, Finished, Meta, Parked, Shared, State};
+use super::state::{clock_now, Entry, Finished, Latency, Meta, Parked, Shared, State};
 use crate::error::{FailureReason, TransportError};
 use crate::message::{Destination, Message};
 use crate::transport::{Ack, BatchOutcome, EarlyAcks};
@@ -918,12 +918,14 @@ impl Answering {
         self.early.take(waker, &mut self.taken);
         let Some((gate, seq)) = &self.gate else {
             if !self.taken.is_empty() {
-                let now = clock_now();
+                let (now, mut latency) = (clock_now(), Latency::default());
+                let mut run = TaggedRun::new(&shared.unclaimed);
                 for (index, ack) in self.taken.drain(..) {
                     if let Some(meta) = metas.get_mut(index) {
-                        shared.answer_early(meta, ack, now);
+                        shared.answer_early(meta, ack, now, &mut latency, &mut run);
                     }
                 }
+                run.flush();
             }
             return;
         };
@@ -947,7 +949,8 @@ impl Answering {
     /// Answers, in batch order, each acknowledged message with no earlier message of its key
     /// left unanswered; tells the gate when the whole batch is answered.
     fn scan(&mut self, shared: &Shared, messages: &[Message], metas: &mut [Meta]) {
-        let now = clock_now();
+        let (now, mut latency) = (clock_now(), Latency::default());
+        let mut run = TaggedRun::new(&shared.unclaimed);
         self.keys_waiting.clear();
         for j in self.first_open..messages.len() {
             if matches!(metas[j].done, Completion::Answered) {
@@ -968,7 +971,7 @@ impl Answering {
                 .any(|&(p, i)| p == print && messages[i].key() == key);
             match self.acked[j].take() {
                 Some(ack) if free => {
-                    shared.answer_early(&mut metas[j], ack, now);
+                    shared.answer_early(&mut metas[j], ack, now, &mut latency, &mut run);
                     self.waiting -= 1;
                     if self.keys_waiting.is_empty() && self.first_open == j {
                         self.first_open = j + 1;
@@ -985,6 +988,8 @@ impl Answering {
                 }
             }
         }
+        // Handed over before the gate opens for the batches after this one.
+        run.flush();
         if self.first_open == messages.len() && !self.told {
             self.told = true;
             if let Some((gate, seq)) = &self.gate {

@@ -26,7 +26,9 @@ use super::contain::ContainedPolicy;
 use herald_retry::{CircuitBreaker, CircuitState, RetryBudget, RetryPolicy};
 use tokio::sync::Notify;
 
-use super::completion::{Completion, Delivery, Group, Outcome, Unclaimed, UnclaimedHook};
+use super::completion::{
+    Completion, Delivery, Group, Outcome, TaggedRun, Unclaimed, UnclaimedHook,
+};
 use super::dispatch::Flight;
 use super::health::HealthMonitor;
 use super::order::{drain_early, Lanes, OrderingMode};
@@ -282,6 +284,30 @@ pub(crate) struct Admission {
 }
 
 /// Completions to run once the lock is released.
+/// Latencies from acceptance of messages ending at one moment, worked out from their delivery
+/// deadlines: messages accepted together share their deadline, so a run of them ending together
+/// needs one clock subtraction, not one each.
+#[derive(Default)]
+pub(crate) struct Latency {
+    /// The last (deadline, now, latency) worked out.
+    last: Option<(Instant, Instant, Duration)>,
+}
+
+impl Latency {
+    /// The latency of a message with delivery deadline `deadline` (accepted `timeout` before it)
+    /// ending at `now`.
+    pub(crate) fn of(&mut self, deadline: Instant, timeout: Duration, now: Instant) -> Duration {
+        match self.last {
+            Some((d, n, latency)) if d == deadline && n == now => latency,
+            _ => {
+                let latency = now.saturating_duration_since(deadline - timeout);
+                self.last = Some((deadline, now, latency));
+                latency
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct Finished {
     items: Vec<(Completion, Outcome)>,
@@ -290,9 +316,7 @@ pub(crate) struct Finished {
     delivered: u64,
     /// Entries ended into this `Finished`.
     settled: usize,
-    /// The last (deadline, latency) computed: messages accepted together share their deadline,
-    /// so a batch needs few clock subtractions.
-    latency: Option<(Instant, Duration)>,
+    latency: Latency,
     /// Store tokens of the entries delivered: settled after the completions ran.
     stored: Vec<StoreToken>,
 }
@@ -598,15 +622,9 @@ impl Shared {
         if matches!(done, Completion::Answered) {
             return;
         }
-        let latency = match fin.latency {
-            Some((deadline, latency)) if deadline == meta.deadline => latency,
-            _ => {
-                let accepted_at = meta.deadline - self.config.delivery_timeout;
-                let latency = now.saturating_duration_since(accepted_at);
-                fin.latency = Some((meta.deadline, latency));
-                latency
-            }
-        };
+        let latency = fin
+            .latency
+            .of(meta.deadline, self.config.delivery_timeout, now);
         self.metrics.latency.record(latency.as_secs_f64());
         match done {
             Completion::Group(g) => match fin.group_delivered.last_mut() {
@@ -629,9 +647,11 @@ impl Shared {
         for (group, n) in fin.group_delivered {
             group.delivered(n);
         }
+        let mut run = TaggedRun::new(&self.unclaimed);
         for (done, outcome) in fin.items {
-            done.complete(outcome, &self.unclaimed);
+            run.complete(done, outcome);
         }
+        run.flush();
         // After the completions: a message leaves the store once its fate is handed over.
         if let (Some(store), false) = (&self.store, fin.stored.is_empty()) {
             store.settle(&fin.stored);
@@ -649,20 +669,26 @@ impl Shared {
     /// lands (see [`crate::Transport::send_batch_answering`]): its completion runs now and
     /// becomes [`Completion::Answered`], and [`Shared::finish`] only counts it when it lands.
     /// Runs outside the lock. A second acknowledgement of the entry is ignored.
-    pub(crate) fn answer_early(&self, meta: &mut Meta, ack: crate::Ack, now: Instant) {
+    pub(crate) fn answer_early(
+        &self,
+        meta: &mut Meta,
+        ack: crate::Ack,
+        now: Instant,
+        latencies: &mut Latency,
+        run: &mut TaggedRun<'_>,
+    ) {
         let done = std::mem::replace(&mut meta.done, Completion::Answered);
         if matches!(done, Completion::Answered) {
             return;
         }
-        let accepted_at = meta.deadline - self.config.delivery_timeout;
-        let latency = now.saturating_duration_since(accepted_at);
+        let latency = latencies.of(meta.deadline, self.config.delivery_timeout, now);
         self.metrics.latency.record(latency.as_secs_f64());
         let delivery = Delivery {
             ack,
             attempts: meta.attempts,
             latency,
         };
-        done.complete(Ok(delivery), &self.unclaimed);
+        run.complete(done, Ok(delivery));
     }
 
     pub(crate) fn deadline_reason(&self, meta: &mut Meta) -> FailureReason {
@@ -701,5 +727,25 @@ mod tests {
         assert_eq!(millis(clock.next(later, &mut rng)), at_start + 1_500);
         assert_eq!(millis(clock.next(start, &mut rng)), at_start, "asked again");
         assert_ne!(again, clock.next(start, &mut rng), "ids stay unique");
+    }
+
+    #[test]
+    fn a_latency_is_worked_out_again_for_another_deadline_or_another_now() {
+        let (start, timeout) = (Instant::now(), Duration::from_secs(10));
+        let mut latency = Latency::default();
+        let deadline = start + timeout;
+        let ms = Duration::from_millis;
+        assert_eq!(latency.of(deadline, timeout, start + ms(5)), ms(5));
+        assert_eq!(latency.of(deadline, timeout, start + ms(5)), ms(5), "kept");
+        assert_eq!(
+            latency.of(deadline, timeout, start + ms(8)),
+            ms(8),
+            "a later now"
+        );
+        assert_eq!(
+            latency.of(deadline + ms(2), timeout, start + ms(8)),
+            ms(6),
+            "accepted later"
+        );
     }
 }
