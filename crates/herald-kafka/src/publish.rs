@@ -218,7 +218,10 @@ impl InFlight {
     }
 }
 
-/// The batch the last delivery report on a thread found (see [`InFlight::with`]).
+/// The batch the last delivery report on a thread found (see [`InFlight::with`]). A thread
+/// keeps one at most, until its next report or its end: the polling thread's ends with its
+/// producer; a blocking thread that ran reports while flushing a producer being replaced keeps
+/// its last batch (its emptied slots and early-ack list) until then.
 struct Kept {
     /// The `InFlight` it is registered in (its address; any batch kept from an `InFlight`
     /// since dropped is closed).
