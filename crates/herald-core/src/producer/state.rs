@@ -186,10 +186,14 @@ impl IdClock {
         }
     }
 
+    #[inline]
     pub(crate) fn next(&mut self, now: Instant, rng: &mut fastrand::Rng) -> MessageId {
         if now != self.last.0 {
-            let since = u64::try_from(now.saturating_duration_since(self.start).as_millis())
-                .unwrap_or(u64::MAX);
+            let since = now.saturating_duration_since(self.start);
+            let since = since
+                .as_secs()
+                .saturating_mul(1000)
+                .saturating_add(u64::from(since.subsec_millis()));
             self.last = (now, self.unix_millis_at_start.saturating_add(since));
         }
         MessageId::v7(self.last.1, rng.u128(..))
@@ -649,7 +653,12 @@ impl Shared {
         }
         let mut run = TaggedRun::new(&self.unclaimed);
         for (done, outcome) in fin.items {
-            run.complete(done, outcome);
+            // Others at once, without a detour through the run.
+            if matches!(done, Completion::Tagged(..)) {
+                run.complete(done, outcome);
+            } else {
+                done.complete(outcome, &self.unclaimed);
+            }
         }
         run.flush();
         // After the completions: a message leaves the store once its fate is handed over.
