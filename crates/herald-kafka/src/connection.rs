@@ -25,6 +25,7 @@ use crate::config::KafkaConfig;
 use crate::error::{needs_new_producer, transport_error, ConfigError};
 use crate::metrics::KafkaMetrics;
 use crate::publish::{InFlight, Room};
+use crate::startup::{FirstReport, Nudged};
 
 /// State the librdkafka callbacks share with the transport.
 pub(crate) struct Shared {
@@ -98,6 +99,8 @@ impl ClientErrors {
 /// The producer context: delivery reports and statistics.
 pub(crate) struct Context {
     shared: Arc<Shared>,
+    /// This producer's first delivery report (see `crate::startup`).
+    pub(crate) first_report: FirstReport,
 }
 
 impl ClientContext for Context {
@@ -152,6 +155,7 @@ impl ProducerContext for Context {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        self.first_report.seen();
         let mut broken = false;
         let outcome = match result {
             Ok(m) => Ok(Ack {
@@ -206,6 +210,8 @@ pub(crate) struct Connection {
     generation: AtomicU64,
     /// Topics whose durability settings have been asked about (once each).
     checked_topics: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Which producer had its start-up nudge (see `crate::startup`).
+    nudged: Nudged,
 }
 
 impl Connection {
@@ -224,6 +230,7 @@ impl Connection {
         });
         let producer = Arc::new(create(&client_config, &shared)?);
         Ok(Self {
+            nudged: Nudged::new(config.is_idempotent()),
             client_config,
             id_header: config.id_header().map(str::to_owned),
             shared,
@@ -260,6 +267,14 @@ impl Connection {
 
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared
+    }
+
+    /// The current producer and its generation (as [`Connection::producer`]), its start-up
+    /// nudge begun the first time it is used (see `crate::startup`).
+    pub(crate) fn producer_for(&self, topic: &str) -> (Arc<Client>, u64) {
+        let (producer, generation) = self.producer();
+        self.nudged.once(&producer, generation, topic);
+        (producer, generation)
     }
 
     /// How many times the producer was rebuilt after a fatal error.
@@ -346,6 +361,7 @@ fn create(config: &ClientConfig, shared: &Arc<Shared>) -> Result<Client, ConfigE
     config
         .create_with_context(Context {
             shared: shared.clone(),
+            first_report: FirstReport::default(),
         })
         .map_err(|e| ConfigError::Client(crate::config::redact_client_error(e)))
 }
@@ -388,6 +404,7 @@ mod tests {
                 name: name.map(str::to_owned),
                 turns: herald_core::Turns::default(),
             }),
+            first_report: FirstReport::default(),
         }
     }
 

@@ -43,6 +43,7 @@ mod error;
 pub mod metrics;
 pub mod mock;
 mod publish;
+mod startup;
 mod transport;
 
 #[cfg(feature = "baseline")]

@@ -410,7 +410,7 @@ async fn send_in_turn(
     let id_header = connection.id_header.as_deref();
     let state = Arc::new(BatchState::new(batch.len(), early));
     let registered = shared.in_flight.register(&state, batch.len());
-    let (producer, generation) = connection.producer();
+    let (producer, generation) = connection.producer_for(topic);
     let mut abandon = Abandon {
         producer: &producer,
         state: &state,

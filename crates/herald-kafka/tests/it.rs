@@ -432,6 +432,56 @@ async fn the_durability_check_runs_once_per_topic_and_says_what_it_learnt() {
     eprintln!("durability check: {text}");
 }
 
+/// A new idempotent librdkafka producer waits for a producer id before its first message, and
+/// asks for one on a 500 ms timer unless a metadata answer comes through a broker it learnt
+/// (`herald_kafka::startup`): the raw client, made with the same settings in the same run,
+/// shows that wait; herald's first message must not. Timed on both sides the same way, from
+/// making the producer to the first acknowledgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn a_new_producer_s_first_message_does_not_wait_for_librdkafka_s_producer_id_timer() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let bootstrap = bootstrap();
+    let topic = topic(&bootstrap, "first-message", 1).await;
+
+    let started = Instant::now();
+    let raw: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .expect("raw producer");
+    raw.send(
+        FutureRecord::<(), _>::to(&topic).payload("raw"),
+        Duration::from_secs(30),
+    )
+    .await
+    .expect("raw message delivered");
+    let raw_first = started.elapsed();
+
+    let started = Instant::now();
+    let producer =
+        Producer::builder(KafkaTransport::new(KafkaConfig::new(bootstrap)).expect("transport"))
+            .build()
+            .expect("producer");
+    producer
+        .send(Message::new(topic.as_str(), "herald"))
+        .await
+        .expect("herald's message delivered");
+    let herald_first = started.elapsed();
+    producer.close(Duration::from_secs(10)).await;
+
+    eprintln!("first acknowledgement: raw client {raw_first:?}, herald {herald_first:?}");
+    assert!(
+        raw_first >= Duration::from_millis(450),
+        "the raw client no longer waits for librdkafka's timer ({raw_first:?}): the nudge may not be needed any more"
+    );
+    assert!(
+        herald_first * 2 < raw_first,
+        "herald's first message waited as the raw client's did: herald {herald_first:?}, raw {raw_first:?}"
+    );
+}
+
 fn tansu_bin(what: &str) -> String {
     std::env::var("HERALD_TANSU_BIN").unwrap_or_else(|_| {
         panic!("HERALD_TANSU_BIN is not set: this test runs {what} (cargo xtask it sets it)")
