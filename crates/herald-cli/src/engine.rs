@@ -356,11 +356,11 @@ impl FateSink for ToCollector {
 }
 
 /// The lines handed over whose fates (or records) the collector has not taken yet, each with a
-/// copy of its message (`None` for a malformed line), kept when the dead-letter file is written
-/// in input order (see [`Engine::start`]).
-type Outstanding = Arc<Mutex<BTreeMap<u64, Option<Message>>>>;
+/// copy of its message, kept when the dead-letter file is written in input order (see
+/// [`Engine::start`]).
+type Outstanding = Arc<Mutex<crate::outstanding::Outstanding>>;
 
-fn lock(outstanding: &Outstanding) -> std::sync::MutexGuard<'_, BTreeMap<u64, Option<Message>>> {
+fn lock(outstanding: &Outstanding) -> std::sync::MutexGuard<'_, crate::outstanding::Outstanding> {
     outstanding.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -492,7 +492,10 @@ impl Engine {
         let n = msgs.len() as u64;
         if let Some(outstanding) = &self.outstanding {
             // Before the producer has them: a fate may come at once.
-            lock(outstanding).extend(msgs.iter().map(|(line, msg)| (*line, Some(msg.clone()))));
+            let mut outstanding = lock(outstanding);
+            for (line, msg) in &msgs {
+                outstanding.add(*line, Some(msg.clone()));
+            }
         }
         let refused = self.producer.enqueue_tagged(msgs, &self.sink).await;
         self.accepted
@@ -511,7 +514,7 @@ impl Engine {
         error: String,
     ) -> anyhow::Result<()> {
         if let Some(outstanding) = &self.outstanding {
-            lock(outstanding).insert(line, None);
+            lock(outstanding).add(line, None);
         }
         self.push(Control::Malformed(line, raw, error)).await
     }
@@ -576,7 +579,7 @@ impl Engine {
             for (line, outcome) in late_fates {
                 collector.fate(line, outcome);
             }
-            let copies = outstanding.map(|o| std::mem::take(&mut *lock(&o)));
+            let copies = outstanding.map(|o| lock(&o).take());
             let mut copied = 0;
             for (line, msg) in copies.into_iter().flatten() {
                 if let Some(msg) = msg {
@@ -601,9 +604,9 @@ impl Engine {
 fn forget(outstanding: &Outstanding, ended: impl Iterator<Item = u64>) -> Option<u64> {
     let mut outstanding = lock(outstanding);
     for line in ended {
-        outstanding.remove(&line);
+        outstanding.end(line);
     }
-    outstanding.first_key_value().map(|(line, _)| *line)
+    outstanding.first()
 }
 
 /// Cuts the engine's wait for fates short ([`Engine::cut_off`]).

@@ -146,7 +146,9 @@ fn read_line<R: BufRead>(
         if available.is_empty() {
             return Ok(());
         }
-        let (part, ends) = match available.iter().position(|&b| b == b'\n') {
+        // memchr's vectorised search: a byte-by-byte `position` was half of the reader's work
+        // per 100-byte line.
+        let (part, ends) = match memchr::memchr(b'\n', available) {
             Some(i) => (&available[..=i], true),
             None => (available, false),
         };
@@ -255,7 +257,7 @@ pub(crate) fn read<R: std::io::Read>(
         // a terminal), nor lose them to a read error. Skipped blank lines count too: a blank
         // line must not hold back the messages before it.
         let full = chunk.len() >= CHUNK || chunk_bytes >= CHUNK_BYTES;
-        if !chunk.is_empty() && (full || !input.buffer().contains(&b'\n')) {
+        if !chunk.is_empty() && (full || memchr::memchr(b'\n', input.buffer()).is_none()) {
             if !emit(std::mem::take(&mut chunk)) {
                 return Ok(line_no);
             }

@@ -21,6 +21,7 @@ mod engine;
 mod input;
 mod log;
 mod open_loop;
+mod outstanding;
 mod produce;
 mod report;
 mod settings;
