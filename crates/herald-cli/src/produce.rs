@@ -164,7 +164,7 @@ fn open_input(
 /// Runs of messages go to the producer together (with a spool: one write and one fsync for
 /// the run instead of one per message).
 async fn feed(engine: &Engine, items: Vec<Item>, last_line: &mut u64) -> anyhow::Result<()> {
-    let mut run = Vec::new();
+    let mut run = Vec::with_capacity(items.len());
     for item in items {
         match item {
             // After an interrupt the producer is closed: each message comes back at once

@@ -199,14 +199,19 @@ pub(crate) struct TaggedRun<'a> {
     unclaimed: &'a Unclaimed,
     sink: Option<Arc<dyn FateSink>>,
     fates: Vec<(u64, Outcome)>,
+    /// How many fates may come: room for them is made once, when a run starts, instead of
+    /// the run's vector growing (and moving every fate) as they come.
+    at_most: usize,
 }
 
 impl<'a> TaggedRun<'a> {
-    pub(crate) fn new(unclaimed: &'a Unclaimed) -> Self {
+    /// A run for at most `at_most` completions.
+    pub(crate) fn new(unclaimed: &'a Unclaimed, at_most: usize) -> Self {
         Self {
             unclaimed,
             sink: None,
             fates: Vec::new(),
+            at_most,
         }
     }
 
@@ -220,6 +225,7 @@ impl<'a> TaggedRun<'a> {
         if !self.sink.as_ref().is_some_and(|s| Arc::ptr_eq(s, &sink)) {
             self.flush();
             self.sink = Some(sink);
+            self.fates.reserve(self.at_most);
         }
         self.fates.push((tag, outcome));
     }

@@ -919,7 +919,7 @@ impl Answering {
         let Some((gate, seq)) = &self.gate else {
             if !self.taken.is_empty() {
                 let (now, mut latency) = (clock_now(), Latency::default());
-                let mut run = TaggedRun::new(&shared.unclaimed);
+                let mut run = TaggedRun::new(&shared.unclaimed, self.taken.len());
                 for (index, ack) in self.taken.drain(..) {
                     if let Some(meta) = metas.get_mut(index) {
                         shared.answer_early(meta, ack, now, &mut latency, &mut run);
@@ -950,7 +950,7 @@ impl Answering {
     /// left unanswered; tells the gate when the whole batch is answered.
     fn scan(&mut self, shared: &Shared, messages: &[Message], metas: &mut [Meta]) {
         let (now, mut latency) = (clock_now(), Latency::default());
-        let mut run = TaggedRun::new(&shared.unclaimed);
+        let mut run = TaggedRun::new(&shared.unclaimed, self.waiting);
         self.keys_waiting.clear();
         for j in self.first_open..messages.len() {
             if matches!(metas[j].done, Completion::Answered) {

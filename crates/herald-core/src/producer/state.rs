@@ -651,7 +651,7 @@ impl Shared {
         for (group, n) in fin.group_delivered {
             group.delivered(n);
         }
-        let mut run = TaggedRun::new(&self.unclaimed);
+        let mut run = TaggedRun::new(&self.unclaimed, fin.items.len());
         for (done, outcome) in fin.items {
             // Others at once, without a detour through the run.
             if matches!(done, Completion::Tagged(..)) {
