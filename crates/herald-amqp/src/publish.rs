@@ -134,7 +134,7 @@ fn message_id(msg: &Message, header: Option<&str>) -> Option<String> {
             return Some(String::from_utf8_lossy(&h.value).into_owned());
         }
     }
-    msg.id().map(|id| id.to_string())
+    msg.id().map(|id| String::from(&*id.text()))
 }
 
 fn properties(config: &AmqpConfig, msg: &Message) -> BasicProperties {

@@ -33,7 +33,7 @@ pub use error::{BuildError, ErrorClass, FailureReason, SendError, TransportError
 pub use fallback::{Fallback, NO_ROUTE_OPEN};
 pub use health::{Health, HealthIssue, HealthPolicy, HealthStatus, TransportHealth};
 pub use key_hold::{KeyHold, KEY_HELD};
-pub use message::{Destination, Header, InvalidMessageId, Message, MessageId};
+pub use message::{Destination, Header, IdText, InvalidMessageId, Message, MessageId};
 #[allow(deprecated)]
 pub use producer::DeadLetterHook;
 pub use producer::{

@@ -17,9 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herald_core::{
-    Ack, BatchOutcome, Destination, EarlyAcks, Message, MessageId, TransportError, Turn,
-};
+use herald_core::{Ack, BatchOutcome, Destination, EarlyAcks, Message, TransportError, Turn};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer as _, PurgeConfig};
@@ -285,29 +283,12 @@ impl Room {
     }
 }
 
-/// A message id as its 36-character UUID text (`MessageId`'s `Display`), written without
-/// allocating: this runs once per message.
-fn id_text(id: MessageId) -> [u8; 36] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut text = [b'-'; 36];
-    let mut at = 0;
-    for (i, byte) in id.to_bytes().into_iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            at += 1; // the hyphen already there
-        }
-        text[at] = HEX[usize::from(byte >> 4)];
-        text[at + 1] = HEX[usize::from(byte & 0x0f)];
-        at += 2;
-    }
-    text
-}
-
 /// The Kafka headers of `m`: its own, then its id under `id_header`, unless it already has a
 /// header of that name (the user's own id stays the only one).
 fn headers(m: &Message, id_header: Option<&str>) -> Option<OwnedHeaders> {
     let id = match (id_header, m.id()) {
         (Some(name), Some(id)) if !m.headers().iter().any(|h| h.name == name) => {
-            Some((name, id_text(id)))
+            Some((name, id.text()))
         }
         _ => None,
     };
@@ -324,7 +305,7 @@ fn headers(m: &Message, id_header: Option<&str>) -> Option<OwnedHeaders> {
     if let Some((name, text)) = &id {
         h = h.insert(Header {
             key: name,
-            value: Some(&text[..]),
+            value: Some(text.as_bytes()),
         });
     }
     Some(h)
@@ -508,14 +489,7 @@ async fn send_in_turn(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ids_go_out_as_their_uuid_text() {
-        for bits in [0, 1, u128::MAX, 0x0190_b6d2_7c4e_7a51_8f3e_2b9d_4c1a_6e70] {
-            let id = MessageId::from_u128(bits);
-            assert_eq!(&id_text(id)[..], id.to_string().as_bytes());
-        }
-    }
+    use herald_core::MessageId;
 
     #[test]
     fn the_id_header_follows_the_message_s_own_headers_unless_it_has_one() {

@@ -286,7 +286,7 @@ fn properties(
         props.push((name.clone(), text(key, "key")?));
     }
     if let (Some(name), Some(id)) = (&config.id_property, msg.id()) {
-        props.push((name.clone(), id.to_string()));
+        props.push((name.clone(), String::from(&*id.text())));
     }
     Ok(props)
 }

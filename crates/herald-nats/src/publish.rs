@@ -313,8 +313,7 @@ fn headers(config: &NatsConfig, msg: &Message) -> Result<Option<HeaderMap>, Tran
     }
     if !own_id {
         if let Some(id) = msg.id() {
-            let id =
-                HeaderValue::from_str(&id.to_string()).map_err(|_| invalid("id", "is not text"))?;
+            let id = HeaderValue::from_str(&id.text()).map_err(|_| invalid("id", "is not text"))?;
             headers.insert(NATS_MESSAGE_ID, id);
         }
     }

@@ -68,7 +68,7 @@ pub(crate) fn xadd(stream: &str, maxlen: Option<u64>, msg: &Message) -> Cmd {
         cmd.arg(FIELD_KEY).arg(key.as_ref());
     }
     if let Some(id) = msg.id() {
-        cmd.arg(FIELD_ID).arg(id.to_string());
+        cmd.arg(FIELD_ID).arg(&*id.text());
     }
     for h in msg.headers() {
         let mut name = Vec::with_capacity(HEADER_PREFIX.len() + h.name.len());
