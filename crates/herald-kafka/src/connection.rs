@@ -25,7 +25,7 @@ use crate::config::KafkaConfig;
 use crate::error::{needs_new_producer, transport_error, ConfigError};
 use crate::metrics::KafkaMetrics;
 use crate::publish::{InFlight, Room};
-use crate::startup::{FirstReport, Nudged};
+use crate::startup::Startup;
 
 /// State the librdkafka callbacks share with the transport.
 pub(crate) struct Shared {
@@ -99,8 +99,8 @@ impl ClientErrors {
 /// The producer context: delivery reports and statistics.
 pub(crate) struct Context {
     shared: Arc<Shared>,
-    /// This producer's first delivery report (see `crate::startup`).
-    pub(crate) first_report: FirstReport,
+    /// This producer's start-up nudge and first delivery report (see `crate::startup`).
+    pub(crate) startup: Startup,
 }
 
 impl ClientContext for Context {
@@ -155,7 +155,7 @@ impl ProducerContext for Context {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
-        self.first_report.seen();
+        self.startup.reported();
         let mut broken = false;
         let outcome = match result {
             Ok(m) => Ok(Ack {
@@ -210,8 +210,6 @@ pub(crate) struct Connection {
     generation: AtomicU64,
     /// Topics whose durability settings have been asked about (once each).
     checked_topics: std::sync::Mutex<std::collections::HashSet<String>>,
-    /// Which producer had its start-up nudge (see `crate::startup`).
-    nudged: Nudged,
 }
 
 impl Connection {
@@ -230,7 +228,6 @@ impl Connection {
         });
         let producer = Arc::new(create(&client_config, &shared)?);
         Ok(Self {
-            nudged: Nudged::new(config.is_idempotent()),
             client_config,
             id_header: config.id_header().map(str::to_owned),
             shared,
@@ -273,7 +270,7 @@ impl Connection {
     /// nudge begun the first time it is used (see `crate::startup`).
     pub(crate) fn producer_for(&self, topic: &str) -> (Arc<Client>, u64) {
         let (producer, generation) = self.producer();
-        self.nudged.once(&producer, generation, topic);
+        crate::startup::nudge_once(&producer, topic);
         (producer, generation)
     }
 
@@ -361,7 +358,7 @@ fn create(config: &ClientConfig, shared: &Arc<Shared>) -> Result<Client, ConfigE
     config
         .create_with_context(Context {
             shared: shared.clone(),
-            first_report: FirstReport::default(),
+            startup: Startup::new(config.get("enable.idempotence") == Some("true")),
         })
         .map_err(|e| ConfigError::Client(crate::config::redact_client_error(e)))
 }
@@ -404,7 +401,7 @@ mod tests {
                 name: name.map(str::to_owned),
                 turns: herald_core::Turns::default(),
             }),
-            first_report: FirstReport::default(),
+            startup: Startup::new(true),
         }
     }
 

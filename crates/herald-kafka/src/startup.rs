@@ -16,7 +16,7 @@
 //! (librdkafka spaces its connection attempts 50 ms apart), instead of about 500 ms. The
 //! thread holds the producer weakly, so a closed producer ends it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -25,68 +25,62 @@ use rdkafka::producer::Producer as _;
 use crate::connection::Client;
 
 /// How long the nudging goes on at most: past it, librdkafka's own timer has fired anyway.
-pub(crate) const FOR: Duration = Duration::from_secs(1);
+const FOR: Duration = Duration::from_secs(1);
 /// The pause between two metadata requests.
-pub(crate) const EVERY: Duration = Duration::from_millis(20);
+const EVERY: Duration = Duration::from_millis(20);
 /// How long one metadata request may wait for a broker and its answer.
-pub(crate) const EACH: Duration = Duration::from_millis(200);
+const EACH: Duration = Duration::from_millis(200);
 
-/// Set by a producer's first delivery report: from then on it has its producer id.
-#[derive(Default)]
-pub(crate) struct FirstReport(AtomicBool);
-
-impl FirstReport {
-    /// Called on every delivery report: a load, and a store the first time.
-    #[inline]
-    pub(crate) fn seen(&self) {
-        if !self.0.load(Ordering::Relaxed) {
-            self.0.store(true, Ordering::Release);
-        }
-    }
-
-    pub(crate) fn arrived(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-}
-
-/// Which producer (by generation) was nudged last: each producer once.
-pub(crate) struct Nudged {
-    /// The generation nudged last, plus one (0: none yet).
-    last: AtomicU64,
+/// One producer's start-up, kept in its context: whether its nudge has begun, and whether its
+/// first delivery report has come (from then on it has its producer id).
+pub(crate) struct Startup {
     /// Off when idempotence is off: librdkafka then sends without a producer id.
     wanted: bool,
+    begun: AtomicBool,
+    reported: AtomicBool,
 }
 
-impl Nudged {
+impl Startup {
     pub(crate) fn new(idempotent: bool) -> Self {
         Self {
-            last: AtomicU64::new(0),
             wanted: idempotent,
+            begun: AtomicBool::new(false),
+            reported: AtomicBool::new(false),
         }
     }
 
-    /// Starts the nudge for `producer` (of `generation`) the first time it is used.
-    pub(crate) fn once(&self, producer: &Arc<Client>, generation: u64, topic: &str) {
-        if !self.claim(generation) {
-            return;
+    /// Called on every delivery report: a load, and a store the first time.
+    #[inline]
+    pub(crate) fn reported(&self) {
+        if !self.reported.load(Ordering::Relaxed) {
+            self.reported.store(true, Ordering::Release);
         }
-        let (weak, topic) = (Arc::downgrade(producer), topic.to_owned());
-        let started = std::thread::Builder::new()
-            .name("herald-kafka-start".into())
-            .spawn(move || nudge(&weak, &topic));
-        if let Err(e) = started {
-            tracing::debug!(error = %e, "no thread for the start-up metadata requests: the first message waits for librdkafka's timer");
-        }
+    }
+
+    fn has_report(&self) -> bool {
+        self.reported.load(Ordering::Acquire)
+    }
+
+    /// Whether the nudge is to begin now: the first call only (a load, on every batch, once
+    /// it has begun).
+    fn claim(&self) -> bool {
+        self.wanted
+            && !self.begun.load(Ordering::Relaxed)
+            && !self.begun.swap(true, Ordering::AcqRel)
     }
 }
 
-impl Nudged {
-    /// Whether the producer of `generation` is to be nudged now: the first call for it only
-    /// (a load, on every batch, once it was).
-    fn claim(&self, generation: u64) -> bool {
-        self.wanted
-            && self.last.load(Ordering::Relaxed) != generation + 1
-            && self.last.swap(generation + 1, Ordering::AcqRel) != generation + 1
+/// Starts the nudge for `producer` the first time it is used.
+pub(crate) fn nudge_once(producer: &Arc<Client>, topic: &str) {
+    if !producer.context().startup.claim() {
+        return;
+    }
+    let (weak, topic) = (Arc::downgrade(producer), topic.to_owned());
+    let started = std::thread::Builder::new()
+        .name("herald-kafka-start".into())
+        .spawn(move || nudge(&weak, &topic));
+    if let Err(e) = started {
+        tracing::debug!(error = %e, "no thread for the start-up metadata requests: the first message waits for librdkafka's timer");
     }
 }
 
@@ -96,7 +90,7 @@ fn nudge(producer: &Weak<Client>, topic: &str) {
         let Some(producer) = producer.upgrade() else {
             return false;
         };
-        if producer.context().first_report.arrived() {
+        if producer.context().startup.has_report() {
             return false;
         }
         // The answer does not matter (a producer that cannot reach a broker says so through
@@ -148,26 +142,27 @@ mod tests {
 
     #[test]
     fn each_producer_is_nudged_once_and_only_when_idempotent() {
-        let nudged = Nudged::new(true);
-        assert!(nudged.claim(0), "the first producer's first batch");
-        assert!(!nudged.claim(0), "not again for its later batches");
+        let first = Startup::new(true);
+        assert!(first.claim(), "the first producer's first batch");
+        assert!(!first.claim(), "not again for its later batches");
+        let rebuilt = Startup::new(true);
         assert!(
-            nudged.claim(1),
+            rebuilt.claim(),
             "a producer rebuilt after a fatal error starts afresh"
         );
-        assert!(!nudged.claim(1));
+        assert!(!rebuilt.claim());
         assert!(
-            !Nudged::new(false).claim(0),
+            !Startup::new(false).claim(),
             "without idempotence librdkafka does not wait for a producer id"
         );
     }
 
     #[test]
     fn the_first_report_is_remembered() {
-        let first = FirstReport::default();
-        assert!(!first.arrived());
-        first.seen();
-        first.seen();
-        assert!(first.arrived());
+        let startup = Startup::new(true);
+        assert!(!startup.has_report());
+        startup.reported();
+        startup.reported();
+        assert!(startup.has_report());
     }
 }
