@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    assert_all_stored_last_copies_in_order, assert_exactly_once_in_order, read_back, KafkaHarness,
+    assert_all_stored_last_copies_in_order, assert_exactly_once_in_order, health_becomes,
+    read_back, KafkaHarness,
 };
 use herald_core::{
     Destination, ErrorClass, FailureReason, HealthIssue, HealthStatus, Message, MessageId, Producer,
@@ -18,27 +19,6 @@ use herald_kafka::{KafkaConfig, KafkaTransport};
 use herald_retry::{Backoff, ExponentialRetry};
 use herald_testkit::conformance::{self, Injected};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-
-/// Waits until the producer's health satisfies `cond`; panics after `limit` with what it is.
-async fn health_becomes(
-    producer: &Producer,
-    limit: Duration,
-    what: &str,
-    cond: impl Fn(&herald_core::Health) -> bool,
-) {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        let h = producer.health();
-        if cond(&h) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "health never became {what}: {h}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn keyed(topic: &str, n: usize, keys: usize) -> Vec<Message> {
     let d = Destination::new(topic);

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use herald_core::{Destination, Message};
+use herald_core::{Destination, Message, Producer};
 use herald_kafka::{KafkaConfig, KafkaTransport};
 use herald_testkit::conformance::{Harness, Injected};
 
@@ -137,4 +137,25 @@ pub fn assert_all_stored_last_copies_in_order(sent: &[Message], got: &[Message])
         }
     }
     got.len() - sent.len()
+}
+
+/// Waits until the producer's health satisfies `cond`; panics after `limit` with what it is.
+pub async fn health_becomes(
+    producer: &Producer,
+    limit: Duration,
+    what: &str,
+    cond: impl Fn(&herald_core::Health) -> bool,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let h = producer.health();
+        if cond(&h) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health never became {what}: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
