@@ -648,8 +648,9 @@ struct Nudge {
 }
 
 impl Nudge {
-    /// Whether a PINGREQ follows an event of kind `seen`.
-    fn ping(&mut self, seen: Seen, waiting: bool, quiet: bool) -> bool {
+    /// Whether a PINGREQ follows an event of kind `seen`. `waiting` is asked last, only when
+    /// a ping is otherwise due (it takes the book's lock: not once per written publish).
+    fn ping(&mut self, seen: Seen, quiet: bool, waiting: impl FnOnce() -> bool) -> bool {
         let due = match seen {
             Seen::Written => {
                 self.written = true;
@@ -659,7 +660,7 @@ impl Nudge {
             Seen::PingResp => self.written,
             Seen::Other => false,
         };
-        let ping = due && waiting && quiet;
+        let ping = due && quiet && waiting();
         if ping {
             self.written = false;
         }
@@ -700,7 +701,7 @@ async fn drive_v5(
                 let quiet = !events.state.await_pingresp
                     && events.state.collision.is_none()
                     && events.pending.is_empty();
-                if nudge.ping(seen, state.waiting(), quiet) {
+                if nudge.ping(seen, quiet, || state.waiting()) {
                     events.pending.push_back(v5::Request::PingReq);
                 }
             }
@@ -772,7 +773,7 @@ async fn drive_v3(
                 let quiet = !events.state.await_pingresp
                     && events.state.collision.is_none()
                     && events.pending.is_empty();
-                if nudge.ping(seen, state.waiting(), quiet) {
+                if nudge.ping(seen, quiet, || state.waiting()) {
                     events
                         .pending
                         .push_back(rumqttc::Request::PingReq(rumqttc::PingReq));
@@ -881,23 +882,23 @@ mod tests {
         let (waiting, quiet) = (true, true);
         let mut n = Nudge::default();
         // An answer while others are due: ping (the broker holds the next ones).
-        assert!(n.ping(Seen::Answer, waiting, quiet));
+        assert!(n.ping(Seen::Answer, quiet, || waiting));
         // Its PINGRESP with nothing written since: no ping (no ping per round trip).
-        assert!(!n.ping(Seen::PingResp, waiting, quiet));
+        assert!(!n.ping(Seen::PingResp, quiet, || waiting));
         // A publish written, then a PINGRESP: the publish's answer is held behind it: ping.
-        assert!(!n.ping(Seen::Written, waiting, quiet));
-        assert!(n.ping(Seen::PingResp, waiting, quiet));
+        assert!(!n.ping(Seen::Written, quiet, || waiting));
+        assert!(n.ping(Seen::PingResp, quiet, || waiting));
         // ... once: the next PINGRESP follows nothing new.
-        assert!(!n.ping(Seen::PingResp, waiting, quiet));
+        assert!(!n.ping(Seen::PingResp, quiet, || waiting));
         // Nothing due, or the client has something to send, or a PINGRESP is awaited: no ping,
         // and a write stays remembered until one goes out.
-        assert!(!n.ping(Seen::Answer, false, quiet));
-        assert!(!n.ping(Seen::Answer, waiting, false));
-        assert!(!n.ping(Seen::Written, waiting, quiet));
-        assert!(!n.ping(Seen::PingResp, false, quiet));
-        assert!(!n.ping(Seen::PingResp, waiting, false));
-        assert!(n.ping(Seen::PingResp, waiting, quiet));
-        assert!(!n.ping(Seen::Other, waiting, quiet));
+        assert!(!n.ping(Seen::Answer, quiet, || false));
+        assert!(!n.ping(Seen::Answer, false, || waiting));
+        assert!(!n.ping(Seen::Written, quiet, || waiting));
+        assert!(!n.ping(Seen::PingResp, quiet, || false));
+        assert!(!n.ping(Seen::PingResp, false, || waiting));
+        assert!(n.ping(Seen::PingResp, quiet, || waiting));
+        assert!(!n.ping(Seen::Other, quiet, || waiting));
     }
 
     fn answered(rx: &mut oneshot::Receiver<Answer>) -> Option<String> {

@@ -5,10 +5,11 @@
 //! (MQTT 5), what MQTT 3.1.1 cannot carry, and the packet size checked before sending.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 
 use herald_core::{Ack, BatchOutcome, Destination, EarlyAcks, Message, TransportError, Turn};
 use tokio::sync::oneshot;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::config::{MqttConfig, Version};
 use crate::connection::{Answer, Inner, Live};
@@ -70,6 +71,9 @@ async fn send_in_turn(
         deadline: Instant::now() + inner.config.ack_timeout,
         early,
     };
+    // One timer for the whole batch, armed once: a timeout per message would put an entry in
+    // tokio's timer wheel and take it out again for every message.
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(b.deadline));
     let window = inner.config.window;
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     let mut pending: VecDeque<(usize, oneshot::Receiver<Answer>)> =
@@ -90,7 +94,7 @@ async fn send_in_turn(
         }
         while pending.len() >= window {
             if let Some((j, rx)) = pending.pop_front() {
-                let outcome = b.settle(j, rx).await;
+                let outcome = b.settle(timer.as_mut(), j, rx).await;
                 if let Err(e) = &outcome {
                     hold.failed(&batch[j], e);
                 }
@@ -120,19 +124,19 @@ async fn send_in_turn(
             broken = Some(e);
             continue;
         }
-        let sent = tokio::time::timeout_at(
-            b.deadline,
-            live.publish(&topic, msg.payload().clone(), properties),
-        )
-        .await;
+        let sent = tokio::select! {
+            biased;
+            sent = live.publish(&topic, msg.payload().clone(), properties) => Some(sent),
+            () = timer.as_mut() => None,
+        };
         match sent {
-            Ok(Some(rx)) => pending.push_back((i, rx)),
-            Ok(None) => {
+            Some(Some(rx)) => pending.push_back((i, rx)),
+            Some(None) => {
                 let e = b.lost();
                 outcomes[i] = Some(Err(e.clone()));
                 broken = Some(e);
             }
-            Err(_) => {
+            None => {
                 let e = b.timeout("handing the message to the client");
                 outcomes[i] = Some(Err(e.clone()));
                 broken = Some(e);
@@ -142,7 +146,7 @@ async fn send_in_turn(
     drop(send_lock);
     turn.handed_over();
     for (j, rx) in pending {
-        outcomes[j] = Some(b.settle(j, rx).await);
+        outcomes[j] = Some(b.settle(timer.as_mut(), j, rx).await);
     }
     let outcomes: BatchOutcome = outcomes
         .into_iter()
@@ -169,14 +173,20 @@ async fn send_in_turn(
 }
 
 impl Batch<'_> {
-    /// Waits for the answer of the message at `index`, until the batch's deadline; an
-    /// acknowledgement is told early at once.
+    /// Waits for the answer of the message at `index`, until the batch's deadline (`timer`);
+    /// an acknowledgement is told early at once.
     async fn settle(
         &self,
+        timer: Pin<&mut Sleep>,
         index: usize,
         rx: oneshot::Receiver<Answer>,
     ) -> Result<Ack, TransportError> {
-        match tokio::time::timeout_at(self.deadline, rx).await {
+        let answer = tokio::select! {
+            biased;
+            answer = rx => Ok(answer),
+            () = timer => Err(()),
+        };
+        match answer {
             Ok(Ok(Answer::Acked)) => {
                 if let Some(early) = &self.early {
                     early.ack(index, Ack::default());

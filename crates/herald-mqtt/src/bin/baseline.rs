@@ -83,7 +83,7 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
             ),
             (
                 "herald_relaxed",
-                "herald send_all, default batching, relaxed order (8 batches in flight)",
+                "herald send_all, default batching, relaxed order (16 batches in flight)",
                 OrderingMode::Relaxed,
             ),
         ] {
