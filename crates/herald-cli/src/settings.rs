@@ -91,8 +91,8 @@ pub(crate) struct Tuning {
     pub(crate) max_in_flight: Option<usize>,
     /// Under strict ordering, most batches of one destination in flight at once, where the
     /// broker's client keeps order across them (Kafka with idempotence, RabbitMQ, NATS, MQTT;
-    /// Redis sends one at a time). 1: each batch waits for the one before [default: Kafka 16,
-    /// others 4].
+    /// Redis sends one at a time). 1: each batch waits for the one before [default: Kafka and MQTT
+    /// 16, others 4].
     #[arg(long, value_name = "N", help_heading = "Producer")]
     pub(crate) pipeline_depth: Option<usize>,
     /// A librdkafka property (repeatable), e.g. security.protocol=SASL_PLAINTEXT. Properties

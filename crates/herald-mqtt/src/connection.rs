@@ -899,6 +899,11 @@ mod tests {
         assert!(!n.ping(Seen::PingResp, false, || waiting));
         assert!(n.ping(Seen::PingResp, quiet, || waiting));
         assert!(!n.ping(Seen::Other, quiet, || waiting));
+        // The book's lock (`waiting`) is taken only when a ping is otherwise due.
+        let untouched = || -> bool { unreachable!("waiting asked though no ping was due") };
+        assert!(!n.ping(Seen::Written, quiet, untouched));
+        assert!(!n.ping(Seen::Other, quiet, untouched));
+        assert!(!n.ping(Seen::Answer, false, untouched));
     }
 
     fn answered(rx: &mut oneshot::Receiver<Answer>) -> Option<String> {

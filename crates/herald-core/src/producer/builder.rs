@@ -150,7 +150,7 @@ impl ProducerBuilder {
     /// is kept at every depth (docs/guarantees.md, Ordering); a transient failure costs up to
     /// `depth - 1` batches' worth of resent messages of its key. Also capped by
     /// [`max_in_flight`](Self::max_in_flight). Default: the transport's own
-    /// ([`Transport::suggested_pipeline_depth`]: herald-kafka 16), else 4.
+    /// ([`Transport::suggested_pipeline_depth`]: herald-kafka and herald-mqtt 16), else 4.
     #[must_use]
     pub fn pipeline_depth(mut self, depth: usize) -> Self {
         self.pipeline_depth = Some(depth);
