@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use herald_core::{Destination, Message, Producer};
+use herald_core::{BulkReceipt, Destination, Message, Producer};
 use herald_kafka::{KafkaConfig, KafkaTransport};
 use herald_testkit::conformance::{Harness, Injected};
 
@@ -158,4 +158,17 @@ pub async fn health_becomes(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits for every message of `receipt` to end and asserts that none failed (naming how many
+/// did and the first); returns how many were delivered.
+pub async fn delivered_all(receipt: BulkReceipt) -> u64 {
+    let report = receipt.wait().await;
+    assert!(
+        report.failed.is_empty(),
+        "{} failed, first: {:?}",
+        report.failed.len(),
+        report.failed.first()
+    );
+    report.delivered
 }
