@@ -21,7 +21,6 @@ struct Batch<'a> {
     inner: &'a Inner,
     live: &'a Live,
     topic: &'a str,
-    deadline: Instant,
     /// Where an acknowledgement is told as it comes.
     early: Option<EarlyAcks>,
 }
@@ -67,13 +66,14 @@ async fn send_in_turn(
         inner,
         live: &live,
         topic: &topic,
-        // One deadline for the whole batch: publishes and acknowledgements share it.
-        deadline: Instant::now() + inner.config.ack_timeout,
         early,
     };
-    // One timer for the whole batch, armed once: a timeout per message would put an entry in
-    // tokio's timer wheel and take it out again for every message.
-    let mut timer = std::pin::pin!(tokio::time::sleep_until(b.deadline));
+    // One deadline for the whole batch, one timer for it armed once: the connection's send
+    // lock, the publishes and the acknowledgements all wait under it (a timeout per message
+    // would put an entry in tokio's timer wheel and take it out again for every message).
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(
+        Instant::now() + inner.config.ack_timeout
+    ));
     let window = inner.config.window;
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     let mut pending: VecDeque<(usize, oneshot::Receiver<Answer>)> =
@@ -83,10 +83,11 @@ async fn send_in_turn(
     // Once the connection is gone (or the batch's time is up), nothing more is published.
     let mut broken: Option<TransportError> = None;
     // Slots and publishes enter the client in the same order: one batch at a time.
-    let send_lock = tokio::time::timeout_at(b.deadline, live.send.lock()).await;
-    if send_lock.is_err() {
-        return fail_all(b.timeout("waiting for the connection"));
-    }
+    let send_lock = tokio::select! {
+        biased;
+        guard = live.send.lock() => guard,
+        () = timer.as_mut() => return fail_all(b.timeout("waiting for the connection")),
+    };
     for (i, msg) in batch.iter().enumerate() {
         if let Some(e) = &broken {
             outcomes[i] = Some(Err(e.clone()));
