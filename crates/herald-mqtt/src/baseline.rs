@@ -368,7 +368,7 @@ impl OneByOne {
         &mut self,
         i: u64,
     ) -> impl std::future::Future<Output = bool> + Send + 'static {
-        let answer = self.answers.slot();
+        let answer = self.answers.one();
         let handed = match answer {
             Some(_) => {
                 // Dropped half-way (the client's channel full), or refused by a client whose

@@ -20,7 +20,9 @@
 //! `Outgoing::AwaitAck(pkid)` when it must wait for that id to be acknowledged first). Each
 //! message's answer slot is queued before its publish enters the channel (under the
 //! connection's send lock), so the n-th id reported is the n-th slot queued; the slot then waits
-//! under its packet id for the PUBACK (QoS 1) or the PUBREC and PUBCOMP (QoS 2).
+//! under its packet id for the PUBACK (QoS 1) or the PUBREC and PUBCOMP (QoS 2). A slot is a
+//! place in its batch's table of answers (`crate::answers`), or, for the raw open-loop
+//! baseline, a channel of its own.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +35,7 @@ use rumqttc::v5;
 use tokio::sync::{oneshot, Mutex};
 use tokio::time::Instant;
 
+use crate::answers::Answers;
 use crate::config::{MqttConfig, Qos, Version};
 use crate::error::{
     ack_code, comp_code, puback_code, pubcomp_code, pubrec_code, CodeInfo, Failure,
@@ -50,7 +53,25 @@ pub(crate) enum Answer {
     Lost,
 }
 
-type Slot = oneshot::Sender<Answer>;
+/// Where the answer to one publish goes.
+pub(crate) enum Slot {
+    /// The message at this index of a batch.
+    Batch(Arc<Answers>, usize),
+    /// A channel of its own (the raw open-loop baseline: each message is a future of its own).
+    One(oneshot::Sender<Answer>),
+}
+
+impl Slot {
+    fn put(self, answer: Answer) {
+        match self {
+            Slot::Batch(answers, index) => answers.put(index, answer),
+            Slot::One(tx) => {
+                // The batch may have stopped waiting: nothing to tell then.
+                let _gone = tx.send(answer);
+            }
+        }
+    }
+}
 
 /// The answer slots of one connection's messages.
 #[derive(Default)]
@@ -98,15 +119,20 @@ impl LiveState {
     }
 
     /// Queues the answer slot of the next publish to be handed to the client (slots and
-    /// publishes must enter in the same order); `None` once the connection is over.
-    pub(crate) fn slot(&self) -> Option<oneshot::Receiver<Answer>> {
-        let (tx, rx) = oneshot::channel();
+    /// publishes must enter in the same order); `false` once the connection is over.
+    pub(crate) fn slot(&self, slot: Slot) -> bool {
         let mut book = self.book();
         if book.closed {
-            return None;
+            return false;
         }
-        book.queued.push_back(tx);
-        Some(rx)
+        book.queued.push_back(slot);
+        true
+    }
+
+    /// [`LiveState::slot`] with a channel of its own for the answer.
+    pub(crate) fn one(&self) -> Option<oneshot::Receiver<Answer>> {
+        let (tx, rx) = oneshot::channel();
+        self.slot(Slot::One(tx)).then_some(rx)
     }
 
     /// The client wrote a publish with `pkid`.
@@ -134,9 +160,9 @@ impl LiveState {
     }
 
     fn answer(&self, pkid: u16, answer: Answer) {
-        if let Some(slot) = self.book().inflight.remove(&pkid) {
-            // The batch may have stopped waiting: nothing to tell then.
-            let _gone = slot.send(answer);
+        let slot = self.book().inflight.remove(&pkid);
+        if let Some(slot) = slot {
+            slot.put(answer);
         }
     }
 
@@ -171,7 +197,7 @@ impl LiveState {
         slots.extend(book.collided.take().map(|(_, s)| s));
         drop(book);
         for s in slots {
-            let _gone = s.send(Answer::Lost);
+            s.put(Answer::Lost);
         }
     }
 }
@@ -231,15 +257,18 @@ impl Live {
         self.state.end(failure);
     }
 
-    /// Hands one publish to the client (the caller holds [`Live::send`]); the answer comes on
-    /// the returned receiver. `None`: the connection is over.
+    /// Hands one publish to the client (the caller holds [`Live::send`]); its answer goes to
+    /// `slot`. `false`: the connection is over.
     pub(crate) async fn publish(
         &self,
+        slot: Slot,
         topic: &str,
         payload: Bytes,
         properties: Vec<(String, String)>,
-    ) -> Option<oneshot::Receiver<Answer>> {
-        let rx = self.state.slot()?;
+    ) -> bool {
+        if !self.state.slot(slot) {
+            return false;
+        }
         let mut unfinished = Unfinished(Some(self));
         let sent = match &self.client {
             Client::V5(c) => {
@@ -269,11 +298,10 @@ impl Live {
         };
         if sent {
             unfinished.0 = None;
-            Some(rx)
-        } else {
-            // The event loop is gone (its task ended): the connection is over.
-            None
         }
+        // Not sent: the event loop is gone (its task ended), the connection is over (and the
+        // slot was answered `Lost` by `Unfinished`).
+        sent
     }
 }
 
@@ -916,7 +944,7 @@ mod tests {
         let mut rx: Vec<_> = (0..4)
             .map(|_| {
                 let (tx, rx) = oneshot::channel();
-                state.book().queued.push_back(tx);
+                state.book().queued.push_back(Slot::One(tx));
                 rx
             })
             .collect();

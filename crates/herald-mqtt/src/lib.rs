@@ -39,6 +39,7 @@
 //!   the `mqtt-baseline` binary on it, that `herald bench --baseline` (and
 //!   `cargo xtask bench mqtt`) compare herald with.
 
+mod answers;
 mod config;
 mod connection;
 mod destination;

@@ -4,15 +4,14 @@
 //! connection, per-key order. Also what a message becomes on the wire: user properties
 //! (MQTT 5), what MQTT 3.1.1 cannot carry, and the packet size checked before sending.
 
-use std::collections::VecDeque;
-use std::pin::Pin;
+use std::sync::Arc;
 
 use herald_core::{Ack, BatchOutcome, Destination, EarlyAcks, Message, TransportError, Turn};
-use tokio::sync::oneshot;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
+use crate::answers::Answers;
 use crate::config::{MqttConfig, Version};
-use crate::connection::{Answer, Inner, Live};
+use crate::connection::{Answer, Inner, Live, Slot};
 use crate::destination;
 use crate::error::refused;
 
@@ -21,8 +20,6 @@ struct Batch<'a> {
     inner: &'a Inner,
     live: &'a Live,
     topic: &'a str,
-    /// Where an acknowledgement is told as it comes.
-    early: Option<EarlyAcks>,
 }
 
 /// Sends one batch to `destination`: what
@@ -66,7 +63,6 @@ async fn send_in_turn(
         inner,
         live: &live,
         topic: &topic,
-        early,
     };
     // One deadline for the whole batch, one timer for it armed once: the connection's send
     // lock, the publishes and the acknowledgements all wait under it (a timeout per message
@@ -75,9 +71,12 @@ async fn send_in_turn(
         Instant::now() + inner.config.ack_timeout
     ));
     let window = inner.config.window;
+    // Every message's outcome: set here for what is not handed to the client, from `answers`
+    // for what is.
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
-    let mut pending: VecDeque<(usize, oneshot::Receiver<Answer>)> =
-        VecDeque::with_capacity(window.min(batch.len()));
+    let answers = Arc::new(Answers::new(batch.len(), early));
+    let mut handed = 0usize;
+    let mut failed = Vec::new();
     // Not sent: keys that failed in the calls before, if this call is on a new connection.
     let mut hold = turn.enter(live.path).await;
     // Once the connection is gone (or the batch's time is up), nothing more is published.
@@ -93,13 +92,26 @@ async fn send_in_turn(
             outcomes[i] = Some(Err(e.clone()));
             continue;
         }
-        while pending.len() >= window {
-            if let Some((j, rx)) = pending.pop_front() {
-                let outcome = b.settle(timer.as_mut(), j, rx).await;
+        if handed >= window {
+            // The window is full: wait for room, and hold the keys that failed meanwhile.
+            let room = tokio::select! {
+                biased;
+                () = answers.answered(handed + 1 - window) => true,
+                () = timer.as_mut() => false,
+            };
+            answers.take_failed(&mut failed);
+            for (j, answer) in failed.drain(..) {
+                let outcome = b.outcome(answer);
                 if let Err(e) = &outcome {
                     hold.failed(&batch[j], e);
                 }
                 outcomes[j] = Some(outcome);
+            }
+            if !room {
+                let e = b.timeout("waiting for the acknowledgements of the messages before it");
+                outcomes[i] = Some(Err(e.clone()));
+                broken = Some(e);
+                continue;
             }
         }
         // Not even sent behind a transient failure of its key (the pipeline retries it after).
@@ -125,19 +137,21 @@ async fn send_in_turn(
             broken = Some(e);
             continue;
         }
+        let slot = Slot::Batch(Arc::clone(&answers), i);
         let sent = tokio::select! {
             biased;
-            sent = live.publish(&topic, msg.payload().clone(), properties) => Some(sent),
+            sent = live.publish(slot, &topic, msg.payload().clone(), properties) => Some(sent),
             () = timer.as_mut() => None,
         };
         match sent {
-            Some(Some(rx)) => pending.push_back((i, rx)),
-            Some(None) => {
+            Some(true) => handed += 1,
+            Some(false) => {
                 let e = b.lost();
                 outcomes[i] = Some(Err(e.clone()));
                 broken = Some(e);
             }
             None => {
+                // The publish was dropped half-way: its connection is ended (`Live::publish`).
                 let e = b.timeout("handing the message to the client");
                 outcomes[i] = Some(Err(e.clone()));
                 broken = Some(e);
@@ -146,17 +160,19 @@ async fn send_in_turn(
     }
     drop(send_lock);
     turn.handed_over();
-    for (j, rx) in pending {
-        outcomes[j] = Some(b.settle(timer.as_mut(), j, rx).await);
+    // Every answer, or the batch's deadline: the connection's task wakes this task once.
+    tokio::select! {
+        biased;
+        () = answers.answered(handed) => {}
+        () = timer.as_mut() => {}
     }
     let outcomes: BatchOutcome = outcomes
         .into_iter()
-        .map(|o| {
-            o.unwrap_or_else(|| {
-                Err(TransportError::transient(
-                    "internal: message not published; retried",
-                ))
-            })
+        .zip(answers.close())
+        .map(|(outcome, answer)| match (outcome, answer) {
+            (Some(outcome), _) => outcome,
+            (None, Some(answer)) => b.outcome(answer),
+            (None, None) => Err(b.timeout("waiting for its acknowledgement")),
         })
         .collect();
     if live.is_connected()
@@ -174,29 +190,13 @@ async fn send_in_turn(
 }
 
 impl Batch<'_> {
-    /// Waits for the answer of the message at `index`, until the batch's deadline (`timer`);
-    /// an acknowledgement is told early at once.
-    async fn settle(
-        &self,
-        timer: Pin<&mut Sleep>,
-        index: usize,
-        rx: oneshot::Receiver<Answer>,
-    ) -> Result<Ack, TransportError> {
-        let answer = tokio::select! {
-            biased;
-            answer = rx => Ok(answer),
-            () = timer => Err(()),
-        };
+    /// The outcome of a message with this answer (an acknowledgement was told early by
+    /// [`Answers::put`] already).
+    fn outcome(&self, answer: Answer) -> Result<Ack, TransportError> {
         match answer {
-            Ok(Ok(Answer::Acked)) => {
-                if let Some(early) = &self.early {
-                    early.ack(index, Ack::default());
-                }
-                Ok(Ack::default())
-            }
-            Ok(Ok(Answer::Refused(info, packet))) => Err(refused(&info, self.topic, packet)),
-            Ok(Ok(Answer::Lost) | Err(_)) => Err(self.lost()),
-            Err(_) => Err(self.timeout("waiting for its acknowledgement")),
+            Answer::Acked => Ok(Ack::default()),
+            Answer::Refused(info, packet) => Err(refused(&info, self.topic, packet)),
+            Answer::Lost => Err(self.lost()),
         }
     }
 

@@ -370,7 +370,7 @@ async fn ten_thousand_keyed_messages_read_back_in_order_with_key_id_and_headers(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
-async fn qos_2_acknowledges_by_pubcomp() {
+async fn qos_2_acknowledges_by_pubcomp_and_a_full_window_waits_for_room() {
     const N: usize = 2_000;
     let url = url();
     let reader = Reader::connect(&url, None).await;
@@ -380,7 +380,10 @@ async fn qos_2_acknowledges_by_pubcomp() {
     let sent: Vec<Message> = (0..N)
         .map(|i| Message::new(dest.clone(), format!("q2-{i}")).with_key(format!("k{}", i % 4)))
         .collect();
-    let config = MqttConfig::from_url(&topic_url(&url, &topic, "?qos=2")).expect("url");
+    // A window of 3: batches (up to 1 024 messages) wait for room again and again.
+    let config = MqttConfig::from_url(&topic_url(&url, &topic, "?qos=2"))
+        .expect("url")
+        .window(3);
     assert_eq!(config.qos(), Qos::ExactlyOnce);
     let got = round_trip(config, &reader, &topic, &sent).await;
     assert_exactly_in_order(&got, &sent);
