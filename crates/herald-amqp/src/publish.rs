@@ -2,7 +2,10 @@
 //! whole batch, and the outcome of every message (confirm, return, nack, per-key order).
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::pin::Pin;
+use std::task::Poll;
 
 use futures_util::future::join_all;
 use herald_core::{
@@ -164,6 +167,18 @@ fn properties(config: &AmqpConfig, msg: &Message) -> BasicProperties {
     props
 }
 
+/// A publish whose frames lapin has queued: the future ends once its I/O thread wrote them.
+type Writing<'a> =
+    Pin<Box<dyn Future<Output = lapin::Result<lapin::PublisherConfirm>> + Send + 'a>>;
+
+/// A publish of [`publish_group`] handed to lapin.
+enum InFlight<'a> {
+    /// Its frames are queued, not yet written by lapin's I/O thread.
+    Writing(Writing<'a>),
+    /// Written: its confirm is to come.
+    Written(lapin::PublisherConfirm),
+}
+
 /// What [`publish_group`] leaves to [`settle_group`]: the outcomes known, and the confirms still
 /// to come, on the channel it published on.
 struct Published {
@@ -210,40 +225,63 @@ async fn publish_group(
     let exchange = ShortString::from(route.exchange.as_str());
     let routing_key = ShortString::from(route.routing_key.as_str());
     let mut out = Vec::with_capacity(idxs.len());
-    let mut pending = VecDeque::with_capacity(config.window.min(idxs.len()));
+    let mut flight: VecDeque<(usize, InFlight<'_>)> =
+        VecDeque::with_capacity(config.window.min(idxs.len()));
     let mut broken: Option<TransportError> = None;
+    let written = async |publish: InFlight<'_>| match publish {
+        InFlight::Written(confirm) => Ok(confirm),
+        // lapin stops writing while the broker blocks the connection: bounded too.
+        InFlight::Writing(publish) => match tokio::time::timeout_at(deadline, publish).await {
+            Ok(Ok(confirm)) => Ok(confirm),
+            Ok(Err(e)) => Err(classify_on_channel(&e, route, &target)),
+            Err(_) => Err(stalled(inner, &target, "publishing")),
+        },
+    };
     for i in idxs {
         if let Some(e) = &broken {
             out.push((i, Err(e.clone())));
             continue;
         }
-        while pending.len() >= config.window {
-            if let Some((j, confirm)) = pending.pop_front() {
-                let outcome = settle(inner, confirm, route, &target, deadline).await;
+        while flight.len() >= config.window {
+            if let Some((j, publish)) = flight.pop_front() {
+                let outcome = match written(publish).await {
+                    Ok(confirm) => settle(inner, confirm, route, &target, deadline).await,
+                    Err(e) => Err(e),
+                };
                 out.push((j, told(early, j, outcome)));
             }
         }
         let msg = &batch[i];
-        let publish = channel.basic_publish(
+        let mut publish: Writing<'_> = Box::pin(channel.basic_publish(
             exchange.clone(),
             routing_key.clone(),
             options,
             msg.payload(),
             properties(config, msg),
-        );
-        // lapin stops writing while the broker blocks the connection: bounded too.
-        match tokio::time::timeout_at(deadline, publish).await {
-            Ok(Ok(confirm)) => pending.push_back((i, confirm)),
-            Ok(Err(e)) => {
+        ));
+        // The first poll takes the delivery tag and queues the frames for lapin's I/O thread,
+        // in call order; it then waits for the thread to say they are written. That wait is
+        // not this loop's: awaiting it here put a wake-up of each thread by the other between
+        // every two publishes (the thread's write wakes nothing here: the waker is a no-op;
+        // the wait is awaited, with a real waker, once the batch is handed over).
+        match publish
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        {
+            Poll::Pending => flight.push_back((i, InFlight::Writing(publish))),
+            Poll::Ready(Ok(confirm)) => flight.push_back((i, InFlight::Written(confirm))),
+            Poll::Ready(Err(e)) => {
                 let e = classify_on_channel(&e, route, &target);
                 out.push((i, Err(e.clone())));
                 broken = Some(e);
             }
-            Err(_) => {
-                let e = stalled(inner, &target, "publishing");
-                out.push((i, Err(e.clone())));
-                broken = Some(e);
-            }
+        }
+    }
+    let mut pending = VecDeque::with_capacity(flight.len());
+    for (j, publish) in flight {
+        match written(publish).await {
+            Ok(confirm) => pending.push_back((j, confirm)),
+            Err(e) => out.push((j, Err(e))),
         }
     }
     Published {
