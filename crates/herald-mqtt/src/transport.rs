@@ -101,9 +101,9 @@ impl Transport for MqttTransport {
     /// 16: with herald's default of 4, messages at a steady 5 000 msgs/s to Mosquitto waited for
     /// a slot behind batches whose PUBACKs were due (p99 35-44 ms; at 20 000/s p50 3-12 ms); at
     /// 16, 5 000/s p99 2.1-13 ms and 20 000/s p50 1.5-2.2 ms, and no better at 64. The broker's
-    /// Receive Maximum still bounds what is on the wire. The price is bulk throughput: about
-    /// 11 % in closed-loop runs, more batch tasks waiting at once (docs/benchmarks.md, MQTT);
-    /// `ProducerBuilder::pipeline_depth(4)` keeps the old trade.
+    /// Receive Maximum still bounds what is on the wire. Bulk throughput is the same at 16 as at
+    /// 4 since rumqttc's request channel has room for what 16 batches hand over (with 4 096
+    /// it fell by about 11 %: docs/benchmarks.md, MQTT).
     fn suggested_pipeline_depth(&self) -> Option<usize> {
         Some(16)
     }
