@@ -246,10 +246,26 @@ async fn publish_group(
             if let Some((j, publish)) = flight.pop_front() {
                 let outcome = match written(publish).await {
                     Ok(confirm) => settle(inner, confirm, route, &target, deadline).await,
-                    Err(e) => Err(e),
+                    Err(e) => {
+                        // Not written: nothing more goes out on this channel in this batch.
+                        broken = Some(e.clone());
+                        Err(e)
+                    }
                 };
                 out.push((j, told(early, j, outcome)));
             }
+        }
+        if let Some(e) = &broken {
+            out.push((i, Err(e.clone())));
+            continue;
+        }
+        if Instant::now() >= deadline {
+            // The batch's time is up (a confirm timed out above, say): what is not handed to
+            // lapin yet stays with herald, rather than going out to be retried as well.
+            let e = stalled(inner, &target, "publishing");
+            out.push((i, Err(e.clone())));
+            broken = Some(e);
+            continue;
         }
         let msg = &batch[i];
         let mut publish: Writing<'_> = Box::pin(channel.basic_publish(
@@ -260,10 +276,12 @@ async fn publish_group(
             properties(config, msg),
         ));
         // The first poll takes the delivery tag and queues the frames for lapin's I/O thread,
-        // in call order; it then waits for the thread to say they are written. That wait is
-        // not this loop's: awaiting it here put a wake-up of each thread by the other between
-        // every two publishes (the thread's write wakes nothing here: the waker is a no-op;
-        // the wait is awaited, with a real waker, once the batch is handed over).
+        // in call order (lapin 4's `basic_publish` does both before its first await: the
+        // order of delivery tags, and so of confirms, rests on that); it then waits for the
+        // thread to say they are written. That wait is not this loop's: awaiting it here put a
+        // wake-up of each thread by the other between every two publishes. The waker of the
+        // first poll is a no-op (the thread's write wakes nothing); the wait is awaited with
+        // the real one when the window is full, or after the channel's last publish.
         match publish
             .as_mut()
             .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))

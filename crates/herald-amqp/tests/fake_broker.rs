@@ -7,10 +7,41 @@ mod common;
 use std::time::Duration;
 
 use common::closed_port;
-use common::fake_broker::{fake_broker, Fake};
+use common::fake_broker::{fake_broker, fake_broker_counting, Fake};
 use futures_util::future::join_all;
 use herald_amqp::{AmqpConfig, AmqpTransport};
 use herald_core::{Destination, ErrorClass, Message, Transport};
+
+/// A transport on one channel to the fake broker at `port`, configured by `tune`, connected.
+async fn connected(port: u16, tune: impl FnOnce(AmqpConfig) -> AmqpConfig) -> AmqpTransport {
+    let config = AmqpConfig::from_url(&format!("amqp://127.0.0.1:{port}/%2F"))
+        .expect("url")
+        .channels(1);
+    let t = AmqpTransport::new(tune(config)).expect("transport");
+    t.connect()
+        .await
+        .expect("the fake broker takes the handshake");
+    t
+}
+
+/// Sends `batch` to `q`, which must end within 5 s (`why` says why it would not) with every
+/// message failed transiently (not confirmed).
+async fn every_one_transient(t: &AmqpTransport, batch: &[Message], why: &str) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(5),
+        t.send_batch(&Destination::new("q"), batch),
+    )
+    .await
+    .expect(why);
+    for o in &out {
+        let e = o.as_ref().expect_err("not confirmed");
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+    }
+}
+/// `n` messages to the queue `q`: `m0`, `m1`, ...
+fn numbered(n: usize) -> Vec<Message> {
+    (0..n).map(|i| Message::new("q", format!("m{i}"))).collect()
+}
 
 #[tokio::test]
 async fn an_unreachable_broker_fails_the_batch_transiently_and_backs_off() {
@@ -89,19 +120,8 @@ async fn concurrent_calls_wait_out_the_backoff_side_by_side() {
 #[tokio::test]
 async fn missing_confirms_time_out_once_per_batch_not_once_per_message() {
     let port = fake_broker(Fake::Silent).await;
-    let t = AmqpTransport::new(
-        AmqpConfig::from_url(&format!("amqp://127.0.0.1:{port}/%2F"))
-            .expect("url")
-            .channels(1)
-            .confirm_timeout(Duration::from_millis(400)),
-    )
-    .expect("transport");
-    t.connect()
-        .await
-        .expect("the fake broker takes the handshake");
-    let batch: Vec<Message> = (0..10)
-        .map(|i| Message::new("q", format!("m{i}")))
-        .collect();
+    let t = connected(port, |c| c.confirm_timeout(Duration::from_millis(400))).await;
+    let batch = numbered(10);
     let started = std::time::Instant::now();
     let out = t.send_batch(&Destination::new("q"), &batch).await;
     let took = started.elapsed();
@@ -115,31 +135,53 @@ async fn missing_confirms_time_out_once_per_batch_not_once_per_message() {
     }
 }
 
+/// Once the batch's time is up (here: the confirms of the first window never come), what is
+/// not handed to lapin yet is not published: it fails with the batch and is retried, rather
+/// than going out now and again with the retry.
+#[tokio::test]
+async fn a_batch_whose_time_is_up_publishes_no_more() {
+    let (port, publishes) = fake_broker_counting(Fake::Silent).await;
+    let t = connected(port, |c| {
+        c.window(4).confirm_timeout(Duration::from_millis(300))
+    })
+    .await;
+    let batch = numbered(40);
+    every_one_transient(&t, &batch, "the batch ends by its deadline").await;
+    // The window (4) reached the broker; nothing else follows. lapin writes what it was handed
+    // within milliseconds: were the other 36 handed over, they would arrive well inside the
+    // half second watched.
+    let count = || publishes.load(std::sync::atomic::Ordering::SeqCst);
+    let watch = |until: Duration, done: fn(usize) -> bool| async move {
+        let end = tokio::time::Instant::now() + until;
+        while !done(count()) && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    watch(Duration::from_secs(5), |n| n >= 4).await;
+    assert_eq!(count(), 4, "the window's publishes reached the broker");
+    watch(Duration::from_millis(500), |n| n > 4).await;
+    assert_eq!(
+        count(),
+        4,
+        "publishes went out after the batch's time was up"
+    );
+}
+
 #[tokio::test]
 async fn a_publish_stuck_behind_a_blocked_connection_is_bounded() {
     let port = fake_broker(Fake::Blocks).await;
-    let t = AmqpTransport::new(
-        AmqpConfig::from_url(&format!("amqp://127.0.0.1:{port}/%2F"))
-            .expect("url")
-            .channels(1)
-            .confirm_timeout(Duration::from_millis(500))
-            .blocked_timeout(Duration::from_millis(500)),
+    let t = connected(port, |c| {
+        c.confirm_timeout(Duration::from_millis(500))
+            .blocked_timeout(Duration::from_millis(500))
+    })
+    .await;
+    let batch = numbered(5);
+    every_one_transient(
+        &t,
+        &batch,
+        "a blocked connection must not hold a batch forever",
     )
-    .expect("transport");
-    t.connect()
-        .await
-        .expect("the fake broker takes the handshake");
-    let batch: Vec<Message> = (0..5).map(|i| Message::new("q", format!("m{i}"))).collect();
-    let out = tokio::time::timeout(
-        Duration::from_secs(5),
-        t.send_batch(&Destination::new("q"), &batch),
-    )
-    .await
-    .expect("a blocked connection must not hold a batch forever");
-    for o in &out {
-        let e = o.as_ref().expect_err("not confirmed");
-        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
-    }
+    .await;
 }
 
 /// Issue 13: an address list. The first address is dead: the transport goes on to the next one
@@ -150,7 +192,7 @@ async fn a_dead_first_address_is_skipped_for_the_next_one() {
     let dead = closed_port();
     let url = format!("amqp://app:hunter2-secret@127.0.0.1:{dead},127.0.0.1:{good}/%2F");
     let t = AmqpTransport::new(AmqpConfig::from_url(&url).expect("url")).expect("transport");
-    let batch: Vec<Message> = (0..5).map(|i| Message::new("q", format!("m{i}"))).collect();
+    let batch = numbered(5);
     let out = t.send_batch(&Destination::new("q"), &batch).await;
     for o in &out {
         assert!(o.is_ok(), "{o:?}");
@@ -174,7 +216,7 @@ async fn confirms_that_stop_coming_move_the_transport_to_the_next_address() {
             .confirm_timeout(Duration::from_millis(300)),
     )
     .expect("transport");
-    let batch: Vec<Message> = (0..5).map(|i| Message::new("q", format!("m{i}"))).collect();
+    let batch = numbered(5);
     let out = t.send_batch(&Destination::new("q"), &batch).await;
     assert!(
         out.iter().all(|o| o
@@ -221,7 +263,7 @@ async fn a_nack_gives_the_channel_up_and_the_retry_goes_out_on_a_new_one() {
             .channels(1),
     )
     .expect("transport");
-    let batch: Vec<Message> = (0..5).map(|i| Message::new("q", format!("m{i}"))).collect();
+    let batch = numbered(5);
     let first = t.send_batch(&Destination::new("q"), &batch).await;
     for o in &first {
         let e = o.as_ref().expect_err("the first channel nacks");

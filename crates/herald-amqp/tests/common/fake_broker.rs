@@ -46,13 +46,26 @@ fn long_str(s: &[u8]) -> Vec<u8> {
 /// A minimal AMQP 0-9-1 server on 127.0.0.1 (handshake, channels, confirm mode) that behaves
 /// as `mode` says. Returns its port.
 pub(crate) async fn fake_broker(mode: Fake) -> u16 {
+    fake_broker_counting(mode).await.0
+}
+
+/// [`fake_broker`], with the count of `basic.publish` methods it has read, over all its
+/// connections and channels.
+pub(crate) async fn fake_broker_counting(
+    mode: Fake,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let publishes = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&publishes);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
+            let counted = Arc::clone(&counted);
             tokio::spawn(async move {
                 let mut header = [0u8; 8];
                 if sock.read_exact(&mut header).await.is_err() {
@@ -102,6 +115,9 @@ pub(crate) async fn fake_broker(mode: Fake) -> u16 {
                         u16::from_be_bytes([body[0], body[1]]),
                         u16::from_be_bytes([body[2], body[3]]),
                     );
+                    if ids == (60, 40) {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
                     match ids {
                         // start-ok → tune: channel-max, frame-max, heartbeat 0.
                         (10, 11) => {
@@ -143,5 +159,5 @@ pub(crate) async fn fake_broker(mode: Fake) -> u16 {
             });
         }
     });
-    port
+    (port, publishes)
 }
