@@ -60,8 +60,9 @@ impl Answers {
 
     /// The answer to the message at `index` came (from the connection's task). An
     /// acknowledgement is told to herald at once; the batch's task is woken if it waits for
-    /// this many answers. A second answer for one index, or one after the batch took its
-    /// outcome, is ignored.
+    /// this many answers. An index out of the batch, a second answer while the first is still
+    /// in the table, or an answer after the batch took its outcome is ignored. (Each slot is
+    /// answered once: the connection's book hands it over by value.)
     pub(crate) fn put(&self, index: usize, answer: Answer) {
         let waker = {
             let mut t = self.table();
@@ -191,5 +192,36 @@ mod tests {
             1,
             "an answer after the close is not told"
         );
+    }
+
+    #[test]
+    fn a_wait_given_up_leaves_the_next_one_woken() {
+        let answers = Answers::new(3, None);
+        let (first, second) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        let (w1, w2) = (Waker::from(first.clone()), Waker::from(second.clone()));
+        assert!(std::pin::pin!(answers.answered(0))
+            .poll(&mut Context::from_waker(&w1))
+            .is_ready());
+        {
+            // Waited for 2, then dropped (the batch's timer won).
+            let mut gone = std::pin::pin!(answers.answered(2));
+            assert!(gone
+                .as_mut()
+                .poll(&mut Context::from_waker(&w1))
+                .is_pending());
+        }
+        let mut next = std::pin::pin!(answers.answered(1));
+        assert!(next
+            .as_mut()
+            .poll(&mut Context::from_waker(&w2))
+            .is_pending());
+        answers.put(1, Answer::Lost);
+        assert_eq!(
+            second.0.load(Ordering::SeqCst),
+            1,
+            "the waiting task is woken"
+        );
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
+        assert!(next.as_mut().poll(&mut Context::from_waker(&w2)).is_ready());
     }
 }

@@ -135,8 +135,8 @@ impl MqttConfig {
         self
     }
 
-    /// Most messages of one batch handed to the client and not yet answered: past this many,
-    /// the oldest answer is awaited before the next publish. (How many are on the wire at once
+    /// Most messages of one batch handed to the client and not yet answered: at this many, the
+    /// next publish waits until one of them is answered. (How many are on the wire at once
     /// is also bounded by the broker's Receive Maximum, which rumqttc keeps to.) Between 1 and
     /// 65 536. Default: 4096.
     #[must_use]

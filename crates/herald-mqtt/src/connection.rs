@@ -46,7 +46,7 @@ use crate::metrics::MqttMetrics;
 /// loop): what up to 16 batches in flight hand over, a window of 4 096 each, fits. When the
 /// channel is full, each publish waits for the event loop to take one, and each side wakes the
 /// other once a message (measured, 100 000 messages at pipeline depth 16 with room for 4 096:
-/// 33 000 context switches against 3 000-10 000, and 0.75 × the throughput). The channel
+/// 33 000 context switches against 3 000-10 000, and 41-42 k msgs/s against 53-60 k). The channel
 /// allocates only what it holds; what it holds is bounded by the producer's buffer.
 pub(crate) const REQUEST_CHANNEL: usize = 65_536;
 
@@ -943,6 +943,29 @@ mod tests {
 
     fn answered(rx: &mut oneshot::Receiver<Answer>) -> Option<String> {
         rx.try_recv().ok().map(|a| format!("{a:?}"))
+    }
+
+    #[test]
+    fn the_end_of_a_connection_answers_a_batch_s_slots_lost() {
+        let state = LiveState::default();
+        let answers = Arc::new(Answers::new(3, None));
+        for i in 0..3 {
+            assert!(state.slot(Slot::Batch(Arc::clone(&answers), i)));
+        }
+        state.written(1);
+        state.answer(1, Answer::Acked);
+        state.written(2);
+        state.end(None);
+        assert!(!state.slot(Slot::Batch(Arc::clone(&answers), 0)), "closed");
+        use std::future::Future;
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(std::pin::pin!(answers.answered(3))
+            .as_mut()
+            .poll(&mut cx)
+            .is_ready());
+        let left: Vec<String> = answers.close().iter().map(|a| format!("{a:?}")).collect();
+        assert_eq!(left, ["Some(Acked)", "Some(Lost)", "Some(Lost)"]);
     }
 
     #[test]
