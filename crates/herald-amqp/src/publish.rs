@@ -238,11 +238,7 @@ async fn publish_group(
         },
     };
     for i in idxs {
-        if let Some(e) = &broken {
-            out.push((i, Err(e.clone())));
-            continue;
-        }
-        while flight.len() >= config.window {
+        while broken.is_none() && flight.len() >= config.window {
             if let Some((j, publish)) = flight.pop_front() {
                 let outcome = match written(publish).await {
                     Ok(confirm) => settle(inner, confirm, route, &target, deadline).await,

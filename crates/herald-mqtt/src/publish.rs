@@ -4,10 +4,12 @@
 //! connection, per-key order. Also what a message becomes on the wire: user properties
 //! (MQTT 5), what MQTT 3.1.1 cannot carry, and the packet size checked before sending.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use herald_core::{Ack, BatchOutcome, Destination, EarlyAcks, Message, TransportError, Turn};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::answers::Answers;
 use crate::config::{MqttConfig, Version};
@@ -82,10 +84,8 @@ async fn send_in_turn(
     // Once the connection is gone (or the batch's time is up), nothing more is published.
     let mut broken: Option<TransportError> = None;
     // Slots and publishes enter the client in the same order: one batch at a time.
-    let send_lock = tokio::select! {
-        biased;
-        guard = live.send.lock() => guard,
-        () = timer.as_mut() => return fail_all(b.timeout("waiting for the connection")),
+    let Some(send_lock) = within(timer.as_mut(), live.send.lock()).await else {
+        return fail_all(b.timeout("waiting for the connection"));
     };
     for (i, msg) in batch.iter().enumerate() {
         if let Some(e) = &broken {
@@ -94,11 +94,9 @@ async fn send_in_turn(
         }
         if handed >= window {
             // The window is full: wait for room, and hold the keys that failed meanwhile.
-            let room = tokio::select! {
-                biased;
-                () = answers.answered(handed + 1 - window) => true,
-                () = timer.as_mut() => false,
-            };
+            let room = within(timer.as_mut(), answers.answered(handed + 1 - window))
+                .await
+                .is_some();
             answers.take_failed(&mut failed);
             for (j, answer) in failed.drain(..) {
                 let outcome = b.outcome(answer);
@@ -138,11 +136,8 @@ async fn send_in_turn(
             continue;
         }
         let slot = Slot::Batch(Arc::clone(&answers), i);
-        let sent = tokio::select! {
-            biased;
-            sent = live.publish(slot, &topic, msg.payload().clone(), properties) => Some(sent),
-            () = timer.as_mut() => None,
-        };
+        let publish = live.publish(slot, &topic, msg.payload().clone(), properties);
+        let sent = within(timer.as_mut(), publish).await;
         match sent {
             Some(true) => handed += 1,
             Some(false) => {
@@ -161,11 +156,8 @@ async fn send_in_turn(
     drop(send_lock);
     turn.handed_over();
     // Every answer, or the batch's deadline: the connection's task wakes this task once.
-    tokio::select! {
-        biased;
-        () = answers.answered(handed) => {}
-        () = timer.as_mut() => {}
-    }
+    // Either way, what came is read from the table below.
+    let _all_came = within(timer.as_mut(), answers.answered(handed)).await;
     let outcomes: BatchOutcome = outcomes
         .into_iter()
         .zip(answers.close())
@@ -187,6 +179,15 @@ async fn send_in_turn(
     // A later message of a key delivered after its earlier one failed transiently is held by
     // the pipeline (`KeyHold::apply`, under strict ordering): sent again behind the retry.
     outcomes
+}
+
+/// `fut`'s output, or `None` if the batch's `timer` fires first (`fut` is then dropped).
+async fn within<T>(timer: Pin<&mut Sleep>, fut: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        biased;
+        out = fut => Some(out),
+        () = timer => None,
+    }
 }
 
 impl Batch<'_> {
