@@ -22,10 +22,11 @@ use crate::process::{cargo, run_within};
 use crate::{amqp, kafka, mqtt, nats, redis};
 
 /// A set of tests that need real brokers.
+///
+/// In the order they run when none is named: the brokers that need no install first, so that
+/// Tansu's (when Kafka needs it) goes on in the background meanwhile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Target {
-    /// herald-kafka's tests/it.rs, against Kafka
-    Kafka,
     /// herald-amqp's tests/it.rs and tests/cluster.rs, against RabbitMQ
     Amqp,
     /// herald-nats's tests/it.rs, against NATS with JetStream
@@ -34,6 +35,8 @@ pub(crate) enum Target {
     Redis,
     /// herald-mqtt's tests/it.rs, against an MQTT broker (Mosquitto)
     Mqtt,
+    /// herald-kafka's tests/it.rs, against Kafka
+    Kafka,
     /// herald-cli's tests/real_brokers.rs, against Kafka, RabbitMQ, NATS, Redis and MQTT
     Cli,
 }
@@ -134,12 +137,22 @@ fn provision_all() -> Result<Broker> {
     })
 }
 
-/// Runs the tests of `targets`, in that order; of every target when `targets` is empty.
+/// Runs the tests of `targets`, in that order; of every target when `targets` is empty. Where
+/// Kafka's tests need Tansu installed, its install starts first, in the background.
 pub(crate) fn it(targets: &[Target]) -> Result<()> {
     let wanted = if targets.is_empty() {
         Target::value_variants()
     } else {
         targets
+    };
+    // Dropped at the end: an install nothing waited for (a run that failed first) is stopped.
+    let _install = if wanted
+        .iter()
+        .any(|t| matches!(t, Target::Kafka | Target::Cli))
+    {
+        Some(kafka::InstallInBackground::start()?)
+    } else {
+        None
     };
     for target in wanted.iter().map(|t| t.suite()) {
         eprintln!("\n==> it {}: provisioning a broker", target.name);

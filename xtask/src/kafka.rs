@@ -7,12 +7,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
 use crate::broker::{docker_engine, free_port, Broker};
-use crate::process::{cargo, project_root, run};
+use crate::process::{cargo, kill_tree, on_path, project_root, run};
 use crate::report::{machine, replace_section, thousands, ROUND_TRIPS_MS};
 
 const TANSU_VERSION: &str = "0.6.0";
@@ -97,20 +98,106 @@ pub(crate) fn tansu_bin() -> Result<PathBuf> {
     bail!("tansu {TANSU_VERSION} is not installed")
 }
 
+/// `cargo install tansu` at the wanted version, with the features the tests use (`memory://`
+/// storage, and `sqlite://` for the restart tests).
+fn install_command() -> Command {
+    let mut cmd = cargo();
+    cmd.args([
+        "install",
+        "tansu",
+        "--version",
+        TANSU_VERSION,
+        "--features",
+        "dynostore,libsql",
+        "--locked",
+    ]);
+    cmd
+}
+
+/// Tansu's install when [`InstallInBackground::start`] began one: taken (and waited for) by
+/// [`install_tansu`], killed by the guard's drop when nothing took it.
+static BACKGROUND: Mutex<Option<Child>> = Mutex::new(None);
+
+/// Where the background install writes its output.
+fn background_log() -> PathBuf {
+    project_root().join("target/it/tansu-install.log")
+}
+
+/// Tansu's install started before the checks that do not need it, so that its compiling (7 to 18
+/// minutes on two cores, measured) overlaps theirs and the time the other brokers' tests spend
+/// waiting on their brokers, instead of adding to the run. At lowest priority (`nice`), so the
+/// checks in front are not slowed: it takes what they leave idle. The Kafka tests wait for it
+/// ([`provision`]). Dropping the guard kills an install that nothing waited for (a run that
+/// failed earlier), so no compiler outlives the run.
+pub(crate) struct InstallInBackground(());
+
+impl InstallInBackground {
+    /// Starts the install where Kafka's provisioning would install Tansu: no broker given, no
+    /// Docker engine, Tansu not installed. Otherwise does nothing.
+    pub(crate) fn start() -> Result<Self> {
+        let needed = std::env::var_os("HERALD_KAFKA_BOOTSTRAP").is_none()
+            && tansu_bin().is_err()
+            && !docker_engine();
+        let mut background = BACKGROUND.lock().expect("not poisoned");
+        if needed && background.is_none() {
+            let log_path = background_log();
+            std::fs::create_dir_all(log_path.parent().context("target/it")?)?;
+            let log = std::fs::File::create(&log_path)?;
+            let install = install_command();
+            let mut cmd = if on_path("nice") {
+                let mut nice = Command::new("nice");
+                nice.args(["-n", "19"])
+                    .arg(install.get_program())
+                    .args(install.get_args());
+                nice
+            } else {
+                install
+            };
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::from(log.try_clone()?))
+                .stderr(Stdio::from(log));
+            eprintln!(
+                "kafka: installing Tansu {TANSU_VERSION} in the background for the Kafka tests \
+                 (output in {})",
+                log_path.display()
+            );
+            *background = Some(cmd.spawn().context("could not start cargo install tansu")?);
+        }
+        Ok(InstallInBackground(()))
+    }
+}
+
+impl Drop for InstallInBackground {
+    fn drop(&mut self) {
+        let taken = BACKGROUND.lock().map(|mut b| b.take());
+        if let Ok(Some(mut child)) = taken {
+            if let Ok(None) = child.try_wait() {
+                eprintln!("kafka: stopping Tansu's install: nothing needs it any more");
+                kill_tree(&mut child);
+            }
+        }
+    }
+}
+
 fn install_tansu() -> Result<PathBuf> {
-    eprintln!("kafka: installing Tansu {TANSU_VERSION} (once; about 7 minutes on 2 cores)");
-    run(
-        "cargo install tansu",
-        cargo().args([
-            "install",
-            "tansu",
-            "--version",
-            TANSU_VERSION,
-            "--features",
-            "dynostore,libsql",
-            "--locked",
-        ]),
-    )?;
+    let background = BACKGROUND.lock().expect("not poisoned").take();
+    if let Some(mut child) = background {
+        let log = background_log();
+        eprintln!(
+            "kafka: waiting for Tansu's install in the background (output in {})",
+            log.display()
+        );
+        let status = child.wait()?;
+        if !status.success() {
+            bail!(
+                "installing Tansu {TANSU_VERSION} failed ({status}): see {}",
+                log.display()
+            );
+        }
+        return tansu_bin();
+    }
+    eprintln!("kafka: installing Tansu {TANSU_VERSION} (once; 7 to 18 minutes on 2 cores)");
+    run("cargo install tansu", &mut install_command())?;
     tansu_bin()
 }
 

@@ -90,6 +90,8 @@ fn main() -> Result<()> {
 }
 
 fn ci() -> Result<()> {
+    // The one slow step that needs nothing of the workspace, started first: see its doc.
+    let _install = kafka::InstallInBackground::start()?;
     run(
         "format check",
         cargo().args(["fmt", "--all", "--", "--check"]),

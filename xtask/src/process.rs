@@ -72,16 +72,7 @@ pub(crate) fn run_within(what: &str, cmd: &mut Command, limit: Duration) -> Resu
             return Ok(());
         }
         if Instant::now() >= deadline {
-            let mut pids = descendants(child.id());
-            pids.push(child.id());
-            for pid in &pids {
-                // Already gone is fine: the kill is only to end what still runs.
-                let _gone = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
-            let _reaped = child.wait();
+            kill_tree(&mut child);
             bail!(
                 "{what} was still running after {} s and was killed (the test printed last \
                  above without a result is the one that hung; raise the limit with \
@@ -91,6 +82,21 @@ pub(crate) fn run_within(what: &str, cmd: &mut Command, limit: Duration) -> Resu
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Kills `child` and every process below it (cargo's compilers or test binaries, the brokers
+/// the tests spawned), then reaps it.
+pub(crate) fn kill_tree(child: &mut std::process::Child) {
+    let mut pids = descendants(child.id());
+    pids.push(child.id());
+    for pid in &pids {
+        // Already gone is fine: the kill is only to end what still runs.
+        let _gone = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    let _reaped = child.wait();
 }
 
 /// Every process below `pid` (children, their children, ...), from /proc; empty where there is
