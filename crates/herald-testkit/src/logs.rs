@@ -49,8 +49,10 @@ impl LogCapture {
             .with_max_level(level)
             .with_ansi(false)
             .finish();
+        keep_two_dispatchers_registered();
         Self {
             sink,
+            // Registering it asks every log line reached so far again (tracing does that).
             _guard: tracing::subscriber::set_default(subscriber),
         }
     }
@@ -65,6 +67,19 @@ impl LogCapture {
             .clone();
         String::from_utf8_lossy(&bytes).into_owned()
     }
+}
+
+/// tracing caches at each log line (callsite) whether any subscriber wants it. While at most
+/// one scoped subscriber is registered in the process, it computes that from the subscriber of
+/// whichever thread reaches the line first, not from all of them: a test thread with no capture
+/// that reached a line first made it "wanted by nobody" for good, and a capture on another
+/// thread never saw it (herald-amqp's connect-warning test failed so in CI, depending on which
+/// test got there first). With a second dispatcher registered for the life of the process,
+/// tracing asks every registered one, the capture included, wherever the line is reached. It
+/// wants nothing itself, so the other threads' events still go nowhere.
+fn keep_two_dispatchers_registered() {
+    static KEPT: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    KEPT.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
 }
 
 impl std::fmt::Debug for LogCapture {
