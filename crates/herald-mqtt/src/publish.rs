@@ -94,7 +94,7 @@ async fn send_in_turn(
         }
         if handed >= window {
             // The window is full: wait for room, and hold the keys that failed meanwhile.
-            let room = within(timer.as_mut(), answers.answered(handed + 1 - window))
+            let room = within(timer.as_mut(), answers.answered(room_at(handed, window)))
                 .await
                 .is_some();
             answers.take_failed(&mut failed);
@@ -332,10 +332,28 @@ fn packet_size(
     1 + varint_len(len) + len
 }
 
+/// How many of the `handed` publishes must be answered before one more may be handed over with
+/// a window of `window` (`handed >= window >= 1`): then `window - 1` are unanswered, and the
+/// next makes `window`. One more would wait on a window that is not full (and hang where fewer
+/// answers are still to come); one fewer would put `window + 1` of the batch in flight.
+fn room_at(handed: usize, window: usize) -> usize {
+    handed + 1 - window
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use herald_core::{ErrorClass, MessageId};
+
+    #[test]
+    fn a_full_window_waits_until_exactly_the_window_is_in_flight_with_the_next() {
+        for window in 1..=6 {
+            for handed in window..window + 20 {
+                let unanswered = handed - room_at(handed, window);
+                assert_eq!(unanswered + 1, window, "handed {handed}, window {window}");
+            }
+        }
+    }
 
     fn config() -> MqttConfig {
         MqttConfig::from_url("mqtt://h/plant/x").expect("url")
