@@ -13,7 +13,9 @@ use crate::error::FailureReason;
 
 /// Messages accepted into the producer's buffer. Counter.
 pub const MESSAGES_ACCEPTED: &str = "herald_messages_accepted_total";
-/// Messages the broker acknowledged. Counter.
+/// Messages the broker acknowledged. Counter. A message is counted before its caller is told,
+/// so a caller that waited for it sees it counted; one answered early, before its batch landed
+/// (Kafka's per-message acknowledgements), is counted when the batch lands.
 pub const MESSAGES_DELIVERED: &str = "herald_messages_delivered_total";
 /// Messages handed back to the caller, by `class` (transient/permanent) and `reason`
 /// (rejected, retries_exhausted, delivery_timeout, too_large, buffer_full, closed, cancelled,

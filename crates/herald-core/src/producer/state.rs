@@ -648,6 +648,11 @@ impl Shared {
 
     /// Runs completions and wakes whoever waits for space or for an empty buffer.
     pub(crate) fn complete(&self, fin: Finished) {
+        // Counted before anyone is told: a caller who waits for an outcome and then scrapes
+        // (or reads the metrics) must see it counted.
+        if fin.delivered > 0 {
+            self.metrics.delivered.increment(fin.delivered);
+        }
         for (group, n) in fin.group_delivered {
             group.delivered(n);
         }
@@ -665,7 +670,6 @@ impl Shared {
         if let (Some(store), false) = (&self.store, fin.stored.is_empty()) {
             store.settle(&fin.stored);
         }
-        self.metrics.delivered.increment(fin.delivered);
         if fin.settled > 0 {
             self.space.notify_waiters();
             if self.unsettled.fetch_sub(fin.settled, Ordering::AcqRel) == fin.settled {
