@@ -111,6 +111,11 @@ fn install_command() -> Command {
         "dynostore,libsql",
         "--locked",
     ]);
+    // A folder of its own in the workspace's target, not cargo's temporary one: an install
+    // that was stopped (a run that failed first) leaves nothing in /tmp, and the next one in
+    // this checkout picks up what it had compiled.
+    cmd.arg("--target-dir")
+        .arg(project_root().join("target/tansu-install"));
     cmd
 }
 
@@ -125,8 +130,10 @@ fn background_log() -> PathBuf {
 
 /// Tansu's install started before the checks that do not need it, so that its compiling (7 to 18
 /// minutes on two cores, measured) overlaps theirs and the time the other brokers' tests spend
-/// waiting on their brokers, instead of adding to the run. At lowest priority (`nice`), so the
-/// checks in front are not slowed: it takes what they leave idle. The Kafka tests wait for it
+/// waiting on their brokers, instead of adding to the run. At lowest priority (`nice -n 19`),
+/// so that it takes mostly the CPU the checks in front leave idle (it still shares memory and
+/// the disk with them); where there is no `nice`, it is not started in the background, and
+/// Kafka's provisioning installs Tansu in front of Kafka's tests as before. The Kafka tests wait for it
 /// ([`provision`]). Dropping the guard kills an install that nothing waited for (a run that
 /// failed earlier), so no compiler outlives the run.
 pub(crate) struct InstallInBackground(());
@@ -139,21 +146,16 @@ impl InstallInBackground {
             && tansu_bin().is_err()
             && !docker_engine();
         let mut background = BACKGROUND.lock().expect("not poisoned");
-        if needed && background.is_none() {
+        if needed && background.is_none() && on_path("nice") {
             let log_path = background_log();
             std::fs::create_dir_all(log_path.parent().context("target/it")?)?;
             let log = std::fs::File::create(&log_path)?;
             let install = install_command();
-            let mut cmd = if on_path("nice") {
-                let mut nice = Command::new("nice");
-                nice.args(["-n", "19"])
-                    .arg(install.get_program())
-                    .args(install.get_args());
-                nice
-            } else {
-                install
-            };
-            cmd.stdin(Stdio::null())
+            let mut cmd = Command::new("nice");
+            cmd.args(["-n", "19"])
+                .arg(install.get_program())
+                .args(install.get_args())
+                .stdin(Stdio::null())
                 .stdout(Stdio::from(log.try_clone()?))
                 .stderr(Stdio::from(log));
             eprintln!(
@@ -161,7 +163,14 @@ impl InstallInBackground {
                  (output in {})",
                 log_path.display()
             );
-            *background = Some(cmd.spawn().context("could not start cargo install tansu")?);
+            match cmd.spawn() {
+                Ok(child) => *background = Some(child),
+                // Not fatal: Kafka's provisioning installs it in the foreground instead.
+                Err(e) => eprintln!(
+                    "kafka: could not start Tansu's install in the background ({e}); it will \
+                     be installed before Kafka's tests"
+                ),
+            }
         }
         Ok(InstallInBackground(()))
     }

@@ -85,16 +85,34 @@ pub(crate) fn run_within(what: &str, cmd: &mut Command, limit: Duration) -> Resu
 }
 
 /// Kills `child` and every process below it (cargo's compilers or test binaries, the brokers
-/// the tests spawned), then reaps it.
+/// the tests spawned), then reaps it. The tree is stopped first (`SIGSTOP`, from the top down,
+/// looking again until no new process turns up), so that nothing in it starts another process
+/// between the look and the kill; then everything found is killed.
 pub(crate) fn kill_tree(child: &mut std::process::Child) {
-    let mut pids = descendants(child.id());
-    pids.push(child.id());
-    for pid in &pids {
-        // Already gone is fine: the kill is only to end what still runs.
+    let signal = |sig: &str, pid: u32| {
+        // Already gone is fine: the signal is only for what still runs.
         let _gone = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
+            .args([sig, &pid.to_string()])
             .stderr(std::process::Stdio::null())
             .status();
+    };
+    let mut pids = vec![child.id()];
+    signal("-STOP", child.id());
+    for _look in 0..5 {
+        let new: Vec<u32> = descendants(child.id())
+            .into_iter()
+            .filter(|p| !pids.contains(p))
+            .collect();
+        if new.is_empty() {
+            break;
+        }
+        for &pid in &new {
+            signal("-STOP", pid);
+        }
+        pids.extend(new);
+    }
+    for &pid in &pids {
+        signal("-KILL", pid);
     }
     let _reaped = child.wait();
 }
