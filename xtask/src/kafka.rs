@@ -142,11 +142,15 @@ impl InstallInBackground {
     /// Starts the install where Kafka's provisioning would install Tansu: no broker given, no
     /// Docker engine, Tansu not installed. Otherwise does nothing.
     pub(crate) fn start() -> Result<Self> {
-        let needed = std::env::var_os("HERALD_KAFKA_BOOTSTRAP").is_none()
-            && tansu_bin().is_err()
-            && !docker_engine();
         let mut background = BACKGROUND.lock().expect("not poisoned");
-        if needed && background.is_none() && on_path("nice") {
+        // Asked once per run (`ci` starts it, `it` asks again): the probes below run a
+        // `tansu --version` and a `docker info`, not worth repeating for an install under way.
+        let needed = background.is_none()
+            && std::env::var_os("HERALD_KAFKA_BOOTSTRAP").is_none()
+            && tansu_bin().is_err()
+            && !docker_engine()
+            && on_path("nice");
+        if needed {
             let log_path = background_log();
             std::fs::create_dir_all(log_path.parent().context("target/it")?)?;
             let log = std::fs::File::create(&log_path)?;
