@@ -8,6 +8,7 @@
 pub(crate) mod cluster;
 pub(crate) mod fake_broker;
 pub(crate) mod node;
+pub(crate) mod recording;
 
 pub(crate) use herald_testkit::checks::wait_for;
 
