@@ -9,8 +9,9 @@
 //! stopped, the broker blocking publishing (warn); later failed rounds, a closed connection
 //! (debug).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -24,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::AmqpConfig;
+use crate::destination::Route;
 use crate::error::{classify, classify_connect};
 use crate::metrics::AmqpMetrics;
 use crate::topology::declare;
@@ -53,7 +55,7 @@ pub(crate) struct Live {
     /// Publishing channels given up or found closed and replaced on this connection.
     replaced: std::sync::atomic::AtomicU64,
     connection: Connection,
-    channels: Vec<Mutex<Option<Channel>>>,
+    channels: Vec<Mutex<Option<Publisher>>>,
     events: JoinHandle<()>,
 }
 
@@ -77,10 +79,10 @@ impl Live {
     }
 
     /// The publishing channel `slot`, in confirm mode: the open one, or a new one.
-    pub(crate) async fn channel(&self, slot: usize) -> Result<Channel, TransportError> {
+    pub(crate) async fn channel(&self, slot: usize) -> Result<Publisher, TransportError> {
         let mut ch = self.channels[slot].lock().await;
         if let Some(c) = ch.as_ref() {
-            if c.status().connected() {
+            if c.channel.status().connected() {
                 return Ok(c.clone());
             }
             self.replaced
@@ -93,6 +95,10 @@ impl Live {
         }
         .await
         .map_err(|e| classify(&e, "a new channel"))?;
+        let opened = Publisher {
+            channel: opened,
+            proven: Arc::default(),
+        };
         *ch = Some(opened.clone());
         Ok(opened)
     }
@@ -104,13 +110,46 @@ impl Live {
     /// Used after a nack: RabbitMQ 3.10 keeps nacking every publish of a channel that first
     /// published to a quorum queue while a dead node was still its recorded leader, however
     /// long the queue has had a new leader; a new channel publishes fine.
-    pub(crate) async fn retire(&self, slot: usize, channel: &Channel) {
+    /// Returns whether it did (it had not been replaced already).
+    pub(crate) async fn retire(&self, slot: usize, channel: &Channel) -> bool {
         let mut ch = self.channels[slot].lock().await;
-        if ch.as_ref().is_some_and(|c| c.id() == channel.id()) {
+        if ch.as_ref().is_some_and(|c| c.channel.id() == channel.id()) {
             *ch = None;
             self.replaced
                 .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            return true;
         }
+        false
+    }
+}
+
+/// A publishing channel, with the routes it has published to with a confirm.
+#[derive(Clone)]
+pub(crate) struct Publisher {
+    pub(crate) channel: Channel,
+    proven: Arc<std::sync::Mutex<HashSet<Route>>>,
+}
+
+/// How many routes a channel remembers as proven; past it, it forgets them all (a route
+/// forgotten costs one publish awaited alone, the next time it is used on the channel).
+const PROVEN_ROUTES: usize = 4096;
+
+impl Publisher {
+    /// Whether a publish to `route` on this channel was confirmed (see `publish_group`).
+    pub(crate) fn proven(&self, route: &Route) -> bool {
+        self.proven
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(route)
+    }
+
+    /// A publish to `route` on this channel was confirmed.
+    pub(crate) fn prove(&self, route: &Route) {
+        let mut proven = self.proven.lock().unwrap_or_else(PoisonError::into_inner);
+        if proven.len() >= PROVEN_ROUTES {
+            proven.clear();
+        }
+        proven.insert(route.clone());
     }
 }
 

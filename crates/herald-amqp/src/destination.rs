@@ -22,7 +22,7 @@ pub fn name_fits(name: &str) -> bool {
 ///
 /// AMQP names cannot hold `/`, so the first `/` always separates exchange and routing key.
 /// Build destinations with [`queue`] and [`exchange`] rather than by hand.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Route {
     pub(crate) exchange: String,
     pub(crate) routing_key: String,

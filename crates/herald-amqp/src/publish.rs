@@ -17,7 +17,7 @@ use lapin::{BasicProperties, Confirmation};
 use tokio::time::Instant;
 
 use crate::config::AmqpConfig;
-use crate::connection::{Inner, Live};
+use crate::connection::{Inner, Live, Publisher};
 use crate::destination::Route;
 use crate::error::{classify_on_channel, max_size_from_text, reply_code};
 use crate::metrics::AmqpMetrics;
@@ -62,10 +62,6 @@ async fn send_in_turn(
     if let Err(e) = inner.wait_unblocked().await {
         return fail_all(e);
     }
-    // After a reconnect or a channel replaced, the keys that failed in the calls before (on the
-    // lost connection or the given-up channel) are not sent on the new one ahead of their
-    // retries.
-    let hold = turn.enter(live.path()).await;
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     let publishing = Publishing {
         route: &route,
@@ -74,19 +70,61 @@ async fn send_in_turn(
         early,
     };
     let channels = inner.config.channels;
-    let mut groups: Vec<Vec<usize>> = vec![Vec::new(); channels];
+    let mut slots: Vec<Vec<usize>> = vec![Vec::new(); channels];
     for (i, m) in batch.iter().enumerate() {
-        if let Some(held) = hold.check(m) {
-            outcomes[i] = Some(Err(held));
-            continue;
-        }
-        groups[slot_for(m.key(), destination, channels)].push(i);
+        slots[slot_for(m.key(), destination, channels)].push(i);
     }
-    let sends = groups
+    let mut groups: Vec<Group> = slots
         .into_iter()
         .enumerate()
-        .filter(|(_, g)| !g.is_empty())
-        .map(|(slot, idxs)| publish_group(inner, &live, slot, publishing, batch, idxs));
+        .filter(|(_, idxs)| !idxs.is_empty())
+        .map(|(slot, idxs)| Group {
+            slot,
+            publisher: None,
+            idxs,
+            nacked: None,
+        })
+        .collect();
+    let mut pause = inner.config.reconnect_min;
+    loop {
+        // The channels first: one opened in place of a closed one changes the path.
+        open_channels(inner, &live, &mut groups, publishing, &mut outcomes).await;
+        // After a reconnect or a channel replaced, the keys that failed in the calls before (on
+        // the lost connection or the given-up channel) are not sent on the new one ahead of
+        // their retries.
+        let hold = turn.enter(live.path()).await;
+        for g in &mut groups {
+            g.idxs.retain(|&i| match hold.check(&batch[i]) {
+                Some(held) => {
+                    outcomes[i] = Some(Err(held));
+                    false
+                }
+                None => true,
+            });
+        }
+        if !first_alone(inner, &live, &mut groups, publishing, batch, &mut outcomes).await {
+            break;
+        }
+        // A channel's first publish was nacked: the queue is not ready for it (a new leader
+        // being elected). It is published again, on a new channel, after a pause, in this
+        // call's turn, so that nothing of the destination goes ahead of it; the pauses double as
+        // the reconnect backoff does, within the batch's deadline.
+        if Instant::now() + pause >= publishing.deadline {
+            for g in &mut groups {
+                if let Some(e) = g.nacked.take() {
+                    fail_unsent(&mut g.idxs, &e, &mut outcomes, &route.describe());
+                }
+            }
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(inner.config.reconnect_max);
+    }
+    let sends = groups.into_iter().filter_map(|g| {
+        let publisher = g.publisher?;
+        (!g.idxs.is_empty())
+            .then(|| publish_group(inner, g.slot, publisher, publishing, batch, g.idxs))
+    });
     let published = join_all(sends).await;
     turn.handed_over();
     let settles = published
@@ -188,14 +226,188 @@ struct Published {
     pending: VecDeque<(usize, lapin::PublisherConfirm)>,
 }
 
-/// Publishes the messages `idxs` of `batch` on channel `slot`, streaming: at most `window`
-/// unconfirmed at a time, everything (channel open, publishes, confirms) bounded by the
+/// The messages of a batch that go through one channel.
+struct Group {
+    slot: usize,
+    /// The slot's channel; `None` until opened (again, after it was given up).
+    publisher: Option<Publisher>,
+    /// The messages still to publish, in batch order.
+    idxs: Vec<usize>,
+    /// The nack of the channel's first publish, which goes out again on a new channel.
+    nacked: Option<TransportError>,
+}
+
+/// Opens the channel of every group that has none; a group whose channel cannot be opened fails
+/// with that error.
+async fn open_channels(
+    inner: &Inner,
+    live: &Live,
+    groups: &mut [Group],
+    publishing: Publishing<'_>,
+    outcomes: &mut [Option<Result<Ack, TransportError>>],
+) {
+    let (deadline, target) = (publishing.deadline, publishing.route.describe());
+    let target = target.as_str();
+    let opening = groups
+        .iter()
+        .filter(|g| g.publisher.is_none() && !g.idxs.is_empty())
+        .map(|g| async move {
+            match tokio::time::timeout_at(deadline, live.channel(g.slot)).await {
+                Ok(opened) => opened,
+                Err(_) => Err(stalled(inner, target, "opening a channel")),
+            }
+        });
+    let opened = join_all(opening).await;
+    let waiting = groups
+        .iter_mut()
+        .filter(|g| g.publisher.is_none() && !g.idxs.is_empty());
+    for (g, opened) in waiting.zip(opened) {
+        match opened {
+            Ok(p) => g.publisher = Some(p),
+            Err(e) => {
+                for &i in &g.idxs {
+                    outcomes[i] = Some(Err(e.clone()));
+                }
+                g.idxs.clear();
+            }
+        }
+    }
+}
+
+/// Publishes, on each channel that has not published to the route yet, the first message of its
+/// group alone, and waits for its confirm: only then does the rest of the group stream.
+///
+/// RabbitMQ 3.10 answers a channel's first publishes to a quorum queue whose leader it cannot
+/// reach (a new leader is being elected after a node died) with nacks, and takes the channel's
+/// later ones once the election is over. Streamed, a key's message could be nacked and a later
+/// one of its key, a few publishes behind, stored: the retry then landed behind it. So:
+/// - confirmed: the channel is proven for the route, and the message is delivered;
+/// - nacked: the channel is given up and the message stays first in its group, to go out again
+///   on a new channel (returns `true`: the caller pauses, opens it and enters its turn again);
+/// - another transient failure (no confirm in time, the connection lost): the channel is given
+///   up, and the group fails, the rest unsent (`NOT_SENT`), before the destination's next call
+///   takes its turn, so that call waits for this one and holds its keys (see `Turn::enter`);
+/// - a permanent failure (unroutable, too large) is that message's own: the rest goes as usual.
+///
+/// One round trip per channel and route, after each connect or channel replaced.
+async fn first_alone(
+    inner: &Inner,
+    live: &Live,
+    groups: &mut [Group],
+    publishing: Publishing<'_>,
+    batch: &[Message],
+    outcomes: &mut [Option<Result<Ack, TransportError>>],
+) -> bool {
+    let route = publishing.route;
+    let target = route.describe();
+    let probing = groups.iter().filter_map(|g| {
+        let publisher = g.publisher.as_ref()?;
+        let first = *g.idxs.first()?;
+        let slot = g.slot;
+        (!publisher.proven(route)).then_some(async move {
+            let outcome = publish_alone(inner, &publisher.channel, publishing, &batch[first]).await;
+            (slot, outcome)
+        })
+    });
+    let probed: Vec<(usize, Result<Ack, TransportError>)> = join_all(probing).await;
+    let mut nacked = false;
+    for (slot, outcome) in probed {
+        let Some(g) = groups.iter_mut().find(|g| g.slot == slot) else {
+            continue;
+        };
+        let (Some(publisher), Some(&first)) = (g.publisher.as_ref(), g.idxs.first()) else {
+            continue;
+        };
+        match outcome {
+            Ok(ack) => {
+                publisher.prove(route);
+                outcomes[first] = Some(told(publishing.early, first, Ok(ack)));
+                g.idxs.remove(0);
+                g.nacked = None;
+            }
+            Err(e) if e.class() == ErrorClass::Permanent => {
+                outcomes[first] = Some(Err(e));
+                g.idxs.remove(0);
+            }
+            Err(e) => {
+                if live.retire(slot, &publisher.channel).await {
+                    inner.metrics.channels_retired.increment(1);
+                    tracing::debug!(
+                        transport = "amqp",
+                        target = %target,
+                        channel = slot,
+                        error = %e,
+                        "the first publish on a channel failed: the channel is replaced"
+                    );
+                }
+                g.publisher = None;
+                if e.code() == Some("NACK") {
+                    g.nacked = Some(e);
+                    nacked = true;
+                } else {
+                    fail_unsent(&mut g.idxs, &e, outcomes, &target);
+                }
+            }
+        }
+    }
+    nacked
+}
+
+/// The first of `idxs` failed with `e`: it ends with `e`, the others unsent.
+fn fail_unsent(
+    idxs: &mut Vec<usize>,
+    e: &TransportError,
+    outcomes: &mut [Option<Result<Ack, TransportError>>],
+    target: &str,
+) {
+    let unsent = TransportError::transient(format!(
+        "not sent: the first message published to {target} on a new channel failed ({}), so the others waiting for it were not sent; retried",
+        e.message()
+    ))
+    .with_code("NOT_SENT");
+    for (n, &i) in idxs.iter().enumerate() {
+        outcomes[i] = Some(Err(if n == 0 { e.clone() } else { unsent.clone() }));
+    }
+    idxs.clear();
+}
+
+/// Publishes `msg` on `channel` and waits for its confirm, within the batch's deadline.
+async fn publish_alone(
+    inner: &Inner,
+    channel: &lapin::Channel,
+    publishing: Publishing<'_>,
+    msg: &Message,
+) -> Result<Ack, TransportError> {
+    let Publishing {
+        route, deadline, ..
+    } = publishing;
+    let target = route.describe();
+    let publish = channel.basic_publish(
+        ShortString::from(route.exchange.as_str()),
+        ShortString::from(route.routing_key.as_str()),
+        BasicPublishOptions {
+            mandatory: inner.config.mandatory,
+            immediate: false,
+        },
+        msg.payload(),
+        properties(&inner.config, msg),
+    );
+    let confirm = match tokio::time::timeout_at(deadline, publish).await {
+        Ok(Ok(confirm)) => confirm,
+        Ok(Err(e)) => return Err(classify_on_channel(&e, route, &target)),
+        Err(_) => return Err(stalled(inner, &target, "publishing")),
+    };
+    settle(inner, confirm, route, &target, deadline).await
+}
+
+/// Publishes the messages `idxs` of `batch` on `publisher`'s channel (slot `slot`), streaming:
+/// at most `window` unconfirmed at a time, everything (publishes, confirms) bounded by the
 /// batch's `deadline`. Returns when every message is published (or failed): the confirms of
 /// the last window are left to [`settle_group`].
 async fn publish_group(
     inner: &Inner,
-    live: &Live,
     slot: usize,
+    publisher: Publisher,
     publishing: Publishing<'_>,
     batch: &[Message],
     idxs: Vec<usize>,
@@ -206,17 +418,7 @@ async fn publish_group(
         early,
     } = publishing;
     let target = route.describe();
-    let failed = |e: TransportError| Published {
-        slot,
-        channel: None,
-        out: idxs.iter().map(|&i| (i, Err(e.clone()))).collect(),
-        pending: VecDeque::new(),
-    };
-    let channel = match tokio::time::timeout_at(deadline, live.channel(slot)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return failed(e),
-        Err(_) => return failed(stalled(inner, &target, "opening a channel")),
-    };
+    let channel = &publisher.channel;
     let config = &inner.config;
     let options = BasicPublishOptions {
         mandatory: config.mandatory,
@@ -224,10 +426,17 @@ async fn publish_group(
     };
     let exchange = ShortString::from(route.exchange.as_str());
     let routing_key = ShortString::from(route.routing_key.as_str());
+    let publish = |i: usize| {
+        let msg = &batch[i];
+        Box::pin(channel.basic_publish(
+            exchange.clone(),
+            routing_key.clone(),
+            options,
+            msg.payload(),
+            properties(config, msg),
+        ))
+    };
     let mut out = Vec::with_capacity(idxs.len());
-    let mut flight: VecDeque<(usize, InFlight<'_>)> =
-        VecDeque::with_capacity(config.window.min(idxs.len()));
-    let mut broken: Option<TransportError> = None;
     let written = async |publish: InFlight<'_>| match publish {
         InFlight::Written(confirm) => Ok(confirm),
         // lapin stops writing while the broker blocks the connection: bounded too.
@@ -237,6 +446,9 @@ async fn publish_group(
             Err(_) => Err(stalled(inner, &target, "publishing")),
         },
     };
+    let mut flight: VecDeque<(usize, InFlight<'_>)> =
+        VecDeque::with_capacity(config.window.min(idxs.len()));
+    let mut broken: Option<TransportError> = None;
     for i in idxs {
         while broken.is_none() && flight.len() >= config.window {
             if let Some((j, publish)) = flight.pop_front() {
@@ -263,14 +475,7 @@ async fn publish_group(
             broken = Some(e);
             continue;
         }
-        let msg = &batch[i];
-        let mut publish: Writing<'_> = Box::pin(channel.basic_publish(
-            exchange.clone(),
-            routing_key.clone(),
-            options,
-            msg.payload(),
-            properties(config, msg),
-        ));
+        let mut publish = publish(i);
         // The first poll takes the delivery tag and queues the frames for lapin's I/O thread,
         // in call order (lapin 4's `basic_publish` does both before its first await: the
         // order of delivery tags, and so of confirms, rests on that); it then waits for the
@@ -300,7 +505,7 @@ async fn publish_group(
     }
     Published {
         slot,
-        channel: Some(channel),
+        channel: Some(channel.clone()),
         out,
         pending,
     }
@@ -346,8 +551,9 @@ async fn settle_group(
             channel = slot,
             "the broker nacked a publish: the channel is replaced for the retry"
         );
-        live.retire(slot, &channel).await;
-        inner.metrics.channels_retired.increment(1);
+        if live.retire(slot, &channel).await {
+            inner.metrics.channels_retired.increment(1);
+        }
     }
     out
 }

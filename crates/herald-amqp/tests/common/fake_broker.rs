@@ -11,10 +11,27 @@ pub(crate) enum Fake {
     Blocks,
     /// Confirms every publish (`basic.ack`), as a healthy broker does.
     Confirms,
-    /// Nacks every publish (`basic.nack`) on the first channel a connection opens, confirms on
-    /// the others: what RabbitMQ 3.10 does to a channel that first published to a quorum queue
-    /// whose recorded leader was a dead node.
+    /// Confirms the first publish of each channel, then takes publishes without confirming
+    /// them: a node that hangs once a channel is in use.
+    ConfirmsFirst,
+    /// On the first channel a connection opens, confirms the first publish and nacks
+    /// (`basic.nack`) every later one; confirms everything on the other channels: a queue that
+    /// starts refusing a channel's publishes once it is streaming.
     NacksFirstChannel,
+    /// Nacks the first `n` publishes it reads (over all connections and channels), confirms
+    /// every later one, and stores the confirmed ones' payloads in the order it read them: what
+    /// RabbitMQ 3.10 does with a channel's first publishes to a quorum queue while the queue
+    /// elects a new leader (each is nacked until the election is over, then they are taken).
+    NacksFirst(usize),
+}
+
+/// A fake broker running.
+pub(crate) struct FakeBroker {
+    pub(crate) port: u16,
+    /// `basic.publish` methods read, over all its connections and channels.
+    pub(crate) publishes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// The payloads of the publishes it confirmed, in the order it read them.
+    pub(crate) stored: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
 }
 
 fn method(class: u16, method: u16, args: &[u8]) -> Vec<u8> {
@@ -54,11 +71,19 @@ pub(crate) async fn fake_broker(mode: Fake) -> u16 {
 pub(crate) async fn fake_broker_counting(
     mode: Fake,
 ) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let broker = start(mode).await;
+    (broker.port, broker.publishes)
+}
+
+/// A fake broker that behaves as `mode` says.
+pub(crate) async fn start(mode: Fake) -> FakeBroker {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let publishes = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&publishes);
+    let stored: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let storing = Arc::clone(&stored);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -66,6 +91,7 @@ pub(crate) async fn fake_broker_counting(
     tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
             let counted = Arc::clone(&counted);
+            let storing = Arc::clone(&storing);
             tokio::spawn(async move {
                 let mut header = [0u8; 8];
                 if sock.read_exact(&mut header).await.is_err() {
@@ -91,6 +117,11 @@ pub(crate) async fn fake_broker_counting(
                 let mut published: std::collections::HashMap<u16, u64> =
                     std::collections::HashMap::new();
                 let mut first_channel: Option<u16> = None;
+                // Per channel, whether each publish whose body is still to come was confirmed.
+                let mut awaiting_body: std::collections::HashMap<
+                    u16,
+                    std::collections::VecDeque<bool>,
+                > = std::collections::HashMap::new();
                 loop {
                     if !out.is_empty() {
                         if sock.write_all(&out).await.is_err() {
@@ -108,16 +139,29 @@ pub(crate) async fn fake_broker_counting(
                     if sock.read_exact(&mut body).await.is_err() {
                         return;
                     }
+                    if head[0] == 3 {
+                        // A body frame (herald's payloads here fit in one).
+                        let confirmed = awaiting_body
+                            .get_mut(&channel)
+                            .and_then(std::collections::VecDeque::pop_front);
+                        if confirmed == Some(true) {
+                            let payload = body[..body.len() - 1].to_vec();
+                            storing.lock().expect("stored").push(payload);
+                        }
+                        continue;
+                    }
                     if head[0] != 1 || body.len() < 5 {
-                        continue; // content header, body, heartbeat
+                        continue; // content header, heartbeat
                     }
                     let ids = (
                         u16::from_be_bytes([body[0], body[1]]),
                         u16::from_be_bytes([body[2], body[3]]),
                     );
-                    if ids == (60, 40) {
-                        counted.fetch_add(1, Ordering::SeqCst);
-                    }
+                    let read_before = if ids == (60, 40) {
+                        counted.fetch_add(1, Ordering::SeqCst)
+                    } else {
+                        0
+                    };
                     match ids {
                         // start-ok → tune: channel-max, frame-max, heartbeat 0.
                         (10, 11) => {
@@ -141,11 +185,30 @@ pub(crate) async fn fake_broker_counting(
                                 out.extend(frame(0, &method(10, 60, &reason)));
                             }
                         }
-                        (60, 40) if matches!(mode, Fake::Confirms | Fake::NacksFirstChannel) => {
+                        (60, 40)
+                            if matches!(
+                                mode,
+                                Fake::Confirms
+                                    | Fake::ConfirmsFirst
+                                    | Fake::NacksFirstChannel
+                                    | Fake::NacksFirst(_)
+                            ) =>
+                        {
                             let tag = published.entry(channel).or_default();
                             *tag += 1;
+                            if mode == Fake::ConfirmsFirst && *tag > 1 {
+                                continue;
+                            }
                             let mut a = tag.to_be_bytes().to_vec();
-                            if mode == Fake::NacksFirstChannel && first_channel == Some(channel) {
+                            let nack = match mode {
+                                Fake::NacksFirstChannel => {
+                                    first_channel == Some(channel) && *tag > 1
+                                }
+                                Fake::NacksFirst(n) => read_before < n,
+                                _ => false,
+                            };
+                            awaiting_body.entry(channel).or_default().push_back(!nack);
+                            if nack {
                                 a.push(0); // not multiple, not requeue
                                 out = frame(channel, &method(60, 120, &a));
                             } else {
@@ -159,5 +222,9 @@ pub(crate) async fn fake_broker_counting(
             });
         }
     });
-    (port, publishes)
+    FakeBroker {
+        port,
+        publishes,
+        stored,
+    }
 }
