@@ -298,8 +298,9 @@ pub(crate) fn in_order_epoch<F: std::future::Future>(
 ///    new connection while an earlier message of that key, sent through the old one, is still in
 ///    doubt. It gets back a [`KeyHold`] of the keys that failed transiently in the earlier calls:
 ///    messages it holds are failed as held, not sent (they are retried behind the failed ones);
-/// 2. hands the call's messages over, then [`Turn::handed_over`]: the next call's turn begins,
-///    and the broker's answers are awaited side by side;
+/// 2. hands the call's messages over, tells [`Turn::failed`] of every failure known by then
+///    (messages it did not send), then [`Turn::handed_over`]: the next call's turn begins, and
+///    the broker's answers are awaited side by side;
 /// 3. [`Turn::finish`] with the outcomes, so that its transient failures hold their keys for the
 ///    calls after it. A turn dropped unfinished (a call cut off) holds every key.
 ///
@@ -467,6 +468,33 @@ impl Turn {
         lock(&h.lane.state).hold.clone()
     }
 
+    /// `msg` of this call failed with `error` before the call handed its messages over (it was
+    /// not sent, or its failure is already known): a transient failure holds its key at once for
+    /// the calls after this one, instead of from [`Turn::finish`]. Call it before
+    /// [`Turn::handed_over`] for every failure known by then: the next call, on the same path,
+    /// does not wait for this one to finish, so a key failed here and told only at the finish
+    /// could go out in the next call ahead of its retry.
+    pub fn failed(&mut self, msg: &Message, error: &TransportError) {
+        let Some(h) = &self.held else {
+            return;
+        };
+        let mut st = lock(&h.lane.state);
+        if h.epoch == st.hold_epoch {
+            st.hold.failed(msg, error);
+        }
+    }
+
+    /// [`Turn::failed`] for every failure in `known` (paired with `batch` by position; `None`:
+    /// no outcome yet), then [`Turn::handed_over`].
+    pub fn hand_over(&mut self, batch: &[Message], known: &[Option<Result<Ack, TransportError>>]) {
+        for (m, o) in batch.iter().zip(known) {
+            if let Some(Err(e)) = o {
+                self.failed(m, e);
+            }
+        }
+        self.handed_over();
+    }
+
     /// The call has handed its messages over: the next call's turn begins.
     pub fn handed_over(&mut self) {
         if let Some(h) = &mut self.held {
@@ -575,6 +603,31 @@ mod tests {
         assert!(hold.check(&keyed("k")).is_some(), "the failed key is held");
         assert!(hold.check(&keyed("other")).is_none(), "other keys go");
         b.finish(&[], &[]);
+    }
+
+    #[tokio::test]
+    async fn a_failure_told_before_handing_over_holds_its_key_for_the_next_call_at_once() {
+        let turns = Turns::default();
+        let d = Destination::new("t");
+        let mut a = in_order_epoch(ep(1), turns.take(&d)).await;
+        assert!(a.enter(1).await.is_empty());
+        a.failed(&keyed("k"), &TransportError::transient("not sent"));
+        a.failed(&keyed("gone"), &TransportError::permanent("too large"));
+        a.handed_over();
+        // Same path: b does not wait for a to finish, yet holds what a told.
+        let mut b = in_order_epoch(ep(1), turns.take(&d)).await;
+        let hold = b.enter(1).await;
+        assert!(
+            hold.check(&keyed("k")).is_some(),
+            "told before handing over"
+        );
+        assert!(
+            hold.check(&keyed("gone")).is_none(),
+            "a permanent failure holds nothing"
+        );
+        assert!(hold.check(&keyed("other")).is_none());
+        b.finish(&[], &[]);
+        a.finish(&[], &[]);
     }
 
     #[tokio::test]

@@ -154,7 +154,8 @@ async fn send_in_turn(
         }
     }
     drop(send_lock);
-    turn.handed_over();
+    // What failed before the turn passes holds its key for the next call at once.
+    turn.hand_over(batch, &outcomes);
     // Every answer, or the batch's deadline: the connection's task wakes this task once.
     // Either way, what came is read from the table below.
     let _all_came = within(timer.as_mut(), answers.answered(handed)).await;

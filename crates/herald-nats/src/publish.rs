@@ -148,7 +148,8 @@ async fn send_in_turn(
             }
         }
     }
-    turn.handed_over();
+    // What failed before the turn passes holds its key for the next call at once.
+    turn.hand_over(batch, &outcomes);
     for (j, ack) in pending {
         outcomes[j] = Some(b.settle(j, ack).await);
     }
