@@ -109,8 +109,8 @@ impl Live {
     ///
     /// Used after a nack: RabbitMQ 3.10 keeps nacking every publish of a channel that first
     /// published to a quorum queue while a dead node was still its recorded leader, however
-    /// long the queue has had a new leader; a new channel publishes fine.
-    /// Returns whether it did (it had not been replaced already).
+    /// long the queue has had a new leader; a new channel publishes fine. Returns whether it
+    /// gave the channel up (it had not been replaced already).
     pub(crate) async fn retire(&self, slot: usize, channel: &Channel) -> bool {
         let mut ch = self.channels[slot].lock().await;
         if ch.as_ref().is_some_and(|c| c.channel.id() == channel.id()) {
@@ -135,7 +135,7 @@ pub(crate) struct Publisher {
 const PROVEN_ROUTES: usize = 4096;
 
 impl Publisher {
-    /// Whether a publish to `route` on this channel was confirmed (see `publish_group`).
+    /// Whether a publish to `route` on this channel was confirmed (see `first_alone`).
     pub(crate) fn proven(&self, route: &Route) -> bool {
         self.proven
             .lock()

@@ -30,9 +30,9 @@ pub const FAILOVERS: &str = "herald_amqp_failovers_total";
 /// Connections given up because their confirms stopped coming within the confirm timeout (a
 /// half-open connection, a hung node). Counter.
 pub const ABANDONED: &str = "herald_amqp_connections_abandoned_total";
-/// Channels given up after the broker nacked a publish on them, or after the first publish of
-/// a destination on them failed (see the crate's guarantees), so that the retry goes out on a
-/// new channel. Counter.
+/// Channels given up after the broker nacked a publish on them (a streamed one, or the first
+/// publish to a destination, which then goes out again at once), so that the retry goes out on
+/// a new channel. Counter.
 pub const CHANNELS_RETIRED: &str = "herald_amqp_channels_retired_total";
 
 /// Every metric name above.

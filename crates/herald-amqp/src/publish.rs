@@ -82,17 +82,18 @@ async fn send_in_turn(
             slot,
             publisher: None,
             idxs,
-            nacked: None,
         })
         .collect();
+    // Re-publishing a nacked first publish may take at most half the batch's time: the rest of
+    // the batch needs the other half.
+    let probing_ends = Instant::now() + inner.config.confirm_timeout / 2;
     let mut pause = inner.config.reconnect_min;
     loop {
-        // The channels first: one opened in place of a closed one changes the path.
-        open_channels(inner, &live, &mut groups, publishing, &mut outcomes).await;
+        let path = current_channels(inner, &live, &mut groups, publishing, &mut outcomes).await;
         // After a reconnect or a channel replaced, the keys that failed in the calls before (on
         // the lost connection or the given-up channel) are not sent on the new one ahead of
         // their retries.
-        let hold = turn.enter(live.path()).await;
+        let hold = turn.enter(path).await;
         for g in &mut groups {
             g.idxs.retain(|&i| match hold.check(&batch[i]) {
                 Some(held) => {
@@ -102,16 +103,19 @@ async fn send_in_turn(
                 None => true,
             });
         }
-        if !first_alone(inner, &live, &mut groups, publishing, batch, &mut outcomes).await {
-            break;
-        }
+        let nacked =
+            match first_alone(inner, &live, &mut groups, publishing, batch, &mut outcomes).await {
+                Probed::Done => break,
+                Probed::AgainNow => continue,
+                Probed::Nacked(nacked) => nacked,
+            };
         // A channel's first publish was nacked: the queue is not ready for it (a new leader
-        // being elected). It is published again, on a new channel, after a pause, in this
-        // call's turn, so that nothing of the destination goes ahead of it; the pauses double as
-        // the reconnect backoff does, within the batch's deadline.
-        if Instant::now() + pause >= publishing.deadline {
-            for g in &mut groups {
-                if let Some(e) = g.nacked.take() {
+        // being elected). It is published again on a new channel after a pause, in this call's
+        // turn, so that no later call of the destination goes ahead of it; the pauses double as
+        // the reconnect backoff does.
+        if Instant::now() + pause >= probing_ends {
+            for (slot, e) in nacked {
+                if let Some(g) = groups.iter_mut().find(|g| g.slot == slot) {
                     fail_unsent(&mut g.idxs, &e, &mut outcomes, &route.describe());
                 }
             }
@@ -126,6 +130,22 @@ async fn send_in_turn(
             .then(|| publish_group(inner, g.slot, publisher, publishing, batch, g.idxs))
     });
     let published = join_all(sends).await;
+    // What failed before the turn passes holds its key for the next call at once: that call may
+    // not wait for this one to finish (same path).
+    let known = outcomes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| o.as_ref().map(|o| (i, o)))
+        .chain(
+            published
+                .iter()
+                .flat_map(|p| p.out.iter().map(|(i, o)| (*i, o))),
+        );
+    for (i, o) in known {
+        if let Err(e) = o {
+            turn.failed(&batch[i], e);
+        }
+    }
     turn.handed_over();
     let settles = published
         .into_iter()
@@ -229,49 +249,65 @@ struct Published {
 /// The messages of a batch that go through one channel.
 struct Group {
     slot: usize,
-    /// The slot's channel; `None` until opened (again, after it was given up).
+    /// The slot's channel, as of the path the call entered its turn with.
     publisher: Option<Publisher>,
     /// The messages still to publish, in batch order.
     idxs: Vec<usize>,
-    /// The nack of the channel's first publish, which goes out again on a new channel.
-    nacked: Option<TransportError>,
 }
 
-/// Opens the channel of every group that has none; a group whose channel cannot be opened fails
-/// with that error.
-async fn open_channels(
+/// Sets each group's channel to its slot's current one (opening it if needed) and returns the
+/// path they all belong to: read before the channels, and read again until no channel was
+/// replaced in between, so that a call never publishes on a channel older than the path it
+/// enters its turn with. A group whose channel cannot be opened fails with that error.
+async fn current_channels(
     inner: &Inner,
     live: &Live,
     groups: &mut [Group],
     publishing: Publishing<'_>,
     outcomes: &mut [Option<Result<Ack, TransportError>>],
-) {
+) -> u64 {
     let (deadline, target) = (publishing.deadline, publishing.route.describe());
     let target = target.as_str();
-    let opening = groups
-        .iter()
-        .filter(|g| g.publisher.is_none() && !g.idxs.is_empty())
-        .map(|g| async move {
-            match tokio::time::timeout_at(deadline, live.channel(g.slot)).await {
-                Ok(opened) => opened,
-                Err(_) => Err(stalled(inner, target, "opening a channel")),
-            }
-        });
-    let opened = join_all(opening).await;
-    let waiting = groups
-        .iter_mut()
-        .filter(|g| g.publisher.is_none() && !g.idxs.is_empty());
-    for (g, opened) in waiting.zip(opened) {
-        match opened {
-            Ok(p) => g.publisher = Some(p),
-            Err(e) => {
-                for &i in &g.idxs {
-                    outcomes[i] = Some(Err(e.clone()));
+    loop {
+        let path = live.path();
+        let opening = groups
+            .iter()
+            .filter(|g| !g.idxs.is_empty())
+            .map(|g| async move {
+                match tokio::time::timeout_at(deadline, live.channel(g.slot)).await {
+                    Ok(opened) => opened,
+                    Err(_) => Err(stalled(inner, target, "opening a channel")),
                 }
-                g.idxs.clear();
+            });
+        let opened = join_all(opening).await;
+        for (g, opened) in groups.iter_mut().filter(|g| !g.idxs.is_empty()).zip(opened) {
+            match opened {
+                Ok(p) => g.publisher = Some(p),
+                Err(e) => {
+                    g.publisher = None;
+                    for &i in &g.idxs {
+                        outcomes[i] = Some(Err(e.clone()));
+                    }
+                    g.idxs.clear();
+                }
             }
         }
+        if live.path() == path {
+            return path;
+        }
     }
+}
+
+/// What [`first_alone`] found.
+enum Probed {
+    /// Every channel is proven for the route, or its first publish failed for a reason that
+    /// ends its group: stream the rest.
+    Done,
+    /// A first publish was too large (the broker closed the channel): the next message of its
+    /// group goes alone in its place, on a new channel, now.
+    AgainNow,
+    /// These slots' first publishes were nacked, with these errors: again, after a pause.
+    Nacked(Vec<(usize, TransportError)>),
 }
 
 /// Publishes, on each channel that has not published to the route yet, the first message of its
@@ -283,11 +319,14 @@ async fn open_channels(
 /// one of its key, a few publishes behind, stored: the retry then landed behind it. So:
 /// - confirmed: the channel is proven for the route, and the message is delivered;
 /// - nacked: the channel is given up and the message stays first in its group, to go out again
-///   on a new channel (returns `true`: the caller pauses, opens it and enters its turn again);
-/// - another transient failure (no confirm in time, the connection lost): the channel is given
-///   up, and the group fails, the rest unsent (`NOT_SENT`), before the destination's next call
-///   takes its turn, so that call waits for this one and holds its keys (see `Turn::enter`);
-/// - a permanent failure (unroutable, too large) is that message's own: the rest goes as usual.
+///   on a new channel ([`Probed::Nacked`]: the caller pauses and enters its turn again);
+/// - failed for good: a missing or refused destination fails the group; a message too large
+///   (the broker closed the channel) lets the next one go alone in its place, on a new channel
+///   ([`Probed::AgainNow`]); an unroutable one says nothing about the channel, and the others
+///   stream (a headers exchange, which routes each message on its own, may then route them to
+///   a queue the channel did not reach yet);
+/// - another transient failure (no confirm in time, the connection lost): the group fails, the
+///   rest unsent (`NOT_SENT`); the caller tells the turn before the next call's turn begins.
 ///
 /// One round trip per channel and route, after each connect or channel replaced.
 async fn first_alone(
@@ -297,60 +336,67 @@ async fn first_alone(
     publishing: Publishing<'_>,
     batch: &[Message],
     outcomes: &mut [Option<Result<Ack, TransportError>>],
-) -> bool {
+) -> Probed {
     let route = publishing.route;
     let target = route.describe();
-    let probing = groups.iter().filter_map(|g| {
-        let publisher = g.publisher.as_ref()?;
-        let first = *g.idxs.first()?;
-        let slot = g.slot;
-        (!publisher.proven(route)).then_some(async move {
-            let outcome = publish_alone(inner, &publisher.channel, publishing, &batch[first]).await;
-            (slot, outcome)
-        })
+    let unproven =
+        |g: &Group| g.publisher.as_ref().is_some_and(|p| !p.proven(route)) && !g.idxs.is_empty();
+    let probing = groups.iter().filter(|g| unproven(g)).map(|g| async move {
+        let channel = &g
+            .publisher
+            .as_ref()
+            .expect("unproven: has a channel")
+            .channel;
+        publish_alone(inner, channel, publishing, &batch[g.idxs[0]]).await
     });
-    let probed: Vec<(usize, Result<Ack, TransportError>)> = join_all(probing).await;
-    let mut nacked = false;
-    for (slot, outcome) in probed {
-        let Some(g) = groups.iter_mut().find(|g| g.slot == slot) else {
-            continue;
-        };
-        let (Some(publisher), Some(&first)) = (g.publisher.as_ref(), g.idxs.first()) else {
-            continue;
-        };
+    let probed: Vec<Result<Ack, TransportError>> = join_all(probing).await;
+    let (mut again, mut nacked) = (false, Vec::new());
+    for (g, outcome) in groups.iter_mut().filter(|g| unproven(g)).zip(probed) {
+        let first = g.idxs[0];
+        let publisher = g.publisher.as_ref().expect("unproven: has a channel");
         match outcome {
             Ok(ack) => {
                 publisher.prove(route);
                 outcomes[first] = Some(told(publishing.early, first, Ok(ack)));
                 g.idxs.remove(0);
-                g.nacked = None;
+            }
+            // The destination is missing or refused: so for all of them.
+            Err(e) if matches!(e.code(), Some("NOT_FOUND" | "ACCESS_REFUSED")) => {
+                for &i in &g.idxs {
+                    outcomes[i] = Some(Err(e.clone()));
+                }
+                g.idxs.clear();
             }
             Err(e) if e.class() == ErrorClass::Permanent => {
+                // Too large: the broker closed the channel; the next message goes alone on a
+                // new one. Unroutable: the others stream (the route stays unproven).
+                again |= e.code() == Some("PRECONDITION_FAILED");
                 outcomes[first] = Some(Err(e));
                 g.idxs.remove(0);
             }
-            Err(e) => {
-                if live.retire(slot, &publisher.channel).await {
+            Err(e) if e.code() == Some("NACK") => {
+                if live.retire(g.slot, &publisher.channel).await {
                     inner.metrics.channels_retired.increment(1);
                     tracing::debug!(
                         transport = "amqp",
                         target = %target,
-                        channel = slot,
-                        error = %e,
-                        "the first publish on a channel failed: the channel is replaced"
+                        channel = g.slot,
+                        "the broker nacked the first publish on a channel: again on a new channel"
                     );
                 }
                 g.publisher = None;
-                if e.code() == Some("NACK") {
-                    g.nacked = Some(e);
-                    nacked = true;
-                } else {
-                    fail_unsent(&mut g.idxs, &e, outcomes, &target);
-                }
+                nacked.push((g.slot, e));
             }
+            Err(e) => fail_unsent(&mut g.idxs, &e, outcomes, &target),
         }
     }
-    nacked
+    if !nacked.is_empty() {
+        Probed::Nacked(nacked)
+    } else if again {
+        Probed::AgainNow
+    } else {
+        Probed::Done
+    }
 }
 
 /// The first of `idxs` failed with `e`: it ends with `e`, the others unsent.
@@ -371,7 +417,8 @@ fn fail_unsent(
     idxs.clear();
 }
 
-/// Publishes `msg` on `channel` and waits for its confirm, within the batch's deadline.
+/// Publishes `msg` on `channel` and waits for its confirm, within the batch's deadline; nothing
+/// is published once the deadline has passed.
 async fn publish_alone(
     inner: &Inner,
     channel: &lapin::Channel,
@@ -382,6 +429,9 @@ async fn publish_alone(
         route, deadline, ..
     } = publishing;
     let target = route.describe();
+    if Instant::now() >= deadline {
+        return Err(stalled(inner, &target, "publishing"));
+    }
     let publish = channel.basic_publish(
         ShortString::from(route.exchange.as_str()),
         ShortString::from(route.routing_key.as_str()),

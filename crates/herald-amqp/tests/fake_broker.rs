@@ -331,8 +331,8 @@ async fn a_nacked_first_publish_goes_out_again_on_a_new_channel_in_the_same_call
     );
 }
 
-/// A broker that nacks every publish: the first goes out again on new channels until the
-/// batch's time is up, then fails as nacked, and the others, never published, as `NOT_SENT`.
+/// A broker that nacks every publish: the first goes out again on new channels for half the
+/// batch's time, then fails as nacked, and the others, never published, as `NOT_SENT`.
 #[tokio::test]
 async fn a_first_publish_nacked_until_the_deadline_fails_the_batch_unsent() {
     let broker = common::fake_broker::start(Fake::NacksFirst(usize::MAX)).await;
@@ -352,15 +352,15 @@ async fn a_first_publish_nacked_until_the_deadline_fails_the_batch_unsent() {
     for (i, o) in out.iter().enumerate() {
         let e = o.as_ref().expect_err("never confirmed");
         assert_eq!(e.class(), ErrorClass::Transient, "{e}");
-        // The time can also run out while the next channel opens (on a loaded machine): then
-        // every message fails with that.
-        let codes = if i == 0 {
-            ["NACK", "TIMEOUT"]
-        } else {
-            ["NOT_SENT", "TIMEOUT"]
-        };
-        assert!(codes.contains(&e.code().unwrap_or("")), "{e}");
+        // Publishing it again takes at most half the batch's time: it ends nacked, with time
+        // left, not timed out.
+        let code = if i == 0 { "NACK" } else { "NOT_SENT" };
+        assert_eq!(e.code(), Some(code), "{e}");
     }
+    assert!(
+        t.is_connected(),
+        "a nacking broker is not one that stopped confirming: the connection stays"
+    );
     let publishes = broker.publishes.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
         (2..=16).contains(&publishes),

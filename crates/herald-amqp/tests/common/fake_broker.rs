@@ -25,6 +25,10 @@ pub(crate) enum Fake {
     NacksFirst(usize),
 }
 
+/// Per channel, for each publish whose content is still to come: whether it is confirmed and
+/// the frame that says so, or `None` if the broker never answers it.
+type Answers = std::collections::VecDeque<Option<(bool, Vec<u8>)>>;
+
 /// A fake broker running.
 pub(crate) struct FakeBroker {
     pub(crate) port: u16,
@@ -117,11 +121,11 @@ pub(crate) async fn start(mode: Fake) -> FakeBroker {
                 let mut published: std::collections::HashMap<u16, u64> =
                     std::collections::HashMap::new();
                 let mut first_channel: Option<u16> = None;
-                // Per channel, whether each publish whose body is still to come was confirmed.
-                let mut awaiting_body: std::collections::HashMap<
-                    u16,
-                    std::collections::VecDeque<bool>,
-                > = std::collections::HashMap::new();
+                // Per channel, the answer (`basic.ack` or `basic.nack` frame; none for a publish
+                // the broker never answers) to each publish whose content is still to come: it
+                // goes out once the content is read, as a broker confirms what it has stored.
+                let mut awaiting_body: std::collections::HashMap<u16, Answers> =
+                    std::collections::HashMap::new();
                 loop {
                     if !out.is_empty() {
                         if sock.write_all(&out).await.is_err() {
@@ -139,19 +143,31 @@ pub(crate) async fn start(mode: Fake) -> FakeBroker {
                     if sock.read_exact(&mut body).await.is_err() {
                         return;
                     }
-                    if head[0] == 3 {
-                        // A body frame (herald's payloads here fit in one).
-                        let confirmed = awaiting_body
+                    // The content of a publish: a header frame, then (unless the payload is
+                    // empty) one body frame (the payloads here fit in one).
+                    let empty = head[0] == 2
+                        && body.len() >= 12
+                        && u64::from_be_bytes(body[4..12].try_into().expect("8 bytes")) == 0;
+                    if head[0] == 3 || empty {
+                        let answer = awaiting_body
                             .get_mut(&channel)
-                            .and_then(std::collections::VecDeque::pop_front);
-                        if confirmed == Some(true) {
-                            let payload = body[..body.len() - 1].to_vec();
-                            storing.lock().expect("stored").push(payload);
+                            .and_then(std::collections::VecDeque::pop_front)
+                            .flatten();
+                        if let Some((confirmed, answer)) = answer {
+                            if confirmed {
+                                let payload = if empty {
+                                    Vec::new()
+                                } else {
+                                    body[..body.len() - 1].to_vec()
+                                };
+                                storing.lock().expect("stored").push(payload);
+                            }
+                            out = answer;
                         }
                         continue;
                     }
                     if head[0] != 1 || body.len() < 5 {
-                        continue; // content header, heartbeat
+                        continue; // heartbeat
                     }
                     let ids = (
                         u16::from_be_bytes([body[0], body[1]]),
@@ -174,6 +190,9 @@ pub(crate) async fn start(mode: Fake) -> FakeBroker {
                         (10, 50) => out = frame(0, &method(10, 51, &[])),
                         (20, 10) => {
                             first_channel.get_or_insert(channel);
+                            // A channel id used again starts afresh.
+                            published.remove(&channel);
+                            awaiting_body.remove(&channel);
                             out = frame(channel, &method(20, 11, &[0, 0, 0, 0]));
                         }
                         (20, 40) => out = frame(channel, &method(20, 41, &[])),
@@ -196,10 +215,13 @@ pub(crate) async fn start(mode: Fake) -> FakeBroker {
                         {
                             let tag = published.entry(channel).or_default();
                             *tag += 1;
+                            let answers = awaiting_body.entry(channel).or_default();
                             if mode == Fake::ConfirmsFirst && *tag > 1 {
+                                answers.push_back(None);
                                 continue;
                             }
                             let mut a = tag.to_be_bytes().to_vec();
+                            a.push(0); // not multiple (and, for a nack, not requeue)
                             let nack = match mode {
                                 Fake::NacksFirstChannel => {
                                     first_channel == Some(channel) && *tag > 1
@@ -207,14 +229,9 @@ pub(crate) async fn start(mode: Fake) -> FakeBroker {
                                 Fake::NacksFirst(n) => read_before < n,
                                 _ => false,
                             };
-                            awaiting_body.entry(channel).or_default().push_back(!nack);
-                            if nack {
-                                a.push(0); // not multiple, not requeue
-                                out = frame(channel, &method(60, 120, &a));
-                            } else {
-                                a.push(0); // not multiple
-                                out = frame(channel, &method(60, 80, &a));
-                            }
+                            let answer =
+                                frame(channel, &method(60, if nack { 120 } else { 80 }, &a));
+                            answers.push_back(Some((!nack, answer)));
                         }
                         _ => {} // tune-ok, basic.publish: no answer
                     }
