@@ -12,7 +12,9 @@
 
 use std::time::{Duration, Instant};
 
-use herald_amqp::baseline::{delete_queue, fresh_queue, raw_naive, raw_streaming};
+use herald_amqp::baseline::{
+    delete_queue, fresh_queue, raw_naive, raw_streaming, raw_streaming_carrying, Carry,
+};
 use herald_amqp::{AmqpConfig, AmqpTransport};
 use herald_core::{Message, OrderingMode, Producer};
 use herald_testkit::baseline::{write_report, Args, Figure};
@@ -27,6 +29,23 @@ type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 async fn raw_best(config: &AmqpConfig, payload: usize, n: usize) -> Res<f64> {
     let queue = fresh_queue(config, "raw").await?;
     let run = raw_streaming(config, "", &queue, payload, n, CHANNELS, WINDOW).await?;
+    delete_queue(config, &queue).await?;
+    Ok(run.msgs_per_sec())
+}
+
+/// Raw lapin at its best with herald's properties on each message, into a fresh queue deleted
+/// afterwards.
+async fn raw_like_herald(config: &AmqpConfig, payload: usize, n: usize) -> Res<f64> {
+    let queue = fresh_queue(config, "raw-props").await?;
+    let run = raw_streaming_carrying(
+        config,
+        ("", &queue),
+        payload,
+        n,
+        (CHANNELS, WINDOW),
+        Carry::LikeHerald,
+    )
+    .await?;
     delete_queue(config, &queue).await?;
     Ok(run.msgs_per_sec())
 }
@@ -98,6 +117,16 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
                 "raw lapin, streaming confirms, {CHANNELS} channels × {WINDOW} (raw best)"
             ),
             rate: raw,
+        });
+        let like = raw_like_herald(&config, payload, n).await?;
+        eprintln!("{payload} B raw streaming, herald's properties: {like:.0} msg/s");
+        figures.push(Figure {
+            payload,
+            name: "raw_like_herald",
+            what: format!(
+                "raw lapin, streaming confirms, {CHANNELS} channels × {WINDOW}, each message with herald's `message_id` and key header"
+            ),
+            rate: like,
         });
         let naive = naive(&config, payload, naive_n).await?;
         eprintln!("{payload} B raw naive: {naive:.0} msg/s");
