@@ -237,7 +237,7 @@ impl AmqpConfig {
     /// Backoff between reconnection attempts after a failed one: from `min`, doubling, up to
     /// `max` (at most 24 hours). Default: 100 ms to 5 s. The same pauses space the attempts of a
     /// channel's first publish that the broker nacks (a quorum queue electing a leader), within
-    /// the batch's [`confirm_timeout`](Self::confirm_timeout).
+    /// the first half of the batch's [`confirm_timeout`](Self::confirm_timeout).
     #[must_use]
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.reconnect_min = min;

@@ -31,8 +31,8 @@ pub const FAILOVERS: &str = "herald_amqp_failovers_total";
 /// half-open connection, a hung node). Counter.
 pub const ABANDONED: &str = "herald_amqp_connections_abandoned_total";
 /// Channels given up after the broker nacked a publish on them (a streamed one, or the first
-/// publish to a destination, which then goes out again at once), so that the retry goes out on
-/// a new channel. Counter.
+/// publish to a route, which then goes out again on a new channel after a pause), so that the
+/// retry goes out on a new channel. Counter.
 pub const CHANNELS_RETIRED: &str = "herald_amqp_channels_retired_total";
 
 /// Every metric name above.

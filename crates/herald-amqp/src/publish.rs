@@ -88,12 +88,17 @@ async fn send_in_turn(
     // the batch needs the other half.
     let probing_ends = Instant::now() + inner.config.confirm_timeout / 2;
     let mut pause = inner.config.reconnect_min;
+    let mut nacked: Vec<(usize, TransportError)> = Vec::new();
     loop {
         let path = current_channels(inner, &live, &mut groups, publishing, &mut outcomes).await;
         // After a reconnect or a channel replaced, the keys that failed in the calls before (on
         // the lost connection or the given-up channel) are not sent on the new one ahead of
         // their retries.
         let hold = turn.enter(path).await;
+        if !nacked.is_empty() && Instant::now() >= probing_ends {
+            // Waiting for the calls before took the time left for publishing again.
+            give_up(&mut groups, &mut nacked, &mut outcomes, &route.describe());
+        }
         for g in &mut groups {
             g.idxs.retain(|&i| match hold.check(&batch[i]) {
                 Some(held) => {
@@ -103,7 +108,7 @@ async fn send_in_turn(
                 None => true,
             });
         }
-        let nacked =
+        nacked =
             match first_alone(inner, &live, &mut groups, publishing, batch, &mut outcomes).await {
                 Probed::Done => break,
                 Probed::AgainNow => continue,
@@ -114,15 +119,20 @@ async fn send_in_turn(
         // turn, so that no later call of the destination goes ahead of it; the pauses double as
         // the reconnect backoff does.
         if Instant::now() + pause >= probing_ends {
-            for (slot, e) in nacked {
-                if let Some(g) = groups.iter_mut().find(|g| g.slot == slot) {
-                    fail_unsent(&mut g.idxs, &e, &mut outcomes, &route.describe());
-                }
-            }
+            give_up(&mut groups, &mut nacked, &mut outcomes, &route.describe());
             break;
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(inner.config.reconnect_max);
+    }
+    // A group left without a channel (its channel closed under it when the time for publishing
+    // again ran out) sends nothing.
+    for g in groups.iter_mut().filter(|g| g.publisher.is_none()) {
+        let e = not_sent_in_time(&route.describe());
+        for &i in &g.idxs {
+            outcomes[i] = Some(Err(e.clone()));
+        }
+        g.idxs.clear();
     }
     let sends = groups.into_iter().filter_map(|g| {
         let publisher = g.publisher?;
@@ -143,7 +153,10 @@ async fn send_in_turn(
         );
     for (i, o) in known {
         if let Err(e) = o {
-            turn.failed(&batch[i], e);
+            match not_its_own(&batch[i], e) {
+                Some(own) => turn.failed(&batch[i], &own),
+                None => turn.failed(&batch[i], e),
+            }
         }
     }
     turn.handed_over();
@@ -300,8 +313,8 @@ async fn current_channels(
 
 /// What [`first_alone`] found.
 enum Probed {
-    /// Every channel is proven for the route, or its first publish failed for a reason that
-    /// ends its group: stream the rest.
+    /// Every channel is proven for the route, its first publish was unroutable (the route stays
+    /// unproven, the rest streams), or it failed for a reason that ends its group.
     Done,
     /// A first publish was too large (the broker closed the channel): the next message of its
     /// group goes alone in its place, on a new channel, now.
@@ -367,10 +380,20 @@ async fn first_alone(
                 }
                 g.idxs.clear();
             }
+            // The channel was closed by another destination's oversized message: not this
+            // one's end, and nothing more goes out on it.
+            Err(e) if not_its_own(&batch[first], &e).is_some() => {
+                let own = not_its_own(&batch[first], &e).unwrap_or(e);
+                g.publisher = None;
+                fail_unsent(&mut g.idxs, &own, outcomes, &target);
+            }
             Err(e) if e.class() == ErrorClass::Permanent => {
                 // Too large: the broker closed the channel; the next message goes alone on a
                 // new one. Unroutable: the others stream (the route stays unproven).
-                again |= e.code() == Some("PRECONDITION_FAILED");
+                if e.code() == Some("PRECONDITION_FAILED") {
+                    g.publisher = None;
+                    again = true;
+                }
                 outcomes[first] = Some(Err(e));
                 g.idxs.remove(0);
             }
@@ -397,6 +420,30 @@ async fn first_alone(
     } else {
         Probed::Done
     }
+}
+
+/// The time for publishing nacked first publishes again is over: each ends with its last nack,
+/// the rest of its group unsent.
+fn give_up(
+    groups: &mut [Group],
+    nacked: &mut Vec<(usize, TransportError)>,
+    outcomes: &mut [Option<Result<Ack, TransportError>>],
+    target: &str,
+) {
+    for (slot, e) in nacked.drain(..) {
+        if let Some(g) = groups.iter_mut().find(|g| g.slot == slot) {
+            fail_unsent(&mut g.idxs, &e, outcomes, target);
+        }
+    }
+}
+
+/// A message not handed to lapin because its batch's time was up: never sent, so not a sign that
+/// the broker stopped confirming.
+fn not_sent_in_time(target: &str) -> TransportError {
+    TransportError::transient(format!(
+        "not sent: the batch's time was up before this message to {target} was published; retried"
+    ))
+    .with_code("NOT_SENT")
 }
 
 /// The first of `idxs` failed with `e`: it ends with `e`, the others unsent.
@@ -430,7 +477,7 @@ async fn publish_alone(
     } = publishing;
     let target = route.describe();
     if Instant::now() >= deadline {
-        return Err(stalled(inner, &target, "publishing"));
+        return Err(not_sent_in_time(&target));
     }
     let publish = channel.basic_publish(
         ShortString::from(route.exchange.as_str()),
@@ -520,7 +567,7 @@ async fn publish_group(
         if Instant::now() >= deadline {
             // The batch's time is up (a confirm timed out above, say): what is not handed to
             // lapin yet stays with herald, rather than going out to be retried as well.
-            let e = stalled(inner, &target, "publishing");
+            let e = not_sent_in_time(&target);
             out.push((i, Err(e.clone())));
             broken = Some(e);
             continue;
@@ -739,23 +786,31 @@ pub(crate) fn finish(
             }
         }
     }
-    // A channel closed for an oversized message fails every message that was in flight on it:
-    // only those above the limit are permanent; the others are retried.
     for (m, o) in batch.iter().zip(outcomes.iter_mut()) {
-        let Err(e) = o else { continue };
-        if e.code() == Some("PRECONDITION_FAILED") {
-            if let Some(max) = max_size_from_text(e.message()) {
-                if m.payload().len() <= max {
-                    *o = Err(TransportError::transient(format!(
-                        "the channel was closed by another message's error ({}); retried",
-                        e.message()
-                    ))
-                    .with_code("CHANNEL_CLOSED"));
-                }
+        if let Err(e) = o {
+            if let Some(own) = not_its_own(m, e) {
+                *o = Err(own);
             }
         }
     }
     outcomes
+}
+
+/// A channel closed for an oversized message fails every message that was in flight on it:
+/// only those above the limit end for good. For another message of that channel, the
+/// transient error it really has (`CHANNEL_CLOSED`); `None` when `e` is `msg`'s own.
+fn not_its_own(msg: &Message, e: &TransportError) -> Option<TransportError> {
+    if e.code() != Some("PRECONDITION_FAILED") {
+        return None;
+    }
+    let max = max_size_from_text(e.message())?;
+    (msg.payload().len() <= max).then(|| {
+        TransportError::transient(format!(
+            "the channel was closed by another message's error ({}); retried",
+            e.message()
+        ))
+        .with_code("CHANNEL_CLOSED")
+    })
 }
 
 #[cfg(test)]

@@ -28,8 +28,8 @@ use crate::publish;
 ///   follows once it is confirmed. RabbitMQ 3.10 nacks a new channel's first publishes to a
 ///   quorum queue while the queue elects a leader and takes its later ones: streamed, a key's
 ///   later message could be stored ahead of its nacked predecessor. A nacked first publish goes
-///   out again on a new channel after a pause (the reconnect backoff), for up to half the
-///   batch's time; other transient failures of it fail the rest unsent (code `NOT_SENT`,
+///   out again on a new channel after a pause (the reconnect backoff), within the first half of
+///   the batch's time; other transient failures of it fail the rest unsent (code `NOT_SENT`,
 ///   retried).
 /// - **Unroutable** (mandatory, no queue bound): permanent error, code `NO_ROUTE`. **Nack**:
 ///   transient, code `NACK`. A missing exchange (404) or refused access (403): permanent, for

@@ -145,8 +145,9 @@ async fn missing_confirms_time_out_once_per_batch_not_once_per_message() {
 #[tokio::test]
 async fn a_batch_whose_time_is_up_publishes_no_more() {
     let (port, publishes) = fake_broker_counting(Fake::ConfirmsFirst).await;
+    // A second: the first publish's confirm comes in time on a loaded machine too.
     let t = connected(port, |c| {
-        c.window(4).confirm_timeout(Duration::from_millis(300))
+        c.window(4).confirm_timeout(Duration::from_secs(1))
     })
     .await;
     let batch = numbered(41);
@@ -361,9 +362,11 @@ async fn a_first_publish_nacked_until_the_deadline_fails_the_batch_unsent() {
         t.is_connected(),
         "a nacking broker is not one that stopped confirming: the connection stays"
     );
+    // Only the first message was published, once or again after each pause (how many times
+    // depends on the machine's speed; the test before counts them on a broker that relents).
     let publishes = broker.publishes.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
-        (2..=16).contains(&publishes),
+        (1..=16).contains(&publishes),
         "the first message alone, again after each pause: {publishes} publishes"
     );
 }

@@ -194,7 +194,8 @@ async fn send_in_turn(
             }
         }
     }
-    // What failed before the turn passes holds its key for the next call at once.
+    // When nothing was sent (`round_trip` hands over itself otherwise): what failed holds its
+    // key for the next call at once.
     turn.hand_over(batch, &outcomes);
     finished(outcomes)
 }
