@@ -413,7 +413,10 @@ async fn send_in_turn(
     let mut past_deadline = false;
     for (index, m) in batch.iter().enumerate() {
         if past_deadline {
-            state.set(index, Err(not_sent_by_deadline()));
+            let e = not_sent_by_deadline();
+            // Told to the turn now: the next call on this producer does not wait for this one.
+            turn.failed(m, &e);
+            state.set(index, Err(e));
             continue;
         }
         if let Some(held) = hold.check(m) {
@@ -444,7 +447,9 @@ async fn send_in_turn(
                         () = shared.room.wait() => {}
                         () = &mut at_deadline => {
                             past_deadline = true;
-                            state.set(index, Err(not_sent_by_deadline()));
+                            let e = not_sent_by_deadline();
+                            turn.failed(m, &e);
+                            state.set(index, Err(e));
                             break;
                         }
                     }
@@ -452,6 +457,7 @@ async fn send_in_turn(
                 Err((e, _record)) => {
                     let error = transport_error(&e);
                     hold.failed(m, &error);
+                    turn.failed(m, &error);
                     state.set(index, Err(error));
                     break;
                 }
