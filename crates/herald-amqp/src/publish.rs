@@ -382,8 +382,7 @@ async fn first_alone(
             }
             // The channel was closed by another destination's oversized message: not this
             // one's end, and nothing more goes out on it.
-            Err(e) if not_its_own(&batch[first], &e).is_some() => {
-                let own = not_its_own(&batch[first], &e).unwrap_or(e);
+            Err(e) if let Some(own) = not_its_own(&batch[first], &e) => {
                 g.publisher = None;
                 fail_unsent(&mut g.idxs, &own, outcomes, &target);
             }
@@ -489,12 +488,24 @@ async fn publish_alone(
         msg.payload(),
         properties(&inner.config, msg),
     );
-    let confirm = match tokio::time::timeout_at(deadline, publish).await {
-        Ok(Ok(confirm)) => confirm,
-        Ok(Err(e)) => return Err(classify_on_channel(&e, route, &target)),
-        Err(_) => return Err(stalled(inner, &target, "publishing")),
-    };
+    let confirm = write_done(inner, route, &target, deadline, Box::pin(publish)).await?;
     settle(inner, confirm, route, &target, deadline).await
+}
+
+/// Waits, within `deadline`, for lapin to write a publish it was handed (it stops writing while
+/// the broker blocks the connection: bounded too); the confirm to come, or the classified error.
+async fn write_done(
+    inner: &Inner,
+    route: &Route,
+    target: &str,
+    deadline: Instant,
+    publish: Writing<'_>,
+) -> Result<lapin::PublisherConfirm, TransportError> {
+    match tokio::time::timeout_at(deadline, publish).await {
+        Ok(Ok(confirm)) => Ok(confirm),
+        Ok(Err(e)) => Err(classify_on_channel(&e, route, target)),
+        Err(_) => Err(stalled(inner, target, "publishing")),
+    }
 }
 
 /// Publishes the messages `idxs` of `batch` on `publisher`'s channel (slot `slot`), streaming:
@@ -536,12 +547,7 @@ async fn publish_group(
     let mut out = Vec::with_capacity(idxs.len());
     let written = async |publish: InFlight<'_>| match publish {
         InFlight::Written(confirm) => Ok(confirm),
-        // lapin stops writing while the broker blocks the connection: bounded too.
-        InFlight::Writing(publish) => match tokio::time::timeout_at(deadline, publish).await {
-            Ok(Ok(confirm)) => Ok(confirm),
-            Ok(Err(e)) => Err(classify_on_channel(&e, route, &target)),
-            Err(_) => Err(stalled(inner, &target, "publishing")),
-        },
+        InFlight::Writing(publish) => write_done(inner, route, &target, deadline, publish).await,
     };
     let mut flight: VecDeque<(usize, InFlight<'_>)> =
         VecDeque::with_capacity(config.window.min(idxs.len()));
