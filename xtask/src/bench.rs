@@ -186,16 +186,28 @@ fn baseline_rows(json: &serde_json::Value, broker: &str) -> Vec<Row> {
             herald: rate(size, "herald_default"),
             raw: rate(size, "raw_streaming"),
             naive: rate(size, "raw_naive"),
-            ratio: crate::report::with_range(
-                &figure(size, "herald_default"),
-                "vs_raw",
-                crate::report::times,
-            ),
+            ratio: ratio_cell(&figure(size, "herald_default")),
             vs_naive: figure(size, "herald_default")["vs_naive"]
                 .as_f64()
                 .unwrap_or(0.0),
         })
         .collect()
+}
+
+/// herald / raw for the summary: against the raw client's bare payloads and, where the run
+/// measured it, against the raw client sending the same properties as herald's messages:
+/// `0.84× (0.79×–0.85×); same properties: 0.96× (0.94×–1.04×)`.
+fn ratio_cell(herald: &serde_json::Value) -> String {
+    use crate::report::{times, with_range};
+    let bare = with_range(herald, "vs_raw", times);
+    if herald.get("vs_like").is_some() {
+        format!(
+            "{bare}; same properties: {}",
+            with_range(herald, "vs_like", times)
+        )
+    } else {
+        bare
+    }
 }
 
 /// The broker rows of the summary, in the order the table shows them.
@@ -375,6 +387,30 @@ fn bench_pipeline(root: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_summary_s_ratio_adds_the_one_against_the_same_properties_where_measured() {
+        let bare = serde_json::json!({"vs_raw": 0.84, "vs_raw_range": [0.79, 0.85]});
+        assert_eq!(ratio_cell(&bare), "0.84× (0.79×–0.85×)");
+        let mut like = bare.clone();
+        like["vs_like"] = 0.96.into();
+        like["vs_like_range"] = serde_json::json!([0.94, 1.04]);
+        let cell = ratio_cell(&like);
+        assert_eq!(
+            cell,
+            "0.84× (0.79×–0.85×); same properties: 0.96× (0.94×–1.04×)"
+        );
+        let row = Row {
+            broker: "RabbitMQ".into(),
+            size: 100,
+            herald: 15_537.0,
+            raw: 18_601.0,
+            naive: 2_032.0,
+            ratio: cell,
+            vs_naive: 8.0,
+        };
+        assert_eq!(parse_row(&row_line(&row)), Some(row));
+    }
 
     #[test]
     fn a_summary_row_reads_back_as_written() {

@@ -99,9 +99,15 @@ fn rounds() -> usize {
         .max(1)
 }
 
+/// The figure of the raw client at its best sending what herald's messages carry (an id and a
+/// key header), where a run has one (herald-testkit's `baseline::LIKE_HERALD`).
+pub(crate) const LIKE_HERALD: &str = "raw_like_herald";
+
 /// One JSON of figures from the rounds of a `*-baseline` run: each figure's `msgs_per_sec` is
 /// the median of its rounds (`msgs_per_sec_range`: the slowest and the fastest), and `vs_raw`
-/// and `vs_naive` the medians of the ratios taken within each round (`vs_raw_range`).
+/// and `vs_naive` the medians of the ratios taken within each round (`vs_raw_range`); where the
+/// rounds have a [`LIKE_HERALD`] figure of that payload, `vs_like` (`vs_like_range`) the same
+/// against it.
 pub(crate) fn merge_rounds(runs: &[serde_json::Value]) -> Result<serde_json::Value> {
     use serde_json::json;
     let first = runs.first().context("no rounds")?;
@@ -134,10 +140,11 @@ pub(crate) fn merge_rounds(runs: &[serde_json::Value]) -> Result<serde_json::Val
                 })
                 .collect()
         };
+        let has_like = rate(first, payload, LIKE_HERALD).is_some();
         let (rate, rate_range) = spread(per_round(None)?);
         let (vs_raw, vs_raw_range) = spread(per_round(Some("raw_streaming"))?);
         let (vs_naive, _) = spread(per_round(Some("raw_naive"))?);
-        figures.push(json!({
+        let mut figure = json!({
             "payload_bytes": payload,
             "name": name,
             "what": f["what"],
@@ -146,7 +153,13 @@ pub(crate) fn merge_rounds(runs: &[serde_json::Value]) -> Result<serde_json::Val
             "vs_raw": vs_raw,
             "vs_raw_range": vs_raw_range,
             "vs_naive": vs_naive,
-        }));
+        });
+        if has_like {
+            let (vs_like, vs_like_range) = spread(per_round(Some(LIKE_HERALD))?);
+            figure["vs_like"] = json!(vs_like);
+            figure["vs_like_range"] = vs_like_range;
+        }
+        figures.push(figure);
     }
     let mut doc = first.clone();
     doc["rounds"] = json!(runs.len());
@@ -273,17 +286,18 @@ impl Baseline<'_> {
             self.rtts.1
         );
         rtt_table.push_str(
-            "| round trip | payload | variant | msgs/s | vs raw best |\n|---:|---|---|---:|---:|\n",
+            "| round trip | payload | variant | msgs/s | vs raw best | vs raw best, same properties |\n|---:|---|---|---:|---:|---:|\n",
         );
         for (rtt, run) in rtt_runs {
             let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run?)?)?;
             for f in json["figures"].as_array().context("figures")? {
                 rtt_table.push_str(&format!(
-                    "| {rtt} ms | {} B | {} | {} | {:.2}× |\n",
+                    "| {rtt} ms | {} B | {} | {} | {:.2}× | {} |\n",
                     f["payload_bytes"],
                     f["what"].as_str().unwrap_or("?"),
                     thousands(f["msgs_per_sec"].as_f64().unwrap_or(0.0)),
                     f["vs_raw"].as_f64().unwrap_or(0.0),
+                    f["vs_like"].as_f64().map_or("—".to_owned(), times),
                 ));
             }
         }
@@ -334,14 +348,27 @@ impl Baseline<'_> {
 }
 
 /// The figures of a `*-baseline` run as a table: payload, variant, rate, against raw and naive.
+/// With a column against the raw client sending the same properties where the run has that
+/// figure.
 pub(crate) fn figures_table(json: &serde_json::Value) -> Result<String> {
     use anyhow::Context;
-    let mut table = String::from(
-        "| payload | variant | msgs/s | vs raw best | vs naive |\n|---|---|---:|---:|---:|\n",
-    );
-    for f in json["figures"].as_array().context("figures")? {
+    let figures = json["figures"].as_array().context("figures")?;
+    let like = figures.iter().any(|f| f.get("vs_like").is_some());
+    let mut table = String::from(if like {
+        "| payload | variant | msgs/s | vs raw best | vs raw best, same properties | vs naive |\n|---|---|---:|---:|---:|---:|\n"
+    } else {
+        "| payload | variant | msgs/s | vs raw best | vs naive |\n|---|---|---:|---:|---:|\n"
+    });
+    for f in figures {
+        let like = if !like {
+            String::new()
+        } else if f.get("vs_like").is_some() {
+            format!(" {} |", with_range(f, "vs_like", times))
+        } else {
+            " — |".to_owned()
+        };
         table.push_str(&format!(
-            "| {} B | {} | {} | {} | {:.1}× |\n",
+            "| {} B | {} | {} | {} |{like} {:.1}× |\n",
             f["payload_bytes"],
             f["what"].as_str().unwrap_or("?"),
             with_range(f, "msgs_per_sec", thousands),
@@ -377,6 +404,53 @@ mod tests {
     }
 
     #[test]
+    fn rounds_with_a_raw_client_sending_herald_s_properties_get_a_ratio_to_it() {
+        let like = |rate: f64| json!({"payload_bytes": 100, "name": LIKE_HERALD, "what": "raw, same properties", "msgs_per_sec": rate});
+        let runs: Vec<serde_json::Value> = [
+            (100.0, 84.0, 90.0),
+            (80.0, 60.0, 66.0),
+            (120.0, 110.0, 100.0),
+        ]
+        .into_iter()
+        .map(|(raw, like_rate, herald)| {
+            let mut r = round(raw, 10.0, herald);
+            r["figures"]
+                .as_array_mut()
+                .expect("figures")
+                .push(like(like_rate));
+            r
+        })
+        .collect();
+        let doc = merge_rounds(&runs).expect("merge");
+        let herald = &doc["figures"][2];
+        // 90/84, 66/60, 100/110 within each round.
+        assert_eq!(herald["vs_like"], 1.0714285714285714);
+        assert_eq!(herald["vs_like_range"], json!([100.0 / 110.0, 1.1]));
+        assert_eq!(doc["figures"][3]["vs_like"], 1.0);
+        let table = figures_table(&doc).expect("table");
+        assert!(
+            table.starts_with("| payload | variant | msgs/s | vs raw best | vs raw best, same properties | vs naive |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 100 B | herald_default | 90 (66–100) | 0.83× (0.82×–0.90×) | 1.07× (0.91×–1.10×) | 9.0× |"),
+            "{table}"
+        );
+        // Every row has the column.
+        for line in table.lines() {
+            assert_eq!(line.matches('|').count(), 7, "{line}");
+        }
+        // A round without it cannot give the ratio.
+        let mut short = runs.clone();
+        short[1]["figures"].as_array_mut().expect("figures").pop();
+        let err = merge_rounds(&short).expect_err("missing in a round");
+        assert!(
+            err.to_string().contains("raw_like_herald at 100 B"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn rounds_merge_into_medians_and_ratios_taken_within_each_round() {
         // herald beats raw in the rounds where raw is slow: the ratio of the medians (1.0)
         // is not the median of the ratios.
@@ -404,6 +478,10 @@ mod tests {
         short["figures"].as_array_mut().expect("figures").pop();
         let err = merge_rounds(&[runs[0].clone(), short]).expect_err("missing figure");
         assert!(err.to_string().contains("herald_default at 100 B"), "{err}");
+        // No raw client with herald's properties in these rounds: no such ratio or column.
+        assert!(herald.get("vs_like").is_none());
+        let table = figures_table(&doc).expect("table");
+        assert!(!table.contains("same properties"), "{table}");
         let mut no_raw = round(1.0, 1.0, 1.0);
         no_raw["figures"].as_array_mut().expect("figures").remove(0);
         let err = merge_rounds(&[no_raw.clone(), no_raw]).expect_err("missing raw");

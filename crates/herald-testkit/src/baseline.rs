@@ -1,7 +1,9 @@
 //! What the adapters' `*-baseline` binaries share (the runs `cargo xtask bench` makes): their
 //! command line (`--messages N`, `--json FILE`, ...), one figure per variant and payload, and
 //! the JSON they write, each figure also as a ratio to the raw client at its best
-//! (`raw_streaming`) and to the naive pattern (`raw_naive`) of its payload.
+//! (`raw_streaming`) and to the naive pattern (`raw_naive`) of its payload, and, where the run
+//! has one, to the raw client at its best sending the same properties as herald's messages
+//! (`raw_like_herald`: `vs_like`).
 
 use std::str::FromStr;
 
@@ -43,6 +45,11 @@ impl Args {
     }
 }
 
+/// The name of the figure of the raw client at its best sending what herald's messages carry
+/// (an id, a key header), where a broker's bare payloads would not be a like-for-like
+/// comparison.
+pub const LIKE_HERALD: &str = "raw_like_herald";
+
 /// `doc` (an object: the broker, the settings) with `figures` added, written to the `--json`
 /// file of `args`, or printed when there is none.
 pub fn write_report(
@@ -59,14 +66,19 @@ pub fn write_report(
     let json: Vec<serde_json::Value> = figures
         .iter()
         .map(|f| {
-            serde_json::json!({
+            let mut json = serde_json::json!({
                 "payload_bytes": f.payload,
                 "name": f.name,
                 "what": f.what,
                 "msgs_per_sec": f.rate,
                 "vs_raw": f.rate / rate_of(f.payload, "raw_streaming"),
                 "vs_naive": f.rate / rate_of(f.payload, "raw_naive"),
-            })
+            });
+            let like = rate_of(f.payload, LIKE_HERALD);
+            if !like.is_nan() {
+                json["vs_like"] = (f.rate / like).into();
+            }
+            json
         })
         .collect();
     doc["figures"] = serde_json::Value::Array(json);

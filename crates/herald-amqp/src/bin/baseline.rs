@@ -122,7 +122,7 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
         eprintln!("{payload} B raw streaming, herald's properties: {like:.0} msg/s");
         figures.push(Figure {
             payload,
-            name: "raw_like_herald",
+            name: herald_testkit::baseline::LIKE_HERALD,
             what: format!(
                 "raw lapin, streaming confirms, {CHANNELS} channels × {WINDOW}, each message with herald's `message_id` and key header"
             ),
