@@ -253,7 +253,9 @@ fn intro(json: &serde_json::Value, machine: &str) -> String {
         "Run: `cargo xtask bench amqp` on {machine}, broker on the same machine ({}). {} persistent \
          messages per run to a fresh durable classic queue; {} channels × {} unconfirmed.\n\n\
          herald's messages carry 64 keys (spread over the channels) and its `message_id` and \
-         key header; the raw runs send bare payloads.\n\n",
+         key header. The raw runs send bare payloads, except the one \"with herald's \
+         `message_id` and key header\": the column \"same properties\" is each variant's \
+         ratio to that one, like for like.\n\n",
         json["broker"].as_str().unwrap_or("?"),
         json["messages"],
         json["channels"],
