@@ -439,3 +439,62 @@ async fn nacks_then_acks_on_new_channels_keep_each_key_s_first_copies_in_order()
     }
     assert_eq!(seen.len(), N, "every message stored");
 }
+
+/// A channel that a RabbitMQ closes for one destination's oversized message fails whatever else
+/// was in flight on it, here another destination's first publish on that channel (sent alone,
+/// to prove the channel for its route): that one was not too large, so it fails as
+/// `CHANNEL_CLOSED`, transient and retried, not as the permanent "too large" the broker's 406
+/// names, which belongs to the other message alone; and the rest of its group stays unsent,
+/// rather than going alone on a new channel ahead of that message's retry.
+#[tokio::test]
+async fn a_first_publish_on_a_channel_closed_for_another_destination_s_oversized_message_is_retried(
+) {
+    let broker = common::fake_broker::start(Fake::ClosesOversize(100)).await;
+    // One channel: both destinations share it.
+    let t = std::sync::Arc::new(connected(broker.port, |c| c).await);
+    let big = vec![Message::new("a", vec![b'x'; 200])];
+    let oversized = {
+        let t = std::sync::Arc::clone(&t);
+        tokio::spawn(async move { t.send_batch(&Destination::new("a"), &big).await })
+    };
+    // The broker has read the oversized publish (and holds its close back until the next one).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while broker.publishes.load(std::sync::atomic::Ordering::SeqCst) < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the oversized message was never published"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Two messages of one key: the second must not go out ahead of the first's retry.
+    let small = vec![
+        Message::new("b", "b0").with_key("k"),
+        Message::new("b", "b1").with_key("k"),
+    ];
+    let other = tokio::time::timeout(
+        Duration::from_secs(5),
+        t.send_batch(&Destination::new("b"), &small),
+    )
+    .await
+    .expect("the other destination's call ends");
+    let own = tokio::time::timeout(Duration::from_secs(5), oversized)
+        .await
+        .expect("the oversized message's call ends")
+        .expect("its task");
+    let e = own[0].as_ref().expect_err("too large");
+    assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    assert_eq!(e.code(), Some("PRECONDITION_FAILED"), "{e}");
+    let e = other[0]
+        .as_ref()
+        .expect_err("in flight on the closed channel");
+    assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+    assert_eq!(e.code(), Some("CHANNEL_CLOSED"), "{e}");
+    let e = other[1].as_ref().expect_err("not sent ahead of b0's retry");
+    assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+    // Nothing of `b` was stored, and `b1` was never published.
+    assert!(broker.stored.lock().expect("stored").is_empty());
+    assert_eq!(
+        broker.publishes.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+}

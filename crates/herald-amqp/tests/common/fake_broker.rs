@@ -23,6 +23,11 @@ pub(crate) enum Fake {
     /// RabbitMQ 3.10 does with a channel's first publishes to a quorum queue while the queue
     /// elects a new leader (each is nacked until the election is over, then they are taken).
     NacksFirst(usize),
+    /// Confirms every publish up to this many bytes of payload. A larger one is never answered:
+    /// the channel is closed for it (`channel.close`, 406 PRECONDITION_FAILED, with RabbitMQ's
+    /// text naming the size and the limit), once the next publish on that channel is read, so
+    /// that a publish sent after it on the same channel is in flight when the close comes.
+    ClosesOversize(usize),
 }
 
 /// Per channel, for each publish whose content is still to come: whether it is confirmed and
@@ -126,6 +131,9 @@ pub(crate) async fn start(mode: Fake) -> FakeBroker {
                 // goes out once the content is read, as a broker confirms what it has stored.
                 let mut awaiting_body: std::collections::HashMap<u16, Answers> =
                     std::collections::HashMap::new();
+                // Per channel, the size of an oversized payload whose close is held back.
+                let mut closing: std::collections::HashMap<u16, usize> =
+                    std::collections::HashMap::new();
                 loop {
                     if !out.is_empty() {
                         if sock.write_all(&out).await.is_err() {
@@ -153,6 +161,13 @@ pub(crate) async fn start(mode: Fake) -> FakeBroker {
                             .get_mut(&channel)
                             .and_then(std::collections::VecDeque::pop_front)
                             .flatten();
+                        if let Fake::ClosesOversize(limit) = mode {
+                            let size = if empty { 0 } else { body.len() - 1 };
+                            if size > limit {
+                                closing.insert(channel, size);
+                                continue;
+                            }
+                        }
                         if let Some((confirmed, answer)) = answer {
                             if confirmed {
                                 let payload = if empty {
@@ -193,6 +208,7 @@ pub(crate) async fn start(mode: Fake) -> FakeBroker {
                             // A channel id used again starts afresh.
                             published.remove(&channel);
                             awaiting_body.remove(&channel);
+                            closing.remove(&channel);
                             out = frame(channel, &method(20, 11, &[0, 0, 0, 0]));
                         }
                         (20, 40) => out = frame(channel, &method(20, 41, &[])),
@@ -211,8 +227,28 @@ pub(crate) async fn start(mode: Fake) -> FakeBroker {
                                     | Fake::ConfirmsFirst
                                     | Fake::NacksFirstChannel
                                     | Fake::NacksFirst(_)
+                                    | Fake::ClosesOversize(_)
                             ) =>
                         {
+                            if let Some(size) = closing.remove(&channel) {
+                                // channel.close: 406, RabbitMQ's text, for basic.publish.
+                                let mut a = 406u16.to_be_bytes().to_vec();
+                                let text = format!(
+                                    "PRECONDITION_FAILED - message size {size} is larger than configured max size {}",
+                                    match mode {
+                                        Fake::ClosesOversize(limit) => limit,
+                                        _ => unreachable!("only this mode closes"),
+                                    }
+                                );
+                                a.push(u8::try_from(text.len()).expect("short"));
+                                a.extend_from_slice(text.as_bytes());
+                                a.extend_from_slice(&60u16.to_be_bytes());
+                                a.extend_from_slice(&40u16.to_be_bytes());
+                                out = frame(channel, &method(20, 40, &a));
+                                // This publish is never answered: its channel is closing.
+                                awaiting_body.entry(channel).or_default().push_back(None);
+                                continue;
+                            }
                             let tag = published.entry(channel).or_default();
                             *tag += 1;
                             let answers = awaiting_body.entry(channel).or_default();
