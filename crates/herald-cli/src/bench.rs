@@ -111,6 +111,10 @@ async fn herald_run(args: &BenchArgs, target: &Target) -> anyhow::Result<Measure
 struct Baselines {
     raw: f64,
     raw_what: String,
+    /// The raw client at its best sending what herald's messages carry, where the broker's
+    /// cost of those properties would make bare payloads an unfair comparison (AMQP: the
+    /// `message_id` and the key header): its rate and what it was.
+    like: Option<(f64, String)>,
     naive: f64,
     naive_what: String,
 }
@@ -160,6 +164,7 @@ async fn kafka_baselines(
             "rdkafka ThreadedProducer, no per-message wait, {} messages",
             report::count(n)
         ),
+        like: None,
         naive: naive.msgs_per_sec(),
         naive_what: format!(
             "rdkafka FutureProducer awaiting each send, {} messages (--naive-messages)",
@@ -193,6 +198,7 @@ async fn nats_baselines(
             "async-nats, {NATS_WINDOW} PubAcks in flight, {} messages",
             report::count(args.messages)
         ),
+        like: None,
         naive: naive.msgs_per_sec(),
         naive_what: format!(
             "async-nats awaiting each PubAck, {} messages (--naive-messages)",
@@ -228,6 +234,7 @@ async fn redis_baselines(
             "redis-rs, pipelines of {REDIS_PIPELINE} XADDs, {REDIS_IN_FLIGHT} in flight, {} messages",
             report::count(args.messages)
         ),
+        like: None,
         naive: naive.msgs_per_sec(),
         naive_what: format!(
             "redis-rs awaiting each XADD, {} messages (--naive-messages)",
@@ -262,6 +269,7 @@ async fn mqtt_baselines(
             "rumqttc, {MQTT_WINDOW} publishes in flight, {} messages",
             report::count(args.messages)
         ),
+        like: None,
         naive: naive.msgs_per_sec(),
         naive_what: format!(
             "rumqttc awaiting each acknowledgement, {} messages (--naive-messages)",
@@ -301,6 +309,16 @@ async fn amqp_baselines(
     )
     .await
     .context("raw lapin baseline")?;
+    let like = ab::raw_streaming_carrying(
+        config,
+        (&exchange, &routing_key),
+        args.size,
+        n,
+        (AMQP_CHANNELS, AMQP_WINDOW),
+        ab::Carry::LikeHerald,
+    )
+    .await
+    .context("raw lapin baseline with herald's properties")?;
     let naive_n = usize::try_from(args.naive_messages).unwrap_or(usize::MAX);
     let naive = ab::raw_naive(config, &exchange, &routing_key, args.size, naive_n)
         .await
@@ -311,6 +329,13 @@ async fn amqp_baselines(
             "lapin, streaming confirms over {AMQP_CHANNELS} channels × {AMQP_WINDOW}, {} messages",
             report::count(args.messages)
         ),
+        like: Some((
+            like.msgs_per_sec(),
+            format!(
+                "lapin as above, each message with herald's `message_id` and key header, {} messages",
+                report::count(args.messages)
+            ),
+        )),
         naive: naive.msgs_per_sec(),
         naive_what: format!(
             "lapin awaiting each confirm, {} messages (--naive-messages)",
@@ -412,6 +437,13 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
             b.raw_what,
             rate / b.raw
         );
+        if let Some((like, what)) = &b.like {
+            out!(
+                "  raw alike  {:>12} msg/s  ({what})  herald / raw alike = {:.2}x",
+                report::count(*like as u64),
+                rate / like
+            );
+        }
         out!(
             "  naive      {:>12} msg/s  ({})  herald / naive = {:.0}x",
             report::count(b.naive as u64),
@@ -445,6 +477,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
             obj.insert("naive_messages".into(), json!(args.naive_messages));
             obj.insert("herald_vs_raw".into(), report::num(rate / b.raw));
             obj.insert("herald_vs_naive".into(), report::num(rate / b.naive));
+            if let Some((like, _)) = &b.like {
+                obj.insert("raw_like_herald_msgs_per_sec".into(), report::num(*like));
+                obj.insert("herald_vs_raw_like_herald".into(), report::num(rate / like));
+            }
         }
         out!("{}", Value::Object(obj));
     }
