@@ -276,6 +276,48 @@ fn amqp_produce_to_a_queue_reads_back_the_same() {
     assert_same_messages(&sent, &got);
 }
 
+/// Issue 15: `herald bench --baseline` on RabbitMQ runs the raw client twice, with bare payloads
+/// and with herald's properties (`message_id`, key header), and reports herald against both;
+/// every run's messages are in the queue (each run's warm-up message too, the naive one's
+/// excepted).
+#[test]
+#[ignore = "needs RabbitMQ: cargo xtask it"]
+fn amqp_bench_baseline_compares_with_the_raw_client_carrying_herald_s_properties() {
+    let url = amqp_url();
+    let rt = runtime();
+    let conn = rabbit(&rt, &url);
+    let queue = unique("bench");
+    let dir = Scratch::new("real-amqp-bench");
+    let to = with_query(&url, &format!("queue={queue}"));
+    let args = ["bench", "--to", &to, "--messages", "2000", "--size", "100"];
+    let more = ["--baseline", "--naive-messages", "50", "--report", "json"];
+    let run = herald(&[&args[..], &more[..]].concat(), None, &dir.0, LIMIT);
+    let stored = within(&rt, "counting the queue", queue_length(&conn, &queue));
+    within(&rt, "deleting the queue", delete_queue(&conn, &queue));
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report = run.report();
+    let rate = |name: &str| {
+        report[name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name}: {report}"))
+    };
+    let (herald_rate, like) = (
+        rate("herald_msgs_per_sec"),
+        rate("raw_like_herald_msgs_per_sec"),
+    );
+    assert!(like > 0.0, "{report}");
+    let ratio = rate("herald_vs_raw_like_herald");
+    assert!(
+        (ratio - herald_rate / like).abs() < 1e-3 * ratio,
+        "{report}"
+    );
+    assert!(run.stdout.contains("raw alike"), "{}", run.stdout);
+    assert!(
+        stored >= 3 * 2_000 + 50,
+        "{stored} messages in the queue: {report}"
+    );
+}
+
 /// Issue 13: an address list whose first node is dead: every message goes through the next one,
 /// and the report names the list without the password.
 #[test]
