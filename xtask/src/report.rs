@@ -140,7 +140,8 @@ pub(crate) fn merge_rounds(runs: &[serde_json::Value]) -> Result<serde_json::Val
                 })
                 .collect()
         };
-        let has_like = rate(first, payload, LIKE_HERALD).is_some();
+        // In any round: then every round must have it (a round without it is an error below).
+        let has_like = runs.iter().any(|r| rate(r, payload, LIKE_HERALD).is_some());
         let (rate, rate_range) = spread(per_round(None)?);
         let (vs_raw, vs_raw_range) = spread(per_round(Some("raw_streaming"))?);
         let (vs_naive, _) = spread(per_round(Some("raw_naive"))?);

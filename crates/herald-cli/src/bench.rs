@@ -395,7 +395,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
         report::count(args.messages),
         args.size
     );
-    out!("  timed from a connected producer: herald and the raw client each send one message and wait for its acknowledgement before the clock starts");
+    out!("  timed from a connected client: herald sends one message and waits for its acknowledgement before the clock starts; the raw clients connect first (on Kafka they send one message too)");
     let herald = herald_run(&args, &target).await?;
     let rate = report::rate(herald.tally.delivered, herald.elapsed);
     let t = &herald.tally;
