@@ -1,7 +1,7 @@
 //! The Kafka transport against a real Kafka-protocol broker. Run by `cargo xtask it`, which
 //! provides `HERALD_KAFKA_BOOTSTRAP` (and `HERALD_TANSU_BIN` for the tests that run Tansu
 //! brokers of their own: a restart, a failover). `HERALD_TANSU_LOG_DIR=DIR` keeps those
-//! brokers' logs in `DIR/tansu-PORT.log`.
+//! brokers' logs in `DIR/tansu-PORT.log`; a test that fails prints the end of them anyway.
 
 mod common;
 
@@ -92,21 +92,52 @@ async fn a_hundred_thousand_keyed_messages_arrive_once_in_order() {
     assert_exactly_once_in_order(&msgs, &read(&b, &t, msgs.len()).await);
 }
 
-/// Where a test's own Tansu writes its log: nowhere, unless `HERALD_TANSU_LOG_DIR` names a
-/// directory (then `tansu-PORT.log` there, appended to across restarts).
-fn tansu_log(port: u16) -> Stdio {
-    let Some(dir) = std::env::var_os("HERALD_TANSU_LOG_DIR") else {
-        return Stdio::null();
-    };
-    let path = std::path::Path::new(&dir).join(format!("tansu-{port}.log"));
+/// Where a test's own Tansu writes its log: `DIR/tansu-PORT.log` with `HERALD_TANSU_LOG_DIR=DIR`
+/// (kept), else `herald-tansu-PORT.log` in the temporary folder (removed when the broker goes
+/// away, unless the test failed). Appended to across restarts. A test that fails prints the
+/// end of each of its brokers' logs (see [`OwnTansu`]'s `Drop`): Tansu's own failures (a
+/// panic in its storage) are then named in the test's output.
+fn tansu_log_path(port: u16) -> (std::path::PathBuf, bool) {
+    match std::env::var_os("HERALD_TANSU_LOG_DIR") {
+        Some(dir) => (
+            std::path::Path::new(&dir).join(format!("tansu-{port}.log")),
+            true,
+        ),
+        None => (
+            std::env::temp_dir().join(format!("herald-tansu-{port}.log")),
+            false,
+        ),
+    }
+}
+
+fn tansu_log(path: &std::path::Path) -> Stdio {
     match std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&path)
+        .open(path)
     {
         Ok(f) => Stdio::from(f),
-        Err(e) => panic!("HERALD_TANSU_LOG_DIR: cannot open {}: {e}", path.display()),
+        Err(e) => panic!("cannot open the Tansu log {}: {e}", path.display()),
     }
+}
+
+/// The last `lines` lines of `path`, after the first three lines before them that tell of a
+/// panic (and how many there were).
+fn log_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let cut = all.len().saturating_sub(lines);
+    let panics: Vec<&str> = all[..cut]
+        .iter()
+        .copied()
+        .filter(|l| l.contains("panicked"))
+        .collect();
+    let mut out: Vec<String> = panics.iter().take(3).map(|l| (*l).to_owned()).collect();
+    if !panics.is_empty() {
+        out.push(format!("({} panics before the last lines)", panics.len()));
+    }
+    out.extend(all[cut..].iter().map(|l| (*l).to_owned()));
+    out.join("\n")
 }
 
 /// A Tansu broker of the test's own, on SQLite storage so that its log survives a restart.
@@ -119,6 +150,9 @@ struct OwnTansu {
     advertised: Option<u16>,
     /// More arguments for `tansu broker` (`--authentication`).
     args: Vec<&'static str>,
+    /// Its log (stderr), and whether to keep it when the test passes.
+    log: std::path::PathBuf,
+    keep_log: bool,
 }
 
 impl OwnTansu {
@@ -130,7 +164,14 @@ impl OwnTansu {
     /// `args` more.
     fn start_on(bin: String, port: u16, advertised: Option<u16>, args: Vec<&'static str>) -> Self {
         let db = std::env::temp_dir().join(format!("herald-tansu-{port}.db"));
-        let _fresh = std::fs::remove_file(&db);
+        // A database of an earlier run on this port (one killed before its drop) goes, its
+        // write-ahead log with it: a fresh database must not meet an old log.
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = db.clone().into_os_string();
+            path.push(suffix);
+            let _fresh = std::fs::remove_file(path);
+        }
+        let (log, keep_log) = tansu_log_path(port);
         let mut t = Self {
             bin,
             port,
@@ -138,6 +179,8 @@ impl OwnTansu {
             child: None,
             advertised,
             args,
+            log,
+            keep_log,
         };
         t.up();
         t
@@ -146,13 +189,17 @@ impl OwnTansu {
     /// A second broker of the same cluster: its own port, the same SQLite file (Tansu's
     /// brokers keep no state of their own; each is the leader of every partition).
     fn sharing(other: &Self) -> Self {
+        let port = free_port();
+        let (log, keep_log) = tansu_log_path(port);
         let mut t = Self {
             bin: other.bin.clone(),
-            port: free_port(),
+            port,
             db: other.db.clone(),
             child: None,
             advertised: None,
             args: other.args.clone(),
+            log,
+            keep_log,
         };
         t.up();
         t
@@ -200,7 +247,7 @@ impl OwnTansu {
             .env("STORAGE_ENGINE", format!("sqlite://{}", self.db_name()))
             .current_dir(std::env::temp_dir())
             .stdout(Stdio::null())
-            .stderr(tansu_log(self.port))
+            .stderr(tansu_log(&self.log))
             .spawn()
             .expect("start tansu");
         self.child = Some(child);
@@ -233,6 +280,16 @@ impl OwnTansu {
 impl Drop for OwnTansu {
     fn drop(&mut self) {
         self.down();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- Tansu on port {} ({}):\n{}",
+                self.port,
+                self.log.display(),
+                log_tail(&self.log, 30)
+            );
+        } else if !self.keep_log {
+            let _removed = std::fs::remove_file(&self.log);
+        }
         // SQLite's write-ahead log and its index go with the database.
         for suffix in ["", "-wal", "-shm"] {
             let mut path = self.db.clone().into_os_string();
@@ -358,9 +415,25 @@ async fn a_broker_of_two_killed_for_good_in_the_middle_of_a_run_loses_nothing() 
     // nothing can be delivered. With 2 s and herald's Kafka pipeline depth of 16, enough
     // messages waited in librdkafka's queue through the failover for that to happen in about
     // one run of three; with 10 s, once in eight full runs of this suite on a busy machine.
-    let transport =
-        KafkaTransport::new(KafkaConfig::new(list).message_timeout(Duration::from_secs(60)))
-            .expect("transport");
+    //
+    //
+    // Both Tansu brokers call themselves node 111 (Tansu 0.6 gives every broker that id),
+    // each at its own address, so after the kill librdkafka must learn that node 111 now
+    // lives at the survivor's address. It asks for metadata when a broker goes down; if that
+    // request went to a broker that cannot answer (nothing else may be connected at that
+    // moment), later unforced requests are skipped as already under way and the next forced
+    // one is the periodic refresh, 5 minutes away by default. This is the likely cause of a
+    // failure seen once in CI (not reproduced in 90 runs here, idle or loaded): 24 442 of the
+    // 60 000 messages handed back at the 180 s delivery timeout, after 3 message timeouts
+    // each, librdkafka's last connection error still the dead broker's. A real cluster names
+    // a new leader (another node id) and librdkafka follows at once; here a forced refresh
+    // every second stands in for that.
+    let transport = KafkaTransport::new(
+        KafkaConfig::new(list)
+            .message_timeout(Duration::from_secs(60))
+            .property("topic.metadata.refresh.interval.ms", "1000"),
+    )
+    .expect("transport");
     let producer = Producer::builder(transport)
         .batching(herald_kafka::recommended_batching())
         .retry(ExponentialRetry::new(Backoff::new(
