@@ -176,15 +176,25 @@ fn rounds<T>(
     Ok(out)
 }
 
-/// One throughput round: `herald bench --baseline` of `messages` of `size` bytes to `to`;
-/// herald's and the raw client's rates (msgs/s).
+/// One throughput round's rates (msgs/s).
+#[derive(Clone, Copy)]
+struct Rates {
+    herald: f64,
+    /// The raw client at its best.
+    raw: f64,
+    /// The raw client sending what herald sends (its message properties), where the command
+    /// measures it (RabbitMQ: `raw alike`).
+    like: Option<f64>,
+}
+
+/// One throughput round: `herald bench --baseline` of `messages` of `size` bytes to `to`.
 fn throughput_round(
     herald: &Path,
     to: &str,
     messages: u64,
     size: u64,
     pinned: bool,
-) -> Result<(f64, f64)> {
+) -> Result<Rates> {
     let json = bench_json(
         herald,
         to,
@@ -203,7 +213,11 @@ fn throughput_round(
             .as_f64()
             .with_context(|| format!("no {name} in {json}"))
     };
-    Ok((rate("herald_msgs_per_sec")?, rate("raw_best_msgs_per_sec")?))
+    Ok(Rates {
+        herald: rate("herald_msgs_per_sec")?,
+        raw: rate("raw_best_msgs_per_sec")?,
+        like: json["raw_like_herald_msgs_per_sec"].as_f64(),
+    })
 }
 
 /// Messages per throughput round through the delaying proxy (as the library's round-trip
@@ -296,7 +310,7 @@ fn rtt_rounds(herald: &Path, proxy_bin: &Path, rtt_ms: u64) -> Result<Vec<Row>> 
 fn sized_rows(
     broker: Broker,
     rtt_ms: u64,
-    mut round: impl FnMut(u64, usize) -> Result<(f64, f64)>,
+    mut round: impl FnMut(u64, usize) -> Result<Rates>,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &(_, size) in SIZES.iter().filter(|(b, _)| *b == broker) {
@@ -313,13 +327,13 @@ fn sized_rows(
     Ok(rows)
 }
 
-/// One line of the command's throughput table: its rounds' (herald, raw) rates.
+/// One line of the command's throughput table: its rounds' rates.
 struct Row {
     broker: Broker,
     /// 0: on localhost, no proxy.
     rtt_ms: u64,
     size: u64,
-    got: Vec<(f64, f64)>,
+    got: Vec<Rates>,
 }
 
 /// `cargo xtask bench command`.
@@ -355,7 +369,7 @@ pub(crate) fn bench_throughput(root: &Path, pinned: bool) -> Result<()> {
         }
     }
     let mut body = format!(
-        "Run: `cargo xtask bench command{}` on {}: `herald bench --to URL --messages N --size S --baseline` (the release command as a user runs it: herald's default settings, messages handed over as `herald produce` hands over what it reads; then the raw client at its best), {ROUNDS} rounds, each a topic or queue of its own. Both timed from a connected client (one message acknowledged first). Figures: median of the rounds (range in brackets); the ratio is taken within each round. Kafka: Tansu `memory://` on the same machine, 1 000 000 messages of 100 B, 300 000 of 1 KiB; RabbitMQ: the machine's node, 100 000 persistent messages to a durable queue.{}\n\n",
+        "Run: `cargo xtask bench command{}` on {}: `herald bench --to URL --messages N --size S --baseline` (the release command as a user runs it: herald's default settings, messages handed over as `herald produce` hands over what it reads; then the raw client at its best), {ROUNDS} rounds, each a topic or queue of its own. Both timed from a connected client (one message acknowledged first). Figures: median of the rounds (range in brackets); the ratio is taken within each round. Kafka: Tansu `memory://` on the same machine, 1 000 000 messages of 100 B, 300 000 of 1 KiB; RabbitMQ: the machine's node, 100 000 persistent messages to a durable queue; its rounds also run the raw client sending herald's message properties (a message id, the key as a header), the last column.{}\n\n",
         pin_flag(pinned),
         machine(),
         if pinned {
@@ -364,7 +378,25 @@ pub(crate) fn bench_throughput(root: &Path, pinned: bool) -> Result<()> {
             format!(" Round-trip rows: herald and the raw client alike through the testkit's delaying proxy (`delay_proxy`, half the round trip each way, throughput not limited), {} messages per round to Kafka (a Tansu `memory://` of its own advertising the proxy's address), {} to RabbitMQ (the proxy in front of the node).", thousands(rtt_messages(Broker::Kafka) as f64), thousands(rtt_messages(Broker::RabbitMQ) as f64))
         },
     );
-    body.push_str("| broker | round trip | message | herald (msgs/s) | raw client at its best (msgs/s) | herald / raw |\n|---|---:|---:|---:|---:|---:|\n");
+    body.push_str(&table(rows));
+    replace_section(&root.join("docs/benchmarks.md"), "command", &body)?;
+    eprintln!("docs/benchmarks.md: command section updated");
+    Ok(())
+}
+
+/// The command's throughput table, Kafka first, by round trip and size. The column of herald
+/// against the raw client sending the same properties is there when some row has that figure
+/// (a cell without one says so).
+fn table(mut rows: Vec<Row>) -> String {
+    let has_like = rows.iter().any(|r| r.got.iter().any(|g| g.like.is_some()));
+    let mut body = String::from(
+        "| broker | round trip | message | herald (msgs/s) | raw client at its best (msgs/s) | herald / raw |",
+    );
+    body.push_str(if has_like {
+        " herald / raw, same properties |\n|---|---:|---:|---:|---:|---:|---:|\n"
+    } else {
+        "\n|---|---:|---:|---:|---:|---:|\n"
+    });
     rows.sort_by_key(|r| (r.broker != Broker::Kafka, r.rtt_ms, r.size));
     for Row {
         broker,
@@ -373,22 +405,32 @@ pub(crate) fn bench_throughput(root: &Path, pinned: bool) -> Result<()> {
         got,
     } in rows
     {
-        let (_, herald) = median_range(got.iter().map(|g| g.0).collect(), thousands);
-        let (_, raw) = median_range(got.iter().map(|g| g.1).collect(), thousands);
-        let (_, ratio) = median_range(got.iter().map(|g| g.0 / g.1).collect(), two);
+        let (_, herald) = median_range(got.iter().map(|g| g.herald).collect(), thousands);
+        let (_, raw) = median_range(got.iter().map(|g| g.raw).collect(), thousands);
+        let (_, ratio) = median_range(got.iter().map(|g| g.herald / g.raw).collect(), two);
         let rtt = if rtt_ms == 0 {
             "localhost".to_owned()
         } else {
             format!("{rtt_ms} ms")
         };
         body.push_str(&format!(
-            "| {} | {rtt} | {size} B | {herald} | {raw} | {ratio}× |\n",
+            "| {} | {rtt} | {size} B | {herald} | {raw} | {ratio}× |",
             broker.name(),
         ));
+        if has_like {
+            // Within each round, and only when every round has the figure.
+            let like: Option<Vec<f64>> = got.iter().map(|g| Some(g.herald / g.like?)).collect();
+            match like {
+                Some(like) => {
+                    let (_, like) = median_range(like, two);
+                    body.push_str(&format!(" {like}× |"));
+                }
+                None => body.push_str(" not measured |"),
+            }
+        }
+        body.push('\n');
     }
-    replace_section(&root.join("docs/benchmarks.md"), "command", &body)?;
-    eprintln!("docs/benchmarks.md: command section updated");
-    Ok(())
+    body
 }
 
 /// The flag as the run line shows it.
@@ -495,4 +537,61 @@ pub(crate) fn bench_latency(root: &Path, pinned: bool) -> Result<()> {
     replace_section(&root.join("docs/benchmarks.md"), "latency", &body)?;
     eprintln!("docs/benchmarks.md: latency section updated");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(broker: Broker, size: u64, got: &[(f64, f64, Option<f64>)]) -> Row {
+        Row {
+            broker,
+            rtt_ms: 0,
+            size,
+            got: got
+                .iter()
+                .map(|&(herald, raw, like)| Rates { herald, raw, like })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_same_properties_column_is_there_only_when_measured() {
+        let kafka = || row(Broker::Kafka, 100, &[(90.0, 100.0, None); 3]);
+        let without = table(vec![kafka()]);
+        assert!(!without.contains("same properties"), "{without}");
+        assert!(
+            without.contains(
+                "| Kafka | localhost | 100 B | 90 (90–90) | 100 (100–100) | 0.90 (0.90–0.90)× |\n"
+            ),
+            "{without}"
+        );
+
+        let rabbit = row(
+            Broker::RabbitMQ,
+            1024,
+            &[
+                (92.0, 100.0, Some(80.0)),
+                (95.0, 100.0, Some(100.0)),
+                (99.0, 100.0, Some(90.0)),
+            ],
+        );
+        let with = table(vec![rabbit, kafka()]);
+        let lines: Vec<&str> = with.lines().collect();
+        assert!(
+            lines[0].ends_with("| herald / raw, same properties |"),
+            "{with}"
+        );
+        assert_eq!(lines[1], "|---|---:|---:|---:|---:|---:|---:|");
+        // Kafka first; its cell says it has no figure.
+        assert!(
+            lines[2].starts_with("| Kafka |") && lines[2].ends_with(" not measured |"),
+            "{with}"
+        );
+        // Ratios within each round: 92/80, 95/100, 99/90.
+        assert!(
+            lines[3].starts_with("| RabbitMQ |") && lines[3].ends_with(" 1.10 (0.95–1.15)× |"),
+            "{with}"
+        );
+    }
 }
