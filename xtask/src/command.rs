@@ -369,7 +369,7 @@ pub(crate) fn bench_throughput(root: &Path, pinned: bool) -> Result<()> {
         }
     }
     let mut body = format!(
-        "Run: `cargo xtask bench command{}` on {}: `herald bench --to URL --messages N --size S --baseline` (the release command as a user runs it: herald's default settings, messages handed over as `herald produce` hands over what it reads; then the raw client at its best), {ROUNDS} rounds, each a topic or queue of its own. Both timed from a connected client (one message acknowledged first). Figures: median of the rounds (range in brackets); the ratio is taken within each round. Kafka: Tansu `memory://` on the same machine, 1 000 000 messages of 100 B, 300 000 of 1 KiB; RabbitMQ: the machine's node, 100 000 persistent messages to a durable queue; its rounds also run the raw client sending herald's message properties (a message id, the key as a header), the last column.{}\n\n",
+        "Run: `cargo xtask bench command{}` on {}: `herald bench --to URL --messages N --size S --baseline` (the release command as a user runs it: herald's default settings, messages handed over as `herald produce` hands over what it reads; then the raw client at its best), {ROUNDS} rounds, each a topic or queue of its own. Every run timed from a connected client (one message acknowledged first). Figures: median of the rounds (range in brackets); the ratio is taken within each round. Kafka: Tansu `memory://` on the same machine, 1 000 000 messages of 100 B, 300 000 of 1 KiB; RabbitMQ: the machine's node, 100 000 persistent messages to a durable queue; its rounds also run the raw client sending herald's message properties (a message id, the key as a header), and the last column is herald against that run. Each round's runs (herald, raw, raw with the properties, a naive one) write to its one topic or queue in turn, so on RabbitMQ a later run writes behind the messages stored by the earlier ones.{}\n\n",
         pin_flag(pinned),
         machine(),
         if pinned {
@@ -424,6 +424,9 @@ fn table(mut rows: Vec<Row>) -> String {
                 Some(like) => {
                     let (_, like) = median_range(like, two);
                     body.push_str(&format!(" {like}× |"));
+                }
+                None if got.iter().any(|g| g.like.is_some()) => {
+                    body.push_str(" not in every round |");
                 }
                 None => body.push_str(" not measured |"),
             }
@@ -587,6 +590,20 @@ mod tests {
         assert!(
             lines[2].starts_with("| Kafka |") && lines[2].ends_with(" not measured |"),
             "{with}"
+        );
+        // A row with the figure in some rounds only says so.
+        let partly = row(
+            Broker::RabbitMQ,
+            100,
+            &[(90.0, 100.0, Some(80.0)), (90.0, 100.0, None)],
+        );
+        let partly = table(vec![partly]);
+        assert!(
+            partly
+                .lines()
+                .nth(2)
+                .is_some_and(|l| l.ends_with(" not in every round |")),
+            "{partly}"
         );
         // Ratios within each round: 92/80, 95/100, 99/90.
         assert!(

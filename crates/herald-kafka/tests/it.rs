@@ -110,6 +110,16 @@ fn tansu_log_path(port: u16) -> (std::path::PathBuf, bool) {
     }
 }
 
+/// [`tansu_log_path`], emptied when it is a temporary one (a failed run's log on the same
+/// port would otherwise be read as this one's); a restart appends to it.
+fn fresh_log(port: u16) -> (std::path::PathBuf, bool) {
+    let (path, keep) = tansu_log_path(port);
+    if !keep {
+        let _fresh = std::fs::remove_file(&path);
+    }
+    (path, keep)
+}
+
 fn tansu_log(path: &std::path::Path) -> Stdio {
     match std::fs::OpenOptions::new()
         .create(true)
@@ -124,7 +134,8 @@ fn tansu_log(path: &std::path::Path) -> Stdio {
 /// The last `lines` lines of `path`, after the first three lines before them that tell of a
 /// panic (and how many there were).
 fn log_tail(path: &std::path::Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.lines().collect();
     let cut = all.len().saturating_sub(lines);
     let panics: Vec<&str> = all[..cut]
@@ -171,7 +182,7 @@ impl OwnTansu {
             path.push(suffix);
             let _fresh = std::fs::remove_file(path);
         }
-        let (log, keep_log) = tansu_log_path(port);
+        let (log, keep_log) = fresh_log(port);
         let mut t = Self {
             bin,
             port,
@@ -190,7 +201,7 @@ impl OwnTansu {
     /// brokers keep no state of their own; each is the leader of every partition).
     fn sharing(other: &Self) -> Self {
         let port = free_port();
-        let (log, keep_log) = tansu_log_path(port);
+        let (log, keep_log) = fresh_log(port);
         let mut t = Self {
             bin: other.bin.clone(),
             port,
@@ -416,18 +427,19 @@ async fn a_broker_of_two_killed_for_good_in_the_middle_of_a_run_loses_nothing() 
     // messages waited in librdkafka's queue through the failover for that to happen in about
     // one run of three; with 10 s, once in eight full runs of this suite on a busy machine.
     //
-    //
     // Both Tansu brokers call themselves node 111 (Tansu 0.6 gives every broker that id),
     // each at its own address, so after the kill librdkafka must learn that node 111 now
-    // lives at the survivor's address. It asks for metadata when a broker goes down; if that
-    // request went to a broker that cannot answer (nothing else may be connected at that
-    // moment), later unforced requests are skipped as already under way and the next forced
-    // one is the periodic refresh, 5 minutes away by default. This is the likely cause of a
-    // failure seen once in CI (not reproduced in 90 runs here, idle or loaded): 24 442 of the
-    // 60 000 messages handed back at the 180 s delivery timeout, after 3 message timeouts
-    // each, librdkafka's last connection error still the dead broker's. A real cluster names
-    // a new leader (another node id) and librdkafka follows at once; here a forced refresh
-    // every second stands in for that.
+    // lives at the survivor's address. Its refresh on "broker down" finds no usable broker
+    // (node 111 was the only one it knew) and sends nothing. Produce requests in flight at
+    // the kill start a fast leader query that retries until the survivor answers; if none
+    // was in flight, the topic's cached metadata stays valid (15 minutes by default), the
+    // unforced refresh on connecting to the survivor skips it, and the next forced one is
+    // the periodic refresh, 5 minutes away. That is a possible cause of a failure seen once
+    // in CI and not reproduced in 90 runs here, idle or loaded: 24 442 of the 60 000
+    // messages handed back at the 180 s delivery timeout after 3 message timeouts each,
+    // librdkafka's last connection error still the dead broker's. A real cluster names a
+    // new leader (another node id) and librdkafka follows; here a forced refresh every
+    // second (which also makes cached metadata expire after 3 s) stands in for that.
     let transport = KafkaTransport::new(
         KafkaConfig::new(list)
             .message_timeout(Duration::from_secs(60))
