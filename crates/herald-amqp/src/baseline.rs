@@ -57,13 +57,28 @@ async fn connect(config: &AmqpConfig) -> Result<Connection, BaselineError> {
     .map_err(|e| BaselineError(format!("connecting to {}: {e}", config.redacted_url())))
 }
 
+/// Closes `ch` and waits for the broker's answer. A channel handle that is dropped open closes
+/// itself in the background, and if the connection closes meanwhile, lapin logs the clash as
+/// an `ERROR` "Connection error: invalid channel state: Closing" in the middle of the
+/// command's output: so every channel of the baselines is closed before its connection.
+async fn close_channel(ch: Channel) -> Result<(), BaselineError> {
+    // Closed already (by the broker, after an error the run has reported): nothing to do.
+    closed(ch.close(200, "OK".into()).await, "closing a channel")
+}
+
 async fn close(conn: Connection) -> Result<(), BaselineError> {
-    // A channel that is still closing on its own (a dropped handle) can make this fail with
-    // "invalid channel state: Closing"; the work is done by then and the socket goes with
-    // `conn`, so that is not an error of the run.
-    match conn.close(200, "OK".into()).await {
+    // Every channel is closed first (see `close_channel`); should one still be closing on
+    // its own, this fails with "invalid channel state: Closing": the work is done by then and
+    // the socket goes with `conn`, so that is not an error of the run.
+    closed(conn.close(200, "OK".into()).await, "closing the connection")
+}
+
+/// The outcome of closing a channel or a connection: "invalid channel state" (one closing or
+/// closed already) is not an error of the run.
+fn closed(r: Result<(), lapin::Error>, what: &'static str) -> Result<(), BaselineError> {
+    match r {
         Err(e) if !matches!(e.kind(), lapin::ErrorKind::InvalidChannelState(..)) => {
-            Err(step("closing the connection")(e))
+            Err(step(what)(e))
         }
         _ => Ok(()),
     }
@@ -95,6 +110,7 @@ pub async fn fresh_queue(config: &AmqpConfig, tag: &str) -> Result<String, Basel
     )
     .await
     .map_err(step("declaring the queue"))?;
+    close_channel(ch).await?;
     close(conn).await?;
     Ok(name)
 }
@@ -109,6 +125,7 @@ pub async fn delete_queue(config: &AmqpConfig, name: &str) -> Result<(), Baselin
     ch.queue_delete(name.into(), QueueDeleteOptions::default())
         .await
         .map_err(step("deleting the queue"))?;
+    close_channel(ch).await?;
     close(conn).await
 }
 
@@ -165,7 +182,7 @@ async fn stream_on(
     payload: Vec<u8>,
     (n, window): (usize, usize),
     (carry, channel): (Carry, usize),
-) -> Result<(), BaselineError> {
+) -> Result<Channel, BaselineError> {
     let mut pending = VecDeque::with_capacity(window);
     for i in 0..n {
         if pending.len() >= window {
@@ -188,7 +205,8 @@ async fn stream_on(
     for c in pending {
         acked(&c.await?)?;
     }
-    Ok(())
+    // Closed by the caller once the clock stopped.
+    Ok(ch)
 }
 
 /// Raw lapin at its best: `n` messages of `payload` bytes to `exchange` (`""`: the default
@@ -243,10 +261,14 @@ pub async fn raw_streaming_carrying(
             (carry, i),
         ))
     });
+    let mut done = Vec::with_capacity(channels);
     for r in join_all(shares).await {
-        r.map_err(|e| BaselineError(format!("publishing task: {e}")))??;
+        done.push(r.map_err(|e| BaselineError(format!("publishing task: {e}")))??);
     }
     let elapsed = start.elapsed();
+    for ch in done {
+        close_channel(ch).await?;
+    }
     close(conn).await?;
     Ok(Run {
         delivered: n as u64,
@@ -275,6 +297,7 @@ pub async fn raw_naive(
         acked(&c)?;
     }
     let elapsed = start.elapsed();
+    close_channel(ch).await?;
     close(conn).await?;
     Ok(Run {
         delivered: n as u64,
@@ -365,8 +388,11 @@ impl OneByOne {
         }
     }
 
-    /// Closes the connection.
+    /// Closes the channels, then the connection.
     pub async fn close(self) -> Result<(), BaselineError> {
+        for ch in self.channels {
+            close_channel(ch).await?;
+        }
         close(self.conn).await
     }
 }

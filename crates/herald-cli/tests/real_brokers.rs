@@ -317,6 +317,34 @@ fn amqp_bench_baseline_compares_with_the_raw_client_carrying_herald_s_properties
     );
 }
 
+/// `herald bench --baseline` to RabbitMQ prints no `ERROR` from lapin. The raw baselines used
+/// to drop their channels open: lapin then closed them in the background, and when that met the
+/// connection's close it logged "Connection error: invalid channel state: Closing" (or
+/// "invalid connection state: Closed") in the middle of the output, about two lines a run.
+/// Four short runs, each on a queue of its own.
+#[test]
+#[ignore = "needs RabbitMQ: cargo xtask it"]
+fn amqp_bench_baseline_prints_no_error_from_the_raw_clients() {
+    let url = amqp_url();
+    let rt = runtime();
+    let conn = rabbit(&rt, &url);
+    let dir = Scratch::new("real-amqp-bench-quiet");
+    for round in 0..4 {
+        let queue = unique(&format!("quiet-{round}"));
+        let to = with_query(&url, &format!("queue={queue}"));
+        let args = ["bench", "--to", &to, "--messages", "500", "--size", "100"];
+        let more = ["--baseline", "--naive-messages", "20"];
+        let run = herald(&[&args[..], &more[..]].concat(), None, &dir.0, LIMIT);
+        within(&rt, "deleting the queue", delete_queue(&conn, &queue));
+        assert_eq!(run.code, Some(0), "{run:?}");
+        assert!(
+            !run.stderr.contains("ERROR"),
+            "round {round}: {}",
+            run.stderr
+        );
+    }
+}
+
 /// Issue 13: an address list whose first node is dead: every message goes through the next one,
 /// and the report names the list without the password.
 #[test]
