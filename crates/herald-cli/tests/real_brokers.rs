@@ -321,7 +321,8 @@ fn amqp_bench_baseline_compares_with_the_raw_client_carrying_herald_s_properties
 /// to drop their channels open: lapin then closed them in the background, and when that met the
 /// connection's close it logged "Connection error: invalid channel state: Closing" (or
 /// "invalid connection state: Closed") in the middle of the output, about two lines a run.
-/// Four short runs, each on a queue of its own.
+/// Four short throughput runs and one at a fixed rate (its raw client is another baseline),
+/// each on a queue of its own.
 #[test]
 #[ignore = "needs RabbitMQ: cargo xtask it"]
 fn amqp_bench_baseline_prints_no_error_from_the_raw_clients() {
@@ -329,17 +330,26 @@ fn amqp_bench_baseline_prints_no_error_from_the_raw_clients() {
     let rt = runtime();
     let conn = rabbit(&rt, &url);
     let dir = Scratch::new("real-amqp-bench-quiet");
-    for round in 0..4 {
+    let throughput = ["--messages", "500", "--naive-messages", "20"];
+    let rate = [
+        "--messages",
+        "500",
+        "--rate",
+        "1000",
+        "--naive-messages",
+        "20",
+    ];
+    let runs: [&[&str]; 5] = [&throughput, &throughput, &throughput, &throughput, &rate];
+    for (round, more) in runs.into_iter().enumerate() {
         let queue = unique(&format!("quiet-{round}"));
         let to = with_query(&url, &format!("queue={queue}"));
-        let args = ["bench", "--to", &to, "--messages", "500", "--size", "100"];
-        let more = ["--baseline", "--naive-messages", "20"];
-        let run = herald(&[&args[..], &more[..]].concat(), None, &dir.0, LIMIT);
+        let args = ["bench", "--to", &to, "--size", "100", "--baseline"];
+        let run = herald(&[&args[..], more].concat(), None, &dir.0, LIMIT);
         within(&rt, "deleting the queue", delete_queue(&conn, &queue));
         assert_eq!(run.code, Some(0), "{run:?}");
         assert!(
             !run.stderr.contains("ERROR"),
-            "round {round}: {}",
+            "round {round} ({more:?}): {}",
             run.stderr
         );
     }

@@ -61,6 +61,9 @@ pub fn spawn(args: &[&str], cwd: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(args)
         .current_dir(cwd)
+        // herald's default log filter, whatever the caller's environment says (a test of what
+        // it logs must not pass because `RUST_LOG` hid it).
+        .env_remove("RUST_LOG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
