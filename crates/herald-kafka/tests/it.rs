@@ -92,32 +92,31 @@ async fn a_hundred_thousand_keyed_messages_arrive_once_in_order() {
     assert_exactly_once_in_order(&msgs, &read(&b, &t, msgs.len()).await);
 }
 
-/// Where a test's own Tansu writes its log: `DIR/tansu-PORT.log` with `HERALD_TANSU_LOG_DIR=DIR`
-/// (kept), else `herald-tansu-PORT.log` in the temporary folder (removed when the broker goes
-/// away, unless the test failed). Appended to across restarts. A test that fails prints the
-/// end of each of its brokers' logs (see [`OwnTansu`]'s `Drop`): Tansu's own failures (a
-/// panic in its storage) are then named in the test's output.
-fn tansu_log_path(port: u16) -> (std::path::PathBuf, bool) {
-    match std::env::var_os("HERALD_TANSU_LOG_DIR") {
-        Some(dir) => (
+/// Where a test's own Tansu writes its log, and whether to keep it: `DIR/tansu-PORT.log` with
+/// `HERALD_TANSU_LOG_DIR=DIR` (kept), else `herald-tansu-PORT.log` in the temporary folder
+/// (emptied here, so that a failed run's log on the same port is not read as this one's, and
+/// removed when the broker goes away unless the test failed). A restart appends to it. A test
+/// that fails prints the end of each of its brokers' logs (see [`OwnTansu`]'s `Drop`): Tansu's
+/// own failures (a panic in its storage) are then named in the test's output.
+fn fresh_log(port: u16) -> (std::path::PathBuf, bool) {
+    if let Some(dir) = std::env::var_os("HERALD_TANSU_LOG_DIR") {
+        return (
             std::path::Path::new(&dir).join(format!("tansu-{port}.log")),
             true,
-        ),
-        None => (
-            std::env::temp_dir().join(format!("herald-tansu-{port}.log")),
-            false,
-        ),
+        );
     }
+    let path = std::env::temp_dir().join(format!("herald-tansu-{port}.log"));
+    let _fresh = std::fs::remove_file(&path);
+    (path, false)
 }
 
-/// [`tansu_log_path`], emptied when it is a temporary one (a failed run's log on the same
-/// port would otherwise be read as this one's); a restart appends to it.
-fn fresh_log(port: u16) -> (std::path::PathBuf, bool) {
-    let (path, keep) = tansu_log_path(port);
-    if !keep {
-        let _fresh = std::fs::remove_file(&path);
+/// Removes the SQLite database `db` with its write-ahead log and that log's index.
+fn remove_database(db: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut path = db.as_os_str().to_owned();
+        path.push(suffix);
+        let _removed = std::fs::remove_file(path);
     }
-    (path, keep)
 }
 
 fn tansu_log(path: &std::path::Path) -> Stdio {
@@ -177,11 +176,7 @@ impl OwnTansu {
         let db = std::env::temp_dir().join(format!("herald-tansu-{port}.db"));
         // A database of an earlier run on this port (one killed before its drop) goes, its
         // write-ahead log with it: a fresh database must not meet an old log.
-        for suffix in ["", "-wal", "-shm"] {
-            let mut path = db.clone().into_os_string();
-            path.push(suffix);
-            let _fresh = std::fs::remove_file(path);
-        }
+        remove_database(&db);
         let (log, keep_log) = fresh_log(port);
         let mut t = Self {
             bin,
@@ -301,12 +296,7 @@ impl Drop for OwnTansu {
         } else if !self.keep_log {
             let _removed = std::fs::remove_file(&self.log);
         }
-        // SQLite's write-ahead log and its index go with the database.
-        for suffix in ["", "-wal", "-shm"] {
-            let mut path = self.db.clone().into_os_string();
-            path.push(suffix);
-            let _removed = std::fs::remove_file(path);
-        }
+        remove_database(&self.db);
     }
 }
 
