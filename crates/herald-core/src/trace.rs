@@ -63,7 +63,10 @@ mod enabled {
             herald.attempts = Empty,
         );
         inject(&span, &mut msg);
-        msg.span = Some(span);
+        // A span no subscriber records is kept as none: nothing would be recorded on it.
+        if !span.is_disabled() {
+            msg.span = Some(Box::new(span));
+        }
         msg
     }
 
@@ -110,7 +113,7 @@ mod enabled {
         if messages.len() < 2 {
             return;
         }
-        for span in messages.iter().filter_map(|m| m.span.as_ref()) {
+        for span in messages.iter().filter_map(|m| m.span.as_deref()) {
             span.record("messaging.batch.message_count", messages.len());
         }
     }

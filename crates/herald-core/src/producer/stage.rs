@@ -56,7 +56,7 @@ struct Spilled {
     /// Their producer spans (feature `otel`), kept so that each ends with its message's fate;
     /// `None` when none has one.
     #[cfg(feature = "otel")]
-    spans: Option<std::vec::IntoIter<Option<tracing::Span>>>,
+    spans: Option<std::vec::IntoIter<Option<Box<tracing::Span>>>>,
 }
 
 impl Spilled {
