@@ -13,7 +13,9 @@
 //!   batch that carried it ([`sending`]).
 //! - Spans are `tracing` spans: they reach OpenTelemetry through the application's
 //!   `tracing-opentelemetry` layer. Without one, nothing is injected and a span costs what any
-//!   `tracing` span costs under the application's subscriber.
+//!   `tracing` span costs under the application's subscriber. A span no subscriber records is
+//!   not kept with the message (so `tracing`'s `log` feature, without a subscriber, logs the
+//!   span's opening and closing at acceptance, and nothing at its fate).
 //!
 //! Without the feature these functions do nothing and compile away.
 
