@@ -537,12 +537,18 @@ async fn a_failed_message_stays_stored_until_its_error_is_dropped() {
         .build()
         .expect("producer");
     p.send(Message::new("t", "good")).await.expect("delivered");
+    let pending = || inspect(&d).expect("inspect").stats.pending_messages;
+    // A delivered message is settled just after its caller is told, on the producer's task:
+    // waited for, so that what follows counts the failed one alone.
+    herald_testkit::checks::wait_for(Duration::from_secs(10), "the delivered one settled", || {
+        pending() == 0
+    })
+    .await;
     let e = p
         .send(Message::new("t", "bad one"))
         .await
         .expect_err("rejected");
     assert!(matches!(e.reason(), FailureReason::Rejected(_)), "{e}");
-    let pending = || inspect(&d).expect("inspect").stats.pending_messages;
     assert_eq!(pending(), 1, "held while the error is held");
     let copy = e.clone();
     drop(e);
