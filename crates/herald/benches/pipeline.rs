@@ -215,11 +215,12 @@ fn main() {
             "channel" => channel(n, false),
             "herald_send_all" => herald_send_all(n, false, OrderingMode::Strict),
             "herald_send_all_relaxed" => herald_send_all(n, false, OrderingMode::Relaxed),
+            "herald_send_all_prometheus" => herald_send_all_prometheus(n),
             "herald_enqueue" => herald_enqueue(n, false),
             "herald_enqueue_tagged" => herald_enqueue_tagged(n),
             other => panic!(
                 "--only takes channel, herald_send_all, herald_send_all_relaxed, \
-                 herald_enqueue or herald_enqueue_tagged, not {other}"
+                 herald_send_all_prometheus, herald_enqueue or herald_enqueue_tagged, not {other}"
             ),
         };
         return;
