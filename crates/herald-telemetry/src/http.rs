@@ -348,7 +348,7 @@ mod tests {
     /// Far above every timeout the tests set: only a server that never answers reaches it.
     const DEADLINE: Duration = Duration::from_secs(5);
 
-    async fn server(limits: Limits) -> (Server, metrics_exporter_prometheus::PrometheusRecorder) {
+    async fn server(limits: Limits) -> (Server, crate::Recorder) {
         let (recorder, telemetry) = crate::Prometheus::new().build().expect("recorder");
         (
             serve_with(small_buffers(), telemetry, limits).expect("serve"),
@@ -531,7 +531,7 @@ mod tests {
     }
 
     /// A `/metrics` body far larger than the sockets' buffers.
-    fn huge_metrics(recorder: &metrics_exporter_prometheus::PrometheusRecorder) {
+    fn huge_metrics(recorder: &crate::Recorder) {
         metrics::with_local_recorder(recorder, || {
             for i in 0..20_000 {
                 metrics::counter!("herald_test_series_total", "series" => format!("{i:0>100}"))

@@ -42,6 +42,7 @@
 //! # }
 //! ```
 
+mod histogram;
 mod http;
 
 use std::net::SocketAddr;
@@ -49,11 +50,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use herald_core::{metrics as core_metrics, Health, HealthIssue, HealthStatus, Producer};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
+use histogram::Fixed;
+pub use histogram::Recorder;
 pub use http::Server;
 
 /// Buckets of `herald_send_latency_seconds`: from half a millisecond to the default delivery
@@ -196,19 +197,25 @@ impl Prometheus {
     /// Builds the recorder without installing it, for users who compose recorders or install
     /// one per test (`metrics::with_local_recorder`). The returned [`Telemetry`] renders what
     /// that recorder records.
-    pub fn build(self) -> Result<(PrometheusRecorder, Telemetry), TelemetryError> {
-        let recorder = self.builder()?.build_recorder();
-        let telemetry = Telemetry::new(recorder.handle(), self.upkeep, false);
-        Ok((recorder, telemetry))
+    pub fn build(self) -> Result<(Recorder, Telemetry), TelemetryError> {
+        self.recorder(false)
     }
 
     /// Builds the recorder and installs it as the process-wide `metrics` recorder. Fails with
     /// [`TelemetryError::AlreadyInstalled`] if this process has one already.
     pub fn install(self) -> Result<Telemetry, TelemetryError> {
-        let recorder = self.builder()?.build_recorder();
-        let handle = recorder.handle();
+        let (recorder, telemetry) = self.recorder(true)?;
         metrics::set_global_recorder(recorder).map_err(|_| TelemetryError::AlreadyInstalled)?;
-        Ok(Telemetry::new(handle, self.upkeep, true))
+        Ok(telemetry)
+    }
+
+    /// The exporter for every metric, except the histograms with set buckets: those are
+    /// counted into their buckets as they are recorded (see `histogram.rs` for why).
+    fn recorder(self, forever: bool) -> Result<(Recorder, Telemetry), TelemetryError> {
+        let exporter = self.builder()?.build_recorder();
+        let own = Arc::new(Fixed::new(&self.buckets, &self.labels));
+        let telemetry = Telemetry::new(exporter.handle(), own.clone(), self.upkeep, forever);
+        Ok((Recorder::new(exporter, own), telemetry))
     }
 }
 
@@ -233,6 +240,7 @@ struct Watched {
 
 struct Inner {
     handle: PrometheusHandle,
+    own: Arc<Fixed>,
     watched: Mutex<Watching>,
 }
 
@@ -268,10 +276,11 @@ impl std::fmt::Debug for Telemetry {
 impl Telemetry {
     /// `forever`: the recorder is process-wide, so its upkeep runs as long as the process;
     /// otherwise as long as a clone of this `Telemetry` lives.
-    fn new(handle: PrometheusHandle, upkeep: Duration, forever: bool) -> Self {
+    fn new(handle: PrometheusHandle, own: Arc<Fixed>, upkeep: Duration, forever: bool) -> Self {
         let upkeep_handle = handle.clone();
         let inner = Arc::new(Inner {
             handle,
+            own,
             watched: Mutex::new(Watching::default()),
         });
         let alive = Arc::downgrade(&inner);
@@ -298,7 +307,9 @@ impl Telemetry {
 
     /// Everything recorded, in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
-        self.inner.handle.render()
+        let mut text = self.inner.handle.render();
+        self.inner.own.render(&mut text);
+        text
     }
 
     /// Adds `producer` to the health report under `name` (replacing a producer watched under
