@@ -6,13 +6,15 @@
 //! lock-free list until its upkeep or a scrape folds them into the buckets. For
 //! `herald_send_latency_seconds`, recorded once per delivered message, that was about 140
 //! instructions a message (a clock read, an epoch pin, a generation counter) and memory that
-//! grows with the message rate between upkeeps; here a record is a search of the bounds and
-//! three atomic adds. The text is written with the exporter's own formatting functions, so a
-//! scrape reads the same as when the exporter kept them.
+//! grows with the message rate between upkeeps; here a record is a search of the bounds, an
+//! atomic add to the bucket and a compare-and-swap of the sum. The text is written with the
+//! exporter's own formatting functions and its rules for names and labels (a name is matched
+//! sanitized; series whose labels, global ones included, come out the same are one series), so
+//! a scrape reads as when the exporter kept them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use indexmap::IndexMap;
 use metrics::{Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, SharedString, Unit};
@@ -73,83 +75,104 @@ impl metrics::Recorder for Recorder {
 
 /// The histograms with set buckets, by name, and the global labels their lines carry.
 pub(crate) struct Fixed {
+    /// By sanitized name: the exporter matches bucket settings, and groups series into
+    /// families, by the sanitized name too (`my.hist` and `my_hist` are one family).
     bounds: HashMap<String, Arc<[f64]>>,
     global: IndexMap<String, String>,
-    families: Mutex<BTreeMap<String, Family>>,
+    families: RwLock<BTreeMap<String, Family>>,
 }
 
 #[derive(Default)]
 struct Family {
     description: Option<String>,
-    series: HashMap<Key, Arc<Buckets>>,
+    /// By label set, global labels included (a key's label overrides a global one of the same
+    /// name), in the order they were first registered.
+    series: IndexMap<LabelSet, Arc<Buckets>>,
 }
 
 impl Fixed {
     /// `bounds`: per histogram name, finite and strictly increasing (checked by the builder).
+    /// Of two names that sanitize alike, the later's bounds count.
     pub(crate) fn new(bounds: &[(String, Vec<f64>)], global: &[(String, String)]) -> Self {
         Self {
             bounds: bounds
                 .iter()
-                .map(|(name, b)| (name.clone(), Arc::from(b.as_slice())))
+                .map(|(name, b)| (sanitize_metric_name(name), Arc::from(b.as_slice())))
                 .collect(),
             global: global.iter().cloned().collect(),
-            families: Mutex::new(BTreeMap::new()),
+            families: RwLock::new(BTreeMap::new()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Family>> {
-        self.families.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The histogram of `key`, if its name has set buckets (registered once per series; the
-    /// handle is what herald keeps and records through).
+    /// The histogram of `key`, if its name has set buckets. herald registers its handles once
+    /// per producer; a series registered again is found under the read lock.
     fn register(&self, key: &Key) -> Option<Arc<Buckets>> {
-        let bounds = self.bounds.get(key.name())?;
-        let mut families = self.lock();
-        let family = families.entry(key.name().to_owned()).or_default();
-        let series = family
+        let name = sanitize_metric_name(key.name());
+        let bounds = self.bounds.get(&name)?;
+        let labels = LabelSet::from_key_and_global(key, &self.global);
+        let found = self
+            .families
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&name)
+            .and_then(|f| f.series.get(&labels).cloned());
+        if found.is_some() {
+            return found;
+        }
+        let mut families = self
+            .families
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let series = families
+            .entry(name)
+            .or_default()
             .series
-            .entry(key.clone())
+            .entry(labels)
             .or_insert_with(|| Arc::new(Buckets::new(bounds.clone())));
         Some(series.clone())
     }
 
-    /// Keeps the description of one of these histograms; whether `key` is one.
+    /// Keeps the description of one of these histograms (the first given, as the exporter
+    /// does); whether `key` is one.
     fn describe(&self, key: &KeyName, description: &str) -> bool {
-        if !self.bounds.contains_key(key.as_str()) {
+        let name = sanitize_metric_name(key.as_str());
+        if !self.bounds.contains_key(&name) {
             return false;
         }
-        let mut families = self.lock();
-        let family = families.entry(key.as_str().to_owned()).or_default();
-        family
+        let mut families = self
+            .families
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        families
+            .entry(name)
+            .or_default()
             .description
             .get_or_insert_with(|| description.to_owned());
         true
     }
 
     /// Every series recorded so far, in the Prometheus text format, as the exporter writes a
-    /// histogram: cumulative `_bucket` lines, `+Inf`, `_sum` and `_count`.
+    /// histogram: `# HELP` if described, `# TYPE`, then per series its cumulative `_bucket`
+    /// lines, `+Inf`, `_sum` and `_count`, and a blank line after the family.
     pub(crate) fn render(&self, out: &mut String) {
-        let families = self.lock();
+        let families = self.families.read().unwrap_or_else(PoisonError::into_inner);
         for (name, family) in families.iter() {
             if family.series.is_empty() {
                 continue;
             }
-            let name = sanitize_metric_name(name);
             if let Some(description) = &family.description {
-                write_help_line(out, &name, None, None, description);
+                write_help_line(out, name, None, None, description);
             }
-            write_type_line(out, &name, None, None, "histogram");
-            for (key, buckets) in &family.series {
-                let labels = LabelSet::from_key_and_global(key, &self.global);
+            write_type_line(out, name, None, None, "histogram");
+            for (labels, buckets) in &family.series {
                 let (cumulative, sum) = buckets.snapshot();
                 let total = cumulative.last().copied().unwrap_or(0);
                 for (le, count) in buckets.bounds.iter().zip(&cumulative) {
                     write_metric_line(
                         out,
-                        &name,
+                        name,
                         Some("bucket"),
-                        &labels,
+                        labels,
                         Some(("le", le)),
                         count,
                         None,
@@ -157,23 +180,15 @@ impl Fixed {
                 }
                 write_metric_line(
                     out,
-                    &name,
+                    name,
                     Some("bucket"),
-                    &labels,
+                    labels,
                     Some(("le", "+Inf")),
                     total,
                     None,
                 );
-                write_metric_line::<&str, f64>(out, &name, Some("sum"), &labels, None, sum, None);
-                write_metric_line::<&str, u64>(
-                    out,
-                    &name,
-                    Some("count"),
-                    &labels,
-                    None,
-                    total,
-                    None,
-                );
+                write_metric_line::<&str, f64>(out, name, Some("sum"), labels, None, sum, None);
+                write_metric_line::<&str, u64>(out, name, Some("count"), labels, None, total, None);
             }
             out.push('\n');
         }
@@ -247,60 +262,102 @@ mod tests {
 
     const BOUNDS: &[f64] = &[0.001, 0.01, 0.1, 1.0];
 
-    /// The lines of one metric family in `text`, in order.
-    fn family<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
-        text.lines()
-            .filter(|l| {
-                l.starts_with(name)
-                    || l.strip_prefix("# TYPE ")
-                        .is_some_and(|r| r.starts_with(name))
-            })
-            .collect()
+    /// The family `name` in `text`: its header lines (`# HELP`, `# TYPE`) in order, and each
+    /// series' lines in order, keyed by its labels without `le` (series come in hash order in
+    /// the exporter's text, so they are compared as a set).
+    fn family(text: &str, name: &str) -> (Vec<String>, BTreeMap<String, Vec<String>>) {
+        let mut header = Vec::new();
+        let mut series: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for line in text.lines() {
+            if line == format!("# HELP {name}")
+                || line.starts_with(&format!("# HELP {name} "))
+                || line == format!("# TYPE {name} histogram")
+            {
+                header.push(line.to_owned());
+            } else if let Some(rest) = line.strip_prefix(name) {
+                let labels = rest
+                    .split_once('{')
+                    .and_then(|(_, r)| r.split_once('}'))
+                    .map(|(l, _)| {
+                        l.split(',')
+                            .filter(|p| !p.starts_with("le="))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                series.entry(labels).or_default().push(line.to_owned());
+            }
+        }
+        (header, series)
+    }
+
+    /// Records `samples` into `name` under each of `keys`' labels, through `recorder`.
+    fn record(recorder: &dyn metrics::Recorder, name: &str, keys: &[Vec<Label>], samples: &[f64]) {
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
+        recorder.describe_histogram(name.to_owned().into(), None, "Test \"seconds\"\\n.".into());
+        for labels in keys {
+            let h = recorder
+                .register_histogram(&Key::from_parts(name.to_owned(), labels.clone()), &meta);
+            for &s in samples {
+                h.record(s);
+            }
+        }
     }
 
     /// What a scrape shows for a histogram counted here is what the exporter showed when it
-    /// kept the histogram itself, line for line: the same samples, labels (global ones too),
-    /// bounds, edge values and NaN.
+    /// kept the histogram itself, series for series and line for line: the same samples (sums
+    /// included), labels (a key's label overriding a global one, two keys that come out as one
+    /// label set), a name given in two spellings that sanitize alike, a description, NaN.
     #[test]
     fn renders_as_the_exporter_renders_the_same_samples() {
         let name = "herald_test_seconds";
-        let global = [("region".to_owned(), "eu \"1\"".to_owned())];
-        let exporter = PrometheusBuilder::new()
+        let global = [
+            ("region".to_owned(), "eu \"1\"".to_owned()),
+            ("producer".to_owned(), "billing".to_owned()),
+        ];
+        let mut builder = PrometheusBuilder::new()
             .set_buckets(BOUNDS)
-            .expect("bounds")
-            .add_global_label("region", "eu \"1\"")
-            .build_recorder();
-        let own = Fixed::new(&[(name.to_owned(), BOUNDS.to_vec())], &global);
+            .expect("bounds");
+        for (k, v) in &global {
+            builder = builder.add_global_label(k, v);
+        }
+        let exporter = builder.build_recorder();
+        let own = Fixed::new(
+            &[("herald_test.seconds".to_owned(), BOUNDS.to_vec())],
+            &global,
+        );
         let ours = Recorder::new(PrometheusBuilder::new().build_recorder(), Arc::new(own));
-        let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
-        let samples = [0.0005, 0.001, 0.002, 0.01, 0.5, 1.0, 3.0, f64::NAN, 0.07];
-        for labels in [
+        let keys = [
             vec![Label::new("transport", "kafka")],
+            vec![Label::new("transport", "amqp"), Label::new("route", "a\\b")],
+            // Two keys, one label set once the global `producer` is added to the first.
+            vec![Label::new("transport", "nats")],
             vec![
-                Label::new("transport", "amqp"),
-                Label::new("producer", "a\\b"),
+                Label::new("transport", "nats"),
+                Label::new("producer", "billing"),
             ],
-        ] {
-            let key = Key::from_parts(name, labels);
-            let (theirs, mine) = (
-                exporter.register_histogram(&key, &meta),
-                ours.register_histogram(&key, &meta),
+            // A key's label over the global one.
+            vec![Label::new("transport", "redis"), Label::new("region", "us")],
+        ];
+        // Finite, so that the sums compare (NaN and infinity have a series of their own).
+        let samples = [0.0005, 0.001, 0.002, 0.01, 0.5, 1.0, 3.0, 0.07, -1.0];
+        for r in [&exporter as &dyn metrics::Recorder, &ours] {
+            // Two spellings of one name: one family, as the exporter makes it.
+            record(r, name, &keys[..3], &samples);
+            record(r, "herald_test.seconds", &keys[3..], &samples);
+            record(
+                r,
+                name,
+                &[vec![Label::new("transport", "nan")]],
+                &[0.5, f64::NAN, f64::INFINITY],
             );
-            for s in samples {
-                theirs.record(s);
-                mine.record(s);
-            }
         }
         let expected = exporter.handle().render();
         let mut got = String::new();
         ours.own.render(&mut got);
-        let (mut expected, mut got) = (family(&expected, name), family(&got, name));
-        assert!(expected.len() > 10, "{expected:?}");
-        // Series come in hash order in both: compare them as sets of lines, then the TYPE line
-        // first in both.
-        assert_eq!(expected[0], got[0]);
-        expected.sort_unstable();
-        got.sort_unstable();
+        let (expected, got) = (family(&expected, name), family(&got, name));
+        assert_eq!(expected.0.len(), 2, "HELP and TYPE: {expected:?}");
+        assert_eq!(expected.1.len(), 5, "five label sets: {expected:?}");
         assert_eq!(expected, got);
     }
 
@@ -311,18 +368,52 @@ mod tests {
         let handle = exporter.handle();
         let r = Recorder::new(exporter, own.clone());
         let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
-        r.describe_histogram("mine".into(), None, "Mine, \"quoted\".".into());
         r.register_histogram(&Key::from_name("mine"), &meta)
             .record(0.5);
         r.register_histogram(&Key::from_name("theirs"), &meta)
             .record(0.5);
         let mut text = String::new();
         own.render(&mut text);
-        assert!(text.contains("# HELP mine Mine, \"quoted\".\n"), "{text}");
         assert!(text.contains("mine_bucket{le=\"1\"} 1\n"), "{text}");
         assert!(!text.contains("theirs"), "{text}");
         let rendered = handle.render();
         assert!(rendered.contains("theirs"), "{rendered}");
         assert!(!rendered.contains("mine"), "{rendered}");
+    }
+
+    /// The whole scrape, through [`crate::Prometheus`]: every family once, whichever spelling
+    /// of a name was recorded and whoever counted it.
+    #[test]
+    fn a_scrape_has_each_family_once() {
+        let (recorder, telemetry) = crate::Prometheus::new()
+            .buckets("my.hist", BOUNDS)
+            .expect("bounds")
+            .build()
+            .expect("recorder");
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!("my.hist").record(0.5);
+            metrics::histogram!("my_hist", "transport" => "kafka").record(0.5);
+            metrics::histogram!(herald_core::metrics::SEND_LATENCY, "transport" => "memory")
+                .record(0.002);
+            metrics::histogram!("other_seconds").record(0.5);
+            metrics::counter!("herald_test_total").increment(1);
+        });
+        let text = telemetry.render();
+        let mut types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let all = types.len();
+        types.sort_unstable();
+        types.dedup();
+        assert_eq!(types.len(), all, "{text}");
+        for family in ["my_hist", "herald_send_latency_seconds", "other_seconds"] {
+            assert!(
+                types.contains(&format!("# TYPE {family} histogram").as_str()),
+                "{text}"
+            );
+        }
+        assert!(text.contains("my_hist_count 1\n"), "{text}");
+        assert!(
+            text.contains("my_hist_count{transport=\"kafka\"} 1\n"),
+            "{text}"
+        );
     }
 }
