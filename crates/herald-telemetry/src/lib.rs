@@ -50,7 +50,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use herald_core::{metrics as core_metrics, Health, HealthIssue, HealthStatus, Producer};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::formatting::sanitize_metric_name;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
 use histogram::Fixed;
@@ -145,8 +146,11 @@ impl Prometheus {
         }
     }
 
-    /// Other bucket bounds for one histogram (by its full name). Bounds must be finite and
-    /// strictly increasing.
+    /// Other bucket bounds for one histogram (by its full name, matched as Prometheus spells it:
+    /// `my.hist` and `my_hist` are one histogram). Bounds must be finite and strictly
+    /// increasing. A histogram with set bounds is counted into its buckets as each value is
+    /// recorded, by herald-telemetry; other histograms are left to metrics-exporter-prometheus,
+    /// with [`LATENCY_BUCKETS`].
     pub fn buckets(mut self, metric: &str, bounds: &[f64]) -> Result<Self, TelemetryError> {
         let invalid = |reason: &str| TelemetryError::InvalidBuckets {
             metric: metric.to_owned(),
@@ -161,7 +165,9 @@ impl Prometheus {
         if bounds.windows(2).any(|w| w[0] >= w[1]) {
             return Err(invalid("bounds must be strictly increasing"));
         }
-        self.buckets.retain(|(m, _)| m != metric);
+        let spelled = sanitize_metric_name(metric);
+        self.buckets
+            .retain(|(m, _)| sanitize_metric_name(m) != spelled);
         self.buckets.push((metric.to_owned(), bounds.to_vec()));
         Ok(self)
     }
@@ -180,14 +186,7 @@ impl Prometheus {
                 metric: "(default)".into(),
                 reason: e.to_string(),
             })?;
-        for (metric, bounds) in &self.buckets {
-            b = b
-                .set_buckets_for_metric(Matcher::Full(metric.clone()), bounds)
-                .map_err(|e| TelemetryError::InvalidBuckets {
-                    metric: metric.clone(),
-                    reason: e.to_string(),
-                })?;
-        }
+        // The histograms with set bounds never reach the exporter (see `histogram.rs`).
         for (k, v) in &self.labels {
             b = b.add_global_label(k, v);
         }
