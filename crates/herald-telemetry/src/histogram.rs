@@ -1,6 +1,7 @@
 //! The recorder herald installs: metrics-exporter-prometheus for every metric but the histograms
-//! whose buckets are set (herald's own, and any given with [`crate::Prometheus::buckets`]),
-//! which are counted here into those buckets as they are recorded.
+//! whose buckets are set (herald's latency and batch histograms, and any given with
+//! [`crate::Prometheus::buckets`]), which are counted here into those buckets as they are
+//! recorded.
 //!
 //! Why not leave those to the exporter too: it keeps every sample, with a time stamp, on a
 //! lock-free list until its upkeep or a scrape folds them into the buckets. For
