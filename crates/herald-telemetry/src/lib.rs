@@ -197,24 +197,28 @@ impl Prometheus {
     /// one per test (`metrics::with_local_recorder`). The returned [`Telemetry`] renders what
     /// that recorder records.
     pub fn build(self) -> Result<(Recorder, Telemetry), TelemetryError> {
-        self.recorder(false)
+        let upkeep = self.upkeep;
+        let (recorder, handle, own) = self.parts()?;
+        Ok((recorder, Telemetry::new(handle, own, upkeep, false)))
     }
 
     /// Builds the recorder and installs it as the process-wide `metrics` recorder. Fails with
     /// [`TelemetryError::AlreadyInstalled`] if this process has one already.
     pub fn install(self) -> Result<Telemetry, TelemetryError> {
-        let (recorder, telemetry) = self.recorder(true)?;
+        let upkeep = self.upkeep;
+        let (recorder, handle, own) = self.parts()?;
         metrics::set_global_recorder(recorder).map_err(|_| TelemetryError::AlreadyInstalled)?;
-        Ok(telemetry)
+        // Only once installed: its upkeep then runs as long as the process.
+        Ok(Telemetry::new(handle, own, upkeep, true))
     }
 
     /// The exporter for every metric, except the histograms with set buckets: those are
     /// counted into their buckets as they are recorded (see `histogram.rs` for why).
-    fn recorder(self, forever: bool) -> Result<(Recorder, Telemetry), TelemetryError> {
+    fn parts(self) -> Result<(Recorder, PrometheusHandle, Arc<Fixed>), TelemetryError> {
         let exporter = self.builder()?.build_recorder();
+        let handle = exporter.handle();
         let own = Arc::new(Fixed::new(&self.buckets, &self.labels));
-        let telemetry = Telemetry::new(exporter.handle(), own.clone(), self.upkeep, forever);
-        Ok((Recorder::new(exporter, own), telemetry))
+        Ok((Recorder::new(exporter, own.clone()), handle, own))
     }
 }
 
