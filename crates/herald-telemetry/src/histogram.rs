@@ -250,17 +250,12 @@ impl HistogramFn for Buckets {
             self.bounds.partition_point(|b| *b < value)
         };
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        let mut sum = self.sum.load(Ordering::Relaxed);
-        loop {
-            let next = (f64::from_bits(sum) + value).to_bits();
-            match self
-                .sum
-                .compare_exchange_weak(sum, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => break,
-                Err(now) => sum = now,
-            }
-        }
+        // Never `Err`: the closure always gives a value.
+        let _previous = self
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + value).to_bits())
+            });
     }
 }
 
