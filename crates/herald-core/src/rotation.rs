@@ -71,6 +71,9 @@ struct Link<L> {
     next_attempt: Option<Instant>,
     /// A connection was up before: a new one on another server is a failover.
     live_before: bool,
+    /// Why the last round found no server; cleared when one answers. A call that finds the
+    /// next round not due yet says it, so that a delivery timeout names the real cause.
+    last_failure: Option<TransportError>,
 }
 
 /// The wait after the `failures`-th failed round in a row: `backoff`'s delay, the doubling
@@ -108,6 +111,7 @@ impl<L: Clone> Rotation<L> {
                 failures: 0,
                 next_attempt: None,
                 live_before: false,
+                last_failure: None,
             }),
             endpoints,
             backoff: Backoff::new(min, max).with_jitter(Jitter::None),
@@ -123,7 +127,8 @@ impl<L: Clone> Rotation<L> {
 
     /// The live connection, opened (or replaced) if there is none, after waiting out the
     /// backoff of a failed round. A call that waited and still finds the next round not due
-    /// (another call's round failed meanwhile) returns a transient `RECONNECTING` error.
+    /// (another call's round failed meanwhile) returns a transient `RECONNECTING` error that
+    /// ends with that round's error.
     pub async fn live(&self, dialer: &impl Dialer<L>) -> Result<L, TransportError> {
         let mut waited = false;
         let mut link = loop {
@@ -139,11 +144,15 @@ impl<L: Clone> Rotation<L> {
                 // not behind), then look again: another call may have connected meanwhile.
                 Some(at) if at > Instant::now() => {
                     if waited {
-                        return Err(TransportError::transient(format!(
+                        let e = TransportError::transient(format!(
                             "reconnecting to {}: the last attempt failed and the next one is not due yet; retried",
                             self.wording.peer
                         ))
-                        .with_code("RECONNECTING"));
+                        .with_code("RECONNECTING");
+                        return Err(match &link.last_failure {
+                            Some(last) => e.with_context(format!("the last attempt: {last}")),
+                            None => e,
+                        });
                     }
                     drop(link);
                     tokio::time::sleep_until(at).await;
@@ -171,6 +180,7 @@ impl<L: Clone> Rotation<L> {
                     link.next = index;
                     link.failures = 0;
                     link.next_attempt = None;
+                    link.last_failure = None;
                     link.live = Some(live.clone());
                     return Ok(live);
                 }
@@ -190,6 +200,7 @@ impl<L: Clone> Rotation<L> {
         link.failures = link.failures.saturating_add(1);
         let delay = round_delay(&self.backoff, link.failures);
         link.next_attempt = Some(Instant::now() + delay);
+        link.last_failure = Some(e.clone());
         dialer.round_failed(&e, link.failures, delay);
         Err(e)
     }
@@ -411,6 +422,32 @@ mod tests {
                 "round 5 failed, next in 4s"
             ]
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_finds_the_next_round_not_due_names_the_last_failure() {
+        let fake = Fake::default();
+        fake.set_up(&[false]);
+        let r = rotation(1);
+        let _first = r.live(&fake).await.expect_err("down");
+        // Two calls wait out the backoff together; the first to look runs the round (which
+        // fails again), the other then finds the next round not due.
+        let (a, b) = tokio::join!(r.live(&fake), r.live(&fake));
+        let errors = [a.expect_err("down"), b.expect_err("down")];
+        let waiting = errors
+            .iter()
+            .find(|e| e.code() == Some("RECONNECTING"))
+            .unwrap_or_else(|| panic!("one call found the round not due: {errors:?}"));
+        assert_eq!(waiting.class(), ErrorClass::Transient);
+        assert!(
+            waiting.to_string().contains("the last attempt: ")
+                && waiting.to_string().contains("s0 refused"),
+            "the cause is named: {waiting}"
+        );
+        // Once a server answers, the failure is forgotten.
+        fake.set_up(&[true]);
+        let _up = r.live(&fake).await.expect("s0 answers");
+        assert!(r.link.lock().await.last_failure.is_none());
     }
 
     #[tokio::test(start_paused = true)]
