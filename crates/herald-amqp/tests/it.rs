@@ -889,17 +889,35 @@ async fn oversized_message_fails_alone_and_tls_works_with_a_custom_ca() {
     assert_eq!(te.code(), Some("PRECONDITION_FAILED"), "{te}");
     p.close(Duration::from_secs(10)).await;
 
-    // Over TLS: refused without the test's CA (proof that the certificate is checked) …
+    // Over TLS, once the node's TLS listener accepts connections (the node answering AMQP
+    // does not prove that it is up yet): refused without the test's CA, for its certificate
+    // (proof that the certificate is checked) …
+    wait_for(
+        Duration::from_secs(60),
+        "the node's TLS listener to accept connections",
+        || std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok(),
+    )
+    .await;
     let tls_url = format!("amqps://guest:guest@localhost:{tls_port}/%2F");
     let untrusted = AmqpTransport::new(AmqpConfig::from_url(&tls_url).expect("url")).expect("t");
-    untrusted
+    let refused = untrusted
         .connect()
         .await
         .expect_err("a server certificate from an unknown CA must be refused");
-    // … and accepted with it.
+    assert_eq!(
+        (refused.class(), refused.code()),
+        (ErrorClass::Permanent, Some("TLS_ERROR")),
+        "refused for its certificate, for good: {refused}"
+    );
+    herald_core::Transport::close(&untrusted).await;
+    // … and accepted with it. The first connection is checked on its own, so that a failure
+    // says why (with the node's log) rather than ending in a delivery timeout.
     let ca = std::fs::read_to_string(node.dir.join("ca.pem")).expect("ca");
     let tls =
         AmqpTransport::new(AmqpConfig::from_url(&tls_url).expect("url").tls_ca_pem(ca)).expect("t");
+    if let Err(e) = tls.connect().await {
+        panic!("TLS with the test's CA failed: {e}{}", node.log_tail());
+    }
     let p = Producer::builder(tls).build().expect("producer");
     p.send(Message::new(dest.clone(), "over tls"))
         .await
