@@ -487,6 +487,8 @@ impl Inner {
             }
             let (client, mut events) = rumqttc::AsyncClient::new(o, REQUEST_CHANNEL);
             events.set_network_options(network);
+            // rumqttc starts its keep-alive timer as the CONNACK comes: after this.
+            let nudge = Nudge::new(c.keep_alive, Instant::now());
             loop {
                 match events.poll().await {
                     Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => break,
@@ -496,6 +498,7 @@ impl Inner {
             }
             let task = tokio::spawn(drive_v3(
                 events,
+                nudge,
                 state.clone(),
                 self.flow.clone(),
                 self.metrics.clone(),
@@ -518,6 +521,8 @@ impl Inner {
                 ));
             }
             let (client, mut events) = v5::AsyncClient::new(o, REQUEST_CHANNEL);
+            // rumqttc starts its keep-alive timer as the CONNACK comes: after this.
+            let nudge = Nudge::new(c.keep_alive, Instant::now());
             let connack = loop {
                 match events.poll().await {
                     Ok(v5::Event::Incoming(v5::Incoming::ConnAck(ack))) => break ack,
@@ -532,6 +537,7 @@ impl Inner {
                 .unwrap_or(u32::MAX);
             let task = tokio::spawn(drive_v5(
                 events,
+                nudge,
                 state.clone(),
                 self.flow.clone(),
                 self.metrics.clone(),
@@ -658,10 +664,16 @@ enum Seen {
     Written,
     /// A broker's answer to a publish (PUBACK, PUBREC, PUBCOMP).
     Answer,
+    /// A PINGREQ written to the socket: herald's, or rumqttc's keep-alive.
+    PingSent,
     /// A PINGRESP.
     PingResp,
     Other,
 }
+
+/// The least time herald leaves between its own PINGREQ and rumqttc's next keep-alive one,
+/// besides twice the longest its PINGREQs took to be answered.
+const KEEP_ALIVE_MARGIN: Duration = Duration::from_millis(50);
 
 /// When a PINGREQ follows an event: brokers that keep Nagle's algorithm on (Mosquitto's
 /// default) hold a small packet back while an earlier one of theirs is not acknowledged, and
@@ -676,30 +688,88 @@ enum Seen {
 /// one-message batches a second before this: each PUBACK came with the client's next write,
 /// 4-10 ms late.) A PINGRESP with nothing written since the PINGREQ follows nothing, so that a
 /// slow broker is not pinged once per round trip while it works.
-#[derive(Debug, Default)]
+///
+/// Never near rumqttc's keep-alive: it sends its own PINGREQ every `keep_alive` whatever the
+/// traffic, and ends the connection (`AwaitPingResp`) if the PINGRESP of an earlier PINGREQ is
+/// still awaited then. Its schedule is known: it starts when the connection opens and restarts
+/// at each of its PINGREQs (the PINGREQs herald did not queue). herald pings only while the
+/// next one is further away than twice the longest its own PINGREQs took to be answered on
+/// this connection, plus [`KEEP_ALIVE_MARGIN`]; once that time comes, not again until the
+/// keep-alive PINGREQ has gone out. (Without this, a steady trickle of sends lost its
+/// connection at a keep-alive about every other time.)
+#[derive(Debug)]
 struct Nudge {
     /// A publish was written since the last PINGREQ.
     written: bool,
+    keep_alive: Duration,
+    /// When rumqttc's next keep-alive PINGREQ is due, at the earliest.
+    next_keep_alive: Instant,
+    /// herald's PINGREQs queued and not yet written.
+    queued: u32,
+    /// When herald's PINGREQ awaiting its PINGRESP was queued.
+    since: Option<Instant>,
+    /// The longest herald's PINGREQs took from queued to answered.
+    longest: Duration,
 }
 
 impl Nudge {
-    /// Whether a PINGREQ follows an event of kind `seen`. `waiting` is asked last, only when
-    /// a ping is otherwise due (it takes the book's lock: not once per written publish).
-    fn ping(&mut self, seen: Seen, quiet: bool, waiting: impl FnOnce() -> bool) -> bool {
+    /// For a connection whose event loop started its keep-alive timer at `opened` or after.
+    fn new(keep_alive: Duration, opened: Instant) -> Self {
+        Self {
+            written: false,
+            keep_alive,
+            next_keep_alive: opened + keep_alive,
+            queued: 0,
+            since: None,
+            longest: Duration::ZERO,
+        }
+    }
+
+    /// Whether a PINGREQ follows an event of kind `seen`, at `now`. `waiting` is asked last,
+    /// only when a ping is otherwise due (it takes the book's lock: not once per written
+    /// publish).
+    fn ping(
+        &mut self,
+        seen: Seen,
+        now: Instant,
+        quiet: bool,
+        waiting: impl FnOnce() -> bool,
+    ) -> bool {
         let due = match seen {
             Seen::Written => {
                 self.written = true;
                 false
             }
             Seen::Answer => true,
-            Seen::PingResp => self.written,
+            Seen::PingSent => {
+                if self.queued > 0 {
+                    self.queued -= 1;
+                } else {
+                    self.next_keep_alive = now + self.keep_alive;
+                }
+                false
+            }
+            Seen::PingResp => {
+                if let Some(since) = self.since.take() {
+                    self.longest = self.longest.max(now.saturating_duration_since(since));
+                }
+                self.written
+            }
             Seen::Other => false,
         };
-        let ping = due && quiet && waiting();
+        let ping = due && quiet && !self.near_keep_alive(now) && waiting();
         if ping {
             self.written = false;
+            self.queued += 1;
+            self.since = Some(now);
         }
         ping
+    }
+
+    /// rumqttc's keep-alive PINGREQ may come before a PINGREQ queued now is answered.
+    fn near_keep_alive(&self, now: Instant) -> bool {
+        let guard = (self.longest * 2 + KEEP_ALIVE_MARGIN).min(self.keep_alive / 4);
+        now + guard >= self.next_keep_alive
     }
 }
 
@@ -713,12 +783,12 @@ impl Nudge {
 /// counts as lost, so that no acknowledged message is reported lost.
 async fn drive_v5(
     mut events: v5::EventLoop,
+    mut nudge: Nudge,
     state: Arc<LiveState>,
     flow: Arc<Flow>,
     metrics: MqttMetrics,
     server: String,
 ) {
-    let mut nudge = Nudge::default();
     loop {
         match events.poll().await {
             Ok(event) => {
@@ -729,6 +799,7 @@ async fn drive_v5(
                         | v5::Incoming::PubRec(_)
                         | v5::Incoming::PubComp(_),
                     ) => Seen::Answer,
+                    v5::Event::Outgoing(rumqttc::Outgoing::PingReq) => Seen::PingSent,
                     v5::Event::Incoming(v5::Incoming::PingResp(_)) => Seen::PingResp,
                     _ => Seen::Other,
                 };
@@ -736,7 +807,7 @@ async fn drive_v5(
                 let quiet = !events.state.await_pingresp
                     && events.state.collision.is_none()
                     && events.pending.is_empty();
-                if nudge.ping(seen, quiet, || state.waiting()) {
+                if nudge.ping(seen, Instant::now(), quiet, || state.waiting()) {
                     events.pending.push_back(v5::Request::PingReq);
                 }
             }
@@ -785,12 +856,12 @@ pub(crate) fn on_v5(state: &LiveState, metrics: &MqttMetrics, event: v5::Event) 
 /// when it fails are read out first, and PINGREQs follow events, as for MQTT 5).
 async fn drive_v3(
     mut events: rumqttc::EventLoop,
+    mut nudge: Nudge,
     state: Arc<LiveState>,
     flow: Arc<Flow>,
     metrics: MqttMetrics,
     server: String,
 ) {
-    let mut nudge = Nudge::default();
     loop {
         match events.poll().await {
             Ok(event) => {
@@ -801,6 +872,7 @@ async fn drive_v3(
                         | rumqttc::Incoming::PubRec(_)
                         | rumqttc::Incoming::PubComp(_),
                     ) => Seen::Answer,
+                    rumqttc::Event::Outgoing(rumqttc::Outgoing::PingReq) => Seen::PingSent,
                     rumqttc::Event::Incoming(rumqttc::Incoming::PingResp) => Seen::PingResp,
                     _ => Seen::Other,
                 };
@@ -808,7 +880,7 @@ async fn drive_v3(
                 let quiet = !events.state.await_pingresp
                     && events.state.collision.is_none()
                     && events.pending.is_empty();
-                if nudge.ping(seen, quiet, || state.waiting()) {
+                if nudge.ping(seen, Instant::now(), quiet, || state.waiting()) {
                     events
                         .pending
                         .push_back(rumqttc::Request::PingReq(rumqttc::PingReq));
@@ -915,30 +987,71 @@ mod tests {
     #[test]
     fn a_pingreq_follows_answers_and_a_pingresp_that_holds_a_new_publish_back() {
         let (waiting, quiet) = (true, true);
-        let mut n = Nudge::default();
+        let t = Instant::now();
+        let mut n = Nudge::new(Duration::from_secs(30), t);
+        let mut ping = |seen, quiet, waiting: &dyn Fn() -> bool| n.ping(seen, t, quiet, waiting);
         // An answer while others are due: ping (the broker holds the next ones).
-        assert!(n.ping(Seen::Answer, quiet, || waiting));
+        assert!(ping(Seen::Answer, quiet, &|| waiting));
+        assert!(!ping(Seen::PingSent, quiet, &|| waiting));
         // Its PINGRESP with nothing written since: no ping (no ping per round trip).
-        assert!(!n.ping(Seen::PingResp, quiet, || waiting));
+        assert!(!ping(Seen::PingResp, quiet, &|| waiting));
         // A publish written, then a PINGRESP: the publish's answer is held behind it: ping.
-        assert!(!n.ping(Seen::Written, quiet, || waiting));
-        assert!(n.ping(Seen::PingResp, quiet, || waiting));
+        assert!(!ping(Seen::Written, quiet, &|| waiting));
+        assert!(ping(Seen::PingResp, quiet, &|| waiting));
         // ... once: the next PINGRESP follows nothing new.
-        assert!(!n.ping(Seen::PingResp, quiet, || waiting));
+        assert!(!ping(Seen::PingResp, quiet, &|| waiting));
         // Nothing due, or the client has something to send, or a PINGRESP is awaited: no ping,
         // and a write stays remembered until one goes out.
-        assert!(!n.ping(Seen::Answer, quiet, || false));
-        assert!(!n.ping(Seen::Answer, false, || waiting));
-        assert!(!n.ping(Seen::Written, quiet, || waiting));
-        assert!(!n.ping(Seen::PingResp, quiet, || false));
-        assert!(!n.ping(Seen::PingResp, false, || waiting));
-        assert!(n.ping(Seen::PingResp, quiet, || waiting));
-        assert!(!n.ping(Seen::Other, quiet, || waiting));
+        assert!(!ping(Seen::Answer, quiet, &|| false));
+        assert!(!ping(Seen::Answer, false, &|| waiting));
+        assert!(!ping(Seen::Written, quiet, &|| waiting));
+        assert!(!ping(Seen::PingResp, quiet, &|| false));
+        assert!(!ping(Seen::PingResp, false, &|| waiting));
+        assert!(ping(Seen::PingResp, quiet, &|| waiting));
+        assert!(!ping(Seen::Other, quiet, &|| waiting));
         // The book's lock (`waiting`) is taken only when a ping is otherwise due.
         let untouched = || -> bool { unreachable!("waiting asked though no ping was due") };
-        assert!(!n.ping(Seen::Written, quiet, untouched));
-        assert!(!n.ping(Seen::Other, quiet, untouched));
-        assert!(!n.ping(Seen::Answer, false, untouched));
+        assert!(!ping(Seen::Written, quiet, &untouched));
+        assert!(!ping(Seen::Other, quiet, &untouched));
+        assert!(!ping(Seen::Answer, false, &untouched));
+    }
+
+    #[test]
+    fn no_pingreq_of_herald_s_own_near_the_keep_alive() {
+        let ms = Duration::from_millis;
+        let opened = Instant::now();
+        let mut n = Nudge::new(Duration::from_secs(5), opened);
+        let yes = || true;
+        // Well before the keep-alive: a ping, answered 20 ms after it was queued.
+        assert!(n.ping(Seen::Answer, opened + ms(1000), true, yes));
+        assert!(!n.ping(Seen::PingSent, opened + ms(1001), true, yes));
+        assert!(!n.ping(Seen::PingResp, opened + ms(1020), true, yes));
+        assert_eq!(n.longest, ms(20));
+        // The keep-alive is due at 5 s; the guard is 2 × 20 ms + 50 ms = 90 ms.
+        assert!(n.ping(Seen::Answer, opened + ms(4909), true, yes));
+        assert!(!n.ping(Seen::PingSent, opened + ms(4909), true, yes));
+        assert!(!n.ping(Seen::PingResp, opened + ms(4910), true, yes));
+        assert!(
+            !n.ping(Seen::Answer, opened + ms(4913), true, yes),
+            "within the guard"
+        );
+        // Past its time and not yet seen: still none ...
+        assert!(!n.ping(Seen::Answer, opened + ms(5100), true, yes));
+        // ... until rumqttc's own PINGREQ goes out (one herald did not queue); its PINGRESP
+        // is awaited (not quiet), then pings go on, the next keep-alive 5 s after it.
+        assert!(!n.ping(Seen::PingSent, opened + ms(5200), false, yes));
+        assert!(!n.ping(Seen::PingResp, opened + ms(5201), true, yes));
+        assert!(n.ping(Seen::Answer, opened + ms(5202), true, yes));
+        assert!(!n.ping(Seen::PingSent, opened + ms(5202), true, yes));
+        assert!(!n.ping(Seen::PingResp, opened + ms(5203), true, yes));
+        assert!(n.ping(Seen::Answer, opened + ms(10_109), true, yes));
+        assert!(!n.ping(Seen::PingSent, opened + ms(10_109), true, yes));
+        assert!(!n.ping(Seen::PingResp, opened + ms(10_110), true, yes));
+        assert!(!n.ping(Seen::Answer, opened + ms(10_113), true, yes));
+        // A slow broker widens the guard, up to a quarter of the keep-alive.
+        n.longest = Duration::from_secs(10);
+        assert!(n.near_keep_alive(opened + ms(8_950)));
+        assert!(!n.near_keep_alive(opened + ms(8_949)));
     }
 
     fn answered(rx: &mut oneshot::Receiver<Answer>) -> Option<String> {

@@ -769,6 +769,48 @@ async fn broker_restart_mid_run_loses_nothing_and_keeps_per_key_order() {
     );
 }
 
+/// rumqttc sends its keep-alive PINGREQ every `keep_alive` whatever the traffic, and ends the
+/// connection (`AwaitPingResp`) if the PINGRESP of an earlier PINGREQ is still awaited then.
+/// herald's own PINGREQs, which follow answers at low rates, must never be in its way: a steady
+/// trickle of sends across three keep-alive periods, over a wire with latency (so that each
+/// PINGRESP is awaited for a while), keeps its one connection and retries nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn the_keep_alive_ping_never_collides_with_herald_s_own() {
+    let url = url();
+    let target = authority(&url);
+    let proxy = FaultProxy::start_with_latency(&target, Duration::from_millis(2))
+        .await
+        .expect("proxy");
+    let transport = MqttTransport::new(
+        MqttConfig::from_url(&url.replacen(&target, &proxy.addr().to_string(), 1))
+            .expect("url")
+            .keep_alive(Duration::from_secs(5)),
+    )
+    .expect("t");
+    let p = Producer::builder(transport).build().expect("producer");
+    let dest = herald_mqtt::topic(&format!("herald/it/keepalive/{}", uniq()));
+    let until = Instant::now() + Duration::from_secs(16);
+    let mut sent = 0u64;
+    while Instant::now() < until {
+        // A few at a time, each awaited: answers come while others are still due.
+        let m = |i: u64| Message::new(dest.clone(), format!("m-{}", sent + i));
+        let (a, b, c, d) = tokio::join!(p.send(m(0)), p.send(m(1)), p.send(m(2)), p.send(m(3)));
+        for r in [a, b, c, d] {
+            r.expect("delivered");
+        }
+        sent += 4;
+    }
+    // Every send above was answered delivered; the counts say how.
+    let stats = p.stats().totals;
+    assert_eq!(
+        (proxy.accepted(), stats.retries),
+        (1, 0),
+        "one connection all along, nothing retried ({sent} sent over three keep-alive periods)"
+    );
+    p.close(Duration::from_secs(10)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
 async fn the_broker_s_maximum_packet_size_is_read_from_connack() {
