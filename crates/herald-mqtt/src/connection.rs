@@ -488,7 +488,7 @@ impl Inner {
             let (client, mut events) = rumqttc::AsyncClient::new(o, REQUEST_CHANNEL);
             events.set_network_options(network);
             // rumqttc starts its keep-alive timer as the CONNACK comes: after this.
-            let nudge = Nudge::new(c.keep_alive, Instant::now());
+            let opened = Instant::now();
             loop {
                 match events.poll().await {
                     Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => break,
@@ -496,6 +496,7 @@ impl Inner {
                     Err(e) => return Err(Failure::from_v3(&e).connect_error(&server, true)),
                 }
             }
+            let nudge = Nudge::new(events.mqtt_options.keep_alive(), opened);
             let task = tokio::spawn(drive_v3(
                 events,
                 nudge,
@@ -522,7 +523,7 @@ impl Inner {
             }
             let (client, mut events) = v5::AsyncClient::new(o, REQUEST_CHANNEL);
             // rumqttc starts its keep-alive timer as the CONNACK comes: after this.
-            let nudge = Nudge::new(c.keep_alive, Instant::now());
+            let opened = Instant::now();
             let connack = loop {
                 match events.poll().await {
                     Ok(v5::Event::Incoming(v5::Incoming::ConnAck(ack))) => break ack,
@@ -530,6 +531,9 @@ impl Inner {
                     Err(e) => return Err(Failure::from_v5(&e).connect_error(&server, false)),
                 }
             };
+            // The broker may set the keep-alive (Server Keep Alive): rumqttc then runs its timer
+            // on the broker's, which it has put in its options.
+            let nudge = Nudge::new(events.options.keep_alive(), opened);
             let broker_max = connack
                 .properties
                 .as_ref()
@@ -692,7 +696,8 @@ const KEEP_ALIVE_MARGIN: Duration = Duration::from_millis(50);
 /// Never near rumqttc's keep-alive: it sends its own PINGREQ every `keep_alive` whatever the
 /// traffic, and ends the connection (`AwaitPingResp`) if the PINGRESP of an earlier PINGREQ is
 /// still awaited then. Its schedule is known: it starts when the connection opens and restarts
-/// at each of its PINGREQs (the PINGREQs herald did not queue). herald pings only while the
+/// at each of its PINGREQs (the PINGREQs herald did not queue; seen once written, a little after
+/// rumqttc restarted its timer, which the margin covers). herald pings only while the
 /// next one is further away than twice the longest its own PINGREQs took to be answered on
 /// this connection, plus [`KEEP_ALIVE_MARGIN`]; once that time comes, not again until the
 /// keep-alive PINGREQ has gone out. (Without this, a steady trickle of sends lost its
@@ -713,7 +718,9 @@ struct Nudge {
 }
 
 impl Nudge {
-    /// For a connection whose event loop started its keep-alive timer at `opened` or after.
+    /// For a connection whose event loop started its keep-alive timer at `opened` or after, and
+    /// before now. Until its own PINGREQs are answered, the guard takes the time the connection
+    /// took to open as their round trip: more than one round trip, the safe side.
     fn new(keep_alive: Duration, opened: Instant) -> Self {
         Self {
             written: false,
@@ -721,7 +728,7 @@ impl Nudge {
             next_keep_alive: opened + keep_alive,
             queued: 0,
             since: None,
-            longest: Duration::ZERO,
+            longest: opened.elapsed(),
         }
     }
 
