@@ -141,11 +141,13 @@ pub(crate) fn classify_connect(e: &lapin::Error, url: &str) -> TransportError {
             .with_code(info.name)
             .with_source(e.clone())
         }
-        ErrorKind::IOError(io) if tls_refused(io) => TransportError::permanent(format!(
+        ErrorKind::IOError(io) if herald_core::tls::io_refused_for_good(io) => {
+            TransportError::permanent(format!(
             "the TLS handshake with {url} failed: {io}; is the broker's certificate signed by a CA this client trusts (AmqpConfig::tls_ca_pem, or the system's roots) and made out to the host name used?"
         ))
         .with_code("TLS_ERROR")
-        .with_source(e.clone()),
+        .with_source(e.clone())
+        }
         ErrorKind::IOError(io) => TransportError::transient(format!(
             "cannot reach the broker at {url}: {io}; is it running and reachable? (retried until the delivery timeout)"
         ))
@@ -160,14 +162,6 @@ pub(crate) fn classify_connect(e: &lapin::Error, url: &str) -> TransportError {
             .with_code("CONNECT_FAILED")
             .with_source(e.clone()),
     }
-}
-
-/// Whether an I/O error of a connection attempt is rustls refusing the handshake (an untrusted
-/// or misnamed certificate): a setup mistake that retrying does not mend, as in herald-nats
-/// and herald-mqtt.
-fn tls_refused(io: &std::io::Error) -> bool {
-    io.get_ref()
-        .is_some_and(|inner| inner.is::<rustls::Error>())
 }
 
 /// Classifies an error from a publish or a confirm on a channel that other batches share. A

@@ -909,6 +909,10 @@ async fn oversized_message_fails_alone_and_tls_works_with_a_custom_ca() {
         (ErrorClass::Permanent, Some("TLS_ERROR")),
         "refused for its certificate, for good: {refused}"
     );
+    assert!(
+        refused.message().contains("UnknownIssuer"),
+        "the certificate's issuer is unknown: {refused}"
+    );
     herald_core::Transport::close(&untrusted).await;
     // … and accepted with it. The first connection is checked on its own, so that a failure
     // says why (with the node's log) rather than ending in a delivery timeout.

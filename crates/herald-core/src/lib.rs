@@ -25,6 +25,8 @@ pub mod metrics;
 mod producer;
 pub mod rotation;
 mod store;
+#[cfg(feature = "rustls")]
+pub mod tls;
 mod trace;
 mod transport;
 pub mod url;

@@ -381,7 +381,7 @@ impl Failure {
             C::ConnectionRefused(code) => Failure::Refused(v5_connect_code(*code)),
             C::Io(e) => Failure::Io(e.to_string()),
             C::Timeout(_) => Failure::Timeout,
-            C::Tls(e) => Failure::Tls(e.to_string()),
+            C::Tls(e) => Failure::from_tls(e),
             C::MqttState(S::ServerDisconnect {
                 reason_code,
                 reason_string,
@@ -394,13 +394,30 @@ impl Failure {
         }
     }
 
+    /// A TLS failure: a setup mistake (an untrusted or misnamed certificate, no protocol in
+    /// common) is `Tls`, for good; the connection breaking during the handshake, or a node
+    /// that is stopping, is `Io`, retried.
+    fn from_tls(e: &rumqttc::TlsError) -> Self {
+        use rumqttc::TlsError as T;
+        let for_good = match e {
+            T::Io(io) => herald_core::tls::io_refused_for_good(io),
+            T::TLS(r) => herald_core::tls::refused_for_good(r),
+            _ => true,
+        };
+        if for_good {
+            Failure::Tls(e.to_string())
+        } else {
+            Failure::Io(format!("during the TLS handshake: {e}"))
+        }
+    }
+
     pub(crate) fn from_v3(e: &rumqttc::ConnectionError) -> Self {
         use rumqttc::{ConnectionError as C, StateError as S};
         match e {
             C::ConnectionRefused(code) => Failure::Refused(v3_connect_code(*code)),
             C::Io(e) => Failure::Io(e.to_string()),
             C::NetworkTimeout | C::FlushTimeout => Failure::Timeout,
-            C::Tls(e) => Failure::Tls(e.to_string()),
+            C::Tls(e) => Failure::from_tls(e),
             C::MqttState(S::AwaitPingResp) => Failure::PingTimeout,
             C::MqttState(S::Io(e)) => Failure::Io(e.to_string()),
             C::MqttState(S::ConnectionAborted) => Failure::Io("closed by the broker".into()),
@@ -600,6 +617,27 @@ mod tests {
             e.message().contains("?version=3"),
             "says how to fix it: {e}"
         );
+    }
+
+    #[test]
+    fn only_a_tls_setup_mistake_is_for_good() {
+        use rumqttc::v5::ConnectionError as C;
+        use rumqttc::TlsError as T;
+        let io = |e: std::io::Error| Failure::from_v5(&C::Tls(T::Io(e)));
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        assert!(matches!(io(refused), Failure::Tls(_)));
+        let stopping = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::CloseNotify),
+        );
+        assert!(matches!(io(stopping), Failure::Io(_)));
+        let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof");
+        assert!(matches!(io(eof), Failure::Io(_)));
+        let v3 = Failure::from_v3(&rumqttc::ConnectionError::Tls(T::NoValidCertInChain));
+        assert!(matches!(v3, Failure::Tls(_)));
     }
 
     #[test]

@@ -217,8 +217,7 @@ pub(crate) fn classify_connect(e: &ConnectError, server: &str) -> TransportError
 fn tls_refused(e: &ConnectError) -> bool {
     e.source()
         .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .and_then(std::io::Error::get_ref)
-        .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+        .is_some_and(herald_core::tls::io_refused_for_good)
 }
 
 /// A permission violation the server reported (`-ERR 'Permissions Violation for Publish to
@@ -461,7 +460,9 @@ mod tests {
         // rustls refusing the server's certificate comes as an I/O error: a setup mistake.
         let refused = std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            async_nats::rustls::Error::General("invalid peer certificate: UnknownIssuer".into()),
+            async_nats::rustls::Error::InvalidCertificate(
+                async_nats::rustls::CertificateError::UnknownIssuer,
+            ),
         );
         let e = classify_connect(
             &ConnectError::with_source(ConnectErrorKind::Io, refused),

@@ -110,8 +110,7 @@ fn tls_refused(e: &RedisError) -> bool {
                 .and_then(|shared| shared.downcast_ref::<std::io::Error>())
         })
     });
-    io.and_then(std::io::Error::get_ref)
-        .is_some_and(|inner| inner.is::<rustls::Error>())
+    io.is_some_and(herald_core::tls::io_refused_for_good)
 }
 
 /// Classifies a client error of a batch sent to `server` (`redis://host:port`, no secret in
@@ -333,7 +332,7 @@ mod tests {
         // rustls refusing the server's certificate comes as an I/O error: a setup mistake.
         let refused = RedisError::from(Error::new(
             Io::InvalidData,
-            rustls::Error::General("invalid peer certificate: UnknownIssuer".into()),
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
         ));
         let e = classify_connect(&refused, "rediss://h:6379");
         assert_eq!(class_code(&e), (Permanent, Some("TLS_ERROR")), "{e}");
