@@ -35,6 +35,9 @@ use herald_core::url::Endpoint;
 #[derive(Debug, Default)]
 struct Flow {
     blocked: AtomicBool,
+    /// When the broker last unblocked the connection: a confirm missing just after an alarm is
+    /// the alarm's doing too.
+    unblocked_at: std::sync::Mutex<Option<Instant>>,
     /// Up; set false by the event task as soon as lapin reports a connection error.
     connected: AtomicBool,
     /// Why the last connection attempt failed; cleared when one opens. What
@@ -209,6 +212,18 @@ impl Inner {
         self.flow.blocked.load(Ordering::Acquire)
     }
 
+    /// Whether the broker has blocked the connection at some time after `since` (it is
+    /// blocked now, or unblocked it since).
+    pub(crate) fn blocked_after(&self, since: Instant) -> bool {
+        self.is_blocked()
+            || self
+                .flow
+                .unblocked_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_some_and(|at| at > since)
+    }
+
     pub(crate) fn is_connected(&self) -> bool {
         self.flow.connected.load(Ordering::Acquire)
     }
@@ -367,6 +382,10 @@ impl Inner {
                             "the broker unblocked publishing"
                         );
                         metrics.blocked.set(0.0);
+                        *flow
+                            .unblocked_at
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
                         flow.blocked.store(false, Ordering::Release);
                         flow.changed.notify_waiters();
                     }

@@ -708,6 +708,14 @@ async fn settle(
 ) -> Result<Ack, TransportError> {
     let timeout = inner.config.confirm_timeout;
     match tokio::time::timeout_at(deadline, confirm).await {
+        // The broker stops reading a blocked connection: no confirm can come, and the
+        // connection is not hung (`confirms_stopped` gives up only on a CONFIRM_TIMEOUT).
+        Err(_) if inner.blocked_after(deadline.checked_sub(timeout).unwrap_or(deadline)) => {
+            Err(TransportError::transient(format!(
+                "no publisher confirm for a message to {target} within {timeout:?} of the batch's start: the broker blocked the connection meanwhile (connection.blocked: a memory or disk alarm); it is retried (possibly a duplicate)"
+            ))
+            .with_code("CONNECTION_BLOCKED"))
+        }
         Err(_) => Err(TransportError::transient(format!(
             "no publisher confirm from the broker within {timeout:?} of the batch's start for a message to {target}; it is retried (possibly a duplicate)"
         ))
