@@ -732,13 +732,13 @@ impl Nudge {
         }
     }
 
-    /// Whether a PINGREQ follows an event of kind `seen`, at `now`. `waiting` is asked last,
-    /// only when a ping is otherwise due (it takes the book's lock: not once per written
-    /// publish).
+    /// Whether a PINGREQ follows an event of kind `seen`. `now` (a clock read) is asked only
+    /// for the events that need the time, and `waiting` last, only when a ping is otherwise
+    /// due (it takes the book's lock): neither once per written publish.
     fn ping(
         &mut self,
         seen: Seen,
-        now: Instant,
+        now: impl Fn() -> Instant,
         quiet: bool,
         waiting: impl FnOnce() -> bool,
     ) -> bool {
@@ -752,19 +752,23 @@ impl Nudge {
                 if self.queued > 0 {
                     self.queued -= 1;
                 } else {
-                    self.next_keep_alive = now + self.keep_alive;
+                    self.next_keep_alive = now() + self.keep_alive;
                 }
                 false
             }
             Seen::PingResp => {
                 if let Some(since) = self.since.take() {
-                    self.longest = self.longest.max(now.saturating_duration_since(since));
+                    self.longest = self.longest.max(now().saturating_duration_since(since));
                 }
                 self.written
             }
             Seen::Other => false,
         };
-        let ping = due && quiet && !self.near_keep_alive(now) && waiting();
+        if !(due && quiet) {
+            return false;
+        }
+        let now = now();
+        let ping = !self.near_keep_alive(now) && waiting();
         if ping {
             self.written = false;
             self.queued += 1;
@@ -814,7 +818,7 @@ async fn drive_v5(
                 let quiet = !events.state.await_pingresp
                     && events.state.collision.is_none()
                     && events.pending.is_empty();
-                if nudge.ping(seen, Instant::now(), quiet, || state.waiting()) {
+                if nudge.ping(seen, Instant::now, quiet, || state.waiting()) {
                     events.pending.push_back(v5::Request::PingReq);
                 }
             }
@@ -887,7 +891,7 @@ async fn drive_v3(
                 let quiet = !events.state.await_pingresp
                     && events.state.collision.is_none()
                     && events.pending.is_empty();
-                if nudge.ping(seen, Instant::now(), quiet, || state.waiting()) {
+                if nudge.ping(seen, Instant::now, quiet, || state.waiting()) {
                     events
                         .pending
                         .push_back(rumqttc::Request::PingReq(rumqttc::PingReq));
@@ -996,7 +1000,7 @@ mod tests {
         let (waiting, quiet) = (true, true);
         let t = Instant::now();
         let mut n = Nudge::new(Duration::from_secs(30), t);
-        let mut ping = |seen, quiet, waiting: &dyn Fn() -> bool| n.ping(seen, t, quiet, waiting);
+        let mut ping = |seen, quiet, waiting: &dyn Fn() -> bool| n.ping(seen, || t, quiet, waiting);
         // An answer while others are due: ping (the broker holds the next ones).
         assert!(ping(Seen::Answer, quiet, &|| waiting));
         assert!(!ping(Seen::PingSent, quiet, &|| waiting));
@@ -1021,6 +1025,11 @@ mod tests {
         assert!(!ping(Seen::Written, quiet, &untouched));
         assert!(!ping(Seen::Other, quiet, &untouched));
         assert!(!ping(Seen::Answer, false, &untouched));
+        // Nor the clock, for a written publish or an answer when no ping can follow.
+        let no_clock = || -> Instant { unreachable!("the clock read for nothing") };
+        assert!(!n.ping(Seen::Written, no_clock, quiet, || waiting));
+        assert!(!n.ping(Seen::Other, no_clock, quiet, || waiting));
+        assert!(!n.ping(Seen::Answer, no_clock, false, || waiting));
     }
 
     #[test]
@@ -1030,31 +1039,31 @@ mod tests {
         let mut n = Nudge::new(Duration::from_secs(5), opened);
         let yes = || true;
         // Well before the keep-alive: a ping, answered 20 ms after it was queued.
-        assert!(n.ping(Seen::Answer, opened + ms(1000), true, yes));
-        assert!(!n.ping(Seen::PingSent, opened + ms(1001), true, yes));
-        assert!(!n.ping(Seen::PingResp, opened + ms(1020), true, yes));
+        assert!(n.ping(Seen::Answer, || opened + ms(1000), true, yes));
+        assert!(!n.ping(Seen::PingSent, || opened + ms(1001), true, yes));
+        assert!(!n.ping(Seen::PingResp, || opened + ms(1020), true, yes));
         assert_eq!(n.longest, ms(20));
         // The keep-alive is due at 5 s; the guard is 2 × 20 ms + 50 ms = 90 ms.
-        assert!(n.ping(Seen::Answer, opened + ms(4909), true, yes));
-        assert!(!n.ping(Seen::PingSent, opened + ms(4909), true, yes));
-        assert!(!n.ping(Seen::PingResp, opened + ms(4910), true, yes));
+        assert!(n.ping(Seen::Answer, || opened + ms(4909), true, yes));
+        assert!(!n.ping(Seen::PingSent, || opened + ms(4909), true, yes));
+        assert!(!n.ping(Seen::PingResp, || opened + ms(4910), true, yes));
         assert!(
-            !n.ping(Seen::Answer, opened + ms(4913), true, yes),
+            !n.ping(Seen::Answer, || opened + ms(4913), true, yes),
             "within the guard"
         );
         // Past its time and not yet seen: still none ...
-        assert!(!n.ping(Seen::Answer, opened + ms(5100), true, yes));
+        assert!(!n.ping(Seen::Answer, || opened + ms(5100), true, yes));
         // ... until rumqttc's own PINGREQ goes out (one herald did not queue); its PINGRESP
         // is awaited (not quiet), then pings go on, the next keep-alive 5 s after it.
-        assert!(!n.ping(Seen::PingSent, opened + ms(5200), false, yes));
-        assert!(!n.ping(Seen::PingResp, opened + ms(5201), true, yes));
-        assert!(n.ping(Seen::Answer, opened + ms(5202), true, yes));
-        assert!(!n.ping(Seen::PingSent, opened + ms(5202), true, yes));
-        assert!(!n.ping(Seen::PingResp, opened + ms(5203), true, yes));
-        assert!(n.ping(Seen::Answer, opened + ms(10_109), true, yes));
-        assert!(!n.ping(Seen::PingSent, opened + ms(10_109), true, yes));
-        assert!(!n.ping(Seen::PingResp, opened + ms(10_110), true, yes));
-        assert!(!n.ping(Seen::Answer, opened + ms(10_113), true, yes));
+        assert!(!n.ping(Seen::PingSent, || opened + ms(5200), false, yes));
+        assert!(!n.ping(Seen::PingResp, || opened + ms(5201), true, yes));
+        assert!(n.ping(Seen::Answer, || opened + ms(5202), true, yes));
+        assert!(!n.ping(Seen::PingSent, || opened + ms(5202), true, yes));
+        assert!(!n.ping(Seen::PingResp, || opened + ms(5203), true, yes));
+        assert!(n.ping(Seen::Answer, || opened + ms(10_109), true, yes));
+        assert!(!n.ping(Seen::PingSent, || opened + ms(10_109), true, yes));
+        assert!(!n.ping(Seen::PingResp, || opened + ms(10_110), true, yes));
+        assert!(!n.ping(Seen::Answer, || opened + ms(10_113), true, yes));
         // A slow broker widens the guard, up to a quarter of the keep-alive.
         n.longest = Duration::from_secs(10);
         assert!(n.near_keep_alive(opened + ms(8_950)));
