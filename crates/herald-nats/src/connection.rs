@@ -76,12 +76,51 @@ pub(crate) struct Live {
     /// A publish found no stream for a subject a declaration captures: declare again before
     /// the next batch.
     pub(crate) redeclare: AtomicBool,
+    /// What the client counts: messages received from the server (PubAcks among them).
+    stats: Arc<async_nats::Statistics>,
+    /// When the first publish since the server last sent anything went out, and the messages
+    /// received by then; `None` when nothing waits. See [`Live::silent_for`].
+    silent_from: StdMutex<Option<(tokio::time::Instant, u64)>>,
 }
 
 impl Live {
     pub(crate) fn is_connected(&self) -> bool {
         !self.state.lost.load(Ordering::Acquire)
             && self.client.connection_state() == State::Connected
+    }
+
+    /// A batch publishes (once a batch): unless publishes already wait, the time and the
+    /// count of messages received start [`Live::silent_for`]'s watch.
+    pub(crate) fn expecting(&self) {
+        let mut from = self
+            .silent_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if from.is_none() {
+            *from = Some((tokio::time::Instant::now(), self.received()));
+        }
+    }
+
+    /// How long the server has sent nothing (no PubAck, nothing at all) while publishes wait
+    /// for an answer, if they do. Batches cut off at their delivery deadline never see their
+    /// own PubAcks time out, so a connection gone silent (a half-open TCP connection, a hung
+    /// server) is given up by this instead, at the start of the next batch, once silent for
+    /// `ack_timeout`. Anything received ends the watch (PubAcks of batches cut off count too).
+    pub(crate) fn silent_for(&self) -> Option<Duration> {
+        let mut from = self
+            .silent_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (since, received) = (*from)?;
+        if self.received() != received {
+            *from = None;
+            return None;
+        }
+        Some(since.elapsed())
+    }
+
+    fn received(&self) -> u64 {
+        self.stats.in_messages.load(Ordering::Relaxed)
     }
 
     /// A permission violation the server reported on this connection that concerns publishing
@@ -308,6 +347,7 @@ impl Inner {
             // concurrent batches wait on each other.
             .max_ack_inflight(1 << 30)
             .build(client.clone());
+        let client_stats = client.statistics();
         let live = Live {
             path: herald_core::Turns::fresh_path(),
             client,
@@ -315,6 +355,8 @@ impl Inner {
             state,
             index,
             redeclare: AtomicBool::new(false),
+            stats: client_stats,
+            silent_from: StdMutex::new(None),
         };
         // Dropped on an error below (or when the connect timeout drops this future), `live`
         // takes the client with it: the connection closes.

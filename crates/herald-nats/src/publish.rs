@@ -73,10 +73,22 @@ async fn send_in_turn(
         Ok(s) => s,
         Err(e) => return fail_all(e),
     };
-    let live = match inner.live().await {
+    let mut live = match inner.live().await {
         Ok(l) => l,
         Err(e) => return fail_all(e),
     };
+    if live
+        .silent_for()
+        .is_some_and(|silent| silent >= inner.config.ack_timeout)
+    {
+        // No answer to anything for `ack_timeout`, though the connection looks up: give it up
+        // (see `Live::silent_for`), and publish on a new one.
+        inner.abandon(&live).await;
+        live = match inner.live().await {
+            Ok(l) => l,
+            Err(e) => return fail_all(e),
+        };
+    }
     if let Err(e) = inner.redeclare(&live).await {
         return fail_all(e);
     }
@@ -96,6 +108,8 @@ async fn send_in_turn(
     let mut hold = turn.enter(live.path).await;
     // Once the connection is gone (or the batch's time is up), nothing more is published.
     let mut broken: Option<TransportError> = None;
+    // The silence watch starts with the batch's first publish (see `Live::silent_for`).
+    let mut expecting = false;
     for (i, msg) in batch.iter().enumerate() {
         if let Some(e) = &broken {
             outcomes[i] = Some(Err(e.clone()));
@@ -127,6 +141,10 @@ async fn send_in_turn(
             outcomes[i] = Some(Err(e.clone()));
             broken = Some(e);
             continue;
+        }
+        if !expecting {
+            live.expecting();
+            expecting = true;
         }
         let sent =
             tokio::time::timeout_at(b.deadline, live.js.send_publish(subject.clone(), publish))

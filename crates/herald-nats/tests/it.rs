@@ -859,6 +859,16 @@ impl OwnServer {
         }
     }
 
+    /// Sends the server process `signal` (`STOP`: it hangs, its sockets stay open; `CONT`).
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill -{signal} {pid}");
+    }
+
     /// Kills the server (SIGKILL: no goodbye to its clients) and starts it again on the same
     /// port and store.
     async fn restart(&mut self) {
@@ -872,6 +882,69 @@ impl Drop for OwnServer {
         self.kill();
         let _removed = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A server that hangs with its connection open (stopped: no PubAck, no error, the socket up)
+/// is given up once silent for `ack_timeout`, though every attempt is cut off sooner by a
+/// shorter delivery timeout; the messages go through on a new connection once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: cargo xtask it"]
+async fn a_hung_server_is_given_up_within_a_short_delivery_timeout() {
+    const TEST: &str = "a_hung_server_is_given_up_within_a_short_delivery_timeout";
+    let Some(server) = OwnServer::start(TEST, None).await else {
+        return;
+    };
+    let url = server.url();
+    let admin = Admin::connect(&url).await;
+    let (stream, subject) = admin.stream("hung").await;
+    drop(admin);
+    let target = url.trim_start_matches("nats://").to_owned();
+    let proxy = FaultProxy::start(&target).await.expect("proxy");
+    let transport = NatsTransport::new(
+        NatsConfig::from_url(&url.replacen(&target, &proxy.addr().to_string(), 1))
+            .expect("url")
+            .ack_timeout(Duration::from_secs(3))
+            .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1)),
+    )
+    .expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(2))
+        .build()
+        .expect("producer");
+    let dest = herald_nats::subject(&subject);
+    p.send(Message::new(dest.clone(), "before"))
+        .await
+        .expect("before the hang");
+    server.signal("STOP");
+    // Sends, each failing by its 2 s delivery timeout, until herald opens another connection.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failed = 0;
+    while proxy.accepted() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the silent connection is still in use after 30 s ({failed} sends failed)"
+        );
+        let e = p
+            .send(Message::new(dest.clone(), format!("hung-{failed}")))
+            .await
+            .expect_err("the server hangs");
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        failed += 1;
+    }
+    server.signal("CONT");
+    // Back: sends go through again (the first may still meet the connection opened while it
+    // hung).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = p.send(Message::new(dest.clone(), "after")).await {
+        assert!(
+            Instant::now() < deadline,
+            "still failing 60 s after the server came back: {e}"
+        );
+    }
+    p.close(Duration::from_secs(10)).await;
+    let admin = Admin::connect(&url).await;
+    admin.adopt(&stream);
+    admin.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
