@@ -51,11 +51,44 @@ pub(crate) struct Live {
     pub(crate) path: u64,
     /// A batch found it broken (or gave up on it): no batch uses it any more.
     lost: AtomicBool,
+    /// When the first pipeline since the server last answered one went out; `None` when
+    /// nothing waits. See [`Live::silent_for`].
+    silent_from: StdMutex<Option<tokio::time::Instant>>,
 }
 
 impl Live {
     pub(crate) fn is_connected(&self) -> bool {
         !self.lost.load(Ordering::Acquire)
+    }
+
+    /// A pipeline goes out: unless others already wait, its time starts
+    /// [`Live::silent_for`]'s watch.
+    pub(crate) fn expecting(&self) {
+        self.silent_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// The server answered a pipeline (Redis answers in order: the ones before too, or they
+    /// were given up on).
+    pub(crate) fn answered(&self) {
+        *self
+            .silent_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// How long pipelines have waited without the server answering any, if some wait.
+    /// Batches cut off at their delivery deadline never see their own replies time out, so a
+    /// connection gone silent (a half-open TCP connection, a hung server; redis-rs sends no
+    /// pings) is given up by this instead, at the start of the next batch, once silent for the
+    /// ack timeout.
+    pub(crate) fn silent_for(&self) -> Option<Duration> {
+        self.silent_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map(|since| since.elapsed())
     }
 }
 
@@ -227,6 +260,7 @@ impl Inner {
             conn,
             path: herald_core::Turns::fresh_path(),
             lost: AtomicBool::new(false),
+            silent_from: StdMutex::new(None),
         }))
     }
 

@@ -152,7 +152,7 @@ async fn send_in_turn(
         }
     }
     if outcomes.iter().any(Option::is_none) {
-        let live = match inner.live().await {
+        let mut live = match inner.live().await {
             Ok(l) => l,
             Err(e) => {
                 for o in outcomes.iter_mut().filter(|o| o.is_none()) {
@@ -161,6 +161,23 @@ async fn send_in_turn(
                 return finished(outcomes);
             }
         };
+        if live
+            .silent_for()
+            .is_some_and(|silent| silent >= config.ack_timeout)
+        {
+            // No answer to anything for the ack timeout, though the connection looks up: give
+            // it up (see `Live::silent_for`), and send on a new one.
+            inner.abandon(&live).await;
+            live = match inner.live().await {
+                Ok(l) => l,
+                Err(e) => {
+                    for o in outcomes.iter_mut().filter(|o| o.is_none()) {
+                        *o = Some(Err(e.clone()));
+                    }
+                    return finished(outcomes);
+                }
+            };
+        }
         // Not sent: keys that failed in the calls before, if this call is on a new connection.
         let hold = turn.enter(live.path).await;
         let mut sent = Vec::with_capacity(batch.len());
@@ -234,6 +251,7 @@ async fn round_trip(
     let config = &inner.config;
     let budget = config.ack_timeout + config.wait.map_or(std::time::Duration::ZERO, |(_, t)| t);
     let mut conn = live.conn.clone();
+    live.expecting();
     let mut query = pin!(tokio::time::timeout(
         budget,
         pipe.query_async::<Vec<Value>>(&mut conn)
@@ -249,6 +267,10 @@ async fn round_trip(
         Some(Poll::Ready(answer)) => answer,
         _ => query.await,
     };
+    // A reply, or an error the server sent (not the connection's): it answers.
+    if matches!(&answer, Ok(Ok(_))) || matches!(&answer, Ok(Err(e)) if !breaks_connection(e)) {
+        live.answered();
+    }
     match answer {
         Ok(Ok(replies)) => {
             let expected = xadds + usize::from(config.wait.is_some());

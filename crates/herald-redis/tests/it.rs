@@ -817,6 +817,16 @@ impl OwnServer {
         }
     }
 
+    /// Sends the server process `signal` (`STOP`: it hangs, its sockets stay open; `CONT`).
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(sent, "kill -{signal} {pid}");
+    }
+
     /// Kills the server (SIGKILL: no goodbye to its clients, no final save) and starts it again
     /// on the same port and folder: it reloads its AOF.
     async fn restart(&mut self) {
@@ -830,6 +840,62 @@ impl Drop for OwnServer {
         self.kill();
         let _removed = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A server that hangs with its connection open (stopped: no reply, no error, the socket up;
+/// redis-rs sends no pings) is given up once silent for the ack timeout, though every attempt
+/// is cut off sooner by a shorter delivery timeout; the messages go through on a new
+/// connection once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis: cargo xtask it redis"]
+async fn a_hung_server_is_given_up_within_a_short_delivery_timeout() {
+    let server = OwnServer::start(&[]).await;
+    let url = server.url();
+    let key = format!("herald:it:{}:hung", uniq());
+    let target = url.trim_start_matches("redis://").to_owned();
+    let proxy = FaultProxy::start(&target).await.expect("proxy");
+    let transport = RedisTransport::new(
+        RedisConfig::from_url(&url.replacen(&target, &proxy.addr().to_string(), 1))
+            .expect("url")
+            .ack_timeout(Duration::from_secs(3))
+            .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1)),
+    )
+    .expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(2))
+        .build()
+        .expect("producer");
+    let dest = herald_redis::stream(&key);
+    p.send(Message::new(dest.clone(), "before"))
+        .await
+        .expect("before the hang");
+    server.signal("STOP");
+    // Sends, each failing by its 2 s delivery timeout, until herald opens another connection.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failed = 0;
+    while proxy.accepted() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the silent connection is still in use after 30 s ({failed} sends failed)"
+        );
+        let e = p
+            .send(Message::new(dest.clone(), format!("hung-{failed}")))
+            .await
+            .expect_err("the server hangs");
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        failed += 1;
+    }
+    server.signal("CONT");
+    // Back: sends go through again (the first may still meet the connection opened while it
+    // hung).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = p.send(Message::new(dest.clone(), "after")).await {
+        assert!(
+            Instant::now() < deadline,
+            "still failing 60 s after the server came back: {e}"
+        );
+    }
+    p.close(Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
