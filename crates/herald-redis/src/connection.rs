@@ -82,8 +82,8 @@ impl Live {
     /// How long pipelines have waited without the server answering any, if some wait.
     /// Batches cut off at their delivery deadline never see their own replies time out, so a
     /// connection gone silent (a half-open TCP connection, a hung server; redis-rs sends no
-    /// pings) is given up by this instead, at the start of the next batch, once silent for the
-    /// ack timeout.
+    /// pings) is given up by this instead, at the start of the next batch, once silent for as
+    /// long as a pipeline may take (the ack timeout, plus `WAIT`'s).
     pub(crate) fn silent_for(&self) -> Option<Duration> {
         self.silent_from
             .lock()

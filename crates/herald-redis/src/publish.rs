@@ -163,10 +163,10 @@ async fn send_in_turn(
         };
         if live
             .silent_for()
-            .is_some_and(|silent| silent >= config.ack_timeout)
+            .is_some_and(|silent| silent >= reply_budget(config))
         {
-            // No answer to anything for the ack timeout, though the connection looks up: give
-            // it up (see `Live::silent_for`), and send on a new one.
+            // No answer to anything for as long as a pipeline may take, though the connection
+            // looks up: give it up (see `Live::silent_for`), and send on a new one.
             inner.abandon(&live).await;
             live = match inner.live().await {
                 Ok(l) => l,
@@ -248,8 +248,7 @@ async fn round_trip(
     pipe: &Pipeline,
     xadds: usize,
 ) -> Result<Vec<Value>, TransportError> {
-    let config = &inner.config;
-    let budget = config.ack_timeout + config.wait.map_or(std::time::Duration::ZERO, |(_, t)| t);
+    let budget = reply_budget(&inner.config);
     let mut conn = live.conn.clone();
     live.expecting();
     let mut query = pin!(tokio::time::timeout(
@@ -273,7 +272,7 @@ async fn round_trip(
     }
     match answer {
         Ok(Ok(replies)) => {
-            let expected = xadds + usize::from(config.wait.is_some());
+            let expected = xadds + usize::from(inner.config.wait.is_some());
             if replies.len() == expected {
                 Ok(replies)
             } else {
@@ -303,6 +302,12 @@ async fn round_trip(
             .with_code("TIMEOUT"))
         }
     }
+}
+
+/// How long a pipeline's replies may take: the ack timeout, plus `WAIT`'s own timeout (which
+/// holds the connection's later replies back as long).
+fn reply_budget(config: &crate::config::RedisConfig) -> std::time::Duration {
+    config.ack_timeout + config.wait.map_or(std::time::Duration::ZERO, |(_, t)| t)
 }
 
 /// The outcome of each sent message from its reply, and `WAIT`'s verdict on them all.
