@@ -62,6 +62,9 @@ struct LiveState {
     denials: StdMutex<Vec<Denial>>,
     /// Wakes batches waiting for PubAcks when a violation or a loss comes.
     changed: Notify,
+    /// Errors the server reported (`-ERR`, a denied publish among them): the server answers,
+    /// though not with a message (see `Live::silent_for`).
+    errors_heard: std::sync::atomic::AtomicU64,
 }
 
 /// One live connection: its client and JetStream context.
@@ -89,20 +92,27 @@ impl Live {
             && self.client.connection_state() == State::Connected
     }
 
-    /// A batch publishes (once a batch): unless publishes already wait, the time and the
-    /// count of messages received start [`Live::silent_for`]'s watch.
-    pub(crate) fn expecting(&self) {
+    /// The time and the count of what the server sent so far, taken before a publish; given
+    /// to [`Live::expecting`] once the publish is out.
+    pub(crate) fn snapshot(&self) -> (tokio::time::Instant, u64) {
+        (tokio::time::Instant::now(), self.received())
+    }
+
+    /// A batch's first publish (taken at `snapshot`) is out: unless publishes already wait,
+    /// it starts [`Live::silent_for`]'s watch. (Taken before the publish, so that a PubAck
+    /// quicker than this call still counts as an answer.)
+    pub(crate) fn expecting(&self, snapshot: (tokio::time::Instant, u64)) {
         let mut from = self
             .silent_from
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if from.is_none() {
-            *from = Some((tokio::time::Instant::now(), self.received()));
+            *from = Some(snapshot);
         }
     }
 
-    /// How long the server has sent nothing (no PubAck, nothing at all) while publishes wait
-    /// for an answer, if they do. Batches cut off at their delivery deadline never see their
+    /// How long the server has sent nothing (no PubAck, no error, nothing at all) while
+    /// publishes wait for an answer, if they do. Batches cut off at their delivery deadline never see their
     /// own PubAcks time out, so a connection gone silent (a half-open TCP connection, a hung
     /// server) is given up by this instead, at the start of the next batch, once silent for
     /// `ack_timeout`. Anything received ends the watch (PubAcks of batches cut off count too).
@@ -119,8 +129,11 @@ impl Live {
         Some(since.elapsed())
     }
 
+    /// Messages received (PubAcks among them, counted as they arrive, also for batches cut
+    /// off) and errors the server reported.
     fn received(&self) -> u64 {
         self.stats.in_messages.load(Ordering::Relaxed)
+            + self.state.errors_heard.load(Ordering::Relaxed)
     }
 
     /// A permission violation the server reported on this connection that concerns publishing
@@ -440,6 +453,7 @@ fn on_event(state: &LiveState, flow: &Flow, metrics: &NatsMetrics, event: Event)
             state.changed.notify_waiters();
         }
         Event::ServerError(e) => {
+            state.errors_heard.fetch_add(1, Ordering::Relaxed);
             metrics.server_errors.increment(1);
             tracing::warn!(error = %e, "the NATS server reported an error on the connection");
             if let ServerError::Other(text) = &e {

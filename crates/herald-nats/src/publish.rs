@@ -108,7 +108,7 @@ async fn send_in_turn(
     let mut hold = turn.enter(live.path).await;
     // Once the connection is gone (or the batch's time is up), nothing more is published.
     let mut broken: Option<TransportError> = None;
-    // The silence watch starts with the batch's first publish (see `Live::silent_for`).
+    // The silence watch starts with the batch's first publish out (see `Live::silent_for`).
     let mut expecting = false;
     for (i, msg) in batch.iter().enumerate() {
         if let Some(e) = &broken {
@@ -142,15 +142,18 @@ async fn send_in_turn(
             broken = Some(e);
             continue;
         }
-        if !expecting {
-            live.expecting();
-            expecting = true;
-        }
+        let snapshot = (!expecting).then(|| live.snapshot());
         let sent =
             tokio::time::timeout_at(b.deadline, live.js.send_publish(subject.clone(), publish))
                 .await;
         match sent {
-            Ok(Ok(ack)) => pending.push_back((i, ack.into_future())),
+            Ok(Ok(ack)) => {
+                if let Some(snapshot) = snapshot {
+                    live.expecting(snapshot);
+                    expecting = true;
+                }
+                pending.push_back((i, ack.into_future()));
+            }
             Ok(Err(e)) => {
                 let e = b.error(&e);
                 hold.failed(msg, &e);
