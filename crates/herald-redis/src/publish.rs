@@ -164,9 +164,11 @@ async fn send_in_turn(
         if live
             .silent_for()
             .is_some_and(|silent| silent >= reply_budget(config))
+            && !answers_ping(&live).await
         {
             // No answer to anything for as long as a pipeline may take, though the connection
-            // looks up: give it up (see `Live::silent_for`), and send on a new one.
+            // looks up, and no answer to a PING now: give it up (see `Live::silent_for`), and
+            // send on a new one.
             inner.abandon(&live).await;
             live = match inner.live().await {
                 Ok(l) => l,
@@ -302,6 +304,24 @@ async fn round_trip(
             .with_code("TIMEOUT"))
         }
     }
+}
+
+/// How long a connection whose silence watch ran out gets to answer a PING: the watch cannot
+/// see the answers of calls cut off at their deadline (redis-rs drops them), so a healthy
+/// connection after such calls and an idle spell is asked before it is given up.
+const PING_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether `live` answers a PING within [`PING_PROBE`] (after whatever it has in flight):
+/// then its watch starts over.
+async fn answers_ping(live: &crate::connection::Live) -> bool {
+    let mut conn = live.conn.clone();
+    let cmd = redis::cmd("PING");
+    let ping = cmd.query_async::<String>(&mut conn);
+    let answered = matches!(tokio::time::timeout(PING_PROBE, ping).await, Ok(Ok(_)));
+    if answered {
+        live.answered();
+    }
+    answered
 }
 
 /// How long a pipeline's replies may take: the ack timeout, plus `WAIT`'s own timeout (which
