@@ -251,11 +251,35 @@ impl Inner {
             .set_connection_timeout(Some(self.config.connect_timeout))
             // One deadline per batch, the transport's own (`ack_timeout`).
             .set_response_timeout(None);
-        let conn = self
+        let mut conn = self
             .client
             .get_multiplexed_async_connection_with_config(&options)
             .await
             .map_err(|e| classify_connect(&e, &self.server))?;
+        // A server that is loading its dataset (just restarted with an AOF or RDB) refuses
+        // every command with LOADING until it is done, and may finish in the middle of a
+        // pipeline: the pipeline's first XADDs refused, its later ones appended, first copies
+        // out of per-key order. So a connection is used once the server answers a PING
+        // without LOADING (any other answer, a refusal by an ACL included, will do).
+        let cmd = redis::cmd("PING");
+        match tokio::time::timeout(
+            self.config.connect_timeout,
+            cmd.query_async::<redis::Value>(&mut conn),
+        )
+        .await
+        {
+            Ok(Err(e)) if e.code() == Some("LOADING") || crate::error::breaks_connection(&e) => {
+                return Err(classify_connect(&e, &self.server));
+            }
+            Err(_) => {
+                return Err(TransportError::transient(format!(
+                    "cannot connect to {}: no answer to a PING within {:?}; retried",
+                    self.server, self.config.connect_timeout
+                ))
+                .with_code("CONNECT_TIMEOUT"));
+            }
+            Ok(_) => {}
+        }
         Ok(Arc::new(Live {
             conn,
             path: herald_core::Turns::fresh_path(),

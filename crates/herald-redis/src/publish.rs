@@ -317,7 +317,12 @@ async fn answers_ping(live: &crate::connection::Live) -> bool {
     let mut conn = live.conn.clone();
     let cmd = redis::cmd("PING");
     let ping = cmd.query_async::<String>(&mut conn);
-    let answered = matches!(tokio::time::timeout(PING_PROBE, ping).await, Ok(Ok(_)));
+    // A refusal (an ACL without PING, say) is an answer too.
+    let answered = match tokio::time::timeout(PING_PROBE, ping).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => !breaks_connection(&e),
+        Err(_) => false,
+    };
     if answered {
         live.answered();
     }
