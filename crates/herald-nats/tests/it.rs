@@ -859,14 +859,9 @@ impl OwnServer {
         }
     }
 
-    /// Sends the server process `signal` (`STOP`: it hangs, its sockets stay open; `CONT`).
-    fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        let sent = Command::new("kill")
-            .args([&format!("-{signal}"), &pid])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(sent, "kill -{signal} {pid}");
+    /// The server process's id.
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// Kills the server (SIGKILL: no goodbye to its clients) and starts it again on the same
@@ -912,35 +907,15 @@ async fn a_hung_server_is_given_up_within_a_short_delivery_timeout() {
         .build()
         .expect("producer");
     let dest = herald_nats::subject(&subject);
-    p.send(Message::new(dest.clone(), "before"))
-        .await
-        .expect("before the hang");
-    server.signal("STOP");
-    // Sends, each failing by its 2 s delivery timeout, until herald opens another connection.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut failed = 0;
-    while proxy.accepted() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the silent connection is still in use after 30 s ({failed} sends failed)"
-        );
-        let e = p
-            .send(Message::new(dest.clone(), format!("hung-{failed}")))
-            .await
-            .expect_err("the server hangs");
-        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
-        failed += 1;
-    }
-    server.signal("CONT");
-    // Back: sends go through again (the first may still meet the connection opened while it
-    // hung).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Err(e) = p.send(Message::new(dest.clone(), "after")).await {
-        assert!(
-            Instant::now() < deadline,
-            "still failing 60 s after the server came back: {e}"
-        );
-    }
+    let pid = server.pid();
+    herald_testkit::scenario::a_hung_server_is_given_up(
+        &p,
+        &dest,
+        &proxy,
+        || herald_testkit::scenario::signal(pid, "STOP"),
+        || herald_testkit::scenario::signal(pid, "CONT"),
+    )
+    .await;
     p.close(Duration::from_secs(10)).await;
     let admin = Admin::connect(&url).await;
     admin.adopt(&stream);

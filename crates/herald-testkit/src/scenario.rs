@@ -87,3 +87,57 @@ impl ScriptedFaults {
         );
     }
 }
+
+/// Sends `signal` (`STOP`, `CONT`, ...) to the process `pid` with `kill`; panics if that fails.
+/// `STOP` makes a server of a test's own hang with its sockets open: no answer, no error.
+pub fn signal(pid: u32, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(sent, "kill -{signal} {pid}");
+}
+
+/// A server that hangs with its connection open is given up: `hang` makes the server behind
+/// `proxy` stop answering (see [`signal`]); `p` (its transport connected through `proxy`, a
+/// delivery timeout of a few seconds) then sends to `destination` one message at a time, each
+/// failing transiently, until herald opens another connection through the proxy (within
+/// 30 s); then `resume`, and sends go through again within 60 s.
+pub async fn a_hung_server_is_given_up(
+    p: &Producer,
+    destination: &herald_core::Destination,
+    proxy: &crate::proxy::FaultProxy,
+    hang: impl FnOnce(),
+    resume: impl FnOnce(),
+) {
+    use tokio::time::Instant;
+    p.send(Message::new(destination.clone(), "before"))
+        .await
+        .expect("before the hang");
+    let connections = proxy.accepted();
+    hang();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failed = 0;
+    while proxy.accepted() == connections {
+        assert!(
+            Instant::now() < deadline,
+            "the silent connection is still in use after 30 s ({failed} sends failed)"
+        );
+        let e = p
+            .send(Message::new(destination.clone(), format!("hung-{failed}")))
+            .await
+            .expect_err("the server hangs");
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        failed += 1;
+    }
+    resume();
+    // Back: sends go through again (the first may still meet the connection opened while it
+    // hung).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = p.send(Message::new(destination.clone(), "after")).await {
+        assert!(
+            Instant::now() < deadline,
+            "still failing 60 s after the server came back: {e}"
+        );
+    }
+}
