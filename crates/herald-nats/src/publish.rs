@@ -80,6 +80,9 @@ async fn send_in_turn(
     if live
         .silent_for()
         .is_some_and(|silent| silent >= inner.config.ack_timeout)
+        // A denied reply inbox leaves every publish unanswered for good (each fails
+        // permanently at once, PERMISSION_DENIED): a new connection would change nothing.
+        && live.denial(&subject).is_none()
     {
         // No answer to anything for `ack_timeout`, though the connection looks up: give it up
         // (see `Live::silent_for`), and publish on a new one.

@@ -52,7 +52,7 @@ pub(crate) fn reply_code(code: &str, detail: &str) -> CodeInfo {
     let lower = detail.to_ascii_lowercase();
     let (name, class, advice) = match code {
         "WRONGTYPE" => ("WRONG_TYPE", P, "the key holds another type than a stream: use another key or delete it"),
-        "NOPERM" => ("PERMISSION_DENIED", P, "the ACL user may not XADD to this key: grant +xadd (and +wait with ?wait=) on it"),
+        "NOPERM" => ("PERMISSION_DENIED", P, "the ACL user may not XADD to this key: grant +xadd (and +wait with ?wait=) on it, and +ping, with which herald checks that a new connection's server is not loading its data"),
         "NOAUTH" => ("AUTH_REQUIRED", P, "the server needs a password: put it in the URL (redis://:PASSWORD@host or redis://USER:PASSWORD@host)"),
         "WRONGPASS" => ("AUTH_FAILED", P, "the server refused the user or password"),
         "OOM" => ("OUT_OF_MEMORY", T, "the server is at maxmemory and evicts nothing for writes (maxmemory-policy noeviction): retried until memory is freed; raise maxmemory, trim the stream (?maxlen=) or let consumers delete"),

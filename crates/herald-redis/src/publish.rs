@@ -164,7 +164,7 @@ async fn send_in_turn(
         if live
             .silent_for()
             .is_some_and(|silent| silent >= reply_budget(config))
-            && !answers_ping(&live).await
+            && !answers_ping(&live, config).await
         {
             // No answer to anything for as long as a pipeline may take, though the connection
             // looks up, and no answer to a PING now: give it up (see `Live::silent_for`), and
@@ -311,14 +311,15 @@ async fn round_trip(
 /// connection after such calls and an idle spell is asked before it is given up.
 const PING_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Whether `live` answers a PING within [`PING_PROBE`] (after whatever it has in flight):
-/// then its watch starts over.
-async fn answers_ping(live: &crate::connection::Live) -> bool {
+/// Whether `live` answers a PING within [`PING_PROBE`], or `WAIT`'s timeout if longer (the PING
+/// waits behind whatever is in flight, a `WAIT` included): then its watch starts over.
+async fn answers_ping(live: &crate::connection::Live, config: &crate::config::RedisConfig) -> bool {
     let mut conn = live.conn.clone();
     let cmd = redis::cmd("PING");
-    let ping = cmd.query_async::<String>(&mut conn);
+    let ping = cmd.query_async::<Value>(&mut conn);
+    let within = PING_PROBE.max(config.wait.map_or(std::time::Duration::ZERO, |(_, t)| t));
     // A refusal (an ACL without PING, say) is an answer too.
-    let answered = match tokio::time::timeout(PING_PROBE, ping).await {
+    let answered = match tokio::time::timeout(within, ping).await {
         Ok(Ok(_)) => true,
         Ok(Err(e)) => !breaks_connection(&e),
         Err(_) => false,
