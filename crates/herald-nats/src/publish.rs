@@ -59,6 +59,25 @@ pub(crate) async fn send_batch(
         .await
 }
 
+/// The live connection to publish to `subject` on: a new one if the one in use has answered
+/// nothing for `ack_timeout` though it looks up (see `Live::silent_for`).
+async fn answering_live(
+    inner: &Inner,
+    subject: &str,
+) -> Result<std::sync::Arc<Live>, TransportError> {
+    let live = inner.live().await?;
+    let silent = live
+        .silent_for()
+        .is_some_and(|silent| silent >= inner.config.ack_timeout);
+    // A denied reply inbox leaves every publish unanswered for good (each fails permanently at
+    // once, PERMISSION_DENIED): a new connection would change nothing.
+    if silent && live.denial(subject).is_none() {
+        inner.abandon(&live).await;
+        return inner.live().await;
+    }
+    Ok(live)
+}
+
 /// [`send_batch`] in the subject's turn.
 async fn send_in_turn(
     inner: &Inner,
@@ -73,25 +92,10 @@ async fn send_in_turn(
         Ok(s) => s,
         Err(e) => return fail_all(e),
     };
-    let mut live = match inner.live().await {
+    let live = match answering_live(inner, &subject).await {
         Ok(l) => l,
         Err(e) => return fail_all(e),
     };
-    if live
-        .silent_for()
-        .is_some_and(|silent| silent >= inner.config.ack_timeout)
-        // A denied reply inbox leaves every publish unanswered for good (each fails
-        // permanently at once, PERMISSION_DENIED): a new connection would change nothing.
-        && live.denial(&subject).is_none()
-    {
-        // No answer to anything for `ack_timeout`, though the connection looks up: give it up
-        // (see `Live::silent_for`), and publish on a new one.
-        inner.abandon(&live).await;
-        live = match inner.live().await {
-            Ok(l) => l,
-            Err(e) => return fail_all(e),
-        };
-    }
     if let Err(e) = inner.redeclare(&live).await {
         return fail_all(e);
     }

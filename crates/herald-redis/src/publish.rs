@@ -24,7 +24,7 @@ use herald_core::{Ack, BatchOutcome, Destination, Message, TransportError, Turn}
 use redis::{Cmd, Pipeline, Value};
 
 use crate::config::RedisConfig;
-use crate::connection::Inner;
+use crate::connection::{Inner, Live};
 use crate::destination;
 use crate::error::{breaks_connection, classify, reply};
 
@@ -152,7 +152,7 @@ async fn send_in_turn(
         }
     }
     if outcomes.iter().any(Option::is_none) {
-        let mut live = match inner.live().await {
+        let live = match answering_live(inner).await {
             Ok(l) => l,
             Err(e) => {
                 for o in outcomes.iter_mut().filter(|o| o.is_none()) {
@@ -161,25 +161,6 @@ async fn send_in_turn(
                 return finished(outcomes);
             }
         };
-        if live
-            .silent_for()
-            .is_some_and(|silent| silent >= reply_budget(config))
-            && !answers_ping(&live, config).await
-        {
-            // No answer to anything for as long as a pipeline may take, though the connection
-            // looks up, and no answer to a PING now: give it up (see `Live::silent_for`), and
-            // send on a new one.
-            inner.abandon(&live).await;
-            live = match inner.live().await {
-                Ok(l) => l,
-                Err(e) => {
-                    for o in outcomes.iter_mut().filter(|o| o.is_none()) {
-                        *o = Some(Err(e.clone()));
-                    }
-                    return finished(outcomes);
-                }
-            };
-        }
         // Not sent: keys that failed in the calls before, if this call is on a new connection.
         let hold = turn.enter(live.path).await;
         let mut sent = Vec::with_capacity(batch.len());
@@ -245,7 +226,7 @@ fn finished(outcomes: Vec<Option<Result<Ack, TransportError>>>) -> BatchOutcome 
 /// redis-rs in use.)
 async fn round_trip(
     inner: &Inner,
-    live: &std::sync::Arc<crate::connection::Live>,
+    live: &std::sync::Arc<Live>,
     turn: &mut Turn,
     pipe: &Pipeline,
     xadds: usize,
@@ -306,6 +287,21 @@ async fn round_trip(
     }
 }
 
+/// The live connection: a new one if the one in use has answered nothing for as long as a
+/// pipeline may take, though it looks up, and does not answer a PING now either (see
+/// `Live::silent_for`).
+async fn answering_live(inner: &Inner) -> Result<std::sync::Arc<Live>, TransportError> {
+    let live = inner.live().await?;
+    let silent = live
+        .silent_for()
+        .is_some_and(|silent| silent >= reply_budget(&inner.config));
+    if silent && !answers_ping(&live, &inner.config).await {
+        inner.abandon(&live).await;
+        return inner.live().await;
+    }
+    Ok(live)
+}
+
 /// How long a connection whose silence watch ran out gets to answer a PING: the watch cannot
 /// see the answers of calls cut off at their deadline (redis-rs drops them), so a healthy
 /// connection after such calls and an idle spell is asked before it is given up.
@@ -313,11 +309,11 @@ const PING_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Whether `live` answers a PING within [`PING_PROBE`], or `WAIT`'s timeout if longer (the PING
 /// waits behind whatever is in flight, a `WAIT` included): then its watch starts over.
-async fn answers_ping(live: &crate::connection::Live, config: &crate::config::RedisConfig) -> bool {
+async fn answers_ping(live: &Live, config: &RedisConfig) -> bool {
     let mut conn = live.conn.clone();
     let cmd = redis::cmd("PING");
     let ping = cmd.query_async::<Value>(&mut conn);
-    let within = PING_PROBE.max(config.wait.map_or(std::time::Duration::ZERO, |(_, t)| t));
+    let within = PING_PROBE.max(wait_timeout(config));
     // A refusal (an ACL without PING, say) is an answer too.
     let answered = match tokio::time::timeout(within, ping).await {
         Ok(Ok(_)) => true,
@@ -332,8 +328,13 @@ async fn answers_ping(live: &crate::connection::Live, config: &crate::config::Re
 
 /// How long a pipeline's replies may take: the ack timeout, plus `WAIT`'s own timeout (which
 /// holds the connection's later replies back as long).
-fn reply_budget(config: &crate::config::RedisConfig) -> std::time::Duration {
-    config.ack_timeout + config.wait.map_or(std::time::Duration::ZERO, |(_, t)| t)
+fn reply_budget(config: &RedisConfig) -> std::time::Duration {
+    config.ack_timeout + wait_timeout(config)
+}
+
+/// `WAIT`'s timeout with `?wait=`; zero without.
+fn wait_timeout(config: &RedisConfig) -> std::time::Duration {
+    config.wait.map_or(std::time::Duration::ZERO, |(_, t)| t)
 }
 
 /// The outcome of each sent message from its reply, and `WAIT`'s verdict on them all.
