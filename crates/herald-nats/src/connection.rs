@@ -58,8 +58,10 @@ struct LiveState {
     /// This is the transport's current connection: the events of a replaced one change nothing
     /// of the transport's state.
     current: AtomicBool,
-    /// Permission violations the server reported on this connection.
-    denials: StdMutex<Vec<Denial>>,
+    /// Permission violations the server reported on this connection, each with the count of
+    /// `errors_heard` its report made (the latest report of each): a publish denial concerns
+    /// only publishes out before it (see [`Live::denial`]).
+    denials: StdMutex<Vec<(Denial, u64)>>,
     /// Wakes batches waiting for PubAcks when a violation or a loss comes.
     changed: Notify,
     /// Errors the server reported (`-ERR`, a denied publish among them): the server answers,
@@ -136,27 +138,40 @@ impl Live {
             + self.state.errors_heard.load(Ordering::Relaxed)
     }
 
+    /// Errors the server reported on this connection so far: taken before a batch's first
+    /// publish, it is what [`Live::denial`] is given.
+    pub(crate) fn errors_heard(&self) -> u64 {
+        self.state.errors_heard.load(Ordering::Acquire)
+    }
+
     /// A permission violation the server reported on this connection that concerns publishing
-    /// to `subject`: the publish itself denied, or the reply inbox (so no PubAck can come).
-    pub(crate) fn denial(&self, subject: &str) -> Option<Denial> {
-        let denials = self
-            .state
-            .denials
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        denials
-            .iter()
-            .find(|d| match d {
-                Denial::Publish(s) => s == subject,
-                Denial::Subscribe(s) => s.starts_with("_INBOX"),
-            })
-            .cloned()
+    /// to `subject`, for publishes out after the server had reported `since` errors
+    /// ([`Live::errors_heard`]): a denial of the publish reported after that (the server
+    /// reports every denied publish, and permissions may change while a connection lives: a
+    /// configuration reload grants or revokes them), or of the reply inbox at any time
+    /// (subscribed once per connection, so no PubAck can come on it).
+    pub(crate) fn denial(&self, subject: &str, since: u64) -> Option<Denial> {
+        self.state.denial(subject, since)
     }
 
     /// Completes when a permission violation or a loss is reported on this connection (create
     /// it, then check, then await, so that nothing is missed in between).
     pub(crate) fn changed(&self) -> Notified<'_> {
         self.state.changed.notified()
+    }
+}
+
+impl LiveState {
+    /// See [`Live::denial`].
+    fn denial(&self, subject: &str, since: u64) -> Option<Denial> {
+        let denials = self.denials.lock().unwrap_or_else(PoisonError::into_inner);
+        denials
+            .iter()
+            .find(|(d, at)| match d {
+                Denial::Publish(s) => s == subject && *at > since,
+                Denial::Subscribe(s) => s.starts_with("_INBOX"),
+            })
+            .map(|(d, _)| d.clone())
     }
 }
 
@@ -453,22 +468,28 @@ fn on_event(state: &LiveState, flow: &Flow, metrics: &NatsMetrics, event: Event)
             state.changed.notify_waiters();
         }
         Event::ServerError(e) => {
-            state.errors_heard.fetch_add(1, Ordering::Relaxed);
             metrics.server_errors.increment(1);
             tracing::warn!(error = %e, "the NATS server reported an error on the connection");
-            if let ServerError::Other(text) = &e {
-                if let Some(denial) = permission_violation(text) {
-                    let mut denials = state.denials.lock().unwrap_or_else(PoisonError::into_inner);
-                    if !denials.contains(&denial) {
-                        if denials.len() >= MAX_DENIALS {
-                            denials.remove(0);
-                        }
-                        denials.push(denial);
-                    }
-                    drop(denials);
-                    state.changed.notify_waiters();
+            let denial = match &e {
+                ServerError::Other(text) => permission_violation(text),
+                _ => None,
+            };
+            let Some(denial) = denial else {
+                state.errors_heard.fetch_add(1, Ordering::AcqRel);
+                return;
+            };
+            {
+                let mut denials = state.denials.lock().unwrap_or_else(PoisonError::into_inner);
+                // Counted under the lock, so that a batch that reads the count after this
+                // denial also finds it recorded (and not as news).
+                let at = state.errors_heard.fetch_add(1, Ordering::AcqRel) + 1;
+                denials.retain(|(d, _)| *d != denial);
+                if denials.len() >= MAX_DENIALS {
+                    denials.remove(0);
                 }
+                denials.push((denial, at));
             }
+            state.changed.notify_waiters();
         }
         Event::LameDuckMode => {
             tracing::info!("the NATS server is shutting down (lame duck mode); herald reconnects elsewhere once it closes the connection");
@@ -529,17 +550,32 @@ mod tests {
         let flow = Flow::default();
         flow.connected.store(true, Ordering::Release);
         let metrics = NatsMetrics::new(None);
+        let error = |text: &str| Event::ServerError(ServerError::Other(text.into()));
+        let denied = "Permissions Violation for Publish to \"secret.x\"";
+        on_event(&state, &flow, &metrics, error("Maximum Payload Violation"));
+        on_event(&state, &flow, &metrics, error(denied));
+        assert_eq!(
+            *state.denials.lock().expect("lock"),
+            vec![(Denial::Publish("secret.x".into()), 2)]
+        );
+        // A publish denial concerns the publishes out before it, not those after.
+        let secret = Some(Denial::Publish("secret.x".into()));
+        assert_eq!(state.denial("secret.x", 1), secret);
+        assert_eq!(state.denial("secret.x", 2), None, "granted since, maybe");
+        assert_eq!(state.denial("secret.y", 0), None);
+        on_event(&state, &flow, &metrics, error(denied));
+        assert_eq!(state.denial("secret.x", 2), secret, "denied again");
+        assert_eq!(state.denials.lock().expect("lock").len(), 1, "kept once");
+        // A denied reply inbox concerns every publish from then on.
         on_event(
             &state,
             &flow,
             &metrics,
-            Event::ServerError(ServerError::Other(
-                "Permissions Violation for Publish to \"secret.x\"".into(),
-            )),
+            error("Permissions Violation for Subscription to \"_INBOX.abc.*\""),
         );
         assert_eq!(
-            *state.denials.lock().expect("lock"),
-            vec![Denial::Publish("secret.x".into())]
+            state.denial("other", 99),
+            Some(Denial::Subscribe("_INBOX.abc.*".into()))
         );
         assert!(
             flow.connected.load(Ordering::Acquire),

@@ -38,6 +38,9 @@ struct Batch<'a> {
     deadline: Instant,
     /// Where a PubAck is told as it comes.
     early: Option<EarlyAcks>,
+    /// The errors the server had reported before the batch's first publish: a publish denial
+    /// reported by then concerns earlier publishes (permissions may have changed since).
+    errors_before: u64,
 }
 
 /// Sends one batch to `destination`: what
@@ -71,7 +74,7 @@ async fn answering_live(
         .is_some_and(|silent| silent >= inner.config.ack_timeout);
     // A denied reply inbox leaves every publish unanswered for good (each fails permanently at
     // once, PERMISSION_DENIED): a new connection would change nothing.
-    if silent && live.denial(subject).is_none() {
+    if silent && live.denial(subject, 0).is_none() {
         inner.abandon(&live).await;
         return inner.live().await;
     }
@@ -107,6 +110,7 @@ async fn send_in_turn(
         // One deadline for the whole batch: publishes and PubAcks share it.
         deadline: Instant::now() + inner.config.ack_timeout,
         early,
+        errors_before: live.errors_heard(),
     };
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     let mut pending: VecDeque<(usize, AckFuture)> =
@@ -229,7 +233,7 @@ impl Batch<'_> {
             let changed = self.live.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if let Some(d) = self.live.denial(self.subject) {
+            if let Some(d) = self.live.denial(self.subject, self.errors_before) {
                 return Err(denied(&d, self.subject));
             }
             if !self.live.is_connected() {

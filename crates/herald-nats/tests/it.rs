@@ -1051,6 +1051,56 @@ async fn credentials_and_permissions_are_classified() {
     let ok = herald_nats::subject(&allowed);
     let out = t.send_batch(&ok, &[Message::new(ok.clone(), "yes")]).await;
     assert!(out[0].is_ok(), "{:?}", out[0]);
+    // Permissions change while the connection lives (a configuration reload applies to the
+    // clients connected): the same connection publishes once granted, and is refused once
+    // revoked again. (A denial is not remembered for the connection's life.)
+    let denying = std::fs::read_to_string(server.dir.join("server.conf")).expect("config");
+    let reload = |text: &str| {
+        std::fs::write(server.dir.join("server.conf"), text).expect("config file");
+        herald_testkit::scenario::signal(server.pid(), "HUP");
+    };
+    reload(&denying.replace(
+        "permissions: { publish: { deny: [\"forbidden.>\"] } }",
+        "permissions: { publish: { allow: [\">\"] } }",
+    ));
+    let mut granted = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let out = t
+            .send_batch(&denied, &[Message::new(denied.clone(), "now allowed")])
+            .await;
+        match out.into_iter().next().expect("one answer") {
+            Ok(ack) => {
+                granted = Some(ack);
+                break;
+            }
+            Err(e) => assert_eq!(e.code(), Some("PERMISSION_DENIED"), "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        granted.is_some(),
+        "still denied 20 s after the reload granted the subject"
+    );
+    reload(&denying);
+    let mut revoked = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let out = t
+            .send_batch(&denied, &[Message::new(denied.clone(), "denied again")])
+            .await;
+        if let Err(e) = out.into_iter().next().expect("one answer") {
+            revoked = Some(e);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e = revoked.expect("denied within 20 s of the reload that revoked the subject");
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, Some("PERMISSION_DENIED")),
+        "{e}"
+    );
     t.close().await;
     drop(server);
 }
