@@ -185,7 +185,15 @@ async fn send_in_turn(
                 pipe.add_command(redis::cmd("WAIT").arg(replicas).arg(ms).clone());
             }
             match round_trip(inner, &live, turn, &pipe, sent.len()).await {
-                Ok(replies) => settle(inner, stream, &sent, replies, &mut outcomes),
+                Ok(replies) => {
+                    settle(inner, stream, &sent, replies, &mut outcomes);
+                    if sent.iter().any(|&i| is_replica_refusal(&outcomes[i])) {
+                        // The server is a replica now: after a failover the old primary
+                        // becomes one, and the name of the primary (a managed service's
+                        // endpoint, a DNS name) points elsewhere. A new connection follows it.
+                        inner.abandon(&live).await;
+                    }
+                }
                 Err(e) => {
                     for &i in &sent {
                         outcomes[i] = Some(Err(e.clone()));
@@ -389,6 +397,11 @@ fn settle(
             outcomes[i] = Some(Err(refusal.clone()));
         }
     }
+}
+
+/// Whether an outcome is a refusal only a replica gives (`READONLY`, `MASTERDOWN`).
+fn is_replica_refusal(outcome: &Option<Result<Ack, TransportError>>) -> bool {
+    matches!(outcome, Some(Err(e)) if matches!(e.code(), Some("READ_ONLY" | "MASTER_DOWN")))
 }
 
 /// The ack of an entry id.

@@ -1032,6 +1032,52 @@ async fn wait_for_a_replica_that_is_there_succeeds() {
     drop((replica, primary));
 }
 
+/// A failover while connected: the old primary becomes a replica (it answers `READONLY`) and
+/// the primary's name points to the new one (the proxy stands for the name). The connection is
+/// given up at the first refusal, and the next attempt reaches the new primary, well within
+/// the delivery timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis: cargo xtask it redis"]
+async fn after_a_failover_the_old_primary_s_connection_is_given_up() {
+    let old = OwnServer::start(&[]).await;
+    let new = OwnServer::start(&[]).await;
+    let key = format!("herald:it:{}:failover", uniq());
+    let proxy = FaultProxy::start(&format!("127.0.0.1:{}", old.port))
+        .await
+        .expect("proxy");
+    let transport = RedisTransport::new(
+        RedisConfig::from_url(&format!("redis://{}", proxy.addr()))
+            .expect("url")
+            .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1)),
+    )
+    .expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(20))
+        .build()
+        .expect("producer");
+    let dest = herald_redis::stream(&key);
+    p.send(Message::new(dest.clone(), "before"))
+        .await
+        .expect("delivered to the old primary");
+    // The failover: the old primary follows the new one, and the name moves.
+    let on_old = Admin::connect(&old.url()).await;
+    let _ok: String = on_old
+        .cmd(redis::cmd("REPLICAOF").arg("127.0.0.1").arg(new.port))
+        .await;
+    proxy.retarget(&format!("127.0.0.1:{}", new.port));
+    let delivery = p
+        .send(Message::new(dest.clone(), "after"))
+        .await
+        .expect("delivered to the new primary");
+    assert!(delivery.ack.offset.is_some());
+    let on_new = Admin::connect(&new.url()).await;
+    let got = on_new.entries(&key).await;
+    assert_eq!(got.len(), 1, "the new primary has the message sent after");
+    assert_eq!(got[0].payload().as_ref(), b"after");
+    assert_eq!(proxy.accepted(), 2, "one connection to each primary");
+    p.close(Duration::from_secs(10)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Redis: cargo xtask it redis"]
 async fn tls_with_a_custom_ca_works_and_an_unknown_ca_is_refused() {

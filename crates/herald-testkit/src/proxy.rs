@@ -34,6 +34,8 @@ struct State {
     refuse_until: Mutex<Option<Instant>>,
     accepted: AtomicU64,
     cuts: AtomicU64,
+    /// Where new connections go (see [`FaultProxy::retarget`]).
+    target: Mutex<String>,
 }
 
 /// A TCP proxy that can cut connections. Stops (and closes everything) when dropped.
@@ -69,8 +71,8 @@ impl FaultProxy {
             refuse_until: Mutex::new(None),
             accepted: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
+            target: Mutex::new(target.to_owned()),
         });
-        let target = target.to_owned();
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -88,7 +90,11 @@ impl FaultProxy {
                 }
                 st.accepted.fetch_add(1, Ordering::Relaxed);
                 let mut cut = st.generation.subscribe();
-                let target = target.clone();
+                let target = st
+                    .target
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&target).await else {
                         return;
@@ -136,6 +142,16 @@ impl FaultProxy {
             .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + refuse);
         self.state.cuts.fetch_add(1, Ordering::Relaxed);
         self.state.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Sends new connections to `target` (`host:port`) from now on; open ones stay where they
+    /// are, as when a name's address changes in DNS (a managed broker's failover).
+    pub fn retarget(&self, target: &str) {
+        *self
+            .state
+            .target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = target.to_owned();
     }
 
     /// Connections accepted and forwarded so far.
