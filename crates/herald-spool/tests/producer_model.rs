@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use herald_core::{DeliveryFuture, ErrorClass, Message, Producer};
-use herald_retry::{Backoff, ExponentialRetry};
+use herald_retry::{Backoff, CircuitBreakerConfig, ExponentialRetry};
 use herald_spool::{inspect, ProducerBuilderExt as _, SpoolConfig};
 use herald_testkit::{CallFault, MemoryTransport};
 use proptest::prelude::*;
@@ -71,6 +71,13 @@ fn open(dir: &Path, t: &MemoryTransport) -> Life {
                 Duration::from_millis(1),
                 Duration::from_millis(5),
             )))
+            // Scripted failures come one per call, not over time: with the default breaker
+            // (open 5 s after 5 failures, then one probe at a time) a case scripting 40 of
+            // them would take minutes of probes, past the delivery timeout.
+            .circuit_breaker(CircuitBreakerConfig {
+                open_for: Duration::from_millis(10),
+                ..CircuitBreakerConfig::default()
+            })
             .spool(SpoolConfig::new(dir))
             .expect("spool")
             .build()
@@ -160,10 +167,25 @@ fn run(ops: &[Op], dir: &Path) -> Result<(), TestCaseError> {
     t.release();
     let Life { rt, p, futures } = life;
     let report = rt.block_on(async {
-        for f in futures {
+        let total = futures.len();
+        for (i, f) in futures.into_iter().enumerate() {
             // Failures of kept messages are re-sent by the next producer; here none may fail.
-            f.await
-                .map_err(|e| TestCaseError::fail(format!("not delivered: {e}")))?;
+            // A deadline, so that a message that is never settled fails the case, naming it,
+            // instead of hanging the run.
+            match tokio::time::timeout(Duration::from_secs(30), f).await {
+                Ok(outcome) => {
+                    outcome.map_err(|e| TestCaseError::fail(format!("not delivered: {e}")))?;
+                }
+                Err(_) => {
+                    return Err(TestCaseError::fail(format!(
+                        "future {i} of {total} still pending 30 s after the broker came back; \
+                         the transport received {} messages in {} calls; producer {:?}",
+                        t.received().len(),
+                        t.calls(),
+                        p.stats(),
+                    )))
+                }
+            }
         }
         Ok::<_, TestCaseError>(p.close(Duration::from_secs(30)).await)
     })?;
@@ -234,5 +256,26 @@ proptest! {
         let result = run(&ops, &d);
         let _cleanup = std::fs::remove_dir_all(&d);
         result?;
+    }
+}
+
+/// A case that once seemed to hang: ten failed calls (the breaker opens after five, and each
+/// later failure is a probe's), then messages beyond the buffer (spilled). With a breaker open
+/// 5 s it took 30 s; a longer script of failures ran past the delivery timeout, and shrinking
+/// the failed case took a quarter of an hour.
+#[test]
+fn failed_calls_then_spilled_messages_are_all_delivered() {
+    let d = dir().with_extension("failed-calls");
+    let ops = [
+        Op::Fail(2),
+        Op::Fail(2),
+        Op::Fail(3),
+        Op::Fail(3),
+        Op::Send(How::TrySend, 20),
+    ];
+    let result = run(&ops, &d);
+    let _cleanup = std::fs::remove_dir_all(&d);
+    if let Err(e) = result {
+        panic!("{e}");
     }
 }
