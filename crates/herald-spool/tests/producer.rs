@@ -313,6 +313,11 @@ async fn beyond_a_buffers_worth_accepted_messages_wait_in_the_spool_not_in_memor
     assert_eq!(bulk.delivered, N as u64, "{bulk:?}");
     let report = p.close(Duration::from_secs(10)).await;
     assert!(report.drained && report.unclaimed.is_empty(), "{report:?}");
+    assert_eq!(
+        (report.totals.accepted, report.totals.delivered),
+        (2 * N as u64, 2 * N as u64),
+        "each message counted once, when stored, not again when it enters the buffer"
+    );
     let got = payloads(&t.received());
     assert_eq!(got.len(), 2 * N, "each message once");
     for key in 0..4 {

@@ -534,7 +534,10 @@ impl Shared {
         msg.id_or_insert_with(|| ids.next(now, rng));
         st.buffered_messages += 1;
         st.buffered_bytes += size;
-        st.totals.accepted += 1;
+        if !staged {
+            // Staged messages were counted when stored (`Shared::accept_stored`).
+            st.totals.accepted += 1;
+        }
         let deadline = now + self.config.delivery_timeout;
         if st.next_expiry.is_none() {
             st.next_expiry = Some(deadline);
