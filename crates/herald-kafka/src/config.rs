@@ -248,7 +248,8 @@ impl KafkaConfig {
 
     /// How long past an attempt's deadline herald waits for the broker's answer about messages
     /// already in a produce request (see `Transport::settle_time` in herald-core). At the
-    /// deadline herald purges what librdkafka has not sent yet (it fails: never stored); what a
+    /// deadline herald purges what librdkafka has not sent yet (it fails: not stored, unless
+    /// librdkafka had sent it once and queued it again for its own retry); what a
     /// broker already has is reported as the broker answers, so that a message the broker stored
     /// is not reported failed. A message can thus end this long after its delivery timeout.
     ///

@@ -6,7 +6,9 @@
 //! position is filled. No future per message, no await per message.
 //!
 //! At the attempt's deadline (the batch's first delivery deadline) the send purges librdkafka's
-//! queue: what has not left for a broker is never sent and fails, truly not stored. What is
+//! queue: what has not left for a broker is never sent and fails, not stored (but for a message
+//! librdkafka sent once and queued again for its own retry, which that first request may have
+//! stored: the guarantees say so). What is
 //! already in a produce request is waited for, up to the transport's settle time, so that its
 //! outcome is the broker's answer (see [`crate::KafkaConfig::settle_time`]). A send that is
 //! dropped before its batch has every report (herald cut it off after the settle time too, or the
