@@ -498,3 +498,61 @@ async fn a_first_publish_on_a_channel_closed_for_another_destination_s_oversized
         2
     );
 }
+
+/// Threads and open files of this process now.
+fn threads_and_files() -> (usize, usize) {
+    let count = |dir: &str| std::fs::read_dir(dir).map_or(0, Iterator::count);
+    (count("/proc/self/task"), count("/proc/self/fd"))
+}
+
+/// A server that takes the TCP connection and never says a word of AMQP (a hung broker, a
+/// wrong port): each attempt ends at the connect timeout, and leaves no thread or socket
+/// behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_s_handshakes_time_out_and_leave_nothing_behind() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listen");
+    let port = listener.local_addr().expect("addr").port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            keep.lock().expect("lock").push(socket);
+        }
+    });
+    let t = AmqpTransport::new(
+        AmqpConfig::from_url(&format!("amqp://127.0.0.1:{port}/%2F"))
+            .expect("url")
+            .connect_timeout(Duration::from_millis(100))
+            .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(1)),
+    )
+    .expect("transport");
+    // The first attempt starts what lives as long as the process (lapin's executor threads).
+    assert!(t.connect().await.is_err(), "the server never answers");
+    let before = threads_and_files();
+    const ATTEMPTS: usize = 20;
+    for _ in 0..ATTEMPTS {
+        let e = t.connect().await.expect_err("the server never answers");
+        assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The server side holds its sockets: only the client's are counted as they go.
+    held.lock().expect("lock").clear();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let after = loop {
+        let now = threads_and_files();
+        if (now.0 <= before.0 + 2 && now.1 <= before.1 + 2)
+            || tokio::time::Instant::now() > deadline
+        {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    server.abort();
+    eprintln!("(threads, files): {before:?} before, {after:?} after {ATTEMPTS} handshakes");
+    assert!(
+        after.0 <= before.0 + 2 && after.1 <= before.1 + 2,
+        "{ATTEMPTS} timed-out handshakes left threads and files behind: (threads, files) {before:?} before, {after:?} after"
+    );
+}
