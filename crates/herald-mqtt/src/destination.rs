@@ -13,8 +13,35 @@ pub fn topic(name: &str) -> Destination {
     Destination::new(name)
 }
 
-/// Whether one can publish to `topic`: not empty, at most [`MAX_TOPIC_BYTES`] bytes, no NUL
-/// character, and no wildcard (`+` or `#`: those select topics in a subscription, they are
+/// What MQTT text may not hold without a broker being free to drop the client: besides NUL
+/// (never allowed), the control characters U+0001–U+001F and U+007F–U+009F and the Unicode
+/// non-characters (U+FDD0–U+FDEF, and U+xFFFE and U+xFFFF of every plane). MQTT 5 (1.5.4)
+/// lets a receiver treat them as a malformed packet; Mosquitto does, and closes the
+/// connection. Says which, as a phrase that follows "holds".
+pub(crate) fn refused_char(text: &str) -> Option<String> {
+    let c = text.chars().find(|&c| {
+        let n = u32::from(c);
+        n <= 0x1F
+            || (0x7F..=0x9F).contains(&n)
+            || (0xFDD0..=0xFDEF).contains(&n)
+            || n & 0xFFFE == 0xFFFE
+    })?;
+    let what = if c == '\0' {
+        "a NUL character"
+    } else if u32::from(c) <= 0x9F {
+        "a control character"
+    } else {
+        "a Unicode non-character"
+    };
+    Some(format!(
+        "{what} (U+{:04X}), which MQTT lets a broker refuse by closing the connection",
+        u32::from(c)
+    ))
+}
+
+/// Whether one can publish to `topic`: not empty, at most [`MAX_TOPIC_BYTES`] bytes, no NUL,
+/// control or non-character (which a broker may refuse by dropping the client), and no
+/// wildcard (`+` or `#`: those select topics in a subscription, they are
 /// not one). Slashes are level separators; empty levels (`a//b`, `/a`) are allowed, as MQTT
 /// allows them. `Err` says what is wrong, as a phrase that follows "the topic" (`is empty`).
 ///
@@ -32,8 +59,8 @@ pub fn validate_topic(topic: &str) -> Result<(), String> {
     if topic.len() > MAX_TOPIC_BYTES {
         return Err(format!("is longer than {MAX_TOPIC_BYTES} bytes"));
     }
-    if topic.contains('\0') {
-        return Err("holds a NUL character".into());
+    if let Some(refused) = refused_char(topic) {
+        return Err(format!("holds {refused}"));
     }
     if let Some(w) = topic.chars().find(|c| matches!(c, '+' | '#')) {
         return Err(format!(
@@ -68,6 +95,7 @@ mod tests {
             "/leading",
             "a//b",
             "café/été",
+            "a\u{a0}b\u{fdcf}\u{fdf0}\u{fffd}",
             "$app/x",
         ] {
             assert!(validate_topic(good).is_ok(), "{good}");
@@ -78,6 +106,12 @@ mod tests {
             ("a/#", "wildcard `#`"),
             ("a+b", "wildcard `+`"),
             ("a\0b", "NUL"),
+            ("a\tb", "control character (U+0009)"),
+            ("a\u{7f}b", "control character (U+007F)"),
+            ("a\u{9f}b", "control character (U+009F)"),
+            ("a\u{fdd0}b", "non-character (U+FDD0)"),
+            ("a\u{fffe}", "non-character (U+FFFE)"),
+            ("a\u{10ffff}", "non-character (U+10FFFF)"),
         ] {
             let e = validate_topic(bad).expect_err(bad);
             assert!(e.contains(says), "{bad:?}: {e}");

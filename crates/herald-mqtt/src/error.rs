@@ -390,6 +390,15 @@ impl Failure {
             C::MqttState(S::Io(e)) => Failure::Io(e.to_string()),
             C::MqttState(S::ConnectionAborted) => Failure::Io("closed by the broker".into()),
             C::MqttState(S::ConnFail { reason }) => Failure::Refused(v5_connect_code(*reason)),
+            C::MqttState(S::Deserialization(
+                rumqttc::v5::mqttbytes::Error::InvalidConnectReturnCode(0x95),
+            )) => Failure::Protocol(
+                "the broker answered with reason 0x95 Packet too large, which the MQTT client \
+                 cannot read (a message above a limit the broker does not announce, such as \
+                 Mosquitto's message_size_limit): set MqttConfig::max_packet_size to that limit, \
+                 so that such a message is refused before it is sent"
+                    .into(),
+            ),
             other => Failure::Protocol(other.to_string()),
         }
     }
@@ -668,5 +677,14 @@ mod tests {
             Failure::Io("reset".into()).lost_error(s).code(),
             Some("CONNECTION_LOST")
         );
+        // A reason code rumqttc cannot read (Mosquitto's answer above its message_size_limit)
+        // says what to set.
+        let unreadable =
+            rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::Deserialization(
+                rumqttc::v5::mqttbytes::Error::InvalidConnectReturnCode(0x95),
+            ));
+        let e = Failure::from_v5(&unreadable).lost_error(s);
+        assert_eq!(e.code(), Some("PROTOCOL_ERROR"));
+        assert!(e.message().contains("max_packet_size"), "{e}");
     }
 }

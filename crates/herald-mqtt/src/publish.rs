@@ -234,7 +234,8 @@ fn invalid(code: &'static str, text: String) -> TransportError {
     TransportError::permanent(text).with_code(code)
 }
 
-/// A value as MQTT text: UTF-8 without NUL (MQTT's UTF-8 strings may not hold U+0000).
+/// A value as MQTT text: UTF-8 without NUL (MQTT's UTF-8 strings may not hold U+0000), nor
+/// what a broker may refuse by dropping the client (see `destination::refused_char`).
 fn text(bytes: &[u8], what: &str) -> Result<String, TransportError> {
     let t = std::str::from_utf8(bytes).map_err(|_| {
         invalid(
@@ -242,10 +243,10 @@ fn text(bytes: &[u8], what: &str) -> Result<String, TransportError> {
             format!("the message cannot be sent over MQTT: its {what} is not UTF-8 (MQTT 5 user properties are text)"),
         )
     })?;
-    if t.contains('\0') {
+    if let Some(refused) = crate::destination::refused_char(t) {
         return Err(invalid(
             "INVALID_HEADER",
-            format!("the message cannot be sent over MQTT: its {what} holds a NUL character"),
+            format!("the message cannot be sent over MQTT: its {what} holds {refused}"),
         ));
     }
     Ok(t.to_owned())
@@ -281,10 +282,10 @@ fn properties(
     };
     let mut props = Vec::with_capacity(msg.headers().len() + 2);
     for h in msg.headers() {
-        if h.name.is_empty() || h.name.contains('\0') {
+        if h.name.is_empty() {
             return Err(invalid(
                 "INVALID_HEADER",
-                "the message cannot be sent over MQTT: a header name is empty or holds a NUL character".into(),
+                "the message cannot be sent over MQTT: a header name is empty".into(),
             ));
         }
         if reserved(&h.name) {
@@ -293,7 +294,10 @@ fn properties(
                 format!("the message cannot be sent over MQTT: its header `{}` has the name of the user property that carries herald's key or id (MqttConfig::key_property, id_property)", h.name),
             ));
         }
-        props.push((h.name.clone(), text(&h.value, "header value")?));
+        props.push((
+            text(h.name.as_bytes(), "header name")?,
+            text(&h.value, "header value")?,
+        ));
     }
     if let (Some(name), Some(key)) = (&config.key_property, msg.key()) {
         props.push((name.clone(), text(key, "key")?));

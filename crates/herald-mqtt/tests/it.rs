@@ -590,6 +590,78 @@ async fn oversized_messages_are_permanent_at_once_and_the_others_go() {
     assert_eq!(got.len(), 20, "the oversized one was never sent");
 }
 
+/// Text MQTT lets a broker refuse (control characters, non-characters: Mosquitto does, and
+/// drops the client) fails at once, permanently, naming what is wrong, and is never sent: the
+/// connection stays, and the other messages go through on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn text_a_broker_may_refuse_is_permanent_at_once_and_the_connection_stays() {
+    let url = url();
+    let reader = Reader::connect(&url, None).await;
+    let topic = format!("herald/it/text/{}", uniq());
+    reader.subscribe(&topic).await;
+    let target = authority(&url);
+    let proxy = FaultProxy::start(&target).await.expect("proxy");
+    let transport = MqttTransport::new(
+        MqttConfig::from_url(&url.replacen(&target, &proxy.addr().to_string(), 1)).expect("url"),
+    )
+    .expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(20))
+        .build()
+        .expect("producer");
+    let dest = herald_mqtt::topic(&topic);
+    let mut msgs: Vec<Message> = (0..10)
+        .map(|i| Message::new(dest.clone(), format!("ok-{i}")).with_key(format!("k{}", i % 2)))
+        .collect();
+    let refused = [
+        (
+            Message::new(dest.clone(), "line break").with_header("note", "a\nb"),
+            "INVALID_HEADER",
+        ),
+        (
+            Message::new(dest.clone(), "tab").with_key("k\t0"),
+            "INVALID_HEADER",
+        ),
+        (
+            Message::new(dest.clone(), "non-character").with_header("note", "\u{FFFF}"),
+            "INVALID_HEADER",
+        ),
+        (
+            Message::new(herald_mqtt::topic(&format!("{topic}/a\u{7f}b")), "delete"),
+            "INVALID_DESTINATION",
+        ),
+    ];
+    for (i, (m, _)) in refused.iter().enumerate() {
+        msgs.insert(2 + 2 * i, m.clone());
+    }
+    let started = Instant::now();
+    let report = p.send_all(msgs).await.wait().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "at once, not by a timeout: {:?}",
+        report.failed.first()
+    );
+    assert_eq!(report.delivered, 10, "{:?}", report.failed.first());
+    assert_eq!(report.failed.len(), refused.len());
+    for e in &report.failed {
+        let (_, code) = refused
+            .iter()
+            .find(|(m, _)| m.payload() == e.message().payload())
+            .expect("one of the refused");
+        let te = e.reason().transport_error().expect("a transport error");
+        assert_eq!(
+            (e.class(), te.code()),
+            (ErrorClass::Permanent, Some(*code)),
+            "{e}"
+        );
+    }
+    assert_eq!(proxy.accepted(), 1, "the connection stayed");
+    p.close(Duration::from_secs(10)).await;
+    let got = reader.read(&topic, 10, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 10);
+}
+
 // ---- a mosquitto of the test's own ---------------------------------------------------------
 
 /// Says why a test cannot run here: fails, unless `HERALD_IT_ALLOW_SKIP=1`.
