@@ -58,7 +58,8 @@ impl SpoolConfig {
         self.segment_bytes = bytes;
         self
     }
-    /// The most the segment files may hold in all (default 1 GiB; at least `segment_bytes`).
+    /// The most the segment files may hold in all (default 1 GiB; at least twice
+    /// `segment_bytes`).
     /// An append beyond it fails with [`SpoolError::Full`]. Settled records count until their
     /// whole segment is settled and its file deleted. The settle log is not counted (it is
     /// small: about 12 bytes per run of settled ids).
@@ -112,11 +113,14 @@ impl SpoolConfig {
                 ),
             );
         }
-        if self.max_bytes < self.segment_bytes {
+        // The segment being written is never deleted, settled or not: with room for only one,
+        // a spool whose records are all settled would stay full.
+        if self.max_bytes < self.segment_bytes.saturating_mul(2) {
             return invalid(
                 "max_bytes",
                 format!(
-                    "{} is less than segment_bytes ({})",
+                    "{} is less than twice segment_bytes ({}): the segment being written is \
+                     deleted only once the next one starts, so the limit must hold two",
                     self.max_bytes, self.segment_bytes
                 ),
             );
@@ -178,6 +182,11 @@ mod tests {
             Some("segment_bytes")
         );
         assert_eq!(setting(&ok.clone().max_bytes(MIB)), Some("max_bytes"));
+        // Room for one segment only: once all its records are settled it would stay full.
+        let one = ok.clone().segment_bytes(MIB);
+        assert_eq!(setting(&one.clone().max_bytes(MIB)), Some("max_bytes"));
+        assert_eq!(setting(&one.clone().max_bytes(2 * MIB - 1)), Some("max_bytes"));
+        assert_eq!(setting(&one.max_bytes(2 * MIB)), None);
         assert_eq!(
             setting(&ok.clone().sync(SyncPolicy::Interval(Duration::ZERO))),
             Some("sync")
