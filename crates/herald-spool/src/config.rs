@@ -185,7 +185,10 @@ mod tests {
         // Room for one segment only: once all its records are settled it would stay full.
         let one = ok.clone().segment_bytes(MIB);
         assert_eq!(setting(&one.clone().max_bytes(MIB)), Some("max_bytes"));
-        assert_eq!(setting(&one.clone().max_bytes(2 * MIB - 1)), Some("max_bytes"));
+        assert_eq!(
+            setting(&one.clone().max_bytes(2 * MIB - 1)),
+            Some("max_bytes")
+        );
         assert_eq!(setting(&one.max_bytes(2 * MIB)), None);
         assert_eq!(
             setting(&ok.clone().sync(SyncPolicy::Interval(Duration::ZERO))),

@@ -128,14 +128,20 @@ impl Store for SpoolStore {
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
         let cursor = live.get_or_insert_with(|| self.spool.cursor());
         cursor.skip_to(SpoolId::from_u64(first));
-        let mut batch = cursor
-            .read_batch(max, RECOVER_BYTES)
-            .map_err(|e| store_error(&e))?;
-        if batch.is_empty() && cursor.wait(READ_BACK_WAIT) {
-            batch = cursor
-                .read_batch(max, RECOVER_BYTES)
-                .map_err(|e| store_error(&e))?;
+        let mut read = cursor.read_batch(max, RECOVER_BYTES);
+        if matches!(&read, Ok(batch) if batch.is_empty()) && cursor.wait(READ_BACK_WAIT) {
+            read = cursor.read_batch(max, RECOVER_BYTES);
         }
+        let batch = match read {
+            Ok(batch) => batch,
+            Err(e) => {
+                // A read that fails part-way has moved the cursor past what it read before
+                // failing: the next read starts with a new cursor, at `first`, so that none
+                // of those is skipped (and taken for a damaged record).
+                *live = None;
+                return Err(store_error(&e));
+            }
+        };
         Ok(batch
             .into_iter()
             .map(|r| (r.id.as_u64(), r.message))

@@ -601,3 +601,41 @@ async fn a_nearly_full_spool_degrades_health() {
     drop(p);
     cleanup(&d);
 }
+
+/// A read back that fails part-way (a segment that cannot be opened for a moment) loses
+/// nothing: the next read starts again where the failed one did, not after the records it
+/// had read before failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_back_that_fails_part_way_starts_again_where_it_did() {
+    use herald_core::Store as _;
+    let d = dir("read-back-fails");
+    let (store, _) = SpoolStore::open(SpoolConfig::new(&d).segment_bytes(1024).max_bytes(1 << 20))
+        .expect("spool");
+    let msgs: Vec<Message> = (0..30)
+        .map(|i| Message::new("t", format!("m-{i:03}-{}", "x".repeat(60))))
+        .collect();
+    let submitted = store.submit(&msgs).expect("submit");
+    submitted.durable.await.expect("durable");
+    let first = submitted.tokens[0];
+    // The second segment goes away for a moment.
+    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(&d)
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 2, "{segments:?}");
+    let away = segments[1].with_extension("away");
+    std::fs::rename(&segments[1], &away).expect("rename");
+    let failed = store.read_from(first, 100);
+    std::fs::rename(&away, &segments[1]).expect("rename back");
+    assert!(failed.is_err(), "the missing segment fails the read");
+    let read = store.read_from(first, 100).expect("read");
+    let tokens: Vec<u64> = read.iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        tokens, submitted.tokens,
+        "every record from the first on, none skipped"
+    );
+    drop(store);
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}
