@@ -639,3 +639,54 @@ async fn a_read_back_that_fails_part_way_starts_again_where_it_did() {
     drop(store);
     std::fs::remove_dir_all(&d).expect("cleanup");
 }
+
+/// A recovered message the producer refuses (larger than its `max_message_bytes`, lowered
+/// since) leaves the spool only once its error is handed over, as every failed message does:
+/// while the error waits in the unclaimed list, a crash would not lose it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_recovered_message_stays_stored_until_its_error_is_dropped() {
+    use herald_core::Store as _;
+    let d = dir("refused-recovered");
+    {
+        let (store, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
+        let msgs = [
+            Message::new("t", "small-1"),
+            Message::new("t", vec![b'x'; 2048]),
+            Message::new("t", "small-2"),
+        ];
+        store
+            .submit(&msgs)
+            .expect("submit")
+            .durable
+            .await
+            .expect("durable");
+    }
+    let (store, _) = reopen(&d);
+    let t = MemoryTransport::new();
+    let p = Producer::builder(t.clone())
+        .max_message_bytes(1024)
+        .store(store)
+        .build()
+        .expect("producer");
+    let report = p.close(Duration::from_secs(10)).await;
+    drop(p);
+    assert_eq!(t.delivered(), 2, "the two small ones");
+    assert_eq!(report.unclaimed.len(), 1, "{report:?}");
+    assert!(
+        matches!(report.unclaimed[0].reason(), FailureReason::TooLarge { .. }),
+        "{:?}",
+        report.unclaimed[0]
+    );
+    assert_eq!(
+        inspect(&d).expect("inspect").stats.pending_messages,
+        1,
+        "stored while its error is held"
+    );
+    drop(report);
+    assert_eq!(
+        inspect(&d).expect("inspect").stats.pending_messages,
+        0,
+        "settled once the error is dropped"
+    );
+    cleanup(&d);
+}

@@ -554,7 +554,7 @@ fn fail_unreadable(shared: &Shared, store: &Arc<dyn Store>, lost: Vec<Unreadable
     }
     let ended = lost
         .into_iter()
-        .map(|(msg, done, e, kept)| (msg, done, FailureReason::Store(e), kept))
+        .map(|(msg, done, e, kept)| (msg, done, FailureReason::Store(e), kept, None))
         .collect();
     end_unadmitted(shared, ended);
     shared.wake.notify_one();
@@ -646,20 +646,17 @@ async fn admit_all(shared: &Shared, entries: Vec<(Message, Completion, StoreToke
         }
         let refused = admission.refused;
         if !refused.is_empty() {
-            let mut tokens = Vec::new();
-            let mut ended = Vec::with_capacity(refused.len());
-            for r in refused {
-                // A message closed unsent stays stored for the next producer.
-                let kept = matches!(r.reason, FailureReason::Closed) && r.stored.is_some();
-                if !kept {
-                    tokens.extend(r.stored);
-                }
-                ended.push((r.msg, r.done, r.reason, kept));
-            }
+            let ended = refused
+                .into_iter()
+                .map(|r| {
+                    // A message closed unsent stays stored for the next producer; any other
+                    // leaves the store once its error is handed over (dropped).
+                    let kept = matches!(r.reason, FailureReason::Closed) && r.stored.is_some();
+                    let settle = if kept { None } else { r.stored };
+                    (r.msg, r.done, r.reason, kept, settle)
+                })
+                .collect();
             end_unadmitted(shared, ended);
-            if let (Some(store), false) = (&shared.store, tokens.is_empty()) {
-                store.settle(&tokens);
-            }
         }
         match admission.full {
             Some(full) => {
@@ -696,19 +693,27 @@ fn fail_unstored(shared: &Shared, entries: Entries, e: &StoreError) {
     }
     let ended = entries
         .into_iter()
-        .map(|(msg, done, _)| (msg, done, FailureReason::Store(e.clone()), false))
+        .map(|(msg, done, _)| (msg, done, FailureReason::Store(e.clone()), false, None))
         .collect();
     end_unadmitted(shared, ended);
     shared.wake.notify_one();
 }
 
+/// A staged message that never entered the buffer: the message, its completion, why, whether
+/// it stays in the store (marked kept), and the token to settle once its error is handed over.
+type Unadmitted = (Message, Completion, FailureReason, bool, Option<StoreToken>);
+
 /// Ends staged messages that never entered the buffer: counted as refused, answered (marked
-/// kept when they stay in the store), and no longer counted in `unsettled`.
-fn end_unadmitted(shared: &Shared, ended: Vec<(Message, Completion, FailureReason, bool)>) {
+/// kept when they stay in the store; settled in it once their error is dropped when they carry
+/// a token, as failed messages of the buffer are), and no longer counted in `unsettled`.
+fn end_unadmitted(shared: &Shared, ended: Vec<Unadmitted>) {
     let n = ended.len();
-    for (msg, done, reason, kept) in ended {
+    for (msg, done, reason, kept, settle) in ended {
         shared.count_refused(&reason);
-        let e = SendError::new(msg, reason, 0);
+        let mut e = SendError::new(msg, reason, 0);
+        if let (Some(store), Some(token)) = (&shared.store, settle) {
+            e = e.settling(store.clone(), token);
+        }
         done.complete(Err(if kept { e.kept() } else { e }), &shared.unclaimed);
     }
     shared.space.notify_waiters();
