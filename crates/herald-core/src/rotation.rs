@@ -260,11 +260,79 @@ impl<L: Clone> Rotation<L> {
     }
 }
 
+/// How long a connection has sent nothing while it owes answers: what finds a connection gone
+/// silent (a half-open TCP connection, a hung server) when every call on it is cut off at its
+/// delivery deadline before its own answers could time out. The adapter counts what the server
+/// sends (`heard`: answers, errors, anything); a batch takes a [`snapshot`](Self::snapshot)
+/// before its first publish and, once that is out, starts the watch with
+/// [`expecting`](Self::expecting) unless it runs; anything heard since ends it. One lock per
+/// batch, nothing per message.
+#[derive(Debug, Default)]
+pub struct SilenceWatch {
+    /// When the first publish since the server last sent anything went out, and what had been
+    /// heard by then.
+    from: std::sync::Mutex<Option<(Instant, u64)>>,
+}
+
+impl SilenceWatch {
+    /// The time and the count heard so far, taken before a publish (so that an answer quicker
+    /// than [`expecting`](Self::expecting) still counts).
+    pub fn snapshot(heard: u64) -> (Instant, u64) {
+        (Instant::now(), heard)
+    }
+
+    /// A publish (taken at `snapshot`) is out: starts the watch unless it runs.
+    pub fn expecting(&self, snapshot: (Instant, u64)) {
+        self.from
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(snapshot);
+    }
+
+    /// How long the server has sent nothing while publishes waited for it, if they did and it
+    /// has not: `heard` is the count now. Anything heard ends the watch.
+    pub fn silent_for(&self, heard: u64) -> Option<Duration> {
+        let mut from = self
+            .from
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (since, then) = (*from)?;
+        if heard != then {
+            *from = None;
+            return None;
+        }
+        Some(since.elapsed())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex as StdMutex};
+
+    #[tokio::test(start_paused = true)]
+    async fn the_silence_watch_runs_from_the_first_unanswered_publish_until_anything_is_heard() {
+        let watch = SilenceWatch::default();
+        assert_eq!(watch.silent_for(0), None, "nothing waits");
+        watch.expecting(SilenceWatch::snapshot(5));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // A later publish does not restart it.
+        watch.expecting(SilenceWatch::snapshot(5));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(watch.silent_for(5), Some(Duration::from_secs(3)));
+        // Anything heard ends it; the next publish starts it again.
+        assert_eq!(watch.silent_for(6), None);
+        assert_eq!(watch.silent_for(6), None);
+        watch.expecting(SilenceWatch::snapshot(6));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(watch.silent_for(6), Some(Duration::from_secs(1)));
+        // An answer quicker than `expecting` (heard between snapshot and expecting) counts.
+        let watch = SilenceWatch::default();
+        let before = SilenceWatch::snapshot(7);
+        watch.expecting(before);
+        assert_eq!(watch.silent_for(8), None);
+    }
 
     /// Servers that answer or not as the test says; records what the rotation reports.
     #[derive(Default)]

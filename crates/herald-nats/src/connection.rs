@@ -83,9 +83,8 @@ pub(crate) struct Live {
     pub(crate) redeclare: AtomicBool,
     /// What the client counts: messages received from the server (PubAcks among them).
     stats: Arc<async_nats::Statistics>,
-    /// When the first publish since the server last sent anything went out, and the messages
-    /// received by then; `None` when nothing waits. See [`Live::silent_for`].
-    silent_from: StdMutex<Option<(tokio::time::Instant, u64)>>,
+    /// See [`Live::silent_for`].
+    silence: herald_core::rotation::SilenceWatch,
 }
 
 impl Live {
@@ -97,20 +96,14 @@ impl Live {
     /// The time and the count of what the server sent so far, taken before a publish; given
     /// to [`Live::expecting`] once the publish is out.
     pub(crate) fn snapshot(&self) -> (tokio::time::Instant, u64) {
-        (tokio::time::Instant::now(), self.received())
+        herald_core::rotation::SilenceWatch::snapshot(self.received())
     }
 
     /// A batch's first publish (taken at `snapshot`) is out: unless publishes already wait,
     /// it starts [`Live::silent_for`]'s watch. (Taken before the publish, so that a PubAck
     /// quicker than this call still counts as an answer.)
     pub(crate) fn expecting(&self, snapshot: (tokio::time::Instant, u64)) {
-        let mut from = self
-            .silent_from
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if from.is_none() {
-            *from = Some(snapshot);
-        }
+        self.silence.expecting(snapshot);
     }
 
     /// How long the server has sent nothing (no PubAck, no error, nothing at all) while
@@ -119,16 +112,7 @@ impl Live {
     /// server) is given up by this instead, at the start of the next batch, once silent for
     /// `ack_timeout`. Anything received ends the watch (PubAcks of batches cut off count too).
     pub(crate) fn silent_for(&self) -> Option<Duration> {
-        let mut from = self
-            .silent_from
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let (since, received) = (*from)?;
-        if self.received() != received {
-            *from = None;
-            return None;
-        }
-        Some(since.elapsed())
+        self.silence.silent_for(self.received())
     }
 
     /// Messages received (PubAcks among them, counted as they arrive, also for batches cut
@@ -384,7 +368,7 @@ impl Inner {
             index,
             redeclare: AtomicBool::new(false),
             stats: client_stats,
-            silent_from: StdMutex::new(None),
+            silence: herald_core::rotation::SilenceWatch::default(),
         };
         // Dropped on an error below (or when the connect timeout drops this future), `live`
         // takes the client with it: the connection closes.
