@@ -124,11 +124,14 @@ impl MqttConfig {
         self
     }
 
-    /// How long one batch may take, from its first publish to its last acknowledgement: one
-    /// deadline for the whole batch, not one per message. Messages without an answer by then
-    /// fail as transient `TIMEOUT` (retried: the broker may have the first copy, so the retry
-    /// can be a duplicate), and the connection is given up for a new one. At most 24 hours.
-    /// Default: 30 s.
+    /// How long the connection may go without acknowledging anything while publishes wait
+    /// for it: then it is taken for hung (a half-open TCP connection, a hung broker). A batch
+    /// waits as long as the broker goes on answering, however slowly (a small Receive Maximum,
+    /// a long round trip); once a whole `ack_timeout` passes with no acknowledgement on the
+    /// connection, its unanswered messages fail as transient `TIMEOUT` (retried: the broker may
+    /// have the first copy, so the retry can be a duplicate), and the connection is given up
+    /// for a new one. A batch that finds the connection silent this long (its calls cut off
+    /// sooner by a shorter delivery timeout) gives it up too. At most 24 hours. Default: 30 s.
     #[must_use]
     pub fn ack_timeout(mut self, t: Duration) -> Self {
         self.ack_timeout = t;

@@ -119,6 +119,9 @@ pub(crate) struct LiveState {
     /// Why it ended, when the broker or the network ended it.
     failure: StdMutex<Option<TransportError>>,
     book: StdMutex<Book>,
+    /// Acknowledgements (PUBACK, PUBREC, PUBCOMP) the broker sent so far: while it grows, the
+    /// connection is answering, however slowly (see `publish::Patience`).
+    answers: std::sync::atomic::AtomicU64,
 }
 
 impl LiveState {
@@ -168,6 +171,7 @@ impl LiveState {
     }
 
     fn answer(&self, pkid: u16, answer: Answer) {
+        self.answers.fetch_add(1, Ordering::Relaxed);
         let slot = self.book().inflight.remove(&pkid);
         if let Some(slot) = slot {
             slot.put(answer);
@@ -233,6 +237,8 @@ pub(crate) struct Live {
     /// `host:port`, for messages.
     pub(crate) server: String,
     task: tokio::task::JoinHandle<()>,
+    /// See [`Live::silent_for`].
+    silence: herald_core::rotation::SilenceWatch,
 }
 
 /// Ends a connection whose publish was dropped half-way (the batch's future was dropped
@@ -251,6 +257,32 @@ impl Drop for Unfinished<'_> {
 impl Live {
     pub(crate) fn is_connected(&self) -> bool {
         !self.state.lost.load(Ordering::Acquire)
+    }
+
+    /// Acknowledgements the broker sent on this connection so far (see `LiveState::answers`).
+    pub(crate) fn answers(&self) -> u64 {
+        self.state.answers.load(Ordering::Relaxed)
+    }
+
+    /// The time and the acknowledgements so far, taken before a batch's first publish; given
+    /// to [`Live::expecting`] once the publish is handed to the client.
+    pub(crate) fn snapshot(&self) -> (tokio::time::Instant, u64) {
+        herald_core::rotation::SilenceWatch::snapshot(self.answers())
+    }
+
+    /// A batch's first publish (taken at `snapshot`) is handed over: unless publishes already
+    /// wait, it starts [`Live::silent_for`]'s watch.
+    pub(crate) fn expecting(&self, snapshot: (tokio::time::Instant, u64)) {
+        self.silence.expecting(snapshot);
+    }
+
+    /// How long the broker has acknowledged nothing while publishes waited, if they did.
+    /// Batches cut off at their delivery deadline never see their own acknowledgements time
+    /// out, so a connection gone silent (a half-open TCP connection, a hung broker) is given
+    /// up by this instead, at the start of the next batch, once silent for `ack_timeout`,
+    /// long before the keep-alive finds it (up to twice `keep_alive`).
+    pub(crate) fn silent_for(&self) -> Option<std::time::Duration> {
+        self.silence.silent_for(self.answers())
     }
 
     /// Why the connection ended, if the broker or the network ended it.
@@ -559,6 +591,7 @@ impl Inner {
             version: c.version(),
             server,
             task,
+            silence: herald_core::rotation::SilenceWatch::default(),
         }))
     }
 

@@ -57,7 +57,7 @@ async fn send_in_turn(
         Ok(t) => t,
         Err(e) => return fail_all(e),
     };
-    let live = match inner.live().await {
+    let live = match answering_live(inner).await {
         Ok(l) => l,
         Err(e) => return fail_all(e),
     };
@@ -69,9 +69,16 @@ async fn send_in_turn(
     // One deadline for the whole batch, one timer for it armed once: the connection's send
     // lock, the publishes and the acknowledgements all wait under it (a timeout per message
     // would put an entry in tokio's timer wheel and take it out again for every message).
-    let mut timer = std::pin::pin!(tokio::time::sleep_until(
+    // It moves on while the connection answers (see `Patience`).
+    let timer = std::pin::pin!(tokio::time::sleep_until(
         Instant::now() + inner.config.ack_timeout
     ));
+    let mut patience = Patience {
+        heard: live.answers(),
+        timer,
+        live: &live,
+        period: inner.config.ack_timeout,
+    };
     let window = inner.config.window;
     // Every message's outcome: set here for what is not handed to the client, from `answers`
     // for what is.
@@ -84,7 +91,7 @@ async fn send_in_turn(
     // Once the connection is gone (or the batch's time is up), nothing more is published.
     let mut broken: Option<TransportError> = None;
     // Slots and publishes enter the client in the same order: one batch at a time.
-    let Some(send_lock) = within(timer.as_mut(), live.send.lock()).await else {
+    let Some(send_lock) = patience.within(live.send.lock()).await else {
         return fail_all(b.timeout("waiting for the connection"));
     };
     for (i, msg) in batch.iter().enumerate() {
@@ -94,7 +101,8 @@ async fn send_in_turn(
         }
         if handed >= window {
             // The window is full: wait for room, and hold the keys that failed meanwhile.
-            let room = within(timer.as_mut(), answers.answered(room_at(handed, window)))
+            let room = patience
+                .within(answers.answered(room_at(handed, window)))
                 .await
                 .is_some();
             answers.take_failed(&mut failed);
@@ -136,10 +144,17 @@ async fn send_in_turn(
             continue;
         }
         let slot = Slot::Batch(Arc::clone(&answers), i);
+        // The silence watch starts with the batch's first publish handed over.
+        let snapshot = (handed == 0).then(|| live.snapshot());
         let publish = live.publish(slot, &topic, msg.payload().clone(), properties);
-        let sent = within(timer.as_mut(), publish).await;
+        let sent = patience.within(publish).await;
         match sent {
-            Some(true) => handed += 1,
+            Some(true) => {
+                if let Some(snapshot) = snapshot {
+                    live.expecting(snapshot);
+                }
+                handed += 1;
+            }
             Some(false) => {
                 let e = b.lost();
                 outcomes[i] = Some(Err(e.clone()));
@@ -158,7 +173,7 @@ async fn send_in_turn(
     turn.hand_over(batch, &outcomes);
     // Every answer, or the batch's deadline: the connection's task wakes this task once.
     // Either way, what came is read from the table below.
-    let _all_came = within(timer.as_mut(), answers.answered(handed)).await;
+    let _all_came = patience.within(answers.answered(handed)).await;
     let outcomes: BatchOutcome = outcomes
         .into_iter()
         .zip(answers.close())
@@ -182,12 +197,53 @@ async fn send_in_turn(
     outcomes
 }
 
-/// `fut`'s output, or `None` if the batch's `timer` fires first (`fut` is then dropped).
-async fn within<T>(timer: Pin<&mut Sleep>, fut: impl Future<Output = T>) -> Option<T> {
-    tokio::select! {
-        biased;
-        out = fut => Some(out),
-        () = timer => None,
+/// The live connection: a new one if the one in use has acknowledged nothing for
+/// `ack_timeout` though it looks up (see `Live::silent_for`).
+async fn answering_live(inner: &Inner) -> Result<Arc<Live>, TransportError> {
+    let live = inner.live().await?;
+    if live
+        .silent_for()
+        .is_some_and(|silent| silent >= inner.config.ack_timeout)
+    {
+        inner.abandon(&live).await;
+        return inner.live().await;
+    }
+    Ok(live)
+}
+
+/// A batch's deadline that moves on while the connection answers: `ack_timeout` is how long
+/// the connection may go without answering anything while the batch waits, not how long the
+/// batch may take. A slow broker (a small Receive Maximum, a long round trip) may take far
+/// longer than that over a batch, or keep it waiting behind other batches, and is not a hung
+/// one: giving its connection up would fail everything in flight on it, to be sent again
+/// (duplicates). A hung broker or a half-open connection is found within two periods.
+struct Patience<'a, 'l> {
+    timer: Pin<&'a mut Sleep>,
+    live: &'l Live,
+    /// The connection's count of acknowledgements when the current period began.
+    heard: u64,
+    period: std::time::Duration,
+}
+
+impl Patience<'_, '_> {
+    /// `fut`'s output, or `None` once a whole period went by without an acknowledgement on the
+    /// connection (`fut` is then dropped). One counter read per period, nothing per message.
+    async fn within<T>(&mut self, fut: impl Future<Output = T>) -> Option<T> {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut fut => return Some(out),
+                () = self.timer.as_mut() => {
+                    let heard = self.live.answers();
+                    if heard == self.heard || !self.live.is_connected() {
+                        return None;
+                    }
+                    self.heard = heard;
+                    self.timer.as_mut().reset(Instant::now() + self.period);
+                }
+            }
+        }
     }
 }
 

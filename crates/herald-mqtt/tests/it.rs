@@ -759,6 +759,11 @@ impl OwnBroker {
 
     /// Stops the broker with SIGTERM (it saves its persistence file, sessions included) and
     /// waits for it to exit; SIGKILL after 10 s.
+    /// The broker process's id.
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _sent = Command::new("kill")
@@ -905,6 +910,99 @@ async fn trickle_across_keep_alives(url: &str, keep_alive: Duration, run: Durati
         "one connection all along, nothing retried ({sent} sent in {run:?})"
     );
     p.close(Duration::from_secs(10)).await;
+}
+
+/// A broker that hangs with its connection open (stopped: no answer, no error, the socket up)
+/// is given up once silent for `ack_timeout`, though every attempt is cut off sooner by a
+/// shorter delivery timeout, and long before the keep-alive would find it; the messages go
+/// through on a new connection once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn a_hung_broker_is_given_up_within_a_short_delivery_timeout() {
+    const TEST: &str = "a_hung_broker_is_given_up_within_a_short_delivery_timeout";
+    let Some(broker) = OwnBroker::start(TEST, "").await else {
+        return;
+    };
+    let url = broker.url();
+    let target = authority(&url);
+    let proxy = FaultProxy::start(&target).await.expect("proxy");
+    let transport = MqttTransport::new(
+        MqttConfig::from_url(&url.replacen(&target, &proxy.addr().to_string(), 1))
+            .expect("url")
+            .ack_timeout(Duration::from_secs(3))
+            .keep_alive(Duration::from_secs(60))
+            .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1)),
+    )
+    .expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(2))
+        .build()
+        .expect("producer");
+    let dest = herald_mqtt::topic(&format!("herald/it/hung/{}", uniq()));
+    let pid = broker.pid();
+    herald_testkit::scenario::a_hung_server_is_given_up(
+        &p,
+        &dest,
+        &proxy,
+        || herald_testkit::scenario::signal(pid, "STOP"),
+        || herald_testkit::scenario::signal(pid, "CONT"),
+    )
+    .await;
+    p.close(Duration::from_secs(10)).await;
+}
+
+/// A slow broker that keeps answering (two messages in flight at a time, 100 ms round trip:
+/// about 20 messages a second) is kept, however long a batch takes: `ack_timeout` is how long
+/// the connection may go without any answer, not how long a batch may take. Nothing is
+/// abandoned, so nothing is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn a_slow_broker_that_keeps_answering_is_kept() {
+    const TEST: &str = "a_slow_broker_that_keeps_answering_is_kept";
+    const N: usize = 120;
+    let Some(broker) = OwnBroker::start(TEST, "max_inflight_messages 2").await else {
+        return;
+    };
+    let url = broker.url();
+    let reader = Reader::connect(&url, None).await;
+    let topic = format!("herald/it/slow/{}", uniq());
+    reader.subscribe(&topic).await;
+    let target = authority(&url);
+    let proxy = FaultProxy::start_with_latency(&target, Duration::from_millis(50))
+        .await
+        .expect("proxy");
+    let transport = MqttTransport::new(
+        MqttConfig::from_url(&url.replacen(&target, &proxy.addr().to_string(), 1))
+            .expect("url")
+            .ack_timeout(Duration::from_secs(2)),
+    )
+    .expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(60))
+        .build()
+        .expect("producer");
+    let dest = herald_mqtt::topic(&topic);
+    let started = Instant::now();
+    let report = p
+        .send_all((0..N).map(|i| Message::new(dest.clone(), format!("s-{i}"))))
+        .await
+        .wait()
+        .await;
+    let took = started.elapsed();
+    assert_eq!(report.delivered, N as u64, "{:?}", report.failed.first());
+    assert!(
+        took > Duration::from_secs(3),
+        "the run must outlast the ack timeout to show anything: {took:?}"
+    );
+    let retries = p.stats().totals.retries;
+    p.close(Duration::from_secs(10)).await;
+    assert_eq!(
+        (proxy.accepted(), retries),
+        (1, 0),
+        "one connection, nothing retried, in {took:?}"
+    );
+    let got = reader.read(&topic, N, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), N, "each message once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
