@@ -690,3 +690,55 @@ async fn a_refused_recovered_message_stays_stored_until_its_error_is_dropped() {
     );
     cleanup(&d);
 }
+
+/// A stored message's delivery deadline runs from its acceptance, as every message's does, not
+/// from when it enters the buffer: with the broker stalled, messages spilled far behind a
+/// small buffer end with `DeliveryTimeout` at their own deadline, not one buffer's worth per
+/// delivery timeout after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_message_s_delivery_timeout_runs_from_its_acceptance() {
+    use herald_spool::ProducerBuilderExt as _;
+    const N: usize = 40;
+    let d = dir("deadline");
+    let t = MemoryTransport::new();
+    t.hold();
+    let p = Producer::builder(t.clone())
+        .buffer(4, 1 << 20)
+        .delivery_timeout(Duration::from_secs(1))
+        .spool(SpoolConfig::new(&d))
+        .expect("spool")
+        .build()
+        .expect("producer");
+    let started = std::time::Instant::now();
+    let futures: Vec<_> = (0..N)
+        .map(|i| p.try_send(keyed(i)).expect("accepted"))
+        .collect();
+    // Ten buffers' worth: from admission, the last would end about 10 s in.
+    let outcomes = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut outcomes = Vec::with_capacity(N);
+        for f in futures {
+            outcomes.push(f.await);
+        }
+        outcomes
+    })
+    .await
+    .expect("every fate told");
+    let took = started.elapsed();
+    for o in &outcomes {
+        let e = o.as_ref().expect_err("the broker never answered");
+        assert!(
+            matches!(e.reason(), FailureReason::DeliveryTimeout { .. }),
+            "{e}"
+        );
+    }
+    assert!(
+        took < Duration::from_secs(5),
+        "{N} messages with a 1 s delivery timeout took {took:?} to be handed back"
+    );
+    // (A failed message's error holds the store until it is dropped.)
+    drop(outcomes);
+    t.release();
+    p.close(Duration::from_secs(10)).await;
+    drop(p);
+    cleanup(&d);
+}

@@ -390,7 +390,7 @@ impl Producer {
                         (msg, done, None)
                     })
                 }),
-                false,
+                None,
                 |_| {},
             );
             debug_assert!(admission.accepted == 0 || admission.refused.is_empty());
@@ -495,7 +495,7 @@ impl Producer {
     fn push_one(&self, msg: Message, done: Completion) -> Result<(), Refused> {
         let mut admission = self
             .shared()
-            .admit(std::iter::once((msg, done, None)), false, |_| {});
+            .admit(std::iter::once((msg, done, None)), None, |_| {});
         match admission.full.or_else(|| admission.refused.pop()) {
             None => Ok(()),
             Some(refused) => Err(refused),
@@ -568,7 +568,7 @@ impl Producer {
             let next = std::iter::from_fn(|| pending.take().or_else(|| chunk.pop_front()));
             let admission = shared.admit(
                 next.map(|msg| (msg, Completion::Group(group.clone()), None)),
-                false,
+                None,
                 |accepted| group.add(accepted),
             );
             for Refused { msg, reason, .. } in admission.refused {

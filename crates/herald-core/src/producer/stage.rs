@@ -22,12 +22,12 @@ use std::collections::VecDeque;
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::completion::{BulkReceipt, Completion, FateSink, Group};
-use super::state::Shared;
+use super::state::{clock_now, Shared};
 use crate::error::{FailureReason, SendError};
 use crate::message::{Message, MessageId};
 use crate::store::{Durable, Store, StoreError, StoreToken};
@@ -36,6 +36,8 @@ use crate::store::{Durable, Store, StoreError, StoreToken};
 pub(crate) struct Pending {
     durable: Durable,
     entries: Entries,
+    /// When they were submitted: their delivery deadline runs from then.
+    accepted_at: Instant,
     /// Told whether the messages became durable (an `enqueue` waits for it).
     accepted: Option<oneshot::Sender<Result<(), StoreError>>>,
 }
@@ -53,6 +55,8 @@ enum Entries {
 struct Spilled {
     tokens: Tokens,
     dones: Dones,
+    /// When they were submitted (see [`Pending::accepted_at`]).
+    accepted_at: Instant,
     /// Their producer spans (feature `otel`), kept so that each ends with its message's fate;
     /// `None` when none has one.
     #[cfg(feature = "otel")]
@@ -61,7 +65,7 @@ struct Spilled {
 
 impl Spilled {
     /// Drops the bodies of durable messages, keeping what answers for them.
-    fn new(entries: Vec<(Message, Completion, StoreToken)>) -> Self {
+    fn new(entries: Vec<(Message, Completion, StoreToken)>, accepted_at: Instant) -> Self {
         #[cfg(feature = "otel")]
         let mut spans = Vec::with_capacity(entries.len());
         let (tokens, dones): (Vec<StoreToken>, Vec<Completion>) = entries
@@ -80,6 +84,7 @@ impl Spilled {
         Self {
             tokens: Tokens::new(tokens),
             dones: Dones::new(dones),
+            accepted_at,
             #[cfg(feature = "otel")]
             spans: spans.iter().any(Option::is_some).then(|| spans.into_iter()),
         }
@@ -193,9 +198,10 @@ impl Iterator for Dones {
     }
 }
 
-/// Confirmed submissions on their way to the admitter.
+/// Confirmed submissions on their way to the admitter (held ones with the time they were
+/// submitted).
 enum Ready {
-    Held(Vec<(Message, Completion, StoreToken)>),
+    Held(Vec<(Message, Completion, StoreToken)>, Instant),
     Spilled(Spilled),
 }
 
@@ -333,6 +339,7 @@ impl Stage {
             durable: submitted.durable,
             entries,
             accepted,
+            accepted_at: clock_now(),
         });
         Ok(())
     }
@@ -371,7 +378,7 @@ pub(crate) async fn run_admitter(
     let mut reading = ReadBack::default();
     while let Some(confirmed) = ready.recv().await {
         match confirmed {
-            Ready::Held(entries) => admit_all(&shared, entries).await,
+            Ready::Held(entries, accepted_at) => admit_all(&shared, entries, accepted_at).await,
             Ready::Spilled(spilled) => {
                 admit_spilled(&shared, &store, &mut reading, spilled).await;
             }
@@ -395,8 +402,10 @@ async fn run_confirmer(
             let _told = tx.send(result.clone());
         }
         let confirmed = match (result, pending.entries) {
-            (Ok(()), Entries::Held(entries)) => Ready::Held(entries),
-            (Ok(()), Entries::Spilling(entries)) => Ready::Spilled(Spilled::new(entries)),
+            (Ok(()), Entries::Held(entries)) => Ready::Held(entries, pending.accepted_at),
+            (Ok(()), Entries::Spilling(entries)) => {
+                Ready::Spilled(Spilled::new(entries, pending.accepted_at))
+            }
             (Err(e), entries) => {
                 fail_unstored(&shared, entries, &e);
                 continue;
@@ -485,7 +494,7 @@ async fn admit_spilled(
         if !lost.is_empty() {
             fail_unreadable(shared, store, lost);
         }
-        admit_all(shared, entries).await;
+        admit_all(shared, entries, spilled.accepted_at).await;
     }
 }
 
@@ -605,7 +614,8 @@ async fn recover(shared: &Arc<Shared>, store: &Arc<dyn Store>) {
             .into_iter()
             .map(|(token, msg)| (msg, Completion::Group(group.clone()), token))
             .collect();
-        admit_all(shared, entries).await;
+        // What an earlier run accepted gets a whole delivery timeout in this one.
+        admit_all(shared, entries, clock_now()).await;
     }
     group.end_one();
     if recovered > 0 {
@@ -617,8 +627,13 @@ async fn recover(shared: &Arc<Shared>, store: &Arc<dyn Store>) {
     }
 }
 
-/// Moves stored messages into the buffer, in order, waiting for room as needed.
-async fn admit_all(shared: &Shared, entries: Vec<(Message, Completion, StoreToken)>) {
+/// Moves stored messages into the buffer, in order, waiting for room as needed; their delivery
+/// deadline runs from `accepted_at`.
+async fn admit_all(
+    shared: &Shared,
+    entries: Vec<(Message, Completion, StoreToken)>,
+    accepted_at: Instant,
+) {
     let mut entries = entries.into_iter();
     let mut waiting: Option<(Message, Completion, StoreToken)> = None;
     loop {
@@ -631,7 +646,7 @@ async fn admit_all(shared: &Shared, entries: Vec<(Message, Completion, StoreToke
                 (msg, done, Some(token))
             },
         );
-        let admission = shared.admit(next, true, |_| {});
+        let admission = shared.admit(next, Some(accepted_at), |_| {});
         if let Some(full) = &admission.full {
             taken -= full.msg.size();
         }

@@ -436,13 +436,15 @@ impl Shared {
     /// `flush` can return, before they are counted. Wakes the dispatcher if a batch became
     /// ready or a linger deadline was set.
     ///
-    /// With `staged`, the messages come from the producer's store: they were accepted (and
-    /// counted in `unsettled` and `State::staged`) when stored, so a close does not refuse
-    /// them (only one that gave up waiting does), and `State::staged` drops by each one taken.
+    /// With `staged` (the time they were accepted), the messages come from the producer's
+    /// store: they were accepted (and counted in `unsettled` and `State::staged`) when stored,
+    /// so a close does not refuse them (only one that gave up waiting does), `State::staged`
+    /// drops by each one taken, and their delivery deadline runs from their acceptance, not
+    /// from now.
     pub(crate) fn admit(
         &self,
         msgs: impl Iterator<Item = (Message, Completion, Option<StoreToken>)>,
-        staged: bool,
+        staged: Option<Instant>,
         counted: impl FnOnce(usize),
     ) -> Admission {
         let mut admission = Admission {
@@ -468,7 +470,7 @@ impl Shared {
                 }
             }
             counted(admission.accepted);
-            if staged {
+            if staged.is_some() {
                 st.staged -= admission.accepted + admission.refused.len();
                 // The dispatcher may be waiting for the last staged message to stop.
                 wake |= st.staged == 0 && st.closing;
@@ -477,7 +479,7 @@ impl Shared {
                     .fetch_add(admission.accepted, Ordering::Relaxed);
             }
         }
-        if !staged {
+        if staged.is_none() {
             // Staged messages were counted when stored.
             self.metrics.accepted.increment(admission.accepted as u64);
         }
@@ -498,7 +500,7 @@ impl Shared {
         msg: Message,
         done: Completion,
         stored: Option<StoreToken>,
-        staged: bool,
+        staged: Option<Instant>,
         now: Instant,
     ) -> Result<bool, Refused> {
         let size = msg.size();
@@ -511,7 +513,7 @@ impl Shared {
                 stored,
             })
         };
-        if (st.closing && !staged) || st.abandoned {
+        if (st.closing && staged.is_none()) || st.abandoned {
             return refuse(msg, done, FailureReason::Closed);
         }
         if size > self.config.max_message_bytes {
@@ -534,12 +536,16 @@ impl Shared {
         msg.id_or_insert_with(|| ids.next(now, rng));
         st.buffered_messages += 1;
         st.buffered_bytes += size;
-        if !staged {
+        if staged.is_none() {
             // Staged messages were counted when stored (`Shared::accept_stored`).
             st.totals.accepted += 1;
         }
-        let deadline = now + self.config.delivery_timeout;
-        if st.next_expiry.is_none() {
+        // From acceptance: a stored message may have waited for room since.
+        let deadline = staged.unwrap_or(now).min(now) + self.config.delivery_timeout;
+        if staged.is_some() {
+            // Not after the deadlines before it, as a new message's is.
+            st.expires_by(Some(deadline));
+        } else if st.next_expiry.is_none() {
             st.next_expiry = Some(deadline);
         }
         let slot = st.acc.slot(msg.destination());
