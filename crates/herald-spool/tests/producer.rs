@@ -742,3 +742,92 @@ async fn a_stored_message_s_delivery_timeout_runs_from_its_acceptance() {
     drop(p);
     cleanup(&d);
 }
+
+/// A spool whose next `submit` waits for the test's go (a slow store), saying when it started.
+struct SlowSubmit {
+    inner: SpoolStore,
+    entered: std::sync::mpsc::SyncSender<()>,
+    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl herald_core::Store for SlowSubmit {
+    fn submit(
+        &self,
+        messages: &[Message],
+    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
+        let _told = self.entered.try_send(());
+        let _go = self
+            .go
+            .lock()
+            .expect("lock")
+            .recv_timeout(Duration::from_secs(30));
+        self.inner.submit(messages)
+    }
+    fn settle(&self, tokens: &[herald_core::StoreToken]) {
+        self.inner.settle(tokens);
+    }
+    fn recover(
+        &self,
+        max: usize,
+    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
+        self.inner.recover(max)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// `close` while a message is being stored: the message is accepted (its submission began
+/// first), so the producer must not stop before it is sent. Before, `close` marked the producer
+/// closing while the submission was under way, a wake-up (a `flush`) let the dispatcher find
+/// nothing to do and stop, and the message then entered a buffer nobody sent from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn close_while_a_message_is_being_stored_still_sends_it() {
+    let d = dir("close-race");
+    let (inner, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
+    let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+    let (go, go_rx) = std::sync::mpsc::sync_channel(1);
+    let store = SlowSubmit {
+        inner,
+        entered: entered_tx,
+        go: std::sync::Mutex::new(go_rx),
+    };
+    let t = MemoryTransport::new();
+    let p = Producer::builder(t.clone())
+        .store(store)
+        .build()
+        .expect("producer");
+    let sending = tokio::spawn({
+        let p = p.clone();
+        async move { p.send(keyed(0)).await }
+    });
+    tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)))
+        .await
+        .expect("join")
+        .expect("the submission started");
+    let closing = tokio::spawn({
+        let p = p.clone();
+        async move { p.close(Duration::from_secs(10)).await }
+    });
+    let flushing = tokio::spawn({
+        let p = p.clone();
+        async move { tokio::time::timeout(Duration::from_secs(1), p.flush()).await }
+    });
+    // Give a dispatcher that would stop the time to do it (after the fix it does not: this
+    // waits out its second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while t.closes() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopped_early = t.closes() > 0;
+    go.send(()).expect("go");
+    let sent = sending.await.expect("join");
+    let report = closing.await.expect("join");
+    let _flushed = flushing.await.expect("join");
+    assert!(
+        sent.is_ok() && report.drained && t.delivered() == 1,
+        "accepted while closing, then {sent:?}; close {report:?}; the dispatcher stopped before it: {stopped_early}"
+    );
+    drop(p);
+    cleanup(&d);
+}

@@ -402,10 +402,13 @@ impl Shared {
     /// Stops accepting messages: the dispatcher drains what was accepted, then closes the
     /// transport; health turns to closed at once.
     pub(crate) fn start_closing(&self) {
-        self.lock().closing = true;
+        // The store's door first: it waits for a submission under way, which counts its
+        // messages as staged before closing is set, so that the dispatcher, seeing closing,
+        // never finds nothing to do while an accepted message is still on its way in.
         if let Some(stage) = &self.stage {
             stage.close();
         }
+        self.lock().closing = true;
         self.wake.notify_one();
         self.health.kick.notify_one();
         // Senders waiting for space try again, and are refused as `Closed` at once instead of
