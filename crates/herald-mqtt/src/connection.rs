@@ -367,6 +367,14 @@ pub(crate) struct Inner {
 
 /// A new client id: the prefix, `-`, and random hex digits, 23 characters in all (the length
 /// every broker accepts).
+/// rumqttc's connection timeout, in whole seconds: rounded up, at least 1 (the rotation bounds
+/// the attempt by the exact `connect_timeout`; rounded down, 1.9 s would be cut at 1 s).
+fn whole_seconds_up(d: std::time::Duration) -> u64 {
+    d.as_secs()
+        .saturating_add(u64::from(d.subsec_nanos() > 0))
+        .max(1)
+}
+
 fn client_id(prefix: &str) -> String {
     let digits = 22usize.saturating_sub(prefix.len()).clamp(4, 16);
     let hex = format!("{:016x}", fastrand::u64(..));
@@ -489,7 +497,7 @@ impl Inner {
         let v3 = c.version() == Version::V311;
         let id = client_id(&c.client_id_prefix);
         let inflight = u16::try_from(c.window).unwrap_or(u16::MAX);
-        let connect_secs = c.connect_timeout.as_secs().max(1);
+        let connect_secs = whole_seconds_up(c.connect_timeout);
         let tls = if c.url.tls {
             Some(self.tls_config()?)
         } else {
@@ -1017,6 +1025,15 @@ fn build_tls(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_connect_timeout_is_rounded_up_to_whole_seconds() {
+        use std::time::Duration;
+        assert_eq!(whole_seconds_up(Duration::from_millis(1900)), 2);
+        assert_eq!(whole_seconds_up(Duration::from_secs(10)), 10);
+        assert_eq!(whole_seconds_up(Duration::from_millis(1)), 1);
+        assert_eq!(whole_seconds_up(Duration::ZERO), 1);
+    }
 
     #[test]
     fn client_ids_are_23_characters_and_new_each_time() {
