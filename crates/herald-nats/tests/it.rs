@@ -19,7 +19,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use herald_core::{
     async_trait, Destination, ErrorClass, FailureReason, Message, MessageId, Producer,
-    ProducerBuilder, Transport,
+    ProducerBuilder, Transport, TransportError,
 };
 use herald_nats::{NatsConfig, NatsTransport};
 use herald_testkit::checks::{assert_complete_in_key_order, free_port, wait_for};
@@ -1063,39 +1063,30 @@ async fn credentials_and_permissions_are_classified() {
         "permissions: { publish: { deny: [\"forbidden.>\"] } }",
         "permissions: { publish: { allow: [\">\"] } }",
     ));
-    let mut granted = None;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let out = t
-            .send_batch(&denied, &[Message::new(denied.clone(), "now allowed")])
-            .await;
-        match out.into_iter().next().expect("one answer") {
-            Ok(ack) => {
-                granted = Some(ack);
-                break;
+    // Sends one message to the denied subject every 100 ms until `done` says its outcome is
+    // the one awaited, for at most 20 s (reloads apply within moments).
+    let until = async |text: &str, done: fn(&Result<herald_core::Ack, TransportError>) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = t
+                .send_batch(&denied, &[Message::new(denied.clone(), text.to_owned())])
+                .await;
+            let outcome = out.into_iter().next().expect("one answer");
+            if done(&outcome) || Instant::now() >= deadline {
+                return outcome;
             }
-            Err(e) => assert_eq!(e.code(), Some("PERMISSION_DENIED"), "{e}"),
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    let granted = until("now allowed", Result::is_ok).await;
     assert!(
-        granted.is_some(),
-        "still denied 20 s after the reload granted the subject"
+        granted.is_ok(),
+        "still denied 20 s after the reload granted the subject: {granted:?}"
     );
     reload(&denying);
-    let mut revoked = None;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        let out = t
-            .send_batch(&denied, &[Message::new(denied.clone(), "denied again")])
-            .await;
-        if let Err(e) = out.into_iter().next().expect("one answer") {
-            revoked = Some(e);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let e = revoked.expect("denied within 20 s of the reload that revoked the subject");
+    let e = until("denied again", Result::is_err)
+        .await
+        .expect_err("denied within 20 s of the reload that revoked the subject");
     assert_eq!(
         (e.class(), e.code()),
         (ErrorClass::Permanent, Some("PERMISSION_DENIED")),
