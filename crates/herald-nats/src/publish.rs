@@ -73,8 +73,10 @@ async fn answering_live(
         .silent_for()
         .is_some_and(|silent| silent >= inner.config.ack_timeout);
     // A denied reply inbox leaves every publish unanswered for good (each fails permanently at
-    // once, PERMISSION_DENIED): a new connection would change nothing.
-    if silent && live.denial(subject, 0).is_none() {
+    // once, PERMISSION_DENIED): a new connection would change nothing. (A denied publish is
+    // answered by an error, which ends the watch: only the inbox's denial counts here, which
+    // a `since` past every publish denial's count asks for.)
+    if silent && live.denial(subject, u64::MAX).is_none() {
         inner.abandon(&live).await;
         return inner.live().await;
     }
