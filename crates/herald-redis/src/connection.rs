@@ -92,6 +92,17 @@ impl Live {
     }
 }
 
+/// Why a connection is given up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum GiveUp {
+    /// Broken or closed.
+    Lost,
+    /// Silent: its replies stopped coming.
+    Silent,
+    /// Its server refused a write as a replica.
+    Replica,
+}
+
 /// What every clone of a [`RedisTransport`](crate::RedisTransport) shares: the settings, the
 /// client, the connection, the health state and the metrics.
 pub(crate) struct Inner {
@@ -280,21 +291,28 @@ impl Inner {
     /// A batch found `live` broken: it is never used again, and the next batch opens a new
     /// connection. Counted once per connection.
     pub(crate) async fn lost(&self, live: &Arc<Live>) {
-        self.give_up(live, false).await;
+        self.give_up(live, GiveUp::Lost).await;
     }
 
     /// Gives up on `live` (its replies stopped coming within the ack timeout: a half-open TCP
     /// connection, a hung server), so that the next send opens a new one. The connection
     /// closes once the batches still holding it are done.
     pub(crate) async fn abandon(&self, live: &Arc<Live>) {
-        self.give_up(live, true).await;
+        self.give_up(live, GiveUp::Silent).await;
     }
 
-    async fn give_up(&self, live: &Arc<Live>, abandoned: bool) {
+    /// Gives up on `live` because its server refused a write as a replica (`READONLY`,
+    /// `MASTERDOWN`: after a failover the old primary is one), so that the next send opens a
+    /// new connection, which follows the primary's name. Counted as abandoned.
+    pub(crate) async fn left_for_a_replica(&self, live: &Arc<Live>) {
+        self.give_up(live, GiveUp::Replica).await;
+    }
+
+    async fn give_up(&self, live: &Arc<Live>, why: GiveUp) {
         if live.lost.swap(true, Ordering::AcqRel) {
             return;
         }
-        if abandoned {
+        if why == GiveUp::Silent {
             self.metrics.abandoned.increment(1);
             tracing::warn!(
                 transport = "redis",
@@ -302,6 +320,14 @@ impl Inner {
                 server = %self.server,
                 ack_timeout_ms = u64::try_from(self.config.ack_timeout.as_millis()).unwrap_or(u64::MAX),
                 "the Redis server stopped answering: connection given up, the next batch opens a new one"
+            );
+        } else if why == GiveUp::Replica {
+            self.metrics.abandoned.increment(1);
+            tracing::warn!(
+                transport = "redis",
+                producer = self.producer(),
+                server = %self.server,
+                "the Redis server is a replica now (READONLY or MASTERDOWN: after a failover the old primary becomes one): connection given up, the next batch opens a new one to the primary's name"
             );
         } else {
             self.metrics.lost.increment(1);

@@ -16,7 +16,8 @@ pub const CONNECT_FAILURES: &str = "herald_redis_connect_failures_total";
 /// replaced by a new one on the next send, never resumed). Counter.
 pub const CONNECTIONS_LOST: &str = "herald_redis_connections_lost_total";
 /// Connections given up because a batch's replies did not come within the ack timeout (a
-/// half-open connection, a hung server). Counter.
+/// half-open connection, a hung server), or because the server refused a write as a replica
+/// (`READONLY`, `MASTERDOWN`: after a failover). Counter.
 pub const ABANDONED: &str = "herald_redis_connections_abandoned_total";
 /// Error replies the server gave to XADDs (`-OOM`, `-WRONGTYPE`, `-NOPERM`, ...), one per
 /// message refused. Counter.

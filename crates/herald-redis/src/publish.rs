@@ -191,7 +191,7 @@ async fn send_in_turn(
                         // The server is a replica now: after a failover the old primary
                         // becomes one, and the name of the primary (a managed service's
                         // endpoint, a DNS name) points elsewhere. A new connection follows it.
-                        inner.abandon(&live).await;
+                        inner.left_for_a_replica(&live).await;
                     }
                 }
                 Err(e) => {
