@@ -119,8 +119,9 @@ pub(crate) struct LiveState {
     /// Why it ended, when the broker or the network ended it.
     failure: StdMutex<Option<TransportError>>,
     book: StdMutex<Book>,
-    /// Acknowledgements (PUBACK, PUBREC, PUBCOMP) the broker sent so far: while it grows, the
-    /// connection is answering, however slowly (see `publish::Patience`).
+    /// Acknowledgements the broker sent so far (every PUBACK and PUBCOMP, and a PUBREC that
+    /// refuses): while it grows, the connection is answering, however slowly (see
+    /// `publish::Patience`).
     answers: std::sync::atomic::AtomicU64,
 }
 
@@ -365,8 +366,6 @@ pub(crate) struct Inner {
     tls: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
 }
 
-/// A new client id: the prefix, `-`, and random hex digits, 23 characters in all (the length
-/// every broker accepts).
 /// rumqttc's connection timeout, in whole seconds: rounded up, at least 1 (the rotation bounds
 /// the attempt by the exact `connect_timeout`; rounded down, 1.9 s would be cut at 1 s).
 fn whole_seconds_up(d: std::time::Duration) -> u64 {
@@ -375,6 +374,8 @@ fn whole_seconds_up(d: std::time::Duration) -> u64 {
         .max(1)
 }
 
+/// A new client id: the prefix, `-`, and random hex digits, 23 characters in all (the length
+/// every broker accepts).
 fn client_id(prefix: &str) -> String {
     let digits = 22usize.saturating_sub(prefix.len()).clamp(4, 16);
     let hex = format!("{:016x}", fastrand::u64(..));

@@ -1,5 +1,6 @@
 //! Publishing: a batch handed to the client without waiting per message (up to a window of
-//! unanswered messages), its acknowledgements awaited within one deadline for the whole batch,
+//! unanswered messages), its acknowledgements awaited within one deadline for the whole batch
+//! (which moves on while the connection acknowledges anything, see `Patience`),
 //! and the outcome of every message, in order: PUBACK / PUBCOMP, the broker's refusal, a lost
 //! connection, per-key order. Also what a message becomes on the wire: user properties
 //! (MQTT 5), what MQTT 3.1.1 cannot carry, and the packet size checked before sending.
@@ -270,7 +271,7 @@ impl Batch<'_> {
 
     fn timeout(&self, what: &str) -> TransportError {
         TransportError::transient(format!(
-            "{what} to \"{}\" did not complete within the batch's ack timeout of {:?}; retried on a new connection (a duplicate is possible)",
+            "{what} to \"{}\" did not complete: the broker acknowledged nothing for the ack timeout of {:?}; retried on a new connection (a duplicate is possible)",
             self.topic, self.inner.config.ack_timeout
         ))
         .with_code("TIMEOUT")

@@ -35,8 +35,9 @@ use crate::publish;
 ///   acknowledgement (`TIMEOUT`) are transient. A message whose PUBLISH packet exceeds the
 ///   broker's Maximum Packet Size (MQTT 5 CONNACK) or [`MqttConfig::max_packet_size`] fails at
 ///   once, unsent (`PACKET_TOO_LARGE`, permanent).
-/// - **Deadline**: a batch's publishes and acknowledgements share one deadline,
-///   [`MqttConfig::ack_timeout`] from its start.
+/// - **Deadline**: a batch's publishes and acknowledgements share one deadline, which moves on
+///   while the connection acknowledges anything: [`MqttConfig::ack_timeout`] is how long it may
+///   stay silent, not how long a batch may take.
 /// - **Per-key order**: a batch goes out in order on one connection; after a transient failure
 ///   of a message, the later messages of its key in the call fail transient too.
 /// - **Recovery**: a lost connection is never resumed: its event loop is dropped with what it

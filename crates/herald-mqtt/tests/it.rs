@@ -757,13 +757,13 @@ impl OwnBroker {
         }
     }
 
-    /// Stops the broker with SIGTERM (it saves its persistence file, sessions included) and
-    /// waits for it to exit; SIGKILL after 10 s.
     /// The broker process's id.
     fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Stops the broker with SIGTERM (it saves its persistence file, sessions included) and
+    /// waits for it to exit; SIGKILL after 10 s.
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _sent = Command::new("kill")
