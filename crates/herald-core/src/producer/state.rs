@@ -545,8 +545,10 @@ impl Shared {
         }
         // From acceptance: a stored message may have waited for room since.
         let deadline = staged.unwrap_or(now).min(now) + self.config.delivery_timeout;
+        // A stored message's deadline may come before those queued already (a new message's
+        // never does): the dispatcher, which sleeps until the earliest it knows, is woken.
+        let sooner = staged.is_some() && st.next_expiry.is_some_and(|e| deadline < e);
         if staged.is_some() {
-            // Not after the deadlines before it, as a new message's is.
             st.expires_by(Some(deadline));
         } else if st.next_expiry.is_none() {
             st.next_expiry = Some(deadline);
@@ -561,7 +563,7 @@ impl Shared {
             last_error: None,
             stored,
         };
-        Ok(st.acc.push_back_at(slot, (msg, meta), size, now))
+        Ok(st.acc.push_back_at(slot, (msg, meta), size, now) || sooner)
     }
 
     /// Counts a refusal in totals and metrics.
