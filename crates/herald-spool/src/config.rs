@@ -51,8 +51,9 @@ impl SpoolConfig {
         }
     }
     /// Size at which a segment file is closed and a new one started (default 64 MiB; at least
-    /// 64 bytes, at most 1 GiB). A segment file is deleted once every record in it is settled,
-    /// so smaller segments give disk space back sooner; one message must fit in one segment.
+    /// 64 bytes, at most 1 GiB, and at most half of `max_bytes`). A segment file is deleted
+    /// once every record in it is settled, so smaller segments give disk space back sooner;
+    /// one message must fit in one segment.
     #[must_use]
     pub fn segment_bytes(mut self, bytes: u64) -> Self {
         self.segment_bytes = bytes;
@@ -120,7 +121,8 @@ impl SpoolConfig {
                 "max_bytes",
                 format!(
                     "{} is less than twice segment_bytes ({}): the segment being written is \
-                     deleted only once the next one starts, so the limit must hold two",
+                     deleted only once the next one starts, so the limit must hold two (raise \
+                     max_bytes, or lower segment_bytes)",
                     self.max_bytes, self.segment_bytes
                 ),
             );
