@@ -979,3 +979,44 @@ async fn down_clears_without_traffic_once_the_broker_is_back() {
     assert!(transport.is_connected());
     transport.close().await;
 }
+
+/// A handshake cut off at the connect timeout (a slow link, a broker slow to answer) is not
+/// left to finish on its own: lapin goes on with it in the background, and once the broker
+/// answers, the connection would stay open with nobody using it (one more at every attempt).
+/// herald closes each such connection once it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs RabbitMQ: cargo xtask it amqp"]
+async fn handshakes_cut_off_at_the_connect_timeout_leave_no_connection_behind() {
+    const ATTEMPTS: u64 = 3;
+    let url = url();
+    let target = authority(&url);
+    // About 400 ms a round trip: the handshake's four take longer than the connect timeout.
+    let proxy = FaultProxy::start_with_latency(&target, Duration::from_millis(200))
+        .await
+        .expect("proxy");
+    let t = AmqpTransport::new(
+        AmqpConfig::from_url(&url.replacen(&target, &proxy.addr().to_string(), 1))
+            .expect("url")
+            .connect_timeout(Duration::from_millis(500))
+            .reconnect_backoff(Duration::from_millis(1), Duration::from_millis(1)),
+    )
+    .expect("t");
+    for _ in 0..ATTEMPTS {
+        let e = t
+            .connect()
+            .await
+            .expect_err("slower than the connect timeout");
+        assert_eq!(e.code(), Some("CONNECT_TIMEOUT"), "{e}");
+    }
+    assert_eq!(proxy.accepted(), ATTEMPTS);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy.open() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        proxy.open(),
+        0,
+        "connections of timed-out handshakes still open 20 s later"
+    );
+    herald_core::Transport::close(&t).await;
+}

@@ -33,6 +33,8 @@ struct State {
     /// New connections are refused (accepted and closed at once) until then.
     refuse_until: Mutex<Option<Instant>>,
     accepted: AtomicU64,
+    /// Connections forwarded and not yet ended (by either side, or a cut).
+    open: AtomicU64,
     cuts: AtomicU64,
     /// Where new connections go (see [`FaultProxy::retarget`]).
     target: Mutex<String>,
@@ -70,6 +72,7 @@ impl FaultProxy {
             generation: watch::channel(0).0,
             refuse_until: Mutex::new(None),
             accepted: AtomicU64::new(0),
+            open: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
             target: Mutex::new(target.to_owned()),
         });
@@ -89,6 +92,7 @@ impl FaultProxy {
                     continue;
                 }
                 st.accepted.fetch_add(1, Ordering::Relaxed);
+                let open = OpenGuard::new(st.clone());
                 let mut cut = st.generation.subscribe();
                 let target = st
                     .target
@@ -96,6 +100,7 @@ impl FaultProxy {
                     .unwrap_or_else(PoisonError::into_inner)
                     .clone();
                 tokio::spawn(async move {
+                    let _open = open;
                     let Ok(server) = TcpStream::connect(&target).await else {
                         return;
                     };
@@ -159,9 +164,30 @@ impl FaultProxy {
         self.state.accepted.load(Ordering::Relaxed)
     }
 
+    /// Connections forwarded now: accepted and not yet ended by either side (or a cut).
+    pub fn open(&self) -> u64 {
+        self.state.open.load(Ordering::Relaxed)
+    }
+
     /// Cuts made so far.
     pub fn cuts(&self) -> u64 {
         self.state.cuts.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one forwarded connection in [`State::open`] while it lives.
+struct OpenGuard(Arc<State>);
+
+impl OpenGuard {
+    fn new(state: Arc<State>) -> Self {
+        state.open.fetch_add(1, Ordering::Relaxed);
+        Self(state)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
