@@ -831,3 +831,104 @@ async fn close_while_a_message_is_being_stored_still_sends_it() {
     drop(p);
     cleanup(&d);
 }
+
+/// A spool that counts its reads back.
+struct CountingReads {
+    inner: SpoolStore,
+    reads: std::sync::Arc<AtomicUsize>,
+}
+
+impl herald_core::Store for CountingReads {
+    fn submit(
+        &self,
+        messages: &[Message],
+    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
+        self.inner.submit(messages)
+    }
+    fn settle(&self, tokens: &[herald_core::StoreToken]) {
+        self.inner.settle(tokens);
+    }
+    fn recover(
+        &self,
+        max: usize,
+    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
+        self.inner.recover(max)
+    }
+    fn reads_back(&self) -> bool {
+        true
+    }
+    fn read_from(
+        &self,
+        first: herald_core::StoreToken,
+        max: usize,
+    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
+        self.reads.fetch_add(1, Ordering::AcqRel);
+        self.inner.read_from(first, max)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// A close that gives up with a backlog in the spool hands the backlog back as closed unsent
+/// and kept (the next producer sends it), without reading it back from the spool first only
+/// to refuse it: a backlog can be the whole spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_that_gives_up_does_not_read_the_backlog_back() {
+    const N: usize = 10_000;
+    let d = dir("close-backlog");
+    let (inner, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
+    let reads = std::sync::Arc::new(AtomicUsize::new(0));
+    let t = MemoryTransport::new();
+    t.hold();
+    let p = Producer::builder(t.clone())
+        .buffer(10, 1 << 20)
+        .store(CountingReads {
+            inner,
+            reads: reads.clone(),
+        })
+        .build()
+        .expect("producer");
+    let futures: Vec<_> = (0..N)
+        .map(|i| p.try_send(keyed(i)).expect("accepted"))
+        .collect();
+    let report = p.close(Duration::from_millis(200)).await;
+    assert!(!report.drained, "the broker is held");
+    let at_close = reads.load(Ordering::Acquire);
+    // The batch in flight lands (delivered); everything else is closed unsent.
+    t.release();
+    let outcomes = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut outcomes = Vec::with_capacity(N);
+        for f in futures {
+            outcomes.push(f.await);
+        }
+        outcomes
+    })
+    .await
+    .expect("every fate told");
+    let delivered = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert!(
+        delivered <= 10,
+        "{delivered} delivered: only the buffer's worth was out"
+    );
+    for e in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert!(
+            matches!(e.reason(), FailureReason::Closed) && e.is_kept_in_store(),
+            "{e}"
+        );
+    }
+    let after = reads.load(Ordering::Acquire) - at_close;
+    assert!(
+        after <= 1,
+        "{after} reads back after the close gave up (one may have been under way)"
+    );
+    drop(outcomes);
+    drop(p);
+    let (_, recovery) = reopen(&d);
+    assert_eq!(
+        recovery.pending_messages,
+        (N - delivered) as u64,
+        "all the others kept for the next producer"
+    );
+    cleanup(&d);
+}

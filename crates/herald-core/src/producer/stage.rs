@@ -440,6 +440,16 @@ async fn admit_spilled(
     let count = spilled.tokens.len();
     let mut next = 0;
     while next < count {
+        if shared.lock().abandoned {
+            // A close gave up on what is queued: the rest is closed unsent, kept in the store
+            // for the next producer, and not read back only to be refused (a backlog can be
+            // the whole store).
+            let closed = (next..count)
+                .map(|_| unread(&mut spilled, FailureReason::Closed, true))
+                .collect();
+            end_spilled(shared, closed);
+            return;
+        }
         if ahead.is_empty() {
             let want = (count - next).min(READ);
             let tries = if reading.failing { 1 } else { READ_TRIES };
@@ -535,36 +545,36 @@ async fn read_back(
 /// is what could not be read), its completion and why.
 /// `kept`: the store still holds it (a read that failed), and the next producer on it sends
 /// it; else its record is lost.
-fn unreadable(spilled: &mut Spilled, e: StoreError, kept: bool) -> Unreadable {
-    let mut msg = Message::new("", bytes::Bytes::new());
-    let done = spilled.next_done(&mut msg);
-    (msg, done, e, kept)
+fn unreadable(spilled: &mut Spilled, e: StoreError, kept: bool) -> Unadmitted {
+    unread(spilled, FailureReason::Store(e), kept)
 }
 
-/// A spilled message the store could not give back: an empty message, its completion, why,
-/// and whether the store still holds it.
-type Unreadable = (Message, Completion, StoreError, bool);
+/// The next spilled message, ended unread: an empty message (its body stays in the store),
+/// its completion, why, and whether the store still holds it.
+fn unread(spilled: &mut Spilled, reason: FailureReason, kept: bool) -> Unadmitted {
+    let mut msg = Message::new("", bytes::Bytes::new());
+    let done = spilled.next_done(&mut msg);
+    (msg, done, reason, kept, None)
+}
 
 /// Hands back spilled messages the store could not give back, failed with the store's error
 /// (marked kept where the store still holds them). Not settled: the store keeps what it has
 /// of them, and reports any damage itself.
-fn fail_unreadable(shared: &Shared, store: &Arc<dyn Store>, lost: Vec<Unreadable>) {
-    if let Some(stage) = &shared.stage {
-        stage.spilled.fetch_sub(lost.len(), Ordering::AcqRel);
-    }
+fn fail_unreadable(shared: &Shared, store: &Arc<dyn Store>, lost: Vec<Unadmitted>) {
     tracing::error!(
         store = %store.describe(),
         messages = lost.len(),
         "messages accepted into the store could not be read back from it: handed back as failed"
     );
-    {
-        let mut st = shared.lock();
-        st.staged -= lost.len();
+    end_spilled(shared, lost);
+}
+
+/// Ends spilled messages without admitting them (see [`unread`]).
+fn end_spilled(shared: &Shared, ended: Vec<Unadmitted>) {
+    if let Some(stage) = &shared.stage {
+        stage.spilled.fetch_sub(ended.len(), Ordering::AcqRel);
     }
-    let ended = lost
-        .into_iter()
-        .map(|(msg, done, e, kept)| (msg, done, FailureReason::Store(e), kept, None))
-        .collect();
+    shared.lock().staged -= ended.len();
     end_unadmitted(shared, ended);
     shared.wake.notify_one();
 }
