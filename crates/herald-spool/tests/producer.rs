@@ -932,3 +932,39 @@ async fn a_close_that_gives_up_does_not_read_the_backlog_back() {
     );
     cleanup(&d);
 }
+
+/// A backlog of single-message submissions (`try_send`) spilled behind a stalled broker is
+/// read back from the spool a batch at a time, not with one read per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spilled_backlog_of_single_messages_is_read_back_in_batches() {
+    const N: usize = 5_000;
+    let d = dir("read-ahead");
+    let (inner, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
+    let reads = std::sync::Arc::new(AtomicUsize::new(0));
+    let t = MemoryTransport::new();
+    t.hold();
+    let p = Producer::builder(t.clone())
+        .buffer(10, 1 << 20)
+        .store(CountingReads {
+            inner,
+            reads: reads.clone(),
+        })
+        .build()
+        .expect("producer");
+    let futures: Vec<_> = (0..N)
+        .map(|i| p.try_send(keyed(i)).expect("accepted"))
+        .collect();
+    t.release();
+    for (i, f) in futures.into_iter().enumerate() {
+        f.await
+            .unwrap_or_else(|e| panic!("message {i} not delivered: {e}"));
+    }
+    let reads = reads.load(Ordering::Acquire);
+    assert!(
+        reads <= N / 100,
+        "{reads} reads back for {N} spilled messages"
+    );
+    p.close(Duration::from_secs(10)).await;
+    drop(p);
+    cleanup(&d);
+}

@@ -451,7 +451,11 @@ async fn admit_spilled(
             return;
         }
         if ahead.is_empty() {
-            let want = (count - next).min(READ);
+            // A whole read's worth, whatever this submission's size: what comes back beyond it
+            // is the next submissions' (spilled in store order), kept in `ahead` for them, so
+            // that a backlog of single-message submissions (`try_send`, `enqueue`) is read
+            // back a batch at a time, not with one blocking call per message.
+            let want = READ;
             let tries = if reading.failing { 1 } else { READ_TRIES };
             match read_back(store, spilled.tokens.get(next), want, tries).await {
                 Ok(batch) => {
