@@ -707,10 +707,15 @@ async fn settle(
     deadline: Instant,
 ) -> Result<Ack, TransportError> {
     let timeout = inner.config.confirm_timeout;
+    // The broker stops reading a blocked connection: no confirm can come, and the connection
+    // is not hung (`confirms_stopped` gives up only on a CONFIRM_TIMEOUT). After the alarm
+    // clears, the broker works through what it held first: a batch that began within one
+    // confirm timeout of the unblocking is still its aftermath.
+    let aftermath = deadline
+        .checked_sub(timeout.saturating_mul(2))
+        .unwrap_or(deadline);
     match tokio::time::timeout_at(deadline, confirm).await {
-        // The broker stops reading a blocked connection: no confirm can come, and the
-        // connection is not hung (`confirms_stopped` gives up only on a CONFIRM_TIMEOUT).
-        Err(_) if inner.blocked_after(deadline.checked_sub(timeout).unwrap_or(deadline)) => {
+        Err(_) if inner.blocked_after(aftermath) => {
             Err(TransportError::transient(format!(
                 "no publisher confirm for a message to {target} within {timeout:?} of the batch's start: the broker blocked the connection meanwhile (connection.blocked: a memory or disk alarm); it is retried (possibly a duplicate)"
             ))
