@@ -870,13 +870,18 @@ impl herald_core::Store for CountingReads {
     }
 }
 
-/// A close that gives up with a backlog in the spool hands the backlog back as closed unsent
-/// and kept (the next producer sends it), without reading it back from the spool first only
-/// to refuse it: a backlog can be the whole spool.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_close_that_gives_up_does_not_read_the_backlog_back() {
-    const N: usize = 10_000;
-    let d = dir("close-backlog");
+/// `n` single-message submissions (`try_send`) spilled behind a held broker and a buffer of
+/// 10, on a spool that counts its reads back.
+struct Backlog {
+    d: std::path::PathBuf,
+    t: MemoryTransport,
+    p: Producer,
+    reads: std::sync::Arc<AtomicUsize>,
+    futures: Vec<herald_core::DeliveryFuture>,
+}
+
+fn backlog(name: &str, n: usize) -> Backlog {
+    let d = dir(name);
     let (inner, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
     let reads = std::sync::Arc::new(AtomicUsize::new(0));
     let t = MemoryTransport::new();
@@ -889,9 +894,31 @@ async fn a_close_that_gives_up_does_not_read_the_backlog_back() {
         })
         .build()
         .expect("producer");
-    let futures: Vec<_> = (0..N)
+    let futures = (0..n)
         .map(|i| p.try_send(keyed(i)).expect("accepted"))
         .collect();
+    Backlog {
+        d,
+        t,
+        p,
+        reads,
+        futures,
+    }
+}
+
+/// A close that gives up with a backlog in the spool hands the backlog back as closed unsent
+/// and kept (the next producer sends it), without reading it back from the spool first only
+/// to refuse it: a backlog can be the whole spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_that_gives_up_does_not_read_the_backlog_back() {
+    const N: usize = 10_000;
+    let Backlog {
+        d,
+        t,
+        p,
+        reads,
+        futures,
+    } = backlog("close-backlog", N);
     let report = p.close(Duration::from_millis(200)).await;
     assert!(!report.drained, "the broker is held");
     let at_close = reads.load(Ordering::Acquire);
@@ -938,22 +965,13 @@ async fn a_close_that_gives_up_does_not_read_the_backlog_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spilled_backlog_of_single_messages_is_read_back_in_batches() {
     const N: usize = 5_000;
-    let d = dir("read-ahead");
-    let (inner, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
-    let reads = std::sync::Arc::new(AtomicUsize::new(0));
-    let t = MemoryTransport::new();
-    t.hold();
-    let p = Producer::builder(t.clone())
-        .buffer(10, 1 << 20)
-        .store(CountingReads {
-            inner,
-            reads: reads.clone(),
-        })
-        .build()
-        .expect("producer");
-    let futures: Vec<_> = (0..N)
-        .map(|i| p.try_send(keyed(i)).expect("accepted"))
-        .collect();
+    let Backlog {
+        d,
+        t,
+        p,
+        reads,
+        futures,
+    } = backlog("read-ahead", N);
     t.release();
     for (i, f) in futures.into_iter().enumerate() {
         f.await
