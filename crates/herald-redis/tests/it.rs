@@ -856,21 +856,9 @@ async fn a_hung_server_is_given_up_within_a_short_delivery_timeout() {
             .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1)),
     )
     .expect("t");
-    let p = quick_retries(Producer::builder(transport))
-        .delivery_timeout(Duration::from_secs(2))
-        .build()
-        .expect("producer");
     let dest = herald_redis::stream(&key);
-    let pid = server.pid();
-    herald_testkit::scenario::a_hung_server_is_given_up(
-        &p,
-        &dest,
-        &proxy,
-        || herald_testkit::scenario::signal(pid, "STOP"),
-        || herald_testkit::scenario::signal(pid, "CONT"),
-    )
-    .await;
-    p.close(Duration::from_secs(10)).await;
+    herald_testkit::scenario::a_hung_server_is_given_up(transport, &dest, &proxy, server.pid())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

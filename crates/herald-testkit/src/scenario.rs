@@ -123,24 +123,36 @@ pub fn signal(pid: u32, signal: &str) {
     }
 }
 
-/// A server that hangs with its connection open is given up: `hang` makes the server behind
-/// `proxy` stop answering (see [`signal`]); `p` (its transport connected through `proxy`, a
-/// delivery timeout of a few seconds) then sends to `destination` one message at a time, each
-/// failing transiently, until herald opens another connection through the proxy (within
-/// 30 s); then `resume`, and sends go through again within 60 s.
+/// A server that hangs with its connection open is given up. `transport` is connected
+/// through `proxy` to the server process `pid`; a producer on it (quick retries, a delivery
+/// timeout of 2 s, shorter than any adapter's ack timeout here) sends to `destination`; then
+/// the process is stopped (`kill -STOP`, see [`signal`]), and the producer sends one message at
+/// a time, each failing transiently, until herald opens another connection through the proxy
+/// (within 30 s); then the process resumes, and sends go through again within 60 s. The
+/// producer is closed at the end.
 pub async fn a_hung_server_is_given_up(
-    p: &Producer,
+    transport: impl herald_core::Transport,
     destination: &herald_core::Destination,
     proxy: &crate::proxy::FaultProxy,
-    hang: impl FnOnce(),
-    resume: impl FnOnce(),
+    pid: u32,
 ) {
     use tokio::time::Instant;
+    let p = Producer::builder(transport)
+        .retry(
+            ExponentialRetry::new(Backoff::new(
+                Duration::from_millis(20),
+                Duration::from_millis(500),
+            ))
+            .unlimited_attempts(),
+        )
+        .delivery_timeout(Duration::from_secs(2))
+        .build()
+        .expect("producer");
     p.send(Message::new(destination.clone(), "before"))
         .await
         .expect("before the hang");
     let connections = proxy.accepted();
-    hang();
+    signal(pid, "STOP");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut failed = 0;
     while proxy.accepted() == connections {
@@ -157,7 +169,7 @@ pub async fn a_hung_server_is_given_up(
             failed += 1;
         }
     }
-    resume();
+    signal(pid, "CONT");
     // Back: sends go through again (the first may still meet the connection opened while it
     // hung).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -167,4 +179,5 @@ pub async fn a_hung_server_is_given_up(
             "still failing 60 s after the server came back: {e}"
         );
     }
+    p.close(Duration::from_secs(10)).await;
 }
