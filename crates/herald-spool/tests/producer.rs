@@ -454,39 +454,72 @@ async fn a_spilled_message_damaged_on_disk_is_handed_back_and_the_rest_delivered
     cleanup(&d);
 }
 
-/// A spool whose reads back fail: what a disk error while reading would do.
-struct FailingReads(SpoolStore);
+/// The spool with what a test turns on: a `submit` that says it started and then waits for the
+/// test's go (a slow store), reads back that fail (a disk error while reading), and a count of
+/// reads back. It reads back, as the spool does.
+struct Instrumented {
+    inner: SpoolStore,
+    /// Told when a `submit` starts; the `submit` then waits for a go here (at most 30 s).
+    gate: Option<(
+        std::sync::mpsc::SyncSender<()>,
+        std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    )>,
+    fail_reads: bool,
+    reads: std::sync::Arc<AtomicUsize>,
+}
 
-impl herald_core::Store for FailingReads {
+impl Instrumented {
+    fn new(inner: SpoolStore) -> Self {
+        Self {
+            inner,
+            gate: None,
+            fail_reads: false,
+            reads: std::sync::Arc::default(),
+        }
+    }
+}
+
+impl herald_core::Store for Instrumented {
     fn submit(
         &self,
         messages: &[Message],
     ) -> Result<herald_core::Submitted, herald_core::StoreError> {
-        self.0.submit(messages)
+        if let Some((entered, go)) = &self.gate {
+            let _told = entered.try_send(());
+            let _go = go
+                .lock()
+                .expect("lock")
+                .recv_timeout(Duration::from_secs(30));
+        }
+        self.inner.submit(messages)
     }
     fn settle(&self, tokens: &[herald_core::StoreToken]) {
-        self.0.settle(tokens);
+        self.inner.settle(tokens);
     }
     fn recover(
         &self,
         max: usize,
     ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
-        self.0.recover(max)
+        self.inner.recover(max)
     }
     fn reads_back(&self) -> bool {
         true
     }
     fn read_from(
         &self,
-        _first: herald_core::StoreToken,
-        _max: usize,
+        first: herald_core::StoreToken,
+        max: usize,
     ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
-        Err(herald_core::StoreError::failed(
-            "injected: the disk refused the read",
-        ))
+        self.reads.fetch_add(1, Ordering::AcqRel);
+        if self.fail_reads {
+            return Err(herald_core::StoreError::failed(
+                "injected: the disk refused the read",
+            ));
+        }
+        self.inner.read_from(first, max)
     }
     fn describe(&self) -> String {
-        self.0.describe()
+        self.inner.describe()
     }
 }
 
@@ -501,7 +534,10 @@ async fn spilled_messages_that_cannot_be_read_back_are_handed_back_kept_and_sent
     let (store, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
     let p = Producer::builder(t.clone())
         .buffer(10, 1 << 20)
-        .store(FailingReads(store))
+        .store(Instrumented {
+            fail_reads: true,
+            ..Instrumented::new(store)
+        })
         .build()
         .expect("producer");
     let mut futures = Vec::new();
@@ -743,40 +779,6 @@ async fn a_stored_message_s_delivery_timeout_runs_from_its_acceptance() {
     cleanup(&d);
 }
 
-/// A spool whose next `submit` waits for the test's go (a slow store), saying when it started.
-struct SlowSubmit {
-    inner: SpoolStore,
-    entered: std::sync::mpsc::SyncSender<()>,
-    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
-}
-
-impl herald_core::Store for SlowSubmit {
-    fn submit(
-        &self,
-        messages: &[Message],
-    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
-        let _told = self.entered.try_send(());
-        let _go = self
-            .go
-            .lock()
-            .expect("lock")
-            .recv_timeout(Duration::from_secs(30));
-        self.inner.submit(messages)
-    }
-    fn settle(&self, tokens: &[herald_core::StoreToken]) {
-        self.inner.settle(tokens);
-    }
-    fn recover(
-        &self,
-        max: usize,
-    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
-        self.inner.recover(max)
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 /// `close` while a message is being stored: the message is accepted (its submission began
 /// first), so the producer must not stop before it is sent. Before, `close` marked the producer
 /// closing while the submission was under way, a wake-up (a `flush`) let the dispatcher find
@@ -787,10 +789,9 @@ async fn close_while_a_message_is_being_stored_still_sends_it() {
     let (inner, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
     let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
     let (go, go_rx) = std::sync::mpsc::sync_channel(1);
-    let store = SlowSubmit {
-        inner,
-        entered: entered_tx,
-        go: std::sync::Mutex::new(go_rx),
+    let store = Instrumented {
+        gate: Some((entered_tx, std::sync::Mutex::new(go_rx))),
+        ..Instrumented::new(inner)
     };
     let t = MemoryTransport::new();
     let p = Producer::builder(t.clone())
@@ -832,44 +833,6 @@ async fn close_while_a_message_is_being_stored_still_sends_it() {
     cleanup(&d);
 }
 
-/// A spool that counts its reads back.
-struct CountingReads {
-    inner: SpoolStore,
-    reads: std::sync::Arc<AtomicUsize>,
-}
-
-impl herald_core::Store for CountingReads {
-    fn submit(
-        &self,
-        messages: &[Message],
-    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
-        self.inner.submit(messages)
-    }
-    fn settle(&self, tokens: &[herald_core::StoreToken]) {
-        self.inner.settle(tokens);
-    }
-    fn recover(
-        &self,
-        max: usize,
-    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
-        self.inner.recover(max)
-    }
-    fn reads_back(&self) -> bool {
-        true
-    }
-    fn read_from(
-        &self,
-        first: herald_core::StoreToken,
-        max: usize,
-    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
-        self.reads.fetch_add(1, Ordering::AcqRel);
-        self.inner.read_from(first, max)
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-}
-
 /// `n` single-message submissions (`try_send`) spilled behind a held broker and a buffer of
 /// 10, on a spool that counts its reads back.
 struct Backlog {
@@ -883,15 +846,13 @@ struct Backlog {
 fn backlog(name: &str, n: usize) -> Backlog {
     let d = dir(name);
     let (inner, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
-    let reads = std::sync::Arc::new(AtomicUsize::new(0));
+    let store = Instrumented::new(inner);
+    let reads = store.reads.clone();
     let t = MemoryTransport::new();
     t.hold();
     let p = Producer::builder(t.clone())
         .buffer(10, 1 << 20)
-        .store(CountingReads {
-            inner,
-            reads: reads.clone(),
-        })
+        .store(store)
         .build()
         .expect("producer");
     let futures = (0..n)
