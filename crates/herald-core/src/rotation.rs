@@ -281,12 +281,17 @@ impl SilenceWatch {
         (Instant::now(), heard)
     }
 
-    /// A publish (taken at `snapshot`) is out: starts the watch unless it runs.
+    /// A publish (taken at `snapshot`) is out: starts the watch unless it runs since the
+    /// server last sent anything (a watch that something heard since has ended, checked or
+    /// not, and starts again here).
     pub fn expecting(&self, snapshot: (Instant, u64)) {
-        self.from
+        let mut from = self
+            .from
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get_or_insert(snapshot);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if from.is_none_or(|(_, heard)| heard != snapshot.1) {
+            *from = Some(snapshot);
+        }
     }
 
     /// How long the server has sent nothing while publishes waited for it, if they did and it
@@ -327,6 +332,10 @@ mod tests {
         watch.expecting(SilenceWatch::snapshot(6));
         tokio::time::advance(Duration::from_secs(1)).await;
         assert_eq!(watch.silent_for(6), Some(Duration::from_secs(1)));
+        // A watch something was heard since ends even unchecked: the next publish starts it.
+        watch.expecting(SilenceWatch::snapshot(7));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(watch.silent_for(7), Some(Duration::from_secs(2)));
         // An answer quicker than `expecting` (heard between snapshot and expecting) counts.
         let watch = SilenceWatch::default();
         let before = SilenceWatch::snapshot(7);

@@ -51,9 +51,10 @@ pub(crate) struct Live {
     pub(crate) path: u64,
     /// A batch found it broken (or gave up on it): no batch uses it any more.
     lost: AtomicBool,
-    /// When the first pipeline since the server last answered one went out; `None` when
-    /// nothing waits. See [`Live::silent_for`].
-    silent_from: StdMutex<Option<tokio::time::Instant>>,
+    /// Pipelines the server answered (or refused) so far. See [`Live::silent_for`].
+    answers: std::sync::atomic::AtomicU64,
+    /// See [`Live::silent_for`].
+    silence: herald_core::rotation::SilenceWatch,
 }
 
 impl Live {
@@ -64,19 +65,15 @@ impl Live {
     /// A pipeline goes out: unless others already wait, its time starts
     /// [`Live::silent_for`]'s watch.
     pub(crate) fn expecting(&self) {
-        self.silent_from
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_or_insert_with(tokio::time::Instant::now);
+        let answers = self.answers.load(Ordering::Acquire);
+        self.silence
+            .expecting(herald_core::rotation::SilenceWatch::snapshot(answers));
     }
 
     /// The server answered a pipeline (Redis answers in order: the ones before too, or they
     /// were given up on).
     pub(crate) fn answered(&self) {
-        *self
-            .silent_from
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = None;
+        self.answers.fetch_add(1, Ordering::AcqRel);
     }
 
     /// How long pipelines have waited without the server answering any, if some wait.
@@ -85,10 +82,8 @@ impl Live {
     /// pings) is given up by this instead, at the start of the next batch, once silent for as
     /// long as a pipeline may take (the ack timeout, plus `WAIT`'s).
     pub(crate) fn silent_for(&self) -> Option<Duration> {
-        self.silent_from
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .map(|since| since.elapsed())
+        self.silence
+            .silent_for(self.answers.load(Ordering::Acquire))
     }
 }
 
@@ -284,7 +279,8 @@ impl Inner {
             conn,
             path: herald_core::Turns::fresh_path(),
             lost: AtomicBool::new(false),
-            silent_from: StdMutex::new(None),
+            answers: std::sync::atomic::AtomicU64::new(0),
+            silence: herald_core::rotation::SilenceWatch::default(),
         }))
     }
 
