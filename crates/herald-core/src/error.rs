@@ -148,7 +148,9 @@ pub enum FailureReason {
     },
     /// The producer's [`Store`](crate::Store) could not take the message: full (`try_send`
     /// does not wait for room) or failing (an unwritable directory, a full disk, a failed
-    /// fsync). The message was not accepted.
+    /// fsync). The message was not accepted. (herald-spool cuts off what it wrote of it; only
+    /// if that fails too, which its error then says, may a producer reopening the store send
+    /// it after all.)
     Store(crate::StoreError),
 }
 

@@ -97,9 +97,9 @@ pub enum SpoolError {
         #[source]
         source: Arc<io::Error>,
     },
-    /// An earlier fsync failed (or a failed write could not be undone), so the spool can no
-    /// longer tell what reached the disk and refuses appends. Records whose append returned
-    /// `Ok` before are on disk; reopen the spool to recover them.
+    /// An earlier fsync failed (or a failed append could not be cut off again), so the spool
+    /// can no longer tell what reached the disk and refuses appends. Records whose append
+    /// returned `Ok` before are on disk; reopen the spool to recover them.
     #[error("spool {} stopped accepting appends after: {cause}; reopen it", dir.display())]
     Broken {
         /// The spool directory.

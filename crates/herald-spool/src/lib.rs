@@ -94,8 +94,13 @@
 //! its partial write is cut off again, so the spool goes on once there is room; a settle
 //! that cannot be logged for lack of room deletes the segments it empties instead (the
 //! deletion is the settlement) and logs the rest in the room that made. A failed fsync
-//! breaks the spool ([`SpoolError::Broken`]): after one, what reached the disk is unknown,
-//! so it refuses appends until reopened, and the reopen's recovery reads what is there.
+//! breaks the spool ([`SpoolError::Broken`]): after one, what reached the disk is unknown
+//! (the kernel may have dropped the unwritten pages and marked them clean, so a later fsync
+//! that succeeds proves nothing), so it refuses appends until reopened, and the reopen's
+//! recovery reads what is there. The records of the append whose fsync failed are cut off
+//! again, as after a failed write: their appenders are told they failed, and the next open
+//! does not read them back (if the cut fails too, the error says that they may come back).
+//! Records whose appends had returned stay.
 //!
 //! A record lost with a torn tail (its append never returned, or with `Interval` and `Os`,
 //! was not yet synced) may see its id given again after the reopen: ids only ever increase

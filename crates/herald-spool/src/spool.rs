@@ -114,6 +114,9 @@ pub(crate) struct Shared {
     settle_urgent: AtomicBool,
     fsyncs: AtomicU64,
     fsync_nanos: AtomicU64,
+    /// Tests only: every fsync fails with EIO while set.
+    #[cfg(test)]
+    fail_fsyncs: AtomicBool,
     /// Damaged records known, by `(segment, offset)`, so that each counts once.
     corrupt: Mutex<HashSet<(u64, u64)>>,
     /// Holds the directory lock while any handle lives.
@@ -289,6 +292,8 @@ impl Spool {
             settle_urgent: AtomicBool::new(false),
             fsyncs: AtomicU64::new(opened.fsyncs),
             fsync_nanos: AtomicU64::new(0),
+            #[cfg(test)]
+            fail_fsyncs: AtomicBool::new(false),
             corrupt: Mutex::new(known_corrupt),
             _lock: lock_file,
         });
@@ -506,7 +511,17 @@ impl Shared {
         let start = Instant::now();
         let r = file.sync_data();
         self.note_fsync(start);
+        #[cfg(test)]
+        let r = r.and_then(|()| self.injected_fsync_failure());
         r.map_err(|e| SpoolError::io(op, path, e))
+    }
+
+    #[cfg(test)]
+    fn injected_fsync_failure(&self) -> std::io::Result<()> {
+        if self.fail_fsyncs.load(Ordering::Relaxed) {
+            return Err(std::io::Error::from_raw_os_error(5)); // EIO
+        }
+        Ok(())
     }
 
     fn note_fsync(&self, start: Instant) {
@@ -521,6 +536,11 @@ impl Shared {
         let start = Instant::now();
         let r = sync_dir(&self.dir);
         self.note_fsync(start);
+        #[cfg(test)]
+        let r = r.and_then(|()| {
+            self.injected_fsync_failure()
+                .map_err(|e| SpoolError::io("fsync directory", &self.dir, e))
+        });
         r
     }
 
@@ -857,9 +877,8 @@ impl Writer {
             (shared.config.sync, self.unsynced_since)
         {
             if since.elapsed() >= every {
-                if let Err(e) = self.sync_file() {
-                    self.break_spool(e);
-                }
+                // A failure breaks the spool (see `sync_file`).
+                let _broken = self.sync_file();
             }
         }
         let urgent = shared.settle_urgent.swap(false, Ordering::AcqRel);
@@ -876,13 +895,19 @@ impl Writer {
         }
     }
 
+    /// Fsyncs the segment being written. A failure breaks the spool, whoever asked: after a
+    /// failed fsync the kernel may have dropped the unwritten pages and marked them clean,
+    /// so a later fsync that succeeds proves nothing about them.
     fn sync_file(&mut self) -> Result<(), SpoolError> {
         if self.unsynced_since.is_none() {
             return Ok(());
         }
         if let Some((first, file, _)) = &self.file {
             let path = segment_path(&self.shared.dir, *first);
-            self.shared.timed_sync(file, "fsync segment", &path)?;
+            if let Err(e) = self.shared.timed_sync(file, "fsync segment", &path) {
+                self.break_spool(e.clone());
+                return Err(e);
+            }
         }
         self.unsynced_since = None;
         Ok(())
@@ -919,7 +944,12 @@ impl Writer {
             .map_err(|e| SpoolError::io("open segment", &path, e))?
             .len();
         if !existed && self.shared.config.fsyncs() {
-            self.shared.sync_dir()?;
+            // Without its directory entry on disk, the new segment's records could vanish
+            // however well each is fsynced: the spool breaks, as for a failed fsync.
+            if let Err(e) = self.shared.sync_dir() {
+                self.break_spool(e.clone());
+                return Err(e);
+            }
         }
         self.file = Some((first, file, len));
         Ok(())
@@ -957,19 +987,23 @@ impl Writer {
                 written += 1;
             }
         }
-        // A failed write is undone, so that a later append does not follow a torn record; a
-        // failed fsync leaves the bytes (their fate on disk is unknown) and breaks the spool.
-        let mut kept = written == chunks.len();
         if outcome.is_ok() && (shared.config.sync == SyncPolicy::Group || sync) {
-            if let Err(e) = self.sync_file() {
-                self.break_spool(e.clone());
-                outcome = Err(e);
-            }
+            // A failure breaks the spool (see `sync_file`).
+            outcome = self.sync_file();
         }
-        if outcome.is_err() && !kept {
+        // A failed round is undone: after a failed write, so that a later append does not
+        // follow a torn record; after a failed fsync (which broke the spool), so that the
+        // records whose appenders are told they failed do not come back at the next open and
+        // get sent after all. Only this round's bytes go: rounds before it were fsynced (or,
+        // under `Interval` and `Os`, had returned), and are kept.
+        let mut kept = outcome.is_ok();
+        if !kept {
             if let Err(e) = self.undo(&touched) {
-                self.break_spool(e);
-                kept = true; // the bytes may be there: readers skip them (not pending)
+                // The bytes may be there: this process skips them (not pending), but the
+                // next open may read them, and the appenders hear so from the error.
+                self.break_spool(e.clone());
+                kept = true;
+                outcome = Err(e);
             }
         }
         if sync && outcome.is_ok() {
@@ -1027,7 +1061,13 @@ impl Writer {
                 .write(true)
                 .open(&path)
                 .and_then(|f| f.set_len(len))
-                .map_err(|e| SpoolError::io("undo a failed write to segment", &path, e))?;
+                .map_err(|e| {
+                    SpoolError::io(
+                        "cut off a failed append (its records may come back at the next open) in segment",
+                        &path,
+                        e,
+                    )
+                })?;
             if let Some((f, _, l)) = self.file.as_mut() {
                 if *f == first {
                     *l = len;
@@ -1085,5 +1125,116 @@ impl Drop for Writer {
             round.complete(Err(broken));
         }
         self.shared.readable.notify_all();
+    }
+}
+
+/// Failed fsyncs, which no filesystem here can be made to produce on demand: `fail_fsyncs`
+/// makes every fsync of one spool fail with EIO after it ran.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SyncPolicy;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("herald-spool-unit-{name}-{}", std::process::id()));
+            let _absent = std::fs::remove_dir_all(&path);
+            Self(path)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _best_effort = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn payloads(spool: &Spool) -> Vec<String> {
+        let mut cursor = spool.cursor();
+        let mut out = Vec::new();
+        loop {
+            let batch = cursor.read_batch(64, 1 << 20).expect("reads");
+            if batch.is_empty() {
+                return out;
+            }
+            out.extend(
+                batch
+                    .iter()
+                    .map(|r| String::from_utf8_lossy(r.message.payload()).into_owned()),
+            );
+        }
+    }
+
+    fn fail_fsyncs(spool: &Spool, fail: bool) {
+        spool.shared.fail_fsyncs.store(fail, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_failed_fsync_breaks_the_spool_and_its_records_do_not_come_back() {
+        let dir = TempDir::new("failed-fsync");
+        let config = SpoolConfig::new(&dir.0);
+        let (spool, _) = Spool::open(config.clone()).expect("opens");
+        spool
+            .append(&Message::new("d", "before"))
+            .expect("appended");
+        fail_fsyncs(&spool, true);
+        let e = spool
+            .append_all(&[
+                Message::new("d", "told-failed-1"),
+                Message::new("d", "told-failed-2"),
+            ])
+            .expect_err("the fsync failed");
+        assert!(e.to_string().contains("fsync segment"), "{e}");
+        fail_fsyncs(&spool, false);
+        // A later fsync would succeed, and prove nothing: the spool stays broken.
+        let later = spool
+            .append(&Message::new("d", "after"))
+            .expect_err("broken");
+        assert!(matches!(later, SpoolError::Broken { .. }), "{later}");
+        drop(spool);
+        let (spool, recovery) = Spool::open(config).expect("reopens");
+        // The appenders told of the failure would send those two again themselves: the
+        // spool must not send them too.
+        assert_eq!(payloads(&spool), ["before"]);
+        assert_eq!(recovery.pending_messages, 1);
+        assert_eq!(recovery.damage.corrupt.len(), 0);
+    }
+
+    #[test]
+    fn a_failed_fsync_as_a_segment_fills_breaks_the_spool() {
+        let dir = TempDir::new("failed-roll");
+        // No fsync but the one that seals a full segment.
+        let config = SpoolConfig::new(&dir.0)
+            .sync(SyncPolicy::Interval(Duration::from_secs(3600)))
+            .segment_bytes(4096)
+            .max_bytes(1 << 20);
+        let (spool, _) = Spool::open(config.clone()).expect("opens");
+        let body = "x".repeat(1000);
+        spool
+            .append(&Message::new("d", body.clone()))
+            .expect("appended");
+        fail_fsyncs(&spool, true);
+        let mut appended = 1;
+        let e = loop {
+            match spool.append(&Message::new("d", body.clone())) {
+                Ok(_) => appended += 1,
+                Err(e) => break e,
+            }
+            assert!(
+                appended < 10,
+                "a segment of 4 KiB holds fewer than 10 of these"
+            );
+        };
+        assert!(e.to_string().contains("fsync segment"), "{e}");
+        fail_fsyncs(&spool, false);
+        let later = spool
+            .append(&Message::new("d", "after"))
+            .expect_err("broken");
+        assert!(matches!(later, SpoolError::Broken { .. }), "{later}");
+        drop(spool);
+        let (spool, _) = Spool::open(config).expect("reopens");
+        // Those whose appends returned are kept; the failed one is not.
+        assert_eq!(payloads(&spool).len(), appended);
     }
 }
