@@ -22,6 +22,8 @@ pub struct SpoolStore {
     spool: Arc<Spool>,
     /// Reads what the spool held at open, until it has all been read.
     recovering: Mutex<Option<Cursor>>,
+    /// The first id appended after the open: recovery reads the ids before it.
+    recovered_until: SpoolId,
     /// Reads back what this run spilled ([`Store::read_from`]); made at the first read.
     live: Mutex<Option<Cursor>>,
     describe: String,
@@ -49,6 +51,7 @@ impl SpoolStore {
             Self {
                 spool: Arc::new(spool),
                 recovering: Mutex::new(Some(cursor)),
+                recovered_until: recovery.first_new_id(),
                 live: Mutex::new(None),
                 describe,
                 max_bytes,
@@ -103,9 +106,20 @@ impl Store for SpoolStore {
         let Some(cursor) = recovering.as_mut() else {
             return Ok(Vec::new());
         };
-        let batch = cursor
-            .read_batch(max, RECOVER_BYTES)
-            .map_err(|e| store_error(&e))?;
+        let at = Cursor::position(cursor);
+        let batch = match cursor.read_batch(max, RECOVER_BYTES) {
+            Ok(batch) => batch,
+            Err(e) => {
+                // A read that fails part-way has moved the cursor past what it read before
+                // failing: the next call starts again at `at`, so that none of those records
+                // is skipped (they would come back only with the next producer, after
+                // newer messages of their keys).
+                let mut again = self.spool.cursor().until(self.recovered_until);
+                again.skip_to(at);
+                *cursor = again;
+                return Err(store_error(&e));
+            }
+        };
         if batch.is_empty() {
             // All read: the cursor goes (a cursor keeps the spool's directory open).
             *recovering = None;

@@ -466,6 +466,9 @@ struct Instrumented {
     )>,
     fail_reads: bool,
     reads: std::sync::Arc<AtomicUsize>,
+    /// The `recover` calls (counted from 0) that fail.
+    fail_recovers: std::ops::Range<usize>,
+    recovers: AtomicUsize,
 }
 
 impl Instrumented {
@@ -475,6 +478,8 @@ impl Instrumented {
             gate: None,
             fail_reads: false,
             reads: std::sync::Arc::default(),
+            fail_recovers: 0..0,
+            recovers: AtomicUsize::new(0),
         }
     }
 }
@@ -500,6 +505,14 @@ impl herald_core::Store for Instrumented {
         &self,
         max: usize,
     ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
+        if self
+            .fail_recovers
+            .contains(&self.recovers.fetch_add(1, Ordering::AcqRel))
+        {
+            return Err(herald_core::StoreError::failed(
+                "injected: the disk refused the read",
+            ));
+        }
         self.inner.recover(max)
     }
     fn reads_back(&self) -> bool {
@@ -945,5 +958,104 @@ async fn a_spilled_backlog_of_single_messages_is_read_back_in_batches() {
     );
     p.close(Duration::from_secs(10)).await;
     drop(p);
+    cleanup(&d);
+}
+
+/// A recovery read that fails part-way (a segment that cannot be opened for a moment) loses
+/// nothing: the next one starts again where the failed one did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_read_that_fails_part_way_starts_again_where_it_did() {
+    use herald_core::Store as _;
+    let d = dir("recovery-fails");
+    let config = SpoolConfig::new(&d).segment_bytes(1024).max_bytes(1 << 20);
+    let submitted = {
+        let (store, _) = SpoolStore::open(config.clone()).expect("spool");
+        let msgs: Vec<Message> = (0..30)
+            .map(|i| Message::new("t", format!("m-{i:03}-{}", "x".repeat(60))))
+            .collect();
+        let submitted = store.submit(&msgs).expect("submit");
+        submitted.durable.await.expect("durable");
+        submitted.tokens
+    };
+    let (store, recovery) = SpoolStore::open(config).expect("reopen");
+    assert_eq!(recovery.pending_messages, 30);
+    // The second segment goes away for a moment.
+    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(&d)
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "{segments:?}");
+    let away = segments[1].with_extension("away");
+    std::fs::rename(&segments[1], &away).expect("rename");
+    let failed = store.recover(100);
+    std::fs::rename(&away, &segments[1]).expect("rename back");
+    assert!(failed.is_err(), "the missing segment fails the read");
+    let mut tokens = Vec::new();
+    loop {
+        let read = store.recover(100).expect("read");
+        if read.is_empty() {
+            break;
+        }
+        tokens.extend(read.iter().map(|(t, _)| *t));
+    }
+    assert_eq!(
+        tokens, submitted,
+        "every record from the first on, none skipped"
+    );
+    drop(store);
+    std::fs::remove_dir_all(&d).expect("cleanup");
+}
+
+/// New messages wait behind what the spool held at open: a recovery read that fails for a
+/// moment is tried again, and new messages of the same keys do not overtake stored ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_read_that_fails_for_a_moment_is_tried_again_before_new_messages() {
+    use herald_core::Store as _;
+    const STORED: usize = 3000;
+    let d = dir("recovery-retried");
+    {
+        let (store, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
+        let msgs: Vec<Message> = (0..STORED).map(keyed).collect();
+        store
+            .submit(&msgs)
+            .expect("submit")
+            .durable
+            .await
+            .expect("durable");
+    }
+    let (inner, _) = reopen(&d);
+    let t = MemoryTransport::new();
+    // The first read (1 024 messages) goes through, the next two fail.
+    let p = Producer::builder(t.clone())
+        .store(Instrumented {
+            fail_recovers: 1..3,
+            ..Instrumented::new(inner)
+        })
+        .build()
+        .expect("producer");
+    let report = p.send_all((STORED..STORED + 100).map(keyed)).await;
+    assert!(report.wait().await.all_delivered());
+    let closed = p.close(Duration::from_secs(10)).await;
+    assert!(closed.drained, "{closed:?}");
+    drop(p);
+    let sent = payloads(&t.received());
+    assert_eq!(
+        sent.len(),
+        STORED + 100,
+        "every stored message and every new one"
+    );
+    // Per key, in the order accepted: the stored ones (accepted by the earlier run) first.
+    for k in 0..4 {
+        let of_key: Vec<usize> = sent
+            .iter()
+            .map(|p| p["m-".len()..].parse::<usize>().expect("m-N"))
+            .filter(|i| i % 4 == k)
+            .collect();
+        let mut sorted = of_key.clone();
+        sorted.sort_unstable();
+        assert_eq!(of_key, sorted, "key k{k} in order");
+    }
     cleanup(&d);
 }

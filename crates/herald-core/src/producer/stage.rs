@@ -583,6 +583,16 @@ fn end_spilled(shared: &Shared, ended: Vec<Unadmitted>) {
     shared.wake.notify_one();
 }
 
+/// How long recovery waits before each new try at a read of the store that failed: about 3 s
+/// in all, then it gives up on the rest.
+const RECOVERY_RETRIES: [Duration; 5] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(800),
+    Duration::from_millis(1600),
+];
+
 /// Sends what an earlier run left in the store, before anything new. Failures go to the
 /// unclaimed hook (or `close`'s report): nobody is waiting for these messages.
 async fn recover(shared: &Arc<Shared>, store: &Arc<dyn Store>) {
@@ -594,17 +604,40 @@ async fn recover(shared: &Arc<Shared>, store: &Arc<dyn Store>) {
     // Failures of recovered messages go to the unclaimed sink.
     drop(receipt);
     let mut recovered = 0u64;
+    let mut failed_reads = 0;
     loop {
         let reader = store.clone();
         let read = tokio::task::spawn_blocking(move || reader.recover(READ)).await;
         let batch = match read {
-            Ok(Ok(batch)) => batch,
+            Ok(Ok(batch)) => {
+                failed_reads = 0;
+                batch
+            }
+            // New messages wait behind what the store holds from the earlier run, so that
+            // they do not overtake stored messages of their keys: a read that fails (a disk
+            // error for a moment) is tried again, for a few seconds, before the producer
+            // gives up on the rest and goes on without it.
+            Ok(Err(e)) if failed_reads < RECOVERY_RETRIES.len() && !shared.lock().closing => {
+                let pause = RECOVERY_RETRIES[failed_reads];
+                failed_reads += 1;
+                tracing::warn!(
+                    store = %store.describe(),
+                    error = %e,
+                    retry_in = ?pause,
+                    "reading back what the store holds from an earlier run failed; trying again \
+                     (new messages wait behind it)"
+                );
+                tokio::time::sleep(pause).await;
+                continue;
+            }
             Ok(Err(e)) => {
                 tracing::error!(
                     store = %store.describe(),
                     error = %e,
-                    "reading back what the store holds from an earlier run failed; those \
-                     messages stay stored"
+                    "reading back what the store holds from an earlier run failed; the rest of \
+                     those messages stay stored for the next producer on it, and new messages \
+                     go on without waiting for them (they may overtake stored messages of the \
+                     same key)"
                 );
                 break;
             }
