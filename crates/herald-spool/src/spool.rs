@@ -1170,6 +1170,18 @@ mod tests {
         spool.shared.fail_fsyncs.store(fail, Ordering::Relaxed);
     }
 
+    /// With fsyncs working again, `spool` still refuses appends (a later fsync that succeeds
+    /// proves nothing after a failed one); reopened, it recovers what is on disk.
+    fn stays_broken_until_reopened(spool: Spool, config: SpoolConfig) -> (Spool, Recovery) {
+        fail_fsyncs(&spool, false);
+        let later = spool
+            .append(&Message::new("d", "after"))
+            .expect_err("broken");
+        assert!(matches!(later, SpoolError::Broken { .. }), "{later}");
+        drop(spool);
+        Spool::open(config).expect("reopens")
+    }
+
     #[test]
     fn a_failed_fsync_breaks_the_spool_and_its_records_do_not_come_back() {
         let dir = TempDir::new("failed-fsync");
@@ -1186,14 +1198,7 @@ mod tests {
             ])
             .expect_err("the fsync failed");
         assert!(e.to_string().contains("fsync segment"), "{e}");
-        fail_fsyncs(&spool, false);
-        // A later fsync would succeed, and prove nothing: the spool stays broken.
-        let later = spool
-            .append(&Message::new("d", "after"))
-            .expect_err("broken");
-        assert!(matches!(later, SpoolError::Broken { .. }), "{later}");
-        drop(spool);
-        let (spool, recovery) = Spool::open(config).expect("reopens");
+        let (spool, recovery) = stays_broken_until_reopened(spool, config);
         // The appenders told of the failure would send those two again themselves: the
         // spool must not send them too.
         assert_eq!(payloads(&spool), ["before"]);
@@ -1227,13 +1232,7 @@ mod tests {
             );
         };
         assert!(e.to_string().contains("fsync segment"), "{e}");
-        fail_fsyncs(&spool, false);
-        let later = spool
-            .append(&Message::new("d", "after"))
-            .expect_err("broken");
-        assert!(matches!(later, SpoolError::Broken { .. }), "{later}");
-        drop(spool);
-        let (spool, _) = Spool::open(config).expect("reopens");
+        let (spool, _) = stays_broken_until_reopened(spool, config);
         // Those whose appends returned are kept; the failed one is not.
         assert_eq!(payloads(&spool).len(), appended);
     }

@@ -160,6 +160,18 @@ async fn closed_unsent_messages_stay_in_the_spool() {
     cleanup(&d);
 }
 
+/// A spool in `d` holding `msgs`, durably, as an earlier run would have left them.
+async fn left_stored(d: &std::path::Path, msgs: &[Message]) {
+    use herald_core::Store as _;
+    let (store, _) = SpoolStore::open(SpoolConfig::new(d)).expect("spool");
+    store
+        .submit(msgs)
+        .expect("submit")
+        .durable
+        .await
+        .expect("durable");
+}
+
 /// A new producer on the spool in `d`, to a fresh in-memory transport, closed once it has
 /// sent everything: how many messages the spool held at open, and what it sent.
 async fn sent_by_the_next_producer(d: &std::path::Path) -> (u64, Vec<Message>) {
@@ -651,23 +663,22 @@ async fn a_nearly_full_spool_degrades_health() {
     cleanup(&d);
 }
 
-/// A read back that fails part-way (a segment that cannot be opened for a moment) loses
-/// nothing: the next read starts again where the failed one did, not after the records it
-/// had read before failing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_back_that_fails_part_way_starts_again_where_it_did() {
-    use herald_core::Store as _;
-    let d = dir("read-back-fails");
-    let (store, _) = SpoolStore::open(SpoolConfig::new(&d).segment_bytes(1024).max_bytes(1 << 20))
-        .expect("spool");
-    let msgs: Vec<Message> = (0..30)
+/// Segments of 1 KiB: [`thirty`] messages fill several.
+fn small_segments(d: &std::path::Path) -> SpoolConfig {
+    SpoolConfig::new(d).segment_bytes(1024).max_bytes(1 << 20)
+}
+
+/// Thirty messages of about 70 bytes.
+fn thirty() -> Vec<Message> {
+    (0..30)
         .map(|i| Message::new("t", format!("m-{i:03}-{}", "x".repeat(60))))
-        .collect();
-    let submitted = store.submit(&msgs).expect("submit");
-    submitted.durable.await.expect("durable");
-    let first = submitted.tokens[0];
-    // The second segment goes away for a moment.
-    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(&d)
+        .collect()
+}
+
+/// Runs `read` while the second segment of the spool in `d` cannot be opened (renamed away),
+/// and puts it back.
+fn with_second_segment_away<T>(d: &std::path::Path, read: impl FnOnce() -> T) -> T {
+    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(d)
         .expect("dir")
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|x| x == "seg"))
@@ -676,8 +687,23 @@ async fn a_read_back_that_fails_part_way_starts_again_where_it_did() {
     assert!(segments.len() >= 2, "{segments:?}");
     let away = segments[1].with_extension("away");
     std::fs::rename(&segments[1], &away).expect("rename");
-    let failed = store.read_from(first, 100);
+    let read = read();
     std::fs::rename(&away, &segments[1]).expect("rename back");
+    read
+}
+
+/// A read back that fails part-way (a segment that cannot be opened for a moment) loses
+/// nothing: the next read starts again where the failed one did, not after the records it
+/// had read before failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_back_that_fails_part_way_starts_again_where_it_did() {
+    use herald_core::Store as _;
+    let d = dir("read-back-fails");
+    let (store, _) = SpoolStore::open(small_segments(&d)).expect("spool");
+    let submitted = store.submit(&thirty()).expect("submit");
+    submitted.durable.await.expect("durable");
+    let first = submitted.tokens[0];
+    let failed = with_second_segment_away(&d, || store.read_from(first, 100));
     assert!(failed.is_err(), "the missing segment fails the read");
     let read = store.read_from(first, 100).expect("read");
     let tokens: Vec<u64> = read.iter().map(|(t, _)| *t).collect();
@@ -694,22 +720,16 @@ async fn a_read_back_that_fails_part_way_starts_again_where_it_did() {
 /// while the error waits in the unclaimed list, a crash would not lose it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_recovered_message_stays_stored_until_its_error_is_dropped() {
-    use herald_core::Store as _;
     let d = dir("refused-recovered");
-    {
-        let (store, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
-        let msgs = [
+    left_stored(
+        &d,
+        &[
             Message::new("t", "small-1"),
             Message::new("t", vec![b'x'; 2048]),
             Message::new("t", "small-2"),
-        ];
-        store
-            .submit(&msgs)
-            .expect("submit")
-            .durable
-            .await
-            .expect("durable");
-    }
+        ],
+    )
+    .await;
     let (store, _) = reopen(&d);
     let t = MemoryTransport::new();
     let p = Producer::builder(t.clone())
@@ -967,30 +987,15 @@ async fn a_spilled_backlog_of_single_messages_is_read_back_in_batches() {
 async fn a_recovery_read_that_fails_part_way_starts_again_where_it_did() {
     use herald_core::Store as _;
     let d = dir("recovery-fails");
-    let config = SpoolConfig::new(&d).segment_bytes(1024).max_bytes(1 << 20);
     let submitted = {
-        let (store, _) = SpoolStore::open(config.clone()).expect("spool");
-        let msgs: Vec<Message> = (0..30)
-            .map(|i| Message::new("t", format!("m-{i:03}-{}", "x".repeat(60))))
-            .collect();
-        let submitted = store.submit(&msgs).expect("submit");
+        let (store, _) = SpoolStore::open(small_segments(&d)).expect("spool");
+        let submitted = store.submit(&thirty()).expect("submit");
         submitted.durable.await.expect("durable");
         submitted.tokens
     };
-    let (store, recovery) = SpoolStore::open(config).expect("reopen");
+    let (store, recovery) = SpoolStore::open(small_segments(&d)).expect("reopen");
     assert_eq!(recovery.pending_messages, 30);
-    // The second segment goes away for a moment.
-    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(&d)
-        .expect("dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .collect();
-    segments.sort();
-    assert!(segments.len() >= 3, "{segments:?}");
-    let away = segments[1].with_extension("away");
-    std::fs::rename(&segments[1], &away).expect("rename");
-    let failed = store.recover(100);
-    std::fs::rename(&away, &segments[1]).expect("rename back");
+    let failed = with_second_segment_away(&d, || store.recover(100));
     assert!(failed.is_err(), "the missing segment fails the read");
     let mut tokens = Vec::new();
     loop {
@@ -1012,19 +1017,9 @@ async fn a_recovery_read_that_fails_part_way_starts_again_where_it_did() {
 /// moment is tried again, and new messages of the same keys do not overtake stored ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recovery_read_that_fails_for_a_moment_is_tried_again_before_new_messages() {
-    use herald_core::Store as _;
     const STORED: usize = 3000;
     let d = dir("recovery-retried");
-    {
-        let (store, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
-        let msgs: Vec<Message> = (0..STORED).map(keyed).collect();
-        store
-            .submit(&msgs)
-            .expect("submit")
-            .durable
-            .await
-            .expect("durable");
-    }
+    left_stored(&d, &(0..STORED).map(keyed).collect::<Vec<_>>()).await;
     let (inner, _) = reopen(&d);
     let t = MemoryTransport::new();
     // The first read (1 024 messages) goes through, the next two fail.
