@@ -735,9 +735,19 @@ const KEEP_ALIVE_MARGIN: Duration = Duration::from_millis(50);
 /// 4-10 ms late.) A PINGRESP with nothing written since the PINGREQ follows nothing, so that a
 /// slow broker is not pinged once per round trip while it works.
 ///
-/// Never near rumqttc's keep-alive: it sends its own PINGREQ every `keep_alive` whatever the
-/// traffic, and ends the connection (`AwaitPingResp`) if the PINGRESP of an earlier PINGREQ is
-/// still awaited then. Its schedule is known: it starts when the connection opens and restarts
+/// rumqttc sends its own PINGREQ every `keep_alive` whatever the traffic, and ends the
+/// connection (`AwaitPingResp`) if the PINGRESP of an earlier PINGREQ is still awaited then. Its
+/// flag for that is set by herald's PINGREQs too, so once one of herald's is written the driver
+/// clears the flag again ([`Nudge::is_own`]): herald's PINGREQs are not keep-alive probes (a
+/// hung broker is found by the silence watch), and a PINGRESP slower than the time left to the
+/// keep-alive must not end a connection that answers. (Before, a broker whose round trip was
+/// over a quarter of the keep-alive lost its connection at a keep-alive under steady traffic:
+/// 5 s keep-alive, 3 s round trip, 2 connections and 16 retries in 12 s.) herald's own
+/// PINGRESP awaited is kept here instead ([`Nudge::awaiting`]): one of herald's PINGREQs at a
+/// time.
+///
+/// It also stays clear of rumqttc's keep-alive, so that its queued PINGREQ is not written just
+/// after rumqttc's (which would find the flag set). Its schedule is known: it starts when the connection opens and restarts
 /// at each of its PINGREQs (the PINGREQs herald did not queue; seen once written, a little after
 /// rumqttc restarted its timer, which the margin covers). herald pings only while the
 /// next one is further away than twice the longest its own PINGREQs took to be answered on
@@ -819,6 +829,18 @@ impl Nudge {
         ping
     }
 
+    /// Whether `seen`, not yet passed to [`Nudge::ping`], is one of herald's own PINGREQs
+    /// written: rumqttc's flag for an awaited PINGRESP is then cleared again.
+    fn is_own(&self, seen: Seen) -> bool {
+        seen == Seen::PingSent && self.queued > 0
+    }
+
+    /// Whether one of herald's PINGREQs awaits its PINGRESP (a PINGRESP of any PINGREQ ends
+    /// the wait: they come in order).
+    fn awaiting(&self) -> bool {
+        self.since.is_some()
+    }
+
     /// rumqttc's keep-alive PINGREQ may come before a PINGREQ queued now is answered.
     fn near_keep_alive(&self, now: Instant) -> bool {
         let guard = (self.longest * 2 + KEEP_ALIVE_MARGIN).min(self.keep_alive / 4);
@@ -857,7 +879,11 @@ async fn drive_v5(
                     _ => Seen::Other,
                 };
                 on_v5(&state, &metrics, event);
+                if nudge.is_own(seen) {
+                    events.state.await_pingresp = false;
+                }
                 let quiet = !events.state.await_pingresp
+                    && !nudge.awaiting()
                     && events.state.collision.is_none()
                     && events.pending.is_empty();
                 if nudge.ping(seen, Instant::now, quiet, || state.waiting()) {
@@ -930,7 +956,11 @@ async fn drive_v3(
                     _ => Seen::Other,
                 };
                 on_v3(&state, event);
+                if nudge.is_own(seen) {
+                    events.state.await_pingresp = false;
+                }
                 let quiet = !events.state.await_pingresp
+                    && !nudge.awaiting()
                     && events.state.collision.is_none()
                     && events.pending.is_empty();
                 if nudge.ping(seen, Instant::now, quiet, || state.waiting()) {
@@ -1115,10 +1145,22 @@ mod tests {
         assert!(!n.ping(Seen::PingSent, || opened + ms(10_109), true, yes));
         assert!(!n.ping(Seen::PingResp, || opened + ms(10_110), true, yes));
         assert!(!n.ping(Seen::Answer, || opened + ms(10_113), true, yes));
+        // Only a PINGREQ herald queued is its own; its PINGRESP is awaited until any comes.
+        assert!(!n.is_own(Seen::PingSent), "rumqttc's keep-alive PINGREQ");
+        assert!(!n.ping(Seen::PingSent, || opened + ms(10_200), false, yes));
+        assert!(!n.ping(Seen::PingResp, || opened + ms(10_201), true, yes));
+        assert!(!n.awaiting());
+        assert!(n.ping(Seen::Answer, || opened + ms(11_000), true, yes));
+        assert!(n.awaiting());
+        assert!(n.is_own(Seen::PingSent) && !n.is_own(Seen::PingResp));
+        assert!(!n.ping(Seen::PingSent, || opened + ms(11_001), true, yes));
+        assert!(n.awaiting(), "written, not answered");
+        assert!(!n.ping(Seen::PingResp, || opened + ms(11_002), true, yes));
+        assert!(!n.awaiting());
         // A slow broker widens the guard, up to a quarter of the keep-alive.
         n.longest = Duration::from_secs(10);
-        assert!(n.near_keep_alive(opened + ms(8_950)));
-        assert!(!n.near_keep_alive(opened + ms(8_949)));
+        assert!(n.near_keep_alive(opened + ms(13_950)));
+        assert!(!n.near_keep_alive(opened + ms(13_949)));
     }
 
     fn answered(rx: &mut oneshot::Receiver<Answer>) -> Option<String> {

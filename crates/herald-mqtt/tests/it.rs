@@ -871,6 +871,70 @@ async fn the_broker_s_keep_alive_is_the_one_kept_clear_of() {
     trickle_across_keep_alives(&broker.url(), asked, run).await;
 }
 
+/// A round trip longer than a quarter of the keep-alive (the most herald keeps its own PINGREQs
+/// away from rumqttc's): under steady traffic one of herald's PINGREQs is still unanswered at
+/// the keep-alive, and rumqttc took that for a dead broker (`AwaitPingResp`), though every
+/// PINGRESP came within the round trip. Keep-alive 5 s, 3 s round trip, four senders of four
+/// messages at a time for 12 s, started 750 ms apart (answers come all the time, and herald
+/// pings after them, whatever the keep-alive's phase; 16 in flight, within Mosquitto's
+/// receive maximum of 20, so that nothing waits unsent, which would stop herald's pings):
+/// before, 2 connections and 16 retries; now one connection, no retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn a_round_trip_past_the_keep_alive_guard_keeps_the_connection() {
+    let url = url();
+    let target = authority(&url);
+    let proxy = FaultProxy::start_with_latency(&target, Duration::from_millis(1500))
+        .await
+        .expect("proxy");
+    let transport = MqttTransport::new(
+        MqttConfig::from_url(&url.replacen(&target, &proxy.addr().to_string(), 1))
+            .expect("url")
+            .keep_alive(Duration::from_secs(5)),
+    )
+    .expect("t");
+    let p = Producer::builder(transport).build().expect("producer");
+    let dest = herald_mqtt::topic(&format!("herald/it/slowping/{}", uniq()));
+    // Connected first: messages waiting for the connection would go out, and be answered,
+    // all together.
+    p.send(Message::new(dest.clone(), "first"))
+        .await
+        .expect("delivered");
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut senders = tokio::task::JoinSet::new();
+    for s in 0..4u32 {
+        let (p, dest) = (p.clone(), dest.clone());
+        senders.spawn(async move {
+            // Spread over the round trip, so that answers come every 750 ms, not in bursts.
+            tokio::time::sleep(Duration::from_millis(750) * s).await;
+            let mut n = 0u64;
+            while Instant::now() < until {
+                // Four at a time, each awaited: after the first answer, the client has nothing
+                // to send while three answers are still due, which is when herald pings.
+                let m = |i: u64| Message::new(dest.clone(), format!("s{s}-{}", n + i));
+                let (a, b, c, d) =
+                    tokio::join!(p.send(m(0)), p.send(m(1)), p.send(m(2)), p.send(m(3)));
+                for r in [a, b, c, d] {
+                    r.expect("delivered");
+                }
+                n += 4;
+            }
+            n
+        });
+    }
+    let mut sent = 0;
+    while let Some(n) = senders.join_next().await {
+        sent += n.expect("sender");
+    }
+    let retries = p.stats().totals.retries;
+    p.close(Duration::from_secs(10)).await;
+    assert_eq!(
+        (proxy.accepted(), retries),
+        (1, 0),
+        "one connection all along, nothing retried ({sent} sent)"
+    );
+}
+
 /// A steady trickle of sends for `run` to the broker at `url`, through a proxy adding 2 ms each
 /// way, with `keep_alive` asked for: one connection all along, nothing retried.
 async fn trickle_across_keep_alives(url: &str, keep_alive: Duration, run: Duration) {
