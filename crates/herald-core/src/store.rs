@@ -98,7 +98,9 @@ pub trait Store: Send + Sync + 'static {
     fn settle(&self, tokens: &[StoreToken]);
 
     /// Up to `max` of the messages an earlier run left unsettled, oldest first; empty once all
-    /// have been read. May block on I/O: the producer calls it on a blocking thread.
+    /// have been read. May block on I/O: the producer calls it on a blocking thread. After an
+    /// error, the next call starts where the failed one did (the producer tries again a few
+    /// times before it goes on without the rest): none skipped, none twice.
     fn recover(&self, max: usize) -> Result<Vec<(StoreToken, Message)>, StoreError>;
 
     /// Whether the store reads back what it took ([`Store::read_from`]). A store that does

@@ -96,7 +96,9 @@ impl Cursor {
 
     /// Every record before this id has been read or skipped.
     pub fn position(&self) -> SpoolId {
-        SpoolId::from_u64(self.min_seq)
+        // After a `skip_to`, the records before its id count as skipped before the cursor
+        // has read its way to them.
+        SpoolId::from_u64(self.min_seq.max(self.from))
     }
 
     /// Whether it has reached its [`until`](Cursor::until) bound: it will read nothing more.

@@ -480,7 +480,7 @@ struct Instrumented {
     reads: std::sync::Arc<AtomicUsize>,
     /// The `recover` calls (counted from 0) that fail.
     fail_recovers: std::ops::Range<usize>,
-    recovers: AtomicUsize,
+    recovers: std::sync::Arc<AtomicUsize>,
 }
 
 impl Instrumented {
@@ -491,7 +491,7 @@ impl Instrumented {
             fail_reads: false,
             reads: std::sync::Arc::default(),
             fail_recovers: 0..0,
-            recovers: AtomicUsize::new(0),
+            recovers: std::sync::Arc::default(),
         }
     }
 }
@@ -995,9 +995,18 @@ async fn a_recovery_read_that_fails_part_way_starts_again_where_it_did() {
     };
     let (store, recovery) = SpoolStore::open(small_segments(&d)).expect("reopen");
     assert_eq!(recovery.pending_messages, 30);
-    let failed = with_second_segment_away(&d, || store.recover(100));
-    assert!(failed.is_err(), "the missing segment fails the read");
-    let mut tokens = Vec::new();
+    let mut tokens: Vec<u64> = store
+        .recover(5)
+        .expect("the first five")
+        .iter()
+        .map(|(t, _)| *t)
+        .collect();
+    // Twice: the second failure starts where the first did, not before it.
+    let failed = with_second_segment_away(&d, || (store.recover(100), store.recover(100)));
+    assert!(
+        failed.0.is_err() && failed.1.is_err(),
+        "the missing segment fails the reads"
+    );
     loop {
         let read = store.recover(100).expect("read");
         if read.is_empty() {
@@ -1007,7 +1016,7 @@ async fn a_recovery_read_that_fails_part_way_starts_again_where_it_did() {
     }
     assert_eq!(
         tokens, submitted,
-        "every record from the first on, none skipped"
+        "every record from the first on, none skipped, none twice"
     );
     drop(store);
     std::fs::remove_dir_all(&d).expect("cleanup");
@@ -1052,5 +1061,43 @@ async fn a_recovery_read_that_fails_for_a_moment_is_tried_again_before_new_messa
         sorted.sort_unstable();
         assert_eq!(of_key, sorted, "key k{k} in order");
     }
+    cleanup(&d);
+}
+
+/// A close while recovery waits to read the spool again gives up on the rest at once (it stays
+/// stored for the next producer), instead of waiting out the retries first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_ends_the_retries_of_a_failing_recovery() {
+    let d = dir("recovery-closed");
+    left_stored(&d, &(0..10).map(keyed).collect::<Vec<_>>()).await;
+    let (inner, _) = reopen(&d);
+    let store = Instrumented {
+        fail_recovers: 0..usize::MAX,
+        ..Instrumented::new(inner)
+    };
+    let recovers = store.recovers.clone();
+    let p = Producer::builder(MemoryTransport::new())
+        .store(store)
+        .build()
+        .expect("producer");
+    // Closed once the fifth read failed, while recovery waits 1.6 s to try the last time; the
+    // close is given 0.5 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while recovers.load(Ordering::Acquire) < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "recovery never read five times"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = p.close(Duration::from_millis(500)).await;
+    assert!(report.drained, "{report:?}");
+    drop(p);
+    let (pending, sent) = sent_by_the_next_producer(&d).await;
+    assert_eq!(
+        (pending, sent.len()),
+        (10, 10),
+        "kept for the next producer"
+    );
     cleanup(&d);
 }

@@ -593,6 +593,23 @@ const RECOVERY_RETRIES: [Duration; 5] = [
     Duration::from_millis(1600),
 ];
 
+/// Waits `pause`, or less if the producer starts closing meanwhile (which wakes every waiter
+/// for space).
+async fn pause_unless_closing(shared: &Shared, pause: Duration) {
+    let until = tokio::time::Instant::now() + pause;
+    loop {
+        let mut woken = pin!(shared.space.notified());
+        woken.as_mut().enable();
+        if shared.lock().closing {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(until) => return,
+            () = woken => {}
+        }
+    }
+}
+
 /// Sends what an earlier run left in the store, before anything new. Failures go to the
 /// unclaimed hook (or `close`'s report): nobody is waiting for these messages.
 async fn recover(shared: &Arc<Shared>, store: &Arc<dyn Store>) {
@@ -627,8 +644,18 @@ async fn recover(shared: &Arc<Shared>, store: &Arc<dyn Store>) {
                     "reading back what the store holds from an earlier run failed; trying again \
                      (new messages wait behind it)"
                 );
-                tokio::time::sleep(pause).await;
+                pause_unless_closing(shared, pause).await;
                 continue;
+            }
+            Ok(Err(e)) if shared.lock().closing => {
+                tracing::warn!(
+                    store = %store.describe(),
+                    error = %e,
+                    "reading back what the store holds from an earlier run failed as the \
+                     producer closes; the rest of those messages stay stored for the next \
+                     producer on it"
+                );
+                break;
             }
             Ok(Err(e)) => {
                 tracing::error!(
