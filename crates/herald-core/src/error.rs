@@ -148,9 +148,11 @@ pub enum FailureReason {
     },
     /// The producer's [`Store`](crate::Store) could not take the message: full (`try_send`
     /// does not wait for room) or failing (an unwritable directory, a full disk, a failed
-    /// fsync). The message was not accepted. (herald-spool cuts off what it wrote of it; only
-    /// if that fails too, which its error then says, may a producer reopening the store send
-    /// it after all.)
+    /// fsync): the message was not accepted (herald-spool cuts off what it wrote of it; a
+    /// producer reopening the store may send it after all only if that cut fails, which the
+    /// error then says, or a power loss undoes it). Or a spilled message the store could not
+    /// read back: that one was accepted, and is still in the store
+    /// ([`SendError::is_kept_in_store`]; its message is then empty).
     Store(crate::StoreError),
 }
 

@@ -99,7 +99,9 @@ pub enum SpoolError {
     },
     /// An earlier fsync failed (or a failed append could not be cut off again), so the spool
     /// can no longer tell what reached the disk and refuses appends. Records whose append
-    /// returned `Ok` before are on disk; reopen the spool to recover them.
+    /// returned `Ok` before are in the segment files (as durable as the sync policy made them:
+    /// with `Interval` and `Os`, the failed fsync may have been theirs); reopen the spool to
+    /// recover them.
     #[error("spool {} stopped accepting appends after: {cause}; reopen it", dir.display())]
     Broken {
         /// The spool directory.

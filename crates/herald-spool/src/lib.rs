@@ -93,14 +93,17 @@
 //! When the disk is full, an append fails with an I/O error ([`SpoolError::is_full`]) and
 //! its partial write is cut off again, so the spool goes on once there is room; a settle
 //! that cannot be logged for lack of room deletes the segments it empties instead (the
-//! deletion is the settlement) and logs the rest in the room that made. A failed fsync
-//! breaks the spool ([`SpoolError::Broken`]): after one, what reached the disk is unknown
-//! (the kernel may have dropped the unwritten pages and marked them clean, so a later fsync
-//! that succeeds proves nothing), so it refuses appends until reopened, and the reopen's
-//! recovery reads what is there. The records of the append whose fsync failed are cut off
-//! again, as after a failed write: their appenders are told they failed, and the next open
-//! does not read them back (if the cut fails too, the error says that they may come back).
-//! Records whose appends had returned stay.
+//! deletion is the settlement) and logs the rest in the room that made. A failed fsync of a
+//! segment (or of the directory for a new one) breaks the spool ([`SpoolError::Broken`]):
+//! after one, what reached the disk is unknown (the kernel may have dropped the unwritten
+//! pages and marked them clean, so a later fsync that succeeds proves nothing), so it refuses
+//! appends until reopened, and the reopen's recovery reads what is there. The records of the
+//! append whose fsync failed are cut off again, as after a failed write: their appenders are
+//! told they failed, and the next open does not read them back. (The cut itself is not
+//! fsynced: after a power loss they may come back; if the cut fails, the error says that they
+//! may.) Records whose appends had returned stay. A failed fsync of the settle log breaks
+//! nothing: it is tried again later (settlements not yet synced come back after a power loss:
+//! duplicates, never a loss), and fails a [`Spool::sync`] and the appends of its round.
 //!
 //! A record lost with a torn tail (its append never returned, or with `Interval` and `Os`,
 //! was not yet synced) may see its id given again after the reopen: ids only ever increase

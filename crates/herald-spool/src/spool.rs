@@ -906,6 +906,8 @@ impl Writer {
             let path = segment_path(&self.shared.dir, *first);
             if let Err(e) = self.shared.timed_sync(file, "fsync segment", &path) {
                 self.break_spool(e.clone());
+                // Nothing more to sync: the interval's tick must not fsync again and again.
+                self.unsynced_since = None;
                 return Err(e);
             }
         }
@@ -991,6 +993,16 @@ impl Writer {
             // A failure breaks the spool (see `sync_file`).
             outcome = self.sync_file();
         }
+        // A `Spool::sync` round syncs the settle log too; if that fails, the round fails, and
+        // is undone as below (its appenders are told it failed).
+        if sync && outcome.is_ok() {
+            let mut log = lock(&shared.settle);
+            if log.unsynced > 0 {
+                if let Err(e) = shared.sync_settle_log(&mut log) {
+                    outcome = Err(e);
+                }
+            }
+        }
         // A failed round is undone: after a failed write, so that a later append does not
         // follow a torn record; after a failed fsync (which broke the spool), so that the
         // records whose appenders are told they failed do not come back at the next open and
@@ -1004,14 +1016,6 @@ impl Writer {
                 self.break_spool(e.clone());
                 kept = true;
                 outcome = Err(e);
-            }
-        }
-        if sync && outcome.is_ok() {
-            let mut log = lock(&shared.settle);
-            if log.unsynced > 0 {
-                if let Err(e) = shared.sync_settle_log(&mut log) {
-                    outcome = Err(e);
-                }
             }
         }
         {
@@ -1204,6 +1208,37 @@ mod tests {
         assert_eq!(payloads(&spool), ["before"]);
         assert_eq!(recovery.pending_messages, 1);
         assert_eq!(recovery.damage.corrupt.len(), 0);
+    }
+
+    #[test]
+    fn a_failed_interval_fsync_breaks_the_spool_and_is_not_tried_again_and_again() {
+        let dir = TempDir::new("failed-interval");
+        let config = SpoolConfig::new(&dir.0).sync(SyncPolicy::Interval(Duration::from_millis(10)));
+        let (spool, _) = Spool::open(config.clone()).expect("opens");
+        fail_fsyncs(&spool, true);
+        // Returns after the write; the interval's fsync then fails and breaks the spool.
+        spool
+            .append(&Message::new("d", "unsynced"))
+            .expect("written");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while spool.append(&Message::new("d", "later")).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "the interval's fsync never failed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let fsyncs = spool.stats().fsyncs;
+        std::thread::sleep(Duration::from_millis(200));
+        // Before, the writer fsynced again at once, as often as it could.
+        assert!(
+            spool.stats().fsyncs <= fsyncs + 1,
+            "{} fsyncs in 200 ms after the spool broke",
+            spool.stats().fsyncs - fsyncs
+        );
+        let (spool, _) = stays_broken_until_reopened(spool, config);
+        // The appends that returned were written: kept.
+        assert_eq!(payloads(&spool)[0], "unsynced");
     }
 
     #[test]
