@@ -374,12 +374,17 @@ fn whole_seconds_up(d: std::time::Duration) -> u64 {
         .max(1)
 }
 
-/// A new client id: the prefix, `-`, and random hex digits, 23 characters in all (the length
-/// every broker accepts).
+/// A new client id: the prefix, `-`, and random letters and digits, 23 characters in all (the
+/// length and the characters every broker accepts). Two connections with the same id take the
+/// session from each other, so the random part is as long as the prefix leaves room for: 6
+/// characters (35 bits) after a prefix of 16, 16 characters (95 bits) after `herald`.
 fn client_id(prefix: &str) -> String {
-    let digits = 22usize.saturating_sub(prefix.len()).clamp(4, 16);
-    let hex = format!("{:016x}", fastrand::u64(..));
-    format!("{prefix}-{}", &hex[..digits])
+    let n = 22usize.saturating_sub(prefix.len()).clamp(6, 16);
+    let mut id = String::with_capacity(prefix.len() + 1 + n);
+    id.push_str(prefix);
+    id.push('-');
+    id.extend(std::iter::repeat_with(fastrand::alphanumeric).take(n));
+    id
 }
 
 impl Inner {
@@ -1072,6 +1077,9 @@ mod tests {
             let id = client_id(prefix);
             assert!(id.starts_with(&format!("{prefix}-")), "{id}");
             assert!(id.len() <= 23, "{id}");
+            let random = &id[prefix.len() + 1..];
+            assert!(random.len() >= 6, "{id}");
+            assert!(random.bytes().all(|b| b.is_ascii_alphanumeric()), "{id}");
         }
         assert_ne!(client_id("herald"), client_id("herald"));
     }
