@@ -741,18 +741,21 @@ const KEEP_ALIVE_MARGIN: Duration = Duration::from_millis(50);
 /// slow broker is not pinged once per round trip while it works.
 ///
 /// rumqttc sends its own PINGREQ every `keep_alive` whatever the traffic, and ends the
-/// connection (`AwaitPingResp`) if the PINGRESP of an earlier PINGREQ is still awaited then. Its
-/// flag for that is set by herald's PINGREQs too, so once one of herald's is written the driver
-/// clears the flag again ([`Nudge::is_own`]): herald's PINGREQs are not keep-alive probes (a
-/// hung broker is found by the silence watch), and a PINGRESP slower than the time left to the
-/// keep-alive must not end a connection that answers. (Before, a broker whose round trip was
-/// over a quarter of the keep-alive lost its connection at a keep-alive under steady traffic:
-/// 5 s keep-alive, 3 s round trip, 2 connections and 16 retries in 12 s.) herald's own
-/// PINGRESP awaited is kept here instead ([`Nudge::awaiting`]): one of herald's PINGREQs at a
-/// time.
+/// connection (`AwaitPingResp`) if its flag for an unanswered PINGREQ is still set then. It
+/// sets that flag for herald's PINGREQs too, and clears it at any PINGRESP. So the driver sets
+/// the flag itself after every event ([`Nudge::keep_alive_unanswered`]): set while one of
+/// rumqttc's keep-alive PINGREQs is unanswered, counting PINGRESPs against PINGREQs in the
+/// order they went out. herald's PINGREQs are not keep-alive probes (a hung broker is found
+/// by the keep-alive, and by the silence watch while publishes wait), and a PINGRESP slower
+/// than the time left to the keep-alive must not end a connection that answers. (Before, a
+/// broker whose round trip was over a quarter of the keep-alive lost its connection at a
+/// keep-alive under steady traffic: 5 s keep-alive, 3 s round trip, 2 connections and 16
+/// retries in 12 s.) Nor may the PINGRESP of herald's PINGREQ count as the answer to a
+/// keep-alive PINGREQ sent after it. One PINGREQ of herald's at a time, and none while a
+/// keep-alive PINGREQ is unanswered ([`Nudge::awaiting`]).
 ///
-/// It also stays clear of rumqttc's keep-alive, so that its queued PINGREQ is not written just
-/// after rumqttc's (which would find the flag set). Its schedule is known: it starts when the connection opens and restarts
+/// herald also stays clear of rumqttc's keep-alive, so that its PINGRESP does not come after
+/// the keep-alive PINGREQ. Its schedule is known: it starts when the connection opens and restarts
 /// at each of its PINGREQs (the PINGREQs herald did not queue; seen once written, a little after
 /// rumqttc restarted its timer, which the margin covers). herald pings only while the
 /// next one is further away than twice the longest its own PINGREQs took to be answered on
@@ -770,6 +773,11 @@ struct Nudge {
     queued: u32,
     /// When herald's PINGREQ awaiting its PINGRESP was queued.
     since: Option<Instant>,
+    /// The PINGREQs written and not yet answered, oldest first: `true` for herald's, `false`
+    /// for rumqttc's keep-alive ones. (One written while herald's is queued is taken for
+    /// herald's, and herald's then for the keep-alive's: the count, which is what matters,
+    /// stays right, and the keep-alive's flag stays set until both are answered.)
+    unanswered: VecDeque<bool>,
     /// The longest herald's PINGREQs took from queued to answered.
     longest: Duration,
 }
@@ -785,6 +793,7 @@ impl Nudge {
             next_keep_alive: opened + keep_alive,
             queued: 0,
             since: None,
+            unanswered: VecDeque::new(),
             longest: opened.elapsed(),
         }
     }
@@ -834,16 +843,25 @@ impl Nudge {
         ping
     }
 
-    /// Whether `seen`, not yet passed to [`Nudge::ping`], is one of herald's own PINGREQs
-    /// written: rumqttc's flag for an awaited PINGRESP is then cleared again.
-    fn is_own(&self, seen: Seen) -> bool {
-        seen == Seen::PingSent && self.queued > 0
+    /// Counts a PINGREQ written or a PINGRESP received; before [`Nudge::ping`] sees it.
+    fn track(&mut self, seen: Seen) {
+        match seen {
+            Seen::PingSent => self.unanswered.push_back(self.queued > 0),
+            Seen::PingResp => {
+                self.unanswered.pop_front();
+            }
+            _ => {}
+        }
     }
 
-    /// Whether one of herald's PINGREQs awaits its PINGRESP (a PINGRESP of any PINGREQ ends
-    /// the wait: they come in order).
+    /// Whether one of rumqttc's keep-alive PINGREQs is unanswered: rumqttc's flag for that.
+    fn keep_alive_unanswered(&self) -> bool {
+        self.unanswered.contains(&false)
+    }
+
+    /// Whether one of herald's PINGREQs is queued or unanswered.
     fn awaiting(&self) -> bool {
-        self.since.is_some()
+        self.queued > 0 || self.unanswered.contains(&true)
     }
 
     /// rumqttc's keep-alive PINGREQ may come before a PINGREQ queued now is answered.
@@ -884,9 +902,8 @@ async fn drive_v5(
                     _ => Seen::Other,
                 };
                 on_v5(&state, &metrics, event);
-                if nudge.is_own(seen) {
-                    events.state.await_pingresp = false;
-                }
+                nudge.track(seen);
+                events.state.await_pingresp = nudge.keep_alive_unanswered();
                 let quiet = !events.state.await_pingresp
                     && !nudge.awaiting()
                     && events.state.collision.is_none()
@@ -961,9 +978,8 @@ async fn drive_v3(
                     _ => Seen::Other,
                 };
                 on_v3(&state, event);
-                if nudge.is_own(seen) {
-                    events.state.await_pingresp = false;
-                }
+                nudge.track(seen);
+                events.state.await_pingresp = nudge.keep_alive_unanswered();
                 let quiet = !events.state.await_pingresp
                     && !nudge.awaiting()
                     && events.state.collision.is_none()
@@ -1153,22 +1169,50 @@ mod tests {
         assert!(!n.ping(Seen::PingSent, || opened + ms(10_109), true, yes));
         assert!(!n.ping(Seen::PingResp, || opened + ms(10_110), true, yes));
         assert!(!n.ping(Seen::Answer, || opened + ms(10_113), true, yes));
-        // Only a PINGREQ herald queued is its own; its PINGRESP is awaited until any comes.
-        assert!(!n.is_own(Seen::PingSent), "rumqttc's keep-alive PINGREQ");
-        assert!(!n.ping(Seen::PingSent, || opened + ms(10_200), false, yes));
-        assert!(!n.ping(Seen::PingResp, || opened + ms(10_201), true, yes));
-        assert!(!n.awaiting());
-        assert!(n.ping(Seen::Answer, || opened + ms(11_000), true, yes));
-        assert!(n.awaiting());
-        assert!(n.is_own(Seen::PingSent) && !n.is_own(Seen::PingResp));
-        assert!(!n.ping(Seen::PingSent, || opened + ms(11_001), true, yes));
-        assert!(n.awaiting(), "written, not answered");
-        assert!(!n.ping(Seen::PingResp, || opened + ms(11_002), true, yes));
-        assert!(!n.awaiting());
+        // rumqttc's flag is set only while a keep-alive PINGREQ is unanswered, PINGRESPs
+        // counted against PINGREQs in order.
+        let seen = |n: &mut Nudge, seen, at, quiet| {
+            n.track(seen);
+            n.ping(seen, || opened + ms(at), quiet, yes)
+        };
+        assert!(
+            !seen(&mut n, Seen::PingSent, 10_200, false),
+            "rumqttc's keep-alive"
+        );
+        assert!(n.keep_alive_unanswered() && !n.awaiting());
+        assert!(!seen(&mut n, Seen::PingResp, 10_201, true));
+        assert!(!n.keep_alive_unanswered());
+        // herald's PINGREQ, then a keep-alive one before its PINGRESP: that PINGRESP does not
+        // answer the keep-alive's.
+        assert!(seen(&mut n, Seen::Answer, 11_000, true));
+        assert!(n.awaiting() && !n.keep_alive_unanswered(), "queued");
+        assert!(!seen(&mut n, Seen::PingSent, 11_001, true));
+        assert!(
+            n.awaiting() && !n.keep_alive_unanswered(),
+            "written: not a keep-alive probe"
+        );
+        assert!(!seen(&mut n, Seen::PingSent, 15_200, false));
+        assert!(n.keep_alive_unanswered());
+        assert!(!seen(&mut n, Seen::PingResp, 15_300, false));
+        assert!(
+            !n.awaiting() && n.keep_alive_unanswered(),
+            "herald's PINGRESP came first"
+        );
+        assert!(!seen(&mut n, Seen::PingResp, 15_301, true));
+        assert!(!n.keep_alive_unanswered());
+        // The keep-alive written while herald's PINGREQ is queued: counted all the same.
+        assert!(seen(&mut n, Seen::Answer, 16_000, true));
+        assert!(!seen(&mut n, Seen::PingSent, 16_001, true));
+        assert!(!seen(&mut n, Seen::PingSent, 16_002, false));
+        assert!(n.keep_alive_unanswered() && n.awaiting());
+        assert!(!seen(&mut n, Seen::PingResp, 16_003, false));
+        assert!(n.keep_alive_unanswered(), "one of two answered");
+        assert!(!seen(&mut n, Seen::PingResp, 16_004, true));
+        assert!(!n.keep_alive_unanswered() && !n.awaiting());
         // A slow broker widens the guard, up to a quarter of the keep-alive.
         n.longest = Duration::from_secs(10);
-        assert!(n.near_keep_alive(opened + ms(13_950)));
-        assert!(!n.near_keep_alive(opened + ms(13_949)));
+        assert!(n.near_keep_alive(opened + ms(19_752)));
+        assert!(!n.near_keep_alive(opened + ms(19_751)));
     }
 
     fn answered(rx: &mut oneshot::Receiver<Answer>) -> Option<String> {
