@@ -316,6 +316,16 @@ impl Transport for Fallback {
             .unwrap_or_default()
     }
 
+    /// Told to every route (which one delivered them is not kept): a route whose broker
+    /// never saw them sends them under their usual id, as before, at worst once more under a
+    /// new one.
+    fn delivered_but_held(&self, destination: &Destination, messages: &[&Message]) {
+        for r in &self.routes {
+            let destination = r.destination.as_ref().unwrap_or(destination);
+            r.transport.delivered_but_held(destination, messages);
+        }
+    }
+
     async fn close(&self) {
         for r in &self.routes {
             r.transport.close().await;

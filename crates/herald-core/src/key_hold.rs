@@ -81,29 +81,32 @@ impl KeyHold {
     /// failure of its own is kept. `outcomes` pairs with
     /// `batch` by position. Returns how many outcomes it changed.
     pub fn apply(batch: &[Message], outcomes: &mut [Result<Ack, TransportError>]) -> usize {
-        KeyHold::default().carry(batch, outcomes)
+        KeyHold::default().carry(batch, outcomes, |_| {})
     }
 
     /// As [`KeyHold::apply`], carrying on from the keys already held (by the earlier batches of
     /// a destination still out, when several are in flight), and keeping the keys this batch
-    /// holds for the batches after it.
+    /// holds for the batches after it. `delivered_but_held` hears the index of every message
+    /// whose `Ok` became a held failure.
     pub(crate) fn carry(
         &mut self,
         batch: &[Message],
         outcomes: &mut [Result<Ack, TransportError>],
+        mut delivered_but_held: impl FnMut(usize),
     ) -> usize {
         let transient = |o: &Result<Ack, TransportError>| matches!(o, Err(e) if e.class() == ErrorClass::Transient);
         if self.is_empty() && !outcomes.iter().any(transient) {
             return 0;
         }
         let mut changed = 0;
-        for (msg, outcome) in batch.iter().zip(outcomes.iter_mut()) {
+        for (i, (msg, outcome)) in batch.iter().zip(outcomes.iter_mut()).enumerate() {
             if let Some(held) = self.check(msg) {
                 // A failure of its own stays: a permanent one is final, a transient one is
                 // retried anyway and says more than "held".
                 if outcome.is_ok() {
                     *outcome = Err(held);
                     changed += 1;
+                    delivered_but_held(i);
                 }
             } else if let Err(e) = outcome {
                 self.failed(msg, e);

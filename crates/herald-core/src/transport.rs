@@ -167,6 +167,16 @@ pub trait Transport: Send + Sync + 'static {
         None
     }
 
+    /// Messages this transport reported delivered that the pipeline holds back all the same,
+    /// to send again behind the retry of an earlier message of their key that failed
+    /// transiently (see [`KeyHold`](crate::KeyHold)): their first copy may be stored ahead of
+    /// that message, and the copy sent again is the one in order. A transport whose broker
+    /// drops a copy it already holds by the message's id (JetStream's `Nats-Msg-Id`) would
+    /// keep only the copy out of order: it sends these again under an id of their own.
+    /// Called on the pipeline's dispatcher with its state locked: must be quick. Default:
+    /// nothing to do.
+    fn delivered_but_held(&self, _destination: &Destination, _messages: &[&Message]) {}
+
     /// Called once when the producer closes, after the last batch: release connections, flush
     /// client-side queues. Default: nothing to do.
     async fn close(&self) {}

@@ -519,12 +519,17 @@ impl Shared {
         // The broker answered: a message it took counts for the breaker even if the key rule
         // below sends it again.
         let mut any_ok = outcomes.iter().any(Result::is_ok);
-        self.config.ordering.hold_keys(
+        let delivered_but_held = self.config.ordering.hold_keys(
             &mut st.lanes,
             &flight.destination,
             &messages,
             &mut outcomes,
         );
+        if !delivered_but_held.is_empty() {
+            let held: Vec<&Message> = delivered_but_held.iter().map(|&i| &messages[i]).collect();
+            self.transport
+                .delivered_but_held(&flight.destination, &held);
+        }
         let mut all_transient = !any_ok;
         let mut retry: Vec<Entry> = Vec::new();
         let mut retry_after = Duration::ZERO;
