@@ -174,6 +174,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: NatsMetrics,
     /// Each destination's turn to publish: calls publish in the order herald started them.
     pub(crate) turns: herald_core::Turns,
+    /// Messages to store again under an id of their own (see [`Resends`]).
+    pub(crate) resends: crate::publish::Resends,
     /// The connection and the servers to try, in the order rounds go through them (the URL's
     /// order, or shuffled once at start).
     rotation: Rotation<Arc<Live>>,
@@ -205,6 +207,7 @@ impl Inner {
             flow: Arc::new(Flow::default()),
             metrics,
             turns: herald_core::Turns::default(),
+            resends: crate::publish::Resends::default(),
             rotation,
             node: StdMutex::new(None),
         }

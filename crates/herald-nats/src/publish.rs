@@ -3,10 +3,12 @@
 //! the outcome of every message, in order: PubAck, JetStream's refusal, a permission
 //! violation, a lost connection, per-key order.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex as StdMutex, PoisonError};
 
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::context::PublishError;
@@ -14,7 +16,9 @@ use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::publish::PublishAck;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use futures_util::FutureExt;
-use herald_core::{Ack, BatchOutcome, Destination, EarlyAcks, Message, TransportError, Turn};
+use herald_core::{
+    Ack, BatchOutcome, Destination, EarlyAcks, Message, MessageId, TransportError, Turn,
+};
 use tokio::time::Instant;
 
 use crate::config::NatsConfig;
@@ -128,7 +132,12 @@ async fn send_in_turn(
             outcomes[i] = Some(Err(e.clone()));
             continue;
         }
-        while pending.len() >= inner.config.window {
+        // A copy to be stored again behind an earlier message of its key (see `Resends`) waits
+        // for the PubAcks of everything before it: if that message is refused again, this one
+        // is held, not stored out of order once more under yet another id.
+        let barrier =
+            !pending.is_empty() && msg.id().is_some_and(|id| inner.resends.token(id).is_some());
+        while pending.len() >= inner.config.window || (barrier && !pending.is_empty()) {
             if let Some((j, ack)) = pending.pop_front() {
                 let outcome = b.settle(j, ack).await;
                 if let Err(e) = &outcome {
@@ -142,7 +151,7 @@ async fn send_in_turn(
             outcomes[i] = Some(Err(held));
             continue;
         }
-        let publish = match message(&inner.config, msg) {
+        let publish = match message(&inner.config, msg, &inner.resends) {
             Ok(p) => p,
             Err(e) => {
                 outcomes[i] = Some(Err(e));
@@ -197,6 +206,7 @@ async fn send_in_turn(
             })
         })
         .collect();
+    inner.resends.stored(batch, &outcomes);
     if live.is_connected()
         && outcomes
             .iter()
@@ -206,10 +216,71 @@ async fn send_in_turn(
         // hung server): give it up, so that the retry goes out on a new one.
         inner.abandon(&live).await;
     }
-    // A later message of a key delivered after its earlier one failed transiently is held by
-    // the pipeline (`KeyHold::apply`, under strict ordering): sent again behind the retry, and
-    // JetStream drops the copy it already holds by its Nats-Msg-Id.
+    // A later message of a key stored after its earlier one failed transiently is held by the
+    // pipeline (`KeyHold`, under strict ordering) and sent again behind the retry, under a
+    // Nats-Msg-Id of its own (`Resends`), so that JetStream stores that copy, the one in order.
     outcomes
+}
+
+/// Messages stored ahead of the retry of an earlier message of their key, which the pipeline
+/// sends again behind it ([`herald_core::Transport::delivered_but_held`]). JetStream would drop
+/// that copy by its `Nats-Msg-Id` (the message's herald id), keeping only the first, out of
+/// order; so until a copy of it is stored again, such a message goes out as `ID-TOKEN`, a
+/// random token of its own, kept across its retries (JetStream drops their copies, as for any
+/// message). Bounded: the oldest entries go beyond [`Resends::MAX`].
+#[derive(Debug, Default)]
+pub(crate) struct Resends {
+    /// Whether `ids` holds anything: the common case takes no lock.
+    any: AtomicBool,
+    ids: StdMutex<(HashMap<MessageId, u32>, VecDeque<MessageId>)>,
+}
+
+impl Resends {
+    const MAX: usize = 65_536;
+
+    /// `messages` are to be stored again, each under a new token.
+    pub(crate) fn held(&self, messages: &[&Message]) {
+        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        let (tokens, order) = &mut *ids;
+        for id in messages.iter().filter_map(|m| m.id()) {
+            if tokens.insert(id, fastrand::u32(..)).is_none() {
+                order.push_back(id);
+            }
+        }
+        while order.len() > Self::MAX {
+            if let Some(oldest) = order.pop_front() {
+                tokens.remove(&oldest);
+            }
+        }
+        self.any.store(!tokens.is_empty(), Ordering::Release);
+    }
+
+    /// The token `id` goes out with, if it is to be stored again.
+    fn token(&self, id: MessageId) -> Option<u32> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
+        let ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        ids.0.get(&id).copied()
+    }
+
+    /// The messages of `batch` stored this time need no token any more (held again, they get
+    /// a new one).
+    fn stored(&self, batch: &[Message], outcomes: &[Result<Ack, TransportError>]) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        let (tokens, order) = &mut *ids;
+        for (m, o) in batch.iter().zip(outcomes) {
+            if let (Some(id), Ok(_)) = (m.id(), o) {
+                if tokens.remove(&id).is_some() {
+                    order.retain(|o| *o != id);
+                }
+            }
+        }
+        self.any.store(!tokens.is_empty(), Ordering::Release);
+    }
 }
 
 impl Batch<'_> {
@@ -319,9 +390,13 @@ fn text_value(bytes: &[u8], what: &str) -> Result<HeaderValue, TransportError> {
 }
 
 /// What is published for `msg`: its payload and [`headers`].
-fn message(config: &NatsConfig, msg: &Message) -> Result<Publish, TransportError> {
+fn message(
+    config: &NatsConfig,
+    msg: &Message,
+    resends: &Resends,
+) -> Result<Publish, TransportError> {
     let mut publish = Publish::build().payload(msg.payload().clone());
-    if let Some(headers) = headers(config, msg)? {
+    if let Some(headers) = headers(config, msg, resends)? {
         publish = publish.headers(headers);
     }
     Ok(publish)
@@ -329,8 +404,13 @@ fn message(config: &NatsConfig, msg: &Message) -> Result<Publish, TransportError
 
 /// The NATS headers of `msg`: its own headers, its key in the key header, and its herald id as
 /// `Nats-Msg-Id` (unless it carries a `Nats-Msg-Id` header of its own, which is sent as it is),
-/// so that JetStream drops a retried copy it already holds. `None`: no header at all.
-fn headers(config: &NatsConfig, msg: &Message) -> Result<Option<HeaderMap>, TransportError> {
+/// so that JetStream drops a retried copy it already holds; a copy sent again to keep its
+/// key's order gets an id of its own (see [`Resends`]). `None`: no header at all.
+fn headers(
+    config: &NatsConfig,
+    msg: &Message,
+    resends: &Resends,
+) -> Result<Option<HeaderMap>, TransportError> {
     let mut headers = HeaderMap::new();
     let mut own_id = false;
     for h in msg.headers() {
@@ -354,7 +434,11 @@ fn headers(config: &NatsConfig, msg: &Message) -> Result<Option<HeaderMap>, Tran
     }
     if !own_id {
         if let Some(id) = msg.id() {
-            let id = HeaderValue::from_str(&id.text()).map_err(|_| invalid("id", "is not text"))?;
+            let text = match resends.token(id) {
+                None => String::from(&*id.text()),
+                Some(token) => format!("{}-{token:08x}", &*id.text()),
+            };
+            let id = HeaderValue::from_str(&text).map_err(|_| invalid("id", "is not text"))?;
             headers.insert(NATS_MESSAGE_ID, id);
         }
     }
@@ -372,8 +456,16 @@ mod tests {
 
     /// The headers `msg` is published with, as (name, value) text pairs, sorted.
     fn sent_headers(config: &NatsConfig, msg: &Message) -> Vec<(String, String)> {
+        sent_headers_with(config, msg, &Resends::default())
+    }
+
+    fn sent_headers_with(
+        config: &NatsConfig,
+        msg: &Message,
+        resends: &Resends,
+    ) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        if let Some(h) = headers(config, msg).expect("publishable") {
+        if let Some(h) = headers(config, msg, resends).expect("publishable") {
             for (name, values) in h.iter() {
                 for v in values {
                     out.push((name.to_string(), v.to_string()));
@@ -382,6 +474,41 @@ mod tests {
         }
         out.sort();
         out
+    }
+
+    #[test]
+    fn a_message_to_store_again_gets_an_id_of_its_own_until_stored() {
+        let c = config();
+        let id = MessageId::from_u128(0x0190_b6d2_7c4e_7a51_8f3e_2b9d_4c1a_6e70);
+        let m = Message::new("orders", "p").with_id(id);
+        let other = Message::new("orders", "q").with_id(MessageId::from_u128(7));
+        let resends = Resends::default();
+        let msg_id = |m: &Message, r: &Resends| sent_headers_with(&c, m, r)[0].1.clone();
+        assert_eq!(msg_id(&m, &resends), "0190b6d2-7c4e-7a51-8f3e-2b9d4c1a6e70");
+        resends.held(&[&m]);
+        let again = msg_id(&m, &resends);
+        assert!(
+            again.starts_with("0190b6d2-7c4e-7a51-8f3e-2b9d4c1a6e70-") && again.len() == 36 + 9,
+            "{again}"
+        );
+        assert_eq!(msg_id(&m, &resends), again, "kept across retries");
+        assert_eq!(
+            msg_id(&other, &resends),
+            "00000000-0000-0000-0000-000000000007"
+        );
+        // Stored: its own id again; held once more: a new token (a fresh copy).
+        let ack = Ack::default();
+        resends.stored(std::slice::from_ref(&m), &[Ok(ack)]);
+        assert_eq!(msg_id(&m, &resends), "0190b6d2-7c4e-7a51-8f3e-2b9d4c1a6e70");
+        assert!(resends.ids.lock().expect("lock").1.is_empty());
+        // Refused: still to store again, under the same token.
+        resends.held(&[&m]);
+        let token = msg_id(&m, &resends);
+        resends.stored(
+            std::slice::from_ref(&m),
+            &[Err(TransportError::transient("full"))],
+        );
+        assert_eq!(msg_id(&m, &resends), token);
     }
 
     #[test]
@@ -441,7 +568,7 @@ mod tests {
             Message::new("orders", "p").with_header("", "v"),
             Message::new("orders", "p").with_header("n", "line\nbreak"),
         ] {
-            let e = headers(&c, &m).expect_err("not publishable");
+            let e = headers(&c, &m, &Resends::default()).expect_err("not publishable");
             assert_eq!(
                 (e.class(), e.code()),
                 (ErrorClass::Permanent, Some("INVALID_HEADER")),

@@ -37,7 +37,11 @@ use crate::publish;
 ///   [`NatsConfig::ack_timeout`] from its start.
 /// - **Per-key order**: a batch goes out in order on one connection; after a transient failure
 ///   of a message, the later messages of its key in the call fail transient too (held, not
-///   even sent when the failure is known in time).
+///   even sent when the failure is known in time). One sent before the failure was known, and
+///   stored, is sent again behind the retry (the pipeline's per-key hold) under a
+///   `Nats-Msg-Id` of its own (`ID-TOKEN`), so that JetStream stores that copy instead of
+///   dropping it as a duplicate: the last copies of a key are in order, the first ones may
+///   not be (as on every broker herald sends to).
 /// - **Recovery**: a lost connection is never resumed: its client gives up and drops what it
 ///   had not sent (so what is lost is always the tail of what was sent, and retries keep
 ///   per-key order), and the next batch opens a new connection (the next server of the list
@@ -116,6 +120,12 @@ impl Transport for NatsTransport {
         early: EarlyAcks,
     ) -> BatchOutcome {
         publish::send_batch(&self.inner, destination, batch, Some(early)).await
+    }
+
+    /// Stored ahead of an earlier message of their key that failed: the copy sent again behind
+    /// its retry goes out under a `Nats-Msg-Id` of its own, so that JetStream stores it.
+    fn delivered_but_held(&self, _destination: &Destination, messages: &[&Message]) {
+        self.inner.resends.held(messages);
     }
 
     async fn close(&self) {

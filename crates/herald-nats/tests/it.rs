@@ -651,6 +651,75 @@ async fn refusals_are_classified_no_stream_and_a_full_stream() {
     admin.cleanup().await;
 }
 
+/// A message stored ahead of the retry of an earlier message of its key (the earlier one
+/// refused for a moment: the stream full, the later one small enough to fit) is stored again
+/// behind it, under a `Nats-Msg-Id` of its own: JetStream would drop a copy under the same id,
+/// keeping only the one out of order. Before, the stream held `small, big` (the copy sent
+/// again counted as a duplicate); now `small, big, small`: the last copies are in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: cargo xtask it"]
+async fn a_message_stored_ahead_of_its_key_s_retry_is_stored_again_behind_it() {
+    let admin = Admin::connect(&url()).await;
+    let (stream, subject) = admin
+        .stream_with("ahead", |c| stream::Config {
+            max_bytes: 2048,
+            discard: stream::DiscardPolicy::New,
+            ..c
+        })
+        .await;
+    // Fills most of the stream, until deleted below.
+    let filler = admin
+        .js
+        .publish(subject.clone(), vec![b'f'; 1200].into())
+        .await
+        .expect("publish the filler")
+        .await
+        .expect("filler stored")
+        .sequence;
+    let transport = NatsTransport::new(NatsConfig::from_url(&url()).expect("url")).expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .build()
+        .expect("producer");
+    let dest = herald_nats::subject(&subject);
+    let big = Message::new(dest.clone(), vec![b'b'; 1000]).with_key("k");
+    let small = Message::new(dest.clone(), "small").with_key("k");
+    let receipt = p.send_all([big, small]).await;
+    // The big one was refused (the stream is full) and the small one stored, then held.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.stats().totals.retries < 2 {
+        assert!(Instant::now() < deadline, "no retry: {:?}", p.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    admin
+        .js
+        .get_stream(&stream)
+        .await
+        .expect("get stream")
+        .delete_message(filler)
+        .await
+        .expect("delete the filler");
+    let report = receipt.wait().await;
+    assert!(report.all_delivered(), "{:?}", report.failed.first());
+    p.close(Duration::from_secs(10)).await;
+    let got: Vec<String> = admin
+        .read(&stream, 3, Duration::from_secs(10))
+        .await
+        .iter()
+        .map(|m| {
+            String::from_utf8_lossy(m.payload())
+                .chars()
+                .take(5)
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        got,
+        ["small", "bbbbb", "small"],
+        "the small one's last copy behind the big one"
+    );
+    admin.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: cargo xtask it"]
 async fn the_url_s_stream_is_created_on_connect_and_used() {
