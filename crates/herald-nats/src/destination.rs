@@ -84,7 +84,8 @@ pub(crate) fn subject_matches(pattern: &str, subject: &str) -> bool {
     loop {
         match (p.next(), s.next()) {
             (Some(">"), Some(_)) => return true,
-            (Some("*"), Some(_)) => {}
+            // `*` stands for one token, not for the many a `>` in a pattern stands for.
+            (Some("*"), Some(b)) if b != ">" => {}
             (Some(a), Some(b)) if a == b => {}
             (None, None) => return true,
             _ => return false,
@@ -182,5 +183,9 @@ mod tests {
         assert!(subject_matches(">", "anything.at.all"));
         assert!(subject_matches("*.eu.>", "orders.eu.created"));
         assert!(!subject_matches("billing.>", "orders.eu"));
+        // A pattern as the subject (a stream to declare): `*` does not cover `>`.
+        assert!(!subject_matches("orders.*", "orders.>"));
+        assert!(subject_matches("orders.>", "orders.*"));
+        assert!(subject_matches("orders.*", "orders.*"));
     }
 }

@@ -108,12 +108,17 @@ async fn send_in_turn(
     if let Err(e) = inner.redeclare(&live).await {
         return fail_all(e);
     }
+    // Not sent: keys that failed in the calls before, if this call is on a new connection.
+    // (On a new connection, this waits for the calls before to end.)
+    let mut hold = turn.enter(live.path).await;
     let b = Batch {
         inner,
         live: &live,
         subject: &subject,
         declared: inner.config.topology.iter().any(|d| d.captures(&subject)),
-        // One deadline for the whole batch: publishes and PubAcks share it.
+        // One deadline for the whole batch: publishes and PubAcks share it. From its turn,
+        // not from before the wait for the calls ahead of it: a batch left with a sliver of
+        // time would take its PubAcks for missing and give a sound connection up.
         deadline: Instant::now() + inner.config.ack_timeout,
         early,
         errors_before: live.errors_heard(),
@@ -121,8 +126,6 @@ async fn send_in_turn(
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     let mut pending: VecDeque<(usize, AckFuture)> =
         VecDeque::with_capacity(inner.config.window.min(batch.len()));
-    // Not sent: keys that failed in the calls before, if this call is on a new connection.
-    let mut hold = turn.enter(live.path).await;
     // Once the connection is gone (or the batch's time is up), nothing more is published.
     let mut broken: Option<TransportError> = None;
     // The silence watch starts with the batch's first publish out (see `Live::silent_for`).
