@@ -237,6 +237,13 @@ impl RedisConfig {
         if self.maxlen == Some(0) {
             return invalid("maxlen", "must be more than zero (None: no trimming)");
         }
+        // Redis reads the count as a signed 64-bit integer and refuses every XADD above it.
+        if self.maxlen.is_some_and(|n| n > i64::MAX as u64) {
+            return invalid(
+                "maxlen",
+                "must be at most 9223372036854775807 (Redis's largest)",
+            );
+        }
         if let Some((replicas, timeout)) = self.wait {
             if replicas == 0 {
                 return invalid("wait", "needs at least one replica (None: no WAIT)");
@@ -287,6 +294,7 @@ mod tests {
                 "max_message_bytes",
             ),
             (c.clone().maxlen(Some(0)), "maxlen"),
+            (c.clone().maxlen(Some(u64::MAX)), "maxlen"),
             (c.clone().wait(Some((0, s(1)))), "wait"),
             (c.clone().wait(Some((1, Duration::ZERO))), "wait"),
             (c.clone().wait(Some((1, Duration::MAX))), "wait"),

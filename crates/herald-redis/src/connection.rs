@@ -160,6 +160,9 @@ pub(crate) fn client(config: &RedisConfig) -> Result<Client, ConfigError> {
     }
 }
 
+/// Pipelines that may wait in a connection's queue to be written (see `Inner::dial`).
+const PIPELINE_QUEUE: usize = 4096;
+
 impl Inner {
     /// The shared state for checked settings; nothing connects yet.
     pub(crate) fn new(config: RedisConfig) -> Result<Self, ConfigError> {
@@ -256,7 +259,15 @@ impl Inner {
         let options = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.config.connect_timeout))
             // One deadline per batch, the transport's own (`ack_timeout`).
-            .set_response_timeout(None);
+            .set_response_timeout(None)
+            // A call's place in a stream's write order is taken when its pipeline enters this
+            // queue (see `publish`). redis-rs's default of 50 can fill with enough calls in
+            // flight (a large `max_in_flight`, several producers on one transport); calls
+            // waiting for room then enter in the order their tasks happen to run, not the
+            // order they asked, and two pipelines of a stream could be written the wrong
+            // way round, both answered with ids. A queue entry is a pipeline waiting to be
+            // written, so room for many costs little.
+            .set_pipeline_buffer_size(PIPELINE_QUEUE);
         let mut conn = self
             .client
             .get_multiplexed_async_connection_with_config(&options)

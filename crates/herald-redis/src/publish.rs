@@ -227,11 +227,13 @@ fn finished(outcomes: Vec<Option<Result<Ack, TransportError>>>) -> BatchOutcome 
 /// own timeout.
 ///
 /// The hand-over is the query's first poll. redis-rs's multiplexed connection queues a
-/// pipeline for its writer on a channel in that poll, or, when the channel is full, takes its
-/// place among the senders waiting for room, first come first served: either way the
-/// pipeline's place in the connection's write order is fixed by then, and Redis answers in
-/// that order. (The real-server order tests with batches in flight check this against the
-/// redis-rs in use.)
+/// pipeline for its writer on a channel in that poll, so the pipeline's place in the
+/// connection's write order is fixed by then, and Redis answers in that order. When the
+/// channel is full, a sender only waits for room, first come first served, but enters the
+/// channel when its task next runs, in whatever order the runtime wakes the waiting tasks:
+/// that is why the channel holds `PIPELINE_QUEUE` pipelines (4 096), more than the calls in
+/// flight on a connection at herald's settings. (The real-server order tests with batches in
+/// flight check this against the redis-rs in use.)
 async fn round_trip(
     inner: &Inner,
     live: &std::sync::Arc<Live>,
@@ -382,12 +384,25 @@ fn settle(
             ))
             .with_code("REPLICAS_NOT_REACHED")
         }
+        // The entries are stored (each XADD got its id): only their replication is unknown.
+        // The error says so, whatever its class (a WAIT the ACL or a proxy refuses is
+        // permanent: retrying would store copy after copy).
         Some(Value::ServerError(e)) => {
             inner.metrics.server_errors.increment(1);
-            reply(e.code(), e.details().unwrap_or(""), stream)
+            let (code, detail) = (e.code(), e.details().unwrap_or(""));
+            let info = crate::error::reply_code(code, detail);
+            TransportError::new(
+                info.class,
+                format!(
+                    "stored in the stream \"{}\" (XADD answered an entry id), but WAIT {wanted} failed, so its replication is not confirmed: {code} {detail}; {}",
+                    stream.escape_debug(),
+                    info.advice
+                ),
+            )
+            .with_code("WAIT_FAILED")
         }
         other => TransportError::transient(format!(
-            "{} answered WAIT with {other:?}; retried",
+            "stored (XADD answered an entry id), but {} answered WAIT with {other:?}, so its replication is not confirmed; retried (a second copy may follow)",
             inner.server
         ))
         .with_code("PROTOCOL_ERROR"),

@@ -837,6 +837,36 @@ impl Drop for OwnServer {
     }
 }
 
+/// A `WAIT` the server refuses (renamed away here; an ACL without `+wait`, a proxy without it)
+/// comes after the `XADD`s were answered with ids: the message is handed back saying it is
+/// stored and only its replication unconfirmed. Before, the error said "Redis refused a
+/// message" while the entry sat in the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis: cargo xtask it redis"]
+async fn a_refused_wait_says_the_message_is_stored() {
+    let server = OwnServer::start(&["--rename-command", "WAIT", ""]).await;
+    let admin = Admin::connect(&server.url()).await;
+    let key = admin.key("wait-refused");
+    let transport = RedisTransport::new(
+        RedisConfig::from_url(&format!("{}/{key}?wait=1", server.url())).expect("url"),
+    )
+    .expect("t");
+    let dest = herald_redis::stream(&key);
+    let out = transport
+        .send_batch(&dest, &[Message::new(dest.clone(), "m")])
+        .await;
+    let e = out[0].as_ref().expect_err("WAIT is refused");
+    assert_eq!(
+        (e.code(), e.class()),
+        (Some("WAIT_FAILED"), ErrorClass::Permanent),
+        "{e}"
+    );
+    assert!(e.message().starts_with("stored in the stream"), "{e}");
+    assert_eq!(admin.len(&key).await, 1, "stored all the same");
+    transport.close().await;
+    admin.cleanup().await;
+}
+
 /// A server that hangs with its connection open (stopped: no reply, no error, the socket up;
 /// redis-rs sends no pings) is given up once silent for the ack timeout, though every attempt
 /// is cut off sooner by a shorter delivery timeout; the messages go through on a new
