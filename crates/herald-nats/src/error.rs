@@ -274,7 +274,7 @@ pub(crate) fn denied(denial: &Denial, subject: &str) -> TransportError {
             "the server denied publishing to \"{subject}\" (permissions violation): grant the user publish permission on it"
         ),
         Denial::Subscribe(inbox) => format!(
-            "the server denied subscribing to the reply inbox \"{inbox}\" (permissions violation), so no PubAck for \"{subject}\" can come back: grant the user subscribe permission on _INBOX.>"
+            "the server denied subscribing to the reply inbox \"{inbox}\" (permissions violation), so no PubAck for \"{subject}\" can come back, and the message may have been stored all the same: grant the user subscribe permission on _INBOX.>"
         ),
     };
     TransportError::permanent(text).with_code("PERMISSION_DENIED")

@@ -76,11 +76,13 @@ async fn answering_live(
     let silent = live
         .silent_for()
         .is_some_and(|silent| silent >= inner.config.ack_timeout);
-    // A denied reply inbox leaves every publish unanswered for good (each fails permanently at
-    // once, PERMISSION_DENIED): a new connection would change nothing. (A denied publish is
-    // answered by an error, which ends the watch: only the inbox's denial counts here, which
-    // a `since` past every publish denial's count asks for.)
-    if silent && live.denial(subject, u64::MAX).is_none() {
+    // A denied reply inbox leaves every publish of the connection unanswered: the inbox is
+    // subscribed once, when the connection first publishes, and a reload that grants it later
+    // does not subscribe it again. So a connection whose inbox was denied is given up too,
+    // and the next one asks again. (A denied publish is answered by an error, which ends the
+    // silence: only the inbox's denial counts here, which a `since` past every publish
+    // denial's count asks for.)
+    if silent || live.denial(subject, u64::MAX).is_some() {
         inner.abandon(&live).await;
         return inner.live().await;
     }

@@ -1153,6 +1153,84 @@ async fn credentials_and_permissions_are_classified() {
     drop(server);
 }
 
+/// A user who may publish but not subscribe to the reply inbox: JetStream stores what it
+/// publishes, but no PubAck can reach it. Each message fails permanently, saying it may have
+/// been stored (it was); once a reload grants the inbox, the next batch goes through (a new
+/// connection subscribes it again). Before, the connection was kept, its inbox never
+/// subscribed again, and every message was denied until the connection happened to drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: cargo xtask it"]
+async fn a_denied_reply_inbox_says_stored_maybe_and_a_grant_takes_effect() {
+    const TEST: &str = "a_denied_reply_inbox_says_stored_maybe_and_a_grant_takes_effect";
+    let config = "listen: 127.0.0.1:{port}\n\
+                  jetstream { store_dir: \"{dir}\" }\n\
+                  authorization {\n\
+                    users = [\n\
+                      { user: herald, password: \"pw\", permissions: { subscribe: { deny: [\"_INBOX.>\"] } } }\n\
+                      { user: admin, password: \"pw\" }\n\
+                    ]\n\
+                  }\n";
+    let Some(server) = OwnServer::start(TEST, Some(config)).await else {
+        return;
+    };
+    let admin = Admin::connect(&format!("nats://admin:pw@127.0.0.1:{}", server.port)).await;
+    let (stream, subject) = admin.stream("inbox").await;
+    let t = NatsTransport::new(
+        NatsConfig::from_url(&format!("nats://herald:pw@127.0.0.1:{}", server.port))
+            .expect("url")
+            .ack_timeout(Duration::from_secs(60)),
+    )
+    .expect("t");
+    let dest = herald_nats::subject(&subject);
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        t.send_batch(
+            &dest,
+            &[
+                Message::new(dest.clone(), "a"),
+                Message::new(dest.clone(), "b"),
+            ],
+        ),
+    )
+    .await
+    .expect("answered before the 60 s ack timeout");
+    for o in &out {
+        let e = o.as_ref().expect_err("no PubAck can come");
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::Permanent, Some("PERMISSION_DENIED")),
+            "{e}"
+        );
+        assert!(e.message().contains("may have been stored"), "{e}");
+    }
+    assert_eq!(admin.count(&stream).await, 2, "stored all the same");
+    let denying = std::fs::read_to_string(server.dir.join("server.conf")).expect("config");
+    std::fs::write(
+        server.dir.join("server.conf"),
+        denying.replace(", permissions: { subscribe: { deny: [\"_INBOX.>\"] } }", ""),
+    )
+    .expect("config file");
+    herald_testkit::scenario::signal(server.pid(), "HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = t
+            .send_batch(&dest, &[Message::new(dest.clone(), "granted")])
+            .await;
+        if out[0].is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still denied 20 s after the reload granted the inbox: {:?}",
+            out[0]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.close().await;
+    admin.cleanup().await;
+    drop(server);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: cargo xtask it"]
 async fn tls_with_a_custom_ca_works_and_an_unknown_ca_is_refused() {
