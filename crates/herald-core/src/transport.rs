@@ -339,9 +339,13 @@ pub(crate) fn in_order_epoch<F: std::future::Future>(
 /// ```
 #[derive(Debug, Default)]
 pub struct Turns {
-    /// By producer pipeline and destination.
-    lanes: Mutex<HashMap<(u64, Destination), Arc<TurnLane>>>,
+    /// By producer pipeline and destination; a lane no call is in or waits for, holding no
+    /// key, is forgotten (see [`Held::prune`]): a stream per user, say, does not make this
+    /// grow without bound.
+    lanes: Arc<Mutex<LaneMap>>,
 }
+
+type LaneMap = HashMap<(u64, Destination), Arc<TurnLane>>;
 
 #[derive(Debug, Default)]
 struct TurnLane {
@@ -407,10 +411,8 @@ impl Turns {
                 finished: false,
             };
         };
-        let lane = lock(&self.lanes)
-            .entry((pipeline, destination.clone()))
-            .or_default()
-            .clone();
+        let key = (pipeline, destination.clone());
+        let lane = lock(&self.lanes).entry(key.clone()).or_default().clone();
         let order = lane.queue.clone().lock_owned().await;
         let ticket = {
             let mut st = lock(&lane.state);
@@ -430,6 +432,8 @@ impl Turns {
                 ticket,
                 epoch,
                 order: Some(order),
+                lanes: Arc::clone(&self.lanes),
+                key,
             }),
             finished: false,
         }
@@ -450,6 +454,9 @@ struct Held {
     ticket: u64,
     epoch: u64,
     order: Option<OwnedMutexGuard<()>>,
+    /// Where the lane is kept, and under which key, to forget it once idle.
+    lanes: Arc<Mutex<LaneMap>>,
+    key: (u64, Destination),
 }
 
 impl Turn {
@@ -528,6 +535,8 @@ impl Turn {
             }
         }
         h.close(&mut st);
+        drop(st);
+        h.prune();
     }
 }
 
@@ -535,6 +544,24 @@ impl Held {
     fn close(&self, st: &mut TurnState) {
         st.open.remove(&self.ticket);
         self.lane.finished.notify_waiters();
+    }
+
+    /// Forgets the lane if no other call is in it or waiting for it (only the map and this
+    /// turn hold it; checked under the map's lock, so no call can take it meanwhile) and it
+    /// holds no key: the next call starts a fresh one, which is the same thing. A lane that
+    /// holds keys is kept until its next call, whose epoch clears them.
+    fn prune(&self) {
+        let mut lanes = lock(&self.lanes);
+        if Arc::strong_count(&self.lane) > 2 {
+            return;
+        }
+        let idle = {
+            let st = lock(&self.lane.state);
+            st.open.is_empty() && st.hold.is_empty()
+        };
+        if idle {
+            lanes.remove(&self.key);
+        }
     }
 }
 
@@ -575,6 +602,35 @@ mod tests {
 
     fn failed() -> Vec<Result<Ack, TransportError>> {
         vec![Err(TransportError::transient("connection lost"))]
+    }
+
+    #[tokio::test]
+    async fn an_idle_lane_holding_no_key_is_forgotten() {
+        let turns = Turns::default();
+        let lanes = || lock(&turns.lanes).len();
+        for i in 0..100 {
+            let d = Destination::new(format!("stream-{i}"));
+            let mut t = in_order_epoch(ep(1), turns.take(&d)).await;
+            assert!(t.enter(1).await.is_empty());
+            t.handed_over();
+            t.finish(&[keyed("k")], &[Ok(Ack::default())]);
+        }
+        assert_eq!(lanes(), 0, "one stream per call leaves nothing behind");
+        // Two calls out: the first to finish leaves the lane to the second.
+        let d = Destination::new("busy");
+        let mut a = in_order_epoch(ep(1), turns.take(&d)).await;
+        a.enter(1).await;
+        a.handed_over();
+        let mut b = in_order_epoch(ep(1), turns.take(&d)).await;
+        b.enter(1).await;
+        a.finish(&[], &[]);
+        assert_eq!(lanes(), 1);
+        // A failed key keeps its lane, for the next call to hold it.
+        b.finish(&[keyed("k")], &failed());
+        assert_eq!(lanes(), 1);
+        let mut c = in_order_epoch(ep(1), turns.take(&d)).await;
+        assert!(c.enter(1).await.check(&keyed("k")).is_some());
+        c.finish(&[], &[]);
     }
 
     #[tokio::test]
