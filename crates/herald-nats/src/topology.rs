@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::CreateStreamErrorKind;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{self, stream};
 use herald_core::TransportError;
 
@@ -72,7 +74,8 @@ pub(crate) async fn declare(
     timeout: Duration,
 ) -> Result<(), TransportError> {
     // Transient: a declaration can fail for a while (a server without quorum, permissions being
-    // granted); every batch fails until it succeeds, so keep retrying.
+    // granted); every batch fails until it succeeds, so keep retrying. Subjects that clash with
+    // existing streams are permanent: only a change of configuration helps.
     let fail = |what: String| {
         TransportError::transient(format!(
             "declaring the configured topology failed: {what}; herald retries, fix the declaration or the server if this persists"
@@ -91,16 +94,29 @@ pub(crate) async fn declare(
                 let stream = tokio::time::timeout(timeout, js.get_or_create_stream(config))
                     .await
                     .map_err(|_| fail(format!("stream \"{name}\": no answer within {timeout:?}")))?
-                    .map_err(|e| fail(format!("stream \"{name}\": {e}")))?;
+                    .map_err(|e| match e.kind() {
+                        // Another stream captures these subjects: a configuration to fix, not
+                        // a moment to wait out.
+                        CreateStreamErrorKind::JetStream(js)
+                            if js.error_code() == ErrorCode::STREAM_SUBJECT_OVERLAP =>
+                        {
+                            TransportError::permanent(format!(
+                                "declaring stream \"{name}\" failed: its subjects {subjects:?} overlap those of another stream ({e}): name that stream in the URL (?stream=), or drop the declaration"
+                            ))
+                            .with_code("STREAM_SUBJECT_OVERLAP")
+                        }
+                        _ => fail(format!("stream \"{name}\": {e}")),
+                    })?;
                 let has = &stream.cached_info().config.subjects;
                 let missing: Vec<&String> = subjects
                     .iter()
                     .filter(|s| !has.iter().any(|p| subject_matches(p, s)))
                     .collect();
                 if !missing.is_empty() {
-                    return Err(fail(format!(
-                        "stream \"{name}\" exists but does not capture {missing:?} (its subjects: {has:?}): add them to it, or name another stream"
-                    )));
+                    return Err(TransportError::permanent(format!(
+                        "declaring stream \"{name}\" failed: it exists but does not capture {missing:?} (its subjects: {has:?}): add them to it, or name another stream"
+                    ))
+                    .with_code("STREAM_SUBJECTS_MISSING"));
                 }
             }
         }

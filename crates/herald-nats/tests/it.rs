@@ -770,6 +770,24 @@ async fn the_url_s_stream_is_created_on_connect_and_used() {
         .await;
     assert!(out[0].is_ok(), "declared again: {:?}", out[0]);
     t.close().await;
+    // A declaration whose subjects another stream captures: a configuration to fix,
+    // permanent at once (before: transient DECLARE_FAILED, retried until the delivery
+    // timeout, for every subject of the transport).
+    let clash = NatsTransport::new(
+        NatsConfig::from_url(&format!(
+            "{}/{subject}?stream={stream}_OTHER",
+            url().trim_end_matches('/')
+        ))
+        .expect("url"),
+    )
+    .expect("t");
+    let e = clash.connect().await.expect_err("the subject is taken");
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, Some("STREAM_SUBJECT_OVERLAP")),
+        "{e}"
+    );
+    clash.close().await;
     admin.cleanup().await;
 }
 
