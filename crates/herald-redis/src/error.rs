@@ -66,6 +66,13 @@ pub(crate) fn reply_code(code: &str, detail: &str) -> CodeInfo {
         "CLUSTERDOWN" => ("CLUSTER_DOWN", T, "the cluster is down: retried"),
         "MOVED" | "ASK" | "CROSSSLOT" => ("CLUSTER_NOT_SUPPORTED", P, "this server is a Redis Cluster node: herald-redis speaks to a single primary (or a proxy), not to a cluster"),
         "ERR" if lower.contains("max number of clients") => ("MAX_CLIENTS", T, "the server has maxclients connections: retried"),
+        // redis-rs rewraps a refused SELECT (a URL with a database) as ERR with the server's
+        // words, which keep what the code would have said.
+        "ERR" if lower.contains("redis is busy") => ("BUSY", T, "the server is running a long script or function: retried"),
+        "ERR" if lower.contains("redis is loading") => ("LOADING", T, "the server is loading its dataset from disk after a restart: retried"),
+        // A proxy in front of Redis (Envoy, twemproxy, a managed endpoint) answers ERR when it
+        // cannot reach the server: that passes.
+        "ERR" if ["upstream", "connection refused", "connection reset", "timed out", "timeout"].iter().any(|w| lower.contains(w)) => ("PROXY_ERROR", T, "a proxy between herald and Redis could not reach the server: retried"),
         "ERR" if lower.contains("unknown command") => ("NOT_SUPPORTED", P, "the server does not know XADD (Redis 5.0 or later needed) or WAIT"),
         "ERR" if lower.contains("db index is out of range") || lower.contains("invalid db index") => ("BAD_DATABASE", P, "the server has no such database: check the number in the URL"),
         "ERR" if lower.contains("string exceeds maximum allowed size") || lower.contains("too large") || lower.contains("bulk length") => ("PAYLOAD_TOO_LARGE", P, "the server refuses values this large (proto-max-bulk-len)"),
@@ -240,6 +247,21 @@ mod tests {
             ("MOVED", "3999 127.0.0.1:6381", "CLUSTER_NOT_SUPPORTED", Permanent),
             ("ASK", "3999 127.0.0.1:6381", "CLUSTER_NOT_SUPPORTED", Permanent),
             ("ERR", "max number of clients reached", "MAX_CLIENTS", Transient),
+            (
+                "ERR",
+                "Redis server refused to switch database: Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+                "BUSY",
+                Transient,
+            ),
+            (
+                "ERR",
+                "Redis server refused to switch database: Redis is loading the dataset in memory",
+                "LOADING",
+                Transient,
+            ),
+            ("ERR", "upstream failure", "PROXY_ERROR", Transient),
+            ("ERR", "no upstream host", "PROXY_ERROR", Transient),
+            ("ERR", "Connection refused", "PROXY_ERROR", Transient),
             ("ERR", "unknown command 'XADD', with args beginning with: ", "NOT_SUPPORTED", Permanent),
             ("ERR", "DB index is out of range", "BAD_DATABASE", Permanent),
             ("ERR", "string exceeds maximum allowed size (proto-max-bulk-len)", "PAYLOAD_TOO_LARGE", Permanent),

@@ -837,6 +837,65 @@ impl Drop for OwnServer {
     }
 }
 
+/// A server running a long script answers BUSY, which passes, also to the SELECT of a new
+/// connection to a database other than 0 (redis-rs reports that refusal as ERR with the
+/// server's words): the batch is retried, not failed for good. Before, it failed permanently
+/// (SERVER_REFUSED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis: cargo xtask it redis"]
+async fn a_busy_server_refusing_select_is_transient() {
+    let server = OwnServer::start(&["--busy-reply-threshold", "100"]).await;
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut side = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("side connection");
+    // Busy until killed.
+    let script = tokio::spawn(async move {
+        redis::cmd("EVAL")
+            .arg("while true do end")
+            .arg(0)
+            .query_async::<redis::Value>(&mut side)
+            .await
+    });
+    let mut probe = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("probe connection");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ping: redis::RedisResult<redis::Value> =
+            redis::cmd("PING").query_async(&mut probe).await;
+        if ping.as_ref().err().and_then(|e| e.code()) == Some("BUSY") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never busy: {ping:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let key = format!("herald:it:{}:busy", uniq());
+    let transport = RedisTransport::new(
+        RedisConfig::from_url(&format!("{}/1/{key}", server.url())).expect("url"),
+    )
+    .expect("t");
+    let dest = herald_redis::stream(&key);
+    let out = transport
+        .send_batch(&dest, &[Message::new(dest.clone(), "m")])
+        .await;
+    let mut killer = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("killer connection");
+    let _killed: redis::RedisResult<redis::Value> = redis::cmd("SCRIPT")
+        .arg("KILL")
+        .query_async(&mut killer)
+        .await;
+    let _script = script.await;
+    let e = out[0].as_ref().expect_err("busy");
+    assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+    assert_eq!(e.code(), Some("BUSY"), "{e}");
+    transport.close().await;
+}
+
 /// A `WAIT` the server refuses (renamed away here; an ACL without `+wait`, a proxy without it)
 /// comes after the `XADD`s were answered with ids: the message is handed back saying it is
 /// stored and only its replication unconfirmed. Before, the error said "Redis refused a
