@@ -192,6 +192,12 @@ async fn send_in_turn(
                         // becomes one, and the name of the primary (a managed service's
                         // endpoint, a DNS name) points elsewhere. A new connection follows it.
                         inner.left_for_a_replica(&live).await;
+                    } else if sent.iter().any(|&i| {
+                        matches!(&outcomes[i], Some(Err(e)) if e.code() == Some("PROTOCOL_ERROR"))
+                    }) {
+                        // A reply that is no entry id: the connection's replies may be out of
+                        // step with its commands; the next batch goes out on a new one.
+                        inner.abandon(&live).await;
                     }
                 }
                 Err(e) => {
@@ -358,8 +364,10 @@ fn settle(
     let mut replies = replies.into_iter();
     for &i in sent {
         let outcome = match replies.next() {
-            Some(Value::BulkString(id)) => Ok(ack(&String::from_utf8_lossy(&id))),
-            Some(Value::SimpleString(id)) => Ok(ack(&id)),
+            Some(Value::BulkString(id)) if is_entry_id(&id) => {
+                Ok(ack(&String::from_utf8_lossy(&id)))
+            }
+            Some(Value::SimpleString(id)) if is_entry_id(id.as_bytes()) => Ok(ack(&id)),
             Some(Value::ServerError(e)) => {
                 inner.metrics.server_errors.increment(1);
                 Err(reply(e.code(), e.details().unwrap_or(""), stream))
@@ -419,6 +427,15 @@ fn is_replica_refusal(outcome: &Option<Result<Ack, TransportError>>) -> bool {
     matches!(outcome, Some(Err(e)) if matches!(e.code(), Some("READ_ONLY" | "MASTER_DOWN")))
 }
 
+/// Whether `id` reads as a stream entry id (`MS-SEQ`): anything else in answer to an `XADD`
+/// (an `OK` from a proxy, a reply out of step) is not taken for a stored entry.
+fn is_entry_id(id: &[u8]) -> bool {
+    let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+    id.iter()
+        .position(|&b| b == b'-')
+        .is_some_and(|dash| digits(&id[..dash]) && digits(&id[dash + 1..]))
+}
+
 /// The ack of an entry id.
 fn ack(id: &str) -> Ack {
     Ack {
@@ -440,6 +457,24 @@ mod tests {
                 _ => "<other>".into(),
             })
             .collect()
+    }
+
+    #[test]
+    fn only_an_entry_id_is_taken_for_a_stored_entry() {
+        assert!(is_entry_id(b"1700000000000-0"));
+        assert!(is_entry_id(b"0-1"));
+        for not in [
+            &b"OK"[..],
+            b"PONG",
+            b"",
+            b"-",
+            b"12-",
+            b"-3",
+            b"1-2-3",
+            b"a-1",
+        ] {
+            assert!(!is_entry_id(not), "{:?}", String::from_utf8_lossy(not));
+        }
     }
 
     #[test]

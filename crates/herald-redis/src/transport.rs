@@ -33,8 +33,11 @@ use crate::publish;
 /// - **Deadline**: a batch's pipeline has [`RedisConfig::ack_timeout`] (plus `WAIT`'s timeout)
 ///   from its start.
 /// - **Per-key order**: a batch goes out in order on one connection, which Redis executes in
-///   order; after a transient failure of a message, the later messages of its key in the call
-///   fail transient too.
+///   order. A pipeline goes out whole, so after a transient refusal of a message (`OOM`,
+///   `BUSY`) the later messages of its key in it may be appended: the transport reports them
+///   delivered, and the producer's pipeline (strict ordering) sends them again behind the
+///   retry ([`herald_core::KeyHold`]), so that the last copies are in order. Keys that failed
+///   in the calls before on another connection are not sent at all ([`herald_core::Turns`]).
 /// - **Recovery**: a broken connection is never resumed: the whole batch fails as transient
 ///   and the next batch opens a new connection, with backoff after failed attempts. No retries
 ///   of its own beyond that (redis-rs retries nothing on a multiplexed connection): herald's
