@@ -55,6 +55,9 @@ pub(crate) struct Live {
     answers: std::sync::atomic::AtomicU64,
     /// See [`Live::silent_for`].
     silence: herald_core::rotation::SilenceWatch,
+    /// Pipelines ending in `WAIT` sent and not yet answered: Redis answers a connection in
+    /// order, so each waits behind the `WAIT`s before it.
+    pub(crate) waits: std::sync::atomic::AtomicUsize,
 }
 
 impl Live {
@@ -291,6 +294,7 @@ impl Inner {
             path: herald_core::Turns::fresh_path(),
             lost: AtomicBool::new(false),
             answers: std::sync::atomic::AtomicU64::new(0),
+            waits: std::sync::atomic::AtomicUsize::new(0),
             silence: herald_core::rotation::SilenceWatch::default(),
         }))
     }

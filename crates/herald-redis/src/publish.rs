@@ -247,7 +247,11 @@ async fn round_trip(
     pipe: &Pipeline,
     xadds: usize,
 ) -> Result<Vec<Value>, TransportError> {
-    let budget = reply_budget(&inner.config);
+    // Each `WAIT` ahead on the connection holds this pipeline's replies back by up to its
+    // timeout (replicas lagging or gone): the budget counts them.
+    let waiting = inner.config.wait.map(|_| Waiting::enter(live));
+    let ahead = waiting.as_ref().map_or(0, |w| w.ahead);
+    let budget = reply_budget(&inner.config) + wait_timeout(&inner.config) * ahead;
     let mut conn = live.conn.clone();
     live.expecting();
     let mut query = pin!(tokio::time::timeout(
@@ -295,7 +299,7 @@ async fn round_trip(
             // connection, a hung server): give it up, so that the retry goes out on a new one.
             inner.abandon(live).await;
             Err(TransportError::transient(format!(
-                "{} did not answer a batch of {xadds} XADDs within the ack timeout of {budget:?}; retried on a new connection (Redis may have appended some: a retry can add a second copy)",
+                "{} did not answer a batch of {xadds} XADDs within {budget:?} (the ack timeout, plus, with ?wait=, WAIT's timeout for its own WAIT and each one ahead of it); retried on a new connection (Redis may have appended some: a retry can add a second copy)",
                 inner.server
             ))
             .with_code("TIMEOUT"))
@@ -318,18 +322,46 @@ async fn answering_live(inner: &Inner) -> Result<std::sync::Arc<Live>, Transport
     Ok(live)
 }
 
+/// One pipeline ending in `WAIT` on a connection, counted in `Live::waits` while it waits.
+struct Waiting<'a> {
+    live: &'a Live,
+    /// The others counted when it went out: ahead of it.
+    ahead: u32,
+}
+
+impl<'a> Waiting<'a> {
+    fn enter(live: &'a Live) -> Self {
+        let ahead = live.waits.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self {
+            live,
+            ahead: u32::try_from(ahead).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.live
+            .waits
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// How long a connection whose silence watch ran out gets to answer a PING: the watch cannot
 /// see the answers of calls cut off at their deadline (redis-rs drops them), so a healthy
 /// connection after such calls and an idle spell is asked before it is given up.
 const PING_PROBE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Whether `live` answers a PING within [`PING_PROBE`], or `WAIT`'s timeout if longer (the PING
-/// waits behind whatever is in flight, a `WAIT` included): then its watch starts over.
+/// Whether `live` answers a PING within [`PING_PROBE`], or `WAIT`'s timeout times the `WAIT`s
+/// in flight if longer (the PING waits behind whatever is in flight): then its watch starts
+/// over.
 async fn answers_ping(live: &Live, config: &RedisConfig) -> bool {
     let mut conn = live.conn.clone();
     let cmd = redis::cmd("PING");
     let ping = cmd.query_async::<Value>(&mut conn);
-    let within = PING_PROBE.max(wait_timeout(config));
+    let queued =
+        u32::try_from(live.waits.load(std::sync::atomic::Ordering::Acquire)).unwrap_or(u32::MAX);
+    let within = PING_PROBE.max(wait_timeout(config) * queued.max(1));
     // A refusal (an ACL without PING, say) is an answer too.
     let answered = match tokio::time::timeout(within, ping).await {
         Ok(Ok(_)) => true,

@@ -896,6 +896,40 @@ async fn a_busy_server_refusing_select_is_transient() {
     transport.close().await;
 }
 
+/// `WAIT`s queue on the one connection: with no replica, each holds the replies behind it
+/// for its whole timeout, so the eighth pipeline out waits eight of them. Each pipeline's
+/// budget counts the `WAIT`s ahead of it: every batch ends `REPLICAS_NOT_REACHED`, none with
+/// a `TIMEOUT` that would give the sound connection up. Before, with a 1 s ack timeout and
+/// 0.5 s `WAIT`s, the later ones timed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis: cargo xtask it redis"]
+async fn waits_queued_on_the_connection_do_not_time_later_batches_out() {
+    let server = OwnServer::start(&[]).await;
+    let transport = RedisTransport::new(
+        RedisConfig::from_url(&format!("{}/s?wait=1&wait_timeout_ms=500", server.url()))
+            .expect("url")
+            .ack_timeout(Duration::from_secs(1)),
+    )
+    .expect("t");
+    transport.connect().await.expect("connects");
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let t = transport.clone();
+        calls.spawn(async move {
+            let dest = herald_redis::stream(&format!("herald:it:{}:waits:{i}", uniq()));
+            let out = t
+                .send_batch(&dest, &[Message::new(dest.clone(), "m")])
+                .await;
+            out.into_iter().next().expect("one outcome")
+        });
+    }
+    while let Some(outcome) = calls.join_next().await {
+        let e = outcome.expect("call").expect_err("no replica");
+        assert_eq!(e.code(), Some("REPLICAS_NOT_REACHED"), "{e}");
+    }
+    transport.close().await;
+}
+
 /// A `WAIT` the server refuses (renamed away here; an ACL without `+wait`, a proxy without it)
 /// comes after the `XADD`s were answered with ids: the message is handed back saying it is
 /// stored and only its replication unconfirmed. Before, the error said "Redis refused a
