@@ -243,11 +243,16 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
     // record everything not acknowledged as failed.
     let interrupted = Arc::new(AtomicBool::new(false));
     let stop_reading = Arc::new(tokio::sync::Notify::new());
+    // What the watcher's close hands back that nobody waits for (messages recovered from the
+    // spool, failed): recorded with the rest once the engine is done. Dropped unrecorded, they
+    // would leave the spool with no record at all.
+    let unclaimed_at_interrupt: Arc<std::sync::Mutex<Vec<herald::SendError>>> = Arc::default();
     let watcher = {
         let interrupted = interrupted.clone();
         let stop_reading = stop_reading.clone();
         let producer = session.producer.clone();
         let cut_off = engine.cut_off();
+        let unclaimed = unclaimed_at_interrupt.clone();
         tokio::spawn(async move {
             let signal = stop_signal().await;
             interrupted.store(true, Ordering::SeqCst);
@@ -259,7 +264,12 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
             );
             let closing = producer.close(INTERRUPT_GRACE);
             tokio::select! {
-                _ = closing => {}
+                report = closing => {
+                    unclaimed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .extend(report.unclaimed);
+                }
                 _ = stop_signal() => std::process::exit(i32::from(Exit::Interrupted.code())),
             }
             // Batches still in flight are not waited for: their messages are recorded as
@@ -325,6 +335,15 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
     let (mut collector, producer) = engine.finish(CLOSE_TIMEOUT).await?;
     let elapsed = started.elapsed();
     watcher.abort();
+    // Ended (aborted, or exited the process): nothing more lands in the list.
+    let _watcher_ended = watcher.await;
+    for e in std::mem::take(
+        &mut *unclaimed_at_interrupt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    ) {
+        collector.failed(None, &e);
+    }
     let was_interrupted = interrupted.load(Ordering::SeqCst);
     // A reader blocked on a terminal or socket is not waited for.
     let read_result = reader_ended.then(|| {

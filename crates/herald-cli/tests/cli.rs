@@ -875,6 +875,93 @@ fn sigterm_with_messages_in_flight_records_every_one_and_ends_soon() {
     assert_eq!(report["in_flight_at_exit"], interrupted, "{report}");
 }
 
+/// Messages recovered from the spool that fail (here: the broker unreachable, a 1 s delivery
+/// timeout) are nobody's to hear of but the close's report. A signal that closes the producer
+/// must record them in the dead-letter file: before, its close's report was dropped, and with
+/// it the messages left the spool with no record (0 of 20 in the dead-letter file).
+#[cfg(unix)]
+#[test]
+fn a_signal_records_the_spool_s_recovered_messages_that_failed() {
+    use herald::spool::{Spool, SpoolConfig};
+    use herald::Message;
+    let dir = Scratch::new("signal-recovered");
+    let spool_dir = dir.path("spool");
+    {
+        let (spool, _) = Spool::open(SpoolConfig::new(&spool_dir)).expect("spool");
+        spool
+            .append_all(
+                &(0..20)
+                    .map(|i| Message::new("t", format!("recovered {i}")))
+                    .collect::<Vec<_>>(),
+            )
+            .expect("append");
+    }
+    let spool_arg = spool_dir.to_string_lossy().into_owned();
+    // stdin is a socket the test keeps open, as under `ssh host herald ...`: the run goes on
+    // until the signal, and after it herald gives the blocked reader half a second before it
+    // closes the producer itself, so that the signal's own close comes first.
+    let (stdin, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--spool",
+            &spool_arg,
+            "--delivery-timeout-ms",
+            "1000",
+            "--report",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .current_dir(&dir.0)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            theirs,
+        )))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start herald");
+    let addr = served_at(&mut child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = http_get(&addr, "/metrics");
+        let failed: f64 = body
+            .lines()
+            .filter(|l| l.starts_with("herald_messages_failed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if failed >= 20.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the 20 recovered messages never failed:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let killed = std::process::Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill -INT");
+    assert!(killed.success());
+    let run = finish(child, Duration::from_secs(60));
+    drop(stdin);
+    assert_eq!(run.code, Some(130), "{run:?}");
+    let records = dead_letters(&dir.path("herald-dead-letter.jsonl"));
+    let mut payloads: Vec<String> = records
+        .iter()
+        .map(|r| r["payload"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    payloads.sort();
+    let mut expected: Vec<String> = (0..20).map(|i| format!("recovered {i}")).collect();
+    expected.sort();
+    assert_eq!(payloads, expected, "{run:?}");
+}
+
 /// Where a running `herald ... --metrics-addr 127.0.0.1:0` serves (it says so on stderr, read
 /// on a thread so that a silent binary cannot hang the test).
 fn served_at(child: &mut std::process::Child) -> String {
