@@ -101,6 +101,7 @@ impl Live {
         let opened = Publisher {
             channel: opened,
             proven: Arc::default(),
+            first_polls: Arc::default(),
         };
         *ch = Some(opened.clone());
         Ok(opened)
@@ -131,6 +132,13 @@ impl Live {
 pub(crate) struct Publisher {
     pub(crate) channel: Channel,
     proven: Arc<std::sync::Mutex<HashSet<Route>>>,
+    /// Held across the first poll of each `basic_publish` on the channel. That poll takes the
+    /// publish's delivery tag and then queues its frames, under two different locks of
+    /// lapin's: two tasks publishing on one channel at once (batches of other destinations
+    /// sharing its slot, other producers on the transport) could take tags 5 and 6 and queue
+    /// their frames 6 first. The broker numbers publishes in the order it reads them, so the
+    /// two would get each other's confirm: a nacked or returned message reported delivered.
+    first_polls: Arc<std::sync::Mutex<()>>,
 }
 
 /// How many routes a channel remembers as proven; past it, it forgets them all (a route
@@ -138,6 +146,19 @@ pub(crate) struct Publisher {
 const PROVEN_ROUTES: usize = 4096;
 
 impl Publisher {
+    /// Polls `publish` (a `basic_publish` of this channel) for the first time, with no other
+    /// publish of the channel in its first poll meanwhile (see [`Publisher::first_polls`]).
+    pub(crate) fn first_poll<F: std::future::Future + ?Sized>(
+        &self,
+        publish: std::pin::Pin<&mut F>,
+    ) -> std::task::Poll<F::Output> {
+        let _in_order = self
+            .first_polls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        publish.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    }
+
     /// Whether a publish to `route` on this channel was confirmed (see `first_alone`).
     pub(crate) fn proven(&self, route: &Route) -> bool {
         self.proven

@@ -355,12 +355,8 @@ async fn first_alone(
     let unproven =
         |g: &Group| g.publisher.as_ref().is_some_and(|p| !p.proven(route)) && !g.idxs.is_empty();
     let probing = groups.iter().filter(|g| unproven(g)).map(|g| async move {
-        let channel = &g
-            .publisher
-            .as_ref()
-            .expect("unproven: has a channel")
-            .channel;
-        publish_alone(inner, channel, publishing, &batch[g.idxs[0]]).await
+        let publisher = g.publisher.as_ref().expect("unproven: has a channel");
+        publish_alone(inner, publisher, publishing, &batch[g.idxs[0]]).await
     });
     let probed: Vec<Result<Ack, TransportError>> = join_all(probing).await;
     let (mut again, mut nacked) = (false, Vec::new());
@@ -467,7 +463,7 @@ fn fail_unsent(
 /// is published once the deadline has passed.
 async fn publish_alone(
     inner: &Inner,
-    channel: &lapin::Channel,
+    publisher: &Publisher,
     publishing: Publishing<'_>,
     msg: &Message,
 ) -> Result<Ack, TransportError> {
@@ -478,7 +474,7 @@ async fn publish_alone(
     if Instant::now() >= deadline {
         return Err(not_sent_in_time(&target));
     }
-    let publish = channel.basic_publish(
+    let mut publish: Writing<'_> = Box::pin(publisher.channel.basic_publish(
         ShortString::from(route.exchange.as_str()),
         ShortString::from(route.routing_key.as_str()),
         BasicPublishOptions {
@@ -487,8 +483,12 @@ async fn publish_alone(
         },
         msg.payload(),
         properties(&inner.config, msg),
-    );
-    let confirm = write_done(inner, route, &target, deadline, Box::pin(publish)).await?;
+    ));
+    let confirm = match publisher.first_poll(publish.as_mut()) {
+        Poll::Ready(Ok(confirm)) => confirm,
+        Poll::Ready(Err(e)) => return Err(classify_on_channel(&e, route, &target)),
+        Poll::Pending => write_done(inner, route, &target, deadline, publish).await?,
+    };
     settle(inner, confirm, route, &target, deadline).await
 }
 
@@ -581,15 +581,13 @@ async fn publish_group(
         let mut publish = publish(i);
         // The first poll takes the delivery tag and queues the frames for lapin's I/O thread,
         // in call order (lapin 4's `basic_publish` does both before its first await: the
-        // order of delivery tags, and so of confirms, rests on that); it then waits for the
+        // order of delivery tags, and so of confirms, rests on that; `first_poll` keeps other
+        // tasks publishing on the channel out of that step meanwhile); it then waits for the
         // thread to say they are written. That wait is not this loop's: awaiting it here put a
         // wake-up of each thread by the other between every two publishes. The waker of the
         // first poll is a no-op (the thread's write wakes nothing); the wait is awaited with
         // the real one when the window is full, or after the channel's last publish.
-        match publish
-            .as_mut()
-            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
-        {
+        match publisher.first_poll(publish.as_mut()) {
             Poll::Pending => flight.push_back((i, InFlight::Writing(publish))),
             Poll::Ready(Ok(confirm)) => flight.push_back((i, InFlight::Written(confirm))),
             Poll::Ready(Err(e)) => {

@@ -70,9 +70,13 @@ impl Admin {
 
     /// A new durable queue that expires 10 minutes after its last use.
     async fn queue(&self, hint: &str) -> String {
+        self.queue_with(hint, FieldTable::default()).await
+    }
+
+    /// [`Admin::queue`] with these arguments too.
+    async fn queue_with(&self, hint: &str, mut args: FieldTable) -> String {
         let name = uniq(hint);
         let ch = self.conn.create_channel().await.expect("channel");
-        let mut args = FieldTable::default();
         args.insert("x-expires".into(), AMQPValue::LongUInt(600_000));
         ch.queue_declare(
             name.as_str().into(),
@@ -501,6 +505,60 @@ async fn a_bad_destination_does_not_fail_another_batch_on_the_same_channel() {
             }
         }
     }
+    t.close().await;
+    admin.cleanup().await;
+}
+
+/// Two batches publishing on one channel at once (other destinations share its slot) each
+/// get their own messages' confirms: one queue takes a single message and refuses the rest
+/// (`x-max-length` 1, `reject-publish`: nacked), the other takes everything. lapin takes a
+/// publish's delivery tag and queues its frames under two locks; without herald's lock
+/// around that step, two tasks could queue their frames in the other order than their tags,
+/// and the broker's confirms went to the wrong messages: a nacked message reported
+/// delivered, or a stored one nacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn batches_sharing_a_channel_keep_their_own_confirms() {
+    use herald_core::Transport;
+    let admin = Admin::connect(&url()).await;
+    let good = herald_amqp::queue(&admin.queue("takes").await);
+    let t = AmqpTransport::new(AmqpConfig::from_url(&url()).expect("url").channels(1)).expect("t");
+    t.connect().await.expect("connect");
+    let body = herald_core::Bytes::from(vec![b'x'; 16 * 1024]);
+    let (mut refused_but_ok, mut taken_but_failed) = (0, 0);
+    for round in 0..20 {
+        let mut one_only = FieldTable::default();
+        one_only.insert("x-max-length".into(), AMQPValue::LongUInt(1));
+        one_only.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        let full = herald_amqp::queue(&admin.queue_with("takes-one", one_only).await);
+        let batch = |dest: &Destination| -> Vec<Message> {
+            (0..50)
+                .map(|i| {
+                    Message::new(dest.clone(), body.clone())
+                        .with_header("n", format!("{round}-{i}"))
+                })
+                .collect()
+        };
+        let (f, g) = (batch(&full), batch(&good));
+        let (ft, gt) = (t.clone(), t.clone());
+        let (fd, gd) = (full.clone(), good.clone());
+        let (fo, go) = tokio::join!(
+            tokio::spawn(async move { ft.send_batch(&fd, &f).await }),
+            tokio::spawn(async move { gt.send_batch(&gd, &g).await })
+        );
+        // The queue that takes one: exactly one delivered.
+        let delivered = fo.expect("task").iter().filter(|o| o.is_ok()).count();
+        refused_but_ok += delivered.saturating_sub(1);
+        taken_but_failed += go.expect("task").iter().filter(|o| o.is_err()).count();
+    }
+    assert_eq!(
+        (refused_but_ok, taken_but_failed),
+        (0, 0),
+        "delivered beyond the one the full queue took, failed to the queue that takes all"
+    );
     t.close().await;
     admin.cleanup().await;
 }
