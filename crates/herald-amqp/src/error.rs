@@ -125,6 +125,17 @@ pub(crate) fn classify_connect(e: &lapin::Error, url: &str) -> TransportError {
     match e.kind() {
         ErrorKind::ProtocolError(amqp) => {
             let code = amqp.get_id();
+            let message = amqp.get_message().as_str().to_ascii_lowercase();
+            // RabbitMQ also answers 530 for what passes: a vhost restarting ("vhost / is
+            // down") and a vhost's or user's connection limit reached.
+            if code == 530 && (message.contains("is down") || message.contains("limit")) {
+                return TransportError::transient(format!(
+                    "cannot connect to {url}: {code} {}; the virtual host is restarting or at its connection limit: retried",
+                    amqp.get_message()
+                ))
+                .with_code("NOT_ALLOWED")
+                .with_source(e.clone());
+            }
             let info = reply_code(code);
             let what = match code {
                 403 => "the broker refused the credentials (ACCESS_REFUSED): check the user and password".to_owned(),

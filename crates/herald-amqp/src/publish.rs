@@ -72,6 +72,10 @@ async fn send_in_turn(
     let channels = inner.config.channels;
     let mut slots: Vec<Vec<usize>> = vec![Vec::new(); channels];
     for (i, m) in batch.iter().enumerate() {
+        if let Some(e) = unpublishable(&inner.config, m) {
+            outcomes[i] = Some(Err(e));
+            continue;
+        }
         slots[slot_for(m.key(), destination, channels)].push(i);
     }
     let mut groups: Vec<Group> = slots
@@ -209,6 +213,27 @@ fn message_id(msg: &Message, header: Option<&str>) -> Option<String> {
         }
     }
     msg.id().map(|id| String::from(&*id.text()))
+}
+
+/// Why `msg` cannot be published, if it cannot: AMQP short strings (header names, the
+/// `message_id` property) hold at most 255 bytes, and lapin panics on a longer one. Permanent:
+/// sent again, it would fail the same way.
+fn unpublishable(config: &AmqpConfig, msg: &Message) -> Option<TransportError> {
+    let invalid = |what: &str, len: usize| {
+        Some(
+            TransportError::permanent(format!(
+                "{what} is {len} bytes; AMQP allows at most 255 (a short string)"
+            ))
+            .with_code("INVALID_HEADER"),
+        )
+    };
+    if let Some(h) = msg.headers().iter().find(|h| h.name.len() > 255) {
+        return invalid("a header name", h.name.len());
+    }
+    match message_id(msg, config.message_id_header.as_deref()) {
+        Some(id) if id.len() > 255 => invalid("the message id (its message-id header)", id.len()),
+        _ => None,
+    }
 }
 
 fn properties(config: &AmqpConfig, msg: &Message) -> BasicProperties {

@@ -563,6 +563,85 @@ async fn batches_sharing_a_channel_keep_their_own_confirms() {
     admin.cleanup().await;
 }
 
+/// A header name or a message id longer than AMQP's short strings (255 bytes) fails that
+/// message permanently at once; the others of its batch go. Before, lapin panicked on it, in
+/// the middle of publishing the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn a_header_longer_than_a_short_string_fails_only_its_message() {
+    use herald_core::Transport;
+    let admin = Admin::connect(&url()).await;
+    let dest = herald_amqp::queue(&admin.queue("short-strings").await);
+    let t = AmqpTransport::new(AmqpConfig::from_url(&url()).expect("url")).expect("t");
+    let batch = [
+        Message::new(dest.clone(), "before"),
+        Message::new(dest.clone(), "long id").with_header("message-id", "i".repeat(300)),
+        Message::new(dest.clone(), "long name").with_header("n".repeat(300), "v"),
+        Message::new(dest.clone(), "after"),
+    ];
+    let out = t.send_batch(&dest, &batch).await;
+    assert!(out[0].is_ok() && out[3].is_ok(), "{out:?}");
+    for o in &out[1..3] {
+        let e = o.as_ref().expect_err("too long");
+        assert_eq!(
+            (e.class(), e.code()),
+            (ErrorClass::Permanent, Some("INVALID_HEADER")),
+            "{e}"
+        );
+    }
+    t.close().await;
+    admin.cleanup().await;
+}
+
+/// A vhost at its connection limit refuses a connection with 530 NOT_ALLOWED, as a missing
+/// or forbidden vhost does, but that one passes: transient. Before, permanent, so every
+/// message of the batch failed for good. Runs `rabbitmqctl` on a vhost of its own (deleted at
+/// the end); the broker's own vhosts are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker: cargo xtask it"]
+async fn a_vhost_at_its_connection_limit_is_transient() {
+    use herald_core::Transport;
+    let vhost = uniq("limit");
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("run rabbitmqctl");
+        assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+    };
+    ctl(&["add_vhost", &vhost]);
+    struct Gone<'a>(&'a str);
+    impl Drop for Gone<'_> {
+        fn drop(&mut self) {
+            let _best_effort = std::process::Command::new("rabbitmqctl")
+                .args(["delete_vhost", self.0])
+                .output();
+        }
+    }
+    let _gone = Gone(&vhost);
+    ctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    ctl(&[
+        "set_vhost_limits",
+        "-p",
+        &vhost,
+        r#"{"max-connections": 1}"#,
+    ]);
+    let base = url();
+    let at = base.rfind('/').expect("a vhost in the URL");
+    let vhost_url = format!("{}/{vhost}", &base[..at]);
+    let first = AmqpTransport::new(AmqpConfig::from_url(&vhost_url).expect("url")).expect("t");
+    first.connect().await.expect("the one connection allowed");
+    let second = AmqpTransport::new(AmqpConfig::from_url(&vhost_url).expect("url")).expect("t");
+    let e = second.connect().await.expect_err("over the limit");
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Transient, Some("NOT_ALLOWED")),
+        "{e}"
+    );
+    first.close().await;
+    second.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a broker: cargo xtask it"]
 async fn a_failed_declaration_is_transient() {
