@@ -108,21 +108,39 @@ async fn stop_signal() -> &'static str {
 /// being read (sending a dead-letter file again without `--dead-letter`), so reading might
 /// never end and what was delivered would be read again.
 fn refuse_same_file(input: Option<&PathBuf>, dead_letter: &std::path::Path) -> anyhow::Result<()> {
-    let Some(input) = input.filter(|p| p.as_os_str() != "-") else {
-        return Ok(());
+    // The input: the file named, or the file stdin was redirected from (`< records.jsonl`).
+    let (input, what) = match input.filter(|p| p.as_os_str() != "-") {
+        Some(path) => (std::fs::metadata(path).ok(), "the input file"),
+        None => (stdin_file(), "the file on stdin"),
     };
-    let same = match (std::fs::metadata(input), std::fs::metadata(dead_letter)) {
-        (Ok(a), Ok(b)) => same_file(&a, &b),
+    let same = match (input, std::fs::metadata(dead_letter)) {
+        (Some(a), Ok(b)) => same_file(&a, &b),
         // No dead-letter file yet: it cannot be the input, which exists.
         _ => false,
     };
     if same {
         bail!(
-            "--dead-letter `{}` is the input file: records of what fails would be appended to the file being read; name another dead-letter file (e.g. --dead-letter retry.jsonl)",
+            "--dead-letter `{}` is {what}: records of what fails would be appended to the file being read; name another dead-letter file (e.g. --dead-letter retry.jsonl)",
             dead_letter.display()
         );
     }
     Ok(())
+}
+
+/// The file stdin reads, if it is one (not a terminal, pipe or socket).
+#[cfg(unix)]
+fn stdin_file() -> Option<std::fs::Metadata> {
+    use std::os::fd::AsFd as _;
+    let fd = std::io::stdin().as_fd().try_clone_to_owned().ok()?;
+    std::fs::File::from(fd)
+        .metadata()
+        .ok()
+        .filter(std::fs::Metadata::is_file)
+}
+
+#[cfg(not(unix))]
+fn stdin_file() -> Option<std::fs::Metadata> {
+    None
 }
 
 #[cfg(unix)]

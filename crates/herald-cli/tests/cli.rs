@@ -781,6 +781,47 @@ fn a_dead_letter_file_that_is_the_input_is_refused() {
     );
 }
 
+/// The same, with the dead-letter file redirected to stdin (`< herald-dead-letter.jsonl`, the
+/// default name, in the same folder): refused too. Before, records of what failed were
+/// appended to the file being read, with no end.
+#[cfg(unix)]
+#[test]
+fn a_dead_letter_file_on_stdin_is_refused() {
+    let dir = Scratch::new("replay-stdin");
+    let records = dir.path("herald-dead-letter.jsonl");
+    let record = "{\"payload\":\"0123456789abcdef\",\"line\":1}\n";
+    std::fs::write(&records, record).expect("write");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--format",
+            "jsonl",
+            "--max-message-bytes",
+            "8",
+        ])
+        .current_dir(&dir.0)
+        .env_remove("RUST_LOG")
+        .stdin(std::fs::File::open(&records).expect("open"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start herald");
+    let run = finish(child, LIMIT);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("is the file on stdin"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(&records).expect("read"),
+        record,
+        "the input is left as it was"
+    );
+}
+
 #[test]
 fn sigterm_with_messages_in_flight_records_every_one_and_ends_soon() {
     use std::io::Write as _;
