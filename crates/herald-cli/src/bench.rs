@@ -574,7 +574,7 @@ async fn open_loop_bench(
     rate: f64,
     broker: &str,
 ) -> anyhow::Result<Exit> {
-    open_loop::check_rate(rate)?;
+    open_loop::check_rate(rate, args.messages)?;
     out!(
         "herald bench: open loop, {} messages of {} B at {} msg/s ({}), {KEYS} keys, to {broker}",
         report::count(args.messages),

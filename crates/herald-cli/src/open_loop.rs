@@ -59,11 +59,21 @@ fn due(start: Instant, rate: f64, i: u64) -> Instant {
     start + Duration::from_secs_f64(i as f64 / rate)
 }
 
-/// `--rate`: a positive, finite number of messages a second.
-pub(crate) fn check_rate(rate: f64) -> anyhow::Result<()> {
+/// The longest run `--rate` may schedule.
+const LONGEST_RUN: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// `--rate`: a positive, finite number of messages a second, at which `n` messages take at
+/// most [`LONGEST_RUN`] (a schedule beyond any clock's range would panic).
+pub(crate) fn check_rate(rate: f64, n: u64) -> anyhow::Result<()> {
     anyhow::ensure!(
         rate.is_finite() && rate > 0.0,
         "--rate must be a positive number of messages per second, not {rate}"
+    );
+    let secs = n as f64 / rate;
+    anyhow::ensure!(
+        secs <= LONGEST_RUN.as_secs_f64(),
+        "--rate {rate} with {n} messages would run for {secs:.0} s; at most {} s (24 h): raise --rate or lower --messages",
+        LONGEST_RUN.as_secs()
     );
     Ok(())
 }
@@ -72,7 +82,7 @@ pub(crate) fn check_rate(rate: f64) -> anyhow::Result<()> {
 /// due time to its acknowledgement, and gives `sender` back (to be closed). Runs the pacer on a
 /// blocking thread of the current runtime.
 pub(crate) async fn run<S: Sender>(sender: S, rate: f64, n: u64) -> anyhow::Result<(Paced, S)> {
-    check_rate(rate)?;
+    check_rate(rate, n)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, BoxFuture<'static, bool>)>();
     let handle = tokio::runtime::Handle::current();
     // A moment from now, so that the first messages are not already late when the thread starts.

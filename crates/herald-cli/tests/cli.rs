@@ -432,6 +432,8 @@ fn bench_refuses_a_rate_it_cannot_keep() {
             &["bench", "--rate=-5"][..],
             "--rate must be a positive number",
         ),
+        // A schedule beyond the clock's range panicked.
+        (&["bench", "--rate", "1e-15"][..], "would run for"),
     ] {
         let run = herald(args, None, &dir.0, LIMIT);
         assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
