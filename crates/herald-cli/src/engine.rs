@@ -333,6 +333,9 @@ fn hold_at_most(held: &mut BTreeMap<u64, Value>, dl: &mut DeadLetter) {
 enum Control {
     Refused(u64, SendError),
     Malformed(u64, Vec<u8>, String),
+    /// The run ends at once (a second signal): write every record held back now, out of input
+    /// order if need be, then say so.
+    WriteHeldNow(tokio::sync::oneshot::Sender<()>),
 }
 
 /// A fate reported through the engine's sink: (input line, outcome).
@@ -436,6 +439,10 @@ impl Engine {
                             ended.push(line);
                             collector.malformed(line, &raw, &error);
                         }
+                        Some(Control::WriteHeldNow(done)) => {
+                            collector.release(None);
+                            let _told = done.send(());
+                        }
                         None => control_open = false,
                     },
                     // What has no fate yet is for `finish` to record.
@@ -464,6 +471,12 @@ impl Engine {
             outstanding,
             cut_off,
         }
+    }
+
+    /// Lets another task write every dead-letter record held back at once, before the
+    /// process ends without waiting for the rest ([`HeldRecords::write_now`]).
+    pub(crate) fn held_records(&self) -> HeldRecords {
+        HeldRecords(self.tx.clone())
     }
 
     /// Lets another task stop the wait for fates: every message not acknowledged by then is
@@ -607,6 +620,25 @@ fn forget(outstanding: &Outstanding, ended: impl Iterator<Item = u64>) -> Option
         outstanding.end(line);
     }
     outstanding.first()
+}
+
+/// Writes the dead-letter records the collector holds back ([`Engine::held_records`]).
+#[derive(Clone)]
+pub(crate) struct HeldRecords(mpsc::Sender<Control>);
+
+impl HeldRecords {
+    /// Writes every record held back (records of lines that ended, waiting for an earlier line
+    /// still in flight, so that the file stays in input order), out of order if need be, and
+    /// returns once they are written, or after `within`: the process is about to end.
+    pub(crate) async fn write_now(&self, within: Duration) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        let _in_time = tokio::time::timeout(within, async {
+            if self.0.send(Control::WriteHeldNow(done)).await.is_ok() {
+                let _written = written.await;
+            }
+        })
+        .await;
+    }
 }
 
 /// Cuts the engine's wait for fates short ([`Engine::cut_off`]).

@@ -70,6 +70,9 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 /// never come), and it holds no messages then, so a quiet moment ends reading. (A pipe's or a
 /// file's reading stops at the signal: everything it read is handed over, then it ends.)
 const READER_QUIET: Duration = Duration::from_millis(500);
+/// After a second Ctrl-C, how long the dead-letter records already made may take to be
+/// written before the process ends.
+const QUIT_WRITE: Duration = Duration::from_secs(1);
 
 /// Which signal stopped the run: the next Ctrl-C, SIGTERM or SIGHUP. A signal whose handler
 /// cannot be installed never arrives (the process then ends as the operating system decides).
@@ -270,6 +273,7 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
         let stop_reading = stop_reading.clone();
         let producer = session.producer.clone();
         let cut_off = engine.cut_off();
+        let held = engine.held_records();
         let unclaimed = unclaimed_at_interrupt.clone();
         tokio::spawn(async move {
             let signal = stop_signal().await;
@@ -288,12 +292,18 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .extend(report.unclaimed);
                 }
-                _ = stop_signal() => std::process::exit(i32::from(Exit::Interrupted.code())),
+                _ = stop_signal() => {
+                    // Quit at once: what is in flight goes unrecorded, but not the records
+                    // already made and held back for input order.
+                    held.write_now(QUIT_WRITE).await;
+                    std::process::exit(i32::from(Exit::Interrupted.code()));
+                }
             }
             // Batches still in flight are not waited for: their messages are recorded as
             // not acknowledged (they may still arrive).
             cut_off.now();
             stop_signal().await;
+            held.write_now(QUIT_WRITE).await;
             std::process::exit(i32::from(Exit::Interrupted.code()));
         })
     };

@@ -1005,6 +1005,87 @@ fn a_signal_records_the_spool_s_recovered_messages_that_failed() {
     assert_eq!(payloads, expected, "{run:?}");
 }
 
+/// A second signal quits at once, without recording what is in flight, but the records herald
+/// has already made are written first: lines refused after the first signal wait in memory
+/// behind the lines still in flight (the file is in input order). Before, the second signal
+/// ended the process with them unwritten: an empty dead-letter file.
+#[cfg(unix)]
+#[test]
+fn a_second_signal_still_writes_the_records_already_made() {
+    use std::io::Write as _;
+    let dir = Scratch::new("second-signal");
+    let mut child = spawn(
+        &[
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--buffer-messages",
+            "10",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &dir.0,
+    );
+    let addr = served_at(&mut child);
+    let mut stdin = child.stdin.take().expect("stdin");
+    for i in 0..50 {
+        writeln!(stdin, "line {i}").expect("write stdin");
+    }
+    stdin.flush().expect("flush");
+    // Ten in the buffer (the broker unreachable), the rest waiting for room.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = http_get(&addr, "/metrics");
+        if body
+            .lines()
+            .any(|l| l == "herald_messages_accepted_total{transport=\"kafka\"} 10")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "10 messages never accepted:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let signal = |name: &str| {
+        let killed = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+    };
+    signal("TERM");
+    // The first signal's close refuses the lines waiting for room (counted as failed; their
+    // records go to the collector ahead of anything the second signal sends it), while the
+    // ten in flight keep its grace (5 s) going.
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    loop {
+        let (_, body) = http_get(&addr, "/metrics");
+        if body
+            .lines()
+            .any(|l| l.starts_with("herald_messages_failed_total") && !l.ends_with(" 0"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing refused after the first signal:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal("TERM");
+    let run = finish(child, Duration::from_secs(60));
+    drop(stdin);
+    assert_eq!(run.code, Some(130), "{run:?}");
+    let records = dead_letters(&dir.path("herald-dead-letter.jsonl"));
+    assert!(!records.is_empty(), "no record written: {run:?}");
+    for r in &records {
+        assert!(r["line"].as_u64().is_some_and(|l| l > 10), "{r}");
+    }
+}
+
 /// Where a running `herald ... --metrics-addr 127.0.0.1:0` serves (it says so on stderr, read
 /// on a thread so that a silent binary cannot hang the test).
 fn served_at(child: &mut std::process::Child) -> String {
