@@ -333,9 +333,6 @@ fn hold_at_most(held: &mut BTreeMap<u64, Value>, dl: &mut DeadLetter) {
 enum Control {
     Refused(u64, SendError),
     Malformed(u64, Vec<u8>, String),
-    /// The run ends at once (a second signal): write every record held back now, out of input
-    /// order if need be, then say so.
-    WriteHeldNow(tokio::sync::oneshot::Sender<()>),
 }
 
 /// A fate reported through the engine's sink: (input line, outcome).
@@ -381,6 +378,7 @@ pub(crate) struct Engine {
     /// `Some` when the dead-letter file is written in input order.
     outstanding: Option<Outstanding>,
     cut_off: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    held_records: HeldRecords,
 }
 
 impl Engine {
@@ -406,6 +404,9 @@ impl Engine {
         }
         let cut_off = std::sync::Arc::new(tokio::sync::watch::Sender::new(false));
         let mut cut = cut_off.subscribe();
+        let held_records = HeldRecords::default();
+        let mut write_held = held_records.ask.subscribe();
+        let held_written = held_records.written.clone();
         let tracked = outstanding.clone();
         let collector = tokio::spawn(async move {
             // Fates seen, and whether the wait for the rest was cut off.
@@ -439,15 +440,16 @@ impl Engine {
                             ended.push(line);
                             collector.malformed(line, &raw, &error);
                         }
-                        Some(Control::WriteHeldNow(done)) => {
-                            collector.release(None);
-                            let _told = done.send(());
-                        }
                         None => control_open = false,
                     },
                     // What has no fate yet is for `finish` to record.
                     Ok(()) = async { cut.wait_for(|c| *c).await.map(|_| ()) }, if !cut_now => {
                         cut_now = true;
+                    }
+                    // The process is about to end (a second signal): what is held goes now.
+                    Ok(()) = write_held.changed() => {
+                        collector.release(None);
+                        held_written.notify_one();
                     }
                 }
                 if !ended.is_empty() {
@@ -470,13 +472,14 @@ impl Engine {
             spool,
             outstanding,
             cut_off,
+            held_records,
         }
     }
 
     /// Lets another task write every dead-letter record held back at once, before the
     /// process ends without waiting for the rest ([`HeldRecords::write_now`]).
     pub(crate) fn held_records(&self) -> HeldRecords {
-        HeldRecords(self.tx.clone())
+        self.held_records.clone()
     }
 
     /// Lets another task stop the wait for fates: every message not acknowledged by then is
@@ -623,21 +626,24 @@ fn forget(outstanding: &Outstanding, ended: impl Iterator<Item = u64>) -> Option
 }
 
 /// Writes the dead-letter records the collector holds back ([`Engine::held_records`]).
-#[derive(Clone)]
-pub(crate) struct HeldRecords(mpsc::Sender<Control>);
+#[derive(Clone, Default)]
+pub(crate) struct HeldRecords {
+    /// Asks the collector to write them.
+    ask: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    /// The collector wrote them.
+    written: std::sync::Arc<tokio::sync::Notify>,
+}
 
 impl HeldRecords {
     /// Writes every record held back (records of lines that ended, waiting for an earlier line
     /// still in flight, so that the file stays in input order), out of order if need be, and
     /// returns once they are written, or after `within`: the process is about to end.
     pub(crate) async fn write_now(&self, within: Duration) {
-        let (done, written) = tokio::sync::oneshot::channel();
-        let _in_time = tokio::time::timeout(within, async {
-            if self.0.send(Control::WriteHeldNow(done)).await.is_ok() {
-                let _written = written.await;
-            }
-        })
-        .await;
+        let written = self.written.notified();
+        tokio::pin!(written);
+        written.as_mut().enable();
+        self.ask.send_replace(true);
+        let _in_time = tokio::time::timeout(within, written).await;
     }
 }
 

@@ -593,12 +593,7 @@ fn ctrl_c_with_stdin_still_open_ends_with_130() {
     );
     assert_eq!(got.len(), 10);
     // Ctrl-C while the writer keeps stdin open (a terminal, or a program that outlives it).
-    let killed = std::process::Command::new("kill")
-        .arg("-INT")
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill -INT");
-    assert!(killed.success());
+    signal(&child, "INT");
     let Run {
         code,
         stdout,
@@ -793,8 +788,8 @@ fn a_dead_letter_file_on_stdin_is_refused() {
     let records = dir.path("herald-dead-letter.jsonl");
     let record = "{\"payload\":\"0123456789abcdef\",\"line\":1}\n";
     std::fs::write(&records, record).expect("write");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args([
+    let child = spawn_with_stdin(
+        &[
             "produce",
             "--to",
             "kafka://127.0.0.1:9/t",
@@ -802,14 +797,10 @@ fn a_dead_letter_file_on_stdin_is_refused() {
             "jsonl",
             "--max-message-bytes",
             "8",
-        ])
-        .current_dir(&dir.0)
-        .env_remove("RUST_LOG")
-        .stdin(std::fs::File::open(&records).expect("open"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start herald");
+        ],
+        &dir.0,
+        std::fs::File::open(&records).expect("open").into(),
+    );
     let run = finish(child, LIMIT);
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(
@@ -866,28 +857,12 @@ fn sigterm_with_messages_in_flight_records_every_one_and_ends_soon() {
     }
     stdin.flush().expect("flush");
     // Every line accepted by the producer (stdin stays open, as from a terminal).
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, body) = http_get(&addr, "/metrics");
-        if body
-            .lines()
+    metrics_until(&addr, "20 messages accepted", |body| {
+        body.lines()
             .any(|l| l == "herald_messages_accepted_total{transport=\"kafka\"} 20")
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "20 messages never accepted:\n{body}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
     let signalled = std::time::Instant::now();
-    let killed = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill -TERM");
-    assert!(killed.success());
+    signal(&child, "TERM");
     let run = finish(child, Duration::from_secs(60));
     drop(stdin);
     let took = signalled.elapsed();
@@ -944,8 +919,8 @@ fn a_signal_records_the_spool_s_recovered_messages_that_failed() {
     // until the signal, and after it herald gives the blocked reader half a second before it
     // closes the producer itself, so that the signal's own close comes first.
     let (stdin, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args([
+    let mut child = spawn_with_stdin(
+        &[
             "produce",
             "--to",
             "kafka://127.0.0.1:9/t",
@@ -957,40 +932,20 @@ fn a_signal_records_the_spool_s_recovered_messages_that_failed() {
             "json",
             "--metrics-addr",
             "127.0.0.1:0",
-        ])
-        .current_dir(&dir.0)
-        .env_remove("RUST_LOG")
-        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
-            theirs,
-        )))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start herald");
+        ],
+        &dir.0,
+        std::os::fd::OwnedFd::from(theirs).into(),
+    );
     let addr = served_at(&mut child);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, body) = http_get(&addr, "/metrics");
+    metrics_until(&addr, "the 20 recovered messages failed", |body| {
         let failed: f64 = body
             .lines()
             .filter(|l| l.starts_with("herald_messages_failed_total"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
-        if failed >= 20.0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the 20 recovered messages never failed:\n{body}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let killed = std::process::Command::new("kill")
-        .arg("-INT")
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill -INT");
-    assert!(killed.success());
+        failed >= 20.0
+    });
+    signal(&child, "INT");
     let run = finish(child, Duration::from_secs(60));
     drop(stdin);
     assert_eq!(run.code, Some(130), "{run:?}");
@@ -1033,49 +988,19 @@ fn a_second_signal_still_writes_the_records_already_made() {
     }
     stdin.flush().expect("flush");
     // Ten in the buffer (the broker unreachable), the rest waiting for room.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, body) = http_get(&addr, "/metrics");
-        if body
-            .lines()
+    metrics_until(&addr, "10 messages accepted", |body| {
+        body.lines()
             .any(|l| l == "herald_messages_accepted_total{transport=\"kafka\"} 10")
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "10 messages never accepted:\n{body}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let signal = |name: &str| {
-        let killed = std::process::Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(killed.success());
-    };
-    signal("TERM");
+    });
+    signal(&child, "TERM");
     // The first signal's close refuses the lines waiting for room (counted as failed; their
     // records go to the collector ahead of anything the second signal sends it), while the
     // ten in flight keep its grace (5 s) going.
-    let deadline = std::time::Instant::now() + Duration::from_secs(4);
-    loop {
-        let (_, body) = http_get(&addr, "/metrics");
-        if body
-            .lines()
+    metrics_until(&addr, "lines refused after the first signal", |body| {
+        body.lines()
             .any(|l| l.starts_with("herald_messages_failed_total") && !l.ends_with(" 0"))
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nothing refused after the first signal:\n{body}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    signal("TERM");
+    });
+    signal(&child, "TERM");
     let run = finish(child, Duration::from_secs(60));
     drop(stdin);
     assert_eq!(run.code, Some(130), "{run:?}");
@@ -1110,6 +1035,50 @@ fn served_at(child: &mut std::process::Child) -> String {
     }
 }
 
+/// Waits (at most 60 s) until the /metrics of the herald serving at `addr` satisfies `done`;
+/// `what` names the condition in the failure.
+fn metrics_until(addr: &str, what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = http_get(addr, "/metrics");
+        if done(&body) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never {what}:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `child` the signal `name` (`TERM`, `INT`).
+fn signal(child: &std::process::Child, name: &str) {
+    let killed = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(killed.success(), "kill -{name}");
+}
+
+/// `herald args` in `dir` with this stdin (a file, a socket), stdout and stderr piped.
+fn spawn_with_stdin(
+    args: &[&str],
+    dir: &std::path::Path,
+    stdin: std::process::Stdio,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdin(stdin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start herald")
+}
+
 /// After a signal, every line herald took from its input is accounted for: sent, or in the
 /// dead-letter file; what it did not take is still in the pipe.
 #[cfg(unix)]
@@ -1139,8 +1108,8 @@ fn after_a_signal_every_line_taken_from_a_pipe_is_sent_or_recorded() {
         .expect("opening thread")
         .expect("open the FIFO to read");
     let url = format!("kafka://{}/signal-pipe", mock.bootstrap_servers());
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args([
+    let mut child = spawn_with_stdin(
+        &[
             "produce",
             "--to",
             &url,
@@ -1148,13 +1117,10 @@ fn after_a_signal_every_line_taken_from_a_pipe_is_sent_or_recorded() {
             "json",
             "--metrics-addr",
             "127.0.0.1:0",
-        ])
-        .current_dir(&dir.0)
-        .stdin(stdin)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start herald");
+        ],
+        &dir.0,
+        stdin.into(),
+    );
     // `line N` lines, N from 1, faster than herald takes them, until herald is gone (a broken
     // pipe): when the signal comes, herald has read more than it has handed on.
     let writing = std::thread::spawn(move || {
@@ -1185,29 +1151,13 @@ fn after_a_signal_every_line_taken_from_a_pipe_is_sent_or_recorded() {
         (writer, written)
     });
     let addr = served_at(&mut child);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, body) = http_get(&addr, "/metrics");
-        let accepted = body
-            .lines()
+    metrics_until(&addr, "2000 messages accepted", |body| {
+        body.lines()
             .find_map(|l| l.strip_prefix("herald_messages_accepted_total{transport=\"kafka\"} "))
             .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-        if accepted >= 2000 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "2000 messages never accepted:\n{body}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let killed = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill -TERM");
-    assert!(killed.success());
+            .is_some_and(|accepted| accepted >= 2000)
+    });
+    signal(&child, "TERM");
     let run = finish(child, Duration::from_secs(60));
     assert_eq!(run.code, Some(130), "{run:?}");
     let (writer, written) = writing.join().expect("writer thread");
