@@ -128,7 +128,7 @@ pub(crate) fn classify_connect(e: &lapin::Error, url: &str) -> TransportError {
             let message = amqp.get_message().as_str().to_ascii_lowercase();
             // RabbitMQ also answers 530 for what passes: a vhost restarting ("vhost / is
             // down") and a vhost's or user's connection limit reached.
-            if code == 530 && (message.contains("is down") || message.contains("limit")) {
+            if code == 530 && (message.contains("' is down") || message.contains("connection limit")) {
                 return TransportError::transient(format!(
                     "cannot connect to {url}: {code} {}; the virtual host is restarting or at its connection limit: retried",
                     amqp.get_message()

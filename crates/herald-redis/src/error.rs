@@ -70,12 +70,13 @@ pub(crate) fn reply_code(code: &str, detail: &str) -> CodeInfo {
         // words, which keep what the code would have said.
         "ERR" if lower.contains("redis is busy") => ("BUSY", T, "the server is running a long script or function: retried"),
         "ERR" if lower.contains("redis is loading") => ("LOADING", T, "the server is loading its dataset from disk after a restart: retried"),
-        // A proxy in front of Redis (Envoy, twemproxy, a managed endpoint) answers ERR when it
-        // cannot reach the server: that passes.
-        "ERR" if ["upstream", "connection refused", "connection reset", "timed out", "timeout"].iter().any(|w| lower.contains(w)) => ("PROXY_ERROR", T, "a proxy between herald and Redis could not reach the server: retried"),
         "ERR" if lower.contains("unknown command") => ("NOT_SUPPORTED", P, "the server does not know XADD (Redis 5.0 or later needed) or WAIT"),
         "ERR" if lower.contains("db index is out of range") || lower.contains("invalid db index") => ("BAD_DATABASE", P, "the server has no such database: check the number in the URL"),
         "ERR" if lower.contains("string exceeds maximum allowed size") || lower.contains("too large") || lower.contains("bulk length") => ("PAYLOAD_TOO_LARGE", P, "the server refuses values this large (proto-max-bulk-len)"),
+        // A proxy in front of Redis (Envoy, twemproxy, a managed endpoint) answers ERR when it
+        // cannot reach the server: that passes. After the rules above, whose texts may quote a
+        // stream name (`unknown command ... with args beginning with: 'jobs:upstream'`).
+        "ERR" if ["upstream", "connection refused", "connection reset", "timed out"].iter().any(|w| lower.contains(w)) => ("PROXY_ERROR", T, "a proxy between herald and Redis could not reach the server: retried"),
         "ERR" => ("SERVER_REFUSED", P, "the server refused the command"),
         _ => ("SERVER_ERROR", T, "an error reply herald does not know: retried"),
     };
@@ -262,6 +263,12 @@ mod tests {
             ("ERR", "upstream failure", "PROXY_ERROR", Transient),
             ("ERR", "no upstream host", "PROXY_ERROR", Transient),
             ("ERR", "Connection refused", "PROXY_ERROR", Transient),
+            (
+                "ERR",
+                "unknown command 'XADD', with args beginning with: 'jobs:upstream' ",
+                "NOT_SUPPORTED",
+                Permanent,
+            ),
             ("ERR", "unknown command 'XADD', with args beginning with: ", "NOT_SUPPORTED", Permanent),
             ("ERR", "DB index is out of range", "BAD_DATABASE", Permanent),
             ("ERR", "string exceeds maximum allowed size (proto-max-bulk-len)", "PAYLOAD_TOO_LARGE", Permanent),
