@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{
     assert_paced, assert_same_messages, dead_letters, finish, herald, jsonl_input, produce_jsonl,
-    read_back, spawn, Run, Scratch,
+    read_back, spawn, spawn_with_stdin, Run, Scratch,
 };
 use herald::kafka::mock::MockKafka;
 
@@ -1060,23 +1060,6 @@ fn signal(child: &std::process::Child, name: &str) {
         .status()
         .expect("run kill");
     assert!(killed.success(), "kill -{name}");
-}
-
-/// `herald args` in `dir` with this stdin (a file, a socket), stdout and stderr piped.
-fn spawn_with_stdin(
-    args: &[&str],
-    dir: &std::path::Path,
-    stdin: std::process::Stdio,
-) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .stdin(stdin)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start herald")
 }
 
 /// After a signal, every line herald took from its input is accounted for: sent, or in the

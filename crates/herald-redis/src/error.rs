@@ -50,6 +50,15 @@ pub(crate) struct CodeInfo {
 pub(crate) fn reply_code(code: &str, detail: &str) -> CodeInfo {
     use ErrorClass::{Permanent as P, Transient as T};
     let lower = detail.to_ascii_lowercase();
+    // redis-rs rewraps a refused SELECT (a URL with a database) as ERR with the server's words,
+    // which keep what the code would have said: classified as that code.
+    if code == "ERR" && !lower.contains("max number of clients") {
+        for (words, code) in [("redis is busy", "BUSY"), ("redis is loading", "LOADING")] {
+            if lower.contains(words) {
+                return reply_code(code, detail);
+            }
+        }
+    }
     let (name, class, advice) = match code {
         "WRONGTYPE" => ("WRONG_TYPE", P, "the key holds another type than a stream: use another key or delete it"),
         "NOPERM" => ("PERMISSION_DENIED", P, "the ACL user may not XADD to this key: grant +xadd (and +wait with ?wait=) on it, and +ping, with which herald checks that a new connection's server is not loading its data"),
@@ -66,10 +75,6 @@ pub(crate) fn reply_code(code: &str, detail: &str) -> CodeInfo {
         "CLUSTERDOWN" => ("CLUSTER_DOWN", T, "the cluster is down: retried"),
         "MOVED" | "ASK" | "CROSSSLOT" => ("CLUSTER_NOT_SUPPORTED", P, "this server is a Redis Cluster node: herald-redis speaks to a single primary (or a proxy), not to a cluster"),
         "ERR" if lower.contains("max number of clients") => ("MAX_CLIENTS", T, "the server has maxclients connections: retried"),
-        // redis-rs rewraps a refused SELECT (a URL with a database) as ERR with the server's
-        // words, which keep what the code would have said.
-        "ERR" if lower.contains("redis is busy") => ("BUSY", T, "the server is running a long script or function: retried"),
-        "ERR" if lower.contains("redis is loading") => ("LOADING", T, "the server is loading its dataset from disk after a restart: retried"),
         "ERR" if lower.contains("unknown command") => ("NOT_SUPPORTED", P, "the server does not know XADD (Redis 5.0 or later needed) or WAIT"),
         "ERR" if lower.contains("db index is out of range") || lower.contains("invalid db index") => ("BAD_DATABASE", P, "the server has no such database: check the number in the URL"),
         "ERR" if lower.contains("string exceeds maximum allowed size") || lower.contains("too large") || lower.contains("bulk length") => ("PAYLOAD_TOO_LARGE", P, "the server refuses values this large (proto-max-bulk-len)"),

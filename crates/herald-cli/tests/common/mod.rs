@@ -58,13 +58,18 @@ impl Run {
 
 /// Starts `herald args...` in `cwd`, its stdin, stdout and stderr piped.
 pub fn spawn(args: &[&str], cwd: &Path) -> Child {
+    spawn_with_stdin(args, cwd, Stdio::piped())
+}
+
+/// [`spawn`] with this stdin (a file, a socket).
+pub fn spawn_with_stdin(args: &[&str], cwd: &Path, stdin: Stdio) -> Child {
     Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(args)
         .current_dir(cwd)
         // herald's default log filter, whatever the caller's environment says (a test of what
         // it logs must not pass because `RUST_LOG` hid it).
         .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
