@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::AmqpConfig;
+use crate::confirms::{Confirms, Identity, Publish, Ticket};
 use crate::destination::Route;
 use crate::error::{classify, classify_connect};
 use crate::metrics::AmqpMetrics;
@@ -99,6 +100,7 @@ impl Live {
         .await
         .map_err(|e| classify(&e, "a new channel"))?;
         let opened = Publisher {
+            confirms: Arc::new(Confirms::new(opened.clone())),
             channel: opened,
             proven: Arc::default(),
             first_polls: Arc::default(),
@@ -139,6 +141,8 @@ pub(crate) struct Publisher {
     /// their frames 6 first. The broker numbers publishes in the order it reads them, so the
     /// two would get each other's confirm: a nacked or returned message reported delivered.
     first_polls: Arc<std::sync::Mutex<()>>,
+    /// The channel's publishes until their verdicts, each with its own returned message.
+    confirms: Arc<Confirms>,
 }
 
 /// How many routes a channel remembers as proven; past it, it forgets them all (a route
@@ -146,17 +150,16 @@ pub(crate) struct Publisher {
 const PROVEN_ROUTES: usize = 4096;
 
 impl Publisher {
-    /// Polls `publish` (a `basic_publish` of this channel) for the first time, with no other
-    /// publish of the channel in its first poll meanwhile (see [`Publisher::first_polls`]).
-    pub(crate) fn first_poll<F: std::future::Future + ?Sized>(
-        &self,
-        publish: std::pin::Pin<&mut F>,
-    ) -> std::task::Poll<F::Output> {
+    /// Hands `publish` (a `basic_publish` of this channel) to lapin: its first poll takes the
+    /// delivery tag and queues the frames, with no other publish of the channel in that step
+    /// meanwhile (see [`Publisher::first_polls`]). The ticket waits for its write and its
+    /// confirm.
+    pub(crate) fn publish(&self, identity: Identity, publish: Publish) -> lapin::Result<Ticket> {
         let _in_order = self
             .first_polls
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        publish.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        self.confirms.start(identity, publish)
     }
 
     /// Whether a publish to `route` on this channel was confirmed (see `first_alone`).

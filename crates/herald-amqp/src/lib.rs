@@ -37,6 +37,7 @@
 //!   `herald bench --baseline` compare herald with.
 
 mod config;
+mod confirms;
 mod connection;
 mod destination;
 mod error;

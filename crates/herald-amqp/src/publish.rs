@@ -4,8 +4,6 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
-use std::pin::Pin;
-use std::task::Poll;
 
 use futures_util::future::join_all;
 use herald_core::{
@@ -17,6 +15,7 @@ use lapin::{BasicProperties, Confirmation};
 use tokio::time::Instant;
 
 use crate::config::AmqpConfig;
+use crate::confirms::{Identity, Publish, Ticket};
 use crate::connection::{Inner, Live, Publisher};
 use crate::destination::Route;
 use crate::error::{classify_on_channel, max_size_from_text, reply_code};
@@ -268,16 +267,38 @@ fn properties(config: &AmqpConfig, msg: &Message) -> BasicProperties {
     props
 }
 
-/// A publish whose frames lapin has queued: the future ends once its I/O thread wrote them.
-type Writing<'a> =
-    Pin<Box<dyn Future<Output = lapin::Result<lapin::PublisherConfirm>> + Send + 'a>>;
-
-/// A publish of [`publish_group`] handed to lapin.
-enum InFlight<'a> {
-    /// Its frames are queued, not yet written by lapin's I/O thread.
-    Writing(Writing<'a>),
-    /// Written: its confirm is to come.
-    Written(lapin::PublisherConfirm),
+/// Hands `msg` to lapin on `publisher`'s channel: its first poll takes the delivery tag and
+/// queues the frames (see [`Publisher::publish`]); the ticket waits for the rest.
+fn start(
+    config: &AmqpConfig,
+    publisher: &Publisher,
+    route: &Route,
+    msg: &Message,
+) -> lapin::Result<Ticket> {
+    let id = message_id(msg, config.message_id_header.as_deref()).map(ShortString::from);
+    let identity = Identity {
+        exchange: ShortString::from(route.exchange.as_str()),
+        routing_key: ShortString::from(route.routing_key.as_str()),
+        message_id: id,
+        payload: msg.payload().clone(),
+    };
+    let options = BasicPublishOptions {
+        mandatory: config.mandatory,
+        immediate: false,
+    };
+    let properties = properties(config, msg);
+    let (channel, exchange, routing_key, payload) = (
+        publisher.channel.clone(),
+        identity.exchange.clone(),
+        identity.routing_key.clone(),
+        identity.payload.clone(),
+    );
+    let publish: Publish = Box::pin(async move {
+        channel
+            .basic_publish(exchange, routing_key, options, &payload, properties)
+            .await
+    });
+    publisher.publish(identity, publish)
 }
 
 /// What [`publish_group`] leaves to [`settle_group`]: the outcomes known, and the confirms still
@@ -286,7 +307,7 @@ struct Published {
     slot: usize,
     channel: Option<lapin::Channel>,
     out: Vec<(usize, Result<Ack, TransportError>)>,
-    pending: VecDeque<(usize, lapin::PublisherConfirm)>,
+    pending: VecDeque<(usize, Ticket)>,
 }
 
 /// The messages of a batch that go through one channel.
@@ -504,22 +525,12 @@ async fn publish_alone(
     if Instant::now() >= deadline {
         return Err(not_sent_in_time(&target));
     }
-    let mut publish: Writing<'_> = Box::pin(publisher.channel.basic_publish(
-        ShortString::from(route.exchange.as_str()),
-        ShortString::from(route.routing_key.as_str()),
-        BasicPublishOptions {
-            mandatory: inner.config.mandatory,
-            immediate: false,
-        },
-        msg.payload(),
-        properties(&inner.config, msg),
-    ));
-    let confirm = match publisher.first_poll(publish.as_mut()) {
-        Poll::Ready(Ok(confirm)) => confirm,
-        Poll::Ready(Err(e)) => return Err(classify_on_channel(&e, route, &target)),
-        Poll::Pending => write_done(inner, route, &target, deadline, publish).await?,
+    let ticket = match start(&inner.config, publisher, route, msg) {
+        Ok(ticket) => ticket,
+        Err(e) => return Err(classify_on_channel(&e, route, &target)),
     };
-    settle(inner, confirm, route, &target, deadline).await
+    write_done(inner, route, &target, deadline, ticket.written()).await?;
+    settle(inner, &ticket, route, &target, deadline).await
 }
 
 /// Waits, within `deadline`, for lapin to write a publish it was handed (it stops writing while
@@ -529,10 +540,10 @@ async fn write_done(
     route: &Route,
     target: &str,
     deadline: Instant,
-    publish: Writing<'_>,
-) -> Result<lapin::PublisherConfirm, TransportError> {
-    match tokio::time::timeout_at(deadline, publish).await {
-        Ok(Ok(confirm)) => Ok(confirm),
+    written: impl Future<Output = lapin::Result<()>>,
+) -> Result<(), TransportError> {
+    match tokio::time::timeout_at(deadline, written).await {
+        Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(classify_on_channel(&e, route, target)),
         Err(_) => Err(stalled(inner, target, "publishing")),
     }
@@ -556,37 +567,18 @@ async fn publish_group(
         early,
     } = publishing;
     let target = route.describe();
-    let channel = &publisher.channel;
     let config = &inner.config;
-    let options = BasicPublishOptions {
-        mandatory: config.mandatory,
-        immediate: false,
-    };
-    let exchange = ShortString::from(route.exchange.as_str());
-    let routing_key = ShortString::from(route.routing_key.as_str());
-    let publish = |i: usize| {
-        let msg = &batch[i];
-        Box::pin(channel.basic_publish(
-            exchange.clone(),
-            routing_key.clone(),
-            options,
-            msg.payload(),
-            properties(config, msg),
-        ))
-    };
     let mut out = Vec::with_capacity(idxs.len());
-    let written = async |publish: InFlight<'_>| match publish {
-        InFlight::Written(confirm) => Ok(confirm),
-        InFlight::Writing(publish) => write_done(inner, route, &target, deadline, publish).await,
-    };
-    let mut flight: VecDeque<(usize, InFlight<'_>)> =
+    let written =
+        async |ticket: &Ticket| write_done(inner, route, &target, deadline, ticket.written()).await;
+    let mut flight: VecDeque<(usize, Ticket)> =
         VecDeque::with_capacity(config.window.min(idxs.len()));
     let mut broken: Option<TransportError> = None;
     for i in idxs {
         while broken.is_none() && flight.len() >= config.window {
-            if let Some((j, publish)) = flight.pop_front() {
-                let outcome = match written(publish).await {
-                    Ok(confirm) => settle(inner, confirm, route, &target, deadline).await,
+            if let Some((j, ticket)) = flight.pop_front() {
+                let outcome = match written(&ticket).await {
+                    Ok(()) => settle(inner, &ticket, route, &target, deadline).await,
                     Err(e) => {
                         // Not written: nothing more goes out on this channel in this batch.
                         broken = Some(e.clone());
@@ -608,19 +600,16 @@ async fn publish_group(
             broken = Some(e);
             continue;
         }
-        let mut publish = publish(i);
         // The first poll takes the delivery tag and queues the frames for lapin's I/O thread,
         // in call order (lapin 4's `basic_publish` does both before its first await: the
-        // order of delivery tags, and so of confirms, rests on that; `first_poll` keeps other
-        // tasks publishing on the channel out of that step meanwhile); it then waits for the
-        // thread to say they are written. That wait is not this loop's: awaiting it here put a
-        // wake-up of each thread by the other between every two publishes. The waker of the
-        // first poll is a no-op (the thread's write wakes nothing); the wait is awaited with
-        // the real one when the window is full, or after the channel's last publish.
-        match publisher.first_poll(publish.as_mut()) {
-            Poll::Pending => flight.push_back((i, InFlight::Writing(publish))),
-            Poll::Ready(Ok(confirm)) => flight.push_back((i, InFlight::Written(confirm))),
-            Poll::Ready(Err(e)) => {
+        // order of delivery tags, and so of confirms, rests on that; `Publisher::publish` keeps
+        // other tasks publishing on the channel out of that step meanwhile). The wait for the
+        // thread to write them is not this loop's: awaiting it here put a wake-up of each
+        // thread by the other between every two publishes. It is awaited when the window is
+        // full, or after the channel's last publish.
+        match start(config, &publisher, route, &batch[i]) {
+            Ok(ticket) => flight.push_back((i, ticket)),
+            Err(e) => {
                 let e = classify_on_channel(&e, route, &target);
                 out.push((i, Err(e.clone())));
                 broken = Some(e);
@@ -628,15 +617,15 @@ async fn publish_group(
         }
     }
     let mut pending = VecDeque::with_capacity(flight.len());
-    for (j, publish) in flight {
-        match written(publish).await {
-            Ok(confirm) => pending.push_back((j, confirm)),
+    for (j, ticket) in flight {
+        match written(&ticket).await {
+            Ok(()) => pending.push_back((j, ticket)),
             Err(e) => out.push((j, Err(e))),
         }
     }
     Published {
         slot,
-        channel: Some(channel.clone()),
+        channel: Some(publisher.channel.clone()),
         out,
         pending,
     }
@@ -666,8 +655,8 @@ async fn settle_group(
         return out;
     };
     let target = route.describe();
-    for (j, confirm) in pending {
-        let outcome = settle(inner, confirm, route, &target, deadline).await;
+    for (j, ticket) in pending {
+        let outcome = settle(inner, &ticket, route, &target, deadline).await;
         out.push((j, told(early, j, outcome)));
     }
     if out
@@ -729,7 +718,7 @@ fn stalled(inner: &Inner, target: &str, what: &str) -> TransportError {
 
 async fn settle(
     inner: &Inner,
-    confirm: lapin::PublisherConfirm,
+    ticket: &Ticket,
     route: &Route,
     target: &str,
     deadline: Instant,
@@ -742,7 +731,7 @@ async fn settle(
     let aftermath = deadline
         .checked_sub(timeout.saturating_mul(2))
         .unwrap_or(deadline);
-    match tokio::time::timeout_at(deadline, confirm).await {
+    match tokio::time::timeout_at(deadline, ticket.confirmed()).await {
         Err(_) if inner.blocked_after(aftermath) => {
             Err(TransportError::transient(format!(
                 "no publisher confirm for a message to {target} within {timeout:?} of the batch's start: the broker blocked the connection meanwhile (connection.blocked: a memory or disk alarm); it is retried (possibly a duplicate)"

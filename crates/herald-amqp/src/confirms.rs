@@ -1,0 +1,448 @@
+//! A channel's publishes and their confirms, with every `basic.return` given to the message it
+//! belongs to.
+//!
+//! RabbitMQ answers an unroutable `mandatory` publish with a `basic.return` and then confirms
+//! it, often together with other publishes in one `multiple` ack. lapin (4.12) keeps the
+//! returned messages in a queue and hands the next one to each confirm it completes, and it
+//! completes the publishes of one ack in a hash map's order: the returned message may go to
+//! another publish of that ack, or of an earlier single ack. A channel carries the batches of
+//! every destination whose keys share its slot, so a stored message could be reported
+//! returned and the returned one delivered (lost).
+//!
+//! [`Confirms`] keeps every publish of its channel from its first poll to its verdict and polls
+//! them itself, each with a waker that records it as woken. A returned message is matched to
+//! its own publish by route, message id and payload, whichever confirm lapin gave it to. A
+//! publish's verdict is final once every publish lapin completed in the same step can no
+//! longer carry its return: after its confirm came, `settle` takes lapin's acknowledgement
+//! lock once (which lapin holds for the whole of an ack, `multiple` included) and then polls
+//! what was woken meanwhile.
+//!
+//! Hand-written: the confirm's return is lapin's, and no crate offers this matching.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
+
+use herald_core::Bytes;
+use lapin::message::BasicReturnMessage;
+use lapin::types::ShortString;
+use lapin::{Channel, Confirmation, PublisherConfirm};
+
+/// A `basic_publish` of the channel, owned (it may be polled by any task publishing on it).
+pub(crate) type Publish =
+    Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send + 'static>>;
+
+/// What a returned message is matched to its publish by.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    pub(crate) exchange: ShortString,
+    pub(crate) routing_key: ShortString,
+    pub(crate) message_id: Option<ShortString>,
+    pub(crate) payload: Bytes,
+}
+
+impl Identity {
+    fn matches(&self, r: &BasicReturnMessage) -> bool {
+        let d = &r.delivery;
+        d.exchange == self.exchange
+            && d.routing_key == self.routing_key
+            && d.properties.message_id() == &self.message_id
+            && d.data[..] == self.payload[..]
+    }
+}
+
+/// The publishes of one channel, from their first poll to their verdict.
+pub(crate) struct Confirms {
+    channel: Channel,
+    book: Mutex<Book>,
+    woken: Arc<Woken>,
+}
+
+/// The publishes woken since they were last polled.
+#[derive(Default)]
+struct Woken(Mutex<Vec<u64>>);
+
+impl Woken {
+    fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+#[derive(Default)]
+struct Book {
+    /// The number the next publish gets: publishes are numbered in delivery-tag order.
+    next: u64,
+    entries: BTreeMap<u64, Entry>,
+    /// The publishes confirmed and not settled yet.
+    unsettled: Vec<u64>,
+}
+
+struct Entry {
+    identity: Identity,
+    /// The waker lapin's futures of this publish are polled with.
+    waker: Waker,
+    wake: Arc<EntryWake>,
+    stage: Stage,
+    /// Its own returned message, wherever lapin put it.
+    returned: Option<BasicReturnMessage>,
+    /// Whether a [`Ticket`] still waits for it; a publish whose caller gave up stays until its
+    /// confirm came, so that its return cannot be taken for another's.
+    owned: bool,
+}
+
+enum Stage {
+    /// Handed to lapin, not written yet.
+    Writing(Publish),
+    /// Written: its confirm is to come.
+    Confirming(PublisherConfirm),
+    /// Not written: lapin failed it.
+    WriteFailed(lapin::Error),
+    /// Its confirm came (or its channel failed); `settled` once no other publish can hold its
+    /// returned message any more.
+    Confirmed {
+        outcome: lapin::Result<Kind>,
+        settled: bool,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Ack,
+    Nack,
+    NotRequested,
+}
+
+/// Records its publish as woken and wakes the task waiting for it, if any.
+struct EntryWake {
+    seq: u64,
+    woken: Arc<Woken>,
+    owner: Mutex<Option<Waker>>,
+}
+
+impl Wake for EntryWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(self.seq);
+        if let Some(w) = self
+            .owner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            w.wake_by_ref();
+        }
+    }
+}
+
+impl EntryWake {
+    fn own(&self, cx: &Context<'_>) {
+        let mut owner = self.owner.lock().unwrap_or_else(PoisonError::into_inner);
+        if !owner.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *owner = Some(cx.waker().clone());
+        }
+    }
+}
+
+impl Confirms {
+    pub(crate) fn new(channel: Channel) -> Self {
+        Self {
+            channel,
+            book: Mutex::default(),
+            woken: Arc::default(),
+        }
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Polls `publish` for the first time (lapin then takes its delivery tag and queues its
+    /// frames) and keeps it. The caller holds the channel's first-poll lock, so that publishes
+    /// are numbered in delivery-tag order.
+    pub(crate) fn start(
+        self: &Arc<Self>,
+        identity: Identity,
+        mut publish: Publish,
+    ) -> lapin::Result<Ticket> {
+        let mut book = self.book();
+        let seq = book.next;
+        book.next += 1;
+        let wake = Arc::new(EntryWake {
+            seq,
+            woken: self.woken.clone(),
+            owner: Mutex::new(None),
+        });
+        let waker = Waker::from(wake.clone());
+        let (stage, written) = match publish.as_mut().poll(&mut Context::from_waker(&waker)) {
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Ready(Ok(confirm)) => (Stage::Confirming(confirm), true),
+            Poll::Pending => (Stage::Writing(publish), false),
+        };
+        let entry = Entry {
+            identity,
+            waker,
+            wake,
+            stage,
+            returned: None,
+            owned: true,
+        };
+        book.entries.insert(seq, entry);
+        // Written already: its confirm is polled now, so that it is woken when it comes.
+        if written {
+            book.advance(seq);
+        }
+        Ok(Ticket {
+            confirms: self.clone(),
+            seq,
+        })
+    }
+
+    /// Polls every publish woken since the last time.
+    fn poll_woken(&self, book: &mut Book) {
+        for seq in self.woken.take() {
+            book.advance(seq);
+        }
+    }
+
+    /// Makes final the verdicts of the publishes confirmed so far: lapin completes all the
+    /// publishes of one ack under its acknowledgement lock, so once that lock was taken, each
+    /// of them has been woken, and polled below with its returned message.
+    fn settle(&self, book: &mut Book) {
+        let confirmed = std::mem::take(&mut book.unsettled);
+        if confirmed.is_empty() {
+            return;
+        }
+        // `wait_for_confirms` takes lapin's acknowledgement lock in its first poll; what it
+        // returns then are the returned messages of confirms dropped unawaited (none of
+        // herald's: they stay here until they come).
+        let mut sync = std::pin::pin!(self.channel.wait_for_confirms());
+        if let Poll::Ready(Ok(returned)) =
+            sync.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+        {
+            for r in returned {
+                book.attribute(r);
+            }
+        }
+        self.poll_woken(book);
+        for seq in confirmed {
+            let Some(entry) = book.entries.get_mut(&seq) else {
+                continue;
+            };
+            if let Stage::Confirmed { settled, .. } = &mut entry.stage {
+                *settled = true;
+            }
+            if !entry.owned {
+                book.entries.remove(&seq);
+            }
+        }
+    }
+
+    fn poll_written(&self, seq: u64, cx: &Context<'_>) -> Poll<lapin::Result<()>> {
+        let mut book = self.book();
+        if let Some(entry) = book.entries.get(&seq) {
+            entry.wake.own(cx);
+        }
+        self.poll_woken(&mut book);
+        match book.entries.get(&seq).map(|e| &e.stage) {
+            Some(Stage::Writing(_)) => Poll::Pending,
+            // Its verdict: the write's error.
+            Some(Stage::WriteFailed(_)) => Poll::Ready(
+                book.entries
+                    .remove(&seq)
+                    .map_or_else(|| Err(gone()), |e| e.verdict().map(drop)),
+            ),
+            Some(_) => Poll::Ready(Ok(())),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_confirmed(&self, seq: u64, cx: &Context<'_>) -> Poll<lapin::Result<Confirmation>> {
+        let mut book = self.book();
+        if let Some(entry) = book.entries.get(&seq) {
+            entry.wake.own(cx);
+        }
+        self.poll_woken(&mut book);
+        // Its confirm came: one settling makes it final (the second round returns it).
+        for _ in 0..2 {
+            match book.entries.get(&seq).map(|e| &e.stage) {
+                Some(Stage::Writing(_) | Stage::Confirming(_)) => return Poll::Pending,
+                Some(Stage::Confirmed { settled: false, .. }) => self.settle(&mut book),
+                Some(Stage::Confirmed { settled: true, .. } | Stage::WriteFailed(_)) => {
+                    let entry = book.entries.remove(&seq).expect("matched above");
+                    return Poll::Ready(entry.verdict());
+                }
+                None => return Poll::Ready(Err(gone())),
+            }
+        }
+        // Not reached: settling makes every confirm it found final. Should it not, the next
+        // poll settles again.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn abandon(&self, seq: u64) {
+        let mut book = self.book();
+        let Some(entry) = book.entries.get_mut(&seq) else {
+            return;
+        };
+        *entry
+            .wake
+            .owner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        match entry.stage {
+            Stage::Writing(_) | Stage::Confirming(_) | Stage::Confirmed { settled: false, .. } => {
+                entry.owned = false;
+            }
+            Stage::WriteFailed(_) | Stage::Confirmed { settled: true, .. } => {
+                book.entries.remove(&seq);
+            }
+        }
+    }
+}
+
+/// A publish asked about after its verdict was taken (herald never does).
+fn gone() -> lapin::Error {
+    lapin::ErrorKind::FutureCompleted.into()
+}
+
+impl Entry {
+    /// Polls this publish's lapin future, if one is pending; returns the returned message its
+    /// confirm carried, whoever's it is.
+    fn advance(&mut self) -> Option<BasicReturnMessage> {
+        let mut cx = Context::from_waker(&self.waker);
+        if let Stage::Writing(publish) = &mut self.stage {
+            match publish.as_mut().poll(&mut cx) {
+                Poll::Pending => return None,
+                Poll::Ready(Ok(confirm)) => self.stage = Stage::Confirming(confirm),
+                Poll::Ready(Err(e)) => {
+                    self.stage = Stage::WriteFailed(e);
+                    return None;
+                }
+            }
+        }
+        let Stage::Confirming(confirm) = &mut self.stage else {
+            return None;
+        };
+        let Poll::Ready(confirmation) = Pin::new(confirm).poll(&mut cx) else {
+            return None;
+        };
+        let (outcome, returned) = match confirmation {
+            Ok(Confirmation::Ack(r)) => (Ok(Kind::Ack), r),
+            Ok(Confirmation::Nack(r)) => (Ok(Kind::Nack), r),
+            Ok(Confirmation::NotRequested) => (Ok(Kind::NotRequested), None),
+            Err(e) => (Err(e), None),
+        };
+        self.stage = Stage::Confirmed {
+            outcome,
+            settled: false,
+        };
+        returned
+    }
+
+    fn verdict(self) -> lapin::Result<Confirmation> {
+        match self.stage {
+            Stage::Confirmed { outcome, .. } => outcome.map(|kind| match kind {
+                Kind::Ack => Confirmation::Ack(self.returned),
+                Kind::Nack => Confirmation::Nack(self.returned),
+                Kind::NotRequested => Confirmation::NotRequested,
+            }),
+            Stage::WriteFailed(e) => Err(e),
+            Stage::Writing(_) | Stage::Confirming(_) => unreachable!("no verdict yet"),
+        }
+    }
+}
+
+impl Book {
+    /// Polls publish `seq`'s lapin future, if it is still in the book; a confirm that came is
+    /// noted unsettled, and the returned message it carried given to its own publish.
+    fn advance(&mut self, seq: u64) {
+        let Some(entry) = self.entries.get_mut(&seq) else {
+            return;
+        };
+        let waiting = !matches!(entry.stage, Stage::Confirmed { .. });
+        let returned = entry.advance();
+        if !entry.owned && matches!(entry.stage, Stage::WriteFailed(_)) {
+            // Nobody waits for it, and never sent: no return can be its.
+            self.entries.remove(&seq);
+            return;
+        }
+        if !waiting || !matches!(entry.stage, Stage::Confirmed { .. }) {
+            return;
+        }
+        self.unsettled.push(seq);
+        if let Some(r) = returned {
+            // Its own, the usual case; else another's.
+            if entry.returned.is_none() && entry.identity.matches(&r) {
+                entry.returned = Some(r);
+            } else {
+                self.attribute(r);
+            }
+        }
+    }
+
+    /// Gives `returned` to its own publish: the first that matches it and has none yet, one
+    /// still unsettled before a settled one (which cannot have a return to come).
+    fn attribute(&mut self, returned: BasicReturnMessage) {
+        let mut candidates = self
+            .entries
+            .values_mut()
+            .filter(|e| e.returned.is_none() && e.identity.matches(&returned));
+        let mut fallback = None;
+        for e in &mut candidates {
+            if matches!(e.stage, Stage::Confirmed { settled: true, .. }) {
+                fallback.get_or_insert(e);
+            } else {
+                e.returned = Some(returned);
+                return;
+            }
+        }
+        if let Some(e) = fallback {
+            tracing::warn!(
+                transport = "amqp",
+                "a returned message came after its publish's confirm was taken as final"
+            );
+            e.returned = Some(returned);
+        } else {
+            tracing::warn!(
+                transport = "amqp",
+                exchange = %returned.delivery.exchange,
+                routing_key = %returned.delivery.routing_key,
+                "the broker returned a message that matches no publish in flight on its channel"
+            );
+        }
+    }
+}
+
+/// A publish [`Confirms`] keeps: what it waits for it with.
+pub(crate) struct Ticket {
+    confirms: Arc<Confirms>,
+    seq: u64,
+}
+
+impl Ticket {
+    /// Ends once lapin wrote the publish (`Err` if it could not; the ticket is then done).
+    pub(crate) async fn written(&self) -> lapin::Result<()> {
+        std::future::poll_fn(|cx| self.confirms.poll_written(self.seq, cx)).await
+    }
+
+    /// The publish's confirm, with its own returned message.
+    pub(crate) async fn confirmed(&self) -> lapin::Result<Confirmation> {
+        std::future::poll_fn(|cx| self.confirms.poll_confirmed(self.seq, cx)).await
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.confirms.abandon(self.seq);
+    }
+}
