@@ -64,6 +64,7 @@ enum Command {
     CreateTopic(String, i32, i32, Reply),
     SetLeader(String, i32, Option<i32>, Reply),
     ProduceFaults(Vec<ProduceFault>, Reply),
+    RefuseProducerIds(usize, Reply),
     BrokerDown(i32, Reply),
     BrokerUp(i32, Reply),
     RoundTrip(i32, Duration, Reply),
@@ -117,6 +118,17 @@ impl MockKafka {
                             let codes: Vec<RDKafkaRespErr> =
                                 faults.iter().map(|f| f.code()).collect();
                             cluster.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &codes);
+                            (Ok(()), reply)
+                        }
+                        Command::RefuseProducerIds(n, reply) => {
+                            let codes = vec![
+                                RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED;
+                                n
+                            ];
+                            cluster.request_errors(
+                                rdkafka::types::RDKafkaApiKey::InitProducerId,
+                                &codes,
+                            );
                             (Ok(()), reply)
                         }
                         Command::BrokerDown(id, reply) => (cluster.broker_down(id), reply),
@@ -203,6 +215,13 @@ impl MockKafka {
     /// them) fail with these errors.
     pub fn fail_produce_requests(&self, faults: &[ProduceFault]) -> Result<(), MockError> {
         self.ask(|r| Command::ProduceFaults(faults.to_vec(), r))
+    }
+
+    /// Makes the next `n` requests for a producer id (`InitProducerId`, what an idempotent
+    /// producer asks first) fail with `CLUSTER_AUTHORIZATION_FAILED`: a principal without
+    /// the `IdempotentWrite` ACL.
+    pub fn refuse_producer_ids(&self, n: usize) -> Result<(), MockError> {
+        self.ask(|r| Command::RefuseProducerIds(n, r))
     }
 
     /// Takes broker `id` down: its connections close and new ones are refused.

@@ -487,11 +487,36 @@ async fn send_in_turn(
     state.wait().await;
     drop(abandon); // every message has its report: nothing to purge
     drop(registered);
-    if state.producer_broken.load(Ordering::Acquire) || producer.client().fatal_error().is_some() {
+    let fatal = producer.client().fatal_error();
+    if state.producer_broken.load(Ordering::Acquire) || fatal.is_some() {
         // The failed messages are transient: herald retries them on the new producer.
         connection.rebuild(generation);
     }
-    state.take_outcomes()
+    let mut outcomes = state.take_outcomes();
+    if let Some((code, text)) = fatal {
+        fail_for_good(&mut outcomes, code, &text);
+    }
+    outcomes
+}
+
+/// A fatal error that a new producer would hit again (the cluster refuses idempotent writes
+/// to this principal: `CLUSTER_AUTHORIZATION_FAILED`; the broker lacks a feature): the
+/// messages it failed are handed back now with its code, rather than retried on new producers
+/// until the delivery timeout. The producer is still rebuilt, so that a fix (a granted ACL)
+/// takes effect for the messages sent after.
+fn fail_for_good(outcomes: &mut BatchOutcome, code: RDKafkaErrorCode, text: &str) {
+    if crate::error::class_of(code) != herald_core::ErrorClass::Permanent {
+        return;
+    }
+    let e = TransportError::permanent(format!(
+        "the Kafka producer hit a fatal error that a new producer would hit again: {code:?}: {text}"
+    ))
+    .with_code(format!("{code:?}"));
+    for o in outcomes.iter_mut() {
+        if o.is_err() {
+            *o = Err(e.clone());
+        }
+    }
 }
 
 #[cfg(test)]

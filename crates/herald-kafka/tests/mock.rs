@@ -215,6 +215,36 @@ async fn bad_input_is_named() {
     assert_eq!(e.class(), ErrorClass::Permanent);
 }
 
+/// A principal without the `IdempotentWrite` ACL: the cluster refuses the idempotent producer
+/// its id, and librdkafka raises a fatal error. A new producer would be refused the same way,
+/// so the messages come back at once, permanent, with the cluster's code; before, each retry
+/// built a new producer and the messages ended in the delivery timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_producer_id_hands_the_messages_back_at_once() {
+    let cluster = MockKafka::start(1).expect("mock cluster");
+    cluster.create_topic("acl", 1).expect("topic");
+    cluster.refuse_producer_ids(50).expect("refuse");
+    let transport =
+        KafkaTransport::new(KafkaConfig::new(cluster.bootstrap_servers())).expect("transport");
+    let producer = Producer::builder(transport)
+        .retry(ExponentialRetry::new(Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_millis(200),
+        )))
+        .delivery_timeout(Duration::from_secs(20))
+        .build()
+        .expect("producer");
+    let e = producer
+        .send(Message::new("acl", "x"))
+        .await
+        .expect_err("refused");
+    // Permanent: handed back by its first attempt (a transient error would have been retried
+    // until the delivery timeout).
+    assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    assert!(e.to_string().contains("ClusterAuthorizationFailed"), "{e}");
+    producer.close(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_servers_end_in_a_transient_error_after_the_delivery_timeout() {
     let transport = KafkaTransport::new(
