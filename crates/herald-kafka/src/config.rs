@@ -78,7 +78,11 @@ const MANAGED: &[(&str, &str)] = &[
     ("delivery.report.only.error", "herald needs a delivery report for every message"),
     ("dr_msg_cb", "herald installs its own delivery callback"),
     ("queue.buffering.max.messages", "KafkaConfig::queue_max_messages"),
+    ("transactional.id", "herald does not run Kafka transactions: without `init_transactions` librdkafka refuses every message; idempotence (on by default) already keeps librdkafka's retries from duplicating or reordering"),
 ];
+
+/// librdkafka's names for how many times it retries a failed produce request itself.
+const RETRIES: [&str; 2] = ["message.send.max.retries", "retries"];
 
 /// Settings of a [`crate::KafkaTransport`].
 ///
@@ -152,6 +156,10 @@ pub fn validate_bootstrap_servers(servers: &str) -> Result<(), String> {
     }
     for server in servers.split(',') {
         let server = server.trim();
+        if server.contains('@') {
+            // Not echoed: what stands before the `@` is likely a user name and password.
+            return Err("a server holds `@`: user names and passwords do not belong in the servers; give them as the `sasl.username` and `sasl.password` properties".to_owned());
+        }
         let ok = server.rsplit_once(':').is_some_and(|(host, port)| {
             !host.is_empty()
                 && !host.contains(['/', ' '])
@@ -201,7 +209,10 @@ impl KafkaConfig {
     }
 
     /// Idempotent production (`enable.idempotence`). Default on: librdkafka's own retries then
-    /// never duplicate or reorder a message within a partition.
+    /// never duplicate or reorder a message within a partition. Off, librdkafka does not retry
+    /// (`message.send.max.retries` 0, and another value is refused): its retries would reorder
+    /// a partition unseen. herald retries the failed messages behind its per-key hold, so that
+    /// each key's last copies are in order; messages may then be stored twice.
     #[must_use]
     pub fn idempotence(mut self, on: bool) -> Self {
         self.idempotence = on;
@@ -366,8 +377,12 @@ impl KafkaConfig {
         if self.batch_num_messages == 0 {
             return Err(Self::invalid("batch_num_messages", "must be at least 1"));
         }
-        if self.message_timeout.is_zero() {
-            return Err(Self::invalid("message_timeout", "must be more than zero"));
+        if self.message_timeout < Duration::from_millis(1) {
+            // librdkafka counts it in milliseconds, and 0 means no timeout at all.
+            return Err(Self::invalid(
+                "message_timeout",
+                "must be at least 1 ms (librdkafka counts milliseconds; 0 would mean never)",
+            ));
         }
         if self.queue_max_messages == 0 {
             return Err(Self::invalid("queue_max_messages", "must be at least 1"));
@@ -385,11 +400,17 @@ impl KafkaConfig {
                 return Err(Self::invalid("metrics_name", reason));
             }
         }
-        for (key, _) in &self.properties {
+        for (key, value) in &self.properties {
             if let Some((_, instead)) = MANAGED.iter().find(|(k, _)| k == key) {
                 return Err(ConfigError::Conflict {
                     key: key.clone(),
                     reason: format!("herald sets it; use {instead}"),
+                });
+            }
+            if !self.idempotence && RETRIES.contains(&key.as_str()) && value.trim() != "0" {
+                return Err(ConfigError::Conflict {
+                    key: key.clone(),
+                    reason: "without idempotence, librdkafka's own retries reorder a partition (a retried request lands behind the ones built after it, every delivery report still `Ok`); herald retries instead, behind its per-key hold. Turn idempotence on for librdkafka's retries".to_owned(),
                 });
             }
         }
@@ -416,6 +437,12 @@ impl KafkaConfig {
                     .map_or(0, |d| d.as_millis())
                     .to_string(),
             );
+        if !self.idempotence {
+            // A request librdkafka retries itself lands behind the ones it built meanwhile (even
+            // with one in flight), and herald would never know: herald retries instead, and its
+            // per-key hold keeps each key's order.
+            c.set(RETRIES[0], "0");
+        }
         for (k, v) in &self.properties {
             c.set(k, v);
         }
@@ -615,6 +642,63 @@ mod tests {
         );
         assert!(KafkaConfig::new(" ").client_config().is_err());
         assert!(KafkaConfig::new("a:1, b:2").client_config().is_ok());
+    }
+
+    /// Credentials put in the servers (`user:password@host:port`) are refused, and not echoed.
+    #[test]
+    fn credentials_in_the_servers_are_refused_unseen() {
+        for servers in ["app:pw@h:9092", "a:1,u:p/w@h:1"] {
+            let e = KafkaConfig::new(servers)
+                .client_config()
+                .expect_err("credentials");
+            let text = format!("{e} {e:?}");
+            assert!(text.contains('@'), "{text}");
+            assert!(!text.contains("pw") && !text.contains("p/w"), "{text}");
+        }
+    }
+
+    /// Without idempotence, librdkafka does not retry (herald does, behind its per-key hold);
+    /// a retry count is refused. With idempotence, librdkafka's retries stay.
+    #[test]
+    fn without_idempotence_librdkafka_does_not_retry() {
+        let plain = KafkaConfig::new("h:1").idempotence(false);
+        let c = plain.clone().client_config().expect("valid");
+        assert_eq!(c.get("message.send.max.retries"), Some("0"));
+        for key in ["message.send.max.retries", "retries"] {
+            let e = plain
+                .clone()
+                .property(key, "5")
+                .client_config()
+                .expect_err("reorders");
+            assert!(e.to_string().contains("reorder"), "{e}");
+            assert!(plain.clone().property(key, "0").client_config().is_ok());
+        }
+        let c = KafkaConfig::new("h:1")
+            .property("retries", "5")
+            .client_config()
+            .expect("idempotent");
+        assert_eq!(c.get("message.send.max.retries"), None);
+    }
+
+    /// A transactional id makes librdkafka refuse every message (no `init_transactions`):
+    /// refused at build rather than retried until the delivery timeout.
+    #[test]
+    fn a_transactional_id_is_refused() {
+        let e = KafkaConfig::new("h:1")
+            .property("transactional.id", "t")
+            .client_config()
+            .expect_err("transactions");
+        assert!(e.to_string().contains("transactions"), "{e}");
+    }
+
+    /// librdkafka counts the message timeout in milliseconds and takes 0 as no timeout.
+    #[test]
+    fn a_message_timeout_under_a_millisecond_is_refused() {
+        let e = KafkaConfig::new("h:1")
+            .message_timeout(Duration::from_micros(500))
+            .client_config()
+            .expect_err("under 1 ms");
+        assert!(e.to_string().contains("1 ms"), "{e}");
     }
 
     #[test]
