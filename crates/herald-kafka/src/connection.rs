@@ -9,6 +9,7 @@
 //! name brokers by `host:port`; no property of the client configuration (SASL settings
 //! included) is ever logged.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -101,11 +102,20 @@ pub(crate) struct Context {
     shared: Arc<Shared>,
     /// This producer's start-up nudge and first delivery report (see `crate::startup`).
     pub(crate) startup: Startup,
+    /// This producer's retry counts at its last statistics, by broker.
+    retries_seen: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl ClientContext for Context {
     fn stats(&self, statistics: Statistics) {
         self.shared.metrics.record(&statistics);
+        self.shared.metrics.record_retries(
+            &statistics,
+            &mut self
+                .retries_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         if statistics
             .brokers
             .values()
@@ -359,6 +369,7 @@ fn create(config: &ClientConfig, shared: &Arc<Shared>) -> Result<Client, ConfigE
         .create_with_context(Context {
             shared: shared.clone(),
             startup: Startup::new(config.get("enable.idempotence") == Some("true")),
+            retries_seen: std::sync::Mutex::default(),
         })
         .map_err(|e| ConfigError::Client(crate::config::redact_client_error(e)))
 }
@@ -402,6 +413,7 @@ mod tests {
                 turns: herald_core::Turns::default(),
             }),
             startup: Startup::new(true),
+            retries_seen: std::sync::Mutex::default(),
         }
     }
 

@@ -5,7 +5,7 @@
 //! (the same label key as herald's own metrics; give it the producer's name, as
 //! `ProducerBuilder::name`); never a topic or a key.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
 
 use metrics::{counter, gauge, Counter, Gauge, Label};
 use rdkafka::statistics::Statistics;
@@ -36,10 +36,6 @@ pub(crate) struct KafkaMetrics {
     queue: Gauge,
     rtt: Gauge,
     retries: Counter,
-    /// librdkafka's own retry total at the last statistics report: the counter grows by the
-    /// difference, so that a rebuilt producer (whose total starts again at 0) and several
-    /// transports in one process add up instead of hiding one another.
-    retries_seen: AtomicU64,
     pub(crate) queue_full: Counter,
     pub(crate) rebuilds: Counter,
 }
@@ -56,7 +52,6 @@ impl KafkaMetrics {
             queue: gauge!(QUEUE_MESSAGES, l()),
             rtt: gauge!(BROKER_RTT, l()),
             retries: counter!(CLIENT_RETRIES, l()),
-            retries_seen: AtomicU64::new(0),
             queue_full: counter!(QUEUE_FULL, l()),
             rebuilds: counter!(REBUILDS, l()),
         }
@@ -71,32 +66,55 @@ impl KafkaMetrics {
             .max()
             .unwrap_or(0);
         self.rtt.set(rtt_us as f64 / 1e6);
-        let total = s.brokers.values().map(|b| b.txretries).sum();
-        self.retries.increment(self.retries_since_last(total));
     }
 
-    /// How much librdkafka's retry total grew since the last report; a total below the last
-    /// one is a new producer's, counted from 0.
-    fn retries_since_last(&self, total: u64) -> u64 {
-        let last = self.retries_seen.swap(total, Ordering::Relaxed);
-        if total >= last {
-            total - last
-        } else {
-            total
-        }
+    /// Counts the retries of one producer's statistics; `seen` is that producer's own (see
+    /// [`retries_since`]).
+    pub(crate) fn record_retries(&self, s: &Statistics, seen: &mut HashMap<String, u64>) {
+        let brokers = s
+            .brokers
+            .iter()
+            .map(|(name, b)| (name.as_str(), b.txretries));
+        self.retries.increment(retries_since(seen, brokers));
     }
+}
+
+/// How many retries librdkafka made since its last statistics: per broker, what its count grew
+/// by since `seen` (that producer's last counts, by broker). Kept per producer and per broker:
+/// a broker missing from one report, or an old producer still reporting beside a rebuilt one,
+/// is not counted again.
+fn retries_since<'a>(
+    seen: &mut HashMap<String, u64>,
+    brokers: impl Iterator<Item = (&'a str, u64)>,
+) -> u64 {
+    let mut grew = 0;
+    for (name, count) in brokers {
+        let last = seen.insert(name.to_owned(), count).unwrap_or(0);
+        grew += count.saturating_sub(last);
+    }
+    grew
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    /// Before, one total for every producer and broker: a broker missing from one report, or
+    /// an old producer reporting beside its replacement, had its retries counted again.
     #[test]
-    fn client_retries_add_up_across_a_rebuilt_producer() {
-        let m = super::KafkaMetrics::new(None);
-        // 5, then 8 (3 more), then a rebuilt producer reports 2 and 3.
-        let deltas: Vec<u64> = [5, 8, 2, 3]
-            .into_iter()
-            .map(|t| m.retries_since_last(t))
-            .collect();
-        assert_eq!(deltas, vec![5, 3, 2, 1]);
+    fn client_retries_count_each_producer_and_broker_once() {
+        let (mut old, mut new) = (HashMap::new(), HashMap::new());
+        let since = |seen: &mut HashMap<String, u64>, brokers: &[(&str, u64)]| {
+            super::retries_since(seen, brokers.iter().copied())
+        };
+        assert_eq!(since(&mut old, &[("a", 100), ("b", 50)]), 150);
+        // b left this report: nothing new.
+        assert_eq!(since(&mut old, &[("a", 100)]), 0);
+        // b is back with 5 more, a has 10 more.
+        assert_eq!(since(&mut old, &[("a", 110), ("b", 55)]), 15);
+        // A rebuilt producer counts from 0, its predecessor still reporting beside it.
+        assert_eq!(since(&mut new, &[("a", 2)]), 2);
+        assert_eq!(since(&mut old, &[("a", 110), ("b", 55)]), 0);
+        assert_eq!(since(&mut new, &[("a", 3)]), 1);
     }
 }
