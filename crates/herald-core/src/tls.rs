@@ -9,6 +9,19 @@
 
 use rustls::{AlertDescription as Alert, Error};
 
+/// Makes sure rustls has a process-wide crypto provider, for clients that build their TLS
+/// settings with it (lapin's rustls-connector, async-nats, redis-rs): when the application has
+/// chosen none, ring's (the provider herald's adapters use) becomes the default. Without it,
+/// rustls panics in a process whose dependencies bring two providers (ring and aws-lc-rs) and
+/// choose none. An application that wants another installs it before building a transport
+/// (`CryptoProvider::install_default`), and it is kept.
+pub fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Err: another thread installed one meanwhile, which is as good.
+        drop(rustls::crypto::ring::default_provider().install_default());
+    }
+}
+
 /// Whether rustls refused the handshake for a reason retrying cannot mend.
 pub fn refused_for_good(e: &Error) -> bool {
     matches!(

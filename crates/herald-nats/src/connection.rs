@@ -317,6 +317,9 @@ impl Inner {
         let config = &self.config;
         let endpoint = &self.rotation.endpoints()[index];
         let server = crate::url::server_addr(endpoint, config.url.tls);
+        // async-nats builds its TLS settings (for `tls://`, or a server that asks for TLS)
+        // with rustls's process-wide crypto provider.
+        herald_core::tls::ensure_crypto_provider();
         let state = Arc::new(LiveState::default());
         let credentials = config.url.credentials.clone();
         let handshake = state.clone();

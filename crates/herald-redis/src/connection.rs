@@ -121,6 +121,8 @@ pub(crate) struct Inner {
 pub(crate) fn client(config: &RedisConfig) -> Result<Client, ConfigError> {
     let url = &config.url;
     let addr = if url.tls {
+        // redis-rs builds its TLS configuration with rustls's process-wide crypto provider.
+        herald_core::tls::ensure_crypto_provider();
         ConnectionAddr::TcpTls {
             host: url.endpoint.host.clone(),
             port: url.endpoint.port,
@@ -455,6 +457,16 @@ impl Dialer<Arc<Live>> for Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// rustls panics when redis-rs builds a TLS configuration in a process with two crypto
+    /// providers and none chosen (an application that also brings aws-lc-rs; this workspace
+    /// has ring alone, so the panic itself cannot be shown here): a `rediss://` client makes
+    /// sure one is chosen. Before, none was.
+    #[test]
+    fn a_rediss_client_has_a_crypto_provider_chosen() {
+        client(&RedisConfig::from_url("rediss://h/s").expect("url")).expect("client");
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+    }
 
     #[test]
     fn a_missing_ca_file_is_a_setting_error() {
