@@ -180,6 +180,9 @@ impl Publisher {
     }
 }
 
+/// How long [`Inner::close`] waits for the broker to answer its `connection.close`.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// What every clone of an [`AmqpTransport`](crate::AmqpTransport) shares: the settings, the
 /// connection, the flow control state and the metrics.
 pub(crate) struct Inner {
@@ -524,13 +527,17 @@ impl Inner {
                 "closing the connection"
             );
             if live.is_connected() {
-                // Closing is best effort: every message already has its outcome.
-                if let Err(e) = live
-                    .connection
-                    .close(200, "herald producer closed".into())
-                    .await
-                {
-                    let _ignored = e;
+                // Closing is best effort: every message already has its outcome. Bounded: a
+                // broker that blocks the connection (a memory or disk alarm) reads nothing, the
+                // close included, until the alarm clears.
+                let closing = live.connection.close(200, "herald producer closed".into());
+                if tokio::time::timeout(CLOSE_WAIT, closing).await.is_err() {
+                    tracing::debug!(
+                        transport = TRANSPORT,
+                        producer = self.producer(),
+                        node = %node,
+                        "the broker did not answer the close within {CLOSE_WAIT:?}; connection dropped"
+                    );
                 }
             }
         }

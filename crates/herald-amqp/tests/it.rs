@@ -1032,6 +1032,40 @@ async fn memory_alarm_blocks_then_resumes_with_nothing_lost() {
     assert_eq!(distinct.len(), 2_001, "nothing lost");
     eprintln!("alarm: {delivered_while_blocked} delivered while blocked (the one before)");
     p.close(Duration::from_secs(30)).await;
+    // A transport closed while the broker blocks its connection: the broker reads nothing, the
+    // close included, so the close is bounded (5 s). Before, it waited for the alarm to clear.
+    let blocked = AmqpTransport::new(
+        AmqpConfig::from_url(&url)
+            .expect("url")
+            .confirm_timeout(Duration::from_secs(2)),
+    )
+    .expect("t");
+    assert!(
+        node.ctl(&["set_vm_memory_high_watermark", "0"]),
+        "raise the alarm again"
+    );
+    use herald_core::Transport;
+    let sending = {
+        let (t, dest) = (blocked.clone(), dest.clone());
+        tokio::spawn(async move {
+            t.send_batch(&dest, &[Message::new(dest.clone(), "x")])
+                .await
+        })
+    };
+    wait_for(Duration::from_secs(30), "connection.blocked", || {
+        blocked.is_blocked()
+    })
+    .await;
+    let closed = tokio::time::timeout(Duration::from_secs(30), blocked.close()).await;
+    assert!(
+        node.ctl(&["set_vm_memory_high_watermark", "0.4"]),
+        "clear the alarm"
+    );
+    assert!(
+        closed.is_ok(),
+        "close returned while the broker blocked the connection"
+    );
+    let _outcome = sending.await;
     admin.cleanup().await;
 }
 
