@@ -411,8 +411,8 @@ impl Turns {
                 finished: false,
             };
         };
-        let key = (pipeline, destination.clone());
-        let lane = lock(&self.lanes).entry(key.clone()).or_default().clone();
+        let lane = LaneRef::take(&self.lanes, (pipeline, destination.clone()));
+        // Cut off here (the caller gave up waiting), the lane is let go and forgotten if idle.
         let order = lane.queue.clone().lock_owned().await;
         let ticket = {
             let mut st = lock(&lane.state);
@@ -432,8 +432,6 @@ impl Turns {
                 ticket,
                 epoch,
                 order: Some(order),
-                lanes: Arc::clone(&self.lanes),
-                key,
             }),
             finished: false,
         }
@@ -450,13 +448,61 @@ pub struct Turn {
 
 #[derive(Debug)]
 struct Held {
-    lane: Arc<TurnLane>,
+    lane: LaneRef,
     ticket: u64,
     epoch: u64,
     order: Option<OwnedMutexGuard<()>>,
-    /// Where the lane is kept, and under which key, to forget it once idle.
+}
+
+/// A call's hold on its lane. Let go (the call finished, was cut off, or gave up waiting for
+/// its turn), the lane is forgotten if nothing else holds it and it holds no key: the next
+/// call starts a fresh one, which is the same thing. A lane that holds keys is kept until its
+/// next call, whose epoch clears them.
+#[derive(Debug)]
+struct LaneRef {
+    /// `None` once let go.
+    lane: Option<Arc<TurnLane>>,
+    /// Where the lane is kept, and under which key.
     lanes: Arc<Mutex<LaneMap>>,
     key: (u64, Destination),
+}
+
+impl LaneRef {
+    fn take(lanes: &Arc<Mutex<LaneMap>>, key: (u64, Destination)) -> Self {
+        let lane = lock(lanes).entry(key.clone()).or_default().clone();
+        Self {
+            lane: Some(lane),
+            lanes: Arc::clone(lanes),
+            key,
+        }
+    }
+}
+
+impl std::ops::Deref for LaneRef {
+    type Target = TurnLane;
+
+    fn deref(&self) -> &TurnLane {
+        self.lane.as_ref().expect("held until dropped")
+    }
+}
+
+impl Drop for LaneRef {
+    fn drop(&mut self) {
+        let mut lanes = lock(&self.lanes);
+        // Let go under the map's lock (as every hold is taken): of holders letting go at once,
+        // the last one finds the lane held by the map alone.
+        drop(self.lane.take());
+        let idle = lanes.get(&self.key).is_some_and(|lane| {
+            if Arc::strong_count(lane) > 1 {
+                return false;
+            }
+            let st = lock(&lane.state);
+            st.open.is_empty() && st.hold.is_empty()
+        });
+        if idle {
+            lanes.remove(&self.key);
+        }
+    }
 }
 
 impl Turn {
@@ -535,8 +581,7 @@ impl Turn {
             }
         }
         h.close(&mut st);
-        drop(st);
-        h.prune();
+        // The lane is let go as the turn drops (see `LaneRef`).
     }
 }
 
@@ -544,24 +589,6 @@ impl Held {
     fn close(&self, st: &mut TurnState) {
         st.open.remove(&self.ticket);
         self.lane.finished.notify_waiters();
-    }
-
-    /// Forgets the lane if no other call is in it or waiting for it (only the map and this
-    /// turn hold it; checked under the map's lock, so no call can take it meanwhile) and it
-    /// holds no key: the next call starts a fresh one, which is the same thing. A lane that
-    /// holds keys is kept until its next call, whose epoch clears them.
-    fn prune(&self) {
-        let mut lanes = lock(&self.lanes);
-        if Arc::strong_count(&self.lane) > 2 {
-            return;
-        }
-        let idle = {
-            let st = lock(&self.lane.state);
-            st.open.is_empty() && st.hold.is_empty()
-        };
-        if idle {
-            lanes.remove(&self.key);
-        }
     }
 }
 
@@ -631,6 +658,25 @@ mod tests {
         let mut c = in_order_epoch(ep(1), turns.take(&d)).await;
         assert!(c.enter(1).await.check(&keyed("k")).is_some());
         c.finish(&[], &[]);
+    }
+
+    /// A call that gave up waiting for its turn (its future dropped: a caller's timeout) lets
+    /// its lane go; before, the lane stayed for good when the call ahead finished while the
+    /// waiting one still held it.
+    #[tokio::test]
+    async fn a_call_that_gave_up_waiting_leaves_no_lane_behind() {
+        use std::future::Future as _;
+        let turns = Turns::default();
+        let d = Destination::new("gave-up");
+        let mut a = in_order_epoch(ep(1), turns.take(&d)).await;
+        a.enter(1).await;
+        let mut waiting = Box::pin(in_order_epoch(ep(1), turns.take(&d)));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(waiting.as_mut().poll(&mut cx).is_pending(), "behind a");
+        a.handed_over();
+        a.finish(&[keyed("k")], &[Ok(Ack::default())]);
+        drop(waiting);
+        assert_eq!(lock(&turns.lanes).len(), 0, "lane left behind");
     }
 
     #[tokio::test]
