@@ -27,20 +27,26 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use herald_core::Bytes;
 use lapin::message::BasicReturnMessage;
-use lapin::types::ShortString;
+use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Confirmation, PublisherConfirm};
 
 /// A `basic_publish` of the channel, owned (it may be polled by any task publishing on it).
 pub(crate) type Publish =
     Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send + 'static>>;
 
-/// What a returned message is matched to its publish by.
+/// What a returned message is matched to its publish by: its route, its message id and its
+/// payload, and without an id its headers too (a headers exchange routes by them). Two
+/// publishes alike in all of these are copies of one message (a retry sent while the first
+/// try's confirm is still out), and whichever of them the return goes to, one copy was taken
+/// and one returned.
 #[derive(Debug, Clone)]
 pub(crate) struct Identity {
     pub(crate) exchange: ShortString,
     pub(crate) routing_key: ShortString,
     pub(crate) message_id: Option<ShortString>,
     pub(crate) payload: Bytes,
+    /// Its headers, kept when it has no message id.
+    pub(crate) headers: Option<FieldTable>,
 }
 
 impl Identity {
@@ -50,12 +56,16 @@ impl Identity {
             && d.routing_key == self.routing_key
             && d.properties.message_id() == &self.message_id
             && d.data[..] == self.payload[..]
+            && (self.message_id.is_some() || d.properties.headers() == &self.headers)
     }
 }
 
 /// The publishes of one channel, from their first poll to their verdict.
 pub(crate) struct Confirms {
     channel: Channel,
+    /// Whether the broker may return publishes (`mandatory`): if not, a confirm is final as it
+    /// comes.
+    returns: bool,
     book: Mutex<Book>,
     woken: Arc<Woken>,
 }
@@ -65,8 +75,13 @@ pub(crate) struct Confirms {
 struct Woken(Mutex<Vec<u64>>);
 
 impl Woken {
-    fn take(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    /// Swaps the woken publishes into `into` (emptied first), which keeps its capacity.
+    fn take(&self, into: &mut Vec<u64>) {
+        into.clear();
+        std::mem::swap(
+            &mut *self.0.lock().unwrap_or_else(PoisonError::into_inner),
+            into,
+        );
     }
 }
 
@@ -77,6 +92,8 @@ struct Book {
     entries: BTreeMap<u64, Entry>,
     /// The publishes confirmed and not settled yet.
     unsettled: Vec<u64>,
+    /// Where the woken publishes are taken to be polled (kept for its capacity).
+    polling: Vec<u64>,
 }
 
 struct Entry {
@@ -153,9 +170,11 @@ impl EntryWake {
 }
 
 impl Confirms {
-    pub(crate) fn new(channel: Channel) -> Self {
+    /// The publishes of `channel`; `returns`: whether they are `mandatory`.
+    pub(crate) fn new(channel: Channel, returns: bool) -> Self {
         Self {
             channel,
+            returns,
             book: Mutex::default(),
             woken: Arc::default(),
         }
@@ -166,8 +185,9 @@ impl Confirms {
     }
 
     /// Polls `publish` for the first time (lapin then takes its delivery tag and queues its
-    /// frames) and keeps it. The caller holds the channel's first-poll lock, so that publishes
-    /// are numbered in delivery-tag order.
+    /// frames) and keeps it. Under the book's lock: no other publish of the channel is in its
+    /// first poll meanwhile, so the broker reads the publishes in delivery-tag order, and
+    /// they are numbered in it.
     pub(crate) fn start(
         self: &Arc<Self>,
         identity: Identity,
@@ -208,9 +228,12 @@ impl Confirms {
 
     /// Polls every publish woken since the last time.
     fn poll_woken(&self, book: &mut Book) {
-        for seq in self.woken.take() {
+        let mut woken = std::mem::take(&mut book.polling);
+        self.woken.take(&mut woken);
+        for &seq in &woken {
             book.advance(seq);
         }
+        book.polling = woken;
     }
 
     /// Makes final the verdicts of the publishes confirmed so far: lapin completes all the
@@ -221,18 +244,21 @@ impl Confirms {
         if confirmed.is_empty() {
             return;
         }
-        // `wait_for_confirms` takes lapin's acknowledgement lock in its first poll; what it
-        // returns then are the returned messages of confirms dropped unawaited (none of
-        // herald's: they stay here until they come).
-        let mut sync = std::pin::pin!(self.channel.wait_for_confirms());
-        if let Poll::Ready(Ok(returned)) =
-            sync.as_mut().poll(&mut Context::from_waker(Waker::noop()))
-        {
-            for r in returned {
-                book.attribute(r);
+        if self.returns {
+            // `wait_for_confirms` takes lapin's acknowledgement lock in its first poll; what
+            // it returns then are the returned messages of confirms dropped unawaited (none of
+            // herald's: they stay here until they come). Nothing else calls it on a publishing
+            // channel: it takes the promise a later call would wait for.
+            let mut sync = std::pin::pin!(self.channel.wait_for_confirms());
+            if let Poll::Ready(Ok(returned)) =
+                sync.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+            {
+                for r in returned {
+                    book.attribute(r);
+                }
             }
+            self.poll_woken(book);
         }
-        self.poll_woken(book);
         for seq in confirmed {
             let Some(entry) = book.entries.get_mut(&seq) else {
                 continue;

@@ -61,6 +61,8 @@ pub(crate) struct Live {
     connection: Connection,
     channels: Vec<Mutex<Option<Publisher>>>,
     events: JoinHandle<()>,
+    /// Whether publishes are `mandatory`, so that the broker may return them.
+    returns: bool,
 }
 
 impl Drop for Live {
@@ -100,10 +102,9 @@ impl Live {
         .await
         .map_err(|e| classify(&e, "a new channel"))?;
         let opened = Publisher {
-            confirms: Arc::new(Confirms::new(opened.clone())),
+            confirms: Arc::new(Confirms::new(opened.clone(), self.returns)),
             channel: opened,
             proven: Arc::default(),
-            first_polls: Arc::default(),
         };
         *ch = Some(opened.clone());
         Ok(opened)
@@ -134,14 +135,13 @@ impl Live {
 pub(crate) struct Publisher {
     pub(crate) channel: Channel,
     proven: Arc<std::sync::Mutex<HashSet<Route>>>,
-    /// Held across the first poll of each `basic_publish` on the channel. That poll takes the
-    /// publish's delivery tag and then queues its frames, under two different locks of
-    /// lapin's: two tasks publishing on one channel at once (batches of other destinations
+    /// The channel's publishes until their verdicts, each with its own returned message. Its
+    /// lock is held across the first poll of each `basic_publish` on the channel. That poll
+    /// takes the publish's delivery tag and then queues its frames, under two different locks
+    /// of lapin's: two tasks publishing on one channel at once (batches of other destinations
     /// sharing its slot, other producers on the transport) could take tags 5 and 6 and queue
     /// their frames 6 first. The broker numbers publishes in the order it reads them, so the
     /// two would get each other's confirm: a nacked or returned message reported delivered.
-    first_polls: Arc<std::sync::Mutex<()>>,
-    /// The channel's publishes until their verdicts, each with its own returned message.
     confirms: Arc<Confirms>,
 }
 
@@ -152,13 +152,9 @@ const PROVEN_ROUTES: usize = 4096;
 impl Publisher {
     /// Hands `publish` (a `basic_publish` of this channel) to lapin: its first poll takes the
     /// delivery tag and queues the frames, with no other publish of the channel in that step
-    /// meanwhile (see [`Publisher::first_polls`]). The ticket waits for its write and its
+    /// meanwhile (see [`Publisher::confirms`]). The ticket waits for its write and its
     /// confirm.
     pub(crate) fn publish(&self, identity: Identity, publish: Publish) -> lapin::Result<Ticket> {
-        let _in_order = self
-            .first_polls
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
         self.confirms.start(identity, publish)
     }
 
@@ -452,6 +448,7 @@ impl Inner {
             channels: (0..config.channels).map(|_| Mutex::new(None)).collect(),
             connection,
             events,
+            returns: config.mandatory,
         };
         // `live` owns the event task from here: dropped (on an error below, or when the connect
         // timeout drops this future), it aborts the task, and lapin closes the connection once

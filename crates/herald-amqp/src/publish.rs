@@ -275,18 +275,22 @@ fn start(
     route: &Route,
     msg: &Message,
 ) -> lapin::Result<Ticket> {
-    let id = message_id(msg, config.message_id_header.as_deref()).map(ShortString::from);
+    let properties = properties(config, msg);
+    let message_id = properties.message_id().clone();
     let identity = Identity {
         exchange: ShortString::from(route.exchange.as_str()),
         routing_key: ShortString::from(route.routing_key.as_str()),
-        message_id: id,
+        headers: message_id
+            .is_none()
+            .then(|| properties.headers().clone())
+            .flatten(),
+        message_id,
         payload: msg.payload().clone(),
     };
     let options = BasicPublishOptions {
         mandatory: config.mandatory,
         immediate: false,
     };
-    let properties = properties(config, msg);
     let (channel, exchange, routing_key, payload) = (
         publisher.channel.clone(),
         identity.exchange.clone(),

@@ -623,6 +623,63 @@ async fn returns_on_a_shared_channel_go_to_their_own_messages() {
         "unroutable messages reported delivered, routable ones reported returned"
     );
     assert!(other.is_empty(), "other failures: {other:?}");
+    // Without message ids, alike in route and payload, told apart by a header a headers
+    // exchange routes by: the returned ones are still told apart.
+    let exchange = uniq("by-header");
+    let q = admin.queue("by-header").await;
+    let ch = admin.conn.create_channel().await.expect("channel");
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        lapin::ExchangeKind::Headers,
+        lapin::options::ExchangeDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare the headers exchange");
+    let mut binding = FieldTable::default();
+    binding.insert("x-match".into(), AMQPValue::LongString("all".into()));
+    binding.insert("route".into(), AMQPValue::LongString("yes".into()));
+    ch.queue_bind(
+        q.as_str().into(),
+        exchange.as_str().into(),
+        "".into(),
+        lapin::options::QueueBindOptions::default(),
+        binding,
+    )
+    .await
+    .expect("bind");
+    let dest = herald_amqp::exchange(&exchange, "");
+    let batch: Vec<Message> = (0..400)
+        .map(|i| {
+            Message::new(dest.clone(), "alike")
+                .with_header("route", if i % 2 == 0 { "yes" } else { "no" })
+        })
+        .collect();
+    let (mut lost, mut wrongly_returned) = (0, 0);
+    for round in 0..5 {
+        let outcomes = t.send_batch(&dest, &batch).await;
+        for (i, o) in outcomes.iter().enumerate() {
+            match (i % 2 == 0, o) {
+                (true, Err(e)) if e.code() == Some("NO_ROUTE") => wrongly_returned += 1,
+                (false, Ok(_)) => lost += 1,
+                (_, Err(e)) if e.code() != Some("NO_ROUTE") => {
+                    panic!("round {round}: {e}")
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        (lost, wrongly_returned),
+        (0, 0),
+        "by header: unroutable reported delivered, routable reported returned"
+    );
+    ch.exchange_delete(exchange.as_str().into(), Default::default())
+        .await
+        .expect("delete the exchange");
     t.close().await;
     admin.cleanup().await;
 }
