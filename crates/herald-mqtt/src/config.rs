@@ -77,7 +77,12 @@ pub struct MqttConfig {
     pub(crate) metrics_name: Option<String>,
     pub(crate) max_packet_size: u32,
     pub(crate) tls_ca_file: Option<PathBuf>,
+    pub(crate) v3_qos2_inflight: u16,
 }
+
+/// Mosquitto's default `max_inflight_messages`: how many QoS 2 publishes of a client it keeps
+/// awaiting their PUBREL.
+const V3_QOS2_INFLIGHT: u16 = 20;
 
 impl MqttConfig {
     /// Settings for the broker of `url`:
@@ -107,6 +112,7 @@ impl MqttConfig {
             metrics_name: None,
             max_packet_size: MQTT_MAX_PACKET,
             tls_ca_file: None,
+            v3_qos2_inflight: V3_QOS2_INFLIGHT,
         })
     }
 
@@ -224,6 +230,19 @@ impl MqttConfig {
         self
     }
 
+    /// With MQTT 3.1.1 and QoS 2: most publishes out awaiting their PUBCOMP on one connection.
+    /// MQTT 3.1.1 has no Receive Maximum, and a broker keeps a bounded number of a client's
+    /// QoS 2 publishes awaiting their PUBREL: Mosquitto answers the ones past its
+    /// `max_inflight_messages` (20 by default) with a PUBREC that cannot say no over 3.1.1,
+    /// then a PUBCOMP, and drops them, which would be reported delivered. Set the broker's
+    /// limit here if it is not 20. (MQTT 5 brokers announce theirs, and herald keeps to it.)
+    /// At least 1. Default: 20.
+    #[must_use]
+    pub fn v3_qos2_inflight(mut self, n: u16) -> Self {
+        self.v3_qos2_inflight = n;
+        self
+    }
+
     /// Trusts the CA certificates in this PEM file for `mqtts://`, besides the system's
     /// roots.
     #[must_use]
@@ -270,6 +289,9 @@ impl MqttConfig {
         }
         if self.ack_timeout.is_zero() {
             return invalid("ack_timeout", "must be more than zero");
+        }
+        if self.v3_qos2_inflight == 0 {
+            return invalid("v3_qos2_inflight", "must be at least 1");
         }
         if self.connect_timeout < Duration::from_millis(1) {
             return invalid("connect_timeout", "must be more than zero");
@@ -344,6 +366,7 @@ mod tests {
         for (bad, field) in [
             (c.clone().window(0), "window"),
             (c.clone().window(MAX_WINDOW + 1), "window"),
+            (c.clone().v3_qos2_inflight(0), "v3_qos2_inflight"),
             (c.clone().ack_timeout(Duration::ZERO), "ack_timeout"),
             (c.clone().ack_timeout(Duration::MAX), "ack_timeout"),
             (c.clone().connect_timeout(Duration::ZERO), "connect_timeout"),

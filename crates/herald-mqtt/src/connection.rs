@@ -502,7 +502,12 @@ impl Inner {
         let server = c.url.server();
         let v3 = c.version() == Version::V311;
         let id = client_id(&c.client_id_prefix);
-        let inflight = u16::try_from(c.window).unwrap_or(u16::MAX);
+        let mut inflight = u16::try_from(c.window).unwrap_or(u16::MAX);
+        if v3 && c.qos() == Qos::ExactlyOnce {
+            // No Receive Maximum in 3.1.1: the broker's limit, as set (see
+            // `MqttConfig::v3_qos2_inflight`).
+            inflight = inflight.min(c.v3_qos2_inflight);
+        }
         let connect_secs = whole_seconds_up(c.connect_timeout);
         let tls = if c.url.tls {
             Some(self.tls_config()?)

@@ -424,6 +424,38 @@ async fn mqtt_3_1_1_sends_payloads_and_refuses_what_it_cannot_carry() {
     assert_eq!(payloads, want, "every payload, in order, and nothing else");
 }
 
+/// MQTT 3.1.1 has no Receive Maximum: a broker keeps a bounded number of QoS 2 publishes
+/// awaiting their PUBREL (Mosquitto: 20) and, over 3.1.1, answers the ones past it with a
+/// PUBREC that cannot say no, then a PUBCOMP, and drops them. herald keeps at most
+/// `MqttConfig::v3_qos2_inflight` of them out. Before: 500 reported delivered, 20-odd stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn mqtt_3_1_1_qos_2_stays_within_what_the_broker_keeps() {
+    let url = url();
+    let reader = Reader::connect(&url, None).await;
+    let topic = format!("herald/it/v3q2/{}", uniq());
+    reader.subscribe(&topic).await;
+    let dest = herald_mqtt::topic(&topic);
+    let sent: Vec<Message> = (0..500)
+        .map(|i| Message::new(dest.clone(), format!("v3q2-{i}")))
+        .collect();
+    let config = MqttConfig::from_url(&topic_url(&url, &topic, "?version=3&qos=2")).expect("url");
+    let p = Producer::builder(MqttTransport::new(config).expect("transport"))
+        .build()
+        .expect("producer");
+    let report = p.send_all(sent.clone()).await.wait().await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed.first());
+    p.close(Duration::from_secs(30)).await;
+    let got = reader
+        .read(&topic, sent.len(), Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "every message reported delivered is stored"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
 async fn connection_cut_mid_run_loses_nothing_and_keeps_per_key_order() {
