@@ -328,11 +328,15 @@ impl MqttConfig {
             ("key_property", &self.key_property),
             ("id_property", &self.id_property),
         ] {
-            if name
-                .as_deref()
-                .is_some_and(|n| n.is_empty() || n.contains('\0'))
-            {
-                return invalid(field, "must be a non-empty name without NUL characters");
+            if name.as_deref().is_some_and(|n| {
+                n.is_empty()
+                    || n.len() > crate::publish::MAX_STRING
+                    || crate::destination::refused_char(n).is_some()
+            }) {
+                return invalid(
+                    field,
+                    "must be a non-empty name of at most 65 535 bytes, without NUL or other control characters",
+                );
             }
         }
         if self.key_property.is_some() && self.key_property == self.id_property {
@@ -367,6 +371,14 @@ mod tests {
             (c.clone().window(0), "window"),
             (c.clone().window(MAX_WINDOW + 1), "window"),
             (c.clone().v3_qos2_inflight(0), "v3_qos2_inflight"),
+            (
+                c.clone().key_property(Some("k\u{1}".into())),
+                "key_property",
+            ),
+            (
+                c.clone().id_property(Some("i".repeat(70_000))),
+                "id_property",
+            ),
             (c.clone().ack_timeout(Duration::ZERO), "ack_timeout"),
             (c.clone().ack_timeout(Duration::MAX), "ack_timeout"),
             (c.clone().connect_timeout(Duration::ZERO), "connect_timeout"),

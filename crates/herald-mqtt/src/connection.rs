@@ -233,6 +233,8 @@ pub(crate) struct Live {
     /// The largest PUBLISH packet this connection may send: the smaller of the broker's
     /// Maximum Packet Size (MQTT 5 CONNACK) and the configured one.
     pub(crate) max_packet: u32,
+    /// The broker's Maximum QoS (MQTT 5 CONNACK), if it announced one.
+    pub(crate) max_qos: Option<u8>,
     pub(crate) qos: Qos,
     pub(crate) version: Version,
     /// `host:port`, for messages.
@@ -520,6 +522,7 @@ impl Inner {
         let mut network = rumqttc::NetworkOptions::new();
         network.set_connection_timeout(connect_secs);
         network.set_tcp_nodelay(true);
+        let mut max_qos = None;
         let (client, max_packet, task) = if v3 {
             let mut o =
                 rumqttc::MqttOptions::new(id, c.url.endpoint.host.clone(), c.url.endpoint.port);
@@ -590,6 +593,7 @@ impl Inner {
                 .as_ref()
                 .and_then(|p| p.max_packet_size)
                 .unwrap_or(u32::MAX);
+            max_qos = connack.properties.as_ref().and_then(|p| p.max_qos);
             let task = tokio::spawn(drive_v5(
                 events,
                 nudge,
@@ -606,6 +610,7 @@ impl Inner {
             state,
             send: Mutex::new(()),
             max_packet,
+            max_qos,
             qos: c.url.qos,
             version: c.version(),
             server,

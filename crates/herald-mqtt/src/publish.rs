@@ -13,7 +13,7 @@ use herald_core::{Ack, BatchOutcome, Destination, EarlyAcks, Message, TransportE
 use tokio::time::{Instant, Sleep};
 
 use crate::answers::Answers;
-use crate::config::{MqttConfig, Version};
+use crate::config::{MqttConfig, Qos, Version};
 use crate::connection::{Answer, Inner, Live, Slot};
 use crate::destination;
 use crate::error::refused;
@@ -67,6 +67,9 @@ async fn send_in_turn(
         live: &live,
         topic: &topic,
     };
+    if let Some(e) = b.qos_refused() {
+        return fail_all(e);
+    }
     // One deadline for the whole batch, one timer for it armed once: the connection's send
     // lock, the publishes and the acknowledgements all wait under it (a timeout per message
     // would put an entry in tokio's timer wheel and take it out again for every message).
@@ -277,6 +280,23 @@ impl Batch<'_> {
         .with_code("TIMEOUT")
     }
 
+    /// The broker announced a Maximum QoS below this transport's: it would cut the connection
+    /// at the first publish (DISCONNECT 0x9B), so nothing is sent.
+    fn qos_refused(&self) -> Option<TransportError> {
+        let max = self.live.max_qos?;
+        let level = match self.live.qos {
+            Qos::AtLeastOnce => 1,
+            Qos::ExactlyOnce => 2,
+        };
+        (level > max).then(|| {
+            TransportError::permanent(format!(
+                "the broker at {} takes publishes up to QoS {max} (the Maximum QoS of its CONNACK), and this transport publishes at QoS {level}: set ?qos= to at most {max}, or raise the broker's limit (Mosquitto: max_qos); not sent",
+                self.live.server
+            ))
+            .with_code("QOS_NOT_SUPPORTED")
+        })
+    }
+
     fn too_large(&self, size: usize) -> TransportError {
         TransportError::permanent(format!(
             "a message to \"{}\" makes a PUBLISH packet of {size} bytes, above the maximum of {} bytes (the smaller of the broker's Maximum Packet Size and MqttConfig::max_packet_size); not sent",
@@ -306,8 +326,22 @@ fn text(bytes: &[u8], what: &str) -> Result<String, TransportError> {
             format!("the message cannot be sent over MQTT: its {what} holds {refused}"),
         ));
     }
+    if t.len() > MAX_STRING {
+        // rumqttc would write the length as a wrapped 16-bit number: a malformed packet, and
+        // the bytes past it read as more properties.
+        return Err(invalid(
+            "INVALID_HEADER",
+            format!(
+                "the message cannot be sent over MQTT: its {what} is {} bytes; an MQTT string holds at most {MAX_STRING}",
+                t.len()
+            ),
+        ));
+    }
     Ok(t.to_owned())
 }
+
+/// The longest MQTT UTF-8 string, in bytes (a 16-bit length).
+pub(crate) const MAX_STRING: usize = 65_535;
 
 /// The MQTT 5 user properties of `msg`: its headers, in order, then its key in the key
 /// property and its herald id in the id property (when those are configured). With MQTT
@@ -405,6 +439,23 @@ fn room_at(handed: usize, window: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An MQTT string holds at most 65 535 bytes; rumqttc wrote a longer one's length wrapped
+    /// (a malformed packet, the rest read as more properties). Before, this was sent.
+    #[test]
+    fn a_header_or_key_longer_than_an_mqtt_string_is_refused() {
+        let config = MqttConfig::from_url("mqtt://h/t").expect("url");
+        let long = "a".repeat(MAX_STRING + 1);
+        for m in [
+            Message::new("t", "p").with_header("h", long.clone()),
+            Message::new("t", "p").with_key(long.clone()),
+        ] {
+            let e = properties(&config, Version::V5, &m).expect_err("too long");
+            assert_eq!(e.code(), Some("INVALID_HEADER"), "{e}");
+        }
+        let at_most = Message::new("t", "p").with_header("h", "a".repeat(MAX_STRING));
+        assert!(properties(&config, Version::V5, &at_most).is_ok());
+    }
     use herald_core::{ErrorClass, MessageId};
 
     #[test]

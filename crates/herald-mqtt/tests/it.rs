@@ -1091,9 +1091,9 @@ async fn a_slow_broker_that_keeps_answering_is_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
-async fn the_broker_s_maximum_packet_size_is_read_from_connack() {
-    const TEST: &str = "the_broker_s_maximum_packet_size_is_read_from_connack";
-    let Some(broker) = OwnBroker::start(TEST, "max_packet_size 2048").await else {
+async fn the_broker_s_maximum_packet_size_and_qos_are_read_from_connack() {
+    const TEST: &str = "the_broker_s_maximum_packet_size_and_qos_are_read_from_connack";
+    let Some(broker) = OwnBroker::start(TEST, "max_packet_size 2048\nmax_qos 1").await else {
         return;
     };
     let transport =
@@ -1117,9 +1117,26 @@ async fn the_broker_s_maximum_packet_size_is_read_from_connack() {
         te.message().contains("2048"),
         "names the broker's maximum: {te}"
     );
-    p.send(Message::new(dest, "after"))
+    p.send(Message::new(dest.clone(), "after"))
         .await
         .expect("the connection is still fine");
+    p.close(Duration::from_secs(10)).await;
+    // The broker's Maximum QoS (1 here): a QoS 2 transport's messages fail at once, permanent,
+    // not sent. Before, the broker cut the connection at each publish (DISCONNECT 0x9B) and
+    // they were retried, transient, until the delivery timeout.
+    let url = format!("{}?qos=2", broker.url());
+    let transport = MqttTransport::new(MqttConfig::from_url(&url).expect("url")).expect("t");
+    let p = Producer::builder(transport)
+        .delivery_timeout(Duration::from_secs(10))
+        .build()
+        .expect("producer");
+    let e = p
+        .send(Message::new(dest, "qos 2"))
+        .await
+        .expect_err("above the broker's maximum QoS");
+    assert_eq!((e.class(), e.attempts()), (ErrorClass::Permanent, 1), "{e}");
+    let te = e.reason().transport_error().expect("a transport error");
+    assert_eq!(te.code(), Some("QOS_NOT_SUPPORTED"), "{te}");
     p.close(Duration::from_secs(10)).await;
 }
 
