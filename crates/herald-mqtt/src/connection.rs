@@ -159,7 +159,20 @@ impl LiveState {
             }
         }
         if let Some(slot) = book.queued.pop_front() {
-            book.inflight.insert(pkid, slot);
+            if let Some(earlier) = book.inflight.insert(pkid, slot) {
+                // The client gave out a packet id still awaiting its answer (rumqttc can reuse
+                // a QoS 2 id between its PUBREC and PUBCOMP, and a broker that answers out of
+                // order gets there): the answer to come could be either's. Both end lost, and
+                // are retried.
+                drop(book);
+                earlier.put(Answer::Lost);
+                self.end(Some(
+                    TransportError::transient(format!(
+                        "the MQTT client reused packet id {pkid} while a publish with it still awaited its answer; the connection is given up and both are retried (a duplicate is possible)"
+                    ))
+                    .with_code("PROTOCOL_ERROR"),
+                ));
+            }
         }
     }
 
@@ -718,6 +731,19 @@ fn lost(state: &LiveState, flow: &Flow, metrics: &MqttMetrics, failure: Transpor
     state.end(Some(failure));
 }
 
+/// Whether the connection's state gave it up while handling an event (a packet id reused while
+/// awaited): then the task records the loss and ends, dropping the event loop and its socket.
+fn given_up(state: &LiveState, flow: &Flow, metrics: &MqttMetrics) -> bool {
+    if !state.lost.load(Ordering::Acquire) {
+        return false;
+    }
+    let failure = state.failure().unwrap_or_else(|| {
+        TransportError::transient("the connection was given up").with_code("CONNECTION_LOST")
+    });
+    lost(state, flow, metrics, failure);
+    true
+}
+
 /// What an event of the event loop was, for [`Nudge`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seen {
@@ -912,6 +938,9 @@ async fn drive_v5(
                     _ => Seen::Other,
                 };
                 on_v5(&state, &metrics, event);
+                if given_up(&state, &flow, &metrics) {
+                    return;
+                }
                 nudge.track(seen);
                 events.state.await_pingresp = nudge.keep_alive_unanswered();
                 let quiet = !events.state.await_pingresp
@@ -988,6 +1017,9 @@ async fn drive_v3(
                     _ => Seen::Other,
                 };
                 on_v3(&state, event);
+                if given_up(&state, &flow, &metrics) {
+                    return;
+                }
                 nudge.track(seen);
                 events.state.await_pingresp = nudge.keep_alive_unanswered();
                 let quiet = !events.state.await_pingresp
@@ -1087,6 +1119,24 @@ fn build_tls(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Before, the second publish under a packet id replaced the first's slot: the answer
+    /// meant for the first went to the second (reported delivered before the broker had it),
+    /// and the first waited for an answer that could not come.
+    #[tokio::test]
+    async fn a_packet_id_reused_while_awaited_ends_both_lost() {
+        let st = LiveState::default();
+        let (a, b) = (st.one().expect("open"), st.one().expect("open"));
+        st.written(1);
+        st.written(1);
+        st.answer(1, Answer::Acked);
+        assert!(matches!(a.await, Ok(Answer::Lost)));
+        assert!(matches!(b.await, Ok(Answer::Lost)));
+        assert_eq!(
+            st.failure().and_then(|e| e.code().map(str::to_owned)),
+            Some("PROTOCOL_ERROR".to_owned())
+        );
+    }
 
     #[test]
     fn the_connect_timeout_is_rounded_up_to_whole_seconds() {
