@@ -446,14 +446,14 @@ impl Inner {
 fn on_event(state: &LiveState, flow: &Flow, metrics: &NatsMetrics, event: Event) {
     match event {
         Event::Disconnected | Event::Closed => {
-            if !state.lost.swap(true, Ordering::AcqRel) {
+            // Only the transport's current connection counts: one herald closed, gave up or
+            // replaced ends with `Closed` too, and is no loss.
+            if !state.lost.swap(true, Ordering::AcqRel) && state.current.load(Ordering::Acquire) {
                 metrics.lost.increment(1);
                 // Not reported as down here: the next send reconnects, and only a failed
                 // attempt says the server is unreachable.
-                if state.current.load(Ordering::Acquire) {
-                    flow.connected.store(false, Ordering::Release);
-                    metrics.connected.set(0.0);
-                }
+                flow.connected.store(false, Ordering::Release);
+                metrics.connected.set(0.0);
             }
             state.changed.notify_waiters();
         }
@@ -532,6 +532,31 @@ impl Dialer<Arc<Live>> for Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Before, a connection herald closed itself (the transport's close, one given up or
+    /// replaced) counted in `herald_nats_connections_lost_total` as it ended.
+    #[test]
+    fn only_the_current_connection_s_end_counts_as_lost() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let metrics = metrics::with_local_recorder(&recorder, || NatsMetrics::new(None));
+        let flow = Flow::default();
+        let closed_by_herald = LiveState::default();
+        on_event(&closed_by_herald, &flow, &metrics, Event::Closed);
+        let current = LiveState::default();
+        current.current.store(true, Ordering::Release);
+        on_event(&current, &flow, &metrics, Event::Disconnected);
+        on_event(&current, &flow, &metrics, Event::Closed);
+        let lost: Vec<DebugValue> = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(k, ..)| k.key().name() == crate::metrics::CONNECTIONS_LOST)
+            .map(|(.., v)| v)
+            .collect();
+        assert_eq!(lost, vec![DebugValue::Counter(1)]);
+    }
 
     #[test]
     fn events_mark_losses_and_denials() {
