@@ -114,7 +114,12 @@ async fn send_in_turn(
         nacked =
             match first_alone(inner, &live, &mut groups, publishing, batch, &mut outcomes).await {
                 Probed::Done => break,
-                Probed::AgainNow => continue,
+                // No first publish was nacked this round: the nacks of an earlier round are
+                // over (those channels were published on again since).
+                Probed::AgainNow => {
+                    nacked.clear();
+                    continue;
+                }
                 Probed::Nacked(nacked) => nacked,
             };
         // A channel's first publish was nacked: the queue is not ready for it (a new leader
