@@ -63,10 +63,14 @@ pub(crate) struct Live {
     events: JoinHandle<()>,
     /// Whether publishes are `mandatory`, so that the broker may return them.
     returns: bool,
+    /// This is the transport's connection in use: the events of one given up or replaced
+    /// (after a failover) change nothing of the transport's state.
+    current: Arc<AtomicBool>,
 }
 
 impl Drop for Live {
     fn drop(&mut self) {
+        self.current.store(false, Ordering::Release);
         self.events.abort();
     }
 }
@@ -174,6 +178,16 @@ impl Publisher {
         }
         proven.insert(route.clone());
     }
+}
+
+/// lapin reported the connection with this `current` flag lost: the transport is down only if it
+/// was the connection in use (not one given up or replaced since).
+fn connection_lost(current: &AtomicBool, flow: &Flow, metrics: &AmqpMetrics) {
+    if current.load(Ordering::Acquire) {
+        flow.connected.store(false, Ordering::Release);
+        metrics.connected.set(0.0);
+    }
+    flow.changed.notify_waiters();
 }
 
 /// How long [`Inner::close`] waits for the broker to answer its `connection.close`.
@@ -380,6 +394,8 @@ impl Inner {
         let metrics = self.metrics.clone();
         let node = endpoint.to_string();
         let producer = self.config.metrics_name.clone();
+        let current = Arc::new(AtomicBool::new(false));
+        let is_current = current.clone();
         metrics.blocked.set(0.0);
         flow.blocked.store(false, Ordering::Release);
         flow.changed.notify_waiters();
@@ -427,9 +443,7 @@ impl Inner {
                             error = %e,
                             "connection to the broker lost; the next send reconnects"
                         );
-                        flow.connected.store(false, Ordering::Release);
-                        metrics.connected.set(0.0);
-                        flow.changed.notify_waiters();
+                        connection_lost(&is_current, &flow, &metrics);
                     }
                     Event::Error(e) => tracing::debug!(
                         transport = TRANSPORT,
@@ -449,6 +463,7 @@ impl Inner {
             connection,
             events,
             returns: config.mandatory,
+            current,
         };
         // `live` owns the event task from here: dropped (on an error below, or when the connect
         // timeout drops this future), it aborts the task, and lapin closes the connection once
@@ -516,6 +531,7 @@ impl Inner {
     pub(crate) async fn close(&self) {
         self.flow.closed.store(true, Ordering::Release);
         if let Some((live, index)) = self.rotation.take().await {
+            live.current.store(false, Ordering::Release);
             let node = &self.rotation.endpoints()[index];
             tracing::debug!(
                 transport = TRANSPORT,
@@ -561,7 +577,7 @@ impl Dialer<Arc<Live>> for Inner {
         self.metrics.connect_failures.increment(1);
     }
 
-    fn opened(&self, index: usize, _live: &Arc<Live>, how: Opened, failed_rounds: u32) {
+    fn opened(&self, index: usize, live: &Arc<Live>, how: Opened, failed_rounds: u32) {
         let endpoints = self.rotation.endpoints();
         let node = &endpoints[index];
         let url = self.redacted(node);
@@ -595,6 +611,7 @@ impl Dialer<Arc<Live>> for Inner {
                 "connected to the broker"
             ),
         }
+        live.current.store(true, Ordering::Release);
         self.metrics.opened.increment(1);
         self.set_node(Some(index));
         self.set_connected(true);
@@ -629,7 +646,8 @@ impl Dialer<Arc<Live>> for Inner {
         }
     }
 
-    fn lost(&self, index: usize, _live: &Arc<Live>, next: usize) {
+    fn lost(&self, index: usize, live: &Arc<Live>, next: usize) {
+        live.current.store(false, Ordering::Release);
         let endpoints = self.rotation.endpoints();
         tracing::debug!(
             transport = TRANSPORT,
@@ -647,6 +665,22 @@ impl Dialer<Arc<Live>> for Inner {
 mod tests {
     use super::*;
     use herald_retry::{Backoff, Jitter};
+
+    /// Before, the loss of a connection given up or replaced (an abandoned one failing late,
+    /// after a failover) marked the transport down while its new connection was up.
+    #[test]
+    fn only_the_connection_in_use_marks_the_transport_down() {
+        let flow = Flow::default();
+        let metrics = AmqpMetrics::new(None);
+        flow.connected.store(true, Ordering::Release);
+        connection_lost(&AtomicBool::new(false), &flow, &metrics);
+        assert!(
+            flow.connected.load(Ordering::Acquire),
+            "a replaced one's loss"
+        );
+        connection_lost(&AtomicBool::new(true), &flow, &metrics);
+        assert!(!flow.connected.load(Ordering::Acquire), "the one in use");
+    }
 
     /// A port on 127.0.0.1 that nothing listens on.
     fn closed_port() -> u16 {
