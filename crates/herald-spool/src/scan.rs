@@ -45,8 +45,10 @@ pub(crate) struct Scanner {
     body: Vec<u8>,
 }
 
-/// The most sequence numbers a segment may skip between two records (those of appends whose
-/// write failed): beyond it a record is taken for damage rather than indexed.
+/// The most sequence numbers a record found by a search after damage may lie past the previous
+/// record's: beyond it, such a candidate is taken for more damage. A record where the previous
+/// one ends is not held to it: appends whose write failed (a full disk) take numbers and write
+/// nothing, as many as they come.
 const MAX_SEQ_GAP: u64 = 1 << 24;
 
 /// How far a resynchronisation reads at a time.
@@ -110,7 +112,7 @@ impl Scanner {
             return Ok(None);
         }
         let at = self.at;
-        match self.try_record(at)? {
+        match self.try_record(at, true)? {
             Ok(header) => {
                 self.at = at + header.record_len();
                 self.min_seq = header.seq + 1;
@@ -126,7 +128,7 @@ impl Scanner {
         // next record starts where it says.
         if let Ok(header) = self.read_header(bad) {
             let next = bad + header.record_len();
-            if next < self.end && self.try_record(next)?.is_ok() {
+            if next < self.end && self.try_record(next, false)?.is_ok() {
                 return Ok(self.corrupt(bad, next, reason));
             }
         }
@@ -144,7 +146,7 @@ impl Scanner {
                 .map(|(i, _)| from + i as u64)
                 .collect();
             for candidate in candidates {
-                if self.try_record(candidate)?.is_ok() {
+                if self.try_record(candidate, false)?.is_ok() {
                     return Ok(self.corrupt(bad, candidate, reason));
                 }
             }
@@ -188,7 +190,13 @@ impl Scanner {
     }
 
     /// Reads and verifies the record at `at`: `Ok(Err(why))` if it is not a valid one.
-    fn try_record(&mut self, at: u64) -> Result<Result<Header, &'static str>, SpoolError> {
+    /// `adjacent`: `at` is where the previous record ends (not a place found by a search), so
+    /// its sequence number may lie any distance past the previous one's.
+    fn try_record(
+        &mut self,
+        at: u64,
+        adjacent: bool,
+    ) -> Result<Result<Header, &'static str>, SpoolError> {
         let header = match self.read_header(at) {
             Ok(h) => h,
             Err(why) => return Ok(Err(why)),
@@ -215,7 +223,7 @@ impl Scanner {
         if header.seq < self.min_seq || header.seq >= self.max_seq {
             return Ok(Err("sequence number out of order"));
         }
-        if header.seq - self.min_seq > MAX_SEQ_GAP {
+        if !adjacent && header.seq - self.min_seq > MAX_SEQ_GAP {
             return Ok(Err("sequence number jumps too far"));
         }
         if let Err(why) = record::validate_body(header.flags, &self.body) {

@@ -1186,6 +1186,34 @@ mod tests {
         Spool::open(config).expect("reopens")
     }
 
+    /// Appends that fail (a full disk) take sequence numbers and write nothing, and stay in one
+    /// segment (their bytes given back): after enough of them the next record's number lies
+    /// far past the previous one's. Before, past 2^24 such a record was taken for damage: the
+    /// cursor skipped it, and at the next open it was cut off as a torn tail, although it had
+    /// been acknowledged.
+    #[test]
+    fn a_record_after_many_failed_appends_is_kept() {
+        let dir = TempDir::new("seq-gap");
+        let config = SpoolConfig::new(&dir.0);
+        let (spool, _) = Spool::open(config.clone()).expect("opens");
+        spool
+            .append(&Message::new("d", "before"))
+            .expect("appended");
+        lock(&spool.shared.inner).next_seq += (1 << 24) + 1;
+        spool.append(&Message::new("d", "after")).expect("appended");
+        assert_eq!(payloads(&spool), ["before", "after"]);
+        drop(spool);
+        let (spool, recovery) = Spool::open(config).expect("reopens");
+        assert_eq!(payloads(&spool), ["before", "after"]);
+        assert_eq!(recovery.damage.corrupt.len(), 0);
+        assert!(
+            recovery.damage.torn.is_empty(),
+            "{:?}",
+            recovery.damage.torn
+        );
+        assert_eq!(recovery.pending_messages, 2);
+    }
+
     #[test]
     fn a_failed_fsync_breaks_the_spool_and_its_records_do_not_come_back() {
         let dir = TempDir::new("failed-fsync");
