@@ -63,8 +63,9 @@ pub struct BatchStats {
 /// ```
 pub trait BatchPolicy: Send + Sync + fmt::Debug + 'static {
     /// Whether a message of `message_bytes` may join a batch that already holds `batch`.
-    /// An empty batch must admit any message (a message larger than every batch is rejected
-    /// before it reaches the accumulator, by the producer's max message size).
+    /// An empty batch admits any message whatever this says (a message larger than every
+    /// batch is rejected before it reaches the accumulator, by the producer's max message
+    /// size): the accumulator does not ask then.
     fn admits(&self, batch: BatchStats, message_bytes: usize) -> bool;
     /// Whether the batch should go now, whatever its age.
     fn is_full(&self, batch: BatchStats) -> bool;
@@ -439,7 +440,9 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
         // in one go (each moved once, into a collection made to their number).
         let mut take = 0;
         for (_, bytes) in &q.items {
-            if !policy.admits(stats, *bytes) {
+            // Not asked for the first: a policy refusing it would leave the queue as it is,
+            // ready again at once, for ever.
+            if take > 0 && !policy.admits(stats, *bytes) {
                 break;
             }
             stats.messages += 1;
@@ -543,6 +546,33 @@ mod tests {
 
     fn policy(m: usize, b: usize) -> SizeOrLinger {
         SizeOrLinger::new(m, b, Duration::from_millis(10))
+    }
+
+    /// A policy that refuses a message even into an empty batch (its own byte limit below
+    /// the message's size). Before, the cut took nothing and left the queue ready: the
+    /// producer's dispatcher cut empty batches of it for ever, under its state lock.
+    #[derive(Debug)]
+    struct ByBytes(usize);
+    impl BatchPolicy for ByBytes {
+        fn admits(&self, batch: BatchStats, message_bytes: usize) -> bool {
+            batch.bytes + message_bytes <= self.0
+        }
+        fn is_full(&self, _: BatchStats) -> bool {
+            false
+        }
+        fn linger(&self) -> Duration {
+            Duration::ZERO
+        }
+    }
+
+    #[test]
+    fn an_empty_batch_takes_its_first_message_whatever_the_policy_says() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(ByBytes(10), None);
+        acc.push_back(&"a", 1, 20, t0);
+        acc.push_back(&"a", 2, 5, t0);
+        let b = acc.pop_ready(t0, true).expect("a batch");
+        assert_eq!(b.items, vec![1]);
     }
 
     #[test]
