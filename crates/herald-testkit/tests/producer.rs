@@ -1105,6 +1105,68 @@ async fn a_panicking_retry_policy_fails_its_message_and_the_producer_goes_on() {
 }
 
 #[derive(Debug)]
+struct RetryNever;
+impl herald_retry::RetryPolicy for RetryNever {
+    fn decide(
+        &self,
+        _: &herald_retry::RetryContext,
+        _: &mut fastrand::Rng,
+    ) -> herald_retry::RetryDecision {
+        herald_retry::RetryDecision::Retry {
+            after: Duration::MAX,
+        }
+    }
+}
+
+/// A retry policy asking for a pause longer than the clock can hold: the message waits until
+/// its deadline and ends there. Before, `now + Duration::MAX` panicked inside the dispatcher,
+/// losing the batch's fates (its futures panicked "dropped unanswered") and hanging `flush`.
+#[tokio::test(start_paused = true)]
+async fn a_retry_pause_past_the_deadline_ends_at_the_deadline() {
+    let t = MemoryTransport::new();
+    t.script([CallFault::FailAll(ErrorClass::Transient)]);
+    let p = Producer::builder(t.clone())
+        .retry(RetryNever)
+        .delivery_timeout(Duration::from_secs(1))
+        .build()
+        .expect("build");
+    let f = p.enqueue(msg(0)).await.expect("enqueue");
+    let e = tokio::time::timeout(Duration::from_secs(5), f)
+        .await
+        .expect("ends by its deadline")
+        .expect_err("not delivered");
+    assert!(
+        matches!(e.reason(), FailureReason::DeliveryTimeout { .. }),
+        "{e}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), p.flush())
+        .await
+        .expect("flush returns");
+    assert_eq!(p.send(msg(1)).await.expect("delivered").attempts, 1);
+}
+
+/// A message the broker refused for good is `Rejected`, even when a close ran out of time
+/// meanwhile. Before, it was `Closed` (transient): a spool would keep it and send it again.
+#[tokio::test(start_paused = true)]
+async fn a_permanent_refusal_after_a_close_ran_out_of_time_is_rejected() {
+    let t = MemoryTransport::new();
+    t.set_latency(Duration::from_secs(60));
+    t.reject_payload_prefix("bad");
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .build()
+        .expect("build");
+    let f = p
+        .enqueue(Message::new("t", "bad-1"))
+        .await
+        .expect("enqueue");
+    let report = p.close(Duration::from_secs(1)).await;
+    assert!(!report.drained);
+    let e = f.await.expect_err("refused");
+    assert!(matches!(e.reason(), FailureReason::Rejected(_)), "{e}");
+}
+
+#[derive(Debug)]
 struct PanickingBatches;
 impl herald_batch::BatchPolicy for PanickingBatches {
     fn admits(&self, _: herald_batch::BatchStats, _: usize) -> bool {

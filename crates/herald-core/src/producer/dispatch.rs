@@ -570,7 +570,10 @@ impl Shared {
                     time_left: meta.deadline.saturating_duration_since(now),
                     previous_delay: meta.previous_delay,
                 };
-                let decision = if st.abandoned {
+                let decision = if st.abandoned && error.class() == ErrorClass::Permanent {
+                    // Refused for good, close or no close.
+                    RetryDecision::GiveUp(GiveUpReason::Permanent)
+                } else if st.abandoned {
                     // A close ran out of time: nothing more is retried.
                     RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted)
                 } else {
@@ -602,8 +605,14 @@ impl Shared {
                         self.finish(st, fin, (msg, meta), Ok(Ack::default()), now);
                         continue;
                     }
+                    RetryDecision::GiveUp(GiveUpReason::Permanent) if st.abandoned => {
+                        FailureReason::Rejected(error)
+                    }
                     RetryDecision::GiveUp(_) if st.abandoned => FailureReason::Closed,
                     RetryDecision::Retry { after } => {
+                        // No later than the message's deadline, where its expiry ends it: a
+                        // policy's longer pause (`Duration::MAX`, say) would overflow the clock.
+                        let after = after.min(ctx.time_left);
                         meta.previous_delay = Some(after);
                         remember(&mut meta, error);
                         retry_after = retry_after.max(after);
