@@ -27,6 +27,29 @@ struct Route {
     batches: metrics::Counter,
 }
 
+/// A call on a route whose breaker has not heard how it went yet: dropped so (the call cut
+/// off), it tells the breaker the call failed.
+struct CutOff<'a>(Option<&'a Route>);
+
+impl CutOff<'_> {
+    /// The call ended with its outcomes: the caller tells the breaker itself.
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CutOff<'_> {
+    fn drop(&mut self) {
+        if let Some(route) = self.0 {
+            route
+                .breaker
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .on_failure(clock_now());
+        }
+    }
+}
+
 /// A [`Transport`] made of several: a batch goes to the first route whose circuit lets it
 /// through, so the primary takes everything while it works and a fallback takes over while it
 /// fails. Transports compose this way whatever they are: a Kafka cluster and a second one, or
@@ -209,6 +232,10 @@ impl Fallback {
     ) -> BatchOutcome {
         let route = &self.routes[index];
         let destination = route.destination.as_ref().unwrap_or(destination);
+        // Cut off before its breaker hears how it went (the pipeline drops a call at its
+        // deadline), the call counts as failed: otherwise a half-open route's probe stays in
+        // flight for good, and the route shut.
+        let cut_off = CutOff(Some(route));
         let mut outcomes = match deadline {
             Some(d) => {
                 route
@@ -225,6 +252,7 @@ impl Fallback {
                 o.as_ref()
                     .is_err_and(|e| e.class() == ErrorClass::Transient)
             });
+        cut_off.answered();
         let (before, after) = {
             let now = clock_now();
             let mut breaker = route.breaker.lock().unwrap_or_else(PoisonError::into_inner);

@@ -156,3 +156,46 @@ fn route_names_are_checked() {
     assert_eq!(f.routes(), ["a", "b"]);
     assert_eq!(f.route_state(0), Some(CircuitState::Closed));
 }
+
+/// A probe of a half-open route that the pipeline cuts off at its deadline (the primary
+/// hangs) counts as a failed probe. Before, the breaker was told nothing: the route stayed
+/// half-open with its one probe "in flight" for good, and traffic never went back to it.
+#[tokio::test(start_paused = true)]
+async fn a_probe_cut_off_at_its_deadline_does_not_shut_its_route_for_good() {
+    let primary = MemoryTransport::new();
+    primary.script([
+        CallFault::FailAll(ErrorClass::Transient),
+        CallFault::FailAll(ErrorClass::Transient),
+        CallFault::Delay(Duration::from_secs(3600)),
+    ]);
+    let secondary = MemoryTransport::new();
+    let f = Fallback::new("primary", primary.clone())
+        .and_then(|f| f.or("secondary", secondary.clone()))
+        .expect("names")
+        .circuit_breaker(breaker());
+    let p = Producer::builder(f)
+        .retry(ExponentialRetry::new(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(100),
+        )))
+        .circuit_breaker(CircuitBreakerConfig::disabled())
+        .delivery_timeout(Duration::from_secs(5))
+        .build()
+        .expect("build");
+    let d = p.send(Message::new("t", "a")).await.expect("delivered");
+    assert_eq!(d.ack.route, Some(1), "the primary's circuit opened");
+    // Past open_for: this batch probes the primary, which hangs until the batch's deadline.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let e = p
+        .send(Message::new("t", "b"))
+        .await
+        .expect_err("the probe hung");
+    assert!(
+        matches!(e.reason(), FailureReason::DeliveryTimeout { .. }),
+        "{e}"
+    );
+    // Past open_for again: the next batch probes the primary, which answers now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let d = p.send(Message::new("t", "c")).await.expect("delivered");
+    assert_eq!(d.ack.route, Some(0), "back on the primary");
+}
