@@ -867,9 +867,18 @@ async fn send_flight(mut sending: Sending) {
                 if let Some(diagnosis) = transport.diagnosis() {
                     e = e.with_context(diagnosis);
                 }
-                // Acknowledgements that came with the cut-off are true all the same.
+                // Acknowledgements that came with the cut-off are true all the same: those it
+                // may answer now are answered, and those its ordering still holds back (the
+                // gate, an earlier message of their key) land as delivered, for the key rule
+                // to judge with the rest.
                 answering.answer(shared, std::task::Waker::noop(), messages, metas);
-                vec![Err(e); n]
+                let mut outcomes = vec![Err(e); n];
+                for (o, ack) in outcomes.iter_mut().zip(answering.acked.iter_mut()) {
+                    if let Some(ack) = ack.take() {
+                        *o = Ok(ack);
+                    }
+                }
+                outcomes
             }
         }
     };
@@ -1387,6 +1396,49 @@ mod tests {
         transport.gates[1].notify_one();
         producer.flush().await;
         assert_eq!(producer.stats().totals.delivered, 2);
+    }
+
+    /// Strict ordering, two batches out: the later one's message, of another key, is
+    /// acknowledged early but waits for the earlier batch (the gate). Both are cut off at their
+    /// deadline: the acknowledged message is delivered all the same. Before, its acknowledgement
+    /// was thrown away with the cut-off and it ended in `DeliveryTimeout`.
+    #[tokio::test(start_paused = true)]
+    async fn an_acknowledgement_held_by_the_gate_survives_the_cut_off() {
+        let mut transport = Early::new(vec![
+            Call {
+                hang: true,
+                ..Call::default()
+            },
+            Call {
+                early: vec![0],
+                hang: true,
+                ..Call::default()
+            },
+        ]);
+        std::sync::Arc::get_mut(&mut transport)
+            .expect("not shared yet")
+            .ordered = true;
+        let producer = Producer::builder(transport.clone())
+            .batching(batches_of(1))
+            .pipeline_depth(2)
+            .delivery_timeout(Duration::from_secs(30))
+            .build()
+            .expect("build");
+        let a = producer
+            .try_send(Message::new("t", "a").with_key("x"))
+            .expect("accepted");
+        let b = producer
+            .try_send(Message::new("t", "b").with_key("y"))
+            .expect("accepted");
+        let b = tokio::time::timeout(Duration::from_secs(120), b)
+            .await
+            .expect("b ends")
+            .expect("b was acknowledged: delivered");
+        assert_eq!(b.ack.offset, Some(7));
+        let a = tokio::time::timeout(Duration::from_secs(120), a)
+            .await
+            .expect("a ends");
+        assert!(a.is_err(), "a never got an answer");
     }
 
     /// Relaxed ordering: a message acknowledged early stays delivered when herald cuts its
