@@ -1101,3 +1101,53 @@ async fn a_close_ends_the_retries_of_a_failing_recovery() {
     );
     cleanup(&d);
 }
+
+/// A close that runs out of time while the producer still reads back an earlier run's
+/// messages stops reading: the rest stays stored for the next producer. Before, the read went
+/// on through the whole spool (each message refused as closed and kept in memory), and the
+/// transport was closed only after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_that_runs_out_of_time_stops_the_read_back() {
+    const N: usize = 10_000;
+    let d = dir("close-during-recovery");
+    let msgs: Vec<Message> = (0..N).map(keyed).collect();
+    left_stored(&d, &msgs).await;
+    let (store, recovery) = reopen(&d);
+    assert_eq!(recovery.pending_messages, N as u64);
+    let store = Instrumented::new(store);
+    let recovers = store.recovers.clone();
+    let t = MemoryTransport::new();
+    t.hold();
+    let p = Producer::builder(t.clone())
+        .store(store)
+        .buffer(10, 1 << 20)
+        .build()
+        .expect("producer");
+    // The read-back has started: the buffer of 10 is full of recovered messages, the next
+    // read waits for room.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while recovers.load(Ordering::Acquire) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no read-back");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = p.close(Duration::from_millis(200)).await;
+    assert!(!report.drained);
+    let at_close = recovers.load(Ordering::Acquire);
+    t.release();
+    // The producer stops (and closes its transport) once nothing it took is left out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while t.closes() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the producer never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let reads = recovers.load(Ordering::Acquire);
+    assert!(
+        reads <= at_close + 1,
+        "{reads} reads after a close that ran out of time at {at_close}: the whole spool read"
+    );
+    drop(p);
+    cleanup(&d);
+}

@@ -623,6 +623,16 @@ async fn recover(shared: &Arc<Shared>, store: &Arc<dyn Store>) {
     let mut recovered = 0u64;
     let mut failed_reads = 0;
     loop {
+        if shared.lock().abandoned {
+            // A close ran out of time: what is not read yet stays stored for the next
+            // producer, rather than read here only to be refused as closed.
+            tracing::info!(
+                store = %store.describe(),
+                "the close ran out of time while reading back an earlier run's messages; the \
+                 rest stay stored for the next producer on it"
+            );
+            break;
+        }
         let reader = store.clone();
         let read = tokio::task::spawn_blocking(move || reader.recover(READ)).await;
         let batch = match read {
