@@ -123,6 +123,8 @@ pub(crate) struct Scan {
     pub(crate) damage: Damage,
     pub(crate) next_seq: u64,
     pub(crate) fsyncs: u64,
+    /// How much of the settle log verified (0: none, or no log).
+    pub(crate) settle_log_len: u64,
 }
 
 /// Reads every segment and the settle log of `dir`. With `cut`, torn tails are cut off (and
@@ -143,6 +145,7 @@ pub(crate) fn scan_dir(dir: &Path, cut: bool, fsyncs: bool) -> Result<Scan, Spoo
         damage: Damage::default(),
         next_seq: 0,
         fsyncs: 0,
+        settle_log_len: 0,
     };
     for (i, &first) in firsts.iter().enumerate() {
         let max_seq = firsts.get(i + 1).copied().unwrap_or(u64::MAX);
@@ -217,6 +220,7 @@ pub(crate) fn scan_dir(dir: &Path, cut: bool, fsyncs: bool) -> Result<Scan, Spoo
         }
     })?;
     scan.damage.settle_log_torn_bytes = read.torn_bytes;
+    scan.settle_log_len = read.valid_len;
     // Never give out a sequence number again: not one a segment's name or records used, nor
     // one settled (its record may be lost with a torn tail, its settlement not).
     scan.next_seq = scan
@@ -272,7 +276,20 @@ pub(crate) fn open_dir(dir: &Path, fsyncs: bool) -> Result<Opened, SpoolError> {
         scan.fsyncs += 1;
     }
     delete_segments(dir, &mut scan.segments, &doomed, fsyncs, &mut scan.fsyncs)?;
-    let settle_log = rewrite_settle_log(dir, &scan.segments, fsyncs, &mut scan.fsyncs)?;
+    let settle_log = match rewrite_settle_log(dir, &scan.segments, fsyncs, &mut scan.fsyncs) {
+        Ok(log) => log,
+        // No room for a new settle log, and nothing could be deleted to make some: the old
+        // one, as read, serves (sending and settling is what frees room; an open that failed
+        // would leave the spool stuck full for good).
+        Err(e) if e.is_full() && scan.settle_log_len > 0 => {
+            tracing::warn!(
+                error = %e,
+                "the disk is full: the spool keeps its settle log as it is instead of writing a new one"
+            );
+            SettleLog::reuse(dir, scan.settle_log_len)?
+        }
+        Err(e) => return Err(e),
+    };
     let stats = stats_of(&scan.segments, next);
     Ok(Opened {
         recovery: Recovery {

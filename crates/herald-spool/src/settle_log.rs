@@ -166,6 +166,26 @@ impl SettleLog {
         written
     }
 
+    /// The settle log of `dir` as it is, cut back to its first `valid_len` bytes (what was
+    /// read of it verified; cutting needs no room): for a disk too full to write a new one.
+    pub(crate) fn reuse(dir: &Path, valid_len: u64) -> Result<Self, SpoolError> {
+        let path = dir.join(FILE);
+        let err = |op, e| SpoolError::io(op, &path, e);
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| err("open settle log", e))?;
+        file.set_len(valid_len)
+            .map_err(|e| err("cut settle log", e))?;
+        Ok(Self {
+            path: path.clone(),
+            file,
+            len: valid_len,
+            rewritten_len: valid_len,
+            unsynced: 0,
+        })
+    }
+
     fn write_new(
         dir: &Path,
         tmp: &Path,

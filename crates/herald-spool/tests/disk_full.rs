@@ -133,3 +133,56 @@ fn a_full_disk_refuses_appends_loses_nothing_and_settling_makes_room() {
         .collect();
     assert_eq!(ids(&read_all(&spool)), want);
 }
+
+/// A spool reopened on a disk with no room left and nothing it may delete (every segment
+/// still holds pending records): it opens, keeping its settle log as it is, so that sending
+/// and settling can make room. Before, the open failed writing the new settle log, and
+/// every restart failed the same way.
+#[test]
+#[ignore = "mounts a tmpfs (root): cargo xtask ci runs it"]
+fn a_spool_reopens_on_a_full_disk() {
+    let disk = match SmallDisk::mount("256k") {
+        Ok(d) => d,
+        Err(why) if std::env::var("HERALD_IT_ALLOW_SKIP").as_deref() == Ok("1") => {
+            eprintln!("skipped: cannot mount a tmpfs ({why})");
+            return;
+        }
+        Err(why) => panic!("cannot mount a small tmpfs ({why}); HERALD_IT_ALLOW_SKIP=1 skips"),
+    };
+    let dir = disk.path().join("spool");
+    let config = || {
+        SpoolConfig::new(&dir)
+            .segment_bytes(16 * 1024)
+            .max_bytes(64 * 1024 * 1024)
+    };
+    let m = |i: usize| Message::new("d", format!("{i:04}").repeat(25));
+    let (spool, _) = Spool::open(config()).expect("opens");
+    let mut acked: Vec<SpoolId> = Vec::new();
+    loop {
+        match spool.append_all(&[m(acked.len()), m(acked.len() + 1)]) {
+            Ok(ids) => acked.extend(ids),
+            Err(e) if e.is_full() => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(acked.len() < 5000, "a 256 KiB disk never filled");
+    }
+    // One record of each segment settled: the settle log has something, no segment can go.
+    let settled: Vec<SpoolId> = acked.iter().step_by(50).copied().collect();
+    spool.settle_all(&settled).expect("settles");
+    let mut filler = std::fs::File::create(disk.path().join("filler")).expect("filler");
+    while filler.write_all(&[0u8; 512]).is_ok() {}
+    drop(filler);
+    drop(spool);
+    let (spool, recovery) = Spool::open(config()).expect("reopens on the full disk");
+    let want: Vec<SpoolId> = acked
+        .iter()
+        .filter(|id| !settled.contains(id))
+        .copied()
+        .collect();
+    assert_eq!(recovery.pending_messages, want.len() as u64);
+    assert_eq!(ids(&read_all(&spool)), want);
+    // Settling works on it, and frees the room to append again.
+    spool.settle_all(&want).expect("settles");
+    std::fs::remove_file(disk.path().join("filler")).expect("filler");
+    spool.append(&m(0)).expect("room again");
+}
