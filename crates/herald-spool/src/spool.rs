@@ -142,8 +142,16 @@ pub(crate) struct Inner {
     reap_wanted: bool,
     /// Set after a failed fsync: appends are refused.
     broken: Option<SpoolError>,
+    /// When a write last failed for a full disk: until a settlement (which may make room) or
+    /// [`DISK_FULL_RECHECK`] later, appends are refused at once as full, taking no sequence
+    /// number, instead of each being written, failing and undone.
+    disk_full: Option<Instant>,
     shutdown: bool,
 }
+
+/// How long after a write failed for a full disk appends are refused without trying (room
+/// made by something else than a settlement is found then).
+const DISK_FULL_RECHECK: Duration = Duration::from_secs(1);
 
 /// Records for one segment, contiguous in sequence numbers and bytes.
 struct Chunk {
@@ -283,6 +291,7 @@ impl Spool {
                 sync_requested: false,
                 reap_wanted: false,
                 broken: None,
+                disk_full: None,
                 shutdown: false,
             }),
             wake_writer: Condvar::new(),
@@ -356,6 +365,16 @@ impl Spool {
         let mut inner = lock(&self.shared.inner);
         if let Some(broken) = &inner.broken {
             return Err(broken.clone());
+        }
+        if inner
+            .disk_full
+            .is_some_and(|at| at.elapsed() < DISK_FULL_RECHECK)
+        {
+            return Err(SpoolError::io(
+                "append (a write failed for a full disk a moment ago; nothing settled since) to",
+                &self.shared.dir,
+                std::io::Error::from(std::io::ErrorKind::StorageFull),
+            ));
         }
         if messages.is_empty() {
             let round = Round::new();
@@ -599,6 +618,8 @@ impl Shared {
         {
             let mut inner = lock(&self.inner);
             let inner = &mut *inner;
+            // Settled: a segment may go, and room come with it.
+            inner.disk_full = None;
             let last = inner.segments.keys().next_back().copied();
             for &seq in &seqs {
                 let Some((&first, seg)) = inner.segments.range_mut(..=seq).next_back() else {
@@ -1045,6 +1066,10 @@ impl Writer {
                     outcome = Err(b.clone());
                 }
             }
+            inner.disk_full = match &outcome {
+                Err(e) if e.is_full() => Some(Instant::now()),
+                _ => None,
+            };
         }
         // Before the appenders hear back: a segment sealed by this round whose records are
         // all settled is gone by then.

@@ -82,8 +82,12 @@ fn a_full_disk_refuses_appends_loses_nothing_and_settling_makes_room() {
         text.contains("No space left") && text.contains(".seg"),
         "{text}"
     );
-    // Still refused, not broken: a failed write is undone.
+    // Still refused, not broken: a failed write is undone. Refused at once, taking no
+    // sequence number (before, each append was written, failed and undone, and took one:
+    // millions of them made the next record's number look like damage).
+    let next = spool.stats().next_id;
     assert!(spool.append(&m(0)).expect_err("still full").is_full());
+    assert_eq!(spool.stats().next_id, next, "no number taken");
     assert_eq!(ids(&read_all(&spool)), acked, "nothing accepted is lost");
 
     // Take the last free bytes too, so that the settle log cannot grow either.
