@@ -56,7 +56,8 @@ pub const HEALTH_STATUS: &str = "herald_health_status";
 /// 1 while the transport reports a usable broker connection, 0 while it reports none. Gauge.
 pub const TRANSPORT_UP: &str = "herald_transport_up";
 /// Panics in user code the producer runs (a retry or batch policy, the unclaimed hook), by
-/// `site` (`retry_policy`, `batch_policy`, `unclaimed_hook`), each contained. Counter.
+/// `site` (`retry_policy`, `batch_policy`, `unclaimed_hook`, `transport`: a transport's
+/// `delivered_but_held`), each contained. Counter.
 pub const USER_CODE_PANICS: &str = "herald_user_code_panics_total";
 /// Batches each route of a [`Fallback`](crate::Fallback) took; label `route` (the names given
 /// to the fallback's routes). Counter.

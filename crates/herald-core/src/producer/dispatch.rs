@@ -527,8 +527,21 @@ impl Shared {
         );
         if !delivered_but_held.is_empty() {
             let held: Vec<&Message> = delivered_but_held.iter().map(|&i| &messages[i]).collect();
-            self.transport
-                .delivered_but_held(&flight.destination, &held);
+            // Under the state's lock: a transport's panic here would take every fate of the
+            // batch with it. Contained, it is logged and counted; the messages are sent again
+            // as held, whatever the transport makes of that.
+            if let Err(message) = contain(|| {
+                self.transport
+                    .delivered_but_held(&flight.destination, &held)
+            }) {
+                self.metrics.panic_counter("transport").increment(1);
+                tracing::error!(
+                    producer = self.config.name.as_deref(),
+                    transport = self.transport.name(),
+                    panic = %message,
+                    "the transport panicked when told of messages delivered but held; they are sent again all the same"
+                );
+            }
         }
         let mut all_transient = !any_ok;
         let mut retry: Vec<Entry> = Vec::new();
@@ -1170,6 +1183,8 @@ mod tests {
         /// A call has given its early acknowledgements.
         acked: tokio::sync::Notify,
         ordered: bool,
+        /// `delivered_but_held` panics.
+        panics_on_held: bool,
         calls: std::sync::Mutex<Vec<Vec<bytes::Bytes>>>,
     }
 
@@ -1180,6 +1195,7 @@ mod tests {
                 script,
                 acked: tokio::sync::Notify::new(),
                 ordered: false,
+                panics_on_held: false,
                 calls: std::sync::Mutex::new(Vec::new()),
             })
         }
@@ -1202,6 +1218,9 @@ mod tests {
         }
         fn keeps_order_across_calls(&self) -> bool {
             self.ordered
+        }
+        fn delivered_but_held(&self, _: &Destination, _: &[&Message]) {
+            assert!(!self.panics_on_held, "delivered_but_held exploded");
         }
         async fn send_batch(&self, _: &Destination, batch: &[Message]) -> BatchOutcome {
             batch.iter().map(|_| Ok(Ack::default())).collect()
@@ -1396,6 +1415,40 @@ mod tests {
         transport.gates[1].notify_one();
         producer.flush().await;
         assert_eq!(producer.stats().totals.delivered, 2);
+    }
+
+    /// A transport that panics when told of messages delivered but held: the panic is
+    /// contained, the messages are sent again behind the failed one and delivered. Before, the
+    /// panic unwound through the dispatcher under its state lock, and the batch's fates were
+    /// lost with it.
+    #[tokio::test]
+    async fn a_transport_panicking_when_told_of_held_messages_loses_no_fate() {
+        let mut transport = Early::new(vec![Call {
+            fail: vec![0],
+            ..Call::default()
+        }]);
+        std::sync::Arc::get_mut(&mut transport)
+            .expect("not shared yet")
+            .panics_on_held = true;
+        let producer = Producer::builder(transport.clone())
+            .batching(batches_of(2))
+            .retry(herald_retry::ExponentialRetry::new(
+                herald_retry::Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
+            ))
+            .build()
+            .expect("build");
+        let a = producer
+            .try_send(Message::new("t", "a").with_key("k"))
+            .expect("accepted");
+        let b = producer
+            .try_send(Message::new("t", "b").with_key("k"))
+            .expect("accepted");
+        transport.gates[0].notify_one();
+        let (a, b) = tokio::time::timeout(Duration::from_secs(10), async { (a.await, b.await) })
+            .await
+            .expect("both end");
+        assert_eq!(a.expect("a delivered").attempts, 2);
+        assert_eq!(b.expect("b delivered").attempts, 2, "sent again behind a");
     }
 
     /// Strict ordering, two batches out: the later one's message, of another key, is
