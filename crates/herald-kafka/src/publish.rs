@@ -512,8 +512,12 @@ fn fail_for_good(outcomes: &mut BatchOutcome, code: RDKafkaErrorCode, text: &str
         "the Kafka producer hit a fatal error that a new producer would hit again: {code:?}: {text}"
     ))
     .with_code(format!("{code:?}"));
+    // Failures of their own (too large, say) keep their reason: only those a retry was to
+    // mend are this error's.
     for o in outcomes.iter_mut() {
-        if o.is_err() {
+        if o.as_ref()
+            .is_err_and(|f| f.class() == herald_core::ErrorClass::Transient)
+        {
             *o = Err(e.clone());
         }
     }
