@@ -340,7 +340,7 @@ pub(crate) fn in_order_epoch<F: std::future::Future>(
 #[derive(Debug, Default)]
 pub struct Turns {
     /// By producer pipeline and destination; a lane no call is in or waits for, holding no
-    /// key, is forgotten (see [`Held::prune`]): a stream per user, say, does not make this
+    /// key, is forgotten (see `LaneRef`): a stream per user, say, does not make this
     /// grow without bound.
     lanes: Arc<Mutex<LaneMap>>,
 }

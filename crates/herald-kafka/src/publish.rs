@@ -489,7 +489,8 @@ async fn send_in_turn(
     drop(registered);
     let fatal = producer.client().fatal_error();
     if state.producer_broken.load(Ordering::Acquire) || fatal.is_some() {
-        // The failed messages are transient: herald retries them on the new producer.
+        // The failed messages are transient (herald retries them on the new producer), unless
+        // the fatal error is one a new producer would hit again (`fail_for_good`).
         connection.rebuild(generation);
     }
     let mut outcomes = state.take_outcomes();
@@ -512,11 +513,12 @@ fn fail_for_good(outcomes: &mut BatchOutcome, code: RDKafkaErrorCode, text: &str
         "the Kafka producer hit a fatal error that a new producer would hit again: {code:?}: {text}"
     ))
     .with_code(format!("{code:?}"));
-    // Failures of their own (too large, say) keep their reason: only those a retry was to
-    // mend are this error's.
+    // Only the failures the fatal error caused (librdkafka's `_FATAL`, and the queue it
+    // purged): a message that failed for a reason of its own keeps it, and one in doubt (timed
+    // out in flight: the broker may have it) stays transient.
     for o in outcomes.iter_mut() {
         if o.as_ref()
-            .is_err_and(|f| f.class() == herald_core::ErrorClass::Transient)
+            .is_err_and(|f| matches!(f.code(), Some("Fatal" | "PurgeQueue")))
         {
             *o = Err(e.clone());
         }

@@ -598,6 +598,8 @@ impl Shared {
         if seqs.is_empty() {
             return Ok(());
         }
+        // Settling may make room (a segment deleted): appends try the disk again.
+        lock(&self.inner).disk_full = None;
         if let Err(e) = log.append(&settle_log::runs(seqs.iter().copied()), seqs.len() as u64) {
             if !e.is_full() {
                 return Err(e);
@@ -618,8 +620,6 @@ impl Shared {
         {
             let mut inner = lock(&self.inner);
             let inner = &mut *inner;
-            // Settled: a segment may go, and room come with it.
-            inner.disk_full = None;
             let last = inner.segments.keys().next_back().copied();
             for &seq in &seqs {
                 let Some((&first, seg)) = inner.segments.range_mut(..=seq).next_back() else {
