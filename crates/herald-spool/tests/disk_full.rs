@@ -48,24 +48,39 @@ impl Drop for SmallDisk {
     }
 }
 
+/// A 256 KiB tmpfs, or `None` (said) where none can be mounted and HERALD_IT_ALLOW_SKIP=1.
+fn small_disk() -> Option<SmallDisk> {
+    match SmallDisk::mount("256k") {
+        Ok(d) => Some(d),
+        Err(why) if std::env::var("HERALD_IT_ALLOW_SKIP").as_deref() == Ok("1") => {
+            eprintln!("skipped: cannot mount a tmpfs ({why})");
+            None
+        }
+        Err(why) => panic!("cannot mount a small tmpfs ({why}); HERALD_IT_ALLOW_SKIP=1 skips"),
+    }
+}
+
+/// A spool in `dir` with segments of 16 KiB (many on the small disk) and no size limit of
+/// its own below the disk's.
+fn small_segments(dir: &Path) -> SpoolConfig {
+    SpoolConfig::new(dir)
+        .segment_bytes(16 * 1024)
+        .max_bytes(64 * 1024 * 1024)
+}
+
+/// A message of 100 bytes, numbered `i`.
+fn m(i: usize) -> Message {
+    Message::new("d", format!("{i:04}").repeat(25))
+}
+
 #[test]
 #[ignore = "mounts a tmpfs (root): cargo xtask ci runs it"]
 fn a_full_disk_refuses_appends_loses_nothing_and_settling_makes_room() {
-    let disk = match SmallDisk::mount("256k") {
-        Ok(d) => d,
-        Err(why) if std::env::var("HERALD_IT_ALLOW_SKIP").as_deref() == Ok("1") => {
-            eprintln!("skipped: cannot mount a tmpfs ({why})");
-            return;
-        }
-        Err(why) => panic!("cannot mount a small tmpfs ({why}); HERALD_IT_ALLOW_SKIP=1 skips"),
+    let Some(disk) = small_disk() else {
+        return;
     };
     let dir = disk.path().join("spool");
-    let config = || {
-        SpoolConfig::new(&dir)
-            .segment_bytes(16 * 1024)
-            .max_bytes(64 * 1024 * 1024)
-    };
-    let m = |i: usize| Message::new("d", format!("{i:04}").repeat(25));
+    let config = || small_segments(&dir);
     let (spool, _) = Spool::open(config()).expect("opens");
     let mut acked: Vec<SpoolId> = Vec::new();
     let err = loop {
@@ -145,21 +160,11 @@ fn a_full_disk_refuses_appends_loses_nothing_and_settling_makes_room() {
 #[test]
 #[ignore = "mounts a tmpfs (root): cargo xtask ci runs it"]
 fn a_spool_reopens_on_a_full_disk() {
-    let disk = match SmallDisk::mount("256k") {
-        Ok(d) => d,
-        Err(why) if std::env::var("HERALD_IT_ALLOW_SKIP").as_deref() == Ok("1") => {
-            eprintln!("skipped: cannot mount a tmpfs ({why})");
-            return;
-        }
-        Err(why) => panic!("cannot mount a small tmpfs ({why}); HERALD_IT_ALLOW_SKIP=1 skips"),
+    let Some(disk) = small_disk() else {
+        return;
     };
     let dir = disk.path().join("spool");
-    let config = || {
-        SpoolConfig::new(&dir)
-            .segment_bytes(16 * 1024)
-            .max_bytes(64 * 1024 * 1024)
-    };
-    let m = |i: usize| Message::new("d", format!("{i:04}").repeat(25));
+    let config = || small_segments(&dir);
     let (spool, _) = Spool::open(config()).expect("opens");
     let mut acked: Vec<SpoolId> = Vec::new();
     loop {

@@ -26,7 +26,13 @@ fn breaker() -> CircuitBreakerConfig {
 }
 
 fn producer(fallback: Fallback) -> Producer {
+    producer_with(fallback, Duration::from_secs(120))
+}
+
+/// [`producer`] with this delivery timeout.
+fn producer_with(fallback: Fallback, delivery_timeout: Duration) -> Producer {
     Producer::builder(fallback)
+        .delivery_timeout(delivery_timeout)
         .retry(ExponentialRetry::new(Backoff::new(
             Duration::from_millis(10),
             Duration::from_millis(100),
@@ -105,15 +111,7 @@ async fn with_every_route_down_messages_end_by_their_delivery_timeout() {
         .and_then(|f| f.or("b", b.clone()))
         .expect("names")
         .circuit_breaker(breaker());
-    let p = Producer::builder(f)
-        .retry(ExponentialRetry::new(Backoff::new(
-            Duration::from_millis(10),
-            Duration::from_millis(100),
-        )))
-        .circuit_breaker(CircuitBreakerConfig::disabled())
-        .delivery_timeout(Duration::from_secs(5))
-        .build()
-        .expect("build");
+    let p = producer_with(f, Duration::from_secs(5));
     let report = p.send_all(msgs(0..20)).await.wait().await;
     assert_eq!(report.delivered, 0);
     assert_eq!(report.failed.len(), 20);
@@ -173,15 +171,7 @@ async fn a_probe_cut_off_at_its_deadline_does_not_shut_its_route_for_good() {
         .and_then(|f| f.or("secondary", secondary.clone()))
         .expect("names")
         .circuit_breaker(breaker());
-    let p = Producer::builder(f)
-        .retry(ExponentialRetry::new(Backoff::new(
-            Duration::from_millis(10),
-            Duration::from_millis(100),
-        )))
-        .circuit_breaker(CircuitBreakerConfig::disabled())
-        .delivery_timeout(Duration::from_secs(5))
-        .build()
-        .expect("build");
+    let p = producer_with(f, Duration::from_secs(5));
     let d = p.send(Message::new("t", "a")).await.expect("delivered");
     assert_eq!(d.ack.route, Some(1), "the primary's circuit opened");
     // Past open_for: this batch probes the primary, which hangs until the batch's deadline.

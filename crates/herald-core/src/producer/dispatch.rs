@@ -1266,6 +1266,17 @@ mod tests {
         herald_batch::SizeOrLinger::new(n, 1 << 20, Duration::from_secs(5))
     }
 
+    /// A producer on `transport` in batches of `n`, retrying after 1 ms.
+    fn retrying_in_batches_of(transport: &std::sync::Arc<Early>, n: usize) -> Producer {
+        Producer::builder(transport.clone())
+            .batching(batches_of(n))
+            .retry(herald_retry::ExponentialRetry::new(
+                herald_retry::Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
+            ))
+            .build()
+            .expect("build")
+    }
+
     /// A message the transport acknowledges early is answered then, while its batch is still
     /// out; the rest of the batch when it returns; each counted once.
     #[tokio::test]
@@ -1317,13 +1328,7 @@ mod tests {
             fail: vec![0],
             ..Call::default()
         }]);
-        let producer = Producer::builder(transport.clone())
-            .batching(batches_of(3))
-            .retry(herald_retry::ExponentialRetry::new(
-                herald_retry::Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
-            ))
-            .build()
-            .expect("build");
+        let producer = retrying_in_batches_of(&transport, 3);
         let a = producer
             .try_send(Message::new("t", "a").with_key("k"))
             .expect("accepted");
@@ -1430,13 +1435,7 @@ mod tests {
         std::sync::Arc::get_mut(&mut transport)
             .expect("not shared yet")
             .panics_on_held = true;
-        let producer = Producer::builder(transport.clone())
-            .batching(batches_of(2))
-            .retry(herald_retry::ExponentialRetry::new(
-                herald_retry::Backoff::new(Duration::from_millis(1), Duration::from_millis(1)),
-            ))
-            .build()
-            .expect("build");
+        let producer = retrying_in_batches_of(&transport, 2);
         let a = producer
             .try_send(Message::new("t", "a").with_key("k"))
             .expect("accepted");
