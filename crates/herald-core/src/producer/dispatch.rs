@@ -1199,6 +1199,14 @@ mod tests {
                 calls: std::sync::Mutex::new(Vec::new()),
             })
         }
+        /// [`Early::new`] keeping order across calls (pipelined strict order).
+        fn ordered(script: Vec<Call>) -> std::sync::Arc<Self> {
+            let mut transport = Self::new(script);
+            std::sync::Arc::get_mut(&mut transport)
+                .expect("not shared yet")
+                .ordered = true;
+            transport
+        }
         fn calls(&self) -> Vec<Vec<bytes::Bytes>> {
             self.calls.lock().expect("calls").clone()
         }
@@ -1368,16 +1376,13 @@ mod tests {
     /// returns.
     #[tokio::test]
     async fn a_later_batch_answers_early_only_once_the_batches_before_it_are_clear() {
-        let mut transport = Early::new(vec![
+        let transport = Early::ordered(vec![
             Call::default(),
             Call {
                 early: vec![0],
                 ..Call::default()
             },
         ]);
-        std::sync::Arc::get_mut(&mut transport)
-            .expect("not shared yet")
-            .ordered = true;
         let producer = Producer::builder(transport.clone())
             .batching(batches_of(1))
             .pipeline_depth(2)
@@ -1456,7 +1461,7 @@ mod tests {
     /// was thrown away with the cut-off and it ended in `DeliveryTimeout`.
     #[tokio::test(start_paused = true)]
     async fn an_acknowledgement_held_by_the_gate_survives_the_cut_off() {
-        let mut transport = Early::new(vec![
+        let transport = Early::ordered(vec![
             Call {
                 hang: true,
                 ..Call::default()
@@ -1467,9 +1472,6 @@ mod tests {
                 ..Call::default()
             },
         ]);
-        std::sync::Arc::get_mut(&mut transport)
-            .expect("not shared yet")
-            .ordered = true;
         let producer = Producer::builder(transport.clone())
             .batching(batches_of(1))
             .pipeline_depth(2)
