@@ -335,7 +335,7 @@ impl MqttConfig {
             }) {
                 return invalid(
                     field,
-                    "must be a non-empty name of at most 65 535 bytes, without NUL or other control characters",
+                    "must be a non-empty name of at most 65 535 bytes, without control characters (NUL included) or Unicode non-characters",
                 );
             }
         }
