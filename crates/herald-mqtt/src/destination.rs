@@ -67,6 +67,17 @@ pub fn validate_topic(topic: &str) -> Result<(), String> {
             "holds the wildcard `{w}`: messages are published to one concrete topic"
         ));
     }
+    // The broker's own topics, and shared subscriptions' filters: no broker takes a publish
+    // there (Mosquitto drops it, and over MQTT 3.1.1 acknowledges it as if taken). Other `$`
+    // topics are a broker's to allow (AWS IoT's `$aws/...`).
+    if let Some(prefix) = ["$SYS/", "$share/"]
+        .into_iter()
+        .find(|p| topic.starts_with(p))
+    {
+        return Err(format!(
+            "starts with `{prefix}`, which is the broker's own (`$SYS`) or a shared subscription's filter (`$share`), not a topic clients publish to"
+        ));
+    }
     Ok(())
 }
 
@@ -112,6 +123,8 @@ mod tests {
             ("a\u{fdd0}b", "non-character (U+FDD0)"),
             ("a\u{fffe}", "non-character (U+FFFE)"),
             ("a\u{10ffff}", "non-character (U+10FFFF)"),
+            ("$SYS/broker/uptime", "`$SYS/`"),
+            ("$share/group/orders", "`$share/`"),
         ] {
             let e = validate_topic(bad).expect_err(bad);
             assert!(e.contains(says), "{bad:?}: {e}");
