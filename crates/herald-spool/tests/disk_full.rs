@@ -73,6 +73,24 @@ fn m(i: usize) -> Message {
     Message::new("d", format!("{i:04}").repeat(25))
 }
 
+/// Appends pairs of messages to `spool` until one fails: the ids acknowledged, and the error.
+fn fill(spool: &Spool) -> (Vec<SpoolId>, SpoolError) {
+    let mut acked: Vec<SpoolId> = Vec::new();
+    loop {
+        match spool.append_all(&[m(acked.len()), m(acked.len() + 1)]) {
+            Ok(ids) => acked.extend(ids),
+            Err(e) => return (acked, e),
+        }
+        assert!(acked.len() < 5000, "a 256 KiB disk never filled");
+    }
+}
+
+/// Takes the disk's last free bytes with a file `filler`.
+fn fill_the_rest(disk: &SmallDisk) {
+    let mut filler = std::fs::File::create(disk.path().join("filler")).expect("filler");
+    while filler.write_all(&[0u8; 512]).is_ok() {}
+}
+
 #[test]
 #[ignore = "mounts a tmpfs (root): cargo xtask ci runs it"]
 fn a_full_disk_refuses_appends_loses_nothing_and_settling_makes_room() {
@@ -82,14 +100,7 @@ fn a_full_disk_refuses_appends_loses_nothing_and_settling_makes_room() {
     let dir = disk.path().join("spool");
     let config = || small_segments(&dir);
     let (spool, _) = Spool::open(config()).expect("opens");
-    let mut acked: Vec<SpoolId> = Vec::new();
-    let err = loop {
-        match spool.append_all(&[m(acked.len()), m(acked.len() + 1)]) {
-            Ok(ids) => acked.extend(ids),
-            Err(e) => break e,
-        }
-        assert!(acked.len() < 5000, "a 256 KiB disk never filled");
-    };
+    let (acked, err) = fill(&spool);
     assert!(err.is_full(), "{err}");
     assert!(matches!(err, SpoolError::Io { .. }), "{err:?}");
     let text = err.to_string();
@@ -106,9 +117,7 @@ fn a_full_disk_refuses_appends_loses_nothing_and_settling_makes_room() {
     assert_eq!(ids(&read_all(&spool)), acked, "nothing accepted is lost");
 
     // Take the last free bytes too, so that the settle log cannot grow either.
-    let mut filler = std::fs::File::create(disk.path().join("filler")).expect("filler");
-    while filler.write_all(&[0u8; 512]).is_ok() {}
-    drop(filler);
+    fill_the_rest(&disk);
 
     // Settle the first five segments whole, and every other record of the next eight (a
     // frame of hundreds of runs, more than the settle log's last page holds): the whole
@@ -166,21 +175,12 @@ fn a_spool_reopens_on_a_full_disk() {
     let dir = disk.path().join("spool");
     let config = || small_segments(&dir);
     let (spool, _) = Spool::open(config()).expect("opens");
-    let mut acked: Vec<SpoolId> = Vec::new();
-    loop {
-        match spool.append_all(&[m(acked.len()), m(acked.len() + 1)]) {
-            Ok(ids) => acked.extend(ids),
-            Err(e) if e.is_full() => break,
-            Err(e) => panic!("{e}"),
-        }
-        assert!(acked.len() < 5000, "a 256 KiB disk never filled");
-    }
+    let (acked, err) = fill(&spool);
+    assert!(err.is_full(), "{err}");
     // One record of each segment settled: the settle log has something, no segment can go.
     let settled: Vec<SpoolId> = acked.iter().step_by(50).copied().collect();
     spool.settle_all(&settled).expect("settles");
-    let mut filler = std::fs::File::create(disk.path().join("filler")).expect("filler");
-    while filler.write_all(&[0u8; 512]).is_ok() {}
-    drop(filler);
+    fill_the_rest(&disk);
     drop(spool);
     let (spool, recovery) = Spool::open(config()).expect("reopens on the full disk");
     let want: Vec<SpoolId> = acked
