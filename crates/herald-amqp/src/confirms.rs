@@ -297,22 +297,27 @@ impl Confirms {
             entry.wake.own(cx);
         }
         self.poll_woken(&mut book);
-        // Its confirm came: one settling makes it final (the second round returns it).
-        for _ in 0..2 {
-            match book.entries.get(&seq).map(|e| &e.stage) {
-                Some(Stage::Writing(_) | Stage::Confirming(_)) => return Poll::Pending,
-                Some(Stage::Confirmed { settled: false, .. }) => self.settle(&mut book),
-                Some(Stage::Confirmed { settled: true, .. } | Stage::WriteFailed(_)) => {
-                    let entry = book.entries.remove(&seq).expect("matched above");
-                    return Poll::Ready(entry.verdict());
-                }
-                None => return Poll::Ready(Err(gone())),
-            }
+        if matches!(
+            book.entries.get(&seq).map(|e| &e.stage),
+            Some(Stage::Confirmed { settled: false, .. })
+        ) {
+            // Its confirm came: settling makes it final.
+            self.settle(&mut book);
         }
-        // Not reached: settling makes every confirm it found final. Should it not, the next
-        // poll settles again.
-        cx.waker().wake_by_ref();
-        Poll::Pending
+        match book.entries.get(&seq).map(|e| &e.stage) {
+            Some(Stage::Writing(_) | Stage::Confirming(_)) => Poll::Pending,
+            Some(Stage::Confirmed { settled: true, .. } | Stage::WriteFailed(_)) => {
+                let entry = book.entries.remove(&seq).expect("matched above");
+                Poll::Ready(entry.verdict())
+            }
+            Some(Stage::Confirmed { settled: false, .. }) => {
+                // Not reached: settling makes every confirm it found final. Should it not,
+                // the next poll settles again.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            None => Poll::Ready(Err(gone())),
+        }
     }
 
     fn abandon(&self, seq: u64) {
