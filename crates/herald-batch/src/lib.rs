@@ -150,7 +150,8 @@ impl BatchPolicy for SizeOrLinger {
 }
 
 /// A destination's queue in one [`Accumulator`], found with [`Accumulator::slot`]. Valid for the
-/// accumulator that gave it (queues are never removed).
+/// accumulator that gave it, until its next call other than [`Accumulator::push_back_at`]: a
+/// new destination's queue may take the place of idle ones (see [`Accumulator::slot`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot(usize);
 
@@ -224,7 +225,18 @@ pub struct Accumulator<D, T> {
     last: Option<usize>,
     messages: usize,
     bytes: usize,
+    /// How many queues there may be before a new destination's first makes the accumulator
+    /// drop the idle ones (see `sweep`).
+    sweep_at: usize,
+    /// Queues kept before any sweep: [`KEEP_QUEUES`] (lower in tests).
+    keep: usize,
+    /// The latest instant a call was given: a backoff (`blocked_until`) past it is over.
+    latest: Option<Instant>,
 }
+
+/// Queues kept however idle: a producer's usual handful of destinations never pays for
+/// sweeps, nor for making their queues again.
+const KEEP_QUEUES: usize = 64;
 
 impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
     /// An empty accumulator. `max_in_flight_per_destination: Some(1)` is what strict per-key
@@ -247,6 +259,9 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
             last: None,
             messages: 0,
             bytes: 0,
+            sweep_at: KEEP_QUEUES,
+            keep: KEEP_QUEUES,
+            latest: None,
         }
     }
 
@@ -279,6 +294,9 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
         let i = match self.index.get(destination) {
             Some(&i) => i,
             None => {
+                if self.queues.len() >= self.sweep_at {
+                    self.sweep();
+                }
                 let i = self.queues.len();
                 self.queues.push(Queue {
                     destination: destination.clone(),
@@ -297,6 +315,56 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
         i
     }
 
+    /// Drops the queues with nothing to keep: no item, no batch in flight, no hold, no backoff
+    /// still running. Without it, every destination ever used would keep its queue for the
+    /// accumulator's life (a topic per device: memory without bound), and every
+    /// `pop_ready`/`next_wakeup` would scan them all. Called when a new destination finds
+    /// `sweep_at` queues; the next sweep waits until there are twice as many as were kept
+    /// (at least [`KEEP_QUEUES`]), so each destination's first item pays O(1) on average,
+    /// and a destination that comes back after a sweep only gets a new, empty queue.
+    fn sweep(&mut self) {
+        let latest = self.latest;
+        let idle = |q: &Queue<D, T>| {
+            q.items.is_empty()
+                && q.in_flight == 0
+                && q.holds == 0
+                && q.blocked_until
+                    .is_none_or(|t| latest.is_some_and(|now| t <= now))
+        };
+        if self.queues.iter().any(idle) {
+            // The cursor stays on the queue it pointed at, or the next one kept.
+            let cursor = self.cursor;
+            let kept_before_cursor = self.queues[..cursor.min(self.queues.len())]
+                .iter()
+                .filter(|q| !idle(q))
+                .count();
+            self.queues.retain(|q| !idle(q));
+            self.index.clear();
+            for (i, q) in self.queues.iter().enumerate() {
+                self.index.insert(q.destination.clone(), i);
+            }
+            self.cursor = if kept_before_cursor < self.queues.len() {
+                kept_before_cursor
+            } else {
+                0
+            };
+            self.last = None;
+        }
+        self.sweep_at = (2 * self.queues.len()).max(self.keep);
+    }
+
+    fn saw(&mut self, now: Instant) {
+        if self.latest.is_none_or(|l| l < now) {
+            self.latest = Some(now);
+        }
+    }
+
+    /// How many destinations have a queue (those with items, batches in flight, holds or a
+    /// backoff, and idle ones not dropped yet).
+    pub fn destinations(&self) -> usize {
+        self.queues.len()
+    }
+
     /// Appends an item of `bytes` to its destination's queue. Returns whether that queue now
     /// deserves the dispatcher's attention: it was empty (a new linger deadline starts) or it
     /// holds a full batch.
@@ -307,6 +375,8 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
 
     /// The queue of `destination`, created if new. With [`Accumulator::push_back_at`], lets a
     /// caller whose item holds its own destination push it without cloning the destination.
+    /// Creating a queue may drop idle ones (every queue with nothing in it, in flight, held
+    /// or backing off), which moves the others: use the slot at once.
     pub fn slot(&mut self, destination: &D) -> Slot {
         Slot(self.queue_index(destination))
     }
@@ -314,6 +384,7 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
     /// As [`Accumulator::push_back`], into a queue found with [`Accumulator::slot`].
     #[inline]
     pub fn push_back_at(&mut self, slot: Slot, item: T, bytes: usize, now: Instant) -> bool {
+        self.saw(now);
         let q = &mut self.queues[slot.0];
         let was_empty = q.items.is_empty();
         q.items.push_back((item, bytes));
@@ -415,6 +486,7 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
         force: bool,
         make: impl FnOnce(usize) -> C,
     ) -> Option<Cut<D, C>> {
+        self.saw(now);
         let n = self.queues.len();
         for k in 0..n {
             let i = (self.cursor + k) % n;
@@ -573,6 +645,68 @@ mod tests {
         acc.push_back(&"a", 2, 5, t0);
         let b = acc.pop_ready(t0, true).expect("a batch");
         assert_eq!(b.items, vec![1]);
+    }
+
+    /// Every destination ever used kept its queue before: 10 000 topics, 10 000 queues for
+    /// the accumulator's life, each scanned by every `pop_ready`.
+    #[test]
+    fn idle_queues_of_past_destinations_are_dropped() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(policy(10, 1000), Some(1));
+        for d in 0..10_000u32 {
+            acc.push_back(&d, d, 1, t0);
+            let b = acc.pop_ready(t0, true).expect("a batch");
+            assert_eq!(b.items, vec![d]);
+            acc.batch_done(&d);
+        }
+        assert!(
+            acc.destinations() <= 2 * KEEP_QUEUES,
+            "{} queues kept",
+            acc.destinations()
+        );
+        assert!(acc.is_empty());
+    }
+
+    /// A sweep drops only queues with nothing to keep: one in flight keeps its gate, one held
+    /// its hold, one backing off its backoff, one with items its items and their order.
+    #[test]
+    fn a_sweep_keeps_what_gates_or_holds_a_destination() {
+        let t0 = Instant::now();
+        let mut acc = Accumulator::new(policy(10, 1000), Some(1));
+        acc.keep = 2;
+        acc.sweep_at = 2;
+        // "f" has a batch in flight, "h" a hold, "b" a backoff, "q" items waiting.
+        acc.push_back(&"f", 1, 1, t0);
+        assert_eq!(acc.pop_ready(t0, true).unwrap().destination, "f");
+        acc.hold(&"h");
+        acc.block_until(&"b", t0 + Duration::from_secs(60));
+        acc.hold(&"q");
+        acc.push_back(&"q", 2, 1, t0);
+        acc.push_back(&"q", 3, 1, t0);
+        // Many destinations come and go: sweeps run.
+        let names: Vec<String> = (0..100).map(|i| format!("d{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        for (i, d) in names.iter().enumerate() {
+            acc.push_back(d, 100 + i as u32, 1, t0);
+            let b = acc.pop_ready(t0, true).unwrap();
+            assert_eq!(b.destination, *d);
+            acc.batch_done(d);
+        }
+        assert!(acc.destinations() < 20, "{} queues", acc.destinations());
+        // The in-flight gate of "f" holds; the hold of "h" holds; the backoff of "b" holds.
+        acc.push_back(&"f", 4, 1, t0);
+        acc.push_back(&"h", 5, 1, t0);
+        acc.push_back(&"b", 6, 1, t0);
+        assert!(acc.pop_ready(t0, true).is_none());
+        acc.release(&"q");
+        assert_eq!(acc.pop_ready(t0, true).unwrap().items, vec![2, 3]);
+        acc.batch_done(&"f");
+        assert_eq!(acc.pop_ready(t0, true).unwrap().items, vec![4]);
+        acc.release(&"h");
+        assert_eq!(acc.pop_ready(t0, true).unwrap().items, vec![5]);
+        assert!(acc.pop_ready(t0, true).is_none(), "b backs off");
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(acc.pop_ready(later, true).unwrap().items, vec![6]);
     }
 
     #[test]
@@ -740,11 +874,15 @@ mod tests {
         Done { dest: u8 },
     }
 
+    /// Destinations in the property test: more than its accumulator keeps idle, so that
+    /// sweeps run among the rest.
+    const DESTS: u8 = 6;
+
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            3 => (0u8..3, 1usize..300).prop_map(|(dest, bytes)| Op::Push { dest, bytes }),
+            3 => (0u8..DESTS, 1usize..300).prop_map(|(dest, bytes)| Op::Push { dest, bytes }),
             2 => (0u64..20, any::<bool>()).prop_map(|(advance_ms, force)| Op::Pop { advance_ms, force }),
-            1 => (0u8..3).prop_map(|dest| Op::Done { dest }),
+            1 => (0u8..DESTS).prop_map(|dest| Op::Done { dest }),
         ]
     }
 
@@ -760,10 +898,12 @@ mod tests {
         ) {
             let p = SizeOrLinger::new(max_messages, max_bytes, Duration::from_millis(5));
             let mut acc = Accumulator::new(p, in_flight);
+            acc.keep = 2;
+            acc.sweep_at = 2;
             let mut now = Instant::now();
             let mut next_id = 0u32;
             let mut popped: Vec<(u8, u32)> = Vec::new();
-            let mut flying = [0usize; 3];
+            let mut flying = [0usize; DESTS as usize];
             let sizes: &mut HashMap<u32, usize> = &mut HashMap::new();
             for op in ops {
                 match op {
@@ -797,7 +937,7 @@ mod tests {
                     }
                 }
             }
-            for d in 0..3u8 { for _ in 0..flying[d as usize] { acc.batch_done(&d); } }
+            for d in 0..DESTS { for _ in 0..flying[d as usize] { acc.batch_done(&d); } }
             while let Some(b) = acc.pop_ready(now, true) {
                 let d = b.destination;
                 popped.extend(b.items.into_iter().map(|i| (d, i)));
@@ -806,7 +946,7 @@ mod tests {
             prop_assert!(acc.is_empty());
             prop_assert_eq!(acc.bytes(), 0);
             prop_assert_eq!(popped.len() as u32, next_id, "every item comes out once");
-            for d in 0..3u8 {
+            for d in 0..DESTS {
                 let ids: Vec<u32> = popped.iter().filter(|(x, _)| *x == d).map(|(_, i)| *i).collect();
                 prop_assert!(ids.windows(2).all(|w| w[0] < w[1]), "order within destination {}", d);
             }
