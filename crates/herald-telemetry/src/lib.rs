@@ -18,12 +18,18 @@
 //! `docs/operations/README.md` (section "Probes") says which Kubernetes probe to wire to which
 //! endpoint.
 //!
+//! Install the recorder **before building the producer**: a producer registers its pipeline's
+//! metrics once, when it is built, with the recorder in force then; one built earlier records
+//! them nowhere, for good ([`Telemetry::watch`] warns of it, [`Telemetry::records`] tells).
+//!
 //! ```no_run
-//! use herald_core::Producer;
-//! # async fn run(producer: Producer) -> Result<(), Box<dyn std::error::Error>> {
+//! use herald_core::{Producer, Transport};
+//! # async fn run(transport: impl Transport) -> Result<(), Box<dyn std::error::Error>> {
 //! // Installs the process-wide recorder and serves /metrics, /health, /health/live and
 //! // /health/ready on 127.0.0.1:9464.
 //! let (telemetry, server) = herald_telemetry::prometheus("127.0.0.1:9464").await?;
+//! // Then the producer.
+//! let producer = Producer::builder(transport).build()?;
 //! telemetry.watch("orders", &producer);
 //! println!("scrape http://{}/metrics", server.local_addr());
 //! # Ok(())
@@ -55,6 +61,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
 use histogram::Fixed;
+
 pub use histogram::Recorder;
 pub use http::Server;
 
@@ -308,6 +315,31 @@ impl Telemetry {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether this telemetry records `producer`'s metrics. A producer registers its
+    /// pipeline's series (accepted, delivered, latency, buffer, health...) once, when it is
+    /// built, with the recorder in force then: one built before [`Prometheus::install`] (or
+    /// outside the `metrics::with_local_recorder` of a [`Prometheus::build`]) records them
+    /// nowhere, for good, and only its failure counters, looked up per event, reach the
+    /// recorder later. Looks for the series every producer sets at build time
+    /// (`herald_buffer_max_messages` with its `transport` and `producer` labels).
+    pub fn records(&self, producer: &Producer) -> bool {
+        // Neither needs escaping: transport names are the adapters' own, producer names are
+        // limited to ASCII letters, digits, `_`, `-` and `.` at build.
+        let transport = format!("transport=\"{}\"", producer.transport_name());
+        let name = producer.name().map(|n| format!("producer=\"{n}\""));
+        let series = format!("{}{{", core_metrics::BUFFER_MAX_MESSAGES);
+        self.inner.handle.render().lines().any(|line| {
+            line.strip_prefix(&series).is_some_and(|rest| {
+                let labels = rest.split_once('}').map_or(rest, |(l, _)| l);
+                labels.contains(&transport)
+                    && match &name {
+                        Some(n) => labels.contains(n.as_str()),
+                        None => !labels.contains("producer=\""),
+                    }
+            })
+        })
+    }
+
     /// Everything recorded, in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
         let mut text = self.inner.handle.render();
@@ -319,8 +351,20 @@ impl Telemetry {
     /// that name). Holds only its health channel, not the producer: a producer that is dropped
     /// leaves the report once its pipeline has finished (when the last one has left that way,
     /// the report stays unhealthy: see [`Telemetry::health`]).
+    ///
+    /// Logs a warning (target `herald_telemetry`) when this telemetry does not record the
+    /// producer's metrics: see [`Telemetry::records`].
     pub fn watch(&self, name: impl Into<String>, producer: &Producer) {
         let name = name.into();
+        if !self.records(producer) {
+            tracing::warn!(
+                watched = %name,
+                transport = producer.transport_name(),
+                "this producer's metrics are not recorded here: it was built before the \
+                 recorder was installed (install it first, then build the producer); its \
+                 health is watched, but /metrics will lack its pipeline's series"
+            );
+        }
         let mut watching = self.lock();
         watching.gone = false;
         let watched = &mut watching.producers;
@@ -538,6 +582,31 @@ mod tests {
         let told: serde_json::Value =
             serde_json::from_str(&report(health).to_json()).expect("JSON");
         assert_eq!(told["producers"][0]["endpoint"], "rabbit-2:5672", "{told}");
+    }
+
+    /// A producer built before the recorder registers its pipeline's series nowhere, for
+    /// good; the README showed that order. `records` tells (and `watch` warns); one built
+    /// under the recorder is recorded, named or not.
+    #[tokio::test]
+    async fn a_producer_built_before_the_recorder_is_not_recorded_and_is_told() {
+        let build = |name: Option<&str>| {
+            let mut b = Producer::builder(herald_testkit::MemoryTransport::new());
+            if let Some(n) = name {
+                b = b.name(n);
+            }
+            b.build().expect("builds")
+        };
+        let (early, early_unnamed) = (build(Some("early")), build(None));
+        let (recorder, telemetry) = Prometheus::new().build().expect("recorder");
+        let named = metrics::with_local_recorder(&recorder, || build(Some("late")));
+        assert!(!telemetry.records(&early), "{}", telemetry.render());
+        assert!(!telemetry.records(&early_unnamed), "{}", telemetry.render());
+        assert!(telemetry.records(&named), "{}", telemetry.render());
+        let unnamed = metrics::with_local_recorder(&recorder, || build(None));
+        assert!(telemetry.records(&unnamed), "{}", telemetry.render());
+        for p in [early, early_unnamed, named, unnamed] {
+            p.close(Duration::from_secs(5)).await;
+        }
     }
 
     #[test]
