@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use herald_retry::{CircuitBreaker, CircuitBreakerConfig, CircuitState, InvalidSetting};
+use herald_retry::{
+    CircuitBreaker, CircuitBreakerConfig, CircuitState, Generation, InvalidSetting,
+};
 
 use crate::error::{ErrorClass, TransportError};
 use crate::health::TransportHealth;
@@ -27,9 +29,10 @@ struct Route {
     batches: metrics::Counter,
 }
 
-/// A call on a route whose breaker has not heard how it went yet: dropped so (the call cut
-/// off), it tells the breaker the call failed.
-struct CutOff<'a>(Option<&'a Route>);
+/// A call on a route whose breaker has not heard how it went yet, with the breaker's
+/// generation it was sent under: dropped so (the call cut off), it tells the breaker the call
+/// failed.
+struct CutOff<'a>(Option<(&'a Route, Generation)>);
 
 impl CutOff<'_> {
     /// The call ended with its outcomes: the caller tells the breaker itself.
@@ -40,12 +43,12 @@ impl CutOff<'_> {
 
 impl Drop for CutOff<'_> {
     fn drop(&mut self) {
-        if let Some(route) = self.0 {
+        if let Some((route, sent)) = self.0 {
             route
                 .breaker
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .on_failure(clock_now());
+                .on_failure_of(sent, clock_now());
         }
     }
 }
@@ -196,14 +199,14 @@ impl Fallback {
         })
     }
 
-    /// The first route whose circuit lets a batch through now.
-    fn pick(&self) -> Option<usize> {
+    /// The first route whose circuit lets a batch through now, with its breaker's generation
+    /// (see [`Generation`]: a batch that lands after its route's circuit opened again changes
+    /// nothing).
+    fn pick(&self) -> Option<(usize, Generation)> {
         let now = clock_now();
-        self.routes.iter().position(|r| {
-            r.breaker
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .allow(now)
+        self.routes.iter().enumerate().find_map(|(i, r)| {
+            let mut breaker = r.breaker.lock().unwrap_or_else(PoisonError::into_inner);
+            breaker.allow(now).then(|| (i, breaker.generation()))
         })
     }
 
@@ -225,7 +228,7 @@ impl Fallback {
     /// Sends on route `index` and tells its breaker how it went.
     async fn send_on(
         &self,
-        index: usize,
+        (index, sent): (usize, Generation),
         destination: &Destination,
         batch: &[Message],
         deadline: Option<std::time::Instant>,
@@ -235,7 +238,7 @@ impl Fallback {
         // Cut off before its breaker hears how it went (the pipeline drops a call at its
         // deadline), the call counts as failed: otherwise a half-open route's probe stays in
         // flight for good, and the route shut.
-        let cut_off = CutOff(Some(route));
+        let cut_off = CutOff(Some((route, sent)));
         let mut outcomes = match deadline {
             Some(d) => {
                 route
@@ -246,9 +249,10 @@ impl Fallback {
             None => route.transport.send_batch(destination, batch).await,
         };
         // As the pipeline judges its own breaker: the route failed if the broker took nothing
-        // and every error was transient.
-        let failed = !outcomes.is_empty()
-            && outcomes.iter().all(|o| {
+        // and every error was transient. Outcomes missing (a transport answering fewer than
+        // the batch's messages) count as transient failures, as the pipeline counts them.
+        let failed = !batch.is_empty()
+            && outcomes.iter().take(batch.len()).all(|o| {
                 o.as_ref()
                     .is_err_and(|e| e.class() == ErrorClass::Transient)
             });
@@ -258,9 +262,9 @@ impl Fallback {
             let mut breaker = route.breaker.lock().unwrap_or_else(PoisonError::into_inner);
             let before = breaker.state();
             if failed {
-                breaker.on_failure(now);
+                breaker.on_failure_of(sent, now);
             } else {
-                breaker.on_success(now);
+                breaker.on_success_of(sent, now);
             }
             (before, breaker.state())
         };
@@ -311,7 +315,7 @@ impl Fallback {
         deadline: Option<std::time::Instant>,
     ) -> BatchOutcome {
         match self.pick() {
-            Some(index) => self.send_on(index, destination, batch, deadline).await,
+            Some(picked) => self.send_on(picked, destination, batch, deadline).await,
             None => self.all_open(batch.len()),
         }
     }

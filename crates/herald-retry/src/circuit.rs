@@ -124,9 +124,18 @@ impl CircuitBreakerConfig {
                 ..self.clone()
             },
             state: State::Closed { failures: 0 },
+            generation: Generation(0),
         }
     }
 }
+
+/// Which opening of a [`CircuitBreaker`] a batch was sent under: take
+/// [`CircuitBreaker::generation`] when [`CircuitBreaker::allow`] lets the batch go, and hand it
+/// back with its outcome ([`CircuitBreaker::on_success_of`], [`CircuitBreaker::on_failure_of`]).
+/// A batch sent before the breaker last opened is stale: its outcome says nothing about the
+/// broker since, nor about the probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation(u64);
 
 /// Stops sending batches to a destination that keeps failing, then probes it.
 ///
@@ -145,11 +154,19 @@ impl CircuitBreakerConfig {
 /// * `HalfOpen`: each `allow` returning `true` starts a probe, at most `half_open_probes` in
 ///   flight; a success closes the circuit, a failure reopens it from `now`.
 ///
+/// Batches in flight when the breaker opened can land later, even while it probes or after it
+/// closed again: with [`on_success_of`](CircuitBreaker::on_success_of) and
+/// [`on_failure_of`](CircuitBreaker::on_failure_of), given the [`Generation`] each batch was
+/// sent under, their outcomes change nothing (a late failure would reopen a breaker whose
+/// probe is about to succeed, a late success close it without a probe).
+///
 /// A disabled breaker always allows and stays `Closed`.
 #[derive(Debug, Clone)]
 pub struct CircuitBreaker {
     config: CircuitBreakerConfig,
     state: State,
+    /// Counts the openings: batches sent under an earlier one are stale.
+    generation: Generation,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,6 +223,34 @@ impl CircuitBreaker {
         }
     }
 
+    /// The breaker's current generation: it changes each time the breaker opens. Taken when
+    /// `allow` lets a batch go, handed back with the batch's outcome.
+    #[must_use]
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// [`CircuitBreaker::on_success`] for a batch sent under `sent`: ignored when the breaker
+    /// has opened since.
+    pub fn on_success_of(&mut self, sent: Generation, now: Instant) {
+        if sent == self.generation {
+            self.on_success(now);
+        }
+    }
+
+    /// [`CircuitBreaker::on_failure`] for a batch sent under `sent`: ignored when the breaker
+    /// has opened since.
+    pub fn on_failure_of(&mut self, sent: Generation, now: Instant) {
+        if sent == self.generation {
+            self.on_failure(now);
+        }
+    }
+
+    fn open(&mut self, now: Instant) {
+        self.state = State::Open { since: now };
+        self.generation = Generation(self.generation.0.wrapping_add(1));
+    }
+
     /// Records a successful batch: HalfOpen -> Closed; Closed resets the consecutive-failure
     /// count; ignored while Open (that batch was sent before the circuit opened).
     pub fn on_success(&mut self, _now: Instant) {
@@ -229,13 +274,13 @@ impl CircuitBreaker {
         match self.state {
             State::Closed { failures } => {
                 let failures = failures.saturating_add(1);
-                self.state = if failures >= self.config.failure_threshold {
-                    State::Open { since: now }
+                if failures >= self.config.failure_threshold {
+                    self.open(now);
                 } else {
-                    State::Closed { failures }
-                };
+                    self.state = State::Closed { failures };
+                }
             }
-            State::HalfOpen { .. } => self.state = State::Open { since: now },
+            State::HalfOpen { .. } => self.open(now),
             State::Open { .. } => {}
         }
     }
@@ -343,6 +388,36 @@ mod tests {
         b.on_failure(t0 + ms(500));
         assert_eq!(b.retry_at(), Some(t0 + ms(1000)), "not extended");
         assert!(b.allow(t0 + ms(1000)));
+    }
+
+    /// A batch sent before the breaker opened and landing while it probes (or after it
+    /// closed again) changed its state before: a late failure reopened it with the probe
+    /// still out (whose success was then ignored), a late success closed it without a probe.
+    #[test]
+    fn outcomes_of_batches_sent_before_it_opened_change_nothing() {
+        let t0 = Instant::now();
+        let mut b = config(1, 1000, 1).build();
+        assert!(b.allow(t0));
+        let early = b.generation();
+        assert!(b.allow(t0));
+        let opener = b.generation();
+        b.on_failure_of(opener, t0);
+        assert_eq!(b.state(), CircuitState::Open);
+        // The probe goes; the early batch's failure lands first.
+        assert!(b.allow(t0 + ms(1000)));
+        let probe = b.generation();
+        assert_ne!(probe, early);
+        b.on_failure_of(early, t0 + ms(1100));
+        assert_eq!(b.state(), CircuitState::HalfOpen, "a stale failure");
+        b.on_success_of(early, t0 + ms(1100));
+        assert_eq!(b.state(), CircuitState::HalfOpen, "a stale success");
+        b.on_success_of(probe, t0 + ms(1200));
+        assert_eq!(b.state(), CircuitState::Closed);
+        // Closed again: a stale failure does not count toward the threshold of 1 either.
+        b.on_failure_of(early, t0 + ms(1300));
+        assert_eq!(b.state(), CircuitState::Closed);
+        b.on_failure_of(b.generation(), t0 + ms(1300));
+        assert_eq!(b.state(), CircuitState::Open);
     }
 
     #[test]

@@ -73,7 +73,7 @@ mod policy;
 
 pub use backoff::{Backoff, Jitter};
 pub use budget::{RetryBudget, RetryBudgetConfig};
-pub use circuit::{CircuitBreaker, CircuitBreakerConfig, CircuitState};
+pub use circuit::{CircuitBreaker, CircuitBreakerConfig, CircuitState, Generation};
 pub use error::{ErrorClass, InvalidSetting};
 pub use policy::{
     ExponentialRetry, GiveUpReason, NoRetry, RetryContext, RetryDecision, RetryPolicy,

@@ -13,6 +13,10 @@ enum Op {
     Allow,
     Success,
     Failure,
+    /// The outcome (success or not) of the batch of the last `Allow` that returned true,
+    /// given with the generation it was sent under: possibly from before the breaker last
+    /// opened.
+    OutcomeOfLastAllowed(bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -21,6 +25,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => Just(Op::Allow),
         2 => Just(Op::Success),
         3 => Just(Op::Failure),
+        2 => any::<bool>().prop_map(Op::OutcomeOfLastAllowed),
     ]
 }
 
@@ -37,6 +42,8 @@ struct Model {
     failures: u32,
     opened_at_ms: u64,
     in_flight: u32,
+    /// How many times it opened: an outcome counts only from a batch allowed since the last.
+    openings: u64,
 }
 
 impl Model {
@@ -50,6 +57,7 @@ impl Model {
             failures: 0,
             opened_at_ms: 0,
             in_flight: 0,
+            openings: 0,
         }
     }
 
@@ -94,6 +102,7 @@ impl Model {
             self.state = "open";
             self.opened_at_ms = now_ms;
             self.failures = 0;
+            self.openings += 1;
         }
     }
 
@@ -139,6 +148,8 @@ proptest! {
         .build();
         let mut model = Model::new(threshold, open_for_ms, probes, enabled);
         let mut now_ms = 0u64;
+        // The last allowed batch's generation, as the breaker and as the model have it.
+        let mut sent = None;
         for (step, op) in ops.iter().enumerate() {
             let now = base + Duration::from_millis(now_ms);
             match *op {
@@ -147,6 +158,25 @@ proptest! {
                     let got = breaker.allow(now);
                     let want = model.allow(now_ms);
                     prop_assert_eq!(got, want, "allow at step {} ({:?})", step, op);
+                    if got {
+                        sent = Some((breaker.generation(), model.openings));
+                    }
+                }
+                Op::OutcomeOfLastAllowed(ok) => {
+                    if let Some((generation, openings)) = sent {
+                        if ok {
+                            breaker.on_success_of(generation, now);
+                        } else {
+                            breaker.on_failure_of(generation, now);
+                        }
+                        if openings == model.openings {
+                            if ok {
+                                model.success();
+                            } else {
+                                model.failure(now_ms);
+                            }
+                        }
+                    }
                 }
                 Op::Success => {
                     breaker.on_success(now);
@@ -199,6 +229,11 @@ proptest! {
                 }
                 Op::Success => breaker.on_success(now),
                 Op::Failure => breaker.on_failure(now),
+                // A batch of another generation: ignored, or as `Failure`.
+                Op::OutcomeOfLastAllowed(_) => {
+                    let stale = herald_retry::CircuitBreakerConfig::default().build().generation();
+                    breaker.on_failure_of(stale, now);
+                }
             }
             let is_open = breaker.state() == CircuitState::Open;
             if is_open && !was_open {

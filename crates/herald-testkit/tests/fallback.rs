@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use herald_core::{ErrorClass, FailureReason, Fallback, Message, Producer};
+use herald_core::{
+    BatchOutcome, Destination, ErrorClass, FailureReason, Fallback, Message, Producer, Transport,
+};
 use herald_retry::{Backoff, CircuitBreakerConfig, CircuitState, ExponentialRetry};
 use herald_testkit::{CallFault, MemoryTransport};
 
@@ -188,4 +190,86 @@ async fn a_probe_cut_off_at_its_deadline_does_not_shut_its_route_for_good() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let d = p.send(Message::new("t", "c")).await.expect("delivered");
     assert_eq!(d.ack.route, Some(0), "back on the primary");
+}
+
+fn one_failure_opens() -> CircuitBreakerConfig {
+    CircuitBreakerConfig {
+        failure_threshold: 1,
+        open_for: Duration::from_secs(1),
+        half_open_probes: 1,
+        enabled: true,
+    }
+}
+
+/// A batch sent before its route's circuit opened, failing while the route probes, reopened
+/// the circuit before; the probe's success that followed was then ignored, and the route
+/// stayed shut for another `open_for`. Its outcome changes nothing now.
+#[tokio::test(start_paused = true)]
+async fn a_batch_sent_before_the_circuit_opened_does_not_decide_the_probe() {
+    let primary = MemoryTransport::new();
+    primary.script([
+        // A: sent while closed, fails late (during the probe).
+        CallFault::Slow(
+            Duration::from_millis(1800),
+            Box::new(CallFault::FailAll(ErrorClass::Transient)),
+        ),
+        // B: fails at once and opens the circuit.
+        CallFault::FailAll(ErrorClass::Transient),
+        // C: the probe, answered after A's failure.
+        CallFault::Delay(Duration::from_millis(1000)),
+    ]);
+    let f = std::sync::Arc::new(
+        Fallback::new("primary", primary.clone())
+            .and_then(|f| f.or("secondary", MemoryTransport::new()))
+            .expect("names")
+            .circuit_breaker(one_failure_opens()),
+    );
+    let dest = Destination::new("t");
+    let a = tokio::spawn({
+        let (f, dest) = (f.clone(), dest.clone());
+        async move { f.send_batch(&dest, &msgs(0..1)).await }
+    });
+    while primary.calls() < 1 {
+        tokio::task::yield_now().await;
+    }
+    let b = f.send_batch(&dest, &msgs(1..2)).await;
+    assert!(b[0].is_err());
+    assert_eq!(f.route_state(0), Some(CircuitState::Open));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // t = 1.5 s: the probe goes to the primary; A fails at 1.8 s; the probe succeeds at 2.5 s.
+    let c = f.send_batch(&dest, &msgs(2..3)).await;
+    assert_eq!(c[0].as_ref().expect("probe delivered").route, Some(0));
+    assert!(a.await.expect("A")[0].is_err());
+    assert_eq!(
+        f.route_state(0),
+        Some(CircuitState::Closed),
+        "the probe succeeded"
+    );
+}
+
+/// A route answering fewer outcomes than messages: the pipeline fails the missing ones
+/// (transient) and retries them, but the fallback judged the route healthy, so its circuit
+/// never opened and traffic never moved to the next route.
+#[tokio::test(start_paused = true)]
+async fn a_route_that_answers_nothing_opens_its_circuit() {
+    struct Mute;
+    #[async_trait::async_trait]
+    impl Transport for Mute {
+        fn name(&self) -> &'static str {
+            "mute"
+        }
+        async fn send_batch(&self, _: &Destination, _: &[Message]) -> BatchOutcome {
+            Vec::new()
+        }
+    }
+    let secondary = MemoryTransport::new();
+    let f = Fallback::new("primary", Mute)
+        .and_then(|f| f.or("secondary", secondary.clone()))
+        .expect("names")
+        .circuit_breaker(one_failure_opens());
+    let dest = Destination::new("t");
+    assert!(f.send_batch(&dest, &msgs(0..2)).await.is_empty());
+    assert_eq!(f.route_state(0), Some(CircuitState::Open));
+    let next = f.send_batch(&dest, &msgs(2..3)).await;
+    assert_eq!(next[0].as_ref().expect("the next route").route, Some(1));
 }

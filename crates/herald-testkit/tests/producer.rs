@@ -327,6 +327,51 @@ async fn the_circuit_opens_during_an_outage_and_messages_wait_then_go() {
     assert_eq!(p.stats().circuit, CircuitState::Closed);
 }
 
+/// The producer's breaker is shared by every destination, so batches of one are out when
+/// another's failures open it. One of them failing while the breaker probes reopened it
+/// before, and the probe's success that followed was ignored: the circuit stayed open for
+/// another `open_for`. Its outcome changes nothing now.
+#[tokio::test(start_paused = true)]
+async fn a_batch_sent_before_the_circuit_opened_does_not_decide_the_probe() {
+    let t = MemoryTransport::new();
+    t.script([
+        // "x": out while closed, fails at 1.8 s, during the probe.
+        CallFault::Slow(
+            Duration::from_millis(1800),
+            Box::new(CallFault::FailAll(ErrorClass::Transient)),
+        ),
+        // "y": fails at once and opens the circuit for 1 s.
+        CallFault::FailAll(ErrorClass::Transient),
+        // "y" again, the probe at 1 s: delivered at 2 s.
+        CallFault::Delay(Duration::from_secs(1)),
+    ]);
+    let p = Producer::builder(t.clone())
+        .retry(fast_retry())
+        .circuit_breaker(CircuitBreakerConfig {
+            failure_threshold: 1,
+            open_for: Duration::from_secs(1),
+            half_open_probes: 1,
+            enabled: true,
+        })
+        .build()
+        .expect("build");
+    let x = p.enqueue(Message::new("x", "x-0")).await.expect("enqueue");
+    eventually(Duration::from_secs(5), "x to go out", || t.calls() == 1).await;
+    let y = p.enqueue(Message::new("y", "y-0")).await.expect("enqueue");
+    eventually(Duration::from_secs(5), "the circuit to open", || {
+        p.stats().circuit == CircuitState::Open
+    })
+    .await;
+    let d = y.await.expect("delivered by the probe");
+    assert_eq!(d.attempts, 2);
+    assert_eq!(
+        p.stats().circuit,
+        CircuitState::Closed,
+        "the probe succeeded"
+    );
+    x.await.expect("x delivered on its retry");
+}
+
 /// The circuit opens while another destination's batch is still out (slow), and the only
 /// messages left wait behind that batch (strict order). Once `open_for` has passed there is
 /// nothing the dispatcher can do until the slow batch lands: it must sleep, not spin on a wake-up

@@ -14,7 +14,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herald_retry::{CircuitState, ErrorClass, GiveUpReason, RetryContext, RetryDecision};
+use herald_retry::{
+    CircuitState, ErrorClass, Generation, GiveUpReason, RetryContext, RetryDecision,
+};
 
 use super::completion::{Completion, TaggedRun};
 use super::contain::contain;
@@ -421,6 +423,7 @@ impl Shared {
                 messages,
                 metas,
                 turn,
+                circuit: st.breaker.generation(),
             });
         }
         self.metrics.inflight.set(st.in_flight as f64);
@@ -648,13 +651,13 @@ impl Shared {
             }
         }
         if any_ok || !all_transient {
-            st.breaker.on_success(now);
+            st.breaker.on_success_of(flight.circuit, now);
         } else if self.config.ordering.counts_as_failure(
             &mut st.lanes,
             &flight.destination,
             flight.turn.seq,
         ) {
-            st.breaker.on_failure(now);
+            st.breaker.on_failure_of(flight.circuit, now);
         }
         self.note_circuit(st);
         // What the rate limit holds back, the dispatcher says later (woken below).
@@ -750,6 +753,9 @@ pub(crate) struct Flight {
     metas: Vec<Meta>,
     /// Its place in its destination's lane (strict ordering).
     turn: Turn,
+    /// The breaker's generation it was sent under: landing after the breaker opened again,
+    /// its outcome says nothing of the broker since, nor of the probes.
+    circuit: Generation,
 }
 
 /// Owns a batch while the transport sends it. Dropped before the outcome lands (the transport
@@ -833,6 +839,7 @@ async fn send_flight(mut sending: Sending) {
             messages,
             metas,
             turn,
+            ..
         } = flight;
         let earliest = metas.iter().map(|m| m.deadline).min();
         let deadline = earliest.unwrap_or(now);
@@ -1555,6 +1562,7 @@ mod tests {
                 messages: vec![msg],
                 metas: vec![meta],
                 turn,
+                circuit: st.breaker.generation(),
             }
         };
         drop(send_flight(Sending::new(shared.clone(), flight)));
