@@ -104,14 +104,14 @@ pub(crate) fn malformed_record(line: u64, dest: &Destination, raw: &[u8], error:
 
 /// Opens `path` for appending records. A file whose last line was cut short (a write that
 /// failed half-way, a full disk) gets its newline first, so that the next record starts a line
-/// of its own and stays readable.
+/// of its own and stays readable. A new file is its owner's alone (mode 0600, less the umask,
+/// on Unix): its records hold the messages' payloads, keys and headers.
 fn open_for_records(path: &Path) -> std::io::Result<File> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .read(true)
-        .open(path)?;
+    let mut options = OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.create(true).append(true).read(true).open(path)?;
     let len = file.metadata()?.len();
     if len > 0 {
         let mut last = [0u8; 1];
@@ -306,6 +306,16 @@ mod tests {
         assert!(dl.error().is_none());
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text, "{\"a\":1}\n{\"b\":2}\n");
+        // Records hold payloads: the file it made is its owner's alone (0644 before).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path)
+                .expect("metadata")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{mode:o}");
+        }
         std::fs::remove_dir_all(&dir).expect("clean up");
     }
 

@@ -135,6 +135,27 @@ mod settle_log;
 mod spool;
 mod store;
 
+/// Options that create a file readable and writable by its owner only (mode 0600, less the
+/// umask, on Unix): a spool holds messages' payloads, keys and headers, which are often not
+/// for every user of the machine to read.
+pub(crate) fn private_file() -> std::fs::OpenOptions {
+    #[allow(unused_mut)] // not on Unix
+    let mut options = std::fs::OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
+
+/// Creates `dir` and the folders above it that are missing, the new ones open to their owner
+/// only (mode 0700, less the umask, on Unix). Folders that exist keep their mode.
+pub(crate) fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
 pub use config::{SpoolConfig, SyncPolicy};
 pub use cursor::Cursor;
 pub use error::SpoolError;

@@ -3,7 +3,7 @@
 //! The kernel releases the lock when the holder exits, however it exits, so a killed process
 //! never blocks the next open.
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, TryLockError};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 
@@ -16,7 +16,7 @@ pub(crate) const FILE: &str = "lock";
 pub(crate) fn acquire(dir: &Path) -> Result<File, SpoolError> {
     let path = dir.join(FILE);
     let err = |op, e| SpoolError::io(op, &path, e);
-    let mut file = OpenOptions::new()
+    let mut file = crate::private_file()
         .read(true)
         .write(true)
         .create(true)

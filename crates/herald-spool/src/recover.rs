@@ -256,7 +256,7 @@ pub(crate) fn open_dir(dir: &Path, fsyncs: bool) -> Result<Opened, SpoolError> {
         }
     } else {
         let path = segment_path(dir, next);
-        OpenOptions::new()
+        crate::private_file()
             .create(true)
             .append(true)
             .open(&path)

@@ -194,7 +194,12 @@ impl SettleLog {
     ) -> Result<Self, SpoolError> {
         let path = dir.join(FILE);
         let err = |op, e| SpoolError::io(op, tmp, e);
-        let file = File::create(tmp).map_err(|e| err("create settle log", e))?;
+        let file = crate::private_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp)
+            .map_err(|e| err("create settle log", e))?;
         let mut w = BufWriter::new(file);
         let mut head = [0u8; HEADER_LEN as usize];
         head[0..4].copy_from_slice(&MAGIC);

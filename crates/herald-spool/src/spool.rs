@@ -267,7 +267,7 @@ impl Spool {
     pub fn open(config: SpoolConfig) -> Result<(Self, Recovery), SpoolError> {
         config.validate()?;
         let dir = config.dir.clone();
-        std::fs::create_dir_all(&dir)
+        crate::create_private_dir(&dir)
             .map_err(|e| SpoolError::io("create spool directory", &dir, e))?;
         let lock_file = crate::lock::acquire(&dir)?;
         let opened = recover::open_dir(&dir, config.fsyncs())?;
@@ -957,7 +957,7 @@ impl Writer {
         }
         let path = segment_path(&self.shared.dir, first);
         let existed = path.exists();
-        let file = OpenOptions::new()
+        let file = crate::private_file()
             .create(true)
             .append(true)
             .open(&path)

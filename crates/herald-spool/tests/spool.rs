@@ -736,3 +736,43 @@ fn ids_never_repeat_even_when_every_segment_was_deleted() {
         last = given.last().copied();
     }
 }
+
+/// A spool holds payloads, keys and headers: its folder and files were created with the
+/// process's default modes (0755 and 0644 under the usual umask), readable by every user of
+/// the machine. They are their owner's alone now; a folder that exists keeps its mode.
+#[cfg(unix)]
+#[test]
+fn the_spool_folder_and_files_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new("modes");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("metadata").permissions().mode();
+    {
+        let (spool, _) = open(SpoolConfig::new(tmp.spool()));
+        let id = spool.append(&message(0)).expect("append");
+        spool.append(&message(1)).expect("append");
+        spool.settle(id).expect("settle");
+        spool.close().expect("closes cleanly");
+    }
+    // Reopened: the settle log is written anew, a new segment starts.
+    let (spool, _) = open(SpoolConfig::new(tmp.spool()));
+    spool.close().expect("closes cleanly");
+    assert_eq!(mode(&tmp.spool()) & 0o777, 0o700, "the spool folder");
+    let files: Vec<_> = std::fs::read_dir(tmp.spool())
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(
+        files.len() >= 3,
+        "segments, the lock, the settle log: {files:?}"
+    );
+    for f in &files {
+        assert_eq!(mode(f) & 0o077, 0, "{} is {:o}", f.display(), mode(f));
+    }
+    // A folder the user made keeps its mode.
+    let own = tmp.spool().with_file_name("own");
+    std::fs::create_dir(&own).expect("mkdir");
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    let (spool, _) = open(SpoolConfig::new(own.clone()));
+    spool.close().expect("closes cleanly");
+    assert_eq!(mode(&own) & 0o777, 0o750);
+}
