@@ -205,8 +205,47 @@ impl ProducerContext for Context {
     }
 }
 
-/// The rdkafka producer herald uses.
-pub(crate) type Client = ThreadedProducer<Context>;
+/// The rdkafka producer herald uses, destroyed off the async threads: dropping a
+/// `ThreadedProducer` joins its polling thread, purges, flushes for up to 500 ms and waits
+/// for librdkafka's threads to end, which held up a runtime worker (on a one-thread runtime,
+/// every task) wherever its last handle went: a producer replaced after a fatal error, whose
+/// last batch then dropped it, or a transport dropped in async code.
+pub(crate) struct Client(Option<ThreadedProducer<Context>>);
+
+impl Client {
+    fn new(producer: ThreadedProducer<Context>) -> Self {
+        Self(Some(producer))
+    }
+}
+
+impl std::ops::Deref for Client {
+    type Target = ThreadedProducer<Context>;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("taken only when dropped")
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let Some(producer) = self.0.take() else {
+            return;
+        };
+        destroy_off_async(producer);
+    }
+}
+
+/// Drops `value` on the runtime's blocking threads when called in a runtime (a runtime
+/// shutting down drops the task, and with it the value, where it stands), else here.
+fn destroy_off_async<T: Send + 'static>(value: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            // Not awaited: nothing waits for the destruction.
+            let _destroying = runtime.spawn_blocking(move || drop(value));
+        }
+        Err(_) => drop(value),
+    }
+}
 
 /// The current producer, what its callbacks share, and what it takes to build a new one.
 pub(crate) struct Connection {
@@ -371,6 +410,7 @@ fn create(config: &ClientConfig, shared: &Arc<Shared>) -> Result<Client, ConfigE
             startup: Startup::new(config.get("enable.idempotence") == Some("true")),
             retries_seen: std::sync::Mutex::default(),
         })
+        .map(Client::new)
         .map_err(|e| ConfigError::Client(crate::config::redact_client_error(e)))
 }
 
@@ -399,6 +439,47 @@ fn say_durability(topic: &str, answer: Result<Option<i64>, crate::admin::AdminEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Notes the thread it is dropped on.
+    struct Noted(Arc<std::sync::Mutex<Option<std::thread::ThreadId>>>);
+
+    impl Drop for Noted {
+        fn drop(&mut self) {
+            *self.0.lock().expect("not poisoned") = Some(std::thread::current().id());
+        }
+    }
+
+    /// A producer's destruction (its polling thread joined, a flush of up to 500 ms,
+    /// librdkafka's threads ended) ran on the thread that dropped its last handle: in async
+    /// code, a runtime worker, here the one thread of the test's runtime. `Client`'s drop
+    /// hands it to this, which sends it to the blocking threads; outside a runtime it happens
+    /// in place.
+    #[tokio::test]
+    async fn a_producer_is_destroyed_off_the_async_threads() {
+        let here = std::thread::current().id();
+        let noted = Arc::new(std::sync::Mutex::new(None));
+        destroy_off_async(Noted(noted.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let on = loop {
+            if let Some(id) = *noted.lock().expect("not poisoned") {
+                break id;
+            }
+            assert!(std::time::Instant::now() < deadline, "never dropped");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        assert_ne!(on, here, "dropped on the async thread");
+        let outside = Arc::new(std::sync::Mutex::new(None));
+        std::thread::spawn({
+            let outside = outside.clone();
+            move || destroy_off_async(Noted(outside))
+        })
+        .join()
+        .expect("thread");
+        assert!(
+            outside.lock().expect("not poisoned").is_some(),
+            "dropped in place"
+        );
+    }
 
     fn context(name: Option<&str>) -> Context {
         Context {
