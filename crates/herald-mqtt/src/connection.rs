@@ -255,6 +255,10 @@ pub(crate) struct Live {
     task: tokio::task::JoinHandle<()>,
     /// See [`Live::silent_for`].
     silence: herald_core::rotation::SilenceWatch,
+    /// The transport's state and metrics, told when herald gives this connection up itself
+    /// (see [`Live::give_up`]).
+    flow: Arc<Flow>,
+    metrics: MqttMetrics,
 }
 
 /// Ends a connection whose publish was dropped half-way (the batch's future was dropped
@@ -265,7 +269,7 @@ struct Unfinished<'a>(Option<&'a Live>);
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
         if let Some(live) = self.0 {
-            live.shut(None);
+            live.give_up();
         }
     }
 }
@@ -311,6 +315,22 @@ impl Live {
     fn shut(&self, failure: Option<TransportError>) {
         self.task.abort();
         self.state.end(failure);
+    }
+
+    /// Ends the connection because herald cannot use it any more (a publish cut off half-way),
+    /// not because the broker or the network ended it. As its task is stopped, which would
+    /// have told the transport of a loss, this tells it: when it was the transport's
+    /// connection, the transport is down (`is_connected`, `herald_mqtt_connected`) until the
+    /// next send opens a new one, and the connection counts as abandoned. It stayed "up"
+    /// before, and counted nowhere.
+    fn give_up(&self) {
+        let was_over = self.state.lost.load(Ordering::Acquire);
+        self.shut(None);
+        if !was_over && self.state.current.swap(false, Ordering::AcqRel) {
+            self.flow.connected.store(false, Ordering::Release);
+            self.metrics.connected.set(0.0);
+            self.metrics.abandoned.increment(1);
+        }
     }
 
     /// Hands one publish to the client (the caller holds [`Live::send`]); its answer goes to
@@ -629,6 +649,8 @@ impl Inner {
             server,
             task,
             silence: herald_core::rotation::SilenceWatch::default(),
+            flow: self.flow.clone(),
+            metrics: self.metrics.clone(),
         }))
     }
 
@@ -1136,6 +1158,58 @@ mod tests {
             st.failure().and_then(|e| e.code().map(str::to_owned)),
             Some("PROTOCOL_ERROR".to_owned())
         );
+    }
+
+    /// A connection herald ends itself (a publish cut off half-way) has its task stopped,
+    /// which would have told the transport of a loss: the transport said "connected" (health
+    /// and the gauge) until the next send, and the connection was counted nowhere.
+    #[tokio::test]
+    async fn a_connection_given_up_by_herald_is_down_and_counted() {
+        use metrics_util::debugging::DebuggingRecorder;
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let metrics = metrics::with_local_recorder(&recorder, || MqttMetrics::new(None));
+        let flow = Arc::new(Flow::default());
+        flow.connected.store(true, Ordering::Release);
+        metrics.connected.set(1.0);
+        let options = v5::MqttOptions::new("herald-test", "127.0.0.1", 1);
+        let (client, _events) = v5::AsyncClient::new(options, 1);
+        let state = Arc::new(LiveState::default());
+        state.current.store(true, Ordering::Release);
+        let live = Live {
+            path: herald_core::Turns::fresh_path(),
+            client: Client::V5(client),
+            state: state.clone(),
+            send: Mutex::new(()),
+            max_packet: 1 << 20,
+            max_qos: None,
+            qos: Qos::AtLeastOnce,
+            version: Version::V5,
+            server: "127.0.0.1:1".into(),
+            task: tokio::spawn(std::future::pending()),
+            silence: herald_core::rotation::SilenceWatch::default(),
+            flow: flow.clone(),
+            metrics,
+        };
+        live.give_up();
+        live.give_up(); // once is counted
+        assert!(!live.is_connected());
+        assert!(
+            !flow.connected.load(Ordering::Acquire),
+            "the transport is down"
+        );
+        let snap = snapshotter.snapshot().into_vec();
+        let value = |name: &str| {
+            snap.iter()
+                .find(|(k, ..)| k.key().name() == name)
+                .map(|(.., v)| match v {
+                    metrics_util::debugging::DebugValue::Counter(c) => *c as f64,
+                    metrics_util::debugging::DebugValue::Gauge(g) => g.into_inner(),
+                    _ => f64::NAN,
+                })
+        };
+        assert_eq!(value(crate::metrics::CONNECTED), Some(0.0));
+        assert_eq!(value(crate::metrics::ABANDONED), Some(1.0));
     }
 
     #[test]

@@ -15,8 +15,9 @@ pub const CONNECT_FAILURES: &str = "herald_mqtt_connect_failures_total";
 /// Connections lost: closed by the broker or the network (each is replaced by a new one with
 /// a clean session on the next send, never resumed). Counter.
 pub const CONNECTIONS_LOST: &str = "herald_mqtt_connections_lost_total";
-/// Connections given up because the broker acknowledged nothing for the ack timeout while
-/// publishes waited (a half-open connection, a hung broker). Counter.
+/// Connections herald gave up: the broker acknowledged nothing for the ack timeout while
+/// publishes waited (a half-open connection, a hung broker), or a publish was cut off
+/// half-way (its batch's deadline passed while the client's queue was full). Counter.
 pub const ABANDONED: &str = "herald_mqtt_connections_abandoned_total";
 /// Publishes the broker answered with a failure reason code (MQTT 5 PUBACK, PUBREC or
 /// PUBCOMP). Counter.
