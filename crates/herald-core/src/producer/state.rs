@@ -590,7 +590,9 @@ impl Shared {
             // Its caller heard it delivered when the broker acknowledged it (early); what came
             // after (its batch cut off at the deadline, say) does not change that, and it is
             // not sent again.
-            Err(_) if matches!(meta.done, Completion::Answered) => {
+            // So with one told delivered when the broker first stored it (the per-key hold
+            // sent it again for order only).
+            Err(_) if matches!(meta.done, Completion::Answered | Completion::Told) => {
                 return self.deliver(st, fin, &mut msg, &mut meta, crate::Ack::default(), now)
             }
             Err(reason) => reason,
@@ -637,7 +639,20 @@ impl Shared {
         // A delivered message leaves the store once its caller is told.
         fin.stored.extend(meta.stored.take());
         let done = std::mem::replace(&mut meta.done, Completion::Answered);
-        if matches!(done, Completion::Answered) {
+        self.tell_delivered(fin, done, meta, ack, now);
+    }
+
+    /// Tells `done` that its message was delivered (unless it was told already): records the
+    /// latency and queues the completion, to run once the lock is let go.
+    fn tell_delivered(
+        &self,
+        fin: &mut Finished,
+        done: Completion,
+        meta: &Meta,
+        ack: crate::Ack,
+        now: Instant,
+    ) {
+        if matches!(done, Completion::Answered | Completion::Told) {
             return;
         }
         let latency = fin
@@ -692,6 +707,23 @@ impl Shared {
         }
     }
 
+    /// Tells the caller of an entry the broker stored, but which the per-key hold sends again
+    /// behind a failed message of its key, that it was delivered: it becomes
+    /// [`Completion::Told`], and ends delivered whatever becomes of the copy (counted then).
+    pub(crate) fn tell_held(
+        &self,
+        fin: &mut Finished,
+        meta: &mut Meta,
+        ack: crate::Ack,
+        now: Instant,
+    ) {
+        if matches!(meta.done, Completion::Answered | Completion::Told) {
+            return;
+        }
+        let done = std::mem::replace(&mut meta.done, Completion::Told);
+        self.tell_delivered(fin, done, meta, ack, now);
+    }
+
     /// Tells the caller of an entry in flight that the broker acknowledged it, before its batch
     /// lands (see [`crate::Transport::send_batch_answering`]): its completion runs now and
     /// becomes [`Completion::Answered`], and [`Shared::finish`] only counts it when it lands.
@@ -705,7 +737,7 @@ impl Shared {
         run: &mut TaggedRun<'_>,
     ) {
         let done = std::mem::replace(&mut meta.done, Completion::Answered);
-        if matches!(done, Completion::Answered) {
+        if matches!(done, Completion::Answered | Completion::Told) {
             return;
         }
         let latency = latencies.of(meta.deadline, self.config.delivery_timeout, now);
