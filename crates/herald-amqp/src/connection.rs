@@ -380,8 +380,11 @@ impl Inner {
             identity: None,
             cert_chain: config.tls_ca_pem.clone(),
         };
-        // lapin's TLS (rustls-connector) uses rustls's process-wide crypto provider.
-        herald_core::tls::ensure_crypto_provider();
+        // lapin's TLS (rustls-connector, for `amqps://` only) uses rustls's process-wide
+        // crypto provider.
+        if config.url.tls {
+            herald_core::tls::ensure_crypto_provider();
+        }
         let runtime = lapin::runtime::default_runtime()
             .map_err(|e| TransportError::permanent(format!("no async runtime for lapin: {e}")))?;
         let connection =

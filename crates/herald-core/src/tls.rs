@@ -22,6 +22,55 @@ pub fn ensure_crypto_provider() {
     }
 }
 
+/// A rustls client configuration on ring, trusting the system's roots and the CA certificates
+/// of `ca_file` (PEM), if given: for clients that take one, so that no process-wide crypto
+/// provider is needed (nor chosen for the application). `hint` names the setting of the CA
+/// file, for the error when there is nothing to trust. Errors name the file and the problem.
+pub fn client_config(
+    ca_file: Option<&std::path::Path>,
+    hint: &str,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system certificate rustls cannot use is skipped, as browsers do.
+        let _skipped = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in certs {
+            let cert =
+                cert.map_err(|e| format!("the CA file {} is not PEM: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("a certificate of {} is unusable: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!(
+                "the CA file {} holds no certificate",
+                path.display()
+            ));
+        }
+    }
+    if roots.is_empty() {
+        return Err(format!(
+            "no CA certificate to trust: the system has none; give one with {hint}"
+        ));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
 /// Whether rustls refused the handshake for a reason retrying cannot mend.
 pub fn refused_for_good(e: &Error) -> bool {
     matches!(

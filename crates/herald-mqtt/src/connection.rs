@@ -526,7 +526,12 @@ impl Inner {
     /// file, on ring. Built once.
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, TransportError> {
         self.tls
-            .get_or_init(|| build_tls(self.config.tls_ca_file.as_deref()))
+            .get_or_init(|| {
+                herald_core::tls::client_config(
+                    self.config.tls_ca_file.as_deref(),
+                    "MqttConfig::tls_ca_file",
+                )
+            })
             .clone()
             .map_err(|e| TransportError::permanent(e).with_code("TLS_ERROR"))
     }
@@ -1094,48 +1099,6 @@ fn settle(code: u8, info: Option<CodeInfo>, packet: &'static str, m: &MqttMetric
             Answer::Acked
         }
     }
-}
-
-/// Reads the CA certificates of `ca` (PEM) and the system's roots into a rustls client
-/// configuration on ring.
-fn build_tls(ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        // A system certificate rustls cannot use is skipped, as browsers do.
-        let _skipped = roots.add(cert);
-    }
-    if let Some(path) = ca {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
-        let mut added = 0;
-        for cert in certs {
-            let cert =
-                cert.map_err(|e| format!("the CA file {} is not PEM: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("a certificate of {} is unusable: {e}", path.display()))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(format!(
-                "the CA file {} holds no certificate",
-                path.display()
-            ));
-        }
-    }
-    if roots.is_empty() {
-        return Err("no CA certificate to trust: the system has none; give one with MqttConfig::tls_ca_file".into());
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("TLS setup: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 #[cfg(test)]

@@ -181,6 +181,8 @@ pub(crate) struct Inner {
     rotation: Rotation<Arc<Live>>,
     /// The server of the connection up now, as `host:port`.
     node: StdMutex<Option<String>>,
+    /// The TLS settings handed to every client (see [`Inner::tls`]), built once.
+    tls: std::sync::OnceLock<Result<Arc<async_nats::rustls::ClientConfig>, String>>,
 }
 
 impl Inner {
@@ -210,6 +212,32 @@ impl Inner {
             resends: crate::publish::Resends::default(),
             rotation,
             node: StdMutex::new(None),
+            tls: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The TLS settings for a client: rustls on ring, the system's roots and the configured CA
+    /// file. Handed to async-nats, which would otherwise build its own from rustls's
+    /// process-wide crypto provider, for `tls://` and for a `nats://` server that asks for TLS,
+    /// and so would need one chosen for the application. `None` when they cannot be built
+    /// for a `nats://` URL (no system roots, say): async-nats then builds its own, should the
+    /// server ask for TLS, as before. For `tls://` that is an error (permanent `TLS_ERROR`).
+    fn tls(&self) -> Result<Option<async_nats::rustls::ClientConfig>, TransportError> {
+        let built = self.tls.get_or_init(|| {
+            herald_core::tls::client_config(
+                self.config.tls_ca_file.as_deref(),
+                "NatsConfig::tls_ca_file",
+            )
+        });
+        match built {
+            Ok(config) => Ok(Some((**config).clone())),
+            Err(e) if self.config.url.tls || self.config.tls_ca_file.is_some() => {
+                Err(TransportError::permanent(e.clone()).with_code("TLS_ERROR"))
+            }
+            Err(_) => {
+                herald_core::tls::ensure_crypto_provider();
+                Ok(None)
+            }
         }
     }
 
@@ -317,9 +345,7 @@ impl Inner {
         let config = &self.config;
         let endpoint = &self.rotation.endpoints()[index];
         let server = crate::url::server_addr(endpoint, config.url.tls);
-        // async-nats builds its TLS settings (for `tls://`, or a server that asks for TLS)
-        // with rustls's process-wide crypto provider.
-        herald_core::tls::ensure_crypto_provider();
+        let tls = self.tls()?;
         let state = Arc::new(LiveState::default());
         let credentials = config.url.credentials.clone();
         let handshake = state.clone();
@@ -351,8 +377,8 @@ impl Inner {
                 std::future::ready(())
             }
         });
-        if let Some(ca) = &config.tls_ca_file {
-            options = options.add_root_certificates(ca.clone());
+        if let Some(tls) = tls {
+            options = options.tls_client_config(tls);
         }
         let client = options
             .connect(server.as_str())

@@ -309,6 +309,32 @@ async fn conformance_suite() {
     h.admin.cleanup().await;
 }
 
+/// async-nats builds its TLS settings (for `tls://`, and for a `nats://` server that asks for
+/// TLS) from rustls's process-wide crypto provider, so herald installed ring's as the
+/// application's default at every connection, TLS or not: an application choosing aws-lc-rs
+/// afterwards was refused. The transport hands the client settings of its own now, and
+/// chooses nothing (but on a machine whose roots cannot be read, where it falls back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: cargo xtask it"]
+async fn a_connection_chooses_no_crypto_provider_for_the_application() {
+    let admin = Admin::connect(&url()).await;
+    let (_stream, subject) = admin.stream("provider").await;
+    let dest = herald_nats::subject(&subject);
+    let transport = NatsTransport::new(NatsConfig::from_url(&url()).expect("url")).expect("t");
+    let outcome = transport
+        .send_batch(&dest, &[Message::new(dest.clone(), "p")])
+        .await;
+    assert!(outcome[0].is_ok(), "{outcome:?}");
+    let roots = herald_core::tls::client_config(None, "-").is_ok();
+    assert_eq!(
+        async_nats::rustls::crypto::CryptoProvider::get_default().is_some(),
+        !roots,
+        "a process default chosen (system roots readable: {roots})"
+    );
+    transport.close().await;
+    admin.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: cargo xtask it"]
 async fn ten_thousand_keyed_messages_read_back_in_per_key_order() {
