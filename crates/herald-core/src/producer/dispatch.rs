@@ -663,11 +663,17 @@ impl Shared {
         }
         if any_ok || !all_transient {
             st.breaker.on_success_of(flight.circuit, now);
-        } else if self.config.ordering.counts_as_failure(
-            &mut st.lanes,
-            &flight.destination,
-            flight.turn.seq,
-        ) {
+        } else if flight.circuit == st.breaker.generation()
+            && self.config.ordering.counts_as_failure(
+                &mut st.lanes,
+                &flight.destination,
+                flight.turn.seq,
+            )
+        {
+            // Only a batch of the breaker's current generation may shadow its lane's later
+            // failures: a stale one (sent before the last opening) says nothing to the
+            // breaker, and shadowing would hide a probe's failure, leaving it half-open with
+            // its probe out for good.
             st.breaker.on_failure_of(flight.circuit, now);
         }
         self.note_circuit(st);
@@ -1301,6 +1307,65 @@ mod tests {
             ))
             .build()
             .expect("build")
+    }
+
+    /// A batch sent before the circuit opened, failing while a probe of its lane is out, is
+    /// stale for the breaker; but it still set its lane's failure shadow, which then hid the
+    /// probe's own failure from the breaker: half-open with its one probe "out" for good,
+    /// nothing was sent again. Only batches of the breaker's current generation shadow now.
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_failure_does_not_hide_the_probe_s_failure() {
+        let fail = || Call {
+            fail: vec![0],
+            ..Call::default()
+        };
+        // d1-a (held until released, then fails), d2-a (fails at once), d1-b (the probe,
+        // held, then fails); what comes after passes.
+        let transport = Early::ordered(vec![fail(), fail(), fail()]);
+        transport.gates[1].notify_one();
+        let producer = Producer::builder(transport.clone())
+            .batching(batches_of(1))
+            .pipeline_depth(4)
+            .retry(herald_retry::NoRetry)
+            .circuit_breaker(herald_retry::CircuitBreakerConfig {
+                failure_threshold: 1,
+                open_for: Duration::from_millis(50),
+                half_open_probes: 1,
+                enabled: true,
+            })
+            .build()
+            .expect("build");
+        let d1a = producer
+            .try_send(Message::new("d1", "a"))
+            .expect("accepted");
+        let d2a = producer
+            .try_send(Message::new("d2", "a"))
+            .expect("accepted");
+        d2a.await.expect_err("d2-a fails: the circuit opens");
+        assert_eq!(producer.stats().circuit, CircuitState::Open);
+        let d1b = producer
+            .try_send(Message::new("d1", "b"))
+            .expect("accepted");
+        while transport.calls().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(
+            producer.stats().circuit,
+            CircuitState::HalfOpen,
+            "d1-b probes"
+        );
+        transport.gates[0].notify_one();
+        d1a.await
+            .expect_err("d1-a fails, sent before the circuit opened");
+        transport.gates[2].notify_one();
+        d1b.await.expect_err("the probe fails");
+        let d1c = producer
+            .try_send(Message::new("d1", "c"))
+            .expect("accepted");
+        tokio::time::timeout(Duration::from_secs(10), d1c)
+            .await
+            .expect("the circuit probes again: d1-c goes")
+            .expect("delivered");
     }
 
     /// A message the transport acknowledges early is answered then, while its batch is still
