@@ -154,6 +154,8 @@ pub(crate) struct State {
     pub(crate) refused: u64,
     /// Where leftovers go when the state itself is dropped.
     unclaimed: Arc<Unclaimed>,
+    /// The producer's store, for the drop guard: a message told delivered is settled there.
+    store: Option<Arc<dyn Store>>,
     /// Gives accepted messages their ids.
     pub(crate) ids: IdClock,
     /// Messages stored (with a [`Store`]) and not yet admitted into the buffer or ended: the
@@ -229,11 +231,22 @@ impl Drop for State {
         if left.is_empty() {
             return;
         }
+        let mut settled = Vec::new();
         for (msg, meta) in left {
+            // Its caller heard it delivered (acknowledged early, or stored before the per-key
+            // hold sent it again): it leaves the store, not to be sent again by the next
+            // producer on it.
+            if matches!(meta.done, Completion::Answered | Completion::Told) {
+                settled.extend(meta.stored);
+                continue;
+            }
             let e = SendError::new(msg, FailureReason::Closed, meta.attempts);
             // A stored message stays in the store for the next producer.
             let e = if meta.stored.is_some() { e.kept() } else { e };
             meta.done.complete(Err(e), &self.unclaimed);
+        }
+        if let (Some(store), false) = (&self.store, settled.is_empty()) {
+            store.settle(&settled);
         }
     }
 }
@@ -375,6 +388,7 @@ impl Shared {
                 health_ticket: 0,
                 refused: 0,
                 unclaimed: unclaimed.clone(),
+                store: stage.as_ref().map(super::stage::Stage::store),
                 ids: IdClock::new(clock_now()),
                 staged: 0,
                 recovering: false,
