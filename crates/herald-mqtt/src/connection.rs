@@ -511,11 +511,14 @@ impl Inner {
     /// Gives up on `live` if it is still the connection in use (its acknowledgements stopped
     /// coming), so that the next send opens a new one.
     pub(crate) async fn abandon(&self, live: &Arc<Live>) {
+        // Given up already (a publish cut off half-way: `Live::give_up`), it was counted then.
+        let counted = !live.is_connected();
         if self
             .rotation
             .abandon(|l| Arc::ptr_eq(l, live), self)
             .await
             .is_some()
+            && !counted
         {
             self.metrics.abandoned.increment(1);
         }

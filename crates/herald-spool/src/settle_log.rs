@@ -200,6 +200,13 @@ impl SettleLog {
             .truncate(true)
             .open(tmp)
             .map_err(|e| err("create settle log", e))?;
+        // A leftover of a crash by an older version keeps its mode when opened: set it.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| err("create settle log", e))?;
+        }
         let mut w = BufWriter::new(file);
         let mut head = [0u8; HEADER_LEN as usize];
         head[0..4].copy_from_slice(&MAGIC);

@@ -65,6 +65,34 @@ use histogram::Fixed;
 pub use histogram::Recorder;
 pub use http::Server;
 
+/// The labels of a sample line of the text format, after its `{`: `key="value"` pairs up to the
+/// closing `}`, values unescaped (`\\`, `\"`, `\n`). `None` if the line is not of that form.
+fn label_pairs(text: &str) -> Option<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut rest = text;
+    loop {
+        if rest.starts_with('}') {
+            return Some(pairs);
+        }
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        pairs.push((key.to_owned(), value));
+        rest = &after[end + 1..];
+        rest = rest.strip_prefix(',').unwrap_or(rest);
+    }
+}
+
 /// Buckets of `herald_send_latency_seconds`: from half a millisecond to the default delivery
 /// timeout, so that p50 on a healthy broker and p99 during an outage both fall inside.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -321,22 +349,23 @@ impl Telemetry {
     /// outside the `metrics::with_local_recorder` of a [`Prometheus::build`]) records them
     /// nowhere, for good, and only its failure counters, looked up per event, reach the
     /// recorder later. Looks for the series every producer sets at build time
-    /// (`herald_buffer_max_messages` with its `transport` and `producer` labels).
+    /// (`herald_buffer_max_messages` with its `transport` and `producer` labels): two
+    /// producers with the same transport and name (or both unnamed) share their series, so one
+    /// recorded answers for both.
     pub fn records(&self, producer: &Producer) -> bool {
-        // Neither needs escaping: transport names are the adapters' own, producer names are
-        // limited to ASCII letters, digits, `_`, `-` and `.` at build.
-        let transport = format!("transport=\"{}\"", producer.transport_name());
-        let name = producer.name().map(|n| format!("producer=\"{n}\""));
+        let (transport, name) = (producer.transport_name(), producer.name());
         let series = format!("{}{{", core_metrics::BUFFER_MAX_MESSAGES);
         self.inner.handle.render().lines().any(|line| {
-            line.strip_prefix(&series).is_some_and(|rest| {
-                let labels = rest.split_once('}').map_or(rest, |(l, _)| l);
-                labels.contains(&transport)
-                    && match &name {
-                        Some(n) => labels.contains(n.as_str()),
-                        None => !labels.contains("producer=\""),
-                    }
-            })
+            let Some(labels) = line.strip_prefix(&series).and_then(label_pairs) else {
+                return false;
+            };
+            let value = |key: &str| {
+                labels
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.as_str())
+            };
+            value("transport") == Some(transport) && value("producer") == name
         })
     }
 
@@ -582,6 +611,22 @@ mod tests {
         let told: serde_json::Value =
             serde_json::from_str(&report(health).to_json()).expect("JSON");
         assert_eq!(told["producers"][0]["endpoint"], "rabbit-2:5672", "{told}");
+    }
+
+    #[test]
+    fn label_pairs_reads_escaped_values_and_whole_keys() {
+        let pairs = label_pairs(r#"app_producer="x",transport="a\"b\\c\nd",producer="p"} 1"#)
+            .expect("labels");
+        assert_eq!(
+            pairs,
+            [
+                ("app_producer".to_owned(), "x".to_owned()),
+                ("transport".to_owned(), "a\"b\\c\nd".to_owned()),
+                ("producer".to_owned(), "p".to_owned()),
+            ]
+        );
+        assert_eq!(label_pairs("} 1"), Some(Vec::new()));
+        assert_eq!(label_pairs(r#"a="unterminated"#), None);
     }
 
     /// A producer built before the recorder registers its pipeline's series nowhere, for
