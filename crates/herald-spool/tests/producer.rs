@@ -60,6 +60,20 @@ fn down() -> MemoryTransport {
     t
 }
 
+/// Runs `setup` on a runtime of its own, then ends that runtime with the producer it returns
+/// still in it, as a crashing process does: its tasks dropped where they stand, nothing
+/// closed; then what is left of the producer goes (its spool with it, releasing the folder).
+fn crash_after(setup: impl std::future::Future<Output = Producer>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let p = rt.block_on(setup);
+    rt.shutdown_timeout(Duration::from_secs(10));
+    drop(p);
+}
+
 /// A producer accepts messages while its broker is down; its process ends abruptly (the runtime
 /// goes away with the producer in it, no close). The next producer on the spool sends them all
 /// first, in their order, then what it is given itself.
@@ -67,33 +81,22 @@ fn down() -> MemoryTransport {
 fn what_a_crashed_producer_accepted_is_sent_first_by_the_next() {
     const N: usize = 2_000;
     let d = dir("crash");
-    {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
+    crash_after(async {
+        let (store, recovery) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
+        assert_eq!(recovery.pending_messages, 0);
+        let p = Producer::builder(down())
+            .store(store)
             .build()
-            .expect("runtime");
-        let p = rt.block_on(async {
-            let (store, recovery) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
-            assert_eq!(recovery.pending_messages, 0);
-            let p = Producer::builder(down())
-                .store(store)
-                .build()
-                .expect("producer");
-            let mut futures = Vec::new();
-            for i in 0..N / 2 {
-                // Accepted: durably in the spool.
-                futures.push(p.enqueue(keyed(i)).await.expect("accepted"));
-            }
-            let receipt = p.send_all((N / 2..N).map(keyed)).await;
-            std::mem::forget((futures, receipt));
-            p
-        });
-        // The crash: the producer's tasks dropped where they stand, nothing closed; then what
-        // is left of the producer goes (its spool with it, releasing the directory).
-        rt.shutdown_timeout(Duration::from_secs(10));
-        drop(p);
-    }
+            .expect("producer");
+        let mut futures = Vec::new();
+        for i in 0..N / 2 {
+            // Accepted: durably in the spool.
+            futures.push(p.enqueue(keyed(i)).await.expect("accepted"));
+        }
+        let receipt = p.send_all((N / 2..N).map(keyed)).await;
+        std::mem::forget((futures, receipt));
+        p
+    });
     let pending = inspect(&d).expect("inspect").stats.pending_messages;
     assert_eq!(pending, N as u64, "every accepted message is in the spool");
 
@@ -129,37 +132,31 @@ fn what_a_crashed_producer_accepted_is_sent_first_by_the_next() {
 #[test]
 fn a_message_told_delivered_leaves_the_spool_even_if_the_process_ends_before_its_copy() {
     let d = dir("told");
-    {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let p = rt.block_on(async {
-            let (store, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
-            let t = MemoryTransport::new();
-            // a's acknowledgement is lost (stored, reported failed), b is stored after it;
-            // then the broker is down, so both wait in the retry group.
-            t.script(std::iter::once(CallFault::StoreThenFail(vec![0])).chain(
-                std::iter::repeat_n(CallFault::FailAll(ErrorClass::Transient), 1_000_000),
-            ));
-            let p = Producer::builder(t).store(store).build().expect("producer");
-            let mut futures = p
-                .enqueue_many(vec![
-                    Message::new("t", "a").with_key("k"),
-                    Message::new("t", "b").with_key("k"),
-                ])
-                .await
-                .into_iter()
-                .map(|f| f.expect("accepted"));
-            let (a, b) = (futures.next().expect("a"), futures.next().expect("b"));
-            b.await.expect("b: the broker stored it");
-            std::mem::forget(a);
-            p
-        });
-        rt.shutdown_timeout(Duration::from_secs(10));
-        drop(p);
-    }
+    crash_after(async {
+        let (store, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
+        let t = MemoryTransport::new();
+        // a's acknowledgement is lost (stored, reported failed), b is stored after it; then
+        // the broker is down, so both wait in the retry group.
+        t.script(
+            std::iter::once(CallFault::StoreThenFail(vec![0])).chain(std::iter::repeat_n(
+                CallFault::FailAll(ErrorClass::Transient),
+                1_000_000,
+            )),
+        );
+        let p = Producer::builder(t).store(store).build().expect("producer");
+        let mut futures = p
+            .enqueue_many(vec![
+                Message::new("t", "a").with_key("k"),
+                Message::new("t", "b").with_key("k"),
+            ])
+            .await
+            .into_iter()
+            .map(|f| f.expect("accepted"));
+        let (a, b) = (futures.next().expect("a"), futures.next().expect("b"));
+        b.await.expect("b: the broker stored it");
+        std::mem::forget(a);
+        p
+    });
     let (store, recovery) = reopen(&d);
     assert_eq!(recovery.pending_messages, 1, "a stays, b was settled");
     drop(store);
