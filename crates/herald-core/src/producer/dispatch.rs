@@ -1346,9 +1346,13 @@ mod tests {
         let d1b = producer
             .try_send(Message::new("d1", "b"))
             .expect("accepted");
-        while transport.calls().len() < 3 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while transport.calls().len() < 3 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the probe goes once open_for has passed");
         assert_eq!(
             producer.stats().circuit,
             CircuitState::HalfOpen,
