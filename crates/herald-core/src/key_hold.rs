@@ -81,18 +81,18 @@ impl KeyHold {
     /// failure of its own is kept. `outcomes` pairs with
     /// `batch` by position. Returns how many outcomes it changed.
     pub fn apply(batch: &[Message], outcomes: &mut [Result<Ack, TransportError>]) -> usize {
-        KeyHold::default().carry(batch, outcomes, |_, _| {})
+        KeyHold::default().carry(batch, outcomes, |_| {})
     }
 
     /// As [`KeyHold::apply`], carrying on from the keys already held (by the earlier batches of
     /// a destination still out, when several are in flight), and keeping the keys this batch
     /// holds for the batches after it. `delivered_but_held` hears the index of every message
-    /// whose `Ok` became a held failure, with the acknowledgement it had.
+    /// whose `Ok` became a held failure.
     pub(crate) fn carry(
         &mut self,
         batch: &[Message],
         outcomes: &mut [Result<Ack, TransportError>],
-        mut delivered_but_held: impl FnMut(usize, Ack),
+        mut delivered_but_held: impl FnMut(usize),
     ) -> usize {
         let transient = |o: &Result<Ack, TransportError>| matches!(o, Err(e) if e.class() == ErrorClass::Transient);
         if self.is_empty() && !outcomes.iter().any(transient) {
@@ -103,10 +103,10 @@ impl KeyHold {
             if let Some(held) = self.check(msg) {
                 // A failure of its own stays: a permanent one is final, a transient one is
                 // retried anyway and says more than "held".
-                if let Ok(ack) = *outcome {
+                if outcome.is_ok() {
                     *outcome = Err(held);
                     changed += 1;
-                    delivered_but_held(i, ack);
+                    delivered_but_held(i);
                 }
             } else if let Err(e) = outcome {
                 self.failed(msg, e);

@@ -125,44 +125,6 @@ fn what_a_crashed_producer_accepted_is_sent_first_by_the_next() {
     cleanup(&d);
 }
 
-/// A message the broker stored after a transient failure of its key is told delivered while the
-/// per-key hold sends it again for order. The process ending meanwhile (no close) kept it in
-/// the spool, so the next producer sent again a message its caller had heard delivered. It
-/// is settled now; the failed one before it stays for the next producer.
-#[test]
-fn a_message_told_delivered_leaves_the_spool_even_if_the_process_ends_before_its_copy() {
-    let d = dir("told");
-    crash_after(async {
-        let (store, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
-        let t = MemoryTransport::new();
-        // a's acknowledgement is lost (stored, reported failed), b is stored after it; then
-        // the broker is down, so both wait in the retry group.
-        t.script(
-            std::iter::once(CallFault::StoreThenFail(vec![0])).chain(std::iter::repeat_n(
-                CallFault::FailAll(ErrorClass::Transient),
-                1_000_000,
-            )),
-        );
-        let p = Producer::builder(t).store(store).build().expect("producer");
-        let mut futures = p
-            .enqueue_many(vec![
-                Message::new("t", "a").with_key("k"),
-                Message::new("t", "b").with_key("k"),
-            ])
-            .await
-            .into_iter()
-            .map(|f| f.expect("accepted"));
-        let (a, b) = (futures.next().expect("a"), futures.next().expect("b"));
-        b.await.expect("b: the broker stored it");
-        std::mem::forget(a);
-        p
-    });
-    let (store, recovery) = reopen(&d);
-    assert_eq!(recovery.pending_messages, 1, "a stays, b was settled");
-    drop(store);
-    cleanup(&d);
-}
-
 /// A close that runs out of time hands unsent messages back as `Closed` and keeps them in the
 /// spool: the next producer sends them. Delivered ones are gone from it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

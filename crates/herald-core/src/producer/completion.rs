@@ -189,12 +189,6 @@ pub(crate) enum Completion {
     /// [`crate::Transport::send_batch_answering`]). Its batch may still be in flight, but its
     /// fate was given: it stays delivered and is not sent again.
     Answered,
-    /// Told delivered: the broker stored it, after a transient failure of an earlier message
-    /// of its key, so the per-key hold sends it again behind that message's retry (see
-    /// `Producer`'s ordering guarantees). Its caller heard of the delivery when its batch
-    /// landed; the copy sent again decides nothing of its fate (whatever becomes of it, the
-    /// message ends delivered), only of the key's order.
-    Told,
 }
 
 /// Fates of tagged messages that end together, gathered per sink and handed over with one
@@ -303,7 +297,7 @@ impl Completion {
                 }
             }
             Completion::Group(g) => g.end(outcome),
-            Completion::Answered | Completion::Told => {}
+            Completion::Answered => {}
             Completion::Tagged(sink, tag) => match outcome {
                 Ok(d) => {
                     // A panicking sink loses only the news of a delivery.

@@ -154,8 +154,6 @@ pub(crate) struct State {
     pub(crate) refused: u64,
     /// Where leftovers go when the state itself is dropped.
     unclaimed: Arc<Unclaimed>,
-    /// The producer's store, for the drop guard: a message told delivered is settled there.
-    store: Option<Arc<dyn Store>>,
     /// Gives accepted messages their ids.
     pub(crate) ids: IdClock,
     /// Messages stored (with a [`Store`]) and not yet admitted into the buffer or ended: the
@@ -231,22 +229,11 @@ impl Drop for State {
         if left.is_empty() {
             return;
         }
-        let mut settled = Vec::new();
         for (msg, meta) in left {
-            // Its caller heard it delivered (acknowledged early, or stored before the per-key
-            // hold sent it again): it leaves the store, not to be sent again by the next
-            // producer on it.
-            if matches!(meta.done, Completion::Answered | Completion::Told) {
-                settled.extend(meta.stored);
-                continue;
-            }
             let e = SendError::new(msg, FailureReason::Closed, meta.attempts);
             // A stored message stays in the store for the next producer.
             let e = if meta.stored.is_some() { e.kept() } else { e };
             meta.done.complete(Err(e), &self.unclaimed);
-        }
-        if let (Some(store), false) = (&self.store, settled.is_empty()) {
-            store.settle(&settled);
         }
     }
 }
@@ -388,7 +375,6 @@ impl Shared {
                 health_ticket: 0,
                 refused: 0,
                 unclaimed: unclaimed.clone(),
-                store: stage.as_ref().map(super::stage::Stage::store),
                 ids: IdClock::new(clock_now()),
                 staged: 0,
                 recovering: false,
@@ -604,9 +590,7 @@ impl Shared {
             // Its caller heard it delivered when the broker acknowledged it (early); what came
             // after (its batch cut off at the deadline, say) does not change that, and it is
             // not sent again.
-            // So with one told delivered when the broker first stored it (the per-key hold
-            // sent it again for order only).
-            Err(_) if matches!(meta.done, Completion::Answered | Completion::Told) => {
+            Err(_) if matches!(meta.done, Completion::Answered) => {
                 return self.deliver(st, fin, &mut msg, &mut meta, crate::Ack::default(), now)
             }
             Err(reason) => reason,
@@ -653,20 +637,7 @@ impl Shared {
         // A delivered message leaves the store once its caller is told.
         fin.stored.extend(meta.stored.take());
         let done = std::mem::replace(&mut meta.done, Completion::Answered);
-        self.tell_delivered(fin, done, meta, ack, now);
-    }
-
-    /// Tells `done` that its message was delivered (unless it was told already): records the
-    /// latency and queues the completion, to run once the lock is let go.
-    fn tell_delivered(
-        &self,
-        fin: &mut Finished,
-        done: Completion,
-        meta: &Meta,
-        ack: crate::Ack,
-        now: Instant,
-    ) {
-        if matches!(done, Completion::Answered | Completion::Told) {
+        if matches!(done, Completion::Answered) {
             return;
         }
         let latency = fin
@@ -721,23 +692,6 @@ impl Shared {
         }
     }
 
-    /// Tells the caller of an entry the broker stored, but which the per-key hold sends again
-    /// behind a failed message of its key, that it was delivered: it becomes
-    /// [`Completion::Told`], and ends delivered whatever becomes of the copy (counted then).
-    pub(crate) fn tell_held(
-        &self,
-        fin: &mut Finished,
-        meta: &mut Meta,
-        ack: crate::Ack,
-        now: Instant,
-    ) {
-        if matches!(meta.done, Completion::Answered | Completion::Told) {
-            return;
-        }
-        let done = std::mem::replace(&mut meta.done, Completion::Told);
-        self.tell_delivered(fin, done, meta, ack, now);
-    }
-
     /// Tells the caller of an entry in flight that the broker acknowledged it, before its batch
     /// lands (see [`crate::Transport::send_batch_answering`]): its completion runs now and
     /// becomes [`Completion::Answered`], and [`Shared::finish`] only counts it when it lands.
@@ -751,7 +705,7 @@ impl Shared {
         run: &mut TaggedRun<'_>,
     ) {
         let done = std::mem::replace(&mut meta.done, Completion::Answered);
-        if matches!(done, Completion::Answered | Completion::Told) {
+        if matches!(done, Completion::Answered) {
             return;
         }
         let latency = latencies.of(meta.deadline, self.config.delivery_timeout, now);
