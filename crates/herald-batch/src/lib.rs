@@ -230,8 +230,6 @@ pub struct Accumulator<D, T> {
     sweep_at: usize,
     /// Queues kept before any sweep: [`KEEP_QUEUES`] (lower in tests).
     keep: usize,
-    /// The latest instant a call was given: a backoff (`blocked_until`) past it is over.
-    latest: Option<Instant>,
 }
 
 /// Queues kept however idle: a producer's usual handful of destinations never pays for
@@ -261,7 +259,6 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
             bytes: 0,
             sweep_at: KEEP_QUEUES,
             keep: KEEP_QUEUES,
-            latest: None,
         }
     }
 
@@ -316,20 +313,16 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
     }
 
     /// Drops the queues with nothing to keep: no item, no batch in flight, no hold, no backoff
-    /// still running. Without it, every destination ever used would keep its queue for the
-    /// accumulator's life (a topic per device: memory without bound), and every
+    /// set (the next batch cut clears a backoff; one whose queue emptied otherwise keeps its
+    /// queue until then). Without it, every destination ever used would keep its queue for
+    /// the accumulator's life (a topic per device: memory without bound), and every
     /// `pop_ready`/`next_wakeup` would scan them all. Called when a new destination finds
     /// `sweep_at` queues; the next sweep waits until there are twice as many as were kept
     /// (at least [`KEEP_QUEUES`]), so each destination's first item pays O(1) on average,
     /// and a destination that comes back after a sweep only gets a new, empty queue.
     fn sweep(&mut self) {
-        let latest = self.latest;
         let idle = |q: &Queue<D, T>| {
-            q.items.is_empty()
-                && q.in_flight == 0
-                && q.holds == 0
-                && q.blocked_until
-                    .is_none_or(|t| latest.is_some_and(|now| t <= now))
+            q.items.is_empty() && q.in_flight == 0 && q.holds == 0 && q.blocked_until.is_none()
         };
         if self.queues.iter().any(idle) {
             // The cursor stays on the queue it pointed at, or the next one kept.
@@ -351,12 +344,6 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
             self.last = None;
         }
         self.sweep_at = (2 * self.queues.len()).max(self.keep);
-    }
-
-    fn saw(&mut self, now: Instant) {
-        if self.latest.is_none_or(|l| l < now) {
-            self.latest = Some(now);
-        }
     }
 
     /// How many destinations have a queue (those with items, batches in flight, holds or a
@@ -384,7 +371,6 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
     /// As [`Accumulator::push_back`], into a queue found with [`Accumulator::slot`].
     #[inline]
     pub fn push_back_at(&mut self, slot: Slot, item: T, bytes: usize, now: Instant) -> bool {
-        self.saw(now);
         let q = &mut self.queues[slot.0];
         let was_empty = q.items.is_empty();
         q.items.push_back((item, bytes));
@@ -486,7 +472,6 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
         force: bool,
         make: impl FnOnce(usize) -> C,
     ) -> Option<Cut<D, C>> {
-        self.saw(now);
         let n = self.queues.len();
         for k in 0..n {
             let i = (self.cursor + k) % n;
