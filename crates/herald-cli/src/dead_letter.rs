@@ -27,16 +27,26 @@ fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
     };
 }
 
-/// The record of a message herald gave up on. `line` is its input line, when known.
+/// The record of a message herald gave up on. `line` is its input line, when known. One the
+/// broker holds a copy of all the same (`SendError::stored_copy`: held back for its key's
+/// order, then its copy failed) says where, under `stored_copy`: sending the record again
+/// stores it twice.
 pub(crate) fn failed_record(line: Option<u64>, e: &SendError) -> Value {
-    message_record(
+    let mut record = message_record(
         line,
         e.message(),
         &e.to_string(),
         e.class().as_str(),
         e.reason().label(),
         json!(e.attempts()),
-    )
+    );
+    if let (Some(ack), Value::Object(obj)) = (e.stored_copy(), &mut record) {
+        obj.insert(
+            "stored_copy".into(),
+            json!({"partition": ack.partition, "offset": ack.offset}),
+        );
+    }
+    record
 }
 
 /// The record of a message whose fate was not waited for (reason `interrupted`): it may still
@@ -267,6 +277,73 @@ mod tests {
             crate::input::parse_jsonl(&Destination::new("orders"), r.to_string().as_bytes())
                 .expect("replayable");
         assert_eq!(again.payload().as_ref(), &[0xff; 20][..]);
+        producer.close(std::time::Duration::from_secs(1)).await;
+    }
+
+    /// Fails the first message of its first call (transiently) and takes the rest; fails
+    /// every later call for good.
+    struct StoreOnceThenRefuse(std::sync::atomic::AtomicUsize);
+
+    #[herald::async_trait]
+    impl herald::Transport for StoreOnceThenRefuse {
+        fn name(&self) -> &'static str {
+            "store-once"
+        }
+        async fn send_batch(
+            &self,
+            _: &Destination,
+            batch: &[herald::Message],
+        ) -> herald::BatchOutcome {
+            let call = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            (0..batch.len())
+                .map(|i| match (call, i) {
+                    (0, 0) => Err(herald::TransportError::transient("lost")),
+                    (0, _) => Ok(herald::Ack {
+                        partition: Some(2),
+                        offset: Some(41),
+                        route: None,
+                    }),
+                    _ => Err(herald::TransportError::permanent("refused")),
+                })
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_record_says_where_a_stored_copy_is() {
+        let producer = herald::Producer::builder(StoreOnceThenRefuse(Default::default()))
+            .batching(herald::batch::SizeOrLinger::new(
+                2,
+                1 << 20,
+                std::time::Duration::from_millis(50),
+            ))
+            .build()
+            .expect("producer");
+        let report = producer
+            .send_all([
+                herald::Message::new("t", "a").with_key("k"),
+                herald::Message::new("t", "b").with_key("k"),
+            ])
+            .await
+            .wait()
+            .await;
+        let records: Vec<Value> = report
+            .failed
+            .iter()
+            .map(|e| failed_record(None, e))
+            .collect();
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert!(records[0].get("stored_copy").is_none(), "{}", records[0]);
+        assert_eq!(
+            records[1]["stored_copy"],
+            json!({"partition": 2, "offset": 41}),
+            "{}",
+            records[1]
+        );
+        let again =
+            crate::input::parse_jsonl(&Destination::new("t"), records[1].to_string().as_bytes())
+                .expect("replayable");
+        assert_eq!(again.payload().as_ref(), b"b");
         producer.close(std::time::Duration::from_secs(1)).await;
     }
 

@@ -40,6 +40,7 @@ const DEAD_LETTER_FIELDS: &[&str] = &[
     "error_class",
     "reason",
     "attempts",
+    "stored_copy",
 ];
 
 /// Parses one `--format jsonl` line into a message to `dest`. The error says what is wrong

@@ -10,6 +10,7 @@ pub use herald_retry::ErrorClass;
 
 use crate::message::Message;
 use crate::store::{Store, StoreToken};
+use crate::transport::Ack;
 
 /// A failure reported by a transport for one message (or for a whole batch, repeated per message).
 ///
@@ -259,6 +260,8 @@ struct SendErrorInner {
     settle: Option<Arc<SettleOnDrop>>,
     /// Closed unsent and still in the producer's store (see [`SendError::is_kept_in_store`]).
     kept: bool,
+    /// See [`SendError::stored_copy`].
+    stored_copy: Option<Ack>,
 }
 
 /// Settles a stored message when the last [`SendError`] holding it goes.
@@ -288,6 +291,7 @@ impl SendError {
             attempts,
             settle: None,
             kept: false,
+            stored_copy: None,
         }))
     }
     /// Marks a message that ended as [`FailureReason::Closed`] but stays in the store.
@@ -303,6 +307,25 @@ impl SendError {
     /// twice; the `herald` command counts such messages as kept, not failed.
     pub fn is_kept_in_store(&self) -> bool {
         self.0.kept
+    }
+    /// Records that the broker stored a copy of the message (see [`SendError::stored_copy`]).
+    pub(crate) fn with_stored_copy(mut self, ack: Option<Ack>) -> Self {
+        self.0.stored_copy = ack;
+        self
+    }
+    /// The broker's acknowledgement of a copy of this message that it stored, although the
+    /// message is handed back: `Some` only under strict ordering, when the broker took the
+    /// message while an earlier message of its key had failed transiently. herald then sent
+    /// the message again behind that one's retry, to keep the key's order (see
+    /// [`crate::KeyHold`]), and it is that later copy that failed, with this error's reason.
+    ///
+    /// So the message is at the broker, once, and possibly ahead of the earlier message of its
+    /// key (if that one's retry got through). Sending it again stores it a second time, behind
+    /// that message, which restores the key's order at the cost of a duplicate; not sending it
+    /// keeps it stored once, out of order. `None` says nothing either way: a message whose
+    /// acknowledgement was lost may be stored too.
+    pub fn stored_copy(&self) -> Option<&Ack> {
+        self.0.stored_copy.as_ref()
     }
     /// This error settles `token` in `store` when it (and every clone) is dropped.
     pub(crate) fn settling(mut self, store: Arc<dyn Store>, token: StoreToken) -> Self {
@@ -342,7 +365,13 @@ impl fmt::Display for SendError {
             self.0.attempts,
             if self.0.attempts == 1 { "" } else { "s" },
             self.0.reason
-        )
+        )?;
+        if self.0.stored_copy.is_some() {
+            f.write_str(
+                "; the broker stored an earlier copy of it, possibly ahead of an earlier message of its key",
+            )?;
+        }
+        Ok(())
     }
 }
 

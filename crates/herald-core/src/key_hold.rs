@@ -81,18 +81,18 @@ impl KeyHold {
     /// failure of its own is kept. `outcomes` pairs with
     /// `batch` by position. Returns how many outcomes it changed.
     pub fn apply(batch: &[Message], outcomes: &mut [Result<Ack, TransportError>]) -> usize {
-        KeyHold::default().carry(batch, outcomes, |_| {})
+        KeyHold::default().carry(batch, outcomes, |_, _| {})
     }
 
     /// As [`KeyHold::apply`], carrying on from the keys already held (by the earlier batches of
     /// a destination still out, when several are in flight), and keeping the keys this batch
     /// holds for the batches after it. `delivered_but_held` hears the index of every message
-    /// whose `Ok` became a held failure.
+    /// whose `Ok` became a held failure, with the acknowledgement it replaced.
     pub(crate) fn carry(
         &mut self,
         batch: &[Message],
         outcomes: &mut [Result<Ack, TransportError>],
-        mut delivered_but_held: impl FnMut(usize),
+        mut delivered_but_held: impl FnMut(usize, Ack),
     ) -> usize {
         let transient = |o: &Result<Ack, TransportError>| matches!(o, Err(e) if e.class() == ErrorClass::Transient);
         if self.is_empty() && !outcomes.iter().any(transient) {
@@ -104,9 +104,10 @@ impl KeyHold {
                 // A failure of its own stays: a permanent one is final, a transient one is
                 // retried anyway and says more than "held".
                 if outcome.is_ok() {
-                    *outcome = Err(held);
-                    changed += 1;
-                    delivered_but_held(i);
+                    if let Ok(ack) = std::mem::replace(outcome, Err(held)) {
+                        changed += 1;
+                        delivered_but_held(i, ack);
+                    }
                 }
             } else if let Err(e) = outcome {
                 self.failed(msg, e);

@@ -22,6 +22,10 @@ pub const MESSAGES_DELIVERED: &str = "herald_messages_delivered_total";
 /// panicked, store_full, store_failed). Counter. `too_large`, `buffer_full`, `closed`,
 /// `cancelled` and the `store_` ones can happen before acceptance; the others after.
 pub const MESSAGES_FAILED: &str = "herald_messages_failed_total";
+/// Failed messages (counted in `herald_messages_failed_total` too) of which the broker had
+/// acknowledged a copy that the per-key hold sent again behind an earlier message of their
+/// key: stored, possibly ahead of that message (see `SendError::stored_copy`). Counter.
+pub const MESSAGES_FAILED_STORED_COPY: &str = "herald_messages_failed_stored_copy_total";
 /// Failed messages whose caller had stopped listening (handed to the unclaimed hook or kept
 /// for `close`). Counter.
 pub const MESSAGES_UNCLAIMED: &str = "herald_messages_unclaimed_total";
@@ -81,6 +85,7 @@ pub const ALL: &[&str] = &[
     MESSAGES_ACCEPTED,
     MESSAGES_DELIVERED,
     MESSAGES_FAILED,
+    MESSAGES_FAILED_STORED_COPY,
     USER_CODE_PANICS,
     MESSAGES_UNCLAIMED,
     RETRIES,
@@ -106,6 +111,7 @@ pub(crate) struct Metrics {
     labels: Vec<Label>,
     pub(crate) accepted: Counter,
     pub(crate) delivered: Counter,
+    pub(crate) failed_stored_copy: Counter,
     pub(crate) retries: Counter,
     pub(crate) budget_denied: Counter,
     pub(crate) unclaimed: Counter,
@@ -156,9 +162,12 @@ impl Metrics {
         }
         gauge!(BUFFER_MAX_MESSAGES, l()).set(max_messages as f64);
         gauge!(BUFFER_MAX_BYTES, l()).set(max_bytes as f64);
+        let failed_stored_copy = counter!(MESSAGES_FAILED_STORED_COPY, l());
+        failed_stored_copy.increment(0);
         Self {
             accepted: counter!(MESSAGES_ACCEPTED, l()),
             delivered: counter!(MESSAGES_DELIVERED, l()),
+            failed_stored_copy,
             retries: counter!(RETRIES, l()),
             budget_denied: counter!(RETRY_BUDGET_DENIED, l()),
             unclaimed: counter!(MESSAGES_UNCLAIMED, l()),

@@ -4,8 +4,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use herald_batch::SizeOrLinger;
 use herald_core::metrics as names;
+use herald_core::{ErrorClass, Message, Producer};
 use herald_testkit::scenario::ScriptedFaults;
+use herald_testkit::{CallFault, MemoryTransport};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::MetricKind;
 
@@ -94,4 +97,37 @@ async fn metrics_count_sent_failed_and_retried_messages() {
     );
     assert_eq!(histograms[names::BATCH_MESSAGES] as u64, totals.batches);
     assert_eq!(t.delivered(), 96);
+    assert_eq!(counter(names::MESSAGES_FAILED_STORED_COPY, &[]), 0);
+
+    // A message stored, then held for its key's order, whose copy then fails: counted apart.
+    let t = MemoryTransport::new();
+    t.script([
+        CallFault::StoreThenFail(vec![0]),
+        CallFault::FailAll(ErrorClass::Permanent),
+    ]);
+    let p = Producer::builder(t.clone())
+        .batching(SizeOrLinger::new(2, 1 << 20, Duration::from_millis(1)))
+        .build()
+        .expect("build");
+    let fates = p
+        .send_all([
+            Message::new("t", "a").with_key("k"),
+            Message::new("t", "b").with_key("k"),
+        ])
+        .await
+        .wait()
+        .await;
+    assert_eq!(fates.failed.len(), 2);
+    p.close(Duration::from_secs(5)).await;
+    let stored_copies: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == names::MESSAGES_FAILED_STORED_COPY)
+        .map(|(.., value)| match value {
+            DebugValue::Counter(n) => n,
+            other => panic!("{other:?}"),
+        })
+        .sum();
+    assert_eq!(stored_copies, 1, "b's first copy is stored");
 }

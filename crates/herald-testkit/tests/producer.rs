@@ -1001,6 +1001,63 @@ async fn a_message_stored_after_a_failure_of_its_key_is_sent_again_behind_the_re
     assert_eq!(p.stats().totals.retries, 3);
 }
 
+/// A message the broker stored after a failure of its key is sent again behind the retry; when
+/// that copy fails for good, the message is handed back, and its error says that the broker
+/// holds the first copy (where, and that it may be out of order), instead of passing for a
+/// message that was never stored.
+#[tokio::test(start_paused = true)]
+async fn a_held_message_whose_copy_fails_says_its_first_copy_is_stored() {
+    for second_call in [
+        CallFault::FailAll(ErrorClass::Transient),
+        CallFault::FailAll(ErrorClass::Permanent),
+    ] {
+        let t = MemoryTransport::new();
+        t.script([CallFault::StoreThenFail(vec![0]), second_call.clone()]);
+        let p = Producer::builder(t.clone())
+            .retry(fast_retry().max_attempts(2))
+            .batching(SizeOrLinger::new(3, 1 << 20, Duration::from_millis(1)))
+            .build()
+            .expect("build");
+        let mut futures = Vec::new();
+        for m in [
+            msg(0).with_key("a"),
+            msg(1).with_key("b"),
+            msg(2).with_key("a"),
+        ] {
+            futures.push(p.enqueue(m).await.expect("enqueue"));
+        }
+        let mut fates = Vec::new();
+        for f in futures {
+            fates.push(f.await);
+        }
+        let log: Vec<String> = t
+            .received()
+            .iter()
+            .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+            .collect();
+        let first = fates[0].as_ref().expect_err("m-0 failed twice");
+        assert_eq!(
+            first.stored_copy(),
+            None,
+            "{second_call:?}: m-0's first copy was reported failed by the transport itself"
+        );
+        assert!(fates[1].is_ok(), "m-1 has a key of its own");
+        let held = fates[2].as_ref().expect_err("m-2's copy failed");
+        assert_eq!(held.attempts(), 2);
+        let ack = held
+            .stored_copy()
+            .unwrap_or_else(|| panic!("{second_call:?}: m-2's first copy is stored: {log:?}"));
+        let at = usize::try_from(ack.offset.expect("the memory transport gives offsets"))
+            .expect("offset");
+        assert_eq!(log[at], "m-2", "the copy the ack points at: {log:?}");
+        assert!(
+            held.to_string().contains("stored an earlier copy"),
+            "{held}"
+        );
+        let _ = p.close(Duration::from_secs(5)).await;
+    }
+}
+
 /// Under relaxed ordering there is no order to keep: what the broker took stays delivered.
 #[tokio::test(start_paused = true)]
 async fn relaxed_ordering_keeps_deliveries_after_a_failure_of_their_key() {

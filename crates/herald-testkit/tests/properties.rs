@@ -8,6 +8,8 @@
 //!   once and a failed one never; with them, a message may be stored and reported failed (the
 //!   broker took it, the ack was lost) or stored twice (retried): at least once, never lost;
 //! - a message the transport rejects permanently is never retried and never stored;
+//! - a failed message whose error names a stored copy (`SendError::stored_copy`) has one, at
+//!   the offset it names;
 //! - under strict ordering, per key (no key is one key), the last stored copies of the
 //!   delivered messages are in sending order, lost acknowledgements included, and with several
 //!   batches of the destination in flight (`pipeline_depth`, a transport that keeps order across
@@ -102,7 +104,8 @@ fn case() -> impl Strategy<Value = Case> {
 
 struct Ran {
     delivered: Vec<String>,
-    failed: Vec<(String, ErrorClass, FailureReason, u32)>,
+    /// Payload, class, reason, attempts, and the offset of the stored copy the error names.
+    failed: Vec<(String, ErrorClass, FailureReason, u32, Option<i64>)>,
     stored: Vec<Message>,
     totals: herald_core::Totals,
     buffered_after: usize,
@@ -178,7 +181,8 @@ async fn run_case(case: &Case) -> Ran {
         let mut failed = Vec::new();
         let mut record_failure = |e: herald_core::SendError| {
             let payload = String::from_utf8_lossy(e.message().payload()).into_owned();
-            failed.push((payload, e.class(), e.reason().clone(), e.attempts()));
+            let copy = e.stored_copy().map(|ack| ack.offset.expect("offsets"));
+            failed.push((payload, e.class(), e.reason().clone(), e.attempts(), copy));
         };
         if case.bulk {
             let report = producer.send_all(msgs.clone()).await.wait().await;
@@ -253,8 +257,17 @@ proptest! {
             prop_assert!(copies >= 1, "delivered {} is not stored", p);
             prop_assert!(lossy || copies == 1, "delivered {} stored {} times without a lost ack", p, copies);
         }
-        for (p, class, reason, attempts) in &ran.failed {
+        for (p, class, reason, attempts, copy) in &ran.failed {
             prop_assert!(lossy || !stored_count.contains_key(p), "failed {} was stored anyway", p);
+            if let Some(at) = copy {
+                // An error that names a stored copy names one of this message.
+                let named = usize::try_from(*at).ok().and_then(|at| ran.stored.get(at));
+                prop_assert!(
+                    named.is_some_and(|m| String::from_utf8_lossy(m.payload()) == p.as_str()),
+                    "failed {} names a stored copy at {} that is not one of it", p, at
+                );
+                prop_assert_eq!(case.ordering, OrderingMode::Strict, "only the key rule holds copies");
+            }
             if matches!(reason, FailureReason::Rejected(_)) {
                 prop_assert_eq!(*class, ErrorClass::Permanent, "rejected means permanent");
                 // A poison message is refused on every attempt, so no copy of it exists.

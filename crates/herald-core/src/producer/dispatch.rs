@@ -182,7 +182,7 @@ impl Shared {
         now: Instant,
     ) {
         if !matches!(entry.1.done, Completion::Answered) {
-            tally.note(destination, entry.1.last_error.as_deref());
+            tally.note(destination, entry.1.last_error());
         }
         self.time_out(st, fin, entry, now);
     }
@@ -501,7 +501,7 @@ impl Shared {
         st.in_flight -= 1;
         st.acc.batch_done(&flight.destination);
         let messages = flight.messages;
-        let metas = flight.metas;
+        let mut metas = flight.metas;
         let n = messages.len();
         let mut outcomes = outcomes;
         outcomes.truncate(n);
@@ -529,7 +529,10 @@ impl Shared {
             &mut outcomes,
         );
         if !delivered_but_held.is_empty() {
-            let held: Vec<&Message> = delivered_but_held.iter().map(|&i| &messages[i]).collect();
+            let held: Vec<&Message> = delivered_but_held
+                .iter()
+                .map(|&(i, _)| &messages[i])
+                .collect();
             // Under the state's lock: a transport's panic here would take every fate of the
             // batch with it. Contained, it is logged and counted; the messages are sent again
             // as held, whatever the transport makes of that.
@@ -544,6 +547,10 @@ impl Shared {
                     panic = %message,
                     "the transport panicked when told of messages delivered but held; they are sent again all the same"
                 );
+            }
+            // Their copy is stored: should the message end failed, its caller hears of it.
+            for (i, ack) in delivered_but_held {
+                metas[i].stored_a_copy(ack);
             }
         }
         let mut all_transient = !any_ok;
@@ -611,8 +618,8 @@ impl Shared {
                 // herald's own cut-off of a hung attempt says less than the transport's own last
                 // error, if there was one: keep that as the error a delivery timeout reports.
                 let remember = |meta: &mut Meta, error: TransportError| {
-                    if error.code() != Some(ATTEMPT_TIMEOUT) || meta.last_error.is_none() {
-                        meta.last_error = Some(Box::new(error));
+                    if error.code() != Some(ATTEMPT_TIMEOUT) || meta.last_error().is_none() {
+                        meta.set_last_error(error);
                     }
                 };
                 let reason = match decision {
@@ -643,7 +650,7 @@ impl Shared {
                     }
                     RetryDecision::GiveUp(GiveUpReason::DeadlineTooClose) => {
                         remember(&mut meta, error);
-                        timed_out.note(&flight.destination, meta.last_error.as_deref());
+                        timed_out.note(&flight.destination, meta.last_error());
                         self.deadline_reason(&mut meta)
                     }
                 };

@@ -333,19 +333,20 @@ impl OrderingMode {
     /// or in an earlier batch of the lane still out or with retries parked) is sent again
     /// behind that message's retry. Relaxed ordering promises no order, so it keeps the
     /// delivery. Returns the indexes of the messages delivered and held all the same (see
-    /// [`Transport::delivered_but_held`](crate::Transport::delivered_but_held)).
+    /// [`Transport::delivered_but_held`](crate::Transport::delivered_but_held)), each with the
+    /// acknowledgement of the copy the broker took.
     pub(crate) fn hold_keys<F>(
         self,
         lanes: &mut Lanes<F>,
         destination: &Destination,
         batch: &[Message],
         outcomes: &mut [Result<Ack, TransportError>],
-    ) -> Vec<usize> {
+    ) -> Vec<(usize, Ack)> {
         let mut delivered_but_held = Vec::new();
         if self == OrderingMode::Strict {
             lane(lanes, destination)
                 .hold
-                .carry(batch, outcomes, |i| delivered_but_held.push(i));
+                .carry(batch, outcomes, |i, ack| delivered_but_held.push((i, ack)));
         }
         delivered_but_held
     }

@@ -65,20 +65,56 @@ pub(crate) struct Config {
 /// Bookkeeping for one message besides the message itself.
 ///
 /// Kept small (it is moved several times per message on the hot path): the acceptance time is
-/// derived from the deadline, and the last error, needed only after a failure, is boxed.
+/// derived from the deadline, and what only a failure needs ([`Past`]) is boxed.
 pub(crate) struct Meta {
     pub(crate) done: Completion,
     pub(crate) deadline: Instant,
     pub(crate) size: usize,
     pub(crate) attempts: u32,
     pub(crate) previous_delay: Option<Duration>,
-    pub(crate) last_error: Option<Box<TransportError>>,
+    pub(crate) past: Option<Box<Past>>,
     /// Its token in the producer's [`Store`], if it has one: settled once the message ends
     /// (unless it ends as `Closed`: then it stays stored for the next producer).
     pub(crate) stored: Option<StoreToken>,
 }
 
 pub(crate) type Entry = (Message, Meta);
+
+/// What a message's earlier attempts left behind, kept only once an attempt failed.
+#[derive(Default)]
+pub(crate) struct Past {
+    /// The last attempt's error, for a delivery timeout to report.
+    pub(crate) last_error: Option<TransportError>,
+    /// The broker's acknowledgement of a copy the per-key hold sent again (see
+    /// [`crate::SendError::stored_copy`]): the first such copy, which is stored, possibly
+    /// ahead of an earlier message of its key.
+    pub(crate) stored_copy: Option<crate::Ack>,
+}
+
+impl Meta {
+    /// The last attempt's error, if one failed.
+    pub(crate) fn last_error(&self) -> Option<&TransportError> {
+        self.past.as_ref()?.last_error.as_ref()
+    }
+
+    /// Records the last attempt's error.
+    pub(crate) fn set_last_error(&mut self, error: TransportError) {
+        self.past.get_or_insert_with(Box::default).last_error = Some(error);
+    }
+
+    /// Records that the broker acknowledged a copy the per-key hold sends again; the first
+    /// one is kept.
+    pub(crate) fn stored_a_copy(&mut self, ack: crate::Ack) {
+        let past = self.past.get_or_insert_with(Box::default);
+        past.stored_copy.get_or_insert(ack);
+    }
+
+    /// The acknowledgement of a stored copy, if the per-key hold sent this message again after
+    /// one (see [`Meta::stored_a_copy`]).
+    pub(crate) fn stored_copy(&self) -> Option<&crate::Ack> {
+        self.past.as_ref()?.stored_copy.as_ref()
+    }
+}
 
 /// The retries of one batch, waiting for their backoff and then for one retry-budget token:
 /// the group goes back to the queue whole (strict ordering never splits it), as one retry
@@ -230,7 +266,8 @@ impl Drop for State {
             return;
         }
         for (msg, meta) in left {
-            let e = SendError::new(msg, FailureReason::Closed, meta.attempts);
+            let e = SendError::new(msg, FailureReason::Closed, meta.attempts)
+                .with_stored_copy(meta.stored_copy().copied());
             // A stored message stays in the store for the next producer.
             let e = if meta.stored.is_some() { e.kept() } else { e };
             meta.done.complete(Err(e), &self.unclaimed);
@@ -560,7 +597,7 @@ impl Shared {
             size,
             attempts: 0,
             previous_delay: None,
-            last_error: None,
+            past: None,
             stored,
         };
         Ok(st.acc.push_back_at(slot, (msg, meta), size, now) || sooner)
@@ -605,7 +642,11 @@ impl Shared {
         // store.
         let closed = matches!(reason, FailureReason::Closed);
         let kept = self.store.is_some() && meta.stored.is_some() && closed;
-        let mut e = SendError::new(msg, reason, meta.attempts);
+        let stored_copy = meta.stored_copy().copied();
+        if stored_copy.is_some() {
+            self.metrics.failed_stored_copy.increment(1);
+        }
+        let mut e = SendError::new(msg, reason, meta.attempts).with_stored_copy(stored_copy);
         if let (Some(store), Some(token), false) = (&self.store, meta.stored, closed) {
             e = e.settling(store.clone(), token);
         }
@@ -721,7 +762,7 @@ impl Shared {
     pub(crate) fn deadline_reason(&self, meta: &mut Meta) -> FailureReason {
         FailureReason::DeliveryTimeout {
             timeout: self.config.delivery_timeout,
-            last: meta.last_error.take().map(|e| *e),
+            last: meta.past.as_mut().and_then(|p| p.last_error.take()),
         }
     }
 
