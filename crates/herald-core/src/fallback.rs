@@ -239,6 +239,28 @@ impl Fallback {
         // deadline), the call counts as failed: otherwise a half-open route's probe stays in
         // flight for good, and the route shut.
         let cut_off = CutOff(Some((route, sent)));
+        // Counted, and the route shown as the endpoint, when the batch is handed to it: a call
+        // cut off at its deadline (a route that hangs) counts too.
+        route.batches.increment(1);
+        let previous = self.last.swap(index, std::sync::atomic::Ordering::Relaxed);
+        if previous != index {
+            let from = &self.routes[previous].name;
+            if index > previous {
+                tracing::warn!(
+                    transport = "fallback",
+                    from = %from,
+                    to = %route.name,
+                    "traffic moved to a later route: the routes before it have their circuits open"
+                );
+            } else {
+                tracing::info!(
+                    transport = "fallback",
+                    from = %from,
+                    to = %route.name,
+                    "traffic back on an earlier route"
+                );
+            }
+        }
         let mut outcomes = match deadline {
             Some(d) => {
                 route
@@ -280,26 +302,6 @@ impl Fallback {
                 "the route's circuit closed: it takes batches again"
             ),
             _ => {}
-        }
-        route.batches.increment(1);
-        let previous = self.last.swap(index, std::sync::atomic::Ordering::Relaxed);
-        if previous != index {
-            let from = &self.routes[previous].name;
-            if index > previous {
-                tracing::warn!(
-                    transport = "fallback",
-                    from = %from,
-                    to = %route.name,
-                    "traffic moved to a later route: the routes before it have their circuits open"
-                );
-            } else {
-                tracing::info!(
-                    transport = "fallback",
-                    from = %from,
-                    to = %route.name,
-                    "traffic back on an earlier route"
-                );
-            }
         }
         let tag = u8::try_from(index).unwrap_or(u8::MAX);
         for ack in outcomes.iter_mut().flatten() {

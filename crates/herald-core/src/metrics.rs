@@ -63,7 +63,8 @@ pub const TRANSPORT_UP: &str = "herald_transport_up";
 /// `site` (`retry_policy`, `batch_policy`, `unclaimed_hook`, `transport`: a transport's
 /// `delivered_but_held`), each contained. Counter.
 pub const USER_CODE_PANICS: &str = "herald_user_code_panics_total";
-/// Batches each route of a [`Fallback`](crate::Fallback) took; label `route` (the names given
+/// Batches handed to each route of a [`Fallback`](crate::Fallback), a call cut off at its
+/// deadline included; label `route` (the names given
 /// to the fallback's routes). Counter.
 pub const FALLBACK_BATCHES: &str = "herald_fallback_batches_total";
 

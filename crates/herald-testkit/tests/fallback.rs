@@ -186,6 +186,11 @@ async fn a_probe_cut_off_at_its_deadline_does_not_shut_its_route_for_good() {
         matches!(e.reason(), FailureReason::DeliveryTimeout { .. }),
         "{e}"
     );
+    assert_eq!(
+        p.health().endpoint.as_deref(),
+        Some("primary"),
+        "the batch cut off went to the primary"
+    );
     // Past open_for again: the next batch probes the primary, which answers now.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let d = p.send(Message::new("t", "c")).await.expect("delivered");
