@@ -93,11 +93,14 @@ fn label_pairs(text: &str) -> Option<Vec<(String, String)>> {
     }
 }
 
-/// Buckets of `herald_send_latency_seconds`: from half a millisecond to the default delivery
-/// timeout, so that p50 on a healthy broker and p99 during an outage both fall inside.
+/// Buckets of `herald_send_latency_seconds`: from half a millisecond to past the default
+/// delivery timeout (120 s), so that p50 on a healthy broker and p99 during an outage both
+/// fall inside. A message can be delivered after its delivery timeout by up to its transport's
+/// settle time (herald-kafka's default is librdkafka's request timeout plus a second, 31 s),
+/// hence the 180 s bucket.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 120.0,
+    60.0, 120.0, 180.0,
 ];
 /// Buckets of `herald_batch_messages`.
 pub const BATCH_MESSAGES_BUCKETS: &[f64] = &[
