@@ -331,7 +331,7 @@ async fn a_budget_that_never_refills_warns_once_while_its_retries_wait_out_their
 }
 
 /// A `Fallback` says when a route's circuit opens and traffic moves to the next route (warn),
-/// and when the route is back and traffic returns (info): one line each.
+/// and when traffic returns and the route's circuit closes (info): one line each.
 #[tokio::test(start_paused = true)]
 async fn a_fallback_says_when_traffic_moves_and_when_it_comes_back() {
     let logs = LogCapture::start_at(Level::INFO);
@@ -368,8 +368,9 @@ async fn a_fallback_says_when_traffic_moves_and_when_it_comes_back() {
     let expect = [
         ("WARN", "route=primary", "circuit opened"),
         ("WARN", "to=secondary", "traffic moved to a later route"),
-        ("INFO", "route=primary", "circuit closed"),
+        // Said when the probe is handed to the primary, then its success closes the circuit.
         ("INFO", "to=primary", "traffic back on an earlier route"),
+        ("INFO", "route=primary", "circuit closed"),
     ];
     assert_eq!(said.len(), expect.len(), "{said:#?}");
     for (line, (level, field, what)) in said.iter().zip(expect) {
