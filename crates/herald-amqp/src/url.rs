@@ -476,9 +476,11 @@ mod tests {
             ("a+b/c==?d", "rabbit", 5999)
         );
         assert_eq!((u.vhost.as_str(), u.heartbeat), ("/prod", Some(5)));
-        // An `@` in the vhost, without userinfo, stays in the vhost.
-        let u = Url::parse("amqp://h/x@y").expect("valid");
+        // An `@` in the vhost is written `%40`: unescaped, it could end a user name holding
+        // `/`, and is refused.
+        let u = Url::parse("amqp://h/x%40y").expect("valid");
         assert_eq!((u.host(), u.vhost.as_str()), ("h", "x@y"));
+        Url::parse("amqp://h/x@y").expect_err("a user `h/x`, or a vhost?");
         for (url, secret) in [
             ("amqp://app:hunter2/x@h/", "hunter2"),
             ("amqp://app:5672/x@rabbit", "5672/x"),
@@ -514,14 +516,14 @@ mod tests {
             ("amqp://u:p?x@h/v", Some("a=1"))
         );
         assert_eq!(
-            split_query("amqp://h/x@y?a=1"),
-            ("amqp://h/x@y", Some("a=1"))
+            split_query("amqp://h/x%40y?a=1"),
+            ("amqp://h/x%40y", Some("a=1"))
         );
         // What the parser reads as the query is what `split_query` returns as one.
         for url in [
             "amqp://u:p?x@h/v?heartbeat=7",
             "amqp://app:a+b/c==?d@rabbit:5999/%2Fprod?heartbeat=7",
-            "amqp://h/x@y?heartbeat=7",
+            "amqp://h/x%40y?heartbeat=7",
         ] {
             assert_eq!(split_query(url).1, Some("heartbeat=7"), "{url}");
             assert_eq!(Url::parse(url).expect(url).heartbeat, Some(7), "{url}");
@@ -572,14 +574,16 @@ mod tests {
         let u = Url::parse(base).expect("valid");
         assert_eq!((u.host(), u.password.expose()), ("rabbit", "hun@ter2"));
         // Unambiguous `@`s are still read as before: in the password only (the earlier `@`s
-        // are followed by no host), or in the vhost of a URL without user information.
+        // are followed by no host), or in the query of a URL without user information.
         let u = Url::parse("amqp://app:p@ss@rabbit/v").expect("valid");
         assert_eq!((u.password.expose(), u.host()), ("p@ss", "rabbit"));
         let u = Url::parse("amqp://app:se?cr/et@x@h:5672/%2F?heartbeat=3").expect("valid");
         assert_eq!((u.password.expose(), u.host()), ("se?cr/et@x", "h"));
         assert_eq!(u.heartbeat, Some(3));
-        let u = Url::parse("amqp://h/x@y@z").expect("valid");
-        assert_eq!((u.host(), u.vhost.as_str()), ("h", "x@y@z"));
+        let (base, query) = split_query("amqp://h/x?queue=y@z");
+        assert_eq!(query, Some("queue=y@z"));
+        let u = Url::parse(base).expect("valid");
+        assert_eq!((u.host(), u.vhost.as_str()), ("h", "x"));
     }
 
     #[test]

@@ -94,7 +94,7 @@ pub fn split<'a>(url: &'a str, expected: &str) -> Result<Parts<'a>, UrlError> {
         Ok(None) => (None, rest),
         Err(Ambiguous) => return Err(UrlError::new(
             "user information",
-            "is ambiguous: more than one `@` could end it and start the hosts (an `@` in the path or a query value, or in the password before a `/` or `?`); write every `@` but the one before the hosts as `%40`",
+            "is ambiguous: more than one `@` could end it and start the hosts, or an `@` after a `/` could (an `@` in the path or a query value, a password holding `@` before a `/` or `?`, a user name or token holding `/`); write every `@` but the one before the hosts as `%40`, and a `/` in a user name or token as `%2F`",
         )),
     };
     let (after, query) = match after.split_once('?') {
@@ -128,13 +128,27 @@ pub struct Ambiguous;
 /// `amqp://u:p@rabbit/%2f?queue=billing@eu` is the host `rabbit` or, with the password
 /// `p@rabbit/%2f?queue=billing`, the host `eu`; it is refused rather than guessed, since a
 /// wrong guess sends part of the URL as a password to another host.
+///
+/// An `@` before the first `?` whose user name holds a `/` reads two ways as well:
+/// `nats://abc/def@h1:4222` is a token `abc/def` (base64 tokens hold `/`) for the host `h1`, or
+/// the host `abc` and the subject `def@h1:4222`. Read the second way, the token would go to
+/// the wrong host's DNS lookup and show in every printout of the URL; so it is refused too (a
+/// path's `@` is written `%40`, a user name's or token's `/` `%2F`). An `@` in the query of a
+/// URL without user information (`amqp://rabbit/%2f?queue=billing@eu`) stays in the query.
 pub fn userinfo_end(rest: &str) -> Result<Option<usize>, Ambiguous> {
     let mut end = None;
+    let query = rest.find('?').unwrap_or(rest.len());
     for (at, _) in rest.match_indices('@') {
         let user = rest[..at].split(':').next().unwrap_or("");
         let after = &rest[at + 1..];
         let host = &after[..after.find(['/', '?']).unwrap_or(after.len())];
-        if user.contains(['/', '?']) || host.contains('@') {
+        if host.contains('@') {
+            continue;
+        }
+        if user.contains(['/', '?']) {
+            if at < query {
+                return Err(Ambiguous);
+            }
             continue;
         }
         if end.replace(at).is_some() {
@@ -340,11 +354,22 @@ mod tests {
             "amqp://u:p@rabbit/%2f?queue=billing@eu",
             "nats://u:p@h:4222/orders@eu",
             "mqtt://u:p@h/plant@line",
+            // A token holding `/`, or a path holding `@`: which is it?
+            "nats://abc/def@h1:4222",
+            "nats://abc/def@h1:4222/orders",
+            "mqtt://h/plant@line",
+            "amqp://us/er:pw@h/",
         ] {
             let e = split(url, "x").err().expect(url);
             assert_eq!(e.part, "user information", "{url}");
             assert!(e.reason.contains("%40"), "{}", e.reason);
         }
+        let p = split("nats://abc%2Fdef@h1:4222/orders", "x").expect("escaped");
+        assert_eq!((p.userinfo, p.hosts), (Some("abc%2Fdef"), "h1:4222"));
+        let p = split("mqtt://h/plant%40line", "x").expect("escaped");
+        assert_eq!((p.hosts, p.path), ("h", Some("plant%40line")));
+        let p = split("amqp://rabbit/%2f?queue=billing@eu", "x").expect("in the query");
+        assert_eq!((p.userinfo, p.query), (None, Some("queue=billing@eu")));
         let p = split("amqp://u:p@ss@rabbit", "x").expect("one @ can end it");
         assert_eq!(
             (p.userinfo, p.hosts),

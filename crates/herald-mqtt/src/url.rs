@@ -303,9 +303,11 @@ mod tests {
             (u.topic.as_deref(), u.qos),
             (Some("plant/x"), Qos::ExactlyOnce)
         );
-        // An `@` in the topic, without user information, stays in the topic.
-        let u = Url::parse("mqtt://h/plant@line").expect("valid");
+        // An `@` in the topic is written `%40`: unescaped, it could end a user name holding
+        // `/`, and is refused.
+        let u = Url::parse("mqtt://h/plant%40line").expect("valid");
         assert_eq!(u.topic.as_deref(), Some("plant@line"));
+        Url::parse("mqtt://h/plant@line").expect_err("a user `h/plant`, or a topic?");
         // Both: ambiguous, refused, saying how to write it.
         let e = Url::parse("mqtt://app:hunter2@h/plant@line").expect_err("ambiguous");
         assert!(

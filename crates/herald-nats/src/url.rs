@@ -316,9 +316,20 @@ mod tests {
             (u.subject.as_deref(), u.stream.as_deref()),
             (Some("orders"), Some("S"))
         );
-        // An `@` in the subject, without user information, stays in the subject.
-        let u = Url::parse("nats://h/orders@eu").expect("valid");
+        // An `@` in the subject is written `%40`: unescaped, it could end a token holding `/`
+        // (`h/orders` for the host `eu`), and is refused.
+        let u = Url::parse("nats://h/orders%40eu").expect("valid");
         assert_eq!(u.subject.as_deref(), Some("orders@eu"));
+        Url::parse("nats://h/orders@eu").expect_err("a token `h/orders`, or a subject?");
+        // A base64 token holding `/`: refused, not read as a host and subject, and not shown.
+        let e = Url::parse("nats://s3cr/et@h1:4222/orders").expect_err("ambiguous");
+        assert!(!e.to_string().contains("s3cr"), "{e}");
+        let u = Url::parse("nats://s3cr%2Fet@h1:4222/orders").expect("escaped");
+        assert_eq!(
+            u.credentials,
+            Credentials::Token(Secret::new("s3cr/et")),
+            "the token, decoded"
+        );
         // Both: ambiguous, refused, saying how to write it.
         let e = Url::parse("nats://app:hunter2@h/orders@eu").expect_err("ambiguous");
         assert!(

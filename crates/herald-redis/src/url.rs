@@ -364,9 +364,11 @@ mod tests {
         let u = Url::parse("redis://app:a+b/c==?d@h:6379/orders?maxlen=5").expect("valid");
         assert_eq!(u.password, Some(Secret::new("a+b/c==?d")));
         assert_eq!((u.stream.as_deref(), u.maxlen), (Some("orders"), Some(5)));
-        // An `@` in the stream key, without user information, stays in the key.
-        let u = Url::parse("redis://h/orders@eu").expect("valid");
+        // An `@` in the stream key is written `%40`: unescaped, it could end a user name
+        // holding `/`, and is refused.
+        let u = Url::parse("redis://h/orders%40eu").expect("valid");
         assert_eq!(u.stream.as_deref(), Some("orders@eu"));
+        Url::parse("redis://h/orders@eu").expect_err("a user `h/orders`, or a key?");
         // Both: ambiguous, refused, saying how to write it.
         let e = Url::parse("redis://app:hunter2@h/orders@eu").expect_err("ambiguous");
         assert!(
