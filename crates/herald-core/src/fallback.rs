@@ -342,6 +342,11 @@ impl Transport for Fallback {
         self.send(destination, batch, Some(deadline)).await
     }
 
+    /// Only if every route does: a batch may go to any of them.
+    fn carries_headers(&self) -> bool {
+        self.routes.iter().all(|r| r.transport.carries_headers())
+    }
+
     fn settle_time(&self) -> Duration {
         self.routes
             .iter()

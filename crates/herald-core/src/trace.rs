@@ -32,6 +32,7 @@ mod enabled {
 
     use super::{Ack, FailureReason, Message};
     use crate::message::Header;
+    use crate::Transport;
 
     /// OpenTelemetry's `messaging.system` for a transport's name.
     fn messaging_system(transport: &'static str) -> &'static str {
@@ -41,11 +42,14 @@ mod enabled {
         }
     }
 
-    /// Starts the message's span and injects its context, unless it has a span already.
-    pub(crate) fn accepting(mut msg: Message, transport: &'static str) -> Message {
+    /// Starts the message's span and injects its context (if `transport` carries headers),
+    /// unless it has a span already.
+    pub(crate) fn accepting(mut msg: Message, transport: &dyn Transport) -> Message {
         if msg.span.is_some() {
             return msg;
         }
+        let headers = transport.carries_headers();
+        let transport = transport.name();
         let destination = msg.destination().as_str();
         let span = tracing::info_span!(
             target: "herald::trace",
@@ -64,7 +68,9 @@ mod enabled {
             error.type = Empty,
             herald.attempts = Empty,
         );
-        inject(&span, &mut msg);
+        if headers {
+            inject(&span, &mut msg);
+        }
         // A span no subscriber records is kept as none: nothing would be recorded on it.
         if !span.is_disabled() {
             msg.span = Some(Box::new(span));
@@ -156,7 +162,7 @@ mod disabled {
     use super::{Ack, FailureReason, Message};
 
     #[inline(always)]
-    pub(crate) fn accepting(msg: Message, _transport: &'static str) -> Message {
+    pub(crate) fn accepting(msg: Message, _transport: &dyn crate::Transport) -> Message {
         msg
     }
     #[inline(always)]

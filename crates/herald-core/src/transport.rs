@@ -135,6 +135,15 @@ pub trait Transport: Send + Sync + 'static {
         std::time::Duration::ZERO
     }
 
+    /// Whether messages sent through this transport can carry headers. When `false` (MQTT
+    /// 3.1.1, whose messages are a topic and a payload), herald adds no header of its own: with
+    /// the `otel` feature it records the message's span all the same but does not write the
+    /// trace context (`traceparent`) into the message, which the transport would have to
+    /// refuse. Headers the caller sets are the transport's to take or refuse. Default: `true`.
+    fn carries_headers(&self) -> bool {
+        true
+    }
+
     /// Whether this transport keeps order across calls, so that strict ordering may keep several
     /// batches of one destination in flight (up to
     /// [`ProducerBuilder::pipeline_depth`](crate::ProducerBuilder::pipeline_depth)) instead of

@@ -99,6 +99,12 @@ impl Transport for MqttTransport {
         true
     }
 
+    /// Not over MQTT 3.1.1 (`?version=3`), whose messages are a topic and a payload: herald
+    /// then adds no trace context of its own, which every message would be refused for.
+    fn carries_headers(&self) -> bool {
+        self.inner.config.version() != crate::Version::V311
+    }
+
     /// 16: with herald's default of 4, messages at a steady 5 000 msgs/s to Mosquitto waited for
     /// a slot behind batches whose PUBACKs were due (p99 35-44 ms; at 20 000/s p50 3-12 ms); at
     /// 16, 5 000/s p99 2.1-13 ms and 20 000/s p50 1.5-2.2 ms, and no better at 64. The broker's
@@ -163,6 +169,18 @@ mod tests {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port")
+    }
+
+    /// MQTT 3.1.1 messages carry no headers: the pipeline adds none of its own (a trace
+    /// context would have every message refused as `UNSUPPORTED_BY_MQTT3`).
+    #[tokio::test]
+    async fn only_mqtt_5_carries_headers() {
+        for (query, carries) in [("", true), ("?version=5", true), ("?version=3", false)] {
+            let config =
+                MqttConfig::from_url(&format!("mqtt://127.0.0.1:1/t{query}")).expect("url");
+            let t = MqttTransport::new(config).expect("transport");
+            assert_eq!(t.carries_headers(), carries, "{query}");
+        }
     }
 
     #[tokio::test]

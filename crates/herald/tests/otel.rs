@@ -206,6 +206,61 @@ fn each_message_gets_a_send_span_under_the_callers_span_and_its_traceparent() {
     assert_traced(&exporter, &provider, "memory", "orders", caller, &received);
 }
 
+/// A transport whose messages carry no headers (MQTT 3.1.1): the memory transport, saying so.
+struct Headerless(MemoryTransport);
+
+#[herald::async_trait]
+impl herald::Transport for Headerless {
+    fn name(&self) -> &'static str {
+        "headerless"
+    }
+    fn carries_headers(&self) -> bool {
+        false
+    }
+    async fn send_batch(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+    ) -> herald::BatchOutcome {
+        self.0.send_batch(destination, batch).await
+    }
+}
+
+/// Over a transport that carries no headers, herald writes no `traceparent` (the transport
+/// would refuse every message for it), and still records the message's span.
+#[test]
+fn no_traceparent_is_written_where_messages_carry_no_headers() {
+    let _serial = serial();
+    let (subscriber, exporter, provider) = otel();
+    let transport = MemoryTransport::new();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    runtime().block_on(async {
+        let producer = Producer::builder(Headerless(transport.clone()))
+            .build()
+            .expect("producer");
+        producer
+            .send(Message::new("orders", "a"))
+            .instrument(tracing::info_span!("handle request"))
+            .await
+            .expect("delivered");
+        producer.close(Duration::from_secs(5)).await;
+    });
+    let received = transport.received();
+    assert_eq!(received.len(), 1);
+    assert!(
+        received[0].headers().is_empty(),
+        "{:?}",
+        received[0].headers()
+    );
+    provider.force_flush().expect("flush");
+    let spans = exporter.get_finished_spans().expect("spans");
+    assert!(
+        spans.iter().any(|s| s.name == "send orders"),
+        "the send span is recorded: {:?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn a_message_handed_back_ends_its_span_with_the_error_type() {
     let _serial = serial();

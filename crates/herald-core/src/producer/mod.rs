@@ -505,7 +505,7 @@ impl Producer {
     /// The message with its producer span started (feature `otel`; see `crate::trace`).
     #[inline(always)] // once per message: a call would copy the message in and out
     fn traced(&self, msg: Message) -> Message {
-        crate::trace::accepting(msg, self.shared().transport.name())
+        crate::trace::accepting(msg, &*self.shared().transport)
     }
 
     fn refused(&self, refused: Refused) -> SendError {
@@ -530,7 +530,7 @@ impl Producer {
     where
         I: IntoIterator<Item = Message>,
     {
-        let transport = self.shared().transport.name();
+        let transport = &*self.shared().transport;
         let msgs = msgs
             .into_iter()
             .map(move |msg| crate::trace::accepting(msg, transport));
