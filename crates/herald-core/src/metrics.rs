@@ -11,7 +11,8 @@ use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Label};
 
 use crate::error::FailureReason;
 
-/// Messages accepted into the producer's buffer. Counter.
+/// Messages accepted into the producer's buffer (with a store, once the store has them
+/// durably). Counter.
 pub const MESSAGES_ACCEPTED: &str = "herald_messages_accepted_total";
 /// Messages the broker acknowledged. Counter. A message is counted before its caller is told,
 /// so a caller that waited for it sees it counted; one answered early, before its batch landed

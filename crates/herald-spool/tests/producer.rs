@@ -583,6 +583,16 @@ async fn spilled_messages_that_cannot_be_read_back_are_handed_back_kept_and_sent
         }
     }
     assert!(kept > N / 2, "most were spilled: {kept}");
+    // Accepted, then failed: they count in the producer's error rate (they were taken for
+    // refusals, and health stayed healthy).
+    let health = p.health();
+    assert!(
+        health
+            .issues
+            .iter()
+            .any(|i| matches!(i, herald_core::HealthIssue::ErrorRate { .. })),
+        "{health:?}"
+    );
     let report = p.close(Duration::from_secs(10)).await;
     assert!(report.unclaimed.is_empty(), "{report:?}");
     drop(p);

@@ -1877,3 +1877,63 @@ async fn a_task_sending_in_a_loop_lets_the_dispatcher_send_meanwhile() {
     p.flush().await;
     assert_eq!(t.delivered() as usize, N);
 }
+
+/// A store whose writes never become durable (a failed fsync).
+struct NeverDurable;
+
+impl herald_core::Store for NeverDurable {
+    fn submit(
+        &self,
+        messages: &[Message],
+    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
+        Ok(herald_core::Submitted {
+            tokens: (0..messages.len() as u64).collect(),
+            durable: Box::pin(async { Err(herald_core::StoreError::failed("fsync failed")) }),
+        })
+    }
+    fn settle(&self, _: &[herald_core::StoreToken]) {}
+    fn recover(
+        &self,
+        _: usize,
+    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
+        Ok(Vec::new())
+    }
+    fn describe(&self) -> String {
+        "never durable".into()
+    }
+}
+
+/// A message its store could not make durable was never accepted: not in the totals, and not
+/// in `herald_messages_accepted_total` either (the metric counted it, and a counter cannot
+/// take it back).
+#[tokio::test]
+async fn a_message_the_store_could_not_make_durable_is_not_counted_accepted() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let p = metrics::with_local_recorder(&recorder, || {
+        Producer::builder(MemoryTransport::new())
+            .store(NeverDurable)
+            .build()
+            .expect("build")
+    });
+    let e = p.send(msg(0)).await.expect_err("never durable");
+    assert!(matches!(e.reason(), FailureReason::Store(_)), "{e}");
+    let totals = p.stats().totals;
+    assert_eq!((totals.accepted, totals.failed), (0, 1));
+    let accepted: u64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == herald_core::metrics::MESSAGES_ACCEPTED)
+        .map(|(.., value)| match value {
+            DebugValue::Counter(n) => n,
+            other => panic!("{other:?}"),
+        })
+        .sum();
+    assert_eq!(
+        accepted, totals.accepted,
+        "the metric agrees with the totals"
+    );
+    p.close(Duration::from_secs(5)).await;
+}

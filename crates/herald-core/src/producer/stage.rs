@@ -319,7 +319,7 @@ impl Stage {
         };
         drop(messages);
         let n = entries.len();
-        shared.accept_stored(n);
+        shared.accept_stored(n, false);
         if spill {
             self.spilled.fetch_add(n, Ordering::AcqRel);
         } else {
@@ -404,8 +404,12 @@ async fn run_confirmer(
             let _told = tx.send(result.clone());
         }
         let confirmed = match (result, pending.entries) {
-            (Ok(()), Entries::Held(entries)) => Ready::Held(entries, pending.accepted_at),
+            (Ok(()), Entries::Held(entries)) => {
+                shared.count_durable(entries.len());
+                Ready::Held(entries, pending.accepted_at)
+            }
             (Ok(()), Entries::Spilling(entries)) => {
+                shared.count_durable(entries.len());
                 Ready::Spilled(Spilled::new(entries, pending.accepted_at))
             }
             (Err(e), entries) => {
@@ -581,7 +585,7 @@ fn end_spilled(shared: &Shared, ended: Vec<Unadmitted>) {
         stage.spilled.fetch_sub(ended.len(), Ordering::AcqRel);
     }
     shared.lock().staged -= ended.len();
-    end_unadmitted(shared, ended);
+    end_unadmitted(shared, ended, true);
     shared.wake.notify_one();
 }
 
@@ -694,7 +698,7 @@ async fn recover(shared: &Arc<Shared>, store: &Arc<dyn Store>) {
             let bytes: usize = batch.iter().map(|(_, m)| m.size()).sum();
             stage.bytes.fetch_add(bytes, Ordering::AcqRel);
         }
-        shared.accept_stored(n);
+        shared.accept_stored(n, true);
         group.add(n);
         let entries = batch
             .into_iter()
@@ -757,7 +761,7 @@ async fn admit_all(
                     (r.msg, r.done, r.reason, kept, settle)
                 })
                 .collect();
-            end_unadmitted(shared, ended);
+            end_unadmitted(shared, ended, true);
         }
         match admission.full {
             Some(full) => {
@@ -796,7 +800,7 @@ fn fail_unstored(shared: &Shared, entries: Entries, e: &StoreError) {
         .into_iter()
         .map(|(msg, done, _)| (msg, done, FailureReason::Store(e.clone()), false, None))
         .collect();
-    end_unadmitted(shared, ended);
+    end_unadmitted(shared, ended, false);
     shared.wake.notify_one();
 }
 
@@ -804,13 +808,14 @@ fn fail_unstored(shared: &Shared, entries: Entries, e: &StoreError) {
 /// it stays in the store (marked kept), and the token to settle once its error is handed over.
 type Unadmitted = (Message, Completion, FailureReason, bool, Option<StoreToken>);
 
-/// Ends staged messages that never entered the buffer: counted as refused, answered (marked
-/// kept when they stay in the store; settled in it once their error is dropped when they carry
-/// a token, as failed messages of the buffer are), and no longer counted in `unsettled`.
-fn end_unadmitted(shared: &Shared, ended: Vec<Unadmitted>) {
+/// Ends staged messages that never entered the buffer: counted as failed (as refused when
+/// they were never `accepted`: the store could not make them durable), answered (marked kept
+/// when they stay in the store; settled in it once their error is dropped when they carry a
+/// token, as failed messages of the buffer are), and no longer counted in `unsettled`.
+fn end_unadmitted(shared: &Shared, ended: Vec<Unadmitted>, accepted: bool) {
     let n = ended.len();
     for (msg, done, reason, kept, settle) in ended {
-        shared.count_refused(&reason);
+        shared.count_failed(&reason, accepted);
         let mut e = SendError::new(msg, reason, 0);
         if let (Some(store), Some(token)) = (&shared.store, settle) {
             e = e.settling(store.clone(), token);

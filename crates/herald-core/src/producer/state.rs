@@ -454,16 +454,25 @@ impl Shared {
     }
 
     /// The store's half of the accept protocol: `n` messages are in the producer's store, so
-    /// they are accepted now (counted in `unsettled`, under the lock, in the totals and in the
-    /// metric) and staged until the admitter hands them to [`admit`](Self::admit) with
-    /// `staged`, which takes them into the buffer without counting them again.
-    pub(crate) fn accept_stored(&self, n: usize) {
+    /// they are accepted now (counted in `unsettled`, under the lock, and in the totals) and
+    /// staged until the admitter hands them to [`admit`](Self::admit) with `staged`, which
+    /// takes them into the buffer without counting them again. The metric counts them once
+    /// they are `durable` (here if they are already, else by [`Shared::count_durable`]): the
+    /// totals take back those the store then fails to make durable, a counter cannot.
+    pub(crate) fn accept_stored(&self, n: usize, durable: bool) {
         {
             let mut st = self.lock();
             st.staged += n;
             st.totals.accepted += n as u64;
             self.unsettled.fetch_add(n, Ordering::Relaxed);
         }
+        if durable {
+            self.count_durable(n);
+        }
+    }
+
+    /// Counts in the accepted metric `n` stored messages that became durable.
+    pub(crate) fn count_durable(&self, n: usize) {
         self.metrics.accepted.increment(n as u64);
     }
 
@@ -603,11 +612,19 @@ impl Shared {
         Ok(st.acc.push_back_at(slot, (msg, meta), size, now) || sooner)
     }
 
-    /// Counts a refusal in totals and metrics.
+    /// Counts a refusal (a message never accepted) in totals and metrics.
     pub(crate) fn count_refused(&self, reason: &FailureReason) {
+        self.count_failed(reason, false);
+    }
+
+    /// Counts a failed message in totals and metrics: one `accepted` counts in the producer's
+    /// error rate (its health), a refusal does not.
+    pub(crate) fn count_failed(&self, reason: &FailureReason, accepted: bool) {
         let mut st = self.lock();
         st.totals.failed += 1;
-        st.refused += 1;
+        if !accepted {
+            st.refused += 1;
+        }
         drop(st);
         self.metrics.failed(reason, 1);
     }
