@@ -210,7 +210,13 @@ impl Producer {
     /// fate. Messages enqueued one after another from a task keep that order (per key).
     ///
     /// Cancelling this call while it waits (for space, or for its turn when the task has used
-    /// up Tokio's cooperative budget) drops the message, which was never accepted.
+    /// up Tokio's cooperative budget) drops the message, which was never accepted. With a
+    /// [store](ProducerBuilder::store), a call cancelled after the store took the message
+    /// (while it waits for the store to make it durable, the fsync) has not dropped it: the
+    /// message is sent, and its fate goes to the unclaimed hook or [`Producer::close`]'s
+    /// report, as with a dropped future. (Cancelled while it waits for room in the store, it
+    /// is handed to those as failed, [`FailureReason::Cancelled`].) Sending it again then
+    /// sends it twice, under two ids.
     pub async fn enqueue(&self, msg: Message) -> Result<DeliveryFuture, SendError> {
         let msg = self.traced(msg);
         if let Some(stage) = &self.shared().stage {
@@ -429,6 +435,9 @@ impl Producer {
     /// Cancelling this call while it waits (for room, or giving way between runs of 1 024)
     /// drops the messages not accepted yet (they were never accepted, and `sink` hears
     /// nothing of them), as with `enqueue_many`; those already accepted reach `sink` as usual.
+    /// With a [store](ProducerBuilder::store), the messages the call was waiting to store
+    /// reach `sink` as failed, [`FailureReason::Cancelled`] (they were never stored), and those
+    /// it had stored are accepted: their fates reach `sink` as usual.
     pub async fn enqueue_tagged(
         &self,
         msgs: Vec<(u64, Message)>,
