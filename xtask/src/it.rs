@@ -163,6 +163,7 @@ pub(crate) fn it(targets: &[Target]) -> Result<()> {
             cmd.args(["--test", test]);
         }
         cmd.args(["--", "--ignored", "--test-threads=1"]);
+        cmd.args(shown_skips());
         for (k, v) in &broker.env {
             cmd.env(k, v);
         }
@@ -174,6 +175,7 @@ pub(crate) fn it(targets: &[Target]) -> Result<()> {
             let mut cmd = cargo();
             cmd.args(["test", "-p", "herald", "--test", test, "--", "--ignored"])
                 .args(["--test-threads=1", filter])
+                .args(shown_skips())
                 .envs(broker.env.iter().map(|(k, v)| (k, v)));
             result = run_within(
                 &format!("it {}: herald --test {test} {filter}", target.name),
@@ -217,6 +219,17 @@ fn example_command(example: &str, feature: &str, broker: &Broker) -> std::proces
 
 /// How long one target's tests may run, build included: `HERALD_IT_TIMEOUT_SECS`, default 15
 /// minutes (they take two to three, or seven with a cold build of the test binaries).
+/// With `HERALD_IT_ALLOW_SKIP=1` a test that cannot run here prints `SKIPPED: ...` and passes:
+/// the test harness then shows what passing tests printed, so that every skip is in the
+/// output rather than captured away.
+fn shown_skips() -> &'static [&'static str] {
+    if std::env::var("HERALD_IT_ALLOW_SKIP").as_deref() == Ok("1") {
+        &["--show-output"]
+    } else {
+        &[]
+    }
+}
+
 fn time_limit() -> Result<std::time::Duration> {
     match std::env::var("HERALD_IT_TIMEOUT_SECS") {
         Ok(v) => match v.parse::<u64>() {

@@ -80,8 +80,13 @@ impl FaultProxy {
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
+                    // Out of file descriptors, say: try again shortly, without spinning.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
+                // Before the refusal is looked at: `cut_for` sets the refusal and then cuts,
+                // so a cut made in between is seen by one or the other.
+                let mut cut = st.generation.subscribe();
                 let refusing = st
                     .refuse_until
                     .lock()
@@ -93,7 +98,6 @@ impl FaultProxy {
                 }
                 st.accepted.fetch_add(1, Ordering::Relaxed);
                 let open = OpenGuard::new(st.clone());
-                let mut cut = st.generation.subscribe();
                 let target = st
                     .target
                     .lock()
