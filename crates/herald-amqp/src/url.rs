@@ -465,7 +465,11 @@ mod tests {
             ("app", "hunter2/x", "h")
         );
         assert_eq!((u.port(), u.vhost.as_str()), (5672, ""));
-        let u = Url::parse("amqp://app:5672/x@rabbit").expect("valid");
+        // A password that starts like a port, then a `/`: also the host `app`, port 5672,
+        // vhost `x@rabbit`; refused, and written with `%2F` it reads one way.
+        let e = Url::parse("amqp://app:5672/x@rabbit").expect_err("ambiguous");
+        assert!(!e.to_string().contains("5672/x"), "{e}");
+        let u = Url::parse("amqp://app:5672%2Fx@rabbit").expect("valid");
         assert_eq!(
             (u.password.expose(), u.host(), u.vhost.as_str()),
             ("5672/x", "rabbit", "/")
@@ -483,7 +487,7 @@ mod tests {
         Url::parse("amqp://h/x@y").expect_err("a user `h/x`, or a vhost?");
         for (url, secret) in [
             ("amqp://app:hunter2/x@h/", "hunter2"),
-            ("amqp://app:5672/x@rabbit", "5672/x"),
+            ("amqp://app:5672%2Fx@rabbit", "5672/x"),
             ("amqp://app:se?cret@h/", "se?cret"),
         ] {
             let c = AmqpConfig::from_url(url).expect("valid");

@@ -94,7 +94,7 @@ pub fn split<'a>(url: &'a str, expected: &str) -> Result<Parts<'a>, UrlError> {
         Ok(None) => (None, rest),
         Err(Ambiguous) => return Err(UrlError::new(
             "user information",
-            "is ambiguous: more than one `@` could end it and start the hosts, or an `@` after a `/` could (an `@` in the path or a query value, a password holding `@` before a `/` or `?`, a user name or token holding `/`); write every `@` but the one before the hosts as `%40`, and a `/` in a user name or token as `%2F`",
+            "is ambiguous: the URL reads two ways, with the hosts after one `@` or another, or with no user information at all (an `@` in the path or a query value, a user name or token holding `/`, a password that starts like a port); write every `@` but the one before the hosts as `%40`, and a `/` or `?` in a user name, token or password as `%2F` or `%3F`",
         )),
     };
     let (after, query) = match after.split_once('?') {
@@ -129,33 +129,69 @@ pub struct Ambiguous;
 /// `p@rabbit/%2f?queue=billing`, the host `eu`; it is refused rather than guessed, since a
 /// wrong guess sends part of the URL as a password to another host.
 ///
-/// An `@` before the first `?` whose user name holds a `/` reads two ways as well:
-/// `nats://abc/def@h1:4222` is a token `abc/def` (base64 tokens hold `/`) for the host `h1`, or
-/// the host `abc` and the subject `def@h1:4222`. Read the second way, the token would go to
-/// the wrong host's DNS lookup and show in every printout of the URL; so it is refused too (a
-/// path's `@` is written `%40`, a user name's or token's `/` `%2F`). An `@` in the query of a
-/// URL without user information (`amqp://rabbit/%2f?queue=billing@eu`) stays in the query.
+/// An `@` can also be read as part of the path or query of a URL without user information,
+/// and is refused when that reading is as good:
+/// - its user name holds a `/` (or a `?`) and the `@` comes before the query, or a `:` does
+///   (a password may hold the `?`): `nats://abc/def@h1:4222` is a token `abc/def` (base64
+///   tokens hold `/`) for the host `h1`, or the host `abc` and the subject `def@h1:4222`;
+/// - what precedes the first `/` or `?` is a host list as well as a user and password:
+///   `amqp://rabbit:5672/%2f?queue=billing@eu` is the host `rabbit` with a queue
+///   `billing@eu`, or the user `rabbit` with the password `5672/%2f?queue=billing` for the
+///   host `eu`.
+///
+/// Read the wrong way, a token or password goes to another host (or its DNS lookup) and shows
+/// in every printout of the URL. A path's or query's `@` is written `%40`, a `/` in a user
+/// name, token or password `%2F`. An `@` in the query of a URL without user information and
+/// without a port (`amqp://rabbit/%2f?queue=billing@eu`) reads one way, and stays in the query.
 pub fn userinfo_end(rest: &str) -> Result<Option<usize>, Ambiguous> {
     let mut end = None;
     let query = rest.find('?').unwrap_or(rest.len());
+    // What a URL without user information would take for its hosts.
+    let lead = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
     for (at, _) in rest.match_indices('@') {
-        let user = rest[..at].split(':').next().unwrap_or("");
+        let before = &rest[..at];
+        let user = before.split(':').next().unwrap_or("");
         let after = &rest[at + 1..];
         let host = &after[..after.find(['/', '?']).unwrap_or(after.len())];
         if host.contains('@') {
             continue;
         }
         if user.contains(['/', '?']) {
-            if at < query {
+            let colon_first = before.find(':').is_some_and(|c| c < query);
+            if at < query || colon_first {
                 return Err(Ambiguous);
             }
             continue;
+        }
+        if lead.len() < at && is_host_list(lead) {
+            return Err(Ambiguous);
         }
         if end.replace(at).is_some() {
             return Err(Ambiguous);
         }
     }
     Ok(end)
+}
+
+/// Whether `text` reads as `host[:port][,host[:port]...]` with numeric ports (`[v6]:port`
+/// too): how a URL without user information would take it.
+fn is_host_list(text: &str) -> bool {
+    text.split(',').all(|entry| {
+        let (host, port) = match entry.strip_prefix('[') {
+            Some(v6) => match v6.split_once(']') {
+                Some((_, rest)) => ("v6", rest.strip_prefix(':')),
+                None => return false,
+            },
+            None => match entry.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (entry, None),
+            },
+        };
+        !host.is_empty()
+            && port.is_none_or(|p| {
+                !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+            })
+    })
 }
 
 /// Splits a URL where its query starts: what comes before the `?`, and the query after it,
@@ -359,6 +395,13 @@ mod tests {
             "nats://abc/def@h1:4222/orders",
             "mqtt://h/plant@line",
             "amqp://us/er:pw@h/",
+            // A `?` in a password after a user name holding `/`.
+            "amqp://CORP/app:pa?ss@rabbit/",
+            // A host and port, or a user and a password holding `/`?
+            "amqp://rabbit:5672/%2f?queue=billing@eu",
+            "amqp://app:5672/x@rabbit",
+            "amqp://h1:5672,h2:5672/v?queue=a@eu",
+            "amqp://[::1]:5672/v?queue=a@eu",
         ] {
             let e = split(url, "x").err().expect(url);
             assert_eq!(e.part, "user information", "{url}");
@@ -370,6 +413,10 @@ mod tests {
         assert_eq!((p.hosts, p.path), ("h", Some("plant%40line")));
         let p = split("amqp://rabbit/%2f?queue=billing@eu", "x").expect("in the query");
         assert_eq!((p.userinfo, p.query), (None, Some("queue=billing@eu")));
+        let p = split("amqp://app:hunter2/x@h/", "x").expect("not a port");
+        assert_eq!((p.userinfo, p.hosts), (Some("app:hunter2/x"), "h"));
+        let p = split("amqp://app:5672%2Fx@rabbit", "x").expect("escaped");
+        assert_eq!((p.userinfo, p.hosts), (Some("app:5672%2Fx"), "rabbit"));
         let p = split("amqp://u:p@ss@rabbit", "x").expect("one @ can end it");
         assert_eq!(
             (p.userinfo, p.hosts),
