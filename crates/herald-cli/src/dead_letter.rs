@@ -41,10 +41,11 @@ pub(crate) fn failed_record(line: Option<u64>, e: &SendError) -> Value {
         json!(e.attempts()),
     );
     if let (Some(ack), Value::Object(obj)) = (e.stored_copy(), &mut record) {
-        obj.insert(
-            "stored_copy".into(),
-            json!({"partition": ack.partition, "offset": ack.offset}),
-        );
+        let mut copy = json!({"partition": ack.partition, "offset": ack.offset});
+        if let (Some(route), Value::Object(copy)) = (ack.route, &mut copy) {
+            copy.insert("route".into(), json!(route));
+        }
+        obj.insert("stored_copy".into(), copy);
     }
     record
 }
@@ -301,7 +302,7 @@ mod tests {
                     (0, _) => Ok(herald::Ack {
                         partition: Some(2),
                         offset: Some(41),
-                        route: None,
+                        route: Some(1),
                     }),
                     _ => Err(herald::TransportError::permanent("refused")),
                 })
@@ -336,7 +337,7 @@ mod tests {
         assert!(records[0].get("stored_copy").is_none(), "{}", records[0]);
         assert_eq!(
             records[1]["stored_copy"],
-            json!({"partition": 2, "offset": 41}),
+            json!({"partition": 2, "offset": 41, "route": 1}),
             "{}",
             records[1]
         );

@@ -315,14 +315,17 @@ impl SendError {
     }
     /// The broker's acknowledgement of a copy of this message that it stored, although the
     /// message is handed back: `Some` only under strict ordering, when the broker took the
-    /// message while an earlier message of its key had failed transiently. herald then sent
-    /// the message again behind that one's retry, to keep the key's order (see
-    /// [`crate::KeyHold`]), and it is that later copy that failed, with this error's reason.
+    /// message while an earlier message of its key had failed transiently. herald then held it
+    /// back, to send it again behind that one's retry and keep the key's order (see
+    /// [`crate::KeyHold`]), and what came after failed, with this error's reason: the copy sent
+    /// again, or the wait to send it (its retries or its delivery timeout ran out, the producer
+    /// closed).
     ///
-    /// So the message is at the broker, once, and possibly ahead of the earlier message of its
-    /// key (if that one's retry got through). Sending it again stores it a second time, behind
-    /// that message, which restores the key's order at the cost of a duplicate; not sending it
-    /// keeps it stored once, out of order. `None` says nothing either way: a message whose
+    /// So the message is at the broker, at least once (this is the first copy acknowledged; a
+    /// copy held back again is stored too), and possibly ahead of the earlier message of its
+    /// key (if that one's retry got through). Sending it again stores it once more, behind that
+    /// message, which restores the key's order at the cost of a duplicate; not sending it
+    /// leaves it stored out of order. `None` says nothing either way: a message whose
     /// acknowledgement was lost may be stored too.
     pub fn stored_copy(&self) -> Option<&Ack> {
         self.0.stored_copy.as_ref()

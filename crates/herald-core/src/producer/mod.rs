@@ -213,8 +213,8 @@ impl Producer {
     /// up Tokio's cooperative budget) drops the message, which was never accepted. With a
     /// [store](ProducerBuilder::store), a call cancelled after the store took the message
     /// (while it waits for the store to make it durable, the fsync) has not dropped it: the
-    /// message is sent, and its fate goes to the unclaimed hook or [`Producer::close`]'s
-    /// report, as with a dropped future. (Cancelled while it waits for room in the store, it
+    /// message is sent, as with a dropped future (a failure goes to the unclaimed hook or
+    /// [`Producer::close`]'s report). (Cancelled while it waits for room in the store, it
     /// is handed to those as failed, [`FailureReason::Cancelled`].) Sending it again then
     /// sends it twice, under two ids.
     pub async fn enqueue(&self, msg: Message) -> Result<DeliveryFuture, SendError> {

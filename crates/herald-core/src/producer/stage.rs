@@ -400,16 +400,17 @@ async fn run_confirmer(
 ) {
     while let Some(pending) = queue.recv().await {
         let result = pending.durable.await;
+        // Counted before the submitter hears it was accepted.
+        if result.is_ok() {
+            let (Entries::Held(entries) | Entries::Spilling(entries)) = &pending.entries;
+            shared.count_durable(entries.len());
+        }
         if let Some(tx) = pending.accepted {
             let _told = tx.send(result.clone());
         }
         let confirmed = match (result, pending.entries) {
-            (Ok(()), Entries::Held(entries)) => {
-                shared.count_durable(entries.len());
-                Ready::Held(entries, pending.accepted_at)
-            }
+            (Ok(()), Entries::Held(entries)) => Ready::Held(entries, pending.accepted_at),
             (Ok(()), Entries::Spilling(entries)) => {
-                shared.count_durable(entries.len());
                 Ready::Spilled(Spilled::new(entries, pending.accepted_at))
             }
             (Err(e), entries) => {
