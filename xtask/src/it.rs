@@ -157,6 +157,14 @@ pub(crate) fn it(targets: &[Target]) -> Result<()> {
     for target in wanted.iter().map(|t| t.suite()) {
         eprintln!("\n==> it {}: provisioning a broker", target.name);
         let broker = (target.provision)()?;
+        // `--ignored` runs nothing, and passes, where no test is marked ignored (or none matches
+        // a filter): each binary must have some to run.
+        for test in target.tests {
+            ignored_tests(target.package, test, None)?;
+        }
+        for (test, filter) in target.facade_tests {
+            ignored_tests("herald", test, Some(filter))?;
+        }
         let mut cmd = cargo();
         cmd.args(["test", "-p", target.package]);
         for test in target.tests {
@@ -219,6 +227,49 @@ fn example_command(example: &str, feature: &str, broker: &Broker) -> std::proces
 
 /// How long one target's tests may run, build included: `HERALD_IT_TIMEOUT_SECS`, default 15
 /// minutes (they take two to three, or seven with a cold build of the test binaries).
+/// How many tests `cargo test -p PACKAGE --test TEST -- --ignored [FILTER]` would run (listed,
+/// not run: this builds the binary, which the run then reuses); none is an error.
+fn ignored_tests(package: &str, test: &str, filter: Option<&str>) -> Result<usize> {
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "-q",
+        "-p",
+        package,
+        "--test",
+        test,
+        "--",
+        "--ignored",
+        "--list",
+    ]);
+    cmd.args(filter);
+    let what = format!(
+        "the real-broker tests of `{package} --test {test}`{}",
+        filter
+            .map(|f| format!(" matching `{f}`"))
+            .unwrap_or_default()
+    );
+    eprintln!("\n==> listing {what}");
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| anyhow::anyhow!("could not list {what}: {e}"))?;
+    if !out.status.success() {
+        bail!("could not list {what} ({})", out.status);
+    }
+    let n = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.ends_with(": test"))
+        .count();
+    if n == 0 {
+        bail!(
+            "{what}: none to run (`--ignored` runs only tests marked #[ignore], and would pass \
+             having run nothing)"
+        );
+    }
+    Ok(n)
+}
+
 /// With `HERALD_IT_ALLOW_SKIP=1` a test that cannot run here prints `SKIPPED: ...` and passes:
 /// the test harness then shows what passing tests printed, so that every skip is in the
 /// output rather than captured away.
