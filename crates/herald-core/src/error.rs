@@ -301,7 +301,8 @@ impl SendError {
     }
     /// Whether the message is still in the producer's [store](crate::Store) (a spool): it
     /// ended unsent as [`FailureReason::Closed`] (the producer closed, or its close timed out,
-    /// before it was delivered), or as [`FailureReason::Store`] because the store could not
+    /// before it was delivered; or the runtime running the producer's tasks shut down while
+    /// the message waited in them), or as [`FailureReason::Store`] because the store could not
     /// read it back just then (its message is then empty), and the next producer opened on
     /// the same store sends it, before anything new. Handing it on elsewhere too (a dead-letter file) would send it
     /// twice; the `herald` command counts such messages as kept, not failed.

@@ -1164,3 +1164,56 @@ async fn a_close_that_runs_out_of_time_stops_the_read_back() {
     drop(p);
     cleanup(&d);
 }
+
+/// The runtime of a producer's tasks shuts down while stored messages wait in them (for room
+/// in the buffer, or read back from the spool): their futures, awaited elsewhere, hand each
+/// message back as closed and kept in the store, which the next producer sends. They used to
+/// panic ("a delivery was dropped unanswered").
+#[test]
+fn stored_messages_whose_producer_runtime_shuts_down_are_handed_back_kept() {
+    const N: usize = 6;
+    let d = dir("runtime-gone");
+    let t = MemoryTransport::new();
+    t.hold();
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (p, mut futures) = first.block_on(async {
+        let (store, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
+        let p = Producer::builder(t.clone())
+            .buffer(1, 1 << 20)
+            .store(store)
+            .build()
+            .expect("producer");
+        let mut futures = Vec::new();
+        for i in 0..N {
+            futures.push(p.enqueue(keyed(i)).await.expect("accepted"));
+        }
+        (p, futures)
+    });
+    drop(first);
+    // The first is in flight, held by the transport: it is the buffer's, not the stage's.
+    let waiting = futures.split_off(1);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    second.block_on(async {
+        for (i, f) in waiting.into_iter().enumerate() {
+            let e = tokio::time::timeout(Duration::from_secs(10), f)
+                .await
+                .expect("answered")
+                .expect_err("never sent");
+            assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
+            assert!(e.is_kept_in_store(), "{e}");
+            assert_eq!(e.message().payload(), keyed(i + 1).payload());
+        }
+    });
+    drop((p, futures));
+    let (pending, sent) = second.block_on(sent_by_the_next_producer(&d));
+    assert_eq!(pending, N as u64, "every message is still in the spool");
+    assert_eq!(sent.len(), N);
+    cleanup(&d);
+}

@@ -312,7 +312,11 @@ impl Producer {
                     let durable = matches!(durable_rx.await, Ok(Ok(())));
                     for (at, rx, msg) in waiting {
                         out[at] = Some(if durable {
-                            Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone()))
+                            Ok(DeliveryFuture::stored(
+                                rx,
+                                self.shared().unclaimed.clone(),
+                                msg,
+                            ))
                         } else {
                             // The admitter answered each with the store's error.
                             Err(match rx.await {
@@ -489,8 +493,13 @@ impl Producer {
         let (tx, rx) = oneshot::channel();
         if let Some(stage) = &self.shared().stage {
             let msg = self.check_size(msg)?;
+            let kept = msg.clone();
             return match stage.submit(self.shared(), vec![(msg, Completion::One(tx))], None) {
-                Ok(()) => Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone())),
+                Ok(()) => Ok(DeliveryFuture::stored(
+                    rx,
+                    self.shared().unclaimed.clone(),
+                    kept,
+                )),
                 Err(not) => Err(self.not_stored(not)),
             };
         }
@@ -608,7 +617,11 @@ impl Producer {
             .await
             .map_err(|not| self.not_stored(not))?;
         match durable_rx.await {
-            Ok(Ok(())) => Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone())),
+            Ok(Ok(())) => Ok(DeliveryFuture::stored(
+                rx,
+                self.shared().unclaimed.clone(),
+                kept,
+            )),
             // The admitter answered the message with the store's error.
             _ => Err(match rx.await {
                 Ok(Err(e)) => e,
