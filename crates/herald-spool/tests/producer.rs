@@ -1166,9 +1166,10 @@ async fn a_close_that_runs_out_of_time_stops_the_read_back() {
 }
 
 /// The runtime of a producer's tasks shuts down while stored messages wait in them (for room
-/// in the buffer, or read back from the spool): their futures, awaited elsewhere, hand each
-/// message back as closed and kept in the store, which the next producer sends. They used to
-/// panic ("a delivery was dropped unanswered").
+/// in the buffer, or read back from the spool): their futures, receipts and sinks, awaited
+/// elsewhere, hand each message back as closed and kept in the store, which the next producer
+/// sends. Futures used to panic ("a delivery was dropped unanswered"), receipts to wait for
+/// ever, sinks to hear nothing.
 #[test]
 fn stored_messages_whose_producer_runtime_shuts_down_are_handed_back_kept() {
     const N: usize = 6;
@@ -1180,7 +1181,16 @@ fn stored_messages_whose_producer_runtime_shuts_down_are_handed_back_kept() {
         .enable_all()
         .build()
         .expect("runtime");
-    let (p, mut futures) = first.block_on(async {
+    let fates = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink: std::sync::Arc<dyn herald_core::FateSink> = {
+        let fates = fates.clone();
+        std::sync::Arc::new(
+            move |tag: u64, fate: Result<herald_core::Delivery, herald_core::SendError>| {
+                fates.lock().expect("fates").push((tag, fate));
+            },
+        )
+    };
+    let (p, mut futures, receipt) = first.block_on(async {
         let (store, _) = SpoolStore::open(SpoolConfig::new(&d)).expect("spool");
         let p = Producer::builder(t.clone())
             .buffer(1, 1 << 20)
@@ -1191,7 +1201,10 @@ fn stored_messages_whose_producer_runtime_shuts_down_are_handed_back_kept() {
         for i in 0..N {
             futures.push(p.enqueue(keyed(i)).await.expect("accepted"));
         }
-        (p, futures)
+        let receipt = p.send_all((N..2 * N).map(keyed)).await;
+        let tagged = (2 * N..3 * N).map(|i| (i as u64, keyed(i))).collect();
+        assert!(p.enqueue_tagged(tagged, &sink).await.is_empty(), "accepted");
+        (p, futures, receipt)
     });
     drop(first);
     // The first is in flight, held by the transport: it is the buffer's, not the stage's.
@@ -1208,12 +1221,32 @@ fn stored_messages_whose_producer_runtime_shuts_down_are_handed_back_kept() {
                 .expect_err("never sent");
             assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
             assert!(e.is_kept_in_store(), "{e}");
-            assert_eq!(e.message().payload(), keyed(i + 1).payload());
+            // A spilled one comes back empty: its body is in the spool.
+            let payload = e.message().payload();
+            assert!(
+                payload.is_empty() || payload == keyed(i + 1).payload(),
+                "{payload:?}"
+            );
+        }
+        let report = tokio::time::timeout(Duration::from_secs(10), receipt.wait())
+            .await
+            .expect("the receipt is answered");
+        assert_eq!((report.delivered, report.failed.len()), (0, N));
+        for e in &report.failed {
+            assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
+            assert!(e.is_kept_in_store(), "{e}");
         }
     });
+    let fates = std::mem::take(&mut *fates.lock().expect("fates"));
+    let tags: Vec<u64> = fates.iter().map(|(tag, _)| *tag).collect();
+    assert_eq!(tags, (2 * N as u64..3 * N as u64).collect::<Vec<_>>());
+    for (_, fate) in &fates {
+        let e = fate.as_ref().expect_err("never sent");
+        assert!(e.is_kept_in_store(), "{e}");
+    }
     drop((p, futures));
     let (pending, sent) = second.block_on(sent_by_the_next_producer(&d));
-    assert_eq!(pending, N as u64, "every message is still in the spool");
-    assert_eq!(sent.len(), N);
+    assert_eq!(pending, 3 * N as u64, "every message is still in the spool");
+    assert_eq!(sent.len(), 3 * N);
     cleanup(&d);
 }

@@ -10,8 +10,7 @@ use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
 
 use super::contain::contain;
-use crate::error::{FailureReason, SendError};
-use crate::message::Message;
+use crate::error::SendError;
 use crate::transport::Ack;
 
 /// A message the broker acknowledged.
@@ -358,32 +357,11 @@ where
 pub struct DeliveryFuture {
     rx: oneshot::Receiver<Outcome>,
     unclaimed: Arc<Unclaimed>,
-    /// A message in the producer's store: handed back (kept in the store) if its answer is
-    /// dropped unsent, as when the runtime of the producer's tasks shuts down while the message
-    /// waits in them.
-    stored: Option<Box<Message>>,
 }
 
 impl DeliveryFuture {
     pub(crate) fn new(rx: oneshot::Receiver<Outcome>, unclaimed: Arc<Unclaimed>) -> Self {
-        Self {
-            rx,
-            unclaimed,
-            stored: None,
-        }
-    }
-
-    /// The future of `msg`, accepted into the producer's store.
-    pub(crate) fn stored(
-        rx: oneshot::Receiver<Outcome>,
-        unclaimed: Arc<Unclaimed>,
-        msg: Message,
-    ) -> Self {
-        Self {
-            rx,
-            unclaimed,
-            stored: Some(Box::new(msg)),
-        }
+        Self { rx, unclaimed }
     }
 }
 
@@ -411,15 +389,8 @@ impl Future for DeliveryFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match Pin::new(&mut self.rx).poll(cx) {
             Poll::Ready(Ok(outcome)) => Poll::Ready(outcome),
-            // A stored message's answer goes when the producer's tasks are dropped with it
-            // (their runtime shut down): it is in the store, for the next producer on it.
-            Poll::Ready(Err(_)) if self.stored.is_some() => {
-                let msg = *self.stored.take().expect("checked");
-                Poll::Ready(Err(SendError::new(msg, FailureReason::Closed, 0).kept()))
-            }
-            // Every pending entry of the buffer is completed by a drop guard (see state.rs), so
-            // the sender cannot vanish unanswered; if it ever did, pending forever would hide
-            // it, so say so.
+            // Every pending entry is completed by a drop guard (see pipeline.rs), so the sender
+            // cannot vanish unanswered; if it ever did, pending forever would hide it, so say so.
             Poll::Ready(Err(_)) => {
                 panic!("herald: a delivery was dropped unanswered (a bug: please report it)")
             }

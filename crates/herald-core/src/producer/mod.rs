@@ -312,11 +312,7 @@ impl Producer {
                     let durable = matches!(durable_rx.await, Ok(Ok(())));
                     for (at, rx, msg) in waiting {
                         out[at] = Some(if durable {
-                            Ok(DeliveryFuture::stored(
-                                rx,
-                                self.shared().unclaimed.clone(),
-                                msg,
-                            ))
+                            Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone()))
                         } else {
                             // The admitter answered each with the store's error.
                             Err(match rx.await {
@@ -493,13 +489,8 @@ impl Producer {
         let (tx, rx) = oneshot::channel();
         if let Some(stage) = &self.shared().stage {
             let msg = self.check_size(msg)?;
-            let kept = msg.clone();
             return match stage.submit(self.shared(), vec![(msg, Completion::One(tx))], None) {
-                Ok(()) => Ok(DeliveryFuture::stored(
-                    rx,
-                    self.shared().unclaimed.clone(),
-                    kept,
-                )),
+                Ok(()) => Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone())),
                 Err(not) => Err(self.not_stored(not)),
             };
         }
@@ -617,11 +608,7 @@ impl Producer {
             .await
             .map_err(|not| self.not_stored(not))?;
         match durable_rx.await {
-            Ok(Ok(())) => Ok(DeliveryFuture::stored(
-                rx,
-                self.shared().unclaimed.clone(),
-                kept,
-            )),
+            Ok(Ok(())) => Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone())),
             // The admitter answered the message with the store's error.
             _ => Err(match rx.await {
                 Ok(Err(e)) => e,

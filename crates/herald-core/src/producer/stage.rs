@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::completion::{BulkReceipt, Completion, FateSink, Group};
+use super::completion::{BulkReceipt, Completion, FateSink, Group, Unclaimed};
 use super::state::{clock_now, Shared};
 use crate::error::{FailureReason, SendError};
 use crate::message::{Message, MessageId};
@@ -45,16 +45,53 @@ pub(crate) struct Pending {
 /// The messages of one submission.
 enum Entries {
     /// Kept in memory until the pipeline takes them.
-    Held(Vec<(Message, Completion, StoreToken)>),
+    Held(Staged),
     /// To be left in the store: their bodies are dropped once durable (not before: a store
     /// that fails hands them back).
-    Spilling(Vec<(Message, Completion, StoreToken)>),
+    Spilling(Staged),
+}
+
+/// Stored messages with their completions, on their way through the stage's tasks. Dropped
+/// with some still here (the tasks were dropped by their runtime shutting down), each is
+/// answered as closed and kept in the store, for the next producer on it: a caller waiting on
+/// another runtime hears of it instead of waiting for ever. Taken out whole ([`Staged::take`])
+/// where the stage goes on with them.
+struct Staged {
+    items: Vec<(Message, Completion, StoreToken)>,
+    unclaimed: Arc<Unclaimed>,
+}
+
+impl Staged {
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The messages, answered by whoever takes them.
+    fn take(mut self) -> Vec<(Message, Completion, StoreToken)> {
+        std::mem::take(&mut self.items)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for (msg, done, _) in self.items.drain(..) {
+            closed_kept(msg, done, &self.unclaimed);
+        }
+    }
+}
+
+/// Answers a stored message whose stage went away as closed and kept in the store.
+fn closed_kept(msg: Message, done: Completion, unclaimed: &Unclaimed) {
+    let e = SendError::new(msg, FailureReason::Closed, 0).kept();
+    done.complete(Err(e), unclaimed);
 }
 
 /// Messages left in the store: what it takes to read them back and answer for them.
 struct Spilled {
     tokens: Tokens,
     dones: Dones,
+    /// Where the answers of messages dropped unanswered go (see [`Staged`]).
+    unclaimed: Arc<Unclaimed>,
     /// When they were submitted (see [`Pending::accepted_at`]).
     accepted_at: Instant,
     /// Their producer spans (feature `otel`), kept so that each ends with its message's fate;
@@ -65,7 +102,9 @@ struct Spilled {
 
 impl Spilled {
     /// Drops the bodies of durable messages, keeping what answers for them.
-    fn new(entries: Vec<(Message, Completion, StoreToken)>, accepted_at: Instant) -> Self {
+    fn new(staged: Staged, accepted_at: Instant) -> Self {
+        let unclaimed = staged.unclaimed.clone();
+        let entries = staged.take();
         #[cfg(feature = "otel")]
         let mut spans = Vec::with_capacity(entries.len());
         let (tokens, dones): (Vec<StoreToken>, Vec<Completion>) = entries
@@ -84,6 +123,7 @@ impl Spilled {
         Self {
             tokens: Tokens::new(tokens),
             dones: Dones::new(dones),
+            unclaimed,
             accepted_at,
             #[cfg(feature = "otel")]
             spans: spans.iter().any(Option::is_some).then(|| spans.into_iter()),
@@ -98,6 +138,16 @@ impl Spilled {
             msg.span = spans.next().flatten();
         }
         self.dones.next().expect("a completion per token")
+    }
+}
+
+/// Spilled messages still unanswered when dropped (see [`Staged`]): closed, kept in the store,
+/// each handed back with an empty message (its body is in the store).
+impl Drop for Spilled {
+    fn drop(&mut self) {
+        while let Some(done) = self.dones.next() {
+            closed_kept(Message::new("", bytes::Bytes::new()), done, &self.unclaimed);
+        }
     }
 }
 
@@ -203,7 +253,7 @@ impl Iterator for Dones {
 /// Confirmed submissions on their way to the admitter (held ones with the time they were
 /// submitted).
 enum Ready {
-    Held(Vec<(Message, Completion, StoreToken)>, Instant),
+    Held(Staged, Instant),
     Spilled(Spilled),
 }
 
@@ -325,11 +375,14 @@ impl Stage {
         } else {
             self.bytes.fetch_add(bytes, Ordering::AcqRel);
         }
-        let entries = entries
-            .into_iter()
-            .zip(submitted.tokens)
-            .map(|((msg, done), token)| (msg, done, token))
-            .collect();
+        let entries = Staged {
+            items: entries
+                .into_iter()
+                .zip(submitted.tokens)
+                .map(|((msg, done), token)| (msg, done, token))
+                .collect(),
+            unclaimed: shared.unclaimed.clone(),
+        };
         let entries = if spill {
             Entries::Spilling(entries)
         } else {
@@ -380,7 +433,9 @@ pub(crate) async fn run_admitter(
     let mut reading = ReadBack::default();
     while let Some(confirmed) = ready.recv().await {
         match confirmed {
-            Ready::Held(entries, accepted_at) => admit_all(&shared, entries, accepted_at).await,
+            Ready::Held(entries, accepted_at) => {
+                admit_all(&shared, entries.take(), accepted_at).await;
+            }
             Ready::Spilled(spilled) => {
                 admit_spilled(&shared, &store, &mut reading, spilled).await;
             }
@@ -725,12 +780,31 @@ async fn admit_all(
     entries: Vec<(Message, Completion, StoreToken)>,
     accepted_at: Instant,
 ) {
-    let mut entries = entries.into_iter();
-    let mut waiting: Option<(Message, Completion, StoreToken)> = None;
+    /// What is left to admit: answered as [`Staged`] is if this call is dropped half-way.
+    struct Left<'a> {
+        entries: std::vec::IntoIter<(Message, Completion, StoreToken)>,
+        waiting: Option<(Message, Completion, StoreToken)>,
+        unclaimed: &'a Unclaimed,
+    }
+    impl Drop for Left<'_> {
+        fn drop(&mut self) {
+            for (msg, done, _) in self.waiting.take().into_iter().chain(&mut self.entries) {
+                closed_kept(msg, done, self.unclaimed);
+            }
+        }
+    }
+    let mut left = Left {
+        entries: entries.into_iter(),
+        waiting: None,
+        unclaimed: &shared.unclaimed,
+    };
     loop {
         let mut space = pin!(shared.space.notified());
         space.as_mut().enable();
         let mut taken = 0;
+        let Left {
+            entries, waiting, ..
+        } = &mut left;
         let next = std::iter::from_fn(|| waiting.take().or_else(|| entries.next())).map(
             |(msg, done, token)| {
                 taken += msg.size();
@@ -766,7 +840,7 @@ async fn admit_all(
         }
         match admission.full {
             Some(full) => {
-                waiting = Some((
+                left.waiting = Some((
                     full.msg,
                     full.done,
                     full.stored.expect("staged messages have a token"),
@@ -782,15 +856,16 @@ async fn admit_all(
 fn fail_unstored(shared: &Shared, entries: Entries, e: &StoreError) {
     let entries = match (entries, &shared.stage) {
         (Entries::Held(entries), Some(stage)) => {
+            let entries = entries.take();
             let bytes: usize = entries.iter().map(|(m, _, _)| m.size()).sum();
             stage.bytes.fetch_sub(bytes, Ordering::AcqRel);
             entries
         }
         (Entries::Spilling(entries), Some(stage)) => {
             stage.spilled.fetch_sub(entries.len(), Ordering::AcqRel);
-            entries
+            entries.take()
         }
-        (Entries::Held(entries) | Entries::Spilling(entries), None) => entries,
+        (Entries::Held(entries) | Entries::Spilling(entries), None) => entries.take(),
     };
     {
         let mut st = shared.lock();
