@@ -145,7 +145,7 @@ impl Spilled {
 /// each handed back with an empty message (its body is in the store).
 impl Drop for Spilled {
     fn drop(&mut self) {
-        while let Some(done) = self.dones.next() {
+        for done in self.dones.by_ref() {
             closed_kept(Message::new("", bytes::Bytes::new()), done, &self.unclaimed);
         }
     }
