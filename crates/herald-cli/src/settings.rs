@@ -90,9 +90,9 @@ pub(crate) struct Tuning {
     #[arg(long, value_name = "N", help_heading = "Producer")]
     pub(crate) max_in_flight: Option<usize>,
     /// Under strict ordering, most batches of one destination in flight at once, where the
-    /// broker's client keeps order across them (Kafka with idempotence, RabbitMQ, NATS, MQTT;
-    /// Redis sends one at a time). 1: each batch waits for the one before [default: Kafka and MQTT
-    /// 16, others 4].
+    /// broker's client keeps order across them (Kafka with idempotence, RabbitMQ, NATS, Redis,
+    /// MQTT; with --fallback, one at a time). 1: each batch waits for the one before [default:
+    /// Kafka and MQTT 16, others 4].
     #[arg(long, value_name = "N", help_heading = "Producer")]
     pub(crate) pipeline_depth: Option<usize>,
     /// A librdkafka property (repeatable), e.g. security.protocol=SASL_PLAINTEXT. Properties
@@ -188,11 +188,18 @@ impl Tuning {
     /// `--kafka-property` values as (key, value). One that is not KEY=VALUE is an error naming
     /// only its name part (up to the first character a property name does not hold, such as a
     /// `:` or ` ` typed instead of `=`): a value may be a secret.
+    /// A property herald sets itself is refused, naming what sets it on the command line.
     fn kafka_property_pairs(&self) -> anyhow::Result<Vec<(&str, &str)>> {
         self.kafka_properties
             .iter()
             .map(|prop| match prop.split_once('=') {
-                Some((k, v)) => Ok((k.trim(), v)),
+                Some((k, v)) => {
+                    let k = k.trim();
+                    if let Some((_, instead)) = SET_BY_THE_COMMAND.iter().find(|(p, _)| *p == k) {
+                        bail!("--kafka-property {k}: herald sets it itself; {instead}");
+                    }
+                    Ok((k, v))
+                }
                 None => bail!(
                     "--kafka-property `{}` is not KEY=VALUE",
                     prop.chars()
@@ -204,13 +211,18 @@ impl Tuning {
             .collect()
     }
 
-    /// The librdkafka settings for `bootstrap`.
+    /// The librdkafka settings for `bootstrap`; with `ids`, each record carries its message
+    /// id in the `herald-message-id` header.
     pub(crate) fn kafka_config(
         &self,
         bootstrap: &str,
         target: Option<&crate::target::KafkaTarget>,
+        ids: bool,
     ) -> anyhow::Result<KafkaConfig> {
         let mut config = KafkaConfig::new(bootstrap).message_timeout(self.delivery_timeout());
+        if ids {
+            config = config.message_id_header(Some(herald::kafka::MESSAGE_ID_HEADER.into()));
+        }
         if let Some(t) = target {
             if let Some(id) = &t.client_id {
                 config = config.client_id(id.clone());
@@ -265,7 +277,7 @@ impl Tuning {
         let destination = target.destination();
         let builder = if fallbacks.is_empty() {
             match target {
-                Target::Kafka(k) => Producer::builder(self.kafka_transport(k)?),
+                Target::Kafka(k) => Producer::builder(self.kafka_transport(k, spool.is_some())?),
                 Target::Amqp(a) => Producer::builder(amqp_transport(a)?),
                 Target::Nats(n) => Producer::builder(nats_transport(n)?),
                 Target::Redis(r) => Producer::builder(redis_transport(r)?),
@@ -273,7 +285,8 @@ impl Tuning {
             }
         } else {
             let mut seen = vec![target.describe()];
-            let mut routes = self.route(None, "primary", target)?;
+            let ids = spool.is_some();
+            let mut routes = self.route(None, "primary", target, ids)?;
             for (n, fallback) in fallbacks.iter().enumerate() {
                 let described = fallback.describe();
                 if seen.contains(&described) {
@@ -281,7 +294,7 @@ impl Tuning {
                 }
                 seen.push(described);
                 let name = format!("fallback-{}", n + 1);
-                routes = self.route(Some(routes), &name, fallback)?;
+                routes = self.route(Some(routes), &name, fallback, ids)?;
             }
             Producer::builder(routes)
         };
@@ -300,18 +313,26 @@ impl Tuning {
         })
     }
 
-    fn kafka_transport(&self, k: &KafkaTarget) -> anyhow::Result<KafkaTransport> {
-        let config = self.kafka_config(&k.bootstrap, Some(k))?;
+    /// With `ids` (a spool: what a crash sends twice, a consumer drops by its id), each record
+    /// carries its message id.
+    fn kafka_transport(&self, k: &KafkaTarget, ids: bool) -> anyhow::Result<KafkaTransport> {
+        let config = self.kafka_config(&k.bootstrap, Some(k), ids)?;
         KafkaTransport::new(config).context("the Kafka settings are invalid")
     }
 
     /// `to` as the next route of a fallback (the first when `so_far` is `None`), sending to
-    /// its own destination.
-    fn route(&self, so_far: Option<Fallback>, name: &str, to: &Target) -> anyhow::Result<Fallback> {
+    /// its own destination (a Kafka route with message ids in the records with `ids`).
+    fn route(
+        &self,
+        so_far: Option<Fallback>,
+        name: &str,
+        to: &Target,
+        ids: bool,
+    ) -> anyhow::Result<Fallback> {
         let added = match (so_far, to) {
-            (None, Target::Kafka(k)) => Fallback::new(name, self.kafka_transport(k)?),
+            (None, Target::Kafka(k)) => Fallback::new(name, self.kafka_transport(k, ids)?),
             (None, Target::Amqp(a)) => Fallback::new(name, amqp_transport(a)?),
-            (Some(f), Target::Kafka(k)) => f.or(name, self.kafka_transport(k)?),
+            (Some(f), Target::Kafka(k)) => f.or(name, self.kafka_transport(k, ids)?),
             (Some(f), Target::Amqp(a)) => f.or(name, amqp_transport(a)?),
             (None, Target::Nats(n)) => Fallback::new(name, nats_transport(n)?),
             (Some(f), Target::Nats(n)) => f.or(name, nats_transport(n)?),
@@ -323,6 +344,69 @@ impl Tuning {
         Ok(added.with_destination(to.destination()))
     }
 }
+
+/// librdkafka properties herald sets itself (the Kafka adapter refuses them too, naming its
+/// own settings), with what sets them on the command line.
+const SET_BY_THE_COMMAND: &[(&str, &str)] = &[
+    (
+        "bootstrap.servers",
+        "give the brokers in the URL (kafka://HOST:PORT,HOST:PORT/TOPIC)",
+    ),
+    (
+        "metadata.broker.list",
+        "give the brokers in the URL (kafka://HOST:PORT,HOST:PORT/TOPIC)",
+    ),
+    ("client.id", "use the URL's ?client_id=ID"),
+    (
+        "compression.type",
+        "use the URL's ?compression=none|gzip|snappy|lz4",
+    ),
+    (
+        "compression.codec",
+        "use the URL's ?compression=none|gzip|snappy|lz4",
+    ),
+    ("message.timeout.ms", "use --delivery-timeout-ms"),
+    ("delivery.timeout.ms", "use --delivery-timeout-ms"),
+    (
+        "acks",
+        "it is always all: a message is delivered only when every in-sync replica has it",
+    ),
+    ("request.required.acks", "it is always all"),
+    (
+        "enable.idempotence",
+        "it is on: librdkafka's retries neither duplicate nor reorder",
+    ),
+    (
+        "linger.ms",
+        "librdkafka lingers 1 ms; --linger-ms is herald's own",
+    ),
+    (
+        "queue.buffering.max.ms",
+        "librdkafka lingers 1 ms; --linger-ms is herald's own",
+    ),
+    (
+        "batch.num.messages",
+        "--batch-max-messages sizes herald's batches",
+    ),
+    (
+        "queue.buffering.max.messages",
+        "--buffer-messages bounds what waits",
+    ),
+    (
+        "partitioner",
+        "messages with a key go to its partition (murmur2_random, as Java's)",
+    ),
+    (
+        "statistics.interval.ms",
+        "it feeds herald's Kafka metrics every 5 s",
+    ),
+    (
+        "delivery.report.only.error",
+        "herald needs a delivery report for every message",
+    ),
+    ("dr_msg_cb", "herald installs its own delivery callback"),
+    ("transactional.id", "herald does not run Kafka transactions"),
+];
 
 fn amqp_transport(a: &herald::amqp::AmqpConfig) -> anyhow::Result<AmqpTransport> {
     AmqpTransport::new(a.clone()).context("the AMQP settings are invalid")
@@ -338,8 +422,15 @@ fn redis_transport(
     herald::redis::RedisTransport::new(r.clone()).context("the Redis settings are invalid")
 }
 
+/// Over MQTT 3.1.1 (`?version=3`), which cannot carry a key, keys order the messages and are
+/// not sent (the library refuses a keyed message there while a key property is set); headers,
+/// which would be lost, are still refused.
 fn mqtt_transport(m: &herald::mqtt::MqttConfig) -> anyhow::Result<herald::mqtt::MqttTransport> {
-    herald::mqtt::MqttTransport::new(m.clone()).context("the MQTT settings are invalid")
+    let mut config = m.clone();
+    if config.version() == herald::mqtt::Version::V311 {
+        config = config.key_property(None);
+    }
+    herald::mqtt::MqttTransport::new(config).context("the MQTT settings are invalid")
 }
 
 #[cfg(test)]
@@ -350,6 +441,19 @@ mod tests {
     struct Args {
         #[command(flatten)]
         tuning: super::Tuning,
+    }
+
+    /// Every property the command names a way around is one the Kafka adapter refuses too:
+    /// the table stays true to the adapter.
+    #[test]
+    fn the_properties_the_command_refuses_are_the_adapter_s_own() {
+        for (key, _) in super::SET_BY_THE_COMMAND {
+            let config = herald::kafka::KafkaConfig::new("127.0.0.1:9").property(*key, "1");
+            assert!(
+                herald::kafka::KafkaTransport::new(config).is_err(),
+                "the adapter takes {key}: the command need not refuse it"
+            );
+        }
     }
 
     #[test]
@@ -384,6 +488,14 @@ mod tests {
             ]
         );
         assert!(super::check_size(100, 1 << 20, "x").is_ok());
+        // A property herald sets is refused naming the command's own way, not a library call.
+        let args = Args::parse_from(["t", "--kafka-property", "message.timeout.ms=5000"]);
+        let e = args
+            .tuning
+            .kafka_client_properties(Some(&target))
+            .expect_err("herald's own");
+        assert!(e.to_string().contains("--delivery-timeout-ms"), "{e}");
+        assert!(!e.to_string().contains("KafkaConfig"), "{e}");
         let e = super::check_size(usize::MAX, 1 << 20, "--max-message-bytes").expect_err("huge");
         assert!(e.to_string().contains("--size"), "{e}");
     }

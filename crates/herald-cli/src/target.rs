@@ -61,7 +61,7 @@ const FORMS: &str =
     "expected kafka://HOST:PORT/TOPIC, amqp://USER:PASS@HOST:PORT/VHOST?queue=NAME \
      or amqp://...?exchange=EX&routing_key=RK (amqps:// for TLS), or \
      nats://HOST:PORT/SUBJECT[?stream=NAME] (tls:// for TLS), or \
-     redis://HOST:PORT[/DB]/STREAMKEY[?maxlen=N] (rediss:// for TLS), or \
+     redis://HOST:PORT[/DB]/STREAMKEY[?maxlen=N][&wait=N][&wait_timeout_ms=MS] (rediss:// for TLS), or \
      mqtt://HOST:PORT/TOPIC[?qos=1|2][&version=5|3] (mqtts:// for TLS)";
 
 impl Target {
@@ -149,7 +149,7 @@ fn parse_redis(url: &str) -> Result<herald::redis::RedisConfig, UrlError> {
     if config.stream().is_none() {
         return Err(bad(
             "stream key",
-            "is missing: redis://HOST:PORT[/DB]/STREAMKEY[?maxlen=N]",
+            "is missing: redis://HOST:PORT[/DB]/STREAMKEY[?maxlen=N][&wait=N][&wait_timeout_ms=MS]",
         ));
     }
     Ok(config)

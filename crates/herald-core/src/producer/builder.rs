@@ -144,8 +144,8 @@ impl ProducerBuilder {
 
     /// Under strict ordering, the most batches of one destination in flight at once, where the
     /// transport keeps order across calls ([`Transport::keeps_order_across_calls`]: herald-kafka
-    /// with idempotence, herald-amqp, herald-nats, herald-mqtt); other transports (herald-redis,
-    /// `Fallback`) send one batch per destination at a time whatever this says. Deeper pipelines hide the network's round trip: with one batch
+    /// with idempotence, herald-amqp, herald-nats, herald-redis, herald-mqtt); other transports
+    /// (`Fallback`) send one batch per destination at a time whatever this says. Deeper pipelines hide the network's round trip: with one batch
     /// in flight, each batch waits for the acknowledgements of the one before. Per-key order
     /// is kept at every depth (docs/guarantees.md, Ordering); a transient failure costs up to
     /// `depth - 1` batches' worth of resent messages of its key. Also capped by
