@@ -139,7 +139,7 @@ impl Fallback {
     /// open. Names must differ.
     pub fn or(mut self, name: &str, transport: impl Transport) -> Result<Self, InvalidSetting> {
         check_producer_label(name)
-            .map_err(|why| InvalidSetting::new("fallback.route", format!("`{name}`: {why}")))?;
+            .map_err(|why| InvalidSetting::new("fallback.route", format!("a route name {why}")))?;
         if self.routes.iter().any(|r| r.name == name) {
             return Err(InvalidSetting::new(
                 "fallback.route",

@@ -71,15 +71,25 @@ pub const FALLBACK_BATCHES: &str = "herald_fallback_batches_total";
 
 /// The rule for a `producer` label value, one for every crate that takes one
 /// (`ProducerBuilder::name`, the adapters' `metrics_name`): 1 to 64 ASCII letters, digits, `_`,
-/// `-` or `.`. `Err` says what is wrong, naming the value.
+/// `-` or `.`. `Err` says what is wrong without echoing the value (it may be anything pasted
+/// by mistake: a URL with its password, say).
 pub fn check_producer_label(name: &str) -> Result<(), String> {
     let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
-    if name.is_empty() || name.len() > 64 || !name.chars().all(fine) {
-        return Err(format!(
-            "{name:?}: use 1 to 64 ASCII letters, digits, `_`, `-` or `.` (it becomes a metric label)"
-        ));
+    const RULE: &str =
+        "use 1 to 64 ASCII letters, digits, `_`, `-` or `.` (it becomes a metric label)";
+    if name.is_empty() {
+        return Err(format!("is empty: {RULE}"));
     }
-    Ok(())
+    if name.len() > 64 {
+        return Err(format!("is {} bytes long: {RULE}", name.len()));
+    }
+    match name.char_indices().find(|(_, c)| !fine(*c)) {
+        Some((at, c)) if c.is_ascii_graphic() => Err(format!("holds `{c}` (at byte {at}): {RULE}")),
+        Some((at, _)) => Err(format!(
+            "holds a space, a control or a non-ASCII character (at byte {at}): {RULE}"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Every metric name above, for catalogues and drift checks.
@@ -200,5 +210,31 @@ impl Metrics {
         labels.push(Label::new("class", reason.class().as_str()));
         labels.push(Label::new("reason", reason.label()));
         counter!(MESSAGES_FAILED, labels).increment(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_producer_label;
+
+    /// A refused name is not echoed: it may be a URL pasted in by mistake, password and all.
+    #[test]
+    fn a_refused_label_says_why_without_echoing_it() {
+        assert!(check_producer_label("billing-eu.1").is_ok());
+        for (name, why) in [
+            ("amqp://app:hunter2@rabbit", "holds `:` (at byte 4)"),
+            ("", "is empty"),
+            ("hunter2 x", "holds a space"),
+        ] {
+            let e = check_producer_label(name).expect_err(name);
+            assert!(e.starts_with(why), "{e}");
+            assert!(name.is_empty() || !e.contains("hunter2"), "{e}");
+        }
+        let long = "hunter2".repeat(10);
+        let e = check_producer_label(&long).expect_err("too long");
+        assert!(
+            e.starts_with("is 70 bytes long") && !e.contains("hunter2"),
+            "{e}"
+        );
     }
 }

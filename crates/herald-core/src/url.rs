@@ -131,9 +131,10 @@ pub struct Ambiguous;
 ///
 /// An `@` can also be read as part of the path or query of a URL without user information,
 /// and is refused when that reading is as good:
-/// - its user name holds a `/` (or a `?`) and the `@` comes before the query, or a `:` does
-///   (a password may hold the `?`): `nats://abc/def@h1:4222` is a token `abc/def` (base64
-///   tokens hold `/`) for the host `h1`, or the host `abc` and the subject `def@h1:4222`;
+/// - its user name holds a `/` or a `?` and the `@` comes before the query, or a `:` does (a
+///   password may hold the `?`), or no path does: `nats://abc/def@h1:4222` is a token
+///   `abc/def` (base64 tokens hold `/`) for the host `h1`, or the host `abc` and the subject
+///   `def@h1:4222`;
 /// - what precedes the first `/` or `?` is a host list as well as a user and password:
 ///   `amqp://rabbit:5672/%2f?queue=billing@eu` is the host `rabbit` with a queue
 ///   `billing@eu`, or the user `rabbit` with the password `5672/%2f?queue=billing` for the
@@ -157,8 +158,11 @@ pub fn userinfo_end(rest: &str) -> Result<Option<usize>, Ambiguous> {
             continue;
         }
         if user.contains(['/', '?']) {
+            // The `@` is in the query of a URL without user information only if a path comes
+            // before the query, and no `:` does (a password may hold the `?`).
             let colon_first = before.find(':').is_some_and(|c| c < query);
-            if at < query || colon_first {
+            let path_first = rest[..query].contains('/');
+            if at < query || colon_first || !path_first {
                 return Err(Ambiguous);
             }
             continue;
@@ -397,6 +401,9 @@ mod tests {
             "amqp://us/er:pw@h/",
             // A `?` in a password after a user name holding `/`.
             "amqp://CORP/app:pa?ss@rabbit/",
+            // A user name holding `?`, or a query with no path before it.
+            "amqp://app?x:hunter2@rabbit/%2F?queue=q",
+            "amqp://rabbit?queue=a@b",
             // A host and port, or a user and a password holding `/`?
             "amqp://rabbit:5672/%2f?queue=billing@eu",
             "amqp://app:5672/x@rabbit",

@@ -84,8 +84,9 @@ pub fn raw_threaded(
     size: usize,
 ) -> Result<Run, KafkaError> {
     let counts = Arc::new(Counting::default());
-    let producer: ThreadedProducer<CountingContext> =
-        config(bootstrap, extra).create_with_context(CountingContext(counts.clone()))?;
+    let producer: ThreadedProducer<CountingContext> = config(bootstrap, extra)
+        .create_with_context(CountingContext(counts.clone()))
+        .map_err(crate::config::redact_client_error)?;
     let payload = vec![b'x'; size];
     let keys: Vec<String> = (0..64).map(|k| format!("key-{k}")).collect();
     producer
@@ -126,7 +127,9 @@ pub async fn naive_await_each(
     n: u64,
     size: usize,
 ) -> Result<Run, KafkaError> {
-    let producer: FutureProducer = config(bootstrap, extra).create()?;
+    let producer: FutureProducer = config(bootstrap, extra)
+        .create()
+        .map_err(crate::config::redact_client_error)?;
     let payload = vec![b'x'; size];
     let (mut delivered, mut failed) = (0, 0);
     let warm_up = FutureRecord::to(topic).payload(&payload[..]).key("warm-up");
@@ -169,7 +172,9 @@ impl OneByOne {
         topic: &str,
         size: usize,
     ) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = config(bootstrap, extra).create()?;
+        let producer: FutureProducer = config(bootstrap, extra)
+            .create()
+            .map_err(crate::config::redact_client_error)?;
         let payload = vec![b'x'; size];
         producer
             .send(

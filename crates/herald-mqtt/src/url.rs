@@ -149,14 +149,16 @@ impl Url {
     }
 }
 
-/// `mqtt://user:***@host:port/topic?qos=2&version=3`: safe to log.
+/// `mqtt://user:***@host:port/topic?qos=2&version=3`: safe to log. A user name without a
+/// password shows as `***@`: brokers that authenticate devices by an access token take it as
+/// the user name (ThingsBoard, say).
 impl fmt::Display for Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "mqtts" } else { "mqtt" };
         write!(f, "{scheme}://")?;
         match &self.user {
             None => {}
-            Some((user, None)) => write!(f, "{}@", url::percent_encode(user))?,
+            Some((_, None)) => f.write_str("***@")?,
             Some((user, Some(_))) => write!(f, "{}:***@", url::percent_encode(user))?,
         }
         write!(f, "{}", self.endpoint)?;
@@ -235,7 +237,11 @@ mod tests {
         assert_eq!((u.qos, u.version), (Qos::ExactlyOnce, Version::V311));
         let u = Url::parse("mqtt://reader@h:1884/t?version=5&qos=1").expect("valid");
         assert_eq!(u.user, Some(("reader".into(), None)));
-        assert_eq!(u.to_string(), "mqtt://reader@h:1884/t");
+        assert_eq!(
+            u.to_string(),
+            "mqtt://***@h:1884/t",
+            "a user name alone may be a device's token"
+        );
     }
 
     #[test]
@@ -331,7 +337,7 @@ mod tests {
             "mqtt://h:1883",
             "mqtt://app:***@h:1883/plant/line-3/temperature?qos=2",
             "mqtts://[::1]:8883/a%20b/c?version=3",
-            "mqtt://app@h:1883/x?qos=2&version=3",
+            "mqtt://***@h:1883/x?qos=2&version=3",
         ] {
             let u = Url::parse(url).expect(url);
             assert_eq!(u.to_string(), url);
