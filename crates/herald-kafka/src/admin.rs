@@ -305,6 +305,10 @@ mod tests {
         let e = super::create_topic_with("127.0.0.1:9", &extra, "t", 1, 1)
             .await
             .expect_err("refused by librdkafka");
+        assert!(
+            e.to_string().contains("sasl.jaas.config"),
+            "refused for the property: {e}"
+        );
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert!(!format!("{e:?}").contains("hunter2"), "{e:?}");
     }

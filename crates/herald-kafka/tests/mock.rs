@@ -468,11 +468,19 @@ async fn a_message_in_flight_at_the_deadline_is_not_reported_failed_if_stored() 
     cluster
         .round_trip_time(1, Duration::from_secs(3))
         .expect("slow broker");
+    let sent_at = std::time::Instant::now();
     let report = producer
         .send_all(keyed("in-flight", 50, 1))
         .await
         .wait()
         .await;
+    // The broker was slow indeed: the messages were still in flight at their deadline (a
+    // round trip that did not take effect would deliver them at once, and prove nothing).
+    assert!(
+        sent_at.elapsed() >= Duration::from_secs(1),
+        "answered in {:?}, before the delivery timeout",
+        sent_at.elapsed()
+    );
     cluster
         .round_trip_time(1, Duration::ZERO)
         .expect("fast again");
@@ -831,6 +839,11 @@ async fn a_partition_leader_lost_for_good_loses_nothing_and_keeps_order() {
     }
     let killed = std::time::Instant::now();
     let delivered_at_kill = producer.stats().totals.delivered;
+    // The run is not over yet: the kill happens in its middle.
+    assert!(
+        delivered_at_kill < 20_000,
+        "the run ended before the kill: the test proves nothing"
+    );
     cluster.broker_down(1).expect("down");
     cluster
         .set_leader("leader-loss", 0, Some(3))

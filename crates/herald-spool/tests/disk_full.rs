@@ -53,7 +53,7 @@ fn small_disk() -> Option<SmallDisk> {
     match SmallDisk::mount("256k") {
         Ok(d) => Some(d),
         Err(why) if std::env::var("HERALD_IT_ALLOW_SKIP").as_deref() == Ok("1") => {
-            eprintln!("skipped: cannot mount a tmpfs ({why})");
+            eprintln!("SKIPPED: disk_full: cannot mount a tmpfs ({why})");
             None
         }
         Err(why) => panic!("cannot mount a small tmpfs ({why}); HERALD_IT_ALLOW_SKIP=1 skips"),

@@ -197,9 +197,19 @@ fn assert_arrived(check: &str, sent: &[Message], got: &[Message]) {
         .collect();
     let mut last: HashMap<&Bytes, usize> = HashMap::new();
     for m in got {
-        let (Some(&pos), Some(key)) = (position.get(m.payload()), m.key()) else {
+        let Some(&pos) = position.get(m.payload()) else {
             continue;
         };
+        // The key it was sent with: a key lost on the way must not switch the check off.
+        let Some(key) = sent[pos].key() else {
+            continue;
+        };
+        if let Some(read) = m.key() {
+            assert_eq!(
+                read, key,
+                "{check}: message #{pos} read back with another key"
+            );
+        }
         if let Some(prev) = last.insert(key, pos) {
             assert!(
                 prev <= pos,
@@ -289,7 +299,9 @@ async fn large_batches<H: Harness>(h: &H) {
 async fn permanent_error_hands_message_back<H: Harness>(h: &H) {
     let dest = h.destination("poison").await;
     let Some(poison) = h.poison(&dest) else {
-        eprintln!("conformance: permanent_error_hands_message_back skipped: no poison message");
+        eprintln!(
+            "SKIPPED: conformance permanent_error_hands_message_back: the harness has no poison message"
+        );
         return;
     };
     let p = producer(h, |b| b).await;
@@ -409,7 +421,7 @@ async fn rides_out_transient_faults<H: Harness>(h: &H) {
     let injected = h.inject_transient_failures(3).await;
     if injected == Injected::Nothing {
         eprintln!(
-            "conformance: rides_out_transient_faults skipped: the harness cannot inject faults"
+            "SKIPPED: conformance rides_out_transient_faults: the harness cannot inject faults"
         );
         p.close(Duration::from_secs(5)).await;
         return;

@@ -164,10 +164,26 @@ pub fn assert_same_messages(sent: &[(Option<String>, String)], got: &[Read]) {
         b.len()
     );
     assert!(a == b, "the payloads read back differ from those sent");
+    // Grouped by the key each message was sent with: a key lost on the way must not switch the
+    // order check off.
+    let sent_key: HashMap<&[u8], Option<&str>> = sent
+        .iter()
+        .map(|(k, p)| (p.as_bytes(), k.as_deref()))
+        .collect();
     let mut by_key: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
     for r in got {
-        if let Some(k) = &r.key {
-            by_key.entry(k.clone()).or_default().push(r.payload.clone());
+        let key = sent_key[r.payload.as_slice()];
+        assert_eq!(
+            r.key.as_deref(),
+            key.map(str::as_bytes),
+            "message {:?} read back with another key",
+            String::from_utf8_lossy(&r.payload)
+        );
+        if let Some(k) = key {
+            by_key
+                .entry(k.as_bytes().to_vec())
+                .or_default()
+                .push(r.payload.clone());
         }
     }
     for (key, payloads) in by_key {
