@@ -948,7 +948,7 @@ async fn connection_cut_mid_run(depth: usize) {
                 })
                 .await;
             }
-            assert!(proxy.cuts() == 2 && proxy.accepted() >= 2, "reconnected");
+            assert!(proxy.accepted() >= 3, "a new connection after each cut");
             assert!(health.is_connected(), "health shows the connection back");
         },
     )

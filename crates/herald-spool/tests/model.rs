@@ -146,11 +146,20 @@ fn run(ops: Vec<Op>, segment_bytes: u64, sync: SyncPolicy) -> Result<(), TestCas
         match op {
             Op::Append(nums) => {
                 let msgs: Vec<Message> = nums.iter().map(|&n| message(n)).collect();
+                let fsyncs = spool.stats().fsyncs;
                 let ids = if msgs.len() == 1 {
                     vec![spool.append(&msgs[0]).map_err(fail)?]
                 } else {
                     spool.append_all(&msgs).map_err(fail)?
                 };
+                if matches!(sync, SyncPolicy::Group) {
+                    // Group commit returns an append once an fsync covers it (a drop, the
+                    // crash below, would not show one that did not wait).
+                    prop_assert!(
+                        spool.stats().fsyncs > fsyncs,
+                        "an append returned before an fsync"
+                    );
+                }
                 prop_assert_eq!(ids.len(), nums.len());
                 for (id, n) in ids.iter().zip(&nums) {
                     prop_assert!(given.last().is_none_or(|last| id > last), "ids increase");
