@@ -85,10 +85,17 @@ fn fill(spool: &Spool) -> (Vec<SpoolId>, SpoolError) {
     }
 }
 
-/// Takes the disk's last free bytes with a file `filler`.
+/// Takes the disk's last free bytes with a file `filler`, a byte at a time at the end, and
+/// shows the disk full: not one more byte goes in.
 fn fill_the_rest(disk: &SmallDisk) {
     let mut filler = std::fs::File::create(disk.path().join("filler")).expect("filler");
     while filler.write_all(&[0u8; 512]).is_ok() {}
+    while filler.write_all(&[0u8]).is_ok() {}
+    let e = filler
+        .write_all(&[0u8])
+        .and_then(|()| filler.sync_all())
+        .expect_err("the disk is full");
+    assert_eq!(e.raw_os_error(), Some(28), "ENOSPC: {e}");
 }
 
 #[test]

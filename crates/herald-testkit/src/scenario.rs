@@ -169,6 +169,8 @@ pub async fn a_hung_server_is_given_up(
             failed += 1;
         }
     }
+    // The hang was real: a send met it (else the new connection proves nothing).
+    assert!(failed > 0, "no send failed while the server was stopped");
     signal(pid, "CONT");
     // Back: sends go through again (the first may still meet the connection opened while it
     // hung).
