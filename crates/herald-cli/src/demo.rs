@@ -197,6 +197,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<Exit> {
                 "retries": totals.retries,
                 "retried_messages": t.retried,
                 "order_violations": violations,
+                "order_checked": checked,
                 "elapsed_s": report::num(elapsed.as_secs_f64()),
                 "msgs_per_sec": report::num(report::rate(t.delivered, elapsed)),
                 "p50_ms": report::ms(t.latency.quantile(0.5)),

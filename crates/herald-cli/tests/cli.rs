@@ -51,6 +51,11 @@ fn demo_succeeds_and_prints_a_summary() {
     assert_eq!(report["sent"], 5000, "{report}");
     assert_eq!(report["failed"], 0, "{report}");
     assert_eq!(report["order_violations"], 0, "{report}");
+    // Order was checked: no violations among nothing compared would prove nothing.
+    assert!(
+        report["order_checked"].as_u64().is_some_and(|n| n > 1_000),
+        "{report}"
+    );
     assert!(report["p99_ms"].as_f64().is_some(), "{report}");
 }
 
