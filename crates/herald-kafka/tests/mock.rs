@@ -828,6 +828,12 @@ async fn a_partition_leader_lost_for_good_loses_nothing_and_keeps_order() {
     .build()
     .expect("producer");
     let sent = keyed("leader-loss", 20_000, 16);
+    // The doomed leader answers slowly: its partition is still in flight when partition 1's
+    // messages are in (the mock is fast enough to finish the whole run before a poll sees
+    // 5 000 delivered otherwise, and the kill then comes after the end).
+    cluster
+        .round_trip_time(1, Duration::from_millis(300))
+        .expect("slow leader");
     let receipt = producer.send_all(sent.clone()).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while producer.stats().totals.delivered < 5_000 {
