@@ -141,9 +141,10 @@ pub struct Ambiguous;
 ///   host `eu`.
 ///
 /// Read the wrong way, a token or password goes to another host (or its DNS lookup) and shows
-/// in every printout of the URL. A path's or query's `@` is written `%40`, a `/` in a user
-/// name, token or password `%2F`. An `@` in the query of a URL without user information and
-/// without a port (`amqp://rabbit/%2f?queue=billing@eu`) reads one way, and stays in the query.
+/// in every printout of the URL. A path's or query's `@` is written `%40`, a `/` or `?` in a
+/// user name, token or password `%2F` or `%3F`. An `@` in the query of a URL with a path and
+/// without user information or a port (`amqp://rabbit/%2f?queue=billing@eu`) reads one way,
+/// and stays in the query.
 pub fn userinfo_end(rest: &str) -> Result<Option<usize>, Ambiguous> {
     let mut end = None;
     let query = rest.find('?').unwrap_or(rest.len());
