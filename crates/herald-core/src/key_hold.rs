@@ -103,11 +103,10 @@ impl KeyHold {
             if let Some(held) = self.check(msg) {
                 // A failure of its own stays: a permanent one is final, a transient one is
                 // retried anyway and says more than "held".
-                if outcome.is_ok() {
-                    if let Ok(ack) = std::mem::replace(outcome, Err(held)) {
-                        changed += 1;
-                        delivered_but_held(i, ack);
-                    }
+                if let Ok(ack) = *outcome {
+                    *outcome = Err(held);
+                    changed += 1;
+                    delivered_but_held(i, ack);
                 }
             } else if let Err(e) = outcome {
                 self.failed(msg, e);
