@@ -242,11 +242,12 @@ impl Proxy {
             .stdout(std::process::Stdio::null())
             .spawn()
             .context("starting the delaying proxy")?;
-        let proxy = Proxy(child);
+        let mut proxy = Proxy(child);
         crate::broker::wait_listening(
             &format!("127.0.0.1:{port}"),
             std::time::Duration::from_secs(10),
             " (the delaying proxy)",
+            Some(&mut proxy.0),
         )?;
         Ok(proxy)
     }
@@ -271,7 +272,7 @@ fn rtt_rounds(herald: &Path, proxy_bin: &Path, rtt_ms: u64) -> Result<Vec<Row>> 
             let (port, proxy_port) = (crate::broker::free_port()?, crate::broker::free_port()?);
             let mut tansu = kafka::start_tansu_advertising(&bin, port, proxy_port, "memory://tansu/")?;
             let result = (|| -> Result<()> {
-                kafka::wait_for(&format!("127.0.0.1:{port}"), std::time::Duration::from_secs(60))?;
+                kafka::wait_for(&format!("127.0.0.1:{port}"), std::time::Duration::from_secs(60), &mut tansu)?;
                 let _proxy = Proxy::start(proxy_bin, proxy_port, &format!("127.0.0.1:{port}"), rtt_ms)?;
                 rows.extend(sized_rows(Broker::Kafka, rtt_ms, |size, r| {
                     let to = format!("kafka://127.0.0.1:{proxy_port}/command-rtt{rtt_ms}-{size}-{r}-{pid}");

@@ -59,13 +59,25 @@ pub(crate) fn provision() -> Result<Broker> {
             bin
         }
     };
-    let port = free_port()?;
-    let mut child = start_tansu(&bin, port, "memory://tansu/")?;
-    let addr = format!("127.0.0.1:{port}");
-    if let Err(e) = wait_for(&addr, Duration::from_secs(60)) {
-        stop_child(&mut child);
-        return Err(e);
-    }
+    // A port free when picked may be taken before Tansu binds it: then Tansu exits at once,
+    // and another port is tried.
+    let mut attempts = 0;
+    let (mut child, addr) = loop {
+        attempts += 1;
+        let port = free_port()?;
+        let mut child = start_tansu(&bin, port, "memory://tansu/")?;
+        let addr = format!("127.0.0.1:{port}");
+        match wait_for(&addr, Duration::from_secs(60), &mut child) {
+            Ok(()) => break (child, addr),
+            Err(e) => {
+                stop_child(&mut child);
+                if attempts >= 3 || !e.is::<crate::broker::ExitedEarly>() {
+                    return Err(e);
+                }
+                eprintln!("kafka: {e:#}; trying another port");
+            }
+        }
+    };
     eprintln!("kafka: Tansu {TANSU_VERSION} on {addr} (memory storage)");
     env.push(("HERALD_KAFKA_BOOTSTRAP", addr));
     let stop = move || stop_child(&mut child);
@@ -244,9 +256,9 @@ pub(crate) fn start_tansu_advertising(
         .with_context(|| format!("could not start {}", bin.display()))
 }
 
-/// Waits until the Tansu started on `addr` listens.
-pub(crate) fn wait_for(addr: &str, limit: Duration) -> Result<()> {
-    crate::broker::wait_listening(addr, limit, ": see target/it/tansu-*.log")
+/// Waits until the Tansu started on `addr` (`child`) listens; fails at once if it exits.
+pub(crate) fn wait_for(addr: &str, limit: Duration, child: &mut Child) -> Result<()> {
+    crate::broker::wait_listening(addr, limit, ": see target/it/tansu-*.log", Some(child))
 }
 
 /// `cargo xtask bench kafka`: herald, raw rdkafka at its best and the naive pattern on one
@@ -332,25 +344,29 @@ pub(crate) fn bench_rtt(root: &Path) -> Result<()> {
         let (port, proxy) = (free_port()?, free_port()?);
         let mut child = start_tansu_advertising(&bin, port, proxy, "memory://tansu/")?;
         let out = root.join(format!("target/bench/kafka-rtt-{rtt}.json"));
-        let result =
-            wait_for(&format!("127.0.0.1:{port}"), Duration::from_secs(60)).and_then(|()| {
-                run(
-                    &format!("kafka benchmark at {rtt} ms round trip"),
-                    bench_example()
-                        .args(["--bootstrap", &format!("127.0.0.1:{port}")])
-                        .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
-                        .args(["--rtt-ms", &rtt.to_string()])
-                        .args([
-                            "--messages",
-                            RTT_MESSAGES,
-                            "--rounds",
-                            "3",
-                            "--naive",
-                            "100",
-                        ])
-                        .args(["--json", out.to_str().context("utf-8 path")?]),
-                )
-            });
+        let result = wait_for(
+            &format!("127.0.0.1:{port}"),
+            Duration::from_secs(60),
+            &mut child,
+        )
+        .and_then(|()| {
+            run(
+                &format!("kafka benchmark at {rtt} ms round trip"),
+                bench_example()
+                    .args(["--bootstrap", &format!("127.0.0.1:{port}")])
+                    .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
+                    .args(["--rtt-ms", &rtt.to_string()])
+                    .args([
+                        "--messages",
+                        RTT_MESSAGES,
+                        "--rounds",
+                        "3",
+                        "--naive",
+                        "100",
+                    ])
+                    .args(["--json", out.to_str().context("utf-8 path")?]),
+            )
+        });
         stop_child(&mut child);
         result?;
         let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
