@@ -346,7 +346,8 @@ impl Tuning {
 }
 
 /// librdkafka properties herald sets itself (the Kafka adapter refuses them too, naming its
-/// own settings), with what sets them on the command line.
+/// own settings), with what sets them on the command line: one entry for each of
+/// `herald::kafka::managed_properties()`, which a test holds it to.
 const SET_BY_THE_COMMAND: &[(&str, &str)] = &[
     (
         "bootstrap.servers",
@@ -452,6 +453,18 @@ mod tests {
             assert!(
                 herald::kafka::KafkaTransport::new(config).is_err(),
                 "the adapter takes {key}: the command need not refuse it"
+            );
+        }
+    }
+
+    /// And the other way: every property the adapter sets itself has the command's advice,
+    /// so none falls through to the adapter's message, which names a library call.
+    #[test]
+    fn every_property_the_adapter_refuses_has_the_command_s_advice() {
+        for key in herald::kafka::managed_properties() {
+            assert!(
+                super::SET_BY_THE_COMMAND.iter().any(|(k, _)| *k == key),
+                "--kafka-property {key} would be refused with the library's advice"
             );
         }
     }

@@ -81,6 +81,13 @@ const MANAGED: &[(&str, &str)] = &[
     ("transactional.id", "herald does not run Kafka transactions: without `init_transactions` librdkafka refuses every message; idempotence (on by default) already keeps librdkafka's retries from duplicating or reordering"),
 ];
 
+/// The librdkafka properties herald sets itself: [`KafkaConfig::property`] refuses each of
+/// them at build, naming the setting to use instead. For front ends (the `herald` command)
+/// that refuse them earlier with advice of their own.
+pub fn managed_properties() -> impl Iterator<Item = &'static str> {
+    MANAGED.iter().map(|(key, _)| *key)
+}
+
 /// librdkafka's names for how many times it retries a failed produce request itself.
 const RETRIES: [&str; 2] = ["message.send.max.retries", "retries"];
 

@@ -52,7 +52,8 @@ pub mod baseline;
 use std::time::Duration;
 
 pub use config::{
-    validate_bootstrap_servers, Compression, KafkaConfig, Partitioner, MESSAGE_ID_HEADER,
+    managed_properties, validate_bootstrap_servers, Compression, KafkaConfig, Partitioner,
+    MESSAGE_ID_HEADER,
 };
 pub use destination::{validate_topic_name, TopicNameError};
 pub use error::ConfigError;
