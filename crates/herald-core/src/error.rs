@@ -132,7 +132,9 @@ pub enum FailureReason {
     },
     /// `try_send` found the buffer full.
     BufferFull,
-    /// The producer was closed before the message could be delivered.
+    /// The producer was closed before the message could be delivered, or the runtime running
+    /// its tasks shut down (their guards end what they held: see
+    /// [`HealthIssue::PipelineStopped`](crate::HealthIssue::PipelineStopped)).
     Closed,
     /// The `send_all` call that held the message was cancelled (its future dropped) after
     /// taking the message from its iterator and before the producer accepted it: the message
@@ -302,10 +304,15 @@ impl SendError {
     /// Whether the message is still in the producer's [store](crate::Store) (a spool): it
     /// ended unsent as [`FailureReason::Closed`] (the producer closed, or its close timed out,
     /// before it was delivered; or the runtime running the producer's tasks shut down while
-    /// the message waited in them), or as [`FailureReason::Store`] because the store could not
-    /// read it back just then (its message is then empty), and the next producer opened on
-    /// the same store sends it, before anything new. Handing it on elsewhere too (a dead-letter file) would send it
+    /// the message waited in them, durable), or as [`FailureReason::Store`] because the store
+    /// could not read it back just then, and the next producer opened on the same store sends
+    /// it, before anything new. Handing it on elsewhere too (a dead-letter file) would send it
     /// twice; the `herald` command counts such messages as kept, not failed.
+    ///
+    /// A message spilled to the store (its body left there, read back only when the buffer
+    /// has room) comes back with an empty message when it ends this way, whether `Closed` or
+    /// `Store`: the body is what the store keeps. Do not send `message()` of a kept error
+    /// again.
     pub fn is_kept_in_store(&self) -> bool {
         self.0.kept
     }

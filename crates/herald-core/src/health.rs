@@ -116,7 +116,9 @@ pub enum HealthIssue {
     Closed,
     /// The producer's dispatcher task ended although the producer was not closed (its runtime
     /// shut down or dropped the task, or a fault in herald panicked it): nothing is sent any
-    /// more. Unhealthy, and not live: a liveness probe should restart the process.
+    /// more, and what was pending has been handed back as
+    /// [`FailureReason::Closed`](crate::FailureReason::Closed). Unhealthy, and not live: a
+    /// liveness probe should restart the process.
     PipelineStopped,
 }
 

@@ -1169,7 +1169,9 @@ async fn a_close_that_runs_out_of_time_stops_the_read_back() {
 /// in the buffer, or read back from the spool): their futures, receipts and sinks, awaited
 /// elsewhere, hand each message back as closed and kept in the store, which the next producer
 /// sends. Futures used to panic ("a delivery was dropped unanswered"), receipts to wait for
-/// ever, sinks to hear nothing.
+/// ever, sinks to hear nothing; then `flush` and `close` waited for ever (the messages were
+/// answered but never taken out of the count they wait on), and the one in flight was never
+/// answered.
 #[test]
 fn stored_messages_whose_producer_runtime_shuts_down_are_handed_back_kept() {
     const N: usize = 6;
@@ -1209,6 +1211,7 @@ fn stored_messages_whose_producer_runtime_shuts_down_are_handed_back_kept() {
     drop(first);
     // The first is in flight, held by the transport: it is the buffer's, not the stage's.
     let waiting = futures.split_off(1);
+    let in_flight = futures.pop().expect("the first");
     let second = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1236,6 +1239,32 @@ fn stored_messages_whose_producer_runtime_shuts_down_are_handed_back_kept() {
             assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
             assert!(e.is_kept_in_store(), "{e}");
         }
+        // The one in flight too, and what the producer is asked afterwards: nothing waits for
+        // the tasks that are gone (`flush` and `close` waited for ever on the stage's count).
+        let e = tokio::time::timeout(Duration::from_secs(10), in_flight)
+            .await
+            .expect("answered")
+            .expect_err("never acknowledged");
+        assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
+        let stats = p.stats();
+        assert_eq!(
+            (stats.totals.accepted, stats.totals.failed),
+            (3 * N as u64, 3 * N as u64),
+            "{stats:?}"
+        );
+        let refused = p.try_send(keyed(99)).expect_err("nothing sends it");
+        assert!(
+            matches!(refused.reason(), FailureReason::Closed),
+            "{refused}"
+        );
+        assert!(!refused.is_kept_in_store(), "{refused}");
+        tokio::time::timeout(Duration::from_secs(10), p.flush())
+            .await
+            .expect("flush ends");
+        let closed = tokio::time::timeout(Duration::from_secs(10), p.close(Duration::MAX))
+            .await
+            .expect("close ends");
+        assert!(closed.drained, "{closed:?}");
     });
     let fates = std::mem::take(&mut *fates.lock().expect("fates"));
     let tags: Vec<u64> = fates.iter().map(|(tag, _)| *tag).collect();
@@ -1244,7 +1273,7 @@ fn stored_messages_whose_producer_runtime_shuts_down_are_handed_back_kept() {
         let e = fate.as_ref().expect_err("never sent");
         assert!(e.is_kept_in_store(), "{e}");
     }
-    drop((p, futures));
+    drop(p);
     let (pending, sent) = second.block_on(sent_by_the_next_producer(&d));
     assert_eq!(pending, 3 * N as u64, "every message is still in the spool");
     assert_eq!(sent.len(), 3 * N);

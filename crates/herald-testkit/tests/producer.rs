@@ -1937,3 +1937,160 @@ async fn a_message_the_store_could_not_make_durable_is_not_counted_accepted() {
     );
     p.close(Duration::from_secs(5)).await;
 }
+
+/// The runtime that runs a producer's tasks shuts down while a message is in flight and more
+/// are queued behind it, and the producer lives on in code on another runtime:
+/// every message is handed back `Closed`, a new one is refused, and `flush` and `close` end.
+/// Before, nothing answered them while a handle lived: futures, `flush` and `close(MAX)`
+/// waited for ever.
+#[test]
+fn messages_whose_producer_runtime_shuts_down_are_handed_back_closed() {
+    let t = MemoryTransport::new();
+    t.hold();
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (p, futures) = first.block_on(async {
+        let p = Producer::builder(t.clone())
+            .batching(SizeOrLinger::new(1, 1 << 20, Duration::ZERO))
+            .build()
+            .expect("producer");
+        let mut futures = Vec::new();
+        for i in 0..5 {
+            futures.push(p.enqueue(msg(i)).await.expect("accepted"));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while t.calls() == 0 {
+            assert!(std::time::Instant::now() < deadline, "no call was made");
+            tokio::task::yield_now().await;
+        }
+        (p, futures)
+    });
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    second.block_on(async {
+        for f in futures {
+            let e = tokio::time::timeout(Duration::from_secs(10), f)
+                .await
+                .expect("answered")
+                .expect_err("never sent");
+            assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
+        }
+        let stats = p.stats();
+        assert_eq!(stats.totals.accepted, 5, "{stats:?}");
+        assert_eq!(stats.totals.failed, 5, "{stats:?}");
+        let refused = p.try_send(msg(9)).expect_err("nothing sends it");
+        assert!(
+            matches!(refused.reason(), FailureReason::Closed),
+            "{refused}"
+        );
+        tokio::time::timeout(Duration::from_secs(10), p.flush())
+            .await
+            .expect("flush ends");
+        let report = tokio::time::timeout(Duration::from_secs(10), p.close(Duration::MAX))
+            .await
+            .expect("close ends");
+        assert!(report.drained, "{report:?}");
+    });
+}
+
+/// A store that takes messages and never says whether they are durable (an fsync that hangs).
+struct DurableNever;
+
+impl herald_core::Store for DurableNever {
+    fn submit(
+        &self,
+        messages: &[Message],
+    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
+        Ok(herald_core::Submitted {
+            tokens: (0..messages.len() as u64).collect(),
+            durable: Box::pin(std::future::pending()),
+        })
+    }
+    fn settle(&self, _: &[herald_core::StoreToken]) {}
+    fn recover(
+        &self,
+        _: usize,
+    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
+        Ok(Vec::new())
+    }
+    fn describe(&self) -> String {
+        "durable never".into()
+    }
+}
+
+/// A stored message whose store had not made it durable when the runtime of the producer's
+/// tasks shut down is handed back `Closed` and not kept: the store may never hold it, so its
+/// caller must keep it. It was marked kept in the store, which a caller (the command's
+/// dead-letter file) takes as "sent by the next producer".
+#[test]
+fn a_stored_message_not_yet_durable_when_the_runtime_shuts_down_is_not_kept() {
+    let first = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (p, future) = first.block_on(async {
+        let p = Producer::builder(MemoryTransport::new())
+            .store(DurableNever)
+            .build()
+            .expect("producer");
+        let future = p.try_send(msg(0)).expect("stored");
+        (p, future)
+    });
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    second.block_on(async {
+        let e = tokio::time::timeout(Duration::from_secs(10), future)
+            .await
+            .expect("answered")
+            .expect_err("never sent");
+        assert!(matches!(e.reason(), FailureReason::Closed), "{e}");
+        assert!(!e.is_kept_in_store(), "{e}");
+        let totals = p.stats().totals;
+        assert_eq!((totals.accepted, totals.failed), (0, 1), "{totals:?}");
+        tokio::time::timeout(Duration::from_secs(10), p.flush())
+            .await
+            .expect("flush ends");
+    });
+}
+
+/// The runtime of a producer with a store shuts down before its tasks ever ran (the recovery
+/// of what the store holds among them): `flush` and `close` on another runtime end. They
+/// waited for ever for the recovery.
+#[test]
+fn a_producer_whose_runtime_shuts_down_before_its_recovery_can_be_flushed() {
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // Nothing awaited: the producer's tasks are spawned, not run, before the runtime goes.
+    let p = first.block_on(async {
+        Producer::builder(MemoryTransport::new())
+            .store(DurableNever)
+            .build()
+            .expect("producer")
+    });
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    second.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), p.flush())
+            .await
+            .expect("flush ends");
+        let report = tokio::time::timeout(Duration::from_secs(10), p.close(Duration::MAX))
+            .await
+            .expect("close ends");
+        assert!(report.drained, "{report:?}");
+    });
+}

@@ -389,7 +389,7 @@ impl Future for DeliveryFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match Pin::new(&mut self.rx).poll(cx) {
             Poll::Ready(Ok(outcome)) => Poll::Ready(outcome),
-            // Every pending entry is completed by a drop guard (see pipeline.rs), so the sender
+            // Every pending entry is completed by a drop guard (see state.rs and stage.rs), so the sender
             // cannot vanish unanswered; if it ever did, pending forever would hide it, so say so.
             Poll::Ready(Err(_)) => {
                 panic!("herald: a delivery was dropped unanswered (a bug: please report it)")

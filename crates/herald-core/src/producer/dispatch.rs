@@ -1081,12 +1081,32 @@ impl Drop for Running {
         // A runtime shutting down at the end of a program drops it too: worth an error only
         // when messages were still waiting.
         let pending = self.0.unsettled.load(Ordering::Acquire);
+        // Nothing will send them now: what is queued or parked ends `Closed`, as at a close
+        // that gave up, and so does every batch in flight when it lands (its task dropped
+        // too, or its call ending); new messages are refused. Otherwise a caller awaiting a
+        // fate, `flush` or `close` on another runtime would wait for ever. Caught: this may
+        // run in a runtime's shutdown, and should it panic (a state left half-updated by the
+        // dispatcher's own panic), the rest still ends when the pipeline is dropped.
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Some(stage) = &self.0.stage {
+                stage.close();
+            }
+            self.0.abandon_queued();
+        }));
+        if ended.is_err() {
+            tracing::error!(
+                producer = self.0.config.name.as_deref(),
+                transport = self.0.transport.name(),
+                "ending what the gone dispatcher left panicked"
+            );
+        }
         if pending > 0 {
             tracing::error!(
                 producer = self.0.config.name.as_deref(),
                 transport = self.0.transport.name(),
                 pending,
-                "the producer's dispatcher task ended without a close: nothing is sent any more"
+                "the producer's dispatcher task ended without a close: nothing is sent any \
+                 more, and what was pending is handed back as closed"
             );
         } else {
             tracing::debug!(

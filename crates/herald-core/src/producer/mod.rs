@@ -489,7 +489,7 @@ impl Producer {
         let (tx, rx) = oneshot::channel();
         if let Some(stage) = &self.shared().stage {
             let msg = self.check_size(msg)?;
-            return match stage.submit(self.shared(), vec![(msg, Completion::One(tx))], None) {
+            return match stage.submit(&self.handle.shared, vec![(msg, Completion::One(tx))], None) {
                 Ok(()) => Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone())),
                 Err(not) => Err(self.not_stored(not)),
             };
@@ -648,7 +648,7 @@ impl Producer {
         loop {
             let mut space = pin!(shared.space.notified());
             space.as_mut().enable();
-            match stage.submit(shared, std::mem::take(&mut waiting.1), durable) {
+            match stage.submit(&self.handle.shared, std::mem::take(&mut waiting.1), durable) {
                 Ok(()) => return Ok(()),
                 Err(not)
                     if matches!(&not.reason, FailureReason::Store(e) if e.is_full())

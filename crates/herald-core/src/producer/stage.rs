@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::completion::{BulkReceipt, Completion, FateSink, Group, Unclaimed};
+use super::completion::{BulkReceipt, Completion, FateSink, Group};
 use super::state::{clock_now, Shared};
 use crate::error::{FailureReason, SendError};
 use crate::message::{Message, MessageId};
@@ -58,7 +58,14 @@ enum Entries {
 /// where the stage goes on with them.
 struct Staged {
     items: Vec<(Message, Completion, StoreToken)>,
-    unclaimed: Arc<Unclaimed>,
+    shared: Arc<Shared>,
+    /// To be left in the store once durable, counted in [`Stage::spilled`]; else held in
+    /// memory, counted in [`Stage::bytes`].
+    spilling: bool,
+    /// The store made them durable (the confirmer saw it). Dropped before that, they are
+    /// handed back as not kept: the store may never make them durable, and a caller told
+    /// "kept" would not send them again.
+    durable: bool,
 }
 
 impl Staged {
@@ -74,24 +81,57 @@ impl Staged {
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        for (msg, done, _) in self.items.drain(..) {
-            closed_kept(msg, done, &self.unclaimed);
+        let items = std::mem::take(&mut self.items);
+        if items.is_empty() {
+            return;
         }
+        let (bytes, spilled) = if self.spilling {
+            (0, items.len())
+        } else {
+            (items.iter().map(|(m, _, _)| m.size()).sum(), 0)
+        };
+        let durable = self.durable;
+        let ended = items
+            .into_iter()
+            .map(|(msg, done, _)| (msg, done, FailureReason::Closed, durable, None))
+            .collect();
+        end_orphaned(&self.shared, ended, bytes, spilled, durable);
     }
 }
 
-/// Answers a stored message whose stage went away as closed and kept in the store.
-fn closed_kept(msg: Message, done: Completion, unclaimed: &Unclaimed) {
-    let e = SendError::new(msg, FailureReason::Closed, 0).kept();
-    done.complete(Err(e), unclaimed);
+/// Ends staged messages whose stage task went away with them (its runtime shut down): closed
+/// unsent, kept in the store when it had made them `durable` (else refused, no longer counted
+/// as accepted), and taken out of every count that holds them (the stage's `bytes` and
+/// `spilled`, `State::staged`, `unsettled`), so that a `flush` or `close` awaited on another
+/// runtime ends.
+fn end_orphaned(
+    shared: &Shared,
+    ended: Vec<Unadmitted>,
+    bytes: usize,
+    spilled: usize,
+    durable: bool,
+) {
+    if let Some(stage) = &shared.stage {
+        stage.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        stage.spilled.fetch_sub(spilled, Ordering::AcqRel);
+    }
+    {
+        let mut st = shared.lock();
+        st.staged -= ended.len();
+        if !durable {
+            st.totals.accepted -= ended.len() as u64;
+        }
+    }
+    end_unadmitted(shared, ended, durable);
+    shared.wake.notify_one();
 }
 
 /// Messages left in the store: what it takes to read them back and answer for them.
 struct Spilled {
     tokens: Tokens,
     dones: Dones,
-    /// Where the answers of messages dropped unanswered go (see [`Staged`]).
-    unclaimed: Arc<Unclaimed>,
+    /// For answering messages dropped unanswered (see [`Staged`]).
+    shared: Arc<Shared>,
     /// When they were submitted (see [`Pending::accepted_at`]).
     accepted_at: Instant,
     /// Their producer spans (feature `otel`), kept so that each ends with its message's fate;
@@ -103,7 +143,7 @@ struct Spilled {
 impl Spilled {
     /// Drops the bodies of durable messages, keeping what answers for them.
     fn new(staged: Staged, accepted_at: Instant) -> Self {
-        let unclaimed = staged.unclaimed.clone();
+        let shared = staged.shared.clone();
         let entries = staged.take();
         #[cfg(feature = "otel")]
         let mut spans = Vec::with_capacity(entries.len());
@@ -123,7 +163,7 @@ impl Spilled {
         Self {
             tokens: Tokens::new(tokens),
             dones: Dones::new(dones),
-            unclaimed,
+            shared,
             accepted_at,
             #[cfg(feature = "otel")]
             spans: spans.iter().any(Option::is_some).then(|| spans.into_iter()),
@@ -145,8 +185,17 @@ impl Spilled {
 /// each handed back with an empty message (its body is in the store).
 impl Drop for Spilled {
     fn drop(&mut self) {
-        for done in self.dones.by_ref() {
-            closed_kept(Message::new("", bytes::Bytes::new()), done, &self.unclaimed);
+        let ended: Vec<Unadmitted> = self
+            .dones
+            .by_ref()
+            .map(|done| {
+                let msg = Message::new("", bytes::Bytes::new());
+                (msg, done, FailureReason::Closed, true, None)
+            })
+            .collect();
+        if !ended.is_empty() {
+            let n = ended.len();
+            end_orphaned(&self.shared, ended, 0, n, true);
         }
     }
 }
@@ -318,7 +367,7 @@ impl Stage {
     #[allow(clippy::result_large_err)] // handed straight back to the caller
     pub(crate) fn submit(
         &self,
-        shared: &Shared,
+        shared: &Arc<Shared>,
         mut entries: Vec<(Message, Completion)>,
         accepted: Option<oneshot::Sender<Result<(), StoreError>>>,
     ) -> Result<(), NotStored> {
@@ -381,21 +430,28 @@ impl Stage {
                 .zip(submitted.tokens)
                 .map(|((msg, done), token)| (msg, done, token))
                 .collect(),
-            unclaimed: shared.unclaimed.clone(),
+            shared: shared.clone(),
+            spilling: spill,
+            durable: false,
         };
         let entries = if spill {
             Entries::Spilling(entries)
         } else {
             Entries::Held(entries)
         };
-        // The receiver lives as long as `shared` (the admitter holds it): a send cannot fail
-        // while this stage's sender is in place.
-        let _queued = tx.send(Pending {
-            durable: submitted.durable,
-            entries,
-            accepted,
-            accepted_at: clock_now(),
-        });
+        // The send fails only when the stage's tasks are gone (their runtime shut down): the
+        // submission is then answered as closed by its drop, after the queue's lock is let go
+        // (an answer runs the caller's code, which may submit again).
+        let unsent = tx
+            .send(Pending {
+                durable: submitted.durable,
+                entries,
+                accepted,
+                accepted_at: clock_now(),
+            })
+            .err();
+        drop(queue);
+        drop(unsent);
         Ok(())
     }
 }
@@ -421,23 +477,45 @@ fn recovery_done(shared: &Shared) {
 /// The admitter: first what the store recovered, then every submission in order, each once
 /// durable (the confirmer's part), into the buffer as room frees. Ends when the stage is
 /// closed and its queue empty.
-pub(crate) async fn run_admitter(
+///
+/// The recovery's hold ([`hold_for_recovery`]) ends with the recovery, or when this task is
+/// dropped before that (its runtime shut down, even before it first ran).
+pub(crate) fn run_admitter(
     shared: Arc<Shared>,
     store: Arc<dyn Store>,
     queue: mpsc::UnboundedReceiver<Pending>,
+) -> impl std::future::Future<Output = ()> {
+    /// Ends the recovery's hold when dropped.
+    struct Recovering(Arc<Shared>);
+    impl Drop for Recovering {
+        fn drop(&mut self) {
+            recovery_done(&self.0);
+        }
+    }
+    let recovering = Recovering(shared.clone());
+    async move {
+        let (ready_tx, ready) = mpsc::unbounded_channel();
+        tokio::spawn(run_confirmer(shared.clone(), queue, ready_tx));
+        recover(&shared, &store).await;
+        drop(recovering);
+        admit_confirmed(&shared, &store, ready).await;
+    }
+}
+
+/// The admitter's part after the recovery: each confirmed submission into the buffer.
+async fn admit_confirmed(
+    shared: &Arc<Shared>,
+    store: &Arc<dyn Store>,
+    mut ready: mpsc::UnboundedReceiver<Ready>,
 ) {
-    let (ready_tx, mut ready) = mpsc::unbounded_channel();
-    tokio::spawn(run_confirmer(shared.clone(), queue, ready_tx));
-    recover(&shared, &store).await;
-    recovery_done(&shared);
     let mut reading = ReadBack::default();
     while let Some(confirmed) = ready.recv().await {
         match confirmed {
             Ready::Held(entries, accepted_at) => {
-                admit_all(&shared, entries.take(), accepted_at).await;
+                admit_all(shared, entries.take(), accepted_at).await;
             }
             Ready::Spilled(spilled) => {
-                admit_spilled(&shared, &store, &mut reading, spilled).await;
+                admit_spilled(shared, store, &mut reading, spilled).await;
             }
         }
     }
@@ -464,7 +542,10 @@ async fn run_confirmer(
             let _told = tx.send(result.clone());
         }
         let confirmed = match (result, pending.entries) {
-            (Ok(()), Entries::Held(entries)) => Ready::Held(entries, pending.accepted_at),
+            (Ok(()), Entries::Held(mut entries)) => {
+                entries.durable = true;
+                Ready::Held(entries, pending.accepted_at)
+            }
             (Ok(()), Entries::Spilling(entries)) => {
                 Ready::Spilled(Spilled::new(entries, pending.accepted_at))
             }
@@ -784,19 +865,30 @@ async fn admit_all(
     struct Left<'a> {
         entries: std::vec::IntoIter<(Message, Completion, StoreToken)>,
         waiting: Option<(Message, Completion, StoreToken)>,
-        unclaimed: &'a Unclaimed,
+        shared: &'a Shared,
     }
     impl Drop for Left<'_> {
         fn drop(&mut self) {
-            for (msg, done, _) in self.waiting.take().into_iter().chain(&mut self.entries) {
-                closed_kept(msg, done, self.unclaimed);
+            let mut bytes = 0;
+            let ended: Vec<Unadmitted> = self
+                .waiting
+                .take()
+                .into_iter()
+                .chain(&mut self.entries)
+                .map(|(msg, done, _)| {
+                    bytes += msg.size();
+                    (msg, done, FailureReason::Closed, true, None)
+                })
+                .collect();
+            if !ended.is_empty() {
+                end_orphaned(self.shared, ended, bytes, 0, true);
             }
         }
     }
     let mut left = Left {
         entries: entries.into_iter(),
         waiting: None,
-        unclaimed: &shared.unclaimed,
+        shared,
     };
     loop {
         let mut space = pin!(shared.space.notified());
