@@ -300,7 +300,8 @@ impl Url {
                     return Err(bad(
                         "query",
                         format!(
-                            "parameter `{other}` is unknown (known: {})",
+                            "{} (known: {})",
+                            herald_core::url::unknown_parameter(other),
                             QUERY_PARAMETERS.join(", ")
                         ),
                     ))
@@ -455,6 +456,16 @@ mod tests {
         // Nor does a malformed port next to it.
         let e = Url::parse("amqp://app:hunter2@h:x/").expect_err("invalid");
         assert!(!e.to_string().contains("hunter2"), "{e}");
+        // Nor a user name holding `/` and `?` that could be read as a path and a query (it
+        // was: the host `CORP` with an unknown parameter, quoted, password and all), nor a
+        // query parameter that is no name.
+        for url in [
+            "amqp://CORP/app?x:hunter2@rabbit/%2F?queue=q",
+            "amqp://rabbit/%2F?x:hunter2",
+        ] {
+            let e = AmqpConfig::from_url(url).expect_err("refused");
+            assert!(!format!("{e} {e:?}").contains("hunter2"), "{e}");
+        }
     }
 
     #[test]

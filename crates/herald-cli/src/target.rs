@@ -244,7 +244,7 @@ fn parse_kafka(rest: &str) -> Result<KafkaTarget, UrlError> {
             other => {
                 return Err(bad(
                     "query",
-                    format!("parameter `{other}` is unknown (kafka:// takes client_id and compression; other librdkafka properties go in --kafka-property)"),
+                    format!("{} (kafka:// takes client_id and compression; other librdkafka properties go in --kafka-property)", herald::url::unknown_parameter(other)),
                 ))
             }
         }

@@ -135,6 +135,9 @@ pub struct Ambiguous;
 ///   password may hold the `?`), or no path does: `nats://abc/def@h1:4222` is a token
 ///   `abc/def` (base64 tokens hold `/`) for the host `h1`, or the host `abc` and the subject
 ///   `def@h1:4222`;
+/// - it is in the query, and the parameter holding it has no `=` before a `:`:
+///   `amqp://corp/app?x:secret@rabbit/%2f` is the user `corp/app?x` with the password `secret`
+///   for the host `rabbit`, or the host `corp` with a parameter `x:secret@rabbit/%2f`;
 /// - what precedes the first `/` or `?` is a host list as well as a user and password:
 ///   `amqp://rabbit:5672/%2f?queue=billing@eu` is the host `rabbit` with a queue
 ///   `billing@eu`, or the user `rabbit` with the password `5672/%2f?queue=billing` for the
@@ -160,10 +163,16 @@ pub fn userinfo_end(rest: &str) -> Result<Option<usize>, Ambiguous> {
         }
         if user.contains(['/', '?']) {
             // The `@` is in the query of a URL without user information only if a path comes
-            // before the query, and no `:` does (a password may hold the `?`).
+            // before the query, no `:` does (a password may hold the `?`), and the query's
+            // parameter that holds it has its `=` before any `:` (`x:secret@host` after a `?`
+            // is a user and password as much as a parameter).
             let colon_first = before.find(':').is_some_and(|c| c < query);
             let path_first = rest[..query].contains('/');
-            if at < query || colon_first || !path_first {
+            let item = &before[before.rfind(['?', '&']).map_or(0, |i| i + 1)..];
+            let named = item
+                .find('=')
+                .is_some_and(|eq| item.find(':').is_none_or(|c| eq < c));
+            if at < query || colon_first || !path_first || !named {
                 return Err(Ambiguous);
             }
             continue;
@@ -220,6 +229,24 @@ pub fn split_query(url: &str) -> (&str, Option<&str>) {
     match url[from..].find('?') {
         Some(q) => (&url[..from + q], Some(&url[from + q + 1..])),
         None => (url, None),
+    }
+}
+
+/// How an error names a query parameter nobody knows: quoted when it looks like a parameter's
+/// name (letters, digits, `_`, `-`, `.`; at most 40), else not at all, since such a "name" is
+/// more likely part of something else read as a query (a password, when the URL's user name
+/// held a `?`).
+pub fn unknown_parameter(name: &str) -> String {
+    let plain = name.len() <= 40
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if plain {
+        format!("parameter `{name}` is unknown")
+    } else {
+        "a parameter is unknown (its name is not shown: it holds characters no parameter name \
+         has)"
+            .to_owned()
     }
 }
 
@@ -405,6 +432,12 @@ mod tests {
             // A user name holding `?`, or a query with no path before it.
             "amqp://app?x:hunter2@rabbit/%2F?queue=q",
             "amqp://rabbit?queue=a@b",
+            // A user name holding `/` and `?` after a path: a parameter with no `=` before a
+            // `:` reads as a user and password as well.
+            "amqp://CORP/app?x:hunter2@rabbit/%2F?queue=q",
+            "amqp://CORP/app?x:hun=ter2@rabbit",
+            "amqp://rabbit/%2f?queue=a&x:hunter2@eu",
+            "nats://tok/en?x@h",
             // A host and port, or a user and a password holding `/`?
             "amqp://rabbit:5672/%2f?queue=billing@eu",
             "amqp://app:5672/x@rabbit",
@@ -421,6 +454,8 @@ mod tests {
         assert_eq!((p.hosts, p.path), ("h", Some("plant%40line")));
         let p = split("amqp://rabbit/%2f?queue=billing@eu", "x").expect("in the query");
         assert_eq!((p.userinfo, p.query), (None, Some("queue=billing@eu")));
+        let p = split("amqp://rabbit/%2f?a=1&queue=b:c@eu", "x").expect("in the query");
+        assert_eq!((p.userinfo, p.query), (None, Some("a=1&queue=b:c@eu")));
         let p = split("amqp://app:hunter2/x@h/", "x").expect("not a port");
         assert_eq!((p.userinfo, p.hosts), (Some("app:hunter2/x"), "h"));
         let p = split("amqp://app:5672%2Fx@rabbit", "x").expect("escaped");
@@ -431,6 +466,15 @@ mod tests {
             (Some("u:p@ss"), "rabbit"),
             "an `@` inside the password, none after the host: one reading"
         );
+    }
+
+    #[test]
+    fn an_unknown_parameter_is_named_only_when_it_looks_like_a_name() {
+        assert_eq!(unknown_parameter("qeueu"), "parameter `qeueu` is unknown");
+        for odd in ["x:hunter2@rabbit//", "a b", &"x".repeat(41)] {
+            let said = unknown_parameter(odd);
+            assert!(!said.contains(odd) && said.contains("not shown"), "{said}");
+        }
     }
 
     #[test]
