@@ -225,8 +225,6 @@ fn example_command(example: &str, feature: &str, broker: &Broker) -> std::proces
     cmd
 }
 
-/// How long one target's tests may run, build included: `HERALD_IT_TIMEOUT_SECS`, default 15
-/// minutes (they take two to three, or seven with a cold build of the test binaries).
 /// How many tests `cargo test -p PACKAGE --test TEST -- --ignored [FILTER]` would run (listed,
 /// not run: this builds the binary, which the run then reuses); none is an error.
 fn ignored_tests(package: &str, test: &str, filter: Option<&str>) -> Result<usize> {
@@ -281,6 +279,8 @@ fn shown_skips() -> &'static [&'static str] {
     }
 }
 
+/// How long one target's tests may run: `HERALD_IT_TIMEOUT_SECS`, default 15 minutes (they take
+/// two to three). Their binaries are built before, outside the limit, by [`ignored_tests`].
 fn time_limit() -> Result<std::time::Duration> {
     match std::env::var("HERALD_IT_TIMEOUT_SECS") {
         Ok(v) => match v.parse::<u64>() {

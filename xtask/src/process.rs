@@ -75,8 +75,9 @@ pub(crate) fn run_within(what: &str, cmd: &mut Command, limit: Duration) -> Resu
             kill_tree(&mut child);
             bail!(
                 "{what} was still running after {} s and was killed (the test printed last \
-                 above without a result is the one that hung; raise the limit with \
-                 HERALD_IT_TIMEOUT_SECS if the machine is just slow)",
+                 above without a result is the one that hung; if the machine is just slow, \
+                 `cargo xtask it` takes a longer limit from HERALD_IT_TIMEOUT_SECS, while \
+                 `cargo xtask ci`'s own steps have fixed ones)",
                 limit.as_secs()
             );
         }
