@@ -1,6 +1,8 @@
 //! [`ProducerBuilder`]: every setting with its default, checked at `build`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+#[cfg(test)]
+use std::sync::Mutex;
 use std::time::Duration;
 
 use herald_batch::{BatchPolicy, SizeOrLinger};
@@ -356,7 +358,7 @@ impl ProducerBuilder {
             self.on_unclaimed,
             stage,
         ));
-        let dispatcher = runtime.spawn(dispatch::run_dispatcher(shared.clone()));
+        let _dispatcher = runtime.spawn(dispatch::run_dispatcher(shared.clone()));
         if let Some((store, rx)) = admissions {
             stage::hold_for_recovery(&shared);
             runtime.spawn(stage::run_admitter(shared.clone(), store, rx));
@@ -369,7 +371,8 @@ impl ProducerBuilder {
         Ok(Producer {
             handle: Arc::new(Handle {
                 shared,
-                dispatcher: Mutex::new(Some(dispatcher)),
+                #[cfg(test)]
+                dispatcher: Mutex::new(Some(_dispatcher)),
             }),
         })
     }

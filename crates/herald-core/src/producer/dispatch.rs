@@ -1073,6 +1073,14 @@ struct Running(Arc<Shared>);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        self.gone_unstopped();
+        self.0.exited.store(true, Ordering::Release);
+        self.0.exit.notify_waiters();
+    }
+}
+
+impl Running {
+    fn gone_unstopped(&self) {
         if self.0.stopped.load(Ordering::Acquire) {
             return;
         }
@@ -1707,5 +1715,43 @@ mod tests {
             .health()
             .issues
             .contains(&crate::HealthIssue::PipelineStopped));
+    }
+
+    /// A transport whose close takes a second, and says when it has finished.
+    struct SlowClose(Arc<std::sync::atomic::AtomicBool>);
+    #[async_trait]
+    impl Transport for SlowClose {
+        fn name(&self) -> &'static str {
+            "slow-close"
+        }
+        async fn send_batch(&self, _: &Destination, batch: &[Message]) -> BatchOutcome {
+            batch.iter().map(|_| Ok(Ack::default())).collect()
+        }
+        async fn close(&self) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.0.store(true, Ordering::Release);
+        }
+    }
+
+    /// Two `close` calls at once (two clones, two tasks) both return after the transport is
+    /// closed. The second returned at once, while the first waited: a program ending on it
+    /// could stop before the transport had flushed.
+    #[tokio::test(start_paused = true)]
+    async fn every_close_waits_for_the_transport_s_close() {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let a = Producer::builder(SlowClose(done.clone()))
+            .build()
+            .expect("build");
+        let b = a.clone();
+        let closes = [a, b].map(|p| {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let report = p.close(Duration::from_secs(5)).await;
+                (report.drained, done.load(Ordering::Acquire))
+            })
+        });
+        for close in closes {
+            assert_eq!(close.await.expect("no panic"), (true, true));
+        }
     }
 }

@@ -23,11 +23,14 @@ mod state;
 use std::collections::VecDeque;
 use std::pin::pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+#[cfg(test)]
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use herald_retry::CircuitState;
 use tokio::sync::oneshot;
+#[cfg(test)]
 use tokio::task::JoinHandle;
 
 pub use builder::ProducerBuilder;
@@ -87,6 +90,8 @@ pub struct CloseReport {
 /// was accepted (linger skipped), then closes the transport. Nothing accepted is dropped.
 struct Handle {
     shared: Arc<Shared>,
+    /// The dispatcher's task, for tests that end it as its runtime or a panic would.
+    #[cfg(test)]
     dispatcher: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -795,17 +800,20 @@ impl Producer {
         let in_flight = if drained { 0 } else { shared.abandon_queued() };
         if in_flight == 0 {
             // Let the dispatcher close the transport, within what is left of the deadline.
-            let task = self
-                .handle
-                .dispatcher
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            if let Some(task) = task {
-                let left =
-                    deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(clock_now()));
-                let _closed_in_time = tokio::time::timeout(left, task).await.is_ok();
-            }
+            // Every `close` waits for it: one running beside another must not report before
+            // the transport is closed.
+            let left = deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(clock_now()));
+            let exited = async {
+                loop {
+                    let mut exit = pin!(shared.exit.notified());
+                    exit.as_mut().enable();
+                    if shared.exited.load(Ordering::Acquire) {
+                        return;
+                    }
+                    exit.await;
+                }
+            };
+            let _closed_in_time = tokio::time::timeout(left, exited).await.is_ok();
         }
         let totals = shared.lock().totals;
         CloseReport {

@@ -297,6 +297,10 @@ pub(crate) struct Shared {
     /// The dispatcher task ended without stopping normally (dropped by its runtime, or
     /// panicked): health says so, and liveness fails.
     pub(crate) dispatcher_gone: AtomicBool,
+    /// The dispatcher task has ended, either way (set, then `exit` notified, as its last act):
+    /// what every `close` waits for, however many run at once.
+    pub(crate) exited: AtomicBool,
+    pub(crate) exit: tokio::sync::Notify,
     /// Where accepted messages are kept until they end, if the producer has a store.
     pub(crate) store: Option<Arc<dyn Store>>,
     /// The way in through that store.
@@ -427,6 +431,8 @@ impl Shared {
             health: HealthMonitor::new(),
             stopped: AtomicBool::new(false),
             dispatcher_gone: AtomicBool::new(false),
+            exited: AtomicBool::new(false),
+            exit: tokio::sync::Notify::new(),
             store: stage.as_ref().map(super::stage::Stage::store),
             stage,
         }
