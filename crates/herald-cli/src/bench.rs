@@ -15,8 +15,8 @@ use crate::report::{self, Exit, ReportFormat};
 use crate::settings::Tuning;
 use crate::target::{KafkaTarget, Target};
 
-/// `herald bench`.
-#[derive(Debug, clap::Args)]
+/// `herald bench`. No `Debug`: `to` holds a URL with its password.
+#[derive(clap::Args)]
 pub(crate) struct BenchArgs {
     /// Destination (as for `produce`); without it, librdkafka's in-process mock cluster. Real
     /// messages are written there: use a scratch topic or queue.

@@ -36,7 +36,9 @@ use crate::report::Exit;
 
 /// Produce messages to Kafka and RabbitMQ reliably and fast: batching, retries with backoff,
 /// per-key order, backpressure, and a record of every message that was not acknowledged.
-#[derive(Debug, Parser)]
+// No `Debug` here or below: the arguments hold URLs with their passwords and raw
+// --kafka-property values.
+#[derive(Parser)]
 #[command(name = "herald", version)]
 #[command(
     after_help = "Logs go to stderr: warnings and errors by default, more with -v, errors \
@@ -50,7 +52,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Subcommand)]
 enum Command {
     /// Send each line of a file or stdin as a message; what is not acknowledged goes to the
     /// dead-letter file.

@@ -18,8 +18,8 @@ use crate::report::{self, Exit, ReportFormat};
 use crate::settings::Tuning;
 use crate::target::Target;
 
-/// `herald produce`.
-#[derive(Debug, clap::Args)]
+/// `herald produce`. No `Debug`: `to` and `fallbacks` hold URLs with their passwords.
+#[derive(clap::Args)]
 pub(crate) struct ProduceArgs {
     /// Destination: kafka://HOST:PORT[,HOST:PORT...]/TOPIC, amqp[s]://USER:PASS@HOST:PORT/VHOST?queue=NAME
     /// or amqp[s]://...?exchange=EX&routing_key=RK.

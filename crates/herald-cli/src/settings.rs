@@ -24,7 +24,8 @@ pub(crate) enum Ordering {
 
 /// Producer settings shared by `produce` and `bench`. Defaults are herald's, except batching,
 /// which follows the transport (Kafka: `herald_kafka::recommended_batching()`).
-#[derive(Debug, Clone, clap::Args)]
+/// No `Debug`: `kafka_properties` holds values such as `sasl.password` raw.
+#[derive(Clone, clap::Args)]
 pub(crate) struct Tuning {
     /// Most messages per batch [default: Kafka 20000, AMQP 1024].
     #[arg(long, value_name = "N", help_heading = "Producer")]
@@ -438,7 +439,7 @@ fn mqtt_transport(m: &herald::mqtt::MqttConfig) -> anyhow::Result<herald::mqtt::
 mod tests {
     use clap::Parser;
 
-    #[derive(Debug, Parser)]
+    #[derive(Parser)]
     struct Args {
         #[command(flatten)]
         tuning: super::Tuning,
