@@ -62,7 +62,8 @@ pub const HEALTH_STATUS: &str = "herald_health_status";
 pub const TRANSPORT_UP: &str = "herald_transport_up";
 /// Panics in user code the producer runs (a retry or batch policy, the unclaimed hook), by
 /// `site` (`retry_policy`, `batch_policy`, `unclaimed_hook`, `transport`: a transport's
-/// `delivered_but_held`), each contained. Counter.
+/// `delivered_but_held`, `store`: a store's durability future or `settle`), each contained.
+/// Counter.
 pub const USER_CODE_PANICS: &str = "herald_user_code_panics_total";
 /// Batches handed to each route of a [`Fallback`](crate::Fallback), a call cut off at its
 /// deadline included; label `route` (the names given

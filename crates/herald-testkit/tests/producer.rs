@@ -2094,3 +2094,74 @@ fn a_producer_whose_runtime_shuts_down_before_its_recovery_can_be_flushed() {
         assert!(report.drained, "{report:?}");
     });
 }
+
+/// A store of one's own whose durability future panics once and whose `settle` panics once.
+#[derive(Default)]
+struct Panicky {
+    durable_panicked: std::sync::atomic::AtomicBool,
+    settle_panicked: std::sync::atomic::AtomicBool,
+}
+
+/// [`Panicky`], shared with the test.
+struct PanickyStore(Arc<Panicky>);
+
+impl herald_core::Store for PanickyStore {
+    fn submit(
+        &self,
+        messages: &[Message],
+    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
+        use std::sync::atomic::Ordering;
+        let first = !self.0.durable_panicked.swap(true, Ordering::AcqRel);
+        Ok(herald_core::Submitted {
+            tokens: (0..messages.len() as u64).collect(),
+            durable: Box::pin(async move {
+                assert!(!first, "the store's fsync panicked");
+                Ok(())
+            }),
+        })
+    }
+    fn settle(&self, _: &[herald_core::StoreToken]) {
+        use std::sync::atomic::Ordering;
+        assert!(
+            self.0.settle_panicked.swap(true, Ordering::AcqRel),
+            "the store's settle panicked"
+        );
+    }
+    fn recover(
+        &self,
+        _: usize,
+    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
+        Ok(Vec::new())
+    }
+    fn describe(&self) -> String {
+        "panicky".into()
+    }
+}
+
+/// A store's panics are contained: the message whose durability panicked is handed back as
+/// not stored, the next ones go through (the store's confirmer ended at the first panic, and
+/// every later message was refused), and a panicking `settle` leaves `flush` able to end (it
+/// left the message counted as unsettled, and took the dispatcher down).
+#[tokio::test]
+async fn a_store_that_panics_fails_only_what_it_panicked_on() {
+    let store = Arc::new(Panicky::default());
+    let t = MemoryTransport::new();
+    let p = Producer::builder(t.clone())
+        .store(PanickyStore(store.clone()))
+        .build()
+        .expect("build");
+    let e = p.send(msg(0)).await.expect_err("its fsync panicked");
+    assert!(matches!(e.reason(), FailureReason::Store(_)), "{e}");
+    assert!(e.to_string().contains("panicked"), "{e}");
+    assert!(!e.is_kept_in_store(), "{e}");
+    // The first delivery's settle panics, the second's does not.
+    p.send(msg(1)).await.expect("delivered");
+    p.send(msg(2)).await.expect("delivered");
+    tokio::time::timeout(Duration::from_secs(10), p.flush())
+        .await
+        .expect("flush ends");
+    assert_eq!(t.delivered(), 2);
+    assert!(store
+        .settle_panicked
+        .load(std::sync::atomic::Ordering::Acquire));
+}

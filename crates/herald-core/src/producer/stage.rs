@@ -521,6 +521,24 @@ async fn admit_confirmed(
     }
 }
 
+/// Waits for `durable`; a panic of the store's future (user code, with a store of one's own)
+/// is a failure of the store, counted at site `store`, rather than the end of the confirmer
+/// (whose submissions would all be refused from then on).
+async fn durable_contained(shared: &Shared, mut durable: Durable) -> Result<(), StoreError> {
+    std::future::poll_fn(
+        |cx| match super::contain::contain(|| durable.as_mut().poll(cx)) {
+            Ok(poll) => poll,
+            Err(panic) => {
+                shared.metrics.panic_counter("store").increment(1);
+                std::task::Poll::Ready(Err(StoreError::failed(format!(
+                    "the store panicked making messages durable: {panic}"
+                ))))
+            }
+        },
+    )
+    .await
+}
+
 /// The confirmer: waits for each submission to be durable, in order, and tells its
 /// submitter; drops the bodies of spilled messages then; passes the submission on to the
 /// admitter, or fails it if the store could not make it durable. It never waits for the
@@ -532,7 +550,7 @@ async fn run_confirmer(
     ready: mpsc::UnboundedSender<Ready>,
 ) {
     while let Some(pending) = queue.recv().await {
-        let result = pending.durable.await;
+        let result = durable_contained(&shared, pending.durable).await;
         // Counted before the submitter hears it was accepted.
         if result.is_ok() {
             let (Entries::Held(entries) | Entries::Spilling(entries)) = &pending.entries;

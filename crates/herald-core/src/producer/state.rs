@@ -746,7 +746,18 @@ impl Shared {
         run.flush();
         // After the completions: a message leaves the store once its fate is handed over.
         if let (Some(store), false) = (&self.store, fin.stored.is_empty()) {
-            store.settle(&fin.stored);
+            // Contained (user code, with a store of one's own): the counts below must fall.
+            if let Err(panic) = super::contain::contain(|| store.settle(&fin.stored)) {
+                self.metrics.panic_counter("store").increment(1);
+                tracing::error!(
+                    producer = self.config.name.as_deref(),
+                    transport = self.transport.name(),
+                    messages = fin.stored.len(),
+                    panic,
+                    "the store panicked settling ended messages: it may keep them, and the \
+                     next producer on it send them again"
+                );
+            }
         }
         if fin.settled > 0 {
             self.space.notify_waiters();
