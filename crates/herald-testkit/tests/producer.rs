@@ -2165,3 +2165,65 @@ async fn a_store_that_panics_fails_only_what_it_panicked_on() {
         .settle_panicked
         .load(std::sync::atomic::Ordering::Acquire));
 }
+
+/// A store that makes every message durable at once and does not read back (so the stage
+/// holds at most a buffer's worth in memory, then refuses with `BufferFull`, and a sender
+/// waits for room).
+struct HeldInMemory;
+
+impl herald_core::Store for HeldInMemory {
+    fn submit(
+        &self,
+        messages: &[Message],
+    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
+        Ok(herald_core::Submitted {
+            tokens: (0..messages.len() as u64).collect(),
+            durable: Box::pin(async { Ok(()) }),
+        })
+    }
+    fn settle(&self, _: &[herald_core::StoreToken]) {}
+    fn recover(
+        &self,
+        _: usize,
+    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
+        Ok(Vec::new())
+    }
+    fn describe(&self) -> String {
+        "held in memory".into()
+    }
+}
+
+/// With a store, an `enqueue` cancelled while it waits for room hands its message to the
+/// unclaimed hook as `Cancelled`, as documented. The failure went into the call's own
+/// receiver, dropped with it unread: counted failed, heard by nobody.
+#[tokio::test(start_paused = true)]
+async fn a_stored_enqueue_cancelled_while_waiting_for_room_reaches_the_unclaimed_hook() {
+    let t = MemoryTransport::new();
+    t.hold();
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let p = {
+        let heard = heard.clone();
+        Producer::builder(t.clone())
+            .buffer(1, 1 << 20)
+            .store(HeldInMemory)
+            .on_unclaimed(move |e| heard.lock().expect("heard").push(e))
+            .build()
+            .expect("build")
+    };
+    let _in_flight = p.enqueue(msg(0)).await.expect("accepted");
+    eventually(Duration::from_secs(5), "the first is sent", || {
+        t.calls() == 1
+    })
+    .await;
+    let _staged = p.enqueue(msg(1)).await.expect("accepted");
+    let waited = tokio::time::timeout(Duration::from_secs(1), p.enqueue(msg(2))).await;
+    assert!(waited.is_err(), "it should have waited for room");
+    let heard = std::mem::take(&mut *heard.lock().expect("heard"));
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    assert!(
+        matches!(heard[0].reason(), FailureReason::Cancelled),
+        "{}",
+        heard[0]
+    );
+    assert_eq!(heard[0].message().payload(), msg(2).payload());
+}

@@ -643,7 +643,12 @@ impl Producer {
                 for (msg, done) in self.1.drain(..) {
                     self.0.count_refused(&FailureReason::Cancelled);
                     let e = SendError::new(msg, FailureReason::Cancelled, 0);
-                    done.complete(Err(e), &self.0.unclaimed);
+                    match done {
+                        // Its receiver is the cancelled call's own, dropped after this guard
+                        // with the answer unread: straight to the hook.
+                        Completion::One(_) => self.0.unclaimed.put(e),
+                        done => done.complete(Err(e), &self.0.unclaimed),
+                    }
                 }
             }
         }
