@@ -269,12 +269,20 @@ pub(crate) struct Room {
 
 impl Room {
     async fn wait(&self) {
+        /// Counts this sender among the waiting until dropped: the wait may be (a deadline, a
+        /// call cut off), and a count left up would wake waiters at every delivery report.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
         let room = self.space.notified();
         // Delivery reports free room and wake us; the timeout covers a report that came
         // between the failed send and this wait.
         let _woken = tokio::time::timeout(Duration::from_millis(5), room).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// A delivery report freed a place in the queue.
@@ -529,6 +537,22 @@ fn fail_for_good(outcomes: &mut BatchOutcome, code: RDKafkaErrorCode, text: &str
 mod tests {
     use super::*;
     use herald_core::MessageId;
+
+    /// A wait for room dropped before it ended (a deadline won, or the call was cut off) is
+    /// no longer counted as waiting. It stayed counted, and every delivery report after woke
+    /// the waiters for nothing.
+    #[tokio::test]
+    async fn a_dropped_wait_for_room_is_not_counted_waiting() {
+        let room = Room::default();
+        let mut wait = Box::pin(room.wait());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::future::Future::poll(wait.as_mut(), &mut cx).is_pending());
+        assert_eq!(room.waiting.load(Ordering::Acquire), 1);
+        drop(wait);
+        assert_eq!(room.waiting.load(Ordering::Acquire), 0);
+        room.wait().await;
+        assert_eq!(room.waiting.load(Ordering::Acquire), 0);
+    }
 
     #[test]
     fn the_id_header_follows_the_message_s_own_headers_unless_it_has_one() {
