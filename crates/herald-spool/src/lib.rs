@@ -113,7 +113,9 @@
 //!
 //! `open` verifies every record, reading one segment at a time and one record at a time. A
 //! damaged stretch followed by a valid record is skipped and reported (segment, offset,
-//! bytes); one with no valid record after it is a torn write and is cut off. Sequence
+//! bytes): it ends at the first valid record after the damage, found by its magic and
+//! checksum, not where a damaged length says. One with no valid record after it is a torn
+//! write and is cut off. Sequence
 //! numbers never repeat, even when every segment was deleted or a torn tail lost records
 //! whose settlement survived.
 //!

@@ -122,17 +122,11 @@ impl Scanner {
         }
     }
 
-    /// Finds where valid records start again after a bad one at `bad`.
+    /// Finds where valid records start again after a bad one at `bad`: the first magic after
+    /// it that starts a valid record. (Not where the bad record's length says the next one
+    /// starts, even when a valid record is there: that length may be the damaged part, and
+    /// skip good records before it.)
     fn resync(&mut self, bad: u64, reason: &'static str) -> Result<Item, SpoolError> {
-        // Most damage is a flipped bit in a body: the header's length is then right, and the
-        // next record starts where it says.
-        if let Ok(header) = self.read_header(bad) {
-            let next = bad + header.record_len();
-            if next < self.end && self.try_record(next, false)?.is_ok() {
-                return Ok(self.corrupt(bad, next, reason));
-            }
-        }
-        // Otherwise look for the next magic that starts a valid record.
         let mut chunk = vec![0u8; SCAN_CHUNK];
         let mut from = bad + 1;
         while from + HEADER_LEN as u64 <= self.end {
@@ -323,6 +317,30 @@ mod tests {
         assert_eq!(
             offsets(&scan(&file, "len")),
             vec![('r', 0, 1), ('c', la, lb), ('r', la + lb, 3)]
+        );
+    }
+
+    /// A damaged length that points exactly at a later valid record does not skip the good
+    /// records before it: the scan resumes at the first valid one. It used to trust the
+    /// length, and records 2 and 3 below vanished into one "corrupt" stretch.
+    #[test]
+    fn a_length_pointing_past_good_records_does_not_skip_them() {
+        // Records of 256 bytes: a length 512 bytes longer lands on the fourth.
+        let pad = 256 - rec(0, "").len();
+        let payload = "x".repeat(pad);
+        let recs: Vec<Vec<u8>> = (1..=5).map(|seq| rec(seq, &payload)).collect();
+        assert!(recs.iter().all(|r| r.len() == 256));
+        let mut file = recs.concat();
+        file[256 + 9] ^= 0x02; // the second record's length, +512
+        assert_eq!(
+            offsets(&scan(&file, "long-len")),
+            vec![
+                ('r', 0, 1),
+                ('c', 256, 256),
+                ('r', 512, 3),
+                ('r', 768, 4),
+                ('r', 1024, 5)
+            ]
         );
     }
 
