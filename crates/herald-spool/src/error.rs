@@ -121,11 +121,15 @@ impl SpoolError {
         }
     }
 
-    /// Whether waiting and retrying may help: the spool is full, or the disk is.
+    /// Whether waiting and retrying may help: the spool is full, or the disk is, or the
+    /// user's disk quota.
     pub fn is_full(&self) -> bool {
         match self {
             Self::Full { .. } => true,
-            Self::Io { source, .. } => source.kind() == io::ErrorKind::StorageFull,
+            Self::Io { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+            ),
             _ => false,
         }
     }
@@ -140,5 +144,20 @@ impl fmt::Display for Holder {
             Some(pid) => write!(f, "process {pid}"),
             None => f.write_str("another process (its pid is not recorded yet)"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A disk quota, like a full disk, frees up as messages settle: backpressure, not a
+    /// broken store (it was `store_failed`, and producers were refused instead of waiting).
+    #[test]
+    fn a_full_disk_or_quota_is_full_and_other_errors_are_not() {
+        let io = |kind: io::ErrorKind| SpoolError::io("append", Path::new("/s"), kind.into());
+        assert!(io(io::ErrorKind::StorageFull).is_full());
+        assert!(io(io::ErrorKind::QuotaExceeded).is_full());
+        assert!(!io(io::ErrorKind::PermissionDenied).is_full());
     }
 }

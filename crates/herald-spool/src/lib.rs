@@ -149,13 +149,23 @@ pub(crate) fn private_file() -> std::fs::OpenOptions {
 }
 
 /// Creates `dir` and the folders above it that are missing, the new ones open to their owner
-/// only (mode 0700, less the umask, on Unix). Folders that exist keep their mode.
-pub(crate) fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+/// only (mode 0700, less the umask, on Unix). Folders that exist keep their mode. Returns the
+/// folders it created, outermost first: their entries are durable only once their parents
+/// are fsynced.
+pub(crate) fn create_private_dir(
+    dir: &std::path::Path,
+) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let created: Vec<std::path::PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(std::path::Path::to_path_buf)
+        .collect();
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir)
+    builder.create(dir)?;
+    Ok(created.into_iter().rev().collect())
 }
 
 pub use config::{SpoolConfig, SyncPolicy};
@@ -164,3 +174,20 @@ pub use error::SpoolError;
 pub use recover::{check, inspect, CorruptRecord, Damage, Inspection, Recovery, TornTail};
 pub use spool::{AppendTicket, Spool, SpoolId, SpoolStats, SpooledMessage};
 pub use store::{ProducerBuilderExt, SpoolStore};
+
+#[cfg(test)]
+mod tests {
+    /// The folders created for a spool are named outermost first, for their parents' fsyncs;
+    /// those that existed are not.
+    #[test]
+    fn the_folders_created_are_named_outermost_first() {
+        let base = std::env::temp_dir().join(format!("herald-spool-mkdir-{}", std::process::id()));
+        let _stale = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).expect("base");
+        let dir = base.join("a").join("b");
+        let created = super::create_private_dir(&dir).expect("created");
+        assert_eq!(created, vec![base.join("a"), dir.clone()]);
+        assert!(super::create_private_dir(&dir).expect("exists").is_empty());
+        std::fs::remove_dir_all(&base).expect("cleaned up");
+    }
+}

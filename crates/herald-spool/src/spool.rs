@@ -267,8 +267,18 @@ impl Spool {
     pub fn open(config: SpoolConfig) -> Result<(Self, Recovery), SpoolError> {
         config.validate()?;
         let dir = config.dir.clone();
-        crate::create_private_dir(&dir)
+        let created = crate::create_private_dir(&dir)
             .map_err(|e| SpoolError::io("create spool directory", &dir, e))?;
+        // A new directory's entry reaches the disk with its parent's fsync: without it, a
+        // power loss after the first appends (synced into the directory's files) could lose
+        // the directory and them with it.
+        if config.fsyncs() {
+            for new in &created {
+                if let Some(parent) = new.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    crate::settle_log::sync_dir(parent)?;
+                }
+            }
+        }
         let lock_file = crate::lock::acquire(&dir)?;
         let opened = recover::open_dir(&dir, config.fsyncs())?;
         let known_corrupt = opened
