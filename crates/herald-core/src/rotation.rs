@@ -1,7 +1,9 @@
 //! One connection at a time to one server of a list: opened on demand, given up when lost, and
 //! opened again in rounds (every server once, from the one after the lost one), with the
-//! reconnect backoff between rounds that found none. The rule every adapter with a server list
-//! keeps; what is logged and counted on the way stays the adapter's ([`Dialer`]).
+//! reconnect backoff between rounds that found none. A dial cut off by its caller (a batch
+//! whose time ran out before the connect timeout) counts as a failed attempt, and the next
+//! call starts at the server after it. The rule every adapter with a server list keeps; what
+//! is logged and counted on the way stays the adapter's ([`Dialer`]).
 
 use std::future::Future;
 use std::time::Duration;
@@ -83,6 +85,28 @@ pub fn round_delay(backoff: &Backoff, failures: u32) -> Duration {
     backoff.delay(failures.min(16), None, &mut fastrand::Rng::with_seed(0))
 }
 
+/// A round of [`Rotation::live`] under way, with the lock. The call may be dropped while a
+/// server is being dialled (the batch it serves ran out of time, before the connect timeout):
+/// that attempt then counts as failed and the next call starts at the server after it. Else a
+/// server that never answers (a black hole) would be dialled first by every call whose time
+/// left is below the connect timeout, the others never tried and nothing counted.
+struct Dialing<'a, L, D: Dialer<L>> {
+    link: tokio::sync::MutexGuard<'a, Link<L>>,
+    dialer: &'a D,
+    n: usize,
+    /// The server being dialled.
+    at: Option<usize>,
+}
+
+impl<L, D: Dialer<L>> Drop for Dialing<'_, L, D> {
+    fn drop(&mut self) {
+        if let Some(index) = self.at.take() {
+            self.link.next = (index + 1) % self.n;
+            self.dialer.attempt_failed(index);
+        }
+    }
+}
+
 /// One connection at a time over a list of servers; see the module docs.
 pub struct Rotation<L> {
     link: Mutex<Link<L>>,
@@ -131,7 +155,7 @@ impl<L: Clone> Rotation<L> {
     /// ends with that round's error.
     pub async fn live(&self, dialer: &impl Dialer<L>) -> Result<L, TransportError> {
         let mut waited = false;
-        let mut link = loop {
+        let link = loop {
             let mut link = self.link.lock().await;
             if let Some(live) = &link.live {
                 if dialer.is_up(live) {
@@ -165,9 +189,19 @@ impl<L: Clone> Rotation<L> {
         // connection. A round that finds none is one failure for the backoff.
         let n = self.endpoints.len();
         let mut errors = Vec::with_capacity(n);
+        let mut dialing = Dialing {
+            link,
+            dialer,
+            n,
+            at: None,
+        };
         for k in 0..n {
-            let index = (link.next + k) % n;
-            let error = match tokio::time::timeout(self.connect_timeout, dialer.open(index)).await {
+            let index = (dialing.link.next + k) % n;
+            dialing.at = Some(index);
+            let dialed = tokio::time::timeout(self.connect_timeout, dialer.open(index)).await;
+            dialing.at = None;
+            let link = &mut dialing.link;
+            let error = match dialed {
                 Ok(Ok(live)) => {
                     let how = match (link.live_before, index == link.current) {
                         (false, _) => Opened::First,
@@ -196,6 +230,7 @@ impl<L: Clone> Rotation<L> {
             dialer.attempt_failed(index);
             errors.push(error);
         }
+        let link = &mut dialing.link;
         let e = self.round_error(errors);
         link.failures = link.failures.saturating_add(1);
         let delay = round_delay(&self.backoff, link.failures);
@@ -347,6 +382,8 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         up: StdMutex<Vec<bool>>,
+        /// Servers that never answer a dial (a black hole), by index.
+        hangs: StdMutex<Vec<usize>>,
         events: StdMutex<Vec<String>>,
     }
 
@@ -361,6 +398,14 @@ mod tests {
             live.alive.load(Ordering::Acquire)
         }
         async fn open(&self, index: usize) -> Result<Conn, TransportError> {
+            if self
+                .hangs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&index)
+            {
+                std::future::pending::<()>().await;
+            }
             if self.up.lock().unwrap_or_else(|e| e.into_inner())[index] {
                 Ok(Conn {
                     index,
@@ -474,6 +519,22 @@ mod tests {
             fake.events(),
             ["failed s2", "failed s0", "opened s1 Reconnected after 1"]
         );
+    }
+
+    /// A call dropped while it dials a server that never answers (its batch's time ran out
+    /// before the connect timeout) counts that attempt failed, and the next call starts at the
+    /// next server. Nothing was recorded, and every such call dialled the same black hole.
+    #[tokio::test(start_paused = true)]
+    async fn a_dial_cut_off_counts_failed_and_the_next_call_tries_the_next_server() {
+        let fake = Fake::default();
+        fake.set_up(&[true, true]);
+        fake.hangs.lock().expect("hangs").push(0);
+        let r = rotation(2);
+        let cut = tokio::time::timeout(Duration::from_secs(1), r.live(&fake)).await;
+        assert!(cut.is_err(), "cut off before the 5 s connect timeout");
+        assert_eq!(fake.events(), ["failed s0"]);
+        let live = r.live(&fake).await.expect("s1 answers");
+        assert_eq!(live.index, 1);
     }
 
     #[tokio::test(start_paused = true)]
