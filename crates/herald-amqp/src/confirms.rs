@@ -98,6 +98,8 @@ struct Book {
 
 struct Entry {
     identity: Identity,
+    /// When it was handed to lapin.
+    started: tokio::time::Instant,
     /// The waker lapin's futures of this publish are polled with.
     waker: Waker,
     wake: Arc<EntryWake>,
@@ -209,6 +211,7 @@ impl Confirms {
         };
         let entry = Entry {
             identity,
+            started: tokio::time::Instant::now(),
             waker,
             wake,
             stage,
@@ -224,6 +227,19 @@ impl Confirms {
             confirms: self.clone(),
             seq,
         })
+    }
+
+    /// How long the oldest publish of the channel still waiting for the broker (to be written,
+    /// or confirmed) has waited, if one does: publishes whose callers gave up included (they
+    /// stay until their confirm comes), so that a channel the broker stopped answering shows it
+    /// to the next call even when every call on it was cut off before its own confirm timeout.
+    pub(crate) fn unanswered_for(&self) -> Option<std::time::Duration> {
+        let mut book = self.book();
+        self.poll_woken(&mut book);
+        book.entries
+            .values()
+            .find(|e| matches!(e.stage, Stage::Writing(_) | Stage::Confirming(_)))
+            .map(|e| e.started.elapsed())
     }
 
     /// Polls every publish woken since the last time.

@@ -88,6 +88,19 @@ impl Live {
         self.connection.status().connected()
     }
 
+    /// How long the oldest publish on this connection still waiting for the broker has waited
+    /// (see [`Confirms::unanswered_for`]), over the channels not in use this moment (one in
+    /// use is being looked after by its caller).
+    pub(crate) fn unanswered_for(&self) -> Option<Duration> {
+        self.channels
+            .iter()
+            .filter_map(|slot| {
+                let slot = slot.try_lock().ok()?;
+                slot.as_ref()?.confirms.unanswered_for()
+            })
+            .max()
+    }
+
     /// The publishing channel `slot`, in confirm mode: the open one, or a new one.
     pub(crate) async fn channel(&self, slot: usize) -> Result<Publisher, TransportError> {
         let mut ch = self.channels[slot].lock().await;

@@ -54,7 +54,7 @@ async fn send_in_turn(
         Ok(r) => r,
         Err(e) => return fail_all(e),
     };
-    let live = match inner.live().await {
+    let live = match answering_live(inner).await {
         Ok(l) => l,
         Err(e) => return fail_all(e),
     };
@@ -195,6 +195,29 @@ async fn send_in_turn(
         inner.abandon(&live).await;
     }
     finish(batch, outcomes)
+}
+
+/// The live connection to publish on: a new one if the broker has left a publish on the one in
+/// use unanswered for the confirm timeout without blocking the connection (flow control). Each
+/// batch gives up a connection whose confirms stopped coming when its own confirm timeout
+/// passes (`confirms_stopped`); this finds it when the batches on it were all cut off before
+/// that (their delivery deadlines came first), which would otherwise keep it in use.
+async fn answering_live(inner: &Inner) -> Result<std::sync::Arc<Live>, TransportError> {
+    let live = inner.live().await?;
+    let timeout = inner.config.confirm_timeout;
+    let silent = live.unanswered_for().is_some_and(|waited| {
+        waited >= timeout
+            && !inner.blocked_after(
+                Instant::now()
+                    .checked_sub(waited)
+                    .unwrap_or_else(Instant::now),
+            )
+    });
+    if silent {
+        inner.abandon(&live).await;
+        return inner.live().await;
+    }
+    Ok(live)
 }
 
 /// Whether some message of the batch got no confirm within the confirm timeout while the broker

@@ -256,6 +256,44 @@ async fn confirms_that_stop_coming_move_the_transport_to_the_next_address() {
     assert_eq!(t.connected_node(), Some(format!("127.0.0.1:{good}")));
 }
 
+/// The same when every call on the silent node is cut off before its confirm timeout (their
+/// delivery deadlines come first, as the pipeline cuts a call off): the next call finds the
+/// publish left unanswered for the confirm timeout and moves on. The node stayed in use, every
+/// call timing out on it.
+#[tokio::test]
+async fn confirms_that_stop_coming_move_the_transport_on_when_calls_are_cut_off() {
+    let silent = fake_broker(Fake::Silent).await;
+    let good = fake_broker(Fake::Confirms).await;
+    let t = AmqpTransport::new(
+        AmqpConfig::from_url("amqp://127.0.0.1/%2F")
+            .expect("url")
+            .addresses([format!("127.0.0.1:{silent}"), format!("127.0.0.1:{good}")])
+            .expect("addresses")
+            .confirm_timeout(Duration::from_millis(300)),
+    )
+    .expect("transport");
+    let batch = numbered(3);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still on {:?} after 10 s of calls cut off at 100 ms",
+            t.connected_node()
+        );
+        let cut = tokio::time::timeout(
+            Duration::from_millis(100),
+            t.send_batch(&Destination::new("q"), &batch),
+        )
+        .await;
+        if let Ok(out) = cut {
+            if out.iter().all(Result::is_ok) {
+                break;
+            }
+        }
+    }
+    assert_eq!(t.connected_node(), Some(format!("127.0.0.1:{good}")));
+}
+
 /// Every address dead: one error that names each, transient, without the password.
 #[tokio::test]
 async fn a_list_with_no_live_address_fails_naming_each() {
