@@ -56,6 +56,16 @@ pub(crate) struct ProduceArgs {
     /// broker is away, the input goes on into the spool until it is full.
     #[arg(long, value_name = "DIR")]
     pub(crate) spool: Option<PathBuf>,
+    /// The spool's size limit: once its files take this much, reading the input waits for
+    /// messages to be delivered (herald_spool_disk_bytes against herald_spool_max_bytes); its
+    /// files are at most a quarter of it (64 MiB) [default: 1 GiB].
+    #[arg(
+        long,
+        value_name = "BYTES",
+        requires = "spool",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub(crate) spool_max_bytes: Option<u64>,
     #[command(flatten)]
     pub(crate) tuning: Tuning,
 }
@@ -236,9 +246,14 @@ pub(crate) async fn run(args: ProduceArgs) -> anyhow::Result<Exit> {
         .iter()
         .map(|url| Target::parse(url))
         .collect::<Result<Vec<_>, _>>()?;
-    let session = args
-        .tuning
-        .build_with_fallbacks(&target, &fallbacks, args.spool.as_deref())?;
+    let session = args.tuning.build_with_fallbacks(
+        &target,
+        &fallbacks,
+        args.spool.as_deref().map(|dir| crate::settings::Spooling {
+            dir,
+            max_bytes: args.spool_max_bytes,
+        }),
+    )?;
     if let Some((telemetry, _)) = &telemetry {
         telemetry.watch("produce", &session.producer);
     }

@@ -106,6 +106,14 @@ pub(crate) struct Tuning {
     pub(crate) kafka_properties: Vec<String>,
 }
 
+/// `--spool DIR` and its settings.
+#[derive(Clone, Copy)]
+pub(crate) struct Spooling<'a> {
+    pub(crate) dir: &'a std::path::Path,
+    /// `--spool-max-bytes`.
+    pub(crate) max_bytes: Option<u64>,
+}
+
 /// Room a benchmark or demo message needs besides its payload (its key), under the limit.
 const KEY_ROOM: usize = 64;
 
@@ -253,7 +261,7 @@ impl Tuning {
         &self,
         target: &Target,
         fallbacks: &[Target],
-        spool: Option<&std::path::Path>,
+        spool: Option<Spooling<'_>>,
     ) -> anyhow::Result<Session> {
         if !self.kafka_properties.is_empty()
             && std::iter::once(target).chain(fallbacks).all(|t| {
@@ -300,9 +308,17 @@ impl Tuning {
             Producer::builder(routes)
         };
         let mut builder = self.apply(builder, batching);
-        if let Some(dir) = spool {
+        if let Some(Spooling { dir, max_bytes }) = spool {
+            let mut config = SpoolConfig::new(dir);
+            if let Some(max) = max_bytes {
+                // Segments of at most a quarter of the limit (64 MiB by default), so that a
+                // small limit still holds the two the spool needs and frees room in steps.
+                config = config
+                    .max_bytes(max)
+                    .segment_bytes((max / 4).min(64 * 1024 * 1024));
+            }
             builder = builder
-                .spool(SpoolConfig::new(dir))
+                .spool(config)
                 .with_context(|| format!("--spool {}", dir.display()))?;
         }
         let producer = builder

@@ -898,6 +898,53 @@ fn sigterm_with_messages_in_flight_records_every_one_and_ends_soon() {
     assert_eq!(report["in_flight_at_exit"], interrupted, "{report}");
 }
 
+/// `--spool-max-bytes` sets the spool's size limit (the command had no way to, while the
+/// runbook says to raise it), and only with `--spool`.
+#[cfg(unix)]
+#[test]
+fn the_spool_s_size_limit_is_set_with_spool_max_bytes() {
+    let dir = Scratch::new("spool-max");
+    let spool_arg = dir.path("spool").to_string_lossy().into_owned();
+    let run = herald(
+        &[
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--spool-max-bytes",
+            "1048576",
+        ],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("--spool"), "{}", run.stderr);
+    let (stdin, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let mut child = spawn_with_stdin(
+        &[
+            "produce",
+            "--to",
+            "kafka://127.0.0.1:9/t",
+            "--spool",
+            &spool_arg,
+            "--spool-max-bytes",
+            "1048576",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &dir.0,
+        std::os::fd::OwnedFd::from(theirs).into(),
+    );
+    let addr = served_at(&mut child);
+    metrics_until(&addr, "the spool's limit of 1 MiB", |body| {
+        body.lines().any(|l| l == "herald_spool_max_bytes 1048576")
+    });
+    signal(&child, "INT");
+    let run = finish(child, Duration::from_secs(60));
+    drop(stdin);
+    assert_eq!(run.code, Some(130), "{run:?}");
+}
+
 /// Messages recovered from the spool that fail (here: the broker unreachable, a 1 s delivery
 /// timeout) are nobody's to hear of but the close's report. A signal that closes the producer
 /// must record them in the dead-letter file: before, its close's report was dropped, and with
