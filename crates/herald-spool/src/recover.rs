@@ -175,6 +175,21 @@ pub(crate) fn scan_dir(dir: &Path, cut: bool, fsyncs: bool) -> Result<Scan, Spoo
                     reason,
                     segment_first: first,
                 }),
+                // Only the newest segment can have a torn tail when appends are fsynced: each
+                // older one was fsynced whole when the next began. Damage at the end of an
+                // older one is damage to records that had been durable, and counts as such
+                // (and stays on disk, skipped, as other damaged records do).
+                Item::Torn {
+                    offset,
+                    bytes,
+                    reason,
+                } if fsyncs && i + 1 < firsts.len() => scan.damage.add_corrupt(CorruptRecord {
+                    segment: path.clone(),
+                    offset,
+                    bytes,
+                    reason,
+                    segment_first: first,
+                }),
                 Item::Torn {
                     offset,
                     bytes,

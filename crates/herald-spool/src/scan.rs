@@ -168,19 +168,23 @@ impl Scanner {
         }
     }
 
-    fn read_header(&mut self, at: u64) -> Result<Header, &'static str> {
+    /// The header at `at`: `Ok(Err(why))` if it is not a valid one; `Err` if the file could
+    /// not be read (an I/O error is no proof of damage: taken for a torn tail, it would cut
+    /// off good records).
+    fn read_header(&mut self, at: u64) -> Result<Result<Header, &'static str>, SpoolError> {
         if at + HEADER_LEN as u64 > self.end {
-            return Err("incomplete record header");
+            return Ok(Err("incomplete record header"));
         }
         let mut head = [0u8; HEADER_LEN];
-        if self.read_at(at, &mut head).is_err() {
-            return Err("unreadable record header");
-        }
-        let header = record::parse_header(&head)?;
+        self.read_at(at, &mut head).map_err(|e| self.err(e))?;
+        let header = match record::parse_header(&head) {
+            Ok(h) => h,
+            Err(why) => return Ok(Err(why)),
+        };
         if at + header.record_len() > self.end {
-            return Err("record runs past the end of the segment");
+            return Ok(Err("record runs past the end of the segment"));
         }
-        Ok(header)
+        Ok(Ok(header))
     }
 
     /// Reads and verifies the record at `at`: `Ok(Err(why))` if it is not a valid one.
@@ -191,7 +195,7 @@ impl Scanner {
         at: u64,
         adjacent: bool,
     ) -> Result<Result<Header, &'static str>, SpoolError> {
-        let header = match self.read_header(at) {
+        let header = match self.read_header(at)? {
             Ok(h) => h,
             Err(why) => return Ok(Err(why)),
         };

@@ -428,6 +428,42 @@ fn a_torn_tail_is_cut_at_the_last_good_record_and_reported() {
     assert_eq!(back, [given[0], given[1], given[2], given[3], id]);
 }
 
+/// Damage at the end of a segment that is not the newest is damage to records that were
+/// durable (each segment is fsynced whole before the next begins): counted as corrupt, and
+/// the file left as it is. It was taken for a torn write: cut off, and not counted, so the
+/// corrupt-records alert stayed quiet.
+#[test]
+fn damage_at_the_end_of_an_older_segment_is_corrupt_not_torn() {
+    let tmp = TempDir::new("sealed-end");
+    let config = || SpoolConfig::new(tmp.spool()).segment_bytes(4096);
+    let (spool, _) = open(config());
+    let mut given = Vec::new();
+    while segments(&tmp.spool()).len() < 2 {
+        given.push(spool.append(&message(given.len() as u64)).expect("append"));
+    }
+    drop(spool);
+    let first = segments(&tmp.spool()).remove(0);
+    let recs = records_in(&first);
+    let (last_at, last_len, _) = *recs.last().expect("records");
+    let mut bytes = std::fs::read(&first).expect("read");
+    let end = bytes.len();
+    bytes[end - 1] ^= 0x20;
+    std::fs::write(&first, &bytes).expect("write");
+
+    let (spool, recovery) = open(config());
+    assert!(recovery.damage.torn.is_empty(), "{:?}", recovery.damage);
+    assert_eq!(recovery.damage.corrupt_records, 1, "{:?}", recovery.damage);
+    let c = &recovery.damage.corrupt[0];
+    assert_eq!((c.offset, c.bytes), (last_at, last_len));
+    assert_eq!(
+        std::fs::metadata(&first).expect("segment").len(),
+        end as u64,
+        "not cut"
+    );
+    assert_eq!(recovery.pending_messages, given.len() as u64 - 1);
+    drop(spool);
+}
+
 #[test]
 fn damaged_records_in_the_middle_are_skipped_and_reported_with_segment_and_offset() {
     let tmp = TempDir::new("corrupt");
