@@ -317,13 +317,34 @@ impl Inner {
     /// Gives up on `live` because its server refused a write as a replica (`READONLY`,
     /// `MASTERDOWN`: after a failover the old primary is one), so that the next send opens a
     /// new connection, which follows the primary's name. Counted as abandoned.
-    pub(crate) async fn left_for_a_replica(&self, live: &Arc<Live>) {
-        self.give_up(live, GiveUp::Replica).await;
+    ///
+    /// Without waiting: marked lost at once (the rotation replaces it at the next call), so
+    /// that a call holding replies already read is not cut off waiting for the rotation's lock
+    /// with them (the entries they name reported failed, and appended again).
+    pub(crate) fn left_for_a_replica(&self, live: &Arc<Live>) {
+        if self.mark_given_up(live, GiveUp::Replica) {
+            self.set_connected(false);
+        }
+    }
+
+    /// As [`Inner::abandon`], without waiting (see [`Inner::left_for_a_replica`]).
+    pub(crate) fn abandon_now(&self, live: &Arc<Live>) {
+        if self.mark_given_up(live, GiveUp::Silent) {
+            self.set_connected(false);
+        }
     }
 
     async fn give_up(&self, live: &Arc<Live>, why: GiveUp) {
+        if self.mark_given_up(live, why) {
+            // Taken out if it is still the connection in use (`Dialer::lost` marks it down).
+            let _given_up = self.rotation.abandon(|l| Arc::ptr_eq(l, live), self).await;
+        }
+    }
+
+    /// Marks `live` lost, counting and logging why, unless it was already: false then.
+    fn mark_given_up(&self, live: &Arc<Live>, why: GiveUp) -> bool {
         if live.lost.swap(true, Ordering::AcqRel) {
-            return;
+            return false;
         }
         if why == GiveUp::Silent {
             self.metrics.abandoned.increment(1);
@@ -351,8 +372,7 @@ impl Inner {
                 "the connection to the Redis server was lost; the next batch opens a new one"
             );
         }
-        // Taken out if it is still the connection in use (`Dialer::lost` marks it down).
-        let _given_up = self.rotation.abandon(|l| Arc::ptr_eq(l, live), self).await;
+        true
     }
 
     /// What [`Transport::health`](herald_core::Transport::health) reports (documented there);

@@ -191,13 +191,13 @@ async fn send_in_turn(
                         // The server is a replica now: after a failover the old primary
                         // becomes one, and the name of the primary (a managed service's
                         // endpoint, a DNS name) points elsewhere. A new connection follows it.
-                        inner.left_for_a_replica(&live).await;
+                        inner.left_for_a_replica(&live);
                     } else if sent.iter().any(|&i| {
                         matches!(&outcomes[i], Some(Err(e)) if e.code() == Some("PROTOCOL_ERROR"))
                     }) {
                         // A reply that is no entry id: the connection's replies may be out of
                         // step with its commands; the next batch goes out on a new one.
-                        inner.abandon(&live).await;
+                        inner.abandon_now(&live);
                     }
                 }
                 Err(e) => {
