@@ -127,7 +127,7 @@ fn broker_rows(root: &Path) -> Vec<Row> {
                     herald,
                     raw,
                     naive: r["naive_msgs_per_sec"].as_f64().unwrap_or(0.0),
-                    ratio: crate::report::times(herald / raw),
+                    ratio: crate::kafka::vs_raw(r),
                     vs_naive: herald / r["naive_msgs_per_sec"].as_f64().unwrap_or(0.0),
                 }
             })

@@ -188,26 +188,28 @@ struct Rates {
 }
 
 /// One throughput round: `herald bench --baseline` of `messages` of `size` bytes to `to`.
+/// `raw_first`: the raw clients run before herald (`--baseline-first`): each writes behind what
+/// the one before stored in the round's topic or queue, so the callers alternate it.
 fn throughput_round(
     herald: &Path,
     to: &str,
     messages: u64,
     size: u64,
     pinned: bool,
+    raw_first: bool,
 ) -> Result<Rates> {
-    let json = bench_json(
-        herald,
-        to,
-        &[
-            "--messages".into(),
-            messages.to_string(),
-            "--size".into(),
-            size.to_string(),
-            "--naive-messages".into(),
-            "100".into(),
-        ],
-        pinned,
-    )?;
+    let mut args = vec![
+        "--messages".into(),
+        messages.to_string(),
+        "--size".into(),
+        size.to_string(),
+        "--naive-messages".into(),
+        "100".into(),
+    ];
+    if raw_first {
+        args.push("--baseline-first".into());
+    }
+    let json = bench_json(herald, to, &args, pinned)?;
     let rate = |name: &str| {
         json[name]
             .as_f64()
@@ -276,7 +278,7 @@ fn rtt_rounds(herald: &Path, proxy_bin: &Path, rtt_ms: u64) -> Result<Vec<Row>> 
                 let _proxy = Proxy::start(proxy_bin, proxy_port, &format!("127.0.0.1:{port}"), rtt_ms)?;
                 rows.extend(sized_rows(Broker::Kafka, rtt_ms, |size, r| {
                     let to = format!("kafka://127.0.0.1:{proxy_port}/command-rtt{rtt_ms}-{size}-{r}-{pid}");
-                    throughput_round(herald, &to, rtt_messages(Broker::Kafka), size, false)
+                    throughput_round(herald, &to, rtt_messages(Broker::Kafka), size, false, r % 2 == 1)
                 })?);
                 Ok(())
             })();
@@ -300,7 +302,14 @@ fn rtt_rounds(herald: &Path, proxy_bin: &Path, rtt_ms: u64) -> Result<Vec<Row>> 
     rows.extend(sized_rows(Broker::RabbitMQ, rtt_ms, |size, r| {
         let queue = format!("herald-command-rtt{rtt_ms}-{size}-{r}-{pid}");
         let to = format!("{url}{sep}queue={queue}");
-        let result = throughput_round(herald, &to, rtt_messages(Broker::RabbitMQ), size, false);
+        let result = throughput_round(
+            herald,
+            &to,
+            rtt_messages(Broker::RabbitMQ),
+            size,
+            false,
+            r % 2 == 1,
+        );
         amqp::delete_queue(&direct, &queue)?;
         result
     })?);
@@ -340,8 +349,18 @@ struct Row {
 /// `cargo xtask bench command`.
 pub(crate) fn bench_throughput(root: &Path, pinned: bool) -> Result<()> {
     let herald = herald(root)?;
+    // Who goes first alternates from round to round (see `throughput_round`).
+    let mut round = 0;
     let runs = rounds(SIZES, "command", pinned, |to, broker, size| {
-        throughput_round(&herald, to, messages(broker, size), size, pinned)
+        round += 1;
+        throughput_round(
+            &herald,
+            to,
+            messages(broker, size),
+            size,
+            pinned,
+            round % 2 == 0,
+        )
     })?;
     let mut rows: Vec<Row> = runs
         .into_iter()
@@ -370,7 +389,7 @@ pub(crate) fn bench_throughput(root: &Path, pinned: bool) -> Result<()> {
         }
     }
     let mut body = format!(
-        "Run: `cargo xtask bench command{}` on {}: `herald bench --to URL --messages N --size S --baseline` (the release command as a user runs it: herald's default settings, messages handed over as `herald produce` hands over what it reads; then the raw client at its best), {ROUNDS} rounds, each a topic or queue of its own. Every run timed from a connected client (herald, and Kafka's raw client, send one message and wait for its acknowledgement first). Figures: median of the rounds (range in brackets); the ratio is taken within each round. Kafka: Tansu `memory://` on the same machine, 1 000 000 messages of 100 B, 300 000 of 1 KiB; RabbitMQ: the machine's node, 100 000 persistent messages to a durable queue; its rounds also run the raw client sending herald's message properties (a message id, the key as a header), and the last column is herald against that run. Each round's runs (herald, raw, raw with the properties, a naive one) write to its one topic or queue in turn, so on RabbitMQ a later run writes behind the messages stored by the earlier ones.{}\n\n",
+        "Run: `cargo xtask bench command{}` on {}: `herald bench --to URL --messages N --size S --baseline` (the release command as a user runs it: herald's default settings, messages handed over as `herald produce` hands over what it reads; then the raw client at its best), {ROUNDS} rounds, each a topic or queue of its own. Every run timed from a connected client (herald, and Kafka's raw client, send one message and wait for its acknowledgement first). Figures: median of the rounds (range in brackets); the ratio is taken within each round. Kafka: Tansu `memory://` on the same machine, 1 000 000 messages of 100 B, 300 000 of 1 KiB; RabbitMQ: the machine's node, 100 000 persistent messages to a durable queue; its rounds also run the raw client sending herald's message properties (a message id, the key as a header), and the last column is herald against that run. Each round's runs (herald, raw, raw with the properties, a naive one) write to its one topic or queue in turn, so on RabbitMQ a later run writes behind the messages stored by the earlier ones, which costs it: herald goes first in one round and the raw clients in the next (`--baseline-first`), alternately.{}\n\n",
         pin_flag(pinned),
         machine(),
         if pinned {
@@ -478,27 +497,29 @@ pub(crate) fn bench_latency(root: &Path, pinned: bool) -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(SECONDS);
+    // Who goes first alternates from round to round: the second writes behind the first.
+    let mut round = 0;
     let runs = rounds(RATES, "latency", pinned, |to, _, rate| {
-        let json = bench_json(
-            &herald,
-            to,
-            &[
-                "--rate".into(),
-                rate.to_string(),
-                "--messages".into(),
-                (rate * seconds).to_string(),
-                "--size".into(),
-                "100".into(),
-            ],
-            pinned,
-        )?;
+        round += 1;
+        let mut args = vec![
+            "--rate".into(),
+            rate.to_string(),
+            "--messages".into(),
+            (rate * seconds).to_string(),
+            "--size".into(),
+            "100".into(),
+        ];
+        if round % 2 == 0 {
+            args.push("--baseline-first".into());
+        }
+        let json = bench_json(&herald, to, &args, pinned)?;
         if json["raw_failed"].as_u64() != Some(0) {
             bail!("the raw client lost messages: {json}");
         }
         Ok((quantiles(&json, "")?, quantiles(&json, "raw_")?))
     })?;
     let mut body = format!(
-        "Run: `cargo xtask bench latency{}` on {}: `herald bench --rate R --messages {SECONDS}×R --size 100 --baseline` (the command, open loop), {ROUNDS} rounds of herald then the raw client, each figure the median of the rounds with their range in brackets, in ms. Kafka: Tansu `memory://` on the same machine; RabbitMQ: the machine's node, persistent messages to a durable queue; MQTT: the machine's Mosquitto, QoS 1.{}\n\n",
+        "Run: `cargo xtask bench latency{}` on {}: `herald bench --rate R --messages {SECONDS}×R --size 100 --baseline` (the command, open loop), {ROUNDS} rounds of herald and the raw client on one topic or queue, who goes first alternating (`--baseline-first`), each figure the median of the rounds with their range in brackets, in ms. Kafka: Tansu `memory://` on the same machine; RabbitMQ: the machine's node, persistent messages to a durable queue; MQTT: the machine's Mosquitto, QoS 1.{}\n\n",
         pin_flag(pinned),
         machine(),
         pin_sentence(pinned),

@@ -31,6 +31,11 @@ pub(crate) struct BenchArgs {
     /// Also run the raw client at its best and the naive pattern (await each send).
     #[arg(long)]
     pub(crate) baseline: bool,
+    /// With --baseline, run the raw clients before herald rather than after. Every run writes
+    /// to the same topic or queue: what runs second writes behind what the first stored, which
+    /// on RabbitMQ costs it (`cargo xtask bench command` alternates this between rounds).
+    #[arg(long, requires = "baseline")]
+    pub(crate) baseline_first: bool,
     /// Messages of the naive run, which manages hundreds per second on a real broker.
     #[arg(long, value_name = "N", default_value_t = 2_000)]
     pub(crate) naive_messages: u64,
@@ -345,6 +350,29 @@ async fn amqp_baselines(
 }
 
 /// Runs the benchmark.
+/// The raw clients' runs of `--baseline` on `target`.
+async fn baselines(args: &BenchArgs, target: &Target) -> anyhow::Result<Baselines> {
+    Ok(match target {
+        Target::Kafka(k) if args.to.is_none() => {
+            kafka_baselines(
+                args,
+                Some(k),
+                &k.bootstrap,
+                "herald-bench-raw",
+                "herald-bench-naive",
+            )
+            .await?
+        }
+        Target::Kafka(k) => {
+            kafka_baselines(args, Some(k), &k.bootstrap, &k.topic, &k.topic).await?
+        }
+        Target::Amqp(a) => amqp_baselines(args, a).await?,
+        Target::Nats(n) => nats_baselines(args, n).await?,
+        Target::Redis(r) => redis_baselines(args, r).await?,
+        Target::Mqtt(m) => mqtt_baselines(args, m).await?,
+    })
+}
+
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
     crate::settings::check_size(
         args.size,
@@ -396,6 +424,11 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
         args.size
     );
     out!("  timed from a connected client: herald sends one message and waits for its acknowledgement before the clock starts; the raw clients connect first (on Kafka they send one message too)");
+    let first = if args.baseline_first {
+        Some(baselines(&args, &target).await?)
+    } else {
+        None
+    };
     let herald = herald_run(&args, &target).await?;
     let rate = report::rate(herald.tally.delivered, herald.elapsed);
     let t = &herald.tally;
@@ -412,24 +445,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
         out!("    e.g. {e}");
     }
     let baselines = if args.baseline {
-        let b = match &target {
-            Target::Kafka(k) if args.to.is_none() => {
-                kafka_baselines(
-                    &args,
-                    Some(k),
-                    &k.bootstrap,
-                    "herald-bench-raw",
-                    "herald-bench-naive",
-                )
-                .await?
-            }
-            Target::Kafka(k) => {
-                kafka_baselines(&args, Some(k), &k.bootstrap, &k.topic, &k.topic).await?
-            }
-            Target::Amqp(a) => amqp_baselines(&args, a).await?,
-            Target::Nats(n) => nats_baselines(&args, n).await?,
-            Target::Redis(r) => redis_baselines(&args, r).await?,
-            Target::Mqtt(m) => mqtt_baselines(&args, m).await?,
+        let b = match first {
+            Some(b) => b,
+            None => baselines(&args, &target).await?,
         };
         out!(
             "  raw best   {:>12} msg/s  ({})  herald / raw = {:.2}x",
@@ -468,6 +486,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
             report::num(herald.elapsed.as_secs_f64()),
         );
         obj.insert("herald_msgs_per_sec".into(), report::num(rate));
+        obj.insert("baseline_first".into(), json!(args.baseline_first));
         obj.insert("p50_ms".into(), report::ms(t.latency.quantile(0.5)));
         obj.insert("p99_ms".into(), report::ms(t.latency.quantile(0.99)));
         obj.insert("max_ms".into(), report::ms(t.latency.max()));
@@ -568,6 +587,87 @@ fn ms_diff(a: Option<Duration>, b: Option<Duration>) -> String {
 
 /// `herald bench --rate`: herald (and with `--baseline` the raw client) sending `args.messages`
 /// on a fixed schedule of `rate` messages a second, latency from due time to acknowledgement.
+/// The raw client's open-loop run of `--baseline` on `target` at `rate`, and what it is.
+async fn paced_baseline(
+    args: &BenchArgs,
+    target: &Target,
+    rate: f64,
+) -> anyhow::Result<(open_loop::Paced, String)> {
+    Ok(match target {
+        Target::Kafka(k) => {
+            let extra = args.tuning.kafka_client_properties(Some(k))?;
+            let topic = if args.to.is_none() {
+                "herald-bench-raw"
+            } else {
+                &k.topic
+            };
+            let one =
+                herald_kafka::baseline::OneByOne::connect(&k.bootstrap, &extra, topic, args.size)
+                    .await
+                    .context("raw rdkafka baseline")?;
+            let (raw, _) = open_loop::run(KafkaOneByOne(one), rate, args.messages).await?;
+            (
+                raw,
+                "rdkafka FutureProducer, a delivery future per message".to_owned(),
+            )
+        }
+        Target::Amqp(a) => {
+            let (exchange, routing_key) = amqp_route(a)?;
+            let one = herald_amqp::baseline::OneByOne::connect(
+                a,
+                &exchange,
+                &routing_key,
+                args.size,
+                AMQP_CHANNELS,
+            )
+            .await
+            .context("raw lapin baseline")?;
+            let (raw, one) = open_loop::run(AmqpOneByOne(one), rate, args.messages).await?;
+            one.0.close().await.context("raw lapin baseline")?;
+            (
+                raw,
+                format!(
+                    "lapin, confirms awaited as they come, publishes over {AMQP_CHANNELS} channels"
+                ),
+            )
+        }
+        Target::Nats(c) => {
+            let subject = c.subject().unwrap_or_default();
+            let one = herald_nats::baseline::OneByOne::connect(c, subject, args.size)
+                .await
+                .context("raw async-nats baseline")?;
+            let (raw, _) = open_loop::run(NatsOneByOne(one), rate, args.messages).await?;
+            (
+                raw,
+                "async-nats, each PubAck awaited as it comes".to_owned(),
+            )
+        }
+        Target::Redis(c) => {
+            let key = c.stream().unwrap_or_default();
+            let one = herald_redis::baseline::OneByOne::connect(c, key, args.size)
+                .await
+                .context("raw redis-rs baseline")?;
+            let (raw, _) = open_loop::run(RedisOneByOne(one), rate, args.messages).await?;
+            (
+                raw,
+                "redis-rs, one XADD per message on a multiplexed connection".to_owned(),
+            )
+        }
+        Target::Mqtt(c) => {
+            let topic = c.topic().unwrap_or_default();
+            let one = herald_mqtt::baseline::OneByOne::connect(c, topic, args.size)
+                .await
+                .context("raw rumqttc baseline")?;
+            let (raw, _) = open_loop::run(MqttOneByOne(one), rate, args.messages).await?;
+            (
+                raw,
+                "rumqttc, each acknowledgement matched to its publish by packet id as it comes"
+                    .to_owned(),
+            )
+        }
+    })
+}
+
 async fn open_loop_bench(
     args: &BenchArgs,
     target: &Target,
@@ -583,6 +683,11 @@ async fn open_loop_bench(
         report::duration(Duration::from_secs_f64(args.messages as f64 / rate)),
     );
     out!("  latency from each message's due time on the schedule to its acknowledgement; every client connected first (one message acknowledged)");
+    let first = if args.baseline_first {
+        Some(paced_baseline(args, target, rate).await?)
+    } else {
+        None
+    };
     let session = args.tuning.build(target)?;
     let payload = Bytes::from(vec![b'x'; args.size]);
     warm_up(&session, &payload).await?;
@@ -605,80 +710,9 @@ async fn open_loop_bench(
     };
     paced_line("herald", &herald, &achieved(&herald));
     let raw = if args.baseline {
-        let (raw, what) = match target {
-            Target::Kafka(k) => {
-                let extra = args.tuning.kafka_client_properties(Some(k))?;
-                let topic = if args.to.is_none() {
-                    "herald-bench-raw"
-                } else {
-                    &k.topic
-                };
-                let one = herald_kafka::baseline::OneByOne::connect(
-                    &k.bootstrap,
-                    &extra,
-                    topic,
-                    args.size,
-                )
-                .await
-                .context("raw rdkafka baseline")?;
-                let (raw, _) = open_loop::run(KafkaOneByOne(one), rate, args.messages).await?;
-                (
-                    raw,
-                    "rdkafka FutureProducer, a delivery future per message".to_owned(),
-                )
-            }
-            Target::Amqp(a) => {
-                let (exchange, routing_key) = amqp_route(a)?;
-                let one = herald_amqp::baseline::OneByOne::connect(
-                    a,
-                    &exchange,
-                    &routing_key,
-                    args.size,
-                    AMQP_CHANNELS,
-                )
-                .await
-                .context("raw lapin baseline")?;
-                let (raw, one) = open_loop::run(AmqpOneByOne(one), rate, args.messages).await?;
-                one.0.close().await.context("raw lapin baseline")?;
-                (
-                    raw,
-                    format!("lapin, confirms awaited as they come, publishes over {AMQP_CHANNELS} channels"),
-                )
-            }
-            Target::Nats(c) => {
-                let subject = c.subject().unwrap_or_default();
-                let one = herald_nats::baseline::OneByOne::connect(c, subject, args.size)
-                    .await
-                    .context("raw async-nats baseline")?;
-                let (raw, _) = open_loop::run(NatsOneByOne(one), rate, args.messages).await?;
-                (
-                    raw,
-                    "async-nats, each PubAck awaited as it comes".to_owned(),
-                )
-            }
-            Target::Redis(c) => {
-                let key = c.stream().unwrap_or_default();
-                let one = herald_redis::baseline::OneByOne::connect(c, key, args.size)
-                    .await
-                    .context("raw redis-rs baseline")?;
-                let (raw, _) = open_loop::run(RedisOneByOne(one), rate, args.messages).await?;
-                (
-                    raw,
-                    "redis-rs, one XADD per message on a multiplexed connection".to_owned(),
-                )
-            }
-            Target::Mqtt(c) => {
-                let topic = c.topic().unwrap_or_default();
-                let one = herald_mqtt::baseline::OneByOne::connect(c, topic, args.size)
-                    .await
-                    .context("raw rumqttc baseline")?;
-                let (raw, _) = open_loop::run(MqttOneByOne(one), rate, args.messages).await?;
-                (
-                    raw,
-                    "rumqttc, each acknowledgement matched to its publish by packet id as it comes"
-                        .to_owned(),
-                )
-            }
+        let (raw, what) = match first {
+            Some(first) => first,
+            None => paced_baseline(args, target, rate).await?,
         };
         anyhow::ensure!(
             raw.failed == 0,
@@ -703,6 +737,7 @@ async fn open_loop_bench(
         obj.insert("mode".into(), json!("open_loop"));
         obj.insert("broker".into(), json!(broker));
         obj.insert("rate".into(), report::num(rate));
+        obj.insert("baseline_first".into(), json!(args.baseline_first));
         obj.insert("messages".into(), json!(args.messages));
         obj.insert("size".into(), json!(args.size));
         let mut put = |prefix: &str, p: &open_loop::Paced| {

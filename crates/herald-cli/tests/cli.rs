@@ -364,8 +364,10 @@ fn usage_errors_exit_2_and_name_the_problem() {
 #[test]
 fn bench_on_the_mock_cluster_reports_herald_raw_and_naive() {
     let dir = Scratch::new("bench");
-    let run = herald(
-        &[
+    // The raw clients after herald, and (`--baseline-first`, which the benchmarks alternate)
+    // before it.
+    for first in [false, true] {
+        let mut args = vec![
             "bench",
             "--messages",
             "5000",
@@ -374,13 +376,25 @@ fn bench_on_the_mock_cluster_reports_herald_raw_and_naive() {
             "50",
             "--report",
             "json",
-        ],
-        None,
-        &dir.0,
-        LIMIT,
+        ];
+        if first {
+            args.push("--baseline-first");
+        }
+        bench_reports_herald_raw_and_naive(&dir, &args, first);
+    }
+    let run = herald(&["bench", "--baseline-first"], None, &dir.0, LIMIT);
+    assert_eq!(
+        run.code,
+        Some(2),
+        "--baseline-first needs --baseline: {run:?}"
     );
+}
+
+fn bench_reports_herald_raw_and_naive(dir: &Scratch, args: &[&str], first: bool) {
+    let run = herald(args, None, &dir.0, LIMIT);
     assert_eq!(run.code, Some(0), "{run:?}");
     let report = run.report();
+    assert_eq!(report["baseline_first"], first, "{report}");
     for field in [
         "herald_msgs_per_sec",
         "p50_ms",
@@ -423,6 +437,27 @@ fn bench_with_a_rate_reports_latency_percentiles_for_herald_and_raw_on_one_sched
     assert_eq!(run.code, Some(0), "{run:?}");
     assert_paced(&run.report(), 2000);
     assert!(run.stdout.contains("herald - raw: p50"), "{}", run.stdout);
+    // The raw client's schedule first (`--baseline-first`): the same report.
+    let run = herald(
+        &[
+            "bench",
+            "--rate",
+            "4000",
+            "--messages",
+            "2000",
+            "--baseline",
+            "--baseline-first",
+            "--report",
+            "json",
+        ],
+        None,
+        &dir.0,
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report = run.report();
+    assert_paced(&report, 2000);
+    assert_eq!(report["baseline_first"], true, "{report}");
 }
 
 #[test]

@@ -7,9 +7,11 @@
 //! broker at `--bootstrap`; the broker must advertise the proxy's address (`cargo xtask bench
 //! kafka` starts a Tansu that does), so that every connection takes the round trip.
 //!
-//! Every variant is timed from a connected producer (one message acknowledged first), and raw
-//! and herald alternate for `--rounds` rounds (default 5), each reported as its median: on a
-//! two-core machine shared with the broker, single runs of the same variant vary by up to 2x.
+//! Every variant is timed from a connected producer (one message acknowledged first), herald
+//! at its defaults (buffer, recommended batching, strict order), and raw and herald alternate
+//! for `--rounds` rounds (default 5; which goes first alternates too), each rate reported as
+//! its median and herald / raw taken within each round, then as the median with its range: on
+//! a two-core machine shared with the broker, single runs of the same variant vary by up to 2x.
 //! `HERALD_BENCH_RAW_PROPS=k=v,...` gives the raw baseline other librdkafka settings (to check
 //! it is at its best); experiments on herald: `HERALD_BENCH_ORDERING`, `HERALD_BENCH_BATCH`,
 //! `HERALD_BENCH_ID_HEADER=on` (every message's id in the `herald-message-id` header, off by
@@ -69,7 +71,6 @@ async fn herald(bootstrap: &str, topic: &str, n: u64, size: usize) -> Run {
             herald_core::OrderingMode::Strict
         })
         .batching(batching)
-        .buffer(200_000, 512 << 20)
         .build()
         .expect("producer");
     let dest = Destination::new(topic);
@@ -185,18 +186,28 @@ async fn main() {
             }
             topics.push(topic);
         }
-        let (mut raws, mut heralds) = (Vec::new(), Vec::new());
+        let (mut raws, mut heralds, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds.max(1) {
-            let raw = {
+            let raw_run = || {
                 let (b, t) = (bootstrap.clone(), topics[0].clone());
-                tokio::task::spawn_blocking(move || {
-                    baseline::raw_threaded(&b, &raw_props(), &t, count, size)
-                })
-                .await
-                .expect("join")
-                .expect("raw run")
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        baseline::raw_threaded(&b, &raw_props(), &t, count, size)
+                    })
+                    .await
+                    .expect("join")
+                    .expect("raw run")
+                }
             };
-            let her = herald(&bootstrap, &topics[1], count, size).await;
+            // Who goes first alternates from round to round.
+            let (raw, her) = if round % 2 == 0 {
+                let raw = raw_run().await;
+                (raw, herald(&bootstrap, &topics[1], count, size).await)
+            } else {
+                let her = herald(&bootstrap, &topics[1], count, size).await;
+                (raw_run().await, her)
+            };
+            ratios.push(her.msgs_per_sec() / raw.msgs_per_sec());
             eprintln!(
                 "{size} B round {round}: raw {:.0}/s, herald {:.0}/s",
                 raw.msgs_per_sec(),
@@ -207,6 +218,13 @@ async fn main() {
             heralds.push(her);
         }
         let (raw, her) = (median(raws), median(heralds));
+        // herald / raw taken within each round, then the median and the range.
+        ratios.sort_by(f64::total_cmp);
+        let (vs_raw, lo, hi) = (
+            ratios[ratios.len() / 2],
+            ratios[0],
+            ratios[ratios.len() - 1],
+        );
         let naive = baseline::naive_await_each(&bootstrap, &[], &topics[2], naive_n, size)
             .await
             .expect("naive run");
@@ -214,12 +232,12 @@ async fn main() {
             assert_eq!(run.failed, 0, "{name} lost messages");
         }
         println!(
-            "{size:>5} B  raw {:>9.0}/s  herald {:>9.0}/s ({:.2}x raw)  naive {:>7.0}/s (herald {:.0}x naive)",
-            raw.msgs_per_sec(), her.msgs_per_sec(), her.msgs_per_sec() / raw.msgs_per_sec(),
+            "{size:>5} B  raw {:>9.0}/s  herald {:>9.0}/s ({vs_raw:.2}x raw, {lo:.2}-{hi:.2} in the rounds)  naive {:>7.0}/s (herald {:.0}x naive)",
+            raw.msgs_per_sec(), her.msgs_per_sec(),
             naive.msgs_per_sec(), her.msgs_per_sec() / naive.msgs_per_sec()
         );
         rows.push(format!(
-            "{{\"size\":{size},\"messages\":{count},\"naive_messages\":{naive_n},\"raw_best_msgs_per_sec\":{:.0},\"herald_msgs_per_sec\":{:.0},\"naive_msgs_per_sec\":{:.1}}}",
+            "{{\"size\":{size},\"messages\":{count},\"naive_messages\":{naive_n},\"raw_best_msgs_per_sec\":{:.0},\"herald_msgs_per_sec\":{:.0},\"naive_msgs_per_sec\":{:.1},\"vs_raw\":{vs_raw:.4},\"vs_raw_range\":[{lo:.4},{hi:.4}]}}",
             raw.msgs_per_sec(), her.msgs_per_sec(), naive.msgs_per_sec()
         ));
     }
