@@ -713,6 +713,53 @@ fn mosquitto_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Health goes down when the broker cannot be reached, and clears by itself, without traffic,
+/// once it can again: the transport retries in the background on its reconnect backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it"]
+async fn down_clears_without_traffic_once_the_broker_is_back() {
+    use herald_core::TransportHealth;
+    let url = url();
+    let target = authority(&url);
+    let proxy = FaultProxy::start(&target).await.expect("proxy");
+    let transport = MqttTransport::new(
+        MqttConfig::from_url(&format!(
+            "{}/herald/health",
+            url.replacen(&target, &proxy.addr().to_string(), 1)
+        ))
+        .expect("url")
+        .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500)),
+    )
+    .expect("t");
+    // The broker unreachable for 3 s: the first attempt fails and health says so.
+    proxy.cut_for(Duration::from_secs(3));
+    transport
+        .connect()
+        .await
+        .expect_err("refused while the proxy refuses");
+    assert!(
+        matches!(transport.health(), TransportHealth::Down(_)),
+        "{:?}",
+        transport.health()
+    );
+    assert!(transport.diagnosis().is_some());
+    // Nothing is sent from here on: health alone (as the producer reads it, about once a
+    // second) must find the broker back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while transport.health() != TransportHealth::Up {
+        assert!(
+            Instant::now() < deadline,
+            "still {:?} long after the broker came back",
+            transport.health()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(transport.is_connected());
+    assert_eq!(transport.endpoint(), Some(proxy.addr().to_string()));
+    transport.close().await;
+    assert!(!transport.is_connected());
+}
+
 /// A mosquitto of a test's own: its own port and persistence folder (`extra` lines added to
 /// its configuration), stopped (and its folder removed) on drop.
 struct OwnBroker {
