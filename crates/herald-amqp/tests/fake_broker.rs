@@ -222,10 +222,9 @@ async fn a_dead_first_address_is_skipped_for_the_next_one() {
     assert_eq!(t.endpoint(), Some(format!("127.0.0.1:{good}")));
 }
 
-/// Issue 13: a node that takes publishes but never confirms them (a hung node, a half-open
-/// connection) is given up after the confirm timeout, and the retry goes to the next address.
-#[tokio::test]
-async fn confirms_that_stop_coming_move_the_transport_to_the_next_address() {
+/// A transport over two fake nodes, one that never confirms first and one that confirms, with a
+/// confirm timeout of 300 ms; and the good node's port.
+async fn silent_then_good() -> (AmqpTransport, u16) {
     let silent = fake_broker(Fake::Silent).await;
     let good = fake_broker(Fake::Confirms).await;
     let t = AmqpTransport::new(
@@ -236,6 +235,14 @@ async fn confirms_that_stop_coming_move_the_transport_to_the_next_address() {
             .confirm_timeout(Duration::from_millis(300)),
     )
     .expect("transport");
+    (t, good)
+}
+
+/// Issue 13: a node that takes publishes but never confirms them (a hung node, a half-open
+/// connection) is given up after the confirm timeout, and the retry goes to the next address.
+#[tokio::test]
+async fn confirms_that_stop_coming_move_the_transport_to_the_next_address() {
+    let (t, good) = silent_then_good().await;
     let batch = numbered(5);
     let out = t.send_batch(&Destination::new("q"), &batch).await;
     // The first publish of the channel went alone, and timed out; the others were not sent.
@@ -262,16 +269,7 @@ async fn confirms_that_stop_coming_move_the_transport_to_the_next_address() {
 /// call timing out on it.
 #[tokio::test]
 async fn confirms_that_stop_coming_move_the_transport_on_when_calls_are_cut_off() {
-    let silent = fake_broker(Fake::Silent).await;
-    let good = fake_broker(Fake::Confirms).await;
-    let t = AmqpTransport::new(
-        AmqpConfig::from_url("amqp://127.0.0.1/%2F")
-            .expect("url")
-            .addresses([format!("127.0.0.1:{silent}"), format!("127.0.0.1:{good}")])
-            .expect("addresses")
-            .confirm_timeout(Duration::from_millis(300)),
-    )
-    .expect("transport");
+    let (t, good) = silent_then_good().await;
     let batch = numbered(3);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {

@@ -150,6 +150,16 @@ fn log_tail(path: &std::path::Path, lines: usize) -> String {
     out.join("\n")
 }
 
+/// Everything `topic` on `bootstrap` holds, read on a blocking thread (within 2 minutes).
+async fn read_to_end(bootstrap: &str, topic: &str) -> Vec<Message> {
+    let (b, t) = (bootstrap.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        admin::read_topic_to_end(&b, &t, Duration::from_secs(120)).expect("read to the end")
+    })
+    .await
+    .expect("read back")
+}
+
 /// A Tansu broker of the test's own, on SQLite storage so that its log survives a restart.
 struct OwnTansu {
     bin: String,
@@ -373,19 +383,73 @@ async fn a_broker_restart_in_the_middle_of_a_run_loses_nothing() {
     assert_eq!(delivered, 60_000);
     let stats = producer.stats();
     producer.close(Duration::from_secs(30)).await;
-    let got = {
-        let (b, t) = (b.clone(), t.clone());
-        tokio::task::spawn_blocking(move || {
-            admin::read_topic_to_end(&b, &t, Duration::from_secs(120)).expect("read to the end")
-        })
-        .await
-        .expect("read back")
-    };
+    let got = read_to_end(&b, &t).await;
     // Everything the topic holds (duplicates included), nothing lost, and per key the last
     // copy of each message in sending order.
     let duplicates = assert_all_stored_last_copies_in_order(&msgs, &got);
     eprintln!(
         "restart: {before} delivered before it, {} retries by herald, {} stored for 60 000 sent ({duplicates} duplicates)",
+        stats.totals.retries,
+        got.len(),
+    );
+}
+
+/// Connections cut in the middle of a run, at herald-kafka's default pipeline depth of 16:
+/// Tansu behind the testkit's fault proxy, advertising it, so that every connection librdkafka
+/// makes goes through it; the proxy cuts them all twice and refuses new ones for half a second.
+/// librdkafka reconnects and sends again what was in flight: nothing lost, per key the last
+/// copies in order (the guarantee on Kafka, where librdkafka may store a later message of a
+/// partition before an earlier one it failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs HERALD_TANSU_BIN: cargo xtask it kafka"]
+async fn connections_cut_in_the_middle_of_a_run_lose_nothing() {
+    let bin = tansu_bin("a Tansu broker of its own behind a fault proxy");
+    let port = free_port();
+    let proxy = herald_testkit::proxy::FaultProxy::start(&format!("127.0.0.1:{port}"))
+        .await
+        .expect("proxy");
+    let _broker = OwnTansu::start_on(bin, port, Some(proxy.addr().port()), Vec::new());
+    let b = proxy.addr().to_string();
+    let t = topic(&b, "cut", 3).await;
+    let transport = KafkaTransport::new(KafkaConfig::new(b.clone())).expect("transport");
+    let producer = Producer::builder(transport)
+        .batching(herald_kafka::recommended_batching())
+        .delivery_timeout(Duration::from_secs(120))
+        .build()
+        .expect("producer");
+    const N: usize = 60_000;
+    let msgs = keyed(&t, 0..N, 20);
+    let receipt = producer.send_all(msgs.clone()).await;
+    let mut at_cuts = Vec::new();
+    for k in 1..=2 {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while producer.stats().totals.delivered < (k * N / 4) as u64 {
+            assert!(Instant::now() < deadline, "no progress before cut {k}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let accepted = proxy.accepted();
+        at_cuts.push(producer.stats().totals.delivered);
+        proxy.cut_for(Duration::from_millis(500));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while proxy.accepted() == accepted {
+            assert!(
+                Instant::now() < deadline,
+                "librdkafka did not connect again after cut {k}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(
+        at_cuts.iter().all(|&d| d < N as u64),
+        "both cuts came mid-run: {at_cuts:?}"
+    );
+    assert_eq!(delivered_all(receipt).await, N as u64);
+    let stats = producer.stats();
+    producer.close(Duration::from_secs(30)).await;
+    let got = read_to_end(&b, &t).await;
+    let duplicates = assert_all_stored_last_copies_in_order(&msgs, &got);
+    eprintln!(
+        "cuts at {at_cuts:?} delivered: {} retries by herald, {} stored for {N} sent ({duplicates} duplicates)",
         stats.totals.retries,
         got.len(),
     );
@@ -474,15 +538,7 @@ async fn a_broker_of_two_killed_for_good_in_the_middle_of_a_run_loses_nothing() 
     );
     let stats = producer.stats();
     producer.close(Duration::from_secs(30)).await;
-    let got = {
-        let t = t.clone();
-        tokio::task::spawn_blocking(move || {
-            admin::read_topic_to_end(&survivor, &t, Duration::from_secs(120))
-                .expect("read to the end")
-        })
-        .await
-        .expect("read back")
-    };
+    let got = read_to_end(&survivor, &t).await;
     let duplicates = assert_all_stored_last_copies_in_order(&msgs, &got);
     eprintln!(
         "failover: broker {} of 2 killed after {before} delivered; next deliveries {failover:?} later; {} retries by herald, {} stored for 60 000 sent ({duplicates} duplicates)",

@@ -66,6 +66,7 @@ pub(crate) enum Slot {
     /// The message at this index of a batch.
     Batch(Arc<Answers>, usize),
     /// A channel of its own (the raw open-loop baseline: each message is a future of its own).
+    #[cfg_attr(not(any(test, feature = "baseline")), allow(dead_code))]
     One(oneshot::Sender<Answer>),
 }
 
@@ -142,6 +143,7 @@ impl LiveState {
     }
 
     /// [`LiveState::slot`] with a channel of its own for the answer.
+    #[cfg_attr(not(any(test, feature = "baseline")), allow(dead_code))]
     pub(crate) fn one(&self) -> Option<oneshot::Receiver<Answer>> {
         let (tx, rx) = oneshot::channel();
         self.slot(Slot::One(tx)).then_some(rx)

@@ -820,7 +820,6 @@ async fn the_url_s_stream_is_created_on_connect_and_used() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: cargo xtask it"]
 async fn down_clears_without_traffic_once_the_server_is_back() {
-    use herald_core::TransportHealth;
     let url = url();
     let target = authority(&url);
     let proxy = FaultProxy::start(&target).await.expect("proxy");
@@ -836,25 +835,9 @@ async fn down_clears_without_traffic_once_the_server_is_back() {
         .connect()
         .await
         .expect_err("refused while the proxy refuses");
-    assert!(
-        matches!(transport.health(), TransportHealth::Down(_)),
-        "{:?}",
-        transport.health()
-    );
-    assert!(transport.diagnosis().is_some());
-    // Nothing is sent from here on: health alone (as the producer reads it, about once a
-    // second) must find the server back.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while transport.health() != TransportHealth::Up {
-        assert!(
-            Instant::now() < deadline,
-            "still {:?} long after the server came back",
-            transport.health()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    herald_testkit::checks::down_then_up_without_traffic(&transport, &proxy.addr().to_string())
+        .await;
     assert!(transport.is_connected());
-    assert_eq!(transport.endpoint(), Some(proxy.addr().to_string()));
     transport.close().await;
     assert!(!transport.is_connected());
 }

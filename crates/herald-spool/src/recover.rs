@@ -160,6 +160,22 @@ pub(crate) fn scan_dir(dir: &Path, cut: bool, fsyncs: bool) -> Result<Scan, Spoo
         seg.sealed = true;
         let mut len = scanner.end();
         while let Some(item) = scanner.next_item()? {
+            // Only the newest segment can have a torn tail when appends are fsynced: each older
+            // one was fsynced whole when the next began. Damage at the end of an older one is
+            // damage to records that had been durable, and counts as such (and stays on disk,
+            // skipped, as other damaged records do).
+            let item = match item {
+                Item::Torn {
+                    offset,
+                    bytes,
+                    reason,
+                } if fsyncs && i + 1 < firsts.len() => Item::Corrupt {
+                    offset,
+                    bytes,
+                    reason,
+                },
+                item => item,
+            };
             match item {
                 Item::Record { header, .. } => {
                     seg.add(header.seq, header.record_len(), header.time_ms);
@@ -169,21 +185,6 @@ pub(crate) fn scan_dir(dir: &Path, cut: bool, fsyncs: bool) -> Result<Scan, Spoo
                     bytes,
                     reason,
                 } => scan.damage.add_corrupt(CorruptRecord {
-                    segment: path.clone(),
-                    offset,
-                    bytes,
-                    reason,
-                    segment_first: first,
-                }),
-                // Only the newest segment can have a torn tail when appends are fsynced: each
-                // older one was fsynced whole when the next began. Damage at the end of an
-                // older one is damage to records that had been durable, and counts as such
-                // (and stays on disk, skipped, as other damaged records do).
-                Item::Torn {
-                    offset,
-                    bytes,
-                    reason,
-                } if fsyncs && i + 1 < firsts.len() => scan.damage.add_corrupt(CorruptRecord {
                     segment: path.clone(),
                     offset,
                     bytes,

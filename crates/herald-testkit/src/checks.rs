@@ -62,3 +62,27 @@ pub fn assert_complete_in_key_order(what: &str, sent: &[Message], got: &[Message
         got.len()
     );
 }
+
+/// A transport whose first connection attempt just failed (its server unreachable for a
+/// while): its health is `Down` with a diagnosis now, and turns `Up` by itself, without
+/// traffic, as a producer reads it (polled every 200 ms), within 30 s, connected to
+/// `endpoint`.
+pub async fn down_then_up_without_traffic(t: &dyn herald_core::Transport, endpoint: &str) {
+    use herald_core::TransportHealth;
+    assert!(
+        matches!(t.health(), TransportHealth::Down(_)),
+        "{:?}",
+        t.health()
+    );
+    assert!(t.diagnosis().is_some(), "no diagnosis while down");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.health() != TransportHealth::Up {
+        assert!(
+            Instant::now() < deadline,
+            "still {:?} long after the server came back",
+            t.health()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(t.endpoint().as_deref(), Some(endpoint));
+}

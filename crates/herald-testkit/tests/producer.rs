@@ -1878,20 +1878,45 @@ async fn a_task_sending_in_a_loop_lets_the_dispatcher_send_meanwhile() {
     assert_eq!(t.delivered() as usize, N);
 }
 
-/// A store whose writes never become durable (a failed fsync).
-struct NeverDurable;
+/// A store of the tests' own: `durable` makes each submission's durability future, `settle`
+/// runs on every settlement; it recovers nothing and does not read back.
+struct FakeStore {
+    name: &'static str,
+    durable: Box<dyn Fn() -> herald_core::Durable + Send + Sync>,
+    settle: Box<dyn Fn() + Send + Sync>,
+}
 
-impl herald_core::Store for NeverDurable {
+impl FakeStore {
+    fn new(
+        name: &'static str,
+        durable: impl Fn() -> herald_core::Durable + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name,
+            durable: Box::new(durable),
+            settle: Box::new(|| {}),
+        }
+    }
+
+    fn on_settle(mut self, settle: impl Fn() + Send + Sync + 'static) -> Self {
+        self.settle = Box::new(settle);
+        self
+    }
+}
+
+impl herald_core::Store for FakeStore {
     fn submit(
         &self,
         messages: &[Message],
     ) -> Result<herald_core::Submitted, herald_core::StoreError> {
         Ok(herald_core::Submitted {
             tokens: (0..messages.len() as u64).collect(),
-            durable: Box::pin(async { Err(herald_core::StoreError::failed("fsync failed")) }),
+            durable: (self.durable)(),
         })
     }
-    fn settle(&self, _: &[herald_core::StoreToken]) {}
+    fn settle(&self, _: &[herald_core::StoreToken]) {
+        (self.settle)();
+    }
     fn recover(
         &self,
         _: usize,
@@ -1899,8 +1924,15 @@ impl herald_core::Store for NeverDurable {
         Ok(Vec::new())
     }
     fn describe(&self) -> String {
-        "never durable".into()
+        self.name.into()
     }
+}
+
+/// A store whose writes never become durable (a failed fsync).
+fn never_durable() -> FakeStore {
+    FakeStore::new("never durable", || {
+        Box::pin(async { Err(herald_core::StoreError::failed("fsync failed")) })
+    })
 }
 
 /// A message its store could not make durable was never accepted: not in the totals, and not
@@ -1913,7 +1945,7 @@ async fn a_message_the_store_could_not_make_durable_is_not_counted_accepted() {
     let snapshotter = recorder.snapshotter();
     let p = metrics::with_local_recorder(&recorder, || {
         Producer::builder(MemoryTransport::new())
-            .store(NeverDurable)
+            .store(never_durable())
             .build()
             .expect("build")
     });
@@ -2000,28 +2032,8 @@ fn messages_whose_producer_runtime_shuts_down_are_handed_back_closed() {
 }
 
 /// A store that takes messages and never says whether they are durable (an fsync that hangs).
-struct DurableNever;
-
-impl herald_core::Store for DurableNever {
-    fn submit(
-        &self,
-        messages: &[Message],
-    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
-        Ok(herald_core::Submitted {
-            tokens: (0..messages.len() as u64).collect(),
-            durable: Box::pin(std::future::pending()),
-        })
-    }
-    fn settle(&self, _: &[herald_core::StoreToken]) {}
-    fn recover(
-        &self,
-        _: usize,
-    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
-        Ok(Vec::new())
-    }
-    fn describe(&self) -> String {
-        "durable never".into()
-    }
+fn durable_never() -> FakeStore {
+    FakeStore::new("durable never", || Box::pin(std::future::pending()))
 }
 
 /// A stored message whose store had not made it durable when the runtime of the producer's
@@ -2037,7 +2049,7 @@ fn a_stored_message_not_yet_durable_when_the_runtime_shuts_down_is_not_kept() {
         .expect("runtime");
     let (p, future) = first.block_on(async {
         let p = Producer::builder(MemoryTransport::new())
-            .store(DurableNever)
+            .store(durable_never())
             .build()
             .expect("producer");
         let future = p.try_send(msg(0)).expect("stored");
@@ -2075,7 +2087,7 @@ fn a_producer_whose_runtime_shuts_down_before_its_recovery_can_be_flushed() {
     // Nothing awaited: the producer's tasks are spawned, not run, before the runtime goes.
     let p = first.block_on(async {
         Producer::builder(MemoryTransport::new())
-            .store(DurableNever)
+            .store(durable_never())
             .build()
             .expect("producer")
     });
@@ -2095,46 +2107,31 @@ fn a_producer_whose_runtime_shuts_down_before_its_recovery_can_be_flushed() {
     });
 }
 
-/// A store of one's own whose durability future panics once and whose `settle` panics once.
+/// A store of one's own whose durability future panics once and whose `settle` panics once,
+/// saying so in its flags.
 #[derive(Default)]
 struct Panicky {
     durable_panicked: std::sync::atomic::AtomicBool,
     settle_panicked: std::sync::atomic::AtomicBool,
 }
 
-/// [`Panicky`], shared with the test.
-struct PanickyStore(Arc<Panicky>);
-
-impl herald_core::Store for PanickyStore {
-    fn submit(
-        &self,
-        messages: &[Message],
-    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
+impl Panicky {
+    fn store(flags: &Arc<Self>) -> FakeStore {
         use std::sync::atomic::Ordering;
-        let first = !self.0.durable_panicked.swap(true, Ordering::AcqRel);
-        Ok(herald_core::Submitted {
-            tokens: (0..messages.len() as u64).collect(),
-            durable: Box::pin(async move {
+        let (d, s) = (flags.clone(), flags.clone());
+        FakeStore::new("panicky", move || {
+            let first = !d.durable_panicked.swap(true, Ordering::AcqRel);
+            Box::pin(async move {
                 assert!(!first, "the store's fsync panicked");
                 Ok(())
-            }),
+            })
         })
-    }
-    fn settle(&self, _: &[herald_core::StoreToken]) {
-        use std::sync::atomic::Ordering;
-        assert!(
-            self.0.settle_panicked.swap(true, Ordering::AcqRel),
-            "the store's settle panicked"
-        );
-    }
-    fn recover(
-        &self,
-        _: usize,
-    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
-        Ok(Vec::new())
-    }
-    fn describe(&self) -> String {
-        "panicky".into()
+        .on_settle(move || {
+            assert!(
+                s.settle_panicked.swap(true, Ordering::AcqRel),
+                "the store's settle panicked"
+            );
+        })
     }
 }
 
@@ -2147,7 +2144,7 @@ async fn a_store_that_panics_fails_only_what_it_panicked_on() {
     let store = Arc::new(Panicky::default());
     let t = MemoryTransport::new();
     let p = Producer::builder(t.clone())
-        .store(PanickyStore(store.clone()))
+        .store(Panicky::store(&store))
         .build()
         .expect("build");
     let e = p.send(msg(0)).await.expect_err("its fsync panicked");
@@ -2169,28 +2166,8 @@ async fn a_store_that_panics_fails_only_what_it_panicked_on() {
 /// A store that makes every message durable at once and does not read back (so the stage
 /// holds at most a buffer's worth in memory, then refuses with `BufferFull`, and a sender
 /// waits for room).
-struct HeldInMemory;
-
-impl herald_core::Store for HeldInMemory {
-    fn submit(
-        &self,
-        messages: &[Message],
-    ) -> Result<herald_core::Submitted, herald_core::StoreError> {
-        Ok(herald_core::Submitted {
-            tokens: (0..messages.len() as u64).collect(),
-            durable: Box::pin(async { Ok(()) }),
-        })
-    }
-    fn settle(&self, _: &[herald_core::StoreToken]) {}
-    fn recover(
-        &self,
-        _: usize,
-    ) -> Result<Vec<(herald_core::StoreToken, Message)>, herald_core::StoreError> {
-        Ok(Vec::new())
-    }
-    fn describe(&self) -> String {
-        "held in memory".into()
-    }
+fn held_in_memory() -> FakeStore {
+    FakeStore::new("held in memory", || Box::pin(async { Ok(()) }))
 }
 
 /// With a store, an `enqueue` cancelled while it waits for room hands its message to the
@@ -2205,7 +2182,7 @@ async fn a_stored_enqueue_cancelled_while_waiting_for_room_reaches_the_unclaimed
         let heard = heard.clone();
         Producer::builder(t.clone())
             .buffer(1, 1 << 20)
-            .store(HeldInMemory)
+            .store(held_in_memory())
             .on_unclaimed(move |e| heard.lock().expect("heard").push(e))
             .build()
             .expect("build")
