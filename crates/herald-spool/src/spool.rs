@@ -117,6 +117,9 @@ pub(crate) struct Shared {
     /// Tests only: every fsync fails with EIO while set.
     #[cfg(test)]
     fail_fsyncs: AtomicBool,
+    /// Tests only: every deletion of a segment file fails with EIO while set.
+    #[cfg(test)]
+    fail_removes: AtomicBool,
     /// Damaged records known, by `(segment, offset)`, so that each counts once.
     corrupt: Mutex<HashSet<(u64, u64)>>,
     /// Holds the directory lock while any handle lives.
@@ -140,6 +143,10 @@ pub(crate) struct Inner {
     sync_requested: bool,
     /// Sealed segments whose records are all settled may be deletable once written.
     reap_wanted: bool,
+    /// Segment files were deleted and the directory's fsync that makes it durable failed: the
+    /// settle log is not rewritten (it would forget those records' settlements, which a power
+    /// loss could then bring back with their files) until a directory fsync succeeds.
+    deletions_unsynced: bool,
     /// Set after a failed fsync: appends are refused.
     broken: Option<SpoolError>,
     /// When a write last failed for a full disk: until a settlement (which may make room) or
@@ -300,6 +307,7 @@ impl Spool {
                 round: Round::new(),
                 sync_requested: false,
                 reap_wanted: false,
+                deletions_unsynced: false,
                 broken: None,
                 disk_full: None,
                 shutdown: false,
@@ -313,6 +321,8 @@ impl Spool {
             fsync_nanos: AtomicU64::new(0),
             #[cfg(test)]
             fail_fsyncs: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_removes: AtomicBool::new(false),
             corrupt: Mutex::new(known_corrupt),
             _lock: lock_file,
         });
@@ -681,26 +691,64 @@ impl Shared {
                         inner.pending -= seg.pending;
                         inner.pending_bytes -= seg.pending_bytes;
                         inner.disk_bytes -= seg.assigned_bytes;
+                        doomed.push((first, seg));
                     }
-                    doomed.push(first);
                 } else {
                     rest.extend_from_slice(mine);
                 }
                 i = end.max(i + 1);
             }
         }
-        for first in &doomed {
-            let path = segment_path(&self.dir, *first);
-            match std::fs::remove_file(&path) {
+        self.delete_segments(doomed)?;
+        Ok(rest)
+    }
+
+    /// Deletes the files of `doomed`, segments taken out of `Inner::segments` (their counts
+    /// with them), and makes the deletions durable. A file that cannot be deleted is put back
+    /// with those after it, and a later reap tries again: taken out of memory with its file
+    /// still there, its records' settlements would be dropped by the settle log's next
+    /// rewrite, and the records come back at the next open.
+    fn delete_segments(&self, doomed: Vec<(u64, Segment)>) -> Result<(), SpoolError> {
+        let deleted = !doomed.is_empty();
+        let mut doomed = doomed.into_iter();
+        while let Some((first, seg)) = doomed.next() {
+            let path = segment_path(&self.dir, first);
+            #[cfg(test)]
+            let removed = if self.fail_removes.load(Ordering::Relaxed) {
+                Err(std::io::Error::from_raw_os_error(5)) // EIO
+            } else {
+                std::fs::remove_file(&path)
+            };
+            #[cfg(not(test))]
+            let removed = std::fs::remove_file(&path);
+            match removed {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(SpoolError::io("delete settled segment", &path, e)),
+                Err(e) => {
+                    let mut inner = lock(&self.inner);
+                    for (first, seg) in std::iter::once((first, seg)).chain(doomed) {
+                        inner.pending += seg.pending;
+                        inner.pending_bytes += seg.pending_bytes;
+                        inner.disk_bytes += seg.assigned_bytes;
+                        inner.segments.insert(first, seg);
+                    }
+                    inner.reap_wanted = true;
+                    return Err(SpoolError::io("delete settled segment", &path, e));
+                }
             }
         }
-        if !doomed.is_empty() && self.config.fsyncs() {
-            self.sync_dir()?;
+        if deleted && self.config.fsyncs() {
+            self.sync_deletions()?;
         }
-        Ok(rest)
+        Ok(())
+    }
+
+    /// Makes the segment deletions so far durable (see `Inner::deletions_unsynced`).
+    fn sync_deletions(&self) -> Result<(), SpoolError> {
+        lock(&self.inner).deletions_unsynced = true;
+        self.sync_dir()?;
+        lock(&self.inner).deletions_unsynced = false;
+        Ok(())
     }
 
     fn sync_settle_log(&self, log: &mut SettleLog) -> Result<(), SpoolError> {
@@ -715,12 +763,13 @@ impl Shared {
     /// Deletes sealed segments whose records are all settled and written, then rewrites the
     /// settle log if it has doubled since its last rewrite.
     fn reap(&self, log: &mut SettleLog) -> Result<(), SpoolError> {
-        let doomed: Vec<u64> = {
+        let (doomed, unsynced) = {
             let mut inner = lock(&self.inner);
-            if inner.reap_wanted {
+            let unsynced = inner.deletions_unsynced;
+            let doomed = if inner.reap_wanted {
                 inner.reap_wanted = false;
                 let last = inner.segments.keys().next_back().copied();
-                let doomed: Vec<u64> = inner
+                let firsts: Vec<u64> = inner
                     .segments
                     .values()
                     .filter(|s| {
@@ -731,9 +780,11 @@ impl Shared {
                     })
                     .map(|s| s.first)
                     .collect();
-                for first in &doomed {
-                    if let Some(s) = inner.segments.remove(first) {
+                let mut doomed = Vec::with_capacity(firsts.len());
+                for first in firsts {
+                    if let Some(s) = inner.segments.remove(&first) {
                         inner.disk_bytes -= s.assigned_bytes;
+                        doomed.push((first, s));
                     }
                 }
                 // Some may wait for their writes: the writer asks again after each round.
@@ -744,20 +795,14 @@ impl Shared {
                 doomed
             } else {
                 Vec::new()
-            }
+            };
+            (doomed, unsynced)
         };
-        for first in &doomed {
-            let path = segment_path(&self.dir, *first);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(SpoolError::io("delete settled segment", &path, e)),
-            }
+        // Deletions durable before the settle log forgets these records.
+        if doomed.is_empty() && unsynced {
+            self.sync_deletions()?;
         }
-        if !doomed.is_empty() && self.config.fsyncs() {
-            // Deletions durable before the settle log forgets these records.
-            self.sync_dir()?;
-        }
+        self.delete_segments(doomed)?;
         if log.len > (2 * log.rewritten_len).max(COMPACT_MIN) {
             self.rewrite_settle_log(log)?;
         }
@@ -1207,6 +1252,105 @@ mod tests {
 
     fn fail_fsyncs(spool: &Spool, fail: bool) {
         spool.shared.fail_fsyncs.store(fail, Ordering::Relaxed);
+    }
+
+    /// The segment files in `dir`.
+    fn segment_files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .expect("the spool's folder")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+            })
+            .count()
+    }
+
+    /// A settled segment whose file could not be deleted stays known, and a later reap
+    /// deletes it. It was taken out of memory before its deletion: its file stayed on disk for
+    /// good, and the settle log's next rewrite would drop its records' settlements, bringing
+    /// them back at the next open.
+    #[test]
+    fn a_segment_whose_file_could_not_be_deleted_is_deleted_later() {
+        let dir = TempDir::new("failed-remove");
+        let config = SpoolConfig::new(&dir.0).segment_bytes(4096);
+        let (spool, _) = Spool::open(config.clone()).expect("opens");
+        let mut ids = Vec::new();
+        while segment_files(&dir.0) < 3 {
+            ids.push(
+                spool
+                    .append(&Message::new("d", "x".repeat(100)))
+                    .expect("appended"),
+            );
+        }
+        spool.shared.fail_removes.store(true, Ordering::Relaxed);
+        let e = spool.settle_all(&ids).expect_err("the deletion failed");
+        assert!(e.to_string().contains("delete settled segment"), "{e}");
+        assert_eq!(segment_files(&dir.0), 3);
+        spool.shared.fail_removes.store(false, Ordering::Relaxed);
+        // The writer reaps after its next round.
+        spool.append(&Message::new("d", "next")).expect("appended");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while segment_files(&dir.0) > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "{} segment files left",
+                segment_files(&dir.0)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            spool.stats().disk_bytes,
+            std::fs::metadata(segment_path(
+                &dir.0,
+                *lock(&spool.shared.inner)
+                    .segments
+                    .keys()
+                    .next()
+                    .expect("one")
+            ))
+            .expect("the segment")
+            .len(),
+            "what the spool counts is what is on disk"
+        );
+        drop(spool);
+        let (_spool, recovery) = Spool::open(config).expect("reopens");
+        assert_eq!(recovery.pending_messages, 1, "only the last one is pending");
+    }
+
+    /// A failed directory fsync after deletions holds back the settle log's rewrite until one
+    /// succeeds: rewritten while the deletions may not be durable, the log would forget the
+    /// settlements of records whose files a power loss could bring back.
+    #[test]
+    fn the_settle_log_is_not_rewritten_while_deletions_are_not_durable() {
+        let dir = TempDir::new("unsynced-deletion");
+        let config = SpoolConfig::new(&dir.0).segment_bytes(4096);
+        let (spool, _) = Spool::open(config).expect("opens");
+        let mut ids = Vec::new();
+        while segment_files(&dir.0) < 3 {
+            ids.push(
+                spool
+                    .append(&Message::new("d", "x".repeat(100)))
+                    .expect("appended"),
+            );
+        }
+        fail_fsyncs(&spool, true);
+        let _failed = spool.settle_all(&ids);
+        assert!(lock(&spool.shared.inner).deletions_unsynced);
+        let rewritten = lock(&spool.shared.settle).rewritten_len;
+        // A settle log past its rewrite size: the next reap would rewrite it.
+        lock(&spool.shared.settle).len = u64::MAX / 4;
+        let _failed = spool.shared.reap(&mut lock(&spool.shared.settle));
+        assert_eq!(
+            lock(&spool.shared.settle).rewritten_len,
+            rewritten,
+            "rewritten"
+        );
+        fail_fsyncs(&spool, false);
+        spool
+            .shared
+            .reap(&mut lock(&spool.shared.settle))
+            .expect("reaped");
+        assert!(!lock(&spool.shared.inner).deletions_unsynced);
     }
 
     /// With fsyncs working again, `spool` still refuses appends (a later fsync that succeeds
