@@ -614,7 +614,7 @@ async fn duplicates_within_the_window_are_dropped_by_nats_msg_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: cargo xtask it"]
-async fn refusals_are_classified_no_stream_and_a_full_stream() {
+async fn refusals_are_classified_no_stream_a_full_stream_a_lost_conditional_publish() {
     let admin = Admin::connect(&url()).await;
     let t = NatsTransport::new(NatsConfig::from_url(&url()).expect("url")).expect("t");
     // No stream captures the subject: permanent, for every message of the batch.
@@ -673,6 +673,27 @@ async fn refusals_are_classified_no_stream_and_a_full_stream() {
         let e = o.as_ref().expect_err("nothing after fits");
         assert_eq!(e.class(), ErrorClass::Transient, "{e}");
     }
+    // A conditional publish that loses its race (the caller's own
+    // Nats-Expected-Last-Sequence header, not the stream's last): permanent, as the server
+    // names it; a second one on the right sequence is stored.
+    let (_, cond) = admin.stream("conditional").await;
+    let dest = herald_nats::subject(&cond);
+    let out = t
+        .send_batch(
+            &dest,
+            &[
+                Message::new(dest.clone(), "wrong").with_header("Nats-Expected-Last-Sequence", "7"),
+                Message::new(dest.clone(), "right").with_header("Nats-Expected-Last-Sequence", "0"),
+            ],
+        )
+        .await;
+    let e = out[0].as_ref().expect_err("the stream is empty, not at 7");
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, Some("WRONG_LAST_SEQUENCE")),
+        "{e}"
+    );
+    out[1].as_ref().expect("the stream's last sequence is 0");
     t.close().await;
     admin.cleanup().await;
 }

@@ -2,7 +2,8 @@
 //! best (PubAcks awaited as they come, a window outstanding), with the naive pattern (await
 //! each PubAck), and with herald over the same settings, and writes the figures as JSON.
 //!
-//! Usage: `HERALD_NATS_URL=nats://… nats-baseline [--messages N] [--json FILE]`
+//! Usage: `HERALD_NATS_URL=nats://… nats-baseline [--messages N] [--json FILE]`;
+//! `HERALD_BENCH_DEPTH=N` runs herald's variants at a pipeline depth of `N` (an experiment).
 
 use std::time::{Duration, Instant};
 
@@ -44,14 +45,21 @@ async fn herald(
     let scratch = fresh_stream(&config, "herald").await?;
     let transport = NatsTransport::new(NatsConfig::from_url(url)?.window(WINDOW))?;
     transport.connect().await?;
-    let producer = Producer::builder(transport)
+    let mut builder = Producer::builder(transport)
         .batching(herald_batch::SizeOrLinger::new(
             batch,
             64 << 20,
             Duration::ZERO,
         ))
-        .ordering(ordering)
-        .build()?;
+        .ordering(ordering);
+    // An experiment on the pipeline depth (herald's default for NATS: 4).
+    if let Some(depth) = std::env::var("HERALD_BENCH_DEPTH")
+        .ok()
+        .and_then(|d| d.parse().ok())
+    {
+        builder = builder.pipeline_depth(depth);
+    }
+    let producer = builder.build()?;
     let dest = herald_nats::subject(&scratch.subject);
     let body = herald_core::Bytes::from(vec![b'x'; payload]);
     let msgs: Vec<Message> = (0..n)
