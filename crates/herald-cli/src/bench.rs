@@ -349,7 +349,6 @@ async fn amqp_baselines(
     })
 }
 
-/// Runs the benchmark.
 /// The raw clients' runs of `--baseline` on `target`.
 async fn baselines(args: &BenchArgs, target: &Target) -> anyhow::Result<Baselines> {
     Ok(match target {
@@ -373,6 +372,7 @@ async fn baselines(args: &BenchArgs, target: &Target) -> anyhow::Result<Baseline
     })
 }
 
+/// Runs the benchmark.
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<Exit> {
     crate::settings::check_size(
         args.size,
@@ -585,8 +585,6 @@ fn ms_diff(a: Option<Duration>, b: Option<Duration>) -> String {
     }
 }
 
-/// `herald bench --rate`: herald (and with `--baseline` the raw client) sending `args.messages`
-/// on a fixed schedule of `rate` messages a second, latency from due time to acknowledgement.
 /// The raw client's open-loop run of `--baseline` on `target` at `rate`, and what it is.
 async fn paced_baseline(
     args: &BenchArgs,
@@ -668,6 +666,8 @@ async fn paced_baseline(
     })
 }
 
+/// `herald bench --rate`: herald (and with `--baseline` the raw client) sending `args.messages`
+/// on a fixed schedule of `rate` messages a second, latency from due time to acknowledgement.
 async fn open_loop_bench(
     args: &BenchArgs,
     target: &Target,

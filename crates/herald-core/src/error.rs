@@ -274,7 +274,19 @@ struct SettleOnDrop {
 
 impl Drop for SettleOnDrop {
     fn drop(&mut self) {
-        self.store.settle(&[self.token]);
+        // Contained: this runs wherever the last copy of the error goes, inside the pipeline's
+        // completions too, and a store of one's own may panic (see `Shared::complete`).
+        let (store, token) = (&self.store, self.token);
+        let settled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.settle(&[token]);
+        }));
+        if let Err(panic) = settled {
+            tracing::error!(
+                panic = %crate::producer::contain::panic_message(&*panic),
+                "the store panicked settling a failed message: it may keep it, and the next \
+                 producer on it send it again"
+            );
+        }
     }
 }
 

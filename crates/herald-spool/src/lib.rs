@@ -119,7 +119,7 @@
 //! bytes): it ends at the first valid record after the damage, found by its magic and
 //! checksum, not where a damaged length says. One with no valid record after it, in the
 //! newest segment, is a torn write and is cut off; in an older segment (fsynced whole before
-//! the next began, unless the policy is [`SyncPolicy::Os`]) it is damage like any other. A
+//! the next began, unless the policy was [`SyncPolicy::Os`]) it is damage like any other. A
 //! segment that cannot be read (an I/O error) fails the open rather than being cut. A sequence number is not given again to a new record while a record
 //! or a settlement that holds it survives, even when every segment was deleted or a torn tail
 //! lost records whose settlement survived. (One of records that no longer exist, cut off or

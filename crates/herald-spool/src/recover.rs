@@ -160,16 +160,17 @@ pub(crate) fn scan_dir(dir: &Path, cut: bool, fsyncs: bool) -> Result<Scan, Spoo
         seg.sealed = true;
         let mut len = scanner.end();
         while let Some(item) = scanner.next_item()? {
-            // Only the newest segment can have a torn tail when appends are fsynced: each older
-            // one was fsynced whole when the next began. Damage at the end of an older one is
-            // damage to records that had been durable, and counts as such (and stays on disk,
-            // skipped, as other damaged records do).
+            // Only the newest segment can have a torn tail: each older one was fsynced whole
+            // when the next began (unless the spool ran with `SyncPolicy::Os`, and then the
+            // records lost are lost either way). Damage at the end of an older one is damage to
+            // records that had been durable, and counts as such (and stays on disk, skipped,
+            // as other damaged records do), whoever reads it: `open`, `inspect` or `check`.
             let item = match item {
                 Item::Torn {
                     offset,
                     bytes,
                     reason,
-                } if fsyncs && i + 1 < firsts.len() => Item::Corrupt {
+                } if i + 1 < firsts.len() => Item::Corrupt {
                     offset,
                     bytes,
                     reason,

@@ -199,6 +199,12 @@ impl Scanner {
             Ok(h) => h,
             Err(why) => return Ok(Err(why)),
         };
+        // A place found by a search is checked first against what is cheap to know, before
+        // its body (up to its length's worth) is read: payloads holding many a magic would
+        // otherwise make the search read the rest of the segment at each.
+        if !adjacent && (header.seq < self.min_seq || header.seq >= self.max_seq) {
+            return Ok(Err("sequence number out of order"));
+        }
         let mut head = [0u8; HEADER_LEN];
         self.read_at(at, &mut head).map_err(|e| self.err(e))?;
         self.body.clear();

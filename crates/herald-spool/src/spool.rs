@@ -281,8 +281,17 @@ impl Spool {
         // the directory and them with it.
         if config.fsyncs() {
             for new in &created {
-                if let Some(parent) = new.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    crate::settle_log::sync_dir(parent)?;
+                let parent = match new.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => std::path::Path::new("."),
+                };
+                match crate::settle_log::sync_dir(parent) {
+                    Ok(()) => {}
+                    // A folder one may pass through but not read cannot be opened to fsync: the
+                    // new directory's entry is then as durable as the filesystem makes it.
+                    Err(SpoolError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::PermissionDenied => {}
+                    Err(e) => return Err(e),
                 }
             }
         }

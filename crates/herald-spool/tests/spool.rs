@@ -462,6 +462,10 @@ fn damage_at_the_end_of_an_older_segment_is_corrupt_not_torn() {
     );
     assert_eq!(recovery.pending_messages, given.len() as u64 - 1);
     drop(spool);
+    // `herald spool check` reads it the same way, without the lock.
+    let checked = check(tmp.spool(), false).expect("check");
+    assert!(checked.damage.torn.is_empty(), "{:?}", checked.damage);
+    assert_eq!(checked.damage.corrupt_records, 1, "{:?}", checked.damage);
 }
 
 #[test]

@@ -2204,3 +2204,36 @@ async fn a_stored_enqueue_cancelled_while_waiting_for_room_reaches_the_unclaimed
     );
     assert_eq!(heard[0].message().payload(), msg(2).payload());
 }
+
+/// The same for a failed stored message, which is settled when the last copy of its error
+/// goes, often inside the pipeline (a sink that drops the error it is handed): a panicking
+/// `settle` there unwound through the pipeline's completions, before they lowered the count
+/// `flush` waits on.
+#[tokio::test]
+async fn a_store_that_panics_settling_a_failed_message_leaves_flush_able_to_end() {
+    let store = Arc::new(Panicky::default());
+    let t = MemoryTransport::new();
+    t.reject_payload_prefix("bad");
+    let p = Producer::builder(t.clone())
+        .store(Panicky::store(&store))
+        .build()
+        .expect("build");
+    // Its first durability future panics: spent on a message of its own.
+    let _first = p.send(msg(0)).await.expect_err("its fsync panicked");
+    let sink: Arc<dyn herald_core::FateSink> =
+        Arc::new(|_tag: u64, _fate: Result<herald_core::Delivery, SendError>| {});
+    let refused = p
+        .enqueue_tagged(vec![(1, Message::new("t", "bad one"))], &sink)
+        .await;
+    assert!(refused.is_empty(), "{refused:?}");
+    tokio::time::timeout(Duration::from_secs(10), p.flush())
+        .await
+        .expect("flush ends");
+    assert!(
+        store
+            .settle_panicked
+            .load(std::sync::atomic::Ordering::Acquire),
+        "the settle ran"
+    );
+    p.send(msg(2)).await.expect("the producer goes on");
+}

@@ -13,7 +13,7 @@
 
 mod builder;
 mod completion;
-mod contain;
+pub(crate) mod contain;
 mod dispatch;
 mod health;
 mod order;

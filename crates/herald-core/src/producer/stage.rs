@@ -353,10 +353,15 @@ impl Stage {
 
     /// No more submissions: the admitter ends once it has taken what is queued.
     pub(crate) fn close(&self) {
-        self.queue
+        let sender = self
+            .queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        // Dropped after the lock: with the receiver gone (a runtime shut down), the last
+        // sender's drop drops what is left in the channel, whose guards answer those messages
+        // (the caller's code, which may submit again).
+        drop(sender);
     }
 
     /// Stores `entries` (ids given first) and queues them for the admitter; `accepted` is told
