@@ -102,7 +102,8 @@ impl Transport for NatsTransport {
     }
 
     /// A call publishes in its subject's turn on the one connection, which the server reads in
-    /// order; PubAcks are awaited after the turn.
+    /// order; PubAcks are awaited after the turn. No depth is suggested: herald's default of 4
+    /// did best, measured against 1, 8 and 16 (docs/benchmarks.md, NATS).
     fn keeps_order_across_calls(&self) -> bool {
         true
     }
