@@ -349,8 +349,34 @@ async fn amqp_baselines(
     })
 }
 
+/// Declares what herald's transport declares when it connects (an AMQP queue, a NATS stream
+/// with `?stream=`), so that the raw clients, which declare nothing, find it when they run
+/// before herald (`--baseline-first`).
+async fn declare_as_herald(target: &Target) -> anyhow::Result<()> {
+    use herald::Transport as _;
+    match target {
+        Target::Amqp(a) => {
+            let t = herald::amqp::AmqpTransport::new((**a).clone())
+                .context("the AMQP settings are invalid")?;
+            t.connect().await.context("declaring the queue")?;
+            t.close().await;
+        }
+        Target::Nats(n) => {
+            let t = herald::nats::NatsTransport::new((**n).clone())
+                .context("the NATS settings are invalid")?;
+            t.connect().await.context("declaring the stream")?;
+            t.close().await;
+        }
+        Target::Kafka(_) | Target::Redis(_) | Target::Mqtt(_) => {}
+    }
+    Ok(())
+}
+
 /// The raw clients' runs of `--baseline` on `target`.
 async fn baselines(args: &BenchArgs, target: &Target) -> anyhow::Result<Baselines> {
+    if args.baseline_first {
+        declare_as_herald(target).await?;
+    }
     Ok(match target {
         Target::Kafka(k) if args.to.is_none() => {
             kafka_baselines(
@@ -591,6 +617,9 @@ async fn paced_baseline(
     target: &Target,
     rate: f64,
 ) -> anyhow::Result<(open_loop::Paced, String)> {
+    if args.baseline_first {
+        declare_as_herald(target).await?;
+    }
     Ok(match target {
         Target::Kafka(k) => {
             let extra = args.tuning.kafka_client_properties(Some(k))?;
