@@ -1274,6 +1274,19 @@ mod tests {
             .count()
     }
 
+    /// Appends to `spool` (in `dir`) until it has three segment files; their ids.
+    fn fill_three_segments(spool: &Spool, dir: &std::path::Path) -> Vec<SpoolId> {
+        let mut ids = Vec::new();
+        while segment_files(dir) < 3 {
+            ids.push(
+                spool
+                    .append(&Message::new("d", "x".repeat(100)))
+                    .expect("appended"),
+            );
+        }
+        ids
+    }
+
     /// A settled segment whose file could not be deleted stays known, and a later reap
     /// deletes it. It was taken out of memory before its deletion: its file stayed on disk for
     /// good, and the settle log's next rewrite would drop its records' settlements, bringing
@@ -1283,14 +1296,7 @@ mod tests {
         let dir = TempDir::new("failed-remove");
         let config = SpoolConfig::new(&dir.0).segment_bytes(4096);
         let (spool, _) = Spool::open(config.clone()).expect("opens");
-        let mut ids = Vec::new();
-        while segment_files(&dir.0) < 3 {
-            ids.push(
-                spool
-                    .append(&Message::new("d", "x".repeat(100)))
-                    .expect("appended"),
-            );
-        }
+        let ids = fill_three_segments(&spool, &dir.0);
         spool.shared.fail_removes.store(true, Ordering::Relaxed);
         let e = spool.settle_all(&ids).expect_err("the deletion failed");
         assert!(e.to_string().contains("delete settled segment"), "{e}");
@@ -1334,14 +1340,7 @@ mod tests {
         let dir = TempDir::new("unsynced-deletion");
         let config = SpoolConfig::new(&dir.0).segment_bytes(4096);
         let (spool, _) = Spool::open(config).expect("opens");
-        let mut ids = Vec::new();
-        while segment_files(&dir.0) < 3 {
-            ids.push(
-                spool
-                    .append(&Message::new("d", "x".repeat(100)))
-                    .expect("appended"),
-            );
-        }
+        let ids = fill_three_segments(&spool, &dir.0);
         fail_fsyncs(&spool, true);
         let _failed = spool.settle_all(&ids);
         assert!(lock(&spool.shared.inner).deletions_unsynced);

@@ -1970,6 +1970,34 @@ async fn a_message_the_store_could_not_make_durable_is_not_counted_accepted() {
     p.close(Duration::from_secs(5)).await;
 }
 
+/// A runtime of one worker thread, as an application's.
+fn one_worker() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A runtime on the calling thread.
+fn this_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// `flush`, then `close` without a deadline, on `p` end within 10 s each, everything drained.
+async fn flush_and_close_end(p: &Producer) {
+    tokio::time::timeout(Duration::from_secs(10), p.flush())
+        .await
+        .expect("flush ends");
+    let report = tokio::time::timeout(Duration::from_secs(10), p.close(Duration::MAX))
+        .await
+        .expect("close ends");
+    assert!(report.drained, "{report:?}");
+}
+
 /// The runtime that runs a producer's tasks shuts down while a message is in flight and more
 /// are queued behind it, and the producer lives on in code on another runtime:
 /// every message is handed back `Closed`, a new one is refused, and `flush` and `close` end.
@@ -1979,11 +2007,7 @@ async fn a_message_the_store_could_not_make_durable_is_not_counted_accepted() {
 fn messages_whose_producer_runtime_shuts_down_are_handed_back_closed() {
     let t = MemoryTransport::new();
     t.hold();
-    let first = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let first = one_worker();
     let (p, futures) = first.block_on(async {
         let p = Producer::builder(t.clone())
             .batching(SizeOrLinger::new(1, 1 << 20, Duration::ZERO))
@@ -2001,10 +2025,7 @@ fn messages_whose_producer_runtime_shuts_down_are_handed_back_closed() {
         (p, futures)
     });
     drop(first);
-    let second = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let second = this_thread();
     second.block_on(async {
         for f in futures {
             let e = tokio::time::timeout(Duration::from_secs(10), f)
@@ -2021,13 +2042,7 @@ fn messages_whose_producer_runtime_shuts_down_are_handed_back_closed() {
             matches!(refused.reason(), FailureReason::Closed),
             "{refused}"
         );
-        tokio::time::timeout(Duration::from_secs(10), p.flush())
-            .await
-            .expect("flush ends");
-        let report = tokio::time::timeout(Duration::from_secs(10), p.close(Duration::MAX))
-            .await
-            .expect("close ends");
-        assert!(report.drained, "{report:?}");
+        flush_and_close_end(&p).await;
     });
 }
 
@@ -2042,11 +2057,7 @@ fn durable_never() -> FakeStore {
 /// dead-letter file) takes as "sent by the next producer".
 #[test]
 fn a_stored_message_not_yet_durable_when_the_runtime_shuts_down_is_not_kept() {
-    let first = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let first = one_worker();
     let (p, future) = first.block_on(async {
         let p = Producer::builder(MemoryTransport::new())
             .store(durable_never())
@@ -2056,10 +2067,7 @@ fn a_stored_message_not_yet_durable_when_the_runtime_shuts_down_is_not_kept() {
         (p, future)
     });
     drop(first);
-    let second = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let second = this_thread();
     second.block_on(async {
         let e = tokio::time::timeout(Duration::from_secs(10), future)
             .await
@@ -2080,10 +2088,7 @@ fn a_stored_message_not_yet_durable_when_the_runtime_shuts_down_is_not_kept() {
 /// waited for ever for the recovery.
 #[test]
 fn a_producer_whose_runtime_shuts_down_before_its_recovery_can_be_flushed() {
-    let first = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let first = this_thread();
     // Nothing awaited: the producer's tasks are spawned, not run, before the runtime goes.
     let p = first.block_on(async {
         Producer::builder(MemoryTransport::new())
@@ -2092,18 +2097,9 @@ fn a_producer_whose_runtime_shuts_down_before_its_recovery_can_be_flushed() {
             .expect("producer")
     });
     drop(first);
-    let second = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let second = this_thread();
     second.block_on(async {
-        tokio::time::timeout(Duration::from_secs(10), p.flush())
-            .await
-            .expect("flush ends");
-        let report = tokio::time::timeout(Duration::from_secs(10), p.close(Duration::MAX))
-            .await
-            .expect("close ends");
-        assert!(report.drained, "{report:?}");
+        flush_and_close_end(&p).await;
     });
 }
 
