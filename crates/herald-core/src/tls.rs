@@ -22,16 +22,103 @@ pub fn ensure_crypto_provider() {
     }
 }
 
+/// A client certificate (mutual TLS): a PEM file with the certificate chain, leaf first, and
+/// one with its private key (PKCS#8, PKCS#1 or SEC1). Only the paths: the key is read when a
+/// configuration is built, and never shown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCert {
+    /// The certificate chain's PEM file.
+    pub cert_file: std::path::PathBuf,
+    /// The private key's PEM file.
+    pub key_file: std::path::PathBuf,
+}
+
+/// The TLS files a broker URL may name in its query, as the `nats` command's options are
+/// named: `tlsca=PATH` (a CA file to trust), `tlscert=PATH` and `tlskey=PATH` (a client
+/// certificate and its key, together). Collected while an adapter reads its URL's query.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `tlsca`.
+    pub ca_file: Option<std::path::PathBuf>,
+    cert_file: Option<std::path::PathBuf>,
+    key_file: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    /// The query parameters [`TlsFiles::take`] reads.
+    pub const PARAMETERS: [&'static str; 3] = ["tlsca", "tlscert", "tlskey"];
+
+    /// Takes one query parameter: `Ok(true)` if it is one of [`TlsFiles::PARAMETERS`],
+    /// `Ok(false)` if not (the adapter's own, or unknown). An empty path or a parameter given
+    /// twice is an error naming it (`query tlsca`, …).
+    pub fn take(&mut self, key: &str, value: &str) -> Result<bool, crate::url::UrlError> {
+        let (slot, part) = match key {
+            "tlsca" => (&mut self.ca_file, "query tlsca"),
+            "tlscert" => (&mut self.cert_file, "query tlscert"),
+            "tlskey" => (&mut self.key_file, "query tlskey"),
+            _ => return Ok(false),
+        };
+        if slot.is_some() {
+            return Err(crate::url::UrlError::new(part, "is given twice"));
+        }
+        if value.is_empty() {
+            return Err(crate::url::UrlError::new(
+                part,
+                "is empty: give the file's path",
+            ));
+        }
+        *slot = Some(value.into());
+        Ok(true)
+    }
+
+    /// The client certificate, once the whole query is read: `tlscert` without `tlskey` (or
+    /// the other way round) is an error.
+    pub fn client_cert(&self) -> Result<Option<ClientCert>, crate::url::UrlError> {
+        match (&self.cert_file, &self.key_file) {
+            (None, None) => Ok(None),
+            (Some(cert_file), Some(key_file)) => Ok(Some(ClientCert {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+            })),
+            (Some(_), None) => Err(crate::url::UrlError::new(
+                "query tlscert",
+                "needs `tlskey`, the file of its private key",
+            )),
+            (None, Some(_)) => Err(crate::url::UrlError::new(
+                "query tlskey",
+                "needs `tlscert`, the file of its certificate",
+            )),
+        }
+    }
+
+    /// The parameters as the URL gave them, for its printout: `(name, path)` pairs.
+    pub fn query(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        for (name, path) in [
+            ("tlsca", &self.ca_file),
+            ("tlscert", &self.cert_file),
+            ("tlskey", &self.key_file),
+        ] {
+            if let Some(p) = path {
+                out.push((name, p.to_string_lossy().into_owned()));
+            }
+        }
+        out
+    }
+}
+
 /// A rustls client configuration on ring, trusting the system's roots and the CA certificates
-/// of `ca_file` (PEM), if given: for clients that take one, so that no process-wide crypto
-/// provider is needed (nor chosen for the application). `hint` names the setting of the CA
-/// file, for the error when there is nothing to trust. Errors name the file and the problem.
+/// of `ca_file` (PEM), if given, and presenting `client_cert`, if given: for clients that take
+/// one, so that no process-wide crypto provider is needed (nor chosen for the application).
+/// `hint` names the setting of the CA file, for the error when there is nothing to trust.
+/// Errors name the file and the problem, never a key's contents.
 pub fn client_config(
     ca_file: Option<&std::path::Path>,
+    client_cert: Option<&ClientCert>,
     hint: &str,
 ) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
     use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         // A system certificate rustls cannot use is skipped, as browsers do.
@@ -61,13 +148,58 @@ pub fn client_config(
             "no CA certificate to trust: the system has none; give one with {hint}"
         ));
     }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| format!("TLS setup: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some(ClientCert {
+            cert_file,
+            key_file,
+        }) => {
+            let chain = CertificateDer::pem_file_iter(cert_file)
+                .map_err(|e| {
+                    format!(
+                        "cannot read the client certificate file {}: {e}",
+                        cert_file.display()
+                    )
+                })?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    format!(
+                        "the client certificate file {} is not PEM: {e}",
+                        cert_file.display()
+                    )
+                })?;
+            if chain.is_empty() {
+                return Err(format!(
+                    "the client certificate file {} holds no certificate",
+                    cert_file.display()
+                ));
+            }
+            // The error of a key that does not parse says which file, not what is in it.
+            let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| match e {
+                rustls_pki_types::pem::Error::Io(e) => format!(
+                    "cannot read the client key file {}: {e}",
+                    key_file.display()
+                ),
+                _ => format!(
+                    "the client key file {} holds no private key in PEM (PKCS#8, PKCS#1 or SEC1)",
+                    key_file.display()
+                ),
+            })?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                format!(
+                    "the client certificate {} and key {} cannot be used together: {e}",
+                    cert_file.display(),
+                    key_file.display()
+                )
+            })?
+        }
+    };
     Ok(std::sync::Arc::new(config))
 }
 
@@ -108,6 +240,81 @@ pub fn io_refused_for_good(e: &std::io::Error) -> bool {
 mod tests {
     use super::*;
     use rustls::CertificateError;
+
+    #[test]
+    fn tls_files_are_taken_from_a_query_and_checked_together() {
+        let mut files = TlsFiles::default();
+        assert_eq!(files.take("stream", "S"), Ok(false));
+        assert_eq!(files.take("tlscert", "/c.pem"), Ok(true));
+        assert_eq!(
+            files.client_cert().map_err(|e| e.part),
+            Err("query tlscert")
+        );
+        assert_eq!(files.take("tlskey", "/c.key"), Ok(true));
+        assert_eq!(
+            files.take("tlskey", "/d.key").map_err(|e| e.part),
+            Err("query tlskey")
+        );
+        assert_eq!(
+            files.take("tlsca", "").map_err(|e| e.part),
+            Err("query tlsca")
+        );
+        assert_eq!(
+            files.client_cert(),
+            Ok(Some(ClientCert {
+                cert_file: "/c.pem".into(),
+                key_file: "/c.key".into()
+            }))
+        );
+        assert_eq!(
+            files.query(),
+            [
+                ("tlscert", "/c.pem".to_owned()),
+                ("tlskey", "/c.key".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_s_files_are_named_in_errors_and_the_key_is_not_shown() {
+        let dir = std::env::temp_dir().join(format!("herald-core-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let key = dir.join("c.key");
+        // A "key" whose text would show if an error quoted the file.
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0IGtleQ!!\n-----END PRIVATE KEY-----\n",
+        )
+        .expect("write");
+        let cert = dir.join("c.pem");
+        std::fs::write(&cert, "no certificate here\n").expect("write");
+        let with = |cert_file: &std::path::Path, key_file: &std::path::Path| {
+            client_config(
+                None,
+                Some(&ClientCert {
+                    cert_file: cert_file.into(),
+                    key_file: key_file.into(),
+                }),
+                "-",
+            )
+            .err()
+            .unwrap_or_default()
+        };
+        let e = with(&dir.join("missing.pem"), &key);
+        assert!(e.contains("missing.pem"), "{e}");
+        let e = with(&cert, &key);
+        assert!(e.contains("c.pem") && e.contains("no certificate"), "{e}");
+        // Any file of certificates gets the key read: the system's bundle will do.
+        let bundle = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
+        assert!(
+            bundle.is_file(),
+            "this test reads {} (ca-certificates)",
+            bundle.display()
+        );
+        let e = with(bundle, &key);
+        assert!(e.contains("c.key") && !e.contains("c2VjcmV0"), "{e}");
+        let _removed = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn setup_mistakes_are_for_good_and_the_rest_is_not() {

@@ -77,6 +77,7 @@ pub struct MqttConfig {
     pub(crate) metrics_name: Option<String>,
     pub(crate) max_packet_size: u32,
     pub(crate) tls_ca_file: Option<PathBuf>,
+    pub(crate) tls_client_cert: Option<herald_core::tls::ClientCert>,
     pub(crate) v3_qos2_inflight: u16,
 }
 
@@ -98,8 +99,12 @@ impl MqttConfig {
     /// A malformed URL is an error naming the part (`scheme`, `user`, `password`, `host`,
     /// `port`, `topic`, `query …`); the password itself never appears in it.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        let url = Url::parse(url)?;
         Ok(Self {
-            url: Url::parse(url)?,
+            tls_ca_file: url.tls_files.ca_file.clone(),
+            // Checked by the URL's parser.
+            tls_client_cert: url.tls_files.client_cert().unwrap_or_default(),
+            url,
             ack_timeout: Duration::from_secs(30),
             window: 4096,
             connect_timeout: Duration::from_secs(10),
@@ -111,7 +116,6 @@ impl MqttConfig {
             client_id_prefix: "herald".into(),
             metrics_name: None,
             max_packet_size: MQTT_MAX_PACKET,
-            tls_ca_file: None,
             v3_qos2_inflight: V3_QOS2_INFLIGHT,
         })
     }
@@ -244,10 +248,28 @@ impl MqttConfig {
     }
 
     /// Trusts the CA certificates in this PEM file for `mqtts://`, besides the system's
-    /// roots.
+    /// roots. The URL's `?tlsca=PATH` sets the same.
     #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// Presents this client certificate (PEM: `cert_file` the chain, leaf first; `key_file` its
+    /// private key) to an `mqtts://` broker that asks for one (mutual TLS: mosquitto's
+    /// `require_certificate true`). The URL's `?tlscert=PATH&tlskey=PATH` set the same. Both
+    /// files are read when the transport is built, and a problem with either is an error
+    /// naming the file.
+    #[must_use]
+    pub fn tls_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls_client_cert = Some(herald_core::tls::ClientCert {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+        });
         self
     }
 
@@ -286,6 +308,21 @@ impl MqttConfig {
         };
         if self.window == 0 || self.window > MAX_WINDOW {
             return invalid("window", "must be between 1 and 65536");
+        }
+        if let Some(cert) = &self.tls_client_cert {
+            if !self.url.tls {
+                return invalid(
+                    "tls_client_cert",
+                    "needs TLS: an mqtts:// URL (mqtt:// sends no certificate)",
+                );
+            }
+            if let Err(reason) = herald_core::tls::client_config(
+                self.tls_ca_file.as_deref(),
+                Some(cert),
+                "MqttConfig::tls_ca_file",
+            ) {
+                return invalid("tls_client_cert", &reason);
+            }
         }
         if self.ack_timeout.is_zero() {
             return invalid("ack_timeout", "must be more than zero");

@@ -534,6 +534,7 @@ impl Inner {
             .get_or_init(|| {
                 herald_core::tls::client_config(
                     self.config.tls_ca_file.as_deref(),
+                    self.config.tls_client_cert.as_ref(),
                     "MqttConfig::tls_ca_file",
                 )
             })

@@ -390,6 +390,9 @@ impl Failure {
             C::MqttState(S::Io(e)) => Failure::Io(e.to_string()),
             C::MqttState(S::ConnectionAborted) => Failure::Io("closed by the broker".into()),
             C::MqttState(S::ConnFail { reason }) => Failure::Refused(v5_connect_code(*reason)),
+            C::MqttState(S::Deserialization(rumqttc::v5::mqttbytes::Error::Io(e))) => {
+                Failure::from_read(e)
+            }
             C::MqttState(S::Deserialization(
                 rumqttc::v5::mqttbytes::Error::InvalidConnectReturnCode(0x95),
             )) => Failure::Protocol(
@@ -420,6 +423,18 @@ impl Failure {
         }
     }
 
+    /// A read that failed: with TLS 1.3 the broker refuses a client certificate (none given,
+    /// or one it does not trust) only after the client's side of the handshake is done, so
+    /// the alert arrives on the first read (the CONNACK's) as an I/O error: a setup mistake,
+    /// for good, like a refusal during the handshake. Anything else is a broken connection.
+    fn from_read(e: &std::io::Error) -> Self {
+        if herald_core::tls::io_refused_for_good(e) {
+            Failure::Tls(e.to_string())
+        } else {
+            Failure::Io(e.to_string())
+        }
+    }
+
     pub(crate) fn from_v3(e: &rumqttc::ConnectionError) -> Self {
         use rumqttc::{ConnectionError as C, StateError as S};
         match e {
@@ -429,6 +444,9 @@ impl Failure {
             C::Tls(e) => Failure::from_tls(e),
             C::MqttState(S::AwaitPingResp) => Failure::PingTimeout,
             C::MqttState(S::Io(e)) => Failure::Io(e.to_string()),
+            C::MqttState(S::Deserialization(rumqttc::mqttbytes::Error::Io(e))) => {
+                Failure::from_read(e)
+            }
             C::MqttState(S::ConnectionAborted) => Failure::Io("closed by the broker".into()),
             other => Failure::Protocol(other.to_string()),
         }
@@ -447,7 +465,7 @@ impl Failure {
             ))
             .with_code("CONNECT_TIMEOUT"),
             Failure::Tls(e) => TransportError::permanent(format!(
-                "the TLS handshake with {server} failed: {e}; is the broker's certificate signed by a CA this client trusts (MqttConfig::tls_ca_file) and made out to the host name used?"
+                "the TLS handshake with {server} failed: {e}; is the broker's certificate signed by a CA this client trusts (MqttConfig::tls_ca_file) and made out to the host name used, and does the broker want a client certificate (MqttConfig::tls_client_cert) it accepts?"
             ))
             .with_code("TLS_ERROR"),
             Failure::Disconnected(..) | Failure::PingTimeout | Failure::Protocol(_) => {
@@ -647,6 +665,26 @@ mod tests {
         assert!(matches!(io(eof), Failure::Io(_)));
         let v3 = Failure::from_v3(&rumqttc::ConnectionError::Tls(T::NoValidCertInChain));
         assert!(matches!(v3, Failure::Tls(_)));
+        // TLS 1.3: a broker that wants a client certificate says so on the first read.
+        let required = || {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+            )
+        };
+        let v5 = Failure::from_v5(&C::MqttState(rumqttc::v5::StateError::Deserialization(
+            rumqttc::v5::mqttbytes::Error::Io(required()),
+        )));
+        assert!(matches!(v5, Failure::Tls(_)), "{v5:?}");
+        let v3 = Failure::from_v3(&rumqttc::ConnectionError::MqttState(
+            rumqttc::StateError::Deserialization(rumqttc::mqttbytes::Error::Io(required())),
+        ));
+        assert!(matches!(v3, Failure::Tls(_)), "{v3:?}");
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let v5 = Failure::from_v5(&C::MqttState(rumqttc::v5::StateError::Deserialization(
+            rumqttc::v5::mqttbytes::Error::Io(reset),
+        )));
+        assert!(matches!(v5, Failure::Io(_)), "{v5:?}");
     }
 
     #[test]

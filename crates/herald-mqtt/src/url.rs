@@ -10,15 +10,17 @@
 
 use std::fmt;
 
+use herald_core::tls::TlsFiles;
 use herald_core::url::{self, Endpoint, Secret};
 
 use crate::config::{Qos, Version};
 use crate::destination::validate_topic;
 use crate::error::ConfigError;
 
-/// The query parameters an MQTT URL takes: `qos` (`1`, the default, or `2`) and `version`
-/// (`5`, the default, or `3` for MQTT 3.1.1).
-pub const QUERY_PARAMETERS: &[&str] = &["qos", "version"];
+/// The query parameters an MQTT URL takes: `qos` (`1`, the default, or `2`), `version` (`5`,
+/// the default, or `3` for MQTT 3.1.1), and for `mqtts://` `tlsca` (a CA file to trust),
+/// `tlscert` and `tlskey` (a client certificate and its key, for mutual TLS).
+pub const QUERY_PARAMETERS: &[&str] = &["qos", "version", "tlsca", "tlscert", "tlskey"];
 
 /// The port of `mqtt://` without one.
 pub const DEFAULT_PORT: u16 = 1883;
@@ -37,6 +39,8 @@ pub(crate) struct Url {
     pub(crate) topic: Option<String>,
     pub(crate) qos: Qos,
     pub(crate) version: Version,
+    /// `?tlsca=PATH`, `?tlscert=PATH&tlskey=PATH`.
+    pub(crate) tls_files: TlsFiles,
 }
 
 impl Url {
@@ -82,7 +86,11 @@ impl Url {
         };
         let mut qos = None;
         let mut version = None;
+        let mut tls_files = TlsFiles::default();
         for (k, v) in url::query_pairs(parts.query)? {
+            if tls_files.take(&k, &v)? {
+                continue;
+            }
             match k.as_str() {
                 "qos" => {
                     if qos.is_some() {
@@ -121,6 +129,7 @@ impl Url {
                 }
             }
         }
+        tls_files.client_cert()?;
         Ok(Self {
             tls,
             user,
@@ -128,6 +137,7 @@ impl Url {
             topic,
             qos: qos.unwrap_or(Qos::AtLeastOnce),
             version: version.unwrap_or(Version::V5),
+            tls_files,
         })
     }
 
@@ -167,10 +177,17 @@ impl fmt::Display for Url {
         }
         let mut query = Vec::new();
         if self.qos == Qos::ExactlyOnce {
-            query.push("qos=2");
+            query.push("qos=2".to_owned());
         }
         if self.version == Version::V311 {
-            query.push("version=3");
+            query.push("version=3".to_owned());
+        }
+        for (name, path) in self.tls_files.query() {
+            // A path keeps its `/` (allowed in a query), to stay readable in logs.
+            query.push(format!(
+                "{name}={}",
+                url::percent_encode(&path).replace("%2F", "/")
+            ));
         }
         if !query.is_empty() {
             write!(f, "?{}", query.join("&"))?;
@@ -225,6 +242,45 @@ mod tests {
         );
         assert_eq!(Url::parse("mqtt://h/").expect("valid").topic, None);
         assert_eq!(Url::parse("mqtt://h").expect("valid").topic, None);
+    }
+
+    #[test]
+    fn tls_files_are_query_parameters() {
+        let text =
+            "mqtts://h:8883/a/b?qos=2&tlsca=/etc/ca%20s/ca.pem&tlscert=c.pem&tlskey=/k/c.key";
+        let u = Url::parse(text).expect("valid");
+        assert_eq!(u.tls_files.ca_file, Some("/etc/ca s/ca.pem".into()));
+        let cert = u.tls_files.client_cert().expect("both").expect("given");
+        assert_eq!(
+            (cert.cert_file.to_str(), cert.key_file.to_str()),
+            (Some("c.pem"), Some("/k/c.key"))
+        );
+        assert_eq!(u.to_string(), text);
+        assert_eq!(Url::parse(&u.to_string()).expect("again"), u);
+        let c = MqttConfig::from_url(text).expect("valid");
+        assert_eq!(c.tls_ca_file, u.tls_files.ca_file);
+        assert_eq!(c.tls_client_cert, Some(cert));
+        for (bad, named) in [
+            ("mqtts://h/t?tlscert=c.pem", "query tlscert"),
+            ("mqtts://h/t?tlskey=c.key", "query tlskey"),
+            ("mqtts://h/t?tlsca=a&tlsca=b", "query tlsca"),
+            ("mqtts://h/t?tlsca=", "query tlsca"),
+        ] {
+            assert_eq!(part(bad), named, "{bad}");
+        }
+        // A client certificate needs TLS.
+        let plain = MqttConfig::from_url("mqtt://h/t?tlscert=c.pem&tlskey=c.key").expect("url");
+        assert!(
+            matches!(
+                plain.validate(),
+                Err(ConfigError::Invalid {
+                    field: "tls_client_cert",
+                    ..
+                })
+            ),
+            "{:?}",
+            plain.validate()
+        );
     }
 
     #[test]

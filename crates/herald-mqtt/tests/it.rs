@@ -1321,3 +1321,69 @@ async fn mqtts_with_a_custom_ca_works_and_an_unknown_ca_is_refused() {
     t.close().await;
     let _removed = std::fs::remove_dir_all(&certs);
 }
+
+/// Mutual TLS: a mosquitto listener with `require_certificate true` takes herald's client
+/// certificate (`?tlscert=` and `?tlskey=` in the URL, as the command gives them) and refuses a
+/// client without one, permanently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs mosquitto: cargo xtask it mqtt"]
+async fn mqtts_presents_a_client_certificate_where_the_broker_requires_one() {
+    const TEST: &str = "mqtts_presents_a_client_certificate_where_the_broker_requires_one";
+    let certs = std::env::temp_dir().join(format!("herald-mqtt-it-mtls-{}", uniq()));
+    std::fs::create_dir_all(&certs).expect("cert folder");
+    herald_testkit::tls::make_test_certs(&certs);
+    herald_testkit::tls::make_client_cert(&certs, "herald-client");
+    {
+        // mosquitto drops to its own user, which must read the certificate and its key.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&certs, std::fs::Permissions::from_mode(0o755)).expect("mode");
+        for f in ["ca.pem", "server.pem", "server.key"] {
+            std::fs::set_permissions(certs.join(f), std::fs::Permissions::from_mode(0o644))
+                .expect("mode");
+        }
+    }
+    let tls_port = free_port();
+    let extra = format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true",
+        certs.join("ca.pem").display(),
+        certs.join("server.pem").display(),
+        certs.join("server.key").display(),
+    );
+    let Some(_broker) = OwnBroker::start(TEST, &extra).await else {
+        return;
+    };
+    let url = format!(
+        "mqtts://localhost:{tls_port}/herald/it/mtls?tlsca={}",
+        certs.join("ca.pem").display()
+    );
+    let dest = Destination::new("herald/it/mtls");
+    let send = |config: MqttConfig| {
+        let dest = dest.clone();
+        async move {
+            let t = MqttTransport::new(config).expect("t");
+            let out = t
+                .send_batch(&dest, &[Message::new(dest.clone(), "mutual tls")])
+                .await;
+            t.close().await;
+            out.into_iter().next().expect("one outcome")
+        }
+    };
+    // Without a client certificate: refused, permanently.
+    let e = send(MqttConfig::from_url(&url).expect("url"))
+        .await
+        .expect_err("no client certificate");
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, Some("TLS_ERROR")),
+        "{e}"
+    );
+    // With one: the broker acknowledges the message.
+    let with_cert = format!(
+        "{url}&tlscert={}&tlskey={}",
+        certs.join("client.pem").display(),
+        certs.join("client.key").display()
+    );
+    let out = send(MqttConfig::from_url(&with_cert).expect("url")).await;
+    assert!(out.is_ok(), "{out:?}");
+    let _removed = std::fs::remove_dir_all(&certs);
+}

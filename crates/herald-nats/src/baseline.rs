@@ -91,13 +91,17 @@ pub struct Scratch {
 /// A client on the first server of `config`, with its credentials and TLS settings.
 async fn connect(config: &NatsConfig) -> Result<Client, BaselineError> {
     let credentials = config.url.credentials.clone();
-    let mut options = ConnectOptions::with_auth_callback(move |_nonce| {
-        std::future::ready(Ok(credentials.to_auth()))
+    let signer = crate::auth::signer_for(config).map_err(|e| BaselineError(e.to_string()))?;
+    let mut options = ConnectOptions::with_auth_callback(move |nonce| {
+        std::future::ready(crate::auth::answer(&credentials, signer.as_deref(), &nonce))
     })
     .connection_timeout(config.connect_timeout)
     .require_tls(config.url.tls);
     if let Some(ca) = &config.tls_ca_file {
         options = options.add_root_certificates(ca.clone());
+    }
+    if let Some(c) = &config.tls_client_cert {
+        options = options.add_client_certificate(c.cert_file.clone(), c.key_file.clone());
     }
     let server = crate::url::server_addr(&config.url.endpoints[0], config.url.tls);
     options

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use herald_core::Destination;
 
+use herald_core::tls::ClientCert;
+
+use crate::auth::KeyFile;
 use crate::error::ConfigError;
 use crate::topology::Declare;
 use crate::url::Url;
@@ -46,6 +49,8 @@ pub struct NatsConfig {
     pub(crate) topology: Vec<Declare>,
     pub(crate) shuffle_addresses: bool,
     pub(crate) tls_ca_file: Option<PathBuf>,
+    pub(crate) tls_client_cert: Option<ClientCert>,
+    pub(crate) key_file: Option<KeyFile>,
 }
 
 impl NatsConfig {
@@ -59,6 +64,10 @@ impl NatsConfig {
     /// subject, created with file storage if it does not exist, on every new connection (see
     /// [`Declare::Stream`]).
     ///
+    /// `?creds=PATH` or `?nkey=PATH` authenticate with a `.creds` file or an NKey seed (see
+    /// [`NatsConfig::credentials_file`]); `?tlsca=PATH` and `?tlscert=PATH&tlskey=PATH` are
+    /// [`NatsConfig::tls_ca_file`] and [`NatsConfig::tls_client_cert`].
+    ///
     /// A malformed URL is an error naming the part (`scheme`, `user information`, `user`,
     /// `password`, `token`, `host`, `port`, `subject`, `query …`); the password or token itself
     /// never appears in it.
@@ -69,7 +78,6 @@ impl NatsConfig {
             topology.push(Declare::stream(stream.clone(), [subject.clone()]));
         }
         Ok(Self {
-            url,
             ack_timeout: Duration::from_secs(30),
             window: 4096,
             connect_timeout: Duration::from_secs(10),
@@ -80,7 +88,11 @@ impl NatsConfig {
             metrics_name: None,
             topology,
             shuffle_addresses: false,
-            tls_ca_file: None,
+            tls_ca_file: url.tls_files.ca_file.clone(),
+            // Checked by the URL's parser.
+            tls_client_cert: url.tls_files.client_cert().unwrap_or_default(),
+            key_file: url.key_file.clone(),
+            url,
         })
     }
 
@@ -201,6 +213,43 @@ impl NatsConfig {
         self
     }
 
+    /// Presents this client certificate (PEM: `cert_file` the chain, leaf first; `key_file` its
+    /// private key) when the server asks for one (mutual TLS: `verify: true` in the server's
+    /// `tls` block). The URL's `?tlscert=PATH&tlskey=PATH` set the same. Both files are read
+    /// when the transport is built, and a problem with either is an error naming the file.
+    #[must_use]
+    pub fn tls_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls_client_cert = Some(ClientCert {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+        });
+        self
+    }
+
+    /// Authenticates with this `.creds` file (a user JWT and its NKey seed: decentralised JWT
+    /// authentication, as `nsc` and Synadia Cloud make them), instead of a user, password or
+    /// token. The URL's `?creds=PATH` sets the same. The file is read when the transport is
+    /// built (an error names it, never its contents) and again for every new connection, so
+    /// that a rotated file is used without a restart.
+    #[must_use]
+    pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.key_file = Some(KeyFile::Creds(path.into()));
+        self
+    }
+
+    /// Authenticates with the NKey seed in this file (`SU…`, alone or in an `nsc`-style
+    /// block): a server whose `authorization` lists the user's public key (`nkey: U…`). The
+    /// URL's `?nkey=PATH` sets the same; read as [`NatsConfig::credentials_file`] is.
+    #[must_use]
+    pub fn nkey_seed_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.key_file = Some(KeyFile::Nkey(path.into()));
+        self
+    }
+
     /// The URL's subject: where [`NatsConfig::destination`] sends.
     pub fn subject(&self) -> Option<&str> {
         self.url.subject.as_deref()
@@ -273,6 +322,26 @@ impl NatsConfig {
         for item in &self.topology {
             if let Err(reason) = item.check() {
                 return invalid("declare", &reason);
+            }
+        }
+        if let Some(file) = &self.key_file {
+            if self.url.credentials != crate::url::Credentials::None {
+                return invalid(
+                    file.setting(),
+                    "cannot go with a user, password or token in the URL: choose one way to authenticate",
+                );
+            }
+            if let Err(reason) = file.load() {
+                return invalid(file.setting(), &reason);
+            }
+        }
+        if let Some(cert) = &self.tls_client_cert {
+            if let Err(reason) = herald_core::tls::client_config(
+                self.tls_ca_file.as_deref(),
+                Some(cert),
+                "NatsConfig::tls_ca_file",
+            ) {
+                return invalid("tls_client_cert", &reason);
             }
         }
         Ok(())

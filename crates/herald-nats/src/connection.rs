@@ -226,12 +226,17 @@ impl Inner {
         let built = self.tls.get_or_init(|| {
             herald_core::tls::client_config(
                 self.config.tls_ca_file.as_deref(),
+                self.config.tls_client_cert.as_ref(),
                 "NatsConfig::tls_ca_file",
             )
         });
         match built {
             Ok(config) => Ok(Some((**config).clone())),
-            Err(e) if self.config.url.tls || self.config.tls_ca_file.is_some() => {
+            Err(e)
+                if self.config.url.tls
+                    || self.config.tls_ca_file.is_some()
+                    || self.config.tls_client_cert.is_some() =>
+            {
                 Err(TransportError::permanent(e.clone()).with_code("TLS_ERROR"))
             }
             Err(_) => {
@@ -348,14 +353,15 @@ impl Inner {
         let tls = self.tls()?;
         let state = Arc::new(LiveState::default());
         let credentials = config.url.credentials.clone();
+        let signer = crate::auth::signer_for(config)?;
         let handshake = state.clone();
-        let mut options = ConnectOptions::with_auth_callback(move |_nonce| {
+        let mut options = ConnectOptions::with_auth_callback(move |nonce| {
             let auth = if handshake.established.load(Ordering::Acquire) {
                 Err(AuthError::new(
                     "herald: a lost connection is replaced by a new client, never resumed",
                 ))
             } else {
-                Ok(credentials.to_auth())
+                crate::auth::answer(&credentials, signer.as_deref(), &nonce)
             };
             std::future::ready(auth)
         })

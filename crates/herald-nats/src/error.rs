@@ -209,7 +209,7 @@ pub(crate) fn classify_connect(e: &ConnectError, server: &str) -> TransportError
         ConnectErrorKind::Io if tls_refused(e) => (
             ErrorClass::Permanent,
             "TLS_ERROR",
-            "the TLS handshake failed: is the server's certificate signed by a CA this client trusts (NatsConfig::tls_ca_file) and made out to the host name used?",
+            "the TLS handshake failed: is the server's certificate signed by a CA this client trusts (NatsConfig::tls_ca_file) and made out to the host name used, and does the server want a client certificate (NatsConfig::tls_client_cert) it accepts?",
         ),
         ConnectErrorKind::Io | ConnectErrorKind::MaxReconnects => (
             ErrorClass::Transient,

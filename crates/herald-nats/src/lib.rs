@@ -3,7 +3,8 @@
 //!
 //! - [`NatsConfig`]: a `nats://` / `tls://` URL
 //!   (`nats://[user:password@]host:port[,host:port...]/SUBJECT?stream=NAME`) plus typed options
-//!   (ack timeout, window, connect timeout, reconnect backoff, key header, streams to declare).
+//!   (ack timeout, window, connect timeout, reconnect backoff, key header, streams to declare,
+//!   a `.creds` file or NKey seed to authenticate with, a CA file and a client certificate).
 //! - [`NatsTransport`]: JetStream publishes, each message acknowledged by its PubAck; the
 //!   herald message id as `Nats-Msg-Id`, so that JetStream drops the copy a retry would add;
 //!   a lost connection replaced by a new one, never resumed, so that per-key order holds.
@@ -36,6 +37,7 @@
 //!   naive, and the `nats-baseline` binary on it, that `herald bench --baseline` (and a
 //!   `cargo xtask bench nats`) compare herald with.
 
+mod auth;
 mod config;
 mod connection;
 mod destination;

@@ -10,14 +10,22 @@
 
 use std::fmt;
 
+use std::path::PathBuf;
+
+use herald_core::tls::TlsFiles;
 use herald_core::url::{self, percent_encode, Endpoint, Secret};
+
+use crate::auth::KeyFile;
 
 use crate::destination::{validate_stream_name, validate_subject};
 use crate::error::ConfigError;
 
 /// The query parameters a NATS URL takes: `stream` (the JetStream stream to create, if it does
-/// not exist, to capture the URL's subject).
-pub const QUERY_PARAMETERS: &[&str] = &["stream"];
+/// not exist, to capture the URL's subject); `creds` (a `.creds` file) or `nkey` (a file with
+/// a user's NKey seed) to authenticate with; `tlsca` (a CA file to trust), `tlscert` and
+/// `tlskey` (a client certificate and its key, for mutual TLS). The file parameters take
+/// paths, named as the `nats` command's options are.
+pub const QUERY_PARAMETERS: &[&str] = &["stream", "creds", "nkey", "tlsca", "tlscert", "tlskey"];
 
 /// The port of a server given without one.
 pub const DEFAULT_PORT: u16 = 4222;
@@ -67,6 +75,10 @@ pub(crate) struct Url {
     pub(crate) subject: Option<String>,
     /// `?stream=NAME`: the stream to create for the subject.
     pub(crate) stream: Option<String>,
+    /// `?creds=PATH` or `?nkey=PATH`.
+    pub(crate) key_file: Option<KeyFile>,
+    /// `?tlsca=PATH`, `?tlscert=PATH&tlskey=PATH`.
+    pub(crate) tls_files: TlsFiles,
 }
 
 impl Url {
@@ -117,14 +129,42 @@ impl Url {
             }
         };
         let mut stream = None;
-        for (k, name) in url::query_pairs(query)? {
+        let mut key_file = None;
+        let mut tls_files = TlsFiles::default();
+        for (k, value) in url::query_pairs(query)? {
+            if tls_files.take(&k, &value)? {
+                continue;
+            }
             match k.as_str() {
                 "stream" => {
                     if stream.is_some() {
                         return Err(bad("query stream", "is given twice".into()));
                     }
-                    validate_stream_name(&name).map_err(|r| bad("query stream", r))?;
-                    stream = Some(name);
+                    validate_stream_name(&value).map_err(|r| bad("query stream", r))?;
+                    stream = Some(value);
+                }
+                "creds" | "nkey" => {
+                    let part = if k == "creds" {
+                        "query creds"
+                    } else {
+                        "query nkey"
+                    };
+                    if key_file.is_some() {
+                        return Err(bad(
+                            part,
+                            "goes with no other `creds` or `nkey`: one identity per connection"
+                                .into(),
+                        ));
+                    }
+                    if value.is_empty() {
+                        return Err(bad(part, "is empty: give the file's path".into()));
+                    }
+                    let path = PathBuf::from(value);
+                    key_file = Some(if k == "creds" {
+                        KeyFile::Creds(path)
+                    } else {
+                        KeyFile::Nkey(path)
+                    });
                 }
                 _ => {
                     return Err(bad(
@@ -137,6 +177,13 @@ impl Url {
                 }
             }
         }
+        if key_file.is_some() && credentials != Credentials::None {
+            return Err(bad(
+                "query",
+                "has `creds` or `nkey` and the URL a user, password or token: choose one way to authenticate".into(),
+            ));
+        }
+        tls_files.client_cert()?;
         if stream.is_some() && subject.is_none() {
             return Err(bad(
                 "query stream",
@@ -149,6 +196,8 @@ impl Url {
             endpoints,
             subject,
             stream,
+            key_file,
+            tls_files,
         })
     }
 }
@@ -168,8 +217,24 @@ impl fmt::Display for Url {
         if let Some(subject) = &self.subject {
             write!(f, "/{}", percent_encode(subject))?;
         }
+        let mut query: Vec<(&str, String)> = Vec::new();
         if let Some(stream) = &self.stream {
-            write!(f, "?stream={}", percent_encode(stream))?;
+            query.push(("stream", stream.clone()));
+        }
+        match &self.key_file {
+            Some(KeyFile::Creds(p)) => query.push(("creds", p.to_string_lossy().into_owned())),
+            Some(KeyFile::Nkey(p)) => query.push(("nkey", p.to_string_lossy().into_owned())),
+            None => {}
+        }
+        query.extend(self.tls_files.query());
+        for (i, (name, value)) in query.iter().enumerate() {
+            let sep = if i == 0 { '?' } else { '&' };
+            // A path keeps its `/` (allowed in a query), to stay readable in logs.
+            write!(
+                f,
+                "{sep}{name}={}",
+                percent_encode(value).replace("%2F", "/")
+            )?;
         }
         Ok(())
     }
@@ -219,6 +284,50 @@ mod tests {
             (auth.username.as_deref(), auth.password.as_deref()),
             (Some("app@x"), Some("p:ss"))
         );
+    }
+
+    #[test]
+    fn key_files_and_tls_files_are_query_parameters() {
+        let text = "tls://h/orders?stream=O&creds=/etc/nats/app.creds&tlsca=/ca%20dir/ca.pem&tlscert=c.pem&tlskey=/k/c.key";
+        let u = Url::parse(text).expect("valid");
+        assert_eq!(
+            u.key_file,
+            Some(KeyFile::Creds("/etc/nats/app.creds".into()))
+        );
+        assert_eq!(u.tls_files.ca_file, Some("/ca dir/ca.pem".into()));
+        assert_eq!(
+            u.tls_files.client_cert(),
+            Ok(Some(herald_core::tls::ClientCert {
+                cert_file: "c.pem".into(),
+                key_file: "/k/c.key".into()
+            }))
+        );
+        // Printed back as given (paths keep their `/`), and read back the same.
+        let printed = u.to_string();
+        assert_eq!(printed, text.replace("//h/", "//h:4222/"));
+        assert_eq!(Url::parse(&printed).expect("again"), u);
+        let u = Url::parse("nats://h/s?nkey=/etc/nats/u.nk").expect("valid");
+        assert_eq!(u.key_file, Some(KeyFile::Nkey("/etc/nats/u.nk".into())));
+        // The config takes them over.
+        let c = NatsConfig::from_url(text).expect("valid");
+        assert_eq!(c.tls_ca_file, u_ca());
+        assert!(c.key_file.is_some() && c.tls_client_cert.is_some());
+        for bad in [
+            "nats://h/s?creds=a&creds=b",
+            "nats://h/s?creds=a&nkey=b",
+            "nats://h/s?creds=",
+            "nats://u:p@h/s?creds=a",
+            "nats://token@h/s?nkey=a",
+            "nats://h/s?tlscert=c.pem",
+            "nats://h/s?tlskey=c.key",
+            "nats://h/s?tlsca=a&tlsca=b",
+        ] {
+            assert!(part(bad).starts_with("query"), "{bad}: {}", part(bad));
+        }
+    }
+
+    fn u_ca() -> Option<std::path::PathBuf> {
+        Some("/ca dir/ca.pem".into())
     }
 
     #[test]

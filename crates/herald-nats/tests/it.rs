@@ -325,7 +325,7 @@ async fn a_connection_chooses_no_crypto_provider_for_the_application() {
         .send_batch(&dest, &[Message::new(dest.clone(), "p")])
         .await;
     assert!(outcome[0].is_ok(), "{outcome:?}");
-    let roots = herald_core::tls::client_config(None, "-").is_ok();
+    let roots = herald_core::tls::client_config(None, None, "-").is_ok();
     assert_eq!(
         async_nats::rustls::crypto::CryptoProvider::get_default().is_some(),
         !roots,
@@ -1325,6 +1325,298 @@ async fn tls_with_a_custom_ca_works_and_an_unknown_ca_is_refused() {
         .await;
     assert!(out[0].is_ok(), "{:?}", out[0]);
     t.close().await;
+    drop(server);
+    let _removed = std::fs::remove_dir_all(&certs);
+}
+
+/// Sends one message through a transport made from `config` to `subject` (the stream made by
+/// the URL's or config's `?stream=`).
+async fn one_message_through(config: NatsConfig) -> Result<(), TransportError> {
+    let dest = config.destination().expect("a subject");
+    let t = NatsTransport::new(config).expect("transport");
+    let out = t
+        .send_batch(&dest, &[Message::new(dest.clone(), "authenticated")])
+        .await;
+    t.close().await;
+    out.into_iter().next().expect("one outcome").map(drop)
+}
+
+/// Writes `text` to `name` in `dir` and returns the path.
+fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write a key file");
+    path
+}
+
+/// An NKey user: the seed file authenticates, another user's seed is refused permanently (and
+/// the seed never shows in the error), and the URL's `?nkey=` does what the setter does.
+#[tokio::test]
+#[ignore = "needs nats-server on this machine: cargo xtask it nats"]
+async fn an_nkey_seed_authenticates_and_a_stranger_s_is_refused() {
+    const TEST: &str = "an_nkey_seed_authenticates_and_a_stranger_s_is_refused";
+    let user = nkeys::KeyPair::new_user();
+    let config = format!(
+        "listen: 127.0.0.1:{{port}}\n\
+         jetstream {{ store_dir: \"{{dir}}\" }}\n\
+         authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+        user.public_key()
+    );
+    let Some(server) = OwnServer::start(TEST, Some(&config)).await else {
+        return;
+    };
+    let seed = user.seed().expect("seed");
+    let good = write_file(&server.dir, "user.nk", &format!("{seed}\n"));
+    let url = format!(
+        "nats://127.0.0.1:{}/herald.it.nkey?stream=HERALD_IT_NKEY",
+        server.port
+    );
+    let config = NatsConfig::from_url(&url)
+        .expect("url")
+        .nkey_seed_file(&good);
+    one_message_through(config).await.expect("the user's seed");
+    let query = format!("{url}&nkey={}", good.display());
+    one_message_through(NatsConfig::from_url(&query).expect("url"))
+        .await
+        .expect("the seed through the URL");
+
+    let stranger_seed = nkeys::KeyPair::new_user().seed().expect("seed");
+    let stranger = write_file(&server.dir, "stranger.nk", &stranger_seed);
+    let config = NatsConfig::from_url(&url)
+        .expect("url")
+        .nkey_seed_file(&stranger);
+    let e = one_message_through(config).await.expect_err("a stranger");
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, Some("AUTHORIZATION_VIOLATION")),
+        "{e}"
+    );
+    assert!(!e.to_string().contains(&stranger_seed), "{e}");
+    // Without any credentials: refused too (proof that the server asks for them).
+    let e = one_message_through(NatsConfig::from_url(&url).expect("url"))
+        .await
+        .expect_err("no key");
+    assert_eq!(e.code(), Some("AUTHORIZATION_VIOLATION"), "{e}");
+}
+
+/// A JWT signed by `issuer`, as nsc makes them (`ed25519-nkey`).
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::engine::{general_purpose::URL_SAFE_NO_PAD, Engine as _};
+    let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": uniq(),
+        "iat": SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signed = format!("{header}.{claims}");
+    let signature = issuer.sign(signed.as_bytes()).expect("sign");
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(signature))
+}
+
+/// A `.creds` file, as nsc writes them.
+fn creds(user_jwt: &str, seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\
+         NKEYs are sensitive and should be treated as secrets.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
+         *************************************************************\n"
+    )
+}
+
+/// Decentralised JWT authentication (an operator, an account with JetStream, a user): the
+/// user's `.creds` file authenticates and publishes; a user the account did not sign is
+/// refused permanently; a rotated file is read by the next connection.
+#[tokio::test]
+#[ignore = "needs nats-server on this machine: cargo xtask it nats"]
+async fn a_creds_file_authenticates_against_an_operator_s_server() {
+    const TEST: &str = "a_creds_file_authenticates_against_an_operator_s_server";
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "herald-it",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "HERALD",
+        serde_json::json!({
+            "limits": {
+                "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                "wildcards": true, "conn": -1, "leaf": -1,
+                "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+            },
+            "default_permissions": {"pub": {}, "sub": {}},
+            "type": "account",
+            "version": 2
+        }),
+    );
+    // JetStream in operator mode needs a system account.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"type": "account", "version": 2}),
+    );
+    let user_claims = serde_json::json!({
+        "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+        "type": "user", "version": 2
+    });
+    let user = nkeys::KeyPair::new_user();
+    let user_jwt = jwt(&account, &user.public_key(), "app", user_claims.clone());
+    let folder = std::env::temp_dir().join(format!("herald-nats-it-jwt-{}", uniq()));
+    std::fs::create_dir_all(&folder).expect("folder");
+    let operator_file = write_file(&folder, "operator.jwt", &operator_jwt);
+    let config = format!(
+        "listen: 127.0.0.1:{{port}}\n\
+         jetstream {{ store_dir: \"{{dir}}\" }}\n\
+         operator: \"{}\"\n\
+         system_account: {}\n\
+         resolver: MEMORY\n\
+         resolver_preload: {{ {}: \"{account_jwt}\", {}: \"{system_jwt}\" }}\n",
+        operator_file.display(),
+        system.public_key(),
+        account.public_key(),
+        system.public_key()
+    );
+    let Some(server) = OwnServer::start(TEST, Some(&config)).await else {
+        let _removed = std::fs::remove_dir_all(&folder);
+        return;
+    };
+    let creds_file = write_file(
+        &folder,
+        "app.creds",
+        &creds(&user_jwt, &user.seed().expect("seed")),
+    );
+    let url = format!(
+        "nats://127.0.0.1:{}/herald.it.jwt?stream=HERALD_IT_JWT",
+        server.port
+    );
+    let config = NatsConfig::from_url(&url)
+        .expect("url")
+        .credentials_file(&creds_file);
+    one_message_through(config.clone())
+        .await
+        .expect("the user's creds");
+
+    // A user signed by an account the server does not know: refused, permanently.
+    let stranger = nkeys::KeyPair::new_user();
+    let stranger_jwt = jwt(
+        &nkeys::KeyPair::new_account(),
+        &stranger.public_key(),
+        "stranger",
+        user_claims.clone(),
+    );
+    let stranger_seed = stranger.seed().expect("seed");
+    let stranger_file = write_file(
+        &folder,
+        "stranger.creds",
+        &creds(&stranger_jwt, &stranger_seed),
+    );
+    let e = one_message_through(
+        NatsConfig::from_url(&url)
+            .expect("url")
+            .credentials_file(&stranger_file),
+    )
+    .await
+    .expect_err("a stranger");
+    assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    assert!(!e.to_string().contains(&stranger_seed), "{e}");
+
+    // The file is read again by every new connection: a transport built on the stranger's
+    // file works once the file is rotated to a user of the account, without a restart.
+    let t = NatsTransport::new(
+        NatsConfig::from_url(&url)
+            .expect("url")
+            .credentials_file(&stranger_file),
+    )
+    .expect("transport");
+    let dest = config.destination().expect("subject");
+    let out = t
+        .send_batch(&dest, &[Message::new(dest.clone(), "before")])
+        .await;
+    assert!(out[0].is_err(), "the stranger is refused: {:?}", out[0]);
+    let rotated = nkeys::KeyPair::new_user();
+    let rotated_jwt = jwt(&account, &rotated.public_key(), "app", user_claims);
+    std::fs::write(
+        &stranger_file,
+        creds(&rotated_jwt, &rotated.seed().expect("seed")),
+    )
+    .expect("rotate");
+    let out = t
+        .send_batch(&dest, &[Message::new(dest.clone(), "rotated")])
+        .await;
+    assert!(out[0].is_ok(), "{:?}", out[0]);
+    t.close().await;
+    drop(server);
+    let _removed = std::fs::remove_dir_all(&folder);
+}
+
+/// Mutual TLS: a server that verifies client certificates takes herald's (`?tlscert=` and
+/// `?tlskey=` in the URL, as the command gives them) and refuses a client without one.
+#[tokio::test]
+#[ignore = "needs nats-server on this machine: cargo xtask it nats"]
+async fn a_client_certificate_is_presented_where_the_server_asks_for_one() {
+    const TEST: &str = "a_client_certificate_is_presented_where_the_server_asks_for_one";
+    if !Path::new("/usr/bin/openssl").is_file() {
+        cannot_run(TEST, "no openssl on this machine to make the certificates");
+        return;
+    }
+    let certs = std::env::temp_dir().join(format!("herald-nats-it-mtls-{}", uniq()));
+    std::fs::create_dir_all(&certs).expect("cert folder");
+    herald_testkit::tls::make_test_certs(&certs);
+    herald_testkit::tls::make_client_cert(&certs, "herald-client");
+    let f = |n: &str| certs.join(n).to_string_lossy().into_owned();
+    let config = format!(
+        "listen: 127.0.0.1:{{port}}\n\
+         jetstream {{ store_dir: \"{{dir}}\" }}\n\
+         tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}\n",
+        f("server.pem"),
+        f("server.key"),
+        f("ca.pem")
+    );
+    let Some(server) = OwnServer::start(TEST, Some(&config)).await else {
+        let _removed = std::fs::remove_dir_all(&certs);
+        return;
+    };
+    let url = format!(
+        "tls://localhost:{}/herald.it.mtls?stream=HERALD_IT_MTLS&tlsca={}",
+        server.port,
+        f("ca.pem")
+    );
+    // Without a client certificate: refused, permanently.
+    let e = one_message_through(NatsConfig::from_url(&url).expect("url"))
+        .await
+        .expect_err("no client certificate");
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, Some("TLS_ERROR")),
+        "{e}"
+    );
+    let with_cert = format!(
+        "{url}&tlscert={}&tlskey={}",
+        f("client.pem"),
+        f("client.key")
+    );
+    one_message_through(NatsConfig::from_url(&with_cert).expect("url"))
+        .await
+        .expect("the client certificate");
+    // A key that is no key: an error when the transport is built, naming the file.
+    let e = NatsTransport::new(
+        NatsConfig::from_url(&url)
+            .expect("url")
+            .tls_client_cert(certs.join("client.pem"), certs.join("ca.pem")),
+    )
+    .expect_err("a certificate for a key");
+    assert!(e.to_string().contains("ca.pem"), "{e}");
     drop(server);
     let _removed = std::fs::remove_dir_all(&certs);
 }

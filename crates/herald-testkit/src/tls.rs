@@ -71,6 +71,53 @@ pub fn make_test_certs(dir: &Path) {
     );
 }
 
+/// Writes into `dir` (a folder [`make_test_certs`] filled) `client.pem` and `client.key`: a
+/// client certificate for `name`, signed by the same CA and made for client authentication,
+/// for mutual-TLS tests. Panics as [`make_test_certs`] does.
+pub fn make_client_cert(dir: &Path, name: &str) {
+    let subject = format!("/CN={name}");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            &subject,
+        ],
+    );
+    std::fs::write(
+        dir.join("client.ext"),
+        "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("write the client certificate's extensions file");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "client.pem",
+            "-extfile",
+            "client.ext",
+        ],
+    );
+}
+
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
