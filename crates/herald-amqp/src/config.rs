@@ -38,6 +38,8 @@ pub struct AmqpConfig {
     pub(crate) reconnect_min: Duration,
     pub(crate) reconnect_max: Duration,
     pub(crate) tls_ca_pem: Option<String>,
+    pub(crate) tls_ca_file: Option<std::path::PathBuf>,
+    pub(crate) tls_client_cert: Option<herald_core::tls::ClientCert>,
     pub(crate) key_header: Option<String>,
     pub(crate) message_id_header: Option<String>,
     pub(crate) connection_name: String,
@@ -91,6 +93,9 @@ impl AmqpConfig {
         }
         Ok(Self {
             shuffle_addresses: url.shuffle_addresses,
+            tls_ca_file: url.tls_files.ca_file.clone(),
+            // Checked by the URL's parser.
+            tls_client_cert: url.tls_files.client_cert().unwrap_or_default(),
             url,
             channels: 8,
             window: 512,
@@ -252,6 +257,34 @@ impl AmqpConfig {
         self
     }
 
+    /// Trusts the CA certificates in this PEM file for `amqps://`, besides the system's roots
+    /// (and [`AmqpConfig::tls_ca_pem`]'s). The URL's `?cacertfile=PATH` sets the same. Read
+    /// for every new connection.
+    #[must_use]
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// Presents this client certificate (PEM: `cert_file` the chain, leaf first; `key_file` its
+    /// private key) to an `amqps://` broker that asks for one (mutual TLS: RabbitMQ's
+    /// `ssl_options.verify = verify_peer`, with `fail_if_no_peer_cert = true` to require one).
+    /// The URL's `?certfile=PATH&keyfile=PATH` set the same, as in RabbitMQ's own URIs. Both
+    /// files are checked when the transport is built (an error names the file) and read for
+    /// every new connection.
+    #[must_use]
+    pub fn tls_client_cert(
+        mut self,
+        cert_file: impl Into<std::path::PathBuf>,
+        key_file: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls_client_cert = Some(herald_core::tls::ClientCert {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+        });
+        self
+    }
+
     /// The AMQP header that carries a message's herald key (AMQP has no key of its own), or
     /// `None` not to send it. Default: `x-herald-key`.
     #[must_use]
@@ -354,6 +387,29 @@ impl AmqpConfig {
                 .is_some_and(|p| !p.contains("-----BEGIN"))
         {
             return invalid("tls_ca_pem", "is not PEM (no `-----BEGIN` line)");
+        }
+        for (field, given) in [
+            ("tls_ca_file", self.tls_ca_file.is_some()),
+            ("tls_client_cert", self.tls_client_cert.is_some()),
+        ] {
+            if given && !self.url.tls {
+                return invalid(field, "is for amqps:// URLs only");
+            }
+        }
+        if self.tls_ca_file.is_some() || self.tls_client_cert.is_some() {
+            // Read and checked here, for an error that names the file.
+            if let Err(reason) = herald_core::tls::client_config(
+                self.tls_ca_file.as_deref(),
+                self.tls_client_cert.as_ref(),
+                "AmqpConfig::tls_ca_file",
+            ) {
+                let field = if self.tls_client_cert.is_some() {
+                    "tls_client_cert"
+                } else {
+                    "tls_ca_file"
+                };
+                return invalid(field, &reason);
+            }
         }
         Ok(())
     }

@@ -195,6 +195,38 @@ impl Publisher {
 
 /// lapin reported the connection with this `current` flag lost: the transport is down only if it
 /// was the connection in use (not one given up or replaced since).
+/// lapin's TLS settings for a new connection: the CA PEM and the CA file's certificates to
+/// trust (besides the system's roots), and the client certificate, read now, so that files
+/// replaced since (a renewed certificate) are used. A file that cannot be read fails the
+/// connection permanently (`TLS_ERROR`), naming it.
+fn tls_config(config: &AmqpConfig) -> Result<OwnedTLSConfig, TransportError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            TransportError::permanent(format!("cannot read {}: {e}", path.display()))
+                .with_code("TLS_ERROR")
+        })
+    };
+    let mut cert_chain = config.tls_ca_pem.clone();
+    if let Some(path) = &config.tls_ca_file {
+        let pem = String::from_utf8_lossy(&read(path)?).into_owned();
+        cert_chain = Some(match cert_chain {
+            Some(given) => format!("{given}\n{pem}"),
+            None => pem,
+        });
+    }
+    let identity = match &config.tls_client_cert {
+        None => None,
+        Some(c) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+            pem: read(&c.cert_file)?,
+            key: read(&c.key_file)?,
+        }),
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
 fn connection_lost(current: &AtomicBool, flow: &Flow, metrics: &AmqpMetrics) {
     if current.load(Ordering::Acquire) {
         flow.connected.store(false, Ordering::Release);
@@ -389,10 +421,7 @@ impl Inner {
         let url = self.redacted(endpoint);
         let props = ConnectionProperties::default()
             .with_connection_name(config.connection_name.clone().into());
-        let tls = OwnedTLSConfig {
-            identity: None,
-            cert_chain: config.tls_ca_pem.clone(),
-        };
+        let tls = tls_config(config)?;
         // lapin's TLS (rustls-connector, for `amqps://` only) uses rustls's process-wide
         // crypto provider.
         if config.url.tls {

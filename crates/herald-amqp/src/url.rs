@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use herald_core::tls::{TlsFiles, TlsParameterNames};
 use herald_core::url::{self, Endpoint, Secret};
 pub use herald_core::url::{percent_decode, percent_encode};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
@@ -12,9 +13,14 @@ use crate::error::ConfigError;
 /// The query parameters an AMQP URL takes: the connection's `heartbeat` (s),
 /// `connection_timeout` (ms), `channel_max`, `frame_max` and `shuffle_addresses`
 /// (`true`/`false`), and where to publish ([`Route`]): `queue`, `declare`, `queue_type`, or
-/// `exchange` and `routing_key`. A program that adds parameters of its own to the URL keeps
-/// these for [`AmqpConfig::from_url`](crate::AmqpConfig::from_url) (see [`split_query`]).
+/// `exchange` and `routing_key`; for `amqps://`, RabbitMQ's `cacertfile` (a CA file to trust),
+/// `certfile` and `keyfile` (a client certificate and its key, for mutual TLS). A program that
+/// adds parameters of its own to the URL keeps these for
+/// [`AmqpConfig::from_url`](crate::AmqpConfig::from_url) (see [`split_query`]).
 pub const QUERY_PARAMETERS: &[&str] = &[
+    "cacertfile",
+    "certfile",
+    "keyfile",
     "heartbeat",
     "connection_timeout",
     "channel_max",
@@ -201,6 +207,8 @@ pub(crate) struct Url {
     pub(crate) shuffle_addresses: bool,
     /// Where the query says to publish, if it says.
     pub(crate) route: Option<Route>,
+    /// `?cacertfile=PATH`, `?certfile=PATH&keyfile=PATH`.
+    pub(crate) tls_files: TlsFiles,
 }
 
 impl Url {
@@ -246,6 +254,7 @@ impl Url {
             frame_max: None,
             shuffle_addresses: false,
             route: None,
+            tls_files: TlsFiles::named(TlsParameterNames::RABBITMQ),
         };
         let mut route = RouteParams::default();
         let flag = |part: &'static str, v: &str| match v {
@@ -254,6 +263,9 @@ impl Url {
             _ => Err(bad(part, "must be true or false".into())),
         };
         for (k, v) in url::query_pairs(query)? {
+            if parsed.tls_files.take(&k, &v)? {
+                continue;
+            }
             let num = |what: &'static str| -> Result<u64, ConfigError> {
                 v.parse::<u64>()
                     .map_err(|_| bad(what, "is not a number".into()))
@@ -309,6 +321,7 @@ impl Url {
             }
         }
         parsed.route = route.route()?;
+        parsed.tls_files.client_cert()?;
         Ok(parsed)
     }
 
@@ -364,9 +377,12 @@ impl fmt::Display for Url {
             hosts.join(","),
             percent_encode(&self.vhost)
         )?;
-        match &self.route {
-            Some(route) => write!(f, "?{}", route.query()),
-            None => Ok(()),
+        let mut query: Vec<String> = self.route.iter().map(Route::query).collect();
+        query.extend(self.tls_files.query());
+        if query.is_empty() {
+            Ok(())
+        } else {
+            write!(f, "?{}", query.join("&"))
         }
     }
 }
@@ -405,6 +421,37 @@ mod tests {
         assert_eq!(l.scheme, AMQPScheme::AMQPS);
         assert_eq!(l.authority.userinfo.password, "p:ss");
         assert_eq!(l.vhost, "/prod");
+    }
+
+    #[test]
+    fn tls_files_are_rabbitmq_s_query_parameters() {
+        let text =
+            "amqps://u:p@h:5671/%2F?queue=q&cacertfile=/etc/ca.pem&certfile=/c.pem&keyfile=/c.key";
+        let u = Url::parse(text).expect("valid");
+        assert_eq!(u.to_string(), text.replace("u:p@", "u:***@"));
+        let c = crate::AmqpConfig::from_url(text).expect("valid");
+        assert_eq!(c.tls_ca_file, Some("/etc/ca.pem".into()));
+        assert_eq!(
+            c.tls_client_cert.as_ref().map(|c| c.cert_file.clone()),
+            Some("/c.pem".into())
+        );
+        assert_eq!(part("amqps://h/%2F?certfile=/c.pem"), "query certfile");
+        assert_eq!(
+            part("amqps://h/%2F?keyfile=/c.key&keyfile=/d.key"),
+            "query keyfile"
+        );
+        let plain = crate::AmqpConfig::from_url("amqp://h/%2F?cacertfile=/ca.pem").expect("url");
+        assert!(
+            matches!(
+                plain.validate(),
+                Err(ConfigError::Invalid {
+                    field: "tls_ca_file",
+                    ..
+                })
+            ),
+            "{:?}",
+            plain.validate()
+        );
     }
 
     #[test]
@@ -614,6 +661,9 @@ mod tests {
             let with = match *name {
                 "declare" | "queue_type" => "&queue=q",
                 "routing_key" => "&exchange=e",
+                // A certificate goes with its key.
+                "certfile" => "&keyfile=k",
+                "keyfile" => "&certfile=c",
                 _ => "",
             };
             let url = format!("amqp://h/?{name}={value}{with}");

@@ -33,30 +33,72 @@ pub struct ClientCert {
     pub key_file: std::path::PathBuf,
 }
 
-/// The TLS files a broker URL may name in its query, as the `nats` command's options are
-/// named: `tlsca=PATH` (a CA file to trust), `tlscert=PATH` and `tlskey=PATH` (a client
-/// certificate and its key, together). Collected while an adapter reads its URL's query.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The names of the query parameters of [`TlsFiles`]: a CA file, a client certificate and
+/// its key, each with the URL part its errors name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsParameterNames {
+    names: [&'static str; 3],
+    parts: [&'static str; 3],
+}
+
+impl TlsParameterNames {
+    /// `tlsca`, `tlscert`, `tlskey`: as the `nats` command's options are named (NATS, Redis,
+    /// MQTT).
+    pub const SHORT: Self = Self {
+        names: ["tlsca", "tlscert", "tlskey"],
+        parts: ["query tlsca", "query tlscert", "query tlskey"],
+    };
+    /// `cacertfile`, `certfile`, `keyfile`: RabbitMQ's URI query parameters (AMQP).
+    pub const RABBITMQ: Self = Self {
+        names: ["cacertfile", "certfile", "keyfile"],
+        parts: ["query cacertfile", "query certfile", "query keyfile"],
+    };
+
+    /// The three names: CA file, certificate, key.
+    pub fn names(&self) -> [&'static str; 3] {
+        self.names
+    }
+}
+
+/// The TLS files a broker URL may name in its query (see [`TlsParameterNames`]): a CA file to
+/// trust, and a client certificate with its key, together. Collected while an adapter reads
+/// its URL's query.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
-    /// `tlsca`.
+    names: TlsParameterNames,
+    /// The CA file.
     pub ca_file: Option<std::path::PathBuf>,
     cert_file: Option<std::path::PathBuf>,
     key_file: Option<std::path::PathBuf>,
 }
 
-impl TlsFiles {
-    /// The query parameters [`TlsFiles::take`] reads.
-    pub const PARAMETERS: [&'static str; 3] = ["tlsca", "tlscert", "tlskey"];
+impl Default for TlsFiles {
+    fn default() -> Self {
+        Self::named(TlsParameterNames::SHORT)
+    }
+}
 
-    /// Takes one query parameter: `Ok(true)` if it is one of [`TlsFiles::PARAMETERS`],
-    /// `Ok(false)` if not (the adapter's own, or unknown). An empty path or a parameter given
-    /// twice is an error naming it (`query tlsca`, …).
+impl TlsFiles {
+    /// None yet, read under these names.
+    pub fn named(names: TlsParameterNames) -> Self {
+        Self {
+            names,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+
+    /// Takes one query parameter: `Ok(true)` if it is one of the three names, `Ok(false)` if
+    /// not (the adapter's own, or unknown). An empty path or a parameter given twice is an
+    /// error naming it (`query tlsca`, …).
     pub fn take(&mut self, key: &str, value: &str) -> Result<bool, crate::url::UrlError> {
-        let (slot, part) = match key {
-            "tlsca" => (&mut self.ca_file, "query tlsca"),
-            "tlscert" => (&mut self.cert_file, "query tlscert"),
-            "tlskey" => (&mut self.key_file, "query tlskey"),
-            _ => return Ok(false),
+        let TlsParameterNames { names, parts } = self.names;
+        let (slot, part) = match names.iter().position(|n| *n == key) {
+            Some(0) => (&mut self.ca_file, parts[0]),
+            Some(1) => (&mut self.cert_file, parts[1]),
+            Some(_) => (&mut self.key_file, parts[2]),
+            None => return Ok(false),
         };
         if slot.is_some() {
             return Err(crate::url::UrlError::new(part, "is given twice"));
@@ -71,9 +113,10 @@ impl TlsFiles {
         Ok(true)
     }
 
-    /// The client certificate, once the whole query is read: `tlscert` without `tlskey` (or
-    /// the other way round) is an error.
+    /// The client certificate, once the whole query is read: a certificate without its key
+    /// (or the other way round) is an error.
     pub fn client_cert(&self) -> Result<Option<ClientCert>, crate::url::UrlError> {
+        let TlsParameterNames { names, parts } = self.names;
         match (&self.cert_file, &self.key_file) {
             (None, None) => Ok(None),
             (Some(cert_file), Some(key_file)) => Ok(Some(ClientCert {
@@ -81,26 +124,31 @@ impl TlsFiles {
                 key_file: key_file.clone(),
             })),
             (Some(_), None) => Err(crate::url::UrlError::new(
-                "query tlscert",
-                "needs `tlskey`, the file of its private key",
+                parts[1],
+                format!("needs `{}`, the file of its private key", names[2]),
             )),
             (None, Some(_)) => Err(crate::url::UrlError::new(
-                "query tlskey",
-                "needs `tlscert`, the file of its certificate",
+                parts[2],
+                format!("needs `{}`, the file of its certificate", names[1]),
             )),
         }
     }
 
-    /// The parameters as the URL gave them, for its printout: `(name, path)` pairs.
-    pub fn query(&self) -> Vec<(&'static str, String)> {
+    /// The parameters as the URL gave them, for its printout: `name=PATH` each, the path
+    /// percent-encoded but for its `/`.
+    pub fn query(&self) -> Vec<String> {
         let mut out = Vec::new();
+        let [ca, cert, key] = self.names.names;
         for (name, path) in [
-            ("tlsca", &self.ca_file),
-            ("tlscert", &self.cert_file),
-            ("tlskey", &self.key_file),
+            (ca, &self.ca_file),
+            (cert, &self.cert_file),
+            (key, &self.key_file),
         ] {
             if let Some(p) = path {
-                out.push((name, p.to_string_lossy().into_owned()));
+                out.push(format!(
+                    "{name}={}",
+                    crate::url::percent_encode_keeping_slashes(&p.to_string_lossy())
+                ));
             }
         }
         out
@@ -266,13 +314,13 @@ mod tests {
                 key_file: "/c.key".into()
             }))
         );
-        assert_eq!(
-            files.query(),
-            [
-                ("tlscert", "/c.pem".to_owned()),
-                ("tlskey", "/c.key".to_owned())
-            ]
-        );
+        assert_eq!(files.query(), ["tlscert=/c.pem", "tlskey=/c.key"]);
+        let mut rabbit = TlsFiles::named(TlsParameterNames::RABBITMQ);
+        assert_eq!(rabbit.take("tlsca", "/ca.pem"), Ok(false));
+        assert_eq!(rabbit.take("keyfile", "/k.pem"), Ok(true));
+        let e = rabbit.client_cert().expect_err("no certfile");
+        assert_eq!(e.part, "query keyfile");
+        assert!(e.reason.contains("`certfile`"), "{}", e.reason);
     }
 
     #[test]

@@ -412,6 +412,13 @@ pub fn percent_encode(v: &str) -> String {
     percent_encoding::utf8_percent_encode(v, ESCAPED).to_string()
 }
 
+/// [`percent_encode`] with every `/` kept (allowed in a query and in a path), for values made
+/// of `/`-separated parts that stay readable in logs: file paths in a query, MQTT topics. Its
+/// escapes are upper-case and a `%` becomes `%25`, so every `%2F` it writes was a `/`.
+pub fn percent_encode_keeping_slashes(v: &str) -> String {
+    percent_encode(v).replace("%2F", "/")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -182,13 +182,7 @@ impl fmt::Display for Url {
         if self.version == Version::V311 {
             query.push("version=3".to_owned());
         }
-        for (name, path) in self.tls_files.query() {
-            // A path keeps its `/` (allowed in a query), to stay readable in logs.
-            query.push(format!(
-                "{name}={}",
-                url::percent_encode(&path).replace("%2F", "/")
-            ));
-        }
+        query.extend(self.tls_files.query());
         if !query.is_empty() {
             write!(f, "?{}", query.join("&"))?;
         }
@@ -202,10 +196,10 @@ impl fmt::Debug for Url {
     }
 }
 
-/// `herald_core::url::percent_encode`, keeping the topic's level separators readable. Its
-/// escapes are upper-case and a `%` becomes `%25`, so every `%2F` it writes is an escaped `/`.
+/// The topic with its level separators readable (see
+/// [`url::percent_encode_keeping_slashes`]).
 fn percent_encode_topic(v: &str) -> String {
-    url::percent_encode(v).replace("%2F", "/")
+    url::percent_encode_keeping_slashes(v)
 }
 
 #[cfg(test)]

@@ -217,27 +217,26 @@ impl fmt::Display for Url {
         if let Some(subject) = &self.subject {
             write!(f, "/{}", percent_encode(subject))?;
         }
-        let mut query: Vec<(&str, String)> = Vec::new();
+        let mut query = Vec::new();
         if let Some(stream) = &self.stream {
-            query.push(("stream", stream.clone()));
+            query.push(format!("stream={}", percent_encode(stream)));
         }
         match &self.key_file {
-            Some(KeyFile::Creds(p)) => query.push(("creds", p.to_string_lossy().into_owned())),
-            Some(KeyFile::Nkey(p)) => query.push(("nkey", p.to_string_lossy().into_owned())),
+            Some(KeyFile::Creds(p)) => query.push(format!("creds={}", path_text(p))),
+            Some(KeyFile::Nkey(p)) => query.push(format!("nkey={}", path_text(p))),
             None => {}
         }
         query.extend(self.tls_files.query());
-        for (i, (name, value)) in query.iter().enumerate() {
-            let sep = if i == 0 { '?' } else { '&' };
-            // A path keeps its `/` (allowed in a query), to stay readable in logs.
-            write!(
-                f,
-                "{sep}{name}={}",
-                percent_encode(value).replace("%2F", "/")
-            )?;
+        if !query.is_empty() {
+            write!(f, "?{}", query.join("&"))?;
         }
         Ok(())
     }
+}
+
+/// A file's path in the URL's printout.
+fn path_text(path: &std::path::Path) -> String {
+    url::percent_encode_keeping_slashes(&path.to_string_lossy())
 }
 
 impl fmt::Debug for Url {

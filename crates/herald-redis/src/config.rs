@@ -47,6 +47,7 @@ pub struct RedisConfig {
     pub(crate) wait: Option<(u32, Duration)>,
     pub(crate) metrics_name: Option<String>,
     pub(crate) tls_ca_file: Option<PathBuf>,
+    pub(crate) tls_client_cert: Option<herald_core::tls::ClientCert>,
 }
 
 impl RedisConfig {
@@ -72,7 +73,6 @@ impl RedisConfig {
             .wait
             .map(|n| (n, url.wait_timeout.unwrap_or(DEFAULT_WAIT_TIMEOUT)));
         Ok(Self {
-            url,
             ack_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             reconnect_min: Duration::from_millis(100),
@@ -81,7 +81,10 @@ impl RedisConfig {
             maxlen,
             wait,
             metrics_name: None,
-            tls_ca_file: None,
+            tls_ca_file: url.tls_files.ca_file.clone(),
+            // Checked by the URL's parser.
+            tls_client_cert: url.tls_files.client_cert().unwrap_or_default(),
+            url,
         })
     }
 
@@ -164,10 +167,28 @@ impl RedisConfig {
     }
 
     /// Trusts the CA certificates in this PEM file for TLS (`rediss://`) instead of the
-    /// system's roots.
+    /// system's roots. The URL's `?tlsca=PATH` sets the same.
     #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// Presents this client certificate (PEM: `cert_file` the chain, leaf first; `key_file` its
+    /// private key) to a `rediss://` server that asks for one (mutual TLS: Redis's
+    /// `tls-auth-clients yes`, its default). The URL's `?tlscert=PATH&tlskey=PATH` set the
+    /// same. Both files are read when the transport is built, and a problem with either is an
+    /// error naming the file.
+    #[must_use]
+    pub fn tls_client_cert(
+        mut self,
+        cert_file: impl Into<PathBuf>,
+        key_file: impl Into<PathBuf>,
+    ) -> Self {
+        self.tls_client_cert = Some(herald_core::tls::ClientCert {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+        });
         self
     }
 
@@ -263,6 +284,19 @@ impl RedisConfig {
         }
         if self.tls_ca_file.is_some() && !self.url.tls {
             return invalid("tls_ca_file", "is for rediss:// URLs only");
+        }
+        if let Some(cert) = &self.tls_client_cert {
+            if !self.url.tls {
+                return invalid("tls_client_cert", "is for rediss:// URLs only");
+            }
+            // Read and checked here, for an error that names the file (redis-rs's does not).
+            if let Err(reason) = herald_core::tls::client_config(
+                self.tls_ca_file.as_deref(),
+                Some(cert),
+                "RedisConfig::tls_ca_file",
+            ) {
+                return invalid("tls_client_cert", &reason);
+            }
         }
         Ok(())
     }

@@ -144,25 +144,38 @@ pub(crate) fn client(config: &RedisConfig) -> Result<Client, ConfigError> {
         .into_connection_info()
         .map_err(|e| invalid("url", e.to_string()))?
         .set_redis_settings(redis);
-    match &config.tls_ca_file {
-        None => Client::open(info).map_err(|e| invalid("url", e.to_string())),
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                invalid(
-                    "tls_ca_file",
-                    format!("cannot be read ({}): {e}", path.display()),
-                )
-            })?;
-            Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                },
-            )
-            .map_err(|e| invalid("tls_ca_file", e.to_string()))
-        }
+    let read = |field: &'static str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| invalid(field, format!("cannot be read ({}): {e}", path.display())))
+    };
+    if config.tls_ca_file.is_none() && config.tls_client_cert.is_none() {
+        return Client::open(info).map_err(|e| invalid("url", e.to_string()));
     }
+    let root_cert = config
+        .tls_ca_file
+        .as_deref()
+        .map(|path| read("tls_ca_file", path))
+        .transpose()?;
+    let client_tls = match &config.tls_client_cert {
+        None => None,
+        Some(c) => Some(redis::ClientTlsConfig {
+            client_cert: read("tls_client_cert", &c.cert_file)?,
+            client_key: read("tls_client_cert", &c.key_file)?,
+        }),
+    };
+    let field = if client_tls.is_some() {
+        "tls_client_cert"
+    } else {
+        "tls_ca_file"
+    };
+    Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| invalid(field, e.to_string()))
 }
 
 /// Pipelines that may wait in a connection's queue to be written (see `Inner::dial`).

@@ -157,7 +157,7 @@ pub(crate) fn classify(e: &RedisError, server: &str) -> TransportError {
         ErrorKind::Io if tls_refused(e) => (
             ErrorClass::Permanent,
             "TLS_ERROR",
-            "the TLS handshake failed: is the server's certificate signed by a CA this client trusts (RedisConfig::tls_ca_file) and made out to the host name used?",
+            "the TLS handshake failed: is the server's certificate signed by a CA this client trusts (RedisConfig::tls_ca_file) and made out to the host name used, and does the server want a client certificate (RedisConfig::tls_client_cert) it accepts?",
         ),
         ErrorKind::Io if e.is_connection_refusal() => (
             ErrorClass::Transient,

@@ -14,6 +14,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use herald_core::tls::TlsFiles;
 use herald_core::url::{self, Endpoint, Secret};
 
 use crate::destination::validate_stream_key;
@@ -21,8 +22,16 @@ use crate::error::ConfigError;
 
 /// The query parameters a Redis URL takes: `maxlen` (approximate trimming of the stream,
 /// `MAXLEN ~ N`), `wait` (replicas that must have each batch, `WAIT N`) and `wait_timeout_ms`
-/// (how long `WAIT` may block).
-pub const QUERY_PARAMETERS: &[&str] = &["maxlen", "wait", "wait_timeout_ms"];
+/// (how long `WAIT` may block); for `rediss://`, `tlsca` (a CA file to trust), `tlscert` and
+/// `tlskey` (a client certificate and its key, for mutual TLS).
+pub const QUERY_PARAMETERS: &[&str] = &[
+    "maxlen",
+    "wait",
+    "wait_timeout_ms",
+    "tlsca",
+    "tlscert",
+    "tlskey",
+];
 
 /// The port of a server given without one.
 pub const DEFAULT_PORT: u16 = 6379;
@@ -48,6 +57,8 @@ pub(crate) struct Url {
     pub(crate) maxlen: Option<u64>,
     /// `?wait=N`.
     pub(crate) wait: Option<u32>,
+    /// `?tlsca=PATH`, `?tlscert=PATH&tlskey=PATH`.
+    pub(crate) tls_files: TlsFiles,
     /// `?wait_timeout_ms=MS`.
     pub(crate) wait_timeout: Option<Duration>,
 }
@@ -130,8 +141,12 @@ impl Url {
             maxlen: None,
             wait: None,
             wait_timeout: None,
+            tls_files: TlsFiles::default(),
         };
         for (k, v) in url::query_pairs(parts.query)? {
+            if url.tls_files.take(&k, &v)? {
+                continue;
+            }
             let number = |part: &'static str| -> Result<u64, ConfigError> {
                 match v.parse::<u64>() {
                     Ok(n) if n > 0 => Ok(n),
@@ -169,6 +184,7 @@ impl Url {
                 }
             }
         }
+        url.tls_files.client_cert()?;
         if url.wait_timeout.is_some() && url.wait.is_none() {
             return Err(bad(
                 "query wait_timeout_ms",
@@ -217,6 +233,7 @@ impl fmt::Display for Url {
         if let Some(t) = self.wait_timeout {
             query.push(format!("wait_timeout_ms={}", t.as_millis()));
         }
+        query.extend(self.tls_files.query());
         if !query.is_empty() {
             write!(f, "?{}", query.join("&"))?;
         }
@@ -297,6 +314,33 @@ mod tests {
         assert!(u.tls);
         assert_eq!((u.user.as_ref(), u.endpoint.host.as_str()), (None, "::1"));
         assert_eq!(u.to_string(), "rediss://:***@[::1]:6380/0/s");
+    }
+
+    #[test]
+    fn tls_files_are_query_parameters() {
+        let text = "rediss://h:6379/s?maxlen=5&tlsca=/etc/ca.pem&tlscert=/c.pem&tlskey=/c.key";
+        let u = Url::parse(text).expect("valid");
+        assert_eq!(u.to_string(), text);
+        let c = crate::RedisConfig::from_url(text).expect("valid");
+        assert_eq!(c.tls_ca_file, Some("/etc/ca.pem".into()));
+        assert_eq!(
+            c.tls_client_cert.as_ref().map(|c| c.key_file.clone()),
+            Some("/c.key".into())
+        );
+        assert_eq!(part("rediss://h/s?tlscert=/c.pem"), "query tlscert");
+        let plain =
+            crate::RedisConfig::from_url("redis://h/s?tlscert=/c.pem&tlskey=/c.key").expect("url");
+        assert!(
+            matches!(
+                plain.validate(),
+                Err(ConfigError::Invalid {
+                    field: "tls_client_cert",
+                    ..
+                })
+            ),
+            "{:?}",
+            plain.validate()
+        );
     }
 
     #[test]

@@ -1220,3 +1220,67 @@ async fn tls_with_a_custom_ca_works_and_an_unknown_ca_is_refused() {
     drop(server);
     let _removed = std::fs::remove_dir_all(&certs);
 }
+
+/// Mutual TLS: a server with `tls-auth-clients yes` takes herald's client certificate
+/// (`?tlscert=` and `?tlskey=` in the URL, as the command gives them, with `?tlsca=`) and
+/// refuses a client without one, permanently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis: cargo xtask it redis"]
+async fn a_client_certificate_is_presented_where_the_server_asks_for_one() {
+    let certs = std::env::temp_dir().join(format!("herald-redis-it-mtls-{}", uniq()));
+    std::fs::create_dir_all(&certs).expect("cert folder");
+    herald_testkit::tls::make_test_certs(&certs);
+    herald_testkit::tls::make_client_cert(&certs, "herald-client");
+    let f = |n: &str| certs.join(n).to_string_lossy().into_owned();
+    let tls_port = free_port().to_string();
+    let server = OwnServer::start(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &f("server.pem"),
+        "--tls-key-file",
+        &f("server.key"),
+        "--tls-ca-cert-file",
+        &f("ca.pem"),
+        "--tls-auth-clients",
+        "yes",
+    ])
+    .await;
+    let url = format!(
+        "rediss://localhost:{tls_port}/herald:it:mtls?tlsca={}",
+        f("ca.pem")
+    );
+    let send = |config: RedisConfig| async move {
+        let dest = config.destination().expect("stream key");
+        let t = RedisTransport::new(config).expect("t");
+        let out = t
+            .send_batch(&dest, &[Message::new(dest.clone(), "mutual tls")])
+            .await;
+        t.close().await;
+        out.into_iter().next().expect("one outcome")
+    };
+    // Without a client certificate: refused, permanently.
+    let e = send(RedisConfig::from_url(&url).expect("url"))
+        .await
+        .expect_err("no client certificate");
+    assert_eq!(
+        (e.class(), e.code()),
+        (ErrorClass::Permanent, Some("TLS_ERROR")),
+        "{e}"
+    );
+    let with_cert = format!(
+        "{url}&tlscert={}&tlskey={}",
+        f("client.pem"),
+        f("client.key")
+    );
+    let out = send(RedisConfig::from_url(&with_cert).expect("url")).await;
+    assert!(out.is_ok(), "{out:?}");
+    let admin = Admin::connect(&server.url()).await;
+    assert_eq!(
+        admin.len("herald:it:mtls").await,
+        1,
+        "appended over mutual TLS"
+    );
+    drop(server);
+    let _removed = std::fs::remove_dir_all(&certs);
+}
