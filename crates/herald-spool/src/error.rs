@@ -59,6 +59,17 @@ pub enum SpoolError {
         /// The `segment_bytes` setting.
         limit: u64,
     },
+    /// The directory holds no spool (no lock file, no segment): a wrong path given to
+    /// [`inspect`](crate::inspect) or [`check`](crate::check), which never make one.
+    #[error(
+        "{} holds no spool (no `lock` file and no segment file): is it the folder given as the \
+         spool's directory?",
+        dir.display()
+    )]
+    NotASpool {
+        /// The directory.
+        dir: PathBuf,
+    },
     /// `settle` was given an id this spool never handed out.
     #[error("settle: {id} was never appended to spool {} (the next id is {next})", dir.display())]
     UnknownId {

@@ -380,6 +380,31 @@ pub(crate) fn stats_of(segments: &BTreeMap<u64, Segment>, next_seq: u64) -> Spoo
     }
 }
 
+/// Fails with [`SpoolError::NotASpool`] unless `dir` holds a lock file or a segment: every
+/// spool opened once has its lock file (never removed), so a folder without either is a wrong
+/// path, and its "empty spool" would be a false report.
+fn ensure_spool(dir: &Path) -> Result<(), SpoolError> {
+    if dir.join(crate::lock::FILE).exists() {
+        return Ok(());
+    }
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| SpoolError::io("read spool directory", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| SpoolError::io("read spool directory", dir, e))?;
+        if entry
+            .file_name()
+            .to_str()
+            .and_then(parse_segment_name)
+            .is_some()
+        {
+            return Ok(());
+        }
+    }
+    Err(SpoolError::NotASpool {
+        dir: dir.to_owned(),
+    })
+}
+
 /// Reads the spool in `dir` without changing anything and without its lock: works while
 /// another process has it open (for `herald spool status`). Every record is verified.
 pub fn inspect(dir: impl AsRef<Path>) -> Result<Inspection, SpoolError> {
@@ -393,6 +418,7 @@ pub fn inspect(dir: impl AsRef<Path>) -> Result<Inspection, SpoolError> {
             io::Error::other("not a directory"),
         ));
     }
+    ensure_spool(dir)?;
     let scan = scan_dir(dir, false, false)?;
     let mut stats = stats_of(&scan.segments, scan.next_seq);
     stats.corrupt_records = scan.damage.corrupt_records;
@@ -416,6 +442,8 @@ pub fn check(dir: impl AsRef<Path>, repair: bool) -> Result<Inspection, SpoolErr
         return inspect(dir);
     }
     std::fs::metadata(dir).map_err(|e| SpoolError::io("open spool directory", dir, e))?;
+    // Before the lock, whose file would make any folder look like a spool.
+    ensure_spool(dir)?;
     let _lock = crate::lock::acquire(dir)?;
     let mut scan = scan_dir(dir, true, true)?;
     let last = scan.segments.keys().next_back().copied();

@@ -546,6 +546,42 @@ fn a_second_open_fails_naming_the_holders_pid_and_succeeds_once_it_is_dropped() 
     let (_spool, _) = open(SpoolConfig::new(tmp.spool()));
 }
 
+/// A folder that holds no spool (a wrong path: its parent, say) is an error for inspect and
+/// check, not an empty spool; check with repair does not make it one with a lock file.
+#[test]
+fn a_folder_without_a_spool_is_no_empty_spool() {
+    let tmp = TempDir::new("not-a-spool");
+    let (spool, _) = open(SpoolConfig::new(tmp.spool()));
+    spool.append_all(&[message(1)]).expect("append");
+    drop(spool);
+    for result in [
+        inspect(tmp.path()),
+        check(tmp.path(), false),
+        check(tmp.path(), true),
+    ] {
+        let e = result.expect_err("the parent holds no spool");
+        assert!(matches!(e, SpoolError::NotASpool { .. }), "{e:?}");
+        assert!(e.to_string().contains("holds no spool"), "{e}");
+    }
+    assert!(!tmp.path().join("lock").exists(), "check made no lock file");
+    assert_eq!(
+        inspect(tmp.spool())
+            .expect("the spool")
+            .stats
+            .pending_messages,
+        1
+    );
+    // Segments without their lock file (copied elsewhere) are still a spool.
+    std::fs::remove_file(tmp.spool().join("lock")).expect("remove the lock file");
+    assert_eq!(
+        inspect(tmp.spool())
+            .expect("segments alone")
+            .stats
+            .pending_messages,
+        1
+    );
+}
+
 #[test]
 fn inspect_gives_the_numbers_stats_gives_while_the_spool_is_open() {
     let tmp = TempDir::new("inspect");
