@@ -92,13 +92,15 @@ impl Live {
 
 /// Why a connection is given up.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum GiveUp {
+pub(crate) enum GiveUp {
     /// Broken or closed.
     Lost,
     /// Silent: its replies stopped coming.
     Silent,
     /// Its server refused a write as a replica.
     Replica,
+    /// A reply that is no entry id: its replies may be out of step with its commands.
+    OutOfStep,
 }
 
 /// What every clone of a [`RedisTransport`](crate::RedisTransport) shares: the settings, the
@@ -327,22 +329,15 @@ impl Inner {
         self.give_up(live, GiveUp::Silent).await;
     }
 
-    /// Gives up on `live` because its server refused a write as a replica (`READONLY`,
-    /// `MASTERDOWN`: after a failover the old primary is one), so that the next send opens a
-    /// new connection, which follows the primary's name. Counted as abandoned.
+    /// Gives up on `live` for `why` (its server a replica now, `READONLY` or `MASTERDOWN` after
+    /// a failover; or its replies out of step), so that the next send opens a new connection
+    /// (which follows the primary's name). Counted as abandoned.
     ///
     /// Without waiting: marked lost at once (the rotation replaces it at the next call), so
     /// that a call holding replies already read is not cut off waiting for the rotation's lock
     /// with them (the entries they name reported failed, and appended again).
-    pub(crate) fn left_for_a_replica(&self, live: &Arc<Live>) {
-        if self.mark_given_up(live, GiveUp::Replica) {
-            self.set_connected(false);
-        }
-    }
-
-    /// As [`Inner::abandon`], without waiting (see [`Inner::left_for_a_replica`]).
-    pub(crate) fn abandon_now(&self, live: &Arc<Live>) {
-        if self.mark_given_up(live, GiveUp::Silent) {
+    pub(crate) fn give_up_now(&self, live: &Arc<Live>, why: GiveUp) {
+        if self.mark_given_up(live, why) {
             self.set_connected(false);
         }
     }
@@ -375,6 +370,14 @@ impl Inner {
                 producer = self.producer(),
                 server = %self.server,
                 "the Redis server is a replica now (READONLY or MASTERDOWN: after a failover the old primary becomes one): connection given up, the next batch opens a new one to the primary's name"
+            );
+        } else if why == GiveUp::OutOfStep {
+            self.metrics.abandoned.increment(1);
+            tracing::warn!(
+                transport = "redis",
+                producer = self.producer(),
+                server = %self.server,
+                "the Redis server answered an XADD with a reply that is no entry id: the connection's replies may be out of step with its commands; connection given up, the next batch opens a new one"
             );
         } else {
             self.metrics.lost.increment(1);

@@ -24,7 +24,7 @@ use herald_core::{Ack, BatchOutcome, Destination, Message, TransportError, Turn}
 use redis::{Cmd, Pipeline, Value};
 
 use crate::config::RedisConfig;
-use crate::connection::{Inner, Live};
+use crate::connection::{GiveUp, Inner, Live};
 use crate::destination;
 use crate::error::{breaks_connection, classify, reply};
 
@@ -191,13 +191,13 @@ async fn send_in_turn(
                         // The server is a replica now: after a failover the old primary
                         // becomes one, and the name of the primary (a managed service's
                         // endpoint, a DNS name) points elsewhere. A new connection follows it.
-                        inner.left_for_a_replica(&live);
+                        inner.give_up_now(&live, GiveUp::Replica);
                     } else if sent.iter().any(|&i| {
                         matches!(&outcomes[i], Some(Err(e)) if e.code() == Some("PROTOCOL_ERROR"))
                     }) {
                         // A reply that is no entry id: the connection's replies may be out of
                         // step with its commands; the next batch goes out on a new one.
-                        inner.abandon_now(&live);
+                        inner.give_up_now(&live, GiveUp::OutOfStep);
                     }
                 }
                 Err(e) => {
