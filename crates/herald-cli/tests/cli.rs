@@ -1408,6 +1408,13 @@ fn spool_status_and_check_report_what_a_spool_holds() {
     );
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("no-such-spool"), "{run:?}");
+    // The spool's parent (a wrong path) is no empty spool: a usage error too.
+    let parent = dir.0.to_string_lossy().into_owned();
+    for command in ["status", "check"] {
+        let run = herald(&["spool", command, &parent], None, &dir.0, LIMIT);
+        assert_eq!(run.code, Some(2), "{command}: {run:?}");
+        assert!(run.stderr.contains("holds no spool"), "{command}: {run:?}");
+    }
 }
 
 /// Issue 14: the command's own logs (`-v`, `-q`, `--log-format`, `RUST_LOG`), on stderr.

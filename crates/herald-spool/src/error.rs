@@ -59,11 +59,11 @@ pub enum SpoolError {
         /// The `segment_bytes` setting.
         limit: u64,
     },
-    /// The directory holds no spool (no lock file, no segment): a wrong path given to
+    /// The directory holds no spool (no lock file, no settle log, no segment): a wrong path given to
     /// [`inspect`](crate::inspect) or [`check`](crate::check), which never make one.
     #[error(
-        "{} holds no spool (no `lock` file and no segment file): is it the folder given as the \
-         spool's directory?",
+        "{} holds no spool (no `lock` file, settle log or segment file): is it the folder \
+         given as the spool's directory?",
         dir.display()
     )]
     NotASpool {

@@ -380,11 +380,14 @@ pub(crate) fn stats_of(segments: &BTreeMap<u64, Segment>, next_seq: u64) -> Spoo
     }
 }
 
-/// Fails with [`SpoolError::NotASpool`] unless `dir` holds a lock file or a segment: every
-/// spool opened once has its lock file (never removed), so a folder without either is a wrong
-/// path, and its "empty spool" would be a false report.
+/// Fails with [`SpoolError::NotASpool`] unless `dir` holds a lock file, the settle log or a
+/// segment: every spool opened once has its lock file (never removed), so a folder with none
+/// of them is a wrong path, and its "empty spool" would be a false report.
 fn ensure_spool(dir: &Path) -> Result<(), SpoolError> {
-    if dir.join(crate::lock::FILE).exists() {
+    if [crate::lock::FILE, crate::settle_log::FILE]
+        .iter()
+        .any(|name| dir.join(name).exists())
+    {
         return Ok(());
     }
     let entries =
