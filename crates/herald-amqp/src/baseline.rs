@@ -48,10 +48,20 @@ impl From<lapin::Error> for BaselineError {
     }
 }
 
+/// A connection to the first broker of `config`, with its TLS settings (CA and client
+/// certificate) as herald's own connections have them.
 async fn connect(config: &AmqpConfig) -> Result<Connection, BaselineError> {
-    Connection::connect_uri(
+    let tls = crate::connection::tls_config(config).map_err(|e| BaselineError(e.to_string()))?;
+    if config.url.tls {
+        herald_core::tls::ensure_crypto_provider();
+    }
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|e| BaselineError(format!("no async runtime for lapin: {e}")))?;
+    Connection::connect_uri_with_config(
         config.url.to_lapin(&config.url.endpoints[0]),
         ConnectionProperties::default(),
+        tls,
+        runtime,
     )
     .await
     .map_err(|e| BaselineError(format!("connecting to {}: {e}", config.redacted_url())))

@@ -262,7 +262,9 @@ impl AmqpConfig {
     /// for every new connection.
     #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
-        self.tls_ca_file = Some(path.into());
+        let path = path.into();
+        self.url.tls_files.ca_file = Some(path.clone());
+        self.tls_ca_file = Some(path);
         self
     }
 
@@ -278,10 +280,12 @@ impl AmqpConfig {
         cert_file: impl Into<std::path::PathBuf>,
         key_file: impl Into<std::path::PathBuf>,
     ) -> Self {
-        self.tls_client_cert = Some(herald_core::tls::ClientCert {
+        let cert = herald_core::tls::ClientCert {
             cert_file: cert_file.into(),
             key_file: key_file.into(),
-        });
+        };
+        self.url.tls_files.set_client_cert(&cert);
+        self.tls_client_cert = Some(cert);
         self
     }
 
@@ -334,7 +338,9 @@ impl AmqpConfig {
         self.url.route.as_ref()
     }
 
-    /// The broker address (and the URL's route, if any) with the password masked, safe to log.
+    /// The broker address (and the URL's route, if any) with the password masked, safe to log,
+    /// with the TLS files the config names (`cacertfile`, `certfile`, `keyfile`: paths),
+    /// whether the URL or a setter named them.
     pub fn redacted_url(&self) -> String {
         self.url.to_string()
     }
@@ -393,23 +399,19 @@ impl AmqpConfig {
             ("tls_client_cert", self.tls_client_cert.is_some()),
         ] {
             if given && !self.url.tls {
-                return invalid(field, "is for amqps:// URLs only");
+                return invalid(
+                    field,
+                    "is for amqps:// URLs only (`?cacertfile=`, `?certfile=` and `?keyfile=` too)",
+                );
             }
         }
-        if self.tls_ca_file.is_some() || self.tls_client_cert.is_some() {
-            // Read and checked here, for an error that names the file.
-            if let Err(reason) = herald_core::tls::client_config(
-                self.tls_ca_file.as_deref(),
-                self.tls_client_cert.as_ref(),
-                "AmqpConfig::tls_ca_file",
-            ) {
-                let field = if self.tls_client_cert.is_some() {
-                    "tls_client_cert"
-                } else {
-                    "tls_ca_file"
-                };
-                return invalid(field, &reason);
-            }
+        // Read and checked here, for an error that names the file.
+        if let Err((field, reason)) = herald_core::tls::check_files(
+            self.tls_ca_file.as_deref(),
+            self.tls_client_cert.as_ref(),
+            "AmqpConfig::tls_ca_file",
+        ) {
+            return invalid(field, &reason);
         }
         Ok(())
     }

@@ -193,17 +193,16 @@ impl Publisher {
     }
 }
 
-/// lapin reported the connection with this `current` flag lost: the transport is down only if it
-/// was the connection in use (not one given up or replaced since).
-/// lapin's TLS settings for a new connection: the CA PEM and the CA file's certificates to
-/// trust (besides the system's roots), and the client certificate, read now, so that files
-/// replaced since (a renewed certificate) are used. A file that cannot be read fails the
-/// connection permanently (`TLS_ERROR`), naming it.
-fn tls_config(config: &AmqpConfig) -> Result<OwnedTLSConfig, TransportError> {
+/// lapin's TLS settings for a new connection (herald's and the baseline's): the CA PEM and the
+/// CA file's certificates to trust (besides the system's roots), and the client certificate,
+/// read now, so that files replaced since (a renewed certificate) are used. The files were
+/// checked when the transport was built: one that cannot be read now is most likely being
+/// replaced, so the attempt fails transiently (`TLS_FILE`), naming it, and is retried.
+pub(crate) fn tls_config(config: &AmqpConfig) -> Result<OwnedTLSConfig, TransportError> {
     let read = |path: &std::path::Path| {
         std::fs::read(path).map_err(|e| {
-            TransportError::permanent(format!("cannot read {}: {e}", path.display()))
-                .with_code("TLS_ERROR")
+            TransportError::transient(format!("cannot read {}: {e}", path.display()))
+                .with_code("TLS_FILE")
         })
     };
     let mut cert_chain = config.tls_ca_pem.clone();
@@ -227,6 +226,8 @@ fn tls_config(config: &AmqpConfig) -> Result<OwnedTLSConfig, TransportError> {
     })
 }
 
+/// lapin reported the connection with this `current` flag lost: the transport is down only if it
+/// was the connection in use (not one given up or replaced since).
 fn connection_lost(current: &AtomicBool, flow: &Flow, metrics: &AmqpMetrics) {
     if current.load(Ordering::Acquire) {
         flow.connected.store(false, Ordering::Release);

@@ -62,7 +62,9 @@ const FORMS: &str =
      or amqp://...?exchange=EX&routing_key=RK (amqps:// for TLS), or \
      nats://HOST:PORT/SUBJECT[?stream=NAME] (tls:// for TLS), or \
      redis://HOST:PORT[/DB]/STREAMKEY[?maxlen=N][&wait=N][&wait_timeout_ms=MS] (rediss:// for TLS), or \
-     mqtt://HOST:PORT/TOPIC[?qos=1|2][&version=5|3] (mqtts:// for TLS)";
+     mqtt://HOST:PORT/TOPIC[?qos=1|2][&version=5|3] (mqtts:// for TLS); files for TLS: \
+     ?tlsca=PATH, ?tlscert=PATH&tlskey=PATH (NATS, Redis, MQTT), ?cacertfile=PATH, \
+     ?certfile=PATH&keyfile=PATH (AMQP); NATS credentials: ?creds=PATH or ?nkey=PATH";
 
 impl Target {
     /// Parses a destination URL.

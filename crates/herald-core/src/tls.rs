@@ -134,6 +134,13 @@ impl TlsFiles {
         }
     }
 
+    /// Sets the client certificate (a config's setter, so that the URL's printout says what is
+    /// used).
+    pub fn set_client_cert(&mut self, cert: &ClientCert) {
+        self.cert_file = Some(cert.cert_file.clone());
+        self.key_file = Some(cert.key_file.clone());
+    }
+
     /// The parameters as the URL gave them, for its printout: `name=PATH` each, the path
     /// percent-encoded but for its `/`.
     pub fn query(&self) -> Vec<String> {
@@ -235,7 +242,8 @@ pub fn client_config(
                     key_file.display()
                 ),
                 _ => format!(
-                    "the client key file {} holds no private key in PEM (PKCS#8, PKCS#1 or SEC1)",
+                    "the client key file {} holds no private key in PEM (PKCS#8, PKCS#1 or SEC1; \
+                     an encrypted key is not supported)",
                     key_file.display()
                 ),
             })?;
@@ -249,6 +257,23 @@ pub fn client_config(
         }
     };
     Ok(std::sync::Arc::new(config))
+}
+
+/// Checks the TLS files a config names, when its transport is built: the CA file alone, then
+/// the client certificate (with the CA file). The error names the setting at fault
+/// (`tls_ca_file` or `tls_client_cert`) and the problem (see [`client_config`]).
+pub fn check_files(
+    ca_file: Option<&std::path::Path>,
+    client_cert: Option<&ClientCert>,
+    hint: &str,
+) -> Result<(), (&'static str, String)> {
+    if ca_file.is_some() {
+        client_config(ca_file, None, hint).map_err(|e| ("tls_ca_file", e))?;
+    }
+    if client_cert.is_some() {
+        client_config(ca_file, client_cert, hint).map_err(|e| ("tls_client_cert", e))?;
+    }
+    Ok(())
 }
 
 /// Whether rustls refused the handshake for a reason retrying cannot mend.
@@ -352,14 +377,14 @@ mod tests {
         assert!(e.contains("missing.pem"), "{e}");
         let e = with(&cert, &key);
         assert!(e.contains("c.pem") && e.contains("no certificate"), "{e}");
-        // Any file of certificates gets the key read: the system's bundle will do.
-        let bundle = std::path::Path::new("/etc/ssl/certs/ca-certificates.crt");
-        assert!(
-            bundle.is_file(),
-            "this test reads {} (ca-certificates)",
-            bundle.display()
-        );
-        let e = with(bundle, &key);
+        // A file with a certificate block gets the key read (the block is not parsed yet).
+        let bundle = dir.join("chain.pem");
+        std::fs::write(
+            &bundle,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let e = with(&bundle, &key);
         assert!(e.contains("c.key") && !e.contains("c2VjcmV0"), "{e}");
         let _removed = std::fs::remove_dir_all(&dir);
     }

@@ -251,7 +251,9 @@ impl MqttConfig {
     /// roots. The URL's `?tlsca=PATH` sets the same.
     #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.tls_ca_file = Some(path.into());
+        let path = path.into();
+        self.url.tls_files.ca_file = Some(path.clone());
+        self.tls_ca_file = Some(path);
         self
     }
 
@@ -266,10 +268,12 @@ impl MqttConfig {
         cert_file: impl Into<PathBuf>,
         key_file: impl Into<PathBuf>,
     ) -> Self {
-        self.tls_client_cert = Some(herald_core::tls::ClientCert {
+        let cert = herald_core::tls::ClientCert {
             cert_file: cert_file.into(),
             key_file: key_file.into(),
-        });
+        };
+        self.url.tls_files.set_client_cert(&cert);
+        self.tls_client_cert = Some(cert);
         self
     }
 
@@ -294,7 +298,8 @@ impl MqttConfig {
     }
 
     /// The URL with the password masked, safe to log:
-    /// `mqtt://user:***@host:port[/topic][?qos=2][&version=3]`.
+    /// `mqtt://user:***@host:port[/topic][?qos=2][&version=3]`, with the TLS files the config
+    /// names (`tlsca`, `tlscert`, `tlskey`: paths), whether the URL or a setter named them.
     pub fn redacted_url(&self) -> String {
         self.url.to_string()
     }
@@ -309,20 +314,24 @@ impl MqttConfig {
         if self.window == 0 || self.window > MAX_WINDOW {
             return invalid("window", "must be between 1 and 65536");
         }
-        if let Some(cert) = &self.tls_client_cert {
-            if !self.url.tls {
+        for (field, given) in [
+            ("tls_ca_file", self.tls_ca_file.is_some()),
+            ("tls_client_cert", self.tls_client_cert.is_some()),
+        ] {
+            if given && !self.url.tls {
                 return invalid(
-                    "tls_client_cert",
-                    "needs TLS: an mqtts:// URL (mqtt:// sends no certificate)",
+                    field,
+                    "needs TLS: an mqtts:// URL (`?tlsca=`, `?tlscert=` and `?tlskey=` too; \
+                     mqtt:// is plain text)",
                 );
             }
-            if let Err(reason) = herald_core::tls::client_config(
-                self.tls_ca_file.as_deref(),
-                Some(cert),
-                "MqttConfig::tls_ca_file",
-            ) {
-                return invalid("tls_client_cert", &reason);
-            }
+        }
+        if let Err((field, reason)) = herald_core::tls::check_files(
+            self.tls_ca_file.as_deref(),
+            self.tls_client_cert.as_ref(),
+            "MqttConfig::tls_ca_file",
+        ) {
+            return invalid(field, &reason);
         }
         if self.ack_timeout.is_zero() {
             return invalid("ack_timeout", "must be more than zero");

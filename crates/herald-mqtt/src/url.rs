@@ -262,18 +262,26 @@ mod tests {
         ] {
             assert_eq!(part(bad), named, "{bad}");
         }
-        // A client certificate needs TLS.
-        let plain = MqttConfig::from_url("mqtt://h/t?tlscert=c.pem&tlskey=c.key").expect("url");
-        assert!(
-            matches!(
-                plain.validate(),
-                Err(ConfigError::Invalid {
-                    field: "tls_client_cert",
-                    ..
-                })
-            ),
-            "{:?}",
-            plain.validate()
+        // TLS files need TLS.
+        for (url, field) in [
+            ("mqtt://h/t?tlscert=c.pem&tlskey=c.key", "tls_client_cert"),
+            ("mqtt://h/t?tlsca=/ca.pem", "tls_ca_file"),
+        ] {
+            let plain = MqttConfig::from_url(url).expect("url");
+            assert!(
+                matches!(plain.validate(), Err(ConfigError::Invalid { field: f, .. }) if f == field),
+                "{url}: {:?}",
+                plain.validate()
+            );
+        }
+        // A setter's files show in the printout.
+        let c = MqttConfig::from_url("mqtts://h/t?tlsca=/a.pem")
+            .expect("url")
+            .tls_ca_file("/b.pem")
+            .tls_client_cert("/c.pem", "/c.key");
+        assert_eq!(
+            c.redacted_url(),
+            "mqtts://h:8883/t?tlsca=/b.pem&tlscert=/c.pem&tlskey=/c.key"
         );
     }
 

@@ -1350,6 +1350,7 @@ async fn mqtts_presents_a_client_certificate_where_the_broker_requires_one() {
         certs.join("server.key").display(),
     );
     let Some(_broker) = OwnBroker::start(TEST, &extra).await else {
+        let _removed = std::fs::remove_dir_all(&certs);
         return;
     };
     let url = format!(

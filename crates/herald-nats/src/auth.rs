@@ -5,8 +5,9 @@
 //!
 //! The files are read when the transport is built (so a missing or malformed one is an error
 //! then, naming the file) and again for every new connection (so a rotated `.creds` file is
-//! picked up without a restart). The seed stays in memory only as the `nkeys::KeyPair` of the
-//! connection attempt in progress; it never appears in an error, a log or `Debug`.
+//! picked up without a restart). The seed stays in memory as the `nkeys::KeyPair` of each
+//! connection's client, for as long as that client lives (its auth callback signs with it);
+//! it never appears in an error, a log or `Debug`.
 //!
 //! async-nats can read `.creds` files itself, but only through its own JWT callback, which the
 //! auth callback herald needs (to refuse the client's own reconnect, see `connection.rs`)
@@ -74,6 +75,14 @@ impl KeyFile {
                 path.display()
             )
         })?;
+        if key.key_pair_type() != nkeys::KeyPairType::User {
+            return Err(format!(
+                "{} holds the seed of an {:?} key, not a user's (`SU…`): a client signs in as a \
+                 user",
+                path.display(),
+                key.key_pair_type()
+            ));
+        }
         Ok(Signer { jwt, key })
     }
 }
@@ -91,8 +100,10 @@ fn block<'a>(text: &'a str, what: &str) -> Option<&'a str> {
     None
 }
 
-/// Loads the configured key file, if any, for a new connection: a file that went missing or
-/// bad since the transport was built fails the attempt permanently (`CREDENTIALS_FILE`).
+/// Loads the configured key file, if any, for a new connection. It was good when the transport
+/// was built: one missing or bad now is most likely being rotated (written in place, not
+/// renamed into place), so the attempt fails transiently (`CREDENTIALS_FILE`) and is retried
+/// with the reconnect backoff until the delivery timeout.
 pub(crate) fn signer_for(
     config: &crate::NatsConfig,
 ) -> Result<Option<std::sync::Arc<Signer>>, herald_core::TransportError> {
@@ -101,7 +112,7 @@ pub(crate) fn signer_for(
         .as_ref()
         .map(|f| f.load().map(std::sync::Arc::new))
         .transpose()
-        .map_err(|e| herald_core::TransportError::permanent(e).with_code("CREDENTIALS_FILE"))
+        .map_err(|e| herald_core::TransportError::transient(e).with_code("CREDENTIALS_FILE"))
 }
 
 /// What the client sends in its CONNECT for `nonce`: the URL's user and password or token, or
@@ -228,6 +239,12 @@ mod tests {
         );
         let e = KeyFile::Creds(no_jwt).load().err().expect("no JWT");
         assert!(e.contains("NATS USER JWT") && !e.contains(&seed), "{e}");
+        let account = nkeys::KeyPair::new_account().seed().expect("seed");
+        let e = KeyFile::Nkey(dir.file("acc.nk", &account))
+            .load()
+            .err()
+            .expect("an account's seed");
+        assert!(e.contains("not a user's") && !e.contains(&account), "{e}");
         let bad = dir.file("bad.nk", "SUNOTASEED\n");
         let e = KeyFile::Nkey(bad).load().err().expect("bad seed");
         assert!(

@@ -206,10 +206,12 @@ impl NatsConfig {
     }
 
     /// Trusts the CA certificates in this PEM file for TLS (`tls://`, or a server that asks
-    /// for TLS), besides the system's roots.
+    /// for TLS), besides the system's roots. The URL's `?tlsca=PATH` sets the same.
     #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.tls_ca_file = Some(path.into());
+        let path = path.into();
+        self.url.tls_files.ca_file = Some(path.clone());
+        self.tls_ca_file = Some(path);
         self
     }
 
@@ -223,10 +225,12 @@ impl NatsConfig {
         cert_file: impl Into<PathBuf>,
         key_file: impl Into<PathBuf>,
     ) -> Self {
-        self.tls_client_cert = Some(ClientCert {
+        let cert = ClientCert {
             cert_file: cert_file.into(),
             key_file: key_file.into(),
-        });
+        };
+        self.url.tls_files.set_client_cert(&cert);
+        self.tls_client_cert = Some(cert);
         self
     }
 
@@ -238,6 +242,7 @@ impl NatsConfig {
     #[must_use]
     pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.key_file = Some(KeyFile::Creds(path.into()));
+        self.url.key_file.clone_from(&self.key_file);
         self
     }
 
@@ -247,6 +252,7 @@ impl NatsConfig {
     #[must_use]
     pub fn nkey_seed_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.key_file = Some(KeyFile::Nkey(path.into()));
+        self.url.key_file.clone_from(&self.key_file);
         self
     }
 
@@ -266,7 +272,9 @@ impl NatsConfig {
     }
 
     /// The URL with the password or token masked, safe to log:
-    /// `nats://user:***@host:port[,host:port...][/subject][?stream=NAME]`.
+    /// `nats://user:***@host:port[,host:port...][/subject][?stream=NAME]`, with the files the
+    /// config names (`creds`, `nkey`, `tlsca`, `tlscert`, `tlskey`: paths, never contents),
+    /// whether the URL or a setter named them.
     pub fn redacted_url(&self) -> String {
         self.url.to_string()
     }
@@ -335,14 +343,12 @@ impl NatsConfig {
                 return invalid(file.setting(), &reason);
             }
         }
-        if let Some(cert) = &self.tls_client_cert {
-            if let Err(reason) = herald_core::tls::client_config(
-                self.tls_ca_file.as_deref(),
-                Some(cert),
-                "NatsConfig::tls_ca_file",
-            ) {
-                return invalid("tls_client_cert", &reason);
-            }
+        if let Err((field, reason)) = herald_core::tls::check_files(
+            self.tls_ca_file.as_deref(),
+            self.tls_client_cert.as_ref(),
+            "NatsConfig::tls_ca_file",
+        ) {
+            return invalid(field, &reason);
         }
         Ok(())
     }
@@ -396,6 +402,25 @@ mod tests {
         assert_eq!(c.destination(), Some(crate::subject("orders.eu")));
         let plain = NatsConfig::from_url("nats://h").expect("valid");
         assert!(plain.topology.is_empty() && plain.destination().is_none());
+    }
+
+    #[test]
+    fn files_named_by_setters_show_in_the_printout() {
+        let c = NatsConfig::from_url("tls://h/s?tlscert=/a.pem&tlskey=/a.key")
+            .expect("url")
+            .tls_client_cert("/b.pem", "/b.key")
+            .tls_ca_file("/ca.pem")
+            .credentials_file("/u.creds");
+        assert_eq!(
+            c.redacted_url(),
+            "tls://h:4222/s?creds=/u.creds&tlsca=/ca.pem&tlscert=/b.pem&tlskey=/b.key"
+        );
+        let c = c.nkey_seed_file("/u.nk");
+        assert!(
+            c.redacted_url().contains("?nkey=/u.nk&"),
+            "{}",
+            c.redacted_url()
+        );
     }
 
     #[test]

@@ -170,7 +170,9 @@ impl RedisConfig {
     /// system's roots. The URL's `?tlsca=PATH` sets the same.
     #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.tls_ca_file = Some(path.into());
+        let path = path.into();
+        self.url.tls_files.ca_file = Some(path.clone());
+        self.tls_ca_file = Some(path);
         self
     }
 
@@ -185,10 +187,12 @@ impl RedisConfig {
         cert_file: impl Into<PathBuf>,
         key_file: impl Into<PathBuf>,
     ) -> Self {
-        self.tls_client_cert = Some(herald_core::tls::ClientCert {
+        let cert = herald_core::tls::ClientCert {
             cert_file: cert_file.into(),
             key_file: key_file.into(),
-        });
+        };
+        self.url.tls_files.set_client_cert(&cert);
+        self.tls_client_cert = Some(cert);
         self
     }
 
@@ -213,7 +217,8 @@ impl RedisConfig {
     }
 
     /// The URL with the password masked, safe to log:
-    /// `redis://user:***@host:port[/db][/stream][?maxlen=N...]`.
+    /// `redis://user:***@host:port[/db][/stream][?maxlen=N...]`, with the TLS files the config
+    /// names (`tlsca`, `tlscert`, `tlskey`: paths), whether the URL or a setter named them.
     pub fn redacted_url(&self) -> String {
         self.url.to_string()
     }
@@ -282,21 +287,24 @@ impl RedisConfig {
                 return invalid("metrics_name", &reason);
             }
         }
-        if self.tls_ca_file.is_some() && !self.url.tls {
-            return invalid("tls_ca_file", "is for rediss:// URLs only");
+        for (field, given) in [
+            ("tls_ca_file", self.tls_ca_file.is_some()),
+            ("tls_client_cert", self.tls_client_cert.is_some()),
+        ] {
+            if given && !self.url.tls {
+                return invalid(
+                    field,
+                    "is for rediss:// URLs only (`?tlsca=`, `?tlscert=` and `?tlskey=` too)",
+                );
+            }
         }
-        if let Some(cert) = &self.tls_client_cert {
-            if !self.url.tls {
-                return invalid("tls_client_cert", "is for rediss:// URLs only");
-            }
-            // Read and checked here, for an error that names the file (redis-rs's does not).
-            if let Err(reason) = herald_core::tls::client_config(
-                self.tls_ca_file.as_deref(),
-                Some(cert),
-                "RedisConfig::tls_ca_file",
-            ) {
-                return invalid("tls_client_cert", &reason);
-            }
+        // Read and checked here, for an error that names the file (redis-rs's does not).
+        if let Err((field, reason)) = herald_core::tls::check_files(
+            self.tls_ca_file.as_deref(),
+            self.tls_client_cert.as_ref(),
+            "RedisConfig::tls_ca_file",
+        ) {
+            return invalid(field, &reason);
         }
         Ok(())
     }
