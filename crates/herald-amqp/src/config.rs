@@ -394,19 +394,10 @@ impl AmqpConfig {
         {
             return invalid("tls_ca_pem", "is not PEM (no `-----BEGIN` line)");
         }
-        for (field, given) in [
-            ("tls_ca_file", self.tls_ca_file.is_some()),
-            ("tls_client_cert", self.tls_client_cert.is_some()),
-        ] {
-            if given && !self.url.tls {
-                return invalid(
-                    field,
-                    "is for amqps:// URLs only (`?cacertfile=`, `?certfile=` and `?keyfile=` too)",
-                );
-            }
-        }
         // Read and checked here, for an error that names the file.
-        if let Err((field, reason)) = herald_core::tls::check_files(
+        if let Err((field, reason)) = herald_core::tls::check_config_files(
+            self.url.tls,
+            Some("is for amqps:// URLs only (`?cacertfile=`, `?certfile=` and `?keyfile=` too)"),
             self.tls_ca_file.as_deref(),
             self.tls_client_cert.as_ref(),
             "AmqpConfig::tls_ca_file",

@@ -276,6 +276,30 @@ pub fn check_files(
     Ok(())
 }
 
+/// Checks a config's TLS files when its transport is built: on a plain-text URL (`tls`
+/// false) they are refused, as `plain_text` says (the URL's TLS scheme and parameters), unless
+/// `plain_text` is `None` (a scheme whose server may ask for TLS, as NATS's); then
+/// [`check_files`].
+pub fn check_config_files(
+    tls: bool,
+    plain_text: Option<&str>,
+    ca_file: Option<&std::path::Path>,
+    client_cert: Option<&ClientCert>,
+    hint: &str,
+) -> Result<(), (&'static str, String)> {
+    if let (false, Some(why)) = (tls, plain_text) {
+        for (field, given) in [
+            ("tls_ca_file", ca_file.is_some()),
+            ("tls_client_cert", client_cert.is_some()),
+        ] {
+            if given {
+                return Err((field, why.to_owned()));
+            }
+        }
+    }
+    check_files(ca_file, client_cert, hint)
+}
+
 /// Whether rustls refused the handshake for a reason retrying cannot mend.
 pub fn refused_for_good(e: &Error) -> bool {
     matches!(

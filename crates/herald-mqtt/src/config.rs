@@ -314,19 +314,12 @@ impl MqttConfig {
         if self.window == 0 || self.window > MAX_WINDOW {
             return invalid("window", "must be between 1 and 65536");
         }
-        for (field, given) in [
-            ("tls_ca_file", self.tls_ca_file.is_some()),
-            ("tls_client_cert", self.tls_client_cert.is_some()),
-        ] {
-            if given && !self.url.tls {
-                return invalid(
-                    field,
-                    "needs TLS: an mqtts:// URL (`?tlsca=`, `?tlscert=` and `?tlskey=` too; \
-                     mqtt:// is plain text)",
-                );
-            }
-        }
-        if let Err((field, reason)) = herald_core::tls::check_files(
+        if let Err((field, reason)) = herald_core::tls::check_config_files(
+            self.url.tls,
+            Some(
+                "needs TLS: an mqtts:// URL (`?tlsca=`, `?tlscert=` and `?tlskey=` too; mqtt:// \
+                 is plain text)",
+            ),
             self.tls_ca_file.as_deref(),
             self.tls_client_cert.as_ref(),
             "MqttConfig::tls_ca_file",

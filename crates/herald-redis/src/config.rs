@@ -287,19 +287,10 @@ impl RedisConfig {
                 return invalid("metrics_name", &reason);
             }
         }
-        for (field, given) in [
-            ("tls_ca_file", self.tls_ca_file.is_some()),
-            ("tls_client_cert", self.tls_client_cert.is_some()),
-        ] {
-            if given && !self.url.tls {
-                return invalid(
-                    field,
-                    "is for rediss:// URLs only (`?tlsca=`, `?tlscert=` and `?tlskey=` too)",
-                );
-            }
-        }
         // Read and checked here, for an error that names the file (redis-rs's does not).
-        if let Err((field, reason)) = herald_core::tls::check_files(
+        if let Err((field, reason)) = herald_core::tls::check_config_files(
+            self.url.tls,
+            Some("is for rediss:// URLs only (`?tlsca=`, `?tlscert=` and `?tlskey=` too)"),
             self.tls_ca_file.as_deref(),
             self.tls_client_cert.as_ref(),
             "RedisConfig::tls_ca_file",
