@@ -9,14 +9,12 @@
 //! unless that makes the URL read two ways, which is refused rather than guessed.
 
 use std::fmt;
-
 use std::path::PathBuf;
 
 use herald_core::tls::TlsFiles;
 use herald_core::url::{self, percent_encode, Endpoint, Secret};
 
 use crate::auth::KeyFile;
-
 use crate::destination::{validate_stream_name, validate_subject};
 use crate::error::ConfigError;
 
@@ -309,7 +307,7 @@ mod tests {
         assert_eq!(u.key_file, Some(KeyFile::Nkey("/etc/nats/u.nk".into())));
         // The config takes them over.
         let c = NatsConfig::from_url(text).expect("valid");
-        assert_eq!(c.tls_ca_file, u_ca());
+        assert_eq!(c.tls_ca_file, Some("/ca dir/ca.pem".into()));
         assert!(c.key_file.is_some() && c.tls_client_cert.is_some());
         for bad in [
             "nats://h/s?creds=a&creds=b",
@@ -323,10 +321,6 @@ mod tests {
         ] {
             assert!(part(bad).starts_with("query"), "{bad}: {}", part(bad));
         }
-    }
-
-    fn u_ca() -> Option<std::path::PathBuf> {
-        Some("/ca dir/ca.pem".into())
     }
 
     #[test]
