@@ -38,8 +38,6 @@ pub struct AmqpConfig {
     pub(crate) reconnect_min: Duration,
     pub(crate) reconnect_max: Duration,
     pub(crate) tls_ca_pem: Option<String>,
-    pub(crate) tls_ca_file: Option<std::path::PathBuf>,
-    pub(crate) tls_client_cert: Option<herald_core::tls::ClientCert>,
     pub(crate) key_header: Option<String>,
     pub(crate) message_id_header: Option<String>,
     pub(crate) connection_name: String,
@@ -93,9 +91,6 @@ impl AmqpConfig {
         }
         Ok(Self {
             shuffle_addresses: url.shuffle_addresses,
-            tls_ca_file: url.tls_files.ca_file.clone(),
-            // Checked by the URL's parser.
-            tls_client_cert: url.tls_files.client_cert().unwrap_or_default(),
             url,
             channels: 8,
             window: 512,
@@ -262,9 +257,7 @@ impl AmqpConfig {
     /// for every new connection.
     #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
-        let path = path.into();
-        self.url.tls_files.ca_file = Some(path.clone());
-        self.tls_ca_file = Some(path);
+        self.url.tls_files.set_ca_file(path.into());
         self
     }
 
@@ -280,12 +273,12 @@ impl AmqpConfig {
         cert_file: impl Into<std::path::PathBuf>,
         key_file: impl Into<std::path::PathBuf>,
     ) -> Self {
-        let cert = herald_core::tls::ClientCert {
-            cert_file: cert_file.into(),
-            key_file: key_file.into(),
-        };
-        self.url.tls_files.set_client_cert(&cert);
-        self.tls_client_cert = Some(cert);
+        self.url
+            .tls_files
+            .set_client_cert(herald_core::tls::ClientCert {
+                cert_file: cert_file.into(),
+                key_file: key_file.into(),
+            });
         self
     }
 
@@ -395,11 +388,9 @@ impl AmqpConfig {
             return invalid("tls_ca_pem", "is not PEM (no `-----BEGIN` line)");
         }
         // Read and checked here, for an error that names the file.
-        if let Err((field, reason)) = herald_core::tls::check_config_files(
+        if let Err((field, reason)) = self.url.tls_files.check(
             self.url.tls,
             Some("is for amqps:// URLs only (`?cacertfile=`, `?certfile=` and `?keyfile=` too)"),
-            self.tls_ca_file.as_deref(),
-            self.tls_client_cert.as_ref(),
             "AmqpConfig::tls_ca_file",
         ) {
             return invalid(field, &reason);

@@ -206,14 +206,14 @@ pub(crate) fn tls_config(config: &AmqpConfig) -> Result<OwnedTLSConfig, Transpor
         })
     };
     let mut cert_chain = config.tls_ca_pem.clone();
-    if let Some(path) = &config.tls_ca_file {
+    if let Some(path) = config.url.tls_files.ca_file() {
         let pem = String::from_utf8_lossy(&read(path)?).into_owned();
         cert_chain = Some(match cert_chain {
             Some(given) => format!("{given}\n{pem}"),
             None => pem,
         });
     }
-    let identity = match &config.tls_client_cert {
+    let identity = match config.url.tls_files.client_cert() {
         None => None,
         Some(c) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
             pem: read(&c.cert_file)?,

@@ -321,7 +321,7 @@ impl Url {
             }
         }
         parsed.route = route.route()?;
-        parsed.tls_files.client_cert()?;
+        parsed.tls_files.check_client_cert()?;
         Ok(parsed)
     }
 
@@ -430,9 +430,12 @@ mod tests {
         let u = Url::parse(text).expect("valid");
         assert_eq!(u.to_string(), text.replace("u:p@", "u:***@"));
         let c = crate::AmqpConfig::from_url(text).expect("valid");
-        assert_eq!(c.tls_ca_file, Some("/etc/ca.pem".into()));
         assert_eq!(
-            c.tls_client_cert.as_ref().map(|c| c.cert_file.clone()),
+            c.url.tls_files.ca_file(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(
+            c.url.tls_files.client_cert().map(|c| c.cert_file),
             Some("/c.pem".into())
         );
         assert_eq!(part("amqps://h/%2F?certfile=/c.pem"), "query certfile");

@@ -66,8 +66,7 @@ impl TlsParameterNames {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
     names: TlsParameterNames,
-    /// The CA file.
-    pub ca_file: Option<std::path::PathBuf>,
+    ca_file: Option<std::path::PathBuf>,
     cert_file: Option<std::path::PathBuf>,
     key_file: Option<std::path::PathBuf>,
 }
@@ -113,9 +112,9 @@ impl TlsFiles {
         Ok(true)
     }
 
-    /// The client certificate, once the whole query is read: a certificate without its key
-    /// (or the other way round) is an error.
-    pub fn client_cert(&self) -> Result<Option<ClientCert>, crate::url::UrlError> {
+    /// Checks the client certificate once the whole query is read: a certificate without its
+    /// key (or the other way round) is an error.
+    pub fn check_client_cert(&self) -> Result<Option<ClientCert>, crate::url::UrlError> {
         let TlsParameterNames { names, parts } = self.names;
         match (&self.cert_file, &self.key_file) {
             (None, None) => Ok(None),
@@ -134,11 +133,51 @@ impl TlsFiles {
         }
     }
 
-    /// Sets the client certificate (a config's setter, so that the URL's printout says what is
-    /// used).
-    pub fn set_client_cert(&mut self, cert: &ClientCert) {
-        self.cert_file = Some(cert.cert_file.clone());
-        self.key_file = Some(cert.key_file.clone());
+    /// The CA file to trust.
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        self.ca_file.as_deref()
+    }
+
+    /// The client certificate to present: both of its files, or none (a URL naming only one is
+    /// refused when read, see [`TlsFiles::check_client_cert`]).
+    pub fn client_cert(&self) -> Option<ClientCert> {
+        Some(ClientCert {
+            cert_file: self.cert_file.clone()?,
+            key_file: self.key_file.clone()?,
+        })
+    }
+
+    /// Whether any of the three files is named.
+    pub fn any(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+
+    /// Sets the CA file (a config's setter: the URL, whose printout says what is used, is
+    /// where a config keeps its TLS files).
+    pub fn set_ca_file(&mut self, path: std::path::PathBuf) {
+        self.ca_file = Some(path);
+    }
+
+    /// Sets the client certificate (a config's setter, as [`TlsFiles::set_ca_file`]).
+    pub fn set_client_cert(&mut self, cert: ClientCert) {
+        self.cert_file = Some(cert.cert_file);
+        self.key_file = Some(cert.key_file);
+    }
+
+    /// Checks the files, as [`check_config_files`] does.
+    pub fn check(
+        &self,
+        tls: bool,
+        plain_text: Option<&str>,
+        hint: &str,
+    ) -> Result<(), (&'static str, String)> {
+        check_config_files(
+            tls,
+            plain_text,
+            self.ca_file(),
+            self.client_cert().as_ref(),
+            hint,
+        )
     }
 
     /// The parameters as the URL gave them, for its printout: `name=PATH` each, the path
@@ -344,7 +383,7 @@ mod tests {
         assert_eq!(files.take("stream", "S"), Ok(false));
         assert_eq!(files.take("tlscert", "/c.pem"), Ok(true));
         assert_eq!(
-            files.client_cert().map_err(|e| e.part),
+            files.check_client_cert().map_err(|e| e.part),
             Err("query tlscert")
         );
         assert_eq!(files.take("tlskey", "/c.key"), Ok(true));
@@ -357,7 +396,7 @@ mod tests {
             Err("query tlsca")
         );
         assert_eq!(
-            files.client_cert(),
+            files.check_client_cert(),
             Ok(Some(ClientCert {
                 cert_file: "/c.pem".into(),
                 key_file: "/c.key".into()
@@ -367,7 +406,7 @@ mod tests {
         let mut rabbit = TlsFiles::named(TlsParameterNames::RABBITMQ);
         assert_eq!(rabbit.take("tlsca", "/ca.pem"), Ok(false));
         assert_eq!(rabbit.take("keyfile", "/k.pem"), Ok(true));
-        let e = rabbit.client_cert().expect_err("no certfile");
+        let e = rabbit.check_client_cert().expect_err("no certfile");
         assert_eq!(e.part, "query keyfile");
         assert!(e.reason.contains("`certfile`"), "{}", e.reason);
     }

@@ -76,8 +76,6 @@ pub struct MqttConfig {
     pub(crate) client_id_prefix: String,
     pub(crate) metrics_name: Option<String>,
     pub(crate) max_packet_size: u32,
-    pub(crate) tls_ca_file: Option<PathBuf>,
-    pub(crate) tls_client_cert: Option<herald_core::tls::ClientCert>,
     pub(crate) v3_qos2_inflight: u16,
 }
 
@@ -101,9 +99,6 @@ impl MqttConfig {
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
         let url = Url::parse(url)?;
         Ok(Self {
-            tls_ca_file: url.tls_files.ca_file.clone(),
-            // Checked by the URL's parser.
-            tls_client_cert: url.tls_files.client_cert().unwrap_or_default(),
             url,
             ack_timeout: Duration::from_secs(30),
             window: 4096,
@@ -251,9 +246,7 @@ impl MqttConfig {
     /// roots. The URL's `?tlsca=PATH` sets the same.
     #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
-        let path = path.into();
-        self.url.tls_files.ca_file = Some(path.clone());
-        self.tls_ca_file = Some(path);
+        self.url.tls_files.set_ca_file(path.into());
         self
     }
 
@@ -268,12 +261,12 @@ impl MqttConfig {
         cert_file: impl Into<PathBuf>,
         key_file: impl Into<PathBuf>,
     ) -> Self {
-        let cert = herald_core::tls::ClientCert {
-            cert_file: cert_file.into(),
-            key_file: key_file.into(),
-        };
-        self.url.tls_files.set_client_cert(&cert);
-        self.tls_client_cert = Some(cert);
+        self.url
+            .tls_files
+            .set_client_cert(herald_core::tls::ClientCert {
+                cert_file: cert_file.into(),
+                key_file: key_file.into(),
+            });
         self
     }
 
@@ -314,14 +307,12 @@ impl MqttConfig {
         if self.window == 0 || self.window > MAX_WINDOW {
             return invalid("window", "must be between 1 and 65536");
         }
-        if let Err((field, reason)) = herald_core::tls::check_config_files(
+        if let Err((field, reason)) = self.url.tls_files.check(
             self.url.tls,
             Some(
                 "needs TLS: an mqtts:// URL (`?tlsca=`, `?tlscert=` and `?tlskey=` too; mqtt:// \
                  is plain text)",
             ),
-            self.tls_ca_file.as_deref(),
-            self.tls_client_cert.as_ref(),
             "MqttConfig::tls_ca_file",
         ) {
             return invalid(field, &reason);

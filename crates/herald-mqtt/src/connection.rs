@@ -532,9 +532,10 @@ impl Inner {
     fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, TransportError> {
         self.tls
             .get_or_init(|| {
+                let files = &self.config.url.tls_files;
                 herald_core::tls::client_config(
-                    self.config.tls_ca_file.as_deref(),
-                    self.config.tls_client_cert.as_ref(),
+                    files.ca_file(),
+                    files.client_cert().as_ref(),
                     "MqttConfig::tls_ca_file",
                 )
             })

@@ -108,6 +108,7 @@ pub(crate) fn signer_for(
     config: &crate::NatsConfig,
 ) -> Result<Option<std::sync::Arc<Signer>>, herald_core::TransportError> {
     config
+        .url
         .key_file
         .as_ref()
         .map(|f| f.load().map(std::sync::Arc::new))

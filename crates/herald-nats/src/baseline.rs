@@ -97,11 +97,11 @@ async fn connect(config: &NatsConfig) -> Result<Client, BaselineError> {
     })
     .connection_timeout(config.connect_timeout)
     .require_tls(config.url.tls);
-    if let Some(ca) = &config.tls_ca_file {
-        options = options.add_root_certificates(ca.clone());
+    if let Some(ca) = config.url.tls_files.ca_file() {
+        options = options.add_root_certificates(ca.to_owned());
     }
-    if let Some(c) = &config.tls_client_cert {
-        options = options.add_client_certificate(c.cert_file.clone(), c.key_file.clone());
+    if let Some(c) = config.url.tls_files.client_cert() {
+        options = options.add_client_certificate(c.cert_file, c.key_file);
     }
     let server = crate::url::server_addr(&config.url.endpoints[0], config.url.tls);
     options

@@ -48,9 +48,6 @@ pub struct NatsConfig {
     pub(crate) metrics_name: Option<String>,
     pub(crate) topology: Vec<Declare>,
     pub(crate) shuffle_addresses: bool,
-    pub(crate) tls_ca_file: Option<PathBuf>,
-    pub(crate) tls_client_cert: Option<ClientCert>,
-    pub(crate) key_file: Option<KeyFile>,
 }
 
 impl NatsConfig {
@@ -88,10 +85,6 @@ impl NatsConfig {
             metrics_name: None,
             topology,
             shuffle_addresses: false,
-            tls_ca_file: url.tls_files.ca_file.clone(),
-            // Checked by the URL's parser.
-            tls_client_cert: url.tls_files.client_cert().unwrap_or_default(),
-            key_file: url.key_file.clone(),
             url,
         })
     }
@@ -209,9 +202,7 @@ impl NatsConfig {
     /// for TLS), besides the system's roots. The URL's `?tlsca=PATH` sets the same.
     #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
-        let path = path.into();
-        self.url.tls_files.ca_file = Some(path.clone());
-        self.tls_ca_file = Some(path);
+        self.url.tls_files.set_ca_file(path.into());
         self
     }
 
@@ -225,12 +216,10 @@ impl NatsConfig {
         cert_file: impl Into<PathBuf>,
         key_file: impl Into<PathBuf>,
     ) -> Self {
-        let cert = ClientCert {
+        self.url.tls_files.set_client_cert(ClientCert {
             cert_file: cert_file.into(),
             key_file: key_file.into(),
-        };
-        self.url.tls_files.set_client_cert(&cert);
-        self.tls_client_cert = Some(cert);
+        });
         self
     }
 
@@ -241,8 +230,7 @@ impl NatsConfig {
     /// that a rotated file is used without a restart.
     #[must_use]
     pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.key_file = Some(KeyFile::Creds(path.into()));
-        self.url.key_file.clone_from(&self.key_file);
+        self.url.key_file = Some(KeyFile::Creds(path.into()));
         self
     }
 
@@ -251,8 +239,7 @@ impl NatsConfig {
     /// URL's `?nkey=PATH` sets the same; read as [`NatsConfig::credentials_file`] is.
     #[must_use]
     pub fn nkey_seed_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.key_file = Some(KeyFile::Nkey(path.into()));
-        self.url.key_file.clone_from(&self.key_file);
+        self.url.key_file = Some(KeyFile::Nkey(path.into()));
         self
     }
 
@@ -332,7 +319,7 @@ impl NatsConfig {
                 return invalid("declare", &reason);
             }
         }
-        if let Some(file) = &self.key_file {
+        if let Some(file) = &self.url.key_file {
             if self.url.credentials != crate::url::Credentials::None {
                 return invalid(
                     file.setting(),
@@ -343,11 +330,12 @@ impl NatsConfig {
                 return invalid(file.setting(), &reason);
             }
         }
-        if let Err((field, reason)) = herald_core::tls::check_files(
-            self.tls_ca_file.as_deref(),
-            self.tls_client_cert.as_ref(),
-            "NatsConfig::tls_ca_file",
-        ) {
+        // A `nats://` server may ask for TLS: its files are not refused there.
+        if let Err((field, reason)) =
+            self.url
+                .tls_files
+                .check(self.url.tls, None, "NatsConfig::tls_ca_file")
+        {
             return invalid(field, &reason);
         }
         Ok(())

@@ -224,19 +224,16 @@ impl Inner {
     /// server ask for TLS, as before. For `tls://` that is an error (permanent `TLS_ERROR`).
     fn tls(&self) -> Result<Option<async_nats::rustls::ClientConfig>, TransportError> {
         let built = self.tls.get_or_init(|| {
+            let files = &self.config.url.tls_files;
             herald_core::tls::client_config(
-                self.config.tls_ca_file.as_deref(),
-                self.config.tls_client_cert.as_ref(),
+                files.ca_file(),
+                files.client_cert().as_ref(),
                 "NatsConfig::tls_ca_file",
             )
         });
         match built {
             Ok(config) => Ok(Some((**config).clone())),
-            Err(e)
-                if self.config.url.tls
-                    || self.config.tls_ca_file.is_some()
-                    || self.config.tls_client_cert.is_some() =>
-            {
+            Err(e) if self.config.url.tls || self.config.url.tls_files.any() => {
                 Err(TransportError::permanent(e.clone()).with_code("TLS_ERROR"))
             }
             Err(_) => {

@@ -181,7 +181,7 @@ impl Url {
                 "has `creds` or `nkey` and the URL a user, password or token: choose one way to authenticate".into(),
             ));
         }
-        tls_files.client_cert()?;
+        tls_files.check_client_cert()?;
         if stream.is_some() && subject.is_none() {
             return Err(bad(
                 "query stream",
@@ -291,13 +291,16 @@ mod tests {
             u.key_file,
             Some(KeyFile::Creds("/etc/nats/app.creds".into()))
         );
-        assert_eq!(u.tls_files.ca_file, Some("/ca dir/ca.pem".into()));
+        assert_eq!(
+            u.tls_files.ca_file(),
+            Some(std::path::Path::new("/ca dir/ca.pem"))
+        );
         assert_eq!(
             u.tls_files.client_cert(),
-            Ok(Some(herald_core::tls::ClientCert {
+            Some(herald_core::tls::ClientCert {
                 cert_file: "c.pem".into(),
                 key_file: "/k/c.key".into()
-            }))
+            })
         );
         // Printed back as given (paths keep their `/`), and read back the same.
         let printed = u.to_string();
@@ -305,10 +308,6 @@ mod tests {
         assert_eq!(Url::parse(&printed).expect("again"), u);
         let u = Url::parse("nats://h/s?nkey=/etc/nats/u.nk").expect("valid");
         assert_eq!(u.key_file, Some(KeyFile::Nkey("/etc/nats/u.nk".into())));
-        // The config takes them over.
-        let c = NatsConfig::from_url(text).expect("valid");
-        assert_eq!(c.tls_ca_file, Some("/ca dir/ca.pem".into()));
-        assert!(c.key_file.is_some() && c.tls_client_cert.is_some());
         for bad in [
             "nats://h/s?creds=a&creds=b",
             "nats://h/s?creds=a&nkey=b",

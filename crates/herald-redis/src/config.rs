@@ -46,8 +46,6 @@ pub struct RedisConfig {
     pub(crate) maxlen: Option<u64>,
     pub(crate) wait: Option<(u32, Duration)>,
     pub(crate) metrics_name: Option<String>,
-    pub(crate) tls_ca_file: Option<PathBuf>,
-    pub(crate) tls_client_cert: Option<herald_core::tls::ClientCert>,
 }
 
 impl RedisConfig {
@@ -81,9 +79,6 @@ impl RedisConfig {
             maxlen,
             wait,
             metrics_name: None,
-            tls_ca_file: url.tls_files.ca_file.clone(),
-            // Checked by the URL's parser.
-            tls_client_cert: url.tls_files.client_cert().unwrap_or_default(),
             url,
         })
     }
@@ -170,9 +165,7 @@ impl RedisConfig {
     /// system's roots. The URL's `?tlsca=PATH` sets the same.
     #[must_use]
     pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
-        let path = path.into();
-        self.url.tls_files.ca_file = Some(path.clone());
-        self.tls_ca_file = Some(path);
+        self.url.tls_files.set_ca_file(path.into());
         self
     }
 
@@ -187,12 +180,12 @@ impl RedisConfig {
         cert_file: impl Into<PathBuf>,
         key_file: impl Into<PathBuf>,
     ) -> Self {
-        let cert = herald_core::tls::ClientCert {
-            cert_file: cert_file.into(),
-            key_file: key_file.into(),
-        };
-        self.url.tls_files.set_client_cert(&cert);
-        self.tls_client_cert = Some(cert);
+        self.url
+            .tls_files
+            .set_client_cert(herald_core::tls::ClientCert {
+                cert_file: cert_file.into(),
+                key_file: key_file.into(),
+            });
         self
     }
 
@@ -288,11 +281,9 @@ impl RedisConfig {
             }
         }
         // Read and checked here, for an error that names the file (redis-rs's does not).
-        if let Err((field, reason)) = herald_core::tls::check_config_files(
+        if let Err((field, reason)) = self.url.tls_files.check(
             self.url.tls,
             Some("is for rediss:// URLs only (`?tlsca=`, `?tlscert=` and `?tlskey=` too)"),
-            self.tls_ca_file.as_deref(),
-            self.tls_client_cert.as_ref(),
             "RedisConfig::tls_ca_file",
         ) {
             return invalid(field, &reason);

@@ -150,15 +150,15 @@ pub(crate) fn client(config: &RedisConfig) -> Result<Client, ConfigError> {
         std::fs::read(path)
             .map_err(|e| invalid(field, format!("cannot be read ({}): {e}", path.display())))
     };
-    if config.tls_ca_file.is_none() && config.tls_client_cert.is_none() {
+    let files = &config.url.tls_files;
+    if !files.any() {
         return Client::open(info).map_err(|e| invalid("url", e.to_string()));
     }
-    let root_cert = config
-        .tls_ca_file
-        .as_deref()
+    let root_cert = files
+        .ca_file()
         .map(|path| read("tls_ca_file", path))
         .transpose()?;
-    let client_tls = match &config.tls_client_cert {
+    let client_tls = match files.client_cert() {
         None => None,
         Some(c) => Some(redis::ClientTlsConfig {
             client_cert: read("tls_client_cert", &c.cert_file)?,

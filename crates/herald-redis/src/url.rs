@@ -184,7 +184,7 @@ impl Url {
                 }
             }
         }
-        url.tls_files.client_cert()?;
+        url.tls_files.check_client_cert()?;
         if url.wait_timeout.is_some() && url.wait.is_none() {
             return Err(bad(
                 "query wait_timeout_ms",
@@ -322,9 +322,12 @@ mod tests {
         let u = Url::parse(text).expect("valid");
         assert_eq!(u.to_string(), text);
         let c = crate::RedisConfig::from_url(text).expect("valid");
-        assert_eq!(c.tls_ca_file, Some("/etc/ca.pem".into()));
         assert_eq!(
-            c.tls_client_cert.as_ref().map(|c| c.key_file.clone()),
+            c.url.tls_files.ca_file(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(
+            c.url.tls_files.client_cert().map(|c| c.key_file),
             Some("/c.key".into())
         );
         assert_eq!(part("rediss://h/s?tlscert=/c.pem"), "query tlscert");
