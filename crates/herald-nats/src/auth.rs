@@ -75,15 +75,18 @@ impl KeyFile {
                 path.display()
             )
         })?;
-        if key.key_pair_type() != nkeys::KeyPairType::User {
-            return Err(format!(
-                "{} holds the seed of an {:?} key, not a user's (`SU…`): a client signs in as a \
-                 user",
-                path.display(),
-                key.key_pair_type()
-            ));
-        }
-        Ok(Signer { jwt, key })
+        let kind = match key.key_pair_type() {
+            nkeys::KeyPairType::User => return Ok(Signer { jwt, key }),
+            nkeys::KeyPairType::Account => "an account's",
+            nkeys::KeyPairType::Operator => "an operator's",
+            nkeys::KeyPairType::Server => "a server's",
+            nkeys::KeyPairType::Cluster => "a cluster's",
+            _ => "another kind of key's",
+        };
+        Err(format!(
+            "{} holds {kind} seed, not a user's (`SU…`): a client signs in as a user",
+            path.display(),
+        ))
     }
 }
 
@@ -245,7 +248,10 @@ mod tests {
             .load()
             .err()
             .expect("an account's seed");
-        assert!(e.contains("not a user's") && !e.contains(&account), "{e}");
+        assert!(
+            e.contains("holds an account's seed, not a user's") && !e.contains(&account),
+            "{e}"
+        );
         let bad = dir.file("bad.nk", "SUNOTASEED\n");
         let e = KeyFile::Nkey(bad).load().err().expect("bad seed");
         assert!(
