@@ -379,6 +379,11 @@ fn bench_pipeline(root: &Path) -> Result<()> {
             "\nTelemetry overhead: `herald_send_all` with herald-telemetry's Prometheus recorder recording every metric runs at {ratio:.2}× the rate of `herald_send_all` with no recorder (same run).\n"
         ));
     }
+    if let Some(ratio) = json["enqueue_vs_floor"].as_f64() {
+        table.push_str(&format!(
+            "\nPer-message futures: `herald_enqueue` runs at {ratio:.2}× the rate of `channel_oneshot`, the bare channel with a oneshot answer per message held until the end (what a future per message costs at the least; same run).\n"
+        ));
+    }
     replace_section(&root.join("docs/benchmarks.md"), "pipeline", &table)?;
     eprintln!("docs/benchmarks.md: pipeline section updated");
     Ok(())

@@ -73,6 +73,45 @@ fn channel(n: usize, multi: bool) -> f64 {
     })
 }
 
+/// The floor of any per-message future: as `channel`, with a oneshot answer per message that
+/// the consumer sends at once and the sender awaits after sending everything (as
+/// `herald_enqueue` awaits its futures).
+fn channel_oneshot(n: usize) -> f64 {
+    let rt = runtime(false);
+    median(n, |msgs| {
+        rt.block_on(async move {
+            type Answer = Result<herald::Delivery, herald::SendError>;
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<(
+                Message,
+                tokio::sync::oneshot::Sender<Answer>,
+            )>(100_000);
+            let start = Instant::now();
+            let consumer = tokio::spawn(async move {
+                while let Some((m, answer)) = rx.recv().await {
+                    let answered = answer.send(Ok(herald::Delivery {
+                        ack: herald::Ack::default(),
+                        attempts: 1,
+                        latency: Duration::from_nanos(m.payload().len() as u64),
+                    }));
+                    assert!(answered.is_ok(), "the sender holds every receiver");
+                }
+            });
+            let mut answers = Vec::with_capacity(n);
+            for m in msgs {
+                let (atx, arx) = tokio::sync::oneshot::channel();
+                tx.send((m, atx)).await.expect("receiver alive");
+                answers.push(arx);
+            }
+            drop(tx);
+            for a in answers {
+                a.await.expect("answered").expect("delivered");
+            }
+            consumer.await.expect("consumer");
+            start.elapsed()
+        })
+    })
+}
+
 fn producer(ordering: OrderingMode) -> (Producer, MemoryTransport) {
     let transport = MemoryTransport::counting();
     let mut builder = Producer::builder(transport.clone()).ordering(ordering);
@@ -213,13 +252,14 @@ fn main() {
         // For profilers: one variant (its rounds, as in the full run), no report.
         let secs = match only.as_str() {
             "channel" => channel(n, false),
+            "channel_oneshot" => channel_oneshot(n),
             "herald_send_all" => herald_send_all(n, false, OrderingMode::Strict),
             "herald_send_all_relaxed" => herald_send_all(n, false, OrderingMode::Relaxed),
             "herald_send_all_prometheus" => herald_send_all_prometheus(n),
             "herald_enqueue" => herald_enqueue(n, false),
             "herald_enqueue_tagged" => herald_enqueue_tagged(n),
             other => panic!(
-                "--only takes channel, herald_send_all, herald_send_all_relaxed, \
+                "--only takes channel, channel_oneshot, herald_send_all, herald_send_all_relaxed, \
                  herald_send_all_prometheus, herald_enqueue or herald_enqueue_tagged, not {other}"
             ),
         };
@@ -232,6 +272,12 @@ fn main() {
             what: "bare tokio mpsc channel, one task to another (baseline)",
             runtime: "current_thread",
             secs: channel(n, false),
+        },
+        Figure {
+            name: "channel_oneshot",
+            what: "bare channel with a oneshot answer per message, all awaited at the end: the floor of any future per message",
+            runtime: "current_thread",
+            secs: channel_oneshot(n),
         },
         Figure {
             name: "herald_send_all",
@@ -277,12 +323,17 @@ fn main() {
         secs: herald_send_all(n, true, OrderingMode::Strict),
     });
 
-    let base_st = figures[0].secs;
-    let base_mt = figures
-        .iter()
-        .find(|f| f.name == "channel_mt")
-        .map_or(f64::NAN, |f| f.secs);
-    let telemetry_ratio = figures[1].secs / figures[3].secs;
+    let secs = |name: &str| {
+        figures
+            .iter()
+            .find(|f| f.name == name)
+            .map_or(f64::NAN, |f| f.secs)
+    };
+    let base_st = secs("channel");
+    let base_mt = secs("channel_mt");
+    let telemetry_ratio = secs("herald_send_all") / secs("herald_send_all_prometheus");
+    // `enqueue` against what a future per message costs at the least (rates: the inverse).
+    let enqueue_vs_floor = secs("channel_oneshot") / secs("herald_enqueue");
     println!("pipeline benchmark: {n} messages of 100 bytes, median of {ROUNDS} rounds");
     println!(
         "{:<26} {:<16} {:>12} {:>9} {:>16}",
@@ -310,9 +361,12 @@ fn main() {
     println!(
         "telemetry: send_all with the Prometheus recorder runs at {telemetry_ratio:.2}x the rate without one"
     );
+    println!(
+        "enqueue: {enqueue_vs_floor:.2}x the rate of a bare channel with a oneshot answer per message"
+    );
     if let Some(path) = arg("--json") {
         let body = format!(
-            "{{\"messages\":{n},\"payload_bytes\":100,\"rounds\":{ROUNDS},\"telemetry_ratio\":{telemetry_ratio:.3},\"figures\":[{}]}}\n",
+            "{{\"messages\":{n},\"payload_bytes\":100,\"rounds\":{ROUNDS},\"telemetry_ratio\":{telemetry_ratio:.3},\"enqueue_vs_floor\":{enqueue_vs_floor:.3},\"figures\":[{}]}}\n",
             json.join(",")
         );
         std::fs::write(&path, body).expect("write --json file");
