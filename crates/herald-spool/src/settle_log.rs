@@ -150,6 +150,47 @@ pub(crate) struct SettleLog {
     pub(crate) rewritten_len: u64,
     /// Settlements written since the last fsync.
     pub(crate) unsynced: u64,
+    /// What must be mended before the next append, which writes nothing until it is: a
+    /// frame written after a torn one, or into a file no longer at `path`, would be lost (a
+    /// reader stops at the torn frame; the next open reads only the file at `path`).
+    mend: Option<Mend>,
+}
+
+/// See [`SettleLog::mend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mend {
+    /// An append failed partway and could not be cut back: the file ends past `len`.
+    Cut,
+    /// A rewrite renamed the new log over the old and could not open it: `file` is the old
+    /// one, no longer in the directory.
+    Reopen,
+}
+
+/// Tests only: the next operations of this thread's settle logs fail as set.
+#[cfg(test)]
+pub(crate) mod faults {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// The next reopen after a rename fails.
+        pub(crate) static REOPEN: Cell<bool> = const { Cell::new(false) };
+        /// The next append writes half its bytes and fails, and cutting back fails.
+        pub(crate) static TEAR: Cell<bool> = const { Cell::new(false) };
+        /// Cutting back fails while set.
+        pub(crate) static CUT: Cell<bool> = const { Cell::new(false) };
+    }
+
+    pub(crate) fn take(flag: &'static std::thread::LocalKey<Cell<bool>>) -> bool {
+        flag.with(|f| f.replace(false))
+    }
+
+    pub(crate) fn get(flag: &'static std::thread::LocalKey<Cell<bool>>) -> bool {
+        flag.with(Cell::get)
+    }
+
+    pub(crate) fn eio() -> std::io::Error {
+        std::io::Error::from_raw_os_error(5)
+    }
 }
 
 impl SettleLog {
@@ -157,13 +198,75 @@ impl SettleLog {
     /// old (syncing file and directory first when `sync`): the old log stays whole until the
     /// new one is.
     pub(crate) fn rewrite(dir: &Path, runs: &[(u64, u32)], sync: bool) -> Result<Self, SpoolError> {
+        let path = dir.join(FILE);
+        let mut log = Self {
+            file: Self::place_new(dir, runs, sync)?,
+            len: 0,
+            rewritten_len: 0,
+            unsynced: 0,
+            mend: Some(Mend::Reopen),
+            path,
+        };
+        if sync {
+            sync_dir(dir)?;
+        }
+        log.reopen()?;
+        Ok(log)
+    }
+
+    /// [`SettleLog::rewrite`] in place of this log (its compaction). Once the new log is
+    /// renamed into place, this one writes only to it: if it cannot be opened now, appends
+    /// wait until it can (see [`SettleLog::mend`]).
+    pub(crate) fn replace(
+        &mut self,
+        dir: &Path,
+        runs: &[(u64, u32)],
+        sync: bool,
+    ) -> Result<(), SpoolError> {
+        self.file = Self::place_new(dir, runs, sync)?;
+        // Renamed into place: what this log held is in the new one (synced when `sync`), and
+        // its file is no longer the one at `path`.
+        self.mend = Some(Mend::Reopen);
+        self.unsynced = 0;
+        if sync {
+            sync_dir(dir)?;
+        }
+        self.reopen()
+    }
+
+    /// Writes the new log beside the old and renames it into place (the caller then syncs
+    /// the directory); on an error before the rename, removes it, the old log untouched.
+    /// Returns the new log's handle, not open for appending.
+    fn place_new(dir: &Path, runs: &[(u64, u32)], sync: bool) -> Result<File, SpoolError> {
         let tmp = dir.join(TMP);
-        let written = Self::write_new(dir, &tmp, runs, sync);
+        let written = Self::write_new(&tmp, runs, sync);
         if written.is_err() {
             // Leave no half-written copy taking room (the old log is untouched).
             let _absent_or_kept = std::fs::remove_file(&tmp);
         }
-        written
+        let file = written?;
+        std::fs::rename(&tmp, dir.join(FILE))
+            .map_err(|e| SpoolError::io("rename settle log", &tmp, e))?;
+        Ok(file)
+    }
+
+    /// Opens the file at `path` for appending, as this log's file.
+    fn reopen(&mut self) -> Result<(), SpoolError> {
+        let err = |e| SpoolError::io("open settle log", &self.path, e);
+        #[cfg(test)]
+        if faults::take(&faults::REOPEN) {
+            return Err(err(faults::eio()));
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        self.file = file;
+        self.len = len;
+        self.rewritten_len = len;
+        self.mend = None;
+        Ok(())
     }
 
     /// The settle log of `dir` as it is, cut back to its first `valid_len` bytes (what was
@@ -183,16 +286,11 @@ impl SettleLog {
             len: valid_len,
             rewritten_len: valid_len,
             unsynced: 0,
+            mend: None,
         })
     }
 
-    fn write_new(
-        dir: &Path,
-        tmp: &Path,
-        runs: &[(u64, u32)],
-        sync: bool,
-    ) -> Result<Self, SpoolError> {
-        let path = dir.join(FILE);
+    fn write_new(tmp: &Path, runs: &[(u64, u32)], sync: bool) -> Result<File, SpoolError> {
         let err = |op, e| SpoolError::io(op, tmp, e);
         let file = crate::private_file()
             .write(true)
@@ -221,43 +319,55 @@ impl SettleLog {
         if sync {
             file.sync_all().map_err(|e| err("fsync settle log", e))?;
         }
-        drop(file);
-        std::fs::rename(tmp, &path).map_err(|e| err("rename settle log", e))?;
-        if sync {
-            sync_dir(dir)?;
-        }
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| SpoolError::io("open settle log", &path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| SpoolError::io("open settle log", &path, e))?
-            .len();
-        Ok(Self {
-            path,
-            file,
-            len,
-            rewritten_len: len,
-            unsynced: 0,
-        })
+        Ok(file)
     }
 
     /// Appends one frame per [`MAX_RUNS`] runs. On failure the log is cut back to where it
-    /// was (so that a later append does not follow a torn frame).
+    /// was (so that a later append does not follow a torn frame); if that fails too, the next
+    /// append cuts it back first, and writes nothing until it can.
     pub(crate) fn append(
         &mut self,
         runs: &[(u64, u32)],
         settlements: u64,
     ) -> Result<(), SpoolError> {
+        match self.mend {
+            None => {}
+            Some(Mend::Cut) => {
+                self.cut_back()
+                    .map_err(|e| SpoolError::io("cut settle log", &self.path, e))?;
+                self.mend = None;
+            }
+            Some(Mend::Reopen) => self.reopen()?,
+        }
         let bytes = frames(runs);
-        if let Err(e) = self.file.write_all(&bytes) {
-            let _undone = self.file.set_len(self.len);
+        #[cfg(test)]
+        let written = if faults::take(&faults::TEAR) {
+            self.file
+                .write_all(&bytes[..bytes.len() / 2])
+                .and(Err(faults::eio()))
+        } else {
+            self.file.write_all(&bytes)
+        };
+        #[cfg(not(test))]
+        let written = self.file.write_all(&bytes);
+        if let Err(e) = written {
+            if self.cut_back().is_err() {
+                self.mend = Some(Mend::Cut);
+            }
             return Err(SpoolError::io("write settle log", &self.path, e));
         }
         self.len += bytes.len() as u64;
         self.unsynced += settlements;
         Ok(())
+    }
+
+    /// Cuts the file back to `len`, the end of its last whole frame.
+    fn cut_back(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if faults::get(&faults::CUT) {
+            return Err(faults::eio());
+        }
+        self.file.set_len(self.len)
     }
 
     /// Forces what was written to disk.
@@ -314,6 +424,64 @@ mod tests {
         let (got, r) = read_all(&path);
         assert!(got.is_empty());
         assert_eq!(r.valid_len, HEADER_LEN);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// A folder of its own for one test, empty.
+    fn test_dir(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("herald-spool-settle-{name}-{}", std::process::id()));
+        let _absent = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    fn runs_at(path: &Path) -> (Vec<(u64, u32)>, LogRead) {
+        let mut got = Vec::new();
+        let r = read(path, |a, b| got.push((a, b))).expect("reads");
+        (got, r)
+    }
+
+    /// A compaction that renamed the new log into place and could not open it left the log
+    /// appending to the old file, gone from the folder: every settlement after it was lost.
+    #[test]
+    fn after_a_rewrite_that_could_not_open_its_new_log_appends_go_to_the_new_log() {
+        let dir = test_dir("reopen");
+        let mut log = SettleLog::rewrite(&dir, &[(10, 2)], false).expect("created");
+        log.append(&[(20, 1)], 1).expect("appended");
+        faults::REOPEN.with(|f| f.set(true));
+        let e = log
+            .replace(&dir, &[(10, 2), (20, 1)], false)
+            .expect_err("cannot open the new log");
+        assert!(e.to_string().contains("open settle log"), "{e}");
+        log.append(&[(30, 1)], 1)
+            .expect("appended, the new log opened first");
+        log.append(&[(40, 1)], 1).expect("appended");
+        let (got, r) = runs_at(&dir.join(FILE));
+        assert_eq!(got, vec![(10, 2), (20, 1), (30, 1), (40, 1)]);
+        assert_eq!(r.torn_bytes, 0);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// An append that failed partway and could not be cut back left a torn frame, and the
+    /// next appends went after it, where a reader never looks.
+    #[test]
+    fn after_a_torn_append_that_could_not_be_cut_back_nothing_follows_the_tear() {
+        let dir = test_dir("tear");
+        let mut log = SettleLog::rewrite(&dir, &[], false).expect("created");
+        log.append(&[(1, 1)], 1).expect("appended");
+        faults::TEAR.with(|f| f.set(true));
+        faults::CUT.with(|f| f.set(true));
+        log.append(&[(2, 1)], 1).expect_err("torn");
+        let e = log
+            .append(&[(3, 1)], 1)
+            .expect_err("not written while the tear stays");
+        assert!(e.to_string().contains("cut settle log"), "{e}");
+        faults::CUT.with(|f| f.set(false));
+        log.append(&[(4, 1)], 1).expect("cut back, then appended");
+        let (got, r) = runs_at(&dir.join(FILE));
+        assert_eq!(got, vec![(1, 1), (4, 1)]);
+        assert_eq!(r.torn_bytes, 0);
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -828,7 +828,7 @@ impl Shared {
             runs
         };
         let start = Instant::now();
-        *log = SettleLog::rewrite(&self.dir, &runs, self.config.fsyncs())?;
+        log.replace(&self.dir, &runs, self.config.fsyncs())?;
         if self.config.fsyncs() {
             self.note_fsync(start);
         }
