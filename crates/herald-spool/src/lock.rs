@@ -33,11 +33,36 @@ pub(crate) fn acquire(dir: &Path) -> Result<File, SpoolError> {
         }
         Err(TryLockError::Error(e)) => return Err(err("lock", e)),
     }
-    file.set_len(0)
-        .and_then(|()| file.seek(SeekFrom::Start(0)))
-        .and_then(|_| writeln!(file, "{}", std::process::id()))
-        .map_err(|e| err("write lock file", e))?;
+    // The pid is for error messages only: the lock is held. Written over the last holder's
+    // (no new block needed where it was as long) and then cut to length, so that a full disk,
+    // when a spool most needs opening to drain, does not stop the open.
+    let pid = format!("{}\n", std::process::id());
+    let written = write_pid(&mut file, &pid).and_then(|()| file.set_len(pid.len() as u64));
+    if let Err(e) = written {
+        // What is left is not the pid: say nothing rather than a wrong one.
+        let _cleared = file.set_len(0);
+        tracing::warn!(
+            lock = %path.display(),
+            error = %e,
+            "could not write this process's id in the spool's lock file (it is locked all the same)"
+        );
+    }
     Ok(file)
+}
+
+fn write_pid(file: &mut File, pid: &str) -> std::io::Result<()> {
+    #[cfg(test)]
+    if FAIL_PID_WRITE.with(std::cell::Cell::get) {
+        return Err(std::io::Error::from_raw_os_error(28)); // ENOSPC
+    }
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(pid.as_bytes())
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests only: writing the pid fails (ENOSPC) while set.
+    static FAIL_PID_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The pid the last holder wrote in the lock file (whether or not it still holds it).
@@ -47,4 +72,34 @@ pub(crate) fn holder(dir: &Path) -> Option<u32> {
         .trim()
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a full disk the pid could not be written, and the open failed: a spool full to its
+    /// disk could not be opened to drain it.
+    #[test]
+    fn the_lock_is_taken_even_when_the_pid_cannot_be_written() {
+        let dir = std::env::temp_dir().join(format!("herald-spool-lock-{}", std::process::id()));
+        let _absent = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join(FILE), "4194304\n").expect("an earlier holder's pid");
+        FAIL_PID_WRITE.with(|f| f.set(true));
+        let held = acquire(&dir);
+        FAIL_PID_WRITE.with(|f| f.set(false));
+        let held = held.expect("locked without the pid");
+        assert_eq!(holder(&dir), None, "no stale pid left");
+        match acquire(&dir) {
+            Err(SpoolError::Locked { .. }) => {}
+            other => panic!("a second open must find it locked: {other:?}"),
+        }
+        drop(held);
+        // Written over a longer pid, cut to length.
+        std::fs::write(dir.join(FILE), "4194304999\n").expect("a long pid");
+        let _held = acquire(&dir).expect("locked");
+        assert_eq!(holder(&dir), Some(std::process::id()));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }
