@@ -176,6 +176,67 @@ fn start_local_node() -> Result<Broker> {
     })
 }
 
+/// The folder-name prefixes of RabbitMQ nodes of our own: xtask's (`herald-xtask-PID`) and the
+/// AMQP tests' (`herald-it-PID-PORT`, `herald-cluster-PID-K-PORT`), each in the temporary folder
+/// and named after the process that started it.
+const OWN_NODE_PREFIXES: [&str; 3] = ["herald-xtask-", "herald-it-", "herald-cluster-"];
+
+/// The process that started the node whose folder is `folder`, if the folder is one of ours.
+fn starter_of(folder: &str) -> Option<u32> {
+    let rest = OWN_NODE_PREFIXES
+        .iter()
+        .find_map(|p| folder.strip_prefix(p))?;
+    rest.split('-').next()?.parse().ok()
+}
+
+/// Stops the RabbitMQ nodes of our own that a run killed before it could stop them left
+/// behind (they run detached, so killing a run's process tree leaves them), and removes their
+/// folders: those whose starting process is gone. A node's process is killed only if its
+/// environment names the node's folder (its pid file may be stale, the pid reused).
+pub(crate) fn reap_orphaned_nodes() {
+    reap_orphaned_nodes_in(&std::env::temp_dir());
+}
+
+fn reap_orphaned_nodes_in(temp: &Path) {
+    // Without /proc (not Linux) whether a starter runs is not known here: nothing is touched.
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let folder = entry.file_name().to_string_lossy().into_owned();
+        let Some(starter) = starter_of(&folder) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{starter}")).exists() {
+            continue; // its run goes on (or the pid is taken again: left for later)
+        }
+        let dir = entry.path();
+        let node = std::fs::read_to_string(dir.join("node.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        if let Some(pid) = node {
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let ours = String::from_utf8_lossy(&environ).contains(&*dir.to_string_lossy());
+            if ours {
+                let killed = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                eprintln!(
+                    "amqp: {} the RabbitMQ node {folder} (pid {pid}) left by an earlier run",
+                    if killed { "stopped" } else { "could not stop" }
+                );
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            eprintln!("amqp: warning: could not remove {}: {e}", dir.display());
+        }
+    }
+}
+
 fn stop_local_node(name: &str, env: &[(String, String)], dir: &PathBuf) {
     let stopped = Command::new("rabbitmqctl")
         .args(["-n", name, "stop"])
@@ -280,4 +341,87 @@ pub(crate) fn delete_queue(url: &str, name: &str) -> Result<()> {
             .args(["--bin", "amqp-baseline", "--", "--delete-queue", name])
             .env("HERALD_AMQP_URL", url),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_node_folders_name_their_starter_and_no_other_folder_does() {
+        assert_eq!(starter_of("herald-xtask-4242"), Some(4242));
+        assert_eq!(starter_of("herald-it-4242-35001"), Some(4242));
+        assert_eq!(starter_of("herald-cluster-4242-2-35001"), Some(4242));
+        for other in [
+            "herald-spool-settle-1",
+            "herald-it-",
+            "rabbitmq",
+            "herald-it-x-1",
+        ] {
+            assert_eq!(starter_of(other), None, "{other}");
+        }
+    }
+
+    /// A process killed on drop (a failed test leaves none holding its output open).
+    struct Killed(std::process::Child);
+
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _gone = self.0.kill();
+            let _reaped = self.0.wait();
+        }
+    }
+
+    /// Stands in for a detached node: a process whose environment names `dir`, as a node's
+    /// names its folders, and its pid in `dir/node.pid`.
+    fn fake_node(dir: &Path, names_its_folder: bool) -> Killed {
+        std::fs::create_dir_all(dir).expect("node folder");
+        let mut cmd = Command::new("sleep");
+        cmd.arg("600")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if names_its_folder {
+            cmd.env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"));
+        }
+        let child = cmd.spawn().expect("sleep runs");
+        std::fs::write(dir.join("node.pid"), format!("{}\n", child.id())).expect("pid file");
+        Killed(child)
+    }
+
+    #[test]
+    fn nodes_whose_starter_is_gone_are_stopped_and_their_folders_removed() {
+        let temp = std::env::temp_dir().join(format!("xtask-reap-{}", std::process::id()));
+        let _absent = std::fs::remove_dir_all(&temp);
+        let mut gone = Command::new("true").spawn().expect("`true` runs");
+        gone.wait().expect("exited");
+        let (gone, alive) = (gone.id(), std::process::id());
+        let orphan_dir = temp.join(format!("herald-it-{gone}-1"));
+        let stranger_dir = temp.join(format!("herald-cluster-{gone}-0-2"));
+        let live_dir = temp.join(format!("herald-xtask-{alive}"));
+        let mut orphan = fake_node(&orphan_dir, true);
+        let mut stranger = fake_node(&stranger_dir, false);
+        let mut live = fake_node(&live_dir, true);
+        reap_orphaned_nodes_in(&temp);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = orphan.0.try_wait().expect("state") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the orphaned node is still running"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(!status.success(), "killed: {status:?}");
+        assert!(!orphan_dir.exists());
+        // A pid that is not its node's is left running; the folder goes all the same.
+        assert_eq!(stranger.0.try_wait().expect("state"), None);
+        assert!(!stranger_dir.exists());
+        // A run still going keeps its node.
+        assert_eq!(live.0.try_wait().expect("state"), None);
+        assert!(live_dir.join("node.pid").exists());
+        std::fs::remove_dir_all(&temp).expect("cleanup");
+    }
 }

@@ -145,6 +145,13 @@ pub(crate) fn it(targets: &[Target]) -> Result<()> {
     } else {
         targets
     };
+    // Nodes an earlier run left when it was killed would hold memory and ports for good.
+    if wanted
+        .iter()
+        .any(|t| matches!(t, Target::Amqp | Target::Cli))
+    {
+        amqp::reap_orphaned_nodes();
+    }
     // Dropped at the end: an install nothing waited for (a run that failed first) is stopped.
     let _install = if wanted
         .iter()
