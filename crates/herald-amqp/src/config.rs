@@ -392,6 +392,7 @@ impl AmqpConfig {
             self.url.tls,
             Some("is for amqps:// URLs only (`?cacertfile=`, `?certfile=` and `?keyfile=` too)"),
             "AmqpConfig::tls_ca_file",
+            self.tls_ca_pem.as_deref(),
         ) {
             return invalid(field, &reason);
         }

@@ -164,20 +164,38 @@ impl TlsFiles {
         self.key_file = Some(cert.key_file);
     }
 
-    /// Checks the files, as [`check_config_files`] does.
+    /// Checks the files when a config's transport is built. On a plain-text URL (`tls` false)
+    /// they are refused, as `plain_text` says (the URL's TLS scheme and parameters), unless
+    /// `plain_text` is `None` (a scheme whose server may ask for TLS, as NATS's). Then the CA
+    /// file alone, and the client certificate with it, are read as [`client_config`] reads
+    /// them, also trusting `ca_pem` (PEM text given otherwise) if any. The error names the
+    /// setting at fault (`tls_ca_file` or `tls_client_cert`) and the problem.
     pub fn check(
         &self,
         tls: bool,
         plain_text: Option<&str>,
         hint: &str,
+        ca_pem: Option<&str>,
     ) -> Result<(), (&'static str, String)> {
-        check_config_files(
-            tls,
-            plain_text,
-            self.ca_file(),
-            self.client_cert().as_ref(),
-            hint,
-        )
+        let (ca_file, client_cert) = (self.ca_file(), self.client_cert());
+        if let (false, Some(why)) = (tls, plain_text) {
+            for (field, given) in [
+                ("tls_ca_file", ca_file.is_some()),
+                ("tls_client_cert", client_cert.is_some()),
+            ] {
+                if given {
+                    return Err((field, why.to_owned()));
+                }
+            }
+        }
+        if ca_file.is_some() {
+            client_config_trusting(ca_file, ca_pem, None, hint).map_err(|e| ("tls_ca_file", e))?;
+        }
+        if client_cert.is_some() {
+            client_config_trusting(ca_file, ca_pem, client_cert.as_ref(), hint)
+                .map_err(|e| ("tls_client_cert", e))?;
+        }
+        Ok(())
     }
 
     /// The parameters as the URL gave them, for its printout: `name=PATH` each, the path
@@ -211,11 +229,25 @@ pub fn client_config(
     client_cert: Option<&ClientCert>,
     hint: &str,
 ) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    client_config_trusting(ca_file, None, client_cert, hint)
+}
+
+/// [`client_config`], also trusting the certificates of `ca_pem` (PEM text; one rustls cannot
+/// use is skipped, as the system's are).
+fn client_config_trusting(
+    ca_file: Option<&std::path::Path>,
+    ca_pem: Option<&str>,
+    client_cert: Option<&ClientCert>,
+    hint: &str,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         // A system certificate rustls cannot use is skipped, as browsers do.
+        let _skipped = roots.add(cert);
+    }
+    for cert in CertificateDer::pem_slice_iter(ca_pem.unwrap_or_default().as_bytes()).flatten() {
         let _skipped = roots.add(cert);
     }
     if let Some(path) = ca_file {
@@ -296,47 +328,6 @@ pub fn client_config(
         }
     };
     Ok(std::sync::Arc::new(config))
-}
-
-/// Checks the TLS files a config names, when its transport is built: the CA file alone, then
-/// the client certificate (with the CA file). The error names the setting at fault
-/// (`tls_ca_file` or `tls_client_cert`) and the problem (see [`client_config`]).
-pub fn check_files(
-    ca_file: Option<&std::path::Path>,
-    client_cert: Option<&ClientCert>,
-    hint: &str,
-) -> Result<(), (&'static str, String)> {
-    if ca_file.is_some() {
-        client_config(ca_file, None, hint).map_err(|e| ("tls_ca_file", e))?;
-    }
-    if client_cert.is_some() {
-        client_config(ca_file, client_cert, hint).map_err(|e| ("tls_client_cert", e))?;
-    }
-    Ok(())
-}
-
-/// Checks a config's TLS files when its transport is built: on a plain-text URL (`tls`
-/// false) they are refused, as `plain_text` says (the URL's TLS scheme and parameters), unless
-/// `plain_text` is `None` (a scheme whose server may ask for TLS, as NATS's); then
-/// [`check_files`].
-pub fn check_config_files(
-    tls: bool,
-    plain_text: Option<&str>,
-    ca_file: Option<&std::path::Path>,
-    client_cert: Option<&ClientCert>,
-    hint: &str,
-) -> Result<(), (&'static str, String)> {
-    if let (false, Some(why)) = (tls, plain_text) {
-        for (field, given) in [
-            ("tls_ca_file", ca_file.is_some()),
-            ("tls_client_cert", client_cert.is_some()),
-        ] {
-            if given {
-                return Err((field, why.to_owned()));
-            }
-        }
-    }
-    check_files(ca_file, client_cert, hint)
 }
 
 /// Whether rustls refused the handshake for a reason retrying cannot mend.

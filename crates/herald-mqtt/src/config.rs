@@ -314,6 +314,7 @@ impl MqttConfig {
                  is plain text)",
             ),
             "MqttConfig::tls_ca_file",
+            None,
         ) {
             return invalid(field, &reason);
         }

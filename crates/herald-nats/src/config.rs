@@ -334,7 +334,7 @@ impl NatsConfig {
         if let Err((field, reason)) =
             self.url
                 .tls_files
-                .check(self.url.tls, None, "NatsConfig::tls_ca_file")
+                .check(self.url.tls, None, "NatsConfig::tls_ca_file", None)
         {
             return invalid(field, &reason);
         }

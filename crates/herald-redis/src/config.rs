@@ -285,6 +285,7 @@ impl RedisConfig {
             self.url.tls,
             Some("is for rediss:// URLs only (`?tlsca=`, `?tlscert=` and `?tlskey=` too)"),
             "RedisConfig::tls_ca_file",
+            None,
         ) {
             return invalid(field, &reason);
         }
