@@ -932,12 +932,17 @@ async fn connection_cut_mid_run(depth: usize) {
         depth,
         |p| async move {
             // Cut once some messages went through, twice.
-            for _ in 0..2 {
+            for round in 0..2 {
                 wait_for(Duration::from_secs(30), "some deliveries", || {
                     p.stats().totals.delivered >= 2_000
                 })
                 .await;
-                proxy.cut_for(Duration::from_millis(500));
+                // A close, then a reset (a failed host or network path).
+                if round == 0 {
+                    proxy.cut_for(Duration::from_millis(500));
+                } else {
+                    proxy.reset_for(Duration::from_millis(500));
+                }
                 wait_for(Duration::from_secs(5), "health to show the loss", || {
                     !health.is_connected()
                 })

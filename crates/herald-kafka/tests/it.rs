@@ -429,7 +429,12 @@ async fn connections_cut_in_the_middle_of_a_run_lose_nothing() {
         }
         let accepted = proxy.accepted();
         at_cuts.push(producer.stats().totals.delivered);
-        proxy.cut_for(Duration::from_millis(500));
+        // A close, then a reset (a failed host or network path).
+        if k == 1 {
+            proxy.cut_for(Duration::from_millis(500));
+        } else {
+            proxy.reset_for(Duration::from_millis(500));
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         while proxy.accepted() == accepted {
             assert!(

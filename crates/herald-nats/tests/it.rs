@@ -417,7 +417,12 @@ async fn connection_cut_mid_run_loses_nothing_and_keeps_per_key_order() {
             p.stats().totals.delivered >= 2_000 * (round + 1)
         })
         .await;
-        proxy.cut_for(Duration::from_millis(500));
+        // A close, then a reset (a failed host or network path).
+        if round == 0 {
+            proxy.cut_for(Duration::from_millis(500));
+        } else {
+            proxy.reset_for(Duration::from_millis(500));
+        }
         wait_for(
             Duration::from_secs(5),
             "the transport to see the loss",

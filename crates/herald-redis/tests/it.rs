@@ -435,7 +435,12 @@ async fn connection_cut_mid_run_loses_nothing_and_keeps_per_key_order() {
             p.stats().totals.delivered >= 2_000 * (round + 1)
         })
         .await;
-        proxy.cut_for(Duration::from_millis(500));
+        // A close, then a reset (a failed host or network path).
+        if round == 0 {
+            proxy.cut_for(Duration::from_millis(500));
+        } else {
+            proxy.reset_for(Duration::from_millis(500));
+        }
         let before = p.stats().totals.delivered;
         wait_for(Duration::from_secs(60), "delivery to resume", || {
             p.stats().totals.delivered > before + 1_000 || p.stats().buffered_messages == 0

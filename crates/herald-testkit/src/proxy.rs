@@ -1,5 +1,7 @@
 //! A small TCP fault proxy for broker tests: listens on `127.0.0.1:0`, forwards every connection
-//! to a target, and on demand cuts all open connections and refuses new ones for a while. With
+//! to a target, and on demand cuts all open connections (closing them, or resetting them as a
+//! failing network or host does) and refuses new ones for a while. A reset from either side is
+//! passed on to the other as a reset, not a close. With
 //! [`FaultProxy::start_with_latency`] it also delays every byte by a fixed time each way, as a
 //! network between zones would, without limiting throughput (this machine has no kernel
 //! traffic shaping).
@@ -28,8 +30,9 @@ use tokio::time::Instant;
 
 #[derive(Debug)]
 struct State {
-    /// Bumped on every cut: connections opened before a cut end when they see it.
-    generation: watch::Sender<u64>,
+    /// Bumped on every cut, with whether it resets: connections opened before a cut end when
+    /// they see it.
+    generation: watch::Sender<(u64, bool)>,
     /// New connections are refused (accepted and closed at once) until then.
     refuse_until: Mutex<Option<Instant>>,
     accepted: AtomicU64,
@@ -69,7 +72,7 @@ impl FaultProxy {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
-            generation: watch::channel(0).0,
+            generation: watch::channel((0, false)).0,
             refuse_until: Mutex::new(None),
             accepted: AtomicU64::new(0),
             open: AtomicU64::new(0),
@@ -109,25 +112,49 @@ impl FaultProxy {
                         return;
                     };
                     let _nodelay = (client.set_nodelay(true), server.set_nodelay(true));
-                    if one_way.is_zero() {
-                        let (mut client, mut server) = (client, server);
+                    let (mut client, mut server) = (client, server);
+                    let reset = if one_way.is_zero() {
                         tokio::select! {
-                            _copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                            _changed = cut.changed() => {}
+                            copied = tokio::io::copy_bidirectional(&mut client, &mut server) => {
+                                copied.is_err_and(|e| is_reset(&e))
+                            }
+                            _changed = cut.changed() => cut.borrow().1,
                         }
                     } else {
-                        let (client_read, client_write) = client.into_split();
-                        let (server_read, server_write) = server.into_split();
+                        let (mut client_read, mut client_write) = client.split();
+                        let (mut server_read, mut server_write) = server.split();
                         let both = async {
-                            tokio::join!(
-                                delayed_copy(client_read, server_write, one_way),
-                                delayed_copy(server_read, client_write, one_way),
-                            )
+                            let up = delayed_copy(&mut client_read, &mut server_write, one_way);
+                            let down = delayed_copy(&mut server_read, &mut client_write, one_way);
+                            tokio::pin!(up, down);
+                            let (mut up_ended, mut down_ended) = (false, false);
+                            // Both directions to their end, unless one is reset: then both.
+                            while !(up_ended && down_ended) {
+                                let reset = tokio::select! {
+                                    reset = &mut up, if !up_ended => {
+                                        up_ended = true;
+                                        reset
+                                    }
+                                    reset = &mut down, if !down_ended => {
+                                        down_ended = true;
+                                        reset
+                                    }
+                                };
+                                if reset {
+                                    return true;
+                                }
+                            }
+                            false
                         };
                         tokio::select! {
-                            _copied = both => {}
-                            _changed = cut.changed() => {}
+                            reset = both => reset,
+                            _changed = cut.changed() => cut.borrow().1,
                         }
+                    };
+                    if reset {
+                        // Closed with no lingering: a reset (RST), each side seeing
+                        // "connection reset" as from a failed network or host.
+                        let _abort = (client.set_zero_linger(), server.set_zero_linger());
                     }
                     // Dropping both ends closes them: the client sees its connection end.
                 });
@@ -144,13 +171,25 @@ impl FaultProxy {
     /// Closes every open connection now and refuses new ones for `refuse` (zero: accept again at
     /// once).
     pub fn cut_for(&self, refuse: Duration) {
+        self.cut(refuse, false);
+    }
+
+    /// As [`cut_for`](Self::cut_for), resetting the connections (RST) instead of closing them:
+    /// each side reads "connection reset", as when a host or a network path fails.
+    pub fn reset_for(&self, refuse: Duration) {
+        self.cut(refuse, true);
+    }
+
+    fn cut(&self, refuse: Duration, reset: bool) {
         *self
             .state
             .refuse_until
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + refuse);
         self.state.cuts.fetch_add(1, Ordering::Relaxed);
-        self.state.generation.send_modify(|g| *g += 1);
+        self.state
+            .generation
+            .send_modify(|(g, resets)| (*g, *resets) = (*g + 1, reset));
     }
 
     /// Sends new connections to `target` (`host:port`) from now on; open ones stay where they
@@ -195,24 +234,33 @@ impl Drop for OpenGuard {
     }
 }
 
+/// Whether an I/O error is the peer's reset.
+fn is_reset(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::ConnectionReset
+}
+
 /// One direction of a delayed connection: what is read at `t` is written at `t + delay`, in
 /// order. The reader hands chunks over without waiting for the writer; at the end of the input
-/// the writer delivers what is still held, then closes its side.
+/// the writer delivers what is still held, then closes its side. Returns whether the input
+/// ended with a reset (once what came before it is delivered, `delay` after the reset): the
+/// caller resets the other side then.
 async fn delayed_copy(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
     delay: Duration,
-) {
+) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    // A chunk, or the input's end (`None`) and whether it was a reset.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Result<Vec<u8>, bool>)>();
     let reader = async move {
         let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n) = from.read(&mut buf).await {
-            if n == 0
-                || tx
-                    .send((Instant::now() + delay, buf[..n].to_vec()))
-                    .is_err()
-            {
+        loop {
+            let (chunk, end) = match from.read(&mut buf).await {
+                Ok(0) => (Err(false), true),
+                Ok(n) => (Ok(buf[..n].to_vec()), false),
+                Err(e) => (Err(is_reset(&e)), true),
+            };
+            if tx.send((Instant::now() + delay, chunk)).is_err() || end {
                 break;
             }
         }
@@ -220,20 +268,27 @@ async fn delayed_copy(
     let writer = async move {
         while let Some((due, chunk)) = rx.recv().await {
             tokio::time::sleep_until(due).await;
-            if to.write_all(&chunk).await.is_err() {
-                return;
+            match chunk {
+                Ok(chunk) => {
+                    if let Err(e) = to.write_all(&chunk).await {
+                        return is_reset(&e);
+                    }
+                }
+                Err(true) => return true,
+                Err(false) => break,
             }
         }
         let _closed = to.shutdown().await;
+        false
     };
-    tokio::join!(reader, writer);
+    tokio::join!(reader, writer).1
 }
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.task.abort();
         // Ends the forwarding tasks too.
-        self.state.generation.send_modify(|g| *g += 1);
+        self.state.generation.send_modify(|(g, _)| *g += 1);
     }
 }
 
@@ -345,5 +400,83 @@ mod tests {
             took >= 2 * one_way && took < 25 * one_way,
             "{took:?}: not one round trip's worth"
         );
+    }
+
+    /// A server that answers one read with `reply`, then, 50 ms later, resets the connection.
+    async fn resetting_server(reply: &'static [u8]) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    if s.read(&mut buf).await.is_ok() {
+                        let _sent = s.write_all(reply).await;
+                        // Its last words first, then (a while later) the reset.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let _abort = s.set_zero_linger();
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// What a client reads until its connection ends: the bytes, and whether it ended with a
+    /// reset (else with a close).
+    async fn read_until_the_end(c: &mut TcpStream) -> (Vec<u8>, bool) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match c.read(&mut buf).await {
+                    Ok(0) => return false,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return is_reset(&e),
+                }
+            }
+        })
+        .await
+        .expect("the connection ends within 5 s");
+        (got, ended)
+    }
+
+    /// A reset was passed on as a close (in both modes), and a cut could only close: a client
+    /// never saw the "connection reset" a failed host or network gives.
+    #[tokio::test]
+    async fn resets_reach_the_client_as_resets_after_what_came_before() {
+        for one_way in [Duration::ZERO, Duration::from_millis(20)] {
+            let server = resetting_server(b"last words").await;
+            let proxy = FaultProxy::start_with_latency(&server.to_string(), one_way)
+                .await
+                .expect("proxy");
+            let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
+            c.write_all(b"hello").await.expect("write");
+            let (got, reset) = read_until_the_end(&mut c).await;
+            assert!(reset, "the server's reset passed on ({one_way:?})");
+            // Undelayed, the reset may overtake bytes the proxy had not read yet, as on a
+            // network; delayed, what was read before it arrives first.
+            if !one_way.is_zero() {
+                assert_eq!(got, b"last words");
+            }
+
+            let proxy = FaultProxy::start_with_latency(&echo_server().await.to_string(), one_way)
+                .await
+                .expect("proxy");
+            let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
+            c.write_all(b"ping").await.expect("write");
+            let mut buf = [0u8; 4];
+            c.read_exact(&mut buf).await.expect("echo");
+            proxy.reset_for(Duration::ZERO);
+            let (_, reset) = read_until_the_end(&mut c).await;
+            assert!(reset, "reset_for resets ({one_way:?})");
+            let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
+            // Forwarded before the cut (an echo through the proxy).
+            c.write_all(b"ping").await.expect("write");
+            c.read_exact(&mut buf).await.expect("echo");
+            proxy.cut_for(Duration::ZERO);
+            let (_, reset) = read_until_the_end(&mut c).await;
+            assert!(!reset, "cut_for closes ({one_way:?})");
+        }
     }
 }
