@@ -154,6 +154,9 @@ pub(crate) struct SettleLog {
     /// frame written after a torn one, or into a file no longer at `path`, would be lost (a
     /// reader stops at the torn frame; the next open reads only the file at `path`).
     mend: Option<Mend>,
+    /// A rewrite's rename is not known to be durable yet (its directory's fsync failed): the
+    /// next [`SettleLog::sync`] syncs the directory first.
+    dir_unsynced: bool,
 }
 
 /// See [`SettleLog::mend`].
@@ -161,8 +164,8 @@ pub(crate) struct SettleLog {
 enum Mend {
     /// An append failed partway and could not be cut back: the file ends past `len`.
     Cut,
-    /// A rewrite renamed the new log over the old and could not open it: `file` is the old
-    /// one, no longer in the directory.
+    /// A rewrite renamed the new log over the old and could not open it for appending yet:
+    /// `file` is the new log's handle as it was written (at `path`, not for appending).
     Reopen,
 }
 
@@ -174,8 +177,10 @@ pub(crate) mod faults {
     thread_local! {
         /// The next reopen after a rename fails.
         pub(crate) static REOPEN: Cell<bool> = const { Cell::new(false) };
-        /// The next append writes half its bytes and fails, and cutting back fails.
+        /// The next append writes half its bytes and fails.
         pub(crate) static TEAR: Cell<bool> = const { Cell::new(false) };
+        /// The next fsync of the directory fails.
+        pub(crate) static DIR_SYNC: Cell<bool> = const { Cell::new(false) };
         /// Cutting back fails while set.
         pub(crate) static CUT: Cell<bool> = const { Cell::new(false) };
     }
@@ -198,18 +203,17 @@ impl SettleLog {
     /// old (syncing file and directory first when `sync`): the old log stays whole until the
     /// new one is.
     pub(crate) fn rewrite(dir: &Path, runs: &[(u64, u32)], sync: bool) -> Result<Self, SpoolError> {
-        let path = dir.join(FILE);
+        let (file, len) = Self::place_new(dir, runs, sync)?;
         let mut log = Self {
-            file: Self::place_new(dir, runs, sync)?,
-            len: 0,
-            rewritten_len: 0,
+            file,
+            len,
+            rewritten_len: len,
             unsynced: 0,
             mend: Some(Mend::Reopen),
-            path,
+            dir_unsynced: sync,
+            path: dir.join(FILE),
         };
-        if sync {
-            sync_dir(dir)?;
-        }
+        log.sync_dir()?;
         log.reopen()?;
         Ok(log)
     }
@@ -223,31 +227,49 @@ impl SettleLog {
         runs: &[(u64, u32)],
         sync: bool,
     ) -> Result<(), SpoolError> {
-        self.file = Self::place_new(dir, runs, sync)?;
-        // Renamed into place: what this log held is in the new one (synced when `sync`), and
-        // its file is no longer the one at `path`.
+        let (file, len) = Self::place_new(dir, runs, sync)?;
+        // Renamed into place: the new log holds what this one did (fsynced when `sync`), and
+        // this log's file is no longer the one at `path`.
+        self.file = file;
+        (self.len, self.rewritten_len) = (len, len);
         self.mend = Some(Mend::Reopen);
+        self.dir_unsynced = sync;
+        // Settlements not yet synced stay counted until the rename is durable.
+        self.sync_dir()?;
         self.unsynced = 0;
-        if sync {
-            sync_dir(dir)?;
-        }
         self.reopen()
     }
 
+    /// Makes a rewrite's rename durable, if it is not known to be.
+    fn sync_dir(&mut self) -> Result<(), SpoolError> {
+        if !self.dir_unsynced {
+            return Ok(());
+        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        #[cfg(test)]
+        if faults::take(&faults::DIR_SYNC) {
+            return Err(SpoolError::io("fsync directory", dir, faults::eio()));
+        }
+        sync_dir(dir)?;
+        self.dir_unsynced = false;
+        Ok(())
+    }
+
     /// Writes the new log beside the old and renames it into place (the caller then syncs
-    /// the directory); on an error before the rename, removes it, the old log untouched.
-    /// Returns the new log's handle, not open for appending.
-    fn place_new(dir: &Path, runs: &[(u64, u32)], sync: bool) -> Result<File, SpoolError> {
+    /// the directory); on an error before the rename is done, removes it, the old log
+    /// untouched. Returns the new log's handle, not open for appending, and its length.
+    fn place_new(dir: &Path, runs: &[(u64, u32)], sync: bool) -> Result<(File, u64), SpoolError> {
         let tmp = dir.join(TMP);
-        let written = Self::write_new(&tmp, runs, sync);
-        if written.is_err() {
-            // Leave no half-written copy taking room (the old log is untouched).
+        let placed = Self::write_new(&tmp, runs, sync).and_then(|written| {
+            std::fs::rename(&tmp, dir.join(FILE))
+                .map_err(|e| SpoolError::io("rename settle log", &tmp, e))?;
+            Ok(written)
+        });
+        if placed.is_err() {
+            // Leave no copy taking room (the old log is untouched).
             let _absent_or_kept = std::fs::remove_file(&tmp);
         }
-        let file = written?;
-        std::fs::rename(&tmp, dir.join(FILE))
-            .map_err(|e| SpoolError::io("rename settle log", &tmp, e))?;
-        Ok(file)
+        placed
     }
 
     /// Opens the file at `path` for appending, as this log's file.
@@ -287,10 +309,11 @@ impl SettleLog {
             rewritten_len: valid_len,
             unsynced: 0,
             mend: None,
+            dir_unsynced: false,
         })
     }
 
-    fn write_new(tmp: &Path, runs: &[(u64, u32)], sync: bool) -> Result<File, SpoolError> {
+    fn write_new(tmp: &Path, runs: &[(u64, u32)], sync: bool) -> Result<(File, u64), SpoolError> {
         let err = |op, e| SpoolError::io(op, tmp, e);
         let file = crate::private_file()
             .write(true)
@@ -306,11 +329,12 @@ impl SettleLog {
                 .map_err(|e| err("create settle log", e))?;
         }
         let mut w = BufWriter::new(file);
+        let body = frames(runs);
         let mut head = [0u8; HEADER_LEN as usize];
         head[0..4].copy_from_slice(&MAGIC);
         head[4] = VERSION;
         w.write_all(&head)
-            .and_then(|()| w.write_all(&frames(runs)))
+            .and_then(|()| w.write_all(&body))
             .and_then(|()| w.flush())
             .map_err(|e| err("write settle log", e))?;
         let file = w
@@ -319,7 +343,7 @@ impl SettleLog {
         if sync {
             file.sync_all().map_err(|e| err("fsync settle log", e))?;
         }
-        Ok(file)
+        Ok((file, HEADER_LEN + body.len() as u64))
     }
 
     /// Appends one frame per [`MAX_RUNS`] runs. On failure the log is cut back to where it
@@ -372,6 +396,7 @@ impl SettleLog {
 
     /// Forces what was written to disk.
     pub(crate) fn sync(&mut self) -> Result<(), SpoolError> {
+        self.sync_dir()?;
         self.file
             .sync_data()
             .map_err(|e| SpoolError::io("fsync settle log", &self.path, e))?;
@@ -454,6 +479,9 @@ mod tests {
             .replace(&dir, &[(10, 2), (20, 1)], false)
             .expect_err("cannot open the new log");
         assert!(e.to_string().contains("open settle log"), "{e}");
+        // Its length is the new log's (else every later settle would compact it again).
+        let on_disk = std::fs::metadata(dir.join(FILE)).expect("new log").len();
+        assert_eq!((log.len, log.rewritten_len), (on_disk, on_disk));
         log.append(&[(30, 1)], 1)
             .expect("appended, the new log opened first");
         log.append(&[(40, 1)], 1).expect("appended");
@@ -482,6 +510,26 @@ mod tests {
         let (got, r) = runs_at(&dir.join(FILE));
         assert_eq!(got, vec![(1, 1), (4, 1)]);
         assert_eq!(r.torn_bytes, 0);
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    /// A compaction whose directory fsync failed counted its settlements as synced: nothing
+    /// made the rename durable, and a power loss could bring the old log back without them.
+    #[test]
+    fn a_rewrite_not_yet_durable_keeps_its_settlements_unsynced_until_it_is() {
+        let dir = test_dir("dirsync");
+        let mut log = SettleLog::rewrite(&dir, &[], true).expect("created");
+        log.append(&[(1, 2)], 2).expect("appended");
+        faults::DIR_SYNC.with(|f| f.set(true));
+        log.replace(&dir, &[(1, 2)], true)
+            .expect_err("the directory's fsync fails");
+        assert_eq!(log.unsynced, 2, "not durable yet");
+        assert!(!dir.join(TMP).exists());
+        log.sync().expect("the directory, then the log");
+        assert_eq!(log.unsynced, 0);
+        log.append(&[(3, 1)], 1).expect("appended to the new log");
+        let (got, _) = runs_at(&dir.join(FILE));
+        assert_eq!(got, vec![(1, 2), (3, 1)]);
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
