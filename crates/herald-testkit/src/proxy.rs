@@ -127,24 +127,30 @@ impl FaultProxy {
                             let up = delayed_copy(&mut client_read, &mut server_write, one_way);
                             let down = delayed_copy(&mut server_read, &mut client_write, one_way);
                             tokio::pin!(up, down);
-                            let (mut up_ended, mut down_ended) = (false, false);
-                            // Both directions to their end, unless one is reset: then both.
+                            let (mut up_ended, mut down_ended, mut reset) = (false, false, false);
+                            // Both directions to their end. A side that reset while read is
+                            // done with: both end then (what came before the reset was
+                            // delivered). One that reset while written to is read from by
+                            // the other direction, which ends in its turn, delivering what it
+                            // holds.
                             while !(up_ended && down_ended) {
-                                let reset = tokio::select! {
-                                    reset = &mut up, if !up_ended => {
+                                let ended = tokio::select! {
+                                    ended = &mut up, if !up_ended => {
                                         up_ended = true;
-                                        reset
+                                        ended
                                     }
-                                    reset = &mut down, if !down_ended => {
+                                    ended = &mut down, if !down_ended => {
                                         down_ended = true;
-                                        reset
+                                        ended
                                     }
                                 };
-                                if reset {
-                                    return true;
+                                match ended {
+                                    Ended::Closed => {}
+                                    Ended::ResetReading => return true,
+                                    Ended::ResetWriting => reset = true,
                                 }
                             }
-                            false
+                            reset
                         };
                         tokio::select! {
                             reset = both => reset,
@@ -239,16 +245,24 @@ fn is_reset(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::ConnectionReset
 }
 
+/// How one direction of a delayed connection ended.
+enum Ended {
+    /// Its input closed (or failed otherwise), what it held delivered, its output closed.
+    Closed,
+    /// Its input was reset: what came before was delivered, `delay` after the reset.
+    ResetReading,
+    /// Its output was reset (the side it writes to is gone).
+    ResetWriting,
+}
+
 /// One direction of a delayed connection: what is read at `t` is written at `t + delay`, in
 /// order. The reader hands chunks over without waiting for the writer; at the end of the input
-/// the writer delivers what is still held, then closes its side. Returns whether the input
-/// ended with a reset (once what came before it is delivered, `delay` after the reset): the
-/// caller resets the other side then.
+/// the writer delivers what is still held, then closes its side.
 async fn delayed_copy(
     from: &mut tokio::net::tcp::ReadHalf<'_>,
     to: &mut tokio::net::tcp::WriteHalf<'_>,
     delay: Duration,
-) -> bool {
+) -> Ended {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // A chunk, or the input's end (`None`) and whether it was a reset.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Result<Vec<u8>, bool>)>();
@@ -271,24 +285,35 @@ async fn delayed_copy(
             match chunk {
                 Ok(chunk) => {
                     if let Err(e) = to.write_all(&chunk).await {
-                        return is_reset(&e);
+                        return if is_reset(&e) {
+                            Ended::ResetWriting
+                        } else {
+                            Ended::Closed
+                        };
                     }
                 }
-                Err(true) => return true,
+                Err(true) => return Ended::ResetReading,
                 Err(false) => break,
             }
         }
         let _closed = to.shutdown().await;
-        false
+        Ended::Closed
     };
-    tokio::join!(reader, writer).1
+    tokio::pin!(reader, writer);
+    // Reading stops once nothing more can be written (an idle peer would hold it for ever).
+    tokio::select! {
+        ended = &mut writer => ended,
+        () = &mut reader => writer.await,
+    }
 }
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.task.abort();
-        // Ends the forwarding tasks too.
-        self.state.generation.send_modify(|(g, _)| *g += 1);
+        // Ends the forwarding tasks with a close, whatever the last cut was.
+        self.state
+            .generation
+            .send_modify(|(g, reset)| (*g, *reset) = (*g + 1, false));
     }
 }
 
@@ -424,7 +449,7 @@ mod tests {
 
     /// What a client reads until its connection ends: the bytes, and whether it ended with a
     /// reset (else with a close).
-    async fn read_until_the_end(c: &mut TcpStream) -> (Vec<u8>, bool) {
+    async fn read_until_the_end(c: &mut (impl AsyncReadExt + Unpin)) -> (Vec<u8>, bool) {
         let mut got = Vec::new();
         let mut buf = [0u8; 64];
         let ended = tokio::time::timeout(Duration::from_secs(5), async {
@@ -478,5 +503,27 @@ mod tests {
             let (_, reset) = read_until_the_end(&mut c).await;
             assert!(!reset, "cut_for closes ({one_way:?})");
         }
+    }
+
+    /// A client still writing when its server resets: delayed, the proxy took the reset on a
+    /// write and dropped what the server had said before it, still held for the client.
+    #[tokio::test]
+    async fn a_reset_met_while_writing_still_delivers_what_came_before() {
+        let server = resetting_server(b"bye").await;
+        // Longer than the server's pause before its reset: "bye" is still held when it comes.
+        let proxy = FaultProxy::start_with_latency(&server.to_string(), Duration::from_millis(100))
+            .await
+            .expect("proxy");
+        let c = TcpStream::connect(proxy.addr()).await.expect("connect");
+        let (mut read, mut write) = c.into_split();
+        write.write_all(b"hello").await.expect("write");
+        let writing = tokio::spawn(async move {
+            while write.write_all(b"more").await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        let (got, _) = read_until_the_end(&mut read).await;
+        writing.abort();
+        assert_eq!(got, b"bye");
     }
 }
