@@ -218,8 +218,13 @@ fn reap_orphaned_nodes_in(temp: &Path) {
             .ok()
             .and_then(|p| p.trim().parse::<u32>().ok());
         if let Some(pid) = node {
+            // Exactly the variable our nodes are started with: a longer folder's name (the
+            // node of run 123 for run 12's) must not match.
+            let mnesia = format!("RABBITMQ_MNESIA_BASE={}", dir.join("mnesia").display());
             let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let ours = String::from_utf8_lossy(&environ).contains(&*dir.to_string_lossy());
+            let ours = environ
+                .split(|b| *b == 0)
+                .any(|var| var == mnesia.as_bytes());
             if ours {
                 let killed = Command::new("kill")
                     .args(["-KILL", &pid.to_string()])
@@ -372,17 +377,17 @@ mod tests {
         }
     }
 
-    /// Stands in for a detached node: a process whose environment names `dir`, as a node's
-    /// names its folders, and its pid in `dir/node.pid`.
-    fn fake_node(dir: &Path, names_its_folder: bool) -> Killed {
+    /// Stands in for a detached node: a process whose environment names the folder `names`
+    /// as a node's names its own, and its pid in `dir/node.pid`.
+    fn fake_node(dir: &Path, names: Option<&Path>) -> Killed {
         std::fs::create_dir_all(dir).expect("node folder");
         let mut cmd = Command::new("sleep");
         cmd.arg("600")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
-        if names_its_folder {
-            cmd.env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"));
+        if let Some(folder) = names {
+            cmd.env("RABBITMQ_MNESIA_BASE", folder.join("mnesia"));
         }
         let child = cmd.spawn().expect("sleep runs");
         std::fs::write(dir.join("node.pid"), format!("{}\n", child.id())).expect("pid file");
@@ -399,9 +404,13 @@ mod tests {
         let orphan_dir = temp.join(format!("herald-it-{gone}-1"));
         let stranger_dir = temp.join(format!("herald-cluster-{gone}-0-2"));
         let live_dir = temp.join(format!("herald-xtask-{alive}"));
-        let mut orphan = fake_node(&orphan_dir, true);
-        let mut stranger = fake_node(&stranger_dir, false);
-        let mut live = fake_node(&live_dir, true);
+        // A stale pid file naming a process whose folder's name only starts like its own.
+        let prefix_dir = temp.join(format!("herald-xtask-{gone}"));
+        let longer = temp.join(format!("herald-xtask-{gone}7"));
+        let mut orphan = fake_node(&orphan_dir, Some(&orphan_dir));
+        let mut stranger = fake_node(&stranger_dir, None);
+        let mut live = fake_node(&live_dir, Some(&live_dir));
+        let mut other = fake_node(&prefix_dir, Some(&longer));
         reap_orphaned_nodes_in(&temp);
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
@@ -419,6 +428,12 @@ mod tests {
         // A pid that is not its node's is left running; the folder goes all the same.
         assert_eq!(stranger.0.try_wait().expect("state"), None);
         assert!(!stranger_dir.exists());
+        assert_eq!(
+            other.0.try_wait().expect("state"),
+            None,
+            "another folder's node"
+        );
+        assert!(!prefix_dir.exists());
         // A run still going keeps its node.
         assert_eq!(live.0.try_wait().expect("state"), None);
         assert!(live_dir.join("node.pid").exists());
