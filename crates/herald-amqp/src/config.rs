@@ -391,7 +391,7 @@ impl AmqpConfig {
         if let Err((field, reason)) = self.url.tls_files.check(
             self.url.tls,
             Some("is for amqps:// URLs only (`?cacertfile=`, `?certfile=` and `?keyfile=` too)"),
-            "AmqpConfig::tls_ca_file",
+            "AmqpConfig::tls_ca_file (or tls_ca_pem)",
             self.tls_ca_pem.as_deref(),
         ) {
             return invalid(field, &reason);
