@@ -76,7 +76,12 @@ impl KeyFile {
             )
         })?;
         let kind = match key.key_pair_type() {
-            nkeys::KeyPairType::User => return Ok(Signer { jwt, key }),
+            nkeys::KeyPairType::User => {
+                if let Some(jwt) = &jwt {
+                    check_subject(path, jwt, &key)?;
+                }
+                return Ok(Signer { jwt, key });
+            }
             nkeys::KeyPairType::Account => "an account's",
             nkeys::KeyPairType::Operator => "an operator's",
             nkeys::KeyPairType::Server => "a server's",
@@ -88,6 +93,34 @@ impl KeyFile {
             path.display(),
         ))
     }
+}
+
+/// Checks that a `.creds` file's JWT names the user of its seed: the server would refuse the
+/// pair ("authorization violation") on every connection, and say less. A user's public key is
+/// not secret; the error names both.
+fn check_subject(path: &Path, jwt: &str, key: &nkeys::KeyPair) -> Result<(), String> {
+    use base64::engine::{general_purpose::URL_SAFE_NO_PAD, Engine as _};
+    let subject = jwt
+        .split('.')
+        .nth(1)
+        .and_then(|claims| URL_SAFE_NO_PAD.decode(claims.trim_end_matches('=')).ok())
+        .and_then(|claims| serde_json::from_slice::<serde_json::Value>(&claims).ok())
+        .and_then(|claims| claims.get("sub")?.as_str().map(str::to_owned))
+        .ok_or_else(|| {
+            format!(
+                "{}: its JWT cannot be read (no claims with a `sub`): is it a user's JWT?",
+                path.display()
+            )
+        })?;
+    let public = key.public_key();
+    if subject != public {
+        return Err(format!(
+            "{}: its JWT is for the user {subject}, its seed is the user {public}'s: a .creds \
+             file holds one user's JWT and seed",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// The content line of the first `-----BEGIN …-----` block whose header names `what`.
@@ -197,24 +230,37 @@ mod tests {
         }
     }
 
+    /// A JWT (unsigned: only its claims are read here) for the user `subject`.
+    fn jwt_for(subject: &str) -> String {
+        use base64::engine::{general_purpose::URL_SAFE_NO_PAD, Engine as _};
+        let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"{subject}","nats":{{}}}}"#));
+        format!("eyJhbGciOi.{claims}.c2ln")
+    }
+
+    /// A `.creds` file as `nsc` writes it.
+    fn creds_text(jwt: &str, seed: &str) -> String {
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        )
+    }
+
     #[test]
     fn creds_and_seed_files_are_read_and_sign_the_nonce() {
         let dir = Folder::new();
         let user = nkeys::KeyPair::new_user();
         let seed = user.seed().expect("seed");
-        let creds = format!(
-            "-----BEGIN NATS USER JWT-----\neyJhbGciOi.the.jwt\n------END NATS USER JWT------\n\n\
-             ************************* IMPORTANT *************************\n\
-             NKEY Seed printed below can be used to sign and prove identity.\n\n\
-             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
-        );
+        let jwt = jwt_for(&user.public_key());
+        let creds = creds_text(&jwt, &seed);
         let signer = KeyFile::Creds(dir.file("u.creds", &creds))
             .load()
             .expect("creds");
         assert_eq!(signer.public_key(), user.public_key());
         let mut auth = async_nats::Auth::new();
         signer.sign(b"nonce", &mut auth).expect("signed");
-        assert_eq!(auth.jwt.as_deref(), Some("eyJhbGciOi.the.jwt"));
+        assert_eq!(auth.jwt.as_deref(), Some(jwt.as_str()));
         assert_eq!(auth.nkey, None, "a JWT names the user");
         user.verify(b"nonce", auth.signature.as_deref().expect("sig"))
             .expect("the seed's signature");
@@ -226,6 +272,36 @@ mod tests {
             assert_eq!(auth.nkey, Some(user.public_key()));
             assert_eq!(auth.jwt, None);
         }
+    }
+
+    /// A `.creds` file whose JWT is another user's was taken, and the server refused it on
+    /// every connection with "authorization violation".
+    #[test]
+    fn a_creds_file_whose_jwt_is_another_user_s_is_refused_naming_both() {
+        let dir = Folder::new();
+        let (user, stranger) = (nkeys::KeyPair::new_user(), nkeys::KeyPair::new_user());
+        let seed = user.seed().expect("seed");
+        let mixed = dir.file(
+            "mixed.creds",
+            &creds_text(&jwt_for(&stranger.public_key()), &seed),
+        );
+        let e = KeyFile::Creds(mixed)
+            .load()
+            .err()
+            .expect("another user's JWT");
+        assert!(
+            e.contains("mixed.creds")
+                && e.contains(&stranger.public_key())
+                && e.contains(&user.public_key())
+                && !e.contains(&seed),
+            "{e}"
+        );
+        let unreadable = dir.file("bad.creds", &creds_text("not.a-jwt", &seed));
+        let e = KeyFile::Creds(unreadable).load().err().expect("no claims");
+        assert!(
+            e.contains("bad.creds") && e.contains("cannot be read"),
+            "{e}"
+        );
     }
 
     #[test]
