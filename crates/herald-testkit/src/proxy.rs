@@ -324,21 +324,7 @@ mod tests {
 
     #[tokio::test]
     async fn forwards_then_cuts_then_refuses_then_accepts() {
-        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let echo_addr = echo.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 64];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        let proxy = FaultProxy::start(&echo_addr.to_string())
+        let proxy = FaultProxy::start(&echo_server().await.to_string())
             .await
             .expect("proxy");
         let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
@@ -373,22 +359,31 @@ mod tests {
         assert_eq!(proxy.accepted(), 2);
     }
 
-    async fn echo_server() -> SocketAddr {
-        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = echo.local_addr().expect("addr");
+    /// A server on `127.0.0.1:0` running `serve` for each connection.
+    async fn server<F>(serve: fn(TcpStream) -> F) -> SocketAddr
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
         tokio::spawn(async move {
-            while let Ok((mut s, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf).await {
-                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(serve(s));
             }
         });
         addr
+    }
+
+    async fn echo_server() -> SocketAddr {
+        server(|mut s| async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
     }
 
     /// A round trip takes at least twice the one-way delay; bytes written back to back are
@@ -427,24 +422,21 @@ mod tests {
         );
     }
 
-    /// A server that answers one read with `reply`, then, 50 ms later, resets the connection.
-    async fn resetting_server(reply: &'static [u8]) -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 64];
-                    if s.read(&mut buf).await.is_ok() {
-                        let _sent = s.write_all(reply).await;
-                        // Its last words first, then (a while later) the reset.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        let _abort = s.set_zero_linger();
-                    }
-                });
+    /// What [`resetting_server`] says before it resets.
+    const LAST_WORDS: &[u8] = b"last words";
+
+    /// A server that answers one read with its last words, then, 50 ms later, resets the
+    /// connection.
+    async fn resetting_server() -> SocketAddr {
+        server(|mut s| async move {
+            let mut buf = [0u8; 64];
+            if s.read(&mut buf).await.is_ok() {
+                let _sent = s.write_all(LAST_WORDS).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _abort = s.set_zero_linger();
             }
-        });
-        addr
+        })
+        .await
     }
 
     /// What a client reads until its connection ends: the bytes, and whether it ended with a
@@ -471,7 +463,7 @@ mod tests {
     #[tokio::test]
     async fn resets_reach_the_client_as_resets_after_what_came_before() {
         for one_way in [Duration::ZERO, Duration::from_millis(20)] {
-            let server = resetting_server(b"last words").await;
+            let server = resetting_server().await;
             let proxy = FaultProxy::start_with_latency(&server.to_string(), one_way)
                 .await
                 .expect("proxy");
@@ -482,7 +474,7 @@ mod tests {
             // Undelayed, the reset may overtake bytes the proxy had not read yet, as on a
             // network; delayed, what was read before it arrives first.
             if !one_way.is_zero() {
-                assert_eq!(got, b"last words");
+                assert_eq!(got, LAST_WORDS);
             }
 
             let proxy = FaultProxy::start_with_latency(&echo_server().await.to_string(), one_way)
@@ -509,8 +501,9 @@ mod tests {
     /// write and dropped what the server had said before it, still held for the client.
     #[tokio::test]
     async fn a_reset_met_while_writing_still_delivers_what_came_before() {
-        let server = resetting_server(b"bye").await;
-        // Longer than the server's pause before its reset: "bye" is still held when it comes.
+        let server = resetting_server().await;
+        // Longer than the server's pause before its reset: its last words are still held
+        // when it comes.
         let proxy = FaultProxy::start_with_latency(&server.to_string(), Duration::from_millis(100))
             .await
             .expect("proxy");
@@ -524,6 +517,6 @@ mod tests {
         });
         let (got, _) = read_until_the_end(&mut read).await;
         writing.abort();
-        assert_eq!(got, b"bye");
+        assert_eq!(got, LAST_WORDS);
     }
 }
