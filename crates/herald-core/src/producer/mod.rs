@@ -232,26 +232,26 @@ impl Producer {
         // here has accepted nothing.
         tokio::task::coop::consume_budget().await;
         let (tx, rx) = oneshot::channel();
-        self.push_waiting(msg, Completion::One(tx)).await?;
-        Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone()))
-    }
-
-    /// Puts one message into the buffer (no store), waiting for space.
-    #[allow(clippy::result_large_err)] // handed straight back to the caller
-    async fn push_waiting(&self, msg: Message, done: Completion) -> Result<(), SendError> {
-        // Tried first without registering for room (two locks of the waiters' list a message,
-        // for nothing while the buffer has room); when full, registered before trying again,
-        // so that room freed in between is not missed.
-        let (mut msg, mut done) = match self.push_one(msg, done) {
-            Ok(()) => return Ok(()),
+        // Tried first here, without registering for room (two locks of the waiters' list a
+        // message, for nothing while the buffer has room) and without a future of its own
+        // (the message moved into it, once per message).
+        match self.push_one(msg, Completion::One(tx)) {
+            Ok(()) => {}
             Err(Refused {
                 msg,
                 done,
                 reason: FailureReason::BufferFull,
                 ..
-            }) => (msg, done),
+            }) => self.wait_for_room(msg, done).await?,
             Err(refused) => return Err(self.refused(refused)),
-        };
+        }
+        Ok(DeliveryFuture::new(rx, self.shared().unclaimed.clone()))
+    }
+
+    /// Puts one message that found the buffer full into it (no store), waiting for space:
+    /// registered for room before trying again, so that room freed in between is not missed.
+    #[allow(clippy::result_large_err)] // handed straight back to the caller
+    async fn wait_for_room(&self, mut msg: Message, mut done: Completion) -> Result<(), SendError> {
         loop {
             let mut space = pin!(self.shared().space.notified());
             space.as_mut().enable();
@@ -506,14 +506,9 @@ impl Producer {
     }
 
     #[allow(clippy::result_large_err)] // see `Refused`
+    #[inline(always)] // once per message: a call would copy the message in and out
     fn push_one(&self, msg: Message, done: Completion) -> Result<(), Refused> {
-        let mut admission = self
-            .shared()
-            .admit(std::iter::once((msg, done, None)), None, |_| {});
-        match admission.full.or_else(|| admission.refused.pop()) {
-            None => Ok(()),
-            Some(refused) => Err(refused),
-        }
+        self.shared().admit_one(msg, done)
     }
 
     /// The message with its producer span started (feature `otel`; see `crate::trace`).

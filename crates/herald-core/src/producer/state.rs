@@ -544,6 +544,24 @@ impl Shared {
         admission
     }
 
+    /// [`Shared::admit`] of one message not from the store, without an iterator to move it
+    /// through (once per message on `enqueue`'s path): accepted, or handed back refused.
+    #[allow(clippy::result_large_err)] // see `Refused`
+    #[inline(always)]
+    pub(crate) fn admit_one(&self, msg: Message, done: Completion) -> Result<(), Refused> {
+        let wake = {
+            let mut st = self.lock();
+            let wake = self.push(&mut st, msg, done, None, None, clock_now())?;
+            self.unsettled.fetch_add(1, Ordering::Relaxed);
+            wake
+        };
+        self.metrics.accepted.increment(1);
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
     /// Accepts one message into the buffer, or refuses it (full, too large, closed). Returns
     /// whether the dispatcher needs waking. Only [`Shared::admit`] calls it: it keeps the
     /// protocol around it.
