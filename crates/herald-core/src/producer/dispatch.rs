@@ -503,6 +503,14 @@ impl Shared {
         let messages = flight.messages;
         let mut metas = flight.metas;
         let n = messages.len();
+        // Answered one by one (not a `send_all`'s group, counted instead): room for all made
+        // once, not grown (and moved) ten times for a batch of 1 024.
+        if metas
+            .first()
+            .is_some_and(|m| !matches!(m.done, Completion::Group(_)))
+        {
+            fin.reserve(n);
+        }
         let mut outcomes = outcomes;
         outcomes.truncate(n);
         outcomes.resize_with(n, || {

@@ -366,6 +366,13 @@ pub(crate) struct Finished {
     stored: Vec<StoreToken>,
 }
 
+impl Finished {
+    /// Makes room for `n` more completions to run.
+    pub(crate) fn reserve(&mut self, n: usize) {
+        self.items.reserve(n);
+    }
+}
+
 impl Shared {
     pub(crate) fn new(
         config: Config,
