@@ -264,7 +264,7 @@ async fn delayed_copy(
     delay: Duration,
 ) -> Ended {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A chunk, or the input's end (`None`) and whether it was a reset.
+    // A chunk (`Ok`), or the input's end (`Err`, `true` when it was a reset).
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Result<Vec<u8>, bool>)>();
     let reader = async move {
         let mut buf = vec![0u8; 64 * 1024];
