@@ -1,7 +1,7 @@
 //! Reading a spool directory back: at open (cutting torn tails, deleting settled segments,
 //! rewriting the settle log), and for `inspect` and `check` (read-only unless repairing).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -121,6 +121,9 @@ pub struct Inspection {
 pub(crate) struct Scan {
     pub(crate) segments: BTreeMap<u64, Segment>,
     pub(crate) damage: Damage,
+    /// Where every damaged record is, `(segment, offset)`: all of them, where `damage`
+    /// lists the first 1 000.
+    pub(crate) corrupt_at: HashSet<(u64, u64)>,
     pub(crate) next_seq: u64,
     pub(crate) fsyncs: u64,
     /// How much of the settle log verified (0: none, or no log).
@@ -143,6 +146,7 @@ pub(crate) fn scan_dir(dir: &Path, cut: bool, fsyncs: bool) -> Result<Scan, Spoo
     let mut scan = Scan {
         segments: BTreeMap::new(),
         damage: Damage::default(),
+        corrupt_at: HashSet::new(),
         next_seq: 0,
         fsyncs: 0,
         settle_log_len: 0,
@@ -185,13 +189,16 @@ pub(crate) fn scan_dir(dir: &Path, cut: bool, fsyncs: bool) -> Result<Scan, Spoo
                     offset,
                     bytes,
                     reason,
-                } => scan.damage.add_corrupt(CorruptRecord {
-                    segment: path.clone(),
-                    offset,
-                    bytes,
-                    reason,
-                    segment_first: first,
-                }),
+                } => {
+                    scan.corrupt_at.insert((first, offset));
+                    scan.damage.add_corrupt(CorruptRecord {
+                        segment: path.clone(),
+                        offset,
+                        bytes,
+                        reason,
+                        segment_first: first,
+                    });
+                }
                 Item::Torn {
                     offset,
                     bytes,
@@ -252,7 +259,8 @@ pub(crate) struct Opened {
     pub(crate) segments: BTreeMap<u64, Segment>,
     pub(crate) next_seq: u64,
     pub(crate) settle_log: SettleLog,
-    pub(crate) damage: Damage,
+    /// See [`Scan::corrupt_at`].
+    pub(crate) corrupt_at: HashSet<(u64, u64)>,
     pub(crate) recovery: Recovery,
     pub(crate) fsyncs: u64,
 }
@@ -313,13 +321,13 @@ pub(crate) fn open_dir(dir: &Path, fsyncs: bool) -> Result<Opened, SpoolError> {
             pending_messages: stats.pending_messages,
             pending_bytes: stats.pending_bytes,
             segments: stats.segments,
-            damage: scan.damage.clone(),
+            damage: scan.damage,
             first_new_id: SpoolId::from_u64(next),
         },
         segments: scan.segments,
         next_seq: next,
         settle_log,
-        damage: scan.damage,
+        corrupt_at: scan.corrupt_at,
         fsyncs: scan.fsyncs,
     })
 }

@@ -296,13 +296,9 @@ impl Spool {
             }
         }
         let lock_file = crate::lock::acquire(&dir)?;
-        let opened = recover::open_dir(&dir, config.fsyncs())?;
-        let known_corrupt = opened
-            .damage
-            .corrupt
-            .iter()
-            .map(|c| (c.segment_first, c.offset))
-            .collect();
+        let mut opened = recover::open_dir(&dir, config.fsyncs())?;
+        // Every damaged record the open found (its report lists the first 1 000).
+        let known_corrupt = std::mem::take(&mut opened.corrupt_at);
         let shared = Arc::new(Shared {
             dir: dir.clone(),
             config,

@@ -468,6 +468,39 @@ fn damage_at_the_end_of_an_older_segment_is_corrupt_not_torn() {
     assert_eq!(checked.damage.corrupt_records, 1, "{:?}", checked.damage);
 }
 
+/// The open lists the first 1 000 damaged records, and `SpoolStats::corrupt_records` counted
+/// only those: a spool with more read as if it had 1 000.
+#[test]
+fn every_damaged_record_is_counted_not_only_the_thousand_listed() {
+    const N: u64 = 1_100;
+    let tmp = TempDir::new("many-corrupt");
+    let config = || SpoolConfig::new(tmp.spool());
+    let (spool, _) = open(config());
+    spool
+        .append_all(&(0..2 * N).map(message).collect::<Vec<_>>())
+        .expect("append");
+    drop(spool);
+    let seg = segments(&tmp.spool()).pop().expect("a segment");
+    let mut bytes = std::fs::read(&seg).expect("read");
+    // A payload byte flipped in every other record: N damaged records, each between two
+    // good ones.
+    for (offset, len, _) in records_in(&seg).into_iter().step_by(2) {
+        bytes[(offset + len - 2) as usize] ^= 0x20;
+    }
+    std::fs::write(&seg, &bytes).expect("write");
+    let (spool, recovery) = open(config());
+    assert_eq!(recovery.damage.corrupt_records, N);
+    assert_eq!(
+        recovery.damage.corrupt.len(),
+        1_000,
+        "the list stops at 1 000"
+    );
+    assert_eq!(spool.stats().corrupt_records, N);
+    // Reading meets them all again: each still counts once.
+    assert_eq!(read_all(&spool).len(), N as usize);
+    assert_eq!(spool.stats().corrupt_records, N);
+}
+
 #[test]
 fn damaged_records_in_the_middle_are_skipped_and_reported_with_segment_and_offset() {
     let tmp = TempDir::new("corrupt");
