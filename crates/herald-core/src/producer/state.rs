@@ -570,8 +570,8 @@ impl Shared {
     }
 
     /// Accepts one message into the buffer, or refuses it (full, too large, closed). Returns
-    /// whether the dispatcher needs waking. Only [`Shared::admit`] calls it: it keeps the
-    /// protocol around it.
+    /// whether the dispatcher needs waking. Only [`Shared::admit`] and [`Shared::admit_one`]
+    /// call it: they keep the protocol around it.
     #[allow(clippy::result_large_err)] // see `Refused`
     #[inline(always)]
     fn push(
