@@ -354,40 +354,38 @@ impl Inner {
         if live.lost.swap(true, Ordering::AcqRel) {
             return false;
         }
-        if why == GiveUp::Silent {
-            self.metrics.abandoned.increment(1);
-            tracing::warn!(
-                transport = "redis",
-                producer = self.producer(),
-                server = %self.server,
-                ack_timeout_ms = u64::try_from(self.config.ack_timeout.as_millis()).unwrap_or(u64::MAX),
-                "the Redis server stopped answering: connection given up, the next batch opens a new one"
-            );
-        } else if why == GiveUp::Replica {
-            self.metrics.abandoned.increment(1);
-            tracing::warn!(
-                transport = "redis",
-                producer = self.producer(),
-                server = %self.server,
-                "the Redis server is a replica now (READONLY or MASTERDOWN: after a failover the old primary becomes one): connection given up, the next batch opens a new one to the primary's name"
-            );
-        } else if why == GiveUp::OutOfStep {
-            self.metrics.abandoned.increment(1);
-            tracing::warn!(
-                transport = "redis",
-                producer = self.producer(),
-                server = %self.server,
-                "the Redis server answered an XADD with a reply that is no entry id: the connection's replies may be out of step with its commands; connection given up, the next batch opens a new one"
-            );
-        } else {
-            self.metrics.lost.increment(1);
-            tracing::warn!(
-                transport = "redis",
-                producer = self.producer(),
-                server = %self.server,
-                "the connection to the Redis server was lost; the next batch opens a new one"
-            );
-        }
+        let (counter, what) = match why {
+            GiveUp::Silent => {
+                self.metrics.abandoned.increment(1);
+                tracing::warn!(
+                    transport = "redis",
+                    producer = self.producer(),
+                    server = %self.server,
+                    ack_timeout_ms = u64::try_from(self.config.ack_timeout.as_millis()).unwrap_or(u64::MAX),
+                    "the Redis server stopped answering: connection given up, the next batch opens a new one"
+                );
+                return true;
+            }
+            GiveUp::Replica => (
+                &self.metrics.abandoned,
+                "the Redis server is a replica now (READONLY or MASTERDOWN: after a failover the old primary becomes one): connection given up, the next batch opens a new one to the primary's name",
+            ),
+            GiveUp::OutOfStep => (
+                &self.metrics.abandoned,
+                "the Redis server answered an XADD with a reply that is no entry id: the connection's replies may be out of step with its commands; connection given up, the next batch opens a new one",
+            ),
+            GiveUp::Lost => (
+                &self.metrics.lost,
+                "the connection to the Redis server was lost; the next batch opens a new one",
+            ),
+        };
+        counter.increment(1);
+        tracing::warn!(
+            transport = "redis",
+            producer = self.producer(),
+            server = %self.server,
+            "{what}"
+        );
         true
     }
 
