@@ -328,10 +328,7 @@ mod tests {
             .await
             .expect("proxy");
         let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
-        c.write_all(b"ping").await.expect("write");
-        let mut buf = [0u8; 4];
-        c.read_exact(&mut buf).await.expect("echo");
-        assert_eq!(&buf, b"ping");
+        echoed(&mut c, b"ping").await;
 
         proxy.cut_for(Duration::from_millis(300));
         let mut rest = Vec::new();
@@ -352,11 +349,17 @@ mod tests {
         let mut c = TcpStream::connect(proxy.addr())
             .await
             .expect("connect again");
-        c.write_all(b"pong").await.expect("write");
-        c.read_exact(&mut buf).await.expect("echo");
-        assert_eq!(&buf, b"pong");
+        echoed(&mut c, b"pong").await;
         assert_eq!(proxy.cuts(), 1);
         assert_eq!(proxy.accepted(), 2);
+    }
+
+    /// Sends `word` through `c` and reads it back from the echo server behind.
+    async fn echoed(c: &mut TcpStream, word: &[u8; 4]) {
+        c.write_all(word).await.expect("write");
+        let mut buf = [0u8; 4];
+        c.read_exact(&mut buf).await.expect("echo");
+        assert_eq!(&buf, word);
     }
 
     /// A server on `127.0.0.1:0` running `serve` for each connection.
@@ -397,10 +400,7 @@ mod tests {
         let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
         c.set_nodelay(true).expect("nodelay");
         let t0 = Instant::now();
-        c.write_all(b"ping").await.expect("write");
-        let mut buf = [0u8; 4];
-        c.read_exact(&mut buf).await.expect("echo");
-        assert_eq!(&buf, b"ping");
+        echoed(&mut c, b"ping").await;
         assert!(t0.elapsed() >= 2 * one_way, "{:?}", t0.elapsed());
 
         // 25 writes without waiting: a proxy that delayed them one after another would take
@@ -481,16 +481,13 @@ mod tests {
                 .await
                 .expect("proxy");
             let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
-            c.write_all(b"ping").await.expect("write");
-            let mut buf = [0u8; 4];
-            c.read_exact(&mut buf).await.expect("echo");
+            echoed(&mut c, b"ping").await;
             proxy.reset_for(Duration::ZERO);
             let (_, reset) = read_until_the_end(&mut c).await;
             assert!(reset, "reset_for resets ({one_way:?})");
             let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
             // Forwarded before the cut (an echo through the proxy).
-            c.write_all(b"ping").await.expect("write");
-            c.read_exact(&mut buf).await.expect("echo");
+            echoed(&mut c, b"ping").await;
             proxy.cut_for(Duration::ZERO);
             let (_, reset) = read_until_the_end(&mut c).await;
             assert!(!reset, "cut_for closes ({one_way:?})");
