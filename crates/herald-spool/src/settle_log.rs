@@ -419,34 +419,28 @@ mod tests {
     #[test]
     fn ids_become_runs_and_runs_survive_a_torn_frame() {
         assert_eq!(runs([1, 2, 3, 3, 5, 7, 8]), vec![(1, 3), (5, 1), (7, 2)]);
-        let dir = std::env::temp_dir().join(format!("herald-spool-settle-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = test_dir("runs");
         let mut log = SettleLog::rewrite(&dir, &[(10, 2)], false).expect("created");
         log.append(&[(20, 1), (30, 5)], 6).expect("appended");
         let whole = log.len;
         log.append(&[(40, 1)], 1).expect("appended");
         assert_eq!(log.unsynced, 7);
         drop(log);
-        let read_all = |path: &Path| {
-            let mut got = Vec::new();
-            let r = read(path, |a, b| got.push((a, b))).expect("reads");
-            (got, r)
-        };
         let path = dir.join(FILE);
-        let (got, r) = read_all(&path);
+        let (got, r) = runs_at(&path);
         assert_eq!(got, vec![(10, 2), (20, 1), (30, 5), (40, 1)]);
         assert_eq!(r.torn_bytes, 0);
         // Cut the last frame short: the frames before it still count.
         let f = OpenOptions::new().write(true).open(&path).expect("open");
         f.set_len(whole + 5).expect("cut");
-        let (got, r) = read_all(&path);
+        let (got, r) = runs_at(&path);
         assert_eq!(got, vec![(10, 2), (20, 1), (30, 5)]);
         assert_eq!((r.valid_len, r.torn_bytes), (whole, 5));
         // A flipped byte in a frame ends the log there.
         let mut bytes = std::fs::read(&path).expect("read");
         bytes[HEADER_LEN as usize + FRAME_HEAD + 2] ^= 1;
         std::fs::write(&path, &bytes).expect("write");
-        let (got, r) = read_all(&path);
+        let (got, r) = runs_at(&path);
         assert!(got.is_empty());
         assert_eq!(r.valid_len, HEADER_LEN);
         std::fs::remove_dir_all(&dir).expect("cleanup");
