@@ -1,11 +1,11 @@
 //! What the adapters' real-broker tests share: waiting on a condition with a deadline, a free
-//! port for a server of the test's own, and the check that a run lost nothing and kept per-key
-//! order of first copies.
+//! port for a server of the test's own, a run sent in parts around a fault, and the check that
+//! a run lost nothing and kept per-key order of first copies.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use herald_core::Message;
+use herald_core::{BulkReceipt, Message, Producer};
 use tokio::time::Instant;
 
 /// Waits until `cond` holds, checking every 20 ms; panics, naming `what`, after `within`.
@@ -23,6 +23,93 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// A run sent in parts, each only when the test sends it: a fault (a cut, a restart) made
+/// between two parts comes in the middle of the run however fast the parts before it went.
+/// Sent at once, a run can be delivered whole (or sit whole in the client's queue, flushed in
+/// a burst) between two looks at a counter, so that a fault meant for its middle comes after
+/// its end: on a fast broker a whole run takes a tenth of a second, and a loaded machine can
+/// hold a test's thread for that long.
+#[derive(Debug)]
+pub struct RunInParts<'a> {
+    producer: &'a Producer,
+    parts: std::slice::Chunks<'a, Message>,
+    receipts: Vec<BulkReceipt>,
+    sent: usize,
+    total: usize,
+    /// The producer's delivered count when the last part was sent.
+    delivered_at_send: u64,
+}
+
+impl<'a> RunInParts<'a> {
+    /// `msgs` in `parts` parts of (nearly) equal size, nothing sent yet.
+    pub fn new(producer: &'a Producer, msgs: &'a [Message], parts: usize) -> Self {
+        let size = msgs.len().div_ceil(parts.max(1)).max(1);
+        Self {
+            producer,
+            parts: msgs.chunks(size),
+            receipts: Vec::new(),
+            sent: 0,
+            total: msgs.len(),
+            delivered_at_send: 0,
+        }
+    }
+
+    /// Sends the next part (panics if none is left); returns how many messages are sent so far.
+    pub async fn send_next(&mut self) -> usize {
+        let part = self.parts.next().expect("a part left to send");
+        self.delivered_at_send = self.producer.stats().totals.delivered;
+        self.receipts
+            .push(self.producer.send_all(part.to_vec()).await);
+        self.sent += part.len();
+        self.sent
+    }
+
+    /// Waits (up to `within`, looking every millisecond) until the producer delivers a message
+    /// after the last part was sent: the connection carries the run, and a fault made now finds
+    /// nearly all of that part outstanding (a look every 20 ms could find a small part done).
+    pub async fn wait_flowing(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.producer.stats().totals.delivered <= self.delivered_at_send {
+            assert!(
+                Instant::now() < deadline,
+                "nothing delivered within {within:?} of sending part of a run ({} sent)",
+                self.sent
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Messages sent so far and not yet delivered or failed: those a fault made now finds
+    /// outstanding.
+    pub fn outstanding(&self) -> usize {
+        self.receipts.iter().map(BulkReceipt::pending).sum()
+    }
+
+    /// Sends what is left, waits (up to `within`) for every message's fate and asserts that
+    /// all were delivered (naming how many failed, and the first).
+    pub async fn finish(mut self, within: Duration) {
+        while self.parts.len() > 0 {
+            self.send_next().await;
+        }
+        let deadline = Instant::now() + within;
+        let (mut delivered, mut failed) = (0, Vec::new());
+        for receipt in self.receipts {
+            let report = tokio::time::timeout_at(deadline, receipt.wait())
+                .await
+                .expect("the run ends");
+            delivered += report.delivered;
+            failed.extend(report.failed);
+        }
+        assert!(
+            failed.is_empty(),
+            "{} failed, first: {:?}",
+            failed.len(),
+            failed.first()
+        );
+        assert_eq!(delivered, self.total as u64);
+    }
 }
 
 /// Per key, the positions (in `sent`) of the first copy of each message that arrived, in
