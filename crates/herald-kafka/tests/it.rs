@@ -15,7 +15,7 @@ use common::{
 use herald_core::{Destination, HealthIssue, Message, Producer};
 use herald_kafka::{admin, KafkaConfig, KafkaTransport};
 use herald_retry::{Backoff, ExponentialRetry};
-use herald_testkit::checks::free_port;
+use herald_testkit::checks::{free_port, RunInParts};
 use herald_testkit::conformance::{self, Injected};
 
 fn bootstrap() -> String {
@@ -400,6 +400,12 @@ async fn a_broker_restart_in_the_middle_of_a_run_loses_nothing() {
 /// librdkafka reconnects and sends again what was in flight: nothing lost, per key the last
 /// copies in order (the guarantee on Kafka, where librdkafka may store a later message of a
 /// partition before an earlier one it failed).
+///
+/// The run is sent in three parts, each cut made once the part before it is being delivered
+/// (`RunInParts`): both cuts come with messages outstanding and the run going on after them,
+/// however fast librdkafka flushes its backlog once connected again (all of a run can be in its
+/// queue at depth 16: waiting for a share of a run sent at once let the second cut come after
+/// its end).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs HERALD_TANSU_BIN: cargo xtask it kafka"]
 async fn connections_cut_in_the_middle_of_a_run_lose_nothing() {
@@ -419,22 +425,20 @@ async fn connections_cut_in_the_middle_of_a_run_lose_nothing() {
         .expect("producer");
     const N: usize = 60_000;
     let msgs = keyed(&t, 0..N, 20);
-    let receipt = producer.send_all(msgs.clone()).await;
-    let mut at_cuts = Vec::new();
+    let mut run = RunInParts::new(&producer, &msgs, 3);
+    // Outstanding just after each cut.
+    let mut outstanding = Vec::new();
     for k in 1..=2 {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while producer.stats().totals.delivered < (k * N / 4) as u64 {
-            assert!(Instant::now() < deadline, "no progress before cut {k}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        run.send_next().await;
+        run.wait_flowing(Duration::from_secs(120)).await;
         let accepted = proxy.accepted();
-        at_cuts.push(producer.stats().totals.delivered);
         // A close, then a reset (a failed host or network path).
         if k == 1 {
             proxy.cut_for(Duration::from_millis(500));
         } else {
             proxy.reset_for(Duration::from_millis(500));
         }
+        outstanding.push(run.outstanding());
         let deadline = Instant::now() + Duration::from_secs(60);
         while proxy.accepted() == accepted {
             assert!(
@@ -444,17 +448,18 @@ async fn connections_cut_in_the_middle_of_a_run_lose_nothing() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    run.finish(Duration::from_secs(180)).await;
     assert!(
-        at_cuts.iter().all(|&d| d < N as u64),
-        "both cuts came mid-run: {at_cuts:?}"
+        outstanding.iter().all(|&n| n > 0),
+        "both cuts came with messages outstanding: {outstanding:?}"
     );
-    assert_eq!(delivered_all(receipt).await, N as u64);
     let stats = producer.stats();
     producer.close(Duration::from_secs(30)).await;
     let got = read_to_end(&b, &t).await;
     let duplicates = assert_all_stored_last_copies_in_order(&msgs, &got);
     eprintln!(
-        "cuts at {at_cuts:?} delivered: {} retries by herald, {} stored for {N} sent ({duplicates} duplicates)",
+        "cuts with {outstanding:?} outstanding: {} retries by herald, {} stored for {N} sent \
+         ({duplicates} duplicates)",
         stats.totals.retries,
         got.len(),
     );
@@ -515,9 +520,10 @@ async fn a_broker_of_two_killed_for_good_in_the_middle_of_a_run_loses_nothing() 
         .build()
         .expect("producer");
     let msgs = keyed(&t, 0..60_000, 20);
-    let receipt = producer.send_all(msgs.clone()).await;
+    let mut run = RunInParts::new(&producer, &msgs, 2);
+    run.send_next().await;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while producer.stats().totals.delivered < 15_000 {
+    while producer.stats().totals.delivered < 10_000 {
         assert!(Instant::now() < deadline, "no progress before the kill");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -527,6 +533,10 @@ async fn a_broker_of_two_killed_for_good_in_the_middle_of_a_run_loses_nothing() 
     let before = producer.stats().totals.delivered;
     let killed = Instant::now();
     brokers[dead].kill();
+    // The second half is sent after the kill, so the run goes on after it however much of the
+    // first was delivered (librdkafka may hold all of it, and flush it before the kill), and
+    // all of the second half must go through the survivor.
+    run.send_next().await;
     let deadline = Instant::now() + Duration::from_secs(120);
     while producer.stats().totals.delivered <= before + 100 {
         assert!(
@@ -536,11 +546,7 @@ async fn a_broker_of_two_killed_for_good_in_the_middle_of_a_run_loses_nothing() 
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let failover = killed.elapsed();
-    assert_eq!(delivered_all(receipt).await, 60_000);
-    assert!(
-        before < 60_000,
-        "the kill happened in the middle of the run"
-    );
+    run.finish(Duration::from_secs(240)).await;
     let stats = producer.stats();
     producer.close(Duration::from_secs(30)).await;
     let got = read_to_end(&survivor, &t).await;
@@ -641,8 +647,10 @@ async fn a_new_producer_s_first_message_does_not_wait_for_librdkafka_s_producer_
         raw_first >= Duration::from_millis(450),
         "the raw client no longer waits for librdkafka's timer ({raw_first:?}): the nudge may not be needed any more"
     );
+    // herald saves the timer's wait: a margin of half of it, not a ratio, so that a loaded
+    // machine slowing both connections does not fail it.
     assert!(
-        herald_first * 2 < raw_first,
+        herald_first + Duration::from_millis(250) < raw_first,
         "herald's first message waited as the raw client's did: herald {herald_first:?}, raw {raw_first:?}"
     );
 }
@@ -696,11 +704,14 @@ async fn tls_with_the_tests_ca_delivers_and_an_unknown_ca_is_refused() {
         .await
         .expect("TLS proxy");
     let _broker = OwnTansu::start_on(bin, port, Some(proxy.addr().port()), Vec::new());
-    let tls = |ca: &std::path::Path| {
+    // librdkafka's message timeout: long where the messages must be delivered (one that times
+    // out makes librdkafka bump its epoch, which Tansu's SQLite storage cannot take: see
+    // `a_broker_restart_in_the_middle_of_a_run_loses_nothing`), short where they cannot be.
+    let tls = |ca: &std::path::Path, timeout: Duration| {
         KafkaConfig::new(proxy.addr().to_string())
             .property("security.protocol", "SSL")
             .property("ssl.ca.location", ca.to_string_lossy())
-            .message_timeout(Duration::from_secs(2))
+            .message_timeout(timeout)
     };
     let ca = certs.join("ca.pem");
     let t = unique("tls");
@@ -715,7 +726,13 @@ async fn tls_with_the_tests_ca_delivers_and_an_unknown_ca_is_refused() {
         .await
         .expect("create the topic over TLS");
 
-    let report = send_through(tls(&ca), &t, 500, Duration::from_secs(60)).await;
+    let report = send_through(
+        tls(&ca, Duration::from_secs(60)),
+        &t,
+        500,
+        Duration::from_secs(60),
+    )
+    .await;
     assert!(report.failed.is_empty(), "{:?}", report.failed.first());
     assert_eq!(report.delivered, 500);
     assert!(proxy.handshakes() > 0, "nothing went through TLS");
@@ -724,7 +741,7 @@ async fn tls_with_the_tests_ca_delivers_and_an_unknown_ca_is_refused() {
     // back by its delivery timeout, and the error says why.
     let before = proxy.handshakes();
     let report = send_through(
-        tls(&stranger.join("ca.pem")),
+        tls(&stranger.join("ca.pem"), Duration::from_secs(2)),
         &t,
         20,
         Duration::from_secs(6),
@@ -775,20 +792,22 @@ async fn sasl_scram_delivers_with_the_password_and_is_refused_without_it() {
     broker.down();
     broker.args.push("--authentication");
     broker.up();
-    let sasl = |mechanism: &str, user: &str, password: &str| {
+    // librdkafka's message timeout: long where the messages must be delivered (see the TLS
+    // test), short where they cannot be.
+    let sasl = |mechanism: &str, user: &str, password: &str, timeout: Duration| {
         KafkaConfig::new(b.clone())
             .property("security.protocol", "SASL_PLAINTEXT")
             .property("sasl.mechanisms", mechanism)
             .property("sasl.username", user)
             .property("sasl.password", password)
-            .message_timeout(Duration::from_secs(2))
+            .message_timeout(timeout)
     };
     for (mechanism, user) in [
         ("SCRAM-SHA-256", "herald-scram256"),
         ("SCRAM-SHA-512", "herald-scram512"),
     ] {
         let report = send_through(
-            sasl(mechanism, user, "s3cret-pw"),
+            sasl(mechanism, user, "s3cret-pw", Duration::from_secs(60)),
             &t,
             300,
             Duration::from_secs(60),
@@ -816,7 +835,7 @@ async fn sasl_scram_delivers_with_the_password_and_is_refused_without_it() {
         ),
     ] {
         let report = send_through(
-            sasl(mechanism, user, "wrong-pw-hunter2"),
+            sasl(mechanism, user, "wrong-pw-hunter2", Duration::from_secs(2)),
             &t,
             20,
             Duration::from_secs(6),
