@@ -123,12 +123,14 @@ async fn concurrent_calls_wait_out_the_backoff_side_by_side() {
 async fn missing_confirms_time_out_once_per_batch_not_once_per_message() {
     // The first publish of a channel is confirmed (it goes alone), the nine after it never.
     let port = fake_broker(Fake::ConfirmsFirst).await;
-    let t = connected(port, |c| c.confirm_timeout(Duration::from_millis(400))).await;
+    // A second: the first publish's confirm comes in time on a loaded machine too. Once per
+    // message would take ten.
+    let t = connected(port, |c| c.confirm_timeout(Duration::from_secs(1))).await;
     let batch = numbered(10);
     let started = std::time::Instant::now();
     let out = t.send_batch(&Destination::new("q"), &batch).await;
     let took = started.elapsed();
-    assert!(took < Duration::from_millis(1500), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
     assert!(out[0].is_ok(), "{:?}", out[0]);
     for o in &out[1..] {
         let e = o.as_ref().expect_err("never confirmed");
@@ -223,7 +225,8 @@ async fn a_dead_first_address_is_skipped_for_the_next_one() {
 }
 
 /// A transport over two fake nodes, one that never confirms first and one that confirms, with a
-/// confirm timeout of 300 ms; and the good node's port.
+/// confirm timeout of a second (the good node's confirms come in time on a loaded machine too);
+/// and the good node's port.
 async fn silent_then_good() -> (AmqpTransport, u16) {
     let silent = fake_broker(Fake::Silent).await;
     let good = fake_broker(Fake::Confirms).await;
@@ -232,7 +235,7 @@ async fn silent_then_good() -> (AmqpTransport, u16) {
             .expect("url")
             .addresses([format!("127.0.0.1:{silent}"), format!("127.0.0.1:{good}")])
             .expect("addresses")
-            .confirm_timeout(Duration::from_millis(300)),
+            .confirm_timeout(Duration::from_secs(1)),
     )
     .expect("transport");
     (t, good)
@@ -374,7 +377,7 @@ async fn a_nacked_first_publish_goes_out_again_on_a_new_channel_in_the_same_call
 async fn a_first_publish_nacked_until_the_deadline_fails_the_batch_unsent() {
     let broker = common::fake_broker::start(Fake::NacksFirst(usize::MAX)).await;
     let t = connected(broker.port, |c| {
-        c.confirm_timeout(Duration::from_millis(300))
+        c.confirm_timeout(Duration::from_secs(1))
             .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(50))
     })
     .await;
@@ -382,7 +385,7 @@ async fn a_first_publish_nacked_until_the_deadline_fails_the_batch_unsent() {
     let started = std::time::Instant::now();
     let out = t.send_batch(&Destination::new("q"), &batch).await;
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(4),
         "{:?}",
         started.elapsed()
     );

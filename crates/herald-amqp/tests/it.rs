@@ -292,8 +292,9 @@ impl Harness for AmqpHarness {
     }
 
     async fn inject_transient_failures(&self, _calls: usize) -> Injected {
-        // Every open connection is cut, and reconnecting fails for 300 ms.
-        self.proxy.cut_for(Duration::from_millis(300));
+        // Every open connection is cut, and reconnecting fails for a second (long enough for the
+        // run that follows to meet it on a loaded machine).
+        self.proxy.cut_for(Duration::from_secs(1));
         Injected::IntoTransport
     }
 }

@@ -524,11 +524,13 @@ async fn a_failed_delivery_report_holds_the_later_messages_of_its_key_behind_its
         KafkaConfig::new(cluster.bootstrap_servers()).batch_num_messages(1),
     ))
     .expect("transport");
+    // The four in one batch, closed at the fourth message whenever that comes (a short linger
+    // could split them on a loaded machine).
     let producer = Producer::builder(transport)
         .batching(herald_batch::SizeOrLinger::new(
-            100,
+            4,
             1 << 20,
-            Duration::from_millis(50),
+            Duration::from_secs(5),
         ))
         .retry(ExponentialRetry::new(Backoff::new(
             Duration::from_millis(10),
@@ -536,10 +538,13 @@ async fn a_failed_delivery_report_holds_the_later_messages_of_its_key_behind_its
         )))
         .build()
         .expect("producer");
-    producer
-        .send(Message::new("report-fails", "warm-up").with_key("w"))
+    let warm_up = producer
+        .enqueue(Message::new("report-fails", "warm-up").with_key("w"))
         .await
-        .expect("connected");
+        .expect("accepted");
+    // Alone in its batch: a flush skips the linger.
+    producer.flush().await;
+    warm_up.await.expect("connected");
     cluster
         .fail_produce_requests(&[ProduceFault::NetworkException])
         .expect("inject");
@@ -830,9 +835,10 @@ async fn a_partition_leader_lost_for_good_loses_nothing_and_keeps_order() {
     let sent = keyed("leader-loss", 20_000, 16);
     // The doomed leader answers slowly: its partition is still in flight when partition 1's
     // messages are in (the mock is fast enough to finish the whole run before a poll sees
-    // 5 000 delivered otherwise, and the kill then comes after the end).
+    // 5 000 delivered otherwise, and the kill then comes after the end). A second: with 300 ms,
+    // a test thread held that long on a loaded machine would see the run end first.
     cluster
-        .round_trip_time(1, Duration::from_millis(300))
+        .round_trip_time(1, Duration::from_secs(1))
         .expect("slow leader");
     let receipt = producer.send_all(sent.clone()).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

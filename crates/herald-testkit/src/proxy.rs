@@ -330,7 +330,10 @@ mod tests {
         let mut c = TcpStream::connect(proxy.addr()).await.expect("connect");
         echoed(&mut c, b"ping").await;
 
-        proxy.cut_for(Duration::from_millis(300));
+        // Refusals for two seconds: the steps below fit in them on a loaded machine too.
+        const REFUSE: Duration = Duration::from_secs(2);
+        let cut_at = tokio::time::Instant::now();
+        proxy.cut_for(REFUSE);
         let mut rest = Vec::new();
         let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
             .await
@@ -345,7 +348,7 @@ mod tests {
             .expect("closed at once");
         assert!(got.map_or(true, |n| n == 0));
 
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep_until(cut_at + REFUSE + Duration::from_millis(100)).await;
         let mut c = TcpStream::connect(proxy.addr())
             .await
             .expect("connect again");
