@@ -217,25 +217,28 @@ fn read(
     let mut count = 0;
     // Since when polls have brought nothing.
     let mut quiet_since: Option<Instant> = None;
-    // The end: every partition read up to its high watermark (as many records as its
-    // watermarks span, or its last offset, where offsets have gaps), and then 1 s in which
-    // nothing more came. Tansu 0.6 serves a partition's records out of offset order after
-    // pipelined produce requests: reading 20 000 records, the last offset alone ended the read
-    // at 19 060, so a quiet second is asked for as well.
+    // The end: every partition read up to its high watermark, and then a time in which nothing
+    // more came: 1 s once a partition holds as many records as its watermarks span, 5 s where
+    // only its last offset says so (offsets with gaps). Tansu 0.6 serves a partition's records
+    // out of offset order after pipelined produce requests: reading 20 000 records, the last
+    // offset alone ended the read at 19 060, so quiet is asked for as well, and longer where
+    // the count cannot confirm the end (a fetch can stall for a second on a loaded machine).
     let done = |count: usize,
                 quiet_since: Option<Instant>,
                 by_partition: &BTreeMap<i32, BTreeMap<i64, Message>>| {
         match until {
             Until::Count(expected) => count >= expected,
             Until::End => {
-                quiet_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(1))
+                let quiet = quiet_since.map_or(Duration::ZERO, |t| t.elapsed());
+                quiet >= Duration::from_secs(1)
                     && ends.iter().all(|(p, &(low, high))| {
                         let read = by_partition.get(p);
                         let n = read.map_or(0, BTreeMap::len);
                         let last = read.and_then(|r| r.keys().next_back().copied());
                         high <= low
                             || i64::try_from(n).is_ok_and(|n| n >= high - low)
-                            || last.is_some_and(|last| last + 1 >= high)
+                            || (quiet >= Duration::from_secs(5)
+                                && last.is_some_and(|last| last + 1 >= high))
                     })
             }
         }
