@@ -44,9 +44,11 @@ mod enabled {
 
     /// Starts the message's span and injects its context (if `transport` carries headers),
     /// unless it has a span already.
-    pub(crate) fn accepting(mut msg: Message, transport: &dyn Transport) -> Message {
+    ///
+    /// In place: once per message, and a message moved in and out is copied twice.
+    pub(crate) fn accepting(msg: &mut Message, transport: &dyn Transport) {
         if msg.span.is_some() {
-            return msg;
+            return;
         }
         let headers = transport.carries_headers();
         let transport = transport.name();
@@ -69,20 +71,32 @@ mod enabled {
             herald.attempts = Empty,
         );
         if headers {
-            inject(&span, &mut msg);
+            inject(&span, msg);
         }
         // A span no subscriber records is kept as none: nothing would be recorded on it.
         if !span.is_disabled() {
             msg.span = Some(Box::new(span));
         }
-        msg
     }
 
     /// Writes the context of `span` (or of the caller's span when `span` is not recorded, a
     /// filter having turned it off) into the headers.
     fn inject(span: &tracing::Span, msg: &mut Message) {
-        let mut cx = span.context();
+        // A span no subscriber records has no context (`context()` makes an empty one), and
+        // where no subscriber takes any level no span is current either: then there is nothing
+        // to inject, known without asking (the caller's span costs a look-up of the
+        // dispatcher, once per message).
+        let mut cx = if span.is_disabled() {
+            opentelemetry::Context::new()
+        } else {
+            span.context()
+        };
         if !cx.span().span_context().is_valid() {
+            if tracing::level_filters::LevelFilter::current()
+                == tracing::level_filters::LevelFilter::OFF
+            {
+                return;
+            }
             cx = tracing::Span::current().context();
         }
         if !cx.span().span_context().is_valid()
@@ -162,9 +176,7 @@ mod disabled {
     use super::{Ack, FailureReason, Message};
 
     #[inline(always)]
-    pub(crate) fn accepting(msg: Message, _transport: &dyn crate::Transport) -> Message {
-        msg
-    }
+    pub(crate) fn accepting(_msg: &mut Message, _transport: &dyn crate::Transport) {}
     #[inline(always)]
     pub(crate) fn sending(_messages: &[Message]) {}
     #[inline(always)]

@@ -206,6 +206,65 @@ fn each_message_gets_a_send_span_under_the_callers_span_and_its_traceparent() {
     assert_traced(&exporter, &provider, "memory", "orders", caller, &received);
 }
 
+/// Turns herald's own spans off (what a filter on the target `herald::trace` does), and leaves
+/// every other span on.
+struct WithoutHeraldSpans;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WithoutHeraldSpans {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        // Asked each time: an interest cached as never would outlive this test's subscriber.
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn enabled(
+        &self,
+        metadata: &tracing::Metadata<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        metadata.target() != "herald::trace"
+    }
+}
+
+/// With herald's spans filtered out, the caller's span context still travels in the headers:
+/// a consumer continues the caller's trace.
+#[test]
+fn with_herald_s_spans_filtered_out_the_caller_s_context_travels() {
+    let _serial = serial();
+    let (subscriber, exporter, provider) = otel();
+    let transport = MemoryTransport::new();
+    let _guard = tracing::subscriber::set_default(subscriber.with(WithoutHeraldSpans));
+    let caller = runtime().block_on(async {
+        let producer = Producer::builder(transport.clone())
+            .build()
+            .expect("producer");
+        let request = tracing::info_span!("handle request");
+        let caller = ids(&request);
+        producer
+            .send(Message::new("orders", "a"))
+            .instrument(request)
+            .await
+            .expect("delivered");
+        producer.close(Duration::from_secs(5)).await;
+        caller
+    });
+    let received = transport.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(
+        header(&received[0], "traceparent"),
+        Some(format!("00-{}-{}-01", caller.0, caller.1)),
+        "the caller's context"
+    );
+    provider.force_flush().expect("flush");
+    let spans = exporter.get_finished_spans().expect("spans");
+    assert!(
+        spans.iter().all(|s| !s.name.starts_with("send ")),
+        "no span of herald's: {:?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+}
+
 /// A transport whose messages carry no headers (MQTT 3.1.1): the memory transport, saying so.
 struct Headerless(MemoryTransport);
 

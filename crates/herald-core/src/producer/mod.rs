@@ -513,8 +513,9 @@ impl Producer {
 
     /// The message with its producer span started (feature `otel`; see `crate::trace`).
     #[inline(always)] // once per message: a call would copy the message in and out
-    fn traced(&self, msg: Message) -> Message {
-        crate::trace::accepting(msg, &*self.shared().transport)
+    fn traced(&self, mut msg: Message) -> Message {
+        crate::trace::accepting(&mut msg, &*self.shared().transport);
+        msg
     }
 
     fn refused(&self, refused: Refused) -> SendError {
@@ -540,9 +541,10 @@ impl Producer {
         I: IntoIterator<Item = Message>,
     {
         let transport = &*self.shared().transport;
-        let msgs = msgs
-            .into_iter()
-            .map(move |msg| crate::trace::accepting(msg, transport));
+        let msgs = msgs.into_iter().map(move |mut msg| {
+            crate::trace::accepting(&mut msg, transport);
+            msg
+        });
         if let Some(stage) = &self.shared().stage {
             return self.send_all_stored(stage, msgs).await;
         }
