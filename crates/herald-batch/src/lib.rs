@@ -369,7 +369,7 @@ impl<D: Hash + Eq + Clone, T> Accumulator<D, T> {
     }
 
     /// As [`Accumulator::push_back`], into a queue found with [`Accumulator::slot`].
-    #[inline]
+    #[inline(always)] // once per message: a call copies the item into its argument
     pub fn push_back_at(&mut self, slot: Slot, item: T, bytes: usize, now: Instant) -> bool {
         let q = &mut self.queues[slot.0];
         let was_empty = q.items.is_empty();

@@ -9,8 +9,25 @@ use bytes::Bytes;
 ///
 /// Cheap to clone (a shared string), so build it once and clone it into each message. Equality and
 /// hashing are by name.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Eq, PartialOrd, Ord)]
 pub struct Destination(Arc<str>);
+
+/// By name, and at once for clones of one destination: the producer compares each message's
+/// destination with its queue's (`Arc<str>` compares its bytes even when both point to the same
+/// string; `Arc`'s pointer check before comparing is for sized values only).
+impl PartialEq for Destination {
+    #[inline]
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+/// By name, as equality.
+impl std::hash::Hash for Destination {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl Destination {
     /// A destination named `name`. Transports check the name when they first use it.
@@ -330,6 +347,20 @@ const _: () = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destinations_are_equal_and_hash_alike_by_name_whether_shared_or_not() {
+        use std::hash::BuildHasher;
+        let orders = Destination::new("orders");
+        let same_name = Destination::new(String::from("orders"));
+        let hasher = std::collections::hash_map::RandomState::new();
+        for other in [orders.clone(), same_name] {
+            assert_eq!(orders, other);
+            assert_eq!(hasher.hash_one(&orders), hasher.hash_one(&other));
+            assert_eq!(hasher.hash_one(&orders), hasher.hash_one("orders"));
+        }
+        assert_ne!(orders, Destination::new("order"));
+    }
 
     #[test]
     fn ids_are_uuid_v7_in_time_order_and_round_trip_as_text() {
