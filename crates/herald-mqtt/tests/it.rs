@@ -489,6 +489,7 @@ async fn connection_cut_mid_run_loses_nothing_and_keeps_per_key_order() {
     for round in 0..2 {
         run.send_next().await;
         run.wait_flowing(Duration::from_secs(60)).await;
+        let accepted = proxy.accepted();
         // A close, then a reset (a failed host or network path).
         if round == 0 {
             proxy.cut_for(Duration::from_millis(500));
@@ -500,6 +501,14 @@ async fn connection_cut_mid_run_loses_nothing_and_keeps_per_key_order() {
             Duration::from_secs(5),
             "the transport to see the loss",
             || !probe.is_connected(),
+        )
+        .await;
+        // Connected again before the next part: deliveries counted after the cut can be
+        // answers that came before it, and a cut while none is open cuts nothing.
+        wait_for(
+            Duration::from_secs(60),
+            "a new connection after the cut",
+            || proxy.accepted() > accepted,
         )
         .await;
     }
