@@ -204,9 +204,13 @@ pub(crate) struct State {
 pub(crate) struct IdClock {
     unix_millis_at_start: u64,
     start: Instant,
-    /// The last `now` asked about, with its Unix milliseconds: the messages of one admission
-    /// share one `now`, so the conversion runs once per admission, not per message.
-    last: (Instant, u64),
+    /// The millisecond (counted from `start`) of the last `now` asked about: from `.0` up to
+    /// (not including) `.1`, and its Unix milliseconds. A `now` inside it needs two comparisons
+    /// instead of a subtraction and a division: at a message per admission (`enqueue`) the
+    /// conversion runs about once a millisecond, not once a message.
+    window: (Instant, Instant, u64),
+    /// The last `now` asked about.
+    last: Instant,
 }
 
 impl IdClock {
@@ -215,24 +219,43 @@ impl IdClock {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let unix_millis_at_start = u64::try_from(unix.as_millis()).unwrap_or(u64::MAX);
-        Self {
+        let mut clock = Self {
             unix_millis_at_start,
             start: now,
-            last: (now, unix_millis_at_start),
-        }
+            window: (now, now, unix_millis_at_start),
+            last: now,
+        };
+        clock.window = clock.millisecond_of(now);
+        clock
+    }
+
+    /// The millisecond of `now` counted from `start` (the first before `start`, which only a
+    /// clock going back could give), as in [`IdClock::window`].
+    fn millisecond_of(&self, now: Instant) -> (Instant, Instant, u64) {
+        let since = now.saturating_duration_since(self.start);
+        let ms = since
+            .as_secs()
+            .saturating_mul(1000)
+            .saturating_add(u64::from(since.subsec_millis()));
+        let from = self.start + Duration::from_millis(ms);
+        (
+            from,
+            from + Duration::from_millis(1),
+            self.unix_millis_at_start.saturating_add(ms),
+        )
     }
 
     #[inline]
     pub(crate) fn next(&mut self, now: Instant, rng: &mut fastrand::Rng) -> MessageId {
-        if now != self.last.0 {
-            let since = now.saturating_duration_since(self.start);
-            let since = since
-                .as_secs()
-                .saturating_mul(1000)
-                .saturating_add(u64::from(since.subsec_millis()));
-            self.last = (now, self.unix_millis_at_start.saturating_add(since));
+        // The messages of one admission share one `now`: one comparison for all but the first.
+        if now != self.last {
+            let (from, until, _) = self.window;
+            if now < from || now >= until {
+                self.window = self.millisecond_of(now);
+            }
+            self.last = now;
         }
-        MessageId::v7(self.last.1, rng.u128(..))
+        MessageId::v7(self.window.2, rng.u128(..))
     }
 }
 
@@ -854,6 +877,28 @@ mod tests {
         assert_eq!(millis(clock.next(later, &mut rng)), at_start + 1_500);
         assert_eq!(millis(clock.next(start, &mut rng)), at_start, "asked again");
         assert_ne!(again, clock.next(start, &mut rng), "ids stay unique");
+        // Within one millisecond and across its edges, forwards and back.
+        let us = Duration::from_micros;
+        for (at, want) in [
+            (us(999), 0),
+            (us(1_000), 1),
+            (us(1_999), 1),
+            (us(2_000), 2),
+            (us(1_000), 1),
+            (us(999), 0),
+            (us(3_000_001), 3_000),
+        ] {
+            assert_eq!(
+                millis(clock.next(start + at, &mut rng)),
+                at_start + want,
+                "{at:?} after the start"
+            );
+        }
+        // A `now` before the start (a clock that went back) is the start's millisecond.
+        if let Some(before) = start.checked_sub(us(1_500)) {
+            assert_eq!(millis(clock.next(before, &mut rng)), at_start);
+            assert_eq!(millis(clock.next(start + us(10), &mut rng)), at_start);
+        }
     }
 
     #[test]
