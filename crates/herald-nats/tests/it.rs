@@ -22,7 +22,9 @@ use herald_core::{
     ProducerBuilder, Transport, TransportError,
 };
 use herald_nats::{NatsConfig, NatsTransport};
-use herald_testkit::checks::{assert_complete_in_key_order, free_port, wait_for, RunInParts};
+use herald_testkit::checks::{
+    assert_complete_in_key_order, cut_twice_mid_run, free_port, wait_for, RunInParts,
+};
 use herald_testkit::conformance::{self, Harness, Injected};
 use herald_testkit::proxy::FaultProxy;
 use tokio::time::Instant;
@@ -412,41 +414,15 @@ async fn connection_cut_mid_run_loses_nothing_and_keeps_per_key_order() {
     let sent: Vec<Message> = (0..N)
         .map(|i| Message::new(dest.clone(), format!("f-{i}")).with_key(format!("k{}", i % 8)))
         .collect();
-    // In three parts, each cut made once the part before it is being delivered: both come with
-    // messages outstanding and the run going on after them (see `RunInParts`).
-    let mut run = RunInParts::new(&p, &sent, 3);
-    let mut outstanding = Vec::new();
-    for round in 0..2 {
-        run.send_next().await;
-        run.wait_flowing(Duration::from_secs(60)).await;
-        let accepted = proxy.accepted();
-        // A close, then a reset (a failed host or network path).
-        if round == 0 {
-            proxy.cut_for(Duration::from_millis(500));
-        } else {
-            proxy.reset_for(Duration::from_millis(500));
-        }
-        outstanding.push(run.outstanding());
-        wait_for(
-            Duration::from_secs(5),
-            "the transport to see the loss",
-            || !probe.is_connected(),
-        )
-        .await;
-        // Connected again before the next part: deliveries counted after the cut can be
-        // answers that came before it, and a cut while none is open cuts nothing.
-        wait_for(
-            Duration::from_secs(60),
-            "a new connection after the cut",
-            || proxy.accepted() > accepted,
-        )
-        .await;
-    }
-    run.finish(Duration::from_secs(180)).await;
-    assert!(
-        outstanding.iter().all(|&n| n > 0),
-        "both cuts came with messages outstanding: {outstanding:?}"
-    );
+    // In three parts, a cut between each (see `cut_twice_mid_run`).
+    let outstanding = cut_twice_mid_run(
+        &p,
+        &sent,
+        &proxy,
+        || !probe.is_connected(),
+        Duration::from_secs(180),
+    )
+    .await;
     assert_eq!(proxy.cuts(), 2);
     assert!(proxy.accepted() >= 3, "a new connection after each cut");
     assert!(probe.is_connected(), "connected again");

@@ -112,6 +112,51 @@ impl<'a> RunInParts<'a> {
     }
 }
 
+/// The connection-cut tests' run: `msgs` in three parts; once each of the first two is being
+/// delivered, every connection through `proxy` is cut (a close, then a reset; new connections
+/// are refused for half a second), and the next part goes only once `lost` has held (the
+/// transport saw the loss: `|| true` where it cannot tell) and a new connection came through
+/// the proxy (deliveries counted after a cut can be answers that came before it, and a cut
+/// while none is open cuts nothing). Then waits (up to `within`) for every message, asserts
+/// that all were delivered and that both cuts found messages outstanding, and returns how many.
+pub async fn cut_twice_mid_run(
+    producer: &Producer,
+    msgs: &[Message],
+    proxy: &crate::proxy::FaultProxy,
+    lost: impl Fn() -> bool,
+    within: Duration,
+) -> Vec<usize> {
+    let mut run = RunInParts::new(producer, msgs, 3);
+    let mut outstanding = Vec::new();
+    for round in 0..2 {
+        run.send_next().await;
+        run.wait_flowing(within).await;
+        let accepted = proxy.accepted();
+        if round == 0 {
+            proxy.cut_for(Duration::from_millis(500));
+        } else {
+            proxy.reset_for(Duration::from_millis(500));
+        }
+        outstanding.push(run.outstanding());
+        wait_for(
+            Duration::from_secs(5),
+            "the transport to see the loss",
+            &lost,
+        )
+        .await;
+        wait_for(within, "a new connection after the cut", || {
+            proxy.accepted() > accepted
+        })
+        .await;
+    }
+    run.finish(within).await;
+    assert!(
+        outstanding.iter().all(|&n| n > 0),
+        "both cuts came with messages outstanding: {outstanding:?}"
+    );
+    outstanding
+}
+
 /// Per key, the positions (in `sent`) of the first copy of each message that arrived, in
 /// arrival order; asserts they increase, and that every message arrived. Messages are told
 /// apart by payload, so `sent` must hold distinct payloads, each with a key.
