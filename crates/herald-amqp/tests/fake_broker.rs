@@ -124,7 +124,7 @@ async fn missing_confirms_time_out_once_per_batch_not_once_per_message() {
     // The first publish of a channel is confirmed (it goes alone), the nine after it never.
     let port = fake_broker(Fake::ConfirmsFirst).await;
     // A second: the first publish's confirm comes in time on a loaded machine too. Once per
-    // message would take ten.
+    // message would take nine (the nine never confirmed).
     let t = connected(port, |c| c.confirm_timeout(Duration::from_secs(1))).await;
     let batch = numbered(10);
     let started = std::time::Instant::now();

@@ -83,18 +83,16 @@ mod enabled {
     /// filter having turned it off) into the headers.
     fn inject(span: &tracing::Span, msg: &mut Message) {
         // A span no subscriber records has no context (`context()` makes an empty one), and
-        // where no subscriber takes any level no span is current either: then there is nothing
-        // to inject, known without asking (the caller's span costs a look-up of the
-        // dispatcher, once per message).
+        // where no subscriber was ever set no span is current either: then there is nothing to
+        // inject, known without asking (the caller's span costs a look-up of the dispatcher,
+        // once per message). `has_been_set` is what tracing's own macros ask for that.
         let mut cx = if span.is_disabled() {
             opentelemetry::Context::new()
         } else {
             span.context()
         };
         if !cx.span().span_context().is_valid() {
-            if tracing::level_filters::LevelFilter::current()
-                == tracing::level_filters::LevelFilter::OFF
-            {
+            if !tracing::dispatcher::has_been_set() {
                 return;
             }
             cx = tracing::Span::current().context();

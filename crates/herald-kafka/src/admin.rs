@@ -147,8 +147,11 @@ pub fn read_topic(
 /// Reads everything `topic` holds now: each partition from the beginning up to its high
 /// watermark (the offset the next message stored will get), taken when the read starts. For
 /// checks that something is *not* there: it ends when the end is reached, not after waiting
-/// for messages that may never come. Fails if the end is not reached within `limit`. Blocking,
-/// like [`read_topic`].
+/// for messages that may never come; "reached" includes a quiet time after the last record
+/// came, a second where the records read fill the watermarks' span and five where only the
+/// last offset says so (offsets with gaps: transaction markers, compaction), since a broker
+/// may serve records out of offset order. Fails if the end is not reached within `limit`.
+/// Blocking, like [`read_topic`].
 pub fn read_topic_to_end(
     bootstrap: &str,
     topic: &str,

@@ -38,8 +38,8 @@ pub struct RunInParts<'a> {
     receipts: Vec<BulkReceipt>,
     sent: usize,
     total: usize,
-    /// The producer's delivered count when the last part was sent.
-    delivered_at_send: u64,
+    /// How many messages the last part sent held.
+    last_len: usize,
 }
 
 impl<'a> RunInParts<'a> {
@@ -52,26 +52,27 @@ impl<'a> RunInParts<'a> {
             receipts: Vec::new(),
             sent: 0,
             total: msgs.len(),
-            delivered_at_send: 0,
+            last_len: 0,
         }
     }
 
     /// Sends the next part (panics if none is left); returns how many messages are sent so far.
     pub async fn send_next(&mut self) -> usize {
         let part = self.parts.next().expect("a part left to send");
-        self.delivered_at_send = self.producer.stats().totals.delivered;
         self.receipts
             .push(self.producer.send_all(part.to_vec()).await);
+        self.last_len = part.len();
         self.sent += part.len();
         self.sent
     }
 
-    /// Waits (up to `within`, looking every millisecond) until the producer delivers a message
-    /// after the last part was sent: the connection carries the run, and a fault made now finds
-    /// nearly all of that part outstanding (a look every 20 ms could find a small part done).
+    /// Waits (up to `within`, looking every millisecond) until a message of the last part sent
+    /// has ended: the connection carries that part, and a fault made now finds nearly all of it
+    /// outstanding (a look every 20 ms could find a small part done).
     pub async fn wait_flowing(&self, within: Duration) {
         let deadline = Instant::now() + within;
-        while self.producer.stats().totals.delivered <= self.delivered_at_send {
+        let last = self.receipts.last().expect("a part sent");
+        while last.pending() >= self.last_len {
             assert!(
                 Instant::now() < deadline,
                 "nothing delivered within {within:?} of sending part of a run ({} sent)",
