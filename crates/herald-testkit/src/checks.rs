@@ -119,7 +119,9 @@ impl<'a> RunInParts<'a> {
 /// transport saw the loss: `|| true` where it cannot tell) and a new connection came through
 /// the proxy (deliveries counted after a cut can be answers that came before it, and a cut
 /// while none is open cuts nothing). Then waits (up to `within`) for every message, asserts
-/// that all were delivered and that both cuts found messages outstanding, and returns how many.
+/// that all were delivered, that the proxy cut twice and saw a new connection after each cut,
+/// and that both cuts found messages outstanding, and returns how many. `proxy` must not have
+/// cut before.
 pub async fn cut_twice_mid_run(
     producer: &Producer,
     msgs: &[Message],
@@ -151,6 +153,8 @@ pub async fn cut_twice_mid_run(
         .await;
     }
     run.finish(within).await;
+    assert_eq!(proxy.cuts(), 2);
+    assert!(proxy.accepted() >= 3, "a new connection after each cut");
     assert!(
         outstanding.iter().all(|&n| n > 0),
         "both cuts came with messages outstanding: {outstanding:?}"
