@@ -219,14 +219,13 @@ impl IdClock {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let unix_millis_at_start = u64::try_from(unix.as_millis()).unwrap_or(u64::MAX);
-        let mut clock = Self {
+        Self {
             unix_millis_at_start,
             start: now,
-            window: (now, now, unix_millis_at_start),
+            // The start's millisecond, as `millisecond_of(now)` gives it.
+            window: (now, now + Duration::from_millis(1), unix_millis_at_start),
             last: now,
-        };
-        clock.window = clock.millisecond_of(now);
-        clock
+        }
     }
 
     /// The millisecond of `now` counted from `start` (the first before `start`, which only a
