@@ -227,6 +227,15 @@ async fn send_in_turn(
     outcomes
 }
 
+/// The answer `ack` holds already, if it does, whatever is left of the task's cooperative
+/// budget. A plain `now_or_never` is `None` for an answer in its channel once the task has
+/// used up Tokio's budget (a batch settling its PubAcks in a row does): taken as lost, a
+/// message JetStream stored and acknowledged was reported failed (found with a server killed
+/// while batches settled: thousands of PubAcks in hand, reported `CONNECTION_LOST`).
+fn in_hand<F: Future + Unpin>(ack: &mut F) -> Option<F::Output> {
+    tokio::task::unconstrained(ack).now_or_never()
+}
+
 /// Messages stored ahead of the retry of an earlier message of their key, which the pipeline
 /// sends again behind it ([`herald_core::Transport::delivered_but_held`]). JetStream would drop
 /// that copy by its `Nats-Msg-Id` (the message's herald id), keeping only the first, out of
@@ -316,7 +325,7 @@ impl Batch<'_> {
             }
             if !self.live.is_connected() {
                 // An answer read before the loss is in its channel already.
-                return match (&mut ack).now_or_never() {
+                return match in_hand(&mut ack) {
                     Some(r) => self.outcome(r),
                     None => Err(self.lost()),
                 };
@@ -452,6 +461,34 @@ fn headers(
 
 #[cfg(test)]
 mod tests {
+    /// An answer in its channel is in hand though the task's budget is spent: a batch settles
+    /// thousands of PubAcks in a row, and the one checked after a loss must not look missing.
+    #[tokio::test]
+    async fn an_answer_in_its_channel_is_in_hand_whatever_the_budget() {
+        use futures_util::FutureExt;
+        let answered = |n: usize| {
+            (0..n)
+                .map(|i| {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    tx.send(i).expect("receiver alive");
+                    rx
+                })
+                .collect::<Vec<_>>()
+        };
+        // What spends the budget: ready answers taken one after another, never yielding.
+        let mut spent = 0;
+        for mut rx in answered(1_000) {
+            if (&mut rx).now_or_never().is_none() {
+                break;
+            }
+            spent += 1;
+        }
+        assert!(spent < 1_000, "Tokio's budget ran out after {spent} answers");
+        for (i, mut rx) in answered(10).into_iter().enumerate() {
+            assert_eq!(super::in_hand(&mut rx).map(Result::ok), Some(Some(i)));
+        }
+    }
+
     use super::*;
     use herald_core::{ErrorClass, MessageId};
 
