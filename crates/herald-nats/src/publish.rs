@@ -231,7 +231,9 @@ async fn send_in_turn(
 /// budget. A plain `now_or_never` is `None` for an answer in its channel once the task has
 /// used up Tokio's budget (a batch settling its PubAcks in a row does): taken as lost, a
 /// message JetStream stored and acknowledged was reported failed (found with a server killed
-/// while batches settled: thousands of PubAcks in hand, reported `CONNECTION_LOST`).
+/// while batches settled: thousands of PubAcks in hand, reported `CONNECTION_LOST`); and the
+/// batch's call, left pending for want of budget, could meet its deadline with PubAcks in
+/// hand, or a denial reported meanwhile be taken for the message's own.
 fn in_hand<F: Future + Unpin>(ack: &mut F) -> Option<F::Output> {
     tokio::task::unconstrained(ack).now_or_never()
 }
@@ -310,13 +312,16 @@ impl Batch<'_> {
     }
 
     async fn wait(&self, mut ack: AckFuture) -> Result<Ack, TransportError> {
-        // Most PubAcks are in by the time their turn to be awaited comes (they arrive in
-        // bursts): one that is needs neither the watch on the connection, nor the permission
-        // check, nor the batch's deadline timer, which cost more than the PubAck itself.
-        if let Some(r) = (&mut ack).now_or_never() {
-            return self.outcome(r);
-        }
         loop {
+            // A PubAck in hand is the outcome, before a denial or a loss is looked at, and
+            // whatever the task's budget (see `in_hand`). Most PubAcks are in by the time their
+            // turn to be awaited comes (they arrive in bursts): one that is needs neither the
+            // watch on the connection, nor the permission check, nor the batch's deadline
+            // timer, which cost more than the PubAck itself. Unconstrained, a batch's PubAcks
+            // in hand settle in one go rather than 128 at a time.
+            if let Some(r) = in_hand(&mut ack) {
+                return self.outcome(r);
+            }
             let changed = self.live.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
@@ -324,7 +329,8 @@ impl Batch<'_> {
                 return Err(denied(&d, self.subject));
             }
             if !self.live.is_connected() {
-                // An answer read before the loss is in its channel already.
+                // An answer read before the loss is in its channel already (it may have come
+                // since the look above).
                 return match in_hand(&mut ack) {
                     Some(r) => self.outcome(r),
                     None => Err(self.lost()),
