@@ -649,6 +649,59 @@ impl herald_core::Transport for PanicsOnce {
     }
 }
 
+/// Holds every message's answer when the attempt's time runs out: it waits for the deadline,
+/// then reads the answers one by one from Tokio channels, as a client library hands them over
+/// (each read spends a unit of the task's cooperative budget).
+#[derive(Debug)]
+struct AnswersAtTheDeadline;
+
+#[herald_core::async_trait]
+impl herald_core::Transport for AnswersAtTheDeadline {
+    fn name(&self) -> &'static str {
+        "answers-at-the-deadline"
+    }
+    async fn send_batch(&self, _d: &Destination, _batch: &[Message]) -> herald_core::BatchOutcome {
+        unreachable!("herald calls send_batch_until")
+    }
+    async fn send_batch_until(
+        &self,
+        _d: &Destination,
+        batch: &[Message],
+        deadline: std::time::Instant,
+    ) -> herald_core::BatchOutcome {
+        let answers: Vec<_> = batch
+            .iter()
+            .map(|_| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tx.send(herald_core::Ack::default()).expect("receiver alive");
+                rx
+            })
+            .collect();
+        tokio::time::sleep_until(deadline.into()).await;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for rx in answers {
+            outcomes.push(Ok(rx.await.expect("answered")));
+        }
+        outcomes
+    }
+}
+
+/// A call whose answers are in hand as its time runs out ends with them: they are true. (The
+/// call spends Tokio's budget reading them and returns Pending with most in hand; the attempt's
+/// timer, polled past the budget, fired at the same instant. Before, all 1 000 were cut off as
+/// `herald_attempt_timeout` and handed back as `DeliveryTimeout`, though acknowledged.)
+#[tokio::test(start_paused = true)]
+async fn answers_in_hand_as_the_attempt_s_time_runs_out_are_its_outcome() {
+    let p = Producer::builder(AnswersAtTheDeadline)
+        .batching(SizeOrLinger::new(1_000, 1 << 20, Duration::from_secs(1)))
+        .delivery_timeout(Duration::from_secs(5))
+        .build()
+        .expect("build");
+    let report = p.send_all((0..1_000).map(msg)).await.wait().await;
+    assert_eq!(report.delivered, 1_000, "{:?}", report.failed.first());
+    assert_eq!(p.stats().totals.batches, 1, "one call, one deadline");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_panicking_transport_frees_its_slot_and_the_messages_are_retried() {
     let inner = MemoryTransport::new();

@@ -891,10 +891,25 @@ async fn send_flight(mut sending: Sending) {
             polled
         });
         // The call runs in its lane's order epoch, which `Turns` reads.
-        let send = crate::transport::in_order_epoch(epoch, send);
-        match tokio::time::timeout(budget.saturating_add(settle), send).await {
-            Ok(outcomes) => outcomes,
-            Err(_) => {
+        let finished = {
+            let mut send = std::pin::pin!(crate::transport::in_order_epoch(epoch, send));
+            match tokio::time::timeout(budget.saturating_add(settle), send.as_mut()).await {
+                Ok(outcomes) => Some(outcomes),
+                // Once more, outside Tokio's cooperative budget: a call that spent it reading
+                // answers it holds returns Pending with them in hand, and the timer, polled
+                // past the budget, then ends it; what it holds is the true outcome.
+                Err(_) => {
+                    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                    match std::pin::pin!(tokio::task::unconstrained(send.as_mut())).poll(&mut cx) {
+                        std::task::Poll::Ready(outcomes) => Some(outcomes),
+                        std::task::Poll::Pending => None,
+                    }
+                }
+            }
+        };
+        match finished {
+            Some(outcomes) => outcomes,
+            None => {
                 let mut e = TransportError::transient(if settle.is_zero() {
                 format!(
                     "the transport did not answer within {budget:?}, the time left before the batch's first delivery deadline"
