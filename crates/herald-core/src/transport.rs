@@ -88,6 +88,10 @@ pub trait Transport: Send + Sync + 'static {
     /// or not, is the outcome, and it is true. herald drops the call at `deadline` plus the
     /// settle time and fails what is left unanswered as cut off.
     ///
+    /// A call that returns Pending at the end of its time for want of Tokio's cooperative budget
+    /// (not for an answer it waits for) is polled once more then, outside the budget, so that
+    /// answers it holds are its outcome: past `deadline` it must hand nothing new to the broker.
+    ///
     /// Default: [`Transport::send_batch`], which herald cuts off at `deadline` (settle time zero).
     async fn send_batch_until(
         &self,

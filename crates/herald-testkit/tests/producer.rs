@@ -652,8 +652,11 @@ impl herald_core::Transport for PanicsOnce {
 /// Holds every message's answer when the attempt's time runs out: it waits for the deadline,
 /// then reads the answers one by one from Tokio channels, as a client library hands them over
 /// (each read spends a unit of the task's cooperative budget).
-#[derive(Debug)]
-struct AnswersAtTheDeadline;
+#[derive(Debug, Default)]
+struct AnswersAtTheDeadline {
+    /// Polls of the call while it reads its answers: more than one, the budget ran out.
+    reading_polls: Arc<std::sync::atomic::AtomicUsize>,
+}
 
 #[herald_core::async_trait]
 impl herald_core::Transport for AnswersAtTheDeadline {
@@ -673,16 +676,25 @@ impl herald_core::Transport for AnswersAtTheDeadline {
             .iter()
             .map(|_| {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                tx.send(herald_core::Ack::default()).expect("receiver alive");
+                tx.send(herald_core::Ack::default())
+                    .expect("receiver alive");
                 rx
             })
             .collect();
         tokio::time::sleep_until(deadline.into()).await;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for rx in answers {
-            outcomes.push(Ok(rx.await.expect("answered")));
-        }
-        outcomes
+        let mut reading = std::pin::pin!(async move {
+            let mut outcomes = Vec::with_capacity(answers.len());
+            for rx in answers {
+                outcomes.push(Ok(rx.await.expect("answered")));
+            }
+            outcomes
+        });
+        std::future::poll_fn(|cx| {
+            self.reading_polls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::future::Future::poll(reading.as_mut(), cx)
+        })
+        .await
     }
 }
 
@@ -692,7 +704,9 @@ impl herald_core::Transport for AnswersAtTheDeadline {
 /// `herald_attempt_timeout` and handed back as `DeliveryTimeout`, though acknowledged.)
 #[tokio::test(start_paused = true)]
 async fn answers_in_hand_as_the_attempt_s_time_runs_out_are_its_outcome() {
-    let p = Producer::builder(AnswersAtTheDeadline)
+    let transport = AnswersAtTheDeadline::default();
+    let reading_polls = transport.reading_polls.clone();
+    let p = Producer::builder(transport)
         .batching(SizeOrLinger::new(1_000, 1 << 20, Duration::from_secs(1)))
         .delivery_timeout(Duration::from_secs(5))
         .build()
@@ -700,6 +714,11 @@ async fn answers_in_hand_as_the_attempt_s_time_runs_out_are_its_outcome() {
     let report = p.send_all((0..1_000).map(msg)).await.wait().await;
     assert_eq!(report.delivered, 1_000, "{:?}", report.failed.first());
     assert_eq!(p.stats().totals.batches, 1, "one call, one deadline");
+    // What makes this test a test: the call ran out of budget reading, at its deadline.
+    assert!(
+        reading_polls.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "the budget ran out while the call read its answers"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -895,16 +895,21 @@ async fn send_flight(mut sending: Sending) {
             let mut send = std::pin::pin!(crate::transport::in_order_epoch(epoch, send));
             match tokio::time::timeout(budget.saturating_add(settle), send.as_mut()).await {
                 Ok(outcomes) => Some(outcomes),
-                // Once more, outside Tokio's cooperative budget: a call that spent it reading
-                // answers it holds returns Pending with them in hand, and the timer, polled
-                // past the budget, then ends it; what it holds is the true outcome.
-                Err(_) => {
+                // A call that spent Tokio's cooperative budget (reading answers it holds, say)
+                // returned Pending with them in hand, and the timer, which `Timeout` then polls
+                // past the budget, ended it: it is polled once more outside the budget, and
+                // what it holds is the true outcome. (Only then: a call that was waiting is
+                // not polled again, and a transport hands nothing new to its broker past the
+                // deadline, see `Transport::send_batch_until`.)
+                Err(_) if !tokio::task::coop::has_budget_remaining() => {
                     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                    match std::pin::pin!(tokio::task::unconstrained(send.as_mut())).poll(&mut cx) {
+                    let mut last = tokio::task::coop::unconstrained(send.as_mut());
+                    match std::pin::Pin::new(&mut last).poll(&mut cx) {
                         std::task::Poll::Ready(outcomes) => Some(outcomes),
                         std::task::Poll::Pending => None,
                     }
                 }
+                Err(_) => None,
             }
         };
         match finished {
