@@ -40,6 +40,8 @@ struct Batch<'a> {
     /// This transport declared a stream capturing the subject.
     declared: bool,
     deadline: Instant,
+    /// herald's deadline for the attempt, if it gave one: nothing is published past it.
+    until: Option<Instant>,
     /// Where a PubAck is told as it comes.
     early: Option<EarlyAcks>,
     /// The errors the server had reported before the batch's first publish: a publish denial
@@ -53,6 +55,7 @@ pub(crate) async fn send_batch(
     inner: &Inner,
     destination: &Destination,
     batch: &[Message],
+    until: Option<std::time::Instant>,
     early: Option<EarlyAcks>,
 ) -> BatchOutcome {
     // The destination's turn first, before any other await: calls of one subject publish in
@@ -61,7 +64,7 @@ pub(crate) async fn send_batch(
     inner
         .turns
         .run(destination, batch, async |turn| {
-            send_in_turn(inner, turn, destination, batch, early).await
+            send_in_turn(inner, turn, destination, batch, until, early).await
         })
         .await
 }
@@ -95,6 +98,7 @@ async fn send_in_turn(
     turn: &mut Turn,
     destination: &Destination,
     batch: &[Message],
+    until: Option<std::time::Instant>,
     early: Option<EarlyAcks>,
 ) -> BatchOutcome {
     inner.in_use();
@@ -122,6 +126,7 @@ async fn send_in_turn(
         // not from before the wait for the calls ahead of it: a batch left with a sliver of
         // time would take its PubAcks for missing and give a sound connection up.
         deadline: Instant::now() + inner.config.ack_timeout,
+        until: until.map(Instant::from_std),
         early,
         errors_before: live.errors_heard(),
     };
@@ -165,6 +170,12 @@ async fn send_in_turn(
         };
         if !live.is_connected() {
             let e = b.lost();
+            outcomes[i] = Some(Err(e.clone()));
+            broken = Some(e);
+            continue;
+        }
+        if b.until.is_some_and(|until| Instant::now() >= until) {
+            let e = b.not_sent_in_time();
             outcomes[i] = Some(Err(e.clone()));
             broken = Some(e);
             continue;
@@ -386,6 +397,16 @@ impl Batch<'_> {
         .with_code("CONNECTION_LOST")
     }
 
+    /// A message not published because herald's deadline for the attempt had passed: never
+    /// sent, so never stored.
+    fn not_sent_in_time(&self) -> TransportError {
+        TransportError::transient(format!(
+            "not sent: the attempt's deadline passed before this message to \"{}\" was published",
+            self.subject
+        ))
+        .with_code("NOT_SENT")
+    }
+
     fn timeout(&self, what: &str) -> TransportError {
         TransportError::transient(format!(
             "{what} to \"{}\" did not complete within the batch's ack timeout of {:?}; retried (a duplicate is dropped by its Nats-Msg-Id)",
@@ -467,6 +488,13 @@ fn headers(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use herald_core::{ErrorClass, MessageId};
+
+    fn config() -> NatsConfig {
+        NatsConfig::from_url("nats://h/orders").expect("url")
+    }
+
     /// An answer in its channel is in hand though the task's budget is spent: a batch settles
     /// thousands of PubAcks in a row, and the one checked after a loss must not look missing.
     #[tokio::test]
@@ -489,17 +517,13 @@ mod tests {
             }
             spent += 1;
         }
-        assert!(spent < 1_000, "Tokio's budget ran out after {spent} answers");
+        assert!(
+            spent < 1_000,
+            "Tokio's budget did not run out in {spent} answers"
+        );
         for (i, mut rx) in answered(10).into_iter().enumerate() {
-            assert_eq!(super::in_hand(&mut rx).map(Result::ok), Some(Some(i)));
+            assert_eq!(in_hand(&mut rx).map(Result::ok), Some(Some(i)));
         }
-    }
-
-    use super::*;
-    use herald_core::{ErrorClass, MessageId};
-
-    fn config() -> NatsConfig {
-        NatsConfig::from_url("nats://h/orders").expect("url")
     }
 
     /// The headers `msg` is published with, as (name, value) text pairs, sorted.

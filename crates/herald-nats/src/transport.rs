@@ -109,7 +109,7 @@ impl Transport for NatsTransport {
     }
 
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
-        publish::send_batch(&self.inner, destination, batch, None).await
+        publish::send_batch(&self.inner, destination, batch, None, None).await
     }
 
     /// Each message is answered when its own PubAck comes, not when the batch's last one does.
@@ -117,10 +117,10 @@ impl Transport for NatsTransport {
         &self,
         destination: &Destination,
         batch: &[Message],
-        _deadline: std::time::Instant,
+        deadline: std::time::Instant,
         early: EarlyAcks,
     ) -> BatchOutcome {
-        publish::send_batch(&self.inner, destination, batch, Some(early)).await
+        publish::send_batch(&self.inner, destination, batch, Some(deadline), Some(early)).await
     }
 
     /// Stored ahead of an earlier message of their key that failed: the copy sent again behind
