@@ -150,11 +150,12 @@ impl Ord for Parked {
 pub struct Totals {
     /// Messages accepted into the buffer.
     pub accepted: u64,
-    /// Messages acknowledged by the broker. Counted when the transport's call for the
-    /// message's batch returns: a message answered early (the transport told herald of its
-    /// acknowledgement before the call returned, see `Transport::send_batch_answering`) is
-    /// counted a moment after its caller learnt it, so a caller reading this right after its
-    /// send resolved may not see its message yet. A message's own fate is its receipt's.
+    /// Messages acknowledged by the broker. Counted when the outcomes of the message's batch
+    /// land (its call returned, or was cut off at its deadline): a message answered early (the
+    /// transport told herald of its acknowledgement before the call returned, see
+    /// `Transport::send_batch_answering`) is counted a moment after its caller learnt it, so a
+    /// caller reading this right after its send resolved may not see its message yet. A
+    /// message's fate is what its receipt says.
     pub delivered: u64,
     /// Messages handed back with an error (after acceptance or before it).
     pub failed: u64,
