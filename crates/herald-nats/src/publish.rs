@@ -246,7 +246,7 @@ async fn send_in_turn(
 /// batch's call, left pending for want of budget, could meet its deadline with PubAcks in
 /// hand, or a denial reported meanwhile be taken for the message's own.
 fn in_hand<F: Future + Unpin>(ack: &mut F) -> Option<F::Output> {
-    tokio::task::unconstrained(ack).now_or_never()
+    tokio::task::coop::unconstrained(ack).now_or_never()
 }
 
 /// Messages stored ahead of the retry of an earlier message of their key, which the pipeline
