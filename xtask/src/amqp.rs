@@ -194,14 +194,17 @@ fn starter_of(folder: &str) -> Option<u32> {
 /// folders: those whose starting process is gone. A node's process is killed only if its
 /// environment names the node's folder (its pid file may be stale, the pid reused).
 pub(crate) fn reap_orphaned_nodes() {
-    reap_orphaned_nodes_in(&std::env::temp_dir());
-}
-
-fn reap_orphaned_nodes_in(temp: &Path) {
     // Without /proc (not Linux) whether a starter runs is not known here: nothing is touched.
     if !Path::new("/proc/self").exists() {
         return;
     }
+    reap_orphaned_nodes_in(&std::env::temp_dir(), |pid| {
+        Path::new(&format!("/proc/{pid}")).exists()
+    });
+}
+
+/// [`reap_orphaned_nodes`] in `temp`, where `running(pid)` tells whether a starter runs.
+fn reap_orphaned_nodes_in(temp: &Path, running: impl Fn(u32) -> bool) {
     let Ok(entries) = std::fs::read_dir(temp) else {
         return;
     };
@@ -210,7 +213,7 @@ fn reap_orphaned_nodes_in(temp: &Path) {
         let Some(starter) = starter_of(&folder) else {
             continue;
         };
-        if Path::new(&format!("/proc/{starter}")).exists() {
+        if running(starter) {
             continue; // its run goes on (or the pid is taken again: left for later)
         }
         let dir = entry.path();
@@ -398,9 +401,9 @@ mod tests {
     fn nodes_whose_starter_is_gone_are_stopped_and_their_folders_removed() {
         let temp = std::env::temp_dir().join(format!("xtask-reap-{}", std::process::id()));
         let _absent = std::fs::remove_dir_all(&temp);
-        let mut gone = Command::new("true").spawn().expect("`true` runs");
-        gone.wait().expect("exited");
-        let (gone, alive) = (gone.id(), std::process::id());
+        // Starters told apart by the test, not by /proc: a pid that has just exited can be
+        // taken again at once (CI's test runs wrap the pid space), and its run then looks alive.
+        let (gone, alive) = (4_000_001, std::process::id());
         let orphan_dir = temp.join(format!("herald-it-{gone}-1"));
         let stranger_dir = temp.join(format!("herald-cluster-{gone}-0-2"));
         let live_dir = temp.join(format!("herald-xtask-{alive}"));
@@ -411,7 +414,7 @@ mod tests {
         let mut stranger = fake_node(&stranger_dir, None);
         let mut live = fake_node(&live_dir, Some(&live_dir));
         let mut other = fake_node(&prefix_dir, Some(&longer));
-        reap_orphaned_nodes_in(&temp);
+        reap_orphaned_nodes_in(&temp, |pid| pid == alive);
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
             if let Some(status) = orphan.0.try_wait().expect("state") {
