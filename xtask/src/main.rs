@@ -133,13 +133,14 @@ fn ci() -> Result<()> {
         cargo().args(["test", "--workspace"]),
         Duration::from_secs(40 * 60),
     )?;
-    // Needs root (it mounts a small tmpfs to fill): ignored in a plain `cargo test`.
+    // Needs root (it mounts a small tmpfs to fill): ignored in a plain `cargo test`. Selected
+    // across the workspace, not with `-p herald-spool`: with the workspace's features it is the
+    // binary the step above built (`-p` alone resolves other features and builds it again).
     run_within(
         "spool on a full disk",
         cargo().args([
             "test",
-            "-p",
-            "herald-spool",
+            "--workspace",
             "--test",
             "disk_full",
             "--",
