@@ -27,6 +27,7 @@ pub(crate) async fn send_batch(
     inner: &Inner,
     destination: &Destination,
     batch: &[Message],
+    until: Option<std::time::Instant>,
     early: Option<&EarlyAcks>,
 ) -> BatchOutcome {
     // The destination's turn first, before any other await: calls of one destination hand their
@@ -35,7 +36,7 @@ pub(crate) async fn send_batch(
     inner
         .turns
         .run(destination, batch, async |turn| {
-            send_in_turn(inner, turn, destination, batch, early).await
+            send_in_turn(inner, turn, destination, batch, until, early).await
         })
         .await
 }
@@ -46,6 +47,7 @@ async fn send_in_turn(
     turn: &mut Turn,
     destination: &Destination,
     batch: &[Message],
+    until: Option<std::time::Instant>,
     early: Option<&EarlyAcks>,
 ) -> BatchOutcome {
     inner.in_use();
@@ -66,6 +68,7 @@ async fn send_in_turn(
         route: &route,
         // One deadline for the whole batch: publishes and confirms share it.
         deadline: Instant::now() + inner.config.confirm_timeout,
+        until: until.map(Instant::from_std),
         early,
     };
     let channels = inner.config.channels;
@@ -98,8 +101,9 @@ async fn send_in_turn(
         // the lost connection or the given-up channel) are not sent on the new one ahead of
         // their retries.
         let hold = turn.enter(path).await;
-        if !nacked.is_empty() && Instant::now() >= probing_ends {
-            // Waiting for the calls before took the time left for publishing again.
+        if !nacked.is_empty() && (Instant::now() >= probing_ends || publishing.too_late()) {
+            // Waiting for the calls before took the time left for publishing again (or
+            // herald's deadline for the attempt passed).
             give_up(&mut groups, &mut nacked, &mut outcomes, &route.describe());
         }
         for g in &mut groups {
@@ -521,7 +525,7 @@ fn give_up(
 /// the broker stopped confirming.
 fn not_sent_in_time(target: &str) -> TransportError {
     TransportError::transient(format!(
-        "not sent: the batch's time was up before this message to {target} was published; retried"
+        "not sent: the batch's time (or the attempt's deadline) was up before this message to {target} was published; retried"
     ))
     .with_code("NOT_SENT")
 }
@@ -556,7 +560,7 @@ async fn publish_alone(
         route, deadline, ..
     } = publishing;
     let target = route.describe();
-    if Instant::now() >= deadline {
+    if publishing.too_late() {
         return Err(not_sent_in_time(&target));
     }
     let ticket = match start(&inner.config, publisher, route, msg) {
@@ -599,6 +603,7 @@ async fn publish_group(
         route,
         deadline,
         early,
+        ..
     } = publishing;
     let target = route.describe();
     let config = &inner.config;
@@ -626,9 +631,10 @@ async fn publish_group(
             out.push((i, Err(e.clone())));
             continue;
         }
-        if Instant::now() >= deadline {
-            // The batch's time is up (a confirm timed out above, say): what is not handed to
-            // lapin yet stays with herald, rather than going out to be retried as well.
+        if publishing.too_late() {
+            // The batch's time is up (a confirm timed out above, say), or herald's for the
+            // attempt: what is not handed to lapin yet stays with herald, rather than going
+            // out to be retried as well.
             let e = not_sent_in_time(&target);
             out.push((i, Err(e.clone())));
             broken = Some(e);
@@ -678,6 +684,7 @@ async fn settle_group(
         route,
         deadline,
         early,
+        ..
     } = publishing;
     let Published {
         slot,
@@ -718,8 +725,19 @@ struct Publishing<'a> {
     route: &'a Route,
     /// The batch's deadline: publishes and confirms share it.
     deadline: Instant,
+    /// herald's deadline for the attempt, if it gave one: nothing is published past it (see
+    /// `Transport::send_batch_until`), though confirms are still awaited until `deadline`.
+    until: Option<Instant>,
     /// Where a confirm is told as it comes.
     early: Option<&'a EarlyAcks>,
+}
+
+impl Publishing<'_> {
+    /// Past the batch's deadline or herald's: what is not published yet is not.
+    fn too_late(&self) -> bool {
+        let now = Instant::now();
+        now >= self.deadline || self.until.is_some_and(|until| now >= until)
+    }
 }
 
 /// `outcome`, the message at `index`'s, told early if the broker confirmed it.

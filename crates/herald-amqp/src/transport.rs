@@ -131,7 +131,17 @@ impl Transport for AmqpTransport {
     }
 
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
-        publish::send_batch(&self.inner, destination, batch, None).await
+        publish::send_batch(&self.inner, destination, batch, None, None).await
+    }
+
+    /// Nothing is published past `deadline`.
+    async fn send_batch_until(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        deadline: std::time::Instant,
+    ) -> BatchOutcome {
+        publish::send_batch(&self.inner, destination, batch, Some(deadline), None).await
     }
 
     /// Each message is answered when its own publisher confirm comes, not when the batch's
@@ -140,10 +150,17 @@ impl Transport for AmqpTransport {
         &self,
         destination: &Destination,
         batch: &[Message],
-        _deadline: std::time::Instant,
+        deadline: std::time::Instant,
         early: EarlyAcks,
     ) -> BatchOutcome {
-        publish::send_batch(&self.inner, destination, batch, Some(&early)).await
+        publish::send_batch(
+            &self.inner,
+            destination,
+            batch,
+            Some(deadline),
+            Some(&early),
+        )
+        .await
     }
 
     async fn close(&self) {

@@ -88,11 +88,17 @@ pub trait Transport: Send + Sync + 'static {
     /// or not, is the outcome, and it is true. herald drops the call at `deadline` plus the
     /// settle time and fails what is left unanswered as cut off.
     ///
-    /// A call that returns Pending at the end of its time for want of Tokio's cooperative budget
-    /// (not for an answer it waits for) is polled once more then, outside the budget, so that
-    /// answers it holds are its outcome: past `deadline` it must hand nothing new to the broker.
+    /// Past `deadline` a transport hands nothing new to its broker: check it before each
+    /// hand-over to the client and fail what is left as transient, code `NOT_SENT`. A call
+    /// can start or resume late (it waited for its connection or for the calls ahead of it),
+    /// and a call that returns Pending at the end of its time for want of Tokio's cooperative
+    /// budget (not for an answer it waits for) is polled once more then, outside the budget, so
+    /// that answers it holds are its outcome. The conformance suite checks this
+    /// (`nothing_is_sent_past_the_deadline`).
     ///
-    /// Default: [`Transport::send_batch`], which herald cuts off at `deadline` (settle time zero).
+    /// Default: [`Transport::send_batch`], which herald cuts off at `deadline` (settle time
+    /// zero); it does not look at the deadline, so it may still hand a late call's messages
+    /// over in its first poll: an adapter overrides it.
     async fn send_batch_until(
         &self,
         destination: &Destination,

@@ -321,13 +321,13 @@ fn headers(m: &Message, id_header: Option<&str>) -> Option<OwnedHeaders> {
     Some(h)
 }
 
-/// A message herald did not hand to librdkafka before the attempt's deadline (the queue was full
-/// until then): not sent, so not stored.
+/// A message herald did not hand to librdkafka before the attempt's deadline (its queue was
+/// full until then, or the call started late): not sent, so not stored.
 fn not_sent_by_deadline() -> TransportError {
     TransportError::transient(
-        "not handed to librdkafka before the attempt's deadline: its queue was full",
+        "not sent: not handed to librdkafka before the attempt's deadline (its queue was full until then, or the attempt started too late); retried",
     )
-    .with_code("QUEUE_FULL")
+    .with_code("NOT_SENT")
 }
 
 /// What a send does if it is dropped before its batch has every report: herald cut the attempt
@@ -420,7 +420,11 @@ async fn send_in_turn(
         }
     };
     tokio::pin!(at_deadline);
-    let mut past_deadline = false;
+    // Nothing is handed over past the deadline (see `Transport::send_batch_until`): the turn
+    // and the calls before it may have taken the time. The loop below awaits only for room in
+    // librdkafka's queue, and looks at the clock again after that wait.
+    let passed = || deadline.is_some_and(|at| tokio::time::Instant::now() >= at.into());
+    let mut past_deadline = passed();
     for (index, m) in batch.iter().enumerate() {
         if past_deadline {
             let e = not_sent_by_deadline();
@@ -454,14 +458,15 @@ async fn send_in_turn(
                     record = back;
                     shared.metrics.queue_full.increment(1);
                     tokio::select! {
-                        () = shared.room.wait() => {}
-                        () = &mut at_deadline => {
-                            past_deadline = true;
-                            let e = not_sent_by_deadline();
-                            turn.failed(m, &e);
-                            state.set(index, Err(e));
-                            break;
-                        }
+                        biased;
+                        () = &mut at_deadline => past_deadline = true,
+                        () = shared.room.wait() => past_deadline = passed(),
+                    }
+                    if past_deadline {
+                        let e = not_sent_by_deadline();
+                        turn.failed(m, &e);
+                        state.set(index, Err(e));
+                        break;
                     }
                 }
                 Err((e, _record)) => {

@@ -31,6 +31,7 @@ pub(crate) async fn send_batch(
     inner: &Inner,
     destination: &Destination,
     batch: &[Message],
+    until: Option<std::time::Instant>,
     early: Option<EarlyAcks>,
 ) -> BatchOutcome {
     // The destination's turn first, before any other await: calls of one topic publish in the
@@ -39,7 +40,7 @@ pub(crate) async fn send_batch(
     inner
         .turns
         .run(destination, batch, async |turn| {
-            send_in_turn(inner, turn, destination, batch, early).await
+            send_in_turn(inner, turn, destination, batch, until, early).await
         })
         .await
 }
@@ -50,9 +51,13 @@ async fn send_in_turn(
     turn: &mut Turn,
     destination: &Destination,
     batch: &[Message],
+    until: Option<std::time::Instant>,
     early: Option<EarlyAcks>,
 ) -> BatchOutcome {
     inner.in_use();
+    // herald's deadline for the attempt: nothing is handed to the client past it (see
+    // `Transport::send_batch_until`); acknowledgements are still awaited under `patience`.
+    let until = until.map(Instant::from_std);
     let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
     let topic = match destination::parse(destination) {
         Ok(t) => t,
@@ -123,6 +128,14 @@ async fn send_in_turn(
                 broken = Some(e);
                 continue;
             }
+        }
+        // Nothing is handed over past herald's deadline for the attempt (the wait for
+        // room above may have taken it).
+        if until.is_some_and(|until| Instant::now() >= until) {
+            let e = b.not_sent_in_time();
+            outcomes[i] = Some(Err(e.clone()));
+            broken = Some(e);
+            continue;
         }
         // Not even sent behind a transient failure of its key (the pipeline retries it after).
         if let Some(held) = hold.check(msg) {
@@ -278,6 +291,16 @@ impl Batch<'_> {
             self.topic, self.inner.config.ack_timeout
         ))
         .with_code("TIMEOUT")
+    }
+
+    /// A message not handed to the client because herald's deadline for the attempt had
+    /// passed: never sent, so never stored.
+    fn not_sent_in_time(&self) -> TransportError {
+        TransportError::transient(format!(
+            "not sent: the attempt's deadline passed before this message to \"{}\" was published; retried",
+            self.topic
+        ))
+        .with_code("NOT_SENT")
     }
 
     /// The broker announced a Maximum QoS below this transport's: it would cut the connection

@@ -116,7 +116,17 @@ impl Transport for MqttTransport {
     }
 
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
-        publish::send_batch(&self.inner, destination, batch, None).await
+        publish::send_batch(&self.inner, destination, batch, None, None).await
+    }
+
+    /// Nothing is published past `deadline`.
+    async fn send_batch_until(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        deadline: std::time::Instant,
+    ) -> BatchOutcome {
+        publish::send_batch(&self.inner, destination, batch, Some(deadline), None).await
     }
 
     /// Each message is answered when its own PUBACK (QoS 1) or PUBCOMP (QoS 2) comes, not when
@@ -125,10 +135,10 @@ impl Transport for MqttTransport {
         &self,
         destination: &Destination,
         batch: &[Message],
-        _deadline: std::time::Instant,
+        deadline: std::time::Instant,
         early: EarlyAcks,
     ) -> BatchOutcome {
-        publish::send_batch(&self.inner, destination, batch, Some(early)).await
+        publish::send_batch(&self.inner, destination, batch, Some(deadline), Some(early)).await
     }
 
     async fn close(&self) {

@@ -112,6 +112,16 @@ impl Transport for NatsTransport {
         publish::send_batch(&self.inner, destination, batch, None, None).await
     }
 
+    /// Nothing is published past `deadline`.
+    async fn send_batch_until(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        deadline: std::time::Instant,
+    ) -> BatchOutcome {
+        publish::send_batch(&self.inner, destination, batch, Some(deadline), None).await
+    }
+
     /// Each message is answered when its own PubAck comes, not when the batch's last one does.
     async fn send_batch_answering(
         &self,

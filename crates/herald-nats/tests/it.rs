@@ -542,50 +542,6 @@ async fn oversized_payloads_are_permanent_at_once() {
     admin.cleanup().await;
 }
 
-/// Past herald's deadline for the attempt nothing more is published: what is left fails as not
-/// sent (never stored), so that a call polled once more at its deadline (the pipeline does, for
-/// answers in hand) hands the server nothing new.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs NATS: cargo xtask it"]
-async fn nothing_is_published_past_the_attempt_s_deadline() {
-    let admin = Admin::connect(&url()).await;
-    let (stream, subject) = admin.stream("late").await;
-    let t = NatsTransport::new(NatsConfig::from_url(&url()).expect("url")).expect("t");
-    t.connect().await.expect("connect");
-    let dest = herald_nats::subject(&subject);
-    let batch: Vec<Message> = (0..5)
-        .map(|i| {
-            Message::new(dest.clone(), format!("late-{i}"))
-                .with_id(MessageId::from_u128(u128::from(i as u32) + 1))
-        })
-        .collect();
-    let past = std::time::Instant::now();
-    let out = t
-        .send_batch_answering(&dest, &batch, past, herald_core::EarlyAcks::default())
-        .await;
-    for o in &out {
-        let e = o.as_ref().expect_err("not sent");
-        assert_eq!(
-            (e.class(), e.code()),
-            (ErrorClass::Transient, Some("NOT_SENT")),
-            "{e}"
-        );
-    }
-    assert_eq!(admin.count(&stream).await, 0, "nothing stored");
-    // With time left, the same call publishes.
-    let later = std::time::Instant::now() + Duration::from_secs(30);
-    let out = t
-        .send_batch_answering(&dest, &batch, later, herald_core::EarlyAcks::default())
-        .await;
-    assert!(
-        out.iter().all(Result::is_ok),
-        "{:?}",
-        out.iter().find(|o| o.is_err())
-    );
-    assert_eq!(admin.count(&stream).await, 5);
-    admin.cleanup().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: cargo xtask it"]
 async fn duplicates_within_the_window_are_dropped_by_nats_msg_id() {

@@ -117,6 +117,7 @@ pub(crate) async fn send_batch(
     inner: &Inner,
     destination: &Destination,
     batch: &[Message],
+    until: Option<std::time::Instant>,
 ) -> BatchOutcome {
     // The stream's turn first, before any other await: calls of one stream hand their
     // pipelines over in the order herald started them (see
@@ -124,7 +125,7 @@ pub(crate) async fn send_batch(
     inner
         .turns
         .run(destination, batch, async |turn| {
-            send_in_turn(inner, turn, destination, batch).await
+            send_in_turn(inner, turn, destination, batch, until).await
         })
         .await
 }
@@ -135,6 +136,7 @@ async fn send_in_turn(
     turn: &mut Turn,
     destination: &Destination,
     batch: &[Message],
+    until: Option<std::time::Instant>,
 ) -> BatchOutcome {
     inner.in_use();
     let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
@@ -163,6 +165,17 @@ async fn send_in_turn(
         };
         // Not sent: keys that failed in the calls before, if this call is on a new connection.
         let hold = turn.enter(live.path).await;
+        // Nothing is handed over past herald's deadline for the attempt (see
+        // `Transport::send_batch_until`): the connection and the calls before may have taken it.
+        if until.is_some_and(|until| tokio::time::Instant::now() >= until.into()) {
+            let e = TransportError::transient(format!(
+                "not sent: the attempt's deadline passed before the pipeline to stream \"{stream}\" was handed over; retried"
+            ))
+            .with_code("NOT_SENT");
+            for o in outcomes.iter_mut().filter(|o| o.is_none()) {
+                *o = Some(Err(e.clone()));
+            }
+        }
         let mut sent = Vec::with_capacity(batch.len());
         let mut pipe = redis::pipe();
         pipe.ignore_errors();

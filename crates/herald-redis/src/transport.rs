@@ -100,7 +100,18 @@ impl Transport for RedisTransport {
     }
 
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
-        publish::send_batch(&self.inner, destination, batch).await
+        publish::send_batch(&self.inner, destination, batch, None).await
+    }
+
+    /// Nothing is handed to the server past `deadline`; a pipeline handed over is answered
+    /// whole, so there is no purge (herald cuts the call off at the deadline).
+    async fn send_batch_until(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        deadline: std::time::Instant,
+    ) -> BatchOutcome {
+        publish::send_batch(&self.inner, destination, batch, Some(deadline)).await
     }
 
     async fn close(&self) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use herald_core::{
-    async_trait, Destination, EarlyAcks, ErrorClass, FailureReason, Message, Producer,
+    async_trait, Destination, EarlyAcks, ErrorClass, FailureReason, Message, MessageId, Producer,
     ProducerBuilder, Transport,
 };
 
@@ -85,6 +85,11 @@ pub async fn run<H: Harness>(h: &H) {
     check(
         "oversized_message_fails_alone",
         oversized_message_fails_alone(h),
+    )
+    .await;
+    check(
+        "nothing_is_sent_past_the_deadline",
+        nothing_is_sent_past_the_deadline(h),
     )
     .await;
     check("flush_waits_for_everything", flush_waits_for_everything(h)).await;
@@ -218,6 +223,84 @@ fn assert_arrived(check: &str, sent: &[Message], got: &[Message]) {
             );
         }
     }
+}
+
+/// Past the attempt's deadline a transport hands its broker nothing
+/// ([`Transport::send_batch_until`]; herald may poll a call once more then): a call whose
+/// deadline has passed, by either way herald calls it, fails every message transiently as
+/// `NOT_SENT` and stores none; with time left, the same transport delivers.
+async fn nothing_is_sent_past_the_deadline<H: Harness>(h: &H) {
+    let check = "nothing_is_sent_past_the_deadline";
+    let transport = h.transport().await;
+    let dest = h.destination("late").await;
+    // Ids, as a producer gives them (a broker that drops duplicates by id must not drop these).
+    let base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+        << 32;
+    let with_ids = |batch: Vec<Message>, from: u128| -> Vec<Message> {
+        (from..)
+            .zip(batch)
+            .map(|(n, m)| m.with_id(MessageId::from_u128(base | n)))
+            .collect()
+    };
+    let late = with_ids(keyed(&dest, 5, 2, "late"), 0);
+    // Deadlines are on Tokio's clock.
+    let now = || tokio::time::Instant::now().into_std();
+    let past = now();
+    let calls = [
+        (
+            "send_batch_until",
+            transport.send_batch_until(&dest, &late, past).await,
+        ),
+        (
+            "send_batch_answering",
+            transport
+                .send_batch_answering(&dest, &late, past, EarlyAcks::default())
+                .await,
+        ),
+    ];
+    for (call, outcomes) in calls {
+        assert_eq!(
+            outcomes.len(),
+            late.len(),
+            "{check}: {call}: one outcome per message"
+        );
+        for (i, outcome) in outcomes.iter().enumerate() {
+            let Err(e) = outcome else {
+                panic!("{check}: {call}: message {i} was sent past its deadline");
+            };
+            assert_eq!(
+                (e.class(), e.code()),
+                (ErrorClass::Transient, Some("NOT_SENT")),
+                "{check}: {call}: message {i}: {e}"
+            );
+        }
+    }
+    let on_time = with_ids(keyed(&dest, 5, 2, "on-time"), 100);
+    let outcomes = transport
+        .send_batch_until(&dest, &on_time, now() + Duration::from_secs(30))
+        .await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        assert!(
+            outcome.is_ok(),
+            "{check}: message {i} with time left: {outcome:?}"
+        );
+    }
+    if let Some(got) = h.read_back(&dest, on_time.len()).await {
+        // Had any late message been stored, it would be there, ahead of these.
+        let stored_late: Vec<&Bytes> = got
+            .iter()
+            .map(Message::payload)
+            .filter(|p| p.starts_with(b"late-"))
+            .collect();
+        assert!(
+            stored_late.is_empty(),
+            "{check}: stored past the deadline: {stored_late:?}"
+        );
+        assert_arrived(check, &on_time, &got);
+    }
+    transport.close().await;
 }
 
 async fn delivers_every_message<H: Harness>(h: &H) {

@@ -159,8 +159,8 @@ impl MemoryTransport {
         self.inner.gate.send_replace(true);
     }
 
-    /// Appends to the script: each call of `send_batch` takes the next entry; once the script is
-    /// used up, calls pass.
+    /// Appends to the script: each call of `send_batch` takes the next entry (a call past its
+    /// deadline takes none: it fails `NOT_SENT`); once the script is used up, calls pass.
     pub fn script(&self, faults: impl IntoIterator<Item = CallFault>) {
         lock(&self.inner.script).extend(faults);
     }
@@ -235,7 +235,8 @@ impl MemoryTransport {
         self.inner.calls.load(Ordering::Acquire)
     }
 
-    /// Messages handed to `send_batch` so far, retries included.
+    /// Messages handed to `send_batch` so far, retries included (not those of a call past its
+    /// deadline, which fails them `NOT_SENT`).
     pub fn attempts(&self) -> u64 {
         self.inner.attempts.load(Ordering::Acquire)
     }
@@ -353,18 +354,27 @@ impl Transport for MemoryTransport {
     }
 
     async fn send_batch(&self, destination: &Destination, batch: &[Message]) -> BatchOutcome {
-        self.send(destination, batch, None).await
+        self.send(destination, batch, None, None).await
+    }
+
+    async fn send_batch_until(
+        &self,
+        destination: &Destination,
+        batch: &[Message],
+        deadline: std::time::Instant,
+    ) -> BatchOutcome {
+        self.send(destination, batch, Some(deadline), None).await
     }
 
     async fn send_batch_answering(
         &self,
         destination: &Destination,
         batch: &[Message],
-        _deadline: std::time::Instant,
+        deadline: std::time::Instant,
         early: EarlyAcks,
     ) -> BatchOutcome {
         let early = self.inner.early.load(Ordering::Acquire).then_some(early);
-        self.send(destination, batch, early).await
+        self.send(destination, batch, Some(deadline), early).await
     }
 
     async fn close(&self) {
@@ -381,11 +391,16 @@ impl Transport for MemoryTransport {
 }
 
 impl MemoryTransport {
-    /// A call: with `early`, its stored messages are answered at once, before its wait.
+    /// A call: with `early`, its stored messages are answered at once, before its wait. Past
+    /// `deadline` when the gate opens, nothing is stored: every message fails `NOT_SENT`, as
+    /// `Transport::send_batch_until` asks, and the call takes no scripted fault and counts no
+    /// attempts (it does count in `calls`). A call under way stores when its latency is over,
+    /// deadline or not (herald cuts it off at the deadline plus the settle time).
     async fn send(
         &self,
         destination: &Destination,
         batch: &[Message],
+        deadline: Option<std::time::Instant>,
         early: Option<EarlyAcks>,
     ) -> BatchOutcome {
         let inner = &self.inner;
@@ -393,6 +408,11 @@ impl MemoryTransport {
         // The sender lives in `inner`: never closed while this call runs.
         let mut gate = inner.gate.subscribe();
         let _open = gate.wait_for(|open| *open).await.map(|_| ());
+        if deadline.is_some_and(|at| tokio::time::Instant::now() >= at.into()) {
+            let e = TransportError::transient("not sent: the attempt's deadline had passed")
+                .with_code("NOT_SENT");
+            return batch.iter().map(|_| Err(e.clone())).collect();
+        }
         inner
             .attempts
             .fetch_add(batch.len() as u64, Ordering::AcqRel);
