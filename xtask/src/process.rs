@@ -154,7 +154,7 @@ fn descendants(pid: u32) -> Vec<u32> {
 
 /// A command as it may appear in a log: program and arguments, and the names of the environment
 /// variables it sets but never their values (`HERALD_AMQP_URL` can hold a password).
-fn shown(cmd: &Command) -> String {
+pub(crate) fn shown(cmd: &Command) -> String {
     let mut s = String::new();
     for (key, _) in cmd.get_envs() {
         s.push_str(&format!("{}=<set> ", key.to_string_lossy()));
