@@ -168,11 +168,9 @@ pub(crate) fn it(targets: &[Target]) -> Result<()> {
     // Every binary the suites run, built once with the workspace's features: the binaries
     // `cargo test --workspace` built (in CI, the step before), not built again per package.
     let built = Built::workspace()?;
+    // Found before any broker starts: a missing binary fails the run at once.
+    let mut suites = Vec::new();
     for target in wanted.iter().map(|t| t.suite()) {
-        eprintln!("\n==> it {}: provisioning a broker", target.name);
-        let broker = (target.provision)()?;
-        // `--ignored` runs nothing, and passes, where no test is marked ignored (or none matches
-        // a filter): each binary must have some to run.
         let mut runs = Vec::new();
         for test in target.tests {
             runs.push((built.get(target.package, "test", test)?, None));
@@ -180,6 +178,22 @@ pub(crate) fn it(targets: &[Target]) -> Result<()> {
         for (test, filter) in target.facade_tests {
             runs.push((built.get("herald", "test", test)?, Some(*filter)));
         }
+        let examples = target
+            .examples
+            .iter()
+            .map(|(example, feature)| {
+                built
+                    .get("herald", "example", example)
+                    .with_context(|| format!("(the example requires herald's feature `{feature}`)"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        suites.push((target, runs, examples));
+    }
+    for (target, runs, examples) in suites {
+        eprintln!("\n==> it {}: provisioning a broker", target.name);
+        let broker = (target.provision)()?;
+        // `--ignored` runs nothing, and passes, where no test is marked ignored (or none matches
+        // a filter): each binary must have some to run.
         let mut result = runs
             .iter()
             .try_for_each(|(bin, filter)| ignored_tests(bin, *filter).map(drop));
@@ -197,17 +211,15 @@ pub(crate) fn it(targets: &[Target]) -> Result<()> {
                 time_limit()?,
             );
         }
-        for (example, _feature) in target.examples {
+        for bin in examples {
             if result.is_err() {
                 break;
             }
-            result = built.get("herald", "example", example).and_then(|bin| {
-                run_within(
-                    &format!("it {}: {}", target.name, bin.what(None)),
-                    &mut bin.command(&broker),
-                    time_limit()?,
-                )
-            });
+            result = run_within(
+                &format!("it {}: {}", target.name, bin.what(None)),
+                &mut bin.command(&broker),
+                time_limit()?,
+            );
         }
         drop(broker);
         result?;
@@ -230,9 +242,29 @@ struct Bin {
 impl Bin {
     /// The executable, run in its package's folder with the broker's environment.
     fn command(&self, broker: &Broker) -> Command {
+        let mut cmd = self.bare();
+        cmd.envs(broker.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    /// The executable in its package's folder, with `CARGO_MANIFEST_DIR` its package's, as
+    /// `cargo test` runs it; the package variables of xtask's own run (`cargo run -p xtask`)
+    /// are not passed on.
+    fn bare(&self) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.current_dir(&self.dir)
-            .envs(broker.env.iter().map(|(k, v)| (k, v)));
+            .env("CARGO_MANIFEST_DIR", &self.dir);
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || matches!(
+                    &*name,
+                    "CARGO_CRATE_NAME" | "CARGO_MANIFEST_PATH" | "CARGO_PRIMARY_PACKAGE"
+                )
+            {
+                cmd.env_remove(&*name);
+            }
+        }
         cmd
     }
 
@@ -302,8 +334,10 @@ impl Built {
 /// `names`.
 fn bins_of(out: &[u8], names: &HashMap<String, String>) -> Result<Vec<Bin>> {
     let mut bins = Vec::new();
-    for line in out.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        let m: serde_json::Value = serde_json::from_slice(line)?;
+    // Cargo passes on what a compiler plugin prints as lines of their own: not its messages.
+    for line in out.split(|b| *b == b'\n').filter(|l| l.starts_with(b"{")) {
+        let m: serde_json::Value = serde_json::from_slice(line)
+            .with_context(|| format!("a message of cargo's: {}", String::from_utf8_lossy(line)))?;
         if m["reason"] != "compiler-artifact" {
             continue;
         }
@@ -348,10 +382,8 @@ fn output(cmd: &mut Command) -> Result<Vec<u8>> {
 fn ignored_tests(bin: &Bin, filter: Option<&str>) -> Result<usize> {
     let what = format!("the real-broker tests of {}", bin.what(filter));
     eprintln!("\n==> listing {what}");
-    let mut cmd = Command::new(&bin.exe);
-    cmd.current_dir(&bin.dir)
-        .args(["--ignored", "--list"])
-        .args(filter);
+    let mut cmd = bin.bare();
+    cmd.args(["--ignored", "--list"]).args(filter);
     let n = String::from_utf8_lossy(&output(&mut cmd)?)
         .lines()
         .filter(|l| l.ends_with(": test"))
@@ -424,11 +456,18 @@ mod tests {
             "\n",
             r#"{"reason":"compiler-artifact","manifest_path":"/w/crates/herald-redis/Cargo.toml","target":{"kind":["test"],"name":"it"},"executable":"/w/target/debug/deps/it-0123"}"#,
             "\n",
+            "a line a proc macro printed\n",
+            r#"{"reason":"compiler-artifact","manifest_path":"/w/crates/herald-redis/Cargo.toml","target":{"kind":["example"],"name":"demo"},"executable":"/w/target/debug/examples/demo"}"#,
+            "\n",
             r#"{"reason":"build-finished","success":true}"#,
             "\n",
         );
         let bins = super::bins_of(out.as_bytes(), &names).expect("parsed");
-        assert_eq!(bins.len(), 1, "{bins:?}");
+        assert_eq!(bins.len(), 2, "{bins:?}");
+        assert_eq!(
+            (bins[1].kind.as_str(), bins[1].name.as_str()),
+            ("example", "demo")
+        );
         let bin = &bins[0];
         assert_eq!(
             (bin.package.as_str(), bin.kind.as_str(), bin.name.as_str()),

@@ -51,8 +51,9 @@ enum Cmd {
     ///
     /// For each target: find or start its brokers, run its ignored tests, and always stop what
     /// was started. A broker given by HERALD_KAFKA_BOOTSTRAP, HERALD_AMQP_URL or HERALD_NATS_URL
-    /// is used as it is; HERALD_AMQP_PROVISION=local or =docker forces how RabbitMQ is started. Each target's
-    /// tests, build included, are killed after HERALD_IT_TIMEOUT_SECS (default 900).
+    /// is used as it is; HERALD_AMQP_PROVISION=local or =docker forces how RabbitMQ is started. The test and
+    /// example executables are those `cargo test --workspace` builds (built first, if need
+    /// be); each one is killed after HERALD_IT_TIMEOUT_SECS (default 900) of running.
     It {
         /// Which tests to run, in the order given [default: all]
         #[arg(value_enum, value_name = "TARGET")]

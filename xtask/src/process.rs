@@ -153,10 +153,11 @@ fn descendants(pid: u32) -> Vec<u32> {
 }
 
 /// A command as it may appear in a log: program and arguments, and the names of the environment
-/// variables it sets but never their values (`HERALD_AMQP_URL` can hold a password).
+/// variables it sets but never their values (`HERALD_AMQP_URL` can hold a password); those it
+/// removes are not named.
 pub(crate) fn shown(cmd: &Command) -> String {
     let mut s = String::new();
-    for (key, _) in cmd.get_envs() {
+    for (key, _) in cmd.get_envs().filter(|(_, value)| value.is_some()) {
         s.push_str(&format!("{}=<set> ", key.to_string_lossy()));
     }
     s.push_str(&cmd.get_program().to_string_lossy());
