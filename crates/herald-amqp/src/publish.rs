@@ -68,7 +68,7 @@ async fn send_in_turn(
         route: &route,
         // One deadline for the whole batch: publishes and confirms share it.
         deadline: Instant::now() + inner.config.confirm_timeout,
-        until: until.map(Instant::from_std),
+        until,
         early,
     };
     let channels = inner.config.channels;
@@ -727,7 +727,7 @@ struct Publishing<'a> {
     deadline: Instant,
     /// herald's deadline for the attempt, if it gave one: nothing is published past it (see
     /// `Transport::send_batch_until`), though confirms are still awaited until `deadline`.
-    until: Option<Instant>,
+    until: Option<std::time::Instant>,
     /// Where a confirm is told as it comes.
     early: Option<&'a EarlyAcks>,
 }
@@ -735,8 +735,7 @@ struct Publishing<'a> {
 impl Publishing<'_> {
     /// Past the batch's deadline or herald's: what is not published yet is not.
     fn too_late(&self) -> bool {
-        let now = Instant::now();
-        now >= self.deadline || self.until.is_some_and(|until| now >= until)
+        Instant::now() >= self.deadline || herald_core::deadline_passed(self.until)
     }
 }
 

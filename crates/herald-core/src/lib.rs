@@ -43,7 +43,7 @@ pub use producer::{
     Producer, ProducerBuilder, ProducerStats, Totals, UnclaimedHook,
 };
 pub use store::{Durable, Store, StoreError, StoreToken, StoreUsage, Submitted};
-pub use transport::{Ack, BatchOutcome, EarlyAcks, Transport, Turn, Turns};
+pub use transport::{deadline_passed, Ack, BatchOutcome, EarlyAcks, Transport, Turn, Turns};
 
 /// Re-exported so that adapters implement [`Transport`] with the same macro version.
 pub use async_trait::async_trait;

@@ -88,8 +88,8 @@ pub trait Transport: Send + Sync + 'static {
     /// or not, is the outcome, and it is true. herald drops the call at `deadline` plus the
     /// settle time and fails what is left unanswered as cut off.
     ///
-    /// Past `deadline` a transport hands nothing new to its broker: check it before each
-    /// hand-over to the client and fail what is left as transient, code `NOT_SENT`. A call
+    /// Past `deadline` a transport hands nothing new to its broker: check it
+    /// ([`deadline_passed`]) before each hand-over to the client and fail what is left as transient, code `NOT_SENT`. A call
     /// can start or resume late (it waited for its connection or for the calls ahead of it),
     /// and a call that returns Pending at the end of its time for want of Tokio's cooperative
     /// budget (not for an answer it waits for) is polled once more then, outside the budget, so
@@ -226,6 +226,13 @@ pub trait Transport: Send + Sync + 'static {
 }
 
 const _: Option<&dyn Transport> = None;
+
+/// Whether `deadline`, a deadline herald gave a call ([`Transport::send_batch_until`]), has
+/// passed, on Tokio's clock as herald keeps it (so also under a paused test clock); `None`, no
+/// deadline, never has. What a transport asks before each hand-over to its client.
+pub fn deadline_passed(deadline: Option<std::time::Instant>) -> bool {
+    deadline.is_some_and(|at| tokio::time::Instant::now() >= at.into())
+}
 
 /// Where a transport reports single messages of a call acknowledged before the call returns
 /// (see [`Transport::send_batch_answering`]). Cheap to clone and to call from any thread (a

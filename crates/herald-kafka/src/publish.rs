@@ -423,8 +423,7 @@ async fn send_in_turn(
     // Nothing is handed over past the deadline (see `Transport::send_batch_until`): the turn
     // and the calls before it may have taken the time. The loop below awaits only for room in
     // librdkafka's queue, and looks at the clock again after that wait.
-    let passed = || deadline.is_some_and(|at| tokio::time::Instant::now() >= at.into());
-    let mut past_deadline = passed();
+    let mut past_deadline = herald_core::deadline_passed(deadline);
     for (index, m) in batch.iter().enumerate() {
         if past_deadline {
             let e = not_sent_by_deadline();
@@ -460,7 +459,7 @@ async fn send_in_turn(
                     tokio::select! {
                         biased;
                         () = &mut at_deadline => past_deadline = true,
-                        () = shared.room.wait() => past_deadline = passed(),
+                        () = shared.room.wait() => past_deadline = herald_core::deadline_passed(deadline),
                     }
                     if past_deadline {
                         let e = not_sent_by_deadline();

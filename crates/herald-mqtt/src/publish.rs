@@ -55,9 +55,6 @@ async fn send_in_turn(
     early: Option<EarlyAcks>,
 ) -> BatchOutcome {
     inner.in_use();
-    // herald's deadline for the attempt: nothing is handed to the client past it (see
-    // `Transport::send_batch_until`); acknowledgements are still awaited under `patience`.
-    let until = until.map(Instant::from_std);
     let fail_all = |e: TransportError| batch.iter().map(|_| Err(e.clone())).collect();
     let topic = match destination::parse(destination) {
         Ok(t) => t,
@@ -129,9 +126,10 @@ async fn send_in_turn(
                 continue;
             }
         }
-        // Nothing is handed over past herald's deadline for the attempt (the wait for
-        // room above may have taken it).
-        if until.is_some_and(|until| Instant::now() >= until) {
+        // Nothing is handed over past herald's deadline for the attempt (see
+        // `Transport::send_batch_until`; the wait for room above may have taken it).
+        // Acknowledgements are still awaited under `patience`.
+        if herald_core::deadline_passed(until) {
             let e = b.not_sent_in_time();
             outcomes[i] = Some(Err(e.clone()));
             broken = Some(e);

@@ -41,7 +41,7 @@ struct Batch<'a> {
     declared: bool,
     deadline: Instant,
     /// herald's deadline for the attempt, if it gave one: nothing is published past it.
-    until: Option<Instant>,
+    until: Option<std::time::Instant>,
     /// Where a PubAck is told as it comes.
     early: Option<EarlyAcks>,
     /// The errors the server had reported before the batch's first publish: a publish denial
@@ -126,7 +126,7 @@ async fn send_in_turn(
         // not from before the wait for the calls ahead of it: a batch left with a sliver of
         // time would take its PubAcks for missing and give a sound connection up.
         deadline: Instant::now() + inner.config.ack_timeout,
-        until: until.map(Instant::from_std),
+        until,
         early,
         errors_before: live.errors_heard(),
     };
@@ -174,7 +174,7 @@ async fn send_in_turn(
             broken = Some(e);
             continue;
         }
-        if b.until.is_some_and(|until| Instant::now() >= until) {
+        if herald_core::deadline_passed(b.until) {
             let e = b.not_sent_in_time();
             outcomes[i] = Some(Err(e.clone()));
             broken = Some(e);

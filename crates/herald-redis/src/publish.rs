@@ -167,7 +167,7 @@ async fn send_in_turn(
         let hold = turn.enter(live.path).await;
         // Nothing is handed over past herald's deadline for the attempt (see
         // `Transport::send_batch_until`): the connection and the calls before may have taken it.
-        if until.is_some_and(|until| tokio::time::Instant::now() >= until.into()) {
+        if herald_core::deadline_passed(until) {
             let e = TransportError::transient(format!(
                 "not sent: the attempt's deadline passed before the pipeline to stream \"{stream}\" was handed over; retried"
             ))

@@ -408,7 +408,7 @@ impl MemoryTransport {
         // The sender lives in `inner`: never closed while this call runs.
         let mut gate = inner.gate.subscribe();
         let _open = gate.wait_for(|open| *open).await.map(|_| ());
-        if deadline.is_some_and(|at| tokio::time::Instant::now() >= at.into()) {
+        if herald_core::deadline_passed(deadline) {
             let e = TransportError::transient("not sent: the attempt's deadline had passed")
                 .with_code("NOT_SENT");
             return batch.iter().map(|_| Err(e.clone())).collect();
