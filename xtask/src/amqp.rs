@@ -311,7 +311,12 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
         package: "herald-amqp",
         messages: ("HERALD_BENCH_AMQP_MESSAGES", "100000"),
         intro,
-        rtts: (crate::report::ROUND_TRIPS_MS, "50000"),
+        rtts: Some(crate::report::Rtts {
+            ms: crate::report::ROUND_TRIPS_MS,
+            messages: "50000",
+            url_var: "HERALD_AMQP_URL",
+            default_port: 5672,
+        }),
     }
     .run(root, provision()?)
 }

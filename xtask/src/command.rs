@@ -13,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::process::{cargo, run};
+use crate::proxy::DelayProxy;
 use crate::report::{machine, median_range, replace_section, thousands, two};
 use crate::{amqp, kafka, mqtt, pin};
 
@@ -231,36 +232,6 @@ fn rtt_messages(broker: Broker) -> u64 {
     }
 }
 
-/// The testkit's delaying proxy as a process of its own (its `delay_proxy` example): the
-/// command and its raw baseline connect through it. Killed when dropped.
-struct Proxy(std::process::Child);
-
-impl Proxy {
-    fn start(bin: &Path, port: u16, target: &str, rtt_ms: u64) -> Result<Self> {
-        let child = Command::new(bin)
-            .arg(format!("127.0.0.1:{port}"))
-            .arg(target)
-            .arg((rtt_ms / 2).to_string())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("starting the delaying proxy")?;
-        let mut proxy = Proxy(child);
-        crate::broker::wait_listening(
-            &format!("127.0.0.1:{port}"),
-            std::time::Duration::from_secs(10),
-            " (the delaying proxy)",
-            Some(&mut proxy.0),
-        )?;
-        Ok(proxy)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _gone = self.0.kill().and_then(|()| self.0.wait());
-    }
-}
-
 /// Throughput rounds through the delaying proxy at `rtt_ms` of round trip, for every size of
 /// `SIZES`: Kafka on a Tansu of its own advertising the proxy's address (so that every
 /// connection, the partition leader's too, takes the round trip; skipped, and said, without
@@ -275,7 +246,7 @@ fn rtt_rounds(herald: &Path, proxy_bin: &Path, rtt_ms: u64) -> Result<Vec<Row>> 
             let mut tansu = kafka::start_tansu_advertising(&bin, port, proxy_port, "memory://tansu/")?;
             let result = (|| -> Result<()> {
                 kafka::wait_for(&format!("127.0.0.1:{port}"), std::time::Duration::from_secs(60), &mut tansu)?;
-                let _proxy = Proxy::start(proxy_bin, proxy_port, &format!("127.0.0.1:{port}"), rtt_ms)?;
+                let _proxy = DelayProxy::start(proxy_bin, proxy_port, &format!("127.0.0.1:{port}"), rtt_ms)?;
                 rows.extend(sized_rows(Broker::Kafka, rtt_ms, |size, r| {
                     let to = format!("kafka://127.0.0.1:{proxy_port}/command-rtt{rtt_ms}-{size}-{r}-{pid}");
                     throughput_round(herald, &to, rtt_messages(Broker::Kafka), size, false, r % 2 == 1)
@@ -288,17 +259,8 @@ fn rtt_rounds(herald: &Path, proxy_bin: &Path, rtt_ms: u64) -> Result<Vec<Row>> 
     }
     let broker = amqp::provision()?;
     let direct = broker.var("HERALD_AMQP_URL")?;
-    let mut url = url::Url::parse(&direct).context("HERALD_AMQP_URL")?;
-    let target = format!(
-        "{}:{}",
-        url.host_str().context("HERALD_AMQP_URL has no host")?,
-        url.port().unwrap_or(5672)
-    );
-    let proxy_port = crate::broker::free_port()?;
-    let _proxy = Proxy::start(proxy_bin, proxy_port, &target, rtt_ms)?;
-    url.set_port(Some(proxy_port))
-        .map_err(|()| anyhow::anyhow!("HERALD_AMQP_URL cannot take a port"))?;
-    let sep = if url.as_str().contains('?') { '&' } else { '?' };
+    let (_proxy, url) = crate::proxy::in_front_of(proxy_bin, &direct, 5672, rtt_ms)?;
+    let sep = if url.contains('?') { '&' } else { '?' };
     rows.extend(sized_rows(Broker::RabbitMQ, rtt_ms, |size, r| {
         let queue = format!("herald-command-rtt{rtt_ms}-{size}-{r}-{pid}");
         let to = format!("{url}{sep}queue={queue}");
@@ -372,18 +334,7 @@ pub(crate) fn bench_throughput(root: &Path, pinned: bool) -> Result<()> {
         })
         .collect();
     if !pinned {
-        run(
-            "build the delaying proxy",
-            cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "herald-testkit",
-                "--example",
-                "delay_proxy",
-            ]),
-        )?;
-        let proxy_bin = root.join("target/release/examples/delay_proxy");
+        let proxy_bin = crate::proxy::build(root)?;
         for &rtt in crate::report::ROUND_TRIPS_MS {
             rows.extend(rtt_rounds(&herald, &proxy_bin, rtt)?);
         }

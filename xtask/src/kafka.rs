@@ -350,6 +350,7 @@ pub(crate) fn bench_rtt(root: &Path) -> Result<()> {
         eprintln!("kafka: no Tansu here, so no round-trip runs (they need a broker that advertises the proxy's address)");
         return Ok(());
     };
+    let proxy_bin = crate::proxy::build(root)?;
     let mut rows = Vec::new();
     for &rtt in ROUND_TRIPS_MS {
         let (port, proxy) = (free_port()?, free_port()?);
@@ -361,11 +362,16 @@ pub(crate) fn bench_rtt(root: &Path) -> Result<()> {
             &mut child,
         )
         .and_then(|()| {
+            let _proxy = crate::proxy::DelayProxy::start(
+                &proxy_bin,
+                proxy,
+                &format!("127.0.0.1:{port}"),
+                rtt,
+            )?;
             run(
                 &format!("kafka benchmark at {rtt} ms round trip"),
                 bench_example()
-                    .args(["--bootstrap", &format!("127.0.0.1:{port}")])
-                    .args(["--proxy-listen", &format!("127.0.0.1:{proxy}")])
+                    .args(["--bootstrap", &format!("127.0.0.1:{proxy}")])
                     .args(["--rtt-ms", &rtt.to_string()])
                     .args([
                         "--messages",
@@ -396,7 +402,7 @@ pub(crate) fn bench_rtt(root: &Path) -> Result<()> {
         }
     }
     let mut body = format!(
-        "Run: `cargo xtask bench kafka` on {}: every variant through herald-testkit's delaying proxy (half the round trip each way, throughput not limited), Tansu `memory://` advertising the proxy's address; 3 rounds, raw and herald alternating (who goes first too), rates the medians, herald / raw taken within each round (median, range); naive 100 messages.\n\n",
+        "Run: `cargo xtask bench kafka` on {}: every variant through herald-testkit's delaying proxy, a process of its own (`delay_proxy`: half the round trip each way, throughput not limited), Tansu `memory://` advertising the proxy's address; 3 rounds, raw and herald alternating (who goes first too), rates the medians, herald / raw taken within each round (median, range); naive 100 messages.\n\n",
         machine()
     );
     body.push_str("| round trip | message | messages | raw rdkafka best (msgs/s) | herald (msgs/s) | naive (msgs/s) | herald / raw |\n|---:|---|---:|---:|---:|---:|---:|\n");

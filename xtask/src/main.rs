@@ -22,6 +22,7 @@ mod mqtt;
 mod nats;
 mod pin;
 mod process;
+mod proxy;
 mod redis;
 mod report;
 mod rules;

@@ -112,7 +112,7 @@ pub(crate) fn bench(root: &std::path::Path) -> Result<()> {
         package: "herald-mqtt",
         messages: ("HERALD_BENCH_MQTT_MESSAGES", "100000"),
         intro,
-        rtts: (&[], ""),
+        rtts: None,
     }
     .run(root, provision()?)
 }

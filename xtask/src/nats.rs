@@ -93,7 +93,7 @@ pub(crate) fn bench(root: &std::path::Path) -> Result<()> {
         package: "herald-nats",
         messages: ("HERALD_BENCH_NATS_MESSAGES", "100000"),
         intro,
-        rtts: (&[], ""),
+        rtts: None,
     }
     .run(root, provision()?)
 }

@@ -96,7 +96,7 @@ pub(crate) fn bench(root: &Path) -> Result<()> {
         package: "herald-redis",
         messages: ("HERALD_BENCH_REDIS_MESSAGES", "200000"),
         intro,
-        rtts: (&[], ""),
+        rtts: None,
     }
     .run(root, provision()?)
 }

@@ -214,9 +214,21 @@ pub(crate) struct Baseline<'a> {
     pub(crate) messages: (&'a str, &'a str),
     /// The section's opening: what was run, where, and what to expect of the figures.
     pub(crate) intro: fn(&serde_json::Value, &str) -> String,
-    /// Round trips (ms) to run again at, through the testkit's delaying proxy (`--rtt-ms`), into
-    /// the `{name}-rtt` section, with this many messages per run; empty: none.
-    pub(crate) rtts: (&'a [u64], &'a str),
+    /// Runs again through the testkit's delaying proxy, into the `{name}-rtt` section; `None`:
+    /// none.
+    pub(crate) rtts: Option<Rtts<'a>>,
+}
+
+/// The round-trip runs of a [`Baseline`].
+pub(crate) struct Rtts<'a> {
+    /// Round trips, in ms.
+    pub(crate) ms: &'a [u64],
+    /// Messages per run.
+    pub(crate) messages: &'a str,
+    /// The environment variable with the broker's URL, which the proxy goes in front of...
+    pub(crate) url_var: &'static str,
+    /// ...and its port when the URL names none.
+    pub(crate) default_port: u16,
 }
 
 impl Baseline<'_> {
@@ -251,11 +263,21 @@ impl Baseline<'_> {
             )?)
         });
         let mut rtt_runs = Vec::new();
-        if result.is_ok() {
-            for &rtt in self.rtts.0 {
-                let out = root.join(format!("target/bench/{}-rtt-{rtt}.json", self.name));
-                let run = self.run_binary(&broker, self.rtts.1, Some(rtt), &out);
-                rtt_runs.push((rtt, run.map(|()| out)));
+        if let (Ok(()), Some(rtts)) = (&result, &self.rtts) {
+            match crate::proxy::build(root) {
+                Ok(proxy_bin) => {
+                    for &rtt in rtts.ms {
+                        let out = root.join(format!("target/bench/{}-rtt-{rtt}.json", self.name));
+                        let run = self.run_binary(
+                            &broker,
+                            rtts.messages,
+                            Some((rtts, &proxy_bin, rtt)),
+                            &out,
+                        );
+                        rtt_runs.push((rtt, run.map(|()| out)));
+                    }
+                }
+                Err(e) => rtt_runs.extend(rtts.ms.first().map(|&rtt| (rtt, Err(e)))),
             }
         }
         drop(broker);
@@ -275,16 +297,17 @@ impl Baseline<'_> {
             "docs/benchmarks.md: {} section updated\n\n{table}",
             self.name
         );
-        if rtt_runs.is_empty() {
+        let Some(rtts) = self.rtts.as_ref().filter(|_| !rtt_runs.is_empty()) else {
             return Ok(());
-        }
+        };
         let mut rtt_table = format!(
             "Run: `cargo xtask bench {}` on {}: the same variants again, {} messages each, every \
-             variant through herald-testkit's `FaultProxy::start_with_latency` (half the round \
-             trip each way, throughput not limited). One run each: expect ±15 %.\n\n",
+             variant through herald-testkit's delaying proxy, a process of its own in front of \
+             the broker (`delay_proxy`: half the round trip each way, throughput not limited). \
+             One run each: expect ±15 %.\n\n",
             self.name,
             machine(),
-            self.rtts.1
+            rtts.messages
         );
         rtt_table.push_str(
             "| round trip | payload | variant | msgs/s | vs raw best | vs raw best, same properties |\n|---:|---|---|---:|---:|---:|\n",
@@ -308,12 +331,13 @@ impl Baseline<'_> {
         Ok(())
     }
 
-    /// One run of the binary against `broker`, through a proxy adding `rtt` ms if given.
+    /// One run of the binary against `broker`; with `rtt`, through the proxy (`bin`) adding
+    /// that many ms of round trip.
     fn run_binary(
         &self,
         broker: &crate::broker::Broker,
         messages: &str,
-        rtt: Option<u64>,
+        rtt: Option<(&Rtts<'_>, &Path, u64)>,
         out: &Path,
     ) -> Result<()> {
         use anyhow::Context;
@@ -334,16 +358,22 @@ impl Baseline<'_> {
             "--json",
             out.to_str().context("utf-8 path")?,
         ]);
-        let what = match rtt {
-            Some(ms) => {
-                cmd.args(["--rtt-ms", &ms.to_string()]);
-                format!("{} benchmark at {ms} ms round trip", self.name)
-            }
-            None => format!("{} benchmark", self.name),
-        };
         for (k, v) in &broker.env {
             cmd.env(k, v);
         }
+        let (what, _proxy) = match rtt {
+            Some((rtts, bin, ms)) => {
+                let direct = broker.var(rtts.url_var)?;
+                let (proxy, url) = crate::proxy::in_front_of(bin, &direct, rtts.default_port, ms)?;
+                cmd.args(["--rtt-ms", &ms.to_string()])
+                    .env(rtts.url_var, url);
+                (
+                    format!("{} benchmark at {ms} ms round trip", self.name),
+                    Some(proxy),
+                )
+            }
+            None => (format!("{} benchmark", self.name), None),
+        };
         crate::process::run(&what, &mut cmd)
     }
 }

@@ -7,8 +7,9 @@
 //! `amqp-baseline --delete-queue NAME` deletes a queue a benchmark left (`cargo xtask bench
 //! command` and `latency` run the `herald` command into queues of their own) and does nothing
 //! else.
-//! With `--rtt-ms`, every variant goes through herald-testkit's fault proxy adding that round
-//! trip (half each way) between client and broker, as a network between zones would.
+//! `--rtt-ms` only says, in the report, what round trip lies between this process and the
+//! broker: `cargo xtask bench amqp` puts the testkit's delaying proxy (`delay_proxy`, a process
+//! of its own) in front of the broker and passes its address in `HERALD_AMQP_URL`.
 
 use std::time::{Duration, Instant};
 
@@ -200,23 +201,11 @@ fn main() -> Res<()> {
         rt.block_on(delete_queue(&config, queue))?;
         return Ok(());
     }
+    // The round trip of the path to the broker, for the report only: `cargo xtask bench amqp`
+    // runs the testkit's delaying proxy as a process of its own and passes its address in
+    // `HERALD_AMQP_URL` (in this process it would copy every byte on herald's runtime).
     let rtt_ms: u64 = args.number("--rtt-ms", 0)?;
-    let (figures, _proxy) = rt.block_on(async {
-        // Through a proxy that delays each way by half the round trip: same path for every variant.
-        let (url, proxy) = if rtt_ms == 0 {
-            (url.clone(), None)
-        } else {
-            let parts = herald_core::url::split(&url, "`amqp://`")?;
-            let proxy = herald_testkit::proxy::FaultProxy::start_with_latency(
-                parts.hosts,
-                Duration::from_micros(rtt_ms * 500),
-            )
-            .await?;
-            let proxied = url.replacen(parts.hosts, &proxy.addr().to_string(), 1);
-            (proxied, Some(proxy))
-        };
-        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((run(&url, n).await?, proxy))
-    })?;
+    let figures = rt.block_on(run(&url, n))?;
     let broker = AmqpConfig::from_url(&url)?.redacted_url();
     let doc = serde_json::json!({
         "broker": broker,

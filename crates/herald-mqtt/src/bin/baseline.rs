@@ -2,7 +2,9 @@
 //! to the event loop, as many in flight as the broker allows), with the naive pattern (await
 //! each PUBACK), and with herald over the same settings, and writes the figures as JSON.
 //!
-//! Usage: `HERALD_MQTT_URL=mqtt://… mqtt-baseline [--messages N] [--json FILE]`
+//! Usage: `HERALD_MQTT_URL=mqtt://… mqtt-baseline [--messages N] [--json FILE]`.
+//! For profilers and CPU accounting, `--only raw|herald` runs that one variant once (raw at its
+//! best, or herald's default), 100 B, no warm-up, and prints only its rate.
 
 use std::time::{Duration, Instant};
 
@@ -108,6 +110,20 @@ fn main() -> Res<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if let Some(only) = args.value("--only") {
+        let config = MqttConfig::from_url(&url)?;
+        let rate = rt.block_on(async {
+            match only {
+                "raw" => Ok(raw_streaming(&config, &topic("raw"), 100, n, WINDOW)
+                    .await?
+                    .msgs_per_sec()),
+                "herald" => herald(&config, 100, n, OrderingMode::Strict).await,
+                other => Err(format!("--only takes raw or herald, not {other}").into()),
+            }
+        })?;
+        println!("{only}: {rate:.0} msgs/s");
+        return Ok(());
+    }
     let figures = rt.block_on(run(&url, n))?;
     let server = MqttConfig::from_url(&url)?.redacted_url();
     let doc = serde_json::json!({
