@@ -162,14 +162,21 @@ pub enum Carry {
     Bare,
     /// What herald's messages carry in the benchmarks: a `message_id` (UUID text, as herald's
     /// `MessageId`) and the key in the `x-herald-key` header (64 keys), so that the broker
-    /// parses and stores the same properties for both.
+    /// parses and stores the same properties for both; the `message_id` alone when the
+    /// config sends no key header (`AmqpConfig::key_header(None)`, `?key_header=`).
     LikeHerald,
+    /// A `message_id` only: what herald's messages carry with `AmqpConfig::key_header(None)`.
+    IdOnly,
 }
 
 /// The properties of message `i` of a channel's share.
 fn carried(carry: Carry, channel: usize, i: usize) -> BasicProperties {
     match carry {
         Carry::Bare => props(),
+        Carry::IdOnly => {
+            let id = herald_core::MessageId::from_u128(((channel as u128) << 64) | i as u128);
+            props().with_message_id(id.text().to_string().into())
+        }
         Carry::LikeHerald => {
             let id = herald_core::MessageId::from_u128(((channel as u128) << 64) | i as u128);
             let mut headers = FieldTable::default();
@@ -252,6 +259,11 @@ pub async fn raw_streaming_carrying(
     carry: Carry,
 ) -> Result<Run, BaselineError> {
     let (channels, window) = (channels.max(1), window.max(1));
+    // Like herald under this config: without a key header (`?key_header=`), the id alone.
+    let carry = match carry {
+        Carry::LikeHerald if config.key_header.is_none() => Carry::IdOnly,
+        other => other,
+    };
     let conn = connect(config).await?;
     let mut chans = Vec::new();
     for _ in 0..channels {

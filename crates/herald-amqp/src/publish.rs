@@ -962,6 +962,38 @@ mod tests {
         assert_eq!(sent_id(&config, &Message::new("q", "same line")), None);
     }
 
+    /// The headers a message is published with, by name.
+    fn sent_headers(config: &AmqpConfig, m: &Message) -> Vec<String> {
+        properties(config, m)
+            .headers()
+            .as_ref()
+            .map(|t| t.inner().keys().map(|k| k.as_str().to_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_key_travels_in_the_header_the_url_names_or_in_none() {
+        let m = Message::new("q", "p")
+            .with_key("customer-7")
+            .with_id(herald_core::MessageId::from_u128(1));
+        for (url, headers) in [
+            ("amqp://h/%2f?queue=q", vec!["x-herald-key"]),
+            (
+                "amqp://h/%2f?queue=q&key_header=order-key",
+                vec!["order-key"],
+            ),
+            ("amqp://h/%2f?queue=q&key_header=", vec![]),
+        ] {
+            let config = AmqpConfig::from_url(url).expect("url");
+            assert_eq!(sent_headers(&config, &m), headers, "{url}");
+            // The message id goes either way: it is herald's deduplication key.
+            assert!(sent_id(&config, &m).is_some(), "{url}");
+        }
+        let e = AmqpConfig::from_url(&format!("amqp://h/?key_header={}", "k".repeat(256)))
+            .expect_err("longer than a short string");
+        assert!(e.to_string().contains("key_header"), "{e}");
+    }
+
     #[test]
     fn same_key_same_channel() {
         let d = Destination::new("q");

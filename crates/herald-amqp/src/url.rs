@@ -13,7 +13,9 @@ use crate::error::ConfigError;
 /// The query parameters an AMQP URL takes: the connection's `heartbeat` (s),
 /// `connection_timeout` (ms), `channel_max`, `frame_max` and `shuffle_addresses`
 /// (`true`/`false`), and where to publish ([`Route`]): `queue`, `declare`, `queue_type`, or
-/// `exchange` and `routing_key`; for `amqps://`, RabbitMQ's `cacertfile` (a CA file to trust),
+/// `exchange` and `routing_key`; `key_header`, the header that carries each message's herald
+/// key (empty: none; see [`AmqpConfig::key_header`](crate::AmqpConfig::key_header)); for
+/// `amqps://`, RabbitMQ's `cacertfile` (a CA file to trust),
 /// `certfile` and `keyfile` (a client certificate and its key, for mutual TLS). A program that
 /// adds parameters of its own to the URL keeps these for
 /// [`AmqpConfig::from_url`](crate::AmqpConfig::from_url) (see [`split_query`]).
@@ -31,6 +33,7 @@ pub const QUERY_PARAMETERS: &[&str] = &[
     "queue_type",
     "exchange",
     "routing_key",
+    "key_header",
 ];
 
 /// Where a URL says to publish, for programs that take the broker and the destination in one
@@ -209,6 +212,9 @@ pub(crate) struct Url {
     pub(crate) route: Option<Route>,
     /// `?cacertfile=PATH`, `?certfile=PATH&keyfile=PATH`.
     pub(crate) tls_files: TlsFiles,
+    /// `?key_header=NAME` (`Some(Some(NAME))`) or `?key_header=` (`Some(None)`: none); `None`
+    /// when the query does not say.
+    pub(crate) key_header: Option<Option<String>>,
 }
 
 impl Url {
@@ -255,6 +261,7 @@ impl Url {
             shuffle_addresses: false,
             route: None,
             tls_files: TlsFiles::named(TlsParameterNames::RABBITMQ),
+            key_header: None,
         };
         let mut route = RouteParams::default();
         let flag = |part: &'static str, v: &str| match v {
@@ -308,6 +315,16 @@ impl Url {
                 "queue" => route.queue = Some(v),
                 "exchange" => route.exchange = Some(v),
                 "routing_key" => route.routing_key = Some(v),
+                "key_header" => {
+                    // A field table's key is a short string: at most 255 bytes.
+                    if v.len() > 255 {
+                        return Err(bad(
+                            "query key_header",
+                            format!("is {} bytes; a header name holds at most 255", v.len()),
+                        ));
+                    }
+                    parsed.key_header = Some((!v.is_empty()).then_some(v));
+                }
                 other => {
                     return Err(bad(
                         "query",

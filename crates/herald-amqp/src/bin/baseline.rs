@@ -34,19 +34,12 @@ async fn raw_best(config: &AmqpConfig, payload: usize, n: usize) -> Res<f64> {
     Ok(run.msgs_per_sec())
 }
 
-/// Raw lapin at its best with herald's properties on each message, into a fresh queue deleted
-/// afterwards.
-async fn raw_like_herald(config: &AmqpConfig, payload: usize, n: usize) -> Res<f64> {
+/// Raw lapin at its best with `carry` on each message (herald's properties, or some of them),
+/// into a fresh queue deleted afterwards.
+async fn raw_carrying(config: &AmqpConfig, payload: usize, n: usize, carry: Carry) -> Res<f64> {
     let queue = fresh_queue(config, "raw-props").await?;
-    let run = raw_streaming_carrying(
-        config,
-        ("", &queue),
-        payload,
-        n,
-        (CHANNELS, WINDOW),
-        Carry::LikeHerald,
-    )
-    .await?;
+    let run =
+        raw_streaming_carrying(config, ("", &queue), payload, n, (CHANNELS, WINDOW), carry).await?;
     delete_queue(config, &queue).await?;
     Ok(run.msgs_per_sec())
 }
@@ -59,18 +52,29 @@ async fn naive(config: &AmqpConfig, payload: usize, n: usize) -> Res<f64> {
     Ok(run.msgs_per_sec())
 }
 
-async fn herald(
-    url: &str,
-    payload: usize,
-    n: usize,
+/// How a herald run is set up: its batches, ordering, pipeline depth, and whether its messages
+/// carry their key in the key header (herald's default) or not (`AmqpConfig::key_header(None)`).
+struct Setup {
     batch: usize,
     ordering: OrderingMode,
     depth: usize,
-) -> Res<f64> {
+    key_header: bool,
+}
+
+async fn herald(url: &str, payload: usize, n: usize, setup: &Setup) -> Res<f64> {
+    let Setup {
+        batch,
+        ordering,
+        depth,
+        key_header,
+    } = *setup;
     let config = AmqpConfig::from_url(url)?;
     let queue = fresh_queue(&config, "herald").await?;
-    let transport =
-        AmqpTransport::new(AmqpConfig::from_url(url)?.channels(CHANNELS).window(WINDOW))?;
+    let mut transport_config = AmqpConfig::from_url(url)?.channels(CHANNELS).window(WINDOW);
+    if !key_header {
+        transport_config = transport_config.key_header(None);
+    }
+    let transport = AmqpTransport::new(transport_config)?;
     transport.connect().await?;
     let producer = Producer::builder(transport)
         .batching(herald_batch::SizeOrLinger::new(
@@ -119,7 +123,7 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
             ),
             rate: raw,
         });
-        let like = raw_like_herald(&config, payload, n).await?;
+        let like = raw_carrying(&config, payload, n, Carry::LikeHerald).await?;
         eprintln!("{payload} B raw streaming, herald's properties: {like:.0} msg/s");
         figures.push(Figure {
             payload,
@@ -129,6 +133,18 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
             ),
             rate: like,
         });
+        // What each of the two properties costs the broker: the id alone (herald's messages
+        // with `key_header(None)`).
+        let id_only = raw_carrying(&config, payload, n, Carry::IdOnly).await?;
+        eprintln!("{payload} B raw streaming, herald's message_id only: {id_only:.0} msg/s");
+        figures.push(Figure {
+            payload,
+            name: "raw_id_only",
+            what: format!(
+                "raw lapin, streaming confirms, {CHANNELS} channels × {WINDOW}, each message with herald's `message_id` only"
+            ),
+            rate: id_only,
+        });
         let naive = naive(&config, payload, naive_n).await?;
         eprintln!("{payload} B raw naive: {naive:.0} msg/s");
         figures.push(Figure {
@@ -137,44 +153,48 @@ async fn run(url: &str, n: usize) -> Res<Vec<Figure>> {
             what: format!("raw lapin, await each confirm ({naive_n} messages)"),
             rate: naive,
         });
-        for (name, what, batch, ordering, depth) in [
+        let setup = |batch, ordering, depth| Setup {
+            batch,
+            ordering,
+            depth,
+            key_header: true,
+        };
+        for (name, what, setup) in [
             (
                 "herald_default",
                 "herald send_all, default batching (up to 1 024, no linger), strict order (pipeline depth 4), 64 keys",
-                1024,
-                OrderingMode::Strict,
-                4,
+                setup(1024, OrderingMode::Strict, 4),
             ),
             (
                 "herald_depth_1",
                 "herald send_all, default batching, strict order, one batch in flight (stop and wait)",
-                1024,
-                OrderingMode::Strict,
-                1,
+                setup(1024, OrderingMode::Strict, 1),
             ),
             (
                 "herald_depth_8",
                 "herald send_all, default batching, strict order, 8 batches in flight",
-                1024,
-                OrderingMode::Strict,
-                8,
+                setup(1024, OrderingMode::Strict, 8),
             ),
             (
                 "herald_batch_4096",
                 "herald send_all, batches of 4 096, strict order (depth 4), 64 keys",
-                4096,
-                OrderingMode::Strict,
-                4,
+                setup(4096, OrderingMode::Strict, 4),
             ),
             (
                 "herald_relaxed",
                 "herald send_all, default batching, relaxed order (8 batches in flight)",
-                1024,
-                OrderingMode::Relaxed,
-                4,
+                setup(1024, OrderingMode::Relaxed, 4),
+            ),
+            (
+                "herald_no_key_header",
+                "herald send_all, default batching, strict order (depth 4), 64 keys kept for ordering only (`key_header(None)`: a `message_id` only)",
+                Setup {
+                    key_header: false,
+                    ..setup(1024, OrderingMode::Strict, 4)
+                },
             ),
         ] {
-            let rate = herald(url, payload, n, batch, ordering, depth).await?;
+            let rate = herald(url, payload, n, &setup).await?;
             eprintln!("{payload} B {name}: {rate:.0} msg/s");
             figures.push(Figure {
                 payload,
