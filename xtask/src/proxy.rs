@@ -59,23 +59,52 @@ impl Drop for DelayProxy {
 }
 
 /// A proxy in front of the server of `url` (its host and port, `default_port` when it names
-/// none), and `url` through it.
+/// none), and `url` through it (see [`through`]).
 pub(crate) fn in_front_of(
     bin: &Path,
     url: &str,
     default_port: u16,
     rtt_ms: u64,
 ) -> Result<(DelayProxy, String)> {
+    let port = crate::broker::free_port()?;
+    let (target, proxied) = through(url, default_port, port)?;
+    Ok((DelayProxy::start(bin, port, &target, rtt_ms)?, proxied))
+}
+
+/// The server `url` names (`host:port`, `default_port` when it names none), and `url` with a
+/// proxy on `127.0.0.1:port` in its place, credentials, path and query kept. One server: an
+/// address list (`h1:5672,h2:5672`) is not a URL this reads.
+fn through(url: &str, default_port: u16, port: u16) -> Result<(String, String)> {
     let mut proxied = url::Url::parse(url).context("the broker's URL")?;
     let target = format!(
         "{}:{}",
         proxied.host_str().context("the broker's URL has no host")?,
         proxied.port().unwrap_or(default_port)
     );
-    let port = crate::broker::free_port()?;
-    let proxy = DelayProxy::start(bin, port, &target, rtt_ms)?;
+    proxied
+        .set_host(Some("127.0.0.1"))
+        .context("the broker's URL cannot take the proxy's address")?;
     proxied
         .set_port(Some(port))
         .map_err(|()| anyhow::anyhow!("the broker's URL cannot take a port"))?;
-    Ok((proxy, proxied.into()))
+    Ok((target, proxied.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_proxy_takes_the_server_s_place_in_the_url() {
+        let (target, url) =
+            through("amqp://u:p%40ss@rabbit.internal/%2F?queue=q", 5672, 4100).expect("a URL");
+        assert_eq!(target, "rabbit.internal:5672");
+        assert_eq!(url, "amqp://u:p%40ss@127.0.0.1:4100/%2F?queue=q");
+        let (target, url) = through("amqp://[::1]:5673/%2f", 5672, 4100).expect("IPv6");
+        assert_eq!(
+            (target.as_str(), url.as_str()),
+            ("[::1]:5673", "amqp://127.0.0.1:4100/%2f")
+        );
+        assert!(through("amqp://h1:5672,h2:5672/%2f", 5672, 4100).is_err());
+    }
 }

@@ -337,7 +337,12 @@ async fn amqp_baselines(
         like: Some((
             like.msgs_per_sec(),
             format!(
-                "lapin as above, each message with herald's `message_id` and key header, {} messages",
+                "lapin as above, each message with herald's `message_id`{}, {} messages",
+                if config.key_header_name().is_some() {
+                    " and key header"
+                } else {
+                    " (no key header: ?key_header=)"
+                },
                 report::count(args.messages)
             ),
         )),

@@ -225,6 +225,10 @@ fn main() -> Res<()> {
     // runs the testkit's delaying proxy as a process of its own and passes its address in
     // `HERALD_AMQP_URL` (in this process it would copy every byte on herald's runtime).
     let rtt_ms: u64 = args.number("--rtt-ms", 0)?;
+    // The variants say what herald's messages carry: the URL must leave that to them.
+    if AmqpConfig::from_url(&url)?.key_header_name() != Some("x-herald-key") {
+        return Err("HERALD_AMQP_URL sets key_header: amqp-baseline sets it per variant".into());
+    }
     let figures = rt.block_on(run(&url, n))?;
     let broker = AmqpConfig::from_url(&url)?.redacted_url();
     let doc = serde_json::json!({
