@@ -263,11 +263,8 @@ fn unpublishable(config: &AmqpConfig, msg: &Message) -> Option<TransportError> {
     if let Some(h) = msg.headers().iter().find(|h| h.name.len() > 255) {
         return invalid("a header name", h.name.len());
     }
-    if let (Some(name), Some(_)) = (&config.key_header, msg.key()) {
-        if name.len() > 255 {
-            return invalid("the key header's name (AmqpConfig::key_header)", name.len());
-        }
-    }
+    // The key header's name is checked once, when the transport is built
+    // (`AmqpConfig::validate`).
     match message_id(msg, config.message_id_header.as_deref()) {
         Some(id) if id.len() > 255 => invalid("the message id (its message-id header)", id.len()),
         _ => None,

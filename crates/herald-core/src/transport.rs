@@ -88,9 +88,9 @@ pub trait Transport: Send + Sync + 'static {
     /// or not, is the outcome, and it is true. herald drops the call at `deadline` plus the
     /// settle time and fails what is left unanswered as cut off.
     ///
-    /// Past `deadline` a transport hands nothing new to its broker: check it
-    /// ([`deadline_passed`]) before each hand-over to the client and fail what is left as transient, code `NOT_SENT`. A call
-    /// can start or resume late (it waited for its connection or for the calls ahead of it),
+    /// Past `deadline` a transport hands nothing new to its broker: check it ([`deadline_passed`])
+    /// before each hand-over to the client and fail what is left as transient, code `NOT_SENT`. A
+    /// call can start or resume late (it waited for its connection or for the calls ahead of it),
     /// and a call that returns Pending at the end of its time for want of Tokio's cooperative
     /// budget (not for an answer it waits for) is polled once more then, outside the budget, so
     /// that answers it holds are its outcome. The conformance suite checks this
