@@ -161,16 +161,18 @@ pub enum Carry {
     /// Nothing: `delivery_mode` 2 only.
     Bare,
     /// What herald's messages carry in the benchmarks: a `message_id` (UUID text, as herald's
-    /// `MessageId`) and the key in the `x-herald-key` header (64 keys), so that the broker
-    /// parses and stores the same properties for both; the `message_id` alone when the
-    /// config sends no key header (`AmqpConfig::key_header(None)`, `?key_header=`).
+    /// `MessageId`) and the key (64 keys) in the header the config names (`x-herald-key` by
+    /// default), so that the broker parses and stores the same properties for both; the
+    /// `message_id` alone when the config sends no key header (`AmqpConfig::key_header(None)`,
+    /// `?key_header=`).
     LikeHerald,
     /// A `message_id` only: what herald's messages carry with `AmqpConfig::key_header(None)`.
     IdOnly,
 }
 
-/// The properties of message `i` of a channel's share.
-fn carried(carry: Carry, channel: usize, i: usize) -> BasicProperties {
+/// The properties of message `i` of a channel's share; `key_header` names the header of
+/// [`Carry::LikeHerald`]'s key.
+fn carried(carry: Carry, key_header: &str, channel: usize, i: usize) -> BasicProperties {
     match carry {
         Carry::Bare => props(),
         Carry::IdOnly => {
@@ -181,7 +183,7 @@ fn carried(carry: Carry, channel: usize, i: usize) -> BasicProperties {
             let id = herald_core::MessageId::from_u128(((channel as u128) << 64) | i as u128);
             let mut headers = FieldTable::default();
             headers.insert(
-                "x-herald-key".into(),
+                key_header.into(),
                 lapin::types::AMQPValue::LongString(format!("key-{}", i % 64).into()),
             );
             props()
@@ -198,7 +200,7 @@ async fn stream_on(
     routing_key: String,
     payload: Vec<u8>,
     (n, window): (usize, usize),
-    (carry, channel): (Carry, usize),
+    (carry, key_header, channel): (Carry, String, usize),
 ) -> Result<Channel, BaselineError> {
     let mut pending = VecDeque::with_capacity(window);
     for i in 0..n {
@@ -214,7 +216,7 @@ async fn stream_on(
                 routing_key.as_str().into(),
                 OPTS,
                 &payload,
-                carried(carry, channel, i),
+                carried(carry, &key_header, channel, i),
             )
             .await?,
         );
@@ -260,9 +262,9 @@ pub async fn raw_streaming_carrying(
 ) -> Result<Run, BaselineError> {
     let (channels, window) = (channels.max(1), window.max(1));
     // Like herald under this config: without a key header (`?key_header=`), the id alone.
-    let carry = match carry {
-        Carry::LikeHerald if config.key_header.is_none() => Carry::IdOnly,
-        other => other,
+    let (carry, key_header) = match (carry, config.key_header_name()) {
+        (Carry::LikeHerald, None) => (Carry::IdOnly, String::new()),
+        (other, name) => (other, name.unwrap_or_default().to_owned()),
     };
     let conn = connect(config).await?;
     let mut chans = Vec::new();
@@ -280,7 +282,7 @@ pub async fn raw_streaming_carrying(
             routing_key.to_owned(),
             vec![b'x'; payload],
             (share, window),
-            (carry, i),
+            (carry, key_header.clone(), i),
         ))
     });
     let mut done = Vec::with_capacity(channels);
@@ -416,5 +418,24 @@ impl OneByOne {
             close_channel(ch).await?;
         }
         close(self.conn).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The raw client's "like herald" messages carry the key under the header the config names,
+    /// as herald's do; they always named it `x-herald-key`.
+    #[test]
+    fn the_key_rides_in_the_header_the_config_names() {
+        let props = carried(Carry::LikeHerald, "x-k", 0, 65);
+        let headers = props.headers().as_ref().expect("headers");
+        let names: Vec<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-k"]);
+        assert!(props.message_id().is_some());
+        let id_only = carried(Carry::IdOnly, "", 0, 65);
+        assert!(id_only.headers().is_none() && id_only.message_id().is_some());
+        assert!(carried(Carry::Bare, "x-k", 0, 65).message_id().is_none());
     }
 }
