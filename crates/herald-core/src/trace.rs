@@ -99,7 +99,7 @@ mod enabled {
         }
         if !cx.span().span_context().is_valid()
             || msg
-                .headers
+                .headers()
                 .iter()
                 .any(|h| h.name.eq_ignore_ascii_case("traceparent"))
         {
@@ -117,7 +117,7 @@ mod enabled {
         });
     }
 
-    struct Headers<'a>(&'a mut Vec<Header>);
+    struct Headers<'a>(&'a mut thin_vec::ThinVec<Header>);
 
     impl Injector for Headers<'_> {
         fn set(&mut self, key: &str, value: String) {
