@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use herald_batch::{Accumulator, BatchPolicy};
+use herald_batch::Accumulator;
 
 use super::contain::ContainedPolicy;
 use herald_retry::{CircuitBreaker, CircuitState, RetryBudget, RetryPolicy};
@@ -403,7 +403,7 @@ impl Finished {
 impl Shared {
     pub(crate) fn new(
         config: Config,
-        batching: Box<dyn BatchPolicy>,
+        batching: super::builder::Batching,
         budget: RetryBudget,
         breaker: CircuitBreaker,
         transport: Arc<dyn Transport>,
@@ -421,9 +421,19 @@ impl Shared {
             metrics.unclaimed.clone(),
             metrics.panic_counter("unclaimed_hook"),
         ));
+        // A user's policy is asked behind a guard against its panics; herald's own cannot panic.
+        // The counter is made either way, so that its series is there at zero for every
+        // producer, as before.
         let batch_panics = metrics.panic_counter("batch_policy");
-        let batching = ContainedPolicy::new(batching, Box::new(move || batch_panics.increment(1)));
-        let acc = Accumulator::new(
+        let batching = if batching.own {
+            batching.policy
+        } else {
+            Box::new(ContainedPolicy::new(
+                batching.policy,
+                Box::new(move || batch_panics.increment(1)),
+            ))
+        };
+        let acc = Accumulator::with_boxed_policy(
             batching,
             config
                 .ordering
