@@ -317,7 +317,8 @@ impl Message {
                 .map(|h| h.name.len() + h.value.len())
                 .sum::<usize>()
     }
-    /// Takes the message apart.
+    /// Takes the message apart. A message with headers copies them into the `Vec` (they are
+    /// kept in a smaller list, see `Message`'s size check).
     pub fn into_parts(self) -> (Destination, Option<Bytes>, Bytes, Vec<Header>) {
         (
             self.destination,

@@ -21,7 +21,7 @@ use crate::transport::Transport;
 /// The batch policy, and whether it is herald's own [`SizeOrLinger`]: that one cannot panic
 /// (comparisons and a saturating sum), so the producer asks it directly, where a user's policy is
 /// asked behind a guard against panics (`catch_unwind` on every question, two a message, which
-/// cost `send_all` about 4 % of its instructions).
+/// cost `send_all` about 6 % of its instructions: 1 047 against 980 a message).
 pub(crate) struct Batching {
     pub(crate) policy: Box<dyn BatchPolicy>,
     pub(crate) own: bool,

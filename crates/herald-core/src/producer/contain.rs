@@ -3,7 +3,10 @@
 //! (or, for a batch policy, are batched one by one), and every panic is counted in
 //! `herald_user_code_panics_total`.
 //!
-//! `catch_unwind` costs nothing on the path where nothing panics. The code it wraps only reads
+//! `catch_unwind` is cheap on the path where nothing panics, but the call it wraps is no longer
+//! inlined (about 65 instructions a message for a batch policy's two questions), so herald's
+//! own `SizeOrLinger`, which cannot panic, is asked without it (`builder::Batching`). The code
+//! it wraps only reads
 //! its arguments and returns a value, so no state of the producer is left half-changed by an
 //! unwind: that is why `AssertUnwindSafe` is sound here.
 
