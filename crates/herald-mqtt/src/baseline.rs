@@ -421,19 +421,19 @@ async fn drive(mut events: Events, answers: Arc<LiveState>, server: String) {
     let failure = loop {
         match &mut events {
             Events::V5(e) => match e.poll().await {
-                Ok(event) => on_v5(&answers, &metrics, event),
+                Ok(event) => on_v5(&answers, &metrics, &event),
                 Err(err) => {
                     for event in e.state.events.drain(..) {
-                        on_v5(&answers, &metrics, event);
+                        on_v5(&answers, &metrics, &event);
                     }
                     break Failure::from_v5(&err).lost_error(&server);
                 }
             },
             Events::V3(e) => match e.poll().await {
-                Ok(event) => on_v3(&answers, event),
+                Ok(event) => on_v3(&answers, &event),
                 Err(err) => {
                     for event in e.state.events.drain(..) {
-                        on_v3(&answers, event);
+                        on_v3(&answers, &event);
                     }
                     break Failure::from_v3(&err).lost_error(&server);
                 }
