@@ -120,10 +120,9 @@ fn main() -> Res<()> {
                     .msgs_per_sec()),
                 "herald" => herald(&config, 100, n, OrderingMode::Strict).await,
                 "herald_relaxed" => herald(&config, 100, n, OrderingMode::Relaxed).await,
-                other => Err(format!(
-                    "--only takes raw, herald or herald_relaxed, not {other}"
-                )
-                .into()),
+                other => {
+                    Err(format!("--only takes raw, herald or herald_relaxed, not {other}").into())
+                }
             }
         })?;
         println!("{only}: {rate:.0} msgs/s");
