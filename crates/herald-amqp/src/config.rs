@@ -10,6 +10,10 @@ use crate::url::Url;
 /// The longest timeout or backoff accepted (longer ones could overflow `Instant + Duration`).
 const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The header that carries each message's herald key unless the config names another
+/// ([`AmqpConfig::key_header`]).
+pub const DEFAULT_KEY_HEADER: &str = "x-herald-key";
+
 /// Everything an [`crate::AmqpTransport`] needs: where the broker is and how to publish.
 ///
 /// Made from a URL with [`AmqpConfig::from_url`], then adjusted with the typed setters. The
@@ -81,7 +85,7 @@ impl AmqpConfig {
         let key_header = url
             .key_header
             .clone()
-            .unwrap_or_else(|| Some("x-herald-key".into()));
+            .unwrap_or_else(|| Some(DEFAULT_KEY_HEADER.into()));
         let mut topology = Vec::new();
         if let Some(Route::Queue {
             name,
@@ -398,10 +402,13 @@ impl AmqpConfig {
         }
         // A field table's key is a short string; an empty name is no header (`None` says so).
         if let Some(name) = &self.key_header {
-            if name.is_empty() || name.len() > 255 {
+            if name.is_empty() || !crate::name_fits(name) {
                 return invalid(
                     "key_header",
-                    "must be 1 to 255 bytes (None sends no key header)",
+                    &format!(
+                        "must be 1 to {} bytes (None sends no key header)",
+                        crate::MAX_NAME_BYTES
+                    ),
                 );
             }
         }

@@ -7,8 +7,8 @@ use herald_core::{Destination, TransportError};
 /// strings, whose length is a single byte.
 pub const MAX_NAME_BYTES: usize = 255;
 
-/// Whether `name` (an exchange, a queue or a routing key) fits in an AMQP short string: at
-/// most [`MAX_NAME_BYTES`] bytes.
+/// Whether `name` (an exchange, a queue, a routing key or a header's name) fits in an AMQP
+/// short string: at most [`MAX_NAME_BYTES`] bytes.
 pub fn name_fits(name: &str) -> bool {
     name.len() <= MAX_NAME_BYTES
 }

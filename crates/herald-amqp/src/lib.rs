@@ -50,7 +50,7 @@ mod url;
 #[cfg(feature = "baseline")]
 pub mod baseline;
 
-pub use config::AmqpConfig;
+pub use config::{AmqpConfig, DEFAULT_KEY_HEADER};
 pub use destination::{exchange, name_fits, queue, MAX_NAME_BYTES};
 pub use error::ConfigError;
 pub use topology::{Declare, ExchangeKind};

@@ -317,10 +317,14 @@ impl Url {
                 "routing_key" => route.routing_key = Some(v),
                 "key_header" => {
                     // A field table's key is a short string: at most 255 bytes.
-                    if v.len() > 255 {
+                    if !crate::name_fits(&v) {
                         return Err(bad(
                             "query key_header",
-                            format!("is {} bytes; a header name holds at most 255", v.len()),
+                            format!(
+                                "is {} bytes; a header name holds at most {}",
+                                v.len(),
+                                crate::MAX_NAME_BYTES
+                            ),
                         ));
                     }
                     parsed.key_header = Some((!v.is_empty()).then_some(v));

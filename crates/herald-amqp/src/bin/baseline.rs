@@ -226,7 +226,7 @@ fn main() -> Res<()> {
     // `HERALD_AMQP_URL` (in this process it would copy every byte on herald's runtime).
     let rtt_ms: u64 = args.number("--rtt-ms", 0)?;
     // The variants say what herald's messages carry: the URL must leave that to them.
-    if AmqpConfig::from_url(&url)?.key_header_name() != Some("x-herald-key") {
+    if AmqpConfig::from_url(&url)?.key_header_name() != Some(herald_amqp::DEFAULT_KEY_HEADER) {
         return Err("HERALD_AMQP_URL sets key_header: amqp-baseline sets it per variant".into());
     }
     let figures = rt.block_on(run(&url, n))?;
