@@ -226,7 +226,7 @@ impl OwnNode {
         }
     }
 
-    async fn boot(&self) {
+    pub(crate) async fn boot(&self) {
         self.launch().unwrap_or_else(|e| panic!("{e}"));
         self.wait_amqp(Duration::from_secs(90))
             .await
@@ -359,7 +359,9 @@ impl OwnNode {
         format!("\n--- last lines of {}'s log ---\n{tail}", self.name)
     }
 
-    pub(crate) async fn restart(&self) {
+    /// Stops the node (`rabbitmqctl stop`) and waits until its AMQP port is closed; [`OwnNode::boot`]
+    /// starts it again.
+    pub(crate) async fn stop(&self) {
         assert!(self.ctl(&["stop"]), "rabbitmqctl stop of own node");
         let port = self.port;
         wait_for(
@@ -368,6 +370,10 @@ impl OwnNode {
             || std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         )
         .await;
+    }
+
+    pub(crate) async fn restart(&self) {
+        self.stop().await;
         self.boot().await;
     }
 }
