@@ -15,7 +15,7 @@ use common::{
 use herald_core::{Destination, HealthIssue, Message, Producer};
 use herald_kafka::{admin, KafkaConfig, KafkaTransport};
 use herald_retry::{Backoff, ExponentialRetry};
-use herald_testkit::checks::{cut_twice_mid_run, free_port};
+use herald_testkit::checks::{cut_twice_mid_run, free_port, RunInParts};
 use herald_testkit::conformance::{self, Injected};
 
 fn bootstrap() -> String {
@@ -513,7 +513,12 @@ async fn a_broker_of_two_killed_for_good_in_the_middle_of_a_run_loses_nothing() 
         .build()
         .expect("producer");
     let msgs = keyed(&t, 0..60_000, 20);
-    let receipt = producer.send_all(msgs.clone()).await;
+    // Half the run, and the kill once half of that is delivered; the other half after the
+    // kill: the run goes on across the failover however fast the first half went (sent at
+    // once, a whole run could be delivered between two looks at a counter on a loaded
+    // machine, and the kill come after its end).
+    let mut run = RunInParts::new(&producer, &msgs, 2);
+    run.send_next().await;
     let deadline = Instant::now() + Duration::from_secs(120);
     while producer.stats().totals.delivered < 15_000 {
         assert!(Instant::now() < deadline, "no progress before the kill");
@@ -525,6 +530,9 @@ async fn a_broker_of_two_killed_for_good_in_the_middle_of_a_run_loses_nothing() 
     let before = producer.stats().totals.delivered;
     let killed = Instant::now();
     brokers[dead].kill();
+    // What the first half still had out at the kill: reported, not required.
+    let in_doubt = run.outstanding();
+    run.send_next().await;
     let deadline = Instant::now() + Duration::from_secs(120);
     while producer.stats().totals.delivered <= before + 100 {
         assert!(
@@ -534,17 +542,13 @@ async fn a_broker_of_two_killed_for_good_in_the_middle_of_a_run_loses_nothing() 
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let failover = killed.elapsed();
-    assert_eq!(delivered_all(receipt).await, 60_000);
-    assert!(
-        before < 60_000,
-        "the kill happened in the middle of the run"
-    );
+    run.finish(Duration::from_secs(180)).await;
     let stats = producer.stats();
     producer.close(Duration::from_secs(30)).await;
     let got = read_to_end(&survivor, &t).await;
     let duplicates = assert_all_stored_last_copies_in_order(&msgs, &got);
     eprintln!(
-        "failover: broker {} of 2 killed after {before} delivered; next deliveries {failover:?} later; {} retries by herald, {} stored for 60 000 sent ({duplicates} duplicates)",
+        "failover: broker {} of 2 killed after {before} delivered ({in_doubt} of the first half outstanding); next deliveries {failover:?} later; {} retries by herald, {} stored for 60 000 sent ({duplicates} duplicates)",
         dead + 1,
         stats.totals.retries,
         got.len(),
