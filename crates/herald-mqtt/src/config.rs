@@ -145,7 +145,7 @@ impl MqttConfig {
 
     /// Most messages of one batch handed to the client and not yet answered: at this many, the
     /// next publish waits until one of them is answered. (How many are on the wire at once
-    /// is also bounded by the broker's Receive Maximum, which rumqttc keeps to.) Between 1 and
+    /// is also bounded by the broker's Receive Maximum, which herald keeps to.) Between 1 and
     /// 65 536. Default: 4096.
     #[must_use]
     pub fn window(mut self, n: usize) -> Self {
@@ -171,7 +171,7 @@ impl MqttConfig {
     }
 
     /// The MQTT keep-alive: a PINGREQ goes out this often, and a connection whose PINGRESP
-    /// does not come by the next one is lost. Between 5 s (rumqttc's minimum) and 18 hours (MQTT's limit is
+    /// does not come by the next one is lost. Between 5 s and 18 hours (MQTT's limit is
     /// 65 535 s). The broker may impose its own (MQTT 5 Server Keep Alive). Default: 30 s.
     #[must_use]
     pub fn keep_alive(mut self, t: Duration) -> Self {

@@ -1,28 +1,24 @@
-//! Connections: one rumqttc client and event loop per connection, opened on demand with a clean
-//! session and replaced (never resumed) after a loss, with backoff between failed attempts (a
-//! `herald_core::rotation::Rotation` over the URL's one broker); the task that drives the event loop and matches every acknowledgement to its message by packet
-//! id; and the health verdict they add up to.
+//! Connections: one session of herald's own (`crate::wire`) per connection, opened on demand
+//! with a clean session and replaced (never resumed) after a loss, with backoff between failed
+//! attempts (a `herald_core::rotation::Rotation` over the URL's one broker); the table that
+//! matches every acknowledgement to its message by packet id; and the health verdict they add
+//! up to.
 //!
-//! Why a connection is never resumed: rumqttc, polled again after a loss, reconnects and
-//! resends what was in flight (with a persistent session) or drops it (with a clean one), and
-//! then goes on with what was queued behind it; in both cases the messages that had already
-//! failed for herald and are being retried would arrive after later messages of their key:
-//! per-key order broken. So each event loop gets exactly one connection: after a loss it is
-//! dropped with everything it held (those messages fail as transient `CONNECTION_LOST`, and
-//! herald retries them in order), and the next batch opens a new client with a new client id
-//! and a clean session (MQTT 5 Clean Start with no session expiry; MQTT 3.1.1 Clean Session).
-//! The broker discards the old session: it redelivers nothing of it, and what it had already
-//! accepted before the loss is published again by herald's retry: a duplicate, never a loss or
-//! a reordering.
+//! Why a connection is never resumed: resending what was in flight on a resumed session, and
+//! then going on with what was queued behind it, would put the messages that had already
+//! failed for herald and are being retried after later messages of their key: per-key order
+//! broken. So after a loss a connection is dropped with everything it held (those messages
+//! fail as transient `CONNECTION_LOST`, and herald retries them in order), and the next batch
+//! opens a new one with a new client id and a clean session (MQTT 5 Clean Start with no
+//! session expiry; MQTT 3.1.1 Clean Session). The broker discards the old session: it
+//! redelivers nothing of it, and what it had already accepted before the loss is published
+//! again by herald's retry: a duplicate, never a loss or a reordering.
 //!
-//! How outcomes find their messages: rumqttc takes publishes through a channel, in order, and
-//! its event loop reports each one's packet id as it writes it (`Outgoing::Publish(pkid)`, or
-//! `Outgoing::AwaitAck(pkid)` when it must wait for that id to be acknowledged first). Each
-//! message's answer slot is queued before its publish enters the channel (under the
-//! connection's send lock), so the n-th id reported is the n-th slot queued; the slot then waits
-//! under its packet id for the PUBACK (QoS 1) or the PUBREC and PUBCOMP (QoS 2). A slot is a
-//! place in its batch's table of answers (`crate::answers`), or, for the raw open-loop
-//! baseline, a channel of its own.
+//! How outcomes find their messages: each publish takes a packet id that awaits no answer
+//! ([`LiveState::insert`]) as it is queued, and its answer slot waits under that id for the
+//! PUBACK (QoS 1) or the PUBREC and PUBCOMP (QoS 2). A slot is a place in its batch's table of
+//! answers (`crate::answers`), or, for the raw open-loop baseline (rumqttc's client, which
+//! reports each id as it writes it), a channel of its own.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +26,7 @@ use std::sync::{Arc, Mutex as StdMutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use herald_core::rotation::{Dialer, Opened, Rotation, Wording};
-use herald_core::{Bytes, TransportError, TransportHealth};
+use herald_core::{TransportError, TransportHealth};
 use rumqttc::v5;
 use tokio::sync::{oneshot, Mutex};
 use tokio::time::Instant;
@@ -41,13 +37,15 @@ use crate::error::{
     ack_code, comp_code, puback_code, pubcomp_code, pubrec_code, CodeInfo, Failure,
 };
 use crate::metrics::MqttMetrics;
+use crate::wire::{self, Socket, Wire};
 
-/// Room in a client's request channel (rumqttc's, between the publishing tasks and the event
-/// loop): what up to 16 batches in flight hand over, a window of 4 096 each, fits. When the
+/// Room in the request channel of the baseline's rumqttc clients (between the publishing tasks
+/// and the event loop): what up to 16 batches in flight hand over, a window of 4 096 each, fits. When the
 /// channel is full, each publish waits for the event loop to take one, and each side wakes the
 /// other once a message (measured, 100 000 messages at pipeline depth 16 with room for 4 096:
 /// 33 000 context switches against 3 000-10 000, and 41-42 k msgs/s against 53-60 k). The channel
 /// allocates only what it holds; what it holds is bounded by the producer's buffer.
+#[cfg_attr(not(feature = "baseline"), allow(dead_code))]
 pub(crate) const REQUEST_CHANNEL: usize = 65_536;
 
 /// The answer to one publish.
@@ -66,7 +64,7 @@ pub(crate) enum Slot {
     /// The message at this index of a batch.
     Batch(Arc<Answers>, usize),
     /// A channel of its own (the raw open-loop baseline: each message is a future of its own).
-    #[cfg_attr(not(any(test, feature = "baseline")), allow(dead_code))]
+    #[cfg_attr(not(feature = "baseline"), allow(dead_code))]
     One(oneshot::Sender<Answer>),
 }
 
@@ -94,6 +92,8 @@ struct Book {
     collided: Option<(u16, Slot)>,
     /// The connection is over: every slot was answered `Lost`, no new one is taken.
     closed: bool,
+    /// The last packet id given out by [`LiveState::insert`].
+    last_id: u16,
 }
 
 /// The transport's view of its connection, shared with the connection tasks.
@@ -133,6 +133,7 @@ impl LiveState {
 
     /// Queues the answer slot of the next publish to be handed to the client (slots and
     /// publishes must enter in the same order); `false` once the connection is over.
+    #[cfg_attr(not(feature = "baseline"), allow(dead_code))]
     pub(crate) fn slot(&self, slot: Slot) -> bool {
         let mut book = self.book();
         if book.closed {
@@ -143,13 +144,14 @@ impl LiveState {
     }
 
     /// [`LiveState::slot`] with a channel of its own for the answer.
-    #[cfg_attr(not(any(test, feature = "baseline")), allow(dead_code))]
+    #[cfg_attr(not(feature = "baseline"), allow(dead_code))]
     pub(crate) fn one(&self) -> Option<oneshot::Receiver<Answer>> {
         let (tx, rx) = oneshot::channel();
         self.slot(Slot::One(tx)).then_some(rx)
     }
 
     /// The client wrote a publish with `pkid`.
+    #[cfg_attr(not(feature = "baseline"), allow(dead_code))]
     fn written(&self, pkid: u16) {
         let mut book = self.book();
         if let Some((p, _)) = &book.collided {
@@ -179,6 +181,7 @@ impl LiveState {
     }
 
     /// The client holds a publish back until `pkid` is acknowledged.
+    #[cfg_attr(not(feature = "baseline"), allow(dead_code))]
     fn collided(&self, pkid: u16) {
         let mut book = self.book();
         if let Some(slot) = book.queued.pop_front() {
@@ -186,11 +189,36 @@ impl LiveState {
         }
     }
 
-    fn answer(&self, pkid: u16, answer: Answer) {
+    /// Gives the next publish a packet id that awaits no answer, its answer to go to `slot`;
+    /// `None` once the connection is over. (Some id is free: fewer publishes are out than
+    /// there are ids, see `wire::Wire::room`.)
+    pub(crate) fn insert(&self, slot: Slot) -> Option<u16> {
+        let mut book = self.book();
+        if book.closed {
+            return None;
+        }
+        let mut id = book.last_id;
+        loop {
+            id = id.checked_add(1).unwrap_or(1);
+            if !book.inflight.contains_key(&id) {
+                break;
+            }
+        }
+        book.last_id = id;
+        book.inflight.insert(id, slot);
+        Some(id)
+    }
+
+    /// The broker answered the publish with `pkid`: whether one awaited that answer.
+    pub(crate) fn answer(&self, pkid: u16, answer: Answer) -> bool {
         self.answers.fetch_add(1, Ordering::Relaxed);
         let slot = self.book().inflight.remove(&pkid);
-        if let Some(slot) = slot {
-            slot.put(answer);
+        match slot {
+            Some(slot) => {
+                slot.put(answer);
+                true
+            }
+            None => false,
         }
     }
 
@@ -204,7 +232,7 @@ impl LiveState {
 
     /// Every publish handed over is written and some still wait for their answer: the client
     /// has nothing to send while the broker still has answers to give.
-    fn waiting(&self) -> bool {
+    pub(crate) fn waiting(&self) -> bool {
         let book = self.book();
         book.queued.is_empty() && book.collided.is_none() && !book.inflight.is_empty()
     }
@@ -230,20 +258,14 @@ impl LiveState {
     }
 }
 
-/// The client of one connection.
-enum Client {
-    V5(v5::AsyncClient),
-    V3(rumqttc::AsyncClient),
-}
-
 /// One live connection.
 pub(crate) struct Live {
     /// This connection's path number (see `herald_core::Turn::enter`).
     pub(crate) path: u64,
-    client: Client,
+    wire: Arc<Wire>,
     state: Arc<LiveState>,
-    /// Held by a batch while it hands its messages to the client: slots and publishes enter
-    /// in the same order.
+    /// Held by a batch while it hands its messages over: one batch's publishes go out
+    /// together, in order.
     pub(crate) send: Mutex<()>,
     /// The largest PUBLISH packet this connection may send: the smaller of the broker's
     /// Maximum Packet Size (MQTT 5 CONNACK) and the configured one.
@@ -257,23 +279,6 @@ pub(crate) struct Live {
     task: tokio::task::JoinHandle<()>,
     /// See [`Live::silent_for`].
     silence: herald_core::rotation::SilenceWatch,
-    /// The transport's state and metrics, told when herald gives this connection up itself
-    /// (see [`Live::give_up`]).
-    flow: Arc<Flow>,
-    metrics: MqttMetrics,
-}
-
-/// Ends a connection whose publish was dropped half-way (the batch's future was dropped
-/// while the client's channel was full): its slot may have no publish behind it, so the
-/// packet ids reported later could be matched to the wrong messages.
-struct Unfinished<'a>(Option<&'a Live>);
-
-impl Drop for Unfinished<'_> {
-    fn drop(&mut self) {
-        if let Some(live) = self.0 {
-            live.give_up();
-        }
-    }
 }
 
 impl Live {
@@ -319,67 +324,24 @@ impl Live {
         self.state.end(failure);
     }
 
-    /// Ends the connection because herald cannot use it any more (a publish cut off half-way),
-    /// not because the broker or the network ended it. As its task is stopped, which would
-    /// have told the transport of a loss, this tells it: when it was the transport's
-    /// connection, the transport is down (`is_connected`, `herald_mqtt_connected`) until the
-    /// next send opens a new one, and the connection counts as abandoned. It stayed "up"
-    /// before, and counted nowhere.
-    fn give_up(&self) {
-        let was_over = self.state.lost.load(Ordering::Acquire);
-        self.shut(None);
-        if !was_over && self.state.current.swap(false, Ordering::AcqRel) {
-            self.flow.connected.store(false, Ordering::Release);
-            self.metrics.connected.set(0.0);
-            self.metrics.abandoned.increment(1);
-        }
-    }
-
-    /// Hands one publish to the client (the caller holds [`Live::send`]); its answer goes to
-    /// `slot`. `false`: the connection is over.
+    /// Queues one publish (the caller holds [`Live::send`]), once the broker has room for it;
+    /// its answer goes to `slot`. Written at the next [`Live::flush`], or when it must wait for
+    /// room. `false`: the connection is over.
     pub(crate) async fn publish(
         &self,
         slot: Slot,
-        topic: &str,
-        payload: Bytes,
-        properties: Vec<(String, String)>,
+        topic: &[u8],
+        payload: &[u8],
+        properties: &[(String, String)],
     ) -> bool {
-        if !self.state.slot(slot) {
-            return false;
-        }
-        let mut unfinished = Unfinished(Some(self));
-        let sent = match &self.client {
-            Client::V5(c) => {
-                let qos = match self.qos {
-                    Qos::AtLeastOnce => v5::mqttbytes::QoS::AtLeastOnce,
-                    Qos::ExactlyOnce => v5::mqttbytes::QoS::ExactlyOnce,
-                };
-                if properties.is_empty() {
-                    c.publish(topic, qos, false, payload).await
-                } else {
-                    let props = v5::mqttbytes::v5::PublishProperties {
-                        user_properties: properties,
-                        ..Default::default()
-                    };
-                    c.publish_with_properties(topic, qos, false, payload, props)
-                        .await
-                }
-                .is_ok()
-            }
-            Client::V3(c) => {
-                let qos = match self.qos {
-                    Qos::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
-                    Qos::ExactlyOnce => rumqttc::QoS::ExactlyOnce,
-                };
-                c.publish(topic, qos, false, payload).await.is_ok()
-            }
-        };
-        if sent {
-            unfinished.0 = None;
-        }
-        // Not sent: the event loop is gone (its task ended), the connection is over (and the
-        // slot was answered `Lost` by `Unfinished`).
-        sent
+        self.wire
+            .publish(&self.state, slot, topic, properties, payload)
+            .await
+    }
+
+    /// Writes what was queued.
+    pub(crate) fn flush(&self) {
+        self.wire.flush();
     }
 }
 
@@ -401,14 +363,6 @@ pub(crate) struct Inner {
     /// Each destination's turn to publish: calls publish in the order herald started them.
     pub(crate) turns: herald_core::Turns,
     tls: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
-}
-
-/// rumqttc's connection timeout, in whole seconds: rounded up, at least 1 (the rotation bounds
-/// the attempt by the exact `connect_timeout`; rounded down, 1.9 s would be cut at 1 s).
-fn whole_seconds_up(d: std::time::Duration) -> u64 {
-    d.as_secs()
-        .saturating_add(u64::from(d.subsec_nanos() > 0))
-        .max(1)
 }
 
 /// A new client id: the prefix, `-`, and random letters and digits, 23 characters in all (the
@@ -513,7 +467,7 @@ impl Inner {
     /// Gives up on `live` if it is still the connection in use (its acknowledgements stopped
     /// coming), so that the next send opens a new one.
     pub(crate) async fn abandon(&self, live: &Arc<Live>) {
-        // Given up already (a publish cut off half-way: `Live::give_up`), it was counted then.
+        // Lost already: counted as lost then.
         let counted = !live.is_connected();
         if self
             .rotation
@@ -543,126 +497,101 @@ impl Inner {
             .map_err(|e| TransportError::permanent(e).with_code("TLS_ERROR"))
     }
 
-    /// Opens one connection: CONNECT, its CONNACK, and the task that drives the event loop.
+    /// Opens one connection: TCP (and TLS), CONNECT, its CONNACK, and the task that runs the
+    /// session (`crate::wire`).
     async fn dial(&self) -> Result<Arc<Live>, TransportError> {
         let c = &self.config;
         let server = c.url.server();
         let v3 = c.version() == Version::V311;
-        let id = client_id(&c.client_id_prefix);
-        let mut inflight = u16::try_from(c.window).unwrap_or(u16::MAX);
-        if v3 && c.qos() == Qos::ExactlyOnce {
-            // No Receive Maximum in 3.1.1: the broker's limit, as set (see
-            // `MqttConfig::v3_qos2_inflight`).
-            inflight = inflight.min(c.v3_qos2_inflight);
-        }
-        let connect_secs = whole_seconds_up(c.connect_timeout);
+        let fail = |f: Failure| f.connect_error(&server, v3);
         let tls = if c.url.tls {
             Some(self.tls_config()?)
         } else {
             None
         };
-        let state = Arc::new(LiveState::default());
+        let host = &c.url.endpoint.host;
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), c.url.endpoint.port))
+            .await
+            .map_err(|e| fail(Failure::Io(e.to_string())))?;
         // No Nagle: a PUBLISH is a few bytes, and holding it back until the previous segment
-        // is acknowledged stalls the pipeline (rumqttc leaves Nagle on by default).
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_connection_timeout(connect_secs);
-        network.set_tcp_nodelay(true);
-        let mut max_qos = None;
-        let (client, max_packet, task) = if v3 {
-            let mut o =
-                rumqttc::MqttOptions::new(id, c.url.endpoint.host.clone(), c.url.endpoint.port);
-            o.set_keep_alive(c.keep_alive)
-                .set_clean_session(true)
-                .set_inflight(inflight)
-                .set_request_channel_capacity(REQUEST_CHANNEL)
-                .set_max_packet_size(64 * 1024, c.max_packet_size as usize);
-            if let Some((user, pass)) = c.url.credentials() {
-                o.set_credentials(user, pass);
+        // is acknowledged stalls the pipeline.
+        tcp.set_nodelay(true)
+            .map_err(|e| fail(Failure::Io(e.to_string())))?;
+        let mut socket: Box<dyn Socket> = match tls {
+            None => Box::new(tcp),
+            Some(tls) => {
+                let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+                    fail(Failure::Tls(format!(
+                        "`{host}` is not a host name for TLS: {e}"
+                    )))
+                })?;
+                let connector = rumqttc::tokio_rustls::TlsConnector::from(tls);
+                Box::new(
+                    connector
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| fail(Failure::from_handshake(&e)))?,
+                )
             }
-            if let Some(tls) = tls {
-                o.set_transport(rumqttc::Transport::tls_with_config(
-                    rumqttc::TlsConfiguration::Rustls(tls),
-                ));
-            }
-            let (client, mut events) = rumqttc::AsyncClient::new(o, REQUEST_CHANNEL);
-            events.set_network_options(network);
-            // rumqttc starts its keep-alive timer as the CONNACK comes: after this.
-            let opened = Instant::now();
-            loop {
-                match events.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => break,
-                    Ok(_) => {}
-                    Err(e) => return Err(Failure::from_v3(&e).connect_error(&server, true)),
-                }
-            }
-            let nudge = Nudge::new(events.mqtt_options.keep_alive(), opened);
-            let task = tokio::spawn(drive_v3(
-                events,
-                nudge,
-                state.clone(),
-                self.flow.clone(),
-                self.metrics.clone(),
-                server.clone(),
-            ));
-            (Client::V3(client), c.max_packet_size, task)
-        } else {
-            let mut o = v5::MqttOptions::new(id, c.url.endpoint.host.clone(), c.url.endpoint.port);
-            o.set_keep_alive(c.keep_alive)
-                .set_clean_start(true)
-                .set_outgoing_inflight_upper_limit(inflight)
-                .set_request_channel_capacity(REQUEST_CHANNEL)
-                .set_network_options(network);
-            if let Some((user, pass)) = c.url.credentials() {
-                o.set_credentials(user, pass);
-            }
-            if let Some(tls) = tls {
-                o.set_transport(rumqttc::Transport::tls_with_config(
-                    rumqttc::TlsConfiguration::Rustls(tls),
-                ));
-            }
-            let (client, mut events) = v5::AsyncClient::new(o, REQUEST_CHANNEL);
-            // rumqttc starts its keep-alive timer as the CONNACK comes: after this.
-            let opened = Instant::now();
-            let connack = loop {
-                match events.poll().await {
-                    Ok(v5::Event::Incoming(v5::Incoming::ConnAck(ack))) => break ack,
-                    Ok(_) => {}
-                    Err(e) => return Err(Failure::from_v5(&e).connect_error(&server, false)),
-                }
-            };
-            // The broker may set the keep-alive (Server Keep Alive): rumqttc then runs its timer
-            // on the broker's, which it has put in its options.
-            let nudge = Nudge::new(events.options.keep_alive(), opened);
-            let broker_max = connack
-                .properties
-                .as_ref()
-                .and_then(|p| p.max_packet_size)
-                .unwrap_or(u32::MAX);
-            max_qos = connack.properties.as_ref().and_then(|p| p.max_qos);
-            let task = tokio::spawn(drive_v5(
-                events,
-                nudge,
-                state.clone(),
-                self.flow.clone(),
-                self.metrics.clone(),
-                server.clone(),
-            ));
-            (Client::V5(client), broker_max.min(c.max_packet_size), task)
         };
+        let id = client_id(&c.client_id_prefix);
+        let handshake = wire::handshake(
+            &mut *socket,
+            wire::Connect {
+                v5: !v3,
+                client_id: &id,
+                keep_alive: c.keep_alive,
+                credentials: c
+                    .url
+                    .credentials()
+                    .map(|(u, p)| (u.to_owned(), p.to_owned())),
+            },
+        )
+        .await
+        .map_err(fail)?;
+        // The publishes out at once: the window, within the broker's Receive Maximum (MQTT 5)
+        // or, for QoS 2 over 3.1.1, which has none, the broker's limit as set (see
+        // `MqttConfig::v3_qos2_inflight`); never more than there are packet ids.
+        let mut room = c.window.min(usize::from(u16::MAX));
+        if let Some(max) = handshake.receive_max {
+            room = room.min(usize::from(max));
+        }
+        if v3 && c.qos() == Qos::ExactlyOnce {
+            room = room.min(usize::from(c.v3_qos2_inflight));
+        }
+        let qos = match c.qos() {
+            Qos::AtLeastOnce => 1,
+            Qos::ExactlyOnce => 2,
+        };
+        let wire = Arc::new(Wire::new(!v3, qos, room));
+        // The broker may set the keep-alive (Server Keep Alive, MQTT 5).
+        let keep_alive = handshake.keep_alive.unwrap_or(c.keep_alive);
+        let state = Arc::new(LiveState::default());
+        let task = tokio::spawn(run(
+            socket,
+            handshake.read,
+            wire.clone(),
+            state.clone(),
+            self.flow.clone(),
+            self.metrics.clone(),
+            server.clone(),
+            keep_alive,
+        ));
         Ok(Arc::new(Live {
             path: herald_core::Turns::fresh_path(),
-            client,
+            wire,
             state,
             send: Mutex::new(()),
-            max_packet,
-            max_qos,
+            max_packet: handshake
+                .max_packet
+                .unwrap_or(u32::MAX)
+                .min(c.max_packet_size),
+            max_qos: handshake.max_qos,
             qos: c.url.qos,
             version: c.version(),
             server,
             task,
             silence: herald_core::rotation::SilenceWatch::default(),
-            flow: self.flow.clone(),
-            metrics: self.metrics.clone(),
         }))
     }
 
@@ -698,11 +627,8 @@ impl Inner {
             live.state.closing.store(true, Ordering::Release);
             if live.is_connected() {
                 // Best effort: every message already has its outcome. The DISCONNECT is
-                // written by the event loop's task, which is given a moment for it.
-                let _sent = match &live.client {
-                    Client::V5(c) => c.try_disconnect().is_ok(),
-                    Client::V3(c) => c.try_disconnect().is_ok(),
-                };
+                // written by the connection's task, which is given a moment for it.
+                live.wire.disconnect();
                 let deadline = Instant::now() + Duration::from_millis(500);
                 while !live.task.is_finished() && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -765,242 +691,36 @@ fn lost(state: &LiveState, flow: &Flow, metrics: &MqttMetrics, failure: Transpor
     state.end(Some(failure));
 }
 
-/// Whether the connection's state gave it up while handling an event (a packet id reused while
-/// awaited): then the task records the loss and ends, dropping the event loop and its socket.
-fn given_up(state: &LiveState, flow: &Flow, metrics: &MqttMetrics) -> bool {
-    if !state.lost.load(Ordering::Acquire) {
-        return false;
-    }
-    let failure = state.failure().unwrap_or_else(|| {
-        TransportError::transient("the connection was given up").with_code("CONNECTION_LOST")
-    });
-    lost(state, flow, metrics, failure);
-    true
-}
-
-/// What an event of the event loop was, for [`Nudge`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Seen {
-    /// A publish written to the socket.
-    Written,
-    /// A broker's answer to a publish (PUBACK, PUBREC, PUBCOMP).
-    Answer,
-    /// A PINGREQ written to the socket: herald's, or rumqttc's keep-alive.
-    PingSent,
-    /// A PINGRESP.
-    PingResp,
-    Other,
-}
-
-/// The least time herald leaves between its own PINGREQ and rumqttc's next keep-alive one,
-/// besides twice the longest its PINGREQs took to be answered.
-const KEEP_ALIVE_MARGIN: Duration = Duration::from_millis(50);
-
-/// When a PINGREQ follows an event: brokers that keep Nagle's algorithm on (Mosquitto's
-/// default) hold a small packet back while an earlier one of theirs is not acknowledged, and
-/// the client's kernel delays that acknowledgement (up to 40 ms) when the client has no data
-/// to send. A PINGREQ is data: it carries the acknowledgement at once.
-///
-/// So while answers are due and the client has nothing else to send (`quiet`: no PINGRESP
-/// awaited, no packet id collision, nothing pending), a PINGREQ follows each answer (the
-/// broker holds the next ones behind it), and a PINGRESP that comes after a publish was written
-/// since the last PINGREQ: the broker sent that PINGRESP when the publish acknowledged its
-/// last answer, and now holds the publish's answer behind it. (Measured with `strace` at 100
-/// one-message batches a second before this: each PUBACK came with the client's next write,
-/// 4-10 ms late.) A PINGRESP with nothing written since the PINGREQ follows nothing, so that a
-/// slow broker is not pinged once per round trip while it works.
-///
-/// rumqttc sends its own PINGREQ every `keep_alive` whatever the traffic, and ends the
-/// connection (`AwaitPingResp`) if its flag for an unanswered PINGREQ is still set then. It
-/// sets that flag for herald's PINGREQs too, and clears it at any PINGRESP. So the driver sets
-/// the flag itself after every event ([`Nudge::keep_alive_unanswered`]): set while one of
-/// rumqttc's keep-alive PINGREQs is unanswered, counting PINGRESPs against PINGREQs in the
-/// order they went out. herald's PINGREQs are not keep-alive probes (a hung broker is found
-/// by the keep-alive, and by the silence watch while publishes wait), and a PINGRESP slower
-/// than the time left to the keep-alive must not end a connection that answers. (Before, a
-/// broker whose round trip was over a quarter of the keep-alive lost its connection at a
-/// keep-alive under steady traffic: 5 s keep-alive, 3 s round trip, 2 connections and 16
-/// retries in 12 s.) Nor may the PINGRESP of herald's PINGREQ count as the answer to a
-/// keep-alive PINGREQ sent after it. One PINGREQ of herald's at a time, and none while a
-/// keep-alive PINGREQ is unanswered ([`Nudge::awaiting`]).
-///
-/// herald also stays clear of rumqttc's keep-alive, so that its PINGRESP does not come after
-/// the keep-alive PINGREQ. Its schedule is known: it starts when the connection opens and restarts
-/// at each of its PINGREQs (the PINGREQs herald did not queue; seen once written, a little after
-/// rumqttc restarted its timer, which the margin covers). herald pings only while the
-/// next one is further away than twice the longest its own PINGREQs took to be answered on
-/// this connection, plus [`KEEP_ALIVE_MARGIN`]; once that time comes, not again until the
-/// keep-alive PINGREQ has gone out. (Without this, a steady trickle of sends lost its
-/// connection at a keep-alive about every other time.)
-#[derive(Debug)]
-struct Nudge {
-    /// A publish was written since the last PINGREQ.
-    written: bool,
-    keep_alive: Duration,
-    /// When rumqttc's next keep-alive PINGREQ is due, at the earliest.
-    next_keep_alive: Instant,
-    /// herald's PINGREQs queued and not yet written.
-    queued: u32,
-    /// When herald's PINGREQ awaiting its PINGRESP was queued.
-    since: Option<Instant>,
-    /// The PINGREQs written and not yet answered, oldest first: `true` for herald's, `false`
-    /// for rumqttc's keep-alive ones. (One written while herald's is queued is taken for
-    /// herald's, and herald's then for the keep-alive's: the count, which is what matters,
-    /// stays right, and the keep-alive's flag stays set until both are answered.)
-    unanswered: VecDeque<bool>,
-    /// The longest herald's PINGREQs took from queued to answered.
-    longest: Duration,
-}
-
-impl Nudge {
-    /// For a connection whose event loop started its keep-alive timer at `opened` or after, and
-    /// before now. Until its own PINGREQs are answered, the guard takes the time the connection
-    /// took to open as their round trip: more than one round trip, the safe side.
-    fn new(keep_alive: Duration, opened: Instant) -> Self {
-        Self {
-            written: false,
-            keep_alive,
-            next_keep_alive: opened + keep_alive,
-            queued: 0,
-            since: None,
-            unanswered: VecDeque::new(),
-            longest: opened.elapsed(),
-        }
-    }
-
-    /// Whether a PINGREQ follows an event of kind `seen`. `now` (a clock read) is asked only
-    /// for the events that need the time, and `waiting` last, only when a ping is otherwise
-    /// due (it takes the book's lock): neither once per written publish.
-    fn ping(
-        &mut self,
-        seen: Seen,
-        now: impl Fn() -> Instant,
-        quiet: bool,
-        waiting: impl FnOnce() -> bool,
-    ) -> bool {
-        let due = match seen {
-            Seen::Written => {
-                self.written = true;
-                false
-            }
-            Seen::Answer => true,
-            Seen::PingSent => {
-                if self.queued > 0 {
-                    self.queued -= 1;
-                } else {
-                    self.next_keep_alive = now() + self.keep_alive;
-                }
-                false
-            }
-            Seen::PingResp => {
-                if let Some(since) = self.since.take() {
-                    self.longest = self.longest.max(now().saturating_duration_since(since));
-                }
-                self.written
-            }
-            Seen::Other => false,
-        };
-        if !(due && quiet) {
-            return false;
-        }
-        let now = now();
-        let ping = !self.near_keep_alive(now) && waiting();
-        if ping {
-            self.written = false;
-            self.queued += 1;
-            self.since = Some(now);
-        }
-        ping
-    }
-
-    /// Counts a PINGREQ written or a PINGRESP received; before [`Nudge::ping`] sees it.
-    fn track(&mut self, seen: Seen) {
-        match seen {
-            Seen::PingSent => self.unanswered.push_back(self.queued > 0),
-            Seen::PingResp => {
-                self.unanswered.pop_front();
-            }
-            _ => {}
-        }
-    }
-
-    /// Whether one of rumqttc's keep-alive PINGREQs is unanswered: rumqttc's flag for that.
-    fn keep_alive_unanswered(&self) -> bool {
-        self.unanswered.contains(&false)
-    }
-
-    /// Whether one of herald's PINGREQs is queued or unanswered.
-    fn awaiting(&self) -> bool {
-        self.queued > 0 || self.unanswered.contains(&true)
-    }
-
-    /// rumqttc's keep-alive PINGREQ may come before a PINGREQ queued now is answered.
-    fn near_keep_alive(&self, now: Instant) -> bool {
-        let guard = (self.longest * 2 + KEEP_ALIVE_MARGIN).min(self.keep_alive / 4);
-        now + guard >= self.next_keep_alive
-    }
-}
-
-/// Drives an MQTT 5 event loop until its connection ends, following events with a PINGREQ as
-/// [`Nudge`] says.
-///
-/// rumqttc reads every packet the socket holds at once and hands them out one poll at a time:
-/// when the read that brought acknowledgements also found the connection closed (a broker that
-/// answers and hangs up, as Mosquitto 2.0 does after refusing a publish), the poll fails with
-/// those acknowledgements still queued in its state. They are read out before the connection
-/// counts as lost, so that no acknowledged message is reported lost.
-async fn drive_v5(
-    mut events: v5::EventLoop,
-    mut nudge: Nudge,
+/// Runs one connection's session until it ends, and records its end.
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    socket: Box<dyn Socket>,
+    read: bytes::BytesMut,
+    wire: Arc<Wire>,
     state: Arc<LiveState>,
     flow: Arc<Flow>,
     metrics: MqttMetrics,
     server: String,
+    keep_alive: Duration,
 ) {
-    loop {
-        // Looked at where it lies: an event is a few hundred bytes, and each move of one was a
-        // call to `memcpy` (three an event when it was taken out and passed on by value).
-        let polled = events.poll().await;
-        match &polled {
-            Ok(event) => {
-                let seen = match event {
-                    v5::Event::Outgoing(rumqttc::Outgoing::Publish(_)) => Seen::Written,
-                    v5::Event::Incoming(
-                        v5::Incoming::PubAck(_)
-                        | v5::Incoming::PubRec(_)
-                        | v5::Incoming::PubComp(_),
-                    ) => Seen::Answer,
-                    v5::Event::Outgoing(rumqttc::Outgoing::PingReq) => Seen::PingSent,
-                    v5::Event::Incoming(v5::Incoming::PingResp(_)) => Seen::PingResp,
-                    _ => Seen::Other,
-                };
-                on_v5(&state, &metrics, event);
-                if given_up(&state, &flow, &metrics) {
-                    return;
-                }
-                nudge.track(seen);
-                events.state.await_pingresp = nudge.keep_alive_unanswered();
-                let quiet = !events.state.await_pingresp
-                    && !nudge.awaiting()
-                    && events.state.collision.is_none()
-                    && events.pending.is_empty();
-                if nudge.ping(seen, Instant::now, quiet, || state.waiting()) {
-                    events.pending.push_back(v5::Request::PingReq);
-                }
-            }
-            Err(e) => {
-                for event in events.state.events.drain(..) {
-                    on_v5(&state, &metrics, &event);
-                }
-                let failure = Failure::from_v5(e).lost_error(&server);
-                lost(&state, &flow, &metrics, failure);
-                return;
-            }
-        }
-    }
+    let ended = wire::run(
+        socket,
+        read,
+        wire,
+        state.clone(),
+        metrics.clone(),
+        keep_alive,
+    )
+    .await;
+    let failure = ended.map_or_else(
+        || TransportError::transient("the connection was closed").with_code("CONNECTION_LOST"),
+        |f| f.lost_error(&server),
+    );
+    lost(&state, &flow, &metrics, failure);
 }
 
-/// One event of an MQTT 5 event loop.
+/// One event of an MQTT 5 event loop (the baseline's raw open-loop client).
+#[cfg_attr(not(feature = "baseline"), allow(dead_code))]
 pub(crate) fn on_v5(state: &LiveState, metrics: &MqttMetrics, event: &v5::Event) {
     use v5::{Event, Incoming};
     match event {
@@ -1029,76 +749,32 @@ pub(crate) fn on_v5(state: &LiveState, metrics: &MqttMetrics, event: &v5::Event)
     }
 }
 
-/// Drives an MQTT 3.1.1 event loop until its connection ends (acknowledgements still queued
-/// when it fails are read out first, and PINGREQs follow events, as for MQTT 5).
-async fn drive_v3(
-    mut events: rumqttc::EventLoop,
-    mut nudge: Nudge,
-    state: Arc<LiveState>,
-    flow: Arc<Flow>,
-    metrics: MqttMetrics,
-    server: String,
-) {
-    loop {
-        // Looked at where it lies, as in `drive_v5`.
-        let polled = events.poll().await;
-        match &polled {
-            Ok(event) => {
-                let seen = match event {
-                    rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(_)) => Seen::Written,
-                    rumqttc::Event::Incoming(
-                        rumqttc::Incoming::PubAck(_)
-                        | rumqttc::Incoming::PubRec(_)
-                        | rumqttc::Incoming::PubComp(_),
-                    ) => Seen::Answer,
-                    rumqttc::Event::Outgoing(rumqttc::Outgoing::PingReq) => Seen::PingSent,
-                    rumqttc::Event::Incoming(rumqttc::Incoming::PingResp) => Seen::PingResp,
-                    _ => Seen::Other,
-                };
-                on_v3(&state, event);
-                if given_up(&state, &flow, &metrics) {
-                    return;
-                }
-                nudge.track(seen);
-                events.state.await_pingresp = nudge.keep_alive_unanswered();
-                let quiet = !events.state.await_pingresp
-                    && !nudge.awaiting()
-                    && events.state.collision.is_none()
-                    && events.pending.is_empty();
-                if nudge.ping(seen, Instant::now, quiet, || state.waiting()) {
-                    events
-                        .pending
-                        .push_back(rumqttc::Request::PingReq(rumqttc::PingReq));
-                }
-            }
-            Err(e) => {
-                for event in events.state.events.drain(..) {
-                    on_v3(&state, &event);
-                }
-                let failure = Failure::from_v3(e).lost_error(&server);
-                lost(&state, &flow, &metrics, failure);
-                return;
-            }
-        }
-    }
-}
-
-/// One event of an MQTT 3.1.1 event loop.
+/// One event of an MQTT 3.1.1 event loop (the baseline's raw open-loop client).
+#[cfg_attr(not(feature = "baseline"), allow(dead_code))]
 pub(crate) fn on_v3(state: &LiveState, event: &rumqttc::Event) {
     use rumqttc::{Event, Incoming, Outgoing};
     match event {
         Event::Outgoing(Outgoing::Publish(pkid)) => state.written(*pkid),
         Event::Outgoing(Outgoing::AwaitAck(pkid)) => state.collided(*pkid),
         // MQTT 3.1.1 acknowledgements carry no reason: they are all successes.
-        Event::Incoming(Incoming::PubAck(ack)) => state.answer(ack.pkid, Answer::Acked),
-        Event::Incoming(Incoming::PubComp(comp)) => state.answer(comp.pkid, Answer::Acked),
+        Event::Incoming(Incoming::PubAck(ack)) => {
+            state.answer(ack.pkid, Answer::Acked);
+        }
+        Event::Incoming(Incoming::PubComp(comp)) => {
+            state.answer(comp.pkid, Answer::Acked);
+        }
         _ => {}
     }
 }
 
 /// The answer of a final acknowledgement with reason `code` (`info`: its failure, if it is
 /// one), counted.
-fn settle(code: u8, info: Option<CodeInfo>, packet: &'static str, m: &MqttMetrics) -> Answer {
+pub(crate) fn settle(
+    code: u8,
+    info: Option<CodeInfo>,
+    packet: &'static str,
+    m: &MqttMetrics,
+) -> Answer {
     match info {
         Some(info) => {
             m.refused.increment(1);
@@ -1135,67 +811,6 @@ mod tests {
         );
     }
 
-    /// A connection herald ends itself (a publish cut off half-way) has its task stopped,
-    /// which would have told the transport of a loss: the transport said "connected" (health
-    /// and the gauge) until the next send, and the connection was counted nowhere.
-    #[tokio::test]
-    async fn a_connection_given_up_by_herald_is_down_and_counted() {
-        use metrics_util::debugging::DebuggingRecorder;
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        let metrics = metrics::with_local_recorder(&recorder, || MqttMetrics::new(None));
-        let flow = Arc::new(Flow::default());
-        flow.connected.store(true, Ordering::Release);
-        metrics.connected.set(1.0);
-        let options = v5::MqttOptions::new("herald-test", "127.0.0.1", 1);
-        let (client, _events) = v5::AsyncClient::new(options, 1);
-        let state = Arc::new(LiveState::default());
-        state.current.store(true, Ordering::Release);
-        let live = Live {
-            path: herald_core::Turns::fresh_path(),
-            client: Client::V5(client),
-            state: state.clone(),
-            send: Mutex::new(()),
-            max_packet: 1 << 20,
-            max_qos: None,
-            qos: Qos::AtLeastOnce,
-            version: Version::V5,
-            server: "127.0.0.1:1".into(),
-            task: tokio::spawn(std::future::pending()),
-            silence: herald_core::rotation::SilenceWatch::default(),
-            flow: flow.clone(),
-            metrics,
-        };
-        live.give_up();
-        live.give_up(); // once is counted
-        assert!(!live.is_connected());
-        assert!(
-            !flow.connected.load(Ordering::Acquire),
-            "the transport is down"
-        );
-        let snap = snapshotter.snapshot().into_vec();
-        let value = |name: &str| {
-            snap.iter()
-                .find(|(k, ..)| k.key().name() == name)
-                .map(|(.., v)| match v {
-                    metrics_util::debugging::DebugValue::Counter(c) => *c as f64,
-                    metrics_util::debugging::DebugValue::Gauge(g) => g.into_inner(),
-                    _ => f64::NAN,
-                })
-        };
-        assert_eq!(value(crate::metrics::CONNECTED), Some(0.0));
-        assert_eq!(value(crate::metrics::ABANDONED), Some(1.0));
-    }
-
-    #[test]
-    fn the_connect_timeout_is_rounded_up_to_whole_seconds() {
-        use std::time::Duration;
-        assert_eq!(whole_seconds_up(Duration::from_millis(1900)), 2);
-        assert_eq!(whole_seconds_up(Duration::from_secs(10)), 10);
-        assert_eq!(whole_seconds_up(Duration::from_millis(1)), 1);
-        assert_eq!(whole_seconds_up(Duration::ZERO), 1);
-    }
-
     #[test]
     fn client_ids_are_23_characters_and_new_each_time() {
         for prefix in ["herald", "a", "sixteen-chars-xx"] {
@@ -1207,121 +822,6 @@ mod tests {
             assert!(random.bytes().all(|b| b.is_ascii_alphanumeric()), "{id}");
         }
         assert_ne!(client_id("herald"), client_id("herald"));
-    }
-
-    #[test]
-    fn a_pingreq_follows_answers_and_a_pingresp_that_holds_a_new_publish_back() {
-        let (waiting, quiet) = (true, true);
-        let t = Instant::now();
-        let mut n = Nudge::new(Duration::from_secs(30), t);
-        let mut ping = |seen, quiet, waiting: &dyn Fn() -> bool| n.ping(seen, || t, quiet, waiting);
-        // An answer while others are due: ping (the broker holds the next ones).
-        assert!(ping(Seen::Answer, quiet, &|| waiting));
-        assert!(!ping(Seen::PingSent, quiet, &|| waiting));
-        // Its PINGRESP with nothing written since: no ping (no ping per round trip).
-        assert!(!ping(Seen::PingResp, quiet, &|| waiting));
-        // A publish written, then a PINGRESP: the publish's answer is held behind it: ping.
-        assert!(!ping(Seen::Written, quiet, &|| waiting));
-        assert!(ping(Seen::PingResp, quiet, &|| waiting));
-        // ... once: the next PINGRESP follows nothing new.
-        assert!(!ping(Seen::PingResp, quiet, &|| waiting));
-        // Nothing due, or the client has something to send, or a PINGRESP is awaited: no ping,
-        // and a write stays remembered until one goes out.
-        assert!(!ping(Seen::Answer, quiet, &|| false));
-        assert!(!ping(Seen::Answer, false, &|| waiting));
-        assert!(!ping(Seen::Written, quiet, &|| waiting));
-        assert!(!ping(Seen::PingResp, quiet, &|| false));
-        assert!(!ping(Seen::PingResp, false, &|| waiting));
-        assert!(ping(Seen::PingResp, quiet, &|| waiting));
-        assert!(!ping(Seen::Other, quiet, &|| waiting));
-        // The book's lock (`waiting`) is taken only when a ping is otherwise due.
-        let untouched = || -> bool { unreachable!("waiting asked though no ping was due") };
-        assert!(!ping(Seen::Written, quiet, &untouched));
-        assert!(!ping(Seen::Other, quiet, &untouched));
-        assert!(!ping(Seen::Answer, false, &untouched));
-        // Nor the clock, for a written publish or an answer when no ping can follow.
-        let no_clock = || -> Instant { unreachable!("the clock read for nothing") };
-        assert!(!n.ping(Seen::Written, no_clock, quiet, || waiting));
-        assert!(!n.ping(Seen::Other, no_clock, quiet, || waiting));
-        assert!(!n.ping(Seen::Answer, no_clock, false, || waiting));
-    }
-
-    #[test]
-    fn no_pingreq_of_herald_s_own_near_the_keep_alive() {
-        let ms = Duration::from_millis;
-        let opened = Instant::now();
-        let mut n = Nudge::new(Duration::from_secs(5), opened);
-        let yes = || true;
-        // Well before the keep-alive: a ping, answered 20 ms after it was queued.
-        assert!(n.ping(Seen::Answer, || opened + ms(1000), true, yes));
-        assert!(!n.ping(Seen::PingSent, || opened + ms(1001), true, yes));
-        assert!(!n.ping(Seen::PingResp, || opened + ms(1020), true, yes));
-        assert_eq!(n.longest, ms(20));
-        // The keep-alive is due at 5 s; the guard is 2 × 20 ms + 50 ms = 90 ms.
-        assert!(n.ping(Seen::Answer, || opened + ms(4909), true, yes));
-        assert!(!n.ping(Seen::PingSent, || opened + ms(4909), true, yes));
-        assert!(!n.ping(Seen::PingResp, || opened + ms(4910), true, yes));
-        assert!(
-            !n.ping(Seen::Answer, || opened + ms(4913), true, yes),
-            "within the guard"
-        );
-        // Past its time and not yet seen: still none ...
-        assert!(!n.ping(Seen::Answer, || opened + ms(5100), true, yes));
-        // ... until rumqttc's own PINGREQ goes out (one herald did not queue); its PINGRESP
-        // is awaited (not quiet), then pings go on, the next keep-alive 5 s after it.
-        assert!(!n.ping(Seen::PingSent, || opened + ms(5200), false, yes));
-        assert!(!n.ping(Seen::PingResp, || opened + ms(5201), true, yes));
-        assert!(n.ping(Seen::Answer, || opened + ms(5202), true, yes));
-        assert!(!n.ping(Seen::PingSent, || opened + ms(5202), true, yes));
-        assert!(!n.ping(Seen::PingResp, || opened + ms(5203), true, yes));
-        assert!(n.ping(Seen::Answer, || opened + ms(10_109), true, yes));
-        assert!(!n.ping(Seen::PingSent, || opened + ms(10_109), true, yes));
-        assert!(!n.ping(Seen::PingResp, || opened + ms(10_110), true, yes));
-        assert!(!n.ping(Seen::Answer, || opened + ms(10_113), true, yes));
-        // rumqttc's flag is set only while a keep-alive PINGREQ is unanswered, PINGRESPs
-        // counted against PINGREQs in order.
-        let seen = |n: &mut Nudge, seen, at, quiet| {
-            n.track(seen);
-            n.ping(seen, || opened + ms(at), quiet, yes)
-        };
-        assert!(
-            !seen(&mut n, Seen::PingSent, 10_200, false),
-            "rumqttc's keep-alive"
-        );
-        assert!(n.keep_alive_unanswered() && !n.awaiting());
-        assert!(!seen(&mut n, Seen::PingResp, 10_201, true));
-        assert!(!n.keep_alive_unanswered());
-        // herald's PINGREQ, then a keep-alive one before its PINGRESP: that PINGRESP does not
-        // answer the keep-alive's.
-        assert!(seen(&mut n, Seen::Answer, 11_000, true));
-        assert!(n.awaiting() && !n.keep_alive_unanswered(), "queued");
-        assert!(!seen(&mut n, Seen::PingSent, 11_001, true));
-        assert!(
-            n.awaiting() && !n.keep_alive_unanswered(),
-            "written: not a keep-alive probe"
-        );
-        assert!(!seen(&mut n, Seen::PingSent, 15_200, false));
-        assert!(n.keep_alive_unanswered());
-        assert!(!seen(&mut n, Seen::PingResp, 15_300, false));
-        assert!(
-            !n.awaiting() && n.keep_alive_unanswered(),
-            "herald's PINGRESP came first"
-        );
-        assert!(!seen(&mut n, Seen::PingResp, 15_301, true));
-        assert!(!n.keep_alive_unanswered());
-        // The keep-alive written while herald's PINGREQ is queued: counted all the same.
-        assert!(seen(&mut n, Seen::Answer, 16_000, true));
-        assert!(!seen(&mut n, Seen::PingSent, 16_001, true));
-        assert!(!seen(&mut n, Seen::PingSent, 16_002, false));
-        assert!(n.keep_alive_unanswered() && n.awaiting());
-        assert!(!seen(&mut n, Seen::PingResp, 16_003, false));
-        assert!(n.keep_alive_unanswered(), "one of two answered");
-        assert!(!seen(&mut n, Seen::PingResp, 16_004, true));
-        assert!(!n.keep_alive_unanswered() && !n.awaiting());
-        // A slow broker widens the guard, up to a quarter of the keep-alive.
-        n.longest = Duration::from_secs(10);
-        assert!(n.near_keep_alive(opened + ms(19_752)));
-        assert!(!n.near_keep_alive(opened + ms(19_751)));
     }
 
     fn answered(rx: &mut oneshot::Receiver<Answer>) -> Option<String> {

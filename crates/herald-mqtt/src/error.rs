@@ -63,6 +63,7 @@ pub(crate) fn ack_code(code: u8) -> Option<CodeInfo> {
         0x87 => info(code, "NOT_AUTHORIZED", P, "the user may not publish to this topic: grant it in the broker's ACL"),
         0x90 => info(code, "TOPIC_NAME_INVALID", P, "the broker does not accept this topic name"),
         0x91 => info(code, "PACKET_IDENTIFIER_IN_USE", T, "the broker still held the packet id; retried on a new publish"),
+        0x95 => info(code, "PACKET_TOO_LARGE", P, "the message is larger than the broker takes, a limit it does not announce (Mosquitto: message_size_limit): set MqttConfig::max_packet_size to that limit, so that such messages are refused before they are sent"),
         0x97 => info(code, "QUOTA_EXCEEDED", T, "a broker quota is exceeded; retried until it makes room"),
         0x99 => info(code, "PAYLOAD_FORMAT_INVALID", P, "the broker refused the payload's format"),
         _ => info(code, "UNKNOWN_REASON", T, "an unknown reason code; treated as transient"),
@@ -290,6 +291,7 @@ pub(crate) fn v3_connect_code(c: V3Connect) -> u8 {
 }
 
 /// The MQTT 5 code of a PUBACK reason.
+#[cfg_attr(not(feature = "baseline"), allow(dead_code))]
 pub(crate) fn puback_code(r: PubAckReason) -> u8 {
     match r {
         PubAckReason::Success => 0x00,
@@ -305,6 +307,7 @@ pub(crate) fn puback_code(r: PubAckReason) -> u8 {
 }
 
 /// The MQTT 5 code of a PUBREC reason (the same codes as PUBACK).
+#[cfg_attr(not(feature = "baseline"), allow(dead_code))]
 pub(crate) fn pubrec_code(r: PubRecReason) -> u8 {
     match r {
         PubRecReason::Success => 0x00,
@@ -320,6 +323,7 @@ pub(crate) fn pubrec_code(r: PubRecReason) -> u8 {
 }
 
 /// The MQTT 5 code of a PUBCOMP reason.
+#[cfg_attr(not(feature = "baseline"), allow(dead_code))]
 pub(crate) fn pubcomp_code(r: PubCompReason) -> u8 {
     match r {
         PubCompReason::Success => 0x00,
@@ -362,7 +366,8 @@ pub(crate) enum Failure {
     Refused(u8),
     /// The TCP connection could not be made or broke.
     Io(String),
-    /// The connect step timed out.
+    /// The connect step timed out (the baseline's rumqttc clients).
+    #[cfg_attr(not(feature = "baseline"), allow(dead_code))]
     Timeout,
     /// TLS could not be set up.
     Tls(String),
@@ -375,6 +380,7 @@ pub(crate) enum Failure {
 }
 
 impl Failure {
+    #[cfg_attr(not(feature = "baseline"), allow(dead_code))]
     pub(crate) fn from_v5(e: &rumqttc::v5::ConnectionError) -> Self {
         use rumqttc::v5::{ConnectionError as C, StateError as S};
         match e {
@@ -409,6 +415,7 @@ impl Failure {
     /// A TLS failure: a setup mistake (an untrusted or misnamed certificate, no protocol in
     /// common) is `Tls`, for good; the connection breaking during the handshake, or a node
     /// that is stopping, is `Io`, retried.
+    #[cfg_attr(not(feature = "baseline"), allow(dead_code))]
     fn from_tls(e: &rumqttc::TlsError) -> Self {
         use rumqttc::TlsError as T;
         let for_good = match e {
@@ -423,11 +430,21 @@ impl Failure {
         }
     }
 
+    /// A TLS handshake that failed: a setup mistake is `Tls`, for good; the connection
+    /// breaking during it is `Io`, retried (as [`Failure::from_tls`]).
+    pub(crate) fn from_handshake(e: &std::io::Error) -> Self {
+        if herald_core::tls::io_refused_for_good(e) {
+            Failure::Tls(e.to_string())
+        } else {
+            Failure::Io(format!("during the TLS handshake: {e}"))
+        }
+    }
+
     /// A read that failed: with TLS 1.3 the broker refuses a client certificate (none given,
     /// or one it does not trust) only after the client's side of the handshake is done, so
     /// the alert arrives on the first read (the CONNACK's) as an I/O error: a setup mistake,
     /// for good, like a refusal during the handshake. Anything else is a broken connection.
-    fn from_read(e: &std::io::Error) -> Self {
+    pub(crate) fn from_read(e: &std::io::Error) -> Self {
         if herald_core::tls::io_refused_for_good(e) {
             Failure::Tls(e.to_string())
         } else {
@@ -435,6 +452,7 @@ impl Failure {
         }
     }
 
+    #[cfg_attr(not(feature = "baseline"), allow(dead_code))]
     pub(crate) fn from_v3(e: &rumqttc::ConnectionError) -> Self {
         use rumqttc::{ConnectionError as C, StateError as S};
         match e {

@@ -1,5 +1,6 @@
 //! herald-mqtt: a herald [`Transport`](herald_core::Transport) for MQTT brokers (Mosquitto,
-//! EMQX, HiveMQ, VerneMQ, …), on [rumqttc](https://docs.rs/rumqttc).
+//! EMQX, HiveMQ, VerneMQ, …): a session of its own on the socket, with the packet codec of
+//! [rumqttc](https://docs.rs/rumqttc) for CONNECT and CONNACK.
 //!
 //! - [`MqttConfig`]: an `mqtt://` / `mqtts://` URL
 //!   (`mqtt://[user:password@]host:port/TOPIC?qos=1&version=5`) plus typed options (ack
@@ -16,6 +17,10 @@
 //!   abandoned, connect failures, refused publishes, publishes without subscribers).
 //!
 //! rumqttc's types never appear in this crate's API.
+//!
+//! Why its own session rather than rumqttc's event loop: one write for a batch's publishes
+//! rather than one for each, PINGREQs without rumqttc's millisecond of delay, and every
+//! acknowledgement read whatever its reason code (`wire`'s documentation says more).
 //!
 //! ```no_run
 //! use herald_core::{Message, Producer};
@@ -48,6 +53,7 @@ pub mod metrics;
 mod publish;
 mod transport;
 mod url;
+mod wire;
 
 #[cfg(feature = "baseline")]
 pub mod baseline;

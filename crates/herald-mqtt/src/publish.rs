@@ -106,7 +106,9 @@ async fn send_in_turn(
             continue;
         }
         if handed >= window {
-            // The window is full: wait for room, and hold the keys that failed meanwhile.
+            // The window is full: write what is queued, wait for room, and hold the keys
+            // that failed meanwhile.
+            live.flush();
             let room = patience
                 .within(answers.answered(room_at(handed, window)))
                 .await
@@ -161,7 +163,7 @@ async fn send_in_turn(
         let slot = Slot::Batch(Arc::clone(&answers), i);
         // The silence watch starts with the batch's first publish handed over.
         let snapshot = (handed == 0).then(|| live.snapshot());
-        let publish = live.publish(slot, &topic, msg.payload().clone(), properties);
+        let publish = live.publish(slot, topic.as_bytes(), msg.payload(), &properties);
         let sent = patience.within(publish).await;
         match sent {
             Some(true) => {
@@ -176,13 +178,15 @@ async fn send_in_turn(
                 broken = Some(e);
             }
             None => {
-                // The publish was dropped half-way: its connection is ended (`Live::publish`).
-                let e = b.timeout("handing the message to the client");
+                // The batch's time ran out waiting for the broker to have room.
+                let e = b.timeout("waiting for the broker to take more publishes");
                 outcomes[i] = Some(Err(e.clone()));
                 broken = Some(e);
             }
         }
     }
+    // One write (or as few as the socket takes) for the batch's publishes.
+    live.flush();
     drop(send_lock);
     // What failed before the turn passes holds its key for the next call at once.
     turn.hand_over(batch, &outcomes);
@@ -420,33 +424,15 @@ fn properties(
     Ok(props)
 }
 
-/// The bytes of MQTT's variable-length integer for `n`.
-fn varint_len(n: usize) -> usize {
-    match n {
-        0..=127 => 1,
-        128..=16_383 => 2,
-        16_384..=2_097_151 => 3,
-        _ => 4,
-    }
-}
-
-/// The size of the PUBLISH packet (QoS 1 or 2) for this topic, properties and payload.
+/// The size of the PUBLISH packet (QoS 1 or 2) for this topic, properties and payload: what
+/// `wire::put_publish` writes.
 fn packet_size(
     version: Version,
     topic: &str,
     properties: &[(String, String)],
     payload: usize,
 ) -> usize {
-    // Topic (length-prefixed), packet id, payload.
-    let mut len = 2 + topic.len() + 2 + payload;
-    if version == Version::V5 {
-        let props: usize = properties
-            .iter()
-            .map(|(k, v)| 1 + 2 + k.len() + 2 + v.len())
-            .sum();
-        len += varint_len(props) + props;
-    }
-    1 + varint_len(len) + len
+    crate::wire::publish_size(version == Version::V5, topic.len(), properties, payload)
 }
 
 /// How many of the `handed` publishes must be answered before one more may be handed over with

@@ -15,7 +15,7 @@ use crate::connection::Inner;
 use crate::error::ConfigError;
 use crate::publish;
 
-/// A herald [`Transport`] for MQTT brokers, on rumqttc.
+/// A herald [`Transport`] for MQTT brokers.
 ///
 /// - **Ok means accepted**: a message's outcome is `Ok` only once the broker acknowledged it:
 ///   a PUBACK (QoS 1, the default) or a PUBCOMP (QoS 2, `?qos=2`) with a success reason. With
@@ -109,8 +109,7 @@ impl Transport for MqttTransport {
     /// a slot behind batches whose PUBACKs were due (p99 35-44 ms; at 20 000/s p50 3-12 ms); at
     /// 16, 5 000/s p99 2.1-13 ms and 20 000/s p50 1.5-2.2 ms, and no better at 64. The broker's
     /// Receive Maximum still bounds what is on the wire. Bulk throughput is the same at 16 as at
-    /// 4 since rumqttc's request channel has room for what 16 batches hand over (with 4 096
-    /// it fell by about 11 %: docs/benchmarks.md, MQTT).
+    /// 4 (measured with rumqttc's client, before herald's own session).
     fn suggested_pipeline_depth(&self) -> Option<usize> {
         Some(16)
     }

@@ -888,11 +888,11 @@ async fn broker_restart_mid_run_loses_nothing_and_keeps_per_key_order() {
     );
 }
 
-/// rumqttc sends its keep-alive PINGREQ every `keep_alive` whatever the traffic, and ends the
-/// connection (`AwaitPingResp`) if the PINGRESP of an earlier PINGREQ is still awaited then.
-/// herald's own PINGREQs, which follow answers at low rates, must never be in its way: a steady
-/// trickle of sends across three keep-alive periods, over a wire with latency (so that each
-/// PINGRESP is awaited for a while), keeps its one connection and retries nothing.
+/// The keep-alive PINGREQ and the PINGREQs that follow answers at low rates must never end a
+/// connection that answers (with rumqttc's event loop, which sent its keep-alive PINGREQ every
+/// `keep_alive` and took an earlier unanswered one for a dead broker, they had to be kept
+/// apart): a steady trickle of sends across three keep-alive periods, over a wire with latency
+/// (so that each PINGRESP is awaited for a while), keeps its one connection and retries nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
 async fn the_keep_alive_ping_never_collides_with_herald_s_own() {
@@ -900,7 +900,7 @@ async fn the_keep_alive_ping_never_collides_with_herald_s_own() {
 }
 
 /// As above, with the keep-alive the broker sets (MQTT 5's Server Keep Alive: Mosquitto's
-/// `max_keepalive` below the client's 30 s), which rumqttc's timer then follows.
+/// `max_keepalive` below the client's 30 s), which herald's timer then follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
 async fn the_broker_s_keep_alive_is_the_one_kept_clear_of() {
@@ -913,10 +913,11 @@ async fn the_broker_s_keep_alive_is_the_one_kept_clear_of() {
     trickle_across_keep_alives(&broker.url(), asked, run).await;
 }
 
-/// A round trip longer than a quarter of the keep-alive (the most herald keeps its own PINGREQs
-/// away from rumqttc's): under steady traffic one of herald's PINGREQs is still unanswered at
-/// the keep-alive, and rumqttc took that for a dead broker (`AwaitPingResp`), though every
-/// PINGRESP came within the round trip. Keep-alive 5 s, 3 s round trip, four senders of four
+/// A round trip longer than a quarter of the keep-alive: under steady traffic a PINGREQ is
+/// always out, and with rumqttc's event loop one of herald's was still unanswered at the
+/// keep-alive, which rumqttc took for a dead broker (`AwaitPingResp`), though every PINGRESP
+/// came within the round trip. herald's session ends a connection only for a PINGREQ
+/// unanswered for a whole keep-alive. Keep-alive 5 s, 3 s round trip, four senders of four
 /// messages at a time for 12 s, started 750 ms apart (answers come all the time, and herald
 /// pings after them, whatever the keep-alive's phase; 16 in flight, within Mosquitto's
 /// receive maximum of 20, so that nothing waits unsent, which would stop herald's pings):
@@ -1147,6 +1148,52 @@ async fn the_broker_s_maximum_packet_size_and_qos_are_read_from_connack() {
     assert_eq!((e.class(), e.attempts()), (ErrorClass::Permanent, 1), "{e}");
     let te = e.reason().transport_error().expect("a transport error");
     assert_eq!(te.code(), Some("QOS_NOT_SUPPORTED"), "{te}");
+    p.close(Duration::from_secs(10)).await;
+}
+
+/// A limit the broker does not announce (Mosquitto's `message_size_limit`): Mosquitto answers
+/// the publish above it with PUBACK reason 0x95, and herald reports that message permanent, at
+/// once; the others go through. (Mosquitto 2.0.11 then ends the connection, "Bad socket
+/// read/write", sometimes before its answer is read: the messages in flight are retried on a
+/// new one, the oversized one too, and its second answer is read.) Before (rumqttc's event
+/// loop, which could not read that reason), the connection was lost at each attempt and the
+/// message retried, transient, until its delivery timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs an MQTT broker: cargo xtask it mqtt"]
+async fn a_message_above_a_limit_the_broker_does_not_announce_is_permanent() {
+    const TEST: &str = "a_message_above_a_limit_the_broker_does_not_announce_is_permanent";
+    let Some(broker) = OwnBroker::start(TEST, "message_size_limit 1000").await else {
+        return;
+    };
+    let transport =
+        MqttTransport::new(MqttConfig::from_url(&broker.url()).expect("url")).expect("t");
+    let p = quick_retries(Producer::builder(transport))
+        .delivery_timeout(Duration::from_secs(30))
+        .build()
+        .expect("producer");
+    let dest = herald_mqtt::topic("herald/it/size-limit");
+    let msgs = vec![
+        Message::new(dest.clone(), "before").with_key("a"),
+        Message::new(dest.clone(), vec![b'x'; 2000]).with_key("b"),
+        Message::new(dest.clone(), "after").with_key("c"),
+    ];
+    let started = Instant::now();
+    let report = p.send_all(msgs).await.wait().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "at once, not by the delivery timeout"
+    );
+    assert_eq!(report.delivered, 2, "{:?}", report.failed.first());
+    assert_eq!(report.failed.len(), 1);
+    let e = &report.failed[0];
+    assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    assert!(e.attempts() <= 2, "{e}");
+    let te = e.reason().transport_error().expect("a transport error");
+    assert_eq!(te.code(), Some("PACKET_TOO_LARGE"), "{te}");
+    assert!(
+        te.message().contains("max_packet_size"),
+        "says what to set: {te}"
+    );
     p.close(Duration::from_secs(10)).await;
 }
 
