@@ -317,10 +317,12 @@ impl Live {
         self.state.failure()
     }
 
-    /// Ends the connection now: its task stops and drops the client's event loop (closing
-    /// the socket), and every message still waiting gets `Lost`.
+    /// Ends the connection now: its task stops and drops the socket (closing it), and every
+    /// message still waiting gets `Lost`.
     fn shut(&self, failure: Option<TransportError>) {
         self.task.abort();
+        // A batch waiting for room on it stops waiting (its task no longer closes it).
+        self.wire.close();
         self.state.end(failure);
     }
 
@@ -348,6 +350,7 @@ impl Live {
 impl Drop for Live {
     fn drop(&mut self) {
         self.task.abort();
+        self.wire.close();
         self.state.current.store(false, Ordering::Release);
         self.state.end(None);
     }

@@ -1,4 +1,4 @@
-//! Publishing: a batch handed to the client without waiting per message (up to a window of
+//! Publishing: a batch handed to the connection without waiting per message (up to a window of
 //! unanswered messages), its acknowledgements awaited within one deadline for the whole batch
 //! (which moves on while the connection acknowledges anything, see `Patience`),
 //! and the outcome of every message, in order: PUBACK / PUBCOMP, the broker's refusal, a lost
@@ -86,7 +86,7 @@ async fn send_in_turn(
         period: inner.config.ack_timeout,
     };
     let window = inner.config.window;
-    // Every message's outcome: set here for what is not handed to the client, from `answers`
+    // Every message's outcome: set here for what is not handed over, from `answers`
     // for what is.
     let mut outcomes: Vec<Option<Result<Ack, TransportError>>> = vec![None; batch.len()];
     let answers = Arc::new(Answers::new(batch.len(), early));
@@ -96,7 +96,7 @@ async fn send_in_turn(
     let mut hold = turn.enter(live.path).await;
     // Once the connection is gone (or the batch's time is up), nothing more is published.
     let mut broken: Option<TransportError> = None;
-    // Slots and publishes enter the client in the same order: one batch at a time.
+    // A batch's publishes are queued together, in order: one batch at a time.
     let Some(send_lock) = patience.within(live.send.lock()).await else {
         return fail_all(b.timeout("waiting for the connection"));
     };
@@ -295,7 +295,7 @@ impl Batch<'_> {
         .with_code("TIMEOUT")
     }
 
-    /// A message not handed to the client because herald's deadline for the attempt had
+    /// A message not handed over because herald's deadline for the attempt had
     /// passed: never sent, so never stored.
     fn not_sent_in_time(&self) -> TransportError {
         TransportError::transient(format!(
@@ -352,8 +352,9 @@ fn text(bytes: &[u8], what: &str) -> Result<String, TransportError> {
         ));
     }
     if t.len() > MAX_STRING {
-        // rumqttc would write the length as a wrapped 16-bit number: a malformed packet, and
-        // the bytes past it read as more properties.
+        // The packet's two length bytes would hold a wrapped number (`wire::put_publish`; so
+        // did rumqttc's codec): a malformed packet, and the bytes past it read as more
+        // properties.
         return Err(invalid(
             "INVALID_HEADER",
             format!(

@@ -40,7 +40,7 @@ use crate::publish;
 ///   stay silent, not how long a batch may take.
 /// - **Per-key order**: a batch goes out in order on one connection; after a transient failure
 ///   of a message, the later messages of its key in the call fail transient too.
-/// - **Recovery**: a lost connection is never resumed: its event loop is dropped with what it
+/// - **Recovery**: a lost connection is never resumed: its session is dropped with what it
 ///   held (failed transient, retried by herald in order), and the next batch opens a new
 ///   connection with a new client id and a clean session, with backoff after failed attempts.
 ///   The broker redelivers nothing of the old session; what it had accepted without the
