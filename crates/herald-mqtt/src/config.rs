@@ -170,8 +170,9 @@ impl MqttConfig {
         self
     }
 
-    /// The MQTT keep-alive: a PINGREQ goes out this often, and a connection whose PINGRESP
-    /// does not come by the next one is lost. Between 5 s and 18 hours (MQTT's limit is
+    /// The MQTT keep-alive: a PINGREQ goes out when nothing was written for this long, and a
+    /// connection where a PINGREQ (that one, or one herald sends after answers) is unanswered
+    /// for this long after it was written is lost. Between 5 s and 18 hours (MQTT's limit is
     /// 65 535 s). The broker may impose its own (MQTT 5 Server Keep Alive). Default: 30 s.
     #[must_use]
     pub fn keep_alive(mut self, t: Duration) -> Self {

@@ -326,19 +326,16 @@ impl Live {
         self.state.end(failure);
     }
 
-    /// Queues one publish (the caller holds [`Live::send`]), once the broker has room for it;
-    /// its answer goes to `slot`. Written at the next [`Live::flush`], or when it must wait for
-    /// room. `false`: the connection is over.
+    /// Queues one publish (the caller holds [`Live::send`]), once the broker has room for it
+    /// and if `until` has not passed by then; its answer goes to `slot`. Written at the next
+    /// [`Live::flush`], or when it must wait for room.
     pub(crate) async fn publish(
         &self,
         slot: Slot,
-        topic: &[u8],
-        payload: &[u8],
-        properties: &[(String, String)],
-    ) -> bool {
-        self.wire
-            .publish(&self.state, slot, topic, properties, payload)
-            .await
+        message: wire::Publish<'_>,
+        until: Option<std::time::Instant>,
+    ) -> wire::Queued {
+        self.wire.publish(&self.state, slot, message, until).await
     }
 
     /// Writes what was queued.

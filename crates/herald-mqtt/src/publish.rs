@@ -17,6 +17,7 @@ use crate::config::{MqttConfig, Qos, Version};
 use crate::connection::{Answer, Inner, Live, Slot};
 use crate::destination;
 use crate::error::refused;
+use crate::wire::{Publish, Queued};
 
 /// What one batch's publishing shares.
 struct Batch<'a> {
@@ -129,7 +130,8 @@ async fn send_in_turn(
             }
         }
         // Nothing is handed over past herald's deadline for the attempt (see
-        // `Transport::send_batch_until`; the wait for room above may have taken it).
+        // `Transport::send_batch_until`; the wait for room above may have taken it, and so may
+        // the wait for the broker's room in `Live::publish`, which looks again).
         // Acknowledgements are still awaited under `patience`.
         if herald_core::deadline_passed(until) {
             let e = b.not_sent_in_time();
@@ -163,17 +165,26 @@ async fn send_in_turn(
         let slot = Slot::Batch(Arc::clone(&answers), i);
         // The silence watch starts with the batch's first publish handed over.
         let snapshot = (handed == 0).then(|| live.snapshot());
-        let publish = live.publish(slot, topic.as_bytes(), msg.payload(), &properties);
-        let sent = patience.within(publish).await;
+        let message = Publish {
+            topic: topic.as_bytes(),
+            properties: &properties,
+            payload: msg.payload(),
+        };
+        let sent = patience.within(live.publish(slot, message, until)).await;
         match sent {
-            Some(true) => {
+            Some(Queued::Yes) => {
                 if let Some(snapshot) = snapshot {
                     live.expecting(snapshot);
                 }
                 handed += 1;
             }
-            Some(false) => {
+            Some(Queued::Over) => {
                 let e = b.lost();
+                outcomes[i] = Some(Err(e.clone()));
+                broken = Some(e);
+            }
+            Some(Queued::TooLate) => {
+                let e = b.not_sent_in_time();
                 outcomes[i] = Some(Err(e.clone()));
                 broken = Some(e);
             }

@@ -8,7 +8,7 @@
 //! PUBACK whose reason it does not know (Mosquitto's 0x95 Packet too large ended the
 //! connection), and kept the packet id of a QoS 2 publish refused in its PUBREC. Measured on a
 //! Mosquitto here (one connection, QoS 1, 100 B, alternating with raw rumqttc): herald on
-//! rumqttc's event loop 0.74-0.87 × raw, on this session 0.96-1.03 ×; at a steady 5 000 msgs/s
+//! rumqttc's event loop 0.74-0.87 × raw, on this session 0.96-1.05 ×; at a steady 5 000 msgs/s
 //! a p50 of 0.16-0.19 ms against 1.4-1.6 ms before (docs/benchmarks.md, MQTT). rumqttc's codec
 //! (`mqttbytes`) stays: the CONNECT and CONNACK, whose properties are many, are its; the
 //! packets of the hot path (PUBLISH, PUBREL, PINGREQ and the acknowledgements) are a few bytes
@@ -47,6 +47,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Socket for T {}
 /// The largest packet herald reads from a broker: a producer is sent acknowledgements (a few
 /// bytes, with a reason string at most) and, once connected, nothing else it asked for.
 const MAX_INCOMING: usize = 64 * 1024;
+
+/// How long the answers already received are still read after a write failed.
+const DRAIN: Duration = Duration::from_millis(500);
 
 // The packet types herald reads or writes (the fixed header's high four bits).
 const PUBLISH: u8 = 3;
@@ -291,7 +294,12 @@ pub(crate) async fn handshake(
                 keep_alive,
                 client_id: connect.client_id.to_owned(),
                 clean_start: true,
-                properties: None,
+                // The most herald reads: the broker leaves reason strings and user properties
+                // out of a packet that would be larger.
+                properties: Some(v5bytes::v5::ConnectProperties {
+                    max_packet_size: Some(MAX_INCOMING as u32),
+                    ..v5bytes::v5::ConnectProperties::new()
+                }),
             },
             None,
             login,
@@ -381,12 +389,32 @@ fn io(e: &std::io::Error) -> Failure {
 struct Outbox {
     /// Packets to write, in order.
     buf: BytesMut,
-    /// When each PINGREQ queued and not yet answered was queued, oldest first.
+    /// When the write of each PINGREQ not yet answered started, oldest first.
     pings: VecDeque<Instant>,
+    /// PINGREQs queued and not yet written.
+    unwritten_pings: usize,
     /// A publish was queued since the last PINGREQ.
     published: bool,
     /// A DISCONNECT is queued: the writer ends after writing it.
     closing: bool,
+}
+
+/// One message to publish.
+pub(crate) struct Publish<'a> {
+    pub(crate) topic: &'a [u8],
+    pub(crate) properties: &'a [(String, String)],
+    pub(crate) payload: &'a [u8],
+}
+
+/// What became of a publish handed to [`Wire::publish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queued {
+    /// Queued, its answer to come to its slot.
+    Yes,
+    /// Not queued: the connection is over.
+    Over,
+    /// Not queued: the attempt's deadline passed while it waited for room.
+    TooLate,
 }
 
 /// One connection's session: its outbox, and the room the broker leaves for publishes.
@@ -423,45 +451,52 @@ impl Wire {
     }
 
     /// Queues one PUBLISH, its answer to go to `slot`, once the broker has room for it
-    /// (flushing what is queued while it waits). Not written until [`Wire::flush`] (or a
-    /// wait for room). `false`: the connection is over. Cancel-safe: nothing is queued until
-    /// the room is there, and then nothing waits.
+    /// (flushing what is queued while it waits) and if `until` has not passed by then. Not
+    /// written until [`Wire::flush`] (or a wait for room). Cancel-safe: nothing is queued
+    /// until the room is there, and then nothing waits.
     pub(crate) async fn publish(
         &self,
         state: &LiveState,
         slot: Slot,
-        topic: &[u8],
-        properties: &[(String, String)],
-        payload: &[u8],
-    ) -> bool {
+        message: Publish<'_>,
+        until: Option<std::time::Instant>,
+    ) -> Queued {
         let permit = match self.room.try_acquire() {
             Ok(p) => p,
-            Err(tokio::sync::TryAcquireError::Closed) => return false,
+            Err(tokio::sync::TryAcquireError::Closed) => return Queued::Over,
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 self.flush();
                 match self.room.acquire().await {
                     Ok(p) => p,
-                    Err(_) => return false,
+                    Err(_) => return Queued::Over,
                 }
             }
         };
+        // The wait for room may have taken the attempt's deadline.
+        if herald_core::deadline_passed(until) {
+            return Queued::TooLate;
+        }
+        let mut out = self.out();
+        // Nothing after a DISCONNECT.
+        if out.closing {
+            return Queued::Over;
+        }
         let Some(pkid) = state.insert(slot) else {
-            return false;
+            return Queued::Over;
         };
         // Given back with the answer (`Wire::answered`).
         permit.forget();
-        let mut out = self.out();
         put_publish(
             &mut out.buf,
             self.v5,
             self.qos,
             pkid,
-            topic,
-            properties,
-            payload,
+            message.topic,
+            message.properties,
+            message.payload,
         );
         out.published = true;
-        true
+        Queued::Yes
     }
 
     /// Queues a DISCONNECT: the writer writes it with what is queued before, and ends.
@@ -497,9 +532,18 @@ pub(crate) async fn run(
     keep_alive: Duration,
 ) -> Option<Failure> {
     let (reader, writer) = tokio::io::split(socket);
+    let reading = read_loop(reader, read, &wire, &state, &metrics);
+    tokio::pin!(reading);
     let ended = tokio::select! {
-        failure = read_loop(reader, read, &wire, &state, &metrics) => Some(failure),
-        ended = write_loop(writer, &wire, keep_alive) => ended,
+        failure = &mut reading => Some(failure),
+        ended = write_loop(writer, &wire, keep_alive) => {
+            if let Some(Failure::Io(_)) = &ended {
+                // A write failed (a broker that answered and hung up, say): what it answered
+                // before is still read, for a moment, rather than retried as lost.
+                let _drained = tokio::time::timeout(DRAIN, &mut reading).await;
+            }
+            ended
+        }
     };
     wire.close();
     ended
@@ -581,19 +625,16 @@ fn on_ack(
     (true, state.answer(pkid, answer))
 }
 
-/// PINGREQs of herald's own out at once, at most: enough to carry an acknowledgement after
-/// every read while the PINGRESPs are held back too.
-const MAX_PINGS_OUT: usize = 4;
+/// PINGREQs of herald's own out at once, at most. One: with up to four (so that a PINGRESP the
+/// broker holds back too would not stop the next PINGREQ), a run against Mosquitto went at
+/// 4-6 k msgs/s instead of 50-60 k.
+const MAX_PINGS_OUT: usize = 1;
 
 /// A PINGREQ after answers, or after a PINGRESP that came once a publish was queued since the
 /// last PINGREQ (the broker sent it before that publish's answer, which it now holds behind
 /// it), while publishes wait for their answers and nothing else is queued: see the module's
 /// documentation. Also while a batch waits for room to publish more: without those PINGREQs,
 /// Mosquitto's default configuration held its answers back (41-44 k against 58-61 k msgs/s).
-/// And also while an earlier PINGREQ is unanswered (up to [`MAX_PINGS_OUT`]): its PINGRESP can
-/// be held back too, and with one at a time, a batch waiting for room then sent nothing that
-/// carried the acknowledgement (at a steady 5 000 msgs/s, one run in three had a p99 of 11 ms
-/// and 45 ms stalls).
 fn nudge(wire: &Wire, state: &LiveState, answered: bool, pongs: usize) {
     let mut out = wire.out();
     for _ in 0..pongs {
@@ -601,9 +642,10 @@ fn nudge(wire: &Wire, state: &LiveState, answered: bool, pongs: usize) {
     }
     let due = answered || (pongs > 0 && out.published);
     let quiet = out.buf.is_empty() && !out.closing;
-    if due && quiet && out.pings.len() < MAX_PINGS_OUT && state.waiting() {
+    let out_now = out.pings.len() + out.unwritten_pings;
+    if due && quiet && out_now < MAX_PINGS_OUT && state.waiting() {
         put_pingreq(&mut out.buf);
-        out.pings.push_back(Instant::now());
+        out.unwritten_pings += 1;
         out.published = false;
         drop(out);
         wire.flush();
@@ -612,52 +654,68 @@ fn nudge(wire: &Wire, state: &LiveState, answered: bool, pongs: usize) {
 
 /// Writes what the outbox holds, whenever woken, and the keep-alive PINGREQ when nothing was
 /// written for `keep_alive`. Ends with the failure of a write, or a PINGREQ unanswered for
-/// `keep_alive`; `None` once a DISCONNECT is written.
+/// `keep_alive` after its write started (looked at while a write is blocked too); `None` once
+/// a DISCONNECT is written.
 async fn write_loop(
     mut writer: impl AsyncWrite + Unpin,
     wire: &Wire,
     keep_alive: Duration,
 ) -> Option<Failure> {
     let mut last_write = Instant::now();
+    // Far enough to stand for "no deadline" in a timer.
+    let never = || Instant::now() + Duration::from_secs(86_400 * 365);
     loop {
         let now = Instant::now();
-        let (bytes, closing, wake_at) = {
+        let (bytes, closing, ping_due) = {
             let mut out = wire.out();
+            let ping_due = out.pings.front().map(|&since| since + keep_alive);
             if !keep_alive.is_zero() {
-                if out
-                    .pings
-                    .front()
-                    .is_some_and(|&since| now >= since + keep_alive)
-                {
+                if ping_due.is_some_and(|due| now >= due) {
                     return Some(Failure::PingTimeout);
                 }
-                if out.buf.is_empty() && out.pings.is_empty() && now >= last_write + keep_alive {
+                let quiet = out.buf.is_empty() && out.pings.is_empty() && out.unwritten_pings == 0;
+                if quiet && now >= last_write + keep_alive {
                     put_pingreq(&mut out.buf);
-                    out.pings.push_back(now);
+                    out.unwritten_pings += 1;
                 }
             }
-            let wake_at = match out.pings.front() {
-                Some(&since) => since + keep_alive,
-                None => last_write + keep_alive,
-            };
-            (out.buf.split(), out.closing, wake_at)
+            // The PINGREQs in this write count from now, when their write starts: before any
+            // PINGRESP can come for them (counted later, a PINGRESP read first would leave one
+            // counted as unanswered for good).
+            for _ in 0..std::mem::take(&mut out.unwritten_pings) {
+                out.pings.push_back(now);
+            }
+            let ping_due = ping_due.or_else(|| out.pings.front().map(|&since| since + keep_alive));
+            (out.buf.split(), out.closing, ping_due)
         };
+        let ping_due = ping_due
+            .filter(|_| !keep_alive.is_zero())
+            .unwrap_or_else(never);
         if bytes.is_empty() {
-            if keep_alive.is_zero() {
-                wire.wake.notified().await;
+            let idle_due = if keep_alive.is_zero() {
+                never()
             } else {
-                tokio::select! {
-                    () = wire.wake.notified() => {}
-                    () = tokio::time::sleep_until(wake_at) => {}
-                }
+                last_write + keep_alive
+            };
+            tokio::select! {
+                () = wire.wake.notified() => {}
+                () = tokio::time::sleep_until(idle_due.min(ping_due)) => {}
             }
             continue;
         }
-        if let Err(e) = writer.write_all(&bytes).await {
-            return Some(io(&e));
-        }
-        if let Err(e) = writer.flush().await {
-            return Some(io(&e));
+        let written = async {
+            writer.write_all(&bytes).await?;
+            writer.flush().await
+        };
+        tokio::select! {
+            result = written => {
+                if let Err(e) = result {
+                    return Some(io(&e));
+                }
+            }
+            // A write that blocks (a hung broker, a full window) does not hide an unanswered
+            // PINGREQ.
+            () = tokio::time::sleep_until(ping_due) => return Some(Failure::PingTimeout),
         }
         last_write = Instant::now();
         if closing {
@@ -810,7 +868,15 @@ mod tests {
         let reading = read_loop(client, BytesMut::new(), &wire, &state, &metrics);
         let test = async {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            assert!(wire.publish(&state, Slot::One(tx), b"t", &[], b"x").await);
+            let x = Publish {
+                topic: b"t",
+                properties: &[],
+                payload: b"x",
+            };
+            assert_eq!(
+                wire.publish(&state, Slot::One(tx), x, None).await,
+                Queued::Yes
+            );
             assert_eq!(wire.room.available_permits(), 0);
             // PUBREC for id 1, reason 0x87 Not authorized.
             broker
@@ -826,7 +892,15 @@ mod tests {
             );
             // The next publish takes id 2 (1 is free too; ids go round); PUBREC accepts it.
             let (tx, mut rx) = tokio::sync::oneshot::channel();
-            assert!(wire.publish(&state, Slot::One(tx), b"t", &[], b"y").await);
+            let y = Publish {
+                topic: b"t",
+                properties: &[],
+                payload: b"y",
+            };
+            assert_eq!(
+                wire.publish(&state, Slot::One(tx), y, None).await,
+                Queued::Yes
+            );
             let queued = wire.out().buf.len();
             broker.write_all(&[0x50, 2, 0, 2]).await.expect("written");
             tokio::time::timeout(Duration::from_secs(5), async {
@@ -847,6 +921,39 @@ mod tests {
             () = test => {}
             failure = reading => panic!("the read loop ended: {failure:?}"),
         }
+    }
+
+    /// A publish that waited for the broker's room until past the attempt's deadline is not
+    /// queued (`Transport::send_batch_until`), and leaves the room to the next.
+    #[tokio::test]
+    async fn a_publish_that_gets_room_past_its_deadline_is_not_queued() {
+        let wire = Wire::new(true, 1, 1);
+        let state = LiveState::default();
+        let message = || Publish {
+            topic: b"t",
+            properties: &[],
+            payload: b"x",
+        };
+        let (tx, _first) = tokio::sync::oneshot::channel();
+        let queued = wire.publish(&state, Slot::One(tx), message(), None).await;
+        assert_eq!(queued, Queued::Yes);
+        let bytes = wire.out().buf.len();
+        let until = std::time::Instant::now() + Duration::from_millis(20);
+        let (tx, _second) = tokio::sync::oneshot::channel();
+        let waiting = wire.publish(&state, Slot::One(tx), message(), Some(until));
+        // The room comes back after the deadline (the first publish's answer).
+        let freeing = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            wire.answered(1);
+        };
+        let (second, ()) = tokio::join!(waiting, freeing);
+        assert_eq!(second, Queued::TooLate);
+        assert_eq!(
+            wire.out().buf.len(),
+            bytes,
+            "nothing queued past the deadline"
+        );
+        assert_eq!(wire.room.available_permits(), 1, "the room is left");
     }
 
     #[test]
