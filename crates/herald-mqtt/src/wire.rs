@@ -92,10 +92,11 @@ pub(crate) fn publish_size(
     properties: &[(String, String)],
     payload: usize,
 ) -> usize {
-    let remaining = publish_remaining(v5, topic, properties, payload);
+    let remaining = publish_remaining(v5, topic, properties_len(properties), payload);
     1 + varint_len(remaining) + remaining
 }
 
+/// The bytes of a PUBLISH's user properties (without their length prefix).
 fn properties_len(properties: &[(String, String)]) -> usize {
     properties
         .iter()
@@ -103,16 +104,11 @@ fn properties_len(properties: &[(String, String)]) -> usize {
         .sum()
 }
 
-fn publish_remaining(
-    v5: bool,
-    topic: usize,
-    properties: &[(String, String)],
-    payload: usize,
-) -> usize {
+/// A PUBLISH's remaining length, with `props` bytes of properties (MQTT 5 only).
+fn publish_remaining(v5: bool, topic: usize, props: usize, payload: usize) -> usize {
     let mut n = 2 + topic + 2 + payload;
     if v5 {
-        let p = properties_len(properties);
-        n += varint_len(p) + p;
+        n += varint_len(props) + props;
     }
     n
 }
@@ -129,7 +125,8 @@ pub(crate) fn put_publish(
     properties: &[(String, String)],
     payload: &[u8],
 ) {
-    let remaining = publish_remaining(v5, topic.len(), properties, payload.len());
+    let props = properties_len(properties);
+    let remaining = publish_remaining(v5, topic.len(), props, payload.len());
     buf.reserve(1 + varint_len(remaining) + remaining);
     buf.put_u8((PUBLISH << 4) | (qos << 1));
     put_varint(buf, remaining);
@@ -137,7 +134,7 @@ pub(crate) fn put_publish(
     buf.put_slice(topic);
     buf.put_u16(pkid);
     if v5 {
-        put_varint(buf, properties_len(properties));
+        put_varint(buf, props);
         for (k, v) in properties {
             buf.put_u8(USER_PROPERTY);
             buf.put_u16(k.len() as u16);
