@@ -242,6 +242,15 @@ impl Buckets {
 
 impl HistogramFn for Buckets {
     fn record(&self, value: f64) {
+        self.record_many(value, 1);
+    }
+
+    /// `count` samples of `value` at once: herald records a batch delivered together this
+    /// way, one bucket search and one add for all of them.
+    fn record_many(&self, value: f64, count: usize) {
+        if count == 0 {
+            return;
+        }
         // The first bucket whose bound is at or above the value (`le`); a NaN counts in
         // `+Inf` only, as the exporter counts it.
         let i = if value.is_nan() {
@@ -249,12 +258,17 @@ impl HistogramFn for Buckets {
         } else {
             self.bounds.partition_point(|b| *b < value)
         };
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.counts[i].fetch_add(count as u64, Ordering::Relaxed);
+        let added = if count == 1 {
+            value
+        } else {
+            value * count as f64
+        };
         // Never `Err`: the closure always gives a value.
         let _previous = self
             .sum
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                Some((f64::from_bits(bits) + value).to_bits())
+                Some((f64::from_bits(bits) + added).to_bits())
             });
     }
 }
@@ -294,6 +308,27 @@ mod tests {
             }
         }
         (header, series)
+    }
+
+    #[test]
+    fn a_run_of_samples_counts_as_the_samples_one_by_one() {
+        let bounds: Arc<[f64]> = Arc::from(BOUNDS);
+        let (run, one_by_one) = (Buckets::new(bounds.clone()), Buckets::new(bounds));
+        for (value, n) in [(0.005, 3), (0.5, 1), (7.0, 2), (0.01, 0), (f64::NAN, 2)] {
+            run.record_many(value, n);
+            for _ in 0..n {
+                one_by_one.record(value);
+            }
+        }
+        let (counts, sum) = run.snapshot();
+        assert_eq!(counts, vec![0, 3, 3, 4, 8], "cumulative, +Inf last");
+        let (counts_one, sum_one) = one_by_one.snapshot();
+        assert_eq!(counts, counts_one);
+        // A NaN makes both sums NaN, as the exporter's would be.
+        assert!(sum.is_nan() && sum_one.is_nan(), "{sum} {sum_one}");
+        let finite = Buckets::new(Arc::from(BOUNDS));
+        finite.record_many(0.25, 4);
+        assert_eq!(finite.snapshot(), (vec![0, 0, 0, 4, 4], 1.0));
     }
 
     /// Records `samples` into `name` under each of `keys`' labels, through `recorder`.

@@ -363,9 +363,50 @@ pub(crate) struct Admission {
 pub(crate) struct Latency {
     /// The last (deadline, now, latency) worked out.
     last: Option<(Instant, Instant, Duration)>,
+    /// Samples of the last latency taken with [`Latency::sample`] and not yet recorded: a run
+    /// of them is recorded at once ([`Latency::flush`]), one bucket search and one add for a
+    /// batch delivered together instead of one each.
+    pending: usize,
+}
+
+impl Drop for Latency {
+    fn drop(&mut self) {
+        // Every sample taken is recorded before anyone hears of its message.
+        if !std::thread::panicking() {
+            debug_assert_eq!(self.pending, 0, "latency samples taken and never recorded");
+        }
+    }
 }
 
 impl Latency {
+    /// As [`Latency::of`], counting the latency as a sample for `histogram`: recorded with
+    /// the run it belongs to, at the latest by [`Latency::flush`].
+    pub(crate) fn sample(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+        now: Instant,
+        histogram: &metrics::Histogram,
+    ) -> Duration {
+        if let Some((d, n, latency)) = self.last {
+            if d == deadline && n == now {
+                self.pending += 1;
+                return latency;
+            }
+        }
+        self.flush(histogram);
+        self.pending = 1;
+        self.of(deadline, timeout, now)
+    }
+
+    /// Records the samples not yet recorded.
+    pub(crate) fn flush(&mut self, histogram: &metrics::Histogram) {
+        if let (n @ 1.., Some((_, _, latency))) = (self.pending, self.last) {
+            histogram.record_many(latency.as_secs_f64(), n);
+        }
+        self.pending = 0;
+    }
+
     /// The latency of a message with delivery deadline `deadline` (accepted `timeout` before it)
     /// ending at `now`.
     pub(crate) fn of(&mut self, deadline: Instant, timeout: Duration, now: Instant) -> Duration {
@@ -766,10 +807,12 @@ impl Shared {
         if matches!(done, Completion::Answered) {
             return;
         }
-        let latency = fin
-            .latency
-            .of(meta.deadline, self.config.delivery_timeout, now);
-        self.metrics.latency.record(latency.as_secs_f64());
+        let latency = fin.latency.sample(
+            meta.deadline,
+            self.config.delivery_timeout,
+            now,
+            &self.metrics.latency,
+        );
         match done {
             Completion::Group(g) => match fin.group_delivered.last_mut() {
                 Some((last, n)) if Arc::ptr_eq(last, &g) => *n += 1,
@@ -787,9 +830,10 @@ impl Shared {
     }
 
     /// Runs completions and wakes whoever waits for space or for an empty buffer.
-    pub(crate) fn complete(&self, fin: Finished) {
+    pub(crate) fn complete(&self, mut fin: Finished) {
         // Counted before anyone is told: a caller who waits for an outcome and then scrapes
         // (or reads the metrics) must see it counted.
+        fin.latency.flush(&self.metrics.latency);
         if fin.delivered > 0 {
             self.metrics.delivered.increment(fin.delivered);
         }
