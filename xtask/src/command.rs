@@ -72,7 +72,7 @@ fn herald(root: &Path) -> Result<PathBuf> {
         "build the herald command",
         cargo().args(["build", "--release", "-p", "herald-cli"]),
     )?;
-    Ok(root.join("target/release/herald"))
+    Ok(crate::process::target_dir(root).join("release/herald"))
 }
 
 /// Runs `herald bench --to TO --baseline --report json ARGS` and returns its JSON report; an
@@ -89,7 +89,7 @@ fn bench_json(herald: &Path, to: &str, args: &[String], pinned: bool) -> Result<
         .args(["bench", "--to", to, "--baseline", "--report", "json"])
         .args(args)
         .output()
-        .context("running target/release/herald")?;
+        .with_context(|| format!("running {}", herald.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprint!("{stdout}");
     if !out.status.success() {

@@ -16,6 +16,21 @@ pub(crate) fn project_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` when set (relative to the current
+/// folder, as cargo reads it), else the workspace's `target`. Binaries that xtask builds and
+/// then runs (the `herald` command, the delaying proxy) are found there.
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| root.to_path_buf());
+    target_dir_from(root, std::env::var_os("CARGO_TARGET_DIR"), &cwd)
+}
+
+fn target_dir_from(root: &Path, set: Option<std::ffi::OsString>, cwd: &Path) -> PathBuf {
+    match set {
+        Some(dir) if !dir.is_empty() => cwd.join(dir),
+        _ => root.join("target"),
+    }
+}
+
 /// Whether `program` is on the PATH.
 pub(crate) fn on_path(program: &str) -> bool {
     Command::new("sh")
@@ -170,7 +185,22 @@ pub(crate) fn shown(cmd: &Command) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn built_binaries_are_looked_for_where_cargo_target_dir_puts_them() {
+        let (root, cwd) = (Path::new("/w"), Path::new("/w/crates"));
+        let at = |set: Option<&str>| super::target_dir_from(root, set.map(Into::into), cwd);
+        assert_eq!(at(None), Path::new("/w/target"));
+        assert_eq!(at(Some("")), Path::new("/w/target"), "empty is unset");
+        assert_eq!(at(Some("/tmp/t")), Path::new("/tmp/t"));
+        assert_eq!(
+            at(Some("t2")),
+            Path::new("/w/crates/t2"),
+            "relative to the current folder"
+        );
+    }
 
     #[test]
     fn a_command_past_its_time_limit_is_killed_with_its_children() {

@@ -23,7 +23,7 @@ pub(crate) fn build(root: &Path) -> Result<PathBuf> {
             "delay_proxy",
         ]),
     )?;
-    Ok(root.join("target/release/examples/delay_proxy"))
+    Ok(crate::process::target_dir(root).join("release/examples/delay_proxy"))
 }
 
 /// A running proxy that delays each direction by half of a round trip; killed when dropped.
