@@ -230,6 +230,12 @@ impl<'a> TaggedRun<'a> {
         self.fates.push((tag, outcome));
     }
 
+    /// Whether `done` would join the run gathered so far (a tagged fate for the same sink),
+    /// rather than be told at once or make the run hand over what it holds first.
+    pub(crate) fn joins(&self, done: &Completion) -> bool {
+        matches!((done, &self.sink), (Completion::Tagged(sink, _), Some(s)) if Arc::ptr_eq(s, sink))
+    }
+
     /// Hands the run gathered so far to its sink.
     pub(crate) fn flush(&mut self) {
         let Some(sink) = self.sink.take() else {

@@ -1009,6 +1009,7 @@ impl Answering {
                         shared.answer_early(meta, ack, now, &mut latency, &mut run);
                     }
                 }
+                latency.flush(&shared.metrics.latency);
                 run.flush();
             }
             return;
@@ -1072,7 +1073,9 @@ impl Answering {
                 }
             }
         }
-        // Handed over before the gate opens for the batches after this one.
+        // Handed over before the gate opens for the batches after this one, their latencies
+        // counted before.
+        latency.flush(&shared.metrics.latency);
         run.flush();
         if self.first_open == messages.len() && !self.told {
             self.told = true;

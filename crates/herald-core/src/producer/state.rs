@@ -889,8 +889,13 @@ impl Shared {
         if matches!(done, Completion::Answered) {
             return;
         }
-        let latency = latencies.of(meta.deadline, self.config.delivery_timeout, now);
-        self.metrics.latency.record(latency.as_secs_f64());
+        let histogram = &self.metrics.latency;
+        let latency = latencies.sample(meta.deadline, self.config.delivery_timeout, now, histogram);
+        if !run.joins(&done) {
+            // Told at once, or the run hands over its earlier fates first: every sample taken
+            // so far is counted before (the caller flushes the rest before the run's end).
+            latencies.flush(histogram);
+        }
         let delivery = Delivery {
             ack,
             attempts: meta.attempts,
