@@ -189,8 +189,9 @@ struct Rates {
 }
 
 /// One throughput round: `herald bench --baseline` of `messages` of `size` bytes to `to`.
-/// `raw_first`: the raw clients run before herald (`--baseline-first`): each writes behind what
-/// the one before stored in the round's topic or queue, so the callers alternate it.
+/// `raw_first`: the raw clients run before herald (`--baseline-first`). On Kafka each run
+/// writes behind what the one before stored in the round's topic (on RabbitMQ each raw run has
+/// a queue of its own), and a broker warms up: the callers alternate it.
 fn throughput_round(
     herald: &Path,
     to: &str,
@@ -340,7 +341,7 @@ pub(crate) fn bench_throughput(root: &Path, pinned: bool) -> Result<()> {
         }
     }
     let mut body = format!(
-        "Run: `cargo xtask bench command{}` on {}: `herald bench --to URL --messages N --size S --baseline` (the release command as a user runs it: herald's default settings, messages handed over as `herald produce` hands over what it reads; then the raw client at its best), {ROUNDS} rounds, each a topic or queue of its own. Every run timed from a connected client (herald, and Kafka's raw client, send one message and wait for its acknowledgement first). Figures: median of the rounds (range in brackets); the ratio is taken within each round. Kafka: Tansu `memory://` on the same machine, 1 000 000 messages of 100 B, 300 000 of 1 KiB; RabbitMQ: the machine's node, 100 000 persistent messages to a durable queue; its rounds also run the raw client sending herald's message properties (a message id, the key as a header), and the last column is herald against that run. Each round's runs (herald, raw, raw with the properties, a naive one) write to its one topic or queue in turn, so on RabbitMQ a later run writes behind the messages stored by the earlier ones, which costs it: herald goes first in one round and the raw clients in the next (`--baseline-first`), alternately.{}\n\n",
+        "Run: `cargo xtask bench command{}` on {}: `herald bench --to URL --messages N --size S --baseline` (the release command as a user runs it: herald's default settings, messages handed over as `herald produce` hands over what it reads; then the raw client at its best), {ROUNDS} rounds, each a topic or queue of its own. Every run timed from a connected client (herald, and Kafka's raw client, send one message and wait for its acknowledgement first). Figures: median of the rounds (range in brackets); the ratio is taken within each round. Kafka: Tansu `memory://` on the same machine, 1 000 000 messages of 100 B, 300 000 of 1 KiB; RabbitMQ: the machine's node, 100 000 persistent messages to a durable queue; its rounds also run the raw client sending herald's message properties (a message id, the key as a header), and the last column is herald against that run. On Kafka each round's runs (herald, the raw client, a naive one) write to its one topic in turn; on RabbitMQ each raw run (raw, raw with the properties, naive) writes to a new queue of its own, declared as herald declares the round's queue and deleted after it, so that no run writes behind messages another stored (a queue nobody consumes from is slower to write to the more it holds). herald goes first in one round and the raw clients in the next (`--baseline-first`), alternately.{}\n\n",
         pin_flag(pinned),
         machine(),
         if pinned {
@@ -448,7 +449,8 @@ pub(crate) fn bench_latency(root: &Path, pinned: bool) -> Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(SECONDS);
-    // Who goes first alternates from round to round: the second writes behind the first.
+    // Who goes first alternates from round to round: on Kafka the second writes behind the
+    // first, and a broker warms up.
     let mut round = 0;
     let runs = rounds(RATES, "latency", pinned, |to, _, rate| {
         round += 1;
@@ -470,7 +472,7 @@ pub(crate) fn bench_latency(root: &Path, pinned: bool) -> Result<()> {
         Ok((quantiles(&json, "")?, quantiles(&json, "raw_")?))
     })?;
     let mut body = format!(
-        "Run: `cargo xtask bench latency{}` on {}: `herald bench --rate R --messages {SECONDS}×R --size 100 --baseline` (the command, open loop), {ROUNDS} rounds of herald and the raw client on one topic or queue, who goes first alternating (`--baseline-first`), each figure the median of the rounds with their range in brackets, in ms. Kafka: Tansu `memory://` on the same machine; RabbitMQ: the machine's node, persistent messages to a durable queue; MQTT: the machine's Mosquitto, QoS 1.{}\n\n",
+        "Run: `cargo xtask bench latency{}` on {}: `herald bench --rate R --messages {SECONDS}×R --size 100 --baseline` (the command, open loop), {ROUNDS} rounds of herald and the raw client (on one topic; on RabbitMQ the raw client on a new queue of its own, declared as herald's), who goes first alternating (`--baseline-first`), each figure the median of the rounds with their range in brackets, in ms. Kafka: Tansu `memory://` on the same machine; RabbitMQ: the machine's node, persistent messages to a durable queue; MQTT: the machine's Mosquitto, QoS 1.{}\n\n",
         pin_flag(pinned),
         machine(),
         pin_sentence(pinned),

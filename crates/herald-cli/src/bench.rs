@@ -31,9 +31,11 @@ pub(crate) struct BenchArgs {
     /// Also run the raw client at its best and the naive pattern (await each send).
     #[arg(long)]
     pub(crate) baseline: bool,
-    /// With --baseline, run the raw clients before herald rather than after. Every run writes
-    /// to the same topic or queue: what runs second writes behind what the first stored, which
-    /// on RabbitMQ costs it (`cargo xtask bench command` alternates this between rounds).
+    /// With --baseline, run the raw clients before herald rather than after. On Kafka every
+    /// run writes to the same topic; on RabbitMQ, with the URL naming a queue, each raw run
+    /// writes to a new queue of its own, declared as herald's and deleted after it (a queue
+    /// nobody consumes from is slower to write to the more it holds). `cargo xtask bench
+    /// command` alternates this between rounds.
     #[arg(long, requires = "baseline")]
     pub(crate) baseline_first: bool,
     /// Messages of the naive run, which manages hundreds per second on a real broker.
@@ -296,43 +298,106 @@ fn amqp_route(config: &herald_amqp::AmqpConfig) -> anyhow::Result<(String, Strin
     })
 }
 
+/// Where one raw AMQP run publishes. With the URL naming a queue, a queue of the run's own
+/// (`{queue}.herald-bench-{tag}`), declared as herald declares the URL's queue (durable,
+/// classic or quorum) and deleted after the run: a RabbitMQ queue with nobody consuming is
+/// slower to write to the more it holds, so a run writing behind another's messages would pay
+/// for them. With an exchange, the exchange and routing key (whatever is bound there gets
+/// every run's messages).
+struct RawRoute {
+    exchange: String,
+    routing_key: String,
+    /// The queue to delete after the run.
+    scratch: Option<String>,
+}
+
+impl RawRoute {
+    async fn new(config: &herald_amqp::AmqpConfig, tag: &str) -> anyhow::Result<Self> {
+        let Some(herald_amqp::Route::Queue { name, quorum, .. }) = config.route() else {
+            let (exchange, routing_key) = amqp_route(config)?;
+            return Ok(Self {
+                exchange,
+                routing_key,
+                scratch: None,
+            });
+        };
+        let scratch = format!("{name}.herald-bench-{tag}");
+        anyhow::ensure!(
+            herald_amqp::name_fits(&scratch),
+            "the raw runs' queue {scratch} is longer than AMQP's {} bytes: name a shorter queue",
+            herald_amqp::MAX_NAME_BYTES
+        );
+        // Deleted first: a queue of that name left by an earlier run may hold messages.
+        herald_amqp::baseline::delete_queue(config, &scratch)
+            .await
+            .with_context(|| format!("deleting the raw run's queue {scratch} before the run"))?;
+        declare_as_herald(&Target::Amqp(Box::new(config.clone().declare(
+            herald_amqp::Declare::Queue {
+                name: scratch.clone(),
+                quorum: *quorum,
+            },
+        ))))
+        .await?;
+        Ok(Self {
+            exchange: String::new(),
+            routing_key: scratch.clone(),
+            scratch: Some(scratch),
+        })
+    }
+
+    /// Deletes the run's own queue, if it has one.
+    async fn remove(self, config: &herald_amqp::AmqpConfig) -> anyhow::Result<()> {
+        if let Some(q) = self.scratch {
+            herald_amqp::baseline::delete_queue(config, &q)
+                .await
+                .with_context(|| format!("deleting the raw run's queue {q}"))?;
+        }
+        Ok(())
+    }
+}
+
 async fn amqp_baselines(
     args: &BenchArgs,
     config: &herald_amqp::AmqpConfig,
 ) -> anyhow::Result<Baselines> {
     use herald_amqp::baseline as ab;
-    let (exchange, routing_key) = amqp_route(config)?;
     let n = usize::try_from(args.messages).unwrap_or(usize::MAX);
+    let to = RawRoute::new(config, "raw").await?;
     let raw = ab::raw_streaming(
         config,
-        &exchange,
-        &routing_key,
+        &to.exchange,
+        &to.routing_key,
         args.size,
         n,
         AMQP_CHANNELS,
         AMQP_WINDOW,
     )
-    .await
-    .context("raw lapin baseline")?;
+    .await;
+    to.remove(config).await?;
+    let raw = raw.context("raw lapin baseline")?;
+    let to = RawRoute::new(config, "alike").await?;
     let like = ab::raw_streaming_carrying(
         config,
-        (&exchange, &routing_key),
+        (&to.exchange, &to.routing_key),
         args.size,
         n,
         (AMQP_CHANNELS, AMQP_WINDOW),
         ab::Carry::LikeHerald,
     )
-    .await
-    .context("raw lapin baseline with herald's properties")?;
+    .await;
+    to.remove(config).await?;
+    let like = like.context("raw lapin baseline with herald's properties")?;
     let naive_n = usize::try_from(args.naive_messages).unwrap_or(usize::MAX);
-    let naive = ab::raw_naive(config, &exchange, &routing_key, args.size, naive_n)
-        .await
-        .context("naive lapin baseline")?;
+    let to = RawRoute::new(config, "naive").await?;
+    let naive = ab::raw_naive(config, &to.exchange, &to.routing_key, args.size, naive_n).await;
+    to.remove(config).await?;
+    let naive = naive.context("naive lapin baseline")?;
     Ok(Baselines {
         raw: raw.msgs_per_sec(),
         raw_what: format!(
-            "lapin, streaming confirms over {AMQP_CHANNELS} channels × {AMQP_WINDOW}, {} messages",
-            report::count(args.messages)
+            "lapin, streaming confirms over {AMQP_CHANNELS} channels × {AMQP_WINDOW}, {} messages{}",
+            report::count(args.messages),
+            own_queue(config)
         ),
         like: Some((
             like.msgs_per_sec(),
@@ -352,6 +417,16 @@ async fn amqp_baselines(
             report::count(args.naive_messages)
         ),
     })
+}
+
+/// How the raw AMQP runs' line says where they wrote.
+fn own_queue(config: &herald_amqp::AmqpConfig) -> &'static str {
+    match config.route() {
+        Some(herald_amqp::Route::Queue { .. }) => {
+            ", each raw run to a new queue of its own, declared as herald's"
+        }
+        _ => "",
+    }
 }
 
 /// Declares what herald's transport declares when it connects (an AMQP queue, a NATS stream
@@ -644,22 +719,28 @@ async fn paced_baseline(
             )
         }
         Target::Amqp(a) => {
-            let (exchange, routing_key) = amqp_route(a)?;
-            let one = herald_amqp::baseline::OneByOne::connect(
-                a,
-                &exchange,
-                &routing_key,
-                args.size,
-                AMQP_CHANNELS,
-            )
-            .await
-            .context("raw lapin baseline")?;
-            let (raw, one) = open_loop::run(AmqpOneByOne(one), rate, args.messages).await?;
-            one.0.close().await.context("raw lapin baseline")?;
+            let to = RawRoute::new(a, "paced").await?;
+            let run = async {
+                let one = herald_amqp::baseline::OneByOne::connect(
+                    a,
+                    &to.exchange,
+                    &to.routing_key,
+                    args.size,
+                    AMQP_CHANNELS,
+                )
+                .await
+                .context("raw lapin baseline")?;
+                let (raw, one) = open_loop::run(AmqpOneByOne(one), rate, args.messages).await?;
+                one.0.close().await.context("raw lapin baseline")?;
+                anyhow::Ok(raw)
+            }
+            .await;
+            to.remove(a).await?;
             (
-                raw,
+                run?,
                 format!(
-                    "lapin, confirms awaited as they come, publishes over {AMQP_CHANNELS} channels"
+                    "lapin, confirms awaited as they come, publishes over {AMQP_CHANNELS} channels{}",
+                    own_queue(a)
                 ),
             )
         }
