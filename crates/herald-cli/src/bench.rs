@@ -373,8 +373,10 @@ async fn amqp_baselines(
         AMQP_WINDOW,
     )
     .await;
-    to.remove(config).await?;
+    // The run's own failure first: a lost connection fails the deletion too.
+    let removed = to.remove(config).await;
     let raw = raw.context("raw lapin baseline")?;
+    removed?;
     let to = RawRoute::new(config, "alike").await?;
     let like = ab::raw_streaming_carrying(
         config,
@@ -385,13 +387,15 @@ async fn amqp_baselines(
         ab::Carry::LikeHerald,
     )
     .await;
-    to.remove(config).await?;
+    let removed = to.remove(config).await;
     let like = like.context("raw lapin baseline with herald's properties")?;
+    removed?;
     let naive_n = usize::try_from(args.naive_messages).unwrap_or(usize::MAX);
     let to = RawRoute::new(config, "naive").await?;
     let naive = ab::raw_naive(config, &to.exchange, &to.routing_key, args.size, naive_n).await;
-    to.remove(config).await?;
+    let removed = to.remove(config).await;
     let naive = naive.context("naive lapin baseline")?;
+    removed?;
     Ok(Baselines {
         raw: raw.msgs_per_sec(),
         raw_what: format!(
@@ -735,9 +739,11 @@ async fn paced_baseline(
                 anyhow::Ok(raw)
             }
             .await;
-            to.remove(a).await?;
+            let removed = to.remove(a).await;
+            let raw = run?;
+            removed?;
             (
-                run?,
+                raw,
                 format!(
                     "lapin, confirms awaited as they come, publishes over {AMQP_CHANNELS} channels{}",
                     own_queue(a)
