@@ -259,11 +259,8 @@ impl HistogramFn for Buckets {
             self.bounds.partition_point(|b| *b < value)
         };
         self.counts[i].fetch_add(count as u64, Ordering::Relaxed);
-        let added = if count == 1 {
-            value
-        } else {
-            value * count as f64
-        };
+        // Exact for one sample: `value * 1.0` is `value`, NaN and infinities included.
+        let added = value * count as f64;
         // Never `Err`: the closure always gives a value.
         let _previous = self
             .sum
