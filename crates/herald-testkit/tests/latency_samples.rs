@@ -5,10 +5,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use herald_core::metrics as names;
 use herald_core::{Delivery, FateSink, Message, Producer, SendError};
+use herald_testkit::checks::wait_for;
 use herald_testkit::MemoryTransport;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::MetricKind;
@@ -64,11 +65,12 @@ async fn one_latency_sample_per_message_answered_with_its_batch_or_early() {
         let n = 3_000;
         let msgs = (0..n).map(|i| (i as u64, msg(i))).collect();
         assert!(p.enqueue_tagged(msgs, &sink).await.is_empty());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while count.0.load(Ordering::Acquire) < n {
-            assert!(Instant::now() < deadline, "early {early}: fates missing");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_for(
+            Duration::from_secs(10),
+            &format!("every fate (early {early})"),
+            || count.0.load(Ordering::Acquire) >= n,
+        )
+        .await;
         assert_eq!(latency_samples(&snapshotter), n, "early {early}, tagged");
 
         // A future per message.
